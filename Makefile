@@ -1,0 +1,72 @@
+# kvmeter's front door. `make demo` and `make test` work from a fresh Debian 12 machine (as root).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PB_COMPAT_VENV ?= .venv-pb321
+BIN := $(VENV)/bin
+APT_PACKAGES := libvirt-dev libvirt-clients pkg-config gcc python3-dev python3-venv \
+	postgresql protobuf-compiler iproute2 procps
+# Debian 12's python3-protobuf 3.21.12 is the PyPI runtime 4.21.12.
+DEBIAN_PROTOBUF := 4.21.12
+AGENT_SIDE := agent proto src/kvmeter
+
+.PHONY: help deps venv proto lint typecheck test test-proto-compat unit e2e demo bench packages clean
+
+help:
+	@echo "make demo   - build a small simulated cloud and meter it (embedded default)"
+	@echo "make test   - install everything, lint, type-check and run all tests"
+
+# System packages; skipped when already present so repeated runs stay fast.
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+venv: deps $(BIN)/activate
+	$(BIN)/pip install -q -e '.[test]' 'protobuf>=6,<7'
+
+proto:
+	protoc --python_out=proto -Iproto proto/kvmeter.proto
+	protoc --python_out=tests/proto -Itests/proto tests/proto/legacy_ipmeasure.proto
+
+# The agent side must run on Python 3.9 (EL9); the collector may use 3.11.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/vermin -q --no-tips --violations -t=3.9- --exclude-regex '_pb2\.py$$' $(AGENT_SIDE)
+
+# mypy sees the installed layout (kvmeter.agent, ...) through a tree of links to the sources.
+typecheck: venv
+	rm -rf build/typecheck && mkdir -p build/typecheck/kvmeter
+	for f in src/kvmeter/*; do ln -s ../../../$$f build/typecheck/kvmeter/; done
+	ln -s ../../../agent build/typecheck/kvmeter/agent
+	ln -s ../../../collector build/typecheck/kvmeter/collector
+	ln -s ../../../proto build/typecheck/kvmeter/proto
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --python-version 3.9 \
+		-p kvmeter.agent -p kvmeter.proto -m kvmeter -m kvmeter.cli
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --python-version 3.11 -p kvmeter
+
+# The proto contract under Debian 12's protobuf runtime (the main venv has the newest 6.x).
+test-proto-compat: venv
+	[ -x $(PB_COMPAT_VENV)/bin/python ] || $(PYTHON) -m venv $(PB_COMPAT_VENV)
+	$(PB_COMPAT_VENV)/bin/pip install -q pytest protobuf==$(DEBIAN_PROTOBUF)
+	$(PB_COMPAT_VENV)/bin/pip install -q --no-deps -e .
+	$(PB_COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_proto_compat.py
+
+test: venv lint typecheck test-proto-compat
+	$(BIN)/python -m pytest -q tests
+
+unit: venv
+	$(BIN)/python -m pytest -q tests/unit
+
+demo: venv
+	$(BIN)/kvmeter demo
+
+clean:
+	rm -rf build $(VENV) $(PB_COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache

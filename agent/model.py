@@ -1,0 +1,85 @@
+"""Plain data shared by the agent's parts: what inventory and topology know about a NIC,
+what one counter read returns, and what the delta engine emits. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+# Traffic types, as in proto TrafficType (names are what config files use).
+TRAFFIC_TYPES = ("public", "guest", "management", "storage", "control", "private_gateway", "unknown")
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    """One <interface> of a libvirt domain."""
+
+    mac: str  # lower-case
+    device: Optional[str]  # target dev (vnetN, macvtapN); None when libvirt has not named it
+    nic_type: str  # bridge, network, direct, vhostuser, ethernet, ...
+    bridge: Optional[str] = None  # source bridge (or the network's bridge when known)
+    network: Optional[str] = None  # source network name
+    model: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """One libvirt domain as the inventory sees it."""
+
+    uuid: str
+    name: str
+    state: str  # running, paused, shutoff, crashed, gone
+    kind: str  # user_vm, virtual_router, system_vm, other
+    nics: Tuple[NicInfo, ...] = ()
+    account_id: Optional[str] = None  # from i-<account>-<id>-VM
+    vm_id: Optional[str] = None
+    owner: Dict[str, str] = field(default_factory=dict)  # CloudStack <metadata>, generic
+
+
+@dataclass(frozen=True)
+class LinkPlacement:
+    """Where a host interface sits: its bridge, the bridge's uplink and the traffic type."""
+
+    bridge: Optional[str]
+    vlan_id: Optional[int] = None
+    vxlan_vni: Optional[int] = None
+    traffic_type: str = "unknown"
+
+
+@dataclass(frozen=True)
+class CounterKey:
+    """Counter identity: names (vnetN) are reused, so the kernel's ifindex and the boot id count too."""
+
+    boot_id: str
+    ifindex: int
+    name: str
+
+
+@dataclass(frozen=True)
+class CounterSample:
+    """One interface's host-side counters at one read (as the kernel reports them)."""
+
+    key: CounterKey
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What the delta engine concluded for one counter and one direction pair over [start_ms, end_ms).
+
+    Directions are host-side here; the measure builder swaps them to the VM's point of view.
+    """
+
+    key: CounterKey
+    start_ms: int
+    end_ms: int
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    wrapped: bool = False
+    final_at_delete: bool = False
+    quarantine_reason: Optional[str] = None  # set: counted, never billed

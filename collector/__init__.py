@@ -1,0 +1,1 @@
+"""kvmeter collector: merges measures and CloudStack lifecycle events into hourly usage."""

@@ -1,0 +1,3 @@
+from kvmeter.cli import main
+
+main()
