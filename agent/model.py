@@ -20,6 +20,8 @@ class NicInfo:
     bridge: Optional[str] = None  # source bridge (or the network's bridge when known)
     network: Optional[str] = None  # source network name
     model: Optional[str] = None
+    source_dev: Optional[str] = None  # direct/macvtap: the host device it hangs off (may be a VLAN device)
+    vlan_tag: Optional[int] = None  # <vlan><tag id=.../>: set by OVS-style setups, no Linux VLAN device
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class LinkPlacement:
     vlan_id: Optional[int] = None
     vxlan_vni: Optional[int] = None
     traffic_type: str = "unknown"
+    uplink: Optional[str] = None  # the VLAN (<pif>.<vlan>) or VXLAN (vxlan<vni>) device, when there is one
 
 
 @dataclass(frozen=True)
