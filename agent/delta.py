@@ -1,0 +1,250 @@
+"""The delta engine: kernel counter readings in, billable deltas out.
+
+Pure: no I/O, no clock reads. The caller passes the wall-clock time (ms since the epoch, used for
+the measure intervals) and a monotonic time (ms, CLOCK_MONOTONIC: comparable across agent restarts
+within one boot, used for rate plausibility) with every call.
+
+Rules (each has a table test in tests/unit/test_delta.py):
+- Identity is CounterKey(boot_id, ifindex, name); `vnetN` names are reused, so the name alone is not.
+- A key first seen by the engine counts from zero when its creation happened while the engine was
+  accounting (a link "new" event, or absent from every host-link set since the engine started or
+  from the saved state); a key that already existed at a fresh start without saved state is only
+  baselined, so bytes moved before kvmeter ran are never billed.
+- A decrease is a 32-bit wrap only when the previous value was below 2^32 and the wrapped amount
+  fits the line-rate ceiling over the elapsed time; otherwise the counter was reset and the new
+  value counts from zero.
+- A delta above the line-rate ceiling over the elapsed time is quarantined with a reason: counted,
+  never billed.
+- Intervals per counter are contiguous and never inverted, even when the wall clock steps back.
+- A final sample (RTM_DELLINK's stats) closes its counter; later samples of that key are ignored
+  and the same name with a new ifindex is a new counter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvmeter.agent.model import CounterKey, CounterSample, Delta
+
+WRAP32 = 1 << 32
+STATE_VERSION = 1
+# A tracked key missing from this many consecutive polls without a final sample is forgotten
+# (its DELLINK was missed); until then a late final event still finds its last values.
+ABSENT_POLLS_BEFORE_FORGET = 3
+# The smallest Ethernet frame on the wire bounds packets per byte of line rate.
+MIN_FRAME_BYTES = 60
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    line_rate_ceiling_bps: int = 100_000_000_000  # bits/s: above this a jump is quarantined
+    # Elapsed time below this is treated as this (a poll right after another still allows bursts).
+    min_elapsed_ms: int = 1000
+
+
+@dataclass
+class _Counter:
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    end_ms: int  # wall-clock end of the last interval: the next one starts here
+    mono_ms: int  # monotonic time of the last reading
+    absent_polls: int = 0
+
+
+def _values(sample: CounterSample) -> tuple[int, int, int, int]:
+    return (sample.rx_bytes, sample.tx_bytes, sample.rx_packets, sample.tx_packets)
+
+
+class DeltaEngine:
+    """Per-counter state and the rules above. One engine per host boot."""
+
+    def __init__(self, boot_id: str, config: DeltaConfig | None = None) -> None:
+        self.boot_id = boot_id
+        self.config = config or DeltaConfig()
+        self._counters: dict[CounterKey, _Counter] = {}
+        # Keys that existed before the engine could account for them: baselined, never counted.
+        self._preexisting: set[CounterKey] = set()
+        # "new" link events seen while running -> polls since (the event may precede the read)
+        self._created: dict[CounterKey, int] = {}
+        self._closed: set[CounterKey] = set()  # keys finished by a final sample
+        self._last_poll: tuple[int, int] | None = None  # (wall ms, mono ms) of the last poll
+        self._fresh = True  # no poll yet and no saved state
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def link_created(self, key: CounterKey) -> None:
+        """A link "new" event: this identity was born while we were accounting."""
+        if key.boot_id == self.boot_id and key not in self._counters:
+            self._created[key] = 0
+            self._preexisting.discard(key)
+
+    def poll(
+        self,
+        now_ms: int,
+        mono_ms: int,
+        samples: Iterable[CounterSample],
+        present: Iterable[CounterKey] | None = None,
+    ) -> list[Delta]:
+        """One poll: `samples` are the metered interfaces' readings, `present` every host link's key
+        (defaults to the samples' keys). Returns one Delta per sample that moved or was reset."""
+        samples = [s for s in samples if s.key.boot_id == self.boot_id]
+        present_keys = {s.key for s in samples}
+        if present is not None:
+            present_keys.update(k for k in present if k.boot_id == self.boot_id)
+        if self._fresh:
+            self._preexisting = set(present_keys) - set(self._created)
+            self._fresh = False
+        deltas: list[Delta] = []
+        for sample in samples:
+            if sample.key in self._closed:
+                continue  # a reading older than the final sample that closed it
+            delta = self._advance(sample, now_ms, mono_ms, final=False)
+            if delta is not None:
+                deltas.append(delta)
+        self._age_absent(present_keys)
+        self._last_poll = (now_ms, mono_ms)
+        return deltas
+
+    def final(self, now_ms: int, mono_ms: int, sample: CounterSample) -> Delta | None:
+        """RTM_DELLINK's final counters: the tail since the last poll, then the counter is closed."""
+        if sample.key.boot_id != self.boot_id or sample.key in self._closed:
+            return None
+        untracked = sample.key not in self._counters and sample.key not in self._created
+        if untracked and (self._fresh or sample.key in self._preexisting):
+            # Existed before we ran and was never metered: nothing of it is ours to bill.
+            self._preexisting.discard(sample.key)
+            return None
+        delta = self._advance(sample, now_ms, mono_ms, final=True)
+        self._counters.pop(sample.key, None)
+        self._created.pop(sample.key, None)
+        self._closed.add(sample.key)
+        return delta
+
+    # -- rules --------------------------------------------------------------------------------
+
+    def _advance(self, sample: CounterSample, now_ms: int, mono_ms: int, *, final: bool) -> Delta | None:
+        key = sample.key
+        cur = _values(sample)
+        prev = self._counters.get(key)
+        if prev is None:
+            if key in self._preexisting and key not in self._created:
+                self._preexisting.discard(key)
+                self._counters[key] = _Counter(*cur, end_ms=now_ms, mono_ms=mono_ms)
+                return None  # baseline: existed before kvmeter could account for it
+            # Born while running: it counts from zero since (at the latest) the previous poll.
+            start_ms, start_mono = self._last_poll if self._last_poll else (now_ms, mono_ms)
+            start_ms = min(start_ms, now_ms)
+            prev = _Counter(0, 0, 0, 0, end_ms=start_ms, mono_ms=start_mono)
+            self._created.pop(key, None)
+        elapsed_ms = max(mono_ms - prev.mono_ms, self.config.min_elapsed_ms)
+        max_bytes = self.config.line_rate_ceiling_bps * elapsed_ms // 8000
+        max_packets = max_bytes // MIN_FRAME_BYTES
+        limits = (max_bytes, max_bytes, max_packets, max_packets)
+        old = (prev.rx_bytes, prev.tx_bytes, prev.rx_packets, prev.tx_packets)
+        moved, wrapped, reset = _differences(old, cur, limits)
+        start_ms = prev.end_ms
+        end_ms = max(now_ms, start_ms + 1)  # contiguous, never inverted: the clock may step back
+        self._counters[key] = _Counter(*cur, end_ms=end_ms, mono_ms=mono_ms)
+        reason = None
+        over = [n for n, m, lim in zip(("rx", "tx"), moved[:2], limits[:2]) if m > lim]
+        if over:
+            reason = (
+                f"{'/'.join(over)} jump of {max(moved[:2])} bytes in {elapsed_ms} ms exceeds the "
+                f"line-rate ceiling of {self.config.line_rate_ceiling_bps} bit/s"
+            )
+            if reset:
+                reason += " (after a counter reset)"
+        if not any(moved) and not final:
+            return None
+        return Delta(
+            key=key,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            rx_bytes=moved[0],
+            tx_bytes=moved[1],
+            rx_packets=moved[2],
+            tx_packets=moved[3],
+            wrapped=wrapped,
+            final_at_delete=final,
+            quarantine_reason=reason,
+        )
+
+    def _age_absent(self, present: set[CounterKey]) -> None:
+        for key in list(self._counters):
+            counter = self._counters[key]
+            if key in present:
+                counter.absent_polls = 0
+                continue
+            counter.absent_polls += 1
+            if counter.absent_polls >= ABSENT_POLLS_BEFORE_FORGET:
+                del self._counters[key]
+        # Closed, created and pre-existing keys only matter while the link exists.
+        self._closed &= present
+        self._preexisting &= present
+        for key in list(self._created):
+            self._created[key] = 0 if key in present else self._created[key] + 1
+            if self._created[key] >= ABSENT_POLLS_BEFORE_FORGET:
+                del self._created[key]
+
+    # -- state --------------------------------------------------------------------------------
+
+    def tracked(self) -> dict[CounterKey, tuple[int, int, int, int]]:
+        """Last values per tracked counter (rx_bytes, tx_bytes, rx_packets, tx_packets)."""
+        return {k: (c.rx_bytes, c.tx_bytes, c.rx_packets, c.tx_packets) for k, c in self._counters.items()}
+
+    def to_state(self) -> dict[str, Any]:
+        """A msgpack-friendly snapshot, saved with every spooled batch."""
+        return {
+            "v": STATE_VERSION,
+            "boot_id": self.boot_id,
+            "counters": [
+                [k.ifindex, k.name, c.rx_bytes, c.tx_bytes, c.rx_packets, c.tx_packets, c.end_ms, c.mono_ms]
+                for k, c in self._counters.items()
+            ],
+            "preexisting": [[k.ifindex, k.name] for k in self._preexisting],
+            "closed": [[k.ifindex, k.name] for k in self._closed],
+            "last_poll": list(self._last_poll) if self._last_poll else None,
+            "fresh": self._fresh,
+        }
+
+    @classmethod
+    def from_state(
+        cls, boot_id: str, state: dict[str, Any] | None, config: DeltaConfig | None = None
+    ) -> DeltaEngine:
+        """Resume from a snapshot. A snapshot of another boot is worthless (ifindexes restart), so
+        the engine starts fresh and baselines."""
+        engine = cls(boot_id, config)
+        if not state or state.get("v") != STATE_VERSION or state.get("boot_id") != boot_id:
+            return engine
+        for ifindex, name, rxb, txb, rxp, txp, end_ms, mono_ms in state["counters"]:
+            engine._counters[CounterKey(boot_id, ifindex, name)] = _Counter(
+                rxb, txb, rxp, txp, end_ms, mono_ms
+            )
+        engine._preexisting = {CounterKey(boot_id, i, n) for i, n in state["preexisting"]}
+        engine._closed = {CounterKey(boot_id, i, n) for i, n in state["closed"]}
+        last = state.get("last_poll")
+        engine._last_poll = (int(last[0]), int(last[1])) if last else None
+        engine._fresh = bool(state.get("fresh", False))
+        return engine
+
+
+def _differences(
+    old: tuple[int, ...], cur: tuple[int, ...], limits: tuple[int, ...]
+) -> tuple[tuple[int, int, int, int], bool, bool]:
+    """(moved per counter, wrapped, reset). One implausible decrease means the interface's counters
+    were reset (recreated, driver reload): then every counter counts from zero."""
+    moved: list[int] = []
+    wrapped = False
+    for o, c, limit in zip(old, cur, limits):
+        if c >= o:
+            moved.append(c - o)
+        elif o < WRAP32 and WRAP32 - o + c <= limit:
+            moved.append(WRAP32 - o + c)
+            wrapped = True
+        else:
+            return (cur[0], cur[1], cur[2], cur[3]), False, True
+    return (moved[0], moved[1], moved[2], moved[3]), wrapped, False
