@@ -4,7 +4,6 @@ what one counter read returns, and what the delta engine emits. No I/O here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 # Traffic types, as in proto TrafficType (names are what config files use).
 TRAFFIC_TYPES = ("public", "guest", "management", "storage", "control", "private_gateway", "unknown")
@@ -15,13 +14,13 @@ class NicInfo:
     """One <interface> of a libvirt domain."""
 
     mac: str  # lower-case
-    device: Optional[str]  # target dev (vnetN, macvtapN); None when libvirt has not named it
+    device: str | None  # target dev (vnetN, macvtapN); None when libvirt has not named it
     nic_type: str  # bridge, network, direct, vhostuser, ethernet, ...
-    bridge: Optional[str] = None  # source bridge (or the network's bridge when known)
-    network: Optional[str] = None  # source network name
-    model: Optional[str] = None
-    source_dev: Optional[str] = None  # direct/macvtap: the host device it hangs off (may be a VLAN device)
-    vlan_tag: Optional[int] = None  # <vlan><tag id=.../>: set by OVS-style setups, no Linux VLAN device
+    bridge: str | None = None  # source bridge (or the network's bridge when known)
+    network: str | None = None  # source network name
+    model: str | None = None
+    source_dev: str | None = None  # direct/macvtap: the host device it hangs off (may be a VLAN device)
+    vlan_tag: int | None = None  # <vlan><tag id=.../>: set by OVS-style setups, no Linux VLAN device
 
 
 @dataclass(frozen=True)
@@ -32,21 +31,21 @@ class DomainInfo:
     name: str
     state: str  # running, paused, shutoff, crashed, gone
     kind: str  # user_vm, virtual_router, system_vm, other
-    nics: Tuple[NicInfo, ...] = ()
-    account_id: Optional[str] = None  # from i-<account>-<id>-VM
-    vm_id: Optional[str] = None
-    owner: Dict[str, str] = field(default_factory=dict)  # CloudStack <metadata>, generic
+    nics: tuple[NicInfo, ...] = ()
+    account_id: str | None = None  # from i-<account>-<id>-VM
+    vm_id: str | None = None
+    owner: dict[str, str] = field(default_factory=dict)  # CloudStack <metadata>, generic
 
 
 @dataclass(frozen=True)
 class LinkPlacement:
     """Where a host interface sits: its bridge, the bridge's uplink and the traffic type."""
 
-    bridge: Optional[str]
-    vlan_id: Optional[int] = None
-    vxlan_vni: Optional[int] = None
+    bridge: str | None
+    vlan_id: int | None = None
+    vxlan_vni: int | None = None
     traffic_type: str = "unknown"
-    uplink: Optional[str] = None  # the VLAN (<pif>.<vlan>) or VXLAN (vxlan<vni>) device, when there is one
+    uplink: str | None = None  # the VLAN (<pif>.<vlan>) or VXLAN (vxlan<vni>) device, when there is one
 
 
 @dataclass(frozen=True)
@@ -85,4 +84,4 @@ class Delta:
     tx_packets: int
     wrapped: bool = False
     final_at_delete: bool = False
-    quarantine_reason: Optional[str] = None  # set: counted, never billed
+    quarantine_reason: str | None = None  # set: counted, never billed

@@ -7,14 +7,13 @@ the collector (which needs a newer Python and other libraries).
 from __future__ import annotations
 
 import importlib
-from typing import Dict, List, Optional, Tuple
 
 import click
 
 from kvmeter import __version__
 
 # name -> (module, attribute, one-line help)
-SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "agent": ("kvmeter.agent.cli", "agent", "Meter this KVM host's VM interfaces and publish to Kafka."),
     "collector": ("kvmeter.collector.cli", "collector", "Consume measures and lifecycle events into usage."),
     "ingest": ("kvmeter.collector.cli", "ingest", "Apply event and measure files to a usage store."),
@@ -27,10 +26,10 @@ SUBCOMMANDS: Dict[str, Tuple[str, str, str]] = {
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when invoked."""
 
-    def list_commands(self, ctx: click.Context) -> List[str]:
+    def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(SUBCOMMANDS)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> Optional[click.Command]:
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         spec = SUBCOMMANDS.get(cmd_name)
         if spec is None:
             return None

@@ -19,7 +19,13 @@ SADDR = int(ipaddress.IPv4Address("203.0.113.7"))
 def test_legacy_bytes_decode_as_ipmeasure() -> None:
     raw = legacy.IPMeasure(header=1, saddr=SADDR, bytes=1500, start=1_700_000_000_000, end=1_700_000_060_000)
     m = pb.IPMeasure.FromString(raw.SerializeToString())
-    assert (m.header, m.saddr, m.bytes, m.start, m.end) == (1, SADDR, 1500, 1_700_000_000_000, 1_700_000_060_000)
+    assert (m.header, m.saddr, m.bytes, m.start, m.end) == (
+        1,
+        SADDR,
+        1500,
+        1_700_000_000_000,
+        1_700_000_060_000,
+    )
     # Nothing else was on the wire: the new fields are absent, not zero-filled guesses.
     assert not m.HasField("direction")
     assert not m.HasField("instance_uuid")

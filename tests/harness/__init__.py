@@ -1,0 +1,1 @@
+"""Test harness: the real parts (broker, PostgreSQL, libvirt test driver, network namespaces)."""
