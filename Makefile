@@ -42,13 +42,14 @@ lint: venv
 	$(BIN)/vermin -q --no-tips --violations -t=3.9- --exclude-regex '_pb2\.py$$' $(AGENT_SIDE)
 
 # mypy sees the installed layout (kvmeter.agent, ...) through a tree of links to the sources.
+# The 3.9 pass skips site-packages: newer library releases there use 3.10 syntax.
 typecheck: venv
 	rm -rf build/typecheck && mkdir -p build/typecheck/kvmeter
 	for f in src/kvmeter/*; do ln -s ../../../$$f build/typecheck/kvmeter/; done
 	ln -s ../../../agent build/typecheck/kvmeter/agent
 	ln -s ../../../collector build/typecheck/kvmeter/collector
 	ln -s ../../../proto build/typecheck/kvmeter/proto
-	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --python-version 3.9 \
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --python-version 3.9 --no-site-packages \
 		-p kvmeter.agent -p kvmeter.proto -m kvmeter -m kvmeter.cli
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --python-version 3.11 -p kvmeter
 
