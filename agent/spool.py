@@ -1,0 +1,291 @@
+"""The durable spool: every batch on disk (fsync) before it is published, with the counter state.
+
+Layout of the spool directory:
+  seg-<n>.kvs   append-only segments of frames: u32 length, u32 CRC32, msgpack payload
+                [stream_id, seq, batch bytes, counter state, written at (ms)]
+  ack.msgpack   the position of the first frame not yet delivered (segment, offset)
+
+A frame is the unit of atomicity: the batch and the counter state it was computed against are
+written, flushed and fsynced together, so a crash leaves either both or neither (a torn tail is
+detected by its length or CRC and truncated on open). On restart the last frame's state resumes
+the delta engine and every frame after the ack position is re-published in order under its own
+stream id and sequence number. The ack file is replaced atomically and may lag: a lagging ack only
+re-sends batches the collector already has, which it drops by (stream, seq).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+log = logging.getLogger(__name__)
+
+HEADER = struct.Struct(">II")  # payload length, CRC32 of the payload
+MAX_FRAME = 256 * 1024 * 1024  # anything larger is corruption, not a batch
+SEGMENT_GLOB = "seg-*.kvs"
+
+
+def _segment_name(number: int) -> str:
+    return f"seg-{number:012d}.kvs"
+
+
+@dataclass
+class Frame:
+    """Where one spooled batch sits; the batch bytes themselves are read back on demand."""
+
+    stream_id: str
+    seq: int
+    segment: int
+    offset: int
+    size: int  # header + payload
+    written_ms: int
+    acked: bool = field(default=False, compare=False)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return (self.segment, self.offset)
+
+
+class SpoolError(RuntimeError):
+    """The spool directory cannot be used."""
+
+
+class Spool:
+    """Append, read back, acknowledge and bound spooled batches. Not thread-safe: one owner."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_bytes: int = 1 << 30,
+        max_age_ms: int = 7 * 24 * 3600 * 1000,
+        segment_bytes: int = 4 << 20,
+        read_only: bool = False,
+        on_drop: Callable[[Frame, bytes], None] | None = None,
+    ) -> None:
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.max_age_ms = max_age_ms
+        self.segment_bytes = segment_bytes
+        self.read_only = read_only
+        self.on_drop = on_drop
+        self._pending: deque[Frame] = deque()  # appended, not yet acknowledged, in order
+        self._last_state: dict[str, Any] | None = None
+        self._last_frame: Frame | None = None
+        self._segments: list[int] = []
+        self._active_size = 0
+        self._active: Any = None  # file object of the newest segment (append mode)
+        self.dropped_frames = 0
+        self.dropped_bytes = 0  # spool bytes given up because of the size or age bound
+        self._open()
+
+    # -- open and recover ---------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if not self.read_only:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        elif not self.dir.is_dir():
+            return
+        ack = self._read_ack()
+        self._segments = sorted(int(p.name[4:-4]) for p in self.dir.glob(SEGMENT_GLOB))
+        for number in self._segments:
+            for frame, state in self._scan(number):
+                self._last_state, self._last_frame = state, frame
+                if frame.position >= ack:
+                    self._pending.append(frame)
+        if not self.read_only:
+            self._delete_acked_segments()
+            if self._segments:
+                self._active_size = (self.dir / _segment_name(self._segments[-1])).stat().st_size
+
+    def _read_ack(self) -> tuple[int, int]:
+        try:
+            data = msgpack.unpackb((self.dir / "ack.msgpack").read_bytes())
+            return (int(data["segment"]), int(data["offset"]))
+        except FileNotFoundError:
+            return (0, 0)
+        except Exception as exc:  # a damaged ack file only means re-sending: never fatal
+            log.warning("spool ack file unreadable (%s): re-sending everything spooled", exc)
+            return (0, 0)
+
+    def _scan(self, number: int) -> list[tuple[Frame, dict[str, Any]]]:
+        path = self.dir / _segment_name(number)
+        data = path.read_bytes()
+        frames: list[tuple[Frame, dict[str, Any]]] = []
+        offset = 0
+        while offset < len(data):
+            problem = None
+            if len(data) - offset < HEADER.size:
+                problem = "torn header"
+            else:
+                length, crc = HEADER.unpack_from(data, offset)
+                end = offset + HEADER.size + length
+                if length > MAX_FRAME or end > len(data):
+                    problem = "torn frame"
+                else:
+                    payload = data[offset + HEADER.size : end]
+                    if zlib.crc32(payload) & 0xFFFFFFFF != crc:
+                        problem = "CRC mismatch"
+            if problem is None:
+                try:
+                    stream_id, seq, _batch, state, written_ms = msgpack.unpackb(payload, raw=False)
+                except Exception as exc:
+                    problem = f"undecodable frame ({exc})"
+            if problem is not None:
+                log.warning(
+                    "spool %s: %s at offset %d; dropping the %d trailing bytes (an interrupted write)",
+                    path.name,
+                    problem,
+                    offset,
+                    len(data) - offset,
+                )
+                if not self.read_only:
+                    with open(path, "r+b") as f:
+                        f.truncate(offset)
+                        f.flush()
+                        os.fsync(f.fileno())
+                break
+            frames.append((Frame(stream_id, seq, number, offset, end - offset, written_ms), state))
+            offset = end
+        return frames
+
+    # -- append -------------------------------------------------------------------------------
+
+    def append(self, stream_id: str, seq: int, batch: bytes, state: dict[str, Any], now_ms: int) -> Frame:
+        """Write one frame durably (fsync) and return it; the caller publishes only after this."""
+        if self.read_only:
+            raise SpoolError("spool opened read-only")
+        payload = msgpack.packb([stream_id, seq, batch, state, now_ms], use_bin_type=True)
+        record = HEADER.pack(len(payload), zlib.crc32(payload) & 0xFFFFFFFF) + payload
+        if self._active is None or self._active_size >= self.segment_bytes:
+            self._rotate()
+        offset = self._active_size
+        self._active.write(record)
+        self._active.flush()
+        os.fsync(self._active.fileno())
+        self._active_size += len(record)
+        frame = Frame(stream_id, seq, self._segments[-1], offset, len(record), now_ms)
+        self._pending.append(frame)
+        self._last_state, self._last_frame = state, frame
+        self._enforce_bounds(now_ms)
+        return frame
+
+    def _rotate(self) -> None:
+        if self._active is not None:
+            self._active.close()
+        if self._segments and self._active is None and self._active_size < self.segment_bytes:
+            number = self._segments[-1]  # reopen the newest segment after a restart
+        else:
+            number = (self._segments[-1] + 1) if self._segments else 1
+            self._segments.append(number)
+            self._active_size = 0
+        self._active = open(self.dir / _segment_name(number), "ab")
+        _fsync_dir(self.dir)
+
+    # -- read back, acknowledge, bound --------------------------------------------------------
+
+    def pending(self) -> list[Frame]:
+        """Frames not yet acknowledged, oldest first."""
+        return list(self._pending)
+
+    def read_batch(self, frame: Frame) -> bytes:
+        with open(self.dir / _segment_name(frame.segment), "rb") as f:
+            f.seek(frame.offset)
+            record = f.read(frame.size)
+        payload = record[HEADER.size :]
+        return bytes(msgpack.unpackb(payload, raw=False)[2])
+
+    def last_state(self) -> dict[str, Any] | None:
+        """The counter state saved with the newest frame (None: nothing spooled yet)."""
+        return self._last_state
+
+    def ack(self, frame: Frame) -> None:
+        """The broker has this frame: advance the ack position over every delivered prefix."""
+        frame.acked = True
+        advanced = False
+        while self._pending and self._pending[0].acked:
+            self._pending.popleft()
+            advanced = True
+        if advanced:
+            self._write_ack()
+            self._delete_acked_segments()
+
+    def _ack_position(self) -> tuple[int, int]:
+        if self._pending:
+            return self._pending[0].position
+        if self._last_frame is not None:
+            return (self._last_frame.segment, self._last_frame.offset + self._last_frame.size)
+        return (0, 0)
+
+    def _write_ack(self) -> None:
+        segment, offset = self._ack_position()
+        tmp = self.dir / "ack.msgpack.tmp"
+        tmp.write_bytes(msgpack.packb({"segment": segment, "offset": offset}))
+        os.replace(tmp, self.dir / "ack.msgpack")
+
+    def _delete_acked_segments(self) -> None:
+        first_needed = self._ack_position()[0]
+        # The newest segment always stays: its last frame holds the state to resume from.
+        while len(self._segments) > 1 and self._segments[0] < first_needed:
+            number = self._segments.pop(0)
+            try:
+                (self.dir / _segment_name(number)).unlink()
+            except FileNotFoundError:
+                pass
+
+    def _enforce_bounds(self, now_ms: int) -> None:
+        dropped = []
+        while len(self._pending) > 1:  # never the frame just written
+            oldest = self._pending[0]
+            too_big = self.pending_bytes() > self.max_bytes
+            too_old = now_ms - oldest.written_ms > self.max_age_ms
+            if not (too_big or too_old):
+                break
+            batch = self.read_batch(oldest)
+            self._pending.popleft()
+            self.dropped_frames += 1
+            self.dropped_bytes += oldest.size
+            dropped.append(oldest)
+            if self.on_drop is not None:
+                self.on_drop(oldest, batch)
+        if dropped:
+            log.error(
+                "SPOOL BOUND HIT (%d bytes max, %d s max age): dropped %d undelivered batches "
+                "(stream %s seq %d..%d); is the broker reachable?",
+                self.max_bytes,
+                self.max_age_ms // 1000,
+                len(dropped),
+                dropped[0].stream_id,
+                dropped[0].seq,
+                dropped[-1].seq,
+            )
+            self._write_ack()
+            self._delete_acked_segments()
+
+    def pending_bytes(self) -> int:
+        return sum(f.size for f in self._pending)
+
+    def oldest_pending_ms(self) -> int | None:
+        return self._pending[0].written_ms if self._pending else None
+
+    def close(self) -> None:
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,171 @@
+"""The durable spool: frames survive restarts, torn tails are cut, acks advance, bounds drop loudly."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmeter.agent.spool import Frame, Spool
+
+NOW = 1_700_000_000_000
+
+
+def fill(spool: Spool, n: int, start: int = 1, stream: str = "s1", size: int = 100) -> list[Frame]:
+    return [
+        spool.append(stream, seq, bytes([seq % 256]) * size, {"seq": seq}, NOW + seq)
+        for seq in range(start, start + n)
+    ]
+
+
+def test_frames_survive_reopen_in_order_with_the_last_state(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    fill(spool, 5)
+    spool.close()
+    again = Spool(tmp_path)
+    assert [(f.stream_id, f.seq) for f in again.pending()] == [("s1", i) for i in range(1, 6)]
+    assert again.last_state() == {"seq": 5}
+    assert again.read_batch(again.pending()[2]) == bytes([3]) * 100
+
+
+def test_acked_frames_are_not_replayed_and_state_is_kept(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=300)  # a few frames per segment
+    frames = fill(spool, 10)
+    for frame in frames[:7]:
+        spool.ack(frame)
+    spool.close()
+    assert len(list(tmp_path.glob("seg-*.kvs"))) < 5  # fully delivered segments are deleted
+    again = Spool(tmp_path, segment_bytes=300)
+    assert [f.seq for f in again.pending()] == [8, 9, 10]
+    assert again.last_state() == {"seq": 10}
+
+
+def test_out_of_order_acks_advance_only_over_the_delivered_prefix(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    frames = fill(spool, 4)
+    spool.ack(frames[1])
+    spool.ack(frames[2])
+    assert [f.seq for f in spool.pending()] == [1, 2, 3, 4]
+    spool.ack(frames[0])
+    assert [f.seq for f in spool.pending()] == [4]
+    spool.close()
+    assert [f.seq for f in Spool(tmp_path).pending()] == [4]
+
+
+def test_everything_acked_still_resumes_from_the_last_state(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, segment_bytes=200)
+    for frame in fill(spool, 6):
+        spool.ack(frame)
+    spool.close()
+    again = Spool(tmp_path, segment_bytes=200)
+    assert again.pending() == []
+    assert again.last_state() == {"seq": 6}
+    fill(again, 1, start=7)
+    again.close()
+    assert [f.seq for f in Spool(tmp_path).pending()] == [7]
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 60])
+def test_torn_tail_is_detected_and_truncated(
+    tmp_path: Path, cut: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path)
+    fill(spool, 3)
+    spool.close()
+    (segment,) = tmp_path.glob("seg-*.kvs")
+    size = segment.stat().st_size
+    with open(segment, "r+b") as f:
+        f.truncate(size - cut)  # the last frame's write was interrupted
+    with caplog.at_level(logging.WARNING):
+        again = Spool(tmp_path)
+    assert [f.seq for f in again.pending()] == [1, 2]
+    assert again.last_state() == {"seq": 2}
+    assert "interrupted write" in caplog.text
+    fill(again, 1, start=3)  # appending after the cut yields a clean file
+    again.close()
+    assert [f.seq for f in Spool(tmp_path).pending()] == [1, 2, 3]
+
+
+def test_corrupted_byte_is_caught_by_the_crc(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    frames = fill(spool, 3)
+    spool.close()
+    (segment,) = tmp_path.glob("seg-*.kvs")
+    data = bytearray(segment.read_bytes())
+    data[frames[2].offset + 20] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    assert [f.seq for f in Spool(tmp_path).pending()] == [1, 2]
+
+
+def test_size_bound_drops_oldest_loudly_and_counts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dropped: list[tuple[int, bytes]] = []
+    spool = Spool(tmp_path, max_bytes=1000, on_drop=lambda f, b: dropped.append((f.seq, b)))
+    with caplog.at_level(logging.ERROR):
+        frames = fill(spool, 20)
+    kept = [f.seq for f in spool.pending()]
+    assert kept == list(range(20 - len(kept) + 1, 21))
+    assert spool.pending_bytes() <= 1000
+    assert [seq for seq, _ in dropped] == list(range(1, 21 - len(kept)))
+    assert dropped[0][1] == bytes([1]) * 100
+    assert spool.dropped_bytes == sum(f.size for f in frames[: len(dropped)])
+    assert "SPOOL BOUND HIT" in caplog.text
+    spool.close()
+
+
+def test_age_bound_drops_old_frames(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_age_ms=10_000)
+    spool.append("s1", 1, b"a", {}, NOW)
+    spool.append("s1", 2, b"b", {}, NOW + 5_000)
+    spool.append("s1", 3, b"c", {}, NOW + 12_000)
+    assert [f.seq for f in spool.pending()] == [2, 3]
+    assert spool.dropped_frames == 1
+    spool.close()
+
+
+def test_read_only_open_never_writes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    fill(spool, 2)
+    spool.close()
+    (segment,) = tmp_path.glob("seg-*.kvs")
+    with open(segment, "ab") as f:
+        f.write(b"\x00\x00")  # torn
+    ro = Spool(tmp_path, read_only=True)
+    assert ro.last_state() == {"seq": 2}
+    assert segment.read_bytes().endswith(b"\x00\x00")
+    assert Spool(tmp_path / "missing", read_only=True).last_state() is None
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from kvmeter.agent.spool import Spool
+    spool = Spool(sys.argv[1], segment_bytes=4096)
+    start = len(spool.pending()) + 1
+    seq = start
+    while True:
+        spool.append("s", seq, b"x" * (seq % 700), {"seq": seq}, seq)
+        seq += 1
+    """
+)
+
+
+def test_kill_9_at_any_instant_leaves_a_consistent_spool(tmp_path: Path) -> None:
+    for round_ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)])
+        time.sleep(0.3 + 0.07 * round_)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        spool = Spool(tmp_path, segment_bytes=4096)
+        seqs = [f.seq for f in spool.pending()]
+        assert seqs, "the writer should have spooled something"
+        assert seqs == list(range(1, len(seqs) + 1))  # no gap, no duplicate, nothing torn kept
+        assert spool.last_state() == {"seq": seqs[-1]}
+        assert spool.read_batch(spool.pending()[-1]) == b"x" * (seqs[-1] % 700)
+        spool.close()
