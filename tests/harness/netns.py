@@ -15,6 +15,7 @@ test's back: the only traffic is what the test sends, plus the ARP it causes.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import secrets
@@ -108,6 +109,13 @@ class Vm:
         """Send UDP datagrams carrying `nbytes` of payload in total from this VM to `dst_ip`."""
         src = self.nics[nic].ip
         sh(sys.executable, str(SENDER), src, dst_ip, str(nbytes), str(payload), ns=self.ns)
+
+    def announce(self) -> None:
+        """Broadcast one tiny datagram per NIC so bridges learn where the VM is now (like QEMU's
+        announce-self after a migration)."""
+        for k, nic in enumerate(self.nics):
+            broadcast = str(ipaddress.ip_interface(nic.address).network.broadcast_address)
+            self.send(broadcast, 1, nic=k)
 
     def domain(self, owner: dict[str, str] | None = None) -> Domain:
         return Domain(self.name, self.uuid, tuple(n.libvirt_nic() for n in self.nics), owner=owner or {})
@@ -228,6 +236,7 @@ class Host:
             target._plug(nic)
         vm.present = True
         target.vms[vm.name] = vm
+        vm.announce()
         return vm
 
     def mgmt_down(self) -> None:

@@ -96,3 +96,22 @@ def test_bytes_pushed_across_a_veth_are_counted_by_the_kernel(
     # a reboot recreates the tap; the VM-side totals survive across incarnations
     host.reboot(vm)
     assert nic.total()["tx_bytes"] == after["tx_bytes"] + nic.counters()["tx_bytes"]
+
+
+@pytest.mark.netns
+def test_two_hosts_joined_by_a_guest_vxlan(netns_lab: Lab, netns_host: Callable[..., Host]) -> None:
+    h1, h2 = netns_host("h1"), netns_host("h2")
+    h1.join_vxlan(5001, [h2])
+    h2.join_vxlan(5001, [h1])
+    a = h1.add_vm("i-2-10-VM", str(uuid.uuid4()), [("brvx-5001", "02:00:0a:00:00:01", "10.1.1.10/24")])
+    b = h2.add_vm("i-3-11-VM", str(uuid.uuid4()), [("brvx-5001", "02:00:0b:00:00:01", "10.1.1.11/24")])
+    a.send(b.nics[0].ip, 20_000, payload=1000)
+    # the datagrams crossed the VXLAN tunnel and arrived at the VM on the other host
+    assert b.nics[0].counters()["rx_packets"] >= 20
+    assert h2.tap_counters(b.nics[0].tap)["tx_bytes"] == b.nics[0].counters()["rx_bytes"]
+    # migrating b to h1 recreates its tap there; VM-side totals span both incarnations
+    before = b.nics[0].counters()
+    h2.migrate(b, h1)
+    assert b.host is h1
+    a.send(b.nics[0].ip, 5_000, payload=1000)
+    assert b.nics[0].total()["rx_bytes"] > before["rx_bytes"]
