@@ -1,0 +1,818 @@
+"""The usage store: one schema on SQLite (embedded default, a file) and PostgreSQL (a DSN).
+
+SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Every time is
+an integer of milliseconds since the epoch (UTC): no timezone or datetime type differences
+between the two databases.
+
+Concurrency between replicas (PostgreSQL) rests on three locks, always taken in this order:
+1. the `finalized_through` row of collector_state: shared by writers of usage, exclusive for
+   the finalizer, so a window never turns final under a writer that saw it open;
+2. per-resource advisory locks (sorted) for recomputing time-based records;
+3. row locks of stream marks and parked measures (`FOR UPDATE`), so a batch or a parked
+   measure is applied by one replica only.
+SQLite serialises writers with `BEGIN IMMEDIATE` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from kvmeter.collector.model import Measure, UsageKey
+
+metadata = sa.MetaData()
+
+KEY_COLUMNS = ("account", "usage_type", "resource", "offering", "detail", "window_start_ms", "window_end_ms")
+TIME_TYPES = (1, 2, 3)
+FINALIZED_THROUGH = "finalized_through_ms"
+
+_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER PKs only
+
+
+def _key_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("account", sa.String(64), nullable=False),
+        sa.Column("usage_type", sa.Integer, nullable=False),
+        sa.Column("resource", sa.String(128), nullable=False),
+        sa.Column("offering", sa.String(128), nullable=False),
+        sa.Column("detail", sa.String(64), nullable=False),
+        sa.Column("window_start_ms", sa.BigInteger, nullable=False),
+        sa.Column("window_end_ms", sa.BigInteger, nullable=False),
+    ]
+
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_ms", sa.BigInteger, nullable=False),
+)
+
+# quantity: bytes (types 4/5) or milliseconds (time-based types). Once `final`, quantity is
+# frozen; later changes are rows of usage_adjustments and the net is their sum.
+usage_records = sa.Table(
+    "usage_records",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    *_key_columns(),
+    sa.Column("quantity", sa.BigInteger, nullable=False),
+    sa.Column("final", sa.Boolean, nullable=False),
+    sa.Column("resource_name", sa.String(128), nullable=False),
+    sa.Column("device_type", sa.String(32), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint(*KEY_COLUMNS, name="uq_usage_records_key"),
+)
+sa.Index("ix_usage_records_window", usage_records.c.window_start_ms)
+sa.Index("ix_usage_records_resource", usage_records.c.resource)
+
+usage_adjustments = sa.Table(
+    "usage_adjustments",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    *_key_columns(),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+sa.Index("ix_usage_adjustments_key", *(usage_adjustments.c[name] for name in KEY_COLUMNS))
+sa.Index("ix_usage_adjustments_resource", usage_adjustments.c.resource)
+
+stream_marks = sa.Table(
+    "stream_marks",
+    metadata,
+    sa.Column("stream_id", sa.String(128), primary_key=True),
+    sa.Column("host_id", sa.String(128), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)
+
+lifecycle_events = sa.Table(
+    "lifecycle_events",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("resource_uuid", sa.String(128), nullable=False, index=True),
+    sa.Column("time_ms", sa.BigInteger, nullable=False),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("normalized", sa.LargeBinary, nullable=False),
+    sa.Column("received_ms", sa.BigInteger, nullable=False),
+)
+
+
+def _measure_table(name: str, *extra: sa.Column[Any]) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", _id, primary_key=True, autoincrement=True),
+        sa.Column("stream_id", sa.String(128), nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("idx", sa.Integer, nullable=False),
+        sa.Column("instance_uuid", sa.String(128), nullable=False, index=True),
+        sa.Column("mac", sa.String(32), nullable=False, index=True),
+        sa.Column("address", sa.String(64), nullable=False, index=True),
+        sa.Column("start_ms", sa.BigInteger, nullable=False),
+        sa.Column("end_ms", sa.BigInteger, nullable=False),
+        sa.Column("direction", sa.String(16), nullable=False),
+        sa.Column("traffic_type", sa.String(32), nullable=False),
+        sa.Column("bytes", sa.BigInteger, nullable=False),
+        sa.Column("measure", sa.Text, nullable=False),  # the Measure as JSON
+        *extra,
+        sa.UniqueConstraint("stream_id", "seq", "idx", name=f"uq_{name}_identity"),
+    )
+
+
+parked_measures = _measure_table("parked_measures", sa.Column("parked_ms", sa.BigInteger, nullable=False))
+quarantined_measures = _measure_table(
+    "quarantined_measures",
+    sa.Column("reason", sa.String(256), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),  # a redelivery is not a new letter
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("origin", sa.String(256), nullable=False),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+collector_state = sa.Table(
+    "collector_state",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+
+V1_TABLES = [
+    usage_records,
+    usage_adjustments,
+    stream_marks,
+    lifecycle_events,
+    parked_measures,
+    quarantined_measures,
+    dead_letters,
+    collector_state,
+]
+
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=V1_TABLES)
+    conn.execute(sa.insert(collector_state).values(name=FINALIZED_THROUGH, value=0))
+
+
+# Numbered, append-only: a released migration never changes; schema changes add one.
+MIGRATIONS = [(1, _migration_1)]
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    source: str  # "measures" | "lifecycle"
+    origin: str  # where it came from: topic/partition@offset or file:line
+    raw: bytes
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """A usage record as reported: net quantity = recorded quantity + adjustments."""
+
+    key: UsageKey
+    quantity: int
+    recorded: int
+    adjustment: int
+    final: bool
+    resource_name: str
+    device_type: str
+    updated_ms: int
+
+
+def engine_url(url: str) -> str:
+    """Map plain `postgresql://` to the installed psycopg driver; keep other URLs as given."""
+    if url.startswith(("postgresql://", "postgres://")):
+        rest = url.split("://", 1)[1]
+        # SQLAlchemy 2 has the psycopg 3 dialect; 1.4 (Debian 12) only psycopg2.
+        driver = "psycopg" if int(sa.__version__.split(".")[0]) >= 2 else "psycopg2"
+        return f"postgresql+{driver}://{rest}"
+    return url
+
+
+def resource_lock_id(resource: str) -> int:
+    """A stable signed 64-bit id for pg_advisory_xact_lock."""
+    return int.from_bytes(hashlib.blake2b(resource.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def measure_json(measure: Measure) -> str:
+    return json.dumps(asdict(measure), separators=(",", ":"), sort_keys=True)
+
+
+def measure_from_json(text: str) -> Measure:
+    return Measure(**json.loads(text))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Store:
+    def __init__(self, url: str, *, pool_size: int = 5):
+        self.url = engine_url(url)
+        if self.url.startswith("sqlite"):
+            self.engine = _sqlite_engine(self.url)
+        else:
+            self.engine = sa.create_engine(self.url, pool_size=pool_size, pool_pre_ping=True)
+        self.dialect = self.engine.dialect.name
+        self.is_postgres = self.dialect == "postgresql"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions -------------------------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A read-write transaction (SQLite: BEGIN IMMEDIATE, one writer at a time)."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(kvmeter_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # -- schema -------------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Apply pending migrations; safe when several replicas start at once."""
+        with self.write() as conn:
+            if self.is_postgres:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7346201)"))
+            schema_version.create(conn, checkfirst=True)
+            done = {row[0] for row in conn.execute(sa.select(schema_version.c.version))}
+            for version, migration in MIGRATIONS:
+                if version not in done:
+                    migration(conn)
+                    conn.execute(sa.insert(schema_version).values(version=version, applied_ms=_now_ms()))
+            return max([v for v, _ in MIGRATIONS] + list(done))
+
+    def version(self) -> int:
+        with self.read() as conn:
+            return int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0)
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.is_postgres:
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    # -- finalization watermark ---------------------------------------------------------------
+    def finalized_through(self, conn: Connection, *, lock: bool = True) -> int:
+        """All windows ending at or before this instant are final. Shared lock for writers."""
+        stmt = sa.select(collector_state.c.value).where(collector_state.c.name == FINALIZED_THROUGH)
+        if lock and self.is_postgres:
+            stmt = stmt.with_for_update(read=True)
+        return int(conn.execute(stmt).scalar() or 0)
+
+    def finalize(self, conn: Connection, through_ms: int, now_ms: int) -> int:
+        """Make every window ending at or before `through_ms` final; returns records finalized."""
+        stmt = sa.select(collector_state.c.value).where(collector_state.c.name == FINALIZED_THROUGH)
+        if self.is_postgres:
+            stmt = stmt.with_for_update()
+        current = int(conn.execute(stmt).scalar() or 0)
+        if through_ms <= current:
+            return 0
+        conn.execute(
+            sa.update(collector_state)
+            .where(collector_state.c.name == FINALIZED_THROUGH)
+            .values(value=through_ms)
+        )
+        result = conn.execute(
+            sa.update(usage_records)
+            .where(usage_records.c.final == sa.false(), usage_records.c.window_end_ms <= through_ms)
+            .values(final=True, updated_ms=now_ms)
+        )
+        return int(result.rowcount or 0)
+
+    # -- stream marks -------------------------------------------------------------------------
+    def lock_marks(self, conn: Connection, streams: Mapping[str, str]) -> dict[str, int]:
+        """Highest applied seq per stream ({stream_id: host_id} in), locked until commit."""
+        if not streams:
+            return {}
+        ids = sorted(streams)
+        if self.is_postgres:
+            # Create missing rows first so that FOR UPDATE has something to lock.
+            stmt = self._insert(stream_marks).on_conflict_do_nothing(index_elements=["stream_id"])
+            conn.execute(
+                stmt, [{"stream_id": s, "host_id": streams[s], "seq": 0, "updated_ms": 0} for s in ids]
+            )
+        query = sa.select(stream_marks.c.stream_id, stream_marks.c.seq).where(
+            stream_marks.c.stream_id.in_(ids)
+        )
+        if self.is_postgres:
+            query = query.order_by(stream_marks.c.stream_id).with_for_update()
+        return {row[0]: int(row[1]) for row in conn.execute(query)}
+
+    def set_marks(self, conn: Connection, marks: Mapping[str, tuple[str, int]], now_ms: int) -> None:
+        """marks: {stream_id: (host_id, seq)}; only ever raises a mark."""
+        if not marks:
+            return
+        stmt = self._insert(stream_marks)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["stream_id"],
+            set_={
+                "seq": sa.case(
+                    (stmt.excluded.seq > stream_marks.c.seq, stmt.excluded.seq), else_=stream_marks.c.seq
+                ),
+                "host_id": stmt.excluded.host_id,
+                "updated_ms": stmt.excluded.updated_ms,
+            },
+        )
+        rows = [
+            {"stream_id": s, "host_id": marks[s][0], "seq": marks[s][1], "updated_ms": now_ms}
+            for s in sorted(marks)
+        ]
+        conn.execute(stmt, rows)
+
+    def marks(self) -> dict[str, int]:
+        with self.read() as conn:
+            return {
+                row[0]: int(row[1])
+                for row in conn.execute(sa.select(stream_marks.c.stream_id, stream_marks.c.seq))
+            }
+
+    # -- byte usage (additive) ----------------------------------------------------------------
+    def add_bytes(
+        self,
+        conn: Connection,
+        increments: Mapping[UsageKey, int],
+        names: Mapping[UsageKey, tuple[str, str]],
+        final_through: int,
+        now_ms: int,
+        reason: str = "late bytes",
+    ) -> tuple[int, int]:
+        """Add byte increments; an increment to a final window becomes an adjustment row.
+
+        names: {key: (resource_name, device_type)}. Returns (records upserted, adjustments).
+        """
+        open_rows: list[dict[str, Any]] = []
+        late: dict[UsageKey, int] = {}
+        for key in sorted(increments):  # a fixed order: no deadlocks between replicas
+            amount = increments[key]
+            if amount == 0:
+                continue
+            if key.window_end_ms <= final_through:
+                late[key] = amount
+                continue
+            name, device = names.get(key, ("", ""))
+            open_rows.append(
+                {
+                    **_key_dict(key),
+                    "quantity": amount,
+                    "final": False,
+                    "resource_name": name,
+                    "device_type": device,
+                    "created_ms": now_ms,
+                    "updated_ms": now_ms,
+                }
+            )
+        if open_rows:
+            stmt = self._insert(usage_records)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(KEY_COLUMNS),
+                set_={"quantity": usage_records.c.quantity + stmt.excluded.quantity, "updated_ms": now_ms},
+            )
+            conn.execute(stmt, open_rows)
+        if late:
+            self._adjust(conn, late, names, now_ms, reason)
+        return len(open_rows), len(late)
+
+    def _adjust(
+        self,
+        conn: Connection,
+        deltas: Mapping[UsageKey, int],
+        names: Mapping[UsageKey, tuple[str, str]],
+        now_ms: int,
+        reason: str,
+    ) -> None:
+        """Adjustment rows for final windows; a key new to a final window gets a zero record
+        (final) so that reports list it, with the whole amount as the adjustment."""
+        keys = sorted(deltas)
+        stmt = self._insert(usage_records).on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
+        conn.execute(
+            stmt,
+            [
+                {
+                    **_key_dict(k),
+                    "quantity": 0,
+                    "final": True,
+                    "resource_name": names.get(k, ("", ""))[0],
+                    "device_type": names.get(k, ("", ""))[1],
+                    "created_ms": now_ms,
+                    "updated_ms": now_ms,
+                }
+                for k in keys
+            ],
+        )
+        conn.execute(
+            sa.insert(usage_adjustments),
+            [{**_key_dict(k), "delta": deltas[k], "reason": reason, "created_ms": now_ms} for k in keys],
+        )
+
+    # -- time-based usage (whole values) ------------------------------------------------------
+    def lock_resources(self, conn: Connection, resources: Iterable[str]) -> None:
+        if self.is_postgres:
+            for resource in sorted(set(resources)):
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": resource_lock_id(resource)})
+
+    def set_time_values(
+        self,
+        conn: Connection,
+        resource: str,
+        values: Mapping[UsageKey, int],
+        final_through: int,
+        now_ms: int,
+        *,
+        open_only: bool = False,
+    ) -> tuple[int, int]:
+        """Make the stored time-based records of `resource` equal `values` (whole values).
+
+        Open windows are updated in place (a zero value removes the record); a final window
+        that differs from its net gets an adjustment. With open_only, only windows ending
+        after `final_through` are considered (a tick: time alone changes nothing final).
+        Call lock_resources first. Returns (records written, adjustments).
+        """
+        stored = self._time_records(conn, resource, final_through if open_only else None)
+        wanted = {k: v for k, v in values.items() if not open_only or k.window_end_ms > final_through}
+        upserts: list[dict[str, Any]] = []
+        deletes: list[int] = []
+        late: dict[UsageKey, int] = {}
+        for key in sorted(set(wanted) | set(stored)):
+            new = wanted.get(key, 0)
+            record = stored.get(key)
+            if key.window_end_ms <= final_through:
+                net = record[1] + record[2] if record else 0
+                if new != net:
+                    late[key] = new - net
+            elif record is None:
+                if new:
+                    upserts.append(_time_row(key, new, now_ms))
+            elif new == 0:
+                deletes.append(record[0])
+            elif new != record[1]:
+                upserts.append(_time_row(key, new, now_ms))
+        if upserts:
+            stmt = self._insert(usage_records)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(KEY_COLUMNS),
+                set_={"quantity": stmt.excluded.quantity, "updated_ms": now_ms},
+            )
+            conn.execute(stmt, upserts)
+        if deletes:
+            conn.execute(sa.delete(usage_records).where(usage_records.c.id.in_(deletes)))
+        if late:
+            self._adjust(conn, late, {}, now_ms, "late lifecycle")
+        return len(upserts) + len(deletes), len(late)
+
+    def _time_records(
+        self, conn: Connection, resource: str, after: int | None
+    ) -> dict[UsageKey, tuple[int, int, int]]:
+        """{key: (id, quantity, adjustments)} of a resource's time-based records."""
+        rec = usage_records.c
+        query = sa.select(rec.id, rec.quantity, *(rec[c] for c in KEY_COLUMNS)).where(
+            rec.resource == resource, rec.usage_type.in_(TIME_TYPES)
+        )
+        if after is not None:
+            query = query.where(rec.window_end_ms > after)
+        out: dict[UsageKey, tuple[int, int, int]] = {}
+        for row in conn.execute(query):
+            out[UsageKey(*row[2:])] = (int(row[0]), int(row[1]), 0)
+        adj = usage_adjustments.c
+        aq = (
+            sa.select(*(adj[c] for c in KEY_COLUMNS), sa.func.sum(adj.delta))
+            .where(adj.resource == resource, adj.usage_type.in_(TIME_TYPES))
+            .group_by(*(adj[c] for c in KEY_COLUMNS))
+        )
+        if after is None:  # adjustments exist for final windows only
+            for row in conn.execute(aq):
+                key = UsageKey(*row[:7])
+                if key in out:
+                    ident, quantity, _ = out[key]
+                    out[key] = (ident, quantity, int(row[7]))
+        return out
+
+    # -- lifecycle events ---------------------------------------------------------------------
+    def insert_event(
+        self,
+        conn: Connection,
+        event_id: str,
+        resource: str,
+        time_ms: int,
+        raw: bytes,
+        normalized: bytes,
+        now_ms: int,
+    ) -> bool:
+        """Store an event unless known; True when it is new."""
+        stmt = self._insert(lifecycle_events).on_conflict_do_nothing(index_elements=["event_id"])
+        result = conn.execute(
+            stmt,
+            {
+                "event_id": event_id,
+                "resource_uuid": resource,
+                "time_ms": time_ms,
+                "raw": raw,
+                "normalized": normalized,
+                "received_ms": now_ms,
+            },
+        )
+        return bool(result.rowcount)
+
+    def events_of(self, conn: Connection, resource: str) -> list[bytes]:
+        ev = lifecycle_events.c
+        query = sa.select(ev.normalized).where(ev.resource_uuid == resource).order_by(ev.time_ms, ev.event_id)
+        return [bytes(row[0]) for row in conn.execute(query)]
+
+    def events_since(
+        self, conn: Connection, last_id: int, limit: int = 10000
+    ) -> list[tuple[int, str, bytes]]:
+        """(id, resource, normalized) of events stored after `last_id`, by id."""
+        ev = lifecycle_events.c
+        query = (
+            sa.select(ev.id, ev.resource_uuid, ev.normalized)
+            .where(ev.id > last_id)
+            .order_by(ev.id)
+            .limit(limit)
+        )
+        return [(int(r[0]), r[1], bytes(r[2])) for r in conn.execute(query)]
+
+    def resources(self, conn: Connection) -> list[str]:
+        ev = lifecycle_events.c
+        return [r[0] for r in conn.execute(sa.select(ev.resource_uuid).distinct().order_by(ev.resource_uuid))]
+
+    # -- parked and quarantined measures ------------------------------------------------------
+    def park(self, conn: Connection, measures: Sequence[Measure], now_ms: int) -> None:
+        if measures:
+            stmt = self._insert(parked_measures).on_conflict_do_nothing(
+                index_elements=["stream_id", "seq", "idx"]
+            )
+            conn.execute(stmt, [{**_measure_row(m), "parked_ms": now_ms} for m in measures])
+
+    def quarantine(self, conn: Connection, measures: Sequence[Measure], now_ms: int) -> None:
+        if measures:
+            stmt = self._insert(quarantined_measures).on_conflict_do_nothing(
+                index_elements=["stream_id", "seq", "idx"]
+            )
+            rows = [
+                {**_measure_row(m), "reason": m.quarantine_reason[:256], "created_ms": now_ms}
+                for m in measures
+            ]
+            conn.execute(stmt, rows)
+
+    def take_parked(
+        self,
+        conn: Connection,
+        *,
+        instances: Iterable[str] = (),
+        macs: Iterable[str] = (),
+        addresses: Iterable[str] = (),
+        after_id: int = 0,
+        limit: int = 5000,
+    ) -> list[tuple[int, Measure]]:
+        """Parked measures matching any identity (all when none given), locked for this
+        transaction; another replica skips them and finds them gone after commit."""
+        pm = parked_measures.c
+        query = sa.select(pm.id, pm.measure).where(pm.id > after_id).order_by(pm.id).limit(limit)
+        conditions = []
+        for column, values in ((pm.instance_uuid, instances), (pm.mac, macs), (pm.address, addresses)):
+            wanted = sorted({v for v in values if v})
+            if wanted:
+                conditions.append(column.in_(wanted))
+        if conditions:
+            query = query.where(sa.or_(*conditions))
+        elif instances or macs or addresses:
+            return []
+        if self.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        return [(int(r[0]), measure_from_json(r[1])) for r in conn.execute(query)]
+
+    def delete_parked(self, conn: Connection, ids: Sequence[int]) -> None:
+        for start in range(0, len(ids), 1000):
+            conn.execute(
+                sa.delete(parked_measures).where(parked_measures.c.id.in_(ids[start : start + 1000]))
+            )
+
+    # -- dead letters -------------------------------------------------------------------------
+    def dead_letter(self, conn: Connection, letters: Sequence[DeadLetter], now_ms: int) -> None:
+        if not letters:
+            return
+        stmt = self._insert(dead_letters).on_conflict_do_nothing(index_elements=["digest"])
+        rows = [
+            {
+                "digest": hashlib.sha256(d.source.encode() + b"\0" + d.raw).hexdigest(),
+                "source": d.source,
+                "origin": d.origin[:256],
+                "raw": d.raw,
+                "reason": d.reason[:64],
+                "message": d.message,
+                "created_ms": now_ms,
+            }
+            for d in letters
+        ]
+        conn.execute(stmt, rows)
+
+    # -- reading ------------------------------------------------------------------------------
+    def usage(
+        self,
+        start_ms: int,
+        end_ms: int,
+        *,
+        account: str | None = None,
+        usage_type: int | None = None,
+        resource: str | None = None,
+    ) -> list[UsageRow]:
+        """Records whose window starts in [start_ms, end_ms), with net quantities."""
+        rec = usage_records.c
+        conds = [rec.window_start_ms >= start_ms, rec.window_start_ms < end_ms]
+        if account is not None:
+            conds.append(rec.account == account)
+        if usage_type is not None:
+            conds.append(rec.usage_type == usage_type)
+        if resource is not None:
+            conds.append(rec.resource == resource)
+        adj = usage_adjustments.c
+        adj_conds = [adj.window_start_ms >= start_ms, adj.window_start_ms < end_ms]
+        if account is not None:
+            adj_conds.append(adj.account == account)
+        if usage_type is not None:
+            adj_conds.append(adj.usage_type == usage_type)
+        if resource is not None:
+            adj_conds.append(adj.resource == resource)
+        with self.read() as conn:
+            adjustments = {
+                UsageKey(*row[:7]): int(row[7])
+                for row in conn.execute(
+                    sa.select(*(adj[c] for c in KEY_COLUMNS), sa.func.sum(adj.delta))
+                    .where(*adj_conds)
+                    .group_by(*(adj[c] for c in KEY_COLUMNS))
+                )
+            }
+            query = sa.select(
+                *(rec[c] for c in KEY_COLUMNS),
+                rec.quantity,
+                rec.final,
+                rec.resource_name,
+                rec.device_type,
+                rec.updated_ms,
+            ).where(*conds)
+            rows = []
+            for row in conn.execute(query):
+                key = UsageKey(*row[:7])
+                extra = adjustments.get(key, 0)
+                rows.append(
+                    UsageRow(
+                        key,
+                        int(row[7]) + extra,
+                        int(row[7]),
+                        extra,
+                        bool(row[8]),
+                        row[9],
+                        row[10],
+                        int(row[11]),
+                    )
+                )
+        rows.sort(
+            key=lambda r: (r.key.window_start_ms, r.key.account, r.key.usage_type, r.key.resource, r.key)
+        )
+        return rows
+
+    def net_usage(self) -> dict[UsageKey, int]:
+        """Net quantity per key over the whole store (non-zero only): the replay comparison."""
+        return {row.key: row.quantity for row in self.usage(0, 2**62) if row.quantity}
+
+    def stats(self, horizon_start_ms: int) -> dict[str, int]:
+        """Gauges for /metrics: parked bytes (all, and older than the horizon = unattributed)."""
+        pm = parked_measures.c
+        with self.read() as conn:
+            parked = conn.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(pm.bytes), 0))
+            ).one()
+            unattributed = conn.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(pm.bytes), 0)).where(
+                    pm.parked_ms < horizon_start_ms
+                )
+            ).one()
+            quarantined = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(quarantined_measures.c.bytes), 0))
+            ).scalar()
+            letters = conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar()
+            records = conn.execute(sa.select(sa.func.count()).select_from(usage_records)).scalar()
+            adjustments = conn.execute(sa.select(sa.func.count()).select_from(usage_adjustments)).scalar()
+        return {
+            "parked_measures": int(parked[0]),
+            "parked_bytes": int(parked[1]),
+            "unattributed_measures": int(unattributed[0]),
+            "unattributed_bytes": int(unattributed[1]),
+            "quarantined_bytes": int(quarantined or 0),
+            "dead_letters": int(letters or 0),
+            "usage_records": int(records or 0),
+            "usage_adjustments": int(adjustments or 0),
+        }
+
+    def dead_letter_rows(self) -> list[dict[str, Any]]:
+        dl = dead_letters.c
+        with self.read() as conn:
+            query = sa.select(dl.source, dl.origin, dl.raw, dl.reason, dl.message, dl.created_ms).order_by(
+                dl.id
+            )
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def parked_rows(self) -> list[Measure]:
+        with self.read() as conn:
+            query = sa.select(parked_measures.c.measure).order_by(parked_measures.c.id)
+            return [measure_from_json(r[0]) for r in conn.execute(query)]
+
+    def quarantined_rows(self) -> list[Measure]:
+        with self.read() as conn:
+            query = sa.select(quarantined_measures.c.measure).order_by(quarantined_measures.c.id)
+            return [measure_from_json(r[0]) for r in conn.execute(query)]
+
+
+def _key_dict(key: UsageKey) -> dict[str, Any]:
+    return {
+        "account": key.account,
+        "usage_type": key.usage_type,
+        "resource": key.resource,
+        "offering": key.offering,
+        "detail": key.detail,
+        "window_start_ms": key.window_start_ms,
+        "window_end_ms": key.window_end_ms,
+    }
+
+
+def _time_row(key: UsageKey, quantity: int, now_ms: int) -> dict[str, Any]:
+    return {
+        **_key_dict(key),
+        "quantity": quantity,
+        "final": False,
+        "resource_name": "",
+        "device_type": "",
+        "created_ms": now_ms,
+        "updated_ms": now_ms,
+    }
+
+
+def _measure_row(m: Measure) -> dict[str, Any]:
+    return {
+        "stream_id": m.stream_id,
+        "seq": m.seq,
+        "idx": m.index,
+        "instance_uuid": m.instance_uuid,
+        "mac": m.mac,
+        "address": m.address,
+        "start_ms": m.start_ms,
+        "end_ms": m.end_ms,
+        "direction": m.direction,
+        "traffic_type": m.traffic_type,
+        "bytes": m.bytes,
+        "measure": measure_json(m),
+    }
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = url.split("///", 1)[1] if "///" in url else ""
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred and late).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # offsets are committed after us: a commit must last
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Writers take the write lock up front: a read-then-write transaction never hits BUSY.
+        write = conn.get_execution_options().get("kvmeter_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
