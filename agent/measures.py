@@ -1,0 +1,165 @@
+"""Deltas plus what inventory and topology know -> one protobuf MeasureBatch. Pure, no I/O.
+
+Directions turn from the host's view (kernel counters) to the VM's: what a tap transmits on the
+host side is what the VM received, so a tap's host tx is VM_RX. A macvtap (libvirt type
+"direct") counts from the guest's side already and is not swapped, as libvirt itself does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.proto import SCHEMA_VERSION, pb
+
+TRAFFIC_ENUM = {
+    "public": pb.PUBLIC,
+    "guest": pb.GUEST,
+    "management": pb.MANAGEMENT,
+    "storage": pb.STORAGE,
+    "control": pb.CONTROL,
+    "private_gateway": pb.PRIVATE_GATEWAY,
+    "unknown": pb.TRAFFIC_UNKNOWN,
+}
+STATE_ENUM = {
+    "running": pb.RUNNING,
+    "paused": pb.PAUSED,
+    "shutoff": pb.SHUTOFF,
+    "crashed": pb.CRASHED,
+    "gone": pb.GONE,
+}
+KIND_ENUM = {
+    "user_vm": pb.USER_VM,
+    "virtual_router": pb.VIRTUAL_ROUTER,
+    "system_vm": pb.SYSTEM_VM,
+}
+# libvirt interface types whose host-side counters are already the guest's view
+UNSWAPPED_NIC_TYPES = frozenset({"direct"})
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Which VM NIC a counter belongs to and where its host interface sits."""
+
+    domain: DomainInfo
+    nic: NicInfo
+    placement: LinkPlacement
+
+
+def vm_directions(delta: Delta, nic_type: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((VM_RX bytes, packets), (VM_TX bytes, packets)) for one host-side delta."""
+    host_rx = (delta.rx_bytes, delta.rx_packets)
+    host_tx = (delta.tx_bytes, delta.tx_packets)
+    if nic_type in UNSWAPPED_NIC_TYPES:
+        return host_rx, host_tx
+    return host_tx, host_rx
+
+
+def measures_for(delta: Delta, who: Attribution) -> list[pb.IPMeasure]:
+    """One IPMeasure per direction that moved (bytes or packets)."""
+    out = []
+    rx, tx = vm_directions(delta, who.nic.nic_type)
+    for direction, (nbytes, npackets) in ((pb.VM_RX, rx), (pb.VM_TX, tx)):
+        if nbytes <= 0 and npackets <= 0:
+            continue
+        m = pb.IPMeasure(
+            header=SCHEMA_VERSION,
+            saddr=0,  # the agent does not know guest addresses; the collector attributes by NIC
+            bytes=nbytes,
+            start=delta.start_ms,
+            end=delta.end_ms,
+            direction=direction,
+            packets=npackets,
+            traffic_type=TRAFFIC_ENUM.get(who.placement.traffic_type, pb.TRAFFIC_UNKNOWN),
+            device=delta.key.name,
+            mac=who.nic.mac,
+            instance_uuid=who.domain.uuid,
+            domain_name=who.domain.name,
+            ifindex=delta.key.ifindex,
+        )
+        bridge = who.placement.bridge or who.nic.bridge
+        if bridge:
+            m.bridge = bridge
+        if who.placement.vlan_id is not None:
+            m.vlan_id = who.placement.vlan_id
+        if who.placement.vxlan_vni is not None:
+            m.vxlan_vni = who.placement.vxlan_vni
+        if delta.final_at_delete:
+            m.final_at_delete = True
+        if delta.wrapped:
+            m.wrapped = True
+        if delta.quarantine_reason is not None:
+            m.quarantined = True
+            m.quarantine_reason = delta.quarantine_reason
+        out.append(m)
+    return out
+
+
+def domain_inventory(
+    domain: DomainInfo,
+    placements: Mapping[str, LinkPlacement],
+    ifindexes: Mapping[str, int],
+) -> pb.DomainInventory:
+    inv = pb.DomainInventory(
+        uuid=domain.uuid,
+        name=domain.name,
+        state=STATE_ENUM.get(domain.state, pb.DOMAIN_STATE_UNKNOWN),
+        kind=KIND_ENUM.get(domain.kind, pb.DOMAIN_KIND_OTHER),
+    )
+    if domain.account_id is not None:
+        inv.account_id = domain.account_id
+    if domain.vm_id is not None:
+        inv.vm_id = domain.vm_id
+    for k, v in sorted(domain.owner.items()):
+        inv.owner[k] = v
+    for nic in domain.nics:
+        n = inv.nics.add(mac=nic.mac, nic_type=nic.nic_type)
+        for attr in ("device", "bridge", "network", "model"):
+            value = getattr(nic, attr)
+            if value is not None:
+                setattr(n, attr, value)
+        placement = placements.get(nic.device) if nic.device else None
+        if placement is not None:
+            n.traffic_type = TRAFFIC_ENUM.get(placement.traffic_type, pb.TRAFFIC_UNKNOWN)
+            if placement.vlan_id is not None:
+                n.vlan_id = placement.vlan_id
+            if placement.vxlan_vni is not None:
+                n.vxlan_vni = placement.vxlan_vni
+        if nic.device and nic.device in ifindexes:
+            n.ifindex = ifindexes[nic.device]
+    return inv
+
+
+def build_batch(
+    *,
+    host_id: str,
+    boot_id: str,
+    stream_id: str,
+    seq: int,
+    poll_ms: int,
+    deltas: Iterable[Delta],
+    attribution: Mapping[CounterKey, Attribution],
+    inventory: Iterable[pb.DomainInventory] | None = None,
+    final: bool = False,
+) -> tuple[pb.MeasureBatch, list[Delta]]:
+    """The batch for one poll, and the deltas that had no attribution (not a VM NIC: ignored)."""
+    batch = pb.MeasureBatch(
+        schema=SCHEMA_VERSION,
+        host_id=host_id,
+        boot_id=boot_id,
+        stream_id=stream_id,
+        seq=seq,
+        poll_time=poll_ms,
+        final=final,
+    )
+    unattributed = []
+    for delta in deltas:
+        who = attribution.get(delta.key)
+        if who is None:
+            unattributed.append(delta)
+            continue
+        batch.measures.extend(measures_for(delta, who))
+    if inventory is not None:
+        batch.inventory.extend(inventory)
+    return batch, unattributed

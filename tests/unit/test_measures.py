@@ -1,0 +1,152 @@
+"""Deltas -> MeasureBatch: VM-side directions, one measure per moving direction, flags, inventory."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmeter.agent.measures import Attribution, build_batch, domain_inventory
+from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.proto import SCHEMA_VERSION, pb
+from tests.proto import legacy_ipmeasure_pb2 as legacy
+
+KEY = CounterKey("boot-1", 31, "vnet3")
+NIC = NicInfo(mac="02:00:4c:0f:00:01", device="vnet3", nic_type="bridge", bridge="brvx-5001", model="virtio")
+MACVTAP = NicInfo(mac="02:00:4c:0f:00:02", device="macvtap0", nic_type="direct")
+DOMAIN = DomainInfo(
+    uuid="6d2a3c5e-0000-4000-8000-000000000010",
+    name="i-2-10-VM",
+    state="running",
+    kind="user_vm",
+    nics=(NIC,),
+    account_id="2",
+    vm_id="10",
+    owner={"accountUuid": "acc-1"},
+)
+GUEST = LinkPlacement(bridge="brvx-5001", vxlan_vni=5001, traffic_type="guest")
+
+
+def delta(
+    key: CounterKey = KEY, rx: int = 0, tx: int = 0, rxp: int = 0, txp: int = 0, **flags: object
+) -> Delta:
+    return Delta(key, 1000, 2000, rx, tx, rxp, txp, **flags)  # type: ignore[arg-type]
+
+
+def batch(deltas: list[Delta], attribution: dict[CounterKey, Attribution]) -> pb.MeasureBatch:
+    b, _ = build_batch(
+        host_id="h1",
+        boot_id="boot-1",
+        stream_id="st",
+        seq=4,
+        poll_ms=2000,
+        deltas=deltas,
+        attribution=attribution,
+    )
+    return b
+
+
+@pytest.mark.parametrize(
+    ("nic", "host_rx", "host_tx", "vm_rx", "vm_tx"),
+    [
+        (NIC, 100, 7000, 7000, 100),  # a tap: host tx is what the VM received
+        (MACVTAP, 100, 7000, 100, 7000),  # macvtap: not swapped
+    ],
+)
+def test_directions_are_from_the_vm_point_of_view(
+    nic: NicInfo, host_rx: int, host_tx: int, vm_rx: int, vm_tx: int
+) -> None:
+    b = batch([delta(rx=host_rx, tx=host_tx, rxp=1, txp=7)], {KEY: Attribution(DOMAIN, nic, GUEST)})
+    by_dir = {m.direction: m for m in b.measures}
+    assert by_dir[pb.VM_RX].bytes == vm_rx
+    assert by_dir[pb.VM_TX].bytes == vm_tx
+    assert by_dir[pb.VM_RX].packets == (7 if nic is NIC else 1)
+
+
+def test_measure_carries_identity_placement_and_the_five_original_fields() -> None:
+    b = batch([delta(rx=0, tx=1500, txp=1)], {KEY: Attribution(DOMAIN, NIC, GUEST)})
+    (m,) = b.measures  # the direction with nothing moved is left out
+    assert (m.direction, m.bytes, m.packets, m.start, m.end) == (pb.VM_RX, 1500, 1, 1000, 2000)
+    assert (m.header, m.saddr) == (SCHEMA_VERSION, 0)
+    assert (m.device, m.ifindex, m.mac, m.instance_uuid, m.domain_name) == (
+        "vnet3",
+        31,
+        NIC.mac,
+        DOMAIN.uuid,
+        "i-2-10-VM",
+    )
+    assert (m.traffic_type, m.bridge, m.vxlan_vni, m.HasField("vlan_id")) == (
+        pb.GUEST,
+        "brvx-5001",
+        5001,
+        False,
+    )
+    old = legacy.IPMeasure.FromString(m.SerializeToString())  # a five-field consumer still parses it
+    assert (old.header, old.saddr, old.bytes, old.start, old.end) == (SCHEMA_VERSION, 0, 1500, 1000, 2000)
+    assert (b.host_id, b.boot_id, b.stream_id, b.seq, b.poll_time, b.schema) == (
+        "h1",
+        "boot-1",
+        "st",
+        4,
+        2000,
+        2,
+    )
+
+
+def test_packets_without_bytes_still_make_a_measure_and_nothing_makes_none() -> None:
+    who = {KEY: Attribution(DOMAIN, NIC, GUEST)}
+    assert [m.packets for m in batch([delta(rxp=2)], who).measures] == [2]
+    assert list(batch([delta()], who).measures) == []
+
+
+def test_flags_quarantine_final_and_wrap() -> None:
+    d = delta(rx=10, tx=20, final_at_delete=True, wrapped=True, quarantine_reason="rx jump")
+    b = batch([d], {KEY: Attribution(DOMAIN, NIC, GUEST)})
+    assert len(b.measures) == 2
+    for m in b.measures:
+        assert (m.final_at_delete, m.wrapped, m.quarantined, m.quarantine_reason) == (
+            True,
+            True,
+            True,
+            "rx jump",
+        )
+    plain = batch([delta(rx=10)], {KEY: Attribution(DOMAIN, NIC, GUEST)}).measures[0]
+    assert not plain.HasField("quarantined")
+    assert not plain.HasField("final_at_delete")
+
+
+def test_unattributed_deltas_are_returned_not_measured() -> None:
+    other = CounterKey("boot-1", 2, "eth0")
+    b, rest = build_batch(
+        host_id="h1",
+        boot_id="boot-1",
+        stream_id="st",
+        seq=1,
+        poll_ms=2000,
+        deltas=[delta(other, rx=5)],
+        attribution={},
+    )
+    assert list(b.measures) == []
+    assert [d.key for d in rest] == [other]
+
+
+def test_domain_inventory() -> None:
+    inv = domain_inventory(DOMAIN, {"vnet3": GUEST}, {"vnet3": 31})
+    assert (inv.uuid, inv.name, inv.state, inv.kind, inv.account_id, inv.vm_id) == (
+        DOMAIN.uuid,
+        "i-2-10-VM",
+        pb.RUNNING,
+        pb.USER_VM,
+        "2",
+        "10",
+    )
+    assert dict(inv.owner) == {"accountUuid": "acc-1"}
+    (n,) = inv.nics
+    assert (n.mac, n.device, n.bridge, n.model, n.nic_type, n.traffic_type, n.vxlan_vni, n.ifindex) == (
+        NIC.mac,
+        "vnet3",
+        "brvx-5001",
+        "virtio",
+        "bridge",
+        pb.GUEST,
+        5001,
+        31,
+    )
