@@ -1,0 +1,206 @@
+"""The agent's TOML config: schema, defaults, and validation that reports every bad key at once."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft7Validator
+
+from kvmeter.agent.traffic import TrafficRules, TrafficRulesError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # EL9's Python 3.9
+    import tomli as tomllib
+
+DEFAULT_PATH = "/etc/kvmeter/agent.toml"
+
+_POSITIVE = {"type": "number", "exclusiveMinimum": 0}
+_COUNT = {"type": "integer", "minimum": 1}
+_STR = {"type": "string", "minLength": 1}
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "agent": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "host_id": _STR,
+                "poll_interval": _POSITIVE,
+                "state_dir": _STR,
+                "log_level": {"enum": ["debug", "info", "warning", "error"]},
+                "inventory_every": _COUNT,
+            },
+        },
+        "libvirt": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "uri": _STR,
+                "resync_seconds": _POSITIVE,
+                "call_timeout": _POSITIVE,
+            },
+        },
+        "kafka": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "bootstrap_servers": _STR,
+                "topic": _STR,
+                "max_in_flight": _COUNT,
+                "properties": {
+                    "type": "object",
+                    "additionalProperties": {"type": ["string", "integer", "number", "boolean"]},
+                },
+            },
+        },
+        "spool": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "max_bytes": _COUNT,
+                "max_age_seconds": _POSITIVE,
+                "segment_bytes": {"type": "integer", "minimum": 4096},
+            },
+        },
+        "deltas": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"line_rate_ceiling_bps": _COUNT},
+        },
+        "metrics": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "address": _STR,
+                "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+            },
+        },
+        "traffic": {"type": "object"},  # checked by TrafficRules.from_config
+    },
+}
+
+
+class ConfigError(ValueError):
+    """The config is wrong; ``problems`` lists every problem found, each naming its key."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host_id: str = field(default_factory=socket.gethostname)
+    poll_interval: float = 10.0
+    state_dir: str = "/var/lib/kvmeter/agent"
+    log_level: str = "info"
+    inventory_every: int = 60  # polls between full inventories in batches (sent on change anyway)
+    libvirt_uri: str = "qemu:///system"
+    libvirt_resync_seconds: float = 300.0
+    libvirt_call_timeout: float = 2.0
+    kafka_bootstrap: str = "localhost:9092"
+    kafka_topic: str = "kvmeter.measures"
+    kafka_max_in_flight: int = 1000
+    kafka_properties: dict[str, Any] = field(default_factory=dict)
+    spool_max_bytes: int = 1 << 30
+    spool_max_age_seconds: float = 7 * 24 * 3600.0
+    spool_segment_bytes: int = 4 << 20
+    line_rate_ceiling_bps: int = 100_000_000_000
+    metrics_enabled: bool = True
+    metrics_address: str = "127.0.0.1"
+    metrics_port: int = 9477
+    traffic: TrafficRules = field(default_factory=lambda: TrafficRules.from_config(None))
+
+
+# (section, key) -> AgentConfig field
+_FIELDS = {
+    ("agent", "host_id"): "host_id",
+    ("agent", "poll_interval"): "poll_interval",
+    ("agent", "state_dir"): "state_dir",
+    ("agent", "log_level"): "log_level",
+    ("agent", "inventory_every"): "inventory_every",
+    ("libvirt", "uri"): "libvirt_uri",
+    ("libvirt", "resync_seconds"): "libvirt_resync_seconds",
+    ("libvirt", "call_timeout"): "libvirt_call_timeout",
+    ("kafka", "bootstrap_servers"): "kafka_bootstrap",
+    ("kafka", "topic"): "kafka_topic",
+    ("kafka", "max_in_flight"): "kafka_max_in_flight",
+    ("kafka", "properties"): "kafka_properties",
+    ("spool", "max_bytes"): "spool_max_bytes",
+    ("spool", "max_age_seconds"): "spool_max_age_seconds",
+    ("spool", "segment_bytes"): "spool_segment_bytes",
+    ("deltas", "line_rate_ceiling_bps"): "line_rate_ceiling_bps",
+    ("metrics", "enabled"): "metrics_enabled",
+    ("metrics", "address"): "metrics_address",
+    ("metrics", "port"): "metrics_port",
+}
+
+
+def _where(path: Any) -> str:
+    return ".".join(str(p) for p in path) or "(top level)"
+
+
+def validate(data: Mapping[str, Any], source: str = "config") -> AgentConfig:
+    """An AgentConfig from parsed TOML, or ConfigError listing every problem."""
+    problems = []
+    for error in sorted(Draft7Validator(SCHEMA).iter_errors(data), key=lambda e: list(map(str, e.path))):
+        if error.validator == "additionalProperties":
+            allowed = sorted(error.schema.get("properties", {}))
+            extra = sorted(set(error.instance) - set(allowed))
+            for key in extra:
+                where = _where([*error.path, key])
+                problems.append(f"{where}: unknown key (allowed here: {', '.join(allowed)})")
+        else:
+            problems.append(f"{_where(error.path)}: {error.message}")
+    values: dict[str, Any] = {}
+    for (section, key), name in _FIELDS.items():
+        sect = data.get(section)
+        if isinstance(sect, Mapping) and key in sect:
+            values[name] = sect[key]
+    address = values.get("metrics_address", "127.0.0.1")
+    if isinstance(address, str) and not _is_loopback(address):
+        problems.append(f"metrics.address: {address!r} is not a loopback address (metrics stay on the host)")
+    try:
+        traffic = data.get("traffic")
+        values["traffic"] = TrafficRules.from_config(traffic if isinstance(traffic, Mapping) else None)
+    except TrafficRulesError as exc:
+        problems.extend(f"traffic: {p}" for p in exc.problems)
+    if problems:
+        raise ConfigError(source, problems)
+    for name in ("poll_interval", "libvirt_resync_seconds", "libvirt_call_timeout", "spool_max_age_seconds"):
+        if name in values:
+            values[name] = float(values[name])
+    return AgentConfig(**values)
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def load(path: str | Path) -> AgentConfig:
+    """Read and validate a TOML file (a missing file is an error: the operator named it)."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(source, ["file not found"]) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"not valid TOML: {exc}"]) from exc
+    return validate(data, source)

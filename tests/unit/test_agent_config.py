@@ -1,0 +1,97 @@
+"""Agent config: the documented example validates, and every bad key is reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmeter.agent.config import AgentConfig, ConfigError, load, validate
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "config" / "agent.toml.example"
+
+
+def test_documented_example_is_valid_and_shows_the_defaults() -> None:
+    loaded = load(EXAMPLE)
+    defaults = AgentConfig(host_id=loaded.host_id)
+    for name in AgentConfig.__dataclass_fields__:
+        if name != "traffic":
+            assert getattr(loaded, name) == getattr(defaults, name), name
+    assert loaded.traffic.classify("cloud0", None, None) == "control"
+
+
+def test_empty_config_gives_the_defaults() -> None:
+    config = validate({})
+    assert (config.poll_interval, config.metrics_address, config.kafka_topic) == (
+        10.0,
+        "127.0.0.1",
+        "kvmeter.measures",
+    )
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        """
+[agent]
+poll_interval = -1
+colour = "blue"
+[kafka]
+bootstrap_servers = 9092
+[spool]
+max_bytes = "big"
+[metrics]
+address = "0.0.0.0"
+port = 70000
+[traffic]
+fallback = "bogus"
+[wat]
+x = 1
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    problems = "\n".join(info.value.problems)
+    for needle in (
+        "agent.poll_interval",
+        "agent.colour: unknown key",
+        "kafka.bootstrap_servers",
+        "spool.max_bytes",
+        "metrics.port",
+        "metrics.address: '0.0.0.0' is not a loopback address",
+        "traffic: 'fallback'",
+        "wat: unknown key",
+    ):
+        assert needle in problems
+    assert len(info.value.problems) == 8
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_and_broken_toml_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[agent\npoll_interval = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(broken)
+
+
+def test_values_land_in_their_fields() -> None:
+    config = validate(
+        {
+            "agent": {"host_id": "kvm7", "poll_interval": 1, "state_dir": "/tmp/s"},
+            "kafka": {"bootstrap_servers": "b:9092", "topic": "m", "properties": {"linger.ms": 5}},
+            "spool": {"max_bytes": 10_000, "max_age_seconds": 60},
+            "deltas": {"line_rate_ceiling_bps": 10**9},
+            "metrics": {"address": "::1", "port": 0},
+            "traffic": {"rules": [{"bridge": "cloudbr1", "type": "guest"}]},
+        }
+    )
+    assert (config.host_id, config.poll_interval, config.kafka_properties) == ("kvm7", 1.0, {"linger.ms": 5})
+    assert (config.spool_max_bytes, config.spool_max_age_seconds, config.line_rate_ceiling_bps) == (
+        10_000,
+        60.0,
+        10**9,
+    )
+    assert (config.metrics_address, config.metrics_port) == ("::1", 0)
+    assert config.traffic.classify("cloudbr1", None, None) == "guest"
