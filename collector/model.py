@@ -83,3 +83,69 @@ class Measure:
     final_at_delete: bool = False
     quarantine_reason: str = ""
     owner_hint: dict[str, str] = field(default_factory=dict)  # agent-supplied <metadata> of the domain
+
+
+# Lifecycle segment kinds, one list each in ResourceHistory.
+RUNNING = "running"
+ALLOCATED = "allocated"
+IP_ASSIGNED = "ip"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A span of one state of one resource: [start_ms, end_ms), end_ms None while still open.
+
+    `account` is the owner at start_ms ("" when no usage event has told the owner yet);
+    `offering` the service offering when an event carried one, else "";
+    `address` the textual IP of an IP-address resource when known, else "".
+    """
+
+    start_ms: int
+    end_ms: int | None
+    offering: str = ""
+    account: str = ""
+    address: str = ""
+
+
+@dataclass(frozen=True)
+class OwnerChange:
+    """From `time_ms` on, `account` owns the resource (only usage events set this)."""
+
+    time_ms: int
+    account: str
+
+
+@dataclass
+class ResourceHistory:
+    """What the lifecycle state machine derived for one resource (a VM or an IP address).
+
+    owners: the owner timeline in event order; running / allocated / ip: segments in time order;
+    macs / addresses: NIC MACs and IPs seen in events about the resource;
+    applied / ignored: event ids that changed state / did not (duplicates, audit-only events).
+    """
+
+    resource_uuid: str
+    resource_type: str = ""
+    owners: list[OwnerChange] = field(default_factory=list)
+    running: list[Segment] = field(default_factory=list)
+    allocated: list[Segment] = field(default_factory=list)
+    ip: list[Segment] = field(default_factory=list)
+    macs: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def owner_at(self, time_ms: int) -> str | None:
+        """The owner at time_ms: the last change at or before it; before the first change the
+        first known owner (CloudStack changes a VM's owner only through usage events that we
+        see as changes); None when no usage event named an owner."""
+        if not self.owners:
+            return None
+        lo, hi = 0, len(self.owners)
+        while lo < hi:  # bisect_right on time: at equal times the later change wins
+            mid = (lo + hi) // 2
+            if self.owners[mid].time_ms <= time_ms:
+                lo = mid + 1
+            else:
+                hi = mid
+        return self.owners[max(lo - 1, 0)].account

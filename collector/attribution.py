@@ -1,0 +1,118 @@
+"""Who owns a measure's bytes: instance -> owner hint -> operator map -> MAC -> IP, at its time.
+
+    OwnerIndex(histories: Mapping[str, ResourceHistory] = {}, routers: Mapping[str, str] | None = None)
+    OwnerIndex.update(history: ResourceHistory) -> None   # after rebuilding one resource
+    OwnerIndex.remove(resource_uuid: str) -> None
+    OwnerIndex.owner_at(measure: Measure) -> str | None
+    is_router(domain_name: str) -> bool
+
+Order of evidence, first hit wins (the measure's time is its start_ms):
+1. The lifecycle history of measure.instance_uuid (libvirt domain uuid == CloudStack VM uuid):
+   the owner at that time, from usage events.
+2. The agent-supplied <metadata> owner hint (`ownerAccountUuid`; "unknown" / "" mean none). For a
+   virtual router (r-<id>-VM) this is the owner of its network: CloudStack gives a VR the
+   account of the network it serves.
+3. The operator's map `routers` (account uuid by domain name or by VM uuid), for routers and
+   other domains of releases without <metadata>.
+4. The MAC, when exactly one VM seen in lifecycle events has it (and that VM has an owner).
+5. The IP, when exactly one account holds an assigned IP-address segment with that address at
+   that time (public IPs come from NET.IPASSIGN; VM NIC IPs only when unambiguous).
+Otherwise None: the owner is never guessed; the adapter parks the measure and retries when
+lifecycle arrives.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from kvmeter.collector.model import Measure, ResourceHistory
+
+OWNER_HINT_KEY = "ownerAccountUuid"
+_UNKNOWN_HINTS = frozenset({"", "unknown", "null", "none"})
+_ROUTER_NAME = re.compile(r"^r-\d+-")
+
+
+def is_router(domain_name: str) -> bool:
+    """True for CloudStack virtual-router domain names (r-<id>-<instance>)."""
+    return bool(_ROUTER_NAME.match(domain_name))
+
+
+class OwnerIndex:
+    """Lookup tables over resource histories; update per resource as events arrive."""
+
+    def __init__(
+        self, histories: Mapping[str, ResourceHistory] | None = None, routers: Mapping[str, str] | None = None
+    ) -> None:
+        self.routers: dict[str, str] = dict(routers or {})
+        self._histories: dict[str, ResourceHistory] = {}
+        self._by_mac: dict[str, set[str]] = {}
+        self._by_ip: dict[str, set[str]] = {}
+        for history in (histories or {}).values():
+            self.update(history)
+
+    def update(self, history: ResourceHistory) -> None:
+        """Replace what the index knows about history.resource_uuid."""
+        self.remove(history.resource_uuid)
+        uuid = history.resource_uuid
+        self._histories[uuid] = history
+        for mac in history.macs:
+            self._by_mac.setdefault(mac, set()).add(uuid)
+        for ip in _ips(history):
+            self._by_ip.setdefault(ip, set()).add(uuid)
+
+    def remove(self, resource_uuid: str) -> None:
+        old = self._histories.pop(resource_uuid, None)
+        if old is None:
+            return
+        for table, keys in ((self._by_mac, old.macs), (self._by_ip, _ips(old))):
+            for key in keys:
+                holders = table.get(key)
+                if holders is not None:
+                    holders.discard(resource_uuid)
+                    if not holders:
+                        del table[key]
+
+    def history(self, resource_uuid: str) -> ResourceHistory | None:
+        return self._histories.get(resource_uuid)
+
+    def owner_at(self, measure: Measure) -> str | None:
+        """The account owning the measure's bytes at measure.start_ms, or None if not known."""
+        at = measure.start_ms
+        if measure.instance_uuid:
+            history = self._histories.get(measure.instance_uuid)
+            owner = history.owner_at(at) if history else None
+            if owner:
+                return owner
+        hint = measure.owner_hint.get(OWNER_HINT_KEY, "")
+        if hint.strip().lower() not in _UNKNOWN_HINTS:
+            return hint
+        for name in (measure.domain_name, measure.instance_uuid):
+            if name and self.routers.get(name):
+                return self.routers[name]
+        if measure.mac:
+            owner = self._single_owner(self._by_mac.get(measure.mac.lower(), set()), at, None)
+            if owner:
+                return owner
+        if measure.address:
+            return self._single_owner(self._by_ip.get(measure.address, set()), at, measure.address)
+        return None
+
+    def _single_owner(self, uuids: set[str], at: int, address: str | None) -> str | None:
+        owners: set[str] = set()
+        for uuid in uuids:
+            history = self._histories[uuid]
+            if address is not None and any(seg.address == address for seg in history.ip):
+                # An IP-address resource: it is this account's only while assigned.
+                held = [s for s in history.ip if s.address == address and s.start_ms <= at]
+                if not any(s.end_ms is None or at < s.end_ms for s in held):
+                    continue
+            owner = history.owner_at(at)
+            if owner is None:
+                return None  # a holder with unknown owner: any answer would be a guess
+            owners.add(owner)
+        return owners.pop() if len(owners) == 1 else None
+
+
+def _ips(history: ResourceHistory) -> set[str]:
+    return {seg.address for seg in history.ip if seg.address} | set(history.addresses)

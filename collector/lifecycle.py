@@ -1,0 +1,220 @@
+"""The lifecycle state machine: CloudStack events -> per-resource owner timeline and segments.
+
+    build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHistory]
+    build_resource_history(resource_uuid: str, events: Iterable[pb.LifecycleEvent]) -> ResourceHistory
+    event_order(event: pb.LifecycleEvent) -> tuple   # the sort key used (exposed for adapters)
+
+Pure and total: history is rebuilt from all events of a resource, so a late event corrects the
+past and any permutation (and duplication) of the same events gives the same history.
+
+Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what the bus adds):
+- Usage events drive segments and are the only source of ownership (their `account` is the
+  owner). Action and async-job events never change segments or owners (their account is the
+  caller); they only contribute MACs / addresses, and are listed in `ignored` for audit.
+- VM.CREATE opens ALLOCATED; VM.START opens RUNNING (and splits ALLOCATED when it names a new
+  offering); VM.STOP closes RUNNING; VM.UPGRADE splits an open ALLOCATED at a new offering;
+  VM.DYNAMIC.SCALE splits open RUNNING / ALLOCATED at a new offering; VM.DESTROY closes both.
+  NET.IPASSIGN opens IP, NET.IPRELEASE closes it. Other usage types are ignored.
+- Duplicates change nothing: START while running with the same (or no) offering, STOP while
+  stopped, and so on. An event without an offering inherits the resource's last known one (the
+  bus carries none, §1.5); a START naming another offering while running closes one segment
+  and opens the next at the event time.
+- Resource-state events (post-transition only) cover HA and out-of-band power changes: a
+  transition to Running opens RUNNING if it is not open, to Stopped / Destroyed / Expunging /
+  Error / Shutdown closes it if open. The state is one flag, so a usage VM.STOP and a state
+  event for the same stop never count twice; whichever comes first in event time wins.
+- Order: by event time, then closers before openers at the same millisecond (so an ownership
+  move, VM.DESTROY for the old owner and VM.CREATE for the new one in the same second, comes out
+  right), then usage before state events, then event id. Identical event ids are one event.
+- Segments of zero length are dropped. A segment's account is the owner at its start.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
+from kvmeter.proto import pb
+
+__all__ = ["ResourceHistory", "Segment", "build_history", "build_resource_history", "event_order"]
+
+RUNNING_STATE = "Running"
+STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutdown", "Shutdowned"})
+_NIC_MAC = re.compile(r"^nic\.\d+\.mac$")
+_NIC_IP = re.compile(r"^nic\.\d+\.ip$")
+
+# Effect rank at equal time: closers (0) before splitters (1) before openers (2).
+_USAGE_RANK = {
+    "VM.STOP": 0,
+    "VM.DESTROY": 0,
+    "NET.IPRELEASE": 0,
+    "VM.UPGRADE": 1,
+    "VM.DYNAMIC.SCALE": 1,
+    "VM.CREATE": 2,
+    "VM.START": 2,
+    "NET.IPASSIGN": 2,
+}
+_CATEGORY_RANK = {pb.USAGE: 0, pb.RESOURCE_STATE: 1, pb.ACTION: 2, pb.ASYNC_JOB: 3}
+
+
+def event_order(event: pb.LifecycleEvent) -> tuple[int, int, int, str]:
+    """Sort key: (time, effect rank, category rank, event id) — total and content-only."""
+    if event.category == pb.RESOURCE_STATE:
+        rank = 2 if event.attributes.get("new-state") == RUNNING_STATE else 0
+    else:
+        rank = _USAGE_RANK.get(event.event_type, 3)
+    return (event.time, rank, _CATEGORY_RANK.get(event.category, 4), event.event_id)
+
+
+def build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHistory]:
+    """Histories of every resource named by the events, keyed by resource uuid.
+
+    Events without a resource uuid are skipped (nothing to attach them to).
+    """
+    by_resource: dict[str, dict[str, pb.LifecycleEvent]] = {}
+    for ev in events:
+        if ev.resource_uuid:
+            _dedupe_into(by_resource.setdefault(ev.resource_uuid, {}), ev)
+    return {uuid: _build(uuid, list(evs.values())) for uuid, evs in sorted(by_resource.items())}
+
+
+def build_resource_history(resource_uuid: str, events: Iterable[pb.LifecycleEvent]) -> ResourceHistory:
+    """The history of one resource from its events (others' events are skipped)."""
+    unique: dict[str, pb.LifecycleEvent] = {}
+    for ev in events:
+        if ev.resource_uuid == resource_uuid:
+            _dedupe_into(unique, ev)
+    return _build(resource_uuid, list(unique.values()))
+
+
+def _dedupe_into(unique: dict[str, pb.LifecycleEvent], ev: pb.LifecycleEvent) -> None:
+    key = ev.event_id or ev.SerializeToString(deterministic=True).hex()
+    old = unique.get(key)
+    # Same id, different content can only come from hand-made events: keep one deterministically.
+    if old is None or ev.SerializeToString(deterministic=True) < old.SerializeToString(deterministic=True):
+        unique[key] = ev
+
+
+@dataclass
+class _Open:
+    start_ms: int
+    offering: str
+
+
+class _Machine:
+    """Replays one resource's ordered events; the segments collect in `segments`."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, _Open | None] = {"running": None, "allocated": None, "ip": None}
+        self.segments: dict[str, list[tuple[int, int | None, str]]] = {
+            "running": [],
+            "allocated": [],
+            "ip": [],
+        }
+        self.offering = ""  # last offering an event named for this resource
+
+    def opened(self, kind: str, at: int, offering: str) -> bool:
+        if self.open[kind] is not None:
+            return False
+        self.open[kind] = _Open(at, offering)
+        return True
+
+    def close(self, kind: str, at: int) -> bool:
+        cur = self.open[kind]
+        if cur is None:
+            return False
+        if at > cur.start_ms:
+            self.segments[kind].append((cur.start_ms, at, cur.offering))
+        self.open[kind] = None
+        return True
+
+    def split(self, kind: str, at: int, offering: str) -> bool:
+        """Close and reopen an open segment when the offering changes; else nothing."""
+        cur = self.open[kind]
+        if cur is None or not offering or offering == cur.offering:
+            return False
+        self.close(kind, at)
+        return self.opened(kind, at, offering)
+
+    def usage(self, ev: pb.LifecycleEvent) -> bool:
+        t, kind = ev.time, ev.event_type
+        named = ev.offering_uuid
+        offering = named or self.offering
+        if named:
+            self.offering = named
+        if kind == "VM.CREATE":
+            return self.opened("allocated", t, offering) or self.split("allocated", t, named)
+        if kind == "VM.START":
+            changed = self.split("allocated", t, named)
+            return self.opened("running", t, offering) or self.split("running", t, named) or changed
+        if kind == "VM.STOP":
+            return self.close("running", t)
+        if kind == "VM.UPGRADE":
+            return self.split("allocated", t, named)
+        if kind == "VM.DYNAMIC.SCALE":
+            running = self.split("running", t, named)
+            return self.split("allocated", t, named) or running
+        if kind == "VM.DESTROY":
+            running = self.close("running", t)
+            return self.close("allocated", t) or running
+        if kind == "NET.IPASSIGN":
+            return self.opened("ip", t, "")
+        if kind == "NET.IPRELEASE":
+            return self.close("ip", t)
+        return False
+
+    def state(self, ev: pb.LifecycleEvent) -> bool:
+        if ev.status == "preStateTransitionEvent":
+            return False
+        old, new = ev.attributes.get("old-state", ""), ev.attributes.get("new-state", "")
+        if old == new:
+            return False
+        if new == RUNNING_STATE:
+            return self.opened("running", ev.time, self.offering)
+        if new in STOPPED_STATES:
+            return self.close("running", ev.time)
+        return False
+
+
+def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
+    events.sort(key=event_order)
+    hist = ResourceHistory(resource_uuid=uuid)
+    machine = _Machine()
+    address = ""
+    for ev in events:
+        if not hist.resource_type and ev.resource_type:
+            hist.resource_type = ev.resource_type
+        _collect_addresses(hist, ev)
+        if ev.resource_type == "IpAddress" and ev.ip_address:
+            address = ev.ip_address
+        changed = False
+        if ev.category == pb.USAGE:
+            if ev.account_is_owner and ev.account_uuid:
+                if not hist.owners or hist.owners[-1].account != ev.account_uuid:
+                    hist.owners.append(OwnerChange(ev.time, ev.account_uuid))
+            changed = machine.usage(ev)
+        elif ev.category == pb.RESOURCE_STATE:
+            changed = machine.state(ev)
+        (hist.applied if changed else hist.ignored).append(ev.event_id)
+    for kind, cur in machine.open.items():
+        if cur is not None:
+            machine.segments[kind].append((cur.start_ms, None, cur.offering))
+    for kind, target in (("running", hist.running), ("allocated", hist.allocated), ("ip", hist.ip)):
+        for start, end, offering in machine.segments[kind]:
+            owner = hist.owner_at(start) or ""
+            target.append(Segment(start, end, offering, owner, address if kind == "ip" else ""))
+    return hist
+
+
+def _collect_addresses(hist: ResourceHistory, ev: pb.LifecycleEvent) -> None:
+    macs = [ev.mac] + [v for k, v in sorted(ev.attributes.items()) if _NIC_MAC.match(k)]
+    ips = [ev.ip_address] + [v for k, v in sorted(ev.attributes.items()) if _NIC_IP.match(k)]
+    for mac in macs:
+        if mac and mac.lower() not in hist.macs:
+            hist.macs.append(mac.lower())
+    if ev.resource_type != "IpAddress":
+        for ip in ips:
+            if ip and ip not in hist.addresses:
+                hist.addresses.append(ip)
