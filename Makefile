@@ -32,7 +32,7 @@ venv: deps $(BIN)/activate
 	$(BIN)/pip install -q -e '.[test]' 'protobuf>=6,<7'
 
 proto:
-	protoc --python_out=proto -Iproto proto/kvmeter.proto
+	protoc --python_out=proto --pyi_out=proto -Iproto proto/kvmeter.proto
 	protoc --python_out=tests/proto -Itests/proto tests/proto/legacy_ipmeasure.proto
 
 # The agent side must run on Python 3.9 (EL9); the collector may use 3.11.
@@ -49,6 +49,7 @@ typecheck: venv
 	ln -s ../../../agent build/typecheck/kvmeter/agent
 	ln -s ../../../collector build/typecheck/kvmeter/collector
 	ln -s ../../../proto build/typecheck/kvmeter/proto
+	ln -s ../../../pipeline build/typecheck/kvmeter/pipeline
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --python-version 3.9 --no-site-packages \
 		-p kvmeter.agent -p kvmeter.proto -m kvmeter -m kvmeter.cli
 	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml --python-version 3.11 -p kvmeter

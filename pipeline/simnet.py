@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.harness.libvirt_node import Domain, Nic, tap_mac, write_node_xml
+from kvmeter.pipeline.simlibvirt import Domain, Nic, tap_mac, write_node_xml
 
 CORE_NET = "10.77.0"
 COUNTERS = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
@@ -268,7 +268,7 @@ class Lab:
 
     def __init__(self) -> None:
         if os.geteuid() != 0:
-            raise RuntimeError("network-namespace tests need root (CI runs as root)")
+            raise RuntimeError("building network namespaces needs root")
         self.tag = "kvt" + secrets.token_hex(2)
         self.core = f"{self.tag}-core"
         self.namespaces: list[str] = [self.core]

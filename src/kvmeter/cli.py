@@ -18,8 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "collector": ("kvmeter.collector.cli", "collector", "Consume measures and lifecycle events into usage."),
     "ingest": ("kvmeter.collector.cli", "ingest", "Apply event and measure files to a usage store."),
     "usage": ("kvmeter.collector.cli", "usage", "Report usage records from a store."),
-    "run": ("kvmeter.allinone", "run", "Run agent and collector in one process (all-in-one)."),
-    "demo": ("kvmeter.demo", "demo", "Build a small simulated cloud and meter it."),
+    "run": ("kvmeter.pipeline.allinone", "run", "Run agent and collector in one process (all-in-one)."),
+    "demo": ("kvmeter.pipeline.demo", "demo", "Build a small simulated cloud and meter it."),
 }
 
 
