@@ -1,0 +1,76 @@
+"""The agent's own Prometheus metrics, served on a loopback port."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.process_collector import ProcessCollector
+
+log = logging.getLogger(__name__)
+
+PREFIX = "kvmeter_agent"
+
+
+class AgentMetrics:
+    """One registry per agent (tests build several in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # the agent's own CPU, memory and open files
+        self.poll_seconds = Histogram(
+            f"{PREFIX}_poll_duration_seconds",
+            "Time of one poll: counter read, deltas, batch, spool write.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.polls = Counter(f"{PREFIX}_polls_total", "Polls done.", registry=r)
+        self.poll_errors = Counter(f"{PREFIX}_poll_errors_total", "Polls that failed.", registry=r)
+        self.interfaces = Gauge(f"{PREFIX}_interfaces", "Metered VM interfaces in the last poll.", registry=r)
+        self.bytes = Counter(
+            f"{PREFIX}_bytes_total",
+            "Bytes measured, by traffic type and VM direction (quarantined included).",
+            ["traffic_type", "direction"],
+            registry=r,
+        )
+        self.quarantines = Counter(
+            f"{PREFIX}_quarantined_deltas_total",
+            "Counter jumps quarantined (sent, never billed).",
+            registry=r,
+        )
+        self.final_deltas = Counter(
+            f"{PREFIX}_final_deltas_total", "Tails counted from RTM_DELLINK final counters.", registry=r
+        )
+        self.spool_frames = Gauge(
+            f"{PREFIX}_spool_pending_batches", "Batches spooled, not delivered.", registry=r
+        )
+        self.spool_bytes = Gauge(f"{PREFIX}_spool_pending_bytes", "Bytes of undelivered batches.", registry=r)
+        self.spool_age = Gauge(
+            f"{PREFIX}_spool_oldest_age_seconds", "Age of the oldest undelivered batch (0: none).", registry=r
+        )
+        self.spool_dropped_bytes = Counter(
+            f"{PREFIX}_spool_dropped_bytes_total", "Spool bytes dropped at the size or age bound.", registry=r
+        )
+        self.dropped_measure_bytes = Counter(
+            f"{PREFIX}_dropped_measured_bytes_total",
+            "Metered bytes inside batches dropped at the spool bound (lost to billing).",
+            registry=r,
+        )
+        self.published = Counter(
+            f"{PREFIX}_published_batches_total", "Batches the broker acknowledged.", registry=r
+        )
+        self.publish_errors = Counter(f"{PREFIX}_publish_errors_total", "Failed deliveries.", registry=r)
+        self.libvirt_reconnects = Gauge(
+            f"{PREFIX}_libvirt_reconnects", "libvirt reconnects since the agent started.", registry=r
+        )
+        self.link_events = Counter(
+            f"{PREFIX}_link_events_total", "Netlink link events.", ["kind"], registry=r
+        )
+
+    def serve(self, address: str, port: int) -> Any:
+        """Start the HTTP endpoint; returns the server (prometheus-client >= 0.17) or None."""
+        server = start_http_server(port, addr=address, registry=self.registry)
+        log.info("metrics on http://%s:%d/metrics", address, port)
+        return server

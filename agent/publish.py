@@ -1,0 +1,165 @@
+"""Publish spooled batches to Kafka in order; the broker's acknowledgement advances the spool.
+
+The producer is idempotent (acks=all, no duplicates from its own retries) and never gives up on a
+message by itself (message.timeout.ms=0: infinite), so a broker that is away for minutes only
+makes the spool grow; librdkafka delivers in order once it is back. If a delivery still fails
+(a fatal producer error, a purge), the producer is rebuilt and every unacknowledged frame is
+produced again from the spool, under its original stream id and sequence number.
+
+Not thread-safe: delivery callbacks run inside `service()`/`flush()` on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kvmeter.agent.metrics import AgentMetrics
+from kvmeter.agent.spool import Frame, Spool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROPERTIES: dict[str, Any] = {
+    "message.timeout.ms": 0,  # infinite: the spool, not librdkafka, decides what is given up
+    "reconnect.backoff.ms": 200,
+    "reconnect.backoff.max.ms": 2000,
+    "linger.ms": 20,
+    "compression.type": "lz4",
+}
+FORCED_PROPERTIES: dict[str, Any] = {"enable.idempotence": True, "acks": "all"}
+
+
+def producer_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    config = {"bootstrap.servers": bootstrap, **DEFAULT_PROPERTIES, **dict(extra or {})}
+    config.update(FORCED_PROPERTIES)
+    return config
+
+
+def _confluent_producer(config: dict[str, Any]) -> Any:
+    from confluent_kafka import Producer  # imported late: `--once` needs no Kafka
+
+    return Producer(config)
+
+
+class Publisher:
+    def __init__(
+        self,
+        spool: Spool,
+        *,
+        bootstrap: str,
+        topic: str,
+        key: str,
+        properties: Mapping[str, Any] | None = None,
+        max_in_flight: int = 1000,
+        producer_factory: Callable[[dict[str, Any]], Any] = _confluent_producer,
+        metrics: AgentMetrics | None = None,
+    ) -> None:
+        self.spool = spool
+        self.topic = topic
+        self.key = key.encode()
+        self.max_in_flight = max_in_flight
+        self.metrics = metrics
+        self._config = producer_config(bootstrap, properties)
+        self._factory = producer_factory
+        self._producer = producer_factory(self._config)
+        self._in_flight: dict[tuple[int, int], Frame] = {}
+        self._next: tuple[int, int] = (0, 0)  # position of the next frame to produce
+        self._failed = False
+        self._generation = 0
+        self.delivered = 0
+        self.errors = 0
+        self.last_error: str | None = None
+
+    def pump(self) -> int:
+        """Hand spooled frames to the producer, oldest first, up to max_in_flight. Returns how many."""
+        if self._failed:
+            self._rebuild()
+        produced = 0
+        for frame in self.spool.pending():
+            if len(self._in_flight) >= self.max_in_flight:
+                break
+            if frame.position < self._next or frame.position in self._in_flight:
+                continue
+            try:
+                self._producer.produce(
+                    self.topic,
+                    value=self.spool.read_batch(frame),
+                    key=self.key,
+                    on_delivery=functools.partial(self._delivered, self._generation, frame),
+                )
+            except BufferError:
+                break  # librdkafka's queue is full: the rest waits in the spool
+            self._in_flight[frame.position] = frame
+            self._next = (frame.segment, frame.offset + 1)
+            produced += 1
+        self._producer.poll(0)
+        return produced
+
+    def _delivered(self, generation: int, frame: Frame, err: Any, msg: Any) -> None:
+        if generation != self._generation:
+            return  # a purged message of a producer that was replaced
+        self._in_flight.pop(frame.position, None)
+        if err is None:
+            self.delivered += 1
+            self.spool.ack(frame)
+            if self.metrics is not None:
+                self.metrics.published.inc()
+            return
+        self.errors += 1
+        self.last_error = str(err)
+        if self.metrics is not None:
+            self.metrics.publish_errors.inc()
+        if not self._failed:
+            log.warning(
+                "delivery of stream %s seq %d failed: %s; re-sending from the spool",
+                frame.stream_id,
+                frame.seq,
+                err,
+            )
+        self._failed = True
+
+    def _rebuild(self) -> None:
+        """Drop the producer and its queue; everything not acknowledged is produced again."""
+        old = self._producer
+        self._generation += 1
+        try:
+            old.purge()
+            old.poll(0)
+        except Exception as exc:  # a fatal producer may refuse even this
+            log.debug("purging the old producer: %s", exc)
+        self._producer = self._factory(self._config)
+        self._in_flight.clear()
+        self._next = (0, 0)
+        self._failed = False
+
+    def service(self, timeout: float) -> None:
+        """Serve delivery callbacks for up to `timeout` seconds, then top the producer up."""
+        self._producer.poll(timeout)
+        self.pump()
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def flush(self, timeout: float) -> bool:
+        """Deliver everything spooled within `timeout` seconds. True when nothing is left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.pump()
+            if not self.spool.pending():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._producer.poll(min(left, 0.1))
+
+    def close(self, timeout: float = 5.0) -> bool:
+        done = self.flush(timeout)
+        if not done:
+            log.warning(
+                "%d batches not delivered at exit; they stay in the spool and are re-sent at the next start",
+                len(self.spool.pending()),
+            )
+        return done

@@ -1,0 +1,107 @@
+"""Publisher against a fake producer: order, acks advance the spool, failures re-send from the spool."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kvmeter.agent.publish import Publisher, producer_config
+from kvmeter.agent.spool import Spool
+
+
+class FakeProducer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.queue: list[tuple[bytes, Callable[[Any, Any], None]]] = []
+        self.sent: list[bytes] = []
+        self.fail_next = 0
+        self.purged = 0
+        self.hold = False  # keep messages queued (a broker that does not answer)
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        assert key == b"host-1"
+        self.queue.append((value, on_delivery))
+
+    def poll(self, timeout: float) -> int:
+        if self.hold:
+            return 0
+        queue, self.queue = self.queue, []
+        for value, callback in queue:
+            if self.fail_next:
+                self.fail_next -= 1
+                callback("broker down", None)
+            else:
+                self.sent.append(value)
+                callback(None, None)
+        return len(queue)
+
+    def purge(self) -> None:
+        self.purged += 1
+        for _, callback in self.queue:
+            callback("purged", None)
+        self.queue = []
+
+
+def test_config_forces_idempotence_and_acks_all() -> None:
+    config = producer_config("b:1", {"acks": "1", "enable.idempotence": False, "linger.ms": 5})
+    assert (config["acks"], config["enable.idempotence"], config["linger.ms"]) == ("all", True, 5)
+    assert config["message.timeout.ms"] == 0
+
+
+def test_delivers_in_order_and_acks_the_spool(tmp_path: Path) -> None:
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FakeProducer(config))
+        return producers[-1]
+
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory)
+    for seq in range(1, 4):
+        spool.append("s", seq, f"batch{seq}".encode(), {}, seq)
+    assert pub.flush(1.0)
+    assert producers[0].sent == [b"batch1", b"batch2", b"batch3"]
+    assert spool.pending() == []
+    spool.close()
+
+
+def test_failed_delivery_rebuilds_and_resends_everything_unacked(tmp_path: Path) -> None:
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FakeProducer(config))
+        return producers[-1]
+
+    spool = Spool(tmp_path)
+    pub = Publisher(
+        spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, max_in_flight=2
+    )
+    for seq in range(1, 6):
+        spool.append("s", seq, f"b{seq}".encode(), {}, seq)
+    producers[0].fail_next = 1
+    pub.pump()
+    pub.service(0)  # b1 fails, b2 is delivered out of the broken producer
+    assert pub.errors == 1
+    assert pub.flush(1.0)
+    assert len(producers) == 2
+    assert producers[1].sent == [b"b1", b"b2", b"b3", b"b4", b"b5"]  # b2 again: fine, same seq
+    assert spool.pending() == []
+    spool.close()
+
+
+def test_in_flight_is_bounded(tmp_path: Path) -> None:
+    def held(config: dict[str, Any]) -> FakeProducer:
+        producer = FakeProducer(config)
+        producer.hold = True
+        return producer
+
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=held, max_in_flight=3)
+    for seq in range(1, 11):
+        spool.append("s", seq, b"x", {}, seq)
+    assert pub.pump() == 3
+    assert pub.in_flight() == 3
+    assert pub.pump() == 0
+    assert not pub.flush(0.05)
+    spool.close()
