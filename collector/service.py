@@ -1,0 +1,311 @@
+"""The collector's orchestration: the pure core composed with the store, one code path for the
+live consumer and for batch ingest. The clock is injected (ms since the epoch).
+
+    apply_batches(records)   measures: decode -> drop what the stream mark says is applied ->
+                             attribute -> byte increments / park / quarantine, all of it and the
+                             new marks in ONE transaction (exactly-once effect).
+    apply_events(records)    lifecycle: parse -> store if new -> rebuild that resource's history
+                             from all its stored events -> its time-based records for every window
+                             up to now (same transaction) -> attribute parked measures it explains.
+    tick()                   grow open time-based windows, finalize windows past the grace period,
+                             retry parked measures when ownership knowledge changed.
+
+A change to a final window is an adjustment row (store), never a rewrite. Bad input is
+dead-lettered with its bytes and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector import cloudstack, decode, lifecycle, usage
+from kvmeter.collector.attribution import OwnerIndex, is_router
+from kvmeter.collector.errors import BadInput
+from kvmeter.collector.model import Measure, ResourceHistory, UsageKey
+from kvmeter.collector.store import DeadLetter, Store
+from kvmeter.collector.windows import check_window, window_start
+from kvmeter.proto import pb
+
+log = logging.getLogger(__name__)
+
+MEASURES = "measures"
+LIFECYCLE = "lifecycle"
+
+
+@dataclass(frozen=True)
+class Settings:
+    window_ms: int = 3_600_000
+    grace_ms: int = 2 * 3_600_000
+    park_horizon_ms: int = 24 * 3_600_000
+    billable: frozenset[str] = frozenset({"public"})
+    routers: Mapping[str, str] = field(default_factory=dict)  # router domain name / uuid -> account
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input record and where it came from (topic/partition@offset, file:line)."""
+
+    value: bytes
+    key: bytes | None = None
+    origin: str = ""
+
+
+@dataclass
+class Outcome:
+    """What one call did; adapters turn it into metrics and logs."""
+
+    batches: int = 0
+    duplicates: int = 0
+    measures: int = 0
+    billed_bytes: int = 0
+    parked: int = 0
+    unparked: int = 0
+    quarantined: int = 0
+    events: int = 0
+    known_events: int = 0
+    records: int = 0
+    adjustments: int = 0
+    finalized: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def add(self, other: Outcome) -> None:
+        for name in self.__dataclass_fields__:
+            if name == "dead_letters":
+                self.dead_letters.extend(other.dead_letters)
+            else:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+class Collector:
+    def __init__(self, store: Store, settings: Settings, clock: Callable[[], int]):
+        check_window(settings.window_ms)
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.index = OwnerIndex(routers=settings.routers)
+        self.histories: dict[str, ResourceHistory] = {}
+        self._events: dict[str, dict[str, pb.LifecycleEvent]] = {}
+        self._last_event_row = 0
+        self._knowledge = 0  # bumps whenever the owner index changes
+        self._retried_at = -1  # knowledge level of the last full retry of parked measures
+
+    # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
+    def sync(self) -> set[str]:
+        """Load events stored since the last sync (by anyone) into histories and the index."""
+        changed: set[str] = set()
+        while True:
+            with self.store.read() as conn:
+                rows = self.store.events_since(conn, self._last_event_row)
+            if not rows:
+                break
+            for row_id, resource, normalized in rows:
+                self._last_event_row = row_id
+                if not resource:
+                    continue
+                ev = pb.LifecycleEvent.FromString(normalized)
+                self._events.setdefault(resource, {})[ev.event_id] = ev
+                changed.add(resource)
+        for resource in changed:
+            history = lifecycle.build_resource_history(resource, self._events[resource].values())
+            self.histories[resource] = history
+            self.index.update(history)
+        if changed:
+            self._knowledge += 1
+        return changed
+
+    # -- measures -----------------------------------------------------------------------------
+    def apply_batch(self, value: bytes, origin: str = "") -> Outcome:
+        return self.apply_batches([Record(value, None, origin)])
+
+    def apply_batches(self, records: Sequence[Record]) -> Outcome:
+        """Apply measure batches in one transaction; returns what happened."""
+        out = Outcome()
+        decoded: list[decode.DecodedBatch] = []
+        for rec in records:
+            try:
+                decoded.append(decode.decode_batch(rec.value))
+            except BadInput as exc:
+                out.dead_letters.append(DeadLetter(MEASURES, rec.origin, rec.value, exc.reason, exc.message))
+        self.sync()
+        now = self.clock()
+        streams = {b.stream_id: b.host_id for b in decoded}
+        decoded.sort(key=lambda b: (b.stream_id, b.seq))
+        with self.store.write() as conn:
+            final_through = self.store.finalized_through(conn)
+            marks = self.store.lock_marks(conn, streams)
+            new_marks: dict[str, tuple[str, int]] = {}
+            measures: list[Measure] = []
+            for batch in decoded:
+                mark = new_marks.get(batch.stream_id, (batch.host_id, marks.get(batch.stream_id, 0)))[1]
+                if batch.seq <= mark:
+                    out.duplicates += 1
+                    continue
+                if batch.seq > mark + 1:
+                    log.warning(
+                        "stream %s: batches %d..%d never arrived", batch.stream_id, mark + 1, batch.seq - 1
+                    )
+                new_marks[batch.stream_id] = (batch.host_id, batch.seq)
+                measures.extend(batch.measures)
+                out.batches += 1
+            increments, names, parked, quarantined = self._attribute(measures, out)
+            out.records, out.adjustments = self.store.add_bytes(conn, increments, names, final_through, now)
+            self.store.park(conn, parked, now)
+            self.store.quarantine(conn, quarantined, now)
+            self.store.dead_letter(conn, out.dead_letters, now)
+            self.store.set_marks(conn, new_marks, now)
+        return out
+
+    def _attribute(
+        self, measures: Iterable[Measure], out: Outcome
+    ) -> tuple[dict[UsageKey, int], dict[UsageKey, tuple[str, str]], list[Measure], list[Measure]]:
+        """In memory: byte increments summed per record key; measures to park / quarantine."""
+        window, billable = self.settings.window_ms, self.settings.billable
+        owner_at = self.index.owner_at
+        increments: dict[UsageKey, int] = defaultdict(int)
+        names: dict[UsageKey, tuple[str, str]] = {}
+        parked: list[Measure] = []
+        quarantined: list[Measure] = []
+        for m in measures:
+            out.measures += 1
+            if m.quarantine_reason:
+                quarantined.append(m)
+                continue
+            owner = owner_at(m)
+            if owner is None:
+                parked.append(m)
+                continue
+            for inc in usage.byte_increments(m, owner, window, billable):
+                if inc.key not in names:
+                    names[inc.key] = (m.domain_name, "DomainRouter" if is_router(m.domain_name) else "UserVm")
+                increments[inc.key] += inc.bytes
+                out.billed_bytes += inc.bytes
+        out.parked += len(parked)
+        out.quarantined += len(quarantined)
+        return increments, names, parked, quarantined
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def apply_event(self, value: bytes, key: bytes | None = None, origin: str = "") -> Outcome:
+        return self.apply_events([Record(value, key, origin)])
+
+    def apply_events(self, records: Sequence[Record]) -> Outcome:
+        """Store new events and recompute the resources they touch, in one transaction."""
+        out = Outcome()
+        parsed: list[tuple[pb.LifecycleEvent, Record]] = []
+        for rec in records:
+            try:
+                parsed.append((cloudstack.parse_event(rec.value, rec.key), rec))
+            except BadInput as exc:
+                out.dead_letters.append(DeadLetter(LIFECYCLE, rec.origin, rec.value, exc.reason, exc.message))
+        # One insert order for every replica: concurrent chunks never wait on each other in a cycle.
+        parsed.sort(key=lambda item: item[0].event_id)
+        touched: set[str] = set()
+        now = self.clock()
+        with self.store.write() as conn:
+            final_through = self.store.finalized_through(conn)
+            for ev, rec in parsed:
+                normalized = ev.SerializeToString(deterministic=True)
+                if self.store.insert_event(
+                    conn, ev.event_id, ev.resource_uuid, ev.time, rec.value, normalized, now
+                ):
+                    out.events += 1
+                    if ev.resource_uuid:
+                        touched.add(ev.resource_uuid)
+                else:
+                    out.known_events += 1
+            self.store.lock_resources(conn, touched)
+            for resource in sorted(touched):
+                written, adjusted = self._recompute(conn, resource, final_through, now)
+                out.records += written
+                out.adjustments += adjusted
+            self.store.dead_letter(conn, out.dead_letters, now)
+        self.sync()
+        for resource in sorted(touched):
+            out.add(self._unpark_for(resource))
+        return out
+
+    def _recompute(self, conn: Connection, resource: str, final_through: int, now: int) -> tuple[int, int]:
+        """Rebuild `resource` from all its stored events and rewrite its time-based records."""
+        events = [pb.LifecycleEvent.FromString(raw) for raw in self.store.events_of(conn, resource)]
+        history = lifecycle.build_resource_history(resource, events)
+        values = {v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)}
+        return self.store.set_time_values(conn, resource, values, final_through, now)
+
+    def _unpark_for(self, resource: str) -> Outcome:
+        history = self.histories.get(resource)
+        if history is None:
+            return Outcome()
+        return self._unpark(instances=[resource], macs=history.macs, addresses=history.addresses)
+
+    def _unpark(
+        self, *, instances: Iterable[str] = (), macs: Iterable[str] = (), addresses: Iterable[str] = ()
+    ) -> Outcome:
+        """Bill parked measures that now have an owner: delete from parked and add the bytes in
+        one transaction (a parked row is locked, so two replicas bill it once)."""
+        out = Outcome()
+        after = 0
+        while True:
+            now = self.clock()
+            with self.store.write() as conn:
+                final_through = self.store.finalized_through(conn)
+                rows = self.store.take_parked(
+                    conn, instances=instances, macs=macs, addresses=addresses, after_id=after
+                )
+                if not rows:
+                    break
+                after = rows[-1][0]
+                owned = [(row_id, m) for row_id, m in rows if self.index.owner_at(m) is not None]
+                if owned:
+                    part = Outcome()
+                    increments, names, _, _ = self._attribute((m for _, m in owned), part)
+                    self.store.delete_parked(conn, [row_id for row_id, _ in owned])
+                    written, adjusted = self.store.add_bytes(
+                        conn, increments, names, final_through, now, reason="late attribution"
+                    )
+                    out.unparked += len(owned)
+                    out.billed_bytes += part.billed_bytes
+                    out.records += written
+                    out.adjustments += adjusted
+        return out
+
+    # -- time ---------------------------------------------------------------------------------
+    def tick(self) -> Outcome:
+        """Grow open windows, finalize those past the grace period, retry parked measures."""
+        out = Outcome()
+        self.sync()
+        now = self.clock()
+        window = self.settings.window_ms
+        running = sorted(
+            uuid
+            for uuid, h in self.histories.items()
+            if any(s.end_ms is None for s in (*h.running, *h.allocated, *h.ip))
+        )
+        for start in range(0, len(running), 200):
+            chunk = running[start : start + 200]
+            with self.store.write() as conn:
+                final_through = self.store.finalized_through(conn)
+                self.store.lock_resources(conn, chunk)
+                for resource in chunk:
+                    values = {
+                        v.key: v.quantity_ms for v in usage.time_usage(self.histories[resource], now, window)
+                    }
+                    written, adjusted = self.store.set_time_values(
+                        conn, resource, values, final_through, now, open_only=True
+                    )
+                    out.records += written
+                    out.adjustments += adjusted
+        through = window_start(now - self.settings.grace_ms, window)
+        with self.store.write() as conn:
+            out.finalized = self.store.finalize(conn, through, now)
+        if self._retried_at != self._knowledge:
+            self._retried_at = self._knowledge
+            out.add(self._unpark())
+        return out
+
+    def horizon_start(self) -> int:
+        """Parked measures parked before this instant are reported as unattributed."""
+        return self.clock() - self.settings.park_horizon_ms
