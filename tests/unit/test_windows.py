@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmeter.collector import errors
@@ -99,6 +99,7 @@ def test_negative_bytes_are_rejected() -> None:
 WINDOW_LENGTHS = st.sampled_from([1000, 60_000, 300_000, H, 4 * H, DAY_MS])
 
 
+@settings(deadline=None)  # a shared CI machine: correctness here, speed in bench/
 @given(
     total=st.integers(0, 2**64),
     start=st.integers(T0 - 10 * DAY_MS, T0 + 10 * DAY_MS),
@@ -107,11 +108,11 @@ WINDOW_LENGTHS = st.sampled_from([1000, 60_000, 300_000, H, 4 * H, DAY_MS])
 )
 def test_parts_add_up_to_the_byte(total: int, start: int, length: int, window: int) -> None:
     end = start + length
-    if (length // window) > 5000:
-        end = start + 5000 * window  # keep each example fast
+    if (length // window) > 500:
+        end = start + 500 * window  # keep each example fast
     parts = split_bytes(total, start, end, window)
     assert sum(p for _, _, p in parts) == total
-    spans = windows_between(start, end, window)
+    spans = set(windows_between(start, end, window))
     for ws, we, part in parts:
         assert (ws, we) in spans
         assert part > 0
@@ -123,6 +124,7 @@ def test_parts_add_up_to_the_byte(total: int, start: int, length: int, window: i
     assert [p[0] for p in parts] == sorted({p[0] for p in parts})
 
 
+@settings(deadline=None)
 @given(
     total=st.integers(1, 10**12),
     start=st.integers(T0, T0 + DAY_MS),
