@@ -1,0 +1,1 @@
+"""Hand-written fakes for unit tests (libvirt connection, netlink sockets)."""
