@@ -99,9 +99,15 @@ class DeltaEngine:
             self._preexisting = set(present_keys) - set(self._created)
             self._fresh = False
         deltas: list[Delta] = []
+        tracked_names = {k.name: k for k in self._counters}
         for sample in samples:
             if sample.key in self._closed:
                 continue  # a reading older than the final sample that closed it
+            older = tracked_names.get(sample.key.name)
+            if older is not None and older != sample.key:
+                # The name's previous incarnation is still open: its final sample (or its
+                # forgetting) comes first, then this one counts from zero.
+                continue
             delta = self._advance(sample, now_ms, mono_ms, final=False)
             if delta is not None:
                 deltas.append(delta)

@@ -68,12 +68,27 @@ def test_preexisting_but_unmetered_at_start_is_baselined_when_it_becomes_metered
     assert [d.rx_bytes for d in e.poll(T0 + 2000, M0 + 2000, [s(K, 5100, 5000)])] == [100]
 
 
-def test_same_name_new_ifindex_is_a_new_counter() -> None:
+def test_same_name_new_ifindex_is_a_new_counter_after_the_old_one_closed() -> None:
     e = engine()
     e.poll(T0, M0, [s(K, 1000, 1000)])
     reborn = CounterKey(BOOT, 9, "vnet0")
-    deltas = e.poll(T0 + 1000, M0 + 1000, [s(reborn, 40, 60)])
-    assert [(d.key, d.rx_bytes, d.tx_bytes) for d in deltas] == [(reborn, 40, 60)]
+    # the old incarnation is still open (its DELLINK not yet applied): the new one waits
+    assert e.poll(T0 + 1000, M0 + 1000, [s(reborn, 40, 60)]) == []
+    final = e.final(T0 + 1100, M0 + 1100, s(K, 1010, 1000))
+    assert final is not None
+    assert final.rx_bytes == 10
+    deltas = e.poll(T0 + 2000, M0 + 2000, [s(reborn, 50, 60)])
+    assert [(d.key, d.rx_bytes, d.tx_bytes, d.start_ms) for d in deltas] == [(reborn, 50, 60, T0 + 1000)]
+
+
+def test_same_name_new_ifindex_counts_once_the_old_one_is_forgotten() -> None:
+    e = engine()
+    e.poll(T0, M0, [s(K, 1000, 1000)])
+    reborn = CounterKey(BOOT, 9, "vnet0")
+    deltas = []
+    for i in range(1, 5):  # the DELLINK was lost: the old key is forgotten after a few polls
+        deltas += e.poll(T0 + i * 1000, M0 + i * 1000, [s(reborn, 40, 60)])
+    assert [(d.key, d.rx_bytes) for d in deltas] == [(reborn, 40)]
 
 
 # -- decreases: wrap only when plausible, otherwise a reset counting from zero --------------------
