@@ -1,0 +1,192 @@
+"""`kvmeter agent`: run the agent, or poll once and print the batch it would send."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kvmeter.agent.config import DEFAULT_PATH, AgentConfig, ConfigError, load
+
+log = logging.getLogger("kvmeter.agent")
+
+# syslog priorities for systemd's "<N>" stderr prefixes (SyslogLevelPrefix=yes, the default)
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """One line per record, `<priority>logger: message`: the journal adds time, host and unit."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+        if record.exc_info:
+            # Keep a traceback in one journal entry.
+            text += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return text
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty():
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+
+def _build(config: AgentConfig, *, read_only: bool) -> Any:
+    """The agent with its real parts (imported here: they need libvirt and netlink)."""
+    from kvmeter.agent.counters import read_boot_id
+    from kvmeter.agent.daemon import Agent
+    from kvmeter.agent.inventory import Inventory
+    from kvmeter.agent.metrics import AgentMetrics
+    from kvmeter.agent.publish import Publisher
+    from kvmeter.agent.spool import Spool
+    from kvmeter.agent.topology import Topology
+
+    metrics = AgentMetrics()
+
+    def dropped(frame: Any, batch: bytes) -> None:
+        from kvmeter.proto import pb
+
+        metrics.spool_dropped_bytes.inc(frame.size)
+        try:
+            lost = sum(m.bytes for m in pb.MeasureBatch.FromString(batch).measures)
+        except Exception:
+            lost = 0
+        metrics.dropped_measure_bytes.inc(lost)
+
+    spool = Spool(
+        Path(config.state_dir) / "spool",
+        max_bytes=config.spool_max_bytes,
+        max_age_ms=int(config.spool_max_age_seconds * 1000),
+        segment_bytes=config.spool_segment_bytes,
+        read_only=read_only,
+        on_drop=dropped,
+    )
+    publisher = None
+    if not read_only:
+        publisher = Publisher(
+            spool,
+            bootstrap=config.kafka_bootstrap,
+            topic=config.kafka_topic,
+            key=config.host_id,
+            properties=config.kafka_properties,
+            max_in_flight=config.kafka_max_in_flight,
+            metrics=metrics,
+        )
+    return Agent(
+        config,
+        inventory=Inventory(config.libvirt_uri, resync_seconds=config.libvirt_resync_seconds),
+        topology=Topology(config.traffic),
+        spool=spool,
+        boot_id=read_boot_id(),
+        publisher=publisher,
+        metrics=metrics,
+    )
+
+
+def _print_batch(batch: Any, fmt: str) -> None:
+    if fmt == "json":
+        from google.protobuf.json_format import MessageToDict
+
+        click.echo(
+            json.dumps(MessageToDict(batch, preserving_proto_field_name=True), indent=2, sort_keys=True)
+        )
+    else:
+        from google.protobuf import text_format
+
+        click.echo(text_format.MessageToString(batch), nl=False)
+
+
+def _run_once(config: AgentConfig, fmt: str, window: float) -> None:
+    agent = _build(config, read_only=True)
+    agent.start()
+    try:
+        if not agent.resumed:
+            # Nothing saved to measure from: take a baseline and measure over a short window.
+            # (a dry run leaves the engine advanced: the baseline is what the window measures from)
+            agent.poll_once(dry_run=True)
+            time.sleep(window)
+        _print_batch(agent.poll_once(dry_run=True), fmt)
+    finally:
+        agent.close()
+
+
+def _run_daemon(config: AgentConfig) -> int:
+    agent = _build(config, read_only=False)
+
+    def stop(signum: int, _frame: Any) -> None:
+        log.info("%s: last poll, flush, exit", signal.Signals(signum).name)
+        agent.stop_event.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if config.metrics_enabled:
+        agent.metrics.serve(config.metrics_address, config.metrics_port)
+    replay = len(agent.spool.pending())
+    if replay:
+        log.info("replaying %d undelivered batches from the spool", replay)
+    agent.start()
+    try:
+        agent.run()
+    finally:
+        agent.close()
+    return 0
+
+
+@click.command("agent")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=DEFAULT_PATH,
+    show_default=True,
+    help="TOML config file.",
+)
+@click.option("--once", is_flag=True, help="Poll once and print the batch it would send (sends nothing).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="--once output.",
+)
+@click.option(
+    "--window",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="--once without saved state: seconds between the baseline and the measured poll.",
+)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+def agent(config_path: str, once: bool, fmt: str, window: float, log_level: str | None) -> None:  # noqa: FBT001
+    """Meter this KVM host's VM interfaces and publish measure batches to Kafka."""
+    try:
+        config = load(config_path) if (config_path != DEFAULT_PATH or Path(config_path).exists()) else None
+    except ConfigError as exc:
+        click.echo(f"kvmeter agent: invalid config {exc}", err=True)
+        sys.exit(2)
+    if config is None:
+        if not once:
+            click.echo(f"kvmeter agent: config {config_path} not found", err=True)
+            sys.exit(2)
+        from kvmeter.agent.config import validate
+
+        config = validate({})
+    setup_logging(log_level or ("warning" if once else config.log_level))
+    if once:
+        _run_once(config, fmt, window)
+        return
+    sys.exit(_run_daemon(config))

@@ -1,0 +1,338 @@
+"""The agent's poll loop: counters -> deltas -> batch -> spool (fsync) -> publish.
+
+Everything happens on one thread, the poll thread; the topology's link events arrive on its own
+thread and are handed over through a queue, stamped with the time they were received. The delta
+engine stays pure: this module reads the clocks and passes the times in.
+
+Order within one poll, chosen so a VM reboot (tap deleted and recreated between polls) is
+counted exactly once: read the link map, read the counter table, read the link map again (a name
+whose ifindex changed in between is left for the next poll); then apply the queued link events
+(RTM_NEWLINK marks an identity as born while running, RTM_DELLINK's final counters close the old
+incarnation), then the poll's readings.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from kvmeter.agent.config import AgentConfig
+from kvmeter.agent.counters import Stats, parse_proc_net_dev, read_proc_net_dev, to_sample
+from kvmeter.agent.delta import DeltaConfig, DeltaEngine
+from kvmeter.agent.measures import Attribution, build_batch, domain_inventory
+from kvmeter.agent.metrics import AgentMetrics
+from kvmeter.agent.model import CounterKey, CounterSample, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.publish import Publisher
+from kvmeter.agent.spool import Spool
+from kvmeter.proto import pb
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+# NIC types whose host side has no kernel interface in this namespace: counters come from libvirt.
+LIBVIRT_COUNTED_NIC_TYPES = frozenset({"vhostuser"})
+
+
+class InventoryLike(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def by_device(self) -> Mapping[str, tuple[DomainInfo, NicInfo]]: ...
+    def snapshot(self) -> Mapping[str, DomainInfo]: ...
+    def interface_stats(self, uuid: str, device: str, timeout: float = 2.0) -> Stats | None: ...
+
+
+class TopologyLike(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def placement(self, ifname: str) -> LinkPlacement: ...
+    def links(self) -> dict[str, int]: ...
+    def add_listener(self, callback: Callable[[Any], None]) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Event:
+    kind: str
+    ifname: str
+    ifindex: int
+    stats: Stats | None
+    wall_ms: int
+    mono_ms: int
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class Agent:
+    """One agent incarnation: a new stream id, sequence numbers from 1."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        inventory: InventoryLike,
+        topology: TopologyLike,
+        spool: Spool,
+        boot_id: str,
+        publisher: Publisher | None = None,
+        metrics: AgentMetrics | None = None,
+        read_text: Callable[[], str] = read_proc_net_dev,
+        wall: Callable[[], float] = time.time,
+        mono: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.inventory = inventory
+        self.topology = topology
+        self.spool = spool
+        self.publisher = publisher
+        self.metrics = metrics or AgentMetrics()
+        self.boot_id = boot_id
+        self._read_text = read_text
+        self._wall = wall
+        self._mono = mono
+        self.stream_id = uuid.uuid4().hex
+        self.seq = 0
+        saved = spool.last_state() or {}
+        engine_state = saved.get("engine") if saved.get("v") == STATE_VERSION else None
+        delta_config = DeltaConfig(line_rate_ceiling_bps=config.line_rate_ceiling_bps)
+        self.engine = DeltaEngine.from_state(boot_id, engine_state, delta_config)
+        self.resumed = engine_state is not None and engine_state.get("boot_id") == boot_id
+        self._events: queue.Queue[_Event] = queue.Queue()
+        self._carry: list[_Event] = []  # events of a poll that failed: applied by the next one
+        self._attribution: dict[CounterKey, Attribution] = {}
+        self._last_inventory: bytes | None = None
+        self._polls_since_inventory = 0
+        self.stop_event = threading.Event()
+
+    # -- wiring --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.topology.add_listener(self._on_link_event)
+        self.topology.start()
+        self.inventory.start()
+        log.info(
+            "agent started: host %s, boot %s, stream %s, %s",
+            self.config.host_id,
+            self.boot_id,
+            self.stream_id,
+            "resuming saved counters" if self.resumed else "fresh start (present interfaces are baselined)",
+        )
+
+    def close(self) -> None:
+        for part in (self.inventory, self.topology):
+            try:
+                part.stop()
+            except Exception:
+                log.exception("stopping %r failed", part)
+        self.spool.close()
+
+    def _on_link_event(self, event: Any) -> None:
+        # Topology thread: stamp and hand over; no engine access here.
+        self._events.put(
+            _Event(event.kind, event.ifname, event.ifindex, event.stats, _ms(self._wall()), _ms(self._mono()))
+        )
+        self.metrics.link_events.labels(event.kind).inc()
+
+    # -- one poll ------------------------------------------------------------------------------
+
+    def poll_once(self, *, final: bool = False, dry_run: bool = False) -> pb.MeasureBatch:
+        """Read, compute, spool (unless dry_run) and hand to the publisher. Returns the batch."""
+        started = time.perf_counter()
+        saved_engine = self.engine.to_state()
+        events = self._carry + self._drain()
+        self._carry = []
+        try:
+            batch = self._poll(events, final=final, dry_run=dry_run)
+        except BaseException:
+            # Nothing of this poll reached the disk: undo it, so no byte is lost or counted twice.
+            self.engine = DeltaEngine.from_state(self.boot_id, saved_engine, self.engine.config)
+            self._carry = events
+            self.metrics.poll_errors.inc()
+            raise
+        self.metrics.poll_seconds.observe(time.perf_counter() - started)
+        self.metrics.polls.inc()
+        if self.publisher is not None and not dry_run:
+            self.publisher.pump()
+        return batch
+
+    def _drain(self) -> list[_Event]:
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> pb.MeasureBatch:
+        before = self.topology.links()
+        table = parse_proc_net_dev(self._read_text())
+        after = self.topology.links()
+        now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
+        stable = {name: i for name, i in after.items() if before.get(name) == i}
+        devices = self.inventory.by_device()
+        present = [CounterKey(self.boot_id, i, name) for name, i in stable.items()]
+
+        samples: list[CounterSample] = []
+        for name, stats in table.items():
+            if name in devices and name in stable:
+                key = CounterKey(self.boot_id, stable[name], name)
+                samples.append(to_sample(key, stats))
+                self._remember(key, *devices[name])
+        samples += self._libvirt_counted(devices, table)
+        self.metrics.interfaces.set(len(samples))
+
+        deltas: list[Delta] = []
+        for event in events:
+            key = CounterKey(self.boot_id, event.ifindex, event.ifname)
+            if event.kind == "new":
+                self.engine.link_created(key)
+            elif event.kind == "del" and event.stats is not None:
+                if key not in self._attribution and event.ifname in devices:
+                    self._remember(key, *devices[event.ifname])
+                d = self.engine.final(event.wall_ms, event.mono_ms, to_sample(key, event.stats))
+                if d is not None:
+                    deltas.append(d)
+            elif event.kind == "del":
+                log.warning(
+                    "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
+                )
+        deltas += self.engine.poll(now_ms, mono_ms, samples, present)
+
+        self.seq += 1
+        batch, unattributed = build_batch(
+            host_id=self.config.host_id,
+            boot_id=self.boot_id,
+            stream_id=self.stream_id,
+            seq=self.seq,
+            poll_ms=now_ms,
+            deltas=deltas,
+            attribution=self._attribution,
+            inventory=self._inventory_if_due(stable),
+            final=final,
+        )
+        for d in unattributed:
+            if d.rx_bytes or d.tx_bytes:
+                log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
+        if dry_run:
+            self.seq -= 1
+            return batch
+        try:
+            state = {"v": STATE_VERSION, "engine": self.engine.to_state()}
+            self.spool.append(self.stream_id, self.seq, batch.SerializeToString(), state, now_ms)
+        except BaseException:
+            self.seq -= 1
+            raise
+        self._count(batch, deltas)
+        self._forget_closed()
+        return batch
+
+    def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo) -> None:
+        placement = self.topology.placement(key.name) if key.ifindex else LinkPlacement(bridge=nic.bridge)
+        self._attribution[key] = Attribution(domain, nic, placement)
+
+    def _libvirt_counted(
+        self, devices: Mapping[str, tuple[DomainInfo, NicInfo]], table: Mapping[str, Stats]
+    ) -> list[CounterSample]:
+        """NICs the host cannot see (vhost-user): libvirt's interfaceStats, with a timeout."""
+        samples = []
+        for name, (domain, nic) in devices.items():
+            if nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES or name in table:
+                continue
+            stats = self.inventory.interface_stats(
+                domain.uuid, name, timeout=self.config.libvirt_call_timeout
+            )
+            if stats is None:
+                continue
+            key = CounterKey(self.boot_id, 0, name)  # no kernel ifindex: identity by name per boot
+            samples.append(to_sample(key, stats))
+            self._remember(key, domain, nic)
+        return samples
+
+    def _forget_closed(self) -> None:
+        tracked = self.engine.tracked()
+        for key in list(self._attribution):
+            if key not in tracked:
+                del self._attribution[key]
+
+    def _inventory_if_due(self, ifindexes: Mapping[str, int]) -> list[pb.DomainInventory] | None:
+        domains = sorted(self.inventory.snapshot().values(), key=lambda d: d.uuid)
+        placements = {}
+        for domain in domains:
+            for nic in domain.nics:
+                if nic.device and nic.device in ifindexes:
+                    placements[nic.device] = self.topology.placement(nic.device)
+        inventory = [domain_inventory(d, placements, ifindexes) for d in domains]
+        digest = b"".join(i.SerializeToString(deterministic=True) for i in inventory)
+        self._polls_since_inventory += 1
+        if digest == self._last_inventory and self._polls_since_inventory < self.config.inventory_every:
+            return None
+        self._last_inventory = digest
+        self._polls_since_inventory = 0
+        return inventory
+
+    def _count(self, batch: pb.MeasureBatch, deltas: list[Delta]) -> None:
+        names = {pb.VM_RX: "vm_rx", pb.VM_TX: "vm_tx"}
+        for m in batch.measures:
+            traffic = pb.TrafficType.Name(m.traffic_type).lower()
+            self.metrics.bytes.labels(traffic, names.get(m.direction, "unknown")).inc(m.bytes)
+        for d in deltas:
+            if d.quarantine_reason is not None:
+                self.metrics.quarantines.inc()
+                log.warning("quarantined %s (ifindex %d): %s", d.key.name, d.key.ifindex, d.quarantine_reason)
+            if d.final_at_delete:
+                self.metrics.final_deltas.inc()
+
+    def update_spool_metrics(self) -> None:
+        self.metrics.spool_frames.set(len(self.spool.pending()))
+        self.metrics.spool_bytes.set(self.spool.pending_bytes())
+        oldest = self.spool.oldest_pending_ms()
+        self.metrics.spool_age.set(max(0.0, self._wall() - oldest / 1000) if oldest else 0.0)
+        reconnects = getattr(self.inventory, "reconnects", None)
+        if isinstance(reconnects, int):
+            self.metrics.libvirt_reconnects.set(reconnects)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Poll every poll_interval until stop_event; then one last poll, flush, return."""
+        interval = self.config.poll_interval
+        next_poll = self._mono()
+        while not self.stop_event.is_set():
+            now = self._mono()
+            if now >= next_poll:
+                try:
+                    self.poll_once()
+                except Exception:
+                    log.exception("poll failed; retrying at the next interval")
+                next_poll += interval
+                if next_poll <= now:
+                    next_poll = now + interval
+                self.update_spool_metrics()
+            wait = max(0.0, min(next_poll - self._mono(), 0.2))
+            if self.publisher is not None:
+                self.publisher.service(wait)
+            else:
+                self.stop_event.wait(wait)
+        self.shutdown()
+
+    def shutdown(self, flush_timeout: float = 10.0) -> None:
+        """SIGTERM: one last poll, flush to the broker, close. Undelivered batches stay spooled."""
+        try:
+            self.poll_once(final=True)
+        except Exception:
+            log.exception("last poll failed")
+        if self.publisher is not None:
+            self.publisher.close(flush_timeout)
+        self.update_spool_metrics()
+        log.info(
+            "agent stopped: stream %s, %d batches, %d undelivered in the spool",
+            self.stream_id,
+            self.seq,
+            len(self.spool.pending()),
+        )
