@@ -1,0 +1,234 @@
+"""The poll loop with fake inventory/topology and a scripted counter table: exact totals across
+steady polls, a VM reboot (tap deleted and recreated), a crash and restart, and a failed poll."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmeter.agent.config import validate
+from kvmeter.agent.daemon import Agent
+from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.spool import Spool
+from kvmeter.agent.topology import LinkEvent
+from kvmeter.proto import pb
+
+BOOT = "boot-1"
+NIC = NicInfo(mac="02:00:00:00:00:01", device="vnet0", nic_type="bridge", bridge="cloudbr0")
+DOMAIN = DomainInfo(uuid="u-1", name="i-2-10-VM", state="running", kind="user_vm", nics=(NIC,))
+HEADER = "Inter-|   Receive |  Transmit\n face |bytes packets|bytes packets\n"
+
+
+class Host:
+    """The kernel as the agent sees it: links with counters (rx_bytes, rx_packets, tx_bytes, tx_packets)."""
+
+    def __init__(self) -> None:
+        self.links: dict[str, int] = {"lo": 1, "vnet0": 10}
+        self.counters: dict[str, list[int]] = {"lo": [0, 0, 0, 0], "vnet0": [0, 0, 0, 0]}
+        self.listeners: list[Callable[[Any], None]] = []
+        self.next_ifindex = 11
+
+    def traffic(self, name: str, host_rx: int, host_tx: int) -> None:
+        c = self.counters[name]
+        c[0] += host_rx
+        c[1] += 1
+        c[2] += host_tx
+        c[3] += 1
+
+    def table(self) -> str:
+        rows = [f"{n}: {c[0]} {c[1]} 0 0 0 0 0 0 {c[2]} {c[3]} 0 0 0 0 0 0" for n, c in self.counters.items()]
+        return HEADER + "\n".join(rows) + "\n"
+
+    def delete(self, name: str) -> None:
+        c = self.counters.pop(name)
+        index = self.links.pop(name)
+        for cb in self.listeners:
+            cb(LinkEvent("del", name, index, (c[0], c[1], c[2], c[3])))
+
+    def create(self, name: str) -> None:
+        self.links[name] = self.next_ifindex
+        self.next_ifindex += 1
+        self.counters[name] = [0, 0, 0, 0]
+        for cb in self.listeners:
+            cb(LinkEvent("new", name, self.links[name], None))
+
+
+class FakeTopology:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    def placement(self, ifname: str) -> LinkPlacement:
+        return LinkPlacement(bridge="cloudbr0", traffic_type="public")
+
+    def links(self) -> dict[str, int]:
+        return dict(self.host.links)
+
+    def add_listener(self, callback: Callable[[Any], None]) -> None:
+        self.host.listeners.append(callback)
+
+
+class FakeInventory:
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    def by_device(self) -> dict[str, tuple[DomainInfo, NicInfo]]:
+        return {"vnet0": (DOMAIN, NIC)}
+
+    def snapshot(self) -> dict[str, DomainInfo]:
+        return {DOMAIN.uuid: DOMAIN}
+
+    def interface_stats(self, uuid: str, device: str, timeout: float = 2.0) -> None:
+        return None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_agent(host: Host, spool_dir: Path, clock: Clock) -> Agent:
+    agent = Agent(
+        validate({"agent": {"host_id": "h1"}}),
+        inventory=FakeInventory(),
+        topology=FakeTopology(host),
+        spool=Spool(spool_dir),
+        boot_id=BOOT,
+        read_text=host.table,
+        wall=clock,
+        mono=clock,
+    )
+    agent.start()
+    return agent
+
+
+def vm_totals(spool_dir: Path) -> dict[int, int]:
+    """VM-side bytes per direction over every spooled batch (each (stream, seq) once)."""
+    spool = Spool(spool_dir, read_only=True)
+    seen = set()
+    totals = {pb.VM_RX: 0, pb.VM_TX: 0}
+    for frame in spool.pending():
+        if (frame.stream_id, frame.seq) in seen:
+            continue
+        seen.add((frame.stream_id, frame.seq))
+        for m in pb.MeasureBatch.FromString(spool.read_batch(frame)).measures:
+            totals[m.direction] += m.bytes
+    return totals
+
+
+@pytest.fixture
+def host() -> Host:
+    h = Host()
+    h.traffic("vnet0", 5000, 7000)  # before the agent ran: baselined, never billed
+    return h
+
+
+def test_steady_traffic_counts_exactly_and_swaps_directions(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock)
+    agent.poll_once()
+    for i in range(5):
+        host.traffic("vnet0", 100 + i, 1000 * i)
+        clock.t += 1
+        agent.poll_once()
+    agent.close()
+    assert vm_totals(tmp_path) == {pb.VM_RX: 10_000, pb.VM_TX: 510}
+
+
+def test_reboot_between_polls_counts_the_tail_and_the_new_tap(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock)
+    agent.poll_once()
+    host.traffic("vnet0", 300, 400)
+    clock.t += 1
+    agent.poll_once()
+    host.traffic("vnet0", 11, 22)  # the tail, after the last poll
+    host.delete("vnet0")
+    host.create("vnet0")  # same name, new ifindex
+    host.traffic("vnet0", 1000, 2000)
+    clock.t += 1
+    batch = agent.poll_once()
+    assert any(m.final_at_delete for m in batch.measures)
+    host.traffic("vnet0", 1, 2)
+    clock.t += 1
+    agent.poll_once()
+    agent.close()
+    assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 2, pb.VM_TX: 300 + 11 + 1000 + 1}
+
+
+def test_crash_and_restart_loses_nothing_and_counts_nothing_twice(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    first = make_agent(host, tmp_path, clock)
+    first.poll_once()
+    host.traffic("vnet0", 50, 60)
+    clock.t += 1
+    first.poll_once()
+    host.traffic("vnet0", 70, 80)  # moved while the agent was dead
+    # kill -9: no close, no last poll; a new incarnation opens the same spool
+    clock.t += 5
+    second = make_agent(host, tmp_path, clock)
+    assert second.resumed
+    assert second.stream_id != first.stream_id
+    second.poll_once()
+    host.traffic("vnet0", 1, 1)
+    clock.t += 1
+    second.poll_once()
+    second.close()
+    first.spool.close()  # (the "killed" one's file handle, for the test's hygiene only)
+    assert vm_totals(tmp_path) == {pb.VM_RX: 141, pb.VM_TX: 121}
+
+
+def test_a_poll_that_cannot_spool_is_undone_and_nothing_is_lost(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock)
+    agent.poll_once()
+    host.traffic("vnet0", 10, 20)
+    host.delete("vnet0")  # a final event consumed by the failing poll must not be lost
+    original = agent.spool.append
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("disk full")
+
+    agent.spool.append = broken  # type: ignore[method-assign]
+    clock.t += 1
+    with pytest.raises(OSError, match="disk full"):
+        agent.poll_once()
+    agent.spool.append = original  # type: ignore[method-assign]
+    clock.t += 1
+    agent.poll_once()
+    agent.close()
+    assert vm_totals(tmp_path) == {pb.VM_RX: 20, pb.VM_TX: 10}
+    assert [f.seq for f in Spool(tmp_path, read_only=True).pending()] == [1, 2]  # no gap
+
+
+def test_shutdown_sends_a_final_batch(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock)
+    agent.poll_once()
+    host.traffic("vnet0", 5, 5)
+    agent.stop_event.set()
+    agent.run()  # stop already requested: straight to the last poll
+    agent.close()
+    spool = Spool(tmp_path, read_only=True)
+    last = pb.MeasureBatch.FromString(spool.read_batch(spool.pending()[-1]))
+    assert last.final
+    assert sum(m.bytes for m in last.measures) == 10
+
+
+def test_inventory_rides_along_on_the_first_batch_and_on_change(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock)
+    first = agent.poll_once()
+    second = agent.poll_once()
+    agent.close()
+    assert [d.name for d in first.inventory] == ["i-2-10-VM"]
+    assert first.inventory[0].nics[0].ifindex == 10
+    assert list(second.inventory) == []
