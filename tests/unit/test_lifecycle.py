@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from dataclasses import dataclass
 
@@ -13,45 +12,9 @@ from hypothesis import strategies as st
 from kvmeter.collector.lifecycle import build_history, build_resource_history
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
 from kvmeter.proto import pb
+from tests.unit.cs_events import ADMIN, T0, VM, A, B, H, action, finish, state, usage
 
-H = 3_600_000
-T0 = 1_715_680_800_000  # 2024-05-14T10:00:00Z
-VM = "vm-1"
 IP = "ip-1"
-A = "acct-a"
-B = "acct-b"
-ADMIN = "acct-admin"
-
-
-def _finish(ev: pb.LifecycleEvent) -> pb.LifecycleEvent:
-    ev.event_id = hashlib.sha256(ev.SerializeToString(deterministic=True)).hexdigest()
-    return ev
-
-
-def usage(kind: str, hours: float, account: str = A, offering: str = "", uuid: str = VM) -> pb.LifecycleEvent:
-    rtype = "IpAddress" if kind.startswith("NET.") else "VirtualMachine"
-    ev = pb.LifecycleEvent(category=pb.USAGE, event_type=kind, resource_type=rtype, resource_uuid=uuid)
-    ev.account_uuid, ev.account_is_owner, ev.time = account, True, T0 + int(hours * H)
-    if offering:
-        ev.offering_uuid = offering
-    return _finish(ev)
-
-
-def state(old: str, new: str, hours: float, status: str = "postStateTransitionEvent") -> pb.LifecycleEvent:
-    ev = pb.LifecycleEvent(
-        category=pb.RESOURCE_STATE, event_type="StateTransition", resource_type="VirtualMachine"
-    )
-    ev.resource_uuid, ev.time, ev.status = VM, T0 + int(hours * H), status
-    ev.attributes["old-state"], ev.attributes["new-state"] = old, new
-    return _finish(ev)
-
-
-def action(kind: str, hours: float, account: str = ADMIN) -> pb.LifecycleEvent:
-    ev = pb.LifecycleEvent(
-        category=pb.ACTION, event_type=kind, resource_type="VirtualMachine", resource_uuid=VM
-    )
-    ev.account_uuid, ev.time, ev.status = account, T0 + int(hours * H), "Completed"
-    return _finish(ev)
 
 
 def seg(start: float, end: float | None, offering: str = "", account: str = A, address: str = "") -> Segment:
@@ -172,7 +135,7 @@ def test_ip_cases(name: str, events: list[pb.LifecycleEvent], expected: list[Seg
 def test_ip_address_comes_from_any_event_about_the_ip() -> None:
     job = pb.LifecycleEvent(category=pb.ASYNC_JOB, event_type="NET.IPASSIGN", resource_type="IpAddress")
     job.resource_uuid, job.ip_address, job.account_uuid = IP, "203.0.113.5", ADMIN
-    events = [usage("NET.IPASSIGN", 0, uuid=IP), _finish(job), usage("NET.IPRELEASE", 1, uuid=IP)]
+    events = [usage("NET.IPASSIGN", 0, uuid=IP), finish(job), usage("NET.IPRELEASE", 1, uuid=IP)]
     history = build_history(events)[IP]
     assert history.ip == [seg(0, 1, address="203.0.113.5")]
     assert history.owners == [OwnerChange(T0, A)]  # the job's caller is no owner
@@ -201,7 +164,7 @@ def test_macs_and_nic_addresses_are_collected() -> None:
     job = pb.LifecycleEvent(category=pb.ASYNC_JOB, event_type="VM.CREATE", resource_type="VirtualMachine")
     job.resource_uuid, job.mac, job.ip_address = VM, "02:00:00:00:00:01", "10.1.1.5"
     job.attributes["nic.1.mac"], job.attributes["nic.1.ip"] = "02:00:00:00:00:02", "192.0.2.9"
-    history = build_history([_finish(job), usage("VM.CREATE", 0)])[VM]
+    history = build_history([finish(job), usage("VM.CREATE", 0)])[VM]
     assert history.macs == ["02:00:00:00:00:01", "02:00:00:00:00:02"]
     assert history.addresses == ["10.1.1.5", "192.0.2.9"]
 

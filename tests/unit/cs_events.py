@@ -1,0 +1,48 @@
+"""Builders of normalised CloudStack lifecycle events for the collector's unit tests."""
+
+from __future__ import annotations
+
+import hashlib
+
+from kvmeter.proto import pb
+
+H = 3_600_000
+T0 = 1_715_680_800_000  # 2024-05-14T10:00:00Z
+VM = "vm-1"
+A = "acct-a"
+B = "acct-b"
+ADMIN = "acct-admin"
+
+
+def finish(ev: pb.LifecycleEvent) -> pb.LifecycleEvent:
+    """Give the event a content digest as its id, as parse_event does for raw values."""
+    ev.event_id = hashlib.sha256(ev.SerializeToString(deterministic=True)).hexdigest()
+    return ev
+
+
+def usage(kind: str, hours: float, account: str = A, offering: str = "", uuid: str = VM) -> pb.LifecycleEvent:
+    rtype = "IpAddress" if kind.startswith("NET.") else "VirtualMachine"
+    ev = pb.LifecycleEvent(category=pb.USAGE, event_type=kind, resource_type=rtype, resource_uuid=uuid)
+    ev.account_uuid, ev.account_is_owner, ev.time = account, True, T0 + int(hours * H)
+    if offering:
+        ev.offering_uuid = offering
+    return finish(ev)
+
+
+def state(
+    old: str, new: str, hours: float, status: str = "postStateTransitionEvent", uuid: str = VM
+) -> pb.LifecycleEvent:
+    ev = pb.LifecycleEvent(
+        category=pb.RESOURCE_STATE, event_type="StateTransition", resource_type="VirtualMachine"
+    )
+    ev.resource_uuid, ev.time, ev.status = uuid, T0 + int(hours * H), status
+    ev.attributes["old-state"], ev.attributes["new-state"] = old, new
+    return finish(ev)
+
+
+def action(kind: str, hours: float, account: str = ADMIN, uuid: str = VM) -> pb.LifecycleEvent:
+    ev = pb.LifecycleEvent(
+        category=pb.ACTION, event_type=kind, resource_type="VirtualMachine", resource_uuid=uuid
+    )
+    ev.account_uuid, ev.time, ev.status = account, T0 + int(hours * H), "Completed"
+    return finish(ev)
