@@ -1,0 +1,163 @@
+"""The collector's HTTP API: usage as JSON/CSV, CloudStack's listUsageRecords, health, metrics.
+
+Loopback by default; with a token every path but /health needs `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from waitress.server import create_server
+
+from kvmeter.collector import report
+from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.store import Store, UsageRow
+
+log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def create_app(store: Store, *, token: str = "", metrics: Metrics | None = None) -> Flask:
+    app = Flask("kvmeter.collector")
+    registry = metrics.registry if metrics is not None else None
+
+    @app.before_request
+    def _auth() -> Any:
+        if not token or request.path == "/health":
+            return None
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return _error(401, "missing or wrong bearer token")
+        return None
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest) -> Response:
+        return _error(400, str(exc))
+
+    @app.get("/health")
+    def health() -> Response:
+        try:
+            version = store.version()
+        except Exception as exc:
+            log.warning("health: store unavailable: %s", exc)
+            return _error(503, f"store unavailable: {type(exc).__name__}")
+        return jsonify({"status": "ok", "schema_version": version})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        if registry is None:
+            return _error(404, "metrics are not enabled")
+        return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/usage")
+    def usage() -> Response:
+        args = request.args
+        fmt = args.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise BadRequest("format must be json or csv")
+        rows = _query(
+            store,
+            _when(args, "start"),
+            _when(args, "end"),
+            args.get("account"),
+            _type(args.get("type")),
+            args.get("resource"),
+        )
+        if fmt == "csv":
+            return Response(report.render(rows, "csv"), mimetype="text/csv")
+        return jsonify({"count": len(rows), "usage": [report.record_dict(r) for r in rows]})
+
+    @app.get("/client/api")
+    def cloudstack_api() -> Response:
+        args = {k.lower(): v for k, v in request.args.items()}
+        command = args.get("command", "")
+        if command != "listUsageRecords":
+            return _cloudstack_error(command or "api", 432, f"command {command!r} is not supported")
+        try:
+            start = report.parse_when(args["startdate"])
+            end = report.parse_when(args["enddate"], end_of_day=True)
+            if len(args["enddate"].strip()) > 10:
+                end += 1000  # yyyy-MM-dd HH:mm:ss names the last second included
+            usage_type = _type(args.get("type"))
+        except KeyError as exc:
+            return _cloudstack_error("listusagerecords", 431, f"missing parameter {exc.args[0]}")
+        except (ValueError, BadRequest) as exc:
+            return _cloudstack_error("listusagerecords", 431, str(exc))
+        resource = args.get("usageid")
+        if resource and usage_type is None:
+            return _cloudstack_error("listusagerecords", 431, "usageid needs type")
+        rows = _query(store, start, end, args.get("accountid"), usage_type, resource)
+        return jsonify(report.cloudstack_response(rows))
+
+    return app
+
+
+def _query(
+    store: Store, start: int, end: int, account: str | None, usage_type: int | None, resource: str | None
+) -> list[UsageRow]:
+    if end <= start:
+        raise BadRequest("end must be after start")
+    return store.usage(start, end, account=account, usage_type=usage_type, resource=resource)
+
+
+def _when(args: Any, name: str) -> int:
+    value = args.get(name)
+    if not value:
+        raise BadRequest(f"{name} is required (yyyy-MM-dd, ISO 8601 or ms since the epoch)")
+    try:
+        return report.parse_when(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name}: {exc}") from None
+
+
+def _type(value: str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise BadRequest(f"type must be a usage type id, not {value!r}")
+    return int(value)
+
+
+def _error(status: int, message: str) -> Response:
+    response = jsonify({"error": message})
+    response.status_code = status
+    return response
+
+
+def _cloudstack_error(command: str, code: int, text: str) -> Response:
+    response = jsonify(
+        {f"{command.lower()}response": {"errorcode": code, "cserrorcode": 9999, "errortext": text}}
+    )
+    response.status_code = code
+    return response
+
+
+class ApiServer:
+    """A waitress server for the app: run() blocks, close() stops it (tests, the collector)."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8480, threads: int = 4):
+        self.server: Any = create_server(app, host=host, port=port, threads=threads)
+        self.host = host
+        self.port = int(self.server.effective_port)  # type: ignore[union-attr]
+
+    def run(self) -> None:
+        self.server.run()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def serve(
+    store: Store, host: str, port: int, *, token: str = "", metrics: Metrics | None = None
+) -> ApiServer:
+    """Build the server; the caller runs it (in a thread next to the consumer)."""
+    if host not in ("127.0.0.1", "::1", "localhost") and not token:
+        log.warning("API listens on %s without a token: anyone who can reach it reads usage", host)
+    return ApiServer(create_app(store, token=token, metrics=metrics), host, port)

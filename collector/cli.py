@@ -1,0 +1,203 @@
+"""`kvmeter collector`, `kvmeter ingest` and `kvmeter usage`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from kvmeter.collector import config as config_mod
+from kvmeter.collector import report
+from kvmeter.collector.errors import BadInput
+from kvmeter.collector.service import Collector, Outcome
+from kvmeter.collector.store import Store
+
+DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _open_store(url: str) -> Store:
+    store = Store(url)
+    try:
+        store.migrate()
+    except Exception as exc:
+        raise click.ClickException(f"cannot open the store {url}: {exc}") from None
+    return store
+
+
+def _load_config(path: str | None) -> config_mod.CollectorConfig:
+    if path is None:
+        return config_mod.CollectorConfig()
+    try:
+        return config_mod.load(path)
+    except config_mod.ConfigError as exc:
+        lines = "\n  ".join(exc.problems)
+        raise click.ClickException(f"invalid configuration {path}:\n  {lines}") from None
+
+
+def _summary(out: Outcome) -> str:
+    return (
+        f"{out.batches} batch(es) applied, {out.duplicates} duplicate(s), {out.measures} measure(s), "
+        f"{out.billed_bytes} byte(s) billed, {out.parked - out.unparked} parked, "
+        f"{out.quarantined} quarantined; "
+        f"{out.events} new event(s), {out.known_events} known; {out.records} record write(s), "
+        f"{out.adjustments} adjustment(s), {out.finalized} finalized; {len(out.dead_letters)} dead-lettered"
+    )
+
+
+@click.command()
+@click.option(
+    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="TOML configuration."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click passes flags by position
+    """Consume measures and CloudStack lifecycle events from Kafka into usage records."""
+    from kvmeter.collector.api import serve
+    from kvmeter.collector.consume import LiveConsumer
+    from kvmeter.collector.metrics import Metrics
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    cfg = _load_config(config_path)
+    if not cfg.kafka.bootstrap:
+        raise click.ClickException(f"{config_path}: kafka.bootstrap is required for the live collector")
+    store = _open_store(cfg.db_url)
+    service = Collector(store, cfg.settings, _wall_ms)
+    metrics = Metrics()
+    metrics.watch_store(store, service.horizon_start)
+    live = LiveConsumer(service, cfg.kafka, metrics, tick_seconds=cfg.tick_seconds)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
+        live.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    server = None
+    if cfg.api.enabled:
+        server = serve(store, cfg.api.host, cfg.api.port, token=cfg.api.token, metrics=metrics)
+        threading.Thread(target=server.run, name="api", daemon=True).start()
+        logging.getLogger(__name__).info("API on http://%s:%d", cfg.api.host, server.port)
+    try:
+        live.run()
+    finally:
+        if server is not None:
+            server.close()
+        store.close()
+
+
+@click.command()
+@click.option("--db", "db_url", required=True, help="Store URL: sqlite:///path or postgresql://...")
+@click.option(
+    "--events", "events", multiple=True, type=_FILE, help="CloudStack event-bus JSON lines (repeatable)."
+)
+@click.option(
+    "--measures",
+    "measures",
+    multiple=True,
+    type=_FILE,
+    help="Measure batches (protobuf or JSON; repeatable).",
+)
+@click.option("--config", "config_path", default=None, help="Take usage settings from this collector config.")
+@click.option("--window-seconds", type=int, default=None, help="Usage window (default 3600 or the config's).")
+@click.option("--grace-seconds", type=int, default=None, help="Grace before a window is final.")
+@click.option("--billable", multiple=True, help="Billable traffic type (repeatable; default public).")
+@click.option(
+    "--now", "now_text", default=None, help="Evaluate as of this instant (audits); default: the clock."
+)
+def ingest(
+    db_url: str,
+    events: tuple[Path, ...],
+    measures: tuple[Path, ...],
+    config_path: str | None,
+    window_seconds: int | None,
+    grace_seconds: int | None,
+    billable: tuple[str, ...],
+    now_text: str | None,
+) -> None:
+    """Apply event and measure files to a usage store, then close the windows it can."""
+    from kvmeter.collector.ingest import ingest as run_ingest
+
+    if not events and not measures:
+        raise click.UsageError("nothing to ingest: give --events and/or --measures")
+    settings = _load_config(config_path).settings
+    overrides: dict[str, object] = {}
+    if window_seconds is not None:
+        overrides["window_ms"] = window_seconds * 1000
+    if grace_seconds is not None:
+        overrides["grace_ms"] = grace_seconds * 1000
+    if billable:
+        overrides["billable"] = frozenset(billable)
+    settings = dataclasses.replace(settings, **overrides)  # type: ignore[arg-type]
+    clock = _wall_ms
+    if now_text is not None:
+        try:
+            fixed = report.parse_when(now_text)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--now") from None
+        clock = lambda: fixed  # noqa: E731
+    store = _open_store(db_url)
+    try:
+        service = Collector(store, settings, clock)
+    except BadInput as exc:
+        store.close()
+        raise click.ClickException(exc.message) from None
+    try:
+        out = run_ingest(service, list(events), list(measures))
+    finally:
+        store.close()
+    click.echo(_summary(out), err=True)
+    for letter in out.dead_letters[:20]:
+        click.echo(
+            f"  dead letter {letter.source} {letter.origin}: {letter.reason}: {letter.message}", err=True
+        )
+
+
+@click.command()
+@click.option("--db", "db_url", required=True, help="Store URL: sqlite:///path or postgresql://...")
+@click.option(
+    "--start", "start_text", required=True, help="From (yyyy-MM-dd, ISO 8601 or ms), windows starting here."
+)
+@click.option(
+    "--end", "end_text", required=True, help="To (exclusive; a bare date means the end of that day)."
+)
+@click.option("--account", default=None, help="Account uuid.")
+@click.option("--type", "usage_type", type=int, default=None, help="CloudStack usage type id (1-5).")
+@click.option("--resource", default=None, help="Resource uuid.")
+@click.option("--format", "fmt", type=click.Choice(report.FORMATS), default="table", show_default=True)
+def usage(
+    db_url: str,
+    start_text: str,
+    end_text: str,
+    account: str | None,
+    usage_type: int | None,
+    resource: str | None,
+    fmt: str,
+) -> None:
+    """Report usage records (net of adjustments) from a store."""
+    try:
+        start = report.parse_when(start_text)
+        end = report.parse_when(end_text, end_of_day=True)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if end <= start:
+        raise click.BadParameter("--end must be after --start")
+    store = _open_store(db_url)
+    try:
+        rows = store.usage(start, end, account=account, usage_type=usage_type, resource=resource)
+    finally:
+        store.close()
+    sys.stdout.write(report.render(rows, fmt))

@@ -1,0 +1,189 @@
+"""The collector's TOML configuration, validated against a JSON schema; every bad key is
+reported at once (ConfigError lists them all).
+
+Billable traffic types default to ["public"]: what CloudStack itself bills (VR public NIC,
+shared/routed per-VM stats) and what a public cloud charges for. Guest, control, management
+and storage traffic is metered and kept out of usage unless listed here.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft7Validator
+
+from kvmeter.collector.service import Settings
+
+DAY_S = 86_400
+TRAFFIC_TYPES = ["public", "guest", "management", "storage", "control", "private_gateway"]
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "store": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"url": {"type": "string", "pattern": "^(sqlite|postgres(ql)?(\\+[a-z0-9]+)?)://"}},
+        },
+        "kafka": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "bootstrap": {"type": "string", "minLength": 1},
+                "measures_topic": {"type": "string", "minLength": 1},
+                "lifecycle_topic": {"type": "string", "minLength": 1},
+                "group": {"type": "string", "minLength": 1},
+                "batch_size": {"type": "integer", "minimum": 1, "maximum": 100000},
+                "options": {
+                    "type": "object",
+                    "additionalProperties": {"type": ["string", "integer", "boolean"]},
+                },
+            },
+        },
+        "usage": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "window_seconds": {"type": "integer", "minimum": 1, "maximum": DAY_S},
+                "grace_seconds": {"type": "integer", "minimum": 0},
+                "park_horizon_seconds": {"type": "integer", "minimum": 0},
+                "tick_seconds": {"type": "number", "exclusiveMinimum": 0},
+                "billable_traffic_types": {
+                    "type": "array",
+                    "items": {"enum": TRAFFIC_TYPES},
+                    "uniqueItems": True,
+                },
+                "router_owners_file": {"type": "string"},
+            },
+        },
+        "api": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "listen": {"type": "string", "pattern": "^[^:]*:[0-9]{1,5}$"},
+                "token": {"type": "string"},
+                "token_file": {"type": "string"},
+            },
+        },
+    },
+}
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, problems: list[str]):
+        super().__init__(f"{source}: " + "; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str = ""
+    measures_topic: str = "kvmeter.measures"
+    lifecycle_topic: str = "cloudstack"
+    group: str = "kvmeter-collector"
+    batch_size: int = 1000
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8480
+    token: str = ""
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    db_url: str = "sqlite:////var/lib/kvmeter/usage.db"
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    settings: Settings = field(default_factory=Settings)
+    tick_seconds: float = 30.0
+    api: ApiConfig = field(default_factory=ApiConfig)
+
+
+def load(path: str | Path) -> CollectorConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return from_dict(doc, str(path), base=path.parent)
+
+
+def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = None) -> CollectorConfig:
+    problems = [
+        f"{'.'.join(str(p) for p in err.absolute_path) or '(top level)'}: {err.message}"
+        for err in sorted(
+            Draft7Validator(SCHEMA).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))
+        )
+    ]
+    store, kafka, use, api = (doc.get(k, {}) for k in ("store", "kafka", "usage", "api"))
+    window_s = use.get("window_seconds", 3600) if isinstance(use, dict) else 3600
+    if isinstance(window_s, int) and window_s > 0 and DAY_S % window_s:
+        problems.append(f"usage.window_seconds: {window_s} does not divide a day (86400)")
+    routers: dict[str, str] = {}
+    owners_file = use.get("router_owners_file", "") if isinstance(use, dict) else ""
+    if isinstance(owners_file, str) and owners_file:
+        owners_path = Path(owners_file) if base is None else base / owners_file
+        try:
+            routers = load_router_owners(owners_path)
+        except ValueError as exc:
+            problems.append(f"usage.router_owners_file: {exc}")
+    token = api.get("token", "") if isinstance(api, dict) else ""
+    token_file = api.get("token_file", "") if isinstance(api, dict) else ""
+    if isinstance(token_file, str) and token_file:
+        try:
+            token = (Path(token_file) if base is None else base / token_file).read_text().strip()
+        except OSError as exc:
+            problems.append(f"api.token_file: cannot read {token_file}: {exc.strerror}")
+    if problems:
+        raise ConfigError(source, problems)
+    host, _, port = api.get("listen", "127.0.0.1:8480").rpartition(":")
+    return CollectorConfig(
+        db_url=store.get("url", CollectorConfig.db_url),
+        kafka=KafkaConfig(
+            bootstrap=kafka.get("bootstrap", ""),
+            measures_topic=kafka.get("measures_topic", KafkaConfig.measures_topic),
+            lifecycle_topic=kafka.get("lifecycle_topic", KafkaConfig.lifecycle_topic),
+            group=kafka.get("group", KafkaConfig.group),
+            batch_size=kafka.get("batch_size", KafkaConfig.batch_size),
+            options=dict(kafka.get("options", {})),
+        ),
+        settings=Settings(
+            window_ms=window_s * 1000,
+            grace_ms=use.get("grace_seconds", 7200) * 1000,
+            park_horizon_ms=use.get("park_horizon_seconds", DAY_S) * 1000,
+            billable=frozenset(use.get("billable_traffic_types", ["public"])),
+            routers=routers,
+        ),
+        tick_seconds=float(use.get("tick_seconds", 30.0)),
+        api=ApiConfig(
+            enabled=api.get("enabled", True), host=host or "127.0.0.1", port=int(port), token=token
+        ),
+    )
+
+
+def load_router_owners(path: Path) -> dict[str, str]:
+    """The operator's router -> account map: TOML or JSON, `"r-5-VM" = "<account uuid>"` (a
+    router's domain name or VM uuid as key)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from None
+    bad = [k for k, v in doc.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise ValueError(f"{path}: owners must be non-empty account uuid strings (bad: {', '.join(bad)})")
+    return dict(doc)

@@ -1,0 +1,237 @@
+"""The live consumer: Kafka in, the service's transactions, offsets out.
+
+- Measures: one consumer group shared by the replicas; auto commit and auto offset store are
+  off, and offsets are stored and committed only after the database transaction committed. A
+  crash in between re-delivers, and the stream marks make the re-delivery change nothing.
+- Lifecycle: every replica reads the whole topic from the beginning (partitions assigned by
+  hand, no shared group); the store dedupes events by their digest.
+- A poison message is dead-lettered by the service (inside the same transaction as its
+  chunk) and consumption moves on. A failing database is retried in place with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from kvmeter.collector.config import KafkaConfig
+from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.service import Collector, Outcome, Record
+
+log = logging.getLogger(__name__)
+
+LAG_EVERY_S = 5.0
+REFRESH_LIFECYCLE_EVERY_S = 60.0
+
+
+def _origin(msg: Message) -> str:
+    return f"{msg.topic()}/{msg.partition()}@{msg.offset()}"
+
+
+def _records(messages: Sequence[Message]) -> list[Record]:
+    return [Record(m.value() or b"", m.key(), _origin(m)) for m in messages]
+
+
+class LiveConsumer:
+    def __init__(
+        self,
+        collector: Collector,
+        kafka: KafkaConfig,
+        metrics: Metrics,
+        *,
+        tick_seconds: float = 30.0,
+        poll_timeout: float = 0.5,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
+        self.collector = collector
+        self.kafka = kafka
+        self.metrics = metrics
+        self.tick_seconds = tick_seconds
+        self.poll_timeout = poll_timeout
+        self.monotonic = monotonic
+        self.stop_event = threading.Event()
+        common: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap, **kafka.options}
+        self.measures = Consumer(
+            {
+                **common,
+                "group.id": kafka.group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        # A private group id: librdkafka wants one, but nothing is ever committed under it.
+        self.lifecycle = Consumer(
+            {
+                **common,
+                "group.id": f"{kafka.group}.lifecycle.{uuid.uuid4().hex[:12]}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+            }
+        )
+        self._lifecycle_parts: set[int] = set()
+        self._last_tick = float("-inf")
+        self._last_lag = float("-inf")
+        self._last_refresh = float("-inf")
+        self.totals = Outcome()
+
+    # -- setup --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.measures.subscribe([self.kafka.measures_topic], on_revoke=self._on_revoke)
+        self._refresh_lifecycle()
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._commit(asynchronous=False)
+
+    def _refresh_lifecycle(self) -> None:
+        """Assign lifecycle partitions not yet assigned, from the beginning."""
+        self._last_refresh = self.monotonic()
+        topic = self.kafka.lifecycle_topic
+        try:
+            meta = self.lifecycle.list_topics(topic, timeout=10).topics.get(topic)
+        except KafkaException as exc:
+            log.warning("lifecycle topic %s: metadata unavailable: %s", topic, exc)
+            return
+        if meta is None or meta.error is not None:
+            log.warning("lifecycle topic %s not available yet: %s", topic, meta.error if meta else "absent")
+            return
+        new = sorted(set(meta.partitions) - self._lifecycle_parts)
+        if new:
+            self._lifecycle_parts.update(new)
+            self.lifecycle.incremental_assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in new])
+
+    def catch_up_lifecycle(self, timeout_s: float = 60.0) -> None:
+        """Read the lifecycle topic to its current end before measures (fewer parked measures)."""
+        deadline = self.monotonic() + timeout_s
+        topic = self.kafka.lifecycle_topic
+        ends = {}
+        for p in self._lifecycle_parts:
+            try:
+                ends[p] = self.lifecycle.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            except KafkaException as exc:
+                log.warning("lifecycle %s/%d: no watermarks: %s", topic, p, exc)
+        while self.monotonic() < deadline and not self.stop_event.is_set():
+            positions = {tp.partition: tp.offset for tp in self.lifecycle.position(
+                [TopicPartition(topic, p) for p in ends])}  # fmt: skip
+            if all(positions.get(p, -1) >= end for p, end in ends.items() if end > 0):
+                return
+            self._consume_lifecycle(self.poll_timeout)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.start()
+        self.catch_up_lifecycle()
+        try:
+            while not self.stop_event.is_set():
+                self.step()
+        finally:
+            self.close()
+
+    def step(self) -> None:
+        self._consume_lifecycle(0)
+        self._consume_measures(self.poll_timeout)
+        now = self.monotonic()
+        if now - self._last_tick >= self.tick_seconds:
+            self._last_tick = now
+            self._retrying("tick", self.collector.tick)
+        if now - self._last_lag >= LAG_EVERY_S:
+            self._last_lag = now
+            self._update_lag()
+        if now - self._last_refresh >= REFRESH_LIFECYCLE_EVERY_S:
+            self._refresh_lifecycle()
+
+    def _consume_lifecycle(self, timeout: float) -> None:
+        messages = self._good(self.lifecycle.consume(num_messages=self.kafka.batch_size, timeout=timeout))
+        if messages:
+            records = _records(messages)
+            self._retrying("lifecycle", lambda: self.collector.apply_events(records))
+
+    def _consume_measures(self, timeout: float) -> None:
+        messages = self._good(self.measures.consume(num_messages=self.kafka.batch_size, timeout=timeout))
+        if not messages:
+            return
+        records = _records(messages)
+        self._retrying("measures", lambda: self.collector.apply_batches(records))
+        # Only now, after the commit: the next offset of every partition in the chunk.
+        last: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic() or "", m.partition() or 0)
+            last[key] = max(last.get(key, -1), m.offset() or 0)
+        offsets = [TopicPartition(t, p, o + 1) for (t, p), o in sorted(last.items())]
+        try:
+            self.measures.store_offsets(offsets=offsets)
+        except KafkaException as exc:  # partition revoked meanwhile: the new owner re-applies nothing
+            log.info("offsets not stored (%s); the stream marks cover re-delivery", exc)
+        self._commit(asynchronous=True)
+
+    def _good(self, messages: list[Message]) -> list[Message]:
+        good = []
+        for m in messages:
+            err = m.error()
+            if err is None:
+                good.append(m)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error on %s: %s", m.topic(), err)
+        return good
+
+    def _retrying(self, stage: str, work: Callable[[], Outcome]) -> None:
+        """Run one transaction-backed step until it succeeds (or we are stopped)."""
+        delay = 0.2
+        while True:
+            try:
+                out = work()
+            except Exception:
+                if self.stop_event.is_set():
+                    raise
+                self.metrics.errors.labels(stage).inc()
+                log.exception("%s: failed, retrying in %.1fs", stage, delay)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.metrics.record(out)
+            self.totals.add(out)
+            self.totals.dead_letters.clear()  # counted in metrics; kept in the store
+            for letter in out.dead_letters:
+                log.warning(
+                    "dead-lettered %s %s: %s: %s", letter.source, letter.origin, letter.reason, letter.message
+                )
+            return
+
+    def _commit(self, *, asynchronous: bool) -> None:
+        try:
+            if asynchronous:
+                self.measures.commit(asynchronous=True)
+            else:
+                self.measures.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args and getattr(exc.args[0], "code", lambda: None)() != KafkaError._NO_OFFSET:
+                log.info("offset commit failed (%s); re-delivery is harmless", exc)
+
+    def _update_lag(self) -> None:
+        try:
+            assigned = self.measures.assignment()
+            if not assigned:
+                return
+            for tp in self.measures.position(assigned):
+                low, high = self.measures.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    continue
+                position = tp.offset if tp.offset >= 0 else low
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+        except KafkaException as exc:
+            log.debug("lag unavailable: %s", exc)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self._commit(asynchronous=False)
+        self.measures.close()
+        self.lifecycle.close()

@@ -1,0 +1,146 @@
+"""Batch ingest for backfills and audits: event and measure files through the live code path.
+
+Events: JSON lines, each the bare value of one event-bus record (CloudStack's Kafka value).
+Measures: length-delimited protobuf MeasureBatch records (varint length prefix, Java's
+writeDelimitedTo), or the agent's `--once --format json` output: JSON objects of MeasureBatch
+(protobuf's JSON mapping), concatenated, one per line or in an array. The form is detected:
+a file that parses as JSON is JSON (a protobuf record essentially never is).
+Unreadable records are dead-lettered like bad messages on the topics; the rest goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from kvmeter.collector.service import MEASURES, Collector, Outcome, Record
+from kvmeter.collector.store import DeadLetter
+from kvmeter.proto import pb
+
+CHUNK = 500
+TRUNCATED = "truncated_record"
+MALFORMED_JSON = "malformed_json"
+MALFORMED_BATCH_JSON = "malformed_batch_json"
+
+
+def ingest_events(collector: Collector, path: Path) -> Outcome:
+    out = Outcome()
+    chunk: list[Record] = []
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, 1):
+            value = line.strip()
+            if not value:
+                continue
+            chunk.append(Record(value, None, f"{path.name}:{number}"))
+            if len(chunk) >= CHUNK:
+                out.add(collector.apply_events(chunk))
+                chunk = []
+    if chunk:
+        out.add(collector.apply_events(chunk))
+    return out
+
+
+def ingest_measures(collector: Collector, path: Path) -> Outcome:
+    data = path.read_bytes()
+    records = (
+        _json_records(data, path.name) if _looks_like_json(data) else _delimited_records(data, path.name)
+    )
+    out = Outcome()
+    chunk: list[Record] = []
+    letters: list[DeadLetter] = []
+    for item in records:
+        if isinstance(item, DeadLetter):
+            letters.append(item)
+            continue
+        chunk.append(item)
+        if len(chunk) >= CHUNK:
+            out.add(collector.apply_batches(chunk))
+            chunk = []
+    if chunk:
+        out.add(collector.apply_batches(chunk))
+    if letters:
+        with collector.store.write() as conn:
+            collector.store.dead_letter(conn, letters, collector.clock())
+        out.dead_letters.extend(letters)
+    return out
+
+
+def _looks_like_json(data: bytes) -> bool:
+    text = data.lstrip()
+    if text[:1] not in (b"{", b"["):
+        return False
+    try:
+        json.JSONDecoder().raw_decode(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return True
+
+
+def _delimited_records(data: bytes, name: str) -> Iterator[Record | DeadLetter]:
+    pos, number = 0, 0
+    while pos < len(data):
+        number += 1
+        start, length, shift = pos, 0, 0
+        while True:
+            if pos >= len(data) or shift > 63:
+                yield DeadLetter(
+                    MEASURES, f"{name}#{number}", data[start:], TRUNCATED, "file ends inside a length"
+                )
+                return
+            byte = data[pos]
+            pos += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        if pos + length > len(data):
+            message = f"record {number} says {length} bytes, {len(data) - pos} left in the file"
+            yield DeadLetter(MEASURES, f"{name}#{number}", data[start:], TRUNCATED, message)
+            return
+        yield Record(data[pos : pos + length], None, f"{name}#{number}")
+        pos += length
+
+
+def _json_records(data: bytes, name: str) -> Iterator[Record | DeadLetter]:
+    text = data.decode("utf-8")
+    decoder = json.JSONDecoder()
+    pos, number = 0, 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            return
+        number += 1
+        try:
+            doc, end = decoder.raw_decode(text, pos)
+        except ValueError as exc:
+            yield DeadLetter(MEASURES, f"{name}#{number}", text[pos:].encode(), MALFORMED_JSON, str(exc))
+            return
+        raw, pos = text[pos:end].encode(), end
+        for item in doc if isinstance(doc, list) else [doc]:
+            try:
+                if not isinstance(item, dict):
+                    raise json_format.ParseError(f"a {type(item).__name__}, not an object")
+                yield Record(
+                    json_format.ParseDict(item, pb.MeasureBatch()).SerializeToString(),
+                    None,
+                    f"{name}#{number}",
+                )
+            except (json_format.ParseError, ValueError, TypeError) as exc:
+                yield DeadLetter(
+                    MEASURES, f"{name}#{number}", raw, MALFORMED_BATCH_JSON, f"not a MeasureBatch: {exc}"
+                )
+
+
+def ingest(collector: Collector, events: list[Path], measures: list[Path]) -> Outcome:
+    """Events first (so measures find their owners), then measures, then close what can close."""
+    out = Outcome()
+    for path in events:
+        out.add(ingest_events(collector, path))
+    for path in measures:
+        out.add(ingest_measures(collector, path))
+    out.add(collector.tick())
+    return out

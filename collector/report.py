@@ -1,0 +1,183 @@
+"""Rendering usage records as table, JSON, CSV or CloudStack's listUsageRecords response.
+
+One piece of code for the HTTP API and the CLI. Quantities are net (recorded + adjustments);
+JSON and CSV also show both parts, so a billing system can see what changed after a window
+became final.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from kvmeter.collector.model import (
+    ALLOCATED_VM,
+    IP_ADDRESS,
+    NETWORK_BYTES_RECEIVED,
+    NETWORK_BYTES_SENT,
+    RUNNING_VM,
+    USAGE_TYPE_NAMES,
+)
+from kvmeter.collector.store import UsageRow
+from kvmeter.collector.usage import rawusage
+
+FORMATS = ("table", "json", "csv", "cloudstack")
+BYTE_TYPES = (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED)
+DESCRIPTIONS = {
+    RUNNING_VM: "Running Vm Usage",
+    ALLOCATED_VM: "Allocated Vm Usage",
+    IP_ADDRESS: "IP Address Usage",
+    NETWORK_BYTES_SENT: "Network Usage (Bytes Sent)",
+    NETWORK_BYTES_RECEIVED: "Network Usage (Bytes Received)",
+}
+CSV_FIELDS = [
+    "account", "usage_type", "usage_type_name", "resource", "resource_name", "device_type", "offering",
+    "traffic_type", "start", "end", "start_ms", "end_ms", "quantity", "unit", "rawusage", "recorded",
+    "adjustment", "final",
+]  # fmt: skip
+
+
+def iso(ms: int) -> str:
+    """UTC ISO 8601 with a Z: 2024-05-14T09:00:00Z."""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cloudstack_date(ms: int) -> str:
+    """CloudStack's API date `yyyy-MM-dd'T'HH:mm:ssZ`, e.g. 2023-07-20T19:59:59+0000."""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
+
+
+def record_dict(row: UsageRow) -> dict[str, Any]:
+    k = row.key
+    return {
+        "account": k.account,
+        "usage_type": k.usage_type,
+        "usage_type_name": USAGE_TYPE_NAMES.get(k.usage_type, str(k.usage_type)),
+        "resource": k.resource,
+        "resource_name": row.resource_name,
+        "device_type": row.device_type,
+        "offering": k.offering,
+        "traffic_type": k.detail,
+        "start": iso(k.window_start_ms),
+        "end": iso(k.window_end_ms),
+        "start_ms": k.window_start_ms,
+        "end_ms": k.window_end_ms,
+        "quantity": row.quantity,
+        "unit": "bytes" if k.usage_type in BYTE_TYPES else "ms",
+        "rawusage": rawusage(k.usage_type, row.quantity),
+        "recorded": row.recorded,
+        "adjustment": row.adjustment,
+        "final": row.final,
+    }
+
+
+def cloudstack_record(row: UsageRow) -> dict[str, Any]:
+    """One `usagerecord` with UsageRecordResponse's field names (reference §4).
+
+    The event bus carries account uuids, not names: `account` is the uuid too.
+    """
+    k = row.key
+    raw = rawusage(k.usage_type, row.quantity)
+    name = row.resource_name or k.resource
+    rec: dict[str, Any] = {
+        "account": k.account,
+        "accountid": k.account,
+        "description": "",
+        "usage": "",
+        "usagetype": k.usage_type,
+        "rawusage": raw,
+        "usageid": k.resource,
+        "startdate": cloudstack_date(k.window_start_ms),
+        "enddate": cloudstack_date(k.window_end_ms - 1000),  # start + range - 1 s, like CloudStack
+    }
+    if k.usage_type in BYTE_TYPES:
+        verb = "sent" if k.usage_type == NETWORK_BYTES_SENT else "received"
+        rec["type"] = row.device_type or "UserVm"
+        rec["usage"] = f"{row.quantity} bytes {verb}"
+        rec["description"] = f"Bytes {verb} by {name} ({k.resource}) on {k.detail or 'unknown'} traffic"
+        if rec["type"] == "UserVm":
+            rec["virtualmachineid"] = k.resource
+    else:
+        rec["usage"] = f"{raw} Hrs"
+        if k.usage_type in (RUNNING_VM, ALLOCATED_VM):
+            state = "running" if k.usage_type == RUNNING_VM else "allocated"
+            rec["virtualmachineid"] = k.resource
+            rec["type"] = "KVM"
+            rec["description"] = f"{name} {state} time (ServiceOffering: {k.offering or 'unknown'})"
+            if k.offering:
+                rec["offeringid"] = k.offering
+            if row.resource_name:
+                rec["name"] = row.resource_name
+        else:
+            rec["description"] = f"IP Address: {name}"
+    return rec
+
+
+def cloudstack_response(rows: Sequence[UsageRow]) -> dict[str, Any]:
+    records = [cloudstack_record(r) for r in rows]
+    return {"listusagerecordsresponse": {"count": len(records), "usagerecord": records}}
+
+
+def render(rows: Sequence[UsageRow], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps([record_dict(r) for r in rows], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(record_dict(r))
+        return out.getvalue()
+    if fmt == "cloudstack":
+        return json.dumps(cloudstack_response(rows), indent=2) + "\n"
+    if fmt == "table":
+        return _table(rows)
+    raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
+
+
+def _table(rows: Sequence[UsageRow]) -> str:
+    header = ["START (UTC)", "END", "ACCOUNT", "TYPE", "RESOURCE", "DETAIL", "QUANTITY", "FINAL"]
+    lines = [header]
+    for r in rows:
+        k = r.key
+        name = USAGE_TYPE_NAMES.get(k.usage_type, str(k.usage_type))
+        unit = "B" if k.usage_type in BYTE_TYPES else "h"
+        quantity = f"{rawusage(k.usage_type, r.quantity)} {unit}"
+        if r.adjustment:
+            quantity += f" (adj {r.adjustment:+d})"
+        detail = k.detail or k.offering
+        resource = f"{r.resource_name} {k.resource}".strip() if r.resource_name else k.resource
+        lines.append(
+            [iso(k.window_start_ms), iso(k.window_end_ms)[11:], k.account or "(unattributed)", name, resource,
+             detail, quantity, "yes" if r.final else "open"]
+        )  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+    return text + f"\n{len(rows)} record(s)\n"
+
+
+def parse_when(text: str, *, end_of_day: bool = False) -> int:
+    """A time argument -> ms since the epoch, UTC: integer ms, `yyyy-MM-dd`, `yyyy-MM-dd HH:mm:ss`
+    or ISO 8601 with an offset (naive times are UTC, like CloudStack's usage timezone default).
+    A bare date with end_of_day means the end of that day (CloudStack's enddate)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        if len(text) == 10:
+            day = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.UTC)
+            return int((day + dt.timedelta(days=1 if end_of_day else 0)).timestamp() * 1000)
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time (use yyyy-MM-dd, yyyy-MM-dd HH:mm:ss, ISO 8601 or ms)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return int(when.timestamp() * 1000)
