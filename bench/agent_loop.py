@@ -1,0 +1,80 @@
+"""A real agent poll loop for memory and CPU: kvmeter's Agent.run() over N interfaces, publishing
+to a broker, in the namespace this process runs in. bench.agent_bench watches its resident memory
+from outside (psutil) while bench.frames pushes traffic on every interface.
+
+CPU is split into what the polls take (the poll thread's CPU time around each poll_once) and
+the rest (topology's event thread, librdkafka's threads, the loop's waits) per second of run, so
+the share of one core at any poll interval follows: (poll CPU + rest/s x interval) / interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench.agent_path import build_agent
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, required=True)
+    ap.add_argument("--polls", type=int, default=6)
+    ap.add_argument("--interval", type=float, default=2.0)
+    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--topic", default="kvmeter.measures")
+    args = ap.parse_args(argv)
+
+    state_dir = tempfile.mkdtemp(prefix="kvmeter-bench-loop-", dir="/var/tmp")
+    agent = build_agent(
+        args.n, state_dir, bootstrap=args.bootstrap, topic=args.topic, poll_interval=args.interval
+    )
+    poll_cpu: list[float] = []
+    measures: list[int] = []
+    marks: list[float] = []  # process CPU and wall time at the end of the first (baseline) poll
+    real_poll = agent.poll_once
+
+    def poll_once(**kwargs: Any) -> Any:
+        c0 = time.thread_time()
+        batch = real_poll(**kwargs)
+        poll_cpu.append(time.thread_time() - c0)
+        measures.append(len(batch.measures))
+        if len(poll_cpu) == 1:
+            marks[:] = [time.process_time(), time.monotonic()]
+        if len(poll_cpu) > args.polls:
+            agent.stop_event.set()
+        return batch
+
+    agent.poll_once = poll_once
+    agent.start()
+    try:
+        agent.run()  # ends with one last poll and a flush
+    finally:
+        agent.close()
+        shutil.rmtree(state_dir, ignore_errors=True)
+    steady = poll_cpu[1 : args.polls + 1]  # without the baseline poll and the last one
+    cpu_total = time.process_time() - marks[0]
+    seconds = time.monotonic() - marks[1]
+    rest_per_s = max(0.0, cpu_total - sum(poll_cpu[1:])) / seconds
+    delivered = agent.publisher.delivered if agent.publisher is not None else None
+    json.dump(
+        {
+            "n": args.n,
+            "polls": len(steady),
+            "interval_s": args.interval,
+            "poll_cpu_s": sorted(steady)[len(steady) // 2],
+            "other_cpu_per_s": rest_per_s,
+            "measures_per_poll": sorted(measures[1:])[len(measures[1:]) // 2],
+            "batches_delivered": delivered,
+        },
+        sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
