@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+from hypothesis import strategies as st
+
 from kvmeter.proto import pb
 
 H = 3_600_000
@@ -46,3 +48,23 @@ def action(kind: str, hours: float, account: str = ADMIN, uuid: str = VM) -> pb.
     )
     ev.account_uuid, ev.time, ev.status = account, T0 + int(hours * H), "Completed"
     return finish(ev)
+
+
+VM_KINDS = ["VM.CREATE", "VM.START", "VM.STOP", "VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.DESTROY"]
+
+
+@st.composite
+def vm_events(draw: st.DrawFn) -> list[pb.LifecycleEvent]:
+    events = []
+    for _ in range(draw(st.integers(0, 14))):
+        hours = draw(st.integers(0, 12)) / 2  # coarse times: many ties
+        if draw(st.integers(0, 4)) == 0:
+            old, new = draw(
+                st.sampled_from([("Running", "Stopped"), ("Starting", "Running"), ("Running", "Error")])
+            )
+            events.append(state(old, new, hours))
+        else:
+            kind = draw(st.sampled_from(VM_KINDS))
+            account = draw(st.sampled_from([A, B]))
+            events.append(usage(kind, hours, account, draw(st.sampled_from(["", "small", "large"]))))
+    return events

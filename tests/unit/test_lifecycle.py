@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from kvmeter.collector.lifecycle import build_history, build_resource_history
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
 from kvmeter.proto import pb
-from tests.unit.cs_events import ADMIN, T0, VM, A, B, H, action, finish, state, usage
+from tests.unit.cs_events import ADMIN, T0, VM, A, B, H, action, finish, state, usage, vm_events
 
 IP = "ip-1"
 
@@ -186,25 +186,6 @@ def test_events_are_grouped_by_resource() -> None:
 
 
 # --- properties -----------------------------------------------------------------------------
-
-VM_KINDS = ["VM.CREATE", "VM.START", "VM.STOP", "VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.DESTROY"]
-
-
-@st.composite
-def vm_events(draw: st.DrawFn) -> list[pb.LifecycleEvent]:
-    events = []
-    for _ in range(draw(st.integers(0, 14))):
-        hours = draw(st.integers(0, 12)) / 2  # coarse times: many ties
-        if draw(st.integers(0, 4)) == 0:
-            old, new = draw(
-                st.sampled_from([("Running", "Stopped"), ("Starting", "Running"), ("Running", "Error")])
-            )
-            events.append(state(old, new, hours))
-        else:
-            kind = draw(st.sampled_from(VM_KINDS))
-            account = draw(st.sampled_from([A, B]))
-            events.append(usage(kind, hours, account, draw(st.sampled_from(["", "small", "large"]))))
-    return events
 
 
 def _check_well_formed(history: ResourceHistory) -> None:
