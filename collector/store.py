@@ -528,6 +528,8 @@ class Store:
     ) -> bool:
         """Store an event unless known; True when it is new."""
         stmt = self._insert(lifecycle_events).on_conflict_do_nothing(index_elements=["event_id"])
+        if self.is_postgres:  # psycopg's rowcount is not reliable here; RETURNING is
+            stmt = stmt.returning(lifecycle_events.c.id)
         result = conn.execute(
             stmt,
             {
@@ -539,7 +541,9 @@ class Store:
                 "received_ms": now_ms,
             },
         )
-        return bool(result.rowcount)
+        if self.is_postgres:
+            return result.first() is not None
+        return result.rowcount > 0
 
     def events_of(self, conn: Connection, resource: str) -> list[bytes]:
         ev = lifecycle_events.c

@@ -1,0 +1,242 @@
+"""The usage store on both databases: same schema, same migrations, same answers; and the
+replica-safety the collector relies on (two writers, one effect)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from kvmeter.collector import cloudstack
+from kvmeter.collector import store as store_mod
+from kvmeter.collector.model import Measure, UsageKey
+from kvmeter.collector.service import Collector, Record, Settings
+from kvmeter.collector.store import DeadLetter, Store, engine_url
+from tests.collector_support import ACCT_A, HOUR, T0, VM1, Clock, M, Stream, usage_event
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/usage.db"
+    return str(request.getfixturevalue("pg_database"))
+
+
+@pytest.fixture
+def store(store_url: str):
+    s = Store(store_url)
+    s.migrate()
+    yield s
+    s.close()
+
+
+def key(usage_type: int = 4, start: int = T0, account: str = ACCT_A, resource: str = VM1) -> UsageKey:
+    return UsageKey(
+        account, usage_type, resource, "", "public" if usage_type > 3 else "", start, start + HOUR
+    )
+
+
+def byte_usage(store: Store) -> dict[UsageKey, int]:
+    return {k: v for k, v in store.net_usage().items() if k.usage_type in (4, 5)}
+
+
+def measure(seq: int, index: int, nbytes: int = 100) -> Measure:
+    return Measure("s1", seq, index, "h1", T0, T0 + 60_000, "sent", nbytes, 1, "public", VM1,
+                   "02:00:00:00:00:01", "203.0.113.10", "i-2-10-VM", "vnet0")  # fmt: skip
+
+
+def test_migrations_are_numbered_idempotent_and_create_every_table(store: Store, store_url: str) -> None:
+    latest = max(v for v, _ in store_mod.MIGRATIONS)
+    assert store.version() == latest
+    again = Store(store_url)
+    assert again.migrate() == latest  # a second replica starting: nothing re-applied, no error
+    again.close()
+    names = set(sa.inspect(store.engine).get_table_names())
+    assert {t.name for t in store_mod.V1_TABLES} | {"schema_version"} <= names
+    with store.read() as conn:
+        rows = conn.execute(sa.select(store_mod.schema_version.c.version)).all()
+    assert [r[0] for r in rows] == [v for v, _ in store_mod.MIGRATIONS]
+
+
+def test_plain_postgresql_urls_map_to_the_installed_driver() -> None:
+    assert engine_url("postgresql://u@h:5432/db").startswith(
+        ("postgresql+psycopg://", "postgresql+psycopg2://")
+    )
+    assert engine_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert engine_url("sqlite:////var/lib/x.db") == "sqlite:////var/lib/x.db"
+
+
+def test_stream_marks_only_rise(store: Store) -> None:
+    with store.write() as conn:
+        assert store.lock_marks(conn, {"s1": "h1"}).get("s1", 0) == 0
+        store.set_marks(conn, {"s1": ("h1", 7)}, 1)
+    with store.write() as conn:
+        store.set_marks(conn, {"s1": ("h1", 3)}, 2)
+        marks = store.lock_marks(conn, {"s1": "h1", "s2": "h2"})
+    assert (marks["s1"], marks.get("s2", 0)) == (7, 0)
+    assert store.marks()["s1"] == 7
+
+
+def test_bytes_add_up_while_open_and_become_adjustments_once_final(store: Store) -> None:
+    k, later = key(), key(start=T0 + HOUR)
+    names = {k: ("i-2-10-VM", "UserVm")}
+    with store.write() as conn:
+        assert store.add_bytes(conn, {k: 100, later: 1}, names, store.finalized_through(conn), 1) == (2, 0)
+    with store.write() as conn:
+        store.add_bytes(conn, {k: 50}, {}, store.finalized_through(conn), 2)
+    with store.write() as conn:
+        assert store.finalize(conn, T0 + HOUR, 3) == 1
+    with store.write() as conn:
+        assert store.add_bytes(conn, {k: 7, later: 2}, {}, store.finalized_through(conn), 4) == (1, 1)
+    rows = {r.key: r for r in store.usage(T0, T0 + 2 * HOUR)}
+    assert (rows[k].recorded, rows[k].adjustment, rows[k].quantity, rows[k].final) == (150, 7, 157, True)
+    assert rows[k].resource_name == "i-2-10-VM"
+    assert (rows[later].quantity, rows[later].adjustment, rows[later].final) == (3, 0, False)
+    with store.read() as conn:
+        adj = conn.execute(
+            sa.select(store_mod.usage_adjustments.c.delta, store_mod.usage_adjustments.c.reason)
+        ).all()
+    assert [(a[0], a[1]) for a in adj] == [(7, "late bytes")]
+
+
+def test_a_key_new_to_a_final_window_is_a_zero_record_plus_adjustment(store: Store) -> None:
+    with store.write() as conn:
+        store.finalize(conn, T0 + HOUR, 1)
+    k = key()
+    with store.write() as conn:
+        store.add_bytes(conn, {k: 42}, {}, store.finalized_through(conn), 2)
+    (row,) = store.usage(T0, T0 + HOUR)
+    assert (row.recorded, row.adjustment, row.quantity, row.final) == (0, 42, 42, True)
+
+
+def test_time_values_are_whole_values_open_updates_final_adjusts(store: Store) -> None:
+    k1, k2 = key(1), key(1, T0 + HOUR)
+    with store.write() as conn:
+        store.set_time_values(conn, VM1, {k1: 1000, k2: 500}, store.finalized_through(conn), 1)
+    with store.write() as conn:
+        store.finalize(conn, T0 + HOUR, 2)
+    with store.write() as conn:  # a late event: k1 shrinks (final -> adjustment), k2 vanishes (open -> gone)
+        written, adjusted = store.set_time_values(conn, VM1, {k1: 400}, store.finalized_through(conn), 3)
+    assert (written, adjusted) == (1, 1)
+    rows = {r.key: r for r in store.usage(T0, T0 + 2 * HOUR)}
+    assert set(rows) == {k1}
+    assert (rows[k1].recorded, rows[k1].adjustment, rows[k1].quantity) == (1000, -600, 400)
+    with store.write() as conn:  # the same whole value again changes nothing
+        assert store.set_time_values(conn, VM1, {k1: 400}, store.finalized_through(conn), 4) == (0, 0)
+    with store.write() as conn:  # a tick (open_only) never touches final windows
+        assert store.set_time_values(conn, VM1, {}, store.finalized_through(conn), 5, open_only=True) == (
+            0,
+            0,
+        )
+    assert store.net_usage() == {k1: 400}
+
+
+def test_events_are_stored_once_by_id(store: Store) -> None:
+    with store.write() as conn:
+        assert store.insert_event(conn, "e1", VM1, T0, b"{}", b"n1", 1)
+        assert not store.insert_event(conn, "e1", VM1, T0, b"{}", b"n1", 2)
+        assert store.insert_event(conn, "e2", VM1, T0 - 1, b"{}", b"n2", 3)
+        assert store.events_of(conn, VM1) == [b"n2", b"n1"]  # event time order
+        rows = store.events_since(conn, 0)
+    assert [r[2] for r in rows] == [b"n1", b"n2"]  # arrival order
+    with store.read() as conn:
+        assert store.events_since(conn, rows[-1][0]) == []
+
+
+def test_parked_and_quarantined_measures_keep_their_identity(store: Store) -> None:
+    with store.write() as conn:
+        store.park(conn, [measure(1, 0), measure(1, 1, 5)], 10)
+        store.park(conn, [measure(1, 0)], 11)  # the same measure again: still one row
+        store.quarantine(conn, [measure(2, 0, 999)], 12)
+    assert [m.bytes for m in store.parked_rows()] == [100, 5]
+    assert [m.bytes for m in store.quarantined_rows()] == [999]
+    assert store.parked_rows()[0] == measure(1, 0)  # the Measure round-trips whole
+    stats = store.stats(horizon_start_ms=11)
+    assert (stats["parked_bytes"], stats["unattributed_bytes"], stats["quarantined_bytes"]) == (105, 105, 999)
+    assert store.stats(horizon_start_ms=10)["unattributed_bytes"] == 0
+    with store.write() as conn:
+        assert store.take_parked(conn, macs=["02:00:00:00:00:99"]) == []
+        taken = store.take_parked(conn, instances=[VM1])
+        store.delete_parked(conn, [taken[0][0]])
+    assert [m.bytes for m in store.parked_rows()] == [5]
+
+
+def test_dead_letters_keep_raw_bytes_and_a_redelivery_is_not_a_new_letter(store: Store) -> None:
+    letter = DeadLetter("measures", "t/0@5", b"\xff\x00raw", "malformed_protobuf", "not a MeasureBatch")
+    with store.write() as conn:
+        store.dead_letter(conn, [letter, letter], 1)
+    with store.write() as conn:
+        store.dead_letter(conn, [letter, DeadLetter("lifecycle", "f:1", b"\xff\x00raw", "x", "y")], 2)
+    rows = store.dead_letter_rows()
+    assert [(r["source"], bytes(r["raw"]), r["reason"]) for r in rows] == [
+        ("measures", b"\xff\x00raw", "malformed_protobuf"),
+        ("lifecycle", b"\xff\x00raw", "x"),
+    ]
+
+
+def test_two_replicas_applying_the_same_batches_at_once_bill_them_once(store_url: str) -> None:
+    """Two collectors with their own connections race on the same records (a rebalance)."""
+    clock = Clock(T0 + 3 * HOUR)
+    stores = [Store(store_url) for _ in range(2)]
+    stores[0].migrate()
+    collectors = [Collector(s, Settings(), clock) for s in stores]
+    key_value = usage_event("VM.CREATE", VM1, ACCT_A, T0 - HOUR)
+    collectors[0].apply_event(key_value[1], key_value[0])
+    stream = Stream("s-race")
+    batches = [Record(stream.batch([M(T0 + i * 1000, T0 + i * 1000 + 500, 10 + i)])) for i in range(40)]
+    errors: list[BaseException] = []
+
+    def run(c: Collector) -> None:
+        try:
+            for i in range(0, len(batches), 5):
+                c.apply_batches(batches[i : i + 5])
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in collectors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    expected = sum(10 + i for i in range(40))
+    assert byte_usage(stores[0]) == {key(): expected}
+    assert stores[0].marks() == {"s-race": 40}
+    for s in stores:
+        s.close()
+
+
+def test_two_replicas_unparking_at_once_bill_a_parked_measure_once(store_url: str) -> None:
+    clock = Clock(T0 + 3 * HOUR)
+    stores = [Store(store_url) for _ in range(2)]
+    stores[0].migrate()
+    collectors = [Collector(s, Settings(), clock) for s in stores]
+    stream = Stream("s-park")
+    collectors[0].apply_batches([Record(stream.batch([M(T0 + i, T0 + i + 1, 1000 + i)])) for i in range(30)])
+    assert len(stores[0].parked_rows()) == 30
+    k, v = usage_event("VM.CREATE", VM1, ACCT_A, T0 - HOUR)
+    ev = cloudstack.parse_event(v, k)
+    with stores[0].write() as conn:  # stored by a third replica: both learn the owner on their next sync
+        stores[0].insert_event(conn, ev.event_id, ev.resource_uuid, ev.time, v, ev.SerializeToString(), 1)
+    outcomes: list[int] = []
+    errors: list[BaseException] = []
+
+    def run(c: Collector) -> None:
+        try:
+            outcomes.append(c.tick().unparked)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in collectors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert sum(outcomes) == 30
+    assert byte_usage(stores[0]) == {key(): sum(1000 + i for i in range(30))}
+    assert stores[0].parked_rows() == []
+    for s in stores:
+        s.close()
