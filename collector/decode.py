@@ -10,7 +10,8 @@ Decisions:
   metered public addresses), and is attributed by its address (IP attribution).
 - The address is `address` (4 or 16 bytes) when present, else `saddr` when non-zero, else "".
 - Measure.owner_hint is the owner map of the batch's inventory entry for the measure's domain
-  (matched by instance uuid, else by domain name); {} when there is none.
+  (matched by instance uuid, else by domain name); {} when there is none. Measures of one domain
+  share one dict: read it, never mutate it.
 - Rejections (BadInput): malformed_protobuf, missing_stream, missing_seq, missing_interval
   (start or end absent), inverted_interval (end < start), implausible_interval (outside years
   2000-2200 or longer than MAX_MEASURE_SPAN_MS), bad_address (address not 4 or 16 bytes).
@@ -50,6 +51,11 @@ TRAFFIC_TYPES = {
     pb.CONTROL: "control",
     pb.PRIVATE_GATEWAY: "private_gateway",
 }
+_TRAFFIC: dict[int, str] = {int(k): v for k, v in TRAFFIC_TYPES.items()}
+VM_RX = int(pb.VM_RX)
+_NO_HINT: dict[str, str] = {}  # shared, never mutated: measures only read their hint
+_ADDRESSES: dict[bytes, str] = {}  # packed address -> text; pure memo, bounded
+_ADDRESS_CACHE_SIZE = 100_000
 SENT = "sent"  # VM tx
 RECEIVED = "received"  # VM rx
 
@@ -95,54 +101,57 @@ def decode_batch(value: bytes) -> DecodedBatch:
         final=batch.final,
         inventory=list(batch.inventory),
     )
+    stream_id, seq, host_id = batch.stream_id, batch.seq, batch.host_id
+    append = out.measures.append
+    # The hot loop of the collector: plain locals, one cached text per distinct address.
     for index, m in enumerate(batch.measures):
-        where = f"measure {index} of {batch.stream_id}/{batch.seq}"
-        if not (m.HasField("start") and m.HasField("end")):
-            raise BadInput(MISSING_INTERVAL, f"{where} has no start or end")
-        if m.end < m.start:
-            raise BadInput(INVERTED_INTERVAL, f"{where} ends ({m.end}) before it starts ({m.start})")
-        if m.start < MIN_TIME_MS or m.end > MAX_TIME_MS or m.end - m.start > MAX_MEASURE_SPAN_MS:
-            raise BadInput(IMPLAUSIBLE_INTERVAL, f"{where} has an implausible interval [{m.start}, {m.end})")
-        legacy = not m.HasField("direction") and not m.HasField("traffic_type")
-        if legacy:
+        start, end = m.start, m.end
+        if end < start or start < MIN_TIME_MS or end > MAX_TIME_MS or end - start > MAX_MEASURE_SPAN_MS:
+            _reject_interval(m, f"measure {index} of {stream_id}/{seq}")
+        direction_set = m.HasField("direction")
+        if not direction_set and not m.HasField("traffic_type"):  # the original five fields
             direction, traffic = SENT, LEGACY_TRAFFIC_TYPE
         else:
-            direction = RECEIVED if m.direction == pb.VM_RX else SENT
-            traffic = TRAFFIC_TYPES.get(m.traffic_type, "")
-        hint = hints_by_uuid.get(m.instance_uuid) if m.instance_uuid else None
-        if hint is None and m.domain_name:
-            hint = hints_by_name.get(m.domain_name)
-        out.measures.append(
+            direction = RECEIVED if m.direction == VM_RX else SENT
+            traffic = _TRAFFIC.get(m.traffic_type, "")
+        uuid, name = m.instance_uuid, m.domain_name
+        hint = hints_by_uuid.get(uuid) if uuid else None
+        if hint is None:
+            hint = hints_by_name.get(name, _NO_HINT) if name else _NO_HINT
+        raw = m.address
+        address = _ADDRESSES.get(raw) if raw else None
+        if address is None:
+            address = _address(m, f"measure {index} of {stream_id}/{seq}")
+        append(
             Measure(
-                stream_id=batch.stream_id,
-                seq=batch.seq,
-                index=index,
-                host_id=batch.host_id,
-                start_ms=m.start,
-                end_ms=m.end,
-                direction=direction,
-                bytes=m.bytes,
-                packets=m.packets,
-                traffic_type=traffic,
-                instance_uuid=m.instance_uuid,
-                mac=m.mac.lower(),
-                address=_address(m, where),
-                domain_name=m.domain_name,
-                device=m.device,
-                final_at_delete=m.final_at_delete,
-                quarantine_reason=(m.quarantine_reason or "quarantined") if m.quarantined else "",
-                owner_hint=dict(hint) if hint else {},
+                stream_id, seq, index, host_id, start, end, direction, m.bytes, m.packets, traffic, uuid,
+                m.mac.lower(), address, name, m.device, m.final_at_delete,
+                (m.quarantine_reason or "quarantined") if m.quarantined else "",
+                hint,
             )
-        )
+        )  # fmt: skip
     return out
 
 
+def _reject_interval(m: pb.IPMeasure, where: str) -> None:
+    if not (m.HasField("start") and m.HasField("end")):
+        raise BadInput(MISSING_INTERVAL, f"{where} has no start or end")
+    if m.end < m.start:
+        raise BadInput(INVERTED_INTERVAL, f"{where} ends ({m.end}) before it starts ({m.start})")
+    raise BadInput(IMPLAUSIBLE_INTERVAL, f"{where} has an implausible interval [{m.start}, {m.end})")
+
+
 def _address(m: pb.IPMeasure, where: str) -> str:
-    if m.address:
-        if len(m.address) not in (4, 16):
-            raise BadInput(BAD_ADDRESS, f"{where} has a {len(m.address)}-byte address")
-        addr = ipaddress.ip_address(m.address)
-        return "" if addr.is_unspecified else str(addr)  # all zeros: the agent did not know it
+    raw = m.address
+    if raw:
+        if len(raw) not in (4, 16):
+            raise BadInput(BAD_ADDRESS, f"{where} has a {len(raw)}-byte address")
+        addr = ipaddress.ip_address(raw)
+        text = "" if addr.is_unspecified else str(addr)  # all zeros: the agent did not know it
+        if len(_ADDRESSES) >= _ADDRESS_CACHE_SIZE:
+            _ADDRESSES.clear()
+        _ADDRESSES[raw] = text
+        return text
     if m.saddr:
         return str(ipaddress.IPv4Address(m.saddr))
     return ""

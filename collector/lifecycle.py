@@ -214,7 +214,6 @@ def _collect_addresses(hist: ResourceHistory, ev: pb.LifecycleEvent) -> None:
     for mac in macs:
         if mac and mac.lower() not in hist.macs:
             hist.macs.append(mac.lower())
-    if ev.resource_type != "IpAddress":
-        for ip in ips:
-            if ip and ip not in hist.addresses:
-                hist.addresses.append(ip)
+    for ip in ips:
+        if ip and ip not in hist.addresses:
+            hist.addresses.append(ip)

@@ -33,12 +33,13 @@ from kvmeter.collector.model import (
     UsageKey,
     UsageValue,
 )
-from kvmeter.collector.windows import check_window, split_bytes, window_start, windows_between
+from kvmeter.collector.windows import DAY_MS, check_window, split_bytes, window_start, windows_between
 
 HOUR_MS = 3_600_000
 TIME_TYPES = frozenset({RUNNING_VM, ALLOCATED_VM, IP_ADDRESS})
 BYTE_TYPES = frozenset({NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED})
 _SIX_PLACES = Decimal("0.000001")
+_BYTE_TYPE_OF = {"sent": NETWORK_BYTES_SENT, "received": NETWORK_BYTES_RECEIVED}
 
 
 def time_usage(history: ResourceHistory, now_ms: int, window_ms: int) -> list[UsageValue]:
@@ -101,14 +102,20 @@ def byte_increments(
     Empty for quarantined measures (stored separately by the adapter), for traffic types not in
     `billable` and for zero bytes. `account` may be UNATTRIBUTED once the parking horizon passed.
     """
-    if measure.quarantine_reason or measure.traffic_type not in billable:
+    traffic = measure.traffic_type
+    if measure.quarantine_reason or traffic not in billable or not measure.bytes:
         return []
-
-    usage_type = byte_usage_type(measure.direction)
-    resource = byte_resource(measure)
+    usage_type = _BYTE_TYPE_OF.get(measure.direction) or byte_usage_type(measure.direction)
+    resource = measure.instance_uuid or measure.domain_name or measure.address
+    start, end = measure.start_ms, measure.end_ms
+    if window_ms > 0 and not DAY_MS % window_ms and start <= end:
+        ws = start - start % window_ms
+        if end - ws <= window_ms:  # the common case: inside one window (or zero length)
+            key = UsageKey(account, usage_type, resource, "", traffic, ws, ws + window_ms)
+            return [ByteIncrement(key, measure.bytes)]
     return [
-        ByteIncrement(UsageKey(account, usage_type, resource, "", measure.traffic_type, ws, we), part)
-        for ws, we, part in split_bytes(measure.bytes, measure.start_ms, measure.end_ms, window_ms)
+        ByteIncrement(UsageKey(account, usage_type, resource, "", traffic, ws, we), part)
+        for ws, we, part in split_bytes(measure.bytes, start, end, window_ms)
     ]
 
 

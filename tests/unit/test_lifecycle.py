@@ -138,6 +138,7 @@ def test_ip_address_comes_from_any_event_about_the_ip() -> None:
     events = [usage("NET.IPASSIGN", 0, uuid=IP), finish(job), usage("NET.IPRELEASE", 1, uuid=IP)]
     history = build_history(events)[IP]
     assert history.ip == [seg(0, 1, address="203.0.113.5")]
+    assert history.addresses == ["203.0.113.5"]
     assert history.owners == [OwnerChange(T0, A)]  # the job's caller is no owner
 
 
