@@ -274,8 +274,13 @@ def _same_place(a: LinkRecord, b: LinkRecord) -> bool:
     )
 
 
-class LinkEventOverrun(Exception):
-    """The kernel dropped link events (ENOBUFS): the table must be re-dumped."""
+@dataclass
+class Received:
+    """One read of the event socket: the link messages, in order, and whether the kernel
+    reported lost events (ENOBUFS) among them."""
+
+    messages: list[tuple[int, LinkRecord]]
+    overrun: bool = False
 
 
 class LinkEventSocket:
@@ -290,22 +295,27 @@ class LinkEventSocket:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self._sock.bind((0, RTMGRP_LINK))
 
-    def receive(self, timeout: float) -> list[tuple[int, LinkRecord]]:
-        """Wait up to ``timeout`` s; return every link message queued. Raises
-        :class:`LinkEventOverrun` when the kernel reports lost events."""
+    def receive(self, timeout: float) -> Received:
+        """Wait up to ``timeout`` s, then read until the queue is empty.
+
+        After an ENOBUFS the kernel stays silent about further drops until the queue has been
+        drained once (NETLINK_S_CONGESTED), so an overrun is noted and the reading goes on: the
+        caller re-dumps only with the queue empty, and keeps the messages read (a queued
+        RTM_DELLINK still carries final counters)."""
         ready, _, _ = select.select([self._sock], [], [], timeout)
-        out: list[tuple[int, LinkRecord]] = []
+        received = Received([])
         while ready:
             try:
                 data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
-                    raise LinkEventOverrun() from exc
-                raise
-            out.extend(decode_link_datagram(data))
-        return out
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                received.overrun = True
+                continue
+            received.messages.extend(decode_link_datagram(data))
+        return received
 
     def close(self) -> None:
         self._sock.close()
@@ -378,6 +388,7 @@ class Topology:
         """Dump all links and replace the map; after the first dump, report the differences."""
         with self._ipr_factory() as ipr:
             records = [parse_link_message(msg) for msg in ipr.get_links()]
+        log.debug("dumped %d links", len(records))
         with self._lock:
             events = self._table.replace_all(records)
             first = not self._dumped
@@ -419,24 +430,29 @@ class Topology:
         assert self._socket is not None
         while not self._stopping.is_set():
             try:
-                messages = self._socket.receive(self._poll_interval)
-            except LinkEventOverrun:
-                self.overruns += 1
-                log.warning("netlink link events were lost (socket buffer overrun); re-dumping links")
-                self._redump()
-                continue
+                received = self._socket.receive(self._poll_interval)
             except OSError:
                 log.exception("reading link events failed; re-dumping links")
                 self._stopping.wait(1.0)
                 self._redump()
                 continue
-            self.apply(messages)
+            self.apply(received.messages)
+            if received.overrun:
+                self.overruns += 1
+                log.warning("netlink link events were lost (socket buffer overrun); re-dumping links")
+                self._redump()
 
     def _redump(self) -> None:
-        try:
-            self.refresh()
-        except Exception:
-            log.exception("link dump failed; will retry on the next overrun or error")
+        """Dump until it works (or stop): a stale map must not outlive a failed dump."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                self.refresh()
+                return
+            except Exception:
+                log.exception("link dump failed; retrying in %.1f s", delay)
+                self._stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
 
     def _dispatch(self, events: list[LinkEvent]) -> None:
         if not events:

@@ -264,24 +264,49 @@ def test_topology_start_dumps_once_and_follows_events() -> None:
     assert sock.closed
 
 
-def test_overrun_redumps_and_reports_what_changed_unseen() -> None:
+def test_overrun_applies_what_was_read_then_redumps_and_reports_what_changed_unseen() -> None:
     sock = FakeEventSocket()
-    dump = list(DUMP)
+    vm_end_new = EVENTS[0]  # RTM_NEWLINK vnet9-vm
+    vm_end_del = next(m for m in EVENTS if message_type(m) == RTM_DELLINK and b"vnet9-vm" in m)
+    dump = [*DUMP, vm_end_new]
     topology = started(dump, sock)
     recorder = Recorder()
     topology.add_listener(recorder)
     try:
-        # while events were being dropped, vnet1 vanished and vnet9 appeared
-        dump[:] = [m for m in DUMP if b"vnet1\0" not in m] + [m for m in EVENTS if b"vnet9\0" in m][:1]
-        sock.overrun()
+        assert topology.ifindex("vnet9-vm") == 17
+        # while events were being dropped, vnet1 vanished unseen; vnet9-vm's deletion was read
+        dump[:] = [m for m in DUMP if b"vnet1\0" not in m]
+        sock.overrun(vm_end_del)
         wait_for(lambda: topology.dumps == 2)
         wait_for(lambda: len(recorder.events) == 2)
         assert topology.overruns == 1
         assert recorder.events == [
-            LinkEvent("del", "vnet1", 12, None),
-            LinkEvent("new", "vnet9", 18, (0, 0, 0, 0)),
+            LinkEvent("del", "vnet9-vm", 17, (0, 0, 700, 7)),  # final counters kept
+            LinkEvent("del", "vnet1", 12, None),  # tail unknown: gone while events were lost
         ]
         assert topology.ifindex("vnet1") is None
+    finally:
+        topology.stop()
+
+
+def test_failed_redump_is_retried() -> None:
+    sock = FakeEventSocket()
+    calls = []
+
+    def flaky() -> FakeIPRoute:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("netlink busy")
+        return FakeIPRoute(DUMP)
+
+    topology = Topology(
+        DEFAULT_RULES, ipr_factory=flaky, event_socket_factory=lambda: sock, poll_interval=0.02
+    )
+    topology.start()
+    try:
+        sock.overrun()
+        wait_for(lambda: topology.dumps == 2, timeout=5)
+        assert len(calls) == 3
     finally:
         topology.stop()
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from kvmeter.agent.topology import LinkEventOverrun, LinkRecord, decode_link_datagram
+from kvmeter.agent.topology import Received, decode_link_datagram
 
 DATA = Path(__file__).parent.parent / "data" / "netlink"
 
@@ -48,7 +48,7 @@ class FakeIPRoute:
 
 
 class FakeEventSocket:
-    """Stands in for ``LinkEventSocket``: hands out queued datagrams (or an overrun) on receive()."""
+    """Stands in for ``LinkEventSocket``: hands out queued datagrams (and overruns) on receive()."""
 
     def __init__(self) -> None:
         self.queue: queue.Queue[bytes | None] = queue.Queue()
@@ -57,17 +57,19 @@ class FakeEventSocket:
     def push(self, *messages: bytes) -> None:
         self.queue.put(b"".join(messages))
 
-    def overrun(self) -> None:
+    def overrun(self, *messages: bytes) -> None:
+        """The next read returns these messages and reports that others were lost."""
         self.queue.put(None)
+        self.queue.put(b"".join(messages))
 
-    def receive(self, timeout: float) -> list[tuple[int, LinkRecord]]:
+    def receive(self, timeout: float) -> Received:
         try:
             data = self.queue.get(timeout=timeout)
         except queue.Empty:
-            return []
+            return Received([])
         if data is None:
-            raise LinkEventOverrun()
-        return decode_link_datagram(data)
+            return Received(decode_link_datagram(self.queue.get()), overrun=True)
+        return Received(decode_link_datagram(data))
 
     def close(self) -> None:
         self.closed = True
