@@ -9,6 +9,8 @@ The record carries no category, so it is classified by the keys present (referen
   jobId / commandEventType         -> ASYNC_JOB
   status + event (+ entity / user) -> ACTION   (the 4.5-era form has no `entity`)
   event + resource + id, no status -> USAGE    (`zone` may be absent: Gson drops nulls)
+  alertType                        -> EVENT_CATEGORY_UNKNOWN with event_type "ALERT.<type>"
+     (AlertEvent: a known category the wire contract has no value for; valid, never metered)
 Anything else raises BadInput("unknown_event"); the adapter dead-letters it.
 
 Decisions:
@@ -107,14 +109,16 @@ def parse_event(value: bytes, key: bytes | None = None) -> pb.LifecycleEvent:
     """One Kafka record of the event bus -> a normalised LifecycleEvent (see module doc)."""
     try:
         doc = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadInput(MALFORMED_JSON, f"event is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadInput(NOT_AN_OBJECT, f"event JSON is a {type(doc).__name__}, not an object")
     category = classify(doc)
     ev = pb.LifecycleEvent(event_id=event_id(value), category=category)
     key_text = key.decode("utf-8", "replace") if key else ""
-    if category == pb.RESOURCE_STATE:
+    if category == pb.EVENT_CATEGORY_UNKNOWN:  # an alert: valid, about no resource we meter
+        ev.event_type = "ALERT." + _text(doc.get("alertType"))
+    elif category == pb.RESOURCE_STATE:
         _fill_state(ev, doc)
     elif category == pb.ASYNC_JOB:
         _fill_async(ev, doc)
@@ -145,6 +149,8 @@ def classify(doc: dict[str, Any]) -> pb.EventCategory:
         return pb.RESOURCE_STATE
     if "jobId" in doc or "commandEventType" in doc:
         return pb.ASYNC_JOB
+    if "alertType" in doc:
+        return pb.EVENT_CATEGORY_UNKNOWN
     if _text(doc.get("event")):
         if "status" in doc and ("entity" in doc or "user" in doc):
             return pb.ACTION

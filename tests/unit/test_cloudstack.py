@@ -11,6 +11,8 @@ import pytest
 from kvmeter.collector import errors
 from kvmeter.collector.cloudstack import parse_event, parse_time
 from kvmeter.collector.errors import BadInput
+from kvmeter.collector.lifecycle import build_history
+from kvmeter.collector.model import OwnerChange, Segment
 from kvmeter.proto import pb
 
 DATA = Path(__file__).parent / "data" / "cloudstack"
@@ -47,7 +49,7 @@ CASES = [
     ("action_account_delete_4_5.json", pb.ACTION, "ACCOUNT.DELETE", "", "",
      "bd730000-0000-4000-8000-0000000000bd", False, utc_ms(2015, 9, 4, 12, 29, 24)),
     ("state_power_off.json", pb.RESOURCE_STATE, "StateTransition", "VirtualMachine", VM, "", False,
-     utc_ms(2024, 5, 14, 10, 0, 0)),
+     utc_ms(2024, 5, 14, 12, 0, 0)),
     ("async_deploy_complete.json", pb.ASYNC_JOB, "VM.CREATE", "VirtualMachine", VM, ADMIN, False,
      utc_ms(2024, 5, 14, 10, 20, 59)),
 ]  # fmt: skip
@@ -118,6 +120,16 @@ def test_unknown_type_in_known_category_is_valid() -> None:
     assert (ev.category, ev.event_type, ev.resource_type) == (pb.USAGE, "VOLUME.CREATE", "Volume")
 
 
+def test_alerts_are_valid_but_about_nothing_metered() -> None:
+    # AlertManagerImpl's payload: alertType, ids, subject, body, eventDateTime
+    value = b'{"alertType":"7","dataCenterId":"1","podId":"1","clusterId":"0","subject":"Host down",'
+    value += b'"body":"","eventDateTime":"2024-05-14 10:21:05 +0200"}'
+    ev = parse_event(value)
+    assert (ev.category, ev.event_type, ev.resource_uuid) == (pb.EVENT_CATEGORY_UNKNOWN, "ALERT.7", "")
+    assert ev.time == utc_ms(2024, 5, 14, 8, 21, 5)
+    assert ev.attributes["subject"] == "Host down"
+
+
 def test_event_id_is_a_digest_of_the_raw_value() -> None:
     value, key = record("usage_vm_start.json")
     assert parse_event(value, key).event_id == parse_event(value, None).event_id
@@ -173,6 +185,7 @@ REJECTED = [
     (b'{"account":"a", "event":', errors.MALFORMED_JSON),
     (b"\xff\xfe not utf-8", errors.MALFORMED_JSON),
     (b"", errors.MALFORMED_JSON),
+    (b"[" * 100_000 + b"]" * 100_000, errors.MALFORMED_JSON),  # too deep to parse
     (b'["VM.START"]', errors.NOT_AN_OBJECT),
     (b'"VM.START"', errors.NOT_AN_OBJECT),
     (b'{"hello":"world"}', errors.UNKNOWN_EVENT),
@@ -199,3 +212,22 @@ def test_rejections_carry_a_reason(value: bytes, reason: str) -> None:
     assert info.value.reason == reason
     assert info.value.message
     assert str(info.value).startswith(reason)
+
+
+def test_bus_records_to_history() -> None:
+    # what the lifecycle topic carries for one VM, in arrival order, with a duplicate delivery
+    names = [
+        "usage_vm_destroy_ist.json",
+        "action_vm_start_4_18.json",
+        "state_power_off.json",
+        "usage_vm_start.json",
+        "async_deploy_complete.json",
+        "state_power_off.json",
+    ]
+    events = [parse_event(*record(n)) for n in names]
+    history = build_history(events)[VM]
+    assert history.owners == [OwnerChange(utc_ms(2024, 5, 14, 10, 21, 5), OWNER)]
+    assert history.running == [Segment(utc_ms(2024, 5, 14, 10, 21, 5), utc_ms(2024, 5, 14, 12), "", OWNER)]
+    assert history.allocated == []  # its VM.CREATE was never seen
+    assert history.macs == ["02:00:3a:7b:00:01", "02:00:3a:7b:00:02"]
+    assert len(history.applied) == 2  # the usage START and the power-off; the DESTROY found nothing open
