@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from waitress import wasyncore
 from waitress.server import create_server
 
 from kvmeter.collector import report
@@ -145,13 +147,24 @@ class ApiServer:
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8480, threads: int = 4):
         self.server: Any = create_server(app, host=host, port=port, threads=threads)
         self.host = host
-        self.port = int(self.server.effective_port)  # type: ignore[union-attr]
+        self.port = int(self.server.effective_port)
+        self._running = threading.Event()
 
     def run(self) -> None:
-        self.server.run()
+        self._running.set()
+        try:
+            self.server.run()
+        finally:
+            self._running.clear()
+            self.server.task_dispatcher.shutdown()
 
     def close(self) -> None:
-        self.server.close()
+        if self._running.is_set():
+            # Close every socket from inside the loop thread: the loop ends when its map is empty
+            # (closing from here would pull a descriptor out from under select()).
+            self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+        else:
+            self.server.close()
 
 
 def serve(
