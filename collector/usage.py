@@ -1,6 +1,8 @@
 """Usage values from lifecycle histories and measures, with CloudStack's types and keys.
 
-    time_usage(history: ResourceHistory, now_ms: int, window_ms: int) -> list[UsageValue]
+    time_usage(history: ResourceHistory, now_ms: int, window_ms: int, since_ms: int | None = None)
+        -> list[UsageValue]
+    covered_range(history, now_ms, window_ms, since_ms=None) -> tuple[int, int] | None
     byte_increments(measure: Measure, account: str, window_ms: int, billable: frozenset[str])
         -> list[ByteIncrement]
     rawusage(usage_type: int, quantity: int) -> str
@@ -42,17 +44,23 @@ _SIX_PLACES = Decimal("0.000001")
 _BYTE_TYPE_OF = {"sent": NETWORK_BYTES_SENT, "received": NETWORK_BYTES_RECEIVED}
 
 
-def time_usage(history: ResourceHistory, now_ms: int, window_ms: int) -> list[UsageValue]:
+def time_usage(
+    history: ResourceHistory, now_ms: int, window_ms: int, since_ms: int | None = None
+) -> list[UsageValue]:
     """Time in state per window for RUNNING_VM, ALLOCATED_VM and IP_ADDRESS, sorted by key.
 
-    Covers every window from the one holding the first segment's start up to the one holding
-    now_ms: open segments count up to now_ms, nothing after now_ms is counted and no later window
-    is emitted. Only positive quantities are returned, and the result is the complete set for the
-    resource over that range: a stored time record of this resource in the range that is not in
-    the result is now zero (a late event removed it). Segments whose owner is unknown (no usage
-    event named one, e.g. a system VM seen only through state events) are left out: never guessed.
+    Covers every window from the one holding the first segment's start (or, with since_ms, the
+    one holding since_ms, whichever is later) up to the one holding now_ms: open segments count up
+    to now_ms, nothing after now_ms is counted and no later window is emitted. Only positive
+    quantities are returned, and the result is the complete set for the resource over that range
+    (see covered_range): a stored time record of this resource in the range that is not in the
+    result is now zero (a late event removed it). Segments whose owner is unknown (no usage event
+    named one, e.g. a system VM seen only through state events) are left out: never guessed.
+    since_ms keeps a periodic refresh of a VM running for months cheap: pass the start of the
+    oldest window still open.
     """
     check_window(window_ms)
+    floor = window_start(since_ms, window_ms) if since_ms is not None else None
     totals: dict[UsageKey, int] = defaultdict(int)
     for usage_type, segments in (
         (RUNNING_VM, history.running),
@@ -62,7 +70,7 @@ def time_usage(history: ResourceHistory, now_ms: int, window_ms: int) -> list[Us
         for seg in segments:
             if not seg.account:
                 continue
-            start = seg.start_ms
+            start = seg.start_ms if floor is None else max(seg.start_ms, floor)
             end = now_ms if seg.end_ms is None else min(seg.end_ms, now_ms)
             if end <= start:
                 continue
@@ -72,12 +80,17 @@ def time_usage(history: ResourceHistory, now_ms: int, window_ms: int) -> list[Us
     return [UsageValue(key, ms) for key, ms in sorted(totals.items())]
 
 
-def covered_range(history: ResourceHistory, now_ms: int, window_ms: int) -> tuple[int, int] | None:
+def covered_range(
+    history: ResourceHistory, now_ms: int, window_ms: int, since_ms: int | None = None
+) -> tuple[int, int] | None:
     """[first window start, end of now's window) that time_usage speaks for; None if no segment."""
     starts = [s.start_ms for s in (*history.running, *history.allocated, *history.ip)]
     if not starts:
         return None
-    return window_start(min(starts), window_ms), window_start(now_ms, window_ms) + window_ms
+    first = window_start(min(starts), window_ms)
+    if since_ms is not None:
+        first = max(first, window_start(since_ms, window_ms))
+    return first, window_start(now_ms, window_ms) + window_ms
 
 
 def byte_usage_type(direction: str) -> int:

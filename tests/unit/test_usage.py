@@ -143,6 +143,17 @@ def test_covered_range() -> None:
     assert covered_range(ResourceHistory("nothing"), T0, H) is None
 
 
+def test_since_limits_the_windows_and_keeps_their_values() -> None:
+    h = hist(usage("VM.CREATE", 0.5), usage("VM.START", 1.5))
+    now = T0 + 30 * 24 * H + 20 * M  # a month later, still running
+    everything = time_usage(h, now, H)
+    recent = time_usage(h, now, H, since_ms=now - 2 * H)
+    assert recent == [v for v in everything if v.key.window_start_ms >= now - 2 * H - 20 * M]
+    assert len(recent) == 6  # 3 windows x (running, allocated)
+    assert covered_range(h, now, H, since_ms=now - 2 * H) == (now - 2 * H - 20 * M, now - 20 * M + H)
+    assert time_usage(h, now, H, since_ms=now + H) == []
+
+
 def test_bad_window_is_rejected() -> None:
     with pytest.raises(BadInput) as info:
         time_usage(hist(usage("VM.START", 0)), T0 + H, 7 * H)
@@ -242,6 +253,9 @@ RAW = [
     (RUNNING_VM, 9, "0.000002"),  # 0.0000025: half-even, like Java's DecimalFormat
     (RUNNING_VM, 27, "0.000008"),  # 0.0000075
     (RUNNING_VM, 1, "0"),
+    (RUNNING_VM, -30 * M, "-0.5"),  # a negative adjustment
+    (RUNNING_VM, -1, "0"),
+    (NETWORK_BYTES_SENT, -512, "-512"),
     (NETWORK_BYTES_SENT, 77776, "77776"),
     (NETWORK_BYTES_RECEIVED, 0, "0"),
     (NETWORK_BYTES_RECEIVED, 2**63, str(2**63)),
