@@ -147,7 +147,7 @@ class ApiServer:
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8480, threads: int = 4):
         self.server: Any = create_server(app, host=host, port=port, threads=threads)
         self.host = host
-        self.port = int(self.server.effective_port)
+        self.port = int(self.server.effective_port)  # type: ignore[union-attr]
         self._running = threading.Event()
 
     def run(self) -> None:
