@@ -140,7 +140,9 @@ class _Machine:
 
     def usage(self, ev: pb.LifecycleEvent) -> bool:
         t, kind = ev.time, ev.event_type
-        named = ev.offering_uuid
+        if kind not in _USAGE_RANK:
+            return False  # other usage types (volumes, network offerings, ...) are not metered here
+        named = ev.offering_uuid if kind.startswith("VM.") else ""
         offering = named or self.offering
         if named:
             self.offering = named
