@@ -14,9 +14,10 @@ Order of evidence, first hit wins (the measure's time is its start_ms):
    account of the network it serves.
 3. The operator's map `routers` (account uuid by domain name or by VM uuid), for routers and
    other domains of releases without <metadata>.
-4. The MAC, when exactly one VM seen in lifecycle events has it (and that VM has an owner).
-5. The IP, when exactly one account holds an assigned IP-address segment with that address at
-   that time (public IPs come from NET.IPASSIGN; VM NIC IPs only when unambiguous).
+4. The MAC, when the VMs seen with it in lifecycle events and alive at that time (created, up
+   to CLOCK_SKEW_MS early, and not destroyed) all have one owner.
+5. The IP, likewise: IP-address resources (NET.IPASSIGN) count only while assigned, VMs (NIC IPs
+   from job results) only while not destroyed; more than one owner -> None.
 Otherwise None: the owner is never guessed; the adapter parks the measure and retries when
 lifecycle arrives.
 """
@@ -29,6 +30,9 @@ from collections.abc import Mapping
 from kvmeter.collector.model import Measure, ResourceHistory
 
 OWNER_HINT_KEY = "ownerAccountUuid"
+# Hosts' and management servers' clocks differ: a VM's MAC / IP may show traffic slightly
+# before its first event.
+CLOCK_SKEW_MS = 300_000
 _UNKNOWN_HINTS = frozenset({"", "unknown", "null", "none"})
 _ROUTER_NAME = re.compile(r"^r-\d+-")
 
@@ -107,11 +111,26 @@ class OwnerIndex:
                 held = [s for s in history.ip if s.address == address and s.start_ms <= at]
                 if not any(s.end_ms is None or at < s.end_ms for s in held):
                     continue
+            elif not _alive_at(history, at):
+                continue  # a VM not yet created, or destroyed, whose MAC / IP another VM has
             owner = history.owner_at(at)
             if owner is None:
                 return None  # a holder with unknown owner: any answer would be a guess
             owners.add(owner)
         return owners.pop() if len(owners) == 1 else None
+
+
+def _alive_at(history: ResourceHistory, at: int) -> bool:
+    """False when the VM's segments all start after `at` (beyond clock skew) or all closed by then.
+
+    A VM without segments has an unknown lifetime: alive.
+    """
+    segments = (*history.running, *history.allocated)
+    if not segments:
+        return True
+    if min(s.start_ms for s in segments) > at + CLOCK_SKEW_MS:
+        return False
+    return any(s.end_ms is None or at < s.end_ms for s in segments)
 
 
 def _ips(history: ResourceHistory) -> set[str]:

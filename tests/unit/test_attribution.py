@@ -45,6 +45,11 @@ EVENTS = [
     usage("NET.IPRELEASE", 2, A, uuid=PUB),
     usage("NET.IPASSIGN", 3, B, uuid=PUB),
     job(PUB, "IpAddress", ip=PUB_ADDR),
+    usage("VM.CREATE", 0, A, uuid="vm-old"),
+    usage("VM.DESTROY", 2, A, uuid="vm-old"),
+    job("vm-old", "VirtualMachine", mac="02:00:00:00:00:07", ip="10.9.9.9"),
+    usage("VM.CREATE", 8, B, uuid="vm-new-2"),
+    job("vm-new-2", "VirtualMachine", mac="02:00:00:00:00:08", ip="10.9.9.9"),
 ]
 
 
@@ -79,6 +84,11 @@ CASES = [
     ("public IP before it was assigned", measure(-1, address=PUB_ADDR), None),
     ("guest IP held by VMs of two owners", measure(1, address="10.1.1.5"), None),
     ("guest IP held by two VMs of one owner", measure(6, address="10.1.1.5"), B),
+    ("guest IP reused after its first VM was destroyed", measure(9, address="10.9.9.9"), B),
+    ("guest IP while its first VM lived", measure(1, address="10.9.9.9"), A),
+    ("MAC a minute before its VM's first event (clock skew)", measure(8 - 1 / 60, mac="02:00:00:00:00:08"), B),
+    ("MAC long before its VM existed", measure(7, mac="02:00:00:00:00:08"), None),
+    ("MAC after its VM was destroyed", measure(3, mac="02:00:00:00:00:07"), None),
     ("nothing known", measure(1, address="198.51.100.1"), None),
     ("no evidence at all", measure(1), None),
 ]  # fmt: skip
