@@ -93,3 +93,15 @@ class CounterReader:
                 continue
             samples[name] = to_sample(CounterKey(self.boot_id, ifindex, name), stats)
         return samples
+
+
+def read_link_mac(name: str) -> str | None:
+    """A link's MAC address from sysfs (the namespace's own /sys under `ip netns exec`); None
+    for a bridge, which takes the MAC of one of its ports and is never a VM's NIC."""
+    base = Path("/sys/class/net") / name
+    try:
+        if (base / "bridge").exists():
+            return None
+        return (base / "address").read_text().strip().lower()
+    except OSError:
+        return None

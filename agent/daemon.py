@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from kvmeter.agent.config import AgentConfig
-from kvmeter.agent.counters import Stats, parse_proc_net_dev, read_proc_net_dev, to_sample
+from kvmeter.agent.counters import Stats, parse_proc_net_dev, read_link_mac, read_proc_net_dev, to_sample
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
-from kvmeter.agent.measures import Attribution, build_batch, domain_inventory
+from kvmeter.agent.measures import UNSWAPPED_NIC_TYPES, Attribution, build_batch, domain_inventory
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import CounterKey, CounterSample, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.publish import Publisher
@@ -42,7 +42,6 @@ LIBVIRT_COUNTED_NIC_TYPES = frozenset({"vhostuser"})
 class InventoryLike(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
-    def by_device(self) -> Mapping[str, tuple[DomainInfo, NicInfo]]: ...
     def snapshot(self) -> Mapping[str, DomainInfo]: ...
     def interface_stats(self, uuid: str, device: str, timeout: float = 2.0) -> Stats | None: ...
 
@@ -65,6 +64,11 @@ class _Event:
     mono_ms: int
 
 
+def tap_mac(guest_mac: str) -> str:
+    """The MAC libvirt gives a NIC's host-side tap: the guest MAC with 0xfe as first byte."""
+    return "fe:" + guest_mac.lower().split(":", 1)[1]
+
+
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -83,6 +87,7 @@ class Agent:
         publisher: Publisher | None = None,
         metrics: AgentMetrics | None = None,
         read_text: Callable[[], str] = read_proc_net_dev,
+        read_mac: Callable[[str], str | None] = read_link_mac,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -94,6 +99,7 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         self.boot_id = boot_id
         self._read_text = read_text
+        self._read_mac = read_mac
         self._wall = wall
         self._mono = mono
         self.stream_id = uuid.uuid4().hex
@@ -106,6 +112,7 @@ class Agent:
         self._events: queue.Queue[_Event] = queue.Queue()
         self._carry: list[_Event] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
+        self._macs: dict[tuple[str, int], str | None] = {}
         self._last_inventory: bytes | None = None
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
@@ -175,7 +182,7 @@ class Agent:
         after = self.topology.links()
         now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
         stable = {name: i for name, i in after.items() if before.get(name) == i}
-        devices = self.inventory.by_device()
+        devices = self._metered(stable)
         present = [CounterKey(self.boot_id, i, name) for name, i in stable.items()]
 
         samples: list[CounterSample] = []
@@ -231,6 +238,46 @@ class Agent:
         self._count(batch, deltas)
         self._forget_closed()
         return batch
+
+    def _metered(self, links: Mapping[str, int]) -> dict[str, tuple[DomainInfo, NicInfo]]:
+        """Host interface name -> the domain NIC it belongs to.
+
+        By libvirt's target dev first. A NIC whose target dev is not a link here (libvirt's test
+        driver renames vnetN targets; a live XML read during a hot-plug may lack it) is matched
+        by MAC: libvirt gives a tap the guest MAC with 0xfe as first byte; a macvtap has the
+        guest MAC itself."""
+        devices: dict[str, tuple[DomainInfo, NicInfo]] = {}
+        unresolved: list[tuple[DomainInfo, NicInfo]] = []
+        for domain in self.inventory.snapshot().values():
+            for nic in domain.nics:
+                if nic.device and nic.device in links and nic.device not in devices:
+                    devices[nic.device] = (domain, nic)
+                elif nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES:
+                    unresolved.append((domain, nic))
+                elif nic.device:
+                    devices[nic.device] = (domain, nic)
+        if unresolved:
+            by_mac = self._link_macs(links)
+            for domain, nic in unresolved:
+                mac = nic.mac if nic.nic_type in UNSWAPPED_NIC_TYPES else tap_mac(nic.mac)
+                name = by_mac.get(mac)
+                if name is not None and name not in devices:
+                    devices[name] = (domain, nic)
+        return devices
+
+    def _link_macs(self, links: Mapping[str, int]) -> dict[str, str]:
+        """MAC -> link name, one sysfs read per link incarnation (cached by name and ifindex)."""
+        current = set(links.items())
+        for key in [k for k in self._macs if k not in current]:
+            del self._macs[key]
+        by_mac = {}
+        for key in current:
+            if key not in self._macs:
+                self._macs[key] = self._read_mac(key[0])
+            mac = self._macs[key]
+            if mac:
+                by_mac[mac] = key[0]
+        return by_mac
 
     def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo) -> None:
         placement = self.topology.placement(key.name) if key.ifindex else LinkPlacement(bridge=nic.bridge)

@@ -151,7 +151,7 @@ class DeltaEngine:
         max_packets = max_bytes // MIN_FRAME_BYTES
         limits = (max_bytes, max_bytes, max_packets, max_packets)
         old = (prev.rx_bytes, prev.tx_bytes, prev.rx_packets, prev.tx_packets)
-        moved, wrapped, reset = _differences(old, cur, limits)
+        moved, wrapped, reset = _differences(old, cur, limits, final=final)
         start_ms = prev.end_ms
         end_ms = max(now_ms, start_ms + 1)  # contiguous, never inverted: the clock may step back
         self._counters[key] = _Counter(*cur, end_ms=end_ms, mono_ms=mono_ms)
@@ -239,10 +239,14 @@ class DeltaEngine:
 
 
 def _differences(
-    old: tuple[int, ...], cur: tuple[int, ...], limits: tuple[int, ...]
+    old: tuple[int, ...], cur: tuple[int, ...], limits: tuple[int, ...], *, final: bool = False
 ) -> tuple[tuple[int, int, int, int], bool, bool]:
     """(moved per counter, wrapped, reset). One implausible decrease means the interface's counters
-    were reset (recreated, driver reload): then every counter counts from zero."""
+    were reset (recreated, driver reload): then every counter counts from zero.
+
+    A final sample is the same device as the last reading (same ifindex, taken as it was
+    removed), so it cannot have been reset: a counter it reports lower (a veth's rx, which the
+    kernel sums from the peer that is already detached at delete) is unknown and moves nothing."""
     moved: list[int] = []
     wrapped = False
     for o, c, limit in zip(old, cur, limits):
@@ -251,6 +255,8 @@ def _differences(
         elif o < WRAP32 and WRAP32 - o + c <= limit:
             moved.append(WRAP32 - o + c)
             wrapped = True
+        elif final:
+            moved.append(0)
         else:
             return (cur[0], cur[1], cur[2], cur[3]), False, True
     return (moved[0], moved[1], moved[2], moved[3]), wrapped, False

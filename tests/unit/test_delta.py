@@ -283,3 +283,12 @@ def test_state_of_another_boot_starts_fresh_and_baselines() -> None:
     other = DeltaEngine.from_state("boot-b", e.to_state())
     k2 = CounterKey("boot-b", 7, "vnet0")
     assert other.poll(T0 + 1000, M0 + 1000, [s(k2, 5000, 5000)]) == []
+
+
+def test_final_sample_never_resets_a_counter_it_reports_lower() -> None:
+    # a veth's RTM_DELLINK reports rx 0: the kernel sums it from the peer, already detached
+    e = engine()
+    e.poll(T0, M0, [s(K, 9000, 7000, 90, 70)])
+    d = e.final(T0 + 500, M0 + 500, s(K, 0, 7300, 0, 73))
+    assert d is not None
+    assert (d.rx_bytes, d.tx_bytes, d.rx_packets, d.tx_packets, d.wrapped) == (0, 300, 0, 3, False)
