@@ -10,9 +10,9 @@ Rules (each has a table test in tests/unit/test_delta.py):
   accounting (a link "new" event, or absent from every host-link set since the engine started or
   from the saved state); a key that already existed at a fresh start without saved state is only
   baselined, so bytes moved before kvmeter ran are never billed.
-- A decrease is a 32-bit wrap only when the previous value was below 2^32 and the wrapped amount
-  fits the line-rate ceiling over the elapsed time; otherwise the counter was reset and the new
-  value counts from zero.
+- A decrease is a 32-bit wrap only when the previous value was near 2^32 (its top quarter) and
+  the wrapped amount fits the line-rate ceiling over the elapsed time; otherwise the counter was
+  reset and the new value counts from zero.
 - A delta above the line-rate ceiling over the elapsed time is quarantined with a reason: counted,
   never billed.
 - Intervals per counter are contiguous and never inverted, even when the wall clock steps back.
@@ -29,6 +29,9 @@ from typing import Any
 from kvmeter.agent.model import CounterKey, CounterSample, Delta
 
 WRAP32 = 1 << 32
+# A decrease can be a 32-bit wrap only from the top quarter of the range: at a fast line rate
+# the ceiling alone would let any decrease pass for a wrap and bill gigabytes for a reset.
+WRAP_NEAR = WRAP32 - WRAP32 // 4
 STATE_VERSION = 1
 # A tracked key missing from this many consecutive polls without a final sample is forgotten
 # (its DELLINK was missed); until then a late final event still finds its last values.
@@ -252,7 +255,7 @@ def _differences(
     for o, c, limit in zip(old, cur, limits):
         if c >= o:
             moved.append(c - o)
-        elif o < WRAP32 and WRAP32 - o + c <= limit:
+        elif WRAP_NEAR <= o < WRAP32 and WRAP32 - o + c <= limit:
             moved.append(WRAP32 - o + c)
             wrapped = True
         elif final:
