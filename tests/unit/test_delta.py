@@ -104,7 +104,7 @@ def test_same_name_new_ifindex_counts_once_the_old_one_is_forgotten() -> None:
         # near 2^32 but the wrapped amount exceeds what the line allows -> reset
         (WRAP32 - 100_000_000, 100_000_000, 1000, GBIT, 100_000_000, False),
         # far from 2^32: a reset even when the line rate would allow a wrap
-        (9000, 0, 1000, 100 * GBIT, 0, False),
+        (9000, 5, 1000, 100 * GBIT, 5, False),
         (1_000_000_000, 10, 10_000, 100 * GBIT, 10, False),
         # a 64-bit counter above 2^32 that goes down is never a 32-bit wrap -> reset
         (WRAP32 + 5, 10, 1000, 100 * GBIT, 10, False),
