@@ -9,8 +9,12 @@ APT_PACKAGES := libvirt-dev libvirt-clients pkg-config gcc python3-dev python3-v
 # Debian 12's python3-protobuf 3.21.12 is the PyPI runtime 4.21.12.
 DEBIAN_PROTOBUF := 4.21.12
 AGENT_SIDE := agent proto src/kvmeter
+# Packages (packaging/README.md): debhelper + pybuild for the .debs, rpmbuild for the EL9 .rpms,
+# debootstrap for the install test's clean Debian 12 root, and the two linters.
+APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
+	rpm rpmlint lintian debootstrap
 
-.PHONY: help deps venv proto lint typecheck test test-proto-compat unit e2e demo bench packages clean
+.PHONY: help deps venv proto lint typecheck test test-proto-compat unit e2e demo bench packages test-packages clean
 
 help:
 	@echo "make demo   - build a small simulated cloud and meter it (embedded default)"
@@ -66,6 +70,15 @@ test: venv lint typecheck test-proto-compat
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
+
+# .debs (Debian 12 / Ubuntu 24.04) and .rpms (EL9) from this tree into dist/.
+packages: deps
+	packaging/ci/build-deb.sh
+	packaging/ci/build-rpm.sh
+
+# Build, lint and install-test the packages in a clean Debian 12 root (part of `make test` too).
+test-packages: venv
+	$(BIN)/python -m pytest -q -m packaging tests/packaging
 
 demo: venv
 	$(BIN)/kvmeter demo
