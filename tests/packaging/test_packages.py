@@ -1,0 +1,423 @@
+"""The packages, built from this tree and installed the way an operator installs them.
+
+The .debs go into a clean Debian 12 root (debootstrap, only Debian's packages) with apt, so the
+code runs against Debian's own library versions (pyroute2 0.7.2, protobuf 3.21, SQLAlchemy
+1.4.46, ...). Inside that root: the agent meters a VM of a simulated KVM host (network namespace
++ libvirt's test driver) with `kvmeter agent --once`, and its batch goes through `kvmeter ingest`
+and `kvmeter usage` on SQLite. Then upgrade, remove and purge. The .rpms (EL9) are checked for
+files, requirements and scriptlets, and both formats are linted.
+
+Needs root (chroot, mounts, namespaces) and Debian's mirror; nothing here skips.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.netns import Lab
+
+pytestmark = pytest.mark.packaging
+
+TOP = Path(__file__).resolve().parents[2]
+CI = TOP / "packaging" / "ci"
+VERSION = tomllib.loads((TOP / "pyproject.toml").read_text())["project"]["version"]
+DEBS = ("python3-kvmeter", "kvmeter-agent", "kvmeter-collector")
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+# Debian 12's versions that the code must work with (COMMON.md); the root must really have them.
+DEBIAN_LIBRARIES = {
+    "python3-libvirt": "9.0.0",
+    "python3-pyroute2": "0.7.2",
+    "python3-psutil": "5.9.4",
+    "python3-msgpack": "1.0.3",
+    "python3-confluent-kafka": "1.7.0",
+    "python3-protobuf": "3.21.12",
+    "python3-sqlalchemy": "1.4.46",
+    "python3-click": "8.1.3",
+}
+ACCOUNT = "7c6b2a40-0000-4000-8000-00000000ac01"
+VM_UUID = "5b2d3c1e-0000-4000-8000-00000000000a"
+VM_MAC = "02:00:00:00:0a:01"
+
+
+def _run(
+    argv: list[str], *, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, env={**CLEAN_ENV, **(env or {})}
+    )
+
+
+def _ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, (
+        f"{proc.args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    )
+    return proc.stdout
+
+
+class DebianRoot:
+    """A chroot with the packages installed; commands run with a clean environment."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def argv(self, *cmd: str, user: str | None = None) -> list[str]:
+        prefix = ["runuser", "-u", user, "--"] if user else []
+        return ["chroot", str(self.path), *prefix, *cmd]
+
+    def run(
+        self, *cmd: str, user: str | None = None, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        return _run(self.argv(*cmd, user=user), timeout=timeout)
+
+    def ok(self, *cmd: str, user: str | None = None) -> str:
+        return _ok(self.run(*cmd, user=user))
+
+    def apt_install(self, *debs: Path) -> str:
+        inside = []
+        for deb in debs:
+            shutil.copy(deb, self.path / "tmp")
+            inside.append(f"/tmp/{deb.name}")
+        return self.ok(
+            "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "-o", "APT::Sandbox::User=root",
+            "install", "-y", "--no-install-recommends", *inside,
+        )  # fmt: skip
+
+    def stat(self, path: str) -> str:
+        return self.ok("stat", "-c", "%U:%G %a", path).strip()
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make packages` into a private directory: the .debs and the .rpms of this tree."""
+    out = tmp_path_factory.mktemp("dist")
+    for script in ("build-deb.sh", "build-rpm.sh"):
+        _ok(_run([str(CI / script)], env={"DIST_DIR": str(out)}))
+    return out
+
+
+def _deb(dist: Path, name: str, version: str = VERSION) -> Path:
+    path = dist / f"{name}_{version}_all.deb"
+    assert path.is_file(), f"{path.name} was not built; have {sorted(p.name for p in dist.iterdir())}"
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DebianRoot]:
+    """A clean Debian 12 root (cached debootstrap base) with the three .debs installed by apt."""
+    path = tmp_path_factory.mktemp("debian12") / "root"
+    _ok(_run([str(CI / "debian-root.sh"), "create", str(path)], timeout=900))
+    try:
+        chroot = DebianRoot(path)
+        chroot.ok("apt-get", "-q", "-o", "APT::Sandbox::User=root", "update")
+        chroot.apt_install(*(_deb(dist, name) for name in DEBS))
+        yield chroot
+    finally:
+        _ok(_run([str(CI / "debian-root.sh"), "destroy", str(path)]))
+
+
+def test_debs_pass_lintian(dist: Path) -> None:
+    proc = _run(["lintian", "--fail-on", "error", *(str(_deb(dist, n)) for n in DEBS)])
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("E:")]
+    assert not errors, proc.stdout
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_debs_split_the_code_by_role(dist: Path) -> None:
+    def files(name: str) -> list[str]:
+        return [
+            line.split()[-1] for line in _ok(_run(["dpkg-deb", "-c", str(_deb(dist, name))])).splitlines()
+        ]
+
+    site = "./usr/lib/python3/dist-packages/kvmeter"
+    common, agent, collector = files("python3-kvmeter"), files("kvmeter-agent"), files("kvmeter-collector")
+    assert f"{site}/cli.py" in common
+    assert f"{site}/proto/kvmeter_pb2.py" in common
+    assert "./usr/bin/kvmeter" in common
+    assert not any(f.startswith((f"{site}/agent/", f"{site}/collector/")) for f in common)
+    assert f"{site}/agent/cli.py" in agent
+    assert not any(f.startswith(f"{site}/collector/") for f in agent)
+    assert f"{site}/collector/cli.py" in collector
+    assert not any(f.startswith(f"{site}/agent/") for f in collector)
+    assert "./lib/systemd/system/kvmeter-agent.service" in agent
+    assert "./lib/systemd/system/kvmeter-collector.service" in collector
+
+
+def test_installed_from_debian_with_debian_libraries(root: DebianRoot) -> None:
+    assert root.ok("kvmeter", "--version").strip() == f"kvmeter, version {VERSION}"
+    owners = root.ok(
+        "dpkg", "-S", "/usr/lib/python3/dist-packages/kvmeter/agent/cli.py",
+        "/usr/lib/python3/dist-packages/kvmeter/collector/cli.py", "/usr/bin/kvmeter",
+    )  # fmt: skip
+    assert "kvmeter-agent:" in owners
+    assert "kvmeter-collector:" in owners
+    assert "python3-kvmeter:" in owners
+    versions = dict(
+        line.split("\t") for line in root.ok("dpkg-query", "-W", *DEBIAN_LIBRARIES).strip().splitlines()
+    )
+    for package, upstream in DEBIAN_LIBRARIES.items():
+        assert versions[package].split("+")[0].split("-")[0] == upstream, (package, versions[package])
+    # Nothing from PyPI: the only kvmeter on the path is the packaged one.
+    where = root.ok(
+        "python3", "-c", "import kvmeter.agent.cli, kvmeter.collector.cli as c; print(c.__file__)"
+    )
+    assert where.strip() == "/usr/lib/python3/dist-packages/kvmeter/collector/cli.py"
+
+
+def test_users_config_and_state_directories(root: DebianRoot) -> None:
+    agent_groups = root.ok("id", "-nG", "kvmeter").split()
+    collector_groups = root.ok("id", "-nG", "kvmeter-collector").split()
+    assert "libvirt" in agent_groups
+    assert "kvmeter" in collector_groups
+    assert "libvirt" not in collector_groups
+    assert root.ok("getent", "passwd", "kvmeter").split(":")[6].strip() in (
+        "/usr/sbin/nologin",
+        "/sbin/nologin",
+    )
+    assert root.stat("/etc/kvmeter/agent.toml") == "root:kvmeter 640"
+    assert root.stat("/etc/kvmeter/collector.toml") == "root:kvmeter 640"
+    assert root.stat("/var/lib/kvmeter/agent") == "kvmeter:kvmeter 750"
+    assert root.stat("/var/lib/kvmeter/collector") == "kvmeter-collector:kvmeter-collector 750"
+    conffiles = root.ok("dpkg-query", "-W", "-f", "${Conffiles}\n", "kvmeter-agent", "kvmeter-collector")
+    assert "/etc/kvmeter/agent.toml" in conffiles
+    assert "/etc/kvmeter/collector.toml" in conffiles
+
+
+def test_shipped_configs_point_into_the_writable_state_directories(root: DebianRoot) -> None:
+    """ProtectSystem=strict leaves only StateDirectory= writable: the configs must agree."""
+    agent = tomllib.loads((root.path / "etc/kvmeter/agent.toml").read_text())
+    collector = tomllib.loads((root.path / "etc/kvmeter/collector.toml").read_text())
+    assert agent["agent"]["state_dir"] == "/var/lib/kvmeter/agent"
+    url = collector["store"]["url"]
+    assert url.startswith("sqlite:////var/lib/kvmeter/collector/"), (
+        f"collector.toml's store {url} is outside StateDirectory=kvmeter/collector: "
+        "the service user cannot create it there"
+    )
+
+
+def _verify(root: DebianRoot, unit: str) -> str:
+    proc = root.run("systemd-analyze", "verify", unit)
+    return (proc.stdout + proc.stderr).strip() + ("" if proc.returncode == 0 else f"\nexit {proc.returncode}")
+
+
+def test_units_pass_systemd_analyze(root: DebianRoot) -> None:
+    # verify exits 0 on unknown keys; it only warns. So any output at all is a finding.
+    broken = root.path / "tmp/kvmeter-broken.service"
+    broken.write_text("[Service]\nExecStart=/usr/bin/kvmeter agent\nPrivateNetwrk=yes\n")
+    assert "Unknown key" in _verify(root, "/tmp/kvmeter-broken.service")  # the check can fail
+    for unit in ("kvmeter-agent.service", "kvmeter-collector.service"):
+        assert _verify(root, f"/lib/systemd/system/{unit}") == "", unit
+        report = root.ok("systemd-analyze", "security", "--offline=yes", f"/lib/systemd/system/{unit}")
+        exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", report).group(1))  # type: ignore[union-attr]
+        assert exposure <= 2.5, f"{unit}: exposure {exposure}\n{report}"
+    agent = (root.path / "lib/systemd/system/kvmeter-agent.service").read_text()
+    assert "PrivateNetwork" not in agent
+    assert "AF_NETLINK" in agent
+    assert "ProtectSystem=strict" in agent
+    assert "StateDirectory=kvmeter/agent" in agent
+    assert "Restart=on-failure" in agent
+
+
+@pytest.fixture(scope="module")
+def agent_batch(root: DebianRoot) -> dict[str, Any]:
+    """`kvmeter agent --once --format json` as the kvmeter user, inside the root, on a simulated
+    KVM host: a VM with one public NIC in its own namespace, libvirt's test driver describing it.
+    The VM sends UDP to its gateway while the agent measures."""
+    lab = Lab()
+    try:
+        host = lab.add_host("pkg")
+        vm = host.add_vm("i-2-10-VM", VM_UUID, [("cloudbr0", VM_MAC, "198.51.100.10/24")])
+        host.write_libvirt_xml(
+            root.path / "tmp/node.xml", owners={"i-2-10-VM": {"ownerAccountUuid": ACCOUNT}}
+        )
+        example = (root.path / "etc/kvmeter/agent.toml").read_text()
+        assert 'uri = "qemu:///system"' in example
+        (root.path / "tmp/agent-ci.toml").write_text(
+            example.replace('uri = "qemu:///system"', 'uri = "test:///tmp/node.xml"')
+        )
+        root.ok("chgrp", "kvmeter", "/tmp/agent-ci.toml")
+        root.ok("chmod", "0640", "/tmp/agent-ci.toml")
+        # A private mount namespace (ip netns exec): sysfs of the host namespace inside the root.
+        script = (
+            f"mount -t sysfs sysfs {root.path}/sys && exec "
+            + " ".join(root.argv("kvmeter", "agent", "--once", "--format", "json", "--config",
+                                 "/tmp/agent-ci.toml", "--window", "2", user="kvmeter"))
+        )  # fmt: skip
+        proc = host.popen("sh", "-c", script, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CLEAN_ENV)
+        stop = threading.Event()
+
+        def traffic() -> None:
+            while not stop.is_set():
+                vm.send("198.51.100.1", 20_000)
+                stop.wait(0.05)
+
+        sender = threading.Thread(target=traffic, daemon=True)
+        sender.start()
+        try:
+            out, err = proc.communicate(timeout=120)
+        finally:
+            stop.set()
+            sender.join(timeout=10)
+        assert proc.returncode == 0, f"agent --once exited {proc.returncode}\n{err.decode()[-4000:]}"
+        (root.path / "tmp/once.json").write_bytes(out)
+        batch = json.loads(out)
+        batch["_vm_side"] = vm.nics[0].counters()
+        return batch
+    finally:
+        lab.close()
+
+
+def test_agent_once_meters_the_vm(agent_batch: dict[str, Any]) -> None:
+    domains = {d["name"]: d for d in agent_batch.get("inventory", [])}
+    assert "i-2-10-VM" in domains, agent_batch
+    assert domains["i-2-10-VM"].get("owner", {}).get("ownerAccountUuid") == ACCOUNT
+    sent = [
+        m for m in agent_batch.get("measures", []) if m.get("mac") == VM_MAC and m.get("direction") == "VM_TX"
+    ]
+    assert sent, f"no VM_TX measure for {VM_MAC}: {agent_batch}"
+    measured = sum(int(m["bytes"]) for m in sent)
+    # The window saw part of the traffic: something, and never more than the VM itself sent.
+    assert 0 < measured <= agent_batch["_vm_side"]["tx_bytes"]
+    assert all(m.get("traffic_type") == "PUBLIC" for m in sent)
+
+
+def test_ingest_and_usage_round_trip_on_sqlite(root: DebianRoot, agent_batch: dict[str, Any]) -> None:
+    """The agent's batch, ingested as the collector user into the store the shipped config names,
+    comes back from `kvmeter usage` as byte records of the VM's owner, to the byte."""
+    url = tomllib.loads((root.path / "etc/kvmeter/collector.toml").read_text())["store"]["url"]
+    billed = {"VM_TX": 0, "VM_RX": 0}
+    for m in agent_batch.get("measures", []):
+        if m.get("traffic_type") == "PUBLIC" and not m.get("quarantined"):
+            billed[m["direction"]] += int(m.get("bytes", 0))
+    assert billed["VM_TX"] > 0
+    starts = [int(m["start"]) for m in agent_batch["measures"]]
+    day = 24 * 3600 * 1000
+    first, last = min(starts) // day * day, (max(starts) // day + 2) * day
+    root.ok(
+        "kvmeter", "ingest", "--config", "/etc/kvmeter/collector.toml", "--db", url,
+        "--measures", "/tmp/once.json", "--now", str(last + 3 * day), user="kvmeter-collector",
+    )  # fmt: skip
+    report = root.ok(
+        "kvmeter", "usage", "--db", url, "--start", str(first), "--end", str(last), "--format", "json",
+        user="kvmeter-collector",
+    )  # fmt: skip
+    rows = json.loads(report)
+    assert rows, report
+    assert {r["account"] for r in rows} == {ACCOUNT}, rows
+    by_type = {4: 0, 5: 0}
+    for r in rows:
+        if r["usage_type"] in by_type:
+            by_type[r["usage_type"]] += int(r["rawusage"])
+    # CloudStack's 4 = bytes sent by the VM, 5 = bytes it received.
+    assert by_type == {4: billed["VM_TX"], 5: billed["VM_RX"]}, (by_type, billed)
+
+
+def _repack(deb: Path, out: Path, version: str) -> Path:
+    """The same package as a newer version (what an upgrade looks like to dpkg)."""
+    tree = out / deb.stem
+    _ok(_run(["dpkg-deb", "-R", str(deb), str(tree)]))
+    control = tree / "DEBIAN/control"
+    control.write_text(control.read_text().replace(f"(= {VERSION})", f"(= {version})").replace(
+        f"Version: {VERSION}", f"Version: {version}"
+    ))  # fmt: skip
+    name = deb.name.split("_")[0]
+    target = out / f"{name}_{version}_all.deb"
+    _ok(_run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(target)]))
+    return target
+
+
+def test_upgrade_keeps_config_and_spool_purge_removes_data(
+    root: DebianRoot, dist: Path, tmp_path: Path
+) -> None:
+    # Runs last: it upgrades, removes and purges the packages of the shared root.
+    with (root.path / "etc/kvmeter/agent.toml").open("a") as f:
+        f.write("\n# local change by the operator\n")
+    (root.path / "var/lib/kvmeter/agent/spool-marker").write_text("undelivered")
+    root.ok("chown", "kvmeter:kvmeter", "/var/lib/kvmeter/agent/spool-marker")
+
+    newer = f"{VERSION}+upgrade1"
+    root.apt_install(*(_repack(_deb(dist, n), tmp_path, newer) for n in DEBS))
+    assert root.ok("dpkg-query", "-W", "-f", "${Version}", "kvmeter-agent") == newer
+    assert "# local change by the operator" in (root.path / "etc/kvmeter/agent.toml").read_text()
+    assert (root.path / "var/lib/kvmeter/agent/spool-marker").read_text() == "undelivered"
+    assert root.stat("/etc/kvmeter/agent.toml") == "root:kvmeter 640"
+
+    root.ok("apt-get", "-q", "remove", "-y", "kvmeter-agent", "kvmeter-collector")
+    assert (root.path / "etc/kvmeter/agent.toml").exists()
+    assert (root.path / "var/lib/kvmeter/agent/spool-marker").exists()
+
+    root.ok("apt-get", "-q", "purge", "-y", "kvmeter-agent", "kvmeter-collector")
+    assert not (root.path / "etc/kvmeter/agent.toml").exists()
+    assert not (root.path / "var/lib/kvmeter/agent").exists()
+    assert not (root.path / "var/lib/kvmeter/collector").exists()
+    assert "/etc/kvmeter/agent.toml" not in root.ok("dpkg-statoverride", "--list")
+    # Debian policy: system users stay (files they owned may remain elsewhere).
+    assert root.run("getent", "passwd", "kvmeter").returncode == 0
+
+
+def _rpm(dist: Path, name: str) -> Path:
+    path = dist / f"{name}-{VERSION}-1.noarch.rpm"
+    assert path.is_file(), f"{path.name} was not built; have {sorted(p.name for p in dist.iterdir())}"
+    return path
+
+
+def test_rpms_files_requirements_and_scriptlets(dist: Path) -> None:
+    def query(name: str, *what: str) -> str:
+        return _ok(_run(["rpm", "-qp", *what, str(_rpm(dist, name))]))
+
+    common, agent = query("python3-kvmeter", "--requires"), query("kvmeter-agent", "--requires")
+    collector = query("kvmeter-collector", "--requires")
+    assert "python(abi) = 3.9" in common
+    assert "python3.9dist(protobuf) >= 3.20" in common
+    assert "python3.9dist(tomli) >= 1.2" in common
+    for needed in ("python3.9dist(pyroute2) >= 0.7.2", "python3.9dist(confluent-kafka) >= 1.7",
+                   "python3.9dist(libvirt-python)", f"python3-kvmeter = {VERSION}-1"):  # fmt: skip
+        assert needed in agent, (needed, agent)
+    for needed in ("python(abi) = 3.11", "python3.11dist(sqlalchemy) >= 1.4.46",
+                   "python3.11dist(psycopg) >= 3.1", f"python3.11-kvmeter = {VERSION}-1"):  # fmt: skip
+        assert needed in collector, (needed, collector)
+
+    scripts = query("kvmeter-agent", "--scripts")
+    assert "systemd-sysusers --replace=/usr/lib/sysusers.d/kvmeter-agent.conf" in scripts
+    assert "m kvmeter libvirt" in scripts  # the sysusers lines are embedded for %pre
+    assert re.search(r"preuninstall scriptlet.*\n.*disable --now kvmeter-agent.service", scripts) or (
+        "systemd-update-helper" in scripts
+    )
+    assert "try-restart kvmeter-agent.service" in scripts or "systemd-update-helper" in scripts
+
+    listing = query("kvmeter-agent", "--list", "-v")
+    assert re.search(r"-rw-r-----\s+\d+\s+root\s+kvmeter\s.*/etc/kvmeter/agent.toml", listing), listing
+    assert "/usr/lib/python3.9/site-packages/kvmeter/agent/cli.py" in listing
+    assert "/usr/lib/systemd/system/kvmeter-agent.service" in listing
+    assert "/usr/lib/python3.11/site-packages/kvmeter/collector/cli.py" in query(
+        "kvmeter-collector", "--list"
+    )
+    common_files = query("python3-kvmeter", "--list")
+    assert "/usr/bin/kvmeter" in common_files
+    assert "/kvmeter/collector/" not in common_files
+    configs = query("kvmeter-agent", "--configfiles")
+    assert configs.strip() == "/etc/kvmeter/agent.toml"
+
+
+def test_rpms_pass_rpmlint(dist: Path) -> None:
+    rpms = [
+        str(_rpm(dist, n))
+        for n in ("python3-kvmeter", "python3.11-kvmeter", "kvmeter-agent", "kvmeter-collector")
+    ]
+    proc = _run(["rpmlint", "-r", str(TOP / "packaging/rpm/rpmlintrc"), *rpms])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert " 0 errors" in proc.stdout, proc.stdout
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
