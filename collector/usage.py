@@ -135,7 +135,10 @@ def byte_increments(
 def rawusage(usage_type: int, quantity: int) -> str:
     """CloudStack's rawusage text: hours ('###########.######') for time types, bytes for 4/5.
 
-    quantity is milliseconds for time types and bytes for byte types.
+    quantity is milliseconds for time types and bytes for byte types. Hours are computed exactly
+    and rounded half-even to 6 places (DecimalFormat's default mode), with no grouping, exponent
+    or trailing zeros. One deliberate difference: values below one hour keep their leading zero
+    ("0.5", where Java's '###########.######' prints ".5"); both parse as the same number.
     """
     if usage_type in BYTE_TYPES:
         return str(int(quantity))
