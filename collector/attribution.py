@@ -1,8 +1,10 @@
 """Who owns a measure's bytes: instance -> owner hint -> operator map -> MAC -> IP, at its time.
 
-    OwnerIndex(histories: Mapping[str, ResourceHistory] = {}, routers: Mapping[str, str] | None = None)
+    OwnerIndex(histories: Mapping[str, ResourceHistory] | None = None,
+               routers: Mapping[str, str] | None = None)
     OwnerIndex.update(history: ResourceHistory) -> None   # after rebuilding one resource
     OwnerIndex.remove(resource_uuid: str) -> None
+    OwnerIndex.history(resource_uuid: str) -> ResourceHistory | None
     OwnerIndex.owner_at(measure: Measure) -> str | None
     is_router(domain_name: str) -> bool
 
