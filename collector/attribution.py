@@ -14,12 +14,15 @@ Order of evidence, first hit wins (the measure's time is its start_ms):
 2. The agent-supplied <metadata> owner hint (`ownerAccountUuid`; "unknown" / "" mean none). For a
    virtual router (r-<id>-VM) this is the owner of its network: CloudStack gives a VR the
    account of the network it serves.
-3. The operator's map `routers` (account uuid by domain name or by VM uuid), for routers and
-   other domains of releases without <metadata>.
+3. The operator's map `routers` (account uuid by domain name or VM uuid; MAC and IP keys are
+   used in step 6), for routers and other domains of releases without <metadata>.
 4. The MAC, when the VMs seen with it in lifecycle events and alive at that time (created, up
    to CLOCK_SKEW_MS early, and not destroyed) all have one owner.
 5. The IP, likewise: IP-address resources (NET.IPASSIGN) count only while assigned, VMs (NIC IPs
    from job results) only while not destroyed; more than one owner -> None.
+6. The operator's map again, by MAC, then by IP, for a MAC / IP that no lifecycle event named:
+   the bus gives no address for IPs allocated without an API job (e.g. source NAT), so a legacy
+   five-field measure that carries only its address needs this to be billed.
 Otherwise None: the owner is never guessed; the adapter parks the measure and retries when
 lifecycle arrives.
 """
@@ -101,7 +104,12 @@ class OwnerIndex:
             if owner:
                 return owner
         if measure.address:
-            return self._single_owner(self._by_ip.get(measure.address, set()), at, measure.address)
+            owner = self._single_owner(self._by_ip.get(measure.address, set()), at, measure.address)
+            if owner:
+                return owner
+        for key, known in ((measure.mac.lower(), self._by_mac), (measure.address, self._by_ip)):
+            if key and key not in known and self.routers.get(key):
+                return self.routers[key]  # only for what lifecycle knows nothing about
         return None
 
     def _single_owner(self, uuids: set[str], at: int, address: str | None) -> str | None:

@@ -57,7 +57,13 @@ def hint(account: str) -> dict[str, str]:
     return {"ownerAccountUuid": account}
 
 
-ROUTERS = {"r-7-VM": "acct-net-7", "uuid-of-r-8": "acct-net-8"}
+ROUTERS = {
+    "r-7-VM": "acct-net-7",
+    "uuid-of-r-8": "acct-net-8",
+    "198.51.100.77": "acct-static-ip",
+    "02:00:00:00:00:99": "acct-static-mac",
+    PUB_ADDR: "acct-map-loses",  # lifecycle knows this IP: its answer (even None) stands
+}
 
 # name, measure, expected owner
 CASES = [
@@ -89,6 +95,9 @@ CASES = [
     ("MAC a minute before its VM is created (clock skew)", measure(8 - 1 / 60, mac="02:00:00:00:00:08"), B),
     ("MAC long before its VM existed", measure(7, mac="02:00:00:00:00:08"), None),
     ("MAC after its VM was destroyed", measure(3, mac="02:00:00:00:00:07"), None),
+    ("operator map by IP (a legacy measure)", measure(1, address="198.51.100.77"), "acct-static-ip"),
+    ("operator map by MAC", measure(1, mac="02:00:00:00:00:99", address="198.51.100.77"), "acct-static-mac"),
+    ("lifecycle IP evidence before the operator map", measure(1, address=PUB_ADDR), A),
     ("nothing known", measure(1, address="198.51.100.1"), None),
     ("no evidence at all", measure(1), None),
 ]  # fmt: skip
