@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 import uuid
@@ -27,6 +29,9 @@ from kvmeter.collector.service import Collector, Outcome, Record
 log = logging.getLogger(__name__)
 
 LAG_EVERY_S = 5.0
+# Crash tests kill the process at the most delicate instant: after a measures transaction
+# committed, before its offsets are stored. "after-db-commit:N" fires on the Nth commit.
+FAILPOINT = "KVMETER_FAILPOINT"
 REFRESH_LIFECYCLE_EVERY_S = 60.0
 
 
@@ -81,6 +86,9 @@ class LiveConsumer:
         self._last_lag = float("-inf")
         self._last_refresh = float("-inf")
         self.totals = Outcome()
+        self._commits = 0
+        point = os.environ.get(FAILPOINT, "")
+        self._kill_after = int(point.split(":", 1)[1]) if point.startswith("after-db-commit:") else 0
 
     # -- setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -159,6 +167,9 @@ class LiveConsumer:
             return
         records = _records(messages)
         self._retrying("measures", lambda: self.collector.apply_batches(records))
+        self._commits += 1
+        if self._commits == self._kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
         # Only now, after the commit: the next offset of every partition in the chunk.
         last: dict[tuple[str, int], int] = {}
         for m in messages:

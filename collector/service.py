@@ -16,6 +16,7 @@ dead-lettered with its bytes and the rest goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,7 +27,7 @@ from sqlalchemy.engine import Connection
 from kvmeter.collector import cloudstack, decode, lifecycle, usage
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.errors import BadInput
-from kvmeter.collector.model import Measure, ResourceHistory, UsageKey
+from kvmeter.collector.model import Measure, ResourceHistory, Segment, UsageKey
 from kvmeter.collector.store import DeadLetter, Store
 from kvmeter.collector.windows import check_window, window_start
 from kvmeter.proto import pb
@@ -290,9 +291,8 @@ class Collector:
                 final_through = self.store.finalized_through(conn)
                 self.store.lock_resources(conn, chunk)
                 for resource in chunk:
-                    values = {
-                        v.key: v.quantity_ms for v in usage.time_usage(self.histories[resource], now, window)
-                    }
+                    recent = _since(self.histories[resource], final_through)
+                    values = {v.key: v.quantity_ms for v in usage.time_usage(recent, now, window)}
                     written, adjusted = self.store.set_time_values(
                         conn, resource, values, final_through, now, open_only=True
                     )
@@ -309,3 +309,19 @@ class Collector:
     def horizon_start(self) -> int:
         """Parked measures parked before this instant are reported as unattributed."""
         return self.clock() - self.settings.park_horizon_ms
+
+
+def _since(history: ResourceHistory, start_ms: int) -> ResourceHistory:
+    """The history with segments cut to start at `start_ms` (a window boundary): the same
+    values for every later window, without walking the windows of a long-running resource's past."""
+
+    def cut(segments: list[Segment]) -> list[Segment]:
+        return [
+            dataclasses.replace(s, start_ms=max(s.start_ms, start_ms))
+            for s in segments
+            if s.end_ms is None or s.end_ms > start_ms
+        ]
+
+    return dataclasses.replace(
+        history, running=cut(history.running), allocated=cut(history.allocated), ip=cut(history.ip)
+    )
