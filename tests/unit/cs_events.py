@@ -55,10 +55,15 @@ VM_KINDS = ["VM.CREATE", "VM.START", "VM.STOP", "VM.UPGRADE", "VM.DYNAMIC.SCALE"
 
 @st.composite
 def vm_events(draw: st.DrawFn) -> list[pb.LifecycleEvent]:
+    """Lifecycle events of one VM (and one IP), with coarse times so that many tie."""
     events = []
     for _ in range(draw(st.integers(0, 14))):
         hours = draw(st.integers(0, 12)) / 2  # coarse times: many ties
-        if draw(st.integers(0, 4)) == 0:
+        pick = draw(st.integers(0, 5))
+        if pick == 5:  # an IP address of the same owners, interleaved
+            kind = draw(st.sampled_from(["NET.IPASSIGN", "NET.IPRELEASE"]))
+            events.append(usage(kind, hours, draw(st.sampled_from([A, B])), uuid="ip-1"))
+        elif pick == 0:
             old, new = draw(
                 st.sampled_from([("Running", "Stopped"), ("Starting", "Running"), ("Running", "Error")])
             )

@@ -166,7 +166,11 @@ def test_time_is_conserved(events: list, now_hours: int, window: int) -> None:
     now = T0 + now_hours * H + 7 * M
     for history in build_history(events).values():
         got = time_usage(history, now, window)
-        for kind, segments in ((RUNNING_VM, history.running), (ALLOCATED_VM, history.allocated)):
+        for kind, segments in (
+            (RUNNING_VM, history.running),
+            (ALLOCATED_VM, history.allocated),
+            (IP_ADDRESS, history.ip),
+        ):
             expected = sum(
                 max(0, min(now, s.end_ms if s.end_ms is not None else now) - s.start_ms)
                 for s in segments
