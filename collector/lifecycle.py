@@ -42,6 +42,8 @@ __all__ = ["ResourceHistory", "Segment", "build_history", "build_resource_histor
 
 RUNNING_STATE = "Running"
 STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutdown", "Shutdowned"})
+# State events of other resources (networks, volumes, hosts) never touch RUNNING.
+_VM_TYPES = frozenset({"", "VirtualMachine", "DomainRouter", "ConsoleProxy", "SecondaryStorageVm"})
 _NIC_MAC = re.compile(r"^nic\.\d+\.mac$")
 _NIC_IP = re.compile(r"^nic\.\d+\.ip$")
 
@@ -168,7 +170,7 @@ class _Machine:
         return False
 
     def state(self, ev: pb.LifecycleEvent) -> bool:
-        if ev.status == "preStateTransitionEvent":
+        if ev.status == "preStateTransitionEvent" or ev.resource_type not in _VM_TYPES:
             return False
         old, new = ev.attributes.get("old-state", ""), ev.attributes.get("new-state", "")
         if old == new:

@@ -32,10 +32,15 @@ def usage(kind: str, hours: float, account: str = A, offering: str = "", uuid: s
 
 
 def state(
-    old: str, new: str, hours: float, status: str = "postStateTransitionEvent", uuid: str = VM
+    old: str,
+    new: str,
+    hours: float,
+    status: str = "postStateTransitionEvent",
+    uuid: str = VM,
+    resource_type: str = "VirtualMachine",
 ) -> pb.LifecycleEvent:
     ev = pb.LifecycleEvent(
-        category=pb.RESOURCE_STATE, event_type="StateTransition", resource_type="VirtualMachine"
+        category=pb.RESOURCE_STATE, event_type="StateTransition", resource_type=resource_type
     )
     ev.resource_uuid, ev.time, ev.status = uuid, T0 + int(hours * H), status
     ev.attributes["old-state"], ev.attributes["new-state"] = old, new
