@@ -19,7 +19,7 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   stopped, and so on. An event without an offering inherits the resource's last known one (the
   bus carries none, §1.5); a START naming another offering while running closes one segment
   and opens the next at the event time.
-- Resource-state events (post-transition only) cover HA and out-of-band power changes: a
+- Resource-state events (post-transition, of VMs only) cover HA and out-of-band power changes: a
   transition to Running opens RUNNING if it is not open, to Stopped / Destroyed / Expunging /
   Error / Shutdown closes it if open. The state is one flag, so a usage VM.STOP and a state
   event for the same stop never count twice; whichever comes first in event time wins.
