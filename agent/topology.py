@@ -57,6 +57,11 @@ class LinkEvent:
     when the message had none, and for ``del`` events synthesised after a netlink overrun (the
     link vanished while events were being dropped; its tail is unknown). No timestamp: the
     consumer stamps time when it receives the event.
+
+    Taps (KVM's NICs) count their own traffic, so their ``del`` stats are complete both ways. A
+    veth reads its rx from its peer and veth unlinks the pair before the kernel builds the
+    message: a veth's ``del`` carries its tx but rx 0 (tests that model VMs with veths take
+    note).
     """
 
     kind: str  # "new" | "del"
