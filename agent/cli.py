@@ -32,8 +32,14 @@ class JournalFormatter(logging.Formatter):
         return text
 
 
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    # pyroute2 logs every netlink message at debug level: keep its warnings only.
+    return record.levelno >= logging.WARNING or not record.name.startswith(("pyroute2", "asyncio"))
+
+
 def setup_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_quiet_libraries)
     if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty():
         handler.setFormatter(JournalFormatter())
     else:
@@ -41,7 +47,6 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 def _build(config: AgentConfig, *, read_only: bool) -> Any:

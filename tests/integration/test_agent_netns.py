@@ -7,6 +7,7 @@ counters, to the byte: steady traffic; a VM reboot (taps deleted and recreated b
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -273,6 +274,30 @@ def test_steady_traffic_is_measured_exactly(site: Site) -> None:
     assert ("02:00:4c:0f:00:10", pb.PUBLIC) in types
     assert ("02:00:0a:01:00:11", pb.GUEST) in types
     assert {m.domain_name for b in batches for m in b.measures} == {"i-2-10-VM", "i-2-11-VM"}
+
+    # `--once` after the daemon stopped: what moved since its last (saved) poll, sent nowhere.
+    before = {nic.mac: nic.total() for vm in site.vms for nic in vm.nics}
+    on_disk = site.agent.frames_on_disk()
+    site.traffic()
+    time.sleep(0.5)
+    out = site.host.run(
+        sys.executable,
+        "-m",
+        "kvmeter",
+        "agent",
+        "--config",
+        str(site.agent.config),
+        "--once",
+        "--format",
+        "json",
+    )
+    once = json.loads(out)
+    got: dict[tuple[str, int], int] = defaultdict(int)
+    for m in once["measures"]:
+        got[(m["mac"], pb.Direction.Value(m["direction"]))] += int(m["bytes"])
+    assert dict(got) == vm_side(site.vms, before)
+    assert {d["name"] for d in once["inventory"]} == {"i-2-10-VM", "i-2-11-VM"}
+    assert site.agent.frames_on_disk() == on_disk
 
 
 def test_vm_reboot_between_polls_loses_nothing(site: Site) -> None:
