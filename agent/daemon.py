@@ -297,7 +297,10 @@ class Agent:
             if stats is None:
                 continue
             key = CounterKey(self.boot_id, 0, name)  # no kernel ifindex: identity by name per boot
-            samples.append(to_sample(key, stats))
+            # libvirt reports these from the guest's side already; the engine and the measure
+            # builder work host-side, so turn them back (the builder swaps them again).
+            rx_bytes, rx_packets, tx_bytes, tx_packets = stats
+            samples.append(to_sample(key, (tx_bytes, tx_packets, rx_bytes, rx_packets)))
             self._remember(key, domain, nic)
         return samples
 

@@ -74,17 +74,20 @@ class FakeTopology:
 
 
 class FakeInventory:
+    def __init__(self, domains: tuple[DomainInfo, ...] = (DOMAIN,)) -> None:
+        self.domains = domains
+        self.stats: dict[str, tuple[int, int, int, int]] = {}  # libvirt interfaceStats, guest view
+
     def start(self) -> None: ...
     def stop(self) -> None: ...
 
-    def by_device(self) -> dict[str, tuple[DomainInfo, NicInfo]]:
-        return {"vnet0": (DOMAIN, NIC)}
-
     def snapshot(self) -> dict[str, DomainInfo]:
-        return {DOMAIN.uuid: DOMAIN}
+        return {d.uuid: d for d in self.domains}
 
-    def interface_stats(self, uuid: str, device: str, timeout: float = 2.0) -> None:
-        return None
+    def interface_stats(
+        self, uuid: str, device: str, timeout: float = 2.0
+    ) -> tuple[int, int, int, int] | None:
+        return self.stats.get(device)
 
 
 class Clock:
@@ -95,10 +98,10 @@ class Clock:
         return self.t
 
 
-def make_agent(host: Host, spool_dir: Path, clock: Clock) -> Agent:
+def make_agent(host: Host, spool_dir: Path, clock: Clock, inventory: FakeInventory | None = None) -> Agent:
     agent = Agent(
         validate({"agent": {"host_id": "h1"}}),
-        inventory=FakeInventory(),
+        inventory=inventory or FakeInventory(),
         topology=FakeTopology(host),
         spool=Spool(spool_dir),
         boot_id=BOOT,
@@ -232,3 +235,47 @@ def test_inventory_rides_along_on_the_first_batch_and_on_change(host: Host, tmp_
     assert [d.name for d in first.inventory] == ["i-2-10-VM"]
     assert first.inventory[0].nics[0].ifindex == 10
     assert list(second.inventory) == []
+
+
+def test_vhost_user_nic_is_counted_through_libvirt_from_the_guest_side(host: Host, tmp_path: Path) -> None:
+    vhu = NicInfo(mac="02:00:00:00:00:09", device="vhu-9", nic_type="vhostuser")
+    dom = DomainInfo(uuid="u-9", name="i-2-19-VM", state="running", kind="user_vm", nics=(vhu,))
+    inventory = FakeInventory((DOMAIN, dom))
+    inventory.stats["vhu-9"] = (100, 1, 200, 2)
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock, inventory)
+    agent.poll_once()
+    inventory.stats["vhu-9"] = (1100, 3, 500, 5)  # the guest received 1000 and sent 300
+    clock.t += 1
+    batch = agent.poll_once()
+    agent.close()
+    got = {m.direction: m.bytes for m in batch.measures if m.mac == vhu.mac}
+    assert got == {pb.VM_RX: 1000, pb.VM_TX: 300}
+
+
+def test_nic_whose_target_dev_is_not_a_link_is_matched_by_tap_mac(host: Host, tmp_path: Path) -> None:
+    renamed = NicInfo(mac="02:00:00:00:00:01", device="testnet0", nic_type="bridge")
+    dom = DomainInfo(uuid="u-1", name="i-2-10-VM", state="running", kind="user_vm", nics=(renamed,))
+    clock = Clock()
+    macs = {"vnet0": "fe:00:00:00:00:01", "lo": "00:00:00:00:00:00"}
+    agent = Agent(
+        validate({"agent": {"host_id": "h1"}}),
+        inventory=FakeInventory((dom,)),
+        topology=FakeTopology(host),
+        spool=Spool(tmp_path),
+        boot_id=BOOT,
+        read_text=host.table,
+        read_mac=macs.get,
+        wall=clock,
+        mono=clock,
+    )
+    agent.start()
+    agent.poll_once()
+    host.traffic("vnet0", 10, 20)
+    clock.t += 1
+    batch = agent.poll_once()
+    agent.close()
+    assert {(m.device, m.direction, m.bytes) for m in batch.measures} == {
+        ("vnet0", pb.VM_RX, 20),
+        ("vnet0", pb.VM_TX, 10),
+    }
