@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DataError, IntegrityError
 
 from kvmeter.collector import cloudstack, decode, lifecycle, usage
 from kvmeter.collector.attribution import OwnerIndex, is_router
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MEASURES = "measures"
 LIFECYCLE = "lifecycle"
+UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record's values
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,28 @@ class Collector:
 
     def apply_batches(self, records: Sequence[Record]) -> Outcome:
         """Apply measure batches in one transaction; returns what happened."""
+        return self._isolating(MEASURES, records, self._apply_batches)
+
+    def _isolating(
+        self, source: str, records: Sequence[Record], apply: Callable[[Sequence[Record]], Outcome]
+    ) -> Outcome:
+        """Input the database itself refuses (a value too long for PostgreSQL, ...) must not
+        stop the pipeline: apply the chunk record by record and dead-letter the refused one."""
+        try:
+            return apply(records)
+        except (DataError, IntegrityError) as exc:
+            if len(records) > 1:
+                out = Outcome()
+                for rec in records:
+                    out.add(self._isolating(source, [rec], apply))
+                return out
+            rec = records[0]
+            letter = DeadLetter(source, rec.origin, rec.value, UNSTORABLE, str(exc.orig or exc)[:1000])
+            with self.store.write() as conn:
+                self.store.dead_letter(conn, [letter], self.clock())
+            return Outcome(dead_letters=[letter])
+
+    def _apply_batches(self, records: Sequence[Record]) -> Outcome:
         out = Outcome()
         decoded: list[decode.DecodedBatch] = []
         for rec in records:
@@ -229,6 +253,9 @@ class Collector:
 
     def apply_events(self, records: Sequence[Record]) -> Outcome:
         """Store new events and recompute the resources they touch, in one transaction."""
+        return self._isolating(LIFECYCLE, records, self._apply_events)
+
+    def _apply_events(self, records: Sequence[Record]) -> Outcome:
         out = Outcome()
         parsed: list[tuple[pb.LifecycleEvent, Record]] = []
         for rec in records:

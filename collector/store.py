@@ -1,6 +1,8 @@
 """The usage store: one schema on SQLite (embedded default, a file) and PostgreSQL (a DSN).
 
-SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Every time is
+SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. A plain
+`postgresql://` URL uses psycopg 3 on SQLAlchemy 2 and psycopg2 on 1.4 (whose dialects predate
+psycopg 3; Debian 12: python3-psycopg2); an explicit `postgresql+driver://` is kept. Every time is
 an integer of milliseconds since the epoch (UTC): no timezone or datetime type differences
 between the two databases.
 

@@ -240,3 +240,28 @@ def test_two_replicas_unparking_at_once_bill_a_parked_measure_once(store_url: st
     assert stores[0].parked_rows() == []
     for s in stores:
         s.close()
+
+
+def test_values_the_database_refuses_are_dead_lettered_and_the_rest_flows(store: Store) -> None:
+    collector = Collector(store, Settings(), Clock(T0 + 3 * HOUR))
+    good_key, good_event = usage_event("VM.CREATE", VM1, ACCT_A, T0 - HOUR)
+    _, huge_event = usage_event("VM.CREATE", "x" * 5000, ACCT_A, T0 - HOUR)
+    out = collector.apply_events([Record(huge_event, None, "e1"), Record(good_event, good_key, "e2")])
+    huge_stream, good_stream = Stream("s" * 3000), Stream("s-good")
+    batches = [
+        Record(huge_stream.batch([M(T0, T0 + 1000, 5)]), None, "m1"),
+        Record(good_stream.batch([M(T0, T0 + 1000, 7)]), None, "m2"),
+    ]
+    out.add(collector.apply_batches(batches))
+    assert byte_usage(store) == {key(): 7 + (5 if not store.is_postgres else 0)}
+    if store.is_postgres:  # SQLite stores any length; PostgreSQL refuses what exceeds a column
+        assert sorted((d.origin, d.reason) for d in out.dead_letters) == [
+            ("e1", "unstorable"),
+            ("m1", "unstorable"),
+        ]
+        assert {(r["origin"], r["reason"]) for r in store.dead_letter_rows()} == {
+            ("e1", "unstorable"),
+            ("m1", "unstorable"),
+        }
+    else:
+        assert out.dead_letters == []
