@@ -3,7 +3,7 @@
 # debhelper + pybuild, in a copy (build/packages/deb/kvmeter); the packages land in dist/.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-work=$top/build/packages/deb
+work=$build_root/deb
 src=$work/kvmeter
 
 require_configs

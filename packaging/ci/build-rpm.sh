@@ -6,7 +6,7 @@
 # --nodeps: the build host's rpm database is empty on Debian; the spec needs nothing from it.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
-work=$top/build/packages/rpm
+work=$build_root/rpm
 version=$(upstream_version)
 
 require_configs

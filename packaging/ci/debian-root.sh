@@ -2,6 +2,7 @@
 # A clean Debian 12 root for the package install test, from a cached debootstrap tarball.
 #   debian-root.sh create DIR    unpack the cached base (made on first use) into DIR, mount /proc
 #   debian-root.sh destroy DIR   unmount and delete DIR
+#   debian-root.sh apt DIR ARGS  apt-get ARGS inside DIR (serialised: the download cache is shared)
 # The base has only Debian's packages (debootstrap minbase of bookworm + apt lists). Downloaded
 # .debs are kept in $KVMETER_CI_CACHE/apt-archives and bind-mounted, so a warm run downloads nothing.
 set -euo pipefail
@@ -61,9 +62,19 @@ destroy() {
 	rm -rf --one-file-system "$root"
 }
 
+apt() {
+	local root=$1
+	shift
+	exec 8>"$CACHE/apt.lock"
+	flock 8
+	chroot "$root" env DEBIAN_FRONTEND=noninteractive PATH="$PATH" \
+		apt-get -q -o APT::Sandbox::User=root "$@"
+}
+
 case "${1:-}" in
 create) [ -n "${2:-}" ] || die "usage: $0 create DIR"; create "$2" ;;
 destroy) [ -n "${2:-}" ] || die "usage: $0 destroy DIR"; destroy "$2" ;;
+apt) [ -n "${2:-}" ] || die "usage: $0 apt DIR ARGS..."; root=$2; shift 2; apt "$root" "$@" ;;
 base) ensure_base ;;
-*) die "usage: $0 create DIR | destroy DIR | base" ;;
+*) die "usage: $0 create DIR | destroy DIR | apt DIR ARGS... | base" ;;
 esac

@@ -3,6 +3,8 @@
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 dist=${DIST_DIR:-$top/dist}
+# Where the copies are built (a test passes its own, so concurrent runs do not collide).
+build_root=${PACKAGE_BUILD_DIR:-$top/build/packages}
 
 die() { echo "$(basename "$0"): $*" >&2; exit 1; }
 

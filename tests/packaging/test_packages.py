@@ -85,15 +85,16 @@ class DebianRoot:
     def ok(self, *cmd: str, user: str | None = None) -> str:
         return _ok(self.run(*cmd, user=user))
 
+    def apt(self, *args: str) -> str:
+        """apt-get inside the root (through debian-root.sh: the download cache is shared)."""
+        return _ok(_run([str(CI / "debian-root.sh"), "apt", str(self.path), *args]))
+
     def apt_install(self, *debs: Path) -> str:
         inside = []
         for deb in debs:
             shutil.copy(deb, self.path / "tmp")
             inside.append(f"/tmp/{deb.name}")
-        return self.ok(
-            "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "-o", "APT::Sandbox::User=root",
-            "install", "-y", "--no-install-recommends", *inside,
-        )  # fmt: skip
+        return self.apt("install", "-y", "--no-install-recommends", *inside)
 
     def stat(self, path: str) -> str:
         return self.ok("stat", "-c", "%U:%G %a", path).strip()
@@ -103,8 +104,9 @@ class DebianRoot:
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`make packages` into a private directory: the .debs and the .rpms of this tree."""
     out = tmp_path_factory.mktemp("dist")
+    work = tmp_path_factory.mktemp("package-build")
     for script in ("build-deb.sh", "build-rpm.sh"):
-        _ok(_run([str(CI / script)], env={"DIST_DIR": str(out)}))
+        _ok(_run([str(CI / script)], env={"DIST_DIR": str(out), "PACKAGE_BUILD_DIR": str(work)}))
     return out
 
 
@@ -121,7 +123,7 @@ def root(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Debia
     _ok(_run([str(CI / "debian-root.sh"), "create", str(path)], timeout=900))
     try:
         chroot = DebianRoot(path)
-        chroot.ok("apt-get", "-q", "-o", "APT::Sandbox::User=root", "update")
+        chroot.apt("update")
         chroot.apt_install(*(_deb(dist, name) for name in DEBS))
         yield chroot
     finally:
@@ -359,11 +361,11 @@ def test_upgrade_keeps_config_and_spool_purge_removes_data(
     assert (root.path / "var/lib/kvmeter/agent/spool-marker").read_text() == "undelivered"
     assert root.stat("/etc/kvmeter/agent.toml") == "root:kvmeter 640"
 
-    root.ok("apt-get", "-q", "remove", "-y", "kvmeter-agent", "kvmeter-collector")
+    root.apt("remove", "-y", "kvmeter-agent", "kvmeter-collector")
     assert (root.path / "etc/kvmeter/agent.toml").exists()
     assert (root.path / "var/lib/kvmeter/agent/spool-marker").exists()
 
-    root.ok("apt-get", "-q", "purge", "-y", "kvmeter-agent", "kvmeter-collector")
+    root.apt("purge", "-y", "kvmeter-agent", "kvmeter-collector")
     assert not (root.path / "etc/kvmeter/agent.toml").exists()
     assert not (root.path / "var/lib/kvmeter/agent").exists()
     assert not (root.path / "var/lib/kvmeter/collector").exists()
