@@ -1,0 +1,82 @@
+"""The collector's TOML configuration: defaults, the shipped example, every bad key at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmeter.collector import config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "config" / "collector.toml.example"
+
+
+def test_the_shipped_example_is_valid_and_states_the_defaults() -> None:
+    cfg = config.load(EXAMPLE)
+    defaults = config.CollectorConfig()
+    assert cfg.db_url == defaults.db_url
+    assert cfg.settings == defaults.settings
+    assert cfg.settings.billable == frozenset({"public"})
+    assert (cfg.kafka.measures_topic, cfg.kafka.lifecycle_topic) == ("kvmeter.measures", "cloudstack")
+    assert (cfg.api.host, cfg.api.port, cfg.api.token) == ("127.0.0.1", 8480, "")
+
+
+def test_every_bad_key_is_reported_at_once() -> None:
+    doc = {
+        "bogus": 1,
+        "store": {"url": "mysql://x"},
+        "kafka": {"bootstrap": 9092, "batch_size": 0},
+        "usage": {"window_seconds": 7, "billable_traffic_types": ["publik"], "grace_seconds": -1},
+        "api": {"listen": "everywhere"},
+    }
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict(doc, "collector.toml")
+    problems = err.value.problems
+    assert len(problems) == 8
+    for where in ("(top level)", "store.url", "kafka.bootstrap", "kafka.batch_size", "usage.grace_seconds",
+                  "usage.billable_traffic_types.0", "api.listen"):  # fmt: skip
+        assert any(p.startswith(where + ":") for p in problems), where
+    assert "usage.window_seconds: 7 does not divide a day (86400)" in problems
+
+
+def test_settings_router_owners_and_token_files(tmp_path: Path) -> None:
+    (tmp_path / "owners.toml").write_text('"r-5-VM" = "acct-net-owner"\n')
+    (tmp_path / "token").write_text("t0ken\n")
+    path = tmp_path / "collector.toml"
+    path.write_text(
+        """
+[store]
+url = "postgresql://kvmeter@db/kvmeter"
+[usage]
+window_seconds = 900
+grace_seconds = 60
+park_horizon_seconds = 600
+billable_traffic_types = ["public", "guest"]
+router_owners_file = "owners.toml"
+[api]
+listen = "0.0.0.0:9000"
+token_file = "token"
+"""
+    )
+    cfg = config.load(path)
+    assert (cfg.settings.window_ms, cfg.settings.grace_ms, cfg.settings.park_horizon_ms) == (
+        900_000,
+        60_000,
+        600_000,
+    )
+    assert cfg.settings.billable == frozenset({"public", "guest"})
+    assert dict(cfg.settings.routers) == {"r-5-VM": "acct-net-owner"}
+    assert (cfg.api.host, cfg.api.port, cfg.api.token) == ("0.0.0.0", 9000, "t0ken")
+
+
+def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(config.ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[usage\n")
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(bad)
+    owners = tmp_path / "owners.toml"
+    owners.write_text('"r-5-VM" = 5\n')
+    with pytest.raises(config.ConfigError, match="router_owners_file"):
+        config.from_dict({"usage": {"router_owners_file": str(owners)}})
