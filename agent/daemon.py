@@ -25,7 +25,14 @@ from typing import Any, Callable, Protocol
 from kvmeter.agent.config import AgentConfig
 from kvmeter.agent.counters import Stats, parse_proc_net_dev, read_link_mac, read_proc_net_dev, to_sample
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
-from kvmeter.agent.measures import UNSWAPPED_NIC_TYPES, Attribution, build_batch, domain_inventory
+from kvmeter.agent.measures import (
+    UNSWAPPED_NIC_TYPES,
+    Attribution,
+    Templates,
+    build_batch,
+    domain_inventory,
+    vm_directions,
+)
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import CounterKey, CounterSample, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.publish import Publisher
@@ -37,6 +44,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 # NIC types whose host side has no kernel interface in this namespace: counters come from libvirt.
 LIBVIRT_COUNTED_NIC_TYPES = frozenset({"vhostuser"})
+# Domains without host interfaces: their NICs are not looked for among the links.
+INACTIVE_STATES = frozenset({"shutoff", "gone"})
 
 
 class InventoryLike(Protocol):
@@ -67,6 +76,19 @@ class _Event:
 def tap_mac(guest_mac: str) -> str:
     """The MAC libvirt gives a NIC's host-side tap: the guest MAC with 0xfe as first byte."""
     return "fe:" + guest_mac.lower().split(":", 1)[1]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two inventory signatures: the same domain and placement objects, equal names/ifindexes."""
+    if b is None:
+        return False
+    return (
+        len(a[0]) == len(b[0])
+        and all(x is y for x, y in zip(a[0], b[0]))
+        and len(a[1]) == len(b[1])
+        and all(x is y or x == y for x, y in zip(a[1], b[1]))
+        and a[2] == b[2]
+    )
 
 
 def _ms(seconds: float) -> int:
@@ -113,7 +135,10 @@ class Agent:
         self._carry: list[_Event] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
         self._macs: dict[tuple[str, int], str | None] = {}
-        self._last_inventory: bytes | None = None
+        self._committed_state: dict[str, Any] | None = None
+        self._key_cache: dict[tuple[str, int], CounterKey] = {}
+        self._templates = Templates()
+        self._last_inventory: Any = None  # what the last inventory sent was built from
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
 
@@ -151,7 +176,7 @@ class Agent:
     def poll_once(self, *, final: bool = False, dry_run: bool = False) -> pb.MeasureBatch:
         """Read, compute, spool (unless dry_run) and hand to the publisher. Returns the batch."""
         started = time.perf_counter()
-        saved_engine = self.engine.to_state()
+        saved_engine = self._committed_state or self.engine.to_state()
         events = self._carry + self._drain()
         self._carry = []
         try:
@@ -159,6 +184,7 @@ class Agent:
         except BaseException:
             # Nothing of this poll reached the disk: undo it, so no byte is lost or counted twice.
             self.engine = DeltaEngine.from_state(self.boot_id, saved_engine, self.engine.config)
+            self._committed_state = saved_engine
             self._carry = events
             self.metrics.poll_errors.inc()
             raise
@@ -183,12 +209,13 @@ class Agent:
         now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
         stable = {name: i for name, i in after.items() if before.get(name) == i}
         devices = self._metered(stable)
-        present = [CounterKey(self.boot_id, i, name) for name, i in stable.items()]
+        keys = self._keys_for(stable)
+        present = list(keys.values())
 
         samples: list[CounterSample] = []
         for name, stats in table.items():
-            if name in devices and name in stable:
-                key = CounterKey(self.boot_id, stable[name], name)
+            if name in devices and name in keys:
+                key = keys[name]
                 samples.append(to_sample(key, stats))
                 self._remember(key, *devices[name])
         samples += self._libvirt_counted(devices, table)
@@ -222,6 +249,7 @@ class Agent:
             attribution=self._attribution,
             inventory=self._inventory_if_due(stable),
             final=final,
+            templates=self._templates,
         )
         for d in unattributed:
             if d.rx_bytes or d.tx_bytes:
@@ -230,12 +258,14 @@ class Agent:
             self.seq -= 1
             return batch
         try:
-            state = {"v": STATE_VERSION, "engine": self.engine.to_state()}
+            engine_state = self.engine.to_state()
+            state = {"v": STATE_VERSION, "engine": engine_state}
             self.spool.append(self.stream_id, self.seq, batch.SerializeToString(), state, now_ms)
         except BaseException:
             self.seq -= 1
             raise
-        self._count(batch, deltas)
+        self._committed_state = engine_state  # the rollback point of the next poll
+        self._count(deltas)
         self._forget_closed()
         return batch
 
@@ -253,7 +283,8 @@ class Agent:
                 if nic.device and nic.device in links and nic.device not in devices:
                     devices[nic.device] = (domain, nic)
                 elif nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES:
-                    unresolved.append((domain, nic))
+                    if domain.state not in INACTIVE_STATES:
+                        unresolved.append((domain, nic))
                 elif nic.device:
                     devices[nic.device] = (domain, nic)
         if unresolved:
@@ -279,9 +310,31 @@ class Agent:
                 by_mac[mac] = key[0]
         return by_mac
 
+    def _keys_for(self, links: Mapping[str, int]) -> dict[str, CounterKey]:
+        """name -> CounterKey, the same objects from poll to poll (cheap to hash and compare)."""
+        cache = self._key_cache
+        keys = {}
+        for name, ifindex in links.items():
+            key = cache.get((name, ifindex))
+            if key is None:
+                key = cache[(name, ifindex)] = CounterKey(self.boot_id, ifindex, name)
+            keys[name] = key
+        if len(cache) > 2 * len(keys) + 64:
+            self._key_cache = {(k.name, k.ifindex): k for k in keys.values()}
+        return keys
+
     def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo) -> None:
+        """Attribution for this poll; the same object while nothing changed (topology and
+        inventory hand out the same objects until something changes), so measure templates hold."""
         placement = self.topology.placement(key.name) if key.ifindex else LinkPlacement(bridge=nic.bridge)
-        self._attribution[key] = Attribution(domain, nic, placement)
+        known = self._attribution.get(key)
+        if (
+            known is None
+            or known.domain is not domain
+            or known.nic is not nic
+            or known.placement != placement
+        ):
+            self._attribution[key] = Attribution(domain, nic, placement)
 
     def _libvirt_counted(
         self, devices: Mapping[str, tuple[DomainInfo, NicInfo]], table: Mapping[str, Stats]
@@ -305,32 +358,47 @@ class Agent:
         return samples
 
     def _forget_closed(self) -> None:
-        tracked = self.engine.tracked()
-        for key in list(self._attribution):
-            if key not in tracked:
+        tracked = self.engine.tracked_keys()
+        if len(self._attribution) > len(tracked):
+            for key in [k for k in self._attribution if k not in tracked]:
                 del self._attribution[key]
+        if len(self._templates) > 2 * len(tracked):
+            self._templates.keep_only(tracked)
 
     def _inventory_if_due(self, ifindexes: Mapping[str, int]) -> list[pb.DomainInventory] | None:
-        domains = sorted(self.inventory.snapshot().values(), key=lambda d: d.uuid)
+        """The full inventory on the first batch, on any change, and every inventory_every polls."""
+        domains = tuple(sorted(self.inventory.snapshot().values(), key=lambda d: d.uuid))
         placements = {}
         for domain in domains:
             for nic in domain.nics:
                 if nic.device and nic.device in ifindexes:
                     placements[nic.device] = self.topology.placement(nic.device)
-        inventory = [domain_inventory(d, placements, ifindexes) for d in domains]
-        digest = b"".join(i.SerializeToString(deterministic=True) for i in inventory)
+        # Inventory and topology hand out the same objects until something changes: comparing
+        # identities is far cheaper than building (or comparing) the inventory every poll.
+        signature = (domains, tuple(placements.values()), tuple((d, ifindexes[d]) for d in placements))
         self._polls_since_inventory += 1
-        if digest == self._last_inventory and self._polls_since_inventory < self.config.inventory_every:
+        if (
+            _same(signature, self._last_inventory)
+            and self._polls_since_inventory < self.config.inventory_every
+        ):
             return None
-        self._last_inventory = digest
+        self._last_inventory = signature
         self._polls_since_inventory = 0
-        return inventory
+        return [domain_inventory(d, placements, ifindexes) for d in domains]
 
-    def _count(self, batch: pb.MeasureBatch, deltas: list[Delta]) -> None:
-        names = {pb.VM_RX: "vm_rx", pb.VM_TX: "vm_tx"}
-        for m in batch.measures:
-            traffic = pb.TrafficType.Name(m.traffic_type).lower()
-            self.metrics.bytes.labels(traffic, names.get(m.direction, "unknown")).inc(m.bytes)
+    def _count(self, deltas: list[Delta]) -> None:
+        sums: dict[tuple[str, str], int] = {}
+        for d in deltas:
+            who = self._attribution.get(d.key)
+            if who is None:
+                continue
+            (rx, _), (tx, _) = vm_directions(d, who.nic.nic_type)
+            traffic = who.placement.traffic_type
+            sums[(traffic, "vm_rx")] = sums.get((traffic, "vm_rx"), 0) + rx
+            sums[(traffic, "vm_tx")] = sums.get((traffic, "vm_tx"), 0) + tx
+        for (traffic, direction), nbytes in sums.items():
+            if nbytes:
+                self.metrics.bytes.labels(traffic, direction).inc(nbytes)
         for d in deltas:
             if d.quarantine_reason is not None:
                 self.metrics.quarantines.inc()

@@ -22,7 +22,7 @@ Rules (each has a table test in tests/unit/test_delta.py):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, KeysView
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +56,7 @@ class _Counter:
     end_ms: int  # wall-clock end of the last interval: the next one starts here
     mono_ms: int  # monotonic time of the last reading
     absent_polls: int = 0
+    seen: int = 0  # the engine's poll number when a sample last advanced it
 
 
 def _values(sample: CounterSample) -> tuple[int, int, int, int]:
@@ -76,6 +77,7 @@ class DeltaEngine:
         self._closed: set[CounterKey] = set()  # keys finished by a final sample
         self._last_poll: tuple[int, int] | None = None  # (wall ms, mono ms) of the last poll
         self._fresh = True  # no poll yet and no saved state
+        self._polls = 0
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -102,15 +104,41 @@ class DeltaEngine:
             self._preexisting = set(present_keys) - set(self._created)
             self._fresh = False
         deltas: list[Delta] = []
-        tracked_names = {k.name: k for k in self._counters}
+        self._polls += 1
+        counters = self._counters
+        min_elapsed = self.config.min_elapsed_ms
+        ceiling = self.config.line_rate_ceiling_bps
+        tracked_names: dict[str, CounterKey] | None = None
         for sample in samples:
-            if sample.key in self._closed:
+            key = sample.key
+            prev = counters.get(key)
+            if prev is not None:
+                # Fast path (nearly every counter, every poll): all four grew within the ceiling.
+                rxb = sample.rx_bytes - prev.rx_bytes
+                txb = sample.tx_bytes - prev.tx_bytes
+                rxp = sample.rx_packets - prev.rx_packets
+                txp = sample.tx_packets - prev.tx_packets
+                elapsed = mono_ms - prev.mono_ms
+                max_bytes = ceiling * (elapsed if elapsed > min_elapsed else min_elapsed) // 8000
+                if rxb >= 0 and txb >= 0 and rxp >= 0 and txp >= 0 and rxb <= max_bytes and txb <= max_bytes:
+                    start = prev.end_ms
+                    end = now_ms if now_ms > start else start + 1
+                    prev.rx_bytes, prev.tx_bytes = sample.rx_bytes, sample.tx_bytes
+                    prev.rx_packets, prev.tx_packets = sample.rx_packets, sample.tx_packets
+                    prev.end_ms, prev.mono_ms, prev.seen = end, mono_ms, self._polls
+                    if rxb or txb or rxp or txp:
+                        deltas.append(Delta(key, start, end, rxb, txb, rxp, txp))
+                    continue
+            elif self._closed and key in self._closed:
                 continue  # a reading older than the final sample that closed it
-            older = tracked_names.get(sample.key.name)
-            if older is not None and older != sample.key:
-                # The name's previous incarnation is still open: its final sample (or its
-                # forgetting) comes first, then this one counts from zero.
-                continue
+            else:
+                if tracked_names is None:
+                    tracked_names = {k.name: k for k in counters}
+                older = tracked_names.get(key.name)
+                if older is not None and older != key:
+                    # The name's previous incarnation is still open: its final sample (or its
+                    # forgetting) comes first, then this one counts from zero.
+                    continue
             delta = self._advance(sample, now_ms, mono_ms, final=False)
             if delta is not None:
                 deltas.append(delta)
@@ -142,7 +170,7 @@ class DeltaEngine:
         if prev is None:
             if key in self._preexisting and key not in self._created:
                 self._preexisting.discard(key)
-                self._counters[key] = _Counter(*cur, end_ms=now_ms, mono_ms=mono_ms)
+                self._counters[key] = _Counter(*cur, end_ms=now_ms, mono_ms=mono_ms, seen=self._polls)
                 return None  # baseline: existed before kvmeter could account for it
             # Born while running: it counts from zero since (at the latest) the previous poll.
             start_ms, start_mono = self._last_poll if self._last_poll else (now_ms, mono_ms)
@@ -157,7 +185,7 @@ class DeltaEngine:
         moved, wrapped, reset = _differences(old, cur, limits, final=final)
         start_ms = prev.end_ms
         end_ms = max(now_ms, start_ms + 1)  # contiguous, never inverted: the clock may step back
-        self._counters[key] = _Counter(*cur, end_ms=end_ms, mono_ms=mono_ms)
+        self._counters[key] = _Counter(*cur, end_ms=end_ms, mono_ms=mono_ms, seen=self._polls)
         reason = None
         over = [n for n, m, lim in zip(("rx", "tx"), moved[:2], limits[:2]) if m > lim]
         if over:
@@ -183,23 +211,27 @@ class DeltaEngine:
         )
 
     def _age_absent(self, present: set[CounterKey]) -> None:
-        for key in list(self._counters):
-            counter = self._counters[key]
-            if key in present:
+        for key, counter in list(self._counters.items()):
+            if counter.seen == self._polls or key in present:
                 counter.absent_polls = 0
                 continue
             counter.absent_polls += 1
             if counter.absent_polls >= ABSENT_POLLS_BEFORE_FORGET:
                 del self._counters[key]
         # Closed, created and pre-existing keys only matter while the link exists.
-        self._closed &= present
-        self._preexisting &= present
+        if self._closed:
+            self._closed &= present
+        if self._preexisting:
+            self._preexisting &= present
         for key in list(self._created):
             self._created[key] = 0 if key in present else self._created[key] + 1
             if self._created[key] >= ABSENT_POLLS_BEFORE_FORGET:
                 del self._created[key]
 
     # -- state --------------------------------------------------------------------------------
+
+    def tracked_keys(self) -> KeysView[CounterKey]:
+        return self._counters.keys()
 
     def tracked(self) -> dict[CounterKey, tuple[int, int, int, int]]:
         """Last values per tracked counter (rx_bytes, tx_bytes, rx_packets, tx_packets)."""

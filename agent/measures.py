@@ -7,8 +7,9 @@ host side is what the VM received, so a tap's host tx is VM_RX. A macvtap (libvi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.proto import SCHEMA_VERSION, pb
@@ -56,35 +57,73 @@ def vm_directions(delta: Delta, nic_type: str) -> tuple[tuple[int, int], tuple[i
     return host_tx, host_rx
 
 
-def measures_for(delta: Delta, who: Attribution) -> list[pb.IPMeasure]:
-    """One IPMeasure per direction that moved (bytes or packets)."""
+def measure_template(key: CounterKey, who: Attribution, direction: int) -> pb.IPMeasure:
+    """The fields of a measure that stay the same from poll to poll for one counter."""
+    m = pb.IPMeasure(
+        header=SCHEMA_VERSION,
+        saddr=0,  # the agent does not know guest addresses; the collector attributes by NIC
+        direction=direction,
+        traffic_type=TRAFFIC_ENUM.get(who.placement.traffic_type, pb.TRAFFIC_UNKNOWN),
+        device=key.name,
+        mac=who.nic.mac,
+        instance_uuid=who.domain.uuid,
+        domain_name=who.domain.name,
+        ifindex=key.ifindex,
+    )
+    bridge = who.placement.bridge or who.nic.bridge
+    if bridge:
+        m.bridge = bridge
+    if who.placement.vlan_id is not None:
+        m.vlan_id = who.placement.vlan_id
+    if who.placement.vxlan_vni is not None:
+        m.vxlan_vni = who.placement.vxlan_vni
+    return m
+
+
+class Templates:
+    """Measure templates per (counter, direction), rebuilt when the Attribution object changes:
+    copying a template is about twice as fast as setting every field (2,000 NICs per poll)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[CounterKey, int], tuple[Attribution, pb.IPMeasure]] = {}
+
+    def get(self, key: CounterKey, who: Attribution, direction: int) -> pb.IPMeasure:
+        hit = self._cache.get((key, direction))
+        if hit is not None and hit[0] is who:
+            return hit[1]
+        template = measure_template(key, who, direction)
+        self._cache[(key, direction)] = (who, template)
+        return template
+
+    def keep_only(self, keys: Container[CounterKey]) -> None:
+        for cached in [k for k in self._cache if k[0] not in keys]:
+            del self._cache[cached]
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+def measures_for(
+    delta: Delta, who: Attribution, into: Any = None, templates: Templates | None = None
+) -> list[pb.IPMeasure]:
+    """One IPMeasure per direction that moved (bytes or packets), added to `into` (a repeated
+    IPMeasure field: no copy) or to a new list."""
     out = []
     rx, tx = vm_directions(delta, who.nic.nic_type)
     for direction, (nbytes, npackets) in ((pb.VM_RX, rx), (pb.VM_TX, tx)):
         if nbytes <= 0 and npackets <= 0:
             continue
-        m = pb.IPMeasure(
-            header=SCHEMA_VERSION,
-            saddr=0,  # the agent does not know guest addresses; the collector attributes by NIC
-            bytes=nbytes,
-            start=delta.start_ms,
-            end=delta.end_ms,
-            direction=direction,
-            packets=npackets,
-            traffic_type=TRAFFIC_ENUM.get(who.placement.traffic_type, pb.TRAFFIC_UNKNOWN),
-            device=delta.key.name,
-            mac=who.nic.mac,
-            instance_uuid=who.domain.uuid,
-            domain_name=who.domain.name,
-            ifindex=delta.key.ifindex,
+        template = (
+            templates.get(delta.key, who, direction)
+            if templates is not None
+            else measure_template(delta.key, who, direction)
         )
-        bridge = who.placement.bridge or who.nic.bridge
-        if bridge:
-            m.bridge = bridge
-        if who.placement.vlan_id is not None:
-            m.vlan_id = who.placement.vlan_id
-        if who.placement.vxlan_vni is not None:
-            m.vxlan_vni = who.placement.vxlan_vni
+        m = into.add() if into is not None else pb.IPMeasure()
+        m.CopyFrom(template)
+        m.bytes = nbytes
+        m.packets = npackets
+        m.start = delta.start_ms
+        m.end = delta.end_ms
         if delta.final_at_delete:
             m.final_at_delete = True
         if delta.wrapped:
@@ -142,6 +181,7 @@ def build_batch(
     attribution: Mapping[CounterKey, Attribution],
     inventory: Iterable[pb.DomainInventory] | None = None,
     final: bool = False,
+    templates: Templates | None = None,
 ) -> tuple[pb.MeasureBatch, list[Delta]]:
     """The batch for one poll, and the deltas that had no attribution (not a VM NIC: ignored)."""
     batch = pb.MeasureBatch(
@@ -159,7 +199,7 @@ def build_batch(
         if who is None:
             unattributed.append(delta)
             continue
-        batch.measures.extend(measures_for(delta, who))
+        measures_for(delta, who, batch.measures, templates)
     if inventory is not None:
         batch.inventory.extend(inventory)
     return batch, unattributed
