@@ -57,7 +57,7 @@ def vm_directions(delta: Delta, nic_type: str) -> tuple[tuple[int, int], tuple[i
     return host_tx, host_rx
 
 
-def measure_template(key: CounterKey, who: Attribution, direction: int) -> pb.IPMeasure:
+def measure_template(key: CounterKey, who: Attribution, direction: pb.Direction) -> pb.IPMeasure:
     """The fields of a measure that stay the same from poll to poll for one counter."""
     m = pb.IPMeasure(
         header=SCHEMA_VERSION,
@@ -87,7 +87,7 @@ class Templates:
     def __init__(self) -> None:
         self._cache: dict[tuple[CounterKey, int], tuple[Attribution, pb.IPMeasure]] = {}
 
-    def get(self, key: CounterKey, who: Attribution, direction: int) -> pb.IPMeasure:
+    def get(self, key: CounterKey, who: Attribution, direction: pb.Direction) -> pb.IPMeasure:
         hit = self._cache.get((key, direction))
         if hit is not None and hit[0] is who:
             return hit[1]
