@@ -91,6 +91,12 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         server = serve(store, cfg.api.host, cfg.api.port, token=cfg.api.token, metrics=metrics)
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on http://%s:%d", cfg.api.host, server.port)
+    logging.getLogger(__name__).info(
+        "measures %s (group %s), lifecycle %s, on %s; store %s; window %d s, grace %d s, billable %s",
+        cfg.kafka.measures_topic, cfg.kafka.group, cfg.kafka.lifecycle_topic, cfg.kafka.bootstrap,
+        store.engine.url.render_as_string(hide_password=True), cfg.settings.window_ms // 1000,
+        cfg.settings.grace_ms // 1000, ",".join(sorted(cfg.settings.billable)),
+    )  # fmt: skip
     try:
         live.run()
     finally:

@@ -3,12 +3,14 @@ offsets not yet) and at an arbitrary one mid-stream; after restarts every byte i
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import sqlalchemy as sa
 from kvmeter.collector.store import Store, stream_marks
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, VM1, VM2, M, Stream, usage_event
+from tests.harness.ports import free_port
 from tests.integration.test_consume_live import produce, wait_for
 
 pytestmark = pytest.mark.broker
@@ -50,6 +53,17 @@ def build(
                 expected[(account, usage_type)] = expected.get((account, usage_type), 0) + nbytes
             records.append((host.encode(), stream.batch(measures)))
     return events, records, expected
+
+
+def http_get(port: int, path: str, token: str | None = "tok") -> bytes:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return bytes(resp.read())
+    except OSError:
+        return b""
 
 
 def billed(db: Path) -> dict[tuple[str, int], int]:
@@ -87,8 +101,8 @@ def test_kill_9_mid_stream_bills_nothing_twice_and_loses_nothing(
     produce(kafka_bootstrap, measures, records)
     db = tmp_path / "usage.db"
     config = tmp_path / "collector.toml"
-    config.write_text(
-        f"""
+    port = free_port()
+    text = f"""
 [store]
 url = "sqlite:///{db}"
 [kafka]
@@ -104,8 +118,10 @@ batch_size = 3
 tick_seconds = 0.5
 [api]
 enabled = false
+listen = "127.0.0.1:{port}"
+token = "tok"
 """
-    )
+    config.write_text(text)
     total = len(records)
     log = (tmp_path / "collector.log").open("ab")
 
@@ -132,10 +148,25 @@ enabled = false
         second.wait(30)
     assert applied(db) < total
 
-    # 3. Runs to the end and stops cleanly on SIGTERM.
+    # 3. Runs to the end, serves its API meanwhile, and stops cleanly on SIGTERM.
+    config.write_text(text.replace("enabled = false", "enabled = true"))
     third = start()
     try:
         wait_for(lambda: applied(db) == total, 90, "every batch applied")
+        wait_for(lambda: b"kvmeter_consumer_lag{" in http_get(port, "/metrics"), 30, "lag measured")
+        metrics = http_get(port, "/metrics").decode()
+        assert 'kvmeter_consumer_lag{partition="0"' in metrics
+        assert "kvmeter_store_dead_letters 0.0" in metrics
+        health = json.loads(http_get(port, "/health", token=None))
+        assert health["status"] == "ok"
+        usage = json.loads(http_get(port, f"/v1/usage?start={base}&end={base + HOUR}"))["usage"]
+        via_api: dict[tuple[str, int], int] = {}
+        for r in usage:
+            if r["usage_type"] in (4, 5):
+                via_api[(r["account"], r["usage_type"])] = (
+                    via_api.get((r["account"], r["usage_type"]), 0) + r["quantity"]
+                )
+        assert via_api == expected
     finally:
         third.send_signal(signal.SIGTERM)
         code = third.wait(30)
