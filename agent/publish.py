@@ -63,6 +63,9 @@ class Publisher:
         self.max_in_flight = max_in_flight
         self.metrics = metrics
         self._config = producer_config(bootstrap, properties)
+        # librdkafka's own errors (broker down, authentication) and logs, through Python logging
+        self._config.setdefault("error_cb", self._on_client_error)
+        self._config.setdefault("logger", logging.getLogger("kvmeter.agent.kafka"))
         self._factory = producer_factory
         self._producer = producer_factory(self._config)
         self._in_flight: dict[tuple[int, int], Frame] = {}
@@ -120,6 +123,13 @@ class Publisher:
                 err,
             )
         self._failed = True
+
+    def _on_client_error(self, err: Any) -> None:
+        self.errors += 1
+        self.last_error = str(err)
+        if self.metrics is not None:
+            self.metrics.publish_errors.inc()
+        log.warning("kafka: %s (batches stay in the spool until the broker takes them)", err)
 
     def _rebuild(self) -> None:
         """Drop the producer and its queue; everything not acknowledged is produced again."""

@@ -74,6 +74,7 @@ def test_broker_away_then_back_drains_everything_in_order(tmp_path: Path) -> Non
         spool.append(b.stream_id, b.seq, b.SerializeToString(), {}, seq)
         publisher.service(0.3)
     assert [f.seq for f in spool.pending()] == [1, 2, 3, 4, 5]
+    assert publisher.errors > 0  # the client's "broker down" errors are seen (and counted)
     broker = Broker(port=port, log_dir=tmp_path).start()
     try:
         try:
