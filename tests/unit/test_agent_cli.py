@@ -4,6 +4,7 @@ problem; logs are one journal line per record with a syslog priority prefix."""
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -36,8 +37,6 @@ def test_journal_formatter_prefixes_priority_and_keeps_tracebacks_on_one_line() 
     try:
         raise ValueError("boom")
     except ValueError:
-        import sys
-
         record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     line = formatter.format(record)
     assert line.startswith("<3>x: failed | Traceback")
