@@ -46,6 +46,11 @@ class Metrics:
         self.billed_bytes = Counter("kvmeter_billed_bytes", "Bytes added to usage records", registry=r)
         self.parked = Counter("kvmeter_measures_parked", "Measures parked (owner not yet known)", registry=r)
         self.unparked = Counter("kvmeter_measures_unparked", "Parked measures attributed later", registry=r)
+        self.unattributed = Counter(
+            "kvmeter_measures_unattributed",
+            "Parked measures reported as unattributed past the horizon",
+            registry=r,
+        )
         self.quarantined = Counter("kvmeter_measures_quarantined", "Measures quarantined", registry=r)
         self.events = Counter("kvmeter_lifecycle_events", "New lifecycle events stored", registry=r)
         self.records = Counter("kvmeter_usage_records_written", "Usage record rows written", registry=r)
@@ -69,6 +74,7 @@ class Metrics:
         self.billed_bytes.inc(out.billed_bytes)
         self.parked.inc(out.parked)
         self.unparked.inc(out.unparked)
+        self.unattributed.inc(out.unattributed)
         self.quarantined.inc(out.quarantined)
         self.events.inc(out.events)
         self.records.inc(out.records)

@@ -8,7 +8,9 @@ live consumer and for batch ingest. The clock is injected (ms since the epoch).
                              from all its stored events -> its time-based records for every window
                              up to now (same transaction) -> attribute parked measures it explains.
     tick()                   grow open time-based windows, finalize windows past the grace period,
-                             retry parked measures when ownership knowledge changed.
+                             retry parked measures when ownership knowledge changed, report
+                             measures parked past the horizon as UNATTRIBUTED usage (they stay
+                             parked; a later owner takes the bytes over from UNATTRIBUTED).
 
 A change to a final window is an adjustment row (store), never a rewrite. Bad input is
 dead-lettered with its bytes and the rest goes on.
@@ -28,7 +30,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from kvmeter.collector import cloudstack, decode, lifecycle, usage
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.errors import BadInput
-from kvmeter.collector.model import Measure, ResourceHistory, Segment, UsageKey
+from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, Segment, UsageKey
 from kvmeter.collector.store import DeadLetter, Store
 from kvmeter.collector.windows import check_window, window_start
 from kvmeter.proto import pb
@@ -68,6 +70,7 @@ class Outcome:
     billed_bytes: int = 0
     parked: int = 0
     unparked: int = 0
+    unattributed: int = 0  # parked measures newly reported as unattributed
     quarantined: int = 0
     events: int = 0
     known_events: int = 0
@@ -186,7 +189,10 @@ class Collector:
         return out
 
     def _attribute(
-        self, measures: Iterable[Measure], out: Outcome
+        self,
+        measures: Iterable[Measure],
+        out: Outcome,
+        owner_at: Callable[[Measure], str | None] | None = None,
     ) -> tuple[dict[UsageKey, int], dict[UsageKey, tuple[str, str]], list[Measure], list[Measure]]:
         """In memory: byte increments summed per record key; measures to park / quarantine.
 
@@ -196,7 +202,7 @@ class Collector:
         split. tests/unit/test_aggregate.py holds the two paths equal.
         """
         window, billable = self.settings.window_ms, self.settings.billable
-        owner_at = self.index.owner_at
+        owner_at = owner_at or self.index.owner_at
         type_of = {"sent": usage.byte_usage_type("sent"), "received": usage.byte_usage_type("received")}
         sums: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
         names: dict[tuple[str, int, str, str, int], str] = {}
@@ -320,11 +326,17 @@ class Collector:
                 if not rows:
                     break
                 after = rows[-1][0]
-                owned = [(row_id, m) for row_id, m in rows if self.index.owner_at(m) is not None]
+                owned = [(row_id, m, told) for row_id, m, told in rows if self.index.owner_at(m) is not None]
                 if owned:
                     part = Outcome()
-                    increments, names, _, _ = self._attribute((m for _, m in owned), part)
-                    self.store.delete_parked(conn, [row_id for row_id, _ in owned])
+                    increments, names, _, _ = self._attribute((m for _, m, _ in owned), part)
+                    # Bytes already reported as unattributed move to their owner.
+                    moved, _, _, _ = self._attribute(
+                        (m for _, m, told in owned if told), Outcome(), _unattributed
+                    )
+                    for key, amount in moved.items():
+                        increments[key] = increments.get(key, 0) - amount
+                    self.store.delete_parked(conn, [row_id for row_id, _, _ in owned])
                     written, adjusted = self.store.add_bytes(
                         conn, increments, names, final_through, now, reason="late attribution"
                     )
@@ -332,6 +344,28 @@ class Collector:
                     out.billed_bytes += part.billed_bytes
                     out.records += written
                     out.adjustments += adjusted
+        return out
+
+    def _report_unattributed(self) -> Outcome:
+        """Parked past the horizon: add the bytes to usage under UNATTRIBUTED (never a guessed
+        owner); the measures stay parked and move to their owner if one is ever known."""
+        out = Outcome()
+        while True:
+            now = self.clock()
+            with self.store.write() as conn:
+                final_through = self.store.finalized_through(conn)
+                rows = self.store.take_unreported(conn, now - self.settings.park_horizon_ms)
+                if not rows:
+                    break
+                part = Outcome()
+                increments, names, _, _ = self._attribute((m for _, m in rows), part, _unattributed)
+                written, adjusted = self.store.add_bytes(
+                    conn, increments, names, final_through, now, reason="unattributed"
+                )
+                self.store.mark_reported(conn, [row_id for row_id, _ in rows], now)
+                out.unattributed += len(rows)
+                out.records += written
+                out.adjustments += adjusted
         return out
 
     # -- time ---------------------------------------------------------------------------------
@@ -365,11 +399,16 @@ class Collector:
         if self._retried_at != self._knowledge:
             self._retried_at = self._knowledge
             out.add(self._unpark())
+        out.add(self._report_unattributed())
         return out
 
     def horizon_start(self) -> int:
         """Parked measures parked before this instant are reported as unattributed."""
         return self.clock() - self.settings.park_horizon_ms
+
+
+def _unattributed(_measure: Measure) -> str:
+    return UNATTRIBUTED
 
 
 def _since(history: ResourceHistory, start_ms: int) -> ResourceHistory:

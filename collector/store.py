@@ -134,7 +134,13 @@ def _measure_table(name: str, *extra: sa.Column[Any]) -> sa.Table:
     )
 
 
-parked_measures = _measure_table("parked_measures", sa.Column("parked_ms", sa.BigInteger, nullable=False))
+# reported_ms: when the measure, still parked past the horizon, was added to usage as
+# UNATTRIBUTED (migration 2); attributing it later moves those bytes to the owner.
+parked_measures = _measure_table(
+    "parked_measures",
+    sa.Column("parked_ms", sa.BigInteger, nullable=False),
+    sa.Column("reported_ms", sa.BigInteger, nullable=True),
+)
 quarantined_measures = _measure_table(
     "quarantined_measures",
     sa.Column("reason", sa.String(256), nullable=False),
@@ -178,8 +184,14 @@ def _migration_1(conn: Connection) -> None:
     conn.execute(sa.insert(collector_state).values(name=FINALIZED_THROUGH, value=0))
 
 
+def _migration_2(conn: Connection) -> None:
+    # Migration 1 creates tables from today's definitions, which already have the column.
+    if "reported_ms" not in {c["name"] for c in sa.inspect(conn).get_columns("parked_measures")}:
+        conn.execute(sa.text("ALTER TABLE parked_measures ADD COLUMN reported_ms BIGINT"))
+
+
 # Numbered, append-only: a released migration never changes; schema changes add one.
-MIGRATIONS = [(1, _migration_1)]
+MIGRATIONS = [(1, _migration_1), (2, _migration_2)]
 
 
 @dataclass(frozen=True)
@@ -597,11 +609,14 @@ class Store:
         addresses: Iterable[str] = (),
         after_id: int = 0,
         limit: int = 5000,
-    ) -> list[tuple[int, Measure]]:
+    ) -> list[tuple[int, Measure, bool]]:
         """Parked measures matching any identity (all when none given), locked for this
-        transaction; another replica skips them and finds them gone after commit."""
+        transaction; another replica skips them and finds them gone after commit.
+        Rows are (id, measure, already reported as unattributed)."""
         pm = parked_measures.c
-        query = sa.select(pm.id, pm.measure).where(pm.id > after_id).order_by(pm.id).limit(limit)
+        query = (
+            sa.select(pm.id, pm.measure, pm.reported_ms).where(pm.id > after_id).order_by(pm.id).limit(limit)
+        )
         conditions = []
         for column, values in ((pm.instance_uuid, instances), (pm.mac, macs), (pm.address, addresses)):
             wanted = sorted({v for v in values if v})
@@ -613,7 +628,30 @@ class Store:
             return []
         if self.is_postgres:
             query = query.with_for_update(skip_locked=True)
+        return [(int(r[0]), measure_from_json(r[1]), r[2] is not None) for r in conn.execute(query)]
+
+    def take_unreported(
+        self, conn: Connection, parked_before_ms: int, limit: int = 5000
+    ) -> list[tuple[int, Measure]]:
+        """Parked measures older than the horizon not yet reported as unattributed (locked)."""
+        pm = parked_measures.c
+        query = (
+            sa.select(pm.id, pm.measure)
+            .where(pm.parked_ms < parked_before_ms, pm.reported_ms.is_(None))
+            .order_by(pm.id)
+            .limit(limit)
+        )
+        if self.is_postgres:
+            query = query.with_for_update(skip_locked=True)
         return [(int(r[0]), measure_from_json(r[1])) for r in conn.execute(query)]
+
+    def mark_reported(self, conn: Connection, ids: Sequence[int], now_ms: int) -> None:
+        for start in range(0, len(ids), 1000):
+            conn.execute(
+                sa.update(parked_measures)
+                .where(parked_measures.c.id.in_(ids[start : start + 1000]))
+                .values(reported_ms=now_ms)
+            )
 
     def delete_parked(self, conn: Connection, ids: Sequence[int]) -> None:
         for start in range(0, len(ids), 1000):

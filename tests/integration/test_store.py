@@ -14,7 +14,7 @@ from kvmeter.collector import store as store_mod
 from kvmeter.collector.model import Measure, UsageKey
 from kvmeter.collector.service import Collector, Record, Settings
 from kvmeter.collector.store import DeadLetter, Store, engine_url
-from tests.collector_support import ACCT_A, HOUR, T0, VM1, Clock, M, Stream, usage_event
+from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, VM1, Clock, M, Stream, usage_event
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
@@ -265,3 +265,38 @@ def test_values_the_database_refuses_are_dead_lettered_and_the_rest_flows(store:
         }
     else:
         assert out.dead_letters == []
+
+
+def test_parked_past_the_horizon_is_reported_unattributed_then_moves_to_a_late_owner(store: Store) -> None:
+    clock = Clock(T0 + 2 * HOUR)
+    collector = Collector(store, Settings(park_horizon_ms=HOUR), clock)
+    vm3 = "vm-late-owner"
+    collector.apply_batch(Stream("s3").batch([M(T0 + 20 * 60_000, T0 + 21 * 60_000, 777, instance=vm3)]))
+    assert collector.tick().unattributed == 0  # parked 0 s ago: within the horizon
+    assert byte_usage(store) == {}
+    clock.now = T0 + 4 * HOUR
+    assert collector.tick().unattributed == 1
+    assert byte_usage(store) == {key(account="", resource=vm3): 777}  # reported, never guessed
+    assert [m.bytes for m in store.parked_rows()] == [777]  # and still parked
+    assert store.stats(collector.horizon_start())["unattributed_bytes"] == 777
+    assert collector.tick().unattributed == 0  # reported once
+    k, v = usage_event("VM.CREATE", vm3, ACCT_B, T0)
+    out = collector.apply_event(v, k)
+    assert out.unparked == 1
+    assert byte_usage(store) == {key(account=ACCT_B, resource=vm3): 777}  # moved, conserved
+    assert store.parked_rows() == []
+
+
+def test_migration_2_upgrades_a_version_1_store(store: Store, store_url: str) -> None:
+    with store.write() as conn:  # make it what a version-1 store looked like
+        conn.execute(sa.text("ALTER TABLE parked_measures DROP COLUMN reported_ms"))
+        conn.execute(sa.delete(store_mod.schema_version).where(store_mod.schema_version.c.version == 2))
+    store.close()
+    upgraded = Store(store_url)
+    assert upgraded.migrate() == 2
+    columns = {c["name"] for c in sa.inspect(upgraded.engine).get_columns("parked_measures")}
+    assert "reported_ms" in columns
+    with upgraded.write() as conn:
+        upgraded.park(conn, [measure(1, 0)], 1)
+        assert [told for _, _, told in upgraded.take_parked(conn)] == [False]
+    upgraded.close()
