@@ -12,7 +12,7 @@ AGENT_SIDE := agent proto src/kvmeter
 # Packages (packaging/README.md): debhelper + pybuild for the .debs, rpmbuild for the EL9 .rpms,
 # debootstrap for the install test's clean Debian 12 root, and the two linters.
 APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
-	rpm rpmlint lintian debootstrap
+	rpm rpmlint lintian debootstrap systemd-container
 
 .PHONY: help deps venv proto lint typecheck test test-proto-compat unit e2e demo bench packages test-packages clean
 

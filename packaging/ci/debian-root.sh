@@ -3,6 +3,8 @@
 #   debian-root.sh create DIR    unpack the cached base (made on first use) into DIR, mount /proc
 #   debian-root.sh destroy DIR   unmount and delete DIR
 #   debian-root.sh apt DIR ARGS  apt-get ARGS inside DIR (serialised: the download cache is shared)
+#   debian-root.sh boot DIR      boot DIR's systemd in a container (systemd-nspawn, own network
+#                                namespace) until something in it powers off; at most 180 s
 # The base has only Debian's packages (debootstrap minbase of bookworm + apt lists). Downloaded
 # .debs are kept in $KVMETER_CI_CACHE/apt-archives and bind-mounted, so a warm run downloads nothing.
 set -euo pipefail
@@ -71,10 +73,24 @@ apt() {
 		apt-get -q -o APT::Sandbox::User=root "$@"
 }
 
+boot() {
+	local root=$1 rc=0
+	command -v systemd-nspawn >/dev/null || die "systemd-nspawn is not installed (package systemd-container)"
+	# nspawn brings its own /proc; the apt cache is not the container's business.
+	umount "$root/proc" "$root/var/cache/apt/archives"
+	# --keep-unit/--register=no: no systemd or machined needed on the host.
+	timeout 180 systemd-nspawn --quiet --directory="$root" --boot --private-network \
+		--register=no --keep-unit </dev/null || rc=$?
+	mount -t proc proc "$root/proc"
+	mount --bind "$CACHE/apt-archives" "$root/var/cache/apt/archives"
+	return $rc
+}
+
 case "${1:-}" in
 create) [ -n "${2:-}" ] || die "usage: $0 create DIR"; create "$2" ;;
 destroy) [ -n "${2:-}" ] || die "usage: $0 destroy DIR"; destroy "$2" ;;
 apt) [ -n "${2:-}" ] || die "usage: $0 apt DIR ARGS..."; root=$2; shift 2; apt "$root" "$@" ;;
+boot) [ -n "${2:-}" ] || die "usage: $0 boot DIR"; boot "$2" ;;
 base) ensure_base ;;
-*) die "usage: $0 create DIR | destroy DIR | apt DIR ARGS... | base" ;;
+*) die "usage: $0 create DIR | destroy DIR | apt DIR ARGS... | boot DIR | base" ;;
 esac

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
 from tests.harness.netns import Lab
 
 pytestmark = pytest.mark.packaging
@@ -329,6 +330,76 @@ def test_ingest_and_usage_round_trip_on_sqlite(root: DebianRoot, agent_batch: di
             by_type[r["usage_type"]] += int(r["rawusage"])
     # CloudStack's 4 = bytes sent by the VM, 5 = bytes it received.
     assert by_type == {4: billed["VM_TX"], 5: billed["VM_RX"]}, (by_type, billed)
+
+
+PROBE = """#!/bin/sh
+# Boot probe: let the services run for a while, record how they run, power off.
+out=/var/lib/kvmeter-ci
+sleep 10
+for unit in kvmeter-agent kvmeter-collector; do
+    systemctl show -p ActiveState -p SubState -p NRestarts -p MainPID "$unit" >"$out/$unit.show"
+    pid=$(systemctl show -p MainPID --value "$unit")
+    [ "$pid" != 0 ] && stat -c %U "/proc/$pid" >"$out/$unit.user"
+    journalctl -b -u "$unit" --no-pager -o cat >"$out/$unit.journal"
+done
+url=http://127.0.0.1:9477/metrics
+python3 -c "import sys, urllib.request as u; print(u.urlopen(sys.argv[1]).read().decode())" "$url" \
+    >"$out/agent.metrics" 2>&1
+find /var/lib/kvmeter -printf '%u %p\\n' >"$out/state.list"
+systemctl poweroff
+"""
+
+
+def _service_state(root: DebianRoot, unit: str) -> dict[str, str]:
+    show = (root.path / f"var/lib/kvmeter-ci/{unit}.show").read_text()
+    return dict(line.split("=", 1) for line in show.split())
+
+
+def test_services_run_under_their_units(root: DebianRoot) -> None:
+    """Boot the root's systemd (nspawn, private network) and let both services run hardened, as
+    installed: the agent on libvirt's test driver with Kafka unreachable, the collector on its
+    shipped config. Both must stay up, as their users, and the agent must spool and serve metrics."""
+    ci = root.path / "var/lib/kvmeter-ci"
+    ci.mkdir(mode=0o755)
+    write_node_xml(ci / "node.xml", CLOUDSTACK_HOST)
+    example = (root.path / "etc/kvmeter/agent.toml").read_text()
+    (root.path / "etc/kvmeter/agent-ci.toml").write_text(
+        example.replace('uri = "qemu:///system"', 'uri = "test:///var/lib/kvmeter-ci/node.xml"')
+    )
+    root.ok("chown", "root:kvmeter", "/etc/kvmeter/agent-ci.toml")
+    root.ok("chmod", "0640", "/etc/kvmeter/agent-ci.toml")
+    dropin = root.path / "etc/systemd/system/kvmeter-agent.service.d"
+    dropin.mkdir(parents=True)
+    (dropin / "ci.conf").write_text(
+        "[Service]\nExecStart=\nExecStart=/usr/bin/kvmeter agent --config /etc/kvmeter/agent-ci.toml\n"
+    )
+    probe = root.path / "usr/local/sbin/kvmeter-ci-probe"
+    probe.write_text(PROBE)
+    probe.chmod(0o755)
+    (root.path / "etc/systemd/system/kvmeter-ci-probe.service").write_text(
+        "[Unit]\nAfter=multi-user.target kvmeter-agent.service kvmeter-collector.service\n"
+        "[Service]\nType=oneshot\nExecStart=/usr/local/sbin/kvmeter-ci-probe\n"
+    )
+    (root.path / "etc/systemd/system/multi-user.target.wants/kvmeter-ci-probe.service").symlink_to(
+        "/etc/systemd/system/kvmeter-ci-probe.service"
+    )
+    try:
+        boot = _run([str(CI / "debian-root.sh"), "boot", str(root.path)], timeout=240)
+        assert boot.returncode == 0, boot.stdout[-3000:] + boot.stderr[-3000:]
+        journals = {u: (ci / f"{u}.journal").read_text() for u in ("kvmeter-agent", "kvmeter-collector")}
+        for unit, user in (("kvmeter-agent", "kvmeter"), ("kvmeter-collector", "kvmeter-collector")):
+            state = _service_state(root, unit)
+            running = (state["ActiveState"], state["SubState"], state["NRestarts"])
+            assert running == ("active", "running", "0"), (unit, state, journals[unit][-3000:])
+            assert (ci / f"{unit}.user").read_text().strip() == user
+            assert "Traceback" not in journals[unit], journals[unit][-3000:]
+        spool = [line.split() for line in (ci / "state.list").read_text().splitlines()]
+        assert any(p.startswith("/var/lib/kvmeter/agent/spool/") and u == "kvmeter" for u, p in spool), spool
+        assert "kvmeter_agent" in (ci / "agent.metrics").read_text()
+    finally:
+        shutil.rmtree(dropin)
+        (root.path / "etc/systemd/system/multi-user.target.wants/kvmeter-ci-probe.service").unlink()
+        (root.path / "etc/kvmeter/agent-ci.toml").unlink()
 
 
 def _repack(deb: Path, out: Path, version: str) -> Path:
