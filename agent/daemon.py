@@ -326,7 +326,11 @@ class Agent:
     def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo) -> None:
         """Attribution for this poll; the same object while nothing changed (topology and
         inventory hand out the same objects until something changes), so measure templates hold."""
-        placement = self.topology.placement(key.name) if key.ifindex else LinkPlacement(bridge=nic.bridge)
+        if key.ifindex:
+            placement = self.topology.placement(key.name)
+        else:  # counted through libvirt: no host link, classify by what libvirt says
+            traffic = self.config.traffic.classify(nic.bridge, nic.vlan_tag, None)
+            placement = LinkPlacement(bridge=nic.bridge, vlan_id=nic.vlan_tag, traffic_type=traffic)
         known = self._attribution.get(key)
         if (
             known is None

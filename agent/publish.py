@@ -168,6 +168,13 @@ class Publisher:
     def close(self, timeout: float = 5.0) -> bool:
         done = self.flush(timeout)
         if not done:
+            # Drop librdkafka's copies now (no waiting at exit): the spool has every one of them.
+            self._generation += 1
+            try:
+                self._producer.purge()
+                self._producer.poll(0)
+            except Exception as exc:
+                log.debug("purging at close: %s", exc)
             log.warning(
                 "%d batches not delivered at exit; they stay in the spool and are re-sent at the next start",
                 len(self.spool.pending()),

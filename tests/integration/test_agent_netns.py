@@ -353,3 +353,26 @@ def test_broker_unreachable_for_30_seconds(site: Site) -> None:
     assert site.agent.terminate() == 0
     batches = site.verify(streams=1)
     assert len(batches) >= 30  # the polls of the outage were spooled and delivered later
+
+
+def test_sigterm_while_the_broker_is_unreachable_keeps_everything_for_the_next_start(site: Site) -> None:
+    site.agent.start()
+    site.agent.wait_polled()
+    site.traffic()
+    site.host.mgmt_down()
+    try:
+        site.traffic()
+        time.sleep(POLL)
+        started = time.monotonic()
+        assert site.agent.terminate() == 0  # last poll, a bounded flush, exit 0
+        assert time.monotonic() - started < 30
+    finally:
+        site.host.mgmt_up()
+    site.agent.start()  # replays the undelivered batches of the first run, in order
+    site.agent.wait_polled()
+    site.traffic()
+    time.sleep(POLL)
+    assert site.agent.terminate() == 0
+    batches = consume_streams(site.bootstrap, site.topic, finals=2)
+    check_streams(batches, 2)
+    assert measured(batches) == vm_side(site.vms, site.baseline), site.agent.logs()
