@@ -10,7 +10,7 @@ APT_PACKAGES := libvirt-dev libvirt-clients pkg-config gcc python3-dev python3-v
 DEBIAN_PROTOBUF := 4.21.12
 AGENT_SIDE := agent proto src/kvmeter
 # Packages (packaging/README.md): debhelper + pybuild for the .debs, rpmbuild for the EL9 .rpms,
-# debootstrap for the install test's clean Debian 12 root, and the two linters.
+# debootstrap and systemd-nspawn for the install test, and the two linters.
 APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
 	rpm rpmlint lintian debootstrap systemd-container
 
