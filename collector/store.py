@@ -99,6 +99,17 @@ stream_marks = sa.Table(
     sa.Column("updated_ms", sa.BigInteger, nullable=False),
 )
 
+# Batches a stream skipped (seq jumped past them): applied if they arrive later, out of order;
+# a gap that stays is a batch that never arrived (migration 3).
+stream_gaps = sa.Table(
+    "stream_gaps",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    sa.Column("stream_id", sa.String(128), nullable=False, index=True),
+    sa.Column("first_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+)
+
 lifecycle_events = sa.Table(
     "lifecycle_events",
     metadata,
@@ -190,8 +201,12 @@ def _migration_2(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE parked_measures ADD COLUMN reported_ms BIGINT"))
 
 
+def _migration_3(conn: Connection) -> None:
+    stream_gaps.create(conn, checkfirst=True)
+
+
 # Numbered, append-only: a released migration never changes; schema changes add one.
-MIGRATIONS = [(1, _migration_1), (2, _migration_2)]
+MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3)]
 
 
 @dataclass(frozen=True)
@@ -361,6 +376,29 @@ class Store:
             for s in sorted(marks)
         ]
         conn.execute(stmt, rows)
+
+    def gaps_of(self, conn: Connection, streams: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+        """Missing seq ranges (inclusive) per stream; call after lock_marks (the mark row lock
+        guards the stream's gaps too)."""
+        ids = sorted(set(streams))
+        out: dict[str, list[tuple[int, int]]] = {s: [] for s in ids}
+        if ids:
+            g = stream_gaps.c
+            query = (
+                sa.select(g.stream_id, g.first_seq, g.last_seq)
+                .where(g.stream_id.in_(ids))
+                .order_by(g.first_seq)
+            )
+            for row in conn.execute(query):
+                out[row[0]].append((int(row[1]), int(row[2])))
+        return out
+
+    def set_gaps(self, conn: Connection, gaps: Mapping[str, Sequence[tuple[int, int]]]) -> None:
+        for stream in sorted(gaps):
+            conn.execute(sa.delete(stream_gaps).where(stream_gaps.c.stream_id == stream))
+            rows = [{"stream_id": stream, "first_seq": a, "last_seq": b} for a, b in gaps[stream]]
+            if rows:
+                conn.execute(sa.insert(stream_gaps), rows)
 
     def marks(self) -> dict[str, int]:
         with self.read() as conn:
@@ -763,6 +801,10 @@ class Store:
                 sa.select(sa.func.coalesce(sa.func.sum(quarantined_measures.c.bytes), 0))
             ).scalar()
             letters = conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar()
+            g = stream_gaps.c
+            missing = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(g.last_seq - g.first_seq + 1), 0))
+            ).scalar()
             records = conn.execute(sa.select(sa.func.count()).select_from(usage_records)).scalar()
             adjustments = conn.execute(sa.select(sa.func.count()).select_from(usage_adjustments)).scalar()
         return {
@@ -772,6 +814,7 @@ class Store:
             "unattributed_bytes": int(unattributed[1]),
             "quarantined_bytes": int(quarantined or 0),
             "dead_letters": int(letters or 0),
+            "missing_batches": int(missing or 0),
             "usage_records": int(records or 0),
             "usage_adjustments": int(adjustments or 0),
         }

@@ -293,10 +293,28 @@ def test_migration_2_upgrades_a_version_1_store(store: Store, store_url: str) ->
         conn.execute(sa.delete(store_mod.schema_version).where(store_mod.schema_version.c.version == 2))
     store.close()
     upgraded = Store(store_url)
-    assert upgraded.migrate() == 2
+    assert upgraded.migrate() == max(v for v, _ in store_mod.MIGRATIONS)
     columns = {c["name"] for c in sa.inspect(upgraded.engine).get_columns("parked_measures")}
     assert "reported_ms" in columns
     with upgraded.write() as conn:
         upgraded.park(conn, [measure(1, 0)], 1)
         assert [told for _, _, told in upgraded.take_parked(conn)] == [False]
     upgraded.close()
+
+
+def test_out_of_order_batches_are_all_applied_once(store: Store) -> None:
+    collector = Collector(store, Settings(), Clock(T0 + 3 * HOUR))
+    k, v = usage_event("VM.CREATE", VM1, ACCT_A, T0 - HOUR)
+    collector.apply_event(v, k)
+    stream = Stream("s-ooo")
+    b = [Record(stream.batch([M(T0 + i * 1000, T0 + i * 1000 + 1, 10**i)])) for i in range(6)]
+    for chunk in ([b[3]], [b[0], b[5]], [b[1], b[3]], [b[4], b[4], b[0]]):
+        collector.apply_batches(chunk)
+    assert byte_usage(store) == {key(): 1 + 10 + 1000 + 10000 + 100000}  # seq 3 (100 bytes) not yet
+    assert store.stats(0)["missing_batches"] == 1
+    out = collector.apply_batches([b[2], b[2]])
+    assert (out.batches, out.duplicates) == (1, 1)
+    assert byte_usage(store) == {key(): 111111}
+    assert store.stats(0)["missing_batches"] == 0
+    assert collector.apply_batches(b).duplicates == 6
+    assert byte_usage(store) == {key(): 111111}
