@@ -20,6 +20,7 @@ from kvmeter.collector.model import (
     NETWORK_BYTES_RECEIVED,
     NETWORK_BYTES_SENT,
     RUNNING_VM,
+    UNATTRIBUTED,
     USAGE_TYPE_NAMES,
 )
 from kvmeter.collector.store import UsageRow
@@ -118,7 +119,9 @@ def cloudstack_record(row: UsageRow) -> dict[str, Any]:
 
 
 def cloudstack_response(rows: Sequence[UsageRow]) -> dict[str, Any]:
-    records = [cloudstack_record(r) for r in rows]
+    """listUsageRecords' response. Unattributed bytes belong to no CloudStack account and are
+    left out here (they are in the JSON/CSV reports and the metrics)."""
+    records = [cloudstack_record(r) for r in rows if r.key.account != UNATTRIBUTED]
     return {"listusagerecordsresponse": {"count": len(records), "usagerecord": records}}
 
 

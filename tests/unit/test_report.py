@@ -114,3 +114,11 @@ def test_time_arguments(text: str, end_of_day: bool, expected: int) -> None:
 def test_a_bad_time_argument_says_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="yyyy-MM-dd"):
         report.parse_when("last tuesday")
+
+
+def test_unattributed_bytes_are_not_a_cloudstack_accounts_usage() -> None:
+    rows = [row(4, 10, account="", detail="public"), row(4, 20, detail="public")]
+    body = report.cloudstack_response(rows)["listusagerecordsresponse"]
+    assert body["count"] == 1
+    assert body["usagerecord"][0]["rawusage"] == "20"
+    assert [r["account"] for r in json.loads(report.render(rows, "json"))] == ["", "acct-1"]
