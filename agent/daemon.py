@@ -14,6 +14,7 @@ incarnation), then the poll's readings.
 from __future__ import annotations
 
 import logging
+import platform
 import queue
 import threading
 import time
@@ -149,7 +150,8 @@ class Agent:
         self.topology.start()
         self.inventory.start()
         log.info(
-            "agent started: host %s, boot %s, stream %s, %s",
+            "agent started (Python %s): host %s, boot %s, stream %s, %s",
+            platform.python_version(),
             self.config.host_id,
             self.boot_id,
             self.stream_id,
