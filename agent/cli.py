@@ -60,24 +60,13 @@ def _build(config: AgentConfig, *, read_only: bool) -> Any:
     from kvmeter.agent.topology import Topology
 
     metrics = AgentMetrics()
-
-    def dropped(frame: Any, batch: bytes) -> None:
-        from kvmeter.proto import pb
-
-        metrics.spool_dropped_bytes.inc(frame.size)
-        try:
-            lost = sum(m.bytes for m in pb.MeasureBatch.FromString(batch).measures)
-        except Exception:
-            lost = 0
-        metrics.dropped_measure_bytes.inc(lost)
-
     spool = Spool(
         Path(config.state_dir) / "spool",
         max_bytes=config.spool_max_bytes,
         max_age_ms=int(config.spool_max_age_seconds * 1000),
         segment_bytes=config.spool_segment_bytes,
         read_only=read_only,
-        on_drop=dropped,
+        on_drop=metrics.spool_dropped,
     )
     publisher = None
     if not read_only:

@@ -69,6 +69,17 @@ class AgentMetrics:
             f"{PREFIX}_link_events_total", "Netlink link events.", ["kind"], registry=r
         )
 
+    def spool_dropped(self, frame: Any, batch: bytes) -> None:
+        """Spool on_drop callback: count the frame's bytes and the metered bytes it carried."""
+        from kvmeter.proto import pb
+
+        self.spool_dropped_bytes.inc(frame.size)
+        try:
+            lost = sum(m.bytes for m in pb.MeasureBatch.FromString(batch).measures)
+        except Exception:  # a batch that does not decode still counts by its spool bytes
+            lost = 0
+        self.dropped_measure_bytes.inc(lost)
+
     def serve(self, address: str, port: int) -> Any:
         """Start the HTTP endpoint; returns the server (prometheus-client >= 0.17) or None."""
         server = start_http_server(port, addr=address, registry=self.registry)

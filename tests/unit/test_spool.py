@@ -169,3 +169,21 @@ def test_kill_9_at_any_instant_leaves_a_consistent_spool(tmp_path: Path) -> None
         assert spool.last_state() == {"seq": seqs[-1]}
         assert spool.read_batch(spool.pending()[-1]) == b"x" * (seqs[-1] % 700)
         spool.close()
+
+
+def test_bound_drops_are_counted_in_the_agent_metrics(tmp_path: Path) -> None:
+    from kvmeter.agent.metrics import AgentMetrics
+    from kvmeter.proto import SCHEMA_VERSION, pb
+
+    metrics = AgentMetrics()
+    spool = Spool(tmp_path, max_age_ms=1000, on_drop=metrics.spool_dropped)
+    batch = pb.MeasureBatch(stream_id="s", seq=1)
+    batch.measures.add(header=SCHEMA_VERSION, saddr=0, bytes=4242, start=0, end=1)
+    first = spool.append("s", 1, batch.SerializeToString(), {}, NOW)
+    spool.append("s", 2, b"not a batch", {}, NOW + 5000)
+    spool.append("s", 3, b"", {}, NOW + 10_000)
+    spool.close()
+    sample = metrics.registry.get_sample_value
+    assert sample("kvmeter_agent_dropped_measured_bytes_total") == 4242
+    assert sample("kvmeter_agent_spool_dropped_bytes_total") == spool.dropped_bytes > first.size
+    assert spool.dropped_frames == 2
