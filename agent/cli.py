@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -49,8 +49,13 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
-def _build(config: AgentConfig, *, read_only: bool) -> Any:
-    """The agent with its real parts (imported here: they need libvirt and netlink)."""
+def build_agent(
+    config: AgentConfig, *, read_only: bool, producer_factory: Callable[[dict[str, Any]], Any] | None = None
+) -> Any:
+    """The agent with its real parts (imported here: they need libvirt and netlink).
+
+    `producer_factory` replaces the Kafka producer (the all-in-one hands batches to an
+    in-process collector); the spool and its acknowledgements work the same either way."""
     from kvmeter.agent.counters import read_boot_id
     from kvmeter.agent.daemon import Agent
     from kvmeter.agent.inventory import Inventory
@@ -78,6 +83,7 @@ def _build(config: AgentConfig, *, read_only: bool) -> Any:
             properties=config.kafka_properties,
             max_in_flight=config.kafka_max_in_flight,
             metrics=metrics,
+            **({"producer_factory": producer_factory} if producer_factory else {}),
         )
     return Agent(
         config,
@@ -104,7 +110,7 @@ def _print_batch(batch: Any, fmt: str) -> None:
 
 
 def _run_once(config: AgentConfig, fmt: str, window: float) -> None:
-    agent = _build(config, read_only=True)
+    agent = build_agent(config, read_only=True)
     agent.start()
     try:
         if not agent.resumed:
@@ -118,7 +124,7 @@ def _run_once(config: AgentConfig, fmt: str, window: float) -> None:
 
 
 def _run_daemon(config: AgentConfig) -> int:
-    agent = _build(config, read_only=False)
+    agent = build_agent(config, read_only=False)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("%s: last poll, flush, exit", signal.Signals(signum).name)
