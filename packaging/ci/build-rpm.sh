@@ -25,6 +25,7 @@ cp "$p/tmpfiles.d/kvmeter-agent.conf" "$work/sources/kvmeter-agent.tmpfiles.conf
 cp "$p/tmpfiles.d/kvmeter-collector.conf" "$work/sources/kvmeter-collector.tmpfiles.conf"
 cp "$p/config/agent.toml.example" "$p/config/collector.toml.example" "$work/sources/"
 cp "$p/README.md" "$work/sources/README.packaging.md"
+cp "$p/man/kvmeter.1" "$work/sources/"
 
 for flavour in 3 3.11; do
 	rpmbuild -bb --nodeps \
