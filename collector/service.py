@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MEASURES = "measures"
 LIFECYCLE = "lifecycle"
+FULL_RETRY_MS = 5 * 60_000
 UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record's values
 
 
@@ -99,6 +100,7 @@ class Collector:
         self._last_event_row = 0
         self._knowledge = 0  # bumps whenever the owner index changes
         self._retried_at = -1  # knowledge level of the last full retry of parked measures
+        self._retried_ms = -(2**62)  # and when it ran
 
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:
@@ -300,7 +302,8 @@ class Collector:
         history = self.histories.get(resource)
         if history is None:
             return Outcome()
-        return self._unpark(instances=[resource], macs=history.macs, addresses=history.addresses)
+        addresses = [*history.addresses, *(seg.address for seg in history.ip if seg.address)]
+        return self._unpark(instances=[resource], macs=history.macs, addresses=addresses)
 
     def _unpark(
         self, *, instances: Iterable[str] = (), macs: Iterable[str] = (), addresses: Iterable[str] = ()
@@ -389,8 +392,10 @@ class Collector:
         through = window_start(now - self.settings.grace_ms, window)
         with self.store.write() as conn:
             out.finalized = self.store.finalize(conn, through, now)
-        if self._retried_at != self._knowledge:
-            self._retried_at = self._knowledge
+        # Events retry the measures they explain at once; this full pass catches the rest (a
+        # measure parked by another replica meanwhile), at most every FULL_RETRY_MS.
+        if self._retried_at != self._knowledge and now - self._retried_ms >= FULL_RETRY_MS:
+            self._retried_at, self._retried_ms = self._knowledge, now
             out.add(self._unpark())
         out.add(self._report_unattributed())
         return out
