@@ -11,6 +11,7 @@ stream marks make a re-sent batch that did commit change nothing.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -45,8 +46,11 @@ class HandedOff:
 class InProcessProducer:
     """The subset of confluent_kafka.Producer the agent's Publisher uses."""
 
-    def __init__(self, collector: Collector, max_queue: int = 1000):
+    def __init__(
+        self, collector: Collector, *, idle: Callable[[], None] | None = None, max_queue: int = 1000
+    ):
         self.collector = collector
+        self.idle = idle  # the rest of the collector's work, run on this same thread
         self.max_queue = max_queue
         self._queue: deque[tuple[HandedOff, DeliveryCallback | None]] = deque()
 
@@ -62,7 +66,18 @@ class InProcessProducer:
         self._queue.append((HandedOff(topic, key, value), on_delivery))
 
     def poll(self, timeout: float = 0) -> int:
-        """Apply queued batches in order; each callback runs after its batch committed."""
+        """Apply queued batches in order (each callback runs after its batch committed), do the
+        idle work, then wait out what is left of `timeout`: the agent's loop paces itself on it."""
+        deadline = time.monotonic() + timeout
+        served = self._apply()
+        if self.idle is not None:
+            self.idle()
+        left = deadline - time.monotonic()
+        if left > 0:
+            time.sleep(left)
+        return served
+
+    def _apply(self) -> int:
         served = 0
         while self._queue:
             message, callback = self._queue.popleft()
@@ -80,7 +95,7 @@ class InProcessProducer:
         return served
 
     def flush(self, timeout: float = 0) -> int:
-        self.poll(timeout)
+        self._apply()
         return len(self._queue)
 
     def purge(self) -> None:

@@ -1,0 +1,237 @@
+"""`kvmeter run --all-in-one`: agent and collector in one process on one machine, SQLite, no Kafka.
+
+One thread does all the writing, in this order, forever: the agent polls and spools (fsync) a
+batch, the in-process hand-off applies it in one collector transaction and only then lets the
+agent acknowledge it in the spool; between polls the same thread reads new CloudStack events
+from a JSON-lines file and ticks the collector. The HTTP API reads from its own thread.
+
+So the spool's guarantees hold as with Kafka: `kill -9` at any instant loses nothing (unapplied
+batches are replayed from the spool at the next start) and bills nothing twice (a batch applied
+but not yet acknowledged is re-sent under its stream id and sequence number, and the collector's
+stream marks drop it).
+
+The config file has the agent's sections (agent, libvirt, spool, deltas, metrics, traffic), the
+collector's (store, usage, api) and [lifecycle] events_file; see packaging/config/allinone.toml.example.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+from jsonschema import Draft7Validator
+
+from kvmeter.agent import config as agent_config
+from kvmeter.collector import config as collector_config
+from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.service import Collector, Outcome, Record
+from kvmeter.collector.store import Store
+from kvmeter.pipeline.handoff import InProcessProducer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/etc/kvmeter/allinone.toml"
+AGENT_SECTIONS = ("agent", "libvirt", "spool", "deltas", "metrics", "traffic")
+COLLECTOR_SECTIONS = ("store", "usage", "api")
+LIFECYCLE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"events_file": {"type": "string", "minLength": 1}},
+}
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class AllInOneConfig:
+    agent: agent_config.AgentConfig
+    collector: collector_config.CollectorConfig
+    events_file: Path | None
+
+
+def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = None) -> AllInOneConfig:
+    """Validate every section with its owner's rules and report every problem at once."""
+    problems: list[str] = []
+    known = {*AGENT_SECTIONS, *COLLECTOR_SECTIONS, "lifecycle"}
+    problems += [
+        f"{key}: unknown section (allowed: {', '.join(sorted(known))})" for key in doc if key not in known
+    ]
+    agent_cfg = collector_cfg = None
+    try:
+        agent_cfg = agent_config.validate({k: v for k, v in doc.items() if k in AGENT_SECTIONS}, source)
+    except agent_config.ConfigError as exc:
+        problems += exc.problems
+    try:
+        part = {k: v for k, v in doc.items() if k in COLLECTOR_SECTIONS}
+        collector_cfg = collector_config.from_dict(part, source, base=base)
+    except collector_config.ConfigError as exc:
+        problems += list(exc.problems)
+    lifecycle = doc.get("lifecycle", {})
+    problems += [
+        f"lifecycle.{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in Draft7Validator(LIFECYCLE_SCHEMA).iter_errors(lifecycle)
+    ]
+    if problems or agent_cfg is None or collector_cfg is None:
+        raise ConfigError(source, problems)
+    events = lifecycle.get("events_file")
+    events_file = None if not events else (Path(events) if base is None else base / events)
+    return AllInOneConfig(agent_cfg, collector_cfg, events_file)
+
+
+def load(path: str | Path) -> AllInOneConfig:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return from_dict(doc, str(path), base=path.parent)
+
+
+class EventsFile:
+    """Follows a file of CloudStack event-bus JSON lines (one record value per line).
+
+    Reads only whole lines, so a writer caught mid-line is read next time. Every start reads the
+    file from the top: events are stored once by their digest, so a re-read changes nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.line = 0
+
+    def read_new(self) -> list[Record]:
+        try:
+            with open(self.path, "rb") as f:
+                if f.seek(0, 2) < self.offset:  # truncated or replaced: start over
+                    self.offset = self.line = 0
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        records = []
+        for raw in data[:end].splitlines():
+            self.line += 1
+            if raw.strip():
+                records.append(Record(raw, None, f"{self.path}:{self.line}"))
+        self.offset += end
+        return records
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class AllInOne:
+    """The agent, an in-process collector on SQLite (or any store URL), the lifecycle file, the API."""
+
+    def __init__(self, cfg: AllInOneConfig, *, clock: Callable[[], int] = _wall_ms):
+        from kvmeter.agent.cli import build_agent
+
+        self.cfg = cfg
+        self.store = Store(cfg.collector.db_url)
+        self.store.migrate()
+        self.collector = Collector(self.store, cfg.collector.settings, clock)
+        self.metrics = Metrics()
+        self.metrics.watch_store(self.store, self.collector.horizon_start)
+        self.events = EventsFile(cfg.events_file) if cfg.events_file else None
+        self.totals = Outcome()
+        self._next_tick = 0.0
+        self.agent = build_agent(
+            cfg.agent,
+            read_only=False,
+            producer_factory=lambda _config: InProcessProducer(self.collector, idle=self.idle),
+        )
+        self.api: Any = None
+
+    def idle(self) -> None:
+        """The collector's own work between two polls: new lifecycle events, then the tick."""
+        if self.events is not None:
+            records = self.events.read_new()
+            if records:
+                self.totals.add(self.collector.apply_events(records))
+        if time.monotonic() >= self._next_tick:
+            self.totals.add(self.collector.tick())
+            self._next_tick = time.monotonic() + self.cfg.collector.tick_seconds
+
+    def start_api(self) -> str | None:
+        api = self.cfg.collector.api
+        if not api.enabled:
+            return None
+        from kvmeter.collector.api import serve
+
+        self.api = serve(self.store, api.host, api.port, token=api.token, metrics=self.metrics)
+        threading.Thread(target=self.api.run, name="api", daemon=True).start()
+        return f"http://{api.host}:{self.api.port}"
+
+    def run(self) -> None:
+        """Until agent.stop_event: poll, apply, follow events, tick; then a last poll and flush."""
+        self.idle()  # events already on file first: owners known before the first bytes
+        self.agent.start()
+        try:
+            self.agent.run()
+            self.idle()
+        finally:
+            self.agent.close()
+
+    def stop(self) -> None:
+        self.agent.stop_event.set()
+
+    def close(self) -> None:
+        if self.api is not None:
+            self.api.close()
+        self.store.close()
+
+
+@click.command("run")
+@click.option(
+    "--all-in-one", "all_in_one", is_flag=True, required=True, help="Agent and collector in one process."
+)
+@click.option("--config", "config_path", default=DEFAULT_PATH, show_default=True, help="TOML config.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
+def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # noqa: FBT001
+    """Run agent and collector in one process with SQLite and no Kafka (one host, a lab, a first look)."""
+    from kvmeter.agent.cli import setup_logging
+
+    if not all_in_one:
+        raise click.UsageError(
+            "only --all-in-one is supported: run `kvmeter agent` and `kvmeter collector` apart"
+        )
+    try:
+        cfg = load(config_path)
+    except ConfigError as exc:
+        click.echo(f"kvmeter run: invalid config {exc}", err=True)
+        sys.exit(2)
+    setup_logging(log_level or cfg.agent.log_level)
+    pipeline = AllInOne(cfg)
+
+    def _stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: last poll, apply, exit", signal.Signals(signum).name)
+        pipeline.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    if cfg.agent.metrics_enabled:
+        pipeline.agent.metrics.serve(cfg.agent.metrics_address, cfg.agent.metrics_port)
+    url = pipeline.start_api()
+    if url:
+        log.info("API on %s", url)
+    try:
+        pipeline.run()
+    finally:
+        pipeline.close()
