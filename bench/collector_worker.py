@@ -1,0 +1,155 @@
+"""One collector replica for the throughput benchmark: kvmeter's LiveConsumer (consumer group,
+lifecycle catch-up, one transaction per chunk, offsets after commit) over a store, until SIGTERM.
+
+Prints one JSON object at exit: when it applied its first measures chunk and when its last
+chunk with new batches committed (wall clock, so replicas can be combined), the process CPU
+seconds in between, and its totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.harness.kafka import FAST_GROUP
+
+from kvmeter.collector.config import KafkaConfig
+from kvmeter.collector.consume import LiveConsumer
+from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.service import Collector, Outcome, Record, Settings
+from kvmeter.collector.store import Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--db", required=True)
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--measures-topic", required=True)
+    ap.add_argument("--lifecycle-topic", required=True)
+    ap.add_argument("--group", required=True)
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument(
+        "--gate", default=None, help="after the lifecycle catch-up, touch GATE.ready.PID, wait for GATE"
+    )
+    ap.add_argument(
+        "--preload-events", type=int, default=0, help="only apply this many lifecycle records, then exit"
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+
+    store = Store(args.db)
+    store.migrate()
+    collector = Collector(store, Settings(), clock=lambda: time.time_ns() // 1_000_000)
+    kafka = KafkaConfig(
+        bootstrap=args.bootstrap,
+        measures_topic=args.measures_topic,
+        lifecycle_topic=args.lifecycle_topic,
+        group=args.group,
+        batch_size=args.batch_size,
+        options=dict(FAST_GROUP),
+    )
+    consumer = LiveConsumer(collector, kafka, Metrics())
+    seen: dict[str, Any] = {"first_wall": None, "first_cpu": None, "last_wall": None, "last_cpu": None}
+    real_apply = collector.apply_batches
+    real_events = collector.apply_events
+    in_window = [0.0]  # seconds spent on lifecycle records between first and last measures chunk
+
+    def apply_events(records: Any) -> Any:
+        t0 = time.time()
+        out = real_events(records)
+        if seen["first_wall"] is not None:
+            in_window[0] += time.time() - t0
+        return out
+
+    def apply_batches(records: Any) -> Any:
+        if seen["first_wall"] is None:
+            seen["first_wall"], seen["first_cpu"] = time.time(), time.process_time()
+        out = real_apply(records)
+        if out.batches:
+            seen["last_wall"], seen["last_cpu"] = time.time(), time.process_time()
+        return out
+
+    collector.apply_batches = apply_batches  # type: ignore[method-assign]
+    collector.apply_events = apply_events  # type: ignore[method-assign]
+
+    def stop(*_: Any) -> None:
+        print(f"{time.time():.3f} SIGTERM", file=sys.stderr, flush=True)
+        consumer.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    if args.preload_events:
+        t = preload(collector, args.bootstrap, args.lifecycle_topic, args.preload_events)
+        consumer.close()
+    else:
+        run(consumer, args.gate)
+        print(f"{time.time():.3f} closed", file=sys.stderr, flush=True)
+        t = consumer.totals
+    store.close()
+    busy_cpu = (seen["last_cpu"] - seen["first_cpu"]) if seen["last_cpu"] is not None else None
+    json.dump(
+        {
+            "first_apply_wall": seen["first_wall"],
+            "last_commit_wall": seen["last_wall"],
+            "busy_cpu_s": busy_cpu,
+            "batches": t.batches,
+            "measures": t.measures,
+            "duplicates": t.duplicates,
+            "parked": t.parked,
+            "events": t.events,
+            "known_events": t.known_events,
+            "billed_bytes": t.billed_bytes,
+            "lifecycle_s_in_window": in_window[0],
+        },
+        sys.stdout,
+    )
+    return 0
+
+
+def run(consumer: LiveConsumer, gate: str | None) -> None:
+    """LiveConsumer.run(), with a start line: replicas begin on the measures together, so the
+    timed drain is not one replica alone until the other has caught up with the lifecycle."""
+    consumer.start()
+    consumer.catch_up_lifecycle()
+    if gate:
+        Path(f"{gate}.ready.{os.getpid()}").touch()
+        while not Path(gate).exists() and not consumer.stop_event.is_set():
+            time.sleep(0.01)
+    try:
+        while not consumer.stop_event.is_set():
+            consumer.step()
+    finally:
+        consumer.close()
+
+
+def preload(collector: Collector, bootstrap: str, topic: str, expect: int) -> Outcome:
+    """Apply the lifecycle topic's first `expect` records through the service, as the live consumer
+    does, reading until the count is reached (Tansu's high watermark is not reliable)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    plain = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"preload-{topic}", "enable.auto.commit": False}
+    )
+    plain.assign([TopicPartition(topic, 0, 0)])
+    total = Outcome()
+    seen = 0
+    deadline = time.monotonic() + 900
+    while seen < expect:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"lifecycle preload: {seen} of {expect} records after 900 s")
+        messages = [m for m in plain.consume(num_messages=1000, timeout=1.0) if m.error() is None]
+        if messages:
+            seen += len(messages)
+            total.add(collector.apply_events([Record(m.value() or b"", m.key()) for m in messages]))
+    plain.close()
+    return total
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
