@@ -35,7 +35,7 @@ from kvmeter.agent.measures import (
     vm_directions,
 )
 from kvmeter.agent.metrics import AgentMetrics
-from kvmeter.agent.model import CounterKey, CounterSample, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.publish import Publisher
 from kvmeter.agent.spool import Spool
 from kvmeter.proto import pb
@@ -214,14 +214,14 @@ class Agent:
         keys = self._keys_for(stable)
         present = list(keys.values())
 
-        samples: list[CounterSample] = []
+        readings: list[tuple[CounterKey, Stats]] = []
         for name, stats in table.items():
             if name in devices and name in keys:
                 key = keys[name]
-                samples.append(to_sample(key, stats))
+                readings.append((key, stats))
                 self._remember(key, *devices[name])
-        samples += self._libvirt_counted(devices, table)
-        self.metrics.interfaces.set(len(samples))
+        readings += self._libvirt_counted(devices, table)
+        self.metrics.interfaces.set(len(readings))
 
         deltas: list[Delta] = []
         for event in events:
@@ -238,7 +238,7 @@ class Agent:
                 log.warning(
                     "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
                 )
-        deltas += self.engine.poll(now_ms, mono_ms, samples, present)
+        deltas += self.engine.poll_readings(now_ms, mono_ms, readings, present)
 
         self.seq += 1
         batch, unattributed = build_batch(
@@ -344,9 +344,9 @@ class Agent:
 
     def _libvirt_counted(
         self, devices: Mapping[str, tuple[DomainInfo, NicInfo]], table: Mapping[str, Stats]
-    ) -> list[CounterSample]:
+    ) -> list[tuple[CounterKey, Stats]]:
         """NICs the host cannot see (vhost-user): libvirt's interfaceStats, with a timeout."""
-        samples = []
+        readings = []
         for name, (domain, nic) in devices.items():
             if nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES or name in table:
                 continue
@@ -359,9 +359,9 @@ class Agent:
             # libvirt reports these from the guest's side already; the engine and the measure
             # builder work host-side, so turn them back (the builder swaps them again).
             rx_bytes, rx_packets, tx_bytes, tx_packets = stats
-            samples.append(to_sample(key, (tx_bytes, tx_packets, rx_bytes, rx_packets)))
+            readings.append((key, (tx_bytes, tx_packets, rx_bytes, rx_packets)))
             self._remember(key, domain, nic)
-        return samples
+        return readings
 
     def _forget_closed(self) -> None:
         tracked = self.engine.tracked_keys()

@@ -38,6 +38,8 @@ STATE_VERSION = 1
 ABSENT_POLLS_BEFORE_FORGET = 3
 # The smallest Ethernet frame on the wire bounds packets per byte of line rate.
 MIN_FRAME_BYTES = 60
+# (rx_bytes, rx_packets, tx_bytes, tx_packets): one interface's reading, in /proc/net/dev's order
+Stats = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -96,36 +98,51 @@ class DeltaEngine:
     ) -> list[Delta]:
         """One poll: `samples` are the metered interfaces' readings, `present` every host link's key
         (defaults to the samples' keys). Returns one Delta per sample that moved or was reset."""
-        samples = [s for s in samples if s.key.boot_id == self.boot_id]
-        present_keys = {s.key for s in samples}
-        if present is not None:
-            present_keys.update(k for k in present if k.boot_id == self.boot_id)
+        readings = [(s.key, (s.rx_bytes, s.rx_packets, s.tx_bytes, s.tx_packets)) for s in samples]
+        return self.poll_readings(now_ms, mono_ms, readings, present)
+
+    def poll_readings(
+        self,
+        now_ms: int,
+        mono_ms: int,
+        readings: Iterable[tuple[CounterKey, Stats]],
+        present: Iterable[CounterKey] | None = None,
+    ) -> list[Delta]:
+        """`poll` for (key, (rx_bytes, rx_packets, tx_bytes, tx_packets)) pairs, the order of
+        /proc/net/dev: no sample object per interface on the hot path."""
+        boot_id = self.boot_id
+        readings = [r for r in readings if r[0].boot_id == boot_id]
+        if present is None:
+            present_keys = {key for key, _ in readings}
+        else:
+            present_keys = {k for k in present if k.boot_id == boot_id}
         if self._fresh:
-            self._preexisting = set(present_keys) - set(self._created)
+            self._preexisting = (present_keys | {key for key, _ in readings}) - set(self._created)
             self._fresh = False
         deltas: list[Delta] = []
         self._polls += 1
+        polls = self._polls
         counters = self._counters
         min_elapsed = self.config.min_elapsed_ms
         ceiling = self.config.line_rate_ceiling_bps
         tracked_names: dict[str, CounterKey] | None = None
-        for sample in samples:
-            key = sample.key
+        for key, stats in readings:
             prev = counters.get(key)
             if prev is not None:
                 # Fast path (nearly every counter, every poll): all four grew within the ceiling.
-                rxb = sample.rx_bytes - prev.rx_bytes
-                txb = sample.tx_bytes - prev.tx_bytes
-                rxp = sample.rx_packets - prev.rx_packets
-                txp = sample.tx_packets - prev.tx_packets
+                rx_bytes, rx_packets, tx_bytes, tx_packets = stats
+                rxb = rx_bytes - prev.rx_bytes
+                txb = tx_bytes - prev.tx_bytes
+                rxp = rx_packets - prev.rx_packets
+                txp = tx_packets - prev.tx_packets
                 elapsed = mono_ms - prev.mono_ms
                 max_bytes = ceiling * (elapsed if elapsed > min_elapsed else min_elapsed) // 8000
                 if rxb >= 0 and txb >= 0 and rxp >= 0 and txp >= 0 and rxb <= max_bytes and txb <= max_bytes:
                     start = prev.end_ms
                     end = now_ms if now_ms > start else start + 1
-                    prev.rx_bytes, prev.tx_bytes = sample.rx_bytes, sample.tx_bytes
-                    prev.rx_packets, prev.tx_packets = sample.rx_packets, sample.tx_packets
-                    prev.end_ms, prev.mono_ms, prev.seen = end, mono_ms, self._polls
+                    prev.rx_bytes, prev.tx_bytes = rx_bytes, tx_bytes
+                    prev.rx_packets, prev.tx_packets = rx_packets, tx_packets
+                    prev.end_ms, prev.mono_ms, prev.seen = end, mono_ms, polls
                     if rxb or txb or rxp or txp:
                         deltas.append(Delta(key, start, end, rxb, txb, rxp, txp))
                     continue
@@ -139,6 +156,7 @@ class DeltaEngine:
                     # The name's previous incarnation is still open: its final sample (or its
                     # forgetting) comes first, then this one counts from zero.
                     continue
+            sample = CounterSample(key, stats[0], stats[2], stats[1], stats[3])
             delta = self._advance(sample, now_ms, mono_ms, final=False)
             if delta is not None:
                 deltas.append(delta)
