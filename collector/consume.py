@@ -82,6 +82,7 @@ class LiveConsumer:
             }
         )
         self._lifecycle_parts: set[int] = set()
+        self.assigned: set[int] = set()  # measures partitions this replica owns now
         self._last_tick = float("-inf")
         self._last_lag = float("-inf")
         self._last_refresh = float("-inf")
@@ -92,11 +93,18 @@ class LiveConsumer:
 
     # -- setup --------------------------------------------------------------------------------
     def start(self) -> None:
-        self.measures.subscribe([self.kafka.measures_topic], on_revoke=self._on_revoke)
+        self.measures.subscribe(
+            [self.kafka.measures_topic], on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
         self._refresh_lifecycle()
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assigned = {tp.partition for tp in partitions}
+        log.info("measures partitions assigned: %s", sorted(self.assigned))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._commit(asynchronous=False)
+        self.assigned = set()
 
     def _refresh_lifecycle(self) -> None:
         """Assign lifecycle partitions not yet assigned, from the beginning."""

@@ -16,7 +16,7 @@ from kvmeter.collector.consume import LiveConsumer
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
-from tests.collector_support import HOUR, T0, Clock, expected_usage, net_by_short_key, scenario
+from tests.collector_support import HOUR, T0, Clock, M, Stream, expected_usage, net_by_short_key, scenario
 from tests.harness.kafka import FAST_GROUP
 
 pytestmark = pytest.mark.broker
@@ -131,3 +131,38 @@ def test_a_restarted_collector_resumes_without_billing_twice(
     finally:
         second.stop()
     store.close()
+
+
+@pytest.mark.pg
+def test_two_replicas_share_the_partitions_and_one_postgresql(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], pg_database: str
+) -> None:
+    measures, lifecycle = unique_topic("measures", partitions=4), unique_topic("cloudstack")
+    sc = scenario()
+    produce(kafka_bootstrap, lifecycle, sc.events)
+    streams = [Stream(f"stream-{i}", f"h{i}") for i in range(8)]
+    records = []
+    for i in range(8 * 15):
+        stream = streams[i % 8]
+        records.append(
+            (stream.host_id.encode(), stream.batch([M(T0 + i * 1000, T0 + i * 1000 + 500, 1000 + i)]))
+        )
+    produce(kafka_bootstrap, measures, records)
+    kafka = kafka_config(kafka_bootstrap, measures, lifecycle, f"g-{measures}")
+    stores = [Store(pg_database) for _ in range(2)]
+    stores[0].migrate()
+    replicas = [Running(s, kafka, Clock(NOW)) for s in stores]
+    try:
+        wait_for(lambda: sum(stores[0].marks().values()) == len(records), 90, "every batch applied")
+        wait_for(lambda: all(r.live.assigned for r in replicas), 30, "both replicas owning partitions")
+        assert set.union(*(r.live.assigned for r in replicas)) == {0, 1, 2, 3}
+        assert not set.intersection(*(r.live.assigned for r in replicas))
+    finally:
+        for r in replicas:
+            r.stop()
+    billed = {k: v for k, v in stores[0].net_usage().items() if k.usage_type == 4}
+    assert sum(billed.values()) == sum(1000 + i for i in range(len(records)))
+    applied = [r.live.totals.batches for r in replicas]
+    assert sum(applied) == len(records)  # each batch applied by exactly one replica
+    for s in stores:
+        s.close()
