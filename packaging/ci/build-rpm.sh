@@ -10,7 +10,7 @@ work=$build_root/rpm
 version=$(upstream_version)
 
 require_configs
-command -v rpmbuild >/dev/null || die "rpmbuild is not installed (make packaging-deps)"
+command -v rpmbuild >/dev/null || die "rpmbuild is not installed (make deps)"
 rm -rf "$work" && mkdir -p "$work/sources" "$dist"
 copy_tree "$work/tree"
 (cd "$work/tree" && python3 -m build --wheel --no-isolation --outdir "$work/sources") >"$work/wheel.log" 2>&1 || {

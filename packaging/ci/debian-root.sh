@@ -21,7 +21,7 @@ ensure_base() {
 	exec 9>"$CACHE/base.lock"
 	flock 9
 	[ -s "$BASE" ] && return 0
-	command -v debootstrap >/dev/null || die "debootstrap is not installed (make packaging-deps)"
+	command -v debootstrap >/dev/null || die "debootstrap is not installed (make deps)"
 	local tmp
 	tmp=$(mktemp -d "$CACHE/mkbase.XXXXXX")
 	echo "debian-root: building the cached Debian 12 base in $tmp (once)" >&2
@@ -75,7 +75,7 @@ apt() {
 
 boot() {
 	local root=$1 rc=0
-	command -v systemd-nspawn >/dev/null || die "systemd-nspawn is not installed (package systemd-container)"
+	command -v systemd-nspawn >/dev/null || die "systemd-nspawn is not installed (make deps: package systemd-container)"
 	# nspawn brings its own /proc; the apt cache is not the container's business.
 	umount "$root/proc" "$root/var/cache/apt/archives"
 	# --keep-unit/--register=no: no systemd or machined needed on the host.
