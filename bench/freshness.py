@@ -1,0 +1,217 @@
+"""Freshness: time from bytes crossing a VM's veth to their appearance in the usage API.
+
+The real `kvmeter run --all-in-one` (agent, in-process collector on SQLite, HTTP API) runs in a
+simulated host namespace with one CloudStack VM (libvirt's test driver describes it; its tap is a
+real veth). Each sample: wait a random part of the poll interval (so samples fall at every phase
+of the poll cycle), read the VM's NETWORK_BYTES_SENT from the API, send one raw frame from the VM
+end of the veth, then ask the API every PROBE_S until the frame's bytes show. The figure is the
+time from the frame's send to the first answer that shows it (PROBE_S is its resolution).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.frames import ETHERTYPE, in_netns
+from bench.timing import percentile
+from bench.vethns import BRIDGE_MAC, VethHost
+
+REPO = Path(__file__).resolve().parent.parent
+KVMETER = Path(sys.executable).with_name("kvmeter")
+VM_UUID = "6f1c6c4e-0000-4000-8000-00000000f2e5"
+VM_NAME = "i-2-42-VM"
+ACCOUNT = "5a1ce000-0000-4000-8000-00000000a11c"
+FRAME_BYTES = 1000
+PROBE_S = 0.02
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(work: Path, uri: str, interval: float, api_port: int) -> Path:
+    path = work / "allinone.toml"
+    path.write_text(
+        f"""[agent]
+host_id = "bench-fresh"
+poll_interval = {interval}
+state_dir = "{work / "agent"}"
+log_level = "warning"
+[libvirt]
+uri = "{uri}"
+[metrics]
+enabled = false
+[store]
+url = "sqlite:///{work / "usage.db"}"
+[usage]
+billable_traffic_types = ["public", "guest"]
+[api]
+listen = "127.0.0.1:{api_port}"
+[lifecycle]
+events_file = "events.jsonl"
+"""
+    )
+    return path
+
+
+class Api:
+    """A keep-alive HTTP connection to the API, opened inside the host namespace."""
+
+    def __init__(self, ns: str, port: int) -> None:
+        self.ns, self.port = ns, port
+        self.conn: http.client.HTTPConnection | None = None
+
+    def sent_bytes(self) -> int:
+        now = int(time.time() * 1000)
+        path = f"/v1/usage?start={now - 2 * 3_600_000}&end={now + 3_600_000}&resource={VM_UUID}&type=4"
+        for attempt in range(2):
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                    with in_netns(self.ns):
+                        self.conn.connect()
+                self.conn.request("GET", path)
+                response = self.conn.getresponse()
+                body = response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"API answered {response.status}: {body[:200]!r}")
+                return sum(int(r["quantity"]) for r in json.loads(body)["usage"])
+            except (OSError, http.client.HTTPException):
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+@contextmanager
+def _pipeline(host: VethHost, interval: float) -> Iterator[tuple[subprocess.Popen[bytes], Api, Path]]:
+    from tests.harness.libvirt_node import Domain, Nic, write_node_xml
+
+    from kvmeter.pipeline.simevents import EventBus
+
+    work = Path(tempfile.mkdtemp(prefix="kvmeter-bench-fresh-"))
+    uri = write_node_xml(
+        work / "node.xml",
+        [
+            Domain(
+                VM_NAME, VM_UUID, (Nic(mac=VethHost.mac(0), bridge=VethHost.bridge(0), dev=VethHost.tap(0)),)
+            )
+        ],
+    )
+    bus = EventBus()
+    start = int(time.time() * 1000) - 60_000
+    with open(work / "events.jsonl", "wb") as f:
+        for event in ("VM.CREATE", "VM.START"):
+            f.write(bus.vm(event, VM_UUID, ACCOUNT, start)[1] + b"\n")
+    port = _free_port()
+    log = open(work / "kvmeter.log", "wb")
+    proc = subprocess.Popen(
+        host.exec_args(
+            str(KVMETER), "run", "--all-in-one", "--config", str(_config(work, uri, interval, port))
+        ),
+        cwd=work,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    api = Api(host.host_ns, port)
+    try:
+        yield proc, api, work
+    finally:
+        api.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], api: Api, work: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"kvmeter run exited {proc.returncode}: {(work / 'kvmeter.log').read_text()[-2000:]}"
+            )
+        try:
+            api.sent_bytes()
+            return
+        except (OSError, http.client.HTTPException, RuntimeError) as exc:
+            if time.monotonic() > deadline:
+                log = (work / "kvmeter.log").read_text()[-2000:]
+                raise RuntimeError(f"API not up in {timeout} s ({exc}): {log}") from None
+            time.sleep(0.1)
+
+
+def measure(host: VethHost, interval: float, samples: int, log: Callable[[str], None]) -> dict[str, Any]:
+    with in_netns(host.vm_ns):
+        vm_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    frame = bytes.fromhex(BRIDGE_MAC.replace(":", "")) + b"\x02\x00\x00\x00\x00\x01" + ETHERTYPE
+    frame += bytes(FRAME_BYTES - len(frame))
+    rng = random.Random(5)
+    delays: list[float] = []
+    with _pipeline(host, interval) as (proc, api, work):
+        _wait_ready(proc, api, work, 60)
+        # Until the VM's first bytes are billed, its owner and baseline are not settled: warm up.
+        base = api.sent_bytes()
+        vm_sock.sendto(frame, (VethHost.peer(0), 0))
+        deadline = time.monotonic() + 3 * interval + 30
+        while api.sent_bytes() < base + FRAME_BYTES:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(
+                    f"the warm-up frame never showed: {(work / 'kvmeter.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.1)
+        for _ in range(samples):
+            time.sleep(rng.uniform(0, interval))
+            base = api.sent_bytes()
+            vm_sock.sendto(frame, (VethHost.peer(0), 0))
+            sent = time.monotonic()
+            deadline = sent + 3 * interval + 30
+            while api.sent_bytes() < base + FRAME_BYTES:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"a frame did not show in {3 * interval + 30:.0f} s")
+                time.sleep(PROBE_S)
+            delays.append(time.monotonic() - sent)
+    vm_sock.close()
+    log(f"freshness: poll every {interval:g} s: {samples} samples, median {statistics.median(delays):.2f} s")
+    return {
+        "poll_interval_s": interval,
+        "samples": len(delays),
+        "p50_s": percentile(delays, 50),
+        "p99_s": percentile(delays, 99),
+        "max_s": max(delays),
+        "p50_over_interval": percentile(delays, 50) / interval,
+        "delays_s": delays,
+    }
+
+
+def run(*, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    plan = [(1.0, 3)] if quick else [(1.0, 20), (10.0, 5)]
+    with VethHost() as host:
+        host.grow(1)
+        runs = [measure(host, interval, samples, log) for interval, samples in plan]
+    return {"mode": "kvmeter run --all-in-one (SQLite, HTTP API)", "probe_s": PROBE_S, "runs": runs}

@@ -1,0 +1,175 @@
+"""The printed table of a bench run, from the results dictionary (what results.json holds)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+METHOD_LABELS = {
+    "floor": "raw read of /proc/net/dev (floor)",
+    "kvmeter": "kvmeter agent poll (daemon)",
+    "kvmeter_core": "kvmeter core stages only",
+    "psutil": "psutil.net_io_counters(pernic)",
+    "pyroute2": "pyroute2 full link dump",
+    "per_nic_scan": "per-NIC table scan (libvirt way)",
+}
+
+
+def _num(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    for r in rows:
+        out.append(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        )
+    return "\n".join(out)
+
+
+def agent_section(agent: dict[str, Any]) -> str:
+    if "error" in agent:
+        return f"1. Agent poll cost: FAILED: {agent['error']}"
+    interval = agent["poll_interval_s"]
+    rows = []
+    for size in agent["sizes"]:
+        for name, m in size["methods"].items():
+            rows.append(
+                [
+                    f"{size['n']:>6} {METHOD_LABELS.get(name, name)}",
+                    _num(m["us_per_interface"], 2),
+                    _num(m["ratio_to_floor"], 1) + "x",
+                    f"{m['cpu_share_at_interval'] * 100:.3f}%",
+                ]
+            )
+    text = [
+        f"1. Agent poll cost (CPU time per poll, median; share of one core polling every {interval:g} s)",
+        _table(["interfaces / method", "us/interface", "vs floor", f"CPU @{interval:g}s"], rows),
+        "",
+        "   Real agent poll loop (Agent.run with topology, spool and Kafka publisher, traffic on every tap):",
+    ]
+    loop_rows = []
+    for size in agent["sizes"]:
+        loop = size["agent_loop"]
+        loop_rows.append(
+            [
+                f"{size['n']:>6} interfaces",
+                _num(loop["rss_peak_mb"], 1),
+                _num(loop["poll_cpu_s"] * 1000, 1),
+                f"{loop['cpu_share_at_interval'] * 100:.3f}%",
+                str(loop["measures_per_poll"]),
+            ]
+        )
+    text.append(
+        _table(["   size", "RSS peak MB", "CPU ms/poll", f"CPU @{interval:g}s", "measures/poll"], loop_rows)
+    )
+    stages = [
+        f"{s['n']}: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in s["kvmeter_core_stages_us_per_interface"].items())
+        for s in agent["sizes"]
+    ]
+    text.append("   kvmeter core stages, us/interface: " + "; ".join(stages))
+    return "\n".join(text)
+
+
+def collector_section(col: dict[str, Any]) -> str:
+    if "error" in col:
+        return f"2. Collector throughput: FAILED: {col['error']}"
+    rows = [["decode_batch only (same batches)", _num(col["decode_measures_per_s"], 0), "1.00x", ""]]
+    for name, run in col["stores"].items():
+        rows.append(
+            [
+                f"broker -> committed usage, {name}",
+                _num(run["measures_per_s"], 0),
+                f"{run['ratio_to_decode']:.2f}x",
+                _num(run["measures_per_cpu_s"] or 0, 0),
+            ]
+        )
+    head = (
+        f"2. Collector throughput, one replica ({col['batches']} batches, {col['measures']} measures of "
+        f"{col['hosts']} hosts x {col['nics_per_host']} NICs; lifecycle applied first, not timed)"
+    )
+    return head + "\n" + _table(["path", "measures/s", "vs decode", "measures/CPU-s"], rows)
+
+
+def freshness_section(fresh: dict[str, Any]) -> str:
+    if "error" in fresh:
+        return f"3. Freshness: FAILED: {fresh['error']}"
+    rows = [
+        [
+            f"poll every {r['poll_interval_s']:g} s",
+            _num(r["p50_s"], 2),
+            _num(r["p99_s"], 2),
+            str(r["samples"]),
+        ]
+        for r in fresh["runs"]
+    ]
+    return f"3. Freshness: bytes crossing a veth -> visible in the API ({fresh['mode']})\n" + _table(
+        ["poll interval", "p50 s", "p99 s", "samples"], rows
+    )
+
+
+def scale_section(scale: dict[str, Any]) -> str:
+    if "error" in scale:
+        return f"4. Scale model: FAILED: {scale['error']}"
+    rows = [
+        [f"{r} replica(s), {scale['store']}", _num(run["measures_per_s"], 0), f"{run['headroom']:.2f}x"]
+        for r, run in scale["replicas"].items()
+    ]
+    head = (
+        f"4. Scale model: {scale['target_hosts']:,} hosts x {scale['target_nics_per_host']} NICs every "
+        f"{scale['interval_s']:g} s needs {_num(scale['required_measures_per_s'], 0)} measures/s "
+        f"(played: {scale['played_hosts']} agents x {scale['nics_per_host']} NICs x {scale['polls']} polls)"
+    )
+    return head + "\n" + _table(["collector", "measures/s", "headroom"], rows)
+
+
+def goals(results: dict[str, Any]) -> list[str]:
+    """The issues' performance goals, each with the measured figure."""
+    out = []
+    agent = results.get("agent", {})
+    for size in agent.get("sizes", []):
+        if size["n"] == 2000:
+            ratio = size["methods"]["kvmeter"]["ratio_to_floor"]
+            rss = size["agent_loop"]["rss_peak_mb"]
+            out.append(
+                f"agent poll for 2,000 interfaces <= 3x the raw read: {ratio:.1f}x -> {_verdict(ratio <= 3)}"
+            )
+            out.append(
+                f"agent resident memory < 60 MB (2,000 interfaces): {rss:.1f} MB -> {_verdict(rss < 60)}"
+            )
+    col = results.get("collector", {})
+    for name, run in col.get("stores", {}).items():
+        ok = run["ratio_to_decode"] >= 0.3 and run["measures_per_s"] >= 200_000
+        out.append(
+            f"collector {name}: >= 30% of decode and >= 200,000 measures/s: "
+            f"{run['ratio_to_decode'] * 100:.0f}%, {run['measures_per_s']:,.0f}/s -> {_verdict(ok)}"
+        )
+    return out
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def render(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    parts = [
+        f"kvmeter bench {'(quick) ' if meta['quick'] else ''}at {meta['started']} on {meta['cpus']} CPUs, "
+        f"commit {meta['commit']}, load {meta['loadavg_start']:.2f} -> {meta['loadavg_end']:.2f}",
+    ]
+    sections = (
+        ("agent", agent_section),
+        ("collector", collector_section),
+        ("freshness", freshness_section),
+        ("scale", scale_section),
+    )
+    for key, fn in sections:
+        if key in results:
+            parts.append(fn(results[key]))
+    lines = goals(results)
+    if lines:
+        parts.append("Goals:\n" + "\n".join("  " + line for line in lines))
+    return "\n\n".join(parts) + "\n"
