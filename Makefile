@@ -19,6 +19,7 @@ APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugi
 help:
 	@echo "make demo   - build a small simulated cloud and meter it (embedded default)"
 	@echo "make test   - install everything, lint, type-check and run all tests"
+	@echo "make bench  - agent, collector, freshness and scale benchmarks side by side (as root)"
 
 # System packages; skipped when already present so repeated runs stay fast.
 deps:
@@ -82,6 +83,11 @@ test-packages: venv
 
 demo: venv
 	$(BIN)/kvmeter demo
+
+# Side-by-side benchmarks (as root: network namespaces), not part of `make test`; ~15 minutes.
+# BENCH_ARGS=--quick for a smoke run; results in bench/results.json.
+bench: venv
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build $(VENV) $(PB_COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache
