@@ -4,7 +4,8 @@ The .debs go into a clean Debian 12 root (debootstrap, only Debian's packages) w
 code runs against Debian's own library versions (pyroute2 0.7.2, protobuf 3.21, SQLAlchemy
 1.4.46, ...). Inside that root: the agent meters a VM of a simulated KVM host (network namespace
 + libvirt's test driver) with `kvmeter agent --once`, and its batch goes through `kvmeter ingest`
-and `kvmeter usage` on SQLite. Then upgrade, remove and purge. The .rpms (EL9) are checked for
+and `kvmeter usage` on SQLite. Then the root's systemd is booted (nspawn) with libvirtd and both
+services as installed, and last come upgrade, remove and purge. The .rpms (EL9) are checked for
 files, requirements and scriptlets, and both formats are linted.
 
 Needs root (chroot, mounts, namespaces) and Debian's mirror; nothing here skips.
