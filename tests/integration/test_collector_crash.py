@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from kvmeter.collector.store import Store, stream_marks
+from kvmeter.collector.store import Store, engine_url, stream_marks
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, VM1, VM2, M, Stream, usage_event
 from tests.harness.ports import free_port
@@ -66,8 +66,8 @@ def http_get(port: int, path: str, token: str | None = "tok") -> bytes:
         return b""
 
 
-def billed(db: Path) -> dict[tuple[str, int], int]:
-    store = Store(f"sqlite:///{db}")
+def billed(url: str) -> dict[tuple[str, int], int]:
+    store = Store(url)
     out: dict[tuple[str, int], int] = {}
     for key, quantity in store.net_usage().items():
         if key.usage_type in (4, 5):
@@ -76,35 +76,40 @@ def billed(db: Path) -> dict[tuple[str, int], int]:
     return out
 
 
-def applied(db: Path) -> int:
-    if not db.exists():
-        return 0
-    engine = sa.create_engine(f"sqlite:///{db}")
+def applied(url: str) -> int:
+    """Batches applied so far (the sum of the stream marks); 0 before the schema exists."""
+    engine = sa.create_engine(engine_url(url))
     try:
         with engine.connect() as conn:
             return int(
                 conn.execute(sa.select(sa.func.coalesce(sa.func.sum(stream_marks.c.seq), 0))).scalar() or 0
             )
-    except sa.exc.OperationalError:  # schema not created yet
+    except (sa.exc.OperationalError, sa.exc.ProgrammingError):  # schema not created yet
         return 0
     finally:
         engine.dispose()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/usage.db"
+    return str(request.getfixturevalue("pg_database"))
+
+
 def test_kill_9_mid_stream_bills_nothing_twice_and_loses_nothing(
-    kafka_bootstrap: str, unique_topic: Callable[..., str], tmp_path: Path
+    kafka_bootstrap: str, unique_topic: Callable[..., str], tmp_path: Path, db_url: str
 ) -> None:
     base = (int(time.time() * 1000) // HOUR - 1) * HOUR  # the last full hour: windows stay open
     events, records, expected = build(base)
     measures, lifecycle = unique_topic("measures", partitions=2), unique_topic("cloudstack")
     produce(kafka_bootstrap, lifecycle, events)
     produce(kafka_bootstrap, measures, records)
-    db = tmp_path / "usage.db"
     config = tmp_path / "collector.toml"
     port = free_port()
     text = f"""
 [store]
-url = "sqlite:///{db}"
+url = "{db_url}"
 [kafka]
 bootstrap = "{kafka_bootstrap}"
 measures_topic = "{measures}"
@@ -136,23 +141,23 @@ token = "tok"
     # 1. Killed by itself right after its 4th database commit, before storing those offsets.
     first = start(KVMETER_FAILPOINT="after-db-commit:4")
     assert first.wait(90) == -signal.SIGKILL
-    after_first = applied(db)
+    after_first = applied(db_url)
     assert 0 < after_first < total
 
     # 2. Killed from outside as soon as it makes progress again: mid-stream, likely mid-transaction.
     second = start()
     try:
-        wait_for(lambda: applied(db) > after_first, 60, "progress after the first restart")
+        wait_for(lambda: applied(db_url) > after_first, 60, "progress after the first restart")
     finally:
         second.send_signal(signal.SIGKILL)
         second.wait(30)
-    assert applied(db) < total
+    assert applied(db_url) < total
 
     # 3. Runs to the end, serves its API meanwhile, and stops cleanly on SIGTERM.
     config.write_text(text.replace("enabled = false", "enabled = true"))
     third = start()
     try:
-        wait_for(lambda: applied(db) == total, 90, "every batch applied")
+        wait_for(lambda: applied(db_url) == total, 90, "every batch applied")
         wait_for(lambda: b"kvmeter_consumer_lag{" in http_get(port, "/metrics"), 30, "lag measured")
         metrics = http_get(port, "/metrics").decode()
         assert 'kvmeter_consumer_lag{partition="0"' in metrics
@@ -172,4 +177,4 @@ token = "tok"
         code = third.wait(30)
     log.close()
     assert code == 0, (tmp_path / "collector.log").read_text()[-3000:]
-    assert billed(db) == expected
+    assert billed(db_url) == expected
