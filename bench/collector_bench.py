@@ -271,9 +271,16 @@ def _play(
 
 
 def throughput(
-    bootstrap: str, pg_admin: str, *, hosts: int, nics: int, polls: int, log: Callable[[str], None]
+    bootstrap: str,
+    pg_admin: str | None,
+    *,
+    hosts: int,
+    nics: int,
+    polls: int,
+    log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Section 2: one replica, SQLite and PostgreSQL, next to the decode rate of the same batches."""
+    """Section 2: one replica, SQLite and PostgreSQL (unless pg_admin is None), next to the decode
+    rate of the same batches."""
     from tests.harness.postgres import create_database
 
     fleet = batches.make_fleet(hosts, nics)
@@ -283,7 +290,10 @@ def throughput(
     decode_before = decode_rate(play["values"], play["measures"])
     runs = {}
     with tempfile.TemporaryDirectory(prefix="kvmeter-bench-") as tmp:
-        for name, db in (("sqlite", f"sqlite:///{tmp}/usage.db"), ("postgresql", create_database(pg_admin))):
+        stores = [("sqlite", f"sqlite:///{tmp}/usage.db")]
+        if pg_admin is not None:
+            stores.append(("postgresql", create_database(pg_admin)))
+        for name, db in stores:
             runs[name] = drain(db, bootstrap, play, replicas=1, timeout=600, log=log)
     decode_after = decode_rate(play["values"], play["measures"])
     decode = (decode_before["measures_per_s"] + decode_after["measures_per_s"]) / 2

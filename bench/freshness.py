@@ -209,8 +209,11 @@ def measure(host: VethHost, interval: float, samples: int, log: Callable[[str], 
     }
 
 
-def run(*, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    plan = [(1.0, 3)] if quick else [(1.0, 20), (10.0, 5)]
+def run(
+    *, quick: bool, log: Callable[[str], None], plan: list[tuple[float, int]] | None = None
+) -> dict[str, Any]:
+    """`plan`: (poll interval s, samples) per run."""
+    plan = plan or ([(1.0, 3)] if quick else [(1.0, 20), (10.0, 5)])
     with VethHost() as host:
         host.grow(1)
         runs = [measure(host, interval, samples, log) for interval, samples in plan]
