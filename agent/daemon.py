@@ -249,7 +249,7 @@ class Agent:
             poll_ms=now_ms,
             deltas=deltas,
             attribution=self._attribution,
-            inventory=self._inventory_if_due(stable),
+            inventory=self._inventory_if_due(stable, commit=not dry_run),
             final=final,
             templates=self._templates,
         )
@@ -371,8 +371,11 @@ class Agent:
         if len(self._templates) > 2 * len(tracked):
             self._templates.keep_only(tracked)
 
-    def _inventory_if_due(self, ifindexes: Mapping[str, int]) -> list[pb.DomainInventory] | None:
-        """The full inventory on the first batch, on any change, and every inventory_every polls."""
+    def _inventory_if_due(
+        self, ifindexes: Mapping[str, int], *, commit: bool
+    ) -> list[pb.DomainInventory] | None:
+        """The full inventory on the first batch, on any change, and every inventory_every polls
+        (a dry run shows it when due without taking it off the next real batch)."""
         domains = tuple(sorted(self.inventory.snapshot().values(), key=lambda d: d.uuid))
         placements = {}
         for domain in domains:
@@ -382,14 +385,14 @@ class Agent:
         # Inventory and topology hand out the same objects until something changes: comparing
         # identities is far cheaper than building (or comparing) the inventory every poll.
         signature = (domains, tuple(placements.values()), tuple((d, ifindexes[d]) for d in placements))
-        self._polls_since_inventory += 1
-        if (
-            _same(signature, self._last_inventory)
-            and self._polls_since_inventory < self.config.inventory_every
-        ):
+        polls = self._polls_since_inventory + 1
+        if _same(signature, self._last_inventory) and polls < self.config.inventory_every:
+            if commit:
+                self._polls_since_inventory = polls
             return None
-        self._last_inventory = signature
-        self._polls_since_inventory = 0
+        if commit:
+            self._last_inventory = signature
+            self._polls_since_inventory = 0
         return [domain_inventory(d, placements, ifindexes) for d in domains]
 
     def _count(self, deltas: list[Delta]) -> None:

@@ -279,3 +279,14 @@ def test_nic_whose_target_dev_is_not_a_link_is_matched_by_tap_mac(host: Host, tm
         ("vnet0", pb.VM_RX, 20),
         ("vnet0", pb.VM_TX, 10),
     }
+
+
+def test_dry_runs_show_the_inventory_without_taking_it_off_the_next_batch(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock)
+    assert len(agent.poll_once(dry_run=True).inventory) == 1  # --once: the baseline
+    assert len(agent.poll_once(dry_run=True).inventory) == 1  # --once: what it prints
+    assert len(agent.poll_once().inventory) == 1
+    assert len(agent.poll_once().inventory) == 0
+    agent.close()
+    assert [f.seq for f in Spool(tmp_path, read_only=True).pending()] == [1, 2]  # dry runs spool nothing
