@@ -58,6 +58,16 @@ def _new_ns(name: str) -> None:
         sh("sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1", ns=name)
 
 
+def calm_neighbours(ns: str) -> None:
+    """No ARP re-validation of a neighbour seconds after traffic: such a probe could land between
+    an agent's last poll and a reading of the VM-side counters. Applies to the links there now."""
+    script = (
+        "for d in /proc/sys/net/ipv4/neigh/*; do echo 600000 > $d/base_reachable_time_ms;"
+        " echo 600 > $d/delay_first_probe_time; done"
+    )
+    sh("sh", "-c", script, ns=ns)
+
+
 def _kill_ns(name: str) -> None:
     pids = sh("ip", "netns", "pids", name, check=False).split()
     for pid in pids:
@@ -217,6 +227,8 @@ class Host:
         ip("link", "set", nic.ifname, "address", nic.mac, ns=vm.ns)
         ip("addr", "add", nic.address, "dev", nic.ifname, ns=vm.ns)
         ip("link", "set", nic.ifname, "up", ns=vm.ns)
+        calm_neighbours(vm.ns)
+        calm_neighbours(self.ns)
 
     def unplug_all(self, vm: Vm) -> None:
         """Stop the VM: record each NIC's final VM-side counters, then delete its veths."""
@@ -227,12 +239,16 @@ class Host:
             ip("link", "del", nic.tap, ns=self.ns)
         vm.present = False
 
-    def reboot(self, vm: Vm) -> None:
-        """A VM reboot as the host sees it: taps deleted and recreated (same names, new ifindex)."""
-        self.unplug_all(vm)
+    def plug_all(self, vm: Vm) -> None:
+        """Start a stopped VM again: its taps come back (same names, new ifindex)."""
         for nic in vm.nics:
             self._plug(nic)
         vm.present = True
+
+    def reboot(self, vm: Vm) -> None:
+        """A VM reboot as the host sees it: taps deleted and recreated (same names, new ifindex)."""
+        self.unplug_all(vm)
+        self.plug_all(vm)
 
     def migrate(self, vm: Vm, target: Host) -> Vm:
         """Move `vm` to `target`: its taps vanish here and appear there (the VM namespace moves along)."""
