@@ -28,6 +28,8 @@ def _log(message: str) -> None:
 
 
 def _commit() -> str:
+    if os.environ.get("KVMETER_BENCH_COMMIT"):  # bench/at_commit.sh runs an exported tree
+        return os.environ["KVMETER_BENCH_COMMIT"]
     result = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False
     )
