@@ -1,9 +1,10 @@
 """Agent poll cost, memory and CPU share for growing numbers of interfaces, in one namespace.
 
 For each size: grow the namespace's veth taps, run bench.agent_worker there (every method side
-by side, interleaved) and then a real agent poll loop (bench.agent_loop, publishing to a Tansu
-broker inside the same namespace) while bench.frames moves bytes on every tap; the loop's
-resident memory is sampled from outside with psutil.
+by side, interleaved) and then a real agent poll loop (bench.agent_loop: the agent as
+`kvmeter agent` builds it, with libvirt's test driver and a Tansu broker inside the same
+namespace) while bench.frames moves bytes on every tap; the loop's resident memory is sampled
+from outside with psutil.
 """
 
 from __future__ import annotations
@@ -63,7 +64,22 @@ def start_broker(host: VethHost, log_dir: Path) -> Broker:
     return broker
 
 
-def run_loop(host: VethHost, n: int, bootstrap: str, polls: int, interval: float) -> dict[str, Any]:
+def write_libvirt(path: Path, n: int) -> str:
+    """libvirt test-driver domains for the first n taps: CloudStack user VMs with two NICs each."""
+    from tests.harness.libvirt_node import Domain, Nic, write_node_xml
+
+    domains = []
+    for d in range(0, n, 2):
+        nics = tuple(
+            Nic(mac=VethHost.mac(i), bridge=VethHost.bridge(i), dev=VethHost.tap(i))
+            for i in range(d, min(d + 2, n))
+        )
+        vm = d // 2 + 1
+        domains.append(Domain(f"i-2-{vm}-VM", f"6f1c6c4e-0000-4000-8000-{vm:012d}", nics))
+    return write_node_xml(path, domains)
+
+
+def run_loop(host: VethHost, n: int, bootstrap: str, uri: str, polls: int, interval: float) -> dict[str, Any]:
     """The agent poll loop with traffic; its result plus peak and final resident memory."""
     pusher = subprocess.Popen(
         _python(host, "bench.frames", "--n", str(n), "--vm-ns", host.vm_ns, "--every", str(interval / 2)),
@@ -81,6 +97,8 @@ def run_loop(host: VethHost, n: int, bootstrap: str, polls: int, interval: float
             str(interval),
             "--bootstrap",
             bootstrap,
+            "--libvirt-uri",
+            uri,
             "--topic",
             TOPIC,
         ),
@@ -170,7 +188,8 @@ def run(sizes: list[int], *, quick: bool, interval: float = 10.0, log: Any = pri
                     ),
                     timeout=900,
                 )
-                loop = run_loop(host, n, broker.bootstrap, loop_polls, loop_interval)
+                uri = write_libvirt(Path(tmp) / f"node-{n}.xml", n)
+                loop = run_loop(host, n, broker.bootstrap, uri, loop_polls, loop_interval)
                 out["sizes"].append(derive(worker, loop, interval))
                 log(f"agent: {n} interfaces measured in {time.monotonic() - t0:.1f} s")
         finally:

@@ -1,6 +1,9 @@
-"""A real agent poll loop for memory and CPU: kvmeter's Agent.run() over N interfaces, publishing
-to a broker, in the namespace this process runs in. bench.agent_bench watches its resident memory
-from outside (psutil) while bench.frames pushes traffic on every interface.
+"""A real agent poll loop for memory and CPU: the agent as `kvmeter agent` builds it
+(kvmeter.agent.cli.build_agent: libvirt inventory, netlink topology, spool, Kafka publisher) over
+N interfaces, in the namespace this process runs in, running Agent.run(). libvirt is its test
+driver with one domain per two taps (it renames vnetN targets, so NICs match their taps by MAC,
+as the agent does for a hot-plug). bench.agent_bench watches the resident memory from outside
+(psutil) while bench.frames pushes traffic on every interface.
 
 CPU is split into what the polls take (the poll thread's CPU time around each poll_once) and
 the rest (topology's event thread, librdkafka's threads, the loop's waits) per second of run, so
@@ -17,7 +20,8 @@ import tempfile
 import time
 from typing import Any
 
-from bench.agent_path import build_agent
+from kvmeter.agent.cli import build_agent
+from kvmeter.agent.config import validate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,14 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--polls", type=int, default=6)
     ap.add_argument("--interval", type=float, default=2.0)
-    ap.add_argument("--bootstrap", default=None)
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--libvirt-uri", required=True)
     ap.add_argument("--topic", default="kvmeter.measures")
     args = ap.parse_args(argv)
 
     state_dir = tempfile.mkdtemp(prefix="kvmeter-bench-loop-", dir="/var/tmp")
-    agent = build_agent(
-        args.n, state_dir, bootstrap=args.bootstrap, topic=args.topic, poll_interval=args.interval
+    config = validate(
+        {
+            "agent": {"host_id": "bench-host", "poll_interval": args.interval, "state_dir": state_dir},
+            "libvirt": {"uri": args.libvirt_uri},
+            "kafka": {"bootstrap_servers": args.bootstrap, "topic": args.topic},
+            "metrics": {"enabled": False},
+        }
     )
+    agent = build_agent(config, read_only=False)
     poll_cpu: list[float] = []
     measures: list[int] = []
     marks: list[float] = []  # process CPU and wall time at the end of the first (baseline) poll

@@ -48,7 +48,8 @@ def agent_section(agent: dict[str, Any]) -> str:
         f"1. Agent poll cost (CPU time per poll, median; share of one core polling every {interval:g} s)",
         _table(["interfaces / method", "us/interface", "vs floor", f"CPU @{interval:g}s"], rows),
         "",
-        "   Real agent poll loop (Agent.run with topology, spool and Kafka publisher, traffic on every tap):",
+        "   Real agent process (as `kvmeter agent` builds it: libvirt test driver, netlink, spool, Kafka),\n"
+        "   Agent.run() with traffic on every tap:",
     ]
     loop_rows = []
     for size in agent["sizes"]:
