@@ -27,13 +27,13 @@ from kvmeter.agent.config import AgentConfig
 from kvmeter.agent.counters import Stats, parse_proc_net_dev, read_link_mac, read_proc_net_dev, to_sample
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.measures import (
-    UNSWAPPED_NIC_TYPES,
     Attribution,
     Templates,
     build_batch,
     domain_inventory,
     vm_directions,
 )
+from kvmeter.agent.metered import LIBVIRT_COUNTED_NIC_TYPES, MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.publish import Publisher
@@ -43,10 +43,6 @@ from kvmeter.proto import pb
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# NIC types whose host side has no kernel interface in this namespace: counters come from libvirt.
-LIBVIRT_COUNTED_NIC_TYPES = frozenset({"vhostuser"})
-# Domains without host interfaces: their NICs are not looked for among the links.
-INACTIVE_STATES = frozenset({"shutoff", "gone"})
 
 
 class InventoryLike(Protocol):
@@ -72,11 +68,6 @@ class _Event:
     stats: Stats | None
     wall_ms: int
     mono_ms: int
-
-
-def tap_mac(guest_mac: str) -> str:
-    """The MAC libvirt gives a NIC's host-side tap: the guest MAC with 0xfe as first byte."""
-    return "fe:" + guest_mac.lower().split(":", 1)[1]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -122,7 +113,7 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         self.boot_id = boot_id
         self._read_text = read_text
-        self._read_mac = read_mac
+        self._links = MeteredLinks(boot_id, read_mac)
         self._wall = wall
         self._mono = mono
         self.stream_id = uuid.uuid4().hex
@@ -135,9 +126,7 @@ class Agent:
         self._events: queue.Queue[_Event] = queue.Queue()
         self._carry: list[_Event] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
-        self._macs: dict[tuple[str, int], str | None] = {}
         self._committed_state: dict[str, Any] | None = None
-        self._key_cache: dict[tuple[str, int], CounterKey] = {}
         self._templates = Templates()
         self._last_inventory: Any = None  # what the last inventory sent was built from
         self._polls_since_inventory = 0
@@ -210,8 +199,8 @@ class Agent:
         after = self.topology.links()
         now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
         stable = {name: i for name, i in after.items() if before.get(name) == i}
-        devices = self._metered(stable)
-        keys = self._keys_for(stable)
+        devices = self._links.resolve(self.inventory.snapshot().values(), stable)
+        keys = self._links.keys(stable)
         present = list(keys.values())
 
         readings: list[tuple[CounterKey, Stats]] = []
@@ -270,60 +259,6 @@ class Agent:
         self._count(deltas)
         self._forget_closed()
         return batch
-
-    def _metered(self, links: Mapping[str, int]) -> dict[str, tuple[DomainInfo, NicInfo]]:
-        """Host interface name -> the domain NIC it belongs to.
-
-        By libvirt's target dev first. A NIC whose target dev is not a link here (libvirt's test
-        driver renames vnetN targets; a live XML read during a hot-plug may lack it) is matched
-        by MAC: libvirt gives a tap the guest MAC with 0xfe as first byte; a macvtap has the
-        guest MAC itself."""
-        devices: dict[str, tuple[DomainInfo, NicInfo]] = {}
-        unresolved: list[tuple[DomainInfo, NicInfo]] = []
-        for domain in self.inventory.snapshot().values():
-            for nic in domain.nics:
-                if nic.device and nic.device in links and nic.device not in devices:
-                    devices[nic.device] = (domain, nic)
-                elif nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES:
-                    if domain.state not in INACTIVE_STATES:
-                        unresolved.append((domain, nic))
-                elif nic.device:
-                    devices[nic.device] = (domain, nic)
-        if unresolved:
-            by_mac = self._link_macs(links)
-            for domain, nic in unresolved:
-                mac = nic.mac if nic.nic_type in UNSWAPPED_NIC_TYPES else tap_mac(nic.mac)
-                name = by_mac.get(mac)
-                if name is not None and name not in devices:
-                    devices[name] = (domain, nic)
-        return devices
-
-    def _link_macs(self, links: Mapping[str, int]) -> dict[str, str]:
-        """MAC -> link name, one sysfs read per link incarnation (cached by name and ifindex)."""
-        current = set(links.items())
-        for key in [k for k in self._macs if k not in current]:
-            del self._macs[key]
-        by_mac = {}
-        for key in current:
-            if key not in self._macs:
-                self._macs[key] = self._read_mac(key[0])
-            mac = self._macs[key]
-            if mac:
-                by_mac[mac] = key[0]
-        return by_mac
-
-    def _keys_for(self, links: Mapping[str, int]) -> dict[str, CounterKey]:
-        """name -> CounterKey, the same objects from poll to poll (cheap to hash and compare)."""
-        cache = self._key_cache
-        keys = {}
-        for name, ifindex in links.items():
-            key = cache.get((name, ifindex))
-            if key is None:
-                key = cache[(name, ifindex)] = CounterKey(self.boot_id, ifindex, name)
-            keys[name] = key
-        if len(cache) > 2 * len(keys) + 64:
-            self._key_cache = {(k.name, k.ifindex): k for k in keys.values()}
-        return keys
 
     def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo) -> None:
         """Attribution for this poll; the same object while nothing changed (topology and

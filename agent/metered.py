@@ -1,0 +1,87 @@
+"""Which host interfaces are metered: the ones that belong to a libvirt domain's NIC.
+
+By libvirt's target dev first. A NIC whose target dev is not a link here (libvirt's test driver
+renames vnetN targets; a live XML read during a hot-plug may lack it) is matched by MAC: libvirt
+gives a tap the guest MAC with 0xfe as first byte; a macvtap carries the guest MAC itself.
+Everything else on the host (bridges, uplinks, the management link) is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+from kvmeter.agent.counters import read_link_mac
+from kvmeter.agent.measures import UNSWAPPED_NIC_TYPES
+from kvmeter.agent.model import CounterKey, DomainInfo, NicInfo
+
+# NIC types whose host side has no kernel interface in this namespace: counters come from libvirt.
+LIBVIRT_COUNTED_NIC_TYPES = frozenset({"vhostuser"})
+# Domains without host interfaces: their NICs are not looked for among the links.
+INACTIVE_STATES = frozenset({"shutoff", "gone"})
+
+Owner = tuple[DomainInfo, NicInfo]
+
+
+def tap_mac(guest_mac: str) -> str:
+    """The MAC libvirt gives a NIC's host-side tap: the guest MAC with 0xfe as first byte."""
+    return "fe:" + guest_mac.lower().split(":", 1)[1]
+
+
+class MeteredLinks:
+    """Resolves domain NICs to host links and hands out stable CounterKeys (same objects from
+    poll to poll: cheap to hash and compare, and measure templates can be kept per key)."""
+
+    def __init__(self, boot_id: str, read_mac: Callable[[str], str | None] = read_link_mac) -> None:
+        self.boot_id = boot_id
+        self._read_mac = read_mac
+        self._macs: dict[tuple[str, int], str | None] = {}
+        self._keys: dict[tuple[str, int], CounterKey] = {}
+
+    def resolve(self, domains: Iterable[DomainInfo], links: Mapping[str, int]) -> dict[str, Owner]:
+        """Host interface name -> (domain, NIC). libvirt-counted NICs keep their target dev name."""
+        devices: dict[str, Owner] = {}
+        unresolved: list[Owner] = []
+        for domain in domains:
+            for nic in domain.nics:
+                if nic.device and nic.device in links and nic.device not in devices:
+                    devices[nic.device] = (domain, nic)
+                elif nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES:
+                    if domain.state not in INACTIVE_STATES:
+                        unresolved.append((domain, nic))
+                elif nic.device:
+                    devices[nic.device] = (domain, nic)
+        if unresolved:
+            by_mac = self._link_macs(links)
+            for domain, nic in unresolved:
+                mac = nic.mac if nic.nic_type in UNSWAPPED_NIC_TYPES else tap_mac(nic.mac)
+                name = by_mac.get(mac)
+                if name is not None and name not in devices:
+                    devices[name] = (domain, nic)
+        return devices
+
+    def _link_macs(self, links: Mapping[str, int]) -> dict[str, str]:
+        """MAC -> link name, one sysfs read per link incarnation (cached by name and ifindex)."""
+        current = set(links.items())
+        for key in [k for k in self._macs if k not in current]:
+            del self._macs[key]
+        by_mac = {}
+        for key in current:
+            if key not in self._macs:
+                self._macs[key] = self._read_mac(key[0])
+            mac = self._macs[key]
+            if mac:
+                by_mac[mac] = key[0]
+        return by_mac
+
+    def keys(self, links: Mapping[str, int]) -> dict[str, CounterKey]:
+        """name -> CounterKey for every link."""
+        cache = self._keys
+        keys = {}
+        for name, ifindex in links.items():
+            key = cache.get((name, ifindex))
+            if key is None:
+                key = cache[(name, ifindex)] = CounterKey(self.boot_id, ifindex, name)
+            keys[name] = key
+        if len(cache) > 2 * len(keys) + 64:
+            self._keys = {(k.name, k.ifindex): k for k in keys.values()}
+        return keys
