@@ -1,0 +1,57 @@
+"""Which host links are metered: by target dev, else by the tap's (or macvtap's) MAC."""
+
+from __future__ import annotations
+
+from kvmeter.agent.metered import MeteredLinks, tap_mac
+from kvmeter.agent.model import DomainInfo, NicInfo
+
+
+def dom(name: str, *nics: NicInfo, state: str = "running") -> DomainInfo:
+    return DomainInfo(uuid=f"u-{name}", name=name, state=state, kind="user_vm", nics=nics)
+
+
+LINKS = {"lo": 1, "vnet3": 30, "macvtap0": 31, "brvx-5001": 5}
+MACS = {
+    "vnet3": "fe:00:00:00:00:03",
+    "macvtap0": "02:00:00:00:00:04",
+    "brvx-5001": None,
+    "lo": "00:00:00:00:00:00",
+}
+
+
+def test_tap_mac_is_the_guest_mac_with_fe_first() -> None:
+    assert tap_mac("02:00:0A:01:00:10") == "fe:00:0a:01:00:10"
+
+
+def test_resolution_by_device_then_mac_skipping_stopped_domains() -> None:
+    reads: list[str] = []
+
+    def read_mac(name: str) -> str | None:
+        reads.append(name)
+        return MACS[name]
+
+    by_name = NicInfo(mac="02:00:00:00:00:01", device="vnet3", nic_type="bridge")
+    renamed_tap = NicInfo(mac="02:00:00:00:00:03", device="testnet0", nic_type="bridge")
+    macvtap = NicInfo(mac="02:00:00:00:00:04", device=None, nic_type="direct")
+    vhost = NicInfo(mac="02:00:00:00:00:05", device="vhu-1", nic_type="vhostuser")
+    stopped = NicInfo(mac="02:00:00:00:00:06", device="vnet9", nic_type="bridge")
+    links = MeteredLinks("boot", read_mac)
+    got = links.resolve(
+        [dom("a", by_name), dom("b", renamed_tap, macvtap, vhost), dom("c", stopped, state="shutoff")], LINKS
+    )
+    assert {name: nic.mac for name, (_, nic) in got.items()} == {
+        "vnet3": by_name.mac,  # the target dev wins; the renamed tap finds no other link with its MAC
+        "macvtap0": macvtap.mac,  # a macvtap carries the guest MAC itself
+        "vhu-1": vhost.mac,  # counted through libvirt, by its own name
+    }
+    links.resolve([dom("b", renamed_tap)], LINKS)
+    assert sorted(reads) == sorted(LINKS)  # one sysfs read per link incarnation, then cached
+
+
+def test_keys_are_stable_objects_per_name_and_ifindex() -> None:
+    links = MeteredLinks("boot", lambda _: None)
+    first = links.keys({"vnet0": 7})
+    again = links.keys({"vnet0": 7})
+    reborn = links.keys({"vnet0": 9})
+    assert first["vnet0"] is again["vnet0"]
+    assert (reborn["vnet0"].ifindex, reborn["vnet0"].boot_id) == (9, "boot")
