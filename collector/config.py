@@ -101,7 +101,7 @@ class ApiConfig:
 
 @dataclass(frozen=True)
 class CollectorConfig:
-    db_url: str = "sqlite:////var/lib/kvmeter/usage.db"
+    db_url: str = "sqlite:////var/lib/kvmeter/collector/usage.db"
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     settings: Settings = field(default_factory=Settings)
     tick_seconds: float = 30.0
