@@ -95,8 +95,19 @@ def create_app(store: Store, *, token: str = "", metrics: Metrics | None = None)
         resource = args.get("usageid")
         if resource and usage_type is None:
             return _cloudstack_error("listusagerecords", 431, "usageid needs type")
+        try:
+            page = int(args.get("page", "1"))
+            pagesize = int(args.get("pagesize", "0"))
+        except ValueError:
+            return _cloudstack_error("listusagerecords", 431, "page and pagesize must be integers")
+        if page < 1 or pagesize < 0:
+            return _cloudstack_error("listusagerecords", 431, "page must be >= 1 and pagesize >= 0")
         rows = _query(store, start, end, args.get("accountid"), usage_type, resource)
-        return jsonify(report.cloudstack_response(rows))
+        response = report.cloudstack_response(rows)
+        if pagesize:  # CloudStack's paging: count stays the total, usagerecord is one page
+            body = response["listusagerecordsresponse"]
+            body["usagerecord"] = body["usagerecord"][(page - 1) * pagesize : page * pagesize]
+        return jsonify(response)
 
     return app
 

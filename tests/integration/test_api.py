@@ -167,3 +167,16 @@ def test_metrics_report_store_truth_and_counters(api: Api) -> None:
     values2 = dict(line.rsplit(" ", 1) for line in api.get("/metrics")[2].splitlines() if line[:1] != "#")
     assert float(values2["kvmeter_store_unattributed_bytes"]) == scenario().parked_bytes
     assert float(values2["kvmeter_store_parked_bytes"]) == scenario().parked_bytes
+
+
+def test_cloudstack_paging_keeps_the_total_count(api: Api) -> None:
+    query = {"command": "listUsageRecords", "startdate": "2024-05-14", "enddate": "2024-05-14"}
+    whole = json.loads(api.get("/client/api", **query)[2])["listusagerecordsresponse"]
+    pages = []
+    for page in (1, 2, 3, 4, 5):
+        body = json.loads(api.get("/client/api", **query, page=str(page), pagesize="7")[2])
+        assert body["listusagerecordsresponse"]["count"] == whole["count"]
+        pages += body["listusagerecordsresponse"]["usagerecord"]
+    assert whole["count"] > 21
+    assert pages == whole["usagerecord"][:35]
+    assert api.get("/client/api", **query, page="0", pagesize="7")[0] == 431
