@@ -190,6 +190,9 @@ def run(sizes: list[int], *, quick: bool, interval: float = 10.0, log: Any = pri
                 )
                 uri = write_libvirt(Path(tmp) / f"node-{n}.xml", n)
                 loop = run_loop(host, n, broker.bootstrap, uri, loop_polls, loop_interval)
+                driver = _run_json([sys.executable, "-m", "bench.libvirt_rss", "--uri", uri], timeout=300)
+                loop["libvirt_test_driver_mb"] = driver["test_driver_mb"]
+                loop["rss_peak_without_test_driver_mb"] = loop["rss_peak_mb"] - driver["test_driver_mb"]
                 out["sizes"].append(derive(worker, loop, interval))
                 log(f"agent: {n} interfaces measured in {time.monotonic() - t0:.1f} s")
         finally:

@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             "polls": len(steady),
             "interval_s": args.interval,
             "poll_cpu_s": sorted(steady)[len(steady) // 2],
+            "poll_cpu_mean_s": sum(steady) / len(steady),
+            "poll_cpu_max_s": max(steady),
             "other_cpu_per_s": rest_per_s,
             "measures_per_poll": sorted(measures[1:])[len(measures[1:]) // 2],
             "batches_delivered": delivered,

@@ -58,13 +58,24 @@ def agent_section(agent: dict[str, Any]) -> str:
             [
                 f"{size['n']:>6} interfaces",
                 _num(loop["rss_peak_mb"], 1),
+                _num(loop["rss_peak_without_test_driver_mb"], 1),
                 _num(loop["poll_cpu_s"] * 1000, 1),
                 f"{loop['cpu_share_at_interval'] * 100:.3f}%",
                 str(loop["measures_per_poll"]),
             ]
         )
     text.append(
-        _table(["   size", "RSS peak MB", "CPU ms/poll", f"CPU @{interval:g}s", "measures/poll"], loop_rows)
+        _table(
+            [
+                "   size",
+                "RSS peak MB",
+                "w/o test driver",
+                "CPU ms/poll",
+                f"CPU @{interval:g}s",
+                "measures/poll",
+            ],
+            loop_rows,
+        )
     )
     stages = [
         f"{s['n']}: "
@@ -134,12 +145,13 @@ def goals(results: dict[str, Any]) -> list[str]:
     for size in agent.get("sizes", []):
         if size["n"] == 2000:
             ratio = size["methods"]["kvmeter"]["ratio_to_floor"]
-            rss = size["agent_loop"]["rss_peak_mb"]
+            rss = size["agent_loop"]["rss_peak_without_test_driver_mb"]
             out.append(
                 f"agent poll for 2,000 interfaces <= 3x the raw read: {ratio:.1f}x -> {_verdict(ratio <= 3)}"
             )
             out.append(
-                f"agent resident memory < 60 MB (2,000 interfaces): {rss:.1f} MB -> {_verdict(rss < 60)}"
+                f"agent resident memory < 60 MB (2,000 interfaces, less libvirt's in-process test driver): "
+                f"{rss:.1f} MB -> {_verdict(rss < 60)}"
             )
     col = results.get("collector", {})
     for name, run in col.get("stores", {}).items():
