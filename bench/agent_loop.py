@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -77,11 +78,11 @@ def main(argv: list[str] | None = None) -> int:
             "n": args.n,
             "polls": len(steady),
             "interval_s": args.interval,
-            "poll_cpu_s": sorted(steady)[len(steady) // 2],
+            "poll_cpu_s": statistics.median(steady),
             "poll_cpu_mean_s": sum(steady) / len(steady),
             "poll_cpu_max_s": max(steady),
             "other_cpu_per_s": rest_per_s,
-            "measures_per_poll": sorted(measures[1:])[len(measures[1:]) // 2],
+            "measures_per_poll": int(statistics.median(measures[1:])),
             "batches_delivered": delivered,
         },
         sys.stdout,
