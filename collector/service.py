@@ -62,6 +62,18 @@ class Record:
 
 
 @dataclass
+class Attributed:
+    """Measures sorted out in memory: bytes per record key (billed and not billable), the
+    measures to park (owner unknown) and to quarantine."""
+
+    billed: dict[UsageKey, int] = field(default_factory=dict)
+    names: dict[UsageKey, tuple[str, str]] = field(default_factory=dict)  # (resource name, device type)
+    unbilled: dict[UsageKey, int] = field(default_factory=dict)
+    parked: list[Measure] = field(default_factory=list)
+    quarantined: list[Measure] = field(default_factory=list)
+
+
+@dataclass
 class Outcome:
     """What one call did; adapters turn it into metrics and logs."""
 
@@ -174,10 +186,10 @@ class Collector:
             for batch in admitted:
                 measures.extend(batch.measures)
             out.batches = len(admitted)
-            increments, names, parked, quarantined = self._attribute(measures, out)
-            out.records, out.adjustments = self.store.add_bytes(conn, increments, names, final_through, now)
-            self.store.park(conn, parked, now)
-            self.store.quarantine(conn, quarantined, now)
+            done = self._attribute(measures, out)
+            out.records, out.adjustments = self._write(conn, done, final_through, now)
+            self.store.park(conn, done.parked, now)
+            self.store.quarantine(conn, done.quarantined, now)
             self.store.dead_letter(conn, out.dead_letters, now)
             self.store.set_marks(conn, new_marks, now)
             self.store.set_gaps(conn, changed_gaps)
@@ -188,33 +200,34 @@ class Collector:
         measures: Iterable[Measure],
         out: Outcome,
         owner_at: Callable[[Measure], str | None] | None = None,
-    ) -> tuple[dict[UsageKey, int], dict[UsageKey, tuple[str, str]], list[Measure], list[Measure]]:
+    ) -> Attributed:
         """In memory: byte increments summed per record key; measures to park / quarantine.
 
         The hot loop of the collector. A measure inside one window (nearly all: a poll interval
         is seconds) is summed under a plain tuple key built with the core's own rules
         (byte_usage_type, byte_resource); others go through usage.byte_increments for the exact
-        split. tests/unit/test_aggregate.py holds the two paths equal.
+        split. tests/unit/test_aggregate.py holds the two paths equal. Traffic the operator
+        does not bill is summed the same way, apart (unbilled), so every byte is accounted for.
         """
         window, billable = self.settings.window_ms, self.settings.billable
         owner_at = owner_at or self.index.owner_at
         type_of = {"sent": usage.byte_usage_type("sent"), "received": usage.byte_usage_type("received")}
         sums: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
+        other: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
         names: dict[tuple[str, int, str, str, int], str] = {}
-        parked: list[Measure] = []
-        quarantined: list[Measure] = []
+        result = Attributed()
         count = 0
         for m in measures:
             count += 1
             if m.quarantine_reason:
-                quarantined.append(m)
+                result.quarantined.append(m)
                 continue
             owner = owner_at(m)
             if owner is None:
-                parked.append(m)
+                result.parked.append(m)
                 continue
-            if m.traffic_type not in billable:
-                continue
+            billed = m.traffic_type in billable
+            target = sums if billed else other
             start, end = m.start_ms, m.end_ms
             ws = start - start % window
             if end - ws <= window and m.direction in type_of:
@@ -225,28 +238,35 @@ class Collector:
                     m.traffic_type,
                     ws,
                 )
-                if key not in names:
+                if billed and key not in names:
                     names[key] = m.domain_name
-                sums[key] += m.bytes
+                target[key] += m.bytes
                 continue
-            for inc in usage.byte_increments(m, owner, window, billable):
+            rules = billable if billed else frozenset((m.traffic_type,))
+            for inc in usage.byte_increments(m, owner, window, rules):
                 k = inc.key
                 key = (k.account, k.usage_type, k.resource, k.detail, k.window_start_ms)
-                if key not in names:
+                if billed and key not in names:
                     names[key] = m.domain_name
-                sums[key] += inc.bytes
-        increments: dict[UsageKey, int] = {}
-        labels: dict[UsageKey, tuple[str, str]] = {}
+                target[key] += inc.bytes
         for (account, usage_type, resource, detail, ws), amount in sums.items():
             ukey = UsageKey(account, usage_type, resource, "", detail, ws, ws + window)
-            increments[ukey] = amount
+            result.billed[ukey] = amount
             name = names[(account, usage_type, resource, detail, ws)]
-            labels[ukey] = (name, "DomainRouter" if is_router(name) else "UserVm")
+            result.names[ukey] = (name, "DomainRouter" if is_router(name) else "UserVm")
             out.billed_bytes += amount
+        for (account, usage_type, resource, detail, ws), amount in other.items():
+            result.unbilled[UsageKey(account, usage_type, resource, "", detail, ws, ws + window)] = amount
         out.measures += count
-        out.parked += len(parked)
-        out.quarantined += len(quarantined)
-        return increments, labels, parked, quarantined
+        out.parked += len(result.parked)
+        out.quarantined += len(result.quarantined)
+        return result
+
+    def _write(
+        self, conn: Connection, done: Attributed, final_through: int, now: int, reason: str = "late bytes"
+    ) -> tuple[int, int]:
+        self.store.add_unbilled(conn, done.unbilled, now)
+        return self.store.add_bytes(conn, done.billed, done.names, final_through, now, reason=reason)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def apply_event(self, value: bytes, key: bytes | None = None, origin: str = "") -> Outcome:
@@ -325,17 +345,14 @@ class Collector:
                 owned = [(row_id, m, told) for row_id, m, told in rows if self.index.owner_at(m) is not None]
                 if owned:
                     part = Outcome()
-                    increments, names, _, _ = self._attribute((m for _, m, _ in owned), part)
+                    done = self._attribute((m for _, m, _ in owned), part)
                     # Bytes already reported as unattributed move to their owner.
-                    moved, _, _, _ = self._attribute(
-                        (m for _, m, told in owned if told), Outcome(), _unattributed
-                    )
-                    for key, amount in moved.items():
-                        increments[key] = increments.get(key, 0) - amount
+                    moved = self._attribute((m for _, m, told in owned if told), Outcome(), _unattributed)
+                    for mine, theirs in ((done.billed, moved.billed), (done.unbilled, moved.unbilled)):
+                        for key, amount in theirs.items():
+                            mine[key] = mine.get(key, 0) - amount
                     self.store.delete_parked(conn, [row_id for row_id, _, _ in owned])
-                    written, adjusted = self.store.add_bytes(
-                        conn, increments, names, final_through, now, reason="late attribution"
-                    )
+                    written, adjusted = self._write(conn, done, final_through, now, "late attribution")
                     out.unparked += len(owned)
                     out.billed_bytes += part.billed_bytes
                     out.records += written
@@ -353,11 +370,8 @@ class Collector:
                 rows = self.store.take_unreported(conn, now - self.settings.park_horizon_ms)
                 if not rows:
                     break
-                part = Outcome()
-                increments, names, _, _ = self._attribute((m for _, m in rows), part, _unattributed)
-                written, adjusted = self.store.add_bytes(
-                    conn, increments, names, final_through, now, reason="unattributed"
-                )
+                done = self._attribute((m for _, m in rows), Outcome(), _unattributed)
+                written, adjusted = self._write(conn, done, final_through, now, "unattributed")
                 self.store.mark_reported(conn, [row_id for row_id, _ in rows], now)
                 out.unattributed += len(rows)
                 out.records += written

@@ -171,6 +171,19 @@ dead_letters = sa.Table(
     sa.Column("created_ms", sa.BigInteger, nullable=False),
 )
 
+# Bytes of traffic types the operator does not bill (guest, control, ...), per key like usage:
+# billed + unbilled + parked + quarantined accounts for every metered byte (migration 4).
+# Informational and additive: no finalization, no adjustments.
+unbilled_bytes = sa.Table(
+    "unbilled_bytes",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    *_key_columns(),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint(*KEY_COLUMNS, name="uq_unbilled_bytes_key"),
+)
+
 collector_state = sa.Table(
     "collector_state",
     metadata,
@@ -205,8 +218,12 @@ def _migration_3(conn: Connection) -> None:
     stream_gaps.create(conn, checkfirst=True)
 
 
+def _migration_4(conn: Connection) -> None:
+    unbilled_bytes.create(conn, checkfirst=True)
+
+
 # Numbered, append-only: a released migration never changes; schema changes add one.
-MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3)]
+MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4)]
 
 
 @dataclass(frozen=True)
@@ -452,6 +469,27 @@ class Store:
         if late:
             self._adjust(conn, late, names, now_ms, reason)
         return len(open_rows), len(late)
+
+    def add_unbilled(self, conn: Connection, increments: Mapping[UsageKey, int], now_ms: int) -> None:
+        rows = [
+            {**_key_dict(k), "bytes": increments[k], "updated_ms": now_ms}
+            for k in sorted(increments)
+            if increments[k]
+        ]
+        if rows:
+            stmt = self._insert(unbilled_bytes)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(KEY_COLUMNS),
+                set_={"bytes": unbilled_bytes.c.bytes + stmt.excluded.bytes, "updated_ms": now_ms},
+            )
+            conn.execute(stmt, rows)
+
+    def unbilled(self) -> dict[UsageKey, int]:
+        """Bytes of non-billable traffic per key (non-zero only)."""
+        u = unbilled_bytes.c
+        with self.read() as conn:
+            rows = conn.execute(sa.select(*(u[c] for c in KEY_COLUMNS), u.bytes).where(u.bytes != 0))
+            return {UsageKey(*row[:7]): int(row[7]) for row in rows}
 
     def _adjust(
         self,
@@ -801,6 +839,9 @@ class Store:
                 sa.select(sa.func.coalesce(sa.func.sum(quarantined_measures.c.bytes), 0))
             ).scalar()
             letters = conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar()
+            unbilled = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(unbilled_bytes.c.bytes), 0))
+            ).scalar()
             g = stream_gaps.c
             missing = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(g.last_seq - g.first_seq + 1), 0))
@@ -814,6 +855,7 @@ class Store:
             "unattributed_bytes": int(unattributed[1]),
             "quarantined_bytes": int(quarantined or 0),
             "dead_letters": int(letters or 0),
+            "unbilled_bytes": int(unbilled or 0),
             "missing_batches": int(missing or 0),
             "usage_records": int(records or 0),
             "usage_adjustments": int(adjustments or 0),

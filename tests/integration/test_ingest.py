@@ -20,6 +20,7 @@ from tests.collector_support import (
     HOUR,
     MIN,
     T0,
+    VM1,
     VM2,
     VM3,
     Clock,
@@ -61,6 +62,12 @@ def test_ingest_gives_the_expected_records(tmp_path: Path, json_measures: bool) 
     assert (out.batches, out.duplicates) == (4, 1)
     assert [m.bytes for m in store.parked_rows()] == [777]  # VM3: no lifecycle, never guessed
     assert [m.bytes for m in store.quarantined_rows()] == [5000]
+    unbilled = store.unbilled()  # guest traffic: metered, not billable, still accounted for
+    assert [(k.detail, k.resource, v) for k, v in unbilled.items()] == [("guest", VM1, 999)]
+    # Conservation: every byte of every (non-duplicate) batch is billed, unbilled, parked or quarantined.
+    billed = sum(v for k, v in store.net_usage().items() if k.usage_type in (4, 5))
+    metered = sum(m.bytes for b in scenario().batches for m in pb.MeasureBatch.FromString(b).measures)
+    assert billed + sum(unbilled.values()) + 777 + 5000 == metered
     letters = {(r["source"], r["reason"]) for r in store.dead_letter_rows()}
     expected_letters = {("lifecycle", "unknown_event"), ("lifecycle", "malformed_json")}
     if not json_measures:

@@ -49,15 +49,24 @@ def measures(draw: st.DrawFn) -> Measure:
 def test_aggregation_equals_the_core_split_summed(batch: list[Measure], window: int) -> None:
     collector = Collector(cast(Store, None), Settings(window_ms=window, routers=OWNERS), lambda: T0)
     out = Outcome()
-    increments, names, parked, quarantined = collector._attribute(batch, out)
+    done = collector._attribute(batch, out)
+    increments, names = done.billed, done.names
 
     expected: dict[UsageKey, int] = defaultdict(int)
+    unbilled: dict[UsageKey, int] = defaultdict(int)
     for m in batch:
         owner = OWNERS.get(m.domain_name) or OWNERS[m.instance_uuid]
         for inc in usage.byte_increments(m, owner, window, frozenset({"public"})):
             expected[inc.key] += inc.bytes
+        if m.traffic_type != "public":  # the same split, kept apart
+            for inc in usage.byte_increments(m, owner, window, frozenset({m.traffic_type})):
+                unbilled[inc.key] += inc.bytes
     assert {k: v for k, v in increments.items() if v} == {k: v for k, v in expected.items() if v}
+    assert {k: v for k, v in done.unbilled.items() if v} == {k: v for k, v in unbilled.items() if v}
     assert out.billed_bytes == sum(expected.values())
-    assert (parked, quarantined, out.measures) == ([], [], len(batch))
+    assert sum(done.billed.values()) + sum(done.unbilled.values()) == sum(
+        m.bytes for m in batch
+    )  # every byte
+    assert (done.parked, done.quarantined, out.measures) == ([], [], len(batch))
     for key in increments:
         assert names[key][1] == ("DomainRouter" if names[key][0] == "r-5-VM" else "UserVm")
