@@ -117,7 +117,7 @@ class Collector:
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:
         """Load events stored since the last sync (by anyone) into histories and the index."""
-        changed: set[str] = set()
+        learned: list[pb.LifecycleEvent] = []
         while True:
             with self.store.read() as conn:
                 rows = self.store.events_since(conn, self._last_event_row)
@@ -125,11 +125,23 @@ class Collector:
                 break
             for row_id, resource, normalized in rows:
                 self._last_event_row = row_id
-                if not resource:
-                    continue
-                ev = pb.LifecycleEvent.FromString(normalized)
-                self._events.setdefault(resource, {})[ev.event_id] = ev
-                changed.add(resource)
+                if resource:
+                    learned.append(pb.LifecycleEvent.FromString(normalized))
+        return self._learn(learned)
+
+    def _learn(self, events: Iterable[pb.LifecycleEvent]) -> set[str]:
+        """Add events to the in-memory histories and owner index; returns resources changed.
+
+        Every replica reads the whole lifecycle topic and learns each event it parses, stored
+        by itself or not: on PostgreSQL, ids of concurrent inserts can commit out of order, so
+        the sync cursor alone could step over one.
+        """
+        changed: set[str] = set()
+        for ev in events:
+            known = self._events.setdefault(ev.resource_uuid, {})
+            if ev.event_id not in known:
+                known[ev.event_id] = ev
+                changed.add(ev.resource_uuid)
         for resource in changed:
             history = lifecycle.build_resource_history(resource, self._events[resource].values())
             self.histories[resource] = history
@@ -307,6 +319,7 @@ class Collector:
                 out.adjustments += adjusted
             self.store.dead_letter(conn, out.dead_letters, now)
         self.sync()
+        self._learn(ev for ev, _ in parsed if ev.resource_uuid)
         for resource in sorted(touched):
             out.add(self._unpark_for(resource))
         return out
