@@ -1,0 +1,175 @@
+"""kvmeter's own processes for whole-pipeline tests: agents inside simulated hosts, collectors
+in the root namespace. Each writes its config into a work dir and logs next to it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from tests.harness.kafka import FAST_GROUP
+from tests.harness.netns import Host
+
+KVMETER = [sys.executable, "-m", "kvmeter"]
+
+
+class Process:
+    """One kvmeter process that can be started again, killed with SIGKILL or stopped with SIGTERM."""
+
+    def __init__(self, name: str, workdir: Path, prefix: Sequence[str] = ()):
+        self.name = name
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.prefix = list(prefix)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    def args(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.runs += 1
+        with open(self.workdir / f"{self.name}-{self.runs}.log", "wb") as log:
+            self.proc = subprocess.Popen([*self.prefix, *self.args()], stdout=log, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def logs(self, tail: int = 3000) -> str:
+        return "\n".join(
+            f"--- {p.name}\n" + p.read_text(errors="replace")[-tail:]
+            for p in sorted(self.workdir.glob(f"{self.name}-*.log"))
+        )
+
+
+class AgentProcess(Process):
+    """`kvmeter agent` inside a simulated host's namespace, libvirt's test driver as inventory."""
+
+    def __init__(self, host: Host, workdir: Path, *, bootstrap: str, topic: str, poll: float = 1.0):
+        super().__init__("agent", workdir, host.exec_args())
+        self.state_dir = workdir / "state"
+        self.libvirt_xml = workdir / "node.xml"
+        self.config = workdir / "agent.toml"
+        self.config.write_text(
+            f"""
+[agent]
+host_id = "{host.name}"
+poll_interval = {poll}
+state_dir = "{self.state_dir}"
+[libvirt]
+uri = "test://{self.libvirt_xml}"
+[kafka]
+bootstrap_servers = "{bootstrap}"
+topic = "{topic}"
+[metrics]
+enabled = false
+"""
+        )
+
+    def args(self) -> list[str]:
+        return [*KVMETER, "agent", "--config", str(self.config)]
+
+    def spooled(self) -> int:
+        return sum(p.stat().st_size for p in (self.state_dir / "spool").glob("seg-*.kvs"))
+
+    def wait_polled(self, timeout: float = 20.0) -> None:
+        """Until this run has spooled a new batch (so its first poll is behind it)."""
+        start = self.spooled()
+        deadline = time.monotonic() + timeout
+        while self.spooled() <= start:
+            if not self.alive() or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not poll:\n{self.logs()}")
+            time.sleep(0.1)
+
+
+class CollectorProcess(Process):
+    """`kvmeter collector`: a replica in a consumer group, writing to `db`."""
+
+    def __init__(
+        self,
+        name: str,
+        workdir: Path,
+        *,
+        db: str,
+        bootstrap: str,
+        measures: str,
+        lifecycle: str,
+        group: str,
+        window_seconds: int = 3600,
+        billable: Sequence[str] = ("public",),
+    ):
+        super().__init__(name, workdir)
+        self.config = workdir / f"{name}.toml"
+        types = ", ".join(f'"{t}"' for t in billable)
+        options = "\n".join(f'"{k}" = {v}' for k, v in FAST_GROUP.items())
+        self.config.write_text(
+            f"""
+[store]
+url = "{db}"
+[kafka]
+bootstrap = "{bootstrap}"
+measures_topic = "{measures}"
+lifecycle_topic = "{lifecycle}"
+group = "{group}"
+[kafka.options]
+{options}
+[usage]
+window_seconds = {window_seconds}
+tick_seconds = 1
+billable_traffic_types = [{types}]
+[api]
+enabled = false
+"""
+        )
+
+    def args(self) -> list[str]:
+        return [*KVMETER, "collector", "--config", str(self.config)]
+
+
+def group_lag(bootstrap: str, group: str, topic: str) -> int:
+    """Messages of `topic` the consumer group has not committed yet (all partitions)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in partitions]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+        lag = 0
+        for tp in tps:
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            done = committed.get(tp.partition, -1)
+            lag += high - max(done, 0)
+        return lag
+    finally:
+        consumer.close()
+
+
+def wait_drained(bootstrap: str, group: str, topic: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    lag = -1
+    while time.monotonic() < deadline:
+        lag = group_lag(bootstrap, group, topic)
+        if lag == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"group {group} still {lag} messages behind on {topic}")
