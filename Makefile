@@ -72,6 +72,10 @@ test: venv lint typecheck test-proto-compat
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
 
+# The whole pipeline under faults, checked against the kernel's counters (also part of `make test`).
+e2e: venv
+	$(BIN)/python -m pytest -q -s tests/e2e
+
 # .debs (Debian 12 / Ubuntu 24.04) and .rpms (EL9) from this tree into dist/.
 packages: deps
 	packaging/ci/build-deb.sh
