@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kvmeter.collector.decode import DecodedBatch
-from kvmeter.collector.service import admit
+from kvmeter.collector.streams import admit
 
 
 def batches(*seqs: int, stream: str = "s") -> list[DecodedBatch]:

@@ -1,0 +1,205 @@
+"""The collector's database schema: tables and the numbered migrations that create them.
+
+The same schema on SQLite and PostgreSQL. Every time is an integer of milliseconds since the
+epoch (UTC): no timezone or datetime type differences between the two databases.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+metadata = sa.MetaData()
+
+KEY_COLUMNS = ("account", "usage_type", "resource", "offering", "detail", "window_start_ms", "window_end_ms")
+TIME_TYPES = (1, 2, 3)
+FINALIZED_THROUGH = "finalized_through_ms"
+
+_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER PKs only
+
+
+def _key_columns() -> list[sa.Column[Any]]:
+    return [
+        sa.Column("account", sa.String(64), nullable=False),
+        sa.Column("usage_type", sa.Integer, nullable=False),
+        sa.Column("resource", sa.String(128), nullable=False),
+        sa.Column("offering", sa.String(128), nullable=False),
+        sa.Column("detail", sa.String(64), nullable=False),
+        sa.Column("window_start_ms", sa.BigInteger, nullable=False),
+        sa.Column("window_end_ms", sa.BigInteger, nullable=False),
+    ]
+
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("applied_ms", sa.BigInteger, nullable=False),
+)
+
+# quantity: bytes (types 4/5) or milliseconds (time-based types). Once `final`, quantity is
+# frozen; later changes are rows of usage_adjustments and the net is their sum.
+usage_records = sa.Table(
+    "usage_records",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    *_key_columns(),
+    sa.Column("quantity", sa.BigInteger, nullable=False),
+    sa.Column("final", sa.Boolean, nullable=False),
+    sa.Column("resource_name", sa.String(128), nullable=False),
+    sa.Column("device_type", sa.String(32), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint(*KEY_COLUMNS, name="uq_usage_records_key"),
+)
+sa.Index("ix_usage_records_window", usage_records.c.window_start_ms)
+sa.Index("ix_usage_records_resource", usage_records.c.resource)
+
+usage_adjustments = sa.Table(
+    "usage_adjustments",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    *_key_columns(),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+sa.Index("ix_usage_adjustments_key", *(usage_adjustments.c[name] for name in KEY_COLUMNS))
+sa.Index("ix_usage_adjustments_resource", usage_adjustments.c.resource)
+
+stream_marks = sa.Table(
+    "stream_marks",
+    metadata,
+    sa.Column("stream_id", sa.String(128), primary_key=True),
+    sa.Column("host_id", sa.String(128), nullable=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)
+
+# Batches a stream skipped (seq jumped past them): applied if they arrive later, out of order;
+# a gap that stays is a batch that never arrived (migration 3).
+stream_gaps = sa.Table(
+    "stream_gaps",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    sa.Column("stream_id", sa.String(128), nullable=False, index=True),
+    sa.Column("first_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_seq", sa.BigInteger, nullable=False),
+)
+
+lifecycle_events = sa.Table(
+    "lifecycle_events",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(128), nullable=False, unique=True),
+    sa.Column("resource_uuid", sa.String(128), nullable=False, index=True),
+    sa.Column("time_ms", sa.BigInteger, nullable=False),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("normalized", sa.LargeBinary, nullable=False),
+    sa.Column("received_ms", sa.BigInteger, nullable=False),
+)
+
+
+def _measure_table(name: str, *extra: sa.Column[Any]) -> sa.Table:
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("id", _id, primary_key=True, autoincrement=True),
+        sa.Column("stream_id", sa.String(128), nullable=False),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("idx", sa.Integer, nullable=False),
+        sa.Column("instance_uuid", sa.String(128), nullable=False, index=True),
+        sa.Column("mac", sa.String(32), nullable=False, index=True),
+        sa.Column("address", sa.String(64), nullable=False, index=True),
+        sa.Column("start_ms", sa.BigInteger, nullable=False),
+        sa.Column("end_ms", sa.BigInteger, nullable=False),
+        sa.Column("direction", sa.String(16), nullable=False),
+        sa.Column("traffic_type", sa.String(32), nullable=False),
+        sa.Column("bytes", sa.BigInteger, nullable=False),
+        sa.Column("measure", sa.Text, nullable=False),  # the Measure as JSON
+        *extra,
+        sa.UniqueConstraint("stream_id", "seq", "idx", name=f"uq_{name}_identity"),
+    )
+
+
+# reported_ms: when the measure, still parked past the horizon, was added to usage as
+# UNATTRIBUTED (migration 2); attributing it later moves those bytes to the owner.
+parked_measures = _measure_table(
+    "parked_measures",
+    sa.Column("parked_ms", sa.BigInteger, nullable=False),
+    sa.Column("reported_ms", sa.BigInteger, nullable=True),
+)
+quarantined_measures = _measure_table(
+    "quarantined_measures",
+    sa.Column("reason", sa.String(256), nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    sa.Column("digest", sa.String(64), nullable=False, unique=True),  # a redelivery is not a new letter
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("origin", sa.String(256), nullable=False),
+    sa.Column("raw", sa.LargeBinary, nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("message", sa.Text, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+# Bytes of traffic types the operator does not bill (guest, control, ...), per key like usage:
+# billed + unbilled + parked + quarantined accounts for every metered byte (migration 4).
+# Informational and additive: no finalization, no adjustments.
+unbilled_bytes = sa.Table(
+    "unbilled_bytes",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    *_key_columns(),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.UniqueConstraint(*KEY_COLUMNS, name="uq_unbilled_bytes_key"),
+)
+
+collector_state = sa.Table(
+    "collector_state",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+
+V1_TABLES = [
+    usage_records,
+    usage_adjustments,
+    stream_marks,
+    lifecycle_events,
+    parked_measures,
+    quarantined_measures,
+    dead_letters,
+    collector_state,
+]
+
+
+def _migration_1(conn: Connection) -> None:
+    metadata.create_all(conn, tables=V1_TABLES)
+    conn.execute(sa.insert(collector_state).values(name=FINALIZED_THROUGH, value=0))
+
+
+def _migration_2(conn: Connection) -> None:
+    # Migration 1 creates tables from today's definitions, which already have the column.
+    if "reported_ms" not in {c["name"] for c in sa.inspect(conn).get_columns("parked_measures")}:
+        conn.execute(sa.text("ALTER TABLE parked_measures ADD COLUMN reported_ms BIGINT"))
+
+
+def _migration_3(conn: Connection) -> None:
+    stream_gaps.create(conn, checkfirst=True)
+
+
+def _migration_4(conn: Connection) -> None:
+    unbilled_bytes.create(conn, checkfirst=True)
+
+
+# Numbered, append-only: a released migration never changes; schema changes add one.
+MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4)]
