@@ -163,6 +163,16 @@ unbilled_bytes = sa.Table(
     sa.UniqueConstraint(*KEY_COLUMNS, name="uq_unbilled_bytes_key"),
 )
 
+# What the agents saw of each domain's owner in CloudStack's <metadata> (migration 5), by domain
+# uuid and name. Batches carry the inventory only now and then; this keeps it for the rest.
+owner_hints = sa.Table(
+    "owner_hints",
+    metadata,
+    sa.Column("domain", sa.String(255), primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),  # JSON object of the <metadata> owner fields
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)
+
 collector_state = sa.Table(
     "collector_state",
     metadata,
@@ -202,4 +212,8 @@ def _migration_4(conn: Connection) -> None:
 
 
 # Numbered, append-only: a released migration never changes; schema changes add one.
-MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4)]
+def _migration_5(conn: Connection) -> None:
+    owner_hints.create(conn, checkfirst=True)
+
+
+MIGRATIONS = [(1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5)]

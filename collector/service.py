@@ -114,6 +114,10 @@ class Collector:
         self._knowledge = 0  # bumps whenever the owner index changes
         self._retried_at = -1  # knowledge level of the last full retry of parked measures
         self._retried_ms = -(2**62)  # and when it ran
+        # Owner fields of CloudStack's <metadata> per domain uuid and name, as the agents last
+        # reported them; batches carry the inventory only now and then (store: owner_hints).
+        self.hints: dict[str, dict[str, str]] = {}
+        self._hints_loaded = False
 
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:
@@ -190,7 +194,15 @@ class Collector:
         now = self.clock()
         streams = {b.stream_id: b.host_id for b in decoded}
         decoded.sort(key=lambda b: (b.stream_id, b.seq))
+        if self._hints_loaded is False:
+            with self.store.read() as conn:
+                self.hints.update(self.store.owner_hints(conn))
+            self._hints_loaded = True
+        learned = {d: o for d, o in _owner_hints(decoded).items() if self.hints.get(d) != o}
         with self.store.write() as conn:
+            if learned:
+                self.store.save_owner_hints(conn, learned, now)
+                self.hints.update(learned)
             final_through = self.store.finalized_through(conn)
             marks = self.store.lock_marks(conn, streams)
             gaps = self.store.gaps_of(conn, irregular(decoded, marks))
@@ -199,6 +211,8 @@ class Collector:
             for batch in admitted:
                 measures.extend(batch.measures)
             out.batches = len(admitted)
+            if any(self._hint_missing(m) for m in measures):
+                self.hints.update(self.store.owner_hints(conn))  # another replica may have seen it
             done = self._attribute(measures, out)
             out.records, out.adjustments = self._write(conn, done, final_through, now)
             self.store.park(conn, done.parked, now)
@@ -206,7 +220,25 @@ class Collector:
             self.store.dead_letter(conn, out.dead_letters, now)
             self.store.set_marks(conn, new_marks, now)
             self.store.set_gaps(conn, changed_gaps)
+        if learned:  # measures parked for want of these owners (by uuid; a bare name: all)
+            named_only = any(not dom.uuid for b in decoded for dom in b.inventory if dom.name in learned)
+            out.add(self._unpark() if named_only else self._unpark(instances=sorted(learned)))
         return out
+
+    def _hint_missing(self, m: Measure) -> bool:
+        """A router's measure without its owner hint, which no stored inventory gave us yet."""
+        return not m.owner_hint and is_router(m.domain_name) and not self._hint_for(m)
+
+    def _hint_for(self, m: Measure) -> dict[str, str] | None:
+        return self.hints.get(m.instance_uuid) or self.hints.get(m.domain_name)
+
+    def _owner_at(self, m: Measure) -> str | None:
+        """The owner index, with the domain's last known <metadata> when the batch had none."""
+        if not m.owner_hint:
+            hint = self._hint_for(m)
+            if hint:
+                m.owner_hint = hint  # replaced, never mutated: measures of a domain share it
+        return self.index.owner_at(m)
 
     def _attribute(
         self,
@@ -223,7 +255,7 @@ class Collector:
         does not bill is summed the same way, apart (unbilled), so every byte is accounted for.
         """
         window, billable = self.settings.window_ms, self.settings.billable
-        owner_at = owner_at or self.index.owner_at
+        owner_at = owner_at or self._owner_at
         type_of = {"sent": usage.byte_usage_type("sent"), "received": usage.byte_usage_type("received")}
         sums: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
         other: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
@@ -356,7 +388,7 @@ class Collector:
                 if not rows:
                     break
                 after = rows[-1][0]
-                owned = [(row_id, m, told) for row_id, m, told in rows if self.index.owner_at(m) is not None]
+                owned = [(row_id, m, told) for row_id, m, told in rows if self._owner_at(m) is not None]
                 if owned:
                     part = Outcome()
                     done = self._attribute((m for _, m, _ in owned), part)
@@ -435,6 +467,18 @@ class Collector:
 
 def _unattributed(_measure: Measure) -> str:
     return UNATTRIBUTED
+
+
+def _owner_hints(batches: Iterable[decode.DecodedBatch]) -> dict[str, dict[str, str]]:
+    """Domain uuid and name -> the owner fields of its <metadata>, from the batches' inventories."""
+    hints: dict[str, dict[str, str]] = {}
+    for batch in batches:
+        for dom in batch.inventory:
+            if dom.owner:
+                for key in (dom.uuid, dom.name):
+                    if key:
+                        hints[key] = dict(dom.owner)
+    return hints
 
 
 def _since(history: ResourceHistory, start_ms: int) -> ResourceHistory:

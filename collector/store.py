@@ -41,6 +41,7 @@ from kvmeter.collector.schema import (
     dead_letters,
     lifecycle_events,
     metadata,
+    owner_hints,
     parked_measures,
     quarantined_measures,
     schema_version,
@@ -332,6 +333,23 @@ class Store:
                 set_={"bytes": unbilled_bytes.c.bytes + stmt.excluded.bytes, "updated_ms": now_ms},
             )
             conn.execute(stmt, rows)
+
+    # -- owner hints from the agents' inventories ----------------------------------------------
+    def save_owner_hints(self, conn: Connection, hints: Mapping[str, Mapping[str, str]], now_ms: int) -> None:
+        rows = [
+            {"domain": d[:255], "owner": json.dumps(dict(hints[d]), sort_keys=True), "updated_ms": now_ms}
+            for d in sorted(hints)
+        ]
+        if rows:
+            stmt = self._insert(owner_hints)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["domain"], set_={"owner": stmt.excluded.owner, "updated_ms": now_ms}
+            )
+            conn.execute(stmt, rows)
+
+    def owner_hints(self, conn: Connection) -> dict[str, dict[str, str]]:
+        rows = conn.execute(sa.select(owner_hints.c.domain, owner_hints.c.owner))
+        return {row[0]: json.loads(row[1]) for row in rows}
 
     def unbilled(self) -> dict[UsageKey, int]:
         """Bytes of non-billable traffic per key (non-zero only)."""
