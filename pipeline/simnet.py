@@ -2,8 +2,8 @@
 
 Layout of one `Lab` (all names carry a short random tag so parallel runs never collide):
 
-    root ns --veth-- core ns: bridge mgmt0 (10.77.0.1/24; a broker may listen here)
-                       |  per host: veth "management link", host side `mgmt` 10.77.0.<n>
+    root ns --veth-- core ns: bridge mgmt0 (10.77.<n>.1/24; a broker may listen here)
+                       |  per host: veth "management link", host side `mgmt` 10.77.<n>.<10+i>
     host ns <name>: bridges cloudbr0 (public), cloud0 (control), brvx-<vni> over vxlan<vni> (guest)
        VM NIC: veth pair, host end `vnetN` on a bridge (MAC = guest MAC with 0xfe first, as
        libvirt sets taps), VM end `ethK` in the VM's own namespace with the guest MAC and an IP.
@@ -34,7 +34,6 @@ from pathlib import Path
 
 from kvmeter.pipeline.simlibvirt import Domain, Nic, tap_mac, write_node_xml
 
-CORE_NET = "10.77.0"
 COUNTERS = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 SENDER = Path(__file__).with_name("udpsend.py")
 
@@ -145,7 +144,7 @@ class Host:
         self.lab = lab
         self.name = name
         self.ns = f"{lab.tag}-{name}"
-        self.mgmt_ip = f"{CORE_NET}.{10 + index}"
+        self.mgmt_ip = f"{lab.net}.{10 + index}"
         self.core_end = f"{lab.tag}m{index}"
         self.vms: dict[str, Vm] = {}
         self._tap_numbers = itertools.count()
@@ -294,23 +293,25 @@ class Lab:
         if os.geteuid() != 0:
             raise RuntimeError("building network namespaces needs root")
         self.tag = "kvt" + secrets.token_hex(2)
+        # Each lab its own management /24, so that labs of tests running side by side never meet.
+        self.net = f"10.77.{int(self.tag[3:], 16) % 250 + 1}"
         self.core = f"{self.tag}-core"
         self.namespaces: list[str] = [self.core]
         self.hosts: list[Host] = []
         _new_ns(self.core)
         ip("link", "add", "mgmt0", "type", "bridge", "mcast_snooping", "0", ns=self.core)
-        ip("addr", "add", f"{CORE_NET}.1/24", "dev", "mgmt0", ns=self.core)
+        ip("addr", "add", f"{self.net}.1/24", "dev", "mgmt0", ns=self.core)
         ip("link", "set", "mgmt0", "up", ns=self.core)
         # the root namespace reaches the core (and a broker in it) over its own veth
         self.root_end = f"{self.tag}r"
         ip("link", "add", self.root_end, "type", "veth", "peer", "name", "uplink", "netns", self.core)
         ip("link", "set", "uplink", "master", "mgmt0", "up", ns=self.core)
-        ip("addr", "add", f"{CORE_NET}.254/24", "dev", self.root_end)
+        ip("addr", "add", f"{self.net}.254/24", "dev", self.root_end)
         ip("link", "set", self.root_end, "up")
 
     @property
     def core_ip(self) -> str:
-        return f"{CORE_NET}.1"
+        return f"{self.net}.1"
 
     def add_host(self, name: str, vnis: Sequence[int] = (5001,)) -> Host:
         host = Host(self, name, len(self.hosts) + 1, vnis)
