@@ -63,7 +63,25 @@ class Process:
         )
 
 
-class AgentProcess(Process):
+class Spooling(Process):
+    """A process with an agent inside: its spool tells when it has polled."""
+
+    state_dir: Path
+
+    def spooled(self) -> int:
+        return sum(p.stat().st_size for p in (self.state_dir / "spool").glob("seg-*.kvs"))
+
+    def wait_polled(self, timeout: float = 20.0) -> None:
+        """Until this run has spooled a new batch (so its first poll is behind it)."""
+        start = self.spooled()
+        deadline = time.monotonic() + timeout
+        while self.spooled() <= start:
+            if not self.alive() or time.monotonic() > deadline:
+                raise AssertionError(f"{self.name} did not poll:\n{self.logs()}")
+            time.sleep(0.1)
+
+
+class AgentProcess(Spooling):
     """`kvmeter agent` inside a simulated host's namespace, libvirt's test driver as inventory."""
 
     def __init__(self, host: Host, workdir: Path, *, bootstrap: str, topic: str, poll: float = 1.0):
@@ -89,18 +107,6 @@ enabled = false
 
     def args(self) -> list[str]:
         return [*KVMETER, "agent", "--config", str(self.config)]
-
-    def spooled(self) -> int:
-        return sum(p.stat().st_size for p in (self.state_dir / "spool").glob("seg-*.kvs"))
-
-    def wait_polled(self, timeout: float = 20.0) -> None:
-        """Until this run has spooled a new batch (so its first poll is behind it)."""
-        start = self.spooled()
-        deadline = time.monotonic() + timeout
-        while self.spooled() <= start:
-            if not self.alive() or time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} did not poll:\n{self.logs()}")
-            time.sleep(0.1)
 
 
 class CollectorProcess(Process):
@@ -173,3 +179,43 @@ def wait_drained(bootstrap: str, group: str, topic: str, timeout: float = 120.0)
             return
         time.sleep(0.5)
     raise AssertionError(f"group {group} still {lag} messages behind on {topic}")
+
+
+class AllInOneProcess(Spooling):
+    """`kvmeter run --all-in-one` inside a simulated host: agent and collector on one SQLite file."""
+
+    def __init__(
+        self, host: Host, workdir: Path, *, poll: float = 1.0, billable: Sequence[str] = ("public",)
+    ):
+        super().__init__("allinone", workdir, host.exec_args())
+        self.state_dir = workdir / "agent"
+        self.libvirt_xml = workdir / "node.xml"
+        self.events = workdir / "events.jsonl"
+        self.db = f"sqlite:///{workdir / 'usage.db'}"
+        self.config = workdir / "allinone.toml"
+        types = ", ".join(f'"{t}"' for t in billable)
+        self.config.write_text(
+            f"""
+[agent]
+host_id = "{host.name}"
+poll_interval = {poll}
+state_dir = "{self.state_dir}"
+[libvirt]
+uri = "test://{self.libvirt_xml}"
+[metrics]
+enabled = false
+[store]
+url = "{self.db}"
+[usage]
+window_seconds = 60
+tick_seconds = 1
+billable_traffic_types = [{types}]
+[api]
+enabled = false
+[lifecycle]
+events_file = "{self.events}"
+"""
+        )
+
+    def args(self) -> list[str]:
+        return [*KVMETER, "run", "--all-in-one", "--config", str(self.config)]
