@@ -64,7 +64,7 @@ test-proto-compat: venv
 	[ -x $(PB_COMPAT_VENV)/bin/python ] || $(PYTHON) -m venv $(PB_COMPAT_VENV)
 	$(PB_COMPAT_VENV)/bin/pip install -q pytest protobuf==$(DEBIAN_PROTOBUF)
 	$(PB_COMPAT_VENV)/bin/pip install -q --no-deps -e .
-	$(PB_COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit/test_proto_compat.py
+	$(PB_COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_proto_compat.py
 
 test: venv lint typecheck test-proto-compat
 	$(BIN)/python -m pytest -q tests
