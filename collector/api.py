@@ -156,7 +156,9 @@ class ApiServer:
     """A waitress server for the app: run() blocks, close() stops it (tests, the collector)."""
 
     def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8480, threads: int = 4):
-        self.server: Any = create_server(app, host=host, port=port, threads=threads)
+        self.server: Any = create_server(
+            app, host=host, port=port, threads=threads, clear_untrusted_proxy_headers=True
+        )
         self.host = host
         self.port = int(self.server.effective_port)  # type: ignore[union-attr]
         self._running = threading.Event()
