@@ -18,7 +18,6 @@ dead-lettered with its bytes and the rest goes on.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -30,7 +29,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from kvmeter.collector import cloudstack, decode, lifecycle, usage
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.errors import BadInput
-from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, Segment, UsageKey
+from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, UsageKey
 from kvmeter.collector.store import DeadLetter, Store
 from kvmeter.collector.streams import admit, irregular
 from kvmeter.collector.windows import check_window, window_start
@@ -442,8 +441,9 @@ class Collector:
                 final_through = self.store.finalized_through(conn)
                 self.store.lock_resources(conn, chunk)
                 for resource in chunk:
-                    recent = _since(self.histories[resource], final_through)
-                    values = {v.key: v.quantity_ms for v in usage.time_usage(recent, now, window)}
+                    # Only windows still open: time alone changes nothing final.
+                    recent = usage.time_usage(self.histories[resource], now, window, since_ms=final_through)
+                    values = {v.key: v.quantity_ms for v in recent}
                     written, adjusted = self.store.set_time_values(
                         conn, resource, values, final_through, now, open_only=True
                     )
@@ -479,19 +479,3 @@ def _owner_hints(batches: Iterable[decode.DecodedBatch]) -> dict[str, dict[str, 
                     if key:
                         hints[key] = dict(dom.owner)
     return hints
-
-
-def _since(history: ResourceHistory, start_ms: int) -> ResourceHistory:
-    """The history with segments cut to start at `start_ms` (a window boundary): the same
-    values for every later window, without walking the windows of a long-running resource's past."""
-
-    def cut(segments: list[Segment]) -> list[Segment]:
-        return [
-            dataclasses.replace(s, start_ms=max(s.start_ms, start_ms))
-            for s in segments
-            if s.end_ms is None or s.end_ms > start_ms
-        ]
-
-    return dataclasses.replace(
-        history, running=cut(history.running), allocated=cut(history.allocated), ip=cut(history.ip)
-    )

@@ -340,3 +340,26 @@ def test_an_event_committed_behind_the_sync_cursor_is_still_learned(store: Store
     out = collector.apply_batch(Stream("s-behind").batch([M(T0, T0 + 1000, 321, instance="vm-behind")]))
     assert out.parked == 0
     assert byte_usage(store) == {key(account=ACCT_B, resource="vm-behind"): 321}
+
+
+def test_ticks_grow_the_open_window_and_finalize_closed_ones(store: Store) -> None:
+    clock = Clock(T0 + 10 * 60_000)
+    collector = Collector(store, Settings(grace_ms=HOUR), clock)
+    for event in ("VM.CREATE", "VM.START"):
+        k, v = usage_event(event, VM1, ACCT_A, T0)
+        collector.apply_event(v, k)
+    running = lambda: {r.key.window_start_ms - T0: (r.quantity, r.final) for r in store.usage(0, 2**62)  # noqa: E731
+                       if r.key.usage_type == 1}  # fmt: skip
+    assert running() == {0: (10 * 60_000, False)}
+    clock.now = T0 + 2 * HOUR + 30 * 60_000
+    collector.tick()
+    assert running() == {0: (HOUR, True), HOUR: (HOUR, False), 2 * HOUR: (30 * 60_000, False)}
+    clock.now = T0 + 3 * HOUR + 5 * 60_000
+    out = collector.tick()
+    assert running() == {
+        0: (HOUR, True),
+        HOUR: (HOUR, True),
+        2 * HOUR: (HOUR, False),
+        3 * HOUR: (5 * 60_000, False),
+    }
+    assert out.adjustments == 0  # time passing never touches a final window
