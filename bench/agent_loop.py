@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", required=True)
     ap.add_argument("--libvirt-uri", required=True)
     ap.add_argument("--topic", default="kvmeter.measures")
+    ap.add_argument("--kafka-properties", default="{}", help="JSON: extra producer properties")
     args = ap.parse_args(argv)
 
     state_dir = tempfile.mkdtemp(prefix="kvmeter-bench-loop-", dir="/var/tmp")
@@ -40,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         {
             "agent": {"host_id": "bench-host", "poll_interval": args.interval, "state_dir": state_dir},
             "libvirt": {"uri": args.libvirt_uri},
-            "kafka": {"bootstrap_servers": args.bootstrap, "topic": args.topic},
+            "kafka": {
+                "bootstrap_servers": args.bootstrap,
+                "topic": args.topic,
+                "properties": json.loads(args.kafka_properties),
+            },
             "metrics": {"enabled": False},
         }
     )

@@ -142,21 +142,39 @@ def drain(
     before = _store_totals(db) if not preload else None
     preload_s = preload_lifecycle(db, bootstrap, lifecycle_topic, expect_events) if preload else 0.0
     group = f"bench-{uuid.uuid4().hex[:8]}"
-    gate_dir = tempfile.mkdtemp(prefix="kvmeter-bench-gate-")
-    gate = Path(gate_dir) / "go"
+    ready_dir = Path(tempfile.mkdtemp(prefix="kvmeter-bench-ready-"))
     procs = [
-        _worker(db, bootstrap, group, measures_topic, lifecycle_topic, "--gate", str(gate))
-        for _ in range(replicas)
+        _worker(
+            db,
+            bootstrap,
+            group,
+            measures_topic,
+            lifecycle_topic,
+            "--ready",
+            str(ready_dir / f"replica-{r}"),
+            "--expect-events",
+            str(expect_events),
+        )
+        for r in range(replicas)
     ]
     try:
         deadline = time.monotonic() + timeout
-        while len(list(Path(gate_dir).glob("go.ready.*"))) < replicas:
+        while True:  # every replica in the group with its partitions and the lifecycle read
+            held = [
+                int(f.read_text() or 0) for f in ready_dir.glob("replica-*") if not f.name.endswith(".tmp")
+            ]
+            if len(held) == replicas and all(held) and sum(held) == play["partitions"]:
+                break
             dead = [p for p in procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
-                err = dead[0].stderr.read() if dead and dead[0].stderr else "timeout"
+                err = (
+                    dead[0].stderr.read() if dead and dead[0].stderr else f"timeout, partitions held: {held}"
+                )
                 raise RuntimeError(f"collector replicas did not get ready: {err[-3000:]}")
             time.sleep(0.05)
-        gate.touch()
+        t0 = time.monotonic()
+        produce(bootstrap, measures_topic, play["records"])
+        produce_s = time.monotonic() - t0
         while True:
             marks = _marks(db)
             if all(marks.get(s, 0) >= seq for s, seq in expect_marks.items()):
@@ -183,7 +201,7 @@ def drain(
                 p.kill()
                 out, err = p.communicate()
             outputs.append((p.returncode, out, err))
-        shutil.rmtree(gate_dir, ignore_errors=True)
+        shutil.rmtree(ready_dir, ignore_errors=True)
     workers = []
     for code, out, err in outputs:
         if code != 0 or not out.strip():
@@ -213,6 +231,7 @@ def drain(
         "duplicates": sum(w["duplicates"] for w in workers),
         "store_totals": totals,
         "lifecycle_preload_s": preload_s,
+        "produce_s": produce_s,
         "per_replica": workers,
     }
 
@@ -258,8 +277,9 @@ def _play(
     if lifecycle_topic is None:
         lifecycle_topic = new_lifecycle
         produce(bootstrap, lifecycle_topic, events)
-    produce(bootstrap, measures_topic, records)
     return {
+        "records": records,
+        "partitions": partitions,
         "measures_topic": measures_topic,
         "lifecycle_topic": lifecycle_topic,
         "values": [v for _, v in records],

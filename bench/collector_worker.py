@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lifecycle-topic", required=True)
     ap.add_argument("--group", required=True)
     ap.add_argument("--batch-size", type=int, default=1000)
-    ap.add_argument(
-        "--gate", default=None, help="after the lifecycle catch-up, touch GATE.ready.PID, wait for GATE"
-    )
+    ap.add_argument("--ready", default=None, help="file to keep the count of measure partitions held in")
+    ap.add_argument("--expect-events", type=int, default=0, help="lifecycle records to read before ready")
     ap.add_argument(
         "--preload-events", type=int, default=0, help="only apply this many lifecycle records, then exit"
     )
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         t = preload(collector, args.bootstrap, args.lifecycle_topic, args.preload_events)
         consumer.close()
     else:
-        run(consumer, args.gate)
+        run(consumer, args.ready, args.expect_events)
         print(f"{time.time():.3f} closed", file=sys.stderr, flush=True)
         t = consumer.totals
     store.close()
@@ -112,18 +111,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(consumer: LiveConsumer, gate: str | None) -> None:
-    """LiveConsumer.run(), with a start line: replicas begin on the measures together, so the
-    timed drain is not one replica alone until the other has caught up with the lifecycle."""
+def run(consumer: LiveConsumer, ready: str | None, expect_events: int) -> None:
+    """LiveConsumer.run(), reporting readiness: once this replica holds measure partitions and has
+    read the whole lifecycle topic, it writes how many partitions it holds to `ready` (kept
+    current), so that the benchmark produces the measures only when every replica is in place."""
     consumer.start()
     consumer.catch_up_lifecycle()
-    if gate:
-        Path(f"{gate}.ready.{os.getpid()}").touch()
-        while not Path(gate).exists() and not consumer.stop_event.is_set():
-            time.sleep(0.01)
+    held = -1
     try:
         while not consumer.stop_event.is_set():
             consumer.step()
+            if ready:
+                t = consumer.totals
+                parts = (
+                    len(consumer.measures.assignment()) if t.events + t.known_events >= expect_events else 0
+                )
+                if parts != held:
+                    Path(f"{ready}.tmp").write_text(str(parts))
+                    os.replace(f"{ready}.tmp", ready)
+                    held = parts
     finally:
         consumer.close()
 

@@ -2,8 +2,8 @@
 
 The real `kvmeter run --all-in-one` (agent, in-process collector on SQLite, HTTP API) runs in a
 simulated host namespace with one CloudStack VM (libvirt's test driver describes it; its tap is a
-real veth). Each sample: wait a random part of the poll interval (so samples fall at every phase
-of the poll cycle), read the VM's NETWORK_BYTES_SENT from the API, send one raw frame from the VM
+real veth). Each sample: wait a part of the poll interval (so that samples fall at evenly spread
+phases of the poll cycle), read the VM's NETWORK_BYTES_SENT from the API, send one raw frame from the VM
 end of the veth, then ask the API every PROBE_S until the frame's bytes show. The figure is the
 time from the frame's send to the first answer that shows it (PROBE_S is its resolution).
 """
@@ -185,8 +185,13 @@ def measure(host: VethHost, interval: float, samples: int, log: Callable[[str], 
                     f"the warm-up frame never showed: {(work / 'kvmeter.log').read_text()[-2000:]}"
                 )
             time.sleep(0.1)
-        for _ in range(samples):
-            time.sleep(rng.uniform(0, interval))
+        # Right after a frame shows, the poll that carried it has just run; waiting (k + 1/2) / samples
+        # of the interval puts the next send at that phase of the cycle: stratified phases give a
+        # fair median with a handful of samples.
+        phases = [(k + 0.5) / samples * interval for k in range(samples)]
+        rng.shuffle(phases)
+        for phase in phases:
+            time.sleep(phase)
             base = api.sent_bytes()
             vm_sock.sendto(frame, (VethHost.peer(0), 0))
             sent = time.monotonic()

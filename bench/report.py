@@ -52,8 +52,17 @@ def agent_section(agent: dict[str, Any]) -> str:
         "   Agent.run() with traffic on every tap:",
     ]
     loop_rows = []
+    failures: list[str] = []
     for size in agent["sizes"]:
         loop = size["agent_loop"]
+        if "error" in loop:
+            failures.append(f"   {size['n']} interfaces: the agent process FAILED: {loop['error'][-400:]}")
+            continue
+        if "default_config_error" in loop:
+            failures.append(
+                f"   {size['n']} interfaces: with the default config the agent process FAILED "
+                f"({loop['default_config_error'][-200:].strip()}); measured with {loop['kafka_properties']}"
+            )
         loop_rows.append(
             [
                 f"{size['n']:>6} interfaces",
@@ -77,6 +86,7 @@ def agent_section(agent: dict[str, Any]) -> str:
             loop_rows,
         )
     )
+    text.extend(failures)
     stages = [
         f"{s['n']}: "
         + ", ".join(f"{k} {v:.2f}" for k, v in s["kvmeter_core_stages_us_per_interface"].items())
@@ -145,7 +155,7 @@ def goals(results: dict[str, Any]) -> list[str]:
     for size in agent.get("sizes", []):
         if size["n"] == 2000:
             ratio = size["methods"]["kvmeter"]["ratio_to_floor"]
-            rss = size["agent_loop"]["rss_peak_without_test_driver_mb"]
+            rss = size["agent_loop"].get("rss_peak_without_test_driver_mb", float("inf"))
             out.append(
                 f"agent poll for 2,000 interfaces <= 3x the raw read: {ratio:.1f}x -> {_verdict(ratio <= 3)}"
             )
