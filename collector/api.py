@@ -1,13 +1,21 @@
 """The collector's HTTP API: usage as JSON/CSV, CloudStack's listUsageRecords, health, metrics.
 
 Loopback by default; with a token every path but /health needs `Authorization: Bearer <token>`.
+CloudStack clients (CloudMonkey, billing tools) can call /client/api with an API key and
+CloudStack's request signature (HMAC-SHA1 of the sorted, lower-cased query) instead.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import hashlib
 import hmac
 import logging
 import threading
+import time
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -26,18 +34,31 @@ class BadRequest(ValueError):
     pass
 
 
-def create_app(store: Store, *, token: str = "", metrics: Metrics | None = None) -> Flask:
+def create_app(
+    store: Store,
+    *,
+    token: str = "",
+    metrics: Metrics | None = None,
+    cloudstack_keys: Mapping[str, str] | None = None,
+) -> Flask:
+    """cloudstack_keys: {api key: secret key} accepted on /client/api with CloudStack signing."""
     app = Flask("kvmeter.collector")
     registry = metrics.registry if metrics is not None else None
+    keys = dict(cloudstack_keys or {})
 
     @app.before_request
     def _auth() -> Any:
-        if not token or request.path == "/health":
+        if not (token or keys) or request.path == "/health":
             return None
         given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return _error(401, "missing or wrong bearer token")
-        return None
+        if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return None
+        if request.path == "/client/api" and keys:
+            problem = cloudstack_signature_problem(request.args.items(multi=True), keys, time.time())
+            if problem is None:
+                return None
+            return _cloudstack_error("api", 401, f"unable to verify user credentials: {problem}")
+        return _error(401, "missing or wrong bearer token")
 
     @app.errorhandler(BadRequest)
     def _bad_request(exc: BadRequest) -> Response:
@@ -112,6 +133,42 @@ def create_app(store: Store, *, token: str = "", metrics: Metrics | None = None)
     return app
 
 
+def cloudstack_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
+    """CloudStack's request signature: URL-encode each value (Java's URLEncoder, spaces as
+    %20), sort the pairs by lower-cased field, join with &, lower-case, HMAC-SHA1, base64."""
+    pairs = sorted(
+        (k.lower(), f"{k}={_java_quote(v)}".lower()) for k, v in params if k.lower() != "signature"
+    )
+    message = "&".join(text for _, text in pairs)
+    digest = hmac.new(secret.encode(), message.encode(), hashlib.sha1).digest()
+    return base64.b64encode(digest).decode()
+
+
+def cloudstack_signature_problem(
+    params: Iterable[tuple[str, str]], keys: Mapping[str, str], now_s: float
+) -> str | None:
+    """None when the request is signed by a known key (and, signature version 3, not expired)."""
+    items = list(params)
+    args = {k.lower(): v for k, v in items}
+    secret = keys.get(args.get("apikey", ""))
+    if secret is None:
+        return "unknown or missing apikey"
+    if not hmac.compare_digest(cloudstack_signature(items, secret), args.get("signature", "")):
+        return "signature mismatch"
+    if args.get("signatureversion") == "3":
+        try:
+            expires = dt.datetime.strptime(args.get("expires", ""), "%Y-%m-%dT%H:%M:%S%z")
+        except ValueError:
+            return "signature version 3 needs expires as yyyy-MM-ddTHH:mm:ssZ"
+        if expires.timestamp() < now_s:
+            return "request expired"
+    return None
+
+
+def _java_quote(value: str) -> str:
+    return urllib.parse.quote(value, safe="*-._").replace("~", "%7E")
+
+
 def _query(
     store: Store, start: int, end: int, account: str | None, usage_type: int | None, resource: str | None
 ) -> list[UsageRow]:
@@ -181,9 +238,16 @@ class ApiServer:
 
 
 def serve(
-    store: Store, host: str, port: int, *, token: str = "", metrics: Metrics | None = None
+    store: Store,
+    host: str,
+    port: int,
+    *,
+    token: str = "",
+    metrics: Metrics | None = None,
+    cloudstack_keys: Mapping[str, str] | None = None,
 ) -> ApiServer:
     """Build the server; the caller runs it (in a thread next to the consumer)."""
-    if host not in ("127.0.0.1", "::1", "localhost") and not token:
+    if host not in ("127.0.0.1", "::1", "localhost") and not (token or cloudstack_keys):
         log.warning("API listens on %s without a token: anyone who can reach it reads usage", host)
-    return ApiServer(create_app(store, token=token, metrics=metrics), host, port)
+    app = create_app(store, token=token, metrics=metrics, cloudstack_keys=cloudstack_keys)
+    return ApiServer(app, host, port)

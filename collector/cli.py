@@ -88,7 +88,14 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     signal.signal(signal.SIGINT, _stop)
     server = None
     if cfg.api.enabled:
-        server = serve(store, cfg.api.host, cfg.api.port, token=cfg.api.token, metrics=metrics)
+        server = serve(
+            store,
+            cfg.api.host,
+            cfg.api.port,
+            token=cfg.api.token,
+            metrics=metrics,
+            cloudstack_keys=cfg.api.cloudstack_keys,
+        )
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on http://%s:%d", cfg.api.host, server.port)
     logging.getLogger(__name__).info(

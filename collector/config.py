@@ -69,6 +69,8 @@ SCHEMA: dict[str, Any] = {
                 "listen": {"type": "string", "pattern": "^[^:]*:[0-9]{1,5}$"},
                 "token": {"type": "string"},
                 "token_file": {"type": "string"},
+                "cloudstack_api_key": {"type": "string", "minLength": 1},
+                "cloudstack_secret_key": {"type": "string", "minLength": 1},
             },
         },
     },
@@ -97,6 +99,7 @@ class ApiConfig:
     host: str = "127.0.0.1"
     port: int = 8480
     token: str = ""
+    cloudstack_keys: dict[str, str] = field(default_factory=dict)  # api key -> secret key
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,13 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             token = (Path(token_file) if base is None else base / token_file).read_text().strip()
         except OSError as exc:
             problems.append(f"api.token_file: cannot read {token_file}: {exc.strerror}")
+    cs_keys: dict[str, str] = {}
+    if isinstance(api, dict):
+        api_key, secret = api.get("cloudstack_api_key"), api.get("cloudstack_secret_key")
+        if (api_key is None) != (secret is None):
+            problems.append("api: cloudstack_api_key and cloudstack_secret_key go together")
+        elif isinstance(api_key, str) and isinstance(secret, str):
+            cs_keys[api_key] = secret
     if problems:
         raise ConfigError(source, problems)
     host, _, port = api.get("listen", "127.0.0.1:8480").rpartition(":")

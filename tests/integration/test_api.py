@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import hashlib
+import hmac
 import io
 import json
 import threading
@@ -19,7 +22,18 @@ from kvmeter.collector.ingest import ingest_events, ingest_measures
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Record, Settings
 from kvmeter.collector.store import Store
-from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, VM2, Clock, delimited, expected_usage, scenario
+from tests.collector_support import (
+    ACCT_A,
+    ACCT_B,
+    HOUR,
+    T0,
+    VM1,
+    VM2,
+    Clock,
+    delimited,
+    expected_usage,
+    scenario,
+)
 
 NOW = T0 + 5 * HOUR
 TOKEN = "s3cret-token"
@@ -180,3 +194,57 @@ def test_cloudstack_paging_keeps_the_total_count(api: Api) -> None:
     assert whole["count"] > 21
     assert pages == whole["usagerecord"][:35]
     assert api.get("/client/api", **query, page="0", pagesize="7")[0] == 431
+
+
+API_KEY, SECRET = "kvm-api-key", "kvm-secret-key"
+
+
+def cloudmonkey_sign(params: dict[str, str], secret: str) -> dict[str, str]:
+    """A client's signing, as CloudStack's developer guide spells it (written here apart from
+    the server's code): URL-encode values with spaces as %20, sort by field, lower-case the
+    whole string, HMAC-SHA1 with the secret key, base64."""
+    query = "&".join(
+        f"{k}={urllib.parse.quote(v, safe='')}" for k, v in sorted(params.items(), key=lambda i: i[0].lower())
+    )
+    digest = hmac.new(secret.encode(), query.lower().encode(), hashlib.sha1).digest()
+    return {**params, "signature": base64.b64encode(digest).decode()}
+
+
+@pytest.fixture
+def signed_api(tmp_path: Path) -> Iterator[Api]:
+    store = Store(f"sqlite:///{tmp_path}/usage.db")
+    store.migrate()
+    collector = Collector(store, Settings(), Clock(NOW))
+    sc = scenario()
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(v for _, v in sc.events) + b"\n")
+    ingest_events(collector, events)
+    server = serve(store, "127.0.0.1", 0, token=TOKEN, cloudstack_keys={API_KEY: SECRET})
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield Api(f"http://127.0.0.1:{server.port}", Metrics(), collector)
+    finally:
+        server.close()
+        thread.join(10)
+        store.close()
+
+
+def test_cloudstack_clients_authenticate_with_a_signed_request(signed_api: Api) -> None:
+    params = {"command": "listUsageRecords", "startDate": "2024-05-14 09:00:00",
+              "endDate": "2024-05-14 09:59:59", "type": "2", "response": "json", "apiKey": API_KEY}  # fmt: skip
+    status, _, body = signed_api.get("/client/api", token=None, **cloudmonkey_sign(params, SECRET))
+    assert status == 200, body
+    records = json.loads(body)["listusagerecordsresponse"]["usagerecord"]
+    assert {(r["usageid"], r["rawusage"]) for r in records} == {(VM1, "1"), (VM2, "1")}
+    assert signed_api.get("/client/api", token=None, **cloudmonkey_sign(params, "wrong"))[0] == 401
+    tampered = {**cloudmonkey_sign(params, SECRET), "type": "1"}
+    assert signed_api.get("/client/api", token=None, **tampered)[0] == 401
+    expired = {**params, "signatureVersion": "3", "expires": "2020-01-01T00:00:00+0000"}
+    status, _, body = signed_api.get("/client/api", token=None, **cloudmonkey_sign(expired, SECRET))
+    assert status == 401
+    assert "expired" in body
+    future = {**params, "signatureVersion": "3", "expires": "2099-01-01T00:00:00+0000"}
+    assert signed_api.get("/client/api", token=None, **cloudmonkey_sign(future, SECRET))[0] == 200
+    assert signed_api.get("/client/api", **params)[0] == 200  # the bearer token still works
+    assert signed_api.get("/v1/usage", token=None, start="2024-05-14", end="2024-05-15")[0] == 401
