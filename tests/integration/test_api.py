@@ -231,8 +231,14 @@ def signed_api(tmp_path: Path) -> Iterator[Api]:
 
 
 def test_cloudstack_clients_authenticate_with_a_signed_request(signed_api: Api) -> None:
-    params = {"command": "listUsageRecords", "startDate": "2024-05-14 09:00:00",
-              "endDate": "2024-05-14 09:59:59", "type": "2", "response": "json", "apiKey": API_KEY}  # fmt: skip
+    params = {
+        "command": "listUsageRecords",
+        "startDate": "2024-05-14 09:00:00",
+        "endDate": "2024-05-14 09:59:59",
+        "type": "2",
+        "response": "json",
+        "apiKey": API_KEY,
+    }
     status, _, body = signed_api.get("/client/api", token=None, **cloudmonkey_sign(params, SECRET))
     assert status == 200, body
     records = json.loads(body)["listusagerecordsresponse"]["usagerecord"]
