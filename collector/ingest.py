@@ -10,9 +10,11 @@ Unreadable records are dead-lettered like bad messages on the topics; the rest g
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from google.protobuf import json_format
 
@@ -21,6 +23,7 @@ from kvmeter.collector.store import DeadLetter
 from kvmeter.proto import pb
 
 CHUNK = 500
+MAX_RECORD_BYTES = 256 << 20
 TRUNCATED = "truncated_record"
 MALFORMED_JSON = "malformed_json"
 MALFORMED_BATCH_JSON = "malformed_batch_json"
@@ -44,21 +47,18 @@ def ingest_events(collector: Collector, path: Path) -> Outcome:
 
 
 def ingest_measures(collector: Collector, path: Path) -> Outcome:
-    data = path.read_bytes()
-    records = (
-        _json_records(data, path.name) if _looks_like_json(data) else _delimited_records(data, path.name)
-    )
     out = Outcome()
     chunk: list[Record] = []
     letters: list[DeadLetter] = []
-    for item in records:
-        if isinstance(item, DeadLetter):
-            letters.append(item)
-            continue
-        chunk.append(item)
-        if len(chunk) >= CHUNK:
-            out.add(collector.apply_batches(chunk))
-            chunk = []
+    with path.open("rb") as fh:
+        for item in _measure_records(fh, path.name):
+            if isinstance(item, DeadLetter):
+                letters.append(item)
+                continue
+            chunk.append(item)
+            if len(chunk) >= CHUNK:
+                out.add(collector.apply_batches(chunk))
+                chunk = []
     if chunk:
         out.add(collector.apply_batches(chunk))
     if letters:
@@ -68,40 +68,64 @@ def ingest_measures(collector: Collector, path: Path) -> Outcome:
     return out
 
 
+def _measure_records(fh: BinaryIO, name: str) -> Iterator[Record | DeadLetter]:
+    """Records of either form; a large protobuf file is streamed, never read whole."""
+    head = fh.read(1 << 16).lstrip()
+    fh.seek(0)
+    if head[:1] in (b"{", b"["):
+        data = fh.read()
+        if _looks_like_json(data):
+            return _json_records(data, name)
+        return _delimited_records(io.BytesIO(data), name)
+    return _delimited_records(fh, name)
+
+
 def _looks_like_json(data: bytes) -> bool:
-    text = data.lstrip()
-    if text[:1] not in (b"{", b"["):
-        return False
     try:
-        json.JSONDecoder().raw_decode(text.decode("utf-8"))
+        json.JSONDecoder().raw_decode(data.lstrip().decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return False
     return True
 
 
-def _delimited_records(data: bytes, name: str) -> Iterator[Record | DeadLetter]:
-    pos, number = 0, 0
-    while pos < len(data):
-        number += 1
-        start, length, shift = pos, 0, 0
+def _delimited_records(fh: BinaryIO, name: str) -> Iterator[Record | DeadLetter]:
+    number = 0
+    while True:
+        prefix = bytearray()
+        length, shift = 0, 0
         while True:
-            if pos >= len(data) or shift > 63:
+            byte = fh.read(1)
+            if not byte:
+                if prefix:
+                    yield DeadLetter(
+                        MEASURES,
+                        f"{name}#{number + 1}",
+                        bytes(prefix),
+                        TRUNCATED,
+                        "file ends inside a length",
+                    )
+                return
+            prefix += byte
+            length |= (byte[0] & 0x7F) << shift
+            shift += 7
+            if not byte[0] & 0x80:
+                break
+            if shift > 63:
                 yield DeadLetter(
-                    MEASURES, f"{name}#{number}", data[start:], TRUNCATED, "file ends inside a length"
+                    MEASURES, f"{name}#{number + 1}", bytes(prefix) + fh.read(), TRUNCATED, "no valid length"
                 )
                 return
-            byte = data[pos]
-            pos += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        if pos + length > len(data):
-            message = f"record {number} says {length} bytes, {len(data) - pos} left in the file"
-            yield DeadLetter(MEASURES, f"{name}#{number}", data[start:], TRUNCATED, message)
+        number += 1
+        if length > MAX_RECORD_BYTES:  # a corrupt length: do not try to read exabytes
+            message = f"record {number} says {length} bytes, more than {MAX_RECORD_BYTES}"
+            yield DeadLetter(MEASURES, f"{name}#{number}", bytes(prefix) + fh.read(1024), TRUNCATED, message)
             return
-        yield Record(data[pos : pos + length], None, f"{name}#{number}")
-        pos += length
+        value = fh.read(length)
+        if len(value) < length:
+            message = f"record {number} says {length} bytes, {len(value)} left in the file"
+            yield DeadLetter(MEASURES, f"{name}#{number}", bytes(prefix) + value, TRUNCATED, message)
+            return
+        yield Record(value, None, f"{name}#{number}")
 
 
 def _json_records(data: bytes, name: str) -> Iterator[Record | DeadLetter]:

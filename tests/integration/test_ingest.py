@@ -191,3 +191,15 @@ def test_cli_rejects_what_it_cannot_use(tmp_path: Path) -> None:
     )  # fmt: skip
     assert when.returncode == 2
     assert "not a time" in when.stderr
+
+
+def test_a_corrupt_length_prefix_is_dead_lettered_not_read(tmp_path: Path) -> None:
+    sc = scenario()
+    measures = tmp_path / "m.pb"
+    measures.write_bytes(delimited(sc.batches[:1]) + b"\xff\xff\xff\xff\xff\xff\xff\x7f" + b"junk")
+    store = Store(f"sqlite:///{tmp_path}/usage.db")
+    store.migrate()
+    out = ingest(Collector(store, Settings(), Clock(NOW)), [], [measures])
+    assert out.batches == 1
+    assert [(d.origin, d.reason) for d in out.dead_letters] == [("m.pb#2", "truncated_record")]
+    store.close()
