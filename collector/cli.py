@@ -28,8 +28,8 @@ def _wall_ms() -> int:
 
 
 def _open_store(url: str) -> Store:
-    store = Store(url)
     try:
+        store = Store(url)
         store.migrate()
     except Exception as exc:
         raise click.ClickException(f"cannot open the store {url}: {exc}") from None

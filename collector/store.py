@@ -132,7 +132,12 @@ class Store:
         if self.url.startswith("sqlite"):
             self.engine = _sqlite_engine(self.url)
         else:
-            self.engine = sa.create_engine(self.url, pool_size=pool_size, pool_pre_ping=True)
+            try:
+                self.engine = sa.create_engine(self.url, pool_size=pool_size, pool_pre_ping=True)
+            except (ImportError, sa.exc.NoSuchModuleError) as exc:
+                driver = self.url.split("://", 1)[0]
+                hint = " (Debian 12: apt install python3-psycopg2)" if driver.endswith("psycopg2") else ""
+                raise RuntimeError(f"no database driver for {driver}{hint}: {exc}") from None
         self.dialect = self.engine.dialect.name
         self.is_postgres = self.dialect == "postgresql"
 
