@@ -211,6 +211,16 @@ def usage(
     store = _open_store(db_url)
     try:
         rows = store.usage(start, end, account=account, usage_type=usage_type, resource=resource)
+        stats = store.stats(_wall_ms() - config_mod.CollectorConfig().settings.park_horizon_ms)
     finally:
         store.close()
     sys.stdout.write(report.render(rows, fmt))
+    if fmt == "table":  # the rest of the byte count, for whoever audits the numbers above
+        click.echo(
+            f"store: {stats['parked_bytes']} B parked without a known owner "
+            f"({stats['reported_unattributed_bytes']} B of them reported as unattributed), "
+            f"{stats['quarantined_bytes']} B quarantined, "
+            f"{stats['unbilled_bytes']} B of non-billable traffic, "
+            f"{stats['dead_letters']} dead letter(s), {stats['missing_batches']} batch(es) never arrived",
+            err=True,
+        )

@@ -707,6 +707,9 @@ class Store:
                     pm.parked_ms < horizon_start_ms
                 )
             ).one()
+            reported = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(pm.bytes), 0)).where(pm.reported_ms.is_not(None))
+            ).scalar()
             quarantined = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(quarantined_measures.c.bytes), 0))
             ).scalar()
@@ -725,6 +728,7 @@ class Store:
             "parked_bytes": int(parked[1]),
             "unattributed_measures": int(unattributed[0]),
             "unattributed_bytes": int(unattributed[1]),
+            "reported_unattributed_bytes": int(reported or 0),
             "quarantined_bytes": int(quarantined or 0),
             "dead_letters": int(letters or 0),
             "unbilled_bytes": int(unbilled or 0),

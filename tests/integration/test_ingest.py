@@ -168,6 +168,9 @@ def test_cli_ingest_and_usage_report(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip
     assert table.stdout.strip().endswith("11 record(s)")  # VM2: 5 h running, 5 h allocated, 1 bytes
+    assert "777 B parked" in table.stderr
+    assert "5000 B quarantined" in table.stderr
+    assert "999 B of non-billable traffic" in table.stderr
 
 
 def test_cli_rejects_what_it_cannot_use(tmp_path: Path) -> None:
