@@ -181,7 +181,10 @@ def derive(worker: dict[str, Any], loop: dict[str, Any], interval: float) -> dic
             "cpu_share_at_interval": m["cpu_s"] / interval,
         }
     if "error" not in loop:
-        loop["cpu_share_at_interval"] = (loop["poll_cpu_s"] + loop["other_cpu_per_s"] * interval) / interval
+        # the mean, not the median: the occasional heavy poll (a full inventory) is CPU spent too
+        loop["cpu_share_at_interval"] = (
+            loop["poll_cpu_mean_s"] + loop["other_cpu_per_s"] * interval
+        ) / interval
     return {
         "n": n,
         "table_lines": worker["table_lines"],

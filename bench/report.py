@@ -56,19 +56,22 @@ def agent_section(agent: dict[str, Any]) -> str:
     for size in agent["sizes"]:
         loop = size["agent_loop"]
         if "error" in loop:
-            failures.append(f"   {size['n']} interfaces: the agent process FAILED: {loop['error'][-400:]}")
+            failures.append(
+                f"   {size['n']} interfaces: the agent process FAILED: {_last_line(loop['error'])}"
+            )
             continue
         if "default_config_error" in loop:
             failures.append(
                 f"   {size['n']} interfaces: with the default config the agent process FAILED "
-                f"({loop['default_config_error'][-200:].strip()}); measured with {loop['kafka_properties']}"
+                f"({_last_line(loop['default_config_error'])});\n"
+                f"     measured with {loop['kafka_properties']}"
             )
         loop_rows.append(
             [
                 f"{size['n']:>6} interfaces",
                 _num(loop["rss_peak_mb"], 1),
                 _num(loop["rss_peak_without_test_driver_mb"], 1),
-                _num(loop["poll_cpu_s"] * 1000, 1),
+                f"{loop['poll_cpu_s'] * 1000:.1f} / {loop['poll_cpu_mean_s'] * 1000:.1f}",
                 f"{loop['cpu_share_at_interval'] * 100:.3f}%",
                 str(loop["measures_per_poll"]),
             ]
@@ -171,6 +174,11 @@ def goals(results: dict[str, Any]) -> list[str]:
             f"{run['ratio_to_decode'] * 100:.0f}%, {run['measures_per_s']:,.0f}/s -> {_verdict(ok)}"
         )
     return out
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def _verdict(ok: bool) -> str:
