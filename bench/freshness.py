@@ -104,86 +104,170 @@ class Api:
             self.conn.close()
 
 
-@contextmanager
-def _pipeline(host: VethHost, interval: float) -> Iterator[tuple[subprocess.Popen[bytes], Api, Path]]:
+def _work(interval: float) -> tuple[Path, str, list[bytes]]:
+    """A work directory with libvirt's node file (the VM) and the VM's lifecycle records."""
     from tests.harness.libvirt_node import Domain, Nic, write_node_xml
 
     from kvmeter.pipeline.simevents import EventBus
 
     work = Path(tempfile.mkdtemp(prefix="kvmeter-bench-fresh-"))
-    uri = write_node_xml(
-        work / "node.xml",
-        [
-            Domain(
-                VM_NAME, VM_UUID, (Nic(mac=VethHost.mac(0), bridge=VethHost.bridge(0), dev=VethHost.tap(0)),)
-            )
-        ],
-    )
+    nic = Nic(mac=VethHost.mac(0), bridge=VethHost.bridge(0), dev=VethHost.tap(0))
+    uri = write_node_xml(work / "node.xml", [Domain(VM_NAME, VM_UUID, (nic,))])
     bus = EventBus()
     start = int(time.time() * 1000) - 60_000
-    with open(work / "events.jsonl", "wb") as f:
-        for event in ("VM.CREATE", "VM.START"):
-            f.write(bus.vm(event, VM_UUID, ACCOUNT, start)[1] + b"\n")
-    port = _free_port()
-    log = open(work / "kvmeter.log", "wb")
+    events = [bus.vm(event, VM_UUID, ACCOUNT, start)[1] for event in ("VM.CREATE", "VM.START")]
+    return work, uri, events
+
+
+def _start(host: VethHost, work: Path, name: str, *args: str) -> subprocess.Popen[bytes]:
+    log = open(work / f"{name}.log", "wb")
     proc = subprocess.Popen(
-        host.exec_args(
-            str(KVMETER), "run", "--all-in-one", "--config", str(_config(work, uri, interval, port))
-        ),
-        cwd=work,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        host.exec_args(str(KVMETER), *args), cwd=work, stdout=log, stderr=subprocess.STDOUT
     )
     log.close()
-    api = Api(host.host_ns, port)
-    try:
-        yield proc, api, work
-    finally:
-        api.close()
-        proc.terminate()
+    return proc
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def _allinone(host: VethHost, interval: float) -> Iterator[tuple[list[subprocess.Popen[bytes]], Api, Path]]:
+    """`kvmeter run --all-in-one`: agent, collector (SQLite) and API in one process."""
+    work, uri, events = _work(interval)
+    (work / "events.jsonl").write_bytes(b"".join(e + b"\n" for e in events))
+    port = _free_port()
+    config = _config(work, uri, interval, port)
+    procs = [_start(host, work, "kvmeter", "run", "--all-in-one", "--config", str(config))]
+    api = Api(host.host_ns, port)
+    try:
+        yield procs, api, work
+    finally:
+        api.close()
+        _stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], api: Api, work: Path, timeout: float) -> None:
+@contextmanager
+def _distributed(
+    host: VethHost, interval: float
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], Api, Path]]:
+    """`kvmeter agent` -> Tansu -> `kvmeter collector` (SQLite, API), all in the host namespace."""
+    from bench.agent_bench import start_broker
+
+    work, uri, events = _work(interval)
+    broker = start_broker(host, work)  # creates the measures topic
+    (work / "events.jsonl").write_bytes(b"".join(e + b"\n" for e in events))  # JSON: one line each
+    produce = (
+        "import sys\n"
+        "from confluent_kafka import Producer\n"
+        "from tests.harness.kafka import create_topic\n"
+        f"create_topic('{broker.bootstrap}', 'cloudstack')\n"
+        f"p = Producer({{'bootstrap.servers': '{broker.bootstrap}'}})\n"
+        f"for line in open('{work / 'events.jsonl'}', 'rb').read().splitlines():\n"
+        "    p.produce('cloudstack', line)\n"
+        "sys.exit(p.flush(15))\n"
+    )
+    result = subprocess.run(
+        host.exec_args(sys.executable, "-c", produce), cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        broker.stop()
+        raise RuntimeError(f"lifecycle events not produced: {result.stderr[-2000:]}")
+    port = _free_port()
+    (work / "agent.toml").write_text(
+        f"""[agent]
+host_id = "bench-fresh"
+poll_interval = {interval}
+state_dir = "{work / "agent"}"
+log_level = "warning"
+[libvirt]
+uri = "{uri}"
+[kafka]
+bootstrap_servers = "{broker.bootstrap}"
+topic = "kvmeter.measures"
+[metrics]
+enabled = false
+"""
+    )
+    (work / "collector.toml").write_text(
+        f"""[store]
+url = "sqlite:///{work / "usage.db"}"
+[kafka]
+bootstrap = "{broker.bootstrap}"
+measures_topic = "kvmeter.measures"
+lifecycle_topic = "cloudstack"
+group = "bench-fresh"
+options = {{ "session.timeout.ms" = 6000, "heartbeat.interval.ms" = 500 }}
+[usage]
+billable_traffic_types = ["public", "guest"]
+[api]
+listen = "127.0.0.1:{port}"
+"""
+    )
+    procs = [_start(host, work, "collector", "collector", "--config", str(work / "collector.toml"))]
+    procs.append(_start(host, work, "agent", "agent", "--config", str(work / "agent.toml")))
+    api = Api(host.host_ns, port)
+    try:
+        yield procs, api, work
+    finally:
+        api.close()
+        _stop(procs)
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+MODES = {
+    "all-in-one": ("kvmeter run --all-in-one (SQLite, API)", _allinone),
+    "distributed": ("kvmeter agent -> Tansu -> kvmeter collector (SQLite, API)", _distributed),
+}
+
+
+def _logs(work: Path) -> str:
+    return " | ".join(f"{p.name}: {p.read_text(errors='replace')[-800:]}" for p in sorted(work.glob("*.log")))
+
+
+def _wait_ready(procs: list[subprocess.Popen[bytes]], api: Api, work: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"kvmeter run exited {proc.returncode}: {(work / 'kvmeter.log').read_text()[-2000:]}"
-            )
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a kvmeter process exited: {_logs(work)}")
         try:
             api.sent_bytes()
             return
         except (OSError, http.client.HTTPException, RuntimeError) as exc:
             if time.monotonic() > deadline:
-                log = (work / "kvmeter.log").read_text()[-2000:]
-                raise RuntimeError(f"API not up in {timeout} s ({exc}): {log}") from None
+                raise RuntimeError(f"API not up in {timeout} s ({exc}): {_logs(work)}") from None
             time.sleep(0.1)
 
 
-def measure(host: VethHost, interval: float, samples: int, log: Callable[[str], None]) -> dict[str, Any]:
+def measure(
+    host: VethHost, mode: str, interval: float, samples: int, log: Callable[[str], None]
+) -> dict[str, Any]:
     with in_netns(host.vm_ns):
         vm_sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     frame = bytes.fromhex(BRIDGE_MAC.replace(":", "")) + b"\x02\x00\x00\x00\x00\x01" + ETHERTYPE
     frame += bytes(FRAME_BYTES - len(frame))
     rng = random.Random(5)
     delays: list[float] = []
-    with _pipeline(host, interval) as (proc, api, work):
-        _wait_ready(proc, api, work, 60)
+    with MODES[mode][1](host, interval) as (procs, api, work):
+        _wait_ready(procs, api, work, 60)
         # Until the VM's first bytes are billed, its owner and baseline are not settled: warm up.
         base = api.sent_bytes()
         vm_sock.sendto(frame, (VethHost.peer(0), 0))
         deadline = time.monotonic() + 3 * interval + 30
         while api.sent_bytes() < base + FRAME_BYTES:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(
-                    f"the warm-up frame never showed: {(work / 'kvmeter.log').read_text()[-2000:]}"
-                )
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"the warm-up frame never showed: {_logs(work)}")
             time.sleep(0.1)
         # Right after a frame shows, the poll that carried it has just run; waiting (k + 1/2) / samples
         # of the interval puts the next send at that phase of the cycle: stratified phases give a
@@ -202,8 +286,11 @@ def measure(host: VethHost, interval: float, samples: int, log: Callable[[str], 
                 time.sleep(PROBE_S)
             delays.append(time.monotonic() - sent)
     vm_sock.close()
-    log(f"freshness: poll every {interval:g} s: {samples} samples, median {statistics.median(delays):.2f} s")
+    median = statistics.median(delays)
+    log(f"freshness: {mode}, poll every {interval:g} s: {samples} samples, median {median:.2f} s")
     return {
+        "mode": mode,
+        "pipeline": MODES[mode][0],
         "poll_interval_s": interval,
         "samples": len(delays),
         "p50_s": percentile(delays, 50),
@@ -215,11 +302,15 @@ def measure(host: VethHost, interval: float, samples: int, log: Callable[[str], 
 
 
 def run(
-    *, quick: bool, log: Callable[[str], None], plan: list[tuple[float, int]] | None = None
+    *, quick: bool, log: Callable[[str], None], plan: list[tuple[str, float, int]] | None = None
 ) -> dict[str, Any]:
-    """`plan`: (poll interval s, samples) per run."""
-    plan = plan or ([(1.0, 3)] if quick else [(1.0, 20), (10.0, 5)])
+    """`plan`: (mode, poll interval s, samples) per run."""
+    plan = plan or (
+        [("all-in-one", 1.0, 3)]
+        if quick
+        else [(mode, interval, n) for mode in MODES for interval, n in ((1.0, 20), (10.0, 5))]
+    )
     with VethHost() as host:
         host.grow(1)
-        runs = [measure(host, interval, samples, log) for interval, samples in plan]
-    return {"mode": "kvmeter run --all-in-one (SQLite, HTTP API)", "probe_s": PROBE_S, "runs": runs}
+        runs = [measure(host, mode, interval, samples, log) for mode, interval, samples in plan]
+    return {"probe_s": PROBE_S, "runs": runs}

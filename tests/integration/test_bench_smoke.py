@@ -31,7 +31,7 @@ def test_bench_sections_run_on_tiny_sizes(kafka_bootstrap: str) -> None:
     assert run["parked"] == 0
     assert run["store_totals"]["billed_bytes"] > 0
 
-    fresh = freshness.run(quick=True, log=logs.append, plan=[(0.5, 1)])
+    fresh = freshness.run(quick=True, log=logs.append, plan=[("all-in-one", 0.5, 1)])
     (sample,) = fresh["runs"]
     assert 0 < sample["p50_s"] < 10
 
