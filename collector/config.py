@@ -111,15 +111,19 @@ class CollectorConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
 
 
-def load(path: str | Path) -> CollectorConfig:
-    path = Path(path)
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict, or ConfigError saying why not."""
     try:
-        doc = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    return from_dict(doc, str(path), base=path.parent)
+
+
+def load(path: str | Path) -> CollectorConfig:
+    path = Path(path)
+    return from_dict(read_toml(path), str(path), base=path.parent)
 
 
 def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = None) -> CollectorConfig:

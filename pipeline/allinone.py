@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,10 +49,7 @@ LIFECYCLE_SCHEMA: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
-    def __init__(self, source: str, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+ConfigError = collector_config.ConfigError  # `.problems` lists every problem found
 
 
 @dataclass(frozen=True)
@@ -94,13 +90,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
 
 def load(path: str | Path) -> AllInOneConfig:
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    return from_dict(doc, str(path), base=path.parent)
+    return from_dict(collector_config.read_toml(path), str(path), base=path.parent)
 
 
 class EventsFile:
