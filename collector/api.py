@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -40,8 +40,10 @@ def create_app(
     token: str = "",
     metrics: Metrics | None = None,
     cloudstack_keys: Mapping[str, str] | None = None,
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> Flask:
-    """cloudstack_keys: {api key: secret key} accepted on /client/api with CloudStack signing."""
+    """cloudstack_keys: {api key: secret key} accepted on /client/api with CloudStack signing;
+    status: the consumer's state for /health (503 while it is failing)."""
     app = Flask("kvmeter.collector")
     registry = metrics.registry if metrics is not None else None
     keys = dict(cloudstack_keys or {})
@@ -71,7 +73,15 @@ def create_app(
         except Exception as exc:
             log.warning("health: store unavailable: %s", exc)
             return _error(503, f"store unavailable: {type(exc).__name__}")
-        return jsonify({"status": "ok", "schema_version": version})
+        body: dict[str, Any] = {"status": "ok", "schema_version": version}
+        if status is not None:
+            body["consumer"] = consumer = status()
+            if consumer.get("failing"):
+                body["status"] = "failing"
+                response = jsonify(body)
+                response.status_code = 503
+                return response
+        return jsonify(body)
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -245,9 +255,10 @@ def serve(
     token: str = "",
     metrics: Metrics | None = None,
     cloudstack_keys: Mapping[str, str] | None = None,
+    status: Callable[[], dict[str, Any]] | None = None,
 ) -> ApiServer:
     """Build the server; the caller runs it (in a thread next to the consumer)."""
     if host not in ("127.0.0.1", "::1", "localhost") and not (token or cloudstack_keys):
         log.warning("API listens on %s without a token: anyone who can reach it reads usage", host)
-    app = create_app(store, token=token, metrics=metrics, cloudstack_keys=cloudstack_keys)
+    app = create_app(store, token=token, metrics=metrics, cloudstack_keys=cloudstack_keys, status=status)
     return ApiServer(app, host, port)

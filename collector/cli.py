@@ -95,6 +95,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             token=cfg.api.token,
             metrics=metrics,
             cloudstack_keys=cfg.api.cloudstack_keys,
+            status=live.status,
         )
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on http://%s:%d", cfg.api.host, server.port)

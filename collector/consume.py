@@ -83,6 +83,8 @@ class LiveConsumer:
         )
         self._lifecycle_parts: set[int] = set()
         self.assigned: set[int] = set()  # measures partitions this replica owns now
+        self.failing = ""  # the stage being retried and why, "" when all is well
+        self.last_success = self.monotonic()
         self._last_tick = float("-inf")
         self._last_lag = float("-inf")
         self._last_refresh = float("-inf")
@@ -206,14 +208,17 @@ class LiveConsumer:
         while True:
             try:
                 out = work()
-            except Exception:
+            except Exception as exc:
                 if self.stop_event.is_set():
                     raise
+                self.failing = f"{stage}: {type(exc).__name__}"
                 self.metrics.errors.labels(stage).inc()
                 log.exception("%s: failed, retrying in %.1fs", stage, delay)
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, 30.0)
                 continue
+            self.failing = ""
+            self.last_success = self.monotonic()
             self.metrics.record(out)
             self.totals.add(out)
             self.totals.dead_letters.clear()  # counted in metrics; kept in the store
@@ -246,6 +251,15 @@ class LiveConsumer:
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
         except KafkaException as exc:
             log.debug("lag unavailable: %s", exc)
+
+    def status(self) -> dict[str, Any]:
+        """For /health: what this replica's consumer is doing."""
+        return {
+            "measures_partitions": sorted(self.assigned),
+            "lifecycle_partitions": sorted(self._lifecycle_parts),
+            "failing": self.failing,
+            "seconds_since_success": round(self.monotonic() - self.last_success, 1),
+        }
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -254,3 +254,25 @@ def test_cloudstack_clients_authenticate_with_a_signed_request(signed_api: Api) 
     assert signed_api.get("/client/api", token=None, **cloudmonkey_sign(future, SECRET))[0] == 200
     assert signed_api.get("/client/api", **params)[0] == 200  # the bearer token still works
     assert signed_api.get("/v1/usage", token=None, start="2024-05-14", end="2024-05-15")[0] == 401
+
+
+def test_health_reports_the_consumer_and_fails_while_it_does(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/usage.db")
+    store.migrate()
+    state = {"measures_partitions": [0], "failing": ""}
+    server = serve(store, "127.0.0.1", 0, status=lambda: dict(state))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        api = Api(f"http://127.0.0.1:{server.port}", Metrics(), Collector(store, Settings(), Clock(NOW)))
+        status, _, body = api.get("/health", token=None)
+        assert status == 200
+        assert json.loads(body)["consumer"]["measures_partitions"] == [0]
+        state["failing"] = "measures: OperationalError"
+        status, _, body = api.get("/health", token=None)
+        assert status == 503
+        assert json.loads(body)["status"] == "failing"
+    finally:
+        server.close()
+        thread.join(10)
+        store.close()

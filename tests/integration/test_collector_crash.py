@@ -167,6 +167,8 @@ token = "tok"
         assert "kvmeter_store_dead_letters 0.0" in metrics
         health = json.loads(http_get(port, "/health", token=None))
         assert health["status"] == "ok"
+        assert health["consumer"]["measures_partitions"] == [0, 1]  # the only replica: all of them
+        assert health["consumer"]["failing"] == ""
         usage = json.loads(http_get(port, f"/v1/usage?start={base}&end={base + HOUR}"))["usage"]
         via_api: dict[tuple[str, int], int] = {}
         for r in usage:
