@@ -3,6 +3,7 @@ in the root namespace. Each writes its config into a work dir and logs next to i
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -82,31 +83,45 @@ class Spooling(Process):
 
 
 class AgentProcess(Spooling):
-    """`kvmeter agent` inside a simulated host's namespace, libvirt's test driver as inventory."""
+    """`kvmeter agent` inside a simulated host's namespace, libvirt's test driver as inventory.
 
-    def __init__(self, host: Host, workdir: Path, *, bootstrap: str, topic: str, poll: float = 1.0):
+    $KVMETER_AGENT_PYTHON runs it under another interpreter (e.g. EL9's 3.9)."""
+
+    def __init__(
+        self,
+        host: Host,
+        workdir: Path,
+        *,
+        bootstrap: str,
+        topic: str,
+        poll: float = 1.0,
+        metrics_port: int | None = None,
+    ):
         super().__init__("agent", workdir, host.exec_args())
+        self.python = os.environ.get("KVMETER_AGENT_PYTHON", sys.executable)
         self.state_dir = workdir / "state"
         self.libvirt_xml = workdir / "node.xml"
         self.config = workdir / "agent.toml"
+        metrics = f"port = {metrics_port}" if metrics_port else "enabled = false"
         self.config.write_text(
             f"""
 [agent]
 host_id = "{host.name}"
 poll_interval = {poll}
 state_dir = "{self.state_dir}"
+log_level = "info"
 [libvirt]
 uri = "test://{self.libvirt_xml}"
 [kafka]
 bootstrap_servers = "{bootstrap}"
 topic = "{topic}"
 [metrics]
-enabled = false
+{metrics}
 """
         )
 
     def args(self) -> list[str]:
-        return [*KVMETER, "agent", "--config", str(self.config)]
+        return [self.python, "-m", "kvmeter", "agent", "--config", str(self.config)]
 
 
 class CollectorProcess(Process):

@@ -8,8 +8,6 @@ counters, to the byte: steady traffic; a VM reboot (taps deleted and recreated b
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -25,12 +23,12 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from kvmeter.proto import pb
 from tests.harness.kafka import create_topic
 from tests.harness.netns import Host, Vm
+from tests.harness.processes import AgentProcess
 
 pytestmark = [pytest.mark.netns, pytest.mark.broker, pytest.mark.libvirt]
 
 POLL = 1.0
 # The agent's interpreter: KVM hosts run Python 3.9 (EL9); point this at such a venv to prove it.
-AGENT_PYTHON = os.environ.get("KVMETER_AGENT_PYTHON", sys.executable)
 HOST_BRIDGE_IP = "198.51.100.1"
 
 # Steady UDP from inside a VM for `seconds`: the traffic keeps flowing while the agent is killed.
@@ -49,95 +47,12 @@ STREAM = textwrap.dedent(
 )
 
 
-def calm_neighbours(ns: str) -> None:
-    """No ARP re-validation during a test: the kernel probes a stale neighbour seconds after
-    traffic, and such a probe between the agent's last poll and the test's reading of the
-    VM-side counters would be counted by one and not the other."""
-    script = (
-        "for d in /proc/sys/net/ipv4/neigh/*; do echo 600000 > $d/base_reachable_time_ms;"
-        " echo 600 > $d/delay_first_probe_time; done"
-    )
-    subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", script], check=True)
-
-
 SINK = (
     "import socket, time\n"
     "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
     "s.bind(('0.0.0.0', 9))\n"
     "time.sleep(3600)\n"
 )
-
-
-class AgentProcess:
-    """`kvmeter agent --config ...` running inside the host's namespace."""
-
-    def __init__(self, host: Host, workdir: Path, bootstrap: str, topic: str) -> None:
-        self.host = host
-        self.workdir = workdir
-        self.state_dir = workdir / "state"
-        uri = host.write_libvirt_xml(workdir / "node.xml")
-        self.config = workdir / "agent.toml"
-        self.config.write_text(
-            textwrap.dedent(
-                f"""
-                [agent]
-                host_id = "{host.name}"
-                poll_interval = {POLL}
-                state_dir = "{self.state_dir}"
-                log_level = "info"
-                [libvirt]
-                uri = "{uri}"
-                [kafka]
-                bootstrap_servers = "{bootstrap}"
-                topic = "{topic}"
-                [metrics]
-                port = 9477
-                """
-            )
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-
-    def start(self) -> None:
-        self.runs += 1
-        log = open(self.workdir / f"agent-{self.runs}.log", "wb")
-        self.proc = self.host.popen(
-            AGENT_PYTHON, "-m", "kvmeter", "agent", "--config", str(self.config), stdout=log, stderr=log
-        )
-        log.close()
-
-    def frames_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in (self.state_dir / "spool").glob("seg-*.kvs"))
-
-    def wait_polled(self, timeout: float = 20.0) -> None:
-        """Until this run has spooled a new batch (its first poll, the baseline, is done)."""
-        start = self.frames_on_disk()
-        deadline = time.monotonic() + timeout
-        while self.frames_on_disk() <= start:
-            assert self.proc is not None
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"agent did not poll (rc {self.proc.returncode}):\n{self.logs()}")
-            time.sleep(0.1)
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
-
-    def logs(self) -> str:
-        return "\n".join(
-            p.read_text(errors="replace")[-4000:] for p in sorted(self.workdir.glob("agent-*.log"))
-        )
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def consume_streams(bootstrap: str, topic: str, finals: int, timeout: float = 60.0) -> list[pb.MeasureBatch]:
@@ -209,9 +124,10 @@ class Site:
         self.vms = [self.vm1, self.vm2]
         self.topic = f"measures-{uuid.uuid4().hex[:8]}"
         create_topic(bootstrap, self.topic)
-        self.agent = AgentProcess(host, workdir, bootstrap, self.topic)
-        for ns in [host.ns, *(vm.ns for vm in self.vms)]:
-            calm_neighbours(ns)
+        self.agent = AgentProcess(
+            host, workdir, bootstrap=bootstrap, topic=self.topic, poll=POLL, metrics_port=9477
+        )
+        host.write_libvirt_xml(self.agent.libvirt_xml)
         # UDP sinks in the VMs: datagrams to them draw no ICMP "port unreachable" back
         self.sinks = [
             subprocess.Popen(["ip", "netns", "exec", vm.ns, sys.executable, "-c", SINK]) for vm in self.vms
@@ -280,11 +196,11 @@ def test_steady_traffic_is_measured_exactly(site: Site) -> None:
 
     # `--once` after the daemon stopped: what moved since its last (saved) poll, sent nowhere.
     before = {nic.mac: nic.total() for vm in site.vms for nic in vm.nics}
-    on_disk = site.agent.frames_on_disk()
+    on_disk = site.agent.spooled()
     site.traffic()
     time.sleep(0.5)
     out = site.host.run(
-        AGENT_PYTHON,
+        site.agent.python,
         "-m",
         "kvmeter",
         "agent",
@@ -300,7 +216,7 @@ def test_steady_traffic_is_measured_exactly(site: Site) -> None:
         got[(m["mac"], pb.Direction.Value(m["direction"]))] += int(m["bytes"])
     assert dict(got) == vm_side(site.vms, before)
     assert {d["name"] for d in once["inventory"]} == {"i-2-10-VM", "i-2-11-VM"}
-    assert site.agent.frames_on_disk() == on_disk
+    assert site.agent.spooled() == on_disk
 
 
 def test_vm_reboot_between_polls_loses_nothing(site: Site) -> None:
