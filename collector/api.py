@@ -107,6 +107,21 @@ def create_app(
             return Response(report.render(rows, "csv"), mimetype="text/csv")
         return jsonify({"count": len(rows), "usage": [report.record_dict(r) for r in rows]})
 
+    @app.get("/v1/adjustments")
+    def adjustments() -> Response:
+        """Changes to final windows created since a time: what a billing system that already
+        took those windows must apply."""
+        args = request.args
+        fmt = args.get("format", "json")
+        if fmt not in ("json", "csv"):
+            raise BadRequest("format must be json or csv")
+        since = _when(args, "since")
+        until = _when(args, "until") if args.get("until") else 2**62
+        rows = store.adjustments(since, until, account=args.get("account"))
+        if fmt == "csv":
+            return Response(report.render_adjustments(rows, "csv"), mimetype="text/csv")
+        return jsonify({"count": len(rows), "adjustments": [report.adjustment_dict(a) for a in rows]})
+
     @app.get("/client/api")
     def cloudstack_api() -> Response:
         args = {k.lower(): v for k, v in request.args.items()}

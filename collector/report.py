@@ -23,7 +23,7 @@ from kvmeter.collector.model import (
     UNATTRIBUTED,
     USAGE_TYPE_NAMES,
 )
-from kvmeter.collector.store import UsageRow
+from kvmeter.collector.store import Adjustment, UsageRow
 from kvmeter.collector.usage import rawusage
 
 FORMATS = ("table", "json", "csv", "cloudstack")
@@ -74,6 +74,47 @@ def record_dict(row: UsageRow) -> dict[str, Any]:
         "adjustment": row.adjustment,
         "final": row.final,
     }
+
+
+ADJUSTMENT_FIELDS = [
+    "account", "usage_type", "usage_type_name", "resource", "offering", "traffic_type", "start", "end",
+    "start_ms", "end_ms", "delta", "unit", "reason", "created", "created_ms",
+]  # fmt: skip
+
+
+def adjustment_dict(adj: Adjustment) -> dict[str, Any]:
+    k = adj.key
+    return {
+        "account": k.account,
+        "usage_type": k.usage_type,
+        "usage_type_name": USAGE_TYPE_NAMES.get(k.usage_type, str(k.usage_type)),
+        "resource": k.resource,
+        "offering": k.offering,
+        "traffic_type": k.detail,
+        "start": iso(k.window_start_ms),
+        "end": iso(k.window_end_ms),
+        "start_ms": k.window_start_ms,
+        "end_ms": k.window_end_ms,
+        "delta": adj.delta,
+        "unit": "bytes" if k.usage_type in BYTE_TYPES else "ms",
+        "reason": adj.reason,
+        "created": iso(adj.created_ms),
+        "created_ms": adj.created_ms,
+    }
+
+
+def render_adjustments(adjustments: Sequence[Adjustment], fmt: str) -> str:
+    """JSON or CSV of adjustment rows."""
+    rows = [adjustment_dict(a) for a in adjustments]
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=ADJUSTMENT_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    raise ValueError(f"unknown format {fmt!r} for adjustments; json or csv")
 
 
 def cloudstack_record(row: UsageRow) -> dict[str, Any]:

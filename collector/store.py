@@ -57,6 +57,7 @@ __all__ = [
     "KEY_COLUMNS",
     "MIGRATIONS",
     "V1_TABLES",
+    "Adjustment",
     "DeadLetter",
     "Store",
     "UsageRow",
@@ -97,6 +98,16 @@ class UsageRow:
     resource_name: str
     device_type: str
     updated_ms: int
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """A change to a final window's record (its net is record + all its adjustments)."""
+
+    key: UsageKey
+    delta: int
+    reason: str  # "late bytes", "late lifecycle", "late attribution", "unattributed"
+    created_ms: int
 
 
 def engine_url(url: str) -> str:
@@ -690,6 +701,22 @@ class Store:
             key=lambda r: (r.key.window_start_ms, r.key.account, r.key.usage_type, r.key.resource, r.key)
         )
         return rows
+
+    def adjustments(
+        self, since_ms: int, until_ms: int = 2**62, *, account: str | None = None
+    ) -> list[Adjustment]:
+        """Adjustment rows created in [since_ms, until_ms): what changed in final windows, for a
+        billing system that already took them."""
+        adj = usage_adjustments.c
+        query = (
+            sa.select(*(adj[c] for c in KEY_COLUMNS), adj.delta, adj.reason, adj.created_ms, adj.id)
+            .where(adj.created_ms >= since_ms, adj.created_ms < until_ms)
+            .order_by(adj.id)
+        )
+        if account is not None:
+            query = query.where(adj.account == account)
+        with self.read() as conn:
+            return [Adjustment(UsageKey(*r[:7]), int(r[7]), r[8], int(r[9])) for r in conn.execute(query)]
 
     def net_usage(self) -> dict[UsageKey, int]:
         """Net quantity per key over the whole store (non-zero only): the replay comparison."""

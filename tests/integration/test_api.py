@@ -33,6 +33,7 @@ from tests.collector_support import (
     delimited,
     expected_usage,
     scenario,
+    usage_event,
 )
 
 NOW = T0 + 5 * HOUR
@@ -276,3 +277,20 @@ def test_health_reports_the_consumer_and_fails_while_it_does(tmp_path: Path) -> 
         server.close()
         thread.join(10)
         store.close()
+
+
+def test_adjustments_since_a_time(api: Api) -> None:
+    collector = api.collector
+    collector.clock.now = NOW + HOUR  # type: ignore[attr-defined]
+    key, value = usage_event("VM.STOP", VM2, ACCT_B, T0 + 90 * 60_000)
+    collector.apply_event(value, key)
+    status, _, body = api.get("/v1/adjustments", since=str(NOW + HOUR))
+    assert status == 200
+    rows = json.loads(body)["adjustments"]
+    assert {(r["resource"], r["usage_type"], r["reason"]) for r in rows} == {(VM2, 1, "late lifecycle")}
+    assert sum(r["delta"] for r in rows) == -(30 * 60_000 + HOUR)  # final: 10-11 (-30 min), 11-12 (-1 h)
+    assert json.loads(api.get("/v1/adjustments", since=str(NOW + HOUR + 1))[2])["count"] == 0
+    status, ctype, body = api.get("/v1/adjustments", since="2024-05-14", format="csv", account=ACCT_B)
+    assert ctype.startswith("text/csv")
+    assert len(list(csv.DictReader(io.StringIO(body)))) == len(rows)
+    assert api.get("/v1/adjustments")[0] == 400

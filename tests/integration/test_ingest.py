@@ -120,6 +120,15 @@ def test_late_lifecycle_adjusts_final_windows_and_never_rewrites_them(tmp_path: 
     vm3 = [r for k, r in rows.items() if k.resource == VM3 and k.usage_type == 4]
     assert [(r.key.account, r.recorded, r.adjustment, r.final) for r in vm3] == [(ACCT_B, 0, 777, True)]
     assert store.parked_rows() == []
+    # What changed after finalization, as a billing system that already took those windows reads it.
+    changes = store.adjustments(NOW)
+    assert {(a.key.resource, a.key.usage_type, a.reason) for a in changes} == {
+        (VM2, 1, "late lifecycle"),  # shorter running
+        (VM3, 2, "late lifecycle"),  # allocated all along, learnt late
+        (VM3, 4, "late attribution"),  # its parked bytes
+    }
+    assert sum(a.delta for a in changes if a.key.resource == VM2) == -(30 * MIN + HOUR)
+    assert store.adjustments(NOW + 1) == []
     store.close()
 
 
