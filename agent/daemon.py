@@ -14,6 +14,7 @@ incarnation), then the poll's readings.
 from __future__ import annotations
 
 import logging
+import operator
 import platform
 import queue
 import threading
@@ -31,7 +32,6 @@ from kvmeter.agent.measures import (
     Templates,
     build_batch,
     domain_inventory,
-    vm_directions,
 )
 from kvmeter.agent.metered import LIBVIRT_COUNTED_NIC_TYPES, MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
@@ -87,6 +87,33 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+@dataclass
+class _Plan:
+    """What a poll derives from the link map, the placements and the inventory: kept from poll
+    to poll while the topology's generation, the stable links and the domain objects are the
+    same (inventory and topology hand out the same objects until something changes), so a
+    steady poll does no per-interface resolution, attribution or placement lookups."""
+
+    generation: int | None  # the topology's, read before the links; None: rebuild every poll
+    links: dict[str, int]  # the stable name -> ifindex map it was built from
+    domains: list[DomainInfo]
+    devices: dict[str, tuple[DomainInfo, NicInfo]]  # host interface -> its domain NIC
+    metered: dict[str, CounterKey]  # metered host-visible interfaces
+    libvirt_counted: list[tuple[str, DomainInfo, NicInfo]]  # NICs counted through libvirt
+    present: frozenset[CounterKey]  # every stable link's key
+    inventory_signature: Any  # what the inventory sent with a batch is built from
+    placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
+
+    def still_valid(self, generation: int | None, links: dict[str, int], domains: list[DomainInfo]) -> bool:
+        return (
+            generation is not None
+            and generation == self.generation
+            and links == self.links
+            and len(domains) == len(self.domains)
+            and all(map(operator.is_, domains, self.domains))
+        )
+
+
 class Agent:
     """One agent incarnation: a new stream id, sequence numbers from 1."""
 
@@ -100,7 +127,7 @@ class Agent:
         boot_id: str,
         publisher: Publisher | None = None,
         metrics: AgentMetrics | None = None,
-        read_text: Callable[[], str] = read_proc_net_dev,
+        read_text: Callable[[], str | bytes] = read_proc_net_dev,
         read_mac: Callable[[str], str | None] = read_link_mac,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
@@ -128,6 +155,7 @@ class Agent:
         self._attribution: dict[CounterKey, Attribution] = {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
+        self._plan: _Plan | None = None
         self._last_inventory: Any = None  # what the last inventory sent was built from
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
@@ -194,22 +222,21 @@ class Agent:
                 return events
 
     def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> pb.MeasureBatch:
+        generation = getattr(self.topology, "generation", None)
         before = self.topology.links()
         table = parse_proc_net_dev(self._read_text())
         after = self.topology.links()
         now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
-        stable = {name: i for name, i in after.items() if before.get(name) == i}
-        devices = self._links.resolve(self.inventory.snapshot().values(), stable)
-        keys = self._links.keys(stable)
-        present = list(keys.values())
+        stable = after if after == before else {name: i for name, i in after.items() if before.get(name) == i}
+        plan = self._plan_for(generation, stable)
+        devices = plan.devices
+        metered = plan.metered
 
-        readings: list[tuple[CounterKey, Stats]] = []
-        for name, stats in table.items():
-            if name in devices and name in keys:
-                key = keys[name]
-                readings.append((key, stats))
-                self._remember(key, *devices[name])
-        readings += self._libvirt_counted(devices, table)
+        # In the table's order, as the kernel lists the interfaces.
+        readings: list[tuple[CounterKey, Stats]] = [
+            (metered[name], stats) for name, stats in table.items() if name in metered
+        ]
+        readings += self._libvirt_counted(plan.libvirt_counted, table)
         self.metrics.interfaces.set(len(readings))
 
         deltas: list[Delta] = []
@@ -227,9 +254,10 @@ class Agent:
                 log.warning(
                     "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
                 )
-        deltas += self.engine.poll_readings(now_ms, mono_ms, readings, present)
+        deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
 
         self.seq += 1
+        totals: dict[str, list[int]] = {}
         batch, unattributed = build_batch(
             host_id=self.config.host_id,
             boot_id=self.boot_id,
@@ -238,9 +266,10 @@ class Agent:
             poll_ms=now_ms,
             deltas=deltas,
             attribution=self._attribution,
-            inventory=self._inventory_if_due(stable, commit=not dry_run),
+            inventory=self._inventory_if_due(plan, commit=not dry_run),
             final=final,
             templates=self._templates,
+            totals=totals,
         )
         for d in unattributed:
             if d.rx_bytes or d.tx_bytes:
@@ -256,9 +285,47 @@ class Agent:
             self.seq -= 1
             raise
         self._committed_state = engine_state  # the rollback point of the next poll
-        self._count(deltas)
-        self._forget_closed()
+        self._count(deltas, totals)
+        self._forget_closed(plan)
         return batch
+
+    def _plan_for(self, generation: int | None, stable: dict[str, int]) -> _Plan:
+        domains = list(self.inventory.snapshot().values())
+        plan = self._plan
+        if plan is not None and plan.still_valid(generation, stable, domains):
+            return plan
+        devices = self._links.resolve(domains, stable)
+        keys = self._links.keys(stable)
+        metered = {name: keys[name] for name in devices if name in keys}
+        for name, key in metered.items():
+            self._remember(key, *devices[name])
+        libvirt_counted = [
+            (name, domain, nic)
+            for name, (domain, nic) in devices.items()
+            if nic.nic_type in LIBVIRT_COUNTED_NIC_TYPES
+        ]
+        placements = {}
+        ordered = sorted(domains, key=lambda d: d.uuid)
+        for domain in ordered:
+            for nic in domain.nics:
+                if nic.device and nic.device in stable:
+                    placements[nic.device] = self.topology.placement(nic.device)
+        # Inventory and topology hand out the same objects until something changes: comparing
+        # identities is far cheaper than building (or comparing) the inventory every poll.
+        signature = (tuple(ordered), tuple(placements.values()), tuple((d, stable[d]) for d in placements))
+        plan = _Plan(
+            generation=generation,
+            links=stable,
+            domains=domains,
+            devices=devices,
+            metered=metered,
+            libvirt_counted=libvirt_counted,
+            present=frozenset(keys.values()),
+            inventory_signature=signature,
+            placements=placements,
+        )
+        self._plan = plan
+        return plan
 
     def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo) -> None:
         """Attribution for this poll; the same object while nothing changed (topology and
@@ -278,12 +345,12 @@ class Agent:
             self._attribution[key] = Attribution(domain, nic, placement)
 
     def _libvirt_counted(
-        self, devices: Mapping[str, tuple[DomainInfo, NicInfo]], table: Mapping[str, Stats]
+        self, nics: list[tuple[str, DomainInfo, NicInfo]], table: Mapping[str, Stats]
     ) -> list[tuple[CounterKey, Stats]]:
         """NICs the host cannot see (vhost-user): libvirt's interfaceStats, with a timeout."""
         readings = []
-        for name, (domain, nic) in devices.items():
-            if nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES or name in table:
+        for name, domain, nic in nics:
+            if name in table:
                 continue
             stats = self.inventory.interface_stats(
                 domain.uuid, name, timeout=self.config.libvirt_call_timeout
@@ -298,28 +365,22 @@ class Agent:
             self._remember(key, domain, nic)
         return readings
 
-    def _forget_closed(self) -> None:
+    def _forget_closed(self, plan: _Plan) -> None:
+        """Drop the attribution of counters the engine no longer tracks, unless the plan still
+        meters them (a reborn tap waiting for its old incarnation's close, for one)."""
         tracked = self.engine.tracked_keys()
         if len(self._attribution) > len(tracked):
-            for key in [k for k in self._attribution if k not in tracked]:
-                del self._attribution[key]
+            metered = plan.metered
+            for key in self._attribution.keys() - tracked:
+                if metered.get(key.name) != key:
+                    del self._attribution[key]
         if len(self._templates) > 2 * len(tracked):
             self._templates.keep_only(tracked)
 
-    def _inventory_if_due(
-        self, ifindexes: Mapping[str, int], *, commit: bool
-    ) -> list[pb.DomainInventory] | None:
+    def _inventory_if_due(self, plan: _Plan, *, commit: bool) -> list[pb.DomainInventory] | None:
         """The full inventory on the first batch, on any change, and every inventory_every polls
         (a dry run shows it when due without taking it off the next real batch)."""
-        domains = tuple(sorted(self.inventory.snapshot().values(), key=lambda d: d.uuid))
-        placements = {}
-        for domain in domains:
-            for nic in domain.nics:
-                if nic.device and nic.device in ifindexes:
-                    placements[nic.device] = self.topology.placement(nic.device)
-        # Inventory and topology hand out the same objects until something changes: comparing
-        # identities is far cheaper than building (or comparing) the inventory every poll.
-        signature = (domains, tuple(placements.values()), tuple((d, ifindexes[d]) for d in placements))
+        signature = plan.inventory_signature
         polls = self._polls_since_inventory + 1
         if _same(signature, self._last_inventory) and polls < self.config.inventory_every:
             if commit:
@@ -328,22 +389,17 @@ class Agent:
         if commit:
             self._last_inventory = signature
             self._polls_since_inventory = 0
-        return [domain_inventory(d, placements, ifindexes) for d in domains]
+        return [domain_inventory(d, plan.placements, plan.links) for d in signature[0]]
 
-    def _count(self, deltas: list[Delta]) -> None:
-        sums: dict[tuple[str, str], int] = {}
+    def _count(self, deltas: list[Delta], totals: Mapping[str, list[int]]) -> None:
+        for traffic, (vm_rx, vm_tx) in totals.items():
+            if vm_rx:
+                self.metrics.bytes.labels(traffic, "vm_rx").inc(vm_rx)
+            if vm_tx:
+                self.metrics.bytes.labels(traffic, "vm_tx").inc(vm_tx)
         for d in deltas:
-            who = self._attribution.get(d.key)
-            if who is None:
+            if d.quarantine_reason is None and not d.final_at_delete:
                 continue
-            (rx, _), (tx, _) = vm_directions(d, who.nic.nic_type)
-            traffic = who.placement.traffic_type
-            sums[(traffic, "vm_rx")] = sums.get((traffic, "vm_rx"), 0) + rx
-            sums[(traffic, "vm_tx")] = sums.get((traffic, "vm_tx"), 0) + tx
-        for (traffic, direction), nbytes in sums.items():
-            if nbytes:
-                self.metrics.bytes.labels(traffic, direction).inc(nbytes)
-        for d in deltas:
             if d.quarantine_reason is not None:
                 self.metrics.quarantines.inc()
                 log.warning("quarantined %s (ifindex %d): %s", d.key.name, d.key.ifindex, d.quarantine_reason)

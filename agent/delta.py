@@ -22,9 +22,9 @@ Rules (each has a table test in tests/unit/test_delta.py):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, KeysView
+from collections.abc import Iterable, KeysView, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmeter.agent.model import CounterKey, CounterSample, Delta
 
@@ -49,16 +49,23 @@ class DeltaConfig:
     min_elapsed_ms: int = 1000
 
 
-@dataclass
-class _Counter:
+class _Counter(NamedTuple):
+    """One counter's last reading, laid out as a row of the saved state (see to_state): a tuple
+    is replaced on every reading, so a snapshot of the rows can never change under its holder."""
+
+    ifindex: int
+    name: str
     rx_bytes: int
     tx_bytes: int
     rx_packets: int
     tx_packets: int
     end_ms: int  # wall-clock end of the last interval: the next one starts here
     mono_ms: int  # monotonic time of the last reading
-    absent_polls: int = 0
-    seen: int = 0  # the engine's poll number when a sample last advanced it
+
+
+# Builds a tuple subclass from a ready tuple without the generated __new__ (a Python call): the
+# hot loop makes one Delta per moving interface per poll.
+_new = tuple.__new__
 
 
 def _values(sample: CounterSample) -> tuple[int, int, int, int]:
@@ -72,6 +79,8 @@ class DeltaEngine:
         self.boot_id = boot_id
         self.config = config or DeltaConfig()
         self._counters: dict[CounterKey, _Counter] = {}
+        # Tracked keys missing from the last polls (neither read nor present) -> polls missed.
+        self._absent: dict[CounterKey, int] = {}
         # Keys that existed before the engine could account for them: baselined, never counted.
         self._preexisting: set[CounterKey] = set()
         # "new" link events seen while running -> polls since (the event may precede the read)
@@ -79,7 +88,10 @@ class DeltaEngine:
         self._closed: set[CounterKey] = set()  # keys finished by a final sample
         self._last_poll: tuple[int, int] | None = None  # (wall ms, mono ms) of the last poll
         self._fresh = True  # no poll yet and no saved state
-        self._polls = 0
+        # The last `present` argument and its key set: a caller that passes the same (unchanged)
+        # set object from poll to poll spares rebuilding the set of every host link's key.
+        self._present_arg: object = None
+        self._present_keys: Set[CounterKey] = frozenset()
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -109,19 +121,24 @@ class DeltaEngine:
         present: Iterable[CounterKey] | None = None,
     ) -> list[Delta]:
         """`poll` for (key, (rx_bytes, rx_packets, tx_bytes, tx_packets)) pairs, the order of
-        /proc/net/dev: no sample object per interface on the hot path."""
+        /proc/net/dev: no sample object per interface on the hot path. `present` may be a set
+        the caller keeps unchanged while the host's links are unchanged (it is only read)."""
         boot_id = self.boot_id
-        readings = [r for r in readings if r[0].boot_id == boot_id]
         if present is None:
-            present_keys = {key for key, _ in readings}
+            readings = list(readings)
+            present_keys: Set[CounterKey] = {key for key, _ in readings if key.boot_id == boot_id}
+        elif present is self._present_arg:
+            present_keys = self._present_keys
         else:
-            present_keys = {k for k in present if k.boot_id == boot_id}
+            present_keys = frozenset(k for k in present if k.boot_id == boot_id)
+            self._present_arg, self._present_keys = present, present_keys
         if self._fresh:
-            self._preexisting = (present_keys | {key for key, _ in readings}) - set(self._created)
+            readings = list(readings)
+            read_keys = {key for key, _ in readings if key.boot_id == boot_id}
+            self._preexisting = (set(present_keys) | read_keys) - set(self._created)
             self._fresh = False
         deltas: list[Delta] = []
-        self._polls += 1
-        polls = self._polls
+        append = deltas.append
         counters = self._counters
         min_elapsed = self.config.min_elapsed_ms
         ceiling = self.config.line_rate_ceiling_bps
@@ -131,21 +148,23 @@ class DeltaEngine:
             if prev is not None:
                 # Fast path (nearly every counter, every poll): all four grew within the ceiling.
                 rx_bytes, rx_packets, tx_bytes, tx_packets = stats
-                rxb = rx_bytes - prev.rx_bytes
-                txb = tx_bytes - prev.tx_bytes
-                rxp = rx_packets - prev.rx_packets
-                txp = tx_packets - prev.tx_packets
-                elapsed = mono_ms - prev.mono_ms
+                ifindex, name, old_rxb, old_txb, old_rxp, old_txp, start, old_mono = prev
+                rxb = rx_bytes - old_rxb
+                txb = tx_bytes - old_txb
+                rxp = rx_packets - old_rxp
+                txp = tx_packets - old_txp
+                elapsed = mono_ms - old_mono
                 max_bytes = ceiling * (elapsed if elapsed > min_elapsed else min_elapsed) // 8000
                 if rxb >= 0 and txb >= 0 and rxp >= 0 and txp >= 0 and rxb <= max_bytes and txb <= max_bytes:
-                    start = prev.end_ms
                     end = now_ms if now_ms > start else start + 1
-                    prev.rx_bytes, prev.tx_bytes = rx_bytes, tx_bytes
-                    prev.rx_packets, prev.tx_packets = rx_packets, tx_packets
-                    prev.end_ms, prev.mono_ms, prev.seen = end, mono_ms, polls
+                    counters[key] = _new(
+                        _Counter, (ifindex, name, rx_bytes, tx_bytes, rx_packets, tx_packets, end, mono_ms)
+                    )
                     if rxb or txb or rxp or txp:
-                        deltas.append(Delta(key, start, end, rxb, txb, rxp, txp))
+                        append(_new(Delta, (key, start, end, rxb, txb, rxp, txp, False, False, None)))
                     continue
+            elif key.boot_id != boot_id:
+                continue  # another boot's counter: not ours to account
             elif self._closed and key in self._closed:
                 continue  # a reading older than the final sample that closed it
             else:
@@ -159,8 +178,8 @@ class DeltaEngine:
             sample = CounterSample(key, stats[0], stats[2], stats[1], stats[3])
             delta = self._advance(sample, now_ms, mono_ms, final=False)
             if delta is not None:
-                deltas.append(delta)
-        self._age_absent(present_keys)
+                append(delta)
+        self._age_absent(present_keys, readings)
         self._last_poll = (now_ms, mono_ms)
         return deltas
 
@@ -188,12 +207,12 @@ class DeltaEngine:
         if prev is None:
             if key in self._preexisting and key not in self._created:
                 self._preexisting.discard(key)
-                self._counters[key] = _Counter(*cur, end_ms=now_ms, mono_ms=mono_ms, seen=self._polls)
+                self._counters[key] = _Counter(key.ifindex, key.name, *cur, now_ms, mono_ms)
                 return None  # baseline: existed before kvmeter could account for it
             # Born while running: it counts from zero since (at the latest) the previous poll.
             start_ms, start_mono = self._last_poll if self._last_poll else (now_ms, mono_ms)
             start_ms = min(start_ms, now_ms)
-            prev = _Counter(0, 0, 0, 0, end_ms=start_ms, mono_ms=start_mono)
+            prev = _Counter(key.ifindex, key.name, 0, 0, 0, 0, start_ms, start_mono)
             self._created.pop(key, None)
         elapsed_ms = max(mono_ms - prev.mono_ms, self.config.min_elapsed_ms)
         max_bytes = self.config.line_rate_ceiling_bps * elapsed_ms // 8000
@@ -203,7 +222,7 @@ class DeltaEngine:
         moved, wrapped, reset = _differences(old, cur, limits, final=final)
         start_ms = prev.end_ms
         end_ms = max(now_ms, start_ms + 1)  # contiguous, never inverted: the clock may step back
-        self._counters[key] = _Counter(*cur, end_ms=end_ms, mono_ms=mono_ms, seen=self._polls)
+        self._counters[key] = _Counter(key.ifindex, key.name, *cur, end_ms, mono_ms)
         reason = None
         over = [n for n, m, lim in zip(("rx", "tx"), moved[:2], limits[:2]) if m > lim]
         if over:
@@ -228,14 +247,20 @@ class DeltaEngine:
             quarantine_reason=reason,
         )
 
-    def _age_absent(self, present: set[CounterKey]) -> None:
-        for key, counter in list(self._counters.items()):
-            if counter.seen == self._polls or key in present:
-                counter.absent_polls = 0
-                continue
-            counter.absent_polls += 1
-            if counter.absent_polls >= ABSENT_POLLS_BEFORE_FORGET:
+    def _age_absent(self, present: Set[CounterKey], readings: Iterable[tuple[CounterKey, Stats]]) -> None:
+        """Count the polls each tracked key has been missing (neither read nor a present link);
+        forget it after ABSENT_POLLS_BEFORE_FORGET. Usually every tracked key is present: one
+        set difference, nothing per key."""
+        missing = self._counters.keys() - present
+        if missing:
+            missing -= {key for key, _ in readings}
+        for key in [k for k in self._absent if k not in missing]:
+            del self._absent[key]
+        for key in missing:
+            polls = self._absent[key] = self._absent.get(key, 0) + 1
+            if polls >= ABSENT_POLLS_BEFORE_FORGET:
                 del self._counters[key]
+                del self._absent[key]
         # Closed, created and pre-existing keys only matter while the link exists.
         if self._closed:
             self._closed &= present
@@ -260,10 +285,9 @@ class DeltaEngine:
         return {
             "v": STATE_VERSION,
             "boot_id": self.boot_id,
-            "counters": [
-                [k.ifindex, k.name, c.rx_bytes, c.tx_bytes, c.rx_packets, c.tx_packets, c.end_ms, c.mono_ms]
-                for k, c in self._counters.items()
-            ],
+            # rows [ifindex, name, rx_bytes, tx_bytes, rx_packets, tx_packets, end_ms, mono_ms]:
+            # the counters are kept as such (immutable) rows, so this is a shallow copy
+            "counters": list(self._counters.values()),
             "preexisting": [[k.ifindex, k.name] for k in self._preexisting],
             "closed": [[k.ifindex, k.name] for k in self._closed],
             "last_poll": list(self._last_poll) if self._last_poll else None,
@@ -281,7 +305,7 @@ class DeltaEngine:
             return engine
         for ifindex, name, rxb, txb, rxp, txp, end_ms, mono_ms in state["counters"]:
             engine._counters[CounterKey(boot_id, ifindex, name)] = _Counter(
-                rxb, txb, rxp, txp, end_ms, mono_ms
+                ifindex, name, rxb, txb, rxp, txp, end_ms, mono_ms
             )
         engine._preexisting = {CounterKey(boot_id, i, n) for i, n in state["preexisting"]}
         engine._closed = {CounterKey(boot_id, i, n) for i, n in state["closed"]}

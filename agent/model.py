@@ -4,6 +4,7 @@ what one counter read returns, and what the delta engine emits. No I/O here."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # Traffic types, as in proto TrafficType (names are what config files use).
 TRAFFIC_TYPES = ("public", "guest", "management", "storage", "control", "private_gateway", "unknown")
@@ -48,9 +49,11 @@ class LinkPlacement:
     uplink: str | None = None  # the VLAN (<pif>.<vlan>) or VXLAN (vxlan<vni>) device, when there is one
 
 
-@dataclass(frozen=True)
-class CounterKey:
-    """Counter identity: names (vnetN) are reused, so the kernel's ifindex and the boot id count too."""
+class CounterKey(NamedTuple):
+    """Counter identity: names (vnetN) are reused, so the kernel's ifindex and the boot id count too.
+
+    A NamedTuple rather than a dataclass: keys are hashed in several dicts per interface per
+    poll, and a tuple hashes in C where a frozen dataclass runs a Python __hash__."""
 
     boot_id: str
     ifindex: int
@@ -68,11 +71,11 @@ class CounterSample:
     tx_packets: int
 
 
-@dataclass(frozen=True)
-class Delta:
+class Delta(NamedTuple):
     """What the delta engine concluded for one counter and one direction pair over [start_ms, end_ms).
 
     Directions are host-side here; the measure builder swaps them to the VM's point of view.
+    A NamedTuple: the engine makes one per moving interface per poll, and a tuple is built in C.
     """
 
     key: CounterKey

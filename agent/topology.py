@@ -158,6 +158,9 @@ class LinkTable:
         self._by_name: dict[str, int] = {}
         self._uplink_of: dict[int, LinkRecord] | None = None  # bridge ifindex -> uplink port
         self._placements: dict[str, LinkPlacement] = {}
+        # Bumped on every change: a reader that saw the same generation saw the same links and
+        # placements (the poll loop keeps what it derives from them until this moves).
+        self.generation = 0
 
     def __len__(self) -> int:
         return len(self._links)
@@ -265,6 +268,7 @@ class LinkTable:
     def _changed(self) -> None:
         self._uplink_of = None
         self._placements = {}
+        self.generation += 1
 
 
 def _same_place(a: LinkRecord, b: LinkRecord) -> bool:
@@ -415,6 +419,12 @@ class Topology:
         """Name -> ifindex of every current link."""
         with self._lock:
             return self._table.links()
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever links or placements may have changed."""
+        with self._lock:
+            return self._table.generation
 
     def add_listener(self, callback: Listener) -> None:
         with self._lock:
