@@ -54,6 +54,9 @@ class OwnerIndex:
         self, histories: Mapping[str, ResourceHistory] | None = None, routers: Mapping[str, str] | None = None
     ) -> None:
         self.routers: dict[str, str] = dict(routers or {})
+        # <metadata> owner fields by domain uuid and name, for measures whose batch carried no
+        # inventory (the adapter keeps it filled from earlier batches).
+        self.hints: dict[str, dict[str, str]] = {}
         self._histories: dict[str, ResourceHistory] = {}
         self._by_mac: dict[str, set[str]] = {}
         self._by_ip: dict[str, set[str]] = {}
@@ -93,7 +96,13 @@ class OwnerIndex:
             owner = history.owner_at(at) if history else None
             if owner:
                 return owner
-        hint = measure.owner_hint.get(OWNER_HINT_KEY, "")
+        fields = (
+            measure.owner_hint
+            or self.hints.get(measure.instance_uuid)
+            or self.hints.get(measure.domain_name)
+            or {}
+        )
+        hint = fields.get(OWNER_HINT_KEY, "")
         if hint.strip().lower() not in _UNKNOWN_HINTS:
             return hint
         for name in (measure.domain_name, measure.instance_uuid):

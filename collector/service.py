@@ -115,7 +115,7 @@ class Collector:
         self._retried_ms = -(2**62)  # and when it ran
         # Owner fields of CloudStack's <metadata> per domain uuid and name, as the agents last
         # reported them; batches carry the inventory only now and then (store: owner_hints).
-        self.hints: dict[str, dict[str, str]] = {}
+        self.hints = self.index.hints
         self._hints_loaded = False
 
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
@@ -210,7 +210,7 @@ class Collector:
             for batch in admitted:
                 measures.extend(batch.measures)
             out.batches = len(admitted)
-            if any(self._hint_missing(m) for m in measures):
+            if self._hints_missing(measures):
                 self.hints.update(self.store.owner_hints(conn))  # another replica may have seen it
             done = self._attribute(measures, out)
             out.records, out.adjustments = self._write(conn, done, final_through, now)
@@ -224,20 +224,12 @@ class Collector:
             out.add(self._unpark() if named_only else self._unpark(instances=sorted(learned)))
         return out
 
-    def _hint_missing(self, m: Measure) -> bool:
-        """A router's measure without its owner hint, which no stored inventory gave us yet."""
-        return not m.owner_hint and is_router(m.domain_name) and not self._hint_for(m)
-
-    def _hint_for(self, m: Measure) -> dict[str, str] | None:
-        return self.hints.get(m.instance_uuid) or self.hints.get(m.domain_name)
-
-    def _owner_at(self, m: Measure) -> str | None:
-        """The owner index, with the domain's last known <metadata> when the batch had none."""
-        if not m.owner_hint:
-            hint = self._hint_for(m)
-            if hint:
-                m.owner_hint = hint  # replaced, never mutated: measures of a domain share it
-        return self.index.owner_at(m)
+    def _hints_missing(self, measures: Iterable[Measure]) -> bool:
+        """Some router's measures came without its owner hint, and no stored inventory gave it."""
+        bare = {(m.instance_uuid, m.domain_name) for m in measures if not m.owner_hint}
+        return any(
+            is_router(name) and uuid not in self.hints and name not in self.hints for uuid, name in bare
+        )
 
     def _attribute(
         self,
@@ -254,7 +246,7 @@ class Collector:
         does not bill is summed the same way, apart (unbilled), so every byte is accounted for.
         """
         window, billable = self.settings.window_ms, self.settings.billable
-        owner_at = owner_at or self._owner_at
+        owner_at = owner_at or self.index.owner_at
         type_of = {"sent": usage.byte_usage_type("sent"), "received": usage.byte_usage_type("received")}
         sums: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
         other: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
@@ -387,7 +379,7 @@ class Collector:
                 if not rows:
                     break
                 after = rows[-1][0]
-                owned = [(row_id, m, told) for row_id, m, told in rows if self._owner_at(m) is not None]
+                owned = [(row_id, m, told) for row_id, m, told in rows if self.index.owner_at(m) is not None]
                 if owned:
                     part = Outcome()
                     done = self._attribute((m for _, m, _ in owned), part)
