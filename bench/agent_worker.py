@@ -39,31 +39,35 @@ def main(argv: list[str] | None = None) -> int:
     pusher = Pusher(args.vm_ns, taps, peers, BRIDGE_MAC)
     kv = agent_path.KvmeterPoll(args.n, index)
     state_dir = tempfile.mkdtemp(prefix="kvmeter-bench-agent-", dir="/var/tmp")
-    agent = agent_path.build_agent(args.n, state_dir)
-    agent.start()
-    last: list[Any] = []
+    try:
+        agent = agent_path.build_agent(args.n, state_dir)
+        agent.start()
+        last: list[Any] = []
 
-    def agent_poll() -> None:
-        last[:] = [agent.poll_once()]
+        def agent_poll() -> None:
+            last[:] = [agent.poll_once()]
 
-    pusher.push()
-    kv.poll()  # the first poll baselines every counter; the timed ones emit deltas
-    agent_poll()
-    pyroute2, close_pyroute2 = agent_path.pyroute2_poll()
-    methods = {
-        "floor": agent_path.raw_read,
-        "kvmeter": agent_poll,
-        "kvmeter_core": kv.poll,
-        "psutil": agent_path.psutil_poll(),
-        "pyroute2": pyroute2,
-        "per_nic_scan": agent_path.per_nic_sampler(taps, args.sample),
-    }
-    table_lines = agent_path.raw_read().count(b"\n") - 2
-    samples = interleaved(methods, args.rounds, between=pusher.push, only_every={"pyroute2": args.slow_every})
-    close_pyroute2()
-    pusher.close()
-    agent.close()
-    shutil.rmtree(state_dir, ignore_errors=True)
+        pusher.push()
+        kv.poll()  # the first poll baselines every counter; the timed ones emit deltas
+        agent_poll()
+        pyroute2, close_pyroute2 = agent_path.pyroute2_poll()
+        methods = {
+            "floor": agent_path.raw_read,
+            "kvmeter": agent_poll,
+            "kvmeter_core": kv.poll,
+            "psutil": agent_path.psutil_poll(),
+            "pyroute2": pyroute2,
+            "per_nic_scan": agent_path.per_nic_sampler(taps, args.sample),
+        }
+        table_lines = agent_path.raw_read().count(b"\n") - 2
+        samples = interleaved(
+            methods, args.rounds, between=pusher.push, only_every={"pyroute2": args.slow_every}
+        )
+        close_pyroute2()
+        pusher.close()
+        agent.close()
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
     scale = {"per_nic_scan": args.n / min(args.sample, args.n)}
     out = {
         "n": args.n,
