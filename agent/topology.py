@@ -4,7 +4,7 @@ netlink link events, and the link events themselves (a deleted tap's final count
 Pure core first: :func:`parse_link_message` turns one decoded pyroute2 link message into a
 :class:`LinkRecord`, :func:`decode_link_datagram` does that for a raw netlink datagram, and
 :class:`LinkTable` holds the records, answers placements and turns messages into
-:class:`LinkEvent` s. :class:`Topology` is the thin adapter: one dump at start (``IPRoute``),
+:class:`LinkEvent` s. :class:`Topology` is the thin adapter: one dump at start (:class:`LinkDump`),
 then a thread on a netlink socket bound to ``RTMGRP_LINK``; a full re-dump only when the kernel
 reports that the socket's buffer overran (ENOBUFS: events were lost).
 
@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import select
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from kvmeter.agent.model import LinkPlacement
@@ -330,6 +330,57 @@ class LinkEventSocket:
         self._sock.close()
 
 
+RTM_GETLINK = 18
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
+
+
+class LinkDump:
+    """A full link dump, decoded one datagram at a time: what ``Topology.refresh()`` needs of
+    ``IPRoute`` (a context manager with ``get_links()``), without holding every decoded message
+    of a host with thousands of links at once (``IPRoute.get_links()`` returns them all in one
+    tuple, tens of MB at 2,000 links, and the process keeps that peak as resident memory)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+
+    def __enter__(self) -> LinkDump:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sock.close()
+
+    def get_links(self) -> Iterator[Any]:
+        """Decoded ``ifinfmsg`` of every link, as the kernel sends them."""
+        ifinfo = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+        self._sock.send(
+            struct.pack("=IHHII", 16 + len(ifinfo), RTM_GETLINK, NLM_F_REQUEST_DUMP, 1, 0) + ifinfo
+        )
+        while True:
+            data = self._sock.recv(1 << 16)
+            offset = 0
+            while offset + 16 <= len(data):
+                length, msg_type = struct.unpack_from("=IH", data, offset)
+                if length < 16 or offset + length > len(data):
+                    raise OSError(f"truncated netlink message in a link dump ({length} of {len(data)} bytes)")
+                if msg_type == NLMSG_DONE:
+                    return
+                if msg_type == NLMSG_ERROR:
+                    (error,) = struct.unpack_from("=i", data, offset + 16)
+                    if error:
+                        raise OSError(-error, f"link dump: {os.strerror(-error)}")
+                elif msg_type == RTM_NEWLINK:
+                    msg = ifinfmsg(data[offset : offset + length])
+                    msg.decode()
+                    yield msg
+                offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 class Topology:
     """Link map of this host's network namespace, current from netlink link events.
 
@@ -342,16 +393,17 @@ class Topology:
       link that appears or is deleted (and for differences found by a re-dump after an overrun;
       not for the links of the first dump). Exceptions in callbacks are logged, not raised.
 
-    ``ipr_factory`` makes the pyroute2 ``IPRoute`` for dumps; ``event_socket_factory`` makes the
-    event socket. Both are called in the thread that calls ``start()``/``refresh()`` (network
-    namespaces are per thread). Counters: ``overruns``, ``events``, ``dumps``.
+    ``ipr_factory`` makes what dumps the links (:class:`LinkDump`, or pyroute2's ``IPRoute``);
+    ``event_socket_factory`` makes the event socket. Both are called in the thread that calls
+    ``start()``/``refresh()`` (network namespaces are per thread). Counters: ``overruns``,
+    ``events``, ``dumps``.
     """
 
     def __init__(
         self,
         rules: TrafficRules,
         *,
-        ipr_factory: Callable[[], Any] = IPRoute,
+        ipr_factory: Callable[[], Any] = LinkDump,
         event_socket_factory: Callable[[], LinkEventSocket] = LinkEventSocket,
         poll_interval: float = 0.5,
     ) -> None:
