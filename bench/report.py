@@ -203,5 +203,6 @@ def render(results: dict[str, Any]) -> str:
             parts.append(fn(results[key]))
     lines = goals(results)
     if lines:
-        parts.append("Goals:\n" + "\n".join("  " + line for line in lines))
+        title = "Goals (quick run: sizes too small to judge them):" if meta["quick"] else "Goals:"
+        parts.append(title + "\n" + "\n".join("  " + line for line in lines))
     return "\n\n".join(parts) + "\n"
