@@ -64,7 +64,7 @@ def build_agent(
     from kvmeter.agent.spool import Spool
     from kvmeter.agent.topology import Topology
 
-    metrics = AgentMetrics()
+    metrics = AgentMetrics(enabled=config.metrics_enabled)
     spool = Spool(
         Path(config.state_dir) / "spool",
         max_bytes=config.spool_max_bytes,

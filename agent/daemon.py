@@ -87,6 +87,27 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def _release_free_heap() -> None:
+    """Hand memory the C heap has freed back to the kernel (glibc only). Each poll's batch, its
+    compressed copy in librdkafka's threads and the spool read leave freed pages behind that
+    glibc keeps mapped (one arena per thread): without this they stay resident. ~0.4 ms,
+    once per poll, outside the poll itself."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 @dataclass
 class _Plan:
     """What a poll derives from the link map, the placements and the inventory: kept from poll
@@ -432,6 +453,7 @@ class Agent:
                 if next_poll <= now:
                     next_poll = now + interval
                 self.update_spool_metrics()
+                _release_free_heap()
             wait = max(0.0, min(next_poll - self._mono(), 0.2))
             if self.publisher is not None:
                 self.publisher.service(wait)

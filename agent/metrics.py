@@ -1,22 +1,49 @@
-"""The agent's own Prometheus metrics, served on a loopback port."""
+"""The agent's own Prometheus metrics, served on a loopback port.
+
+With metrics disabled nothing of prometheus_client is imported (about 10 MB of the agent's
+resident memory): every metric is then a no-op stand-in with the same methods.
+"""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.process_collector import ProcessCollector
-
 log = logging.getLogger(__name__)
 
 PREFIX = "kvmeter_agent"
 
 
-class AgentMetrics:
-    """One registry per agent (tests build several in one process)."""
+class _Unserved:
+    """A metric nobody will read: inc, set, observe and labels do nothing."""
 
-    def __init__(self) -> None:
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass
+
+    def labels(self, *values: str) -> _Unserved:
+        return self
+
+
+class AgentMetrics:
+    """One registry per agent (tests build several in one process); `enabled=False`: no-ops."""
+
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.registry: Any = None
+        if not enabled:
+            unserved = _Unserved()
+            for name in METRIC_NAMES:
+                setattr(self, name, unserved)
+            return
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.process_collector import ProcessCollector
+
         self.registry = CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)  # the agent's own CPU, memory and open files
@@ -71,6 +98,8 @@ class AgentMetrics:
 
     def spool_dropped(self, frame: Any, batch: bytes) -> None:
         """Spool on_drop callback: count the frame's bytes and the metered bytes it carried."""
+        if not self.enabled:
+            return
         from kvmeter.proto import pb
 
         self.spool_dropped_bytes.inc(frame.size)
@@ -82,6 +111,31 @@ class AgentMetrics:
 
     def serve(self, address: str, port: int) -> Any:
         """Start the HTTP endpoint; returns the server (prometheus-client >= 0.17) or None."""
+        if not self.enabled:
+            raise RuntimeError("metrics are disabled: nothing to serve")
+        from prometheus_client import start_http_server
+
         server = start_http_server(port, addr=address, registry=self.registry)
         log.info("metrics on http://%s:%d/metrics", address, port)
         return server
+
+
+# Every metric attribute of AgentMetrics (the no-op stand-ins get the same names).
+METRIC_NAMES = (
+    "poll_seconds",
+    "polls",
+    "poll_errors",
+    "interfaces",
+    "bytes",
+    "quarantines",
+    "final_deltas",
+    "spool_frames",
+    "spool_bytes",
+    "spool_age",
+    "spool_dropped_bytes",
+    "dropped_measure_bytes",
+    "published",
+    "publish_errors",
+    "libvirt_reconnects",
+    "link_events",
+)
