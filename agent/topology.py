@@ -1,7 +1,8 @@
 """Where each host interface sits (bridge, uplink VLAN/VXLAN, traffic type), kept current from
 netlink link events, and the link events themselves (a deleted tap's final counters).
 
-Pure core first: :func:`parse_link_message` turns one decoded pyroute2 link message into a
+Pure core first: :func:`parse_link_message` turns one decoded link message (pyroute2's
+``ifinfmsg`` or :class:`kvmeter.agent.rtnl.LinkMessage`, read the same way) into a
 :class:`LinkRecord`, :func:`decode_link_datagram` does that for a raw netlink datagram, and
 :class:`LinkTable` holds the records, answers placements and turns messages into
 :class:`LinkEvent` s. :class:`Topology` is the thin adapter: one dump at start (:class:`LinkDump`),
@@ -11,7 +12,8 @@ reports that the socket's buffer overran (ENOBUFS: events were lost).
 Why the event socket is a plain ``AF_NETLINK`` socket and not ``IPRoute.bind()``: ``get()``
 blocks until the next message with no timeout in 0.7.2, and in 0.9.x an ENOBUFS poisons the
 ``IPRoute`` object for good; a plain socket + ``select`` stops promptly and survives overruns.
-The messages are still decoded by pyroute2's own ``ifinfmsg`` (same code path as a dump).
+Events and dumps alike are decoded by :mod:`kvmeter.agent.rtnl` (same code path), which
+spares the agent pyroute2's import (~20 MB resident); ``IPRoute`` still works as a dumper.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-
 from kvmeter.agent.model import LinkPlacement
+from kvmeter.agent.rtnl import decode_link_message
 from kvmeter.agent.traffic import TrafficRules
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _nested_attr(msg: Any, *names: str) -> Any:
 
 
 def parse_link_message(msg: Any) -> LinkRecord:
-    """Decoded pyroute2 ``ifinfmsg`` (from a dump or an event) -> :class:`LinkRecord`."""
+    """A decoded link message (from a dump or an event) -> :class:`LinkRecord`."""
     linkinfo = msg.get_attr("IFLA_LINKINFO")
     kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
     data = linkinfo.get_attr("IFLA_INFO_DATA") if linkinfo is not None else None
@@ -139,8 +140,7 @@ def decode_link_datagram(data: bytes) -> list[tuple[int, LinkRecord]]:
             break
         if msg_type in (RTM_NEWLINK, RTM_DELLINK):
             try:
-                msg = ifinfmsg(data[offset : offset + length])
-                msg.decode()
+                msg = decode_link_message(data[offset : offset + length])
                 if msg["family"] != AF_BRIDGE and msg.get_attr("IFLA_IFNAME"):
                     out.append((msg_type, parse_link_message(msg)))
             except Exception:
@@ -353,7 +353,7 @@ class LinkDump:
         self._sock.close()
 
     def get_links(self) -> Iterator[Any]:
-        """Decoded ``ifinfmsg`` of every link, as the kernel sends them."""
+        """Every link's message (decoded as pyroute2's ``ifinfmsg`` reads), as the kernel sends them."""
         ifinfo = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
         self._sock.send(
             struct.pack("=IHHII", 16 + len(ifinfo), RTM_GETLINK, NLM_F_REQUEST_DUMP, 1, 0) + ifinfo
@@ -372,9 +372,7 @@ class LinkDump:
                     if error:
                         raise OSError(-error, f"link dump: {os.strerror(-error)}")
                 elif msg_type == RTM_NEWLINK:
-                    msg = ifinfmsg(data[offset : offset + length])
-                    msg.decode()
-                    yield msg
+                    yield decode_link_message(data[offset : offset + length])
                 offset += (length + 3) & ~3
 
     def close(self) -> None:

@@ -1,0 +1,47 @@
+"""The agent's own link-message decoder against pyroute2's, on recorded kernel messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmeter.agent.rtnl import LinkMessageError, decode_link_message
+from kvmeter.agent.topology import RTM_DELLINK, RTM_NEWLINK, parse_link_message
+from tests.unit.fakes.netlink import decoded, load_messages, message_type
+
+RECORDED = [
+    m
+    for m in load_messages("host_dump.hex") + load_messages("events.hex")
+    if message_type(m) in (RTM_NEWLINK, RTM_DELLINK)
+]
+
+
+def test_the_recordings_cover_vlan_vxlan_bridge_ports_and_final_counters() -> None:
+    records = [parse_link_message(decoded(m)) for m in RECORDED]
+    assert any(r.vlan_id for r in records)
+    assert any(r.vxlan_vni for r in records)
+    assert any(r.master for r in records)
+    assert any(r.link for r in records)
+    assert any(r.stats and any(r.stats) for r in records)
+
+
+@pytest.mark.parametrize("index", range(len(RECORDED)))
+def test_every_recorded_message_decodes_as_pyroute2_decodes_it(index: int) -> None:
+    message = RECORDED[index]
+    ours, theirs = decode_link_message(message), decoded(message)
+    assert (ours["family"], ours["index"]) == (theirs["family"], theirs["index"])
+    assert parse_link_message(ours) == parse_link_message(theirs)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        RECORDED[0][:20],  # the ifinfomsg cut short
+        RECORDED[0][:16] + bytes(16) + (200).to_bytes(2, "little") + (3).to_bytes(2, "little"),
+    ],
+)
+def test_short_messages_and_overrunning_attributes_are_errors(data: bytes) -> None:
+    if len(data) >= 4:
+        data = len(data).to_bytes(4, "little") + data[4:]
+    with pytest.raises(LinkMessageError):
+        decode_link_message(data)
