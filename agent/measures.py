@@ -102,6 +102,8 @@ class Templates:
 
     def __init__(self) -> None:
         self._cache: dict[CounterKey, _Pair] = {}
+        # The hot loop's lookup (check the attribution itself, then call pair() on a miss)
+        self.cached = self._cache.get
 
     def pair(self, key: CounterKey, who: Attribution) -> _Pair:
         hit = self._cache.get(key)
@@ -192,6 +194,14 @@ def domain_inventory(
     return inv
 
 
+def _add_totals(totals: dict[str, list[int]] | None, traffic: str | None, vm_rx: int, vm_tx: int) -> None:
+    if totals is None or traffic is None:
+        return
+    total = totals.setdefault(traffic, [0, 0])
+    total[0] += vm_rx
+    total[1] += vm_tx
+
+
 def build_batch(
     *,
     host_id: str,
@@ -219,29 +229,34 @@ def build_batch(
     )
     unattributed = []
     templates = templates if templates is not None else Templates()
-    pair = templates.pair
+    cached = templates.cached
     add = batch.measures.add
+    # VM-side byte sums of the current run of deltas of one traffic type (usually all of them)
+    traffic: str | None = None
+    vm_rx_sum = vm_tx_sum = 0
     for delta in deltas:
         key, start, end, rx_bytes, tx_bytes, rx_packets, tx_packets, wrapped, final_at, reason = delta
         who = attribution.get(key)
         if who is None:
             unattributed.append(delta)
             continue
-        _who, rx_template, tx_template, unswapped, traffic = pair(key, who)
+        pair = cached(key)
+        if pair is None or pair[0] is not who:
+            pair = templates.pair(key, who)
+        _who, rx_template, tx_template, unswapped, pair_traffic = pair
         if unswapped:
             rx_bytes, rx_packets, tx_bytes, tx_packets = tx_bytes, tx_packets, rx_bytes, rx_packets
-        if totals is not None:
-            total = totals.get(traffic)
-            if total is None:
-                total = totals[traffic] = [0, 0]
-            total[0] += tx_bytes
-            total[1] += rx_bytes
+        if pair_traffic != traffic:
+            _add_totals(totals, traffic, vm_rx_sum, vm_tx_sum)
+            traffic, vm_rx_sum, vm_tx_sum = pair_traffic, 0, 0
+        # host tx is what the VM received (VM_RX), host rx what it sent (VM_TX)
+        vm_rx_sum += tx_bytes
+        vm_tx_sum += rx_bytes
         if wrapped or final_at or reason is not None:
             measures_for(delta, who, batch.measures, templates)
             continue
         # The common measure, inlined (two per moving interface per poll): copy the counter's
         # template, set what moved and when.
-        # host tx is what the VM received (VM_RX), host rx what it sent (VM_TX)
         if tx_bytes > 0 or tx_packets > 0:
             m = add()
             m.CopyFrom(rx_template)
@@ -250,6 +265,7 @@ def build_batch(
             m = add()
             m.CopyFrom(tx_template)
             m.bytes, m.packets, m.start, m.end = rx_bytes, rx_packets, start, end
+    _add_totals(totals, traffic, vm_rx_sum, vm_tx_sum)
     if inventory is not None:
         batch.inventory.extend(inventory)
     return batch, unattributed

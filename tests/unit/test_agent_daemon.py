@@ -290,3 +290,56 @@ def test_dry_runs_show_the_inventory_without_taking_it_off_the_next_batch(host: 
     assert len(agent.poll_once().inventory) == 0
     agent.close()
     assert [f.seq for f in Spool(tmp_path, read_only=True).pending()] == [1, 2]  # dry runs spool nothing
+
+
+class VersionedTopology(FakeTopology):
+    """A topology that says when its links changed (as the real one does): the agent keeps its
+    poll plan (metered links, attribution, placements) while the generation stands still."""
+
+    def __init__(self, host: Host) -> None:
+        super().__init__(host)
+        self.generation = 0
+        self.placements: dict[str, LinkPlacement] = {}
+        host.listeners.append(self._changed)
+
+    def _changed(self, _event: Any) -> None:
+        self.generation += 1
+        self.placements.clear()
+
+    def placement(self, ifname: str) -> LinkPlacement:
+        # the same object until a change, as the real topology's cache hands out
+        return self.placements.setdefault(ifname, super().placement(ifname))
+
+
+def test_kept_poll_plan_counts_a_reboot_exactly(host: Host, tmp_path: Path) -> None:
+    clock = Clock()
+    topology = VersionedTopology(host)
+    agent = Agent(
+        validate({"agent": {"host_id": "h1"}}),
+        inventory=FakeInventory(),
+        topology=topology,
+        spool=Spool(tmp_path),
+        boot_id=BOOT,
+        read_text=host.table,
+        wall=clock,
+        mono=clock,
+    )
+    agent.start()
+    agent.poll_once()
+    plan = agent._plan
+    host.traffic("vnet0", 300, 400)
+    clock.t += 1
+    agent.poll_once()
+    assert agent._plan is plan  # nothing changed: nothing re-derived
+    host.traffic("vnet0", 11, 22)
+    host.delete("vnet0")
+    host.create("vnet0")
+    host.traffic("vnet0", 1000, 2000)
+    clock.t += 1
+    agent.poll_once()
+    assert agent._plan is not plan
+    host.traffic("vnet0", 1, 2)
+    clock.t += 1
+    agent.poll_once()
+    agent.close()
+    assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 2, pb.VM_TX: 300 + 11 + 1000 + 1}

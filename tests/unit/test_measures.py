@@ -150,3 +150,34 @@ def test_domain_inventory() -> None:
         5001,
         31,
     )
+
+
+def test_totals_sum_vm_side_bytes_per_traffic_type_flagged_deltas_included() -> None:
+    public = LinkPlacement(bridge="cloudbr0", traffic_type="public")
+    k2, k3 = CounterKey("boot-1", 32, "vnet4"), CounterKey("boot-1", 33, "macvtap0")
+    attribution = {
+        KEY: Attribution(DOMAIN, NIC, GUEST),
+        k2: Attribution(DOMAIN, NIC, public),
+        k3: Attribution(DOMAIN, MACVTAP, GUEST),
+    }
+    deltas = [
+        delta(rx=100, tx=7000, rxp=1, txp=7),  # guest tap: VM_RX 7000, VM_TX 100
+        delta(k2, rx=5, tx=50, rxp=1, txp=1),  # public tap
+        delta(k3, rx=300, tx=20, rxp=3, txp=1),  # guest macvtap, not swapped: VM_RX 300, VM_TX 20
+        delta(rx=1, tx=2, rxp=1, txp=1, final_at_delete=True),  # flagged: counted too
+        delta(CounterKey("boot-1", 99, "cloudbr0"), rx=10**6, tx=10**6),  # not a VM NIC: not counted
+    ]
+    totals: dict[str, list[int]] = {}
+    b, unattributed = build_batch(
+        host_id="h1",
+        boot_id="boot-1",
+        stream_id="st",
+        seq=4,
+        poll_ms=2000,
+        deltas=deltas,
+        attribution=attribution,
+        totals=totals,
+    )
+    assert totals == {"guest": [7000 + 300 + 2, 100 + 20 + 1], "public": [50, 5]}
+    assert [d.key.name for d in unattributed] == ["cloudbr0"]
+    assert sum(m.bytes for m in b.measures if m.direction == pb.VM_RX) == 7000 + 50 + 300 + 2
