@@ -88,8 +88,8 @@ class DeltaEngine:
         self._closed: set[CounterKey] = set()  # keys finished by a final sample
         self._last_poll: tuple[int, int] | None = None  # (wall ms, mono ms) of the last poll
         self._fresh = True  # no poll yet and no saved state
-        # The last `present` argument and its key set: a caller that passes the same (unchanged)
-        # set object from poll to poll spares rebuilding the set of every host link's key.
+        # The last `present` frozenset and its key set: a caller that passes the same frozenset
+        # from poll to poll spares rebuilding the set of every host link's key.
         self._present_arg: object = None
         self._present_keys: Set[CounterKey] = frozenset()
 
@@ -121,19 +121,20 @@ class DeltaEngine:
         present: Iterable[CounterKey] | None = None,
     ) -> list[Delta]:
         """`poll` for (key, (rx_bytes, rx_packets, tx_bytes, tx_packets)) pairs, the order of
-        /proc/net/dev: no sample object per interface on the hot path. `present` may be a set
-        the caller keeps unchanged while the host's links are unchanged (it is only read)."""
+        /proc/net/dev: no sample object per interface on the hot path. `present` may be a
+        frozenset the caller passes again while the host's links are unchanged."""
         boot_id = self.boot_id
+        if not isinstance(readings, list):
+            readings = list(readings)  # read twice: here and when ageing absent keys
         if present is None:
-            readings = list(readings)
             present_keys: Set[CounterKey] = {key for key, _ in readings if key.boot_id == boot_id}
         elif present is self._present_arg:
             present_keys = self._present_keys
         else:
             present_keys = frozenset(k for k in present if k.boot_id == boot_id)
-            self._present_arg, self._present_keys = present, present_keys
+            if isinstance(present, frozenset):  # immutable: safe to recognise by identity
+                self._present_arg, self._present_keys = present, present_keys
         if self._fresh:
-            readings = list(readings)
             read_keys = {key for key, _ in readings if key.boot_id == boot_id}
             self._preexisting = (set(present_keys) | read_keys) - set(self._created)
             self._fresh = False

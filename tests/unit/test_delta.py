@@ -295,3 +295,15 @@ def test_final_sample_never_resets_a_counter_it_reports_lower() -> None:
     d = e.final(T0 + 500, M0 + 500, s(K, 0, 7300, 0, 73))
     assert d is not None
     assert (d.rx_bytes, d.tx_bytes, d.rx_packets, d.tx_packets, d.wrapped) == (0, 300, 0, 3, False)
+
+
+def test_a_read_key_is_never_aged_out_whatever_the_readings_iterable_or_present_set() -> None:
+    e = engine()
+    present: frozenset[CounterKey] = frozenset()  # the same frozenset every poll: recognised by identity
+    e.poll_readings(T0, M0, iter([(K, (1000, 10, 2000, 20))]), present)
+    moved = []
+    for i in range(1, 6):
+        readings = iter([(K, (1000 + 100 * i, 10 + i, 2000, 20))])  # a one-shot iterator
+        moved += [d.rx_bytes for d in e.poll_readings(T0 + 1000 * i, M0 + 1000 * i, readings, present)]
+    assert moved == [100] * 5
+    assert K in e.tracked()
