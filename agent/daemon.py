@@ -405,7 +405,8 @@ class Agent:
         (a dry run shows it when due without taking it off the next real batch)."""
         signature = plan.inventory_signature
         polls = self._polls_since_inventory + 1
-        if _same(signature, self._last_inventory) and polls < self.config.inventory_every:
+        unchanged = signature is self._last_inventory or _same(signature, self._last_inventory)
+        if unchanged and polls < self.config.inventory_every:
             if commit:
                 self._polls_since_inventory = polls
             return None
