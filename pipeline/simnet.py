@@ -36,6 +36,7 @@ from kvmeter.pipeline.simlibvirt import Domain, Nic, tap_mac, write_node_xml
 
 COUNTERS = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 SENDER = Path(__file__).with_name("udpsend.py")
+SINK = Path(__file__).with_name("udpsink.py")
 
 
 def sh(*cmd: str, ns: str | None = None, check: bool = True) -> str:
@@ -203,6 +204,9 @@ class Host:
             nic = VmNic(vm, f"vnet{next(self._tap_numbers)}", f"eth{k}", bridge, mac.lower(), address)
             vm.nics.append(nic)
             self._plug(nic)
+        # A UDP sink on the traffic port: datagrams to the VM draw no ICMP "port unreachable"
+        # back, so a VM that stopped sending sends nothing at all. (Ended with the namespace.)
+        self.lab.processes.append(subprocess.Popen(["ip", "netns", "exec", vm.ns, sys.executable, str(SINK)]))
         self.vms[name] = vm
         return vm
 
@@ -297,6 +301,7 @@ class Lab:
         self.net = f"10.77.{int(self.tag[3:], 16) % 250 + 1}"
         self.core = f"{self.tag}-core"
         self.namespaces: list[str] = [self.core]
+        self.processes: list[subprocess.Popen[bytes]] = []  # helpers running inside the lab
         self.hosts: list[Host] = []
         _new_ns(self.core)
         ip("link", "add", "mgmt0", "type", "bridge", "mcast_snooping", "0", ns=self.core)
@@ -322,6 +327,9 @@ class Lab:
         return ["ip", "netns", "exec", self.core]
 
     def close(self) -> None:
+        for proc in self.processes:
+            proc.kill()
+            proc.wait(10)
         for ns in reversed(self.namespaces):
             _kill_ns(ns)
         sh("ip", "link", "del", self.root_end, check=False)

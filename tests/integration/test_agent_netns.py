@@ -47,14 +47,6 @@ STREAM = textwrap.dedent(
 )
 
 
-SINK = (
-    "import socket, time\n"
-    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-    "s.bind(('0.0.0.0', 9))\n"
-    "time.sleep(3600)\n"
-)
-
-
 def consume_streams(bootstrap: str, topic: str, finals: int, timeout: float = 60.0) -> list[pb.MeasureBatch]:
     """Every batch on the topic until `finals` batches with final=True arrived; duplicates of one
     (stream, seq) (re-sent after a crash) are kept once, as the collector does."""
@@ -128,11 +120,7 @@ class Site:
             host, workdir, bootstrap=bootstrap, topic=self.topic, poll=POLL, metrics_port=9477
         )
         host.write_libvirt_xml(self.agent.libvirt_xml)
-        # UDP sinks in the VMs: datagrams to them draw no ICMP "port unreachable" back
-        self.sinks = [
-            subprocess.Popen(["ip", "netns", "exec", vm.ns, sys.executable, "-c", SINK]) for vm in self.vms
-        ]
-        time.sleep(0.3)
+        time.sleep(0.3)  # the VMs' UDP sinks are listening (the simulated hosts start them)
         self.traffic()  # before the agent: never billed
         time.sleep(0.5)  # datagrams queued behind ARP resolution leave after send() returned
         self.baseline = {nic.mac: nic.total() for vm in self.vms for nic in vm.nics}
@@ -171,9 +159,6 @@ def site(netns_host: Callable[..., Host], lab_broker: str, tmp_path: Path) -> It
     s = Site(netns_host("h1"), tmp_path, lab_broker)
     yield s
     s.agent.stop()
-    for sink in s.sinks:
-        sink.kill()
-        sink.wait()
 
 
 def test_steady_traffic_is_measured_exactly(site: Site) -> None:
