@@ -95,11 +95,31 @@ class Publisher:
                 )
             except BufferError:
                 break  # librdkafka's queue is full: the rest waits in the spool
+            except Exception as exc:  # refused outright, e.g. MSG_SIZE_TOO_LARGE: never crash the poll loop
+                self._refused(frame, exc)
+                break
             self._in_flight[frame.position] = frame
             self._next = (frame.segment, frame.offset + 1)
             produced += 1
         self._producer.poll(0)
         return produced
+
+    def _refused(self, frame: Frame, exc: Exception) -> None:
+        """The producer would not take a batch: it stays in the spool (counted in its depth and
+        age) and is offered again at the next pump, after the operator fixes the cause."""
+        self.errors += 1
+        if self.metrics is not None:
+            self.metrics.publish_errors.inc()
+        if str(exc) != self.last_error:
+            log.error(
+                "the producer refused stream %s seq %d (%d bytes): %s; it stays in the spool "
+                "(for MSG_SIZE_TOO_LARGE raise message.max.bytes in [kafka.properties] and on the broker)",
+                frame.stream_id,
+                frame.seq,
+                frame.size,
+                exc,
+            )
+        self.last_error = str(exc)
 
     def _delivered(self, generation: int, frame: Frame, err: Any, msg: Any) -> None:
         if generation != self._generation:

@@ -105,3 +105,37 @@ def test_in_flight_is_bounded(tmp_path: Path) -> None:
     assert pub.pump() == 0
     assert not pub.flush(0.05)
     spool.close()
+
+
+class RefusingProducer(FakeProducer):
+    """Refuses values over a size at produce(), as librdkafka does with MSG_SIZE_TOO_LARGE."""
+
+    limit = 8
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        if len(value) > self.limit:
+            raise RuntimeError("KafkaError{code=MSG_SIZE_TOO_LARGE}")
+        super().produce(topic, value, key, on_delivery)
+
+
+def test_a_refused_batch_stays_spooled_and_the_agent_keeps_running(tmp_path: Path) -> None:
+    producers: list[RefusingProducer] = []
+
+    def factory(config: dict[str, Any]) -> RefusingProducer:
+        producers.append(RefusingProducer(config))
+        return producers[-1]
+
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory)
+    spool.append("s", 1, b"small", {}, 1)
+    spool.append("s", 2, b"far too large", {}, 2)
+    spool.append("s", 3, b"after", {}, 3)
+    assert not pub.flush(0.2)  # no exception escapes
+    assert producers[0].sent == [b"small"]
+    assert [f.seq for f in spool.pending()] == [2, 3]  # order kept: nothing skips the refused one
+    assert pub.errors >= 1
+    assert "MSG_SIZE_TOO_LARGE" in (pub.last_error or "")
+    producers[0].limit = 100  # the operator raised message.max.bytes
+    assert pub.flush(1.0)
+    assert producers[0].sent == [b"small", b"far too large", b"after"]
+    spool.close()
