@@ -151,6 +151,7 @@ class Store:
                 raise RuntimeError(f"no database driver for {driver}{hint}: {exc}") from None
         self.dialect = self.engine.dialect.name
         self.is_postgres = self.dialect == "postgresql"
+        self._sql_cache: dict[tuple[str, int], str] = {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -304,8 +305,9 @@ class Store:
 
         names: {key: (resource_name, device_type)}. Returns (records upserted, adjustments).
         """
-        open_rows: list[dict[str, Any]] = []
+        open_rows: list[tuple[Any, ...]] = []
         late: dict[UsageKey, int] = {}
+        no_name = ("", "")
         for key in sorted(increments):  # a fixed order: no deadlocks between replicas
             amount = increments[key]
             if amount == 0:
@@ -313,42 +315,60 @@ class Store:
             if key.window_end_ms <= final_through:
                 late[key] = amount
                 continue
-            name, device = names.get(key, ("", ""))
-            open_rows.append(
-                {
-                    **_key_dict(key),
-                    "quantity": amount,
-                    "final": False,
-                    "resource_name": name,
-                    "device_type": device,
-                    "created_ms": now_ms,
-                    "updated_ms": now_ms,
-                }
-            )
+            name, device = names.get(key, no_name)
+            open_rows.append((*key, amount, False, name, device, now_ms, now_ms))
         if open_rows:
-            stmt = self._insert(usage_records)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=list(KEY_COLUMNS),
-                set_={"quantity": usage_records.c.quantity + stmt.excluded.quantity, "updated_ms": now_ms},
-            )
-            conn.execute(stmt, open_rows)
+            self._add_rows(conn, usage_records, _RECORD_COLUMNS, "quantity", open_rows)
         if late:
             self._adjust(conn, late, names, now_ms, reason)
         return len(open_rows), len(late)
 
     def add_unbilled(self, conn: Connection, increments: Mapping[UsageKey, int], now_ms: int) -> None:
-        rows = [
-            {**_key_dict(k), "bytes": increments[k], "updated_ms": now_ms}
-            for k in sorted(increments)
-            if increments[k]
-        ]
+        rows = [(*k, increments[k], now_ms) for k in sorted(increments) if increments[k]]
         if rows:
-            stmt = self._insert(unbilled_bytes)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=list(KEY_COLUMNS),
-                set_={"bytes": unbilled_bytes.c.bytes + stmt.excluded.bytes, "updated_ms": now_ms},
+            self._add_rows(conn, unbilled_bytes, _UNBILLED_COLUMNS, "bytes", rows)
+
+    def _add_rows(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        added: str,
+        rows: list[tuple[Any, ...]],
+    ) -> None:
+        """Upsert plain tuples (values in `columns` order; the key first): a new key inserts its
+        row, a known key adds the row's `added` value to its own and takes its updated_ms.
+
+        The hot write path. The statement text is built once per table and row count and run
+        through the driver directly: SQLAlchemy's per-row parameter processing cost more than
+        the database's work. SQLite: one prepared statement, executemany. PostgreSQL (psycopg 3
+        or psycopg2): multi-row VALUES, one round trip per _PG_ROWS rows (rows' keys are
+        distinct: ON CONFLICT DO UPDATE may touch a row once per statement)."""
+        if not self.is_postgres:
+            conn.exec_driver_sql(self._upsert_sql(table, columns, added, 1), rows)
+            return
+        for start in range(0, len(rows), _PG_ROWS):
+            part = rows[start : start + _PG_ROWS]
+            flat = tuple(value for row in part for value in row)
+            conn.exec_driver_sql(self._upsert_sql(table, columns, added, len(part)), [flat])
+
+    def _upsert_sql(self, table: sa.Table, columns: Sequence[str], added: str, count: int) -> str:
+        cache_key = (table.name, count)
+        sql = self._sql_cache.get(cache_key)
+        if sql is None:
+            quote = self.engine.dialect.identifier_preparer.quote
+            mark = "%s" if self.is_postgres else "?"
+            one = "(" + ", ".join([mark] * len(columns)) + ")"
+            name = quote(table.name)
+            sql = (
+                f"INSERT INTO {name} ({', '.join(quote(c) for c in columns)}) "
+                f"VALUES {', '.join([one] * count)} "
+                f"ON CONFLICT ({', '.join(quote(c) for c in KEY_COLUMNS)}) DO UPDATE SET "
+                f"{quote(added)} = {name}.{quote(added)} + excluded.{quote(added)}, "
+                f"{quote('updated_ms')} = excluded.{quote('updated_ms')}"
             )
-            conn.execute(stmt, rows)
+            self._sql_cache[cache_key] = sql
+        return sql
 
     # -- owner hints from the agents' inventories ----------------------------------------------
     def save_owner_hints(self, conn: Connection, hints: Mapping[str, Mapping[str, str]], now_ms: int) -> None:
@@ -781,6 +801,16 @@ class Store:
         with self.read() as conn:
             query = sa.select(quarantined_measures.c.measure).order_by(quarantined_measures.c.id)
             return [measure_from_json(r[0]) for r in conn.execute(query)]
+
+
+# Column orders of the tuples _add_rows writes: the UsageKey's fields first, as UsageKey has them.
+_RECORD_COLUMNS = (
+    *KEY_COLUMNS, "quantity", "final", "resource_name", "device_type", "created_ms", "updated_ms"
+)  # fmt: skip
+_UNBILLED_COLUMNS = (*KEY_COLUMNS, "bytes", "updated_ms")
+if UsageKey._fields != KEY_COLUMNS:  # the tuples above rely on it
+    raise RuntimeError(f"UsageKey fields {UsageKey._fields} differ from KEY_COLUMNS {KEY_COLUMNS}")
+_PG_ROWS = 1000  # rows per multi-row INSERT: 13 parameters each, well under PostgreSQL's 65535
 
 
 def _key_dict(key: UsageKey) -> dict[str, Any]:
