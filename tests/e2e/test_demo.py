@@ -1,0 +1,48 @@
+"""`make demo`'s command, shortened: the simulated cloud is metered and every VM's billed bytes
+match its own kernel counters; the usage table names both accounts."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.libvirt]
+
+
+def test_demo_meters_its_cloud_exactly(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvmeter",
+            "demo",
+            "--seconds",
+            "15",
+            "--linger",
+            "0",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "bob: VM.STOP" in text
+    assert "alice: NET.IPRELEASE" in text
+    usage = {(m[1], m[2]) for m in re.finditer(r"^\s+(alice|bob)\s+(\d) \w+", text, re.M)}
+    assert {("alice", "1"), ("alice", "4"), ("bob", "1"), ("bob", "3"), ("bob", "4")} <= usage
+    truth = re.findall(
+        r"^\s+([ir]-\d+(?:-\d+)?-VM)\s+(sent|received)\s+(\d+)\s+(\d+)\s+([+-]\d+)$", text, re.M
+    )
+    assert len(truth) == 6, text
+    for vm, direction, kernel, billed, diff in truth:
+        assert int(kernel) > 0, (vm, direction)
+        assert (int(billed), diff) == (int(kernel), "+0"), (vm, direction)
+    assert "API (running): http://" in text
