@@ -226,7 +226,12 @@ class Collector:
 
     def _hints_missing(self, measures: Iterable[Measure]) -> bool:
         """Some router's measures came without its owner hint, and no stored inventory gave it."""
-        bare = {(m.instance_uuid, m.domain_name) for m in measures if not m.owner_hint}
+        # "r-" first: every router name starts so, and the check runs over every measure.
+        bare = {
+            (m.instance_uuid, m.domain_name)
+            for m in measures
+            if not m.owner_hint and m.domain_name.startswith("r-")
+        }
         return any(
             is_router(name) and uuid not in self.hints and name not in self.hints for uuid, name in bare
         )
@@ -246,7 +251,12 @@ class Collector:
         does not bill is summed the same way, apart (unbilled), so every byte is accounted for.
         """
         window, billable = self.settings.window_ms, self.settings.billable
-        owner_at = owner_at or self.index.owner_at
+        # A VM whose history names one owner has it at every instant (ResourceHistory.owner_at):
+        # with the index's own lookup, find it once per VM, not once per measure.
+        steady: dict[str, str | None] = {}
+        history: Callable[[str], ResourceHistory | None] = _no_history
+        if owner_at is None:
+            owner_at, history = self.index.owner_at, self.index.history
         type_of = {"sent": usage.byte_usage_type("sent"), "received": usage.byte_usage_type("received")}
         sums: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
         other: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
@@ -258,7 +268,16 @@ class Collector:
             if m.quarantine_reason:
                 result.quarantined.append(m)
                 continue
-            owner = owner_at(m)
+            uuid = m.instance_uuid
+            owner = steady.get(uuid) if uuid else None
+            if owner is None:
+                if uuid and uuid not in steady:
+                    h = history(uuid)
+                    one = h.owners[0].account if h is not None and len(h.owners) == 1 else ""
+                    steady[uuid] = one or None  # "" names no owner: the index looks further
+                    owner = steady[uuid]
+                if owner is None:
+                    owner = owner_at(m)
             if owner is None:
                 result.parked.append(m)
                 continue
@@ -285,11 +304,15 @@ class Collector:
                 if billed and key not in names:
                     names[key] = m.domain_name
                 target[key] += inc.bytes
+        described: dict[str, tuple[str, str]] = {}  # domain name -> (name, device type)
         for (account, usage_type, resource, detail, ws), amount in sums.items():
             ukey = UsageKey(account, usage_type, resource, "", detail, ws, ws + window)
             result.billed[ukey] = amount
             name = names[(account, usage_type, resource, detail, ws)]
-            result.names[ukey] = (name, "DomainRouter" if is_router(name) else "UserVm")
+            about = described.get(name)
+            if about is None:
+                about = described[name] = (name, "DomainRouter" if is_router(name) else "UserVm")
+            result.names[ukey] = about
             out.billed_bytes += amount
         for (account, usage_type, resource, detail, ws), amount in other.items():
             result.unbilled[UsageKey(account, usage_type, resource, "", detail, ws, ws + window)] = amount
@@ -459,6 +482,10 @@ class Collector:
 
 def _unattributed(_measure: Measure) -> str:
     return UNATTRIBUTED
+
+
+def _no_history(_uuid: str) -> ResourceHistory | None:
+    return None
 
 
 def _owner_hints(batches: Iterable[decode.DecodedBatch]) -> dict[str, dict[str, str]]:
