@@ -151,7 +151,7 @@ class Store:
                 raise RuntimeError(f"no database driver for {driver}{hint}: {exc}") from None
         self.dialect = self.engine.dialect.name
         self.is_postgres = self.dialect == "postgresql"
-        self._sql_cache: dict[tuple[str, int], str] = {}
+        self._sql_cache: dict[str, str] = {}  # table name -> _upsert_sql
 
     def close(self) -> None:
         self.engine.dispose()
@@ -339,36 +339,36 @@ class Store:
         """Upsert plain tuples (values in `columns` order; the key first): a new key inserts its
         row, a known key adds the row's `added` value to its own and takes its updated_ms.
 
-        The hot write path. The statement text is built once per table and row count and run
-        through the driver directly: SQLAlchemy's per-row parameter processing cost more than
-        the database's work. SQLite: one prepared statement, executemany. PostgreSQL (psycopg 3
-        or psycopg2): multi-row VALUES, one round trip per _PG_ROWS rows (rows' keys are
-        distinct: ON CONFLICT DO UPDATE may touch a row once per statement)."""
-        if not self.is_postgres:
-            conn.exec_driver_sql(self._upsert_sql(table, columns, added, 1), rows)
-            return
-        for start in range(0, len(rows), _PG_ROWS):
-            part = rows[start : start + _PG_ROWS]
-            flat = tuple(value for row in part for value in row)
-            conn.exec_driver_sql(self._upsert_sql(table, columns, added, len(part)), [flat])
-
-    def _upsert_sql(self, table: sa.Table, columns: Sequence[str], added: str, count: int) -> str:
-        cache_key = (table.name, count)
-        sql = self._sql_cache.get(cache_key)
+        The hot write path. The statement text is built once per table and run through the
+        driver directly: SQLAlchemy's per-row parameter processing cost more than the
+        database's work. SQLite: one prepared statement, executemany. PostgreSQL (psycopg 3 or
+        psycopg2): one statement over one array per column (unnest), one round trip, and a
+        short text the driver parses once (a multi-row VALUES is re-parsed on every call). The
+        rows' keys are distinct: ON CONFLICT DO UPDATE may touch a row once per statement."""
+        sql = self._sql_cache.get(table.name)
         if sql is None:
-            quote = self.engine.dialect.identifier_preparer.quote
-            mark = "%s" if self.is_postgres else "?"
-            one = "(" + ", ".join([mark] * len(columns)) + ")"
-            name = quote(table.name)
-            sql = (
-                f"INSERT INTO {name} ({', '.join(quote(c) for c in columns)}) "
-                f"VALUES {', '.join([one] * count)} "
-                f"ON CONFLICT ({', '.join(quote(c) for c in KEY_COLUMNS)}) DO UPDATE SET "
-                f"{quote(added)} = {name}.{quote(added)} + excluded.{quote(added)}, "
-                f"{quote('updated_ms')} = excluded.{quote('updated_ms')}"
-            )
-            self._sql_cache[cache_key] = sql
-        return sql
+            sql = self._sql_cache[table.name] = self._upsert_sql(table, columns, added)
+        if self.is_postgres:
+            conn.exec_driver_sql(sql, [tuple(list(values) for values in zip(*rows, strict=True))])
+        else:
+            conn.exec_driver_sql(sql, rows)
+
+    def _upsert_sql(self, table: sa.Table, columns: Sequence[str], added: str) -> str:
+        quote = self.engine.dialect.identifier_preparer.quote
+        name = quote(table.name)
+        if self.is_postgres:
+            # Arrays of the base types (text[], not varchar(n)[]: an explicit cast would truncate
+            # a long value silently; the insert's own assignment cast refuses it, as before).
+            arrays = ", ".join(f"%s::{_pg_array_type(table.c[c].type)}[]" for c in columns)
+            source = f"SELECT * FROM unnest({arrays})"
+        else:
+            source = "VALUES (" + ", ".join(["?"] * len(columns)) + ")"
+        return (
+            f"INSERT INTO {name} ({', '.join(quote(c) for c in columns)}) {source} "
+            f"ON CONFLICT ({', '.join(quote(c) for c in KEY_COLUMNS)}) DO UPDATE SET "
+            f"{quote(added)} = {name}.{quote(added)} + excluded.{quote(added)}, "
+            f"{quote('updated_ms')} = excluded.{quote('updated_ms')}"
+        )
 
     # -- owner hints from the agents' inventories ----------------------------------------------
     def save_owner_hints(self, conn: Connection, hints: Mapping[str, Mapping[str, str]], now_ms: int) -> None:
@@ -810,7 +810,15 @@ _RECORD_COLUMNS = (
 _UNBILLED_COLUMNS = (*KEY_COLUMNS, "bytes", "updated_ms")
 if UsageKey._fields != KEY_COLUMNS:  # the tuples above rely on it
     raise RuntimeError(f"UsageKey fields {UsageKey._fields} differ from KEY_COLUMNS {KEY_COLUMNS}")
-_PG_ROWS = 1000  # rows per multi-row INSERT: 13 parameters each, well under PostgreSQL's 65535
+
+
+def _pg_array_type(column_type: Any) -> str:
+    for kind, name in ((sa.Boolean, "boolean"), (sa.BigInteger, "bigint"), (sa.Integer, "integer")):
+        if isinstance(column_type, kind):
+            return name
+    if isinstance(column_type, sa.String):
+        return "text"
+    raise TypeError(f"no PostgreSQL array type for {column_type!r}")
 
 
 def _key_dict(key: UsageKey) -> dict[str, Any]:
