@@ -359,7 +359,9 @@ class Store:
         if self.is_postgres:
             # Arrays of the base types (text[], not varchar(n)[]: an explicit cast would truncate
             # a long value silently; the insert's own assignment cast refuses it, as before).
-            arrays = ", ".join(f"%s::{_pg_array_type(table.c[c].type)}[]" for c in columns)
+            # psycopg 3 dumps arrays in binary (%b) at a third of its text format's cost.
+            mark = "%b" if self.engine.dialect.driver == "psycopg" else "%s"
+            arrays = ", ".join(f"{mark}::{_pg_array_type(table.c[c].type)}[]" for c in columns)
             source = f"SELECT * FROM unnest({arrays})"
         else:
             source = "VALUES (" + ", ".join(["?"] * len(columns)) + ")"
