@@ -110,6 +110,17 @@ class Adjustment:
     created_ms: int
 
 
+def _key_filters(
+    cols: Any, start_ms: int, end_ms: int, account: str | None, usage_type: int | None, resource: str | None
+) -> list[Any]:
+    """WHERE terms on a table with the usage key columns: windows starting in [start, end)."""
+    conds = [cols.window_start_ms >= start_ms, cols.window_start_ms < end_ms]
+    for column, value in (("account", account), ("usage_type", usage_type), ("resource", resource)):
+        if value is not None:
+            conds.append(cols[column] == value)
+    return conds
+
+
 def engine_url(url: str) -> str:
     """Map plain `postgresql://` to the installed psycopg driver; keep other URLs as given."""
     if url.startswith(("postgresql://", "postgres://")):
@@ -670,22 +681,9 @@ class Store:
         resource: str | None = None,
     ) -> list[UsageRow]:
         """Records whose window starts in [start_ms, end_ms), with net quantities."""
-        rec = usage_records.c
-        conds = [rec.window_start_ms >= start_ms, rec.window_start_ms < end_ms]
-        if account is not None:
-            conds.append(rec.account == account)
-        if usage_type is not None:
-            conds.append(rec.usage_type == usage_type)
-        if resource is not None:
-            conds.append(rec.resource == resource)
-        adj = usage_adjustments.c
-        adj_conds = [adj.window_start_ms >= start_ms, adj.window_start_ms < end_ms]
-        if account is not None:
-            adj_conds.append(adj.account == account)
-        if usage_type is not None:
-            adj_conds.append(adj.usage_type == usage_type)
-        if resource is not None:
-            adj_conds.append(adj.resource == resource)
+        rec, adj = usage_records.c, usage_adjustments.c
+        conds = _key_filters(rec, start_ms, end_ms, account, usage_type, resource)
+        adj_conds = _key_filters(adj, start_ms, end_ms, account, usage_type, resource)
         with self.read() as conn:
             adjustments = {
                 UsageKey(*row[:7]): int(row[7])
