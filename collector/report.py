@@ -22,6 +22,7 @@ from kvmeter.collector.model import (
     RUNNING_VM,
     UNATTRIBUTED,
     USAGE_TYPE_NAMES,
+    UsageKey,
 )
 from kvmeter.collector.store import Adjustment, UsageRow
 from kvmeter.collector.usage import rawusage
@@ -52,23 +53,39 @@ def cloudstack_date(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
 
 
-def record_dict(row: UsageRow) -> dict[str, Any]:
-    k = row.key
+def _owner_fields(k: UsageKey) -> dict[str, Any]:
     return {
         "account": k.account,
         "usage_type": k.usage_type,
         "usage_type_name": USAGE_TYPE_NAMES.get(k.usage_type, str(k.usage_type)),
         "resource": k.resource,
-        "resource_name": row.resource_name,
-        "device_type": row.device_type,
+    }
+
+
+def _window_fields(k: UsageKey) -> dict[str, Any]:
+    return {
         "offering": k.offering,
         "traffic_type": k.detail,
         "start": iso(k.window_start_ms),
         "end": iso(k.window_end_ms),
         "start_ms": k.window_start_ms,
         "end_ms": k.window_end_ms,
+    }
+
+
+def _unit(k: UsageKey) -> str:
+    return "bytes" if k.usage_type in BYTE_TYPES else "ms"
+
+
+def record_dict(row: UsageRow) -> dict[str, Any]:
+    k = row.key
+    return {
+        **_owner_fields(k),
+        "resource_name": row.resource_name,
+        "device_type": row.device_type,
+        **_window_fields(k),
         "quantity": row.quantity,
-        "unit": "bytes" if k.usage_type in BYTE_TYPES else "ms",
+        "unit": _unit(k),
         "rawusage": rawusage(k.usage_type, row.quantity),
         "recorded": row.recorded,
         "adjustment": row.adjustment,
@@ -85,18 +102,10 @@ ADJUSTMENT_FIELDS = [
 def adjustment_dict(adj: Adjustment) -> dict[str, Any]:
     k = adj.key
     return {
-        "account": k.account,
-        "usage_type": k.usage_type,
-        "usage_type_name": USAGE_TYPE_NAMES.get(k.usage_type, str(k.usage_type)),
-        "resource": k.resource,
-        "offering": k.offering,
-        "traffic_type": k.detail,
-        "start": iso(k.window_start_ms),
-        "end": iso(k.window_end_ms),
-        "start_ms": k.window_start_ms,
-        "end_ms": k.window_end_ms,
+        **_owner_fields(k),
+        **_window_fields(k),
         "delta": adj.delta,
-        "unit": "bytes" if k.usage_type in BYTE_TYPES else "ms",
+        "unit": _unit(k),
         "reason": adj.reason,
         "created": iso(adj.created_ms),
         "created_ms": adj.created_ms,
