@@ -2,7 +2,7 @@
 
     build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHistory]
     build_resource_history(resource_uuid: str, events: Iterable[pb.LifecycleEvent]) -> ResourceHistory
-    event_order(event: pb.LifecycleEvent) -> tuple   # the sort key used (exposed for adapters)
+    event_order(event: pb.LifecycleEvent) -> tuple   # the sort key (ties at one time: see Order)
 
 Pure and total: history is rebuilt from all events of a resource, so a late event corrects the
 past and any permutation (and duplication) of the same events gives the same history.
@@ -23,16 +23,22 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   transition to Running opens RUNNING if it is not open, to Stopped / Destroyed / Expunging /
   Error / Shutdown closes it if open. The state is one flag, so a usage VM.STOP and a state
   event for the same stop never count twice; whichever comes first in event time wins.
-- Order: by event time, then closers before openers at the same millisecond (so an ownership
-  move, VM.DESTROY for the old owner and VM.CREATE for the new one in the same second, comes out
-  right), then usage before state events, then event id. Identical event ids are one event.
+- Order: by event time. Events of one time (CloudStack stamps whole seconds) are applied in a
+  state-aware order: at each step the first event, by (effect rank, category, event id), that
+  changes the current state; when none would, the rest in that order (they are no-ops). So a
+  stopped VM that STARTs and STOPs within one second ends stopped, a running one that STOPs and
+  STARTs (a restart) ends running, and an ownership move (VM.DESTROY for the old owner, VM.CREATE
+  for the new one) closes before it reopens. The effect rank (closers, then splitters, then
+  openers; usage before state events) only breaks ties between events that would all change
+  the state. The order depends on the set of events alone, so arrival order never matters.
+  Identical event ids are one event.
 - Segments of zero length are dropped. A segment's account is the owner at its start.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
@@ -47,7 +53,8 @@ _VM_TYPES = frozenset({"", "VirtualMachine", "DomainRouter", "ConsoleProxy", "Se
 _NIC_MAC = re.compile(r"^nic\.\d+\.mac$")
 _NIC_IP = re.compile(r"^nic\.\d+\.ip$")
 
-# Effect rank at equal time: closers (0) before splitters (1) before openers (2).
+# Effect rank, the tie-break among events of one time that would all change the state:
+# closers (0) before splitters (1) before openers (2).
 _USAGE_RANK = {
     "VM.STOP": 0,
     "VM.DESTROY": 0,
@@ -140,6 +147,26 @@ class _Machine:
         self.close(kind, at)
         return self.opened(kind, at, offering)
 
+    def apply(self, ev: pb.LifecycleEvent) -> bool:
+        """Apply one event; True when it changed the state (opened, closed or split)."""
+        if ev.category == pb.USAGE:
+            return self.usage(ev)
+        if ev.category == pb.RESOURCE_STATE:
+            return self.state(ev)
+        return False
+
+    def would_change(self, ev: pb.LifecycleEvent) -> bool:
+        """Whether apply(ev) would change the state; the machine is left as it was."""
+        if ev.category not in (pb.USAGE, pb.RESOURCE_STATE):
+            return False
+        opened, offering = dict(self.open), self.offering
+        lengths = {kind: len(segs) for kind, segs in self.segments.items()}
+        changed = self.apply(ev)
+        self.open, self.offering = opened, offering
+        for kind, length in lengths.items():
+            del self.segments[kind][length:]
+        return changed
+
     def usage(self, ev: pb.LifecycleEvent) -> bool:
         t, kind = ev.time, ev.event_type
         if kind not in _USAGE_RANK:
@@ -187,21 +214,16 @@ def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
     hist = ResourceHistory(resource_uuid=uuid)
     machine = _Machine()
     address = ""
-    for ev in events:
+    for ev in _effect_order(machine, events):
         if not hist.resource_type and ev.resource_type:
             hist.resource_type = ev.resource_type
         _collect_addresses(hist, ev)
         if ev.resource_type == "IpAddress" and ev.ip_address:
             address = ev.ip_address
-        changed = False
-        if ev.category == pb.USAGE:
-            if ev.account_is_owner and ev.account_uuid:
-                if not hist.owners or hist.owners[-1].account != ev.account_uuid:
-                    hist.owners.append(OwnerChange(ev.time, ev.account_uuid))
-            changed = machine.usage(ev)
-        elif ev.category == pb.RESOURCE_STATE:
-            changed = machine.state(ev)
-        (hist.applied if changed else hist.ignored).append(ev.event_id)
+        if ev.category == pb.USAGE and ev.account_is_owner and ev.account_uuid:
+            if not hist.owners or hist.owners[-1].account != ev.account_uuid:
+                hist.owners.append(OwnerChange(ev.time, ev.account_uuid))
+        (hist.applied if machine.apply(ev) else hist.ignored).append(ev.event_id)
     for kind, cur in machine.open.items():
         if cur is not None:
             machine.segments[kind].append((cur.start_ms, None, cur.offering))
@@ -210,6 +232,28 @@ def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
             owner = hist.owner_at(start) or ""
             target.append(Segment(start, end, offering, owner, address if kind == "ip" else ""))
     return hist
+
+
+def _effect_order(machine: _Machine, ordered: list[pb.LifecycleEvent]) -> Iterator[pb.LifecycleEvent]:
+    """The events (sorted by event_order) in the order to apply them; the caller applies each
+    one before asking for the next. Within one time: first the first event that changes the
+    machine's current state, until none would; then the rest, no-ops, in order."""
+    i, n = 0, len(ordered)
+    while i < n:
+        j = i + 1
+        while j < n and ordered[j].time == ordered[i].time:
+            j += 1
+        if j - i == 1:
+            yield ordered[i]
+        else:
+            pending = ordered[i:j]
+            while pending:
+                pick = next((k for k, ev in enumerate(pending) if machine.would_change(ev)), None)
+                if pick is None:  # nothing left changes the state; no-ops cannot change that
+                    yield from pending
+                    break
+                yield pending.pop(pick)
+        i = j
 
 
 def _collect_addresses(hist: ResourceHistory, ev: pb.LifecycleEvent) -> None:

@@ -56,22 +56,35 @@ def action(kind: str, hours: float, account: str = ADMIN, uuid: str = VM) -> pb.
 
 
 VM_KINDS = ["VM.CREATE", "VM.START", "VM.STOP", "VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.DESTROY"]
+# Post-transition state events of a VM: stop, start, power-off, HA, migration, failure.
+VM_TRANSITIONS = [
+    ("Running", "Stopping"),
+    ("Stopping", "Stopped"),
+    ("Stopped", "Starting"),
+    ("Starting", "Running"),
+    ("Running", "Stopped"),
+    ("Running", "Migrating"),
+    ("Migrating", "Running"),
+    ("Running", "Error"),
+]
 
 
 @st.composite
 def vm_events(draw: st.DrawFn) -> list[pb.LifecycleEvent]:
-    """Lifecycle events of one VM (and one IP), with coarse times so that many tie."""
+    """Lifecycle events of one VM (and one IP) at a few instants, so that many share one
+    (CloudStack stamps whole seconds: a start and a stop often do)."""
+    instants = draw(st.lists(st.integers(0, 12), min_size=1, max_size=6, unique=True))
     events = []
     for _ in range(draw(st.integers(0, 14))):
-        hours = draw(st.integers(0, 12)) / 2  # coarse times: many ties
-        pick = draw(st.integers(0, 5))
+        hours = draw(st.sampled_from(instants)) / 2
+        pick = draw(st.integers(0, 6))
         if pick == 5:  # an IP address of the same owners, interleaved
             kind = draw(st.sampled_from(["NET.IPASSIGN", "NET.IPRELEASE"]))
             events.append(usage(kind, hours, draw(st.sampled_from([A, B])), uuid="ip-1"))
+        elif pick == 6:  # the caller's audit trail: changes nothing
+            events.append(action(draw(st.sampled_from(VM_KINDS)), hours))
         elif pick == 0:
-            old, new = draw(
-                st.sampled_from([("Running", "Stopped"), ("Starting", "Running"), ("Running", "Error")])
-            )
+            old, new = draw(st.sampled_from(VM_TRANSITIONS))
             events.append(state(old, new, hours))
         else:
             kind = draw(st.sampled_from(VM_KINDS))
