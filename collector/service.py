@@ -4,9 +4,10 @@ live consumer and for batch ingest. The clock is injected (ms since the epoch).
     apply_batches(records)   measures: decode -> drop what the stream mark says is applied ->
                              attribute -> byte increments / park / quarantine, all of it and the
                              new marks in ONE transaction (exactly-once effect).
-    apply_events(records)    lifecycle: parse -> store if new -> rebuild that resource's history
-                             from all its stored events -> its time-based records for every window
-                             up to now (same transaction) -> attribute parked measures it explains.
+    apply_events(records)    lifecycle: parse -> store the new ones -> rebuild each touched
+                             resource's history once from all its stored events -> their time-based
+                             records for every window up to now (same transaction, a few statements
+                             per chunk) -> attribute parked measures they explain.
     tick()                   grow open time-based windows, finalize windows past the grace period,
                              retry parked measures when ownership knowledge changed, report
                              measures parked past the horizon as UNATTRIBUTED usage (they stay
@@ -345,45 +346,55 @@ class Collector:
                 out.dead_letters.append(DeadLetter(LIFECYCLE, rec.origin, rec.value, exc.reason, exc.message))
         # One insert order for every replica: concurrent chunks never wait on each other in a cycle.
         parsed.sort(key=lambda item: item[0].event_id)
-        touched: set[str] = set()
         now = self.clock()
         with self.store.write() as conn:
             final_through = self.store.finalized_through(conn)
-            for ev, rec in parsed:
-                normalized = ev.SerializeToString(deterministic=True)
-                if self.store.insert_event(
-                    conn, ev.event_id, ev.resource_uuid, ev.time, rec.value, normalized, now
-                ):
-                    out.events += 1
-                    if ev.resource_uuid:
-                        touched.add(ev.resource_uuid)
-                else:
-                    out.known_events += 1
+            rows = [
+                (ev.event_id, ev.resource_uuid, ev.time, rec.value, ev.SerializeToString(deterministic=True))
+                for ev, rec in parsed
+            ]
+            new = self.store.insert_events(conn, rows, now)
+            out.events, out.known_events = len(new), len(parsed) - len(new)
+            touched = sorted(
+                {ev.resource_uuid for ev, _ in parsed if ev.resource_uuid and ev.event_id in new}
+            )
             self.store.lock_resources(conn, touched)
-            for resource in sorted(touched):
-                written, adjusted = self._recompute(conn, resource, final_through, now)
-                out.records += written
-                out.adjustments += adjusted
+            out.records, out.adjustments = self._recompute(conn, touched, final_through, now)
             self.store.dead_letter(conn, out.dead_letters, now)
         self.sync()
         self._learn(ev for ev, _ in parsed if ev.resource_uuid)
-        for resource in sorted(touched):
-            out.add(self._unpark_for(resource))
+        out.add(self._unpark_for(touched))
         return out
 
-    def _recompute(self, conn: Connection, resource: str, final_through: int, now: int) -> tuple[int, int]:
-        """Rebuild `resource` from all its stored events and rewrite its time-based records."""
-        events = [pb.LifecycleEvent.FromString(raw) for raw in self.store.events_of(conn, resource)]
-        history = lifecycle.build_resource_history(resource, events)
-        values = {v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)}
-        return self.store.set_time_values(conn, resource, values, final_through, now)
+    def _recompute(
+        self, conn: Connection, resources: Sequence[str], final_through: int, now: int
+    ) -> tuple[int, int]:
+        """Rebuild each resource from all its stored events and rewrite its time-based records
+        (one read of the events and one write of the records for all of them)."""
+        stored = self.store.events_of_many(conn, resources)
+        values: dict[str, dict[UsageKey, int]] = {}
+        for resource in resources:
+            events = [pb.LifecycleEvent.FromString(raw) for raw in stored.get(resource, [])]
+            history = lifecycle.build_resource_history(resource, events)
+            values[resource] = {
+                v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)
+            }
+        return self.store.set_time_values_many(conn, values, final_through, now)
 
-    def _unpark_for(self, resource: str) -> Outcome:
-        history = self.histories.get(resource)
-        if history is None:
-            return Outcome()
-        addresses = [*history.addresses, *(seg.address for seg in history.ip if seg.address)]
-        return self._unpark(instances=[resource], macs=history.macs, addresses=addresses)
+    def _unpark_for(self, resources: Sequence[str], per_pass: int = 500) -> Outcome:
+        """Bill parked measures of these resources (by instance, MAC or address) now that their
+        lifecycle is known."""
+        out = Outcome()
+        known = [r for r in resources if r in self.histories]
+        for start in range(0, len(known), per_pass):
+            instances, macs, addresses = [], [], []
+            for resource in known[start : start + per_pass]:
+                history = self.histories[resource]
+                instances.append(resource)
+                macs.extend(history.macs)
+                addresses.extend([*history.addresses, *(seg.address for seg in history.ip if seg.address)])
+            out.add(self._unpark(instances=instances, macs=macs, addresses=addresses))
+        return out
 
     def _unpark(
         self, *, instances: Iterable[str] = (), macs: Iterable[str] = (), addresses: Iterable[str] = ()
@@ -455,15 +466,21 @@ class Collector:
             with self.store.write() as conn:
                 final_through = self.store.finalized_through(conn)
                 self.store.lock_resources(conn, chunk)
-                for resource in chunk:
-                    # Only windows still open: time alone changes nothing final.
-                    recent = usage.time_usage(self.histories[resource], now, window, since_ms=final_through)
-                    values = {v.key: v.quantity_ms for v in recent}
-                    written, adjusted = self.store.set_time_values(
-                        conn, resource, values, final_through, now, open_only=True
-                    )
-                    out.records += written
-                    out.adjustments += adjusted
+                # Only windows still open: time alone changes nothing final.
+                values = {
+                    resource: {
+                        v.key: v.quantity_ms
+                        for v in usage.time_usage(
+                            self.histories[resource], now, window, since_ms=final_through
+                        )
+                    }
+                    for resource in chunk
+                }
+                written, adjusted = self.store.set_time_values_many(
+                    conn, values, final_through, now, open_only=True
+                )
+                out.records += written
+                out.adjustments += adjusted
         through = window_start(now - self.settings.grace_ms, window)
         with self.store.write() as conn:
             out.finalized = self.store.finalize(conn, through, now)

@@ -441,9 +441,14 @@ class Store:
 
     # -- time-based usage (whole values) ------------------------------------------------------
     def lock_resources(self, conn: Connection, resources: Iterable[str]) -> None:
-        if self.is_postgres:
-            for resource in sorted(set(resources)):
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": resource_lock_id(resource)})
+        """Per-resource advisory locks, taken in resource order, in one round trip (unnest
+        yields the array in order, and the aggregate takes each lock as its row comes)."""
+        ids = [resource_lock_id(r) for r in sorted(set(resources))]
+        if self.is_postgres and ids:
+            conn.execute(
+                sa.text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:ids AS bigint[])) AS k"),
+                {"ids": ids},
+            )
 
     def set_time_values(
         self,
@@ -455,70 +460,100 @@ class Store:
         *,
         open_only: bool = False,
     ) -> tuple[int, int]:
-        """Make the stored time-based records of `resource` equal `values` (whole values).
+        """set_time_values_many for one resource."""
+        return self.set_time_values_many(conn, {resource: values}, final_through, now_ms, open_only=open_only)
+
+    def set_time_values_many(
+        self,
+        conn: Connection,
+        values: Mapping[str, Mapping[UsageKey, int]],
+        final_through: int,
+        now_ms: int,
+        *,
+        open_only: bool = False,
+    ) -> tuple[int, int]:
+        """Make the stored time-based records of each resource equal its `values` (whole values;
+        {resource: {key: quantity}}): a few statements for all of them.
 
         Open windows are updated in place (a zero value removes the record); a final window
         that differs from its net gets an adjustment. With open_only, only windows ending
         after `final_through` are considered (a tick: time alone changes nothing final).
         Call lock_resources first. Returns (records written, adjustments).
         """
-        stored = self._time_records(conn, resource, final_through if open_only else None)
-        wanted = {k: v for k, v in values.items() if not open_only or k.window_end_ms > final_through}
+        stored = self._time_records(conn, sorted(values), final_through if open_only else None)
         upserts: list[dict[str, Any]] = []
         deletes: list[int] = []
         late: dict[UsageKey, int] = {}
-        for key in sorted(set(wanted) | set(stored)):
-            new = wanted.get(key, 0)
-            record = stored.get(key)
-            if key.window_end_ms <= final_through:
-                net = record[1] + record[2] if record else 0
-                if new != net:
-                    late[key] = new - net
-            elif record is None:
-                if new:
+        for resource in sorted(values):
+            wanted = {
+                k: v for k, v in values[resource].items() if not open_only or k.window_end_ms > final_through
+            }
+            had = stored.get(resource, {})
+            for key in sorted(set(wanted) | set(had)):
+                new = wanted.get(key, 0)
+                record = had.get(key)
+                if key.window_end_ms <= final_through:
+                    net = record[1] + record[2] if record else 0
+                    if new != net:
+                        late[key] = new - net
+                elif record is None:
+                    if new:
+                        upserts.append(_time_row(key, new, now_ms))
+                elif new == 0:
+                    deletes.append(record[0])
+                elif new != record[1]:
                     upserts.append(_time_row(key, new, now_ms))
-            elif new == 0:
-                deletes.append(record[0])
-            elif new != record[1]:
-                upserts.append(_time_row(key, new, now_ms))
-        if upserts:
+        if upserts and self.is_postgres:  # the keys are distinct: one statement may touch each once
+            sql = self._sql_cache.get("time_values")
+            if sql is None:
+                sql = self._sql_cache["time_values"] = (
+                    f"INSERT INTO usage_records ({', '.join(_RECORD_COLUMNS)}) "
+                    f"{self._pg_unnest(usage_records, _RECORD_COLUMNS)} "
+                    f"ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET "
+                    "quantity = excluded.quantity, updated_ms = excluded.updated_ms"
+                )
+            conn.exec_driver_sql(sql, tuple([row[c] for row in upserts] for c in _RECORD_COLUMNS))
+        elif upserts:
             stmt = self._insert(usage_records)
             stmt = stmt.on_conflict_do_update(
                 index_elements=list(KEY_COLUMNS),
                 set_={"quantity": stmt.excluded.quantity, "updated_ms": now_ms},
             )
             conn.execute(stmt, upserts)
-        if deletes:
-            conn.execute(sa.delete(usage_records).where(usage_records.c.id.in_(deletes)))
+        for part in _slices(deletes):
+            conn.execute(sa.delete(usage_records).where(usage_records.c.id.in_(part)))
         if late:
             self._adjust(conn, late, {}, now_ms, "late lifecycle")
         return len(upserts) + len(deletes), len(late)
 
     def _time_records(
-        self, conn: Connection, resource: str, after: int | None
-    ) -> dict[UsageKey, tuple[int, int, int]]:
-        """{key: (id, quantity, adjustments)} of a resource's time-based records."""
-        rec = usage_records.c
-        query = sa.select(rec.id, rec.quantity, *(rec[c] for c in KEY_COLUMNS)).where(
-            rec.resource == resource, rec.usage_type.in_(TIME_TYPES)
-        )
-        if after is not None:
-            query = query.where(rec.window_end_ms > after)
-        out: dict[UsageKey, tuple[int, int, int]] = {}
-        for row in conn.execute(query):
-            out[UsageKey(*row[2:])] = (int(row[0]), int(row[1]), 0)
-        adj = usage_adjustments.c
-        aq = (
-            sa.select(*(adj[c] for c in KEY_COLUMNS), sa.func.sum(adj.delta))
-            .where(adj.resource == resource, adj.usage_type.in_(TIME_TYPES))
-            .group_by(*(adj[c] for c in KEY_COLUMNS))
-        )
-        if after is None:  # adjustments exist for final windows only
+        self, conn: Connection, resources: Sequence[str], after: int | None
+    ) -> dict[str, dict[UsageKey, tuple[int, int, int]]]:
+        """{resource: {key: (id, quantity, adjustments)}} of the resources' time-based records."""
+        rec, adj = usage_records.c, usage_adjustments.c
+        out: dict[str, dict[UsageKey, tuple[int, int, int]]] = {}
+        for part in _slices(resources):
+            query = sa.select(rec.id, rec.quantity, *(rec[c] for c in KEY_COLUMNS)).where(
+                rec.resource.in_(part), rec.usage_type.in_(TIME_TYPES)
+            )
+            if after is not None:
+                query = query.where(rec.window_end_ms > after)
+            for row in conn.execute(query):
+                key = UsageKey(*row[2:])
+                out.setdefault(key.resource, {})[key] = (int(row[0]), int(row[1]), 0)
+            if after is not None:  # adjustments exist for final windows only
+                continue
+            aq = (
+                sa.select(*(adj[c] for c in KEY_COLUMNS), sa.func.sum(adj.delta))
+                .where(adj.resource.in_(part), adj.usage_type.in_(TIME_TYPES))
+                .group_by(*(adj[c] for c in KEY_COLUMNS))
+            )
             for row in conn.execute(aq):
                 key = UsageKey(*row[:7])
-                if key in out:
-                    ident, quantity, _ = out[key]
-                    out[key] = (ident, quantity, int(row[7]))
+                records = out.get(key.resource, {})
+                if key in records:
+                    ident, quantity, _ = records[key]
+                    records[key] = (ident, quantity, int(row[7]))
         return out
 
     # -- lifecycle events ---------------------------------------------------------------------
@@ -533,28 +568,74 @@ class Store:
         now_ms: int,
     ) -> bool:
         """Store an event unless known; True when it is new."""
-        stmt = self._insert(lifecycle_events).on_conflict_do_nothing(index_elements=["event_id"])
-        if self.is_postgres:  # psycopg's rowcount is not reliable here; RETURNING is
-            stmt = stmt.returning(lifecycle_events.c.id)
-        result = conn.execute(
-            stmt,
-            {
-                "event_id": event_id,
-                "resource_uuid": resource,
-                "time_ms": time_ms,
-                "raw": raw,
-                "normalized": normalized,
-                "received_ms": now_ms,
-            },
-        )
+        return bool(self.insert_events(conn, [(event_id, resource, time_ms, raw, normalized)], now_ms))
+
+    def insert_events(
+        self, conn: Connection, events: Sequence[tuple[str, str, int, bytes, bytes]], now_ms: int
+    ) -> set[str]:
+        """Store events (event_id, resource, time_ms, raw, normalized) unless known, the first of
+        repeated ids; returns the ids stored now. A few statements for any number of events."""
+        rows: dict[str, dict[str, Any]] = {}
+        for event_id, resource, time_ms, raw, normalized in events:
+            if event_id not in rows:
+                rows[event_id] = {
+                    "event_id": event_id,
+                    "resource_uuid": resource,
+                    "time_ms": time_ms,
+                    "raw": raw,
+                    "normalized": normalized,
+                    "received_ms": now_ms,
+                }
+        if not rows:
+            return set()
         if self.is_postgres:
-            return result.first() is not None
-        return result.rowcount > 0
+            # One INSERT over one array per column; RETURNING names the rows this transaction
+            # inserted (a concurrent replica's insert of the same id waits, then conflicts).
+            sql = self._sql_cache.get("lifecycle_events")
+            if sql is None:
+                sql = self._sql_cache["lifecycle_events"] = (
+                    f"INSERT INTO lifecycle_events ({', '.join(_EVENT_COLUMNS)}) "
+                    f"{self._pg_unnest(lifecycle_events, _EVENT_COLUMNS)} "
+                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+                )
+            arrays = tuple([r[c] for r in rows.values()] for c in _EVENT_COLUMNS)
+            return {row[0] for row in conn.exec_driver_sql(sql, arrays)}
+        new: set[str] = set()
+        ev = lifecycle_events.c
+        for part in _slices(list(rows)):  # writers are serialised (BEGIN IMMEDIATE): what is not there is new
+            known = {row[0] for row in conn.execute(sa.select(ev.event_id).where(ev.event_id.in_(part)))}
+            fresh = [rows[i] for i in part if i not in known]
+            if fresh:
+                conn.execute(sa.insert(lifecycle_events), fresh)
+                new.update(r["event_id"] for r in fresh)
+        return new
+
+    def _pg_unnest(self, table: sa.Table, columns: Sequence[str]) -> str:
+        """`SELECT * FROM unnest(<one array parameter per column>)`: any number of rows in one
+        statement whose text never changes (psycopg 3 sends the arrays in binary)."""
+        mark = "%b" if self.engine.dialect.driver == "psycopg" else "%s"
+        types = [
+            "bytea" if isinstance(table.c[c].type, sa.LargeBinary) else _pg_array_type(table.c[c].type)
+            for c in columns
+        ]
+        return "SELECT * FROM unnest(" + ", ".join(f"{mark}::{t}[]" for t in types) + ")"
 
     def events_of(self, conn: Connection, resource: str) -> list[bytes]:
+        return self.events_of_many(conn, [resource]).get(resource, [])
+
+    def events_of_many(self, conn: Connection, resources: Iterable[str]) -> dict[str, list[bytes]]:
+        """{resource: normalized events in (time, event id) order} of the resources named."""
         ev = lifecycle_events.c
-        query = sa.select(ev.normalized).where(ev.resource_uuid == resource).order_by(ev.time_ms, ev.event_id)
-        return [bytes(row[0]) for row in conn.execute(query)]
+        out: dict[str, list[bytes]] = {}
+        for part in _slices(sorted(set(resources))):
+            query = (
+                sa.select(ev.resource_uuid, ev.normalized)
+                .where(ev.resource_uuid.in_(part))
+                .order_by(ev.resource_uuid, ev.time_ms, ev.event_id)
+            )
+            for row in conn.execute(query):
+                out.setdefault(row[0], []).append(bytes(row[1]))
+        return out
 
     def events_since(
         self, conn: Connection, last_id: int, limit: int = 10000
@@ -808,8 +889,15 @@ _RECORD_COLUMNS = (
     *KEY_COLUMNS, "quantity", "final", "resource_name", "device_type", "created_ms", "updated_ms"
 )  # fmt: skip
 _UNBILLED_COLUMNS = (*KEY_COLUMNS, "bytes", "updated_ms")
+_EVENT_COLUMNS = ("event_id", "resource_uuid", "time_ms", "raw", "normalized", "received_ms")
 if UsageKey._fields != KEY_COLUMNS:  # the tuples above rely on it
     raise RuntimeError(f"UsageKey fields {UsageKey._fields} differ from KEY_COLUMNS {KEY_COLUMNS}")
+
+
+def _slices(items: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    """Consecutive parts of at most `size` items: IN lists and multi-row VALUES stay bounded."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _pg_array_type(column_type: Any) -> str:
