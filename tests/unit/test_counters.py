@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from kvmeter.agent.counters import CounterReader, CounterTableError, parse_proc_net_dev, read_boot_id
+from kvmeter.agent.counters import (
+    CounterReader,
+    CounterTableError,
+    parse_counter_table,
+    parse_proc_net_dev,
+    read_boot_id,
+)
 from kvmeter.agent.model import CounterKey
 
 # Captured from a KVM host (Linux 5.14, EL9), shortened; note the wide rx_bytes glued to the colon.
@@ -26,6 +32,18 @@ def test_parse_takes_bytes_and_packets_per_direction() -> None:
         "cloudbr0": (5000, 50, 6000, 60),
         "vnet12": (742, 9, 18446744073709551615, 3),
     }
+
+
+@pytest.mark.parametrize("text", [TABLE, TABLE.replace("eno1:1", "eno1: 1")])
+def test_columns_follow_the_table_order_on_both_parses(text: str) -> None:
+    # rx_bytes glued to the colon sends the table to the careful parse; the columns are the same.
+    table = parse_counter_table(text)
+    assert table.names == ["lo", "eno1", "cloudbr0", "vnet12"]
+    assert table.rx_bytes == [1296054, 123456789012, 5000, 742]
+    assert table.rx_packets == [12004, 98765432, 50, 9]
+    assert table.tx_bytes == [1296054, 987654321098, 6000, 18446744073709551615]
+    assert table.tx_packets == [12004, 87654321, 60, 3]
+    assert table.as_dict() == parse_proc_net_dev(TABLE)
 
 
 @pytest.mark.parametrize(
