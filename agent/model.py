@@ -88,3 +88,17 @@ class Delta(NamedTuple):
     wrapped: bool = False
     final_at_delete: bool = False
     quarantine_reason: str | None = None  # set: counted, never billed
+
+
+class ColumnDeltas(NamedTuple):
+    """A steady poll's deltas as columns (the delta engine's fast path): every counter of `keys`
+    over the same [start_ms, end_ms), none wrapped, final or quarantined. Counters that did not
+    move are included with zeros (the measure encoder skips them). Host-side directions."""
+
+    keys: tuple[CounterKey, ...]
+    start_ms: int
+    end_ms: int
+    rx_bytes: list[int]
+    tx_bytes: list[int]
+    rx_packets: list[int]
+    tx_packets: list[int]
