@@ -37,7 +37,7 @@ venv: deps $(BIN)/activate
 	$(BIN)/pip install -q -e '.[test]' 'protobuf>=6,<7'
 
 proto:
-	protoc --python_out=proto --pyi_out=proto -Iproto proto/kvmeter.proto
+	protoc --python_out=proto --pyi_out=proto -Iproto proto/kvmeter.proto proto/encoding.proto
 	protoc --python_out=tests/proto -Itests/proto tests/proto/legacy_ipmeasure.proto
 
 # The agent side must run on Python 3.9 (EL9); the collector may use 3.11.

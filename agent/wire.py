@@ -1,0 +1,150 @@
+"""A steady poll's measures written as protobuf wire bytes. Pure, no I/O.
+
+A busy host's poll is thousands of IPMeasure records that differ from the last poll's only in
+bytes, packets, start and end. Building a message object per measure costs more than reading the
+kernel's table; here each record is its counter's serialised template (Templates, measures.py)
+behind the moving fields, and every step runs over whole columns in C:
+
+- protobuf writes all the counts at once, tags included, as one packed field (`PackedCounts`):
+  `0x18 <bytes> 0x38 <packets>` per measure (field 3 and field 7 of IPMeasure, both varints);
+- a regular expression cuts that run into one piece per measure (a varint ends at the first
+  byte below 0x80);
+- each record is `0x3a <length>` (MeasureBatch field 7) + counts + times + template, and the
+  records are joined in one call.
+
+Protobuf parsers take a message's fields in any order and concatenated records of a repeated
+field as one list, so the result decodes exactly like build_batch's output for the same deltas
+(tests/unit/test_wire.py proves it field by field).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from itertools import chain, compress, repeat
+from operator import add, or_
+
+from kvmeter.agent.measures import _Pair
+from kvmeter.agent.model import ColumnDeltas
+from kvmeter.proto import pb
+from kvmeter.proto.encoding_pb2 import PackedCounts
+
+_BYTES_TAG = 0x18  # IPMeasure.bytes = 3, varint
+_PACKETS_TAG = 0x38  # IPMeasure.packets = 7, varint
+_START_TAG = 0x20  # IPMeasure.start = 4
+_END_TAG = 0x28  # IPMeasure.end = 5
+_MEASURES_TAG = 0x3A  # MeasureBatch.measures = 7, length-delimited
+_VARINT = rb"[\x80-\xff]*[\x00-\x7f]"
+_COUNTS = re.compile(rb"\x18" + _VARINT + rb"\x38" + _VARINT)
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def packed_varints(values: Sequence[int]) -> bytes:
+    """The values as consecutive varints (written by protobuf's C code)."""
+    packed = PackedCounts()
+    packed.values.extend(values)
+    data = packed.SerializeToString()
+    if not data:
+        return b""
+    length_end = 1  # skip the field's tag, then its length varint
+    while data[length_end] & 0x80:
+        length_end += 1
+    return data[length_end + 1 :]
+
+
+class _Heads:
+    """`0x3a <length>`, the start of a measure record, per record length: a list indexed by
+    length, grown to the longest record seen."""
+
+    def __init__(self) -> None:
+        self._heads: list[bytes] = []
+
+    def lookup(self, lengths: list[int]) -> map[bytes]:
+        longest = max(lengths, default=0)
+        heads = self._heads
+        if longest >= len(heads):
+            heads.extend(bytes([_MEASURES_TAG]) + varint(n) for n in range(len(heads), longest + 1))
+        return map(heads.__getitem__, lengths)
+
+
+class SteadyEncoder:
+    """The measure records of steady polls over one fixed list of counters (a poll plan's): the
+    VM_RX measures in the order of `pairs`, then the VM_TX ones (build_batch interleaves them
+    per counter; the order of a batch's measures means nothing)."""
+
+    def __init__(self, pairs: Sequence[_Pair]) -> None:
+        self._templates = [p.rx_wire for p in pairs] + [p.tx_wire for p in pairs]
+        self._template_lengths = list(map(len, self._templates))
+        self._base_lengths: tuple[int, list[int]] = (0, self._template_lengths)  # (+ times, lengths)
+        self._unswapped = [p.unswapped for p in pairs]
+        self._any_unswapped = any(self._unswapped)
+        traffic: dict[str, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            traffic.setdefault(pair.traffic_type, []).append(i)
+        self._traffic = traffic
+        self._heads = _Heads()
+
+    def encode(self, deltas: ColumnDeltas) -> tuple[bytes, int, dict[str, list[int]]]:
+        """(the records, how many, VM-side bytes per traffic type: {type: [vm_rx, vm_tx]})."""
+        # Host tx is what the VM received (VM_RX), host rx what it sent, except for counters
+        # that already count from the guest's side (macvtap).
+        vm_rx_b, vm_tx_b = deltas.tx_bytes, deltas.rx_bytes
+        vm_rx_p, vm_tx_p = deltas.tx_packets, deltas.rx_packets
+        if self._any_unswapped:
+            flags = self._unswapped
+            vm_rx_b = [r if u else t for u, r, t in zip(flags, deltas.rx_bytes, deltas.tx_bytes)]
+            vm_tx_b = [t if u else r for u, r, t in zip(flags, deltas.rx_bytes, deltas.tx_bytes)]
+            vm_rx_p = [r if u else t for u, r, t in zip(flags, deltas.rx_packets, deltas.tx_packets)]
+            vm_tx_p = [t if u else r for u, r, t in zip(flags, deltas.rx_packets, deltas.tx_packets)]
+        nbytes = vm_rx_b + vm_tx_b
+        npackets = vm_rx_p + vm_tx_p
+        n = len(nbytes)
+        if n != len(self._templates):
+            raise ValueError(f"{n // 2} counters for an encoder of {len(self._templates) // 2}")
+        counts = _COUNTS.findall(
+            packed_varints(
+                list(
+                    chain.from_iterable(zip(repeat(_BYTES_TAG, n), nbytes, repeat(_PACKETS_TAG, n), npackets))
+                )
+            )
+        )
+        times = bytes([_START_TAG]) + varint(deltas.start_ms) + bytes([_END_TAG]) + varint(deltas.end_ms)
+        lengths = list(map(add, map(len, counts), self._lengths_with(len(times))))
+        records = zip(self._heads.lookup(lengths), counts, repeat(times, n), self._templates)
+        moved = list(map(or_, nbytes, npackets))  # a direction that moved nothing has no measure
+        data = b"".join(chain.from_iterable(compress(records, moved)))
+        return data, n - moved.count(0), self._totals(vm_rx_b, vm_tx_b)
+
+    def _lengths_with(self, times: int) -> list[int]:
+        """Each record's length less its counts: template + times (the same from poll to poll
+        while timestamps keep their number of digits)."""
+        if self._base_lengths[0] != times:
+            self._base_lengths = (times, [length + times for length in self._template_lengths])
+        return self._base_lengths[1]
+
+    def _totals(self, vm_rx: list[int], vm_tx: list[int]) -> dict[str, list[int]]:
+        if len(self._traffic) == 1:
+            (traffic,) = self._traffic
+            return {traffic: [sum(vm_rx), sum(vm_tx)]}
+        return {
+            traffic: [sum(map(vm_rx.__getitem__, rows)), sum(map(vm_tx.__getitem__, rows))]
+            for traffic, rows in self._traffic.items()
+        }
+
+
+def batch_bytes(
+    header: pb.MeasureBatch, records: bytes, inventory: Sequence[pb.DomainInventory] | None
+) -> bytes:
+    """A MeasureBatch's wire bytes from its scalar fields, measure records and inventory."""
+    data = header.SerializeToString() + records
+    if inventory:
+        data += pb.MeasureBatch(inventory=inventory).SerializeToString()
+    return data

@@ -1,0 +1,134 @@
+"""Steady polls written as wire bytes (agent/wire.py) decode exactly like build_batch's messages."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from google.protobuf.internal.encoder import _VarintBytes
+
+from kvmeter.agent.measures import Attribution, Templates, build_batch, domain_inventory
+from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.wire import SteadyEncoder, batch_bytes, packed_varints, varint
+from kvmeter.proto import SCHEMA_VERSION, pb
+
+BOOT = "boot-1"
+START, END = 1_764_000_000_000, 1_764_000_010_000
+EDGES = [0, 1, 127, 128, 16_383, 16_384, 2**32 - 1, 2**32, 2**63, 2**64 - 1]
+
+
+@pytest.mark.parametrize("value", EDGES)
+def test_varint_is_protobufs(value: int) -> None:
+    assert varint(value) == _VarintBytes(value)
+
+
+def test_packed_varints_are_the_values_back_to_back() -> None:
+    values = EDGES + [random.Random(3).randrange(2**64) for _ in range(200)]
+    assert packed_varints(values) == b"".join(map(_VarintBytes, values))
+    assert packed_varints([]) == b""
+
+
+def counters(kinds: list[tuple[str, str]]) -> tuple[tuple[CounterKey, ...], dict[CounterKey, Attribution]]:
+    """One domain NIC per (nic_type, traffic type), with long and short names alike."""
+    keys, attribution = [], {}
+    for i, (nic_type, traffic) in enumerate(kinds):
+        key = CounterKey(BOOT, 20 + i * 977, f"{'macvtap' if nic_type == 'direct' else 'vnet'}{i}")
+        nic = NicInfo(mac=f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", device=key.name, nic_type=nic_type)
+        domain = DomainInfo(
+            uuid=f"uuid-{i}", name=f"i-2-{i}-VM" + "x" * (i % 90), state="running", kind="user_vm"
+        )
+        placement = LinkPlacement(
+            bridge=f"br{i}", vlan_id=i if traffic == "public" else None, traffic_type=traffic
+        )
+        keys.append(key)
+        attribution[key] = Attribution(domain, nic, placement)
+    return tuple(keys), attribution
+
+
+def steady(keys: tuple[CounterKey, ...], seed: int) -> ColumnDeltas:
+    """Deltas of every size, with whole counters and single directions standing still."""
+    rng = random.Random(seed)
+
+    def value() -> int:
+        return rng.choice([0, 0, 1, 127, 128, rng.randrange(2**20), rng.randrange(2**40), 2**62])
+
+    columns = [[value() for _ in keys] for _ in range(4)]
+    return ColumnDeltas(keys, START, END, *columns)
+
+
+def rows(cd: ColumnDeltas) -> list[Delta]:
+    moved = zip(cd.keys, cd.rx_bytes, cd.tx_bytes, cd.rx_packets, cd.tx_packets, strict=True)
+    return [
+        Delta(k, cd.start_ms, cd.end_ms, rb, tb, rp, tp)
+        for k, rb, tb, rp, tp in moved
+        if rb or tb or rp or tp
+    ]
+
+
+def measure_set(measures: object) -> list[bytes]:
+    return sorted(m.SerializeToString(deterministic=True) for m in measures)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        [("bridge", "guest")] * 40,
+        [("bridge", "guest"), ("direct", "public"), ("bridge", "public"), ("bridge", "control")] * 9,
+        [("direct", "guest")],
+    ],
+)
+def test_steady_records_decode_as_build_batch_measures(kinds: list[tuple[str, str]], seed: int) -> None:
+    keys, attribution = counters(kinds)
+    templates = Templates()
+    encoder = SteadyEncoder([templates.pair(k, attribution[k]) for k in keys])
+    cd = steady(keys, seed)
+    records, count, totals = encoder.encode(cd)
+
+    expected_totals: dict[str, list[int]] = {}
+    expected, unattributed = build_batch(
+        host_id="h",
+        boot_id=BOOT,
+        stream_id="s",
+        seq=1,
+        poll_ms=END,
+        deltas=rows(cd),
+        attribution=attribution,
+        totals=expected_totals,
+    )
+    got = pb.MeasureBatch.FromString(records)
+    assert unattributed == []
+    assert count == len(got.measures) == len(expected.measures)
+    assert measure_set(got.measures) == measure_set(expected.measures)
+    assert {t: v for t, v in totals.items() if any(v)} == {t: v for t, v in expected_totals.items() if any(v)}
+    # the same encoder serves the next poll, with other times and values
+    later = steady(keys, seed + 100)._replace(start_ms=END, end_ms=END + 3)
+    again, _, _ = SteadyEncoder([templates.pair(k, attribution[k]) for k in keys]).encode(later)
+    assert encoder.encode(later)[0] == again
+
+
+def test_an_encoder_refuses_counters_it_was_not_built_for() -> None:
+    keys, attribution = counters([("bridge", "guest")] * 3)
+    encoder = SteadyEncoder([Templates().pair(k, attribution[k]) for k in keys])
+    with pytest.raises(ValueError, match="2 counters for an encoder of 3"):
+        encoder.encode(steady(keys[:2], 1))
+
+
+def test_batch_bytes_carry_the_header_the_records_and_the_inventory() -> None:
+    keys, attribution = counters([("bridge", "guest")] * 2)
+    records, _, _ = SteadyEncoder([Templates().pair(k, attribution[k]) for k in keys]).encode(
+        ColumnDeltas(keys, START, END, [5, 0], [6, 0], [1, 0], [1, 0])
+    )
+    header = pb.MeasureBatch(
+        schema=SCHEMA_VERSION, host_id="h", boot_id=BOOT, stream_id="s", seq=9, final=True
+    )
+    who = attribution[keys[0]]
+    inventory = [domain_inventory(who.domain, {keys[0].name: who.placement}, {keys[0].name: keys[0].ifindex})]
+    batch = pb.MeasureBatch.FromString(batch_bytes(header, records, inventory))
+    assert (batch.host_id, batch.seq, batch.final, batch.schema) == ("h", 9, True, SCHEMA_VERSION)
+    assert [(m.device, m.direction, m.bytes, m.start, m.end) for m in batch.measures] == [
+        ("vnet0", pb.VM_RX, 6, START, END),
+        ("vnet0", pb.VM_TX, 5, START, END),
+    ]
+    assert list(batch.inventory) == inventory
+    assert pb.MeasureBatch.FromString(batch_bytes(header, b"", None)) == header
