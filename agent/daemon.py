@@ -21,24 +21,32 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from kvmeter.agent.config import AgentConfig
-from kvmeter.agent.counters import Stats, parse_proc_net_dev, read_link_mac, read_proc_net_dev, to_sample
+from kvmeter.agent.counters import (
+    CounterTable,
+    Stats,
+    parse_counter_table,
+    read_link_mac,
+    read_proc_net_dev,
+    to_sample,
+)
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.measures import (
     Attribution,
     Templates,
-    build_batch,
+    add_measures,
     domain_inventory,
 )
 from kvmeter.agent.metered import LIBVIRT_COUNTED_NIC_TYPES, MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
-from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.publish import Publisher
 from kvmeter.agent.spool import Spool
-from kvmeter.proto import pb
+from kvmeter.agent.wire import SteadyEncoder, batch_bytes
+from kvmeter.proto import SCHEMA_VERSION, pb
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,24 @@ class _Plan:
     present: frozenset[CounterKey]  # every stable link's key
     inventory_signature: Any  # what the inventory sent with a batch is built from
     placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
+    # The metered rows of the counter table, for the table layout they were found in
+    table_names: list[str] | None = None
+    row_keys: tuple[CounterKey, ...] = ()
+    row_indexes: list[int] = field(default_factory=list)
+    encoder: SteadyEncoder | None = None  # for row_keys; built at the first steady poll
+
+    def rows_of(self, names: list[str]) -> tuple[tuple[CounterKey, ...], list[int]]:
+        """The metered interfaces' keys and their rows in a table with these names, in the
+        table's order (as the kernel lists them). The layout rarely changes between polls:
+        one list comparison then, and no per-interface lookups."""
+        if names != self.table_names:
+            metered = self.metered
+            rows = [(i, metered[name]) for i, name in enumerate(names) if name in metered]
+            self.table_names = names
+            self.row_indexes = [i for i, _ in rows]
+            self.row_keys = tuple(key for _, key in rows)
+            self.encoder = None
+        return self.row_keys, self.row_indexes
 
     def still_valid(self, generation: int | None, links: dict[str, int], domains: list[DomainInfo]) -> bool:
         return (
@@ -167,6 +193,7 @@ class Agent:
         self._mono = mono
         self.stream_id = uuid.uuid4().hex
         self.seq = 0
+        self.last_measures = 0  # in the last batch
         saved = spool.last_state() or {}
         engine_state = saved.get("engine") if saved.get("v") == STATE_VERSION else None
         delta_config = DeltaConfig(line_rate_ceiling_bps=config.line_rate_ceiling_bps)
@@ -216,13 +243,18 @@ class Agent:
     # -- one poll ------------------------------------------------------------------------------
 
     def poll_once(self, *, final: bool = False, dry_run: bool = False) -> pb.MeasureBatch:
-        """Read, compute, spool (unless dry_run) and hand to the publisher. Returns the batch."""
+        """`poll`, and the batch decoded from what it spooled (for `--once` and tests)."""
+        return pb.MeasureBatch.FromString(self.poll(final=final, dry_run=dry_run))
+
+    def poll(self, *, final: bool = False, dry_run: bool = False) -> bytes:
+        """Read, compute, spool (unless dry_run) and hand to the publisher. Returns the batch's
+        wire bytes."""
         started = time.perf_counter()
         saved_engine = self._committed_state or self.engine.to_state()
         events = self._carry + self._drain()
         self._carry = []
         try:
-            batch = self._poll(events, final=final, dry_run=dry_run)
+            data = self._poll(events, final=final, dry_run=dry_run)
         except BaseException:
             # Nothing of this poll reached the disk: undo it, so no byte is lost or counted twice.
             self.engine = DeltaEngine.from_state(self.boot_id, saved_engine, self.engine.config)
@@ -234,7 +266,7 @@ class Agent:
         self.metrics.polls.inc()
         if self.publisher is not None and not dry_run:
             self.publisher.pump()
-        return batch
+        return data
 
     def _drain(self) -> list[_Event]:
         events = []
@@ -244,24 +276,82 @@ class Agent:
             except queue.Empty:
                 return events
 
-    def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> pb.MeasureBatch:
+    def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> bytes:
         generation = getattr(self.topology, "generation", None)
         before = self.topology.links()
-        table = parse_proc_net_dev(self._read_text())
+        table = parse_counter_table(self._read_text())
         after = self.topology.links()
         now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
         stable = after if after == before else {name: i for name, i in after.items() if before.get(name) == i}
         plan = self._plan_for(generation, stable)
-        devices = plan.devices
-        metered = plan.metered
+        keys, rows = plan.rows_of(table.names)
+        rx_bytes, rx_packets, tx_bytes, tx_packets = (
+            list(map(column.__getitem__, rows))
+            for column in (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
+        )
 
-        # In the table's order, as the kernel lists the interfaces.
-        readings: list[tuple[CounterKey, Stats]] = [
-            (metered[name], stats) for name, stats in table.items() if name in metered
-        ]
-        readings += self._libvirt_counted(plan.libvirt_counted, table)
-        self.metrics.interfaces.set(len(readings))
+        # A steady poll (no link events, every counter known and growing) runs by columns; the
+        # rest by rows, where every rule of the engine and every kind of measure applies.
+        steady: ColumnDeltas | None = None
+        if not events and not plan.libvirt_counted and self._steady_encoder(plan) is not None:
+            steady = self.engine.poll_columns(
+                now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
+            )
+        deltas: list[Delta] = []
+        if steady is None:
+            readings: list[tuple[CounterKey, Stats]] = list(
+                zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
+            )
+            if plan.libvirt_counted:
+                readings += self._libvirt_counted(plan.libvirt_counted, table)
+            self.metrics.interfaces.set(len(readings))
+            deltas = self._apply_events(events, plan.devices)
+            deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
+        else:
+            self.metrics.interfaces.set(len(keys))
 
+        self.seq += 1
+        header = pb.MeasureBatch(
+            schema=SCHEMA_VERSION,
+            host_id=self.config.host_id,
+            boot_id=self.boot_id,
+            stream_id=self.stream_id,
+            seq=self.seq,
+            poll_time=now_ms,
+            final=final,
+        )
+        inventory = self._inventory_if_due(plan, commit=not dry_run)
+        totals: dict[str, list[int]] = {}
+        if steady is not None and plan.encoder is not None:
+            records, self.last_measures, totals = plan.encoder.encode(steady)
+        else:
+            measures = pb.MeasureBatch()
+            unattributed = add_measures(measures.measures, deltas, self._attribution, self._templates, totals)
+            records = measures.SerializeToString()
+            self.last_measures = len(measures.measures)
+            for d in unattributed:
+                if d.rx_bytes or d.tx_bytes:
+                    log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
+        data = batch_bytes(header, records, inventory)
+        if dry_run:
+            self.seq -= 1
+            return data
+        try:
+            engine_state = self.engine.to_state()
+            state = {"v": STATE_VERSION, "engine": engine_state}
+            self.spool.append(self.stream_id, self.seq, data, state, now_ms)
+        except BaseException:
+            self.seq -= 1
+            raise
+        self._committed_state = engine_state  # the rollback point of the next poll
+        self._count(deltas, totals)
+        self._forget_closed(plan)
+        return data
+
+    def _apply_events(
+        self, events: list[_Event], devices: Mapping[str, tuple[DomainInfo, NicInfo]]
+    ) -> list[Delta]:
+        """Link events in the order they came: births for the engine, deletions' final counters."""
         deltas: list[Delta] = []
         for event in events:
             key = CounterKey(self.boot_id, event.ifindex, event.ifname)
@@ -277,40 +367,19 @@ class Agent:
                 log.warning(
                     "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
                 )
-        deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
+        return deltas
 
-        self.seq += 1
-        totals: dict[str, list[int]] = {}
-        batch, unattributed = build_batch(
-            host_id=self.config.host_id,
-            boot_id=self.boot_id,
-            stream_id=self.stream_id,
-            seq=self.seq,
-            poll_ms=now_ms,
-            deltas=deltas,
-            attribution=self._attribution,
-            inventory=self._inventory_if_due(plan, commit=not dry_run),
-            final=final,
-            templates=self._templates,
-            totals=totals,
-        )
-        for d in unattributed:
-            if d.rx_bytes or d.tx_bytes:
-                log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
-        if dry_run:
-            self.seq -= 1
-            return batch
-        try:
-            engine_state = self.engine.to_state()
-            state = {"v": STATE_VERSION, "engine": engine_state}
-            self.spool.append(self.stream_id, self.seq, batch.SerializeToString(), state, now_ms)
-        except BaseException:
-            self.seq -= 1
-            raise
-        self._committed_state = engine_state  # the rollback point of the next poll
-        self._count(deltas, totals)
-        self._forget_closed(plan)
-        return batch
+    def _steady_encoder(self, plan: _Plan) -> SteadyEncoder | None:
+        """The plan's encoder of steady polls; None when a metered counter has no attribution."""
+        if plan.encoder is None:
+            pairs = []
+            for key in plan.row_keys:
+                who = self._attribution.get(key)
+                if who is None:
+                    return None
+                pairs.append(self._templates.pair(key, who))
+            plan.encoder = SteadyEncoder(pairs)
+        return plan.encoder
 
     def _plan_for(self, generation: int | None, stable: dict[str, int]) -> _Plan:
         domains = list(self.inventory.snapshot().values())
@@ -368,12 +437,13 @@ class Agent:
             self._attribution[key] = Attribution(domain, nic, placement)
 
     def _libvirt_counted(
-        self, nics: list[tuple[str, DomainInfo, NicInfo]], table: Mapping[str, Stats]
+        self, nics: list[tuple[str, DomainInfo, NicInfo]], table: CounterTable
     ) -> list[tuple[CounterKey, Stats]]:
         """NICs the host cannot see (vhost-user): libvirt's interfaceStats, with a timeout."""
         readings = []
+        host_visible = set(table.names)
         for name, domain, nic in nics:
-            if name in table:
+            if name in host_visible:
                 continue
             stats = self.inventory.interface_stats(
                 domain.uuid, name, timeout=self.config.libvirt_call_timeout
@@ -391,14 +461,14 @@ class Agent:
     def _forget_closed(self, plan: _Plan) -> None:
         """Drop the attribution of counters the engine no longer tracks, unless the plan still
         meters them (a reborn tap waiting for its old incarnation's close, for one)."""
-        tracked = self.engine.tracked_keys()
-        if len(self._attribution) > len(tracked):
+        tracked = self.engine.tracked_count()
+        if len(self._attribution) > tracked:
             metered = plan.metered
-            for key in self._attribution.keys() - tracked:
+            for key in self._attribution.keys() - self.engine.tracked_keys():
                 if metered.get(key.name) != key:
                     del self._attribution[key]
-        if len(self._templates) > 2 * len(tracked):
-            self._templates.keep_only(tracked)
+        if len(self._templates) > 2 * tracked:
+            self._templates.keep_only(self.engine.tracked_keys())
 
     def _inventory_if_due(self, plan: _Plan, *, commit: bool) -> list[pb.DomainInventory] | None:
         """The full inventory on the first batch, on any change, and every inventory_every polls
@@ -449,7 +519,7 @@ class Agent:
             now = self._mono()
             if now >= next_poll:
                 try:
-                    self.poll_once()
+                    self.poll()
                 except Exception:
                     log.exception("poll failed; retrying at the next interval")
                 next_poll += interval
@@ -467,7 +537,7 @@ class Agent:
     def shutdown(self, flush_timeout: float = 10.0) -> None:
         """SIGTERM: one last poll, flush to the broker, close. Undelivered batches stay spooled."""
         try:
-            self.poll_once(final=True)
+            self.poll(final=True)
         except Exception:
             log.exception("last poll failed")
         if self.publisher is not None:

@@ -5,7 +5,7 @@ driver with one domain per two taps (it renames vnetN targets, so NICs match the
 as the agent does for a hot-plug). bench.agent_bench watches the resident memory from outside
 (psutil) while bench.frames pushes traffic on every interface.
 
-CPU is split into what the polls take (the poll thread's CPU time around each poll_once) and
+CPU is split into what the polls take (the poll thread's CPU time around each poll) and
 the rest (topology's event thread, librdkafka's threads, the loop's waits) per second of run, so
 the share of one core at any poll interval follows: (poll CPU + rest/s x interval) / interval.
 """
@@ -53,20 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     poll_cpu: list[float] = []
     measures: list[int] = []
     marks: list[float] = []  # process CPU and wall time at the end of the first (baseline) poll
-    real_poll = agent.poll_once
+    real_poll = agent.poll
 
-    def poll_once(**kwargs: Any) -> Any:
+    def poll(**kwargs: Any) -> Any:
         c0 = time.thread_time()
-        batch = real_poll(**kwargs)
+        data = real_poll(**kwargs)
         poll_cpu.append(time.thread_time() - c0)
-        measures.append(len(batch.measures))
+        measures.append(agent.last_measures)
         if len(poll_cpu) == 1:
             marks[:] = [time.process_time(), time.monotonic()]
         if len(poll_cpu) > args.polls:
             agent.stop_event.set()
-        return batch
+        return data
 
-    agent.poll_once = poll_once
+    agent.poll = poll
     agent.start()
     try:
         agent.run()  # ends with one last poll and a flush

@@ -2,7 +2,7 @@
 every interface in the current network namespace.
 
 - floor: one raw read of the kernel's counter table (/proc/net/dev): nothing can poll for less.
-- kvmeter: the agent daemon's Agent.poll_once (kvmeter.agent.daemon) with its real topology
+- kvmeter: the agent daemon's Agent.poll (kvmeter.agent.daemon) with its real topology
   (netlink) and spool (fsync), built by build_agent below: what `kvmeter agent` does every poll.
 - kvmeter core: its pure stages alone (counters -> delta -> measures -> serialize), each timed.
 - psutil: psutil.net_io_counters(pernic=True).

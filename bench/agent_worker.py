@@ -19,6 +19,7 @@ from bench import agent_path
 from bench.frames import Pusher, ifindexes
 from bench.timing import interleaved
 from bench.vethns import BRIDGE_MAC, VethHost
+from kvmeter.proto import pb
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         agent.start()
         last: list[Any] = []
 
-        def agent_poll() -> None:
-            last[:] = [agent.poll_once()]
+        def agent_poll() -> None:  # what the daemon's loop calls every interval
+            last[:] = [agent.poll()]
 
         pusher.push()
         kv.poll()  # the first poll baselines every counter; the timed ones emit deltas
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "n": args.n,
         "table_lines": table_lines,
-        "measures_per_poll": len(last[0].measures),
-        "batch_bytes": last[0].ByteSize(),
+        "measures_per_poll": len(pb.MeasureBatch.FromString(last[0]).measures),
+        "batch_bytes": len(last[0]),
         "core_measures_per_poll": kv.last_measures,
         "per_nic_sample": min(args.sample, args.n),
         "methods": {name: s.summary(scale.get(name, 1.0)) for name, s in samples.items()},
