@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
@@ -41,7 +41,11 @@ log = logging.getLogger(__name__)
 MEASURES = "measures"
 LIFECYCLE = "lifecycle"
 FULL_RETRY_MS = 5 * 60_000
+SYNC_PAGE = 10_000  # stored events read per query when catching up with the store
 UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record's values
+# A history and the ids of the events it was built from.
+Built = tuple[frozenset[str], ResourceHistory | None]
+_NOT_BUILT: Built = (frozenset(), None)
 
 
 @dataclass(frozen=True)
@@ -122,24 +126,30 @@ class Collector:
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:
         """Load events stored since the last sync (by anyone) into histories and the index."""
+        return self._learn(self._stored_since())
+
+    def _stored_since(self, skip: Container[str] = ()) -> list[pb.LifecycleEvent]:
+        """Events stored since the last sync (by anyone) and not known here, nor in `skip`."""
         learned: list[pb.LifecycleEvent] = []
         while True:
             with self.store.read() as conn:
-                rows = self.store.events_since(conn, self._last_event_row)
-            if not rows:
-                break
-            for row_id, resource, normalized in rows:
+                rows = self.store.events_since(conn, self._last_event_row, SYNC_PAGE)
+            for row_id, resource, normalized, event_id in rows:
                 self._last_event_row = row_id
-                if resource:
+                if resource and event_id not in skip and event_id not in self._events.get(resource, ()):
                     learned.append(pb.LifecycleEvent.FromString(normalized))
-        return self._learn(learned)
+            if len(rows) < SYNC_PAGE:
+                return learned
 
-    def _learn(self, events: Iterable[pb.LifecycleEvent]) -> set[str]:
+    def _learn(
+        self, events: Iterable[pb.LifecycleEvent], built: Mapping[str, Built] | None = None
+    ) -> set[str]:
         """Add events to the in-memory histories and owner index; returns resources changed.
 
         Every replica reads the whole lifecycle topic and learns each event it parses, stored
         by itself or not: on PostgreSQL, ids of concurrent inserts can commit out of order, so
-        the sync cursor alone could step over one.
+        the sync cursor alone could step over one. A history in `built` (from the same events,
+        by id) is taken as it is instead of being built again.
         """
         changed: set[str] = set()
         for ev in events:
@@ -148,7 +158,9 @@ class Collector:
                 known[ev.event_id] = ev
                 changed.add(ev.resource_uuid)
         for resource in changed:
-            history = lifecycle.build_resource_history(resource, self._events[resource].values())
+            ids, history = built.get(resource, _NOT_BUILT) if built else _NOT_BUILT
+            if history is None or ids != self._events[resource].keys():
+                history = lifecycle.build_resource_history(resource, self._events[resource].values())
             self.histories[resource] = history
             self.index.update(history)
         if changed:
@@ -359,27 +371,31 @@ class Collector:
                 {ev.resource_uuid for ev, _ in parsed if ev.resource_uuid and ev.event_id in new}
             )
             self.store.lock_resources(conn, touched)
-            out.records, out.adjustments = self._recompute(conn, touched, final_through, now)
+            built = self._recompute(conn, touched, final_through, now, out)
             self.store.dead_letter(conn, out.dead_letters, now)
-        self.sync()
-        self._learn(ev for ev, _ in parsed if ev.resource_uuid)
+        mine = [ev for ev, _ in parsed if ev.resource_uuid]
+        self._learn([*self._stored_since(skip={ev.event_id for ev in mine}), *mine], built)
         out.add(self._unpark_for(touched))
         return out
 
     def _recompute(
-        self, conn: Connection, resources: Sequence[str], final_through: int, now: int
-    ) -> tuple[int, int]:
+        self, conn: Connection, resources: Sequence[str], final_through: int, now: int, out: Outcome
+    ) -> dict[str, Built]:
         """Rebuild each resource from all its stored events and rewrite its time-based records
-        (one read of the events and one write of the records for all of them)."""
+        (one read of the events and one write of the records for all of them). Returns the
+        histories with the ids of the events they were built from."""
         stored = self.store.events_of_many(conn, resources)
         values: dict[str, dict[UsageKey, int]] = {}
+        built: dict[str, Built] = {}
         for resource in resources:
             events = [pb.LifecycleEvent.FromString(raw) for raw in stored.get(resource, [])]
             history = lifecycle.build_resource_history(resource, events)
+            built[resource] = (frozenset(ev.event_id for ev in events), history)
             values[resource] = {
                 v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)
             }
-        return self.store.set_time_values_many(conn, values, final_through, now)
+        out.records, out.adjustments = self.store.set_time_values_many(conn, values, final_through, now)
+        return built
 
     def _unpark_for(self, resources: Sequence[str], per_pass: int = 500) -> Outcome:
         """Bill parked measures of these resources (by instance, MAC or address) now that their

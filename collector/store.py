@@ -481,7 +481,7 @@ class Store:
         Call lock_resources first. Returns (records written, adjustments).
         """
         stored = self._time_records(conn, sorted(values), final_through if open_only else None)
-        upserts: list[dict[str, Any]] = []
+        upserts: list[tuple[Any, ...]] = []
         deletes: list[int] = []
         late: dict[UsageKey, int] = {}
         for resource in sorted(values):
@@ -498,28 +498,28 @@ class Store:
                         late[key] = new - net
                 elif record is None:
                     if new:
-                        upserts.append(_time_row(key, new, now_ms))
+                        upserts.append((*key, new, False, "", "", now_ms, now_ms))
                 elif new == 0:
                     deletes.append(record[0])
                 elif new != record[1]:
-                    upserts.append(_time_row(key, new, now_ms))
-        if upserts and self.is_postgres:  # the keys are distinct: one statement may touch each once
+                    upserts.append((*key, new, False, "", "", now_ms, now_ms))
+        if upserts:  # tuples in _RECORD_COLUMNS order; distinct keys: a statement may touch each once
             sql = self._sql_cache.get("time_values")
             if sql is None:
+                source = (
+                    self._pg_unnest(usage_records, _RECORD_COLUMNS)
+                    if self.is_postgres
+                    else "VALUES (" + ", ".join(["?"] * len(_RECORD_COLUMNS)) + ")"
+                )
                 sql = self._sql_cache["time_values"] = (
-                    f"INSERT INTO usage_records ({', '.join(_RECORD_COLUMNS)}) "
-                    f"{self._pg_unnest(usage_records, _RECORD_COLUMNS)} "
+                    f"INSERT INTO usage_records ({', '.join(_RECORD_COLUMNS)}) {source} "
                     f"ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET "
                     "quantity = excluded.quantity, updated_ms = excluded.updated_ms"
                 )
-            conn.exec_driver_sql(sql, tuple([row[c] for row in upserts] for c in _RECORD_COLUMNS))
-        elif upserts:
-            stmt = self._insert(usage_records)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=list(KEY_COLUMNS),
-                set_={"quantity": stmt.excluded.quantity, "updated_ms": now_ms},
-            )
-            conn.execute(stmt, upserts)
+            if self.is_postgres:
+                conn.exec_driver_sql(sql, tuple(list(column) for column in zip(*upserts, strict=True)))
+            else:
+                conn.exec_driver_sql(sql, upserts)
         for part in _slices(deletes):
             conn.execute(sa.delete(usage_records).where(usage_records.c.id.in_(part)))
         if late:
@@ -602,12 +602,13 @@ class Store:
             return {row[0] for row in conn.exec_driver_sql(sql, arrays)}
         new: set[str] = set()
         ev = lifecycle_events.c
+        insert = "INSERT INTO lifecycle_events (" + ", ".join(_EVENT_COLUMNS) + ") VALUES (?, ?, ?, ?, ?, ?)"
         for part in _slices(list(rows)):  # writers are serialised (BEGIN IMMEDIATE): what is not there is new
             known = {row[0] for row in conn.execute(sa.select(ev.event_id).where(ev.event_id.in_(part)))}
-            fresh = [rows[i] for i in part if i not in known]
+            fresh = [tuple(rows[i][c] for c in _EVENT_COLUMNS) for i in part if i not in known]
             if fresh:
-                conn.execute(sa.insert(lifecycle_events), fresh)
-                new.update(r["event_id"] for r in fresh)
+                conn.exec_driver_sql(insert, fresh)
+                new.update(row[0] for row in fresh)
         return new
 
     def _pg_unnest(self, table: sa.Table, columns: Sequence[str]) -> str:
@@ -639,16 +640,16 @@ class Store:
 
     def events_since(
         self, conn: Connection, last_id: int, limit: int = 10000
-    ) -> list[tuple[int, str, bytes]]:
-        """(id, resource, normalized) of events stored after `last_id`, by id."""
+    ) -> list[tuple[int, str, bytes, str]]:
+        """(id, resource, normalized, event id) of events stored after `last_id`, by id."""
         ev = lifecycle_events.c
         query = (
-            sa.select(ev.id, ev.resource_uuid, ev.normalized)
+            sa.select(ev.id, ev.resource_uuid, ev.normalized, ev.event_id)
             .where(ev.id > last_id)
             .order_by(ev.id)
             .limit(limit)
         )
-        return [(int(r[0]), r[1], bytes(r[2])) for r in conn.execute(query)]
+        return [(int(r[0]), r[1], bytes(r[2]), r[3]) for r in conn.execute(query)]
 
     def resources(self, conn: Connection) -> list[str]:
         ev = lifecycle_events.c
@@ -918,18 +919,6 @@ def _key_dict(key: UsageKey) -> dict[str, Any]:
         "detail": key.detail,
         "window_start_ms": key.window_start_ms,
         "window_end_ms": key.window_end_ms,
-    }
-
-
-def _time_row(key: UsageKey, quantity: int, now_ms: int) -> dict[str, Any]:
-    return {
-        **_key_dict(key),
-        "quantity": quantity,
-        "final": False,
-        "resource_name": "",
-        "device_type": "",
-        "created_ms": now_ms,
-        "updated_ms": now_ms,
     }
 
 
