@@ -12,6 +12,8 @@ Decisions:
 - Measure.owner_hint is the owner map of the batch's inventory entry for the measure's domain
   (matched by instance uuid, else by domain name); {} when there is none. Measures of one domain
   share one dict: read it, never mutate it.
+- A batch keeps its measures in columns (DecodedBatch), each measure's billing fields in a Target
+  shared by all measures with the same ones; DecodedBatch.measure(i) builds the Measure value.
 - Rejections (BadInput): malformed_protobuf, missing_stream, missing_seq, missing_interval
   (start or end absent), inverted_interval (end < start), implausible_interval (outside years
   2000-2200 or longer than MAX_MEASURE_SPAN_MS), bad_address (address not 4 or 16 bytes).
@@ -54,15 +56,37 @@ TRAFFIC_TYPES = {
 _TRAFFIC: dict[int, str] = {int(k): v for k, v in TRAFFIC_TYPES.items()}
 VM_RX = int(pb.VM_RX)
 _NO_HINT: dict[str, str] = {}  # shared, never mutated: measures only read their hint
-_ADDRESSES: dict[bytes, str] = {}  # packed address -> text; pure memo, bounded
-_ADDRESS_CACHE_SIZE = 100_000
+# (direction, traffic type, uuid, name, packed address, saddr) -> Target; a pure memo, bounded
+_TARGETS: dict[tuple[int, int, str, str, bytes, int], Target] = {}
+_TARGET_CACHE_SIZE = 200_000
+_LEGACY = -1  # direction code of a measure with only the original five fields
 SENT = "sent"  # VM tx
 RECEIVED = "received"  # VM rx
 
 
+@dataclass(eq=False, slots=True)
+class Target:
+    """Where a measure's bytes go, as billing and attribution see it: the part of a measure that
+    is the same on every poll of one counter direction. decode_batch shares one Target among
+    all measures with equal fields (identity hash: a cheap per-chunk dict key). Read-only."""
+
+    direction: str
+    traffic_type: str
+    instance_uuid: str
+    domain_name: str
+    address: str
+
+
 @dataclass
 class DecodedBatch:
-    """One MeasureBatch, validated; (stream_id, seq) is what the store's high-water mark guards."""
+    """One MeasureBatch, validated; (stream_id, seq) is what the store's high-water mark guards.
+
+    Measures are kept in columns, measure i being (targets[i], starts[i], ends[i], amounts[i]),
+    plus quarantined {i: reason}: no Python object per measure, so a chunk of a million measures
+    costs no garbage-collector passes. The fields no usage key needs (mac, device, packets,
+    final_at_delete) are read from the parsed message only by measure(i), for the measures that
+    are parked or quarantined.
+    """
 
     stream_id: str
     seq: int
@@ -70,8 +94,36 @@ class DecodedBatch:
     boot_id: str
     poll_time_ms: int
     final: bool
-    measures: list[Measure] = field(default_factory=list)
     inventory: list[pb.DomainInventory] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    ends: list[int] = field(default_factory=list)
+    amounts: list[int] = field(default_factory=list)
+    quarantined: dict[int, str] = field(default_factory=dict)
+    message: pb.MeasureBatch | None = None
+    hints_by_uuid: dict[str, dict[str, str]] = field(default_factory=dict)
+    hints_by_name: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def owner_hint(self, target: Target) -> dict[str, str]:
+        """The owner fields of the target's domain in this batch's inventory ({} when none)."""
+        hint = self.hints_by_uuid.get(target.instance_uuid) if target.instance_uuid else None
+        if hint is None:
+            hint = self.hints_by_name.get(target.domain_name, _NO_HINT) if target.domain_name else _NO_HINT
+        return hint
+
+    def measure(self, i: int) -> Measure:
+        """Measure i as a Measure value (for parking, quarantine and the generic path)."""
+        t = self.targets[i]
+        m = self.message.measures[i] if self.message is not None else pb.IPMeasure()
+        return Measure(
+            self.stream_id, self.seq, i, self.host_id, self.starts[i], self.ends[i], t.direction,
+            self.amounts[i], m.packets, t.traffic_type, t.instance_uuid, m.mac.lower(), t.address,
+            t.domain_name, m.device, m.final_at_delete, self.quarantined.get(i, ""), self.owner_hint(t),
+        )  # fmt: skip
+
+    @property
+    def measures(self) -> list[Measure]:
+        return [self.measure(i) for i in range(len(self.targets))]
 
 
 def decode_batch(value: bytes) -> DecodedBatch:
@@ -84,14 +136,6 @@ def decode_batch(value: bytes) -> DecodedBatch:
         raise BadInput(MISSING_STREAM, "batch has no stream_id")
     if batch.seq < 1:
         raise BadInput(MISSING_SEQ, f"batch of stream {batch.stream_id} has no sequence number")
-    hints_by_uuid: dict[str, dict[str, str]] = {}
-    hints_by_name: dict[str, dict[str, str]] = {}
-    for dom in batch.inventory:
-        owner = dict(dom.owner)
-        if dom.uuid:
-            hints_by_uuid[dom.uuid] = owner
-        if dom.name:
-            hints_by_name[dom.name] = owner
     out = DecodedBatch(
         stream_id=batch.stream_id,
         seq=batch.seq,
@@ -100,37 +144,52 @@ def decode_batch(value: bytes) -> DecodedBatch:
         poll_time_ms=batch.poll_time,
         final=batch.final,
         inventory=list(batch.inventory),
+        message=batch,
     )
-    stream_id, seq, host_id = batch.stream_id, batch.seq, batch.host_id
-    append = out.measures.append
-    # The hot loop of the collector: plain locals, one cached text per distinct address.
+    for dom in batch.inventory:
+        owner = dict(dom.owner)
+        if dom.uuid:
+            out.hints_by_uuid[dom.uuid] = owner
+        if dom.name:
+            out.hints_by_name[dom.name] = owner
+    stream_id, seq = batch.stream_id, batch.seq
+    targets, starts, ends, amounts = out.targets, out.starts, out.ends, out.amounts
+    known = _TARGETS
+    # The hot loop of the collector: plain locals, only the fields a usage key needs, one shared
+    # Target per distinct value.
     for index, m in enumerate(batch.measures):
         start, end = m.start, m.end
         if end < start or start < MIN_TIME_MS or end > MAX_TIME_MS or end - start > MAX_MEASURE_SPAN_MS:
             _reject_interval(m, f"measure {index} of {stream_id}/{seq}")
-        direction_set = m.HasField("direction")
-        if not direction_set and not m.HasField("traffic_type"):  # the original five fields
-            direction, traffic = SENT, LEGACY_TRAFFIC_TYPE
-        else:
-            direction = RECEIVED if m.direction == VM_RX else SENT
-            traffic = _TRAFFIC.get(m.traffic_type, "")
-        uuid, name = m.instance_uuid, m.domain_name
-        hint = hints_by_uuid.get(uuid) if uuid else None
-        if hint is None:
-            hint = hints_by_name.get(name, _NO_HINT) if name else _NO_HINT
-        raw = m.address
-        address = _ADDRESSES.get(raw) if raw else None
-        if address is None:
-            address = _address(m, f"measure {index} of {stream_id}/{seq}")
-        append(
-            Measure(
-                stream_id, seq, index, host_id, start, end, direction, m.bytes, m.packets, traffic, uuid,
-                m.mac.lower(), address, name, m.device, m.final_at_delete,
-                (m.quarantine_reason or "quarantined") if m.quarantined else "",
-                hint,
-            )
-        )  # fmt: skip
+        direction, traffic, raw = m.direction, m.traffic_type, m.address
+        if not direction and not traffic and not m.HasField("direction") and not m.HasField("traffic_type"):
+            direction = _LEGACY  # the original five fields
+        key = (direction, traffic, m.instance_uuid, m.domain_name, raw, 0 if raw else m.saddr)
+        target = known.get(key)
+        if target is None:
+            target = _target(m, key, f"measure {index} of {stream_id}/{seq}")
+        targets.append(target)
+        starts.append(start)
+        ends.append(end)
+        amounts.append(m.bytes)
+        if m.quarantined:
+            out.quarantined[index] = m.quarantine_reason or "quarantined"
     return out
+
+
+def _target(m: pb.IPMeasure, key: tuple[int, int, str, str, bytes, int], where: str) -> Target:
+    direction, traffic, uuid, name = key[:4]
+    address = _address(m, where)
+    if direction == _LEGACY:
+        target = Target(SENT, LEGACY_TRAFFIC_TYPE, uuid, name, address)
+    else:
+        target = Target(
+            RECEIVED if direction == VM_RX else SENT, _TRAFFIC.get(traffic, ""), uuid, name, address
+        )
+    if len(_TARGETS) >= _TARGET_CACHE_SIZE:
+        _TARGETS.clear()
+    _TARGETS[key] = target
+    return target
 
 
 def _reject_interval(m: pb.IPMeasure, where: str) -> None:
@@ -147,11 +206,7 @@ def _address(m: pb.IPMeasure, where: str) -> str:
         if len(raw) not in (4, 16):
             raise BadInput(BAD_ADDRESS, f"{where} has a {len(raw)}-byte address")
         addr = ipaddress.ip_address(raw)
-        text = "" if addr.is_unspecified else str(addr)  # all zeros: the agent did not know it
-        if len(_ADDRESSES) >= _ADDRESS_CACHE_SIZE:
-            _ADDRESSES.clear()
-        _ADDRESSES[raw] = text
-        return text
+        return "" if addr.is_unspecified else str(addr)  # all zeros: the agent did not know it
     if m.saddr:
         return str(ipaddress.IPv4Address(m.saddr))
     return ""

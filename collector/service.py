@@ -20,7 +20,6 @@ dead-lettered with its bytes and the rest goes on.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from kvmeter.collector import cloudstack, decode, lifecycle, usage
+from kvmeter.collector.aggregate import Attributed, Tally
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, UsageKey
@@ -64,18 +64,6 @@ class Record:
     value: bytes
     key: bytes | None = None
     origin: str = ""
-
-
-@dataclass
-class Attributed:
-    """Measures sorted out in memory: bytes per record key (billed and not billable), the
-    measures to park (owner unknown) and to quarantine."""
-
-    billed: dict[UsageKey, int] = field(default_factory=dict)
-    names: dict[UsageKey, tuple[str, str]] = field(default_factory=dict)  # (resource name, device type)
-    unbilled: dict[UsageKey, int] = field(default_factory=dict)
-    parked: list[Measure] = field(default_factory=list)
-    quarantined: list[Measure] = field(default_factory=list)
 
 
 @dataclass
@@ -219,13 +207,10 @@ class Collector:
             marks = self.store.lock_marks(conn, streams)
             gaps = self.store.gaps_of(conn, irregular(decoded, marks))
             admitted, new_marks, changed_gaps, out.duplicates = admit(decoded, marks, gaps)
-            measures: list[Measure] = []
-            for batch in admitted:
-                measures.extend(batch.measures)
             out.batches = len(admitted)
-            if self._hints_missing(measures):
+            if self._hints_missing(admitted):
                 self.hints.update(self.store.owner_hints(conn))  # another replica may have seen it
-            done = self._attribute(measures, out)
+            done = self._attribute((), out, batches=admitted)
             out.records, out.adjustments = self._write(conn, done, final_through, now)
             self.store.park(conn, done.parked, now)
             self.store.quarantine(conn, done.quarantined, now)
@@ -237,13 +222,14 @@ class Collector:
             out.add(self._unpark() if named_only else self._unpark(instances=sorted(learned)))
         return out
 
-    def _hints_missing(self, measures: Iterable[Measure]) -> bool:
+    def _hints_missing(self, batches: Iterable[decode.DecodedBatch]) -> bool:
         """Some router's measures came without its owner hint, and no stored inventory gave it."""
-        # "r-" first: every router name starts so, and the check runs over every measure.
+        # "r-" first: every router name starts so, and the check runs over every target.
         bare = {
-            (m.instance_uuid, m.domain_name)
-            for m in measures
-            if not m.owner_hint and m.domain_name.startswith("r-")
+            (t.instance_uuid, t.domain_name)
+            for b in batches
+            for t in set(b.targets)
+            if t.domain_name.startswith("r-") and not b.owner_hint(t)
         }
         return any(
             is_router(name) and uuid not in self.hints and name not in self.hints for uuid, name in bare
@@ -254,82 +240,23 @@ class Collector:
         measures: Iterable[Measure],
         out: Outcome,
         owner_at: Callable[[Measure], str | None] | None = None,
+        *,
+        batches: Iterable[decode.DecodedBatch] = (),
     ) -> Attributed:
-        """In memory: byte increments summed per record key; measures to park / quarantine.
-
-        The hot loop of the collector. A measure inside one window (nearly all: a poll interval
-        is seconds) is summed under a plain tuple key built with the core's own rules
-        (byte_usage_type, byte_resource); others go through usage.byte_increments for the exact
-        split. tests/unit/test_aggregate.py holds the two paths equal. Traffic the operator
-        does not bill is summed the same way, apart (unbilled), so every byte is accounted for.
-        """
+        """In memory: byte increments summed per record key; measures to park / quarantine
+        (aggregate.Tally). By the owner index unless `owner_at` says otherwise."""
         window, billable = self.settings.window_ms, self.settings.billable
-        # A VM whose history names one owner has it at every instant (ResourceHistory.owner_at):
-        # with the index's own lookup, find it once per VM, not once per measure.
-        steady: dict[str, str | None] = {}
-        history: Callable[[str], ResourceHistory | None] = _no_history
         if owner_at is None:
-            owner_at, history = self.index.owner_at, self.index.history
-        type_of = {"sent": usage.byte_usage_type("sent"), "received": usage.byte_usage_type("received")}
-        sums: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
-        other: dict[tuple[str, int, str, str, int], int] = defaultdict(int)
-        names: dict[tuple[str, int, str, str, int], str] = {}
-        result = Attributed()
-        count = 0
+            tally = Tally(window, billable, self.index.owner_at, self.index.history)
+        else:
+            tally = Tally(window, billable, owner_at)
+        for batch in batches:
+            tally.add_batch(batch)
         for m in measures:
-            count += 1
-            if m.quarantine_reason:
-                result.quarantined.append(m)
-                continue
-            uuid = m.instance_uuid
-            owner = steady.get(uuid) if uuid else None
-            if owner is None:
-                if uuid and uuid not in steady:
-                    h = history(uuid)
-                    one = h.owners[0].account if h is not None and len(h.owners) == 1 else ""
-                    steady[uuid] = one or None  # "" names no owner: the index looks further
-                    owner = steady[uuid]
-                if owner is None:
-                    owner = owner_at(m)
-            if owner is None:
-                result.parked.append(m)
-                continue
-            billed = m.traffic_type in billable
-            target = sums if billed else other
-            start, end = m.start_ms, m.end_ms
-            ws = start - start % window
-            if end - ws <= window and m.direction in type_of:
-                key = (
-                    owner,
-                    type_of[m.direction],
-                    m.instance_uuid or m.domain_name or m.address,
-                    m.traffic_type,
-                    ws,
-                )
-                if billed and key not in names:
-                    names[key] = m.domain_name
-                target[key] += m.bytes
-                continue
-            rules = billable if billed else frozenset((m.traffic_type,))
-            for inc in usage.byte_increments(m, owner, window, rules):
-                k = inc.key
-                key = (k.account, k.usage_type, k.resource, k.detail, k.window_start_ms)
-                if billed and key not in names:
-                    names[key] = m.domain_name
-                target[key] += inc.bytes
-        described: dict[str, tuple[str, str]] = {}  # domain name -> (name, device type)
-        for (account, usage_type, resource, detail, ws), amount in sums.items():
-            ukey = UsageKey(account, usage_type, resource, "", detail, ws, ws + window)
-            result.billed[ukey] = amount
-            name = names[(account, usage_type, resource, detail, ws)]
-            about = described.get(name)
-            if about is None:
-                about = described[name] = (name, "DomainRouter" if is_router(name) else "UserVm")
-            result.names[ukey] = about
-            out.billed_bytes += amount
-        for (account, usage_type, resource, detail, ws), amount in other.items():
-            result.unbilled[UsageKey(account, usage_type, resource, "", detail, ws, ws + window)] = amount
-        out.measures += count
+            tally.add(m)
+        result = tally.result()
+        out.measures += result.measures
+        out.billed_bytes += result.billed_bytes
         out.parked += len(result.parked)
         out.quarantined += len(result.quarantined)
         return result
@@ -515,10 +442,6 @@ class Collector:
 
 def _unattributed(_measure: Measure) -> str:
     return UNATTRIBUTED
-
-
-def _no_history(_uuid: str) -> ResourceHistory | None:
-    return None
 
 
 def _owner_hints(batches: Iterable[decode.DecodedBatch]) -> dict[str, dict[str, str]]:

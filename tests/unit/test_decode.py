@@ -135,3 +135,32 @@ def test_rejections(value: bytes, reason: str) -> None:
     with pytest.raises(BadInput) as info:
         decode_batch(value)
     assert info.value.reason == reason
+
+
+def test_measures_with_equal_billing_fields_share_one_target_and_keep_their_own_values() -> None:
+    b = batch()
+    for n, direction in enumerate((pb.VM_TX, pb.VM_TX, pb.VM_RX)):
+        b.measures.add(
+            header=2, saddr=0, bytes=10 + n, packets=n, start=T0 + n, end=T0 + 10_000, direction=direction,
+            traffic_type=pb.PUBLIC, instance_uuid=VM_UUID, domain_name="i-2-10-VM",
+            mac=f"02:00:00:00:00:0{n}", device=f"vnet{n}", final_at_delete=n == 1,
+        )  # fmt: skip
+    for saddr in (int(ipaddress.IPv4Address("203.0.113.7")), int(ipaddress.IPv4Address("203.0.113.8"))):
+        b.measures.add(header=1, saddr=saddr, bytes=1, start=T0, end=T0 + 1)  # the original five fields
+    out = decode_batch(b.SerializeToString())
+    sent, again, received, legacy_7, legacy_8 = out.targets
+    assert sent is again
+    assert received is not sent
+    assert legacy_7 is not legacy_8
+    assert (received.direction, legacy_7.address, legacy_8.address) == (
+        "received",
+        "203.0.113.7",
+        "203.0.113.8",
+    )
+    assert [
+        (m.bytes, m.packets, m.start_ms, m.mac, m.device, m.final_at_delete) for m in out.measures[:3]
+    ] == [
+        (10, 0, T0, "02:00:00:00:00:00", "vnet0", False),
+        (11, 1, T0 + 1, "02:00:00:00:00:01", "vnet1", True),
+        (12, 2, T0 + 2, "02:00:00:00:00:02", "vnet2", False),
+    ]

@@ -1,0 +1,166 @@
+"""Bytes summed per usage key in memory, before the store sees them: the collector's hot loop.
+Pure: no I/O, no clock.
+
+    Tally(window_ms, billable, owner_at, history=None)   # one per transaction
+    Tally.add_batch(batch: DecodedBatch) -> None          # the common path, over the columns
+    Tally.add(measure: Measure) -> None                   # any one measure
+    Tally.result() -> Attributed
+
+A measure inside one window (nearly all: a poll interval is seconds) of a VM whose history names
+one owner (ResourceHistory.owner_at: that owner at every instant) is summed under (route, window
+start), a route being one (owner, usage type, resource, traffic type, domain name) made once per
+distinct Target. Every other measure (no steady owner, spanning windows, quarantined) becomes a
+Measure and goes through the core's rules: OwnerIndex.owner_at, usage.byte_increments and its
+exact split. Sums keep the order of first appearance, so a record's resource name is that of its
+first measure whichever path it took. tests/unit/test_aggregate.py holds the paths equal.
+Traffic the operator does not bill is summed the same way, apart (unbilled): every byte counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvmeter.collector import usage
+from kvmeter.collector.attribution import is_router
+from kvmeter.collector.decode import DecodedBatch, Target
+from kvmeter.collector.model import Measure, ResourceHistory, UsageKey
+
+_TYPE_OF = {"sent": usage.byte_usage_type("sent"), "received": usage.byte_usage_type("received")}
+
+
+@dataclass
+class Attributed:
+    """Measures sorted out in memory: bytes per record key (billed and not billable), the
+    measures to park (owner unknown) and to quarantine."""
+
+    billed: dict[UsageKey, int] = field(default_factory=dict)
+    names: dict[UsageKey, tuple[str, str]] = field(default_factory=dict)  # (resource name, device type)
+    unbilled: dict[UsageKey, int] = field(default_factory=dict)
+    parked: list[Measure] = field(default_factory=list)
+    quarantined: list[Measure] = field(default_factory=list)
+    measures: int = 0
+    billed_bytes: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Route:
+    """A usage key without its window; compared by identity (one object per distinct value)."""
+
+    owner: str
+    usage_type: int
+    resource: str
+    detail: str
+    name: str  # domain name of the measure that made it: the record's resource name
+    billed: bool
+
+
+def _no_history(_uuid: str) -> ResourceHistory | None:
+    return None
+
+
+class Tally:
+    def __init__(
+        self,
+        window_ms: int,
+        billable: frozenset[str],
+        owner_at: Callable[[Measure], str | None],
+        history: Callable[[str], ResourceHistory | None] = _no_history,
+    ):
+        self.window_ms = window_ms
+        self.billable = billable
+        self.owner_at = owner_at
+        self.history = history
+        self._steady: dict[str, str | None] = {}  # instance uuid -> its only owner, or None
+        self._routes: dict[tuple[str, int, str, str, str], _Route] = {}
+        self._by_target: dict[Target, _Route | None] = {}  # None: no steady owner, per measure
+        self._sums: dict[tuple[_Route, int], int] = {}  # (route, window start) -> bytes
+        self._result = Attributed()
+
+    def add_batch(self, batch: DecodedBatch) -> None:
+        window, sums, by_target, quarantined = self.window_ms, self._sums, self._by_target, batch.quarantined
+        self._result.measures += len(batch.targets)
+        columns = (batch.targets, batch.starts, batch.ends, batch.amounts)
+        for i, target, start, end, amount in zip(range(len(batch.targets)), *columns, strict=True):
+            route = by_target.get(target, _UNSEEN)
+            if route is _UNSEEN:
+                route = by_target[target] = self._route_of(target)
+            ws = start - start % window
+            if route is not None and end - ws <= window and not (quarantined and i in quarantined):
+                key = (route, ws)
+                sums[key] = sums.get(key, 0) + amount
+            else:
+                self._add(batch.measure(i))
+
+    def add(self, measure: Measure) -> None:
+        self._result.measures += 1
+        self._add(measure)
+
+    def _add(self, m: Measure) -> None:
+        """The core's rules for one measure."""
+        if m.quarantine_reason:
+            self._result.quarantined.append(m)
+            return
+        owner = self._steady_owner(m.instance_uuid) if m.instance_uuid else None
+        if owner is None:
+            owner = self.owner_at(m)
+        if owner is None:
+            self._result.parked.append(m)
+            return
+        sums, window = self._sums, self.window_ms
+        start, end = m.start_ms, m.end_ms
+        ws = start - start % window
+        if end - ws <= window and m.direction in _TYPE_OF:
+            resource = m.instance_uuid or m.domain_name or m.address
+            key = (self._route(owner, _TYPE_OF[m.direction], resource, m.traffic_type, m.domain_name), ws)
+            sums[key] = sums.get(key, 0) + m.bytes
+            return
+        rules = self.billable if m.traffic_type in self.billable else frozenset((m.traffic_type,))
+        for inc in usage.byte_increments(m, owner, window, rules):
+            k = inc.key
+            route = self._route(k.account, k.usage_type, k.resource, k.detail, m.domain_name)
+            sums[route, k.window_start_ms] = sums.get((route, k.window_start_ms), 0) + inc.bytes
+
+    def _steady_owner(self, uuid: str) -> str | None:
+        if uuid not in self._steady:
+            h = self.history(uuid)
+            one = h.owners[0].account if h is not None and len(h.owners) == 1 else ""
+            self._steady[uuid] = one or None  # "" names no owner: the index looks further
+        return self._steady[uuid]
+
+    def _route_of(self, target: Target) -> _Route | None:
+        uuid = target.instance_uuid
+        owner = self._steady_owner(uuid) if uuid else None
+        if owner is None or target.direction not in _TYPE_OF:
+            return None
+        return self._route(owner, _TYPE_OF[target.direction], uuid, target.traffic_type, target.domain_name)
+
+    def _route(self, owner: str, usage_type: int, resource: str, detail: str, name: str) -> _Route:
+        ident = (owner, usage_type, resource, detail, name)
+        route = self._routes.get(ident)
+        if route is None:
+            route = self._routes[ident] = _Route(*ident, billed=detail in self.billable)
+        return route
+
+    def result(self) -> Attributed:
+        """Sums per UsageKey; names and device types of billed records."""
+        result, window = self._result, self.window_ms
+        described: dict[str, tuple[str, str]] = {}  # domain name -> (name, device type)
+        for (route, ws), amount in self._sums.items():
+            key = UsageKey(route.owner, route.usage_type, route.resource, "", route.detail, ws, ws + window)
+            if not route.billed:
+                result.unbilled[key] = result.unbilled.get(key, 0) + amount
+                continue
+            result.billed[key] = result.billed.get(key, 0) + amount
+            result.billed_bytes += amount
+            if key not in result.names:
+                about = described.get(route.name)
+                if about is None:
+                    kind = "DomainRouter" if is_router(route.name) else "UserVm"
+                    about = described[route.name] = (route.name, kind)
+                result.names[key] = about
+        self._sums = {}
+        return result
+
+
+_UNSEEN = _Route("", 0, "", "", "", billed=False)  # by_target's "not looked at yet"
