@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only agent,collector,freshness,scale] [--out bench/results.json]`.
+"""`python -m bench [--quick] [--only agent,collector,freshness,scale,lifecycle] [--out ...]`.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import report
 
-SECTIONS = ("agent", "collector", "freshness", "scale")
+SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -126,6 +126,20 @@ def main(argv: list[str] | None = None) -> int:
         from bench import freshness
 
         results["freshness"] = _section("freshness", lambda: freshness.run(quick=quick, log=_log))
+
+    if "lifecycle" in only:
+        from tests.harness.postgres import Cluster
+
+        from bench import lifecycle_bench
+
+        pg = Cluster().start()
+        try:
+            vms = 200 if quick else 2000
+            results["lifecycle"] = _section(
+                "lifecycle", lambda: lifecycle_bench.run(pg.dsn, vms=vms, log=_log)
+            )
+        finally:
+            pg.stop()
 
     results["meta"]["loadavg_end"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -152,6 +152,26 @@ def scale_section(scale: dict[str, Any]) -> str:
     return head + "\n" + _table(["collector", "measures/s", "headroom"], rows)
 
 
+def lifecycle_section(life: dict[str, Any]) -> str:
+    if "error" in life:
+        return f"5. Lifecycle load: FAILED: {life['error']}"
+    rows = [["cloudstack.parse_event only (same lines)", _num(life["parse_events_per_s"], 0), "1.00x", ""]]
+    for name, run in life["stores"].items():
+        rows.append(
+            [
+                f"ingest --events -> committed usage, {name}",
+                _num(run["events_per_s"], 0),
+                f"{run['ratio_to_parse']:.2f}x",
+                _num(run["events_per_cpu_s"], 0),
+            ]
+        )
+    head = (
+        f"5. Lifecycle load ({life['events']} CloudStack events of {life['vms']} VMs and their IPs into "
+        "hourly time records, chunks of 500)"
+    )
+    return head + "\n" + _table(["path", "events/s", "vs parse", "events/CPU-s"], rows)
+
+
 def goals(results: dict[str, Any]) -> list[str]:
     """The issues' performance goals, each with the measured figure."""
     out = []
@@ -197,6 +217,7 @@ def render(results: dict[str, Any]) -> str:
         ("collector", collector_section),
         ("freshness", freshness_section),
         ("scale", scale_section),
+        ("lifecycle", lifecycle_section),
     )
     for key, fn in sections:
         if key in results:
