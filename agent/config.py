@@ -56,6 +56,7 @@ SCHEMA: dict[str, Any] = {
                 "bootstrap_servers": _STR,
                 "topic": _STR,
                 "max_in_flight": _COUNT,
+                "max_batch_bytes": {"type": "integer", "minimum": 1024},
                 "properties": {
                     "type": "object",
                     "additionalProperties": {"type": ["string", "integer", "number", "boolean"]},
@@ -112,6 +113,9 @@ class AgentConfig:
     kafka_bootstrap: str = "localhost:9092"
     kafka_topic: str = "kvmeter.measures"
     kafka_max_in_flight: int = 1000
+    # A poll bigger than this goes out as several consecutive batches: below librdkafka's and
+    # the broker's default message.max.bytes (1,000,000 and 1,048,588).
+    kafka_max_batch_bytes: int = 900_000
     kafka_properties: dict[str, Any] = field(default_factory=dict)
     spool_max_bytes: int = 1 << 30
     spool_max_age_seconds: float = 7 * 24 * 3600.0
@@ -136,6 +140,7 @@ _FIELDS = {
     ("kafka", "bootstrap_servers"): "kafka_bootstrap",
     ("kafka", "topic"): "kafka_topic",
     ("kafka", "max_in_flight"): "kafka_max_in_flight",
+    ("kafka", "max_batch_bytes"): "kafka_max_batch_bytes",
     ("kafka", "properties"): "kafka_properties",
     ("spool", "max_bytes"): "spool_max_bytes",
     ("spool", "max_age_seconds"): "spool_max_age_seconds",

@@ -45,7 +45,7 @@ from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.publish import Publisher
 from kvmeter.agent.spool import Spool
-from kvmeter.agent.wire import SteadyEncoder, batch_bytes
+from kvmeter.agent.wire import SteadyEncoder, split_fields
 from kvmeter.proto import SCHEMA_VERSION, pb
 
 log = logging.getLogger(__name__)
@@ -243,18 +243,23 @@ class Agent:
     # -- one poll ------------------------------------------------------------------------------
 
     def poll_once(self, *, final: bool = False, dry_run: bool = False) -> pb.MeasureBatch:
-        """`poll`, and the batch decoded from what it spooled (for `--once` and tests)."""
-        return pb.MeasureBatch.FromString(self.poll(final=final, dry_run=dry_run))
+        """`poll`, and what it spooled decoded as one batch (for `--once` and tests; a poll that
+        went out as several batches is merged: all measures, the last batch's sequence number)."""
+        merged = pb.MeasureBatch()
+        for data in self.poll(final=final, dry_run=dry_run):
+            merged.MergeFromString(data)
+        return merged
 
-    def poll(self, *, final: bool = False, dry_run: bool = False) -> bytes:
-        """Read, compute, spool (unless dry_run) and hand to the publisher. Returns the batch's
-        wire bytes."""
+    def poll(self, *, final: bool = False, dry_run: bool = False) -> list[bytes]:
+        """Read, compute, spool (unless dry_run) and hand to the publisher. Returns the poll's
+        batches as wire bytes: one, or several consecutive ones when it is bigger than
+        kafka.max_batch_bytes."""
         started = time.perf_counter()
         saved_engine = self._committed_state or self.engine.to_state()
         events = self._carry + self._drain()
         self._carry = []
         try:
-            data = self._poll(events, final=final, dry_run=dry_run)
+            batches = self._poll(events, final=final, dry_run=dry_run)
         except BaseException:
             # Nothing of this poll reached the disk: undo it, so no byte is lost or counted twice.
             self.engine = DeltaEngine.from_state(self.boot_id, saved_engine, self.engine.config)
@@ -266,7 +271,7 @@ class Agent:
         self.metrics.polls.inc()
         if self.publisher is not None and not dry_run:
             self.publisher.pump()
-        return data
+        return batches
 
     def _drain(self) -> list[_Event]:
         events = []
@@ -276,7 +281,7 @@ class Agent:
             except queue.Empty:
                 return events
 
-    def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> bytes:
+    def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> list[bytes]:
         generation = getattr(self.topology, "generation", None)
         before = self.topology.links()
         table = parse_counter_table(self._read_text())
@@ -310,43 +315,55 @@ class Agent:
         else:
             self.metrics.interfaces.set(len(keys))
 
-        self.seq += 1
-        header = pb.MeasureBatch(
-            schema=SCHEMA_VERSION,
-            host_id=self.config.host_id,
-            boot_id=self.boot_id,
-            stream_id=self.stream_id,
-            seq=self.seq,
-            poll_time=now_ms,
-            final=final,
-        )
         inventory = self._inventory_if_due(plan, commit=not dry_run)
+        first_seq = self.seq + 1
+        room = (
+            self.config.kafka_max_batch_bytes
+            - len(self._header(first_seq, now_ms, final=final).SerializeToString())
+            - 16
+        )
         totals: dict[str, list[int]] = {}
         if steady is not None and plan.encoder is not None:
-            records, self.last_measures, totals = plan.encoder.encode(steady)
+            parts, self.last_measures, totals = plan.encoder.encode(steady, room)
         else:
             measures = pb.MeasureBatch()
             unattributed = add_measures(measures.measures, deltas, self._attribution, self._templates, totals)
-            records = measures.SerializeToString()
+            parts = split_fields(measures.SerializeToString(), room)
             self.last_measures = len(measures.measures)
             for d in unattributed:
                 if d.rx_bytes or d.tx_bytes:
                     log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
-        data = batch_bytes(header, records, inventory)
+        if inventory:  # first, so a collector knows the domains before their measures
+            parts = split_fields(pb.MeasureBatch(inventory=inventory).SerializeToString(), room) + parts
+        parts = parts or [b""]
+        if len(parts) > 1:
+            log.debug("poll of %d measures goes out as %d batches", self.last_measures, len(parts))
+        batches = [
+            self._header(first_seq + i, now_ms, final=final and i == len(parts) - 1).SerializeToString()
+            + part
+            for i, part in enumerate(parts)
+        ]
         if dry_run:
-            self.seq -= 1
-            return data
-        try:
-            engine_state = self.engine.to_state()
-            state = {"v": STATE_VERSION, "engine": engine_state}
-            self.spool.append(self.stream_id, self.seq, data, state, now_ms)
-        except BaseException:
-            self.seq -= 1
-            raise
+            return batches
+        engine_state = self.engine.to_state()
+        state = {"v": STATE_VERSION, "engine": engine_state}
+        self.spool.append_poll(self.stream_id, first_seq, batches, state, now_ms)
+        self.seq = first_seq + len(batches) - 1
         self._committed_state = engine_state  # the rollback point of the next poll
         self._count(deltas, totals)
         self._forget_closed(plan)
-        return data
+        return batches
+
+    def _header(self, seq: int, now_ms: int, *, final: bool) -> pb.MeasureBatch:
+        return pb.MeasureBatch(
+            schema=SCHEMA_VERSION,
+            host_id=self.config.host_id,
+            boot_id=self.boot_id,
+            stream_id=self.stream_id,
+            seq=seq,
+            poll_time=now_ms,
+            final=final,
+        )
 
     def _apply_events(
         self, events: list[_Event], devices: Mapping[str, tuple[DomainInfo, NicInfo]]

@@ -5,9 +5,11 @@ Layout of the spool directory:
                 [stream_id, seq, batch bytes, counter state, written at (ms)]
   ack.msgpack   the position of the first frame not yet delivered (segment, offset)
 
-A frame is the unit of atomicity: the batch and the counter state it was computed against are
-written, flushed and fsynced together, so a crash leaves either both or neither (a torn tail is
-detected by its length or CRC and truncated on open). On restart the last frame's state resumes
+A poll's frames are the unit of atomicity: its batches (one, or several when a poll is bigger
+than a record may be) and the counter state they were computed against (in the last frame; the
+others carry none) are written, flushed and fsynced together, so a crash leaves either all or
+none (a torn tail is detected by its length or CRC, and frames after the last one with a state
+by their missing state, and truncated on open). On restart the last frame's state resumes
 the delta engine and every frame after the ack position is re-published in order under its own
 stream id and sequence number. The ack file is replaced atomically and may lag: a lagging ack only
 re-sends batches the collector already has, which it drops by (stream, seq).
@@ -97,11 +99,18 @@ class Spool:
             return
         ack = self._read_ack()
         self._segments = sorted(int(p.name[4:-4]) for p in self.dir.glob(SEGMENT_GLOB))
-        for number in self._segments:
-            for frame, state in self._scan(number):
-                self._last_state, self._last_frame = state, frame
-                if frame.position >= ack:
-                    self._pending.append(frame)
+        scanned = [found for number in self._segments for found in self._scan(number)]
+        complete = len(scanned)
+        while complete and scanned[complete - 1][1] is None:
+            complete -= 1  # the first frames of a poll whose last frame (with the state) is missing
+        if complete < len(scanned):
+            self._drop_tail([frame for frame, _ in scanned[complete:]])
+        for frame, state in scanned[:complete]:
+            if state is not None:
+                self._last_state = state
+            self._last_frame = frame
+            if frame.position >= ack:
+                self._pending.append(frame)
         if not self.read_only:
             self._delete_acked_segments()
             if self._segments:
@@ -117,10 +126,30 @@ class Spool:
             log.warning("spool ack file unreadable (%s): re-sending everything spooled", exc)
             return (0, 0)
 
-    def _scan(self, number: int) -> list[tuple[Frame, dict[str, Any]]]:
+    def _drop_tail(self, frames: list[Frame]) -> None:
+        first = frames[0]
+        log.warning(
+            "spool: dropping %d frame(s) of an interrupted poll (stream %s seq %d..%d): its "
+            "counter state was never written, so it is measured again",
+            len(frames),
+            first.stream_id,
+            first.seq,
+            frames[-1].seq,
+        )
+        if self.read_only:
+            return
+        with open(self.dir / _segment_name(first.segment), "r+b") as f:
+            f.truncate(first.offset)
+            f.flush()
+            os.fsync(f.fileno())
+        for number in [n for n in self._segments if n > first.segment]:
+            (self.dir / _segment_name(number)).unlink()
+            self._segments.remove(number)
+
+    def _scan(self, number: int) -> list[tuple[Frame, dict[str, Any] | None]]:
         path = self.dir / _segment_name(number)
         data = path.read_bytes()
-        frames: list[tuple[Frame, dict[str, Any]]] = []
+        frames: list[tuple[Frame, dict[str, Any] | None]] = []
         offset = 0
         while offset < len(data):
             problem = None
@@ -162,22 +191,39 @@ class Spool:
 
     def append(self, stream_id: str, seq: int, batch: bytes, state: dict[str, Any], now_ms: int) -> Frame:
         """Write one frame durably (fsync) and return it; the caller publishes only after this."""
+        return self.append_poll(stream_id, seq, [batch], state, now_ms)[-1]
+
+    def append_poll(
+        self, stream_id: str, first_seq: int, batches: list[bytes], state: dict[str, Any], now_ms: int
+    ) -> list[Frame]:
+        """Write one poll's batches (sequence numbers first_seq, first_seq + 1, ...) and the
+        counter state durably, in one write and one fsync; the state goes with the last."""
         if self.read_only:
             raise SpoolError("spool opened read-only")
-        payload = msgpack.packb([stream_id, seq, batch, state, now_ms], use_bin_type=True)
-        record = HEADER.pack(len(payload), zlib.crc32(payload) & 0xFFFFFFFF) + payload
+        if not batches:
+            raise ValueError("a poll has at least one batch")
+        records = []
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            payload = msgpack.packb(
+                [stream_id, first_seq + i, batch, state if last else None, now_ms], use_bin_type=True
+            )
+            records.append(HEADER.pack(len(payload), zlib.crc32(payload) & 0xFFFFFFFF) + payload)
         if self._active is None or self._active_size >= self.segment_bytes:
             self._rotate()
-        offset = self._active_size
-        self._active.write(record)
+        self._active.write(b"".join(records))
         self._active.flush()
         os.fsync(self._active.fileno())
-        self._active_size += len(record)
-        frame = Frame(stream_id, seq, self._segments[-1], offset, len(record), now_ms)
-        self._pending.append(frame)
-        self._last_state, self._last_frame = state, frame
+        frames = []
+        for i, record in enumerate(records):
+            frames.append(
+                Frame(stream_id, first_seq + i, self._segments[-1], self._active_size, len(record), now_ms)
+            )
+            self._active_size += len(record)
+        self._pending.extend(frames)
+        self._last_state, self._last_frame = state, frames[-1]
         self._enforce_bounds(now_ms)
-        return frame
+        return frames
 
     def _rotate(self) -> None:
         if self._active is not None:

@@ -10,11 +10,12 @@ behind the moving fields, and every step runs over whole columns in C:
 - a regular expression cuts that run into one piece per measure (a varint ends at the first
   byte below 0x80);
 - each record is `0x3a <length>` (MeasureBatch field 7) + counts + times + template, and the
-  records are joined in one call.
+  records are joined in one call (per part, when a poll is bigger than a Kafka record may be).
 
 Protobuf parsers take a message's fields in any order and concatenated records of a repeated
 field as one list, so the result decodes exactly like build_batch's output for the same deltas
-(tests/unit/test_wire.py proves it field by field).
+(tests/unit/test_wire.py proves it field by field). A batch is its header message's bytes
+followed by records.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from operator import add, or_
 
 from kvmeter.agent.measures import _Pair
 from kvmeter.agent.model import ColumnDeltas
-from kvmeter.proto import pb
 from kvmeter.proto.encoding_pb2 import PackedCounts
 
 _BYTES_TAG = 0x18  # IPMeasure.bytes = 3, varint
@@ -92,8 +92,11 @@ class SteadyEncoder:
         self._traffic = traffic
         self._heads = _Heads()
 
-    def encode(self, deltas: ColumnDeltas) -> tuple[bytes, int, dict[str, list[int]]]:
-        """(the records, how many, VM-side bytes per traffic type: {type: [vm_rx, vm_tx]})."""
+    def encode(
+        self, deltas: ColumnDeltas, max_bytes: int | None = None
+    ) -> tuple[list[bytes], int, dict[str, list[int]]]:
+        """(the records in parts of at most max_bytes, how many records, VM-side bytes per
+        traffic type: {type: [vm_rx, vm_tx]})."""
         # Host tx is what the VM received (VM_RX), host rx what it sent, except for counters
         # that already count from the guest's side (macvtap).
         vm_rx_b, vm_tx_b = deltas.tx_bytes, deltas.rx_bytes
@@ -120,8 +123,12 @@ class SteadyEncoder:
         lengths = list(map(add, map(len, counts), self._lengths_with(len(times))))
         records = zip(self._heads.lookup(lengths), counts, repeat(times, n), self._templates)
         moved = list(map(or_, nbytes, npackets))  # a direction that moved nothing has no measure
-        data = b"".join(chain.from_iterable(compress(records, moved)))
-        return data, n - moved.count(0), self._totals(vm_rx_b, vm_tx_b)
+        kept = list(compress(records, moved))
+        # Records of at most max_bytes together: as many per part as the longest record allows
+        # (a head is at most 3 bytes: records stay far below 2 MB).
+        per_part = len(kept) if max_bytes is None else max(1, max_bytes // (max(lengths, default=0) + 3))
+        parts = [b"".join(chain.from_iterable(kept[i : i + per_part])) for i in range(0, len(kept), per_part)]
+        return parts, len(kept), self._totals(vm_rx_b, vm_tx_b)
 
     def _lengths_with(self, times: int) -> list[int]:
         """Each record's length less its counts: template + times (the same from poll to poll
@@ -140,11 +147,30 @@ class SteadyEncoder:
         }
 
 
-def batch_bytes(
-    header: pb.MeasureBatch, records: bytes, inventory: Sequence[pb.DomainInventory] | None
-) -> bytes:
-    """A MeasureBatch's wire bytes from its scalar fields, measure records and inventory."""
-    data = header.SerializeToString() + records
-    if inventory:
-        data += pb.MeasureBatch(inventory=inventory).SerializeToString()
-    return data
+def split_fields(data: bytes, max_bytes: int) -> list[bytes]:
+    """Length-delimited fields of a message (measure or inventory records) in runs of at most
+    max_bytes each (a single larger field goes alone). A Python step per field: for the polls
+    that do not run by columns, and for inventories."""
+    if len(data) <= max_bytes:
+        return [data] if data else []
+    parts = []
+    start = pos = 0
+    end = len(data)
+    while pos < end:
+        if data[pos] & 0x87 != 0x02:  # a single-byte tag of wire type 2, field 1..15
+            raise ValueError(f"not a length-delimited field at offset {pos}")
+        length, shift, cursor = 0, 0, pos + 1
+        while True:
+            byte = data[cursor]
+            cursor += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        field_end = cursor + length
+        if field_end - start > max_bytes and pos > start:
+            parts.append(data[start:pos])
+            start = pos
+        pos = field_end
+    parts.append(data[start:])
+    return parts

@@ -4,7 +4,8 @@ every interface in the current network namespace.
 - floor: one raw read of the kernel's counter table (/proc/net/dev): nothing can poll for less.
 - kvmeter: the agent daemon's Agent.poll (kvmeter.agent.daemon) with its real topology
   (netlink) and spool (fsync), built by build_agent below: what `kvmeter agent` does every poll.
-- kvmeter core: its pure stages alone (counters -> delta -> measures -> serialize), each timed.
+- kvmeter core: its pure stages of a steady poll alone (counters -> delta -> measures ->
+  serialize), each timed.
 - psutil: psutil.net_io_counters(pernic=True).
 - pyroute2: a full RTM_GETLINK dump with each link's IFLA_STATS64.
 - per-NIC scan: what libvirt's interfaceStats does for each NIC (virNetDevTapInterfaceStats:
@@ -71,62 +72,88 @@ def pyroute2_poll() -> tuple[Callable[[], Any], Callable[[], None]]:
 
 
 class KvmeterPoll:
-    """kvmeter's agent poll path over the bench host's taps vnet0..vnet{n-1} (each a NIC of a
-    CloudStack user VM, two NICs per VM, on guest bridges brvx-<vni>). Inventory and topology are
-    what the daemon learns at start and on events; they are built here once, outside the poll.
-    Each poll records the CPU seconds of its stages in `stage_cpu`."""
+    """kvmeter's steady agent poll over the bench host's taps vnet0..vnet{n-1} (each a NIC of a
+    CloudStack user VM, two NICs per VM, on guest bridges brvx-<vni>), its pure stages called
+    one by one: what Agent.poll runs when no link changed. Inventory and topology are what the
+    daemon learns at start and on events; they are built here once, outside the poll. Each poll
+    records the CPU seconds of its stages in `stage_cpu` (spooling is not a stage here)."""
 
     STAGES = ("counters", "delta", "measures", "serialize")
 
     def __init__(self, n: int, ifindexes: dict[str, int]) -> None:
         from bench.vethns import VethHost
-        from kvmeter.agent.counters import CounterReader, read_boot_id
+        from kvmeter.agent.counters import read_boot_id
         from kvmeter.agent.delta import DeltaEngine
-        from kvmeter.agent.measures import Attribution
+        from kvmeter.agent.measures import Attribution, Templates
         from kvmeter.agent.model import CounterKey, LinkPlacement
+        from kvmeter.agent.wire import SteadyEncoder
 
         self.boot_id = read_boot_id()
-        self.reader = CounterReader(self.boot_id, lambda: ifindexes)
         self.engine = DeltaEngine(self.boot_id)
         self.stream_id = uuid.uuid4().hex
         self.seq = 0
-        self.attribution: dict[Any, Attribution] = {}
+        self.metered: dict[str, Any] = {}
+        pairs = []
+        templates = Templates()
         for domain in bench_domains(n).values():
             for nic in domain.nics:
                 i = int((nic.device or "")[len("vnet") :])
                 placement = LinkPlacement(bridge=VethHost.bridge(i), traffic_type="guest")
                 key = CounterKey(self.boot_id, ifindexes[VethHost.tap(i)], VethHost.tap(i))
-                self.attribution[key] = Attribution(domain=domain, nic=nic, placement=placement)
+                self.metered[key.name] = key
+                pairs.append(
+                    (key, templates.pair(key, Attribution(domain=domain, nic=nic, placement=placement)))
+                )
+        self.pairs = dict(pairs)
+        self.rows: tuple[list[int], tuple[Any, ...]] | None = None  # the table's metered rows, keys
+        self.encoder: SteadyEncoder | None = None
         self.last_measures = 0
         self.last_bytes = 0
         self.stage_cpu: dict[str, list[float]] = {stage: [] for stage in self.STAGES}
 
     def poll(self) -> bytes:
-        from kvmeter.agent.measures import build_batch
+        from kvmeter.agent.counters import parse_counter_table, read_proc_net_dev
+        from kvmeter.agent.wire import SteadyEncoder
+        from kvmeter.proto import SCHEMA_VERSION, pb
 
         t0 = time.process_time()
-        samples = self.reader.read()
+        table = parse_counter_table(read_proc_net_dev())
+        if self.rows is None:  # the daemon keeps this per table layout
+            found = [(i, self.metered[name]) for i, name in enumerate(table.names) if name in self.metered]
+            self.rows = ([i for i, _ in found], tuple(key for _, key in found))
+            self.encoder = SteadyEncoder([self.pairs[key] for _, key in found])
+        rows, keys = self.rows
+        columns = [
+            list(map(column.__getitem__, rows))
+            for column in (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
+        ]
         t1 = time.process_time()
-        deltas = self.engine.poll(
-            time.time_ns() // 1_000_000, time.monotonic_ns() // 1_000_000, samples.values()
-        )
+        now_ms, mono_ms = time.time_ns() // 1_000_000, time.monotonic_ns() // 1_000_000
+        steady = self.engine.poll_columns(now_ms, mono_ms, keys, *columns)
+        if steady is None:  # the first poll baselines by rows
+            self.engine.poll_readings(
+                now_ms, mono_ms, list(zip(keys, zip(*columns, strict=True), strict=True))
+            )
         t2 = time.process_time()
+        parts: list[bytes] = []
+        count = 0
+        if steady is not None and self.encoder is not None:
+            parts, count, _totals = self.encoder.encode(steady)
+        t3 = time.process_time()
         self.seq += 1
-        batch, _unattributed = build_batch(
+        header = pb.MeasureBatch(
+            schema=SCHEMA_VERSION,
             host_id="bench-host",
             boot_id=self.boot_id,
             stream_id=self.stream_id,
             seq=self.seq,
-            poll_ms=time.time_ns() // 1_000_000,
-            deltas=deltas,
-            attribution=self.attribution,
+            poll_time=now_ms,
         )
-        t3 = time.process_time()
-        data = batch.SerializeToString()
+        data = header.SerializeToString() + b"".join(parts)
         t4 = time.process_time()
         for stage, spent in zip(self.STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             self.stage_cpu[stage].append(spent)
-        self.last_measures = len(batch.measures)
+        self.last_measures = count
         self.last_bytes = len(data)
         return data
 

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         last: list[Any] = []
 
         def agent_poll() -> None:  # what the daemon's loop calls every interval
-            last[:] = [agent.poll()]
+            last[:] = [agent.poll()]  # the poll's batches
 
         pusher.push()
         kv.poll()  # the first poll baselines every counter; the timed ones emit deltas
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {
         "n": args.n,
         "table_lines": table_lines,
-        "measures_per_poll": len(pb.MeasureBatch.FromString(last[0]).measures),
-        "batch_bytes": len(last[0]),
+        "measures_per_poll": sum(len(pb.MeasureBatch.FromString(b).measures) for b in last[0]),
+        "batch_bytes": sum(map(len, last[0])),
         "core_measures_per_poll": kv.last_measures,
         "per_nic_sample": min(args.sample, args.n),
         "methods": {name: s.summary(scale.get(name, 1.0)) for name, s in samples.items()},

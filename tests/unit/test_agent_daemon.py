@@ -195,16 +195,16 @@ def test_a_poll_that_cannot_spool_is_undone_and_nothing_is_lost(host: Host, tmp_
     agent.poll_once()
     host.traffic("vnet0", 10, 20)
     host.delete("vnet0")  # a final event consumed by the failing poll must not be lost
-    original = agent.spool.append
+    original = agent.spool.append_poll
 
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise OSError("disk full")
 
-    agent.spool.append = broken  # type: ignore[method-assign]
+    agent.spool.append_poll = broken  # type: ignore[method-assign]
     clock.t += 1
     with pytest.raises(OSError, match="disk full"):
         agent.poll_once()
-    agent.spool.append = original  # type: ignore[method-assign]
+    agent.spool.append_poll = original  # type: ignore[method-assign]
     clock.t += 1
     agent.poll_once()
     agent.close()
@@ -343,3 +343,51 @@ def test_kept_poll_plan_counts_a_reboot_exactly(host: Host, tmp_path: Path) -> N
     agent.poll_once()
     agent.close()
     assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 2, pb.VM_TX: 300 + 11 + 1000 + 1}
+
+
+def test_a_poll_bigger_than_a_record_goes_out_as_consecutive_batches(tmp_path: Path) -> None:
+    host = Host()
+    nics = []
+    for i in range(1, 60):
+        name = f"vnet{i}"
+        host.links[name] = 100 + i
+        host.counters[name] = [0, 0, 0, 0]
+        nics.append(NicInfo(mac=f"02:00:00:00:01:{i:02x}", device=name, nic_type="bridge", bridge="cloudbr0"))
+    domains = tuple(
+        DomainInfo(
+            uuid=f"u-{i}", name=f"i-2-{i}-VM", state="running", kind="user_vm", nics=tuple(nics[i : i + 3])
+        )
+        for i in range(0, len(nics), 3)
+    )
+    clock = Clock()
+    agent = Agent(
+        validate({"agent": {"host_id": "h1"}, "kafka": {"max_batch_bytes": 2048}}),
+        inventory=FakeInventory(domains),
+        topology=FakeTopology(host),
+        spool=Spool(tmp_path),
+        boot_id=BOOT,
+        read_text=host.table,
+        wall=clock,
+        mono=clock,
+    )
+    agent.start()
+    first = [pb.MeasureBatch.FromString(b) for b in agent.poll()]  # baseline + the whole inventory
+    assert len(first) > 1
+    assert sum(len(b.inventory) for b in first) == len(domains)
+    for step in range(2):  # a steady poll (by columns) and one with a new link (by rows)
+        if step == 1:
+            host.create("vnet99")
+        for nic in nics:
+            host.traffic(nic.device or "", 1000, 3000)
+        clock.t += 10
+        batches = agent.poll(final=step == 1)
+        decoded = [pb.MeasureBatch.FromString(b) for b in batches]
+        assert len(batches) > 1
+        assert all(len(b) <= 2048 for b in batches)
+        assert sum(len(b.measures) for b in decoded) == 2 * len(nics)
+        assert [b.final for b in decoded] == [False] * (len(decoded) - 1) + [step == 1]
+        assert len({b.poll_time for b in decoded}) == 1
+    agent.close()
+    spooled = Spool(tmp_path, read_only=True).pending()
+    assert [f.seq for f in spooled] == list(range(1, len(spooled) + 1))  # consecutive, no gap
+    assert vm_totals(tmp_path) == {pb.VM_RX: 2 * 3000 * len(nics), pb.VM_TX: 2 * 1000 * len(nics)}

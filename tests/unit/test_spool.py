@@ -187,3 +187,38 @@ def test_bound_drops_are_counted_in_the_agent_metrics(tmp_path: Path) -> None:
     assert sample("kvmeter_agent_dropped_measured_bytes_total") == 4242
     assert sample("kvmeter_agent_spool_dropped_bytes_total") == spool.dropped_bytes > first.size
     assert spool.dropped_frames == 2
+
+
+def test_a_polls_batches_are_written_together_with_the_state_last(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    fill(spool, 1)
+    frames = spool.append_poll("s1", 2, [b"a" * 50, b"b" * 50, b"c" * 50], {"seq": 4}, NOW + 2)
+    assert [f.seq for f in frames] == [2, 3, 4]
+    spool.close()
+    again = Spool(tmp_path)
+    assert [f.seq for f in again.pending()] == [1, 2, 3, 4]
+    assert [again.read_batch(f) for f in again.pending()[1:]] == [b"a" * 50, b"b" * 50, b"c" * 50]
+    assert again.last_state() == {"seq": 4}
+
+
+@pytest.mark.parametrize("cut", [1, 60])  # inside the last frame (the one with the state)
+def test_a_poll_cut_short_is_dropped_whole(
+    tmp_path: Path, cut: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool = Spool(tmp_path)
+    fill(spool, 1)
+    spool.append_poll("s1", 2, [b"a" * 50, b"b" * 50, b"c" * 50], {"seq": 4}, NOW + 2)
+    spool.close()
+    (segment,) = tmp_path.glob("seg-*.kvs")
+    with open(segment, "r+b") as f:
+        f.truncate(segment.stat().st_size - cut)
+    with caplog.at_level(logging.WARNING):
+        again = Spool(tmp_path)
+    # Frames 2 and 3 are whole, but without frame 4 the poll's counter state is gone: the next
+    # run measures that poll again, so its first batches must not be published.
+    assert [f.seq for f in again.pending()] == [1]
+    assert again.last_state() == {"seq": 1}
+    assert "interrupted poll (stream s1 seq 2..3)" in caplog.text
+    fill(again, 1, start=2)
+    again.close()
+    assert [f.seq for f in Spool(tmp_path).pending()] == [1, 2]

@@ -9,8 +9,8 @@ from google.protobuf.internal.encoder import _VarintBytes
 
 from kvmeter.agent.measures import Attribution, Templates, build_batch, domain_inventory
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
-from kvmeter.agent.wire import SteadyEncoder, batch_bytes, packed_varints, varint
-from kvmeter.proto import SCHEMA_VERSION, pb
+from kvmeter.agent.wire import SteadyEncoder, packed_varints, split_fields, varint
+from kvmeter.proto import pb
 
 BOOT = "boot-1"
 START, END = 1_764_000_000_000, 1_764_000_010_000
@@ -83,7 +83,7 @@ def test_steady_records_decode_as_build_batch_measures(kinds: list[tuple[str, st
     templates = Templates()
     encoder = SteadyEncoder([templates.pair(k, attribution[k]) for k in keys])
     cd = steady(keys, seed)
-    records, count, totals = encoder.encode(cd)
+    parts, count, totals = encoder.encode(cd)
 
     expected_totals: dict[str, list[int]] = {}
     expected, unattributed = build_batch(
@@ -96,6 +96,7 @@ def test_steady_records_decode_as_build_batch_measures(kinds: list[tuple[str, st
         attribution=attribution,
         totals=expected_totals,
     )
+    (records,) = parts
     got = pb.MeasureBatch.FromString(records)
     assert unattributed == []
     assert count == len(got.measures) == len(expected.measures)
@@ -105,6 +106,12 @@ def test_steady_records_decode_as_build_batch_measures(kinds: list[tuple[str, st
     later = steady(keys, seed + 100)._replace(start_ms=END, end_ms=END + 3)
     again, _, _ = SteadyEncoder([templates.pair(k, attribution[k]) for k in keys]).encode(later)
     assert encoder.encode(later)[0] == again
+    # in parts of at most N bytes, the same records in the same order
+    for limit in (200, 1000, 5000):
+        split, split_count, _ = encoder.encode(cd, limit)
+        assert split_count == count
+        assert all(len(part) <= limit for part in split)
+        assert b"".join(split) == records
 
 
 def test_an_encoder_refuses_counters_it_was_not_built_for() -> None:
@@ -114,21 +121,24 @@ def test_an_encoder_refuses_counters_it_was_not_built_for() -> None:
         encoder.encode(steady(keys[:2], 1))
 
 
-def test_batch_bytes_carry_the_header_the_records_and_the_inventory() -> None:
-    keys, attribution = counters([("bridge", "guest")] * 2)
-    records, _, _ = SteadyEncoder([Templates().pair(k, attribution[k]) for k in keys]).encode(
-        ColumnDeltas(keys, START, END, [5, 0], [6, 0], [1, 0], [1, 0])
-    )
-    header = pb.MeasureBatch(
-        schema=SCHEMA_VERSION, host_id="h", boot_id=BOOT, stream_id="s", seq=9, final=True
+def test_split_fields_cuts_between_records_only() -> None:
+    keys, attribution = counters([("bridge", "guest"), ("direct", "public")] * 30)
+    (records,), count, _ = SteadyEncoder([Templates().pair(k, attribution[k]) for k in keys]).encode(
+        steady(keys, 5)
     )
     who = attribution[keys[0]]
-    inventory = [domain_inventory(who.domain, {keys[0].name: who.placement}, {keys[0].name: keys[0].ifindex})]
-    batch = pb.MeasureBatch.FromString(batch_bytes(header, records, inventory))
-    assert (batch.host_id, batch.seq, batch.final, batch.schema) == ("h", 9, True, SCHEMA_VERSION)
-    assert [(m.device, m.direction, m.bytes, m.start, m.end) for m in batch.measures] == [
-        ("vnet0", pb.VM_RX, 6, START, END),
-        ("vnet0", pb.VM_TX, 5, START, END),
-    ]
-    assert list(batch.inventory) == inventory
-    assert pb.MeasureBatch.FromString(batch_bytes(header, b"", None)) == header
+    inventory = pb.MeasureBatch(inventory=[domain_inventory(who.domain, {}, {})] * 7).SerializeToString()
+    data = inventory + records
+    for limit in (1, 150, 700, 4096, len(data)):
+        parts = split_fields(data, limit)
+        assert b"".join(parts) == data
+        decoded = [pb.MeasureBatch.FromString(part) for part in parts]  # each part stands alone
+        assert sum(len(b.measures) for b in decoded) == count
+        assert sum(len(b.inventory) for b in decoded) == 7
+        assert all(
+            len(part) <= limit or len(b.measures) + len(b.inventory) == 1
+            for part, b in zip(parts, decoded, strict=True)
+        )
+    assert split_fields(b"", 100) == []
+    with pytest.raises(ValueError, match="offset 0"):
+        split_fields(b"\x08\x01" + records, 10)  # a varint field: not a record
