@@ -126,21 +126,17 @@ class LiveConsumer:
             self.lifecycle.incremental_assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in new])
 
     def catch_up_lifecycle(self, timeout_s: float = 60.0) -> None:
-        """Read the lifecycle topic to its current end before measures (fewer parked measures)."""
+        """Read the lifecycle topic to its current end before measures (fewer parked measures).
+
+        The end is the high watermark of the fetch responses (librdkafka's cached one), not a
+        ListOffsets answer: Tansu answers that with the last record batch's first offset + 1.
+        """
         deadline = self.monotonic() + timeout_s
-        topic = self.kafka.lifecycle_topic
-        ends = {}
-        for p in self._lifecycle_parts:
-            try:
-                ends[p] = self.lifecycle.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            except KafkaException as exc:
-                log.warning("lifecycle %s/%d: no watermarks: %s", topic, p, exc)
-        while self.monotonic() < deadline and not self.stop_event.is_set():
-            positions = {tp.partition: tp.offset for tp in self.lifecycle.position(
-                [TopicPartition(topic, p) for p in ends])}  # fmt: skip
-            if all(positions.get(p, -1) >= end for p, end in ends.items() if end > 0):
-                return
+        parts = [TopicPartition(self.kafka.lifecycle_topic, p) for p in sorted(self._lifecycle_parts)]
+        while parts and self.monotonic() < deadline and not self.stop_event.is_set():
             self._consume_lifecycle(self.poll_timeout)
+            if all(behind == 0 for behind in _behind(self.lifecycle, parts).values()):
+                return
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -239,16 +235,18 @@ class LiveConsumer:
                 log.info("offset commit failed (%s); re-delivery is harmless", exc)
 
     def _update_lag(self) -> None:
+        """Messages behind the end, per measures partition this replica holds and per lifecycle
+        partition (ends from fetch responses: see catch_up_lifecycle)."""
         try:
-            assigned = self.measures.assignment()
-            if not assigned:
-                return
-            for tp in self.measures.position(assigned):
-                low, high = self.measures.get_watermark_offsets(tp, cached=True)
-                if high < 0:
+            parts = [(self.measures, self.measures.assignment())]
+            topic = self.kafka.lifecycle_topic
+            parts.append((self.lifecycle, [TopicPartition(topic, p) for p in sorted(self._lifecycle_parts)]))
+            for consumer, assigned in parts:
+                if not assigned:
                     continue
-                position = tp.offset if tp.offset >= 0 else low
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - position))
+                for tp, behind in _behind(consumer, assigned).items():
+                    if behind is not None:
+                        self.metrics.lag.labels(tp[0], str(tp[1])).set(behind)
         except KafkaException as exc:
             log.debug("lag unavailable: %s", exc)
 
@@ -268,3 +266,17 @@ class LiveConsumer:
         self._commit(asynchronous=False)
         self.measures.close()
         self.lifecycle.close()
+
+
+def _behind(consumer: Consumer, parts: list[TopicPartition]) -> dict[tuple[str, int], int | None]:
+    """Messages between each partition's position and its end as the last fetch response told
+    it; None while no fetch response has told it yet."""
+    out: dict[tuple[str, int], int | None] = {}
+    for tp in consumer.position(parts):
+        low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), cached=True)
+        if high < 0:  # OFFSET_INVALID: not fetched yet
+            out[(tp.topic, tp.partition)] = None
+            continue
+        position = tp.offset if tp.offset >= 0 else max(low, 0)  # nothing consumed yet
+        out[(tp.topic, tp.partition)] = max(0, high - position)
+    return out
