@@ -314,7 +314,10 @@ def throughput(
         if pg_admin is not None:
             stores.append(("postgresql", create_database(pg_admin)))
         for name, db in stores:
-            runs[name] = drain(db, bootstrap, play, replicas=1, timeout=600, log=log)
+            # Each store drains the same batches from a topic of its own: reusing one would hand
+            # the second store every batch twice (the first run's copy, then its own).
+            own = {**play, "measures_topic": _topics(bootstrap, "tp", play["partitions"])[0]}
+            runs[name] = drain(db, bootstrap, own, replicas=1, timeout=600, log=log)
     decode_after = decode_rate(play["values"], play["measures"])
     decode = (decode_before["measures_per_s"] + decode_after["measures_per_s"]) / 2
     for run in runs.values():
