@@ -282,6 +282,46 @@ class Agent:
                 return events
 
     def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> list[bytes]:
+        plan, now_ms, steady, deltas = self._measure(events)
+        first_seq = self.seq + 1
+        header_bytes = len(self._header(first_seq, now_ms, final=final).SerializeToString())
+        room = self.config.kafka_max_batch_bytes - header_bytes - 16  # for records in one batch
+        totals: dict[str, list[int]] = {}
+        if steady is not None and plan.encoder is not None:
+            parts, self.last_measures, totals = plan.encoder.encode(steady, room)
+        else:
+            measures = pb.MeasureBatch()
+            unattributed = add_measures(measures.measures, deltas, self._attribution, self._templates, totals)
+            parts = split_fields(measures.SerializeToString(), room)
+            self.last_measures = len(measures.measures)
+            for d in unattributed:
+                if d.rx_bytes or d.tx_bytes:
+                    log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
+        inventory = self._inventory_if_due(plan, commit=not dry_run)
+        if inventory:  # first, so a collector knows the domains before their measures
+            parts = split_fields(pb.MeasureBatch(inventory=inventory).SerializeToString(), room) + parts
+        parts = parts or [b""]
+        if len(parts) > 1:
+            log.debug("poll of %d measures goes out as %d batches", self.last_measures, len(parts))
+        last = len(parts) - 1
+        batches = [
+            self._header(first_seq + i, now_ms, final=final and i == last).SerializeToString() + part
+            for i, part in enumerate(parts)
+        ]
+        if dry_run:
+            return batches
+        engine_state = self.engine.to_state()
+        state = {"v": STATE_VERSION, "engine": engine_state}
+        self.spool.append_poll(self.stream_id, first_seq, batches, state, now_ms)
+        self.seq = first_seq + last
+        self._committed_state = engine_state  # the rollback point of the next poll
+        self._count(deltas, totals)
+        self._forget_closed(plan)
+        return batches
+
+    def _measure(self, events: list[_Event]) -> tuple[_Plan, int, ColumnDeltas | None, list[Delta]]:
+        """Read the counters and run the engine: (plan, poll time, the deltas of a steady poll
+        or None, the deltas of a poll by rows)."""
         generation = getattr(self.topology, "generation", None)
         before = self.topology.links()
         table = parse_counter_table(self._read_text())
@@ -294,65 +334,24 @@ class Agent:
             list(map(column.__getitem__, rows))
             for column in (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
         )
-
         # A steady poll (no link events, every counter known and growing) runs by columns; the
         # rest by rows, where every rule of the engine and every kind of measure applies.
-        steady: ColumnDeltas | None = None
         if not events and not plan.libvirt_counted and self._steady_encoder(plan) is not None:
             steady = self.engine.poll_columns(
                 now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
             )
-        deltas: list[Delta] = []
-        if steady is None:
-            readings: list[tuple[CounterKey, Stats]] = list(
-                zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
-            )
-            if plan.libvirt_counted:
-                readings += self._libvirt_counted(plan.libvirt_counted, table)
-            self.metrics.interfaces.set(len(readings))
-            deltas = self._apply_events(events, plan.devices)
-            deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
-        else:
-            self.metrics.interfaces.set(len(keys))
-
-        inventory = self._inventory_if_due(plan, commit=not dry_run)
-        first_seq = self.seq + 1
-        room = (
-            self.config.kafka_max_batch_bytes
-            - len(self._header(first_seq, now_ms, final=final).SerializeToString())
-            - 16
+            if steady is not None:
+                self.metrics.interfaces.set(len(keys))
+                return plan, now_ms, steady, []
+        readings: list[tuple[CounterKey, Stats]] = list(
+            zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
         )
-        totals: dict[str, list[int]] = {}
-        if steady is not None and plan.encoder is not None:
-            parts, self.last_measures, totals = plan.encoder.encode(steady, room)
-        else:
-            measures = pb.MeasureBatch()
-            unattributed = add_measures(measures.measures, deltas, self._attribution, self._templates, totals)
-            parts = split_fields(measures.SerializeToString(), room)
-            self.last_measures = len(measures.measures)
-            for d in unattributed:
-                if d.rx_bytes or d.tx_bytes:
-                    log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
-        if inventory:  # first, so a collector knows the domains before their measures
-            parts = split_fields(pb.MeasureBatch(inventory=inventory).SerializeToString(), room) + parts
-        parts = parts or [b""]
-        if len(parts) > 1:
-            log.debug("poll of %d measures goes out as %d batches", self.last_measures, len(parts))
-        batches = [
-            self._header(first_seq + i, now_ms, final=final and i == len(parts) - 1).SerializeToString()
-            + part
-            for i, part in enumerate(parts)
-        ]
-        if dry_run:
-            return batches
-        engine_state = self.engine.to_state()
-        state = {"v": STATE_VERSION, "engine": engine_state}
-        self.spool.append_poll(self.stream_id, first_seq, batches, state, now_ms)
-        self.seq = first_seq + len(batches) - 1
-        self._committed_state = engine_state  # the rollback point of the next poll
-        self._count(deltas, totals)
-        self._forget_closed(plan)
-        return batches
+        if plan.libvirt_counted:
+            readings += self._libvirt_counted(plan.libvirt_counted, table)
+        self.metrics.interfaces.set(len(readings))
+        deltas = self._apply_events(events, plan.devices)
+        deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
+        return plan, now_ms, None, deltas
 
     def _header(self, seq: int, now_ms: int, *, final: bool) -> pb.MeasureBatch:
         return pb.MeasureBatch(

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     agent = build_agent(config, read_only=False)
     poll_cpu: list[float] = []
     measures: list[int] = []
+    batches: list[int] = []
     marks: list[float] = []  # process CPU and wall time at the end of the first (baseline) poll
     real_poll = agent.poll
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         data = real_poll(**kwargs)
         poll_cpu.append(time.thread_time() - c0)
         measures.append(agent.last_measures)
+        batches.append(len(data))
         if len(poll_cpu) == 1:
             marks[:] = [time.process_time(), time.monotonic()]
         if len(poll_cpu) > args.polls:
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             "poll_cpu_max_s": max(steady),
             "other_cpu_per_s": rest_per_s,
             "measures_per_poll": int(statistics.median(measures[1:])),
+            "batches_per_poll": int(statistics.median(batches[1:])),
             "batches_delivered": delivered,
         },
         sys.stdout,

@@ -60,12 +60,6 @@ def agent_section(agent: dict[str, Any]) -> str:
                 f"   {size['n']} interfaces: the agent process FAILED: {_last_line(loop['error'])}"
             )
             continue
-        if "default_config_error" in loop:
-            failures.append(
-                f"   {size['n']} interfaces: with the default config the agent process FAILED "
-                f"({_last_line(loop['default_config_error'])});\n"
-                f"     measured with {loop['kafka_properties']}"
-            )
         loop_rows.append(
             [
                 f"{size['n']:>6} interfaces",
@@ -74,6 +68,7 @@ def agent_section(agent: dict[str, Any]) -> str:
                 f"{loop['poll_cpu_s'] * 1000:.1f} / {loop['poll_cpu_mean_s'] * 1000:.1f}",
                 f"{loop['cpu_share_at_interval'] * 100:.3f}%",
                 str(loop["measures_per_poll"]),
+                str(loop["batches_per_poll"]),
             ]
         )
     text.append(
@@ -85,6 +80,7 @@ def agent_section(agent: dict[str, Any]) -> str:
                 "CPU ms/poll",
                 f"CPU @{interval:g}s",
                 "measures/poll",
+                "batches/poll",
             ],
             loop_rows,
         )
