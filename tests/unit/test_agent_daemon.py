@@ -98,9 +98,15 @@ class Clock:
         return self.t
 
 
-def make_agent(host: Host, spool_dir: Path, clock: Clock, inventory: FakeInventory | None = None) -> Agent:
+def make_agent(
+    host: Host,
+    spool_dir: Path,
+    clock: Clock,
+    inventory: FakeInventory | None = None,
+    settings: dict[str, Any] | None = None,
+) -> Agent:
     agent = Agent(
-        validate({"agent": {"host_id": "h1"}}),
+        validate({"agent": {"host_id": "h1"}, **(settings or {})}),
         inventory=inventory or FakeInventory(),
         topology=FakeTopology(host),
         spool=Spool(spool_dir),
@@ -360,17 +366,7 @@ def test_a_poll_bigger_than_a_record_goes_out_as_consecutive_batches(tmp_path: P
         for i in range(0, len(nics), 3)
     )
     clock = Clock()
-    agent = Agent(
-        validate({"agent": {"host_id": "h1"}, "kafka": {"max_batch_bytes": 2048}}),
-        inventory=FakeInventory(domains),
-        topology=FakeTopology(host),
-        spool=Spool(tmp_path),
-        boot_id=BOOT,
-        read_text=host.table,
-        wall=clock,
-        mono=clock,
-    )
-    agent.start()
+    agent = make_agent(host, tmp_path, clock, FakeInventory(domains), {"kafka": {"max_batch_bytes": 2048}})
     first = [pb.MeasureBatch.FromString(b) for b in agent.poll()]  # baseline + the whole inventory
     assert len(first) > 1
     assert sum(len(b.inventory) for b in first) == len(domains)
