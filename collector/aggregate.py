@@ -1,18 +1,19 @@
 """Bytes summed per usage key in memory, before the store sees them: the collector's hot loop.
 Pure: no I/O, no clock.
 
-    Tally(window_ms, billable, owner_at, history=None)   # one per transaction
+    Tally(window_ms, billable, owner_at, history=None, routes=None)   # one per transaction
     Tally.add_batch(batch: DecodedBatch) -> None          # the common path, over the columns
     Tally.add(measure: Measure) -> None                   # any one measure
     Tally.result() -> Attributed
 
 A measure inside one window (nearly all: a poll interval is seconds) of a VM whose history names
-one owner (ResourceHistory.owner_at: that owner at every instant) is summed under (route, window
-start), a route being one (owner, usage type, resource, traffic type, domain name) made once per
-distinct Target. Every other measure (no steady owner, spanning windows, quarantined) becomes a
-Measure and goes through the core's rules: OwnerIndex.owner_at, usage.byte_increments and its
-exact split. Sums keep the order of first appearance, so a record's resource name is that of its
-first measure whichever path it took. tests/unit/test_aggregate.py holds the paths equal.
+one owner (ResourceHistory.owner_at: that owner at every instant) is summed under (window start,
+route), a route being one (owner, usage type, resource, traffic type, domain name) made once per
+distinct Target; a batch whose measures share one interval (one poll) checks its window once.
+Every other measure (no steady owner, spanning windows, quarantined) becomes a Measure and goes
+through the core's rules: OwnerIndex.owner_at, usage.byte_increments and its exact split. Sums
+keep the order of first appearance, so a record's resource name is that of its first measure
+whichever path it took. tests/unit/test_aggregate.py holds the paths equal.
 Traffic the operator does not bill is summed the same way, apart (unbilled): every byte counts.
 """
 
@@ -44,7 +45,7 @@ class Attributed:
 
 
 @dataclass(eq=False, slots=True)
-class _Route:
+class Route:
     """A usage key without its window; compared by identity (one object per distinct value)."""
 
     owner: str
@@ -66,20 +67,40 @@ class Tally:
         billable: frozenset[str],
         owner_at: Callable[[Measure], str | None],
         history: Callable[[str], ResourceHistory | None] = _no_history,
+        routes: dict[Target, Route | None] | None = None,
     ):
+        """`routes` may be kept from one Tally to the next while the histories stay the same
+        (the caller's to know): a route depends on nothing else."""
         self.window_ms = window_ms
         self.billable = billable
         self.owner_at = owner_at
         self.history = history
         self._steady: dict[str, str | None] = {}  # instance uuid -> its only owner, or None
-        self._routes: dict[tuple[str, int, str, str, str], _Route] = {}
-        self._by_target: dict[Target, _Route | None] = {}  # None: no steady owner, per measure
-        self._sums: dict[tuple[_Route, int], int] = {}  # (route, window start) -> bytes
+        self._routes: dict[tuple[str, int, str, str, str], Route] = {}
+        self._by_target = {} if routes is None else routes  # None: no steady owner, per measure
+        # window start -> route -> bytes; a key's routes are all in one bucket, in order of appearance
+        self._sums: dict[int, dict[Route, int]] = {}
         self._result = Attributed()
 
     def add_batch(self, batch: DecodedBatch) -> None:
-        window, sums, by_target, quarantined = self.window_ms, self._sums, self._by_target, batch.quarantined
+        window, by_target, quarantined = self.window_ms, self._by_target, batch.quarantined
         self._result.measures += len(batch.targets)
+        if batch.interval is not None:  # one poll: one window start and one check for all
+            start, end = batch.interval
+            ws = start - start % window
+            if end - ws <= window:
+                bucket = self._bucket(ws)
+                for i, target, amount in zip(
+                    range(len(batch.targets)), batch.targets, batch.amounts, strict=True
+                ):
+                    route = by_target.get(target, _UNSEEN)
+                    if route is _UNSEEN:
+                        route = by_target[target] = self._route_of(target)
+                    if route is not None and not (quarantined and i in quarantined):
+                        bucket[route] = bucket.get(route, 0) + amount
+                    else:
+                        self._add(batch.measure(i))
+                return
         columns = (batch.targets, batch.starts, batch.ends, batch.amounts)
         for i, target, start, end, amount in zip(range(len(batch.targets)), *columns, strict=True):
             route = by_target.get(target, _UNSEEN)
@@ -87,10 +108,16 @@ class Tally:
                 route = by_target[target] = self._route_of(target)
             ws = start - start % window
             if route is not None and end - ws <= window and not (quarantined and i in quarantined):
-                key = (route, ws)
-                sums[key] = sums.get(key, 0) + amount
+                bucket = self._bucket(ws)
+                bucket[route] = bucket.get(route, 0) + amount
             else:
                 self._add(batch.measure(i))
+
+    def _bucket(self, ws: int) -> dict[Route, int]:
+        bucket = self._sums.get(ws)
+        if bucket is None:
+            bucket = self._sums[ws] = {}
+        return bucket
 
     def add(self, measure: Measure) -> None:
         self._result.measures += 1
@@ -107,19 +134,21 @@ class Tally:
         if owner is None:
             self._result.parked.append(m)
             return
-        sums, window = self._sums, self.window_ms
+        window = self.window_ms
         start, end = m.start_ms, m.end_ms
         ws = start - start % window
         if end - ws <= window and m.direction in _TYPE_OF:
             resource = m.instance_uuid or m.domain_name or m.address
-            key = (self._route(owner, _TYPE_OF[m.direction], resource, m.traffic_type, m.domain_name), ws)
-            sums[key] = sums.get(key, 0) + m.bytes
+            route = self._route(owner, _TYPE_OF[m.direction], resource, m.traffic_type, m.domain_name)
+            bucket = self._bucket(ws)
+            bucket[route] = bucket.get(route, 0) + m.bytes
             return
         rules = self.billable if m.traffic_type in self.billable else frozenset((m.traffic_type,))
         for inc in usage.byte_increments(m, owner, window, rules):
             k = inc.key
             route = self._route(k.account, k.usage_type, k.resource, k.detail, m.domain_name)
-            sums[route, k.window_start_ms] = sums.get((route, k.window_start_ms), 0) + inc.bytes
+            bucket = self._bucket(k.window_start_ms)
+            bucket[route] = bucket.get(route, 0) + inc.bytes
 
     def _steady_owner(self, uuid: str) -> str | None:
         if uuid not in self._steady:
@@ -128,39 +157,42 @@ class Tally:
             self._steady[uuid] = one or None  # "" names no owner: the index looks further
         return self._steady[uuid]
 
-    def _route_of(self, target: Target) -> _Route | None:
+    def _route_of(self, target: Target) -> Route | None:
         uuid = target.instance_uuid
         owner = self._steady_owner(uuid) if uuid else None
         if owner is None or target.direction not in _TYPE_OF:
             return None
         return self._route(owner, _TYPE_OF[target.direction], uuid, target.traffic_type, target.domain_name)
 
-    def _route(self, owner: str, usage_type: int, resource: str, detail: str, name: str) -> _Route:
+    def _route(self, owner: str, usage_type: int, resource: str, detail: str, name: str) -> Route:
         ident = (owner, usage_type, resource, detail, name)
         route = self._routes.get(ident)
         if route is None:
-            route = self._routes[ident] = _Route(*ident, billed=detail in self.billable)
+            route = self._routes[ident] = Route(*ident, billed=detail in self.billable)
         return route
 
     def result(self) -> Attributed:
         """Sums per UsageKey; names and device types of billed records."""
         result, window = self._result, self.window_ms
         described: dict[str, tuple[str, str]] = {}  # domain name -> (name, device type)
-        for (route, ws), amount in self._sums.items():
-            key = UsageKey(route.owner, route.usage_type, route.resource, "", route.detail, ws, ws + window)
-            if not route.billed:
-                result.unbilled[key] = result.unbilled.get(key, 0) + amount
-                continue
-            result.billed[key] = result.billed.get(key, 0) + amount
-            result.billed_bytes += amount
-            if key not in result.names:
-                about = described.get(route.name)
-                if about is None:
-                    kind = "DomainRouter" if is_router(route.name) else "UserVm"
-                    about = described[route.name] = (route.name, kind)
-                result.names[key] = about
+        for ws, bucket in self._sums.items():
+            for route, amount in bucket.items():
+                key = UsageKey(
+                    route.owner, route.usage_type, route.resource, "", route.detail, ws, ws + window
+                )
+                if not route.billed:
+                    result.unbilled[key] = result.unbilled.get(key, 0) + amount
+                    continue
+                result.billed[key] = result.billed.get(key, 0) + amount
+                result.billed_bytes += amount
+                if key not in result.names:
+                    about = described.get(route.name)
+                    if about is None:
+                        kind = "DomainRouter" if is_router(route.name) else "UserVm"
+                        about = described[route.name] = (route.name, kind)
+                    result.names[key] = about
         self._sums = {}
         return result
 
 
-_UNSEEN = _Route("", 0, "", "", "", billed=False)  # by_target's "not looked at yet"
+_UNSEEN = Route("", 0, "", "", "", billed=False)  # by_target's "not looked at yet"

@@ -100,6 +100,7 @@ class DecodedBatch:
     ends: list[int] = field(default_factory=list)
     amounts: list[int] = field(default_factory=list)
     quarantined: dict[int, str] = field(default_factory=dict)
+    interval: tuple[int, int] | None = None  # (start, end) when every measure has it: one poll
     message: pb.MeasureBatch | None = None
     hints_by_uuid: dict[str, dict[str, str]] = field(default_factory=dict)
     hints_by_name: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -174,6 +175,8 @@ def decode_batch(value: bytes) -> DecodedBatch:
         amounts.append(m.bytes)
         if m.quarantined:
             out.quarantined[index] = m.quarantine_reason or "quarantined"
+    if starts and starts.count(starts[0]) == len(starts) and ends.count(ends[0]) == len(ends):
+        out.interval = (starts[0], ends[0])
     return out
 
 

@@ -27,8 +27,9 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
 from kvmeter.collector import cloudstack, decode, lifecycle, usage
-from kvmeter.collector.aggregate import Attributed, Tally
+from kvmeter.collector.aggregate import Attributed, Route, Tally
 from kvmeter.collector.attribution import OwnerIndex, is_router
+from kvmeter.collector.decode import Target
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, UsageKey
 from kvmeter.collector.store import DeadLetter, Store
@@ -42,6 +43,7 @@ MEASURES = "measures"
 LIFECYCLE = "lifecycle"
 FULL_RETRY_MS = 5 * 60_000
 SYNC_PAGE = 10_000  # stored events read per query when catching up with the store
+ROUTES_KEPT = 250_000  # decoded Targets whose route is kept between chunks (decode keeps 200,000)
 UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record's values
 # A history and the ids of the events it was built from.
 Built = tuple[frozenset[str], ResourceHistory | None]
@@ -104,6 +106,9 @@ class Collector:
         self._events: dict[str, dict[str, pb.LifecycleEvent]] = {}
         self._last_event_row = 0
         self._knowledge = 0  # bumps whenever the owner index changes
+        # Tally routes by decoded Target, kept while the histories stay the same (_knowledge).
+        self._routes: dict[Target, Route | None] = {}
+        self._routes_at = -1
         self._retried_at = -1  # knowledge level of the last full retry of parked measures
         self._retried_ms = -(2**62)  # and when it ran
         # Owner fields of CloudStack's <metadata> per domain uuid and name, as the agents last
@@ -247,7 +252,9 @@ class Collector:
         (aggregate.Tally). By the owner index unless `owner_at` says otherwise."""
         window, billable = self.settings.window_ms, self.settings.billable
         if owner_at is None:
-            tally = Tally(window, billable, self.index.owner_at, self.index.history)
+            if self._routes_at != self._knowledge or len(self._routes) > ROUTES_KEPT:
+                self._routes, self._routes_at = {}, self._knowledge
+            tally = Tally(window, billable, self.index.owner_at, self.index.history, self._routes)
         else:
             tally = Tally(window, billable, owner_at)
         for batch in batches:

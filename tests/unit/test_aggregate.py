@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 
 from kvmeter.collector import usage
 from kvmeter.collector.aggregate import Tally
-from kvmeter.collector.decode import decode_batch
+from kvmeter.collector.decode import DecodedBatch, decode_batch
 from kvmeter.collector.model import Measure, OwnerChange, ResourceHistory, UsageKey
 from kvmeter.collector.service import Collector, Outcome, Settings
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
+from tests.unit import cs_events as cs
 
 T0 = 1_715_677_200_000
 WINDOWS = [60_000, 900_000, 3_600_000, 86_400_000]
@@ -156,3 +157,24 @@ def test_a_record_is_named_after_its_first_measure_on_either_path() -> None:
         T0 + 3_600_000: "i-2-10-VM",
     }
     assert done.names[next(iter(done.names))][1] in ("DomainRouter", "UserVm")
+
+
+def test_an_owner_learned_between_chunks_takes_the_next_chunk() -> None:
+    """Routes kept from chunk to chunk are dropped when lifecycle knowledge changes."""
+
+    def chunk(seq: int, hours: int) -> list[DecodedBatch]:
+        b = pb.MeasureBatch(schema=2, host_id="h", boot_id="b", stream_id="s", seq=seq)
+        start = cs.T0 + hours * cs.H
+        b.measures.add(
+            header=2, saddr=0, bytes=100, start=start, end=start + 10_000, direction=pb.VM_TX,
+            traffic_type=pb.PUBLIC, instance_uuid=cs.VM, domain_name="i-2-10-VM",
+        )  # fmt: skip
+        return [decode_batch(b.SerializeToString())]
+
+    collector = Collector(cast(Store, None), Settings(), lambda: cs.T0)
+    collector._learn([cs.usage("VM.CREATE", 0, account=cs.A)])
+    first = collector._attribute((), Outcome(), batches=chunk(1, 1))
+    collector._learn([cs.usage("VM.START", 2, account=cs.B)])  # a usage event names a new owner
+    second = collector._attribute((), Outcome(), batches=chunk(2, 3))
+    assert [k.account for k in first.billed] == [cs.A]
+    assert [k.account for k in second.billed] == [cs.B]
