@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from tests.harness.kafka import FAST_GROUP
 from tests.harness.netns import Host
@@ -168,18 +168,41 @@ enabled = false
         return [*KVMETER, "collector", "--config", str(self.config)]
 
 
-def group_lag(bootstrap: str, group: str, topic: str) -> int:
-    """Messages of `topic` the consumer group has not committed yet (all partitions)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+def group_lag(bootstrap: str, group: str, topic: str, timeout: float = 30.0) -> int:
+    """Messages of `topic` after the consumer group's committed offsets (all partitions),
+    counted by reading them: a broker's own idea of a partition's end (ListOffsets) may lag
+    behind (Tansu's points after the first record of the last producer batch), the end a
+    fetch reaches does not."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,  # for its committed offsets; assign() below never joins or commits
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in partitions]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
-        lag = 0
-        for tp in tps:
-            _, high = consumer.get_watermark_offsets(tp, timeout=10)
-            done = committed.get(tp.partition, -1)
-            lag += high - max(done, 0)
+        starts = [
+            TopicPartition(topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING)
+            for tp in consumer.committed(tps, timeout=10)
+        ]
+        consumer.assign(starts)
+        lag, at_end = 0, set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(starts):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"reading {topic} to its end took over {timeout} s")
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is None:
+                lag += 1
+            elif msg.error().code() == KafkaError._PARTITION_EOF:
+                at_end.add(msg.partition())
+            else:
+                raise AssertionError(f"reading {topic}: {msg.error()}")
         return lag
     finally:
         consumer.close()

@@ -9,11 +9,12 @@ from collections.abc import Callable
 import libvirt
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kvmeter.proto import SCHEMA_VERSION, pb
 from tests.harness.kafka import FAST_GROUP
 from tests.harness.netns import Host, Lab
+from tests.harness.processes import group_lag
 
 
 @pytest.mark.broker
@@ -49,6 +50,22 @@ def test_batch_round_trip_through_the_broker(kafka_bootstrap: str, unique_topic:
 
 
 @pytest.mark.pg
+def test_group_lag_counts_what_the_group_has_not_committed(
+    kafka_bootstrap: str, unique_topic: Callable[..., str]
+) -> None:
+    topic = unique_topic("lag", partitions=2)
+    assert group_lag(kafka_bootstrap, "lag-none", topic) == 0  # empty: at the end at once
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 200})  # batches of many
+    for i in range(9):
+        producer.produce(topic, value=b"x", partition=i % 2)
+    assert producer.flush(15) == 0
+    assert group_lag(kafka_bootstrap, "lag-none", topic) == 9  # no commit yet: everything
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "lag-some", **FAST_GROUP})
+    consumer.commit(offsets=[TopicPartition(topic, 0, 3), TopicPartition(topic, 1, 1)], asynchronous=False)
+    consumer.close()
+    assert group_lag(kafka_bootstrap, "lag-some", topic) == (5 - 3) + (4 - 1)
+
+
 def test_postgresql_answers_queries(pg_database: str) -> None:
     with psycopg.connect(pg_database) as conn:
         conn.execute("CREATE TABLE t (n bigint)")
