@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -136,7 +137,11 @@ class LiveConsumer:
         while parts and self.monotonic() < deadline and not self.stop_event.is_set():
             self._consume_lifecycle(self.poll_timeout)
             if all(behind == 0 for behind in _behind(self.lifecycle, parts).values()):
-                return
+                break
+        # What is known now (histories, owner index) lives as long as the consumer: set it apart,
+        # or every full garbage collection, triggered by the objects each chunk makes, walks it again.
+        gc.collect()
+        gc.freeze()
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> None:
@@ -263,6 +268,7 @@ class LiveConsumer:
         self.stop_event.set()
 
     def close(self) -> None:
+        gc.unfreeze()
         self._commit(asynchronous=False)
         self.measures.close()
         self.lifecycle.close()
