@@ -46,7 +46,8 @@ class Attributed:
 
 @dataclass(eq=False, slots=True)
 class Route:
-    """A usage key without its window; compared by identity (one object per distinct value)."""
+    """A usage key without its window; compared by identity (one object per distinct value).
+    Kept from chunk to chunk, it also keeps the UsageKey of its latest window."""
 
     owner: str
     usage_type: int
@@ -54,6 +55,14 @@ class Route:
     detail: str
     name: str  # domain name of the measure that made it: the record's resource name
     billed: bool
+    about: tuple[str, str] = ("", "")  # (resource name, device type) of a billed record
+    _key: UsageKey | None = None
+
+    def key(self, ws: int, we: int) -> UsageKey:
+        key = self._key
+        if key is None or key.window_start_ms != ws or key.window_end_ms != we:
+            key = self._key = UsageKey(self.owner, self.usage_type, self.resource, "", self.detail, ws, we)
+        return key
 
 
 def _no_history(_uuid: str) -> ResourceHistory | None:
@@ -168,29 +177,24 @@ class Tally:
         ident = (owner, usage_type, resource, detail, name)
         route = self._routes.get(ident)
         if route is None:
-            route = self._routes[ident] = Route(*ident, billed=detail in self.billable)
+            kind = "DomainRouter" if is_router(name) else "UserVm"
+            route = self._routes[ident] = Route(*ident, billed=detail in self.billable, about=(name, kind))
         return route
 
     def result(self) -> Attributed:
         """Sums per UsageKey; names and device types of billed records."""
         result, window = self._result, self.window_ms
-        described: dict[str, tuple[str, str]] = {}  # domain name -> (name, device type)
         for ws, bucket in self._sums.items():
+            we = ws + window
             for route, amount in bucket.items():
-                key = UsageKey(
-                    route.owner, route.usage_type, route.resource, "", route.detail, ws, ws + window
-                )
+                key = route.key(ws, we)
                 if not route.billed:
                     result.unbilled[key] = result.unbilled.get(key, 0) + amount
                     continue
                 result.billed[key] = result.billed.get(key, 0) + amount
                 result.billed_bytes += amount
                 if key not in result.names:
-                    about = described.get(route.name)
-                    if about is None:
-                        kind = "DomainRouter" if is_router(route.name) else "UserVm"
-                        about = described[route.name] = (route.name, kind)
-                    result.names[key] = about
+                    result.names[key] = route.about
         self._sums = {}
         return result
 
