@@ -155,6 +155,7 @@ def decode_batch(value: bytes) -> DecodedBatch:
             out.hints_by_name[dom.name] = owner
     stream_id, seq = batch.stream_id, batch.seq
     targets, starts, ends, amounts = out.targets, out.starts, out.ends, out.amounts
+    add_target, add_start, add_end, add_amount = targets.append, starts.append, ends.append, amounts.append
     known = _TARGETS
     # The hot loop of the collector: plain locals, only the fields a usage key needs, one shared
     # Target per distinct value.
@@ -169,10 +170,10 @@ def decode_batch(value: bytes) -> DecodedBatch:
         target = known.get(key)
         if target is None:
             target = _target(m, key, f"measure {index} of {stream_id}/{seq}")
-        targets.append(target)
-        starts.append(start)
-        ends.append(end)
-        amounts.append(m.bytes)
+        add_target(target)
+        add_start(start)
+        add_end(end)
+        add_amount(m.bytes)
         if m.quarantined:
             out.quarantined[index] = m.quarantine_reason or "quarantined"
     if starts and starts.count(starts[0]) == len(starts) and ends.count(ends[0]) == len(ends):
