@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from kvmeter.collector import cloudstack
 from kvmeter.collector import store as store_mod
 from kvmeter.collector.model import Measure, UsageKey
+from kvmeter.collector.schema import UPDATED_FILLFACTOR
 from kvmeter.collector.service import Collector, Record, Settings
 from kvmeter.collector.store import DeadLetter, Store, engine_url
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, VM1, Clock, M, Stream, usage_event
@@ -58,6 +59,21 @@ def test_migrations_are_numbered_idempotent_and_create_every_table(store: Store,
     with store.read() as conn:
         rows = conn.execute(sa.select(store_mod.schema_version.c.version)).all()
     assert [r[0] for r in rows] == [v for v, _ in store_mod.MIGRATIONS]
+
+
+@pytest.mark.pg
+def test_postgresql_byte_tables_keep_room_to_update_rows_in_place(pg_database: str) -> None:
+    """Every chunk adds to the open windows' byte records: their pages are filled only partly."""
+    store = Store(pg_database)
+    store.migrate()
+    with store.read() as conn:
+        query = (
+            "SELECT relname, reloptions FROM pg_class WHERE relname IN ('usage_records', 'unbilled_bytes')"
+        )
+        rows = conn.execute(sa.text(query)).all()
+    store.close()
+    wanted = [f"fillfactor={UPDATED_FILLFACTOR}"]
+    assert dict(rows) == {"usage_records": wanted, "unbilled_bytes": wanted}
 
 
 def test_plain_postgresql_urls_map_to_the_installed_driver() -> None:
