@@ -1,4 +1,4 @@
-"""Decode one measures-topic record (a protobuf MeasureBatch) into the core's Measure values.
+"""Decode one measures-topic record (a protobuf MeasureBatch) into columns of the core's measures.
 
     decode_batch(value: bytes) -> DecodedBatch
 
