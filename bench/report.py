@@ -95,19 +95,26 @@ def agent_section(agent: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
+def _rates_by_store(
+    baseline: tuple[str, float], path: str, stores: dict[str, Any], keys: tuple[str, str, str]
+) -> list[list[str]]:
+    """A baseline row, then one row per store: rate, ratio to the baseline, rate per CPU second."""
+    rate, ratio, per_cpu = keys
+    rows = [[baseline[0], _num(baseline[1], 0), "1.00x", ""]]
+    for name, run in stores.items():
+        rows.append([f"{path}, {name}", _num(run[rate], 0), f"{run[ratio]:.2f}x", _num(run[per_cpu] or 0, 0)])
+    return rows
+
+
 def collector_section(col: dict[str, Any]) -> str:
     if "error" in col:
         return f"2. Collector throughput: FAILED: {col['error']}"
-    rows = [["decode_batch only (same batches)", _num(col["decode_measures_per_s"], 0), "1.00x", ""]]
-    for name, run in col["stores"].items():
-        rows.append(
-            [
-                f"broker -> committed usage, {name}",
-                _num(run["measures_per_s"], 0),
-                f"{run['ratio_to_decode']:.2f}x",
-                _num(run["measures_per_cpu_s"] or 0, 0),
-            ]
-        )
+    rows = _rates_by_store(
+        ("decode_batch only (same batches)", col["decode_measures_per_s"]),
+        "broker -> committed usage",
+        col["stores"],
+        ("measures_per_s", "ratio_to_decode", "measures_per_cpu_s"),
+    )
     head = (
         f"2. Collector throughput, one replica ({col['batches']} batches, {col['measures']} measures of "
         f"{col['hosts']} hosts x {col['nics_per_host']} NICs; lifecycle applied first, not timed)"
@@ -151,16 +158,12 @@ def scale_section(scale: dict[str, Any]) -> str:
 def lifecycle_section(life: dict[str, Any]) -> str:
     if "error" in life:
         return f"5. Lifecycle load: FAILED: {life['error']}"
-    rows = [["cloudstack.parse_event only (same lines)", _num(life["parse_events_per_s"], 0), "1.00x", ""]]
-    for name, run in life["stores"].items():
-        rows.append(
-            [
-                f"ingest --events -> committed usage, {name}",
-                _num(run["events_per_s"], 0),
-                f"{run['ratio_to_parse']:.2f}x",
-                _num(run["events_per_cpu_s"], 0),
-            ]
-        )
+    rows = _rates_by_store(
+        ("cloudstack.parse_event only (same lines)", life["parse_events_per_s"]),
+        "ingest --events -> committed usage",
+        life["stores"],
+        ("events_per_s", "ratio_to_parse", "events_per_cpu_s"),
+    )
     head = (
         f"5. Lifecycle load ({life['events']} CloudStack events of {life['vms']} VMs and their IPs into "
         "hourly time records, chunks of 500)"

@@ -1,17 +1,19 @@
 """The benchmark code runs end to end on tiny sizes (so `make bench` does not rot): the agent poll
 paths over real veth taps with traffic, the collector's drain from the real broker with its
-conservation check, freshness through `kvmeter run --all-in-one`, and the report."""
+conservation check, freshness through `kvmeter run --all-in-one`, the lifecycle load on both
+stores with its own checks (every event stored, the same usage in both stores), and the report."""
 
 from __future__ import annotations
 
 import pytest
-from bench import agent_bench, collector_bench, freshness, report
-
-pytestmark = [pytest.mark.netns, pytest.mark.broker]
+from bench import agent_bench, collector_bench, freshness, lifecycle_bench, report
 
 NICS = 6
+META = {"quick": True, "started": "now", "cpus": 2, "commit": "x", "loadavg_start": 0.0, "loadavg_end": 0.0}
 
 
+@pytest.mark.netns
+@pytest.mark.broker
 def test_bench_sections_run_on_tiny_sizes(kafka_bootstrap: str) -> None:
     logs: list[str] = []
     agent = agent_bench.run([NICS], quick=True, log=logs.append)
@@ -37,14 +39,7 @@ def test_bench_sections_run_on_tiny_sizes(kafka_bootstrap: str) -> None:
 
     text = report.render(
         {
-            "meta": {
-                "quick": True,
-                "started": "now",
-                "cpus": 2,
-                "commit": "x",
-                "loadavg_start": 0.0,
-                "loadavg_end": 0.0,
-            },
+            "meta": META,
             "agent": agent,
             "collector": collector,
             "freshness": fresh,
@@ -52,3 +47,17 @@ def test_bench_sections_run_on_tiny_sizes(kafka_bootstrap: str) -> None:
     )
     assert "kvmeter agent poll (daemon)" in text
     assert "broker -> committed usage, sqlite" in text
+
+
+@pytest.mark.pg
+def test_lifecycle_bench_runs_on_a_tiny_size(pg_dsn: str) -> None:
+    life = lifecycle_bench.run(pg_dsn, vms=3, log=lambda _: None)
+    assert life["events"] == 3 * 6
+    for name in ("sqlite", "postgresql"):
+        run = life["stores"][name]
+        assert run["events"] == 18
+        # per VM: RUNNING_VM and ALLOCATED_VM hours since the start, IP_ADDRESS hours: 6 windows back
+        assert run["records"] >= 3 * 3 * 5
+        assert run["events_per_s"] > 0
+    text = report.render({"meta": META, "lifecycle": life})
+    assert "ingest --events -> committed usage, postgresql" in text
