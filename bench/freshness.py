@@ -262,12 +262,19 @@ def measure(
     with MODES[mode][1](host, interval) as (procs, api, work):
         _wait_ready(procs, api, work, 60)
         # Until the VM's first bytes are billed, its owner and baseline are not settled: warm up.
+        # The API can answer before the agent's first poll, which baselines (never bills) what
+        # the tap moved until then: a warm-up frame is sent again until one shows, each time
+        # after the last one would have shown (a poll and the pipeline's delay), so none is
+        # still on its way when the samples start.
         base = api.sent_bytes()
-        vm_sock.sendto(frame, (VethHost.peer(0), 0))
-        deadline = time.monotonic() + 3 * interval + 30
+        deadline = time.monotonic() + 5 * interval + 30
+        next_send = time.monotonic()
         while api.sent_bytes() < base + FRAME_BYTES:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
                 raise RuntimeError(f"the warm-up frame never showed: {_logs(work)}")
+            if time.monotonic() >= next_send:
+                vm_sock.sendto(frame, (VethHost.peer(0), 0))
+                next_send += 2 * interval + 2
             time.sleep(0.1)
         # Right after a frame shows, the poll that carried it has just run; waiting (k + 1/2) / samples
         # of the interval puts the next send at that phase of the cycle: stratified phases give a
