@@ -89,13 +89,19 @@ class TrafficRules:
             raise TrafficRulesError(problems)
         self.rules: tuple[TrafficRule, ...] = tuple(rules)
         self.fallback = fallback
+        # The rules never change and a host has few distinct (bridge, VLAN, VNI): every NIC is
+        # classified again when the link map changes, so the answers are kept.
+        self._known: dict[tuple[str | None, int | None, int | None], str] = {}
 
     def classify(self, bridge: str | None, vlan_id: int | None, vxlan_vni: int | None) -> str:
         """Traffic type for an interface on ``bridge`` whose uplink has ``vlan_id`` / ``vxlan_vni``."""
-        for rule in self.rules:
-            if rule.matches(bridge, vlan_id, vxlan_vni):
-                return rule.traffic_type
-        return self.fallback
+        where = (bridge, vlan_id, vxlan_vni)
+        known = self._known.get(where)
+        if known is None:
+            known = next((r.traffic_type for r in self.rules if r.matches(*where)), self.fallback)
+            if len(self._known) < 4096:  # bounded: bridge names come from the host
+                self._known[where] = known
+        return known
 
     def __repr__(self) -> str:
         return f"TrafficRules({list(self.rules)!r}, fallback={self.fallback!r})"
