@@ -448,7 +448,7 @@ class Agent:
             known is None
             or known.domain is not domain
             or known.nic is not nic
-            or known.placement != placement
+            or (known.placement is not placement and known.placement != placement)
         ):
             self._attribution[key] = Attribution(domain, nic, placement)
 

@@ -183,7 +183,7 @@ class LinkTable:
             self._remove(record.ifindex)
         self._links[record.ifindex] = record
         self._by_name[record.ifname] = record.ifindex
-        self._changed()
+        self._changed(record)
         if previous is None or previous.ifname != record.ifname:
             return LinkEvent("new", record.ifname, record.ifindex, record.stats)
         return None
@@ -263,12 +263,26 @@ class LinkTable:
         if old is not None:
             if self._by_name.get(old.ifname) == ifindex:
                 del self._by_name[old.ifname]
-            self._changed()
+            self._changed(old)
 
-    def _changed(self) -> None:
-        self._uplink_of = None
-        self._placements = {}
+    def _changed(self, record: LinkRecord | None = None) -> None:
+        """A link came, went or moved (None: all of them). Placements computed before stay
+        valid unless they could depend on it: a VM's tap coming or going changes no other
+        link's placement, so a host of thousands keeps them when one VM starts or stops."""
         self.generation += 1
+        if record is None or self._others_depend_on(record):
+            self._uplink_of = None
+            self._placements = {}
+        else:
+            self._placements.pop(record.ifname, None)
+
+    def _others_depend_on(self, record: LinkRecord) -> bool:
+        """Whether another link's placement may read this one: a bridge or other master, an
+        uplink (VLAN/VXLAN device), or the parent of a macvtap and the like."""
+        if record.kind == "bridge" or record.kind in UPLINK_KINDS:
+            return True
+        index = record.ifindex
+        return any(other.master == index or other.link == index for other in self._links.values())
 
 
 def _same_place(a: LinkRecord, b: LinkRecord) -> bool:
