@@ -38,6 +38,7 @@ from kvmeter.agent.measures import (
     Attribution,
     Templates,
     add_measures,
+    batch_header,
     domain_inventory,
 )
 from kvmeter.agent.metered import LIBVIRT_COUNTED_NIC_TYPES, MeteredLinks
@@ -46,7 +47,7 @@ from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, Lin
 from kvmeter.agent.publish import Publisher
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.wire import SteadyEncoder, split_fields
-from kvmeter.proto import SCHEMA_VERSION, pb
+from kvmeter.proto import pb
 
 log = logging.getLogger(__name__)
 
@@ -354,13 +355,12 @@ class Agent:
         return plan, now_ms, None, deltas
 
     def _header(self, seq: int, now_ms: int, *, final: bool) -> pb.MeasureBatch:
-        return pb.MeasureBatch(
-            schema=SCHEMA_VERSION,
+        return batch_header(
             host_id=self.config.host_id,
             boot_id=self.boot_id,
             stream_id=self.stream_id,
             seq=seq,
-            poll_time=now_ms,
+            poll_ms=now_ms,
             final=final,
         )
 

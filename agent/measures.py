@@ -206,6 +206,21 @@ def _add_totals(totals: dict[str, list[int]] | None, traffic: str | None, vm_rx:
     total[1] += vm_tx
 
 
+def batch_header(
+    *, host_id: str, boot_id: str, stream_id: str, seq: int, poll_ms: int, final: bool = False
+) -> pb.MeasureBatch:
+    """A MeasureBatch with its own fields and no measures or inventory yet."""
+    return pb.MeasureBatch(
+        schema=SCHEMA_VERSION,
+        host_id=host_id,
+        boot_id=boot_id,
+        stream_id=stream_id,
+        seq=seq,
+        poll_time=poll_ms,
+        final=final,
+    )
+
+
 def build_batch(
     *,
     host_id: str,
@@ -222,14 +237,8 @@ def build_batch(
 ) -> tuple[pb.MeasureBatch, list[Delta]]:
     """The batch for one poll, and the deltas that had no attribution (not a VM NIC: ignored).
     `totals`, when given, receives the VM-side bytes per traffic type: {type: [vm_rx, vm_tx]}."""
-    batch = pb.MeasureBatch(
-        schema=SCHEMA_VERSION,
-        host_id=host_id,
-        boot_id=boot_id,
-        stream_id=stream_id,
-        seq=seq,
-        poll_time=poll_ms,
-        final=final,
+    batch = batch_header(
+        host_id=host_id, boot_id=boot_id, stream_id=stream_id, seq=seq, poll_ms=poll_ms, final=final
     )
     unattributed = add_measures(batch.measures, deltas, attribution, templates, totals)
     if inventory is not None:

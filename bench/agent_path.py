@@ -113,8 +113,8 @@ class KvmeterPoll:
 
     def poll(self) -> bytes:
         from kvmeter.agent.counters import parse_counter_table, read_proc_net_dev
+        from kvmeter.agent.measures import batch_header
         from kvmeter.agent.wire import SteadyEncoder
-        from kvmeter.proto import SCHEMA_VERSION, pb
 
         t0 = time.process_time()
         table = parse_counter_table(read_proc_net_dev())
@@ -141,13 +141,8 @@ class KvmeterPoll:
             parts, count, _totals = self.encoder.encode(steady)
         t3 = time.process_time()
         self.seq += 1
-        header = pb.MeasureBatch(
-            schema=SCHEMA_VERSION,
-            host_id="bench-host",
-            boot_id=self.boot_id,
-            stream_id=self.stream_id,
-            seq=self.seq,
-            poll_time=now_ms,
+        header = batch_header(
+            host_id="bench-host", boot_id=self.boot_id, stream_id=self.stream_id, seq=self.seq, poll_ms=now_ms
         )
         data = header.SerializeToString() + b"".join(parts)
         t4 = time.process_time()
