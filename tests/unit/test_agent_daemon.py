@@ -104,16 +104,21 @@ def make_agent(
     clock: Clock,
     inventory: FakeInventory | None = None,
     settings: dict[str, Any] | None = None,
+    **parts: Any,
 ) -> Agent:
+    """An agent over the scripted host; `parts` replace its default parts (topology, read_mac)."""
     agent = Agent(
         validate({"agent": {"host_id": "h1"}, **(settings or {})}),
-        inventory=inventory or FakeInventory(),
-        topology=FakeTopology(host),
-        spool=Spool(spool_dir),
-        boot_id=BOOT,
-        read_text=host.table,
-        wall=clock,
-        mono=clock,
+        **{
+            "inventory": inventory or FakeInventory(),
+            "topology": FakeTopology(host),
+            "spool": Spool(spool_dir),
+            "boot_id": BOOT,
+            "read_text": host.table,
+            "wall": clock,
+            "mono": clock,
+            **parts,
+        },
     )
     agent.start()
     return agent
@@ -264,18 +269,7 @@ def test_nic_whose_target_dev_is_not_a_link_is_matched_by_tap_mac(host: Host, tm
     dom = DomainInfo(uuid="u-1", name="i-2-10-VM", state="running", kind="user_vm", nics=(renamed,))
     clock = Clock()
     macs = {"vnet0": "fe:00:00:00:00:01", "lo": "00:00:00:00:00:00"}
-    agent = Agent(
-        validate({"agent": {"host_id": "h1"}}),
-        inventory=FakeInventory((dom,)),
-        topology=FakeTopology(host),
-        spool=Spool(tmp_path),
-        boot_id=BOOT,
-        read_text=host.table,
-        read_mac=macs.get,
-        wall=clock,
-        mono=clock,
-    )
-    agent.start()
+    agent = make_agent(host, tmp_path, clock, FakeInventory((dom,)), read_mac=macs.get)
     agent.poll_once()
     host.traffic("vnet0", 10, 20)
     clock.t += 1
@@ -320,17 +314,7 @@ class VersionedTopology(FakeTopology):
 def test_kept_poll_plan_counts_a_reboot_exactly(host: Host, tmp_path: Path) -> None:
     clock = Clock()
     topology = VersionedTopology(host)
-    agent = Agent(
-        validate({"agent": {"host_id": "h1"}}),
-        inventory=FakeInventory(),
-        topology=topology,
-        spool=Spool(tmp_path),
-        boot_id=BOOT,
-        read_text=host.table,
-        wall=clock,
-        mono=clock,
-    )
-    agent.start()
+    agent = make_agent(host, tmp_path, clock, topology=topology)
     agent.poll_once()
     plan = agent._plan
     host.traffic("vnet0", 300, 400)
