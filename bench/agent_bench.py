@@ -55,13 +55,20 @@ def start_broker(host: VethHost, log_dir: Path) -> Broker:
         "        if time.monotonic() > deadline: sys.exit(f'broker not ready: {exc}')\n"
         "        time.sleep(0.3)\n"
     )
-    result = subprocess.run(
-        host.exec_args(sys.executable, "-c", create), capture_output=True, text=True, cwd=REPO, check=False
-    )
-    if result.returncode != 0:
+    failed = run_snippet(host, create)
+    if failed:
         broker.stop()
-        raise RuntimeError(f"Tansu in {host.host_ns}: {result.stderr[-2000:]}")
+        raise RuntimeError(f"Tansu in {host.host_ns}: {failed}")
     return broker
+
+
+def run_snippet(host: VethHost, code: str) -> str | None:
+    """Run Python code in the host namespace (from the repository, so tests.harness imports);
+    None when it succeeded, else the end of its stderr."""
+    result = subprocess.run(
+        host.exec_args(sys.executable, "-c", code), capture_output=True, text=True, cwd=REPO, check=False
+    )
+    return None if result.returncode == 0 else result.stderr[-2000:] or f"exit {result.returncode}"
 
 
 def write_libvirt(path: Path, n: int) -> str:

@@ -29,7 +29,6 @@ from bench.frames import ETHERTYPE, in_netns
 from bench.timing import percentile
 from bench.vethns import BRIDGE_MAC, VethHost
 
-REPO = Path(__file__).resolve().parent.parent
 KVMETER = Path(sys.executable).with_name("kvmeter")
 VM_UUID = "6f1c6c4e-0000-4000-8000-00000000f2e5"
 VM_NAME = "i-2-42-VM"
@@ -44,10 +43,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(work: Path, uri: str, interval: float, api_port: int) -> Path:
-    path = work / "allinone.toml"
-    path.write_text(
-        f"""[agent]
+def _agent_toml(work: Path, uri: str, interval: float) -> str:
+    """The [agent], [libvirt] and [metrics] sections both pipelines share."""
+    return f"""[agent]
 host_id = "bench-fresh"
 poll_interval = {interval}
 state_dir = "{work / "agent"}"
@@ -56,7 +54,14 @@ log_level = "warning"
 uri = "{uri}"
 [metrics]
 enabled = false
-[store]
+"""
+
+
+def _config(work: Path, uri: str, interval: float, api_port: int) -> Path:
+    path = work / "allinone.toml"
+    path.write_text(
+        _agent_toml(work, uri, interval)
+        + f"""[store]
 url = "sqlite:///{work / "usage.db"}"
 [usage]
 billable_traffic_types = ["public", "guest"]
@@ -162,7 +167,7 @@ def _distributed(
     host: VethHost, interval: float
 ) -> Iterator[tuple[list[subprocess.Popen[bytes]], Api, Path]]:
     """`kvmeter agent` -> Tansu -> `kvmeter collector` (SQLite, API), all in the host namespace."""
-    from bench.agent_bench import start_broker
+    from bench.agent_bench import run_snippet, start_broker
 
     work, uri, events = _work(interval)
     broker = start_broker(host, work)  # creates the measures topic
@@ -177,26 +182,16 @@ def _distributed(
         "    p.produce('cloudstack', line)\n"
         "sys.exit(p.flush(15))\n"
     )
-    result = subprocess.run(
-        host.exec_args(sys.executable, "-c", produce), cwd=REPO, capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
+    failed = run_snippet(host, produce)
+    if failed:
         broker.stop()
-        raise RuntimeError(f"lifecycle events not produced: {result.stderr[-2000:]}")
+        raise RuntimeError(f"lifecycle events not produced: {failed}")
     port = _free_port()
     (work / "agent.toml").write_text(
-        f"""[agent]
-host_id = "bench-fresh"
-poll_interval = {interval}
-state_dir = "{work / "agent"}"
-log_level = "warning"
-[libvirt]
-uri = "{uri}"
-[kafka]
+        _agent_toml(work, uri, interval)
+        + f"""[kafka]
 bootstrap_servers = "{broker.bootstrap}"
 topic = "kvmeter.measures"
-[metrics]
-enabled = false
 """
     )
     (work / "collector.toml").write_text(
