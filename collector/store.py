@@ -162,7 +162,7 @@ class Store:
                 raise RuntimeError(f"no database driver for {driver}{hint}: {exc}") from None
         self.dialect = self.engine.dialect.name
         self.is_postgres = self.dialect == "postgresql"
-        self._sql_cache: dict[str, str] = {}  # table name -> _upsert_sql
+        self._sql_cache: dict[str, str] = {}  # statements built once, by purpose
 
     def close(self) -> None:
         self.engine.dispose()
@@ -329,7 +329,7 @@ class Store:
             name, device = names.get(key, no_name)
             open_rows.append((*key, amount, False, name, device, now_ms, now_ms))
         if open_rows:
-            self._add_rows(conn, usage_records, _RECORD_COLUMNS, "quantity", open_rows)
+            self._upsert_rows(conn, usage_records, _RECORD_COLUMNS, open_rows, "quantity", add=True)
         if late:
             self._adjust(conn, late, names, now_ms, reason)
         return len(open_rows), len(late)
@@ -337,18 +337,21 @@ class Store:
     def add_unbilled(self, conn: Connection, increments: Mapping[UsageKey, int], now_ms: int) -> None:
         rows = [(*k, increments[k], now_ms) for k in sorted(increments) if increments[k]]
         if rows:
-            self._add_rows(conn, unbilled_bytes, _UNBILLED_COLUMNS, "bytes", rows)
+            self._upsert_rows(conn, unbilled_bytes, _UNBILLED_COLUMNS, rows, "bytes", add=True)
 
-    def _add_rows(
+    def _upsert_rows(
         self,
         conn: Connection,
         table: sa.Table,
         columns: Sequence[str],
-        added: str,
         rows: list[tuple[Any, ...]],
+        value: str,
+        *,
+        add: bool,
     ) -> None:
         """Upsert plain tuples (values in `columns` order; the key first): a new key inserts its
-        row, a known key adds the row's `added` value to its own and takes its updated_ms.
+        row, a known key adds the row's `value` column to its own (add) or takes it, and takes
+        its updated_ms.
 
         The hot write path. The statement text is built once per table and run through the
         driver directly: SQLAlchemy's per-row parameter processing cost more than the
@@ -356,31 +359,27 @@ class Store:
         psycopg2): one statement over one array per column (unnest), one round trip, and a
         short text the driver parses once (a multi-row VALUES is re-parsed on every call). The
         rows' keys are distinct: ON CONFLICT DO UPDATE may touch a row once per statement."""
-        sql = self._sql_cache.get(table.name)
+        cache_key = f"{table.name}:{value}:{'add' if add else 'set'}"
+        sql = self._sql_cache.get(cache_key)
         if sql is None:
-            sql = self._sql_cache[table.name] = self._upsert_sql(table, columns, added)
+            sql = self._sql_cache[cache_key] = self._upsert_sql(table, columns, value, add=add)
         if self.is_postgres:
             conn.exec_driver_sql(sql, [tuple(list(values) for values in zip(*rows, strict=True))])
         else:
             conn.exec_driver_sql(sql, rows)
 
-    def _upsert_sql(self, table: sa.Table, columns: Sequence[str], added: str) -> str:
+    def _upsert_sql(self, table: sa.Table, columns: Sequence[str], value: str, *, add: bool) -> str:
         quote = self.engine.dialect.identifier_preparer.quote
-        name = quote(table.name)
+        name, column = quote(table.name), quote(value)
         if self.is_postgres:
-            # Arrays of the base types (text[], not varchar(n)[]: an explicit cast would truncate
-            # a long value silently; the insert's own assignment cast refuses it, as before).
-            # psycopg 3 dumps arrays in binary (%b) at a third of its text format's cost.
-            mark = "%b" if self.engine.dialect.driver == "psycopg" else "%s"
-            arrays = ", ".join(f"{mark}::{_pg_array_type(table.c[c].type)}[]" for c in columns)
-            source = f"SELECT * FROM unnest({arrays})"
+            source = self._pg_unnest(table, columns)
         else:
             source = "VALUES (" + ", ".join(["?"] * len(columns)) + ")"
+        new_value = f"{name}.{column} + excluded.{column}" if add else f"excluded.{column}"
         return (
             f"INSERT INTO {name} ({', '.join(quote(c) for c in columns)}) {source} "
             f"ON CONFLICT ({', '.join(quote(c) for c in KEY_COLUMNS)}) DO UPDATE SET "
-            f"{quote(added)} = {name}.{quote(added)} + excluded.{quote(added)}, "
-            f"{quote('updated_ms')} = excluded.{quote('updated_ms')}"
+            f"{column} = {new_value}, {quote('updated_ms')} = excluded.{quote('updated_ms')}"
         )
 
     # -- owner hints from the agents' inventories ----------------------------------------------
@@ -503,23 +502,8 @@ class Store:
                     deletes.append(record[0])
                 elif new != record[1]:
                     upserts.append((*key, new, False, "", "", now_ms, now_ms))
-        if upserts:  # tuples in _RECORD_COLUMNS order; distinct keys: a statement may touch each once
-            sql = self._sql_cache.get("time_values")
-            if sql is None:
-                source = (
-                    self._pg_unnest(usage_records, _RECORD_COLUMNS)
-                    if self.is_postgres
-                    else "VALUES (" + ", ".join(["?"] * len(_RECORD_COLUMNS)) + ")"
-                )
-                sql = self._sql_cache["time_values"] = (
-                    f"INSERT INTO usage_records ({', '.join(_RECORD_COLUMNS)}) {source} "
-                    f"ON CONFLICT ({', '.join(KEY_COLUMNS)}) DO UPDATE SET "
-                    "quantity = excluded.quantity, updated_ms = excluded.updated_ms"
-                )
-            if self.is_postgres:
-                conn.exec_driver_sql(sql, tuple(list(column) for column in zip(*upserts, strict=True)))
-            else:
-                conn.exec_driver_sql(sql, upserts)
+        if upserts:  # tuples in _RECORD_COLUMNS order, distinct keys
+            self._upsert_rows(conn, usage_records, _RECORD_COLUMNS, upserts, "quantity", add=False)
         for part in _slices(deletes):
             conn.execute(sa.delete(usage_records).where(usage_records.c.id.in_(part)))
         if late:
@@ -613,7 +597,10 @@ class Store:
 
     def _pg_unnest(self, table: sa.Table, columns: Sequence[str]) -> str:
         """`SELECT * FROM unnest(<one array parameter per column>)`: any number of rows in one
-        statement whose text never changes (psycopg 3 sends the arrays in binary)."""
+        statement whose text never changes. Arrays of the base types (text[], not
+        varchar(n)[]: an explicit cast would truncate a long value silently; the insert's own
+        assignment cast refuses it). psycopg 3 dumps arrays in binary (%b) at a third of its
+        text format's cost."""
         mark = "%b" if self.engine.dialect.driver == "psycopg" else "%s"
         types = [
             "bytea" if isinstance(table.c[c].type, sa.LargeBinary) else _pg_array_type(table.c[c].type)
@@ -885,7 +872,7 @@ class Store:
             return [measure_from_json(r[0]) for r in conn.execute(query)]
 
 
-# Column orders of the tuples _add_rows writes: the UsageKey's fields first, as UsageKey has them.
+# Column orders of the tuples _upsert_rows writes: the UsageKey's fields first, as UsageKey has them.
 _RECORD_COLUMNS = (
     *KEY_COLUMNS, "quantity", "final", "resource_name", "device_type", "created_ms", "updated_ms"
 )  # fmt: skip
