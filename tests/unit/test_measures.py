@@ -31,8 +31,12 @@ def delta(
     return Delta(key, 1000, 2000, rx, tx, rxp, txp, **flags)  # type: ignore[arg-type]
 
 
-def batch(deltas: list[Delta], attribution: dict[CounterKey, Attribution]) -> pb.MeasureBatch:
-    b, _ = build_batch(
+def build(
+    deltas: list[Delta],
+    attribution: dict[CounterKey, Attribution],
+    totals: dict[str, list[int]] | None = None,
+) -> tuple[pb.MeasureBatch, list[Delta]]:
+    return build_batch(
         host_id="h1",
         boot_id="boot-1",
         stream_id="st",
@@ -40,8 +44,12 @@ def batch(deltas: list[Delta], attribution: dict[CounterKey, Attribution]) -> pb
         poll_ms=2000,
         deltas=deltas,
         attribution=attribution,
+        totals=totals,
     )
-    return b
+
+
+def batch(deltas: list[Delta], attribution: dict[CounterKey, Attribution]) -> pb.MeasureBatch:
+    return build(deltas, attribution)[0]
 
 
 @pytest.mark.parametrize(
@@ -168,16 +176,7 @@ def test_totals_sum_vm_side_bytes_per_traffic_type_flagged_deltas_included() -> 
         delta(CounterKey("boot-1", 99, "cloudbr0"), rx=10**6, tx=10**6),  # not a VM NIC: not counted
     ]
     totals: dict[str, list[int]] = {}
-    b, unattributed = build_batch(
-        host_id="h1",
-        boot_id="boot-1",
-        stream_id="st",
-        seq=4,
-        poll_ms=2000,
-        deltas=deltas,
-        attribution=attribution,
-        totals=totals,
-    )
+    b, unattributed = build(deltas, attribution, totals)
     assert totals == {"guest": [7000 + 300 + 2, 100 + 20 + 1], "public": [50, 5]}
     assert [d.key.name for d in unattributed] == ["cloudbr0"]
     assert sum(m.bytes for m in b.measures if m.direction == pb.VM_RX) == 7000 + 50 + 300 + 2
