@@ -3,19 +3,17 @@
 Loopback by default; with a token every path but /health needs `Authorization: Bearer <token>`.
 CloudStack clients (CloudMonkey, billing tools) can call /client/api with an API key and
 CloudStack's request signature (HMAC-SHA1 of the sorted, lower-cased query) instead.
+Routes live beside this module: api_usage (/v1), api_cloudstack (/client/api); who is asking is
+api_auth's.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime as dt
-import hashlib
 import hmac
 import logging
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, Response, jsonify, request
@@ -23,15 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from waitress import wasyncore
 from waitress.server import create_server
 
-from kvmeter.collector import report
+from kvmeter.collector import api_cloudstack, api_usage
+from kvmeter.collector.api_auth import cloudstack_signature_problem
+from kvmeter.collector.api_errors import BadRequest, cloudstack_error, error
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.store import Store, UsageRow
+from kvmeter.collector.store import Store
 
 log = logging.getLogger(__name__)
-
-
-class BadRequest(ValueError):
-    pass
 
 
 def create_app(
@@ -59,12 +55,12 @@ def create_app(
             problem = cloudstack_signature_problem(request.args.items(multi=True), keys, time.time())
             if problem is None:
                 return None
-            return _cloudstack_error("api", 401, f"unable to verify user credentials: {problem}")
-        return _error(401, "missing or wrong bearer token")
+            return cloudstack_error("api", 401, f"unable to verify user credentials: {problem}")
+        return error(401, "missing or wrong bearer token")
 
     @app.errorhandler(BadRequest)
     def _bad_request(exc: BadRequest) -> Response:
-        return _error(400, str(exc))
+        return error(400, str(exc))
 
     @app.get("/health")
     def health() -> Response:
@@ -72,7 +68,7 @@ def create_app(
             version = store.version()
         except Exception as exc:
             log.warning("health: store unavailable: %s", exc)
-            return _error(503, f"store unavailable: {type(exc).__name__}")
+            return error(503, f"store unavailable: {type(exc).__name__}")
         body: dict[str, Any] = {"status": "ok", "schema_version": version}
         if status is not None:
             body["consumer"] = consumer = status()
@@ -86,152 +82,13 @@ def create_app(
     @app.get("/metrics")
     def prometheus() -> Response:
         if registry is None:
-            return _error(404, "metrics are not enabled")
+            return error(404, "metrics are not enabled")
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/usage")
-    def usage() -> Response:
-        args = request.args
-        fmt = args.get("format", "json")
-        if fmt not in ("json", "csv"):
-            raise BadRequest("format must be json or csv")
-        rows = _query(
-            store,
-            _when(args, "start"),
-            _when(args, "end"),
-            args.get("account"),
-            _type(args.get("type")),
-            args.get("resource"),
-        )
-        if fmt == "csv":
-            return Response(report.render(rows, "csv"), mimetype="text/csv")
-        return jsonify({"count": len(rows), "usage": [report.record_dict(r) for r in rows]})
-
-    @app.get("/v1/adjustments")
-    def adjustments() -> Response:
-        """Changes to final windows created since a time: what a billing system that already
-        took those windows must apply."""
-        args = request.args
-        fmt = args.get("format", "json")
-        if fmt not in ("json", "csv"):
-            raise BadRequest("format must be json or csv")
-        since = _when(args, "since")
-        until = _when(args, "until") if args.get("until") else 2**62
-        rows = store.adjustments(since, until, account=args.get("account"))
-        if fmt == "csv":
-            return Response(report.render_adjustments(rows, "csv"), mimetype="text/csv")
-        return jsonify({"count": len(rows), "adjustments": [report.adjustment_dict(a) for a in rows]})
-
-    @app.get("/client/api")
-    def cloudstack_api() -> Response:
-        args = {k.lower(): v for k, v in request.args.items()}
-        command = args.get("command", "")
-        if command != "listUsageRecords":
-            return _cloudstack_error(command or "api", 432, f"command {command!r} is not supported")
-        try:
-            start = report.parse_when(args["startdate"])
-            end = report.parse_when(args["enddate"], end_of_day=True)
-            if len(args["enddate"].strip()) > 10:
-                end += 1000  # yyyy-MM-dd HH:mm:ss names the last second included
-            usage_type = _type(args.get("type"))
-        except KeyError as exc:
-            return _cloudstack_error("listusagerecords", 431, f"missing parameter {exc.args[0]}")
-        except (ValueError, BadRequest) as exc:
-            return _cloudstack_error("listusagerecords", 431, str(exc))
-        resource = args.get("usageid")
-        if resource and usage_type is None:
-            return _cloudstack_error("listusagerecords", 431, "usageid needs type")
-        try:
-            page = int(args.get("page", "1"))
-            pagesize = int(args.get("pagesize", "0"))
-        except ValueError:
-            return _cloudstack_error("listusagerecords", 431, "page and pagesize must be integers")
-        if page < 1 or pagesize < 0:
-            return _cloudstack_error("listusagerecords", 431, "page must be >= 1 and pagesize >= 0")
-        rows = _query(store, start, end, args.get("accountid"), usage_type, resource)
-        response = report.cloudstack_response(rows)
-        if pagesize:  # CloudStack's paging: count stays the total, usagerecord is one page
-            body = response["listusagerecordsresponse"]
-            body["usagerecord"] = body["usagerecord"][(page - 1) * pagesize : page * pagesize]
-        return jsonify(response)
+    api_usage.register(app, store)
+    api_cloudstack.register(app, store)
 
     return app
-
-
-def cloudstack_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
-    """CloudStack's request signature: URL-encode each value (Java's URLEncoder, spaces as
-    %20), sort the pairs by lower-cased field, join with &, lower-case, HMAC-SHA1, base64."""
-    pairs = sorted(
-        (k.lower(), f"{k}={_java_quote(v)}".lower()) for k, v in params if k.lower() != "signature"
-    )
-    message = "&".join(text for _, text in pairs)
-    digest = hmac.new(secret.encode(), message.encode(), hashlib.sha1).digest()
-    return base64.b64encode(digest).decode()
-
-
-def cloudstack_signature_problem(
-    params: Iterable[tuple[str, str]], keys: Mapping[str, str], now_s: float
-) -> str | None:
-    """None when the request is signed by a known key (and, signature version 3, not expired)."""
-    items = list(params)
-    args = {k.lower(): v for k, v in items}
-    secret = keys.get(args.get("apikey", ""))
-    if secret is None:
-        return "unknown or missing apikey"
-    if not hmac.compare_digest(cloudstack_signature(items, secret), args.get("signature", "")):
-        return "signature mismatch"
-    if args.get("signatureversion") == "3":
-        try:
-            expires = dt.datetime.strptime(args.get("expires", ""), "%Y-%m-%dT%H:%M:%S%z")
-        except ValueError:
-            return "signature version 3 needs expires as yyyy-MM-ddTHH:mm:ssZ"
-        if expires.timestamp() < now_s:
-            return "request expired"
-    return None
-
-
-def _java_quote(value: str) -> str:
-    return urllib.parse.quote(value, safe="*-._").replace("~", "%7E")
-
-
-def _query(
-    store: Store, start: int, end: int, account: str | None, usage_type: int | None, resource: str | None
-) -> list[UsageRow]:
-    if end <= start:
-        raise BadRequest("end must be after start")
-    return store.usage(start, end, account=account, usage_type=usage_type, resource=resource)
-
-
-def _when(args: Any, name: str) -> int:
-    value = args.get(name)
-    if not value:
-        raise BadRequest(f"{name} is required (yyyy-MM-dd, ISO 8601 or ms since the epoch)")
-    try:
-        return report.parse_when(value)
-    except ValueError as exc:
-        raise BadRequest(f"{name}: {exc}") from None
-
-
-def _type(value: str | None) -> int | None:
-    if value is None or value == "":
-        return None
-    if not value.isdigit():
-        raise BadRequest(f"type must be a usage type id, not {value!r}")
-    return int(value)
-
-
-def _error(status: int, message: str) -> Response:
-    response = jsonify({"error": message})
-    response.status_code = status
-    return response
-
-
-def _cloudstack_error(command: str, code: int, text: str) -> Response:
-    response = jsonify(
-        {f"{command.lower()}response": {"errorcode": code, "cserrorcode": 9999, "errortext": text}}
-    )
-    response.status_code = code
-    return response
 
 
 class ApiServer:
