@@ -14,11 +14,14 @@ import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from flask import g
+
 
 @dataclass(frozen=True)
 class Principal:
     """name: what logs and errors call the caller; accounts: None for operator-wide access,
-    else the account uuids it may read (domains: domain uuids whose accounts it may read)."""
+    else the account uuids it may read (a domain-scoped credential is resolved to its domain's
+    accounts when the request comes in, so readers only ever look at `accounts`)."""
 
     name: str
     accounts: frozenset[str] | None = None
@@ -30,6 +33,11 @@ class Principal:
 
 
 OPERATOR = Principal("operator")
+
+
+def current_principal() -> Principal:
+    """The caller of the request being served (operator-wide when the API has no credentials)."""
+    return g.get("principal", OPERATOR)
 
 
 def cloudstack_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
