@@ -21,9 +21,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from waitress import wasyncore
 from waitress.server import create_server
 
-from kvmeter.collector import api_cloudstack, api_usage
+from kvmeter.collector import api_cloudstack, api_errors, api_usage
 from kvmeter.collector.api_auth import cloudstack_signature_problem
-from kvmeter.collector.api_errors import BadRequest, cloudstack_error, error
+from kvmeter.collector.api_errors import cloudstack_error, error
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
 
@@ -43,6 +43,7 @@ def create_app(
     app = Flask("kvmeter.collector")
     registry = metrics.registry if metrics is not None else None
     keys = dict(cloudstack_keys or {})
+    api_errors.install(app)
 
     @app.before_request
     def _auth() -> Any:
@@ -57,10 +58,6 @@ def create_app(
                 return None
             return cloudstack_error("api", 401, f"unable to verify user credentials: {problem}")
         return error(401, "missing or wrong bearer token")
-
-    @app.errorhandler(BadRequest)
-    def _bad_request(exc: BadRequest) -> Response:
-        return error(400, str(exc))
 
     @app.get("/health")
     def health() -> Response:

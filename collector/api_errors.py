@@ -1,12 +1,28 @@
-"""Error bodies of the API: JSON for /v1 and the rest, CloudStack's shape on /client/api."""
+"""Error bodies of the API: JSON for /v1 and the rest, CloudStack's shape on /client/api.
+
+install() makes every status the app answers with a JSON body, never Werkzeug's HTML: refused
+parameters (BadRequest, 400 / CloudStack's 431), Werkzeug's own errors (404, 405, 413, ...) and
+anything unexpected (logged with its traceback, 500 / CloudStack's 530, no detail to the caller).
+"""
 
 from __future__ import annotations
 
-from flask import Response, jsonify
+import logging
 
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-class BadRequest(ValueError):
-    pass
+from kvmeter.collector.api_params import BadRequest
+
+__all__ = ["CLOUDSTACK_PATH", "MAX_BODY_BYTES", "BadRequest", "cloudstack_error", "error", "install"]
+
+log = logging.getLogger(__name__)
+
+CLOUDSTACK_PATH = "/client/api"
+MAX_BODY_BYTES = 64 * 1024  # the largest body any endpoint reads (a signed POST form)
+# CloudStack's ApiErrorCode for the statuses this API answers on /client/api.
+PARAM_ERROR = 431
+INTERNAL_ERROR = 530
 
 
 def error(status: int, message: str) -> Response:
@@ -21,3 +37,38 @@ def cloudstack_error(command: str, code: int, text: str) -> Response:
     )
     response.status_code = code
     return response
+
+
+def _for_path(status: int, message: str, *, cloudstack_code: int | None = None) -> Response:
+    """The error in the shape of the path asked: CloudStack's on /client/api, ours elsewhere."""
+    if request.path != CLOUDSTACK_PATH:
+        return error(status, message)
+    command = next((v for k, v in request.args.items() if k.lower() == "command"), "")
+    name = command if command.isascii() and command.isalnum() else "api"
+    return cloudstack_error(name, cloudstack_code or status, message)
+
+
+def install(app: Flask) -> None:
+    """Error handlers and the request-body limit (before any other request hook)."""
+
+    @app.before_request
+    def _body_limit() -> None:
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            raise RequestEntityTooLarge(f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+
+    @app.errorhandler(BadRequest)
+    def _bad_request(exc: BadRequest) -> Response:
+        return _for_path(400, str(exc), cloudstack_code=PARAM_ERROR)
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        response = _for_path(exc.code or 500, exc.description or exc.name)
+        for name, value in exc.get_headers():  # Allow on a 405, WWW-Authenticate, ...
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("%s %s: unexpected error", request.method, request.path)
+        return _for_path(500, f"internal error ({type(exc).__name__})", cloudstack_code=INTERNAL_ERROR)

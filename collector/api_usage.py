@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from flask import Flask, Response, jsonify, request
 
-from kvmeter.collector import report
-from kvmeter.collector.api_errors import BadRequest
+from kvmeter.collector import api_params, report
+from kvmeter.collector.api_params import BadRequest
 from kvmeter.collector.store import Store, UsageRow
 
 
@@ -20,11 +18,11 @@ def register(app: Flask, store: Store) -> None:
             raise BadRequest("format must be json or csv")
         rows = query(
             store,
-            parse_when(args, "start"),
-            parse_when(args, "end"),
-            args.get("account"),
-            parse_type(args.get("type")),
-            args.get("resource"),
+            api_params.required_time_ms(args.get("start"), "start"),
+            api_params.required_time_ms(args.get("end"), "end"),
+            api_params.name(args.get("account"), "account"),
+            api_params.usage_type(args.get("type")),
+            api_params.name(args.get("resource"), "resource"),
         )
         if fmt == "csv":
             return Response(report.render(rows, "csv"), mimetype="text/csv")
@@ -38,9 +36,9 @@ def register(app: Flask, store: Store) -> None:
         fmt = args.get("format", "json")
         if fmt not in ("json", "csv"):
             raise BadRequest("format must be json or csv")
-        since = parse_when(args, "since")
-        until = parse_when(args, "until") if args.get("until") else 2**62
-        rows = store.adjustments(since, until, account=args.get("account"))
+        since = api_params.required_time_ms(args.get("since"), "since")
+        until = api_params.optional_time_ms(args.get("until"), "until", default=2**62)
+        rows = store.adjustments(since, until, account=api_params.name(args.get("account"), "account"))
         if fmt == "csv":
             return Response(report.render_adjustments(rows, "csv"), mimetype="text/csv")
         return jsonify({"count": len(rows), "adjustments": [report.adjustment_dict(a) for a in rows]})
@@ -54,19 +52,5 @@ def query(
     return store.usage(start, end, account=account, usage_type=usage_type, resource=resource)
 
 
-def parse_when(args: Any, name: str) -> int:
-    value = args.get(name)
-    if not value:
-        raise BadRequest(f"{name} is required (yyyy-MM-dd, ISO 8601 or ms since the epoch)")
-    try:
-        return report.parse_when(value)
-    except ValueError as exc:
-        raise BadRequest(f"{name}: {exc}") from None
-
-
 def parse_type(value: str | None) -> int | None:
-    if value is None or value == "":
-        return None
-    if not value.isdigit():
-        raise BadRequest(f"type must be a usage type id, not {value!r}")
-    return int(value)
+    return api_params.usage_type(value)

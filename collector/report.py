@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from kvmeter.collector import api_params
 from kvmeter.collector.model import (
     ALLOCATED_VM,
     IP_ADDRESS,
@@ -216,21 +217,5 @@ def _table(rows: Sequence[UsageRow]) -> str:
 
 
 def parse_when(text: str, *, end_of_day: bool = False) -> int:
-    """A time argument -> ms since the epoch, UTC: integer ms, `yyyy-MM-dd`, `yyyy-MM-dd HH:mm:ss`
-    or ISO 8601 with an offset (naive times are UTC, like CloudStack's usage timezone default).
-    A bare date with end_of_day means the end of that day (CloudStack's enddate)."""
-    text = text.strip()
-    if text.isdigit():
-        return int(text)
-    try:
-        if len(text) == 10:
-            day = dt.datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=dt.UTC)
-            return int((day + dt.timedelta(days=1 if end_of_day else 0)).timestamp() * 1000)
-        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a time (use yyyy-MM-dd, yyyy-MM-dd HH:mm:ss, ISO 8601 or ms)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    return int(when.timestamp() * 1000)
+    """A time argument -> ms since the epoch, UTC (api_params.time_ms: the API's own parser)."""
+    return api_params.time_ms(text, end_of_day=end_of_day)

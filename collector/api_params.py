@@ -1,0 +1,108 @@
+"""Query parameters, parsed strictly and bounded: one parser for /v1, /client/api and the CLI.
+
+Integers are ASCII digits only (str.isdigit and int() also take '²' and Arabic-Indic digits)
+and within a range; times lie between 1970 and the end of year 9999, so nothing reaches the
+database or datetime arithmetic that they would refuse with an error of their own. Every
+refusal is a BadRequest (a ValueError) whose text names the parameter and what it accepts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z: the end of the last day datetime knows
+MAX_USAGE_TYPE = 9_999
+TIME_FORMS = "yyyy-MM-dd, yyyy-MM-dd HH:mm:ss, ISO 8601 or ms since the epoch"
+_DIGITS = re.compile(r"[0-9]+")
+_MAX_DIGITS = 19  # int() of a longer string costs time for a value no bound admits
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_MAX_TEXT = 64  # no time or integer form is longer
+
+
+class BadRequest(ValueError):
+    """A parameter the API refuses: 400 on /v1, CloudStack's 431 on /client/api."""
+
+
+def integer(text: str, name: str, *, minimum: int = 0, maximum: int) -> int:
+    """A non-negative decimal integer of ASCII digits within [minimum, maximum]."""
+    if not _DIGITS.fullmatch(text):
+        raise BadRequest(f"{name} must be an integer of digits 0-9, not {_shown(text)}")
+    value = int(text) if len(text.lstrip("0")) <= _MAX_DIGITS else None
+    if value is None or not minimum <= value <= maximum:
+        raise BadRequest(f"{name} must be between {minimum} and {maximum}, not {_shown(text)}")
+    return value
+
+
+def optional_integer(text: str | None, name: str, *, default: int, minimum: int = 0, maximum: int) -> int:
+    """integer(), with default when the parameter is absent or empty."""
+    if text is None or text == "":
+        return default
+    return integer(text, name, minimum=minimum, maximum=maximum)
+
+
+def usage_type(text: str | None, name: str = "type") -> int | None:
+    """A CloudStack usage type id, or None when not given."""
+    if text is None or text == "":
+        return None
+    return integer(text, name, minimum=0, maximum=MAX_USAGE_TYPE)
+
+
+def time_ms(text: str, name: str = "time", *, end_of_day: bool = False) -> int:
+    """A time -> ms since the epoch, UTC: integer ms, `yyyy-MM-dd`, `yyyy-MM-dd HH:mm:ss` or ISO
+    8601 with an offset (naive times are UTC, like CloudStack's usage timezone default). A bare
+    date with end_of_day means the end of that day (CloudStack's enddate)."""
+    value = text.strip()
+    if len(value) > _MAX_TEXT or not value.isascii():
+        raise BadRequest(f"{name}: {_shown(text)} is not a time (use {TIME_FORMS})")
+    if value.isdigit():
+        return _bounded(integer(value, name, maximum=MAX_TIME_MS), name, text)
+    try:
+        if _DAY.fullmatch(value):
+            day = dt.datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=dt.UTC)
+            ms = _ms(day) + (86_400_000 if end_of_day else 0)
+        else:
+            when = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            ms = _ms(when if when.tzinfo else when.replace(tzinfo=dt.UTC))
+    except (ValueError, OverflowError):
+        raise BadRequest(f"{name}: {_shown(text)} is not a time (use {TIME_FORMS})") from None
+    return _bounded(ms, name, text)
+
+
+def optional_time_ms(text: str | None, name: str, *, default: int, end_of_day: bool = False) -> int:
+    if text is None or text == "":
+        return default
+    return time_ms(text, name, end_of_day=end_of_day)
+
+
+def required_time_ms(text: str | None, name: str, *, end_of_day: bool = False) -> int:
+    if text is None or text == "":
+        raise BadRequest(f"{name} is required ({TIME_FORMS})")
+    return time_ms(text, name, end_of_day=end_of_day)
+
+
+def _ms(when: dt.datetime) -> int:
+    # Exact integer arithmetic: timestamp() is a float and rounds far from the epoch.
+    delta = when - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def _bounded(ms: int, name: str, text: str) -> int:
+    if not 0 <= ms <= MAX_TIME_MS:
+        raise BadRequest(f"{name}: {_shown(text)} is outside 1970-01-01 .. 9999-12-31")
+    return ms
+
+
+def _shown(text: str) -> str:
+    """The refused value, quoted and cut short (error bodies never echo a megabyte)."""
+    return repr(text if len(text) <= 40 else text[:40] + "…")
+
+
+def name(text: str | None, param: str, *, max_len: int = 255) -> str | None:
+    """An identifier filter (account, resource uuid): printable text, or None when not given.
+    Control characters (NUL above all, which PostgreSQL refuses in text) never reach a query."""
+    if text is None or text == "":
+        return None
+    if len(text) > max_len or not text.isprintable():
+        raise BadRequest(f"{param} must be at most {max_len} printable characters, not {_shown(text)}")
+    return text

@@ -1,0 +1,107 @@
+"""Every error the API answers is JSON (CloudStack's shape on /client/api), over real HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmeter.collector.api import serve
+from kvmeter.collector.api_errors import MAX_BODY_BYTES
+from kvmeter.collector.store import Store
+
+
+def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, str, dict, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        return resp.status, resp.getheader("Content-Type", ""), dict(resp.getheaders()), text
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    db = tmp_path / "usage.db"
+    store = Store(f"sqlite:///{db}")
+    store.migrate()
+    server = serve(store, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield server.port, db
+    finally:
+        server.close()
+        thread.join(10)
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/nowhere", 404),
+        ("GET", "/v1/usage/../../etc/passwd", 404),
+        ("DELETE", "/v1/usage?start=0&end=1", 405),
+        ("PUT", "/health", 405),
+        ("PROPFIND", "/v1/usage", 405),
+        ("GET", "/v1/usage?start=99999999999999999999999&end=1", 400),
+        ("GET", "/v1/usage?start=%D9%A1&end=2", 400),  # an Arabic-Indic one
+        ("GET", "/v1/usage?start=0&end=1&type=99999999999999999999", 400),
+        ("GET", "/v1/usage?start=0&end=1&account=a%00b", 400),
+        ("GET", "/v1/adjustments?since=%EF%BC%92%EF%BC%90", 400),  # full-width digits
+    ],
+)
+def test_errors_are_json_with_a_reason(served: tuple[int, Path], method: str, path: str, status: int) -> None:
+    got, ctype, headers, body = call(served[0], method, path)
+    assert got == status, body
+    assert ctype.startswith("application/json")
+    assert json.loads(body)["error"]
+    if status == 405:
+        assert "GET" in headers["Allow"]
+
+
+def test_cloudstack_errors_keep_cloudstack_shape(served: tuple[int, Path]) -> None:
+    port = served[0]
+    status, ctype, _, body = call(
+        port, "GET", "/client/api?command=listUsageRecords&startdate=99999999999999999999&enddate=2024-05-14"
+    )
+    assert status == 431
+    assert "between 0 and" in json.loads(body)["listusagerecordsresponse"]["errortext"]
+    status, ctype, headers, body = call(port, "DELETE", "/client/api?command=listUsageRecords")
+    assert status == 405
+    assert ctype.startswith("application/json")
+    assert json.loads(body)["listusagerecordsresponse"]["errorcode"] == 405
+    assert "GET" in headers["Allow"]
+
+
+def test_oversized_bodies_are_413_json(served: tuple[int, Path]) -> None:
+    body = b"x" * (MAX_BODY_BYTES + 1)
+    for path in ("/v1/usage?start=0&end=1", "/client/api?command=listUsageRecords", "/health"):
+        status, ctype, _, text = call(served[0], "POST", path, body)
+        assert status == 413, (path, text)
+        assert ctype.startswith("application/json")
+
+
+def test_an_unexpected_failure_is_logged_and_a_json_500(
+    served: tuple[int, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    port, db = served
+    with sqlite3.connect(db) as conn:  # the store breaks under the running API
+        conn.execute("DROP TABLE usage_adjustments")
+    status, ctype, _, body = call(port, "GET", "/v1/usage?start=0&end=1")
+    assert status == 500
+    assert ctype.startswith("application/json")
+    assert json.loads(body) == {"error": "internal error (OperationalError)"}
+    assert "unexpected error" in caplog.text
+    status, ctype, _, body = call(
+        port, "GET", "/client/api?command=listUsageRecords&startdate=2024-05-14&enddate=2024-05-14"
+    )
+    assert status == 530
+    assert json.loads(body)["listusagerecordsresponse"]["errorcode"] == 530
