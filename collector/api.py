@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import resource
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -88,16 +89,58 @@ def create_app(
     return app
 
 
+# Idle and slow clients hold a connection, never a worker thread (waitress reads a whole request
+# before a thread serves it): these bound how many connections they can hold and for how long.
+CONNECTION_LIMIT = 1000
+IDLE_TIMEOUT_S = 15  # a connection that sends nothing for this long is closed
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 1024 * 1024  # waitress's own limit, past the app's (api_errors: a JSON 413)
+
+
+def connection_limit(wanted: int = CONNECTION_LIMIT) -> int:
+    """wanted, or fewer when the process may not open that many descriptors (the store, Kafka
+    and the listening socket need theirs)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(16, min(wanted, soft - 128))
+
+
 class ApiServer:
     """A waitress server for the app: run() blocks, close() stops it (tests, the collector)."""
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8480, threads: int = 4):
+    def __init__(
+        self,
+        app: Flask,
+        host: str = "127.0.0.1",
+        port: int = 8480,
+        threads: int = 4,
+        *,
+        max_connections: int = CONNECTION_LIMIT,
+        idle_timeout_s: int = IDLE_TIMEOUT_S,
+    ):
         self.server: Any = create_server(
-            app, host=host, port=port, threads=threads, clear_untrusted_proxy_headers=True
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            clear_untrusted_proxy_headers=True,
+            connection_limit=connection_limit(max_connections),
+            channel_timeout=idle_timeout_s,
+            cleanup_interval=max(1, min(idle_timeout_s // 4, 5)),
+            asyncore_use_poll=True,  # select() cannot watch descriptors past 1024
+            max_request_header_size=MAX_HEADER_BYTES,
+            max_request_body_size=MAX_BODY_BYTES,
+            expose_tracebacks=False,
         )
         self.host = host
         self.port = int(self.server.effective_port)  # type: ignore[union-attr]
         self._running = threading.Event()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def run(self) -> None:
         self._running.set()

@@ -98,7 +98,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             status=live.status,
         )
         threading.Thread(target=server.run, name="api", daemon=True).start()
-        logging.getLogger(__name__).info("API on http://%s:%d", cfg.api.host, server.port)
+        logging.getLogger(__name__).info("API on %s", server.url)
     logging.getLogger(__name__).info(
         "measures %s (group %s), lifecycle %s, on %s; store %s; window %d s, grace %d s, billable %s",
         cfg.kafka.measures_topic, cfg.kafka.group, cfg.kafka.lifecycle_topic, cfg.kafka.bootstrap,

@@ -8,7 +8,9 @@ and storage traffic is metered and kept out of usage unless listed here.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,10 @@ from kvmeter.collector.service import Settings
 
 DAY_S = 86_400
 TRAFFIC_TYPES = ["public", "guest", "management", "storage", "control", "private_gateway"]
+
+# host:port or [IPv6]:port; listen_address() checks what a pattern cannot (port range, address).
+LISTEN_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -66,7 +72,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "enabled": {"type": "boolean"},
-                "listen": {"type": "string", "pattern": "^[^:]*:[0-9]{1,5}$"},
+                "listen": {"type": "string", "pattern": LISTEN_PATTERN},
                 "token": {"type": "string"},
                 "token_file": {"type": "string"},
                 "cloudstack_api_key": {"type": "string", "minLength": 1},
@@ -159,9 +165,16 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             problems.append("api: cloudstack_api_key and cloudstack_secret_key go together")
         elif isinstance(api_key, str) and isinstance(secret, str):
             cs_keys[api_key] = secret
+    host, port = "127.0.0.1", 8480
+    listen = api.get("listen") if isinstance(api, dict) else None
+    if isinstance(listen, str):
+        try:
+            host, port = listen_address(listen)
+        except ValueError as exc:  # says more than the schema's pattern
+            problems = [p for p in problems if not p.startswith("api.listen:")]
+            problems.append(f"api.listen: {exc}")
     if problems:
         raise ConfigError(source, problems)
-    host, _, port = api.get("listen", "127.0.0.1:8480").rpartition(":")
     return CollectorConfig(
         db_url=store.get("url", CollectorConfig.db_url),
         kafka=KafkaConfig(
@@ -180,10 +193,33 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             routers=routers,
         ),
         tick_seconds=float(use.get("tick_seconds", 30.0)),
-        api=ApiConfig(
-            enabled=api.get("enabled", True), host=host or "127.0.0.1", port=int(port), token=token
-        ),
+        api=ApiConfig(enabled=api.get("enabled", True), host=host, port=port, token=token),
     )
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """`host:port` or `[IPv6 address]:port` -> (host, port), port 1-65535; ValueError says why not."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:8480)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{text!r}: an IPv6 address goes in brackets, as in [::1]:8480")
+    elif host.replace(".", "").isdigit():
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv4 address") from None
+    elif len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+        raise ValueError(f"{host!r} is not a host name or address")
+    if not (port_text.isascii() and port_text.isdigit() and 1 <= int(port_text) <= 65535):
+        raise ValueError(f"port {port_text!r} is not 1-65535")
+    return host, int(port_text)
 
 
 def load_router_owners(path: Path) -> dict[str, str]:

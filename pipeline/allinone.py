@@ -167,7 +167,7 @@ class AllInOne:
 
         self.api = serve(self.store, api.host, api.port, token=api.token, metrics=self.metrics)
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
-        return f"http://{api.host}:{self.api.port}"
+        return self.api.url
 
     def run(self) -> None:
         """Until agent.stop_event: poll, apply, follow events, tick; then a last poll and flush."""

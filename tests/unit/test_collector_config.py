@@ -80,3 +80,43 @@ def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
     owners.write_text('"r-5-VM" = 5\n')
     with pytest.raises(config.ConfigError, match="router_owners_file"):
         config.from_dict({"usage": {"router_owners_file": str(owners)}})
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("127.0.0.1:8480", "127.0.0.1", 8480),
+        ("[::1]:8480", "::1", 8480),
+        ("[::]:1", "::", 1),
+        ("0.0.0.0:65535", "0.0.0.0", 65535),
+        ("collector-1.example.org:8480", "collector-1.example.org", 8480),
+        ("localhost:80", "localhost", 80),
+    ],
+)
+def test_listen_addresses(listen: str, host: str, port: int) -> None:
+    api = config.from_dict({"api": {"listen": listen}}).api
+    assert (api.host, api.port) == (host, port)
+
+
+@pytest.mark.parametrize(
+    ("listen", "says"),
+    [
+        ("127.0.0.1:99999", "port '99999' is not 1-65535"),
+        ("127.0.0.1:0", "port '0' is not 1-65535"),
+        ("::1:8480", "IPv6 address goes in brackets"),
+        ("[::g]:8480", "'::g' is not an IPv6 address"),
+        ("[127.0.0.1]:8480", "not an IPv6 address"),
+        ("300.1.2.3:8480", "'300.1.2.3' is not an IPv4 address"),
+        ("-bad-.example:8480", "not a host name"),
+        ("under_score:8480", "not a host name"),
+        (":8480", "is not host:port"),
+        ("8480", "is not host:port"),
+        ("127.0.0.1:８４８０", "1-65535"),
+    ],
+)
+def test_bad_listen_addresses_are_one_clear_problem(listen: str, says: str) -> None:
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"api": {"listen": listen}}, "collector.toml")
+    assert len(err.value.problems) == 1
+    assert err.value.problems[0].startswith("api.listen: ")
+    assert says in err.value.problems[0]
