@@ -23,7 +23,7 @@ from waitress import wasyncore
 from waitress.server import create_server
 
 from kvmeter.collector import api_cloudstack, api_errors, api_usage
-from kvmeter.collector.api_auth import cloudstack_signature_problem
+from kvmeter.collector.api_auth import cloudstack_signature_problem, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
@@ -169,8 +169,8 @@ def serve(
     cloudstack_keys: Mapping[str, str] | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
 ) -> ApiServer:
-    """Build the server; the caller runs it (in a thread next to the consumer)."""
-    if host not in ("127.0.0.1", "::1", "localhost") and not (token or cloudstack_keys):
-        log.warning("API listens on %s without a token: anyone who can reach it reads usage", host)
+    """Build the server; the caller runs it (in a thread next to the consumer). Raises
+    NoCredentials for a non-loopback address without any credential."""
+    require_credentials(host, has_credentials=bool(token or cloudstack_keys))
     app = create_app(store, token=token, metrics=metrics, cloudstack_keys=cloudstack_keys, status=status)
     return ApiServer(app, host, port)

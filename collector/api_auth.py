@@ -10,6 +10,7 @@ import base64
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -33,6 +34,30 @@ class Principal:
 
 
 OPERATOR = Principal("operator")
+
+
+class NoCredentials(ValueError):
+    """The API would listen beyond this machine with no credential: anyone reaching it would
+    read every account's usage."""
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1 (brackets allowed): reachable from this machine only."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_credentials(host: str, *, has_credentials: bool) -> None:
+    if not has_credentials and not is_loopback(host):
+        raise NoCredentials(
+            f"the API listens on {host or 'every address'} but no credential is configured: "
+            "set [api] token, a CloudStack key pair or a credentials file, or listen on loopback"
+        )
 
 
 def current_principal() -> Principal:

@@ -64,6 +64,7 @@ def _summary(out: Outcome) -> str:
 def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click passes flags by position
     """Consume measures and CloudStack lifecycle events from Kafka into usage records."""
     from kvmeter.collector.api import serve
+    from kvmeter.collector.api_auth import NoCredentials
     from kvmeter.collector.consume import LiveConsumer
     from kvmeter.collector.metrics import Metrics
 
@@ -88,15 +89,19 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     signal.signal(signal.SIGINT, _stop)
     server = None
     if cfg.api.enabled:
-        server = serve(
-            store,
-            cfg.api.host,
-            cfg.api.port,
-            token=cfg.api.token,
-            metrics=metrics,
-            cloudstack_keys=cfg.api.cloudstack_keys,
-            status=live.status,
-        )
+        try:
+            server = serve(
+                store,
+                cfg.api.host,
+                cfg.api.port,
+                token=cfg.api.token,
+                metrics=metrics,
+                cloudstack_keys=cfg.api.cloudstack_keys,
+                status=live.status,
+            )
+        except NoCredentials as exc:
+            store.close()
+            raise click.ClickException(f"{config_path}: {exc}") from None
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on %s", server.url)
     logging.getLogger(__name__).info(

@@ -193,7 +193,9 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             routers=routers,
         ),
         tick_seconds=float(use.get("tick_seconds", 30.0)),
-        api=ApiConfig(enabled=api.get("enabled", True), host=host, port=port, token=token),
+        api=ApiConfig(
+            enabled=api.get("enabled", True), host=host, port=port, token=token, cloudstack_keys=cs_keys
+        ),
     )
 
 

@@ -32,6 +32,7 @@ from jsonschema import Draft7Validator
 
 from kvmeter.agent import config as agent_config
 from kvmeter.collector import config as collector_config
+from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Outcome, Record
 from kvmeter.collector.store import Store
@@ -165,7 +166,14 @@ class AllInOne:
             return None
         from kvmeter.collector.api import serve
 
-        self.api = serve(self.store, api.host, api.port, token=api.token, metrics=self.metrics)
+        self.api = serve(
+            self.store,
+            api.host,
+            api.port,
+            token=api.token,
+            cloudstack_keys=api.cloudstack_keys,
+            metrics=self.metrics,
+        )
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
         return self.api.url
 
@@ -216,9 +224,14 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    try:
+        url = pipeline.start_api()
+    except NoCredentials as exc:
+        pipeline.close()
+        click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
+        sys.exit(2)
     if cfg.agent.metrics_enabled:
         pipeline.agent.metrics.serve(cfg.agent.metrics_address, cfg.agent.metrics_port)
-    url = pipeline.start_api()
     if url:
         log.info("API on %s", url)
     try:
