@@ -1,6 +1,6 @@
 """Parse one record of CloudStack's event bus (Kafka: key = resource uuid, value = bare JSON).
 
-    parse_event(value: bytes, key: bytes | None = None) -> pb.LifecycleEvent
+    parse_event(value: bytes, key: bytes | None = None, max_bytes: int = 1 MiB) -> pb.LifecycleEvent
     parse_time(text: str) -> int     # "yyyy-MM-dd HH:mm:ss Z" (any offset) -> ms since epoch, UTC
     event_id(value: bytes) -> str    # stable digest of the raw value
 
@@ -11,7 +11,10 @@ The record carries no category, so it is classified by the keys present (referen
   event + resource + id, no status -> USAGE    (`zone` may be absent: Gson drops nulls)
   alertType                        -> EVENT_CATEGORY_UNKNOWN with event_type "ALERT.<type>"
      (AlertEvent: a known category the wire contract has no value for; valid, never metered)
-Anything else raises BadInput("unknown_event"); the adapter dead-letters it.
+Anything else raises BadInput("unknown_event"); the adapter dead-letters it. Before anything is
+read, a value over `max_bytes` is BadInput("oversized_event") and a payload with a field of a JSON
+type CloudStack never sends there (account as a number, resource as an object) is
+BadInput("wrong_type"): the shapes are declared in event_shapes.
 
 Decisions:
 - An unknown event *type* in a known category (e.g. usage VOLUME.CREATE, action ACCOUNT.DELETE)
@@ -43,6 +46,7 @@ from kvmeter.collector.errors import (
     UNKNOWN_EVENT,
     BadInput,
 )
+from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES, check_shape, check_size
 from kvmeter.proto import pb
 
 MIN_YEAR = 2000
@@ -105,8 +109,11 @@ def resource_type_name(raw: str) -> str:
     return _RESOURCE_ALIASES.get(short, short)
 
 
-def parse_event(value: bytes, key: bytes | None = None) -> pb.LifecycleEvent:
+def parse_event(
+    value: bytes, key: bytes | None = None, max_bytes: int = DEFAULT_MAX_EVENT_BYTES
+) -> pb.LifecycleEvent:
     """One Kafka record of the event bus -> a normalised LifecycleEvent (see module doc)."""
+    check_size(value, max_bytes)
     try:
         doc = json.loads(value)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -114,6 +121,7 @@ def parse_event(value: bytes, key: bytes | None = None) -> pb.LifecycleEvent:
     if not isinstance(doc, dict):
         raise BadInput(NOT_AN_OBJECT, f"event JSON is a {type(doc).__name__}, not an object")
     category = classify(doc)
+    check_shape(doc, category)
     ev = pb.LifecycleEvent(event_id=event_id(value), category=category)
     key_text = key.decode("utf-8", "replace") if key else ""
     if category == pb.EVENT_CATEGORY_UNKNOWN:  # an alert: valid, about no resource we meter
@@ -151,7 +159,7 @@ def classify(doc: dict[str, Any]) -> pb.EventCategory:
         return pb.ASYNC_JOB
     if "alertType" in doc:
         return pb.EVENT_CATEGORY_UNKNOWN
-    if _text(doc.get("event")):
+    if doc.get("event") not in (None, ""):  # a wrong type here is the shape check's to name
         if "status" in doc and ("entity" in doc or "user" in doc):
             return pb.ACTION
         if "status" not in doc and "resource" in doc and "id" in doc:

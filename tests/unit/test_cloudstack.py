@@ -193,7 +193,7 @@ REJECTED = [
     (b'{"status":"Completed","event":"VM.START"}', errors.UNKNOWN_EVENT),
     (b'{"account":"a","event":"VM.START","resource":"VirtualMachine","id":"v"}', errors.BAD_TIMESTAMP),
     (b'{"account":"a","event":"VM.START","resource":"VirtualMachine","id":"v","eventDateTime":1715680000}',
-     errors.BAD_TIMESTAMP),
+     errors.WRONG_TYPE),
     (b'{"account":"a","event":"VM.START","resource":"VirtualMachine","id":"v",'
      b'"eventDateTime":"1970-01-01 00:00:00 +0000"}', errors.BAD_TIMESTAMP),
     (b'{"account":"a","event":"VM.START","resource":"VirtualMachine","id":null,'
