@@ -18,6 +18,7 @@ from typing import Any
 
 from jsonschema import Draft7Validator
 
+from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.service import Settings
 
 DAY_S = 86_400
@@ -66,6 +67,11 @@ SCHEMA: dict[str, Any] = {
                 },
                 "router_owners_file": {"type": "string"},
             },
+        },
+        "lifecycle": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"max_event_bytes": {"type": "integer", "minimum": 1024, "maximum": 1 << 30}},
         },
         "api": {
             "type": "object",
@@ -139,7 +145,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             Draft7Validator(SCHEMA).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))
         )
     ]
-    store, kafka, use, api = (doc.get(k, {}) for k in ("store", "kafka", "usage", "api"))
+    store, kafka, use, api, events = (doc.get(k, {}) for k in ("store", "kafka", "usage", "api", "lifecycle"))
     window_s = use.get("window_seconds", 3600) if isinstance(use, dict) else 3600
     if isinstance(window_s, int) and window_s > 0 and DAY_S % window_s:
         problems.append(f"usage.window_seconds: {window_s} does not divide a day (86400)")
@@ -191,6 +197,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             park_horizon_ms=use.get("park_horizon_seconds", DAY_S) * 1000,
             billable=frozenset(use.get("billable_traffic_types", ["public"])),
             routers=routers,
+            max_event_bytes=events.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
         ),
         tick_seconds=float(use.get("tick_seconds", 30.0)),
         api=ApiConfig(

@@ -31,6 +31,7 @@ from kvmeter.collector.aggregate import Attributed, Route, Tally
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.decode import Target
 from kvmeter.collector.errors import BadInput
+from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, UsageKey
 from kvmeter.collector.store import DeadLetter, Store
 from kvmeter.collector.streams import admit, irregular
@@ -57,6 +58,7 @@ class Settings:
     park_horizon_ms: int = 24 * 3_600_000
     billable: frozenset[str] = frozenset({"public"})
     routers: Mapping[str, str] = field(default_factory=dict)  # router domain name / uuid -> account
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # a bigger lifecycle event is dead-lettered
 
 
 @dataclass(frozen=True)
@@ -285,9 +287,10 @@ class Collector:
     def _apply_events(self, records: Sequence[Record]) -> Outcome:
         out = Outcome()
         parsed: list[tuple[pb.LifecycleEvent, Record]] = []
+        limit = self.settings.max_event_bytes
         for rec in records:
             try:
-                parsed.append((cloudstack.parse_event(rec.value, rec.key), rec))
+                parsed.append((cloudstack.parse_event(rec.value, rec.key, limit), rec))
             except BadInput as exc:
                 out.dead_letters.append(DeadLetter(LIFECYCLE, rec.origin, rec.value, exc.reason, exc.message))
         # One insert order for every replica: concurrent chunks never wait on each other in a cycle.

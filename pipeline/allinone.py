@@ -11,7 +11,8 @@ but not yet acknowledged is re-sent under its stream id and sequence number, and
 stream marks drop it).
 
 The config file has the agent's sections (agent, libvirt, spool, deltas, metrics, traffic), the
-collector's (store, usage, api) and [lifecycle] events_file; see packaging/config/allinone.toml.example.
+collector's (store, usage, api) and [lifecycle] (events_file; max_event_bytes as in the collector's);
+see packaging/config/allinone.toml.example.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ COLLECTOR_SECTIONS = ("store", "usage", "api")
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
-    "properties": {"events_file": {"type": "string", "minLength": 1}},
+    # max_event_bytes is the collector's key (validated there), shared with collector.toml
+    "properties": {"events_file": {"type": "string", "minLength": 1}, "max_event_bytes": {}},
 }
 
 
@@ -72,12 +74,14 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         agent_cfg = agent_config.validate({k: v for k, v in doc.items() if k in AGENT_SECTIONS}, source)
     except agent_config.ConfigError as exc:
         problems += exc.problems
+    lifecycle = doc.get("lifecycle", {})
     try:
         part = {k: v for k, v in doc.items() if k in COLLECTOR_SECTIONS}
+        if isinstance(lifecycle, dict) and "max_event_bytes" in lifecycle:
+            part["lifecycle"] = {"max_event_bytes": lifecycle["max_event_bytes"]}
         collector_cfg = collector_config.from_dict(part, source, base=base)
     except collector_config.ConfigError as exc:
         problems += list(exc.problems)
-    lifecycle = doc.get("lifecycle", {})
     problems += [
         f"lifecycle.{'.'.join(map(str, e.absolute_path))}: {e.message}"
         for e in Draft7Validator(LIFECYCLE_SCHEMA).iter_errors(lifecycle)

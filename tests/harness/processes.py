@@ -139,6 +139,7 @@ class CollectorProcess(Process):
         group: str,
         window_seconds: int = 3600,
         billable: Sequence[str] = ("public",),
+        max_event_bytes: int | None = None,
     ):
         super().__init__(name, workdir)
         self.config = workdir / f"{name}.toml"
@@ -162,6 +163,7 @@ billable_traffic_types = [{types}]
 [api]
 enabled = false
 """
+            + ("" if max_event_bytes is None else f"[lifecycle]\nmax_event_bytes = {max_event_bytes}\n")
         )
 
     def args(self) -> list[str]:
@@ -223,7 +225,13 @@ class AllInOneProcess(Spooling):
     """`kvmeter run --all-in-one` inside a simulated host: agent and collector on one SQLite file."""
 
     def __init__(
-        self, host: Host, workdir: Path, *, poll: float = 1.0, billable: Sequence[str] = ("public",)
+        self,
+        host: Host,
+        workdir: Path,
+        *,
+        poll: float = 1.0,
+        billable: Sequence[str] = ("public",),
+        max_event_bytes: int | None = None,
     ):
         super().__init__("allinone", workdir, host.exec_args())
         self.state_dir = workdir / "agent"
@@ -253,6 +261,7 @@ enabled = false
 [lifecycle]
 events_file = "{self.events}"
 """
+            + ("" if max_event_bytes is None else f"max_event_bytes = {max_event_bytes}\n")
         )
 
     def args(self) -> list[str]:

@@ -215,3 +215,44 @@ def test_a_corrupt_length_prefix_is_dead_lettered_not_read(tmp_path: Path) -> No
     assert out.batches == 1
     assert [(d.origin, d.reason) for d in out.dead_letters] == [("m.pb#2", "truncated_record")]
     store.close()
+
+
+def test_events_of_wrong_types_or_over_the_size_limit_are_dead_lettered_and_the_rest_billed(
+    tmp_path: Path,
+) -> None:
+    """VM3's lifecycle arrives only in bad shapes, between the good events of one chunk: none of
+    it is billed (no account "123", its bytes stay parked) and every good event still is."""
+    sc = scenario()
+    _, create = usage_event("VM.CREATE", VM3, ACCT_B, T0)
+    _, start = usage_event("VM.START", VM3, ACCT_B, T0 + MIN)
+    doc = json.loads(create)
+    bad = {
+        "wrong_type account": json.dumps({**doc, "account": 123}).encode(),
+        "wrong_type resource": json.dumps(
+            {**doc, "resource": {"class": "com.cloud.vm.VirtualMachine"}}
+        ).encode(),
+        "wrong_type id": json.dumps({**doc, "id": 12}).encode(),
+        "oversized_event": json.dumps({**json.loads(start), "note": "x" * 3000}).encode(),
+    }
+    good = [value for _, value in sc.events]
+    lines = [good[0], *bad.values(), *good[1:]]
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    measures = tmp_path / "measures.pb"
+    measures.write_bytes(delimited(sc.batches))
+    store = Store(f"sqlite:///{tmp_path}/usage.db")
+    store.migrate()
+    out = ingest(Collector(store, Settings(max_event_bytes=2048), Clock(NOW)), [events], [measures])
+
+    assert (out.events, len(out.dead_letters)) == (len(good), len(bad))
+    assert net_by_short_key(store.net_usage()) == expected_usage(NOW)
+    assert "123" not in {k.account for k in store.net_usage()}
+    assert [m.bytes for m in store.parked_rows()] == [777]  # VM3's bytes: still no known owner
+    letters = [(r["source"], r["reason"], bytes(r["raw"]), r["message"]) for r in store.dead_letter_rows()]
+    assert [(source, reason, raw) for source, reason, raw, _ in letters] == [
+        ("lifecycle", label.split()[0], raw) for label, raw in bad.items()
+    ]
+    assert [message.split(" ")[0] for _, reason, _, message in letters if reason == "wrong_type"] == [
+        "account", "resource", "id"
+    ]  # fmt: skip
+    store.close()

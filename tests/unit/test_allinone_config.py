@@ -54,3 +54,12 @@ def test_events_file_reads_whole_lines_once(tmp_path: Path) -> None:
     assert feed.read_new() == []
     path.write_bytes(b'{"new": 1}\n')  # replaced by a shorter file: start over
     assert [r.value for r in feed.read_new()] == [b'{"new": 1}']
+
+
+def test_event_size_limit_is_the_collectors_key() -> None:
+    assert load(EXAMPLE).collector.settings.max_event_bytes == 1024 * 1024
+    cfg = from_dict({"lifecycle": {"events_file": "e.jsonl", "max_event_bytes": 2048}})
+    assert cfg.collector.settings.max_event_bytes == 2048
+    with pytest.raises(ConfigError) as err:
+        from_dict({"lifecycle": {"max_event_bytes": 10}})
+    assert any(p.startswith("lifecycle.max_event_bytes:") for p in err.value.problems)

@@ -120,3 +120,12 @@ def test_bad_listen_addresses_are_one_clear_problem(listen: str, says: str) -> N
     assert len(err.value.problems) == 1
     assert err.value.problems[0].startswith("api.listen: ")
     assert says in err.value.problems[0]
+
+
+def test_lifecycle_event_size_limit() -> None:
+    assert config.CollectorConfig().settings.max_event_bytes == 1024 * 1024
+    cfg = config.from_dict({"lifecycle": {"max_event_bytes": 4096}})
+    assert cfg.settings.max_event_bytes == 4096
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"lifecycle": {"max_event_bytes": "1M", "tail": True}})
+    assert sorted(p.split(":")[0] for p in err.value.problems) == ["lifecycle", "lifecycle.max_event_bytes"]
