@@ -26,8 +26,9 @@ Decisions:
   caller (account_is_owner=False); resource-state events carry no account.
 - A timestamp is required for usage, action and resource-state events. Async-job payloads may
   lack `eventDateTime`; then `time` stays unset (they are audit-only for the state machine).
-- Async-job results (jobResult) give what the bus otherwise lacks: an IP resource's address
-  and a VM's NIC MACs / IPs (first NIC in mac / ip_address, all in attributes nic.N.*).
+- Async-job results (jobResult) give what the bus otherwise lacks: an IP resource's address,
+  a VM's NIC MACs / IPs (first NIC in mac / ip_address, all in attributes nic.N.*) and a VM's
+  service offering (offering_uuid; cpunumber / memory in attributes).
 """
 
 from __future__ import annotations
@@ -220,6 +221,11 @@ def _fill_from_job_result(ev: pb.LifecycleEvent, result: dict[str, Any]) -> None
             continue
         if ev.resource_type == "IpAddress" and _text(body.get("ipaddress")):
             ev.ip_address = _text(body.get("ipaddress"))
+        if ev.resource_type == "VirtualMachine" and _text(body.get("serviceofferingid")):
+            ev.offering_uuid = _text(body.get("serviceofferingid"))  # the VM as the job left it
+            for name in ("cpunumber", "memory"):
+                if _text(body.get(name)):
+                    ev.attributes[name] = _text(body.get(name))
         nics = body.get("nic")
         if isinstance(nics, list):
             for i, nic in enumerate(n for n in nics if isinstance(n, dict)):

@@ -32,6 +32,10 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   openers; usage before state events) only breaks ties between events that would all change
   the state. The order depends on the set of events alone, so arrival order never matters.
   Identical event ids are one event.
+- Offerings from async jobs (their jobResult is the VM as the API returned it; they have no
+  time): a completed VM.CREATE job's offering is the VM's first; a completed scaling job's
+  (VM.UPGRADE / VM.DYNAMIC.SCALE) offering goes to the resource's one scaling usage event
+  without an offering (more than one: not paired, the reconciler settles it).
 - Segments of zero length are dropped. A segment's account is the owner at its start.
 """
 
@@ -65,6 +69,8 @@ _USAGE_RANK = {
     "VM.START": 2,
     "NET.IPASSIGN": 2,
 }
+_SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE"})
+JOB_DONE = "SUCCEEDED"  # JobInfo.Status of a completed async job
 _CATEGORY_RANK = {pb.USAGE: 0, pb.RESOURCE_STATE: 1, pb.ACTION: 2, pb.ASYNC_JOB: 3}
 
 
@@ -209,10 +215,28 @@ class _Machine:
         return False
 
 
+def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[str, list[pb.LifecycleEvent]]:
+    """The VM's offering at creation and its events, a scaling usage event given the offering a
+    completed scaling job named. Async jobs carry the VM as the API returned it (offering, no
+    time); usage events the time (no offering): paired only where that is unambiguous."""
+    done = [ev for ev in events if ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE and ev.offering_uuid]
+    created = {ev.offering_uuid for ev in done if ev.event_type == "VM.CREATE"}
+    scaled = {ev.offering_uuid for ev in done if ev.event_type in _SCALING}
+    bare = [ev for ev in events if ev.category == pb.USAGE and ev.event_type in _SCALING and not ev.offering_uuid]
+    if len(scaled) == 1 and len(bare) == 1:
+        named = pb.LifecycleEvent()
+        named.CopyFrom(bare[0])
+        named.offering_uuid = scaled.pop()
+        events = [named if ev is bare[0] else ev for ev in events]
+    return (created.pop() if len(created) == 1 else ""), events
+
+
 def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
+    initial, events = _with_job_offerings(events)
     events.sort(key=event_order)
     hist = ResourceHistory(resource_uuid=uuid)
     machine = _Machine()
+    machine.offering = initial
     address = ""
     for ev in _effect_order(machine, events):
         if not hist.resource_type and ev.resource_type:
