@@ -9,13 +9,14 @@
     is_router(domain_name: str) -> bool
 
 Order of evidence, first hit wins (the measure's time is its start_ms):
-1. The lifecycle history of measure.instance_uuid (libvirt domain uuid == CloudStack VM uuid):
-   the owner at that time, from usage events.
-2. The agent-supplied <metadata> owner hint (`ownerAccountUuid`; "unknown" / "" mean none). For a
+1. The operator's map `routers` (account uuid by domain name or VM uuid; MAC and IP keys are
+   used in step 6): an override, for routers and other domains of releases without <metadata>.
+2. The lifecycle history of measure.instance_uuid (libvirt domain uuid == CloudStack VM uuid):
+   the owner at that time, from usage events (for a router: the reconciler's ROUTER.OWNER
+   events, the owner of the network it serves).
+3. The agent-supplied <metadata> owner hint (`ownerAccountUuid`; "unknown" / "" mean none). For a
    virtual router (r-<id>-VM) this is the owner of its network: CloudStack gives a VR the
    account of the network it serves.
-3. The operator's map `routers` (account uuid by domain name or VM uuid; MAC and IP keys are
-   used in step 6), for routers and other domains of releases without <metadata>.
 4. The MAC, when the VMs seen with it in lifecycle events and alive at that time (created, up
    to CLOCK_SKEW_MS early, and not destroyed) all have one owner.
 5. The IP, likewise: IP-address resources (NET.IPASSIGN) count only while assigned, VMs (NIC IPs
@@ -91,6 +92,9 @@ class OwnerIndex:
     def owner_at(self, measure: Measure) -> str | None:
         """The account owning the measure's bytes at measure.start_ms, or None if not known."""
         at = measure.start_ms
+        for name in (measure.domain_name, measure.instance_uuid):
+            if name and self.routers.get(name):
+                return self.routers[name]  # the operator's word overrides what was learned
         if measure.instance_uuid:
             history = self._histories.get(measure.instance_uuid)
             owner = history.owner_at(at) if history else None
@@ -105,9 +109,6 @@ class OwnerIndex:
         hint = fields.get(OWNER_HINT_KEY, "")
         if hint.strip().lower() not in _UNKNOWN_HINTS:
             return hint
-        for name in (measure.domain_name, measure.instance_uuid):
-            if name and self.routers.get(name):
-                return self.routers[name]
         if measure.mac:
             owner = self._single_owner(self._by_mac.get(measure.mac.lower(), set()), at, None)
             if owner:

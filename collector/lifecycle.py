@@ -222,7 +222,9 @@ def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[str, list[pb.L
     done = [ev for ev in events if ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE and ev.offering_uuid]
     created = {ev.offering_uuid for ev in done if ev.event_type == "VM.CREATE"}
     scaled = {ev.offering_uuid for ev in done if ev.event_type in _SCALING}
-    bare = [ev for ev in events if ev.category == pb.USAGE and ev.event_type in _SCALING and not ev.offering_uuid]
+    bare = [
+        ev for ev in events if ev.category == pb.USAGE and ev.event_type in _SCALING and not ev.offering_uuid
+    ]
     if len(scaled) == 1 and len(bare) == 1:
         named = pb.LifecycleEvent()
         named.CopyFrom(bare[0])

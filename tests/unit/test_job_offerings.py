@@ -64,5 +64,10 @@ def test_failed_or_ambiguous_jobs_name_nothing() -> None:
     base = [usage("VM.CREATE", "2024-05-14 10:00:00 +0000"), usage("VM.UPGRADE", "2024-05-14 11:00:00 +0000")]
     failed = build_resource_history(VM, [*base, job("VM.UPGRADE", LARGE, status="FAILED")])
     assert [s.offering for s in failed.allocated] == [""]
-    two = [*base, usage("VM.UPGRADE", "2024-05-14 12:00:00 +0000"), job("VM.UPGRADE", LARGE), job("VM.UPGRADE", SMALL)]
+    two = [
+        *base,
+        usage("VM.UPGRADE", "2024-05-14 12:00:00 +0000"),
+        job("VM.UPGRADE", LARGE),
+        job("VM.UPGRADE", SMALL),
+    ]
     assert [s.offering for s in build_resource_history(VM, two).allocated] == [""]

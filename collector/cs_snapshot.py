@@ -1,0 +1,225 @@
+"""What one reconciliation pass read from CloudStack's API, as plain values (no I/O here).
+
+    parse_snapshot(raw: Mapping[str, list], taken_ms: int) -> Snapshot   # SnapshotError on garbage
+    LISTS: the API commands a pass reads, with the key of their items in the response
+
+The field names are those of CloudStack's response classes (UserVmResponse,
+DomainRouterResponse, IPAddressResponse, NetworkResponse, AccountResponse, DomainResponse,
+ServiceOfferingResponse). Owners are given by account *name* and domain id; accounts map them
+to the account uuids the event bus uses (Snapshot.account_uuid).
+
+Anything that is not a list of objects, or an item without its id, is garbage: the whole
+snapshot is refused, so a half-understood answer never turns into corrections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmeter.collector.cloudstack import parse_time
+from kvmeter.collector.errors import BadInput
+
+# command -> the key of its items in `list<command>response` (CloudStack's response names)
+LISTS: dict[str, str] = {
+    "listVirtualMachines": "virtualmachine",
+    "listRouters": "router",
+    "listPublicIpAddresses": "publicipaddress",
+    "listNetworks": "network",
+    "listAccounts": "account",
+    "listDomains": "domain",
+    "listServiceOfferings": "serviceoffering",
+}
+
+
+class SnapshotError(ValueError):
+    """CloudStack answered something this pass cannot trust."""
+
+
+@dataclass(frozen=True)
+class Vm:
+    uuid: str
+    name: str
+    state: str
+    account: str  # account name
+    domain_id: str
+    project_id: str
+    offering: str
+    cpu: int | None
+    memory: int | None
+    created_ms: int | None
+    zone: str = ""
+
+
+@dataclass(frozen=True)
+class Router:
+    uuid: str
+    name: str
+    state: str
+    network_id: str
+    vpc_id: str
+    created_ms: int | None
+
+
+@dataclass(frozen=True)
+class PublicIp:
+    uuid: str
+    address: str
+    state: str
+    account: str
+    domain_id: str
+    project_id: str
+    allocated_ms: int | None
+    zone: str = ""
+
+
+@dataclass(frozen=True)
+class Network:
+    uuid: str
+    name: str
+    account: str
+    domain_id: str
+    project_id: str
+    vpc_id: str
+
+
+@dataclass(frozen=True)
+class Account:
+    uuid: str
+    name: str
+    domain_id: str
+
+
+@dataclass(frozen=True)
+class Domain:
+    uuid: str
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Offering:
+    uuid: str
+    name: str
+    cpu: int | None
+    memory: int | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_ms: int
+    vms: dict[str, Vm] = field(default_factory=dict)
+    routers: dict[str, Router] = field(default_factory=dict)
+    ips: dict[str, PublicIp] = field(default_factory=dict)
+    networks: dict[str, Network] = field(default_factory=dict)
+    accounts: dict[str, Account] = field(default_factory=dict)
+    domains: dict[str, Domain] = field(default_factory=dict)
+    offerings: dict[str, Offering] = field(default_factory=dict)
+
+    def account_uuid(self, name: str, domain_id: str, project_id: str = "") -> str | None:
+        """The uuid of the account `name` in `domain_id`; None when unknown or ambiguous, and
+        for project-owned resources (their owner is the project's account, not listed here)."""
+        if project_id or not name or not domain_id:
+            return None
+        found = {a.uuid for a in self.accounts.values() if a.name == name and a.domain_id == domain_id}
+        return found.pop() if len(found) == 1 else None
+
+
+def parse_snapshot(raw: Mapping[str, Any], taken_ms: int) -> Snapshot:
+    """The items of every list in LISTS (by command) -> a Snapshot; SnapshotError on garbage."""
+    items = {command: _items(raw, command) for command in LISTS}
+    return Snapshot(
+        taken_ms=taken_ms,
+        vms=_by_id(items["listVirtualMachines"], _vm),
+        routers=_by_id(items["listRouters"], _router),
+        ips=_by_id(items["listPublicIpAddresses"], _ip),
+        networks=_by_id(items["listNetworks"], _network),
+        accounts=_by_id(items["listAccounts"], _account),
+        domains=_by_id(items["listDomains"], _domain),
+        offerings=_by_id(items["listServiceOfferings"], _offering),
+    )
+
+
+def _items(raw: Mapping[str, Any], command: str) -> list[dict[str, Any]]:
+    got = raw.get(command) if isinstance(raw, Mapping) else None
+    if not isinstance(got, list) or not all(isinstance(item, dict) for item in got):
+        raise SnapshotError(f"{command}: expected a list of objects, got {type(got).__name__}")
+    return got
+
+
+def _by_id(items: list[dict[str, Any]], build: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if not isinstance(item.get("id"), str) or not item["id"]:
+            raise SnapshotError(f"an item has no id: {sorted(item)[:8]}")
+        out[item["id"]] = build(item)
+    return out
+
+
+def _vm(d: dict[str, Any]) -> Vm:
+    return Vm(
+        d["id"], _s(d, "name"), _s(d, "state"), _s(d, "account"), _s(d, "domainid"), _s(d, "projectid"),
+        _s(d, "serviceofferingid"), _int(d, "cpunumber"), _int(d, "memory"), _time(d, "created"),
+        _s(d, "zoneid"),
+    )  # fmt: skip
+
+
+def _router(d: dict[str, Any]) -> Router:
+    return Router(
+        d["id"], _s(d, "name"), _s(d, "state"), _s(d, "guestnetworkid"), _s(d, "vpcid"), _time(d, "created")
+    )
+
+
+def _ip(d: dict[str, Any]) -> PublicIp:
+    return PublicIp(
+        d["id"], _s(d, "ipaddress"), _s(d, "state"), _s(d, "account"), _s(d, "domainid"),
+        _s(d, "projectid"), _time(d, "allocated"), _s(d, "zoneid"),
+    )  # fmt: skip
+
+
+def _network(d: dict[str, Any]) -> Network:
+    return Network(
+        d["id"], _s(d, "name"), _s(d, "account"), _s(d, "domainid"), _s(d, "projectid"), _s(d, "vpcid")
+    )
+
+
+def _account(d: dict[str, Any]) -> Account:
+    return Account(d["id"], _s(d, "name"), _s(d, "domainid"))
+
+
+def _domain(d: dict[str, Any]) -> Domain:
+    return Domain(d["id"], _s(d, "name"), _s(d, "path"))
+
+
+def _offering(d: dict[str, Any]) -> Offering:
+    return Offering(d["id"], _s(d, "name"), _int(d, "cpunumber"), _int(d, "memory"))
+
+
+def _s(d: dict[str, Any], key: str) -> str:
+    value = d.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise SnapshotError(f"{key} of {d.get('id')} is a {type(value).__name__}, not text")
+    return value
+
+
+def _int(d: dict[str, Any], key: str) -> int | None:
+    value = d.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SnapshotError(f"{key} of {d.get('id')} is not a whole number: {value!r}")
+    return value
+
+
+def _time(d: dict[str, Any], key: str) -> int | None:
+    """CloudStack's API dates, yyyy-MM-dd'T'HH:mm:ssZ (e.g. 2024-05-14T10:21:07+0000)."""
+    text = _s(d, key)
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except BadInput as exc:
+        raise SnapshotError(f"{key} of {d.get('id')}: {exc.message}") from None

@@ -1,0 +1,438 @@
+"""Reconciliation against CloudStack's API: kvmeter's view + a snapshot -> corrections. Pure.
+
+    reconcile(view: View, snapshot: Snapshot, previous: Snapshot | None) -> Findings
+    view_of(events_by_resource, histories, witness) -> View
+    observe(witness, batches)   # the agents' inventories -> per domain: running or not, since when
+
+A correction is a usage event in CloudStack's bus format (Correction.event_value), stored and
+applied like any other lifecycle event; its id is the digest of its content, so the same inputs
+give the same event and a pass run again adds nothing. Rules:
+
+- Two witnesses before any drift correction: CloudStack's answer now, and either the previous
+  pass's answer (taken after the resource's last event) or the agents' own view of the domain
+  (inventory state, for VMs). One witness alone waits for the next pass. The agents saying the
+  opposite of CloudStack (a VM CloudStack calls stopped still running on a host) is a dispute:
+  no correction, a note.
+- The time of a correction is the earliest agreeing observation (the agents' first poll that saw
+  the new state, else the previous pass), never before the segment it closes started and never
+  before the last event that put the resource in its current state.
+- VMs: kvmeter running, CloudStack Stopped -> VM.STOP; Destroyed / Expunging / Error / not
+  listed -> VM.DESTROY (closes RUNNING and ALLOCATED); CloudStack Running, kvmeter not ->
+  VM.START (and VM.CREATE when kvmeter has no open ALLOCATED: at CloudStack's `created` if that
+  is after every event kvmeter has); a listed VM kvmeter never heard of -> VM.CREATE at `created`.
+  States in transition (Starting, Stopping, Migrating, ...) are left alone.
+- IPs: open in kvmeter, not listed (or Free) -> NET.IPRELEASE; listed Allocated, not open in
+  kvmeter -> NET.IPASSIGN at `allocated` (or the earliest observation after kvmeter's last event).
+- Offerings: a VM's open segments name no offering -> VM.DYNAMIC.SCALE at their start (a split
+  at a segment's start names it); another offering than CloudStack's -> VM.DYNAMIC.SCALE at the
+  last scaling event after the segment started, else the pass that first saw the new offering.
+- Routers: the owner of the router's guest network (or of its VPC's networks) -> ROUTER.OWNER,
+  a usage-shaped event that sets the router's owner timeline and opens no segment.
+- The owner is never guessed: events that open something carry the account CloudStack names,
+  resolved by (account name, domain id) through listAccounts; unresolved (or project-owned, or
+  disagreeing with kvmeter's owner) -> no correction, a note.
+- A snapshot where most of the VMs kvmeter has open are missing is refused (a key that sees
+  only part of the cloud must not destroy the rest).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmeter.collector.cloudstack import event_id
+from kvmeter.collector.cs_snapshot import Snapshot, SnapshotError, Vm
+from kvmeter.collector.model import ResourceHistory, Segment
+from kvmeter.proto import pb
+
+SOURCE = "cloudstack-api"
+ROUTER_OWNER = "ROUTER.OWNER"
+RUNNING = "Running"
+STOPPED = "Stopped"
+GONE_STATES = frozenset({"Destroyed", "Expunging", "Expunged", "Error"})
+SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.SCALE"})
+MAX_GONE_FRACTION = 0.5  # of the VMs kvmeter has open, when at least MIN_FOR_GUARD are
+MIN_FOR_GUARD = 4
+_GONE = "(not listed)"
+
+
+@dataclass(frozen=True)
+class Witness:
+    """The agents' view of one domain: running or not, since the first poll that saw it so,
+    last seen at seen_ms."""
+
+    running: bool
+    since_ms: int
+    seen_ms: int = 0
+
+
+_RUNNING_STATES = {pb.RUNNING: True, pb.SHUTOFF: False, pb.CRASHED: False, pb.GONE: False}
+
+
+def observe(witness: dict[str, Witness], batches: Iterable[Any]) -> None:
+    """Fold the agents' inventories (decode.DecodedBatch: poll_time_ms, inventory) into the
+    witness; an older poll than the last one seen of a domain changes nothing."""
+    for batch in batches:
+        at = batch.poll_time_ms
+        for dom in batch.inventory:
+            running = _RUNNING_STATES.get(dom.state)
+            if not dom.uuid or running is None:
+                continue
+            old = witness.get(dom.uuid)
+            if old is not None and at < old.seen_ms:
+                continue
+            since = old.since_ms if old is not None and old.running == running else at
+            witness[dom.uuid] = Witness(running, since, at)
+
+
+@dataclass(frozen=True)
+class View:
+    """kvmeter's current knowledge: histories, each resource's latest event time, the latest
+    time an event told of a VM's scaling, and the agents' witness per domain uuid."""
+
+    histories: Mapping[str, ResourceHistory]
+    last_event_ms: Mapping[str, int] = field(default_factory=dict)
+    scaled_ms: Mapping[str, int] = field(default_factory=dict)
+    witness: Mapping[str, Witness] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Correction:
+    resource_uuid: str
+    resource_type: str  # VirtualMachine | IpAddress | DomainRouter
+    event_type: str
+    time_ms: int
+    account: str
+    reason: str
+    offering: str = ""
+    address: str = ""
+    zone: str = ""
+    details: tuple[tuple[str, str], ...] = ()
+    source: str = SOURCE
+
+    def event_value(self) -> bytes:
+        """The correction as a bus usage event (canonical JSON: the same correction, the same
+        bytes, the same event id)."""
+        doc: dict[str, str] = {
+            "event": self.event_type,
+            "resource": self.resource_type,
+            "id": self.resource_uuid,
+            "eventDateTime": _format_time(self.time_ms),
+            "source": self.source,
+            "reason": self.reason,
+        }
+        for key, value in (("account", self.account), ("zone", self.zone)):
+            if value:
+                doc[key] = value
+        if self.offering:
+            doc["offeringid"] = self.offering
+        if self.address:
+            doc["ipaddress"] = self.address
+        doc.update(self.details)
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def event_id(self) -> str:
+        return event_id(self.event_value())
+
+
+@dataclass
+class Findings:
+    corrections: list[Correction] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # differences seen and left alone, and why
+
+
+def view_of(
+    events: Mapping[str, Iterable[pb.LifecycleEvent]],
+    histories: Mapping[str, ResourceHistory],
+    witness: Mapping[str, Witness] | None = None,
+) -> View:
+    """A View from each resource's events (times of 0 — async jobs without a date — skipped)."""
+    last: dict[str, int] = {}
+    scaled: dict[str, int] = {}
+    for resource, evs in events.items():
+        for ev in evs:
+            if ev.time <= 0:
+                continue
+            last[resource] = max(last.get(resource, 0), ev.time)
+            if ev.event_type in SCALING:
+                scaled[resource] = max(scaled.get(resource, 0), ev.time)
+    return View(histories, last, scaled, dict(witness or {}))
+
+
+def reconcile(view: View, snapshot: Snapshot, previous: Snapshot | None = None) -> Findings:
+    """The corrections that make kvmeter's view agree with CloudStack's (see module doc)."""
+    out = Findings()
+    _guard(view, snapshot)
+    corrected = _vms(view, snapshot, previous, out)
+    _offerings(view, snapshot, previous, out, skip=corrected)
+    _ips(view, snapshot, previous, out)
+    _routers(view, snapshot, out)
+    out.corrections.sort(key=lambda c: (c.resource_uuid, c.time_ms, c.event_type))
+    return out
+
+
+def _open(segments: list[Segment]) -> Segment | None:
+    return segments[-1] if segments and segments[-1].end_ms is None else None
+
+
+def _vm_histories(view: View) -> dict[str, ResourceHistory]:
+    return {u: h for u, h in view.histories.items() if h.running or h.allocated}
+
+
+def _guard(view: View, snapshot: Snapshot) -> None:
+    open_vms = [u for u, h in _vm_histories(view).items() if _open(h.allocated) or _open(h.running)]
+    missing = [u for u in open_vms if u not in snapshot.vms]
+    if len(open_vms) >= MIN_FOR_GUARD and len(missing) > MAX_GONE_FRACTION * len(open_vms):
+        raise SnapshotError(
+            f"{len(missing)} of {len(open_vms)} VMs kvmeter has open are not listed: "
+            "does the API key see the whole cloud (listall as a root admin)?"
+        )
+
+
+def _state(snapshot: Snapshot | None, uuid: str) -> str | None:
+    if snapshot is None:
+        return None
+    vm = snapshot.vms.get(uuid)
+    return vm.state if vm is not None else _GONE
+
+
+def _owner(view: View, snapshot: Snapshot, uuid: str, name: str, domain: str, project: str) -> str | None:
+    """CloudStack's owner of a resource, checked against kvmeter's; None when not sure."""
+    theirs = snapshot.account_uuid(name, domain, project)
+    history = view.histories.get(uuid)
+    ours = history.owners[-1].account if history is not None and history.owners else None
+    if theirs is not None and ours is not None and theirs != ours:
+        return None
+    return theirs or ours
+
+
+def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings) -> set[str]:
+    corrected: set[str] = set()
+    histories = _vm_histories(view)
+    for uuid in sorted(set(histories) | set(snapshot.vms)):
+        vm, history = snapshot.vms.get(uuid), histories.get(uuid)
+        state = vm.state if vm is not None else _GONE
+        prev = _state(previous, uuid)
+        last = view.last_event_ms.get(uuid, 0)
+        prev_ok = previous is not None and previous.taken_ms > last
+        running = _open(history.running) if history else None
+        allocated = _open(history.allocated) if history else None
+        witness = view.witness.get(uuid)
+        gone = state == _GONE or state in GONE_STATES
+        account = history.owner_at(snapshot.taken_ms) or "" if history else ""
+        if running is not None and (state == STOPPED or gone):
+            if witness is not None and witness.running:
+                out.notes.append(f"{uuid}: CloudStack says {state}, its host still runs it: left running")
+                continue
+            seen = [w.since_ms for w in (witness,) if w is not None and not w.running]
+            if prev_ok and prev is not None and (prev == STOPPED or prev == _GONE or prev in GONE_STATES):
+                seen.append(previous.taken_ms)  # type: ignore[union-attr]
+            if not seen:
+                out.notes.append(
+                    f"{uuid}: CloudStack says {state}, kvmeter running: awaiting a second witness"
+                )
+                continue
+            at = max(min(seen), running.start_ms)
+            destroyed = gone and prev_ok and (prev == _GONE or prev in GONE_STATES)
+            kind = "VM.DESTROY" if destroyed else "VM.STOP"
+            reason = f"CloudStack says {state} while kvmeter had it running (stop event lost)"
+            out.corrections.append(Correction(uuid, "VirtualMachine", kind, at, account, reason))
+            corrected.add(uuid)
+        elif allocated is not None and running is None and gone:
+            if prev_ok and (prev == _GONE or prev in GONE_STATES):
+                at = max(previous.taken_ms, allocated.start_ms)  # type: ignore[union-attr]
+                reason = f"CloudStack says {state} while kvmeter had it allocated (destroy event lost)"
+                out.corrections.append(Correction(uuid, "VirtualMachine", "VM.DESTROY", at, account, reason))
+                corrected.add(uuid)
+            else:
+                out.notes.append(
+                    f"{uuid}: CloudStack says {state}, kvmeter allocated: awaiting a second witness"
+                )
+        elif vm is not None and not gone and (state == RUNNING or state == STOPPED):
+            if (running is None and state == RUNNING) or allocated is None:
+                if _opened(view, snapshot, previous, vm, history, allocated, running, witness, out):
+                    corrected.add(uuid)
+    return corrected
+
+
+def _opened(
+    view: View,
+    snapshot: Snapshot,
+    previous: Snapshot | None,
+    vm: Vm,
+    history: ResourceHistory | None,
+    allocated: Segment | None,
+    running: Segment | None,
+    witness: Witness | None,
+    out: Findings,
+) -> bool:
+    """Lost VM.CREATE / VM.START of a VM CloudStack lists as existing (Running or Stopped)."""
+    uuid, last = vm.uuid, view.last_event_ms.get(vm.uuid, 0)
+    prev = _state(previous, uuid)
+    prev_ok = previous is not None and previous.taken_ms > last
+    owner = _owner(view, snapshot, uuid, vm.account, vm.domain_id, vm.project_id)
+    if owner is None:
+        out.notes.append(f"{uuid}: CloudStack says {vm.state}, owner not known for sure: left alone")
+        return False
+    added = False
+    if allocated is None:
+        listed = prev_ok and prev is not None and prev != _GONE and prev not in GONE_STATES
+        if vm.created_ms is not None and vm.created_ms > last and (history is None or listed):
+            create_at: int | None = vm.created_ms
+        else:
+            create_at = previous.taken_ms if listed else None  # type: ignore[union-attr]
+        if create_at is None:
+            out.notes.append(
+                f"{uuid}: CloudStack lists it, kvmeter has it destroyed: awaiting a second witness"
+            )
+            return False
+        reason = "CloudStack lists the VM while kvmeter had no allocation (create event lost)"
+        out.corrections.append(
+            Correction(
+                uuid, "VirtualMachine", "VM.CREATE", create_at, owner, reason, vm.offering, zone=vm.zone
+            )
+        )
+        last, added = max(last, create_at), True
+    if vm.state == RUNNING and running is None:
+        seen = [w.since_ms for w in (witness,) if w is not None and w.running and w.since_ms > last]
+        if prev == RUNNING and previous is not None and previous.taken_ms > last:
+            seen.append(previous.taken_ms)
+        if witness is not None and not witness.running and witness.since_ms > last:
+            out.notes.append(f"{uuid}: CloudStack says Running, its host says not: left stopped")
+            return added
+        if not seen:
+            out.notes.append(f"{uuid}: CloudStack says Running, kvmeter not: awaiting a second witness")
+            return added
+        reason = "CloudStack says Running while kvmeter had it stopped (start event lost)"
+        out.corrections.append(
+            Correction(
+                uuid, "VirtualMachine", "VM.START", min(seen), owner, reason, vm.offering, zone=vm.zone
+            )
+        )
+        added = True
+    return added
+
+
+def _offerings(
+    view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings, skip: set[str]
+) -> None:
+    for uuid, vm in sorted(snapshot.vms.items()):
+        history = view.histories.get(uuid)
+        if uuid in skip or history is None or not vm.offering:
+            continue
+        segments = [s for s in (_open(history.allocated), _open(history.running)) if s is not None]
+        named = {s.offering for s in segments}
+        if not segments or named == {vm.offering}:
+            continue
+        start = max(s.start_ms for s in segments)
+        details = tuple(
+            (k, str(v)) for k, v in (("cpunumber", vm.cpu), ("memory", vm.memory)) if v is not None
+        )
+        if named == {""}:
+            at = min(s.start_ms for s in segments)
+            reason = f"offering {vm.offering} learned from CloudStack"
+        else:
+            before = previous.vms.get(uuid) if previous is not None else None
+            scaled = view.scaled_ms.get(uuid, 0)
+            if scaled > start:
+                at = scaled
+            elif before is not None and before.offering == vm.offering:
+                at = max(previous.taken_ms, start)  # type: ignore[union-attr]
+            else:
+                at = snapshot.taken_ms
+            was = "/".join(sorted(o or "none" for o in named))
+            reason = f"offering changed from {was} to {vm.offering} (no offering on the bus)"
+        out.corrections.append(
+            Correction(
+                uuid,
+                "VirtualMachine",
+                "VM.DYNAMIC.SCALE",
+                at,
+                "",
+                reason,
+                vm.offering,
+                zone=vm.zone,
+                details=details,
+            )
+        )
+
+
+def _ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings) -> None:
+    ip_histories = {u: h for u, h in view.histories.items() if h.ip}
+    for uuid in sorted(set(ip_histories) | set(snapshot.ips)):
+        history, ip = ip_histories.get(uuid), snapshot.ips.get(uuid)
+        held = _open(history.ip) if history else None
+        listed = ip is not None and ip.state not in ("Free", "Releasing")
+        last = view.last_event_ms.get(uuid, 0)
+        before = previous.ips.get(uuid) if previous is not None else None
+        prev_ok = previous is not None and previous.taken_ms > last
+        if held is not None and not listed:
+            if not (prev_ok and (before is None or before.state == "Free")):
+                out.notes.append(
+                    f"{uuid}: not allocated in CloudStack, open in kvmeter: awaiting a second witness"
+                )
+                continue
+            account = history.owner_at(snapshot.taken_ms) or "" if history else ""
+            at = max(previous.taken_ms, held.start_ms)  # type: ignore[union-attr]
+            reason = "CloudStack no longer lists the address as allocated (release event lost)"
+            out.corrections.append(
+                Correction(uuid, "IpAddress", "NET.IPRELEASE", at, account, reason, address=held.address)
+            )
+        elif ip is not None and held is None and ip.state == "Allocated":
+            seen_before = prev_ok and before is not None and before.state == "Allocated"
+            if not seen_before:
+                out.notes.append(
+                    f"{uuid}: allocated in CloudStack, not in kvmeter: awaiting a second witness"
+                )
+                continue
+            owner = snapshot.account_uuid(ip.account, ip.domain_id, ip.project_id)
+            if owner is None:
+                out.notes.append(
+                    f"{uuid}: allocated in CloudStack to an account not known for sure: left alone"
+                )
+                continue
+            at = (
+                ip.allocated_ms
+                if ip.allocated_ms is not None and ip.allocated_ms > last
+                else previous.taken_ms
+            )  # type: ignore[union-attr]
+            reason = "CloudStack lists the address as allocated while kvmeter had it free (assign event lost)"
+            out.corrections.append(
+                Correction(
+                    uuid, "IpAddress", "NET.IPASSIGN", at, owner, reason, address=ip.address, zone=ip.zone
+                )
+            )
+
+
+def _routers(view: View, snapshot: Snapshot, out: Findings) -> None:
+    for uuid, router in sorted(snapshot.routers.items()):
+        if router.network_id:
+            networks = [n for n in (snapshot.networks.get(router.network_id),) if n is not None]
+        else:
+            networks = [n for n in snapshot.networks.values() if router.vpc_id and n.vpc_id == router.vpc_id]
+        owners = {snapshot.account_uuid(n.account, n.domain_id, n.project_id) for n in networks}
+        if len(owners) != 1 or None in owners:
+            out.notes.append(f"{uuid} ({router.name}): owner of its network not known for sure: left alone")
+            continue
+        owner = owners.pop()
+        assert owner is not None
+        history = view.histories.get(uuid)
+        ours = history.owners[-1].account if history is not None and history.owners else None
+        if ours == owner:
+            continue
+        if ours is None and router.created_ms is not None:
+            at = router.created_ms
+        else:
+            at = max(snapshot.taken_ms, view.last_event_ms.get(uuid, 0))
+        net = router.network_id or f"VPC {router.vpc_id}"
+        reason = f"router {router.name} serves network {net} of account {owner}"
+        out.corrections.append(Correction(uuid, "DomainRouter", ROUTER_OWNER, at, owner, reason))
+
+
+def _format_time(ms: int) -> str:
+    when = dt.datetime.fromtimestamp(ms // 1000, dt.UTC)
+    return f"{when:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d} +0000"
