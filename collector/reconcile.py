@@ -218,7 +218,8 @@ def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
         state = vm.state if vm is not None else _GONE
         prev = _state(previous, uuid)
         last = view.last_event_ms.get(uuid, 0)
-        prev_ok = previous is not None and previous.taken_ms > last
+        prev_ms = previous.taken_ms if previous is not None else -1
+        prev_ok = previous is not None and prev_ms > last
         running = _open(history.running) if history else None
         allocated = _open(history.allocated) if history else None
         witness = view.witness.get(uuid)
@@ -230,7 +231,7 @@ def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
                 continue
             seen = [w.since_ms for w in (witness,) if w is not None and not w.running]
             if prev_ok and prev is not None and (prev == STOPPED or prev == _GONE or prev in GONE_STATES):
-                seen.append(previous.taken_ms)  # type: ignore[union-attr]
+                seen.append(prev_ms)
             if not seen:
                 out.notes.append(
                     f"{uuid}: CloudStack says {state}, kvmeter running: awaiting a second witness"
@@ -244,7 +245,7 @@ def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
             corrected.add(uuid)
         elif allocated is not None and running is None and gone:
             if prev_ok and (prev == _GONE or prev in GONE_STATES):
-                at = max(previous.taken_ms, allocated.start_ms)  # type: ignore[union-attr]
+                at = max(prev_ms, allocated.start_ms)
                 reason = f"CloudStack says {state} while kvmeter had it allocated (destroy event lost)"
                 out.corrections.append(Correction(uuid, "VirtualMachine", "VM.DESTROY", at, account, reason))
                 corrected.add(uuid)
@@ -273,7 +274,8 @@ def _opened(
     """Lost VM.CREATE / VM.START of a VM CloudStack lists as existing (Running or Stopped)."""
     uuid, last = vm.uuid, view.last_event_ms.get(vm.uuid, 0)
     prev = _state(previous, uuid)
-    prev_ok = previous is not None and previous.taken_ms > last
+    prev_ms = previous.taken_ms if previous is not None else -1
+    prev_ok = previous is not None and prev_ms > last
     owner = _owner(view, snapshot, uuid, vm.account, vm.domain_id, vm.project_id)
     if owner is None:
         out.notes.append(f"{uuid}: CloudStack says {vm.state}, owner not known for sure: left alone")
@@ -284,7 +286,7 @@ def _opened(
         if vm.created_ms is not None and vm.created_ms > last and (history is None or listed):
             create_at: int | None = vm.created_ms
         else:
-            create_at = previous.taken_ms if listed else None  # type: ignore[union-attr]
+            create_at = prev_ms if listed else None
         if create_at is None:
             out.notes.append(
                 f"{uuid}: CloudStack lists it, kvmeter has it destroyed: awaiting a second witness"
@@ -299,8 +301,8 @@ def _opened(
         last, added = max(last, create_at), True
     if vm.state == RUNNING and running is None:
         seen = [w.since_ms for w in (witness,) if w is not None and w.running and w.since_ms > last]
-        if prev == RUNNING and previous is not None and previous.taken_ms > last:
-            seen.append(previous.taken_ms)
+        if prev == RUNNING and prev_ok:
+            seen.append(prev_ms)
         if witness is not None and not witness.running and witness.since_ms > last:
             out.notes.append(f"{uuid}: CloudStack says Running, its host says not: left stopped")
             return added
@@ -340,8 +342,9 @@ def _offerings(
             scaled = view.scaled_ms.get(uuid, 0)
             if scaled > start:
                 at = scaled
-            elif before is not None and before.offering == vm.offering:
-                at = max(previous.taken_ms, start)  # type: ignore[union-attr]
+            elif before is not None and before.offering == vm.offering and previous is not None:
+                before_ms = previous.taken_ms
+                at = max(before_ms, start)
             else:
                 at = snapshot.taken_ms
             was = "/".join(sorted(o or "none" for o in named))
@@ -369,7 +372,8 @@ def _ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
         listed = ip is not None and ip.state not in ("Free", "Releasing")
         last = view.last_event_ms.get(uuid, 0)
         before = previous.ips.get(uuid) if previous is not None else None
-        prev_ok = previous is not None and previous.taken_ms > last
+        prev_ms = previous.taken_ms if previous is not None else -1
+        prev_ok = previous is not None and prev_ms > last
         if held is not None and not listed:
             if not (prev_ok and (before is None or before.state == "Free")):
                 out.notes.append(
@@ -377,7 +381,7 @@ def _ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
                 )
                 continue
             account = history.owner_at(snapshot.taken_ms) or "" if history else ""
-            at = max(previous.taken_ms, held.start_ms)  # type: ignore[union-attr]
+            at = max(prev_ms, held.start_ms)
             reason = "CloudStack no longer lists the address as allocated (release event lost)"
             out.corrections.append(
                 Correction(uuid, "IpAddress", "NET.IPRELEASE", at, account, reason, address=held.address)
@@ -395,11 +399,7 @@ def _ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
                     f"{uuid}: allocated in CloudStack to an account not known for sure: left alone"
                 )
                 continue
-            at = (
-                ip.allocated_ms
-                if ip.allocated_ms is not None and ip.allocated_ms > last
-                else previous.taken_ms
-            )  # type: ignore[union-attr]
+            at = ip.allocated_ms if ip.allocated_ms is not None and ip.allocated_ms > last else prev_ms
             reason = "CloudStack lists the address as allocated while kvmeter had it free (assign event lost)"
             out.corrections.append(
                 Correction(
