@@ -70,11 +70,14 @@ def create_app(
         body: dict[str, Any] = {"status": "ok", "schema_version": version}
         if status is not None:
             body["consumer"] = consumer = status()
-            if consumer.get("failing"):
-                body["status"] = "failing"
-                response = jsonify(body)
-                response.status_code = 503
-                return response
+            # failing: a store write being retried; degraded: no broker reachable for too long.
+            for problem in ("failing", "degraded"):
+                if consumer.get(problem):
+                    body["status"] = problem
+                    body["reason"] = consumer[problem]
+                    response = jsonify(body)
+                    response.status_code = 503
+                    return response
         return jsonify(body)
 
     @app.get("/metrics")

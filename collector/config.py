@@ -46,6 +46,7 @@ SCHEMA: dict[str, Any] = {
                 "lifecycle_topic": {"type": "string", "minLength": 1},
                 "group": {"type": "string", "minLength": 1},
                 "batch_size": {"type": "integer", "minimum": 1, "maximum": 100000},
+                "degraded_after_seconds": {"type": "number", "exclusiveMinimum": 0},
                 "options": {
                     "type": "object",
                     "additionalProperties": {"type": ["string", "integer", "boolean"]},
@@ -102,6 +103,7 @@ class KafkaConfig:
     lifecycle_topic: str = "cloudstack"
     group: str = "kvmeter-collector"
     batch_size: int = 1000
+    degraded_after_s: float = 60.0  # /health turns degraded when no broker was reachable this long
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -189,6 +191,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             lifecycle_topic=kafka.get("lifecycle_topic", KafkaConfig.lifecycle_topic),
             group=kafka.get("group", KafkaConfig.group),
             batch_size=kafka.get("batch_size", KafkaConfig.batch_size),
+            degraded_after_s=float(kafka.get("degraded_after_seconds", KafkaConfig.degraded_after_s)),
             options=dict(kafka.get("options", {})),
         ),
         settings=Settings(

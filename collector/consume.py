@@ -23,7 +23,9 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from kvmeter.collector.broker_watch import BrokerWatch
 from kvmeter.collector.config import KafkaConfig
+from kvmeter.collector.log_limit import limited_logger
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Outcome, Record
 
@@ -34,6 +36,11 @@ LAG_EVERY_S = 5.0
 # committed, before its offsets are stored. "after-db-commit:N" fires on the Nth commit.
 FAILPOINT = "KVMETER_FAILPOINT"
 REFRESH_LIFECYCLE_EVERY_S = 60.0
+STATS_EVERY_MS = 2000
+MEASURES, LIFECYCLE = "measures", "lifecycle"
+# librdkafka's log and the clients' errors: a broker outage is a line per distinct error a minute.
+KAFKA_LOG = limited_logger("kvmeter.collector.kafka", 60.0)
+QUIET_ERRORS = frozenset({KafkaError._TRANSPORT})
 
 
 def _origin(msg: Message) -> str:
@@ -62,10 +69,17 @@ class LiveConsumer:
         self.poll_timeout = poll_timeout
         self.monotonic = monotonic
         self.stop_event = threading.Event()
-        common: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap, **kafka.options}
+        self.broker = BrokerWatch(kafka.degraded_after_s, monotonic)
+        common: dict[str, Any] = {
+            "bootstrap.servers": kafka.bootstrap,
+            "statistics.interval.ms": STATS_EVERY_MS,  # broker states for self.broker
+            "logger": KAFKA_LOG,
+            **kafka.options,
+        }
         self.measures = Consumer(
             {
                 **common,
+                **self._callbacks(MEASURES),
                 "group.id": kafka.group,
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -76,6 +90,7 @@ class LiveConsumer:
         self.lifecycle = Consumer(
             {
                 **common,
+                **self._callbacks(LIFECYCLE),
                 "group.id": f"{kafka.group}.lifecycle.{uuid.uuid4().hex[:12]}",
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
@@ -93,6 +108,14 @@ class LiveConsumer:
         self._commits = 0
         point = os.environ.get(FAILPOINT, "")
         self._kill_after = int(point.split(":", 1)[1]) if point.startswith("after-db-commit:") else 0
+
+    def _callbacks(self, client: str) -> dict[str, Any]:
+        def on_error(err: KafkaError) -> None:
+            self.broker.on_error(client, err.name(), err.str())
+            if err.code() not in QUIET_ERRORS:  # those are in librdkafka's own log lines already
+                KAFKA_LOG.warning("%s consumer: %s", client, err)
+
+        return {"error_cb": on_error, "stats_cb": lambda stats: self.broker.on_stats(client, stats)}
 
     # -- setup --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,6 +192,7 @@ class LiveConsumer:
     def _consume_lifecycle(self, timeout: float) -> None:
         messages = self._good(self.lifecycle.consume(num_messages=self.kafka.batch_size, timeout=timeout))
         if messages:
+            self.broker.seen(LIFECYCLE, reachable=True)
             records = _records(messages)
             self._retrying("lifecycle", lambda: self.collector.apply_events(records))
 
@@ -176,6 +200,7 @@ class LiveConsumer:
         messages = self._good(self.measures.consume(num_messages=self.kafka.batch_size, timeout=timeout))
         if not messages:
             return
+        self.broker.seen(MEASURES, reachable=True)
         records = _records(messages)
         self._retrying("measures", lambda: self.collector.apply_batches(records))
         self._commits += 1
@@ -200,7 +225,7 @@ class LiveConsumer:
             if err is None:
                 good.append(m)
             elif err.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error on %s: %s", m.topic(), err)
+                KAFKA_LOG.warning("consumer error on %s: %s", m.topic(), err)
         return good
 
     def _retrying(self, stage: str, work: Callable[[], Outcome]) -> None:
@@ -261,6 +286,8 @@ class LiveConsumer:
             "measures_partitions": sorted(self.assigned),
             "lifecycle_partitions": sorted(self._lifecycle_parts),
             "failing": self.failing,
+            "degraded": self.broker.degraded(),
+            "broker": self.broker.status(),
             "seconds_since_success": round(self.monotonic() - self.last_success, 1),
         }
 

@@ -8,10 +8,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.harness.kafka import Broker
+from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.broker
 
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.broker
 class CollectorProcess:
     """`kvmeter collector` from a TOML file, its output in a log file."""
 
-    def __init__(self, tmp_path: Path, bootstrap: str, api: str, extra: str = ""):
+    def __init__(self, tmp_path: Path, bootstrap: str, api: str, kafka_extra: str = ""):
         self.config = tmp_path / "collector.toml"
         self.config.write_text(
             f"""
@@ -29,11 +32,11 @@ url = "sqlite:///{tmp_path}/usage.db"
 bootstrap = "{bootstrap}"
 measures_topic = "m-{tmp_path.name}"
 lifecycle_topic = "l-{tmp_path.name}"
+{kafka_extra}
 [usage]
 tick_seconds = 0.5
 [api]
 {api}
-{extra}
 """
         )
         self.log_path = tmp_path / "collector.log"
@@ -82,6 +85,13 @@ def get(host: str, port: int, path: str, timeout: float = 30) -> tuple[int, dict
             conn.close()
 
 
+def wait_until(condition: Callable[[], bool], timeout: float, collector: CollectorProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, collector.log()[-3000:]
+        time.sleep(0.5)
+
+
 def test_the_api_listens_on_ipv6_loopback(
     kafka_bootstrap: str, tmp_path: Path, collectors: list[CollectorProcess]
 ) -> None:
@@ -109,3 +119,42 @@ def test_a_bad_listen_address_stops_the_collector_with_a_clear_error(
     assert c.proc.wait(30) != 0
     assert says in c.log()
     assert "API on" not in c.log()
+
+
+def kafka_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " kvmeter.collector.kafka: " in line]
+
+
+def test_health_turns_degraded_while_the_broker_is_gone_and_kafka_logs_stay_quiet(
+    tmp_path: Path, collectors: list[CollectorProcess]
+) -> None:
+    broker = Broker(log_dir=tmp_path).start()
+    try:
+        port = free_port()
+        c = CollectorProcess(
+            tmp_path, broker.bootstrap, f'listen = "127.0.0.1:{port}"', "degraded_after_seconds = 4"
+        )
+        collectors.append(c)
+        wait_until(lambda: get("127.0.0.1", port, "/health")[1]["consumer"]["broker"]["reachable"], 30, c)
+        status, body = get("127.0.0.1", port, "/health")
+        assert (status, body["status"]) == (200, "ok")
+
+        broker.stop()
+        down_at = time.monotonic()
+        lines_before = len(kafka_lines(c.log()))
+        wait_until(lambda: get("127.0.0.1", port, "/health")[0] == 503, 30, c)
+        status, body = get("127.0.0.1", port, "/health")
+        assert body["status"] == "degraded"
+        assert body["reason"].startswith("no Kafka broker reachable for")
+        assert "(limit 4 s)" in body["reason"]
+        assert time.monotonic() - down_at >= 4
+        time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))  # 10 s of outage: ~200 lines unlimited
+        during = kafka_lines(c.log())[lines_before:]
+        assert any("Connect to" in line for line in during), c.log()[-3000:]
+        assert len(during) <= 10, "\n".join(during)
+
+        broker.start()
+        wait_until(lambda: get("127.0.0.1", port, "/health")[0] == 200, 60, c)
+        assert get("127.0.0.1", port, "/health")[1]["status"] == "ok"
+    finally:
+        broker.stop()
