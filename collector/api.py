@@ -24,7 +24,7 @@ from waitress.server import create_server
 
 from kvmeter.collector import api_cloudstack, api_errors, api_usage
 from kvmeter.collector.api_auth import cloudstack_signature_problem, require_credentials
-from kvmeter.collector.api_errors import cloudstack_error, error
+from kvmeter.collector.api_errors import cloudstack_error, error, request_values
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
 
@@ -54,10 +54,12 @@ def create_app(
         if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return None
         if request.path == "/client/api" and keys:
-            problem = cloudstack_signature_problem(request.args.items(multi=True), keys, time.time())
+            # CloudStack signs every parameter, the query's and a POST form's alike.
+            problem = cloudstack_signature_problem(request_values(), keys, time.time())
             if problem is None:
                 return None
-            return cloudstack_error("api", 401, f"unable to verify user credentials: {problem}")
+            command = request.values.get("command", "")
+            return cloudstack_error(command, 401, f"unable to verify user credentials: {problem}")
         return error(401, "missing or wrong bearer token")
 
     @app.get("/health")

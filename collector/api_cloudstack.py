@@ -1,45 +1,158 @@
-"""CloudStack's API on /client/api: listUsageRecords as CloudStack's usage server answers it."""
+"""CloudStack's API on /client/api: listUsageRecords and listUsageTypes as CloudStack answers them.
+
+GET or POST (a form body), XML unless response=json, CloudStack's paging and error codes. Every
+read is narrowed to the caller's accounts (api_auth.current_principal); a scoped caller that
+names an account, domain or project outside them gets CloudStack's permission error (531).
+"""
 
 from __future__ import annotations
 
-from flask import Flask, Response, jsonify, request
+from collections.abc import Iterator, Mapping
 
-from kvmeter.collector import report
-from kvmeter.collector.api_errors import BadRequest, cloudstack_error
-from kvmeter.collector.api_usage import parse_type, query
+from flask import Flask, Response, request
+
+from kvmeter.collector import cloudstack_render, usage_pages
+from kvmeter.collector.api_auth import Principal, current_principal
+from kvmeter.collector.api_errors import cloudstack_error, cloudstack_wants_xml, request_values
+from kvmeter.collector.cloudstack_params import (
+    ACCOUNT_ERROR,
+    DEFAULT_PAGE_SIZE,
+    PARAM_ERROR,
+    CloudStackError,
+    UsageRecordsRequest,
+    parse_list_usage_records,
+)
+from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
+from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.store import Store
+from kvmeter.collector.usage_pages import PagedRow, UsageFilter
+
+UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
 
 
 def register(app: Flask, store: Store) -> None:
-    @app.get("/client/api")
+    @app.route("/client/api", methods=["GET", "POST"])
     def cloudstack_api() -> Response:
-        args = {k.lower(): v for k, v in request.args.items()}
-        command = args.get("command", "")
-        if command != "listUsageRecords":
-            return cloudstack_error(command or "api", 432, f"command {command!r} is not supported")
+        command = request.values.get("command", "")
         try:
-            start = report.parse_when(args["startdate"])
-            end = report.parse_when(args["enddate"], end_of_day=True)
-            if len(args["enddate"].strip()) > 10:
-                end += 1000  # yyyy-MM-dd HH:mm:ss names the last second included
-            usage_type = parse_type(args.get("type"))
-        except KeyError as exc:
-            return cloudstack_error("listusagerecords", 431, f"missing parameter {exc.args[0]}")
-        except (ValueError, BadRequest) as exc:
-            return cloudstack_error("listusagerecords", 431, str(exc))
-        resource = args.get("usageid")
-        if resource and usage_type is None:
-            return cloudstack_error("listusagerecords", 431, "usageid needs type")
-        try:
-            page = int(args.get("page", "1"))
-            pagesize = int(args.get("pagesize", "0"))
-        except ValueError:
-            return cloudstack_error("listusagerecords", 431, "page and pagesize must be integers")
-        if page < 1 or pagesize < 0:
-            return cloudstack_error("listusagerecords", 431, "page must be >= 1 and pagesize >= 0")
-        rows = query(store, start, end, args.get("accountid"), usage_type, resource)
-        response = report.cloudstack_response(rows)
-        if pagesize:  # CloudStack's paging: count stays the total, usagerecord is one page
-            body = response["listusagerecordsresponse"]
-            body["usagerecord"] = body["usagerecord"][(page - 1) * pagesize : page * pagesize]
-        return jsonify(response)
+            args = _params()
+            if command == "listUsageRecords":
+                return _list_usage_records(store, args)
+            if command == "listUsageTypes":
+                records = cloudstack_render.usage_type_records()
+                return _list_response("listusagetypesresponse", "usagetype", len(records), iter(records))
+            raise CloudStackError(432, UNKNOWN_COMMAND)
+        except CloudStackError as exc:
+            return cloudstack_error(command, exc.code, exc.text, exc.cs_code)
+
+
+def _params() -> dict[str, str]:
+    """Query and form parameters by lower-cased name (CloudStack signs them lower-cased); a
+    name given twice is refused rather than guessed."""
+    args: dict[str, str] = {}
+    for name, value in request_values():
+        key = name.lower()
+        if key in args:
+            raise CloudStackError(PARAM_ERROR, f"parameter {key} is given more than once")
+        args[key] = value
+    return args
+
+
+def _list_usage_records(store: Store, args: Mapping[str, str]) -> Response:
+    req = parse_list_usage_records(args)
+    with store.read() as conn:
+        directory = OwnerDirectory.from_hints(store.owner_hints(conn))
+    flt = UsageFilter(
+        start_ms=req.start_ms,
+        end_ms=req.end_ms,
+        ends_by_ms=req.end_ms,
+        accounts=visible_accounts(req, current_principal(), directory),
+        usage_type=req.usage_type,
+        resource=req.usage_id,
+        keyword=req.keyword,
+        attributed_only=True,  # bytes no account owns are no CloudStack account's usage
+    )
+    if req.empty_range:
+        flt = UsageFilter(0, 0, accounts=frozenset())
+    if req.limit is None:  # pagesize=-1: every record, streamed a page at a time
+        with store.read() as conn:
+            count = usage_pages.count_usage(conn, flt)
+        rows: Iterator[PagedRow] = _all_rows(store, flt)
+    else:
+        with store.read() as conn:
+            count = usage_pages.count_usage(conn, flt)
+            rows = iter(usage_pages.page_usage(conn, flt, limit=req.limit, offset=req.offset))
+    records = (cloudstack_render.usage_record(_facts(r, directory), include_tags=req.include_tags,
+                                              old_format=req.old_format) for r in rows)  # fmt: skip
+    return _list_response("listusagerecordsresponse", "usagerecord", count, records, stream=req.limit is None)
+
+
+def visible_accounts(
+    req: UsageRecordsRequest, principal: Principal, directory: OwnerDirectory
+) -> frozenset[str] | None:
+    """The accounts the answer may hold (None: every account): what the request names, within
+    what the caller may see. Naming anything outside that is CloudStack's PermissionDenied."""
+    visible = principal.accounts
+    requested: frozenset[str] | None = None
+    if req.project_id is not None:
+        requested = directory.accounts_of_project(req.project_id)
+    elif req.account_id is not None:
+        requested = frozenset({req.account_id})
+    elif req.account_name is not None:
+        # By name (known from <metadata>); the event bus only knows uuids, so a uuid works too.
+        requested = directory.accounts_named(req.account_name, req.domain_id)
+        if req.domain_id is None:
+            requested |= {req.account_name}
+    if req.domain_id is not None:
+        if req.recursive and req.account_id is None and req.project_id is None:
+            raise CloudStackError(
+                PARAM_ERROR, "isrecursive=true with domainid needs the domain tree; kvmeter does not know it"
+            )
+        in_domain = directory.accounts_in_domain(req.domain_id)
+        requested = in_domain if requested is None else requested & in_domain
+        own_domain = req.domain_id in principal.domains or (in_domain and visible and in_domain <= visible)
+        if visible is not None and not own_domain:
+            raise _denied("Invalid Domain Id or Account")
+    if visible is None:
+        return requested
+    if req.recursive and not principal.domains:
+        raise _denied("Users are not allowed to list usage records recursively.")
+    if requested is None:
+        return visible
+    allowed = requested & visible
+    names_accounts = req.account_id is not None or req.project_id is not None or req.account_name is not None
+    if names_accounts and (not allowed or (req.account_name is None and not requested <= visible)):
+        raise _denied("Users are only allowed to list usage records for their own account.")
+    return allowed
+
+
+def _denied(text: str) -> CloudStackError:
+    return CloudStackError(ACCOUNT_ERROR, text, CS_PERMISSION_DENIED)
+
+
+def _all_rows(store: Store, flt: UsageFilter) -> Iterator[PagedRow]:
+    """Every matching record, one short read per page (memory stays one page)."""
+    after = None
+    while True:
+        with store.read() as conn:
+            page = usage_pages.page_usage(conn, flt, limit=DEFAULT_PAGE_SIZE, after=after)
+        yield from page
+        if len(page) < DEFAULT_PAGE_SIZE:
+            return
+        after = page[-1].after
+
+
+def _facts(row: PagedRow, directory: OwnerDirectory) -> RecordFacts:
+    k = row.key
+    owner, instance = directory.owner(k.account), directory.instance(k.resource)
+    return RecordFacts(k, row.quantity, row.resource_name, row.device_type, owner, instance)
+
+
+def _list_response(
+    name: str, object_name: str, count: int, records: Iterator[Mapping[str, object]], *, stream: bool = False
+) -> Response:
+    """One page is sent whole (with a length); an unlimited answer streams."""
+    xml = cloudstack_wants_xml()
+    body = cloudstack_render.list_body(name, object_name, count, records, xml=xml)
+    content_type = cloudstack_render.XML_CONTENT_TYPE if xml else cloudstack_render.JSON_CONTENT_TYPE
+    return Response(body if stream else "".join(body), content_type=content_type)

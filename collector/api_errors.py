@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from kvmeter.collector import cloudstack_render
 from kvmeter.collector.api_params import BadRequest
 
 __all__ = ["CLOUDSTACK_PATH", "MAX_BODY_BYTES", "BadRequest", "cloudstack_error", "error", "install"]
@@ -31,12 +33,39 @@ def error(status: int, message: str) -> Response:
     return response
 
 
-def cloudstack_error(command: str, code: int, text: str) -> Response:
-    response = jsonify(
-        {f"{command.lower()}response": {"errorcode": code, "cserrorcode": 9999, "errortext": text}}
-    )
-    response.status_code = code
-    return response
+# The commands /client/api answers, by name (case matters, as in CloudStack's command map).
+CLOUDSTACK_COMMANDS = ("listUsageRecords", "listUsageTypes")
+
+
+def cloudstack_error(
+    command: str, code: int, text: str, cs_code: int = cloudstack_render.CS_SERVER_API
+) -> Response:
+    """CloudStack's ExceptionResponse, status = errorcode, named after the command's response
+    (`errorresponse` for an unknown command or 432), in the format the request asked for:
+    `response=json`, else XML (CloudStack's default)."""
+    known = command in CLOUDSTACK_COMMANDS and code != 432
+    name = f"{command.lower()}response" if known else "errorresponse"
+    xml = cloudstack_wants_xml()
+    body = cloudstack_render.error_body(name, code, cs_code, text, xml=xml)
+    content_type = cloudstack_render.XML_CONTENT_TYPE if xml else cloudstack_render.JSON_CONTENT_TYPE
+    return Response(body, status=code, content_type=content_type)
+
+
+def cloudstack_wants_xml() -> bool:
+    """CloudStack answers JSON only for response=json (any case), else XML."""
+    values = [v for k, v in request_values() if k.lower() == "response"]
+    return not (values and values[0].lower() == "json")
+
+
+def request_values() -> list[tuple[str, str]]:
+    """Every (name, value) of the query and of a POST form: what CloudStack reads and signs
+    (the query alone when the body is refused, e.g. too large)."""
+    values: MultiDict[str, str]
+    try:
+        values = request.values
+    except HTTPException:
+        values = request.args
+    return [(name, value) for name in values for value in values.getlist(name)]
 
 
 def _for_path(status: int, message: str, *, cloudstack_code: int | None = None) -> Response:

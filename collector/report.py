@@ -14,7 +14,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from kvmeter.collector import api_params
+from kvmeter.collector import api_params, cloudstack_render
+from kvmeter.collector.cloudstack_render import RecordFacts
 from kvmeter.collector.model import (
     ALLOCATED_VM,
     IP_ADDRESS,
@@ -47,11 +48,6 @@ CSV_FIELDS = [
 def iso(ms: int) -> str:
     """UTC ISO 8601 with a Z: 2024-05-14T09:00:00Z."""
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def cloudstack_date(ms: int) -> str:
-    """CloudStack's API date `yyyy-MM-dd'T'HH:mm:ssZ`, e.g. 2023-07-20T19:59:59+0000."""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
 
 
 def _owner_fields(k: UsageKey) -> dict[str, Any]:
@@ -127,52 +123,15 @@ def render_adjustments(adjustments: Sequence[Adjustment], fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r} for adjustments; json or csv")
 
 
-def cloudstack_record(row: UsageRow) -> dict[str, Any]:
-    """One `usagerecord` with UsageRecordResponse's field names (reference §4).
-
-    The event bus carries account uuids, not names: `account` is the uuid too.
-    """
-    k = row.key
-    raw = rawusage(k.usage_type, row.quantity)
-    name = row.resource_name or k.resource
-    rec: dict[str, Any] = {
-        "account": k.account,
-        "accountid": k.account,
-        "description": "",
-        "usage": "",
-        "usagetype": k.usage_type,
-        "rawusage": raw,
-        "usageid": k.resource,
-        "startdate": cloudstack_date(k.window_start_ms),
-        "enddate": cloudstack_date(k.window_end_ms - 1000),  # start + range - 1 s, like CloudStack
-    }
-    if k.usage_type in BYTE_TYPES:
-        verb = "sent" if k.usage_type == NETWORK_BYTES_SENT else "received"
-        rec["type"] = row.device_type or "UserVm"
-        rec["usage"] = f"{row.quantity} bytes {verb}"
-        rec["description"] = f"Bytes {verb} by {name} ({k.resource}) on {k.detail or 'unknown'} traffic"
-        if rec["type"] == "UserVm":
-            rec["virtualmachineid"] = k.resource
-    else:
-        rec["usage"] = f"{raw} Hrs"
-        if k.usage_type in (RUNNING_VM, ALLOCATED_VM):
-            state = "running" if k.usage_type == RUNNING_VM else "allocated"
-            rec["virtualmachineid"] = k.resource
-            rec["type"] = "KVM"
-            rec["description"] = f"{name} {state} time (ServiceOffering: {k.offering or 'unknown'})"
-            if k.offering:
-                rec["offeringid"] = k.offering
-            if row.resource_name:
-                rec["name"] = row.resource_name
-        else:
-            rec["description"] = f"IP Address: {name}"
-    return rec
-
-
 def cloudstack_response(rows: Sequence[UsageRow]) -> dict[str, Any]:
-    """listUsageRecords' response. Unattributed bytes belong to no CloudStack account and are
-    left out here (they are in the JSON/CSV reports and the metrics)."""
-    records = [cloudstack_record(r) for r in rows if r.key.account != UNATTRIBUTED]
+    """listUsageRecords' JSON response for the CLI (the API's /client/api renders the same
+    records). Unattributed bytes belong to no CloudStack account and are left out here (they
+    are in the JSON/CSV reports and the metrics)."""
+    records = [
+        cloudstack_render.usage_record(RecordFacts(r.key, r.quantity, r.resource_name, r.device_type))
+        for r in rows
+        if r.key.account != UNATTRIBUTED
+    ]
     return {"listusagerecordsresponse": {"count": len(records), "usagerecord": records}}
 
 

@@ -226,7 +226,24 @@ def _migration_6(conn: Connection) -> None:
             conn.execute(sa.text(f"ALTER TABLE {table.name} SET (fillfactor = {UPDATED_FILLFACTOR})"))
 
 
+def _migration_7(conn: Connection) -> None:
+    # Paged reads (listUsageRecords, /v1/usage) walk records in (window_start_ms, id) order, all
+    # accounts or one account's. SQLite's window index already ends in the rowid (= id).
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            sa.text(
+                "CREATE INDEX IF NOT EXISTS ix_usage_records_window_id ON usage_records (window_start_ms, id)"
+            )
+        )
+    conn.execute(
+        sa.text(
+            "CREATE INDEX IF NOT EXISTS ix_usage_records_account_window "
+            "ON usage_records (account, window_start_ms, id)"
+        )
+    )
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
-    (6, _migration_6),
+    (6, _migration_6), (7, _migration_7),
 ]  # fmt: skip

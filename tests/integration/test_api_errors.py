@@ -70,11 +70,13 @@ def test_errors_are_json_with_a_reason(served: tuple[int, Path], method: str, pa
 def test_cloudstack_errors_keep_cloudstack_shape(served: tuple[int, Path]) -> None:
     port = served[0]
     status, ctype, _, body = call(
-        port, "GET", "/client/api?command=listUsageRecords&startdate=99999999999999999999&enddate=2024-05-14"
+        port,
+        "GET",
+        "/client/api?command=listUsageRecords&startdate=99999999999999999999&enddate=2024-05-14&response=json",
     )
     assert status == 431
-    assert "between 0 and" in json.loads(body)["listusagerecordsresponse"]["errortext"]
-    status, ctype, headers, body = call(port, "DELETE", "/client/api?command=listUsageRecords")
+    assert "Unable to parse date" in json.loads(body)["listusagerecordsresponse"]["errortext"]
+    status, ctype, headers, body = call(port, "DELETE", "/client/api?command=listUsageRecords&response=json")
     assert status == 405
     assert ctype.startswith("application/json")
     assert json.loads(body)["listusagerecordsresponse"]["errorcode"] == 405
@@ -83,7 +85,7 @@ def test_cloudstack_errors_keep_cloudstack_shape(served: tuple[int, Path]) -> No
 
 def test_oversized_bodies_are_413_json(served: tuple[int, Path]) -> None:
     body = b"x" * (MAX_BODY_BYTES + 1)
-    for path in ("/v1/usage?start=0&end=1", "/client/api?command=listUsageRecords", "/health"):
+    for path in ("/v1/usage?start=0&end=1", "/client/api?command=listUsageRecords&response=json", "/health"):
         status, ctype, _, text = call(served[0], "POST", path, body)
         assert status == 413, (path, text)
         assert ctype.startswith("application/json")
@@ -101,7 +103,9 @@ def test_an_unexpected_failure_is_logged_and_a_json_500(
     assert json.loads(body) == {"error": "internal error (OperationalError)"}
     assert "unexpected error" in caplog.text
     status, ctype, _, body = call(
-        port, "GET", "/client/api?command=listUsageRecords&startdate=2024-05-14&enddate=2024-05-14"
+        port,
+        "GET",
+        "/client/api?command=listUsageRecords&startdate=2024-05-14&enddate=2024-05-14&response=json",
     )
     assert status == 530
     assert json.loads(body)["listusagerecordsresponse"]["errorcode"] == 530

@@ -1,0 +1,216 @@
+"""CloudStack's API responses: usage records as UsageRecordResponse, list and error bodies as
+CloudStack's ApiResponseSerializer writes them, in JSON or XML.
+
+Pure: rows and directory facts in, text out. Field names and their order follow
+UsageRecordResponse (apache/cloudstack api/.../response/UsageRecordResponse.java); a field kvmeter
+does not know is left out, as Gson leaves out nulls. List bodies are built piece by piece, so a
+response of any length streams without being held whole.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from xml.sax.saxutils import escape
+
+from kvmeter.collector.model import (
+    ALLOCATED_VM,
+    IP_ADDRESS,
+    NETWORK_BYTES_RECEIVED,
+    NETWORK_BYTES_SENT,
+    RUNNING_VM,
+    UsageKey,
+)
+from kvmeter.collector.usage import rawusage
+
+JSON_CONTENT_TYPE = "application/json; charset=UTF-8"  # ApiServer's json.content.type default
+XML_CONTENT_TYPE = "text/xml; charset=UTF-8"  # HttpUtils.XML_CONTENT_TYPE
+
+# UsageTypes.listUsageTypes(): (id, name, description) of the types kvmeter meters.
+USAGE_TYPES = (
+    (RUNNING_VM, "RUNNING_VM", "Running Vm Usage"),
+    (ALLOCATED_VM, "ALLOCATED_VM", "Allocated Vm Usage"),
+    (IP_ADDRESS, "IP_ADDRESS", "IP Address Usage"),
+    (NETWORK_BYTES_SENT, "NETWORK_BYTES_SENT", "Network Usage (Bytes Sent)"),
+    (NETWORK_BYTES_RECEIVED, "NETWORK_BYTES_RECEIVED", "Network Usage (Bytes Received)"),
+)
+
+# CSExceptionErrorCode of the exception behind an error (utils/.../CSExceptionErrorCode.java).
+CS_INVALID_PARAMETER = 4350
+CS_PERMISSION_DENIED = 4365
+CS_SERVER_API = 9999
+
+
+@dataclass(frozen=True)
+class Owner:
+    """What CloudStack's <metadata> told about an account (any field may be unknown: "")."""
+
+    account_name: str = ""
+    domain_id: str = ""
+    domain_name: str = ""
+    project_id: str = ""
+    project_name: str = ""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What CloudStack's <metadata> told about a VM."""
+
+    zone_id: str = ""
+    cpu_cores: int | None = None
+    memory_mb: int | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class RecordFacts:
+    """One usage record with what is known of its owner and resource."""
+
+    key: UsageKey
+    quantity: int
+    resource_name: str = ""
+    device_type: str = ""
+    owner: Owner = field(default_factory=Owner)
+    instance: Instance = field(default_factory=Instance)
+
+
+def cloudstack_date(ms: int) -> str:
+    """CloudStack's API date `yyyy-MM-dd'T'HH:mm:ssZ`, e.g. 2023-07-20T19:59:59+0000."""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
+
+
+def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bool = False) -> dict[str, Any]:
+    """One `usagerecord`, its fields in UsageRecordResponse's order."""
+    k, owner, vm = rec.key, rec.owner, rec.instance
+    raw = rawusage(k.usage_type, rec.quantity)
+    name = rec.resource_name or k.resource
+    is_vm_time = k.usage_type in (RUNNING_VM, ALLOCATED_VM)
+    is_bytes = k.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED)
+    device = (rec.device_type or "UserVm") if is_bytes else None
+    if is_bytes:
+        verb = "sent" if k.usage_type == NETWORK_BYTES_SENT else "received"
+        usage = f"{rec.quantity} bytes {verb}"
+        description = f"Bytes {verb} by {name} ({k.resource}) on {k.detail or 'unknown'} traffic"
+    elif is_vm_time:
+        usage = f"{raw} Hrs"
+        state = "running" if k.usage_type == RUNNING_VM else "allocated"
+        if old_format:  # the usage server's own text (VMRunningUsageParser), uuids for its ids
+            description = f"{name} {state} time (ServiceOffering: {k.offering or 'unknown'})"
+        else:
+            description = f"{state.capitalize()} VM usage for {name} ({k.resource})"
+            if k.offering:
+                description += f" using service offering {k.offering}"
+    else:
+        usage = f"{raw} Hrs"
+        description = f"IP Address: {name}" if old_format else f"IP address usage for {name} ({k.resource})"
+    fields: list[tuple[str, Any]] = [
+        ("account", owner.account_name or k.account),
+        ("accountid", k.account),
+        ("projectid", owner.project_id),
+        ("project", owner.project_name),
+        ("domainid", owner.domain_id),
+        ("domain", owner.domain_name),
+        ("zoneid", vm.zone_id),
+        ("description", description),
+        ("usage", usage),
+        ("usagetype", k.usage_type),
+        ("rawusage", raw),
+        ("virtualmachineid", k.resource if is_vm_time or device == "UserVm" else None),
+        ("name", rec.resource_name if is_vm_time else None),
+        ("offeringid", k.offering if is_vm_time else None),
+        ("usageid", k.resource),
+        ("type", "KVM" if is_vm_time else device),  # hypervisor for VM time, device for bytes
+        ("cpunumber", vm.cpu_cores if is_vm_time else None),
+        ("memory", vm.memory_mb if is_vm_time else None),
+        ("startdate", cloudstack_date(k.window_start_ms)),
+        ("enddate", cloudstack_date(k.window_end_ms - 1000)),  # start + range - 1 s, like CloudStack
+    ]
+    out = {name: value for name, value in fields if value is not None and value != ""}
+    # UsageRecordResponse starts with an empty tag set: Gson writes "tags": [] unless filled.
+    out["tags"] = (
+        [{"key": tk, "value": tv, "resourcetype": "UserVm", "resourceid": k.resource} for tk, tv in vm.tags]
+        if include_tags
+        else []
+    )
+    return out
+
+
+def usage_type_records() -> list[dict[str, Any]]:
+    return [{"id": i, "name": n, "description": d} for i, n, d in USAGE_TYPES]
+
+
+# -- bodies -----------------------------------------------------------------------------------
+
+
+def list_body(
+    response_name: str, object_name: str, count: int, records: Iterable[Mapping[str, Any]], *, xml: bool
+) -> Iterator[str]:
+    """A ListResponse as ApiResponseSerializer writes it, in pieces. `count` is omitted when 0
+    (and then the JSON body is `{}`); a page past the end carries the count alone."""
+    if xml:
+        yield f'<?xml version="1.0" encoding="UTF-8"?><{response_name} cloud-stack-version="{VERSION}">'
+        if count:
+            yield f"<count>{count}</count>"
+        for rec in records:
+            yield _xml_object(object_name, rec)
+        yield f"</{response_name}>"
+        return
+    yield f'{{"{response_name}":{{'
+    if count:
+        yield f'"count":{count}'
+    first = True
+    for rec in records:
+        text = json.dumps(rec, ensure_ascii=False, separators=(",", ":"))
+        if first:
+            yield f'{"," if count else ""}"{object_name}":[{text}'
+            first = False
+        else:
+            yield "," + text
+    yield "}}" if first else "]}}"
+
+
+def error_body(response_name: str, code: int, cs_code: int, text: str, *, xml: bool) -> str:
+    """ExceptionResponse: errorcode is the HTTP status too (ApiServlet)."""
+    if xml:
+        return (
+            f'<?xml version="1.0" encoding="UTF-8"?><{response_name} cloud-stack-version="{VERSION}">'
+            f"<errorcode>{code}</errorcode><cserrorcode>{cs_code}</cserrorcode>"
+            f"<errortext>{_xml_text(text)}</errortext></{response_name}>"
+        )
+    body = {"uuidList": [], "errorcode": code, "cserrorcode": cs_code, "errortext": text}
+    return json.dumps({response_name: body}, ensure_ascii=False, separators=(",", ":"))
+
+
+def _xml_object(name: str, fields: Mapping[str, Any]) -> str:
+    parts = [f"<{name}>"]
+    for key, value in fields.items():
+        if isinstance(value, list):  # a collection: one element per member, named by the field
+            parts.extend(_xml_object(key, member) for member in value)
+        else:
+            parts.append(f"<{key}>{_xml_text(_java_string(value))}</{key}>")
+    parts.append(f"</{name}>")
+    return "".join(parts)
+
+
+def _java_string(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _xml_text(text: str) -> str:
+    """ApiResponseSerializer.escapeSpecialXmlChars: the five XML specials."""
+    return escape(text, {'"': "&quot;", "'": "&apos;"})
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"kvmeter-{version('kvmeter')}"
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "kvmeter"
+
+
+VERSION = _version()

@@ -1,0 +1,98 @@
+"""Accounts, domains, projects and VMs as CloudStack's <metadata> named them to the agents.
+
+The event bus carries account uuids only; names, domains, projects, zones, sizes and tags reach
+kvmeter through the VMs' <metadata> (the owner hints the store keeps). This directory answers
+the API's questions from them: which accounts carry a name, sit in a domain or belong to a
+project, and what to show beside a record. What no VM's metadata told stays unknown: a filter on
+it matches nothing, a field of it is left out.
+
+Pure: the hints mapping in, lookups out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kvmeter.collector.cloudstack_render import Instance, Owner
+
+_UNKNOWN = frozenset({"", "unknown", "null", "none"})
+_TAG = re.compile(r"tag(?:\[(\d+)\])?\.(key|value)")  # tag[i].key, or tag.key when alone
+
+
+@dataclass(frozen=True)
+class OwnerDirectory:
+    owners: Mapping[str, Owner] = field(default_factory=dict)  # by account uuid
+    instances: Mapping[str, Instance] = field(default_factory=dict)  # by VM uuid
+
+    @classmethod
+    def from_hints(cls, hints: Mapping[str, Mapping[str, str]]) -> OwnerDirectory:
+        """hints: the store's owner hints, flattened <metadata> by domain uuid and by name."""
+        owners: dict[str, Owner] = {}
+        instances: dict[str, Instance] = {}
+        for fields in hints.values():
+            account = _known(fields.get("ownerAccountUuid"))
+            if account:
+                owners[account] = Owner(
+                    account_name=_known(fields.get("ownerAccountName")),
+                    domain_id=_known(fields.get("ownerDomainUuid")),
+                    domain_name=_known(fields.get("ownerDomainName")),
+                    project_id=_known(fields.get("ownerProjectUuid")),
+                    project_name=_known(fields.get("ownerProjectName")),
+                )
+            vm = _known(fields.get("instanceUuid")).lower()
+            if vm:
+                instances[vm] = Instance(
+                    zone_id=_known(fields.get("zoneUuid")),
+                    cpu_cores=_number(fields.get("cpuCores")),
+                    memory_mb=_number(fields.get("memory")),
+                    tags=_tags(fields),
+                )
+        return cls(owners, instances)
+
+    def owner(self, account: str) -> Owner:
+        return self.owners.get(account, Owner())
+
+    def instance(self, resource: str) -> Instance:
+        return self.instances.get(resource.lower(), Instance())
+
+    def accounts_named(self, name: str, domain_id: str | None = None) -> frozenset[str]:
+        return frozenset(
+            a
+            for a, o in self.owners.items()
+            if o.account_name == name and (domain_id is None or o.domain_id == domain_id)
+        )
+
+    def accounts_in_domain(self, domain_id: str) -> frozenset[str]:
+        return self._by_domain().get(domain_id, frozenset())
+
+    def accounts_of_project(self, project_id: str) -> frozenset[str]:
+        return frozenset(a for a, o in self.owners.items() if o.project_id == project_id)
+
+    def _by_domain(self) -> dict[str, frozenset[str]]:
+        grouped: dict[str, set[str]] = defaultdict(set)
+        for account, owner in self.owners.items():
+            if owner.domain_id:
+                grouped[owner.domain_id].add(account)
+        return {d: frozenset(a) for d, a in grouped.items()}
+
+
+def _known(value: str | None) -> str:
+    return "" if value is None or value.strip().lower() in _UNKNOWN else value.strip()
+
+
+def _number(value: str | None) -> int | None:
+    text = _known(value)
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 19 else None
+
+
+def _tags(fields: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """`tag[i].key` / `tag[i].value` pairs (CloudStack's resourceTags), in their order."""
+    found: dict[int, dict[str, str]] = defaultdict(dict)
+    for name, value in fields.items():
+        match = _TAG.fullmatch(name)
+        if match:
+            found[int(match.group(1) or 0)][match.group(2)] = value
+    return tuple((t["key"], t.get("value", "")) for _, t in sorted(found.items()) if "key" in t)
