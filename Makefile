@@ -14,7 +14,12 @@ AGENT_SIDE := agent proto src/kvmeter
 APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
 	rpm rpmlint lintian debootstrap systemd-container
 
-.PHONY: help deps venv proto lint typecheck test test-proto-compat unit e2e demo bench packages test-packages clean
+# The real-VM tier (tests/realvm, `kvmeter demo --real-vms`): libvirtd, QEMU and a busybox guest
+# on Debian's cloud kernel (its .deb fetched once into build/realvm/debs).
+REALVM_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static cpio
+REALVM_DEBS := build/realvm/debs
+
+.PHONY: help deps realvm-deps venv proto lint typecheck test test-proto-compat unit e2e demo bench packages test-packages clean
 
 help:
 	@echo "make demo   - build a small simulated cloud and meter it (embedded default)"
@@ -27,6 +32,21 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# Without recommends: those would pull in a desktop's worth of QEMU display and audio packages.
+realvm-deps:
+	@missing=$$(for p in $(REALVM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@if ! ls $(REALVM_DEBS)/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then \
+		mkdir -p $(REALVM_DEBS) && cd $(REALVM_DEBS) && \
+		kernel=$$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $$2; exit}'); \
+		if [ -z "$$kernel" ]; then apt-get update -qq; \
+			kernel=$$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $$2; exit}'); fi; \
+		apt-get download -q -o APT::Sandbox::User=root $$kernel; \
 	fi
 
 $(BIN)/activate:
@@ -66,7 +86,7 @@ test-proto-compat: venv
 	$(PB_COMPAT_VENV)/bin/pip install -q --no-deps -e .
 	$(PB_COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_proto_compat.py
 
-test: venv lint typecheck test-proto-compat
+test: venv realvm-deps lint typecheck test-proto-compat
 	$(BIN)/python -m pytest -q tests
 
 unit: venv

@@ -83,7 +83,8 @@ class Spooling(Process):
 
 
 class AgentProcess(Spooling):
-    """`kvmeter agent` inside a simulated host's namespace, libvirt's test driver as inventory.
+    """`kvmeter agent` inside a simulated host's namespace; its inventory is libvirt's test
+    driver on `libvirt_xml`, or the real libvirtd at `libvirt_uri`.
 
     $KVMETER_AGENT_PYTHON runs it under another interpreter (e.g. EL9's 3.9)."""
 
@@ -96,6 +97,7 @@ class AgentProcess(Spooling):
         topic: str,
         poll: float = 1.0,
         metrics_port: int | None = None,
+        libvirt_uri: str | None = None,
     ):
         super().__init__("agent", workdir, host.exec_args())
         self.python = os.environ.get("KVMETER_AGENT_PYTHON", sys.executable)
@@ -103,6 +105,7 @@ class AgentProcess(Spooling):
         self.libvirt_xml = workdir / "node.xml"
         self.config = workdir / "agent.toml"
         metrics = f"port = {metrics_port}" if metrics_port else "enabled = false"
+        uri = libvirt_uri or f"test://{self.libvirt_xml}"
         self.config.write_text(
             f"""
 [agent]
@@ -111,7 +114,7 @@ poll_interval = {poll}
 state_dir = "{self.state_dir}"
 log_level = "info"
 [libvirt]
-uri = "test://{self.libvirt_xml}"
+uri = "{uri}"
 [kafka]
 bootstrap_servers = "{bootstrap}"
 topic = "{topic}"
