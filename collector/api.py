@@ -10,6 +10,7 @@ api_auth's.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import resource
 import threading
@@ -20,7 +21,9 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from waitress import wasyncore
+from waitress.channel import HTTPChannel
 from waitress.server import create_server
+from waitress.task import ErrorTask
 
 from kvmeter.collector import api_cloudstack, api_errors, api_usage
 from kvmeter.collector.api_auth import cloudstack_signature_problem, require_credentials
@@ -68,7 +71,9 @@ def create_app(
             version = store.version()
         except Exception as exc:
             log.warning("health: store unavailable: %s", exc)
-            return error(503, f"store unavailable: {type(exc).__name__}")
+            response = jsonify({"status": "failing", "reason": f"store unavailable: {type(exc).__name__}"})
+            response.status_code = 503
+            return response
         body: dict[str, Any] = {"status": "ok", "schema_version": version}
         if status is not None:
             body["consumer"] = consumer = status()
@@ -111,6 +116,25 @@ def connection_limit(wanted: int = CONNECTION_LIMIT) -> int:
     return max(16, min(wanted, soft - 128))
 
 
+class _JsonErrorTask(ErrorTask):
+    """waitress's own refusals (a body or headers over the limit, malformed HTTP) as JSON bodies,
+    like the app's."""
+
+    def execute(self) -> None:
+        request: Any = self.request  # the stubs type it as the error itself
+        err = request.error
+        body = json.dumps({"error": f"{err.reason}: {err.body}"}).encode()
+        self.status = f"{err.code} {err.reason}"
+        self.response_headers = [*self.response_headers, ("Content-Type", "application/json")]
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class _JsonErrorChannel(HTTPChannel):
+    error_task_class = _JsonErrorTask
+
+
 class ApiServer:
     """A waitress server for the app: run() blocks, close() stops it (tests, the collector)."""
 
@@ -138,6 +162,7 @@ class ApiServer:
             max_request_body_size=MAX_BODY_BYTES,
             expose_tracebacks=False,
         )
+        self.server.channel_class = _JsonErrorChannel  # type: ignore[union-attr]
         self.host = host
         self.port = int(self.server.effective_port)  # type: ignore[union-attr]
         self._running = threading.Event()

@@ -78,12 +78,22 @@ def _for_path(status: int, message: str, *, cloudstack_code: int | None = None) 
 
 
 def install(app: Flask) -> None:
-    """Error handlers and the request-body limit (before any other request hook)."""
+    """Error handlers and the request-body limit (before any other request hook and route)."""
+    # No redirects (an HTML body from Werkzeug's routing) for // in a path: a JSON 404 instead.
+    app.url_map.merge_slashes = False
 
     @app.before_request
     def _body_limit() -> None:
         if (request.content_length or 0) > MAX_BODY_BYTES:
             raise RequestEntityTooLarge(f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+
+    @app.after_request
+    def _options(response: Response) -> Response:
+        # Flask answers OPTIONS itself with an empty text/html 200: say it with no body at all.
+        if request.method == "OPTIONS" and response.status_code == 200 and not response.get_data():
+            response.status_code = 204
+            del response.headers["Content-Type"]
+        return response
 
     @app.errorhandler(BadRequest)
     def _bad_request(exc: BadRequest) -> Response:
