@@ -2,7 +2,7 @@
 same batches in the same run; and the scale model (N agents x M NICs, one and two replicas).
 
 The batches are produced to a Tansu broker first (a backlog), then collector replicas
-(bench.collector_worker: kvmeter's LiveConsumer) drain it into SQLite or PostgreSQL. Throughput
+(bench.collector_worker: kvmeter's loop over its Kafka input) drain it into SQLite or PostgreSQL. Throughput
 = measures / (last chunk committed - first chunk started) over all replicas. The result is
 checked: the store's stream marks must reach every batch and its billed bytes (types 4 and 5)
 must equal the bytes produced, or the run fails.

@@ -1,4 +1,4 @@
-"""One collector replica for the throughput benchmark: kvmeter's LiveConsumer (consumer group,
+"""One collector replica for the throughput benchmark: kvmeter's loop over its Kafka input (consumer group,
 lifecycle catch-up, one transaction per chunk, offsets after commit) over a store, until SIGTERM.
 
 Prints one JSON object at exit: when it applied its first measures chunk and when its last
@@ -22,7 +22,8 @@ from typing import Any
 from tests.harness.kafka import FAST_GROUP
 
 from kvmeter.collector.config import KafkaConfig
-from kvmeter.collector.consume import LiveConsumer
+from kvmeter.collector.feed import Feeder
+from kvmeter.collector.input_kafka import KafkaInput
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Outcome, Record, Settings
 from kvmeter.collector.store import Store
@@ -55,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         options=dict(FAST_GROUP),
     )
-    consumer = LiveConsumer(collector, kafka, Metrics())
+    metrics = Metrics()
+    kafka_input = KafkaInput(kafka, metrics)
+    consumer = Feeder(collector, [kafka_input], metrics)
     seen: dict[str, Any] = {"first_wall": None, "first_cpu": None, "last_wall": None, "last_cpu": None}
     real_apply = collector.apply_batches
     real_events = collector.apply_events
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         t = preload(collector, args.bootstrap, args.lifecycle_topic, args.preload_events)
         consumer.close()
     else:
-        run(consumer, args.ready, args.expect_events)
+        run(consumer, kafka_input, args.ready, args.expect_events)
         print(f"{time.time():.3f} closed", file=sys.stderr, flush=True)
         t = consumer.totals
     store.close()
@@ -116,21 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(consumer: LiveConsumer, ready: str | None, expect_events: int) -> None:
-    """LiveConsumer.run(), reporting readiness: once this replica holds measure partitions and has
+def run(consumer: Feeder, kafka_input: KafkaInput, ready: str | None, expect_events: int) -> None:
+    """Feeder.run(), reporting readiness: once this replica holds measure partitions and has
     read the whole lifecycle topic, it writes how many partitions it holds to `ready` (kept
     current), so that the benchmark produces the measures only when every replica is in place."""
     consumer.start()
-    consumer.catch_up_lifecycle()
+    consumer.catch_up()
     held = -1
     try:
         while not consumer.stop_event.is_set():
             consumer.step()
             if ready:
                 t = consumer.totals
-                parts = (
-                    len(consumer.measures.assignment()) if t.events + t.known_events >= expect_events else 0
-                )
+                caught_up = t.events + t.known_events >= expect_events
+                parts = len(kafka_input.measures.assignment()) if caught_up else 0
                 if parts != held:
                     Path(f"{ready}.tmp").write_text(str(parts))
                     os.replace(f"{ready}.tmp", ready)

@@ -65,7 +65,8 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     """Consume measures and CloudStack lifecycle events from Kafka into usage records."""
     from kvmeter.collector.api import serve
     from kvmeter.collector.api_auth import NoCredentials
-    from kvmeter.collector.consume import LiveConsumer
+    from kvmeter.collector.feed import Feeder
+    from kvmeter.collector.input_kafka import KafkaInput
     from kvmeter.collector.metrics import Metrics
 
     logging.basicConfig(
@@ -79,7 +80,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
-    live = LiveConsumer(service, cfg.kafka, metrics, tick_seconds=cfg.tick_seconds)
+    live = Feeder(service, [KafkaInput(cfg.kafka, metrics)], metrics, tick_seconds=cfg.tick_seconds)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)

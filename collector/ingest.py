@@ -18,11 +18,12 @@ from typing import BinaryIO
 
 from google.protobuf import json_format
 
+from kvmeter.collector.feed import drain
+from kvmeter.collector.input_files import CHUNK, EventsFile
 from kvmeter.collector.service import MEASURES, Collector, Outcome, Record
 from kvmeter.collector.store import DeadLetter
 from kvmeter.proto import pb
 
-CHUNK = 500
 MAX_RECORD_BYTES = 256 << 20
 TRUNCATED = "truncated_record"
 MALFORMED_JSON = "malformed_json"
@@ -30,20 +31,7 @@ MALFORMED_BATCH_JSON = "malformed_batch_json"
 
 
 def ingest_events(collector: Collector, path: Path) -> Outcome:
-    out = Outcome()
-    chunk: list[Record] = []
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, 1):
-            value = line.strip()
-            if not value:
-                continue
-            chunk.append(Record(value, None, f"{path.name}:{number}"))
-            if len(chunk) >= CHUNK:
-                out.add(collector.apply_events(chunk))
-                chunk = []
-    if chunk:
-        out.add(collector.apply_events(chunk))
-    return out
+    return drain(collector, EventsFile(path, label=path.name, follow=False, chunk=CHUNK))
 
 
 def ingest_measures(collector: Collector, path: Path) -> Outcome:

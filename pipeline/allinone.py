@@ -2,8 +2,9 @@
 
 One thread does all the writing, in this order, forever: the agent polls and spools (fsync) a
 batch, the in-process hand-off applies it in one collector transaction and only then lets the
-agent acknowledge it in the spool; between polls the same thread reads new CloudStack events
-from a JSON-lines file and ticks the collector. The HTTP API reads from its own thread.
+agent acknowledge it in the spool; between polls the same thread runs one round of the
+collector's loop (feed.Feeder): new CloudStack events from a JSON-lines file (input_files), then
+the tick. The HTTP API reads from its own thread.
 
 So the spool's guarantees hold as with Kafka: `kill -9` at any instant loses nothing (unapplied
 batches are replayed from the spool at the next start) and bills nothing twice (a batch applied
@@ -34,8 +35,10 @@ from jsonschema import Draft7Validator
 from kvmeter.agent import config as agent_config
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
+from kvmeter.collector.feed import Feeder
+from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Outcome, Record
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.pipeline.handoff import InProcessProducer
 
@@ -98,36 +101,6 @@ def load(path: str | Path) -> AllInOneConfig:
     return from_dict(collector_config.read_toml(path), str(path), base=path.parent)
 
 
-class EventsFile:
-    """Follows a file of CloudStack event-bus JSON lines (one record value per line).
-
-    Reads only whole lines, so a writer caught mid-line is read next time. Every start reads the
-    file from the top: events are stored once by their digest, so a re-read changes nothing."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.offset = 0
-        self.line = 0
-
-    def read_new(self) -> list[Record]:
-        try:
-            with open(self.path, "rb") as f:
-                if f.seek(0, 2) < self.offset:  # truncated or replaced: start over
-                    self.offset = self.line = 0
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        records = []
-        for raw in data[:end].splitlines():
-            self.line += 1
-            if raw.strip():
-                records.append(Record(raw, None, f"{self.path}:{self.line}"))
-        self.offset += end
-        return records
-
-
 def _wall_ms() -> int:
     return int(time.time() * 1000)
 
@@ -144,9 +117,10 @@ class AllInOne:
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         self.metrics = Metrics()
         self.metrics.watch_store(self.store, self.collector.horizon_start)
-        self.events = EventsFile(cfg.events_file) if cfg.events_file else None
-        self.totals = Outcome()
-        self._next_tick = 0.0
+        inputs = [EventsFile(cfg.events_file)] if cfg.events_file else []
+        self.feeder = Feeder(
+            self.collector, inputs, self.metrics, tick_seconds=cfg.collector.tick_seconds, poll_timeout=0
+        )
         self.agent = build_agent(
             cfg.agent,
             read_only=False,
@@ -156,13 +130,7 @@ class AllInOne:
 
     def idle(self) -> None:
         """The collector's own work between two polls: new lifecycle events, then the tick."""
-        if self.events is not None:
-            records = self.events.read_new()
-            if records:
-                self.totals.add(self.collector.apply_events(records))
-        if time.monotonic() >= self._next_tick:
-            self.totals.add(self.collector.tick())
-            self._next_tick = time.monotonic() + self.cfg.collector.tick_seconds
+        self.feeder.step()
 
     def start_api(self) -> str | None:
         api = self.cfg.collector.api
@@ -193,10 +161,12 @@ class AllInOne:
 
     def stop(self) -> None:
         self.agent.stop_event.set()
+        self.feeder.stop()
 
     def close(self) -> None:
         if self.api is not None:
             self.api.close()
+        self.feeder.close()
         self.store.close()
 
 

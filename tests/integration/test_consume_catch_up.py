@@ -15,7 +15,8 @@ import pytest
 from confluent_kafka import Producer
 
 from kvmeter.collector.config import KafkaConfig
-from kvmeter.collector.consume import LiveConsumer
+from kvmeter.collector.feed import Feeder
+from kvmeter.collector.input_kafka import KafkaInput
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
@@ -40,17 +41,18 @@ def vm_starts(n: int) -> list[bytes]:
     return [bus.vm("VM.START", f"vm-{i:04d}", "acct-a", T0 + i * 1000)[1] for i in range(n)]
 
 
-def consumer(bootstrap: str, measures: str, lifecycle: str, tmp_path: Path) -> LiveConsumer:
+def consumer(bootstrap: str, measures: str, lifecycle: str, tmp_path: Path) -> Feeder:
     store = Store(f"sqlite:///{tmp_path}/usage.db")
     store.migrate()
     collector = Collector(store, Settings(), clock=lambda: T0 + 3_600_000)
     kafka = KafkaConfig(
         bootstrap, measures, lifecycle, f"g-{measures}", batch_size=5, options=dict(FAST_GROUP)
     )
-    return LiveConsumer(collector, kafka, Metrics(), poll_timeout=0.2)
+    metrics = Metrics()
+    return Feeder(collector, [KafkaInput(kafka, metrics)], metrics, poll_timeout=0.2)
 
 
-def lag(live: LiveConsumer, topic: str) -> float | None:
+def lag(live: Feeder, topic: str) -> float | None:
     return live.metrics.registry.get_sample_value("kvmeter_consumer_lag", {"topic": topic, "partition": "0"})
 
 
@@ -62,7 +64,7 @@ def test_catch_up_reads_the_whole_lifecycle_topic(
     live = consumer(kafka_bootstrap, measures, lifecycle, tmp_path)
     try:
         live.start()
-        live.catch_up_lifecycle(timeout_s=30)
+        live.catch_up(timeout_s=30)
         # every event applied before the first measure is read: 12 chunks of 5
         assert live.totals.events == EVENTS
         assert sorted(live.collector.histories) == [f"vm-{i:04d}" for i in range(EVENTS)]
@@ -78,7 +80,7 @@ def test_catch_up_of_an_empty_topic_returns_at_once(
     try:
         live.start()
         t0 = time.monotonic()
-        live.catch_up_lifecycle(timeout_s=30)
+        live.catch_up(timeout_s=30)
         assert time.monotonic() - t0 < 15
         assert live.totals.events == 0
     finally:
@@ -95,22 +97,26 @@ def test_lag_gauges_count_down_to_the_true_end(
     live = consumer(kafka_bootstrap, measures, lifecycle, tmp_path)
     try:
         live.start()
+        kafka = live.inputs[0]
+        assert isinstance(kafka, KafkaInput)
         deadline = time.monotonic() + 30
         while live.totals.events == 0 and time.monotonic() < deadline:
-            live._consume_lifecycle(0.2)
-        live._update_lag()
+            for delivery in kafka.poll_lifecycle(0.2):
+                live.apply(delivery)
+        kafka.update_lag()
         assert lag(live, lifecycle) == EVENTS - live.totals.events  # one chunk read: 55 behind
         seen = 0
         while seen < 40 and time.monotonic() < deadline:  # the group joins, then chunks of 5
             before = len(live.collector.store.dead_letter_rows())
-            live._consume_measures(0.2)
+            for delivery in kafka.poll_measures(0.2):
+                live.apply(delivery)
             seen = len(live.collector.store.dead_letter_rows())
             if seen > before and seen < 40:
-                live._update_lag()
+                kafka.update_lag()
                 assert lag(live, measures) == 40 - seen
         assert seen == 40
-        live.catch_up_lifecycle(timeout_s=30)
-        live._update_lag()
+        live.catch_up(timeout_s=30)
+        kafka.update_lag()
         assert lag(live, measures) == 0
         assert lag(live, lifecycle) == 0
         assert live.totals.events == EVENTS

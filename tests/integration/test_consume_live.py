@@ -12,7 +12,8 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from kvmeter.collector.config import KafkaConfig
-from kvmeter.collector.consume import LiveConsumer
+from kvmeter.collector.feed import Feeder
+from kvmeter.collector.input_kafka import KafkaInput
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
@@ -40,11 +41,13 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 class Running:
-    """A LiveConsumer on its own thread."""
+    """The collector's loop over a Kafka input, on its own thread."""
 
     def __init__(self, store: Store, kafka: KafkaConfig, clock: Clock):
         self.collector = Collector(store, Settings(), clock)
-        self.live = LiveConsumer(self.collector, kafka, Metrics(), tick_seconds=0.5, poll_timeout=0.2)
+        metrics = Metrics()
+        self.kafka = KafkaInput(kafka, metrics)
+        self.live = Feeder(self.collector, [self.kafka], metrics, tick_seconds=0.5, poll_timeout=0.2)
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -154,9 +157,9 @@ def test_two_replicas_share_the_partitions_and_one_postgresql(
     replicas = [Running(s, kafka, Clock(NOW)) for s in stores]
     try:
         wait_for(lambda: sum(stores[0].marks().values()) == len(records), 90, "every batch applied")
-        wait_for(lambda: all(r.live.assigned for r in replicas), 30, "both replicas owning partitions")
-        assert set.union(*(r.live.assigned for r in replicas)) == {0, 1, 2, 3}
-        assert not set.intersection(*(r.live.assigned for r in replicas))
+        wait_for(lambda: all(r.kafka.assigned for r in replicas), 30, "both replicas owning partitions")
+        assert set.union(*(r.kafka.assigned for r in replicas)) == {0, 1, 2, 3}
+        assert not set.intersection(*(r.kafka.assigned for r in replicas))
     finally:
         for r in replicas:
             r.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmeter.pipeline.allinone import ConfigError, EventsFile, from_dict, load
+from kvmeter.pipeline.allinone import ConfigError, from_dict, load
 
 EXAMPLE = Path(__file__).parents[2] / "packaging" / "config" / "allinone.toml.example"
 
@@ -38,22 +38,6 @@ def test_every_bad_key_at_once() -> None:
 def test_relative_events_file_is_next_to_the_config(tmp_path: Path) -> None:
     cfg = from_dict({"lifecycle": {"events_file": "events.jsonl"}}, base=tmp_path)
     assert cfg.events_file == tmp_path / "events.jsonl"
-
-
-def test_events_file_reads_whole_lines_once(tmp_path: Path) -> None:
-    path = tmp_path / "events.jsonl"
-    feed = EventsFile(path)
-    assert feed.read_new() == []  # not there yet
-    path.write_bytes(b'{"a": 1}\n\n{"b": 2}\n{"c"')
-    first = feed.read_new()
-    assert [r.value for r in first] == [b'{"a": 1}', b'{"b": 2}']
-    assert first[1].origin == f"{path}:3"
-    with open(path, "ab") as f:
-        f.write(b": 3}\n")
-    assert [r.value for r in feed.read_new()] == [b'{"c": 3}']
-    assert feed.read_new() == []
-    path.write_bytes(b'{"new": 1}\n')  # replaced by a shorter file: start over
-    assert [r.value for r in feed.read_new()] == [b'{"new": 1}']
 
 
 def test_event_size_limit_is_the_collectors_key() -> None:

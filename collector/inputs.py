@@ -1,0 +1,48 @@
+"""The collector's one input seam: every source of records (Kafka, RabbitMQ, the webhook, files)
+is an `Input`, and one loop (feed.Feeder) applies what they deliver and acknowledges it.
+
+    Input.start()                         connect, subscribe, declare
+    Input.poll(timeout, measures=True)    -> [Delivery]: records ready now (lifecycle only when
+                                          measures is False), waiting at most `timeout` seconds
+    Input.caught_up()                     lifecycle read to the end the source had at start
+    Input.status()                        what it is doing, for /health
+    Input.close()
+
+A Delivery is a batch of `Record`s of one kind (measures or lifecycle) and its `ack`: the loop
+calls `ack()` only after the store committed what the records produced, so a crash in between
+re-delivers them and the store's dedupe (stream marks, event digests) makes that change nothing.
+An input never applies records itself: the service is not thread-safe and has one writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvmeter.collector.service import LIFECYCLE, MEASURES, Record
+
+__all__ = ["LIFECYCLE", "MEASURES", "Delivery", "Input", "no_ack"]
+
+
+def no_ack() -> None:
+    """For sources re-read from their start (a file, Kafka's lifecycle topic): nothing to tell."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    kind: str  # MEASURES or LIFECYCLE: which path of the service applies the records
+    records: Sequence[Record]
+    ack: Callable[[], None] = field(default=no_ack)
+
+
+class Input(Protocol):
+    def start(self) -> None: ...
+
+    def poll(self, timeout: float, *, measures: bool = True) -> list[Delivery]: ...
+
+    def caught_up(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
