@@ -60,7 +60,8 @@ class EventsFile:
                     self.line += 1
                     value = raw.strip()
                     if value:
-                        records.append(Record(value, None, f"{self.label}:{self.line}"))
+                        origin = f"{self.label}:{self.line}"
+                        records.append(Record(value, None, origin, (self.label, self.line)))
                         if limit is not None and len(records) >= limit:
                             return records
         except FileNotFoundError:

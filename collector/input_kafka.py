@@ -40,7 +40,10 @@ def _origin(msg: Message) -> str:
 
 
 def _records(messages: Sequence[Message]) -> list[Record]:
-    return [Record(m.value() or b"", m.key(), _origin(m)) for m in messages]
+    return [
+        Record(m.value() or b"", m.key(), _origin(m), (f"{m.topic()}/{m.partition()}", m.offset() or 0))
+        for m in messages
+    ]
 
 
 class KafkaInput:

@@ -36,11 +36,24 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   time): a completed VM.CREATE job's offering is the VM's first; a completed scaling job's
   (VM.UPGRADE / VM.DYNAMIC.SCALE) offering goes to the resource's one scaling usage event
   without an offering (more than one: not paired, the reconciler settles it).
+- Clock skew (several management servers, each with its own clock, one bus): within one source
+  (a Kafka partition, a RabbitMQ stream, a file: events carry their place in the source's own
+  stored order, delivery_source / delivery_seq), an event delivered after another but stamped
+  earlier by at most MAX_SKEW_MS is applied after it: its order time is raised to the other's
+  (transitively, never by more than MAX_SKEW_MS), and among events of one order time one source's
+  events keep their delivery order. So the state after all events is the one the last delivered
+  event implies. Boundaries still use each event's own stamp, held to never run backwards per
+  segment kind: a segment never extends past a closer delivered after its opener (a STOP
+  stamped before its START closes it at zero length, dropped) and is never negative; an opener
+  stamped before the closer delivered ahead of it opens at that closer's time. A larger
+  inversion is a reordering, not skew: stamps decide. Across sources stamps decide. The order is
+  stored (offsets, lines), so replicas and replays agree; duplicates keep the first stored place.
 - Segments of zero length are dropped. A segment's account is the owner at its start.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -49,6 +62,10 @@ from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
 from kvmeter.proto import pb
 
 __all__ = ["ResourceHistory", "Segment", "build_history", "build_resource_history", "event_order"]
+
+# The largest clock difference between management servers taken for skew: one source's events
+# inverted by more than this are a reordering, and their stamps decide.
+MAX_SKEW_MS = 60_000
 
 RUNNING_STATE = "Running"
 STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutdown", "Shutdowned"})
@@ -129,20 +146,27 @@ class _Machine:
             "ip": [],
         }
         self.offering = ""  # last offering an event named for this resource
+        # The last boundary of each kind: with skew an event stamped before it is applied
+        # after it, and its boundary is held here (in stamp order it never matters).
+        self.floor: dict[str, int] = {}
 
     def opened(self, kind: str, at: int, offering: str) -> bool:
         if self.open[kind] is not None:
             return False
+        at = max(at, self.floor.get(kind, at))
         self.open[kind] = _Open(at, offering)
+        self.floor[kind] = at
         return True
 
     def close(self, kind: str, at: int) -> bool:
         cur = self.open[kind]
         if cur is None:
             return False
+        at = max(at, cur.start_ms)  # never negative
         if at > cur.start_ms:
             self.segments[kind].append((cur.start_ms, at, cur.offering))
         self.open[kind] = None
+        self.floor[kind] = at
         return True
 
     def split(self, kind: str, at: int, offering: str) -> bool:
@@ -165,10 +189,10 @@ class _Machine:
         """Whether apply(ev) would change the state; the machine is left as it was."""
         if ev.category not in (pb.USAGE, pb.RESOURCE_STATE):
             return False
-        opened, offering = dict(self.open), self.offering
+        opened, offering, floor = dict(self.open), self.offering, dict(self.floor)
         lengths = {kind: len(segs) for kind, segs in self.segments.items()}
         changed = self.apply(ev)
-        self.open, self.offering = opened, offering
+        self.open, self.offering, self.floor = opened, offering, floor
         for kind, length in lengths.items():
             del self.segments[kind][length:]
         return changed
@@ -235,12 +259,13 @@ def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[str, list[pb.L
 
 def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
     initial, events = _with_job_offerings(events)
-    events.sort(key=event_order)
+    at = _order_times(events)
+    events.sort(key=lambda ev: (at[id(ev)], *event_order(ev)))
     hist = ResourceHistory(resource_uuid=uuid)
     machine = _Machine()
     machine.offering = initial
     address = ""
-    for ev in _effect_order(machine, events):
+    for ev in _effect_order(machine, events, at):
         if not hist.resource_type and ev.resource_type:
             hist.resource_type = ev.resource_type
         _collect_addresses(hist, ev)
@@ -248,7 +273,8 @@ def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
             address = ev.ip_address
         if ev.category == pb.USAGE and ev.account_is_owner and ev.account_uuid:
             if not hist.owners or hist.owners[-1].account != ev.account_uuid:
-                hist.owners.append(OwnerChange(ev.time, ev.account_uuid))
+                since = max(ev.time, hist.owners[-1].time_ms) if hist.owners else ev.time  # skew
+                hist.owners.append(OwnerChange(since, ev.account_uuid))
         (hist.applied if machine.apply(ev) else hist.ignored).append(ev.event_id)
     for kind, cur in machine.open.items():
         if cur is not None:
@@ -260,26 +286,54 @@ def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
     return hist
 
 
-def _effect_order(machine: _Machine, ordered: list[pb.LifecycleEvent]) -> Iterator[pb.LifecycleEvent]:
-    """The events (sorted by event_order) in the order to apply them; the caller applies each
-    one before asking for the next. Within one time: first the first event that changes the
-    machine's current state, until none would; then the rest, no-ops, in order."""
+def _order_times(events: list[pb.LifecycleEvent]) -> dict[str, int]:
+    """id(event) -> the time it is ordered by: its stamp, raised to the order time of any event
+    of its source delivered before it whose order time is at most MAX_SKEW_MS later."""
+    at = {id(ev): ev.time for ev in events}
+    sources: dict[str, list[pb.LifecycleEvent]] = {}
+    for ev in events:
+        if ev.delivery_source:
+            sources.setdefault(ev.delivery_source, []).append(ev)
+    for delivered in sources.values():
+        delivered.sort(key=lambda ev: (ev.delivery_seq, ev.event_id))
+        seen: list[int] = []  # order times of the events delivered so far, sorted
+        for ev in delivered:
+            i = bisect.bisect_right(seen, ev.time + MAX_SKEW_MS)
+            if i and seen[i - 1] > ev.time:
+                at[id(ev)] = seen[i - 1]
+            bisect.insort(seen, at[id(ev)])
+    return at
+
+
+def _effect_order(
+    machine: _Machine, ordered: list[pb.LifecycleEvent], at: dict[str, int]
+) -> Iterator[pb.LifecycleEvent]:
+    """The events (sorted by order time, then event_order) in the order to apply them; the
+    caller applies each one before asking for the next. Within one order time: first the first
+    event that changes the machine's current state, until none would; then the rest, no-ops, in
+    order; an event waits for the events of its source delivered before it."""
     i, n = 0, len(ordered)
     while i < n:
         j = i + 1
-        while j < n and ordered[j].time == ordered[i].time:
+        while j < n and at[id(ordered[j])] == at[id(ordered[i])]:
             j += 1
         if j - i == 1:
             yield ordered[i]
         else:
             pending = ordered[i:j]
             while pending:
-                pick = next((k for k, ev in enumerate(pending) if machine.would_change(ev)), None)
-                if pick is None:  # nothing left changes the state; no-ops cannot change that
-                    yield from pending
-                    break
+                ready = [k for k, ev in enumerate(pending) if not _waits(ev, pending)]
+                pick = next((k for k in ready if machine.would_change(pending[k])), ready[0])
                 yield pending.pop(pick)
         i = j
+
+
+def _waits(ev: pb.LifecycleEvent, pending: list[pb.LifecycleEvent]) -> bool:
+    """An event of its source delivered before it is still pending."""
+    return bool(ev.delivery_source) and any(
+        other.delivery_source == ev.delivery_source and other.delivery_seq < ev.delivery_seq
+        for other in pending
+    )
 
 
 def _collect_addresses(hist: ResourceHistory, ev: pb.LifecycleEvent) -> None:

@@ -68,6 +68,9 @@ class Record:
     value: bytes
     key: bytes | None = None
     origin: str = ""
+    # (source, sequence): its place in the source's own stored order (topic/partition and
+    # offset, file and line); None where the source keeps none. Lifecycle: see lifecycle.py.
+    order: tuple[str, int] | None = None
 
 
 @dataclass
@@ -290,7 +293,7 @@ class Collector:
         limit = self.settings.max_event_bytes
         for rec in records:
             try:
-                parsed.append((cloudstack.parse_event(rec.value, rec.key, limit), rec))
+                parsed.append((_delivered(cloudstack.parse_event(rec.value, rec.key, limit), rec), rec))
             except BadInput as exc:
                 out.dead_letters.append(DeadLetter(LIFECYCLE, rec.origin, rec.value, exc.reason, exc.message))
         # One insert order for every replica: concurrent chunks never wait on each other in a cycle.
@@ -448,6 +451,13 @@ class Collector:
     def horizon_start(self) -> int:
         """Parked measures parked before this instant are reported as unattributed."""
         return self.clock() - self.settings.park_horizon_ms
+
+
+def _delivered(ev: pb.LifecycleEvent, rec: Record) -> pb.LifecycleEvent:
+    """The event with its place in its source's delivery order (the clock-skew rule's input)."""
+    if rec.order is not None:
+        ev.delivery_source, ev.delivery_seq = rec.order
+    return ev
 
 
 def _unattributed(_measure: Measure) -> str:

@@ -105,7 +105,7 @@ class IPMeasure(_message.Message):
     def __init__(self, header: _Optional[int] = ..., saddr: _Optional[int] = ..., bytes: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ..., direction: _Optional[_Union[Direction, str]] = ..., packets: _Optional[int] = ..., address: _Optional[bytes] = ..., traffic_type: _Optional[_Union[TrafficType, str]] = ..., vlan_id: _Optional[int] = ..., vxlan_vni: _Optional[int] = ..., bridge: _Optional[str] = ..., device: _Optional[str] = ..., mac: _Optional[str] = ..., instance_uuid: _Optional[str] = ..., domain_name: _Optional[str] = ..., ifindex: _Optional[int] = ..., final_at_delete: bool = ..., wrapped: bool = ..., quarantined: bool = ..., quarantine_reason: _Optional[str] = ...) -> None: ...
 
 class LifecycleEvent(_message.Message):
-    __slots__ = ["account_is_owner", "account_uuid", "attributes", "category", "event_id", "event_type", "ip_address", "mac", "network_uuid", "offering_uuid", "resource_type", "resource_uuid", "status", "time", "zone_uuid"]
+    __slots__ = ["account_is_owner", "account_uuid", "attributes", "category", "delivery_seq", "delivery_source", "event_id", "event_type", "ip_address", "mac", "network_uuid", "offering_uuid", "resource_type", "resource_uuid", "status", "time", "zone_uuid"]
     class AttributesEntry(_message.Message):
         __slots__ = ["key", "value"]
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,8 @@ class LifecycleEvent(_message.Message):
     ACCOUNT_UUID_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_SEQ_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_SOURCE_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_TYPE_FIELD_NUMBER: _ClassVar[int]
     IP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,8 @@ class LifecycleEvent(_message.Message):
     account_uuid: str
     attributes: _containers.ScalarMap[str, str]
     category: EventCategory
+    delivery_seq: int
+    delivery_source: str
     event_id: str
     event_type: str
     ip_address: str
@@ -143,7 +147,7 @@ class LifecycleEvent(_message.Message):
     status: str
     time: int
     zone_uuid: str
-    def __init__(self, event_id: _Optional[str] = ..., category: _Optional[_Union[EventCategory, str]] = ..., event_type: _Optional[str] = ..., resource_type: _Optional[str] = ..., resource_uuid: _Optional[str] = ..., account_uuid: _Optional[str] = ..., account_is_owner: bool = ..., zone_uuid: _Optional[str] = ..., time: _Optional[int] = ..., status: _Optional[str] = ..., offering_uuid: _Optional[str] = ..., ip_address: _Optional[str] = ..., mac: _Optional[str] = ..., network_uuid: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., category: _Optional[_Union[EventCategory, str]] = ..., event_type: _Optional[str] = ..., resource_type: _Optional[str] = ..., resource_uuid: _Optional[str] = ..., account_uuid: _Optional[str] = ..., account_is_owner: bool = ..., zone_uuid: _Optional[str] = ..., time: _Optional[int] = ..., status: _Optional[str] = ..., offering_uuid: _Optional[str] = ..., ip_address: _Optional[str] = ..., mac: _Optional[str] = ..., network_uuid: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., delivery_source: _Optional[str] = ..., delivery_seq: _Optional[int] = ...) -> None: ...
 
 class MeasureBatch(_message.Message):
     __slots__ = ["boot_id", "final", "host_id", "inventory", "measures", "poll_time", "schema", "seq", "stream_id"]
