@@ -286,7 +286,7 @@ def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
     return hist
 
 
-def _order_times(events: list[pb.LifecycleEvent]) -> dict[str, int]:
+def _order_times(events: list[pb.LifecycleEvent]) -> dict[int, int]:
     """id(event) -> the time it is ordered by: its stamp, raised to the order time of any event
     of its source delivered before it whose order time is at most MAX_SKEW_MS later."""
     at = {id(ev): ev.time for ev in events}
@@ -306,7 +306,7 @@ def _order_times(events: list[pb.LifecycleEvent]) -> dict[str, int]:
 
 
 def _effect_order(
-    machine: _Machine, ordered: list[pb.LifecycleEvent], at: dict[str, int]
+    machine: _Machine, ordered: list[pb.LifecycleEvent], at: dict[int, int]
 ) -> Iterator[pb.LifecycleEvent]:
     """The events (sorted by order time, then event_order) in the order to apply them; the
     caller applies each one before asking for the next. Within one order time: first the first
