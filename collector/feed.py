@@ -155,12 +155,12 @@ class Feeder:
     def status(self) -> dict[str, Any]:
         """For /health: what the inputs are doing and whether applying fails."""
         out: dict[str, Any] = {}
-        degraded = False
+        degraded: list[str] = []  # why inputs cannot reach their sources ("" when they can)
         for source in self.inputs:
             status = source.status()
-            degraded = degraded or bool(status.pop("degraded", False))
+            degraded += [status.pop("degraded")] if status.get("degraded") else []
             out.update(status)
-        out["degraded"] = degraded  # an input cannot reach its source
+        out["degraded"] = "; ".join(degraded)
         out["failing"] = self.failing
         out["seconds_since_success"] = round(self.monotonic() - self.last_success, 1)
         return out
