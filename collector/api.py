@@ -25,7 +25,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
-from kvmeter.collector import api_cloudstack, api_errors, api_usage
+from kvmeter.collector import api_cloudstack, api_corrections, api_errors, api_usage
 from kvmeter.collector.api_auth import cloudstack_signature_problem, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
 from kvmeter.collector.metrics import Metrics
@@ -95,6 +95,7 @@ def create_app(
 
     api_usage.register(app, store)
     api_cloudstack.register(app, store)
+    api_corrections.register(app, store)
 
     return app
 

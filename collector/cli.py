@@ -81,6 +81,12 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
     live = Feeder(service, [KafkaInput(cfg.kafka, metrics)], metrics, tick_seconds=cfg.tick_seconds)
+    reconciler = None
+    if cfg.cloudstack is not None:  # passes against CloudStack's API, applied on the tick
+        from kvmeter.collector.reconciler import for_config
+
+        reconciler = for_config(service, cfg.cloudstack, metrics)
+        reconciler.start()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
@@ -114,6 +120,8 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     try:
         live.run()
     finally:
+        if reconciler is not None:
+            reconciler.stop()
         if server is not None:
             server.close()
         store.close()

@@ -18,6 +18,7 @@ from typing import Any
 
 from jsonschema import Draft7Validator
 
+from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.service import Settings
 
@@ -74,6 +75,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {"max_event_bytes": {"type": "integer", "minimum": 1024, "maximum": 1 << 30}},
         },
+        "cloudstack": CLOUDSTACK_SCHEMA,
         "api": {
             "type": "object",
             "additionalProperties": False,
@@ -123,6 +125,7 @@ class CollectorConfig:
     settings: Settings = field(default_factory=Settings)
     tick_seconds: float = 30.0
     api: ApiConfig = field(default_factory=ApiConfig)
+    cloudstack: CloudStackConfig | None = None  # the reconciler's API access; None: no reconciler
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -181,6 +184,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         except ValueError as exc:  # says more than the schema's pattern
             problems = [p for p in problems if not p.startswith("api.listen:")]
             problems.append(f"api.listen: {exc}")
+    cloudstack = cloudstack_config(doc.get("cloudstack"), base, problems)
     if problems:
         raise ConfigError(source, problems)
     return CollectorConfig(
@@ -206,6 +210,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         api=ApiConfig(
             enabled=api.get("enabled", True), host=host, port=port, token=token, cloudstack_keys=cs_keys
         ),
+        cloudstack=cloudstack,
     )
 
 

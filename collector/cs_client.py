@@ -12,11 +12,9 @@ from typing import Any
 import requests
 from cs import CloudStack, CloudStackException
 
-from kvmeter.collector.cs_snapshot import LISTS, Snapshot, SnapshotError, parse_snapshot
+from kvmeter.collector.cs_snapshot import LISTS, ApiUnavailable, Snapshot, SnapshotError, parse_snapshot
 
-
-class ApiUnavailable(RuntimeError):
-    """CloudStack's API did not answer, or answered something a pass cannot use."""
+__all__ = ["ApiUnavailable", "CloudStackApi"]
 
 
 class CloudStackApi:

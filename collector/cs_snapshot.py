@@ -1,6 +1,7 @@
 """What one reconciliation pass read from CloudStack's API, as plain values (no I/O here).
 
     parse_snapshot(raw: Mapping[str, list], taken_ms: int) -> Snapshot   # SnapshotError on garbage
+    snapshot_to_json(snapshot) -> str / snapshot_from_json(text) -> Snapshot  # kept for the next pass
     LISTS: the API commands a pass reads, with the key of their items in the response
 
 The field names are those of CloudStack's response classes (UserVmResponse,
@@ -14,8 +15,9 @@ snapshot is refused, so a half-understood answer never turns into corrections.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from kvmeter.collector.cloudstack import parse_time
@@ -35,6 +37,10 @@ LISTS: dict[str, str] = {
 
 class SnapshotError(ValueError):
     """CloudStack answered something this pass cannot trust."""
+
+
+class ApiUnavailable(RuntimeError):
+    """CloudStack's API did not answer, or answered something a pass cannot use."""
 
 
 @dataclass(frozen=True)
@@ -223,3 +229,22 @@ def _time(d: dict[str, Any], key: str) -> int | None:
         return parse_time(text)
     except BadInput as exc:
         raise SnapshotError(f"{key} of {d.get('id')}: {exc.message}") from None
+
+
+_KINDS: dict[str, type] = {
+    "vms": Vm, "routers": Router, "ips": PublicIp, "networks": Network, "accounts": Account,
+    "domains": Domain, "offerings": Offering,
+}  # fmt: skip
+
+
+def snapshot_to_json(snapshot: Snapshot) -> str:
+    return json.dumps(asdict(snapshot), sort_keys=True, separators=(",", ":"))
+
+
+def snapshot_from_json(text: str) -> Snapshot:
+    doc = json.loads(text)
+    parts = {
+        kind: {uuid: cls(**{f.name: item[f.name] for f in fields(cls)}) for uuid, item in doc[kind].items()}
+        for kind, cls in _KINDS.items()
+    }
+    return Snapshot(taken_ms=doc["taken_ms"], **parts)

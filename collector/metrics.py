@@ -63,6 +63,23 @@ class Metrics:
             "kvmeter_consumer_lag", "Messages behind the partition end", ["topic", "partition"], registry=r
         )
         self.errors = Counter("kvmeter_errors", "Failed processing rounds (retried)", ["stage"], registry=r)
+        self.reconcile_passes = Counter(
+            "kvmeter_reconcile_passes",
+            "Reconciliation passes applied (CloudStack's API read whole)",
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "kvmeter_reconcile_errors",
+            "Reconciliation passes given up: API unreachable or its answer unusable (no correction)",
+            ["reason"],
+            registry=r,
+        )
+        self.corrections = Counter(
+            "kvmeter_reconcile_corrections",
+            "Correcting events added by reconciliation",
+            ["event"],
+            registry=r,
+        )
 
     def watch_store(self, store: Store, horizon_start: Callable[[], int]) -> None:
         self.registry.register(StoreGauges(store, horizon_start))

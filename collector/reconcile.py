@@ -283,7 +283,7 @@ def _opened(
     added = False
     if allocated is None:
         listed = prev_ok and prev is not None and prev != _GONE and prev not in GONE_STATES
-        if vm.created_ms is not None and vm.created_ms > last and (history is None or listed):
+        if vm.created_ms is not None and vm.created_ms > last and listed:
             create_at: int | None = vm.created_ms
         else:
             create_at = prev_ms if listed else None
@@ -355,7 +355,7 @@ def _offerings(
                 "VirtualMachine",
                 "VM.DYNAMIC.SCALE",
                 at,
-                "",
+                history.owner_at(at) or "",  # the owner then, unchanged: who may see the correction
                 reason,
                 vm.offering,
                 zone=vm.zone,

@@ -174,6 +174,55 @@ owner_hints = sa.Table(
     sa.Column("updated_ms", sa.BigInteger, nullable=False),
 )
 
+# What the reconciler changed (migration 8): one row per correcting event it stored in
+# lifecycle_events (same event id), with its source and reason, for the API and the CLI.
+corrections = sa.Table(
+    "corrections",
+    metadata,
+    sa.Column("event_id", sa.String(64), primary_key=True),
+    sa.Column("resource", sa.String(128), nullable=False),
+    sa.Column("resource_type", sa.String(32), nullable=False),
+    sa.Column("event_type", sa.String(32), nullable=False),
+    sa.Column("time_ms", sa.BigInteger, nullable=False),
+    sa.Column("account", sa.String(64), nullable=False),
+    sa.Column("offering", sa.String(128), nullable=False),
+    sa.Column("source", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+sa.Index("ix_corrections_time", corrections.c.time_ms)
+
+# Names CloudStack's API gave (migration 8): accounts (parent = domain uuid), domains (parent =
+# path) and service offerings (parent = "cpu/memory"), by uuid.
+cloudstack_names = sa.Table(
+    "cloudstack_names",
+    metadata,
+    sa.Column("kind", sa.String(16), primary_key=True),
+    sa.Column("uuid", sa.String(128), primary_key=True),
+    sa.Column("name", sa.String(255), nullable=False),
+    sa.Column("parent", sa.String(1024), nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)
+
+# The agents' view of each domain (migration 8): running or not since a poll time, from the
+# inventories of measure batches; the reconciler's second witness. Written on changes only.
+domain_witness = sa.Table(
+    "domain_witness",
+    metadata,
+    sa.Column("domain", sa.String(128), primary_key=True),
+    sa.Column("running", sa.Boolean, nullable=False),
+    sa.Column("since_ms", sa.BigInteger, nullable=False),
+)
+
+# The reconciler's last snapshot of CloudStack (migration 8), JSON: the previous pass of the next.
+reconcile_state = sa.Table(
+    "reconcile_state",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+)
+
 collector_state = sa.Table(
     "collector_state",
     metadata,
@@ -243,7 +292,12 @@ def _migration_7(conn: Connection) -> None:
     )
 
 
+def _migration_8(conn: Connection) -> None:
+    for table in (corrections, cloudstack_names, domain_witness, reconcile_state):
+        table.create(conn, checkfirst=True)
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
-    (6, _migration_6), (7, _migration_7),
+    (6, _migration_6), (7, _migration_7), (8, _migration_8),
 ]  # fmt: skip

@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
-from kvmeter.collector import cloudstack, decode, lifecycle, usage
+from kvmeter.collector import cloudstack, decode, lifecycle, reconcile_store, usage
 from kvmeter.collector.aggregate import Attributed, Route, Tally
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.decode import Target
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, UsageKey
+from kvmeter.collector.reconcile import Witness, observe
 from kvmeter.collector.store import DeadLetter, Store
 from kvmeter.collector.streams import admit, irregular
 from kvmeter.collector.windows import check_window, window_start
@@ -120,6 +121,10 @@ class Collector:
         # reported them; batches carry the inventory only now and then (store: owner_hints).
         self.hints = self.index.hints
         self._hints_loaded = False
+        # The agents' view of each domain's state (running or not, since when), from the
+        # inventories; the reconciler's second witness (store: domain_witness, on changes).
+        self.witness: dict[str, Witness] = {}
+        self.tick_hooks: list[Callable[[], Outcome]] = []  # more work of the tick (reconciliation)
 
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:
@@ -207,9 +212,12 @@ class Collector:
         if self._hints_loaded is False:
             with self.store.read() as conn:
                 self.hints.update(self.store.owner_hints(conn))
+                self.witness.update(reconcile_store.load_witness(conn))
             self._hints_loaded = True
         learned = {d: o for d, o in _owner_hints(decoded).items() if self.hints.get(d) != o}
+        witnessed = _witness_changes(self.witness, decoded)
         with self.store.write() as conn:
+            reconcile_store.save_witness(conn, witnessed)
             if learned:
                 self.store.save_owner_hints(conn, learned, now)
                 self.hints.update(learned)
@@ -446,7 +454,14 @@ class Collector:
             self._retried_at, self._retried_ms = self._knowledge, now
             out.add(self._unpark())
         out.add(self._report_unattributed())
+        for hook in self.tick_hooks:
+            out.add(hook())
         return out
+
+    @property
+    def events(self) -> Mapping[str, Mapping[str, pb.LifecycleEvent]]:
+        """The lifecycle events known here, by resource and event id (read-only)."""
+        return self._events
 
     def horizon_start(self) -> int:
         """Parked measures parked before this instant are reported as unattributed."""
@@ -462,6 +477,22 @@ def _delivered(ev: pb.LifecycleEvent, rec: Record) -> pb.LifecycleEvent:
 
 def _unattributed(_measure: Measure) -> str:
     return UNATTRIBUTED
+
+
+def _witness_changes(
+    witness: dict[str, Witness], batches: Sequence[decode.DecodedBatch]
+) -> dict[str, Witness]:
+    """Fold the batches' inventories into `witness`; the domains whose state changed."""
+    before = {dom.uuid: witness.get(dom.uuid) for b in batches for dom in b.inventory if dom.uuid}
+    if not before:
+        return {}
+    observe(witness, batches)
+    return {
+        d: w
+        for d, old in before.items()
+        if (w := witness.get(d)) is not None
+        and (old is None or (old.running, old.since_ms) != (w.running, w.since_ms))
+    }
 
 
 def _owner_hints(batches: Iterable[decode.DecodedBatch]) -> dict[str, dict[str, str]]:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/kvmeter/allinone.toml"
 AGENT_SECTIONS = ("agent", "libvirt", "spool", "deltas", "metrics", "traffic")
-COLLECTOR_SECTIONS = ("store", "usage", "api")
+COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack")
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -127,6 +127,11 @@ class AllInOne:
             producer_factory=lambda _config: InProcessProducer(self.collector, idle=self.idle),
         )
         self.api: Any = None
+        self.reconciler: Any = None
+        if cfg.collector.cloudstack is not None:  # passes against CloudStack's API, on the tick
+            from kvmeter.collector.reconciler import for_config
+
+            self.reconciler = for_config(self.collector, cfg.collector.cloudstack, self.metrics)
 
     def idle(self) -> None:
         """The collector's own work between two polls: new lifecycle events, then the tick."""
@@ -152,6 +157,8 @@ class AllInOne:
     def run(self) -> None:
         """Until agent.stop_event: poll, apply, follow events, tick; then a last poll and flush."""
         self.idle()  # events already on file first: owners known before the first bytes
+        if self.reconciler is not None:
+            self.reconciler.start()
         self.agent.start()
         try:
             self.agent.run()
@@ -164,6 +171,8 @@ class AllInOne:
         self.feeder.stop()
 
     def close(self) -> None:
+        if self.reconciler is not None:
+            self.reconciler.stop()
         if self.api is not None:
             self.api.close()
         self.feeder.close()

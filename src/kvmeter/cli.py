@@ -18,6 +18,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "collector": ("kvmeter.collector.cli", "collector", "Consume measures and lifecycle events into usage."),
     "ingest": ("kvmeter.collector.cli", "ingest", "Apply event and measure files to a usage store."),
     "usage": ("kvmeter.collector.cli", "usage", "Report usage records from a store."),
+    "reconcile": (
+        "kvmeter.collector.cli_reconcile",
+        "reconcile",
+        "One pass against CloudStack's API (--dry-run).",
+    ),
+    "corrections": ("kvmeter.collector.cli_reconcile", "corrections", "List what reconciliation corrected."),
     "run": ("kvmeter.pipeline.allinone", "run", "Run agent and collector in one process (all-in-one)."),
     "demo": ("kvmeter.pipeline.demo", "demo", "Build a small simulated cloud and meter it."),
 }

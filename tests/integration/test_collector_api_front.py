@@ -22,7 +22,15 @@ pytestmark = pytest.mark.broker
 class CollectorProcess:
     """`kvmeter collector` from a TOML file, its output in a log file."""
 
-    def __init__(self, tmp_path: Path, bootstrap: str, api: str, kafka_extra: str = ""):
+    def __init__(
+        self,
+        tmp_path: Path,
+        bootstrap: str,
+        api: str,
+        kafka_extra: str = "",
+        extra: str = "",
+        lifecycle_topic: str = "",
+    ):
         self.config = tmp_path / "collector.toml"
         self.config.write_text(
             f"""
@@ -31,12 +39,13 @@ url = "sqlite:///{tmp_path}/usage.db"
 [kafka]
 bootstrap = "{bootstrap}"
 measures_topic = "m-{tmp_path.name}"
-lifecycle_topic = "l-{tmp_path.name}"
+lifecycle_topic = "{lifecycle_topic or "l-" + tmp_path.name}"
 {kafka_extra}
 [usage]
 tick_seconds = 0.5
 [api]
 {api}
+{extra}
 """
         )
         self.log_path = tmp_path / "collector.log"

@@ -1,0 +1,86 @@
+"""`kvmeter reconcile` (one pass against CloudStack's API, or --dry-run: what it would change)
+and `kvmeter corrections` (what reconciliation changed, with source and reason)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from kvmeter.collector import reconcile_store, report
+from kvmeter.collector.cli import _load_config, _open_store
+from kvmeter.collector.cs_snapshot import SnapshotError
+from kvmeter.collector.reconcile import Correction, Findings
+from kvmeter.collector.service import Collector
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _line(c: Correction) -> str:
+    return f"{report.iso(c.time_ms)}  {c.event_type:<16} {c.resource_uuid}  {c.account or '-'}  {c.reason}"
+
+
+def _print(found: Findings, *, verb: str) -> None:
+    for c in found.corrections:
+        click.echo(_line(c))
+    for note in found.notes:
+        click.echo(f"left alone: {note}")
+    click.echo(
+        f"{len(found.corrections)} correction(s) {verb}, {len(found.notes)} difference(s) left alone",
+        err=True,
+    )
+
+
+@click.command()
+@click.option("--config", "config_path", default="/etc/kvmeter/collector.toml", show_default=True)
+@click.option("--dry-run", is_flag=True, help="Print what the pass would change; change nothing.")
+def reconcile(config_path: str, dry_run: bool) -> None:  # noqa: FBT001 - click passes flags by position
+    """One reconciliation pass against CloudStack's API ([cloudstack] of the config)."""
+    from kvmeter.collector.cs_client import ApiUnavailable
+    from kvmeter.collector.reconciler import for_config
+
+    cfg = _load_config(config_path)
+    if cfg.cloudstack is None:
+        raise click.ClickException(f"{config_path}: no [cloudstack] section")
+    store = _open_store(cfg.db_url)
+    try:
+        reconciler = for_config(Collector(store, cfg.settings, _wall_ms), cfg.cloudstack)
+        try:
+            snapshot = reconciler.source(_wall_ms())
+            found = reconciler.plan(snapshot)
+        except (ApiUnavailable, SnapshotError) as exc:
+            raise click.ClickException(f"no pass: {exc}") from None
+        if not dry_run:
+            reconciler.apply(snapshot)
+        _print(found, verb="would be made" if dry_run else "made")
+    finally:
+        store.close()
+
+
+@click.command()
+@click.option("--db", "db_url", required=True, help="Store URL: sqlite:///path or postgresql://...")
+@click.option("--account", default=None, help="Only this account's corrections.")
+@click.option("--resource", default=None, help="Only this resource's corrections.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def corrections(db_url: str, account: str | None, resource: str | None, fmt: str) -> None:
+    """List the corrections reconciliation applied (source, reason, time)."""
+    store = _open_store(db_url)
+    try:
+        with store.read() as conn:
+            rows = reconcile_store.list_corrections(
+                conn, accounts=frozenset({account}) if account else None, resource=resource
+            )
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=1, sort_keys=True))
+        return
+    for row in rows:
+        click.echo(
+            f"{report.iso(row['time_ms'])}  {row['event_type']:<16} {row['resource']}  "
+            f"{row['account'] or '-'}  {row['source']}: {row['reason']}"
+        )
+    click.echo(f"{len(rows)} correction(s)", err=True)
