@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import click
 
@@ -80,13 +81,12 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
-    live = Feeder(service, [KafkaInput(cfg.kafka, metrics)], metrics, tick_seconds=cfg.tick_seconds)
-    reconciler = None
-    if cfg.cloudstack is not None:  # passes against CloudStack's API, applied on the tick
+    inputs: list[Any] = [KafkaInput(cfg.kafka, metrics)]
+    if cfg.cloudstack is not None:  # passes against CloudStack's API, one more input
         from kvmeter.collector.reconciler import for_config
 
-        reconciler = for_config(service, cfg.cloudstack, metrics)
-        reconciler.start()
+        inputs.insert(0, for_config(service, cfg.cloudstack, metrics))  # the last input waits: Kafka
+    live = Feeder(service, inputs, metrics, tick_seconds=cfg.tick_seconds)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
@@ -120,8 +120,6 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     try:
         live.run()
     finally:
-        if reconciler is not None:
-            reconciler.stop()
         if server is not None:
             server.close()
         store.close()

@@ -1,10 +1,11 @@
-"""Reconciliation passes: CloudStack's API read on a thread, corrections applied on the
-collector's tick (its state is single-threaded), as lifecycle events through apply_events.
+"""Reconciliation passes as one of the collector's inputs (inputs.Input): CloudStack's API is
+read on a thread; the feed loop, which alone touches the collector, computes the corrections
+and applies them as lifecycle records like any other source's.
 
     Reconciler(collector, source, period_s, metrics=None)
     .plan(snapshot) -> Findings     # what a pass would change (kvmeter reconcile --dry-run)
-    .apply(snapshot) -> Outcome     # store the corrections (reasons) and apply their events
-    .start() / .stop()              # the fetching thread; the collector's tick applies
+    .apply(snapshot) -> Outcome     # one pass outside the loop (kvmeter reconcile)
+    .start() / .poll() / .caught_up() / .status() / .close()   # the Input
 
 A pass that cannot read the whole API (unreachable, an error, garbage) changes nothing: it
 counts kvmeter_reconcile_errors and billing goes on from events. Run the [cloudstack] section on
@@ -16,10 +17,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from kvmeter.collector import reconcile_store
 from kvmeter.collector.config_cloudstack import CloudStackConfig
 from kvmeter.collector.cs_snapshot import ApiUnavailable, Snapshot, SnapshotError
+from kvmeter.collector.inputs import LIFECYCLE, Delivery
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.reconcile import Findings, reconcile, view_of
 from kvmeter.collector.service import Collector, Outcome, Record
@@ -42,6 +45,9 @@ class Reconciler:
         self.period_s = period_s
         self.metrics = metrics
         self._ready: Snapshot | None = None
+        self._fresh = threading.Event()
+        self.passes = 0
+        self.last_error = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,43 +71,70 @@ class Reconciler:
         return reconcile(view, snapshot, previous)
 
     def apply(self, snapshot: Snapshot) -> Outcome:
+        """One whole pass outside the feed loop: plan, apply the events, keep the rest."""
+        delivery = self._deliver(snapshot)
+        if delivery is None:
+            return Outcome()
+        out = self.collector.apply_events(delivery.records) if delivery.records else Outcome()
+        delivery.ack()
+        return out
+
+    def _deliver(self, snapshot: Snapshot) -> Delivery | None:
+        """The pass's corrections as a lifecycle delivery; its ack keeps their reasons, the names
+        and the snapshot (the next pass's previous). None when the snapshot is refused."""
         try:
             found = self.plan(snapshot)
         except SnapshotError as exc:
             self._error("implausible", exc)
-            return Outcome()
+            return None
+        records = [
+            Record(c.event_value(), c.resource_uuid.encode(), f"{RECONCILE}:{c.event_type}:{c.resource_uuid}")
+            for c in found.corrections
+        ]
+        return Delivery(LIFECYCLE, records, ack=lambda: self._keep(snapshot, found))
+
+    def _keep(self, snapshot: Snapshot, found: Findings) -> None:
         now = self.collector.clock()
         with self.collector.store.write() as conn:
             reconcile_store.save_corrections(conn, found.corrections, now)
             reconcile_store.save_names(conn, snapshot, now)
             reconcile_store.save_snapshot(conn, snapshot, now)
-        records = [
-            Record(c.event_value(), c.resource_uuid.encode(), f"{RECONCILE}:{c.event_type}:{c.resource_uuid}")
-            for c in found.corrections
-        ]
-        out = self.collector.apply_events(records) if records else Outcome()
         for c in found.corrections:
             log.info("correction %s %s at %d: %s", c.event_type, c.resource_uuid, c.time_ms, c.reason)
             if self.metrics is not None:
                 self.metrics.corrections.labels(c.event_type).inc()
         for note in found.notes:
             log.info("reconcile: %s", note)
+        self.passes += 1
         if self.metrics is not None:
             self.metrics.reconcile_passes.inc()
-        return out
 
-    def on_tick(self) -> Outcome:
-        """Apply the latest snapshot the thread fetched, if any (the collector's tick calls it)."""
-        with self._lock:
-            snapshot, self._ready = self._ready, None
-        return self.apply(snapshot) if snapshot is not None else Outcome()
-
+    # -- inputs.Input ------------------------------------------------------------------------
     def start(self) -> None:
-        self.collector.tick_hooks.append(self.on_tick)
-        self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="reconcile", daemon=True)
+            self._thread.start()
 
-    def stop(self) -> None:
+    def poll(self, timeout: float, *, measures: bool = True) -> list[Delivery]:
+        """The latest fetched pass, once; none while the loop catches up with the lifecycle."""
+        if not measures:
+            return []
+        if self._fresh.wait(timeout):
+            with self._lock:
+                snapshot, self._ready = self._ready, None
+                self._fresh.clear()
+            if snapshot is not None:
+                delivery = self._deliver(snapshot)
+                return [] if delivery is None else [delivery]
+        return []
+
+    def caught_up(self) -> bool:
+        return True  # nothing to catch up with: every pass reads the whole API
+
+    def status(self) -> dict[str, Any]:
+        return {"input": "cloudstack-api", "passes": self.passes, "last_error": self.last_error}
+
+    def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
@@ -112,9 +145,11 @@ class Reconciler:
             if snapshot is not None:
                 with self._lock:
                     self._ready = snapshot
+                    self._fresh.set()
             self._stop.wait(self.period_s)
 
     def _error(self, reason: str, exc: Exception) -> None:
+        self.last_error = f"{reason}: {exc}"
         log.warning("reconciliation pass given up (%s): %s; billing goes on from events", reason, exc)
         if self.metrics is not None:
             self.metrics.reconcile_errors.labels(reason).inc()

@@ -124,7 +124,6 @@ class Collector:
         # The agents' view of each domain's state (running or not, since when), from the
         # inventories; the reconciler's second witness (store: domain_witness, on changes).
         self.witness: dict[str, Witness] = {}
-        self.tick_hooks: list[Callable[[], Outcome]] = []  # more work of the tick (reconciliation)
 
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:
@@ -454,8 +453,6 @@ class Collector:
             self._retried_at, self._retried_ms = self._knowledge, now
             out.add(self._unpark())
         out.add(self._report_unattributed())
-        for hook in self.tick_hooks:
-            out.add(hook())
         return out
 
     @property

@@ -117,7 +117,11 @@ class AllInOne:
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         self.metrics = Metrics()
         self.metrics.watch_store(self.store, self.collector.horizon_start)
-        inputs = [EventsFile(cfg.events_file)] if cfg.events_file else []
+        inputs: list[Any] = [EventsFile(cfg.events_file)] if cfg.events_file else []
+        if cfg.collector.cloudstack is not None:  # passes against CloudStack's API, one more input
+            from kvmeter.collector.reconciler import for_config
+
+            inputs.append(for_config(self.collector, cfg.collector.cloudstack, self.metrics))
         self.feeder = Feeder(
             self.collector, inputs, self.metrics, tick_seconds=cfg.collector.tick_seconds, poll_timeout=0
         )
@@ -127,11 +131,6 @@ class AllInOne:
             producer_factory=lambda _config: InProcessProducer(self.collector, idle=self.idle),
         )
         self.api: Any = None
-        self.reconciler: Any = None
-        if cfg.collector.cloudstack is not None:  # passes against CloudStack's API, on the tick
-            from kvmeter.collector.reconciler import for_config
-
-            self.reconciler = for_config(self.collector, cfg.collector.cloudstack, self.metrics)
 
     def idle(self) -> None:
         """The collector's own work between two polls: new lifecycle events, then the tick."""
@@ -156,9 +155,8 @@ class AllInOne:
 
     def run(self) -> None:
         """Until agent.stop_event: poll, apply, follow events, tick; then a last poll and flush."""
+        self.feeder.start()
         self.idle()  # events already on file first: owners known before the first bytes
-        if self.reconciler is not None:
-            self.reconciler.start()
         self.agent.start()
         try:
             self.agent.run()
@@ -171,8 +169,6 @@ class AllInOne:
         self.feeder.stop()
 
     def close(self) -> None:
-        if self.reconciler is not None:
-            self.reconciler.stop()
         if self.api is not None:
             self.api.close()
         self.feeder.close()

@@ -52,13 +52,12 @@ class Rig:
         self.collector.apply_events([Record(value, key) for key, value in records])
 
     def run_pass(self, hours_later: float = 0) -> Any:
-        """One pass at clock + hours: fetch through HTTP, then the collector's tick applies it."""
+        """One pass at clock + hours: fetch through HTTP, apply, then the collector's tick."""
         self.clock.now += int(hours_later * HOUR)
         snapshot = self.reconciler.fetch()
-        if snapshot is not None:
-            self.reconciler._ready = snapshot
-        self.collector.tick_hooks[:] = [self.reconciler.on_tick]
-        return self.collector.tick()
+        out = self.reconciler.apply(snapshot) if snapshot is not None else None
+        self.collector.tick()
+        return out
 
     def corrections(self, offerings: bool = False) -> list[dict[str, Any]]:
         """Stored corrections; those naming an offering only when asked."""
