@@ -18,8 +18,9 @@ give the same event and a pass run again adds nothing. Rules:
   before the last event that put the resource in its current state.
 - VMs: kvmeter running, CloudStack Stopped -> VM.STOP; Destroyed / Expunging / Error / not
   listed -> VM.DESTROY (closes RUNNING and ALLOCATED); CloudStack Running, kvmeter not ->
-  VM.START (and VM.CREATE when kvmeter has no open ALLOCATED: at CloudStack's `created` if that
-  is after every event kvmeter has); a listed VM kvmeter never heard of -> VM.CREATE at `created`.
+  VM.START (and VM.CREATE when kvmeter has no open ALLOCATED: at CloudStack's `created` unless
+  an allocation kvmeter has ended after it, else the previous pass); a listed VM kvmeter never
+  heard of -> VM.CREATE at `created`.
   States in transition (Starting, Stopping, Migrating, ...) are left alone.
 - IPs: open in kvmeter, not listed (or Free) -> NET.IPRELEASE; listed Allocated, not open in
   kvmeter -> NET.IPASSIGN at `allocated` (or the earliest observation after kvmeter's last event).
@@ -283,8 +284,9 @@ def _opened(
     added = False
     if allocated is None:
         listed = prev_ok and prev is not None and prev != _GONE and prev not in GONE_STATES
-        if vm.created_ms is not None and vm.created_ms > last and listed:
-            create_at: int | None = vm.created_ms
+        ended = [s.end_ms for s in history.allocated if s.end_ms is not None] if history else []
+        if vm.created_ms is not None and vm.created_ms >= max(ended, default=0) and listed:
+            create_at: int | None = vm.created_ms  # CloudStack's own time: exact
         else:
             create_at = prev_ms if listed else None
         if create_at is None:

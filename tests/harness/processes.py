@@ -143,6 +143,7 @@ class CollectorProcess(Process):
         window_seconds: int = 3600,
         billable: Sequence[str] = ("public",),
         max_event_bytes: int | None = None,
+        extra: str = "",
     ):
         super().__init__(name, workdir)
         self.config = workdir / f"{name}.toml"
@@ -167,6 +168,7 @@ billable_traffic_types = [{types}]
 enabled = false
 """
             + ("" if max_event_bytes is None else f"[lifecycle]\nmax_event_bytes = {max_event_bytes}\n")
+            + extra
         )
 
     def args(self) -> list[str]:

@@ -254,3 +254,17 @@ def test_observe_keeps_since_and_ignores_older_polls() -> None:
         witness, [Batch(10, pb.RUNNING), Batch(20, pb.RUNNING), Batch(30, pb.SHUTOFF), Batch(25, pb.RUNNING)]
     )
     assert witness[VM] == Witness(running=False, since_ms=30, seen_ms=30)
+
+
+def test_lost_create_takes_cloudstacks_creation_time() -> None:
+    life = [usage("VM.START", 1, ALICE, "small")]  # the bus lost VM.CREATE at 0
+    now, before = snap(5, VirtualMachines=[vm("Running")]), snap(3, VirtualMachines=[vm("Running")])
+    found, fixed = run(life, now, before)
+    assert [(c.event_type, c.time_ms, c.account) for c in found.corrections] == [("VM.CREATE", T0, ALICE)]
+    history = build_history(fixed)[VM]
+    assert [(s.start_ms, s.end_ms) for s in history.allocated] == [(T0, None)]
+    assert_settled(fixed, now, before)
+    # Destroyed and listed again (recovered): not before the destroy, at the previous pass.
+    gone = [usage("VM.CREATE", 0, ALICE, "small"), usage("VM.DESTROY", 2, ALICE)]
+    found, _ = run(gone, snap(5, VirtualMachines=[vm("Stopped")]), snap(3, VirtualMachines=[vm("Stopped")]))
+    assert [(c.event_type, c.time_ms) for c in found.corrections] == [("VM.CREATE", T0 + 3 * H)]
