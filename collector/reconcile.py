@@ -10,9 +10,10 @@ give the same event and a pass run again adds nothing. Rules:
 
 - Two witnesses before any drift correction: CloudStack's answer now, and either the previous
   pass's answer (taken after the resource's last event) or the agents' own view of the domain
-  (inventory state, for VMs). One witness alone waits for the next pass. The agents saying the
-  opposite of CloudStack (a VM CloudStack calls stopped still running on a host) is a dispute:
-  no correction, a note.
+  (inventory state, for VMs; seen after the segment it would close opened). One witness alone
+  waits for the next pass. The agents saying the opposite of CloudStack (a VM CloudStack calls
+  stopped still running on a host that reported it within WITNESS_FRESH_MS) is a dispute: no
+  correction, a note.
 - The time of a correction is the earliest agreeing observation (the agents' first poll that saw
   the new state, else the previous pass), never before the segment it closes started and never
   before the last event that put the resource in its current state.
@@ -57,6 +58,7 @@ GONE_STATES = frozenset({"Destroyed", "Expunging", "Expunged", "Error"})
 SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.SCALE"})
 MAX_GONE_FRACTION = 0.5  # of the VMs kvmeter has open, when at least MIN_FOR_GUARD are
 MIN_FOR_GUARD = 4
+WITNESS_FRESH_MS = 15 * 60_000  # the agents' last report of a domain this recent can dispute
 _GONE = "(not listed)"
 
 
@@ -194,6 +196,12 @@ def _guard(view: View, snapshot: Snapshot) -> None:
         )
 
 
+def _fresh(witness: Witness, snapshot: Snapshot) -> bool:
+    """The agents reported the domain lately: enough to dispute CloudStack (a host that stopped
+    reporting must not keep a VM running forever)."""
+    return witness.seen_ms >= snapshot.taken_ms - WITNESS_FRESH_MS
+
+
 def _state(snapshot: Snapshot | None, uuid: str) -> str | None:
     if snapshot is None:
         return None
@@ -227,10 +235,15 @@ def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
         gone = state == _GONE or state in GONE_STATES
         account = history.owner_at(snapshot.taken_ms) or "" if history else ""
         if running is not None and (state == STOPPED or gone):
-            if witness is not None and witness.running:
+            if witness is not None and witness.running and _fresh(witness, snapshot):
                 out.notes.append(f"{uuid}: CloudStack says {state}, its host still runs it: left running")
                 continue
-            seen = [w.since_ms for w in (witness,) if w is not None and not w.running]
+            # The agents saw it not running after the segment opened (older news says nothing).
+            seen = [
+                w.since_ms
+                for w in (witness,)
+                if w is not None and not w.running and w.since_ms > running.start_ms
+            ]
             if prev_ok and prev is not None and (prev == STOPPED or prev == _GONE or prev in GONE_STATES):
                 seen.append(prev_ms)
             if not seen:
@@ -305,7 +318,12 @@ def _opened(
         seen = [w.since_ms for w in (witness,) if w is not None and w.running and w.since_ms > last]
         if prev == RUNNING and prev_ok:
             seen.append(prev_ms)
-        if witness is not None and not witness.running and witness.since_ms > last:
+        if (
+            witness is not None
+            and not witness.running
+            and witness.since_ms > last
+            and _fresh(witness, snapshot)
+        ):
             out.notes.append(f"{uuid}: CloudStack says Running, its host says not: left stopped")
             return added
         if not seen:

@@ -132,7 +132,8 @@ class Reconciler:
         return True  # nothing to catch up with: every pass reads the whole API
 
     def status(self) -> dict[str, Any]:
-        return {"input": "cloudstack-api", "passes": self.passes, "last_error": self.last_error}
+        # Reported, never "degraded": without the API billing goes on from events.
+        return {"cloudstack_api": {"passes": self.passes, "last_error": self.last_error}}
 
     def close(self) -> None:
         self._stop.set()
@@ -157,7 +158,10 @@ class Reconciler:
 
 def for_config(collector: Collector, cfg: CloudStackConfig, metrics: Metrics | None = None) -> Reconciler:
     """A Reconciler reading the API of a [cloudstack] section."""
-    from kvmeter.collector.cs_client import CloudStackApi  # the `cs` library: only when configured
+    try:
+        from kvmeter.collector.cs_client import CloudStackApi  # the `cs` library: only when configured
+    except ImportError as exc:
+        raise RuntimeError(f"[cloudstack] needs the `cs` package (pip install cs): {exc}") from None
 
     api = CloudStackApi(cfg.endpoint, cfg.api_key, cfg.secret_key, cfg.timeout_s)
     return Reconciler(collector, api.snapshot, cfg.period_s, metrics)

@@ -268,3 +268,16 @@ def test_lost_create_takes_cloudstacks_creation_time() -> None:
     gone = [usage("VM.CREATE", 0, ALICE, "small"), usage("VM.DESTROY", 2, ALICE)]
     found, _ = run(gone, snap(5, VirtualMachines=[vm("Stopped")]), snap(3, VirtualMachines=[vm("Stopped")]))
     assert [(c.event_type, c.time_ms) for c in found.corrections] == [("VM.CREATE", T0 + 3 * H)]
+
+
+def test_stale_agents_neither_dispute_nor_witness() -> None:
+    now, before = snap(5, VirtualMachines=[vm("Stopped")]), snap(3, VirtualMachines=[vm("Stopped")])
+    # A host that last reported the VM running hours ago (it died): CloudStack and the previous
+    # pass decide.
+    silent = {VM: Witness(running=True, since_ms=T0 + H, seen_ms=T0 + int(1.5 * H))}
+    found, _ = run(LIFE, now, before, silent)
+    assert [(c.event_type, c.time_ms) for c in found.corrections] == [("VM.STOP", T0 + 3 * H)]
+    # "Not running" seen before the running segment opened is old news: not a witness.
+    old = {VM: Witness(running=False, since_ms=T0 + int(0.5 * H), seen_ms=T0 + int(0.5 * H))}
+    found, _ = run(LIFE, now, None, old)
+    assert found.corrections == []
