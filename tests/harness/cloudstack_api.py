@@ -6,7 +6,8 @@ Follows CloudStack's own source:
   as `{"<command>response": {}}`; items carry exactly the field names of the response classes
   (UserVmResponse, DomainRouterResponse, IPAddressResponse, NetworkResponse, AccountResponse,
   DomainResponse, ServiceOfferingResponse), dates as yyyy-MM-dd'T'HH:mm:ssZ;
-- paging: `page` (from 1) and `pagesize` (BaseListCmd);
+- paging: `page` (from 1) and `pagesize` (BaseListCmd); projects: without `projectid` no
+  project's resources, with `projectid=-1` only theirs (BaseListProjectAndAccountResourcesCmd);
 - signed requests: apiKey + signature (HMAC-SHA1 of the sorted, lower-cased query), checked with
   the collector's own signature code; a bad signature is CloudStack's 401 error body.
 Faults: `down` closes connections without an answer; `garbage` answers nonsense.
@@ -48,9 +49,10 @@ def offering(uuid: str, name: str, cpu: int, memory: int) -> dict[str, Any]:
             "memory": memory, "iscustomized": False, "created": "2024-01-01T00:00:00+0000"}  # fmt: skip
 
 
-def vm(uuid: str, name: str, owner: str, state: str, offering_id: str, created_ms: int,
-       cpu: int = 1, memory: int = 512, domain_id: str = ROOT) -> dict[str, Any]:  # fmt: skip
-    return {"id": uuid, "name": name, "displayname": name, "account": owner, "domainid": domain_id,
+def vm(uuid: str, name: str, owner: str, state: str, offering_id: str, created_ms: int, cpu: int = 1,
+       memory: int = 512, domain_id: str = ROOT, project_id: str = "") -> dict[str, Any]:  # fmt: skip
+    project = {"projectid": project_id, "project": "proj"} if project_id else {}
+    return {**project, "id": uuid, "name": name, "displayname": name, "account": owner, "domainid": domain_id,
             "domain": "ROOT", "created": api_date(created_ms), "state": state, "zoneid": "zone-1",
             "zonename": "zone1", "serviceofferingid": offering_id, "serviceofferingname": offering_id,
             "cpunumber": cpu, "cpuspeed": 1000, "memory": memory, "hypervisor": "KVM",
@@ -143,6 +145,10 @@ class CloudStackApiDouble:
                 h, 431, {"errorresponse": {"errorcode": 431, "errortext": f"unknown command {command}"}}
             )
         items = self.cloud.get(command, [])
+        # BaseListProjectAndAccountResourcesCmd: without projectid no project's resources;
+        # projectid=-1 those of every project only.
+        projects = args.get("projectid") == "-1"
+        items = [i for i in items if bool(i.get("projectid")) == projects]
         page, size = int(args.get("page", "1")), int(args.get("pagesize", "500"))
         chunk = items[(page - 1) * size : page * size]
         body: dict[str, Any] = {"count": len(items), LISTS[command]: chunk} if chunk else {}

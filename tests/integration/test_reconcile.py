@@ -228,3 +228,19 @@ def test_an_api_that_sees_part_of_the_cloud_destroys_nothing(
         rig.run_pass(hours_later=1)
     assert rig.corrections() == []
     assert 'reason="implausible"' in rig.metric("kvmeter_reconcile_errors_total")
+
+
+def test_a_project_vm_is_listed_and_never_destroyed(rig: Rig, double: api.CloudStackApiDouble) -> None:
+    project_account = "3c5e0000-0000-4000-8000-00000000proj"
+    rig.events(
+        usage_event("VM.CREATE", VM1, project_account, T0),
+        usage_event("VM.START", VM1, project_account, T0 + HOUR),
+    )
+    double.cloud["listVirtualMachines"] = [
+        api.vm(VM1, "web-1", "PrjAcct-proj-1", "Running", "small", T0, project_id="proj-1")
+    ]
+    for _ in range(3):
+        rig.run_pass(hours_later=1)
+    assert rig.corrections() == []
+    assert any(r.get("projectid") == "-1" for r in double.requests if r["command"] == "listVirtualMachines")
+    assert rig.quantity(RUNNING_VM, VM1) == {project_account: rig.clock.now - (T0 + HOUR)}
