@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only agent,collector,freshness,scale,lifecycle] [--out ...]`.
+"""`python -m bench [--quick] [--only agent,collector,freshness,scale,lifecycle,api] [--out ...]`.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import report
 
-SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle")
+SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "api")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -138,6 +138,18 @@ def main(argv: list[str] | None = None) -> int:
             results["lifecycle"] = _section(
                 "lifecycle", lambda: lifecycle_bench.run(pg.dsn, vms=vms, log=_log)
             )
+        finally:
+            pg.stop()
+
+    if "api" in only:
+        from tests.harness.postgres import Cluster
+
+        from bench import api_bench
+
+        pg = Cluster().start()
+        try:
+            records = 20_000 if quick else 1_000_000
+            results["api"] = _section("api", lambda: api_bench.run(pg.dsn, records=records, log=_log))
         finally:
             pg.stop()
 

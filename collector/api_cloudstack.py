@@ -25,19 +25,21 @@ from kvmeter.collector.cloudstack_params import (
 from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
 from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.store import Store
-from kvmeter.collector.usage_pages import PagedRow, UsageFilter
+from kvmeter.collector.usage_pages import PagedRow, UsageFilter, UsagePager
 
 UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
 
 
 def register(app: Flask, store: Store) -> None:
+    pager = UsagePager()
+
     @app.route("/client/api", methods=["GET", "POST"])
     def cloudstack_api() -> Response:
         command = request.values.get("command", "")
         try:
             args = _params()
             if command == "listUsageRecords":
-                return _list_usage_records(store, args)
+                return _list_usage_records(store, pager, args)
             if command == "listUsageTypes":
                 records = cloudstack_render.usage_type_records()
                 return _list_response("listusagetypesresponse", "usagetype", len(records), iter(records))
@@ -58,7 +60,7 @@ def _params() -> dict[str, str]:
     return args
 
 
-def _list_usage_records(store: Store, args: Mapping[str, str]) -> Response:
+def _list_usage_records(store: Store, pager: UsagePager, args: Mapping[str, str]) -> Response:
     req = parse_list_usage_records(args)
     with store.read() as conn:
         directory = OwnerDirectory.from_hints(store.owner_hints(conn))
@@ -74,14 +76,12 @@ def _list_usage_records(store: Store, args: Mapping[str, str]) -> Response:
     )
     if req.empty_range:
         flt = UsageFilter(0, 0, accounts=frozenset())
+    with store.read() as conn:
+        count = pager.count(conn, flt, store.finalized_through(conn, lock=False))
+        if req.limit is not None:
+            rows: Iterator[PagedRow] = iter(pager.page(conn, flt, limit=req.limit, offset=req.offset))
     if req.limit is None:  # pagesize=-1: every record, streamed a page at a time
-        with store.read() as conn:
-            count = usage_pages.count_usage(conn, flt)
-        rows: Iterator[PagedRow] = _all_rows(store, flt)
-    else:
-        with store.read() as conn:
-            count = usage_pages.count_usage(conn, flt)
-            rows = iter(usage_pages.page_usage(conn, flt, limit=req.limit, offset=req.offset))
+        rows = _all_rows(store, flt)
     records = (cloudstack_render.usage_record(_facts(r, directory), include_tags=req.include_tags,
                                               old_format=req.old_format) for r in rows)  # fmt: skip
     return _list_response("listusagerecordsresponse", "usagerecord", count, records, stream=req.limit is None)

@@ -13,6 +13,8 @@ import datetime as dt
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import islice
 from typing import Any
 from xml.sax.saxutils import escape
 
@@ -42,6 +44,7 @@ USAGE_TYPES = (
 CS_INVALID_PARAMETER = 4350
 CS_PERMISSION_DENIED = 4365
 CS_SERVER_API = 9999
+_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class RecordFacts:
     instance: Instance = field(default_factory=Instance)
 
 
+@lru_cache(maxsize=4096)  # a page shares few windows: each date is formatted once
 def cloudstack_date(ms: int) -> str:
     """CloudStack's API date `yyyy-MM-dd'T'HH:mm:ssZ`, e.g. 2023-07-20T19:59:59+0000."""
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S+0000")
@@ -162,8 +166,9 @@ def list_body(
     if count:
         yield f'"count":{count}'
     first = True
-    for rec in records:
-        text = json.dumps(rec, ensure_ascii=False, separators=(",", ":"))
+    items = iter(records)
+    while chunk := list(islice(items, _CHUNK)):  # one encoder call per chunk, not per record
+        text = json.dumps(chunk, ensure_ascii=False, separators=(",", ":"))[1:-1]
         if first:
             yield f'{"," if count else ""}"{object_name}":[{text}'
             first = False

@@ -2,14 +2,19 @@
 total count. For listUsageRecords (offset paging, CloudStack's page/pagesize) and /v1/usage
 (cursor paging: `after` the last row of the previous page).
 
-Order: (window_start_ms, id), an index walk on both databases (migration 7), so a page costs
-its own rows however large the store is. Net quantities (record + adjustments) are summed for
-the page's rows only.
+Order: (window_start_ms, id), an index walk on both databases (migration 7), so a page from a
+cursor costs its own rows however large the store is. Net quantities (record + adjustments) are
+summed for the page's rows only. UsagePager keeps offset paging and the total count cheap for
+clients that page in order, as CloudStack clients do (see there).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
@@ -17,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from kvmeter.collector.model import UNATTRIBUTED, UsageKey
 from kvmeter.collector.schema import KEY_COLUMNS, usage_adjustments, usage_records
+from kvmeter.collector.windows import DAY_MS
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class UsageFilter:
     start_ms: int
     end_ms: int
     ends_by_ms: int | None = None
+    ends_after_ms: int | None = None  # window end after it (UsagePager's split of the count)
     accounts: frozenset[str] | None = None
     usage_type: int | None = None
     resource: str | None = None
@@ -120,9 +127,14 @@ def _matches_nothing(flt: UsageFilter) -> bool:
 
 def _conditions(flt: UsageFilter) -> list[Any]:
     rec = usage_records.c
-    conds: list[Any] = [rec.window_start_ms >= flt.start_ms, rec.window_start_ms < flt.end_ms]
+    # Windows are at most a day, so a window ending after T starts after T - 1 day: one lower
+    # bound on the start keeps the scan an index range (SQLite uses only one of two bounds).
+    lowest = flt.start_ms if flt.ends_after_ms is None else max(flt.start_ms, flt.ends_after_ms - DAY_MS)
+    conds: list[Any] = [rec.window_start_ms >= lowest, rec.window_start_ms < flt.end_ms]
     if flt.ends_by_ms is not None:
         conds.append(rec.window_end_ms <= flt.ends_by_ms)
+    if flt.ends_after_ms is not None:
+        conds.append(rec.window_end_ms > flt.ends_after_ms)
     if flt.accounts is not None:
         conds.append(rec.account.in_(sorted(flt.accounts)))
     if flt.attributed_only:
@@ -141,3 +153,62 @@ def _conditions(flt: UsageFilter) -> list[Any]:
             )
         )
     return conds
+
+
+class UsagePager:
+    """Offset pages and counts for one API process, cheap for clients that page in order.
+
+    count: records of windows that were final when first counted (window end <= the store's
+    finalized_through then) are counted once per filter and the figure kept for `ttl_s`: such a
+    record is never deleted, and one arrives there only when late data for a final window makes
+    a new (zero) record, which the count then shows within `ttl_s`. The rest (windows that were
+    still open, at most a day back from that instant) is counted on every call.
+    page: the cursor after each page served is kept per (filter, offset), so asking for the next
+    page walks the index from there instead of skipping `offset` rows.
+    """
+
+    def __init__(
+        self, *, ttl_s: float = 60.0, max_entries: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s, self.max_entries, self.clock = ttl_s, max_entries, clock
+        self._lock = threading.Lock()
+        self._settled: OrderedDict[UsageFilter, tuple[float, int, int]] = OrderedDict()  # at, through, n
+        self._cursors: OrderedDict[tuple[UsageFilter, int], tuple[float, tuple[int, int]]] = OrderedDict()
+
+    def count(self, conn: Connection, flt: UsageFilter, finalized_through: int) -> int:
+        now = self.clock()
+        with self._lock:
+            known = self._fresh(self._settled, flt, now)
+        if known is None:
+            through = finalized_through if flt.ends_by_ms is None else min(finalized_through, flt.ends_by_ms)
+            known = (now, through, count_usage(conn, replace(flt, ends_by_ms=through)))
+            with self._lock:
+                self._keep(self._settled, flt, known)
+        _, through, settled = known
+        return settled + count_usage(conn, replace(flt, ends_after_ms=through))
+
+    def page(self, conn: Connection, flt: UsageFilter, *, limit: int, offset: int) -> list[PagedRow]:
+        now = self.clock()
+        with self._lock:
+            cursor = self._fresh(self._cursors, (flt, offset), now) if offset else None
+        if cursor is None:
+            rows = page_usage(conn, flt, limit=limit, offset=offset)
+        else:
+            rows = page_usage(conn, flt, limit=limit, after=cursor[1])
+        if rows:
+            with self._lock:
+                self._keep(self._cursors, (flt, offset + len(rows)), (now, rows[-1].after))
+        return rows
+
+    def _fresh(self, memo: OrderedDict[Any, Any], key: Any, now: float) -> Any:
+        entry = memo.get(key)
+        if entry is None or now - entry[0] > self.ttl_s:
+            return None
+        memo.move_to_end(key)
+        return entry
+
+    def _keep(self, memo: OrderedDict[Any, Any], key: Any, entry: Any) -> None:
+        memo[key] = entry
+        memo.move_to_end(key)
+        while len(memo) > self.max_entries:
+            memo.popitem(last=False)

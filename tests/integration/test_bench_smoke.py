@@ -6,7 +6,7 @@ stores with its own checks (every event stored, the same usage in both stores), 
 from __future__ import annotations
 
 import pytest
-from bench import agent_bench, collector_bench, freshness, lifecycle_bench, report
+from bench import agent_bench, api_bench, collector_bench, freshness, lifecycle_bench, report
 
 NICS = 6
 META = {"quick": True, "started": "now", "cpus": 2, "commit": "x", "loadavg_start": 0.0, "loadavg_end": 0.0}
@@ -61,3 +61,15 @@ def test_lifecycle_bench_runs_on_a_tiny_size(pg_dsn: str) -> None:
         assert run["events_per_s"] > 0
     text = report.render({"meta": META, "lifecycle": life})
     assert "ingest --events -> committed usage, postgresql" in text
+
+
+@pytest.mark.pg
+def test_api_bench_runs_on_a_tiny_size(pg_dsn: str) -> None:
+    out = api_bench.run(pg_dsn, records=6000, pages=3, log=lambda _: None)
+    for name in ("sqlite", "postgresql"):
+        run = out["stores"][name]
+        assert run["operator"]["pages"] == 3  # each page checked: 500 records, count the total
+        assert run["account"]["api_ms"] > 0
+        assert run["paging"]["rss_peak_mb"] >= run["paging"]["rss_before_mb"] > 10
+    text = report.render({"meta": META, "api": out})
+    assert "listUsageRecords over 6,000 records" in text
