@@ -5,6 +5,8 @@ virtual router, bob's VM; as root, real network namespaces carry real traffic, s
 can be checked against the VMs' own kernel counters. A short lifecycle plays in CloudStack's
 event-bus format: create, start, IP assign, stop (the taps vanish with their last bytes),
 upgrade, start again, IP release. The pipeline is `kvmeter run --all-in-one`, run on that host.
+With --real-vms (as root, where QEMU runs) the VMs are real QEMU guests of a real libvirtd
+(kvmeter.pipeline.demoreal) and the bytes are checked against their taps.
 
 Usage windows are one minute here (an hour by default), so a one-minute run shows a few.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -30,9 +33,10 @@ from kvmeter.collector.store import Store
 from kvmeter.collector.usage import rawusage
 from kvmeter.pipeline import allinone
 from kvmeter.pipeline.democloud import ACCOUNTS, POLL_SECONDS, SPECS, Cloud, Script
+from kvmeter.pipeline.demoreal import RealCloud
 
 
-def _config(workdir: Path, uri: str, api_listen: str, metrics_port: int) -> Path:
+def _config(workdir: Path, uri: str, api_listen: str, metrics_port: int, token: str) -> Path:
     path = workdir / "allinone.toml"
     path.write_text(
         f"""# written by kvmeter demo
@@ -54,6 +58,7 @@ tick_seconds = 2
 billable_traffic_types = ["public", "guest"]
 [api]
 listen = "{api_listen}"
+token = "{token}"
 [lifecycle]
 events_file = "events.jsonl"
 """
@@ -69,7 +74,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _summary(store: Store, cloud: Cloud, start_ms: int) -> str:
+def _summary(store: Store, cloud: Cloud | RealCloud, start_ms: int) -> str:
     rows = store.usage(start_ms - 3_600_000, int(time.time() * 1000) + 3_600_000)
     per: dict[tuple[str, int], int] = defaultdict(int)
     billed_bytes: dict[tuple[str, int], int] = defaultdict(int)
@@ -88,7 +93,7 @@ def _summary(store: Store, cloud: Cloud, start_ms: int) -> str:
     if truth:
         lines += [
             "",
-            "Billed bytes against the VMs' own kernel counters (all traffic types billable here):",
+            f"Billed bytes against {cloud.truth_label} (all traffic types billable here):",
             "",
         ]
         lines.append(f"  {'VM':<10} {'DIRECTION':<9} {'KERNEL':>12} {'BILLED':>12} {'DIFF':>6}")
@@ -104,12 +109,14 @@ class Pipeline:
     """`kvmeter run --all-in-one` as a process on the simulated host (in its namespace), as an
     operator would run it there; the demo watches it through its store."""
 
-    def __init__(self, cloud: Cloud, workdir: Path):
+    def __init__(self, cloud: Cloud | RealCloud, workdir: Path):
         self.workdir = workdir
         # The API listens on the host's management address, reachable from here.
         self.api_host = cloud.host.mgmt_ip if cloud.host is not None else "127.0.0.1"
         self.api_port = _free_port()
-        config = _config(workdir, cloud.uri, f"{self.api_host}:{self.api_port}", _free_port())
+        # not on loopback, so the API wants a credential: a token of this run's own
+        self.token = secrets.token_hex(16)
+        config = _config(workdir, cloud.uri, f"{self.api_host}:{self.api_port}", _free_port(), self.token)
         allinone.load(config)  # fail here, clearly, if the demo wrote something wrong
         cmd = [sys.executable, "-m", "kvmeter", "run", "--all-in-one", "--config", str(config)]
         if cloud.host is not None:
@@ -157,18 +164,40 @@ class Pipeline:
     default=None,
     help="Keep the pipeline and its API up this long at the end (default: until Ctrl-C on a terminal).",
 )
-def demo(seconds: float, workdir: str, linger: float | None) -> None:
+@click.option(
+    "--real-vms",
+    is_flag=True,
+    help="Real QEMU guests under a real libvirtd (as root; Debian's QEMU, libvirt, busybox-static).",
+)
+@click.option(
+    "--vm-cache",
+    type=click.Path(file_okay=False),
+    default="build/realvm",
+    show_default=True,
+    help="With --real-vms: where the guest kernel .deb and the built guest are kept.",
+)
+def demo(seconds: float, workdir: str, linger: float | None, *, real_vms: bool, vm_cache: str) -> None:
     """Build a small simulated CloudStack cloud, meter it for a minute, show the usage."""
     work = Path(workdir).resolve()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     real = os.geteuid() == 0
     click.echo(f"kvmeter demo in {work}")
-    click.echo(
-        "  simulated host: libvirt test driver"
-        + (" + network namespaces with real traffic" if real else " only (run as root for real traffic)")
-    )
-    cloud = Cloud(work, real_network=real)
+    cloud: Cloud | RealCloud
+    if real_vms:
+        if not real:
+            raise click.ClickException("--real-vms needs root (network namespaces, libvirtd, QEMU)")
+        click.echo("  host: network namespaces, a real libvirtd and QEMU guests (software emulation)")
+        try:
+            cloud = RealCloud(work, Path(vm_cache).resolve())
+        except RuntimeError as exc:
+            raise click.ClickException(f"real guests cannot run here: {exc}") from exc
+    else:
+        click.echo(
+            "  simulated host: libvirt test driver"
+            + (" + network namespaces with real traffic" if real else " only (run as root for real traffic)")
+        )
+        cloud = Cloud(work, real_network=real)
     pipeline: Pipeline | None = None
     try:
         pipeline = Pipeline(cloud, work)
@@ -189,12 +218,14 @@ def demo(seconds: float, workdir: str, linger: float | None) -> None:
             time.sleep(max(0.0, 1.0 - (time.monotonic() % 1.0)))
         for what in script.due():  # anything left
             click.echo(f"  [{time.time() - script.t0:>3.0f}s] {what}")
+        cloud.finish()
         click.echo("  traffic stopped; letting the pipeline poll and apply the last bytes")
         time.sleep(3 * POLL_SECONDS)
         click.echo(_summary(pipeline.store, cloud, start_ms))
         today = dt.datetime.now(dt.UTC).date()
         days = f"{today}", f"{today + dt.timedelta(days=1)}"
         click.echo(f"\nAPI (running): {pipeline.url}/v1/usage?start={days[0]}&end={days[1]}&format=csv")
+        click.echo(f"  with header: Authorization: Bearer {pipeline.token}")
         listing = f"command=listUsageRecords&startdate={days[0]}&enddate={days[0]}"
         click.echo(f"  CloudStack:  {pipeline.url}/client/api?{listing}")
         db = f"sqlite:///{work / 'usage.db'}"

@@ -66,6 +66,8 @@ POLL_SECONDS = 2.0
 class Cloud:
     """The simulated host. Without root it is libvirt's test driver alone: no taps, no bytes."""
 
+    truth_label = "the VMs' own kernel counters"
+
     def __init__(self, workdir: Path, *, real_network: bool):
         self.workdir = workdir
         self.lab: Lab | None = None
@@ -110,6 +112,9 @@ class Cloud:
             vm = self.vms.get(name)
             if vm is not None and vm.present and name not in self.quiet:
                 vm.send(dst, nbytes, nic=nic)
+
+    def finish(self) -> None:
+        """Traffic ends with the demo's loop; the VMs stay up."""
 
     def kernel_totals(self) -> dict[tuple[str, int], int]:
         """VM-side kernel counters over every incarnation: (vm uuid, usage type) -> bytes."""

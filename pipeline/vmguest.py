@@ -178,6 +178,29 @@ def build_guest(cache_dir: Path, deb: Path) -> GuestImage:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def guest_prints(serial: str, label: str) -> list[dict[str, dict[str, int]]]:
+    """The guest's own counter lines with ``label`` (up, tick, final) in its serial log, oldest
+    first: one {ifname: {rx_bytes, tx_bytes}} per print."""
+    prints: list[dict[str, dict[str, int]]] = []
+    current: dict[str, dict[str, int]] = {}
+    last_eth = -1
+    for line in serial.split("\n")[:-1]:  # the last one may be half written
+        parts = line.strip().split(None, 2)
+        if len(parts) < 3 or parts[0] != SERIAL_TAG or parts[1] != label:
+            continue
+        ifname, numbers = parts[2].split(":", 1)
+        fields = [int(v) for v in numbers.split()]
+        k = int(ifname.strip()[3:])
+        if k <= last_eth:  # the next print starts at eth0 again
+            prints.append(current)
+            current = {}
+        current[ifname.strip()] = {"rx_bytes": fields[0], "tx_bytes": fields[8]}
+        last_eth = k
+    if current:
+        prints.append(current)
+    return prints
+
+
 def _run(cmd: list[str], cwd: Path | None = None) -> str:
     result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
     if result.returncode != 0:

@@ -22,12 +22,14 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
 from kvmeter.pipeline.simlibvirt import CLOUDSTACK_NS
+from kvmeter.pipeline.vmguest import POWEROFF_PORT
 
 # libvirt's directories that get a private copy (bind mount target -> name under state_dir)
 PRIVATE_DIRS = {
@@ -176,6 +178,13 @@ class Libvirtd:
         if check and result.returncode != 0:
             raise RuntimeError(f"virsh {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout
+
+
+def poweroff_command(address: str) -> list[str]:
+    """Run in the guest's network: asks the guest at ``address`` to power itself off (see
+    kvmeter.pipeline.vmguest)."""
+    connect = f"import socket; socket.create_connection(({address!r}, {POWEROFF_PORT}), 10).close()"
+    return [sys.executable, "-c", connect]
 
 
 def _running(pid: int) -> bool:

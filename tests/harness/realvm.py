@@ -8,104 +8,20 @@ guest's own `/proc/net/dev` lines come from its serial log.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmeter.pipeline.simnet import SENDER, Host, read_counters
-from kvmeter.pipeline.vmguest import POWEROFF_PORT, SERIAL_TAG, GuestImage
-from kvmeter.pipeline.vmhost import Guest, GuestNic, Libvirtd
+from kvmeter.pipeline.tapwatch import LinkWatch, TapRecord
+from kvmeter.pipeline.vmguest import GuestImage, guest_prints
+from kvmeter.pipeline.vmhost import Guest, GuestNic, Libvirtd, poweroff_command
 
 __all__ = ["Guest", "GuestNic", "LinkWatch", "RealHost", "TapRecord", "wait_until"]
 
 GUEST_PEER = "10.1.1.254"  # the host's own address on the guest bridge brvx-5001
-
-# Run inside the host's namespace: every RTM_NEWLINK/RTM_DELLINK of a tap, as JSON lines.
-_WATCH = r"""
-import json, sys
-from pyroute2 import IPRoute
-with IPRoute() as ipr:
-    ipr.bind()
-    print(json.dumps({"ready": True}), flush=True)
-    while True:
-        for msg in ipr.get():
-            event = msg.get("event")
-            if event not in ("RTM_NEWLINK", "RTM_DELLINK") or msg["family"] == 7:
-                continue  # AF_BRIDGE (7): a port joining or leaving its bridge, no counters
-            name = msg.get_attr("IFLA_IFNAME") or ""
-            if not name.startswith("vnet"):
-                continue
-            stats = msg.get_attr("IFLA_STATS64") or {}
-            print(json.dumps({
-                "event": event, "ifname": name, "ifindex": msg["index"],
-                "mac": msg.get_attr("IFLA_ADDRESS"),
-                "rx_bytes": stats.get("rx_bytes"), "tx_bytes": stats.get("tx_bytes"),
-                "at": __import__("time").monotonic(),
-            }), flush=True)
-"""
-
-
-@dataclass(frozen=True)
-class TapRecord:
-    """One link message of a tap, host side: rx = what the VM sent, tx = what it received."""
-
-    event: str
-    ifname: str
-    ifindex: int
-    mac: str
-    rx_bytes: int | None
-    tx_bytes: int | None
-    at: float
-
-
-class LinkWatch:
-    """The tap link messages of namespace ``ns`` since start(), in order."""
-
-    def __init__(self, ns: str):
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", _WATCH],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        if "ready" not in self.proc.stdout.readline():
-            raise RuntimeError(f"the link watch in {ns} did not start")
-        self.records: list[TapRecord] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._read, name="linkwatch", daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._lock:
-                self.records.append(TapRecord(**json.loads(line)))
-
-    def deleted(self) -> list[TapRecord]:
-        with self._lock:
-            return [r for r in self.records if r.event == "RTM_DELLINK"]
-
-    def wait_deleted(self, ifindex: int, timeout: float = 30.0) -> TapRecord:
-        found: list[TapRecord] = []
-
-        def gone() -> bool:
-            found[:] = [r for r in self.deleted() if r.ifindex == ifindex]
-            return bool(found)
-
-        wait_until(gone, timeout, f"tap ifindex {ifindex} deleted")
-        return found[0]
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        self._thread.join(10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
 
 
 def wait_until(check: Callable[[], object], timeout: float, what: str, every: float = 0.05) -> None:
@@ -171,9 +87,7 @@ class RealHost:
 
     def poweroff(self, name: str) -> None:
         """Ask the guest to power itself off (a TCP connection to its port 7)."""
-        address = self.guests[name].nics[0].ip
-        script = f"import socket; socket.create_connection(({address!r}, {POWEROFF_PORT}), 10).close()"
-        self.host.run(sys.executable, "-c", script)
+        self.host.run(*poweroff_command(self.guests[name].nics[0].ip))
 
     def state(self, name: str) -> str:
         return self.virsh("domstate", name).strip()
@@ -188,24 +102,7 @@ class RealHost:
             text = self.serial_log(name).read_text(errors="replace")
         except FileNotFoundError:
             return []
-        prints: list[dict[str, dict[str, int]]] = []
-        current: dict[str, dict[str, int]] = {}
-        last_eth = -1
-        for line in text.split("\n")[:-1]:  # the last one may be half written
-            parts = line.strip().split(None, 2)
-            if len(parts) < 3 or parts[0] != SERIAL_TAG or parts[1] != label:
-                continue
-            ifname, numbers = parts[2].split(":", 1)
-            fields = [int(v) for v in numbers.split()]
-            k = int(ifname.strip()[3:])
-            if k <= last_eth:  # the next print starts at eth0 again
-                prints.append(current)
-                current = {}
-            current[ifname.strip()] = {"rx_bytes": fields[0], "tx_bytes": fields[8]}
-            last_eth = k
-        if current:
-            prints.append(current)
-        return prints
+        return guest_prints(text, label)
 
     def wait_up(self, name: str, timeout: float = 60.0) -> None:
         """Until the guest's NICs are up (it printed its first counters)."""
