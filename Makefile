@@ -19,10 +19,11 @@ APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugi
 REALVM_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static cpio
 REALVM_DEBS := build/realvm/debs
 
-.PHONY: help deps realvm-deps venv proto lint typecheck test test-proto-compat unit e2e demo bench packages test-packages clean
+.PHONY: help deps realvm-deps venv proto lint typecheck test test-proto-compat unit e2e demo demo-real-vms bench packages test-packages clean
 
 help:
 	@echo "make demo   - build a small simulated cloud and meter it (embedded default)"
+	@echo "make demo-real-vms - the same cloud on real QEMU guests under a real libvirtd (as root)"
 	@echo "make test   - install everything, lint, type-check and run all tests"
 	@echo "make bench  - agent, collector, freshness and scale benchmarks side by side (as root)"
 
@@ -107,6 +108,10 @@ test-packages: venv
 
 demo: venv
 	$(BIN)/kvmeter demo
+
+# The demo on real QEMU guests under a real libvirtd (as root; slower: guests boot under emulation).
+demo-real-vms: venv realvm-deps
+	$(BIN)/kvmeter demo --real-vms
 
 # Side-by-side benchmarks (as root: network namespaces), not part of `make test`; ~15 minutes.
 # BENCH_ARGS=--quick for a smoke run; results in bench/results.json.

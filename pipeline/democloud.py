@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT
 from kvmeter.pipeline.simevents import EventBus
@@ -131,10 +132,20 @@ class Cloud:
             self.lab.close()
 
 
+class Stage(Protocol):
+    """What the script plays on: this module's Cloud, or real guests (kvmeter.pipeline.demoreal)."""
+
+    quiet: set[str]
+
+    def boot(self, spec: VmSpec) -> None: ...
+
+    def stop(self, spec: VmSpec) -> None: ...
+
+
 class Script:
     """The lifecycle, as CloudStack would publish it, appended to the events file on cue."""
 
-    def __init__(self, cloud: Cloud, events: Path, seconds: float):
+    def __init__(self, cloud: Stage, events: Path, seconds: float):
         self.cloud, self.events, self.seconds = cloud, events, seconds
         self.bus = EventBus(offset_minutes=60)  # a management server in UTC+1
         self.t0 = time.time()
