@@ -68,6 +68,8 @@ while :; do
   n=$((n + 1))
 done
 counters() { grep ' eth' /proc/net/dev | sed "s/^ */@TAG@ $1 /" > /dev/console; }
+nc -l -p @PORT@ > /dev/null 2>&1 &
+trigger=$!
 counters up
 pids=""
 k=0
@@ -81,7 +83,7 @@ while [ $k -lt $n ]; do
 done
 (while :; do sleep 1; counters tick; done) &
 pids="$pids $!"
-nc -l -p @PORT@ > /dev/null 2>&1
+wait $trigger
 # quiet first (the last replies come in), so the final line is all this guest ever moved
 kill $pids
 sleep 0.5

@@ -183,7 +183,17 @@ class Libvirtd:
 def poweroff_command(address: str) -> list[str]:
     """Run in the guest's network: asks the guest at ``address`` to power itself off (see
     kvmeter.pipeline.vmguest)."""
-    connect = f"import socket; socket.create_connection(({address!r}, {POWEROFF_PORT}), 10).close()"
+    connect = (
+        "import socket, time\n"
+        "for attempt in range(100):\n"
+        "    try:\n"
+        f"        socket.create_connection(({address!r}, {POWEROFF_PORT}), 10).close()\n"
+        "        break\n"
+        "    except ConnectionRefusedError:\n"  # its listener is starting right now
+        "        time.sleep(0.1)\n"
+        "else:\n"
+        "    raise SystemExit('the guest never listened')\n"
+    )
     return [sys.executable, "-c", connect]
 
 
