@@ -24,6 +24,7 @@ from kvmeter.collector.cloudstack_params import (
 )
 from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
 from kvmeter.collector.owner_directory import OwnerDirectory
+from kvmeter.collector.reconcile_store import load_names
 from kvmeter.collector.store import Store
 from kvmeter.collector.usage_pages import PagedRow, UsageFilter, UsagePager
 
@@ -63,7 +64,9 @@ def _params() -> dict[str, str]:
 def _list_usage_records(store: Store, pager: UsagePager, args: Mapping[str, str]) -> Response:
     req = parse_list_usage_records(args)
     with store.read() as conn:
-        directory = OwnerDirectory.from_hints(store.owner_hints(conn))
+        names = load_names(conn)
+        hinted = OwnerDirectory.from_hints(store.owner_hints(conn))
+    directory = hinted.with_names(names.accounts, names.domains)
     flt = UsageFilter(
         start_ms=req.start_ms,
         end_ms=req.end_ms,
@@ -104,11 +107,15 @@ def visible_accounts(
         if req.domain_id is None:
             requested |= {req.account_name}
     if req.domain_id is not None:
-        if req.recursive and req.account_id is None and req.project_id is None:
+        recursive = req.recursive and req.account_id is None and req.project_id is None
+        found = directory.accounts_in_domain(req.domain_id, recursive=recursive)
+        if found is None:
             raise CloudStackError(
-                PARAM_ERROR, "isrecursive=true with domainid needs the domain tree; kvmeter does not know it"
+                PARAM_ERROR,
+                "isrecursive=true with domainid needs the domain's path, which kvmeter learns from "
+                "CloudStack's API (the reconciler): not known for this domain",
             )
-        in_domain = directory.accounts_in_domain(req.domain_id)
+        in_domain = found
         requested = in_domain if requested is None else requested & in_domain
         own_domain = req.domain_id in principal.domains or (in_domain and visible and in_domain <= visible)
         if visible is not None and not own_domain:

@@ -54,6 +54,7 @@ class Owner:
     account_name: str = ""
     domain_id: str = ""
     domain_name: str = ""
+    domain_path: str = ""
     project_id: str = ""
     project_name: str = ""
 
@@ -117,6 +118,7 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
         ("project", owner.project_name),
         ("domainid", owner.domain_id),
         ("domain", owner.domain_name),
+        ("domainpath", owner.domain_path),
         ("zoneid", vm.zone_id),
         ("description", description),
         ("usage", usage),

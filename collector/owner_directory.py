@@ -1,12 +1,13 @@
-"""Accounts, domains, projects and VMs as CloudStack's <metadata> named them to the agents.
+"""Accounts, domains, projects and VMs as CloudStack named them to kvmeter.
 
-The event bus carries account uuids only; names, domains, projects, zones, sizes and tags reach
-kvmeter through the VMs' <metadata> (the owner hints the store keeps). This directory answers
-the API's questions from them: which accounts carry a name, sit in a domain or belong to a
-project, and what to show beside a record. What no VM's metadata told stays unknown: a filter on
-it matches nothing, a field of it is left out.
+The event bus carries account uuids only. Names, domains, projects, zones, sizes and tags reach
+kvmeter through the VMs' <metadata> (the owner hints the store keeps), and account and domain
+names and domain paths through the reconciler's reads of CloudStack's API (which win where both
+speak). This directory answers the API's questions from them: which accounts carry a name, sit
+in a domain (and its subdomains) or belong to a project, and what to show beside a record. What
+nobody told stays unknown: a filter on it matches nothing, a field of it is left out.
 
-Pure: the hints mapping in, lookups out.
+Pure: the hints and names in, lookups out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvmeter.collector.cloudstack_render import Instance, Owner
 
@@ -26,6 +27,22 @@ _TAG = re.compile(r"tag(?:\[(\d+)\])?\.(key|value)")  # tag[i].key, or tag.key w
 class OwnerDirectory:
     owners: Mapping[str, Owner] = field(default_factory=dict)  # by account uuid
     instances: Mapping[str, Instance] = field(default_factory=dict)  # by VM uuid
+    domain_paths: Mapping[str, str] = field(default_factory=dict)  # by domain uuid: ROOT/a/b
+
+    def with_names(
+        self, accounts: Mapping[str, tuple[str, str]], domains: Mapping[str, tuple[str, str]]
+    ) -> OwnerDirectory:
+        """Add what CloudStack's API said (the reconciler's names): accounts {uuid: (name,
+        domain uuid)}, domains {uuid: (name, path)}."""
+        owners = dict(self.owners)
+        for uuid, (name, domain) in accounts.items():
+            known = owners.get(uuid, Owner())
+            domain_name, path = domains.get(domain, (known.domain_name, ""))
+            owners[uuid] = replace(
+                known, account_name=name, domain_id=domain, domain_name=domain_name, domain_path=path
+            )
+        paths = {**self.domain_paths, **{d: path for d, (_, path) in domains.items() if path}}
+        return OwnerDirectory(owners, self.instances, paths)
 
     @classmethod
     def from_hints(cls, hints: Mapping[str, Mapping[str, str]]) -> OwnerDirectory:
@@ -65,8 +82,16 @@ class OwnerDirectory:
             if o.account_name == name and (domain_id is None or o.domain_id == domain_id)
         )
 
-    def accounts_in_domain(self, domain_id: str) -> frozenset[str]:
-        return self._by_domain().get(domain_id, frozenset())
+    def accounts_in_domain(self, domain_id: str, *, recursive: bool = False) -> frozenset[str] | None:
+        """The domain's accounts; recursive: its subdomains' too (None when the domain's path,
+        hence its subdomains, is unknown)."""
+        if not recursive:
+            return self._by_domain().get(domain_id, frozenset())
+        path = self.domain_paths.get(domain_id)
+        if path is None:
+            return None
+        inside = {d for d, p in self.domain_paths.items() if p == path or p.startswith(path + "/")}
+        return frozenset(a for a, o in self.owners.items() if o.domain_id in inside)
 
     def accounts_of_project(self, project_id: str) -> frozenset[str]:
         return frozenset(a for a, o in self.owners.items() if o.project_id == project_id)

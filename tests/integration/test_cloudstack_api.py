@@ -24,8 +24,10 @@ from kvmeter.collector.api import create_app
 from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.api_errors import MAX_BODY_BYTES
 from kvmeter.collector.cloudstack_render import cloudstack_date
+from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
 from kvmeter.collector.ingest import ingest_events, ingest_measures
 from kvmeter.collector.model import UsageKey
+from kvmeter.collector.reconcile_store import save_names
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
 from tests.collector_support import (
@@ -149,7 +151,7 @@ CASES: list[tuple[dict[str, str], int, str | set[Key]]] = [
     ({"account": "alice", "domainid": DOMAIN_A}, 200, expected_keys(account=ACCT_A)),
     ({"account": "alice", "domainid": DOMAIN_B}, 200, set()),
     ({"domainid": DOMAIN_B}, 200, expected_keys(account=ACCT_B)),
-    ({"domainid": DOMAIN_B, "isrecursive": "true"}, 431, "domain tree"),
+    ({"domainid": DOMAIN_B, "isrecursive": "true"}, 431, "needs the domain's path"),
     ({"domainid": DOMAIN_B, "accountid": ACCT_B, "isrecursive": "true"}, 200, expected_keys(account=ACCT_B)),
     ({"isrecursive": "true"}, 200, expected_keys()),
     ({"isrecursive": "yes"}, 431, "due to invalid value yes for parameter isrecursive"),
@@ -366,3 +368,28 @@ def test_a_refused_body_is_answered_in_cloudstacks_default_xml(client: FlaskClie
     resp = client.post("/client/api?command=listUsageRecords", data=b"x" * (MAX_BODY_BYTES + 1))
     assert (resp.status_code, resp.content_type) == (413, "text/xml; charset=UTF-8")
     assert ET.fromstring(resp.data).findtext("errorcode") == "413"
+
+
+def test_names_from_cloudstacks_api_give_names_domain_paths_and_subdomains(store: Store) -> None:
+    snapshot = Snapshot(
+        taken_ms=NOW,
+        accounts={ACCT_A: Account(ACCT_A, "alice", DOMAIN_A), ACCT_B: Account(ACCT_B, "bob-api", DOMAIN_B)},
+        domains={
+            DOMAIN_A: Domain(DOMAIN_A, "ROOT", "ROOT"),
+            DOMAIN_B: Domain(DOMAIN_B, "customers", "ROOT/customers"),
+        },
+    )
+    with store.write() as conn:  # as the reconciler keeps what CloudStack's API said
+        save_names(conn, snapshot, NOW)
+    client = scoped_app(store).test_client()
+    _, body = call(client, **DAY, domainid=DOMAIN_A, isrecursive="true")
+    assert keys(body) == expected_keys()
+    _, body = call(client, **DAY, domainid=DOMAIN_A)
+    assert keys(body) == expected_keys(account=ACCT_A)
+    _, body = call(client, **DAY, domainid=DOMAIN_B, isrecursive="true", type="4")
+    (rec,) = records(body)
+    assert (rec["account"], rec["domain"], rec["domainpath"]) == ("bob-api", "customers", "ROOT/customers")
+    _, body = call(client, **DAY, account="bob-api")
+    assert keys(body) == expected_keys(account=ACCT_B)
+    code, _ = call(client, accounts=ACCT_B, **DAY, domainid=DOMAIN_A, isrecursive="true")
+    assert code == 531  # the root domain holds another account too
