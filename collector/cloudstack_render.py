@@ -111,30 +111,28 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
     else:
         usage = f"{raw} Hrs"
         description = f"IP Address: {name}" if old_format else f"IP address usage for {name} ({k.resource})"
-    fields: list[tuple[str, Any]] = [
-        ("account", owner.account_name or k.account),
-        ("accountid", k.account),
-        ("projectid", owner.project_id),
-        ("project", owner.project_name),
-        ("domainid", owner.domain_id),
-        ("domain", owner.domain_name),
-        ("domainpath", owner.domain_path),
-        ("zoneid", vm.zone_id),
-        ("description", description),
-        ("usage", usage),
-        ("usagetype", k.usage_type),
-        ("rawusage", raw),
-        ("virtualmachineid", k.resource if is_vm_time or device == "UserVm" else None),
-        ("name", rec.resource_name if is_vm_time else None),
-        ("offeringid", k.offering if is_vm_time else None),
-        ("usageid", k.resource),
-        ("type", "KVM" if is_vm_time else device),  # hypervisor for VM time, device for bytes
-        ("cpunumber", vm.cpu_cores if is_vm_time else None),
-        ("memory", vm.memory_mb if is_vm_time else None),
-        ("startdate", cloudstack_date(k.window_start_ms)),
-        ("enddate", cloudstack_date(k.window_end_ms - 1000)),  # start + range - 1 s, like CloudStack
-    ]
-    out = {name: value for name, value in fields if value is not None and value != ""}
+    out = dict(_owner_fields(k.account, owner))  # a page has few owners: their fields are built once
+    if vm.zone_id:
+        out["zoneid"] = vm.zone_id
+    out["description"] = description
+    out["usage"] = usage
+    out["usagetype"] = k.usage_type
+    out["rawusage"] = raw
+    if is_vm_time or device == "UserVm":
+        out["virtualmachineid"] = k.resource
+    if is_vm_time:
+        if rec.resource_name:
+            out["name"] = rec.resource_name
+        if k.offering:
+            out["offeringid"] = k.offering
+    out["usageid"] = k.resource
+    out["type"] = "KVM" if is_vm_time else device  # hypervisor for VM time, device for bytes
+    if is_vm_time and vm.cpu_cores is not None:
+        out["cpunumber"] = vm.cpu_cores
+    if is_vm_time and vm.memory_mb is not None:
+        out["memory"] = vm.memory_mb
+    out["startdate"] = cloudstack_date(k.window_start_ms)
+    out["enddate"] = cloudstack_date(k.window_end_ms - 1000)  # start + range - 1 s, like CloudStack
     # UsageRecordResponse starts with an empty tag set: Gson writes "tags": [] unless filled.
     out["tags"] = (
         [{"key": tk, "value": tv, "resourcetype": "UserVm", "resourceid": k.resource} for tk, tv in vm.tags]
@@ -142,6 +140,21 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
         else []
     )
     return out
+
+
+@lru_cache(maxsize=1024)
+def _owner_fields(account: str, owner: Owner) -> tuple[tuple[str, str], ...]:
+    """UsageRecordResponse's owner fields, in its order, the unknown ones left out."""
+    fields = (
+        ("account", owner.account_name or account),
+        ("accountid", account),
+        ("projectid", owner.project_id),
+        ("project", owner.project_name),
+        ("domainid", owner.domain_id),
+        ("domain", owner.domain_name),
+        ("domainpath", owner.domain_path),
+    )
+    return tuple((name, value) for name, value in fields if value)
 
 
 def usage_type_records() -> list[dict[str, Any]]:
