@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import g
 from prometheus_client import generate_latest
 
 from kvmeter.collector import reconcile_store
 from kvmeter.collector.api import create_app
+from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.cs_client import ApiUnavailable, CloudStackApi
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import IP_ADDRESS, NETWORK_BYTES_SENT, RUNNING_VM
@@ -244,3 +246,26 @@ def test_a_project_vm_is_listed_and_never_destroyed(rig: Rig, double: api.CloudS
     assert rig.corrections() == []
     assert any(r.get("projectid") == "-1" for r in double.requests if r["command"] == "listVirtualMachines")
     assert rig.quantity(RUNNING_VM, VM1) == {project_account: rig.clock.now - (T0 + HOUR)}
+
+
+def test_corrections_are_narrowed_to_the_callers_accounts(rig: Rig, double: api.CloudStackApiDouble) -> None:
+    rig.events(usage_event("NET.IPASSIGN", IP1, ACCT_B, T0))
+    rig.run_pass()
+    rig.run_pass(hours_later=1)  # the release bob's IP lost on the bus
+    app = create_app(rig.store)
+    caller: list[Principal] = []
+
+    @app.before_request
+    def _as_caller() -> None:
+        g.principal = caller[-1]
+
+    client = app.test_client()
+    for principal, query, count in [
+        (Principal("bob", accounts=frozenset({ACCT_B})), "", 1),
+        (Principal("alice", accounts=frozenset({ACCT_A})), "", 0),
+        (Principal("alice", accounts=frozenset({ACCT_A})), f"?account={ACCT_B}", 0),
+        (Principal("operator"), f"?account={ACCT_B}", 1),
+    ]:
+        caller.append(principal)
+        body = client.get(f"/v1/corrections{query}").get_json()
+        assert body["count"] == count, (principal, query)
