@@ -111,7 +111,7 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
     else:
         usage = f"{raw} Hrs"
         description = f"IP Address: {name}" if old_format else f"IP address usage for {name} ({k.resource})"
-    out = dict(_owner_fields(k.account, owner))  # a page has few owners: their fields are built once
+    out: dict[str, Any] = dict(_owner_fields(k.account, owner))  # few owners a page: built once each
     if vm.zone_id:
         out["zoneid"] = vm.zone_id
     out["description"] = description
