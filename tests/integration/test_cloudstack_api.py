@@ -25,11 +25,10 @@ from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.api_errors import MAX_BODY_BYTES
 from kvmeter.collector.cloudstack_render import cloudstack_date
 from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
-from kvmeter.collector.ingest import ingest_events, ingest_measures
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.reconcile_store import save_names
-from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
+from tests.api_support import NOW, filled_store
 from tests.collector_support import (
     ACCT_A,
     ACCT_B,
@@ -39,13 +38,9 @@ from tests.collector_support import (
     VM1,
     VM2,
     ZONE,
-    Clock,
-    delimited,
     expected_usage,
-    scenario,
 )
 
-NOW = T0 + 5 * HOUR
 DOMAIN_A, DOMAIN_B, PROJECT_B = (
     "d0000000-0000-4000-8000-00000000dom-a",
     "d0000000-0000-4000-8000-00000000dom-b",
@@ -65,16 +60,7 @@ EXPECTED = expected_usage(NOW)  # every window lies in 2024-05-14
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path}/usage.db")
-    s.migrate()
-    collector = Collector(s, Settings(), Clock(NOW))
-    sc = scenario()
-    events, measures = tmp_path / "events.jsonl", tmp_path / "m.pb"
-    events.write_bytes(b"\n".join(v for _, v in sc.events) + b"\n")
-    measures.write_bytes(delimited(sc.batches))
-    ingest_events(collector, events)
-    ingest_measures(collector, measures)
-    collector.tick()
+    s, _ = filled_store(tmp_path)
     with s.write() as conn:
         s.save_owner_hints(conn, HINTS, NOW)
     yield s

@@ -4,7 +4,6 @@ version 3 with an expiry) by GET and by POST with a form body, pages with page/p
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from cs import CloudStack, CloudStackApiException
 from kvmeter.collector.api import serve
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import Store
+from tests.api_support import running
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0
 
 API_KEY, SECRET = "billing-api-key", "billing-secret-key"
@@ -32,14 +32,9 @@ def endpoint(tmp_path: Path) -> Iterator[str]:
     with store.write() as conn:
         store.add_bytes(conn, rows, {}, 0, T0)
     server = serve(store, "127.0.0.1", 0, cloudstack_keys={API_KEY: SECRET})
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.port}/client/api"
-    finally:
-        server.close()
-        thread.join(10)
-        store.close()
+    with running(server) as url:
+        yield f"{url}/client/api"
+    store.close()
 
 
 def client(endpoint: str, method: str = "get", secret: str = SECRET) -> Any:
