@@ -25,8 +25,8 @@ from kvmeter.collector.cloudstack_params import (
 from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
 from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.reconcile_store import load_names
-from kvmeter.collector.store import Store
-from kvmeter.collector.usage_pages import PagedRow, UsageFilter, UsagePager
+from kvmeter.collector.store import Store, UsageRow
+from kvmeter.collector.usage_pages import UsageFilter, UsagePager
 
 UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
 
@@ -82,7 +82,7 @@ def _list_usage_records(store: Store, pager: UsagePager, args: Mapping[str, str]
     with store.read() as conn:
         count = pager.count(conn, flt, store.finalized_through(conn, lock=False))
         if req.limit is not None:
-            rows: Iterator[PagedRow] = iter(pager.page(conn, flt, limit=req.limit, offset=req.offset))
+            rows: Iterator[UsageRow] = iter(pager.page(conn, flt, limit=req.limit, offset=req.offset))
     if req.limit is None:  # pagesize=-1: every record, streamed a page at a time
         rows = _all_rows(store, flt)
     records = (cloudstack_render.usage_record(_facts(r, directory), include_tags=req.include_tags,
@@ -137,19 +137,19 @@ def _denied(text: str) -> CloudStackError:
     return CloudStackError(ACCOUNT_ERROR, text, CS_PERMISSION_DENIED)
 
 
-def _all_rows(store: Store, flt: UsageFilter) -> Iterator[PagedRow]:
+def _all_rows(store: Store, flt: UsageFilter) -> Iterator[UsageRow]:
     """Every matching record, one short read per page (memory stays one page)."""
     after = None
     while True:
         with store.read() as conn:
             page = usage_pages.page_usage(conn, flt, limit=DEFAULT_PAGE_SIZE, after=after)
-        yield from page
-        if len(page) < DEFAULT_PAGE_SIZE:
+        yield from page.rows
+        if len(page.rows) < DEFAULT_PAGE_SIZE:
             return
-        after = page[-1].after
+        after = page.after
 
 
-def _facts(row: PagedRow, directory: OwnerDirectory) -> RecordFacts:
+def _facts(row: UsageRow, directory: OwnerDirectory) -> RecordFacts:
     k = row.key
     owner, instance = directory.owner(k.account), directory.instance(k.resource)
     return RecordFacts(k, row.quantity, row.resource_name, row.device_type, owner, instance)

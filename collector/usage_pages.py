@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from kvmeter.collector.model import UNATTRIBUTED, UsageKey
 from kvmeter.collector.schema import KEY_COLUMNS, usage_adjustments, usage_records
+from kvmeter.collector.store import UsageRow
 from kvmeter.collector.windows import DAY_MS
 
 
@@ -43,18 +44,12 @@ class UsageFilter:
     attributed_only: bool = False
 
 
-class PagedRow(NamedTuple):
-    """A usage record as reported, with the cursor that continues after it."""
+class UsagePage(NamedTuple):
+    """Records in order, and the cursor after the last of them (None for no records): pass it
+    as `after` for the next page."""
 
-    key: UsageKey
-    quantity: int  # net: recorded + adjustments
-    recorded: int
-    adjustment: int
-    final: bool
-    resource_name: str
-    device_type: str
-    updated_ms: int
-    after: tuple[int, int]  # (window_start_ms, id)
+    rows: list[UsageRow]
+    after: tuple[int, int] | None  # (window_start_ms, id)
 
 
 def count_usage(conn: Connection, flt: UsageFilter) -> int:
@@ -72,11 +67,11 @@ def page_usage(
     limit: int,
     offset: int = 0,
     after: tuple[int, int] | None = None,
-) -> list[PagedRow]:
+) -> UsagePage:
     """Up to `limit` records in (window_start_ms, id) order, skipping `offset` of them, or
     starting after the cursor `after`."""
     if _matches_nothing(flt) or limit <= 0:
-        return []
+        return UsagePage([], None)
     rec = usage_records.c
     conds = _conditions(flt)
     if after is not None:
@@ -110,15 +105,13 @@ def page_usage(
         .join_from(page, ids, page.c.id == ids.c.id)
         .order_by(page.c.window_start_ms, page.c.id)
     )
-    rows = []
+    rows, last_id = [], 0
     for r in conn.execute(query):
         recorded, extra = int(r[7]), int(r[8])
         key = UsageKey(*r[:7])
-        rows.append(
-            PagedRow(key, recorded + extra, recorded, extra, bool(r[9]), r[10], r[11], int(r[12]),
-                     (key.window_start_ms, int(r[13])))
-        )  # fmt: skip
-    return rows
+        rows.append(UsageRow(key, recorded + extra, recorded, extra, bool(r[9]), r[10], r[11], int(r[12])))
+        last_id = int(r[13])
+    return UsagePage(rows, (rows[-1].key.window_start_ms, last_id) if rows else None)
 
 
 def _matches_nothing(flt: UsageFilter) -> bool:
@@ -187,18 +180,18 @@ class UsagePager:
         _, through, settled = known
         return settled + count_usage(conn, replace(flt, ends_after_ms=through))
 
-    def page(self, conn: Connection, flt: UsageFilter, *, limit: int, offset: int) -> list[PagedRow]:
+    def page(self, conn: Connection, flt: UsageFilter, *, limit: int, offset: int) -> list[UsageRow]:
         now = self.clock()
         with self._lock:
             cursor = self._fresh(self._cursors, (flt, offset), now) if offset else None
         if cursor is None:
-            rows = page_usage(conn, flt, limit=limit, offset=offset)
+            page = page_usage(conn, flt, limit=limit, offset=offset)
         else:
-            rows = page_usage(conn, flt, limit=limit, after=cursor[1])
-        if rows:
+            page = page_usage(conn, flt, limit=limit, after=cursor[1])
+        if page.after is not None:
             with self._lock:
-                self._keep(self._cursors, (flt, offset + len(rows)), (now, rows[-1].after))
-        return rows
+                self._keep(self._cursors, (flt, offset + len(page.rows)), (now, page.after))
+        return page.rows
 
     def _fresh(self, memo: OrderedDict[Any, Any], key: Any, now: float) -> Any:
         entry = memo.get(key)

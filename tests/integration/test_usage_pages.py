@@ -45,7 +45,7 @@ def test_filters_order_count_and_net_quantities(store: Store) -> None:
         assert count_usage(conn, ALL) == 4 * N + 1
         assert count_usage(conn, UsageFilter(T0, T0 + N * HOUR, attributed_only=True)) == 4 * N
         only_a = UsageFilter(T0, T0 + N * HOUR, accounts=frozenset({ACCT_A}), usage_type=5)
-        rows = page_usage(conn, only_a, limit=100)
+        rows = page_usage(conn, only_a, limit=100).rows
         assert [r.key.window_start_ms for r in rows] == [T0 + i * HOUR for i in range(N)]
         assert {(r.key.account, r.key.usage_type) for r in rows} == {(ACCT_A, 5)}
         assert count_usage(conn, UsageFilter(T0, T0 + N * HOUR, accounts=frozenset())) == 0
@@ -54,20 +54,21 @@ def test_filters_order_count_and_net_quantities(store: Store) -> None:
         assert count_usage(conn, UsageFilter(T0, T0 + N * HOUR, keyword="_")) == 0  # not a wildcard
     add(store, {UsageKey(ACCT_A, 4, "vm-a", "", "public", T0, T0 + HOUR): 7}, final_through=T0 + N * HOUR)
     with store.read() as conn:
-        (first,) = page_usage(
-            conn, UsageFilter(T0, T0 + HOUR, accounts=frozenset({ACCT_A}), usage_type=4), limit=5
-        )
+        only = UsageFilter(T0, T0 + HOUR, accounts=frozenset({ACCT_A}), usage_type=4)
+        (first,) = page_usage(conn, only, limit=5).rows
     assert (first.quantity, first.recorded, first.adjustment) == (17, 10, 7)
 
 
 def test_cursor_pages_tile_the_offset_pages(store: Store) -> None:
     with store.read() as conn:
-        whole = page_usage(conn, ALL, limit=1000)
+        whole = page_usage(conn, ALL, limit=1000).rows
         by_cursor, after = [], None
-        while page := page_usage(conn, ALL, limit=7, after=after):
-            by_cursor += page
-            after = page[-1].after
-        by_offset = [r for o in range(0, len(whole), 7) for r in page_usage(conn, ALL, limit=7, offset=o)]
+        while (page := page_usage(conn, ALL, limit=7, after=after)).rows:
+            by_cursor += page.rows
+            after = page.after
+        by_offset = [
+            r for o in range(0, len(whole), 7) for r in page_usage(conn, ALL, limit=7, offset=o).rows
+        ]
     assert by_cursor == by_offset == whole
     assert len(whole) == 4 * N + 1
 
@@ -79,7 +80,7 @@ def test_the_pager_counts_and_pages_like_a_fresh_query(store: Store) -> None:
     with store.read() as conn:
         assert pager.count(conn, ALL, through) == 4 * N + 1
         pages = [pager.page(conn, ALL, limit=8, offset=o) for o in range(0, 4 * N + 1, 8)]
-        assert [r for p in pages for r in p] == page_usage(conn, ALL, limit=1000)
+        assert [r for p in pages for r in p] == page_usage(conn, ALL, limit=1000).rows
     # A new record in an open window counts at once; a late one in a final window (a zero record
     # and its adjustment) once the kept figure is older than the ttl.
     add(store, {UsageKey(ACCT_A, 4, "vm-new", "", "public", T0 + 20 * HOUR, T0 + 21 * HOUR): 1})
