@@ -1,24 +1,23 @@
 """The collector's HTTP API: usage as JSON/CSV, CloudStack's listUsageRecords, health, metrics.
 
-Loopback by default; with a token every path but /health needs `Authorization: Bearer <token>`.
-CloudStack clients (CloudMonkey, billing tools) can call /client/api with an API key and
-CloudStack's request signature (HMAC-SHA1 of the sorted, lower-cased query) instead.
+Loopback by default. Every path but /health needs a credential (api_auth) once one exists:
+`Authorization: Bearer <token>`, or on /client/api an API key and CloudStack's request
+signature (HMAC-SHA1 of the sorted, lower-cased query and form fields), as CloudMonkey and
+billing tools send them.
 Routes live beside this module: api_usage (/v1), api_cloudstack (/client/api); who is asking is
 api_auth's.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import resource
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
@@ -26,8 +25,10 @@ from waitress.server import create_server
 from waitress.task import ErrorTask
 
 from kvmeter.collector import api_cloudstack, api_corrections, api_errors, api_usage
-from kvmeter.collector.api_auth import cloudstack_signature_problem, require_credentials
+from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
+from kvmeter.collector.credentials import CredentialSource, operator_credentials
+from kvmeter.collector.credentials_store import MintedCredentials
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
 
@@ -41,29 +42,30 @@ def create_app(
     metrics: Metrics | None = None,
     cloudstack_keys: Mapping[str, str] | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
+    auth: Authenticator | None = None,
 ) -> Flask:
-    """cloudstack_keys: {api key: secret key} accepted on /client/api with CloudStack signing;
-    status: the consumer's state for /health (503 while it is failing)."""
+    """auth: who may ask (default: the operator token and {api key: secret key} given here, the
+    credentials minted in the store, anyone while there is none); status: the consumer's state
+    for /health (503 while it is failing)."""
     app = Flask("kvmeter.collector")
     registry = metrics.registry if metrics is not None else None
-    keys = dict(cloudstack_keys or {})
+    if auth is None:
+        auth = authenticator(store, CredentialSource(operator_credentials(token, cloudstack_keys)))
     api_errors.install(app)
 
     @app.before_request
     def _auth() -> Any:
-        if not (token or keys) or request.path == "/health":
+        if request.path == "/health":
             return None
-        given = request.headers.get("Authorization", "")
-        if token and hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        # CloudStack signs every parameter, the query's and a POST form's alike.
+        who = auth.authenticate(request.path, request.headers.get("Authorization", ""), request_values())
+        if isinstance(who, Principal):
+            g.principal = who
             return None
-        if request.path == "/client/api" and keys:
-            # CloudStack signs every parameter, the query's and a POST form's alike.
-            problem = cloudstack_signature_problem(request_values(), keys, time.time())
-            if problem is None:
-                return None
+        if request.path == "/client/api":
             command = request.values.get("command", "")
-            return cloudstack_error(command, 401, f"unable to verify user credentials: {problem}")
-        return error(401, "missing or wrong bearer token")
+            return cloudstack_error(command, 401, f"unable to verify user credentials: {who.reason}")
+        return error(401, who.reason)
 
     @app.get("/health")
     def health() -> Response:
@@ -190,6 +192,10 @@ class ApiServer:
             self.server.close()
 
 
+def authenticator(store: Store, configured: CredentialSource, *, loopback: bool = True) -> Authenticator:
+    return Authenticator(configured, MintedCredentials(store), anonymous=loopback)
+
+
 def serve(
     store: Store,
     host: str,
@@ -198,10 +204,14 @@ def serve(
     token: str = "",
     metrics: Metrics | None = None,
     cloudstack_keys: Mapping[str, str] | None = None,
+    credentials: CredentialSource | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
 ) -> ApiServer:
-    """Build the server; the caller runs it (in a thread next to the consumer). Raises
-    NoCredentials for a non-loopback address without any credential."""
-    require_credentials(host, has_credentials=bool(token or cloudstack_keys))
-    app = create_app(store, token=token, metrics=metrics, cloudstack_keys=cloudstack_keys, status=status)
-    return ApiServer(app, host, port)
+    """Build the server; the caller runs it (in a thread next to the consumer). credentials:
+    the configured ones (default: token and cloudstack_keys, operator-wide). Raises
+    NoCredentials for a non-loopback address while no credential exists, configured or minted."""
+    if credentials is None:
+        credentials = CredentialSource(operator_credentials(token, cloudstack_keys))
+    auth = authenticator(store, credentials, loopback=is_loopback(host))
+    require_credentials(host, has_credentials=auth.has_credentials())
+    return ApiServer(create_app(store, metrics=metrics, status=status, auth=auth), host, port)

@@ -1,7 +1,13 @@
 """Who is asking: bearer tokens and CloudStack's signed requests, turned into a Principal.
 
 A Principal is operator-wide (accounts is None) or scoped to accounts or domains; every endpoint
-narrows what it reads to what the principal may see.
+narrows what it reads to what the principal may see. The Authenticator finds a request's
+credential among the configured ones (credentials.CredentialSource) and the minted ones
+(credentials_store, read per request: a revocation holds from the next request on), and
+resolves a domain-scoped one to the domain's accounts.
+
+With no credential at all the API answers everyone as the operator, and only on loopback
+(require_credentials refuses to start otherwise).
 """
 
 from __future__ import annotations
@@ -11,11 +17,16 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import threading
+import time
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flask import g
+
+from kvmeter.collector.credentials import CredentialSource, Grant
+from kvmeter.collector.credentials_store import MintedCredentials
 
 
 @dataclass(frozen=True)
@@ -34,6 +45,7 @@ class Principal:
 
 
 OPERATOR = Principal("operator")
+NOBODY = Principal("nobody", frozenset())  # outside an authenticated request: sees nothing
 
 
 class NoCredentials(ValueError):
@@ -61,8 +73,85 @@ def require_credentials(host: str, *, has_credentials: bool) -> None:
 
 
 def current_principal() -> Principal:
-    """The caller of the request being served (operator-wide when the API has no credentials)."""
-    return g.get("principal", OPERATOR)
+    """The caller of the request being served (set by the API's before_request)."""
+    return g.get("principal", NOBODY)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request is refused (401)."""
+
+    reason: str
+
+
+class Authenticator:
+    """A request's credential -> its Principal, or a Refusal."""
+
+    DOMAIN_CACHE_S = 5.0  # a domain's accounts are read again after this long
+
+    def __init__(
+        self,
+        configured: CredentialSource,
+        minted: MintedCredentials,
+        *,
+        anonymous: bool,
+        clock: Callable[[], float] = time.time,
+    ):
+        """anonymous: answer requests without a credential as the operator while no credential
+        exists at all (loopback only)."""
+        self.configured = configured
+        self.minted = minted
+        self.anonymous = anonymous
+        self.clock = clock
+        self._domains: dict[frozenset[str], tuple[float, frozenset[str]]] = {}
+        self._lock = threading.Lock()
+
+    def has_credentials(self) -> bool:
+        return bool(self.configured.current) or self.minted.any_active()
+
+    def authenticate(
+        self, path: str, authorization: str, params: Iterable[tuple[str, str]]
+    ) -> Principal | Refusal:
+        """path: the request's; authorization: its Authorization header; params: its query and
+        form fields (a CloudStack signature covers both)."""
+        scheme, _, token = authorization.partition(" ")
+        if authorization:
+            if scheme.lower() != "bearer" or not token.strip():
+                return Refusal("the Authorization header must be `Bearer <token>`")
+            grant = self.configured.current.by_token(token.strip()) or self.minted.by_token(token.strip())
+            return Refusal("unknown or revoked bearer token") if grant is None else self.principal(grant)
+        items = list(params)
+        api_key = next((v for k, v in items if k.lower() == "apikey"), None)
+        if path == "/client/api" and api_key is not None:
+            found = self.configured.current.by_api_key(api_key) or self.minted.by_api_key(api_key)
+            if found is None:
+                return Refusal("unknown or revoked apikey")
+            secret, grant = found
+            problem = cloudstack_signature_problem(items, secret, self.clock())
+            return Refusal(problem) if problem else self.principal(grant)
+        if self.anonymous and not self.has_credentials():
+            return OPERATOR
+        return Refusal("a credential is needed: `Authorization: Bearer <token>`, or a signed request")
+
+    def principal(self, grant: Grant) -> Principal:
+        if grant.operator:
+            return Principal(grant.name)
+        accounts = grant.accounts or frozenset()
+        if grant.domains:
+            accounts |= self.domain_accounts(grant.domains)
+        return Principal(grant.name, accounts, grant.domains)
+
+    def domain_accounts(self, domains: frozenset[str]) -> frozenset[str]:
+        now = time.monotonic()
+        cached = self._domains.get(domains)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        accounts = self.minted.domain_accounts(domains)
+        with self._lock:
+            if len(self._domains) > 1000:
+                self._domains.clear()
+            self._domains[domains] = (now + self.DOMAIN_CACHE_S, accounts)
+        return accounts
 
 
 def cloudstack_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
@@ -76,15 +165,11 @@ def cloudstack_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
     return base64.b64encode(digest).decode()
 
 
-def cloudstack_signature_problem(
-    params: Iterable[tuple[str, str]], keys: Mapping[str, str], now_s: float
-) -> str | None:
-    """None when the request is signed by a known key (and, signature version 3, not expired)."""
+def cloudstack_signature_problem(params: Iterable[tuple[str, str]], secret: str, now_s: float) -> str | None:
+    """None when the request is signed with this secret key (and, signature version 3, not
+    expired)."""
     items = list(params)
     args = {k.lower(): v for k, v in items}
-    secret = keys.get(args.get("apikey", ""))
-    if secret is None:
-        return "unknown or missing apikey"
     if not hmac.compare_digest(cloudstack_signature(items, secret), args.get("signature", "")):
         return "signature mismatch"
     if args.get("signatureversion") == "3":

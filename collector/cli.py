@@ -16,6 +16,7 @@ import click
 
 from kvmeter.collector import config as config_mod
 from kvmeter.collector import report
+from kvmeter.collector.credentials import CredentialsError, CredentialSource, reload_on_sighup
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.service import Collector, Outcome
 from kvmeter.collector.store import Store
@@ -97,18 +98,19 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     server = None
     if cfg.api.enabled:
         try:
+            credentials = CredentialSource(cfg.api.credentials, cfg.api.credentials_file)
             server = serve(
                 store,
                 cfg.api.host,
                 cfg.api.port,
-                token=cfg.api.token,
+                credentials=credentials,
                 metrics=metrics,
-                cloudstack_keys=cfg.api.cloudstack_keys,
                 status=live.status,
             )
-        except NoCredentials as exc:
+        except (NoCredentials, CredentialsError) as exc:
             store.close()
             raise click.ClickException(f"{config_path}: {exc}") from None
+        reload_on_sighup(credentials)
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on %s", server.url)
     logging.getLogger(__name__).info(

@@ -18,7 +18,9 @@ from typing import Any
 
 from jsonschema import Draft7Validator
 
+from kvmeter.collector import credentials
 from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
+from kvmeter.collector.credentials import Credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.service import Settings
 
@@ -82,10 +84,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "enabled": {"type": "boolean"},
                 "listen": {"type": "string", "pattern": LISTEN_PATTERN},
-                "token": {"type": "string"},
-                "token_file": {"type": "string"},
-                "cloudstack_api_key": {"type": "string", "minLength": 1},
-                "cloudstack_secret_key": {"type": "string", "minLength": 1},
+                **credentials.API_PROPERTIES,
             },
         },
     },
@@ -114,8 +113,8 @@ class ApiConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8480
-    token: str = ""
-    cloudstack_keys: dict[str, str] = field(default_factory=dict)  # api key -> secret key
+    credentials: Credentials = field(default_factory=Credentials)  # the config file's own
+    credentials_file: Path | None = None  # more of them, re-read on SIGHUP
 
 
 @dataclass(frozen=True)
@@ -162,20 +161,8 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             routers = load_router_owners(owners_path)
         except ValueError as exc:
             problems.append(f"usage.router_owners_file: {exc}")
-    token = api.get("token", "") if isinstance(api, dict) else ""
-    token_file = api.get("token_file", "") if isinstance(api, dict) else ""
-    if isinstance(token_file, str) and token_file:
-        try:
-            token = (Path(token_file) if base is None else base / token_file).read_text().strip()
-        except OSError as exc:
-            problems.append(f"api.token_file: cannot read {token_file}: {exc.strerror}")
-    cs_keys: dict[str, str] = {}
-    if isinstance(api, dict):
-        api_key, secret = api.get("cloudstack_api_key"), api.get("cloudstack_secret_key")
-        if (api_key is None) != (secret is None):
-            problems.append("api: cloudstack_api_key and cloudstack_secret_key go together")
-        elif isinstance(api_key, str) and isinstance(secret, str):
-            cs_keys[api_key] = secret
+    creds, creds_file, more = credentials.from_api_section(api if isinstance(api, dict) else {}, base)
+    problems += more
     host, port = "127.0.0.1", 8480
     listen = api.get("listen") if isinstance(api, dict) else None
     if isinstance(listen, str):
@@ -208,7 +195,11 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         ),
         tick_seconds=float(use.get("tick_seconds", 30.0)),
         api=ApiConfig(
-            enabled=api.get("enabled", True), host=host, port=port, token=token, cloudstack_keys=cs_keys
+            enabled=api.get("enabled", True),
+            host=host,
+            port=port,
+            credentials=creds,
+            credentials_file=creds_file,
         ),
         cloudstack=cloudstack,
     )

@@ -223,6 +223,24 @@ reconcile_state = sa.Table(
     sa.Column("updated_ms", sa.BigInteger, nullable=False),
 )
 
+# Credentials minted by `kvmeter credentials create` (migration 10). lookup: the SHA-256 of a
+# bearer token, or a CloudStack API key. secret: a CloudStack secret key itself (a request's HMAC
+# is verified with it), NULL for tokens. accounts: JSON list, NULL for operator-wide; domains:
+# JSON list of CloudStack domain uuids. A revoked credential stays, with revoked_ms set.
+api_credentials = sa.Table(
+    "api_credentials",
+    metadata,
+    sa.Column("id", _id, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("lookup", sa.String(128), nullable=False, unique=True),
+    sa.Column("secret", sa.Text, nullable=True),
+    sa.Column("accounts", sa.Text, nullable=True),
+    sa.Column("domains", sa.Text, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("revoked_ms", sa.BigInteger, nullable=True),
+)
+
 collector_state = sa.Table(
     "collector_state",
     metadata,
@@ -308,7 +326,11 @@ def _migration_9(conn: Connection) -> None:
     )
 
 
+def _migration_10(conn: Connection) -> None:
+    api_credentials.create(conn, checkfirst=True)
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
-    (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9),
+    (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
 ]  # fmt: skip

@@ -35,6 +35,7 @@ from jsonschema import Draft7Validator
 from kvmeter.agent import config as agent_config
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
+from kvmeter.collector.credentials import CredentialsError, CredentialSource, reload_on_sighup
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.metrics import Metrics
@@ -131,6 +132,7 @@ class AllInOne:
             producer_factory=lambda _config: InProcessProducer(self.collector, idle=self.idle),
         )
         self.api: Any = None
+        self.credentials: CredentialSource | None = None  # the API's configured ones (SIGHUP)
 
     def idle(self) -> None:
         """The collector's own work between two polls: new lifecycle events, then the tick."""
@@ -142,14 +144,8 @@ class AllInOne:
             return None
         from kvmeter.collector.api import serve
 
-        self.api = serve(
-            self.store,
-            api.host,
-            api.port,
-            token=api.token,
-            cloudstack_keys=api.cloudstack_keys,
-            metrics=self.metrics,
-        )
+        self.credentials = CredentialSource(api.credentials, api.credentials_file)
+        self.api = serve(self.store, api.host, api.port, credentials=self.credentials, metrics=self.metrics)
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
         return self.api.url
 
@@ -205,10 +201,12 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
     signal.signal(signal.SIGINT, _stop)
     try:
         url = pipeline.start_api()
-    except NoCredentials as exc:
+    except (NoCredentials, CredentialsError) as exc:
         pipeline.close()
         click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
         sys.exit(2)
+    if pipeline.credentials is not None:
+        reload_on_sighup(pipeline.credentials)
     if cfg.agent.metrics_enabled:
         pipeline.agent.metrics.serve(cfg.agent.metrics_address, cfg.agent.metrics_port)
     if url:

@@ -18,7 +18,7 @@ def test_the_shipped_example_is_valid_and_states_the_defaults() -> None:
     assert cfg.settings == defaults.settings
     assert cfg.settings.billable == frozenset({"public"})
     assert (cfg.kafka.measures_topic, cfg.kafka.lifecycle_topic) == ("kvmeter.measures", "cloudstack")
-    assert (cfg.api.host, cfg.api.port, cfg.api.token) == ("127.0.0.1", 8480, "")
+    assert (cfg.api.host, cfg.api.port, bool(cfg.api.credentials)) == ("127.0.0.1", 8480, False)
 
 
 def test_every_bad_key_is_reported_at_once() -> None:
@@ -66,7 +66,10 @@ token_file = "token"
     )
     assert cfg.settings.billable == frozenset({"public", "guest"})
     assert dict(cfg.settings.routers) == {"r-5-VM": "acct-net-owner"}
-    assert (cfg.api.host, cfg.api.port, cfg.api.token) == ("0.0.0.0", 9000, "t0ken")
+    assert (cfg.api.host, cfg.api.port) == ("0.0.0.0", 9000)
+    grant = cfg.api.credentials.by_token("t0ken")
+    assert grant is not None
+    assert grant.operator
 
 
 def test_unreadable_files_are_config_errors(tmp_path: Path) -> None:
