@@ -24,6 +24,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "One pass against CloudStack's API (--dry-run).",
     ),
     "corrections": ("kvmeter.collector.cli_reconcile", "corrections", "List what reconciliation corrected."),
+    "credentials": (
+        "kvmeter.collector.credentials_cli",
+        "credentials",
+        "Mint, list and revoke the API's credentials.",
+    ),
     "run": ("kvmeter.pipeline.allinone", "run", "Run agent and collector in one process (all-in-one)."),
     "demo": ("kvmeter.pipeline.demo", "demo", "Build a small simulated cloud and meter it."),
 }
