@@ -60,6 +60,8 @@ def create_app(
         # CloudStack signs every parameter, the query's and a POST form's alike.
         who = auth.authenticate(request.path, request.headers.get("Authorization", ""), request_values())
         if isinstance(who, Principal):
+            if request.path == "/metrics" and not who.operator:
+                return error(403, "metrics are the operator's: they count every account's bytes")
             g.principal = who
             return None
         if request.path == "/client/api":

@@ -1,12 +1,18 @@
-"""kvmeter's own usage API: /v1/usage and /v1/adjustments (JSON, CSV)."""
+"""kvmeter's own usage API: /v1/usage and /v1/adjustments (JSON, CSV), narrowed to the caller's
+accounts (api_auth.current_principal)."""
 
 from __future__ import annotations
+
+from typing import TypeVar
 
 from flask import Flask, Response, jsonify, request
 
 from kvmeter.collector import api_params, report
+from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_params import BadRequest
-from kvmeter.collector.store import Store, UsageRow
+from kvmeter.collector.store import Adjustment, Store, UsageRow
+
+Keyed = TypeVar("Keyed", UsageRow, Adjustment)
 
 
 def register(app: Flask, store: Store) -> None:
@@ -38,7 +44,9 @@ def register(app: Flask, store: Store) -> None:
             raise BadRequest("format must be json or csv")
         since = api_params.required_time_ms(args.get("since"), "since")
         until = api_params.optional_time_ms(args.get("until"), "until", default=2**62)
-        rows = store.adjustments(since, until, account=api_params.name(args.get("account"), "account"))
+        rows = visible(
+            store.adjustments(since, until, account=api_params.name(args.get("account"), "account"))
+        )
         if fmt == "csv":
             return Response(report.render_adjustments(rows, "csv"), mimetype="text/csv")
         return jsonify({"count": len(rows), "adjustments": [report.adjustment_dict(a) for a in rows]})
@@ -49,7 +57,13 @@ def query(
 ) -> list[UsageRow]:
     if end <= start:
         raise BadRequest("end must be after start")
-    return store.usage(start, end, account=account, usage_type=usage_type, resource=resource)
+    return visible(store.usage(start, end, account=account, usage_type=usage_type, resource=resource))
+
+
+def visible(rows: list[Keyed]) -> list[Keyed]:
+    """The rows of the caller's accounts: a scoped credential never sees another account's."""
+    accounts = current_principal().accounts
+    return rows if accounts is None else [r for r in rows if r.key.account in accounts]
 
 
 def parse_type(value: str | None) -> int | None:

@@ -99,6 +99,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     if cfg.api.enabled:
         try:
             credentials = CredentialSource(cfg.api.credentials, cfg.api.credentials_file)
+            reload_on_sighup(credentials)
             server = serve(
                 store,
                 cfg.api.host,
@@ -110,7 +111,6 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         except (NoCredentials, CredentialsError) as exc:
             store.close()
             raise click.ClickException(f"{config_path}: {exc}") from None
-        reload_on_sighup(credentials)
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on %s", server.url)
     logging.getLogger(__name__).info(

@@ -19,17 +19,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from kvmeter.collector.attribution import OWNER_HINT_KEY
 from kvmeter.collector.credentials import Grant, new_key_pair, new_token, token_digest
+from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.schema import api_credentials, owner_hints
 from kvmeter.collector.store import Store
 
 TOKEN = "token"
 CLOUDSTACK = "cloudstack"
 KINDS = (CLOUDSTACK, TOKEN)
-# CloudStack's <metadata> owner fields (agents report them; store table owner_hints).
-OWNER_DOMAIN_KEY = "ownerDomainUuid"
-_UNKNOWN = frozenset({"", "unknown", "null", "none"})
 
 
 @dataclass(frozen=True)
@@ -126,23 +123,17 @@ class MintedCredentials:
 
     def domain_accounts(self, domains: Iterable[str]) -> frozenset[str]:
         """The accounts the agents saw owning a VM in one of these CloudStack domains (the owner
-        fields of CloudStack's <metadata>, table owner_hints)."""
-        wanted = frozenset(domains)
+        fields of CloudStack's <metadata>, table owner_hints; read as the API's OwnerDirectory
+        reads them)."""
+        wanted = sorted(set(domains))
         if not wanted:
             return frozenset()
-        column = owner_hints.c.owner
-        query = sa.select(column).where(
-            sa.or_(*(column.contains(d, autoescape=True) for d in sorted(wanted)))
-        )
-        accounts: set[str] = set()
+        c = owner_hints.c
+        mentions = [c.owner.contains(domain, autoescape=True) for domain in wanted]
         with self.store.read() as conn:
-            texts: list[str] = list(conn.execute(query).scalars())
-        for text in texts:
-            owner: dict[str, Any] = json.loads(text)
-            account = str(owner.get(OWNER_HINT_KEY, ""))
-            if owner.get(OWNER_DOMAIN_KEY) in wanted and account.strip().lower() not in _UNKNOWN:
-                accounts.add(account)
-        return frozenset(accounts)
+            rows = conn.execute(sa.select(c.domain, c.owner).where(sa.or_(*mentions))).all()
+        directory = OwnerDirectory.from_hints({str(name): json.loads(str(owner)) for name, owner in rows})
+        return frozenset().union(*(directory.accounts_in_domain(domain) for domain in wanted))
 
 
 def _stored(row: Any) -> StoredCredential:

@@ -4,17 +4,27 @@ token and with the `cs` client (PyPI) signing CloudStack requests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import signal
+import sqlite3
 import subprocess
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cs import CloudStack, CloudStackApiException
 
+from kvmeter.collector import credentials_store
+from kvmeter.collector.api import create_app, serve
+from kvmeter.collector.api_auth import NoCredentials
+from kvmeter.collector.credentials import Grant
+from kvmeter.collector.credentials_store import MintedCredentials
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, M, Stream
@@ -61,11 +71,12 @@ def fill_store(db_url: str) -> None:
 class Service:
     """A kvmeter process started from a TOML file, its API's base URL, its log."""
 
-    def __init__(self, args: list[str], workdir: Path, port: int):
-        self.args = args
+    def __init__(self, command: Command, port: int):
+        self.args = command.args
+        self.config = command.config
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
-        self.log = workdir / "service.log"
+        self.log = command.workdir / "service.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Service:
@@ -91,17 +102,18 @@ class Service:
                 self.proc.wait(10)
 
     def get(self, path: str, token: str | None = None, **params: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+        """(status, JSON body); a body of another type as {"text": ...}."""
         url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
         req = urllib.request.Request(url)
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
-                return resp.status, json.loads(resp.read())
+                status, ctype, body = resp.status, resp.headers.get("Content-Type", ""), resp.read()
         except urllib.error.HTTPError as err:
-            body = err.read()
+            status, ctype, body = err.code, err.headers.get("Content-Type", ""), err.read()
             err.close()
-            return err.code, json.loads(body)
+        return status, json.loads(body) if ctype.startswith("application/json") else {"text": body.decode()}
 
     def client(self, key: str, secret: str, **options: object) -> CloudStack:
         return CloudStack(endpoint=self.base + "/client/api", key=key, secret=secret, **options)  # type: ignore[arg-type]
@@ -155,7 +167,14 @@ tick_seconds = 1
     return path
 
 
-Launcher = Callable[[str], tuple[list[str], Path]]  # [api] body -> (command, its workdir)
+@dataclass(frozen=True)
+class Command:
+    args: list[str]
+    workdir: Path
+    config: Path
+
+
+Launcher = Callable[[str], Command]  # [api] section's body -> the command started from that file
 
 
 @pytest.fixture(params=["collector", "all-in-one"])
@@ -167,27 +186,31 @@ def launcher(request: pytest.FixtureRequest, tmp_path: Path) -> Launcher:
         unique_topic = request.getfixturevalue("unique_topic")
         topics = (unique_topic("measures"), unique_topic("cloudstack"))
 
-        def collector(api: str) -> tuple[list[str], Path]:
+        def collector(api: str) -> Command:
             config = collector_toml(tmp_path, bootstrap, topics, api)
-            return [*KVMETER, "collector", "--config", str(config)], tmp_path
+            return Command([*KVMETER, "collector", "--config", str(config)], tmp_path, config)
 
         return collector
 
-    def allinone(api: str) -> tuple[list[str], Path]:
+    def allinone(api: str) -> Command:
         config = allinone_toml(tmp_path, api)
-        return [*KVMETER, "run", "--all-in-one", "--config", str(config)], tmp_path
+        return Command([*KVMETER, "run", "--all-in-one", "--config", str(config)], tmp_path, config)
 
     return allinone
 
 
+Start = Callable[..., Service]
+
+
 @pytest.fixture
-def start(launcher: Launcher) -> Iterator[Callable[[str], Service]]:
+def start(launcher: Launcher) -> Iterator[Start]:
+    """start(api, host="127.0.0.1"): the command listening on host, started from its file."""
     started: list[Service] = []
 
-    def run(api: str) -> Service:
+    def run(api: str, host: str = "127.0.0.1") -> Service:
         port = free_port()
-        args, workdir = launcher(f'listen = "127.0.0.1:{port}"\n{api}')
-        service = Service(args, workdir, port).start()
+        command = launcher(f'listen = "{host}:{port}"\n{api}')
+        service = Service(command, port).start()
         started.append(service)
         return service
 
@@ -202,6 +225,10 @@ def usage_of(service: Service, token: str) -> dict[str, int]:
     return {r["account"]: r["quantity"] for r in body["usage"]}
 
 
+def status_of(service: Service, token: str | None) -> int:
+    return service.get("/v1/usage", token=token, start="2024-05-14", end="2024-05-15")[0]
+
+
 def records_of(client: CloudStack, **params: object) -> dict[str, int]:
     body = client.listUsageRecords(startdate="2024-05-14", enddate="2024-05-14", type=4, **params)
     return {r["accountid"]: int(r["rawusage"]) for r in body["usagerecord"]}
@@ -210,9 +237,7 @@ def records_of(client: CloudStack, **params: object) -> dict[str, int]:
 EVERYONE = {ACCT_A: 1000, ACCT_B: 2000, ACCT_C: 4000}
 
 
-def test_token_and_cloudstack_key_pair_from_the_config_file_work_together(
-    start: Callable[[str], Service],
-) -> None:
+def test_token_and_cloudstack_key_pair_from_the_config_file_work_together(start: Start) -> None:
     service = start(
         f'token = "{TOKEN}"\ncloudstack_api_key = "{API_KEY}"\ncloudstack_secret_key = "{SECRET}"'
     )
@@ -220,8 +245,8 @@ def test_token_and_cloudstack_key_pair_from_the_config_file_work_together(
     assert records_of(service.client(API_KEY, SECRET)) == EVERYONE  # signed, expires in 10 min
     assert records_of(service.client(API_KEY, SECRET, expiration=-1)) == EVERYONE  # no expires
     # Nobody else gets in.
-    assert service.get("/v1/usage", start="2024-05-14", end="2024-05-15")[0] == 401
-    assert service.get("/v1/usage", token="guess", start="2024-05-14", end="2024-05-15")[0] == 401
+    assert status_of(service, None) == 401
+    assert status_of(service, "guess") == 401
     status, body = service.get("/client/api", command="listUsageRecords", startdate="2024-05-14",
                                enddate="2024-05-14", response="json")  # fmt: skip
     assert status == 401, body
@@ -238,7 +263,205 @@ def test_token_and_cloudstack_key_pair_from_the_config_file_work_together(
 
 
 def test_refuses_to_listen_beyond_loopback_without_a_credential(launcher: Launcher) -> None:
-    args, _ = launcher(f'listen = "0.0.0.0:{free_port()}"')
-    done = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    command = launcher(f'listen = "0.0.0.0:{free_port()}"')
+    done = subprocess.run(command.args, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "no credential is configured" in done.stderr, done.stderr
+
+
+TOKEN_A = "tenant-a-token-0123456789"
+TOKEN_B = "billing-b-token-0123456789"
+TOKEN_NEW = "tenant-a-second-token-0123456789"
+KEY_D1, SECRET_D1 = "domain-1-api-key", "domain-1-secret-key"
+KEY_C, SECRET_C = "tenant-c-api-key", "tenant-c-secret-key"
+
+
+def write_credentials(path: Path, text: str, mode: int = 0o600) -> None:
+    """Replace the file whole (a new inode, as editors and config managers do)."""
+    tmp = path.with_suffix(".new")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+CREDENTIALS = f"""
+[[credentials]]
+name = "operator"
+token_sha256 = "{hashlib.sha256(TOKEN.encode()).hexdigest()}"
+[[credentials]]
+name = "tenant A"
+token = "{TOKEN_A}"
+accounts = ["{ACCT_A}"]
+[[credentials]]
+name = "domain 1"
+api_key = "{KEY_D1}"
+secret_key = "{SECRET_D1}"
+domains = ["{DOMAIN_1}"]
+[[credentials]]
+name = "tenant C"
+api_key = "{KEY_C}"
+secret_key = "{SECRET_C}"
+accounts = ["{ACCT_C}"]
+"""
+
+
+def wait_until(check: Callable[[], bool], what: str, service: Service, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {timeout} s:\n{service.logs()}")
+        time.sleep(0.2)
+
+
+def denied(call: Callable[[], object]) -> CloudStackApiException:
+    with pytest.raises(CloudStackApiException) as refused:
+        call()
+    return refused.value
+
+
+def test_credentials_file_scoped_credentials_and_sighup(start: Start, tmp_path: Path) -> None:
+    creds = tmp_path / "api-credentials.toml"
+    write_credentials(creds, CREDENTIALS)
+    service = start(
+        f"""credentials_file = "{creds.name}"
+[[api.credentials]]
+name = "billing for B"
+token = "{TOKEN_B}"
+accounts = ["{ACCT_B}"]
+"""
+    )
+    assert usage_of(service, TOKEN) == EVERYONE  # the file's operator token, kept as its SHA-256
+    assert usage_of(service, TOKEN_A) == {ACCT_A: 1000}
+    assert usage_of(service, TOKEN_B) == {ACCT_B: 2000}  # the config file's own
+    domain_1 = service.client(KEY_D1, SECRET_D1)
+    assert records_of(domain_1) == {ACCT_A: 1000, ACCT_B: 2000}  # the domain's accounts
+    assert records_of(service.client(KEY_C, SECRET_C)) == {ACCT_C: 4000}
+    # A filter cannot widen what a scoped credential sees.
+    status, body = service.get(
+        "/v1/usage", token=TOKEN_A, start="2024-05-14", end="2024-05-15", account=ACCT_C
+    )
+    assert (status, body["usage"]) == (200, [])
+    refused = denied(lambda: records_of(domain_1, accountid=ACCT_C))
+    assert refused.response.status_code == 531  # CloudStack's PermissionDenied
+    assert service.get("/metrics", token=TOKEN_A)[0] == 403
+    assert service.get("/metrics", token=TOKEN)[0] == 200
+
+    # SIGHUP: the file is read again; tenant A's first token is replaced by another.
+    write_credentials(creds, CREDENTIALS.replace(TOKEN_A, TOKEN_NEW))
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: status_of(service, TOKEN_A) == 401, "the replaced token refused", service)
+    assert usage_of(service, TOKEN_NEW) == {ACCT_A: 1000}
+    assert usage_of(service, TOKEN_B) == {ACCT_B: 2000}  # the config file's own stay
+
+    # A broken file on reload changes nothing, and the log says why.
+    for broken, why in ((CREDENTIALS + "\n[[credentials]\n", "not valid TOML"), (CREDENTIALS, "chmod 600")):
+        write_credentials(creds, broken.replace(TOKEN_NEW, "another-token-0123456789"),
+                          mode=0o600 if why != "chmod 600" else 0o644)  # fmt: skip
+        service.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda why=why: why in service.log.read_text(), f"the reload refused ({why})", service)
+        assert usage_of(service, TOKEN_NEW) == {ACCT_A: 1000}
+        assert status_of(service, "another-token-0123456789") == 401
+    assert "credentials file not reloaded" in service.log.read_text()
+    assert service.proc.poll() is None
+
+
+def test_credentials_file_others_may_read_is_refused_at_start(launcher: Launcher, tmp_path: Path) -> None:
+    creds = tmp_path / "api-credentials.toml"
+    write_credentials(creds, CREDENTIALS, mode=0o640)
+    command = launcher(f'listen = "127.0.0.1:{free_port()}"\ncredentials_file = "{creds.name}"')
+    done = subprocess.run(command.args, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "mode 0640" in done.stderr, done.stderr
+    assert "chmod 600" in done.stderr
+
+
+def kvmeter_credentials(config: Path, *args: str) -> str:
+    done = subprocess.run(
+        [*KVMETER, "credentials", *args, "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_minted_credentials_scoped_and_revoked_without_restart(launcher: Launcher) -> None:
+    # Only minted credentials, none in the file: enough to listen beyond loopback.
+    port = free_port()
+    command = launcher(f'listen = "0.0.0.0:{port}"')
+    operator = json.loads(kvmeter_credentials(command.config, "create", "--name", "ops", "--operator",
+                                              "--kind", "token", "--format", "json"))  # fmt: skip
+    tenant = json.loads(kvmeter_credentials(command.config, "create", "--name", "acme", "--account", ACCT_A,
+                                            "--format", "json"))  # fmt: skip
+    domain = json.loads(kvmeter_credentials(command.config, "create", "--name", "domain 1", "--domain",
+                                            DOMAIN_1, "--kind", "token", "--format", "json"))  # fmt: skip
+    service = Service(command, port).start()
+    try:
+        assert usage_of(service, operator["token"]) == EVERYONE
+        assert usage_of(service, domain["token"]) == {ACCT_A: 1000, ACCT_B: 2000}
+        acme = service.client(tenant["api_key"], tenant["secret_key"])
+        assert records_of(acme) == {ACCT_A: 1000}
+        assert records_of(service.client(tenant["api_key"], tenant["secret_key"], method="post")) == {
+            ACCT_A: 1000
+        }
+        assert denied(lambda: records_of(acme, accountid=ACCT_B)).response.status_code == 531
+        assert status_of(service, None) == 401  # no credential
+
+        # Stored: the token as its SHA-256, the key pair's secret as it is (the HMAC needs it).
+        db = sqlite3.connect(command.workdir / "usage.db")
+        stored = dict(db.execute("SELECT name, lookup FROM api_credentials").fetchall())
+        db.close()
+        assert stored["ops"] == hashlib.sha256(operator["token"].encode()).hexdigest()
+        assert stored["acme"] == tenant["api_key"]
+
+        listing = json.loads(kvmeter_credentials(command.config, "list", "--format", "json"))
+        assert [(c["id"], c["name"], c["accounts"], c["domains"]) for c in listing] == [
+            (operator["id"], "ops", None, []),
+            (tenant["id"], "acme", [ACCT_A], []),
+            (domain["id"], "domain 1", [], [DOMAIN_1]),
+        ]
+        assert "secret_key" not in json.dumps(listing)
+        kvmeter_credentials(command.config, "revoke", str(tenant["id"]))
+        refused = denied(lambda: records_of(acme))  # the next request, no restart
+        assert refused.response.status_code == 401
+        assert usage_of(service, domain["token"]) == {ACCT_A: 1000, ACCT_B: 2000}
+        kvmeter_credentials(command.config, "revoke", str(domain["id"]))
+        assert status_of(service, domain["token"]) == 401
+        listing = json.loads(kvmeter_credentials(command.config, "list", "--revoked", "--format", "json"))
+        assert [c["revoked"] is not None for c in listing] == [False, True, True]
+    finally:
+        service.stop()
+
+
+USAGE = "/v1/usage?start=2024-05-14&end=2024-05-15"
+
+
+def test_anyone_is_the_operator_only_on_loopback_while_no_credential_exists(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path}/usage.db")
+    store.migrate()
+    try:
+        with pytest.raises(NoCredentials, match="no credential is configured"):
+            serve(store, "0.0.0.0", 0)
+        client = create_app(store).test_client()
+        assert client.get(USAGE).status_code == 200
+        minted = MintedCredentials(store)
+        cred, secrets = minted.create(credentials_store.TOKEN, "ops", Grant("ops"), 0)
+        assert client.get(USAGE).status_code == 401
+        auth = {"Authorization": f"Bearer {secrets['token']}"}
+        assert client.get(USAGE, headers=auth).status_code == 200
+        assert (
+            client.get(
+                "/v1/usage?start=2024-05-14&end=2024-05-15", headers={"Authorization": "Basic x"}
+            ).status_code
+            == 401
+        )
+        serve(store, "0.0.0.0", 0).close()  # a minted credential is a credential
+        minted.revoke(cred.id, 1)
+        # Revoked: anyone on loopback is the operator again, beyond loopback nobody is.
+        assert client.get(USAGE).status_code == 200
+        with pytest.raises(NoCredentials):
+            serve(store, "0.0.0.0", 0)
+        _, pair = minted.create(credentials_store.CLOUDSTACK, "tenant", Grant("tenant", frozenset({"a"})), 2)
+        assert len(pair["api_key"]) >= 64
+        assert len(pair["secret_key"]) >= 64
+    finally:
+        store.close()
