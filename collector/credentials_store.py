@@ -1,5 +1,5 @@
 """Credentials minted by `kvmeter credentials create`, kept in the collector's store (table
-api_credentials), and which accounts a CloudStack domain holds.
+api_credentials), and which accounts a CloudStack domain holds (from what the store knows).
 
 A bearer token is kept as its SHA-256 only: it is shown once, at creation. A CloudStack secret
 key is kept as it is, since verifying a request's HMAC-SHA1 needs the key itself: whoever can
@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from kvmeter.collector.credentials import Grant, new_key_pair, new_token, token_digest
 from kvmeter.collector.owner_directory import OwnerDirectory
-from kvmeter.collector.schema import api_credentials, owner_hints
+from kvmeter.collector.schema import api_credentials, cloudstack_names, owner_hints
 from kvmeter.collector.store import Store
 
 TOKEN = "token"
@@ -122,18 +122,21 @@ class MintedCredentials:
         return row.secret or "", _stored(row._mapping).grant
 
     def domain_accounts(self, domains: Iterable[str]) -> frozenset[str]:
-        """The accounts the agents saw owning a VM in one of these CloudStack domains (the owner
-        fields of CloudStack's <metadata>, table owner_hints; read as the API's OwnerDirectory
-        reads them)."""
+        """The accounts of these CloudStack domains (not of their subdomains) that kvmeter
+        knows: those CloudStack's API listed (the reconciler's names) and those the agents saw
+        owning a VM there (the owner fields of CloudStack's <metadata>, read as the API's
+        OwnerDirectory reads them)."""
         wanted = sorted(set(domains))
         if not wanted:
             return frozenset()
-        c = owner_hints.c
-        mentions = [c.owner.contains(domain, autoescape=True) for domain in wanted]
+        h, n = owner_hints.c, cloudstack_names.c
+        mentions = [h.owner.contains(domain, autoescape=True) for domain in wanted]
         with self.store.read() as conn:
-            rows = conn.execute(sa.select(c.domain, c.owner).where(sa.or_(*mentions))).all()
-        directory = OwnerDirectory.from_hints({str(name): json.loads(str(owner)) for name, owner in rows})
-        return frozenset().union(*(directory.accounts_in_domain(domain) for domain in wanted))
+            hints = conn.execute(sa.select(h.domain, h.owner).where(sa.or_(*mentions))).all()
+            listed = conn.execute(sa.select(n.uuid).where(n.kind == "account", n.parent.in_(wanted))).all()
+        directory = OwnerDirectory.from_hints({str(name): json.loads(str(owner)) for name, owner in hints})
+        seen = frozenset().union(*(directory.accounts_in_domain(domain) for domain in wanted))
+        return seen | {str(uuid) for (uuid,) in listed}
 
 
 def _stored(row: Any) -> StoredCredential:

@@ -25,7 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "corrections": ("kvmeter.collector.cli_reconcile", "corrections", "List what reconciliation corrected."),
     "credentials": (
-        "kvmeter.collector.credentials_cli",
+        "kvmeter.collector.cli_credentials",
         "credentials",
         "Mint, list and revoke the API's credentials.",
     ),

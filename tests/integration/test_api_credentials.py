@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 from cs import CloudStack, CloudStackApiException
 
-from kvmeter.collector import credentials_store
+from kvmeter.collector import credentials_store, reconcile_store
 from kvmeter.collector.api import create_app, serve
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.credentials import Grant
 from kvmeter.collector.credentials_store import MintedCredentials
+from kvmeter.collector.cs_snapshot import Account, Snapshot
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, M, Stream
@@ -35,17 +36,20 @@ from tests.harness.processes import KVMETER
 
 TOKEN = "operator-token-0123456789"
 API_KEY, SECRET = "operator-api-key", "operator-secret-key"
-# Three tenants: A and B in one CloudStack domain, C in another (CloudStack's <metadata> owner
-# fields, as the agents report them).
+# Four tenants: A and B in one CloudStack domain, C and D in another. The agents report the
+# owner fields of CloudStack's <metadata>; D's VM runs on a release without ownerDomainUuid, and
+# only CloudStack's API (the reconciler's names) says which domain D is in.
 ACCT_A = "aaaa0000-0000-4000-8000-00000000000a"
 ACCT_B = "bbbb0000-0000-4000-8000-00000000000b"
 ACCT_C = "cccc0000-0000-4000-8000-00000000000c"
+ACCT_D = "dddd0000-0000-4000-8000-00000000000d"
 DOMAIN_1 = "d1d10000-0000-4000-8000-0000000000d1"
 DOMAIN_2 = "d2d20000-0000-4000-8000-0000000000d2"
-VMS = {  # libvirt domain name -> (account, CloudStack domain, bytes sent)
+VMS = {  # libvirt domain name -> (account, CloudStack domain in its <metadata>, bytes sent)
     "i-2-10-VM": (ACCT_A, DOMAIN_1, 1000),
     "i-3-11-VM": (ACCT_B, DOMAIN_1, 2000),
     "i-4-12-VM": (ACCT_C, DOMAIN_2, 4000),
+    "i-5-13-VM": (ACCT_D, None, 8000),
 }
 
 
@@ -55,7 +59,7 @@ def fill_store(db_url: str) -> None:
     store.migrate()
     collector = Collector(store, Settings(), Clock(T0 + 5 * HOUR))
     owners = {
-        name: {"ownerAccountUuid": account, "ownerDomainUuid": domain}
+        name: {"ownerAccountUuid": account, **({"ownerDomainUuid": domain} if domain else {})}
         for name, (account, domain, _) in VMS.items()
     }
     stream = Stream("stream-1", owners=owners)
@@ -64,7 +68,10 @@ def fill_store(db_url: str) -> None:
         for i, (name, (_, _, nbytes)) in enumerate(VMS.items())
     ]
     out = collector.apply_batch(stream.batch(measures))
-    assert out.billed_bytes == 7000, out
+    assert out.billed_bytes == 15000, out
+    names = Snapshot(T0, accounts={ACCT_D: Account(ACCT_D, "dee", DOMAIN_2)})
+    with store.write() as conn:
+        reconcile_store.save_names(conn, names, T0)
     store.close()
 
 
@@ -234,7 +241,7 @@ def records_of(client: CloudStack, **params: object) -> dict[str, int]:
     return {r["accountid"]: int(r["rawusage"]) for r in body["usagerecord"]}
 
 
-EVERYONE = {ACCT_A: 1000, ACCT_B: 2000, ACCT_C: 4000}
+EVERYONE = {ACCT_A: 1000, ACCT_B: 2000, ACCT_C: 4000, ACCT_D: 8000}
 
 
 def test_token_and_cloudstack_key_pair_from_the_config_file_work_together(start: Start) -> None:
@@ -394,10 +401,13 @@ def test_minted_credentials_scoped_and_revoked_without_restart(launcher: Launche
                                             "--format", "json"))  # fmt: skip
     domain = json.loads(kvmeter_credentials(command.config, "create", "--name", "domain 1", "--domain",
                                             DOMAIN_1, "--kind", "token", "--format", "json"))  # fmt: skip
+    domain_2 = json.loads(kvmeter_credentials(command.config, "create", "--name", "domain 2", "--domain",
+                                              DOMAIN_2, "--kind", "token", "--format", "json"))  # fmt: skip
     service = Service(command, port).start()
     try:
         assert usage_of(service, operator["token"]) == EVERYONE
         assert usage_of(service, domain["token"]) == {ACCT_A: 1000, ACCT_B: 2000}
+        assert usage_of(service, domain_2["token"]) == {ACCT_C: 4000, ACCT_D: 8000}
         acme = service.client(tenant["api_key"], tenant["secret_key"])
         assert records_of(acme) == {ACCT_A: 1000}
         assert records_of(service.client(tenant["api_key"], tenant["secret_key"], method="post")) == {
@@ -418,6 +428,7 @@ def test_minted_credentials_scoped_and_revoked_without_restart(launcher: Launche
             (operator["id"], "ops", None, []),
             (tenant["id"], "acme", [ACCT_A], []),
             (domain["id"], "domain 1", [], [DOMAIN_1]),
+            (domain_2["id"], "domain 2", [], [DOMAIN_2]),
         ]
         assert "secret_key" not in json.dumps(listing)
         kvmeter_credentials(command.config, "revoke", str(tenant["id"]))
@@ -427,7 +438,7 @@ def test_minted_credentials_scoped_and_revoked_without_restart(launcher: Launche
         kvmeter_credentials(command.config, "revoke", str(domain["id"]))
         assert status_of(service, domain["token"]) == 401
         listing = json.loads(kvmeter_credentials(command.config, "list", "--revoked", "--format", "json"))
-        assert [c["revoked"] is not None for c in listing] == [False, True, True]
+        assert [c["revoked"] is not None for c in listing] == [False, True, True, False]
     finally:
         service.stop()
 
