@@ -21,7 +21,8 @@ import sqlalchemy as sa
 
 from kvmeter.collector.credentials import Grant, new_key_pair, new_token, token_digest
 from kvmeter.collector.owner_directory import OwnerDirectory
-from kvmeter.collector.schema import api_credentials, cloudstack_names, owner_hints
+from kvmeter.collector.reconcile_store import load_names
+from kvmeter.collector.schema import api_credentials
 from kvmeter.collector.store import Store
 
 TOKEN = "token"
@@ -122,21 +123,23 @@ class MintedCredentials:
         return row.secret or "", _stored(row._mapping).grant
 
     def domain_accounts(self, domains: Iterable[str]) -> frozenset[str]:
-        """The accounts of these CloudStack domains (not of their subdomains) that kvmeter
-        knows: those CloudStack's API listed (the reconciler's names) and those the agents saw
-        owning a VM there (the owner fields of CloudStack's <metadata>, read as the API's
-        OwnerDirectory reads them)."""
+        """The accounts of these CloudStack domains, and of their subdomains where the domain
+        tree is known, as listUsageRecords sees them: from CloudStack's API (the reconciler's
+        names) and from the owner fields of CloudStack's <metadata> the agents reported."""
         wanted = sorted(set(domains))
         if not wanted:
             return frozenset()
-        h, n = owner_hints.c, cloudstack_names.c
-        mentions = [h.owner.contains(domain, autoescape=True) for domain in wanted]
         with self.store.read() as conn:
-            hints = conn.execute(sa.select(h.domain, h.owner).where(sa.or_(*mentions))).all()
-            listed = conn.execute(sa.select(n.uuid).where(n.kind == "account", n.parent.in_(wanted))).all()
-        directory = OwnerDirectory.from_hints({str(name): json.loads(str(owner)) for name, owner in hints})
-        seen = frozenset().union(*(directory.accounts_in_domain(domain) for domain in wanted))
-        return seen | {str(uuid) for (uuid,) in listed}
+            hinted = OwnerDirectory.from_hints(self.store.owner_hints(conn))
+            names = load_names(conn)
+        directory = hinted.with_names(names.accounts, names.domains)
+        accounts: set[str] = set()
+        for domain in wanted:
+            below = directory.accounts_in_domain(domain, recursive=True)
+            if below is None:  # the domain tree is not known: the domain's own accounts
+                below = directory.accounts_in_domain(domain) or frozenset()
+            accounts |= below
+        return frozenset(accounts)
 
 
 def _stored(row: Any) -> StoredCredential:

@@ -25,7 +25,7 @@ from kvmeter.collector.api import create_app, serve
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.credentials import Grant
 from kvmeter.collector.credentials_store import MintedCredentials
-from kvmeter.collector.cs_snapshot import Account, Snapshot
+from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, M, Stream
@@ -36,20 +36,24 @@ from tests.harness.processes import KVMETER
 
 TOKEN = "operator-token-0123456789"
 API_KEY, SECRET = "operator-api-key", "operator-secret-key"
-# Four tenants: A and B in one CloudStack domain, C and D in another. The agents report the
-# owner fields of CloudStack's <metadata>; D's VM runs on a release without ownerDomainUuid, and
-# only CloudStack's API (the reconciler's names) says which domain D is in.
+# Five tenants: A and B in one CloudStack domain, C and D in another, E in a subdomain of that.
+# The agents report the owner fields of CloudStack's <metadata>; D's and E's VMs run on a release
+# without ownerDomainUuid, and only CloudStack's API (the reconciler's names) says which domain
+# they are in, and the domain tree of the second domain.
 ACCT_A = "aaaa0000-0000-4000-8000-00000000000a"
 ACCT_B = "bbbb0000-0000-4000-8000-00000000000b"
 ACCT_C = "cccc0000-0000-4000-8000-00000000000c"
 ACCT_D = "dddd0000-0000-4000-8000-00000000000d"
+ACCT_E = "eeee0000-0000-4000-8000-00000000000e"
 DOMAIN_1 = "d1d10000-0000-4000-8000-0000000000d1"
 DOMAIN_2 = "d2d20000-0000-4000-8000-0000000000d2"
+DOMAIN_2_SUB = "d3d30000-0000-4000-8000-0000000000d3"
 VMS = {  # libvirt domain name -> (account, CloudStack domain in its <metadata>, bytes sent)
     "i-2-10-VM": (ACCT_A, DOMAIN_1, 1000),
     "i-3-11-VM": (ACCT_B, DOMAIN_1, 2000),
     "i-4-12-VM": (ACCT_C, DOMAIN_2, 4000),
     "i-5-13-VM": (ACCT_D, None, 8000),
+    "i-6-14-VM": (ACCT_E, None, 16000),
 }
 
 
@@ -68,8 +72,15 @@ def fill_store(db_url: str) -> None:
         for i, (name, (_, _, nbytes)) in enumerate(VMS.items())
     ]
     out = collector.apply_batch(stream.batch(measures))
-    assert out.billed_bytes == 15000, out
-    names = Snapshot(T0, accounts={ACCT_D: Account(ACCT_D, "dee", DOMAIN_2)})
+    assert out.billed_bytes == 31000, out
+    names = Snapshot(
+        T0,
+        accounts={ACCT_D: Account(ACCT_D, "dee", DOMAIN_2), ACCT_E: Account(ACCT_E, "eve", DOMAIN_2_SUB)},
+        domains={
+            DOMAIN_2: Domain(DOMAIN_2, "two", "ROOT/two"),
+            DOMAIN_2_SUB: Domain(DOMAIN_2_SUB, "sub", "ROOT/two/sub"),
+        },
+    )
     with store.write() as conn:
         reconcile_store.save_names(conn, names, T0)
     store.close()
@@ -241,7 +252,7 @@ def records_of(client: CloudStack, **params: object) -> dict[str, int]:
     return {r["accountid"]: int(r["rawusage"]) for r in body["usagerecord"]}
 
 
-EVERYONE = {ACCT_A: 1000, ACCT_B: 2000, ACCT_C: 4000, ACCT_D: 8000}
+EVERYONE = {ACCT_A: 1000, ACCT_B: 2000, ACCT_C: 4000, ACCT_D: 8000, ACCT_E: 16000}
 
 
 def test_token_and_cloudstack_key_pair_from_the_config_file_work_together(start: Start) -> None:
@@ -407,7 +418,8 @@ def test_minted_credentials_scoped_and_revoked_without_restart(launcher: Launche
     try:
         assert usage_of(service, operator["token"]) == EVERYONE
         assert usage_of(service, domain["token"]) == {ACCT_A: 1000, ACCT_B: 2000}
-        assert usage_of(service, domain_2["token"]) == {ACCT_C: 4000, ACCT_D: 8000}
+        # Its own accounts and its subdomain's: the domain tree is known from CloudStack's API.
+        assert usage_of(service, domain_2["token"]) == {ACCT_C: 4000, ACCT_D: 8000, ACCT_E: 16000}
         acme = service.client(tenant["api_key"], tenant["secret_key"])
         assert records_of(acme) == {ACCT_A: 1000}
         assert records_of(service.client(tenant["api_key"], tenant["secret_key"], method="post")) == {
