@@ -63,23 +63,23 @@ def _params() -> dict[str, str]:
 
 def _list_usage_records(store: Store, pager: UsagePager, args: Mapping[str, str]) -> Response:
     req = parse_list_usage_records(args)
-    with store.read() as conn:
+    with store.read() as conn:  # one read: names, count and page agree
         names = load_names(conn)
-        hinted = OwnerDirectory.from_hints(store.owner_hints(conn))
-    directory = hinted.with_names(names.accounts, names.domains)
-    flt = UsageFilter(
-        start_ms=req.start_ms,
-        end_ms=req.end_ms,
-        ends_by_ms=req.end_ms,
-        accounts=visible_accounts(req, current_principal(), directory),
-        usage_type=req.usage_type,
-        resource=req.usage_id,
-        keyword=req.keyword,
-        attributed_only=True,  # bytes no account owns are no CloudStack account's usage
-    )
-    if req.empty_range:
-        flt = UsageFilter(0, 0, accounts=frozenset())
-    with store.read() as conn:
+        directory = OwnerDirectory.from_hints(store.owner_hints(conn)).with_names(
+            names.accounts, names.domains
+        )
+        flt = UsageFilter(
+            start_ms=req.start_ms,
+            end_ms=req.end_ms,
+            ends_by_ms=req.end_ms,
+            accounts=visible_accounts(req, current_principal(), directory),
+            usage_type=req.usage_type,
+            resource=req.usage_id,
+            keyword=req.keyword,
+            attributed_only=True,  # bytes no account owns are no CloudStack account's usage
+        )
+        if req.empty_range:
+            flt = UsageFilter(0, 0, accounts=frozenset())
         count = pager.count(conn, flt, store.finalized_through(conn, lock=False))
         if req.limit is not None:
             rows: Iterator[UsageRow] = iter(pager.page(conn, flt, limit=req.limit, offset=req.offset))
