@@ -18,8 +18,10 @@ APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugi
 # on Debian's cloud kernel (its .deb fetched once into build/realvm/debs).
 REALVM_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static cpio
 REALVM_DEBS := build/realvm/debs
+# The programs `make bench` measures kvmeter against, on the same interfaces (bench/peers.py).
+PEER_PACKAGES := prometheus-node-exporter collectd-core prometheus-libvirt-exporter
 
-.PHONY: help deps realvm-deps venv proto lint typecheck test test-proto-compat unit e2e demo demo-real-vms bench packages test-packages clean
+.PHONY: help deps realvm-deps bench-deps venv proto lint typecheck test test-proto-compat unit e2e demo demo-real-vms bench packages test-packages clean
 
 help:
 	@echo "make demo   - build a small simulated cloud and meter it (embedded default)"
@@ -48,6 +50,13 @@ realvm-deps:
 		if [ -z "$$kernel" ]; then apt-get update -qq; \
 			kernel=$$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $$2; exit}'); fi; \
 		apt-get download -q -o APT::Sandbox::User=root $$kernel; \
+	fi
+
+bench-deps:
+	@missing=$$(for p in $(PEER_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 $(BIN)/activate:
@@ -87,7 +96,7 @@ test-proto-compat: venv
 	$(PB_COMPAT_VENV)/bin/pip install -q --no-deps -e .
 	$(PB_COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_proto_compat.py
 
-test: venv realvm-deps lint typecheck test-proto-compat
+test: venv realvm-deps bench-deps lint typecheck test-proto-compat
 	$(BIN)/python -m pytest -q tests
 
 unit: venv
@@ -115,7 +124,7 @@ demo-real-vms: venv realvm-deps
 
 # Side-by-side benchmarks (as root: network namespaces), not part of `make test`; ~15 minutes.
 # BENCH_ARGS=--quick for a smoke run; results in bench/results.json.
-bench: venv
+bench: venv realvm-deps bench-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

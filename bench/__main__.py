@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only agent,collector,freshness,scale,lifecycle,api] [--out ...]`.
+"""`python -m bench [--quick] [--only agent,collector,freshness,scale,lifecycle,api,peers] [--out ...]`.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import report
 
-SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "api")
+SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "api", "peers")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -152,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
             results["api"] = _section("api", lambda: api_bench.run(pg.dsn, records=records, log=_log))
         finally:
             pg.stop()
+
+    if "peers" in only:
+        from bench import peers
+
+        results["peers"] = _section("peers", lambda: peers.run(sizes, quick=quick, log=_log))
 
     results["meta"]["loadavg_end"] = os.getloadavg()[0]
     Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

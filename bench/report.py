@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench import peers_report
+
 METHOD_LABELS = {
     "floor": "raw read of /proc/net/dev (floor)",
     "kvmeter": "kvmeter agent poll (daemon)",
@@ -230,6 +232,7 @@ def goals(results: dict[str, Any]) -> list[str]:
             f"listUsageRecords {name}: API memory flat while {paging['clients']} clients page through a "
             f"month (< 20 MB growth): +{grown:.1f} MB -> {_verdict(grown < 20)}"
         )
+    out += peers_report.goals(results.get("peers", {}))
     return out
 
 
@@ -255,6 +258,7 @@ def render(results: dict[str, Any]) -> str:
         ("scale", scale_section),
         ("lifecycle", lifecycle_section),
         ("api", api_section),
+        ("peers", lambda peers: peers_report.section(peers, _table, _num)),
     )
     for key, fn in sections:
         if key in results:
