@@ -323,6 +323,11 @@ class Lab:
         self.hosts.append(host)
         return host
 
+    @property
+    def root_ip(self) -> str:
+        """The root namespace's address on the management network (hosts reach it directly)."""
+        return f"{self.net}.254"
+
     def in_core(self) -> list[str]:
         return ["ip", "netns", "exec", self.core]
 

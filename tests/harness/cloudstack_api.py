@@ -94,7 +94,7 @@ def empty_cloud() -> dict[str, list[dict[str, Any]]]:
 class CloudStackApiDouble:
     """`cloud` maps each list command to its items; tests change it between passes."""
 
-    def __init__(self, cloud: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    def __init__(self, cloud: dict[str, list[dict[str, Any]]] | None = None, host: str = "127.0.0.1") -> None:
         self.cloud = cloud if cloud is not None else empty_cloud()
         self.down = False
         self.garbage = False
@@ -110,9 +110,9 @@ class CloudStackApiDouble:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.port = self.server.server_address[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}/client/api"
+        self.endpoint = f"http://{host}:{self.port}/client/api"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> CloudStackApiDouble:

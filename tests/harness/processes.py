@@ -237,6 +237,7 @@ class AllInOneProcess(Spooling):
         poll: float = 1.0,
         billable: Sequence[str] = ("public",),
         max_event_bytes: int | None = None,
+        extra: str = "",
     ):
         super().__init__("allinone", workdir, host.exec_args())
         self.state_dir = workdir / "agent"
@@ -267,6 +268,7 @@ enabled = false
 events_file = "{self.events}"
 """
             + ("" if max_event_bytes is None else f"max_event_bytes = {max_event_bytes}\n")
+            + extra
         )
 
     def args(self) -> list[str]:
