@@ -130,7 +130,8 @@ class CloudStackApiDouble:
             return
         self.requests.append(args)
         command = args.get("command", "")
-        problem = cloudstack_signature_problem(pairs, {API_KEY: SECRET}, time.time())
+        known = {k.lower(): v for k, v in pairs}.get("apikey") == API_KEY
+        problem = cloudstack_signature_problem(pairs, SECRET, time.time()) if known else "unknown apikey"
         if problem is not None:
             self.refused.append(problem)
             text = "unable to verify user credentials and/or request signature"
