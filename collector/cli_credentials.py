@@ -6,7 +6,6 @@ API sees a new or revoked credential from its next request on.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import stat
 import time
@@ -17,6 +16,8 @@ from typing import Any, TypeVar
 import click
 
 from kvmeter.collector import config as config_mod
+from kvmeter.collector import report
+from kvmeter.collector.cli import _open_store
 from kvmeter.collector.credentials import scoped
 from kvmeter.collector.credentials_store import CLOUDSTACK, KINDS, MintedCredentials, StoredCredential
 from kvmeter.collector.store import Store
@@ -33,18 +34,11 @@ def _store(config_path: str, db_url: str | None) -> Store:
         store_section = doc.get("store", {})
         db_url = store_section.get("url") if isinstance(store_section, dict) else None
         db_url = db_url or config_mod.CollectorConfig.db_url
-    try:
-        store = Store(db_url)
-        store.migrate()
-    except Exception as exc:
-        raise click.ClickException(f"cannot open the store {db_url}: {exc}") from None
-    return store
+    return _open_store(db_url)
 
 
 def _when(ms: int | None) -> str:
-    if ms is None:
-        return ""
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "" if ms is None else report.iso(ms)
 
 
 def _as_dict(cred: StoredCredential) -> dict[str, object]:

@@ -32,7 +32,7 @@ from tests.collector_support import HOUR, T0, Clock, M, Stream
 from tests.harness.kafka import FAST_GROUP
 from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
 from tests.harness.ports import free_port, wait_for_port
-from tests.harness.processes import KVMETER
+from tests.harness.processes import KVMETER, Process
 
 TOKEN = "operator-token-0123456789"
 API_KEY, SECRET = "operator-api-key", "operator-secret-key"
@@ -86,38 +86,27 @@ def fill_store(db_url: str) -> None:
     store.close()
 
 
-class Service:
-    """A kvmeter process started from a TOML file, its API's base URL, its log."""
+class Service(Process):
+    """A kvmeter command started from a TOML file, and its API's base URL."""
 
     def __init__(self, command: Command, port: int):
-        self.args = command.args
+        super().__init__("service", command.workdir)
+        self.command = command
         self.config = command.config
         self.port = port
         self.base = f"http://127.0.0.1:{port}"
-        self.log = command.workdir / "service.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Service:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+    def args(self) -> list[str]:
+        return self.command.args
+
+    def start(self) -> None:
+        """Started and listening."""
+        super().start()
         try:
-            wait_for_port("127.0.0.1", self.port, 30, " ".join(self.args))
+            wait_for_port("127.0.0.1", self.port, 30, " ".join(self.args()))
         except RuntimeError:
             self.stop()
             raise AssertionError(self.logs()) from None
-        return self
-
-    def logs(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
     def get(self, path: str, token: str | None = None, **params: str) -> tuple[int, dict]:  # type: ignore[type-arg]
         """(status, JSON body); a body of another type as {"text": ...}."""
@@ -228,8 +217,9 @@ def start(launcher: Launcher) -> Iterator[Start]:
     def run(api: str, host: str = "127.0.0.1") -> Service:
         port = free_port()
         command = launcher(f'listen = "{host}:{port}"\n{api}')
-        service = Service(command, port).start()
+        service = Service(command, port)
         started.append(service)
+        service.start()
         return service
 
     yield run
@@ -377,10 +367,10 @@ accounts = ["{ACCT_B}"]
         write_credentials(creds, broken.replace(TOKEN_NEW, "another-token-0123456789"),
                           mode=0o600 if why != "chmod 600" else 0o644)  # fmt: skip
         service.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda why=why: why in service.log.read_text(), f"the reload refused ({why})", service)
+        wait_until(lambda why=why: why in service.logs(), f"the reload refused ({why})", service)
         assert usage_of(service, TOKEN_NEW) == {ACCT_A: 1000}
         assert status_of(service, "another-token-0123456789") == 401
-    assert "credentials file not reloaded" in service.log.read_text()
+    assert "credentials file not reloaded" in service.logs()
     assert service.proc.poll() is None
 
 
@@ -414,7 +404,8 @@ def test_minted_credentials_scoped_and_revoked_without_restart(launcher: Launche
                                             DOMAIN_1, "--kind", "token", "--format", "json"))  # fmt: skip
     domain_2 = json.loads(kvmeter_credentials(command.config, "create", "--name", "domain 2", "--domain",
                                               DOMAIN_2, "--kind", "token", "--format", "json"))  # fmt: skip
-    service = Service(command, port).start()
+    service = Service(command, port)
+    service.start()
     try:
         assert usage_of(service, operator["token"]) == EVERYONE
         assert usage_of(service, domain["token"]) == {ACCT_A: 1000, ACCT_B: 2000}
