@@ -60,6 +60,7 @@ MAX_GONE_FRACTION = 0.5  # of the VMs kvmeter has open, when at least MIN_FOR_GU
 MIN_FOR_GUARD = 4
 WITNESS_FRESH_MS = 15 * 60_000  # the agents' last report of a domain this recent can dispute
 _GONE = "(not listed)"
+_IP_FREED = frozenset({"Free", "Releasing"})  # IPAddressResponse states of an address given back
 
 
 @dataclass(frozen=True)
@@ -304,7 +305,7 @@ def _opened(
             create_at = prev_ms if listed else None
         if create_at is None:
             out.notes.append(
-                f"{uuid}: CloudStack lists it, kvmeter has it destroyed: awaiting a second witness"
+                f"{uuid}: CloudStack lists it, kvmeter has no allocation: awaiting a second witness"
             )
             return False
         reason = "CloudStack lists the VM while kvmeter had no allocation (create event lost)"
@@ -389,13 +390,13 @@ def _ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
     for uuid in sorted(set(ip_histories) | set(snapshot.ips)):
         history, ip = ip_histories.get(uuid), snapshot.ips.get(uuid)
         held = _open(history.ip) if history else None
-        listed = ip is not None and ip.state not in ("Free", "Releasing")
+        listed = ip is not None and ip.state not in _IP_FREED
         last = view.last_event_ms.get(uuid, 0)
         before = previous.ips.get(uuid) if previous is not None else None
         prev_ms = previous.taken_ms if previous is not None else -1
         prev_ok = previous is not None and prev_ms > last
         if held is not None and not listed:
-            if not (prev_ok and (before is None or before.state == "Free")):
+            if not (prev_ok and (before is None or before.state in _IP_FREED)):
                 out.notes.append(
                     f"{uuid}: not allocated in CloudStack, open in kvmeter: awaiting a second witness"
                 )
