@@ -12,12 +12,14 @@ import pytest
 from cs import CloudStack, CloudStackApiException
 
 from kvmeter.collector.api import serve
+from kvmeter.collector.credentials import Credentials, CredentialSource, Grant
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import Store
 from tests.api_support import running
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0
 
 API_KEY, SECRET = "billing-api-key", "billing-secret-key"
+TENANT_KEY, TENANT_SECRET = "tenant-b-api-key", "tenant-b-secret-key"  # scoped to account B
 N_A, N_B = 1234, 56  # records of two accounts: A's need three pages of 500
 
 
@@ -31,14 +33,18 @@ def endpoint(tmp_path: Path) -> Iterator[str]:
              for i in range(N_B)}  # fmt: skip
     with store.write() as conn:
         store.add_bytes(conn, rows, {}, 0, T0)
-    server = serve(store, "127.0.0.1", 0, cloudstack_keys={API_KEY: SECRET})
+    keys = {
+        API_KEY: (SECRET, Grant("billing")),
+        TENANT_KEY: (TENANT_SECRET, Grant("tenant b", accounts=frozenset({ACCT_B}))),
+    }
+    server = serve(store, "127.0.0.1", 0, credentials=CredentialSource(Credentials(keys=keys)))
     with running(server) as url:
         yield f"{url}/client/api"
     store.close()
 
 
-def client(endpoint: str, method: str = "get", secret: str = SECRET) -> Any:
-    return CloudStack(endpoint=endpoint, key=API_KEY, secret=secret, method=method)
+def client(endpoint: str, method: str = "get", secret: str = SECRET, key: str = API_KEY) -> Any:
+    return CloudStack(endpoint=endpoint, key=key, secret=secret, method=method)
 
 
 RANGE = {"startdate": "2024-05-14", "enddate": "2024-05-20"}
@@ -85,3 +91,16 @@ def test_cs_reads_cloudstacks_errors(endpoint: str, method: str) -> None:
     with pytest.raises(CloudStackApiException) as unsigned:
         client(endpoint, method, secret="wrong").listUsageRecords(**RANGE)
     assert unsigned.value.error["errorcode"] == 401
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_a_tenants_key_reads_its_own_account_only(endpoint: str, method: str) -> None:
+    tenant = client(endpoint, method, TENANT_SECRET, TENANT_KEY)
+    records = tenant.listUsageRecords(**RANGE, fetch_list=True)
+    assert {r["accountid"] for r in records} == {ACCT_B}
+    assert len(records) == N_B
+    assert tenant.listUsageRecords(**RANGE, type=4) == {}  # account A's type: nothing, count 0
+    for other in ({"accountid": ACCT_A}, {"account": ACCT_A}):
+        with pytest.raises(CloudStackApiException) as denied:
+            tenant.listUsageRecords(**RANGE, **other)
+        assert (denied.value.error["errorcode"], denied.value.error["cserrorcode"]) == (531, 4365)
