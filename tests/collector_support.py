@@ -1,13 +1,19 @@
 """Builders for collector test inputs: CloudStack event-bus records and agent measure batches,
-as the real producers put them on the wire (bare compact JSON; serialized MeasureBatch)."""
+as the real producers put them on the wire (bare compact JSON; serialized MeasureBatch); and
+one-item forms of the store's batch writes for tests that look at a single row."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector.model import UsageKey
+from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 
 HOUR = 3_600_000
@@ -202,3 +208,36 @@ def expected_usage(now: int) -> dict[tuple[str, int, str, str, int], int]:
 def net_by_short_key(net: dict) -> dict[tuple[str, int, str, str, int], int]:  # type: ignore[type-arg]
     """Store.net_usage() keyed like expected_usage() (offering is not part of the scenario)."""
     return {(k.account, k.usage_type, k.resource, k.detail, k.window_start_ms): v for k, v in net.items()}
+
+
+def insert_event(
+    store: Store,
+    conn: Connection,
+    event_id: str,
+    resource: str,
+    time_ms: int,
+    raw: bytes,
+    normalized: bytes,
+    now_ms: int,
+) -> bool:
+    """Store one event unless known; True when it is new."""
+    return bool(store.insert_events(conn, [(event_id, resource, time_ms, raw, normalized)], now_ms))
+
+
+def events_of(store: Store, conn: Connection, resource: str) -> list[bytes]:
+    """One resource's normalized events in (time, event id) order."""
+    return store.events_of_many(conn, [resource]).get(resource, [])
+
+
+def set_time_values(
+    store: Store,
+    conn: Connection,
+    resource: str,
+    values: Mapping[UsageKey, int],
+    final_through: int,
+    now_ms: int,
+    *,
+    open_only: bool = False,
+) -> tuple[int, int]:
+    """Store.set_time_values_many for one resource."""
+    return store.set_time_values_many(conn, {resource: values}, final_through, now_ms, open_only=open_only)

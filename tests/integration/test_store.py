@@ -15,7 +15,20 @@ from kvmeter.collector.model import Measure, UsageKey
 from kvmeter.collector.schema import UPDATED_FILLFACTOR
 from kvmeter.collector.service import Collector, Record, Settings
 from kvmeter.collector.store import DeadLetter, Store, engine_url
-from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, VM1, Clock, M, Stream, usage_event
+from tests.collector_support import (
+    ACCT_A,
+    ACCT_B,
+    HOUR,
+    T0,
+    VM1,
+    Clock,
+    M,
+    Stream,
+    events_of,
+    insert_event,
+    set_time_values,
+    usage_event,
+)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
@@ -130,19 +143,19 @@ def test_a_key_new_to_a_final_window_is_a_zero_record_plus_adjustment(store: Sto
 def test_time_values_are_whole_values_open_updates_final_adjusts(store: Store) -> None:
     k1, k2 = key(1), key(1, T0 + HOUR)
     with store.write() as conn:
-        store.set_time_values(conn, VM1, {k1: 1000, k2: 500}, store.finalized_through(conn), 1)
+        set_time_values(store, conn, VM1, {k1: 1000, k2: 500}, store.finalized_through(conn), 1)
     with store.write() as conn:
         store.finalize(conn, T0 + HOUR, 2)
     with store.write() as conn:  # a late event: k1 shrinks (final -> adjustment), k2 vanishes (open -> gone)
-        written, adjusted = store.set_time_values(conn, VM1, {k1: 400}, store.finalized_through(conn), 3)
+        written, adjusted = set_time_values(store, conn, VM1, {k1: 400}, store.finalized_through(conn), 3)
     assert (written, adjusted) == (1, 1)
     rows = {r.key: r for r in store.usage(T0, T0 + 2 * HOUR)}
     assert set(rows) == {k1}
     assert (rows[k1].recorded, rows[k1].adjustment, rows[k1].quantity) == (1000, -600, 400)
     with store.write() as conn:  # the same whole value again changes nothing
-        assert store.set_time_values(conn, VM1, {k1: 400}, store.finalized_through(conn), 4) == (0, 0)
+        assert set_time_values(store, conn, VM1, {k1: 400}, store.finalized_through(conn), 4) == (0, 0)
     with store.write() as conn:  # a tick (open_only) never touches final windows
-        assert store.set_time_values(conn, VM1, {}, store.finalized_through(conn), 5, open_only=True) == (
+        assert set_time_values(store, conn, VM1, {}, store.finalized_through(conn), 5, open_only=True) == (
             0,
             0,
         )
@@ -151,10 +164,10 @@ def test_time_values_are_whole_values_open_updates_final_adjusts(store: Store) -
 
 def test_events_are_stored_once_by_id(store: Store) -> None:
     with store.write() as conn:
-        assert store.insert_event(conn, "e1", VM1, T0, b"{}", b"n1", 1)
-        assert not store.insert_event(conn, "e1", VM1, T0, b"{}", b"n1", 2)
-        assert store.insert_event(conn, "e2", VM1, T0 - 1, b"{}", b"n2", 3)
-        assert store.events_of(conn, VM1) == [b"n2", b"n1"]  # event time order
+        assert insert_event(store, conn, "e1", VM1, T0, b"{}", b"n1", 1)
+        assert not insert_event(store, conn, "e1", VM1, T0, b"{}", b"n1", 2)
+        assert insert_event(store, conn, "e2", VM1, T0 - 1, b"{}", b"n2", 3)
+        assert events_of(store, conn, VM1) == [b"n2", b"n1"]  # event time order
         rows = store.events_since(conn, 0)
     assert [r[2] for r in rows] == [b"n1", b"n2"]  # arrival order
     with store.read() as conn:
@@ -235,7 +248,7 @@ def test_two_replicas_unparking_at_once_bill_a_parked_measure_once(store_url: st
     k, v = usage_event("VM.CREATE", VM1, ACCT_A, T0 - HOUR)
     ev = cloudstack.parse_event(v, k)
     with stores[0].write() as conn:  # stored by a third replica: both learn the owner on their next sync
-        stores[0].insert_event(conn, ev.event_id, ev.resource_uuid, ev.time, v, ev.SerializeToString(), 1)
+        insert_event(stores[0], conn, ev.event_id, ev.resource_uuid, ev.time, v, ev.SerializeToString(), 1)
     outcomes: list[int] = []
     errors: list[BaseException] = []
 

@@ -153,6 +153,7 @@ def test_debs_split_the_code_by_role(dist: Path) -> None:
     assert f"{site}/agent/cli.py" in agent
     assert not any(f.startswith(f"{site}/collector/") for f in agent)
     assert f"{site}/collector/cli.py" in collector
+    assert f"{site}/collector/store/__init__.py" in collector  # subpackages go along
     assert not any(f.startswith(f"{site}/agent/") for f in collector)
     assert "./lib/systemd/system/kvmeter-agent.service" in agent
     assert "./lib/systemd/system/kvmeter-collector.service" in collector

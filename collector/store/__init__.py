@@ -1,0 +1,71 @@
+"""The usage store: one schema on SQLite (embedded default, a file) and PostgreSQL (a DSN).
+
+SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Every time is an
+integer of milliseconds since the epoch (UTC): no timezone or datetime type differences between
+the two databases. The schema and its migrations are in collector/schema.py; this package holds
+the statements, one module per table family (engine, streams, events, usage, parking, owners)
+and the read side (reads). `Store` is all of them in one object.
+
+Concurrency between replicas (PostgreSQL) rests on three locks, always taken in this order:
+1. the `finalized_through` row of collector_state: shared by writers of usage, exclusive for
+   the finalizer, so a window never turns final under a writer that saw it open;
+2. per-resource advisory locks (sorted) for recomputing time-based records;
+3. row locks of stream marks and parked measures (`FOR UPDATE`), so a batch or a parked
+   measure is applied by one replica only.
+SQLite serialises writers with `BEGIN IMMEDIATE` instead.
+"""
+
+from __future__ import annotations
+
+from kvmeter.collector.schema import (
+    KEY_COLUMNS,
+    MIGRATIONS,
+    V1_TABLES,
+    collector_state,
+    dead_letters,
+    lifecycle_events,
+    metadata,
+    parked_measures,
+    quarantined_measures,
+    schema_version,
+    stream_gaps,
+    stream_marks,
+    unbilled_bytes,
+    usage_adjustments,
+    usage_records,
+)
+from kvmeter.collector.store.engine import engine_url
+from kvmeter.collector.store.events import LifecycleEvents
+from kvmeter.collector.store.owners import OwnerHints
+from kvmeter.collector.store.parking import DeadLetter, Parking
+from kvmeter.collector.store.reads import Adjustment, Reads, UsageRow
+from kvmeter.collector.store.streams import StreamMarks
+from kvmeter.collector.store.usage import UsageWrites
+
+# Tables are re-exported: tests and tools reach them through the store.
+__all__ = [
+    "KEY_COLUMNS",
+    "MIGRATIONS",
+    "V1_TABLES",
+    "Adjustment",
+    "DeadLetter",
+    "Store",
+    "UsageRow",
+    "collector_state",
+    "dead_letters",
+    "engine_url",
+    "lifecycle_events",
+    "metadata",
+    "parked_measures",
+    "quarantined_measures",
+    "schema_version",
+    "stream_gaps",
+    "stream_marks",
+    "unbilled_bytes",
+    "usage_adjustments",
+    "usage_records",
+]
+
+
+class Store(StreamMarks, LifecycleEvents, UsageWrites, Parking, OwnerHints, Reads):
+    """One store: the engine (StoreCore, the common base) and every table family's statements."""

@@ -1,0 +1,190 @@
+"""The store's engine: connections and transactions on SQLite or PostgreSQL, migrations, and
+the statement builders every table family's writes share.
+
+A plain `postgresql://` URL uses psycopg 3 on SQLAlchemy 2 and psycopg2 on 1.4 (whose dialects
+predate psycopg 3; Debian 12: python3-psycopg2); an explicit `postgresql+driver://` is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from kvmeter.collector.schema import KEY_COLUMNS, MIGRATIONS, schema_version
+
+
+def engine_url(url: str) -> str:
+    """Map plain `postgresql://` to the installed psycopg driver; keep other URLs as given."""
+    if url.startswith(("postgresql://", "postgres://")):
+        rest = url.split("://", 1)[1]
+        # SQLAlchemy 2 has the psycopg 3 dialect; 1.4 (Debian 12) only psycopg2.
+        driver = "psycopg" if int(sa.__version__.split(".")[0]) >= 2 else "psycopg2"
+        return f"postgresql+{driver}://{rest}"
+    return url
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class StoreCore:
+    """Engine, transactions and schema; the table families' mixins build on it."""
+
+    def __init__(self, url: str, *, pool_size: int = 5):
+        self.url = engine_url(url)
+        if self.url.startswith("sqlite"):
+            self.engine = _sqlite_engine(self.url)
+        else:
+            try:
+                self.engine = sa.create_engine(self.url, pool_size=pool_size, pool_pre_ping=True)
+            except (ImportError, sa.exc.NoSuchModuleError) as exc:
+                driver = self.url.split("://", 1)[0]
+                hint = " (Debian 12: apt install python3-psycopg2)" if driver.endswith("psycopg2") else ""
+                raise RuntimeError(f"no database driver for {driver}{hint}: {exc}") from None
+        self.dialect = self.engine.dialect.name
+        self.is_postgres = self.dialect == "postgresql"
+        self._sql_cache: dict[str, str] = {}  # statements built once, by purpose
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- transactions -------------------------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A read-write transaction (SQLite: BEGIN IMMEDIATE, one writer at a time)."""
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(kvmeter_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    # -- schema -------------------------------------------------------------------------------
+    def migrate(self) -> int:
+        """Apply pending migrations; safe when several replicas start at once."""
+        with self.write() as conn:
+            if self.is_postgres:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7346201)"))
+            schema_version.create(conn, checkfirst=True)
+            done = {row[0] for row in conn.execute(sa.select(schema_version.c.version))}
+            for version, migration in MIGRATIONS:
+                if version not in done:
+                    migration(conn)
+                    conn.execute(sa.insert(schema_version).values(version=version, applied_ms=now_ms()))
+            return max([v for v, _ in MIGRATIONS] + list(done))
+
+    def version(self) -> int:
+        with self.read() as conn:
+            return int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0)
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.is_postgres:
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    def _upsert_rows(
+        self,
+        conn: Connection,
+        table: sa.Table,
+        columns: Sequence[str],
+        rows: list[tuple[Any, ...]],
+        value: str,
+        *,
+        add: bool,
+    ) -> None:
+        """Upsert plain tuples (values in `columns` order; the key first): a new key inserts its
+        row, a known key adds the row's `value` column to its own (add) or takes it, and takes
+        its updated_ms.
+
+        The hot write path. The statement text is built once per table and run through the
+        driver directly: SQLAlchemy's per-row parameter processing cost more than the
+        database's work. SQLite: one prepared statement, executemany. PostgreSQL (psycopg 3 or
+        psycopg2): one statement over one array per column (unnest), one round trip, and a
+        short text the driver parses once (a multi-row VALUES is re-parsed on every call). The
+        rows' keys are distinct: ON CONFLICT DO UPDATE may touch a row once per statement."""
+        cache_key = f"{table.name}:{value}:{'add' if add else 'set'}"
+        sql = self._sql_cache.get(cache_key)
+        if sql is None:
+            sql = self._sql_cache[cache_key] = self._upsert_sql(table, columns, value, add=add)
+        if self.is_postgres:
+            conn.exec_driver_sql(sql, [tuple(list(values) for values in zip(*rows, strict=True))])
+        else:
+            conn.exec_driver_sql(sql, rows)
+
+    def _upsert_sql(self, table: sa.Table, columns: Sequence[str], value: str, *, add: bool) -> str:
+        quote = self.engine.dialect.identifier_preparer.quote
+        name, column = quote(table.name), quote(value)
+        if self.is_postgres:
+            source = self._pg_unnest(table, columns)
+        else:
+            source = "VALUES (" + ", ".join(["?"] * len(columns)) + ")"
+        new_value = f"{name}.{column} + excluded.{column}" if add else f"excluded.{column}"
+        return (
+            f"INSERT INTO {name} ({', '.join(quote(c) for c in columns)}) {source} "
+            f"ON CONFLICT ({', '.join(quote(c) for c in KEY_COLUMNS)}) DO UPDATE SET "
+            f"{column} = {new_value}, {quote('updated_ms')} = excluded.{quote('updated_ms')}"
+        )
+
+    def _pg_unnest(self, table: sa.Table, columns: Sequence[str]) -> str:
+        """`SELECT * FROM unnest(<one array parameter per column>)`: any number of rows in one
+        statement whose text never changes. Arrays of the base types (text[], not
+        varchar(n)[]: an explicit cast would truncate a long value silently; the insert's own
+        assignment cast refuses it). psycopg 3 dumps arrays in binary (%b) at a third of its
+        text format's cost."""
+        mark = "%b" if self.engine.dialect.driver == "psycopg" else "%s"
+        types = [
+            "bytea" if isinstance(table.c[c].type, sa.LargeBinary) else pg_array_type(table.c[c].type)
+            for c in columns
+        ]
+        return "SELECT * FROM unnest(" + ", ".join(f"{mark}::{t}[]" for t in types) + ")"
+
+
+def slices(items: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    """Consecutive parts of at most `size` items: IN lists and multi-row VALUES stay bounded."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def pg_array_type(column_type: Any) -> str:
+    for kind, name in ((sa.Boolean, "boolean"), (sa.BigInteger, "bigint"), (sa.Integer, "integer")):
+        if isinstance(column_type, kind):
+            return name
+    if isinstance(column_type, sa.String):
+        return "text"
+    raise TypeError(f"no PostgreSQL array type for {column_type!r}")
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = url.split("///", 1)[1] if "///" in url else ""
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 60})
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's begin event issue BEGIN itself (pysqlite's own is deferred and late).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # offsets are committed after us: a commit must last
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        # Writers take the write lock up front: a read-then-write transaction never hits BUSY.
+        write = conn.get_execution_options().get("kvmeter_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine

@@ -1,0 +1,86 @@
+"""Lifecycle events as stored: each event once by id, in time order per resource."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector.schema import lifecycle_events
+from kvmeter.collector.store.engine import StoreCore, slices
+
+_EVENT_COLUMNS = ("event_id", "resource_uuid", "time_ms", "raw", "normalized", "received_ms")
+
+
+class LifecycleEvents(StoreCore):
+    """Raw and normalized lifecycle events, the history every time-based record is built from."""
+
+    def insert_events(
+        self, conn: Connection, events: Sequence[tuple[str, str, int, bytes, bytes]], now_ms: int
+    ) -> set[str]:
+        """Store events (event_id, resource, time_ms, raw, normalized) unless known, the first of
+        repeated ids; returns the ids stored now. A few statements for any number of events."""
+        rows: dict[str, dict[str, Any]] = {}
+        for event_id, resource, time_ms, raw, normalized in events:
+            if event_id not in rows:
+                rows[event_id] = {
+                    "event_id": event_id,
+                    "resource_uuid": resource,
+                    "time_ms": time_ms,
+                    "raw": raw,
+                    "normalized": normalized,
+                    "received_ms": now_ms,
+                }
+        if not rows:
+            return set()
+        if self.is_postgres:
+            # One INSERT over one array per column; RETURNING names the rows this transaction
+            # inserted (a concurrent replica's insert of the same id waits, then conflicts).
+            sql = self._sql_cache.get("lifecycle_events")
+            if sql is None:
+                sql = self._sql_cache["lifecycle_events"] = (
+                    f"INSERT INTO lifecycle_events ({', '.join(_EVENT_COLUMNS)}) "
+                    f"{self._pg_unnest(lifecycle_events, _EVENT_COLUMNS)} "
+                    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+                )
+            arrays = tuple([r[c] for r in rows.values()] for c in _EVENT_COLUMNS)
+            return {row[0] for row in conn.exec_driver_sql(sql, arrays)}
+        new: set[str] = set()
+        ev = lifecycle_events.c
+        insert = "INSERT INTO lifecycle_events (" + ", ".join(_EVENT_COLUMNS) + ") VALUES (?, ?, ?, ?, ?, ?)"
+        for part in slices(list(rows)):  # writers are serialised (BEGIN IMMEDIATE): what is not there is new
+            known = {row[0] for row in conn.execute(sa.select(ev.event_id).where(ev.event_id.in_(part)))}
+            fresh = [tuple(rows[i][c] for c in _EVENT_COLUMNS) for i in part if i not in known]
+            if fresh:
+                conn.exec_driver_sql(insert, fresh)
+                new.update(row[0] for row in fresh)
+        return new
+
+    def events_of_many(self, conn: Connection, resources: Iterable[str]) -> dict[str, list[bytes]]:
+        """{resource: normalized events in (time, event id) order} of the resources named."""
+        ev = lifecycle_events.c
+        out: dict[str, list[bytes]] = {}
+        for part in slices(sorted(set(resources))):
+            query = (
+                sa.select(ev.resource_uuid, ev.normalized)
+                .where(ev.resource_uuid.in_(part))
+                .order_by(ev.resource_uuid, ev.time_ms, ev.event_id)
+            )
+            for row in conn.execute(query):
+                out.setdefault(row[0], []).append(bytes(row[1]))
+        return out
+
+    def events_since(
+        self, conn: Connection, last_id: int, limit: int = 10000
+    ) -> list[tuple[int, str, bytes, str]]:
+        """(id, resource, normalized, event id) of events stored after `last_id`, by id."""
+        ev = lifecycle_events.c
+        query = (
+            sa.select(ev.id, ev.resource_uuid, ev.normalized, ev.event_id)
+            .where(ev.id > last_id)
+            .order_by(ev.id)
+            .limit(limit)
+        )
+        return [(int(r[0]), r[1], bytes(r[2]), r[3]) for r in conn.execute(query)]

@@ -1,0 +1,33 @@
+"""Owner hints learned from the agents' inventories (domain -> CloudStack owner), shared by
+replicas through the store."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector.schema import owner_hints
+from kvmeter.collector.store.engine import StoreCore
+
+
+class OwnerHints(StoreCore):
+    """{domain: owner fields}, the latest learned for each domain."""
+
+    def save_owner_hints(self, conn: Connection, hints: Mapping[str, Mapping[str, str]], now_ms: int) -> None:
+        rows = [
+            {"domain": d[:255], "owner": json.dumps(dict(hints[d]), sort_keys=True), "updated_ms": now_ms}
+            for d in sorted(hints)
+        ]
+        if rows:
+            stmt = self._insert(owner_hints)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["domain"], set_={"owner": stmt.excluded.owner, "updated_ms": now_ms}
+            )
+            conn.execute(stmt, rows)
+
+    def owner_hints(self, conn: Connection) -> dict[str, dict[str, str]]:
+        rows = conn.execute(sa.select(owner_hints.c.domain, owner_hints.c.owner))
+        return {row[0]: json.loads(row[1]) for row in rows}
