@@ -20,7 +20,7 @@ from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector, Settings
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
-from tests.collector_support import ACCT_A, HOUR, T0, VM1, VM2, Clock, usage_event
+from tests.collector_support import ACCT_A, HOUR, T0, VM1, VM2, Clock, events_of, usage_event
 from tests.harness.kafka import FAST_GROUP
 
 NOW = T0 + 3 * HOUR
@@ -77,7 +77,7 @@ def test_a_skewed_events_file_through_kvmeter_ingest(tmp_path: Path) -> None:
     store = Store(db)
     assert running_ms(store) == EXPECTED
     with store.read() as conn:
-        stored = [pb.LifecycleEvent.FromString(raw) for raw in store.events_of(conn, VM1)]
+        stored = [pb.LifecycleEvent.FromString(raw) for raw in events_of(store, conn, VM1)]
     assert sorted((ev.delivery_source, ev.delivery_seq) for ev in stored) == [
         ("events.jsonl", 1),
         ("events.jsonl", 2),
