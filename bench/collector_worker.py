@@ -25,7 +25,8 @@ from kvmeter.collector.config import KafkaConfig
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_kafka import KafkaInput
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Outcome, Record, Settings
+from kvmeter.collector.model import Outcome, Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 
 

@@ -64,7 +64,8 @@ def parse_rate(path: Path, passes: int = 3) -> float:
 def load(db: str, path: Path, lines: int, now_ms: int) -> dict[str, Any]:
     """Ingest the event file into an empty store; events per wall and CPU second."""
     from kvmeter.collector.ingest import ingest_events
-    from kvmeter.collector.service import Collector, Settings
+    from kvmeter.collector.model import Settings
+    from kvmeter.collector.service import Collector
     from kvmeter.collector.store import Store
 
     store = Store(db)

@@ -18,7 +18,8 @@ from kvmeter.collector import config as config_mod
 from kvmeter.collector import report
 from kvmeter.collector.credentials import CredentialsError, CredentialSource, reload_on_sighup
 from kvmeter.collector.errors import BadInput
-from kvmeter.collector.service import Collector, Outcome
+from kvmeter.collector.model import Outcome
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 
 DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"

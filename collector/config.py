@@ -22,7 +22,7 @@ from kvmeter.collector import credentials
 from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
 from kvmeter.collector.credentials import Credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
-from kvmeter.collector.service import Settings
+from kvmeter.collector.model import Settings
 
 DAY_S = 86_400
 TRAFFIC_TYPES = ["public", "guest", "management", "storage", "control", "private_gateway"]

@@ -21,7 +21,8 @@ from typing import Any
 
 from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery, Input
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Outcome
+from kvmeter.collector.model import Outcome
+from kvmeter.collector.service import Collector
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from google.protobuf import json_format
 
 from kvmeter.collector.feed import drain
 from kvmeter.collector.input_files import CHUNK, EventsFile
-from kvmeter.collector.service import MEASURES, Collector, Outcome, Record
-from kvmeter.collector.store import DeadLetter
+from kvmeter.collector.model import DeadLetter, Outcome, Record
+from kvmeter.collector.service import MEASURES, Collector
 from kvmeter.proto import pb
 
 MAX_RECORD_BYTES = 256 << 20

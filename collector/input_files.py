@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
-from kvmeter.collector.service import Record
+from kvmeter.collector.model import Record
 
 CHUNK = 500  # records per delivery: one transaction each
 CHUNKS_PER_POLL = 20  # a long backlog is read in parts, never whole into memory

@@ -23,7 +23,7 @@ from kvmeter.collector.config import KafkaConfig
 from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery
 from kvmeter.collector.log_limit import limited_logger
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Record
+from kvmeter.collector.model import Record
 
 log = logging.getLogger(__name__)
 

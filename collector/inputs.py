@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from kvmeter.collector.service import LIFECYCLE, MEASURES, Record
+from kvmeter.collector.model import Record
+from kvmeter.collector.service import LIFECYCLE, MEASURES
 
 __all__ = ["LIFECYCLE", "MEASURES", "Delivery", "Input", "no_ack"]
 

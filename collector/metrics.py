@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector as PromCollector
 
-from kvmeter.collector.service import Outcome
+from kvmeter.collector.model import Outcome
 from kvmeter.collector.store import Store
 
 log = logging.getLogger(__name__)

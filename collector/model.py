@@ -6,8 +6,11 @@ values; the store persists them; the API and CLI read them back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
+
+from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 
 # CloudStack usage type ids (api/.../usage/UsageTypes.java).
 RUNNING_VM = 1
@@ -154,3 +157,66 @@ class ResourceHistory:
             else:
                 hi = mid
         return self.owners[max(lo - 1, 0)].account
+
+
+# -- the collector's settings, its input records and what it did with them -----------------
+@dataclass(frozen=True)
+class Settings:
+    """How the collector windows, finalizes, parks and bills (the config's [usage] and routers)."""
+
+    window_ms: int = 3_600_000
+    grace_ms: int = 2 * 3_600_000
+    park_horizon_ms: int = 24 * 3_600_000
+    billable: frozenset[str] = frozenset({"public"})
+    routers: Mapping[str, str] = field(default_factory=dict)  # router domain name / uuid -> account
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # a bigger lifecycle event is dead-lettered
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input record and where it came from (topic/partition@offset, file:line)."""
+
+    value: bytes
+    key: bytes | None = None
+    origin: str = ""
+    # (source, sequence): its place in the source's own stored order (topic/partition and
+    # offset, file and line); None where the source keeps none. Lifecycle: see lifecycle.py.
+    order: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Input that could not be used, kept with its bytes and the reason."""
+
+    source: str  # "measures" | "lifecycle"
+    origin: str  # where it came from: topic/partition@offset or file:line
+    raw: bytes
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    """What one call did; adapters turn it into metrics and logs."""
+
+    batches: int = 0
+    duplicates: int = 0
+    measures: int = 0
+    billed_bytes: int = 0
+    parked: int = 0
+    unparked: int = 0
+    unattributed: int = 0  # parked measures newly reported as unattributed
+    quarantined: int = 0
+    events: int = 0
+    known_events: int = 0
+    records: int = 0
+    adjustments: int = 0
+    finalized: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    def add(self, other: Outcome) -> None:
+        for name in self.__dataclass_fields__:
+            if name == "dead_letters":
+                self.dead_letters.extend(other.dead_letters)
+            else:
+                setattr(self, name, getattr(self, name) + getattr(other, name))

@@ -24,8 +24,9 @@ from kvmeter.collector.config_cloudstack import CloudStackConfig
 from kvmeter.collector.cs_snapshot import ApiUnavailable, Snapshot, SnapshotError
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
 from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.model import Outcome, Record
 from kvmeter.collector.reconcile import Findings, reconcile, view_of
-from kvmeter.collector.service import Collector, Outcome, Record
+from kvmeter.collector.service import Collector
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
@@ -31,10 +30,18 @@ from kvmeter.collector.aggregate import Attributed, Route, Tally
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.decode import Target
 from kvmeter.collector.errors import BadInput
-from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
-from kvmeter.collector.model import UNATTRIBUTED, Measure, ResourceHistory, UsageKey
+from kvmeter.collector.model import (
+    UNATTRIBUTED,
+    DeadLetter,
+    Measure,
+    Outcome,
+    Record,
+    ResourceHistory,
+    Settings,
+    UsageKey,
+)
 from kvmeter.collector.reconcile import Witness, observe
-from kvmeter.collector.store import DeadLetter, Store
+from kvmeter.collector.store import Store
 from kvmeter.collector.streams import admit, irregular
 from kvmeter.collector.windows import check_window, window_start
 from kvmeter.proto import pb
@@ -50,55 +57,6 @@ UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record
 # A history and the ids of the events it was built from.
 Built = tuple[frozenset[str], ResourceHistory | None]
 _NOT_BUILT: Built = (frozenset(), None)
-
-
-@dataclass(frozen=True)
-class Settings:
-    window_ms: int = 3_600_000
-    grace_ms: int = 2 * 3_600_000
-    park_horizon_ms: int = 24 * 3_600_000
-    billable: frozenset[str] = frozenset({"public"})
-    routers: Mapping[str, str] = field(default_factory=dict)  # router domain name / uuid -> account
-    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # a bigger lifecycle event is dead-lettered
-
-
-@dataclass(frozen=True)
-class Record:
-    """One input record and where it came from (topic/partition@offset, file:line)."""
-
-    value: bytes
-    key: bytes | None = None
-    origin: str = ""
-    # (source, sequence): its place in the source's own stored order (topic/partition and
-    # offset, file and line); None where the source keeps none. Lifecycle: see lifecycle.py.
-    order: tuple[str, int] | None = None
-
-
-@dataclass
-class Outcome:
-    """What one call did; adapters turn it into metrics and logs."""
-
-    batches: int = 0
-    duplicates: int = 0
-    measures: int = 0
-    billed_bytes: int = 0
-    parked: int = 0
-    unparked: int = 0
-    unattributed: int = 0  # parked measures newly reported as unattributed
-    quarantined: int = 0
-    events: int = 0
-    known_events: int = 0
-    records: int = 0
-    adjustments: int = 0
-    finalized: int = 0
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-
-    def add(self, other: Outcome) -> None:
-        for name in self.__dataclass_fields__:
-            if name == "dead_letters":
-                self.dead_letters.extend(other.dead_letters)
-            else:
-                setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 class Collector:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from kvmeter.collector.api import ApiServer
 from kvmeter.collector.ingest import ingest_events, ingest_measures
-from kvmeter.collector.service import Collector, Settings
+from kvmeter.collector.model import Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, delimited, scenario
 

@@ -17,6 +17,7 @@ SQLite serialises writers with `BEGIN IMMEDIATE` instead.
 
 from __future__ import annotations
 
+from kvmeter.collector.model import DeadLetter
 from kvmeter.collector.schema import (
     KEY_COLUMNS,
     MIGRATIONS,
@@ -37,7 +38,7 @@ from kvmeter.collector.schema import (
 from kvmeter.collector.store.engine import engine_url
 from kvmeter.collector.store.events import LifecycleEvents
 from kvmeter.collector.store.owners import OwnerHints
-from kvmeter.collector.store.parking import DeadLetter, Parking
+from kvmeter.collector.store.parking import Parking
 from kvmeter.collector.store.reads import Adjustment, Reads, UsageRow
 from kvmeter.collector.store.streams import StreamMarks
 from kvmeter.collector.store.usage import UsageWrites

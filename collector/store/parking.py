@@ -6,24 +6,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector.model import Measure
+from kvmeter.collector.model import DeadLetter, Measure
 from kvmeter.collector.schema import dead_letters, parked_measures, quarantined_measures
 from kvmeter.collector.store.engine import StoreCore
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    source: str  # "measures" | "lifecycle"
-    origin: str  # where it came from: topic/partition@offset or file:line
-    raw: bytes
-    reason: str
-    message: str
 
 
 def measure_json(measure: Measure) -> str:

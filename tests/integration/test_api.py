@@ -20,7 +20,8 @@ import pytest
 from kvmeter.collector.api import serve
 from kvmeter.collector.ingest import ingest_events, ingest_measures
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Record, Settings
+from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import (
     ACCT_A,

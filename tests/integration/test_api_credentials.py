@@ -26,7 +26,8 @@ from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.credentials import Grant
 from kvmeter.collector.credentials_store import MintedCredentials
 from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
-from kvmeter.collector.service import Collector, Settings
+from kvmeter.collector.model import Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, M, Stream
 from tests.harness.kafka import FAST_GROUP

@@ -17,7 +17,8 @@ from kvmeter.collector.config import KafkaConfig
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_kafka import KafkaInput
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Settings
+from kvmeter.collector.model import Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, HOUR, T0, VM1, VM2, Clock, events_of, usage_event

@@ -15,7 +15,8 @@ from kvmeter.collector.config import KafkaConfig
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_kafka import KafkaInput
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Settings
+from kvmeter.collector.model import Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, M, Stream, expected_usage, net_by_short_key, scenario
 from tests.harness.kafka import FAST_GROUP

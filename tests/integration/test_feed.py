@@ -12,7 +12,8 @@ import pytest
 from kvmeter.collector.feed import Feeder, drain
 from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Outcome, Record, Settings
+from kvmeter.collector.model import Outcome, Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, expected_usage, net_by_short_key, scenario
 

@@ -12,7 +12,8 @@ import pytest
 from google.protobuf import json_format
 
 from kvmeter.collector.ingest import ingest
-from kvmeter.collector.service import Collector, Settings
+from kvmeter.collector.model import Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.collector_support import (

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmeter.collector.model import NETWORK_BYTES_SENT
-from kvmeter.collector.service import Collector, Settings
+from kvmeter.collector.model import NETWORK_BYTES_SENT, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, ROUTER, T0, Clock, M, Stream

@@ -17,9 +17,9 @@ from kvmeter.collector.api import create_app
 from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.cs_client import ApiUnavailable, CloudStackApi
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.model import IP_ADDRESS, NETWORK_BYTES_SENT, RUNNING_VM
+from kvmeter.collector.model import IP_ADDRESS, NETWORK_BYTES_SENT, RUNNING_VM, Record, Settings
 from kvmeter.collector.reconciler import Reconciler
-from kvmeter.collector.service import Collector, Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, IP1, ROUTER, T0, VM1, Clock, M, Stream, usage_event

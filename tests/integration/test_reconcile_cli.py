@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from kvmeter.collector.service import Collector, Record, Settings
+from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import ACCT_A, HOUR, VM1, usage_event
 from tests.harness import cloudstack_api as api

@@ -11,9 +11,9 @@ import sqlalchemy as sa
 
 from kvmeter.collector import cloudstack
 from kvmeter.collector import store as store_mod
-from kvmeter.collector.model import Measure, UsageKey
+from kvmeter.collector.model import Measure, Record, Settings, UsageKey
 from kvmeter.collector.schema import UPDATED_FILLFACTOR
-from kvmeter.collector.service import Collector, Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import DeadLetter, Store, engine_url
 from tests.collector_support import (
     ACCT_A,

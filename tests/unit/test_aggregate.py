@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from kvmeter.collector import usage
 from kvmeter.collector.aggregate import Tally
 from kvmeter.collector.decode import DecodedBatch, decode_batch
-from kvmeter.collector.model import Measure, OwnerChange, ResourceHistory, UsageKey
-from kvmeter.collector.service import Collector, Outcome, Settings
+from kvmeter.collector.model import Measure, Outcome, OwnerChange, ResourceHistory, Settings, UsageKey
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.unit import cs_events as cs
