@@ -7,6 +7,7 @@ CloudStack's API gave to accounts, domains and offerings.
     load_names(conn) -> Names                               # the lookup records and the API use
     save_witness(conn, changed) / load_witness(conn)        # the agents' view of each domain
     save_snapshot(conn, snapshot, now_ms) / load_snapshot(conn) -> Snapshot | None
+    last_pass_ms(conn) -> int | None                        # when any replica last kept a pass
 
 The correcting events themselves are lifecycle events (lifecycle_events, same event id); these
 rows say why they are there.
@@ -172,6 +173,14 @@ def save_snapshot(conn: Connection, snapshot: Snapshot, now_ms: int) -> None:
             set_={"value": stmt.excluded.value, "updated_ms": stmt.excluded.updated_ms},
         )
     )
+
+
+def last_pass_ms(conn: Connection) -> int | None:
+    """When the last pass (of any replica) was kept, by its collector's clock."""
+    row = conn.execute(
+        sa.select(reconcile_state.c.updated_ms).where(reconcile_state.c.name == _PREVIOUS)
+    ).first()
+    return None if row is None else int(row[0])
 
 
 def load_snapshot(conn: Connection) -> Snapshot | None:

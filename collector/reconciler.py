@@ -9,7 +9,8 @@ and applies them as lifecycle records like any other source's.
 
 A pass that cannot read the whole API (unreachable, an error, garbage) changes nothing: it
 counts kvmeter_reconcile_errors and billing goes on from events. Run the [cloudstack] section on
-one replica: passes of two replicas would add the same corrections at different times.
+one replica or on several: a replica leaves its pass out when another kept one less than half a
+period ago (the same inputs give the same corrections either way).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Reconciler:
         self._ready: Snapshot | None = None
         self._fresh = threading.Event()
         self.passes = 0
+        self._kept_ms = -1  # when this reconciler last kept a pass (its own are no reason to wait)
         self.last_error = ""
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -95,7 +97,7 @@ class Reconciler:
         return Delivery(LIFECYCLE, records, ack=lambda: self._keep(snapshot, found))
 
     def _keep(self, snapshot: Snapshot, found: Findings) -> None:
-        now = self.collector.clock()
+        now = self._kept_ms = self.collector.clock()
         with self.collector.store.write() as conn:
             reconcile_store.save_corrections(conn, found.corrections, now)
             reconcile_store.save_names(conn, snapshot, now)
@@ -124,10 +126,25 @@ class Reconciler:
             with self._lock:
                 snapshot, self._ready = self._ready, None
                 self._fresh.clear()
-            if snapshot is not None:
+            if snapshot is not None and not self._passed_elsewhere():
                 delivery = self._deliver(snapshot)
                 return [] if delivery is None else [delivery]
         return []
+
+    def _passed_elsewhere(self) -> bool:
+        """Another replica kept a pass less than half a period ago: leave this one out (the
+        same inputs would give the same corrections; this saves the work and the noise)."""
+        with self.collector.store.read() as conn:
+            last = reconcile_store.last_pass_ms(conn)
+        recent = (
+            last is not None and last > self._kept_ms and self.collector.clock() - last < self.period_s * 500
+        )
+        if recent:
+            log.info(
+                "reconcile: another replica passed %d ms ago; this pass is left out",
+                self.collector.clock() - last,
+            )
+        return recent
 
     def caught_up(self) -> bool:
         return True  # nothing to catch up with: every pass reads the whole API

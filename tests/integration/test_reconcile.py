@@ -4,6 +4,7 @@ a scaled VM with no offering on the bus, the API down or answering nonsense."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,21 @@ def test_corrections_are_narrowed_to_the_callers_accounts(rig: Rig, double: api.
         caller.append(principal)
         body = client.get(f"/v1/corrections{query}").get_json()
         assert body["count"] == count, (principal, query)
+
+
+def test_a_second_replica_leaves_its_pass_out(rig: Rig, double: api.CloudStackApiDouble) -> None:
+    client = CloudStackApi(double.endpoint, api.API_KEY, api.SECRET)
+    other = Reconciler(rig.collector, client.snapshot, period_s=2)  # fetches every 2 s
+    rig.run_pass()  # this replica kept a pass just now
+    other.start()
+    try:
+        assert other.poll(10) == []  # fetched, and left out: passed elsewhere a moment ago
+        assert other.passes == 0
+        rig.clock.now += 5_000  # more than half a period later
+        deadline = time.monotonic() + 10
+        got: list = []
+        while not got and time.monotonic() < deadline:
+            got = other.poll(1)
+        assert got, "no pass once the other's was old enough"
+    finally:
+        other.close()
