@@ -51,6 +51,7 @@ from tests.harness.kafka import create_topic
 from tests.harness.netns import Host, Lab, Vm
 from tests.harness.postgres import create_database
 from tests.harness.processes import AgentProcess, CollectorProcess, wait_drained
+from tests.harness.truth import billed, truth_table
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.broker, pytest.mark.pg, pytest.mark.libvirt]
 
@@ -237,14 +238,6 @@ def publish(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> N
     assert producer.flush(30) == 0
 
 
-def billed(store: Store) -> dict[tuple[str, int, str], int]:
-    out: dict[tuple[str, int, str], int] = defaultdict(int)
-    for key, qty in store.net_usage().items():
-        if key.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED):
-            out[(key.resource, key.usage_type, key.detail)] += qty
-    return dict(out)
-
-
 def time_usage(store: Store, usage_type: int, cutoff: int) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for key, qty in store.net_usage().items():
@@ -260,17 +253,6 @@ def closed_records(store: Store, cutoff: int) -> dict[object, int]:
         for k, v in store.net_usage().items()
         if k.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED) or k.window_end_ms <= cutoff
     }
-
-
-def truth_table(expected: dict[tuple[str, int, str], int], got: dict[tuple[str, int, str], int]) -> str:
-    names = {spec[0]: name for name, spec in VMS.items()}
-    lines = [f"{'VM':<10} {'DIRECTION':<9} {'TRAFFIC':<8} {'EXPECTED':>12} {'BILLED':>12} {'DIFF':>8}"]
-    for key in sorted(set(expected) | set(got)):
-        vm, usage_type, traffic = key
-        e, b = expected.get(key, 0), got.get(key, 0)
-        direction = "sent" if usage_type == NETWORK_BYTES_SENT else "received"
-        lines.append(f"{names.get(vm, vm):<10} {direction:<9} {traffic:<8} {e:>12} {b:>12} {b - e:>+8}")
-    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -372,7 +354,7 @@ def test_billing_truth_under_faults(
         got = billed(store)
         print(
             "\nBilling truth (bytes; every traffic type billable in this test):\n"
-            + truth_table(expected, got)
+            + truth_table(expected, got, {spec[0]: name for name, spec in VMS.items()})
         )
         stats = store.stats(0)
         assert stats["parked_bytes"] == 0, "bytes left without an owner"

@@ -36,6 +36,7 @@ from tests.harness.kafka import create_topic
 from tests.harness.postgres import create_database
 from tests.harness.processes import AgentProcess, CollectorProcess, wait_drained
 from tests.harness.realvm import GUEST_PEER, Guest, GuestNic, LinkWatch, RealHost, TapRecord, wait_until
+from tests.harness.truth import Usage, billed, truth_table
 
 pytestmark = [pytest.mark.realvm, pytest.mark.netns, pytest.mark.broker, pytest.mark.pg]
 
@@ -85,8 +86,6 @@ GUESTS = (BOB_VM, ALICE_VM, ROUTER, REBOOTED)
 # host -> guest UDP every half second: (from, to)
 HOST_SENDS = {BOB_VM.name: ("198.51.100.1", "198.51.100.11"), ALICE_VM.name: (GUEST_PEER, "10.1.1.10")}
 
-Usage = dict[tuple[str, int, str], int]
-
 
 class HostTraffic:
     """The host sends UDP to some guests until told to stop (per guest)."""
@@ -130,25 +129,6 @@ def truth(deleted: list[TapRecord]) -> Usage:
         out[(vm, NETWORK_BYTES_SENT, traffic)] += rec.rx_bytes
         out[(vm, NETWORK_BYTES_RECEIVED, traffic)] += rec.tx_bytes
     return dict(out)
-
-
-def billed(store: Store) -> Usage:
-    out: Usage = defaultdict(int)
-    for key, qty in store.net_usage().items():
-        if key.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED):
-            out[(key.resource, key.usage_type, key.detail)] += qty
-    return dict(out)
-
-
-def table(expected: Usage, got: Usage) -> str:
-    names = {g.uuid: g.name for g in GUESTS}
-    lines = [f"{'VM':<10} {'DIRECTION':<9} {'TRAFFIC':<8} {'TAPS':>10} {'BILLED':>10} {'DIFF':>6}"]
-    for key in sorted(set(expected) | set(got)):
-        vm, usage_type, traffic = key
-        e, b = expected.get(key, 0), got.get(key, 0)
-        direction = "sent" if usage_type == NETWORK_BYTES_SENT else "received"
-        lines.append(f"{names.get(vm, vm):<10} {direction:<9} {traffic:<8} {e:>10} {b:>10} {b - e:>+6}")
-    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -264,7 +244,10 @@ def test_billing_truth_on_real_guests(
 
         expected = truth(watch.deleted())
         got = billed(db)
-        print("\nBilling truth on real guests (bytes; VM's point of view):\n" + table(expected, got))
+        print(
+            "\nBilling truth on real guests (bytes; VM's point of view):\n"
+            + truth_table(expected, got, {g.uuid: g.name for g in GUESTS}, "TAPS")
+        )
         assert len(watch.deleted()) == 7  # 1 + 1 + 3 + 2 taps
         stats = db.stats(0)
         assert stats["parked_bytes"] == 0
