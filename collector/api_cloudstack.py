@@ -7,9 +7,12 @@ names an account, domain or project outside them gets CloudStack's permission er
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 
 from flask import Flask, Response, request
+from sqlalchemy.engine import Connection
 
 from kvmeter.collector import cloudstack_render, usage_pages
 from kvmeter.collector.api_auth import Principal, current_principal
@@ -31,8 +34,12 @@ from kvmeter.collector.usage_pages import UsageFilter, UsagePager
 UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
 
 
+DIRECTORY_TTL_S = 10.0  # names and <metadata> change seldom; a page must not reread them all
+
+
 def register(app: Flask, store: Store) -> None:
     pager = UsagePager()
+    directory = _DirectoryCache(store)
 
     @app.route("/client/api", methods=["GET", "POST"])
     def cloudstack_api() -> Response:
@@ -40,7 +47,7 @@ def register(app: Flask, store: Store) -> None:
         try:
             args = _params()
             if command == "listUsageRecords":
-                return _list_usage_records(store, pager, args)
+                return _list_usage_records(store, pager, directory, args)
             if command == "listUsageTypes":
                 records = cloudstack_render.usage_type_records()
                 return _list_response("listusagetypesresponse", "usagetype", len(records), iter(records))
@@ -61,13 +68,12 @@ def _params() -> dict[str, str]:
     return args
 
 
-def _list_usage_records(store: Store, pager: UsagePager, args: Mapping[str, str]) -> Response:
+def _list_usage_records(
+    store: Store, pager: UsagePager, directories: _DirectoryCache, args: Mapping[str, str]
+) -> Response:
     req = parse_list_usage_records(args)
-    with store.read() as conn:  # one read: names, count and page agree
-        names = load_names(conn)
-        directory = OwnerDirectory.from_hints(store.owner_hints(conn)).with_names(
-            names.accounts, names.domains
-        )
+    with store.read() as conn:  # one read: count and page agree
+        directory = directories.get(conn)
         flt = UsageFilter(
             start_ms=req.start_ms,
             end_ms=req.end_ms,
@@ -131,6 +137,27 @@ def visible_accounts(
     if names_accounts and (not allowed or (req.account_name is None and not requested <= visible)):
         raise _denied("Users are only allowed to list usage records for their own account.")
     return allowed
+
+
+class _DirectoryCache:
+    """The owner directory (hints and the reconciler's names), read again every DIRECTORY_TTL_S."""
+
+    def __init__(self, store: Store, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.clock = store, clock
+        self._lock = threading.Lock()
+        self._kept: tuple[float, OwnerDirectory] | None = None
+
+    def get(self, conn: Connection) -> OwnerDirectory:
+        now = self.clock()
+        kept = self._kept
+        if kept is not None and now - kept[0] < DIRECTORY_TTL_S:
+            return kept[1]
+        names = load_names(conn)
+        hinted = OwnerDirectory.from_hints(self.store.owner_hints(conn))
+        directory = hinted.with_names(names.accounts, names.domains)
+        with self._lock:
+            self._kept = (now, directory)
+        return directory
 
 
 def _denied(text: str) -> CloudStackError:
