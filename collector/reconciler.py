@@ -136,15 +136,13 @@ class Reconciler:
         same inputs would give the same corrections; this saves the work and the noise)."""
         with self.collector.store.read() as conn:
             last = reconcile_store.last_pass_ms(conn)
-        recent = (
-            last is not None and last > self._kept_ms and self.collector.clock() - last < self.period_s * 500
-        )
-        if recent:
-            log.info(
-                "reconcile: another replica passed %d ms ago; this pass is left out",
-                self.collector.clock() - last,
-            )
-        return recent
+        if last is None or last <= self._kept_ms:
+            return False
+        ago = self.collector.clock() - last
+        if ago >= self.period_s * 500:
+            return False
+        log.info("reconcile: another replica passed %d ms ago; this pass is left out", ago)
+        return True
 
     def caught_up(self) -> bool:
         return True  # nothing to catch up with: every pass reads the whole API
