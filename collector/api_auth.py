@@ -45,6 +45,7 @@ class Principal:
 
 
 OPERATOR = Principal("operator")
+MAX_API_KEY = 128  # characters (api_credentials.lookup)
 NOBODY = Principal("nobody", frozenset())  # outside an authenticated request: sees nothing
 
 
@@ -123,7 +124,9 @@ class Authenticator:
         items = list(params)
         api_key = next((v for k, v in items if k.lower() == "apikey"), None)
         if path == "/client/api" and api_key is not None:
-            found = self.configured.current.by_api_key(api_key) or self.minted.by_api_key(api_key)
+            found = None
+            if api_key.isprintable() and len(api_key) <= MAX_API_KEY:  # e.g. no NUL for the DB
+                found = self.configured.current.by_api_key(api_key) or self.minted.by_api_key(api_key)
             if found is None:
                 return Refusal("unknown or revoked apikey")
             secret, grant = found
@@ -170,7 +173,8 @@ def cloudstack_signature_problem(params: Iterable[tuple[str, str]], secret: str,
     expired)."""
     items = list(params)
     args = {k.lower(): v for k, v in items}
-    if not hmac.compare_digest(cloudstack_signature(items, secret), args.get("signature", "")):
+    given = args.get("signature", "").encode()  # as bytes: any text compares, ASCII or not
+    if not hmac.compare_digest(cloudstack_signature(items, secret).encode(), given):
         return "signature mismatch"
     if args.get("signatureversion") == "3":
         try:

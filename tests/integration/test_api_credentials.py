@@ -480,3 +480,42 @@ def test_anyone_is_the_operator_only_on_loopback_while_no_credential_exists(tmp_
         assert len(pair["secret_key"]) >= 64
     finally:
         store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/usage.db"
+    return str(request.getfixturevalue("pg_database"))
+
+
+def test_hostile_credentials_are_refused_never_a_5xx(store_url: str) -> None:
+    store = Store(store_url)
+    store.migrate()
+    try:
+        MintedCredentials(store).create(credentials_store.TOKEN, "ops", Grant("ops"), 0)
+        client = create_app(store, cloudstack_keys={API_KEY: SECRET}).test_client()
+        signed = {
+            "command": "listUsageRecords",
+            "startdate": "2024-05-14",
+            "enddate": "2024-05-14",
+            "response": "json",
+        }
+        for params in (
+            {**signed, "apikey": "\x00", "signature": "x"},
+            {**signed, "apikey": "k" * 100_000, "signature": "x"},
+            {**signed, "apikey": "ключ", "signature": "x"},
+            {**signed, "apikey": API_KEY, "signature": "подпись"},
+            {**signed, "apikey": API_KEY, "signature": "\x00"},
+            {**signed, "apikey": API_KEY, "signatureversion": "3", "expires": "\x00", "signature": "x"},
+        ):
+            answer = client.get("/client/api", query_string=params)
+            assert answer.status_code == 401, (params, answer.data)
+            assert answer.json is not None
+            assert "errortext" in answer.json["listusagerecordsresponse"]
+        for header in ("Bearer ", "Bearer " + "x" * 100_000, "Bearer \u00e9\u00e9", "Basic abc", "bearer"):
+            answer = client.get(USAGE, headers={"Authorization": header})
+            assert answer.status_code == 401, header
+            assert answer.json is not None
+    finally:
+        store.close()
