@@ -28,9 +28,9 @@ from kvmeter.collector import api_cloudstack, api_corrections, api_errors, api_u
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
-from kvmeter.collector.credentials_store import MintedCredentials
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
+from kvmeter.collector.store.credentials import MintedCredentials
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 A Principal is operator-wide (accounts is None) or scoped to accounts or domains; every endpoint
 narrows what it reads to what the principal may see. The Authenticator finds a request's
 credential among the configured ones (credentials.CredentialSource) and the minted ones
-(credentials_store, read per request: a revocation holds from the next request on), and
+(store.credentials, read per request: a revocation holds from the next request on), and
 resolves a domain-scoped one to the domain's accounts.
 
 With no credential at all the API answers everyone as the operator, and only on loopback
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from flask import g
 
 from kvmeter.collector.credentials import CredentialSource, Grant
-from kvmeter.collector.credentials_store import MintedCredentials
+from kvmeter.collector.store.credentials import MintedCredentials
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from kvmeter.collector import config as config_mod
 from kvmeter.collector import report
 from kvmeter.collector.cli import _open_store
 from kvmeter.collector.credentials import scoped
-from kvmeter.collector.credentials_store import CLOUDSTACK, KINDS, MintedCredentials, StoredCredential
 from kvmeter.collector.store import Store
+from kvmeter.collector.store.credentials import CLOUDSTACK, KINDS, MintedCredentials, StoredCredential
 
 DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"
 

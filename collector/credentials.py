@@ -4,7 +4,7 @@ operator-wide or scoped to accounts and/or CloudStack domains.
 They come from [api] (`token`, `cloudstack_api_key` + `cloudstack_secret_key`, and
 `[[api.credentials]]` entries) and from an optional credentials file (`[[credentials]]` entries,
 mode 0600, re-read on SIGHUP by CredentialSource). Credentials minted with
-`kvmeter credentials create` live in the store instead (credentials_store).
+`kvmeter credentials create` live in the store instead (store.credentials).
 
 A token is kept as its SHA-256 only (entries may give `token_sha256` and never hold the token);
 a CloudStack secret key is kept as it is: verifying a request's HMAC needs it.

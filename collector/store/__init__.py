@@ -4,7 +4,8 @@ SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Ev
 integer of milliseconds since the epoch (UTC): no timezone or datetime type differences between
 the two databases. The schema and its migrations are in collector/schema.py; this package holds
 the statements, one module per table family (engine, streams, events, usage, parking, owners)
-and the read side (reads). `Store` is all of them in one object.
+and the read side (reads). `Store` is all of them in one object; the API's minted credentials
+(credentials) are read beside it, by MintedCredentials(store).
 
 Concurrency between replicas (PostgreSQL) rests on three locks, always taken in this order:
 1. the `finalized_through` row of collector_state: shared by writers of usage, exclusive for

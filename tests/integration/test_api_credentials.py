@@ -20,15 +20,16 @@ from pathlib import Path
 import pytest
 from cs import CloudStack, CloudStackApiException
 
-from kvmeter.collector import credentials_store, reconcile_store
+from kvmeter.collector import reconcile_store
 from kvmeter.collector.api import create_app, serve
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.credentials import Grant
-from kvmeter.collector.credentials_store import MintedCredentials
 from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
 from kvmeter.collector.model import Settings
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
+from kvmeter.collector.store import credentials as store_credentials
+from kvmeter.collector.store.credentials import MintedCredentials
 from tests.collector_support import HOUR, T0, Clock, M, Stream
 from tests.harness.kafka import FAST_GROUP
 from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
@@ -459,7 +460,7 @@ def test_anyone_is_the_operator_only_on_loopback_while_no_credential_exists(tmp_
         client = create_app(store).test_client()
         assert client.get(USAGE).status_code == 200
         minted = MintedCredentials(store)
-        cred, secrets = minted.create(credentials_store.TOKEN, "ops", Grant("ops"), 0)
+        cred, secrets = minted.create(store_credentials.TOKEN, "ops", Grant("ops"), 0)
         assert client.get(USAGE).status_code == 401
         auth = {"Authorization": f"Bearer {secrets['token']}"}
         assert client.get(USAGE, headers=auth).status_code == 200
@@ -475,7 +476,7 @@ def test_anyone_is_the_operator_only_on_loopback_while_no_credential_exists(tmp_
         assert client.get(USAGE).status_code == 200
         with pytest.raises(NoCredentials):
             serve(store, "0.0.0.0", 0)
-        _, pair = minted.create(credentials_store.CLOUDSTACK, "tenant", Grant("tenant", frozenset({"a"})), 2)
+        _, pair = minted.create(store_credentials.CLOUDSTACK, "tenant", Grant("tenant", frozenset({"a"})), 2)
         assert len(pair["api_key"]) >= 64
         assert len(pair["secret_key"]) >= 64
     finally:
@@ -493,7 +494,7 @@ def test_hostile_credentials_are_refused_never_a_5xx(store_url: str) -> None:
     store = Store(store_url)
     store.migrate()
     try:
-        MintedCredentials(store).create(credentials_store.TOKEN, "ops", Grant("ops"), 0)
+        MintedCredentials(store).create(store_credentials.TOKEN, "ops", Grant("ops"), 0)
         client = create_app(store, cloudstack_keys={API_KEY: SECRET}).test_client()
         signed = {
             "command": "listUsageRecords",
