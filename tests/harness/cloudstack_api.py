@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -56,7 +57,7 @@ def vm(uuid: str, name: str, owner: str, state: str, offering_id: str, created_m
             "domain": "ROOT", "created": api_date(created_ms), "state": state, "zoneid": "zone-1",
             "zonename": "zone1", "serviceofferingid": offering_id, "serviceofferingname": offering_id,
             "cpunumber": cpu, "cpuspeed": 1000, "memory": memory, "hypervisor": "KVM",
-            "instancename": f"i-2-{abs(hash(uuid)) % 1000}-VM", "nic": []}  # fmt: skip
+            "instancename": f"i-2-{zlib.crc32(uuid.encode()) % 1000}-VM", "nic": []}  # fmt: skip
 
 
 def router(
