@@ -186,7 +186,12 @@ class Command:
 Launcher = Callable[[str], Command]  # [api] section's body -> the command started from that file
 
 
-@pytest.fixture(params=["collector", "all-in-one"])
+@pytest.fixture(
+    params=[
+        pytest.param("collector", marks=pytest.mark.broker),
+        pytest.param("all-in-one", marks=pytest.mark.libvirt),
+    ]
+)
 def launcher(request: pytest.FixtureRequest, tmp_path: Path) -> Launcher:
     """Writes the command's TOML file with the given [api] section; the store holds VMS' bytes."""
     fill_store(f"sqlite:///{tmp_path / 'usage.db'}")
@@ -483,7 +488,7 @@ def test_anyone_is_the_operator_only_on_loopback_while_no_credential_exists(tmp_
         store.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/usage.db"
