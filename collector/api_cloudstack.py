@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from flask import Flask, Response, request
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector import cloudstack_render, usage_pages
+from kvmeter.collector import cloudstack_render
 from kvmeter.collector.api_auth import Principal, current_principal
 from kvmeter.collector.api_errors import cloudstack_error, cloudstack_wants_xml, request_values
 from kvmeter.collector.cloudstack_params import (
@@ -28,8 +28,7 @@ from kvmeter.collector.cloudstack_params import (
 from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
 from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.reconcile_store import load_names
-from kvmeter.collector.store import Store, UsageRow
-from kvmeter.collector.usage_pages import UsageFilter, UsagePager
+from kvmeter.collector.store import Store, UsageFilter, UsagePager, UsageRow
 
 UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
 
@@ -168,8 +167,7 @@ def _all_rows(store: Store, flt: UsageFilter) -> Iterator[UsageRow]:
     """Every matching record, one short read per page (memory stays one page)."""
     after = None
     while True:
-        with store.read() as conn:
-            page = usage_pages.page_usage(conn, flt, limit=DEFAULT_PAGE_SIZE, after=after)
+        page = store.usage_page(flt, limit=DEFAULT_PAGE_SIZE, after=after)
         yield from page.rows
         if len(page.rows) < DEFAULT_PAGE_SIZE:
             return

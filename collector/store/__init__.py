@@ -4,8 +4,9 @@ SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Ev
 integer of milliseconds since the epoch (UTC): no timezone or datetime type differences between
 the two databases. The schema and its migrations are in collector/schema.py; this package holds
 the statements, one module per table family (engine, streams, events, usage, parking, owners)
-and the read side (reads). `Store` is all of them in one object; the API's minted credentials
-(credentials) are read beside it, by MintedCredentials(store).
+and the read side (reads; pages: usage a page at a time, with its count). `Store` is all of
+them in one object; the API's minted credentials (credentials) are read beside it, by
+MintedCredentials(store).
 
 Concurrency between replicas (PostgreSQL) rests on three locks, always taken in this order:
 1. the `finalized_through` row of collector_state: shared by writers of usage, exclusive for
@@ -39,6 +40,7 @@ from kvmeter.collector.schema import (
 from kvmeter.collector.store.engine import engine_url
 from kvmeter.collector.store.events import LifecycleEvents
 from kvmeter.collector.store.owners import OwnerHints
+from kvmeter.collector.store.pages import UsageFilter, UsagePage, UsagePager, UsagePages
 from kvmeter.collector.store.parking import Parking
 from kvmeter.collector.store.reads import Adjustment, Reads, UsageRow
 from kvmeter.collector.store.streams import StreamMarks
@@ -52,6 +54,9 @@ __all__ = [
     "Adjustment",
     "DeadLetter",
     "Store",
+    "UsageFilter",
+    "UsagePage",
+    "UsagePager",
     "UsageRow",
     "collector_state",
     "dead_letters",
@@ -69,5 +74,5 @@ __all__ = [
 ]
 
 
-class Store(StreamMarks, LifecycleEvents, UsageWrites, Parking, OwnerHints, Reads):
+class Store(StreamMarks, LifecycleEvents, UsageWrites, Parking, OwnerHints, Reads, UsagePages):
     """One store: the engine (StoreCore, the common base) and every table family's statements."""

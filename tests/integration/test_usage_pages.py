@@ -10,7 +10,7 @@ import pytest
 
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import Store
-from kvmeter.collector.usage_pages import UsageFilter, UsagePager, count_usage, page_usage
+from kvmeter.collector.store.pages import UsageFilter, UsagePager, count_usage, page_usage
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0
 
 N = 30  # windows; one record per window and account, two accounts, plus a byte type

@@ -22,7 +22,8 @@ from sqlalchemy.engine import Connection
 
 from kvmeter.collector.model import UNATTRIBUTED, UsageKey
 from kvmeter.collector.schema import KEY_COLUMNS, usage_adjustments, usage_records
-from kvmeter.collector.store import UsageRow
+from kvmeter.collector.store.engine import StoreCore
+from kvmeter.collector.store.reads import UsageRow
 from kvmeter.collector.windows import DAY_MS
 
 
@@ -146,6 +147,21 @@ def _conditions(flt: UsageFilter) -> list[Any]:
             )
         )
     return conds
+
+
+class UsagePages(StoreCore):
+    """The paged query in a read transaction of its own, for callers that need nothing else
+    from the same read (count_usage and page_usage take the caller's connection)."""
+
+    def usage_page(
+        self, flt: UsageFilter, *, limit: int, offset: int = 0, after: tuple[int, int] | None = None
+    ) -> UsagePage:
+        with self.read() as conn:
+            return page_usage(conn, flt, limit=limit, offset=offset, after=after)
+
+    def usage_count(self, flt: UsageFilter) -> int:
+        with self.read() as conn:
+            return count_usage(conn, flt)
 
 
 class UsagePager:
