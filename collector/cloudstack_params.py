@@ -143,7 +143,7 @@ def _date(args: Mapping[str, str], name: str, *, end_of_day: bool) -> int:
     except ValueError:
         raise CloudStackError(
             PARAM_ERROR,
-            f"Unable to parse date {text} for command {COMMAND}, please pass dates in the format "
+            f"Unable to parse date {_cut(text)} for command {COMMAND}, please pass dates in the format "
             "mentioned in the api documentation",
         ) from None
     return int(when.timestamp()) * 1000
@@ -177,20 +177,25 @@ def _id(args: Mapping[str, str], name: str) -> str | None:
     if not _ID.fullmatch(text):
         raise _invalid(
             f"Unable to execute API command {COMMAND} due to invalid value. Invalid parameter {name} "
-            f"value={text} due to incorrect long value format, or entity does not exist or due to "
+            f"value={_cut(text)} due to incorrect long value format, or entity does not exist or due to "
             "incorrect parameter annotation for the field in api cmd class."
         )
     return text
 
 
 def _bad_value(text: str, name: str) -> CloudStackError:
-    text = f"Unable to execute API command {COMMAND} due to invalid value {text} for parameter {name}"
+    text = f"Unable to execute API command {COMMAND} due to invalid value {_cut(text)} for parameter {name}"
     return CloudStackError(PARAM_ERROR, text)
 
 
 def _invalid(text: str) -> CloudStackError:
     """An InvalidParameterValueException."""
     return CloudStackError(PARAM_ERROR, text, CS_INVALID_PARAMETER)
+
+
+def _cut(text: str) -> str:
+    """A refused value as the error text shows it: cut short (an error never echoes a megabyte)."""
+    return text if len(text) <= 40 else text[:40] + "…"
 
 
 def _show(ms: int) -> str:
