@@ -47,7 +47,7 @@ def create_app(
     """auth: who may ask (default: the operator token and {api key: secret key} given here, the
     credentials minted in the store, anyone while there is none); status: the consumer's state
     for /health (503 while it is failing)."""
-    app = Flask("kvmeter.collector")
+    app = Flask("kvmeter.collector", static_folder=None)  # no /static route: nothing to serve
     registry = metrics.registry if metrics is not None else None
     if auth is None:
         auth = authenticator(store, CredentialSource(operator_credentials(token, cloudstack_keys)))

@@ -8,16 +8,26 @@ refusal is a BadRequest (a ValueError) whose text names the parameter and what i
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
+import json
 import re
 
 MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z: the end of the last day datetime knows
 MAX_USAGE_TYPE = 9_999
-TIME_FORMS = "yyyy-MM-dd, yyyy-MM-dd HH:mm:ss, ISO 8601 or ms since the epoch"
+DEFAULT_PAGE = 1000  # /v1 records per page when the caller names no limit
+MAX_PAGE = 10_000
+TIME_FORMS = "yyyy-MM-dd, yyyy-MM-dd HH:mm[:ss[.SSS]] with an optional Z or ±HH:MM, or ms since the epoch"
+# Every time form accepted, and no other (the OpenAPI description states the same pattern).
+TIME_PATTERN = (
+    r"^(?:[0-9]{1,15}|[0-9]{4}-[0-9]{2}-[0-9]{2}"
+    r"(?:[ T][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?(?:Z|[+-][0-9]{2}:?[0-9]{2})?)?)$"
+)
+_TIME = re.compile(TIME_PATTERN)
 _DIGITS = re.compile(r"[0-9]+")
 _MAX_DIGITS = 19  # int() of a longer string costs time for a value no bound admits
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
-_MAX_TEXT = 64  # no time or integer form is longer
 
 
 class BadRequest(ValueError):
@@ -35,15 +45,15 @@ def integer(text: str, name: str, *, minimum: int = 0, maximum: int) -> int:
 
 
 def optional_integer(text: str | None, name: str, *, default: int, minimum: int = 0, maximum: int) -> int:
-    """integer(), with default when the parameter is absent or empty."""
-    if text is None or text == "":
+    """integer(), with default when the parameter is absent (an empty one is refused)."""
+    if text is None:
         return default
     return integer(text, name, minimum=minimum, maximum=maximum)
 
 
 def usage_type(text: str | None, name: str = "type") -> int | None:
     """A CloudStack usage type id, or None when not given."""
-    if text is None or text == "":
+    if text is None:
         return None
     return integer(text, name, minimum=0, maximum=MAX_USAGE_TYPE)
 
@@ -52,8 +62,8 @@ def time_ms(text: str, name: str = "time", *, end_of_day: bool = False) -> int:
     """A time -> ms since the epoch, UTC: integer ms, `yyyy-MM-dd`, `yyyy-MM-dd HH:mm:ss` or ISO
     8601 with an offset (naive times are UTC, like CloudStack's usage timezone default). A bare
     date with end_of_day means the end of that day (CloudStack's enddate)."""
-    value = text.strip()
-    if len(value) > _MAX_TEXT or not value.isascii():
+    value = text
+    if len(value) > 40 or not _TIME.fullmatch(value):  # the pattern admits ASCII digits only
         raise BadRequest(f"{name}: {_shown(text)} is not a time (use {TIME_FORMS})")
     if value.isdigit():
         return _bounded(integer(value, name, maximum=MAX_TIME_MS), name, text)
@@ -70,7 +80,7 @@ def time_ms(text: str, name: str = "time", *, end_of_day: bool = False) -> int:
 
 
 def optional_time_ms(text: str | None, name: str, *, default: int, end_of_day: bool = False) -> int:
-    if text is None or text == "":
+    if text is None:
         return default
     return time_ms(text, name, end_of_day=end_of_day)
 
@@ -106,3 +116,40 @@ def name(text: str | None, param: str, *, max_len: int = 255) -> str | None:
     if len(text) > max_len or not text.isprintable():
         raise BadRequest(f"{param} must be at most {max_len} printable characters, not {_shown(text)}")
     return text
+
+
+# -- paging cursors ---------------------------------------------------------------------------
+# Opaque to clients: base64url of [version, the query's fingerprint, *position]. The fingerprint
+# ties a cursor to the query that gave it, so a cursor sent with other filters is refused rather
+# than silently continuing a different listing.
+_CURSOR_VERSION = 1
+MAX_CURSOR = 200
+_MAX_POSITION = 2**63 - 1
+
+
+def fingerprint(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def encode_cursor(query: str, position: tuple[int, ...]) -> str:
+    raw = json.dumps([_CURSOR_VERSION, query, *position], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str | None, query: str, size: int) -> tuple[int, ...] | None:
+    """The position a cursor of this query holds (size integers), None when not given."""
+    if text is None or text == "":
+        return None
+    refused = BadRequest(f"cursor {_shown(text)} is not one this API gave for this query")
+    if len(text) > MAX_CURSOR or not text.isascii():
+        raise refused
+    try:
+        doc = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    except ValueError:  # binascii.Error, UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise refused from None
+    if not (isinstance(doc, list) and len(doc) == 2 + size and doc[:2] == [_CURSOR_VERSION, query]):
+        raise refused
+    position = doc[2:]
+    if not all(type(v) is int and 0 <= v <= _MAX_POSITION for v in position):
+        raise refused
+    return tuple(position)

@@ -1,70 +1,124 @@
-"""kvmeter's own usage API: /v1/usage and /v1/adjustments (JSON, CSV), narrowed to the caller's
-accounts (api_auth.current_principal)."""
+"""kvmeter's own usage API: /v1/usage and /v1/adjustments (JSON, CSV), a page at a time, and
+the OpenAPI description of it all at /v1/openapi.json.
+
+Pages: `limit` records (default and maximum in api_params), in a stable order; `next` in the
+JSON body (and a Link header, for CSV too) is the opaque cursor of the following page, null on
+the last. Every read is narrowed to the caller's accounts (api_auth.current_principal); naming
+an account outside them is a 403.
+"""
 
 from __future__ import annotations
 
-from typing import TypeVar
+import urllib.parse
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import Forbidden
 
-from kvmeter.collector import api_params, report
+from kvmeter.collector import api_params, openapi, report, usage_pages
 from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_params import BadRequest
-from kvmeter.collector.store import Adjustment, Store, UsageRow
-
-Keyed = TypeVar("Keyed", UsageRow, Adjustment)
+from kvmeter.collector.store import Store, UsageRow
+from kvmeter.collector.usage_pages import UsageFilter
 
 
 def register(app: Flask, store: Store) -> None:
+    document = openapi.document()
+
+    @app.get("/v1/openapi.json")
+    def openapi_document() -> Response:
+        return jsonify(document)
+
     @app.get("/v1/usage")
     def usage() -> Response:
         args = request.args
-        fmt = args.get("format", "json")
-        if fmt not in ("json", "csv"):
-            raise BadRequest("format must be json or csv")
-        rows = query(
-            store,
-            api_params.required_time_ms(args.get("start"), "start"),
-            api_params.required_time_ms(args.get("end"), "end"),
-            api_params.name(args.get("account"), "account"),
-            api_params.usage_type(args.get("type")),
-            api_params.name(args.get("resource"), "resource"),
+        fmt = _format(args)
+        start = api_params.required_time_ms(args.get("start"), "start")
+        end = api_params.required_time_ms(args.get("end"), "end")
+        if end <= start:
+            raise BadRequest("end must be after start")
+        flt = UsageFilter(
+            start_ms=start,
+            end_ms=end,
+            accounts=visible_accounts(api_params.name(args.get("account"), "account")),
+            usage_type=api_params.usage_type(args.get("type")),
+            resource=api_params.name(args.get("resource"), "resource"),
         )
+        limit = _limit(args)
+        query = api_params.fingerprint(
+            "usage", start, end, _sorted(flt.accounts), flt.usage_type, flt.resource
+        )
+        position = api_params.decode_cursor(args.get("cursor"), query, 2)
+        after = (position[0], position[1]) if position else None  # (window start, record id)
+        with store.read() as conn:
+            paged = usage_pages.page_usage(conn, flt, limit=limit + 1, after=after)
+        more = len(paged) > limit
+        rows = [UsageRow(*row[:8]) for row in paged[:limit]]
+        cursor = api_params.encode_cursor(query, paged[limit - 1].after) if more else None
         if fmt == "csv":
-            return Response(report.render(rows, "csv"), mimetype="text/csv")
-        return jsonify({"count": len(rows), "usage": [report.record_dict(r) for r in rows]})
+            return _with_next(Response(report.render(rows, "csv"), mimetype="text/csv"), cursor)
+        body = {"count": len(rows), "usage": [report.record_dict(r) for r in rows], "next": cursor}
+        return _with_next(jsonify(body), cursor)
 
     @app.get("/v1/adjustments")
     def adjustments() -> Response:
         """Changes to final windows created since a time: what a billing system that already
         took those windows must apply."""
         args = request.args
-        fmt = args.get("format", "json")
-        if fmt not in ("json", "csv"):
-            raise BadRequest("format must be json or csv")
+        fmt = _format(args)
         since = api_params.required_time_ms(args.get("since"), "since")
         until = api_params.optional_time_ms(args.get("until"), "until", default=2**62)
-        rows = visible(
-            store.adjustments(since, until, account=api_params.name(args.get("account"), "account"))
+        accounts = visible_accounts(api_params.name(args.get("account"), "account"))
+        limit = _limit(args)
+        query = api_params.fingerprint("adjustments", since, until, _sorted(accounts))
+        after = api_params.decode_cursor(args.get("cursor"), query, 1)
+        page = store.adjustments(
+            since, until, accounts=accounts, limit=limit + 1, after_id=after[0] if after else None
         )
+        more = len(page) > limit
+        rows = page[:limit]
+        cursor = api_params.encode_cursor(query, (rows[-1].id,)) if more else None
         if fmt == "csv":
-            return Response(report.render_adjustments(rows, "csv"), mimetype="text/csv")
-        return jsonify({"count": len(rows), "adjustments": [report.adjustment_dict(a) for a in rows]})
+            text = report.render_adjustments(rows, "csv")
+            return _with_next(Response(text, mimetype="text/csv"), cursor)
+        body = {"count": len(rows), "adjustments": [report.adjustment_dict(a) for a in rows], "next": cursor}
+        return _with_next(jsonify(body), cursor)
 
 
-def query(
-    store: Store, start: int, end: int, account: str | None, usage_type: int | None, resource: str | None
-) -> list[UsageRow]:
-    if end <= start:
-        raise BadRequest("end must be after start")
-    return visible(store.usage(start, end, account=account, usage_type=usage_type, resource=resource))
+def visible_accounts(requested: str | None) -> frozenset[str] | None:
+    """The accounts a read may return (None: every account): the one asked for, if the caller
+    may see it, else all the caller may see. Asking for another account is a 403."""
+    scope = current_principal().accounts
+    if requested is None:
+        return scope
+    if scope is not None and requested not in scope:
+        raise Forbidden(f"this credential may not read account {requested!r}")
+    return frozenset({requested})
 
 
-def visible(rows: list[Keyed]) -> list[Keyed]:
-    """The rows of the caller's accounts: a scoped credential never sees another account's."""
-    accounts = current_principal().accounts
-    return rows if accounts is None else [r for r in rows if r.key.account in accounts]
+def _sorted(accounts: frozenset[str] | None) -> list[str] | None:
+    # A cursor's fingerprint must not depend on a set's (per-process) iteration order.
+    return None if accounts is None else sorted(accounts)
 
 
-def parse_type(value: str | None) -> int | None:
-    return api_params.usage_type(value)
+def _format(args: Mapping[str, str]) -> str:
+    fmt = args.get("format", "json")
+    if fmt not in ("json", "csv"):
+        raise BadRequest("format must be json or csv")
+    return fmt
+
+
+def _limit(args: Mapping[str, str]) -> int:
+    return api_params.optional_integer(
+        args.get("limit"), "limit", default=api_params.DEFAULT_PAGE, minimum=1, maximum=api_params.MAX_PAGE
+    )
+
+
+def _with_next(response: Response, cursor: str | None) -> Response:
+    """A Link header to the next page: the same query with the new cursor."""
+    if cursor is not None:
+        params: list[tuple[str, Any]] = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor"]
+        query = urllib.parse.urlencode([*params, ("cursor", cursor)])
+        response.headers["Link"] = f'<{request.path}?{query}>; rel="next"'
+    return response

@@ -1,0 +1,267 @@
+"""The OpenAPI 3.1 description of kvmeter's own API (/v1, /health, /metrics), served at
+/v1/openapi.json. CloudStack's /client/api is CloudStack's own API and described there.
+
+tests/integration/test_openapi.py keeps it true: every route is here and every path here is a
+route, and the live server's answers to generated requests validate against these schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvmeter.collector.api_params import (
+    DEFAULT_PAGE,
+    MAX_CURSOR,
+    MAX_PAGE,
+    MAX_TIME_MS,
+    MAX_USAGE_TYPE,
+    TIME_FORMS,
+    TIME_PATTERN,
+)
+from kvmeter.collector.report import ADJUSTMENT_FIELDS, CSV_FIELDS
+
+TIME_TEXT = f"{TIME_FORMS}; naive times are UTC; from 1970-01-01 to 9999-12-31 (ms 0 to {MAX_TIME_MS})"
+
+
+def _query(name: str, description: str, schema: dict[str, Any], *, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "description": description, "schema": schema}
+
+
+def _time(name: str, description: str, *, required: bool = False) -> dict[str, Any]:
+    schema = {"type": "string", "pattern": TIME_PATTERN}
+    return _query(name, f"{description} ({TIME_TEXT}).", schema, required=required)
+
+
+_ID = {"type": "string", "maxLength": 255}
+_PARAMS = {
+    "account": _query("account", "Only this account (uuid).", _ID),
+    "type": _query(
+        "type",
+        "Only this CloudStack usage type id.",
+        {"type": "integer", "minimum": 0, "maximum": MAX_USAGE_TYPE},
+    ),
+    "resource": _query("resource", "Only this resource (VM or IP address uuid).", _ID),
+    "format": _query("format", "json (the default) or csv.", {"type": "string", "enum": ["json", "csv"]}),
+    "limit": _query(
+        "limit",
+        f"Records per page (default {DEFAULT_PAGE}).",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+    ),
+    "cursor": _query(
+        "cursor",
+        "The `next` of the previous page, with the same other parameters.",
+        {"type": "string", "maxLength": MAX_CURSOR},
+    ),
+}
+
+_INT = {"type": "integer"}
+_STR = {"type": "string"}
+_WINDOW = {
+    "account": {**_STR, "description": "Account uuid; empty for bytes no account owns."},
+    "usage_type": _INT,
+    "usage_type_name": _STR,
+    "resource": _STR,
+    "offering": _STR,
+    "traffic_type": {**_STR, "description": "Byte usage: public, guest, ...; empty for time usage."},
+    "start": {**_STR, "description": "Window start, UTC (2024-05-14T09:00:00Z)."},
+    "end": _STR,
+    "start_ms": _INT,
+    "end_ms": _INT,
+    "unit": {"enum": ["bytes", "ms"]},
+}
+
+
+def _ref(schema: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{schema}"}
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(schema)}}
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {**_object({"error": _STR}), "additionalProperties": False},
+    "UsageRecord": _object(
+        {
+            **_WINDOW,
+            "resource_name": _STR,
+            "device_type": _STR,
+            "quantity": {**_INT, "description": "Net: recorded + adjustments (ms or bytes)."},
+            "rawusage": {**_STR, "description": "CloudStack's rawusage: hours or bytes."},
+            "recorded": _INT,
+            "adjustment": _INT,
+            "final": {"type": "boolean"},
+        }
+    ),
+    "Adjustment": _object(
+        {
+            **_WINDOW,
+            "delta": _INT,
+            "reason": _STR,
+            "created": _STR,
+            "created_ms": _INT,
+        }
+    ),
+    "Health": {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"enum": ["ok", "failing", "degraded"]},
+            "reason": {**_STR, "description": "What is failing or degraded."},
+            "schema_version": _INT,
+            "consumer": {"type": "object", "description": "The Kafka consumer's state."},
+            "error": _STR,
+        },
+    },
+}
+for _page, _items, _item in (
+    ("UsagePage", "usage", "UsageRecord"),
+    ("AdjustmentPage", "adjustments", "Adjustment"),
+):
+    SCHEMAS[_page] = _object(
+        {
+            "count": {**_INT, "description": "Records on this page."},
+            _items: {"type": "array", "items": _ref(_item)},
+            "next": {"type": ["string", "null"], "description": "Cursor of the next page; null on the last."},
+        }
+    )
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json("Error")}
+
+
+_ERRORS = {
+    "400": _error("A parameter refused, with the reason."),
+    "401": _error("Missing or wrong credentials."),
+    "403": _error("The credential may not read that account."),
+    "405": _error("Only GET (and HEAD)."),
+    "413": _error("A request body over the limit."),
+}
+_NEXT_LINK = {
+    "Link": {
+        "description": 'The next page: <URL>; rel="next" (absent on the last page).',
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _csv(fields: list[str]) -> dict[str, Any]:
+    return {"schema": {"type": "string", "description": "Header line: " + ",".join(fields)}}
+
+
+def document() -> dict[str, Any]:
+    page_params = [_PARAMS["format"], _PARAMS["limit"], _PARAMS["cursor"]]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "kvmeter collector API",
+            "version": "1",
+            "description": (
+                "Usage records of a KVM cloud, in CloudStack's usage types. Every path but /health "
+                "needs the API's credentials when it has any (Authorization: Bearer <token>). A "
+                "credential scoped to accounts reads only those accounts' records."
+            ),
+        },
+        "security": [{"bearer": []}, {}],
+        "paths": {
+            "/v1/usage": {
+                "get": {
+                    "summary": "Usage records whose window starts in [start, end), a page at a time",
+                    "description": "Stable order: window start, then record. Quantities are net.",
+                    "parameters": [
+                        _time("start", "From", required=True),
+                        _time("end", "To, exclusive", required=True),
+                        *(_PARAMS[name] for name in ("account", "type", "resource")),
+                        *page_params,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "One page of records.",
+                            "headers": _NEXT_LINK,
+                            "content": {
+                                **_json("UsagePage"),
+                                "text/csv": _csv(CSV_FIELDS),
+                            },
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/adjustments": {
+                "get": {
+                    "summary": "Changes to final windows created in [since, until), a page at a time",
+                    "description": "What a billing system that already took those windows must apply.",
+                    "parameters": [
+                        _time("since", "Created from", required=True),
+                        _time("until", "Created before (default: no end)"),
+                        _PARAMS["account"],
+                        *page_params,
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "One page of adjustments, in the order they were made.",
+                            "headers": _NEXT_LINK,
+                            "content": {
+                                **_json("AdjustmentPage"),
+                                "text/csv": _csv(ADJUSTMENT_FIELDS),
+                            },
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI 3.1",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Whether the collector works: store, consumer, broker",
+                    "security": [{}],
+                    "responses": {
+                        "200": _health("Working."),
+                        "503": _health(
+                            "The store is unavailable, a store write is being retried (failing) "
+                            "or no Kafka broker has been reachable for too long (degraded)."
+                        ),
+                        "405": _ERRORS["405"],
+                        "413": _ERRORS["413"],
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format.",
+                            "content": {"text/plain": {"schema": _STR}},
+                        },
+                        "404": _error("Metrics are not enabled."),
+                        **_ERRORS,
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _health(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json("Health")}
