@@ -6,7 +6,7 @@ from __future__ import annotations
 from flask import Flask, Response, jsonify, request
 
 from kvmeter.collector import api_params, reconcile_store, report
-from kvmeter.collector.api_auth import current_principal
+from kvmeter.collector.api_usage import visible_accounts
 from kvmeter.collector.store import Store
 
 MAX_ROWS = 10_000
@@ -19,10 +19,7 @@ def register(app: Flask, store: Store) -> None:
         start = api_params.optional_time_ms(args.get("start"), "start", default=0)
         end = api_params.optional_time_ms(args.get("end"), "end", default=2**62)
         resource = api_params.name(args.get("resource"), "resource")
-        accounts = current_principal().accounts
-        account = api_params.name(args.get("account"), "account")
-        if account is not None:
-            accounts = frozenset({account}) & accounts if accounts is not None else frozenset({account})
+        accounts = visible_accounts(api_params.name(args.get("account"), "account"))  # 403 for another's
         with store.read() as conn:
             rows = reconcile_store.list_corrections(
                 conn, accounts=accounts, resource=resource, start_ms=start, end_ms=end, limit=MAX_ROWS

@@ -20,6 +20,8 @@ from kvmeter.collector.api_params import (
 )
 from kvmeter.collector.report import ADJUSTMENT_FIELDS, CSV_FIELDS
 
+CORRECTIONS_MAX = 10_000  # api_corrections.MAX_ROWS
+
 TIME_TEXT = f"{TIME_FORMS}; naive times are UTC; from 1970-01-01 to 9999-12-31 (ms 0 to {MAX_TIME_MS})"
 
 
@@ -110,6 +112,34 @@ SCHEMAS: dict[str, Any] = {
             "reason": _STR,
             "created": _STR,
             "created_ms": _INT,
+        }
+    ),
+    "Correction": {
+        **_object(
+            {
+                "event_id": _STR,
+                "resource": _STR,
+                "resource_type": _STR,
+                "event_type": {**_STR, "description": "The CloudStack usage event it stands for."},
+                "time_ms": _INT,
+                "time": _STR,
+                "accountid": _STR,
+                "account": {**_STR, "description": "The account's name, when CloudStack's API gave it."},
+                "offering": _STR,
+                "source": _STR,
+                "reason": _STR,
+                "created_ms": _INT,
+                "domainid": _STR,
+                "domain": _STR,
+                "domainpath": _STR,
+            }
+        ),
+        "required": ["event_id", "resource", "event_type", "time_ms", "accountid", "source", "reason"],
+    },
+    "CorrectionList": _object(
+        {
+            "count": _INT,
+            "corrections": {"type": "array", "items": _ref("Correction"), "maxItems": CORRECTIONS_MAX},
         }
     ),
     "Health": {
@@ -217,6 +247,22 @@ def document() -> dict[str, Any]:
                                 "text/csv": _csv(ADJUSTMENT_FIELDS),
                             },
                         },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/corrections": {
+                "get": {
+                    "summary": "What reconciliation against CloudStack's API changed, by time",
+                    "description": f"The first {CORRECTIONS_MAX} corrections in [start, end).",
+                    "parameters": [
+                        _time("start", "From (default: the beginning)"),
+                        _time("end", "To, exclusive (default: no end)"),
+                        _PARAMS["account"],
+                        _PARAMS["resource"],
+                    ],
+                    "responses": {
+                        "200": {"description": "Corrections.", "content": _json("CorrectionList")},
                         **_ERRORS,
                     },
                 }

@@ -22,14 +22,15 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from kvmeter.collector import api_corrections
 from kvmeter.collector.api import ApiServer, create_app
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.openapi import document
+from kvmeter.collector.openapi import CORRECTIONS_MAX, document
 from tests.api_support import filled_store, running
 
 TOKEN = "openapi-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-EXAMPLES = 100  # per operation and mode: a few hundred requests in all, in seconds
+EXAMPLES = 60  # per operation and mode: a few hundred requests in all, in seconds
 NOT_DESCRIBED = {"/client/api"}  # CloudStack's own API, described by CloudStack
 CHECKS = [
     not_a_server_error,
@@ -74,12 +75,14 @@ def test_the_document_names_exactly_the_routes_and_methods(api: tuple[str, objec
 
 def test_every_query_parameter_the_code_reads_is_described(api: tuple[str, object]) -> None:
     """Parameters a /v1 handler reads (request.args.get("...")) appear in the document."""
-    source = (Path(__file__).parents[2] / "collector" / "api_usage.py").read_text()
+    collector = Path(__file__).parents[2] / "collector"
+    source = "".join((collector / name).read_text() for name in ("api_usage.py", "api_corrections.py"))
     described = {p["name"] for item in document()["paths"].values() for op in item.values()
                  for p in op.get("parameters", [])}  # fmt: skip
     read = {part.split('"')[1] for part in source.split("args.get(")[1:]}
     assert read
     assert read <= described, read - described
+    assert CORRECTIONS_MAX == api_corrections.MAX_ROWS
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
