@@ -10,8 +10,8 @@ an account outside them is a 403.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import Forbidden
@@ -21,6 +21,8 @@ from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_params import BadRequest
 from kvmeter.collector.store import Store, UsageRow
 from kvmeter.collector.usage_pages import UsageFilter
+
+Row = TypeVar("Row")
 
 
 def register(app: Flask, store: Store) -> None:
@@ -53,13 +55,13 @@ def register(app: Flask, store: Store) -> None:
         after = (position[0], position[1]) if position else None  # (window start, record id)
         with store.read() as conn:
             paged = usage_pages.page_usage(conn, flt, limit=limit + 1, after=after)
-        more = len(paged) > limit
-        rows = [UsageRow(*row[:8]) for row in paged[:limit]]
-        cursor = api_params.encode_cursor(query, paged[limit - 1].after) if more else None
+        page, cursor = _cut(paged, limit, query, lambda row: row.after)
+        rows = [UsageRow(*row[:8]) for row in page]
         if fmt == "csv":
-            return _with_next(Response(report.render(rows, "csv"), mimetype="text/csv"), cursor)
-        body = {"count": len(rows), "usage": [report.record_dict(r) for r in rows], "next": cursor}
-        return _with_next(jsonify(body), cursor)
+            return _answer(report.render(rows, "csv"), cursor)
+        return _answer(
+            {"count": len(rows), "usage": [report.record_dict(r) for r in rows], "next": cursor}, cursor
+        )
 
     @app.get("/v1/adjustments")
     def adjustments() -> Response:
@@ -73,17 +75,14 @@ def register(app: Flask, store: Store) -> None:
         limit = _limit(args)
         query = api_params.fingerprint("adjustments", since, until, _sorted(accounts))
         after = api_params.decode_cursor(args.get("cursor"), query, 1)
-        page = store.adjustments(
+        fetched = store.adjustments(
             since, until, accounts=accounts, limit=limit + 1, after_id=after[0] if after else None
         )
-        more = len(page) > limit
-        rows = page[:limit]
-        cursor = api_params.encode_cursor(query, (rows[-1].id,)) if more else None
+        rows, cursor = _cut(fetched, limit, query, lambda row: (row.id,))
         if fmt == "csv":
-            text = report.render_adjustments(rows, "csv")
-            return _with_next(Response(text, mimetype="text/csv"), cursor)
-        body = {"count": len(rows), "adjustments": [report.adjustment_dict(a) for a in rows], "next": cursor}
-        return _with_next(jsonify(body), cursor)
+            return _answer(report.render_adjustments(rows, "csv"), cursor)
+        items = [report.adjustment_dict(a) for a in rows]
+        return _answer({"count": len(rows), "adjustments": items, "next": cursor}, cursor)
 
 
 def visible_accounts(requested: str | None) -> frozenset[str] | None:
@@ -115,8 +114,20 @@ def _limit(args: Mapping[str, str]) -> int:
     )
 
 
-def _with_next(response: Response, cursor: str | None) -> Response:
-    """A Link header to the next page: the same query with the new cursor."""
+def _cut(
+    fetched: Sequence[Row], limit: int, query: str, position: Callable[[Row], tuple[int, ...]]
+) -> tuple[Sequence[Row], str | None]:
+    """A page out of up to limit + 1 rows fetched, and the cursor of the next page (None when
+    the extra row is not there: this page is the last)."""
+    if len(fetched) <= limit:
+        return fetched, None
+    return fetched[:limit], api_params.encode_cursor(query, position(fetched[limit - 1]))
+
+
+def _answer(body: str | dict[str, Any], cursor: str | None) -> Response:
+    """JSON (a dict) or CSV (text), with a Link header to the next page: the same query with
+    the new cursor."""
+    response = jsonify(body) if isinstance(body, dict) else Response(body, mimetype="text/csv")
     if cursor is not None:
         params: list[tuple[str, Any]] = [(k, v) for k, v in request.args.items(multi=True) if k != "cursor"]
         query = urllib.parse.urlencode([*params, ("cursor", cursor)])
