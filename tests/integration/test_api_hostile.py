@@ -27,6 +27,8 @@ ENDPOINTS: dict[str, dict[str, str]] = {
     "/client/api": {"command": "listUsageRecords", "startdate": "2024-05-14", "enddate": "2024-05-15",
                     "type": "", "accountid": "", "usageid": "", "page": "1", "pagesize": "10",
                     "response": "json"},
+    "/v1/corrections": {"start": "2024-05-14", "end": "2024-05-15", "account": "", "resource": ""},
+    "/v1/openapi.json": {"x": ""},
     "/health": {"x": ""},
     "/metrics": {"x": ""},
 }  # fmt: skip
