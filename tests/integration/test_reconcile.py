@@ -264,12 +264,15 @@ def test_corrections_are_narrowed_to_the_callers_accounts(rig: Rig, double: api.
     for principal, query, count in [
         (Principal("bob", accounts=frozenset({ACCT_B})), "", 1),
         (Principal("alice", accounts=frozenset({ACCT_A})), "", 0),
-        (Principal("alice", accounts=frozenset({ACCT_A})), f"?account={ACCT_B}", 0),
         (Principal("operator"), f"?account={ACCT_B}", 1),
     ]:
         caller.append(principal)
         body = client.get(f"/v1/corrections{query}").get_json()
         assert body["count"] == count, (principal, query)
+    caller.append(Principal("alice", accounts=frozenset({ACCT_A})))
+    refused = client.get(f"/v1/corrections?account={ACCT_B}")  # another's account: refused, as on all /v1
+    assert refused.status_code == 403
+    assert "may not read account" in refused.get_json()["error"]
 
 
 def test_a_second_replica_leaves_its_pass_out(rig: Rig, double: api.CloudStackApiDouble) -> None:
