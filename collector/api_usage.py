@@ -10,7 +10,7 @@ an account outside them is a 403.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from flask import Flask, Response, jsonify, request
@@ -19,10 +19,11 @@ from werkzeug.exceptions import Forbidden
 from kvmeter.collector import api_params, openapi, report, usage_pages
 from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_params import BadRequest
-from kvmeter.collector.store import Store, UsageRow
+from kvmeter.collector.store import Adjustment, Store, UsageRow
 from kvmeter.collector.usage_pages import UsageFilter
 
 Row = TypeVar("Row")
+Position = tuple[int, ...]  # where a page ends: what a cursor holds
 
 
 def register(app: Flask, store: Store) -> None:
@@ -52,11 +53,14 @@ def register(app: Flask, store: Store) -> None:
             "usage", start, end, _sorted(flt.accounts), flt.usage_type, flt.resource
         )
         position = api_params.decode_cursor(args.get("cursor"), query, 2)
-        after = (position[0], position[1]) if position else None  # (window start, record id)
+
+        def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[UsageRow], tuple[int, ...] | None]:
+            after = (at[0], at[1]) if at else None  # (window start, record id)
+            page = usage_pages.page_usage(conn, flt, limit=n, after=after)
+            return page.rows, page.after
+
         with store.read() as conn:
-            paged = usage_pages.page_usage(conn, flt, limit=limit + 1, after=after)
-        page, cursor = _cut(paged, limit, query, lambda row: row.after)
-        rows = [UsageRow(*row[:8]) for row in page]
+            rows, cursor = _page(fetch, limit, position, query)
         if fmt == "csv":
             return _answer(report.render(rows, "csv"), cursor)
         return _answer(
@@ -74,11 +78,13 @@ def register(app: Flask, store: Store) -> None:
         accounts = visible_accounts(api_params.name(args.get("account"), "account"))
         limit = _limit(args)
         query = api_params.fingerprint("adjustments", since, until, _sorted(accounts))
-        after = api_params.decode_cursor(args.get("cursor"), query, 1)
-        fetched = store.adjustments(
-            since, until, accounts=accounts, limit=limit + 1, after_id=after[0] if after else None
-        )
-        rows, cursor = _cut(fetched, limit, query, lambda row: (row.id,))
+        position = api_params.decode_cursor(args.get("cursor"), query, 1)
+
+        def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[Adjustment], tuple[int, ...] | None]:
+            page = store.adjustments(since, until, accounts=accounts, limit=n, after_id=at[0] if at else None)
+            return page, ((page[-1].id,) if page else None)
+
+        rows, cursor = _page(fetch, limit, position, query)
         if fmt == "csv":
             return _answer(report.render_adjustments(rows, "csv"), cursor)
         items = [report.adjustment_dict(a) for a in rows]
@@ -114,14 +120,18 @@ def _limit(args: Mapping[str, str]) -> int:
     )
 
 
-def _cut(
-    fetched: Sequence[Row], limit: int, query: str, position: Callable[[Row], tuple[int, ...]]
-) -> tuple[Sequence[Row], str | None]:
-    """A page out of up to limit + 1 rows fetched, and the cursor of the next page (None when
-    the extra row is not there: this page is the last)."""
-    if len(fetched) <= limit:
-        return fetched, None
-    return fetched[:limit], api_params.encode_cursor(query, position(fetched[limit - 1]))
+def _page(
+    fetch: Callable[[int, Position | None], tuple[list[Row], Position | None]],
+    limit: int,
+    position: Position | None,
+    query: str,
+) -> tuple[list[Row], str | None]:
+    """One page from `position` on, and the cursor of the next one: None when this page is the
+    last (one more row is looked for past a full page, so no client ever gets an empty last page)."""
+    rows, last = fetch(limit, position)
+    if len(rows) < limit or last is None or not fetch(1, last)[0]:
+        return rows, None
+    return rows, api_params.encode_cursor(query, last)
 
 
 def _answer(body: str | dict[str, Any], cursor: str | None) -> Response:
