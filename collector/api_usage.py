@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import Forbidden
 
-from kvmeter.collector import adjustment_pages, api_params, openapi, report, usage_pages
+from kvmeter.collector import adjustment_pages, api_params, openapi, report
 from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_params import BadRequest
 from kvmeter.collector.store import Adjustment, Store, UsageRow
-from kvmeter.collector.usage_pages import UsageFilter
+from kvmeter.collector.store.pages import UsageFilter, page_usage
 
 Row = TypeVar("Row")
 Position = tuple[int, ...]  # where a page ends: what a cursor holds
@@ -56,7 +56,7 @@ def register(app: Flask, store: Store) -> None:
 
         def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[UsageRow], tuple[int, ...] | None]:
             after = (at[0], at[1]) if at else None  # (window start, record id)
-            page = usage_pages.page_usage(conn, flt, limit=n, after=after)
+            page = page_usage(conn, flt, limit=n, after=after)
             return page.rows, page.after
 
         with store.read() as conn:
