@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import Forbidden
 
-from kvmeter.collector import adjustment_pages, api_params, openapi, report
+from kvmeter.collector import api_params, openapi, report
 from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_params import BadRequest
 from kvmeter.collector.store import Adjustment, Store, UsageRow
@@ -81,14 +81,10 @@ def register(app: Flask, store: Store) -> None:
         position = api_params.decode_cursor(args.get("cursor"), query, 1)
 
         def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[Adjustment], tuple[int, ...] | None]:
-            after_id = at[0] if at else None
-            page = adjustment_pages.page_adjustments(
-                conn, since, until, accounts=accounts, limit=n, after_id=after_id
-            )
-            return page.rows, (None if page.after_id is None else (page.after_id,))
+            page = store.adjustments(since, until, accounts=accounts, limit=n, after_id=at[0] if at else None)
+            return page, ((page[-1].id,) if page else None)
 
-        with store.read() as conn:
-            rows, cursor = _page(fetch, limit, position, query)
+        rows, cursor = _page(fetch, limit, position, query)
         if fmt == "csv":
             return _answer(report.render_adjustments(rows, "csv"), cursor)
         items = [report.adjustment_dict(a) for a in rows]

@@ -46,6 +46,7 @@ class Adjustment:
     delta: int
     reason: str  # "late bytes", "late lifecycle", "late attribution", "unattributed"
     created_ms: int
+    id: int = 0  # the row's: adjustments are listed, and paged, in the order they were made
 
 
 def _key_filters(
@@ -114,20 +115,39 @@ class Reads(StoreCore):
         return rows
 
     def adjustments(
-        self, since_ms: int, until_ms: int = 2**62, *, account: str | None = None
+        self,
+        since_ms: int,
+        until_ms: int = 2**62,
+        *,
+        account: str | None = None,
+        accounts: frozenset[str] | None = None,
+        limit: int | None = None,
+        after_id: int | None = None,
     ) -> list[Adjustment]:
-        """Adjustment rows created in [since_ms, until_ms): what changed in final windows, for a
-        billing system that already took them."""
+        """Adjustment rows created in [since_ms, until_ms), in the order they were made: what
+        changed in final windows, for a billing system that already took them. accounts: only
+        theirs (an empty set: none); limit and after_id (the last id of the previous page) page
+        them along the primary key, so a page costs its own rows."""
+        if accounts is not None and not accounts:
+            return []
         adj = usage_adjustments.c
         query = (
             sa.select(*(adj[c] for c in KEY_COLUMNS), adj.delta, adj.reason, adj.created_ms, adj.id)
             .where(adj.created_ms >= since_ms, adj.created_ms < until_ms)
             .order_by(adj.id)
+            .limit(limit)
         )
         if account is not None:
             query = query.where(adj.account == account)
+        if accounts is not None:
+            query = query.where(adj.account.in_(sorted(accounts)))
+        if after_id is not None:
+            query = query.where(adj.id > after_id)
         with self.read() as conn:
-            return [Adjustment(UsageKey(*r[:7]), int(r[7]), r[8], int(r[9])) for r in conn.execute(query)]
+            return [
+                Adjustment(UsageKey(*r[:7]), int(r[7]), r[8], int(r[9]), int(r[10]))
+                for r in conn.execute(query)
+            ]
 
     def net_usage(self) -> dict[UsageKey, int]:
         """Net quantity per key over the whole store (non-zero only): the replay comparison."""
