@@ -27,8 +27,8 @@ from kvmeter.collector.cloudstack_params import (
 )
 from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
 from kvmeter.collector.owner_directory import OwnerDirectory
-from kvmeter.collector.reconcile_store import load_names
 from kvmeter.collector.store import Store, UsageFilter, UsagePager, UsageRow
+from kvmeter.collector.store.reconciliation import load_names
 
 UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
 

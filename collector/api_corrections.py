@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from flask import Flask, Response, jsonify, request
 
-from kvmeter.collector import api_params, reconcile_store, report
+from kvmeter.collector import api_params, report
 from kvmeter.collector.api_usage import visible_accounts
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
 
 MAX_ROWS = 10_000
 
@@ -21,10 +21,10 @@ def register(app: Flask, store: Store) -> None:
         resource = api_params.name(args.get("resource"), "resource")
         accounts = visible_accounts(api_params.name(args.get("account"), "account"))  # 403 for another's
         with store.read() as conn:
-            rows = reconcile_store.list_corrections(
+            rows = reconciliation.list_corrections(
                 conn, accounts=accounts, resource=resource, start_ms=start, end_ms=end, limit=MAX_ROWS
             )
-            names = reconcile_store.load_names(conn)
+            names = reconciliation.load_names(conn)
         for row in rows:  # CloudStack's naming: accountid the uuid, account the name
             row["time"] = report.iso(row["time_ms"])
             row["accountid"] = row.pop("account")

@@ -8,11 +8,12 @@ import time
 
 import click
 
-from kvmeter.collector import reconcile_store, report
+from kvmeter.collector import report
 from kvmeter.collector.cli import _load_config, _open_store
 from kvmeter.collector.cs_snapshot import SnapshotError
 from kvmeter.collector.reconcile import Correction, Findings
 from kvmeter.collector.service import Collector
+from kvmeter.collector.store import reconciliation
 
 
 def _wall_ms() -> int:
@@ -70,7 +71,7 @@ def corrections(db_url: str, account: str | None, resource: str | None, fmt: str
     store = _open_store(db_url)
     try:
         with store.read() as conn:
-            rows = reconcile_store.list_corrections(
+            rows = reconciliation.list_corrections(
                 conn, accounts=frozenset({account}) if account else None, resource=resource
             )
     finally:

@@ -20,7 +20,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from kvmeter.collector import reconcile_store
 from kvmeter.collector.config_cloudstack import CloudStackConfig
 from kvmeter.collector.cs_snapshot import ApiUnavailable, Snapshot, SnapshotError
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
@@ -28,6 +27,7 @@ from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Outcome, Record
 from kvmeter.collector.reconcile import Findings, reconcile, view_of
 from kvmeter.collector.service import Collector
+from kvmeter.collector.store import reconciliation
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,8 @@ class Reconciler:
     def plan(self, snapshot: Snapshot) -> Findings:
         self.collector.sync()
         with self.collector.store.read() as conn:
-            previous = reconcile_store.load_snapshot(conn)
-            witness = reconcile_store.load_witness(conn)
+            previous = reconciliation.load_snapshot(conn)
+            witness = reconciliation.load_witness(conn)
         witness.update(self.collector.witness)
         events = {resource: list(evs.values()) for resource, evs in self.collector.events.items()}
         view = view_of(events, self.collector.histories, witness)
@@ -99,9 +99,9 @@ class Reconciler:
     def _keep(self, snapshot: Snapshot, found: Findings) -> None:
         now = self._kept_ms = self.collector.clock()
         with self.collector.store.write() as conn:
-            reconcile_store.save_corrections(conn, found.corrections, now)
-            reconcile_store.save_names(conn, snapshot, now)
-            reconcile_store.save_snapshot(conn, snapshot, now)
+            reconciliation.save_corrections(conn, found.corrections, now)
+            reconciliation.save_names(conn, snapshot, now)
+            reconciliation.save_snapshot(conn, snapshot, now)
         for c in found.corrections:
             log.info("correction %s %s at %d: %s", c.event_type, c.resource_uuid, c.time_ms, c.reason)
             if self.metrics is not None:
@@ -135,7 +135,7 @@ class Reconciler:
         """Another replica kept a pass less than half a period ago: leave this one out (the
         same inputs would give the same corrections; this saves the work and the noise)."""
         with self.collector.store.read() as conn:
-            last = reconcile_store.last_pass_ms(conn)
+            last = reconciliation.last_pass_ms(conn)
         if last is None or last <= self._kept_ms:
             return False
         ago = self.collector.clock() - last

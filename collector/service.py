@@ -25,7 +25,7 @@ from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
-from kvmeter.collector import cloudstack, decode, lifecycle, reconcile_store, usage
+from kvmeter.collector import cloudstack, decode, lifecycle, usage
 from kvmeter.collector.aggregate import Attributed, Route, Tally
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.decode import Target
@@ -41,7 +41,7 @@ from kvmeter.collector.model import (
     UsageKey,
 )
 from kvmeter.collector.reconcile import Witness, observe
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
 from kvmeter.collector.streams import admit, irregular
 from kvmeter.collector.windows import check_window, window_start
 from kvmeter.proto import pb
@@ -169,12 +169,12 @@ class Collector:
         if self._hints_loaded is False:
             with self.store.read() as conn:
                 self.hints.update(self.store.owner_hints(conn))
-                self.witness.update(reconcile_store.load_witness(conn))
+                self.witness.update(reconciliation.load_witness(conn))
             self._hints_loaded = True
         learned = {d: o for d, o in _owner_hints(decoded).items() if self.hints.get(d) != o}
         witnessed = _witness_changes(self.witness, decoded)
         with self.store.write() as conn:
-            reconcile_store.save_witness(conn, witnessed)
+            reconciliation.save_witness(conn, witnessed)
             if learned:
                 self.store.save_owner_hints(conn, learned, now)
                 self.hints.update(learned)

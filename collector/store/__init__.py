@@ -6,7 +6,8 @@ the two databases. The schema and its migrations are in collector/schema.py; thi
 the statements, one module per table family (engine, streams, events, usage, parking, owners)
 and the read side (reads; pages: usage a page at a time, with its count). `Store` is all of
 them in one object; the API's minted credentials (credentials) are read beside it, by
-MintedCredentials(store).
+MintedCredentials(store), and the reconciler's tables (reconciliation: corrections,
+CloudStack's names, the agents' witness, the last pass) by functions over a connection.
 
 Concurrency between replicas (PostgreSQL) rests on three locks, always taken in this order:
 1. the `finalized_through` row of collector_state: shared by writers of usage, exclusive for

@@ -21,9 +21,9 @@ import sqlalchemy as sa
 
 from kvmeter.collector.credentials import Grant, new_key_pair, new_token, token_digest
 from kvmeter.collector.owner_directory import OwnerDirectory
-from kvmeter.collector.reconcile_store import load_names
 from kvmeter.collector.schema import api_credentials
 from kvmeter.collector.store import Store
+from kvmeter.collector.store.reconciliation import load_names
 
 TOKEN = "token"
 CLOUDSTACK = "cloudstack"

@@ -35,7 +35,6 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from kvmeter.collector import reconcile_store
 from kvmeter.collector.model import (
     ALLOCATED_VM,
     IP_ADDRESS,
@@ -43,7 +42,7 @@ from kvmeter.collector.model import (
     NETWORK_BYTES_SENT,
     RUNNING_VM,
 )
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
 from kvmeter.pipeline.simevents import EventBus
 from kvmeter.pipeline.simlibvirt import Domain, Nic, write_node_xml
 from tests.harness import cloudstack_api as api
@@ -373,7 +372,7 @@ def test_billing_truth_under_faults(
         assert {bob_vm: allocated.get(bob_vm)} == script.allocated_bob
         with store.read() as conn:
             corrections = {
-                (r["event_type"], r["resource"], r["account"]) for r in reconcile_store.list_corrections(conn)
+                (r["event_type"], r["resource"], r["account"]) for r in reconciliation.list_corrections(conn)
             }
         assert ("VM.CREATE", bob_vm, BOB) in corrections
         assert ("ROUTER.OWNER", router, ALICE) in corrections

@@ -20,14 +20,13 @@ from pathlib import Path
 import pytest
 from cs import CloudStack, CloudStackApiException
 
-from kvmeter.collector import reconcile_store
 from kvmeter.collector.api import create_app, serve
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.credentials import Grant
 from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
 from kvmeter.collector.model import Settings
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
 from kvmeter.collector.store import credentials as store_credentials
 from kvmeter.collector.store.credentials import MintedCredentials
 from tests.collector_support import HOUR, T0, Clock, M, Stream
@@ -84,7 +83,7 @@ def fill_store(db_url: str) -> None:
         },
     )
     with store.write() as conn:
-        reconcile_store.save_names(conn, names, T0)
+        reconciliation.save_names(conn, names, T0)
     store.close()
 
 

@@ -26,8 +26,8 @@ from kvmeter.collector.api_errors import MAX_BODY_BYTES
 from kvmeter.collector.cloudstack_render import cloudstack_date
 from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
 from kvmeter.collector.model import UsageKey
-from kvmeter.collector.reconcile_store import save_names
 from kvmeter.collector.store import Store
+from kvmeter.collector.store.reconciliation import save_names
 from tests.api_support import NOW, filled_store
 from tests.collector_support import (
     ACCT_A,

@@ -13,7 +13,6 @@ import pytest
 from flask import g
 from prometheus_client import generate_latest
 
-from kvmeter.collector import reconcile_store
 from kvmeter.collector.api import create_app
 from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.cs_client import ApiUnavailable, CloudStackApi
@@ -21,7 +20,7 @@ from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import IP_ADDRESS, NETWORK_BYTES_SENT, RUNNING_VM, Record, Settings
 from kvmeter.collector.reconciler import Reconciler
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, IP1, ROUTER, T0, VM1, Clock, M, Stream, usage_event
 from tests.harness import cloudstack_api as api
@@ -65,7 +64,7 @@ class Rig:
     def corrections(self, offerings: bool = False) -> list[dict[str, Any]]:
         """Stored corrections; those naming an offering only when asked."""
         with self.store.read() as conn:
-            rows = reconcile_store.list_corrections(conn)
+            rows = reconciliation.list_corrections(conn)
         return [r for r in rows if offerings or r["event_type"] != "VM.DYNAMIC.SCALE"]
 
     def quantity(self, usage_type: int, resource: str) -> dict[str, int]:

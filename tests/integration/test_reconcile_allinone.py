@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmeter.collector import reconcile_store
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
 from tests.harness import cloudstack_api as api
 from tests.harness.netns import Host, Lab
 from tests.harness.processes import AllInOneProcess
@@ -69,7 +68,7 @@ def test_all_in_one_bills_a_router_to_its_networks_owner(
         assert {account for account, _ in billed} == {ACCOUNT}
         assert store.stats(0)["parked_bytes"] == 0
         with store.read() as conn:
-            rows = reconcile_store.list_corrections(conn)
+            rows = reconciliation.list_corrections(conn)
         assert [(r["event_type"], r["resource"], r["account"]) for r in rows] == [
             ("ROUTER.OWNER", ROUTER_UUID, ACCOUNT)
         ]

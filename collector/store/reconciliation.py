@@ -1,4 +1,4 @@
-"""The reconciler's rows in the store: its corrections (with source and reason) and the names
+"""The reconciler's tables (migration 8): its corrections (with source and reason) and the names
 CloudStack's API gave to accounts, domains and offerings.
 
     save_corrections(conn, corrections, now_ms) -> int      # new rows; known event ids are kept
