@@ -13,6 +13,8 @@ AGENT_SIDE := agent proto src/kvmeter
 # debootstrap and systemd-nspawn for the install test, and the two linters.
 APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugin-pyproject \
 	rpm rpmlint lintian debootstrap systemd-container
+# CloudStack's RabbitMQ event bus: the tests start their own node (tests/harness/rabbitmq.py).
+APT_PACKAGES += rabbitmq-server
 
 # The real-VM tier (tests/realvm, `kvmeter demo --real-vms`): libvirtd, QEMU and a busybox guest
 # on Debian's cloud kernel (its .deb fetched once into build/realvm/debs).
@@ -29,12 +31,18 @@ help:
 	@echo "make test   - install everything, lint, type-check and run all tests"
 	@echo "make bench  - agent, collector, freshness and scale benchmarks side by side (as root)"
 
-# System packages; skipped when already present so repeated runs stay fast.
+# System packages; skipped when already present so repeated runs stay fast. Without systemd no
+# package may start its service (rabbitmq-server's postinst would start a system node): a
+# policy-rc.d blocks that for the install, unless one is there already.
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		blocked=; if [ ! -d /run/systemd/system ] && [ ! -e /usr/sbin/policy-rc.d ]; then \
+			printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && blocked=1; \
+		fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; rc=$$?; \
+		if [ -n "$$blocked" ]; then rm -f /usr/sbin/policy-rc.d; fi; exit $$rc; \
 	fi
 
 # Without recommends: those would pull in a desktop's worth of QEMU display and audio packages.

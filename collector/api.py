@@ -4,8 +4,8 @@ Loopback by default. Every path but /health needs a credential (api_auth) once o
 `Authorization: Bearer <token>`, or on /client/api an API key and CloudStack's request
 signature (HMAC-SHA1 of the sorted, lower-cased query and form fields), as CloudMonkey and
 billing tools send them.
-Routes live beside this module: api_usage (/v1), api_cloudstack (/client/api); who is asking is
-api_auth's.
+Routes live beside this module: api_usage (/v1), api_cloudstack (/client/api), input_webhook
+(CloudStack's webhook deliveries, signed with the webhook's own key); who is asking is api_auth's.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from kvmeter.collector import api_cloudstack, api_corrections, api_errors, api_u
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
+from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
+from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.credentials import MintedCredentials
@@ -43,6 +45,7 @@ def create_app(
     cloudstack_keys: Mapping[str, str] | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
     auth: Authenticator | None = None,
+    webhook: WebhookInput | None = None,
 ) -> Flask:
     """auth: who may ask (default: the operator token and {api key: secret key} given here, the
     credentials minted in the store, anyone while there is none); status: the consumer's state
@@ -55,7 +58,7 @@ def create_app(
 
     @app.before_request
     def _auth() -> Any:
-        if request.path == "/health":
+        if request.path in ("/health", WEBHOOK_PATH):  # the webhook checks CloudStack's own signature
             return None
         # CloudStack signs every parameter, the query's and a POST form's alike.
         who = auth.authenticate(request.path, request.headers.get("Authorization", ""), request_values())
@@ -97,6 +100,8 @@ def create_app(
             return error(404, "metrics are not enabled")
         return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
+    if webhook is not None:
+        webhook.register(app)
     api_usage.register(app, store)
     api_cloudstack.register(app, store)
     api_corrections.register(app, store)
@@ -208,6 +213,7 @@ def serve(
     cloudstack_keys: Mapping[str, str] | None = None,
     credentials: CredentialSource | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
+    webhook: WebhookInput | None = None,
 ) -> ApiServer:
     """Build the server; the caller runs it (in a thread next to the consumer). credentials:
     the configured ones (default: token and cloudstack_keys, operator-wide). Raises
@@ -216,4 +222,5 @@ def serve(
         credentials = CredentialSource(operator_credentials(token, cloudstack_keys))
     auth = authenticator(store, credentials, loopback=is_loopback(host))
     require_credentials(host, has_credentials=auth.has_credentials())
-    return ApiServer(create_app(store, metrics=metrics, status=status, auth=auth), host, port)
+    app = create_app(store, metrics=metrics, status=status, auth=auth, webhook=webhook)
+    return ApiServer(app, host, port)

@@ -10,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import click
 
@@ -65,11 +64,15 @@ def _summary(out: Outcome) -> str:
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click passes flags by position
-    """Consume measures and CloudStack lifecycle events from Kafka into usage records."""
+    """Consume measures and CloudStack lifecycle events (Kafka, RabbitMQ, webhook) into usage records."""
     from kvmeter.collector.api import serve
     from kvmeter.collector.api_auth import NoCredentials
     from kvmeter.collector.feed import Feeder
     from kvmeter.collector.input_kafka import KafkaInput
+    from kvmeter.collector.input_rabbitmq import RabbitInput
+    from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
+    from kvmeter.collector.input_webhook import WebhookInput
+    from kvmeter.collector.inputs import Input
     from kvmeter.collector.metrics import Metrics
 
     logging.basicConfig(
@@ -77,17 +80,28 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     cfg = _load_config(config_path)
-    if not cfg.kafka.bootstrap:
-        raise click.ClickException(f"{config_path}: kafka.bootstrap is required for the live collector")
+    if not (cfg.kafka.bootstrap or cfg.rabbitmq.url or cfg.webhook_secret):
+        raise click.ClickException(
+            f"{config_path}: the live collector needs an input: kafka.bootstrap, rabbitmq.url or [webhook]"
+        )
+    if cfg.webhook_secret and not cfg.api.enabled:
+        raise click.ClickException(f"{config_path}: [webhook] deliveries come to the API: api.enabled = true")
     store = _open_store(cfg.db_url)
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
-    inputs: list[Any] = [KafkaInput(cfg.kafka, metrics)]
+    inputs: list[Input] = []
+    webhook = WebhookInput(cfg.webhook_secret) if cfg.webhook_secret else None
+    if webhook is not None:
+        inputs.append(webhook)
+    if cfg.rabbitmq.url:
+        inputs.append(RabbitInput(cfg.rabbitmq))
+    if cfg.kafka.bootstrap:
+        inputs.append(KafkaInput(cfg.kafka, metrics))  # last: it waits for measures
     if cfg.cloudstack is not None:  # passes against CloudStack's API, one more input
         from kvmeter.collector.reconciler import for_config
 
-        inputs.insert(0, for_config(service, cfg.cloudstack, metrics))  # the last input waits: Kafka
+        inputs.insert(0, for_config(service, cfg.cloudstack, metrics))
     live = Feeder(service, inputs, metrics, tick_seconds=cfg.tick_seconds)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -108,15 +122,27 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
                 credentials=credentials,
                 metrics=metrics,
                 status=live.status,
+                webhook=webhook,
             )
         except (NoCredentials, CredentialsError) as exc:
             store.close()
             raise click.ClickException(f"{config_path}: {exc}") from None
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on %s", server.url)
+    if cfg.kafka.bootstrap:
+        logging.getLogger(__name__).info(
+            "Kafka: measures %s (group %s), lifecycle %s, on %s", cfg.kafka.measures_topic, cfg.kafka.group,
+            cfg.kafka.lifecycle_topic, cfg.kafka.bootstrap,
+        )  # fmt: skip
+    if cfg.rabbitmq.url:
+        logging.getLogger(__name__).info(
+            "RabbitMQ: lifecycle from exchange %s, queue %s (%s)", cfg.rabbitmq.exchange, cfg.rabbitmq.queue,
+            cfg.rabbitmq.queue_type,
+        )  # fmt: skip
+    if webhook is not None:
+        logging.getLogger(__name__).info("webhook: CloudStack's deliveries on %s", WEBHOOK_PATH)
     logging.getLogger(__name__).info(
-        "measures %s (group %s), lifecycle %s, on %s; store %s; window %d s, grace %d s, billable %s",
-        cfg.kafka.measures_topic, cfg.kafka.group, cfg.kafka.lifecycle_topic, cfg.kafka.bootstrap,
+        "store %s; window %d s, grace %d s, billable %s",
         store.engine.url.render_as_string(hide_password=True), cfg.settings.window_ms // 1000,
         cfg.settings.grace_ms // 1000, ",".join(sorted(cfg.settings.billable)),
     )  # fmt: skip

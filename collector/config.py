@@ -56,6 +56,27 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "rabbitmq": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["url"],
+            "properties": {
+                "url": {"type": "string", "pattern": "^amqps?://"},
+                "exchange": {"type": "string", "minLength": 1},
+                "queue": {"type": "string", "minLength": 1},
+                "queue_type": {"enum": ["stream", "classic"]},
+                "binding_keys": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+                "prefetch": {"type": "integer", "minimum": 1, "maximum": 65535},
+            },
+        },
+        "webhook": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "secret_key": {"type": "string", "minLength": 1},
+                "secret_key_file": {"type": "string", "minLength": 1},
+            },
+        },
         "usage": {
             "type": "object",
             "additionalProperties": False,
@@ -109,6 +130,19 @@ class KafkaConfig:
 
 
 @dataclass(frozen=True)
+class RabbitConfig:
+    """CloudStack's RabbitMQ event bus (reference §1.3): the exchange CloudStack publishes to and
+    the durable queue the collector declares and binds (a stream by default: see input_rabbitmq)."""
+
+    url: str = ""  # empty: no RabbitMQ input
+    exchange: str = "cloudstack-events"
+    queue: str = "kvmeter.cloudstack-events"
+    queue_type: str = "stream"
+    binding_keys: tuple[str, ...] = ("management-server.#",)
+    prefetch: int = 500
+
+
+@dataclass(frozen=True)
 class ApiConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -125,6 +159,8 @@ class CollectorConfig:
     tick_seconds: float = 30.0
     api: ApiConfig = field(default_factory=ApiConfig)
     cloudstack: CloudStackConfig | None = None  # the reconciler's API access; None: no reconciler
+    rabbitmq: RabbitConfig = field(default_factory=RabbitConfig)
+    webhook_secret: str = ""  # [webhook]: CloudStack's webhook deliveries accepted when set
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -150,6 +186,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         )
     ]
     store, kafka, use, api, events = (doc.get(k, {}) for k in ("store", "kafka", "usage", "api", "lifecycle"))
+    rabbit, webhook = (doc.get(k, {}) for k in ("rabbitmq", "webhook"))
     window_s = use.get("window_seconds", 3600) if isinstance(use, dict) else 3600
     if isinstance(window_s, int) and window_s > 0 and DAY_S % window_s:
         problems.append(f"usage.window_seconds: {window_s} does not divide a day (86400)")
@@ -163,6 +200,17 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             problems.append(f"usage.router_owners_file: {exc}")
     creds, creds_file, more = credentials.from_api_section(api if isinstance(api, dict) else {}, base)
     problems += more
+    webhook_secret = webhook.get("secret_key", "") if isinstance(webhook, dict) else ""
+    secret_file = webhook.get("secret_key_file", "") if isinstance(webhook, dict) else ""
+    if webhook_secret and secret_file:
+        problems.append("webhook: secret_key and secret_key_file exclude each other")
+    elif isinstance(secret_file, str) and secret_file:
+        try:
+            webhook_secret = (Path(secret_file) if base is None else base / secret_file).read_text().strip()
+        except OSError as exc:
+            problems.append(f"webhook.secret_key_file: cannot read {secret_file}: {exc.strerror}")
+    if "webhook" in doc and isinstance(webhook, dict) and not webhook_secret and not problems:
+        problems.append("webhook: secret_key (or secret_key_file) is required: deliveries are signed with it")
     host, port = "127.0.0.1", 8480
     listen = api.get("listen") if isinstance(api, dict) else None
     if isinstance(listen, str):
@@ -202,6 +250,15 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             credentials_file=creds_file,
         ),
         cloudstack=cloudstack,
+        rabbitmq=RabbitConfig(
+            url=rabbit.get("url", ""),
+            exchange=rabbit.get("exchange", RabbitConfig.exchange),
+            queue=rabbit.get("queue", RabbitConfig.queue),
+            queue_type=rabbit.get("queue_type", RabbitConfig.queue_type),
+            binding_keys=tuple(rabbit.get("binding_keys", RabbitConfig.binding_keys)),
+            prefetch=rabbit.get("prefetch", RabbitConfig.prefetch),
+        ),
+        webhook_secret=webhook_secret,
     )
 
 

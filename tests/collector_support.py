@@ -51,6 +51,24 @@ def usage_event(
     return resource.encode(), json.dumps(doc, separators=(",", ":")).encode()
 
 
+def routing_key(value: bytes) -> str:
+    """The RabbitMQ routing key CloudStack's RabbitMQEventBus gives this event (reference §1.3):
+    eventSource.eventCategory.eventType.resourceType.resourceUUID, '.' -> '-' in each part,
+    an empty part '*'. The category, type and resource type are the ones the event was built
+    with (they are not in the JSON; classified here as parse_event does)."""
+    doc = json.loads(value)
+    if "old-state" in doc:
+        state = doc.get("event", "OperationSucceeded")
+        parts = ["ResourceStateEvent", state, doc.get("resource"), doc.get("id")]
+    elif "jobId" in doc:
+        parts = ["AsyncJobEvent", "complete", doc.get("instanceType"), doc.get("instanceUuid")]
+    elif "status" in doc:
+        parts = ["ActionEvent", doc.get("event"), doc.get("entity"), doc.get("entityuuid")]
+    else:
+        parts = ["UsageEvent", doc.get("event"), doc.get("resource"), doc.get("id")]
+    return ".".join((str(part).replace(".", "-") if part else "*") for part in ["management-server", *parts])
+
+
 def ip_number(text: str) -> int:
     return int(ipaddress.IPv4Address(text))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import kafka, postgres
+from tests.harness import kafka, postgres, rabbitmq
 from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
 from tests.harness.netns import Host, Lab
 
@@ -49,6 +49,14 @@ def pg_dsn() -> Iterator[str]:
     cluster = postgres.Cluster().start()
     yield cluster.dsn
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_node() -> Iterator[rabbitmq.Node]:
+    """A throw-away RabbitMQ node (Debian's rabbitmq-server) on free ports, started once."""
+    node = rabbitmq.Node().start()
+    yield node
+    node.stop()
 
 
 @pytest.fixture

@@ -132,3 +132,37 @@ def test_lifecycle_event_size_limit() -> None:
     with pytest.raises(config.ConfigError) as err:
         config.from_dict({"lifecycle": {"max_event_bytes": "1M", "tail": True}})
     assert sorted(p.split(":")[0] for p in err.value.problems) == ["lifecycle", "lifecycle.max_event_bytes"]
+
+
+def test_rabbitmq_and_webhook_sections(tmp_path: Path) -> None:
+    cfg = config.from_dict(
+        {"rabbitmq": {"url": "amqp://mq/%2F", "binding_keys": ["management-server.UsageEvent.#"]}}
+    )
+    assert cfg.rabbitmq.url == "amqp://mq/%2F"
+    assert cfg.rabbitmq.exchange == "cloudstack-events"  # what CloudStack's docs name it
+    assert cfg.rabbitmq.queue_type == "stream"
+    assert cfg.rabbitmq.binding_keys == ("management-server.UsageEvent.#",)
+    assert config.from_dict({}).rabbitmq.url == ""  # no RabbitMQ input
+    (tmp_path / "hook.key").write_text("s3cret\n")
+    assert (
+        config.from_dict({"webhook": {"secret_key_file": "hook.key"}}, base=tmp_path).webhook_secret
+        == "s3cret"
+    )
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict(
+            {
+                "rabbitmq": {"url": "http://x", "queue_type": "quorum", "prefetch": 0, "binding_keys": []},
+                "webhook": {"secret_key": "a", "secret_key_file": "b"},
+            }
+        )
+    text = "\n".join(err.value.problems)
+    for needle in (
+        "rabbitmq.url",
+        "rabbitmq.queue_type",
+        "rabbitmq.prefetch",
+        "rabbitmq.binding_keys",
+        "exclude",
+    ):
+        assert needle in text
+    with pytest.raises(config.ConfigError, match="secret_key"):
+        config.from_dict({"webhook": {}})

@@ -1,0 +1,196 @@
+"""RabbitMQ input: CloudStack's RabbitMQ event bus (reference §1.3).
+
+CloudStack publishes every event to a durable topic exchange (docs: `cloudstack-events`) with the
+routing key `management-server.<Category>.<Type>.<ResourceType>.<uuid>` and the same JSON body as
+on Kafka, persistent. The collector declares that exchange (the same way CloudStack does, so
+either may start first), declares its own durable queue and binds it with the configured keys.
+
+- queue_type "stream" (the default): a RabbitMQ stream, read from its first message at every
+  start, like the Kafka lifecycle topic: every replica reads everything and the store dedupes
+  events by their digest. Each message's `x-stream-offset` is its stored, replayable place in
+  the stream: the clock-skew rule's delivery order (lifecycle.py). Retention is RabbitMQ's
+  (a policy with max-age or max-length-bytes); events already stored stay stored.
+- queue_type "classic": a classic durable queue, drained; messages shared among the replicas.
+  It keeps no order to replay, so the events carry none and their stamps decide.
+
+Either way a message is acknowledged only after the store committed what it produced (a crash
+or a lost connection re-delivers it, and the dedupe makes that change nothing), at most
+`prefetch` messages are in flight, a body that is not an event is dead-lettered by the service
+with its bytes and acknowledged, and a lost broker is reconnected with exponential backoff
+without blocking the collector's other inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import AMQPError
+from pika.spec import Basic, BasicProperties
+
+from kvmeter.collector.config import RabbitConfig
+from kvmeter.collector.inputs import LIFECYCLE, Delivery
+from kvmeter.collector.service import Record
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def resource_key(routing_key: str) -> bytes | None:
+    """The resource uuid CloudStack put last in the routing key, as Kafka's record key ("*": none)."""
+    last = routing_key.rsplit(".", 1)[-1] if routing_key.count(".") >= 4 else ""
+    return last.encode() if last and last != "*" else None
+
+
+class RabbitInput:
+    def __init__(self, cfg: RabbitConfig, *, monotonic: Callable[[], float] = time.monotonic):
+        self.cfg = cfg
+        self.monotonic = monotonic
+        self.stream = cfg.queue_type == "stream"
+        self.connection: pika.BlockingConnection | None = None
+        self.channel: BlockingChannel | None = None
+        self._received: list[tuple[Basic.Deliver, BasicProperties, bytes]] = []
+        self._retry_at = 0.0
+        self._backoff = BACKOFF_FIRST_S
+        self._backlog: int | None = None  # messages in the queue at connect (classic) / stream end
+        self._read = 0
+        self.connected_since: float | None = None
+        self.last_error = ""
+
+    # -- connection ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._connect()
+
+    def _connect(self) -> bool:
+        """Connect, declare, bind and consume; on failure schedule the next try (backoff)."""
+        try:
+            connection = pika.BlockingConnection(pika.URLParameters(self.cfg.url))
+            channel = connection.channel()
+            channel.exchange_declare(self.cfg.exchange, exchange_type="topic", durable=True)
+            arguments = {"x-queue-type": "stream"} if self.stream else {}
+            declared = channel.queue_declare(self.cfg.queue, durable=True, arguments=arguments)
+            for key in self.cfg.binding_keys:
+                channel.queue_bind(self.cfg.queue, self.cfg.exchange, routing_key=key)
+            channel.basic_qos(prefetch_count=self.cfg.prefetch)
+            channel.basic_consume(
+                self.cfg.queue,
+                self._on_message,
+                auto_ack=False,
+                arguments={"x-stream-offset": "first"} if self.stream else None,
+            )
+        except (AMQPError, OSError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._retry_at = self.monotonic() + self._backoff
+            log.warning("RabbitMQ %s: %s; next try in %.1fs", self._where(), self.last_error, self._backoff)
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+            return False
+        self.connection, self.channel = connection, channel
+        self._received = []
+        self._backlog = None if self.stream else declared.method.message_count
+        self._read = 0
+        self._backoff = BACKOFF_FIRST_S
+        self.connected_since = self.monotonic()
+        self.last_error = ""
+        log.info("RabbitMQ %s: queue %s (%s) bound to %s", self._where(), self.cfg.queue,
+                 self.cfg.queue_type, self.cfg.exchange)  # fmt: skip
+        return True
+
+    def _where(self) -> str:
+        params = pika.URLParameters(self.cfg.url)
+        return f"{params.host}:{params.port}{params.virtual_host}"
+
+    def _lost(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.warning("RabbitMQ connection lost: %s; unacknowledged messages come again", self.last_error)
+        self._drop()
+        self._retry_at = self.monotonic() + self._backoff
+
+    def _drop(self) -> None:
+        connection, self.connection, self.channel = self.connection, None, None
+        self._received = []
+        self.connected_since = None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except (AMQPError, OSError):
+                pass
+
+    # -- deliveries ---------------------------------------------------------------------------
+    def _on_message(
+        self, _channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+    ) -> None:
+        self._received.append((method, props, body))
+
+    def poll(self, timeout: float, *, measures: bool = True) -> list[Delivery]:
+        if self.connection is None:
+            if self.monotonic() < self._retry_at or not self._connect():
+                time.sleep(min(timeout, max(0.0, self._retry_at - self.monotonic())))
+                return []
+        assert self.connection is not None
+        try:
+            self.connection.process_data_events(time_limit=timeout)
+        except (AMQPError, OSError) as exc:
+            self._lost(exc)
+            return []
+        if not self._received:
+            return []
+        received, self._received = self._received, []
+        self._read += len(received)
+        records = [self._record(method, props, body) for method, props, body in received]
+        channel, last_tag = self.channel, received[-1][0].delivery_tag
+        return [Delivery(LIFECYCLE, records, lambda: self._acknowledge(channel, last_tag))]
+
+    def _record(self, method: Basic.Deliver, props: BasicProperties, body: bytes) -> Record:
+        key = method.routing_key or ""
+        offset = (props.headers or {}).get("x-stream-offset") if self.stream else None
+        if isinstance(offset, int):
+            origin = f"rabbitmq:{self.cfg.queue}@{offset}"
+            return Record(body, resource_key(key), origin, (f"rabbitmq:{self.cfg.queue}", offset))
+        return Record(body, resource_key(key), f"rabbitmq:{self.cfg.queue}#{method.delivery_tag} {key}")
+
+    def _acknowledge(self, channel: BlockingChannel | None, last_tag: int) -> None:
+        """Everything delivered on this channel up to the delivery's last message."""
+        if channel is None or channel is not self.channel:
+            return  # that channel is gone: the broker delivers those messages again
+        try:
+            channel.basic_ack(delivery_tag=last_tag, multiple=True)
+        except (AMQPError, OSError) as exc:
+            self._lost(exc)
+
+    def caught_up(self) -> bool:
+        """A classic queue: the messages it held at connect are read. A stream (no end to compare
+        with over AMQP 0.9.1): the broker, which pushes up to `prefetch` unacknowledged messages
+        at once, had nothing more for a moment. Unreachable: nothing to wait for."""
+        if self.connection is None:
+            return True
+        if self._backlog is not None:
+            return self._read >= self._backlog
+        return not self._received and self._quiet()
+
+    def _quiet(self) -> bool:
+        assert self.connection is not None
+        try:
+            self.connection.process_data_events(time_limit=0.2)
+        except (AMQPError, OSError) as exc:
+            self._lost(exc)
+            return True
+        return not self._received
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "rabbitmq": {
+                "connected": self.connection is not None,
+                "queue": self.cfg.queue,
+                "read": self._read,
+                "last_error": self.last_error,
+            }
+        }
+
+    def close(self) -> None:
+        self._drop()
