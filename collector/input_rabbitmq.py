@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
+DEGRADED_AFTER_S = 60.0  # /health says degraded when the broker was unreachable this long
 
 
 def resource_key(routing_key: str) -> bytes | None:
@@ -61,6 +62,7 @@ class RabbitInput:
         self._backlog: int | None = None  # messages in the queue at connect (classic) / stream end
         self._read = 0
         self.connected_since: float | None = None
+        self.down_since: float | None = self.monotonic()  # until the first connect
         self.last_error = ""
 
     # -- connection ---------------------------------------------------------------------------
@@ -85,7 +87,7 @@ class RabbitInput:
                 arguments={"x-stream-offset": "first"} if self.stream else None,
             )
         except (AMQPError, OSError) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self._retry_at = self.monotonic() + self._backoff
             log.warning("RabbitMQ %s: %s; next try in %.1fs", self._where(), self.last_error, self._backoff)
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
@@ -96,6 +98,7 @@ class RabbitInput:
         self._read = 0
         self._backoff = BACKOFF_FIRST_S
         self.connected_since = self.monotonic()
+        self.down_since = None
         self.last_error = ""
         log.info("RabbitMQ %s: queue %s (%s) bound to %s", self._where(), self.cfg.queue,
                  self.cfg.queue_type, self.cfg.exchange)  # fmt: skip
@@ -106,7 +109,7 @@ class RabbitInput:
         return f"{params.host}:{params.port}{params.virtual_host}"
 
     def _lost(self, exc: Exception) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
         log.warning("RabbitMQ connection lost: %s; unacknowledged messages come again", self.last_error)
         self._drop()
         self._retry_at = self.monotonic() + self._backoff
@@ -115,6 +118,8 @@ class RabbitInput:
         connection, self.connection, self.channel = self.connection, None, None
         self._received = []
         self.connected_since = None
+        if self.down_since is None:
+            self.down_since = self.monotonic()
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -183,13 +188,18 @@ class RabbitInput:
         return not self._received
 
     def status(self) -> dict[str, Any]:
+        down = 0.0 if self.down_since is None else self.monotonic() - self.down_since
+        degraded = (
+            f"RabbitMQ unreachable for {down:.0f} s: {self.last_error}" if down >= DEGRADED_AFTER_S else ""
+        )
         return {
+            "degraded": degraded,
             "rabbitmq": {
                 "connected": self.connection is not None,
                 "queue": self.cfg.queue,
                 "read": self._read,
                 "last_error": self.last_error,
-            }
+            },
         }
 
     def close(self) -> None:

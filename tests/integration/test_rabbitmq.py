@@ -301,3 +301,25 @@ def test_kill_9_of_kvmeter_collector_mid_stream_loses_nothing(rabbitmq_node: Nod
     assert store.dead_letter_rows() == []
     assert stored_events(store) == len(events)  # the action event was never routed to the queue
     store.close()
+
+
+def test_an_unreachable_broker_is_retried_with_backoff_and_reported_degraded() -> None:
+    now = [1000.0]
+    port = free_port()  # nothing listens there
+    rabbit = RabbitInput(RabbitConfig(f"amqp://guest:guest@127.0.0.1:{port}/%2F"), monotonic=lambda: now[0])
+    rabbit.start()
+    assert rabbit.connection is None
+    assert "AMQPConnectionError" in rabbit.last_error
+    assert rabbit.status()["degraded"] == ""
+    assert rabbit.caught_up()  # nothing to wait for: measures go on
+    first_error = rabbit.last_error
+    rabbit.last_error = ""
+    assert rabbit.poll(0) == []  # before the backoff is over: no new attempt
+    assert rabbit.last_error == ""
+    now[0] += 0.6
+    assert rabbit.poll(0) == []  # after it: one more attempt, and the next wait doubles
+    assert rabbit.last_error == first_error
+    assert rabbit._backoff == 2.0
+    now[0] += 61
+    assert rabbit.status()["degraded"] == "RabbitMQ unreachable for 62 s: AMQPConnectionError"
+    rabbit.close()
