@@ -7,7 +7,8 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Connection
@@ -259,3 +260,13 @@ def set_time_values(
 ) -> tuple[int, int]:
     """Store.set_time_values_many for one resource."""
     return store.set_time_values_many(conn, {resource: values}, final_through, now_ms, open_only=open_only)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str] = str) -> None:
+    """Poll `condition` until it holds; fail saying what was awaited (and `logs()`) after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs()}")

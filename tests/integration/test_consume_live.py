@@ -18,7 +18,17 @@ from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Settings
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
-from tests.collector_support import HOUR, T0, Clock, M, Stream, expected_usage, net_by_short_key, scenario
+from tests.collector_support import (
+    HOUR,
+    T0,
+    Clock,
+    M,
+    Stream,
+    expected_usage,
+    net_by_short_key,
+    scenario,
+    wait_for,
+)
 from tests.harness.kafka import FAST_GROUP
 
 pytestmark = pytest.mark.broker
@@ -30,15 +40,6 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]
     for key, value in records:
         producer.produce(topic, value=value, key=key)
     assert producer.flush(30) == 0
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Running:

@@ -15,7 +15,7 @@ from confluent_kafka import Producer
 
 from kvmeter.collector.model import ALLOCATED_VM
 from kvmeter.collector.store import Store
-from tests.collector_support import ACCT_A, ACCT_B, VM1, VM2, usage_event
+from tests.collector_support import ACCT_A, ACCT_B, VM1, VM2, usage_event, wait_for
 from tests.harness.netns import Host
 from tests.harness.processes import AllInOneProcess, CollectorProcess
 
@@ -34,15 +34,6 @@ def lifecycle(now_ms: int) -> tuple[list[tuple[bytes, bytes]], dict[str, bytes]]
         "wrong_type": json.dumps({**start, "account": 123}).encode(),
     }
     return good, bad
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, logs: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs()}")
 
 
 def check_store(store: Store, bad: dict[str, bytes]) -> None:

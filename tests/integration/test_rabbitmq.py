@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import pika
@@ -34,6 +34,7 @@ from tests.collector_support import (
     routing_key,
     scenario,
     usage_event,
+    wait_for,
 )
 from tests.harness.ports import free_port
 from tests.harness.processes import Process
@@ -54,15 +55,6 @@ def publish(node: Node, exchange: str, messages: Iterable[tuple[str, bytes]]) ->
             exchange, key, body, pika.BasicProperties(content_type="text/plain", delivery_mode=2)
         )
     connection.close()
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def time_usage(store: Store) -> dict[tuple[str, int, str, str, int], int]:
