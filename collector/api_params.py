@@ -1,4 +1,5 @@
-"""Query parameters, parsed strictly and bounded: one parser for /v1, /client/api and the CLI.
+"""Query parameters, parsed strictly and bounded: one parser for /v1 and the CLI's times, and
+the page cursors of /v1 (CloudStack's /client/api parses its own forms, cloudstack_params).
 
 Integers are ASCII digits only (str.isdigit and int() also take '²' and Arabic-Indic digits)
 and within a range; times lie between 1970 and the end of year 9999, so nothing reaches the

@@ -110,3 +110,29 @@ def test_any_text_is_a_bounded_integer_or_a_bad_request(text: str) -> None:
         return
     assert 0 <= value <= 500
     assert text.isascii()
+
+
+def test_a_cursor_holds_its_position_for_its_query_only() -> None:
+    query = api_params.fingerprint("usage", 0, 10, ["acct-a"], None, None)
+    cursor = api_params.encode_cursor(query, (1_715_677_200_000, 42))
+    assert cursor.isascii()
+    assert len(cursor) <= api_params.MAX_CURSOR
+    assert api_params.decode_cursor(cursor, query, 2) == (1_715_677_200_000, 42)
+    assert api_params.decode_cursor(None, query, 2) is None
+    other = api_params.fingerprint("usage", 0, 11, ["acct-a"], None, None)
+    for text, q, size in [(cursor, other, 2), (cursor, query, 1), (cursor[:-2], query, 2), ("@@", query, 2)]:
+        with pytest.raises(BadRequest, match="not one this API gave"):
+            api_params.decode_cursor(text, q, size)
+    forged = api_params.encode_cursor(query, (-1, 2))  # positions are never negative
+    with pytest.raises(BadRequest, match="not one this API gave"):
+        api_params.decode_cursor(forged, query, 2)
+
+
+@given(st.text(max_size=250))
+def test_any_text_is_a_cursor_of_this_query_or_a_bad_request(text: str) -> None:
+    query = api_params.fingerprint("usage")
+    try:
+        position = api_params.decode_cursor(text, query, 2)
+    except BadRequest:
+        return
+    assert position is None or len(position) == 2
