@@ -159,15 +159,15 @@ def revoke(config_path: str, db_url: str | None, credential_id: int) -> None:
 
 def _warn_if_readable(store: Store) -> None:
     """CloudStack secret keys are kept as they are (an HMAC is verified with the key itself):
-    say so when others may read a SQLite store's file."""
+    say so when any user may read a SQLite store's file."""
     path = store.engine.url.database
     if store.engine.url.get_backend_name() != "sqlite" or not path or not Path(path).exists():
         return
     mode = Path(path).stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+    if mode & stat.S_IRWXO:  # the packages' store is 0640 in the collector's own group
         click.echo(
             f"warning: {path} (mode {stat.S_IMODE(mode):04o}) holds CloudStack secret keys and others "
-            "may read it: chmod 600 it (the collector's user must keep access)",
+            "may read it: chmod o-rwx it (the collector's user must keep access)",
             err=True,
         )
 

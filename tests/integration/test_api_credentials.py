@@ -391,11 +391,12 @@ def test_credentials_file_others_may_read_is_refused_at_start(launcher: Launcher
     assert "chmod 600" in done.stderr
 
 
-def kvmeter_credentials(config: Path, *args: str) -> str:
+def kvmeter_credentials(config: Path, *args: str, warns: str = "") -> str:
     done = subprocess.run(
         [*KVMETER, "credentials", *args, "--config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+    assert warns in done.stderr
     return done.stdout
 
 
@@ -405,8 +406,12 @@ def test_minted_credentials_scoped_and_revoked_without_restart(launcher: Launche
     command = launcher(f'listen = "0.0.0.0:{port}"')
     operator = json.loads(kvmeter_credentials(command.config, "create", "--name", "ops", "--operator",
                                               "--kind", "token", "--format", "json"))  # fmt: skip
+    store_file = command.workdir / "usage.db"
+    store_file.chmod(0o644)  # a key pair's secret is kept as it is: creating one says who may read it
+    readable = f"{store_file} (mode 0644)"
     tenant = json.loads(kvmeter_credentials(command.config, "create", "--name", "acme", "--account", ACCT_A,
-                                            "--format", "json"))  # fmt: skip
+                                            "--format", "json", warns=readable))  # fmt: skip
+    store_file.chmod(0o600)
     domain = json.loads(kvmeter_credentials(command.config, "create", "--name", "domain 1", "--domain",
                                             DOMAIN_1, "--kind", "token", "--format", "json"))  # fmt: skip
     domain_2 = json.loads(kvmeter_credentials(command.config, "create", "--name", "domain 2", "--domain",
