@@ -12,10 +12,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
-from typing import Any
+from typing import Any, NamedTuple
 from xml.sax.saxutils import escape
 
 from kvmeter.collector.model import (
@@ -69,16 +69,19 @@ class Instance:
     tags: tuple[tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class RecordFacts:
-    """One usage record with what is known of its owner and resource."""
+NO_OWNER, NO_INSTANCE = Owner(), Instance()
+
+
+class RecordFacts(NamedTuple):
+    """One usage record with what is known of its owner and resource (a NamedTuple: one is
+    built per record of every page)."""
 
     key: UsageKey
     quantity: int
     resource_name: str = ""
     device_type: str = ""
-    owner: Owner = field(default_factory=Owner)
-    instance: Instance = field(default_factory=Instance)
+    owner: Owner = NO_OWNER
+    instance: Instance = NO_INSTANCE
 
 
 @lru_cache(maxsize=4096)  # a page shares few windows: each date is formatted once

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from kvmeter.collector.cloudstack_render import Instance, Owner
+from kvmeter.collector.cloudstack_render import NO_INSTANCE, NO_OWNER, Instance, Owner
 
 _UNKNOWN = frozenset({"", "unknown", "null", "none"})
 _TAG = re.compile(r"tag(?:\[(\d+)\])?\.(key|value)")  # tag[i].key, or tag.key when alone
@@ -70,10 +70,10 @@ class OwnerDirectory:
         return cls(owners, instances)
 
     def owner(self, account: str) -> Owner:
-        return self.owners.get(account, Owner())
+        return self.owners.get(account, NO_OWNER)
 
     def instance(self, resource: str) -> Instance:
-        return self.instances.get(resource.lower(), Instance())
+        return self.instances.get(resource.lower(), NO_INSTANCE)
 
     def accounts_named(self, name: str, domain_id: str | None = None) -> frozenset[str]:
         return frozenset(

@@ -107,7 +107,7 @@ def page_usage(
         .order_by(page.c.window_start_ms, page.c.id)
     )
     rows, last_id = [], 0
-    for r in conn.execute(query):
+    for r in conn.execute(query).all():  # one fetch, not a cursor call per row
         recorded, extra = int(r[7]), int(r[8])
         key = UsageKey(*r[:7])
         rows.append(UsageRow(key, recorded + extra, recorded, extra, bool(r[9]), r[10], r[11], int(r[12])))
