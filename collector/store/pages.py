@@ -2,7 +2,7 @@
 total count. For listUsageRecords (offset paging, CloudStack's page/pagesize) and /v1/usage
 (cursor paging: `after` the last row of the previous page).
 
-Order: (window_start_ms, id), an index walk on both databases (migration 7), so a page from a
+Order: (window_start_ms, id), an index walk on both databases (migrations 7, 9), so a page from a
 cursor costs its own rows however large the store is. Net quantities (record + adjustments) are
 summed for the page's rows only. UsagePager keeps offset paging and the total count cheap for
 clients that page in order, as CloudStack clients do (see there).
