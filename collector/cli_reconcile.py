@@ -4,20 +4,15 @@ and `kvmeter corrections` (what reconciliation changed, with source and reason).
 from __future__ import annotations
 
 import json
-import time
 
 import click
 
 from kvmeter.collector import report
-from kvmeter.collector.cli import _load_config, _open_store
+from kvmeter.collector.cli import _load_config, _open_store, _wall_ms
 from kvmeter.collector.cs_snapshot import SnapshotError
 from kvmeter.collector.reconcile import Correction, Findings
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import reconciliation
-
-
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _line(c: Correction) -> str:
