@@ -61,7 +61,6 @@ class RabbitInput:
         self._backoff = BACKOFF_FIRST_S
         self._backlog: int | None = None  # messages in the queue at connect (classic) / stream end
         self._read = 0
-        self.connected_since: float | None = None
         self.down_since: float | None = self.monotonic()  # until the first connect
         self.last_error = ""
 
@@ -71,6 +70,7 @@ class RabbitInput:
 
     def _connect(self) -> bool:
         """Connect, declare, bind and consume; on failure schedule the next try (backoff)."""
+        connection: pika.BlockingConnection | None = None
         try:
             connection = pika.BlockingConnection(pika.URLParameters(self.cfg.url))
             channel = connection.channel()
@@ -87,6 +87,7 @@ class RabbitInput:
                 arguments={"x-stream-offset": "first"} if self.stream else None,
             )
         except (AMQPError, OSError) as exc:
+            _close(connection)  # e.g. the queue exists with other arguments: no connection left behind
             self.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self._retry_at = self.monotonic() + self._backoff
             log.warning("RabbitMQ %s: %s; next try in %.1fs", self._where(), self.last_error, self._backoff)
@@ -97,7 +98,6 @@ class RabbitInput:
         self._backlog = None if self.stream else declared.method.message_count
         self._read = 0
         self._backoff = BACKOFF_FIRST_S
-        self.connected_since = self.monotonic()
         self.down_since = None
         self.last_error = ""
         log.info("RabbitMQ %s: queue %s (%s) bound to %s", self._where(), self.cfg.queue,
@@ -117,14 +117,9 @@ class RabbitInput:
     def _drop(self) -> None:
         connection, self.connection, self.channel = self.connection, None, None
         self._received = []
-        self.connected_since = None
         if self.down_since is None:
             self.down_since = self.monotonic()
-        if connection is not None and connection.is_open:
-            try:
-                connection.close()
-            except (AMQPError, OSError):
-                pass
+        _close(connection)
 
     # -- deliveries ---------------------------------------------------------------------------
     def _on_message(
@@ -204,3 +199,11 @@ class RabbitInput:
 
     def close(self) -> None:
         self._drop()
+
+
+def _close(connection: pika.BlockingConnection | None) -> None:
+    if connection is not None and connection.is_open:
+        try:
+            connection.close()
+        except (AMQPError, OSError):
+            pass

@@ -312,3 +312,19 @@ def test_an_unreachable_broker_is_retried_with_backoff_and_reported_degraded() -
     now[0] += 61
     assert rabbit.status()["degraded"] == "RabbitMQ unreachable for 62 s: AMQPConnectionError"
     rabbit.close()
+
+
+def test_a_queue_declared_otherwise_is_a_clear_error_and_leaves_no_connection(rabbitmq_node: Node) -> None:
+    cfg = names()
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_node.url))
+    connection.channel().queue_declare(cfg.queue, durable=True)  # a classic queue of that name
+    connection.close()
+    rabbit = RabbitInput(RabbitConfig(rabbitmq_node.url, cfg.exchange, cfg.queue, queue_type="stream"))
+    rabbit.start()
+    assert rabbit.connection is None
+    assert "PRECONDITION_FAILED" in rabbit.last_error
+    assert "x-queue-type" in rabbit.last_error
+    wait_for(
+        lambda: rabbitmq_node.ctl("list_connections", "-q", "name").strip() == "", 30, "no connection left"
+    )
+    rabbit.close()
