@@ -69,7 +69,6 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     from kvmeter.collector.api_auth import NoCredentials
     from kvmeter.collector.feed import Feeder
     from kvmeter.collector.input_kafka import KafkaInput
-    from kvmeter.collector.input_rabbitmq import RabbitInput
     from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
     from kvmeter.collector.input_webhook import WebhookInput
     from kvmeter.collector.inputs import Input
@@ -95,6 +94,12 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     if webhook is not None:
         inputs.append(webhook)
     if cfg.rabbitmq.url:
+        try:  # pika only where RabbitMQ is used (packages: a Recommends)
+            from kvmeter.collector.input_rabbitmq import RabbitInput
+        except ImportError as exc:
+            store.close()
+            problem = f"{config_path}: [rabbitmq] needs pika (python3-pika): {exc}"
+            raise click.ClickException(problem) from None
         inputs.append(RabbitInput(cfg.rabbitmq))
     if cfg.kafka.bootstrap:
         inputs.append(KafkaInput(cfg.kafka, metrics))  # last: it waits for measures
