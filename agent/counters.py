@@ -8,11 +8,11 @@ the counter identity's ifindex comes from the topology's name -> ifindex map.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from kvmeter.agent.model import CounterKey, CounterSample
+from kvmeter.agent.model import CounterKey, CounterSample, DomainInfo, NicInfo
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,20 @@ def read_proc_net_dev(path: str = PROC_NET_DEV) -> bytes:
     # only add a decode and a copy of the whole table.
     with open(path, "rb", buffering=0) as f:
         return f.readall()
+
+
+class KernelTable:
+    """The counter source of every host link (agent.sources.CounterSource): the whole table in
+    one read, whatever NICs are asked for."""
+
+    def __init__(self, read_text: Callable[[], str | bytes] = read_proc_net_dev) -> None:
+        self._read_text = read_text
+
+    def claims(self, nic: NicInfo) -> bool:
+        return False  # it counts links, found by the topology, not NICs without one
+
+    def read(self, nics: Sequence[tuple[str, DomainInfo, NicInfo]] = ()) -> CounterTable:
+        return parse_counter_table(self._read_text())
 
 
 def to_sample(key: CounterKey, stats: Stats) -> CounterSample:

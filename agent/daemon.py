@@ -20,15 +20,15 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from kvmeter.agent.config import AgentConfig
 from kvmeter.agent.counters import (
     CounterTable,
+    KernelTable,
     Stats,
-    parse_counter_table,
     read_link_mac,
     read_proc_net_dev,
     to_sample,
@@ -41,10 +41,11 @@ from kvmeter.agent.measures import (
     batch_header,
     domain_inventory,
 )
-from kvmeter.agent.metered import LIBVIRT_COUNTED_NIC_TYPES, MeteredLinks
+from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.publish import Publisher
+from kvmeter.agent.sources import CounterSource, Owned, nic_sources
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.wire import SteadyEncoder, split_fields
 from kvmeter.proto import pb
@@ -130,7 +131,8 @@ class _Plan:
     domains: list[DomainInfo]
     devices: dict[str, tuple[DomainInfo, NicInfo]]  # host interface -> its domain NIC
     metered: dict[str, CounterKey]  # metered host-visible interfaces
-    libvirt_counted: list[tuple[str, DomainInfo, NicInfo]]  # NICs counted through libvirt
+    # NICs without a host link, per source that counts them (in the order sources are asked)
+    sourced: list[tuple[CounterSource, list[Owned]]]
     present: frozenset[CounterKey]  # every stable link's key
     inventory_signature: Any  # what the inventory sent with a batch is built from
     placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
@@ -177,6 +179,7 @@ class Agent:
         publisher: Publisher | None = None,
         metrics: AgentMetrics | None = None,
         read_text: Callable[[], str | bytes] = read_proc_net_dev,
+        sources: Sequence[CounterSource] | None = None,
         read_mac: Callable[[str], str | None] = read_link_mac,
         wall: Callable[[], float] = time.time,
         mono: Callable[[], float] = time.monotonic,
@@ -188,8 +191,12 @@ class Agent:
         self.publisher = publisher
         self.metrics = metrics or AgentMetrics()
         self.boot_id = boot_id
-        self._read_text = read_text
-        self._links = MeteredLinks(boot_id, read_mac)
+        self._table = KernelTable(read_text)
+        # Sources of NICs without a host link; default: libvirt's interfaceStats (vhost-user).
+        self._sources = (
+            tuple(sources) if sources is not None else nic_sources(inventory, config.libvirt_call_timeout)
+        )
+        self._links = MeteredLinks(boot_id, read_mac, self._claimed)
         self._wall = wall
         self._mono = mono
         self.stream_id = uuid.uuid4().hex
@@ -325,7 +332,7 @@ class Agent:
         or None, the deltas of a poll by rows)."""
         generation = getattr(self.topology, "generation", None)
         before = self.topology.links()
-        table = parse_counter_table(self._read_text())
+        table = self._table.read()
         after = self.topology.links()
         now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
         stable = after if after == before else {name: i for name, i in after.items() if before.get(name) == i}
@@ -337,7 +344,7 @@ class Agent:
         )
         # A steady poll (no link events, every counter known and growing) runs by columns; the
         # rest by rows, where every rule of the engine and every kind of measure applies.
-        if not events and not plan.libvirt_counted and self._steady_encoder(plan) is not None:
+        if not events and not plan.sourced and self._steady_encoder(plan) is not None:
             steady = self.engine.poll_columns(
                 now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
             )
@@ -347,8 +354,8 @@ class Agent:
         readings: list[tuple[CounterKey, Stats]] = list(
             zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
         )
-        if plan.libvirt_counted:
-            readings += self._libvirt_counted(plan.libvirt_counted, table)
+        if plan.sourced:
+            readings += self._sourced_readings(plan.sourced, table)
         self.metrics.interfaces.set(len(readings))
         deltas = self._apply_events(events, plan.devices)
         deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
@@ -407,11 +414,11 @@ class Agent:
         metered = {name: keys[name] for name in devices if name in keys}
         for name, key in metered.items():
             self._remember(key, *devices[name])
-        libvirt_counted = [
-            (name, domain, nic)
-            for name, (domain, nic) in devices.items()
-            if nic.nic_type in LIBVIRT_COUNTED_NIC_TYPES
-        ]
+        sourced: dict[int, list[Owned]] = {}
+        for name, (domain, nic) in devices.items():
+            index = self._source_of(nic)
+            if index is not None:
+                sourced.setdefault(index, []).append((name, domain, nic))
         placements = {}
         ordered = sorted(domains, key=lambda d: d.uuid)
         for domain in ordered:
@@ -427,7 +434,7 @@ class Agent:
             domains=domains,
             devices=devices,
             metered=metered,
-            libvirt_counted=libvirt_counted,
+            sourced=[(self._sources[i], sourced[i]) for i in sorted(sourced)],
             present=frozenset(keys.values()),
             inventory_signature=signature,
             placements=placements,
@@ -440,7 +447,7 @@ class Agent:
         inventory hand out the same objects until something changes), so measure templates hold."""
         if key.ifindex:
             placement = self.topology.placement(key.name)
-        else:  # counted through libvirt: no host link, classify by what libvirt says
+        else:  # counted without a host link (agent.sources): classify by what libvirt says
             traffic = self.config.traffic.classify(nic.bridge, nic.vlan_tag, None)
             placement = LinkPlacement(bridge=nic.bridge, vlan_id=nic.vlan_tag, traffic_type=traffic)
         known = self._attribution.get(key)
@@ -452,26 +459,35 @@ class Agent:
         ):
             self._attribution[key] = Attribution(domain, nic, placement)
 
-    def _libvirt_counted(
-        self, nics: list[tuple[str, DomainInfo, NicInfo]], table: CounterTable
+    def _source_of(self, nic: NicInfo) -> int | None:
+        """The index of the first source that claims the NIC, None for none."""
+        for index, source in enumerate(self._sources):
+            if source.claims(nic):
+                return index
+        return None
+
+    def _claimed(self, nic: NicInfo) -> bool:
+        return self._source_of(nic) is not None
+
+    def _sourced_readings(
+        self, sourced: list[tuple[CounterSource, list[Owned]]], table: CounterTable
     ) -> list[tuple[CounterKey, Stats]]:
-        """NICs the host cannot see (vhost-user): libvirt's interfaceStats, with a timeout."""
+        """NICs the host cannot see, each from its source; one the kernel's table holds after
+        all is counted there."""
         readings = []
         host_visible = set(table.names)
-        for name, domain, nic in nics:
-            if name in host_visible:
+        for source, nics in sourced:
+            wanted = {name: (domain, nic) for name, domain, nic in nics if name not in host_visible}
+            if not wanted:
                 continue
-            stats = self.inventory.interface_stats(
-                domain.uuid, name, timeout=self.config.libvirt_call_timeout
-            )
-            if stats is None:
-                continue
-            key = CounterKey(self.boot_id, 0, name)  # no kernel ifindex: identity by name per boot
-            # libvirt reports these from the guest's side already; the engine and the measure
-            # builder work host-side, so turn them back (the builder swaps them again).
-            rx_bytes, rx_packets, tx_bytes, tx_packets = stats
-            readings.append((key, (tx_bytes, tx_packets, rx_bytes, rx_packets)))
-            self._remember(key, domain, nic)
+            got = source.read([(name, domain, nic) for name, (domain, nic) in wanted.items()])
+            for name, stats in got.as_dict().items():
+                owner = wanted.get(name)
+                if owner is None:
+                    continue
+                key = CounterKey(self.boot_id, 0, name)  # no kernel ifindex: identity by name per boot
+                readings.append((key, stats))
+                self._remember(key, *owner)
         return readings
 
     def _forget_closed(self, plan: _Plan) -> None:

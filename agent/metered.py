@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 from kvmeter.agent.counters import read_link_mac
+from kvmeter.agent.libvirt_counters import libvirt_counted
 from kvmeter.agent.measures import UNSWAPPED_NIC_TYPES
 from kvmeter.agent.model import CounterKey, DomainInfo, NicInfo
 
-# NIC types whose host side has no kernel interface in this namespace: counters come from libvirt.
-LIBVIRT_COUNTED_NIC_TYPES = frozenset({"vhostuser"})
 # Domains without host interfaces: their NICs are not looked for among the links.
 INACTIVE_STATES = frozenset({"shutoff", "gone"})
 
@@ -31,21 +30,28 @@ class MeteredLinks:
     """Resolves domain NICs to host links and hands out stable CounterKeys (same objects from
     poll to poll: cheap to hash and compare, and measure templates can be kept per key)."""
 
-    def __init__(self, boot_id: str, read_mac: Callable[[str], str | None] = read_link_mac) -> None:
+    def __init__(
+        self,
+        boot_id: str,
+        read_mac: Callable[[str], str | None] = read_link_mac,
+        without_link: Callable[[NicInfo], bool] = libvirt_counted,
+    ) -> None:
         self.boot_id = boot_id
         self._read_mac = read_mac
+        self._without_link = without_link  # NICs another counter source counts (agent.sources)
         self._macs: dict[tuple[str, int], str | None] = {}
         self._keys: dict[tuple[str, int], CounterKey] = {}
 
     def resolve(self, domains: Iterable[DomainInfo], links: Mapping[str, int]) -> dict[str, Owner]:
-        """Host interface name -> (domain, NIC). libvirt-counted NICs keep their target dev name."""
+        """Host interface name -> (domain, NIC). NICs counted without a host link keep their
+        target dev name."""
         devices: dict[str, Owner] = {}
         unresolved: list[Owner] = []
         for domain in domains:
             for nic in domain.nics:
                 if nic.device and nic.device in links and nic.device not in devices:
                     devices[nic.device] = (domain, nic)
-                elif nic.nic_type not in LIBVIRT_COUNTED_NIC_TYPES:
+                elif not self._without_link(nic):
                     if domain.state not in INACTIVE_STATES:
                         unresolved.append((domain, nic))
                 elif nic.device:

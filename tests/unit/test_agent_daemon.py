@@ -3,13 +3,14 @@ steady polls, a VM reboot (tap deleted and recreated), a crash and restart, and 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kvmeter.agent.config import validate
+from kvmeter.agent.counters import CounterTable
 from kvmeter.agent.daemon import Agent
 from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.spool import Spool
@@ -262,6 +263,49 @@ def test_vhost_user_nic_is_counted_through_libvirt_from_the_guest_side(host: Hos
     agent.close()
     got = {m.direction: m.bytes for m in batch.measures if m.mac == vhu.mac}
     assert got == {pb.VM_RX: 1000, pb.VM_TX: 300}
+
+
+class VfCounters:
+    """A counter source beside the kernel's table and libvirt (as an SR-IOV VF's would be):
+    host-side counters per VF, scripted."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, tuple[int, int, int, int]] = {}
+        self.asked: list[list[str]] = []
+
+    def claims(self, nic: NicInfo) -> bool:
+        return nic.nic_type == "hostdev"
+
+    def read(self, nics: Sequence[tuple[str, DomainInfo, NicInfo]]) -> CounterTable:
+        self.asked.append([name for name, _, _ in nics])
+        names = [name for name, _, _ in nics if name in self.counters]
+        rows = [self.counters[name] for name in names]
+        return CounterTable(names, *([row[i] for row in rows] for i in range(4)))
+
+
+def test_a_third_counter_source_plugs_in_without_a_daemon_branch(host: Host, tmp_path: Path) -> None:
+    vf = NicInfo(mac="02:00:00:00:00:0a", device="vf-3", nic_type="hostdev", bridge="cloudbr0")
+    vhu = NicInfo(mac="02:00:00:00:00:09", device="vhu-9", nic_type="vhostuser")
+    dom = DomainInfo(uuid="u-9", name="i-2-19-VM", state="running", kind="user_vm", nics=(vf, vhu))
+    inventory = FakeInventory((DOMAIN, dom))
+    source = VfCounters()
+    source.counters["vf-3"] = (10, 1, 20, 2)
+    clock = Clock()
+    agent = make_agent(host, tmp_path, clock, inventory, sources=[source])
+    agent.poll_once()
+    source.counters["vf-3"] = (510, 4, 2020, 9)  # the host side received 500 and sent 2000
+    host.traffic("vnet0", 7, 11)
+    clock.t += 1
+    batch = agent.poll_once()
+    agent.close()
+    got = {(m.device, m.direction): m.bytes for m in batch.measures}
+    assert got == {
+        ("vf-3", pb.VM_TX): 500,
+        ("vf-3", pb.VM_RX): 2000,
+        ("vnet0", pb.VM_TX): 7,
+        ("vnet0", pb.VM_RX): 11,
+    }  # vhu-9: no source claims it among the ones given, so it is not metered
+    assert source.asked == [["vf-3"], ["vf-3"]]
 
 
 def test_nic_whose_target_dev_is_not_a_link_is_matched_by_tap_mac(host: Host, tmp_path: Path) -> None:
