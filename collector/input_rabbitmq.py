@@ -34,7 +34,7 @@ from pika.spec import Basic, BasicProperties
 
 from kvmeter.collector.config import RabbitConfig
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
-from kvmeter.collector.service import Record
+from kvmeter.collector.model import Record
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
-from kvmeter.collector.service import Record
+from kvmeter.collector.model import Record
 
 log = logging.getLogger(__name__)
 

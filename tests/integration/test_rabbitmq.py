@@ -20,7 +20,8 @@ from kvmeter.collector.config import RabbitConfig
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_rabbitmq import RabbitInput, resource_key
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.service import Collector, Record, Settings
+from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.collector_support import (
