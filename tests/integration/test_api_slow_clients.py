@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import http.client
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from kvmeter.collector.api import ApiServer, create_app
 from kvmeter.collector.store import Store
+from tests.api_support import running
 
 
 @pytest.fixture
@@ -22,17 +22,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     store.migrate()
     yield store
     store.close()
-
-
-@contextlib.contextmanager
-def running(server: ApiServer) -> Iterator[int]:
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        yield server.port
-    finally:
-        server.close()
-        thread.join(10)
 
 
 @contextlib.contextmanager
@@ -63,15 +52,17 @@ def health(port: int, timeout: float = 10) -> tuple[int, float]:
 
 
 def test_200_half_open_connections_do_not_keep_a_request_waiting(store: Store) -> None:
-    with running(ApiServer(create_app(store), "127.0.0.1", 0)) as port, half_open(port, 200):
-        status, took = health(port)
+    server = ApiServer(create_app(store), "127.0.0.1", 0)
+    with running(server), half_open(server.port, 200):
+        status, took = health(server.port)
         assert status == 200
         assert took < 3, f"a request behind 200 idle connections took {took:.1f}s"
 
 
 def test_idle_connections_past_the_limit_are_closed_and_free_their_slots(store: Store) -> None:
     server = ApiServer(create_app(store), "127.0.0.1", 0, max_connections=20, idle_timeout_s=2)
-    with running(server) as port, half_open(port, 20) as socks:
+    port = server.port
+    with running(server), half_open(port, 20) as socks:
         began = time.monotonic()
         for sock in socks:  # the server hangs up on every idle one
             sock.settimeout(15)
