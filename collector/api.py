@@ -28,6 +28,7 @@ from kvmeter.collector import api_cloudstack, api_corrections, api_errors, api_u
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
+from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.metrics import Metrics
@@ -54,7 +55,7 @@ def create_app(
     registry = metrics.registry if metrics is not None else None
     if auth is None:
         auth = authenticator(store, CredentialSource(operator_credentials(token, cloudstack_keys)))
-    api_errors.install(app)
+    api_errors.install(app, {WEBHOOK_PATH: WEBHOOK_MAX_BODY_BYTES})
 
     @app.before_request
     def _auth() -> Any:
@@ -114,7 +115,10 @@ def create_app(
 CONNECTION_LIMIT = 1000
 IDLE_TIMEOUT_S = 15  # a connection that sends nothing for this long is closed
 MAX_HEADER_BYTES = 64 * 1024
-MAX_BODY_BYTES = 1024 * 1024  # waitress's own limit, past the app's (api_errors: a JSON 413)
+# Webhook deliveries are whole events: room for one past the default event limit, which the
+# webhook input dead-letters with its bytes rather than the HTTP layer refusing it.
+WEBHOOK_MAX_BODY_BYTES = 2 * DEFAULT_MAX_EVENT_BYTES
+MAX_BODY_BYTES = WEBHOOK_MAX_BODY_BYTES + 64 * 1024  # waitress's own, past the app's (a JSON 413)
 
 
 def connection_limit(wanted: int = CONNECTION_LIMIT) -> int:

@@ -8,6 +8,7 @@ anything unexpected (logged with its traceback, 500 / CloudStack's 530, no detai
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.datastructures import MultiDict
@@ -77,15 +78,18 @@ def _for_path(status: int, message: str, *, cloudstack_code: int | None = None) 
     return cloudstack_error(name, cloudstack_code or status, message)
 
 
-def install(app: Flask) -> None:
-    """Error handlers and the request-body limit (before any other request hook and route)."""
+def install(app: Flask, body_limits: Mapping[str, int] | None = None) -> None:
+    """Error handlers and the request-body limit (before any other request hook and route):
+    MAX_BODY_BYTES, or body_limits' for its paths (a path that takes whole events)."""
+    body_limits = dict(body_limits or {})
     # No redirects (an HTML body from Werkzeug's routing) for // in a path: a JSON 404 instead.
     app.url_map.merge_slashes = False
 
     @app.before_request
     def _body_limit() -> None:
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            raise RequestEntityTooLarge(f"request bodies are limited to {MAX_BODY_BYTES} bytes")
+        limit = body_limits.get(request.path, MAX_BODY_BYTES)
+        if (request.content_length or 0) > limit:
+            raise RequestEntityTooLarge(f"request bodies are limited to {limit} bytes")
 
     @app.after_request
     def _options(response: Response) -> Response:

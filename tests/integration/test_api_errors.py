@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmeter.collector.api import serve
+from kvmeter.collector.api import WEBHOOK_MAX_BODY_BYTES, ApiServer, create_app, serve
 from kvmeter.collector.api_errors import MAX_BODY_BYTES
+from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
+from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
+from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.store import Store
+from tests.api_support import running
 
 
 def call(port: int, method: str, path: str, body: bytes | None = None) -> tuple[int, str, dict, str]:
@@ -109,3 +113,19 @@ def test_an_unexpected_failure_is_logged_and_a_json_500(
     )
     assert status == 530
     assert json.loads(body)["listusagerecordsresponse"]["errorcode"] == 530
+
+
+def test_webhook_deliveries_may_carry_a_whole_event(tmp_path: Path) -> None:
+    """The webhook path takes bodies up to twice the default event limit (an oversized event is
+    the webhook input's to dead-letter), every other path 64 KiB; past that, a JSON 413."""
+    store = Store(f"sqlite:///{tmp_path}/usage.db")
+    store.migrate()
+    app = create_app(store, webhook=WebhookInput("webhook-secret"))
+    with running(ApiServer(app, "127.0.0.1", 0)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        status, ctype, _, body = call(port, "POST", WEBHOOK_PATH, b"x" * (DEFAULT_MAX_EVENT_BYTES + 1))
+        assert status == 401, body  # read whole, then refused for its missing signature
+        status, ctype, _, body = call(port, "POST", WEBHOOK_PATH, b"x" * (WEBHOOK_MAX_BODY_BYTES + 1))
+        assert status == 413
+        assert ctype.startswith("application/json")
+    store.close()
