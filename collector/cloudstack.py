@@ -3,6 +3,7 @@
     parse_event(value: bytes, key: bytes | None = None, max_bytes: int = 1 MiB) -> pb.LifecycleEvent
     parse_time(text: str) -> int     # "yyyy-MM-dd HH:mm:ss Z" (any offset) -> ms since epoch, UTC
     event_id(value: bytes) -> str    # stable digest of the raw value
+    key_to_keep(key, ev) / kept_key(kept, resource_uuid)   # the record key stored, and back
 
 The record carries no category, so it is classified by the keys present (reference §1.6):
   old-state / new-state            -> RESOURCE_STATE
@@ -78,6 +79,21 @@ _CONSUMED = frozenset(
 def event_id(value: bytes) -> str:
     """A stable digest of the raw value: identical duplicates get identical ids."""
     return hashlib.sha256(value).hexdigest()
+
+
+def key_to_keep(key: bytes | None, ev: pb.LifecycleEvent) -> bytes | None:
+    """What of a record's key must be stored to parse its value again to the same event: None
+    when the key is absent or is the resource uuid (what the event bus keys by)."""
+    if not key or key.decode("utf-8", "replace") == ev.resource_uuid:
+        return None
+    return key
+
+
+def kept_key(kept: bytes | None, resource_uuid: str) -> bytes | None:
+    """The key to parse a stored value with, from what key_to_keep kept."""
+    if kept is not None:
+        return kept
+    return resource_uuid.encode() if resource_uuid else None
 
 
 def parse_time(text: str) -> int:

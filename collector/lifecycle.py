@@ -3,6 +3,7 @@
     build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHistory]
     build_resource_history(resource_uuid: str, events: Iterable[pb.LifecycleEvent]) -> ResourceHistory
     event_order(event: pb.LifecycleEvent) -> tuple   # the sort key (ties at one time: see Order)
+    as_read(event: pb.LifecycleEvent) -> pb.LifecycleEvent  # the part of an event it reads
 
 Pure and total: history is rebuilt from all events of a resource, so a late event corrects the
 past and any permutation (and duplication) of the same events gives the same history.
@@ -61,7 +62,7 @@ from dataclasses import dataclass
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
 from kvmeter.proto import pb
 
-__all__ = ["ResourceHistory", "Segment", "build_history", "build_resource_history", "event_order"]
+__all__ = ["ResourceHistory", "Segment", "as_read", "build_history", "build_resource_history", "event_order"]
 
 # The largest clock difference between management servers taken for skew: one source's events
 # inverted by more than this are a reordering, and their stamps decide.
@@ -73,6 +74,7 @@ STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutd
 _VM_TYPES = frozenset({"", "VirtualMachine", "DomainRouter", "ConsoleProxy", "SecondaryStorageVm"})
 _NIC_MAC = re.compile(r"^nic\.\d+\.mac$")
 _NIC_IP = re.compile(r"^nic\.\d+\.ip$")
+_READ_ATTRIBUTES = re.compile(r"^(old-state|new-state|nic\.\d+\.(mac|ip))$")  # all it reads
 
 # Effect rank, the tie-break among events of one time that would all change the state:
 # closers (0) before splitters (1) before openers (2).
@@ -98,6 +100,20 @@ def event_order(event: pb.LifecycleEvent) -> tuple[int, int, int, str]:
     else:
         rank = _USAGE_RANK.get(event.event_type, 3)
     return (event.time, rank, _CATEGORY_RANK.get(event.category, 4), event.event_id)
+
+
+def as_read(event: pb.LifecycleEvent) -> pb.LifecycleEvent:
+    """The event as this machine reads it: every field, and of the attributes (the payload's
+    other keys, for audit) only those it reads. The store keeps this beside the raw payload
+    rather than a second copy of the whole of it."""
+    kept = {k: v for k, v in event.attributes.items() if _READ_ATTRIBUTES.match(k)}
+    if len(kept) == len(event.attributes):
+        return event
+    slim = pb.LifecycleEvent()
+    slim.CopyFrom(event)
+    slim.attributes.clear()
+    slim.attributes.update(kept)
+    return slim
 
 
 def build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHistory]:

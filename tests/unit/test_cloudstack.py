@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmeter.collector import errors
-from kvmeter.collector.cloudstack import parse_event, parse_time
+from kvmeter.collector.cloudstack import kept_key, key_to_keep, parse_event, parse_time
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.lifecycle import build_history
 from kvmeter.collector.model import OwnerChange, Segment
@@ -231,3 +231,17 @@ def test_bus_records_to_history() -> None:
     assert history.allocated == []  # its VM.CREATE was never seen
     assert history.macs == ["02:00:3a:7b:00:01", "02:00:3a:7b:00:02"]
     assert len(history.applied) == 2  # the usage START and the power-off; the DESTROY found nothing open
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in DATA.glob("*.json")))
+@pytest.mark.parametrize("key", [None, b"", "resource", b"other-key", b"\xff\xfe"])
+def test_the_key_kept_parses_the_value_to_the_same_event(name: str, key: bytes | str | None) -> None:
+    value, own = record(name)
+    given = own if key == "resource" else key
+    assert not isinstance(given, str)
+    ev = parse_event(value, given)
+    kept = key_to_keep(given, ev)
+    assert kept is None or kept == given
+    assert parse_event(value, kept_key(kept, ev.resource_uuid)) == ev
+    if given == own and own:  # the bus keys by resource uuid: nothing to keep
+        assert kept is None

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmeter.collector.lifecycle import build_history, build_resource_history
+from kvmeter.collector.lifecycle import as_read, build_history, build_resource_history
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
 from kvmeter.proto import pb
 from tests.unit.cs_events import ADMIN, T0, VM, A, B, H, action, finish, state, usage, vm_events
@@ -229,3 +229,23 @@ def test_a_late_event_gives_what_in_order_arrival_gives(
     everything = events + extra
     by_time = sorted(everything, key=lambda e: e.time)
     assert build_history(everything) == build_history(by_time)
+
+
+@given(events=vm_events())
+def test_an_event_as_read_gives_the_same_history(events: list[pb.LifecycleEvent]) -> None:
+    for ev in events:  # audit keys the store does not keep beside the raw payload
+        ev.attributes["description"], ev.attributes["user"] = "Successfully completed", "u-1"
+        ev.attributes["nic.0.network"] = "net-1"
+    slim = [as_read(ev) for ev in events]
+    assert build_history(slim) == build_history(events)
+    assert all(set(ev.attributes) <= {"old-state", "new-state"} for ev in slim)
+    assert all(ev.event_id == s.event_id and ev.time == s.time for ev, s in zip(events, slim, strict=True))
+
+
+def test_as_read_keeps_what_the_machine_reads() -> None:
+    job = action("VM.START", 0)
+    job.attributes.update({"nic.1.mac": "02:00:00:00:00:02", "nic.1.ip": "192.0.2.9", "description": "x"})
+    slim = as_read(job)
+    assert dict(slim.attributes) == {"nic.1.mac": "02:00:00:00:00:02", "nic.1.ip": "192.0.2.9"}
+    assert "description" in job.attributes  # the event itself is left alone
+    assert build_history([slim])[VM].macs == build_history([job])[VM].macs == ["02:00:00:00:00:02"]
