@@ -6,10 +6,13 @@ epoch (UTC): no timezone or datetime type differences between the two databases.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+
+from kvmeter.proto import pb
 
 metadata = sa.MetaData()
 
@@ -90,6 +93,11 @@ stream_gaps = sa.Table(
     sa.Column("last_seq", sa.BigInteger, nullable=False),
 )
 
+# Each event's payload is kept once: `raw`, the value as received, with `record_key`, the record's
+# key where it is not the resource uuid (cloudstack.key_to_keep), parses again to the same event
+# (a rebuild under newer code). `normalized` is the part of the event the state machine reads
+# (lifecycle.as_read: its fields, not the payload's other keys), what histories are built from
+# (migration 11).
 lifecycle_events = sa.Table(
     "lifecycle_events",
     metadata,
@@ -100,6 +108,7 @@ lifecycle_events = sa.Table(
     sa.Column("raw", sa.LargeBinary, nullable=False),
     sa.Column("normalized", sa.LargeBinary, nullable=False),
     sa.Column("received_ms", sa.BigInteger, nullable=False),
+    sa.Column("record_key", sa.LargeBinary, nullable=True),
 )
 
 
@@ -330,7 +339,62 @@ def _migration_10(conn: Connection) -> None:
     api_credentials.create(conn, checkfirst=True)
 
 
+def _add_missing_columns(conn: Connection, table: sa.Table, names: tuple[str, ...]) -> None:
+    """ALTER TABLE ... ADD COLUMN for each of `names` the table lacks (migration 1 creates tables
+    from today's definitions, which have them already)."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+    for name in names:
+        if name in have:
+            continue
+        column = table.c[name]
+        ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} {column.type.compile(dialect=conn.dialect)}"
+        if column.server_default is not None:
+            ddl += f" NOT NULL DEFAULT {column.server_default.arg}"  # type: ignore[attr-defined]
+        conn.execute(sa.text(ddl))
+
+
+# The attributes the state machine read when migration 11 was written (lifecycle.as_read): frozen
+# here, since a released migration never changes.
+_V11_READ_ATTRIBUTES = re.compile(r"^(old-state|new-state|nic\.\d+\.(mac|ip))$")
+_V11_PAGE = 2000
+
+
+def _migration_11(conn: Connection) -> None:
+    """Events stored before kept the whole payload twice (raw, and every other key again in the
+    normalized event's attributes): keep the normalized part the state machine reads, and move
+    a differing Kafka key (the `kafka_key` attribute) to record_key. In pages, by id."""
+    _add_missing_columns(conn, lifecycle_events, ("record_key",))
+    ev = lifecycle_events.c
+    update = (
+        sa.update(lifecycle_events)
+        .where(ev.id == sa.bindparam("row_id"))
+        .values(normalized=sa.bindparam("slim"), record_key=sa.bindparam("key"))
+    )
+    after = 0
+    while True:
+        page = conn.execute(
+            sa.select(ev.id, ev.normalized).where(ev.id > after).order_by(ev.id).limit(_V11_PAGE)
+        ).all()
+        if not page:
+            return
+        after = int(page[-1][0])
+        changed = []
+        for row in page:
+            row_id, event = row[0], pb.LifecycleEvent.FromString(bytes(row[1]))
+            kept = {k: v for k, v in event.attributes.items() if _V11_READ_ATTRIBUTES.match(k)}
+            if len(kept) == len(event.attributes):
+                continue
+            key = event.attributes.get("kafka_key")
+            event.attributes.clear()
+            event.attributes.update(kept)
+            slim = event.SerializeToString(deterministic=True)
+            changed.append({"row_id": row_id, "slim": slim, "key": key.encode() if key else None})
+        if changed:
+            conn.execute(update, changed)
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
+    (11, _migration_11),
 ]  # fmt: skip

@@ -263,11 +263,20 @@ class Collector:
                 out.dead_letters.append(DeadLetter(LIFECYCLE, rec.origin, rec.value, exc.reason, exc.message))
         # One insert order for every replica: concurrent chunks never wait on each other in a cycle.
         parsed.sort(key=lambda item: item[0].event_id)
+        read = {ev.event_id: lifecycle.as_read(ev) for ev, _ in parsed}  # kept here and in the store
         now = self.clock()
         with self.store.write() as conn:
             final_through = self.store.finalized_through(conn)
+            # The payload once (raw, and the key where it adds to it); of the event, what histories read.
             rows = [
-                (ev.event_id, ev.resource_uuid, ev.time, rec.value, ev.SerializeToString(deterministic=True))
+                (
+                    ev.event_id,
+                    ev.resource_uuid,
+                    ev.time,
+                    rec.value,
+                    read[ev.event_id].SerializeToString(deterministic=True),
+                    cloudstack.key_to_keep(rec.key, ev),
+                )
                 for ev, rec in parsed
             ]
             new = self.store.insert_events(conn, rows, now)
@@ -278,7 +287,7 @@ class Collector:
             self.store.lock_resources(conn, touched)
             built = self._recompute(conn, touched, final_through, now, out)
             self.store.dead_letter(conn, out.dead_letters, now)
-        mine = [ev for ev, _ in parsed if ev.resource_uuid]
+        mine = [read[ev.event_id] for ev, _ in parsed if ev.resource_uuid]
         self._learn([*self._stored_since(skip={ev.event_id for ev in mine}), *mine], built)
         out.add(self._unpark_for(touched))
         return out

@@ -238,9 +238,12 @@ def insert_event(
     raw: bytes,
     normalized: bytes,
     now_ms: int,
+    record_key: bytes | None = None,
 ) -> bool:
     """Store one event unless known; True when it is new."""
-    return bool(store.insert_events(conn, [(event_id, resource, time_ms, raw, normalized)], now_ms))
+    return bool(
+        store.insert_events(conn, [(event_id, resource, time_ms, raw, normalized, record_key)], now_ms)
+    )
 
 
 def events_of(store: Store, conn: Connection, resource: str) -> list[bytes]:

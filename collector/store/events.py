@@ -11,19 +11,24 @@ from sqlalchemy.engine import Connection
 from kvmeter.collector.schema import lifecycle_events
 from kvmeter.collector.store.engine import StoreCore, slices
 
-_EVENT_COLUMNS = ("event_id", "resource_uuid", "time_ms", "raw", "normalized", "received_ms")
+_EVENT_COLUMNS = ("event_id", "resource_uuid", "time_ms", "raw", "normalized", "record_key", "received_ms")
 
 
 class LifecycleEvents(StoreCore):
-    """Raw and normalized lifecycle events, the history every time-based record is built from."""
+    """Lifecycle events: the payload once as received (raw, and the record key where it is not
+    the resource uuid) and the part of the event histories read (normalized; schema.py)."""
 
     def insert_events(
-        self, conn: Connection, events: Sequence[tuple[str, str, int, bytes, bytes]], now_ms: int
+        self,
+        conn: Connection,
+        events: Sequence[tuple[str, str, int, bytes, bytes, bytes | None]],
+        now_ms: int,
     ) -> set[str]:
-        """Store events (event_id, resource, time_ms, raw, normalized) unless known, the first of
-        repeated ids; returns the ids stored now. A few statements for any number of events."""
+        """Store events (event_id, resource, time_ms, raw, normalized, record key or None) unless
+        known, the first of repeated ids; returns the ids stored now. A few statements for any
+        number of events."""
         rows: dict[str, dict[str, Any]] = {}
-        for event_id, resource, time_ms, raw, normalized in events:
+        for event_id, resource, time_ms, raw, normalized, record_key in events:
             if event_id not in rows:
                 rows[event_id] = {
                     "event_id": event_id,
@@ -31,6 +36,7 @@ class LifecycleEvents(StoreCore):
                     "time_ms": time_ms,
                     "raw": raw,
                     "normalized": normalized,
+                    "record_key": record_key,
                     "received_ms": now_ms,
                 }
         if not rows:
@@ -49,7 +55,9 @@ class LifecycleEvents(StoreCore):
             return {row[0] for row in conn.exec_driver_sql(sql, arrays)}
         new: set[str] = set()
         ev = lifecycle_events.c
-        insert = "INSERT INTO lifecycle_events (" + ", ".join(_EVENT_COLUMNS) + ") VALUES (?, ?, ?, ?, ?, ?)"
+        insert = (
+            "INSERT INTO lifecycle_events (" + ", ".join(_EVENT_COLUMNS) + ") VALUES (?, ?, ?, ?, ?, ?, ?)"
+        )
         for part in slices(list(rows)):  # writers are serialised (BEGIN IMMEDIATE): what is not there is new
             known = {row[0] for row in conn.execute(sa.select(ev.event_id).where(ev.event_id.in_(part)))}
             fresh = [tuple(rows[i][c] for c in _EVENT_COLUMNS) for i in part if i not in known]

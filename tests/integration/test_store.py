@@ -4,7 +4,6 @@ replica-safety the collector relies on (two writers, one effect)."""
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -29,21 +28,6 @@ from tests.collector_support import (
     set_time_values,
     usage_event,
 )
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/usage.db"
-    return str(request.getfixturevalue("pg_database"))
-
-
-@pytest.fixture
-def store(store_url: str):
-    s = Store(store_url)
-    s.migrate()
-    yield s
-    s.close()
 
 
 def key(usage_type: int = 4, start: int = T0, account: str = ACCT_A, resource: str = VM1) -> UsageKey:
