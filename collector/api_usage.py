@@ -19,6 +19,7 @@ from werkzeug.exceptions import Forbidden
 from kvmeter.collector import api_params, openapi, report
 from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_params import BadRequest
+from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.store import Adjustment, Store, UsageRow
 from kvmeter.collector.store.pages import UsageFilter, page_usage
 
@@ -27,11 +28,10 @@ Position = tuple[int, ...]  # where a page ends: what a cursor holds
 
 
 def register(app: Flask, store: Store) -> None:
-    document = openapi.document()
-
     @app.get("/v1/openapi.json")
     def openapi_document() -> Response:
-        return jsonify(document)
+        webhook = any(rule.rule == WEBHOOK_PATH for rule in app.url_map.iter_rules())
+        return jsonify(openapi.document(webhook=webhook))
 
     @app.get("/v1/usage")
     def usage() -> Response:

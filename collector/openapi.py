@@ -18,6 +18,7 @@ from kvmeter.collector.api_params import (
     TIME_FORMS,
     TIME_PATTERN,
 )
+from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.report import ADJUSTMENT_FIELDS, CSV_FIELDS
 
 CORRECTIONS_MAX = 10_000  # api_corrections.MAX_ROWS
@@ -142,6 +143,7 @@ SCHEMAS: dict[str, Any] = {
             "corrections": {"type": "array", "items": _ref("Correction"), "maxItems": CORRECTIONS_MAX},
         }
     ),
+    "WebhookAnswer": _object({"status": _INT, "message": _STR}),
     "Health": {
         "type": "object",
         "required": ["status"],
@@ -190,9 +192,10 @@ def _csv(fields: list[str]) -> dict[str, Any]:
     return {"schema": {"type": "string", "description": "Header line: " + ",".join(fields)}}
 
 
-def document() -> dict[str, Any]:
+def document(*, webhook: bool = False) -> dict[str, Any]:
+    """The description of the API as served: with the webhook receiver when it is configured."""
     page_params = [_PARAMS["format"], _PARAMS["limit"], _PARAMS["cursor"]]
-    return {
+    doc = {
         "openapi": "3.1.0",
         "info": {
             "title": "kvmeter collector API",
@@ -312,6 +315,41 @@ def document() -> dict[str, Any]:
             "schemas": SCHEMAS,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
+    }
+    if webhook:
+        doc["paths"][WEBHOOK_PATH] = _webhook()  # type: ignore[index]
+    return doc
+
+
+def _webhook() -> dict[str, Any]:
+    def header(name: str, description: str, *, required: bool = False) -> dict[str, Any]:
+        return {"name": name, "in": "header", "required": required, "description": description,
+                "schema": {"type": "string"}}  # fmt: skip
+
+    def answer(description: str) -> dict[str, Any]:
+        return {"description": description, "content": _json("WebhookAnswer")}
+
+    return {
+        "post": {
+            "summary": "CloudStack's webhook deliveries of events (when [webhook] is configured)",
+            "security": [{}],
+            "parameters": [
+                header(
+                    "X-CS-Signature",
+                    "Base64 HMAC-SHA256 of the body with the webhook's secret.",
+                    required=True,
+                ),
+                header("X-CS-Event-ID", "CloudStack's delivery id."),
+                header("X-CS-Event", "The event type."),
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {}}}},
+            "responses": {
+                "200": answer("Stored."),
+                "401": answer("Missing or wrong signature."),
+                "413": _ERRORS["413"],
+                "503": answer("Not stored yet or too many waiting: deliver again later (Retry-After)."),
+            },
+        }
     }
 
 

@@ -24,6 +24,7 @@ from schemathesis.specs.openapi.checks import (
 
 from kvmeter.collector import api_corrections
 from kvmeter.collector.api import ApiServer, create_app
+from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.openapi import CORRECTIONS_MAX, document
 from tests.api_support import filled_store, running
@@ -45,7 +46,7 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
     store, _ = filled_store(tmp_path_factory.mktemp("openapi"))
-    app = create_app(store, token=TOKEN, metrics=Metrics())
+    app = create_app(store, token=TOKEN, metrics=Metrics(), webhook=WebhookInput("webhook-secret"))
     with running(ApiServer(app, "127.0.0.1", 0)) as base:
         yield base, app
     store.close()
@@ -61,7 +62,7 @@ def test_the_document_names_exactly_the_routes_and_methods(api: tuple[str, objec
     base, app = api
     with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/openapi.json", headers=AUTH)) as resp:
         served = json.loads(resp.read())
-    assert served == json.loads(json.dumps(document()))
+    assert served == json.loads(json.dumps(document(webhook=True)))
     assert served["openapi"].startswith("3.")
     routes = {
         (rule.rule, method.lower())
@@ -89,7 +90,7 @@ def test_every_query_parameter_the_code_reads_is_described(api: tuple[str, objec
 def test_generated_requests_get_conforming_answers(api_schema: BaseSchema, mode: GenerationMode) -> None:
     operations = [result.ok() for result in api_schema.get_all_operations()]
     # schemathesis leaves out the document's own path; every other one is exercised.
-    assert {op.path for op in operations} == set(document()["paths"]) - {"/v1/openapi.json"}
+    assert {op.path for op in operations} == set(document(webhook=True)["paths"]) - {"/v1/openapi.json"}
     calls = 0
     for operation in operations:
         if mode is GenerationMode.NEGATIVE and not operation.definition.raw.get("parameters"):
