@@ -138,7 +138,10 @@ class _JsonErrorTask(ErrorTask):
         request: Any = self.request  # the stubs type it as the error itself
         err = request.error
         body = json.dumps({"error": f"{err.reason}: {err.body}"}).encode()
-        self.status = f"{err.code} {err.reason}"
+        # What waitress refuses is the request's fault, whatever its code: an unsupported
+        # transfer coding (501) is a 400 here, as no input gets a 5xx.
+        code, reason = (err.code, err.reason) if err.code < 500 else (400, "Bad Request")
+        self.status = f"{code} {reason}"
         self.response_headers = [*self.response_headers, ("Content-Type", "application/json")]
         self.set_close_on_finish()
         self.content_length = len(body)

@@ -171,3 +171,19 @@ def test_repeated_and_unknown_parameters(port: int) -> None:
     assert_sane(status, ctype, body, path)
     status, ctype, body = request(port, "GET", "/v1/usage?" + "&".join(f"k{i}=v" for i in range(5000)))
     assert_sane(status, ctype, body, "5000 parameters")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "GET /v1/usage HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n",  # not a length
+        "GET /v1/usage HTTP/1.1\r\nHost: x\r\nX-Big: " + "y" * 70_000 + "\r\n",  # a head over 64 KiB
+        "GET /v1/usage HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked, x\r\n",
+        "GET /v1/usage HTTP/9.9\r\nHost: x\r\n",
+    ],
+)
+def test_malformed_http_is_refused_with_a_json_body(port: int, head: str) -> None:
+    status, ctype, body = headers_only(port, head)
+    assert 400 <= status < 500, (status, body[:200])
+    assert ctype.startswith("application/json"), (status, ctype, body[:200])
+    assert json.loads(body)["error"]
