@@ -113,7 +113,7 @@ def _work(interval: float) -> tuple[Path, str, list[bytes]]:
     """A work directory with libvirt's node file (the VM) and the VM's lifecycle records."""
     from tests.harness.libvirt_node import Domain, Nic, write_node_xml
 
-    from kvmeter.pipeline.simevents import EventBus
+    from kvmeter.pipeline.sim.simevents import EventBus
 
     work = Path(tempfile.mkdtemp(prefix="kvmeter-bench-fresh-"))
     nic = Nic(mac=VethHost.mac(0), bridge=VethHost.bridge(0), dev=VethHost.tap(0))

@@ -27,7 +27,7 @@ HOUR_MS = 3_600_000
 def write_events(path: Path, vms: int, now_ms: int) -> int:
     """The event lines of `vms` VMs (six each, the first ones 6 hours before now); returns the
     number of lines."""
-    from kvmeter.pipeline.simevents import EventBus
+    from kvmeter.pipeline.sim.simevents import EventBus
 
     bus = EventBus()
     t0 = (now_ms // HOUR_MS - 6) * HOUR_MS

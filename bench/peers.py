@@ -244,9 +244,9 @@ def run_interfaces(sizes: list[int], *, quick: bool, log: Any) -> list[dict[str,
 
 def run_libvirt(n: int, *, quick: bool, log: Any) -> list[dict[str, Any]]:
     """The libvirt exporter over ``n`` interfaces of paused real domains (and the floor there)."""
-    from kvmeter.pipeline.simnet import Lab
-    from kvmeter.pipeline.vmguest import build_guest, download_kernel
-    from kvmeter.pipeline.vmhost import Guest, GuestNic, Libvirtd
+    from kvmeter.pipeline.sim.simnet import Lab
+    from kvmeter.pipeline.sim.vmguest import build_guest, download_kernel
+    from kvmeter.pipeline.sim.vmhost import Guest, GuestNic, Libvirtd
 
     build = REPO / "build" / "realvm"
     image = build_guest(build, download_kernel(build / "debs"))

@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "Mint, list and revoke the API's credentials.",
     ),
     "run": ("kvmeter.pipeline.allinone", "run", "Run agent and collector in one process (all-in-one)."),
-    "demo": ("kvmeter.pipeline.demo", "demo", "Build a small simulated cloud and meter it."),
+    "demo": ("kvmeter.pipeline.sim.demo", "demo", "Build a small simulated cloud and meter it."),
 }
 
 

@@ -43,8 +43,8 @@ from kvmeter.collector.model import (
     RUNNING_VM,
 )
 from kvmeter.collector.store import Store, reconciliation
-from kvmeter.pipeline.simevents import EventBus
-from kvmeter.pipeline.simlibvirt import Domain, Nic, write_node_xml
+from kvmeter.pipeline.sim.simevents import EventBus
+from kvmeter.pipeline.sim.simlibvirt import Domain, Nic, write_node_xml
 from tests.harness import cloudstack_api as api
 from tests.harness.kafka import create_topic
 from tests.harness.netns import Host, Lab, Vm

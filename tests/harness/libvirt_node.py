@@ -1,6 +1,6 @@
 """libvirt test-driver node XML for tests: the same writer `kvmeter demo` uses."""
 
-from kvmeter.pipeline.simlibvirt import (
+from kvmeter.pipeline.sim.simlibvirt import (
     CLOUDSTACK_HOST,
     ROUTER,
     SYSTEM_VM,

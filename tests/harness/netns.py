@@ -1,5 +1,5 @@
 """Network-namespace hosts for tests: the same simulation `kvmeter demo` uses."""
 
-from kvmeter.pipeline.simnet import COUNTERS, Host, Lab, Vm, VmNic, read_counters, sh
+from kvmeter.pipeline.sim.simnet import COUNTERS, Host, Lab, Vm, VmNic, read_counters, sh
 
 __all__ = ["COUNTERS", "Host", "Lab", "Vm", "VmNic", "read_counters", "sh"]

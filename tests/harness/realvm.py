@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmeter.pipeline.simnet import SENDER, Host, read_counters
-from kvmeter.pipeline.tapwatch import LinkWatch, TapRecord
-from kvmeter.pipeline.vmguest import GuestImage, guest_prints
-from kvmeter.pipeline.vmhost import Guest, GuestNic, Libvirtd, poweroff_command
+from kvmeter.pipeline.sim.simnet import SENDER, Host, read_counters
+from kvmeter.pipeline.sim.tapwatch import LinkWatch, TapRecord
+from kvmeter.pipeline.sim.vmguest import GuestImage, guest_prints
+from kvmeter.pipeline.sim.vmhost import Guest, GuestNic, Libvirtd, poweroff_command
 
 __all__ = ["Guest", "GuestNic", "LinkWatch", "RealHost", "TapRecord", "wait_until"]
 

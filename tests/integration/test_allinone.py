@@ -13,7 +13,7 @@ import pytest
 
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT, RUNNING_VM
 from kvmeter.collector.store import Store
-from kvmeter.pipeline.simevents import EventBus
+from kvmeter.pipeline.sim.simevents import EventBus
 from tests.harness.netns import Host, Vm
 from tests.harness.processes import AllInOneProcess
 

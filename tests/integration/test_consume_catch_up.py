@@ -21,7 +21,7 @@ from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Settings
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
-from kvmeter.pipeline.simevents import EventBus
+from kvmeter.pipeline.sim.simevents import EventBus
 from tests.harness.kafka import FAST_GROUP
 
 pytestmark = pytest.mark.broker

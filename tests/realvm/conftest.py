@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kvmeter.pipeline.simnet import Lab, ip
-from kvmeter.pipeline.vmguest import build_guest, download_kernel
-from kvmeter.pipeline.vmhost import Libvirtd
+from kvmeter.pipeline.sim.simnet import Lab, ip
+from kvmeter.pipeline.sim.vmguest import build_guest, download_kernel
+from kvmeter.pipeline.sim.vmhost import Libvirtd
 from tests.harness import kafka
 from tests.harness.realvm import GUEST_PEER, RealHost
 

@@ -31,7 +31,7 @@ import pytest
 
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT
 from kvmeter.collector.store import Store
-from kvmeter.pipeline.simlibvirt import tap_mac
+from kvmeter.pipeline.sim.simlibvirt import tap_mac
 from tests.harness.kafka import create_topic
 from tests.harness.postgres import create_database
 from tests.harness.processes import AgentProcess, CollectorProcess, wait_drained

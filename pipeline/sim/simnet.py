@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvmeter.pipeline.simlibvirt import Domain, Nic, tap_mac, write_node_xml
+from kvmeter.pipeline.sim.simlibvirt import Domain, Nic, tap_mac, write_node_xml
 
 COUNTERS = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets")
 SENDER = Path(__file__).with_name("udpsend.py")

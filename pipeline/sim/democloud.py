@@ -1,4 +1,4 @@
-"""The demo's simulated CloudStack cloud and the lifecycle it plays (see kvmeter.pipeline.demo).
+"""The demo's simulated CloudStack cloud and the lifecycle it plays (see kvmeter.pipeline.sim.demo).
 
 One KVM host with CloudStack's bridges, alice's isolated network (a user VM and its virtual
 router with guest, control and public NICs) and bob's VM on a shared public network. Without
@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Protocol
 
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT
-from kvmeter.pipeline.simevents import EventBus
-from kvmeter.pipeline.simlibvirt import Domain, Nic, write_node_xml
-from kvmeter.pipeline.simnet import Host, Lab, Vm
+from kvmeter.pipeline.sim.simevents import EventBus
+from kvmeter.pipeline.sim.simlibvirt import Domain, Nic, write_node_xml
+from kvmeter.pipeline.sim.simnet import Host, Lab, Vm
 
 ACCOUNTS = {
     "5a1ce000-0000-4000-8000-00000000a11c": "alice",
@@ -133,7 +133,7 @@ class Cloud:
 
 
 class Stage(Protocol):
-    """What the script plays on: this module's Cloud, or real guests (kvmeter.pipeline.demoreal)."""
+    """What the script plays on: this module's Cloud, or real guests (kvmeter.pipeline.sim.demoreal)."""
 
     quiet: set[str]
 

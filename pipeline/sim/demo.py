@@ -1,12 +1,12 @@
 """`kvmeter demo`: a small simulated CloudStack cloud, metered by the all-in-one pipeline.
 
-The cloud (kvmeter.pipeline.democloud): one KVM host with CloudStack's bridges, alice's VM and
+The cloud (kvmeter.pipeline.sim.democloud): one KVM host with CloudStack's bridges, alice's VM and
 virtual router, bob's VM; as root, real network namespaces carry real traffic, so the bytes billed
 can be checked against the VMs' own kernel counters. A short lifecycle plays in CloudStack's
 event-bus format: create, start, IP assign, stop (the taps vanish with their last bytes),
 upgrade, start again, IP release. The pipeline is `kvmeter run --all-in-one`, run on that host.
 With --real-vms (as root, where QEMU runs) the VMs are real QEMU guests of a real libvirtd
-(kvmeter.pipeline.demoreal) and the bytes are checked against their taps.
+(kvmeter.pipeline.sim.demoreal) and the bytes are checked against their taps.
 
 Usage windows are one minute here (an hour by default), so a one-minute run shows a few.
 """
@@ -32,8 +32,8 @@ from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT, 
 from kvmeter.collector.store import Store
 from kvmeter.collector.usage import rawusage
 from kvmeter.pipeline import allinone
-from kvmeter.pipeline.democloud import ACCOUNTS, POLL_SECONDS, SPECS, Cloud, Script
-from kvmeter.pipeline.demoreal import RealCloud
+from kvmeter.pipeline.sim.democloud import ACCOUNTS, POLL_SECONDS, SPECS, Cloud, Script
+from kvmeter.pipeline.sim.demoreal import RealCloud
 
 
 def _config(workdir: Path, uri: str, api_listen: str, metrics_port: int, token: str) -> Path:

@@ -1,5 +1,5 @@
 """The demo's cloud on real guests (`kvmeter demo --real-vms`): the same host, VMs and lifecycle
-as kvmeter.pipeline.democloud, but the VMs are QEMU guests of a real libvirtd (software
+as kvmeter.pipeline.sim.democloud, but the VMs are QEMU guests of a real libvirtd (software
 emulation) with real `vnetN` taps on the host's bridges.
 
 The guests make their own traffic (each pings its peer: alice's VM the router, the router and
@@ -17,12 +17,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT
-from kvmeter.pipeline.democloud import BOB_VM, PUBLIC_GATEWAY, ROUTER, SPECS, VmSpec
-from kvmeter.pipeline.simlibvirt import tap_mac
-from kvmeter.pipeline.simnet import SENDER, Host, Lab
-from kvmeter.pipeline.tapwatch import LinkWatch
-from kvmeter.pipeline.vmguest import build_guest, download_kernel, guest_prints
-from kvmeter.pipeline.vmhost import Guest, GuestNic, Libvirtd, poweroff_command
+from kvmeter.pipeline.sim.democloud import BOB_VM, PUBLIC_GATEWAY, ROUTER, SPECS, VmSpec
+from kvmeter.pipeline.sim.simlibvirt import tap_mac
+from kvmeter.pipeline.sim.simnet import SENDER, Host, Lab
+from kvmeter.pipeline.sim.tapwatch import LinkWatch
+from kvmeter.pipeline.sim.vmguest import build_guest, download_kernel, guest_prints
+from kvmeter.pipeline.sim.vmhost import Guest, GuestNic, Libvirtd, poweroff_command
 
 # whom each NIC pings, by guest MAC: alice's VM the router across the guest network, the router
 # and bob's VM the public gateway (the router's control NIC stays quiet: the demo bills public

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from kvmeter.pipeline.simlibvirt import CLOUDSTACK_NS
-from kvmeter.pipeline.vmguest import POWEROFF_PORT
+from kvmeter.pipeline.sim.simlibvirt import CLOUDSTACK_NS
+from kvmeter.pipeline.sim.vmguest import POWEROFF_PORT
 
 # libvirt's directories that get a private copy (bind mount target -> name under state_dir)
 PRIVATE_DIRS = {
@@ -182,7 +182,7 @@ class Libvirtd:
 
 def poweroff_command(address: str) -> list[str]:
     """Run in the guest's network: asks the guest at ``address`` to power itself off (see
-    kvmeter.pipeline.vmguest)."""
+    kvmeter.pipeline.sim.vmguest)."""
     connect = (
         "import socket, time\n"
         "for attempt in range(100):\n"
