@@ -10,7 +10,8 @@ import sqlalchemy as sa
 
 from kvmeter.collector import cloudstack, lifecycle
 from kvmeter.collector import store as store_mod
-from kvmeter.collector.service import Collector, Record, Settings
+from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, VM1, VM2, Clock, usage_event
