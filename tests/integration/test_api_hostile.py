@@ -3,6 +3,7 @@ CloudStack client asks for it), and a refusal names what it refused."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -74,13 +75,21 @@ def request(port: int, method: str, path: str, body: bytes | None = None) -> tup
 
 
 def headers_only(port: int, head: str) -> tuple[int, str, bytes]:
-    """Send a request head alone and read the answer (the server refuses before any body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(head.encode() + b"\r\n")
-        sock.shutdown(socket.SHUT_WR)
-        resp = http.client.HTTPResponse(sock)
-        resp.begin()
-        return resp.status, resp.getheader("Content-Type", ""), resp.read()
+    """Send a request head alone and read the answer (the server refuses before any body). A
+    server that answers and closes before reading all we sent may reset the connection under
+    the answer: that is the transport, not the answer, so such a try is repeated."""
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            with contextlib.suppress(OSError):  # the server may have answered and closed already
+                sock.sendall(head.encode() + b"\r\n")
+                sock.shutdown(socket.SHUT_WR)
+            resp = http.client.HTTPResponse(sock)
+            try:
+                resp.begin()
+                return resp.status, resp.getheader("Content-Type", ""), resp.read()
+            except (ConnectionResetError, http.client.RemoteDisconnected):
+                continue
+    raise AssertionError("no answer in five tries")
 
 
 def query(params: dict[str, str]) -> str:
