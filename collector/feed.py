@@ -21,7 +21,7 @@ from typing import Any
 
 from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery, Input
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.model import Outcome
+from kvmeter.collector.model import Outcome, Record
 from kvmeter.collector.service import Collector
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,21 @@ def drain(collector: Collector, source: Input) -> Outcome:
         while True:
             deliveries = source.poll(0)
             for delivery in deliveries:
-                apply = collector.apply_batches if delivery.kind == MEASURES else collector.apply_events
-                out.add(apply(delivery.records))
+                out.add(_applier(collector, delivery.kind)(delivery.records))
                 delivery.ack()
             if not deliveries and source.caught_up():
                 return out
     finally:
         source.close()
+
+
+def _applier(collector: Collector, kind: str) -> Callable[[Sequence[Record]], Outcome]:
+    """The service's path for a delivery's kind."""
+    if kind == MEASURES:
+        return collector.apply_batches
+    if kind == LIFECYCLE:
+        return collector.apply_events
+    raise ValueError(f"unknown delivery kind {kind!r}")
 
 
 class Feeder:
@@ -115,16 +123,12 @@ class Feeder:
             self._retrying("tick", self.collector.tick)
 
     def apply(self, delivery: Delivery) -> None:
-        records = delivery.records
+        apply, records = _applier(self.collector, delivery.kind), delivery.records
+        self._retrying(delivery.kind, lambda: apply(records))
         if delivery.kind == MEASURES:
-            self._retrying(MEASURES, lambda: self.collector.apply_batches(records))
             self._commits += 1
             if self._commits == self._kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        elif delivery.kind == LIFECYCLE:
-            self._retrying(LIFECYCLE, lambda: self.collector.apply_events(records))
-        else:
-            raise ValueError(f"unknown delivery kind {delivery.kind!r}")
         delivery.ack()  # only now, after the commit
 
     def _retrying(self, stage: str, work: Callable[[], Outcome]) -> None:
