@@ -91,6 +91,7 @@ _USAGE_RANK = {
 _SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE"})
 JOB_DONE = "SUCCEEDED"  # JobInfo.Status of a completed async job
 _CATEGORY_RANK = {pb.USAGE: 0, pb.RESOURCE_STATE: 1, pb.ACTION: 2, pb.ASYNC_JOB: 3}
+_STATEFUL = frozenset({pb.USAGE, pb.RESOURCE_STATE})  # the categories that change segments
 
 
 def event_order(event: pb.LifecycleEvent) -> tuple[int, int, int, str]:
@@ -337,19 +338,32 @@ def _effect_order(
             yield ordered[i]
         else:
             pending = ordered[i:j]
-            while pending:
-                ready = [k for k, ev in enumerate(pending) if not _waits(ev, pending)]
-                pick = next((k for k in ready if machine.would_change(pending[k])), ready[0])
-                yield pending.pop(pick)
+            if not any(ev.category in _STATEFUL for ev in pending):
+                yield from pending  # audit-only events (async jobs without a time): nothing to order
+            else:
+                yield from _in_effect_order(machine, pending)
         i = j
 
 
-def _waits(ev: pb.LifecycleEvent, pending: list[pb.LifecycleEvent]) -> bool:
-    """An event of its source delivered before it is still pending."""
-    return bool(ev.delivery_source) and any(
-        other.delivery_source == ev.delivery_source and other.delivery_seq < ev.delivery_seq
-        for other in pending
-    )
+def _in_effect_order(machine: _Machine, pending: list[pb.LifecycleEvent]) -> Iterator[pb.LifecycleEvent]:
+    """One order time's events: the first ready one that changes the state, else the first ready
+    one, until none changes it and none waits: then the rest in order (no-ops). An event is ready
+    when no event of its source delivered before it is pending."""
+    waiting: dict[str, list[int]] = {}  # source -> delivery places still pending, sorted
+    for ev in pending:
+        if ev.delivery_source:
+            bisect.insort(waiting.setdefault(ev.delivery_source, []), ev.delivery_seq)
+    while pending:
+        ready = [k for k, ev in enumerate(pending) if not ev.delivery_source or
+                 waiting[ev.delivery_source][0] == ev.delivery_seq]  # fmt: skip
+        pick = next((k for k in ready if machine.would_change(pending[k])), None)
+        if pick is None and len(ready) == len(pending):  # nothing left changes the state, none waits
+            yield from pending
+            return
+        ev = pending.pop(ready[0] if pick is None else pick)
+        if ev.delivery_source:
+            waiting[ev.delivery_source].remove(ev.delivery_seq)
+        yield ev
 
 
 def _collect_addresses(hist: ResourceHistory, ev: pb.LifecycleEvent) -> None:
