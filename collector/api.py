@@ -24,7 +24,7 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
-from kvmeter.collector import api_cloudstack, api_corrections, api_errors, api_usage
+from kvmeter.collector import api_cloudstack, api_corrections, api_dead_letters, api_errors, api_usage
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
@@ -32,6 +32,8 @@ from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.model import Settings
+from kvmeter.collector.redrive import Redriver
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.credentials import MintedCredentials
 
@@ -47,10 +49,12 @@ def create_app(
     status: Callable[[], dict[str, Any]] | None = None,
     auth: Authenticator | None = None,
     webhook: WebhookInput | None = None,
+    settings: Settings | None = None,
 ) -> Flask:
     """auth: who may ask (default: the operator token and {api key: secret key} given here, the
     credentials minted in the store, anyone while there is none); status: the consumer's state
-    for /health (503 while it is failing)."""
+    for /health (503 while it is failing); settings: the collector's, which dead-letter retries
+    run under (none: no retries over the API)."""
     app = Flask("kvmeter.collector", static_folder=None)  # no /static route: nothing to serve
     registry = metrics.registry if metrics is not None else None
     if auth is None:
@@ -106,6 +110,7 @@ def create_app(
     api_usage.register(app, store)
     api_cloudstack.register(app, store)
     api_corrections.register(app, store)
+    api_dead_letters.register(app, store, None if settings is None else Redriver(store, settings))
 
     return app
 
@@ -221,6 +226,7 @@ def serve(
     credentials: CredentialSource | None = None,
     status: Callable[[], dict[str, Any]] | None = None,
     webhook: WebhookInput | None = None,
+    settings: Settings | None = None,
 ) -> ApiServer:
     """Build the server; the caller runs it (in a thread next to the consumer). credentials:
     the configured ones (default: token and cloudstack_keys, operator-wide). Raises
@@ -229,5 +235,5 @@ def serve(
         credentials = CredentialSource(operator_credentials(token, cloudstack_keys))
     auth = authenticator(store, credentials, loopback=is_loopback(host))
     require_credentials(host, has_credentials=auth.has_credentials())
-    app = create_app(store, metrics=metrics, status=status, auth=auth, webhook=webhook)
+    app = create_app(store, metrics=metrics, status=status, auth=auth, webhook=webhook, settings=settings)
     return ApiServer(app, host, port)

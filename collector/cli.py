@@ -128,6 +128,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
                 metrics=metrics,
                 status=live.status,
                 webhook=webhook,
+                settings=cfg.settings,
             )
         except (NoCredentials, CredentialsError) as exc:
             store.close()

@@ -193,6 +193,7 @@ class DeadLetter:
     raw: bytes
     reason: str
     message: str
+    key: bytes | None = None  # the record's key (a lifecycle event may name its resource only there)
 
 
 @dataclass

@@ -158,6 +158,12 @@ dead_letters = sa.Table(
     sa.Column("reason", sa.String(64), nullable=False),
     sa.Column("message", sa.Text, nullable=False),
     sa.Column("created_ms", sa.BigInteger, nullable=False),
+    # Re-driving (migration 12): the record's key (a lifecycle event may name its resource only
+    # there), retries so far, the last one, and when one succeeded (the letter is kept).
+    sa.Column("record_key", sa.LargeBinary, nullable=True),
+    sa.Column("retries", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("retried_ms", sa.BigInteger, nullable=True),
+    sa.Column("resolved_ms", sa.BigInteger, nullable=True),
 )
 
 # Bytes of traffic types the operator does not bill (guest, control, ...), per key like usage:
@@ -393,8 +399,12 @@ def _migration_11(conn: Connection) -> None:
             conn.execute(update, changed)
 
 
+def _migration_12(conn: Connection) -> None:
+    _add_missing_columns(conn, dead_letters, ("record_key", "retries", "retried_ms", "resolved_ms"))
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
-    (11, _migration_11),
+    (11, _migration_11), (12, _migration_12),
 ]  # fmt: skip

@@ -149,7 +149,9 @@ class Collector:
                     out.add(self._isolating(source, [rec], apply))
                 return out
             rec = records[0]
-            letter = DeadLetter(source, rec.origin, rec.value, UNSTORABLE, str(exc.orig or exc)[:1000])
+            letter = DeadLetter(
+                source, rec.origin, rec.value, UNSTORABLE, str(exc.orig or exc)[:1000], rec.key
+            )
             with self.store.write() as conn:
                 self.store.dead_letter(conn, [letter], self.clock())
             return Outcome(dead_letters=[letter])
@@ -260,7 +262,9 @@ class Collector:
             try:
                 parsed.append((_delivered(cloudstack.parse_event(rec.value, rec.key, limit), rec), rec))
             except BadInput as exc:
-                out.dead_letters.append(DeadLetter(LIFECYCLE, rec.origin, rec.value, exc.reason, exc.message))
+                out.dead_letters.append(
+                    DeadLetter(LIFECYCLE, rec.origin, rec.value, exc.reason, exc.message, rec.key)
+                )
         # One insert order for every replica: concurrent chunks never wait on each other in a cycle.
         parsed.sort(key=lambda item: item[0].event_id)
         read = {ev.event_id: lifecycle.as_read(ev) for ev, _ in parsed}  # kept here and in the store

@@ -145,7 +145,14 @@ class AllInOne:
         from kvmeter.collector.api import serve
 
         self.credentials = CredentialSource(api.credentials, api.credentials_file)
-        self.api = serve(self.store, api.host, api.port, credentials=self.credentials, metrics=self.metrics)
+        self.api = serve(
+            self.store,
+            api.host,
+            api.port,
+            credentials=self.credentials,
+            metrics=self.metrics,
+            settings=self.cfg.collector.settings,
+        )
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
         return self.api.url
 

@@ -3,9 +3,9 @@
 SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Every time is an
 integer of milliseconds since the epoch (UTC): no timezone or datetime type differences between
 the two databases. The schema and its migrations are in collector/schema.py; this package holds
-the statements, one module per table family (engine, streams, events, usage, parking, owners)
-and the read side (reads; pages: usage a page at a time, with its count). `Store` is all of
-them in one object; the API's minted credentials (credentials) are read beside it, by
+the statements, one module per table family (engine, streams, events, usage, parking, dead
+letters, owners) and the read side (reads; pages: usage a page at a time, with its count). `Store`
+is all of them in one object; the API's minted credentials (credentials) are read beside it, by
 MintedCredentials(store), and the reconciler's tables (reconciliation: corrections,
 CloudStack's names, the agents' witness, the last pass) by functions over a connection.
 
@@ -38,6 +38,7 @@ from kvmeter.collector.schema import (
     usage_adjustments,
     usage_records,
 )
+from kvmeter.collector.store.dead_letters import LETTER_STATES, DeadLetters, StoredLetter
 from kvmeter.collector.store.engine import engine_url
 from kvmeter.collector.store.events import LifecycleEvents
 from kvmeter.collector.store.owners import OwnerHints
@@ -50,11 +51,13 @@ from kvmeter.collector.store.usage import UsageWrites
 # Tables are re-exported: tests and tools reach them through the store.
 __all__ = [
     "KEY_COLUMNS",
+    "LETTER_STATES",
     "MIGRATIONS",
     "V1_TABLES",
     "Adjustment",
     "DeadLetter",
     "Store",
+    "StoredLetter",
     "UsageFilter",
     "UsagePage",
     "UsagePager",
@@ -75,5 +78,5 @@ __all__ = [
 ]
 
 
-class Store(StreamMarks, LifecycleEvents, UsageWrites, Parking, OwnerHints, Reads, UsagePages):
+class Store(StreamMarks, LifecycleEvents, UsageWrites, Parking, DeadLetters, OwnerHints, Reads, UsagePages):
     """One store: the engine (StoreCore, the common base) and every table family's statements."""

@@ -1,9 +1,8 @@
-"""Measures held back and refused: parked (no owner yet), quarantined (implausible), and dead
-letters (input that could not be read), each kept with what is needed to act on it later."""
+"""Measures held back: parked (no owner yet) and quarantined (implausible), each kept with what
+is needed to act on it later. Dead letters (input that could not be read) are dead_letters'."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
@@ -12,8 +11,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector.model import DeadLetter, Measure
-from kvmeter.collector.schema import dead_letters, parked_measures, quarantined_measures
+from kvmeter.collector.model import Measure
+from kvmeter.collector.schema import parked_measures, quarantined_measures
 from kvmeter.collector.store.engine import StoreCore
 
 
@@ -26,7 +25,7 @@ def measure_from_json(text: str) -> Measure:
 
 
 class Parking(StoreCore):
-    """Parked and quarantined measures and dead letters: each row written once (by its key)."""
+    """Parked and quarantined measures: each row written once (by its key)."""
 
     # -- parked and quarantined measures ------------------------------------------------------
     def park(self, conn: Connection, measures: Sequence[Measure], now_ms: int) -> None:
@@ -105,25 +104,6 @@ class Parking(StoreCore):
             conn.execute(
                 sa.delete(parked_measures).where(parked_measures.c.id.in_(ids[start : start + 1000]))
             )
-
-    # -- dead letters -------------------------------------------------------------------------
-    def dead_letter(self, conn: Connection, letters: Sequence[DeadLetter], now_ms: int) -> None:
-        if not letters:
-            return
-        stmt = self._insert(dead_letters).on_conflict_do_nothing(index_elements=["digest"])
-        rows = [
-            {
-                "digest": hashlib.sha256(d.source.encode() + b"\0" + d.raw).hexdigest(),
-                "source": d.source,
-                "origin": d.origin[:256],
-                "raw": d.raw,
-                "reason": d.reason[:64],
-                "message": d.message,
-                "created_ms": now_ms,
-            }
-            for d in letters
-        ]
-        conn.execute(stmt, rows)
 
 
 def _measure_row(m: Measure) -> dict[str, Any]:

@@ -171,7 +171,9 @@ class Reads(StoreCore):
             quarantined = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(quarantined_measures.c.bytes), 0))
             ).scalar()
-            letters = conn.execute(sa.select(sa.func.count()).select_from(dead_letters)).scalar()
+            letters = conn.execute(  # open ones: a resolved letter is kept, not counted
+                sa.select(sa.func.count()).where(dead_letters.c.resolved_ms.is_(None))
+            ).scalar()
             unbilled = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.sum(unbilled_bytes.c.bytes), 0))
             ).scalar()

@@ -29,6 +29,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "credentials",
         "Mint, list and revoke the API's credentials.",
     ),
+    "dead-letters": (
+        "kvmeter.collector.cli_dead_letters",
+        "dead_letters",
+        "List, show and re-drive what the collector could not use.",
+    ),
     "run": ("kvmeter.pipeline.allinone", "run", "Run agent and collector in one process (all-in-one)."),
     "demo": ("kvmeter.pipeline.sim.demo", "demo", "Build a small simulated cloud and meter it."),
 }

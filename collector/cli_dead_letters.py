@@ -1,0 +1,174 @@
+"""`kvmeter dead-letters list|show|retry`: what the collector could not use, and re-driving it.
+
+The store comes from --db or the config's [store] url; a retry applies the letter with the
+config's settings (a collector.toml or an all-in-one's allinone.toml), so a cause fixed in the
+config (a raised [lifecycle] max_event_bytes, ...) is what the retry runs under.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from kvmeter.collector import config as config_mod
+from kvmeter.collector.redrive import FAILED, Redriver, letter_dict, retried_dict
+from kvmeter.collector.store import LETTER_STATES, Store, StoredLetter
+
+_FORMATS = click.Choice(["table", "json"])
+
+
+def _config(path: str | None) -> config_mod.CollectorConfig:
+    if path is None:
+        return config_mod.CollectorConfig()
+    try:
+        doc = config_mod.read_toml(Path(path))
+        if "agent" in doc:  # an all-in-one's file: its collector part
+            from kvmeter.pipeline import allinone
+
+            return allinone.from_dict(doc, path, base=Path(path).parent).collector
+        return config_mod.from_dict(doc, path, base=Path(path).parent)
+    except config_mod.ConfigError as exc:
+        lines = "\n  ".join(exc.problems)
+        raise click.ClickException(f"invalid configuration {path}:\n  {lines}") from None
+
+
+def _store(db_url: str | None, cfg: config_mod.CollectorConfig) -> Store:
+    url = db_url or cfg.db_url
+    try:
+        store = Store(url)
+        store.migrate()
+    except Exception as exc:
+        raise click.ClickException(f"cannot open the store {url}: {exc}") from None
+    return store
+
+
+_db = click.option("--db", "db_url", default=None, help="Store URL (default: the config's [store] url).")
+_cfg = click.option("--config", "config_path", default=None, help="collector.toml or allinone.toml.")
+_fmt = click.option("--format", "fmt", type=_FORMATS, default="table", show_default=True)
+
+
+@click.group("dead-letters")
+def dead_letters() -> None:
+    """Inputs the collector could not use: list, show and re-drive them."""
+
+
+@dead_letters.command("list")
+@_db
+@_cfg
+@click.option("--state", type=click.Choice(LETTER_STATES), default="open", show_default=True)
+@click.option("--source", type=click.Choice(["lifecycle", "measures"]), default=None)
+@click.option("--after", "after_id", type=click.IntRange(min=0), default=0, help="Only ids above this.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
+@_fmt
+def list_letters(
+    db_url: str | None,
+    config_path: str | None,
+    state: str,
+    source: str | None,
+    after_id: int,
+    limit: int,
+    fmt: str,
+) -> None:
+    """Dead letters, oldest first (without their bytes: `show` has them)."""
+    store = _store(db_url, _config(config_path))
+    try:
+        letters = store.dead_letters(state=state, source=source, after_id=after_id, limit=limit)
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps([letter_dict(letter) for letter in letters], indent=2))
+        return
+    rows = [
+        (
+            str(x.id),
+            x.state,
+            x.source,
+            x.reason,
+            str(x.size),
+            letter_dict(x)["created"],
+            str(x.retries),
+            x.origin,
+        )
+        for x in letters
+    ]
+    click.echo(_table(("id", "state", "source", "reason", "bytes", "created", "retries", "origin"), rows))
+
+
+@dead_letters.command("show")
+@click.argument("letter_id", type=click.IntRange(min=1))
+@_db
+@_cfg
+@_fmt
+def show(letter_id: int, db_url: str | None, config_path: str | None, fmt: str) -> None:
+    """One dead letter with its bytes."""
+    store = _store(db_url, _config(config_path))
+    try:
+        letter = store.dead_letter_by_id(letter_id)
+    finally:
+        store.close()
+    if letter is None:
+        raise click.ClickException(f"no dead letter {letter_id}")
+    doc = letter_dict(letter, with_raw=True)
+    if fmt == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    for name in ("id", "state", "source", "origin", "reason", "message", "size", "created", "retries",
+                 "retried", "resolved", "key"):  # fmt: skip
+        click.echo(f"{name:>9}: {'' if doc[name] is None else doc[name]}")
+    click.echo("      raw:")
+    sys.stdout.write(_shown_bytes(letter))
+
+
+@dead_letters.command("retry")
+@click.argument("letter_ids", type=click.IntRange(min=1), nargs=-1, required=True)
+@_db
+@_cfg
+@_fmt
+def retry(letter_ids: tuple[int, ...], db_url: str | None, config_path: str | None, fmt: str) -> None:
+    """Apply dead letters again through the live path, under the config's settings. A letter
+    that succeeds is marked resolved; one that fails again stays, with its new reason. Exits 1
+    when a letter is missing or still fails."""
+    cfg = _config(config_path)
+    store = _store(db_url, cfg)
+    results = []
+    try:
+        redriver = Redriver(store, cfg.settings)
+        for letter_id in letter_ids:
+            done = redriver.retry(letter_id)
+            results.append((letter_id, done))
+    finally:
+        store.close()
+    if fmt == "json":
+        docs = [{"id": i, "result": "not_found"} if d is None else retried_dict(d) for i, d in results]
+        click.echo(json.dumps(docs, indent=2))
+    else:
+        rows = [
+            (str(i), "not_found", "", "")
+            if d is None
+            else (str(i), d.result, d.letter.reason if d.result == FAILED else "", d.letter.message[:80])
+            for i, d in results
+        ]
+        click.echo(_table(("id", "result", "reason", "message"), rows))
+    if any(d is None or d.result == FAILED for _, d in results):
+        sys.exit(1)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    lines = [header, *rows]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def _shown_bytes(letter: StoredLetter, limit: int = 4096) -> str:
+    """The bytes as text when they are UTF-8, else as hex; the first `limit` of them."""
+    more = f"\n... (the first {limit} of {letter.size} bytes)\n" if letter.size > limit else "\n"
+    try:
+        return letter.raw.decode("utf-8")[:limit] + more
+    except UnicodeDecodeError:
+        return letter.raw[:limit].hex(" ", 2) + more
