@@ -38,16 +38,15 @@ def register(app: Flask, store: Store, redriver: Redriver | None) -> None:
         state = args.get("state", "open")
         if state not in LETTER_STATES:
             raise BadRequest(f"state must be one of {', '.join(LETTER_STATES)}")
-        source = args.get("source") or None
+        source = args.get("source")  # given, it names one: "" is refused, not taken for all
         if source is not None and source not in SOURCES:
             raise BadRequest(f"source must be one of {', '.join(SOURCES)}")
-        after = api_params.optional_integer(args.get("after"), "after", default=0, maximum=MAX_ID)
-        limit = api_params.optional_integer(
-            args.get("limit"), "limit", default=100, minimum=1, maximum=MAX_PAGE
-        )
-        letters = store.dead_letters(state=state, source=source, after_id=after, limit=limit)
+        after, limit = args.get("after", "0"), args.get("limit", "100")
+        after_id = api_params.integer(after, "after", maximum=MAX_ID)
+        count = api_params.integer(limit, "limit", minimum=1, maximum=MAX_PAGE)
+        letters = store.dead_letters(state=state, source=source, after_id=after_id, limit=count)
         body = {"count": len(letters), "dead_letters": [letter_dict(x) for x in letters]}
-        if len(letters) == limit:
+        if len(letters) == count:
             body["next_after"] = letters[-1].id
         return jsonify(body)
 
@@ -61,8 +60,9 @@ def register(app: Flask, store: Store, redriver: Redriver | None) -> None:
     @app.post(f"/v1/dead-letters/<int(max={MAX_ID}):letter_id>/retry")
     def retry(letter_id: int) -> Response:
         if redriver is None:
+            # a configuration of this server, not a fault: retries need the collector's settings
             return error(
-                503, "this API runs without the collector's settings: retry with `kvmeter dead-letters`"
+                409, "this API runs without the collector's settings: use `kvmeter dead-letters retry`"
             )
         done = redriver.retry(letter_id)
         if done is None:

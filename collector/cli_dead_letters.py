@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from kvmeter.collector import config as config_mod
+from kvmeter.collector.cli import _open_store
 from kvmeter.collector.redrive import FAILED, Redriver, letter_dict, retried_dict
 from kvmeter.collector.store import LETTER_STATES, Store, StoredLetter
 
@@ -37,13 +38,7 @@ def _config(path: str | None) -> config_mod.CollectorConfig:
 
 
 def _store(db_url: str | None, cfg: config_mod.CollectorConfig) -> Store:
-    url = db_url or cfg.db_url
-    try:
-        store = Store(url)
-        store.migrate()
-    except Exception as exc:
-        raise click.ClickException(f"cannot open the store {url}: {exc}") from None
-    return store
+    return _open_store(db_url or cfg.db_url)
 
 
 _db = click.option("--db", "db_url", default=None, help="Store URL (default: the config's [store] url).")

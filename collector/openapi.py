@@ -22,6 +22,7 @@ from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.report import ADJUSTMENT_FIELDS, CSV_FIELDS
 
 CORRECTIONS_MAX = 10_000  # api_corrections.MAX_ROWS
+LETTERS_MAX, LETTER_ID_MAX = 1000, 2**62  # api_dead_letters.MAX_PAGE, MAX_ID
 
 TIME_TEXT = f"{TIME_FORMS}; naive times are UTC; from 1970-01-01 to 9999-12-31 (ms 0 to {MAX_TIME_MS})"
 
@@ -58,6 +59,12 @@ _PARAMS = {
 }
 
 _INT = {"type": "integer"}
+_LETTER_ID = {
+    "name": "letter_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0, "maximum": LETTER_ID_MAX},
+}
 _STR = {"type": "string"}
 _WINDOW = {
     "account": {**_STR, "description": "Account uuid; empty for bytes no account owns."},
@@ -92,6 +99,19 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_LETTER = {
+    "id": _INT,
+    "state": {"enum": ["open", "resolved"]},
+    "source": {"enum": ["lifecycle", "measures"]},
+    "origin": {**_STR, "description": "Where it came from: topic/partition@offset, file:line."},
+    "reason": _STR,
+    "message": _STR,
+    "size": {**_INT, "description": "Bytes."},
+    "created": _STR,
+    "retries": _INT,
+    "retried": {"type": ["string", "null"]},
+    "resolved": {"type": ["string", "null"]},
+}
 SCHEMAS: dict[str, Any] = {
     "Error": _object({"error": _STR}),
     "UsageRecord": _object(
@@ -144,6 +164,36 @@ SCHEMAS: dict[str, Any] = {
         }
     ),
     "WebhookAnswer": _object({"status": _INT, "message": _STR}),
+    "DeadLetter": _object(_LETTER),
+    "DeadLetterWithBytes": _object(
+        {
+            **_LETTER,
+            "key": {"type": ["string", "null"], "description": "The record's key, as text."},
+            "raw_base64": {**_STR, "description": "The bytes as received."},
+            "raw_text": {"type": ["string", "null"], "description": "The bytes as text, when UTF-8."},
+        }
+    ),
+    "DeadLetterList": {
+        **_object(
+            {
+                "count": _INT,
+                "dead_letters": {"type": "array", "items": _ref("DeadLetter"), "maxItems": LETTERS_MAX},
+                "next_after": {**_INT, "description": "`after` of the next page; absent on the last."},
+            }
+        ),
+        "required": ["count", "dead_letters"],
+    },
+    "Retried": _object(
+        {
+            "result": {"enum": ["resolved", "failed", "already_resolved"]},
+            "letter": _ref("DeadLetter"),
+            "applied": _object(
+                dict.fromkeys(
+                    ("events", "known_events", "batches", "duplicates", "billed_bytes", "records"), _INT
+                )
+            ),
+        }
+    ),
     "Health": {
         "type": "object",
         "required": ["status"],
@@ -267,6 +317,65 @@ def document(*, webhook: bool = False) -> dict[str, Any]:
                     "responses": {
                         "200": {"description": "Corrections.", "content": _json("CorrectionList")},
                         **_ERRORS,
+                    },
+                }
+            },
+            "/v1/dead-letters": {
+                "get": {
+                    "summary": "Dead letters, oldest first, without their bytes (operator credentials only)",
+                    "parameters": [
+                        _query(
+                            "state",
+                            "open (the default), resolved or all.",
+                            {"type": "string", "enum": ["open", "resolved", "all"]},
+                        ),
+                        _query(
+                            "source",
+                            "Only this input.",
+                            {"type": "string", "enum": ["lifecycle", "measures"]},
+                        ),
+                        _query(
+                            "after",
+                            "Only ids above this (the `next_after` of the previous page).",
+                            {"type": "integer", "minimum": 0, "maximum": LETTER_ID_MAX},
+                        ),
+                        _query(
+                            "limit",
+                            "Letters per page (default 100).",
+                            {"type": "integer", "minimum": 1, "maximum": LETTERS_MAX},
+                        ),
+                    ],
+                    "responses": {
+                        "200": {"description": "Dead letters.", "content": _json("DeadLetterList")},
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/dead-letters/{letter_id}": {
+                "get": {
+                    "summary": "One dead letter with its bytes (operator credentials only)",
+                    "parameters": [_LETTER_ID],
+                    "responses": {
+                        "200": {"description": "The letter.", "content": _json("DeadLetterWithBytes")},
+                        "404": _error("No such letter."),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/dead-letters/{letter_id}/retry": {
+                "post": {
+                    "summary": "Apply a dead letter again through the live path (operator credentials only)",
+                    "description": (
+                        "Idempotent: retrying twice bills once. A letter that succeeds is marked "
+                        "resolved and kept; one that fails again stays open with its new reason."
+                    ),
+                    "parameters": [_LETTER_ID],
+                    "responses": {
+                        "200": {"description": "What the retry did.", "content": _json("Retried")},
+                        "404": _error("No such letter."),
+                        "409": _error("This server runs without the collector's settings."),
+                        **_ERRORS,
+                        "405": _error("Only POST."),
                     },
                 }
             },

@@ -5,6 +5,7 @@ and conform to it (status codes, content types, headers, body schemas)."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +23,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from kvmeter.collector import api_corrections
+from kvmeter.collector import api_corrections, api_dead_letters
 from kvmeter.collector.api import ApiServer, create_app
 from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.openapi import CORRECTIONS_MAX, document
+from kvmeter.collector.openapi import CORRECTIONS_MAX, LETTER_ID_MAX, LETTERS_MAX, document
 from tests.api_support import filled_store, running
 
 TOKEN = "openapi-test-token"
@@ -65,7 +66,7 @@ def test_the_document_names_exactly_the_routes_and_methods(api: tuple[str, objec
     assert served == json.loads(json.dumps(document(webhook=True)))
     assert served["openapi"].startswith("3.")
     routes = {
-        (rule.rule, method.lower())
+        (re.sub(r"<(?:[^:>]*:)?([^>]+)>", r"{\1}", rule.rule), method.lower())  # <int:x> is {x} there
         for rule in app.url_map.iter_rules()  # type: ignore[attr-defined]
         if rule.rule not in NOT_DESCRIBED
         for method in rule.methods - {"HEAD", "OPTIONS"}
@@ -77,13 +78,15 @@ def test_the_document_names_exactly_the_routes_and_methods(api: tuple[str, objec
 def test_every_query_parameter_the_code_reads_is_described(api: tuple[str, object]) -> None:
     """Parameters a /v1 handler reads (request.args.get("...")) appear in the document."""
     collector = Path(__file__).parents[2] / "collector"
-    source = "".join((collector / name).read_text() for name in ("api_usage.py", "api_corrections.py"))
+    modules = ("api_usage.py", "api_corrections.py", "api_dead_letters.py")
+    source = "".join((collector / name).read_text() for name in modules)
     described = {p["name"] for item in document()["paths"].values() for op in item.values()
                  for p in op.get("parameters", [])}  # fmt: skip
     read = {part.split('"')[1] for part in source.split("args.get(")[1:]}
     assert read
     assert read <= described, read - described
     assert CORRECTIONS_MAX == api_corrections.MAX_ROWS
+    assert (LETTERS_MAX, LETTER_ID_MAX) == (api_dead_letters.MAX_PAGE, api_dead_letters.MAX_ID)
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
