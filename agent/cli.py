@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -14,39 +13,9 @@ from typing import Any, Callable
 import click
 
 from kvmeter.agent.config import DEFAULT_PATH, AgentConfig, ConfigError, load
+from kvmeter.logs import setup_logging
 
 log = logging.getLogger("kvmeter.agent")
-
-# syslog priorities for systemd's "<N>" stderr prefixes (SyslogLevelPrefix=yes, the default)
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-
-class JournalFormatter(logging.Formatter):
-    """One line per record, `<priority>logger: message`: the journal adds time, host and unit."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
-        if record.exc_info:
-            # Keep a traceback in one journal entry.
-            text += " | " + self.formatException(record.exc_info).replace("\n", " | ")
-        return text
-
-
-def _quiet_libraries(record: logging.LogRecord) -> bool:
-    # pyroute2 logs every netlink message at debug level: keep its warnings only.
-    return record.levelno >= logging.WARNING or not record.name.startswith(("pyroute2", "asyncio"))
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(_quiet_libraries)
-    if os.environ.get("JOURNAL_STREAM") or not sys.stderr.isatty():
-        handler.setFormatter(JournalFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def build_agent(

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft7Validator
-
 from kvmeter.agent.traffic import TrafficRules, TrafficRulesError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # EL9's Python 3.9
-    import tomli as tomllib
+from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 DEFAULT_PATH = "/etc/kvmeter/agent.toml"
 
@@ -91,15 +84,6 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
-    """The config is wrong; ``problems`` lists every problem found, each naming its key."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
-
-
 @dataclass(frozen=True)
 class AgentConfig:
     host_id: str = field(default_factory=socket.gethostname)
@@ -152,22 +136,9 @@ _FIELDS = {
 }
 
 
-def _where(path: Any) -> str:
-    return ".".join(str(p) for p in path) or "(top level)"
-
-
 def validate(data: Mapping[str, Any], source: str = "config") -> AgentConfig:
     """An AgentConfig from parsed TOML, or ConfigError listing every problem."""
-    problems = []
-    for error in sorted(Draft7Validator(SCHEMA).iter_errors(data), key=lambda e: list(map(str, e.path))):
-        if error.validator == "additionalProperties":
-            allowed = sorted(error.schema.get("properties", {}))
-            extra = sorted(set(error.instance) - set(allowed))
-            for key in extra:
-                where = _where([*error.path, key])
-                problems.append(f"{where}: unknown key (allowed here: {', '.join(allowed)})")
-        else:
-            problems.append(f"{_where(error.path)}: {error.message}")
+    problems = schema_problems(SCHEMA, data)
     values: dict[str, Any] = {}
     for (section, key), name in _FIELDS.items():
         sect = data.get(section)
@@ -200,12 +171,4 @@ def _is_loopback(address: str) -> bool:
 
 def load(path: str | Path) -> AgentConfig:
     """Read and validate a TOML file (a missing file is an error: the operator named it)."""
-    source = str(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise ConfigError(source, ["file not found"]) from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [f"not valid TOML: {exc}"]) from exc
-    return validate(data, source)
+    return validate(read_toml(path), str(path))

@@ -20,6 +20,7 @@ from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
+from kvmeter.logs import setup_logging
 
 DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"
 _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -74,10 +75,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     from kvmeter.collector.inputs import Input
     from kvmeter.collector.metrics import Metrics
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("debug" if verbose else "info")
     cfg = _load_config(config_path)
     if not (cfg.kafka.bootstrap or cfg.rabbitmq.url or cfg.webhook_secret):
         raise click.ClickException(

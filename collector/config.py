@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft7Validator
-
 from kvmeter.collector import credentials
 from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
 from kvmeter.collector.credentials import Credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.model import Settings
+from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 DAY_S = 86_400
 TRAFFIC_TYPES = ["public", "guest", "management", "storage", "control", "private_gateway"]
@@ -112,12 +111,6 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
-    def __init__(self, source: str, problems: list[str]):
-        super().__init__(f"{source}: " + "; ".join(problems))
-        self.problems = problems
-
-
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap: str = ""
@@ -163,28 +156,13 @@ class CollectorConfig:
     webhook_secret: str = ""  # [webhook]: CloudStack's webhook deliveries accepted when set
 
 
-def read_toml(path: Path) -> dict[str, Any]:
-    """A TOML file as a dict, or ConfigError saying why not."""
-    try:
-        return tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(str(path), [f"cannot read: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-
-
 def load(path: str | Path) -> CollectorConfig:
     path = Path(path)
     return from_dict(read_toml(path), str(path), base=path.parent)
 
 
 def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = None) -> CollectorConfig:
-    problems = [
-        f"{'.'.join(str(p) for p in err.absolute_path) or '(top level)'}: {err.message}"
-        for err in sorted(
-            Draft7Validator(SCHEMA).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))
-        )
-    ]
+    problems = schema_problems(SCHEMA, doc)
     store, kafka, use, api, events = (doc.get(k, {}) for k in ("store", "kafka", "usage", "api", "lifecycle"))
     rabbit, webhook = (doc.get(k, {}) for k in ("rabbitmq", "webhook"))
     window_s = use.get("window_seconds", 3600) if isinstance(use, dict) else 3600

@@ -30,7 +30,6 @@ from types import FrameType
 from typing import Any
 
 import click
-from jsonschema import Draft7Validator
 
 from kvmeter.agent import config as agent_config
 from kvmeter.collector import config as collector_config
@@ -41,7 +40,9 @@ from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
+from kvmeter.logs import setup_logging
 from kvmeter.pipeline.handoff import InProcessProducer
+from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,6 @@ LIFECYCLE_SCHEMA: dict[str, Any] = {
     # max_event_bytes is the collector's key (validated there), shared with collector.toml
     "properties": {"events_file": {"type": "string", "minLength": 1}, "max_event_bytes": {}},
 }
-
-
-ConfigError = collector_config.ConfigError  # `.problems` lists every problem found
 
 
 @dataclass(frozen=True)
@@ -76,7 +74,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
     agent_cfg = collector_cfg = None
     try:
         agent_cfg = agent_config.validate({k: v for k, v in doc.items() if k in AGENT_SECTIONS}, source)
-    except agent_config.ConfigError as exc:
+    except ConfigError as exc:
         problems += exc.problems
     lifecycle = doc.get("lifecycle", {})
     try:
@@ -84,12 +82,9 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         if isinstance(lifecycle, dict) and "max_event_bytes" in lifecycle:
             part["lifecycle"] = {"max_event_bytes": lifecycle["max_event_bytes"]}
         collector_cfg = collector_config.from_dict(part, source, base=base)
-    except collector_config.ConfigError as exc:
+    except ConfigError as exc:
         problems += list(exc.problems)
-    problems += [
-        f"lifecycle.{'.'.join(map(str, e.absolute_path))}: {e.message}"
-        for e in Draft7Validator(LIFECYCLE_SCHEMA).iter_errors(lifecycle)
-    ]
+    problems += schema_problems({"properties": {"lifecycle": LIFECYCLE_SCHEMA}}, {"lifecycle": lifecycle})
     if problems or agent_cfg is None or collector_cfg is None:
         raise ConfigError(source, problems)
     events = lifecycle.get("events_file")
@@ -99,7 +94,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
 
 def load(path: str | Path) -> AllInOneConfig:
     path = Path(path)
-    return from_dict(collector_config.read_toml(path), str(path), base=path.parent)
+    return from_dict(read_toml(path), str(path), base=path.parent)
 
 
 def _wall_ms() -> int:
@@ -186,8 +181,6 @@ class AllInOne:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # noqa: FBT001
     """Run agent and collector in one process with SQLite and no Kafka (one host, a lab, a first look)."""
-    from kvmeter.agent.cli import setup_logging
-
     if not all_in_one:
         raise click.UsageError(
             "only --all-in-one is supported: run `kvmeter agent` and `kvmeter collector` apart"

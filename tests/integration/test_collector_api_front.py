@@ -131,7 +131,8 @@ def test_a_bad_listen_address_stops_the_collector_with_a_clear_error(
 
 
 def kafka_lines(log: str) -> list[str]:
-    return [line for line in log.splitlines() if " kvmeter.collector.kafka: " in line]
+    # `<N>kvmeter.collector.kafka: ...` (journal lines: the log is not a terminal)
+    return [line for line in log.splitlines() if "kvmeter.collector.kafka: " in line]
 
 
 def test_health_turns_degraded_while_the_broker_is_gone_and_kafka_logs_stay_quiet(
@@ -160,6 +161,7 @@ def test_health_turns_degraded_while_the_broker_is_gone_and_kafka_logs_stay_quie
         time.sleep(max(0.0, 10 - (time.monotonic() - down_at)))  # 10 s of outage: ~200 lines unlimited
         during = kafka_lines(c.log())[lines_before:]
         assert any("Connect to" in line for line in during), c.log()[-3000:]
+        assert all(line.startswith(("<3>", "<4>")) for line in during), during  # kvmeter.logs' journal lines
         assert len(during) <= 10, "\n".join(during)
 
         broker.start()

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from kvmeter.agent.cli import JournalFormatter, agent
+from kvmeter.agent.cli import agent
 from kvmeter.cli import main
+from kvmeter.logs import JournalFormatter
 
 
 def test_bad_config_exits_2_and_lists_every_problem(tmp_path: Path) -> None:
