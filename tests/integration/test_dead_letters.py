@@ -14,9 +14,9 @@ import sqlalchemy as sa
 
 from kvmeter.collector.api import authenticator, create_app
 from kvmeter.collector.credentials import Credentials, CredentialSource, Grant, scoped, token_digest
-from kvmeter.collector.model import ALLOCATED_VM, NETWORK_BYTES_SENT, DeadLetter, Settings
+from kvmeter.collector.model import ALLOCATED_VM, NETWORK_BYTES_SENT, DeadLetter, Record, Settings
 from kvmeter.collector.redrive import ALREADY_RESOLVED, FAILED, RESOLVED, Redriver
-from kvmeter.collector.service import Collector, Record
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import MIGRATIONS, Store, schema_version
 from tests.collector_support import ACCT_A, HOUR, T0, VM1, Clock, M, Stream, usage_event
 
