@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jsonschema import Draft7Validator
+from kvmeter.tomlconfig import schema_problems
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +206,6 @@ def from_api_section(api: Mapping[str, Any], base: Path | None) -> tuple[Credent
     return credentials, path, problems
 
 
-def schema_problems(doc: Any, schema: dict[str, Any], prefix: str = "") -> list[str]:
-    """Every schema error of doc, each named by its path."""
-    return [
-        f"{prefix}{'.'.join(str(p) for p in err.absolute_path) or '(top level)'}: {err.message}"
-        for err in sorted(
-            Draft7Validator(schema).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))
-        )
-    ]
-
-
 def load_file(path: Path) -> Credentials:
     """A credentials file: `[[credentials]]` entries. Refused when others than its owner may read
     it (it holds secrets) or when any entry is bad; CredentialsError lists every problem."""
@@ -236,7 +226,7 @@ def load_file(path: Path) -> Credentials:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise CredentialsError(str(path), [f"not valid TOML: {exc}"]) from None
-    problems = schema_problems(doc, FILE_SCHEMA)
+    problems = schema_problems(FILE_SCHEMA, doc)
     entries = doc.get("credentials", [])
     credentials, more = from_entries(entries if isinstance(entries, list) else [], "credentials")
     if problems or more:

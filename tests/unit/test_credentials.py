@@ -120,7 +120,7 @@ def test_load_file_names_its_problems(tmp_path: Path) -> None:
     with pytest.raises(CredentialsError, match="cannot read"):
         load_file(tmp_path / "missing.toml")
     path = write(tmp_path / "c.toml", '[[credentials]]\nname = "n"\ntoken = "t0123456789abcdef"\nextra = 1\n')
-    with pytest.raises(CredentialsError, match="'extra' was unexpected"):
+    with pytest.raises(CredentialsError, match=r"credentials\.0\.extra: unknown key"):
         load_file(path)
 
 
