@@ -21,6 +21,7 @@ from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackCon
 from kvmeter.collector.credentials import Credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.model import Settings
+from kvmeter.collector.policy import POLICY_SCHEMA, policy_from
 from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 DAY_S = 86_400
@@ -98,6 +99,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {"max_event_bytes": {"type": "integer", "minimum": 1024, "maximum": 1 << 30}},
         },
         "cloudstack": CLOUDSTACK_SCHEMA,
+        "policy": POLICY_SCHEMA,
         "api": {
             "type": "object",
             "additionalProperties": False,
@@ -218,6 +220,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             billable=frozenset(use.get("billable_traffic_types", ["public"])),
             routers=routers,
             max_event_bytes=events.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
+            policy=policy_from(doc.get("policy", {})),
         ),
         tick_seconds=float(use.get("tick_seconds", 30.0)),
         api=ApiConfig(

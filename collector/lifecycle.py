@@ -1,7 +1,8 @@
 """The lifecycle state machine: CloudStack events -> per-resource owner timeline and segments.
 
-    build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHistory]
-    build_resource_history(resource_uuid: str, events: Iterable[pb.LifecycleEvent]) -> ResourceHistory
+    build_history(events: Iterable[pb.LifecycleEvent], policy=DEFAULT_POLICY) -> dict[str, ResourceHistory]
+    build_resource_history(resource_uuid: str, events: Iterable[pb.LifecycleEvent], policy=DEFAULT_POLICY)
+        -> ResourceHistory
     event_order(event: pb.LifecycleEvent) -> tuple   # the sort key (ties at one time: see Order)
     as_read(event: pb.LifecycleEvent) -> pb.LifecycleEvent  # the part of an event it reads
 
@@ -50,6 +51,17 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   inversion is a reordering, not skew: stamps decide. Across sources stamps decide. The order is
   stored (offsets, lines), so replicas and replays agree; duplicates keep the first stored place.
 - Segments of zero length are dropped. A segment's account is the owner at its start.
+
+The rules above are the default billing policy (collector/policy.py). Another policy changes
+which events open and close ALLOCATED and RUNNING, nothing else (owners, offerings, splits, order):
+- allocated_from "first_start": VM.CREATE opens no segment but makes the VM allocatable; the first
+  moment it is also running (a start after the create, or a create while running) opens
+  ALLOCATED. A destroy (or expunge) before any start ends the allocation unbilled.
+- allocated_until "expunge": VM.DESTROY leaves ALLOCATED open (and closes RUNNING); a state
+  event to Expunging, or the reconciler's usage-shaped VM.EXPUNGE, closes ALLOCATED and RUNNING.
+  VM.EXPUNGE closes both under every policy (CloudStack itself sends no such usage event).
+- running "usage": state events open and close nothing; "state": VM.START / VM.STOP / VM.DESTROY
+  open and close nothing in RUNNING (a VM.START naming a new offering still splits it).
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
+from kvmeter.collector.policy import CREATE, DEFAULT_POLICY, DESTROY, EXPUNGE, BillingPolicy
 from kvmeter.proto import pb
 
 __all__ = ["ResourceHistory", "Segment", "as_read", "build_history", "build_resource_history", "event_order"]
@@ -69,6 +82,7 @@ __all__ = ["ResourceHistory", "Segment", "as_read", "build_history", "build_reso
 MAX_SKEW_MS = 60_000
 
 RUNNING_STATE = "Running"
+EXPUNGING_STATE = "Expunging"
 STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutdown", "Shutdowned"})
 # State events of other resources (networks, volumes, hosts) never touch RUNNING.
 _VM_TYPES = frozenset({"", "VirtualMachine", "DomainRouter", "ConsoleProxy", "SecondaryStorageVm"})
@@ -81,6 +95,7 @@ _READ_ATTRIBUTES = re.compile(r"^(old-state|new-state|nic\.\d+\.(mac|ip))$")  # 
 _USAGE_RANK = {
     "VM.STOP": 0,
     "VM.DESTROY": 0,
+    "VM.EXPUNGE": 0,
     "NET.IPRELEASE": 0,
     "VM.UPGRADE": 1,
     "VM.DYNAMIC.SCALE": 1,
@@ -117,7 +132,9 @@ def as_read(event: pb.LifecycleEvent) -> pb.LifecycleEvent:
     return slim
 
 
-def build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHistory]:
+def build_history(
+    events: Iterable[pb.LifecycleEvent], policy: BillingPolicy = DEFAULT_POLICY
+) -> dict[str, ResourceHistory]:
     """Histories of every resource named by the events, keyed by resource uuid.
 
     Events without a resource uuid are skipped (nothing to attach them to).
@@ -126,16 +143,18 @@ def build_history(events: Iterable[pb.LifecycleEvent]) -> dict[str, ResourceHist
     for ev in events:
         if ev.resource_uuid:
             _dedupe_into(by_resource.setdefault(ev.resource_uuid, {}), ev)
-    return {uuid: _build(uuid, list(evs.values())) for uuid, evs in sorted(by_resource.items())}
+    return {uuid: _build(uuid, list(evs.values()), policy) for uuid, evs in sorted(by_resource.items())}
 
 
-def build_resource_history(resource_uuid: str, events: Iterable[pb.LifecycleEvent]) -> ResourceHistory:
+def build_resource_history(
+    resource_uuid: str, events: Iterable[pb.LifecycleEvent], policy: BillingPolicy = DEFAULT_POLICY
+) -> ResourceHistory:
     """The history of one resource from its events (others' events are skipped)."""
     unique: dict[str, pb.LifecycleEvent] = {}
     for ev in events:
         if ev.resource_uuid == resource_uuid:
             _dedupe_into(unique, ev)
-    return _build(resource_uuid, list(unique.values()))
+    return _build(resource_uuid, list(unique.values()), policy)
 
 
 def _dedupe_into(unique: dict[str, pb.LifecycleEvent], ev: pb.LifecycleEvent) -> None:
@@ -155,7 +174,10 @@ class _Open:
 class _Machine:
     """Replays one resource's ordered events; the segments collect in `segments`."""
 
-    def __init__(self) -> None:
+    def __init__(self, policy: BillingPolicy = DEFAULT_POLICY) -> None:
+        self.policy = policy
+        # first_start: a create is in force (seen, not yet ended by the policy's closer)
+        self.created = False
         self.open: dict[str, _Open | None] = {"running": None, "allocated": None, "ip": None}
         self.segments: dict[str, list[tuple[int, int | None, str]]] = {
             "running": [],
@@ -194,22 +216,31 @@ class _Machine:
         self.close(kind, at)
         return self.opened(kind, at, offering)
 
+    def deallocate(self, at: int) -> bool:
+        """The policy's end of an allocation: ALLOCATED closed, a pending one (first_start) dropped."""
+        pending, self.created = self.created, False
+        return self.close("allocated", at) or pending
+
     def apply(self, ev: pb.LifecycleEvent) -> bool:
-        """Apply one event; True when it changed the state (opened, closed or split)."""
+        """Apply one event; True when it changed the state (opened, closed, split or allocatable)."""
         if ev.category == pb.USAGE:
-            return self.usage(ev)
-        if ev.category == pb.RESOURCE_STATE:
-            return self.state(ev)
-        return False
+            changed = self.usage(ev)
+        elif ev.category == pb.RESOURCE_STATE:
+            changed = self.state(ev)
+        else:
+            return False
+        if self.created and self.open["running"] is not None and self.open["allocated"] is None:
+            changed = self.opened("allocated", ev.time, self.offering) or changed  # first_start
+        return changed
 
     def would_change(self, ev: pb.LifecycleEvent) -> bool:
         """Whether apply(ev) would change the state; the machine is left as it was."""
         if ev.category not in (pb.USAGE, pb.RESOURCE_STATE):
             return False
-        opened, offering, floor = dict(self.open), self.offering, dict(self.floor)
+        opened, offering, floor, created = dict(self.open), self.offering, dict(self.floor), self.created
         lengths = {kind: len(segs) for kind, segs in self.segments.items()}
         changed = self.apply(ev)
-        self.open, self.offering, self.floor = opened, offering, floor
+        self.open, self.offering, self.floor, self.created = opened, offering, floor, created
         for kind, length in lengths.items():
             del self.segments[kind][length:]
         return changed
@@ -222,21 +253,30 @@ class _Machine:
         offering = named or self.offering
         if named:
             self.offering = named
+        policy = self.policy
         if kind == "VM.CREATE":
-            return self.opened("allocated", t, offering) or self.split("allocated", t, named)
+            if policy.allocated_from == CREATE or self.open["allocated"] is not None:
+                return self.opened("allocated", t, offering) or self.split("allocated", t, named)
+            created, self.created = self.created, True  # first_start: opened by the first start
+            return not created
         if kind == "VM.START":
             changed = self.split("allocated", t, named)
+            if not policy.running_by_usage:
+                return self.split("running", t, named) or changed
             return self.opened("running", t, offering) or self.split("running", t, named) or changed
         if kind == "VM.STOP":
-            return self.close("running", t)
+            return policy.running_by_usage and self.close("running", t)
         if kind == "VM.UPGRADE":
             return self.split("allocated", t, named)
         if kind == "VM.DYNAMIC.SCALE":
             running = self.split("running", t, named)
             return self.split("allocated", t, named) or running
         if kind == "VM.DESTROY":
+            running = policy.running_by_usage and self.close("running", t)
+            return (policy.allocated_until == DESTROY and self.deallocate(t)) or running
+        if kind == "VM.EXPUNGE":  # the reconciler's, for a VM no longer listed: under every policy
             running = self.close("running", t)
-            return self.close("allocated", t) or running
+            return self.deallocate(t) or running
         if kind == "NET.IPASSIGN":
             return self.opened("ip", t, "")
         if kind == "NET.IPRELEASE":
@@ -248,6 +288,11 @@ class _Machine:
             return False
         old, new = ev.attributes.get("old-state", ""), ev.attributes.get("new-state", "")
         if old == new:
+            return False
+        if new == EXPUNGING_STATE and self.policy.allocated_until == EXPUNGE:
+            running = self.close("running", ev.time)
+            return self.deallocate(ev.time) or running
+        if not self.policy.running_by_state:
             return False
         if new == RUNNING_STATE:
             return self.opened("running", ev.time, self.offering)
@@ -274,12 +319,12 @@ def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[str, list[pb.L
     return (created.pop() if len(created) == 1 else ""), events
 
 
-def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
+def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) -> ResourceHistory:
     initial, events = _with_job_offerings(events)
     at = _order_times(events)
     events.sort(key=lambda ev: (at[id(ev)], *event_order(ev)))
     hist = ResourceHistory(resource_uuid=uuid)
-    machine = _Machine()
+    machine = _Machine(policy)
     machine.offering = initial
     address = ""
     for ev in _effect_order(machine, events, at):
@@ -293,6 +338,7 @@ def _build(uuid: str, events: list[pb.LifecycleEvent]) -> ResourceHistory:
                 since = max(ev.time, hist.owners[-1].time_ms) if hist.owners else ev.time  # skew
                 hist.owners.append(OwnerChange(since, ev.account_uuid))
         (hist.applied if machine.apply(ev) else hist.ignored).append(ev.event_id)
+    hist.allocation_pending = machine.created and machine.open["allocated"] is None
     for kind, cur in machine.open.items():
         if cur is not None:
             machine.segments[kind].append((cur.start_ms, None, cur.offering))

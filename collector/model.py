@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
+from kvmeter.collector.policy import DEFAULT_POLICY, BillingPolicy
 
 # CloudStack usage type ids (api/.../usage/UsageTypes.java).
 RUNNING_VM = 1
@@ -142,6 +143,8 @@ class ResourceHistory:
     addresses: list[str] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    # Created but not yet billed as allocated (policy allocated_from = "first_start", never started).
+    allocation_pending: bool = False
 
     def owner_at(self, time_ms: int) -> str | None:
         """The owner at time_ms: the last change at or before it; before the first change the
@@ -162,7 +165,8 @@ class ResourceHistory:
 # -- the collector's settings, its input records and what it did with them -----------------
 @dataclass(frozen=True)
 class Settings:
-    """How the collector windows, finalizes, parks and bills (the config's [usage] and routers)."""
+    """How the collector windows, finalizes, parks and bills (the config's [usage], routers and
+    [policy])."""
 
     window_ms: int = 3_600_000
     grace_ms: int = 2 * 3_600_000
@@ -170,6 +174,7 @@ class Settings:
     billable: frozenset[str] = frozenset({"public"})
     routers: Mapping[str, str] = field(default_factory=dict)  # router domain name / uuid -> account
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # a bigger lifecycle event is dead-lettered
+    policy: BillingPolicy = DEFAULT_POLICY  # which events open and close what is billed ([policy])
 
 
 @dataclass(frozen=True)

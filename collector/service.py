@@ -120,7 +120,9 @@ class Collector:
         for resource in changed:
             ids, history = built.get(resource, _NOT_BUILT) if built else _NOT_BUILT
             if history is None or ids != self._events[resource].keys():
-                history = lifecycle.build_resource_history(resource, self._events[resource].values())
+                history = lifecycle.build_resource_history(
+                    resource, self._events[resource].values(), self.settings.policy
+                )
             self.histories[resource] = history
             self.index.update(history)
         if changed:
@@ -307,7 +309,7 @@ class Collector:
         built: dict[str, Built] = {}
         for resource in resources:
             events = [pb.LifecycleEvent.FromString(raw) for raw in stored.get(resource, [])]
-            history = lifecycle.build_resource_history(resource, events)
+            history = lifecycle.build_resource_history(resource, events, self.settings.policy)
             built[resource] = (frozenset(ev.event_id for ev in events), history)
             values[resource] = {
                 v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)

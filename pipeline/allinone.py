@@ -12,8 +12,8 @@ but not yet acknowledged is re-sent under its stream id and sequence number, and
 stream marks drop it).
 
 The config file has the agent's sections (agent, libvirt, spool, deltas, metrics, traffic), the
-collector's (store, usage, api) and [lifecycle] (events_file; max_event_bytes as in the collector's);
-see packaging/config/allinone.toml.example.
+collector's (store, usage, api, cloudstack, policy) and [lifecycle] (events_file; max_event_bytes
+as in the collector's); see packaging/config/allinone.toml.example.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/kvmeter/allinone.toml"
 AGENT_SECTIONS = ("agent", "libvirt", "spool", "deltas", "metrics", "traffic")
-COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack")
+COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy")
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmeter.collector.policy import BillingPolicy
 from kvmeter.pipeline.allinone import ConfigError, from_dict, load
 
 EXAMPLE = Path(__file__).parents[2] / "packaging" / "config" / "allinone.toml.example"
@@ -47,3 +48,14 @@ def test_event_size_limit_is_the_collectors_key() -> None:
     with pytest.raises(ConfigError) as err:
         from_dict({"lifecycle": {"max_event_bytes": 10}})
     assert any(p.startswith("lifecycle.max_event_bytes:") for p in err.value.problems)
+
+
+def test_billing_policy_is_the_collectors_section() -> None:
+    assert load(EXAMPLE).collector.settings.policy == BillingPolicy()
+    cfg = from_dict({"policy": {"allocated_until": "expunge"}})
+    assert cfg.collector.settings.policy == BillingPolicy(allocated_until="expunge")
+    with pytest.raises(ConfigError) as err:
+        from_dict({"policy": {"running": "sometimes"}})
+    assert err.value.problems == [
+        "policy.running: 'sometimes' is not one of ['usage_and_state', 'usage', 'state']"
+    ]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvmeter.collector import config
+from kvmeter.collector.policy import BillingPolicy
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "config" / "collector.toml.example"
 
@@ -167,3 +168,15 @@ def test_rabbitmq_and_webhook_sections(tmp_path: Path) -> None:
         assert needle in text
     with pytest.raises(config.ConfigError, match="secret_key"):
         config.from_dict({"webhook": {}})
+
+
+def test_billing_policy_section() -> None:
+    assert config.CollectorConfig().settings.policy == BillingPolicy()
+    cfg = config.from_dict({"policy": {"allocated_from": "first_start", "running": "state"}})
+    assert cfg.settings.policy == BillingPolicy(allocated_from="first_start", running="state")
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict({"policy": {"allocated_until": "delete", "running": "usage", "ip": "assign"}})
+    assert sorted(err.value.problems) == [
+        "policy.allocated_until: 'delete' is not one of ['destroy', 'expunge']",
+        "policy.ip: unknown key (allowed here: allocated_from, allocated_until, ip_from, ip_until, running)",
+    ]
