@@ -92,8 +92,25 @@ def _run_once(config: AgentConfig, fmt: str, window: float) -> None:
         agent.close()
 
 
-def _run_daemon(config: AgentConfig) -> int:
+def _traffic_rules(config_path: str, agent: Any) -> Callable[[], str]:
+    """SIGHUP: the config file read again whole (a bad one refuses the reload), its traffic
+    rules put in force; the rest of it is read at start only."""
+
+    def reload() -> str:
+        rules = load(config_path).traffic
+        agent.set_traffic_rules(rules)
+        return f"{len(rules.rules)} rule(s) (defaults included), fallback {rules.fallback}"
+
+    return reload
+
+
+def _run_daemon(config: AgentConfig, config_path: str) -> int:
+    from kvmeter.reload import Reloads
+
     agent = build_agent(config, read_only=False)
+    agent.reloads = Reloads(lambda what: agent.metrics.reload_failures.labels(what).inc())
+    agent.reloads.add("traffic rules", _traffic_rules(config_path, agent))
+    agent.reloads.install()
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("%s: last poll, flush, exit", signal.Signals(signum).name)
@@ -158,4 +175,4 @@ def agent(config_path: str, once: bool, fmt: str, window: float, log_level: str 
     if once:
         _run_once(config, fmt, window)
         return
-    sys.exit(_run_daemon(config))
+    sys.exit(_run_daemon(config, config_path))

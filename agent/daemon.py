@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 from kvmeter.agent.config import AgentConfig
@@ -47,8 +47,10 @@ from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, Lin
 from kvmeter.agent.publish import Publisher
 from kvmeter.agent.sources import CounterSource, Owned, nic_sources
 from kvmeter.agent.spool import Spool
+from kvmeter.agent.traffic import TrafficRules
 from kvmeter.agent.wire import SteadyEncoder, split_fields
 from kvmeter.proto import pb
+from kvmeter.reload import Reloads
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class TopologyLike(Protocol):
     def placement(self, ifname: str) -> LinkPlacement: ...
     def links(self) -> dict[str, int]: ...
     def add_listener(self, callback: Callable[[Any], None]) -> None: ...
+    def set_rules(self, rules: TrafficRules) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ class Agent:
         self._last_inventory: Any = None  # what the last inventory sent was built from
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
+        self.reloads = Reloads()  # asked for by SIGHUP, run between two polls
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -240,6 +244,13 @@ class Agent:
             except Exception:
                 log.exception("stopping %r failed", part)
         self.spool.close()
+
+    def set_traffic_rules(self, rules: TrafficRules) -> None:
+        """New traffic rules (a reload): interfaces are classified again from the next poll on;
+        counters, spool and stream go on as they were."""
+        self.config = replace(self.config, traffic=rules)
+        self.topology.set_rules(rules)
+        self._plan = None
 
     def _on_link_event(self, event: Any) -> None:
         # Topology thread: stamp and hand over; no engine access here.
@@ -548,6 +559,7 @@ class Agent:
         interval = self.config.poll_interval
         next_poll = self._mono()
         while not self.stop_event.is_set():
+            self.reloads.run_pending()
             now = self._mono()
             if now >= next_poll:
                 try:

@@ -95,6 +95,12 @@ class AgentMetrics:
         self.link_events = Counter(
             f"{PREFIX}_link_events_total", "Netlink link events.", ["kind"], registry=r
         )
+        self.reload_failures = Counter(
+            f"{PREFIX}_reload_failures_total",
+            "Reloads (SIGHUP) refused because the config was bad; the rules in force stay.",
+            ["what"],
+            registry=r,
+        )
 
     def spool_dropped(self, frame: Any, batch: bytes) -> None:
         """Spool on_drop callback: count the frame's bytes and the metered bytes it carried."""
@@ -138,4 +144,5 @@ METRIC_NAMES = (
     "publish_errors",
     "libvirt_reconnects",
     "link_events",
+    "reload_failures",
 )

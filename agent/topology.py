@@ -494,6 +494,12 @@ class Topology:
         with self._lock:
             self._listeners.append(callback)
 
+    def set_rules(self, rules: TrafficRules) -> None:
+        """New traffic rules (SIGHUP): every placement is classified again."""
+        with self._lock:
+            self._table.rules = rules
+            self._table._changed()
+
     # -- event thread ------------------------------------------------------------------------
     def apply(self, messages: Iterable[tuple[int, LinkRecord]]) -> None:
         """Apply decoded link messages and dispatch the events (the thread's work; tests call it)."""

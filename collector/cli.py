@@ -15,7 +15,7 @@ import click
 
 from kvmeter.collector import config as config_mod
 from kvmeter.collector import report
-from kvmeter.collector.credentials import CredentialsError, CredentialSource, reload_on_sighup
+from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
@@ -74,6 +74,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     from kvmeter.collector.input_webhook import WebhookInput
     from kvmeter.collector.inputs import Input
     from kvmeter.collector.metrics import Metrics
+    from kvmeter.collector.reloading import collector_reloads
 
     setup_logging("debug" if verbose else "info")
     cfg = _load_config(config_path)
@@ -106,6 +107,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
 
         inputs.insert(0, for_config(service, cfg.cloudstack, metrics))
     live = Feeder(service, inputs, metrics, tick_seconds=cfg.tick_seconds)
+    credentials: CredentialSource | None = None
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
@@ -117,7 +119,6 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     if cfg.api.enabled:
         try:
             credentials = CredentialSource(cfg.api.credentials, cfg.api.credentials_file)
-            reload_on_sighup(credentials)
             server = serve(
                 store,
                 cfg.api.host,
@@ -133,6 +134,10 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             raise click.ClickException(f"{config_path}: {exc}") from None
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on %s", server.url)
+    live.reloads = collector_reloads(
+        Path(config_path), service, credentials, lambda what: metrics.reload_failures.labels(what).inc()
+    )
+    live.reloads.install()  # SIGHUP: router owners and credentials read again
     if cfg.kafka.bootstrap:
         logging.getLogger(__name__).info(
             "Kafka: measures %s (group %s), lifecycle %s, on %s", cfg.kafka.measures_topic, cfg.kafka.group,

@@ -245,6 +245,14 @@ class CredentialSource:
         self._lock = threading.Lock()
         self.current = inline if path is None else inline.merged(load_file(path), str(path))
 
+    def replace(self, inline: Credentials, path: Path | None) -> Credentials:
+        """The config file's credentials and credentials file as they are now (SIGHUP re-reads
+        the config file too); CredentialsError, and nothing changed, when they do not load."""
+        with self._lock:
+            current = inline if path is None else inline.merged(load_file(path), str(path))
+            self.inline, self.path, self.current = inline, path, current
+        return current
+
     def reload(self) -> bool:
         if self.path is None:
             return True

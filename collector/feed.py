@@ -23,6 +23,7 @@ from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery, Input
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Outcome, Record
 from kvmeter.collector.service import Collector
+from kvmeter.reload import Reloads
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,10 @@ class Feeder:
         tick_seconds: float = 30.0,
         poll_timeout: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
+        reloads: Reloads | None = None,
     ):
         self.collector = collector
+        self.reloads = reloads or Reloads()  # asked for by SIGHUP, run here between two rounds
         self.inputs = list(inputs)
         self.metrics = metrics
         self.tick_seconds = tick_seconds
@@ -112,6 +115,7 @@ class Feeder:
     def step(self, *, measures: bool = True, timeout: float | None = None) -> None:
         """One round: every input polled (only the last one waits), its deliveries applied and
         acknowledged, then the tick when it is due (not while catching up)."""
+        self.reloads.run_pending()
         wait = self.poll_timeout if timeout is None else timeout
         for i, source in enumerate(self.inputs):
             last = i == len(self.inputs) - 1

@@ -63,6 +63,12 @@ class Metrics:
             "kvmeter_consumer_lag", "Messages behind the partition end", ["topic", "partition"], registry=r
         )
         self.errors = Counter("kvmeter_errors", "Failed processing rounds (retried)", ["stage"], registry=r)
+        self.reload_failures = Counter(
+            "kvmeter_reload_failures",
+            "Reloads (SIGHUP) refused because a file was bad; the one in force stays",
+            ["what"],
+            registry=r,
+        )
         self.reconcile_passes = Counter(
             "kvmeter_reconcile_passes",
             "Reconciliation passes applied (CloudStack's API read whole)",

@@ -19,6 +19,7 @@ dead-lettered with its bytes and the rest goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
@@ -82,6 +83,13 @@ class Collector:
         # The agents' view of each domain's state (running or not, since when), from the
         # inventories; the reconciler's second witness (store: domain_witness, on changes).
         self.witness: dict[str, Witness] = {}
+
+    def set_routers(self, routers: Mapping[str, str]) -> None:
+        """The operator's router -> account map, re-read (SIGHUP): measures attributed from now
+        on use it, and parked measures are retried against it at the next full retry."""
+        self.settings = dataclasses.replace(self.settings, routers=dict(routers))
+        self.index.routers = dict(routers)
+        self._knowledge += 1  # drops the cached routes, so every target is looked up again
 
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:

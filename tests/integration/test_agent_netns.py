@@ -8,6 +8,7 @@ counters, to the byte: steady traffic; a VM reboot (taps deleted and recreated b
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -21,6 +22,7 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from kvmeter.proto import pb
+from tests.collector_support import wait_for
 from tests.harness.kafka import create_topic
 from tests.harness.netns import Host, Vm
 from tests.harness.processes import AgentProcess
@@ -280,3 +282,44 @@ def test_sigterm_while_the_broker_is_unreachable_keeps_everything_for_the_next_s
     batches = consume_streams(site.bootstrap, site.topic, finals=2)
     check_streams(batches, 2)
     assert measured(batches) == vm_side(site.vms, site.baseline), site.agent.logs()
+
+
+def test_sighup_reloads_traffic_rules_and_keeps_counting(site: Site) -> None:
+    """New traffic rules take effect from the next poll on, in the same stream, every byte still
+    counted once; a config with bad rules keeps the rules in force, and the agent runs on."""
+    guest_mac = "02:00:0a:01:00:11"  # vm2 on brvx-5001: guest by CloudStack's defaults
+    site.agent.start()
+    site.agent.wait_polled()
+    site.traffic()
+    time.sleep(2 * POLL)
+    assert site.agent.proc is not None
+    rules = '\n[[traffic.rules]]\nbridge = "brvx-*"\ntype = "storage"\n'
+    site.agent.config.write_text(site.agent.config.read_text() + rules)
+    site.agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded traffic rules" in site.agent.logs(), 20, "the reload", site.agent.logs)
+    time.sleep(2 * POLL)  # the poll after the reload classifies again
+    site.traffic()
+    time.sleep(2 * POLL)
+    site.agent.config.write_text(site.agent.config.read_text().replace('"storage"', '"bulk"'))
+    site.agent.proc.send_signal(signal.SIGHUP)
+    wait_for(
+        lambda: "reload of traffic rules refused" in site.agent.logs(), 20, "the refusal", site.agent.logs
+    )
+    assert "bulk" in site.agent.logs()  # the log says why
+    site.traffic()
+    time.sleep(2 * POLL)
+    assert site.agent.alive()
+    metrics = site.host.run(
+        sys.executable,
+        "-c",
+        "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9477/metrics').read().decode())",
+    )
+    assert 'kvmeter_agent_reload_failures_total{what="traffic rules"} 1.0' in metrics
+    assert site.agent.terminate() == 0
+    batches = site.verify(streams=1)  # one stream, no gap, every byte once
+    seen = [(b.seq, m.traffic_type) for b in sorted(batches, key=lambda b: b.seq) for m in b.measures
+            if m.mac == guest_mac]  # fmt: skip
+    types = [t for _, t in seen]
+    assert types[0] == pb.GUEST, seen
+    assert types[-1] == pb.STORAGE, seen
+    assert types == sorted(types, key=lambda t: t == pb.STORAGE), seen  # guest until the reload only

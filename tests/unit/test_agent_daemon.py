@@ -73,6 +73,8 @@ class FakeTopology:
     def add_listener(self, callback: Callable[[Any], None]) -> None:
         self.host.listeners.append(callback)
 
+    def set_rules(self, rules: Any) -> None: ...
+
 
 class FakeInventory:
     def __init__(self, domains: tuple[DomainInfo, ...] = (DOMAIN,)) -> None:

@@ -1,0 +1,78 @@
+"""Reload on SIGHUP: the things a daemon re-reads from its files without a restart.
+
+    reloads = Reloads(on_failure=lambda name: metric.labels(name).inc())
+    reloads.add("router owners", read_router_owners)   # returns a one-line summary, raises to refuse
+    reloads.install()                                   # SIGHUP asks for a reload
+    ...
+    reloads.run_pending()                               # at a safe point of the daemon's loop
+
+A signal handler runs between any two bytecodes of the main thread, in the middle of whatever
+it was doing: SIGHUP only asks, and the daemon's loop runs the reloads between two rounds. Each
+reloadable is on its own: one whose file is bad keeps what is in force, logs why and counts a
+failure; the others still run. Adding one is one `add` call.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("kvmeter.reload")
+
+
+class Reloads:
+    def __init__(self, on_failure: Callable[[str], None] | None = None) -> None:
+        self._items: list[tuple[str, Callable[[], str]]] = []
+        self._asked = threading.Event()
+        self._on_failure = on_failure
+
+    def add(self, name: str, reload: Callable[[], str]) -> None:
+        """`reload()` reads its files and puts them in force, returning what it now uses in a
+        line; it raises (ValueError, OSError, ...) instead when they are bad, changing nothing."""
+        self._items.append((name, reload))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self._items]
+
+    def request(self) -> None:
+        """Ask for a reload (safe in a signal handler)."""
+        self._asked.set()
+
+    def install(self, signum: int = signal.SIGHUP) -> None:
+        """`signum` asks for a reload (call from the main thread)."""
+        signal.signal(signum, lambda _signum, _frame: self.request())
+
+    @property
+    def pending(self) -> bool:
+        return self._asked.is_set()
+
+    def run_pending(self) -> list[str]:
+        """Run every reload if one was asked for; returns the names of those that failed."""
+        if not self._asked.is_set():
+            return []
+        self._asked.clear()
+        return self.run_all()
+
+    def run_all(self) -> list[str]:
+        failed = []
+        for name, reload in self._items:
+            try:
+                summary = reload()
+            except Exception as exc:  # a bad file must never stop the daemon
+                failed.append(name)
+                log.error("reload of %s refused, the one in force stays: %s", name, _why(exc))
+                if self._on_failure is not None:
+                    self._on_failure(name)
+                continue
+            log.info("reloaded %s: %s", name, summary)
+        return failed
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc)
+    if isinstance(exc, (ValueError, OSError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}"
