@@ -1,0 +1,116 @@
+"""A tariff: one currency, and rates that price CloudStack usage types over effective periods.
+
+Pure data and lookups; tariff_file reads one from TOML. A rate prices one usage type:
+- RUNNING_VM / ALLOCATED_VM: per hour, plus per vCPU-hour and per GiB-hour (the VM's CPU and
+  memory from its service offering, as CloudStack's API or the VM's metadata gave them); a rate
+  naming an `offering` is for VMs on that offering only;
+- IP_ADDRESS: per hour;
+- NETWORK_BYTES_SENT / _RECEIVED: per `unit` (GB = 10**9 bytes, GiB = 2**30, ...) of one traffic
+  type, flat or in tiers counted per account over the calendar month (UTC).
+Any rate may name a `zone` (CloudStack zone uuid). Where several rates match, the most specific
+wins (one naming an offering or zone over one that does not); a rate is in force over
+[start_ms, end_ms), so a price change takes effect at its instant exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT
+
+FOREVER_MS = 2**62
+BYTE_TYPES = frozenset({NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED})
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A price per unit for the account's monthly bytes below `up_to_bytes` (None: no limit)."""
+
+    up_to_bytes: int | None
+    price: Decimal
+
+
+@dataclass(frozen=True)
+class Rate:
+    usage_type: int
+    where: str  # e.g. "rate.2": how errors and cost lines name it
+    start_ms: int = 0
+    end_ms: int = FOREVER_MS
+    offering: str = ""
+    traffic_type: str = ""
+    zone: str = ""
+    per_hour: Decimal = Decimal(0)
+    per_vcpu_hour: Decimal = Decimal(0)
+    per_gib_hour: Decimal = Decimal(0)
+    unit: str = ""
+    unit_bytes: int = 0
+    tiers: tuple[Tier, ...] = ()
+
+    @property
+    def match(self) -> tuple[int, str, str, str]:
+        """What the rate applies to; two rates with the same match may not overlap in time."""
+        return (self.usage_type, self.traffic_type, self.offering, self.zone)
+
+    @property
+    def specificity(self) -> int:
+        return (2 if self.offering else 0) + (1 if self.zone else 0)
+
+    @property
+    def tier_group(self) -> tuple[int, str, str]:
+        """Tiers count the account's month of bytes per usage type, traffic type and zone."""
+        return (self.usage_type, self.traffic_type, self.zone)
+
+    @property
+    def needs_size(self) -> bool:
+        return bool(self.per_vcpu_hour or self.per_gib_hour)
+
+
+@dataclass(frozen=True)
+class Tariff:
+    currency: str
+    decimals: int
+    rates: tuple[Rate, ...]
+    source: str = ""
+    _by_type: dict[int, tuple[Rate, ...]] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        grouped: dict[int, list[Rate]] = defaultdict(list)
+        for rate in self.rates:
+            grouped[rate.usage_type].append(rate)
+        self._by_type.update({t: tuple(rs) for t, rs in grouped.items()})
+
+    def usage_types(self) -> frozenset[int]:
+        return frozenset(self._by_type)
+
+    def periods(
+        self, usage_type: int, offering: str, traffic_type: str, zone: str, start_ms: int, end_ms: int
+    ) -> list[tuple[int, int, Rate | None]]:
+        """[start, end) cut where the rate in force changes: (piece start, piece end, the most
+        specific matching rate in force, None where none is)."""
+        matching = [
+            r
+            for r in self._by_type.get(usage_type, ())
+            if r.start_ms < end_ms
+            and r.end_ms > start_ms
+            and r.traffic_type == (traffic_type if usage_type in BYTE_TYPES else "")
+            and r.offering in ("", offering)
+            and r.zone in ("", zone)
+        ]
+        if not matching:
+            return [(start_ms, end_ms, None)]
+        cuts = {start_ms, end_ms}
+        for r in matching:
+            cuts.update(t for t in (r.start_ms, r.end_ms) if start_ms < t < end_ms)
+        points = sorted(cuts)
+        out: list[tuple[int, int, Rate | None]] = []
+        for a, b in itertools.pairwise(points):
+            in_force = [r for r in matching if r.start_ms <= a < r.end_ms]
+            best = max(in_force, key=lambda r: r.specificity) if in_force else None
+            if out and out[-1][2] is best:
+                out[-1] = (out[-1][0], b, best)
+            else:
+                out.append((a, b, best))
+        return out
