@@ -77,6 +77,15 @@ def create_app(
             return cloudstack_error(command, 401, f"unable to verify user credentials: {who.reason}")
         return error(401, who.reason)
 
+    if metrics is not None:
+        count_response = metrics.api_responses
+
+        @app.after_request
+        def _count(response: Response) -> Response:  # error handlers' responses pass here too
+            route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+            count_response.labels(route, str(response.status_code)).inc()
+            return response
+
     @app.get("/health")
     def health() -> Response:
         try:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector as PromCollector
 
 from kvmeter.collector.model import Outcome
@@ -38,6 +39,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        if registry is None:  # a registry handed in may already have its own
+            ProcessCollector(registry=r)  # the replica's own CPU, memory and open files
         self.batches = Counter("kvmeter_batches_applied", "Measure batches applied", registry=r)
         self.duplicates = Counter(
             "kvmeter_batches_duplicate", "Measure batches dropped as already applied", registry=r
@@ -85,6 +88,10 @@ class Metrics:
             "Correcting events added by reconciliation",
             ["event"],
             registry=r,
+        )
+        # route: the URL rule matched ("unmatched" for a 404), a bounded set of label values.
+        self.api_responses = Counter(
+            "kvmeter_api_responses", "HTTP API responses by route and status", ["route", "code"], registry=r
         )
 
     def watch_store(self, store: Store, horizon_start: Callable[[], int]) -> None:
