@@ -15,6 +15,8 @@ APT_PACKAGES += debhelper dh-python python3-all python3-setuptools pybuild-plugi
 	rpm rpmlint lintian debootstrap systemd-container
 # CloudStack's RabbitMQ event bus: the tests start their own node (tests/harness/rabbitmq.py).
 APT_PACKAGES += rabbitmq-server
+# promtool checks and unit-tests the shipped alert rules (tests/unit/test_monitoring.py).
+APT_PACKAGES += prometheus
 
 # The real-VM tier (tests/realvm, `kvmeter demo --real-vms`): libvirtd, QEMU and a busybox guest
 # on Debian's cloud kernel (its .deb fetched once into build/realvm/debs).

@@ -26,6 +26,8 @@ cp "$p/tmpfiles.d/kvmeter-collector.conf" "$work/sources/kvmeter-collector.tmpfi
 cp "$p/config/agent.toml.example" "$p/config/collector.toml.example" "$work/sources/"
 cp "$p/README.md" "$work/sources/README.packaging.md"
 cp "$p/man/kvmeter.1" "$work/sources/"
+cp "$p"/monitoring/grafana/kvmeter-{agent,collector}.json "$work/sources/"
+cp "$p"/monitoring/prometheus/kvmeter-{agent,collector}.rules.yml "$work/sources/"
 
 for flavour in 3 3.11; do
 	rpmbuild -bb --nodeps \

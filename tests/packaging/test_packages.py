@@ -157,6 +157,9 @@ def test_debs_split_the_code_by_role(dist: Path) -> None:
     assert not any(f.startswith(f"{site}/agent/") for f in collector)
     assert "./lib/systemd/system/kvmeter-agent.service" in agent
     assert "./lib/systemd/system/kvmeter-collector.service" in collector
+    for part, files_of_part in (("agent", agent), ("collector", collector)):  # packaging/monitoring
+        assert f"./usr/share/kvmeter/grafana/kvmeter-{part}.json" in files_of_part
+        assert f"./usr/share/kvmeter/prometheus/kvmeter-{part}.rules.yml" in files_of_part
 
 
 def test_installed_from_debian_with_debian_libraries(root: DebianRoot) -> None:
@@ -476,6 +479,11 @@ def test_rpms_files_requirements_and_scriptlets(dist: Path) -> None:
     assert "/usr/lib/python3.11/site-packages/kvmeter/collector/cli.py" in query(
         "kvmeter-collector", "--list"
     )
+    assert "/usr/share/kvmeter/grafana/kvmeter-agent.json" in listing
+    assert "/usr/share/kvmeter/prometheus/kvmeter-agent.rules.yml" in listing
+    collector_files = query("kvmeter-collector", "--list")
+    assert "/usr/share/kvmeter/grafana/kvmeter-collector.json" in collector_files
+    assert "/usr/share/kvmeter/prometheus/kvmeter-collector.rules.yml" in collector_files
     common_files = query("python3-kvmeter", "--list")
     assert "/usr/bin/kvmeter" in common_files
     assert "/kvmeter/collector/" not in common_files
