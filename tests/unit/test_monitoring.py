@@ -9,12 +9,10 @@ dashboard names must be one its daemon exports: the names come from the daemons'
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -22,21 +20,19 @@ import yaml
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
-
-TOP = Path(__file__).resolve().parents[2]
-MONITORING = TOP / "packaging/monitoring"
-RULE_TESTS = TOP / "tests/monitoring"
-DAEMONS = ("agent", "collector")
-# Series Prometheus makes itself for every target, not a daemon's.
-SCRAPE_SERIES = {"up"}
-
-
-def rules_file(daemon: str) -> Path:
-    return MONITORING / f"prometheus/kvmeter-{daemon}.rules.yml"
-
-
-def dashboard_file(daemon: str) -> Path:
-    return MONITORING / f"grafana/kvmeter-{daemon}.json"
+from tests.monitoring_support import (
+    DAEMONS,
+    RULE_TESTS,
+    alert_rules,
+    dashboard,
+    dashboard_metrics,
+    dashboard_queries,
+    metric_names,
+    panels,
+    registry_names,
+    rule_metrics,
+    rules_file,
+)
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -46,28 +42,6 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
 
 
 # --- PromQL: the metric names an expression selects -------------------------------------------
-
-KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless",
-            "offset", "inf", "nan"}  # fmt: skip
-
-
-def metric_names(expr: str) -> set[str]:
-    """Every metric an expression selects: identifiers left once strings, label matchers, ranges
-    and grouping label lists are taken out, that are neither functions (followed by `(`),
-    keywords, number or duration parts, nor Grafana variables."""
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
-    text = re.sub(r"\{[^}]*\}", " ", text)
-    text = re.sub(r"\[[^\]]*\]", " ", text)
-    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
-    names = set()
-    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
-        before = text[m.start() - 1] if m.start() else " "
-        if before.isdigit() or before in ".$":
-            continue
-        if text[m.end() :].lstrip().startswith("(") or m.group().lower() in KEYWORDS:
-            continue
-        names.add(m.group())
-    return names
 
 
 def test_metric_names_reads_selectors_not_labels_functions_or_numbers() -> None:
@@ -81,25 +55,6 @@ def test_metric_names_reads_selectors_not_labels_functions_or_numbers() -> None:
 
 # --- names the daemons export, from their registries -------------------------------------------
 
-SUFFIXES = {  # the series a family of each type is exposed as (text format)
-    "counter": ("_total", "_created"),
-    "gauge": ("",),
-    "histogram": ("_bucket", "_count", "_sum", "_created"),
-    "summary": ("", "_count", "_sum", "_created"),
-    "info": ("_info",),
-    "unknown": ("",),
-}
-
-
-def exposed_names(registry: Any) -> set[str]:
-    """Series names a registry exposes: its samples, and for a labelled family with no child yet
-    the names its type gives it."""
-    names: set[str] = set()
-    for family in registry.collect():
-        names.update(sample.name for sample in family.samples)
-        names.update(family.name + suffix for suffix in SUFFIXES[family.type])
-    return names
-
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set[str]]]:
@@ -111,8 +66,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
     collector.watch_store(store, lambda: 0)
     try:
         yield {
-            "agent": exposed_names(AgentMetrics(enabled=True).registry),
-            "collector": exposed_names(collector.registry),
+            "agent": registry_names(AgentMetrics(enabled=True).registry),
+            "collector": registry_names(collector.registry),
         }
     finally:
         store.close()
@@ -130,11 +85,6 @@ def test_registries_give_the_names_scrapes_see(exported: dict[str, set[str]]) ->
 
 
 # --- alert rules ------------------------------------------------------------------------------
-
-
-def alert_rules(daemon: str) -> list[dict[str, Any]]:
-    doc = yaml.safe_load(rules_file(daemon).read_text())
-    return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
 def test_rule_files_pass_promtool_check(tmp_path: Path) -> None:
@@ -179,38 +129,17 @@ def test_every_alert_is_tested_firing_and_quiet(daemon: str, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("daemon", DAEMONS)
 def test_rules_name_only_exported_metrics(daemon: str, exported: dict[str, set[str]]) -> None:
-    named = set()
     for rule in alert_rules(daemon):
         assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
         assert rule["annotations"]["summary"], rule["alert"]
         assert rule["annotations"]["description"], rule["alert"]
-        named |= metric_names(rule["expr"])
-    unknown = named - exported[daemon] - SCRAPE_SERIES
+    named = rule_metrics(daemon)
+    unknown = named - exported[daemon]
     assert not unknown, f"kvmeter-{daemon} does not export {sorted(unknown)}"
     assert len(named) > 5
 
 
 # --- dashboards -------------------------------------------------------------------------------
-
-
-def dashboard(daemon: str) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(dashboard_file(daemon).read_text())
-    return loaded
-
-
-def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in board["panels"] if p["type"] != "row"]
-
-
-def dashboard_queries(board: dict[str, Any]) -> list[str]:
-    """Every PromQL query: the panels' targets and the template variables' label_values()."""
-    queries = [t["expr"] for p in panels(board) for t in p["targets"]]
-    for var in board["templating"]["list"]:
-        if var["type"] == "query":
-            m = re.fullmatch(r"label_values\((.+),\s*\w+\)", var["query"]["query"])
-            assert m, var
-            queries.append(m.group(1))
-    return queries
 
 
 @pytest.mark.parametrize("daemon", DAEMONS)
@@ -261,7 +190,7 @@ def test_dashboard_queries_parse_in_prometheus(daemon: str, tmp_path: Path) -> N
 
 @pytest.mark.parametrize("daemon", DAEMONS)
 def test_dashboard_names_only_exported_metrics(daemon: str, exported: dict[str, set[str]]) -> None:
-    named = set().union(*(metric_names(q) for q in dashboard_queries(dashboard(daemon))))
+    named = dashboard_metrics(daemon)
     unknown = named - exported[daemon]
     assert not unknown, f"kvmeter-{daemon} does not export {sorted(unknown)}"
     assert len(named) > 10
