@@ -35,6 +35,17 @@ give the same event and a pass run again adds nothing. Rules:
   disagreeing with kvmeter's owner) -> no correction, a note.
 - A snapshot where most of the VMs kvmeter has open are missing is refused (a key that sees
   only part of the cloud must not destroy the rest).
+
+Under the billing policy (collector/policy.py; the rules above are the default's) a correction is
+an event the policy honours, so kvmeter's view and CloudStack's agree under it:
+- running "state": RUNNING is started and stopped by resource-state events (Stopped -> Running,
+  Running -> Stopped / Destroyed), not usage events; a destroy under allocated_until "destroy"
+  adds the usage VM.DESTROY that closes ALLOCATED.
+- allocated_until "expunge": a VM CloudStack lists as Destroyed or Error is still allocated (no
+  correction); one it no longer lists (or lists as Expunging) gets a usage-shaped VM.EXPUNGE,
+  which closes ALLOCATED and RUNNING under every policy.
+- allocated_from "first_start": a VM created and never started has no ALLOCATED and needs none;
+  a lost create is still corrected (it makes the VM allocatable).
 """
 
 from __future__ import annotations
@@ -42,12 +53,13 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kvmeter.collector.cloudstack import event_id
 from kvmeter.collector.cs_snapshot import Snapshot, SnapshotError, Vm
 from kvmeter.collector.model import ResourceHistory, Segment
+from kvmeter.collector.policy import DEFAULT_POLICY, DESTROY, BillingPolicy
 from kvmeter.proto import pb
 
 SOURCE = "cloudstack-api"
@@ -55,6 +67,8 @@ ROUTER_OWNER = "ROUTER.OWNER"
 RUNNING = "Running"
 STOPPED = "Stopped"
 GONE_STATES = frozenset({"Destroyed", "Expunging", "Expunged", "Error"})
+EXPUNGED_STATES = frozenset({"Expunging", "Expunged"})
+POST_TRANSITION = "postStateTransitionEvent"
 SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.SCALE"})
 MAX_GONE_FRACTION = 0.5  # of the VMs kvmeter has open, when at least MIN_FOR_GUARD are
 MIN_FOR_GUARD = 4
@@ -116,10 +130,17 @@ class Correction:
     zone: str = ""
     details: tuple[tuple[str, str], ...] = ()
     source: str = SOURCE
+    states: tuple[str, str] | None = None  # (old, new): a resource-state event, not a usage event
 
     def event_value(self) -> bytes:
-        """The correction as a bus usage event (canonical JSON: the same correction, the same
-        bytes, the same event id)."""
+        """The correction as a bus usage event, or a resource-state event when `states` is set
+        (canonical JSON: the same correction, the same bytes, the same event id)."""
+        if self.states:
+            state = {"resource": self.resource_type, "id": self.resource_uuid, "status": POST_TRANSITION}
+            state.update({"old-state": self.states[0], "new-state": self.states[1]})
+            state.update({"eventDateTime": _format_time(self.time_ms), "source": self.source})
+            state["reason"] = self.reason
+            return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
         doc: dict[str, str] = {
             "event": self.event_type,
             "resource": self.resource_type,
@@ -167,11 +188,14 @@ def view_of(
     return View(histories, last, scaled, dict(witness or {}))
 
 
-def reconcile(view: View, snapshot: Snapshot, previous: Snapshot | None = None) -> Findings:
-    """The corrections that make kvmeter's view agree with CloudStack's (see module doc)."""
+def reconcile(
+    view: View, snapshot: Snapshot, previous: Snapshot | None = None, policy: BillingPolicy = DEFAULT_POLICY
+) -> Findings:
+    """The corrections that make kvmeter's view agree with CloudStack's under the billing policy
+    (see module doc)."""
     out = Findings()
     _guard(view, snapshot)
-    corrected = _vms(view, snapshot, previous, out)
+    corrected = _vms(view, snapshot, previous, out, policy)
     _offerings(view, snapshot, previous, out, skip=corrected)
     _ips(view, snapshot, previous, out)
     _routers(view, snapshot, out)
@@ -184,7 +208,24 @@ def _open(segments: list[Segment]) -> Segment | None:
 
 
 def _vm_histories(view: View) -> dict[str, ResourceHistory]:
-    return {u: h for u, h in view.histories.items() if h.running or h.allocated}
+    return {u: h for u, h in view.histories.items() if h.running or h.allocated or h.allocation_pending}
+
+
+def _running_change(
+    policy: BillingPolicy, correction: Correction, allocated: Segment | None
+) -> list[Correction]:
+    """A VM.START / VM.STOP / VM.DESTROY correction as events the policy honours: under running
+    "state", a state event for RUNNING (and the usage VM.DESTROY for an open ALLOCATED, when the
+    policy ends it at the destroy)."""
+    if policy.running_by_usage:
+        return [correction]
+    old, new = {"VM.START": ("Stopped", RUNNING), "VM.STOP": (RUNNING, STOPPED)}.get(
+        correction.event_type, (RUNNING, "Destroyed")
+    )
+    found = [replace(correction, states=(old, new), offering="", zone="")]
+    if correction.event_type == "VM.DESTROY" and allocated is not None and policy.allocated_until == DESTROY:
+        found.append(correction)
+    return found
 
 
 def _guard(view: View, snapshot: Snapshot) -> None:
@@ -220,7 +261,9 @@ def _owner(view: View, snapshot: Snapshot, uuid: str, name: str, domain: str, pr
     return theirs or ours
 
 
-def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings) -> set[str]:
+def _vms(
+    view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings, policy: BillingPolicy
+) -> set[str]:
     corrected: set[str] = set()
     histories = _vm_histories(view)
     for uuid in sorted(set(histories) | set(snapshot.vms)):
@@ -234,6 +277,9 @@ def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
         allocated = _open(history.allocated) if history else None
         witness = view.witness.get(uuid)
         gone = state == _GONE or state in GONE_STATES
+        # What ends the allocation under the policy, and the previous pass confirming it.
+        ended = {_GONE, *(GONE_STATES if policy.allocated_until == DESTROY else EXPUNGED_STATES)}
+        ending = "VM.DESTROY" if policy.allocated_until == DESTROY else "VM.EXPUNGE"
         account = history.owner_at(snapshot.taken_ms) or "" if history else ""
         if running is not None and (state == STOPPED or gone):
             if witness is not None and witness.running and _fresh(witness, snapshot):
@@ -254,23 +300,42 @@ def _vms(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Finding
                 continue
             at = max(min(seen), running.start_ms)
             destroyed = gone and prev_ok and (prev == _GONE or prev in GONE_STATES)
-            kind = "VM.DESTROY" if destroyed else "VM.STOP"
+            if destroyed and state in ended and prev in ended:
+                kind = ending
+            else:
+                kind = "VM.DESTROY" if destroyed else "VM.STOP"
             reason = f"CloudStack says {state} while kvmeter had it running (stop event lost)"
-            out.corrections.append(Correction(uuid, "VirtualMachine", kind, at, account, reason))
+            found = Correction(uuid, "VirtualMachine", kind, at, account, reason)
+            out.corrections.extend(
+                [found] if kind == "VM.EXPUNGE" else _running_change(policy, found, allocated)
+            )
             corrected.add(uuid)
-        elif allocated is not None and running is None and gone:
-            if prev_ok and (prev == _GONE or prev in GONE_STATES):
+        elif allocated is not None and running is None and state in ended:
+            if prev_ok and prev in ended:
                 at = max(prev_ms, allocated.start_ms)
-                reason = f"CloudStack says {state} while kvmeter had it allocated (destroy event lost)"
-                out.corrections.append(Correction(uuid, "VirtualMachine", "VM.DESTROY", at, account, reason))
+                lost = "destroy" if ending == "VM.DESTROY" else "expunge"
+                reason = f"CloudStack says {state} while kvmeter had it allocated ({lost} event lost)"
+                out.corrections.append(Correction(uuid, "VirtualMachine", ending, at, account, reason))
                 corrected.add(uuid)
             else:
                 out.notes.append(
                     f"{uuid}: CloudStack says {state}, kvmeter allocated: awaiting a second witness"
                 )
         elif vm is not None and not gone and (state == RUNNING or state == STOPPED):
-            if (running is None and state == RUNNING) or allocated is None:
-                if _opened(view, snapshot, previous, vm, history, allocated, running, witness, out):
+            unallocated = allocated is None and not (history is not None and history.allocation_pending)
+            if (running is None and state == RUNNING) or unallocated:
+                if _opened(
+                    view,
+                    snapshot,
+                    previous,
+                    vm,
+                    history,
+                    running,
+                    witness,
+                    out,
+                    policy,
+                    unallocated=unallocated,
+                ):
                     corrected.add(uuid)
     return corrected
 
@@ -281,10 +346,12 @@ def _opened(
     previous: Snapshot | None,
     vm: Vm,
     history: ResourceHistory | None,
-    allocated: Segment | None,
     running: Segment | None,
     witness: Witness | None,
     out: Findings,
+    policy: BillingPolicy,
+    *,
+    unallocated: bool,
 ) -> bool:
     """Lost VM.CREATE / VM.START of a VM CloudStack lists as existing (Running or Stopped)."""
     uuid, last = vm.uuid, view.last_event_ms.get(vm.uuid, 0)
@@ -296,7 +363,7 @@ def _opened(
         out.notes.append(f"{uuid}: CloudStack says {vm.state}, owner not known for sure: left alone")
         return False
     added = False
-    if allocated is None:
+    if unallocated:
         listed = prev_ok and prev is not None and prev != _GONE and prev not in GONE_STATES
         ended = [s.end_ms for s in history.allocated if s.end_ms is not None] if history else []
         if vm.created_ms is not None and vm.created_ms >= max(ended, default=0) and listed:
@@ -331,11 +398,10 @@ def _opened(
             out.notes.append(f"{uuid}: CloudStack says Running, kvmeter not: awaiting a second witness")
             return added
         reason = "CloudStack says Running while kvmeter had it stopped (start event lost)"
-        out.corrections.append(
-            Correction(
-                uuid, "VirtualMachine", "VM.START", min(seen), owner, reason, vm.offering, zone=vm.zone
-            )
+        start = Correction(
+            uuid, "VirtualMachine", "VM.START", min(seen), owner, reason, vm.offering, zone=vm.zone
         )
+        out.corrections.extend(_running_change(policy, start, None))
         added = True
     return added
 

@@ -71,7 +71,7 @@ class Reconciler:
         witness.update(self.collector.witness)
         events = {resource: list(evs.values()) for resource, evs in self.collector.events.items()}
         view = view_of(events, self.collector.histories, witness)
-        return reconcile(view, snapshot, previous)
+        return reconcile(view, snapshot, previous, self.collector.settings.policy)
 
     def apply(self, snapshot: Snapshot) -> Outcome:
         """One whole pass outside the feed loop: plan, apply the events, keep the rest."""
