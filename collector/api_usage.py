@@ -77,12 +77,16 @@ def register(app: Flask, store: Store) -> None:
         until = api_params.optional_time_ms(args.get("until"), "until", default=2**62)
         accounts = visible_accounts(api_params.name(args.get("account"), "account"))
         limit = _limit(args)
-        query = api_params.fingerprint("adjustments", since, until, _sorted(accounts))
-        position = api_params.decode_cursor(args.get("cursor"), query, 1)
+        # after: the last seq a poller took (the last page gives no cursor; its last seq does)
+        after = api_params.optional_integer(args.get("after"), "after", default=0, maximum=2**63 - 1)
+        query = api_params.fingerprint("adjustments", since, until, _sorted(accounts), after)
+        position = api_params.decode_cursor(args.get("cursor"), query, 1) or (after,)
 
         def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[Adjustment], tuple[int, ...] | None]:
-            page = store.adjustments(since, until, accounts=accounts, limit=n, after_id=at[0] if at else None)
-            return page, ((page[-1].id,) if page else None)
+            page = store.adjustments(
+                since, until, accounts=accounts, limit=n, after_seq=at[0] if at else None
+            )
+            return page, ((page[-1].seq,) if page else None)
 
         rows, cursor = _page(fetch, limit, position, query)
         if fmt == "csv":

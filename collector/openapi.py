@@ -133,6 +133,12 @@ SCHEMAS: dict[str, Any] = {
             "reason": _STR,
             "created": _STR,
             "created_ms": _INT,
+            "seq": {**_INT, "description": "Commit order: what pages follow (never a clock)."},
+            "version": {**_INT, "description": "n: the n-th adjustment of its record."},
+            "transaction_id": {
+                **_STR,
+                "description": "Stable id of this billable item: uuid5 of the record's key and version.",
+            },
         }
     ),
     "Correction": {
@@ -284,11 +290,20 @@ def document(*, webhook: bool = False) -> dict[str, Any]:
             "/v1/adjustments": {
                 "get": {
                     "summary": "Changes to final windows created in [since, until), a page at a time",
-                    "description": "What a billing system that already took those windows must apply.",
+                    "description": (
+                        "What a billing system that already took those windows must apply. Pages "
+                        "follow `seq`, given in commit order, so a row committed late by another "
+                        "replica is never stepped over; `since`/`until` only filter."
+                    ),
                     "parameters": [
                         _time("since", "Created from", required=True),
                         _time("until", "Created before (default: no end)"),
                         _PARAMS["account"],
+                        _query(
+                            "after",
+                            "Only rows whose seq is greater (a poller's last seq; default 0).",
+                            {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        ),
                         *page_params,
                     ],
                     "responses": {

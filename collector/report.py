@@ -92,7 +92,8 @@ def record_dict(row: UsageRow) -> dict[str, Any]:
 
 ADJUSTMENT_FIELDS = [
     "account", "usage_type", "usage_type_name", "resource", "offering", "traffic_type", "start", "end",
-    "start_ms", "end_ms", "delta", "unit", "reason", "created", "created_ms",
+    "start_ms", "end_ms", "delta", "unit", "reason", "created", "created_ms", "seq", "version",
+    "transaction_id",
 ]  # fmt: skip
 
 
@@ -106,6 +107,9 @@ def adjustment_dict(adj: Adjustment) -> dict[str, Any]:
         "reason": adj.reason,
         "created": iso(adj.created_ms),
         "created_ms": adj.created_ms,
+        "seq": adj.seq,
+        "version": adj.version,
+        "transaction_id": adj.transaction_id,
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from kvmeter.collector import schema_outbox
 from kvmeter.proto import pb
 
 metadata = sa.MetaData()
@@ -56,6 +57,7 @@ usage_records = sa.Table(
     sa.Column("device_type", sa.String(32), nullable=False),
     sa.Column("created_ms", sa.BigInteger, nullable=False),
     sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    schema_outbox.version_column(),  # adjustments so far (migration 14)
     sa.UniqueConstraint(*KEY_COLUMNS, name="uq_usage_records_key"),
 )
 sa.Index("ix_usage_records_window", usage_records.c.window_start_ms)
@@ -69,7 +71,10 @@ usage_adjustments = sa.Table(
     sa.Column("delta", sa.BigInteger, nullable=False),
     sa.Column("reason", sa.String(64), nullable=False),
     sa.Column("created_ms", sa.BigInteger, nullable=False),
+    schema_outbox.version_column(),  # the record's version this adjustment made (migration 14)
+    schema_outbox.seq_column(),  # commit order, what /v1/adjustments pages by (migration 14)
 )
+sa.Index("ix_usage_adjustments_seq", usage_adjustments.c.seq, unique=True)
 sa.Index("ix_usage_adjustments_key", *(usage_adjustments.c[name] for name in KEY_COLUMNS))
 sa.Index("ix_usage_adjustments_resource", usage_adjustments.c.resource)
 
@@ -263,6 +268,8 @@ collector_state = sa.Table(
     sa.Column("value", sa.BigInteger, nullable=False),
 )
 
+handoff_outbox = schema_outbox.outbox_table(metadata)  # billable items to hand off (migration 14)
+
 V1_TABLES = [
     usage_records,
     usage_adjustments,
@@ -403,8 +410,16 @@ def _migration_12(conn: Connection) -> None:
     _add_missing_columns(conn, dead_letters, ("record_key", "retries", "retried_ms", "resolved_ms"))
 
 
+def _migration_14(conn: Connection) -> None:
+    _add_missing_columns(conn, usage_records, ("version",))
+    _add_missing_columns(conn, usage_adjustments, ("version", "seq"))
+    schema_outbox.migrate(
+        conn, usage_records, usage_adjustments, collector_state, handoff_outbox, KEY_COLUMNS
+    )
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
-    (11, _migration_11), (12, _migration_12),
+    (11, _migration_11), (12, _migration_12), (14, _migration_14),
 ]  # fmt: skip

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from kvmeter.collector.schema import KEY_COLUMNS, MIGRATIONS, schema_version
+from kvmeter.collector.store import sequence
 
 
 def engine_url(url: str) -> str:
@@ -37,7 +38,10 @@ def now_ms() -> int:
 class StoreCore:
     """Engine, transactions and schema; the table families' mixins build on it."""
 
-    def __init__(self, url: str, *, pool_size: int = 5):
+    def __init__(self, url: str, *, pool_size: int = 5, outbox: bool = False):
+        """outbox: finalization and adjustments also write billable items to the hand-off's
+        outbox (when [handoff] is configured: nothing else would ever send them)."""
+        self.outbox = outbox
         self.url = engine_url(url)
         if self.url.startswith("sqlite"):
             self.engine = _sqlite_engine(self.url)
@@ -58,11 +62,14 @@ class StoreCore:
     # -- transactions -------------------------------------------------------------------------
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A read-write transaction (SQLite: BEGIN IMMEDIATE, one writer at a time)."""
+        """A read-write transaction (SQLite: BEGIN IMMEDIATE, one writer at a time). Adjustments
+        it made get their seq last, just before the commit (store/sequence.py)."""
         with self.engine.connect() as conn:
             conn = conn.execution_options(kvmeter_write=True)
+            sequence.clear(conn)
             with conn.begin():
                 yield conn
+                sequence.assign(conn)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from kvmeter.collector import billable
 from kvmeter.collector.model import Measure, UsageKey
 from kvmeter.collector.schema import (
     KEY_COLUMNS,
@@ -46,7 +47,12 @@ class Adjustment:
     delta: int
     reason: str  # "late bytes", "late lifecycle", "late attribution", "unattributed"
     created_ms: int
-    id: int = 0  # the row's: adjustments are listed, and paged, in the order they were made
+    seq: int = 0  # commit order: adjustments are listed, and paged, by it
+    version: int = 1  # the record's version it made: n for the n-th adjustment of its record
+
+    @property
+    def transaction_id(self) -> str:
+        return billable.transaction_id(self.key, self.version)
 
 
 def _key_filters(
@@ -122,30 +128,33 @@ class Reads(StoreCore):
         account: str | None = None,
         accounts: frozenset[str] | None = None,
         limit: int | None = None,
-        after_id: int | None = None,
+        after_seq: int | None = None,
     ) -> list[Adjustment]:
-        """Adjustment rows created in [since_ms, until_ms), in the order they were made: what
-        changed in final windows, for a billing system that already took them. accounts: only
-        theirs (an empty set: none); limit and after_id (the last id of the previous page) page
-        them along the primary key, so a page costs its own rows."""
+        """Adjustment rows created in [since_ms, until_ms), in the order they were committed:
+        what changed in final windows, for a billing system that already took them. accounts:
+        only theirs (an empty set: none); limit and after_seq (the last seq of the previous
+        page) page them by seq, given in commit order, so a page never steps over a row another
+        replica commits later (store/sequence.py), and a page costs its own rows."""
         if accounts is not None and not accounts:
             return []
         adj = usage_adjustments.c
         query = (
-            sa.select(*(adj[c] for c in KEY_COLUMNS), adj.delta, adj.reason, adj.created_ms, adj.id)
-            .where(adj.created_ms >= since_ms, adj.created_ms < until_ms)
-            .order_by(adj.id)
+            sa.select(
+                *(adj[c] for c in KEY_COLUMNS), adj.delta, adj.reason, adj.created_ms, adj.seq, adj.version
+            )
+            .where(adj.created_ms >= since_ms, adj.created_ms < until_ms, adj.seq.is_not(None))
+            .order_by(adj.seq)
             .limit(limit)
         )
         if account is not None:
             query = query.where(adj.account == account)
         if accounts is not None:
             query = query.where(adj.account.in_(sorted(accounts)))
-        if after_id is not None:
-            query = query.where(adj.id > after_id)
+        if after_seq is not None:
+            query = query.where(adj.seq > after_seq)
         with self.read() as conn:
             return [
-                Adjustment(UsageKey(*r[:7]), int(r[7]), r[8], int(r[9]), int(r[10]))
+                Adjustment(UsageKey(*r[:7]), int(r[7]), r[8], int(r[9]), int(r[10]), int(r[11]))
                 for r in conn.execute(query)
             ]
 

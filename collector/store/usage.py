@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from kvmeter.collector import billable
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.schema import (
     FINALIZED_THROUGH,
@@ -20,6 +21,7 @@ from kvmeter.collector.schema import (
     usage_adjustments,
     usage_records,
 )
+from kvmeter.collector.store import outbox, sequence
 from kvmeter.collector.store.engine import StoreCore, slices
 
 # Column orders of the tuples _upsert_rows writes: the UsageKey's fields first, as UsageKey has them.
@@ -60,6 +62,16 @@ class UsageWrites(StoreCore):
             .where(collector_state.c.name == FINALIZED_THROUGH)
             .values(value=through_ms)
         )
+        if self.outbox:  # the records as they become final: one billable item each (not zeros)
+            rec = usage_records.c
+            query = sa.select(*(rec[c] for c in KEY_COLUMNS), rec.quantity, rec.resource_name).where(
+                rec.final == sa.false(), rec.window_end_ms <= through_ms, rec.quantity != 0
+            )
+            items = [
+                billable.record_item(UsageKey(*row[:7]), int(row[7]), row[8], now_ms)
+                for row in conn.execute(query.order_by(*(rec[c] for c in KEY_COLUMNS)))
+            ]
+            outbox.add_items(conn, self, items, now_ms)
         result = conn.execute(
             sa.update(usage_records)
             .where(usage_records.c.final == sa.false(), usage_records.c.window_end_ms <= through_ms)
@@ -115,7 +127,12 @@ class UsageWrites(StoreCore):
         """Adjustment rows for final windows; a key new to a final window gets a zero record
         (final) so that reports list it, with the whole amount as the adjustment."""
         keys = sorted(deltas)
-        stmt = self._insert(usage_records).on_conflict_do_nothing(index_elements=list(KEY_COLUMNS))
+        # Each adjustment is the record's next version; the upsert row-locks the record (in key
+        # order: no deadlock between replicas), so two replicas adjusting it take turns.
+        stmt = self._insert(usage_records)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=list(KEY_COLUMNS), set_={"version": usage_records.c.version + 1}
+        )
         conn.execute(
             stmt,
             [
@@ -127,14 +144,46 @@ class UsageWrites(StoreCore):
                     "device_type": names.get(k, ("", ""))[1],
                     "created_ms": now_ms,
                     "updated_ms": now_ms,
+                    "version": 1,
                 }
                 for k in keys
             ],
         )
+        versions = self._versions(conn, keys)
         conn.execute(
             sa.insert(usage_adjustments),
-            [{**_key_dict(k), "delta": deltas[k], "reason": reason, "created_ms": now_ms} for k in keys],
+            [
+                {
+                    **_key_dict(k),
+                    "delta": deltas[k],
+                    "reason": reason,
+                    "created_ms": now_ms,
+                    "version": versions[k],
+                }
+                for k in keys
+            ],
         )
+        sequence.mark_pending(conn)
+        if self.outbox:
+            items = [billable.adjustment_item(k, versions[k], deltas[k], reason, now_ms) for k in keys]
+            outbox.add_items(conn, self, items, now_ms)
+
+    def _versions(self, conn: Connection, keys: Sequence[UsageKey]) -> dict[UsageKey, int]:
+        """Current versions of these records (locked by this transaction's upsert)."""
+        rec = usage_records.c
+        wanted = set(keys)
+        out: dict[UsageKey, int] = {}
+        for part in slices(sorted({k.resource for k in keys})):
+            query = sa.select(*(rec[c] for c in KEY_COLUMNS), rec.version).where(
+                rec.resource.in_(part),
+                rec.window_start_ms >= min(k.window_start_ms for k in keys),
+                rec.window_start_ms <= max(k.window_start_ms for k in keys),
+            )
+            for row in conn.execute(query):
+                key = UsageKey(*row[:7])
+                if key in wanted:
+                    out[key] = int(row[7])
+        return out
 
     # -- time-based usage (whole values) ------------------------------------------------------
     def lock_resources(self, conn: Connection, resources: Iterable[str]) -> None:

@@ -1,0 +1,96 @@
+"""The hand-off's tables (migration 14): the outbox of billable items, and what stable
+transaction ids and ordered paging of adjustments need of the usage tables.
+
+usage_records.version counts the adjustments of a record (0 when it is finalized); each
+adjustment row keeps the version it made (1, 2, ...). A billable item's transaction id is
+derived from its key and that version (collector/transaction_ids.py). usage_adjustments.seq is
+assigned in commit order (store/sequence.py), so /v1/adjustments pages by it without ever
+stepping over a row another replica committed late.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+
+_id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+ADJUSTMENT_SEQ = "adjustment_seq"  # collector_state: the last seq given to an adjustment
+
+
+def outbox_table(metadata: sa.MetaData) -> sa.Table:
+    """One row per billable item, written in the transaction that finalized the record or made
+    the adjustment. A sink's column is set once that sink confirmed the item; sent_ms once every
+    configured sink has. claimed_until_ms: a relay's lease (another relay skips the row until
+    then; a relay killed mid-delivery lets it lapse and the row is sent again)."""
+    table = sa.Table(
+        "handoff_outbox",
+        metadata,
+        sa.Column("id", _id, primary_key=True, autoincrement=True),
+        sa.Column("transaction_id", sa.String(64), nullable=False, unique=True),
+        sa.Column("account", sa.String(64), nullable=False),
+        sa.Column("item", sa.Text, nullable=False),  # the billable item as JSON
+        sa.Column("created_ms", sa.BigInteger, nullable=False),
+        sa.Column("topic_sent_ms", sa.BigInteger, nullable=True),
+        sa.Column("webhook_sent_ms", sa.BigInteger, nullable=True),
+        sa.Column("sent_ms", sa.BigInteger, nullable=True),
+        sa.Column("claimed_until_ms", sa.BigInteger, nullable=True),
+        sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+        sa.Column("last_error", sa.Text, nullable=True),
+    )
+    sa.Index("ix_handoff_outbox_pending", table.c.sent_ms, table.c.id)
+    return table
+
+
+def version_column() -> sa.Column[Any]:
+    return sa.Column("version", sa.Integer, nullable=False, server_default="0")
+
+
+def seq_column() -> sa.Column[Any]:
+    return sa.Column("seq", sa.BigInteger, nullable=True)
+
+
+def migrate(
+    conn: Any,
+    records: sa.Table,
+    adjustments: sa.Table,
+    state: sa.Table,
+    outbox: sa.Table,
+    key: tuple[str, ...],
+) -> None:
+    """Migration 14's data: versions and seqs of the adjustments made before it (versions in the
+    order they were made, per key; seq = id, which was their order), each record's version =
+    its number of adjustments, the seq counter, and the outbox table. Items finalized before
+    the migration are not put in the outbox: /v1/usage and /v1/adjustments list them."""
+    adj = adjustments.c
+    set_version = (
+        sa.update(adjustments).where(adj.id == sa.bindparam("row_id")).values(version=sa.bindparam("v"))
+    )
+    rec = records.c
+    set_record = (
+        sa.update(records)
+        .where(*(rec[c] == sa.bindparam(f"k_{c}") for c in key))
+        .values(version=sa.bindparam("v"))
+    )
+    counts: dict[tuple[Any, ...], int] = {}
+    changed = []
+    query = sa.select(adj.id, *(adj[c] for c in key)).order_by(*(adj[c] for c in key), adj.id)
+    for row in conn.execute(query):
+        k = tuple(row[1:])
+        counts[k] = counts.get(k, 0) + 1
+        changed.append({"row_id": row[0], "v": counts[k]})
+    if changed:
+        conn.execute(set_version, changed)
+        conn.execute(
+            set_record,
+            [{"v": n, **{f"k_{c}": v for c, v in zip(key, k, strict=True)}} for k, n in counts.items()],
+        )
+    conn.execute(sa.update(adjustments).where(adj.seq.is_(None)).values(seq=adj.id))
+    conn.execute(
+        sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ix_usage_adjustments_seq ON usage_adjustments (seq)")
+    )
+    top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(adj.seq), 0))).scalar()
+    have = conn.execute(sa.select(state.c.name).where(state.c.name == ADJUSTMENT_SEQ)).first()
+    if have is None:
+        conn.execute(sa.insert(state).values(name=ADJUSTMENT_SEQ, value=int(top or 0)))
+    outbox.create(conn, checkfirst=True)

@@ -1,0 +1,140 @@
+"""The hand-off's outbox: billable items written in the transaction that made them, then
+claimed, confirmed and pruned by the relay (collector/outbox_relay.py).
+
+A relay claims a batch of pending rows for a lease (PostgreSQL: the rows it picks are locked
+`FOR UPDATE SKIP LOCKED`, so two replicas never claim the same row at once; SQLite: one writer
+at a time), delivers them outside any transaction, then marks each sink's confirmation. A relay
+killed mid-delivery marks nothing: its lease lapses and the rows are delivered again (at least
+once; the transaction ids make the second delivery harmless).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector import billable
+from kvmeter.collector.schema import handoff_outbox
+from kvmeter.collector.store.engine import StoreCore, slices
+
+TOPIC = "topic"
+WEBHOOK = "webhook"
+SINK_COLUMNS = {TOPIC: "topic_sent_ms", WEBHOOK: "webhook_sent_ms"}
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    transaction_id: str
+    account: str
+    item: str  # JSON
+    topic_sent: bool
+    webhook_sent: bool
+
+
+def add_items(conn: Connection, store: StoreCore, items: Sequence[dict[str, Any]], now_ms: int) -> None:
+    """Put billable items in the outbox (a transaction id already there is left alone)."""
+    if not items:
+        return
+    rows = [
+        {
+            "transaction_id": item["transaction_id"],
+            "account": item["account"],
+            "item": billable.encode(item),
+            "created_ms": now_ms,
+        }
+        for item in items
+    ]
+    stmt = store._insert(handoff_outbox).on_conflict_do_nothing(index_elements=["transaction_id"])
+    for part in slices(rows):
+        conn.execute(stmt, list(part))
+
+
+class Outbox(StoreCore):
+    """The relay's statements, each in its own short transaction."""
+
+    def claim_outbox(self, limit: int, now_ms: int, lease_ms: int, sinks: Iterable[str]) -> list[OutboxRow]:
+        """Up to `limit` pending rows no live lease holds, oldest first, leased to the caller."""
+        ob = handoff_outbox.c
+        wanted = [ob[SINK_COLUMNS[s]].is_(None) for s in sinks]
+        if not wanted:
+            return []
+        with self.write() as conn:
+            query = (
+                sa.select(ob.id)
+                .where(
+                    ob.sent_ms.is_(None),
+                    sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
+                    sa.or_(*wanted),
+                )
+                .order_by(ob.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+            ids = [int(row[0]) for row in conn.execute(query)]
+            if not ids:
+                return []
+            conn.execute(
+                sa.update(handoff_outbox)
+                .where(ob.id.in_(ids))
+                .values(claimed_until_ms=now_ms + lease_ms, attempts=ob.attempts + 1)
+            )
+            rows = conn.execute(
+                sa.select(ob.id, ob.transaction_id, ob.account, ob.item, ob.topic_sent_ms, ob.webhook_sent_ms)
+                .where(ob.id.in_(ids))
+                .order_by(ob.id)
+            )
+            return [OutboxRow(int(r[0]), r[1], r[2], r[3], r[4] is not None, r[5] is not None) for r in rows]
+
+    def confirm_outbox(self, ids: Sequence[int], sink: str, now_ms: int, sinks: Iterable[str]) -> None:
+        """`sink` confirmed these rows; a row every configured sink confirmed is sent."""
+        if not ids:
+            return
+        ob = handoff_outbox.c
+        done = sa.and_(*(ob[SINK_COLUMNS[s]].is_not(None) for s in sinks))
+        with self.write() as conn:
+            for part in slices(list(ids)):
+                conn.execute(
+                    sa.update(handoff_outbox).where(ob.id.in_(part)).values({SINK_COLUMNS[sink]: now_ms})
+                )
+                conn.execute(
+                    sa.update(handoff_outbox)
+                    .where(ob.id.in_(part), ob.sent_ms.is_(None), done)
+                    .values(sent_ms=now_ms, claimed_until_ms=None, last_error=None)
+                )
+
+    def release_outbox(self, ids: Sequence[int], error: str) -> None:
+        """Delivery failed: the rows are free for the next attempt, with the reason kept."""
+        if not ids:
+            return
+        ob = handoff_outbox.c
+        with self.write() as conn:
+            for part in slices(list(ids)):
+                conn.execute(
+                    sa.update(handoff_outbox)
+                    .where(ob.id.in_(part), ob.sent_ms.is_(None))
+                    .values(claimed_until_ms=None, last_error=error[:1000])
+                )
+
+    def outbox_stats(self) -> tuple[int, int | None]:
+        """(rows pending, created_ms of the oldest pending row or None)."""
+        ob = handoff_outbox.c
+        with self.read() as conn:
+            row = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(ob.created_ms)).where(ob.sent_ms.is_(None))
+            ).one()
+        return int(row[0]), (None if row[1] is None else int(row[1]))
+
+    def prune_outbox(self, sent_before_ms: int) -> int:
+        """Delete rows every sink confirmed before `sent_before_ms` (retention); pending rows are
+        never deleted. Returns how many."""
+        ob = handoff_outbox.c
+        with self.write() as conn:
+            result = conn.execute(
+                sa.delete(handoff_outbox).where(ob.sent_ms.is_not(None), ob.sent_ms < sent_before_ms)
+            )
+        return int(result.rowcount or 0)
