@@ -45,8 +45,8 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]
 class Running:
     """The collector's loop over a Kafka input, on its own thread."""
 
-    def __init__(self, store: Store, kafka: KafkaConfig, clock: Clock):
-        self.collector = Collector(store, Settings(), clock)
+    def __init__(self, store: Store, kafka: KafkaConfig, clock: Clock, settings: Settings | None = None):
+        self.collector = Collector(store, settings or Settings(), clock)
         metrics = Metrics()
         self.kafka = KafkaInput(kafka, metrics)
         self.live = Feeder(self.collector, [self.kafka], metrics, tick_seconds=0.5, poll_timeout=0.2)
