@@ -151,9 +151,10 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     if webhook is not None:
         logging.getLogger(__name__).info("webhook: CloudStack's deliveries on %s", WEBHOOK_PATH)
     logging.getLogger(__name__).info(
-        "store %s; window %d s, grace %d s, billable %s",
+        "store %s; window %d s, grace %d s, billable %s; policy %s",
         store.engine.url.render_as_string(hide_password=True), cfg.settings.window_ms // 1000,
         cfg.settings.grace_ms // 1000, ",".join(sorted(cfg.settings.billable)),
+        cfg.settings.policy.describe(),
     )  # fmt: skip
     try:
         live.run()
