@@ -84,6 +84,10 @@ SCHEMA: dict[str, Any] = {
                 "window_seconds": {"type": "integer", "minimum": 1, "maximum": DAY_S},
                 "grace_seconds": {"type": "integer", "minimum": 0},
                 "park_horizon_seconds": {"type": "integer", "minimum": 0},
+                # false: every resource stays in memory
+                "evict_closed_after_seconds": {
+                    "anyOf": [{"type": "integer", "minimum": 0}, {"const": False}]
+                },
                 "tick_seconds": {"type": "number", "exclusiveMinimum": 0},
                 "billable_traffic_types": {
                     "type": "array",
@@ -221,6 +225,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             routers=routers,
             max_event_bytes=events.get("max_event_bytes", DEFAULT_MAX_EVENT_BYTES),
             policy=policy_from(doc.get("policy", {})),
+            evict_after_ms=_evict_after_ms(use.get("evict_closed_after_seconds", DAY_S)),
         ),
         tick_seconds=float(use.get("tick_seconds", 30.0)),
         api=ApiConfig(
@@ -241,6 +246,11 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         ),
         webhook_secret=webhook_secret,
     )
+
+
+def _evict_after_ms(seconds: object) -> int | None:
+    """`false` keeps every resource in memory."""
+    return None if seconds is False or not isinstance(seconds, int) else seconds * 1000
 
 
 def listen_address(text: str) -> tuple[str, int]:

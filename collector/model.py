@@ -175,6 +175,9 @@ class Settings:
     routers: Mapping[str, str] = field(default_factory=dict)  # router domain name / uuid -> account
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES  # a bigger lifecycle event is dead-lettered
     policy: BillingPolicy = DEFAULT_POLICY  # which events open and close what is billed ([policy])
+    # A resource whose lifecycle closed longer ago than this (and than grace_ms) leaves memory
+    # and is reloaded from the store when touched again (residency.py); None keeps every one.
+    evict_after_ms: int | None = 24 * 3_600_000
 
 
 @dataclass(frozen=True)

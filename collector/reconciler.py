@@ -69,6 +69,8 @@ class Reconciler:
             previous = reconciliation.load_snapshot(conn)
             witness = reconciliation.load_witness(conn)
         witness.update(self.collector.witness)
+        # Resources CloudStack lists are read whole, also those that left memory.
+        self.collector.restore({*snapshot.vms, *snapshot.ips, *snapshot.routers})
         events = {resource: list(evs.values()) for resource, evs in self.collector.events.items()}
         view = view_of(events, self.collector.histories, witness)
         return reconcile(view, snapshot, previous, self.collector.settings.policy)

@@ -11,7 +11,9 @@ live consumer and for batch ingest. The clock is injected (ms since the epoch).
     tick()                   grow open time-based windows, finalize windows past the grace period,
                              retry parked measures when ownership knowledge changed, report
                              measures parked past the horizon as UNATTRIBUTED usage (they stay
-                             parked; a later owner takes the bytes over from UNATTRIBUTED).
+                             parked; a later owner takes the bytes over from UNATTRIBUTED), let
+                             resources closed long ago leave memory (residency.py).
+    restore(resources)       bring evicted resources back from the store (before reading them).
 
 A change to a final window is an adjustment row (store), never a rewrite. Bad input is
 dead-lettered with its bytes and the rest goes on.
@@ -26,7 +28,7 @@ from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DataError, IntegrityError
 
-from kvmeter.collector import cloudstack, decode, lifecycle, usage
+from kvmeter.collector import cloudstack, decode, lifecycle, residency, usage
 from kvmeter.collector.aggregate import Attributed, Route, Tally
 from kvmeter.collector.attribution import OwnerIndex, is_router
 from kvmeter.collector.decode import Target
@@ -53,6 +55,7 @@ MEASURES = "measures"
 LIFECYCLE = "lifecycle"
 FULL_RETRY_MS = 5 * 60_000
 SYNC_PAGE = 10_000  # stored events read per query when catching up with the store
+EVICT_EVERY_MS = 60_000  # how often tick looks for resources to let go of
 ROUTES_KEPT = 250_000  # decoded Targets whose route is kept between chunks (decode keeps 200,000)
 UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record's values
 # A history and the ids of the events it was built from.
@@ -69,6 +72,8 @@ class Collector:
         self.index = OwnerIndex(routers=settings.routers)
         self.histories: dict[str, ResourceHistory] = {}
         self._events: dict[str, dict[str, pb.LifecycleEvent]] = {}
+        self.evicted = residency.Evicted()  # resources out of memory, reloaded when read
+        self._evicted_ms = -(2**62)  # when tick last looked for some
         self._last_event_row = 0
         self._knowledge = 0  # bumps whenever the owner index changes
         # Tally routes by decoded Target, kept while the histories stay the same (_knowledge).
@@ -93,21 +98,36 @@ class Collector:
 
     # -- lifecycle knowledge (shared through the store: other replicas' events count too) -----
     def sync(self) -> set[str]:
-        """Load events stored since the last sync (by anyone) into histories and the index."""
-        return self._learn(self._stored_since())
+        """Load events stored since the last sync (by anyone) into histories and the index; a
+        page at a time, letting closed resources go between pages (a replica starting on years
+        of events never holds them all)."""
+        changed: set[str] = set()
+        while True:
+            learned, more = self._page_since()
+            changed |= self._learn(learned)
+            if not more:
+                return changed
+            self._evict(self.clock())
 
     def _stored_since(self, skip: Container[str] = ()) -> list[pb.LifecycleEvent]:
         """Events stored since the last sync (by anyone) and not known here, nor in `skip`."""
         learned: list[pb.LifecycleEvent] = []
-        while True:
-            with self.store.read() as conn:
-                rows = self.store.events_since(conn, self._last_event_row, SYNC_PAGE)
-            for row_id, resource, normalized, event_id in rows:
-                self._last_event_row = row_id
-                if resource and event_id not in skip and event_id not in self._events.get(resource, ()):
-                    learned.append(pb.LifecycleEvent.FromString(normalized))
-            if len(rows) < SYNC_PAGE:
-                return learned
+        more = True
+        while more:
+            page, more = self._page_since(skip)
+            learned.extend(page)
+        return learned
+
+    def _page_since(self, skip: Container[str] = ()) -> tuple[list[pb.LifecycleEvent], bool]:
+        """One page of _stored_since, and whether there may be more."""
+        with self.store.read() as conn:
+            rows = self.store.events_since(conn, self._last_event_row, SYNC_PAGE)
+        learned: list[pb.LifecycleEvent] = []
+        for row_id, resource, normalized, event_id in rows:
+            self._last_event_row = row_id
+            if resource and event_id not in skip and event_id not in self._events.get(resource, ()):
+                learned.append(pb.LifecycleEvent.FromString(normalized))
+        return learned, len(rows) == SYNC_PAGE
 
     def _learn(
         self, events: Iterable[pb.LifecycleEvent], built: Mapping[str, Built] | None = None
@@ -119,7 +139,9 @@ class Collector:
         the sync cursor alone could step over one. A history in `built` (from the same events,
         by id) is taken as it is instead of being built again.
         """
-        changed: set[str] = set()
+        events = list(events)
+        # An evicted resource comes back whole first: its history is then built from all its events.
+        changed = set(self._load_events(None, {ev.resource_uuid for ev in events}))
         for ev in events:
             known = self._events.setdefault(ev.resource_uuid, {})
             if ev.event_id not in known:
@@ -197,6 +219,7 @@ class Collector:
             out.batches = len(admitted)
             if self._hints_missing(admitted):
                 self.hints.update(self.store.owner_hints(conn))  # another replica may have seen it
+            self._restore_for(conn, admitted)
             done = self._attribute((), out, batches=admitted)
             out.records, out.adjustments = self._write(conn, done, final_through, now)
             self.store.park(conn, done.parked, now)
@@ -357,6 +380,10 @@ class Collector:
                 if not rows:
                     break
                 after = rows[-1][0]
+                wanted = (
+                    self.evicted.wanted(m.instance_uuid, m.mac, m.address, m.start_ms) for _, m, _ in rows
+                )
+                self.restore(set().union(*wanted), conn)
                 owned = [(row_id, m, told) for row_id, m, told in rows if self.index.owner_at(m) is not None]
                 if owned:
                     part = Outcome()
@@ -434,7 +461,82 @@ class Collector:
             self._retried_at, self._retried_ms = self._knowledge, now
             out.add(self._unpark())
         out.add(self._report_unattributed())
+        if now - self._evicted_ms >= EVICT_EVERY_MS:
+            self._evicted_ms = now
+            self._evict(now)
         return out
+
+    # -- residency: what stays in memory ------------------------------------------------------
+    def _evict(self, now: int) -> int:
+        """Let resources whose lifecycle closed before the cutoff leave memory (residency.py);
+        returns how many left. Nothing is written: the store already holds all they were."""
+        keep = self.settings.evict_after_ms
+        if keep is None or not self.histories:
+            return 0
+        cutoff = now - max(keep, self.settings.grace_ms)
+        gone = []
+        for uuid, history in self.histories.items():
+            if residency.last_end(history) is None and (history.running or history.allocated or history.ip):
+                continue  # open: the common case, decided without looking at the events
+            last = max((ev.time for ev in self._events.get(uuid, {}).values()), default=0)
+            if residency.evictable(history, last, cutoff):
+                gone.append(uuid)
+        for uuid in gone:
+            history = self.histories.pop(uuid)
+            self._events.pop(uuid, None)
+            self.index.remove(uuid)
+            self.evicted.add(history)
+        if gone:
+            log.debug("%d resource(s) left memory, %d held", len(gone), len(self.histories))
+        return len(gone)
+
+    def restore(self, resources: Iterable[str], conn: Connection | None = None) -> set[str]:
+        """Bring evicted resources back from the store, rebuilt from all their events (on
+        `conn` when given, else on a read of its own); returns those brought back."""
+        back = self._load_events(conn, resources)
+        for uuid, history in sorted(back.items()):
+            self.histories[uuid] = history
+            self.index.update(history)
+        return set(back)
+
+    def _load_events(self, conn: Connection | None, resources: Iterable[str]) -> dict[str, ResourceHistory]:
+        """The evicted ones among `resources`: their events back in memory, and their histories
+        built from them (not yet in the index)."""
+        wanted = sorted({r for r in resources if r in self.evicted})
+        if not wanted:
+            return {}
+        if conn is None:
+            with self.store.read() as own:
+                stored = self.store.events_of_many(own, wanted)
+        else:
+            stored = self.store.events_of_many(conn, wanted)
+        back = {}
+        for uuid in wanted:
+            events = [pb.LifecycleEvent.FromString(raw) for raw in stored.get(uuid, [])]
+            self._events[uuid] = {ev.event_id: ev for ev in events}
+            back[uuid] = lifecycle.build_resource_history(uuid, events, self.settings.policy)
+            self.evicted.discard(back[uuid])
+        return back
+
+    def _restore_for(self, conn: Connection, batches: Sequence[decode.DecodedBatch]) -> None:
+        """Bring back the evicted resources the batches' attribution may read."""
+        if not self.evicted:
+            return
+        wanted: set[str] = set()
+        uuids = self.evicted.uuids
+        for batch in batches:
+            wanted.update(t.instance_uuid for t in set(batch.targets) if t.instance_uuid in uuids)
+            if batch.starts and min(batch.starts) < self.evicted.watermark:
+                for i, start in enumerate(batch.starts):
+                    t = batch.targets[i]
+                    mac = batch.message.measures[i].mac if batch.message is not None else ""
+                    wanted |= self.evicted.wanted(t.instance_uuid, mac, t.address, start)
+        self.restore(wanted, conn)
+
+    @property
+    def resident(self) -> int:
+        """How many resources' histories are held in memory."""
+        return len(self.histories)
 
     @property
     def events(self) -> Mapping[str, Mapping[str, pb.LifecycleEvent]]:
