@@ -1,0 +1,227 @@
+"""Bounded memory: resources whose lifecycle closed long ago leave a replica's memory and come back
+whole from the store when an event, a measure or the reconciler reads them again, so the records
+are exactly those of a replica that kept everything (DESIGN.md, invariant 5)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.service import Collector
+from kvmeter.collector.store import Store
+from tests.collector_support import ACCT_A, ACCT_B, HOUR, MIN, T0, ZONE, Clock, M, Stream, cs_time
+from tests.harness import postgres
+
+VM_RESOURCE = "com.cloud.vm.VirtualMachine"
+IP_RESOURCE = "com.cloud.network.dao.IPAddressVO"
+EVICTING = Settings(grace_ms=HOUR, park_horizon_ms=4 * HOUR, evict_after_ms=2 * HOUR)
+KEEPING = replace(EVICTING, evict_after_ms=None)
+
+
+def event(kind: str, resource: str, account: str, at: int, **extra: str) -> Record:
+    doc = {
+        "account": account,
+        "zone": ZONE,
+        "event": kind,
+        "resource": IP_RESOURCE if kind.startswith("NET.") else VM_RESOURCE,
+        "id": resource,
+        "eventDateTime": cs_time(at),
+        **extra,
+    }
+    return Record(json.dumps(doc, separators=(",", ":")).encode(), resource.encode(), f"test:{kind}")
+
+
+def vm(i: int) -> str:
+    return f"9b1f0000-0000-4000-8000-{i:012d}"
+
+
+def mac(i: int) -> str:
+    return f"02:00:00:00:{i >> 8 & 255:02x}:{i & 255:02x}"
+
+
+def address(i: int) -> str:
+    return f"198.51.{i >> 8 & 255}.{i & 255}"
+
+
+def vm_life(i: int, at: int, account: str = ACCT_A) -> list[Record]:
+    """Created, started, stopped and destroyed within the hour after `at`."""
+    return [
+        event("VM.CREATE", vm(i), account, at, macaddress=mac(i)),
+        event("VM.START", vm(i), account, at + MIN),
+        event("VM.STOP", vm(i), account, at + 40 * MIN),
+        event("VM.DESTROY", vm(i), account, at + 50 * MIN),
+    ]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    """Makes fresh, migrated stores of one kind (SQLite files or PostgreSQL databases)."""
+    made: list[Store] = []
+
+    def make() -> Store:
+        if request.param == "sqlite":
+            url = f"sqlite:///{tmp_path}/usage-{len(made)}.db"
+        else:
+            url = postgres.create_database(request.getfixturevalue("pg_dsn"))
+        store = Store(url)
+        store.migrate()
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
+
+
+def test_memory_stays_bounded_while_closed_resources_stream_through(new_store: Callable[[], Store]) -> None:
+    clock = Clock(T0)
+    kept = Collector(new_store(), KEEPING, clock)
+    bounded = Collector(new_store(), EVICTING, clock)
+    most = 0
+    vms = 1500
+    for first in range(0, vms, 50):  # 50 VMs every 10 minutes, each living under an hour
+        clock.now = T0 + first // 50 * 10 * MIN
+        records = [r for i in range(first, first + 50) for r in vm_life(i, clock.now - 55 * MIN)]
+        for collector in (kept, bounded):
+            collector.apply_events(records)
+            collector.tick()
+        most = max(most, bounded.resident)
+    # About 3 h of VMs (the 2 h cutoff, the last hour's lives, a minute between passes): 1,000 of
+    # 1,500 gone; the replica that keeps everything holds them all.
+    assert kept.resident == vms
+    assert most <= 21 * 50
+    assert bounded.resident + len(bounded.evicted) == vms
+    assert len(bounded.evicted) >= vms - 21 * 50
+    assert sum(len(evs) for evs in bounded.events.values()) == 4 * bounded.resident
+    assert bounded.store.net_usage() == kept.store.net_usage()
+
+
+def test_an_event_of_an_evicted_resource_brings_it_back_whole(new_store: Callable[[], Store]) -> None:
+    clock = Clock(T0 + HOUR)
+    runs = [Collector(new_store(), s, clock) for s in (KEEPING, EVICTING)]
+    for c in runs:
+        c.apply_events(vm_life(1, T0))
+    clock.now = T0 + 10 * HOUR
+    for c in runs:
+        c.tick()
+    kept, bounded = runs
+    assert vm(1) in bounded.evicted
+    assert vm(1) not in bounded.histories
+    # A late ownership move, then bytes of its MAC alone from when it still ran: both read it.
+    clock.now += HOUR
+    late = [
+        event("VM.CREATE", vm(1), ACCT_B, T0 + 45 * MIN),
+        event("VM.DESTROY", vm(1), ACCT_B, T0 + 48 * MIN),
+    ]
+    stream = Stream("s1")
+    batch = stream.batch(
+        [M(T0 + 20 * MIN, T0 + 21 * MIN, 700, instance="", domain="", mac=mac(1), address="")]
+    )
+    for c in runs:
+        c.apply_events(late)
+        c.apply_batches([Record(batch)])
+    assert vm(1) in bounded.histories
+    assert vm(1) not in bounded.evicted
+    assert bounded.histories[vm(1)] == kept.histories[vm(1)]
+    for c in runs:
+        c.tick()
+    assert vm(1) in bounded.evicted  # closed still: it leaves again
+    assert _everything(bounded.store) == _everything(kept.store)
+    assert any(
+        k.account == ACCT_A and q == 700 for k, q in kept.store.net_usage().items() if k.usage_type == 4
+    )
+
+
+def _everything(store: Store) -> dict[str, Any]:
+    """All a billing system or an operator can read back."""
+    return {
+        "usage": [(r.key, r.quantity, r.recorded, r.adjustment, r.final) for r in store.usage(0, 2**62)],
+        "adjustments": [(a.key, a.delta, a.reason, a.created_ms) for a in store.adjustments(0)],
+        "parked": sorted(repr(m) for m in store.parked_rows()),
+        "unbilled": store.unbilled(),
+    }
+
+
+# -- the property: any history, with and without eviction, the same records ---------------------
+VMS = (1, 2, 3)
+IP = "41aa0000-0000-4000-8000-00000000ip42"
+IP_ADDRESS = "203.0.113.42"
+
+_vm_event = st.tuples(
+    st.just("vm"),
+    st.sampled_from(VMS),
+    st.sampled_from(["VM.CREATE", "VM.START", "VM.STOP", "VM.DESTROY"]),
+    st.sampled_from([ACCT_A, ACCT_B]),
+    st.integers(0, 6 * 24),  # hour of its stamp from T0: late ones land in evicted pasts
+)
+_ip_event = st.tuples(
+    st.just("ip"), st.just(0), st.sampled_from(["NET.IPASSIGN", "NET.IPRELEASE"]),
+    st.sampled_from([ACCT_A, ACCT_B]), st.integers(0, 6 * 24),
+)  # fmt: skip
+_measure = st.tuples(
+    st.just("measure"),
+    st.sampled_from(VMS),
+    st.sampled_from(["uuid", "mac", "address"]),  # what it carries to be attributed by
+    st.just(""),
+    st.integers(0, 6 * 24 * 60 - 1),  # minute of its start
+)
+_advance = st.tuples(st.just("advance"), st.just(0), st.just(""), st.just(""), st.integers(1, 40))
+steps = st.lists(st.one_of(_vm_event, _ip_event, _measure, _advance), min_size=1, max_size=30)
+
+
+def _replay(collectors: list[Collector], clock: Clock, plan: list[tuple[Any, ...]]) -> None:
+    stream = Stream("prop")
+    for kind, i, what, account, at in plan:
+        if kind == "advance":
+            clock.now += at * HOUR
+            for c in collectors:
+                c.tick()
+            continue
+        if kind == "measure":
+            fields = {"uuid": {"mac": "", "address": ""}, "mac": {"instance": "", "address": ""},
+                      "address": {"instance": "", "domain": "", "mac": ""}}[what]  # fmt: skip
+            start = T0 + at * MIN
+            m = M(
+                start,
+                start + MIN,
+                1000 + at,
+                instance=vm(i),
+                domain=f"i-2-{i}-VM",
+                mac=mac(i),
+                address=address(i),
+            )
+            batch = stream.batch([replace(m, **fields)])
+            for c in collectors:
+                c.apply_batches([Record(batch)])
+            continue
+        stamp = T0 + at * HOUR
+        if kind == "ip":
+            rec = event(what, IP, account, stamp, ipaddress=IP_ADDRESS)
+        else:
+            extra = {"macaddress": mac(i), "ipaddress": address(i)} if what == "VM.CREATE" else {}
+            rec = event(what, vm(i), account, stamp, **extra)
+        for c in collectors:
+            c.apply_events([rec])
+    clock.now += 3 * 24 * HOUR
+    for c in collectors:
+        c.tick()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=steps)
+def test_eviction_changes_no_record(new_store: Callable[[], Store], plan: list[tuple[Any, ...]]) -> None:
+    clock = Clock(T0 + 7 * 24 * HOUR)  # every stamp is in the past: late events and measures
+    runs = [Collector(new_store(), s, clock) for s in (KEEPING, EVICTING)]
+    _replay(runs, clock, plan)
+    kept, bounded = runs
+    assert _everything(bounded.store) == _everything(kept.store)
+    bounded.restore(list(bounded.evicted.uuids))
+    assert bounded.histories == kept.histories
