@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--only agent,collector,freshness,scale,lifecycle,api,peers] [--out ...]`.
+"""`python -m bench [--quick] [--only SECTION,...] [--out ...]`; sections: agent, collector,
+freshness, scale, lifecycle, memory, api, peers.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -19,7 +20,7 @@ from typing import Any
 
 from bench import report
 
-SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "api", "peers")
+SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "memory", "api", "peers")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -140,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         finally:
             pg.stop()
+
+    if "memory" in only:
+        from bench import memory_bench
+
+        vms = 300 if quick else 20_000
+        results["memory"] = _section("memory", lambda: memory_bench.run(vms=vms, log=_log))
 
     if "api" in only:
         from tests.harness.postgres import Cluster

@@ -173,6 +173,30 @@ def lifecycle_section(life: dict[str, Any]) -> str:
     return head + "\n" + _table(["path", "events/s", "vs parse", "events/CPU-s"], rows)
 
 
+def memory_section(mem: dict[str, Any]) -> str:
+    if "error" in mem:
+        return f"5b. Collector memory: FAILED: {mem['error']}"
+    rows = []
+    for name, label in (("keep", "every resource kept (baseline)"), ("evict", "closed ones leave memory")):
+        run = mem[name]
+        rows.append(
+            [
+                label,
+                f"{run['resources_held']:,} (most {run['resources_held_most']:,})",
+                f"{run['events_held']:,}",
+                f"{_num(run['rss_start_mb'])} -> {_num(run['rss_end_mb'])}",
+            ]
+        )
+    rows.append(
+        ["evicting / baseline", f"{mem['held_ratio']:.3f}", "", f"growth {mem['rss_growth_ratio']:.2f}x"]
+    )
+    head = (
+        f"5b. Collector memory after {mem['days']} days of lifecycle of {mem['vms']:,} VMs and their IPs "
+        f"({mem['events']:,} events, a day at a time, tick daily; the same usage either way)"
+    )
+    return head + "\n" + _table(["replica", "resources held", "events held", "RSS MB start -> end"], rows)
+
+
 def api_section(api: dict[str, Any]) -> str:
     if "error" in api:
         return f"6. listUsageRecords: FAILED: {api['error']}"
@@ -257,6 +281,7 @@ def render(results: dict[str, Any]) -> str:
         ("freshness", freshness_section),
         ("scale", scale_section),
         ("lifecycle", lifecycle_section),
+        ("memory", memory_section),
         ("api", api_section),
         ("peers", lambda peers: peers_report.section(peers, _table, _num)),
     )

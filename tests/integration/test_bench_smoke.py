@@ -6,7 +6,7 @@ stores with its own checks (every event stored, the same usage in both stores), 
 from __future__ import annotations
 
 import pytest
-from bench import agent_bench, api_bench, collector_bench, freshness, lifecycle_bench, report
+from bench import agent_bench, api_bench, collector_bench, freshness, lifecycle_bench, memory_bench, report
 
 NICS = 6
 META = {"quick": True, "started": "now", "cpus": 2, "commit": "x", "loadavg_start": 0.0, "loadavg_end": 0.0}
@@ -73,3 +73,15 @@ def test_api_bench_runs_on_a_tiny_size(pg_dsn: str) -> None:
         assert run["paging"]["rss_peak_mb"] >= run["paging"]["rss_before_mb"] > 10
     text = report.render({"meta": META, "api": out})
     assert "listUsageRecords over 6,000 records" in text
+
+
+def test_memory_bench_runs_on_a_tiny_size() -> None:
+    mem = memory_bench.run(vms=40, log=lambda _: None)  # raises if eviction changed the usage
+    keep, evict = mem["keep"], mem["evict"]
+    assert keep["resources_held"] == 2 * 40  # a VM and its IP each
+    assert keep["resources_evicted"] == 0
+    assert evict["resources_held"] + evict["resources_evicted"] == 2 * 40
+    assert evict["resources_held"] < keep["resources_held"] / 2
+    assert mem["held_ratio"] < 0.5
+    text = report.render({"meta": META, "memory": mem})
+    assert "closed ones leave memory" in text

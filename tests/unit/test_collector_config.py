@@ -180,3 +180,15 @@ def test_billing_policy_section() -> None:
         "policy.allocated_until: 'delete' is not one of ['destroy', 'expunge']",
         "policy.ip: unknown key (allowed here: allocated_from, allocated_until, ip_from, ip_until, running)",
     ]
+
+
+def test_closed_resources_leave_memory_after_a_day_unless_told_otherwise() -> None:
+    assert config.CollectorConfig().settings.evict_after_ms == 86_400_000
+    assert (
+        config.from_dict({"usage": {"evict_closed_after_seconds": 7200}}).settings.evict_after_ms == 7_200_000
+    )
+    assert config.from_dict({"usage": {"evict_closed_after_seconds": False}}).settings.evict_after_ms is None
+    for bad in (True, -1, "1d"):
+        with pytest.raises(config.ConfigError) as err:
+            config.from_dict({"usage": {"evict_closed_after_seconds": bad}})
+        assert [p.split(":")[0] for p in err.value.problems] == ["usage.evict_closed_after_seconds"]

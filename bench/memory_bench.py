@@ -1,0 +1,167 @@
+"""A replica's memory after a year of lifecycle: closed resources leaving memory, against a replica
+that keeps every one (the baseline, same events, same run).
+
+Each VM of the year is created at a random time, gets an IP address, is stopped and started
+again on some days, and is destroyed after a random lifetime (mean MEAN_LIFE_DAYS, so a small
+part of the year's VMs exist at any one time); its IP is released then. The events go through
+Collector.apply_events a simulated day at a time, the clock at the day's end, then tick() (the
+live collector's calls) into a fresh SQLite store. Each variant runs in its own process so its
+memory is its own: RSS at the end and at its peak, and the resources held in memory.
+
+    python -m bench.memory_bench --vms 2000          # both variants, prints JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
+YEAR_DAYS = 365
+MEAN_LIFE_DAYS = 10
+T0 = 1_704_067_200_000  # 2024-01-01T00:00:00Z
+REPO = Path(__file__).resolve().parent.parent
+
+
+def year_of_events(vms: int, seed: int = 1) -> list[tuple[int, bytes, bytes]]:
+    """(time, key, value) of the year's events in time order."""
+    from kvmeter.pipeline.sim.simevents import EventBus
+
+    bus, rng, out = EventBus(), random.Random(seed), []
+    for i in range(vms):
+        vm, ip = str(uuid.UUID(int=(1 << 100) + i)), str(uuid.UUID(int=(2 << 100) + i))
+        account = str(uuid.UUID(int=(3 << 100) + i % 500))
+        born = T0 + rng.randrange(YEAR_DAYS * DAY_MS)
+        dies = born + int(rng.expovariate(1 / MEAN_LIFE_DAYS) * DAY_MS) + HOUR_MS
+        at = [born, born + 1000, born + 2000]
+        records = [
+            bus.vm("VM.CREATE", vm, account, at[0], "small"),
+            bus.vm("VM.START", vm, account, at[1], "small"),
+            bus.ip("NET.IPASSIGN", ip, account, at[2], f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"),
+        ]
+        day = born + DAY_MS
+        while day < dies - 2 * HOUR_MS:
+            if rng.random() < 0.2:  # stopped for an hour on a fifth of its days
+                records += [
+                    bus.vm("VM.STOP", vm, account, day, ""),
+                    bus.vm("VM.START", vm, account, day + HOUR_MS, ""),
+                ]
+                at += [day, day + HOUR_MS]
+            day += DAY_MS
+        records += [
+            bus.vm("VM.STOP", vm, account, dies - HOUR_MS, ""),
+            bus.vm("VM.DESTROY", vm, account, dies, ""),
+            bus.ip("NET.IPRELEASE", ip, account, dies, f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"),
+        ]
+        at += [dies - HOUR_MS, dies, dies]
+        out += [(t, key, value) for t, (key, value) in zip(at, records, strict=True)]
+    out.sort(key=lambda item: item[0])
+    return [item for item in out if item[0] < T0 + YEAR_DAYS * DAY_MS]
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def replay(db: str, vms: int, *, evict: bool) -> dict[str, Any]:
+    """The year into a fresh store, a day at a time; memory and what is held at the end."""
+    from kvmeter.collector.model import Record, Settings
+    from kvmeter.collector.service import Collector
+    from kvmeter.collector.store import Store
+
+    events = year_of_events(vms)
+    store = Store(db)
+    store.migrate()
+    clock = [T0]
+    # Daily windows: the memory is the point here, not the hourly records' write volume.
+    settings = Settings(window_ms=DAY_MS, evict_after_ms=DAY_MS if evict else None)
+    collector = Collector(store, settings, lambda: clock[0])
+    rss_start, most_held, i = _rss_mb(), 0, 0
+    for day in range(YEAR_DAYS):
+        end = T0 + (day + 1) * DAY_MS
+        chunk = []
+        while i < len(events) and events[i][0] < end:
+            chunk.append(Record(events[i][2], events[i][1], "bench"))
+            i += 1
+        clock[0] = end
+        for start in range(0, len(chunk), 500):
+            out = collector.apply_events(chunk[start : start + 500])
+            if out.dead_letters:
+                raise RuntimeError(f"{len(out.dead_letters)} dead letters: {out.dead_letters[0].message}")
+        collector.tick()
+        most_held = max(most_held, collector.resident)
+    result = {
+        "events": len(events),
+        "resources_held": collector.resident,
+        "resources_held_most": most_held,
+        "events_held": sum(len(evs) for evs in collector.events.values()),
+        "resources_evicted": len(collector.evicted),
+        "rss_start_mb": rss_start,
+        "rss_end_mb": _rss_mb(),
+        "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "usage": {repr(k): v for k, v in store.net_usage().items()},
+    }
+    store.close()
+    return result
+
+
+def _variant(vms: int, tmp: str, *, evict: bool) -> dict[str, Any]:
+    name = "evict" if evict else "keep"
+    cmd = [sys.executable, "-m", "bench.memory_bench", "--worker", name, "--vms", str(vms), "--db"]
+    cmd.append(f"sqlite:///{tmp}/{name}.db")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} run failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def run(*, vms: int, log: Callable[[str], None]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="kvmeter-bench-memory-") as tmp:
+        keep = _variant(vms, tmp, evict=False)
+        log(f"memory: keep-all {keep['rss_end_mb']:.0f} MB, {keep['resources_held']} resources held")
+        evict = _variant(vms, tmp, evict=True)
+        log(f"memory: evicting {evict['rss_end_mb']:.0f} MB, {evict['resources_held']} resources held")
+    if keep.pop("usage") != evict.pop("usage"):
+        raise RuntimeError("eviction changed the usage records")
+    grown = {name: r["rss_end_mb"] - r["rss_start_mb"] for name, r in (("keep", keep), ("evict", evict))}
+    return {
+        "vms": vms,
+        "days": YEAR_DAYS,
+        "events": keep["events"],
+        "keep": keep,
+        "evict": evict,
+        "held_ratio": evict["resources_held"] / max(keep["resources_held"], 1),
+        "rss_growth_ratio": grown["evict"] / grown["keep"] if grown["keep"] > 0 else float("nan"),
+        "rss_ratio": evict["rss_end_mb"] / keep["rss_end_mb"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.memory_bench")
+    ap.add_argument("--vms", type=int, default=2000)
+    ap.add_argument("--worker", choices=("keep", "evict"), help="run one variant in this process")
+    ap.add_argument("--db", help="the worker's store URL")
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(replay(args.db, args.vms, evict=args.worker == "evict")))
+        return 0
+    print(json.dumps(run(vms=args.vms, log=lambda m: print(m, file=sys.stderr)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
