@@ -102,6 +102,12 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         inputs.append(RabbitInput(cfg.rabbitmq))
     if cfg.kafka.bootstrap:
         inputs.append(KafkaInput(cfg.kafka, metrics))  # last: it waits for measures
+        if cfg.kafka.rebuild_horizon_days:  # advice only: asked beside the loop, never delays it
+            from kvmeter.collector.kafka_history import check_horizon
+
+            threading.Thread(
+                target=check_horizon, args=(cfg.kafka, metrics), name="horizon", daemon=True
+            ).start()
     if cfg.cloudstack is not None:  # passes against CloudStack's API, one more input
         from kvmeter.collector.reconciler import for_config
 

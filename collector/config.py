@@ -50,6 +50,7 @@ SCHEMA: dict[str, Any] = {
                 "group": {"type": "string", "minLength": 1},
                 "batch_size": {"type": "integer", "minimum": 1, "maximum": 100000},
                 "degraded_after_seconds": {"type": "number", "exclusiveMinimum": 0},
+                "rebuild_horizon_days": {"type": "integer", "minimum": 0, "maximum": 3650},
                 "options": {
                     "type": "object",
                     "additionalProperties": {"type": ["string", "integer", "boolean"]},
@@ -125,6 +126,9 @@ class KafkaConfig:
     group: str = "kvmeter-collector"
     batch_size: int = 1000
     degraded_after_s: float = 60.0  # /health turns degraded when no broker was reachable this long
+    # The history `kvmeter rebuild` should find in the measures topic; the collector warns at
+    # start when the topic keeps less (0: no check).
+    rebuild_horizon_days: int = 0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -215,6 +219,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             group=kafka.get("group", KafkaConfig.group),
             batch_size=kafka.get("batch_size", KafkaConfig.batch_size),
             degraded_after_s=float(kafka.get("degraded_after_seconds", KafkaConfig.degraded_after_s)),
+            rebuild_horizon_days=kafka.get("rebuild_horizon_days", KafkaConfig.rebuild_horizon_days),
             options=dict(kafka.get("options", {})),
         ),
         settings=Settings(

@@ -66,6 +66,18 @@ class Metrics:
             "kvmeter_consumer_lag", "Messages behind the partition end", ["topic", "partition"], registry=r
         )
         self.errors = Counter("kvmeter_errors", "Failed processing rounds (retried)", ["stage"], registry=r)
+        self.topic_retention = Gauge(
+            "kvmeter_topic_retention_seconds",
+            "History the topic keeps (retention.ms; -1: unbounded or unknown)",
+            ["topic"],
+            registry=r,
+        )
+        self.history_short = Gauge(
+            "kvmeter_rebuild_history_short",
+            "1 when the measures topic keeps less history than [kafka] rebuild_horizon_days",
+            ["topic"],
+            registry=r,
+        )
         self.reload_failures = Counter(
             "kvmeter_reload_failures",
             "Reloads (SIGHUP) refused because a file was bad; the one in force stays",

@@ -92,3 +92,20 @@ class LifecycleEvents(StoreCore):
             .limit(limit)
         )
         return [(int(r[0]), r[1], bytes(r[2]), r[3]) for r in conn.execute(query)]
+
+    def raw_events_after(
+        self, conn: Connection, last_id: int, limit: int = 1000
+    ) -> list[tuple[int, bytes, bytes | None, str, bytes]]:
+        """(id, raw payload, record key kept, resource, normalized) of events stored after
+        `last_id`, by id: the payloads as received, for a rebuild to parse again."""
+        ev = lifecycle_events.c
+        query = (
+            sa.select(ev.id, ev.raw, ev.record_key, ev.resource_uuid, ev.normalized)
+            .where(ev.id > last_id)
+            .order_by(ev.id)
+            .limit(limit)
+        )
+        return [
+            (int(r[0]), bytes(r[1]), None if r[2] is None else bytes(r[2]), r[3], bytes(r[4]))
+            for r in conn.execute(query)
+        ]

@@ -34,6 +34,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "dead_letters",
         "List, show and re-drive what the collector could not use.",
     ),
+    "rebuild": (
+        "kvmeter.collector.cli_rebuild",
+        "rebuild",
+        "Replay the topics and stored events into a new store; diff it with the live one.",
+    ),
     "run": ("kvmeter.pipeline.allinone", "run", "Run agent and collector in one process (all-in-one)."),
     "demo": ("kvmeter.pipeline.sim.demo", "demo", "Build a small simulated cloud and meter it."),
 }

@@ -70,10 +70,12 @@ class Broker:
         self.proc = None
 
 
-def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
+def create_topic(
+    bootstrap: str, name: str, partitions: int = 1, config: dict[str, str] | None = None
+) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     for future in admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=1)]
+        [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})]
     ).values():
         future.result(timeout=15)
 
