@@ -114,6 +114,15 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         inputs.insert(0, for_config(service, cfg.cloudstack, metrics))
     live = Feeder(service, inputs, metrics, tick_seconds=cfg.tick_seconds)
     credentials: CredentialSource | None = None
+    pruning = None
+    if cfg.retention.enabled:  # beside the loop, on a thread of its own (collector/prune.py)
+        from kvmeter.collector.prune import PruneJob, Pruner
+
+        pruning = PruneJob(
+            Pruner(store, cfg.retention, _wall_ms, cfg.settings.policy),
+            cfg.retention.interval_ms / 1000,
+            metrics,
+        )
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
@@ -162,9 +171,13 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         cfg.settings.grace_ms // 1000, ",".join(sorted(cfg.settings.billable)),
         cfg.settings.policy.describe(),
     )  # fmt: skip
+    if pruning is not None:
+        pruning.start()
     try:
         live.run()
     finally:
+        if pruning is not None:
+            pruning.stop()
         if server is not None:
             server.close()
         store.close()

@@ -18,10 +18,12 @@ from typing import Any
 
 from kvmeter.collector import credentials
 from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
+from kvmeter.collector.config_retention import RETENTION_SCHEMA, retention_policy
 from kvmeter.collector.credentials import Credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.model import Settings
 from kvmeter.collector.policy import POLICY_SCHEMA, policy_from
+from kvmeter.collector.retention import RetentionPolicy
 from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 DAY_S = 86_400
@@ -105,6 +107,7 @@ SCHEMA: dict[str, Any] = {
         },
         "cloudstack": CLOUDSTACK_SCHEMA,
         "policy": POLICY_SCHEMA,
+        "retention": RETENTION_SCHEMA,
         "api": {
             "type": "object",
             "additionalProperties": False,
@@ -164,6 +167,7 @@ class CollectorConfig:
     cloudstack: CloudStackConfig | None = None  # the reconciler's API access; None: no reconciler
     rabbitmq: RabbitConfig = field(default_factory=RabbitConfig)
     webhook_secret: str = ""  # [webhook]: CloudStack's webhook deliveries accepted when set
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)  # [retention]
 
 
 def load(path: str | Path) -> CollectorConfig:
@@ -208,6 +212,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             problems = [p for p in problems if not p.startswith("api.listen:")]
             problems.append(f"api.listen: {exc}")
     cloudstack = cloudstack_config(doc.get("cloudstack"), base, problems)
+    retention = retention_policy(doc.get("retention"), problems)
     if problems:
         raise ConfigError(source, problems)
     return CollectorConfig(
@@ -250,6 +255,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             prefetch=rabbit.get("prefetch", RabbitConfig.prefetch),
         ),
         webhook_secret=webhook_secret,
+        retention=retention,
     )
 
 

@@ -106,8 +106,16 @@ class Metrics:
             "kvmeter_api_responses", "HTTP API responses by route and status", ["route", "code"], registry=r
         )
 
+        self.pruned = Counter(
+            "kvmeter_pruned_rows", "Rows deleted by retention, by kind (table)", ["kind"], registry=r
+        )
+
     def watch_store(self, store: Store, horizon_start: Callable[[], int]) -> None:
         self.registry.register(StoreGauges(store, horizon_start))
+
+    def record_pruned(self, counts: dict[str, int]) -> None:
+        for kind, rows in counts.items():
+            self.pruned.labels(kind).inc(rows)
 
     def record(self, out: Outcome) -> None:
         self.batches.inc(out.batches)

@@ -418,8 +418,14 @@ def _migration_14(conn: Connection) -> None:
     )
 
 
+def _migration_15(conn: Connection) -> None:
+    from kvmeter.collector.schema_retention import migration_15  # its tables live there
+
+    migration_15(conn)
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
-    (11, _migration_11), (12, _migration_12), (14, _migration_14),
+    (11, _migration_11), (12, _migration_12), (14, _migration_14), (15, _migration_15),
 ]  # fmt: skip

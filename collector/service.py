@@ -44,6 +44,7 @@ from kvmeter.collector.model import (
     UsageKey,
 )
 from kvmeter.collector.reconcile import Witness, observe
+from kvmeter.collector.retention import window_floor
 from kvmeter.collector.store import Store, reconciliation
 from kvmeter.collector.streams import admit, irregular
 from kvmeter.collector.windows import check_window, window_start
@@ -304,6 +305,9 @@ class Collector:
         now = self.clock()
         with self.store.write() as conn:
             final_through = self.store.finalized_through(conn)
+            parsed, past = _after_pruning(
+                parsed, self.store.tombstones(conn, {ev.resource_uuid for ev, _ in parsed})
+            )
             # The payload once (raw, and the key where it adds to it); of the event, what histories read.
             rows = [
                 (
@@ -317,7 +321,7 @@ class Collector:
                 for ev, rec in parsed
             ]
             new = self.store.insert_events(conn, rows, now)
-            out.events, out.known_events = len(new), len(parsed) - len(new)
+            out.events, out.known_events = len(new), len(parsed) - len(new) + past
             touched = sorted(
                 {ev.resource_uuid for ev, _ in parsed if ev.resource_uuid and ev.event_id in new}
             )
@@ -336,16 +340,26 @@ class Collector:
         (one read of the events and one write of the records for all of them). Returns the
         histories with the ids of the events they were built from."""
         stored = self.store.events_of_many(conn, resources)
+        # Retention: of a resource whose events were pruned, the windows they spoke of stay as billed.
+        pruned = self.store.tombstones(conn, resources)
+        floors = dict.fromkeys(resources, self.store.usage_pruned_through(conn))
         values: dict[str, dict[UsageKey, int]] = {}
         built: dict[str, Built] = {}
         for resource in resources:
             events = [pb.LifecycleEvent.FromString(raw) for raw in stored.get(resource, [])]
+            if resource in pruned:
+                events = [ev for ev in events if ev.time > pruned[resource]]
+                floors[resource] = max(
+                    floors[resource], window_floor(pruned[resource], self.settings.window_ms)
+                )
             history = lifecycle.build_resource_history(resource, events, self.settings.policy)
             built[resource] = (frozenset(ev.event_id for ev in events), history)
             values[resource] = {
                 v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)
             }
-        out.records, out.adjustments = self.store.set_time_values_many(conn, values, final_through, now)
+        out.records, out.adjustments = self.store.set_time_values_many(
+            conn, values, final_through, now, floors=floors
+        )
         return built
 
     def _unpark_for(self, resources: Sequence[str], per_pass: int = 500) -> Outcome:
@@ -553,6 +567,19 @@ def _delivered(ev: pb.LifecycleEvent, rec: Record) -> pb.LifecycleEvent:
     if rec.order is not None:
         ev.delivery_source, ev.delivery_seq = rec.order
     return ev
+
+
+def _after_pruning(
+    parsed: list[tuple[pb.LifecycleEvent, Record]], pruned: Mapping[str, int]
+) -> tuple[list[tuple[pb.LifecycleEvent, Record]], int]:
+    """The events not of a pruned past (stamped after their resource's tombstone), and how many
+    were: those are known, and neither stored nor learned (a replayed old event reopens nothing)."""
+    kept = [
+        (ev, rec)
+        for ev, rec in parsed
+        if ev.resource_uuid not in pruned or ev.time > pruned[ev.resource_uuid]
+    ]
+    return kept, len(parsed) - len(kept)
 
 
 def _unattributed(_measure: Measure) -> str:

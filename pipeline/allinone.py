@@ -12,8 +12,8 @@ but not yet acknowledged is re-sent under its stream id and sequence number, and
 stream marks drop it).
 
 The config file has the agent's sections (agent, libvirt, spool, deltas, metrics, traffic), the
-collector's (store, usage, api, cloudstack, policy) and [lifecycle] (events_file; max_event_bytes
-as in the collector's); see packaging/config/allinone.toml.example.
+collector's (store, usage, api, cloudstack, policy, retention) and [lifecycle] (events_file;
+max_event_bytes as in the collector's); see packaging/config/allinone.toml.example.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from kvmeter.collector.credentials import CredentialsError, CredentialSource, re
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.prune import PruneJob, Pruner
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.logs import setup_logging
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/kvmeter/allinone.toml"
 AGENT_SECTIONS = ("agent", "libvirt", "spool", "deltas", "metrics", "traffic")
-COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy")
+COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy", "retention")
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -128,6 +129,16 @@ class AllInOne:
         )
         self.api: Any = None
         self.credentials: CredentialSource | None = None  # the API's configured ones (SIGHUP)
+        retention = cfg.collector.retention
+        self.pruning = (
+            PruneJob(
+                Pruner(self.store, retention, clock, cfg.collector.settings.policy),
+                retention.interval_ms / 1000,
+                self.metrics,
+            )
+            if retention.enabled
+            else None
+        )
 
     def idle(self) -> None:
         """The collector's own work between two polls: new lifecycle events, then the tick."""
@@ -154,6 +165,8 @@ class AllInOne:
     def run(self) -> None:
         """Until agent.stop_event: poll, apply, follow events, tick; then a last poll and flush."""
         self.feeder.start()
+        if self.pruning is not None:
+            self.pruning.start()
         self.idle()  # events already on file first: owners known before the first bytes
         self.agent.start()
         try:
@@ -167,6 +180,8 @@ class AllInOne:
         self.feeder.stop()
 
     def close(self) -> None:
+        if self.pruning is not None:
+            self.pruning.stop()
         if self.api is not None:
             self.api.close()
         self.feeder.close()

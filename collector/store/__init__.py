@@ -4,7 +4,7 @@ SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Ev
 integer of milliseconds since the epoch (UTC): no timezone or datetime type differences between
 the two databases. The schema and its migrations are in collector/schema.py; this package holds
 the statements, one module per table family (engine, streams, events, usage, parking, dead
-letters, owners) and the read side (reads; pages: usage a page at a time, with its count). `Store`
+letters, owners, pruning) and the read side (reads; pages: usage a page at a time, with its count). `Store`
 is all of them in one object; the API's minted credentials (credentials) are read beside it, by
 MintedCredentials(store), and the reconciler's tables (reconciliation: corrections,
 CloudStack's names, the agents' witness, the last pass) by functions over a connection.
@@ -44,6 +44,7 @@ from kvmeter.collector.store.events import LifecycleEvents
 from kvmeter.collector.store.owners import OwnerHints
 from kvmeter.collector.store.pages import UsageFilter, UsagePage, UsagePager, UsagePages
 from kvmeter.collector.store.parking import Parking
+from kvmeter.collector.store.pruning import Pruning
 from kvmeter.collector.store.reads import Adjustment, Reads, UsageRow
 from kvmeter.collector.store.streams import StreamMarks
 from kvmeter.collector.store.usage import UsageWrites
@@ -78,5 +79,7 @@ __all__ = [
 ]
 
 
-class Store(StreamMarks, LifecycleEvents, UsageWrites, Parking, DeadLetters, OwnerHints, Reads, UsagePages):
+class Store(
+    StreamMarks, LifecycleEvents, Pruning, UsageWrites, Parking, DeadLetters, OwnerHints, Reads, UsagePages
+):
     """One store: the engine (StoreCore, the common base) and every table family's statements."""

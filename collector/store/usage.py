@@ -204,6 +204,7 @@ class UsageWrites(StoreCore):
         now_ms: int,
         *,
         open_only: bool = False,
+        floors: Mapping[str, int] | None = None,
     ) -> tuple[int, int]:
         """Make the stored time-based records of each resource equal its `values` (whole values;
         {resource: {key: quantity}}): a few statements for all of them.
@@ -211,18 +212,20 @@ class UsageWrites(StoreCore):
         Open windows are updated in place (a zero value removes the record); a final window
         that differs from its net gets an adjustment. With open_only, only windows ending
         after `final_through` are considered (a tick: time alone changes nothing final).
-        Call lock_resources first. Returns (records written, adjustments).
+        Windows ending by a resource's floor (retention: pruned history or pruned usage) are
+        left as they are. Call lock_resources first. Returns (records written, adjustments).
         """
         stored = self._time_records(conn, sorted(values), final_through if open_only else None)
         upserts: list[tuple[Any, ...]] = []
         deletes: list[int] = []
         late: dict[UsageKey, int] = {}
         for resource in sorted(values):
-            wanted = {
-                k: v for k, v in values[resource].items() if not open_only or k.window_end_ms > final_through
-            }
+            floor = max(final_through if open_only else 0, (floors or {}).get(resource, 0))
+            wanted = {k: v for k, v in values[resource].items() if k.window_end_ms > floor}
             had = stored.get(resource, {})
             for key in sorted(set(wanted) | set(had)):
+                if key.window_end_ms <= floor:
+                    continue
                 new = wanted.get(key, 0)
                 record = had.get(key)
                 if key.window_end_ms <= final_through:

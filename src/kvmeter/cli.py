@@ -34,6 +34,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "dead_letters",
         "List, show and re-drive what the collector could not use.",
     ),
+    "prune": (
+        "kvmeter.collector.cli_prune",
+        "prune",
+        "Delete what the retention policy no longer keeps (--dry-run).",
+    ),
     "rebuild": (
         "kvmeter.collector.cli_rebuild",
         "rebuild",
