@@ -88,6 +88,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
+    metrics.watch_memory(lambda: service.resident, lambda: len(service.evicted))
     inputs: list[Input] = []
     webhook = WebhookInput(cfg.webhook_secret) if cfg.webhook_secret else None
     if webhook is not None:

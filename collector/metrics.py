@@ -117,6 +117,19 @@ class Metrics:
         for kind, rows in counts.items():
             self.pruned.labels(kind).inc(rows)
 
+    def watch_memory(self, held: Callable[[], int], evicted: Callable[[], int]) -> None:
+        """This replica's lifecycle memory (service.Collector.resident, .evicted), read at scrape time."""
+        r = self.registry
+        held_gauge = Gauge(
+            "kvmeter_lifecycle_resources_held", "Resources whose lifecycle is held in memory", registry=r
+        )
+        held_gauge.set_function(held)
+        Gauge(
+            "kvmeter_lifecycle_resources_evicted",
+            "Resources whose closed lifecycle left memory (reloaded from the store when read)",
+            registry=r,
+        ).set_function(evicted)
+
     def record(self, out: Outcome) -> None:
         self.batches.inc(out.batches)
         self.duplicates.inc(out.duplicates)

@@ -114,6 +114,7 @@ class AllInOne:
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         self.metrics = Metrics()
         self.metrics.watch_store(self.store, self.collector.horizon_start)
+        self.metrics.watch_memory(lambda: self.collector.resident, lambda: len(self.collector.evicted))
         inputs: list[Any] = [EventsFile(cfg.events_file)] if cfg.events_file else []
         if cfg.collector.cloudstack is not None:  # passes against CloudStack's API, one more input
             from kvmeter.collector.reconciler import for_config
