@@ -11,6 +11,7 @@ allowed) or "forever".
     stream_marks_days = 180            # of streams that sent nothing for so long
     corrections_days = 400
     domain_witness_days = 30
+    outbox_sent_days = 30              # hand-off items every sink confirmed
     usage_days = "forever"             # final usage records, adjustments, unbilled bytes
     enabled = true                     # the collector's periodic pass (kvmeter prune runs anyway)
     interval_seconds = 3600

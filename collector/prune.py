@@ -91,6 +91,8 @@ class Pruner:
                 counts[name] += self._rows(name, cutoff, dry_run=dry_run, usage_through=through)
         elif kind == "stream_marks":
             counts["stream_marks"] += self._rows(kind, cutoff, dry_run=dry_run, gaps=counts)
+        elif kind == "outbox_sent":
+            counts["handoff_outbox"] += self._rows(kind, cutoff, dry_run=dry_run)
         else:
             counts[kind] += self._rows(kind, cutoff, dry_run=dry_run)
 

@@ -12,7 +12,7 @@ What is never pruned, whatever the ages (the rules the store's selections follow
   horizon): their bytes are counted nowhere else;
 - usage records, adjustments and unbilled bytes of windows that are not final;
 - open dead letters unless their own age is set; stream marks of a stream that sent a batch
-  within the age.
+  within the age; hand-off outbox rows not yet confirmed by every sink.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ KINDS = (
     "corrections",
     "domain_witness",
     "stream_marks",
+    "outbox_sent",
     "usage",
 )
 # Rows counted per kind in a pass's report: a kind may delete from several tables.
@@ -46,6 +47,7 @@ TABLES = {
     "corrections": ("corrections",),
     "domain_witness": ("domain_witness",),
     "stream_marks": ("stream_marks", "stream_gaps"),
+    "outbox_sent": ("handoff_outbox",),
     "usage": ("usage_records", "usage_adjustments", "unbilled_bytes"),
 }
 
@@ -65,6 +67,8 @@ class RetentionPolicy:
       an agent spools them, so no batch of that stream can arrive again to be billed twice;
     - reconciliation corrections 400 days, like the events they explain (and never before their
       event is gone); the agents' witness of a domain not running 30 days;
+    - hand-off outbox rows 30 days after every sink confirmed them (a billing system dedupes by
+      transaction id; the records and adjustments themselves stay); pending ones never;
     - final usage records, adjustments and unbilled bytes for good: they are the bill.
     """
 
@@ -76,6 +80,7 @@ class RetentionPolicy:
     stream_marks_ms: int | None = 180 * DAY_MS
     corrections_ms: int | None = 400 * DAY_MS
     domain_witness_ms: int | None = 30 * DAY_MS
+    outbox_sent_ms: int | None = 30 * DAY_MS
     usage_ms: int | None = None
     enabled: bool = True  # the collector's periodic job (`kvmeter prune` runs regardless)
     interval_ms: int = 3_600_000

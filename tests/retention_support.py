@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from kvmeter.collector.model import Record, Settings
 from kvmeter.collector.retention import DAY_MS, RetentionPolicy
+from kvmeter.collector.schema import handoff_outbox
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import (
@@ -44,6 +45,7 @@ POLICY = RetentionPolicy(
     stream_marks_ms=DAY_MS,
     corrections_ms=DAY_MS,
     domain_witness_ms=DAY_MS,
+    outbox_sent_ms=DAY_MS,
     usage_ms=None,
 )
 
@@ -199,7 +201,7 @@ def row_counts(store: Store) -> dict[str, int]:
     names = (
         "lifecycle_events", "parked_measures", "quarantined_measures", "dead_letters", "stream_marks",
         "stream_gaps", "usage_records", "usage_adjustments", "unbilled_bytes", "corrections",
-        "domain_witness",
+        "domain_witness", "handoff_outbox",
     )  # fmt: skip
     with store.read() as conn:
         return {n: int(conn.execute(sa.text(f"SELECT count(*) FROM {n}")).scalar() or 0) for n in names}
@@ -208,3 +210,21 @@ def row_counts(store: Store) -> dict[str, int]:
 def event_resources(store: Store) -> set[str]:
     with store.read() as conn:
         return {r[0] for r in conn.execute(sa.text("SELECT DISTINCT resource_uuid FROM lifecycle_events"))}
+
+
+def add_outbox(store: Store) -> None:
+    """Hand-off items: confirmed by every sink a month ago, an hour ago, and one still pending."""
+    rows = [("tx-old-sent", T0 + 3 * HOUR), ("tx-new-sent", NOW - HOUR), ("tx-pending", None)]
+    with store.write() as conn:
+        conn.execute(
+            sa.insert(handoff_outbox),
+            [
+                {"transaction_id": tx, "account": ACCT_A, "item": "{}", "created_ms": T0, "sent_ms": sent}
+                for tx, sent in rows
+            ],
+        )
+
+
+def outbox_ids(store: Store) -> set[str]:
+    with store.read() as conn:
+        return {r[0] for r in conn.execute(sa.select(handoff_outbox.c.transaction_id))}

@@ -19,6 +19,7 @@ from kvmeter.collector.schema import (
     corrections,
     dead_letters,
     domain_witness,
+    handoff_outbox,
     lifecycle_events,
     parked_measures,
     quarantined_measures,
@@ -59,6 +60,9 @@ def old_rows(kind: str, cutoff: int, usage_through: int = 0) -> tuple[sa.Table, 
         return domain_witness, w.domain, sa.and_(w.running == sa.false(), w.since_ms < cutoff)
     if kind == "stream_marks":
         return stream_marks, stream_marks.c.stream_id, stream_marks.c.updated_ms < cutoff
+    if kind == "outbox_sent":  # confirmed by every sink; pending ones stay whatever their age
+        ob = handoff_outbox.c
+        return handoff_outbox, ob.id, sa.and_(ob.sent_ms.is_not(None), ob.sent_ms < cutoff)
     if kind == "usage_records":
         rec = usage_records.c
         return usage_records, rec.id, sa.and_(rec.final == sa.true(), rec.window_end_ms <= usage_through)

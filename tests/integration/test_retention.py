@@ -42,9 +42,11 @@ from tests.retention_support import (
     SETTINGS,
     VM5,
     VM6,
+    add_outbox,
     event_resources,
     feed,
     month,
+    outbox_ids,
     row_counts,
 )
 
@@ -52,7 +54,9 @@ from tests.retention_support import (
 @pytest.fixture
 def fed(store: Store) -> tuple[Store, Collector, Clock]:
     clock = Clock(T0)
-    return store, feed(store, clock, month()), clock
+    collector = feed(store, clock, month())
+    add_outbox(store)
+    return store, collector, clock
 
 
 def _stored_event_id(store: Store, resource: str) -> str:
@@ -107,6 +111,8 @@ def test_a_month_on_nothing_still_needed_is_pruned_and_usage_stays_as_billed(
     assert counts["corrections"] == 1
     assert counts["domain_witness"] == 1
     assert store.net_usage() == billed  # usage is kept for good by default
+    assert outbox_ids(store) == {"tx-new-sent", "tx-pending"}  # pending: however old, it stays
+    assert counts["handoff_outbox"] == 1
 
     # Time goes on: ticks, and the old events delivered again (a consumer group reset) change
     # nothing billed; a pruned resource's new life bills from now on only.
