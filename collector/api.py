@@ -24,9 +24,17 @@ from waitress.channel import HTTPChannel
 from waitress.server import create_server
 from waitress.task import ErrorTask
 
-from kvmeter.collector import api_cloudstack, api_corrections, api_dead_letters, api_errors, api_usage
+from kvmeter.collector import (
+    api_cloudstack,
+    api_corrections,
+    api_costs,
+    api_dead_letters,
+    api_errors,
+    api_usage,
+)
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
+from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
@@ -50,11 +58,13 @@ def create_app(
     auth: Authenticator | None = None,
     webhook: WebhookInput | None = None,
     settings: Settings | None = None,
+    tariffs: TariffSource | None = None,
 ) -> Flask:
     """auth: who may ask (default: the operator token and {api key: secret key} given here, the
     credentials minted in the store, anyone while there is none); status: the consumer's state
     for /health (503 while it is failing); settings: the collector's, which dead-letter retries
-    run under (none: no retries over the API)."""
+    run under (none: no retries over the API); tariffs: the tariff costs are rated under (none:
+    /v1/costs says costs are not enabled)."""
     app = Flask("kvmeter.collector", static_folder=None)  # no /static route: nothing to serve
     registry = metrics.registry if metrics is not None else None
     if auth is None:
@@ -120,6 +130,7 @@ def create_app(
     api_cloudstack.register(app, store)
     api_corrections.register(app, store)
     api_dead_letters.register(app, store, None if settings is None else Redriver(store, settings))
+    api_costs.register(app, store, tariffs)
 
     return app
 
@@ -236,6 +247,7 @@ def serve(
     status: Callable[[], dict[str, Any]] | None = None,
     webhook: WebhookInput | None = None,
     settings: Settings | None = None,
+    tariffs: TariffSource | None = None,
 ) -> ApiServer:
     """Build the server; the caller runs it (in a thread next to the consumer). credentials:
     the configured ones (default: token and cloudstack_keys, operator-wide). Raises
@@ -244,5 +256,7 @@ def serve(
         credentials = CredentialSource(operator_credentials(token, cloudstack_keys))
     auth = authenticator(store, credentials, loopback=is_loopback(host))
     require_credentials(host, has_credentials=auth.has_credentials())
-    app = create_app(store, metrics=metrics, status=status, auth=auth, webhook=webhook, settings=settings)
+    app = create_app(
+        store, metrics=metrics, status=status, auth=auth, webhook=webhook, settings=settings, tariffs=tariffs
+    )
     return ApiServer(app, host, port)

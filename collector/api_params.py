@@ -80,6 +80,22 @@ def time_ms(text: str, name: str = "time", *, end_of_day: bool = False) -> int:
     return _bounded(ms, name, text)
 
 
+MONTH_PATTERN = r"^[0-9]{4}-[0-9]{2}$"
+_MONTH = re.compile(MONTH_PATTERN)
+
+
+def month_ms(text: str | None, now_ms: int, name: str = "month") -> int:
+    """`yyyy-MM` -> the first instant of that UTC month (default: now_ms, inside now's month)."""
+    if text is None:
+        return now_ms
+    if not _MONTH.fullmatch(text):
+        raise BadRequest(f"{name} must be yyyy-MM, not {_shown(text)}")
+    year, month = int(text[:4]), int(text[5:])
+    if not (1970 <= year <= 9999 and 1 <= month <= 12):
+        raise BadRequest(f"{name} {_shown(text)} is not a month between 1970-01 and 9999-12")
+    return _ms(dt.datetime(year, month, 1, tzinfo=dt.UTC))
+
+
 def optional_time_ms(text: str | None, name: str, *, default: int, end_of_day: bool = False) -> int:
     if text is None:
         return default

@@ -15,6 +15,7 @@ import click
 
 from kvmeter.collector import config as config_mod
 from kvmeter.collector import report
+from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
@@ -124,6 +125,9 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             cfg.retention.interval_ms / 1000,
             metrics,
         )
+    tariffs = None
+    if cfg.tariff is not None and cfg.tariff_file is not None:
+        tariffs = TariffSource(cfg.tariff, cfg.tariff_file, cfg.settings.billable)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
@@ -144,6 +148,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
                 status=live.status,
                 webhook=webhook,
                 settings=cfg.settings,
+                tariffs=tariffs,
             )
         except (NoCredentials, CredentialsError) as exc:
             store.close()
@@ -151,9 +156,13 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         threading.Thread(target=server.run, name="api", daemon=True).start()
         logging.getLogger(__name__).info("API on %s", server.url)
     live.reloads = collector_reloads(
-        Path(config_path), service, credentials, lambda what: metrics.reload_failures.labels(what).inc()
+        Path(config_path),
+        service,
+        credentials,
+        lambda what: metrics.reload_failures.labels(what).inc(),
+        tariffs,
     )
-    live.reloads.install()  # SIGHUP: router owners and credentials read again
+    live.reloads.install()  # SIGHUP: router owners, credentials and the tariff read again
     if cfg.kafka.bootstrap:
         logging.getLogger(__name__).info(
             "Kafka: measures %s (group %s), lifecycle %s, on %s", cfg.kafka.measures_topic, cfg.kafka.group,

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from kvmeter.collector import credentials
+from kvmeter.collector.billing.tariff import Tariff
+from kvmeter.collector.billing.tariff_file import BILLING_SCHEMA, billing_section
 from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
 from kvmeter.collector.config_retention import RETENTION_SCHEMA, retention_policy
 from kvmeter.collector.credentials import Credentials
@@ -108,6 +110,7 @@ SCHEMA: dict[str, Any] = {
         "cloudstack": CLOUDSTACK_SCHEMA,
         "policy": POLICY_SCHEMA,
         "retention": RETENTION_SCHEMA,
+        "billing": BILLING_SCHEMA,
         "api": {
             "type": "object",
             "additionalProperties": False,
@@ -168,6 +171,8 @@ class CollectorConfig:
     rabbitmq: RabbitConfig = field(default_factory=RabbitConfig)
     webhook_secret: str = ""  # [webhook]: CloudStack's webhook deliveries accepted when set
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)  # [retention]
+    tariff: Tariff | None = None  # [billing] tariff_file: costs are rated under it; None: no costs
+    tariff_file: Path | None = None
 
 
 def load(path: str | Path) -> CollectorConfig:
@@ -213,6 +218,8 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             problems.append(f"api.listen: {exc}")
     cloudstack = cloudstack_config(doc.get("cloudstack"), base, problems)
     retention = retention_policy(doc.get("retention"), problems)
+    billable = use.get("billable_traffic_types", ["public"]) if isinstance(use, dict) else []
+    tariff, tariff_file = billing_section(doc.get("billing"), base, billable, problems)
     if problems:
         raise ConfigError(source, problems)
     return CollectorConfig(
@@ -256,6 +263,8 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         ),
         webhook_secret=webhook_secret,
         retention=retention,
+        tariff=tariff,
+        tariff_file=tariff_file,
     )
 
 

@@ -15,9 +15,11 @@ from kvmeter.collector.api_params import (
     MAX_PAGE,
     MAX_TIME_MS,
     MAX_USAGE_TYPE,
+    MONTH_PATTERN,
     TIME_FORMS,
     TIME_PATTERN,
 )
+from kvmeter.collector.cost_report import CSV_FIELDS as COST_CSV_FIELDS
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.report import ADJUSTMENT_FIELDS, CSV_FIELDS
 
@@ -212,6 +214,71 @@ SCHEMAS: dict[str, Any] = {
         },
     },
 }
+_MONEY = {
+    "type": "string",
+    "pattern": "^-?[0-9]+(\\.[0-9]+)?$",
+    "description": "Exact decimal, in `currency`.",
+}
+_TYPE = {"usage_type": _INT, "usage_type_name": _STR}
+_QUANTITY = {"quantity": {**_INT, "description": "ms or bytes (unit)."}, "unit": {"enum": ["bytes", "ms"]}}
+_DETAIL = {**_STR, "description": "Traffic type of byte usage; service offering of VM time."}
+SCHEMAS["CostItem"] = _object(
+    {
+        "kind": {"enum": ["record", "adjustment"]},
+        **_TYPE,
+        "resource": _STR,
+        "detail": _DETAIL,
+        "start": {**_STR, "description": "Its window, UTC."},
+        "end": _STR,
+        **_QUANTITY,
+        "cost": _MONEY,
+        "rates": {"type": "array", "items": _STR, "description": "The tariff's rates used (rate.N)."},
+        "unpriced": {**_INT, "description": "Of the quantity, what no rate covered (see reason)."},
+        "reason": _STR,
+    }
+)
+SCHEMAS["AccountCosts"] = {
+    **_object(
+        {
+            "account": _STR,
+            "cost": {**_MONEY, "description": "So far this month: the sum of the lines' (and items') costs."},
+            "projected": {**_MONEY, "description": "At the month's end, if what runs now keeps running."},
+            "complete": {"type": "boolean", "description": "False when some usage had no rate (unpriced)."},
+            "by_usage_type": {
+                "type": "array",
+                "items": _object({**_TYPE, "cost": _MONEY, "projected": _MONEY}),
+            },
+            "lines": {
+                "type": "array",
+                "items": _object(
+                    {
+                        **_TYPE,
+                        "resource": _STR,
+                        "detail": _DETAIL,
+                        **_QUANTITY,
+                        "cost": _MONEY,
+                        "projected": _MONEY,
+                        "unpriced": _INT,
+                    }
+                ),
+            },
+            "unpriced": {"type": "array", "items": _ref("CostItem")},
+            "items": {"type": "array", "items": _ref("CostItem"), "description": "With items=true."},
+        }
+    ),
+    "required": ["account", "cost", "projected", "complete", "by_usage_type", "lines", "unpriced"],
+}
+SCHEMAS["Costs"] = _object(
+    {
+        "month": _STR,
+        "start": _STR,
+        "end": _STR,
+        "as_of": _STR,
+        "currency": {**_STR, "description": "ISO 4217: the tariff's one currency."},
+        "count": _INT,
+        "accounts": {"type": "array", "items": _ref("AccountCosts")},
+    }
+)
 for _page, _items, _item in (
     ("UsagePage", "usage", "UsageRecord"),
     ("AdjustmentPage", "adjustments", "Adjustment"),
@@ -315,6 +382,37 @@ def document(*, webhook: bool = False) -> dict[str, Any]:
                                 "text/csv": _csv(ADJUSTMENT_FIELDS),
                             },
                         },
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/v1/costs": {
+                "get": {
+                    "summary": "Costs per account in a month, rated live from its usage under the tariff",
+                    "description": (
+                        "Cost so far by usage type and resource, each record's and adjustment's "
+                        "cost (items=true), what no rate covered, and a projection to the month's end."
+                    ),
+                    "parameters": [
+                        _query(
+                            "month",
+                            "yyyy-MM, UTC (default: this month).",
+                            {"type": "string", "pattern": MONTH_PATTERN},
+                        ),
+                        _PARAMS["account"],
+                        _query(
+                            "items",
+                            "Every record's and adjustment's cost too (one account).",
+                            {"type": "boolean"},
+                        ),
+                        _PARAMS["format"],
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Each account's costs.",
+                            "content": {**_json("Costs"), "text/csv": _csv(COST_CSV_FIELDS)},
+                        },
+                        "404": _error("No tariff is configured ([billing] tariff_file)."),
                         **_ERRORS,
                     },
                 }

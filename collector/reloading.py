@@ -4,6 +4,8 @@
   named there, or none: an empty map); measures attributed after it use the new map.
 - credentials: the config file's [api] token / token_file / key pair / [[api.credentials]] and
   the credentials file it names.
+- tariff: the tariff file [billing] tariff_file names (also a file newly named there); costs
+  asked for from then on are rated under it.
 
 Each reads the config file again but takes only its own section: a mistake in one section, or
 in one file, refuses that reload alone. The rest of the config (store, inputs, windows) is read
@@ -18,6 +20,7 @@ from typing import Any
 
 from kvmeter.collector import config as config_mod
 from kvmeter.collector import credentials
+from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialSource
 from kvmeter.collector.service import Collector
 from kvmeter.reload import Reloads
@@ -57,11 +60,29 @@ def api_credentials(path: Path, source: CredentialSource) -> Callable[[], str]:
     return reload
 
 
+def tariff(path: Path, source: TariffSource) -> Callable[[], str]:
+    def reload() -> str:
+        name = _section(path, "billing").get("tariff_file")
+        if not name:
+            raise ConfigError(
+                str(path), ["billing.tariff_file: costs cannot be switched off without a restart"]
+            )
+        return source.reload(path.parent / name)
+
+    return reload
+
+
 def collector_reloads(
-    path: Path, service: Collector, source: CredentialSource | None, on_failure: Callable[[str], None]
+    path: Path,
+    service: Collector,
+    source: CredentialSource | None,
+    on_failure: Callable[[str], None],
+    tariffs: TariffSource | None = None,
 ) -> Reloads:
     reloads = Reloads(on_failure)
     reloads.add("router owners", router_owners(path, service))
     if source is not None:
         reloads.add("credentials", api_credentials(path, source))
+    if tariffs is not None:
+        reloads.add("tariff", tariff(path, tariffs))
     return reloads

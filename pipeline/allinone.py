@@ -12,8 +12,8 @@ but not yet acknowledged is re-sent under its stream id and sequence number, and
 stream marks drop it).
 
 The config file has the agent's sections (agent, libvirt, spool, deltas, metrics, traffic), the
-collector's (store, usage, api, cloudstack, policy, retention) and [lifecycle] (events_file;
-max_event_bytes as in the collector's); see packaging/config/allinone.toml.example.
+collector's (store, usage, api, cloudstack, policy, retention, billing) and [lifecycle]
+(events_file; max_event_bytes as in the collector's); see packaging/config/allinone.toml.example.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import click
 from kvmeter.agent import config as agent_config
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
-from kvmeter.collector.credentials import CredentialsError, CredentialSource, reload_on_sighup
+from kvmeter.collector.billing.tariff_file import TariffSource
+from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.metrics import Metrics
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/kvmeter/allinone.toml"
 AGENT_SECTIONS = ("agent", "libvirt", "spool", "deltas", "metrics", "traffic")
-COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy", "retention")
+COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy", "retention", "billing")
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -140,6 +141,10 @@ class AllInOne:
             if retention.enabled
             else None
         )
+        self.tariffs: TariffSource | None = None  # [billing] tariff_file: /v1/costs (SIGHUP)
+        if cfg.collector.tariff is not None and cfg.collector.tariff_file is not None:
+            billable = cfg.collector.settings.billable
+            self.tariffs = TariffSource(cfg.collector.tariff, cfg.collector.tariff_file, billable)
 
     def idle(self) -> None:
         """The collector's own work between two polls: new lifecycle events, then the tick."""
@@ -159,6 +164,7 @@ class AllInOne:
             credentials=self.credentials,
             metrics=self.metrics,
             settings=self.cfg.collector.settings,
+            tariffs=self.tariffs,
         )
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
         return self.api.url
@@ -187,6 +193,15 @@ class AllInOne:
             self.api.close()
         self.feeder.close()
         self.store.close()
+
+
+def _credentials_reload(source: CredentialSource) -> Callable[[], str]:
+    def reload() -> str:
+        if not source.reload():  # it logged why
+            raise ValueError(f"credentials file {source.path} refused")
+        return f"credentials file {source.path}" if source.path else "no credentials file"
+
+    return reload
 
 
 @click.command("run")
@@ -221,8 +236,13 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         pipeline.close()
         click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
         sys.exit(2)
+    # SIGHUP: the credentials file and the tariff read again, between two polls.
+    reloads = pipeline.feeder.reloads
     if pipeline.credentials is not None:
-        reload_on_sighup(pipeline.credentials)
+        reloads.add("credentials", _credentials_reload(pipeline.credentials))
+    if pipeline.tariffs is not None:
+        reloads.add("tariff", pipeline.tariffs.reload)
+    reloads.install()
     if cfg.agent.metrics_enabled:
         pipeline.agent.metrics.serve(cfg.agent.metrics_address, cfg.agent.metrics_port)
     if url:

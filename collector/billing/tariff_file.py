@@ -21,14 +21,14 @@ and bytes of every billable traffic type too; usage no rate covers at some insta
 rate's `from`, a VM whose size is unknown under a per-vCPU rate) is listed as unpriced with the
 reason wherever costs are shown, never dropped.
 
-TariffSource holds the tariff in force and reload() reads the file again (SIGHUP): a file that
-fails keeps the old tariff, and the log says why.
+The collector's config names the file in [billing] tariff_file (billing_section); TariffSource
+holds the tariff in force and reload() reads the file again (SIGHUP, through kvmeter.reload): a
+file that fails keeps the tariff in force, and the log says why.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import threading
 import tomllib
 from collections.abc import Iterable
@@ -40,8 +40,6 @@ from kvmeter.collector.billing.money import BYTE_UNITS
 from kvmeter.collector.billing.tariff import BYTE_TYPES, FOREVER_MS, Rate, Tariff, Tier
 from kvmeter.collector.model import ALLOCATED_VM, RUNNING_VM, USAGE_TYPE_NAMES
 from kvmeter.tomlconfig import ConfigError, schema_problems
-
-log = logging.getLogger(__name__)
 
 USAGE_TYPE_IDS = {name: ident for ident, name in USAGE_TYPE_NAMES.items()}
 VM_TYPES = frozenset({RUNNING_VM, ALLOCATED_VM})
@@ -265,22 +263,43 @@ def _coverage(entries: list[dict[str, Any]], billable: frozenset[str]) -> list[s
     return problems
 
 
-class TariffSource:
-    """The tariff in force; reload() reads the file again and keeps the old one if it fails."""
+BILLING_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"tariff_file": {"type": "string", "minLength": 1}},
+}  # the collector's (and the all-in-one's) [billing] table
 
-    def __init__(self, path: Path, billable: Iterable[str] = ()):
+
+def billing_section(
+    section: Any, base: Path | None, billable: Iterable[str], problems: list[str]
+) -> tuple[Tariff | None, Path | None]:
+    """[billing] (schema-checked by the config) -> the tariff and its file, None when no
+    tariff_file is named; a tariff that does not load adds every one of its problems."""
+    name = section.get("tariff_file") if isinstance(section, dict) else None
+    if not isinstance(name, str) or not name:
+        return None, None
+    path = Path(name) if base is None else base / name
+    try:
+        return load(path, billable), path
+    except TariffError as exc:
+        problems += [f"billing.tariff_file: {exc.source}: {p}" for p in exc.problems]
+        return None, path
+
+
+class TariffSource:
+    """The tariff in force, for readers in other threads (the API): `current` is one reference,
+    so a request rates under the old tariff or the new one, never a mix."""
+
+    def __init__(self, tariff: Tariff, path: Path, billable: Iterable[str] = ()):
+        self.current = tariff
         self.path = path
         self.billable = frozenset(billable)
         self._lock = threading.Lock()
-        self.current = load(path, self.billable)
 
-    def reload(self) -> bool:
+    def reload(self, path: Path | None = None) -> str:
+        """Read the tariff file again (or `path`, newly named) and put it in force; TariffError,
+        and the tariff in force stays, when it does not load."""
         with self._lock:
-            try:
-                tariff = load(self.path, self.billable)
-            except TariffError as exc:
-                log.error("tariff not reloaded, the tariff in force stays: %s", exc)
-                return False
-            self.current = tariff  # one reference: a request rates under the old one or the new
-        log.info("tariff reloaded from %s: %s, %d rate(s)", self.path, tariff.currency, len(tariff.rates))
-        return True
+            tariff = load(path or self.path, self.billable)
+            self.current, self.path = tariff, path or self.path
+        return f"{tariff.currency}, {len(tariff.rates)} rate(s) from {self.path}"

@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "collector": ("kvmeter.collector.cli", "collector", "Consume measures and lifecycle events into usage."),
     "ingest": ("kvmeter.collector.cli", "ingest", "Apply event and measure files to a usage store."),
     "usage": ("kvmeter.collector.cli", "usage", "Report usage records from a store."),
+    "costs": ("kvmeter.collector.cli_costs", "costs", "Costs per account this month, and projected."),
     "reconcile": (
         "kvmeter.collector.cli_reconcile",
         "reconcile",

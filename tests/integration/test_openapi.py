@@ -25,6 +25,8 @@ from schemathesis.specs.openapi.checks import (
 
 from kvmeter.collector import api_corrections, api_dead_letters
 from kvmeter.collector.api import ApiServer, create_app
+from kvmeter.collector.billing import tariff_file
+from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.openapi import CORRECTIONS_MAX, LETTER_ID_MAX, LETTERS_MAX, document
@@ -33,6 +35,7 @@ from tests.api_support import filled_store, running
 TOKEN = "openapi-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 EXAMPLES = 60  # per operation and mode: a few hundred requests in all, in seconds
+TARIFF = Path(__file__).parents[2] / "packaging" / "config" / "tariff.toml.example"
 NOT_DESCRIBED = {"/client/api"}  # CloudStack's own API, described by CloudStack
 CHECKS = [
     not_a_server_error,
@@ -47,7 +50,10 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
     store, _ = filled_store(tmp_path_factory.mktemp("openapi"))
-    app = create_app(store, token=TOKEN, metrics=Metrics(), webhook=WebhookInput("webhook-secret"))
+    tariffs = TariffSource(tariff_file.load(TARIFF), TARIFF)
+    app = create_app(
+        store, token=TOKEN, metrics=Metrics(), webhook=WebhookInput("webhook-secret"), tariffs=tariffs
+    )
     with running(ApiServer(app, "127.0.0.1", 0)) as base:
         yield base, app
     store.close()
@@ -78,7 +84,7 @@ def test_the_document_names_exactly_the_routes_and_methods(api: tuple[str, objec
 def test_every_query_parameter_the_code_reads_is_described(api: tuple[str, object]) -> None:
     """Parameters a /v1 handler reads (request.args.get("...")) appear in the document."""
     collector = Path(__file__).parents[2] / "collector"
-    modules = ("api_usage.py", "api_corrections.py", "api_dead_letters.py")
+    modules = ("api_usage.py", "api_corrections.py", "api_dead_letters.py", "api_costs.py")
     source = "".join((collector / name).read_text() for name in modules)
     described = {p["name"] for item in document()["paths"].values() for op in item.values()
                  for p in op.get("parameters", [])}  # fmt: skip

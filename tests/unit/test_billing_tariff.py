@@ -143,20 +143,17 @@ def test_a_price_change_is_two_rates_meeting_at_an_instant() -> None:
     ]
 
 
-def test_a_reload_keeps_the_tariff_in_force_when_the_new_file_is_bad(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_a_reload_keeps_the_tariff_in_force_when_the_new_file_is_bad(tmp_path: Path) -> None:
     path = tmp_path / "tariff.toml"
     path.write_text(EXAMPLE.read_text())
-    source = TariffSource(path, {"public"})
+    source = TariffSource(tariff_file.load(path), path, {"public"})
     before = source.current
     path.write_text(EXAMPLE.read_text().replace('per_hour = "0.0050"', "per_hour = 0.005"))
-    assert source.reload() is False
+    with pytest.raises(TariffError, match="not float"):
+        source.reload()
     assert source.current is before
-    assert "tariff not reloaded, the tariff in force stays" in caplog.text
-    assert "not float" in caplog.text
     path.write_text(EXAMPLE.read_text().replace('currency = "EUR"', 'currency = "USD"'))
-    assert source.reload() is True
+    assert source.reload().startswith("USD, 5 rate(s) from ")
     assert source.current.currency == "USD"
 
 
@@ -166,3 +163,23 @@ def test_a_missing_or_broken_file_is_refused_with_the_reason(tmp_path: Path) -> 
     (tmp_path / "bad.toml").write_text("currency = ")
     with pytest.raises(TariffError, match="not valid TOML"):
         tariff_file.load(tmp_path / "bad.toml")
+
+
+def test_the_collector_config_names_the_tariff_and_lists_its_problems_with_its_own(tmp_path: Path) -> None:
+    from kvmeter.collector import config
+
+    (tmp_path / "tariff.toml").write_text(EXAMPLE.read_text())
+    cfg = config.from_dict({"billing": {"tariff_file": "tariff.toml"}}, "collector.toml", base=tmp_path)
+    assert cfg.tariff is not None
+    assert (cfg.tariff.currency, cfg.tariff_file) == ("EUR", tmp_path / "tariff.toml")
+    assert config.CollectorConfig().tariff is None  # no [billing]: no costs
+    doc = {
+        "billing": {"tariff_file": "tariff.toml", "colour": 1},
+        "usage": {"billable_traffic_types": ["public", "guest"]},  # guest bytes have no rate
+    }
+    with pytest.raises(config.ConfigError) as err:
+        config.from_dict(doc, "collector.toml", base=tmp_path)
+    assert err.value.problems[0].startswith("billing.colour: unknown key")
+    assert f"billing.tariff_file: {tmp_path / 'tariff.toml'}: no rate for NETWORK_BYTES_SENT of billable" in (
+        "\n".join(err.value.problems)
+    )

@@ -1,0 +1,158 @@
+"""Rendering an account's month of costs as table, JSON or CSV: one piece of code for /v1/costs
+and `kvmeter costs`. Money is written as decimal strings (exact, never a float), in the
+tariff's currency and to its decimal places."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from kvmeter.collector.billing import MonthCosts
+from kvmeter.collector.billing.rating import RatedItem
+from kvmeter.collector.billing.tariff import BYTE_TYPES
+from kvmeter.collector.model import USAGE_TYPE_NAMES
+from kvmeter.collector.report import iso
+
+FORMATS = ("table", "json", "csv")
+CSV_FIELDS = [
+    "account", "month", "currency", "usage_type", "usage_type_name", "resource", "detail", "quantity", "unit",
+    "cost", "projected", "unpriced",
+]  # fmt: skip
+
+
+def month_text(start_ms: int) -> str:
+    return dt.datetime.fromtimestamp(start_ms // 1000, dt.UTC).strftime("%Y-%m")
+
+
+def _type(usage_type: int) -> dict[str, Any]:
+    return {"usage_type": usage_type, "usage_type_name": USAGE_TYPE_NAMES.get(usage_type, str(usage_type))}
+
+
+def _unit(usage_type: int) -> str:
+    return "bytes" if usage_type in BYTE_TYPES else "ms"
+
+
+def item_dict(rated: RatedItem) -> dict[str, Any]:
+    k = rated.item.key
+    out = {
+        "kind": rated.item.kind,
+        **_type(k.usage_type),
+        "resource": k.resource,
+        "detail": k.detail if k.usage_type in BYTE_TYPES else k.offering,
+        "start": iso(k.window_start_ms),
+        "end": iso(k.window_end_ms),
+        "quantity": rated.item.quantity,
+        "unit": _unit(k.usage_type),
+        "cost": str(rated.cost),
+        "rates": list(rated.rates),
+        "unpriced": rated.unpriced,
+        "reason": rated.reason,
+    }
+    return out
+
+
+def costs_dict(month: MonthCosts, *, items: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "account": month.account,
+        "cost": str(month.cost),
+        "projected": str(month.projected),
+        "complete": month.complete,
+        "by_usage_type": [
+            {**_type(t), "cost": str(cost), "projected": str(projected)}
+            for t, (cost, projected) in month.by_usage_type().items()
+        ],
+        "lines": [
+            {
+                **_type(line.usage_type),
+                "resource": line.resource,
+                "detail": line.detail,
+                "quantity": line.quantity,
+                "unit": _unit(line.usage_type),
+                "cost": str(line.cost),
+                "projected": str(line.projected),
+                "unpriced": line.unpriced,
+            }
+            for line in month.lines
+        ],
+        "unpriced": [item_dict(r) for r in month.unpriced],
+    }
+    if items:
+        out["items"] = [item_dict(r) for r in month.items]
+    return out
+
+
+def document(months: Sequence[MonthCosts], currency: str, start_ms: int, end_ms: int, as_of_ms: int,
+             *, items: bool = False) -> dict[str, Any]:  # fmt: skip
+    """The whole answer: the month, its currency, and each account's costs."""
+    return {
+        "month": month_text(start_ms),
+        "start": iso(start_ms),
+        "end": iso(end_ms),
+        "as_of": iso(as_of_ms),
+        "currency": currency,
+        "count": len(months),
+        "accounts": [costs_dict(m, items=items) for m in months],
+    }
+
+
+def render_csv(months: Sequence[MonthCosts]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for month in months:
+        for line in month.lines:
+            writer.writerow(
+                {
+                    "account": month.account,
+                    "month": month_text(month.start_ms),
+                    "currency": month.currency,
+                    **_type(line.usage_type),
+                    "resource": line.resource,
+                    "detail": line.detail,
+                    "quantity": line.quantity,
+                    "unit": _unit(line.usage_type),
+                    "cost": line.cost,
+                    "projected": line.projected,
+                    "unpriced": line.unpriced,
+                }
+            )
+    return out.getvalue()
+
+
+def render_table(months: Sequence[MonthCosts]) -> str:
+    lines = []
+    for month in months:
+        note = "" if month.complete else f"  ({len(month.unpriced)} item(s) unpriced: see --format json)"
+        lines.append(
+            f"{month.account or '(unattributed)'}  {month_text(month.start_ms)}: "
+            f"{month.cost} {month.currency} so far, "
+            f"{month.projected} {month.currency} projected at the month's end{note}"
+        )
+        for t, (cost, projected) in month.by_usage_type().items():
+            lines.append(f"  {USAGE_TYPE_NAMES.get(t, str(t)):<24} {cost:>16}  (projected {projected})")
+    return "\n".join(lines) + f"\n{len(months)} account(s)\n"
+
+
+def render(
+    months: Sequence[MonthCosts],
+    fmt: str,
+    *,
+    currency: str,
+    start_ms: int,
+    end_ms: int,
+    as_of_ms: int,
+    items: bool = False,
+) -> str:
+    if fmt == "csv":
+        return render_csv(months)
+    if fmt == "table":
+        return render_table(months)
+    if fmt == "json":
+        return (
+            json.dumps(document(months, currency, start_ms, end_ms, as_of_ms, items=items), indent=2) + "\n"
+        )
+    raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
