@@ -20,7 +20,7 @@ from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, policies
 from kvmeter.logs import setup_logging
 
 DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"
@@ -86,6 +86,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     if cfg.webhook_secret and not cfg.api.enabled:
         raise click.ClickException(f"{config_path}: [webhook] deliveries come to the API: api.enabled = true")
     store = _open_store(cfg.db_url)
+    policies.note_policy(store, cfg.settings.policy, _wall_ms())
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector import schema_outbox
+from kvmeter.collector import schema_outbox, schema_policy
 from kvmeter.proto import pb
 
 metadata = sa.MetaData()
@@ -269,6 +269,7 @@ collector_state = sa.Table(
 )
 
 handoff_outbox = schema_outbox.outbox_table(metadata)  # billable items to hand off (migration 14)
+billing_policies = schema_policy.policies_table(metadata)  # the policies records followed (migration 17)
 
 V1_TABLES = [
     usage_records,
@@ -424,8 +425,13 @@ def _migration_15(conn: Connection) -> None:
     migration_15(conn)
 
 
+def _migration_17(conn: Connection) -> None:
+    schema_policy.migrate(conn, billing_policies, (lifecycle_events, usage_records))
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
     (11, _migration_11), (12, _migration_12), (14, _migration_14), (15, _migration_15),
+    (17, _migration_17),
 ]  # fmt: skip

@@ -41,7 +41,7 @@ from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.prune import PruneJob, Pruner
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, policies
 from kvmeter.logs import setup_logging
 from kvmeter.pipeline.handoff import InProcessProducer
 from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
@@ -112,6 +112,7 @@ class AllInOne:
         self.cfg = cfg
         self.store = Store(cfg.collector.db_url)
         self.store.migrate()
+        policies.note_policy(self.store, cfg.collector.settings.policy, clock())
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         self.metrics = Metrics()
         self.metrics.watch_store(self.store, self.collector.horizon_start)

@@ -1,0 +1,54 @@
+"""The billing policy a store's records follow (the billing_policies table, migration 17).
+
+    policy_in_force(conn, policy, now_ms) -> Previous | None
+    note_policy(store, policy, now_ms) -> Previous | None   # the same at a start, logged
+
+Records are computed under the policy of the collector that writes them; final windows never
+change, so a store whose collector changed [policy] holds records of both. This is how a start
+under another policy knows it, to say so (the replay into a fresh store gives the past under the
+new one).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector.policy import BillingPolicy
+from kvmeter.collector.schema import billing_policies
+
+log = logging.getLogger(__name__)
+
+
+class Previous(NamedTuple):
+    policy: str  # BillingPolicy.describe() of the policy before
+    since_ms: int  # in force since then (0: since the store began)
+
+
+def policy_in_force(conn: Connection, policy: BillingPolicy, now_ms: int) -> Previous | None:
+    """Record `policy` as the one in force from now_ms unless it already is; the one before when
+    it was another (None on a new store and when unchanged)."""
+    bp = billing_policies.c
+    last = conn.execute(sa.select(bp.policy, bp.since_ms).order_by(bp.id.desc()).limit(1)).first()
+    text = policy.describe()
+    if last is not None and last[0] == text:
+        return None
+    conn.execute(sa.insert(billing_policies).values(policy=text, since_ms=now_ms))
+    return None if last is None else Previous(str(last[0]), int(last[1]))
+
+
+def note_policy(store: Any, policy: BillingPolicy, now_ms: int) -> Previous | None:
+    """At a start on `store` (a Store): record the policy in force; a warning when it changed."""
+    with store.write() as conn:
+        previous = policy_in_force(conn, policy, now_ms)
+    if previous is not None:
+        since = "the store began" if previous.since_ms <= 0 else f"{previous.since_ms} ms since the epoch"
+        log.warning(
+            "billing policy changed: records so far follow %s (since %s); from now on %s. Final windows "
+            "keep the policy before; replay the topics into a fresh store to bill the past under this one",
+            previous.policy, since, policy.describe(),
+        )  # fmt: skip
+    return previous
