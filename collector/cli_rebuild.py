@@ -8,7 +8,7 @@ import sys
 import click
 
 from kvmeter.collector.cli import DEFAULT_CONFIG, _load_config, _open_store, _wall_ms
-from kvmeter.collector.store import Store, engine_url
+from kvmeter.collector.store import Store, engine_url, policies
 from kvmeter.logs import setup_logging
 
 FAR = 2**62
@@ -67,6 +67,7 @@ def rebuild(
             )
         except (RebuildError, HistoryError) as exc:
             raise click.ClickException(str(exc)) from None
+        policies.note_policy(into, cfg.settings.policy, _wall_ms())  # the policy its records follow
         out = done.outcome
         click.echo(
             f"rebuilt: {out.batches} batch(es), {out.duplicates} duplicate(s), {out.billed_bytes} byte(s) "

@@ -5,16 +5,20 @@ out by hand below), and the same bytes."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from kvmeter.collector.model import Settings
 from kvmeter.collector.policy import BillingPolicy
+from kvmeter.collector.schema import billing_policies
 from kvmeter.collector.store import Store
 from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, HOUR, IP1, MIN, T0, VM1, Clock, M, Stream, cs_time, usage_event
+from tests.harness.processes import KVMETER
 from tests.integration.test_consume_live import Running, kafka_config, produce, wait_for
 
 pytestmark = [pytest.mark.broker, pytest.mark.pg]
@@ -68,6 +72,9 @@ USAGE_ONLY = {  # running 0:30 -> 1:30 (usage); allocated -1:00 -> 2:00
 }  # fmt: skip
 
 
+CHANGED = BillingPolicy(allocated_from="first_start", allocated_until="expunge", running="state")
+
+
 def records(store: Store) -> dict[tuple[int, int], int]:
     net = store.net_usage()
     assert {k.account for k in net} == {ACCT_A}
@@ -105,9 +112,8 @@ def test_a_changed_policy_rebuilt_from_the_topics_gives_its_records(
     live = Store(f"sqlite:///{tmp_path}/live.db")
     assert run_until_consumed(live, kafka_bootstrap, topics, f"live-{measures}", BillingPolicy()) == DEFAULT
 
-    changed = BillingPolicy(allocated_from="first_start", allocated_until="expunge", running="state")
     rebuilt = Store(pg_database)
-    got = run_until_consumed(rebuilt, kafka_bootstrap, topics, f"pg-{measures}", changed)
+    got = run_until_consumed(rebuilt, kafka_bootstrap, topics, f"pg-{measures}", CHANGED)
     assert got == STATE_FIRST_START_EXPUNGE
 
     usage_only = Store(f"sqlite:///{tmp_path}/usage-only.db")
@@ -127,3 +133,51 @@ def test_a_changed_policy_rebuilt_from_the_topics_gives_its_records(
 def stored_event_ids(store: Store) -> set[str]:
     with store.read() as conn:
         return {row[3] for row in store.events_since(conn, 0, 1000)}
+
+
+def test_kvmeter_rebuild_under_a_changed_policy_gives_its_records_and_shows_what_changes(
+    kafka_bootstrap: str, unique_topic: Callable[..., str], tmp_path: Path, pg_database: str
+) -> None:
+    measures, lifecycle = unique_topic("measures", partitions=2), unique_topic("cloudstack", partitions=2)
+    produce(kafka_bootstrap, lifecycle, EVENTS)
+    stream = Stream("stream-p1", "p1")
+    produce(kafka_bootstrap, measures, [
+        (b"p1", stream.batch([M(T0 + 5 * MIN, T0 + 6 * MIN, 1000),
+                              M(T0 + 65 * MIN, T0 + 66 * MIN, 300, direction=pb.VM_RX)])),
+        (b"p1", stream.batch([M(T0 + 150 * MIN, T0 + 151 * MIN, 700)])),
+    ])  # fmt: skip
+    live = Store(f"sqlite:///{tmp_path}/live.db")
+    topics = (measures, lifecycle)
+    assert run_until_consumed(live, kafka_bootstrap, topics, f"live-{measures}", BillingPolicy()) == DEFAULT
+    live.close()
+
+    config = tmp_path / "changed.toml"  # the live config with another [policy]
+    config.write_text(f"""
+[store]
+url = "sqlite:///{tmp_path}/live.db"
+[kafka]
+bootstrap = "{kafka_bootstrap}"
+measures_topic = "{measures}"
+lifecycle_topic = "{lifecycle}"
+[policy]
+allocated_from = "first_start"
+allocated_until = "expunge"
+running = "state"
+""")
+    done = subprocess.run(
+        [*KVMETER, "rebuild", "--config", str(config), "--into", pg_database, "--check"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr  # it bills differently: --check says so
+    rebuilt = Store(pg_database)
+    try:
+        assert records(rebuilt) == STATE_FIRST_START_EXPUNGE
+        with rebuilt.read() as conn:  # the rebuilt store knows the policy its records follow
+            kept = conn.execute(sa.select(billing_policies.c.policy)).scalars().all()
+        assert kept == [CHANGED.describe()]
+    finally:
+        rebuilt.close()
+    # The diff, by account, type and window: the RUNNING and ALLOCATED windows that change.
+    changed = {k for k in set(DEFAULT) | set(STATE_FIRST_START_EXPUNGE)
+               if DEFAULT.get(k) != STATE_FIRST_START_EXPUNGE.get(k)}  # fmt: skip
+    assert f"{len(changed)} difference(s) by account, usage type and window" in done.stdout
