@@ -28,12 +28,62 @@ from pathlib import Path
 
 import click
 
+from kvmeter.collector.billing import months_costs
+from kvmeter.collector.billing.tariff_file import load as load_tariff
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT, USAGE_TYPE_NAMES
 from kvmeter.collector.store import Store
 from kvmeter.collector.usage import rawusage
 from kvmeter.pipeline import allinone
-from kvmeter.pipeline.sim.democloud import ACCOUNTS, POLL_SECONDS, SPECS, Cloud, Script
+from kvmeter.pipeline.sim.democloud import ACCOUNTS, MEDIUM, POLL_SECONDS, SPECS, Cloud, Script
 from kvmeter.pipeline.sim.demoreal import RealCloud
+
+# A small tariff for a one-minute cloud: prices per hour and per MiB, with a tier boundary the
+# demo's traffic crosses (the shipped example, packaging/config/tariff.toml.example, prices per GB).
+DEMO_TARIFF = f"""# written by kvmeter demo
+currency = "EUR"
+decimals = 6
+
+[[rate]]
+usage_type = "RUNNING_VM"
+per_hour = "0.0200"
+
+[[rate]]
+usage_type = "RUNNING_VM"
+offering = "{MEDIUM}"
+per_hour = "0.0400"
+
+[[rate]]
+usage_type = "ALLOCATED_VM"
+per_hour = "0.0010"
+
+[[rate]]
+usage_type = "IP_ADDRESS"
+per_hour = "0.0050"
+
+[[rate]]
+usage_type = "NETWORK_BYTES_SENT"
+traffic_type = "public"
+unit = "MiB"
+tiers = [{{ up_to = 1, price = "0.10" }}, {{ price = "0.05" }}]
+
+[[rate]]
+usage_type = "NETWORK_BYTES_SENT"
+traffic_type = "guest"
+unit = "MiB"
+price = "0.01"
+
+[[rate]]
+usage_type = "NETWORK_BYTES_RECEIVED"
+traffic_type = "public"
+unit = "MiB"
+price = "0"
+
+[[rate]]
+usage_type = "NETWORK_BYTES_RECEIVED"
+traffic_type = "guest"
+unit = "MiB"
+price = "0"
+"""
 
 
 def _config(workdir: Path, uri: str, api_listen: str, metrics_port: int, token: str) -> Path:
@@ -61,8 +111,11 @@ listen = "{api_listen}"
 token = "{token}"
 [lifecycle]
 events_file = "events.jsonl"
+[billing]
+tariff_file = "tariff.toml"
 """
     )
+    (workdir / "tariff.toml").write_text(DEMO_TARIFF)
     return path
 
 
@@ -74,21 +127,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _summary(store: Store, cloud: Cloud | RealCloud, start_ms: int) -> str:
-    rows = store.usage(start_ms - 3_600_000, int(time.time() * 1000) + 3_600_000)
+def _summary(store: Store, cloud: Cloud | RealCloud, start_ms: int, tariff_file: Path) -> str:
+    now = int(time.time() * 1000)
+    rows = store.usage(start_ms - 3_600_000, now + 3_600_000)
+    tariff = load_tariff(tariff_file, {"public", "guest"})
+    months = {m.account: m for m in months_costs(store, tariff, None, now)}
     per: dict[tuple[str, int], int] = defaultdict(int)
     billed_bytes: dict[tuple[str, int], int] = defaultdict(int)
     for r in rows:
         per[(r.key.account, r.key.usage_type)] += r.quantity
         if r.key.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED):
             billed_bytes[(r.key.resource, r.key.usage_type)] += r.quantity
-    lines = ["", "Usage per account (all windows of this run):", ""]
-    lines.append(f"  {'ACCOUNT':<8} {'USAGE TYPE':<24} {'QUANTITY':>16}")
+    lines = ["", f"Usage and costs per account (all windows of this run; tariff {tariff_file}):", ""]
+    lines.append(f"  {'ACCOUNT':<8} {'USAGE TYPE':<24} {'QUANTITY':>16}  {'COST ' + tariff.currency:>14}")
     for (account, usage_type), qty in sorted(per.items()):
         unit = "bytes" if usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED) else "hours"
         name = ACCOUNTS.get(account, account or "(unattributed)")
         label = f"{usage_type} {USAGE_TYPE_NAMES.get(usage_type, '')}"
-        lines.append(f"  {name:<8} {label:<24} {rawusage(usage_type, qty):>10} {unit}")
+        month = months.get(account)
+        cost = month.by_usage_type().get(usage_type, (None, None))[0] if month else None
+        lines.append(f"  {name:<8} {label:<24} {rawusage(usage_type, qty):>10} {unit:<5}  {cost!s:>14}")
+    for account, month in sorted(months.items()):
+        name = ACCOUNTS.get(account, account or "(unattributed)")
+        note = "" if month.complete else f" ({len(month.unpriced)} item(s) unpriced)"
+        lines.append(
+            f"  {name:<8} {'TOTAL this month':<24} {'':>16}  {month.cost!s:>14}"
+            f"  projected to the month's end: {month.projected} {tariff.currency}{note}"
+        )
     truth = cloud.kernel_totals()
     if truth:
         lines += [
@@ -221,7 +286,7 @@ def demo(seconds: float, workdir: str, linger: float | None, *, real_vms: bool, 
         cloud.finish()
         click.echo("  traffic stopped; letting the pipeline poll and apply the last bytes")
         time.sleep(3 * POLL_SECONDS)
-        click.echo(_summary(pipeline.store, cloud, start_ms))
+        click.echo(_summary(pipeline.store, cloud, start_ms, work / "tariff.toml"))
         today = dt.datetime.now(dt.UTC).date()
         days = f"{today}", f"{today + dt.timedelta(days=1)}"
         click.echo(f"\nAPI (running): {pipeline.url}/v1/usage?start={days[0]}&end={days[1]}&format=csv")
@@ -230,6 +295,8 @@ def demo(seconds: float, workdir: str, linger: float | None, *, real_vms: bool, 
         click.echo(f"  CloudStack:  {pipeline.url}/client/api?{listing}")
         db = f"sqlite:///{work / 'usage.db'}"
         click.echo(f"CLI:           kvmeter usage --db {db} --start {days[0]} --end {days[1]}")
+        click.echo(f"Costs:         {pipeline.url}/v1/costs (format=csv; account=...; items=true)")
+        click.echo(f"               kvmeter costs --db {db} --tariff {work / 'tariff.toml'}")
         _linger(linger)
     finally:
         if pipeline is not None:

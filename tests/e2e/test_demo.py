@@ -1,11 +1,12 @@
 """`make demo`'s command, shortened: the simulated cloud is metered and every VM's billed bytes
-match its own kernel counters; the usage table names both accounts."""
+match its own kernel counters; the usage table names both accounts, with their costs."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,11 @@ def test_demo_meters_its_cloud_exactly(tmp_path: Path) -> None:
         assert int(kernel) > 0, (vm, direction)
         assert (int(billed), diff) == (int(kernel), "+0"), (vm, direction)
     assert "API (running): http://" in text
+    # Costs next to usage, under the demo's tariff (every usage type priced: no unpriced note).
+    totals = dict(re.findall(r"^\s+(alice|bob)\s+TOTAL this month\s+(\d+\.\d{6})\s+projected", text, re.M))
+    assert set(totals) == {"alice", "bob"}, text
+    assert all(Decimal(cost) > 0 for cost in totals.values())
+    assert "unpriced" not in text
+    costs = re.findall(r"^\s+(alice|bob)\s+(\d) \w+\s+[\d.]+ (?:hours|bytes)\s+(\d+\.\d{6})$", text, re.M)
+    for account, total in totals.items():
+        assert sum(Decimal(c) for a, _, c in costs if a == account) == Decimal(total)
