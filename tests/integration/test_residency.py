@@ -225,3 +225,35 @@ def test_eviction_changes_no_record(new_store: Callable[[], Store], plan: list[t
     assert _everything(bounded.store) == _everything(kept.store)
     bounded.restore(list(bounded.evicted.uuids))
     assert bounded.histories == kept.histories
+
+
+def test_replicas_on_one_store_bring_back_what_another_replica_changed(
+    new_store: Callable[[], Store],
+) -> None:
+    clock = Clock(T0 + 10 * HOUR)
+    store = new_store()
+    a, b = Collector(store, EVICTING, clock), Collector(store, KEEPING, clock)
+    a.apply_events(vm_life(1, T0))
+    a.tick()
+    b.sync()
+    assert vm(1) in a.evicted
+    # Replica b stores a late event; a learns it by its sync and rebuilds from all events.
+    b.apply_events(
+        [event("VM.START", vm(1), ACCT_B, T0 + 2 * HOUR), event("VM.STOP", vm(1), ACCT_B, T0 + 3 * HOUR)]
+    )
+    a.sync()
+    assert vm(1) not in a.evicted
+    assert len(a.events[vm(1)]) == 6
+    assert a.histories[vm(1)] == b.histories[vm(1)]
+    assert a.histories[vm(1)].running[-1].start_ms == T0 + 2 * HOUR  # a late restart
+    # A measure of its uuid, arriving at a when it has left again, goes to its last owner as at b.
+    clock.now += HOUR
+    a.tick()
+    assert vm(1) in a.evicted
+    batch = Stream("s2").batch(
+        [M(T0 + 20 * HOUR, T0 + 20 * HOUR + MIN, 900, instance=vm(1), mac="", address="")]
+    )
+    a.apply_batches([Record(batch)])
+    owners = {k.account for k, q in store.net_usage().items() if k.usage_type == 4 and q == 900}
+    assert owners == {b.histories[vm(1)].owner_at(T0 + 20 * HOUR)}
+    assert store.parked_rows() == []
