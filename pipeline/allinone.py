@@ -44,6 +44,7 @@ from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store, policies
 from kvmeter.logs import setup_logging
 from kvmeter.pipeline.handoff import InProcessProducer
+from kvmeter.reload import Reloads
 from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 log = logging.getLogger(__name__)
@@ -196,13 +197,35 @@ class AllInOne:
         self.store.close()
 
 
-def _credentials_reload(source: CredentialSource) -> Callable[[], str]:
-    def reload() -> str:
-        if not source.reload():  # it logged why
-            raise ValueError(f"credentials file {source.path} refused")
-        return f"credentials file {source.path}" if source.path else "no credentials file"
+def reloads(config_path: str, pipeline: AllInOne) -> Reloads:
+    """What SIGHUP reads again, run between two polls: the config file is read whole (a bad one
+    refuses the reload) and each part put in force; the rest is read at start only."""
+    out = Reloads(lambda what: pipeline.metrics.reload_failures.labels(what).inc())
 
-    return reload
+    def traffic_rules() -> str:
+        rules = load(config_path).agent.traffic
+        pipeline.agent.set_traffic_rules(rules)
+        return f"{len(rules.rules)} rule(s) (defaults included), fallback {rules.fallback}"
+
+    def router_owners() -> str:
+        routers = load(config_path).collector.settings.routers
+        pipeline.collector.set_routers(routers)
+        return f"{len(routers)} router owner(s)"
+
+    out.add("traffic rules", traffic_rules)
+    out.add("router owners", router_owners)
+    source = pipeline.credentials
+    if source is not None:
+
+        def credentials() -> str:
+            api = load(config_path).collector.api
+            current = source.replace(api.credentials, api.credentials_file)
+            return f"{len(current.tokens)} token(s), {len(current.keys)} key pair(s)"
+
+        out.add("credentials", credentials)
+    if pipeline.tariffs is not None:
+        out.add("tariff", pipeline.tariffs.reload)
+    return out
 
 
 @click.command("run")
@@ -237,13 +260,9 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         pipeline.close()
         click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
         sys.exit(2)
-    # SIGHUP: the credentials file and the tariff read again, between two polls.
-    reloads = pipeline.feeder.reloads
-    if pipeline.credentials is not None:
-        reloads.add("credentials", _credentials_reload(pipeline.credentials))
-    if pipeline.tariffs is not None:
-        reloads.add("tariff", pipeline.tariffs.reload)
-    reloads.install()
+    # SIGHUP: traffic rules, router owners, credentials and the tariff read again, between two polls.
+    pipeline.feeder.reloads = reloads(config_path, pipeline)
+    pipeline.feeder.reloads.install()
     if cfg.agent.metrics_enabled:
         pipeline.agent.metrics.serve(cfg.agent.metrics_address, cfg.agent.metrics_port)
     if url:

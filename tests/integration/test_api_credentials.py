@@ -369,6 +369,9 @@ accounts = ["{ACCT_B}"]
     wait_until(lambda: status_of(service, TOKEN_A) == 401, "the replaced token refused", service)
     assert usage_of(service, TOKEN_NEW) == {ACCT_A: 1000}
     assert usage_of(service, TOKEN_B) == {ACCT_B: 2000}  # the config file's own stay
+    if "--all-in-one" in service.args():  # its agent's traffic rules and collector's router map too
+        assert "reloaded traffic rules" in service.logs()
+        assert "reloaded router owners: 0 router owner(s)" in service.logs()
 
     # A broken file on reload changes nothing, and the log says why.
     for broken, why in ((CREDENTIALS + "\n[[credentials]\n", "not valid TOML"), (CREDENTIALS, "chmod 600")):
