@@ -68,8 +68,10 @@ class Step:
     batches: list[bytes]
 
 
-def month() -> list[Step]:
-    """The inputs, each step applied at its clock time and followed by a tick."""
+def month(t0: int = T0) -> list[Step]:
+    """The inputs, each step applied at its clock time and followed by a tick; t0 an hour
+    boundary, the month ending at t0 + 30 days (NOW for the default)."""
+    now = t0 + 30 * 24 * HOUR
     h1, h2, h3, h4 = (
         Stream("stream-h1", "h1"),
         Stream("stream-h2", "h2"),
@@ -78,33 +80,33 @@ def month() -> list[Step]:
     )
     return [
         Step(
-            T0 + 3 * HOUR,
+            t0 + 3 * HOUR,
             [
-                usage_event("VM.CREATE", VM1, ACCT_A, T0 - HOUR),
-                usage_event("VM.START", VM1, ACCT_A, T0 + 30 * MIN),
-                usage_event("VM.STOP", VM1, ACCT_A, T0 + 90 * MIN),
-                usage_event("VM.DESTROY", VM1, ACCT_A, T0 + 2 * HOUR),
-                usage_event("NET.IPASSIGN", IP1, ACCT_A, T0 + 15 * MIN),
-                usage_event("NET.IPRELEASE", IP1, ACCT_A, T0 + 2 * HOUR),
-                usage_event("VM.CREATE", VM2, ACCT_B, T0),
-                usage_event("VM.START", VM2, ACCT_B, T0),
-                state_event(VM5, "Stopped", "Running", T0),
-                state_event(VM5, "Running", "Stopped", T0 + HOUR),
+                usage_event("VM.CREATE", VM1, ACCT_A, t0 - HOUR),
+                usage_event("VM.START", VM1, ACCT_A, t0 + 30 * MIN),
+                usage_event("VM.STOP", VM1, ACCT_A, t0 + 90 * MIN),
+                usage_event("VM.DESTROY", VM1, ACCT_A, t0 + 2 * HOUR),
+                usage_event("NET.IPASSIGN", IP1, ACCT_A, t0 + 15 * MIN),
+                usage_event("NET.IPRELEASE", IP1, ACCT_A, t0 + 2 * HOUR),
+                usage_event("VM.CREATE", VM2, ACCT_B, t0),
+                usage_event("VM.START", VM2, ACCT_B, t0),
+                state_event(VM5, "Stopped", "Running", t0),
+                state_event(VM5, "Running", "Stopped", t0 + HOUR),
                 (None, b'{"event": "VM.START"}'),  # poison: an open dead letter
             ],
             [
                 h1.batch(
                     [
-                        M(T0 + 10 * MIN, T0 + 20 * MIN, 1200),
-                        M(T0 + 2 * MIN, T0 + 3 * MIN, 5000, quarantined=True),
+                        M(t0 + 10 * MIN, t0 + 20 * MIN, 1200),
+                        M(t0 + 2 * MIN, t0 + 3 * MIN, 5000, quarantined=True),
                     ]
                 ),
-                _skip(h1).batch([M(T0 + 25 * MIN, T0 + 26 * MIN, 10)]),  # batch 2 never arrives: a gap
+                _skip(h1).batch([M(t0 + 25 * MIN, t0 + 26 * MIN, 10)]),  # batch 2 never arrives: a gap
                 h2.batch(
                     [
                         M(
-                            T0 + 20 * MIN,
-                            T0 + 21 * MIN,
+                            t0 + 20 * MIN,
+                            t0 + 21 * MIN,
                             777,
                             instance=VM3,
                             domain="i-4-12-VM",
@@ -116,8 +118,8 @@ def month() -> list[Step]:
                 h2.batch(
                     [
                         M(
-                            T0 + 2 * HOUR,
-                            T0 + 2 * HOUR + MIN,
+                            t0 + 2 * HOUR,
+                            t0 + 2 * HOUR + MIN,
                             3000,
                             instance=VM2,
                             domain="i-3-11-VM",
@@ -128,19 +130,19 @@ def month() -> list[Step]:
                 ),
             ],
         ),
-        Step(T0 + 2 * 24 * HOUR, [], []),  # VM3's bytes reported as unattributed
+        Step(t0 + 2 * 24 * HOUR, [], []),  # VM3's bytes reported as unattributed
         Step(
-            NOW - 20 * MIN,
+            now - 20 * MIN,
             [
-                usage_event("VM.CREATE", VM6, ACCT_B, NOW - 5 * HOUR),
-                usage_event("VM.DESTROY", VM6, ACCT_B, NOW - 30 * MIN),
+                usage_event("VM.CREATE", VM6, ACCT_B, now - 5 * HOUR),
+                usage_event("VM.DESTROY", VM6, ACCT_B, now - 30 * MIN),
             ],
             [
                 h4.batch(
                     [
                         M(
-                            NOW - 40 * MIN,
-                            NOW - 39 * MIN,
+                            now - 40 * MIN,
+                            now - 39 * MIN,
                             55,
                             instance=VM5,
                             domain="i-5-15-VM",
@@ -152,14 +154,14 @@ def month() -> list[Step]:
             ],
         ),
         Step(
-            NOW,
+            now,
             [],
             [
                 h3.batch(
                     [
                         M(
-                            NOW - 2 * MIN,
-                            NOW - MIN,
+                            now - 2 * MIN,
+                            now - MIN,
                             900,
                             instance=VM2,
                             domain="i-3-11-VM",
@@ -167,8 +169,8 @@ def month() -> list[Step]:
                             address="203.0.113.22",
                         ),
                         M(
-                            NOW - 2 * MIN,
-                            NOW - MIN,
+                            now - 2 * MIN,
+                            now - MIN,
                             70,
                             instance=VM7,
                             domain="i-7-17-VM",

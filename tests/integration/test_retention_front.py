@@ -1,5 +1,6 @@
-"""Retention through the front door: `kvmeter prune --dry-run` and the real `kvmeter collector`
-from a TOML file with short ages, pruning a store's old month while it goes on ingesting."""
+"""Retention through the front door: `kvmeter prune --dry-run`, and the real `kvmeter collector`
+and `kvmeter run --all-in-one` from TOML files with short ages, pruning a store's old month while
+they go on ingesting."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,9 @@ import pytest
 from kvmeter.collector.store import Store
 from tests.collector_support import ACCT_B, HOUR, MIN, Clock, M, Stream, usage_event
 from tests.harness import kafka
+from tests.harness.netns import Host
 from tests.harness.ports import free_port
+from tests.harness.processes import AllInOneProcess
 from tests.integration.test_collector_api_front import CollectorProcess, collectors  # noqa: F401
 from tests.integration.test_consume_live import produce
 from tests.retention_support import VM2, VM5, event_resources, feed, month, row_counts
@@ -23,6 +27,8 @@ from tests.retention_support import VM2, VM5, event_resources, feed, month, row_
 pytestmark = pytest.mark.broker
 
 VM8 = "9b1f0000-0000-4000-8000-000000000vm8"
+# A month that ended two days ago by the wall clock: its open resources grow two days, not years.
+MONTH_START = (int(time.time() * 1000) - 32 * 24 * HOUR) // HOUR * HOUR
 RETENTION = """
 [retention]
 lifecycle_events_days = 1
@@ -64,7 +70,7 @@ def test_the_collector_prunes_an_old_month_while_it_ingests(
 ) -> None:
     store = Store(f"sqlite:///{tmp_path}/usage.db")  # the file the collector's config names
     store.migrate()
-    feed(store, Clock(0), month())  # May 2024: old by the wall clock
+    feed(store, Clock(0), month(MONTH_START))  # ended two days ago
     billed = store.net_usage()
     before = row_counts(store)
     for topic in (f"m-{tmp_path.name}", f"l-{tmp_path.name}"):
@@ -129,4 +135,47 @@ def test_the_collector_prunes_an_old_month_while_it_ingests(
     c.stop()
     again = prune_command(c.config)
     assert re.search(r"^lifecycle_events +deleted 0$", again, re.M), again
+    store.close()
+
+
+@pytest.mark.netns
+@pytest.mark.libvirt
+def test_the_all_in_one_prunes_its_store_while_its_agent_meters(
+    netns_host: Callable[..., Host], tmp_path: Path
+) -> None:
+    host = netns_host("ret")
+    proc = AllInOneProcess(host, tmp_path, poll=1.0, extra=RETENTION)
+    store = Store(proc.db)
+    store.migrate()
+    feed(store, Clock(0), month(MONTH_START))  # ended two days ago
+    before = row_counts(store)
+    vm = host.add_vm(
+        "i-2-10-VM",
+        "a1100000-0000-4000-8000-000000000010",
+        [("cloudbr0", "02:00:0a:00:00:10", "198.51.100.10/24")],
+    )
+    host.write_libvirt_xml(proc.libvirt_xml, {})
+    proc.start()
+    try:
+        proc.wait_polled()
+        deadline = time.monotonic() + 60
+        while (
+            store.quarantined_rows() or row_counts(store)["lifecycle_events"] > before["lifecycle_events"] - 6
+        ):
+            assert time.monotonic() < deadline, proc.logs()
+            vm.send("198.51.100.1", 5_000)
+            time.sleep(0.5)
+        marks = store.marks()
+        assert set(marks) & {"stream-h1", "stream-h2", "stream-h3", "stream-h4"} == set()
+        seq = sum(marks.values())  # the agent's own stream goes on
+        deadline = time.monotonic() + 30
+        while sum(store.marks().values()) <= seq:
+            assert time.monotonic() < deadline, proc.logs()
+            vm.send("198.51.100.1", 5_000)
+            time.sleep(0.5)
+        assert proc.terminate() == 0, proc.logs()
+    finally:
+        proc.stop()
+    assert "prune: " in proc.logs()
+    assert event_resources(store) >= {VM2, VM5}
     store.close()
