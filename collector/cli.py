@@ -31,9 +31,9 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _open_store(url: str) -> Store:
+def _open_store(url: str, *, outbox: bool = False) -> Store:
     try:
-        store = Store(url)
+        store = Store(url, outbox=outbox)
         store.migrate()
     except Exception as exc:
         raise click.ClickException(f"cannot open the store {url}: {exc}") from None
@@ -85,12 +85,17 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         )
     if cfg.webhook_secret and not cfg.api.enabled:
         raise click.ClickException(f"{config_path}: [webhook] deliveries come to the API: api.enabled = true")
-    store = _open_store(cfg.db_url)
+    store = _open_store(cfg.db_url, outbox=cfg.handoff is not None)
     policies.note_policy(store, cfg.settings.policy, _wall_ms())
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
     metrics.watch_memory(lambda: service.resident, lambda: len(service.evicted))
+    relay = None
+    if cfg.handoff is not None:  # billable items from the outbox to the topic / webhook
+        from kvmeter.collector import outbox_relay
+
+        relay = outbox_relay.start(store, cfg.handoff, metrics.registry)
     inputs: list[Input] = []
     webhook = WebhookInput(cfg.webhook_secret) if cfg.webhook_secret else None
     if webhook is not None:
@@ -133,6 +138,8 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
         live.stop()
+        if relay is not None:
+            relay.stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
@@ -191,6 +198,8 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             pruning.stop()
         if server is not None:
             server.close()
+        if relay is not None:
+            relay.close()
         store.close()
 
 

@@ -20,6 +20,7 @@ from kvmeter.collector import credentials
 from kvmeter.collector.billing.tariff import Tariff
 from kvmeter.collector.billing.tariff_file import BILLING_SCHEMA, billing_section
 from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
+from kvmeter.collector.config_handoff import HANDOFF_SCHEMA, HandoffConfig, handoff_config
 from kvmeter.collector.config_retention import RETENTION_SCHEMA, retention_policy
 from kvmeter.collector.credentials import Credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
@@ -111,6 +112,7 @@ SCHEMA: dict[str, Any] = {
         "policy": POLICY_SCHEMA,
         "retention": RETENTION_SCHEMA,
         "billing": BILLING_SCHEMA,
+        "handoff": HANDOFF_SCHEMA,
         "api": {
             "type": "object",
             "additionalProperties": False,
@@ -173,6 +175,7 @@ class CollectorConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)  # [retention]
     tariff: Tariff | None = None  # [billing] tariff_file: costs are rated under it; None: no costs
     tariff_file: Path | None = None
+    handoff: HandoffConfig | None = None  # [handoff]: billable items to a topic / webhook; None: none
 
 
 def load(path: str | Path) -> CollectorConfig:
@@ -220,6 +223,8 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
     retention = retention_policy(doc.get("retention"), problems)
     billable = use.get("billable_traffic_types", ["public"]) if isinstance(use, dict) else []
     tariff, tariff_file = billing_section(doc.get("billing"), base, billable, problems)
+    bootstrap = kafka.get("bootstrap", "") if isinstance(kafka, dict) else ""
+    handoff = handoff_config(doc.get("handoff"), bootstrap, base, problems)
     if problems:
         raise ConfigError(source, problems)
     return CollectorConfig(
@@ -265,6 +270,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         retention=retention,
         tariff=tariff,
         tariff_file=tariff_file,
+        handoff=handoff,
     )
 
 

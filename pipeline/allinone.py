@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/kvmeter/allinone.toml"
 AGENT_SECTIONS = ("agent", "libvirt", "spool", "deltas", "metrics", "traffic")
-COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy", "retention", "billing")
+COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy", "retention", "billing", "handoff")
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -111,13 +111,18 @@ class AllInOne:
         from kvmeter.agent.cli import build_agent
 
         self.cfg = cfg
-        self.store = Store(cfg.collector.db_url)
+        self.store = Store(cfg.collector.db_url, outbox=cfg.collector.handoff is not None)
         self.store.migrate()
         policies.note_policy(self.store, cfg.collector.settings.policy, clock())
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         self.metrics = Metrics()
         self.metrics.watch_store(self.store, self.collector.horizon_start)
         self.metrics.watch_memory(lambda: self.collector.resident, lambda: len(self.collector.evicted))
+        self.relay: Any = None
+        if cfg.collector.handoff is not None:  # billable items to the topic / webhook
+            from kvmeter.collector import outbox_relay
+
+            self.relay = outbox_relay.start(self.store, cfg.collector.handoff, self.metrics.registry)
         inputs: list[Any] = [EventsFile(cfg.events_file)] if cfg.events_file else []
         if cfg.collector.cloudstack is not None:  # passes against CloudStack's API, one more input
             from kvmeter.collector.reconciler import for_config
@@ -187,12 +192,16 @@ class AllInOne:
     def stop(self) -> None:
         self.agent.stop_event.set()
         self.feeder.stop()
+        if self.relay is not None:
+            self.relay.stop()
 
     def close(self) -> None:
         if self.pruning is not None:
             self.pruning.stop()
         if self.api is not None:
             self.api.close()
+        if self.relay is not None:
+            self.relay.close()
         self.feeder.close()
         self.store.close()
 

@@ -4,17 +4,20 @@ SQLAlchemy Core only, so it runs on Debian 12's SQLAlchemy 1.4.46 and on 2.x. Ev
 integer of milliseconds since the epoch (UTC): no timezone or datetime type differences between
 the two databases. The schema and its migrations are in collector/schema.py; this package holds
 the statements, one module per table family (engine, streams, events, usage, parking, dead
-letters, owners, pruning) and the read side (reads; pages: usage a page at a time, with its count). `Store`
-is all of them in one object; the API's minted credentials (credentials) are read beside it, by
-MintedCredentials(store), and the reconciler's tables (reconciliation: corrections,
-CloudStack's names, the agents' witness, the last pass) by functions over a connection.
+letters, owners, pruning, the hand-off's outbox) and the read side (reads; pages: usage a page at a
+time, with its count). `Store` is all of them in one object; the API's minted credentials
+(credentials) are read beside it, by MintedCredentials(store), and the reconciler's tables
+(reconciliation: corrections, CloudStack's names, the agents' witness, the last pass) by
+functions over a connection.
 
-Concurrency between replicas (PostgreSQL) rests on three locks, always taken in this order:
+Concurrency between replicas (PostgreSQL) rests on four locks, always taken in this order:
 1. the `finalized_through` row of collector_state: shared by writers of usage, exclusive for
    the finalizer, so a window never turns final under a writer that saw it open;
 2. per-resource advisory locks (sorted) for recomputing time-based records;
 3. row locks of stream marks and parked measures (`FOR UPDATE`), so a batch or a parked
-   measure is applied by one replica only.
+   measure is applied by one replica only (and of final records an adjustment versions);
+4. last, just before the commit, the adjustment seq counter's row (store/sequence.py), so
+   seqs are given in commit order.
 SQLite serialises writers with `BEGIN IMMEDIATE` instead.
 """
 
@@ -41,6 +44,7 @@ from kvmeter.collector.schema import (
 from kvmeter.collector.store.dead_letters import LETTER_STATES, DeadLetters, StoredLetter
 from kvmeter.collector.store.engine import engine_url
 from kvmeter.collector.store.events import LifecycleEvents
+from kvmeter.collector.store.outbox import Outbox
 from kvmeter.collector.store.owners import OwnerHints
 from kvmeter.collector.store.pages import UsageFilter, UsagePage, UsagePager, UsagePages
 from kvmeter.collector.store.parking import Parking
@@ -80,6 +84,15 @@ __all__ = [
 
 
 class Store(
-    StreamMarks, LifecycleEvents, Pruning, UsageWrites, Parking, DeadLetters, OwnerHints, Reads, UsagePages
+    StreamMarks,
+    LifecycleEvents,
+    Pruning,
+    UsageWrites,
+    Parking,
+    DeadLetters,
+    OwnerHints,
+    Reads,
+    UsagePages,
+    Outbox,
 ):
     """One store: the engine (StoreCore, the common base) and every table family's statements."""

@@ -1,0 +1,155 @@
+"""The hand-off's relay: billable items from the outbox to the configured sinks, at least once.
+
+    Relay(store, cfg, metrics).run(stop)     # a thread of the collector (and the all-in-one)
+
+A round claims a batch of pending items (a lease: another replica skips them), gives each
+sink the items it has not confirmed yet, marks what each confirmed, and frees the rest for the
+next round. Nothing is marked before its sink confirmed it, so a crash anywhere (kill -9 in the
+middle of a delivery) loses nothing: the items are sent again once the lease lapses, and the
+receiver, deduplicating by transaction id, counts each once (at least once + stable ids =
+exactly-once effect).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector as PromCollector
+
+from kvmeter.collector.config_handoff import HandoffConfig
+from kvmeter.collector.outbox_sinks import KafkaSink, Sink, WebhookSink
+from kvmeter.collector.store import Store
+from kvmeter.collector.store.outbox import TOPIC
+
+log = logging.getLogger(__name__)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class HandoffMetrics(PromCollector):
+    """Counters the relay feeds, and the outbox's depth and oldest pending age read at scrape
+    time (every replica reports the shared store's truth)."""
+
+    def __init__(self, registry: CollectorRegistry, store: Store, clock: Callable[[], int] = _wall_ms):
+        self.store = store
+        self.clock = clock
+        self.registry = registry
+        self.errors = Counter(
+            "kvmeter_handoff_delivery_errors",
+            "Failed delivery attempts of billable items",
+            ["sink"],
+            registry=registry,
+        )
+        self.delivered = Counter(
+            "kvmeter_handoff_delivered", "Billable items a sink confirmed", ["sink"], registry=registry
+        )
+        registry.register(self)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            depth, oldest = self.store.outbox_stats()
+        except Exception as exc:  # a scrape must not fail because the database is down
+            log.warning("outbox gauges unavailable: %s", exc)
+            return
+        yield GaugeMetricFamily(
+            "kvmeter_handoff_outbox_depth", "Billable items not yet handed off", value=depth
+        )
+        age = 0.0 if oldest is None else max(0, self.clock() - oldest) / 1000
+        yield GaugeMetricFamily(
+            "kvmeter_handoff_oldest_pending_seconds", "Age of the oldest item not yet handed off", value=age
+        )
+
+
+class Relay:
+    def __init__(
+        self,
+        store: Store,
+        cfg: HandoffConfig,
+        metrics: HandoffMetrics,
+        *,
+        clock: Callable[[], int] = _wall_ms,
+        stop: threading.Event | None = None,
+    ):
+        self.store = store
+        self.cfg = cfg
+        self.metrics = metrics
+        self.clock = clock
+        self.stop_event = stop or threading.Event()
+        self.sinks: list[Sink] = []
+        if cfg.topic:
+            self.sinks.append(KafkaSink(cfg, self._error_of("topic")))
+        if cfg.webhook_url:
+            self.sinks.append(WebhookSink(cfg, self._error_of("webhook"), self.stop_event))
+        self.sink_names = [s.name for s in self.sinks]
+        self._thread: threading.Thread | None = None
+
+    def _error_of(self, sink: str) -> Callable[[str], None]:
+        def count(message: str) -> None:
+            self.metrics.errors.labels(sink).inc()
+            log.warning("hand-off to %s: %s", sink, message)
+
+        return count
+
+    def round(self) -> tuple[int, bool]:
+        """One round; returns (items claimed, whether every one was confirmed by every sink)."""
+        rows = self.store.claim_outbox(self.cfg.batch_size, self.clock(), self.cfg.lease_ms, self.sink_names)
+        if not rows:
+            return 0, True
+        unsent = {r.id for r in rows}
+        done: dict[str, set[int]] = {name: set() for name in self.sink_names}
+        error = ""
+        for sink in self.sinks:
+            had = {r.id for r in rows if (r.topic_sent if sink.name == TOPIC else r.webhook_sent)}
+            todo = [r for r in rows if r.id not in had]
+            confirmed, problem = sink.deliver(todo) if todo else ([], "")
+            self.store.confirm_outbox(confirmed, sink.name, self.clock(), self.sink_names)
+            self.metrics.delivered.labels(sink.name).inc(len(confirmed))
+            done[sink.name] = had | set(confirmed)
+            error = error or problem
+        unsent = {i for i in unsent if not all(i in done[name] for name in self.sink_names)}
+        self.store.release_outbox(sorted(unsent), error or "not confirmed")
+        return len(rows), not unsent
+
+    def run(self) -> None:
+        """Rounds until stop(): straight on while there is work, a pause when idle or failing."""
+        while not self.stop_event.is_set():
+            try:
+                claimed, ok = self.round()
+            except Exception:
+                log.exception("hand-off round failed; retrying")
+                claimed, ok = 0, False
+            if not claimed or not ok:
+                self.stop_event.wait(
+                    self.cfg.poll_s if ok else max(self.cfg.poll_s, self.cfg.retry_initial_s)
+                )
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def start(self) -> Relay:
+        """Rounds on a thread of their own."""
+        self._thread = threading.Thread(target=self.run, name="handoff", daemon=True)
+        self._thread.start()
+        targets = [self.cfg.topic and f"topic {self.cfg.topic} on {self.cfg.bootstrap}", self.cfg.webhook_url]
+        log.info("hand-off: %s", ", ".join(t for t in targets if t))
+        return self
+
+    def close(self) -> None:
+        """Stop, let the current round end (a killed round is sent again anyway), close sinks."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(self.cfg.timeout_s + 5)
+        for sink in self.sinks:
+            sink.close()
+
+
+def start(store: Store, cfg: HandoffConfig, registry: CollectorRegistry) -> Relay:
+    """A relay with its metrics in `registry`, running on its own thread."""
+    return Relay(store, cfg, HandoffMetrics(registry, store)).start()

@@ -1,0 +1,163 @@
+"""Where billable items go: a Kafka topic (keyed by account) and a webhook (one POST per item,
+its transaction id as the idempotency key). A sink returns the rows it got confirmed: the
+broker's delivery report, or a 2xx answer. Anything else is not confirmed and is tried again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from kvmeter.collector.config_handoff import HandoffConfig
+from kvmeter.collector.store.outbox import OutboxRow
+
+log = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+SIGNATURE_HEADER = "X-Kvmeter-Signature"  # sha256=<hex HMAC-SHA256 of the body with the secret>
+TRANSACTION_HEADER = "transaction_id"  # the Kafka record header naming the item's id
+
+
+class DeliveryError(Exception):
+    """A delivery the receiver did not acknowledge."""
+
+
+class Sink(Protocol):
+    name: str
+
+    def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
+        """Ids of the rows confirmed, and the error that stopped the rest ("" if none)."""
+
+    def close(self) -> None: ...
+
+
+class KafkaSink:
+    """An idempotent producer (acks=all): a row is confirmed by its own delivery report."""
+
+    name = "topic"
+
+    def __init__(self, cfg: HandoffConfig, on_error: Callable[[str], None], producer: Any = None):
+        self.topic = cfg.topic
+        self.timeout_s = cfg.timeout_s
+        self.on_error = on_error
+        if producer is None:
+            from confluent_kafka import Producer
+
+            producer = Producer(
+                {
+                    "bootstrap.servers": cfg.bootstrap,
+                    "enable.idempotence": True,
+                    "acks": "all",
+                    "linger.ms": 5,
+                    "message.timeout.ms": int(cfg.timeout_s * 1000),
+                    **cfg.kafka_options,
+                }
+            )
+        self.producer = producer
+
+    def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
+        confirmed: list[int] = []
+        errors: list[str] = []
+
+        def report(row_id: int) -> Callable[[Any, Any], None]:
+            def on_delivery(err: Any, _msg: Any) -> None:
+                if err is None:
+                    confirmed.append(row_id)
+                else:
+                    errors.append(str(err))
+
+            return on_delivery
+
+        for row in rows:
+            while True:
+                try:
+                    self.producer.produce(
+                        self.topic,
+                        key=row.account.encode(),
+                        value=row.item.encode(),
+                        headers=[(TRANSACTION_HEADER, row.transaction_id.encode())],
+                        on_delivery=report(row.id),
+                    )
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain it
+                    self.producer.poll(0.1)
+            self.producer.poll(0)
+        left = self.producer.flush(self.timeout_s)
+        if left:
+            errors.append(f"{left} message(s) not confirmed within {self.timeout_s} s")
+        for error in errors[:1]:
+            self.on_error(error)
+        return confirmed, errors[0] if errors else ""
+
+    def close(self) -> None:
+        self.producer.flush(self.timeout_s)
+
+
+class WebhookSink:
+    """One POST per item, retried with exponential backoff until a 2xx (or the round's attempts
+    run out: the item waits for the next round). The first item that stays unacknowledged stops
+    the round, so a receiver that is down is not hammered with the rest."""
+
+    name = "webhook"
+
+    def __init__(self, cfg: HandoffConfig, on_error: Callable[[str], None], stop: threading.Event):
+        self.cfg = cfg
+        self.on_error = on_error
+        self.stop = stop
+
+    def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
+        confirmed: list[int] = []
+        for row in rows:
+            if self.stop.is_set():
+                return confirmed, "stopping"
+            retrying = Retrying(
+                stop=stop_after_attempt(self.cfg.retry_attempts),
+                wait=wait_exponential(multiplier=self.cfg.retry_initial_s, max=self.cfg.retry_max_s),
+                retry=retry_if_exception_type(DeliveryError),
+                sleep=self._sleep,
+            )
+            try:
+                retrying(self._post, row)
+            except RetryError as exc:
+                return confirmed, str(exc.last_attempt.exception())
+            confirmed.append(row.id)
+        return confirmed, ""
+
+    def _sleep(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise DeliveryError("stopping")
+
+    def _post(self, row: OutboxRow) -> None:
+        body = row.item.encode()
+        headers = {
+            **self.cfg.webhook_headers,
+            "Content-Type": "application/json",
+            IDEMPOTENCY_HEADER: row.transaction_id,
+        }
+        if self.cfg.webhook_secret:
+            digest = hmac.new(self.cfg.webhook_secret.encode(), body, hashlib.sha256).hexdigest()
+            headers[SIGNATURE_HEADER] = f"sha256={digest}"
+        request = urllib.request.Request(self.cfg.webhook_url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            exc.close()
+        except (OSError, ValueError) as exc:  # refused, reset, timed out, bad answer
+            self.on_error(f"{type(exc).__name__}: {exc}")
+            raise DeliveryError(f"{row.transaction_id}: {exc}") from None
+        if not 200 <= status < 300:
+            self.on_error(f"HTTP {status}")
+            raise DeliveryError(f"{row.transaction_id}: HTTP {status}")
+
+    def close(self) -> None:
+        return
