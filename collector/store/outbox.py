@@ -128,13 +128,3 @@ class Outbox(StoreCore):
                 sa.select(sa.func.count(), sa.func.min(ob.created_ms)).where(ob.sent_ms.is_(None))
             ).one()
         return int(row[0]), (None if row[1] is None else int(row[1]))
-
-    def prune_outbox(self, sent_before_ms: int) -> int:
-        """Delete rows every sink confirmed before `sent_before_ms` (retention); pending rows are
-        never deleted. Returns how many."""
-        ob = handoff_outbox.c
-        with self.write() as conn:
-            result = conn.execute(
-                sa.delete(handoff_outbox).where(ob.sent_ms.is_not(None), ob.sent_ms < sent_before_ms)
-            )
-        return int(result.rowcount or 0)
