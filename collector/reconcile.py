@@ -1,10 +1,10 @@
 """Reconciliation against CloudStack's API: kvmeter's view + a snapshot -> corrections. Pure.
 
-    reconcile(view: View, snapshot: Snapshot, previous: Snapshot | None) -> Findings
+    reconcile(view: View, snapshot: Snapshot, previous: Snapshot | None, policy) -> Findings
     view_of(events_by_resource, histories, witness) -> View
-    observe(witness, batches)   # the agents' inventories -> per domain: running or not, since when
+    observe(witness, batches)   # witness.py: the agents' inventories -> per domain, running or not
 
-A correction is a usage event in CloudStack's bus format (Correction.event_value), stored and
+A correction (correction.py) is a usage event in CloudStack's bus format, stored and
 applied like any other lifecycle event; its id is the digest of its content, so the same inputs
 give the same event and a pass run again adds nothing. Rules:
 
@@ -50,60 +50,29 @@ an event the policy honours, so kvmeter's view and CloudStack's agree under it:
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
 
-from kvmeter.collector.cloudstack import event_id
+from kvmeter.collector.correction import SOURCE, Correction
 from kvmeter.collector.cs_snapshot import Snapshot, SnapshotError, Vm
 from kvmeter.collector.model import ResourceHistory, Segment
 from kvmeter.collector.policy import DEFAULT_POLICY, DESTROY, BillingPolicy
+from kvmeter.collector.witness import Witness, observe
 from kvmeter.proto import pb
 
-SOURCE = "cloudstack-api"
+__all__ = ["SOURCE", "Correction", "Findings", "View", "Witness", "observe", "reconcile", "view_of"]
+
 ROUTER_OWNER = "ROUTER.OWNER"
 RUNNING = "Running"
 STOPPED = "Stopped"
 GONE_STATES = frozenset({"Destroyed", "Expunging", "Expunged", "Error"})
 EXPUNGED_STATES = frozenset({"Expunging", "Expunged"})
-POST_TRANSITION = "postStateTransitionEvent"
 SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.SCALE"})
 MAX_GONE_FRACTION = 0.5  # of the VMs kvmeter has open, when at least MIN_FOR_GUARD are
 MIN_FOR_GUARD = 4
 WITNESS_FRESH_MS = 15 * 60_000  # the agents' last report of a domain this recent can dispute
 _GONE = "(not listed)"
 _IP_FREED = frozenset({"Free", "Releasing"})  # IPAddressResponse states of an address given back
-
-
-@dataclass(frozen=True)
-class Witness:
-    """The agents' view of one domain: running or not, since the first poll that saw it so,
-    last seen at seen_ms."""
-
-    running: bool
-    since_ms: int
-    seen_ms: int = 0
-
-
-_RUNNING_STATES = {pb.RUNNING: True, pb.SHUTOFF: False, pb.CRASHED: False, pb.GONE: False}
-
-
-def observe(witness: dict[str, Witness], batches: Iterable[Any]) -> None:
-    """Fold the agents' inventories (decode.DecodedBatch: poll_time_ms, inventory) into the
-    witness; an older poll than the last one seen of a domain changes nothing."""
-    for batch in batches:
-        at = batch.poll_time_ms
-        for dom in batch.inventory:
-            running = _RUNNING_STATES.get(dom.state)
-            if not dom.uuid or running is None:
-                continue
-            old = witness.get(dom.uuid)
-            if old is not None and at < old.seen_ms:
-                continue
-            since = old.since_ms if old is not None and old.running == running else at
-            witness[dom.uuid] = Witness(running, since, at)
 
 
 @dataclass(frozen=True)
@@ -115,53 +84,6 @@ class View:
     last_event_ms: Mapping[str, int] = field(default_factory=dict)
     scaled_ms: Mapping[str, int] = field(default_factory=dict)
     witness: Mapping[str, Witness] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Correction:
-    resource_uuid: str
-    resource_type: str  # VirtualMachine | IpAddress | DomainRouter
-    event_type: str
-    time_ms: int
-    account: str
-    reason: str
-    offering: str = ""
-    address: str = ""
-    zone: str = ""
-    details: tuple[tuple[str, str], ...] = ()
-    source: str = SOURCE
-    states: tuple[str, str] | None = None  # (old, new): a resource-state event, not a usage event
-
-    def event_value(self) -> bytes:
-        """The correction as a bus usage event, or a resource-state event when `states` is set
-        (canonical JSON: the same correction, the same bytes, the same event id)."""
-        if self.states:
-            state = {"resource": self.resource_type, "id": self.resource_uuid, "status": POST_TRANSITION}
-            state.update({"old-state": self.states[0], "new-state": self.states[1]})
-            state.update({"eventDateTime": _format_time(self.time_ms), "source": self.source})
-            state["reason"] = self.reason
-            return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-        doc: dict[str, str] = {
-            "event": self.event_type,
-            "resource": self.resource_type,
-            "id": self.resource_uuid,
-            "eventDateTime": _format_time(self.time_ms),
-            "source": self.source,
-            "reason": self.reason,
-        }
-        for key, value in (("account", self.account), ("zone", self.zone)):
-            if value:
-                doc[key] = value
-        if self.offering:
-            doc["offeringid"] = self.offering
-        if self.address:
-            doc["ipaddress"] = self.address
-        doc.update(self.details)
-        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-
-    @property
-    def event_id(self) -> str:
-        return event_id(self.event_value())
 
 
 @dataclass
@@ -518,8 +440,3 @@ def _routers(view: View, snapshot: Snapshot, out: Findings) -> None:
         net = router.network_id or f"VPC {router.vpc_id}"
         reason = f"router {router.name} serves network {net} of account {owner}"
         out.corrections.append(Correction(uuid, "DomainRouter", ROUTER_OWNER, at, owner, reason))
-
-
-def _format_time(ms: int) -> str:
-    when = dt.datetime.fromtimestamp(ms // 1000, dt.UTC)
-    return f"{when:%Y-%m-%d %H:%M:%S}.{ms % 1000:03d} +0000"
