@@ -4,18 +4,20 @@ and closer with RUNNING's source, the segments written out by hand from the hist
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmeter.collector.lifecycle import build_history
+from kvmeter.collector.lifecycle import build_history, build_resource_history
 from kvmeter.collector.model import ResourceHistory, Segment
 from kvmeter.collector.policy import CHOICES, DEFAULT_POLICY, POLICY_SCHEMA, BillingPolicy, policy_from
 from kvmeter.proto import pb
 from kvmeter.tomlconfig import schema_problems
 from tests.unit.cs_events import T0, VM, A, H, state, usage, vm_events
+from tests.unit.test_lifecycle_skew import implied_running, skewed_deliveries, well_formed
 
 IP = "ip-1"
 
@@ -224,3 +226,23 @@ def test_any_permutation_and_duplication_gives_the_same_history_under_any_policy
     assert build_history(duplicated, policy) == reference
     for history in reference.values():
         _check_well_formed(history)
+
+
+@settings(max_examples=200, deadline=None)
+@given(skewed_deliveries(), st.sampled_from(POLICIES), st.randoms(use_true_random=False))
+def test_clock_skew_under_any_policy_the_last_delivered_event_it_reads_decides(
+    events: list[pb.LifecycleEvent], policy: BillingPolicy, rnd: random.Random
+) -> None:
+    history = build_resource_history(VM, events, policy)
+    well_formed(history)
+    read = [
+        ev
+        for ev in events
+        if implied_running(ev) is not None
+        and (policy.running_by_usage if ev.category == pb.USAGE else policy.running_by_state)
+    ]
+    is_running = bool(history.running) and history.running[-1].end_ms is None
+    assert is_running == (bool(read) and implied_running(read[-1]) is True)
+    again = events * 2
+    rnd.shuffle(again)
+    assert build_resource_history(VM, again, policy) == history
