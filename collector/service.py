@@ -44,6 +44,7 @@ from kvmeter.collector.model import (
     UsageKey,
 )
 from kvmeter.collector.reconcile import Witness, observe
+from kvmeter.collector.resident import ResidentHistories
 from kvmeter.collector.retention import window_floor
 from kvmeter.collector.store import Store, reconciliation
 from kvmeter.collector.streams import admit, irregular
@@ -64,7 +65,7 @@ Built = tuple[frozenset[str], ResourceHistory | None]
 _NOT_BUILT: Built = (frozenset(), None)
 
 
-class Collector:
+class Collector(ResidentHistories):
     def __init__(self, store: Store, settings: Settings, clock: Callable[[], int]):
         check_window(settings.window_ms)
         self.store = store
@@ -479,78 +480,6 @@ class Collector:
             self._evicted_ms = now
             self._evict(now)
         return out
-
-    # -- residency: what stays in memory ------------------------------------------------------
-    def _evict(self, now: int) -> int:
-        """Let resources whose lifecycle closed before the cutoff leave memory (residency.py);
-        returns how many left. Nothing is written: the store already holds all they were."""
-        keep = self.settings.evict_after_ms
-        if keep is None or not self.histories:
-            return 0
-        cutoff = now - max(keep, self.settings.grace_ms)
-        gone = []
-        for uuid, history in self.histories.items():
-            if residency.last_end(history) is None and (history.running or history.allocated or history.ip):
-                continue  # open: the common case, decided without looking at the events
-            last = max((ev.time for ev in self._events.get(uuid, {}).values()), default=0)
-            if residency.evictable(history, last, cutoff):
-                gone.append(uuid)
-        for uuid in gone:
-            history = self.histories.pop(uuid)
-            self._events.pop(uuid, None)
-            self.index.remove(uuid)
-            self.evicted.add(history)
-        if gone:
-            log.debug("%d resource(s) left memory, %d held", len(gone), len(self.histories))
-        return len(gone)
-
-    def restore(self, resources: Iterable[str], conn: Connection | None = None) -> set[str]:
-        """Bring evicted resources back from the store, rebuilt from all their events (on
-        `conn` when given, else on a read of its own); returns those brought back."""
-        back = self._load_events(conn, resources)
-        for uuid, history in sorted(back.items()):
-            self.histories[uuid] = history
-            self.index.update(history)
-        return set(back)
-
-    def _load_events(self, conn: Connection | None, resources: Iterable[str]) -> dict[str, ResourceHistory]:
-        """The evicted ones among `resources`: their events back in memory, and their histories
-        built from them (not yet in the index)."""
-        wanted = sorted({r for r in resources if r in self.evicted})
-        if not wanted:
-            return {}
-        if conn is None:
-            with self.store.read() as own:
-                stored = self.store.events_of_many(own, wanted)
-        else:
-            stored = self.store.events_of_many(conn, wanted)
-        back = {}
-        for uuid in wanted:
-            events = [pb.LifecycleEvent.FromString(raw) for raw in stored.get(uuid, [])]
-            self._events[uuid] = {ev.event_id: ev for ev in events}
-            back[uuid] = lifecycle.build_resource_history(uuid, events, self.settings.policy)
-            self.evicted.discard(back[uuid])
-        return back
-
-    def _restore_for(self, conn: Connection, batches: Sequence[decode.DecodedBatch]) -> None:
-        """Bring back the evicted resources the batches' attribution may read."""
-        if not self.evicted:
-            return
-        wanted: set[str] = set()
-        uuids = self.evicted.uuids
-        for batch in batches:
-            wanted.update(t.instance_uuid for t in set(batch.targets) if t.instance_uuid in uuids)
-            if batch.starts and min(batch.starts) < self.evicted.watermark:
-                for i, start in enumerate(batch.starts):
-                    t = batch.targets[i]
-                    mac = batch.message.measures[i].mac if batch.message is not None else ""
-                    wanted |= self.evicted.wanted(t.instance_uuid, mac, t.address, start)
-        self.restore(wanted, conn)
-
-    @property
-    def resident(self) -> int:
-        """How many resources' histories are held in memory."""
-        return len(self.histories)
 
     @property
     def events(self) -> Mapping[str, Mapping[str, pb.LifecycleEvent]]:
