@@ -5,8 +5,8 @@
 
 Records are computed under the policy of the collector that writes them; final windows never
 change, so a store whose collector changed [policy] holds records of both. This is how a start
-under another policy knows it, to say so (the replay into a fresh store gives the past under the
-new one).
+under another policy knows it, to say so (`kvmeter rebuild` into a fresh store gives the past
+under the new one).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def note_policy(store: Any, policy: BillingPolicy, now_ms: int) -> Previous | No
     if previous is not None:
         since = "the store began" if previous.since_ms <= 0 else f"{previous.since_ms} ms since the epoch"
         log.warning(
-            "billing policy changed: records so far follow %s (since %s); from now on %s. Final windows "
-            "keep the policy before; replay the topics into a fresh store to bill the past under this one",
+            "billing policy changed: records so far follow %s (since %s); from now on %s. Records written "
+            "before keep it until recomputed (final ones never are): `kvmeter rebuild` into a fresh store "
+            "bills the past under this one",
             previous.policy, since, policy.describe(),
         )  # fmt: skip
     return previous

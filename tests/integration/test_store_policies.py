@@ -46,7 +46,7 @@ def test_a_store_with_records_before_migration_17_followed_the_default(
         with caplog.at_level(logging.WARNING, logger="kvmeter.collector.store.policies"):
             assert policies.note_policy(upgraded, STATE, T0) == (V17_DEFAULT, 0)
         assert "billing policy changed: records so far follow allocated_from=create" in caplog.text
-        assert "replay the topics into a fresh store" in caplog.text
+        assert "`kvmeter rebuild` into a fresh store bills the past under this one" in caplog.text
         assert policies.note_policy(upgraded, STATE, T0 + 1) is None
     finally:
         upgraded.close()
