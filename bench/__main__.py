@@ -1,5 +1,5 @@
 """`python -m bench [--quick] [--only SECTION,...] [--out ...]`; sections: agent, collector,
-freshness, scale, lifecycle, memory, api, peers.
+freshness, scale, lifecycle, memory, api, billing, peers.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import report
 
-SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "memory", "api", "peers")
+SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "memory", "api", "billing", "peers")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             results["api"] = _section("api", lambda: api_bench.run(pg.dsn, records=records, log=_log))
         finally:
             pg.stop()
+
+    if "billing" in only:
+        from bench import billing_bench
+
+        results["billing"] = _section("billing", lambda: billing_bench.run(quick=quick, log=_log))
 
     if "peers" in only:
         from bench import peers

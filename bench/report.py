@@ -221,6 +221,32 @@ def api_section(api: dict[str, Any]) -> str:
     )
 
 
+def billing_section(bill: dict[str, Any]) -> str:
+    if "error" in bill:
+        return f"7. Rating: FAILED: {bill['error']}"
+    tp, costs = bill["throughput"], bill["costs"]
+    rows = [
+        ["no rating (baseline)", f"{tp['without']['measures_per_s']:,.0f}", "", ""],
+        [
+            f"one account's month rated every {tp['rate_interval_s']} s",
+            f"{tp['with']['measures_per_s']:,.0f}",
+            f"{tp['with']['rating_passes']}",
+            _num(tp["with"]["rating_pass_ms"]),
+        ],
+        ["with / without", f"{tp['ratio']:.3f}", "", ""],
+    ]
+    head = (
+        f"7. Rating: the collector applying {tp['measures']:,} measures into SQLite while costs are "
+        f"rated in its process ({tp['rated_accounts']} accounts with a month of hourly records each)"
+    )
+    tail = (
+        f"/v1/costs, one account's month ({costs['account_records']:,} hourly records among "
+        f"{costs['records']:,}): median {_num(costs['median_ms'])} ms, max {_num(costs['max_ms'])} ms "
+        f"over {costs['requests']} requests"
+    )
+    return head + "\n" + _table(["collector", "measures/s", "ratings", "rating ms"], rows) + "\n" + tail
+
+
 def goals(results: dict[str, Any]) -> list[str]:
     """The issues' performance goals, each with the measured figure."""
     out = []
@@ -256,6 +282,18 @@ def goals(results: dict[str, Any]) -> list[str]:
             f"listUsageRecords {name}: API memory flat while {paging['clients']} clients page through a "
             f"month (< 20 MB growth): +{grown:.1f} MB -> {_verdict(grown < 20)}"
         )
+    bill = results.get("billing", {})
+    if "throughput" in bill:
+        cost = 1 - bill["throughput"]["ratio"]
+        out.append(
+            f"rating costs <= 10% of the collector's throughput: {cost * 100:.1f}% "
+            f"-> {_verdict(cost <= 0.10)}"
+        )
+        median = bill["costs"]["median_ms"]
+        out.append(
+            f"/v1/costs for one account over a month of hourly records < 50 ms: {median:.1f} ms "
+            f"-> {_verdict(median < 50)}"
+        )
     out += peers_report.goals(results.get("peers", {}))
     return out
 
@@ -283,6 +321,7 @@ def render(results: dict[str, Any]) -> str:
         ("lifecycle", lifecycle_section),
         ("memory", memory_section),
         ("api", api_section),
+        ("billing", billing_section),
         ("peers", lambda peers: peers_report.section(peers, _table, _num)),
     )
     for key, fn in sections:

@@ -6,11 +6,12 @@ decimal (byte units are powers of 10 or of 2, and a GiB of memory is 1024 MiB). 
 hour times milliseconds, a price per GB times bytes times 3,600,000 / 10**9, and their sums are
 exact Decimals, computed under `exact()`, a context that raises the day anything is not.
 
-THE ROUNDING RULE, applied in `rounded` and nowhere else: a scaled amount is divided by
-3,600,000 and rounded half-even to the tariff's `decimals` places, in integer arithmetic. Rating
-applies it to an account's running total over the month, so an item's cost is the step of the
-rounded running total: costs add up to the rounded total to the last digit, and the total does
-not depend on how the usage was split into records or windows.
+THE ROUNDING RULE, applied in `rounded` (`rounded_here` is its body) and nowhere else: a scaled
+amount is divided by 3,600,000 and rounded half-even to the tariff's `decimals` places, exactly
+(the tie decided on the whole quotient and remainder). Rating applies it to an account's running
+total over the month, so an item's cost is the step of the rounded running total: costs add up
+to the rounded total to the last digit, and the total does not depend on how the usage was split
+into records or windows.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ _EXACT = decimal.Context(
 )
 
 Scaled = Decimal  # an exact amount times HOUR_MS (see above)
+_HOUR = Decimal(HOUR_MS)
 
 
 def exact() -> AbstractContextManager[decimal.Context]:
@@ -50,14 +52,15 @@ def exact() -> AbstractContextManager[decimal.Context]:
 
 def rounded(amount: Scaled, decimals: int) -> Decimal:
     """amount / HOUR_MS, half-even to `decimals` places: the one rounding rule."""
-    sign, digits, exponent = amount.as_tuple()
-    if not isinstance(exponent, int):
-        raise ValueError(f"not a finite amount: {amount}")
-    numerator = int("".join(map(str, digits)) or "0")
-    # value = numerator * 10**exponent / HOUR_MS; wanted: round(value * 10**decimals)
-    power = exponent + decimals
-    top, bottom = (numerator * 10**power, HOUR_MS) if power >= 0 else (numerator, HOUR_MS * 10**-power)
-    quotient, remainder = divmod(top, bottom)
-    if 2 * remainder > bottom or (2 * remainder == bottom and quotient % 2):
-        quotient += 1
-    return Decimal((sign if quotient else 0, tuple(int(d) for d in str(quotient)), -decimals))
+    with decimal.localcontext(_EXACT):
+        return rounded_here(amount, decimals)
+
+
+def rounded_here(amount: Scaled, decimals: int) -> Decimal:
+    """rounded(), inside `with exact():` (rating's loop, once per item). Exact: the quotient and
+    remainder of the division are whole Decimals, and the tie is decided on them."""
+    quotient, remainder = divmod(amount.scaleb(decimals), _HOUR)  # toward zero, remainder's sign
+    twice = abs(remainder) * 2
+    if twice > _HOUR or (twice == _HOUR and quotient % 2):
+        quotient += 1 if amount > 0 else -1
+    return (quotient if quotient else ZERO).scaleb(-decimals)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import NamedTuple
 
-from kvmeter.collector.billing.money import HOUR_MS, MIB_PER_GIB, ZERO, Scaled, exact, rounded
+from kvmeter.collector.billing.money import HOUR_MS, MIB_PER_GIB, ZERO, Scaled, exact, rounded, rounded_here
 from kvmeter.collector.billing.tariff import BYTE_TYPES, Rate, Tariff
 from kvmeter.collector.model import USAGE_TYPE_NAMES, UsageKey
 
@@ -62,8 +62,9 @@ class Facts:
         return None if cpu is None or memory is None else (cpu, memory)
 
 
-@dataclass(frozen=True)
-class RatedItem:
+class RatedItem(NamedTuple):
+    """An item and its cost (a NamedTuple: one is built per record of the month)."""
+
     item: Item
     cost: Decimal  # this item's step in the account's rounded running total
     amount: Scaled  # exact, before rounding
@@ -88,25 +89,33 @@ class Rater:
 
     def rate(self, items: Iterable[Item]) -> list[RatedItem]:
         out = []
+        decimals = self.tariff.decimals
         with exact():
-            shown = self.rounded_total
+            shown = rounded_here(self.total, decimals)
             for item in items:
                 amount, unpriced, reason, used = self._amount(item)
                 self.total += amount
-                now = self.rounded_total
+                now = rounded_here(self.total, decimals)
                 out.append(RatedItem(item, now - shown, amount, unpriced, reason, used))
                 shown = now
         return out
 
     def _amount(self, item: Item) -> tuple[Scaled, int, str, tuple[str, ...]]:
         k = item.key
-        start, end = k.window_start_ms, k.window_end_ms
-        zone = self.facts.zone(k.resource)
-        pieces = self.tariff.periods(k.usage_type, k.offering, k.detail, zone, start, end)
+        zone = self.facts.zone(k.resource) if self.facts.zones else ""
+        pieces = self.tariff.periods(
+            k.usage_type, k.offering, k.detail, zone, k.window_start_ms, k.window_end_ms
+        )
+        only = pieces[0][2] if len(pieces) == 1 else None
+        if only is not None:  # the common case: one rate over the whole window
+            if k.usage_type in BYTE_TYPES:
+                return self._bytes(only, item.quantity), 0, "", (only.where,)
+            hourly = self._hourly(only, k)
+            if hourly is not None:
+                return hourly * item.quantity, 0, "", (only.where,)
         amount, unpriced, reasons, used = ZERO, 0, [], []
-        for (a, b, rate), part in zip(
-            pieces, split(item.quantity, [(a, b) for a, b, _ in pieces]), strict=True
-        ):
+        parts = split(item.quantity, [(a, b) for a, b, _ in pieces])
+        for (a, b, rate), part in zip(pieces, parts, strict=True):
             if not part:
                 continue
             if rate is None:
@@ -119,9 +128,7 @@ class Rater:
                 hourly = self._hourly(rate, k)
                 if hourly is None:
                     unpriced += part
-                    reasons.append(
-                        f"{rate.where} prices vCPUs and memory, and the size of {k.resource} is unknown"
-                    )
+                    reasons.append(f"{rate.where} prices vCPUs and memory; {k.resource}'s size is unknown")
                 else:
                     amount += hourly * part
                     used.append(rate.where)

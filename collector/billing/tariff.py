@@ -14,6 +14,7 @@ wins (one naming an offering or zone over one that does not); a rate is in force
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -75,6 +76,9 @@ class Tariff:
     rates: tuple[Rate, ...]
     source: str = ""
     _by_type: dict[int, tuple[Rate, ...]] = field(default_factory=dict, compare=False, repr=False)
+    _timelines: dict[tuple[int, str, str, str], tuple[list[int], list[tuple[int, int, Rate | None]]]] = field(
+        default_factory=dict, compare=False, repr=False
+    )  # by (usage type, offering, traffic type, zone): built on first use
 
     def __post_init__(self) -> None:
         grouped: dict[int, list[Rate]] = defaultdict(list)
@@ -90,27 +94,43 @@ class Tariff:
     ) -> list[tuple[int, int, Rate | None]]:
         """[start, end) cut where the rate in force changes: (piece start, piece end, the most
         specific matching rate in force, None where none is)."""
+        if usage_type not in BYTE_TYPES:
+            traffic_type = ""
+        key = (usage_type, offering, traffic_type, zone)
+        timeline = self._timelines.get(key)
+        if timeline is None:
+            timeline = self._timelines[key] = self._timeline(*key)
+        starts, pieces = timeline
+        i = bisect.bisect_right(starts, start_ms) - 1
+        a, b, rate = pieces[i]
+        if end_ms <= b:  # the common case: one rate over the whole window
+            return [(start_ms, end_ms, rate)]
+        out = [(start_ms, b, rate)]
+        for a, b, rate in pieces[i + 1 :]:
+            if a >= end_ms:
+                break
+            out.append((a, min(b, end_ms), rate))
+        return out
+
+    def _timeline(
+        self, usage_type: int, offering: str, traffic_type: str, zone: str
+    ) -> tuple[list[int], list[tuple[int, int, Rate | None]]]:
+        """All of time, -FOREVER_MS to FOREVER_MS, cut where the rate in force for this usage
+        changes: (piece starts, pieces)."""
         matching = [
             r
             for r in self._by_type.get(usage_type, ())
-            if r.start_ms < end_ms
-            and r.end_ms > start_ms
-            and r.traffic_type == (traffic_type if usage_type in BYTE_TYPES else "")
-            and r.offering in ("", offering)
-            and r.zone in ("", zone)
+            if r.traffic_type == traffic_type and r.offering in ("", offering) and r.zone in ("", zone)
         ]
-        if not matching:
-            return [(start_ms, end_ms, None)]
-        cuts = {start_ms, end_ms}
+        cuts = {-FOREVER_MS, FOREVER_MS}
         for r in matching:
-            cuts.update(t for t in (r.start_ms, r.end_ms) if start_ms < t < end_ms)
-        points = sorted(cuts)
-        out: list[tuple[int, int, Rate | None]] = []
-        for a, b in itertools.pairwise(points):
+            cuts.update((r.start_ms, r.end_ms))
+        pieces: list[tuple[int, int, Rate | None]] = []
+        for a, b in itertools.pairwise(sorted(cuts)):
             in_force = [r for r in matching if r.start_ms <= a < r.end_ms]
             best = max(in_force, key=lambda r: r.specificity) if in_force else None
-            if out and out[-1][2] is best:
-                out[-1] = (out[-1][0], b, best)
+            if pieces and pieces[-1][2] is best:
+                pieces[-1] = (pieces[-1][0], b, best)
             else:
-                out.append((a, b, best))
-        return out
+                pieces.append((a, b, best))
+        return [p[0] for p in pieces], pieces

@@ -5,8 +5,19 @@ stores with its own checks (every event stored, the same usage in both stores), 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from bench import agent_bench, api_bench, collector_bench, freshness, lifecycle_bench, memory_bench, report
+from bench import (
+    agent_bench,
+    api_bench,
+    billing_bench,
+    collector_bench,
+    freshness,
+    lifecycle_bench,
+    memory_bench,
+    report,
+)
 
 NICS = 6
 META = {"quick": True, "started": "now", "cpus": 2, "commit": "x", "loadavg_start": 0.0, "loadavg_end": 0.0}
@@ -85,3 +96,15 @@ def test_memory_bench_runs_on_a_tiny_size() -> None:
     assert mem["held_ratio"] < 0.5
     text = report.render({"meta": META, "memory": mem})
     assert "closed ones leave memory" in text
+
+
+def test_billing_bench_runs_on_a_tiny_size(tmp_path: Path) -> None:
+    throughput = billing_bench.throughput(tmp_path, hosts=2, nics=4, polls=2, rounds=1, log=lambda _: None)
+    assert throughput["measures"] == 2 * 4 * 2 * 2
+    assert throughput["month_records"] == billing_bench.RATED_ACCOUNTS * 5 * 30 * 24
+    assert throughput["ratio"] > 0
+    costs = billing_bench.costs_latency(tmp_path, requests=2, log=lambda _: None)  # raises unless priced
+    assert costs["account_records"] == 3600
+    text = report.render({"meta": META, "billing": {"throughput": throughput, "costs": costs}})
+    assert "7. Rating" in text
+    assert "/v1/costs for one account over a month of hourly records < 50 ms" in text

@@ -191,7 +191,7 @@ def test_vm_time_per_vcpu_and_gib_hour_from_the_offering_then_the_vm() -> None:
     rated = Rater(t, facts).rate(items)
     assert [r.cost for r in rated] == [Decimal("0.041"), Decimal("0.0405"), Decimal("0.5"), Decimal(0)]
     assert rated[3].unpriced == HOUR
-    assert "the size of vm-3 is unknown" in rated[3].reason
+    assert "vm-3's size is unknown" in rated[3].reason
 
 
 def test_a_zone_rate_wins_where_the_zone_is_known() -> None:
