@@ -126,6 +126,10 @@ SCHEMAS: dict[str, Any] = {
             "recorded": _INT,
             "adjustment": _INT,
             "final": {"type": "boolean"},
+            "transaction_id": {
+                "type": ["string", "null"],
+                "description": "A final record's billable item id (uuid5 of key, version 0); null if open.",
+            },
         }
     ),
     "Adjustment": _object(

@@ -14,7 +14,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from kvmeter.collector import api_params, cloudstack_render
+from kvmeter.collector import api_params, billable, cloudstack_render
 from kvmeter.collector.cloudstack_render import RecordFacts
 from kvmeter.collector.model import (
     ALLOCATED_VM,
@@ -41,7 +41,7 @@ DESCRIPTIONS = {
 CSV_FIELDS = [
     "account", "usage_type", "usage_type_name", "resource", "resource_name", "device_type", "offering",
     "traffic_type", "start", "end", "start_ms", "end_ms", "quantity", "unit", "rawusage", "recorded",
-    "adjustment", "final",
+    "adjustment", "final", "transaction_id",
 ]  # fmt: skip
 
 
@@ -87,6 +87,8 @@ def record_dict(row: UsageRow) -> dict[str, Any]:
         "recorded": row.recorded,
         "adjustment": row.adjustment,
         "final": row.final,
+        # The record as finalized (version 0); its adjustments carry their own (/v1/adjustments).
+        "transaction_id": billable.transaction_id(k, 0) if row.final else None,
     }
 
 

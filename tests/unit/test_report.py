@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from kvmeter.collector import report
+from kvmeter.collector import billable, report
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import UsageRow
 
@@ -72,6 +72,8 @@ def test_json_and_csv_carry_net_recorded_and_adjustment() -> None:
     assert records[0]["start"] == "2023-07-20T19:00:00Z"
     assert records[0]["end"] == "2023-07-20T20:00:00Z"
     assert (records[1]["unit"], records[1]["rawusage"], records[1]["final"]) == ("ms", "1", False)
+    assert records[0]["transaction_id"] == billable.transaction_id(rows[0].key, 0)  # final: its item's
+    assert records[1]["transaction_id"] is None  # open: not an item yet
     parsed = list(csv.DictReader(io.StringIO(report.render(rows, "csv"))))
     assert list(parsed[0]) == report.CSV_FIELDS
     assert (parsed[0]["quantity"], parsed[0]["adjustment"], parsed[0]["traffic_type"]) == (
