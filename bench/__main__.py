@@ -1,5 +1,5 @@
-"""`python -m bench [--quick] [--only SECTION,...] [--out ...]`; sections: agent, collector,
-freshness, scale, lifecycle, memory, api, billing, peers.
+"""`python -m bench [--quick] [--only SECTION,...] [--out ...]`; sections: agent, process,
+collector, freshness, scale, lifecycle, memory, api, billing, peers.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -20,7 +20,18 @@ from typing import Any
 
 from bench import report
 
-SECTIONS = ("agent", "collector", "freshness", "scale", "lifecycle", "memory", "api", "billing", "peers")
+SECTIONS = (
+    "agent",
+    "process",
+    "collector",
+    "freshness",
+    "scale",
+    "lifecycle",
+    "memory",
+    "api",
+    "billing",
+    "peers",
+)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -85,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench import agent_bench
 
         results["agent"] = _section("agent", lambda: agent_bench.run(sizes, quick=quick, log=_log))
+
+    if "process" in only:
+        from bench import agent_process
+
+        results["process"] = _section("process", lambda: agent_process.run(sizes, quick=quick, log=_log))
 
     needs_broker = {"collector", "scale"} & set(only)
     if needs_broker:

@@ -52,10 +52,24 @@ class Pusher:
         self.to_host = _mac_bytes(bridge_mac) + src + ETHERTYPE + PAYLOAD
 
     def push(self) -> None:
-        for tap in self.taps:
-            self.host_sock.sendto(self.to_vm, (tap, 0))
-        for peer in self.peers:
-            self.vm_sock.sendto(self.to_host, (peer, 0))
+        try:
+            for tap in self.taps:
+                self.host_sock.sendto(self.to_vm, (tap, 0))
+            for peer in self.peers:
+                self.vm_sock.sendto(self.to_host, (peer, 0))
+        except OSError:  # a tap being replaced (bench.vethns.replace_taps): the next round pushes
+            self._push_each()
+
+    def _push_each(self) -> None:
+        for sock, frame, names in (
+            (self.host_sock, self.to_vm, self.taps),
+            (self.vm_sock, self.to_host, self.peers),
+        ):
+            for name in names:
+                try:
+                    sock.sendto(frame, (name, 0))
+                except OSError:
+                    continue
 
     def close(self) -> None:
         self.host_sock.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import peers_report
+from bench import peers_report, process_report
 
 METHOD_LABELS = {
     "floor": "raw read of /proc/net/dev (floor)",
@@ -294,6 +294,7 @@ def goals(results: dict[str, Any]) -> list[str]:
             f"/v1/costs for one account over a month of hourly records < 50 ms: {median:.1f} ms "
             f"-> {_verdict(median < 50)}"
         )
+    out += process_report.goals(results.get("process", {}))
     out += peers_report.goals(results.get("peers", {}))
     return out
 
@@ -323,6 +324,7 @@ def render(results: dict[str, Any]) -> str:
         ("api", api_section),
         ("billing", billing_section),
         ("peers", lambda peers: peers_report.section(peers, _table, _num)),
+        ("process", lambda proc: process_report.section(proc, _table)),
     )
     for key, fn in sections:
         if key in results:

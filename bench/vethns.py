@@ -22,14 +22,18 @@ FIRST_VNI = 5001
 BRIDGE_MAC = "02:00:00:00:00:fe"
 
 
-def _batch(ns: str, lines: list[str]) -> None:
+def _batch(ns: str, lines: list[str], *, force: bool = False) -> None:
+    """Run `ip` commands in one batch; `force`: go on past a failing line (fail at the end)."""
     if not lines:
         return
     with tempfile.NamedTemporaryFile("w", prefix="kvmeter-bench-", suffix=".ip") as f:
         f.write("\n".join(lines) + "\n")
         f.flush()
         result = subprocess.run(
-            ["ip", "-n", ns, "-batch", f.name], capture_output=True, text=True, check=False
+            ["ip", "-n", ns, *(["-force"] if force else []), "-batch", f.name],
+            capture_output=True,
+            text=True,
+            check=False,
         )
     if result.returncode != 0:
         raise RuntimeError(f"ip -n {ns} -batch failed: {result.stderr.strip()[-2000:]}")
@@ -106,6 +110,9 @@ class VethHost:
         _batch(self.vm_ns, [f"link set {self.peer(i)} address {self.mac(i)} up" for i in new])
         self.size = max(self.size, n)
 
+    def replace(self, indexes: list[int]) -> None:
+        replace_taps(self.host_ns, self.vm_ns, indexes)
+
     def exec_args(self, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.host_ns, *cmd]
 
@@ -120,6 +127,28 @@ class VethHost:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def replace_taps(host_ns: str, vm_ns: str, indexes: list[int]) -> None:
+    """Replace these taps, as VMs stopping and others starting in their place: each veth pair is
+    deleted (its tap's last counters go out in RTM_DELLINK) and made again under the same names
+    and MACs, so the new tap has a new ifindex and counts from zero."""
+    try:  # a tap missing after an interrupted replacement is simply made anew below
+        _batch(host_ns, [f"link del {VethHost.tap(i)}" for i in indexes], force=True)
+    except RuntimeError:
+        pass
+    _batch(
+        host_ns,
+        [f"link add {VethHost.tap(i)} type veth peer name {VethHost.peer(i)} netns {vm_ns}" for i in indexes],
+    )
+    _batch(
+        host_ns,
+        [
+            f"link set {VethHost.tap(i)} address fe{VethHost.mac(i)[2:]} master {VethHost.bridge(i)} up"
+            for i in indexes
+        ],
+    )
+    _batch(vm_ns, [f"link set {VethHost.peer(i)} address {VethHost.mac(i)} up" for i in indexes])
 
 
 def netns_path(name: str) -> Path:
