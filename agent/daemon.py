@@ -55,6 +55,7 @@ from kvmeter.reload import Reloads
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+SERVICE_WAIT = 1.0  # seconds: the longest wait inside librdkafka between two looks at stop_event
 
 
 class InventoryLike(Protocol):
@@ -544,7 +545,7 @@ class Agent:
                 self.metrics.final_deltas.inc()
 
     def update_spool_metrics(self) -> None:
-        self.metrics.spool_frames.set(len(self.spool.pending()))
+        self.metrics.spool_frames.set(self.spool.pending_count())
         self.metrics.spool_bytes.set(self.spool.pending_bytes())
         oldest = self.spool.oldest_pending_ms()
         self.metrics.spool_age.set(max(0.0, self._wall() - oldest / 1000) if oldest else 0.0)
@@ -571,10 +572,13 @@ class Agent:
                     next_poll = now + interval
                 self.update_spool_metrics()
                 _release_free_heap()
-            wait = max(0.0, min(next_poll - self._mono(), 0.2))
-            if self.publisher is not None:
-                self.publisher.service(wait)
+            wait = max(0.0, next_poll - self._mono())
+            if self.publisher is not None and self.publisher.in_flight():
+                # Deliveries to serve; librdkafka's poll holds off signals: wake once a second.
+                self.publisher.service(min(wait, SERVICE_WAIT))
             else:
+                # Nothing handed to librdkafka (or nothing left there): sleep to the next poll
+                # (a signal still ends the wait at once; its errors are served at each pump).
                 self.stop_event.wait(wait)
         self.shutdown()
 

@@ -19,13 +19,19 @@ from typing import Any
 
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.spool import Frame, Spool
+from kvmeter.log_limit import limited_logger
 
 log = logging.getLogger(__name__)
+# librdkafka's own log lines and its error callbacks repeat at every reconnect attempt while the
+# broker is away: one line per distinct message per minute, with a count of the rest.
+KAFKA_LOG = limited_logger("kvmeter.agent.kafka", 60.0)
 
 DEFAULT_PROPERTIES: dict[str, Any] = {
     "message.timeout.ms": 0,  # infinite: the spool, not librdkafka, decides what is given up
+    # A broker away for long is retried ever less often (doubling from 0.2 s up to 30 s): its
+    # return is noticed within 30 s, and an outage of hours costs next to nothing meanwhile.
     "reconnect.backoff.ms": 200,
-    "reconnect.backoff.max.ms": 2000,
+    "reconnect.backoff.max.ms": 30000,
     "linger.ms": 20,
     "compression.type": "lz4",
 }
@@ -65,7 +71,7 @@ class Publisher:
         self._config = producer_config(bootstrap, properties)
         # librdkafka's own errors (broker down, authentication) and logs, through Python logging
         self._config.setdefault("error_cb", self._on_client_error)
-        self._config.setdefault("logger", logging.getLogger("kvmeter.agent.kafka"))
+        self._config.setdefault("logger", KAFKA_LOG)
         self._factory = producer_factory
         self._producer = producer_factory(self._config)
         self._in_flight: dict[tuple[int, int], Frame] = {}
@@ -81,10 +87,12 @@ class Publisher:
         if self._failed:
             self._rebuild()
         produced = 0
-        for frame in self.spool.pending():
+        if len(self._in_flight) >= self.max_in_flight:
+            return 0  # librdkafka holds enough: the rest waits in the spool
+        for frame in self.spool.pending_from(self._next):
             if len(self._in_flight) >= self.max_in_flight:
                 break
-            if frame.position < self._next or frame.position in self._in_flight:
+            if frame.position in self._in_flight:
                 continue
             try:
                 self._producer.produce(
@@ -149,7 +157,7 @@ class Publisher:
         self.last_error = str(err)
         if self.metrics is not None:
             self.metrics.publish_errors.inc()
-        log.warning("kafka: %s (batches stay in the spool until the broker takes them)", err)
+        KAFKA_LOG.warning("kafka: %s (batches stay in the spool until the broker takes them)", err)
 
     def _rebuild(self) -> None:
         """Drop the producer and its queue; everything not acknowledged is produced again."""

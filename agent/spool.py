@@ -81,6 +81,10 @@ class Spool:
         self.read_only = read_only
         self.on_drop = on_drop
         self._pending: deque[Frame] = deque()  # appended, not yet acknowledged, in order
+        self._pending_bytes = 0  # their sizes, summed as they come and go
+        # The batches of the last poll written, by position: the publisher takes them right
+        # away, and reading them back from the file would cost a read and a decode per poll.
+        self._just_written: dict[tuple[int, int], bytes] = {}
         self._last_state: dict[str, Any] | None = None
         self._last_frame: Frame | None = None
         self._segments: list[int] = []
@@ -111,6 +115,7 @@ class Spool:
             self._last_frame = frame
             if frame.position >= ack:
                 self._pending.append(frame)
+                self._pending_bytes += frame.size
         if not self.read_only:
             self._delete_acked_segments()
             if self._segments:
@@ -215,12 +220,15 @@ class Spool:
         self._active.flush()
         os.fsync(self._active.fileno())
         frames = []
+        self._just_written = {}
         for i, record in enumerate(records):
             frames.append(
                 Frame(stream_id, first_seq + i, self._segments[-1], self._active_size, len(record), now_ms)
             )
+            self._just_written[frames[-1].position] = batches[i]
             self._active_size += len(record)
         self._pending.extend(frames)
+        self._pending_bytes += sum(f.size for f in frames)
         self._last_state, self._last_frame = state, frames[-1]
         self._enforce_bounds(now_ms)
         return frames
@@ -243,7 +251,24 @@ class Spool:
         """Frames not yet acknowledged, oldest first."""
         return list(self._pending)
 
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def pending_from(self, position: tuple[int, int]) -> list[Frame]:
+        """The pending frames at or after `position`, oldest first: read from the newest end, so
+        a publisher that has handed most of a long backlog over already reads only the rest."""
+        newer = []
+        for frame in reversed(self._pending):
+            if frame.position < position:
+                break
+            newer.append(frame)
+        newer.reverse()
+        return newer
+
     def read_batch(self, frame: Frame) -> bytes:
+        written = self._just_written.pop(frame.position, None)
+        if written is not None:
+            return written
         with open(self.dir / _segment_name(frame.segment), "rb") as f:
             f.seek(frame.offset)
             record = f.read(frame.size)
@@ -259,7 +284,7 @@ class Spool:
         frame.acked = True
         advanced = False
         while self._pending and self._pending[0].acked:
-            self._pending.popleft()
+            self._pending_bytes -= self._pending.popleft().size
             advanced = True
         if advanced:
             self._write_ack()
@@ -298,6 +323,7 @@ class Spool:
                 break
             batch = self.read_batch(oldest)
             self._pending.popleft()
+            self._pending_bytes -= oldest.size
             self.dropped_frames += 1
             self.dropped_bytes += oldest.size
             dropped.append(oldest)
@@ -318,7 +344,7 @@ class Spool:
             self._delete_acked_segments()
 
     def pending_bytes(self) -> int:
-        return sum(f.size for f in self._pending)
+        return self._pending_bytes
 
     def oldest_pending_ms(self) -> int | None:
         return self._pending[0].written_ms if self._pending else None

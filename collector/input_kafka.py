@@ -21,9 +21,9 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from kvmeter.collector.broker_watch import BrokerWatch
 from kvmeter.collector.config import KafkaConfig
 from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery
-from kvmeter.collector.log_limit import limited_logger
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Record
+from kvmeter.log_limit import limited_logger
 
 log = logging.getLogger(__name__)
 

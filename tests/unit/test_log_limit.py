@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from kvmeter.collector.log_limit import RateLimit
+from kvmeter.log_limit import RateLimit
 
 
 class Clock:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kvmeter.agent.publish import Publisher, producer_config
 from kvmeter.agent.spool import Spool
@@ -139,3 +142,21 @@ def test_a_refused_batch_stays_spooled_and_the_agent_keeps_running(tmp_path: Pat
     assert pub.flush(1.0)
     assert producers[0].sent == [b"small", b"far too large", b"after"]
     spool.close()
+
+
+def test_an_unreachable_broker_is_retried_ever_less_often_and_logged_once_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = producer_config("b:1")
+    assert config["reconnect.backoff.ms"] < 1000
+    assert config["reconnect.backoff.max.ms"] >= 30_000
+    pub = Publisher(Spool(tmp_path), bootstrap="b:1", topic="t", key="host-1", producer_factory=FakeProducer)
+    with caplog.at_level(logging.WARNING, logger="kvmeter.agent.kafka"):
+        for port in range(40000, 40100):  # librdkafka's error callback at every reconnect attempt
+            pub._on_client_error(
+                f"b:1/bootstrap: Connect to ipv4#127.0.0.1:{port} failed: Connection refused"
+            )
+    lines = [r for r in caplog.records if r.name == "kvmeter.agent.kafka"]
+    assert len(lines) == 1
+    assert "Connection refused" in lines[0].getMessage()
+    assert pub.errors == 100  # every one still counted

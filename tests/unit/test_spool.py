@@ -222,3 +222,27 @@ def test_a_poll_cut_short_is_dropped_whole(
     fill(again, 1, start=2)
     again.close()
     assert [f.seq for f in Spool(tmp_path).pending()] == [1, 2]
+
+
+def test_backlog_counts_and_the_unproduced_tail_follow_appends_acks_drops_and_reopen(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=10_000, segment_bytes=4096)
+    frames = [spool.append("s", i, bytes([i]) * 300, {"n": i}, 1000 + i) for i in range(1, 41)]
+    # the size bound dropped the oldest; the kept ones are the newest, in order
+    kept = spool.pending()
+    assert kept == frames[-len(kept) :]
+    assert spool.dropped_frames == 40 - len(kept)
+    assert (spool.pending_count(), spool.pending_bytes()) == (len(kept), sum(f.size for f in kept))
+    assert spool.pending_from(kept[-3].position) == kept[-3:]
+    assert spool.pending_from((0, 0)) == kept
+    assert spool.pending_from((10**9, 0)) == []
+    spool.ack(kept[1])  # not a prefix: nothing leaves
+    spool.ack(kept[0])
+    assert spool.pending() == kept[2:]
+    assert spool.pending_bytes() == sum(f.size for f in kept[2:])
+    # the batch just written comes from memory, the same bytes the file holds
+    assert spool.read_batch(frames[-1]) == bytes([40]) * 300
+    spool.close()
+    again = Spool(tmp_path, read_only=True)
+    assert again.pending() == kept[2:]
+    assert again.read_batch(frames[-1]) == bytes([40]) * 300
+    assert (again.pending_count(), again.pending_bytes()) == (len(kept) - 2, sum(f.size for f in kept[2:]))

@@ -1,4 +1,4 @@
-"""A logging filter that passes one line per distinct message per interval.
+"""A logging filter that passes one line per distinct message per interval (agent and collector).
 
 librdkafka retries an unreachable broker every few tens of milliseconds and logs each failure;
 through this filter an outage of an hour is a line per distinct error per minute, each saying
