@@ -39,7 +39,6 @@ from kvmeter.agent.measures import (
     Templates,
     add_measures,
     batch_header,
-    domain_inventory,
 )
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
@@ -48,14 +47,14 @@ from kvmeter.agent.publish import Publisher
 from kvmeter.agent.sources import CounterSource, Owned, nic_sources
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
-from kvmeter.agent.wire import SteadyEncoder, split_fields
+from kvmeter.agent.wire import InventoryRecords, SteadyEncoder, split_fields
 from kvmeter.proto import pb
 from kvmeter.reload import Reloads
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-SERVICE_WAIT = 1.0  # seconds: the longest wait inside librdkafka between two looks at stop_event
+SERVICE_WAIT = 1.0  # seconds: the longest wait of the loop between two looks at what to do
 
 
 class InventoryLike(Protocol):
@@ -218,6 +217,7 @@ class Agent:
         self._templates = Templates()
         self._plan: _Plan | None = None
         self._last_inventory: Any = None  # what the last inventory sent was built from
+        self._inventory_records = InventoryRecords()
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
         self.reloads = Reloads()  # asked for by SIGHUP, run between two polls
@@ -319,7 +319,7 @@ class Agent:
                     log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
         inventory = self._inventory_if_due(plan, commit=not dry_run)
         if inventory:  # first, so a collector knows the domains before their measures
-            parts = split_fields(pb.MeasureBatch(inventory=inventory).SerializeToString(), room) + parts
+            parts = split_fields(inventory, room) + parts
         parts = parts or [b""]
         if len(parts) > 1:
             log.debug("poll of %d measures goes out as %d batches", self.last_measures, len(parts))
@@ -514,7 +514,7 @@ class Agent:
         if len(self._templates) > 2 * tracked:
             self._templates.keep_only(self.engine.tracked_keys())
 
-    def _inventory_if_due(self, plan: _Plan, *, commit: bool) -> list[pb.DomainInventory] | None:
+    def _inventory_if_due(self, plan: _Plan, *, commit: bool) -> bytes | None:
         """The full inventory on the first batch, on any change, and every inventory_every polls
         (a dry run shows it when due without taking it off the next real batch)."""
         signature = plan.inventory_signature
@@ -527,7 +527,7 @@ class Agent:
         if commit:
             self._last_inventory = signature
             self._polls_since_inventory = 0
-        return [domain_inventory(d, plan.placements, plan.links) for d in signature[0]]
+        return self._inventory_records.encode(signature[0], plan.placements, plan.links)
 
     def _count(self, deltas: list[Delta], totals: Mapping[str, list[int]]) -> None:
         for traffic, (vm_rx, vm_tx) in totals.items():
@@ -572,13 +572,13 @@ class Agent:
                     next_poll = now + interval
                 self.update_spool_metrics()
                 _release_free_heap()
-            wait = max(0.0, next_poll - self._mono())
+            # At most a second between two looks at stop_event and a SIGHUP's reload.
+            wait = min(max(0.0, next_poll - self._mono()), SERVICE_WAIT)
             if self.publisher is not None and self.publisher.in_flight():
-                # Deliveries to serve; librdkafka's poll holds off signals: wake once a second.
-                self.publisher.service(min(wait, SERVICE_WAIT))
+                self.publisher.service(wait)  # deliveries to serve
             else:
-                # Nothing handed to librdkafka (or nothing left there): sleep to the next poll
-                # (a signal still ends the wait at once; its errors are served at each pump).
+                # Nothing handed to librdkafka (or nothing left there): no need to serve it
+                # between polls (its errors are served at each poll's pump).
                 self.stop_event.wait(wait)
         self.shutdown()
 

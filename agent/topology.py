@@ -158,6 +158,8 @@ class LinkTable:
         self._by_name: dict[str, int] = {}
         self._uplink_of: dict[int, LinkRecord] | None = None  # bridge ifindex -> uplink port
         self._placements: dict[str, LinkPlacement] = {}
+        # ifindex -> how many links' placements read it: their master, a macvtap's parent
+        self._read_by: dict[int, int] = {}
         # Bumped on every change: a reader that saw the same generation saw the same links and
         # placements (the poll loop keeps what it derives from them until this moves).
         self.generation = 0
@@ -183,6 +185,8 @@ class LinkTable:
             self._remove(record.ifindex)
         self._links[record.ifindex] = record
         self._by_name[record.ifname] = record.ifindex
+        for index in _reads(record):
+            self._read_by[index] = self._read_by.get(index, 0) + 1
         self._changed(record)
         if previous is None or previous.ifname != record.ifname:
             return LinkEvent("new", record.ifname, record.ifindex, record.stats)
@@ -204,6 +208,10 @@ class LinkTable:
         )
         self._links = fresh
         self._by_name = {r.ifname: r.ifindex for r in fresh.values()}
+        self._read_by = {}
+        for record in fresh.values():
+            for index in _reads(record):
+                self._read_by[index] = self._read_by.get(index, 0) + 1
         self._changed()
         return events
 
@@ -263,6 +271,12 @@ class LinkTable:
         if old is not None:
             if self._by_name.get(old.ifname) == ifindex:
                 del self._by_name[old.ifname]
+            for index in _reads(old):
+                left = self._read_by[index] - 1
+                if left:
+                    self._read_by[index] = left
+                else:
+                    del self._read_by[index]
             self._changed(old)
 
     def _changed(self, record: LinkRecord | None = None) -> None:
@@ -281,8 +295,17 @@ class LinkTable:
         uplink (VLAN/VXLAN device), or the parent of a macvtap and the like."""
         if record.kind == "bridge" or record.kind in UPLINK_KINDS:
             return True
-        index = record.ifindex
-        return any(other.master == index or other.link == index for other in self._links.values())
+        return record.ifindex in self._read_by
+
+
+def _reads(record: LinkRecord) -> tuple[int, ...]:
+    """The other links a link's placement reads: its master, and a macvtap's (or the like's)
+    parent. Not a veth's IFLA_LINK: that is its peer, often in another namespace, whose
+    ifindex may be anything here."""
+    master = (record.master,) if record.master is not None else ()
+    if record.link is not None and record.kind in LOWER_DEVICE_KINDS:
+        return (*master, record.link)
+    return master
 
 
 def _same_place(a: LinkRecord, b: LinkRecord) -> bool:

@@ -21,12 +21,12 @@ followed by records.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain, compress, repeat
 from operator import add, or_
 
-from kvmeter.agent.measures import _Pair
-from kvmeter.agent.model import ColumnDeltas
+from kvmeter.agent.measures import _Pair, domain_inventory
+from kvmeter.agent.model import ColumnDeltas, DomainInfo, LinkPlacement
 from kvmeter.proto.encoding_pb2 import PackedCounts
 
 _BYTES_TAG = 0x18  # IPMeasure.bytes = 3, varint
@@ -34,6 +34,7 @@ _PACKETS_TAG = 0x38  # IPMeasure.packets = 7, varint
 _START_TAG = 0x20  # IPMeasure.start = 4
 _END_TAG = 0x28  # IPMeasure.end = 5
 _MEASURES_TAG = 0x3A  # MeasureBatch.measures = 7, length-delimited
+_INVENTORY_TAG = 0x42  # MeasureBatch.inventory = 8, length-delimited
 _VARINT = rb"[\x80-\xff]*[\x00-\x7f]"
 _COUNTS = re.compile(rb"\x18" + _VARINT + rb"\x38" + _VARINT)
 
@@ -174,3 +175,40 @@ def split_fields(data: bytes, max_bytes: int) -> list[bytes]:
         pos = field_end
     parts.append(data[start:])
     return parts
+
+
+class InventoryRecords:
+    """The inventory of a batch as MeasureBatch.inventory records (wire bytes), each domain's
+    record kept while the domain object, its NICs' placement objects and their ifindexes stay
+    the same: after a VM's taps come or go, only that VM's record is written again (the poll
+    right after link events sends the full inventory). The bytes decode exactly as
+    MeasureBatch(inventory=[domain_inventory(...) for each domain]) serialises."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, tuple[DomainInfo, tuple[object, ...], bytes]] = {}
+
+    def encode(
+        self,
+        domains: Iterable[DomainInfo],
+        placements: Mapping[str, LinkPlacement],
+        ifindexes: Mapping[str, int],
+    ) -> bytes:
+        records = []
+        kept: dict[str, tuple[DomainInfo, tuple[object, ...], bytes]] = {}
+        for domain in domains:
+            devices = [nic.device for nic in domain.nics if nic.device]
+            where = (*map(placements.get, devices), *map(ifindexes.get, devices))
+            known = self._records.get(domain.uuid)
+            if known is not None and known[0] is domain and _same_items(known[1], where):
+                record = known[2]
+            else:
+                data = domain_inventory(domain, placements, ifindexes).SerializeToString()
+                record = bytes([_INVENTORY_TAG]) + varint(len(data)) + data
+            kept[domain.uuid] = (domain, where, record)
+            records.append(record)
+        self._records = kept
+        return b"".join(records)
+
+
+def _same_items(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))

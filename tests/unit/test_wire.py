@@ -9,7 +9,7 @@ from google.protobuf.internal.encoder import _VarintBytes
 
 from kvmeter.agent.measures import Attribution, Templates, build_batch, domain_inventory
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
-from kvmeter.agent.wire import SteadyEncoder, packed_varints, split_fields, varint
+from kvmeter.agent.wire import InventoryRecords, SteadyEncoder, packed_varints, split_fields, varint
 from kvmeter.proto import pb
 
 BOOT = "boot-1"
@@ -142,3 +142,45 @@ def test_split_fields_cuts_between_records_only() -> None:
     assert split_fields(b"", 100) == []
     with pytest.raises(ValueError, match="offset 0"):
         split_fields(b"\x08\x01" + records, 10)  # a varint field: not a record
+
+
+def test_inventory_records_are_the_inventory_message_and_follow_every_change() -> None:
+    domains = [
+        DomainInfo(
+            uuid=f"uuid-{d}",
+            name=f"i-2-{d}-VM",
+            state="running",
+            kind="user_vm",
+            nics=tuple(
+                NicInfo(mac=f"02:00:00:00:{d:02x}:{k:02x}", device=f"vnet{2 * d + k}", nic_type="bridge")
+                for k in range(2)
+            ),
+            account_id="2",
+            owner={"zone": "z1"},
+        )
+        for d in range(5)
+    ]
+    placements = {
+        f"vnet{i}": LinkPlacement(bridge=f"br{i % 3}", vlan_id=i, traffic_type="guest") for i in range(10)
+    }
+    links = {f"vnet{i}": 100 + i for i in range(10)}
+    records = InventoryRecords()
+
+    def expected() -> bytes:
+        return pb.MeasureBatch(
+            inventory=[domain_inventory(d, placements, links) for d in domains]
+        ).SerializeToString()
+
+    assert records.encode(domains, placements, links) == expected()
+    # a VM's tap replaced (new ifindex), another moved to a new bridge, a third VM gone, one new
+    links["vnet3"] = 999
+    placements["vnet4"] = LinkPlacement(bridge="br9", vxlan_vni=5009, traffic_type="public")
+    del domains[4]
+    domains.append(DomainInfo(uuid="uuid-9", name="i-3-9-VM", state="paused", kind="user_vm"))
+    assert records.encode(domains, placements, links) == expected()
+    # a domain object replaced by an equal-looking one with a new state
+    domains[0] = DomainInfo(
+        uuid="uuid-0", name="i-2-0-VM", state="shutoff", kind="user_vm", nics=domains[0].nics
+    )
+    assert records.encode(domains, placements, links) == expected()
+    assert records.encode([], placements, links) == b""
