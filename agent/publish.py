@@ -32,10 +32,16 @@ DEFAULT_PROPERTIES: dict[str, Any] = {
     # return is noticed within 30 s, and an outage of hours costs next to nothing meanwhile.
     "reconnect.backoff.ms": 200,
     "reconnect.backoff.max.ms": 30000,
+    # librdkafka >= 2.10 re-bootstraps while no broker answers, making and ending a broker
+    # thread several times a second for as long as the outage lasts (a third of the agent's
+    # CPU then); the agent keeps to the brokers it knows (its bootstrap list and the cluster's).
+    "metadata.recovery.strategy": "none",
     "linger.ms": 20,
     "compression.type": "lz4",
 }
 FORCED_PROPERTIES: dict[str, Any] = {"enable.idempotence": True, "acks": "all"}
+# Defaults that older librdkafka releases do not know (Debian's and Ubuntu's): left out there.
+NEWER_PROPERTIES = ("metadata.recovery.strategy",)
 
 
 def producer_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -44,10 +50,25 @@ def producer_config(bootstrap: str, extra: Mapping[str, Any] | None = None) -> d
     return config
 
 
-def _confluent_producer(config: dict[str, Any]) -> Any:
-    from confluent_kafka import Producer  # imported late: `--once` needs no Kafka
+def _confluent_producer(config: dict[str, Any], producer_class: Any = None) -> Any:
+    """A Producer; a default property this librdkafka does not know yet is left out."""
+    from confluent_kafka import KafkaException, Producer  # imported late: `--once` needs no Kafka
 
-    return Producer(config)
+    make = producer_class or Producer
+    try:
+        return make(config)
+    except KafkaException as exc:
+        unknown = [name for name in NEWER_PROPERTIES if f'"{name}"' in str(exc) and name in config]
+        if not unknown:
+            raise
+        log.info("librdkafka %s does not know %s: left out", _libversion(), ", ".join(unknown))
+        return make({k: v for k, v in config.items() if k not in unknown})
+
+
+def _libversion() -> str:
+    from confluent_kafka import libversion
+
+    return str(libversion()[0])
 
 
 class Publisher:

@@ -160,3 +160,34 @@ def test_an_unreachable_broker_is_retried_ever_less_often_and_logged_once_a_minu
     assert len(lines) == 1
     assert "Connection refused" in lines[0].getMessage()
     assert pub.errors == 100  # every one still counted
+
+
+def test_a_default_an_older_librdkafka_does_not_know_is_left_out() -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    from kvmeter.agent.publish import _confluent_producer
+
+    made: list[dict[str, Any]] = []
+
+    def old_librdkafka(config: dict[str, Any]) -> dict[str, Any]:
+        for name in config:
+            if name == "metadata.recovery.strategy":
+                raise KafkaException(
+                    KafkaError(KafkaError._INVALID_ARG, f'No such configuration property: "{name}"')
+                )
+        made.append(config)
+        return config
+
+    config = producer_config("b:1")
+    assert config["metadata.recovery.strategy"] == "none"
+    produced = _confluent_producer(config, old_librdkafka)
+    assert "metadata.recovery.strategy" not in produced
+    assert produced["reconnect.backoff.max.ms"] == 30_000
+
+    def refuses_linger(config: dict[str, Any]) -> None:
+        raise KafkaException(KafkaError(KafkaError._INVALID_ARG, 'Invalid value for "linger.ms"'))
+
+    with pytest.raises(KafkaException, match="linger"):  # anything else still fails loudly
+        _confluent_producer({**config, "linger.ms": -5}, refuses_linger)
+    # the installed librdkafka takes it
+    _confluent_producer(config).flush(0)
