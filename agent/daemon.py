@@ -307,13 +307,15 @@ class Agent:
         header_bytes = len(self._header(first_seq, now_ms, final=final).SerializeToString())
         room = self.config.kafka_max_batch_bytes - header_bytes - 16  # for records in one batch
         totals: dict[str, list[int]] = {}
+        parts: list[bytes] = []
+        self.last_measures = 0
         if steady is not None and plan.encoder is not None:
             parts, self.last_measures, totals = plan.encoder.encode(steady, room)
-        else:
+        if deltas:  # a poll by rows, or the counters a mixed poll took by rows
             measures = pb.MeasureBatch()
             unattributed = add_measures(measures.measures, deltas, self._attribution, self._templates, totals)
-            parts = split_fields(measures.SerializeToString(), room)
-            self.last_measures = len(measures.measures)
+            parts += split_fields(measures.SerializeToString(), room)
+            self.last_measures += len(measures.measures)
             for d in unattributed:
                 if d.rx_bytes or d.tx_bytes:
                     log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
@@ -340,8 +342,8 @@ class Agent:
         return batches
 
     def _measure(self, events: list[_Event]) -> tuple[_Plan, int, ColumnDeltas | None, list[Delta]]:
-        """Read the counters and run the engine: (plan, poll time, the deltas of a steady poll
-        or None, the deltas of a poll by rows)."""
+        """Read the counters and run the engine: (plan, poll time, the deltas of the counters
+        taken by columns or None, the deltas of those taken by rows)."""
         generation = getattr(self.topology, "generation", None)
         before = self.topology.links()
         table = self._table.read()
@@ -363,13 +365,22 @@ class Agent:
             if steady is not None:
                 self.metrics.interfaces.set(len(keys))
                 return plan, now_ms, steady, []
+        deltas = self._apply_events(events, plan.devices)
+        # After link events (or a counter that wrapped, reset or jumped): the counters that
+        # stayed steady still go by columns, only the others by rows.
+        if not plan.sourced and self._steady_encoder(plan) is not None:
+            mixed = self.engine.poll_mixed(
+                now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
+            )
+            if mixed is not None:
+                self.metrics.interfaces.set(len(keys))
+                return plan, now_ms, mixed[0], deltas + mixed[1]
         readings: list[tuple[CounterKey, Stats]] = list(
             zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
         )
         if plan.sourced:
             readings += self._sourced_readings(plan.sourced, table)
         self.metrics.interfaces.set(len(readings))
-        deltas = self._apply_events(events, plan.devices)
         deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
         return plan, now_ms, None, deltas
 
@@ -424,19 +435,19 @@ class Agent:
         devices = self._links.resolve(domains, stable)
         keys = self._links.keys(stable)
         metered = {name: keys[name] for name in devices if name in keys}
-        for name, key in metered.items():
-            self._remember(key, *devices[name])
-        sourced: dict[int, list[Owned]] = {}
-        for name, (domain, nic) in devices.items():
-            index = self._source_of(nic)
-            if index is not None:
-                sourced.setdefault(index, []).append((name, domain, nic))
         placements = {}
         ordered = sorted(domains, key=lambda d: d.uuid)
         for domain in ordered:
             for nic in domain.nics:
                 if nic.device and nic.device in stable:
                     placements[nic.device] = self.topology.placement(nic.device)
+        for name, key in metered.items():  # one placement lookup per link, shared
+            self._remember(key, *devices[name], placements.get(name))
+        sourced: dict[int, list[Owned]] = {}
+        for name, (domain, nic) in devices.items():
+            index = self._source_of(nic)
+            if index is not None:
+                sourced.setdefault(index, []).append((name, domain, nic))
         # Inventory and topology hand out the same objects until something changes: comparing
         # identities is far cheaper than building (or comparing) the inventory every poll.
         signature = (tuple(ordered), tuple(placements.values()), tuple((d, stable[d]) for d in placements))
@@ -454,10 +465,15 @@ class Agent:
         self._plan = plan
         return plan
 
-    def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo) -> None:
+    def _remember(
+        self, key: CounterKey, domain: DomainInfo, nic: NicInfo, placement: LinkPlacement | None = None
+    ) -> None:
         """Attribution for this poll; the same object while nothing changed (topology and
-        inventory hand out the same objects until something changes), so measure templates hold."""
-        if key.ifindex:
+        inventory hand out the same objects until something changes), so measure templates hold.
+        `placement`: the link's, when the caller has just looked it up."""
+        if placement is not None:
+            pass
+        elif key.ifindex:
             placement = self.topology.placement(key.name)
         else:  # counted without a host link (agent.sources): classify by what libvirt says
             traffic = self.config.traffic.classify(nic.bridge, nic.vlan_tag, None)

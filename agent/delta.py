@@ -25,8 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from functools import partial
-from itertools import repeat
-from operator import sub
+from itertools import compress, repeat
+from operator import mul, sub
 from typing import Any, NamedTuple
 
 from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta
@@ -262,6 +262,85 @@ class DeltaEngine:
         self._age_absent(self._present_set(present, keys), keys)
         self._last_poll = (now_ms, mono_ms)
         return ColumnDeltas(keys, start, end, rxb, txb, rxp, txp)
+
+    def poll_mixed(
+        self,
+        now_ms: int,
+        mono_ms: int,
+        keys: Sequence[CounterKey],
+        rx_bytes: list[int],
+        rx_packets: list[int],
+        tx_bytes: list[int],
+        tx_packets: list[int],
+        present: Set[CounterKey],
+    ) -> tuple[ColumnDeltas, list[Delta]] | None:
+        """A poll where most counters are steady and a few are not (a VM storm: taps replaced
+        since the last poll): the steady ones by columns, the rest by rows, with every rule of
+        poll_readings. A counter goes by columns when it is tracked, was last read at the same
+        instant as the first tracked one, and all four of its counters grew within the ceiling:
+        exactly the counters poll_readings would take its fast path for. Returns (the column
+        deltas over all `keys`, zeros where a key went by rows; the rows' deltas), or None,
+        having changed nothing, when no counter qualifies or nothing was baselined yet."""
+        if self._fresh or not keys:
+            return None
+        self._settle()
+        rows = list(map(self._counters.get, keys))
+        first = next((row for row in rows if row is not None), None)
+        if first is None:
+            return None
+        start, last_mono = first.end_ms, first.mono_ms
+        known = [row is not None and row.end_ms == start and row.mono_ms == last_mono for row in rows]
+        blank = _Counter(0, "", 0, 0, 0, 0, start, last_mono)
+        _i, _n, old_rxb, old_txb, old_rxp, old_txp, _e, _m = zip(
+            *(row if ok else blank for row, ok in zip(rows, known))
+        )
+        rxb = list(map(sub, rx_bytes, old_rxb))
+        txb = list(map(sub, tx_bytes, old_txb))
+        rxp = list(map(sub, rx_packets, old_rxp))
+        txp = list(map(sub, tx_packets, old_txp))
+        max_bytes = (
+            self.config.line_rate_ceiling_bps * max(mono_ms - last_mono, self.config.min_elapsed_ms) // 8000
+        )
+        columns = [
+            ok and low >= 0 and high <= max_bytes
+            for ok, low, high in zip(known, map(min, rxb, txb, rxp, txp), map(max, rxb, txb))
+        ]
+        if not any(columns):
+            return None
+        by_rows = [
+            (key, (a, b, c, d))
+            for key, a, b, c, d, col in zip(keys, rx_bytes, rx_packets, tx_bytes, tx_packets, columns)
+            if not col
+        ]
+        # The rows first, with the steady counters still in the per-key dict at their last
+        # readings (a newborn name's older incarnation is looked up there).
+        deltas = self.poll_readings(now_ms, mono_ms, by_rows, present)
+        steady_keys = tuple(compress(keys, columns))
+        counters = self._counters
+        for key in steady_keys:
+            del counters[key]
+        end = now_ms if now_ms > start else start + 1
+        self._steady = _Steady(
+            steady_keys,
+            tuple(compress(_i, columns)),
+            tuple(compress(_n, columns)),
+            list(compress(rx_bytes, columns)),
+            list(compress(tx_bytes, columns)),
+            list(compress(rx_packets, columns)),
+            list(compress(tx_packets, columns)),
+            end,
+            mono_ms,
+        )
+        zeroed = ColumnDeltas(
+            tuple(keys),
+            start,
+            end,
+            list(map(mul, rxb, columns)),
+            list(map(mul, txb, columns)),
+            list(map(mul, rxp, columns)),
+            list(map(mul, txp, columns)),
+        )
+        return zeroed, deltas
 
     def final(self, now_ms: int, mono_ms: int, sample: CounterSample) -> Delta | None:
         """RTM_DELLINK's final counters: the tail since the last poll, then the counter is closed."""

@@ -1,0 +1,127 @@
+"""The delta engine's mixed poll (poll_mixed: the steady counters by columns, the others by
+rows) against its poll by rows, with link events between polls.
+
+poll_mixed is only an accelerator: for any sequence of polls and VM reboots (a tap's final
+counters, then a new incarnation under the same name), an engine that polls by columns, then
+mixed, then by rows (as the agent's daemon does) concludes exactly what an engine that only
+polls by rows concludes, and saves the same state."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmeter.agent.delta import WRAP32, DeltaConfig, DeltaEngine
+from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta
+
+BOOT = "boot-a"
+T0 = 1_700_000_000_000
+M0 = 5_000_000
+CONFIG = DeltaConfig(line_rate_ceiling_bps=1_000_000_000)
+NAMES = [f"vnet{i}" for i in range(6)]
+
+
+def as_deltas(cd: ColumnDeltas) -> list[Delta]:
+    rows = zip(cd.keys, cd.rx_bytes, cd.tx_bytes, cd.rx_packets, cd.tx_packets, strict=True)
+    return [
+        Delta(k, cd.start_ms, cd.end_ms, rb, tb, rp, tp) for k, rb, tb, rp, tp in rows if rb or tb or rp or tp
+    ]
+
+
+def by_daemon(
+    engine: DeltaEngine, now: int, mono: int, keys: tuple[CounterKey, ...], values: list[tuple[int, ...]]
+) -> tuple[list[Delta], str]:
+    """What the daemon runs: columns, else mixed, else rows; and which of them concluded."""
+    present = frozenset(keys)
+    columns = [list(c) for c in zip(*values, strict=True)] if values else [[], [], [], []]
+    steady = engine.poll_columns(now, mono, keys, *columns, present=present)
+    if steady is not None:
+        return as_deltas(steady), "columns"
+    mixed = engine.poll_mixed(now, mono, keys, *columns, present)
+    if mixed is not None:
+        return mixed[1] + as_deltas(mixed[0]), "mixed"
+    return engine.poll_readings(now, mono, list(zip(keys, values, strict=True)), present), "rows"
+
+
+def saved(engine: DeltaEngine) -> dict[tuple[int, str], tuple[int, ...]]:
+    state = DeltaEngine.from_state(BOOT, engine.to_state(), CONFIG).to_state()
+    return {(row[0], row[1]): tuple(row[2:]) for row in state["counters"]}
+
+
+step = st.tuples(
+    st.sets(st.integers(0, 5), max_size=3),  # taps replaced (a VM reboot) before this poll
+    st.sampled_from(["grow", "grow", "still", "reset", "jump", "wrap", "grow"]),
+    st.integers(0, 5),  # which counter the odd event hits
+    st.integers(-3, 30_000),  # wall-clock step (ms)
+    st.integers(1, 20_000),  # monotonic step (ms)
+    st.booleans(),  # the replaced taps' new incarnations announced by a link event
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(step, min_size=1, max_size=10), st.integers(1, 6))
+def test_mixed_polls_conclude_what_rows_conclude(steps: list[tuple], taps: int) -> None:
+    rows_engine = DeltaEngine(BOOT, CONFIG)
+    engine = DeltaEngine(BOOT, CONFIG)
+    ifindex = {name: 10 + i for i, name in enumerate(NAMES[:taps])}
+    values = {name: [1000 * (i + 1), 10, 2000 * (i + 1), 20] for i, name in enumerate(NAMES[:taps])}
+    next_index = 100
+    now, mono = T0, M0
+    seen: set[str] = set()
+    for replaced, what, which, wall_step, mono_step, announced in steps:
+        now += wall_step
+        mono += mono_step
+        for i in sorted(replaced):
+            name = NAMES[i % taps]
+            old = CounterKey(BOOT, ifindex[name], name)
+            v = values[name]
+            final = CounterSample(old, v[0] + 5, v[2] + 7, v[1] + 1, v[3] + 1)
+            assert engine.final(now - 1, mono - 1, final) == rows_engine.final(now - 1, mono - 1, final)
+            ifindex[name] = next_index
+            next_index += 1
+            values[name] = [0, 0, 0, 0]
+            if announced:
+                for e in (engine, rows_engine):
+                    e.link_created(CounterKey(BOOT, ifindex[name], name))
+        for i, name in enumerate(NAMES[:taps]):
+            v = values[name]
+            if what == "still":
+                continue
+            v[0] += 1500 * (i + 1)
+            v[1] += 3
+            v[2] += 700
+            v[3] += 1
+            if i == which and what == "reset":
+                v[:] = [v[0] // 7, 1, 5, 1]
+            elif i == which and what == "jump":
+                v[2] += 10**12
+            elif i == which and what == "wrap":
+                v[0] = WRAP32 - 10 if v[0] < WRAP32 - 10 else (v[0] + 100) % WRAP32
+        keys = tuple(CounterKey(BOOT, ifindex[name], name) for name in NAMES[:taps])
+        read = [tuple(values[name]) for name in NAMES[:taps]]
+        expected = rows_engine.poll_readings(now, mono, list(zip(keys, read, strict=True)), frozenset(keys))
+        got, path = by_daemon(engine, now, mono, keys, read)
+        seen.add(path)
+        assert sorted(got) == sorted(expected)
+        assert saved(engine) == saved(rows_engine)
+        assert engine.tracked() == rows_engine.tracked()
+
+
+def test_a_storm_keeps_the_steady_counters_on_columns() -> None:
+    engine = DeltaEngine(BOOT, CONFIG)
+    keys = tuple(CounterKey(BOOT, 10 + i, f"vnet{i}") for i in range(10))
+    engine.poll_readings(T0, M0, [(k, (100, 1, 100, 1)) for k in keys], frozenset(keys))
+    engine.poll_columns(T0 + 10_000, M0 + 10_000, keys, *[[200] * 10, [2] * 10, [200] * 10, [2] * 10])
+    # vnet3 rebooted: its final counters, then a new incarnation counting from zero
+    gone = keys[3]
+    assert engine.final(T0 + 15_000, M0 + 15_000, CounterSample(gone, 250, 250, 3, 3)) is not None
+    born = CounterKey(BOOT, 99, "vnet3")
+    engine.link_created(born)
+    now = (*keys[:3], born, *keys[4:])
+    rx = [300] * 10
+    rx[3] = 40
+    cd, rows = engine.poll_mixed(T0 + 20_000, M0 + 20_000, now, rx, [3] * 10, rx, [3] * 10, frozenset(now))
+    assert cd.keys == now
+    assert cd.rx_bytes == [100, 100, 100, 0, 100, 100, 100, 100, 100, 100]  # vnet3 went by rows
+    assert [(d.key, d.rx_bytes, d.start_ms) for d in rows] == [(born, 40, T0 + 10_000)]
+    assert engine.to_state()["steady"][0] == tuple(k.ifindex for k in now if k != born)
