@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from bench import (
     agent_bench,
+    agent_process,
     api_bench,
     billing_bench,
     collector_bench,
@@ -58,6 +59,26 @@ def test_bench_sections_run_on_tiny_sizes(kafka_bootstrap: str) -> None:
     )
     assert "kvmeter agent poll (daemon)" in text
     assert "broker -> committed usage, sqlite" in text
+
+
+@pytest.mark.netns
+@pytest.mark.broker
+def test_the_whole_process_section_runs_on_a_tiny_size() -> None:
+    out = agent_process.run([NICS], quick=True, log=lambda _: None)
+    states = out["states"]
+    for name in ("steady", "broker_down", "storm"):
+        assert states[name]["floor_ms"]["median"] > 0
+        assert all(r["cpu_per_poll_live_threads_s"] > 0 for r in states[name]["runs"])
+    down = states["broker_down"]
+    assert down["pending_batches"] >= 2  # the spool grew while the broker was cut off
+    assert down["pending_after_drain"] <= 1  # and drained once it was back
+    assert states["storm"]["storm_errors"] is None
+    assert states["storm"]["runs"][0]["link_events_per_round"] > 0  # the probe polled after link events
+    (memory,) = out["memory"]
+    assert memory["metrics_on"]["rss_peak_mb"] > 10
+    text = report.render({"meta": META, "process": out})
+    assert "The whole agent process" in text
+    assert "VM storm" in text
 
 
 @pytest.mark.pg

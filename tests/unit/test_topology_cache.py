@@ -51,3 +51,33 @@ def test_kept_placements_equal_fresh_ones(
         fresh.replace_all(table._links.values())
         for name in table.links():
             assert table.placement(name) == fresh.placement(name), (name, msg_type, rec)
+
+
+def test_a_veth_coming_or_going_keeps_the_other_links_placements() -> None:
+    """A veth's IFLA_LINK is its peer, often in another namespace, where the index may be any
+    link's here: it is no reason to drop the placements others computed (a VM storm on a host
+    of thousands would otherwise recompute them all at every tap)."""
+    table = LinkTable(RULES)
+    table.replace_all(
+        [
+            LinkRecord(ifindex=1, ifname="brvx-5001", kind="bridge"),
+            LinkRecord(ifindex=2, ifname="vxlan5001", kind="vxlan", master=1, vxlan_vni=5001),
+            *(
+                LinkRecord(ifindex=i, ifname=f"vnet{i}", kind="veth", master=1, link=i + 1)
+                for i in range(10, 20)
+            ),
+        ]
+    )
+    before = {f"vnet{i}": table.placement(f"vnet{i}") for i in range(10, 20)}
+    # a new tap whose peer's index (12, in the VMs' namespace) is vnet12's index here
+    table.apply(RTM_NEWLINK, LinkRecord(ifindex=30, ifname="vnet30", kind="veth", master=1, link=12))
+    table.apply(RTM_DELLINK, LinkRecord(ifindex=15, ifname="vnet15", kind="veth", master=1, link=16))
+    for name, placement in before.items():
+        if name != "vnet15":
+            assert table._placements.get(name) is placement  # kept, not recomputed
+    assert table.placement("vnet30").vxlan_vni == 5001
+    # a macvtap's parent is a dependency: the uplink moving drops what read it
+    table.apply(RTM_NEWLINK, LinkRecord(ifindex=40, ifname="macvtap0", kind="macvtap", link=2))
+    assert table.placement("macvtap0").uplink == "vxlan5001"
+    table.apply(RTM_DELLINK, LinkRecord(ifindex=2, ifname="vxlan5001", kind="vxlan", master=1))
+    assert table.placement("macvtap0").uplink is None
