@@ -1,5 +1,6 @@
 """`python -m bench [--quick] [--only SECTION,...] [--out ...]`; sections: agent, process,
-collector, freshness, scale, lifecycle, memory, api, billing, peers.
+collector, freshness, scale, lifecycle, memory, retention, api, billing,
+peers.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -28,6 +29,7 @@ SECTIONS = (
     "scale",
     "lifecycle",
     "memory",
+    "retention",
     "api",
     "billing",
     "peers",
@@ -163,6 +165,21 @@ def main(argv: list[str] | None = None) -> int:
 
         vms = 300 if quick else 20_000
         results["memory"] = _section("memory", lambda: memory_bench.run(vms=vms, log=_log))
+
+    if "retention" in only:
+        from tests.harness.postgres import Cluster
+
+        from bench import retention_bench
+
+        pg = Cluster().start()
+        try:
+            vms, quarantined = (300, 6000) if quick else (20_000, 200_000)
+            results["retention"] = _section(
+                "retention",
+                lambda: retention_bench.run(pg.dsn, vms=vms, quarantined=quarantined, log=_log),
+            )
+        finally:
+            pg.stop()
 
     if "api" in only:
         from tests.harness.postgres import Cluster

@@ -197,6 +197,40 @@ def memory_section(mem: dict[str, Any]) -> str:
     return head + "\n" + _table(["replica", "resources held", "events held", "RSS MB start -> end"], rows)
 
 
+def retention_section(ret: dict[str, Any]) -> str:
+    if "error" in ret:
+        return f"5c. Retention: FAILED: {ret['error']}"
+    rows = []
+    for name, run in ret["stores"].items():
+        for label, key in (("no pass (baseline)", "baseline"), ("during a prune pass", "during_prune")):
+            lat = run[key]
+            rows.append(
+                [
+                    f"{name}, {label}",
+                    str(lat["chunks"]),
+                    _num(lat["p50_ms"]),
+                    _num(lat["p95_ms"]),
+                    _num(lat["max_ms"]),
+                ]
+            )
+        rows.append(
+            [
+                f"{name}, pass: {run['rows_pruned']:,} rows in {_num(run['prune_seconds'])} s "
+                f"({run['rows_per_s']:,.0f} rows/s)",
+                "",
+                "",
+                f"{run['p95_ratio']:.1f}x",
+                f"{run['max_ratio']:.1f}x",
+            ]
+        )
+    head = (
+        f"5c. Retention: ingestion (chunks of 10 batches x 50 measures) beside a prune pass deleting the "
+        f"events of {ret['vms']:,} closed VMs and {ret['quarantined']:,} quarantined measures, "
+        f"{ret['batch_rows']:,} rows per transaction"
+    )
+    return head + "\n" + _table(["store", "chunks", "p50 ms", "p95 ms", "max ms"], rows)
+
+
 def api_section(api: dict[str, Any]) -> str:
     if "error" in api:
         return f"6. listUsageRecords: FAILED: {api['error']}"
@@ -321,6 +355,7 @@ def render(results: dict[str, Any]) -> str:
         ("scale", scale_section),
         ("lifecycle", lifecycle_section),
         ("memory", memory_section),
+        ("retention", retention_section),
         ("api", api_section),
         ("billing", billing_section),
         ("peers", lambda peers: peers_report.section(peers, _table, _num)),

@@ -18,6 +18,7 @@ from bench import (
     lifecycle_bench,
     memory_bench,
     report,
+    retention_bench,
 )
 
 NICS = 6
@@ -129,3 +130,14 @@ def test_billing_bench_runs_on_a_tiny_size(tmp_path: Path) -> None:
     text = report.render({"meta": META, "billing": {"throughput": throughput, "costs": costs}})
     assert "7. Rating" in text
     assert "/v1/costs for one account over a month of hourly records < 50 ms" in text
+
+
+@pytest.mark.pg
+def test_retention_bench_runs_on_a_tiny_size(pg_database: str) -> None:
+    out = retention_bench.run(pg_database, vms=50, quarantined=600, log=lambda _: None)
+    for run in out["stores"].values():  # raises inside if the pass did not delete the whole month
+        assert run["rows_pruned"] == 2 * 50 + 600
+        assert run["baseline"]["chunks"] == 40
+        assert run["during_prune"]["chunks"] >= 1
+    text = report.render({"meta": META, "retention": out})
+    assert "5c. Retention" in text
