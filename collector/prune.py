@@ -66,16 +66,17 @@ class Pruner:
         if not self.store.is_postgres:  # SQLite: one writer at a time anyway, pages interleave
             yield
             return
+        # A session lock, held across the pass's transactions (each on a connection of its own).
         with self.store.engine.connect() as conn:
-            got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": PRUNE_LOCK}).scalar()
-            conn.commit()
+            with conn.begin():
+                got = conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": PRUNE_LOCK}).scalar()
             if not got:
                 raise Busy("another pruning pass holds this store")
             try:
                 yield
             finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PRUNE_LOCK})
-                conn.commit()
+                with conn.begin():
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PRUNE_LOCK})
 
     def _prune(self, kind: str, cutoff: int, now: int, counts: dict[str, int], *, dry_run: bool) -> None:
         if kind == "lifecycle_events":
