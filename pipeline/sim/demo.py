@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import os
 import secrets
 import shutil
@@ -205,6 +206,19 @@ class Pipeline:
             time.sleep(0.2)
         raise click.ClickException(f"the pipeline's API did not come up:\n{self.log.read_text()[-3000:]}")
 
+    def costs_line(self) -> str:
+        """Each account's cost this month as the running pipeline's /v1/costs answers it."""
+        req = urllib.request.Request(
+            f"{self.url}/v1/costs", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read())
+        costs = ", ".join(
+            f"{ACCOUNTS.get(m['account'], m['account'] or '(unattributed)')} {m['cost']}"
+            for m in body["accounts"]
+        )
+        return f"  /v1/costs of the running pipeline ({body['currency']}): {costs}"
+
     def polls(self) -> int:
         with contextlib.suppress(Exception):
             return sum(self.store.marks().values())
@@ -287,6 +301,7 @@ def demo(seconds: float, workdir: str, linger: float | None, *, real_vms: bool, 
         click.echo("  traffic stopped; letting the pipeline poll and apply the last bytes")
         time.sleep(3 * POLL_SECONDS)
         click.echo(_summary(pipeline.store, cloud, start_ms, work / "tariff.toml"))
+        click.echo(pipeline.costs_line())
         today = dt.datetime.now(dt.UTC).date()
         days = f"{today}", f"{today + dt.timedelta(days=1)}"
         click.echo(f"\nAPI (running): {pipeline.url}/v1/usage?start={days[0]}&end={days[1]}&format=csv")

@@ -55,3 +55,10 @@ def test_demo_meters_its_cloud_exactly(tmp_path: Path) -> None:
     costs = re.findall(r"^\s+(alice|bob)\s+(\d) \w+\s+[\d.]+ (?:hours|bytes)\s+(\d+\.\d{6})$", text, re.M)
     for account, total in totals.items():
         assert sum(Decimal(c) for a, _, c in costs if a == account) == Decimal(total)
+    # The running all-in-one ([billing] tariff_file in its config) answers the same on /v1/costs.
+    served = dict(
+        re.findall(r"(alice|bob) (\d+\.\d{6})", text.split("/v1/costs of the running pipeline (EUR):")[1])
+    )
+    assert set(served) == set(totals)
+    for account, total in totals.items():  # asked a moment later: a tick may have added seconds of VM time
+        assert Decimal(0) <= Decimal(served[account]) - Decimal(total) < Decimal("0.001"), (served, totals)
