@@ -28,6 +28,7 @@ from kvmeter.collector import (
     api_cloudstack,
     api_corrections,
     api_costs,
+    api_credits,
     api_dead_letters,
     api_errors,
     api_usage,
@@ -35,6 +36,7 @@ from kvmeter.collector import (
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
 from kvmeter.collector.billing.tariff_file import TariffSource
+from kvmeter.collector.balance_watch import BalanceBook
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
@@ -59,12 +61,14 @@ def create_app(
     webhook: WebhookInput | None = None,
     settings: Settings | None = None,
     tariffs: TariffSource | None = None,
+    balances: BalanceBook | None = None,
 ) -> Flask:
     """auth: who may ask (default: the operator token and {api key: secret key} given here, the
     credentials minted in the store, anyone while there is none); status: the consumer's state
     for /health (503 while it is failing); settings: the collector's, which dead-letter retries
     run under (none: no retries over the API); tariffs: the tariff costs are rated under (none:
-    /v1/costs says costs are not enabled)."""
+    /v1/costs says costs are not enabled); balances: credits minus costs for /v1/balances
+    (none: that route says costs are not enabled; /v1/credits works all the same)."""
     app = Flask("kvmeter.collector", static_folder=None)  # no /static route: nothing to serve
     registry = metrics.registry if metrics is not None else None
     if auth is None:
@@ -131,6 +135,7 @@ def create_app(
     api_corrections.register(app, store)
     api_dead_letters.register(app, store, None if settings is None else Redriver(store, settings))
     api_costs.register(app, store, tariffs)
+    api_credits.register(app, store, balances)
 
     return app
 
@@ -248,6 +253,7 @@ def serve(
     webhook: WebhookInput | None = None,
     settings: Settings | None = None,
     tariffs: TariffSource | None = None,
+    balances: BalanceBook | None = None,
 ) -> ApiServer:
     """Build the server; the caller runs it (in a thread next to the consumer). credentials:
     the configured ones (default: token and cloudstack_keys, operator-wide). Raises
@@ -257,6 +263,13 @@ def serve(
     auth = authenticator(store, credentials, loopback=is_loopback(host))
     require_credentials(host, has_credentials=auth.has_credentials())
     app = create_app(
-        store, metrics=metrics, status=status, auth=auth, webhook=webhook, settings=settings, tariffs=tariffs
+        store,
+        metrics=metrics,
+        status=status,
+        auth=auth,
+        webhook=webhook,
+        settings=settings,
+        tariffs=tariffs,
+        balances=balances,
     )
     return ApiServer(app, host, port)

@@ -19,6 +19,7 @@ from typing import Any
 from kvmeter.collector import credentials
 from kvmeter.collector.billing.tariff import Tariff
 from kvmeter.collector.billing.tariff_file import BILLING_SCHEMA, billing_section
+from kvmeter.collector.config_balances import BALANCES_SCHEMA, BalancesConfig, balances_config
 from kvmeter.collector.config_cloudstack import CLOUDSTACK_SCHEMA, CloudStackConfig, cloudstack_config
 from kvmeter.collector.config_handoff import HANDOFF_SCHEMA, HandoffConfig, handoff_config
 from kvmeter.collector.config_retention import RETENTION_SCHEMA, retention_policy
@@ -109,6 +110,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {"max_event_bytes": {"type": "integer", "minimum": 1024, "maximum": 1 << 30}},
         },
         "cloudstack": CLOUDSTACK_SCHEMA,
+        "balances": BALANCES_SCHEMA,
         "policy": POLICY_SCHEMA,
         "retention": RETENTION_SCHEMA,
         "billing": BILLING_SCHEMA,
@@ -176,6 +178,7 @@ class CollectorConfig:
     tariff: Tariff | None = None  # [billing] tariff_file: costs are rated under it; None: no costs
     tariff_file: Path | None = None
     handoff: HandoffConfig | None = None  # [handoff]: billable items to a topic / webhook; None: none
+    balances: BalancesConfig | None = None  # [balances]: low-balance alerts; None: none
 
 
 def load(path: str | Path) -> CollectorConfig:
@@ -225,6 +228,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
     tariff, tariff_file = billing_section(doc.get("billing"), base, billable, problems)
     bootstrap = kafka.get("bootstrap", "") if isinstance(kafka, dict) else ""
     handoff = handoff_config(doc.get("handoff"), bootstrap, base, problems)
+    balances = balances_config(doc.get("balances"), problems)
     if problems:
         raise ConfigError(source, problems)
     return CollectorConfig(
@@ -271,6 +275,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         tariff=tariff,
         tariff_file=tariff_file,
         handoff=handoff,
+        balances=balances,
     )
 
 

@@ -101,6 +101,12 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.balance_alerts = Counter(
+            "kvmeter_balance_alerts", "Low-balance alerts raised, one per crossing", ["account"], registry=r
+        )
+        self.balance_webhook_failures = Counter(
+            "kvmeter_balance_webhook_failures", "Balance alert deliveries given up for a round", registry=r
+        )
         # route: the URL rule matched ("unmatched" for a 404), a bounded set of label values.
         self.api_responses = Counter(
             "kvmeter_api_responses", "HTTP API responses by route and status", ["route", "code"], registry=r

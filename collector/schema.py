@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector import schema_outbox, schema_policy
+from kvmeter.collector import schema_credits, schema_outbox, schema_policy
 from kvmeter.proto import pb
 
 metadata = sa.MetaData()
@@ -433,5 +433,5 @@ MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
     (11, _migration_11), (12, _migration_12), (14, _migration_14), (15, _migration_15),
-    (17, _migration_17),
+    (16, schema_credits.migration_16), (17, _migration_17),
 ]  # fmt: skip

@@ -30,6 +30,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "credentials",
         "Mint, list and revoke the API's credentials.",
     ),
+    "credits": (
+        "kvmeter.collector.cli_credits",
+        "credits",
+        "Add and list credits (balance = credits - costs).",
+    ),
     "dead-letters": (
         "kvmeter.collector.cli_dead_letters",
         "dead_letters",

@@ -1,0 +1,108 @@
+"""Credits and balances on the API.
+
+    POST /v1/credits   {"account", "amount": "25.00", "note"?, "currency"?}   operators only
+    GET  /v1/credits?account=                                                 the caller's accounts
+    GET  /v1/balances?account=                                                the caller's accounts
+
+A credit is in the tariff's currency (a different one is refused); without a tariff it names its
+currency, and an account's credits all share the first one's. A balance is the account's credits
+minus its costs (balance_watch.BalanceBook), with its threshold and whether it is below it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from kvmeter.collector import api_params, report
+from kvmeter.collector.api_auth import current_principal
+from kvmeter.collector.api_errors import error
+from kvmeter.collector.api_params import BadRequest
+from kvmeter.collector.api_usage import visible_accounts
+from kvmeter.collector.balance_watch import BalanceBook
+from kvmeter.collector.money_input import credit_amount, currency_code
+from kvmeter.collector.store import Store
+from kvmeter.collector.store import credits as stored
+
+MAX_ROWS = 10_000
+MAX_NOTE = 500
+
+
+def credit_dict(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "amount": str(row["amount"]), "created": report.iso(row["created_ms"])}
+
+
+def register(app: Flask, store: Store, book: BalanceBook | None) -> None:
+    @app.post("/v1/credits")
+    def add_credit() -> Response:
+        who = current_principal()
+        if not who.operator:
+            return error(403, "only operator credentials may add credits")
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise BadRequest('the body must be a JSON object: {"account": ..., "amount": "25.00"}')
+        unknown = sorted(set(body) - {"account", "amount", "note", "currency"})
+        if unknown:
+            raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+        account = body.get("account")
+        if not isinstance(account, str) or api_params.name(account, "account", max_len=64) is None:
+            raise BadRequest("account must be the account's uuid")
+        note = body.get("note", "")
+        if not isinstance(note, str) or len(note) > MAX_NOTE or not note.isprintable():
+            raise BadRequest(f"note must be at most {MAX_NOTE} printable characters")
+        try:
+            amount = credit_amount(body.get("amount"))
+            given = None if body.get("currency") is None else currency_code(body["currency"])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        tariff = book.tariff() if book is not None else None
+        currency = tariff.currency if tariff is not None else given
+        if currency is None:
+            raise BadRequest("currency is needed: this collector rates no tariff to take it from")
+        if given is not None and given != currency:
+            raise BadRequest(f"currency {given} is not the tariff's ({currency})")
+        with store.write() as conn:
+            held = stored.credit_totals(conn, frozenset({account})).get(account)
+            if held is not None and held[1] != currency:
+                return error(409, f"account {account} holds credits in {held[1]}, not {currency}")
+            credit_id = stored.add_credit(
+                conn, account, amount, currency, note, who.name, int(time.time() * 1000)
+            )
+            row = stored.list_credits(conn, frozenset({account}), MAX_ROWS)
+        created = next(r for r in row if r["id"] == credit_id)
+        response = jsonify(credit_dict(created))
+        response.status_code = 201
+        return response
+
+    @app.get("/v1/credits")
+    def list_credits() -> Response:
+        accounts = visible_accounts(api_params.name(request.args.get("account"), "account"))
+        with store.read() as conn:
+            rows = stored.list_credits(conn, accounts, MAX_ROWS)
+        return jsonify({"count": len(rows), "credits": [credit_dict(r) for r in rows]})
+
+    @app.get("/v1/balances")
+    def balances() -> Response:
+        accounts = visible_accounts(api_params.name(request.args.get("account"), "account"))
+        if book is None or book.tariff() is None:
+            return error(404, "balances need costs: this collector rates no tariff ([billing] tariff_file)")
+        found = book.balances(accounts, int(time.time() * 1000))
+        return jsonify(
+            {
+                "count": len(found),
+                "balances": [
+                    {
+                        "account": b.account,
+                        "currency": b.currency,
+                        "credits": str(b.credits),
+                        "costs": str(b.costs),
+                        "balance": str(b.balance),
+                        "threshold": None if b.threshold is None else str(b.threshold),
+                        "below_threshold": b.below,
+                    }
+                    for b in found
+                ],
+            }
+        )

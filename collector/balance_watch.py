@@ -1,0 +1,242 @@
+"""Balances from the store, the periodic evaluation that raises low-balance alerts, and their
+webhook delivery.
+
+    BalanceBook(store, tariff, thresholds).balances(accounts, now_ms) -> [Balance]
+    BalanceBook.evaluate(now_ms) -> [Crossing]      state change and outbox row, one transaction
+    AlertWebhook(url).deliver(store, now_ms)         POST each undelivered alert, tenacity backoff
+    BalanceWatcher(book, webhook, metrics).run(stop) both, every period, in its own thread
+
+Watched accounts are those with credits; an account's costs are summed over every month from the
+one of its first credit through now (billing.months_costs). Nothing here can stop metering: an
+evaluation or a delivery that fails is logged and tried again at the next period.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector as PromCollector
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from kvmeter.collector import balances as core
+from kvmeter.collector.billing import Tariff, month_bounds, months_costs
+from kvmeter.collector.store import Store
+from kvmeter.collector.store import credits as stored
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_ATTEMPTS = 5  # per delivery round; an alert still undelivered waits for the next round
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def months(first_ms: int, now_ms: int) -> Iterator[int]:
+    """The start of every UTC month from first_ms's through now_ms's."""
+    start, _ = month_bounds(first_ms)
+    while start <= now_ms:
+        yield start
+        start = month_bounds(start)[1]
+
+
+class BalanceBook:
+    """Credits minus costs, under the tariff in force (tariff() None: no costs, no balances)."""
+
+    def __init__(self, store: Store, tariff: Callable[[], Tariff | None], thresholds: core.Thresholds):
+        self.store = store
+        self.tariff = tariff
+        self.thresholds = thresholds
+
+    def balances(self, accounts: frozenset[str] | None, now_ms: int) -> list[core.Balance]:
+        """The balances of these accounts (None: all) that have credits, by account."""
+        tariff = self.tariff()
+        if tariff is None:
+            return []
+        with self.store.read() as conn:
+            totals = stored.credit_totals(conn, accounts)
+        usable = {}
+        for account, (amount, currency, first_ms) in totals.items():
+            if currency != tariff.currency:
+                log.warning("credits of %s are in %s, the tariff's in %s: no balance", account, currency,
+                            tariff.currency)  # fmt: skip
+                continue
+            usable[account] = (amount, first_ms)
+        costs = dict.fromkeys(usable, Decimal(0))
+        if usable:
+            first = min(first_ms for _, first_ms in usable.values())
+            for month in months(first, now_ms):
+                end = month_bounds(month)[1]
+                owing = frozenset(a for a, (_, first_ms) in usable.items() if first_ms < end)
+                for month_cost in months_costs(self.store, tariff, owing, now_ms, month_ms=month):
+                    costs[month_cost.account] += month_cost.cost
+        return [
+            core.Balance(a, tariff.currency, amount, costs[a], self.thresholds.of(a))
+            for a, (amount, _) in sorted(usable.items())
+        ]
+
+    def evaluate(self, now_ms: int) -> list[core.Crossing]:
+        """Every watched account's balance against its threshold: the new crossings, stored with
+        the new state in one transaction (once per crossing, whichever replica evaluates)."""
+        watched = [b for b in self.balances(None, now_ms) if b.threshold is not None]
+        postgres = self.store.is_postgres
+        with self.store.write() as conn:
+            before = stored.lock_states(conn, [b.account for b in watched], postgres=postgres)
+            raised = core.crossings(watched, before)
+            stored.save_states(conn, watched, now_ms, postgres=postgres)
+            stored.add_alerts(conn, raised, now_ms)
+        for x in raised:
+            log.warning("balance of %s is %s %s, below its threshold %s", x.account, x.balance, x.currency,
+                        x.threshold)  # fmt: skip
+        return raised
+
+
+def alert_body(alert: dict[str, object]) -> dict[str, object]:
+    crossed = dt.datetime.fromtimestamp(int(alert["crossed_ms"]) / 1000, dt.UTC)  # type: ignore[call-overload]
+    return {
+        "id": alert["id"],
+        "event": "balance.below_threshold",
+        "account": alert["account"],
+        "balance": alert["balance"],
+        "threshold": alert["threshold"],
+        "currency": alert["currency"],
+        "crossed_at": crossed.isoformat().replace("+00:00", "Z"),
+    }
+
+
+def idempotency_key(alert_id: object) -> str:
+    return f"kvmeter-balance-alert-{alert_id}"
+
+
+class AlertWebhook:
+    """POSTs each undelivered alert as JSON with `Idempotency-Key: kvmeter-balance-alert-<id>`
+    (a receiver deduplicates by it: a replica may deliver an alert another already did); any
+    2xx is an acknowledgement. Retried with exponential backoff (tenacity)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 10.0, attempts: int = WEBHOOK_ATTEMPTS,
+                 backoff_s: float = 0.5, max_wait_s: float = 30.0):  # fmt: skip
+        self.url = url
+        self.timeout_s = timeout_s
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+        self.max_wait_s = max_wait_s
+
+    def _post(self, body: dict[str, object]) -> None:
+        request = urllib.request.Request(
+            self.url,
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Idempotency-Key": idempotency_key(body["id"])},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            exc.close()  # its connection, not left to the garbage collector
+            raise OSError(f"webhook answered {exc.code}") from None
+        if not 200 <= status < 300:
+            raise OSError(f"webhook answered {status}")
+
+    def deliver(self, store: Store, now_ms: Callable[[], int] = _now_ms) -> tuple[int, int]:
+        """(delivered, failed) of the alerts undelivered so far."""
+        with store.read() as conn:
+            pending = stored.undelivered(conn)
+        delivered = failed = 0
+        for alert in pending:
+            body = alert_body(alert)
+            retrying = Retrying(
+                stop=stop_after_attempt(self.attempts),
+                wait=wait_exponential(multiplier=self.backoff_s, max=self.max_wait_s),
+                retry=retry_if_exception_type((OSError, urllib.error.URLError)),
+                reraise=True,
+            )
+            tries = 0
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        tries += 1
+                        self._post(body)
+            except OSError as exc:
+                failed += 1
+                log.warning("balance alert %s not delivered after %d attempt(s): %s", alert["id"], tries, exc)
+                with store.write() as conn:
+                    stored.count_attempts(conn, {int(alert["id"]): tries})
+                continue
+            delivered += 1
+            with store.write() as conn:
+                stored.mark_delivered(conn, int(alert["id"]), now_ms())
+                stored.count_attempts(conn, {int(alert["id"]): tries})
+        return delivered, failed
+
+
+class BalanceGauges(PromCollector):
+    """From the store on each scrape (every replica reports the shared truth): each watched
+    account's balance at the last evaluation and whether it is below its threshold."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            with self.store.read() as conn:
+                rows = stored.states(conn)
+        except Exception as exc:  # a scrape must not fail because the database is down
+            log.warning("balance gauges unavailable: %s", exc)
+            return
+        below = GaugeMetricFamily(
+            "kvmeter_balance_below_threshold", "1 while the account's balance is below its threshold",
+            labels=["account"],
+        )  # fmt: skip
+        balance = GaugeMetricFamily(
+            "kvmeter_balance", "Credits minus costs at the last evaluation", labels=["account", "currency"]
+        )
+        for row in rows:
+            below.add_metric([row["account"]], 1.0 if row["below"] else 0.0)
+            balance.add_metric([row["account"], row["currency"]], float(Decimal(row["balance"])))
+        yield below
+        yield balance
+
+
+class BalanceWatcher:
+    """Evaluates every `period_s` and delivers the alerts; counts them in Prometheus."""
+
+    def __init__(self, book: BalanceBook, webhook: AlertWebhook | None, alerts: Counter, failures: Counter,
+                 *, period_s: float = 60.0, clock: Callable[[], int] = _now_ms):  # fmt: skip
+        self.book = book
+        self.webhook = webhook
+        self.alerts = alerts
+        self.failures = failures
+        self.period_s = period_s
+        self.clock = clock
+
+    def once(self) -> list[core.Crossing]:
+        raised = self.book.evaluate(self.clock())
+        for x in raised:
+            self.alerts.labels(x.account).inc()
+        if self.webhook is not None:
+            _, failed = self.webhook.deliver(self.book.store, self.clock)
+            self.failures.inc(failed)
+        return raised
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.once()
+            except Exception:  # never the pipeline's problem: logged, tried again next period
+                log.exception("balance evaluation failed")
+            stop.wait(self.period_s)
+
+    def start(self) -> threading.Event:
+        stop = threading.Event()
+        threading.Thread(target=self.run, args=(stop,), name="balances", daemon=True).start()
+        return stop

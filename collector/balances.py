@@ -1,0 +1,65 @@
+"""Balances and low-balance crossings. Pure: credits, costs, thresholds and the last state in;
+balances, the new state and the crossings out.
+
+An account's balance is its credits minus its costs (billing.months_costs: rated from usage,
+every month from the one of its first credit through now). It is *below* when it is under the
+account's threshold (its own, else the default). A crossing is the change from not below (or
+never evaluated) to below: it raises one alert. Staying below raises nothing more; a credit that
+lifts the balance to the threshold or above re-arms it, so the next fall is a new crossing.
+Metering and billing never look at a balance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """default: for every account with credits (None: only accounts named here are watched)."""
+
+    default: Decimal | None = None
+    accounts: Mapping[str, Decimal] = field(default_factory=dict)
+
+    def of(self, account: str) -> Decimal | None:
+        return self.accounts.get(account, self.default)
+
+
+@dataclass(frozen=True)
+class Balance:
+    account: str
+    currency: str
+    credits: Decimal
+    costs: Decimal
+    threshold: Decimal | None
+
+    @property
+    def balance(self) -> Decimal:
+        return self.credits - self.costs
+
+    @property
+    def below(self) -> bool:
+        return self.threshold is not None and self.balance < self.threshold
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """The balance fell below the threshold (one alert)."""
+
+    account: str
+    balance: Decimal
+    threshold: Decimal
+    currency: str
+
+
+def crossings(balances: list[Balance], below_before: Mapping[str, bool]) -> list[Crossing]:
+    """The balances that are below now and were not at the last evaluation (or never were
+    evaluated); an account without a threshold never crosses."""
+    out = []
+    for b in balances:
+        if b.below and not below_before.get(b.account, False):
+            assert b.threshold is not None
+            out.append(Crossing(b.account, b.balance, b.threshold, b.currency))
+    return out

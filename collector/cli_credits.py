@@ -1,0 +1,96 @@
+"""`kvmeter credits add|list`: money added to accounts, the balances' other half.
+
+The store comes from --db or the config's [store] url. A credit is in the tariff's currency
+when the config names a tariff, else in --currency; an account's credits share one currency.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from kvmeter.collector.api_credits import credit_dict
+from kvmeter.collector.cli_dead_letters import _cfg, _config, _db, _fmt, _store, _table
+from kvmeter.collector.money_input import credit_amount, currency_code
+from kvmeter.collector.store import credits as stored
+
+
+@click.group("credits")
+def credits() -> None:
+    """Credits added to accounts (balance = credits - costs)."""
+
+
+@credits.command("add")
+@_db
+@_cfg
+@click.option("--account", required=True, help="The account's uuid.")
+@click.option("--amount", required=True, help='A positive decimal, e.g. "25.00".')
+@click.option("--currency", default=None, help="The credit's currency (default: the config's tariff's).")
+@click.option("--note", default="", help="Why (kept with the credit).")
+@_fmt
+def add(
+    db_url: str | None,
+    config_path: str | None,
+    account: str,
+    amount: str,
+    currency: str | None,
+    note: str,
+    fmt: str,
+) -> None:
+    """Add a credit to an account."""
+    cfg = _config(config_path)
+    tariff = getattr(cfg, "tariff", None)
+    try:
+        value = credit_amount(amount)
+        given = None if currency is None else currency_code(currency)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if tariff is not None and given is not None and given != tariff.currency:
+        raise click.BadParameter(
+            f"{given} is not the tariff's currency ({tariff.currency})", param_hint="--currency"
+        )
+    chosen = given or (tariff.currency if tariff is not None else None)
+    if chosen is None:
+        raise click.UsageError("--currency is needed: the config names no tariff to take it from")
+    if not account or not account.isprintable() or len(account) > 64:
+        raise click.BadParameter("the account's uuid", param_hint="--account")
+    store = _store(db_url, cfg)
+    try:
+        with store.write() as conn:
+            held = stored.credit_totals(conn, frozenset({account})).get(account)
+            if held is not None and held[1] != chosen:
+                raise click.ClickException(f"account {account} holds credits in {held[1]}, not {chosen}")
+            credit_id = stored.add_credit(conn, account, value, chosen, note, "cli", int(time.time() * 1000))
+            row = next(
+                r for r in stored.list_credits(conn, frozenset({account}), 10_000) if r["id"] == credit_id
+            )
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(credit_dict(row), indent=2))
+    else:
+        click.echo(f"credit {credit_id}: {row['amount']} {chosen} to {account}")
+
+
+@credits.command("list")
+@_db
+@_cfg
+@click.option("--account", default=None, help="Only this account's.")
+@_fmt
+def list_credits(db_url: str | None, config_path: str | None, account: str | None, fmt: str) -> None:
+    """Credits, oldest first."""
+    store = _store(db_url, _config(config_path))
+    try:
+        with store.read() as conn:
+            rows = stored.list_credits(conn, None if account is None else frozenset({account}), 10_000)
+    finally:
+        store.close()
+    docs = [credit_dict(r) for r in rows]
+    if fmt == "json":
+        click.echo(json.dumps(docs, indent=2))
+        return
+    columns = ("account", "amount", "currency", "created", "created_by", "note")
+    table = [(str(d["id"]), *(str(d[c]) for c in columns)) for d in docs]
+    click.echo(_table(("id", *columns), table))

@@ -1,0 +1,142 @@
+"""Credits, balance state and the low-balance alerts' outbox (schema_credits), read and written
+inside the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector.balances import Balance, Crossing
+from kvmeter.collector.schema_credits import balance_alerts, balance_state, credits
+
+
+def add_credit(
+    conn: Connection, account: str, amount: Decimal, currency: str, note: str, by: str, now_ms: int
+) -> int:
+    row = {"account": account, "amount": str(amount), "currency": currency, "note": note}
+    result = conn.execute(sa.insert(credits).values(**row, created_by=by, created_ms=now_ms))
+    key = result.inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+def list_credits(conn: Connection, accounts: frozenset[str] | None, limit: int) -> list[dict[str, Any]]:
+    c = credits.c
+    query = sa.select(c.id, c.account, c.amount, c.currency, c.note, c.created_by, c.created_ms)
+    if accounts is not None:
+        query = query.where(c.account.in_(sorted(accounts)))
+    rows = conn.execute(query.order_by(c.id).limit(limit)).mappings()
+    return [{**row, "amount": Decimal(row["amount"])} for row in rows]
+
+
+def credit_totals(conn: Connection, accounts: frozenset[str] | None) -> dict[str, tuple[Decimal, str, int]]:
+    """{account: (credits in `currency`, currency, first credit's time)}. Credits in another
+    currency than the account's first are refused when added (api_credits), never mixed."""
+    c = credits.c
+    query = sa.select(c.account, c.amount, c.currency, c.created_ms)
+    if accounts is not None:
+        query = query.where(c.account.in_(sorted(accounts)))
+    out: dict[str, tuple[Decimal, str, int]] = {}
+    for row in conn.execute(query.order_by(c.id)):
+        account, amount, currency, created = str(row[0]), str(row[1]), str(row[2]), int(row[3])
+        total, first_currency, first_ms = out.get(account, (Decimal(0), currency, created))
+        if currency == first_currency:
+            out[account] = (total + Decimal(amount), first_currency, first_ms)
+    return out
+
+
+UNEVALUATED = {"below": False, "balance": "0", "threshold": "", "currency": "", "evaluated_ms": 0}
+
+
+def lock_states(conn: Connection, accounts: Iterable[str], *, postgres: bool) -> dict[str, bool]:
+    """{account: below at the last evaluation}, rows locked until commit (PostgreSQL; SQLite's
+    writer is alone anyway) so two replicas evaluating at once raise one alert."""
+    names = sorted(set(accounts))
+    if not names:
+        return {}
+    s = balance_state.c
+    if postgres:
+        stmt = postgresql.insert(balance_state).on_conflict_do_nothing(index_elements=["account"])
+        conn.execute(
+            stmt,
+            [{**UNEVALUATED, "account": a} for a in names],
+        )
+    query = sa.select(s.account, s.below).where(s.account.in_(names))
+    if postgres:
+        query = query.order_by(s.account).with_for_update()
+    return {row[0]: bool(row[1]) for row in conn.execute(query)}
+
+
+def save_states(conn: Connection, balances: list[Balance], now_ms: int, *, postgres: bool) -> None:
+    if not balances:
+        return
+    rows = [
+        {
+            "account": b.account,
+            "below": b.below,
+            "balance": str(b.balance),
+            "threshold": "" if b.threshold is None else str(b.threshold),
+            "currency": b.currency,
+            "evaluated_ms": now_ms,
+        }
+        for b in balances
+    ]
+    insert = postgresql.insert(balance_state) if postgres else sqlite.insert(balance_state)
+    changed = {k: insert.excluded[k] for k in ("below", "balance", "threshold", "currency", "evaluated_ms")}
+    conn.execute(insert.on_conflict_do_update(index_elements=["account"], set_=changed), rows)
+
+
+def add_alerts(conn: Connection, raised: list[Crossing], now_ms: int) -> None:
+    if raised:
+        conn.execute(
+            sa.insert(balance_alerts),
+            [
+                {
+                    "account": x.account,
+                    "balance": str(x.balance),
+                    "threshold": str(x.threshold),
+                    "currency": x.currency,
+                    "crossed_ms": now_ms,
+                    "attempts": 0,
+                }
+                for x in raised
+            ],
+        )
+
+
+def states(conn: Connection) -> list[dict[str, Any]]:
+    s = balance_state.c
+    query = sa.select(s.account, s.below, s.balance, s.threshold, s.currency, s.evaluated_ms)
+    return [dict(row) for row in conn.execute(query.where(s.evaluated_ms > 0).order_by(s.account)).mappings()]
+
+
+def undelivered(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
+    a = balance_alerts.c
+    query = sa.select(a.id, a.account, a.balance, a.threshold, a.currency, a.crossed_ms).where(
+        a.delivered_ms.is_(None)
+    )
+    return [dict(row) for row in conn.execute(query.order_by(a.id).limit(limit)).mappings()]
+
+
+def alerts(conn: Connection, accounts: frozenset[str] | None) -> list[dict[str, Any]]:
+    a = balance_alerts.c
+    query = sa.select(a.id, a.account, a.balance, a.threshold, a.currency, a.crossed_ms, a.delivered_ms)
+    if accounts is not None:
+        query = query.where(a.account.in_(sorted(accounts)))
+    return [dict(row) for row in conn.execute(query.order_by(a.id)).mappings()]
+
+
+def mark_delivered(conn: Connection, alert_id: int, now_ms: int) -> None:
+    a = balance_alerts.c
+    conn.execute(sa.update(balance_alerts).where(a.id == alert_id).values(delivered_ms=now_ms))
+
+
+def count_attempts(conn: Connection, attempts: Mapping[int, int]) -> None:
+    a = balance_alerts.c
+    for alert_id, n in attempts.items():
+        conn.execute(sa.update(balance_alerts).where(a.id == alert_id).values(attempts=a.attempts + n))
