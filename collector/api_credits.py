@@ -22,16 +22,15 @@ from kvmeter.collector.api_errors import error
 from kvmeter.collector.api_params import BadRequest
 from kvmeter.collector.api_usage import visible_accounts
 from kvmeter.collector.balance_watch import BalanceBook
-from kvmeter.collector.money_input import credit_amount, currency_code
+from kvmeter.collector.money_input import MAX_NOTE, credit_amount, currency_code
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 
 MAX_ROWS = 10_000
-MAX_NOTE = 500
 
 
 def credit_dict(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "amount": str(row["amount"]), "created": report.iso(row["created_ms"])}
+    return {**row, "amount": format(row["amount"], "f"), "created": report.iso(row["created_ms"])}
 
 
 def register(app: Flask, store: Store, book: BalanceBook | None) -> None:
@@ -96,10 +95,10 @@ def register(app: Flask, store: Store, book: BalanceBook | None) -> None:
                     {
                         "account": b.account,
                         "currency": b.currency,
-                        "credits": str(b.credits),
-                        "costs": str(b.costs),
-                        "balance": str(b.balance),
-                        "threshold": None if b.threshold is None else str(b.threshold),
+                        "credits": format(b.credits, "f"),
+                        "costs": format(b.costs, "f"),
+                        "balance": format(b.balance, "f"),
+                        "threshold": None if b.threshold is None else format(b.threshold, "f"),
                         "below_threshold": b.below,
                     }
                     for b in found

@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+import re
+from decimal import Decimal
 
 MAX_PLACES = 12  # a tariff's prices have at most 12 decimal places
 MAX_DIGITS = 15  # before the point: beyond any account's credit
+AMOUNT = re.compile(rf"[0-9]{{1,{MAX_DIGITS}}}(\.[0-9]{{1,{MAX_PLACES}}})?")
+CURRENCY = re.compile("[A-Za-z]{3,8}")
+MAX_NOTE = 500  # characters of a credit's note
 
 
 def credit_amount(text: object, *, zero: bool = False) -> Decimal:
-    """The amount (zero allowed only when asked), or ValueError saying why not (a float is
-    refused: money is typed as text)."""
-    if isinstance(text, bool) or not isinstance(text, (str, int)):
-        raise ValueError(f'amount must be a decimal number written as a string, e.g. "25.00", not {text!r}')
-    raw = str(text).strip()
-    try:
-        amount = Decimal(raw)
-    except InvalidOperation:
-        raise ValueError(f"amount must be a decimal number, not {raw[:40]!r}") from None
-    if not amount.is_finite() or amount < 0 or (amount == 0 and not zero):
-        kind = "zero or a positive" if zero else "a positive"
-        raise ValueError(f"amount must be {kind} decimal number, not {raw[:40]!r}")
-    exponent = amount.as_tuple().exponent
-    assert isinstance(exponent, int)
-    if -exponent > MAX_PLACES or amount.adjusted() >= MAX_DIGITS:
+    """The amount (zero allowed only when asked), or ValueError saying why not. Only plain
+    decimal text ("25", "25.00"): a JSON number is refused (money is never a float), and so is
+    what Decimal alone would take (exponents, underscores, "Infinity")."""
+    if not isinstance(text, str) or not AMOUNT.fullmatch(text):
         raise ValueError(
-            f"amount must have at most {MAX_DIGITS} digits before the point and {MAX_PLACES} after"
+            f"amount must be a decimal written as a string, at most {MAX_DIGITS} digits before the point "
+            f'and {MAX_PLACES} after (e.g. "25.00"), not {str(text)[:40]!r}'
         )
+    amount = Decimal(text)
+    if amount == 0 and not zero:
+        raise ValueError(f"amount must be positive, not {text!r}")
     return amount
 
 
 def currency_code(text: object) -> str:
-    if not isinstance(text, str) or not (3 <= len(text) <= 8 and text.isascii() and text.isalpha()):
+    if not isinstance(text, str) or not CURRENCY.fullmatch(text):
         raise ValueError(f"currency must be a code of 3 to 8 letters (e.g. EUR), not {text!r}")
     return text.upper()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvmeter.collector import openapi_credits
 from kvmeter.collector.api_params import (
     DEFAULT_PAGE,
     MAX_CURSOR,
@@ -542,6 +543,8 @@ def document(*, webhook: bool = False) -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+    doc["paths"].update(openapi_credits.paths(_PARAMS["account"], _ERRORS, _error, _json))  # type: ignore[attr-defined]
+    doc["components"]["schemas"] = {**SCHEMAS, **openapi_credits.SCHEMAS}  # type: ignore[index]
     if webhook:
         doc["paths"][WEBHOOK_PATH] = _webhook()  # type: ignore[index]
     return doc

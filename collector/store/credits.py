@@ -18,7 +18,7 @@ from kvmeter.collector.schema_credits import balance_alerts, balance_state, cred
 def add_credit(
     conn: Connection, account: str, amount: Decimal, currency: str, note: str, by: str, now_ms: int
 ) -> int:
-    row = {"account": account, "amount": str(amount), "currency": currency, "note": note}
+    row = {"account": account, "amount": format(amount, "f"), "currency": currency, "note": note}
     result = conn.execute(sa.insert(credits).values(**row, created_by=by, created_ms=now_ms))
     key = result.inserted_primary_key
     assert key is not None
@@ -79,8 +79,8 @@ def save_states(conn: Connection, balances: list[Balance], now_ms: int, *, postg
         {
             "account": b.account,
             "below": b.below,
-            "balance": str(b.balance),
-            "threshold": "" if b.threshold is None else str(b.threshold),
+            "balance": format(b.balance, "f"),
+            "threshold": "" if b.threshold is None else format(b.threshold, "f"),
             "currency": b.currency,
             "evaluated_ms": now_ms,
         }
@@ -98,8 +98,8 @@ def add_alerts(conn: Connection, raised: list[Crossing], now_ms: int) -> None:
             [
                 {
                     "account": x.account,
-                    "balance": str(x.balance),
-                    "threshold": str(x.threshold),
+                    "balance": format(x.balance, "f"),
+                    "threshold": format(x.threshold, "f"),
                     "currency": x.currency,
                     "crossed_ms": now_ms,
                     "attempts": 0,

@@ -1,0 +1,109 @@
+"""The OpenAPI description of /v1/credits and /v1/balances (api_credits), merged into
+openapi.document()."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvmeter.collector.money_input import AMOUNT, CURRENCY, MAX_NOTE
+
+_STR = {"type": "string"}
+_MONEY = {"type": "string", "description": "An exact decimal amount, as text."}
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": list(properties) if required is None else required,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+SCHEMAS: dict[str, Any] = {
+    "NewCredit": _object(
+        {
+            "account": {"type": "string", "minLength": 1, "maxLength": 64, "description": "Account uuid."},
+            "amount": {"type": "string", "pattern": f"^{AMOUNT.pattern}$", "description": 'e.g. "25.00".'},
+            "currency": {
+                "type": "string",
+                "pattern": f"^{CURRENCY.pattern}$",
+                "description": "Needed when the collector rates no tariff; else the tariff's or absent.",
+            },
+            "note": {"type": "string", "maxLength": MAX_NOTE},
+        },
+        required=["account", "amount"],
+    ),
+    "Credit": _object(
+        {
+            "id": {"type": "integer"},
+            "account": _STR,
+            "amount": _MONEY,
+            "currency": _STR,
+            "note": _STR,
+            "created_by": {**_STR, "description": "The credential that added it (`cli` from the CLI)."},
+            "created_ms": {"type": "integer"},
+            "created": _STR,
+        }
+    ),
+    "CreditList": _object(
+        {
+            "count": {"type": "integer"},
+            "credits": {"type": "array", "items": {"$ref": "#/components/schemas/Credit"}},
+        }
+    ),
+    "Balance": _object(
+        {
+            "account": _STR,
+            "currency": _STR,
+            "credits": _MONEY,
+            "costs": {**_MONEY, "description": "Every month's from the one of the first credit."},
+            "balance": {**_MONEY, "description": "credits - costs"},
+            "threshold": {
+                "type": ["string", "null"],
+                "description": "The account's or the default; null: none.",
+            },
+            "below_threshold": {"type": "boolean"},
+        }
+    ),
+    "BalanceList": _object(
+        {
+            "count": {"type": "integer"},
+            "balances": {"type": "array", "items": {"$ref": "#/components/schemas/Balance"}},
+        }
+    ),
+}
+
+
+def paths(account: dict[str, Any], errors: dict[str, Any], error: Any, json: Any) -> dict[str, Any]:
+    """account: the `account` query parameter; errors: the common error answers; error(text) and
+    json(schema): openapi's helpers."""
+    return {
+        "/v1/credits": {
+            "get": {
+                "summary": "Credits added to the caller's accounts, oldest first",
+                "parameters": [account],
+                "responses": {"200": {"description": "Credits.", "content": json("CreditList")}, **errors},
+            },
+            "post": {
+                "summary": "Add a credit to an account (operator credentials only)",
+                "requestBody": {"required": True, "content": json("NewCredit")},
+                "responses": {
+                    "201": {"description": "The credit added.", "content": json("Credit")},
+                    "409": error("The account holds credits in another currency."),
+                    **errors,
+                },
+            },
+        },
+        "/v1/balances": {
+            "get": {
+                "summary": "Credits minus costs of the caller's accounts that have credits",
+                "parameters": [account],
+                "responses": {
+                    "200": {"description": "Balances.", "content": json("BalanceList")},
+                    "404": error("This collector rates no tariff: no costs, no balances."),
+                    **errors,
+                },
+            }
+        },
+    }
