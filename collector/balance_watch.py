@@ -30,6 +30,8 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from kvmeter.collector import balances as core
 from kvmeter.collector.billing import Tariff, month_bounds, months_costs
+from kvmeter.collector.config_balances import BalancesConfig
+from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 
@@ -240,3 +242,23 @@ class BalanceWatcher:
         stop = threading.Event()
         threading.Thread(target=self.run, args=(stop,), name="balances", daemon=True).start()
         return stop
+
+
+def start(
+    section: BalancesConfig | None, store: Store, metrics: Metrics, tariff: Callable[[], Tariff | None]
+) -> BalanceBook:
+    """The daemons' wiring: the book the API answers /v1/balances from and, with a [balances]
+    section, the watcher thread evaluating it (and the store's balance gauges on /metrics)."""
+    thresholds = section.thresholds if section is not None else core.Thresholds()
+    book = BalanceBook(store, tariff, thresholds)
+    if section is not None:
+        webhook = None
+        if section.webhook_url:
+            webhook = AlertWebhook(section.webhook_url, timeout_s=section.webhook_timeout_s)
+        metrics.registry.register(BalanceGauges(store))
+        counters = (metrics.balance_alerts, metrics.balance_webhook_failures)
+        BalanceWatcher(book, webhook, *counters, period_s=section.evaluate_s).start()
+        log.info("balances: evaluated every %g s, default threshold %s, %d account threshold(s)%s",
+                 section.evaluate_s, thresholds.default, len(thresholds.accounts),
+                 f", alerts to {section.webhook_url}" if webhook else "")  # fmt: skip
+    return book
