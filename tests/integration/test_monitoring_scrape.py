@@ -58,6 +58,8 @@ url = "sqlite:///{tmp_path / "usage.db"}"
 tick_seconds = 1
 [api]
 listen = "127.0.0.1:{api_port}"
+[balances]
+threshold = "1.00"
 """
     )
     daemon = AllInOne(tmp_path, config)
@@ -83,4 +85,4 @@ listen = "127.0.0.1:{api_port}"
     collector_registry = registry_names(Metrics().registry)
     assert collector_registry < served["collector"]
     store_gauges = served["collector"] - collector_registry  # computed from the store at scrape
-    assert all(n.startswith("kvmeter_store_") for n in store_gauges), store_gauges
+    assert all(n.startswith(("kvmeter_store_", "kvmeter_balance")) for n in store_gauges), store_gauges

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from kvmeter.agent.metrics import AgentMetrics
+from kvmeter.collector.balance_watch import BalanceGauges
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
 from tests.monitoring_support import (
@@ -64,6 +65,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
     store.migrate()
     collector = Metrics()
     collector.watch_store(store, lambda: 0)
+    collector.registry.register(BalanceGauges(store))  # with a [balances] section
     try:
         yield {
             "agent": registry_names(AgentMetrics(enabled=True).registry),
