@@ -35,8 +35,8 @@ from kvmeter.collector import (
 )
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
-from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.balance_watch import BalanceBook
+from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
 from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH

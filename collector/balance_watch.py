@@ -244,21 +244,24 @@ class BalanceWatcher:
         return stop
 
 
-def start(
-    section: BalancesConfig | None, store: Store, metrics: Metrics, tariff: Callable[[], Tariff | None]
+def book_for(
+    section: BalancesConfig | None, store: Store, tariff: Callable[[], Tariff | None]
 ) -> BalanceBook:
-    """The daemons' wiring: the book the API answers /v1/balances from and, with a [balances]
-    section, the watcher thread evaluating it (and the store's balance gauges on /metrics)."""
-    thresholds = section.thresholds if section is not None else core.Thresholds()
-    book = BalanceBook(store, tariff, thresholds)
-    if section is not None:
-        webhook = None
-        if section.webhook_url:
-            webhook = AlertWebhook(section.webhook_url, timeout_s=section.webhook_timeout_s)
-        metrics.registry.register(BalanceGauges(store))
-        counters = (metrics.balance_alerts, metrics.balance_webhook_failures)
-        BalanceWatcher(book, webhook, *counters, period_s=section.evaluate_s).start()
-        log.info("balances: evaluated every %g s, default threshold %s, %d account threshold(s)%s",
-                 section.evaluate_s, thresholds.default, len(thresholds.accounts),
-                 f", alerts to {section.webhook_url}" if webhook else "")  # fmt: skip
-    return book
+    """The daemons' book: what /v1/balances answers from, with the [balances] thresholds."""
+    return BalanceBook(store, tariff, section.thresholds if section is not None else core.Thresholds())
+
+
+def watch(section: BalancesConfig | None, book: BalanceBook, metrics: Metrics) -> threading.Event | None:
+    """With a [balances] section: the watcher's thread started (set the event to stop it) and
+    the store's balance gauges on /metrics; without one, nothing."""
+    if section is None:
+        return None
+    webhook = None
+    if section.webhook_url:
+        webhook = AlertWebhook(section.webhook_url, timeout_s=section.webhook_timeout_s)
+    metrics.registry.register(BalanceGauges(book.store))
+    counters = (metrics.balance_alerts, metrics.balance_webhook_failures)
+    log.info("balances: evaluated every %g s, default threshold %s, %d account threshold(s)%s",
+             section.evaluate_s, book.thresholds.default, len(book.thresholds.accounts),
+             f", alerts to {section.webhook_url}" if webhook else "")  # fmt: skip
+    return BalanceWatcher(book, webhook, *counters, period_s=section.evaluate_s).start()

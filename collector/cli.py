@@ -13,8 +13,8 @@ from types import FrameType
 
 import click
 
+from kvmeter.collector import balance_watch, report
 from kvmeter.collector import config as config_mod
-from kvmeter.collector import report
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
@@ -134,6 +134,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     tariffs = None
     if cfg.tariff is not None and cfg.tariff_file is not None:
         tariffs = TariffSource(cfg.tariff, cfg.tariff_file, cfg.settings.billable)
+    book = balance_watch.book_for(cfg.balances, store, lambda: None if tariffs is None else tariffs.current)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)
@@ -157,6 +158,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
                 webhook=webhook,
                 settings=cfg.settings,
                 tariffs=tariffs,
+                balances=book,
             )
         except (NoCredentials, CredentialsError) as exc:
             store.close()
@@ -191,9 +193,12 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     )  # fmt: skip
     if pruning is not None:
         pruning.start()
+    balances = balance_watch.watch(cfg.balances, book, metrics)  # [balances]: low-balance alerts
     try:
         live.run()
     finally:
+        if balances is not None:
+            balances.set()
         if pruning is not None:
             pruning.stop()
         if server is not None:

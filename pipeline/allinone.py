@@ -32,6 +32,7 @@ from typing import Any
 import click
 
 from kvmeter.agent import config as agent_config
+from kvmeter.collector import balance_watch
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.billing.tariff_file import TariffSource
@@ -51,7 +52,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/etc/kvmeter/allinone.toml"
 AGENT_SECTIONS = ("agent", "libvirt", "spool", "deltas", "metrics", "traffic")
-COLLECTOR_SECTIONS = ("store", "usage", "api", "cloudstack", "policy", "retention", "billing", "handoff")
+COLLECTOR_SECTIONS = (
+    "store",
+    "usage",
+    "api",
+    "cloudstack",
+    "policy",
+    "retention",
+    "billing",
+    "handoff",
+    "balances",
+)
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -152,6 +163,11 @@ class AllInOne:
         if cfg.collector.tariff is not None and cfg.collector.tariff_file is not None:
             billable = cfg.collector.settings.billable
             self.tariffs = TariffSource(cfg.collector.tariff, cfg.collector.tariff_file, billable)
+        tariffs = self.tariffs
+        self.watching: threading.Event | None = None  # [balances]: the watcher's, once running
+        self.balances = balance_watch.book_for(
+            cfg.collector.balances, self.store, lambda: None if tariffs is None else tariffs.current
+        )
 
     def idle(self) -> None:
         """The collector's own work between two polls: new lifecycle events, then the tick."""
@@ -172,6 +188,7 @@ class AllInOne:
             metrics=self.metrics,
             settings=self.cfg.collector.settings,
             tariffs=self.tariffs,
+            balances=self.balances,
         )
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
         return self.api.url
@@ -181,6 +198,7 @@ class AllInOne:
         self.feeder.start()
         if self.pruning is not None:
             self.pruning.start()
+        self.watching = balance_watch.watch(self.cfg.collector.balances, self.balances, self.metrics)
         self.idle()  # events already on file first: owners known before the first bytes
         self.agent.start()
         try:
@@ -198,6 +216,8 @@ class AllInOne:
     def close(self) -> None:
         if self.pruning is not None:
             self.pruning.stop()
+        if self.watching is not None:
+            self.watching.set()
         if self.api is not None:
             self.api.close()
         if self.relay is not None:
