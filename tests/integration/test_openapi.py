@@ -84,7 +84,7 @@ def test_the_document_names_exactly_the_routes_and_methods(api: tuple[str, objec
 def test_every_query_parameter_the_code_reads_is_described(api: tuple[str, object]) -> None:
     """Parameters a /v1 handler reads (request.args.get("...")) appear in the document."""
     collector = Path(__file__).parents[2] / "collector"
-    modules = ("api_usage.py", "api_corrections.py", "api_dead_letters.py", "api_costs.py")
+    modules = ("api_usage.py", "api_corrections.py", "api_dead_letters.py", "api_costs.py", "api_credits.py")
     source = "".join((collector / name).read_text() for name in modules)
     described = {p["name"] for item in document()["paths"].values() for op in item.values()
                  for p in op.get("parameters", [])}  # fmt: skip
