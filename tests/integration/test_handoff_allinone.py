@@ -1,0 +1,66 @@
+"""`kvmeter run --all-in-one` from a TOML file with [handoff]: the items waiting in its store's
+outbox reach a real local webhook receiver, and a clean stop leaves nothing pending."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from kvmeter.pipeline.sim.simlibvirt import write_node_xml
+from tests.collector_support import wait_for
+from tests.handoff_support import Receiver, net_per_key
+from tests.integration.test_handoff_front import final_net, outbox
+from tests.integration.test_handoff_relay import fill
+
+
+def test_the_all_in_one_hands_items_off_to_a_webhook(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/usage.db"
+    fill(db).close()  # final records and adjustments, their items pending in the outbox
+    made, pending = outbox(db)
+    assert pending == len(made) == 18
+    uri = write_node_xml(tmp_path / "node.xml", [])  # a host with no VM: only the hand-off works
+    with Receiver(fail_first=1) as receiver:
+        config = tmp_path / "allinone.toml"
+        config.write_text(
+            f"""
+[agent]
+host_id = "aio"
+poll_interval = 1
+state_dir = "{tmp_path}/agent"
+[libvirt]
+uri = "{uri}"
+[metrics]
+enabled = false
+[store]
+url = "{db}"
+[usage]
+tick_seconds = 0.5
+[api]
+enabled = false
+[handoff]
+webhook_url = "{receiver.url}"
+webhook_headers = {{ Authorization = "Bearer aio" }}
+retry_initial_seconds = 0.05
+retry_max_seconds = 0.2
+poll_seconds = 0.2
+"""
+        )
+        log = tmp_path / "allinone.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kvmeter", "run", "--all-in-one", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_for(lambda: set(receiver.deduplicated()) == made, 60, "every item posted", log.read_text)
+            wait_for(lambda: outbox(db)[1] == 0, 30, "the outbox drained", log.read_text)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+        assert code == 0, log.read_text()[-3000:]
+        assert receiver.duplicates() == len(made)  # each refused once, then acknowledged
+        assert net_per_key(receiver.deduplicated()) == final_net(db)[0]
+        assert {h["authorization"] for _, _, h in receiver.posts} == {"Bearer aio"}
