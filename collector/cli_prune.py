@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 
-from kvmeter.collector.cli import DEFAULT_CONFIG, _load_config, _open_store
+from kvmeter.collector.cli import DEFAULT_CONFIG, _open_store
+from kvmeter.collector.cli_dead_letters import _config
 from kvmeter.collector.prune import Busy, Pruner
 from kvmeter.collector.retention import TABLES
 
 
 @click.command()
 @click.option(
-    "--config", "config_path", default=DEFAULT_CONFIG, show_default=True, help="Collector TOML ([retention])."
+    "--config",
+    "config_path",
+    default=None,
+    help=f"collector.toml or allinone.toml ([retention]; default {DEFAULT_CONFIG} when it exists).",
 )
 @click.option("--db", "db_url", default=None, help="Store URL (default: the config's [store] url).")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
-def prune(config_path: str, db_url: str | None, dry_run: bool) -> None:  # noqa: FBT001 - click flag
+def prune(config_path: str | None, db_url: str | None, dry_run: bool) -> None:  # noqa: FBT001 - click flag
     """Delete what the retention policy no longer keeps (never what a window, report or rebuild needs)."""
-    cfg = _load_config(config_path)
+    if config_path is None and Path(DEFAULT_CONFIG).exists():
+        config_path = DEFAULT_CONFIG
+    cfg = _config(config_path)
     store = _open_store(db_url or cfg.db_url)
     try:
         counts = Pruner(store, cfg.retention, lambda: int(time.time() * 1000), cfg.settings.policy).run(

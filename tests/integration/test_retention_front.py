@@ -178,4 +178,24 @@ def test_the_all_in_one_prunes_its_store_while_its_agent_meters(
         proc.stop()
     assert "prune: " in proc.logs()
     assert event_resources(store) >= {VM2, VM5}
+    # The command reads an all-in-one's file too: its [store] and [retention].
+    after = prune_command(proc.config, "--dry-run")
+    assert re.search(r"^quarantined_measures +would delete 0$", after, re.M), after
     store.close()
+
+
+def test_prune_refuses_a_policy_that_drops_usage_before_its_events(tmp_path: Path) -> None:
+    config = tmp_path / "collector.toml"
+    config.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/usage.db"\n[retention]\nusage_days = 30\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmeter", "prune", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    assert (
+        "retention.lifecycle_events_days: longer than usage_days (final usage is kept longest)" in done.stderr
+    )
+    assert not (tmp_path / "usage.db").exists()  # refused before the store was opened
