@@ -458,10 +458,12 @@ def test_rpms_files_requirements_and_scriptlets(dist: Path) -> None:
     assert "python3.9dist(protobuf) >= 3.20" in common
     assert "python3.9dist(tomli) >= 1.2" in common
     for needed in ("python3.9dist(pyroute2) >= 0.7.2", "python3.9dist(confluent-kafka) >= 1.7",
-                   "python3.9dist(libvirt-python)", f"python3-kvmeter = {VERSION}-1"):  # fmt: skip
+                   "python3.9dist(libvirt-python)", f"python3-kvmeter = {VERSION}-1",
+                   "/usr/bin/kill"):  # fmt: skip
         assert needed in agent, (needed, agent)
     for needed in ("python(abi) = 3.11", "python3.11dist(sqlalchemy) >= 2.0",
-                   "python3.11dist(psycopg) >= 3.1", f"python3.11-kvmeter = {VERSION}-1"):  # fmt: skip
+                   "python3.11dist(psycopg) >= 3.1", f"python3.11-kvmeter = {VERSION}-1",
+                   "/usr/bin/kill"):  # fmt: skip
         assert needed in collector, (needed, collector)
 
     scripts = query("kvmeter-agent", "--scripts")
