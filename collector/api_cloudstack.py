@@ -24,10 +24,13 @@ from kvmeter.collector.cloudstack_params import (
     CloudStackError,
     UsageRecordsRequest,
     parse_list_usage_records,
+    unknown_account,
+    unknown_entity,
 )
 from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
 from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.store import Store, UsageFilter, UsagePager, UsageRow
+from kvmeter.collector.store.pages import account_has_usage
 from kvmeter.collector.store.reconciliation import load_names
 
 UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
@@ -73,11 +76,14 @@ def _list_usage_records(
     req = parse_list_usage_records(args)
     with store.read() as conn:  # one read: count and page agree
         directory = directories.get(conn)
+        principal = current_principal()
+        if principal.accounts is None:  # a scoped caller gets 531 for whatever is not its own
+            refuse_unknown(req, directory, lambda account: account_has_usage(conn, account))
         flt = UsageFilter(
             start_ms=req.start_ms,
             end_ms=req.end_ms,
             ends_by_ms=req.end_ms,
-            accounts=visible_accounts(req, current_principal(), directory),
+            accounts=visible_accounts(req, principal, directory),
             usage_type=req.usage_type,
             resource=req.usage_id,
             keyword=req.keyword,
@@ -136,6 +142,31 @@ def visible_accounts(
     if names_accounts and (not allowed or (req.account_name is None and not requested <= visible)):
         raise _denied("Users are only allowed to list usage records for their own account.")
     return allowed
+
+
+def refuse_unknown(
+    req: UsageRecordsRequest, directory: OwnerDirectory, has_usage: Callable[[str], bool]
+) -> None:
+    """CloudStack's 431 for a domain or account that does not exist, once kvmeter knows which
+    exist: the domains and accounts CloudStack's API listed to the reconciler (kept after their
+    removal, as CloudStack finds removed ones too), those <metadata> named, and accounts with
+    records. Before the reconciler has listed them, an unknown one stays an empty answer (it
+    may exist with no usage yet). Projects are never all known: an unknown one is empty."""
+    if req.domain_id is not None and directory.domains_listed and not directory.knows_domain(req.domain_id):
+        raise unknown_entity("domainid", req.domain_id)
+    if not directory.accounts_listed or req.project_id is not None:
+        return  # with a project CloudStack looks at neither account nor accountid
+
+    def exists(account: str) -> bool:
+        return directory.knows_account(account) or has_usage(account)
+
+    if req.account_id is not None:
+        if not exists(req.account_id):
+            raise unknown_entity("accountid", req.account_id)
+    elif req.account_name is not None:
+        named = directory.accounts_named(req.account_name, req.domain_id)
+        if not named and (req.domain_id is not None or not exists(req.account_name)):
+            raise unknown_account(req.account_name, req.domain_id)
 
 
 class _DirectoryCache:

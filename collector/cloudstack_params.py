@@ -175,12 +175,26 @@ def _id(args: Mapping[str, str], name: str) -> str | None:
     if text is None or text == "":
         return None
     if not _ID.fullmatch(text):
-        raise _invalid(
-            f"Unable to execute API command {COMMAND} due to invalid value. Invalid parameter {name} "
-            f"value={_cut(text)} due to incorrect long value format, or entity does not exist or due to "
-            "incorrect parameter annotation for the field in api cmd class."
-        )
+        raise unknown_entity(name, text)
     return text
+
+
+def unknown_entity(name: str, value: str) -> CloudStackError:
+    """ParamProcessWorker's answer to a uuid parameter naming nothing: the
+    InvalidParameterValueException it raises, rethrown as a ServerApiException (hence 9999)."""
+    return CloudStackError(
+        PARAM_ERROR,
+        f"Unable to execute API command {COMMAND} due to invalid value. Invalid parameter {name} "
+        f"value={_cut(value)} due to incorrect long value format, or entity does not exist or due to "
+        "incorrect parameter annotation for the field in api cmd class.",
+    )
+
+
+def unknown_account(name: str, domain_id: str | None) -> CloudStackError:
+    """UsageServiceImpl.getAccountIdFromDomainPlusName's InvalidParameterValueException (without a
+    domain, kvmeter's own: CloudStack ignores `account` then)."""
+    where = f" in domain {_cut(domain_id)}" if domain_id is not None else ""
+    return _invalid(f"Unable to find account {_cut(name)}{where}")
 
 
 def _bad_value(text: str, name: str) -> CloudStackError:

@@ -28,6 +28,10 @@ class OwnerDirectory:
     owners: Mapping[str, Owner] = field(default_factory=dict)  # by account uuid
     instances: Mapping[str, Instance] = field(default_factory=dict)  # by VM uuid
     domain_paths: Mapping[str, str] = field(default_factory=dict)  # by domain uuid: ROOT/a/b
+    # CloudStack's API listed its accounts / domains (the reconciler ran): what is in neither
+    # that list nor the hints does not exist, rather than being merely unknown to kvmeter.
+    accounts_listed: bool = False
+    domains_listed: bool = False
 
     def with_names(
         self, accounts: Mapping[str, tuple[str, str]], domains: Mapping[str, tuple[str, str]]
@@ -42,7 +46,13 @@ class OwnerDirectory:
                 known, account_name=name, domain_id=domain, domain_name=domain_name, domain_path=path
             )
         paths = {**self.domain_paths, **{d: path for d, (_, path) in domains.items() if path}}
-        return OwnerDirectory(owners, self.instances, paths)
+        return OwnerDirectory(
+            owners,
+            self.instances,
+            paths,
+            accounts_listed=self.accounts_listed or bool(accounts),
+            domains_listed=self.domains_listed or bool(domains),
+        )
 
     @classmethod
     def from_hints(cls, hints: Mapping[str, Mapping[str, str]]) -> OwnerDirectory:
@@ -74,6 +84,12 @@ class OwnerDirectory:
 
     def instance(self, resource: str) -> Instance:
         return self.instances.get(resource.lower(), NO_INSTANCE)
+
+    def knows_account(self, account: str) -> bool:
+        return account in self.owners
+
+    def knows_domain(self, domain_id: str) -> bool:
+        return domain_id in self.domain_paths or any(o.domain_id == domain_id for o in self.owners.values())
 
     def accounts_named(self, name: str, domain_id: str | None = None) -> frozenset[str]:
         return frozenset(

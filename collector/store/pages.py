@@ -61,6 +61,12 @@ def count_usage(conn: Connection, flt: UsageFilter) -> int:
     return int(conn.execute(query).scalar() or 0)
 
 
+def account_has_usage(conn: Connection, account: str) -> bool:
+    """Whether any record is the account's (an index lookup: the record key starts with it)."""
+    query = sa.select(usage_records.c.id).where(usage_records.c.account == account).limit(1)
+    return conn.execute(query).first() is not None
+
+
 def page_usage(
     conn: Connection,
     flt: UsageFilter,
