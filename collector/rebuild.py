@@ -10,6 +10,10 @@ Order, as the live collector catches up: lifecycle first, then measures, then on
   later than now): a measure still without an owner is parked then, and the tick reports it as
   unattributed past the horizon as the live run did. Stream marks drop duplicates.
 - The tick, at now: open windows grown, windows past the grace period final.
+Before all that, the live store's record versions are carried over (store/versions.py): the
+rebuilt store folds late changes into each record as it finalizes it at once, and its next
+adjustment of a window continues after the live store's last version instead of giving a
+transaction id the live store already handed off to other content.
 The topics are read by a consumer of its own (kafka_history.read_topic): the live consumer
 group's offsets do not move.
 """
@@ -29,7 +33,7 @@ from kvmeter.collector.kafka_history import read_topic
 from kvmeter.collector.model import Outcome, Record, Settings
 from kvmeter.collector.schema import lifecycle_events, stream_marks, usage_records
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, versions
 from kvmeter.proto import pb
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ class Rebuilt:
     lifecycle_records: int = 0  # from the lifecycle topic
     stored_events: int = 0  # raw events of the live store
     measure_records: int = 0  # from the measures topic
+    carried_versions: int = 0  # record versions of the live store carried over
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -82,9 +87,10 @@ def rebuild(
 ) -> Rebuilt:
     """Replay everything into `into` (migrated and empty); returns what was read and done."""
     check_empty(into)
+    with live.read() as source, into.write() as conn:
+        done = Rebuilt(carried_versions=versions.carry(conn, into, versions.given(source)))
     clock = ReplayClock(wall)
     collector = Collector(into, settings, clock)
-    done = Rebuilt()
     if kafka is not None and kafka.bootstrap:
         for chunk in read_topic(kafka, kafka.lifecycle_topic, chunk=kafka.batch_size):
             done.lifecycle_records += len(chunk)

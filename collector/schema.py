@@ -429,9 +429,15 @@ def _migration_17(conn: Connection) -> None:
     schema_policy.migrate(conn, billing_policies, (lifecycle_events, usage_records))
 
 
+def _migration_19(conn: Connection) -> None:
+    from kvmeter.collector.schema_versions import migration_19  # its table lives there
+
+    migration_19(conn)
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
     (11, _migration_11), (12, _migration_12), (14, _migration_14), (15, _migration_15),
-    (16, schema_credits.migration_16), (17, _migration_17),
+    (16, schema_credits.migration_16), (17, _migration_17), (19, _migration_19),
 ]  # fmt: skip

@@ -30,6 +30,7 @@ from kvmeter.collector.schema import (
     usage_records,
 )
 from kvmeter.collector.schema_retention import USAGE_PRUNED_THROUGH, pruned_resources
+from kvmeter.collector.store import versions
 from kvmeter.collector.store.engine import slices
 from kvmeter.collector.store.usage import UsageWrites
 
@@ -100,6 +101,8 @@ class Pruning(UsageWrites):
         table, key, _ = old_rows(kind, 0)
         gaps = 0
         for part in slices(keys, 1000):
+            if table is usage_records:  # their versions stay: no transaction id is given twice
+                versions.keep_pruned(conn, self, part)
             if table is stream_marks:
                 gaps += int(
                     conn.execute(sa.delete(stream_gaps).where(stream_gaps.c.stream_id.in_(part))).rowcount

@@ -21,7 +21,7 @@ from kvmeter.collector.schema import (
     usage_adjustments,
     usage_records,
 )
-from kvmeter.collector.store import outbox, sequence
+from kvmeter.collector.store import outbox, sequence, versions
 from kvmeter.collector.store.engine import StoreCore, slices
 
 # Column orders of the tuples _upsert_rows writes: the UsageKey's fields first, as UsageKey has them.
@@ -128,10 +128,19 @@ class UsageWrites(StoreCore):
         (final) so that reports list it, with the whole amount as the adjustment."""
         keys = sorted(deltas)
         # Each adjustment is the record's next version; the upsert row-locks the record (in key
-        # order: no deadlock between replicas), so two replicas adjusting it take turns.
+        # order: no deadlock between replicas), so two replicas adjusting it take turns. A record
+        # pruned or rebuilt away continues from its kept version (store/versions.py): a version,
+        # hence a transaction id, is never given twice.
+        kept = versions.floors(conn, keys)
         stmt = self._insert(usage_records)
+        rec = usage_records.c
         stmt = stmt.on_conflict_do_update(
-            index_elements=list(KEY_COLUMNS), set_={"version": usage_records.c.version + 1}
+            index_elements=list(KEY_COLUMNS),
+            set_={
+                "version": sa.case(
+                    (stmt.excluded.version > rec.version + 1, stmt.excluded.version), else_=rec.version + 1
+                )
+            },
         )
         conn.execute(
             stmt,
@@ -144,12 +153,12 @@ class UsageWrites(StoreCore):
                     "device_type": names.get(k, ("", ""))[1],
                     "created_ms": now_ms,
                     "updated_ms": now_ms,
-                    "version": 1,
+                    "version": kept.get(k, 0) + 1,
                 }
                 for k in keys
             ],
         )
-        versions = self._versions(conn, keys)
+        made = self._versions(conn, keys)
         conn.execute(
             sa.insert(usage_adjustments),
             [
@@ -158,14 +167,14 @@ class UsageWrites(StoreCore):
                     "delta": deltas[k],
                     "reason": reason,
                     "created_ms": now_ms,
-                    "version": versions[k],
+                    "version": made[k],
                 }
                 for k in keys
             ],
         )
         sequence.mark_pending(conn)
         if self.outbox:
-            items = [billable.adjustment_item(k, versions[k], deltas[k], reason, now_ms) for k in keys]
+            items = [billable.adjustment_item(k, made[k], deltas[k], reason, now_ms) for k in keys]
             outbox.add_items(conn, self, items, now_ms)
 
     def _versions(self, conn: Connection, keys: Sequence[UsageKey]) -> dict[UsageKey, int]:
