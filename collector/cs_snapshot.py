@@ -56,6 +56,7 @@ class Vm:
     memory: int | None
     created_ms: int | None
     zone: str = ""
+    custom: bool = False  # its size is its own (a custom offering's cpuNumber / memory details)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Offering:
     name: str
     cpu: int | None
     memory: int | None
+    customized: bool = False  # iscustomized: each VM chooses its CPU / memory
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,14 @@ def _vm(d: dict[str, Any]) -> Vm:
     return Vm(
         d["id"], _s(d, "name"), _s(d, "state"), _s(d, "account"), _s(d, "domainid"), _s(d, "projectid"),
         _s(d, "serviceofferingid"), _int(d, "cpunumber"), _int(d, "memory"), _time(d, "created"),
-        _s(d, "zoneid"),
+        _s(d, "zoneid"), _custom(d),
     )  # fmt: skip
+
+
+def _custom(d: dict[str, Any]) -> bool:
+    """UserVmResponse.details holds cpuNumber / memory for a VM on a custom offering."""
+    details = d.get("details")
+    return isinstance(details, dict) and any(k in details for k in ("cpuNumber", "memory"))
 
 
 def _router(d: dict[str, Any]) -> Router:
@@ -199,7 +207,8 @@ def _domain(d: dict[str, Any]) -> Domain:
 
 
 def _offering(d: dict[str, Any]) -> Offering:
-    return Offering(d["id"], _s(d, "name"), _int(d, "cpunumber"), _int(d, "memory"))
+    customized = d.get("iscustomized") is True
+    return Offering(d["id"], _s(d, "name"), _int(d, "cpunumber"), _int(d, "memory"), customized)
 
 
 def _s(d: dict[str, Any], key: str) -> str:
@@ -244,7 +253,11 @@ def snapshot_to_json(snapshot: Snapshot) -> str:
 def snapshot_from_json(text: str) -> Snapshot:
     doc = json.loads(text)
     parts = {
-        kind: {uuid: cls(**{f.name: item[f.name] for f in fields(cls)}) for uuid, item in doc[kind].items()}
+        # fields a snapshot kept by an earlier release lacks take their defaults
+        kind: {
+            uuid: cls(**{f.name: item[f.name] for f in fields(cls) if f.name in item})
+            for uuid, item in doc[kind].items()
+        }
         for kind, cls in _KINDS.items()
     }
     return Snapshot(taken_ms=doc["taken_ms"], **parts)
