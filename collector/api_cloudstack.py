@@ -31,7 +31,7 @@ from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFact
 from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.store import Store, UsageFilter, UsagePager, UsageRow
 from kvmeter.collector.store.pages import account_has_usage
-from kvmeter.collector.store.reconciliation import load_names
+from kvmeter.collector.store.reconciliation import load_names, load_snapshot
 
 UNKNOWN_COMMAND = "The given command does not exist or it is not available for user"
 
@@ -185,6 +185,7 @@ class _DirectoryCache:
         names = load_names(conn)
         hinted = OwnerDirectory.from_hints(self.store.owner_hints(conn))
         directory = hinted.with_names(names.accounts, names.domains)
+        directory = directory.with_snapshot(load_snapshot(conn), names.offerings)
         with self._lock:
             self._kept = (now, directory)
         return directory
@@ -208,7 +209,8 @@ def _all_rows(store: Store, flt: UsageFilter) -> Iterator[UsageRow]:
 def _facts(row: UsageRow, directory: OwnerDirectory) -> RecordFacts:
     k = row.key
     owner, instance = directory.owner(k.account), directory.instance(k.resource)
-    return RecordFacts(k, row.quantity, row.resource_name, row.device_type, owner, instance)
+    offering = directory.offering(k.offering)
+    return RecordFacts(k, row.quantity, row.resource_name, row.device_type, owner, instance, offering)
 
 
 def _list_response(

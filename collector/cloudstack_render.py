@@ -61,15 +61,29 @@ class Owner:
 
 @dataclass(frozen=True)
 class Instance:
-    """What CloudStack's <metadata> told about a VM."""
+    """What CloudStack told about a resource (a VM, a router, an address): its <metadata>, and
+    its API through the reconciler's last pass."""
 
     zone_id: str = ""
     cpu_cores: int | None = None
     memory_mb: int | None = None
     tags: tuple[tuple[str, str], ...] = ()
+    name: str = ""
+    network_id: str = ""  # a router's guest network
+    network_name: str = ""
+    vpc_id: str = ""  # a VPC router's VPC
 
 
-NO_OWNER, NO_INSTANCE = Owner(), Instance()
+@dataclass(frozen=True)
+class ServiceOffering:
+    """A service offering as CloudStack's API listed it (cpu and memory None: a dynamic one)."""
+
+    name: str = ""
+    cpu: int | None = None
+    memory_mb: int | None = None
+
+
+NO_OWNER, NO_INSTANCE, NO_OFFERING = Owner(), Instance(), ServiceOffering()
 
 
 class RecordFacts(NamedTuple):
@@ -82,6 +96,7 @@ class RecordFacts(NamedTuple):
     device_type: str = ""
     owner: Owner = NO_OWNER
     instance: Instance = NO_INSTANCE
+    offering: ServiceOffering = NO_OFFERING  # the record's offering (key.offering)
 
 
 @lru_cache(maxsize=4096)  # a page shares few windows: each date is formatted once
@@ -91,17 +106,24 @@ def cloudstack_date(ms: int) -> str:
 
 
 def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bool = False) -> dict[str, Any]:
-    """One `usagerecord`, its fields in UsageRecordResponse's order."""
-    k, owner, vm = rec.key, rec.owner, rec.instance
+    """One `usagerecord`, its fields in UsageRecordResponse's order (Gson writes a class's own
+    fields first, then its superclass's `tags`), those kvmeter does not know left out."""
+    k, owner, vm, offering = rec.key, rec.owner, rec.instance, rec.offering
     raw = rawusage(k.usage_type, rec.quantity)
-    name = rec.resource_name or k.resource
+    name = rec.resource_name or vm.name or k.resource
     is_vm_time = k.usage_type in (RUNNING_VM, ALLOCATED_VM)
     is_bytes = k.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED)
     device = (rec.device_type or "UserVm") if is_bytes else None
+    # A router's bytes are its network's (CloudStack's user_statistics): the VPC's on public
+    # traffic of a VPC router, else the guest network's (ApiResponseHelper.createUsageResponse).
+    vpc_id = vm.vpc_id if device == "DomainRouter" and k.detail == "public" else ""
+    network_id = vm.network_id if device == "DomainRouter" and not vpc_id else ""
     if is_bytes:
         verb = "sent" if k.usage_type == NETWORK_BYTES_SENT else "received"
         usage = f"{rec.quantity} bytes {verb}"
         description = f"Bytes {verb} by {name} ({k.resource}) on {k.detail or 'unknown'} traffic"
+        if network_id:
+            description += f" of network {vm.network_name or network_id} ({network_id})"
     elif is_vm_time:
         usage = f"{raw} Hrs"
         state = "running" if k.usage_type == RUNNING_VM else "allocated"
@@ -110,7 +132,8 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
         else:
             description = f"{state.capitalize()} VM usage for {name} ({k.resource})"
             if k.offering:
-                description += f" using service offering {k.offering}"
+                shown = f"{offering.name} ({k.offering})" if offering.name else k.offering
+                description += f" using service offering {shown}"
     else:
         usage = f"{raw} Hrs"
         description = f"IP Address: {name}" if old_format else f"IP address usage for {name} ({k.resource})"
@@ -123,19 +146,29 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
     out["rawusage"] = raw
     if is_vm_time or device == "UserVm":
         out["virtualmachineid"] = k.resource
-    if is_vm_time:
-        if rec.resource_name:
-            out["name"] = rec.resource_name
-        if k.offering:
-            out["offeringid"] = k.offering
+    if is_vm_time and (rec.resource_name or vm.name):
+        out["name"] = rec.resource_name or vm.name
+    elif network_id and vm.network_name:  # CloudStack names a router's record by its network
+        out["name"] = vm.network_name
+    if is_vm_time and k.offering:
+        out["offeringid"] = k.offering
     out["usageid"] = k.resource
-    out["type"] = "KVM" if is_vm_time else device  # hypervisor for VM time, device for bytes
-    if is_vm_time and vm.cpu_cores is not None:
-        out["cpunumber"] = vm.cpu_cores
-    if is_vm_time and vm.memory_mb is not None:
-        out["memory"] = vm.memory_mb
+    if is_vm_time or device:  # hypervisor for VM time, device for bytes; none for an address
+        out["type"] = "KVM" if is_vm_time else device
+    if is_vm_time:
+        # The offering's size, as CloudStack gives it; a dynamic offering's (none listed): the VM's.
+        cpu = offering.cpu if offering.cpu is not None else vm.cpu_cores
+        memory = offering.memory_mb if offering.memory_mb is not None else vm.memory_mb
+        if cpu is not None:
+            out["cpunumber"] = cpu
+        if memory is not None:
+            out["memory"] = memory
     out["startdate"] = cloudstack_date(k.window_start_ms)
     out["enddate"] = cloudstack_date(k.window_end_ms - 1000)  # start + range - 1 s, like CloudStack
+    if network_id:
+        out["networkid"] = network_id
+    if vpc_id:
+        out["vpcid"] = vpc_id
     # UsageRecordResponse starts with an empty tag set: Gson writes "tags": [] unless filled.
     out["tags"] = (
         [{"key": tk, "value": tv, "resourcetype": "UserVm", "resourceid": k.resource} for tk, tv in vm.tags]

@@ -17,7 +17,15 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from kvmeter.collector.cloudstack_render import NO_INSTANCE, NO_OWNER, Instance, Owner
+from kvmeter.collector.cloudstack_render import (
+    NO_INSTANCE,
+    NO_OFFERING,
+    NO_OWNER,
+    Instance,
+    Owner,
+    ServiceOffering,
+)
+from kvmeter.collector.cs_snapshot import Snapshot
 
 _UNKNOWN = frozenset({"", "unknown", "null", "none"})
 _TAG = re.compile(r"tag(?:\[(\d+)\])?\.(key|value)")  # tag[i].key, or tag.key when alone
@@ -32,6 +40,7 @@ class OwnerDirectory:
     # that list nor the hints does not exist, rather than being merely unknown to kvmeter.
     accounts_listed: bool = False
     domains_listed: bool = False
+    offerings: Mapping[str, ServiceOffering] = field(default_factory=dict)  # by offering uuid
 
     def with_names(
         self, accounts: Mapping[str, tuple[str, str]], domains: Mapping[str, tuple[str, str]]
@@ -46,13 +55,35 @@ class OwnerDirectory:
                 known, account_name=name, domain_id=domain, domain_name=domain_name, domain_path=path
             )
         paths = {**self.domain_paths, **{d: path for d, (_, path) in domains.items() if path}}
-        return OwnerDirectory(
-            owners,
-            self.instances,
-            paths,
+        return replace(
+            self,
+            owners=owners,
+            domain_paths=paths,
             accounts_listed=self.accounts_listed or bool(accounts),
             domains_listed=self.domains_listed or bool(domains),
         )
+
+    def with_snapshot(self, snapshot: Snapshot | None, offering_names: Mapping[str, str]) -> OwnerDirectory:
+        """Add what the reconciler's last pass read of VMs, routers, addresses and offerings
+        (what <metadata> said wins where both speak); offering_names: every offering CloudStack's
+        API ever listed (a removed one keeps its name)."""
+        offerings = {uuid: ServiceOffering(name=name) for uuid, name in offering_names.items()}
+        instances = dict(self.instances)
+        if snapshot is not None:
+            for o in snapshot.offerings.values():
+                offerings[o.uuid] = ServiceOffering(o.name, o.cpu, o.memory)
+            for vm in snapshot.vms.values():
+                _fill(
+                    instances, vm.uuid, zone_id=vm.zone, cpu_cores=vm.cpu, memory_mb=vm.memory, name=vm.name
+                )
+            for r in snapshot.routers.values():
+                net = snapshot.networks.get(r.network_id)
+                network_name = net.name if net is not None else ""
+                _fill(instances, r.uuid, name=r.name, network_id=r.network_id, network_name=network_name,
+                      vpc_id=r.vpc_id)  # fmt: skip
+            for ip in snapshot.ips.values():
+                _fill(instances, ip.uuid, zone_id=ip.zone, name=ip.address)
+        return replace(self, instances=instances, offerings=offerings)
 
     @classmethod
     def from_hints(cls, hints: Mapping[str, Mapping[str, str]]) -> OwnerDirectory:
@@ -84,6 +115,9 @@ class OwnerDirectory:
 
     def instance(self, resource: str) -> Instance:
         return self.instances.get(resource.lower(), NO_INSTANCE)
+
+    def offering(self, uuid: str) -> ServiceOffering:
+        return self.offerings.get(uuid, NO_OFFERING) if uuid else NO_OFFERING
 
     def knows_account(self, account: str) -> bool:
         return account in self.owners
@@ -118,6 +152,14 @@ class OwnerDirectory:
             if owner.domain_id:
                 grouped[owner.domain_id].add(account)
         return {d: frozenset(a) for d, a in grouped.items()}
+
+
+def _fill(instances: dict[str, Instance], uuid: str, **facts: object) -> None:
+    """Set the facts the instance does not have yet (None and "" are no fact)."""
+    known = instances.get(uuid.lower(), NO_INSTANCE)
+    missing = {k: v for k, v in facts.items() if v not in (None, "") and getattr(known, k) in (None, "")}
+    if missing:
+        instances[uuid.lower()] = replace(known, **missing)  # type: ignore[arg-type]
 
 
 def _known(value: str | None) -> str:
