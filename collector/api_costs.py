@@ -14,7 +14,7 @@ from kvmeter.collector import cost_report
 from kvmeter.collector.api_errors import error
 from kvmeter.collector.api_params import BadRequest, month_ms, name
 from kvmeter.collector.api_usage import visible_accounts
-from kvmeter.collector.billing import month_bounds, months_costs
+from kvmeter.collector.billing import RatingMemo, month_bounds, months_costs
 from kvmeter.collector.billing.reads import CachedFacts
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.store import Store
@@ -24,6 +24,7 @@ def register(
     app: Flask, store: Store, tariffs: TariffSource | None, clock: Callable[[], float] = time.time
 ) -> None:
     facts = CachedFacts(store)
+    memo = RatingMemo()  # a page asked again rates only what changed since
 
     @app.get("/v1/costs")
     def costs() -> Response:
@@ -44,7 +45,7 @@ def register(
         tariff = tariffs.current  # one tariff for the whole answer, even across a reload
         with store.read() as conn:
             known = facts.get(conn)
-        months = months_costs(store, tariff, accounts, now, month_ms=month, facts=known)
+        months = months_costs(store, tariff, accounts, now, month_ms=month, facts=known, memo=memo)
         start, end = month_bounds(month)
         if fmt == "csv":
             return Response(cost_report.render_csv(months), mimetype="text/csv")

@@ -5,6 +5,7 @@
     money        exact amounts, byte units, THE rounding rule (money.rounded)
     rating       pure: an account's month of items -> each item's cost (tiers, price changes)
     costs        pure: an account's month -> cost so far by usage type and resource, projection
+    memo         ratings kept between requests: only what changed is rated again
     reads        the store side: a month's records and adjustments, zones and VM sizes
 
 Costs are not stored: they are rated from the store's records and adjustments when asked, so
@@ -25,12 +26,13 @@ months_costs() does the same for several accounts in one read.
 from __future__ import annotations
 
 from kvmeter.collector.billing.costs import MonthCosts, month_bounds, month_costs
+from kvmeter.collector.billing.memo import RatingMemo
 from kvmeter.collector.billing.rating import Facts
 from kvmeter.collector.billing.reads import month_items, rating_facts
 from kvmeter.collector.billing.tariff import Tariff
 from kvmeter.collector.store import Store
 
-__all__ = ["MonthCosts", "Tariff", "month_bounds", "month_to_date", "months_costs"]
+__all__ = ["MonthCosts", "RatingMemo", "Tariff", "month_bounds", "month_to_date", "months_costs"]
 
 
 def months_costs(
@@ -41,16 +43,18 @@ def months_costs(
     *,
     month_ms: int | None = None,
     facts: Facts | None = None,
+    memo: RatingMemo | None = None,
 ) -> list[MonthCosts]:
     """The costs of the month holding month_ms (default: now's) for each account (None: every
-    account with usage that month), as of now_ms, by account."""
+    account with usage that month), as of now_ms, by account. memo: kept between calls, rates
+    only what changed since (billing.memo)."""
     start, end = month_bounds(now_ms if month_ms is None else month_ms)
     with store.read() as conn:
         items = month_items(conn, start, end, accounts)
         if facts is None:
             facts = rating_facts(store, conn)
     names = sorted(items) if accounts is None else sorted(accounts)
-    return [month_costs(a, items.get(a, []), tariff, facts, now_ms, start, end) for a in names]
+    return [month_costs(a, items.get(a, []), tariff, facts, now_ms, start, end, memo) for a in names]
 
 
 def month_to_date(store: Store, tariff: Tariff, account: str, now_ms: int) -> MonthCosts:

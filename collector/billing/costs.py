@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from kvmeter.collector.billing.memo import RatingMemo
 from kvmeter.collector.billing.rating import (
     ADJUSTMENT,
     PROJECTION,
@@ -103,22 +104,33 @@ def projected_items(
 
 
 def month_costs(
-    account: str, items: list[Item], tariff: Tariff, facts: Facts, now_ms: int, start_ms: int, end_ms: int
+    account: str,
+    items: list[Item],
+    tariff: Tariff,
+    facts: Facts,
+    now_ms: int,
+    start_ms: int,
+    end_ms: int,
+    memo: RatingMemo | None = None,
 ) -> MonthCosts:
     """items: the account's records (recorded quantities) and adjustments of windows in
-    [start_ms, end_ms), in any order."""
+    [start_ms, end_ms), in any order. memo: rate again only what changed since its last rating
+    of this month (the same result)."""
     ordered = sorted(items, key=month_order)
-    rater = Rater(tariff, facts)
-    rated = rater.rate(ordered)
+    if memo is None:
+        rater = Rater(tariff, facts)
+        rated = rater.rate(ordered)
+    else:
+        rated, rater = memo.rate(account, start_ms, ordered, tariff, facts)
     so_far = rater.rounded_total
     projection = rater.rate(sorted(projected_items(ordered, now_ms, start_ms, end_ms), key=month_order))
     lines: dict[tuple[int, str, str], CostLine] = {}
     for r in (*rated, *projection):
         k = r.item.key
         detail = k.detail if k.usage_type in BYTE_TYPES else k.offering
-        line = lines.setdefault(
-            (k.usage_type, k.resource, detail), CostLine(k.usage_type, k.resource, detail)
-        )
+        line = lines.get((k.usage_type, k.resource, detail))
+        if line is None:  # (not setdefault: a CostLine built per item costs more than the rest)
+            line = lines[k.usage_type, k.resource, detail] = CostLine(k.usage_type, k.resource, detail)
         line.projected += r.cost
         if r.item.kind in (RECORD, ADJUSTMENT):
             line.cost += r.cost
