@@ -284,8 +284,7 @@ def billing_section(bill: dict[str, Any]) -> str:
             costs_rows.append([what, _num(run["median_ms"]), f"{run['ratio']:.1f}", _num(run["max_ms"])])
     tail = (
         f"/v1/costs, one account's month ({costs['account_records']:,} hourly records among "
-        f"{costs['records']:,}), medians:\n"
-        + _table(["request", "ms", "x baseline", "max ms"], costs_rows)
+        f"{costs['records']:,}), medians:\n" + _table(["request", "ms", "x baseline", "max ms"], costs_rows)
     )
     return head + "\n" + _table(["collector", "measures/s", "ratings", "rating ms"], rows) + "\n" + tail
 

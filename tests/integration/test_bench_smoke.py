@@ -127,7 +127,7 @@ def test_billing_bench_runs_on_a_tiny_size(tmp_path: Path) -> None:
     assert throughput["ratio"] > 0
     costs = billing_bench.costs_latency(tmp_path, requests=2, log=lambda _: None)  # raises unless priced
     assert costs["account_records"] == 3600
-    assert (costs["first"]["requests"], costs["unchanged"]["requests"], costs["growing"]["requests"]) == (19, 2, 2)
+    assert [costs[name]["requests"] for name in ("first", "unchanged", "growing")] == [19, 2, 2]
     assert costs["raw_sql_ms"] > 0
     text = report.render({"meta": META, "billing": {"throughput": throughput, "costs": costs}})
     assert "7. Rating" in text
