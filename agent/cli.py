@@ -52,7 +52,7 @@ def build_agent(
             properties=config.kafka_properties,
             max_in_flight=config.kafka_max_in_flight,
             metrics=metrics,
-            **({"producer_factory": producer_factory} if producer_factory else {}),
+            producer_factory=producer_factory,
         )
     return Agent(
         config,

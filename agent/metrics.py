@@ -89,6 +89,13 @@ class AgentMetrics:
             f"{PREFIX}_published_batches_total", "Batches the broker acknowledged.", registry=r
         )
         self.publish_errors = Counter(f"{PREFIX}_publish_errors_total", "Failed deliveries.", registry=r)
+        self.producer_recreations = Counter(
+            f"{PREFIX}_producer_recreations_total",
+            "Kafka producers re-created (fatal error, producer id lost by the broker, failed "
+            "delivery); every unacknowledged batch is then re-sent from the spool.",
+            ["reason"],
+            registry=r,
+        )
         self.libvirt_reconnects = Gauge(
             f"{PREFIX}_libvirt_reconnects", "libvirt reconnects since the agent started.", registry=r
         )
@@ -142,6 +149,7 @@ METRIC_NAMES = (
     "dropped_measure_bytes",
     "published",
     "publish_errors",
+    "producer_recreations",
     "libvirt_reconnects",
     "link_events",
     "reload_failures",

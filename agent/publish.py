@@ -6,13 +6,23 @@ makes the spool grow; librdkafka delivers in order once it is back. If a deliver
 (a fatal producer error, a purge), the producer is rebuilt and every unacknowledged frame is
 produced again from the spool, under its original stream id and sequence number.
 
+A producer can also get stuck without any error reaching the application: a broker that lost
+its producer state (restarted without its data, or producer ids expired) answers every produce
+with UNKNOWN_PRODUCER_ID, and librdkafka bumps the epoch and retries, forever. librdkafka's
+statistics show it (the epoch climbs while nothing is delivered); the publisher then rebuilds
+the producer too, which asks the broker for a new producer id. Rebuilds back off (1 s doubling to
+60 s) while nothing gets delivered, so a cause a new producer does not cure (a batch the broker
+refuses as too large, a missing topic) costs a rebuild a minute, not a busy loop.
+
 Not thread-safe: delivery callbacks run inside `service()`/`flush()` on the caller's thread.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +35,14 @@ log = logging.getLogger(__name__)
 # librdkafka's own log lines and its error callbacks repeat at every reconnect attempt while the
 # broker is away: one line per distinct message per minute, with a count of the rest.
 KAFKA_LOG = limited_logger("kvmeter.agent.kafka", 60.0)
+# A producer re-created: one line per kind of cause per minute, however often it happens.
+RECOVERY_LOG = limited_logger("kvmeter.agent.publish.recovery", 60.0)
+
+# Epoch bumps without a delivery in between that mean the broker does not know the producer id
+# (one bump is librdkafka's normal recovery from an expired id; a broker that lost the id makes
+# it bump about ten times a second).
+STUCK_EPOCH_BUMPS = 3
+REBUILD_BACKOFF_S = (1.0, 60.0)  # first and longest wait between two rebuilds without a delivery
 
 DEFAULT_PROPERTIES: dict[str, Any] = {
     "message.timeout.ms": 0,  # infinite: the spool, not librdkafka, decides what is given up
@@ -38,6 +56,9 @@ DEFAULT_PROPERTIES: dict[str, Any] = {
     "metadata.recovery.strategy": "none",
     "linger.ms": 20,
     "compression.type": "lz4",
+    # Statistics (the idempotent producer's id and epoch) every 5 s: how a broker that lost the
+    # producer's state is noticed (about 20 µs of JSON per report).
+    "statistics.interval.ms": 5000,
 }
 FORCED_PROPERTIES: dict[str, Any] = {"enable.idempotence": True, "acks": "all"}
 # Defaults that older librdkafka releases do not know (Debian's and Ubuntu's): left out there.
@@ -71,6 +92,40 @@ def _libversion() -> str:
     return str(libversion()[0])
 
 
+_MSG_SIZE_TOO_LARGE = 10  # KafkaError.MSG_SIZE_TOO_LARGE (librdkafka's and the broker's code)
+_FATAL = -150  # KafkaError._FATAL
+
+
+def _code(err: Any) -> int | None:
+    code = getattr(err, "code", None)
+    return code() if callable(code) else None
+
+
+def _is_fatal(err: Any) -> bool:
+    """A KafkaError (or a KafkaException carrying one) that leaves the producer unusable."""
+    if err is not None and not hasattr(err, "fatal") and getattr(err, "args", None):
+        err = err.args[0]  # KafkaException(KafkaError)
+    fatal = getattr(err, "fatal", None)
+    return bool(fatal()) if callable(fatal) else _code(err) == _FATAL
+
+
+_EOS = re.compile(r'"eos":\s*')
+_JSON = json.JSONDecoder()
+
+
+def _producer_identity(report: str) -> tuple[int, int] | None:
+    """(producer id, epoch) from a statistics report: only its "eos" object is decoded."""
+    at = _EOS.search(report)
+    if at is None:
+        return None
+    try:
+        eos, _ = _JSON.raw_decode(report, at.end())
+        pid, epoch = int(eos["producer_id"]), int(eos["producer_epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return (pid, epoch) if pid >= 0 else None
+
+
 class Publisher:
     def __init__(
         self,
@@ -81,8 +136,9 @@ class Publisher:
         key: str,
         properties: Mapping[str, Any] | None = None,
         max_in_flight: int = 1000,
-        producer_factory: Callable[[dict[str, Any]], Any] = _confluent_producer,
+        producer_factory: Callable[[dict[str, Any]], Any] | None = None,  # None: librdkafka's
         metrics: AgentMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
         self.topic = topic
@@ -93,20 +149,30 @@ class Publisher:
         # librdkafka's own errors (broker down, authentication) and logs, through Python logging
         self._config.setdefault("error_cb", self._on_client_error)
         self._config.setdefault("logger", KAFKA_LOG)
-        self._factory = producer_factory
-        self._producer = producer_factory(self._config)
+        self._config.setdefault("stats_cb", self._on_stats)
+        self._factory = producer_factory or _confluent_producer
+        self._clock = clock
+        self._producer = self._factory(self._config)
         self._in_flight: dict[tuple[int, int], Frame] = {}
         self._next: tuple[int, int] = (0, 0)  # position of the next frame to produce
-        self._failed = False
+        self._failed: str | None = None  # why the producer must be rebuilt (None: it is fine)
         self._generation = 0
+        self._rebuild_wait = REBUILD_BACKOFF_S[0]
+        self._rebuild_at = 0.0  # monotonic time before which no rebuild happens
+        # (producer id, epoch) at the last statistics report after a delivery
+        self._epoch_mark: tuple[int, int] | None = None
+        self._delivered_since_stats = False
         self.delivered = 0
         self.errors = 0
+        self.recreated = 0  # producers re-created
         self.last_error: str | None = None
 
     def pump(self) -> int:
         """Hand spooled frames to the producer, oldest first, up to max_in_flight. Returns how many."""
-        if self._failed:
-            self._rebuild()
+        if self._failed is not None:
+            if self._clock() < self._rebuild_at or not self._rebuild():
+                self._serve_quietly()
+                return 0  # the broken producer takes nothing; the spool keeps everything
         produced = 0
         if len(self._in_flight) >= self.max_in_flight:
             return 0  # librdkafka holds enough: the rest waits in the spool
@@ -125,7 +191,10 @@ class Publisher:
             except BufferError:
                 break  # librdkafka's queue is full: the rest waits in the spool
             except Exception as exc:  # refused outright, e.g. MSG_SIZE_TOO_LARGE: never crash the poll loop
-                self._refused(frame, exc)
+                if _is_fatal(exc):
+                    self._fail("fatal", f"the producer refuses every batch: {exc}")
+                else:
+                    self._refused(frame, exc)
                 break
             self._in_flight[frame.position] = frame
             self._next = (frame.segment, frame.offset + 1)
@@ -156,6 +225,8 @@ class Publisher:
         self._in_flight.pop(frame.position, None)
         if err is None:
             self.delivered += 1
+            self._delivered_since_stats = True
+            self._rebuild_wait = REBUILD_BACKOFF_S[0]
             self.spool.ack(frame)
             if self.metrics is not None:
                 self.metrics.published.inc()
@@ -164,35 +235,101 @@ class Publisher:
         self.last_error = str(err)
         if self.metrics is not None:
             self.metrics.publish_errors.inc()
-        if not self._failed:
-            log.warning(
-                "delivery of stream %s seq %d failed: %s; re-sending from the spool",
-                frame.stream_id,
-                frame.seq,
-                err,
+        if _is_fatal(err):
+            self._fail("fatal", f"delivery of stream {frame.stream_id} seq {frame.seq} failed: {err}")
+        elif _code(err) == _MSG_SIZE_TOO_LARGE:
+            self._fail(
+                "delivery failed",
+                f"the broker refused stream {frame.stream_id} seq {frame.seq} ({frame.size} bytes) as too "
+                "large: set kafka.max_batch_bytes (or message.max.bytes in [kafka.properties]) below the "
+                "broker's message.max.bytes and the topic's max.message.bytes; the batch stays in the spool",
             )
-        self._failed = True
+        else:
+            what = f"delivery of stream {frame.stream_id} seq {frame.seq} failed: {err}"
+            self._fail("delivery failed", what)
 
     def _on_client_error(self, err: Any) -> None:
         self.errors += 1
         self.last_error = str(err)
         if self.metrics is not None:
             self.metrics.publish_errors.inc()
+        if _is_fatal(err):
+            self._fail("fatal", f"fatal producer error: {err}")
+            return
         KAFKA_LOG.warning("kafka: %s (batches stay in the spool until the broker takes them)", err)
 
-    def _rebuild(self) -> None:
-        """Drop the producer and its queue; everything not acknowledged is produced again."""
-        old = self._producer
-        self._generation += 1
+    def _on_stats(self, report: str) -> None:
+        """librdkafka's statistics: an epoch that keeps climbing with nothing delivered is a
+        broker that answers UNKNOWN_PRODUCER_ID to every retry (it lost the producer's state)."""
+        eos = _producer_identity(report)
+        if eos is None or self._failed is not None:
+            return
+        mark = self._epoch_mark
+        if self._delivered_since_stats or not self._in_flight or mark is None or mark[0] != eos[0]:
+            self._epoch_mark = eos
+            self._delivered_since_stats = False
+            return
+        bumps = eos[1] - mark[1]
+        if bumps >= STUCK_EPOCH_BUMPS:
+            self.errors += 1
+            self.last_error = f"UNKNOWN_PRODUCER_ID: epoch bumped {bumps} times without a delivery"
+            if self.metrics is not None:
+                self.metrics.publish_errors.inc()
+            self._fail(
+                "unknown producer",
+                f"the broker does not know producer id {eos[0]} any more (lost its state?): "
+                f"librdkafka bumped the epoch {bumps} times with nothing delivered",
+            )
+
+    def _fail(self, reason: str, why: str) -> None:
+        """The producer must be re-created (at the next pump, after the back-off)."""
+        if self._failed is None:
+            RECOVERY_LOG.warning(
+                "kafka producer unusable (%s): re-creating it and re-sending the %d unacknowledged "
+                "batches from the spool under their own stream and sequence numbers (the collector "
+                "drops any it already has)",
+                why,
+                self.spool.pending_count(),
+            )
+        self._failed = reason
+
+    def _serve_quietly(self) -> None:
+        try:
+            self._producer.poll(0)
+        except Exception as exc:  # a fatal producer may refuse even this
+            log.debug("serving the failed producer: %s", exc)
+
+    def _rebuild(self) -> bool:
+        """Replace the producer and drop its queue; everything not acknowledged is produced again."""
+        reason = self._failed or "delivery failed"
+        try:
+            new = self._factory(self._config)
+        except Exception as exc:
+            RECOVERY_LOG.error("re-creating the kafka producer failed: %s; trying again later", exc)
+            self._back_off()
+            return False
+        self._generation += 1  # deliveries of the old producer (its purged messages) are ignored
+        old, self._producer = self._producer, new
         try:
             old.purge()
             old.poll(0)
         except Exception as exc:  # a fatal producer may refuse even this
             log.debug("purging the old producer: %s", exc)
-        self._producer = self._factory(self._config)
+        del old  # librdkafka's handle goes with the last reference: its threads and sockets end
+        self.recreated += 1
+        if self.metrics is not None:
+            self.metrics.producer_recreations.labels(reason).inc()
         self._in_flight.clear()
         self._next = (0, 0)
-        self._failed = False
+        self._failed = None
+        self._epoch_mark = None
+        self._back_off()
+        return True
+
+    def _back_off(self) -> None:
+        """The next rebuild waits, longer each time while nothing gets delivered."""
+        self._rebuild_at = self._clock() + self._rebuild_wait
+        self._rebuild_wait = min(self._rebuild_wait * 2, REBUILD_BACKOFF_S[1])
 
     def service(self, timeout: float) -> None:
         """Serve delivery callbacks for up to `timeout` seconds, then top the producer up."""

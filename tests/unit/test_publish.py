@@ -191,3 +191,177 @@ def test_a_default_an_older_librdkafka_does_not_know_is_left_out() -> None:
         _confluent_producer({**config, "linger.ms": -5}, refuses_linger)
     # the installed librdkafka takes it
     _confluent_producer(config).flush(0)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def stats(pid: int, epoch: int) -> str:
+    """A librdkafka statistics report, the parts the publisher reads."""
+    return (
+        '{"name":"rdkafka#producer-1","type":"producer","msg_cnt":3,"brokers":{},"topics":{},'
+        f'"eos": {{ "idemp_state": "Assigned", "producer_id": {pid}, "producer_epoch": {epoch}, '
+        '"epoch_cnt": 1 }}'
+    )
+
+
+def recording_factory() -> tuple[list[FakeProducer], Callable[[dict[str, Any]], FakeProducer]]:
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FakeProducer(config))
+        return producers[-1]
+
+    return producers, factory
+
+
+def test_a_fatal_producer_error_recreates_the_producer_and_resends_everything_unacked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from confluent_kafka import KafkaError
+
+    from kvmeter.agent.metrics import AgentMetrics
+
+    producers, factory = recording_factory()
+    metrics = AgentMetrics()
+    spool = Spool(tmp_path)
+    pub = Publisher(
+        spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, metrics=metrics
+    )
+    for seq in range(1, 4):
+        spool.append("s", seq, f"b{seq}".encode(), {}, seq)
+    assert pub.flush(1.0)
+    producers[0].hold = True  # the broker stops answering; then librdkafka gives up on the producer
+    for seq in range(4, 7):
+        spool.append("s", seq, f"b{seq}".encode(), {}, seq)
+    pub.pump()
+    assert pub.in_flight() == 3
+    fatal = KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "broker: out of order sequence", fatal=True)
+    with caplog.at_level(logging.WARNING, logger="kvmeter.agent.publish.recovery"):
+        for _ in range(5):  # the error callback may repeat: one line, one re-creation
+            producers[0].config["error_cb"](fatal)
+        assert pub.flush(1.0)
+    assert len(producers) == 2
+    assert producers[1].sent == [b"b4", b"b5", b"b6"]  # only what the broker never acknowledged
+    assert producers[0].purged == 1
+    assert spool.pending() == []
+    assert pub.recreated == 1
+    lines = [r.getMessage() for r in caplog.records if r.name == "kvmeter.agent.publish.recovery"]
+    assert len(lines) == 1
+    assert "OUT_OF_ORDER_SEQUENCE_NUMBER" in lines[0]
+    assert "3 unacknowledged" in lines[0]
+    assert (
+        metrics.registry.get_sample_value("kvmeter_agent_producer_recreations_total", {"reason": "fatal"})
+        == 1.0
+    )
+    spool.close()
+
+
+class FatalProducer(FakeProducer):
+    """A producer after a fatal error: produce() raises, as librdkafka's does (_FATAL)."""
+
+    def produce(self, topic: str, value: bytes, key: bytes, on_delivery: Callable[[Any, Any], None]) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        raise KafkaException(KafkaError(KafkaError._FATAL, "fatal error earlier", fatal=True))
+
+
+def test_a_producer_that_refuses_everything_as_fatal_is_recreated_not_waited_on(tmp_path: Path) -> None:
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FatalProducer(config) if not producers else FakeProducer(config))
+        return producers[-1]
+
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory)
+    spool.append("s", 1, b"b1", {}, 1)
+    assert pub.flush(1.0)
+    assert [len(producers), producers[1].sent] == [2, [b"b1"]]
+    spool.close()
+
+
+def test_an_epoch_climbing_with_nothing_delivered_means_the_broker_lost_the_producer_id(
+    tmp_path: Path,
+) -> None:
+    from kvmeter.agent.metrics import AgentMetrics
+
+    producers, factory = recording_factory()
+    metrics = AgentMetrics()
+    spool = Spool(tmp_path)
+    pub = Publisher(
+        spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, metrics=metrics
+    )
+    assert producers[0].config["statistics.interval.ms"] > 0
+    assert producers[0].config["stats_cb"] == pub._on_stats
+    spool.append("s", 1, b"b1", {}, 1)
+    assert pub.flush(1.0)
+    producers[0].config["stats_cb"](stats(7, 0))  # after a delivery: the mark
+    producers[0].hold = True
+    spool.append("s", 2, b"b2", {}, 2)
+    pub.pump()
+    producers[0].config["stats_cb"](stats(7, 1))  # one bump (an expired id, recovered by librdkafka): fine
+    pub.pump()
+    assert len(producers) == 1
+    producers[0].config["stats_cb"](stats(7, 12))  # UNKNOWN_PRODUCER_ID answered to every retry
+    assert pub.flush(1.0)
+    assert len(producers) == 2
+    assert producers[1].sent == [b"b2"]
+    assert "UNKNOWN_PRODUCER_ID" in (pub.last_error or "")
+    assert (
+        metrics.registry.get_sample_value(
+            "kvmeter_agent_producer_recreations_total", {"reason": "unknown producer"}
+        )
+        == 1.0
+    )
+    spool.close()
+
+
+def test_a_climbing_epoch_while_batches_get_delivered_or_nothing_waits_is_left_alone(tmp_path: Path) -> None:
+    producers, factory = recording_factory()
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory)
+    for seq, epoch in enumerate([0, 5, 10, 15], start=1):
+        spool.append("s", seq, b"x", {}, seq)
+        pub.flush(1.0)
+        producers[0].config["stats_cb"](stats(7, epoch))  # deliveries in between
+    producers[0].config["stats_cb"](stats(7, 30))  # nothing in flight
+    producers[0].config["stats_cb"]('{"eos":{"producer_id":-1,"producer_epoch":-1}}')
+    producers[0].config["stats_cb"]("not json")
+    assert pub.pump() == 0
+    assert len(producers) == 1
+    spool.close()
+
+
+def test_a_failure_a_new_producer_does_not_cure_backs_off_instead_of_spinning(tmp_path: Path) -> None:
+    producers: list[FakeProducer] = []
+    cured = False
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FakeProducer(config))
+        if not cured:
+            producers[-1].fail_next = 1_000_000  # e.g. the broker refuses the batch as too large
+        return producers[-1]
+
+    clock = Clock()
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, clock=clock)
+    spool.append("s", 1, b"b1", {}, 1)
+    made = []
+    for _ in range(130):  # about two minutes of the agent's loop, a service every second
+        for _ in range(10):
+            pub.service(0)
+        made.append(len(producers))
+        clock.t += 1.0
+    # rebuilt after 1, 2, 4, 8, 16, 32 s, then once a minute: not a new producer every pump
+    assert 6 <= len(producers) <= 9, made
+    assert [f.seq for f in spool.pending()] == [1]  # still spooled
+    cured = True  # the operator fixed the cause: the next producer gets it through
+    clock.t += 60
+    assert pub.flush(1.0)
+    spool.close()
