@@ -286,7 +286,21 @@ def billing_section(bill: dict[str, Any]) -> str:
         f"/v1/costs, one account's month ({costs['account_records']:,} hourly records among "
         f"{costs['records']:,}), medians:\n" + _table(["request", "ms", "x baseline", "max ms"], costs_rows)
     )
-    return head + "\n" + _table(["collector", "measures/s", "ratings", "rating ms"], rows) + "\n" + tail
+    out = head + "\n" + _table(["collector", "measures/s", "ratings", "rating ms"], rows) + "\n" + tail
+    bal = bill.get("balances")
+    if bal:
+        bal_rows = [["a new book: every month rated (baseline)", _num(bal["baseline_ms"]), "1"]]
+        for name, what in (
+            ("unchanged", "kept: nothing changed"),
+            ("growing", "kept: a current month grows"),
+        ):
+            bal_rows.append([what, _num(bal[name]["median_ms"]), f"{bal[name]['ratio']:.3f}"])
+        out += (
+            f"\nBalance check, {bal['accounts']} accounts with credits, {bal['months']} months of hourly "
+            f"records each ({bal['records']:,}), medians:\n"
+            + _table(["evaluation", "ms", "x baseline"], bal_rows)
+        )
+    return out
 
 
 def goals(results: dict[str, Any]) -> list[str]:

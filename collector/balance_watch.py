@@ -7,8 +7,8 @@ webhook delivery.
     BalanceWatcher(book, webhook, metrics).run(stop) both, every period, in its own thread
 
 Watched accounts are those with credits; an account's costs are summed over every month from the
-one of its first credit through now (billing.months_costs). Nothing here can stop metering: an
-evaluation or a delivery that fails is logged and tried again at the next period.
+one of its first credit through now (balance_costs: closed months kept while unchanged). Nothing
+here can stop metering: an evaluation or a delivery that fails is logged and tried again at the next period.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from prometheus_client.registry import Collector as PromCollector
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from kvmeter.collector import balances as core
-from kvmeter.collector.billing import Tariff, month_bounds, months_costs
+from kvmeter.collector.balance_costs import CostsSince
+from kvmeter.collector.billing import Tariff
 from kvmeter.collector.config_balances import BalancesConfig
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
@@ -44,14 +45,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def months(first_ms: int, now_ms: int) -> Iterator[int]:
-    """The start of every UTC month from first_ms's through now_ms's."""
-    start, _ = month_bounds(first_ms)
-    while start <= now_ms:
-        yield start
-        start = month_bounds(start)[1]
-
-
 class BalanceBook:
     """Credits minus costs, under the tariff in force (tariff() None: no costs, no balances)."""
 
@@ -59,6 +52,8 @@ class BalanceBook:
         self.store = store
         self.tariff = tariff
         self.thresholds = thresholds
+        self.costs = CostsSince(store)  # closed months kept, the current one rated incrementally
+        self._costs_lock = threading.Lock()
 
     def balances(self, accounts: frozenset[str] | None, now_ms: int) -> list[core.Balance]:
         """The balances of these accounts (None: all) that have credits, by account."""
@@ -74,14 +69,8 @@ class BalanceBook:
                             tariff.currency)  # fmt: skip
                 continue
             usable[account] = (amount, first_ms)
-        costs = dict.fromkeys(usable, Decimal(0))
-        if usable:
-            first = min(first_ms for _, first_ms in usable.values())
-            for month in months(first, now_ms):
-                end = month_bounds(month)[1]
-                owing = frozenset(a for a, (_, first_ms) in usable.items() if first_ms < end)
-                for month_cost in months_costs(self.store, tariff, owing, now_ms, month_ms=month):
-                    costs[month_cost.account] += month_cost.cost
+        with self._costs_lock:
+            costs = self.costs.costs(tariff, {a: first_ms for a, (_, first_ms) in usable.items()}, now_ms)
         return [
             core.Balance(a, tariff.currency, amount, costs[a], self.thresholds.of(a))
             for a, (amount, _) in sorted(usable.items())

@@ -44,17 +44,21 @@ def months_costs(
     month_ms: int | None = None,
     facts: Facts | None = None,
     memo: RatingMemo | None = None,
+    project: bool = True,
 ) -> list[MonthCosts]:
     """The costs of the month holding month_ms (default: now's) for each account (None: every
     account with usage that month), as of now_ms, by account. memo: kept between calls, rates
-    only what changed since (billing.memo)."""
+    only what changed since (billing.memo). project False: no projection (costs so far only)."""
     start, end = month_bounds(now_ms if month_ms is None else month_ms)
     with store.read() as conn:
         items = month_items(conn, start, end, accounts)
         if facts is None:
             facts = rating_facts(store, conn)
     names = sorted(items) if accounts is None else sorted(accounts)
-    return [month_costs(a, items.get(a, []), tariff, facts, now_ms, start, end, memo) for a in names]
+    return [
+        month_costs(a, items.get(a, []), tariff, facts, now_ms, start, end, memo, project=project)
+        for a in names
+    ]
 
 
 def month_to_date(store: Store, tariff: Tariff, account: str, now_ms: int) -> MonthCosts:

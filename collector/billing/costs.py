@@ -87,19 +87,19 @@ def projected_items(
         return []
     rest = end_ms - now_ms
     out: list[Item] = []
-    byte_totals: dict[UsageKey, int] = defaultdict(int)
+    byte_totals: dict[tuple[str, int, str, str, str], int] = defaultdict(int)  # by key less window
     for item in items:
         k = item.key
-        series = k._replace(window_start_ms=now_ms, window_end_ms=end_ms)
         if k.usage_type in BYTE_TYPES:
-            byte_totals[series] += item.quantity
+            byte_totals[k[:5]] += item.quantity
         elif item.kind == RECORD and k.window_start_ms <= now_ms < k.window_end_ms:
             if item.quantity >= now_ms - k.window_start_ms - slack_ms:
+                series = k._replace(window_start_ms=now_ms, window_end_ms=end_ms)
                 out.append(Item(series, rest, PROJECTION, now_ms))
     elapsed = now_ms - start_ms
-    for series, total in sorted(byte_totals.items()):
+    for head, total in sorted(byte_totals.items()):
         if total > 0:
-            out.append(Item(series, total * rest // elapsed, PROJECTION, now_ms))
+            out.append(Item(UsageKey(*head, now_ms, end_ms), total * rest // elapsed, PROJECTION, now_ms))
     return out
 
 
@@ -112,10 +112,12 @@ def month_costs(
     start_ms: int,
     end_ms: int,
     memo: RatingMemo | None = None,
+    *,
+    project: bool = True,
 ) -> MonthCosts:
     """items: the account's records (recorded quantities) and adjustments of windows in
     [start_ms, end_ms), in any order. memo: rate again only what changed since its last rating
-    of this month (the same result)."""
+    of this month (the same result). project False: no projection (`projected` is the cost)."""
     ordered = sorted(items, key=month_order)
     if memo is None:
         rater = Rater(tariff, facts)
@@ -123,7 +125,8 @@ def month_costs(
     else:
         rated, rater = memo.rate(account, start_ms, ordered, tariff, facts)
     so_far = rater.rounded_total
-    projection = rater.rate(sorted(projected_items(ordered, now_ms, start_ms, end_ms), key=month_order))
+    projecting = projected_items(ordered, now_ms, start_ms, end_ms) if project else []
+    projection = rater.rate(sorted(projecting, key=month_order))
     lines: dict[tuple[int, str, str], CostLine] = {}
     for r in (*rated, *projection):
         k = r.item.key

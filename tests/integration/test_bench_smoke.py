@@ -129,10 +129,16 @@ def test_billing_bench_runs_on_a_tiny_size(tmp_path: Path) -> None:
     assert costs["account_records"] == 3600
     assert [costs[name]["requests"] for name in ("first", "unchanged", "growing")] == [19, 2, 2]
     assert costs["raw_sql_ms"] > 0
-    text = report.render({"meta": META, "billing": {"throughput": throughput, "costs": costs}})
+    balances = billing_bench.balance_check(tmp_path, accounts=2, rounds=1, log=lambda _: None)
+    assert (balances["months"], balances["records"]) == (4, 4 * 2 * 3600)
+    assert balances["growing"]["ratio"] > 0
+    text = report.render(
+        {"meta": META, "billing": {"throughput": throughput, "costs": costs, "balances": balances}}
+    )
     assert "7. Rating" in text
     assert "/v1/costs for one account over a month of hourly records < 50 ms" in text
     assert "asked again as its last window grows" in text
+    assert "kept: a current month grows" in text
 
 
 @pytest.mark.pg
