@@ -9,6 +9,9 @@ arrives.
 
     transaction_id(key, version) -> "1b4e28ba-2fa1-5d2e-..."
     record_item(key, quantity, names, finalized_ms) / adjustment_item(key, version, delta, ...)
+
+With a tariff, the store adds each item's "cost" before it goes to the outbox
+(store/item_costs.py).
 """
 
 from __future__ import annotations

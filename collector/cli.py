@@ -15,6 +15,7 @@ import click
 
 from kvmeter.collector import balance_watch, report
 from kvmeter.collector import config as config_mod
+from kvmeter.collector.billing.reads import item_pricing
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
@@ -87,6 +88,11 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         raise click.ClickException(f"{config_path}: [webhook] deliveries come to the API: api.enabled = true")
     store = _open_store(cfg.db_url, outbox=cfg.handoff is not None)
     policies.note_policy(store, cfg.settings.policy, _wall_ms())
+    tariffs = None
+    if cfg.tariff is not None and cfg.tariff_file is not None:
+        tariffs = TariffSource(cfg.tariff, cfg.tariff_file, cfg.settings.billable)
+        if store.outbox:  # each billable item carries its cost (store/item_costs.py)
+            store.pricing = item_pricing(store, tariffs)
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
@@ -131,9 +137,6 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             cfg.retention.interval_ms / 1000,
             metrics,
         )
-    tariffs = None
-    if cfg.tariff is not None and cfg.tariff_file is not None:
-        tariffs = TariffSource(cfg.tariff, cfg.tariff_file, cfg.settings.billable)
     book = balance_watch.book_for(cfg.balances, store, lambda: None if tariffs is None else tariffs.current)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

@@ -430,9 +430,11 @@ def _migration_17(conn: Connection) -> None:
 
 
 def _migration_19(conn: Connection) -> None:
-    from kvmeter.collector.schema_versions import migration_19  # its table lives there
+    from kvmeter.collector import schema_item_costs  # their tables live there
+    from kvmeter.collector.schema_versions import migration_19
 
     migration_19(conn)
+    schema_item_costs.create(conn)
 
 
 MIGRATIONS = [

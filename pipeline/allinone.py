@@ -35,6 +35,7 @@ from kvmeter.agent import config as agent_config
 from kvmeter.collector import balance_watch
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
+from kvmeter.collector.billing.reads import item_pricing
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.feed import Feeder
@@ -163,6 +164,8 @@ class AllInOne:
         if cfg.collector.tariff is not None and cfg.collector.tariff_file is not None:
             billable = cfg.collector.settings.billable
             self.tariffs = TariffSource(cfg.collector.tariff, cfg.collector.tariff_file, billable)
+            if self.store.outbox:  # each billable item carries its cost (store/item_costs.py)
+                self.store.pricing = item_pricing(self.store, self.tariffs)
         tariffs = self.tariffs
         self.watching: threading.Event | None = None  # [balances]: the watcher's, once running
         self.balances = balance_watch.book_for(

@@ -11,6 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from kvmeter.collector.billing.rating import ADJUSTMENT, RECORD, Facts, Item
+from kvmeter.collector.billing.tariff import Tariff
+from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.schema import KEY_COLUMNS, cloudstack_names, usage_adjustments, usage_records
@@ -87,3 +89,10 @@ class CachedFacts:
             if self._facts is None or self._facts[0] <= now:
                 self._facts = (now + self.ttl_s, rating_facts(self.store, conn))
             return self._facts[1]
+
+
+def item_pricing(store: Store, tariffs: TariffSource) -> Callable[[Connection], tuple[Tariff, Facts]]:
+    """store.pricing for the hand-off's items (store/item_costs.py): the tariff in force (a
+    SIGHUP reload applies to items made after it) and the facts, read again every few seconds."""
+    facts = CachedFacts(store)
+    return lambda conn: (tariffs.current, facts.get(conn))

@@ -42,6 +42,8 @@ class StoreCore:
         """outbox: finalization and adjustments also write billable items to the hand-off's
         outbox (when [handoff] is configured: nothing else would ever send them)."""
         self.outbox = outbox
+        # Costs of the outbox's items: set where a tariff is configured (store/item_costs.py).
+        self.pricing: Any = None  # item_costs.Pricing
         self.url = engine_url(url)
         if self.url.startswith("sqlite"):
             self.engine = _sqlite_engine(self.url)

@@ -21,7 +21,7 @@ from kvmeter.collector.schema import (
     usage_adjustments,
     usage_records,
 )
-from kvmeter.collector.store import outbox, sequence, versions
+from kvmeter.collector.store import item_costs, outbox, sequence, versions
 from kvmeter.collector.store.engine import StoreCore, slices
 
 # Column orders of the tuples _upsert_rows writes: the UsageKey's fields first, as UsageKey has them.
@@ -71,6 +71,7 @@ class UsageWrites(StoreCore):
                 billable.record_item(UsageKey(*row[:7]), int(row[7]), row[8], now_ms)
                 for row in conn.execute(query.order_by(*(rec[c] for c in KEY_COLUMNS)))
             ]
+            item_costs.price_items(conn, self, items, now_ms)
             outbox.add_items(conn, self, items, now_ms)
         result = conn.execute(
             sa.update(usage_records)
@@ -175,6 +176,7 @@ class UsageWrites(StoreCore):
         sequence.mark_pending(conn)
         if self.outbox:
             items = [billable.adjustment_item(k, made[k], deltas[k], reason, now_ms) for k in keys]
+            item_costs.price_items(conn, self, items, now_ms)
             outbox.add_items(conn, self, items, now_ms)
 
     def _versions(self, conn: Connection, keys: Sequence[UsageKey]) -> dict[UsageKey, int]:

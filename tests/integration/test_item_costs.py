@@ -1,0 +1,111 @@
+"""Each billable item carries its cost (both databases): rated as /v1/costs rates (a price
+change inside a window, a byte tier crossed inside one, rounding by the one rule), in the order
+the items are made; an account's items of a month, summed, are its month's cost to the last
+digit once every window is final, however records and adjustments interleaved."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from kvmeter.collector.billing import months_costs, tariff_file
+from kvmeter.collector.billing.rating import Facts
+from kvmeter.collector.model import Record
+from kvmeter.collector.schema import handoff_outbox
+from kvmeter.collector.store import Store
+from kvmeter.collector.store.item_costs import tariff_identity
+from tests.collector_support import ACCT_A, ACCT_B, HOUR, IP1, MIN, T0, VM1, VM2, M, Stream, usage_event
+from tests.harness import postgres
+from tests.integration.test_outbox_store import _run
+
+
+def _at(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+TARIFF = {
+    "currency": "EUR",
+    "decimals": 2,
+    "rate": [  # a price change 10 minutes into a window; bytes cross a tier inside one
+        {"usage_type": "RUNNING_VM", "per_hour": "0.37", "until": _at(T0 + HOUR + 10 * MIN)},
+        {"usage_type": "RUNNING_VM", "per_hour": "0.41", "from": _at(T0 + HOUR + 10 * MIN)},
+        {"usage_type": "ALLOCATED_VM", "per_hour": "0.013"},
+        {"usage_type": "IP_ADDRESS", "per_hour": "0.007"},
+        {
+            "usage_type": "NETWORK_BYTES_SENT",
+            "traffic_type": "public",
+            "unit": "B",
+            "tiers": [{"up_to": 1500, "price": "0.0003"}, {"price": "0.0001"}],
+        },
+        {"usage_type": "NETWORK_BYTES_RECEIVED", "traffic_type": "public", "unit": "kB", "price": "0.0011"},
+    ],
+}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.pg)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/a.db"
+        return
+    yield postgres.create_database(str(request.getfixturevalue("pg_dsn")))
+
+
+def items(store: Store) -> list[dict]:  # type: ignore[type-arg]
+    with store.read() as conn:
+        rows = conn.execute(sa.select(handoff_outbox.c.item).order_by(handoff_outbox.c.id)).scalars()
+        return [json.loads(r) for r in rows]
+
+
+def test_items_of_a_month_sum_to_its_cost_to_the_last_digit(url: str) -> None:
+    tariff = tariff_file.from_dict(TARIFF, "test tariff", billable=["public"])
+    store = Store(url, outbox=True)
+    store.migrate()
+    store.pricing = lambda _conn: (tariff, Facts())
+    collector = _run(store)  # records final, late bytes and a late stop as adjustments
+    # More late changes to final windows, interleaved with the finalization of later ones.
+    for event in (
+        usage_event("VM.DESTROY", VM2, ACCT_B, T0 + 2 * HOUR + 5 * MIN),
+        usage_event("NET.IPRELEASE", IP1, ACCT_A, T0 + 3 * HOUR + 20 * MIN),
+        usage_event("VM.DESTROY", VM1, ACCT_A, T0 + 4 * HOUR),
+    ):
+        collector.apply_event(event[1], event[0])
+    late = Stream("stream-later", "h8")
+    collector.apply_batches([Record(late.batch([M(T0 + 2 * MIN, T0 + 3 * MIN, 777_777)]))])
+    collector.clock.now = T0 + 9 * HOUR  # type: ignore[attr-defined]
+    collector.tick()
+    assert all(r.final for r in store.usage(0, 2**62)), "every window final"
+
+    handed = items(store)
+    kinds = {(i["kind"], i["usage_type"]) for i in handed}
+    assert {("adjustment", 1), ("adjustment", 4), ("adjustment", 3), ("record", 2)} <= kinds
+    sums: dict[str, Decimal] = defaultdict(Decimal)
+    for item in handed:
+        cost = item["cost"]
+        assert (cost["currency"], cost["tariff"]) == ("EUR", tariff_identity(tariff))
+        assert cost["rates"], item
+        assert Decimal(cost["amount"]).as_tuple().exponent >= -2  # the tariff's decimals
+        sums[item["account"]] += Decimal(cost["amount"])
+    costs = {m.account: m.cost for m in months_costs(store, tariff, None, T0 + 9 * HOUR)}
+    assert set(costs) == {ACCT_A, ACCT_B}
+    assert all(costs.values())
+    assert dict(sums) == costs
+    # The price change inside a window and the tier crossed inside one were both met.
+    assert {r for i in handed for r in i["cost"]["rates"]} >= {"rate.0", "rate.1", "rate.4"}
+    store.close()
+
+
+def test_without_a_tariff_items_carry_no_cost(url: str) -> None:
+    store = Store(url, outbox=True)
+    store.migrate()
+    _run(store)
+    handed = items(store)
+    assert handed
+    assert not any("cost" in i for i in handed)
+    store.close()
