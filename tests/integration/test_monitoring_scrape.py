@@ -60,6 +60,8 @@ tick_seconds = 1
 listen = "127.0.0.1:{api_port}"
 [balances]
 threshold = "1.00"
+[handoff]
+webhook_url = "http://127.0.0.1:{free_port()}/items"
 """
     )
     daemon = AllInOne(tmp_path, config)
@@ -81,6 +83,6 @@ threshold = "1.00"
         missing = named - served[name]
         assert not missing, f"the running {name} does not serve {sorted(missing)}\n{daemon.logs()}"
     # The registries the unit tests read are what the daemons serve (the collector's, plus the
-    # gauges its parts register when they start: store, balances, lifecycle memory).
+    # gauges its parts register when they start: store, balances, hand-off, lifecycle memory).
     assert served["agent"] == registry_names(AgentMetrics(enabled=True).registry)
     assert registry_names(Metrics().registry) < served["collector"]

@@ -20,6 +20,7 @@ import yaml
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.collector.balance_watch import BalanceGauges
 from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.outbox_relay import HandoffMetrics
 from kvmeter.collector.store import Store
 from tests.monitoring_support import (
     DAEMONS,
@@ -66,6 +67,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
     collector = Metrics()
     collector.watch_store(store, lambda: 0)
     collector.registry.register(BalanceGauges(store))  # with a [balances] section
+    HandoffMetrics(collector.registry, store)  # with a [handoff] section
     try:
         yield {
             "agent": registry_names(AgentMetrics(enabled=True).registry),
