@@ -1,8 +1,10 @@
-"""Every interface's counters in one read of the kernel's table (/proc/net/dev).
+"""Every interface's counters in one read of the kernel's table.
 
-One read per poll, whatever the number of interfaces: libvirt's interfaceStats rescans this same
-table once per NIC (O(N²)), and pyroute2 costs ~300 µs per link. /proc/net/dev has no ifindex, so
-the counter identity's ifindex comes from the topology's name -> ifindex map.
+One read per poll, whatever the number of interfaces: libvirt's interfaceStats rescans
+/proc/net/dev once per NIC (O(N²)), and pyroute2 costs ~300 µs per link. The agent reads the
+table as a netlink stats dump (agent.linkstats: rows keyed by ifindex), or as /proc/net/dev's text
+where the kernel has no such dump (rows keyed by name; the counter identity's ifindex then comes
+from the topology's name -> ifindex map).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from kvmeter.agent.linkstats import LinkCounters, NetlinkStats
 from kvmeter.agent.model import CounterKey, CounterSample, DomainInfo, NicInfo
 
 log = logging.getLogger(__name__)
@@ -33,13 +36,15 @@ FIELDS_PER_LINE = 17
 
 class CounterTable(NamedTuple):
     """The kernel's table as columns, in its order: the poll's columnar path gathers the metered
-    rows with one C-level call per column instead of a Python step per interface."""
+    rows with one C-level call per column instead of a Python step per interface. Its rows are
+    named (`names`), or, read from netlink, identified by `ifindexes` (`names` then empty)."""
 
     names: list[str]
     rx_bytes: list[int]
     rx_packets: list[int]
     tx_bytes: list[int]
     tx_packets: list[int]
+    ifindexes: list[int] | None = None
 
     def as_dict(self) -> dict[str, Stats]:
         """name -> (rx_bytes, rx_packets, tx_bytes, tx_packets)."""
@@ -117,16 +122,40 @@ def read_proc_net_dev(path: str = PROC_NET_DEV) -> bytes:
 
 class KernelTable:
     """The counter source of every host link (agent.sources.CounterSource): the whole table in
-    one read, whatever NICs are asked for."""
+    one read, whatever NICs are asked for. By default a netlink stats dump, and /proc/net/dev
+    from the first time that fails on (a kernel without RTM_GETSTATS) on; `read_text`: that
+    text's source alone (tests hand in a table)."""
 
-    def __init__(self, read_text: Callable[[], str | bytes] = read_proc_net_dev) -> None:
-        self._read_text = read_text
+    def __init__(
+        self,
+        read_text: Callable[[], str | bytes] | None = None,
+        netlink: Callable[[], LinkCounters] | None = None,
+    ) -> None:
+        self._read_text = read_text or read_proc_net_dev
+        self._netlink: Callable[[], LinkCounters] | None = None
+        if read_text is None:
+            self._netlink = netlink or NetlinkStats().read
 
     def claims(self, nic: NicInfo) -> bool:
         return False  # it counts links, found by the topology, not NICs without one
 
     def read(self, nics: Sequence[tuple[str, DomainInfo, NicInfo]] = ()) -> CounterTable:
+        if self._netlink is not None:
+            try:
+                stats = self._netlink()
+            except OSError as exc:
+                log.warning("netlink stats dump failed (%s): reading %s from now on", exc, PROC_NET_DEV)
+                self._netlink = None
+            else:
+                return CounterTable(
+                    [], stats.rx_bytes, stats.rx_packets, stats.tx_bytes, stats.tx_packets, stats.ifindexes
+                )
         return parse_counter_table(self._read_text())
+
+    def close(self) -> None:
+        owner = getattr(self._netlink, "__self__", None)
+        if isinstance(owner, NetlinkStats):
+            owner.close()
 
 
 def to_sample(key: CounterKey, stats: Stats) -> CounterSample:

@@ -30,7 +30,6 @@ from kvmeter.agent.counters import (
     KernelTable,
     Stats,
     read_link_mac,
-    read_proc_net_dev,
     to_sample,
 )
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
@@ -139,20 +138,26 @@ class _Plan:
     present: frozenset[CounterKey]  # every stable link's key
     inventory_signature: Any  # what the inventory sent with a batch is built from
     placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
-    # The metered rows of the counter table, for the table layout they were found in
-    table_names: list[str] | None = None
+    # The metered rows of the counter table, for the table layout they were found in (its
+    # rows' names, or ifindexes for a netlink table)
+    table_layout: list[str] | list[int] | None = None
     row_keys: tuple[CounterKey, ...] = ()
     row_indexes: list[int] = field(default_factory=list)
     encoder: SteadyEncoder | None = None  # for row_keys; built at the first steady poll
 
-    def rows_of(self, names: list[str]) -> tuple[tuple[CounterKey, ...], list[int]]:
-        """The metered interfaces' keys and their rows in a table with these names, in the
-        table's order (as the kernel lists them). The layout rarely changes between polls:
-        one list comparison then, and no per-interface lookups."""
-        if names != self.table_names:
-            metered = self.metered
-            rows = [(i, metered[name]) for i, name in enumerate(names) if name in metered]
-            self.table_names = names
+    def rows_of(self, table: CounterTable) -> tuple[tuple[CounterKey, ...], list[int]]:
+        """The metered interfaces' keys and their rows in the table, in the table's order (as
+        the kernel lists them). The layout rarely changes between polls: one list comparison
+        then, and no per-interface lookups."""
+        layout = table.names if table.ifindexes is None else table.ifindexes
+        if layout != self.table_layout:
+            if table.ifindexes is None:
+                metered = self.metered
+                rows = [(i, metered[name]) for i, name in enumerate(table.names) if name in metered]
+            else:  # a row is a metered link's when its ifindex is the one the plan's key holds
+                by_index = {key.ifindex: key for key in self.metered.values()}
+                rows = [(i, by_index[index]) for i, index in enumerate(table.ifindexes) if index in by_index]
+            self.table_layout = layout
             self.row_indexes = [i for i, _ in rows]
             self.row_keys = tuple(key for _, key in rows)
             self.encoder = None
@@ -181,7 +186,7 @@ class Agent:
         boot_id: str,
         publisher: Publisher | None = None,
         metrics: AgentMetrics | None = None,
-        read_text: Callable[[], str | bytes] = read_proc_net_dev,
+        read_text: Callable[[], str | bytes] | None = None,
         sources: Sequence[CounterSource] | None = None,
         read_mac: Callable[[str], str | None] = read_link_mac,
         wall: Callable[[], float] = time.time,
@@ -194,7 +199,7 @@ class Agent:
         self.publisher = publisher
         self.metrics = metrics or AgentMetrics()
         self.boot_id = boot_id
-        self._table = KernelTable(read_text)
+        self._table = KernelTable(read_text)  # None: a netlink stats dump, else this text
         # Sources of NICs without a host link; default: libvirt's interfaceStats (vhost-user).
         self._sources = (
             tuple(sources) if sources is not None else nic_sources(inventory, config.libvirt_call_timeout)
@@ -244,6 +249,7 @@ class Agent:
                 part.stop()
             except Exception:
                 log.exception("stopping %r failed", part)
+        self._table.close()
         self.spool.close()
 
     def set_traffic_rules(self, rules: TrafficRules) -> None:
@@ -351,7 +357,7 @@ class Agent:
         now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
         stable = after if after == before else {name: i for name, i in after.items() if before.get(name) == i}
         plan = self._plan_for(generation, stable)
-        keys, rows = plan.rows_of(table.names)
+        keys, rows = plan.rows_of(table)
         rx_bytes, rx_packets, tx_bytes, tx_packets = (
             list(map(column.__getitem__, rows))
             for column in (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
@@ -379,7 +385,7 @@ class Agent:
             zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
         )
         if plan.sourced:
-            readings += self._sourced_readings(plan.sourced, table)
+            readings += self._sourced_readings(plan.sourced, table, plan.links)
         self.metrics.interfaces.set(len(readings))
         deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
         return plan, now_ms, None, deltas
@@ -498,12 +504,19 @@ class Agent:
         return self._source_of(nic) is not None
 
     def _sourced_readings(
-        self, sourced: list[tuple[CounterSource, list[Owned]]], table: CounterTable
+        self,
+        sourced: list[tuple[CounterSource, list[Owned]]],
+        table: CounterTable,
+        links: Mapping[str, int],
     ) -> list[tuple[CounterKey, Stats]]:
         """NICs the host cannot see, each from its source; one the kernel's table holds after
         all is counted there."""
         readings = []
-        host_visible = set(table.names)
+        if table.ifindexes is None:
+            host_visible = set(table.names)
+        else:
+            counted = set(table.ifindexes)
+            host_visible = {name for name, index in links.items() if index in counted}
         for source, nics in sourced:
             wanted = {name: (domain, nic) for name, domain, nic in nics if name not in host_visible}
             if not wanted:

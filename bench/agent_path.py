@@ -110,16 +110,23 @@ class KvmeterPoll:
         self.last_measures = 0
         self.last_bytes = 0
         self.stage_cpu: dict[str, list[float]] = {stage: [] for stage in self.STAGES}
+        from kvmeter.agent.counters import KernelTable
+
+        self.table = KernelTable()
 
     def poll(self) -> bytes:
-        from kvmeter.agent.counters import parse_counter_table, read_proc_net_dev
         from kvmeter.agent.measures import batch_header
         from kvmeter.agent.wire import SteadyEncoder
 
         t0 = time.process_time()
-        table = parse_counter_table(read_proc_net_dev())
+        table = self.table.read()  # the daemon's: a netlink stats dump, rows keyed by ifindex
         if self.rows is None:  # the daemon keeps this per table layout
-            found = [(i, self.metered[name]) for i, name in enumerate(table.names) if name in self.metered]
+            metered = self.metered
+            if table.ifindexes is None:
+                found = [(i, metered[name]) for i, name in enumerate(table.names) if name in metered]
+            else:
+                by_index = {key.ifindex: key for key in self.metered.values()}
+                found = [(i, by_index[x]) for i, x in enumerate(table.ifindexes) if x in by_index]
             self.rows = ([i for i, _ in found], tuple(key for _, key in found))
             self.encoder = SteadyEncoder([self.pairs[key] for _, key in found])
         rows, keys = self.rows
