@@ -35,6 +35,7 @@ from kvmeter.collector import (
 )
 from kvmeter.collector.api_auth import Authenticator, Principal, is_loopback, require_credentials
 from kvmeter.collector.api_errors import cloudstack_error, error, request_values
+from kvmeter.collector.api_params import Paging
 from kvmeter.collector.balance_watch import BalanceBook
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialSource, operator_credentials
@@ -62,13 +63,15 @@ def create_app(
     settings: Settings | None = None,
     tariffs: TariffSource | None = None,
     balances: BalanceBook | None = None,
+    paging: Paging | None = None,
 ) -> Flask:
     """auth: who may ask (default: the operator token and {api key: secret key} given here, the
     credentials minted in the store, anyone while there is none); status: the consumer's state
     for /health (503 while it is failing); settings: the collector's, which dead-letter retries
     run under (none: no retries over the API); tariffs: the tariff costs are rated under (none:
     /v1/costs says costs are not enabled); balances: credits minus costs for /v1/balances
-    (none: that route says costs are not enabled; /v1/credits works all the same)."""
+    (none: that route says costs are not enabled; /v1/credits works all the same); paging: the
+    page sizes ([api] of the config)."""
     app = Flask("kvmeter.collector", static_folder=None)  # no /static route: nothing to serve
     registry = metrics.registry if metrics is not None else None
     if auth is None:
@@ -130,8 +133,9 @@ def create_app(
 
     if webhook is not None:
         webhook.register(app)
-    api_usage.register(app, store)
-    api_cloudstack.register(app, store)
+    paging = paging or Paging()
+    api_usage.register(app, store, paging)
+    api_cloudstack.register(app, store, paging.cloudstack_page_size)
     api_corrections.register(app, store)
     api_dead_letters.register(app, store, None if settings is None else Redriver(store, settings))
     api_costs.register(app, store, tariffs)
@@ -254,6 +258,7 @@ def serve(
     settings: Settings | None = None,
     tariffs: TariffSource | None = None,
     balances: BalanceBook | None = None,
+    paging: Paging | None = None,
 ) -> ApiServer:
     """Build the server; the caller runs it (in a thread next to the consumer). credentials:
     the configured ones (default: token and cloudstack_keys, operator-wide). Raises
@@ -271,5 +276,6 @@ def serve(
         settings=settings,
         tariffs=tariffs,
         balances=balances,
+        paging=paging,
     )
     return ApiServer(app, host, port)

@@ -39,7 +39,8 @@ UNKNOWN_COMMAND = "The given command does not exist or it is not available for u
 DIRECTORY_TTL_S = 10.0  # names and <metadata> change seldom; a page must not reread them all
 
 
-def register(app: Flask, store: Store) -> None:
+def register(app: Flask, store: Store, page_size: int = DEFAULT_PAGE_SIZE) -> None:
+    """page_size: default.page.size ([api] cloudstack_page_size)."""
     pager = UsagePager()
     directory = _DirectoryCache(store)
 
@@ -49,7 +50,7 @@ def register(app: Flask, store: Store) -> None:
         try:
             args = _params()
             if command == "listUsageRecords":
-                return _list_usage_records(store, pager, directory, args)
+                return _list_usage_records(store, pager, directory, args, page_size)
             if command == "listUsageTypes":
                 records = cloudstack_render.usage_type_records()
                 return _list_response("listusagetypesresponse", "usagetype", len(records), iter(records))
@@ -71,9 +72,9 @@ def _params() -> dict[str, str]:
 
 
 def _list_usage_records(
-    store: Store, pager: UsagePager, directories: _DirectoryCache, args: Mapping[str, str]
+    store: Store, pager: UsagePager, directories: _DirectoryCache, args: Mapping[str, str], page_size: int
 ) -> Response:
-    req = parse_list_usage_records(args)
+    req = parse_list_usage_records(args, page_size)
     with store.read() as conn:  # one read: count and page agree
         directory = directories.get(conn)
         principal = current_principal()

@@ -14,11 +14,14 @@ import datetime as dt
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 
 MAX_TIME_MS = 253_402_300_800_000  # 10000-01-01T00:00:00Z: the end of the last day datetime knows
 MAX_USAGE_TYPE = 9_999
 DEFAULT_PAGE = 1000  # /v1 records per page when the caller names no limit
 MAX_PAGE = 10_000
+CLOUDSTACK_PAGE = 500  # CloudStack's default.page.size
+PAGE_SIZE_CEILING = 100_000  # the most any page size may be configured to: a page is held whole
 TIME_FORMS = "yyyy-MM-dd, yyyy-MM-dd HH:mm[:ss[.SSS]] with an optional Z or ±HH:MM, or ms since the epoch"
 # Every time form accepted, and no other (the OpenAPI description states the same pattern).
 TIME_PATTERN = (
@@ -29,6 +32,17 @@ _TIME = re.compile(TIME_PATTERN)
 _DIGITS = re.compile(r"[0-9]+")
 _MAX_DIGITS = 19  # int() of a longer string costs time for a value no bound admits
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+@dataclass(frozen=True)
+class Paging:
+    """The API's page sizes ([api] of the config): listUsageRecords' default.page.size (its page
+    without `pagesize` and the largest `pagesize`, one setting as in CloudStack), and the default
+    and largest `limit` of /v1's paged lists."""
+
+    cloudstack_page_size: int = CLOUDSTACK_PAGE
+    page_size: int = DEFAULT_PAGE
+    max_page_size: int = MAX_PAGE
 
 
 class BadRequest(ValueError):

@@ -27,11 +27,13 @@ Row = TypeVar("Row")
 Position = tuple[int, ...]  # where a page ends: what a cursor holds
 
 
-def register(app: Flask, store: Store) -> None:
+def register(app: Flask, store: Store, paging: api_params.Paging | None = None) -> None:
+    paging = paging or api_params.Paging()
+
     @app.get("/v1/openapi.json")
     def openapi_document() -> Response:
         webhook = any(rule.rule == WEBHOOK_PATH for rule in app.url_map.iter_rules())
-        return jsonify(openapi.document(webhook=webhook))
+        return jsonify(openapi.document(webhook=webhook, paging=paging))
 
     @app.get("/v1/usage")
     def usage() -> Response:
@@ -48,7 +50,7 @@ def register(app: Flask, store: Store) -> None:
             usage_type=api_params.usage_type(args.get("type")),
             resource=api_params.name(args.get("resource"), "resource"),
         )
-        limit = _limit(args)
+        limit = page_limit(args, paging)
         query = api_params.fingerprint(
             "usage", start, end, _sorted(flt.accounts), flt.usage_type, flt.resource
         )
@@ -76,7 +78,7 @@ def register(app: Flask, store: Store) -> None:
         since = api_params.required_time_ms(args.get("since"), "since")
         until = api_params.optional_time_ms(args.get("until"), "until", default=2**62)
         accounts = visible_accounts(api_params.name(args.get("account"), "account"))
-        limit = _limit(args)
+        limit = page_limit(args, paging)
         # after: the last seq a poller took (the last page gives no cursor; its last seq does)
         after = api_params.optional_integer(args.get("after"), "after", default=0, maximum=2**63 - 1)
         query = api_params.fingerprint("adjustments", since, until, _sorted(accounts), after)
@@ -118,9 +120,9 @@ def _format(args: Mapping[str, str]) -> str:
     return fmt
 
 
-def _limit(args: Mapping[str, str]) -> int:
+def page_limit(args: Mapping[str, str], paging: api_params.Paging) -> int:
     return api_params.optional_integer(
-        args.get("limit"), "limit", default=api_params.DEFAULT_PAGE, minimum=1, maximum=api_params.MAX_PAGE
+        args.get("limit"), "limit", default=paging.page_size, minimum=1, maximum=paging.max_page_size
     )
 
 

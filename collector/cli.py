@@ -162,6 +162,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
                 settings=cfg.settings,
                 tariffs=tariffs,
                 balances=book,
+                paging=cfg.api.paging,
             )
         except (NoCredentials, CredentialsError) as exc:
             store.close()

@@ -12,10 +12,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from kvmeter.collector.api_params import CLOUDSTACK_PAGE
 from kvmeter.collector.cloudstack_render import CS_INVALID_PARAMETER, CS_SERVER_API
 
 COMMAND = "listusagerecords"  # getCommandName() without its "response" suffix
-DEFAULT_PAGE_SIZE = 500  # CloudStack's default.page.size, also the largest pagesize allowed
+DEFAULT_PAGE_SIZE = CLOUDSTACK_PAGE  # default.page.size, also the largest pagesize allowed
 UNLIMITED = -1  # BaseListCmd.s_pageSizeUnlimited
 PARAM_ERROR = 431  # ApiErrorCode.PARAM_ERROR
 UNSUPPORTED_ACTION = 432  # ApiErrorCode.UNSUPPORTED_ACTION_ERROR
@@ -64,7 +65,10 @@ class UsageRecordsRequest:
         return self.start_ms >= self.end_ms - 1000
 
 
-def parse_list_usage_records(args: Mapping[str, str]) -> UsageRecordsRequest:
+def parse_list_usage_records(
+    args: Mapping[str, str], page_size: int = DEFAULT_PAGE_SIZE
+) -> UsageRecordsRequest:
+    """page_size: default.page.size, the page without `pagesize` and the largest `pagesize`."""
     start = _date(args, "startdate", end_of_day=False)
     end = _date(args, "enddate", end_of_day=True)
     if start > end:
@@ -76,7 +80,7 @@ def parse_list_usage_records(args: Mapping[str, str]) -> UsageRecordsRequest:
     usage_id = args.get("usageid") or None
     if usage_id is not None and usage_type is None:
         raise _invalid("Usageid must be specified together with usageType")
-    offset, limit = _paging(args)
+    offset, limit = _paging(args, page_size)
     return UsageRecordsRequest(
         start_ms=start,
         end_ms=end + 1000,  # the end date names the last second included
@@ -95,7 +99,7 @@ def parse_list_usage_records(args: Mapping[str, str]) -> UsageRecordsRequest:
     )
 
 
-def _paging(args: Mapping[str, str]) -> tuple[int, int | None]:
+def _paging(args: Mapping[str, str], page_size: int) -> tuple[int, int | None]:
     """BaseListCmd: page and pagesize come together (except pagesize=-1, which takes no page);
     pagesize at most default.page.size; no pagesize: one page of default.page.size; a page below
     1 is the first."""
@@ -105,9 +109,9 @@ def _paging(args: Mapping[str, str]) -> tuple[int, int | None]:
     if size is None and page is not None:
         raise CloudStackError(PARAM_ERROR, '"pagesize" parameter is required when "page" is specified')
     if size is None:
-        return 0, DEFAULT_PAGE_SIZE
-    if size > DEFAULT_PAGE_SIZE:
-        raise _invalid(f"Page size can't exceed max allowed page size value: {DEFAULT_PAGE_SIZE}")
+        return 0, page_size
+    if size > page_size:
+        raise _invalid(f"Page size can't exceed max allowed page size value: {page_size}")
     if size == UNLIMITED:
         if page is not None:
             raise _invalid("Can't specify page parameter when pagesize is -1 (Unlimited)")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmeter.collector import credentials
+from kvmeter.collector.api_params import PAGE_SIZE_CEILING, Paging
 from kvmeter.collector.billing.tariff import Tariff
 from kvmeter.collector.billing.tariff_file import BILLING_SCHEMA, billing_section
 from kvmeter.collector.config_balances import BALANCES_SCHEMA, BalancesConfig, balances_config
@@ -36,6 +37,8 @@ TRAFFIC_TYPES = ["public", "guest", "management", "storage", "control", "private
 # host:port or [IPv6]:port; listen_address() checks what a pattern cannot (port range, address).
 LISTEN_PATTERN = r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$"
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+_PAGE_SIZE = {"type": "integer", "minimum": 1, "maximum": PAGE_SIZE_CEILING}
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -121,6 +124,7 @@ SCHEMA: dict[str, Any] = {
             "properties": {
                 "enabled": {"type": "boolean"},
                 "listen": {"type": "string", "pattern": LISTEN_PATTERN},
+                **{k: _PAGE_SIZE for k in ("cloudstack_page_size", "page_size", "max_page_size")},
                 **credentials.API_PROPERTIES,
             },
         },
@@ -162,6 +166,7 @@ class ApiConfig:
     port: int = 8480
     credentials: Credentials = field(default_factory=Credentials)  # the config file's own
     credentials_file: Path | None = None  # more of them, re-read on SIGHUP
+    paging: Paging = field(default_factory=Paging)
 
 
 @dataclass(frozen=True)
@@ -222,6 +227,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         except ValueError as exc:  # says more than the schema's pattern
             problems = [p for p in problems if not p.startswith("api.listen:")]
             problems.append(f"api.listen: {exc}")
+    paging = _paging(api if isinstance(api, dict) else {}, problems)
     cloudstack = cloudstack_config(doc.get("cloudstack"), base, problems)
     retention = retention_policy(doc.get("retention"), problems)
     billable = use.get("billable_traffic_types", ["public"]) if isinstance(use, dict) else []
@@ -260,6 +266,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             port=port,
             credentials=creds,
             credentials_file=creds_file,
+            paging=paging,
         ),
         cloudstack=cloudstack,
         rabbitmq=RabbitConfig(
@@ -277,6 +284,20 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         handoff=handoff,
         balances=balances,
     )
+
+
+def _paging(api: dict[str, Any], problems: list[str]) -> Paging:
+    sizes = {
+        k: v
+        for k in ("cloudstack_page_size", "page_size", "max_page_size")
+        if isinstance(v := api.get(k), int)
+    }
+    paging = Paging(**sizes)
+    if paging.page_size > paging.max_page_size:
+        problems.append(
+            f"api.page_size: {paging.page_size} is above api.max_page_size ({paging.max_page_size})"
+        )
+    return paging
 
 
 def _evict_after_ms(seconds: object) -> int | None:

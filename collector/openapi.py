@@ -11,14 +11,13 @@ from typing import Any
 
 from kvmeter.collector import openapi_credits
 from kvmeter.collector.api_params import (
-    DEFAULT_PAGE,
     MAX_CURSOR,
-    MAX_PAGE,
     MAX_TIME_MS,
     MAX_USAGE_TYPE,
     MONTH_PATTERN,
     TIME_FORMS,
     TIME_PATTERN,
+    Paging,
 )
 from kvmeter.collector.cost_report import CSV_FIELDS as COST_CSV_FIELDS
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
@@ -49,11 +48,6 @@ _PARAMS = {
     ),
     "resource": _query("resource", "Only this resource (VM or IP address uuid).", _ID),
     "format": _query("format", "json (the default) or csv.", {"type": "string", "enum": ["json", "csv"]}),
-    "limit": _query(
-        "limit",
-        f"Records per page (default {DEFAULT_PAGE}).",
-        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
-    ),
     "cursor": _query(
         "cursor",
         "The `next` of the previous page, with the same other parameters.",
@@ -320,9 +314,19 @@ def _csv(fields: list[str]) -> dict[str, Any]:
     return {"schema": {"type": "string", "description": "Header line: " + ",".join(fields)}}
 
 
-def document(*, webhook: bool = False) -> dict[str, Any]:
-    """The description of the API as served: with the webhook receiver when it is configured."""
-    page_params = [_PARAMS["format"], _PARAMS["limit"], _PARAMS["cursor"]]
+def _limit(paging: Paging) -> dict[str, Any]:
+    return _query(
+        "limit",
+        f"Records per page (default {paging.page_size}).",
+        {"type": "integer", "minimum": 1, "maximum": paging.max_page_size},
+    )
+
+
+def document(*, webhook: bool = False, paging: Paging | None = None) -> dict[str, Any]:
+    """The description of the API as served: with the webhook receiver when it is configured,
+    with the page sizes configured."""
+    limit = _limit(paging or Paging())
+    page_params = [_PARAMS["format"], limit, _PARAMS["cursor"]]
     doc = {
         "openapi": "3.1.0",
         "info": {

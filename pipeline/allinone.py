@@ -192,6 +192,7 @@ class AllInOne:
             settings=self.cfg.collector.settings,
             tariffs=self.tariffs,
             balances=self.balances,
+            paging=api.paging,
         )
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
         return self.api.url
