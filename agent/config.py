@@ -14,6 +14,11 @@ from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 DEFAULT_PATH = "/etc/kvmeter/agent.toml"
 
+# What Kafka adds around a batch, with room to spare: librdkafka counts a record's framing (at
+# most 36 bytes) and its key against message.max.bytes, the broker also the batch header (61).
+RECORD_OVERHEAD = 200
+MIN_BATCH_BYTES = 512  # a batch's header and one measure or inventory record
+
 _POSITIVE = {"type": "number", "exclusiveMinimum": 0}
 _COUNT = {"type": "integer", "minimum": 1}
 _STR = {"type": "string", "minLength": 1}
@@ -110,6 +115,25 @@ class AgentConfig:
     metrics_port: int = 9477
     traffic: TrafficRules = field(default_factory=lambda: TrafficRules.from_config(None))
 
+    @property
+    def batch_bytes(self) -> int:
+        """The largest batch a poll goes out in: kafka.max_batch_bytes, or less when the
+        producer's message.max.bytes ([kafka.properties]) would refuse a batch that size."""
+        limit = _message_max_bytes(self.kafka_properties)
+        if limit is None:
+            return self.kafka_max_batch_bytes
+        return min(self.kafka_max_batch_bytes, limit - RECORD_OVERHEAD - len(self.host_id.encode()))
+
+
+def _message_max_bytes(properties: Mapping[str, Any]) -> int | None:
+    value = properties.get("message.max.bytes")
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
 
 # (section, key) -> AgentConfig field
 _FIELDS = {
@@ -152,12 +176,32 @@ def validate(data: Mapping[str, Any], source: str = "config") -> AgentConfig:
         values["traffic"] = TrafficRules.from_config(traffic if isinstance(traffic, Mapping) else None)
     except TrafficRulesError as exc:
         problems.extend(f"traffic: {p}" for p in exc.problems)
+    problems.extend(_batch_problems(values))
     if problems:
         raise ConfigError(source, problems)
     for name in ("poll_interval", "libvirt_resync_seconds", "libvirt_call_timeout", "spool_max_age_seconds"):
         if name in values:
             values[name] = float(values[name])
     return AgentConfig(**values)
+
+
+def _batch_problems(values: Mapping[str, Any]) -> list[str]:
+    properties = values.get("kafka_properties")
+    if not isinstance(properties, Mapping) or "message.max.bytes" not in properties:
+        return []
+    value = properties["message.max.bytes"]
+    limit = None if isinstance(value, (bool, float)) else _message_max_bytes(properties)
+    if limit is None:
+        return [f"kafka.properties.message.max.bytes: {value!r} is not a whole number of bytes"]
+    host = values.get("host_id")
+    key = len(host.encode()) if isinstance(host, str) else len(socket.gethostname().encode())
+    room = limit - RECORD_OVERHEAD - key
+    if room < MIN_BATCH_BYTES:
+        return [
+            f"kafka.properties.message.max.bytes: {limit} leaves {room} bytes for a batch "
+            f"(at least {MIN_BATCH_BYTES + RECORD_OVERHEAD + key} for batches of {MIN_BATCH_BYTES})"
+        ]
+    return []
 
 
 def _is_loopback(address: str) -> bool:

@@ -311,7 +311,7 @@ class Agent:
         plan, now_ms, steady, deltas = self._measure(events)
         first_seq = self.seq + 1
         header_bytes = len(self._header(first_seq, now_ms, final=final).SerializeToString())
-        room = self.config.kafka_max_batch_bytes - header_bytes - 16  # for records in one batch
+        room = self.config.batch_bytes - header_bytes - 16  # for records in one batch
         totals: dict[str, list[int]] = {}
         parts: list[bytes] = []
         self.last_measures = 0

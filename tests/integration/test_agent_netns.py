@@ -323,3 +323,40 @@ def test_sighup_reloads_traffic_rules_and_keeps_counting(site: Site) -> None:
     assert types[0] == pb.GUEST, seen
     assert types[-1] == pb.STORAGE, seen
     assert types == sorted(types, key=lambda t: t == pb.STORAGE), seen  # guest until the reload only
+
+
+def test_polls_bigger_than_the_producers_message_max_bytes_go_out_split_every_byte_once(site: Site) -> None:
+    """librdkafka's smallest message.max.bytes (1000), four more VMs sending in a ring: a poll's
+    measures (and the first poll's inventory) do not fit one record, so a poll goes out as
+    consecutive batches that each do (before: refused with MSG_SIZE_TOO_LARGE, never delivered)."""
+    limit = 1000
+    ring = [
+        site.host.add_vm(f"i-2-{n}-VM", f"6d2a3c5e-0000-4000-8000-0000000000{n}",
+                         [("brvx-5001", f"02:00:0a:01:00:{n}", f"10.1.0.{n}/24")])
+        for n in (20, 21, 22, 23)
+    ]  # fmt: skip
+    site.vms += ring
+    site.host.write_libvirt_xml(site.agent.libvirt_xml)
+    time.sleep(0.3)  # their UDP sinks are listening
+    for k, vm in enumerate(ring):
+        vm.send(ring[(k + 1) % len(ring)].nics[0].ip, 1000)  # ARP resolved before the baseline
+    time.sleep(0.5)
+    site.baseline = {nic.mac: nic.total() for vm in site.vms for nic in vm.nics}  # their ARP too
+    site.agent.config.write_text(
+        site.agent.config.read_text() + f'[kafka.properties]\n"message.max.bytes" = {limit}\n'
+    )
+    site.agent.start()
+    site.agent.wait_polled()
+    for _ in range(3):
+        site.traffic()
+        for k, vm in enumerate(ring):
+            vm.send(ring[(k + 1) % len(ring)].nics[0].ip, 20_000 * (k + 1))
+        time.sleep(POLL)
+    assert site.agent.terminate() == 0
+    batches = site.verify(streams=1)  # no gap in the stream, every byte once
+    per_poll: dict[int, list[int]] = defaultdict(list)
+    for b in batches:
+        per_poll[b.poll_time].append(len(b.measures))
+        assert len(b.SerializeToString()) <= limit - 200 - len("h1")
+    assert any(sum(1 for n in sizes if n) > 1 for sizes in per_poll.values()), per_poll  # measures split
+    assert "MSG_SIZE_TOO_LARGE" not in site.agent.logs()

@@ -95,3 +95,22 @@ def test_values_land_in_their_fields() -> None:
     )
     assert (config.metrics_address, config.metrics_port) == ("::1", 0)
     assert config.traffic.classify("cloudbr1", None, None) == "guest"
+
+
+def test_batches_fit_the_producers_message_max_bytes() -> None:
+    assert validate({}).batch_bytes == 900_000
+    assert validate({"agent": {"host_id": "kvm-07"}, "kafka": {"max_batch_bytes": 4096}}).batch_bytes == 4096
+    small = {"agent": {"host_id": "kvm-07"}, "kafka": {"properties": {"message.max.bytes": 20_000}}}
+    assert validate(small).batch_bytes == 20_000 - 200 - len("kvm-07")  # record framing and key
+    as_text = {"agent": {"host_id": "kvm-07"}, "kafka": {"properties": {"message.max.bytes": "20000"}}}
+    assert validate(as_text).batch_bytes == 20_000 - 206
+    larger = {"kafka": {"max_batch_bytes": 300_000, "properties": {"message.max.bytes": 2_000_000}}}
+    assert validate(larger).batch_bytes == 300_000
+
+
+def test_a_message_max_bytes_that_leaves_no_room_for_a_batch_is_refused() -> None:
+    for value, why in [(600, "leaves 394 bytes for a batch"), ("lots", "not a whole number"), (1e6, "whole")]:
+        with pytest.raises(ConfigError) as err:
+            validate({"agent": {"host_id": "kvm-07"}, "kafka": {"properties": {"message.max.bytes": value}}})
+        assert "kafka.properties.message.max.bytes" in str(err.value)
+        assert why in str(err.value)
