@@ -14,11 +14,13 @@ go, exactly once in effect (collector/outbox_relay.py).
     retry_max_seconds = 60              # ... up to this
     batch_size = 200                    # items a relay claims at a time
     poll_seconds = 1                    # idle wait between rounds
-    lease_seconds = 300                 # a relay's hold on the items of its round
+    lease_seconds = 30                  # a relay's hold on its round's items, renewed while it runs
 
 A relay killed in the middle of a round (kill -9, a crash) leaves its items to the others, or to
-itself restarted, once its lease lapses; they are sent again then. A round that outlasts its
-lease may see another replica send some of its items too: harmless, the ids are the same.
+itself restarted, once its lease lapses (at most lease_seconds); they are sent again then. A
+running round renews its lease every third of it, however long its retries take; a relay that
+cannot reach the store for a whole lease may see another replica send some of its items too:
+harmless, the ids are the same.
 
 No section: no outbox is filled and nothing is handed off (/v1/usage and /v1/adjustments still
 list everything, with transaction ids).
@@ -74,7 +76,7 @@ class HandoffConfig:
     batch_size: int = 200
     poll_s: float = 1.0
 
-    lease_s: float = 300.0
+    lease_s: float = 30.0
 
     @property
     def lease_ms(self) -> int:

@@ -7,7 +7,9 @@ sink the items it has not confirmed yet, marks what each confirmed, and frees th
 next round. Nothing is marked before its sink confirmed it, so a crash anywhere (kill -9 in the
 middle of a delivery) loses nothing: the items are sent again once the lease lapses, and the
 receiver, deduplicating by transaction id, counts each once (at least once + stable ids =
-exactly-once effect).
+exactly-once effect). While a round delivers, a thread of its own renews the lease every third
+of it, so a long round (a webhook's backoff) keeps its items, and the lease can be short: a
+killed relay's items wait at most one lease.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prometheus_client.registry import Collector as PromCollector
 from kvmeter.collector.config_handoff import HandoffConfig
 from kvmeter.collector.outbox_sinks import KafkaSink, Sink, WebhookSink
 from kvmeter.collector.store import Store
-from kvmeter.collector.store.outbox import TOPIC
+from kvmeter.collector.store.outbox import TOPIC, OutboxRow
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,27 @@ class Relay:
         rows = self.store.claim_outbox(self.cfg.batch_size, self.clock(), self.cfg.lease_ms, self.sink_names)
         if not rows:
             return 0, True
+        finished = threading.Event()
+        keeper = threading.Thread(
+            target=self._keep_lease, args=([r.id for r in rows], finished), name="handoff-lease", daemon=True
+        )
+        keeper.start()
+        try:
+            return self._deliver(rows)
+        finally:
+            finished.set()
+            keeper.join()
+
+    def _keep_lease(self, ids: list[int], finished: threading.Event) -> None:
+        """Renew the round's lease every third of it until the round is over."""
+        while not finished.wait(self.cfg.lease_s / 3):
+            now = self.clock()
+            try:
+                self.store.renew_outbox(ids, now + self.cfg.lease_ms, now)
+            except Exception as exc:  # the next renewal tries again; a lapse only risks a duplicate
+                log.warning("hand-off: lease not renewed: %s", exc)
+
+    def _deliver(self, rows: list[OutboxRow]) -> tuple[int, bool]:
         unsent = {r.id for r in rows}
         done: dict[str, set[int]] = {name: set() for name in self.sink_names}
         error = ""

@@ -107,6 +107,21 @@ class Outbox(StoreCore):
                     .values(sent_ms=now_ms, claimed_until_ms=None, last_error=None)
                 )
 
+    def renew_outbox(self, ids: Sequence[int], until_ms: int, now_ms: int) -> int:
+        """Extend the lease on these rows while their delivery goes on (rows sent meanwhile, or
+        whose lease already lapsed, are left alone); returns the rows renewed."""
+        ob = handoff_outbox.c
+        renewed = 0
+        with self.write() as conn:
+            for part in slices(list(ids)):
+                result = conn.execute(
+                    sa.update(handoff_outbox)
+                    .where(ob.id.in_(part), ob.sent_ms.is_(None), ob.claimed_until_ms >= now_ms)
+                    .values(claimed_until_ms=until_ms)
+                )
+                renewed += int(result.rowcount or 0)
+        return renewed
+
     def release_outbox(self, ids: Sequence[int], error: str) -> None:
         """Delivery failed: the rows are free for the next attempt, with the reason kept."""
         if not ids:
