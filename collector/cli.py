@@ -13,7 +13,7 @@ from types import FrameType
 
 import click
 
-from kvmeter.collector import balance_watch, report
+from kvmeter.collector import balance_watch, report, unpriced_gauges
 from kvmeter.collector import config as config_mod
 from kvmeter.collector.billing.reads import item_pricing
 from kvmeter.collector.billing.tariff_file import TariffSource
@@ -138,6 +138,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             metrics,
         )
     book = balance_watch.book_for(cfg.balances, store, lambda: None if tariffs is None else tariffs.current)
+    unpriced_gauges.watch(tariffs, store, metrics.registry)  # usage the tariff does not price
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         logging.getLogger(__name__).info("signal %d: stopping after the current chunk", signum)

@@ -32,7 +32,7 @@ from typing import Any
 import click
 
 from kvmeter.agent import config as agent_config
-from kvmeter.collector import balance_watch
+from kvmeter.collector import balance_watch, unpriced_gauges
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.billing.reads import item_pricing
@@ -167,6 +167,7 @@ class AllInOne:
             if self.store.outbox:  # each billable item carries its cost (store/item_costs.py)
                 self.store.pricing = item_pricing(self.store, self.tariffs)
         tariffs = self.tariffs
+        unpriced_gauges.watch(tariffs, self.store, self.metrics.registry)
         self.watching: threading.Event | None = None  # [balances]: the watcher's, once running
         self.balances = balance_watch.book_for(
             cfg.collector.balances, self.store, lambda: None if tariffs is None else tariffs.current

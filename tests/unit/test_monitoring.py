@@ -18,13 +18,17 @@ import pytest
 import yaml
 
 from kvmeter.agent.metrics import AgentMetrics
+from kvmeter.collector import unpriced_gauges
 from kvmeter.collector.balance_watch import BalanceGauges
+from kvmeter.collector.billing import tariff_file
+from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.outbox_relay import HandoffMetrics
 from kvmeter.collector.store import Store
 from tests.monitoring_support import (
     DAEMONS,
     RULE_TESTS,
+    TOP,
     alert_rules,
     dashboard,
     dashboard_metrics,
@@ -68,6 +72,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, set
     collector.watch_store(store, lambda: 0)
     collector.registry.register(BalanceGauges(store))  # with a [balances] section
     HandoffMetrics(collector.registry, store)  # with a [handoff] section
+    tariff = tariff_file.load(TOP / "packaging/config/tariff.toml.example")
+    unpriced_gauges.watch(TariffSource(tariff, Path("tariff.toml")), store, collector.registry)  # [billing]
     try:
         yield {
             "agent": registry_names(AgentMetrics(enabled=True).registry),
