@@ -136,7 +136,7 @@ def create_app(
     paging = paging or Paging()
     api_usage.register(app, store, paging)
     api_cloudstack.register(app, store, paging.cloudstack_page_size)
-    api_corrections.register(app, store)
+    api_corrections.register(app, store, paging)
     api_dead_letters.register(app, store, None if settings is None else Redriver(store, settings))
     api_costs.register(app, store, tariffs)
     api_credits.register(app, store, balances)

@@ -1,32 +1,53 @@
 """GET /v1/corrections: what reconciliation against CloudStack's API changed (read-only), with
-source and reason; a caller sees only the corrections of the accounts it may read."""
+source and reason, a page at a time as /v1/usage pages (`limit`, `cursor`, `next`); a caller
+sees only the corrections of the accounts it may read."""
 
 from __future__ import annotations
 
-from flask import Flask, Response, jsonify, request
+from typing import Any
+
+from flask import Flask, Response, request
 
 from kvmeter.collector import api_params, report
-from kvmeter.collector.api_usage import visible_accounts
+from kvmeter.collector.api_usage import (
+    Position,
+    answer_page,
+    next_page,
+    page_limit,
+    sorted_accounts,
+    visible_accounts,
+)
 from kvmeter.collector.store import Store, reconciliation
+from kvmeter.collector.store.correction_pages import page_corrections
 
-MAX_ROWS = 10_000
+END_MS = 2**62  # no end given: every correction from start on
 
 
-def register(app: Flask, store: Store) -> None:
+def register(app: Flask, store: Store, paging: api_params.Paging | None = None) -> None:
+    paging = paging or api_params.Paging()
+
     @app.get("/v1/corrections")
     def corrections() -> Response:
         args = request.args
         start = api_params.optional_time_ms(args.get("start"), "start", default=0)
-        end = api_params.optional_time_ms(args.get("end"), "end", default=2**62)
+        end = api_params.optional_time_ms(args.get("end"), "end", default=END_MS)
         resource = api_params.name(args.get("resource"), "resource")
         accounts = visible_accounts(api_params.name(args.get("account"), "account"))  # 403 for another's
-        with store.read() as conn:
-            rows = reconciliation.list_corrections(
-                conn, accounts=accounts, resource=resource, start_ms=start, end_ms=end, limit=MAX_ROWS
+        limit = page_limit(args, paging)
+        query = api_params.fingerprint("corrections", start, end, sorted_accounts(accounts), resource)
+        position = api_params.decode_cursor(args.get("cursor"), query, 2)
+
+        def fetch(n: int, at: Position | None) -> tuple[list[dict[str, Any]], Position | None]:
+            after = (at[0], at[1]) if at else None
+            return page_corrections(
+                conn, accounts=accounts, resource=resource, start_ms=start, end_ms=end, limit=n, after=after
             )
+
+        with store.read() as conn:
+            rows, cursor = next_page(fetch, limit, position, query)
             names = reconciliation.load_names(conn)
         for row in rows:  # CloudStack's naming: accountid the uuid, account the name
             row["time"] = report.iso(row["time_ms"])
             row["accountid"] = row.pop("account")
             row.update({"account": "", **names.account(row["accountid"])})
-        return jsonify({"count": len(rows), "corrections": rows})
+        return answer_page({"count": len(rows), "corrections": rows, "next": cursor}, cursor)

@@ -52,7 +52,7 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
         )
         limit = page_limit(args, paging)
         query = api_params.fingerprint(
-            "usage", start, end, _sorted(flt.accounts), flt.usage_type, flt.resource
+            "usage", start, end, sorted_accounts(flt.accounts), flt.usage_type, flt.resource
         )
         position = api_params.decode_cursor(args.get("cursor"), query, 2)
 
@@ -62,10 +62,10 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
             return page.rows, page.after
 
         with store.read() as conn:
-            rows, cursor = _page(fetch, limit, position, query)
+            rows, cursor = next_page(fetch, limit, position, query)
         if fmt == "csv":
-            return _answer(report.render(rows, "csv"), cursor)
-        return _answer(
+            return answer_page(report.render(rows, "csv"), cursor)
+        return answer_page(
             {"count": len(rows), "usage": [report.record_dict(r) for r in rows], "next": cursor}, cursor
         )
 
@@ -81,7 +81,7 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
         limit = page_limit(args, paging)
         # after: the last seq a poller took (the last page gives no cursor; its last seq does)
         after = api_params.optional_integer(args.get("after"), "after", default=0, maximum=2**63 - 1)
-        query = api_params.fingerprint("adjustments", since, until, _sorted(accounts), after)
+        query = api_params.fingerprint("adjustments", since, until, sorted_accounts(accounts), after)
         position = api_params.decode_cursor(args.get("cursor"), query, 1) or (after,)
 
         def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[Adjustment], tuple[int, ...] | None]:
@@ -90,11 +90,11 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
             )
             return page, ((page[-1].seq,) if page else None)
 
-        rows, cursor = _page(fetch, limit, position, query)
+        rows, cursor = next_page(fetch, limit, position, query)
         if fmt == "csv":
-            return _answer(report.render_adjustments(rows, "csv"), cursor)
+            return answer_page(report.render_adjustments(rows, "csv"), cursor)
         items = [report.adjustment_dict(a) for a in rows]
-        return _answer({"count": len(rows), "adjustments": items, "next": cursor}, cursor)
+        return answer_page({"count": len(rows), "adjustments": items, "next": cursor}, cursor)
 
 
 def visible_accounts(requested: str | None) -> frozenset[str] | None:
@@ -108,7 +108,7 @@ def visible_accounts(requested: str | None) -> frozenset[str] | None:
     return frozenset({requested})
 
 
-def _sorted(accounts: frozenset[str] | None) -> list[str] | None:
+def sorted_accounts(accounts: frozenset[str] | None) -> list[str] | None:
     # A cursor's fingerprint must not depend on a set's (per-process) iteration order.
     return None if accounts is None else sorted(accounts)
 
@@ -126,7 +126,7 @@ def page_limit(args: Mapping[str, str], paging: api_params.Paging) -> int:
     )
 
 
-def _page(
+def next_page(
     fetch: Callable[[int, Position | None], tuple[list[Row], Position | None]],
     limit: int,
     position: Position | None,
@@ -140,7 +140,7 @@ def _page(
     return rows, api_params.encode_cursor(query, last)
 
 
-def _answer(body: str | dict[str, Any], cursor: str | None) -> Response:
+def answer_page(body: str | dict[str, Any], cursor: str | None) -> Response:
     """JSON (a dict) or CSV (text), with a Link header to the next page: the same query with
     the new cursor."""
     response = jsonify(body) if isinstance(body, dict) else Response(body, mimetype="text/csv")

@@ -23,7 +23,6 @@ from kvmeter.collector.cost_report import CSV_FIELDS as COST_CSV_FIELDS
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.report import ADJUSTMENT_FIELDS, CSV_FIELDS
 
-CORRECTIONS_MAX = 10_000  # api_corrections.MAX_ROWS
 LETTERS_MAX, LETTER_ID_MAX = 1000, 2**62  # api_dead_letters.MAX_PAGE, MAX_ID
 
 TIME_TEXT = f"{TIME_FORMS}; naive times are UTC; from 1970-01-01 to 9999-12-31 (ms 0 to {MAX_TIME_MS})"
@@ -164,12 +163,6 @@ SCHEMAS: dict[str, Any] = {
         ),
         "required": ["event_id", "resource", "event_type", "time_ms", "accountid", "source", "reason"],
     },
-    "CorrectionList": _object(
-        {
-            "count": _INT,
-            "corrections": {"type": "array", "items": _ref("Correction"), "maxItems": CORRECTIONS_MAX},
-        }
-    ),
     "WebhookAnswer": _object({"status": _INT, "message": _STR}),
     "DeadLetter": _object(_LETTER),
     "DeadLetterWithBytes": _object(
@@ -281,6 +274,7 @@ SCHEMAS["Costs"] = _object(
 for _page, _items, _item in (
     ("UsagePage", "usage", "UsageRecord"),
     ("AdjustmentPage", "adjustments", "Adjustment"),
+    ("CorrectionPage", "corrections", "Correction"),
 ):
     SCHEMAS[_page] = _object(
         {
@@ -429,15 +423,24 @@ def document(*, webhook: bool = False, paging: Paging | None = None) -> dict[str
             "/v1/corrections": {
                 "get": {
                     "summary": "What reconciliation against CloudStack's API changed, by time",
-                    "description": f"The first {CORRECTIONS_MAX} corrections in [start, end).",
+                    "description": (
+                        "Corrections in [start, end), a page at a time. Stable order: time, then "
+                        "the correcting event."
+                    ),
                     "parameters": [
                         _time("start", "From (default: the beginning)"),
                         _time("end", "To, exclusive (default: no end)"),
                         _PARAMS["account"],
                         _PARAMS["resource"],
+                        limit,
+                        _PARAMS["cursor"],
                     ],
                     "responses": {
-                        "200": {"description": "Corrections.", "content": _json("CorrectionList")},
+                        "200": {
+                            "description": "One page of corrections.",
+                            "headers": _NEXT_LINK,
+                            "content": _json("CorrectionPage"),
+                        },
                         **_ERRORS,
                     },
                 }

@@ -23,14 +23,15 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from kvmeter.collector import api_corrections, api_dead_letters
+from kvmeter.collector import api_dead_letters
 from kvmeter.collector.api import ApiServer, create_app
 from kvmeter.collector.billing import tariff_file
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.openapi import CORRECTIONS_MAX, LETTER_ID_MAX, LETTERS_MAX, document
-from tests.api_support import filled_store, running
+from kvmeter.collector.openapi import LETTER_ID_MAX, LETTERS_MAX, document
+from tests.api_support import NOW, filled_store, running
+from tests.integration.test_corrections_pages import CORRECTIONS, add_corrections
 
 TOKEN = "openapi-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -50,6 +51,7 @@ CHECKS = [
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
     store, _ = filled_store(tmp_path_factory.mktemp("openapi"))
+    add_corrections(store, CORRECTIONS, NOW)  # /v1/corrections answers pages with rows
     tariffs = TariffSource(tariff_file.load(TARIFF), TARIFF)
     app = create_app(
         store, token=TOKEN, metrics=Metrics(), webhook=WebhookInput("webhook-secret"), tariffs=tariffs
@@ -91,7 +93,6 @@ def test_every_query_parameter_the_code_reads_is_described(api: tuple[str, objec
     read = {part.split('"')[1] for part in source.split("args.get(")[1:]}
     assert read
     assert read <= described, read - described
-    assert CORRECTIONS_MAX == api_corrections.MAX_ROWS
     assert (LETTERS_MAX, LETTER_ID_MAX) == (api_dead_letters.MAX_PAGE, api_dead_letters.MAX_ID)
 
 
