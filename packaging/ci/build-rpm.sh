@@ -23,7 +23,7 @@ cp "$p/sysusers.d/kvmeter-agent.conf" "$work/sources/kvmeter-agent.sysusers.conf
 cp "$p/sysusers.d/kvmeter-collector.conf" "$work/sources/kvmeter-collector.sysusers.conf"
 cp "$p/tmpfiles.d/kvmeter-agent.conf" "$work/sources/kvmeter-agent.tmpfiles.conf"
 cp "$p/tmpfiles.d/kvmeter-collector.conf" "$work/sources/kvmeter-collector.tmpfiles.conf"
-cp "$p/config/agent.toml.example" "$p/config/collector.toml.example" "$work/sources/"
+cp "$p/config/agent.toml.example" "$p/config/collector.toml.example" "$p/config/tariff.toml.example" "$work/sources/"
 cp "$p/README.md" "$work/sources/README.packaging.md"
 cp "$p/man/kvmeter.1" "$work/sources/"
 cp "$p"/monitoring/grafana/kvmeter-{agent,collector}.json "$work/sources/"

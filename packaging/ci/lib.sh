@@ -12,7 +12,8 @@ upstream_version() { sed -n 's/^version = "\(.*\)"$/\1/p' "$top/pyproject.toml";
 
 require_configs() {
 	local f
-	for f in packaging/config/agent.toml.example packaging/config/collector.toml.example; do
+	for f in packaging/config/agent.toml.example packaging/config/collector.toml.example \
+		packaging/config/tariff.toml.example; do
 		[ -f "$top/$f" ] || die "missing $f (it becomes the package's config file)"
 	done
 }

@@ -157,6 +157,7 @@ def test_debs_split_the_code_by_role(dist: Path) -> None:
     assert not any(f.startswith(f"{site}/agent/") for f in collector)
     assert "./lib/systemd/system/kvmeter-agent.service" in agent
     assert "./lib/systemd/system/kvmeter-collector.service" in collector
+    assert "./etc/kvmeter/tariff.toml" in collector  # packaging/config/tariff.toml.example
     for part, files_of_part in (("agent", agent), ("collector", collector)):  # packaging/monitoring
         assert f"./usr/share/kvmeter/grafana/kvmeter-{part}.json" in files_of_part
         assert f"./usr/share/kvmeter/prometheus/kvmeter-{part}.rules.yml" in files_of_part
@@ -200,6 +201,15 @@ def test_users_config_and_state_directories(root: DebianRoot) -> None:
     conffiles = root.ok("dpkg-query", "-W", "-f", "${Conffiles}\n", "kvmeter-agent", "kvmeter-collector")
     assert "/etc/kvmeter/agent.toml" in conffiles
     assert "/etc/kvmeter/collector.toml" in conffiles
+    assert "/etc/kvmeter/tariff.toml" in conffiles
+    assert root.stat("/etc/kvmeter/tariff.toml") == "root:root 644"  # prices, no secret
+    shipped = (root.path / "etc/kvmeter/tariff.toml").read_text()
+    assert shipped == (TOP / "packaging/config/tariff.toml.example").read_text()
+    loads = (
+        "from kvmeter.collector.billing import tariff_file as t; "
+        "print(t.load('/etc/kvmeter/tariff.toml', ['public']).currency)"
+    )
+    assert root.ok("python3", "-c", loads).strip() == "EUR"  # the installed code takes the installed file
 
 
 def test_shipped_configs_point_into_the_writable_state_directories(root: DebianRoot) -> None:
@@ -486,6 +496,14 @@ def test_rpms_files_requirements_and_scriptlets(dist: Path) -> None:
     collector_files = query("kvmeter-collector", "--list")
     assert "/usr/share/kvmeter/grafana/kvmeter-collector.json" in collector_files
     assert "/usr/share/kvmeter/prometheus/kvmeter-collector.rules.yml" in collector_files
+    assert re.search(
+        r"-rw-r--r--\s+\d+\s+root\s+root\s.*/etc/kvmeter/tariff.toml",
+        query("kvmeter-collector", "--list", "-v"),
+    )
+    assert query("kvmeter-collector", "--configfiles").split() == [
+        "/etc/kvmeter/collector.toml",
+        "/etc/kvmeter/tariff.toml",
+    ]
     common_files = query("python3-kvmeter", "--list")
     assert "/usr/bin/kvmeter" in common_files
     assert "/kvmeter/collector/" not in common_files
