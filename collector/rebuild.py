@@ -13,7 +13,8 @@ Order, as the live collector catches up: lifecycle first, then measures, then on
 Before all that, the live store's record versions are carried over (store/versions.py): the
 rebuilt store folds late changes into each record as it finalizes it at once, and its next
 adjustment of a window continues after the live store's last version instead of giving a
-transaction id the live store already handed off to other content.
+transaction id the live store already handed off to other content; so are the running totals
+its items' costs were made under (store/item_costs.py).
 The topics are read by a consumer of its own (kafka_history.read_topic): the live consumer
 group's offsets do not move.
 """
@@ -33,7 +34,7 @@ from kvmeter.collector.kafka_history import read_topic
 from kvmeter.collector.model import Outcome, Record, Settings
 from kvmeter.collector.schema import lifecycle_events, stream_marks, usage_records
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store, versions
+from kvmeter.collector.store import Store, item_costs, versions
 from kvmeter.proto import pb
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ def rebuild(
     check_empty(into)
     with live.read() as source, into.write() as conn:
         done = Rebuilt(carried_versions=versions.carry(conn, into, versions.given(source)))
+        item_costs.carry(source, conn, into)
     clock = ReplayClock(wall)
     collector = Collector(into, settings, clock)
     if kafka is not None and kafka.bootstrap:

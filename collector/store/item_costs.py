@@ -116,3 +116,14 @@ def _rating_item(item: dict[str, Any]) -> Item:
     )
     kind = RECORD if item["kind"] == "record" else ADJUSTMENT
     return Item(key, int(item["quantity"]), kind, int(item["made_ms"]), int(item["version"]))
+
+
+def carry(source: Connection, into: Connection, store: StoreCore) -> int:
+    """A rebuild: the running totals the live store's items were made under, so the new store's
+    next items continue the live store's month (the live store may predate them: none)."""
+    if not sa.inspect(source).has_table(item_costs.name):
+        return 0
+    rows = [dict(row._mapping) for row in source.execute(sa.select(item_costs))]
+    if rows:
+        into.execute(store._insert(item_costs).on_conflict_do_nothing(), rows)
+    return len(rows)

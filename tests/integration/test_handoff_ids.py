@@ -131,8 +131,10 @@ def test_migration_19_adds_the_kept_versions_to_an_older_store(urls: tuple[str, 
     store = opened(urls[0])
     with store.write() as conn:
         conn.execute(sa.text("DROP TABLE record_versions"))
+        conn.execute(sa.text("DROP TABLE handoff_item_costs"))
         conn.execute(sa.text("DELETE FROM schema_version WHERE version = 19"))
     assert store.migrate() >= 19
     with store.read() as conn:
         assert sa.inspect(conn).has_table("record_versions")
+        assert sa.inspect(conn).has_table("handoff_item_costs")
     store.close()

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 
 from kvmeter.collector.billing import months_costs, tariff_file
 from kvmeter.collector.billing.rating import Facts
-from kvmeter.collector.model import Record
+from kvmeter.collector.model import Record, Settings, UsageKey
+from kvmeter.collector.rebuild import rebuild
 from kvmeter.collector.schema import handoff_outbox
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.item_costs import tariff_identity
@@ -109,3 +110,32 @@ def test_without_a_tariff_items_carry_no_cost(url: str) -> None:
     assert handed
     assert not any("cost" in i for i in handed)
     store.close()
+
+
+def test_a_rebuilt_store_prices_its_next_items_as_the_live_store_would(url: str, tmp_path: Path) -> None:
+    tariff = tariff_file.from_dict(TARIFF, "test tariff", billable=["public"])
+    live = Store(url, outbox=True)
+    live.migrate()
+    live.pricing = lambda _conn: (tariff, Facts())
+    _run(live)
+    into_url = f"sqlite:///{tmp_path}/rebuilt.db"
+    into = Store(into_url)
+    into.migrate()
+    rebuild(Settings(), None, live, into, lambda: T0 + 7 * HOUR)  # fills no outbox
+    into.close()
+    into = Store(into_url, outbox=True)  # put in service with [handoff] and the tariff
+    into.pricing = lambda _conn: (tariff, Facts())
+    late = UsageKey(ACCT_A, 4, VM1, "", "public", T0 + HOUR, T0 + 2 * HOUR)
+    for store in (live, into):
+        with store.write() as conn:
+            store.add_bytes(conn, {late: 1234}, {}, store.finalized_through(conn), T0 + 8 * HOUR)
+    (mine,), (theirs,) = (
+        [i for i in items(s) if i["made_ms"] == T0 + 8 * HOUR] for s in (live, into)
+    )  # fmt: skip
+    assert mine["transaction_id"] == theirs["transaction_id"]  # the versions carried over
+    assert mine["cost"] == theirs["cost"]  # the running total and tiers carried over
+    # Past the tier (0.0001 a byte, 0.1234 exact) and a step of the carried rounded total; a
+    # store starting the month afresh would price the bytes at the first tier (0.37).
+    assert Decimal(mine["cost"]["amount"]) == Decimal("0.13")
+    live.close()
+    into.close()
