@@ -21,6 +21,7 @@ import uuid
 from typing import Any
 
 from kvmeter.collector.model import NETWORK_BYTES_RECEIVED, NETWORK_BYTES_SENT, USAGE_TYPE_NAMES, UsageKey
+from kvmeter.collector.vm_size import parse_size
 
 # Fixed forever: changing it would change every id ever handed off.
 NAMESPACE = uuid.UUID("6f1c9a52-3e4b-5d87-9a0e-6b3c2d1f8e47")
@@ -35,6 +36,8 @@ def transaction_id(key: UsageKey, version: int) -> str:
 
 
 def _item(key: UsageKey, kind: str, version: int, quantity: int) -> dict[str, Any]:
+    bytes_ = key.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED)
+    size = None if bytes_ else parse_size(key.detail)
     return {
         "transaction_id": transaction_id(key, version),
         "kind": kind,
@@ -44,11 +47,13 @@ def _item(key: UsageKey, kind: str, version: int, quantity: int) -> dict[str, An
         "usage_type_name": USAGE_TYPE_NAMES.get(key.usage_type, str(key.usage_type)),
         "resource": key.resource,
         "offering": key.offering,
-        "traffic_type": key.detail,
+        "traffic_type": key.detail if bytes_ else "",
+        "cpunumber": size[0] if size else None,  # VM time on a custom offering (vm_size.py)
+        "memory": size[1] if size else None,
         "start_ms": key.window_start_ms,
         "end_ms": key.window_end_ms,
         "quantity": quantity,
-        "unit": "bytes" if key.usage_type in (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED) else "ms",
+        "unit": "bytes" if bytes_ else "ms",
     }
 
 

@@ -29,7 +29,8 @@ Decisions:
   lack `eventDateTime`; then `time` stays unset (they are audit-only for the state machine).
 - Async-job results (jobResult) give what the bus otherwise lacks: an IP resource's address,
   a VM's NIC MACs / IPs (first NIC in mac / ip_address, all in attributes nic.N.*) and a VM's
-  service offering (offering_uuid; cpunumber / memory in attributes).
+  service offering (offering_uuid; cpunumber / memory in attributes, and a custom offering's
+  VM details as details.cpuNumber / details.memory).
 """
 
 from __future__ import annotations
@@ -242,6 +243,11 @@ def _fill_from_job_result(ev: pb.LifecycleEvent, result: dict[str, Any]) -> None
             for name in ("cpunumber", "memory"):
                 if _text(body.get(name)):
                     ev.attributes[name] = _text(body.get(name))
+            details = body.get("details")  # a custom offering's VM: its own cpuNumber / memory
+            if isinstance(details, dict):
+                for name in ("cpuNumber", "memory"):
+                    if _text(details.get(name)):
+                        ev.attributes[f"details.{name}"] = _text(details.get(name))
         nics = body.get("nic")
         if isinstance(nics, list):
             for i, nic in enumerate(n for n in nics if isinstance(n, dict)):

@@ -38,6 +38,11 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   time): a completed VM.CREATE job's offering is the VM's first; a completed scaling job's
   (VM.UPGRADE / VM.DYNAMIC.SCALE) offering goes to the resource's one scaling usage event
   without an offering (more than one: not paired, the reconciler settles it).
+- Sizes (custom offerings, vm_size.py): a VM usage event naming cpunumber and memory (the
+  reconciler's corrections; a job result's VM details, paired as its offering is) sets the
+  VM's size; a segment carries the offering and size in force when it opened, and a scaling
+  event that changes either splits RUNNING / ALLOCATED at its time, as an offering change does.
+  A new offering without a size ends the old size; an event naming neither inherits both.
 - Clock skew (several management servers, each with its own clock, one bus): within one source
   (a Kafka partition, a RabbitMQ stream, a file: events carry their place in the source's own
   stored order, delivery_source / delivery_seq), an event delivered after another but stamped
@@ -73,6 +78,7 @@ from dataclasses import dataclass
 
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
 from kvmeter.collector.policy import CREATE, DEFAULT_POLICY, DESTROY, EXPUNGE, BillingPolicy
+from kvmeter.collector.vm_size import size_of
 from kvmeter.proto import pb
 
 __all__ = ["ResourceHistory", "Segment", "as_read", "build_history", "build_resource_history", "event_order"]
@@ -88,7 +94,9 @@ STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutd
 _VM_TYPES = frozenset({"", "VirtualMachine", "DomainRouter", "ConsoleProxy", "SecondaryStorageVm"})
 _NIC_MAC = re.compile(r"^nic\.\d+\.mac$")
 _NIC_IP = re.compile(r"^nic\.\d+\.ip$")
-_READ_ATTRIBUTES = re.compile(r"^(old-state|new-state|nic\.\d+\.(mac|ip))$")  # all it reads
+_READ_ATTRIBUTES = re.compile(
+    r"^(old-state|new-state|nic\.\d+\.(mac|ip)|cpunumber|cpuNumber|memory|details\.(cpuNumber|memory))$"
+)  # all it reads
 
 # Effect rank, the tie-break among events of one time that would all change the state:
 # closers (0) before splitters (1) before openers (2).
@@ -169,6 +177,7 @@ def _dedupe_into(unique: dict[str, pb.LifecycleEvent], ev: pb.LifecycleEvent) ->
 class _Open:
     start_ms: int
     offering: str
+    size: str = ""
 
 
 class _Machine:
@@ -179,21 +188,22 @@ class _Machine:
         # first_start: a create is in force (seen, not yet ended by the policy's closer)
         self.created = False
         self.open: dict[str, _Open | None] = {"running": None, "allocated": None, "ip": None}
-        self.segments: dict[str, list[tuple[int, int | None, str]]] = {
+        self.segments: dict[str, list[tuple[int, int | None, str, str]]] = {
             "running": [],
             "allocated": [],
             "ip": [],
         }
         self.offering = ""  # last offering an event named for this resource
+        self.size = ""  # last size an event named for it (vm_size.py), while that offering holds
         # The last boundary of each kind: with skew an event stamped before it is applied
         # after it, and its boundary is held here (in stamp order it never matters).
         self.floor: dict[str, int] = {}
 
-    def opened(self, kind: str, at: int, offering: str) -> bool:
+    def opened(self, kind: str, at: int, offering: str, size: str = "") -> bool:
         if self.open[kind] is not None:
             return False
         at = max(at, self.floor.get(kind, at))
-        self.open[kind] = _Open(at, offering)
+        self.open[kind] = _Open(at, offering, size)
         self.floor[kind] = at
         return True
 
@@ -203,18 +213,31 @@ class _Machine:
             return False
         at = max(at, cur.start_ms)  # never negative
         if at > cur.start_ms:
-            self.segments[kind].append((cur.start_ms, at, cur.offering))
+            self.segments[kind].append((cur.start_ms, at, cur.offering, cur.size))
         self.open[kind] = None
         self.floor[kind] = at
         return True
 
-    def split(self, kind: str, at: int, offering: str) -> bool:
-        """Close and reopen an open segment when the offering changes; else nothing."""
+    def split(self, kind: str, at: int, *, named: bool) -> bool:
+        """Close and reopen an open segment when an event that named an offering or a size
+        changed them (self.offering / self.size); else nothing."""
         cur = self.open[kind]
-        if cur is None or not offering or offering == cur.offering:
+        if cur is None or not named or (cur.offering, cur.size) == (self.offering, self.size):
             return False
         self.close(kind, at)
-        return self.opened(kind, at, offering)
+        return self.opened(kind, at, self.offering, self.size)
+
+    def name(self, ev: pb.LifecycleEvent) -> bool:
+        """Take the offering and the size a VM usage event names; True when it names either. A
+        new offering without a size ends the old size (it was the old offering's)."""
+        if not ev.event_type.startswith("VM."):
+            return False
+        offering, size = ev.offering_uuid, size_of(ev.attributes)
+        if offering and offering != self.offering:
+            self.offering, self.size = offering, ""
+        if size:
+            self.size = size
+        return bool(offering or size)
 
     def deallocate(self, at: int) -> bool:
         """The policy's end of an allocation: ALLOCATED closed, a pending one (first_start) dropped."""
@@ -230,17 +253,18 @@ class _Machine:
         else:
             return False
         if self.created and self.open["running"] is not None and self.open["allocated"] is None:
-            changed = self.opened("allocated", ev.time, self.offering) or changed  # first_start
+            changed = self.opened("allocated", ev.time, self.offering, self.size) or changed  # first_start
         return changed
 
     def would_change(self, ev: pb.LifecycleEvent) -> bool:
         """Whether apply(ev) would change the state; the machine is left as it was."""
         if ev.category not in (pb.USAGE, pb.RESOURCE_STATE):
             return False
-        opened, offering, floor, created = dict(self.open), self.offering, dict(self.floor), self.created
+        opened, offering, size = dict(self.open), self.offering, self.size
+        floor, created = dict(self.floor), self.created
         lengths = {kind: len(segs) for kind, segs in self.segments.items()}
         changed = self.apply(ev)
-        self.open, self.offering, self.floor, self.created = opened, offering, floor, created
+        self.open, self.offering, self.size, self.floor, self.created = opened, offering, size, floor, created
         for kind, length in lengths.items():
             del self.segments[kind][length:]
         return changed
@@ -249,28 +273,27 @@ class _Machine:
         t, kind = ev.time, ev.event_type
         if kind not in _USAGE_RANK:
             return False  # other usage types (volumes, network offerings, ...) are not metered here
-        named = ev.offering_uuid if kind.startswith("VM.") else ""
-        offering = named or self.offering
-        if named:
-            self.offering = named
+        named = self.name(ev)
+        offering, size = self.offering, self.size
         policy = self.policy
         if kind == "VM.CREATE":
             if policy.allocated_from == CREATE or self.open["allocated"] is not None:
-                return self.opened("allocated", t, offering) or self.split("allocated", t, named)
+                return self.opened("allocated", t, offering, size) or self.split("allocated", t, named=named)
             created, self.created = self.created, True  # first_start: opened by the first start
             return not created
         if kind == "VM.START":
-            changed = self.split("allocated", t, named)
+            changed = self.split("allocated", t, named=named)
             if not policy.running_by_usage:
-                return self.split("running", t, named) or changed
-            return self.opened("running", t, offering) or self.split("running", t, named) or changed
+                return self.split("running", t, named=named) or changed
+            opened = self.opened("running", t, offering, size)
+            return opened or self.split("running", t, named=named) or changed
         if kind == "VM.STOP":
             return policy.running_by_usage and self.close("running", t)
         if kind == "VM.UPGRADE":
-            return self.split("allocated", t, named)
+            return self.split("allocated", t, named=named)
         if kind == "VM.DYNAMIC.SCALE":
-            running = self.split("running", t, named)
-            return self.split("allocated", t, named) or running
+            running = self.split("running", t, named=named)
+            return self.split("allocated", t, named=named) or running
         if kind == "VM.DESTROY":
             running = policy.running_by_usage and self.close("running", t)
             return (policy.allocated_until == DESTROY and self.deallocate(t)) or running
@@ -295,28 +318,37 @@ class _Machine:
         if not self.policy.running_by_state:
             return False
         if new == RUNNING_STATE:
-            return self.opened("running", ev.time, self.offering)
+            return self.opened("running", ev.time, self.offering, self.size)
         if new in STOPPED_STATES:
             return self.close("running", ev.time)
         return False
 
 
-def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[str, list[pb.LifecycleEvent]]:
-    """The VM's offering at creation and its events, a scaling usage event given the offering a
-    completed scaling job named. Async jobs carry the VM as the API returned it (offering, no
-    time); usage events the time (no offering): paired only where that is unambiguous."""
+def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[tuple[str, str], list[pb.LifecycleEvent]]:
+    """The VM's offering and size at creation and its events, a scaling usage event given the
+    offering and size (cpunumber / memory) a completed scaling job named. Async jobs carry the VM
+    as the API returned it (offering, size, no time); usage events the time (neither): paired
+    only where that is unambiguous."""
     done = [ev for ev in events if ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE and ev.offering_uuid]
-    created = {ev.offering_uuid for ev in done if ev.event_type == "VM.CREATE"}
-    scaled = {ev.offering_uuid for ev in done if ev.event_type in _SCALING}
+    # A job result's VM has its own size in its details only on a custom offering.
+    created = {
+        (ev.offering_uuid, size_of(ev.attributes, "details.")) for ev in done if ev.event_type == "VM.CREATE"
+    }
+    scaled = {
+        (ev.offering_uuid, size_of(ev.attributes, "details.")) for ev in done if ev.event_type in _SCALING
+    }
     bare = [
         ev for ev in events if ev.category == pb.USAGE and ev.event_type in _SCALING and not ev.offering_uuid
     ]
     if len(scaled) == 1 and len(bare) == 1:
         named = pb.LifecycleEvent()
         named.CopyFrom(bare[0])
-        named.offering_uuid = scaled.pop()
+        named.offering_uuid, size = scaled.pop()
+        if size:
+            cpu, memory = size.split("/")
+            named.attributes.update({"cpunumber": cpu, "memory": memory})
         events = [named if ev is bare[0] else ev for ev in events]
-    return (created.pop() if len(created) == 1 else ""), events
+    return (created.pop() if len(created) == 1 else ("", "")), events
 
 
 def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) -> ResourceHistory:
@@ -325,7 +357,7 @@ def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) ->
     events.sort(key=lambda ev: (at[id(ev)], *event_order(ev)))
     hist = ResourceHistory(resource_uuid=uuid)
     machine = _Machine(policy)
-    machine.offering = initial
+    machine.offering, machine.size = initial
     address = ""
     for ev in _effect_order(machine, events, at):
         if not hist.resource_type and ev.resource_type:
@@ -341,11 +373,11 @@ def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) ->
     hist.allocation_pending = machine.created and machine.open["allocated"] is None
     for kind, cur in machine.open.items():
         if cur is not None:
-            machine.segments[kind].append((cur.start_ms, None, cur.offering))
+            machine.segments[kind].append((cur.start_ms, None, cur.offering, cur.size))
     for kind, target in (("running", hist.running), ("allocated", hist.allocated), ("ip", hist.ip)):
-        for start, end, offering in machine.segments[kind]:
+        for start, end, offering, size in machine.segments[kind]:
             owner = hist.owner_at(start) or ""
-            target.append(Segment(start, end, offering, owner, address if kind == "ip" else ""))
+            target.append(Segment(start, end, offering, owner, address if kind == "ip" else "", size))
     return hist
 
 

@@ -105,7 +105,8 @@ class Segment:
 
     `account` is the owner at start_ms ("" when no usage event has told the owner yet);
     `offering` the service offering when an event carried one, else "";
-    `address` the textual IP of an IP-address resource when known, else "".
+    `address` the textual IP of an IP-address resource when known, else "";
+    `size` a VM's own vCPUs / memory when an event named them (vm_size.py), else "".
     """
 
     start_ms: int
@@ -113,6 +114,7 @@ class Segment:
     offering: str = ""
     account: str = ""
     address: str = ""
+    size: str = ""
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ _WINDOW = {
     "resource": _STR,
     "offering": _STR,
     "traffic_type": {**_STR, "description": "Byte usage: public, guest, ...; empty for time usage."},
+    "cpunumber": {"type": ["integer", "null"], "description": "VM time on a custom offering: its vCPUs."},
+    "memory": {"type": ["integer", "null"], "description": "VM time on a custom offering: its memory, MiB."},
     "start": {**_STR, "description": "Window start, UTC (2024-05-14T09:00:00Z)."},
     "end": _STR,
     "start_ms": _INT,

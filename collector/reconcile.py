@@ -28,6 +28,10 @@ give the same event and a pass run again adds nothing. Rules:
 - Offerings: a VM's open segments name no offering -> VM.DYNAMIC.SCALE at their start (a split
   at a segment's start names it); another offering than CloudStack's -> VM.DYNAMIC.SCALE at the
   last scaling event after the segment started, else the pass that first saw the new offering.
+  Custom offerings (the VM's details name cpuNumber / memory, or the offering is customized):
+  the size (cpunumber / memory) is compared as the offering is: unnamed -> named at the open
+  segments' start; another -> VM.DYNAMIC.SCALE with cpunumber / memory at the same best known
+  time, so RUNNING / ALLOCATED split there exactly as on an offering change.
 - Routers: the owner of the router's guest network (or of its VPC's networks) -> ROUTER.OWNER,
   a usage-shaped event that sets the router's owner timeline and opens no segment.
 - The owner is never guessed: events that open something carry the account CloudStack names,
@@ -57,6 +61,7 @@ from kvmeter.collector.correction import SOURCE, Correction
 from kvmeter.collector.cs_snapshot import Snapshot, SnapshotError, Vm
 from kvmeter.collector.model import ResourceHistory, Segment
 from kvmeter.collector.policy import DEFAULT_POLICY, DESTROY, BillingPolicy
+from kvmeter.collector.vm_size import size_text
 from kvmeter.collector.witness import Witness, observe
 from kvmeter.proto import pb
 
@@ -300,7 +305,15 @@ def _opened(
         reason = "CloudStack lists the VM while kvmeter had no allocation (create event lost)"
         out.corrections.append(
             Correction(
-                uuid, "VirtualMachine", "VM.CREATE", create_at, owner, reason, vm.offering, zone=vm.zone
+                uuid,
+                "VirtualMachine",
+                "VM.CREATE",
+                create_at,
+                owner,
+                reason,
+                vm.offering,
+                zone=vm.zone,
+                details=_size_details(vm, _size(snapshot, vm)),
             )
         )
         last, added = max(last, create_at), True
@@ -321,8 +334,9 @@ def _opened(
             return added
         reason = "CloudStack says Running while kvmeter had it stopped (start event lost)"
         start = Correction(
-            uuid, "VirtualMachine", "VM.START", min(seen), owner, reason, vm.offering, zone=vm.zone
-        )
+            uuid, "VirtualMachine", "VM.START", min(seen), owner, reason, vm.offering, zone=vm.zone,
+            details=_size_details(vm, _size(snapshot, vm)),
+        )  # fmt: skip
         out.corrections.extend(_running_change(policy, start, None))
         added = True
     return added
@@ -336,28 +350,33 @@ def _offerings(
         if uuid in skip or history is None or not vm.offering:
             continue
         segments = [s for s in (_open(history.allocated), _open(history.running)) if s is not None]
-        named = {s.offering for s in segments}
-        if not segments or named == {vm.offering}:
+        size = _size(snapshot, vm)
+        named, sizes = {s.offering for s in segments}, {s.size for s in segments}
+        if not segments or (named == {vm.offering} and (not size or sizes == {size})):
             continue
         start = max(s.start_ms for s in segments)
-        details = tuple(
-            (k, str(v)) for k, v in (("cpunumber", vm.cpu), ("memory", vm.memory)) if v is not None
-        )
         if named == {""}:
             at = min(s.start_ms for s in segments)
             reason = f"offering {vm.offering} learned from CloudStack"
+        elif named == {vm.offering} and sizes == {""}:
+            at = min(s.start_ms for s in segments)
+            reason = f"size {size} (vCPUs/MiB) of custom offering {vm.offering} learned from CloudStack"
         else:
             before = previous.vms.get(uuid) if previous is not None else None
             scaled = view.scaled_ms.get(uuid, 0)
             if scaled > start:
                 at = scaled
-            elif before is not None and before.offering == vm.offering and previous is not None:
-                before_ms = previous.taken_ms
-                at = max(before_ms, start)
+            elif before is not None and (before.offering, _size(previous, before)) == (vm.offering, size):
+                assert previous is not None
+                at = max(previous.taken_ms, start)  # the previous pass saw it already
             else:
                 at = snapshot.taken_ms
             was = "/".join(sorted(o or "none" for o in named))
-            reason = f"offering changed from {was} to {vm.offering} (no offering on the bus)"
+            if named != {vm.offering}:
+                reason = f"offering changed from {was} to {vm.offering} (no offering on the bus)"
+            else:
+                old = ", ".join(sorted(s or "unknown" for s in sizes))
+                reason = f"custom offering {vm.offering} scaled from {old} to {size} (vCPUs/MiB)"
         out.corrections.append(
             Correction(
                 uuid,
@@ -368,9 +387,25 @@ def _offerings(
                 reason,
                 vm.offering,
                 zone=vm.zone,
-                details=details,
+                details=_size_details(vm, size),
             )
         )
+
+
+def _size(snapshot: Snapshot | None, vm: Vm) -> str:
+    """The VM's own size when its offering is custom (its details name cpuNumber / memory, or
+    the offering is customized: ServiceOfferingResponse without cpunumber / memory), else "":
+    a fixed offering's size is the offering's."""
+    offering = snapshot.offerings.get(vm.offering) if snapshot is not None else None
+    customized = offering is not None and (
+        offering.customized or offering.cpu is None or offering.memory is None
+    )
+    return size_text(vm.cpu, vm.memory) if vm.custom or customized else ""
+
+
+def _size_details(vm: Vm, size: str) -> tuple[tuple[str, str], ...]:
+    """The correction's cpunumber / memory: named only for a custom offering's VM."""
+    return (("cpunumber", str(vm.cpu)), ("memory", str(vm.memory))) if size else ()
 
 
 def _ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings) -> None:

@@ -28,6 +28,7 @@ from kvmeter.collector.model import (
 )
 from kvmeter.collector.store import Adjustment, UsageRow
 from kvmeter.collector.usage import rawusage
+from kvmeter.collector.vm_size import parse_size
 
 FORMATS = ("table", "json", "csv", "cloudstack")
 BYTE_TYPES = (NETWORK_BYTES_SENT, NETWORK_BYTES_RECEIVED)
@@ -40,8 +41,8 @@ DESCRIPTIONS = {
 }
 CSV_FIELDS = [
     "account", "usage_type", "usage_type_name", "resource", "resource_name", "device_type", "offering",
-    "traffic_type", "start", "end", "start_ms", "end_ms", "quantity", "unit", "rawusage", "recorded",
-    "adjustment", "final", "transaction_id",
+    "traffic_type", "cpunumber", "memory", "start", "end", "start_ms", "end_ms", "quantity", "unit",
+    "rawusage", "recorded", "adjustment", "final", "transaction_id",
 ]  # fmt: skip
 
 
@@ -60,9 +61,13 @@ def _owner_fields(k: UsageKey) -> dict[str, Any]:
 
 
 def _window_fields(k: UsageKey) -> dict[str, Any]:
+    bytes_ = k.usage_type in BYTE_TYPES
+    size = None if bytes_ else parse_size(k.detail)
     return {
         "offering": k.offering,
-        "traffic_type": k.detail,
+        "traffic_type": k.detail if bytes_ else "",
+        "cpunumber": size[0] if size else None,
+        "memory": size[1] if size else None,
         "start": iso(k.window_start_ms),
         "end": iso(k.window_end_ms),
         "start_ms": k.window_start_ms,
@@ -93,7 +98,8 @@ def record_dict(row: UsageRow) -> dict[str, Any]:
 
 
 ADJUSTMENT_FIELDS = [
-    "account", "usage_type", "usage_type_name", "resource", "offering", "traffic_type", "start", "end",
+    "account", "usage_type", "usage_type_name", "resource", "offering", "traffic_type", "cpunumber", "memory",
+    "start", "end",
     "start_ms", "end_ms", "delta", "unit", "reason", "created", "created_ms", "seq", "version",
     "transaction_id",
 ]  # fmt: skip
@@ -168,7 +174,7 @@ def _table(rows: Sequence[UsageRow]) -> str:
         quantity = f"{rawusage(k.usage_type, r.quantity)} {unit}"
         if r.adjustment:
             quantity += f" (adj {r.adjustment:+d})"
-        detail = k.detail or k.offering
+        detail = k.detail if k.usage_type in BYTE_TYPES else " ".join(filter(None, (k.offering, k.detail)))
         resource = f"{r.resource_name} {k.resource}".strip() if r.resource_name else k.resource
         lines.append(
             [iso(k.window_start_ms), iso(k.window_end_ms)[11:], k.account or "(unattributed)", name, resource,

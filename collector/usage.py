@@ -11,7 +11,8 @@
 
 Keys are deterministic (UsageKey), so a replay or a duplicate lands on the same row:
 - time types 1 RUNNING_VM / 2 ALLOCATED_VM / 3 IP_ADDRESS: account = the segment's owner,
-  resource = the resource uuid, offering = the segment's offering, detail = "".
+  resource = the resource uuid, offering = the segment's offering, detail = the segment's size
+  where the VM's own (a custom offering's vCPUs / memory MiB, "2/2048": vm_size.py), else "".
 - byte types 4 (VM sent) / 5 (VM received): resource = instance uuid, else domain name, else the
   address (a legacy five-field measure), offering = "", detail = traffic type.
 """
@@ -75,7 +76,7 @@ def time_usage(
             if end <= start:
                 continue
             for ws, we in windows_between(start, end, window_ms):
-                key = UsageKey(seg.account, usage_type, history.resource_uuid, seg.offering, "", ws, we)
+                key = UsageKey(seg.account, usage_type, history.resource_uuid, seg.offering, seg.size, ws, we)
                 totals[key] += min(we, end) - max(ws, start)
     return [UsageValue(key, ms) for key, ms in sorted(totals.items())]
 

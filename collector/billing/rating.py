@@ -21,6 +21,7 @@ from typing import NamedTuple
 from kvmeter.collector.billing.money import HOUR_MS, MIB_PER_GIB, ZERO, Scaled, exact, rounded, rounded_here
 from kvmeter.collector.billing.tariff import BYTE_TYPES, Rate, Tariff
 from kvmeter.collector.model import USAGE_TYPE_NAMES, UsageKey
+from kvmeter.collector.vm_size import parse_size
 
 RECORD, ADJUSTMENT, PROJECTION = "record", "adjustment", "projection"
 _KIND_ORDER = {RECORD: 0, ADJUSTMENT: 1, PROJECTION: 2}
@@ -137,7 +138,8 @@ class Rater:
     def _hourly(self, rate: Rate, k: UsageKey) -> Decimal | None:
         price = rate.per_hour
         if rate.needs_size:
-            size = self.facts.size(k.resource, k.offering)
+            # a custom offering's VM: the size it ran with in this record, else what is known now
+            size = parse_size(k.detail) or self.facts.size(k.resource, k.offering)
             if size is None:
                 return None
             price += rate.per_vcpu_hour * size[0] + rate.per_gib_hour * size[1] / MIB_PER_GIB

@@ -17,7 +17,7 @@ from kvmeter.collector.api import create_app
 from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.cs_client import ApiUnavailable, CloudStackApi
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.model import IP_ADDRESS, NETWORK_BYTES_SENT, RUNNING_VM, Record, Settings
+from kvmeter.collector.model import ALLOCATED_VM, IP_ADDRESS, NETWORK_BYTES_SENT, RUNNING_VM, Record, Settings
 from kvmeter.collector.reconciler import Reconciler
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store, reconciliation
@@ -202,6 +202,44 @@ def test_scaled_vm_without_offering_on_the_bus(rig: Rig, double: api.CloudStackA
         if r.quantity:  # the record of the unnamed offering stays, at zero
             by_offering[r.key.offering] = by_offering.get(r.key.offering, 0) + r.quantity
     assert by_offering == {"small": scaled_at - (T0 + HOUR), "large": rig.clock.now - scaled_at}
+
+
+def test_custom_offering_scaled_without_an_offering_change(rig: Rig, double: api.CloudStackApiDouble) -> None:
+    """scaleVirtualMachine on a custom offering: the bus says VM.DYNAMIC.SCALE and no size; the
+    API's cpunumber / memory change. Records split at the event's time by the size they ran with."""
+    double.cloud["listServiceOfferings"].append(api.offering("custom", "Custom", None, None))
+    scaled_at = T0 + 2 * HOUR
+    rig.events(usage_event("VM.CREATE", VM1, ACCT_A, T0), usage_event("VM.START", VM1, ACCT_A, T0 + HOUR))
+    double.cloud["listVirtualMachines"] = [
+        api.custom_vm(VM1, "web-1", "alice", "Running", "custom", T0, 1, 1024)
+    ]
+    rig.run_pass()  # offering and size learned from the segments' start
+    rig.events(usage_event("VM.DYNAMIC.SCALE", VM1, ACCT_A, scaled_at))
+    double.cloud["listVirtualMachines"] = [
+        api.custom_vm(VM1, "web-1", "alice", "Running", "custom", T0, 4, 8192)
+    ]
+    rig.run_pass(hours_later=1)
+    scale = [r for r in rig.corrections(offerings=True) if r["time_ms"] == scaled_at]
+    assert [(r["event_type"], r["offering"]) for r in scale] == [("VM.DYNAMIC.SCALE", "custom")]
+    for usage_type, opened in ((RUNNING_VM, T0 + HOUR), (ALLOCATED_VM, T0)):
+        by_size: dict[str, int] = {}
+        for r in rig.store.usage(T0, T0 + 48 * HOUR, usage_type=usage_type, resource=VM1):
+            if r.quantity:
+                by_size[f"{r.key.offering} {r.key.detail}"] = (
+                    by_size.get(f"{r.key.offering} {r.key.detail}", 0) + r.quantity
+                )
+        assert by_size == {"custom 1/1024": scaled_at - opened, "custom 4/8192": rig.clock.now - scaled_at}
+    body = (
+        create_app(rig.store)
+        .test_client()
+        .get(f"/v1/usage?resource={VM1}&type={RUNNING_VM}&start={T0}&end={T0 + 48 * HOUR}")
+        .get_json()
+    )
+    sizes = {(u["cpunumber"], u["memory"]) for u in body["usage"] if u["quantity"]}
+    assert sizes == {(1, 1024), (4, 8192)}
+    for _ in range(2):  # settled: passes run again add nothing
+        rig.run_pass(hours_later=1)
+    assert len([r for r in rig.corrections(offerings=True) if r["event_type"] == "VM.DYNAMIC.SCALE"]) == 2
 
 
 @pytest.mark.parametrize("fault", ["down", "garbage"])
