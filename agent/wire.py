@@ -122,14 +122,22 @@ class SteadyEncoder:
         )
         times = bytes([_START_TAG]) + varint(deltas.start_ms) + bytes([_END_TAG]) + varint(deltas.end_ms)
         lengths = list(map(add, map(len, counts), self._lengths_with(len(times))))
-        records = zip(self._heads.lookup(lengths), counts, repeat(times, n), self._templates)
+        # The records' pieces in one flat list (head, counts, times, template per record), laid
+        # in by slices: no tuple per record for the garbage collector to look at.
+        pieces: list[bytes] = [times] * (4 * n)
+        pieces[0::4] = self._heads.lookup(lengths)
+        pieces[1::4] = counts
+        pieces[3::4] = self._templates
         moved = list(map(or_, nbytes, npackets))  # a direction that moved nothing has no measure
-        kept = list(compress(records, moved))
+        kept = n - moved.count(0)
+        if kept < n:
+            pieces = list(compress(pieces, chain.from_iterable(zip(moved, moved, moved, moved))))
         # Records of at most max_bytes together: as many per part as the longest record allows
         # (a head is at most 3 bytes: records stay far below 2 MB).
-        per_part = len(kept) if max_bytes is None else max(1, max_bytes // (max(lengths, default=0) + 3))
-        parts = [b"".join(chain.from_iterable(kept[i : i + per_part])) for i in range(0, len(kept), per_part)]
-        return parts, len(kept), self._totals(vm_rx_b, vm_tx_b)
+        per_part = kept if max_bytes is None else max(1, max_bytes // (max(lengths, default=0) + 3))
+        step = 4 * max(per_part, 1)
+        parts = [b"".join(pieces[i : i + step]) for i in range(0, len(pieces), step)]
+        return parts, kept, self._totals(vm_rx_b, vm_tx_b)
 
     def _lengths_with(self, times: int) -> list[int]:
         """Each record's length less its counts: template + times (the same from poll to poll
