@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from decimal import Decimal
@@ -139,3 +141,56 @@ def test_a_rebuilt_store_prices_its_next_items_as_the_live_store_would(url: str,
     assert Decimal(mine["cost"]["amount"]) == Decimal("0.13")
     live.close()
     into.close()
+
+
+@pytest.mark.pg
+def test_two_writers_on_postgresql_price_one_accounts_items_in_turn(pg_database: str) -> None:
+    """Two replicas adjust the same accounts at once, several keys per transaction: the month's
+    running total is locked per account, so the items still sum to the month's cost, and no
+    transaction deadlocks."""
+    tariff = tariff_file.from_dict(TARIFF, "test tariff", billable=["public"])
+    writers = [Store(pg_database, outbox=True) for _ in range(2)]
+    writers[0].migrate()
+    for w in writers:
+        w.pricing = lambda _conn: (tariff, Facts())
+    with writers[0].write() as conn:
+        writers[0].finalize(conn, T0 + 24 * HOUR, 1)
+    errors: list[BaseException] = []
+
+    def write(n: int, store: Store) -> None:
+        try:
+            for i in range(30):
+                keys = [
+                    UsageKey(
+                        account,
+                        4,
+                        VM1,
+                        "",
+                        "public",
+                        T0 + ((i + j) % 24) * HOUR,
+                        T0 + ((i + j) % 24 + 1) * HOUR,
+                    )
+                    for j, account in enumerate((ACCT_A, ACCT_B)[:: 1 if n else -1])
+                ]
+                with store.write() as conn:
+                    store.add_bytes(conn, {k: 97 * (i + 1) + n for k in keys}, {}, T0 + 24 * HOUR, 10 + i)
+                    time.sleep(0.003)  # hold the locks a while
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n, s)) for n, s in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    handed = items(writers[0])
+    assert len(handed) == 2 * 30 * 2
+    sums: dict[str, Decimal] = defaultdict(Decimal)
+    for item in handed:
+        sums[item["account"]] += Decimal(item["cost"]["amount"])
+    costs = {m.account: m.cost for m in months_costs(writers[0], tariff, None, T0 + 24 * HOUR)}
+    assert dict(sums) == costs
+    assert all(costs.values())
+    for w in writers:
+        w.close()
