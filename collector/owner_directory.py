@@ -71,7 +71,10 @@ class OwnerDirectory:
         instances = dict(self.instances)
         if snapshot is not None:
             for o in snapshot.offerings.values():
-                offerings[o.uuid] = ServiceOffering(o.name, o.cpu, o.memory)
+                if o.customized:  # each VM chooses its size: no size of the offering's own
+                    offerings[o.uuid] = ServiceOffering(o.name)
+                else:
+                    offerings[o.uuid] = ServiceOffering(o.name, o.cpu, o.memory)
             for vm in snapshot.vms.values():
                 _fill(
                     instances, vm.uuid, zone_id=vm.zone, cpu_cores=vm.cpu, memory_mb=vm.memory, name=vm.name

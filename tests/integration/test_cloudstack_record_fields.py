@@ -41,7 +41,7 @@ SNAPSHOT = Snapshot(
     domains={DOMAIN: Domain(DOMAIN, "ROOT", "ROOT")},
     offerings={
         SMALL: Offering(SMALL, "Small Instance", 2, 2048),
-        CUSTOM: Offering(CUSTOM, "Custom", None, None),
+        CUSTOM: Offering(CUSTOM, "Custom", 1, 512, customized=True),
     },
 )
 
