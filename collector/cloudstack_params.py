@@ -3,6 +3,13 @@ paging, ParamProcessWorker's parsing, and the errors CloudStack answers for each
 
 Pure: a mapping of lower-cased names to values in, a UsageRecordsRequest or a CloudStackError out.
 Who may see which accounts is decided later (api_cloudstack), once the caller is known.
+
+Why no parsing library (jsonschema, already a dependency; pydantic, marshmallow, webargs): the
+parameters are few and flat, and what matters is CloudStack's exact answer to each bad one (its
+code, cserrorcode, text, and which check comes first), which such a library replaces with its own
+messages, to be mapped back one by one. The standard parsers are too lenient for answers that
+must never widen: datetime.strptime takes "2024-5-1" and Arabic-Indic digits, int() takes "٣",
+" 7 " and "1_000". Flask already gives the raw values; the rest is the rules below.
 """
 
 from __future__ import annotations
