@@ -119,6 +119,11 @@ CASES: list[tuple[dict[str, str], int, str | set[Key]]] = [
     ({"startdate": ""}, 431, "due to missing parameter startdate"),
     ({"enddate": "2024-13-01"}, 431, "Unable to parse date 2024-13-01 for command listusagerecords"),
     ({"startdate": "２０２４-05-14"}, 431, "Unable to parse date"),
+    ({"startdate": "٢٠٢٤-05-14"}, 431, "Unable to parse date"),  # strptime would take these
+    ({"startdate": "2024-5-14"}, 431, "Unable to parse date"),
+    ({"type": "٣"}, 431, "for parameter type"),  # int() would take these
+    ({"type": " 4"}, 431, "for parameter type"),
+    ({"type": "0_4"}, 431, "for parameter type"),
     ({"startdate": "2024-05-14T00:00:00Z"}, 431, "Unable to parse date"),
     ({"startdate": "2024-05-15"}, 431, "Incorrect Date Range"),
     ({"type": "4"}, 200, expected_keys(usage_type=4)),
