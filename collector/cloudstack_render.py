@@ -27,6 +27,7 @@ from kvmeter.collector.model import (
     UsageKey,
 )
 from kvmeter.collector.usage import rawusage
+from kvmeter.collector.vm_size import parse_size
 
 JSON_CONTENT_TYPE = "application/json; charset=UTF-8"  # ApiServer's json.content.type default
 XML_CONTENT_TYPE = "text/xml; charset=UTF-8"  # HttpUtils.XML_CONTENT_TYPE
@@ -156,9 +157,12 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
     if is_vm_time or device:  # hypervisor for VM time, device for bytes; none for an address
         out["type"] = "KVM" if is_vm_time else device
     if is_vm_time:
-        # The offering's size, as CloudStack gives it; a dynamic offering's (none listed): the VM's.
-        cpu = offering.cpu if offering.cpu is not None else vm.cpu_cores
-        memory = offering.memory_mb if offering.memory_mb is not None else vm.memory_mb
+        # As CloudStack: the record's own size (a custom offering's VM), else the offering's;
+        # kvmeter's last resort is the VM's current size (its <metadata>, CloudStack's API).
+        own = parse_size(k.detail)
+        cpu, memory = own or (offering.cpu, offering.memory_mb)
+        cpu = vm.cpu_cores if cpu is None else cpu
+        memory = vm.memory_mb if memory is None else memory
         if cpu is not None:
             out["cpunumber"] = cpu
         if memory is not None:

@@ -21,7 +21,7 @@ from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.reconciliation import save_names, save_snapshot
 from tests.api_support import running
-from tests.collector_support import ACCT_A, HOUR, IP1, ROUTER, T0, VM1, ZONE
+from tests.collector_support import ACCT_A, HOUR, IP1, ROUTER, T0, VM1, VM2, ZONE
 
 KEY, SECRET = "billing-key", "billing-secret"
 DOMAIN, NET, VPC = "d-root", "n-web", "vpc-1"
@@ -55,6 +55,7 @@ def cs(tmp_path: Path) -> Iterator[CloudStack]:
     store = Store(f"sqlite:///{tmp_path}/usage.db")
     store.migrate()
     running_vm, allocated = key(1, VM1, SMALL), key(2, VM1, CUSTOM)
+    resized = key(1, VM2, CUSTOM, detail="8/16384")  # a custom offering's VM: its own size
     ip = key(3, IP1)
     bytes_ = {key(4, VM1, detail="public"): 100, key(4, ROUTER, detail="public"): 200,
               key(5, ROUTER2, detail="guest"): 300}  # fmt: skip
@@ -62,8 +63,8 @@ def cs(tmp_path: Path) -> Iterator[CloudStack]:
                key(4, ROUTER, detail="public"): ("r-7-VM", "DomainRouter"),
                key(5, ROUTER2, detail="guest"): ("r-9-VM", "DomainRouter")}  # fmt: skip
     with store.write() as conn:
-        store.lock_resources(conn, [VM1, IP1])
-        times = {VM1: {running_vm: HOUR // 2, allocated: HOUR}, IP1: {ip: HOUR}}
+        store.lock_resources(conn, [VM1, VM2, IP1])
+        times = {VM1: {running_vm: HOUR // 2, allocated: HOUR}, IP1: {ip: HOUR}, VM2: {resized: HOUR}}
         store.set_time_values_many(conn, times, 0, NOW)
         store.add_bytes(conn, bytes_, devices, 0, NOW)
         save_names(conn, SNAPSHOT, NOW)
@@ -91,6 +92,12 @@ EXPECTED: dict[tuple[int, str], dict[str, Any]] = {
         "usage": "1 Hrs", "usagetype": 2, "rawusage": "1", "virtualmachineid": VM1, "name": "web-1",
         "offeringid": CUSTOM, "usageid": VM1, "type": "KVM", "cpunumber": 4, "memory": 4096,  # the VM's
         **DATES, "tags": [],
+    },
+    (1, VM2): {
+        **OWNER,
+        "description": f"Running VM usage for {VM2} ({VM2}) using service offering Custom ({CUSTOM})",
+        "usage": "1 Hrs", "usagetype": 1, "rawusage": "1", "virtualmachineid": VM2, "offeringid": CUSTOM,
+        "usageid": VM2, "type": "KVM", "cpunumber": 8, "memory": 16384, **DATES, "tags": [],  # the record's
     },
     (3, IP1): {
         **OWNER, "zoneid": ZONE, "description": f"IP address usage for 203.0.113.5 ({IP1})",
