@@ -83,9 +83,11 @@ class BalanceBook:
         postgres = self.store.is_postgres
         with self.store.write() as conn:
             before = stored.lock_states(conn, [b.account for b in watched], postgres=postgres)
-            raised = core.crossings(watched, before)
-            stored.save_states(conn, watched, now_ms, postgres=postgres)
-            stored.add_alerts(conn, raised, now_ms)
+            raised = core.crossings(watched, {a: below for a, (below, _) in before.items()})
+            numbers = {a: n for a, (_, n) in before.items()}
+            numbers.update({x.account: numbers.get(x.account, 0) + 1 for x in raised})
+            stored.save_states(conn, watched, now_ms, numbers, postgres=postgres)
+            raised = stored.add_alerts(conn, raised, numbers, now_ms, postgres=postgres)
         for x in raised:
             log.warning("balance of %s is %s %s, below its threshold %s", x.account, x.balance, x.currency,
                         x.threshold)  # fmt: skip

@@ -5,7 +5,9 @@ credits          money added to an account (operator only), never changed: a cor
 balance_state    per account, whether its balance was below its threshold at the last
                  evaluation: the alert fires on the change to below, once per crossing,
                  whichever replica evaluates
-balance_alerts   one row per crossing, written with the state change: the webhook's outbox
+balance_alerts   one row per crossing, written with the state change: the webhook's outbox;
+                 (account, crossing) is unique (migration 18), so two replicas that both took
+                 the same fall for theirs write one alert between them
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ balance_state = sa.Table(
     sa.Column("threshold", MONEY, nullable=False),
     sa.Column("currency", sa.String(8), nullable=False),
     sa.Column("evaluated_ms", sa.BigInteger, nullable=False),
+    sa.Column("crossings", sa.Integer, nullable=False, server_default="0"),  # so far (migration 18)
 )
 
 balance_alerts = sa.Table(
@@ -51,10 +54,29 @@ balance_alerts = sa.Table(
     sa.Column("crossed_ms", sa.BigInteger, nullable=False),
     sa.Column("delivered_ms", sa.BigInteger),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("crossing", sa.Integer),  # the account's n-th (migration 18; NULL: raised before it)
     sa.Index("ix_balance_alerts_undelivered", "delivered_ms", "id"),
+    sa.Index("ux_balance_alerts_crossing", "account", "crossing", unique=True),
 )
 
 
 def migration_16(conn: Connection) -> None:
     for table in (credits, balance_state, balance_alerts):
         table.create(conn, checkfirst=True)
+
+
+def migration_18(conn: Connection) -> None:
+    """Crossings numbered per account, an alert unique per (account, crossing). Alerts already
+    raised keep a NULL number (NULLs never collide in a unique index, on either database)."""
+    have = {
+        table.name: {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        for table in (balance_state, balance_alerts)
+    }
+    if "crossings" not in have["balance_state"]:
+        conn.execute(sa.text("ALTER TABLE balance_state ADD COLUMN crossings INTEGER NOT NULL DEFAULT 0"))
+    if "crossing" not in have["balance_alerts"]:
+        conn.execute(sa.text("ALTER TABLE balance_alerts ADD COLUMN crossing INTEGER"))
+    unique = (
+        "CREATE UNIQUE INDEX IF NOT EXISTS ux_balance_alerts_crossing ON balance_alerts (account, crossing)"
+    )
+    conn.execute(sa.text(unique))

@@ -50,12 +50,20 @@ def credit_totals(conn: Connection, accounts: frozenset[str] | None) -> dict[str
     return out
 
 
-UNEVALUATED = {"below": False, "balance": "0", "threshold": "", "currency": "", "evaluated_ms": 0}
+UNEVALUATED = {
+    "below": False,
+    "balance": "0",
+    "threshold": "",
+    "currency": "",
+    "evaluated_ms": 0,
+    "crossings": 0,
+}
 
 
-def lock_states(conn: Connection, accounts: Iterable[str], *, postgres: bool) -> dict[str, bool]:
-    """{account: below at the last evaluation}, rows locked until commit (PostgreSQL; SQLite's
-    writer is alone anyway) so two replicas evaluating at once raise one alert."""
+def lock_states(conn: Connection, accounts: Iterable[str], *, postgres: bool) -> dict[str, tuple[bool, int]]:
+    """{account: (below at the last evaluation, crossings so far)}, rows locked until commit
+    (PostgreSQL; SQLite's writer is alone anyway) so replicas evaluating at once take turns; the
+    alert's unique (account, crossing) makes one alert of a crossing whatever happens."""
     names = sorted(set(accounts))
     if not names:
         return {}
@@ -66,13 +74,16 @@ def lock_states(conn: Connection, accounts: Iterable[str], *, postgres: bool) ->
             stmt,
             [{**UNEVALUATED, "account": a} for a in names],
         )
-    query = sa.select(s.account, s.below).where(s.account.in_(names))
+    query = sa.select(s.account, s.below, s.crossings).where(s.account.in_(names))
     if postgres:
         query = query.order_by(s.account).with_for_update()
-    return {row[0]: bool(row[1]) for row in conn.execute(query)}
+    return {row[0]: (bool(row[1]), int(row[2])) for row in conn.execute(query)}
 
 
-def save_states(conn: Connection, balances: list[Balance], now_ms: int, *, postgres: bool) -> None:
+def save_states(
+    conn: Connection, balances: list[Balance], now_ms: int, crossings: Mapping[str, int], *, postgres: bool
+) -> None:
+    """The evaluation's state; crossings: each account's crossings so far, this one's included."""
     if not balances:
         return
     rows = [
@@ -83,30 +94,39 @@ def save_states(conn: Connection, balances: list[Balance], now_ms: int, *, postg
             "threshold": "" if b.threshold is None else format(b.threshold, "f"),
             "currency": b.currency,
             "evaluated_ms": now_ms,
+            "crossings": crossings.get(b.account, 0),
         }
         for b in balances
     ]
     insert = postgresql.insert(balance_state) if postgres else sqlite.insert(balance_state)
-    changed = {k: insert.excluded[k] for k in ("below", "balance", "threshold", "currency", "evaluated_ms")}
+    names = ("below", "balance", "threshold", "currency", "evaluated_ms", "crossings")
+    changed = {k: insert.excluded[k] for k in names}
     conn.execute(insert.on_conflict_do_update(index_elements=["account"], set_=changed), rows)
 
 
-def add_alerts(conn: Connection, raised: list[Crossing], now_ms: int) -> None:
-    if raised:
-        conn.execute(
-            sa.insert(balance_alerts),
-            [
-                {
-                    "account": x.account,
-                    "balance": format(x.balance, "f"),
-                    "threshold": format(x.threshold, "f"),
-                    "currency": x.currency,
-                    "crossed_ms": now_ms,
-                    "attempts": 0,
-                }
-                for x in raised
-            ],
-        )
+def add_alerts(
+    conn: Connection, raised: list[Crossing], numbers: Mapping[str, int], now_ms: int, *, postgres: bool
+) -> list[Crossing]:
+    """An alert per crossing, numbered (numbers: the account's n-th crossing); the crossings
+    whose alert this wrote (not one another replica wrote first for the same number)."""
+    written = []
+    insert = postgresql.insert(balance_alerts) if postgres else sqlite.insert(balance_alerts)
+    once = insert.on_conflict_do_nothing(index_elements=["account", "crossing"]).returning(
+        balance_alerts.c.id
+    )
+    for x in raised:
+        row = {
+            "account": x.account,
+            "balance": format(x.balance, "f"),
+            "threshold": format(x.threshold, "f"),
+            "currency": x.currency,
+            "crossed_ms": now_ms,
+            "attempts": 0,
+            "crossing": numbers[x.account],
+        }
+        if conn.execute(once, row).first() is not None:  # (rowcount: -1 from some drivers)
+            written.append(x)
+    return written
 
 
 def states(conn: Connection) -> list[dict[str, Any]]:
