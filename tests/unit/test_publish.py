@@ -365,3 +365,30 @@ def test_a_failure_a_new_producer_does_not_cure_backs_off_instead_of_spinning(tm
     clock.t += 60
     assert pub.flush(1.0)
     spool.close()
+
+
+def test_a_fatal_delivery_report_recreates_the_producer(tmp_path: Path) -> None:
+    from confluent_kafka import KafkaError
+
+    class FatalOnDelivery(FakeProducer):
+        def poll(self, timeout: float) -> int:
+            queue, self.queue = self.queue, []
+            for _, callback in queue:
+                callback(KafkaError(KafkaError._FATAL, "idempotence: gap in sequence", fatal=True), None)
+            return len(queue)
+
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FatalOnDelivery(config) if not producers else FakeProducer(config))
+        return producers[-1]
+
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory)
+    spool.append("s", 1, b"b1", {}, 1)
+    spool.append("s", 2, b"b2", {}, 2)
+    assert pub.flush(1.0)
+    assert producers[1].sent == [b"b1", b"b2"]
+    assert pub.recreated == 1
+    assert "gap in sequence" in (pub.last_error or "")
+    spool.close()
