@@ -43,6 +43,8 @@ def build_agent(
         on_drop=metrics.spool_dropped,
     )
     publisher = None
+    if not read_only and producer_factory is None:
+        config = _fitted_to_topic(config)
     if not read_only:
         publisher = Publisher(
             spool,
@@ -63,6 +65,27 @@ def build_agent(
         publisher=publisher,
         metrics=metrics,
     )
+
+
+def _fitted_to_topic(config: AgentConfig) -> AgentConfig:
+    """The config with the topic's size limit, when the broker states one: polls are then cut
+    into batches the broker takes (a batch it refuses as too large would stay in the spool)."""
+    from dataclasses import replace
+
+    from kvmeter.agent.publish import topic_max_message_bytes
+
+    limit = topic_max_message_bytes(config.kafka_bootstrap, config.kafka_topic, config.kafka_properties)
+    if limit is None:
+        return config
+    fitted = replace(config, kafka_topic_max_bytes=limit)
+    if fitted.batch_bytes < config.batch_bytes:
+        log.info(
+            "topic %s takes records of up to %d bytes: polls go out in batches of at most %d bytes",
+            config.kafka_topic,
+            limit,
+            fitted.batch_bytes,
+        )
+    return fitted
 
 
 def _print_batch(batch: Any, fmt: str) -> None:

@@ -114,15 +114,18 @@ class AgentConfig:
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9477
     traffic: TrafficRules = field(default_factory=lambda: TrafficRules.from_config(None))
+    # Not in the file: the topic's max.message.bytes as the broker stated it at start (if it did)
+    kafka_topic_max_bytes: int | None = None
 
     @property
     def batch_bytes(self) -> int:
         """The largest batch a poll goes out in: kafka.max_batch_bytes, or less when the
-        producer's message.max.bytes ([kafka.properties]) would refuse a batch that size."""
-        limit = _message_max_bytes(self.kafka_properties)
-        if limit is None:
-            return self.kafka_max_batch_bytes
-        return min(self.kafka_max_batch_bytes, limit - RECORD_OVERHEAD - len(self.host_id.encode()))
+        producer's message.max.bytes ([kafka.properties]) or the topic's max.message.bytes
+        would refuse a batch that size."""
+        limits = [_message_max_bytes(self.kafka_properties), self.kafka_topic_max_bytes]
+        key = len(self.host_id.encode())
+        fitted = min([self.kafka_max_batch_bytes] + [n - RECORD_OVERHEAD - key for n in limits if n])
+        return max(fitted, MIN_BATCH_BYTES)  # a topic's tiny limit: what it refuses stays spooled, logged
 
 
 def _message_max_bytes(properties: Mapping[str, Any]) -> int | None:

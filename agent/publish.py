@@ -86,6 +86,32 @@ def _confluent_producer(config: dict[str, Any], producer_class: Any = None) -> A
         return make({k: v for k, v in config.items() if k not in unknown})
 
 
+def topic_max_message_bytes(
+    bootstrap: str, topic: str, properties: Mapping[str, Any] | None = None, timeout: float = 5.0
+) -> int | None:
+    """The topic's max.message.bytes as the broker states it (DescribeConfigs: the topic's own
+    or the broker's default), the largest record batch it takes; None when it does not say
+    within `timeout` (away, no such topic, not allowed to describe)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    config = {**dict(properties or {}), "bootstrap.servers": bootstrap, "logger": KAFKA_LOG}
+    config["socket.timeout.ms"] = int(timeout * 1000)
+    admin = AdminClient(config)
+    try:
+        futures = admin.describe_configs(
+            [ConfigResource(ConfigResource.Type.TOPIC, topic)], request_timeout=timeout
+        )
+        for future in futures.values():
+            entry = future.result(timeout).get("max.message.bytes")
+            if entry is not None and entry.value is not None:
+                return int(entry.value)
+    except Exception as exc:  # a broker that does not answer leaves the configured limits
+        log.info(
+            "the size limit of topic %s is unknown (%s): batches keep to the configured limits", topic, exc
+        )
+    return None
+
+
 def _libversion() -> str:
     from confluent_kafka import libversion
 

@@ -325,10 +325,15 @@ def test_sighup_reloads_traffic_rules_and_keeps_counting(site: Site) -> None:
     assert types == sorted(types, key=lambda t: t == pb.STORAGE), seen  # guest until the reload only
 
 
-def test_polls_bigger_than_the_producers_message_max_bytes_go_out_split_every_byte_once(site: Site) -> None:
-    """librdkafka's smallest message.max.bytes (1000), four more VMs sending in a ring: a poll's
-    measures (and the first poll's inventory) do not fit one record, so a poll goes out as
-    consecutive batches that each do (before: refused with MSG_SIZE_TOO_LARGE, never delivered)."""
+@pytest.mark.parametrize("where", ["producer", "topic"])
+def test_polls_bigger_than_a_record_may_be_go_out_split_every_byte_once(site: Site, where: str) -> None:
+    """A 1000-byte record limit (librdkafka's smallest message.max.bytes), set for the producer
+    in [kafka.properties] or on the topic (max.message.bytes, which the agent asks the broker
+    for at start), and four more VMs sending in a ring: a poll's measures (and the first poll's
+    inventory) do not fit one record, so a poll goes out as consecutive batches that each do.
+    Before, the producer refused such a batch (MSG_SIZE_TOO_LARGE) and it was never delivered;
+    the test broker (Tansu) keeps a topic's max.message.bytes but does not enforce it, so the
+    topic case checks the batches' sizes."""
     limit = 1000
     ring = [
         site.host.add_vm(f"i-2-{n}-VM", f"6d2a3c5e-0000-4000-8000-0000000000{n}",
@@ -342,9 +347,15 @@ def test_polls_bigger_than_the_producers_message_max_bytes_go_out_split_every_by
         vm.send(ring[(k + 1) % len(ring)].nics[0].ip, 1000)  # ARP resolved before the baseline
     time.sleep(0.5)
     site.baseline = {nic.mac: nic.total() for vm in site.vms for nic in vm.nics}  # their ARP too
-    site.agent.config.write_text(
-        site.agent.config.read_text() + f'[kafka.properties]\n"message.max.bytes" = {limit}\n'
-    )
+    if where == "producer":
+        site.agent.config.write_text(
+            site.agent.config.read_text() + f'[kafka.properties]\n"message.max.bytes" = {limit}\n'
+        )
+    else:
+        topic = f"small-{uuid.uuid4().hex[:8]}"
+        create_topic(site.bootstrap, topic, config={"max.message.bytes": str(limit)})
+        site.agent.config.write_text(site.agent.config.read_text().replace(site.topic, topic))
+        site.topic = topic
     site.agent.start()
     site.agent.wait_polled()
     for _ in range(3):
@@ -360,3 +371,5 @@ def test_polls_bigger_than_the_producers_message_max_bytes_go_out_split_every_by
         assert len(b.SerializeToString()) <= limit - 200 - len("h1")
     assert any(sum(1 for n in sizes if n) > 1 for sizes in per_poll.values()), per_poll  # measures split
     assert "MSG_SIZE_TOO_LARGE" not in site.agent.logs()
+    if where == "topic":
+        assert f"topic {site.topic} takes records of up to {limit} bytes" in site.agent.logs()

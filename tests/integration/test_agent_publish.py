@@ -95,3 +95,14 @@ def test_broker_away_then_back_drains_everything_in_order(tmp_path: Path) -> Non
     seqs = [b.seq for _, b in got]
     assert sorted(set(seqs)) == list(range(1, 9))  # every batch arrived
     assert seqs == sorted(seqs)  # in order (a re-send keeps its original seq)
+
+
+def test_the_topics_size_limit_is_read_from_the_broker(kafka_bootstrap: str, tmp_path: Path) -> None:
+    from kvmeter.agent.publish import topic_max_message_bytes
+
+    topic = f"limited-{uuid.uuid4().hex[:8]}"
+    create_topic(kafka_bootstrap, topic, config={"max.message.bytes": "65536"})
+    assert topic_max_message_bytes(kafka_bootstrap, topic) == 65536
+    started = time.monotonic()
+    assert topic_max_message_bytes(f"127.0.0.1:{free_port('127.0.0.1')}", topic, timeout=2.0) is None
+    assert time.monotonic() - started < 10  # a broker that is away delays the start a little only

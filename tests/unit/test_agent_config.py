@@ -114,3 +114,13 @@ def test_a_message_max_bytes_that_leaves_no_room_for_a_batch_is_refused() -> Non
             validate({"agent": {"host_id": "kvm-07"}, "kafka": {"properties": {"message.max.bytes": value}}})
         assert "kafka.properties.message.max.bytes" in str(err.value)
         assert why in str(err.value)
+
+
+def test_the_topics_limit_as_the_broker_states_it_lowers_the_batches_too() -> None:
+    config = AgentConfig(host_id="kvm-07", kafka_topic_max_bytes=5000)
+    assert config.batch_bytes == 5000 - 206
+    both = AgentConfig(
+        host_id="kvm-07", kafka_topic_max_bytes=9000, kafka_properties={"message.max.bytes": 7000}
+    )
+    assert both.batch_bytes == 7000 - 206
+    assert AgentConfig(kafka_topic_max_bytes=100).batch_bytes == 512  # refused batches stay spooled
