@@ -70,6 +70,8 @@ class Instance:
     memory_mb: int | None = None
     tags: tuple[tuple[str, str], ...] = ()
     name: str = ""
+    template_id: str = ""
+    cpu_speed: int | None = None  # MHz
     network_id: str = ""  # a router's guest network
     network_name: str = ""
     vpc_id: str = ""  # a VPC router's VPC
@@ -82,6 +84,7 @@ class ServiceOffering:
     name: str = ""
     cpu: int | None = None
     memory_mb: int | None = None
+    cpu_speed: int | None = None  # MHz
 
 
 NO_OWNER, NO_INSTANCE, NO_OFFERING = Owner(), Instance(), ServiceOffering()
@@ -153,6 +156,8 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
         out["name"] = vm.network_name
     if is_vm_time and k.offering:
         out["offeringid"] = k.offering
+    if is_vm_time and vm.template_id:
+        out["templateid"] = vm.template_id
     out["usageid"] = k.resource
     if is_vm_time or device:  # hypervisor for VM time, device for bytes; none for an address
         out["type"] = "KVM" if is_vm_time else device
@@ -163,8 +168,11 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
         cpu, memory = own or (offering.cpu, offering.memory_mb)
         cpu = vm.cpu_cores if cpu is None else cpu
         memory = vm.memory_mb if memory is None else memory
+        speed = offering.cpu_speed if offering.cpu_speed is not None else vm.cpu_speed
         if cpu is not None:
             out["cpunumber"] = cpu
+        if speed is not None:
+            out["cpuspeed"] = speed
         if memory is not None:
             out["memory"] = memory
     out["startdate"] = cloudstack_date(k.window_start_ms)

@@ -57,6 +57,8 @@ class Vm:
     created_ms: int | None
     zone: str = ""
     custom: bool = False  # its size is its own (a custom offering's cpuNumber / memory details)
+    template: str = ""  # templateid (shown in listUsageRecords)
+    cpu_speed: int | None = None  # cpuspeed, MHz (shown in listUsageRecords)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Offering:
     cpu: int | None
     memory: int | None
     customized: bool = False  # iscustomized: each VM chooses its CPU / memory
+    cpu_speed: int | None = None  # cpuspeed, MHz (shown in listUsageRecords)
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ def _vm(d: dict[str, Any]) -> Vm:
     return Vm(
         d["id"], _s(d, "name"), _s(d, "state"), _s(d, "account"), _s(d, "domainid"), _s(d, "projectid"),
         _s(d, "serviceofferingid"), _int(d, "cpunumber"), _int(d, "memory"), _time(d, "created"),
-        _s(d, "zoneid"), _custom(d),
+        _s(d, "zoneid"), _custom(d), template=_s(d, "templateid"), cpu_speed=_int(d, "cpuspeed"),
     )  # fmt: skip
 
 
@@ -208,7 +211,9 @@ def _domain(d: dict[str, Any]) -> Domain:
 
 def _offering(d: dict[str, Any]) -> Offering:
     customized = d.get("iscustomized") is True
-    return Offering(d["id"], _s(d, "name"), _int(d, "cpunumber"), _int(d, "memory"), customized)
+    return Offering(
+        d["id"], _s(d, "name"), _int(d, "cpunumber"), _int(d, "memory"), customized, _int(d, "cpuspeed")
+    )
 
 
 def _s(d: dict[str, Any], key: str) -> str:

@@ -74,11 +74,10 @@ class OwnerDirectory:
                 if o.customized:  # each VM chooses its size: no size of the offering's own
                     offerings[o.uuid] = ServiceOffering(o.name)
                 else:
-                    offerings[o.uuid] = ServiceOffering(o.name, o.cpu, o.memory)
+                    offerings[o.uuid] = ServiceOffering(o.name, o.cpu, o.memory, o.cpu_speed)
             for vm in snapshot.vms.values():
-                _fill(
-                    instances, vm.uuid, zone_id=vm.zone, cpu_cores=vm.cpu, memory_mb=vm.memory, name=vm.name
-                )
+                _fill(instances, vm.uuid, zone_id=vm.zone, cpu_cores=vm.cpu, memory_mb=vm.memory,
+                      name=vm.name, template_id=vm.template, cpu_speed=vm.cpu_speed)  # fmt: skip
             for r in snapshot.routers.values():
                 net = snapshot.networks.get(r.network_id)
                 network_name = net.name if net is not None else ""

@@ -6,6 +6,7 @@ left out, as Gson leaves out nulls."""
 
 from __future__ import annotations
 
+import json
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,20 @@ from cs import CloudStack
 
 from kvmeter.collector.api import serve
 from kvmeter.collector.credentials import Credentials, CredentialSource, Grant
-from kvmeter.collector.cs_snapshot import Account, Domain, Network, Offering, PublicIp, Router, Snapshot, Vm
+from kvmeter.collector.cs_snapshot import (
+    LISTS,
+    Account,
+    Domain,
+    Network,
+    Offering,
+    PublicIp,
+    Router,
+    Snapshot,
+    Vm,
+    parse_snapshot,
+    snapshot_from_json,
+    snapshot_to_json,
+)
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.reconciliation import save_names, save_snapshot
@@ -26,11 +40,28 @@ from tests.collector_support import ACCT_A, HOUR, IP1, ROUTER, T0, VM1, VM2, ZON
 KEY, SECRET = "billing-key", "billing-secret"
 DOMAIN, NET, VPC = "d-root", "n-web", "vpc-1"
 ROUTER2 = "9b1f0000-0000-4000-8000-00000router2"
-SMALL, CUSTOM = "so-small", "so-custom"  # a fixed and a dynamic service offering
+SMALL, CUSTOM = "so-small", "so-custom"  # a fixed and a custom (dynamic) service offering
+TEMPLATE = "tmpl-debian"
 NOW = T0 + 3 * HOUR
 SNAPSHOT = Snapshot(
     taken_ms=NOW,
-    vms={VM1: Vm(VM1, "web-1", "Running", "alice", DOMAIN, "", SMALL, 4, 4096, T0, ZONE)},
+    vms={
+        VM1: Vm(
+            VM1,
+            "web-1",
+            "Running",
+            "alice",
+            DOMAIN,
+            "",
+            SMALL,
+            4,
+            4096,
+            T0,
+            ZONE,
+            template=TEMPLATE,
+            cpu_speed=2000,
+        )
+    },
     routers={
         ROUTER: Router(ROUTER, "r-7-VM", "Running", "", VPC, T0),  # a VPC's router
         ROUTER2: Router(ROUTER2, "r-9-VM", "Running", NET, "", T0),  # an isolated network's
@@ -40,7 +71,7 @@ SNAPSHOT = Snapshot(
     accounts={ACCT_A: Account(ACCT_A, "alice", DOMAIN)},
     domains={DOMAIN: Domain(DOMAIN, "ROOT", "ROOT")},
     offerings={
-        SMALL: Offering(SMALL, "Small Instance", 2, 2048),
+        SMALL: Offering(SMALL, "Small Instance", 2, 2048, cpu_speed=1000),
         CUSTOM: Offering(CUSTOM, "Custom", 1, 512, customized=True),
     },
 )
@@ -83,14 +114,16 @@ EXPECTED: dict[tuple[int, str], dict[str, Any]] = {
         **OWNER, "zoneid": ZONE,
         "description": f"Running VM usage for web-1 ({VM1}) using service offering Small Instance ({SMALL})",
         "usage": "0.5 Hrs", "usagetype": 1, "rawusage": "0.5", "virtualmachineid": VM1, "name": "web-1",
-        "offeringid": SMALL, "usageid": VM1, "type": "KVM", "cpunumber": 2, "memory": 2048,  # the offering's
+        "offeringid": SMALL, "templateid": TEMPLATE, "usageid": VM1, "type": "KVM", "cpunumber": 2,
+        "cpuspeed": 1000, "memory": 2048,  # the offering's
         **DATES, "tags": [],
     },
     (2, VM1): {
         **OWNER, "zoneid": ZONE,
         "description": f"Allocated VM usage for web-1 ({VM1}) using service offering Custom ({CUSTOM})",
         "usage": "1 Hrs", "usagetype": 2, "rawusage": "1", "virtualmachineid": VM1, "name": "web-1",
-        "offeringid": CUSTOM, "usageid": VM1, "type": "KVM", "cpunumber": 4, "memory": 4096,  # the VM's
+        "offeringid": CUSTOM, "templateid": TEMPLATE, "usageid": VM1, "type": "KVM", "cpunumber": 4,
+        "cpuspeed": 2000, "memory": 4096,  # the VM's
         **DATES, "tags": [],
     },
     (1, VM2): {
@@ -139,3 +172,21 @@ def test_xml_records_carry_the_same_fields(cs: CloudStack) -> None:
         fields = [(child.tag, child.text) for child in rec]
         expected = EXPECTED[(int(rec.findtext("usagetype") or 0), rec.findtext("usageid") or "")]
         assert fields == [(k, str(v)) for k, v in expected.items() if k != "tags"]  # no tags: no element
+
+
+def test_the_reconcilers_snapshot_keeps_template_and_cpu_speed() -> None:
+    raw = {command: [] for command in LISTS}
+    raw["listVirtualMachines"] = [{"id": VM1, "templateid": TEMPLATE, "cpuspeed": 2000, "cpunumber": 4}]
+    raw["listServiceOfferings"] = [{"id": SMALL, "name": "Small Instance", "cpunumber": 2, "cpuspeed": 1000}]
+    snapshot = parse_snapshot(raw, NOW)
+    assert (snapshot.vms[VM1].template, snapshot.vms[VM1].cpu_speed) == (TEMPLATE, 2000)
+    assert snapshot.offerings[SMALL].cpu_speed == 1000
+    assert snapshot_from_json(snapshot_to_json(snapshot)) == snapshot
+    kept = json.loads(snapshot_to_json(snapshot))  # a snapshot kept before these fields existed
+    del kept["vms"][VM1]["template"], kept["vms"][VM1]["cpu_speed"], kept["offerings"][SMALL]["cpu_speed"]
+    older = snapshot_from_json(json.dumps(kept))
+    assert (older.vms[VM1].template, older.vms[VM1].cpu_speed, older.offerings[SMALL].cpu_speed) == (
+        "",
+        None,
+        None,
+    )
