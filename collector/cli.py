@@ -73,8 +73,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     from kvmeter.collector.feed import Feeder
     from kvmeter.collector.input_kafka import KafkaInput
     from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
-    from kvmeter.collector.input_webhook import WebhookInput
-    from kvmeter.collector.inputs import Input
+    from kvmeter.collector.inputs import Input, InputUnavailable, event_inputs
     from kvmeter.collector.metrics import Metrics
     from kvmeter.collector.reloading import collector_reloads
 
@@ -102,18 +101,13 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         from kvmeter.collector import outbox_relay
 
         relay = outbox_relay.start(store, cfg.handoff, metrics.registry)
-    inputs: list[Input] = []
-    webhook = WebhookInput(cfg.webhook_secret) if cfg.webhook_secret else None
-    if webhook is not None:
-        inputs.append(webhook)
-    if cfg.rabbitmq.url:
-        try:  # pika only where RabbitMQ is used (packages: a Recommends)
-            from kvmeter.collector.input_rabbitmq import RabbitInput
-        except ImportError as exc:
-            store.close()
-            problem = f"{config_path}: [rabbitmq] needs pika (python3-pika): {exc}"
-            raise click.ClickException(problem) from None
-        inputs.append(RabbitInput(cfg.rabbitmq))
+    try:  # CloudStack's RabbitMQ bus and webhook: the seam the all-in-one shares
+        bus = event_inputs(cfg.rabbitmq, cfg.webhook_secret)
+    except InputUnavailable as exc:
+        store.close()
+        raise click.ClickException(f"{config_path}: {exc}") from None
+    inputs: list[Input] = list(bus.inputs)
+    webhook = bus.webhook
     if cfg.kafka.bootstrap:
         inputs.append(KafkaInput(cfg.kafka, metrics))  # last: it waits for measures
         if cfg.kafka.rebuild_horizon_days:  # advice only: asked beside the loop, never delays it

@@ -12,18 +12,35 @@ A Delivery is a batch of `Record`s of one kind (measures or lifecycle) and its `
 calls `ack()` only after the store committed what the records produced, so a crash in between
 re-delivers them and the store's dedupe (stream marks, event digests) makes that change nothing.
 An input never applies records itself: the service is not thread-safe and has one writer.
+
+    event_inputs(rabbitmq, webhook_secret) -> EventInputs   # CloudStack's RabbitMQ bus and webhook
+Both `kvmeter collector` and `kvmeter run --all-in-one` build these two inputs here, from the same
+[rabbitmq] / [webhook] sections; the webhook's deliveries come through the API (`register`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvmeter.collector.model import Record
 from kvmeter.collector.service import LIFECYCLE, MEASURES
 
-__all__ = ["LIFECYCLE", "MEASURES", "Delivery", "Input", "no_ack"]
+if TYPE_CHECKING:
+    from kvmeter.collector.config import RabbitConfig
+    from kvmeter.collector.input_webhook import WebhookInput
+
+__all__ = [
+    "LIFECYCLE",
+    "MEASURES",
+    "Delivery",
+    "EventInputs",
+    "Input",
+    "InputUnavailable",
+    "event_inputs",
+    "no_ack",
+]
 
 
 def no_ack() -> None:
@@ -47,3 +64,28 @@ class Input(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
+
+
+class InputUnavailable(RuntimeError):
+    """A configured input cannot run here (its client library is missing)."""
+
+
+@dataclass(frozen=True)
+class EventInputs:
+    inputs: list[Input]
+    webhook: WebhookInput | None  # for the API to serve its path
+
+
+def event_inputs(rabbitmq: RabbitConfig, webhook_secret: str) -> EventInputs:
+    """The lifecycle inputs of the [rabbitmq] (url set) and [webhook] (secret set) sections."""
+    from kvmeter.collector.input_webhook import WebhookInput
+
+    webhook = WebhookInput(webhook_secret) if webhook_secret else None
+    inputs: list[Input] = [webhook] if webhook is not None else []
+    if rabbitmq.url:
+        try:  # pika only where RabbitMQ is used (packages: a Recommends)
+            from kvmeter.collector.input_rabbitmq import RabbitInput
+        except ImportError as exc:
+            raise InputUnavailable(f"[rabbitmq] needs pika (python3-pika): {exc}") from None
+        inputs.append(RabbitInput(rabbitmq))
+    return EventInputs(inputs, webhook)

@@ -3,8 +3,10 @@
 One thread does all the writing, in this order, forever: the agent polls and spools (fsync) a
 batch, the in-process hand-off applies it in one collector transaction and only then lets the
 agent acknowledge it in the spool; between polls the same thread runs one round of the
-collector's loop (feed.Feeder): new CloudStack events from a JSON-lines file (input_files), then
-the tick. The HTTP API reads from its own thread.
+collector's loop (feed.Feeder): new CloudStack events from a JSON-lines file (input_files), from
+CloudStack's RabbitMQ event bus ([rabbitmq]) and its webhook deliveries ([webhook], on the API),
+the same inputs as `kvmeter collector`'s (collector/inputs.py), then the tick. The HTTP API reads
+from its own thread.
 
 So the spool's guarantees hold as with Kafka: `kill -9` at any instant loses nothing (unapplied
 batches are replayed from the spool at the next start) and bills nothing twice (a batch applied
@@ -12,7 +14,8 @@ but not yet acknowledged is re-sent under its stream id and sequence number, and
 stream marks drop it).
 
 The config file has the agent's sections (agent, libvirt, spool, deltas, metrics, traffic), the
-collector's (store, usage, api, cloudstack, policy, retention, billing) and [lifecycle]
+collector's (store, usage, api, cloudstack, policy, retention, billing, handoff, balances,
+rabbitmq, webhook) and [lifecycle]
 (events_file; max_event_bytes as in the collector's); see packaging/config/allinone.toml.example.
 """
 
@@ -40,6 +43,7 @@ from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
+from kvmeter.collector.inputs import InputUnavailable, event_inputs
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.prune import PruneJob, Pruner
 from kvmeter.collector.service import Collector
@@ -63,6 +67,8 @@ COLLECTOR_SECTIONS = (
     "billing",
     "handoff",
     "balances",
+    "rabbitmq",
+    "webhook",
 )
 LIFECYCLE_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -100,6 +106,8 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
     except ConfigError as exc:
         problems += list(exc.problems)
     problems += schema_problems({"properties": {"lifecycle": LIFECYCLE_SCHEMA}}, {"lifecycle": lifecycle})
+    if collector_cfg is not None and collector_cfg.webhook_secret and not collector_cfg.api.enabled:
+        problems.append("webhook: deliveries come to the API: api.enabled = true")
     if problems or agent_cfg is None or collector_cfg is None:
         raise ConfigError(source, problems)
     events = lifecycle.get("events_file")
@@ -136,6 +144,9 @@ class AllInOne:
 
             self.relay = outbox_relay.start(self.store, cfg.collector.handoff, self.metrics.registry)
         inputs: list[Any] = [EventsFile(cfg.events_file)] if cfg.events_file else []
+        bus = event_inputs(cfg.collector.rabbitmq, cfg.collector.webhook_secret)  # InputUnavailable
+        inputs += bus.inputs
+        self.webhook = bus.webhook
         if cfg.collector.cloudstack is not None:  # passes against CloudStack's API, one more input
             from kvmeter.collector.reconciler import for_config
 
@@ -194,6 +205,7 @@ class AllInOne:
             tariffs=self.tariffs,
             balances=self.balances,
             paging=api.paging,
+            webhook=self.webhook,
         )
         threading.Thread(target=self.api.run, name="api", daemon=True).start()
         return self.api.url
@@ -280,7 +292,11 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         click.echo(f"kvmeter run: invalid config {exc}", err=True)
         sys.exit(2)
     setup_logging(log_level or cfg.agent.log_level)
-    pipeline = AllInOne(cfg)
+    try:
+        pipeline = AllInOne(cfg)
+    except InputUnavailable as exc:
+        click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
+        sys.exit(2)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         log.info("%s: last poll, apply, exit", signal.Signals(signum).name)
