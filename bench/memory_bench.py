@@ -1,12 +1,16 @@
-"""A replica's memory after a year of lifecycle: closed resources leaving memory, against a replica
-that keeps every one (the baseline, same events, same run).
+"""A replica's memory after a year of lifecycle: closed resources, owner hints and the agents'
+witness leaving memory, against a replica that keeps every one (the baseline, same input, same run).
 
 Each VM of the year is created at a random time, gets an IP address, is stopped and started
 again on some days, and is destroyed after a random lifetime (mean MEAN_LIFE_DAYS, so a small
-part of the year's VMs exist at any one time); its IP is released then. The events go through
-Collector.apply_events a simulated day at a time, the clock at the day's end, then tick() (the
-live collector's calls) into a fresh SQLite store. Each variant runs in its own process so its
-memory is its own: RSS at the end and at its peak, and the resources held in memory.
+part of the year's VMs exist at any one time); its IP is released then. Every day the agents send
+one measure of each VM alive that day, with their inventory (the VM's <metadata> owner and its
+state): owner hints and witness of every VM the cloud ever had. A simulated day at a time, the
+clock at the day's end: the events through Collector.apply_events, the day's batches through
+apply_batches, then tick() (the live collector's calls), into a fresh SQLite store. Each variant
+runs in its own process so its memory is its own: RSS at the end and at its peak, what is held in
+memory (resources, hints, witness) sampled every day, and the time spent in apply_batches (the
+hot path's cost of looking for what left memory: `batch_rate_ratio`, evicting / keeping).
 
     python -m bench.memory_bench --vms 2000          # both variants, prints JSON
 """
@@ -20,6 +24,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -35,9 +40,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 def year_of_events(vms: int, seed: int = 1) -> list[tuple[int, bytes, bytes]]:
     """(time, key, value) of the year's events in time order."""
+    return year_of(vms, seed)[0]
+
+
+def year_of(vms: int, seed: int = 1) -> tuple[list[tuple[int, bytes, bytes]], list[tuple[int, int, int]]]:
+    """The year's events (time, key, value) in time order, and each VM's (number, born, dies)."""
     from kvmeter.pipeline.sim.simevents import EventBus
 
-    bus, rng, out = EventBus(), random.Random(seed), []
+    bus, rng, out, lives = EventBus(), random.Random(seed), [], []
     for i in range(vms):
         vm, ip = str(uuid.UUID(int=(1 << 100) + i)), str(uuid.UUID(int=(2 << 100) + i))
         account = str(uuid.UUID(int=(3 << 100) + i % 500))
@@ -65,8 +75,28 @@ def year_of_events(vms: int, seed: int = 1) -> list[tuple[int, bytes, bytes]]:
         ]
         at += [dies - HOUR_MS, dies, dies]
         out += [(t, key, value) for t, (key, value) in zip(at, records, strict=True)]
+        lives.append((i, born, dies))
     out.sort(key=lambda item: item[0])
-    return [item for item in out if item[0] < T0 + YEAR_DAYS * DAY_MS]
+    return [item for item in out if item[0] < T0 + YEAR_DAYS * DAY_MS], lives
+
+
+def day_batch(day: int, alive: list[int], seq: int) -> bytes:
+    """The agents' batch of a day: one measure of each VM alive, with its inventory."""
+    from kvmeter.proto import pb
+
+    end = T0 + (day + 1) * DAY_MS
+    b = pb.MeasureBatch(
+        schema=2, host_id="kvm-1", boot_id="boot-1", stream_id="bench", seq=seq, poll_time=end
+    )
+    for i in alive:
+        vm, account = str(uuid.UUID(int=(1 << 100) + i)), str(uuid.UUID(int=(3 << 100) + i % 500))
+        b.measures.add(
+            header=2, saddr=0, bytes=1000 + i, start=end - HOUR_MS, end=end - HOUR_MS + 60_000,
+            direction=pb.VM_TX, traffic_type=pb.PUBLIC, instance_uuid=vm, domain_name=f"i-{i % 500}-{i}-VM",
+        )  # fmt: skip
+        dom = b.inventory.add(uuid=vm, name=f"i-{i % 500}-{i}-VM", state=pb.RUNNING)
+        dom.owner.update({"ownerAccountUuid": account})
+    return b.SerializeToString()
 
 
 def _rss_mb() -> float:
@@ -82,14 +112,16 @@ def replay(db: str, vms: int, *, evict: bool) -> dict[str, Any]:
     from kvmeter.collector.service import Collector
     from kvmeter.collector.store import Store
 
-    events = year_of_events(vms)
+    events, lives = year_of(vms)
     store = Store(db)
     store.migrate()
     clock = [T0]
     # Daily windows: the memory is the point here, not the hourly records' write volume.
     settings = Settings(window_ms=DAY_MS, evict_after_ms=DAY_MS if evict else None)
     collector = Collector(store, settings, lambda: clock[0])
-    rss_start, most_held, i = _rss_mb(), 0, 0
+    rss_start, i = _rss_mb(), 0
+    most = {"resources": 0, "hints": 0, "witness": 0}
+    batch_s, measures = 0.0, 0
     for day in range(YEAR_DAYS):
         end = T0 + (day + 1) * DAY_MS
         chunk = []
@@ -101,21 +133,49 @@ def replay(db: str, vms: int, *, evict: bool) -> dict[str, Any]:
             out = collector.apply_events(chunk[start : start + 500])
             if out.dead_letters:
                 raise RuntimeError(f"{len(out.dead_letters)} dead letters: {out.dead_letters[0].message}")
+        alive = [n for n, born, dies in lives if born < end - HOUR_MS and dies > end - HOUR_MS + 60_000]
+        if alive:
+            value = day_batch(day, alive, day + 1)
+            began = time.perf_counter()
+            out = collector.apply_batches([Record(value, None, "bench")])
+            batch_s += time.perf_counter() - began
+            measures += out.measures
+            if out.parked or out.dead_letters:
+                raise RuntimeError(f"day {day}: {out.parked} parked, {len(out.dead_letters)} dead letters")
         collector.tick()
-        most_held = max(most_held, collector.resident)
+        for name, held in (
+            ("resources", collector.resident),
+            ("hints", len(collector.hints)),
+            ("witness", len(collector.witness)),
+        ):
+            most[name] = max(most[name], held)
     result = {
         "events": len(events),
         "resources_held": collector.resident,
-        "resources_held_most": most_held,
+        "resources_held_most": most["resources"],
+        "hints_held": len(collector.hints),
+        "hints_held_most": most["hints"],
+        "witness_held": len(collector.witness),
+        "witness_held_most": most["witness"],
+        "measures": measures,
+        "batch_measures_per_s": measures / batch_s if batch_s else float("nan"),
         "events_held": sum(len(evs) for evs in collector.events.values()),
         "resources_evicted": len(collector.evicted),
         "rss_start_mb": rss_start,
         "rss_end_mb": _rss_mb(),
         "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "usage": {repr(k): v for k, v in store.net_usage().items()},
+        "witness": _witness_rows(store),
     }
     store.close()
     return result
+
+
+def _witness_rows(store: Any) -> list[tuple[str, bool, int]]:
+    from kvmeter.collector.store import reconciliation
+
+    with store.read() as conn:
+        return sorted((d, w.running, w.since_ms) for d, w in reconciliation.load_witness(conn).items())
 
 
 def _variant(vms: int, tmp: str, *, evict: bool) -> dict[str, Any]:
@@ -137,6 +197,8 @@ def run(*, vms: int, log: Callable[[str], None]) -> dict[str, Any]:
         log(f"memory: evicting {evict['rss_end_mb']:.0f} MB, {evict['resources_held']} resources held")
     if keep.pop("usage") != evict.pop("usage"):
         raise RuntimeError("eviction changed the usage records")
+    if keep.pop("witness") != evict.pop("witness"):
+        raise RuntimeError("eviction changed the stored witness")
     grown = {name: r["rss_end_mb"] - r["rss_start_mb"] for name, r in (("keep", keep), ("evict", evict))}
     return {
         "vms": vms,
@@ -145,6 +207,9 @@ def run(*, vms: int, log: Callable[[str], None]) -> dict[str, Any]:
         "keep": keep,
         "evict": evict,
         "held_ratio": evict["resources_held"] / max(keep["resources_held"], 1),
+        "hints_held_ratio": evict["hints_held_most"] / max(keep["hints_held"], 1),
+        "witness_held_ratio": evict["witness_held_most"] / max(keep["witness_held"], 1),
+        "batch_rate_ratio": evict["batch_measures_per_s"] / keep["batch_measures_per_s"],
         "rss_growth_ratio": grown["evict"] / grown["keep"] if grown["keep"] > 0 else float("nan"),
         "rss_ratio": evict["rss_end_mb"] / keep["rss_end_mb"],
     }

@@ -184,17 +184,31 @@ def memory_section(mem: dict[str, Any]) -> str:
                 label,
                 f"{run['resources_held']:,} (most {run['resources_held_most']:,})",
                 f"{run['events_held']:,}",
+                f"{run['hints_held']:,} (most {run['hints_held_most']:,})",
+                f"{run['witness_held']:,} (most {run['witness_held_most']:,})",
                 f"{_num(run['rss_start_mb'])} -> {_num(run['rss_end_mb'])}",
+                _num(run["batch_measures_per_s"]),
             ]
         )
     rows.append(
-        ["evicting / baseline", f"{mem['held_ratio']:.3f}", "", f"growth {mem['rss_growth_ratio']:.2f}x"]
+        [
+            "evicting / baseline",
+            f"{mem['held_ratio']:.3f}",
+            "",
+            f"{mem['hints_held_ratio']:.3f}",
+            f"{mem['witness_held_ratio']:.3f}",
+            f"growth {mem['rss_growth_ratio']:.2f}x",
+            f"{mem['batch_rate_ratio']:.2f}x",
+        ]
     )
     head = (
         f"5b. Collector memory after {mem['days']} days of lifecycle of {mem['vms']:,} VMs and their IPs "
-        f"({mem['events']:,} events, a day at a time, tick daily; the same usage either way)"
+        f"({mem['events']:,} events, a day at a time, each day one measure per live VM with its "
+        "inventory, tick daily; the same usage and witness either way)"
     )
-    return head + "\n" + _table(["replica", "resources held", "events held", "RSS MB start -> end"], rows)
+    columns = ["replica", "resources held", "events held", "owner hints held", "witness held",
+               "RSS MB start -> end", "batch measures/s"]  # fmt: skip
+    return head + "\n" + _table(columns, rows)
 
 
 def retention_section(ret: dict[str, Any]) -> str:

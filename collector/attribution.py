@@ -31,7 +31,7 @@ lifecycle arrives.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 from kvmeter.collector.model import Measure, ResourceHistory
 
@@ -57,7 +57,7 @@ class OwnerIndex:
         self.routers: dict[str, str] = dict(routers or {})
         # <metadata> owner fields by domain uuid and name, for measures whose batch carried no
         # inventory (the adapter keeps it filled from earlier batches).
-        self.hints: dict[str, dict[str, str]] = {}
+        self.hints: MutableMapping[str, dict[str, str]] = {}
         self._histories: dict[str, ResourceHistory] = {}
         self._by_mac: dict[str, set[str]] = {}
         self._by_ip: dict[str, set[str]] = {}

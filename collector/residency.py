@@ -2,8 +2,10 @@
 Pure: no I/O, no clock.
 
     evictable(history, last_event_ms, cutoff_ms) -> bool
-    Evicted()                       # the uuids, MACs and addresses of resources out of memory
-    Evicted.add(history) / .discard(history) / .wanted(uuid, mac, address, start_ms) -> set[str]
+    Evicted()                       # how many are out of memory, and when the latest of them ended
+    Evicted.add(history) -> rows    # (key, uuid, last end): what the store keeps to find it again
+    Evicted.discard()
+    holders_wanted(rows, starts)    # of the stored rows, the resources measures may read
 
 A resource whose lifecycle is closed (every segment ended: destroyed, released, stopped for
 good) before the cutoff may leave memory: its events stay in the store and it is rebuilt from
@@ -11,18 +13,20 @@ them, whole, when anything could read it again, so every answer is the one it wo
 had it never left. What can read a resource:
 - an event of it (the collector reloads it before learning the event);
 - a measure naming its instance uuid (attribution step 2, at any time: a destroyed VM's uuid
-  still names its last owner);
+  still names its last owner): a uuid not in memory with stored events is one that left;
 - a measure carrying one of its MACs or addresses and starting before its last segment ended:
   attribution by MAC / IP counts a VM only while alive and an IP-address resource only while
   assigned, so later measures never need it (Evicted.watermark is the latest such end);
 - the reconciler, for the resources CloudStack lists.
 A resource with no segment has no end: it leaves only without MACs and addresses (volumes,
 templates and the like, read by uuid alone) and when its last event is before the cutoff.
-What stays per evicted resource is its uuid and its MACs and addresses (a few hundred bytes
-instead of its events and history).
+Nothing per evicted resource stays in memory: its MACs and addresses go to the store
+(schema_residency.evicted_keys) with its last end, its uuid is found by its stored events.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
 
 from kvmeter.collector.model import ResourceHistory
 
@@ -51,51 +55,35 @@ def evictable(history: ResourceHistory, last_event_ms: int, cutoff_ms: int) -> b
 
 
 class Evicted:
-    """The resources out of memory: their uuids, and by MAC / address the uuids that carry it."""
+    """The resources out of memory: how many, and the latest end of their segments."""
 
     def __init__(self) -> None:
-        self.uuids: set[str] = set()
-        self._by_key: dict[str, tuple[str, ...]] = {}
+        self.count = 0
+        self.ever = False  # until one leaves, nothing is looked for in the store
         # Measures starting at or after this instant never need an evicted resource's MACs or
         # addresses: every such resource's segments had ended by then.
         self.watermark = -(2**62)
 
     def __len__(self) -> int:
-        return len(self.uuids)
+        return self.count
 
-    def __contains__(self, uuid: object) -> bool:
-        return uuid in self.uuids
-
-    def add(self, history: ResourceHistory) -> None:
-        uuid = history.resource_uuid
-        self.uuids.add(uuid)
-        for key in _keys(history):
-            held = self._by_key.get(key, ())
-            if uuid not in held:
-                self._by_key[key] = (*held, uuid)
+    def add(self, history: ResourceHistory) -> list[tuple[str, str, int]]:
+        """Count it out; returns the (key, uuid, last end) rows that find it again by MAC or address."""
+        self.count += 1
+        self.ever = True
         end = last_end(history)
-        if end is not None and end > self.watermark:
-            self.watermark = end
+        if end is None:
+            return []  # no segment: read by uuid alone (evictable leaves none with keys)
+        self.watermark = max(self.watermark, end)
+        return [(key, history.resource_uuid, end) for key in sorted(_keys(history))]
 
-    def discard(self, history: ResourceHistory) -> None:
-        """Forget an evicted resource brought back; `history` is rebuilt from the store, which
-        only adds events, so its keys cover those it left with."""
-        uuid = history.resource_uuid
-        self.uuids.discard(uuid)
-        for key in _keys(history):
-            held = self._by_key.get(key)
-            if held is not None and uuid in held:
-                rest = tuple(u for u in held if u != uuid)
-                if rest:
-                    self._by_key[key] = rest
-                else:
-                    del self._by_key[key]
+    def discard(self) -> None:
+        """One brought back."""
+        self.count = max(0, self.count - 1)
 
-    def wanted(self, uuid: str, mac: str, address: str, start_ms: int) -> set[str]:
-        """The evicted resources a measure's attribution may read."""
-        out = {uuid} if uuid and uuid in self.uuids else set()
-        if start_ms < self.watermark:
-            for key in (mac.lower(), address):
-                if key:
-                    out.update(self._by_key.get(key, ()))
-        return out
+
+def holders_wanted(rows: Iterable[tuple[str, str, int]], starts: Mapping[str, int]) -> set[str]:
+    """Of the stored (key, uuid, last end) rows, the resources a measure carrying the key and
+    starting at starts[key] (the earliest such start) may be attributed to: those whose last
+    segment ended after it."""
+    return {uuid for key, uuid, end in rows if key in starts and starts[key] < end}

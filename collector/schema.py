@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector import schema_credits, schema_outbox, schema_policy
+from kvmeter.collector import schema_credits, schema_outbox, schema_policy, schema_residency
 from kvmeter.proto import pb
 
 metadata = sa.MetaData()
@@ -232,6 +232,7 @@ domain_witness = sa.Table(
     sa.Column("domain", sa.String(128), primary_key=True),
     sa.Column("running", sa.Boolean, nullable=False),
     sa.Column("since_ms", sa.BigInteger, nullable=False),
+    sa.Column("seen_ms", sa.BigInteger, nullable=True),  # migration 22: the last poll, when it left memory
 )
 
 # The reconciler's last snapshot of CloudStack (migration 8), JSON: the previous pass of the next.
@@ -443,4 +444,5 @@ MIGRATIONS = [
     (11, _migration_11), (12, _migration_12), (14, _migration_14), (15, _migration_15),
     (16, schema_credits.migration_16), (17, _migration_17), (18, schema_credits.migration_18),
     (19, _migration_19),
+    (22, schema_residency.migration_22),
 ]  # fmt: skip

@@ -30,9 +30,10 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from kvmeter.collector import cloudstack, decode, lifecycle, residency, usage
 from kvmeter.collector.aggregate import Attributed, Route, Tally
-from kvmeter.collector.attribution import OwnerIndex, is_router
+from kvmeter.collector.attribution import OwnerIndex
 from kvmeter.collector.decode import Target
 from kvmeter.collector.errors import BadInput
+from kvmeter.collector.inventory_memory import InventoryMemory
 from kvmeter.collector.model import (
     UNATTRIBUTED,
     DeadLetter,
@@ -43,7 +44,8 @@ from kvmeter.collector.model import (
     Settings,
     UsageKey,
 )
-from kvmeter.collector.reconcile import Witness, observe
+from kvmeter.collector.recent import Recent
+from kvmeter.collector.reconcile import Witness
 from kvmeter.collector.resident import ResidentHistories
 from kvmeter.collector.retention import window_floor
 from kvmeter.collector.store import Store, reconciliation
@@ -60,12 +62,13 @@ SYNC_PAGE = 10_000  # stored events read per query when catching up with the sto
 EVICT_EVERY_MS = 60_000  # how often tick looks for resources to let go of
 ROUTES_KEPT = 250_000  # decoded Targets whose route is kept between chunks (decode keeps 200,000)
 UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record's values
-# A history and the ids of the events it was built from.
-Built = tuple[frozenset[str], ResourceHistory | None]
-_NOT_BUILT: Built = (frozenset(), None)
+NOT_STORED_ROTATE_MS = 3_600_000  # how long a uuid found without events is remembered so
+# A history and the events (by id) it was built from.
+Built = tuple[Mapping[str, pb.LifecycleEvent], ResourceHistory | None]
+_NOT_BUILT: Built = ({}, None)
 
 
-class Collector(ResidentHistories):
+class Collector(ResidentHistories, InventoryMemory):
     def __init__(self, store: Store, settings: Settings, clock: Callable[[], int]):
         check_window(settings.window_ms)
         self.store = store
@@ -75,6 +78,8 @@ class Collector(ResidentHistories):
         self.histories: dict[str, ResourceHistory] = {}
         self._events: dict[str, dict[str, pb.LifecycleEvent]] = {}
         self.evicted = residency.Evicted()  # resources out of memory, reloaded when read
+        self._not_stored: Recent[str, bool] = Recent()
+        self._not_stored_ms = -(2**62)  # when it last rotated
         self._evicted_ms = -(2**62)  # when tick last looked for some
         self._last_event_row = 0
         self._knowledge = 0  # bumps whenever the owner index changes
@@ -85,11 +90,15 @@ class Collector(ResidentHistories):
         self._retried_ms = -(2**62)  # and when it ran
         # Owner fields of CloudStack's <metadata> per domain uuid and name, as the agents last
         # reported them; batches carry the inventory only now and then (store: owner_hints).
-        self.hints = self.index.hints
-        self._hints_loaded = False
+        # Those of domains met lately (inventory_memory.py).
+        self.hints: Recent[str, dict[str, str]] = Recent()
+        self.index.hints = self.hints
         # The agents' view of each domain's state (running or not, since when), from the
         # inventories; the reconciler's second witness (store: domain_witness, on changes).
-        self.witness: dict[str, Witness] = {}
+        self.witness: Recent[str, Witness] = Recent()
+        self._no_hint: Recent[str, bool] = Recent()
+        self._no_witness: Recent[str, bool] = Recent()
+        self._inventory_ms = -(2**62)
 
     def set_routers(self, routers: Mapping[str, str]) -> None:
         """The operator's router -> account map, re-read (SIGHUP): measures attributed from now
@@ -105,8 +114,9 @@ class Collector(ResidentHistories):
         of events never holds them all)."""
         changed: set[str] = set()
         while True:
+            seen = self._last_event_row
             learned, more = self._page_since()
-            changed |= self._learn(learned)
+            changed |= self._learn(learned, seen_through=seen)
             if not more:
                 return changed
             self._evict(self.clock())
@@ -132,26 +142,39 @@ class Collector(ResidentHistories):
         return learned, len(rows) == SYNC_PAGE
 
     def _learn(
-        self, events: Iterable[pb.LifecycleEvent], built: Mapping[str, Built] | None = None
+        self,
+        events: Iterable[pb.LifecycleEvent],
+        built: Mapping[str, Built] | None = None,
+        *,
+        seen_through: int | None = None,
     ) -> set[str]:
         """Add events to the in-memory histories and owner index; returns resources changed.
 
         Every replica reads the whole lifecycle topic and learns each event it parses, stored
         by itself or not: on PostgreSQL, ids of concurrent inserts can commit out of order, so
         the sync cursor alone could step over one. A history in `built` (from the same events,
-        by id) is taken as it is instead of being built again.
+        by id) is taken as it is instead of being built again. A resource out of memory comes
+        back whole first (one built here is whole already; else one with an event stored by row
+        `seen_through` was seen here before).
         """
         events = list(events)
-        # An evicted resource comes back whole first: its history is then built from all its events.
-        changed = set(self._load_events(None, {ev.resource_uuid for ev in events}))
+        built = built or {}
+        others = {ev.resource_uuid for ev in events if ev.resource_uuid not in built}
+        changed = set(self._load_events(None, others, seen_through=seen_through))
+        for resource, (whole, history) in built.items():
+            if history is not None and resource not in self.histories:
+                if whole.keys() - {ev.event_id for ev in events if ev.resource_uuid == resource}:
+                    self.evicted.discard()  # it had events before these: it had left memory
+                self._events[resource] = dict(whole)
+                changed.add(resource)
         for ev in events:
             known = self._events.setdefault(ev.resource_uuid, {})
             if ev.event_id not in known:
                 known[ev.event_id] = ev
                 changed.add(ev.resource_uuid)
         for resource in changed:
-            ids, history = built.get(resource, _NOT_BUILT) if built else _NOT_BUILT
-            if history is None or ids != self._events[resource].keys():
+            whole, history = built.get(resource, _NOT_BUILT)
+            if history is None or whole.keys() != self._events[resource].keys():
                 history = lifecycle.build_resource_history(
                     resource, self._events[resource].values(), self.settings.policy
                 )
@@ -202,25 +225,19 @@ class Collector(ResidentHistories):
         now = self.clock()
         streams = {b.stream_id: b.host_id for b in decoded}
         decoded.sort(key=lambda b: (b.stream_id, b.seq))
-        if self._hints_loaded is False:
-            with self.store.read() as conn:
-                self.hints.update(self.store.owner_hints(conn))
-                self.witness.update(reconciliation.load_witness(conn))
-            self._hints_loaded = True
-        learned = {d: o for d, o in _owner_hints(decoded).items() if self.hints.get(d) != o}
-        witnessed = _witness_changes(self.witness, decoded)
+        with self.store.read() as conn:
+            self._recall(conn, decoded)
+        learned = self._learn_hints(decoded)
+        witnessed = self._witness_changes(decoded)
         with self.store.write() as conn:
             reconciliation.save_witness(conn, witnessed)
             if learned:
                 self.store.save_owner_hints(conn, learned, now)
-                self.hints.update(learned)
             final_through = self.store.finalized_through(conn)
             marks = self.store.lock_marks(conn, streams)
             gaps = self.store.gaps_of(conn, irregular(decoded, marks))
             admitted, new_marks, changed_gaps, out.duplicates = admit(decoded, marks, gaps)
             out.batches = len(admitted)
-            if self._hints_missing(admitted):
-                self.hints.update(self.store.owner_hints(conn))  # another replica may have seen it
             self._restore_for(conn, admitted)
             done = self._attribute((), out, batches=admitted)
             out.records, out.adjustments = self._write(conn, done, final_through, now)
@@ -233,19 +250,6 @@ class Collector(ResidentHistories):
             named_only = any(not dom.uuid for b in decoded for dom in b.inventory if dom.name in learned)
             out.add(self._unpark() if named_only else self._unpark(instances=sorted(learned)))
         return out
-
-    def _hints_missing(self, batches: Iterable[decode.DecodedBatch]) -> bool:
-        """Some router's measures came without its owner hint, and no stored inventory gave it."""
-        # "r-" first: every router name starts so, and the check runs over every target.
-        bare = {
-            (t.instance_uuid, t.domain_name)
-            for b in batches
-            for t in set(b.targets)
-            if t.domain_name.startswith("r-") and not b.owner_hint(t)
-        }
-        return any(
-            is_router(name) and uuid not in self.hints and name not in self.hints for uuid, name in bare
-        )
 
     def _attribute(
         self,
@@ -330,7 +334,8 @@ class Collector(ResidentHistories):
             built = self._recompute(conn, touched, final_through, now, out)
             self.store.dead_letter(conn, out.dead_letters, now)
         mine = [read[ev.event_id] for ev, _ in parsed if ev.resource_uuid]
-        self._learn([*self._stored_since(skip={ev.event_id for ev in mine}), *mine], built)
+        seen = self._last_event_row
+        self._learn([*self._stored_since(skip={ev.event_id for ev in mine}), *mine], built, seen_through=seen)
         out.add(self._unpark_for(touched))
         return out
 
@@ -354,7 +359,7 @@ class Collector(ResidentHistories):
                     floors[resource], window_floor(pruned[resource], self.settings.window_ms)
                 )
             history = lifecycle.build_resource_history(resource, events, self.settings.policy)
-            built[resource] = (frozenset(ev.event_id for ev in events), history)
+            built[resource] = ({ev.event_id: ev for ev in events}, history)
             values[resource] = {
                 v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)
             }
@@ -395,10 +400,7 @@ class Collector(ResidentHistories):
                 if not rows:
                     break
                 after = rows[-1][0]
-                wanted = (
-                    self.evicted.wanted(m.instance_uuid, m.mac, m.address, m.start_ms) for _, m, _ in rows
-                )
-                self.restore(set().union(*wanted), conn)
+                self._restore_measures(conn, (m for _, m, _ in rows))
                 owned = [(row_id, m, told) for row_id, m, told in rows if self.index.owner_at(m) is not None]
                 if owned:
                     part = Outcome()
@@ -479,6 +481,11 @@ class Collector(ResidentHistories):
         if now - self._evicted_ms >= EVICT_EVERY_MS:
             self._evicted_ms = now
             self._evict(now)
+        if now - self._not_stored_ms >= NOT_STORED_ROTATE_MS:
+            self._not_stored_ms = now
+            self._not_stored.rotate()
+            self._forget_absent()
+        self._forget_inventory(now)
         return out
 
     @property
@@ -513,31 +520,3 @@ def _after_pruning(
 
 def _unattributed(_measure: Measure) -> str:
     return UNATTRIBUTED
-
-
-def _witness_changes(
-    witness: dict[str, Witness], batches: Sequence[decode.DecodedBatch]
-) -> dict[str, Witness]:
-    """Fold the batches' inventories into `witness`; the domains whose state changed."""
-    before = {dom.uuid: witness.get(dom.uuid) for b in batches for dom in b.inventory if dom.uuid}
-    if not before:
-        return {}
-    observe(witness, batches)
-    return {
-        d: w
-        for d, old in before.items()
-        if (w := witness.get(d)) is not None
-        and (old is None or (old.running, old.since_ms) != (w.running, w.since_ms))
-    }
-
-
-def _owner_hints(batches: Iterable[decode.DecodedBatch]) -> dict[str, dict[str, str]]:
-    """Domain uuid and name -> the owner fields of its <metadata>, from the batches' inventories."""
-    hints: dict[str, dict[str, str]] = {}
-    for batch in batches:
-        for dom in batch.inventory:
-            if dom.owner:
-                for key in (dom.uuid, dom.name):
-                    if key:
-                        hints[key] = dict(dom.owner)
-    return hints

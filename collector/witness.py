@@ -6,7 +6,7 @@ not, since when, last seen when. The reconciler's second witness beside CloudSta
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ class Witness:
 _RUNNING_STATES = {pb.RUNNING: True, pb.SHUTOFF: False, pb.CRASHED: False, pb.GONE: False}
 
 
-def observe(witness: dict[str, Witness], batches: Iterable[Any]) -> None:
+def observe(witness: MutableMapping[str, Witness], batches: Iterable[Any]) -> None:
     """Fold the agents' inventories (decode.DecodedBatch: poll_time_ms, inventory) into the
     witness; an older poll than the last one seen of a domain changes nothing."""
     for batch in batches:

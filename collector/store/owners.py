@@ -4,13 +4,13 @@ replicas through the store."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from kvmeter.collector.schema import owner_hints
-from kvmeter.collector.store.engine import StoreCore
+from kvmeter.collector.store.engine import StoreCore, slices
 
 
 class OwnerHints(StoreCore):
@@ -27,6 +27,15 @@ class OwnerHints(StoreCore):
                 index_elements=["domain"], set_={"owner": stmt.excluded.owner, "updated_ms": now_ms}
             )
             conn.execute(stmt, rows)
+
+    def owner_hints_of(self, conn: Connection, domains: Iterable[str]) -> dict[str, dict[str, str]]:
+        """The stored hints of the domains named (uuids or names)."""
+        h = owner_hints.c
+        out: dict[str, dict[str, str]] = {}
+        for part in slices(sorted({d[:255] for d in domains if d})):
+            rows = conn.execute(sa.select(h.domain, h.owner).where(h.domain.in_(part)))
+            out.update({row[0]: json.loads(row[1]) for row in rows})
+        return out
 
     def owner_hints(self, conn: Connection) -> dict[str, dict[str, str]]:
         rows = conn.execute(sa.select(owner_hints.c.domain, owner_hints.c.owner))

@@ -32,6 +32,7 @@ from kvmeter.collector.schema import (
 from kvmeter.collector.schema_retention import USAGE_PRUNED_THROUGH, pruned_resources
 from kvmeter.collector.store import versions
 from kvmeter.collector.store.engine import slices
+from kvmeter.collector.store.evicted import delete_evicted_keys
 from kvmeter.collector.store.usage import UsageWrites
 
 
@@ -168,6 +169,7 @@ class Pruning(UsageWrites):
         gone = [r for r in resources if now.get(r) == seen[r]]  # an event came meanwhile: next pass
         for part in slices(gone):
             conn.execute(sa.delete(lifecycle_events).where(ev.resource_uuid.in_(part)))
+        delete_evicted_keys(conn, gone)  # nothing is left to bring back
         if gone:
             known = self.tombstones(conn, gone)
             stmt = self._insert(pruned_resources)

@@ -5,7 +5,8 @@ CloudStack's API gave to accounts, domains and offerings.
     list_corrections(conn, accounts=None, resource=None, start_ms=None, end_ms=None, limit=1000)
     save_names(conn, snapshot, now_ms)
     load_names(conn) -> Names                               # the lookup records and the API use
-    save_witness(conn, changed) / load_witness(conn)        # the agents' view of each domain
+    save_witness(conn, changed) / load_witness(conn, domains=None)   # the agents' view of each domain
+    save_witness_seen(conn, {domain: last poll})           # as it leaves a collector's memory
     save_snapshot(conn, snapshot, now_ms) / load_snapshot(conn) -> Snapshot | None
     last_pass_ms(conn) -> int | None                        # when any replica last kept a pass
 
@@ -32,6 +33,7 @@ from kvmeter.collector.schema import (
     lifecycle_events,
     reconcile_state,
 )
+from kvmeter.collector.store.engine import slices
 
 
 def _insert(conn: Connection, table: sa.Table) -> Any:
@@ -151,13 +153,30 @@ def save_witness(conn: Connection, changed: dict[str, Witness]) -> None:
     conn.execute(stmt, rows)
 
 
-def load_witness(conn: Connection) -> dict[str, Witness]:
+def load_witness(conn: Connection, domains: Iterable[str] | None = None) -> dict[str, Witness]:
+    """The stored witness, of every domain or of those named; its last poll is the one kept when
+    it left a collector's memory (save_witness_seen), else its `since`."""
     w = domain_witness.c
+    query = sa.select(w.domain, w.running, w.since_ms, w.seen_ms)
     out: dict[str, Witness] = {}
-    for row in conn.execute(sa.select(w.domain, w.running, w.since_ms)):
-        since: int = row[2]
-        out[str(row[0])] = Witness(bool(row[1]), since, since)
+    parts = [None] if domains is None else list(slices(sorted({d[:128] for d in domains if d})))
+    for part in parts:
+        rows = conn.execute(query if part is None else query.where(w.domain.in_(part)))
+        for row in rows:
+            since: int = row[2]
+            out[str(row[0])] = Witness(bool(row[1]), since, max(since, row[3] or since))
     return out
+
+
+def save_witness_seen(conn: Connection, seen: dict[str, int]) -> None:
+    """Keep the last poll of domains whose witness leaves memory (their rows exist: saved on change)."""
+    w = domain_witness.c
+    seen_ms: Any = sa.bindparam("s")
+    later = sa.case((w.seen_ms > seen_ms, w.seen_ms), else_=seen_ms)  # another replica's may be later
+    stmt = sa.update(domain_witness).where(w.domain == sa.bindparam("d")).values(seen_ms=later)
+    rows = [{"d": d[:128], "s": ms} for d, ms in sorted(seen.items())]
+    if rows:
+        conn.execute(stmt, rows)
 
 
 _PREVIOUS = "previous_snapshot"

@@ -116,6 +116,11 @@ def test_memory_bench_runs_on_a_tiny_size() -> None:
     assert evict["resources_held"] + evict["resources_evicted"] == 2 * 40
     assert evict["resources_held"] < keep["resources_held"] / 2
     assert mem["held_ratio"] < 0.5
+    # owner hints and witness of the VMs of the year: kept by the baseline, not by the evicting one
+    assert keep["hints_held"] == 2 * keep["witness_held"] > 0
+    assert evict["hints_held_most"] < keep["hints_held"] / 2
+    assert evict["witness_held_most"] < keep["witness_held"] / 2
+    assert mem["batch_rate_ratio"] > 0
     text = report.render({"meta": META, "memory": mem})
     assert "closed ones leave memory" in text
 

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 
 from kvmeter.collector.model import Record, Settings
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
+from kvmeter.collector.witness import Witness
+from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, MIN, T0, ZONE, Clock, M, Stream, cs_time
 from tests.harness import postgres
 
@@ -113,8 +115,8 @@ def test_an_event_of_an_evicted_resource_brings_it_back_whole(new_store: Callabl
     for c in runs:
         c.tick()
     kept, bounded = runs
-    assert vm(1) in bounded.evicted
     assert vm(1) not in bounded.histories
+    assert len(bounded.evicted) == 1
     # A late ownership move, then bytes of its MAC alone from when it still ran: both read it.
     clock.now += HOUR
     late = [
@@ -129,11 +131,11 @@ def test_an_event_of_an_evicted_resource_brings_it_back_whole(new_store: Callabl
         c.apply_events(late)
         c.apply_batches([Record(batch)])
     assert vm(1) in bounded.histories
-    assert vm(1) not in bounded.evicted
+    assert len(bounded.evicted) == 0
     assert bounded.histories[vm(1)] == kept.histories[vm(1)]
     for c in runs:
         c.tick()
-    assert vm(1) in bounded.evicted  # closed still: it leaves again
+    assert vm(1) not in bounded.histories  # closed still: it leaves again
     assert _everything(bounded.store) == _everything(kept.store)
     assert any(
         k.account == ACCT_A and q == 700 for k, q in kept.store.net_usage().items() if k.usage_type == 4
@@ -223,7 +225,7 @@ def test_eviction_changes_no_record(new_store: Callable[[], Store], plan: list[t
     _replay(runs, clock, plan)
     kept, bounded = runs
     assert _everything(bounded.store) == _everything(kept.store)
-    bounded.restore(list(bounded.evicted.uuids))
+    bounded.restore(list(kept.histories))
     assert bounded.histories == kept.histories
 
 
@@ -236,20 +238,20 @@ def test_replicas_on_one_store_bring_back_what_another_replica_changed(
     a.apply_events(vm_life(1, T0))
     a.tick()
     b.sync()
-    assert vm(1) in a.evicted
+    assert vm(1) not in a.histories
     # Replica b stores a late event; a learns it by its sync and rebuilds from all events.
     b.apply_events(
         [event("VM.START", vm(1), ACCT_B, T0 + 2 * HOUR), event("VM.STOP", vm(1), ACCT_B, T0 + 3 * HOUR)]
     )
     a.sync()
-    assert vm(1) not in a.evicted
+    assert vm(1) in a.histories
     assert len(a.events[vm(1)]) == 6
     assert a.histories[vm(1)] == b.histories[vm(1)]
     assert a.histories[vm(1)].running[-1].start_ms == T0 + 2 * HOUR  # a late restart
     # A measure of its uuid, arriving at a when it has left again, goes to its last owner as at b.
     clock.now += HOUR
     a.tick()
-    assert vm(1) in a.evicted
+    assert vm(1) not in a.histories
     batch = Stream("s2").batch(
         [M(T0 + 20 * HOUR, T0 + 20 * HOUR + MIN, 900, instance=vm(1), mac="", address="")]
     )
@@ -257,3 +259,67 @@ def test_replicas_on_one_store_bring_back_what_another_replica_changed(
     owners = {k.account for k, q in store.net_usage().items() if k.usage_type == 4 and q == 900}
     assert owners == {b.histories[vm(1)].owner_at(T0 + 20 * HOUR)}
     assert store.parked_rows() == []
+
+
+# -- what the agents' inventories taught: owner hints and witness ---------------------------------
+def domain(i: int) -> str:
+    return f"d0a10000-0000-4000-8000-{i:012d}"
+
+
+def inventory_batch(
+    stream: Stream, i: int, poll: int, *, state: int = pb.RUNNING, hinted: bool = True
+) -> bytes:
+    """One measure of domain i (no lifecycle knows it: only a hint names its owner), with its
+    inventory (owner hint and state) unless `hinted` is False."""
+    stream.seq += 1
+    b = pb.MeasureBatch(
+        schema=1, host_id=stream.host_id, boot_id="boot", stream_id=stream.stream_id, seq=stream.seq,
+        poll_time=poll,
+    )  # fmt: skip
+    b.measures.append(
+        M(poll - MIN, poll, 100 + i, instance=domain(i), domain=f"i-9-{i}-VM", mac="", address="").to_pb()
+    )
+    if hinted:
+        dom = b.inventory.add(uuid=domain(i), name=f"i-9-{i}-VM", state=state)
+        dom.owner.update({"ownerAccountUuid": ACCT_B if i % 2 else ACCT_A})
+    return b.SerializeToString()
+
+
+def test_hints_and_witness_of_domains_not_met_lately_leave_memory_and_come_back(
+    new_store: Callable[[], Store],
+) -> None:
+    clock = Clock(T0)
+    runs = [Collector(new_store(), s, clock) for s in (KEEPING, EVICTING)]
+    streams = [Stream("inv-a"), Stream("inv-b")]
+    domains = 40
+    for i in range(domains):  # domain i reports at hour i (0 at half past too), and never again
+        clock.now = T0 + i * HOUR
+        for c, stream in zip(runs, streams, strict=True):
+            c.apply_batches([Record(inventory_batch(stream, i, clock.now))])
+            if i == 0:
+                c.apply_batches([Record(inventory_batch(stream, i, clock.now + 30 * MIN))])
+            c.tick()
+    kept, bounded = runs
+    assert (len(kept.hints), len(kept.witness)) == (2 * domains, domains)
+    # Untouched for one to two ages (2 h) leave: at most the last 4 hours' domains stay.
+    assert len(bounded.witness) <= 4
+    assert len(bounded.hints) <= 2 * 4
+    with bounded.store.read() as conn:
+        left = reconciliation.load_witness(conn, [domain(0)])[domain(0)]
+    assert left == Witness(True, T0, T0 + 30 * MIN)  # its last poll kept as it left
+    # Domain 0 again: a measure without inventory is billed by its stored hint; an older poll than
+    # the last one seen says shut off and changes nothing; then a newer one does.
+    clock.now += HOUR
+    for c, stream in zip(runs, streams, strict=True):
+        c.apply_batches([Record(inventory_batch(stream, 0, clock.now, hinted=False))])
+        c.apply_batches([Record(inventory_batch(stream, 0, T0 + 15 * MIN, state=pb.SHUTOFF))])
+        assert c.witness[domain(0)] == Witness(True, T0, T0 + 30 * MIN)
+        c.apply_batches([Record(inventory_batch(stream, 0, clock.now, state=pb.SHUTOFF))])
+        assert c.witness[domain(0)] == Witness(False, clock.now, clock.now)
+    assert _everything(bounded.store) == _everything(kept.store)
+    assert any(k.account == ACCT_A and k.resource == domain(0) for k in bounded.store.net_usage())
+    for c in runs:
+        with c.store.read() as conn:
+            assert {d: (w.running, w.since_ms) for d, w in reconciliation.load_witness(conn).items()} == {
+                d: (w.running, w.since_ms) for d, w in kept.witness.items()
+            }

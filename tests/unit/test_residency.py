@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmeter.collector.model import OwnerChange, ResourceHistory, Segment
-from kvmeter.collector.residency import Evicted, evictable
+from kvmeter.collector.residency import Evicted, evictable, holders_wanted
 
 A = "acct-a"
 
@@ -35,23 +35,31 @@ def test_what_may_leave(history: ResourceHistory, last_event: int, cutoff: int, 
     assert evictable(history, last_event, cutoff) is leaves
 
 
-def test_a_measure_wants_an_evicted_resource_by_uuid_always_and_by_address_only_before_it_closed() -> None:
+def test_an_evicted_resource_is_found_by_address_only_by_measures_from_before_it_closed() -> None:
     gone = Evicted()
-    gone.add(vm("vm-1", Segment(0, 1000, account=A)))
-    gone.add(
+    rows = gone.add(vm("vm-1", Segment(0, 1000, account=A)))
+    rows += gone.add(
         ResourceHistory(
             "ip-1", "IpAddress", [OwnerChange(0, A)], ip=[Segment(0, 500, account=A, address="10.0.0.9")]
         )
     )
     assert gone.watermark == 1000
-    assert gone.wanted("vm-1", "", "", 5000) == {"vm-1"}  # a destroyed VM's uuid names its last owner
-    assert gone.wanted("", "02:00:00:00:00:01", "", 999) == {"vm-1"}
-    assert gone.wanted("", "02:00:00:00:00:01".upper(), "", 999) == {"vm-1"}
-    assert gone.wanted("", "02:00:00:00:00:01", "", 1000) == set()  # not alive then: never read
-    assert gone.wanted("", "", "10.0.0.9", 10) == {"ip-1"}
-    assert gone.wanted("", "", "10.0.0.1", 10) == {"vm-1"}
-    assert gone.wanted("other", "", "", 10) == set()
-    gone.discard(vm("vm-1", Segment(0, 1000, account=A)))
-    assert "vm-1" not in gone
-    assert gone.wanted("", "02:00:00:00:00:01", "", 10) == set()
+    assert len(gone) == 2
+    assert ("02:00:00:00:00:01", "vm-1", 1000) in rows
+    assert ("10.0.0.9", "ip-1", 500) in rows
+    mac = "02:00:00:00:00:01"
+    assert holders_wanted(rows, {mac: 999}) == {"vm-1"}
+    assert holders_wanted(rows, {mac: 1000}) == set()  # not alive then: never read
+    assert holders_wanted(rows, {"10.0.0.9": 10}) == {"ip-1"}
+    assert holders_wanted(rows, {"10.0.0.9": 600}) == set()
+    assert holders_wanted(rows, {"10.0.0.1": 10}) == {"vm-1"}
+    assert holders_wanted(rows, {"10.9.9.9": 10}) == set()
+    gone.discard()
     assert len(gone) == 1
+    gone.discard()
+    gone.discard()
+    assert len(gone) == 0
+
+
+def test_a_resource_without_segments_leaves_no_keys() -> None:
+    assert Evicted().add(ResourceHistory("vol", owners=[OwnerChange(0, A)])) == []
