@@ -62,6 +62,11 @@ class Metrics:
         self.dead_letters = Counter(
             "kvmeter_dead_letters", "Inputs dead-lettered", ["source", "reason"], registry=r
         )
+        self.pruned_bytes = Counter(
+            "kvmeter_pruned_resource_bytes",
+            "Bytes of late measures of resources whose lifecycle events were pruned (dead-lettered)",
+            registry=r,
+        )
         self.lag = Gauge(
             "kvmeter_consumer_lag", "Messages behind the partition end", ["topic", "partition"], registry=r
         )
@@ -149,5 +154,6 @@ class Metrics:
         self.records.inc(out.records)
         self.adjustments.inc(out.adjustments)
         self.finalized.inc(out.finalized)
+        self.pruned_bytes.inc(out.pruned_bytes)
         for letter in out.dead_letters:
             self.dead_letters.labels(letter.source, letter.reason).inc()

@@ -223,6 +223,7 @@ class Outcome:
     records: int = 0
     adjustments: int = 0
     finalized: int = 0
+    pruned_bytes: int = 0  # bytes of measures dead-lettered as of a pruned resource's past
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
     def add(self, other: Outcome) -> None:

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvmeter.collector.model import Outcome, Record, Settings
+from kvmeter.collector.model import DeadLetter, Outcome, Record, Settings
+from kvmeter.collector.pruned_measures import RESOURCE_PRUNED
 from kvmeter.collector.report import iso
 from kvmeter.collector.service import LIFECYCLE, Collector
 from kvmeter.collector.store import Store, StoredLetter
@@ -31,6 +32,10 @@ from kvmeter.collector.store.engine import now_ms
 RESOLVED = "resolved"  # applied now
 FAILED = "failed"  # refused again: still a dead letter, with the new reason
 ALREADY_RESOLVED = "already_resolved"  # resolved before: nothing applied
+PRUNED_FOR_GOOD = (
+    "its resource's lifecycle events were pruned: no owner can be found, and its windows are not "
+    "reopened; kept as evidence of the bytes"
+)
 
 
 @dataclass(frozen=True)
@@ -59,13 +64,20 @@ class Redriver:
             if self._collector is None:
                 self._collector = Collector(self.store, self.settings, self.clock)
             record = Record(letter.raw, letter.key, letter.origin)
-            if letter.source == LIFECYCLE:
-                out = self._collector.apply_events([record])
+            out = Outcome()
+            if letter.reason == RESOURCE_PRUNED:
+                # Its resource's history is gone for good (pruned_measures.py): nothing to apply.
+                failure: DeadLetter | None = DeadLetter(
+                    letter.source, letter.origin, letter.raw, letter.reason, PRUNED_FOR_GOOD, letter.key
+                )
             else:
-                out = self._collector.apply_batches([record])
-            failure = next(
-                (d for d in out.dead_letters if d.raw == letter.raw and d.source == letter.source), None
-            )
+                if letter.source == LIFECYCLE:
+                    out = self._collector.apply_events([record])
+                else:
+                    out = self._collector.apply_batches([record])
+                failure = next(
+                    (d for d in out.dead_letters if d.raw == letter.raw and d.source == letter.source), None
+                )
             with self.store.write() as conn:
                 self.store.dead_letter_retried(conn, letter_id, self.clock(), failure)
             after = self.store.dead_letter_by_id(letter_id)

@@ -44,6 +44,7 @@ from kvmeter.collector.model import (
     Settings,
     UsageKey,
 )
+from kvmeter.collector.pruned_measures import pruned_letters
 from kvmeter.collector.recent import Recent
 from kvmeter.collector.reconcile import Witness
 from kvmeter.collector.resident import ResidentHistories
@@ -216,9 +217,11 @@ class Collector(ResidentHistories, InventoryMemory):
     def _apply_batches(self, records: Sequence[Record]) -> Outcome:
         out = Outcome()
         decoded: list[decode.DecodedBatch] = []
+        origins: dict[tuple[str, int], str] = {}
         for rec in records:
             try:
                 decoded.append(decode.decode_batch(rec.value))
+                origins[decoded[-1].stream_id, decoded[-1].seq] = rec.origin
             except BadInput as exc:
                 out.dead_letters.append(DeadLetter(MEASURES, rec.origin, rec.value, exc.reason, exc.message))
         self.sync()
@@ -241,7 +244,7 @@ class Collector(ResidentHistories, InventoryMemory):
             self._restore_for(conn, admitted)
             done = self._attribute((), out, batches=admitted)
             out.records, out.adjustments = self._write(conn, done, final_through, now)
-            self.store.park(conn, done.parked, now)
+            self.store.park(conn, self._park_or_letter(conn, done.parked, origins, out), now)
             self.store.quarantine(conn, done.quarantined, now)
             self.store.dead_letter(conn, out.dead_letters, now)
             self.store.set_marks(conn, new_marks, now)
@@ -250,6 +253,21 @@ class Collector(ResidentHistories, InventoryMemory):
             named_only = any(not dom.uuid for b in decoded for dom in b.inventory if dom.name in learned)
             out.add(self._unpark() if named_only else self._unpark(instances=sorted(learned)))
         return out
+
+    def _park_or_letter(
+        self, conn: Connection, parked: list[Measure], origins: Mapping[tuple[str, int], str], out: Outcome
+    ) -> list[Measure]:
+        """The measures to park; those of a pruned resource's past are dead letters (pruned_measures)."""
+        if not parked:
+            return parked
+        tombstones = self.store.tombstones(conn, {m.instance_uuid for m in parked if m.instance_uuid})
+        if not tombstones:
+            return parked
+        keep, letters, nbytes = pruned_letters(parked, tombstones, origins)
+        out.parked -= len(parked) - len(keep)
+        out.dead_letters.extend(letters)
+        out.pruned_bytes += nbytes
+        return keep
 
     def _attribute(
         self,
