@@ -43,7 +43,8 @@ def rebuild(
     from kvmeter.collector.kafka_history import HistoryError
     from kvmeter.collector.rebuild import RebuildError
     from kvmeter.collector.rebuild import rebuild as run_rebuild
-    from kvmeter.collector.usage_diff import by_window, differences, render
+    from kvmeter.collector.store.window_totals import window_totals
+    from kvmeter.collector.usage_diff import merge_differences, render
 
     setup_logging("warning")
     cfg = _load_config(config_path)
@@ -77,7 +78,8 @@ def rebuild(
         )
         with live.read() as conn:
             through = live.finalized_through(conn, lock=False) if windows == "final" else None
-        diffs = differences(by_window(live.usage(0, FAR), through), by_window(into.usage(0, FAR), through))
+        with live.read() as live_conn, into.read() as into_conn:  # streamed: neither store held whole
+            diffs = merge_differences(window_totals(live_conn, through), window_totals(into_conn, through))
         horizon = _wall_ms() - cfg.settings.park_horizon_ms
         mine, theirs = live.stats(horizon), into.stats(horizon)
         for name in ("parked_bytes", "quarantined_bytes", "dead_letters"):

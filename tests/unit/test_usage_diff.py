@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import UsageRow
-from kvmeter.collector.usage_diff import Difference, WindowKey, by_window, differences, render
+from kvmeter.collector.usage_diff import (
+    Difference,
+    WindowKey,
+    by_window,
+    differences,
+    merge_differences,
+    render,
+)
 
 W = 3_600_000
 T0 = 1_715_677_200_000  # 2024-05-14T09:00:00Z
@@ -46,3 +53,20 @@ def test_differences_name_both_sides_and_render_a_table() -> None:
     assert render(diffs, limit=1).splitlines()[-1] == "... and 1 more"
     assert render([]) == "no difference\n"
     assert differences(live, dict(live)) == []
+
+
+def test_the_merge_walk_of_sorted_totals_is_the_diff_of_the_maps() -> None:
+    import random
+
+    rng = random.Random(3)
+    keys = [
+        WindowKey(a, t, T0 + h * W, T0 + (h + 1) * W)
+        for a in ("a", "B", "é", "z")
+        for t in (4, 5)
+        for h in range(5)
+    ]
+    for _ in range(20):
+        live = {k: rng.choice([0, 1, 2, 3]) for k in keys if rng.random() < 0.7}
+        rebuilt = {k: rng.choice([0, 1, 2, 3]) for k in keys if rng.random() < 0.7}
+        expected = differences({k: v for k, v in live.items() if v}, {k: v for k, v in rebuilt.items() if v})
+        assert merge_differences(sorted(live.items()), sorted(rebuilt.items())) == expected
