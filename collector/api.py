@@ -234,8 +234,14 @@ class ApiServer:
     def close(self) -> None:
         if self._running.is_set():
             # Close every socket from inside the loop thread: the loop ends when its map is empty
-            # (closing from here would pull a descriptor out from under select()).
-            self.server.trigger.pull_trigger(lambda: wasyncore.close_all(self.server._map))
+            # (closing from here would pull a descriptor out from under select()). The loop runs
+            # queued thunks on any wake-up (a worker's too), and this one closes the trigger
+            # itself: queue and write under the trigger's lock (pull_trigger would write after
+            # releasing it), so the pipe is never written after the thunk closed it.
+            trigger = self.server.trigger
+            with trigger.lock:
+                trigger.thunks.append(lambda: wasyncore.close_all(self.server._map))
+                trigger._physical_pull()
         else:
             self.server.close()
 
