@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cs import CloudStack
+from cs import CloudStack, CloudStackApiException
 
 from kvmeter.collector.api import serve
 from kvmeter.collector.credentials import Credentials, CredentialSource, Grant
@@ -190,3 +190,16 @@ def test_the_reconcilers_snapshot_keeps_template_and_cpu_speed() -> None:
         None,
         None,
     )
+
+
+def test_the_cs_client_reads_cloudstacks_431_for_an_account_that_does_not_exist(cs: CloudStack) -> None:
+    with pytest.raises(CloudStackApiException) as refused:  # JSON
+        cs.listUsageRecords(**RANGE, accountid="no-such-account")
+    error = refused.value.error
+    assert (error["errorcode"], error["cserrorcode"]) == (431, 9999)
+    assert "Invalid parameter accountid value=no-such-account" in error["errortext"]
+    with pytest.raises(CloudStackApiException) as refused:  # XML, CloudStack's default
+        cs.listUsageRecords(**RANGE, account="carol", domainid=DOMAIN, json=False)
+    root = ET.fromstring(refused.value.error)
+    assert (root.findtext("errorcode"), root.findtext("cserrorcode")) == ("431", "4350")
+    assert root.findtext("errortext") == f"Unable to find account carol in domain {DOMAIN}"
