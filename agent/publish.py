@@ -225,7 +225,7 @@ class Publisher:
             self._in_flight[frame.position] = frame
             self._next = (frame.segment, frame.offset + 1)
             produced += 1
-        self._producer.poll(0)
+        self._serve(0)
         return produced
 
     def _refused(self, frame: Frame, exc: Exception) -> None:
@@ -319,6 +319,20 @@ class Publisher:
             )
         self._failed = reason
 
+    def _serve(self, timeout: float) -> None:
+        """librdkafka's callbacks. A fatal error can also come out of poll() itself (the
+        confluent-kafka client raises it there): the producer is re-created then."""
+        try:
+            self._producer.poll(timeout)
+        except Exception as exc:
+            if not _is_fatal(exc):
+                raise
+            self.errors += 1
+            self.last_error = str(exc)
+            if self.metrics is not None:
+                self.metrics.publish_errors.inc()
+            self._fail("fatal", f"fatal producer error: {exc}")
+
     def _serve_quietly(self) -> None:
         try:
             self._producer.poll(0)
@@ -359,7 +373,10 @@ class Publisher:
 
     def service(self, timeout: float) -> None:
         """Serve delivery callbacks for up to `timeout` seconds, then top the producer up."""
-        self._producer.poll(timeout)
+        if self._failed is None:
+            self._serve(timeout)
+        else:  # a failed producer may answer at once: wait here, not in a busy loop
+            time.sleep(max(0.0, min(timeout, self._rebuild_at - self._clock())))
         self.pump()
 
     def in_flight(self) -> int:
@@ -375,7 +392,10 @@ class Publisher:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
-            self._producer.poll(min(left, 0.1))
+            if self._failed is None:
+                self._serve(min(left, 0.1))
+            else:
+                time.sleep(max(0.0, min(left, 0.1, self._rebuild_at - self._clock())))
 
     def close(self, timeout: float = 5.0) -> bool:
         done = self.flush(timeout)

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from kvmeter.proto import pb
 from tests.collector_support import wait_for
-from tests.harness.kafka import create_topic
-from tests.harness.netns import Host, Vm
+from tests.harness.kafka import Broker, create_topic
+from tests.harness.netns import Host, Lab, Vm
 from tests.harness.processes import AgentProcess
 
 pytestmark = [pytest.mark.netns, pytest.mark.broker, pytest.mark.libvirt]
@@ -373,3 +373,80 @@ def test_polls_bigger_than_a_record_may_be_go_out_split_every_byte_once(site: Si
     assert "MSG_SIZE_TOO_LARGE" not in site.agent.logs()
     if where == "topic":
         assert f"topic {site.topic} takes records of up to {limit} bytes" in site.agent.logs()
+
+
+def consume_available(bootstrap: str, topic: str, timeout: float = 30.0) -> list[pb.MeasureBatch]:
+    """Every batch the topic holds now (read to the partition's end)."""
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"g-{uuid.uuid4().hex}", "enable.partition.eof": True}
+    )
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    got = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is None:
+                got.append(pb.MeasureBatch.FromString(msg.value()))
+            elif msg.error().code() == KafkaError._PARTITION_EOF:
+                return got
+        raise AssertionError(f"reading {topic} to its end took over {timeout} s")
+    finally:
+        consumer.close()
+
+
+def test_a_broker_restarted_without_its_data_gets_every_batch_of_the_running_agent(
+    netns_lab: Lab, netns_host: Callable[..., Host], tmp_path: Path
+) -> None:
+    """The real agent process while its broker comes back empty (memory storage, same address):
+    the producer id is unknown there (UNKNOWN_PRODUCER_ID to every retry, nothing reported by
+    librdkafka); the agent re-creates its producer and re-sends what it had not got through.
+    What the first broker got (read before it went) and what the second got, each (stream, seq)
+    once, is every byte the VMs' kernels counted."""
+    broker = Broker(host=netns_lab.core_ip, port=9092, log_dir=tmp_path).start(prefix=netns_lab.in_core())
+    site = Site(netns_host("h1"), tmp_path, broker.bootstrap)
+    try:
+        site.agent.start()
+        site.agent.wait_polled()
+        site.traffic()
+        time.sleep(2 * POLL)
+        site.host.mgmt_down()  # the agent's batches from now on stay with it
+        site.traffic()
+        time.sleep(2 * POLL)
+        before = consume_available(site.bootstrap, site.topic)
+        broker.stop()
+        broker = Broker(host=netns_lab.core_ip, port=9092, log_dir=tmp_path).start(prefix=netns_lab.in_core())
+        create_topic(site.bootstrap, site.topic)
+        site.host.mgmt_up()
+        wait_for(
+            lambda: "kafka producer unusable" in site.agent.logs(), 90, "a new producer", site.agent.logs
+        )
+        site.traffic()
+        time.sleep(2 * POLL)
+        metrics = site.host.run(
+            sys.executable,
+            "-c",
+            "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9477/metrics').read().decode())",
+        )
+        recreated = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("kvmeter_agent_producer_recreations_total{")
+        ]
+        # "fatal" when a batch had been sent to the first broker unanswered, else "unknown producer"
+        assert sum(float(line.split()[-1]) for line in recreated) >= 1, recreated
+        assert site.agent.terminate() == 0
+        after = consume_streams(site.bootstrap, site.topic, finals=1)
+        assert after, site.agent.logs()
+        assert before, "nothing reached the first broker"
+        batches = list({(b.stream_id, b.seq): b for b in before + after}.values())
+        check_streams(batches, 1)
+        assert min(b.seq for b in after) <= max(b.seq for b in before) + 1  # nothing skipped
+        assert measured(batches) == vm_side(site.vms, site.baseline), site.agent.logs()
+        assert "UNKNOWN_PRODUCER_ID" in site.agent.logs() or "does not know producer id" in site.agent.logs()
+        assert "Traceback" not in site.agent.logs()
+    finally:
+        site.agent.stop()
+        broker.stop()

@@ -2,9 +2,11 @@
 Kafka-protocol broker and a real `kvmeter collector` process.
 
 The test broker (Tansu, memory storage) restarted on the same port comes back empty: it no longer
-knows the producer id and answers every produce with UNKNOWN_PRODUCER_ID; librdkafka bumps the
-epoch and retries forever without telling the application. The publisher notices (librdkafka's
-statistics), re-creates the producer and re-sends what the spool holds. The restarted broker has
+knows the producer id and answers every produce with UNKNOWN_PRODUCER_ID. For batches it never
+saw, librdkafka bumps the epoch and retries forever without telling the application: the
+publisher notices in librdkafka's statistics. For batches it was sent and never answered (the
+broker frozen, then gone), librdkafka cannot retry without risking duplicates: a fatal error.
+Either way the publisher re-creates the producer and re-sends what the spool holds. The restarted broker has
 lost its topics too, so the collector is restarted against it after the batches it had already
 consumed are billed: its store's stream marks are what keeps a re-sent batch from being billed
 twice, and that is checked last by re-sending the whole spool.
@@ -81,7 +83,10 @@ enabled = false
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
-def test_a_broker_that_lost_the_producer_state_still_gets_every_batch_billed_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("outage", "reason"), [("stopped", "unknown producer"), ("frozen", "fatal")])
+def test_a_broker_that_lost_the_producer_state_still_gets_every_batch_billed_once(
+    tmp_path: Path, outage: str, reason: str
+) -> None:
     base = (int(time.time() * 1000) // HOUR - 1) * HOUR  # the last full hour: windows stay open
     port = free_port("127.0.0.1")
     broker = Broker(port=port, log_dir=tmp_path).start()
@@ -118,13 +123,21 @@ def test_a_broker_that_lost_the_producer_state_still_gets_every_batch_billed_onc
         wait_for(lambda: applied(db) == 4, 60, "the first 4 batches applied", collector.logs)
         collector.stop()
 
-        # 2. The broker goes away; the next polls are spooled and handed to librdkafka.
-        broker.stop()
+        # 2. The next polls are spooled and handed to librdkafka while the broker is away
+        #    ("stopped") or takes their produce request and never answers ("frozen").
+        if outage == "stopped":
+            broker.stop()
+        else:
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGSTOP)
         for i in range(4, 8):
             spool_poll(i)
             publisher.service(0.2)
         assert publisher.in_flight() == 4
         assert [f.seq for f in spool.pending()] == [5, 6, 7, 8]
+        if broker.proc is not None:
+            broker.proc.kill()  # frozen with the batches unanswered, then gone
+            broker.proc.wait(10)
 
         # 3. It comes back on the same port without its data: producer ids, topics, offsets.
         broker = Broker(port=port, log_dir=tmp_path).start()
@@ -134,7 +147,7 @@ def test_a_broker_that_lost_the_producer_state_still_gets_every_batch_billed_onc
         assert spool.pending() == []
         assert publisher.recreated == 1
         assert metrics.registry.get_sample_value(
-            "kvmeter_agent_producer_recreations_total", {"reason": "unknown producer"}
+            "kvmeter_agent_producer_recreations_total", {"reason": reason}
         ) == 1.0  # fmt: skip
         collector.start()
         wait_for(lambda: applied(db) == 8, 60, "all 8 batches applied", collector.logs)

@@ -392,3 +392,29 @@ def test_a_fatal_delivery_report_recreates_the_producer(tmp_path: Path) -> None:
     assert pub.recreated == 1
     assert "gap in sequence" in (pub.last_error or "")
     spool.close()
+
+
+def test_a_fatal_error_raised_by_poll_recreates_the_producer(tmp_path: Path) -> None:
+    from confluent_kafka import KafkaError, KafkaException
+
+    class RaisingPoll(FakeProducer):
+        def poll(self, timeout: float) -> int:  # confluent-kafka raises a fatal error here
+            if self.queue:
+                error = KafkaError(KafkaError.UNKNOWN_PRODUCER_ID, "unable to retry", fatal=True)
+                raise KafkaException(error)
+            return 0
+
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(RaisingPoll(config) if not producers else FakeProducer(config))
+        return producers[-1]
+
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory)
+    spool.append("s", 1, b"b1", {}, 1)
+    pub.service(0)  # no exception escapes to the agent's loop
+    assert pub.flush(1.0)
+    assert producers[1].sent == [b"b1"]
+    assert "UNKNOWN_PRODUCER_ID" in (pub.last_error or "")
+    spool.close()
