@@ -72,7 +72,7 @@ def _fitted_to_topic(config: AgentConfig) -> AgentConfig:
     into batches the broker takes (a batch it refuses as too large would stay in the spool)."""
     from dataclasses import replace
 
-    from kvmeter.agent.publish import topic_max_message_bytes
+    from kvmeter.agent.kafka_client import topic_max_message_bytes
 
     limit = topic_max_message_bytes(config.kafka_bootstrap, config.kafka_topic, config.kafka_properties)
     if limit is None:

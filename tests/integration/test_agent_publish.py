@@ -98,7 +98,7 @@ def test_broker_away_then_back_drains_everything_in_order(tmp_path: Path) -> Non
 
 
 def test_the_topics_size_limit_is_read_from_the_broker(kafka_bootstrap: str, tmp_path: Path) -> None:
-    from kvmeter.agent.publish import topic_max_message_bytes
+    from kvmeter.agent.kafka_client import topic_max_message_bytes
 
     topic = f"limited-{uuid.uuid4().hex[:8]}"
     create_topic(kafka_bootstrap, topic, config={"max.message.bytes": "65536"})

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from kvmeter.agent.publish import Publisher, producer_config
+from kvmeter.agent.kafka_client import producer_config
+from kvmeter.agent.publish import Publisher
 from kvmeter.agent.spool import Spool
 
 
@@ -165,7 +166,7 @@ def test_an_unreachable_broker_is_retried_ever_less_often_and_logged_once_a_minu
 def test_a_default_an_older_librdkafka_does_not_know_is_left_out() -> None:
     from confluent_kafka import KafkaError, KafkaException
 
-    from kvmeter.agent.publish import _confluent_producer
+    from kvmeter.agent.kafka_client import confluent_producer
 
     made: list[dict[str, Any]] = []
 
@@ -180,7 +181,7 @@ def test_a_default_an_older_librdkafka_does_not_know_is_left_out() -> None:
 
     config = producer_config("b:1")
     assert config["metadata.recovery.strategy"] == "none"
-    produced = _confluent_producer(config, old_librdkafka)
+    produced = confluent_producer(config, old_librdkafka)
     assert "metadata.recovery.strategy" not in produced
     assert produced["reconnect.backoff.max.ms"] == 30_000
 
@@ -188,9 +189,9 @@ def test_a_default_an_older_librdkafka_does_not_know_is_left_out() -> None:
         raise KafkaException(KafkaError(KafkaError._INVALID_ARG, 'Invalid value for "linger.ms"'))
 
     with pytest.raises(KafkaException, match="linger"):  # anything else still fails loudly
-        _confluent_producer({**config, "linger.ms": -5}, refuses_linger)
+        confluent_producer({**config, "linger.ms": -5}, refuses_linger)
     # the installed librdkafka takes it
-    _confluent_producer(config).flush(0)
+    confluent_producer(config).flush(0)
 
 
 class Clock:
