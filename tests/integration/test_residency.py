@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -323,3 +324,34 @@ def test_hints_and_witness_of_domains_not_met_lately_leave_memory_and_come_back(
             assert {d: (w.running, w.since_ms) for d, w in reconciliation.load_witness(conn).items()} == {
                 d: (w.running, w.since_ms) for d, w in kept.witness.items()
             }
+
+
+def test_retention_pruning_a_resource_out_of_memory_drops_what_found_it(
+    new_store: Callable[[], Store],
+) -> None:
+    from kvmeter.collector.prune import Pruner
+    from kvmeter.collector.retention import RetentionPolicy
+    from kvmeter.collector.schema_residency import evicted_keys
+
+    clock = Clock(T0 + HOUR)
+    bounded = Collector(new_store(), EVICTING, clock)
+    bounded.apply_events(
+        [*vm_life(1, T0), event("VM.CREATE", vm(2), ACCT_A, T0 + 30 * MIN, macaddress=mac(2))]
+    )
+    clock.now = T0 + 10 * HOUR
+    bounded.tick()
+    assert vm(1) not in bounded.histories
+
+    def holders() -> set[str]:
+        with bounded.store.read() as conn:
+            return {r[0] for r in conn.execute(sa.select(evicted_keys.c.resource))}
+
+    assert holders() == {vm(1)}
+    Pruner(bounded.store, RetentionPolicy(lifecycle_events_ms=HOUR), clock).run()
+    assert holders() == set()
+    # Bytes of its MAC from when it ran: nothing to bring back, parked like any bytes nobody explains.
+    batch = Stream("s9").batch(
+        [M(T0 + 20 * MIN, T0 + 21 * MIN, 70, instance="", domain="", mac=mac(1), address="")]
+    )
+    out = bounded.apply_batches([Record(batch)])
+    assert (out.parked, vm(1) in bounded.histories) == (1, False)
