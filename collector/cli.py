@@ -95,7 +95,11 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     service = Collector(store, cfg.settings, _wall_ms)
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
-    metrics.watch_memory(lambda: service.resident, lambda: len(service.evicted))
+    metrics.watch_memory(
+        lambda: service.resident,
+        lambda: len(service.evicted),
+        lambda: (len(service.hints), len(service.witness)),
+    )
     relay = None
     if cfg.handoff is not None:  # billable items from the outbox to the topic / webhook
         from kvmeter.collector import outbox_relay

@@ -128,8 +128,14 @@ class Metrics:
         for kind, rows in counts.items():
             self.pruned.labels(kind).inc(rows)
 
-    def watch_memory(self, held: Callable[[], int], evicted: Callable[[], int]) -> None:
-        """This replica's lifecycle memory (service.Collector.resident, .evicted), read at scrape time."""
+    def watch_memory(
+        self,
+        held: Callable[[], int],
+        evicted: Callable[[], int],
+        inventory: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
+        """This replica's lifecycle memory (service.Collector.resident, .evicted) and, when given,
+        the owner hints and witness it holds (inventory_memory.py), read at scrape time."""
         r = self.registry
         held_gauge = Gauge(
             "kvmeter_lifecycle_resources_held", "Resources whose lifecycle is held in memory", registry=r
@@ -140,6 +146,13 @@ class Metrics:
             "Resources whose closed lifecycle left memory (reloaded from the store when read)",
             registry=r,
         ).set_function(evicted)
+        if inventory is not None:
+            Gauge(
+                "kvmeter_owner_hints_held", "Owner hints (domain uuid or name) held in memory", registry=r
+            ).set_function(lambda: inventory()[0])
+            Gauge(
+                "kvmeter_domain_witness_held", "Domains whose agents' witness is held in memory", registry=r
+            ).set_function(lambda: inventory()[1])
 
     def record(self, out: Outcome) -> None:
         self.batches.inc(out.batches)

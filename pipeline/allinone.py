@@ -137,7 +137,10 @@ class AllInOne:
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         self.metrics = Metrics()
         self.metrics.watch_store(self.store, self.collector.horizon_start)
-        self.metrics.watch_memory(lambda: self.collector.resident, lambda: len(self.collector.evicted))
+        c = self.collector
+        self.metrics.watch_memory(
+            lambda: c.resident, lambda: len(c.evicted), lambda: (len(c.hints), len(c.witness))
+        )
         self.relay: Any = None
         if cfg.collector.handoff is not None:  # billable items to the topic / webhook
             from kvmeter.collector import outbox_relay

@@ -107,3 +107,13 @@ def test_closed_resources_leave_memory_as_the_config_says(
         while _gauges(port) != want[name]:
             assert time.monotonic() < deadline, (name, _gauges(port), log.read_text()[-3000:])
             time.sleep(0.5)
+    # The owner hints and witness it holds are exported too (no measure batch came: none).
+    for port, _ in runs.values():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        held = dict(re.findall(r"^(kvmeter_(?:owner_hints|domain_witness)_held) (\S+)$", text, re.M))
+        assert held == {"kvmeter_owner_hints_held": "0.0", "kvmeter_domain_witness_held": "0.0"}
