@@ -53,7 +53,8 @@ class Broker:
         self.proc = subprocess.Popen([*prefix, *self.command()], stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
-            wait_for_port(self.host, self.port, 15, "the Tansu broker")
+            # 60 s: on a loaded 2-core machine a broker in a fresh namespace was seen at 15 s+.
+            wait_for_port(self.host, self.port, 60, "the Tansu broker")
         except RuntimeError as exc:
             self.stop()
             raise RuntimeError(f"{exc}; log: {self.log_path.read_text(errors='replace')[-2000:]}") from exc
