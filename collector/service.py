@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 
-from kvmeter.collector import residency, usage
+from kvmeter.collector import lifecycle, residency, usage
 from kvmeter.collector.aggregate import Route
 from kvmeter.collector.attribution import OwnerIndex
 from kvmeter.collector.decode import Target
@@ -38,6 +38,7 @@ from kvmeter.collector.events_path import LIFECYCLE, EventsPath
 from kvmeter.collector.isolation import UNSTORABLE
 from kvmeter.collector.measures_path import MEASURES
 from kvmeter.collector.model import Outcome, ResourceHistory, Settings
+from kvmeter.collector.policy import BillingPolicy
 from kvmeter.collector.recent import Recent
 from kvmeter.collector.reconcile import Witness
 from kvmeter.collector.store import Store
@@ -89,6 +90,44 @@ class Collector(EventsPath):
         self.settings = dataclasses.replace(self.settings, routers=dict(routers))
         self.index.routers = dict(routers)
         self._knowledge += 1  # drops the cached routes, so every target is looked up again
+
+    def set_policy(self, policy: BillingPolicy, per_pass: int = 200) -> Outcome:
+        """Put another billing policy in force (SIGHUP) and recompute every resource with stored
+        events under it, from all its events: open windows rewritten, final windows adjusted by
+        the difference. So the store follows one policy, the new one, as a rebuild under it
+        would (in adjustments where windows were final). Unchanged: nothing."""
+        if policy == self.settings.policy:
+            return Outcome()
+        self.settings = dataclasses.replace(self.settings, policy=policy)
+        return self.recompute_all(per_pass)
+
+    def recompute_all(self, per_pass: int = 200) -> Outcome:
+        """Every resource with stored events recomputed under the policy in force (set_policy),
+        a page of resources per transaction."""
+        out = Outcome()
+        after = ""
+        while True:
+            with self.store.read() as conn:
+                page = [row[0] for row in self.store.event_resources(conn, after, per_pass)]
+            if not page:
+                break
+            after, now, part = page[-1], self.clock(), Outcome()
+            with self.store.write() as conn:
+                final_through = self.store.finalized_through(conn)
+                self.store.lock_resources(conn, page)
+                built = self._recompute(conn, page, final_through, now, part)
+            out.add(part)
+            for resource in page:  # those in memory: their histories under the new policy
+                if resource in self._events:
+                    whole, history = built.get(resource, ({}, None))
+                    if history is None or whole.keys() != self._events[resource].keys():
+                        history = lifecycle.build_resource_history(
+                            resource, self._events[resource].values(), self.settings.policy
+                        )
+                    self.histories[resource] = history
+                    self.index.update(history)
+        self._knowledge += 1
+        return out
 
     def tick(self) -> Outcome:
         """Grow open windows, finalize those past the grace period, retry parked measures."""

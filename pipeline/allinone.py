@@ -46,6 +46,7 @@ from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.inputs import InputUnavailable, event_inputs
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.prune import PruneJob, Pruner
+from kvmeter.collector.reloading import put_in_force
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store, policies
 from kvmeter.logs import setup_logging
@@ -261,8 +262,12 @@ def reloads(config_path: str, pipeline: AllInOne) -> Reloads:
         pipeline.collector.set_routers(routers)
         return f"{len(routers)} router owner(s)"
 
+    def billing_policy() -> str:
+        return put_in_force(pipeline.collector, load(config_path).collector.settings.policy)
+
     out.add("traffic rules", traffic_rules)
     out.add("router owners", router_owners)
+    out.add("policy", billing_policy)
     source = pipeline.credentials
     if source is not None:
 
@@ -313,7 +318,7 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         pipeline.close()
         click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
         sys.exit(2)
-    # SIGHUP: traffic rules, router owners, credentials and the tariff read again, between two polls.
+    # SIGHUP: traffic rules, router owners, the policy, credentials and the tariff read again.
     pipeline.feeder.reloads = reloads(config_path, pipeline)
     pipeline.feeder.reloads.install()
     if cfg.agent.metrics_enabled:
