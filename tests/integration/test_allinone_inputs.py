@@ -113,6 +113,8 @@ secret_key = "{SECRET}"
         )
     try:
         wait_for_port("127.0.0.1", port, 60, "the all-in-one's API")
+        # Its queue bound first: what the exchange gets before a queue is bound goes nowhere.
+        wait_for(lambda: f"bound to {cfg.exchange}" in log.read_text(), 60, "the queue bound", log.read_text)
         publish(rabbitmq_node, cfg.exchange, [(routing_key(v), v) for v in bus])
         assign = usage_event("NET.IPASSIGN", IP1, ACCT_B, at + 2 * MIN)[1]
         release = usage_event("NET.IPRELEASE", IP1, ACCT_B, at + 7 * MIN)[1]
