@@ -24,9 +24,10 @@ import os
 import select
 import socket
 import struct
+import sys
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from kvmeter.agent.model import LinkPlacement
@@ -97,6 +98,8 @@ def parse_link_message(msg: Any) -> LinkRecord:
     """A decoded link message (from a dump or an event) -> :class:`LinkRecord`."""
     linkinfo = msg.get_attr("IFLA_LINKINFO")
     kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
+    if kind is not None:
+        kind = sys.intern(kind)  # one string per kind, not one per link ("veth", "tun", ...)
     data = linkinfo.get_attr("IFLA_INFO_DATA") if linkinfo is not None else None
     vlan_id = vxlan_vni = None
     if data is not None and kind == "vlan":
@@ -183,7 +186,7 @@ class LinkTable:
             return None
         if previous is not None:
             self._remove(record.ifindex)
-        self._links[record.ifindex] = record
+        self._links[record.ifindex] = _kept(record)
         self._by_name[record.ifname] = record.ifindex
         for index in _reads(record):
             self._read_by[index] = self._read_by.get(index, 0) + 1
@@ -206,7 +209,7 @@ class LinkTable:
             for index, new in sorted(fresh.items())
             if index not in self._links or self._links[index].ifname != new.ifname
         )
-        self._links = fresh
+        self._links = {index: _kept(record) for index, record in fresh.items()}
         self._by_name = {r.ifname: r.ifindex for r in fresh.values()}
         self._read_by = {}
         for record in fresh.values():
@@ -296,6 +299,12 @@ class LinkTable:
         if record.kind == "bridge" or record.kind in UPLINK_KINDS:
             return True
         return record.ifindex in self._read_by
+
+
+def _kept(record: LinkRecord) -> LinkRecord:
+    """A record as the table keeps it: without the counters its message carried (only that
+    message's event needs them; ten thousand links would keep ~2 MB of them)."""
+    return record if record.stats is None else replace(record, stats=None)
 
 
 def _reads(record: LinkRecord) -> tuple[int, ...]:
