@@ -417,6 +417,15 @@ class Inventory:
         )
 
     def _publish(self, domains: dict[str, DomainInfo]) -> None:
+        # A domain read again unchanged (a periodic resync) keeps its object: the poll loop keeps
+        # what it derived from the domains (plan, encoder, inventory records) while the objects
+        # are the same.
+        with self._state_lock:
+            known = self._domains
+        for uuid, info in domains.items():
+            old = known.get(uuid)
+            if old is not None and old is not info and old == info:
+                domains[uuid] = old
         by_device: ByDevice = {}
         for info in domains.values():
             for nic in info.nics:

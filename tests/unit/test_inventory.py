@@ -182,6 +182,29 @@ def test_periodic_resync_catches_what_no_event_said(
     assert inventory.resyncs >= 2
 
 
+def test_a_resync_keeps_the_objects_of_unchanged_domains() -> None:
+    # The poll loop keeps its plan while the domain objects are the same: a periodic resync that
+    # finds nothing new must not hand out new ones.
+    made: list[FakeConnection] = []
+
+    def make() -> FakeConnection:  # the same domains, the router paused from the second read on
+        conn = host()
+        if made:
+            conn.domains[ROUTER].state_code = libvirt.VIR_DOMAIN_PAUSED
+        made.append(conn)
+        return conn
+
+    inventory = Inventory("qemu:///system", opener=FakeOpener(make))
+    inventory.refresh()
+    before = inventory.snapshot()
+    inventory.refresh()
+    after = inventory.snapshot()
+    assert after[ROUTER] is not before[ROUTER]
+    assert after[ROUTER].state == "paused"
+    assert all(after[uuid] is before[uuid] for uuid in (USER_VM, SSVM, LAB))
+    assert inventory.by_device()["vnet0"][0] is before[USER_VM]
+
+
 def test_reconnects_with_backoff_after_libvirtd_restarts(
     running: Callable[..., tuple[Inventory, FakeOpener]],
 ) -> None:
