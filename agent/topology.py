@@ -141,7 +141,10 @@ def decode_link_datagram(data: bytes) -> list[tuple[int, LinkRecord]]:
         if length < 16 or offset + length > len(data):
             log.warning("truncated netlink message at offset %d (length %d of %d)", offset, length, len(data))
             break
-        if msg_type in (RTM_NEWLINK, RTM_DELLINK):
+        # AF_BRIDGE messages (a port joined or left a bridge, or changed state: half of what a
+        # VM storm sends) are told by the family byte, before any attribute is decoded.
+        bridge_port = length > 16 and data[offset + 16] == AF_BRIDGE
+        if msg_type in (RTM_NEWLINK, RTM_DELLINK) and not bridge_port:
             try:
                 msg = decode_link_message(data[offset : offset + length])
                 if msg["family"] != AF_BRIDGE and msg.get_attr("IFLA_IFNAME"):
