@@ -113,6 +113,8 @@ class ResidentHistories:
 
     def _restore_for(self, conn: Connection, batches: Sequence[decode.DecodedBatch]) -> None:
         """Bring back the resources out of memory the batches' attribution may read."""
+        if not self.evicted.ever:
+            return  # nothing left memory: nothing to look for
         uuids = {t.instance_uuid for b in batches for t in set(b.targets)}
         starts: dict[str, int] = {}
         for batch in batches:
