@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -99,9 +98,9 @@ def day_batch(day: int, alive: list[int], seq: int) -> bytes:
     return b.SerializeToString()
 
 
-def _rss_mb() -> float:
+def _rss_mb(field: str = "VmRSS") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -163,7 +162,8 @@ def replay(db: str, vms: int, *, evict: bool) -> dict[str, Any]:
         "resources_evicted": len(collector.evicted),
         "rss_start_mb": rss_start,
         "rss_end_mb": _rss_mb(),
-        "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # VmHWM, this address space's peak: ru_maxrss keeps the forking parent's across exec.
+        "rss_peak_mb": _rss_mb("VmHWM"),
         "usage": {repr(k): v for k, v in store.net_usage().items()},
         "witness": _witness_rows(store),
     }
