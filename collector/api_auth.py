@@ -158,12 +158,11 @@ class Authenticator:
 
 
 def cloudstack_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
-    """CloudStack's request signature: URL-encode each value (Java's URLEncoder, spaces as
-    %20), sort the pairs by lower-cased field, join with &, lower-case, HMAC-SHA1, base64."""
-    pairs = sorted(
-        (k.lower(), f"{k}={_java_quote(v)}".lower()) for k, v in params if k.lower() != "signature"
-    )
-    message = "&".join(text for _, text in pairs)
+    """CloudStack's request signature (ApiServer.verifyRequest): sort the fields by name as
+    sent, URL-encode each value (Java's URLEncoder, spaces as %20), join with &, lower-case the
+    whole, HMAC-SHA1, base64. Sorting before lower-casing matters when names differ in case."""
+    pairs = sorted((k, f"{k}={_java_quote(v)}") for k, v in params if k.lower() != "signature")
+    message = "&".join(text for _, text in pairs).lower()
     digest = hmac.new(secret.encode(), message.encode(), hashlib.sha1).digest()
     return base64.b64encode(digest).decode()
 
