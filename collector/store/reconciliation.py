@@ -51,8 +51,12 @@ def save_corrections(conn: Connection, found: Iterable[Correction], now_ms: int)
     ]  # fmt: skip
     if not rows:
         return 0
-    stmt = _insert(conn, corrections).on_conflict_do_nothing(index_elements=["event_id"])
-    return sum(max(conn.execute(stmt, [row]).rowcount, 0) for row in rows)
+    # Counted before the insert: its rowcount is 0 or -1 on psycopg, whatever it inserted.
+    ids = [row["event_id"] for row in rows]
+    stored = sa.select(corrections.c.event_id).where(corrections.c.event_id.in_(ids))
+    known = set(conn.execute(stored).scalars())
+    conn.execute(_insert(conn, corrections).on_conflict_do_nothing(index_elements=["event_id"]), rows)
+    return len(set(ids) - known)
 
 
 def list_corrections(

@@ -35,7 +35,8 @@ def add_corrections(store: Store, corrections: Sequence[Correction], now_ms: int
     for c in corrections:
         collector.apply_event(c.event_value(), c.resource_uuid.encode())
     with store.write() as conn:
-        save_corrections(conn, corrections, now_ms)
+        assert save_corrections(conn, corrections, now_ms) == len(corrections)
+        assert save_corrections(conn, corrections, now_ms) == 0  # known event ids are kept
 
 
 @pytest.fixture
