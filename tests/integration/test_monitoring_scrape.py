@@ -18,6 +18,9 @@ from tests.harness.ports import free_port, wait_for_port
 from tests.harness.processes import KVMETER, Process
 from tests.monitoring_support import dashboard_metrics, registry_names, rule_metrics, scraped_names
 
+# The shipped example tariff: the unpriced-usage gauges exist where a tariff is configured.
+TARIFF = Path(__file__).resolve().parents[2] / "packaging" / "config" / "tariff.toml.example"
+
 
 class AllInOne(Process):
     def __init__(self, workdir: Path, config: Path):
@@ -58,6 +61,8 @@ url = "sqlite:///{tmp_path / "usage.db"}"
 tick_seconds = 1
 [api]
 listen = "127.0.0.1:{api_port}"
+[billing]
+tariff_file = "{TARIFF}"
 [balances]
 threshold = "1.00"
 [handoff]
