@@ -181,20 +181,7 @@ class UsageWrites(StoreCore):
 
     def _versions(self, conn: Connection, keys: Sequence[UsageKey]) -> dict[UsageKey, int]:
         """Current versions of these records (locked by this transaction's upsert)."""
-        rec = usage_records.c
-        wanted = set(keys)
-        out: dict[UsageKey, int] = {}
-        for part in slices(sorted({k.resource for k in keys})):
-            query = sa.select(*(rec[c] for c in KEY_COLUMNS), rec.version).where(
-                rec.resource.in_(part),
-                rec.window_start_ms >= min(k.window_start_ms for k in keys),
-                rec.window_start_ms <= max(k.window_start_ms for k in keys),
-            )
-            for row in conn.execute(query):
-                key = UsageKey(*row[:7])
-                if key in wanted:
-                    out[key] = int(row[7])
-        return out
+        return versions.key_versions(conn, usage_records, keys)
 
     # -- time-based usage (whole values) ------------------------------------------------------
     def lock_resources(self, conn: Connection, resources: Iterable[str]) -> None:

@@ -27,14 +27,19 @@ def _greatest(stmt: Any) -> Any:
 
 def floors(conn: Connection, keys: Sequence[UsageKey]) -> dict[UsageKey, int]:
     """{key: last version given} of the keys named that have a row (the others: none)."""
-    rv = record_versions.c
+    return key_versions(conn, record_versions, keys)
+
+
+def key_versions(conn: Connection, table: sa.Table, keys: Sequence[UsageKey]) -> dict[UsageKey, int]:
+    """{key: version} of the named keys that have a row in `table` (keyed by KEY_COLUMNS)."""
+    col = table.c
     wanted = set(keys)
     out: dict[UsageKey, int] = {}
     for part in slices(sorted({k.resource for k in keys})):
-        query = sa.select(*(rv[c] for c in KEY_COLUMNS), rv.version).where(
-            rv.resource.in_(part),
-            rv.window_start_ms >= min(k.window_start_ms for k in keys),
-            rv.window_start_ms <= max(k.window_start_ms for k in keys),
+        query = sa.select(*(col[c] for c in KEY_COLUMNS), col.version).where(
+            col.resource.in_(part),
+            col.window_start_ms >= min(k.window_start_ms for k in keys),
+            col.window_start_ms <= max(k.window_start_ms for k in keys),
         )
         for row in conn.execute(query):
             key = UsageKey(*row[:7])
