@@ -54,7 +54,7 @@ def save_corrections(conn: Connection, found: Iterable[Correction], now_ms: int)
     # Counted before the insert: its rowcount is 0 or -1 on psycopg, whatever it inserted.
     ids = [row["event_id"] for row in rows]
     stored = sa.select(corrections.c.event_id).where(corrections.c.event_id.in_(ids))
-    known = set(conn.execute(stored).scalars())
+    known: set[str] = set(conn.execute(stored).scalars())
     conn.execute(_insert(conn, corrections).on_conflict_do_nothing(index_elements=["event_id"]), rows)
     return len(set(ids) - known)
 
