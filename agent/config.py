@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmeter.agent.traffic import TrafficRules, TrafficRulesError
-from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
+from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems_apart
 
 DEFAULT_PATH = "/etc/kvmeter/agent.toml"
 
@@ -165,7 +165,7 @@ _FIELDS = {
 
 def validate(data: Mapping[str, Any], source: str = "config") -> AgentConfig:
     """An AgentConfig from parsed TOML, or ConfigError listing every problem."""
-    problems = schema_problems(SCHEMA, data)
+    problems = schema_problems_apart(SCHEMA, data)  # jsonschema stays out of the daemon
     values: dict[str, Any] = {}
     for (section, key), name in _FIELDS.items():
         sect = data.get(section)

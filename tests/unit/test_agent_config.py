@@ -124,3 +124,31 @@ def test_the_topics_limit_as_the_broker_states_it_lowers_the_batches_too() -> No
     )
     assert both.batch_bytes == 7000 - 206
     assert AgentConfig(kafka_topic_max_bytes=100).batch_bytes == 512  # refused batches stay spooled
+
+
+def test_the_check_apart_finds_what_the_validator_finds_in_process() -> None:
+    from kvmeter.agent.config import SCHEMA
+    from kvmeter.tomlconfig import schema_problems, schema_problems_apart
+
+    doc = {"agent": {"poll_interval": "fast", "colour": 1}, "kafka": {"topic": 7}, "extra": {}}
+    apart = schema_problems_apart(SCHEMA, doc)
+    assert apart == schema_problems(SCHEMA, doc)
+    assert len(apart) == 4, apart
+    assert schema_problems_apart(SCHEMA, {"agent": {"host_id": "h"}}) == []
+
+
+def test_the_agent_validates_its_config_without_holding_jsonschema(tmp_path: Path) -> None:
+    # a fresh interpreter: this one has jsonschema loaded by other tests
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from kvmeter.agent import cli, daemon\n"
+        "from kvmeter.agent.config import load\n"
+        f"assert load({str(EXAMPLE)!r}).host_id\n"
+        "held = sorted(m for m in sys.modules if m.split('.')[0] in ('jsonschema', 'referencing', 'rpds'))\n"
+        "assert not held, held\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
