@@ -87,20 +87,31 @@ def projected_items(
         return []
     rest = end_ms - now_ms
     out: list[Item] = []
-    byte_totals: dict[tuple[str, int, str, str, str], int] = defaultdict(int)  # by key less window
+    running: dict[tuple[str, int, str, str, str], UsageKey] = {}  # by key less window, in order
+    byte_totals: dict[tuple[str, int, str, str, str], int] = defaultdict(int)
     for item in items:
         k = item.key
         if k.usage_type in BYTE_TYPES:
             byte_totals[k[:5]] += item.quantity
-        elif item.kind == RECORD and k.window_start_ms <= now_ms < k.window_end_ms:
-            if item.quantity >= now_ms - k.window_start_ms - slack_ms:
-                series = k._replace(window_start_ms=now_ms, window_end_ms=end_ms)
-                out.append(Item(series, rest, PROJECTION, now_ms))
+        elif item.kind == RECORD and _runs_now(item, now_ms, slack_ms):
+            running.setdefault(k[:5], k._replace(window_start_ms=now_ms, window_end_ms=end_ms))
+    out.extend(Item(series, rest, PROJECTION, now_ms) for series in running.values())
     elapsed = now_ms - start_ms
     for head, total in sorted(byte_totals.items()):
         if total > 0:
             out.append(Item(UsageKey(*head, now_ms, end_ms), total * rest // elapsed, PROJECTION, now_ms))
     return out
+
+
+def _runs_now(item: Item, now_ms: int, slack_ms: int) -> bool:
+    """A time record whose resource runs now: its window holds now and it has run all of it so
+    far; or, in the first moments of a window no tick has opened yet, it ran to its window's end."""
+    k = item.key
+    if k.window_start_ms <= now_ms < k.window_end_ms:
+        return item.quantity >= now_ms - k.window_start_ms - slack_ms
+    if k.window_end_ms <= now_ms < k.window_end_ms + slack_ms:
+        return item.quantity >= k.window_end_ms - k.window_start_ms - slack_ms
+    return False
 
 
 def month_costs(

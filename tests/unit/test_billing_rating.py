@@ -258,3 +258,20 @@ def test_the_projection_runs_what_runs_now_and_bytes_at_the_months_rate() -> Non
     assert costs.projected == sum(line.projected for line in costs.lines)
     assert costs.cost == sum(line.cost for line in costs.lines) == sum(r.cost for r in costs.items)
     assert projected_items(items, end, start, end) == []  # a month over projects nothing
+
+
+def test_the_projection_runs_on_in_a_new_window_no_tick_has_opened_yet() -> None:
+    start, end = month_bounds(T0)
+    now = T0 + HOUR + 30_000  # 30 s into the next hour: its records are not written yet
+    items = [
+        Item(key(RUNNING_VM, T0), HOUR),  # ran to the end of its window: runs on
+        Item(key(IP_ADDRESS, T0, resource="ip-stopped"), HOUR // 2),  # released mid-window
+    ]
+    assert [
+        (p.key.usage_type, p.key.resource, p.quantity) for p in projected_items(items, now, start, end)
+    ] == [(RUNNING_VM, "vm-1", end - now)]
+    # Once the tick has opened the new window, the series is projected once, not twice.
+    opened = [*items, Item(key(RUNNING_VM, T0 + HOUR), 30_000)]
+    assert len(projected_items(opened, now, start, end)) == 1
+    # Long after the window ended with no record since, the resource is not running.
+    assert projected_items(items, T0 + 2 * HOUR + HOUR // 2, start, end) == []
