@@ -373,16 +373,21 @@ accounts = ["{ACCT_B}"]
         assert "reloaded traffic rules" in service.logs()
         assert "reloaded router owners: 0 router owner(s)" in service.logs()
 
-    # A broken file on reload changes nothing, and the log says why.
-    for broken, why in ((CREDENTIALS + "\n[[credentials]\n", "not valid TOML"), (CREDENTIALS, "chmod 600")):
+    # A broken file on reload changes nothing, and the log says why: each SIGHUP's pass refuses
+    # the credentials (the collector's kvmeter.reload or the all-in-one's CredentialSource.reload),
+    # after the other reloadables of the same pass, which read the same file.
+    refused = "reload of credentials refused|credentials file not reloaded"
+    cases = ((CREDENTIALS + "\n[[credentials]\n", "not valid TOML"), (CREDENTIALS, "chmod 600"))
+    for n, (broken, why) in enumerate(cases, start=1):
         write_credentials(creds, broken.replace(TOKEN_NEW, "another-token-0123456789"),
                           mode=0o600 if why != "chmod 600" else 0o644)  # fmt: skip
         service.proc.send_signal(signal.SIGHUP)
         wait_until(lambda why=why: why in service.logs(), f"the reload refused ({why})", service)
+        wait_until(
+            lambda n=n: len(re.findall(refused, service.logs())) >= n, "the credentials refused", service
+        )
         assert usage_of(service, TOKEN_NEW) == {ACCT_A: 1000}
         assert status_of(service, "another-token-0123456789") == 401
-    # The collector's reload (kvmeter.reload) or the all-in-one's (CredentialSource.reload).
-    assert re.search("reload of credentials refused|credentials file not reloaded", service.logs())
     assert service.proc.poll() is None
 
 
