@@ -43,16 +43,9 @@ price = "0"
 """
 
 
-def test_the_all_in_one_hands_items_off_to_a_webhook(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path}/usage.db"
-    fill(db).close()  # final records and adjustments, their items pending in the outbox
-    made, pending = outbox(db)
-    assert pending == len(made) == 18
-    uri = write_node_xml(tmp_path / "node.xml", [])  # a host with no VM: only the hand-off works
-    with Receiver(fail_first=1) as receiver:
-        config = tmp_path / "allinone.toml"
-        config.write_text(
-            f"""
+def config_head(tmp_path: Path, uri: str, db: str) -> str:
+    """The sections both tests share: a host with no VM, no metrics, no API."""
+    return f"""
 [agent]
 host_id = "aio"
 poll_interval = 1
@@ -67,6 +60,29 @@ url = "{db}"
 tick_seconds = 0.5
 [api]
 enabled = false
+"""
+
+
+def start_all_in_one(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "kvmeter", "run", "--all-in-one", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def test_the_all_in_one_hands_items_off_to_a_webhook(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path}/usage.db"
+    fill(db).close()  # final records and adjustments, their items pending in the outbox
+    made, pending = outbox(db)
+    assert pending == len(made) == 18
+    uri = write_node_xml(tmp_path / "node.xml", [])  # a host with no VM: only the hand-off works
+    with Receiver(fail_first=1) as receiver:
+        config = tmp_path / "allinone.toml"
+        config.write_text(
+            config_head(tmp_path, uri, db)
+            + f"""
 [handoff]
 webhook_url = "{receiver.url}"
 webhook_headers = {{ Authorization = "Bearer aio" }}
@@ -76,12 +92,7 @@ poll_seconds = 0.2
 """
         )
         log = tmp_path / "allinone.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "kvmeter", "run", "--all-in-one", "--config", str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        proc = start_all_in_one(config, log)
         try:
             wait_for(lambda: set(receiver.deduplicated()) == made, 60, "every item posted", log.read_text)
             wait_for(lambda: outbox(db)[1] == 0, 30, "the outbox drained", log.read_text)
@@ -108,21 +119,8 @@ def test_the_all_in_one_prices_the_items_it_makes_under_its_tariff(tmp_path: Pat
     with Receiver() as receiver:
         config = tmp_path / "allinone.toml"
         config.write_text(
-            f"""
-[agent]
-host_id = "aio"
-poll_interval = 1
-state_dir = "{tmp_path}/agent"
-[libvirt]
-uri = "{uri}"
-[metrics]
-enabled = false
-[store]
-url = "{db}"
-[usage]
-tick_seconds = 0.5
-[api]
-enabled = false
+            config_head(tmp_path, uri, db)
+            + f"""
 [billing]
 tariff_file = "tariff.toml"
 [handoff]
@@ -131,12 +129,7 @@ poll_seconds = 0.2
 """
         )
         log = tmp_path / "allinone.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "kvmeter", "run", "--all-in-one", "--config", str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+        proc = start_all_in_one(config, log)
         try:
             wait_for(lambda: len(receiver.deduplicated()) == 3, 60, "the three records posted", log.read_text)
         finally:
