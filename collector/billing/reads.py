@@ -38,12 +38,13 @@ def month_items(
     if accounts is not None:
         records = records.where(rec.account.in_(sorted(accounts)))
         adjustments = adjustments.where(adj.account.in_(sorted(accounts)))
-    for row in conn.execute(records):
-        key = UsageKey(*row[:7])
-        out.setdefault(key.account, []).append(Item(key, int(row[7]), RECORD, key.window_start_ms))
-    for row in conn.execute(adjustments):
-        key = UsageKey(*row[:7])
-        out.setdefault(key.account, []).append(Item(key, int(row[7]), ADJUSTMENT, int(row[8]), int(row[9])))
+    new = tuple.__new__  # Items straight from the rows' tuples: 3,600 of them a month per VM
+    for row in conn.execute(records).tuples():
+        key = new(UsageKey, row[:7])
+        out.setdefault(row[0], []).append(new(Item, (key, row[7], RECORD, row[5], 0)))
+    for row in conn.execute(adjustments).tuples():
+        key = new(UsageKey, row[:7])
+        out.setdefault(row[0], []).append(new(Item, (key, row[7], ADJUSTMENT, row[8], row[9])))
     return out
 
 
