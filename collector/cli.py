@@ -21,7 +21,7 @@ from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store, policies
+from kvmeter.collector.store import Store
 from kvmeter.logs import setup_logging
 
 DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"
@@ -75,6 +75,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
     from kvmeter.collector.inputs import Input, InputUnavailable, event_inputs
     from kvmeter.collector.metrics import Metrics
+    from kvmeter.collector.policy_change import put_in_force_at_start
     from kvmeter.collector.reloading import collector_reloads
 
     setup_logging("debug" if verbose else "info")
@@ -86,13 +87,13 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     if cfg.webhook_secret and not cfg.api.enabled:
         raise click.ClickException(f"{config_path}: [webhook] deliveries come to the API: api.enabled = true")
     store = _open_store(cfg.db_url, outbox=cfg.handoff is not None)
-    policies.note_policy(store, cfg.settings.policy, _wall_ms())
     tariffs = None
     if cfg.tariff is not None and cfg.tariff_file is not None:
         tariffs = TariffSource(cfg.tariff, cfg.tariff_file, cfg.settings.billable)
         if store.outbox:  # each billable item carries its cost (store/item_costs.py)
             store.pricing = item_pricing(store, tariffs)
     service = Collector(store, cfg.settings, _wall_ms)
+    put_in_force_at_start(service)  # a changed [policy]: the whole store recomputed under it
     metrics = Metrics()
     metrics.watch_store(store, service.horizon_start)
     metrics.watch_memory(

@@ -6,10 +6,9 @@
   the credentials file it names.
 - tariff: the tariff file [billing] tariff_file names (also a file newly named there); costs
   asked for from then on are rated under it.
-- policy: the [policy] section (the defaults where it is gone). A changed policy is recorded
-  (billing_policies), logged as a warning, and put in force over the whole store at once: every
-  resource is recomputed under it from all its events (open windows rewritten, final windows
-  adjusted by the difference), so the records never mix two policies (Collector.set_policy).
+- policy: the [policy] section (the defaults where it is gone). A changed policy is put in force
+  over the whole store at once (collector/policy_change.py): every resource recomputed under it
+  from all its events, then recorded (billing_policies) and logged as a warning.
 
 Each reads the config file again but takes only its own section: a mistake in one section, or
 in one file, refuses that reload alone. The rest of the config (store, inputs, windows) is read
@@ -27,9 +26,9 @@ from kvmeter.collector import config as config_mod
 from kvmeter.collector import credentials
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialSource
-from kvmeter.collector.policy import BillingPolicy, policy_from
+from kvmeter.collector.policy import policy_from
+from kvmeter.collector.policy_change import put_in_force
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store.policies import policy_in_force
 from kvmeter.reload import Reloads
 from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
@@ -86,25 +85,6 @@ def billing_policy(path: Path, service: Collector) -> Callable[[], str]:
         return put_in_force(service, policy_from(_section(path, "policy")))
 
     return reload
-
-
-def put_in_force(service: Collector, policy: BillingPolicy) -> str:
-    """A policy read again: nothing when unchanged; else recorded, warned of, and every resource
-    recomputed under it. Shared by the collector and the all-in-one."""
-    if policy == service.settings.policy:
-        return f"unchanged: {policy.describe()}"
-    before = service.settings.policy
-    now = service.clock()
-    out = service.set_policy(policy)
-    with service.store.write() as conn:
-        previous = policy_in_force(conn, policy, now)
-    log.warning(
-        "billing policy changed on reload: was %s (since %s ms), now %s; every resource recomputed "
-        "under it from all its events: %d record(s) rewritten, %d adjustment(s) of final windows",
-        before.describe(), previous.since_ms if previous else "?", policy.describe(), out.records,
-        out.adjustments,
-    )  # fmt: skip
-    return f"{policy.describe()} ({out.records} record(s), {out.adjustments} adjustment(s))"
 
 
 def collector_reloads(

@@ -45,10 +45,10 @@ from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.inputs import InputUnavailable, event_inputs
 from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.policy_change import put_in_force, put_in_force_at_start
 from kvmeter.collector.prune import PruneJob, Pruner
-from kvmeter.collector.reloading import put_in_force
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store, policies
+from kvmeter.collector.store import Store
 from kvmeter.logs import setup_logging
 from kvmeter.pipeline.handoff import InProcessProducer
 from kvmeter.reload import Reloads
@@ -134,8 +134,8 @@ class AllInOne:
         self.cfg = cfg
         self.store = Store(cfg.collector.db_url, outbox=cfg.collector.handoff is not None)
         self.store.migrate()
-        policies.note_policy(self.store, cfg.collector.settings.policy, clock())
         self.collector = Collector(self.store, cfg.collector.settings, clock)
+        put_in_force_at_start(self.collector)  # a changed [policy]: the whole store recomputed
         self.metrics = Metrics()
         self.metrics.watch_store(self.store, self.collector.horizon_start)
         c = self.collector

@@ -1,12 +1,12 @@
 """The billing policy a store's records follow (the billing_policies table, migration 17).
 
+    last_policy(conn) -> Previous | None                     # the one recorded last
     policy_in_force(conn, policy, now_ms) -> Previous | None
-    note_policy(store, policy, now_ms) -> Previous | None   # the same at a start, logged
+    note_policy(store, policy, now_ms) -> Previous | None   # the same, logged (a new store)
 
-Records are computed under the policy of the collector that writes them; final windows never
-change, so a store whose collector changed [policy] holds records of both. This is how a start
-under another policy knows it, to say so (`kvmeter rebuild` into a fresh store gives the past
-under the new one).
+The store's records follow the policy recorded last: a changed one is recorded once every
+resource is recomputed under it (collector/policy_change.py), so a start under another policy
+than the last recorded knows its records still follow that one.
 """
 
 from __future__ import annotations
@@ -28,16 +28,21 @@ class Previous(NamedTuple):
     since_ms: int  # in force since then (0: since the store began)
 
 
+def last_policy(conn: Connection) -> Previous | None:
+    """The policy recorded last and since when (None: a new store)."""
+    bp = billing_policies.c
+    last = conn.execute(sa.select(bp.policy, bp.since_ms).order_by(bp.id.desc()).limit(1)).first()
+    return None if last is None else Previous(str(last[0]), int(last[1]))
+
+
 def policy_in_force(conn: Connection, policy: BillingPolicy, now_ms: int) -> Previous | None:
     """Record `policy` as the one in force from now_ms unless it already is; the one before when
     it was another (None on a new store and when unchanged)."""
-    bp = billing_policies.c
-    last = conn.execute(sa.select(bp.policy, bp.since_ms).order_by(bp.id.desc()).limit(1)).first()
-    text = policy.describe()
-    if last is not None and last[0] == text:
+    last = last_policy(conn)
+    if last is not None and last.policy == policy.describe():
         return None
-    conn.execute(sa.insert(billing_policies).values(policy=text, since_ms=now_ms))
-    return None if last is None else Previous(str(last[0]), int(last[1]))
+    conn.execute(sa.insert(billing_policies).values(policy=policy.describe(), since_ms=now_ms))
+    return last
 
 
 def note_policy(store: Any, policy: BillingPolicy, now_ms: int) -> Previous | None:

@@ -137,7 +137,9 @@ def test_sighup_puts_a_changed_policy_in_force_over_the_whole_store(tmp_path: Pa
         proc.stop()
 
 
-def test_the_all_in_one_puts_a_changed_policy_in_force_on_sighup(tmp_path: Path) -> None:
+def allinone_config(tmp_path: Path) -> tuple[Path, str, str]:
+    """(the config file, its text without [policy], the store's URL) of an all-in-one whose events
+    file creates, starts, stops and destroys VM1 (5 minutes running, 15 allocated) half an hour ago."""
     db = f"sqlite:///{tmp_path}/usage.db"
     at = (int(time.time() * 1000) // MIN - 30) * MIN
     events = tmp_path / "events.jsonl"
@@ -170,13 +172,28 @@ enabled = false
 events_file = "{events}"
 """
     config.write_text(base)
-    log = tmp_path / "allinone.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
+    return config, base, db
+
+
+def start_allinone(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
             [sys.executable, "-m", "kvmeter", "run", "--all-in-one", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def stop_allinone(proc: subprocess.Popen[bytes], log: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(30)
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_the_all_in_one_puts_a_changed_policy_in_force_on_sighup(tmp_path: Path) -> None:
+    config, base, db = allinone_config(tmp_path)
+    log = tmp_path / "allinone.log"
+    proc = start_allinone(config, log)
     try:
         wait_for(
             lambda: net(db) == {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 15 * MIN}, 60, "records", log.read_text
@@ -190,6 +207,4 @@ events_file = "{events}"
         assert "allocated_from=first_start" in policies(db)[-1]
         assert "billing policy changed on reload" in log.read_text()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(30)
-    assert code == 0, log.read_text()[-3000:]
+        stop_allinone(proc, log)
