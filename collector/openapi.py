@@ -21,9 +21,11 @@ from kvmeter.collector.api_params import (
 )
 from kvmeter.collector.cost_report import CSV_FIELDS as COST_CSV_FIELDS
 from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
+from kvmeter.collector.openapi_schemas import LETTERS_MAX, SCHEMAS, STR
+from kvmeter.collector.openapi_schemas import json_content as _json
 from kvmeter.collector.report import ADJUSTMENT_FIELDS, CSV_FIELDS
 
-LETTERS_MAX, LETTER_ID_MAX = 1000, 2**62  # api_dead_letters.MAX_PAGE, MAX_ID
+LETTER_ID_MAX = 2**62  # api_dead_letters.MAX_ID
 
 TIME_TEXT = f"{TIME_FORMS}; naive times are UTC; from 1970-01-01 to 9999-12-31 (ms 0 to {MAX_TIME_MS})"
 
@@ -54,237 +56,12 @@ _PARAMS = {
     ),
 }
 
-_INT = {"type": "integer"}
 _LETTER_ID = {
     "name": "letter_id",
     "in": "path",
     "required": True,
     "schema": {"type": "integer", "minimum": 0, "maximum": LETTER_ID_MAX},
 }
-_STR = {"type": "string"}
-_WINDOW = {
-    "account": {**_STR, "description": "Account uuid; empty for bytes no account owns."},
-    "usage_type": _INT,
-    "usage_type_name": _STR,
-    "resource": _STR,
-    "offering": _STR,
-    "traffic_type": {**_STR, "description": "Byte usage: public, guest, ...; empty for time usage."},
-    "cpunumber": {"type": ["integer", "null"], "description": "VM time on a custom offering: its vCPUs."},
-    "memory": {"type": ["integer", "null"], "description": "VM time on a custom offering: its memory, MiB."},
-    "start": {**_STR, "description": "Window start, UTC (2024-05-14T09:00:00Z)."},
-    "end": _STR,
-    "start_ms": _INT,
-    "end_ms": _INT,
-    "unit": {"enum": ["bytes", "ms"]},
-}
-
-
-def _ref(schema: str) -> dict[str, Any]:
-    return {"$ref": f"#/components/schemas/{schema}"}
-
-
-def _json(schema: str) -> dict[str, Any]:
-    return {"application/json": {"schema": _ref(schema)}}
-
-
-def _object(properties: dict[str, Any]) -> dict[str, Any]:
-    """Exactly these fields: a field the API adds or drops fails the conformance test."""
-    return {
-        "type": "object",
-        "required": list(properties),
-        "properties": properties,
-        "additionalProperties": False,
-    }
-
-
-_LETTER = {
-    "id": _INT,
-    "state": {"enum": ["open", "resolved"]},
-    "source": {"enum": ["lifecycle", "measures"]},
-    "origin": {**_STR, "description": "Where it came from: topic/partition@offset, file:line."},
-    "reason": _STR,
-    "message": _STR,
-    "size": {**_INT, "description": "Bytes."},
-    "created": _STR,
-    "retries": _INT,
-    "retried": {"type": ["string", "null"]},
-    "resolved": {"type": ["string", "null"]},
-}
-SCHEMAS: dict[str, Any] = {
-    "Error": _object({"error": _STR}),
-    "UsageRecord": _object(
-        {
-            **_WINDOW,
-            "resource_name": _STR,
-            "device_type": _STR,
-            "quantity": {**_INT, "description": "Net: recorded + adjustments (ms or bytes)."},
-            "rawusage": {**_STR, "description": "CloudStack's rawusage: hours or bytes."},
-            "recorded": _INT,
-            "adjustment": _INT,
-            "final": {"type": "boolean"},
-            "transaction_id": {
-                "type": ["string", "null"],
-                "description": "A final record's billable item id (uuid5 of key, version 0); null if open.",
-            },
-        }
-    ),
-    "Adjustment": _object(
-        {
-            **_WINDOW,
-            "delta": _INT,
-            "reason": _STR,
-            "created": _STR,
-            "created_ms": _INT,
-            "seq": {**_INT, "description": "Commit order: what pages follow (never a clock)."},
-            "version": {**_INT, "description": "n: the n-th adjustment of its record."},
-            "transaction_id": {
-                **_STR,
-                "description": "Stable id of this billable item: uuid5 of the record's key and version.",
-            },
-        }
-    ),
-    "Correction": {
-        **_object(
-            {
-                "event_id": _STR,
-                "resource": _STR,
-                "resource_type": _STR,
-                "event_type": {**_STR, "description": "The CloudStack usage event it stands for."},
-                "time_ms": _INT,
-                "time": _STR,
-                "accountid": _STR,
-                "account": {**_STR, "description": "The account's name, when CloudStack's API gave it."},
-                "offering": _STR,
-                "source": _STR,
-                "reason": _STR,
-                "created_ms": _INT,
-                "domainid": _STR,
-                "domain": _STR,
-                "domainpath": _STR,
-            }
-        ),
-        "required": ["event_id", "resource", "event_type", "time_ms", "accountid", "source", "reason"],
-    },
-    "WebhookAnswer": _object({"status": _INT, "message": _STR}),
-    "DeadLetter": _object(_LETTER),
-    "DeadLetterWithBytes": _object(
-        {
-            **_LETTER,
-            "key": {"type": ["string", "null"], "description": "The record's key, as text."},
-            "raw_base64": {**_STR, "description": "The bytes as received."},
-            "raw_text": {"type": ["string", "null"], "description": "The bytes as text, when UTF-8."},
-        }
-    ),
-    "DeadLetterList": {
-        **_object(
-            {
-                "count": _INT,
-                "dead_letters": {"type": "array", "items": _ref("DeadLetter"), "maxItems": LETTERS_MAX},
-                "next_after": {**_INT, "description": "`after` of the next page; absent on the last."},
-            }
-        ),
-        "required": ["count", "dead_letters"],
-    },
-    "Retried": _object(
-        {
-            "result": {"enum": ["resolved", "failed", "already_resolved"]},
-            "letter": _ref("DeadLetter"),
-            "applied": _object(
-                dict.fromkeys(
-                    ("events", "known_events", "batches", "duplicates", "billed_bytes", "records"), _INT
-                )
-            ),
-        }
-    ),
-    "Health": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {
-            "status": {"enum": ["ok", "failing", "degraded"]},
-            "reason": {**_STR, "description": "What is failing or degraded."},
-            "schema_version": _INT,
-            "consumer": {"type": "object", "description": "The Kafka consumer's state."},
-            "error": _STR,
-        },
-    },
-}
-_MONEY = {
-    "type": "string",
-    "pattern": "^-?[0-9]+(\\.[0-9]+)?$",
-    "description": "Exact decimal, in `currency`.",
-}
-_TYPE = {"usage_type": _INT, "usage_type_name": _STR}
-_QUANTITY = {"quantity": {**_INT, "description": "ms or bytes (unit)."}, "unit": {"enum": ["bytes", "ms"]}}
-_DETAIL = {**_STR, "description": "Traffic type of byte usage; service offering of VM time."}
-SCHEMAS["CostItem"] = _object(
-    {
-        "kind": {"enum": ["record", "adjustment"]},
-        **_TYPE,
-        "resource": _STR,
-        "detail": _DETAIL,
-        "start": {**_STR, "description": "Its window, UTC."},
-        "end": _STR,
-        **_QUANTITY,
-        "cost": _MONEY,
-        "rates": {"type": "array", "items": _STR, "description": "The tariff's rates used (rate.N)."},
-        "unpriced": {**_INT, "description": "Of the quantity, what no rate covered (see reason)."},
-        "reason": _STR,
-    }
-)
-SCHEMAS["AccountCosts"] = {
-    **_object(
-        {
-            "account": _STR,
-            "cost": {**_MONEY, "description": "So far this month: the sum of the lines' (and items') costs."},
-            "projected": {**_MONEY, "description": "At the month's end, if what runs now keeps running."},
-            "complete": {"type": "boolean", "description": "False when some usage had no rate (unpriced)."},
-            "by_usage_type": {
-                "type": "array",
-                "items": _object({**_TYPE, "cost": _MONEY, "projected": _MONEY}),
-            },
-            "lines": {
-                "type": "array",
-                "items": _object(
-                    {
-                        **_TYPE,
-                        "resource": _STR,
-                        "detail": _DETAIL,
-                        **_QUANTITY,
-                        "cost": _MONEY,
-                        "projected": _MONEY,
-                        "unpriced": _INT,
-                    }
-                ),
-            },
-            "unpriced": {"type": "array", "items": _ref("CostItem")},
-            "items": {"type": "array", "items": _ref("CostItem"), "description": "With items=true."},
-        }
-    ),
-    "required": ["account", "cost", "projected", "complete", "by_usage_type", "lines", "unpriced"],
-}
-SCHEMAS["Costs"] = _object(
-    {
-        "month": _STR,
-        "start": _STR,
-        "end": _STR,
-        "as_of": _STR,
-        "currency": {**_STR, "description": "ISO 4217: the tariff's one currency."},
-        "count": _INT,
-        "accounts": {"type": "array", "items": _ref("AccountCosts")},
-    }
-)
-for _page, _items, _item in (
-    ("UsagePage", "usage", "UsageRecord"),
-    ("AdjustmentPage", "adjustments", "Adjustment"),
-    ("CorrectionPage", "corrections", "Correction"),
-):
-    SCHEMAS[_page] = _object(
-        {
-            "count": {**_INT, "description": "Records on this page."},
-            _items: {"type": "array", "items": _ref(_item)},
-            "next": {"type": ["string", "null"], "description": "Cursor of the next page; null on the last."},
-        }
-    )
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -539,7 +316,7 @@ def document(*, webhook: bool = False, paging: Paging | None = None) -> dict[str
                     "responses": {
                         "200": {
                             "description": "Prometheus text format.",
-                            "content": {"text/plain": {"schema": _STR}},
+                            "content": {"text/plain": {"schema": STR}},
                         },
                         "404": _error("Metrics are not enabled."),
                         **_ERRORS,

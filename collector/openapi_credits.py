@@ -6,18 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 from kvmeter.collector.money_input import AMOUNT, CURRENCY, MAX_NOTE
+from kvmeter.collector.openapi_schemas import STR as _STR
+from kvmeter.collector.openapi_schemas import exact_object as _object
 
-_STR = {"type": "string"}
 _MONEY = {"type": "string", "description": "An exact decimal amount, as text."}
-
-
-def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": list(properties) if required is None else required,
-        "properties": properties,
-        "additionalProperties": False,
-    }
 
 
 SCHEMAS: dict[str, Any] = {
