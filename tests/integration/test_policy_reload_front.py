@@ -16,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -99,17 +101,29 @@ def policies(db: str) -> list[str]:
         store.close()
 
 
-def test_sighup_puts_a_changed_policy_in_force_over_the_whole_store(tmp_path: Path) -> None:
+DEFAULT = {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 15 * MIN}  # ALLOCATED from the create; RUNNING 5
+
+
+@contextmanager
+def collector_billing_vm1(tmp_path: Path) -> Iterator[tuple[WebhookCollector, str]]:
+    """A collector started on a new store, VM1 created, started, stopped and destroyed half an
+    hour ago by its webhook (whole minutes, long final), billed under the default policy."""
     port, db = free_port(), f"sqlite:///{tmp_path}/usage.db"
-    at = (int(time.time() * 1000) // MIN - 30) * MIN  # whole minutes, long final
+    at = (int(time.time() * 1000) // MIN - 30) * MIN
     proc = WebhookCollector(tmp_path, db, port)
     proc.start()
     try:
         wait_for_port("127.0.0.1", port, 60, "the collector's API")
         for kind, minutes in (("VM.CREATE", 0), ("VM.START", 5), ("VM.STOP", 10), ("VM.DESTROY", 15)):
             assert deliver(port, usage_event(kind, VM1, ACCT_A, at + minutes * MIN)[1]) == 200, proc.logs()
-        # Default policy: ALLOCATED from the create, 15 minutes; RUNNING 5.
-        wait_for(lambda: net(db) == {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 15 * MIN}, 60, "records", proc.logs)
+        wait_for(lambda: net(db) == DEFAULT, 60, "records", proc.logs)
+        yield proc, db
+    finally:
+        proc.stop()
+
+
+def test_sighup_puts_a_changed_policy_in_force_over_the_whole_store(tmp_path: Path) -> None:
+    with collector_billing_vm1(tmp_path) as (proc, db):
         wait_for(lambda: len(policies(db)) == 1, 10, "the policy at start", proc.logs)
 
         proc.write('[policy]\nallocated_from = "first_start"\n')
@@ -133,8 +147,6 @@ def test_sighup_puts_a_changed_policy_in_force_over_the_whole_store(tmp_path: Pa
         assert net(db) == want
         assert len(policies(db)) == 2
         assert proc.terminate() == 0, proc.logs()
-    finally:
-        proc.stop()
 
 
 def allinone_config(tmp_path: Path) -> tuple[Path, str, str]:
@@ -195,9 +207,7 @@ def test_the_all_in_one_puts_a_changed_policy_in_force_on_sighup(tmp_path: Path)
     log = tmp_path / "allinone.log"
     proc = start_allinone(config, log)
     try:
-        wait_for(
-            lambda: net(db) == {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 15 * MIN}, 60, "records", log.read_text
-        )
+        wait_for(lambda: net(db) == DEFAULT, 60, "records", log.read_text)
         config.write_text(base + '[policy]\nallocated_from = "first_start"\n')
         proc.send_signal(signal.SIGHUP)
         want = {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 10 * MIN}

@@ -7,42 +7,31 @@ recorded and logged. Started once more unchanged, nothing is recomputed."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from kvmeter.collector.model import ALLOCATED_VM, RUNNING_VM
-from tests.collector_support import ACCT_A, MIN, VM1, usage_event, wait_for
-from tests.harness.ports import free_port, wait_for_port
+from tests.collector_support import MIN, wait_for
+from tests.harness.ports import wait_for_port
 from tests.integration.test_policy_reload_front import (
-    WebhookCollector,
+    DEFAULT,
     allinone_config,
-    deliver,
+    collector_billing_vm1,
     net,
     policies,
     start_allinone,
     stop_allinone,
 )
 
-DEFAULT = {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 15 * MIN}
 FIRST_START = {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 10 * MIN}  # the 5 final windows before it: 0
 CHANGED = "billing policy changed since the last start: records so far follow allocated_from=create"
 
 
 def test_a_collector_restarted_under_a_changed_policy_recomputes_the_whole_store(tmp_path: Path) -> None:
-    port, db = free_port(), f"sqlite:///{tmp_path}/usage.db"
-    at = (int(time.time() * 1000) // MIN - 30) * MIN  # whole minutes, long final
-    proc = WebhookCollector(tmp_path, db, port)
-    proc.start()
-    try:
-        wait_for_port("127.0.0.1", port, 60, "the collector's API")
-        for kind, minutes in (("VM.CREATE", 0), ("VM.START", 5), ("VM.STOP", 10), ("VM.DESTROY", 15)):
-            assert deliver(port, usage_event(kind, VM1, ACCT_A, at + minutes * MIN)[1]) == 200, proc.logs()
-        wait_for(lambda: net(db) == DEFAULT, 60, "records", proc.logs)
+    with collector_billing_vm1(tmp_path) as (proc, db):
         assert proc.terminate() == 0, proc.logs()
-
         proc.write('[policy]\nallocated_from = "first_start"\n')
         proc.start()
-        wait_for_port("127.0.0.1", port, 60, "the collector's API")
+        wait_for_port("127.0.0.1", proc.port, 60, "the collector's API")
         assert net(db) == FIRST_START, proc.logs()  # before the API was up: at start
         assert CHANGED in proc.logs(20_000)
         assert "allocated_from=first_start" in policies(db)[-1]
@@ -50,13 +39,11 @@ def test_a_collector_restarted_under_a_changed_policy_recomputes_the_whole_store
         assert proc.terminate() == 0, proc.logs()
 
         proc.start()  # the same policy again: nothing to recompute, nothing recorded
-        wait_for_port("127.0.0.1", port, 60, "the collector's API")
+        wait_for_port("127.0.0.1", proc.port, 60, "the collector's API")
         assert net(db) == FIRST_START
         assert len(policies(db)) == 2
         assert proc.logs(20_000).count("billing policy changed") == 1, proc.logs()
         assert proc.terminate() == 0, proc.logs()
-    finally:
-        proc.stop()
 
 
 def test_the_all_in_one_restarted_under_a_changed_policy_recomputes_the_whole_store(tmp_path: Path) -> None:
