@@ -13,6 +13,7 @@ Amounts stay exact (money.Scaled) and only the account's running total is rounde
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -74,6 +75,10 @@ class RatedItem(NamedTuple):
     rates: tuple[str, ...] = ()  # the rates used, by where they are in the tariff file
 
 
+# A resource's zone and the tariff's timeline of rates for its usage of one type (Tariff.timeline)
+_Context = tuple[str, list[int], list[tuple[int, int, Rate | None]]]
+
+
 @dataclass
 class Rater:
     """Rates one account's month, item after item (in month_order); keeps the tier counters and
@@ -83,37 +88,57 @@ class Rater:
     facts: Facts = field(default_factory=Facts)
     counters: dict[tuple[int, str, str], int] = field(default_factory=dict)
     total: Scaled = ZERO
+    # by (usage type, offering, detail, resource): see _context
+    _contexts: dict[tuple[int, str, str, str], _Context] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def rounded_total(self) -> Decimal:
         return rounded(self.total, self.tariff.decimals)
 
     def rate(self, items: Iterable[Item]) -> list[RatedItem]:
-        out = []
-        decimals = self.tariff.decimals
+        out: list[RatedItem] = []
+        append, amount_of, decimals = out.append, self._amount, self.tariff.decimals
         with exact():
-            shown = rounded_here(self.total, decimals)
+            total = self.total
+            shown = rounded_here(total, decimals)
             for item in items:
-                amount, unpriced, reason, used = self._amount(item)
-                self.total += amount
-                now = rounded_here(self.total, decimals)
-                out.append(RatedItem(item, now - shown, amount, unpriced, reason, used))
+                amount, unpriced, reason, used = amount_of(item)
+                total += amount
+                now = rounded_here(total, decimals)
+                append(RatedItem(item, now - shown, amount, unpriced, reason, used))
                 shown = now
+                self.total = total
         return out
 
     def _amount(self, item: Item) -> tuple[Scaled, int, str, tuple[str, ...]]:
         k = item.key
+        group = (k.usage_type, k.offering, k.detail, k.resource)
+        found = self._contexts.get(group)
+        if found is None:
+            found = self._contexts[group] = self._context(k)
+        zone, starts, pieces = found
+        _, end, only = pieces[bisect.bisect_right(starts, k.window_start_ms) - 1]
+        if only is not None and k.window_end_ms <= end:  # the common case: one rate over the window
+            if k.usage_type in BYTE_TYPES:
+                return self._bytes(only, item.quantity), 0, "", only.used
+            if not only.needs_size:
+                return only.per_hour * item.quantity, 0, "", only.used
+        return self._pieces(item, zone)
+
+    def _context(self, k: UsageKey) -> _Context:
+        """What rating one resource's usage of one type needs beyond each item: its zone and the
+        tariff's timeline of rates for it."""
         zone = self.facts.zone(k.resource) if self.facts.zones else ""
+        return (zone, *self.tariff.timeline(k.usage_type, k.offering, k.detail, zone))
+
+    def _pieces(self, item: Item, zone: str) -> tuple[Scaled, int, str, tuple[str, ...]]:
+        """A window cut where the rate in force changes (or priced by size, or by no rate)."""
+        k = item.key
         pieces = self.tariff.periods(
             k.usage_type, k.offering, k.detail, zone, k.window_start_ms, k.window_end_ms
         )
-        only = pieces[0][2] if len(pieces) == 1 else None
-        if only is not None:  # the common case: one rate over the whole window
-            if k.usage_type in BYTE_TYPES:
-                return self._bytes(only, item.quantity), 0, "", (only.where,)
-            hourly = self._hourly(only, k)
-            if hourly is not None:
-                return hourly * item.quantity, 0, "", (only.where,)
         amount, unpriced, reasons, used = ZERO, 0, [], []
         parts = split(item.quantity, [(a, b) for a, b, _ in pieces])
         for (a, b, rate), part in zip(pieces, parts, strict=True):

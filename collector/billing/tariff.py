@@ -49,6 +49,16 @@ class Rate:
     unit: str = ""
     unit_bytes: int = 0
     tiers: tuple[Tier, ...] = ()
+    # derived, kept (rating reads them once per item):
+    tier_group: tuple[int, str, str] = field(init=False, compare=False, repr=False)
+    needs_size: bool = field(init=False, compare=False, repr=False)
+    used: tuple[str, ...] = field(init=False, compare=False, repr=False)  # (where,): an item's rates
+
+    def __post_init__(self) -> None:
+        # Tiers count the account's month of bytes per usage type, traffic type and zone.
+        object.__setattr__(self, "tier_group", (self.usage_type, self.traffic_type, self.zone))
+        object.__setattr__(self, "needs_size", bool(self.per_vcpu_hour or self.per_gib_hour))
+        object.__setattr__(self, "used", (self.where,))
 
     @property
     def match(self) -> tuple[int, str, str, str]:
@@ -58,15 +68,6 @@ class Rate:
     @property
     def specificity(self) -> int:
         return (2 if self.offering else 0) + (1 if self.zone else 0)
-
-    @property
-    def tier_group(self) -> tuple[int, str, str]:
-        """Tiers count the account's month of bytes per usage type, traffic type and zone."""
-        return (self.usage_type, self.traffic_type, self.zone)
-
-    @property
-    def needs_size(self) -> bool:
-        return bool(self.per_vcpu_hour or self.per_gib_hour)
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,7 @@ class Tariff:
     ) -> list[tuple[int, int, Rate | None]]:
         """[start, end) cut where the rate in force changes: (piece start, piece end, the most
         specific matching rate in force, None where none is)."""
-        if usage_type not in BYTE_TYPES:
-            traffic_type = ""
-        key = (usage_type, offering, traffic_type, zone)
-        timeline = self._timelines.get(key)
-        if timeline is None:
-            timeline = self._timelines[key] = self._timeline(*key)
-        starts, pieces = timeline
+        starts, pieces = self.timeline(usage_type, offering, traffic_type, zone)
         i = bisect.bisect_right(starts, start_ms) - 1
         a, b, rate = pieces[i]
         if end_ms <= b:  # the common case: one rate over the whole window
@@ -111,6 +106,19 @@ class Tariff:
                 break
             out.append((a, min(b, end_ms), rate))
         return out
+
+    def timeline(
+        self, usage_type: int, offering: str, traffic_type: str, zone: str
+    ) -> tuple[list[int], list[tuple[int, int, Rate | None]]]:
+        """All of time cut where the rate in force for this usage changes: (piece starts,
+        pieces (start, end, the rate or None)); built on first use."""
+        if usage_type not in BYTE_TYPES:
+            traffic_type = ""
+        key = (usage_type, offering, traffic_type, zone)
+        timeline = self._timelines.get(key)
+        if timeline is None:
+            timeline = self._timelines[key] = self._timeline(*key)
+        return timeline
 
     def _timeline(
         self, usage_type: int, offering: str, traffic_type: str, zone: str
