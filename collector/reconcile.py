@@ -4,6 +4,9 @@
     view_of(events_by_resource, histories, witness) -> View
     observe(witness, batches)   # witness.py: the agents' inventories -> per domain, running or not
 
+VMs' states here; offerings and custom sizes in reconcile_offerings, IP addresses and routers'
+owners in reconcile_addresses, the View and Findings they share in reconcile_view.
+
 A correction (correction.py) is a usage event in CloudStack's bus format, stored and
 applied like any other lifecycle event; its id is the digest of its content, so the same inputs
 give the same event and a pass run again adds nothing. Rules:
@@ -54,65 +57,27 @@ an event the policy honours, so kvmeter's view and CloudStack's agree under it:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from kvmeter.collector.correction import SOURCE, Correction
 from kvmeter.collector.cs_snapshot import Snapshot, SnapshotError, Vm
 from kvmeter.collector.model import ResourceHistory, Segment
 from kvmeter.collector.policy import DEFAULT_POLICY, DESTROY, BillingPolicy
-from kvmeter.collector.vm_size import size_text
+from kvmeter.collector.reconcile_addresses import ips, routers
+from kvmeter.collector.reconcile_offerings import custom_size, offerings, size_details
+from kvmeter.collector.reconcile_view import Findings, View, open_segment, view_of
 from kvmeter.collector.witness import Witness, observe
-from kvmeter.proto import pb
 
 __all__ = ["SOURCE", "Correction", "Findings", "View", "Witness", "observe", "reconcile", "view_of"]
 
-ROUTER_OWNER = "ROUTER.OWNER"
 RUNNING = "Running"
 STOPPED = "Stopped"
 GONE_STATES = frozenset({"Destroyed", "Expunging", "Expunged", "Error"})
 EXPUNGED_STATES = frozenset({"Expunging", "Expunged"})
-SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE", "VM.SCALE"})
 MAX_GONE_FRACTION = 0.5  # of the VMs kvmeter has open, when at least MIN_FOR_GUARD are
 MIN_FOR_GUARD = 4
 WITNESS_FRESH_MS = 15 * 60_000  # the agents' last report of a domain this recent can dispute
 _GONE = "(not listed)"
-_IP_FREED = frozenset({"Free", "Releasing"})  # IPAddressResponse states of an address given back
-
-
-@dataclass(frozen=True)
-class View:
-    """kvmeter's current knowledge: histories, each resource's latest event time, the latest
-    time an event told of a VM's scaling, and the agents' witness per domain uuid."""
-
-    histories: Mapping[str, ResourceHistory]
-    last_event_ms: Mapping[str, int] = field(default_factory=dict)
-    scaled_ms: Mapping[str, int] = field(default_factory=dict)
-    witness: Mapping[str, Witness] = field(default_factory=dict)
-
-
-@dataclass
-class Findings:
-    corrections: list[Correction] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # differences seen and left alone, and why
-
-
-def view_of(
-    events: Mapping[str, Iterable[pb.LifecycleEvent]],
-    histories: Mapping[str, ResourceHistory],
-    witness: Mapping[str, Witness] | None = None,
-) -> View:
-    """A View from each resource's events (times of 0 — async jobs without a date — skipped)."""
-    last: dict[str, int] = {}
-    scaled: dict[str, int] = {}
-    for resource, evs in events.items():
-        for ev in evs:
-            if ev.time <= 0:
-                continue
-            last[resource] = max(last.get(resource, 0), ev.time)
-            if ev.event_type in SCALING:
-                scaled[resource] = max(scaled.get(resource, 0), ev.time)
-    return View(histories, last, scaled, dict(witness or {}))
 
 
 def reconcile(
@@ -123,15 +88,11 @@ def reconcile(
     out = Findings()
     _guard(view, snapshot)
     corrected = _vms(view, snapshot, previous, out, policy)
-    _offerings(view, snapshot, previous, out, skip=corrected)
-    _ips(view, snapshot, previous, out)
-    _routers(view, snapshot, out)
+    offerings(view, snapshot, previous, out, skip=corrected)
+    ips(view, snapshot, previous, out)
+    routers(view, snapshot, out)
     out.corrections.sort(key=lambda c: (c.resource_uuid, c.time_ms, c.event_type))
     return out
-
-
-def _open(segments: list[Segment]) -> Segment | None:
-    return segments[-1] if segments and segments[-1].end_ms is None else None
 
 
 def _vm_histories(view: View) -> dict[str, ResourceHistory]:
@@ -156,7 +117,8 @@ def _running_change(
 
 
 def _guard(view: View, snapshot: Snapshot) -> None:
-    open_vms = [u for u, h in _vm_histories(view).items() if _open(h.allocated) or _open(h.running)]
+    histories = _vm_histories(view).items()
+    open_vms = [u for u, h in histories if open_segment(h.allocated) or open_segment(h.running)]
     missing = [u for u in open_vms if u not in snapshot.vms]
     if len(open_vms) >= MIN_FOR_GUARD and len(missing) > MAX_GONE_FRACTION * len(open_vms):
         raise SnapshotError(
@@ -200,8 +162,8 @@ def _vms(
         last = view.last_event_ms.get(uuid, 0)
         prev_ms = previous.taken_ms if previous is not None else -1
         prev_ok = previous is not None and prev_ms > last
-        running = _open(history.running) if history else None
-        allocated = _open(history.allocated) if history else None
+        running = open_segment(history.running) if history else None
+        allocated = open_segment(history.allocated) if history else None
         witness = view.witness.get(uuid)
         gone = state == _GONE or state in GONE_STATES
         # What ends the allocation under the policy, and the previous pass confirming it.
@@ -313,7 +275,7 @@ def _opened(
                 reason,
                 vm.offering,
                 zone=vm.zone,
-                details=_size_details(vm, _size(snapshot, vm)),
+                details=size_details(vm, custom_size(snapshot, vm)),
             )
         )
         last, added = max(last, create_at), True
@@ -335,143 +297,8 @@ def _opened(
         reason = "CloudStack says Running while kvmeter had it stopped (start event lost)"
         start = Correction(
             uuid, "VirtualMachine", "VM.START", min(seen), owner, reason, vm.offering, zone=vm.zone,
-            details=_size_details(vm, _size(snapshot, vm)),
+            details=size_details(vm, custom_size(snapshot, vm)),
         )  # fmt: skip
         out.corrections.extend(_running_change(policy, start, None))
         added = True
     return added
-
-
-def _offerings(
-    view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings, skip: set[str]
-) -> None:
-    for uuid, vm in sorted(snapshot.vms.items()):
-        history = view.histories.get(uuid)
-        if uuid in skip or history is None or not vm.offering:
-            continue
-        segments = [s for s in (_open(history.allocated), _open(history.running)) if s is not None]
-        size = _size(snapshot, vm)
-        named, sizes = {s.offering for s in segments}, {s.size for s in segments}
-        if not segments or (named == {vm.offering} and (not size or sizes == {size})):
-            continue
-        start = max(s.start_ms for s in segments)
-        if named == {""}:
-            at = min(s.start_ms for s in segments)
-            reason = f"offering {vm.offering} learned from CloudStack"
-        elif named == {vm.offering} and sizes == {""}:
-            at = min(s.start_ms for s in segments)
-            reason = f"size {size} (vCPUs/MiB) of custom offering {vm.offering} learned from CloudStack"
-        else:
-            before = previous.vms.get(uuid) if previous is not None else None
-            scaled = view.scaled_ms.get(uuid, 0)
-            if scaled > start:
-                at = scaled
-            elif before is not None and (before.offering, _size(previous, before)) == (vm.offering, size):
-                assert previous is not None
-                at = max(previous.taken_ms, start)  # the previous pass saw it already
-            else:
-                at = snapshot.taken_ms
-            was = "/".join(sorted(o or "none" for o in named))
-            if named != {vm.offering}:
-                reason = f"offering changed from {was} to {vm.offering} (no offering on the bus)"
-            else:
-                old = ", ".join(sorted(s or "unknown" for s in sizes))
-                reason = f"custom offering {vm.offering} scaled from {old} to {size} (vCPUs/MiB)"
-        out.corrections.append(
-            Correction(
-                uuid,
-                "VirtualMachine",
-                "VM.DYNAMIC.SCALE",
-                at,
-                history.owner_at(at) or "",  # the owner then, unchanged: who may see the correction
-                reason,
-                vm.offering,
-                zone=vm.zone,
-                details=_size_details(vm, size),
-            )
-        )
-
-
-def _size(snapshot: Snapshot | None, vm: Vm) -> str:
-    """The VM's own size when its offering is custom (its details name cpuNumber / memory, or
-    the offering is customized: ServiceOfferingResponse without cpunumber / memory), else "":
-    a fixed offering's size is the offering's."""
-    offering = snapshot.offerings.get(vm.offering) if snapshot is not None else None
-    customized = offering is not None and (
-        offering.customized or offering.cpu is None or offering.memory is None
-    )
-    return size_text(vm.cpu, vm.memory) if vm.custom or customized else ""
-
-
-def _size_details(vm: Vm, size: str) -> tuple[tuple[str, str], ...]:
-    """The correction's cpunumber / memory: named only for a custom offering's VM."""
-    return (("cpunumber", str(vm.cpu)), ("memory", str(vm.memory))) if size else ()
-
-
-def _ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings) -> None:
-    ip_histories = {u: h for u, h in view.histories.items() if h.ip}
-    for uuid in sorted(set(ip_histories) | set(snapshot.ips)):
-        history, ip = ip_histories.get(uuid), snapshot.ips.get(uuid)
-        held = _open(history.ip) if history else None
-        listed = ip is not None and ip.state not in _IP_FREED
-        last = view.last_event_ms.get(uuid, 0)
-        before = previous.ips.get(uuid) if previous is not None else None
-        prev_ms = previous.taken_ms if previous is not None else -1
-        prev_ok = previous is not None and prev_ms > last
-        if held is not None and not listed:
-            if not (prev_ok and (before is None or before.state in _IP_FREED)):
-                out.notes.append(
-                    f"{uuid}: not allocated in CloudStack, open in kvmeter: awaiting a second witness"
-                )
-                continue
-            account = history.owner_at(snapshot.taken_ms) or "" if history else ""
-            at = max(prev_ms, held.start_ms)
-            reason = "CloudStack no longer lists the address as allocated (release event lost)"
-            out.corrections.append(
-                Correction(uuid, "IpAddress", "NET.IPRELEASE", at, account, reason, address=held.address)
-            )
-        elif ip is not None and held is None and ip.state == "Allocated":
-            seen_before = prev_ok and before is not None and before.state == "Allocated"
-            if not seen_before:
-                out.notes.append(
-                    f"{uuid}: allocated in CloudStack, not in kvmeter: awaiting a second witness"
-                )
-                continue
-            owner = snapshot.account_uuid(ip.account, ip.domain_id, ip.project_id)
-            if owner is None:
-                out.notes.append(
-                    f"{uuid}: allocated in CloudStack to an account not known for sure: left alone"
-                )
-                continue
-            at = ip.allocated_ms if ip.allocated_ms is not None and ip.allocated_ms > last else prev_ms
-            reason = "CloudStack lists the address as allocated while kvmeter had it free (assign event lost)"
-            out.corrections.append(
-                Correction(
-                    uuid, "IpAddress", "NET.IPASSIGN", at, owner, reason, address=ip.address, zone=ip.zone
-                )
-            )
-
-
-def _routers(view: View, snapshot: Snapshot, out: Findings) -> None:
-    for uuid, router in sorted(snapshot.routers.items()):
-        if router.network_id:
-            networks = [n for n in (snapshot.networks.get(router.network_id),) if n is not None]
-        else:
-            networks = [n for n in snapshot.networks.values() if router.vpc_id and n.vpc_id == router.vpc_id]
-        owners = {snapshot.account_uuid(n.account, n.domain_id, n.project_id) for n in networks}
-        if len(owners) != 1 or None in owners:
-            out.notes.append(f"{uuid} ({router.name}): owner of its network not known for sure: left alone")
-            continue
-        owner = owners.pop()
-        assert owner is not None
-        history = view.histories.get(uuid)
-        ours = history.owners[-1].account if history is not None and history.owners else None
-        if ours == owner:
-            continue
-        if ours is None and router.created_ms is not None:
-            at = router.created_ms
-        else:
-            at = max(snapshot.taken_ms, view.last_event_ms.get(uuid, 0))
-        net = router.network_id or f"VPC {router.vpc_id}"
-        reason = f"router {router.name} serves network {net} of account {owner}"
-        out.corrections.append(Correction(uuid, "DomainRouter", ROUTER_OWNER, at, owner, reason))
