@@ -3,7 +3,8 @@
 Layout of the spool directory:
   seg-<n>.kvs   append-only segments of frames: u32 length, u32 CRC32, msgpack payload
                 [stream_id, seq, batch bytes, counter state, written at (ms)]
-  ack.msgpack   the position of the first frame not yet delivered (segment, offset)
+  ack.msgpack   the position of the first frame not yet delivered {"segment": n, "offset": n},
+                overwritten in place
 
 A poll's frames are the unit of atomicity: its batches (one, or several when a poll is bigger
 than a record may be) and the counter state they were computed against (in the last frame; the
@@ -11,18 +12,19 @@ others carry none) are written, flushed and fsynced together, so a crash leaves 
 none (a torn tail is detected by its length or CRC, and frames after the last one with a state
 by their missing state, and truncated on open). On restart the last frame's state resumes
 the delta engine and every frame after the ack position is re-published in order under its own
-stream id and sequence number. The ack file is replaced atomically and may lag: a lagging ack only
+stream id and sequence number. The ack file is overwritten in place and may lag: a lagging ack only
 re-sends batches the collector already has, which it drops by (stream, seq).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 HEADER = struct.Struct(">II")  # payload length, CRC32 of the payload
 MAX_FRAME = 256 * 1024 * 1024  # anything larger is corruption, not a batch
 SEGMENT_GLOB = "seg-*.kvs"
+ACK_RECORD_BYTES = 34  # {"segment": u64, "offset": u64} in msgpack
+IOV_MAX = 1024  # pieces per writev (Linux's limit)
 
 
 def _segment_name(number: int) -> str:
@@ -90,6 +94,10 @@ class Spool:
         self._segments: list[int] = []
         self._active_size = 0
         self._active: Any = None  # file object of the newest segment (append mode)
+        self._ack_fd: int | None = None  # ack.msgpack, opened at the first acknowledgement
+        # The counter state of each poll is packed into this packer's buffer, kept from poll to
+        # poll (msgpack.packb would allocate a fresh buffer and copy the result out of it).
+        self._packer = msgpack.Packer(use_bin_type=True, autoreset=False)
         self.dropped_frames = 0
         self.dropped_bytes = 0  # spool bytes given up because of the size or age bound
         self._open()
@@ -207,31 +215,50 @@ class Spool:
             raise SpoolError("spool opened read-only")
         if not batches:
             raise ValueError("a poll has at least one batch")
-        records = []
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            payload = msgpack.packb(
-                [stream_id, first_seq + i, batch, state if last else None, now_ms], use_bin_type=True
-            )
-            records.append(HEADER.pack(len(payload), zlib.crc32(payload) & 0xFFFFFFFF) + payload)
         if self._active is None or self._active_size >= self.segment_bytes:
             self._rotate()
-        self._active.write(b"".join(records))
-        self._active.flush()
+        # The frames go to the file as pieces (os.writev): a poll's batch is a few hundred KB,
+        # and joining header, payload and records first would copy it three times more, each
+        # copy in fresh pages (a minor fault per 4 KB, the costliest part of appending).
+        pieces: list[Any] = []
+        sizes = []
+        with self._packer_for(state) as packed_state:
+            for i, batch in enumerate(batches):
+                last = i == len(batches) - 1
+                payload = _frame_pieces(
+                    stream_id, first_seq + i, batch, packed_state if last else None, now_ms
+                )
+                length = sum(map(len, payload))
+                crc = 0
+                for piece in payload:
+                    crc = zlib.crc32(piece, crc)
+                payload[0] = HEADER.pack(length, crc & 0xFFFFFFFF) + payload[0]
+                pieces += payload
+                sizes.append(HEADER.size + length)
+            _write_all(self._active.fileno(), pieces)
         os.fsync(self._active.fileno())
         frames = []
         self._just_written = {}
-        for i, record in enumerate(records):
+        for i, size in enumerate(sizes):
             frames.append(
-                Frame(stream_id, first_seq + i, self._segments[-1], self._active_size, len(record), now_ms)
+                Frame(stream_id, first_seq + i, self._segments[-1], self._active_size, size, now_ms)
             )
             self._just_written[frames[-1].position] = batches[i]
-            self._active_size += len(record)
+            self._active_size += size
         self._pending.extend(frames)
         self._pending_bytes += sum(f.size for f in frames)
         self._last_state, self._last_frame = state, frames[-1]
         self._enforce_bounds(now_ms)
         return frames
+
+    @contextlib.contextmanager
+    def _packer_for(self, state: dict[str, Any]) -> Iterator[memoryview]:
+        """The state packed, as a view of the kept packer's buffer while the frames are written."""
+        self._packer.reset()
+        self._packer.pack(state)
+        with self._packer.getbuffer() as view:
+            yield view
+        self._packer.reset()
 
     def _rotate(self) -> None:
         if self._active is not None:
@@ -242,7 +269,7 @@ class Spool:
             number = (self._segments[-1] + 1) if self._segments else 1
             self._segments.append(number)
             self._active_size = 0
-        self._active = open(self.dir / _segment_name(number), "ab")
+        self._active = open(self.dir / _segment_name(number), "ab", buffering=0)
         _fsync_dir(self.dir)
 
     # -- read back, acknowledge, bound --------------------------------------------------------
@@ -298,10 +325,19 @@ class Spool:
         return (0, 0)
 
     def _write_ack(self) -> None:
+        """The ack position, overwritten in place (one pwrite into a kept file descriptor): a new
+        file renamed over the old one cost half a millisecond of CPU per delivery on ext4. The
+        record has a fixed length (msgpack's 64-bit integers), so each write replaces the whole
+        of it; a stale or damaged ack only means re-sending what the collector already has."""
         segment, offset = self._ack_position()
-        tmp = self.dir / "ack.msgpack.tmp"
-        tmp.write_bytes(msgpack.packb({"segment": segment, "offset": offset}))
-        os.replace(tmp, self.dir / "ack.msgpack")
+        if self._ack_fd is not None and os.fstat(self._ack_fd).st_nlink == 0:  # removed meanwhile
+            os.close(self._ack_fd)
+            self._ack_fd = None
+        if self._ack_fd is None:
+            self._ack_fd = os.open(self.dir / "ack.msgpack", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.ftruncate(self._ack_fd, ACK_RECORD_BYTES)
+        position = (segment.to_bytes(8, "big"), offset.to_bytes(8, "big"))
+        os.pwrite(self._ack_fd, b"\x82\xa7segment\xcf%b\xa6offset\xcf%b" % position, 0)
 
     def _delete_acked_segments(self) -> None:
         first_needed = self._ack_position()[0]
@@ -353,6 +389,38 @@ class Spool:
         if self._active is not None:
             self._active.close()
             self._active = None
+        if self._ack_fd is not None:
+            os.close(self._ack_fd)
+            self._ack_fd = None
+
+
+def _frame_pieces(
+    stream_id: str, seq: int, batch: bytes, packed_state: memoryview | None, now_ms: int
+) -> list[Any]:
+    """One frame's payload, msgpack.packb([stream_id, seq, batch, state or None, now_ms],
+    use_bin_type=True), as pieces: the batch and the state are not copied."""
+    size = len(batch)
+    if size < 0x100:
+        bin_head = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 0x10000:
+        bin_head = b"\xc5" + size.to_bytes(2, "big")
+    else:
+        bin_head = b"\xc6" + size.to_bytes(4, "big")
+    head = b"\x95" + msgpack.packb(stream_id) + msgpack.packb(seq) + bin_head
+    if packed_state is not None:
+        return [head, batch, packed_state, msgpack.packb(now_ms)]
+    return [head, batch, b"\xc0" + msgpack.packb(now_ms)]  # no state: nil
+
+
+def _write_all(fd: int, pieces: list[Any]) -> None:
+    """Write every piece, in order, with as few system calls as the kernel allows."""
+    views = [memoryview(piece).cast("B") for piece in pieces]
+    while views:
+        written = os.writev(fd, views[:IOV_MAX])
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if written:  # a piece written in part
+            views[0] = views[0][written:]
 
 
 def _fsync_dir(path: Path) -> None:

@@ -246,3 +246,78 @@ def test_backlog_counts_and_the_unproduced_tail_follow_appends_acks_drops_and_re
     assert again.pending() == kept[2:]
     assert again.read_batch(frames[-1]) == bytes([40]) * 300
     assert (again.pending_count(), again.pending_bytes()) == (len(kept) - 2, sum(f.size for f in kept[2:]))
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 300_000])
+def test_frames_are_written_byte_for_byte_as_a_packed_payload_behind_its_length_and_crc(
+    tmp_path: Path, size: int
+) -> None:
+    """The frames go out as pieces (no joined copy of the batch): the file must hold exactly
+    HEADER + msgpack.packb([stream, seq, batch, state or None, written]) per frame."""
+    import zlib
+
+    import msgpack
+
+    from kvmeter.agent.spool import HEADER
+
+    state = {"v": 1, "engine": {"counters": [[3, "vnet0", 2**63, 1, 0, 7, NOW, -5]], "name": "é"}}
+    batches = [bytes(range(256)) * (size // 256) + b"z" * (size % 256), b"", b"q" * 70_000]
+    spool = Spool(tmp_path)
+    spool.append_poll("stream-é", 2**40, batches, state, NOW)
+    spool.append_poll("stream-é", 2**40 + 3, batches[:1], {"seq": 4}, NOW + 1)
+    spool.close()
+    expected = b""
+    for seq, batch, saved, written in [
+        (2**40, batches[0], None, NOW),
+        (2**40 + 1, batches[1], None, NOW),
+        (2**40 + 2, batches[2], state, NOW),
+        (2**40 + 3, batches[0], {"seq": 4}, NOW + 1),
+    ]:
+        payload = msgpack.packb(["stream-é", seq, batch, saved, written], use_bin_type=True)
+        expected += HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    (segment,) = tmp_path.glob("seg-*.kvs")
+    assert segment.read_bytes() == expected
+    again = Spool(tmp_path)
+    assert [again.read_batch(f) for f in again.pending()] == [*batches, batches[0]]
+    assert again.last_state() == {"seq": 4}
+
+
+def test_a_short_write_goes_on_where_it_stopped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.writev
+
+    def short(fd: int, buffers: list[memoryview]) -> int:  # the kernel may write less than asked
+        return real(fd, [bytes(b"".join(buffers)[:7])])
+
+    monkeypatch.setattr(os, "writev", short)
+    spool = Spool(tmp_path)
+    spool.append_poll("s1", 1, [b"a" * 50, b"b" * 30], {"seq": 2}, NOW)
+    spool.close()
+    monkeypatch.undo()
+    again = Spool(tmp_path)
+    assert [again.read_batch(f) for f in again.pending()] == [b"a" * 50, b"b" * 30]
+    assert again.last_state() == {"seq": 2}
+
+
+def test_the_ack_record_is_overwritten_whole_and_read_back(tmp_path: Path) -> None:
+    import msgpack
+
+    (tmp_path / "ack.msgpack").write_bytes(msgpack.packb({"segment": 1, "offset": 0}) + b"older, longer")
+    spool = Spool(tmp_path, segment_bytes=300)
+    frames = fill(spool, 12)
+    for frame in frames[:7]:
+        spool.ack(frame)
+        position = msgpack.unpackb((tmp_path / "ack.msgpack").read_bytes())
+        assert (position["segment"], position["offset"]) == spool.pending()[0].position
+    assert (tmp_path / "ack.msgpack").stat().st_size == 34
+    spool.close()
+    assert [f.seq for f in Spool(tmp_path).pending()] == list(range(8, 13))
+
+
+def test_an_ack_file_removed_while_running_is_written_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    frames = fill(spool, 3)
+    spool.ack(frames[0])
+    (tmp_path / "ack.msgpack").unlink()
+    spool.ack(frames[1])
+    spool.close()
+    assert [f.seq for f in Spool(tmp_path).pending()] == [3]
