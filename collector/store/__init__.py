@@ -26,7 +26,6 @@ from __future__ import annotations
 from kvmeter.collector.model import DeadLetter
 from kvmeter.collector.schema import (
     KEY_COLUMNS,
-    MIGRATIONS,
     V1_TABLES,
     collector_state,
     dead_letters,
@@ -41,6 +40,7 @@ from kvmeter.collector.schema import (
     usage_adjustments,
     usage_records,
 )
+from kvmeter.collector.schema_migrations import MIGRATIONS
 from kvmeter.collector.store.dead_letters import LETTER_STATES, DeadLetters, StoredLetter
 from kvmeter.collector.store.engine import engine_url
 from kvmeter.collector.store.events import LifecycleEvents

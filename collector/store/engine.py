@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from kvmeter.collector.schema import KEY_COLUMNS, MIGRATIONS, schema_version
+from kvmeter.collector.schema import KEY_COLUMNS, schema_version
+from kvmeter.collector.schema_migrations import MIGRATIONS
 from kvmeter.collector.store import sequence
 
 
