@@ -6,21 +6,20 @@ import http.client
 import json
 import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.collector_command import CollectorCommand
 from tests.harness.kafka import Broker
 from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.broker
 
 
-class CollectorProcess:
+class CollectorProcess(CollectorCommand):
     """`kvmeter collector` from a TOML file, its output in a log file."""
 
     def __init__(
@@ -49,25 +48,7 @@ tick_seconds = 0.5
 {extra}
 """
         )
-        self.log_path = tmp_path / "collector.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvmeter", "collector", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        super().__init__(self.config, tmp_path / "collector.log")
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, IP1, VM1, VM2, usage_event, wait_for
+from tests.harness.collector_command import CollectorCommand
 from tests.harness.ports import free_port, wait_for_port
 
 TOKEN = "operator-token-0123456789"
@@ -88,7 +89,7 @@ def store_with_usage(tmp_path: Path) -> str:
     return url
 
 
-class Collector:
+class Collector(CollectorCommand):
     def __init__(self, tmp_path: Path, url: str, tariff_file: str = "tariff.toml"):
         self.port = free_port()
         self.config = tmp_path / "collector.toml"
@@ -107,25 +108,7 @@ token = "{TOKEN}"
 tariff_file = "{tariff_file}"
 """
         )
-        self.log_path = tmp_path / "collector.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "kvmeter", "collector", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        super().__init__(self.config, tmp_path / "collector.log")
 
 
 @pytest.fixture
