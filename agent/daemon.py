@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import gc
 import logging
-import operator
 import platform
 import queue
 import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from itertools import compress, repeat
+from operator import is_not, itemgetter
 from typing import Any, Callable, Protocol
 
 from kvmeter.agent.config import AgentConfig
@@ -43,6 +44,7 @@ from kvmeter.agent.measures import (
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.plan import Planner, PollPlan, same_inventory
 from kvmeter.agent.publish import Publisher
 from kvmeter.agent.sources import CounterSource, Owned, nic_sources
 from kvmeter.agent.spool import Spool
@@ -83,17 +85,8 @@ class _Event:
     mono_ms: int
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Two inventory signatures: the same domain and placement objects, equal names/ifindexes."""
-    if b is None:
-        return False
-    return (
-        len(a[0]) == len(b[0])
-        and all(x is y for x, y in zip(a[0], b[0]))
-        and len(a[1]) == len(b[1])
-        and all(x is y or x == y for x, y in zip(a[1], b[1]))
-        and a[2] == b[2]
-    )
+_NO_PAIR = (None,)  # a template pair's stand-in, built for no attribution
+_who_of = itemgetter(0)
 
 
 def _ms(seconds: float) -> int:
@@ -135,58 +128,6 @@ def _paused_collector(poll: Callable[[], Any]) -> Any:
         gc.enable()
 
 
-@dataclass
-class _Plan:
-    """What a poll derives from the link map, the placements and the inventory: kept from poll
-    to poll while the topology's generation, the stable links and the domain objects are the
-    same (inventory and topology hand out the same objects until something changes), so a
-    steady poll does no per-interface resolution, attribution or placement lookups."""
-
-    generation: int | None  # the topology's, read before the links; None: rebuild every poll
-    links: dict[str, int]  # the stable name -> ifindex map it was built from
-    domains: list[DomainInfo]
-    devices: dict[str, tuple[DomainInfo, NicInfo]]  # host interface -> its domain NIC
-    metered: dict[str, CounterKey]  # metered host-visible interfaces
-    # NICs without a host link, per source that counts them (in the order sources are asked)
-    sourced: list[tuple[CounterSource, list[Owned]]]
-    present: frozenset[CounterKey]  # every stable link's key
-    inventory_signature: Any  # what the inventory sent with a batch is built from
-    placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
-    # The metered rows of the counter table, for the table layout they were found in (its
-    # rows' names, or ifindexes for a netlink table)
-    table_layout: list[str] | list[int] | None = None
-    row_keys: tuple[CounterKey, ...] = ()
-    row_indexes: list[int] = field(default_factory=list)
-    encoder: SteadyEncoder | None = None  # for row_keys; built at the first steady poll
-
-    def rows_of(self, table: CounterTable) -> tuple[tuple[CounterKey, ...], list[int]]:
-        """The metered interfaces' keys and their rows in the table, in the table's order (as
-        the kernel lists them). The layout rarely changes between polls: one list comparison
-        then, and no per-interface lookups."""
-        layout = table.names if table.ifindexes is None else table.ifindexes
-        if layout != self.table_layout:
-            if table.ifindexes is None:
-                metered = self.metered
-                rows = [(i, metered[name]) for i, name in enumerate(table.names) if name in metered]
-            else:  # a row is a metered link's when its ifindex is the one the plan's key holds
-                by_index = {key.ifindex: key for key in self.metered.values()}
-                rows = [(i, by_index[index]) for i, index in enumerate(table.ifindexes) if index in by_index]
-            self.table_layout = layout
-            self.row_indexes = [i for i, _ in rows]
-            self.row_keys = tuple(key for _, key in rows)
-            self.encoder = None
-        return self.row_keys, self.row_indexes
-
-    def still_valid(self, generation: int | None, links: dict[str, int], domains: list[DomainInfo]) -> bool:
-        return (
-            generation is not None
-            and generation == self.generation
-            and links == self.links
-            and len(domains) == len(self.domains)
-            and all(map(operator.is_, domains, self.domains))
-        )
-
-
 class Agent:
     """One agent incarnation: a new stream id, sequence numbers from 1."""
 
@@ -219,6 +160,7 @@ class Agent:
             tuple(sources) if sources is not None else nic_sources(inventory, config.libvirt_call_timeout)
         )
         self._links = MeteredLinks(boot_id, read_mac, self._claimed)
+        self._planner = Planner(self._links, topology.placement, self._sources, self._source_of)
         self._wall = wall
         self._mono = mono
         self.stream_id = uuid.uuid4().hex
@@ -234,9 +176,11 @@ class Agent:
         self._attribution: dict[CounterKey, Attribution] = {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
-        self._plan: _Plan | None = None
+        self._plan: PollPlan | None = None
         self._last_inventory: Any = None  # what the last inventory sent was built from
         self._inventory_records = InventoryRecords()
+        # Domains whose inventory record may have changed since the last one encoded (None: any)
+        self._inventory_touched: set[str] | None = None
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
         self.reloads = Reloads()  # asked for by SIGHUP, run between two polls
@@ -361,7 +305,7 @@ class Agent:
         self._forget_closed(plan)
         return batches
 
-    def _measure(self, events: list[_Event]) -> tuple[_Plan, int, ColumnDeltas | None, list[Delta]]:
+    def _measure(self, events: list[_Event]) -> tuple[PollPlan, int, ColumnDeltas | None, list[Delta]]:
         """Read the counters and run the engine: (plan, poll time, the deltas of the counters
         taken by columns or None, the deltas of those taken by rows)."""
         generation = getattr(self.topology, "generation", None)
@@ -435,55 +379,42 @@ class Agent:
                 )
         return deltas
 
-    def _steady_encoder(self, plan: _Plan) -> SteadyEncoder | None:
-        """The plan's encoder of steady polls; None when a metered counter has no attribution."""
+    def _steady_encoder(self, plan: PollPlan) -> SteadyEncoder | None:
+        """The plan's encoder of steady polls; None when a metered counter has no attribution.
+        Built by C-level passes over the counters: only the pairs missing or built for another
+        attribution (a storm's new taps) are made one by one."""
         if plan.encoder is None:
-            pairs = []
-            for key in plan.row_keys:
-                who = self._attribution.get(key)
-                if who is None:
-                    return None
-                pairs.append(self._templates.pair(key, who))
+            keys = plan.row_keys
+            whos = list(map(self._attribution.get, keys))
+            if not all(whos):
+                return None
+            pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
+            for i in compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos)):
+                pairs[i] = self._templates.pair(keys[i], whos[i])  # type: ignore[arg-type]
             plan.encoder = SteadyEncoder(pairs)
         return plan.encoder
 
-    def _plan_for(self, generation: int | None, stable: dict[str, int]) -> _Plan:
+    def _plan_for(self, generation: int | None, stable: dict[str, int]) -> PollPlan:
         domains = list(self.inventory.snapshot().values())
         plan = self._plan
         if plan is not None and plan.still_valid(generation, stable, domains):
             return plan
-        devices = self._links.resolve(domains, stable)
-        keys = self._links.keys(stable)
-        metered = {name: keys[name] for name in devices if name in keys}
-        placements = {}
-        ordered = sorted(domains, key=lambda d: d.uuid)
-        for domain in ordered:
-            for nic in domain.nics:
-                if nic.device and nic.device in stable:
-                    placements[nic.device] = self.topology.placement(nic.device)
-        for name, key in metered.items():  # one placement lookup per link, shared
-            self._remember(key, *devices[name], placements.get(name))
-        sourced: dict[int, list[Owned]] = {}
-        for name, (domain, nic) in devices.items():
-            index = self._source_of(nic)
-            if index is not None:
-                sourced.setdefault(index, []).append((name, domain, nic))
-        # Inventory and topology hand out the same objects until something changes: comparing
-        # identities is far cheaper than building (or comparing) the inventory every poll.
-        signature = (tuple(ordered), tuple(placements.values()), tuple((d, stable[d]) for d in placements))
-        plan = _Plan(
-            generation=generation,
-            links=stable,
-            domains=domains,
-            devices=devices,
-            metered=metered,
-            sourced=[(self._sources[i], sourced[i]) for i in sorted(sourced)],
-            present=frozenset(keys.values()),
-            inventory_signature=signature,
-            placements=placements,
-        )
-        self._plan = plan
-        return plan
+        new = None
+        if plan is not None and plan.generation is not None and generation is not None:
+            # Only what changed since the plan (a VM storm's taps) is derived again.
+            changed_since = getattr(self.topology, "changed_since", None)
+            changed = changed_since(plan.generation) if changed_since is not None else None
+            new = self._planner.update(plan, generation, stable, domains, changed)
+        if new is None:
+            new = self._planner.build(generation, stable, domains)
+        for name in new.remember:  # one placement lookup per link, shared
+            self._remember(new.metered[name], *new.devices[name], new.placements.get(name))
+        if new.touched is None:
+            self._inventory_touched = None
+        elif self._inventory_touched is not None:
+            self._inventory_touched |= new.touched
+        self._plan = new
+        return new
 
     def _remember(
         self, key: CounterKey, domain: DomainInfo, nic: NicInfo, placement: LinkPlacement | None = None
@@ -545,7 +476,7 @@ class Agent:
                 self._remember(key, *owner)
         return readings
 
-    def _forget_closed(self, plan: _Plan) -> None:
+    def _forget_closed(self, plan: PollPlan) -> None:
         """Drop the attribution of counters the engine no longer tracks, unless the plan still
         meters them (a reborn tap waiting for its old incarnation's close, for one)."""
         tracked = self.engine.tracked_count()
@@ -557,12 +488,12 @@ class Agent:
         if len(self._templates) > 2 * tracked:
             self._templates.keep_only(self.engine.tracked_keys())
 
-    def _inventory_if_due(self, plan: _Plan, *, commit: bool) -> bytes | None:
+    def _inventory_if_due(self, plan: PollPlan, *, commit: bool) -> bytes | None:
         """The full inventory on the first batch, on any change, and every inventory_every polls
         (a dry run shows it when due without taking it off the next real batch)."""
         signature = plan.inventory_signature
         polls = self._polls_since_inventory + 1
-        unchanged = signature is self._last_inventory or _same(signature, self._last_inventory)
+        unchanged = signature is self._last_inventory or same_inventory(signature, self._last_inventory)
         if unchanged and polls < self.config.inventory_every:
             if commit:
                 self._polls_since_inventory = polls
@@ -570,7 +501,11 @@ class Agent:
         if commit:
             self._last_inventory = signature
             self._polls_since_inventory = 0
-        return self._inventory_records.encode(signature[0], plan.placements, plan.links)
+        records = self._inventory_records.encode(
+            signature[0], plan.placements, plan.links, touched=self._inventory_touched
+        )
+        self._inventory_touched = set()
+        return records
 
     def _count(self, deltas: list[Delta], totals: Mapping[str, list[int]]) -> None:
         for traffic, (vm_rx, vm_tx) in totals.items():

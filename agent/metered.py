@@ -41,6 +41,7 @@ class MeteredLinks:
         self._without_link = without_link  # NICs another counter source counts (agent.sources)
         self._macs: dict[tuple[str, int], str | None] = {}
         self._keys: dict[tuple[str, int], CounterKey] = {}
+        self.last_unresolved = 0  # NICs the last resolve matched (or tried to match) by MAC
 
     def resolve(self, domains: Iterable[DomainInfo], links: Mapping[str, int]) -> dict[str, Owner]:
         """Host interface name -> (domain, NIC). NICs counted without a host link keep their
@@ -56,6 +57,7 @@ class MeteredLinks:
                         unresolved.append((domain, nic))
                 elif nic.device:
                     devices[nic.device] = (domain, nic)
+        self.last_unresolved = len(unresolved)
         if unresolved:
             by_mac = self._link_macs(links)
             for domain, nic in unresolved:
@@ -79,6 +81,13 @@ class MeteredLinks:
                 by_mac[mac] = key[0]
         return by_mac
 
+    def key(self, name: str, ifindex: int) -> CounterKey:
+        """One link's CounterKey (the object keys() hands out for it)."""
+        key = self._keys.get((name, ifindex))
+        if key is None:
+            key = self._keys[(name, ifindex)] = CounterKey(self.boot_id, ifindex, name)
+        return key
+
     def keys(self, links: Mapping[str, int]) -> dict[str, CounterKey]:
         """name -> CounterKey for every link."""
         cache = self._keys
@@ -88,6 +97,10 @@ class MeteredLinks:
             if key is None:
                 key = cache[(name, ifindex)] = CounterKey(self.boot_id, ifindex, name)
             keys[name] = key
-        if len(cache) > 2 * len(keys) + 64:
-            self._keys = {(k.name, k.ifindex): k for k in keys.values()}
+        self.trim(keys)
         return keys
+
+    def trim(self, keys: Mapping[str, CounterKey]) -> None:
+        """Forget the cached keys of links gone, when they outnumber the current ones."""
+        if len(self._keys) > 2 * len(keys) + 64:
+            self._keys = {(k.name, k.ifindex): k for k in keys.values()}

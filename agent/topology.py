@@ -26,6 +26,7 @@ import socket
 import struct
 import sys
 import threading
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -43,6 +44,7 @@ NETLINK_ROUTE = 0
 AF_BRIDGE = 7
 UPLINK_KINDS = ("vlan", "vxlan")
 LOWER_DEVICE_KINDS = ("macvtap", "macvlan", "ipvlan", "ipvtap")  # IFLA_LINK is their parent
+CHANGE_LOG_SIZE = 1 << 16  # link changes remembered for changed_since (a reader further behind rebuilds)
 
 # (rx_bytes, rx_packets, tx_bytes, tx_packets), host side, as the kernel counts them.
 Stats = tuple[int, int, int, int]
@@ -169,6 +171,11 @@ class LinkTable:
         # Bumped on every change: a reader that saw the same generation saw the same links and
         # placements (the poll loop keeps what it derives from them until this moves).
         self.generation = 0
+        # The names of the links each generation changed, in order, complete after _log_start
+        # (a change that may move every placement empties it): see changed_since.
+        self._log_generations: list[int] = []
+        self._log_names: list[str] = []
+        self._log_start = 0
 
     def __len__(self) -> int:
         return len(self._links)
@@ -223,6 +230,15 @@ class LinkTable:
 
     def ifindex(self, ifname: str) -> int | None:
         return self._by_name.get(ifname)
+
+    def changed_since(self, generation: int) -> set[str] | None:
+        """The names of the links that came, went or moved after `generation` (the only ones
+        whose ifindex or placement may differ from what a reader saw then); None when every
+        placement may have changed since (a bridge or an uplink changed, a re-dump, new rules)
+        or the reader is too far behind."""
+        if generation < self._log_start:
+            return None
+        return set(self._log_names[bisect_right(self._log_generations, generation) :])
 
     def links(self) -> dict[str, int]:
         return dict(self._by_name)
@@ -293,8 +309,16 @@ class LinkTable:
         if record is None or self._others_depend_on(record):
             self._uplink_of = None
             self._placements = {}
+            self._log_generations, self._log_names = [], []
+            self._log_start = self.generation
         else:
             self._placements.pop(record.ifname, None)
+            if len(self._log_names) >= CHANGE_LOG_SIZE:
+                half = CHANGE_LOG_SIZE // 2
+                self._log_start = self._log_generations[half - 1]
+                del self._log_generations[:half], self._log_names[:half]
+            self._log_generations.append(self.generation)
+            self._log_names.append(record.ifname)
 
     def _others_depend_on(self, record: LinkRecord) -> bool:
         """Whether another link's placement may read this one: a bridge or other master, an
@@ -524,6 +548,11 @@ class Topology:
         """Changes whenever links or placements may have changed."""
         with self._lock:
             return self._table.generation
+
+    def changed_since(self, generation: int) -> set[str] | None:
+        """LinkTable.changed_since: the links changed after `generation`, None for all."""
+        with self._lock:
+            return self._table.changed_since(generation)
 
     def add_listener(self, callback: Listener) -> None:
         with self._lock:

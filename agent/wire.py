@@ -21,9 +21,9 @@ followed by records.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from itertools import chain, compress, repeat
-from operator import add, or_
+from operator import add, attrgetter, itemgetter, or_
 
 from kvmeter.agent.measures import _Pair, domain_inventory
 from kvmeter.agent.model import ColumnDeltas, DomainInfo, LinkPlacement
@@ -37,6 +37,10 @@ _MEASURES_TAG = 0x3A  # MeasureBatch.measures = 7, length-delimited
 _INVENTORY_TAG = 0x42  # MeasureBatch.inventory = 8, length-delimited
 _VARINT = rb"[\x80-\xff]*[\x00-\x7f]"
 _COUNTS = re.compile(rb"\x18" + _VARINT + rb"\x38" + _VARINT)
+_RX_WIRE = attrgetter("rx_wire")
+_TX_WIRE = attrgetter("tx_wire")
+_UNSWAPPED = attrgetter("unswapped")
+_TRAFFIC_TYPE = attrgetter("traffic_type")
 
 
 def varint(value: int) -> bytes:
@@ -82,14 +86,19 @@ class SteadyEncoder:
     per counter; the order of a batch's measures means nothing)."""
 
     def __init__(self, pairs: Sequence[_Pair]) -> None:
-        self._templates = [p.rx_wire for p in pairs] + [p.tx_wire for p in pairs]
+        # C-level passes: an encoder is built again after every link event (a VM storm).
+        self._templates = list(map(_RX_WIRE, pairs)) + list(map(_TX_WIRE, pairs))
         self._template_lengths = list(map(len, self._templates))
         self._base_lengths: tuple[int, list[int]] = (0, self._template_lengths)  # (+ times, lengths)
-        self._unswapped = [p.unswapped for p in pairs]
+        self._unswapped = list(map(_UNSWAPPED, pairs))
         self._any_unswapped = any(self._unswapped)
+        types = list(map(_TRAFFIC_TYPE, pairs))
         traffic: dict[str, list[int]] = {}
-        for i, pair in enumerate(pairs):
-            traffic.setdefault(pair.traffic_type, []).append(i)
+        if types and types.count(types[0]) == len(types):
+            traffic[types[0]] = list(range(len(types)))
+        else:
+            for i, traffic_type in enumerate(types):
+                traffic.setdefault(traffic_type, []).append(i)
         self._traffic = traffic
         self._heads = _Heads()
 
@@ -200,22 +209,73 @@ class InventoryRecords:
         domains: Iterable[DomainInfo],
         placements: Mapping[str, LinkPlacement],
         ifindexes: Mapping[str, int],
+        touched: Set[str] | None = None,
     ) -> bytes:
+        """`touched`: the only domains (uuids) that may differ from the last call's (their
+        object, their NICs' placements or ifindexes), None for any: the others' records are
+        taken as they are, without a Python step each."""
+        domains = list(domains)
+        if touched is not None:
+            joined = self._encode_touched(domains, placements, ifindexes, touched)
+            if joined is not None:
+                return joined
         records = []
         kept: dict[str, tuple[DomainInfo, tuple[object, ...], bytes]] = {}
         for domain in domains:
-            devices = [nic.device for nic in domain.nics if nic.device]
-            where = (*map(placements.get, devices), *map(ifindexes.get, devices))
+            where = _where(domain, placements, ifindexes)
             known = self._records.get(domain.uuid)
             if known is not None and known[0] is domain and _same_items(known[1], where):
                 record = known[2]
             else:
-                data = domain_inventory(domain, placements, ifindexes).SerializeToString()
-                record = bytes([_INVENTORY_TAG]) + varint(len(data)) + data
+                record = _inventory_record(domain, placements, ifindexes)
             kept[domain.uuid] = (domain, where, record)
             records.append(record)
         self._records = kept
         return b"".join(records)
+
+    def _encode_touched(
+        self,
+        domains: list[DomainInfo],
+        placements: Mapping[str, LinkPlacement],
+        ifindexes: Mapping[str, int],
+        touched: Set[str],
+    ) -> bytes | None:
+        cache = self._records
+        uuids = list(map(_UUID, domains))
+        by_uuid = dict(zip(uuids, domains))
+        for uuid in touched:
+            domain = by_uuid.get(uuid)
+            if domain is None:
+                cache.pop(uuid, None)
+                continue
+            where = _where(domain, placements, ifindexes)
+            known = cache.get(uuid)
+            if known is None or known[0] is not domain or not _same_items(known[1], where):
+                cache[uuid] = (domain, where, _inventory_record(domain, placements, ifindexes))
+        if len(cache) != len(uuids):
+            return None  # not what the last call left: every domain is looked at
+        try:
+            return b"".join(map(_RECORD, map(cache.__getitem__, uuids)))
+        except KeyError:
+            return None
+
+
+_UUID = attrgetter("uuid")
+_RECORD = itemgetter(2)
+
+
+def _where(
+    domain: DomainInfo, placements: Mapping[str, LinkPlacement], ifindexes: Mapping[str, int]
+) -> tuple[object, ...]:
+    devices = [nic.device for nic in domain.nics if nic.device]
+    return (*map(placements.get, devices), *map(ifindexes.get, devices))
+
+
+def _inventory_record(
+    domain: DomainInfo, placements: Mapping[str, LinkPlacement], ifindexes: Mapping[str, int]
+) -> bytes:
+    data = domain_inventory(domain, placements, ifindexes).SerializeToString()
+    return bytes([_INVENTORY_TAG]) + varint(len(data)) + data
 
 
 def _same_items(a: tuple[object, ...], b: tuple[object, ...]) -> bool:

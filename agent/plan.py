@@ -1,0 +1,259 @@
+"""The poll plan: what a poll derives from the link map, the placements and the inventory (the
+metered links and their counter keys, the domain NICs they belong to, placements, the counter
+table's rows to take and the steady encoder). Pure apart from the callables it is given.
+
+A plan is kept from poll to poll while nothing changed. After link events (a VM storm: a tenth
+of a host's taps deleted and made again) it is updated for the names that changed only, as the
+topology reports them (`Topology.changed_since`), so the poll right after them does no Python
+step per interface that stayed: those keep their keys, placements and measure templates, and
+their counters stay on the columnar path. A plan the update cannot follow exactly is built
+again from scratch (`Planner.build`): NICs matched by MAC or counted by another source, a
+device name two NICs claim, a change that may move every placement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not
+from typing import Any
+
+from kvmeter.agent.counters import CounterTable
+from kvmeter.agent.metered import INACTIVE_STATES, MeteredLinks
+from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.sources import CounterSource, Owned
+from kvmeter.agent.wire import SteadyEncoder
+
+Owner = tuple[DomainInfo, NicInfo]
+_by_uuid = attrgetter("uuid")
+_NO_OWNERS: list[Owner] = []
+
+
+@dataclass
+class PollPlan:
+    """One plan; see the module's docstring."""
+
+    generation: int | None  # the topology's, read before the links; None: rebuild every poll
+    links: dict[str, int]  # the stable name -> ifindex map it was built from
+    domains: list[DomainInfo]
+    devices: dict[str, Owner]  # host interface -> its domain NIC
+    keys: dict[str, CounterKey]  # every stable link's
+    metered: dict[str, CounterKey]  # metered host-visible interfaces
+    # NICs without a host link, per source that counts them (in the order sources are asked)
+    sourced: list[tuple[CounterSource, list[Owned]]]
+    present: frozenset[CounterKey]  # every stable link's key
+    placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
+    ordered: list[DomainInfo]  # the domains by uuid: the inventory's order
+    inventory_signature: Any  # what the inventory sent with a batch is built from
+    # NIC device name -> the NICs naming it (every domain); None: not updatable, rebuilt
+    named: dict[str, list[Owner]] | None
+    # Names whose attribution the agent sets again (all metered ones for a new plan)
+    remember: list[str]
+    # Domains whose inventory record may differ from the last plan's (None: any)
+    touched: set[str] | None
+    by_index: dict[int, CounterKey]  # ifindex -> metered key
+    # The metered rows of the counter table, for the table layout they were found in (its
+    # rows' names, or ifindexes for a netlink table)
+    table_layout: list[str] | list[int] | None = None
+    row_keys: tuple[CounterKey, ...] = ()
+    row_indexes: list[int] = field(default_factory=list)
+    encoder: SteadyEncoder | None = None  # for row_keys; built at the first steady poll
+
+    def rows_of(self, table: CounterTable) -> tuple[tuple[CounterKey, ...], list[int]]:
+        """The metered interfaces' keys and their rows in the table, in the table's order (as
+        the kernel lists them). The layout rarely changes between polls: one list comparison
+        then; and when it did, one C-level pass over the table, no Python step per row."""
+        layout = table.names if table.ifindexes is None else table.ifindexes
+        if layout != self.table_layout:
+            if table.ifindexes is None:
+                found = list(map(self.metered.get, table.names))
+            else:  # a row is a metered link's when its ifindex is the one the plan's key holds
+                found = list(map(self.by_index.get, table.ifindexes))
+            self.table_layout = layout
+            self.row_indexes = list(compress(range(len(found)), map(is_not, found, repeat(None))))
+            self.row_keys = tuple(filter(None, found))
+            self.encoder = None
+        return self.row_keys, self.row_indexes
+
+    def still_valid(self, generation: int | None, links: dict[str, int], domains: list[DomainInfo]) -> bool:
+        return (
+            generation is not None
+            and generation == self.generation
+            and links == self.links
+            and len(domains) == len(self.domains)
+            and all(map(is_, domains, self.domains))
+        )
+
+
+def same_inventory(a: Any, b: Any) -> bool:
+    """Two inventory signatures: the same domain objects in order, equal placements and
+    ifindexes per device (dicts: the order they were gathered in does not count)."""
+    if b is None:
+        return False
+    return len(a[0]) == len(b[0]) and all(map(is_, a[0], b[0])) and a[1] == b[1] and a[2] == b[2]
+
+
+def _signature(ordered: list[DomainInfo], placements: dict[str, LinkPlacement], links: dict[str, int]) -> Any:
+    # Copies: the plan's own dicts change in place when it is updated.
+    return (tuple(ordered), dict(placements), dict(zip(placements, map(links.__getitem__, placements))))
+
+
+class Planner:
+    """Builds plans (`build`) and updates them after link or domain changes (`update`)."""
+
+    def __init__(
+        self,
+        links: MeteredLinks,
+        placement: Callable[[str], LinkPlacement],
+        sources: Sequence[CounterSource],
+        source_of: Callable[[NicInfo], int | None],
+    ) -> None:
+        self._links = links
+        self._placement = placement
+        self._sources = sources
+        self._source_of = source_of
+
+    def build(self, generation: int | None, stable: dict[str, int], domains: list[DomainInfo]) -> PollPlan:
+        devices = self._links.resolve(domains, stable)
+        keys = self._links.keys(stable)
+        metered = {name: keys[name] for name in devices if name in keys}
+        placements = {}
+        ordered = sorted(domains, key=_by_uuid)
+        for domain in ordered:
+            for nic in domain.nics:
+                if nic.device and nic.device in stable:
+                    placements[nic.device] = self._placement(nic.device)
+        sourced: dict[int, list[Owned]] = {}
+        for name, (domain, nic) in devices.items():
+            index = self._source_of(nic)
+            if index is not None:
+                sourced.setdefault(index, []).append((name, domain, nic))
+        # matched by MAC (every link's MAC counts) or counted by a source: not updatable
+        named = None if self._links.last_unresolved else self._named(domains)
+        return PollPlan(
+            generation=generation,
+            links=stable,
+            domains=domains,
+            devices=devices,
+            keys=keys,
+            metered=metered,
+            sourced=[(self._sources[i], sourced[i]) for i in sorted(sourced)],
+            present=frozenset(keys.values()),
+            placements=placements,
+            ordered=ordered,
+            inventory_signature=_signature(ordered, placements, stable),
+            named=named,
+            remember=list(metered),
+            touched=None,
+            by_index={key.ifindex: key for key in metered.values()},
+        )
+
+    def _named(self, domains: list[DomainInfo]) -> dict[str, list[Owner]] | None:
+        """NIC device name -> the NICs naming it; None when a source counts any NIC."""
+        named: dict[str, list[Owner]] = {}
+        for domain in domains:
+            for nic in domain.nics:
+                if self._source_of(nic) is not None:
+                    return None
+                if nic.device:
+                    named.setdefault(nic.device, []).append((domain, nic))
+        return named
+
+    def update(
+        self,
+        plan: PollPlan,
+        generation: int | None,
+        stable: dict[str, int],
+        domains: list[DomainInfo],
+        changed: set[str] | None,
+    ) -> PollPlan | None:
+        """The plan for the new links and domains, `plan` updated for the names in `changed`
+        (the links that came, went or moved since plan.generation, None: any) and for the
+        domains that are new objects; None when that cannot be done exactly (build instead).
+        `plan` is consumed: its dicts become the new plan's."""
+        named = plan.named
+        if named is None or changed is None or generation is None or plan.sourced:
+            return None
+        plan.named = plan.generation = None  # consumed: never kept nor updated again
+        names = set(changed)
+        names.update(name for name, _ in plan.links.items() ^ stable.items())
+        touched: set[str] = set()
+        ordered = plan.ordered
+        if len(domains) != len(plan.domains) or not all(map(is_, domains, plan.domains)):
+            old = {d.uuid: d for d in plan.domains}
+            new = {d.uuid: d for d in domains}
+            gone = list(compress(old.values(), map(is_not, old.values(), map(new.get, old))))
+            came = list(compress(new.values(), map(is_not, new.values(), map(old.get, new))))
+            for domain in gone:
+                touched.add(domain.uuid)
+                for nic in domain.nics:
+                    device = nic.device
+                    owners = named.get(device) if device else None
+                    if device and owners is not None:
+                        owners[:] = [o for o in owners if o[0] is not domain]
+                        if not owners:
+                            del named[device]
+                        names.add(device)
+            for domain in came:
+                touched.add(domain.uuid)
+                active = domain.state not in INACTIVE_STATES
+                for nic in domain.nics:
+                    if self._source_of(nic) is not None:
+                        return None  # counted by another source: rebuilt
+                    if nic.device:
+                        named.setdefault(nic.device, []).append((domain, nic))
+                        names.add(nic.device)
+                    elif active:
+                        return None  # to be matched by MAC: rebuilt
+            if old.keys() == new.keys():
+                ordered = [new[d.uuid] for d in ordered]
+            else:
+                ordered = sorted(domains, key=_by_uuid)
+        devices, keys, metered = plan.devices, plan.keys, plan.metered
+        placements, by_index = plan.placements, plan.by_index
+        remember = []
+        for name in names:
+            owners = named.get(name, _NO_OWNERS)
+            if len(owners) > 1:
+                return None  # claimed by the first in the inventory's order, the rest by MAC
+            in_links = name in stable
+            if owners and not in_links and owners[0][0].state not in INACTIVE_STATES:
+                return None  # a running NIC without its link: to be matched by MAC
+            old_key = metered.pop(name, None)
+            if old_key is not None:
+                del by_index[old_key.ifindex]
+            if in_links:
+                keys[name] = self._links.key(name, stable[name])
+            else:
+                keys.pop(name, None)
+            if owners and in_links:
+                devices[name] = owners[0]
+                placements[name] = self._placement(name)
+                metered[name] = key = keys[name]
+                by_index[key.ifindex] = key
+                remember.append(name)
+                touched.add(owners[0][0].uuid)
+            else:
+                devices.pop(name, None)
+                placements.pop(name, None)
+                for domain, _nic in owners:
+                    touched.add(domain.uuid)
+        self._links.trim(keys)
+        return PollPlan(
+            generation=generation,
+            links=stable,
+            domains=domains,
+            devices=devices,
+            keys=keys,
+            metered=metered,
+            sourced=[],
+            present=frozenset(keys.values()),
+            placements=placements,
+            ordered=ordered,
+            inventory_signature=_signature(ordered, placements, stable),
+            named=named,
+            remember=remember,
+            touched=touched,
+            by_index=by_index,
+        )

@@ -1,0 +1,378 @@
+"""The poll plan updated for what changed equals one built from scratch: after any sequence of
+taps deleted, made again, moved or added, domains coming, going or changing, and placements
+that all move, (1) the plan's metered links, keys, NICs, placements, rows and inventory
+signature equal a fresh plan's, and (2) an agent that updates its plan writes byte for byte
+the batches of one that builds every plan from scratch. Also: the topology's change log names
+every link whose ifindex or placement moved since a generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmeter.agent.config import validate
+from kvmeter.agent.counters import CounterTable
+from kvmeter.agent.daemon import Agent
+from kvmeter.agent.metered import MeteredLinks, tap_mac
+from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.plan import Planner, PollPlan, same_inventory
+from kvmeter.agent.spool import Spool
+from kvmeter.agent.topology import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
+from kvmeter.agent.traffic import TrafficRules
+
+RULES = TrafficRules.from_config({"rules": [{"vni": "5000-5999", "type": "guest"}]})
+TAPS = 12
+BRIDGES = {1: "brvx-5001", 2: "brvx-5002"}
+
+
+def mac(i: int) -> str:
+    return f"52:54:00:00:00:{i:02x}"
+
+
+class World:
+    """A host's links (a real LinkTable, so placements are cached and dropped as the topology
+    does) with counters, and its libvirt domains; each step is one kind of change."""
+
+    def __init__(self) -> None:
+        self.table = LinkTable(RULES)
+        self.next_index = 100
+        self.counters: dict[int, list[int]] = {}
+        self.macs: dict[str, str] = {}
+        self.listeners: list[Callable[[Any], None]] = []
+        self.table.replace_all(
+            [LinkRecord(ifindex=1, ifname="lo")]
+            + [LinkRecord(ifindex=i, ifname=name, kind="bridge") for i, name in BRIDGES.items()]
+        )
+        self.domains: dict[str, DomainInfo] = {}
+        for i in range(TAPS):
+            self.make_tap(i, master=1 + i % 2)
+        for d in range(0, TAPS - 2, 2):
+            self.set_domain(d, "running", (d, d + 1))
+
+    # -- links -----------------------------------------------------------------------------
+    def make_tap(self, i: int, master: int) -> None:
+        index = self.next_index
+        self.next_index += 1
+        self.counters[index] = [0, 0, 0, 0]
+        self.macs[f"vnet{i}"] = tap_mac(mac(i))
+        self.apply(RTM_NEWLINK, LinkRecord(ifindex=index, ifname=f"vnet{i}", kind="tun", master=master))
+
+    def delete_tap(self, i: int) -> None:
+        index = self.table.ifindex(f"vnet{i}")
+        if index is None:
+            return
+        c = self.counters.pop(index)
+        self.apply(RTM_DELLINK, LinkRecord(ifindex=index, ifname=f"vnet{i}", stats=(c[0], c[1], c[2], c[3])))
+
+    def move_tap(self, i: int) -> None:
+        record = self.table.record(f"vnet{i}")
+        if record is not None:
+            master = 2 if record.master == 1 else 1
+            self.apply(
+                RTM_NEWLINK,
+                LinkRecord(ifindex=record.ifindex, ifname=record.ifname, kind="tun", master=master),
+            )
+
+    def add_uplink(self) -> None:
+        """A VXLAN uplink joins a bridge: every port's placement may move."""
+        index = self.next_index
+        self.next_index += 1
+        self.apply(
+            RTM_NEWLINK,
+            LinkRecord(ifindex=index, ifname=f"vxlan{index}", kind="vxlan", master=1, vxlan_vni=5001),
+        )
+
+    def apply(self, msg_type: int, record: LinkRecord) -> None:
+        event = self.table.apply(msg_type, record)
+        if event is not None:
+            for callback in self.listeners:
+                callback(event)
+
+    def traffic(self, seed: int) -> None:
+        for index, c in self.counters.items():
+            c[0] += 100 + (index * seed) % 97
+            c[1] += 1
+            c[2] += 200 + (index + seed) % 89
+            c[3] += 1
+
+    def counter_table(self, *, by_name: bool = False) -> CounterTable:
+        """The kernel's table as netlink gives it (rows by ifindex), or as /proc/net/dev does."""
+        links = self.table.links()
+        names = sorted(links, key=links.__getitem__)
+        rows = [self.counters.get(links[name], [0, 0, 0, 0]) for name in names]
+        return CounterTable(
+            names if by_name else [],
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+            ifindexes=None if by_name else [links[name] for name in names],
+        )
+
+    # -- domains ---------------------------------------------------------------------------
+    def set_domain(self, d: int, state: str, taps: tuple[int, ...], *, by_mac: bool = False) -> None:
+        nics = tuple(
+            NicInfo(mac=mac(i), device=None if by_mac else f"vnet{i}", nic_type="bridge", bridge="brvx-5001")
+            for i in taps
+        )
+        uuid = f"00000000-0000-0000-0000-{d:012d}"
+        self.domains[uuid] = DomainInfo(uuid=uuid, name=f"i-2-{d}-VM", state=state, kind="user_vm", nics=nics)
+
+    def drop_domain(self, d: int) -> None:
+        self.domains.pop(f"00000000-0000-0000-0000-{d:012d}", None)
+
+
+class WorldTopology:
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    @property
+    def generation(self) -> int:
+        return self.world.table.generation
+
+    def changed_since(self, generation: int) -> set[str] | None:
+        return self.world.table.changed_since(generation)
+
+    def placement(self, ifname: str) -> LinkPlacement:
+        return self.world.table.placement(ifname)
+
+    def links(self) -> dict[str, int]:
+        return self.world.table.links()
+
+    def add_listener(self, callback: Callable[[Any], None]) -> None:
+        self.world.listeners.append(callback)
+
+    def set_rules(self, rules: Any) -> None: ...
+
+
+class WorldInventory:
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+    def snapshot(self) -> dict[str, DomainInfo]:
+        return dict(self.world.domains)
+
+    def interface_stats(self, uuid: str, device: str, timeout: float = 2.0) -> None:
+        return None
+
+
+# One step: (kind, tap or domain number, a second number)
+step = st.tuples(
+    st.sampled_from(
+        [
+            "replace",
+            "replace",
+            "replace",
+            "delete",
+            "make",
+            "move",
+            "uplink",
+            "domain",
+            "state",
+            "drop",
+            "by_mac",
+            "share",
+        ]
+    ),
+    st.integers(0, TAPS - 1),
+    st.integers(0, TAPS - 1),
+)
+
+
+def do(world: World, kind: str, i: int, j: int) -> None:
+    if kind == "replace":  # a VM reboot or a storm's tap: deleted and made again
+        world.delete_tap(i)
+        world.make_tap(i, master=1 + i % 2)
+    elif kind == "delete":
+        world.delete_tap(i)
+    elif kind == "make" and world.table.ifindex(f"vnet{i}") is None:
+        world.make_tap(i, master=1 + j % 2)
+    elif kind == "move":
+        world.move_tap(i)
+    elif kind == "uplink":
+        world.add_uplink()
+    elif kind == "domain":  # a VM starting with two taps
+        world.set_domain(i, "running", (i, j))
+    elif kind == "state":
+        world.set_domain(i, "shutoff", (i,))
+    elif kind == "drop":
+        world.drop_domain(i)
+    elif kind == "by_mac":  # a NIC libvirt has not named: matched by MAC
+        world.set_domain(i, "running", (i,), by_mac=True)
+    elif kind == "share":  # two domains naming one tap
+        world.set_domain(i, "running", (i,))
+        world.set_domain(j + 100, "paused", (i,))
+
+
+def fresh_plan(world: World) -> PollPlan:
+    links = MeteredLinks("boot", world.macs.get, lambda nic: False)
+    planner = Planner(links, world.table.placement, (), lambda nic: None)
+    return planner.build(world.table.generation, world.table.links(), list(world.domains.values()))
+
+
+def assert_same_plan(kept: PollPlan, fresh: PollPlan, world: World) -> None:
+    assert kept.links == fresh.links
+    assert kept.devices == fresh.devices
+    assert kept.keys == fresh.keys
+    assert kept.metered == fresh.metered
+    assert kept.placements == fresh.placements
+    assert kept.present == fresh.present
+    assert kept.by_index == fresh.by_index
+    assert [d.uuid for d in kept.ordered] == [d.uuid for d in fresh.ordered]
+    assert all(a is b for a, b in zip(kept.ordered, fresh.ordered, strict=True))
+    assert same_inventory(kept.inventory_signature, fresh.inventory_signature)
+    assert same_inventory(fresh.inventory_signature, kept.inventory_signature)
+    for by_name in (False, True):
+        table = world.counter_table(by_name=by_name)
+        assert kept.rows_of(table) == fresh.rows_of(table)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(step, min_size=1, max_size=4), min_size=1, max_size=8))
+def test_an_updated_plan_equals_one_built_from_scratch(rounds: list[list[tuple[str, int, int]]]) -> None:
+    world = World()
+    links = MeteredLinks("boot", world.macs.get, lambda nic: False)
+    planner = Planner(links, world.table.placement, (), lambda nic: None)
+    plan = planner.build(world.table.generation, world.table.links(), list(world.domains.values()))
+    for steps in rounds:
+        for kind, i, j in steps:
+            do(world, kind, i, j)
+        generation = world.table.generation
+        updated = planner.update(
+            plan,
+            generation,
+            world.table.links(),
+            list(world.domains.values()),
+            world.table.changed_since(plan.generation or 0),
+        )
+        plan = updated or planner.build(generation, world.table.links(), list(world.domains.values()))
+        assert_same_plan(plan, fresh_plan(world), world)
+
+
+def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
+    world = World()
+    links = MeteredLinks("boot", world.macs.get, lambda nic: False)
+    planner = Planner(links, world.table.placement, (), lambda nic: None)
+    plan = planner.build(world.table.generation, world.table.links(), list(world.domains.values()))
+    kept = dict(plan.placements)
+    for i in (0, 3, 4):
+        do(world, "replace", i, 0)
+    updated = planner.update(
+        plan,
+        world.table.generation,
+        world.table.links(),
+        list(world.domains.values()),
+        world.table.changed_since(plan.generation or 0),
+    )
+    assert updated is not None
+    assert sorted(updated.remember) == ["vnet0", "vnet3", "vnet4"]  # only the new taps
+    assert updated.touched == {
+        "00000000-0000-0000-0000-000000000000",
+        "00000000-0000-0000-0000-000000000002",
+        "00000000-0000-0000-0000-000000000004",
+    }
+    for name, placement in kept.items():
+        if name not in ("vnet0", "vnet3", "vnet4"):
+            assert updated.placements[name] is placement
+    assert_same_plan(updated, fresh_plan(world), world)
+    # NICs matched by MAC depend on every link: such a plan is built from scratch
+    do(world, "by_mac", 8, 0)
+    assert (
+        planner.update(
+            updated,
+            world.table.generation,
+            world.table.links(),
+            list(world.domains.values()),
+            world.table.changed_since(updated.generation or 0),
+        )
+        is None
+    )
+
+
+class ClockPair:
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_agent(world: World, spool_dir: Path, clock: ClockPair, *, incremental: bool) -> Agent:
+    agent = Agent(
+        validate({"agent": {"host_id": "h1"}}),
+        inventory=WorldInventory(world),
+        topology=WorldTopology(world),
+        spool=Spool(spool_dir),
+        boot_id="boot",
+        read_mac=world.macs.get,
+        wall=clock,
+        mono=clock,
+    )
+    agent._table.read = world.counter_table  # type: ignore[method-assign]
+    if not incremental:
+        agent._planner.update = lambda *args: None  # type: ignore[method-assign]
+    agent.start()
+    return agent
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.lists(step, max_size=4), min_size=1, max_size=8))
+def test_an_agent_updating_its_plan_writes_the_batches_of_one_that_rebuilds_it(
+    tmp_path_factory: Any, rounds: list[list[tuple[str, int, int]]]
+) -> None:
+    world = World()
+    clock = ClockPair()
+    updating = make_agent(world, tmp_path_factory.mktemp("updating"), clock, incremental=True)
+    rebuilding = make_agent(world, tmp_path_factory.mktemp("rebuilding"), clock, incremental=False)
+    rebuilding.stream_id = updating.stream_id
+    try:
+        assert updating.poll() == rebuilding.poll()
+        for n, steps in enumerate(rounds):
+            for kind, i, j in steps:
+                do(world, kind, i, j)
+            world.traffic(n)
+            clock.t += 10
+            assert updating.poll() == rebuilding.poll()
+    finally:
+        updating.close()
+        rebuilding.close()
+
+
+def test_the_change_log_names_every_link_that_moved() -> None:
+    world = World()
+    snapshots = {}
+    for kind, i, j in [
+        ("replace", 1, 0),
+        ("move", 2, 0),
+        ("delete", 3, 0),
+        ("make", 3, 1),
+        ("uplink", 0, 0),
+        ("replace", 5, 0),
+    ]:
+        snapshots[world.table.generation] = (
+            world.table.links(),
+            {n: world.table.placement(n) for n in world.table.links()},
+        )
+        do(world, kind, i, j)
+    now_links = world.table.links()
+    now_placements = {n: world.table.placement(n) for n in now_links}
+    for generation, (links, placements) in snapshots.items():
+        changed = world.table.changed_since(generation)
+        if changed is None:
+            continue
+        moved = {n for n in links.keys() | now_links.keys() if links.get(n) != now_links.get(n)}
+        moved |= {n for n in now_links if n in placements and placements[n] != now_placements[n]}
+        assert moved <= changed, generation
+    # an uplink joining a bridge may move every placement: no list of names since before it
+    assert world.table.changed_since(min(snapshots)) is None
+    assert world.table.changed_since(world.table.generation) == set()
