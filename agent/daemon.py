@@ -334,7 +334,15 @@ class Agent:
         # stayed steady still go by columns, only the others by rows.
         if not plan.sourced and self._steady_encoder(plan) is not None:
             mixed = self.engine.poll_mixed(
-                now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
+                now_ms,
+                mono_ms,
+                keys,
+                rx_bytes,
+                rx_packets,
+                tx_bytes,
+                tx_packets,
+                plan.present,
+                newborn_columns=True,
             )
             if mixed is not None:
                 self.metrics.interfaces.set(len(keys))

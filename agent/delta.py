@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from functools import partial
 from itertools import compress, repeat
-from operator import mul, sub
+from operator import attrgetter, is_, mul, sub
 from typing import Any, NamedTuple
 
 from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta
@@ -66,6 +66,7 @@ class _Counter(NamedTuple):
     mono_ms: int  # monotonic time of the last reading
 
 
+_NAME = attrgetter("name")
 # Builds a tuple subclass from a ready tuple without the generated __new__ (a Python call): the
 # hot loop makes one Delta per moving interface per poll.
 _new = tuple.__new__
@@ -273,6 +274,8 @@ class DeltaEngine:
         tx_bytes: list[int],
         tx_packets: list[int],
         present: Set[CounterKey],
+        *,
+        newborn_columns: bool = False,
     ) -> tuple[ColumnDeltas, list[Delta]] | None:
         """A poll where most counters are steady and a few are not (a VM storm: taps replaced
         since the last poll): the steady ones by columns, the rest by rows, with every rule of
@@ -280,7 +283,11 @@ class DeltaEngine:
         instant as the first tracked one, and all four of its counters grew within the ceiling:
         exactly the counters poll_readings would take its fast path for. Returns (the column
         deltas over all `keys`, zeros where a key went by rows; the rows' deltas), or None,
-        having changed nothing, when no counter qualifies or nothing was baselined yet."""
+        having changed nothing, when no counter qualifies or nothing was baselined yet.
+
+        `newborn_columns`: the counters born since the last poll (a storm's new taps) that
+        poll_readings would count from zero over the steady counters' very interval go by
+        columns too (see _born_since); the same deltas and state, no Python step each."""
         if self._fresh or not keys:
             return None
         self._settle()
@@ -290,6 +297,11 @@ class DeltaEngine:
             return None
         start, last_mono = first.end_ms, first.mono_ms
         known = [row is not None and row.end_ms == start and row.mono_ms == last_mono for row in rows]
+        born: list[int] = []
+        if newborn_columns:
+            missing = list(compress(range(len(rows)), map(is_, rows, repeat(None))))
+            if missing:
+                born = self._born_since(now_ms, keys, rows, known, missing, start, last_mono)
         blank = _Counter(0, "", 0, 0, 0, 0, start, last_mono)
         _i, _n, old_rxb, old_txb, old_rxp, old_txp, _e, _m = zip(
             *(row if ok else blank for row, ok in zip(rows, known))
@@ -318,7 +330,10 @@ class DeltaEngine:
         steady_keys = tuple(compress(keys, columns))
         counters = self._counters
         for key in steady_keys:
-            del counters[key]
+            counters.pop(key, None)  # a newborn taken by columns was never in it
+        for i in born:
+            if columns[i]:
+                self._created.pop(keys[i], None)
         end = now_ms if now_ms > start else start + 1
         self._steady = _Steady(
             steady_keys,
@@ -341,6 +356,40 @@ class DeltaEngine:
             list(map(mul, txp, columns)),
         )
         return zeroed, deltas
+
+    def _born_since(
+        self,
+        now_ms: int,
+        keys: Sequence[CounterKey],
+        rows: list[_Counter | None],
+        known: list[bool],
+        missing: list[int],
+        start: int,
+        last_mono: int,
+    ) -> list[int]:
+        """poll_mixed's untracked counters (at `missing`) that poll_readings would count from
+        zero since the last poll (born while running: a storm's new taps) over the very interval
+        of the steady ones: given a zero row at that instant (in `rows`, marked in `known`), so
+        they go by columns too when they grew within the ceiling. Returns their positions."""
+        last = self._last_poll
+        if last is None or min(last[0], now_ms) != start or last[1] != last_mono:
+            return []  # not the steady counters' interval (a clock step): by rows
+        boot_id, closed, preexisting, created = self.boot_id, self._closed, self._preexisting, self._created
+        tracked_names = set(map(_NAME, self._counters))
+        born = []
+        for i in missing:
+            key = keys[i]
+            if (
+                key.boot_id != boot_id
+                or key in closed
+                or (key in preexisting and key not in created)  # baselined, not counted
+                or key.name in tracked_names  # its name's older incarnation is still open
+            ):
+                continue
+            rows[i] = _Counter(key.ifindex, key.name, 0, 0, 0, 0, start, last_mono)
+            known[i] = True
+            born.append(i)
+        return born
 
     def final(self, now_ms: int, mono_ms: int, sample: CounterSample) -> Delta | None:
         """RTM_DELLINK's final counters: the tail since the last poll, then the counter is closed."""
