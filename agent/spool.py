@@ -18,13 +18,12 @@ re-sends batches the collector already has, which it drops by (stream, seq).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import struct
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,9 +94,6 @@ class Spool:
         self._active_size = 0
         self._active: Any = None  # file object of the newest segment (append mode)
         self._ack_fd: int | None = None  # ack.msgpack, opened at the first acknowledgement
-        # The counter state of each poll is packed into this packer's buffer, kept from poll to
-        # poll (msgpack.packb would allocate a fresh buffer and copy the result out of it).
-        self._packer = msgpack.Packer(use_bin_type=True, autoreset=False)
         self.dropped_frames = 0
         self.dropped_bytes = 0  # spool bytes given up because of the size or age bound
         self._open()
@@ -222,20 +218,18 @@ class Spool:
         # copy in fresh pages (a minor fault per 4 KB, the costliest part of appending).
         pieces: list[Any] = []
         sizes = []
-        with self._packer_for(state) as packed_state:
-            for i, batch in enumerate(batches):
-                last = i == len(batches) - 1
-                payload = _frame_pieces(
-                    stream_id, first_seq + i, batch, packed_state if last else None, now_ms
-                )
-                length = sum(map(len, payload))
-                crc = 0
-                for piece in payload:
-                    crc = zlib.crc32(piece, crc)
-                payload[0] = HEADER.pack(length, crc & 0xFFFFFFFF) + payload[0]
-                pieces += payload
-                sizes.append(HEADER.size + length)
-            _write_all(self._active.fileno(), pieces)
+        packed_state = msgpack.packb(state, use_bin_type=True)
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            payload = _frame_pieces(stream_id, first_seq + i, batch, packed_state if last else None, now_ms)
+            length = sum(map(len, payload))
+            crc = 0
+            for piece in payload:
+                crc = zlib.crc32(piece, crc)
+            payload[0] = HEADER.pack(length, crc & 0xFFFFFFFF) + payload[0]
+            pieces += payload
+            sizes.append(HEADER.size + length)
+        _write_all(self._active.fileno(), pieces)
         os.fsync(self._active.fileno())
         frames = []
         self._just_written = {}
@@ -250,15 +244,6 @@ class Spool:
         self._last_state, self._last_frame = state, frames[-1]
         self._enforce_bounds(now_ms)
         return frames
-
-    @contextlib.contextmanager
-    def _packer_for(self, state: dict[str, Any]) -> Iterator[memoryview]:
-        """The state packed, as a view of the kept packer's buffer while the frames are written."""
-        self._packer.reset()
-        self._packer.pack(state)
-        with self._packer.getbuffer() as view:
-            yield view
-        self._packer.reset()
 
     def _rotate(self) -> None:
         if self._active is not None:
@@ -395,7 +380,7 @@ class Spool:
 
 
 def _frame_pieces(
-    stream_id: str, seq: int, batch: bytes, packed_state: memoryview | None, now_ms: int
+    stream_id: str, seq: int, batch: bytes, packed_state: bytes | None, now_ms: int
 ) -> list[Any]:
     """One frame's payload, msgpack.packb([stream_id, seq, batch, state or None, now_ms],
     use_bin_type=True), as pieces: the batch and the state are not copied."""
