@@ -35,6 +35,7 @@ from kvmeter.agent.counters import (
     to_sample,
 )
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
+from kvmeter.agent.heap import Heap
 from kvmeter.agent.measures import (
     Attribution,
     Templates,
@@ -91,28 +92,6 @@ _who_of = itemgetter(0)
 
 def _ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def _release_free_heap() -> None:
-    """Hand memory the C heap has freed back to the kernel (glibc only). Start-up (the link dump,
-    libvirt's first read of every domain), each poll's batch, its compressed copy in
-    librdkafka's threads and the spool read leave freed pages behind that glibc keeps mapped
-    (one arena per thread): without this they stay resident. ~0.4 ms, after start and once
-    per poll of the run loop, outside the poll itself."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _paused_collector(poll: Callable[[], Any]) -> Any:
@@ -184,6 +163,7 @@ class Agent:
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
         self.reloads = Reloads()  # asked for by SIGHUP, run between two polls
+        self.heap = Heap()  # the C heap: kept from poll to poll, trimmed now and then
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -199,7 +179,8 @@ class Agent:
             self.stream_id,
             "resuming saved counters" if self.resumed else "fresh start (present interfaces are baselined)",
         )
-        _release_free_heap()  # what the link dump and the inventory's first read left behind
+        self.heap.keep()
+        self.heap.release()  # what the link dump and the inventory's first read left behind
 
     def close(self) -> None:
         for part in (self.inventory, self.topology):
@@ -557,7 +538,7 @@ class Agent:
                 if next_poll <= now:
                     next_poll = now + interval
                 self.update_spool_metrics()
-                _release_free_heap()
+                self.heap.after_poll()
             # At most a second between two looks at stop_event and a SIGHUP's reload.
             wait = min(max(0.0, next_poll - self._mono()), SERVICE_WAIT)
             if self.publisher is not None and self.publisher.in_flight():
