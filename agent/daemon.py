@@ -150,7 +150,7 @@ class Agent:
         delta_config = DeltaConfig(line_rate_ceiling_bps=config.line_rate_ceiling_bps)
         self.engine = DeltaEngine.from_state(boot_id, engine_state, delta_config)
         self.resumed = engine_state is not None and engine_state.get("boot_id") == boot_id
-        self._events: queue.Queue[_Event] = queue.Queue()
+        self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()  # C-level get: a storm queues hundreds
         self._carry: list[_Event] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
         self._committed_state: dict[str, Any] | None = None

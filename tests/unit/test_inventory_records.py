@@ -1,0 +1,94 @@
+"""The inventory records the agent keeps between batches (wire.InventoryRecords: a record per
+domain, made of serialised parts per domain and per NIC) are byte for byte what protobuf
+serialises for the same domains, placements and ifindexes, after any sequence of changes,
+whether the caller names the domains it touched or not."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmeter.agent.measures import domain_inventory
+from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.wire import InventoryRecords
+from kvmeter.proto import pb
+
+DEVICES = [f"vnet{i}" for i in range(6)]
+
+nic = st.builds(
+    NicInfo,
+    mac=st.sampled_from(["52:54:00:00:00:01", "52:54:00:00:00:02", "fe:54:00:00:00:03"]),
+    device=st.none() | st.sampled_from(DEVICES),
+    nic_type=st.sampled_from(["bridge", "network", "direct", "vhostuser"]),
+    bridge=st.none() | st.sampled_from(["cloudbr0", "brvx-5001"]),
+    network=st.none() | st.just("default"),
+    model=st.none() | st.just("virtio"),
+)
+domain = st.builds(
+    DomainInfo,
+    uuid=st.sampled_from([f"uuid-{i}" for i in range(4)]),
+    name=st.sampled_from(["i-2-10-VM", "r-5-VM", "s-1-VM"]),
+    state=st.sampled_from(["running", "paused", "shutoff", "gone", "odd"]),
+    kind=st.sampled_from(["user_vm", "virtual_router", "system_vm", "other"]),
+    nics=st.lists(nic, max_size=3).map(tuple),
+    account_id=st.none() | st.just("2"),
+    vm_id=st.none() | st.just("10"),
+    owner=st.dictionaries(
+        st.sampled_from(["zone", "account", "é"]), st.sampled_from(["z1", "ü", ""]), max_size=3
+    ),
+)
+placement = st.builds(
+    LinkPlacement,
+    bridge=st.none() | st.sampled_from(["cloudbr0", "brvx-5001"]),
+    vlan_id=st.none() | st.integers(0, 4094),
+    vxlan_vni=st.none() | st.integers(0, 1 << 24),
+    traffic_type=st.sampled_from(["guest", "public", "unknown", "storage"]),
+)
+# one step: which domains of the pool are there (the same objects from step to step, as the
+# inventory hands them out), the placements and the ifindexes
+step = st.tuples(
+    st.lists(st.integers(0, 5), max_size=4),
+    st.dictionaries(st.sampled_from(DEVICES), placement),
+    st.dictionaries(st.sampled_from(DEVICES), st.integers(0, 1 << 31)),
+)
+
+
+def where(d: DomainInfo, placements: dict, ifindexes: dict) -> tuple[object, ...]:
+    devices = [n.device for n in d.nics if n.device]
+    return (d, *map(placements.get, devices), *map(ifindexes.get, devices))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(domain, min_size=6, max_size=6), st.lists(step, min_size=1, max_size=6), st.booleans())
+def test_kept_records_are_protobufs_own_bytes(
+    pool: list[DomainInfo], steps: list, name_touched: bool
+) -> None:
+    records = InventoryRecords()
+    last: dict[str, tuple[object, ...]] | None = None
+    for chosen, placements, ifindexes in steps:
+        domains = list({pool[i].uuid: pool[i] for i in chosen}.values())
+        now = {d.uuid: where(d, placements, ifindexes) for d in domains}
+        touched = None
+        if name_touched and last is not None:
+            # every domain whose object, placements or ifindexes differ from the last call's
+            touched = {u for u in now.keys() | last.keys() if now.get(u) != last.get(u)}
+        got = records.encode(domains, placements, ifindexes, touched=touched)
+        expected = pb.MeasureBatch(
+            inventory=[domain_inventory(d, placements, ifindexes) for d in domains]
+        ).SerializeToString()
+        assert got == expected
+        last = now
+
+
+def test_a_tap_replaced_changes_only_its_ifindex_in_the_record() -> None:
+    nics = (NicInfo(mac="52:54:00:00:00:01", device="vnet1", nic_type="bridge"),)
+    vm = DomainInfo(uuid="u", name="i-2-1-VM", state="running", kind="user_vm", nics=nics, owner={"a": "b"})
+    where = {"vnet1": LinkPlacement(bridge="brvx-5001", vxlan_vni=5001, traffic_type="guest")}
+    records = InventoryRecords()
+    before = records.encode([vm], where, {"vnet1": 10})
+    after = records.encode([vm], where, {"vnet1": 300}, touched={"u"})
+    assert pb.MeasureBatch.FromString(after).inventory[0].nics[0].ifindex == 300
+    assert (
+        after == pb.MeasureBatch(inventory=[domain_inventory(vm, where, {"vnet1": 300})]).SerializeToString()
+    )
+    assert len(after) == len(before) + 1  # 300 takes one varint byte more than 10
