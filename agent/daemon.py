@@ -541,11 +541,12 @@ class Agent:
                 self.heap.after_poll()
             # At most a second between two looks at stop_event and a SIGHUP's reload.
             wait = min(max(0.0, next_poll - self._mono()), SERVICE_WAIT)
-            if self.publisher is not None and self.publisher.in_flight():
+            if self.publisher is not None and self.publisher.in_flight() and not self.publisher.stalled():
                 self.publisher.service(wait)  # deliveries to serve
             else:
-                # Nothing handed to librdkafka (or nothing left there): no need to serve it
-                # between polls (its errors are served at each poll's pump).
+                # Nothing handed to librdkafka (or nothing left there), or a broker that
+                # delivers nothing: no need to serve it between polls (its errors and deliveries
+                # are served at each poll's pump).
                 self.stop_event.wait(wait)
         self.shutdown()
 

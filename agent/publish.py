@@ -47,6 +47,8 @@ RECOVERY_LOG = limited_logger("kvmeter.agent.publish.recovery", 60.0)
 # it bump about ten times a second).
 STUCK_EPOCH_BUMPS = 3
 REBUILD_BACKOFF_S = (1.0, 60.0)  # first and longest wait between two rebuilds without a delivery
+# Batches handed over and nothing delivered for this long: the broker is away (see stalled()).
+STALLED_AFTER_S = 5.0
 
 
 class Publisher:
@@ -85,6 +87,8 @@ class Publisher:
         # (producer id, epoch) at the last statistics report after a delivery
         self._epoch_mark: tuple[int, int] | None = None
         self._delivered_since_stats = False
+        # Since when batches have been in flight with nothing delivered (None: none in flight)
+        self._waiting_since: float | None = None
         self.delivered = 0
         self.errors = 0
         self.recreated = 0  # producers re-created
@@ -119,6 +123,8 @@ class Publisher:
                 else:
                     self._refused(frame, exc)
                 break
+            if not self._in_flight:
+                self._waiting_since = self._clock()
             self._in_flight[frame.position] = frame
             self._next = (frame.segment, frame.offset + 1)
             produced += 1
@@ -148,6 +154,7 @@ class Publisher:
         self._in_flight.pop(frame.position, None)
         if err is None:
             self.delivered += 1
+            self._waiting_since = self._clock() if self._in_flight else None
             self._delivered_since_stats = True
             self._rebuild_wait = REBUILD_BACKOFF_S[0]
             self.spool.ack(frame)
@@ -257,6 +264,7 @@ class Publisher:
         if self.metrics is not None:
             self.metrics.producer_recreations.labels(reason).inc()
         self._in_flight.clear()
+        self._waiting_since = None
         self._next = (0, 0)
         self._failed = None
         self._epoch_mark = None
@@ -278,6 +286,15 @@ class Publisher:
 
     def in_flight(self) -> int:
         return len(self._in_flight)
+
+    def stalled(self) -> bool:
+        """Batches in flight and nothing delivered for STALLED_AFTER_S: the broker is away. The
+        run loop then stops waiting inside the client between polls (confluent-kafka's poll()
+        wakes every 200 ms to look for signals: about half a millisecond of CPU per poll
+        interval, the whole outage long); each poll's pump still serves it, and the first
+        delivery there ends the stall."""
+        since = self._waiting_since
+        return bool(self._in_flight) and since is not None and self._clock() - since >= STALLED_AFTER_S
 
     def flush(self, timeout: float) -> bool:
         """Deliver everything spooled within `timeout` seconds. True when nothing is left."""

@@ -13,10 +13,11 @@ from tests.unit.test_agent_daemon import Clock, Host, make_agent
 class CountingPublisher:
     """Takes each poll's batch and delivers it at the next service() call."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, away: bool = False) -> None:
         self.flight = 0
         self.services: list[float] = []
         self.pumps = 0
+        self.away = away  # a broker that delivers nothing: batches pile up in flight
 
     def pump(self) -> int:
         self.pumps += 1
@@ -26,9 +27,13 @@ class CountingPublisher:
     def in_flight(self) -> int:
         return self.flight
 
+    def stalled(self) -> bool:
+        return self.away
+
     def service(self, timeout: float) -> None:
         self.services.append(timeout)
-        self.flight = 0
+        if not self.away:
+            self.flight = 0
 
     def close(self, timeout: float = 5.0) -> bool:
         return True
@@ -57,3 +62,25 @@ def test_the_loop_serves_the_publisher_once_per_poll_and_sleeps_otherwise(tmp_pa
     assert 3 <= polls <= 5
     assert len(publisher.services) == polls  # one wake-up per poll's delivery, no idle polling
     assert max(publisher.services) <= 1.0
+
+
+def test_a_broker_that_delivers_nothing_is_not_waited_on_between_polls(tmp_path: Path) -> None:
+    publisher = CountingPublisher(away=True)
+    agent = make_agent(
+        Host(),
+        tmp_path,
+        Clock(),
+        settings={"agent": {"host_id": "h1", "poll_interval": 0.5}},
+        publisher=publisher,
+        wall=time.time,
+        mono=time.monotonic,
+    )
+    loop = threading.Thread(target=agent.run)
+    loop.start()
+    time.sleep(1.3)
+    agent.stop_event.set()
+    loop.join(5)
+    agent.close()
+    assert not loop.is_alive()
+    assert publisher.pumps >= 3  # every poll still hands its batch over (and serves the client)
+    assert publisher.services == []

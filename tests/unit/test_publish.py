@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kvmeter.agent.kafka_client import producer_config
-from kvmeter.agent.publish import Publisher
+from kvmeter.agent.publish import STALLED_AFTER_S, Publisher
 from kvmeter.agent.spool import Spool
 
 
@@ -418,4 +418,39 @@ def test_a_fatal_error_raised_by_poll_recreates_the_producer(tmp_path: Path) -> 
     assert pub.flush(1.0)
     assert producers[1].sent == [b"b1"]
     assert "UNKNOWN_PRODUCER_ID" in (pub.last_error or "")
+    spool.close()
+
+
+def test_batches_in_flight_with_nothing_delivered_for_a_while_is_a_stall(tmp_path: Path) -> None:
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FakeProducer(config))
+        producers[-1].hold = True  # the broker answers nothing
+        return producers[-1]
+
+    clock = Clock()
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, clock=clock)
+    assert not pub.stalled()  # nothing in flight
+    spool.append("s", 1, b"b1", {}, 1)
+    pub.pump()
+    clock.t += STALLED_AFTER_S - 0.5
+    spool.append("s", 2, b"b2", {}, 2)
+    pub.pump()  # more handed over: still waiting since the first
+    assert not pub.stalled()
+    clock.t += 0.5
+    assert pub.stalled()
+    assert pub.in_flight() == 2
+    producers[0].hold = False  # the broker is back: the next pump's serving delivers
+    spool.append("s", 3, b"b3", {}, 3)
+    pub.pump()
+    assert pub.in_flight() == 0
+    assert not pub.stalled()
+    assert spool.pending() == []
+    producers[0].hold = True
+    spool.append("s", 4, b"b4", {}, 4)
+    pub.pump()
+    clock.t += STALLED_AFTER_S
+    assert pub.stalled()  # a new wait counts from its first batch
     spool.close()
