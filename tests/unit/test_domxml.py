@@ -136,3 +136,14 @@ def test_unparseable_vlan_tag_is_ignored() -> None:
         "<mac address='AA:BB:CC:00:00:01'/><vlan><tag id='x'/></vlan></interface></devices></domain>"
     )
     assert parse_domain_xml(xml).nics == (NicInfo("aa:bb:cc:00:00:01", None, "bridge"),)
+
+
+def test_values_many_nics_share_are_one_string_each() -> None:
+    """A host's bridges, NIC types and models repeat on thousands of NICs: parsed once each."""
+    first, second = (parse_domain_xml(load("i-2-10-VM.xml")) for _ in range(2))
+    for a, b in zip(first.nics, second.nics, strict=True):
+        assert a == b
+        for name in ("nic_type", "bridge", "network", "model"):
+            value = getattr(a, name)
+            assert value is None or value is getattr(b, name)
+    assert any(nic.bridge for nic in first.nics)
