@@ -49,6 +49,10 @@ STUCK_EPOCH_BUMPS = 3
 REBUILD_BACKOFF_S = (1.0, 60.0)  # first and longest wait between two rebuilds without a delivery
 # Batches handed over and nothing delivered for this long: the broker is away (see stalled()).
 STALLED_AFTER_S = 5.0
+# In flight while nothing was delivered in the last STALLED_AFTER_S (a broker away, a producer
+# just made): enough to find out when the broker answers; the rest waits in the spool, which
+# keeps it anyway, instead of a copy of every batch of an outage in librdkafka's queue.
+PROBE_IN_FLIGHT = 8
 
 
 class Publisher:
@@ -89,6 +93,7 @@ class Publisher:
         self._delivered_since_stats = False
         # Since when batches have been in flight with nothing delivered (None: none in flight)
         self._waiting_since: float | None = None
+        self._delivered_at: float | None = None  # monotonic time of the last delivery
         self.delivered = 0
         self.errors = 0
         self.recreated = 0  # producers re-created
@@ -100,11 +105,17 @@ class Publisher:
             if self._clock() < self._rebuild_at or not self._rebuild():
                 self._serve_quietly()
                 return 0  # the broken producer takes nothing; the spool keeps everything
+        produced, limit = 0, self._in_flight_limit()
+        if len(self._in_flight) < limit:  # else librdkafka holds enough: the rest waits in the spool
+            produced = self._produce_pending(limit)
+        self._serve(0)  # always: while stalled, the run loop serves the client only here
+        return produced
+
+    def _produce_pending(self, limit: int) -> int:
+        """Spooled frames not yet handed over, oldest first, until `limit` are in flight."""
         produced = 0
-        if len(self._in_flight) >= self.max_in_flight:
-            return 0  # librdkafka holds enough: the rest waits in the spool
         for frame in self.spool.pending_from(self._next):
-            if len(self._in_flight) >= self.max_in_flight:
+            if len(self._in_flight) >= limit:
                 break
             if frame.position in self._in_flight:
                 continue
@@ -128,8 +139,16 @@ class Publisher:
             self._in_flight[frame.position] = frame
             self._next = (frame.segment, frame.offset + 1)
             produced += 1
-        self._serve(0)
         return produced
+
+    def _in_flight_limit(self) -> int:
+        """max_in_flight while the broker delivers; PROBE_IN_FLIGHT while it has delivered nothing
+        for STALLED_AFTER_S (or nothing yet), so an outage of hours holds a few batches in memory,
+        not one copy of each."""
+        at = self._delivered_at
+        if at is not None and self._clock() - at < STALLED_AFTER_S:
+            return self.max_in_flight
+        return min(self.max_in_flight, PROBE_IN_FLIGHT)
 
     def _refused(self, frame: Frame, exc: Exception) -> None:
         """The producer would not take a batch: it stays in the spool (counted in its depth and
@@ -154,7 +173,8 @@ class Publisher:
         self._in_flight.pop(frame.position, None)
         if err is None:
             self.delivered += 1
-            self._waiting_since = self._clock() if self._in_flight else None
+            self._delivered_at = self._clock()
+            self._waiting_since = self._delivered_at if self._in_flight else None
             self._delivered_since_stats = True
             self._rebuild_wait = REBUILD_BACKOFF_S[0]
             self.spool.ack(frame)

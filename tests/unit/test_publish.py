@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from kvmeter.agent.kafka_client import producer_config
-from kvmeter.agent.publish import STALLED_AFTER_S, Publisher
+from kvmeter.agent.publish import PROBE_IN_FLIGHT, STALLED_AFTER_S, Publisher
 from kvmeter.agent.spool import Spool
 
 
@@ -108,6 +108,9 @@ def test_in_flight_is_bounded(tmp_path: Path) -> None:
     assert pub.in_flight() == 3
     assert pub.pump() == 0
     assert not pub.flush(0.05)
+    pub._producer.hold = False
+    assert pub.pump() == 0  # at the limit it still serves the client (a stalled loop waits outside it)
+    assert pub.in_flight() == 0
     spool.close()
 
 
@@ -453,4 +456,37 @@ def test_batches_in_flight_with_nothing_delivered_for_a_while_is_a_stall(tmp_pat
     pub.pump()
     clock.t += STALLED_AFTER_S
     assert pub.stalled()  # a new wait counts from its first batch
+    spool.close()
+
+
+def test_while_nothing_is_delivered_only_a_few_batches_are_handed_over(tmp_path: Path) -> None:
+    """An outage of hours keeps its batches in the spool, not a copy of each in librdkafka's
+    queue: a few go out to find out when the broker answers, then the rest follow at once."""
+    producers: list[FakeProducer] = []
+
+    def factory(config: dict[str, Any]) -> FakeProducer:
+        producers.append(FakeProducer(config))
+        producers[-1].hold = True  # the broker answers nothing
+        return producers[-1]
+
+    clock = Clock()
+    spool = Spool(tmp_path)
+    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, clock=clock)
+    for seq in range(1, 31):
+        spool.append("s", seq, f"b{seq}".encode(), {}, seq)
+        pub.pump()
+        clock.t += 2.0  # a poll every two seconds, an hour-long outage in small
+    assert pub.in_flight() == PROBE_IN_FLIGHT
+    assert len(producers[-1].queue) == PROBE_IN_FLIGHT
+    producers[-1].hold = False  # the broker is back: the probes are delivered, the rest follow
+    pub.service(0)  # (the fake broker delivers at once what it is handed)
+    assert spool.pending() == []
+    assert pub.in_flight() == 0
+    assert producers[-1].sent == [f"b{seq}".encode() for seq in range(1, 31)]
+    for seq in range(31, 41):  # delivering: batches go out as they come, up to max_in_flight
+        producers[-1].hold = True
+        spool.append("s", seq, b"x", {}, seq)
+        pub.pump()
+        clock.t += 0.1
+    assert pub.in_flight() == 10
     spool.close()
