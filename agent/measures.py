@@ -168,16 +168,6 @@ def domain_inventory(
     placements: Mapping[str, LinkPlacement],
     ifindexes: Mapping[str, int],
 ) -> pb.DomainInventory:
-    inv = domain_head(domain)
-    for nic in domain.nics:
-        placement = placements.get(nic.device) if nic.device else None
-        ifindex = ifindexes.get(nic.device) if nic.device else None
-        inv.nics.append(nic_inventory(nic, placement, ifindex))
-    return inv
-
-
-def domain_head(domain: DomainInfo) -> pb.DomainInventory:
-    """A domain's inventory without its NICs (DomainInventory's last field)."""
     inv = pb.DomainInventory(
         uuid=domain.uuid,
         name=domain.name,
@@ -190,25 +180,22 @@ def domain_head(domain: DomainInfo) -> pb.DomainInventory:
         inv.vm_id = domain.vm_id
     for k, v in sorted(domain.owner.items()):
         inv.owner[k] = v
+    for nic in domain.nics:
+        n = inv.nics.add(mac=nic.mac, nic_type=nic.nic_type)
+        for attr in ("device", "bridge", "network", "model"):
+            value = getattr(nic, attr)
+            if value is not None:
+                setattr(n, attr, value)
+        placement = placements.get(nic.device) if nic.device else None
+        if placement is not None:
+            n.traffic_type = TRAFFIC_ENUM.get(placement.traffic_type, pb.TRAFFIC_UNKNOWN)
+            if placement.vlan_id is not None:
+                n.vlan_id = placement.vlan_id
+            if placement.vxlan_vni is not None:
+                n.vxlan_vni = placement.vxlan_vni
+        if nic.device and nic.device in ifindexes:
+            n.ifindex = ifindexes[nic.device]
     return inv
-
-
-def nic_inventory(nic: NicInfo, placement: LinkPlacement | None, ifindex: int | None) -> pb.NicInventory:
-    """One NIC's inventory; its ifindex is NicInventory's last field."""
-    n = pb.NicInventory(mac=nic.mac, nic_type=nic.nic_type)
-    for attr in ("device", "bridge", "network", "model"):
-        value = getattr(nic, attr)
-        if value is not None:
-            setattr(n, attr, value)
-    if placement is not None:
-        n.traffic_type = TRAFFIC_ENUM.get(placement.traffic_type, pb.TRAFFIC_UNKNOWN)
-        if placement.vlan_id is not None:
-            n.vlan_id = placement.vlan_id
-        if placement.vxlan_vni is not None:
-            n.vxlan_vni = placement.vxlan_vni
-    if ifindex is not None:
-        n.ifindex = ifindex
-    return n
 
 
 def _add_totals(totals: dict[str, list[int]] | None, traffic: str | None, vm_rx: int, vm_tx: int) -> None:

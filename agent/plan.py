@@ -27,6 +27,7 @@ from kvmeter.agent.wire import SteadyEncoder
 
 Owner = tuple[DomainInfo, NicInfo]
 _by_uuid = attrgetter("uuid")
+_ifindex = attrgetter("ifindex")
 _NO_OWNERS: list[Owner] = []
 
 
@@ -52,7 +53,6 @@ class PollPlan:
     remember: list[str]
     # Domains whose inventory record may differ from the last plan's (None: any)
     touched: set[str] | None
-    by_index: dict[int, CounterKey]  # ifindex -> metered key
     # The metered rows of the counter table, for the table layout they were found in (its
     # rows' names, or ifindexes for a netlink table)
     table_layout: list[str] | list[int] | None = None
@@ -69,7 +69,8 @@ class PollPlan:
             if table.ifindexes is None:
                 found = list(map(self.metered.get, table.names))
             else:  # a row is a metered link's when its ifindex is the one the plan's key holds
-                found = list(map(self.by_index.get, table.ifindexes))
+                keys = self.metered.values()
+                found = list(map(dict(zip(map(_ifindex, keys), keys)).get, table.ifindexes))
             self.table_layout = layout
             self.row_indexes = list(compress(range(len(found)), map(is_not, found, repeat(None))))
             self.row_keys = tuple(filter(None, found))
@@ -130,7 +131,7 @@ class Planner:
             if index is not None:
                 sourced.setdefault(index, []).append((name, domain, nic))
         # matched by MAC (every link's MAC counts) or counted by a source: not updatable
-        named = None if self._links.last_unresolved else self._named(domains)
+        named = None if self._links.last_unresolved else self._named(domains, devices)
         return PollPlan(
             generation=generation,
             links=stable,
@@ -146,10 +147,9 @@ class Planner:
             named=named,
             remember=list(metered),
             touched=None,
-            by_index={key.ifindex: key for key in metered.values()},
         )
 
-    def _named(self, domains: list[DomainInfo]) -> dict[str, list[Owner]] | None:
+    def _named(self, domains: list[DomainInfo], devices: dict[str, Owner]) -> dict[str, list[Owner]] | None:
         """NIC device name -> the NICs naming it; None when a source counts any NIC."""
         named: dict[str, list[Owner]] = {}
         for domain in domains:
@@ -157,7 +157,10 @@ class Planner:
                 if self._source_of(nic) is not None:
                     return None
                 if nic.device:
-                    named.setdefault(nic.device, []).append((domain, nic))
+                    owner = devices.get(nic.device)  # its tuple, when it claimed the link
+                    if owner is None or owner[0] is not domain or owner[1] is not nic:
+                        owner = (domain, nic)
+                    named.setdefault(nic.device, []).append(owner)
         return named
 
     def update(
@@ -211,7 +214,7 @@ class Planner:
             else:
                 ordered = sorted(domains, key=_by_uuid)
         devices, keys, metered = plan.devices, plan.keys, plan.metered
-        placements, by_index = plan.placements, plan.by_index
+        placements = plan.placements
         remember = []
         for name in names:
             owners = named.get(name, _NO_OWNERS)
@@ -220,9 +223,7 @@ class Planner:
             in_links = name in stable
             if owners and not in_links and owners[0][0].state not in INACTIVE_STATES:
                 return None  # a running NIC without its link: to be matched by MAC
-            old_key = metered.pop(name, None)
-            if old_key is not None:
-                del by_index[old_key.ifindex]
+            metered.pop(name, None)
             if in_links:
                 keys[name] = self._links.key(name, stable[name])
             else:
@@ -230,8 +231,7 @@ class Planner:
             if owners and in_links:
                 devices[name] = owners[0]
                 placements[name] = self._placement(name)
-                metered[name] = key = keys[name]
-                by_index[key.ifindex] = key
+                metered[name] = keys[name]
                 remember.append(name)
                 touched.add(owners[0][0].uuid)
             else:
@@ -255,5 +255,4 @@ class Planner:
             named=named,
             remember=remember,
             touched=touched,
-            by_index=by_index,
         )

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence, Set
 from itertools import chain, compress, repeat
 from operator import add, attrgetter, itemgetter, or_
 
-from kvmeter.agent.measures import _Pair, domain_head, nic_inventory
-from kvmeter.agent.model import ColumnDeltas, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.measures import _Pair, domain_inventory
+from kvmeter.agent.model import ColumnDeltas, DomainInfo, LinkPlacement
 from kvmeter.proto.encoding_pb2 import PackedCounts
 
 _BYTES_TAG = 0x18  # IPMeasure.bytes = 3, varint
@@ -203,7 +203,6 @@ class InventoryRecords:
 
     def __init__(self) -> None:
         self._records: dict[str, tuple[DomainInfo, tuple[object, ...], bytes]] = {}
-        self._parts = _RecordParts()
 
     def encode(
         self,
@@ -228,11 +227,10 @@ class InventoryRecords:
             if known is not None and known[0] is domain and _same_items(known[1], where):
                 record = known[2]
             else:
-                record = self._parts.record(domain, placements, ifindexes)
+                record = _inventory_record(domain, placements, ifindexes)
             kept[domain.uuid] = (domain, where, record)
             records.append(record)
         self._records = kept
-        self._parts.trim(kept.keys())
         return b"".join(records)
 
     def _encode_touched(
@@ -253,10 +251,9 @@ class InventoryRecords:
             where = _where(domain, placements, ifindexes)
             known = cache.get(uuid)
             if known is None or known[0] is not domain or not _same_items(known[1], where):
-                cache[uuid] = (domain, where, self._parts.record(domain, placements, ifindexes))
+                cache[uuid] = (domain, where, _inventory_record(domain, placements, ifindexes))
         if len(cache) != len(uuids):
             return None  # not what the last call left: every domain is looked at
-        self._parts.trim(cache.keys())
         try:
             return b"".join(map(_RECORD, map(cache.__getitem__, uuids)))
         except KeyError:
@@ -274,51 +271,11 @@ def _where(
     return (*map(placements.get, devices), *map(ifindexes.get, devices))
 
 
-class _RecordParts:
-    """A domain's inventory record from serialised parts kept per domain object and per NIC
-    and placement: a storm's VM keeps its domain, NICs and placements, only its taps'
-    ifindexes change, and those are the last field of each NIC's message. Protobuf writes a
-    message's fields in their numbers' order, so the parts joined are byte for byte its
-    serialisation (DomainInventory's NICs are its last field)."""
-
-    def __init__(self) -> None:
-        self._heads: dict[str, tuple[DomainInfo, bytes]] = {}
-        self._nics: dict[tuple[str, int], tuple[NicInfo, LinkPlacement | None, bytes]] = {}
-
-    def record(
-        self, domain: DomainInfo, placements: Mapping[str, LinkPlacement], ifindexes: Mapping[str, int]
-    ) -> bytes:
-        head = self._heads.get(domain.uuid)
-        if head is None or head[0] is not domain:
-            head = self._heads[domain.uuid] = (domain, domain_head(domain).SerializeToString())
-        pieces = [head[1]]
-        for i, nic in enumerate(domain.nics):
-            placement = placements.get(nic.device) if nic.device else None
-            ifindex = ifindexes.get(nic.device) if nic.device else None
-            known = self._nics.get((domain.uuid, i))
-            if known is None or known[0] is not nic or (known[1] is not placement and known[1] != placement):
-                known = self._nics[(domain.uuid, i)] = (
-                    nic,
-                    placement,
-                    nic_inventory(nic, placement, None).SerializeToString(),
-                )
-            body = known[2] if ifindex is None else known[2] + _IFINDEX_TAG + varint(ifindex)
-            pieces += (_NICS_TAG, varint(len(body)), body)
-        data = b"".join(pieces)
-        return bytes([_INVENTORY_TAG]) + varint(len(data)) + data
-
-    def trim(self, uuids: Set[str]) -> None:
-        """Forget the parts of domains gone, once they are as many as the domains kept."""
-        if len(self._heads) <= 2 * len(uuids) + 64:
-            return
-        for uuid in [u for u in self._heads if u not in uuids]:
-            del self._heads[uuid]
-        for key in [k for k in self._nics if k[0] not in uuids]:
-            del self._nics[key]
-
-
-_NICS_TAG = bytes([0x42])  # DomainInventory.nics = 8, length-delimited
-_IFINDEX_TAG = bytes([0x50])  # NicInventory.ifindex = 10, varint
+def _inventory_record(
+    domain: DomainInfo, placements: Mapping[str, LinkPlacement], ifindexes: Mapping[str, int]
+) -> bytes:
+    data = domain_inventory(domain, placements, ifindexes).SerializeToString()
+    return bytes([_INVENTORY_TAG]) + varint(len(data)) + data
 
 
 def _same_items(a: tuple[object, ...], b: tuple[object, ...]) -> bool:

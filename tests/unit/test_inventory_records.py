@@ -1,7 +1,7 @@
 """The inventory records the agent keeps between batches (wire.InventoryRecords: a record per
-domain, made of serialised parts per domain and per NIC) are byte for byte what protobuf
-serialises for the same domains, placements and ifindexes, after any sequence of changes,
-whether the caller names the domains it touched or not."""
+domain, kept while its domain, placements and ifindexes stay the same) are byte for byte what
+protobuf serialises for the same domains, placements and ifindexes, after any sequence of
+changes, whether the caller names the domains it touched (the poll plan's update does) or not."""
 
 from __future__ import annotations
 
