@@ -11,21 +11,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmeter.agent.delta import DeltaConfig, DeltaEngine
-from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta
-
-BOOT = "boot-a"
-T0 = 1_700_000_000_000
-M0 = 5_000_000
-CONFIG = DeltaConfig(line_rate_ceiling_bps=1_000_000_000)
-NAMES = [f"vnet{i}" for i in range(6)]
-
-
-def as_deltas(cd: ColumnDeltas) -> list[Delta]:
-    rows = zip(cd.keys, cd.rx_bytes, cd.tx_bytes, cd.rx_packets, cd.tx_packets, strict=True)
-    return [
-        Delta(k, cd.start_ms, cd.end_ms, rb, tb, rp, tp) for k, rb, tb, rp, tp in rows if rb or tb or rp or tp
-    ]
+from kvmeter.agent.delta import DeltaEngine
+from kvmeter.agent.model import CounterKey, CounterSample, Delta
+from tests.unit.test_delta_mixed import BOOT, CONFIG, M0, NAMES, T0, as_deltas
 
 
 def by_daemon(

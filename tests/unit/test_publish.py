@@ -424,17 +424,23 @@ def test_a_fatal_error_raised_by_poll_recreates_the_producer(tmp_path: Path) -> 
     spool.close()
 
 
-def test_batches_in_flight_with_nothing_delivered_for_a_while_is_a_stall(tmp_path: Path) -> None:
+def unanswered(tmp_path: Path) -> tuple[Spool, Publisher, list[FakeProducer], Clock]:
+    """A publisher on a test clock whose producers' broker answers nothing (until told)."""
     producers: list[FakeProducer] = []
 
     def factory(config: dict[str, Any]) -> FakeProducer:
         producers.append(FakeProducer(config))
-        producers[-1].hold = True  # the broker answers nothing
+        producers[-1].hold = True
         return producers[-1]
 
     clock = Clock()
     spool = Spool(tmp_path)
     pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, clock=clock)
+    return spool, pub, producers, clock
+
+
+def test_batches_in_flight_with_nothing_delivered_for_a_while_is_a_stall(tmp_path: Path) -> None:
+    spool, pub, producers, clock = unanswered(tmp_path)
     assert not pub.stalled()  # nothing in flight
     spool.append("s", 1, b"b1", {}, 1)
     pub.pump()
@@ -462,16 +468,7 @@ def test_batches_in_flight_with_nothing_delivered_for_a_while_is_a_stall(tmp_pat
 def test_while_nothing_is_delivered_only_a_few_batches_are_handed_over(tmp_path: Path) -> None:
     """An outage of hours keeps its batches in the spool, not a copy of each in librdkafka's
     queue: a few go out to find out when the broker answers, then the rest follow at once."""
-    producers: list[FakeProducer] = []
-
-    def factory(config: dict[str, Any]) -> FakeProducer:
-        producers.append(FakeProducer(config))
-        producers[-1].hold = True  # the broker answers nothing
-        return producers[-1]
-
-    clock = Clock()
-    spool = Spool(tmp_path)
-    pub = Publisher(spool, bootstrap="b:1", topic="t", key="host-1", producer_factory=factory, clock=clock)
+    spool, pub, producers, clock = unanswered(tmp_path)
     for seq in range(1, 31):
         spool.append("s", seq, f"b{seq}".encode(), {}, seq)
         pub.pump()
