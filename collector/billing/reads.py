@@ -39,10 +39,10 @@ def month_items(
         records = records.where(rec.account.in_(sorted(accounts)))
         adjustments = adjustments.where(adj.account.in_(sorted(accounts)))
     new = tuple.__new__  # Items straight from the rows' tuples: 3,600 of them a month per VM
-    for row in conn.execute(records).tuples():
+    for row in conn.execute(records):
         key = new(UsageKey, row[:7])
         out.setdefault(row[0], []).append(new(Item, (key, row[7], RECORD, row[5], 0)))
-    for row in conn.execute(adjustments).tuples():
+    for row in conn.execute(adjustments):
         key = new(UsageKey, row[:7])
         out.setdefault(row[0], []).append(new(Item, (key, row[7], ADJUSTMENT, row[8], row[9])))
     return out

@@ -1,7 +1,8 @@
 """The inventory records the agent keeps between batches (wire.InventoryRecords: a record per
 domain, kept while its domain, placements and ifindexes stay the same) are byte for byte what
 protobuf serialises for the same domains, placements and ifindexes, after any sequence of
-changes, whether the caller names the domains it touched (the poll plan's update does) or not."""
+changes, whether the caller names the domains it touched (the poll plan's update does) or not
+(decoded alike; byte for byte where protobuf's own bytes are stable: owner maps of one entry)."""
 
 from __future__ import annotations
 
@@ -76,7 +77,11 @@ def test_kept_records_are_protobufs_own_bytes(
         expected = pb.MeasureBatch(
             inventory=[domain_inventory(d, placements, ifindexes) for d in domains]
         ).SerializeToString()
-        assert got == expected
+        assert pb.MeasureBatch.FromString(got) == pb.MeasureBatch.FromString(expected)
+        if all(len(d.owner) <= 1 for d in domains):
+            # protobuf's own bytes are stable only then: it writes a map's entries in an order
+            # that may differ between two messages holding the same map
+            assert got == expected
         last = now
 
 
