@@ -20,9 +20,9 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import is_not, itemgetter
 from typing import Any, Callable, Protocol
 
@@ -88,6 +88,10 @@ class _Event:
 
 _NO_PAIR = (None,)  # a template pair's stand-in, built for no attribution
 _who_of = itemgetter(0)
+
+
+def _alone(part: bytes) -> list[bytes]:
+    return [part]
 
 
 def _ms(seconds: float) -> int:
@@ -219,6 +223,20 @@ class Agent:
         """Read, compute, spool (unless dry_run) and hand to the publisher. Returns the poll's
         batches as wire bytes: one, or several consecutive ones when it is bigger than
         kafka.max_batch_bytes."""
+        batches = self._poll_timed(final=final, dry_run=dry_run)
+        if self.publisher is not None and not dry_run:
+            self.publisher.pump()
+        return batches
+
+    def poll_and_publish(self) -> None:
+        """`poll` for the loop: the batches are not held while the publisher hands them over,
+        so each is freed once the producer has its copy (a poll's worth of bytes less at the
+        peak of a big poll)."""
+        self._poll_timed(final=False, dry_run=False)
+        if self.publisher is not None:
+            self.publisher.pump()
+
+    def _poll_timed(self, *, final: bool, dry_run: bool) -> list[bytes]:
         started = time.perf_counter()
         saved_engine = self._committed_state or self.engine.to_state()
         events = self._carry + self._drain()
@@ -234,8 +252,6 @@ class Agent:
             raise
         self.metrics.poll_seconds.observe(time.perf_counter() - started)
         self.metrics.polls.inc()
-        if self.publisher is not None and not dry_run:
-            self.publisher.pump()
         return batches
 
     def _drain(self) -> list[_Event]:
@@ -252,29 +268,28 @@ class Agent:
         header_bytes = len(self._header(first_seq, now_ms, final=final).SerializeToString())
         room = self.config.batch_bytes - header_bytes - 16  # for records in one batch
         totals: dict[str, list[int]] = {}
-        parts: list[bytes] = []
+        steady_parts: Iterable[list[bytes]] = ()
+        row_parts: list[bytes] = []
         self.last_measures = 0
         if steady is not None and plan.encoder is not None:
-            parts, self.last_measures, totals = plan.encoder.encode(steady, room)
+            steady_parts, self.last_measures, totals = plan.encoder.encode_parts(steady, room)
+        del steady  # the encoder's parts hold what they need of it
         if deltas:  # a poll by rows, or the counters a mixed poll took by rows
             measures = pb.MeasureBatch()
             unattributed = add_measures(measures.measures, deltas, self._attribution, self._templates, totals)
-            parts += split_fields(measures.SerializeToString(), room)
+            row_parts = split_fields(measures.SerializeToString(), room)
             self.last_measures += len(measures.measures)
             for d in unattributed:
                 if d.rx_bytes or d.tx_bytes:
                     log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
         inventory = self._inventory_if_due(plan, commit=not dry_run)
-        if inventory:  # first, so a collector knows the domains before their measures
-            parts = split_fields(inventory, room) + parts
-        parts = parts or [b""]
-        if len(parts) > 1:
-            log.debug("poll of %d measures goes out as %d batches", self.last_measures, len(parts))
-        last = len(parts) - 1
-        batches = [
-            self._header(first_seq + i, now_ms, final=final and i == last).SerializeToString() + part
-            for i, part in enumerate(parts)
-        ]
+        # The inventory first, so a collector knows the domains before their measures.
+        inventory_parts = split_fields(inventory, room) if inventory else []
+        parts = chain(map(_alone, inventory_parts), steady_parts, map(_alone, row_parts))
+        batches = self._batches(parts, first_seq, now_ms, final=final)
+        last = len(batches) - 1
+        if last:
+            log.debug("poll of %d measures goes out as %d batches", self.last_measures, len(batches))
         if dry_run:
             return batches
         engine_state = self.engine.to_state()
@@ -285,6 +300,24 @@ class Agent:
         self._count(deltas, totals)
         self._forget_closed(plan)
         return batches
+
+    def _batches(
+        self, parts: Iterable[list[bytes]], first_seq: int, now_ms: int, *, final: bool
+    ) -> list[bytes]:
+        """Each part (as runs of records) joined behind its header as it comes, so a big poll's
+        records are never held twice; only the last batch may be `final` (the last poll's:
+        its header is written again)."""
+        batches = [self._batch(first_seq + i, now_ms, part) for i, part in enumerate(parts)]
+        if not batches:
+            return [self._batch(first_seq, now_ms, [], final=final)]
+        if final:
+            seq = first_seq + len(batches) - 1
+            header = self._header(seq, now_ms, final=False).SerializeToString()
+            batches[-1] = self._batch(seq, now_ms, [batches[-1][len(header) :]], final=True)
+        return batches
+
+    def _batch(self, seq: int, now_ms: int, runs: list[bytes], *, final: bool = False) -> bytes:
+        return b"".join([self._header(seq, now_ms, final=final).SerializeToString(), *runs])
 
     def _measure(self, events: list[_Event]) -> tuple[PollPlan, int, ColumnDeltas | None, list[Delta]]:
         """Read the counters and run the engine: (plan, poll time, the deltas of the counters
@@ -531,7 +564,7 @@ class Agent:
             now = self._mono()
             if now >= next_poll:
                 try:
-                    _paused_collector(self.poll)
+                    _paused_collector(self.poll_and_publish)
                 except Exception:
                     log.exception("poll failed; retrying at the next interval")
                 next_poll += interval

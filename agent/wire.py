@@ -21,7 +21,7 @@ followed by records.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from itertools import chain, compress, repeat
 from operator import add, attrgetter, itemgetter, or_
 
@@ -41,6 +41,14 @@ _RX_WIRE = attrgetter("rx_wire")
 _TX_WIRE = attrgetter("tx_wire")
 _UNSWAPPED = attrgetter("unswapped")
 _TRAFFIC_TYPE = attrgetter("traffic_type")
+
+
+_JOIN_PIECES = 4 * 1024  # pieces (4 per record) joined at once
+_MAX_COUNTS = 22  # 0x18 <bytes> 0x38 <packets>: two varints of up to 10 bytes
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def varint(value: int) -> bytes:
@@ -101,12 +109,24 @@ class SteadyEncoder:
                 traffic.setdefault(traffic_type, []).append(i)
         self._traffic = traffic
         self._heads = _Heads()
+        self._longest = max(self._template_lengths, default=0)
 
     def encode(
         self, deltas: ColumnDeltas, max_bytes: int | None = None
     ) -> tuple[list[bytes], int, dict[str, list[int]]]:
         """(the records in parts of at most max_bytes, how many records, VM-side bytes per
         traffic type: {type: [vm_rx, vm_tx]})."""
+        parts, kept, totals = self.encode_parts(deltas, max_bytes)
+        return list(map(b"".join, parts)), kept, totals
+
+    def encode_parts(
+        self, deltas: ColumnDeltas, max_bytes: int | None = None
+    ) -> tuple[Iterator[list[bytes]], int, dict[str, list[int]]]:
+        """As `encode`, each part made only when it is taken, as a few runs of records to be
+        joined by the caller (behind a batch header, in the one copy it makes anyway): a big
+        poll never holds every record's pieces at once, and no join gets more than
+        _JOIN_PIECES pieces (bytes.join takes 80 bytes of bookkeeping per piece: at 10,000
+        interfaces, 6 MB for one join of the whole poll)."""
         # Host tx is what the VM received (VM_RX), host rx what it sent, except for counters
         # that already count from the guest's side (macvtap).
         vm_rx_b, vm_tx_b = deltas.tx_bytes, deltas.rx_bytes
@@ -122,31 +142,58 @@ class SteadyEncoder:
         n = len(nbytes)
         if n != len(self._templates):
             raise ValueError(f"{n // 2} counters for an encoder of {len(self._templates) // 2}")
-        counts = _COUNTS.findall(
-            packed_varints(
-                list(
-                    chain.from_iterable(zip(repeat(_BYTES_TAG, n), nbytes, repeat(_PACKETS_TAG, n), npackets))
-                )
-            )
-        )
         times = bytes([_START_TAG]) + varint(deltas.start_ms) + bytes([_END_TAG]) + varint(deltas.end_ms)
-        lengths = list(map(add, map(len, counts), self._lengths_with(len(times))))
-        # The records' pieces in one flat list (head, counts, times, template per record), laid
-        # in by slices: no tuple per record for the garbage collector to look at.
-        pieces: list[bytes] = [times] * (4 * n)
-        pieces[0::4] = self._heads.lookup(lengths)
-        pieces[1::4] = counts
-        pieces[3::4] = self._templates
+        bases, templates = self._lengths_with(len(times)), self._templates
         moved = list(map(or_, nbytes, npackets))  # a direction that moved nothing has no measure
         kept = n - moved.count(0)
         if kept < n:
-            pieces = list(compress(pieces, chain.from_iterable(zip(moved, moved, moved, moved))))
-        # Records of at most max_bytes together: as many per part as the longest record allows
-        # (a head is at most 3 bytes: records stay far below 2 MB).
-        per_part = kept if max_bytes is None else max(1, max_bytes // (max(lengths, default=0) + 3))
-        step = 4 * max(per_part, 1)
-        parts = [b"".join(pieces[i : i + step]) for i in range(0, len(pieces), step)]
+            nbytes, npackets, bases, templates = (
+                list(compress(column, moved)) for column in (nbytes, npackets, bases, templates)
+            )
+        # Records of at most max_bytes together: as many per part as the longest record could
+        # be allows (a head is at most 3 bytes: records stay far below 2 MB).
+        per_part = kept
+        if max_bytes is not None and kept * (self._longest + len(times) + _MAX_COUNTS + 3) > max_bytes:
+            longest = self._longest + len(times) + 2 + _varint_size(max(nbytes)) + _varint_size(max(npackets))
+            per_part = max(1, max_bytes // (longest + 3))
+        parts = self._parts(nbytes, npackets, bases, templates, times, max(per_part, 1))
         return parts, kept, self._totals(vm_rx_b, vm_tx_b)
+
+    def _parts(
+        self,
+        nbytes: list[int],
+        npackets: list[int],
+        bases: list[int],
+        templates: list[bytes],
+        times: bytes,
+        per_part: int,
+    ) -> Iterator[list[bytes]]:
+        for start in range(0, len(nbytes), per_part):
+            end = start + per_part
+            yield self._part(
+                nbytes[start:end], npackets[start:end], bases[start:end], templates[start:end], times
+            )
+
+    def _part(
+        self, nbytes: list[int], npackets: list[int], bases: list[int], templates: list[bytes], times: bytes
+    ) -> list[bytes]:
+        """One part's records, as runs of at most _JOIN_PIECES pieces joined."""
+        m = len(nbytes)
+        counts = _COUNTS.findall(
+            packed_varints(
+                list(
+                    chain.from_iterable(zip(repeat(_BYTES_TAG, m), nbytes, repeat(_PACKETS_TAG, m), npackets))
+                )
+            )
+        )
+        lengths = list(map(add, map(len, counts), bases))
+        # The records' pieces in one flat list (head, counts, times, template per record), laid
+        # in by slices: no tuple per record for the garbage collector to look at.
+        pieces: list[bytes] = [times] * (4 * m)
+        pieces[0::4] = self._heads.lookup(lengths)
+        pieces[1::4] = counts
+        pieces[3::4] = templates
+        return [b"".join(pieces[i : i + _JOIN_PIECES]) for i in range(0, len(pieces), _JOIN_PIECES)]
 
     def _lengths_with(self, times: int) -> list[int]:
         """Each record's length less its counts: template + times (the same from poll to poll

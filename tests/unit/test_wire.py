@@ -9,7 +9,14 @@ from google.protobuf.internal.encoder import _VarintBytes
 
 from kvmeter.agent.measures import Attribution, Templates, build_batch, domain_inventory
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
-from kvmeter.agent.wire import InventoryRecords, SteadyEncoder, packed_varints, split_fields, varint
+from kvmeter.agent.wire import (
+    _JOIN_PIECES,
+    InventoryRecords,
+    SteadyEncoder,
+    packed_varints,
+    split_fields,
+    varint,
+)
 from kvmeter.proto import pb
 
 BOOT = "boot-1"
@@ -112,6 +119,28 @@ def test_steady_records_decode_as_build_batch_measures(kinds: list[tuple[str, st
         assert split_count == count
         assert all(len(part) <= limit for part in split)
         assert b"".join(split) == records
+
+
+def test_parts_come_as_bounded_runs_of_whole_records_made_when_taken() -> None:
+    """A big poll's parts: each a few runs of whole records (no join of more than _JOIN_PIECES
+    pieces), the parts made one by one as they are taken, and what `encode` returns joined."""
+    keys, attribution = counters([("bridge", "guest"), ("direct", "public")] * 1500)
+    encoder = SteadyEncoder([Templates().pair(k, attribution[k]) for k in keys])
+    cd = steady(keys, 11)
+    whole, count, totals = encoder.encode(cd, 400_000)
+    assert len(whole) > 1
+    assert all(len(part) <= 400_000 for part in whole)
+    parts, lazy_count, lazy_totals = encoder.encode_parts(cd, 400_000)
+    assert (lazy_count, lazy_totals) == (count, totals)
+    first = next(parts)  # the later parts are not made yet: the iterator hands them out
+    runs = [first, *parts]
+    assert [b"".join(part) for part in runs] == whole
+    sizes = [len(pb.MeasureBatch.FromString(run).measures) for part in runs for run in part]
+    assert max(sizes) <= _JOIN_PIECES // 4
+    assert any(len(part) > 1 for part in runs)  # parts bigger than a run are cut
+    assert sum(sizes) == count
+    with pytest.raises(StopIteration):
+        next(parts)
 
 
 def test_an_encoder_refuses_counters_it_was_not_built_for() -> None:
