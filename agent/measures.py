@@ -11,7 +11,7 @@ from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.model import SLOTS, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.proto import SCHEMA_VERSION, pb
 
 TRAFFIC_ENUM = {
@@ -39,7 +39,7 @@ KIND_ENUM = {
 UNSWAPPED_NIC_TYPES = frozenset({"direct"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **SLOTS)
 class Attribution:
     """Which VM NIC a counter belongs to and where its host interface sits."""
 

@@ -3,14 +3,19 @@ what one counter read returns, and what the delta engine emits. No I/O here."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+# The records an agent keeps one of per NIC, link or counter have no __dict__ where Python
+# allows it (3.10+): a third less memory each, 2 MB at 10,000 interfaces.
+SLOTS: dict[str, Any] = {"slots": True} if sys.version_info >= (3, 10) else {}
 
 # Traffic types, as in proto TrafficType (names are what config files use).
 TRAFFIC_TYPES = ("public", "guest", "management", "storage", "control", "private_gateway", "unknown")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **SLOTS)
 class NicInfo:
     """One <interface> of a libvirt domain."""
 
@@ -24,7 +29,7 @@ class NicInfo:
     vlan_tag: int | None = None  # <vlan><tag id=.../>: set by OVS-style setups, no Linux VLAN device
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **SLOTS)
 class DomainInfo:
     """One libvirt domain as the inventory sees it."""
 
@@ -38,7 +43,7 @@ class DomainInfo:
     owner: dict[str, str] = field(default_factory=dict)  # CloudStack <metadata>, generic
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **SLOTS)
 class LinkPlacement:
     """Where a host interface sits: its bridge, the bridge's uplink and the traffic type."""
 
@@ -60,7 +65,7 @@ class CounterKey(NamedTuple):
     name: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **SLOTS)
 class CounterSample:
     """One interface's host-side counters at one read (as the kernel reports them)."""
 

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from kvmeter.agent.model import LinkPlacement
+from kvmeter.agent.model import SLOTS, LinkPlacement
 from kvmeter.agent.rtnl import decode_link_message
 from kvmeter.agent.traffic import TrafficRules
 
@@ -51,7 +51,7 @@ Stats = tuple[int, int, int, int]
 Listener = Callable[["LinkEvent"], None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **SLOTS)
 class LinkEvent:
     """A link appeared (``kind="new"``) or was deleted (``kind="del"``).
 
@@ -74,7 +74,7 @@ class LinkEvent:
     stats: Stats | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, **SLOTS)
 class LinkRecord:
     """What one link message says about a link."""
 
