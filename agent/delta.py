@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 from functools import partial
 from itertools import compress, repeat
-from operator import attrgetter, is_, mul, sub
+from operator import attrgetter, eq, ge, le, lt, mul, ne, not_, sub
 from typing import Any, NamedTuple
 
 from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta
@@ -67,6 +67,8 @@ class _Counter(NamedTuple):
 
 
 _NAME = attrgetter("name")
+_IFINDEX = attrgetter("ifindex")
+_BOOT_ID = attrgetter("boot_id")
 # Builds a tuple subclass from a ready tuple without the generated __new__ (a Python call): the
 # hot loop makes one Delta per moving interface per poll.
 _new = tuple.__new__
@@ -95,6 +97,88 @@ def _values(sample: CounterSample) -> tuple[int, int, int, int]:
     return (sample.rx_bytes, sample.tx_bytes, sample.rx_packets, sample.tx_packets)
 
 
+class _OldColumns:
+    """What poll_mixed compares a poll's readings with, by position: the last steady poll's
+    counters (copies of its columns; lifted ones left out of the index), two zero rows (for
+    `unknown` counters and for those `born` since the last poll), then the rows poll_mixed
+    takes from the per-key dict (`take`)."""
+
+    def __init__(self, steady: _Steady | None, index: dict[CounterKey, int], lifted: set[CounterKey]) -> None:
+        self.steady = steady
+        n = len(steady.keys) if steady is not None else 0
+        self.unknown, self.born = n, n + 1
+        self.lifted_at = [index[key] for key in lifted]
+        if self.lifted_at:
+            index = dict(index)
+            for key in lifted:
+                del index[key]
+        self.index = index
+        self.keys: tuple[CounterKey, ...] = steady.keys if steady is not None else ()
+        self.start: int | None = steady.end_ms if steady is not None else None
+        self.mono_ms: int | None = steady.mono_ms if steady is not None else None
+        zeros = [0, 0]
+        self.rx_bytes = list(steady.rx_bytes) + zeros if steady is not None else zeros
+        self.tx_bytes = list(steady.tx_bytes) + zeros if steady is not None else list(zeros)
+        self.rx_packets = list(steady.rx_packets) + zeros if steady is not None else list(zeros)
+        self.tx_packets = list(steady.tx_packets) + zeros if steady is not None else list(zeros)
+
+    @classmethod
+    def of(cls, steady: _Steady | None, index: dict[CounterKey, int], lifted: set[CounterKey]) -> _OldColumns:
+        return cls(steady, index, lifted)
+
+    def take(self, row: _Counter) -> bool:
+        """Add a per-key row read at the columns' instant (the first one sets it when there
+        are no columns); False, adding nothing, for a row read at another instant."""
+        if self.start is None:
+            self.start, self.mono_ms = row.end_ms, row.mono_ms
+        elif row.end_ms != self.start or row.mono_ms != self.mono_ms:
+            return False
+        self.rx_bytes.append(row.rx_bytes)
+        self.tx_bytes.append(row.tx_bytes)
+        self.rx_packets.append(row.rx_packets)
+        self.tx_packets.append(row.tx_packets)
+        return True
+
+    def _mask(self) -> list[int]:
+        mask = [1] * self.unknown
+        for p in self.lifted_at:
+            mask[p] = 0
+        return mask
+
+    def tracked_names(self) -> Iterable[str]:
+        """The names of the steady counters still tracked as such (lifted ones left out)."""
+        if self.steady is None:
+            return ()
+        return compress(self.steady.names, self._mask()) if self.lifted_at else self.steady.names
+
+    def left_over(self, kept: list[int]) -> list[int]:
+        """Positions of the steady counters neither lifted nor among `kept` (positions that go
+        on as columns)."""
+        n = self.unknown
+        if sum(map(lt, kept, repeat(n))) + len(self.lifted_at) == n:
+            return []  # every one goes on or was lifted (a storm): no Python step each
+        gone = set(kept)
+        gone.update(self.lifted_at)
+        return [p for p in range(n) if p not in gone]
+
+    def row(self, p: int) -> _Counter:
+        s = self.steady
+        assert s is not None
+        return _new(
+            _Counter,
+            (
+                s.ifindexes[p],
+                s.names[p],
+                s.rx_bytes[p],
+                s.tx_bytes[p],
+                s.rx_packets[p],
+                s.tx_packets[p],
+                s.end_ms,
+                s.mono_ms,
+            ),
+        )
+
+
 class DeltaEngine:
     """Per-counter state and the rules above. One engine per host boot."""
 
@@ -103,6 +187,10 @@ class DeltaEngine:
         self.config = config or DeltaConfig()
         self._counters: dict[CounterKey, _Counter] = {}
         self._steady: _Steady | None = None  # more tracked counters, as columns
+        # Keys of _steady that a final sample took out of it (their rows are in the per-key
+        # dict, or closed): the other steady counters stay as columns (see _lift)
+        self._lifted: set[CounterKey] = set()
+        self._steady_index: dict[CounterKey, int] | None = None  # _steady's key -> position
         # Tracked keys missing from the last polls (neither read nor present) -> polls missed.
         self._absent: dict[CounterKey, int] = {}
         # Keys that existed before the engine could account for them: baselined, never counted.
@@ -147,8 +235,18 @@ class DeltaEngine:
         """`poll` for (key, (rx_bytes, rx_packets, tx_bytes, tx_packets)) pairs, the order of
         /proc/net/dev: no sample object per interface on the hot path. `present` may be a
         frozenset the caller passes again while the host's links are unchanged."""
-        boot_id = self.boot_id
         self._settle()
+        return self._poll_rows(now_ms, mono_ms, readings, present)
+
+    def _poll_rows(
+        self,
+        now_ms: int,
+        mono_ms: int,
+        readings: Iterable[tuple[CounterKey, Stats]],
+        present: Iterable[CounterKey] | None,
+    ) -> list[Delta]:
+        """poll_readings over the per-key dict (steady columns, if any, left as they are)."""
+        boot_id = self.boot_id
         if not isinstance(readings, list):
             readings = list(readings)  # read twice: here and when ageing absent keys
         present_keys = self._present_set(present, [key for key, _ in readings])
@@ -228,7 +326,7 @@ class DeltaEngine:
         old_txb: Sequence[int]
         old_rxp: Sequence[int]
         old_txp: Sequence[int]
-        if steady is not None and (keys is steady.keys or keys == steady.keys):
+        if steady is not None and not self._lifted and (keys is steady.keys or keys == steady.keys):
             # The same counters as the last steady poll: their last readings are at hand.
             keys, ifindexes, names, old_rxb, old_txb, old_rxp, old_txp, start, last_mono = steady
         else:
@@ -257,8 +355,8 @@ class DeltaEngine:
             counters = self._counters
             for key in keys:
                 del counters[key]
-        self._steady = _Steady(
-            keys, ifindexes, names, rx_bytes, tx_bytes, rx_packets, tx_packets, end, mono_ms
+        self._set_steady(
+            _Steady(keys, ifindexes, names, rx_bytes, tx_bytes, rx_packets, tx_packets, end, mono_ms)
         )
         self._age_absent(self._present_set(present, keys), keys)
         self._last_poll = (now_ms, mono_ms)
@@ -280,72 +378,103 @@ class DeltaEngine:
         """A poll where most counters are steady and a few are not (a VM storm: taps replaced
         since the last poll): the steady ones by columns, the rest by rows, with every rule of
         poll_readings. A counter goes by columns when it is tracked, was last read at the same
-        instant as the first tracked one, and all four of its counters grew within the ceiling:
-        exactly the counters poll_readings would take its fast path for. Returns (the column
-        deltas over all `keys`, zeros where a key went by rows; the rows' deltas), or None,
-        having changed nothing, when no counter qualifies or nothing was baselined yet.
+        instant as the last steady poll's (or, without one, as the first tracked one), and all
+        four of its counters grew within the ceiling: exactly the counters poll_readings would
+        take its fast path for. Returns (the column deltas over all `keys`, zeros where a key
+        went by rows; the rows' deltas), or None, having changed nothing, when no counter
+        qualifies or nothing was baselined yet.
+
+        The last readings come from the last steady poll's columns by position (C-level
+        passes), the few other tracked counters from the per-key dict.
 
         `newborn_columns`: the counters born since the last poll (a storm's new taps) that
         poll_readings would count from zero over the steady counters' very interval go by
         columns too (see _born_since); the same deltas and state, no Python step each."""
         if self._fresh or not keys:
             return None
-        self._settle()
-        rows = list(map(self._counters.get, keys))
-        first = next((row for row in rows if row is not None), None)
-        if first is None:
-            return None
-        start, last_mono = first.end_ms, first.mono_ms
-        known = [row is not None and row.end_ms == start and row.mono_ms == last_mono for row in rows]
-        born: list[int] = []
-        if newborn_columns:
-            missing = list(compress(range(len(rows)), map(is_, rows, repeat(None))))
-            if missing:
-                born = self._born_since(now_ms, keys, rows, known, missing, start, last_mono)
-        blank = _Counter(0, "", 0, 0, 0, 0, start, last_mono)
-        _i, _n, old_rxb, old_txb, old_rxp, old_txp, _e, _m = zip(
-            *(row if ok else blank for row, ok in zip(rows, known))
-        )
-        rxb = list(map(sub, rx_bytes, old_rxb))
-        txb = list(map(sub, tx_bytes, old_txb))
-        rxp = list(map(sub, rx_packets, old_rxp))
-        txp = list(map(sub, tx_packets, old_txp))
+        old = _OldColumns.of(self._steady, self._index() if self._steady is not None else {}, self._lifted)
+        pos = list(map(old.index.get, keys, repeat(old.unknown)))
+        missing = list(compress(range(len(keys)), map(eq, pos, repeat(old.unknown))))
+        counters = self._counters
+        from_dict = []  # positions in `keys` of counters read from the per-key dict
+        for i in missing:
+            row = counters.get(keys[i])
+            if row is not None and old.take(row):
+                pos[i] = len(old.rx_bytes) - 1
+                from_dict.append(i)
+        if old.start is None:
+            return None  # nothing tracked
+        start, last_mono = old.start, old.mono_ms
+        if newborn_columns and len(from_dict) < len(missing):
+            for i in self._born_since(now_ms, keys, old, missing, pos):
+                pos[i] = old.born
+        known = list(map(ne, pos, repeat(old.unknown)))
+        rxb = list(map(sub, rx_bytes, map(old.rx_bytes.__getitem__, pos)))
+        txb = list(map(sub, tx_bytes, map(old.tx_bytes.__getitem__, pos)))
+        rxp = list(map(sub, rx_packets, map(old.rx_packets.__getitem__, pos)))
+        txp = list(map(sub, tx_packets, map(old.tx_packets.__getitem__, pos)))
         max_bytes = (
             self.config.line_rate_ceiling_bps * max(mono_ms - last_mono, self.config.min_elapsed_ms) // 8000
         )
-        columns = [
-            ok and low >= 0 and high <= max_bytes
-            for ok, low, high in zip(known, map(min, rxb, txb, rxp, txp), map(max, rxb, txb))
-        ]
+        # 1 where a counter goes by columns: known, nothing decreased, no jump over the ceiling
+        if min(rxb) >= 0 and min(txb) >= 0 and min(rxp) >= 0 and min(txp) >= 0:
+            if max(rxb) <= max_bytes and max(txb) <= max_bytes:
+                columns = known  # every known one (a storm): no Python-level call each
+            else:
+                columns = list(map(mul, known, map(ge, repeat(max_bytes), map(max, rxb, txb))))
+        else:
+            columns = list(
+                map(
+                    mul,
+                    map(mul, known, map(le, repeat(0), map(min, rxb, txb, rxp, txp))),
+                    map(ge, repeat(max_bytes), map(max, rxb, txb)),
+                )
+            )
         if not any(columns):
             return None
-        by_rows = [
-            (key, (a, b, c, d))
-            for key, a, b, c, d, col in zip(keys, rx_bytes, rx_packets, tx_bytes, tx_packets, columns)
-            if not col
-        ]
-        # The rows first, with the steady counters still in the per-key dict at their last
-        # readings (a newborn name's older incarnation is looked up there).
-        deltas = self.poll_readings(now_ms, mono_ms, by_rows, present)
-        steady_keys = tuple(compress(keys, columns))
-        counters = self._counters
-        for key in steady_keys:
-            counters.pop(key, None)  # a newborn taken by columns was never in it
-        for i in born:
-            if columns[i]:
-                self._created.pop(keys[i], None)
-        end = now_ms if now_ms > start else start + 1
-        self._steady = _Steady(
-            steady_keys,
-            tuple(compress(_i, columns)),
-            tuple(compress(_n, columns)),
-            list(compress(rx_bytes, columns)),
-            list(compress(tx_bytes, columns)),
-            list(compress(rx_packets, columns)),
-            list(compress(tx_packets, columns)),
-            end,
-            mono_ms,
+        rows = list(map(not_, columns))
+        by_rows = list(
+            zip(
+                compress(keys, rows),
+                zip(
+                    compress(rx_bytes, rows),
+                    compress(rx_packets, rows),
+                    compress(tx_bytes, rows),
+                    compress(tx_packets, rows),
+                ),
+            )
         )
+        steady_keys = tuple(compress(keys, columns))
+        # The old steady counters that do not go on as columns (their tap went by rows, or is
+        # gone without a final sample yet) stay tracked in the per-key dict; the dict's
+        # counters that go on as columns leave it.
+        left = old.left_over(list(compress(pos, columns)))
+        if left:
+            counters.update(zip(map(old.keys.__getitem__, left), map(old.row, left)))
+        for i in from_dict:
+            if columns[i]:
+                del counters[keys[i]]
+        created = self._created
+        if created:
+            for key in compress(keys, map(mul, columns, map(eq, pos, repeat(old.born)))):
+                created.pop(key, None)
+        end = now_ms if now_ms > start else start + 1
+        self._set_steady(
+            _Steady(
+                steady_keys,
+                tuple(map(_IFINDEX, steady_keys)),
+                tuple(map(_NAME, steady_keys)),
+                list(compress(rx_bytes, columns)),
+                list(compress(tx_bytes, columns)),
+                list(compress(rx_packets, columns)),
+                list(compress(tx_packets, columns)),
+                end,
+                mono_ms,
+            )
+        )
+        # The rows after: every counter they may look up (a name's older incarnation) is
+        # tracked in the per-key dict or in the new columns under another name.
+        deltas = self._poll_rows(now_ms, mono_ms, by_rows, present)
         zeroed = ColumnDeltas(
             tuple(keys),
             start,
@@ -361,33 +490,33 @@ class DeltaEngine:
         self,
         now_ms: int,
         keys: Sequence[CounterKey],
-        rows: list[_Counter | None],
-        known: list[bool],
+        old: _OldColumns,
         missing: list[int],
-        start: int,
-        last_mono: int,
+        pos: list[int],
     ) -> list[int]:
-        """poll_mixed's untracked counters (at `missing`) that poll_readings would count from
-        zero since the last poll (born while running: a storm's new taps) over the very interval
-        of the steady ones: given a zero row at that instant (in `rows`, marked in `known`), so
-        they go by columns too when they grew within the ceiling. Returns their positions."""
+        """poll_mixed's untracked counters (at `missing`, where `pos` is still old.unknown)
+        that poll_readings would count from zero since the last poll (born while running: a
+        storm's new taps) over the very interval of the steady ones (old.start): so they go by
+        columns too, from a zero row, when they grew within the ceiling. Returns their positions."""
         last = self._last_poll
-        if last is None or min(last[0], now_ms) != start or last[1] != last_mono:
+        if last is None or min(last[0], now_ms) != old.start or last[1] != old.mono_ms:
             return []  # not the steady counters' interval (a clock step): by rows
         boot_id, closed, preexisting, created = self.boot_id, self._closed, self._preexisting, self._created
         tracked_names = set(map(_NAME, self._counters))
+        tracked_names.update(old.tracked_names())
+        counters = self._counters
         born = []
         for i in missing:
             key = keys[i]
             if (
-                key.boot_id != boot_id
+                pos[i] != old.unknown
+                or key in counters  # tracked, read at another instant: by rows
+                or key.boot_id != boot_id
                 or key in closed
                 or (key in preexisting and key not in created)  # baselined, not counted
                 or key.name in tracked_names  # its name's older incarnation is still open
             ):
                 continue
-            rows[i] = _Counter(key.ifindex, key.name, 0, 0, 0, 0, start, last_mono)
-            known[i] = True
             born.append(i)
         return born
 
@@ -395,19 +524,38 @@ class DeltaEngine:
         """RTM_DELLINK's final counters: the tail since the last poll, then the counter is closed."""
         if sample.key.boot_id != self.boot_id or sample.key in self._closed:
             return None
-        self._settle()
+        self._lift(sample.key)
         untracked = sample.key not in self._counters and sample.key not in self._created
         if untracked and (self._fresh or sample.key in self._preexisting):
             # Existed before we ran and was never metered: nothing of it is ours to bill.
             self._preexisting.discard(sample.key)
             return None
-        delta = self._advance(sample, now_ms, mono_ms, final=True)
+        delta = self._grown(sample, now_ms, mono_ms) or self._advance(sample, now_ms, mono_ms, final=True)
         self._counters.pop(sample.key, None)
         self._created.pop(sample.key, None)
         self._closed.add(sample.key)
         return delta
 
     # -- rules --------------------------------------------------------------------------------
+
+    def _grown(self, sample: CounterSample, now_ms: int, mono_ms: int) -> Delta | None:
+        """A final sample's delta when all four counters grew within the ceiling (nearly every
+        one: poll_readings' fast path), else None for _advance's rules."""
+        prev = self._counters.get(sample.key)
+        if prev is None:
+            return None
+        _i, _n, old_rxb, old_txb, old_rxp, old_txp, start, old_mono = prev
+        rxb = sample.rx_bytes - old_rxb
+        txb = sample.tx_bytes - old_txb
+        rxp = sample.rx_packets - old_rxp
+        txp = sample.tx_packets - old_txp
+        limit = (
+            self.config.line_rate_ceiling_bps * max(mono_ms - old_mono, self.config.min_elapsed_ms) // 8000
+        )
+        if min(rxb, txb, rxp, txp) < 0 or max(rxb, txb) > limit:
+            return None
+        end = now_ms if now_ms > start else start + 1
+        return _new(Delta, (sample.key, start, end, rxb, txb, rxp, txp, False, True, None))
 
     def _advance(self, sample: CounterSample, now_ms: int, mono_ms: int, *, final: bool) -> Delta | None:
         key = sample.key
@@ -465,7 +613,10 @@ class DeltaEngine:
             return {key for key in read if key.boot_id == boot_id}
         if present is self._present_arg:
             return self._present_keys
-        present_keys = frozenset(k for k in present if k.boot_id == boot_id)
+        if isinstance(present, frozenset) and set(map(_BOOT_ID, present)) <= {boot_id}:
+            present_keys = present  # all of this boot (as always): one C-level pass, no copy
+        else:
+            present_keys = frozenset(k for k in present if k.boot_id == boot_id)
         if isinstance(present, frozenset):  # immutable: safe to recognise by identity
             self._present_arg, self._present_keys = present, present_keys
         return present_keys
@@ -496,24 +647,71 @@ class DeltaEngine:
 
     # -- state --------------------------------------------------------------------------------
 
+    def _set_steady(self, steady: _Steady | None) -> None:
+        self._steady = steady
+        self._lifted = set()
+        self._steady_index = None
+
+    def _index(self) -> dict[CounterKey, int]:
+        """The steady counters' key -> position (lifted keys included), built when first asked."""
+        assert self._steady is not None
+        if self._steady_index is None:
+            self._steady_index = dict(zip(self._steady.keys, range(len(self._steady.keys))))
+        return self._steady_index
+
+    def _lift(self, key: CounterKey) -> None:
+        """Take one counter out of the steady columns into the per-key dict (a final sample is
+        about to close it): the others stay columns, no Python step each (a VM storm closes a
+        tenth of a host's counters between two polls)."""
+        if self._steady is None or key in self._lifted:
+            return
+        pos = self._index().get(key)
+        if pos is None:
+            return
+        s = self._steady
+        self._counters[key] = _new(
+            _Counter,
+            (
+                s.ifindexes[pos],
+                s.names[pos],
+                s.rx_bytes[pos],
+                s.tx_bytes[pos],
+                s.rx_packets[pos],
+                s.tx_packets[pos],
+                s.end_ms,
+                s.mono_ms,
+            ),
+        )
+        self._lifted.add(key)
+
     def _settle(self) -> None:
         """Put the steady counters back into the per-key dict (rows are about to be read)."""
         if self._steady is not None:
             steady = self._steady
+            counters = self._counters
+            lifted = {key: counters.get(key) for key in self._lifted}  # their rows are newer
             rows = zip(*steady[1:7], repeat(steady.end_ms), repeat(steady.mono_ms))
-            self._counters.update(zip(steady.keys, map(_counter_row, rows)))
-            self._steady = None
+            counters.update(zip(steady.keys, map(_counter_row, rows)))
+            for key, row in lifted.items():
+                if row is None:
+                    del counters[key]
+                else:
+                    counters[key] = row
+            self._set_steady(None)
 
     def _tracks(self, key: CounterKey) -> bool:
-        return key in self._counters or (self._steady is not None and key in self._steady.keys)
+        if key in self._counters:
+            return True
+        return self._steady is not None and key not in self._lifted and key in self._index()
 
     def tracked_count(self) -> int:
-        return len(self._counters) + (len(self._steady.keys) if self._steady is not None else 0)
+        steady = len(self._steady.keys) - len(self._lifted) if self._steady is not None else 0
+        return len(self._counters) + steady
 
     def tracked_keys(self) -> Set[CounterKey]:
         if self._steady is None:
             return self._counters.keys()
-        return self._counters.keys() | set(self._steady.keys)
+        return self._counters.keys() | (set(self._steady.keys) - self._lifted)
 
     def tracked(self) -> dict[CounterKey, tuple[int, int, int, int]]:
         """Last values per tracked counter (rx_bytes, tx_bytes, rx_packets, tx_packets)."""
@@ -522,6 +720,8 @@ class DeltaEngine:
 
     def to_state(self) -> dict[str, Any]:
         """A msgpack-friendly snapshot, saved with every spooled batch."""
+        if self._lifted:
+            self._settle()  # the columns still hold the lifted counters' old rows
         return {
             "v": STATE_VERSION,
             "boot_id": self.boot_id,

@@ -36,14 +36,15 @@ def by_daemon(
 
 
 def state(engine: DeltaEngine) -> tuple[object, ...]:
-    saved = DeltaEngine.from_state(BOOT, engine.to_state(), CONFIG).to_state()
+    copy = DeltaEngine.from_state(BOOT, engine.to_state(), CONFIG)  # tracked() would settle it
+    saved = copy.to_state()
     return (
         sorted(tuple(row) for row in saved["counters"]),
         sorted(map(tuple, saved["preexisting"])),
         sorted(map(tuple, saved["closed"])),
         saved["last_poll"],
         sorted(engine._created.items()),
-        engine.tracked(),
+        copy.tracked(),
     )
 
 
@@ -104,6 +105,8 @@ def test_newborns_by_columns_conclude_what_rows_conclude(
             if announced:
                 for e in (engine, rows_engine):
                     e.link_created(CounterKey(BOOT, ifindex[name], name))
+        assert set(engine.tracked_keys()) == set(rows_engine.tracked_keys())
+        assert engine.tracked_count() == rows_engine.tracked_count()
         for i, name in enumerate(NAMES[:taps]):
             v = values[name]
             if what == "still":
