@@ -159,6 +159,7 @@ class Agent:
         self._attribution: dict[CounterKey, Attribution] = {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
+        self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted
         self._plan: PollPlan | None = None
         self._last_inventory: Any = None  # what the last inventory sent was built from
         self._inventory_records = InventoryRecords()
@@ -323,6 +324,7 @@ class Agent:
         """Read the counters and run the engine: (plan, poll time, the deltas of the counters
         taken by columns or None, the deltas of those taken by rows)."""
         generation = getattr(self.topology, "generation", None)
+        self._gone = {}
         before = self.topology.links()
         table = self._table.read()
         after = self.topology.links()
@@ -385,20 +387,25 @@ class Agent:
     ) -> list[Delta]:
         """Link events in the order they came: births for the engine, deletions' final counters."""
         deltas: list[Delta] = []
+        gone = self._gone
         for event in events:
             key = CounterKey(self.boot_id, event.ifindex, event.ifname)
             if event.kind == "new":
                 self.engine.link_created(key)
-            elif event.kind == "del" and event.stats is not None:
-                if key not in self._attribution and event.ifname in devices:
-                    self._remember(key, *devices[event.ifname])
-                d = self.engine.final(event.wall_ms, event.mono_ms, to_sample(key, event.stats))
-                if d is not None:
-                    deltas.append(d)
-            elif event.kind == "del":
+                continue
+            if event.kind != "del":
+                continue
+            gone[key.name] = key
+            if event.stats is None:
                 log.warning(
                     "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
                 )
+                continue
+            if key not in self._attribution and event.ifname in devices:
+                self._remember(key, *devices[event.ifname])
+            d = self.engine.final(event.wall_ms, event.mono_ms, to_sample(key, event.stats))
+            if d is not None:
+                deltas.append(d)
         return deltas
 
     def _steady_encoder(self, plan: PollPlan) -> SteadyEncoder | None:
@@ -411,8 +418,9 @@ class Agent:
             if not all(whos):
                 return None
             pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
+            gone = self._gone  # a storm's new taps: from their previous incarnations' pairs
             for i in compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos)):
-                pairs[i] = self._templates.pair(keys[i], whos[i])  # type: ignore[arg-type]
+                pairs[i] = self._templates.pair(keys[i], whos[i], gone.get(keys[i].name))  # type: ignore[arg-type]
             plan.encoder = SteadyEncoder(pairs)
         return plan.encoder
 
@@ -502,8 +510,12 @@ class Agent:
         """Drop the attribution of counters the engine no longer tracks, unless the plan still
         meters them (a reborn tap waiting for its old incarnation's close, for one)."""
         tracked = self.engine.tracked_count()
-        if len(self._attribution) > tracked:
-            metered = plan.metered
+        metered = plan.metered
+        if len(self._attribution) > tracked:  # the links deleted by this poll's events first
+            for key in self._gone.values():
+                if key in self._attribution and not self.engine.tracks(key) and metered.get(key.name) != key:
+                    del self._attribution[key]
+        if len(self._attribution) > tracked:  # forgotten by the engine, or a reborn tap waiting
             for key in self._attribution.keys() - self.engine.tracked_keys():
                 if metered.get(key.name) != key:
                     del self._attribution[key]

@@ -89,6 +89,14 @@ class _Pair(NamedTuple):
     traffic_type: str
     rx_wire: bytes  # VM_RX template, serialised
     tx_wire: bytes  # VM_TX template, serialised
+    ifindex: int  # the counter's, the templates' last field
+
+
+_IFINDEX_TAG = b"\x88\x01"  # IPMeasure.ifindex = 17, varint: the highest field a template sets
+
+
+def _ifindex_field(ifindex: int) -> bytes:
+    return _IFINDEX_TAG + pb.IPMeasure(ifindex=ifindex).SerializeToString()[len(_IFINDEX_TAG) :]
 
 
 def _template_pair(key: CounterKey, who: Attribution) -> _Pair:
@@ -98,6 +106,30 @@ def _template_pair(key: CounterKey, who: Attribution) -> _Pair:
         who.placement.traffic_type,
         measure_template(key, who, pb.VM_RX).SerializeToString(),
         measure_template(key, who, pb.VM_TX).SerializeToString(),
+        key.ifindex,
+    )
+
+
+def _reborn_pair(old: _Pair, key: CounterKey, who: Attribution) -> _Pair | None:
+    """The pair of a new incarnation of `old`'s counter (a VM's tap made again: the same name,
+    domain, NIC and placement, another ifindex), from old's bytes: protobuf writes a message's
+    fields in the order of their numbers, so ifindex, the highest a template sets, comes last
+    and only it differs. None when old was built for anything else."""
+    was = old.who
+    if was.domain is not who.domain or was.nic is not who.nic or was.placement != who.placement:
+        return None
+    suffix = _ifindex_field(old.ifindex)
+    if not (old.rx_wire.endswith(suffix) and old.tx_wire.endswith(suffix)):
+        return None
+    field = _ifindex_field(key.ifindex)
+    cut = len(suffix)
+    return _Pair(
+        who,
+        old.unswapped,
+        old.traffic_type,
+        old.rx_wire[:-cut] + field,
+        old.tx_wire[:-cut] + field,
+        key.ifindex,
     )
 
 
@@ -111,11 +143,15 @@ class Templates:
         # The hot loop's lookup (check the attribution itself, then call pair() on a miss)
         self.cached = self._cache.get
 
-    def pair(self, key: CounterKey, who: Attribution) -> _Pair:
+    def pair(self, key: CounterKey, who: Attribution, was: CounterKey | None = None) -> _Pair:
+        """`was`: the key of the counter's previous incarnation, when known (its pair is
+        rewritten rather than built, about three times faster)."""
         hit = self._cache.get(key)
         if hit is not None and hit[0] is who:
             return hit
-        pair = self._cache[key] = _template_pair(key, who)
+        old = self._cache.get(was) if was is not None else None
+        pair = _reborn_pair(old, key, who) if old is not None else None
+        pair = self._cache[key] = pair or _template_pair(key, who)
         return pair
 
     def keep_only(self, keys: Container[CounterKey]) -> None:
@@ -271,7 +307,7 @@ def add_measures(
         pair = cached(key)
         if pair is None or pair[0] is not who:
             pair = templates.pair(key, who)
-        _who, unswapped, pair_traffic, rx_template, tx_template = pair
+        _who, unswapped, pair_traffic, rx_template, tx_template, _ifindex = pair
         if unswapped:
             rx_bytes, rx_packets, tx_bytes, tx_packets = tx_bytes, tx_packets, rx_bytes, rx_packets
         if pair_traffic != traffic:

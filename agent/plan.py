@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, is_, is_not, ne
 from typing import Any
 
 from kvmeter.agent.counters import CounterTable
@@ -180,7 +180,10 @@ class Planner:
             return None
         plan.named = plan.generation = None  # consumed: never kept nor updated again
         names = set(changed)
-        names.update(name for name, _ in plan.links.items() ^ stable.items())
+        # and whatever the link maps say came, went or moved (C-level passes, no item tuples)
+        before = plan.links
+        names.update(compress(stable, map(ne, stable.values(), map(before.get, stable))))
+        names.update(before.keys() - stable.keys())
         touched: set[str] = set()
         ordered = plan.ordered
         if len(domains) != len(plan.domains) or not all(map(is_, domains, plan.domains)):
@@ -216,6 +219,7 @@ class Planner:
         devices, keys, metered = plan.devices, plan.keys, plan.metered
         placements = plan.placements
         remember = []
+        dropped = set(filter(None, map(keys.get, names)))  # their keys leave `present`
         for name in names:
             owners = named.get(name, _NO_OWNERS)
             if len(owners) > 1:
@@ -240,6 +244,9 @@ class Planner:
                 for domain, _nic in owners:
                     touched.add(domain.uuid)
         self._links.trim(keys)
+        # The set of every link's key, from the last one: a copy keeps the hashes it holds
+        added = set(filter(None, map(keys.get, names)))
+        present = plan.present.difference(dropped - added).union(added - dropped)
         return PollPlan(
             generation=generation,
             links=stable,
@@ -248,7 +255,7 @@ class Planner:
             keys=keys,
             metered=metered,
             sourced=[],
-            present=frozenset(keys.values()),
+            present=present,
             placements=placements,
             ordered=ordered,
             inventory_signature=_signature(ordered, placements, stable),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from kvmeter.agent.measures import Attribution, build_batch, domain_inventory
+from kvmeter.agent.measures import Attribution, Templates, _template_pair, build_batch, domain_inventory
 from kvmeter.agent.model import CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.proto import SCHEMA_VERSION, pb
 from tests.proto import legacy_ipmeasure_pb2 as legacy
@@ -180,3 +182,34 @@ def test_totals_sum_vm_side_bytes_per_traffic_type_flagged_deltas_included() -> 
     assert totals == {"guest": [7000 + 300 + 2, 100 + 20 + 1], "public": [50, 5]}
     assert [d.key.name for d in unattributed] == ["cloudbr0"]
     assert sum(m.bytes for m in b.measures if m.direction == pb.VM_RX) == 7000 + 50 + 300 + 2
+
+
+@pytest.mark.parametrize(
+    ("old_ifindex", "new_ifindex"), [(31, 32), (31, 300), (300, 31), (127, 128), (70000, 2)]
+)
+def test_a_reborn_counters_templates_are_the_bytes_built_from_scratch(
+    old_ifindex: int, new_ifindex: int
+) -> None:
+    templates = Templates()
+    old_key, new_key = CounterKey("boot-1", old_ifindex, "vnet3"), CounterKey("boot-1", new_ifindex, "vnet3")
+    templates.pair(old_key, Attribution(DOMAIN, NIC, GUEST))
+    # the new incarnation: the same domain and NIC, an equal placement object, another ifindex
+    who = Attribution(DOMAIN, NIC, LinkPlacement(bridge="brvx-5001", vxlan_vni=5001, traffic_type="guest"))
+    reborn = templates.pair(new_key, who, was=old_key)
+    assert reborn == _template_pair(new_key, who)
+    assert pb.IPMeasure.FromString(reborn.rx_wire).ifindex == new_ifindex
+
+
+def test_a_reborn_counter_elsewhere_gets_templates_built_from_scratch() -> None:
+    templates = Templates()
+    old_key, new_key = CounterKey("boot-1", 31, "vnet3"), CounterKey("boot-1", 32, "vnet3")
+    templates.pair(old_key, Attribution(DOMAIN, NIC, GUEST))
+    moved = LinkPlacement(bridge="brvx-5002", vxlan_vni=5002, traffic_type="guest")
+    for who in (
+        Attribution(DOMAIN, NIC, moved),
+        Attribution(DOMAIN, MACVTAP, GUEST),
+        Attribution(dataclasses.replace(DOMAIN, name="i-2-11-VM"), NIC, GUEST),
+    ):
+        pair = templates.pair(new_key, who, was=old_key)
+        assert pair == _template_pair(new_key, who)
+        assert pair.who is who
