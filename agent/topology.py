@@ -166,6 +166,9 @@ class LinkTable:
         self._by_name: dict[str, int] = {}
         self._uplink_of: dict[int, LinkRecord] | None = None  # bridge ifindex -> uplink port
         self._placements: dict[str, LinkPlacement] = {}
+        # master ifindex -> the placement of its ports (shared: every VM tap on a bridge has the
+        # same one; a storm's new taps find theirs made)
+        self._port_placements: dict[int, LinkPlacement] = {}
         # ifindex -> how many links' placements read it: their master, a macvtap's parent
         self._read_by: dict[int, int] = {}
         # Bumped on every change: a reader that saw the same generation saw the same links and
@@ -258,6 +261,10 @@ class LinkTable:
         bridge: LinkRecord | None = None
         uplink: LinkRecord | None = None
         if record is not None and record.master is not None:
+            shared = self._port_placements.get(record.master)
+            if shared is not None:
+                self._placements[ifname] = shared
+                return shared
             bridge = self._links.get(record.master)
             if bridge is not None:
                 uplink = self._uplinks().get(bridge.ifindex)
@@ -277,6 +284,8 @@ class LinkTable:
         )
         if record is not None:
             self._placements[ifname] = placement
+            if record.master is not None:
+                self._port_placements[record.master] = placement
         return placement
 
     def _uplinks(self) -> dict[int, LinkRecord]:
@@ -309,10 +318,12 @@ class LinkTable:
         if record is None or self._others_depend_on(record):
             self._uplink_of = None
             self._placements = {}
+            self._port_placements = {}
             self._log_generations, self._log_names = [], []
             self._log_start = self.generation
         else:
             self._placements.pop(record.ifname, None)
+            self._port_placements.pop(record.ifindex, None)  # computed while no port read it
             if len(self._log_names) >= CHANGE_LOG_SIZE:
                 half = CHANGE_LOG_SIZE // 2
                 self._log_start = self._log_generations[half - 1]
