@@ -269,6 +269,8 @@ def states(
         out["steady"] = measure_state(agent, host, n, polls=polls, repeats=repeats, rounds=rounds)
         log(f"process: steady {out['steady']['process_to_floor']['median']:.1f}x the floor")
 
+        agent.sample(0)
+        rss_before = agent.last_mb
         cut_broker(host, broker.port, cut=True)
         try:
             started = time.monotonic()
@@ -276,6 +278,9 @@ def states(
             down = measure_state(agent, host, n, polls=polls, repeats=repeats, rounds=rounds)
             down["outage_s"] = time.monotonic() - started
             down["pending_batches"], down["pending_bytes"] = agent.pending()
+            # What the batches held for the broker cost in memory (the spool keeps them on disk)
+            agent.sample(0)
+            down["rss_before_mb"], down["rss_end_mb"] = rss_before, agent.last_mb
         finally:
             cut_broker(host, broker.port, cut=False)
         t0 = time.monotonic()
@@ -287,7 +292,8 @@ def states(
         out["broker_down"] = down
         log(
             f"process: broker down {down['outage_s']:.0f} s: {down['to_steady']:.2f}x steady, "
-            f"{down['pending_batches']} batches spooled, drained in {down['drained_s']:.0f} s"
+            f"{down['pending_batches']} batches spooled, drained in {down['drained_s']:.0f} s, "
+            f"resident {down['rss_before_mb']:.1f} -> {down['rss_end_mb']:.1f} MB"
         )
 
         storm = Storm(host, n, interval)

@@ -61,7 +61,9 @@ def section(proc: dict[str, Any], table: Callable[..., str]) -> str:
             ),
             f"   broker unreachable: {down['to_steady']:.2f}x the steady cost; "
             f"{down['pending_batches']} batches ({down['pending_bytes']:,} bytes) spooled, drained "
-            f"{down['drained_s']:.0f} s after it came back ({down['pending_after_drain']} left)",
+            f"{down['drained_s']:.0f} s after it came back ({down['pending_after_drain']} left); "
+            f"resident {down['rss_before_mb']:.1f} MB before the outage, "
+            f"{down['rss_end_mb']:.1f} MB at its end",
         ]
     rows = []
     for m in proc["memory"]:
