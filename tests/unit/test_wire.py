@@ -11,6 +11,7 @@ from kvmeter.agent.measures import Attribution, Templates, build_batch, domain_i
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.wire import (
     _JOIN_PIECES,
+    _ONE_JOIN_PIECES,
     InventoryRecords,
     SteadyEncoder,
     packed_varints,
@@ -122,23 +123,28 @@ def test_steady_records_decode_as_build_batch_measures(kinds: list[tuple[str, st
 
 
 def test_parts_come_as_bounded_runs_of_whole_records_made_when_taken() -> None:
-    """A big poll's parts: each a few runs of whole records (no join of more than _JOIN_PIECES
-    pieces), the parts made one by one as they are taken, and what `encode` returns joined."""
-    keys, attribution = counters([("bridge", "guest"), ("direct", "public")] * 1500)
+    """A big poll's parts, made one by one as they are taken: a part of more records than one
+    join takes comes as runs of whole records; joined, they are what `encode` returns."""
+    keys, attribution = counters([("bridge", "guest"), ("direct", "public")] * 3000)
     encoder = SteadyEncoder([Templates().pair(k, attribution[k]) for k in keys])
     cd = steady(keys, 11)
-    whole, count, totals = encoder.encode(cd, 400_000)
+    limit = 1_000_000
+    whole, count, totals = encoder.encode(cd, limit)
     assert len(whole) > 1
-    assert all(len(part) <= 400_000 for part in whole)
-    parts, lazy_count, lazy_totals = encoder.encode_parts(cd, 400_000)
+    assert all(len(part) <= limit for part in whole)
+    parts, lazy_count, lazy_totals = encoder.encode_parts(cd, limit)
     assert (lazy_count, lazy_totals) == (count, totals)
     first = next(parts)  # the later parts are not made yet: the iterator hands them out
     runs = [first, *parts]
     assert [b"".join(part) for part in runs] == whole
-    sizes = [len(pb.MeasureBatch.FromString(run).measures) for part in runs for run in part]
-    assert max(sizes) <= _JOIN_PIECES // 4
-    assert any(len(part) > 1 for part in runs)  # parts bigger than a run are cut
-    assert sum(sizes) == count
+    sizes = [[len(pb.MeasureBatch.FromString(run).measures) for run in part] for part in runs]
+    assert sum(map(sum, sizes)) == count
+    big = [part for part in sizes if sum(part) > _ONE_JOIN_PIECES // 4]
+    small = [part for part in sizes if sum(part) <= _ONE_JOIN_PIECES // 4]
+    assert big
+    assert small
+    assert all(len(part) > 1 and max(part) <= _JOIN_PIECES // 4 for part in big)
+    assert all(len(part) == 1 for part in small)
     with pytest.raises(StopIteration):
         next(parts)
 
