@@ -374,10 +374,13 @@ def test_kept_poll_plan_counts_a_reboot_exactly(host: Host, tmp_path: Path) -> N
     clock.t += 1
     agent.poll_once()
     assert agent._plan is not plan
+    # the old incarnation's attribution went with it, the new one's stayed
+    assert set(agent._attribution) == set(agent.engine.tracked_keys())
     host.traffic("vnet0", 1, 2)
     clock.t += 1
-    agent.poll_once()
+    later = agent.poll_once()  # by columns: the new incarnation's templates
     agent.close()
+    assert {m.ifindex for m in later.measures if m.device == "vnet0"} == {host.links["vnet0"]}
     assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 2, pb.VM_TX: 300 + 11 + 1000 + 1}
 
 

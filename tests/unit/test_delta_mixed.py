@@ -130,3 +130,33 @@ def test_a_storm_keeps_the_steady_counters_on_columns() -> None:
     assert cd.rx_bytes == [100, 100, 100, 0, 100, 100, 100, 100, 100, 100]  # vnet3 went by rows
     assert [(d.key, d.rx_bytes, d.start_ms) for d in rows] == [(born, 40, T0 + 10_000)]
     assert engine.to_state()["steady"][0] == tuple(k.ifindex for k in now if k != born)
+
+
+counts = st.integers(0, 2**33)
+steady = st.integers(1, 10**9)  # grown from 1 within the ceiling over 10 s: a steady poll
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.tuples(steady, steady, steady, steady),
+    st.tuples(counts, counts, counts, counts),
+    st.integers(-5, 60_000),
+)
+def test_a_final_that_grew_concludes_what_the_rules_conclude(
+    before: tuple[int, ...], final: tuple[int, ...], elapsed: int
+) -> None:
+    """The final sample's fast path (all four grew within the ceiling) against the full rules
+    (wraps, resets, the ceiling's quarantine), from a counter last read by columns."""
+    key = CounterKey(BOOT, 10, "vnet0")
+    engines = []
+    for _ in range(2):
+        engine = DeltaEngine(BOOT, CONFIG)
+        engine.poll_readings(T0, M0, [(key, (1, 1, 1, 1))], frozenset([key]))
+        assert engine.poll_columns(T0 + 10_000, M0 + 10_000, (key,), *([v] for v in before)) is not None
+        engines.append(engine)
+    fast, rules = engines
+    sample = CounterSample(key, final[0], final[2], final[1], final[3])
+    at = (T0 + 10_000 + elapsed, M0 + 10_000 + elapsed)
+    rules._lift(key)  # what final() does first, then the rules without the fast path
+    expected = rules._advance(sample, *at, final=True)
+    assert fast.final(*at, sample) == expected
