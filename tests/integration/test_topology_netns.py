@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 import pytest
 from pyroute2 import IPRoute
 
+from kvmeter.agent.linktable import LinkEvent
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.topology import LinkEvent, LinkEventSocket, Topology
+from kvmeter.agent.topology import LinkEventSocket, Topology
 from kvmeter.agent.traffic import DEFAULT_RULES
 
 pytestmark = pytest.mark.netns

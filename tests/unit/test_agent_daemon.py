@@ -12,9 +12,9 @@ import pytest
 from kvmeter.agent.config import validate
 from kvmeter.agent.counters import CounterTable
 from kvmeter.agent.daemon import Agent
+from kvmeter.agent.linktable import LinkEvent
 from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.spool import Spool
-from kvmeter.agent.topology import LinkEvent
 from kvmeter.proto import pb
 
 BOOT = "boot-1"

@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from kvmeter.agent.config import validate
 from kvmeter.agent.counters import CounterTable
 from kvmeter.agent.daemon import Agent
+from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
 from kvmeter.agent.metered import MeteredLinks, tap_mac
 from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.plan import Planner, PollPlan, same_inventory
 from kvmeter.agent.spool import Spool
-from kvmeter.agent.topology import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
 from kvmeter.agent.traffic import TrafficRules
 
 RULES = TrafficRules.from_config({"rules": [{"vni": "5000-5999", "type": "guest"}]})

@@ -9,17 +9,9 @@ from collections.abc import Callable
 
 import pytest
 
+from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkEvent, LinkRecord, LinkTable
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.topology import (
-    RTM_DELLINK,
-    RTM_NEWLINK,
-    LinkEvent,
-    LinkRecord,
-    LinkTable,
-    Topology,
-    decode_link_datagram,
-    parse_link_message,
-)
+from kvmeter.agent.topology import Topology, decode_link_datagram, parse_link_message
 from kvmeter.agent.traffic import DEFAULT_RULES, TrafficRules
 from tests.unit.fakes.netlink import FakeEventSocket, FakeIPRoute, decoded, load_messages, message_type
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmeter.agent.topology import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
+from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
 from kvmeter.agent.traffic import TrafficRules
 
 RULES = TrafficRules.from_config(

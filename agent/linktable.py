@@ -1,0 +1,270 @@
+"""The links of one network namespace and where each sits: :class:`LinkTable` holds what link
+messages say (:class:`LinkRecord`), answers placements (bridge, uplink VLAN/VXLAN, traffic type),
+keeps them across changes that cannot move them, and turns messages into :class:`LinkEvent` s.
+Pure: no I/O, no clock, not thread-safe (:class:`kvmeter.agent.topology.Topology` feeds it and
+locks it)."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from kvmeter.agent.model import SLOTS, LinkPlacement
+from kvmeter.agent.traffic import TrafficRules
+
+RTM_NEWLINK = 16
+RTM_DELLINK = 17
+UPLINK_KINDS = ("vlan", "vxlan")
+LOWER_DEVICE_KINDS = ("macvtap", "macvlan", "ipvlan", "ipvtap")  # IFLA_LINK is their parent
+CHANGE_LOG_SIZE = 1 << 16  # link changes remembered for changed_since (a reader further behind rebuilds)
+
+# (rx_bytes, rx_packets, tx_bytes, tx_packets), host side, as the kernel counts them.
+Stats = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, **SLOTS)
+class LinkEvent:
+    """A link appeared (``kind="new"``) or was deleted (``kind="del"``).
+
+    ``stats`` are the counters carried by the message itself (``IFLA_STATS64``): for ``del``
+    they are the interface's final counters, taken by the kernel as it removed the device, so
+    the bytes between the last poll and a VM stop/reboot/unplug are not lost. ``stats`` is None
+    when the message had none, and for ``del`` events synthesised after a netlink overrun (the
+    link vanished while events were being dropped; its tail is unknown). No timestamp: the
+    consumer stamps time when it receives the event.
+
+    Taps (KVM's NICs) count their own traffic, so their ``del`` stats are complete both ways. A
+    veth reads its rx from its peer and veth unlinks the pair before the kernel builds the
+    message: a veth's ``del`` carries its tx but rx 0 (tests that model VMs with veths take
+    note).
+    """
+
+    kind: str  # "new" | "del"
+    ifname: str
+    ifindex: int
+    stats: Stats | None = None
+
+
+@dataclass(frozen=True, **SLOTS)
+class LinkRecord:
+    """What one link message says about a link."""
+
+    ifindex: int
+    ifname: str
+    kind: str | None = None  # IFLA_INFO_KIND: bridge, veth, tun, vxlan, vlan, macvtap, ...
+    master: int | None = None  # IFLA_MASTER: the bridge (or bond, ovs-system) it is a port of
+    link: int | None = None  # IFLA_LINK: parent (vlan, macvtap) or peer (veth) ifindex
+    vlan_id: int | None = None
+    vxlan_vni: int | None = None
+    stats: Stats | None = None
+
+
+class LinkTable:
+    """All links of one network namespace, by ifindex. Pure: no I/O, no clock, not thread-safe."""
+
+    def __init__(self, rules: TrafficRules) -> None:
+        self.rules = rules
+        self._links: dict[int, LinkRecord] = {}
+        self._by_name: dict[str, int] = {}
+        self._uplink_of: dict[int, LinkRecord] | None = None  # bridge ifindex -> uplink port
+        self._placements: dict[str, LinkPlacement] = {}
+        # master ifindex -> the placement of its ports (shared: every VM tap on a bridge has the
+        # same one; a storm's new taps find theirs made)
+        self._port_placements: dict[int, LinkPlacement] = {}
+        # ifindex -> how many links' placements read it: their master, a macvtap's parent
+        self._read_by: dict[int, int] = {}
+        # Bumped on every change: a reader that saw the same generation saw the same links and
+        # placements (the poll loop keeps what it derives from them until this moves).
+        self.generation = 0
+        # The names of the links each generation changed, in order, complete after _log_start
+        # (a change that may move every placement empties it): see changed_since.
+        self._log_generations: list[int] = []
+        self._log_names: list[str] = []
+        self._log_start = 0
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def apply(self, msg_type: int, record: LinkRecord) -> LinkEvent | None:
+        """Apply one message; return the event it means, if any.
+
+        ``RTM_NEWLINK`` for an unknown ifindex (or a known one under a new name) -> ``new``;
+        for a known link it only updates the record (master, state changes). ``RTM_DELLINK``
+        -> ``del`` always, even for a link the table never saw (it may have been created and
+        deleted between the dump and the subscription).
+        """
+        if msg_type == RTM_DELLINK:
+            self._remove(record.ifindex)
+            return LinkEvent("del", record.ifname, record.ifindex, record.stats)
+        previous = self._links.get(record.ifindex)
+        if previous is not None and _same_place(previous, record):
+            return None
+        if previous is not None:
+            self._remove(record.ifindex)
+        self._links[record.ifindex] = _kept(record)
+        self._by_name[record.ifname] = record.ifindex
+        for index in _reads(record):
+            self._read_by[index] = self._read_by.get(index, 0) + 1
+        self._changed(record)
+        if previous is None or previous.ifname != record.ifname:
+            return LinkEvent("new", record.ifname, record.ifindex, record.stats)
+        return None
+
+    def replace_all(self, records: Iterable[LinkRecord]) -> list[LinkEvent]:
+        """Replace the table with a full dump; return events for what differs from before
+        (``del`` without stats for links gone unseen, ``new`` for links that appeared)."""
+        fresh = {r.ifindex: r for r in records}
+        events = [
+            LinkEvent("del", old.ifname, old.ifindex, None)
+            for index, old in sorted(self._links.items())
+            if index not in fresh or fresh[index].ifname != old.ifname
+        ]
+        events.extend(
+            LinkEvent("new", new.ifname, new.ifindex, new.stats)
+            for index, new in sorted(fresh.items())
+            if index not in self._links or self._links[index].ifname != new.ifname
+        )
+        self._links = {index: _kept(record) for index, record in fresh.items()}
+        self._by_name = {r.ifname: r.ifindex for r in fresh.values()}
+        self._read_by = {}
+        for record in fresh.values():
+            for index in _reads(record):
+                self._read_by[index] = self._read_by.get(index, 0) + 1
+        self._changed()
+        return events
+
+    def ifindex(self, ifname: str) -> int | None:
+        return self._by_name.get(ifname)
+
+    def changed_since(self, generation: int) -> set[str] | None:
+        """The names of the links that came, went or moved after `generation` (the only ones
+        whose ifindex or placement may differ from what a reader saw then); None when every
+        placement may have changed since (a bridge or an uplink changed, a re-dump, new rules)
+        or the reader is too far behind."""
+        if generation < self._log_start:
+            return None
+        return set(self._log_names[bisect_right(self._log_generations, generation) :])
+
+    def links(self) -> dict[str, int]:
+        return dict(self._by_name)
+
+    def record(self, ifname: str) -> LinkRecord | None:
+        index = self._by_name.get(ifname)
+        return self._links.get(index) if index is not None else None
+
+    def placement(self, ifname: str) -> LinkPlacement:
+        """Bridge = the link's master; uplink = that bridge's VLAN or VXLAN port (lowest ifindex
+        if several). A macvtap/macvlan has no bridge; its parent is the uplink when that is a
+        VLAN/VXLAN device. Unknown names get an unplaced placement classified by the rules."""
+        cached = self._placements.get(ifname)
+        if cached is not None:
+            return cached
+        record = self.record(ifname)
+        bridge: LinkRecord | None = None
+        uplink: LinkRecord | None = None
+        if record is not None and record.master is not None:
+            shared = self._port_placements.get(record.master)
+            if shared is not None:
+                self._placements[ifname] = shared
+                return shared
+            bridge = self._links.get(record.master)
+            if bridge is not None:
+                uplink = self._uplinks().get(bridge.ifindex)
+        elif record is not None and record.kind in LOWER_DEVICE_KINDS and record.link is not None:
+            lower = self._links.get(record.link)
+            if lower is not None and lower.kind in UPLINK_KINDS:
+                uplink = lower
+        bridge_name = bridge.ifname if bridge is not None else None
+        vlan_id = uplink.vlan_id if uplink is not None else None
+        vni = uplink.vxlan_vni if uplink is not None else None
+        placement = LinkPlacement(
+            bridge=bridge_name,
+            vlan_id=vlan_id,
+            vxlan_vni=vni,
+            traffic_type=self.rules.classify(bridge_name, vlan_id, vni),
+            uplink=uplink.ifname if uplink is not None else None,
+        )
+        if record is not None:
+            self._placements[ifname] = placement
+            if record.master is not None:
+                self._port_placements[record.master] = placement
+        return placement
+
+    def _uplinks(self) -> dict[int, LinkRecord]:
+        if self._uplink_of is None:
+            uplinks: dict[int, LinkRecord] = {}
+            for record in sorted(self._links.values(), key=lambda r: r.ifindex, reverse=True):
+                if record.master is not None and record.kind in UPLINK_KINDS:
+                    uplinks[record.master] = record
+            self._uplink_of = uplinks
+        return self._uplink_of
+
+    def _remove(self, ifindex: int) -> None:
+        old = self._links.pop(ifindex, None)
+        if old is not None:
+            if self._by_name.get(old.ifname) == ifindex:
+                del self._by_name[old.ifname]
+            for index in _reads(old):
+                left = self._read_by[index] - 1
+                if left:
+                    self._read_by[index] = left
+                else:
+                    del self._read_by[index]
+            self._changed(old)
+
+    def _changed(self, record: LinkRecord | None = None) -> None:
+        """A link came, went or moved (None: all of them). Placements computed before stay
+        valid unless they could depend on it: a VM's tap coming or going changes no other
+        link's placement, so a host of thousands keeps them when one VM starts or stops."""
+        self.generation += 1
+        if record is None or self._others_depend_on(record):
+            self._uplink_of = None
+            self._placements = {}
+            self._port_placements = {}
+            self._log_generations, self._log_names = [], []
+            self._log_start = self.generation
+        else:
+            self._placements.pop(record.ifname, None)
+            self._port_placements.pop(record.ifindex, None)  # computed while no port read it
+            if len(self._log_names) >= CHANGE_LOG_SIZE:
+                half = CHANGE_LOG_SIZE // 2
+                self._log_start = self._log_generations[half - 1]
+                del self._log_generations[:half], self._log_names[:half]
+            self._log_generations.append(self.generation)
+            self._log_names.append(record.ifname)
+
+    def _others_depend_on(self, record: LinkRecord) -> bool:
+        """Whether another link's placement may read this one: a bridge or other master, an
+        uplink (VLAN/VXLAN device), or the parent of a macvtap and the like."""
+        if record.kind == "bridge" or record.kind in UPLINK_KINDS:
+            return True
+        return record.ifindex in self._read_by
+
+
+def _kept(record: LinkRecord) -> LinkRecord:
+    """A record as the table keeps it: without the counters its message carried (only that
+    message's event needs them; ten thousand links would keep ~2 MB of them)."""
+    return record if record.stats is None else replace(record, stats=None)
+
+
+def _reads(record: LinkRecord) -> tuple[int, ...]:
+    """The other links a link's placement reads: its master, and a macvtap's (or the like's)
+    parent. Not a veth's IFLA_LINK: that is its peer, often in another namespace, whose
+    ifindex may be anything here."""
+    master = (record.master,) if record.master is not None else ()
+    if record.link is not None and record.kind in LOWER_DEVICE_KINDS:
+        return (*master, record.link)
+    return master
+
+
+def _same_place(a: LinkRecord, b: LinkRecord) -> bool:
+    """Equal apart from counters (which change on every message)."""
+    return (a.ifname, a.kind, a.master, a.link, a.vlan_id, a.vxlan_vni) == (
+        b.ifname,
+        b.kind,
+        b.master,
+        b.link,
+        b.vlan_id,
+        b.vxlan_vni,
+    )
