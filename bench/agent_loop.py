@@ -19,7 +19,6 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
 
 from kvmeter.agent.cli import build_agent
 from kvmeter.agent.config import validate
@@ -54,21 +53,21 @@ def main(argv: list[str] | None = None) -> int:
     measures: list[int] = []
     batches: list[int] = []
     marks: list[float] = []  # process CPU and wall time at the end of the first (baseline) poll
-    real_poll = agent.poll
+    real_poll = agent.poll_and_publish  # what the loop calls every interval
 
-    def poll(**kwargs: Any) -> Any:
+    def poll() -> None:
         c0 = time.thread_time()
-        data = real_poll(**kwargs)
+        seq = agent.seq
+        real_poll()
         poll_cpu.append(time.thread_time() - c0)
         measures.append(agent.last_measures)
-        batches.append(len(data))
+        batches.append(agent.seq - seq)
         if len(poll_cpu) == 1:
             marks[:] = [time.process_time(), time.monotonic()]
         if len(poll_cpu) > args.polls:
             agent.stop_event.set()
-        return data
 
-    agent.poll = poll
+    agent.poll_and_publish = poll  # type: ignore[method-assign]
     agent.start()
     try:
         agent.run()  # ends with one last poll and a flush
