@@ -51,12 +51,6 @@ class LastReadings:
         self.rx_packets = list(steady.rx_packets) + zeros if steady is not None else list(zeros)
         self.tx_packets = list(steady.tx_packets) + zeros if steady is not None else list(zeros)
 
-    @classmethod
-    def of(
-        cls, steady: SteadyColumns | None, index: dict[CounterKey, int], lifted: set[CounterKey]
-    ) -> LastReadings:
-        return cls(steady, index, lifted)
-
     def take(self, row: CounterRow) -> bool:
         """Add a per-key row read at the columns' instant (the first one sets it when there
         are no columns); False, adding nothing, for a row read at another instant."""
@@ -237,7 +231,7 @@ class ColumnPolls:
         columns too (see _born_since); the same deltas and state, no Python step each."""
         if self._fresh or not keys:
             return None
-        old = LastReadings.of(self._steady, self._index() if self._steady is not None else {}, self._lifted)
+        old = LastReadings(self._steady, self._index() if self._steady is not None else {}, self._lifted)
         pos = list(map(old.index.get, keys, repeat(old.unknown)))
         missing = list(compress(range(len(keys)), map(eq, pos, repeat(old.unknown))))
         counters = self._counters
