@@ -130,7 +130,9 @@ def test_sighup_puts_a_changed_policy_in_force_over_the_whole_store(tmp_path: Pa
         proc.hup()
         # ALLOCATED from the first start: 10 minutes, the 5 final windows before it adjusted to 0.
         want = {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 10 * MIN}
-        wait_for(lambda: net(db) == want, 30, "the new policy's records", lambda: f"{net(db)} {proc.logs()}")
+        # The change is recorded once the last resource is recomputed: then every record follows it.
+        wait_for(lambda: len(policies(db)) == 2, 30, "the new policy recorded", proc.logs)
+        assert net(db) == want, proc.logs()
         [_, now] = policies(db)
         assert "allocated_from=first_start" in now
         assert "running=usage_and_state" in now
@@ -211,10 +213,11 @@ def test_the_all_in_one_puts_a_changed_policy_in_force_on_sighup(tmp_path: Path)
         config.write_text(base + '[policy]\nallocated_from = "first_start"\n')
         proc.send_signal(signal.SIGHUP)
         want = {RUNNING_VM: 5 * MIN, ALLOCATED_VM: 10 * MIN}
-        wait_for(
-            lambda: net(db) == want, 30, "the new policy's records", lambda: f"{net(db)} {log.read_text()}"
-        )
-        assert "allocated_from=first_start" in policies(db)[-1]
-        assert "billing policy changed on reload" in log.read_text()
+        # The change is recorded once the last resource is recomputed: then every record follows it.
+        recorded = lambda: "allocated_from=first_start" in policies(db)[-1]  # noqa: E731
+        wait_for(recorded, 30, "the new policy recorded", log.read_text)
+        assert net(db) == want, log.read_text()
+        warned = lambda: "billing policy changed on reload" in log.read_text()  # noqa: E731
+        wait_for(warned, 10, "the warning", log.read_text)
     finally:
         stop_allinone(proc, log)
