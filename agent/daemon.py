@@ -2,7 +2,9 @@
 
 Everything happens on one thread, the poll thread; the topology's link events arrive on its own
 thread and are handed over through a queue, stamped with the time they were received. The delta
-engine stays pure: this module reads the clocks and passes the times in.
+engine stays pure: the agent reads the clocks and passes the times in. What one poll reads and
+concludes is kvmeter.agent.measuring; whose each counter is, kept from poll to poll,
+kvmeter.agent.ownership; this module the poll's batches, the spool, the publisher and the loop.
 
 Order within one poll, chosen so a VM reboot (tap deleted and recreated between polls) is
 counted exactly once: read the link map, read the counter table, read the link map again (a name
@@ -21,19 +23,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from itertools import chain, compress, repeat
-from operator import is_not, itemgetter
-from typing import Any, Callable, Protocol
+from dataclasses import replace
+from itertools import chain
+from typing import Any, Callable
 
 from kvmeter.agent.config import AgentConfig
-from kvmeter.agent.counters import (
-    CounterTable,
-    KernelTable,
-    Stats,
-    read_link_mac,
-    to_sample,
-)
+from kvmeter.agent.counters import KernelTable, read_link_mac
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.heap import Heap
 from kvmeter.agent.measures import (
@@ -42,15 +37,17 @@ from kvmeter.agent.measures import (
     add_measures,
     batch_header,
 )
+from kvmeter.agent.measuring import Measuring, StampedEvent, to_ms
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
-from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
-from kvmeter.agent.plan import Planner, PollPlan, same_inventory
+from kvmeter.agent.model import CounterKey, Delta
+from kvmeter.agent.ownership import InventoryLike, TopologyLike
+from kvmeter.agent.plan import Planner, PollPlan
 from kvmeter.agent.publish import Publisher
-from kvmeter.agent.sources import CounterSource, Owned, nic_sources
+from kvmeter.agent.sources import CounterSource, nic_sources
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
-from kvmeter.agent.wire import InventoryRecords, SteadyEncoder, split_fields
+from kvmeter.agent.wire import InventoryRecords, split_fields
 from kvmeter.proto import pb
 from kvmeter.reload import Reloads
 
@@ -60,42 +57,8 @@ STATE_VERSION = 1
 SERVICE_WAIT = 1.0  # seconds: the longest wait of the loop between two looks at what to do
 
 
-class InventoryLike(Protocol):
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def snapshot(self) -> Mapping[str, DomainInfo]: ...
-    def interface_stats(self, uuid: str, device: str, timeout: float = 2.0) -> Stats | None: ...
-
-
-class TopologyLike(Protocol):
-    def start(self) -> None: ...
-    def stop(self) -> None: ...
-    def placement(self, ifname: str) -> LinkPlacement: ...
-    def links(self) -> dict[str, int]: ...
-    def add_listener(self, callback: Callable[[Any], None]) -> None: ...
-    def set_rules(self, rules: TrafficRules) -> None: ...
-
-
-@dataclass(frozen=True)
-class _Event:
-    kind: str
-    ifname: str
-    ifindex: int
-    stats: Stats | None
-    wall_ms: int
-    mono_ms: int
-
-
-_NO_PAIR = (None,)  # a template pair's stand-in, built for no attribution
-_who_of = itemgetter(0)
-
-
 def _alone(part: bytes) -> list[bytes]:
     return [part]
-
-
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
 
 
 def _paused_collector(poll: Callable[[], Any]) -> Any:
@@ -111,7 +74,7 @@ def _paused_collector(poll: Callable[[], Any]) -> Any:
         gc.enable()
 
 
-class Agent:
+class Agent(Measuring):
     """One agent incarnation: a new stream id, sequence numbers from 1."""
 
     def __init__(
@@ -154,8 +117,10 @@ class Agent:
         delta_config = DeltaConfig(line_rate_ceiling_bps=config.line_rate_ceiling_bps)
         self.engine = DeltaEngine.from_state(boot_id, engine_state, delta_config)
         self.resumed = engine_state is not None and engine_state.get("boot_id") == boot_id
-        self._events: queue.SimpleQueue[_Event] = queue.SimpleQueue()  # C-level get: a storm queues hundreds
-        self._carry: list[_Event] = []  # events of a poll that failed: applied by the next one
+        self._events: queue.SimpleQueue[StampedEvent] = (
+            queue.SimpleQueue()
+        )  # C-level get: a storm queues hundreds
+        self._carry: list[StampedEvent] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
@@ -206,7 +171,9 @@ class Agent:
     def _on_link_event(self, event: Any) -> None:
         # Topology thread: stamp and hand over; no engine access here.
         self._events.put(
-            _Event(event.kind, event.ifname, event.ifindex, event.stats, _ms(self._wall()), _ms(self._mono()))
+            StampedEvent(
+                event.kind, event.ifname, event.ifindex, event.stats, to_ms(self._wall()), to_ms(self._mono())
+            )
         )
         self.metrics.link_events.labels(event.kind).inc()
 
@@ -255,7 +222,7 @@ class Agent:
         self.metrics.polls.inc()
         return batches
 
-    def _drain(self) -> list[_Event]:
+    def _drain(self) -> list[StampedEvent]:
         events = []
         while True:
             try:
@@ -263,7 +230,7 @@ class Agent:
             except queue.Empty:
                 return events
 
-    def _poll(self, events: list[_Event], *, final: bool, dry_run: bool) -> list[bytes]:
+    def _poll(self, events: list[StampedEvent], *, final: bool, dry_run: bool) -> list[bytes]:
         plan, now_ms, steady, deltas = self._measure(events)
         first_seq = self.seq + 1
         header_bytes = len(self._header(first_seq, now_ms, final=final).SerializeToString())
@@ -320,58 +287,6 @@ class Agent:
     def _batch(self, seq: int, now_ms: int, runs: list[bytes], *, final: bool = False) -> bytes:
         return b"".join([self._header(seq, now_ms, final=final).SerializeToString(), *runs])
 
-    def _measure(self, events: list[_Event]) -> tuple[PollPlan, int, ColumnDeltas | None, list[Delta]]:
-        """Read the counters and run the engine: (plan, poll time, the deltas of the counters
-        taken by columns or None, the deltas of those taken by rows)."""
-        generation = getattr(self.topology, "generation", None)
-        self._gone = {}
-        before = self.topology.links()
-        table = self._table.read()
-        after = self.topology.links()
-        now_ms, mono_ms = _ms(self._wall()), _ms(self._mono())
-        stable = after if after == before else {name: i for name, i in after.items() if before.get(name) == i}
-        plan = self._plan_for(generation, stable)
-        keys, rows = plan.rows_of(table)
-        rx_bytes, rx_packets, tx_bytes, tx_packets = (
-            list(map(column.__getitem__, rows))
-            for column in (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
-        )
-        # A steady poll (no link events, every counter known and growing) runs by columns; the
-        # rest by rows, where every rule of the engine and every kind of measure applies.
-        if not events and not plan.sourced and self._steady_encoder(plan) is not None:
-            steady = self.engine.poll_columns(
-                now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
-            )
-            if steady is not None:
-                self.metrics.interfaces.set(len(keys))
-                return plan, now_ms, steady, []
-        deltas = self._apply_events(events, plan.devices)
-        # After link events (or a counter that wrapped, reset or jumped): the counters that
-        # stayed steady still go by columns, only the others by rows.
-        if not plan.sourced and self._steady_encoder(plan) is not None:
-            mixed = self.engine.poll_mixed(
-                now_ms,
-                mono_ms,
-                keys,
-                rx_bytes,
-                rx_packets,
-                tx_bytes,
-                tx_packets,
-                plan.present,
-                newborn_columns=True,
-            )
-            if mixed is not None:
-                self.metrics.interfaces.set(len(keys))
-                return plan, now_ms, mixed[0], deltas + mixed[1]
-        readings: list[tuple[CounterKey, Stats]] = list(
-            zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
-        )
-        if plan.sourced:
-            readings += self._sourced_readings(plan.sourced, table, plan.links)
-        self.metrics.interfaces.set(len(readings))
-        deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
-        return plan, now_ms, None, deltas
-
     def _header(self, seq: int, now_ms: int, *, final: bool) -> pb.MeasureBatch:
         return batch_header(
             host_id=self.config.host_id,
@@ -381,165 +296,6 @@ class Agent:
             poll_ms=now_ms,
             final=final,
         )
-
-    def _apply_events(
-        self, events: list[_Event], devices: Mapping[str, tuple[DomainInfo, NicInfo]]
-    ) -> list[Delta]:
-        """Link events in the order they came: births for the engine, deletions' final counters."""
-        deltas: list[Delta] = []
-        gone = self._gone
-        for event in events:
-            key = CounterKey(self.boot_id, event.ifindex, event.ifname)
-            if event.kind == "new":
-                self.engine.link_created(key)
-                continue
-            if event.kind != "del":
-                continue
-            gone[key.name] = key
-            if event.stats is None:
-                log.warning(
-                    "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
-                )
-                continue
-            if key not in self._attribution and event.ifname in devices:
-                self._remember(key, *devices[event.ifname])
-            d = self.engine.final(event.wall_ms, event.mono_ms, to_sample(key, event.stats))
-            if d is not None:
-                deltas.append(d)
-        return deltas
-
-    def _steady_encoder(self, plan: PollPlan) -> SteadyEncoder | None:
-        """The plan's encoder of steady polls; None when a metered counter has no attribution.
-        Built by C-level passes over the counters: only the pairs missing or built for another
-        attribution (a storm's new taps) are made one by one."""
-        if plan.encoder is None:
-            keys = plan.row_keys
-            whos = list(map(self._attribution.get, keys))
-            if not all(whos):
-                return None
-            pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
-            gone = self._gone  # a storm's new taps: from their previous incarnations' pairs
-            for i in compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos)):
-                pairs[i] = self._templates.pair(keys[i], whos[i], gone.get(keys[i].name))  # type: ignore[arg-type]
-            plan.encoder = SteadyEncoder(pairs)
-        return plan.encoder
-
-    def _plan_for(self, generation: int | None, stable: dict[str, int]) -> PollPlan:
-        domains = list(self.inventory.snapshot().values())
-        plan = self._plan
-        if plan is not None and plan.still_valid(generation, stable, domains):
-            return plan
-        new = None
-        if plan is not None and plan.generation is not None and generation is not None:
-            # Only what changed since the plan (a VM storm's taps) is derived again.
-            changed_since = getattr(self.topology, "changed_since", None)
-            changed = changed_since(plan.generation) if changed_since is not None else None
-            new = self._planner.update(plan, generation, stable, domains, changed)
-        if new is None:
-            new = self._planner.build(generation, stable, domains)
-        for name in new.remember:  # one placement lookup per link, shared
-            self._remember(new.metered[name], *new.devices[name], new.placements.get(name))
-        if new.touched is None:
-            self._inventory_touched = None
-        elif self._inventory_touched is not None:
-            self._inventory_touched |= new.touched
-        self._plan = new
-        return new
-
-    def _remember(
-        self, key: CounterKey, domain: DomainInfo, nic: NicInfo, placement: LinkPlacement | None = None
-    ) -> None:
-        """Attribution for this poll; the same object while nothing changed (topology and
-        inventory hand out the same objects until something changes), so measure templates hold.
-        `placement`: the link's, when the caller has just looked it up."""
-        if placement is not None:
-            pass
-        elif key.ifindex:
-            placement = self.topology.placement(key.name)
-        else:  # counted without a host link (agent.sources): classify by what libvirt says
-            traffic = self.config.traffic.classify(nic.bridge, nic.vlan_tag, None)
-            placement = LinkPlacement(bridge=nic.bridge, vlan_id=nic.vlan_tag, traffic_type=traffic)
-        known = self._attribution.get(key)
-        if (
-            known is None
-            or known.domain is not domain
-            or known.nic is not nic
-            or (known.placement is not placement and known.placement != placement)
-        ):
-            self._attribution[key] = Attribution(domain, nic, placement)
-
-    def _source_of(self, nic: NicInfo) -> int | None:
-        """The index of the first source that claims the NIC, None for none."""
-        for index, source in enumerate(self._sources):
-            if source.claims(nic):
-                return index
-        return None
-
-    def _claimed(self, nic: NicInfo) -> bool:
-        return self._source_of(nic) is not None
-
-    def _sourced_readings(
-        self,
-        sourced: list[tuple[CounterSource, list[Owned]]],
-        table: CounterTable,
-        links: Mapping[str, int],
-    ) -> list[tuple[CounterKey, Stats]]:
-        """NICs the host cannot see, each from its source; one the kernel's table holds after
-        all is counted there."""
-        readings = []
-        if table.ifindexes is None:
-            host_visible = set(table.names)
-        else:
-            counted = set(table.ifindexes)
-            host_visible = {name for name, index in links.items() if index in counted}
-        for source, nics in sourced:
-            wanted = {name: (domain, nic) for name, domain, nic in nics if name not in host_visible}
-            if not wanted:
-                continue
-            got = source.read([(name, domain, nic) for name, (domain, nic) in wanted.items()])
-            for name, stats in got.as_dict().items():
-                owner = wanted.get(name)
-                if owner is None:
-                    continue
-                key = CounterKey(self.boot_id, 0, name)  # no kernel ifindex: identity by name per boot
-                readings.append((key, stats))
-                self._remember(key, *owner)
-        return readings
-
-    def _forget_closed(self, plan: PollPlan) -> None:
-        """Drop the attribution of counters the engine no longer tracks, unless the plan still
-        meters them (a reborn tap waiting for its old incarnation's close, for one)."""
-        tracked = self.engine.tracked_count()
-        metered = plan.metered
-        if len(self._attribution) > tracked:  # the links deleted by this poll's events first
-            for key in self._gone.values():
-                if key in self._attribution and not self.engine.tracks(key) and metered.get(key.name) != key:
-                    del self._attribution[key]
-        if len(self._attribution) > tracked:  # forgotten by the engine, or a reborn tap waiting
-            for key in self._attribution.keys() - self.engine.tracked_keys():
-                if metered.get(key.name) != key:
-                    del self._attribution[key]
-        if len(self._templates) > 2 * tracked:
-            self._templates.keep_only(self.engine.tracked_keys())
-
-    def _inventory_if_due(self, plan: PollPlan, *, commit: bool) -> bytes | None:
-        """The full inventory on the first batch, on any change, and every inventory_every polls
-        (a dry run shows it when due without taking it off the next real batch)."""
-        signature = plan.inventory_signature
-        polls = self._polls_since_inventory + 1
-        unchanged = signature is self._last_inventory or same_inventory(signature, self._last_inventory)
-        if unchanged and polls < self.config.inventory_every:
-            if commit:
-                self._polls_since_inventory = polls
-            return None
-        if commit:
-            self._last_inventory = signature
-            self._polls_since_inventory = 0
-        records = self._inventory_records.encode(
-            signature[0], plan.placements, plan.links, touched=self._inventory_touched
-        )
-        self._inventory_touched = set()
-        return records
 
     def _count(self, deltas: list[Delta], totals: Mapping[str, list[int]]) -> None:
         for traffic, (vm_rx, vm_tx) in totals.items():

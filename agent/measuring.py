@@ -1,0 +1,153 @@
+"""What one poll reads and what the delta engine concludes from it: the link map and the
+counter table read, the queued link events applied (births, deletions' final counters), the
+counters the host cannot see read from their sources, and the engine run by columns, mixed or
+by rows. A part of Agent (kvmeter.agent.daemon), on the poll thread; the engine stays pure:
+the clocks are read here and the times passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from kvmeter.agent.counters import CounterTable, KernelTable, Stats, to_sample
+from kvmeter.agent.metrics import AgentMetrics
+from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, NicInfo
+from kvmeter.agent.ownership import Ownership
+from kvmeter.agent.plan import PollPlan
+from kvmeter.agent.sources import CounterSource, Owned
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StampedEvent:
+    """A link event as the topology's thread handed it over, stamped with when it came."""
+
+    kind: str
+    ifname: str
+    ifindex: int
+    stats: Stats | None
+    wall_ms: int
+    mono_ms: int
+
+
+def to_ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class Measuring(Ownership):
+    """Agent's reading of one poll (see the module's docstring)."""
+
+    boot_id: str
+    metrics: AgentMetrics
+    _table: KernelTable
+    _wall: Callable[[], float]
+    _mono: Callable[[], float]
+
+    def _measure(self, events: list[StampedEvent]) -> tuple[PollPlan, int, ColumnDeltas | None, list[Delta]]:
+        """Read the counters and run the engine: (plan, poll time, the deltas of the counters
+        taken by columns or None, the deltas of those taken by rows)."""
+        generation = getattr(self.topology, "generation", None)
+        self._gone = {}
+        before = self.topology.links()
+        table = self._table.read()
+        after = self.topology.links()
+        now_ms, mono_ms = to_ms(self._wall()), to_ms(self._mono())
+        stable = after if after == before else {name: i for name, i in after.items() if before.get(name) == i}
+        plan = self._plan_for(generation, stable)
+        keys, rows = plan.rows_of(table)
+        rx_bytes, rx_packets, tx_bytes, tx_packets = (
+            list(map(column.__getitem__, rows))
+            for column in (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
+        )
+        # A steady poll (no link events, every counter known and growing) runs by columns; the
+        # rest by rows, where every rule of the engine and every kind of measure applies.
+        if not events and not plan.sourced and self._steady_encoder(plan) is not None:
+            steady = self.engine.poll_columns(
+                now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
+            )
+            if steady is not None:
+                self.metrics.interfaces.set(len(keys))
+                return plan, now_ms, steady, []
+        deltas = self._apply_events(events, plan.devices)
+        # After link events (or a counter that wrapped, reset or jumped): the counters that
+        # stayed steady still go by columns, only the others by rows.
+        if not plan.sourced and self._steady_encoder(plan) is not None:
+            mixed = self.engine.poll_mixed(
+                now_ms,
+                mono_ms,
+                keys,
+                rx_bytes,
+                rx_packets,
+                tx_bytes,
+                tx_packets,
+                plan.present,
+                newborn_columns=True,
+            )
+            if mixed is not None:
+                self.metrics.interfaces.set(len(keys))
+                return plan, now_ms, mixed[0], deltas + mixed[1]
+        readings: list[tuple[CounterKey, Stats]] = list(
+            zip(keys, zip(rx_bytes, rx_packets, tx_bytes, tx_packets))
+        )
+        if plan.sourced:
+            readings += self._sourced_readings(plan.sourced, table, plan.links)
+        self.metrics.interfaces.set(len(readings))
+        deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
+        return plan, now_ms, None, deltas
+
+    def _apply_events(
+        self, events: list[StampedEvent], devices: Mapping[str, tuple[DomainInfo, NicInfo]]
+    ) -> list[Delta]:
+        """Link events in the order they came: births for the engine, deletions' final counters."""
+        deltas: list[Delta] = []
+        gone = self._gone
+        for event in events:
+            key = CounterKey(self.boot_id, event.ifindex, event.ifname)
+            if event.kind == "new":
+                self.engine.link_created(key)
+                continue
+            if event.kind != "del":
+                continue
+            gone[key.name] = key
+            if event.stats is None:
+                log.warning(
+                    "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
+                )
+                continue
+            if key not in self._attribution and event.ifname in devices:
+                self._remember(key, *devices[event.ifname])
+            d = self.engine.final(event.wall_ms, event.mono_ms, to_sample(key, event.stats))
+            if d is not None:
+                deltas.append(d)
+        return deltas
+
+    def _sourced_readings(
+        self,
+        sourced: list[tuple[CounterSource, list[Owned]]],
+        table: CounterTable,
+        links: Mapping[str, int],
+    ) -> list[tuple[CounterKey, Stats]]:
+        """NICs the host cannot see, each from its source; one the kernel's table holds after
+        all is counted there."""
+        readings = []
+        if table.ifindexes is None:
+            host_visible = set(table.names)
+        else:
+            counted = set(table.ifindexes)
+            host_visible = {name for name, index in links.items() if index in counted}
+        for source, nics in sourced:
+            wanted = {name: (domain, nic) for name, domain, nic in nics if name not in host_visible}
+            if not wanted:
+                continue
+            got = source.read([(name, domain, nic) for name, (domain, nic) in wanted.items()])
+            for name, stats in got.as_dict().items():
+                owner = wanted.get(name)
+                if owner is None:
+                    continue
+                key = CounterKey(self.boot_id, 0, name)  # no kernel ifindex: identity by name per boot
+                readings.append((key, stats))
+                self._remember(key, *owner)
+        return readings

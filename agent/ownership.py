@@ -1,0 +1,167 @@
+"""Whose each counter is, kept from poll to poll: the poll plan (the metered links, the domain
+NICs they belong to, the counter table's rows), each counter's attribution (domain, NIC,
+placement), the measure templates and steady encoder built from them, and when the inventory
+goes out again. A part of Agent (kvmeter.agent.daemon), on the poll thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from itertools import compress, repeat
+from operator import is_not, itemgetter
+from typing import Any, Protocol
+
+from kvmeter.agent.config import AgentConfig
+from kvmeter.agent.counters import Stats
+from kvmeter.agent.delta import DeltaEngine
+from kvmeter.agent.measures import Attribution, Templates
+from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.plan import Planner, PollPlan, same_inventory
+from kvmeter.agent.sources import CounterSource
+from kvmeter.agent.traffic import TrafficRules
+from kvmeter.agent.wire import InventoryRecords, SteadyEncoder
+
+
+class InventoryLike(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def snapshot(self) -> Mapping[str, DomainInfo]: ...
+    def interface_stats(self, uuid: str, device: str, timeout: float = 2.0) -> Stats | None: ...
+
+
+class TopologyLike(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def placement(self, ifname: str) -> LinkPlacement: ...
+    def links(self) -> dict[str, int]: ...
+    def add_listener(self, callback: Callable[[Any], None]) -> None: ...
+    def set_rules(self, rules: TrafficRules) -> None: ...
+
+
+_NO_PAIR = (None,)  # a template pair's stand-in, built for no attribution
+_who_of = itemgetter(0)
+
+
+class Ownership:
+    """Agent's bookkeeping of whose each counter is (see the module's docstring)."""
+
+    config: AgentConfig
+    inventory: InventoryLike
+    topology: TopologyLike
+    engine: DeltaEngine
+    _sources: Sequence[CounterSource]
+    _planner: Planner
+    _plan: PollPlan | None
+    _attribution: dict[CounterKey, Attribution]
+    _templates: Templates
+    _gone: dict[str, CounterKey]  # name -> key of the links this poll's events deleted
+    _last_inventory: Any  # what the last inventory sent was built from
+    _inventory_records: InventoryRecords
+    # Domains whose inventory record may have changed since the last one encoded (None: any)
+    _inventory_touched: set[str] | None
+    _polls_since_inventory: int
+
+    def _plan_for(self, generation: int | None, stable: dict[str, int]) -> PollPlan:
+        domains = list(self.inventory.snapshot().values())
+        plan = self._plan
+        if plan is not None and plan.still_valid(generation, stable, domains):
+            return plan
+        new = None
+        if plan is not None and plan.generation is not None and generation is not None:
+            # Only what changed since the plan (a VM storm's taps) is derived again.
+            changed_since = getattr(self.topology, "changed_since", None)
+            changed = changed_since(plan.generation) if changed_since is not None else None
+            new = self._planner.update(plan, generation, stable, domains, changed)
+        if new is None:
+            new = self._planner.build(generation, stable, domains)
+        for name in new.remember:  # one placement lookup per link, shared
+            self._remember(new.metered[name], *new.devices[name], new.placements.get(name))
+        if new.touched is None:
+            self._inventory_touched = None
+        elif self._inventory_touched is not None:
+            self._inventory_touched |= new.touched
+        self._plan = new
+        return new
+
+    def _remember(
+        self, key: CounterKey, domain: DomainInfo, nic: NicInfo, placement: LinkPlacement | None = None
+    ) -> None:
+        """Attribution for this poll; the same object while nothing changed (topology and
+        inventory hand out the same objects until something changes), so measure templates hold.
+        `placement`: the link's, when the caller has just looked it up."""
+        if placement is not None:
+            pass
+        elif key.ifindex:
+            placement = self.topology.placement(key.name)
+        else:  # counted without a host link (agent.sources): classify by what libvirt says
+            traffic = self.config.traffic.classify(nic.bridge, nic.vlan_tag, None)
+            placement = LinkPlacement(bridge=nic.bridge, vlan_id=nic.vlan_tag, traffic_type=traffic)
+        known = self._attribution.get(key)
+        if (
+            known is None
+            or known.domain is not domain
+            or known.nic is not nic
+            or (known.placement is not placement and known.placement != placement)
+        ):
+            self._attribution[key] = Attribution(domain, nic, placement)
+
+    def _source_of(self, nic: NicInfo) -> int | None:
+        """The index of the first source that claims the NIC, None for none."""
+        for index, source in enumerate(self._sources):
+            if source.claims(nic):
+                return index
+        return None
+
+    def _claimed(self, nic: NicInfo) -> bool:
+        return self._source_of(nic) is not None
+
+    def _steady_encoder(self, plan: PollPlan) -> SteadyEncoder | None:
+        """The plan's encoder of steady polls; None when a metered counter has no attribution.
+        Built by C-level passes over the counters: only the pairs missing or built for another
+        attribution (a storm's new taps) are made one by one."""
+        if plan.encoder is None:
+            keys = plan.row_keys
+            whos = list(map(self._attribution.get, keys))
+            if not all(whos):
+                return None
+            pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
+            gone = self._gone  # a storm's new taps: from their previous incarnations' pairs
+            for i in compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos)):
+                pairs[i] = self._templates.pair(keys[i], whos[i], gone.get(keys[i].name))  # type: ignore[arg-type]
+            plan.encoder = SteadyEncoder(pairs)
+        return plan.encoder
+
+    def _forget_closed(self, plan: PollPlan) -> None:
+        """Drop the attribution of counters the engine no longer tracks, unless the plan still
+        meters them (a reborn tap waiting for its old incarnation's close, for one)."""
+        tracked = self.engine.tracked_count()
+        metered = plan.metered
+        if len(self._attribution) > tracked:  # the links deleted by this poll's events first
+            for key in self._gone.values():
+                if key in self._attribution and not self.engine.tracks(key) and metered.get(key.name) != key:
+                    del self._attribution[key]
+        if len(self._attribution) > tracked:  # forgotten by the engine, or a reborn tap waiting
+            for key in self._attribution.keys() - self.engine.tracked_keys():
+                if metered.get(key.name) != key:
+                    del self._attribution[key]
+        if len(self._templates) > 2 * tracked:
+            self._templates.keep_only(self.engine.tracked_keys())
+
+    def _inventory_if_due(self, plan: PollPlan, *, commit: bool) -> bytes | None:
+        """The full inventory on the first batch, on any change, and every inventory_every polls
+        (a dry run shows it when due without taking it off the next real batch)."""
+        signature = plan.inventory_signature
+        polls = self._polls_since_inventory + 1
+        unchanged = signature is self._last_inventory or same_inventory(signature, self._last_inventory)
+        if unchanged and polls < self.config.inventory_every:
+            if commit:
+                self._polls_since_inventory = polls
+            return None
+        if commit:
+            self._last_inventory = signature
+            self._polls_since_inventory = 0
+        records = self._inventory_records.encode(
+            signature[0], plan.placements, plan.links, touched=self._inventory_touched
+        )
+        self._inventory_touched = set()
+        return records
