@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from kvmeter.agent.model import SLOTS, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.varint import varint
 from kvmeter.proto import SCHEMA_VERSION, pb
 
 TRAFFIC_ENUM = {
@@ -96,7 +97,7 @@ _IFINDEX_TAG = b"\x88\x01"  # IPMeasure.ifindex = 17, varint: the highest field 
 
 
 def _ifindex_field(ifindex: int) -> bytes:
-    return _IFINDEX_TAG + pb.IPMeasure(ifindex=ifindex).SerializeToString()[len(_IFINDEX_TAG) :]
+    return _IFINDEX_TAG + varint(ifindex)
 
 
 def _template_pair(key: CounterKey, who: Attribution) -> _Pair:

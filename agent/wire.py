@@ -27,6 +27,7 @@ from operator import add, attrgetter, itemgetter, or_
 
 from kvmeter.agent.measures import _Pair, domain_inventory
 from kvmeter.agent.model import ColumnDeltas, DomainInfo, LinkPlacement
+from kvmeter.agent.varint import varint, varint_size
 from kvmeter.proto.encoding_pb2 import PackedCounts
 
 _BYTES_TAG = 0x18  # IPMeasure.bytes = 3, varint
@@ -48,19 +49,6 @@ _TRAFFIC_TYPE = attrgetter("traffic_type")
 _JOIN_PIECES = 4 * 1024
 _ONE_JOIN_PIECES = 4 * _JOIN_PIECES
 _MAX_COUNTS = 22  # 0x18 <bytes> 0x38 <packets>: two varints of up to 10 bytes
-
-
-def _varint_size(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7)
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def packed_varints(values: Sequence[int]) -> bytes:
@@ -156,7 +144,7 @@ class SteadyEncoder:
         # be allows (a head is at most 3 bytes: records stay far below 2 MB).
         per_part = kept
         if max_bytes is not None and kept * (self._longest + len(times) + _MAX_COUNTS + 3) > max_bytes:
-            longest = self._longest + len(times) + 2 + _varint_size(max(nbytes)) + _varint_size(max(npackets))
+            longest = self._longest + len(times) + 2 + varint_size(max(nbytes)) + varint_size(max(npackets))
             per_part = max(1, max_bytes // (longest + 3))
         parts = self._parts(nbytes, npackets, bases, templates, times, max(per_part, 1))
         return parts, kept, self._totals(vm_rx_b, vm_tx_b)

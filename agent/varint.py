@@ -1,0 +1,18 @@
+"""Protobuf's base-128 varint, for the bytes the agent writes around protobuf's own (batch
+framing, the steady path's counts, a reborn tap's ifindex): the same bytes protobuf writes
+for a non-negative integer, without a message made for it."""
+
+from __future__ import annotations
+
+
+def varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
