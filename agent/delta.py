@@ -201,7 +201,8 @@ class DeltaEngine(ColumnPolls):
 
     def _grown(self, sample: CounterSample, now_ms: int, mono_ms: int) -> Delta | None:
         """A final sample's delta when all four counters grew within the ceiling (nearly every
-        one: poll_readings' fast path), else None for _advance's rules."""
+        one: poll_readings' fast path) or one reported lower cannot have wrapped (it moves
+        nothing: see _differences), else None for _advance's rules."""
         prev = self._counters.get(sample.key)
         if prev is None:
             return None
@@ -210,10 +211,15 @@ class DeltaEngine(ColumnPolls):
         txb = sample.tx_bytes - old_txb
         rxp = sample.rx_packets - old_rxp
         txp = sample.tx_packets - old_txp
+        if min(rxb, txb, rxp, txp) < 0:
+            lower = [o for o, m in ((old_rxb, rxb), (old_txb, txb), (old_rxp, rxp), (old_txp, txp)) if m < 0]
+            if any(WRAP_NEAR <= o < WRAP32 for o in lower):
+                return None  # it may have wrapped
+            rxb, txb, rxp, txp = max(rxb, 0), max(txb, 0), max(rxp, 0), max(txp, 0)
         limit = (
             self.config.line_rate_ceiling_bps * max(mono_ms - old_mono, self.config.min_elapsed_ms) // 8000
         )
-        if min(rxb, txb, rxp, txp) < 0 or max(rxb, txb) > limit:
+        if max(rxb, txb) > limit:
             return None
         end = now_ms if now_ms > start else start + 1
         return _new(Delta, (sample.key, start, end, rxb, txb, rxp, txp, False, True, None))
