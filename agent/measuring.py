@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from kvmeter.agent.counters import CounterTable, KernelTable, Stats, to_sample
+from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, NicInfo
 from kvmeter.agent.ownership import Ownership
@@ -42,6 +43,7 @@ class Measuring(Ownership):
 
     boot_id: str
     metrics: AgentMetrics
+    _links: MeteredLinks
     _table: KernelTable
     _wall: Callable[[], float]
     _mono: Callable[[], float]
@@ -105,7 +107,9 @@ class Measuring(Ownership):
         deltas: list[Delta] = []
         gone = self._gone
         for event in events:
-            key = CounterKey(self.boot_id, event.ifindex, event.ifname)
+            # The object the plan holds for the link (the engine's and attribution's key):
+            # lookups by identity, no key made per event
+            key = self._links.key(event.ifname, event.ifindex)
             if event.kind == "new":
                 self.engine.link_created(key)
                 continue
