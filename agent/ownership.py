@@ -22,6 +22,7 @@ from kvmeter.agent.traffic import TrafficRules
 from kvmeter.agent.wire import InventoryRecords, SteadyEncoder
 
 
+# What the agent needs of its inventory (libvirt's) and topology (netlink's); tests pass doubles.
 class InventoryLike(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
