@@ -163,6 +163,12 @@ def frame(seq: int) -> bytes:
     return header + seq.to_bytes(4, "big") + bytes(FRAME - len(header) - 4)
 
 
+def transmits(netns: str, ifname: str) -> bool:
+    """Up with its queueing discipline attached: a frame sent now is counted, not dropped."""
+    link = json.loads(ip("-n", netns, "-j", "link", "show", "dev", ifname))[0]
+    return bool(link["operstate"] == "UP" and link.get("qdisc") not in (None, "noop"))
+
+
 def send_on(netns: str, ifname: str, count: int) -> None:
     """Transmit ``count`` frames out of ``ifname`` (its tx; its peer's / the tap reader's rx)."""
     with inside(netns):
@@ -283,6 +289,9 @@ def test_veth_dellink_carries_the_host_ends_own_counters(host: str) -> None:
         ip("-n", host, "link", "set", "vnet7", "master", "cloudbr0")
         ip("-n", host, "link", "set", "vnet7", "up")
         ip("-n", vm_ns, "link", "set", "eth0", "up")
+        # Until the kernel's link watcher (up to a second, later on a busy host) has marked both
+        # ends up and given them their queueing discipline, frames sent are dropped, not counted.
+        wait_until(lambda: transmits(host, "vnet7") and transmits(vm_ns, "eth0"), timeout=30)
         topology = start_topology(host)
         recorder = Recorder()
         topology.add_listener(recorder)
