@@ -212,9 +212,9 @@ class DeltaEngine(ColumnPolls):
         rxp = sample.rx_packets - old_rxp
         txp = sample.tx_packets - old_txp
         if min(rxb, txb, rxp, txp) < 0:
-            lower = [o for o, m in ((old_rxb, rxb), (old_txb, txb), (old_rxp, rxp), (old_txp, txp)) if m < 0]
-            if any(WRAP_NEAR <= o < WRAP32 for o in lower):
-                return None  # it may have wrapped
+            moved = ((old_rxb, rxb), (old_txb, txb), (old_rxp, rxp), (old_txp, txp))
+            if any(m < 0 and _may_have_wrapped(o) for o, m in moved):
+                return None  # the full rules decide
             rxb, txb, rxp, txp = max(rxb, 0), max(txb, 0), max(rxp, 0), max(txp, 0)
         limit = (
             self.config.line_rate_ceiling_bps * max(mono_ms - old_mono, self.config.min_elapsed_ms) // 8000
@@ -378,6 +378,11 @@ class DeltaEngine(ColumnPolls):
         return engine
 
 
+def _may_have_wrapped(old: int) -> bool:
+    """A 32-bit counter this close to its top that reads lower may have wrapped."""
+    return WRAP_NEAR <= old < WRAP32
+
+
 def _differences(
     old: tuple[int, ...], cur: tuple[int, ...], limits: tuple[int, ...], *, final: bool = False
 ) -> tuple[tuple[int, int, int, int], bool, bool]:
@@ -392,7 +397,7 @@ def _differences(
     for o, c, limit in zip(old, cur, limits):
         if c >= o:
             moved.append(c - o)
-        elif WRAP_NEAR <= o < WRAP32 and WRAP32 - o + c <= limit:
+        elif _may_have_wrapped(o) and WRAP32 - o + c <= limit:
             moved.append(WRAP32 - o + c)
             wrapped = True
         elif final:
