@@ -30,12 +30,10 @@ from typing import Any
 
 from kvmeter.agent.counter_rows import CounterRow, SteadyColumns
 from kvmeter.agent.delta_columns import ColumnPolls
+from kvmeter.agent.delta_finals import ColumnFinals
 from kvmeter.agent.model import CounterKey, CounterSample, Delta
+from kvmeter.agent.wrap_zone import WRAP32, may_have_wrapped
 
-WRAP32 = 1 << 32
-# A decrease can be a 32-bit wrap only from the top quarter of the range: at a fast line rate
-# the ceiling alone would let any decrease pass for a wrap and bill gigabytes for a reset.
-WRAP_NEAR = WRAP32 - WRAP32 // 4
 STATE_VERSION = 1
 # A tracked key missing from this many consecutive polls without a final sample is forgotten
 # (its DELLINK was missed); until then a late final event still finds its last values.
@@ -62,7 +60,7 @@ def _values(sample: CounterSample) -> tuple[int, int, int, int]:
     return (sample.rx_bytes, sample.tx_bytes, sample.rx_packets, sample.tx_packets)
 
 
-class DeltaEngine(ColumnPolls):
+class DeltaEngine(ColumnPolls, ColumnFinals):
     """Per-counter state and the rules above. One engine per host boot."""
 
     def __init__(self, boot_id: str, config: DeltaConfig | None = None) -> None:
@@ -213,7 +211,7 @@ class DeltaEngine(ColumnPolls):
         txp = sample.tx_packets - old_txp
         if min(rxb, txb, rxp, txp) < 0:
             moved = ((old_rxb, rxb), (old_txb, txb), (old_rxp, rxp), (old_txp, txp))
-            if any(m < 0 and _may_have_wrapped(o) for o, m in moved):
+            if any(m < 0 and may_have_wrapped(o) for o, m in moved):
                 return None  # the full rules decide
             rxb, txb, rxp, txp = max(rxb, 0), max(txb, 0), max(rxp, 0), max(txp, 0)
         limit = (
@@ -378,11 +376,6 @@ class DeltaEngine(ColumnPolls):
         return engine
 
 
-def _may_have_wrapped(old: int) -> bool:
-    """A 32-bit counter this close to its top that reads lower may have wrapped."""
-    return WRAP_NEAR <= old < WRAP32
-
-
 def _differences(
     old: tuple[int, ...], cur: tuple[int, ...], limits: tuple[int, ...], *, final: bool = False
 ) -> tuple[tuple[int, int, int, int], bool, bool]:
@@ -397,7 +390,7 @@ def _differences(
     for o, c, limit in zip(old, cur, limits):
         if c >= o:
             moved.append(c - o)
-        elif _may_have_wrapped(o) and WRAP32 - o + c <= limit:
+        elif may_have_wrapped(o) and WRAP32 - o + c <= limit:
             moved.append(WRAP32 - o + c)
             wrapped = True
         elif final:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 
-from kvmeter.agent.counters import CounterTable, KernelTable, Stats, to_sample
+from kvmeter.agent.counters import CounterTable, KernelTable, Stats
+from kvmeter.agent.delta_finals import FinalReading
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, NicInfo
@@ -20,6 +22,8 @@ from kvmeter.agent.plan import PollPlan
 from kvmeter.agent.sources import CounterSource, Owned
 
 log = logging.getLogger(__name__)
+_IFNAME = attrgetter("ifname")
+_IFINDEX = attrgetter("ifindex")
 
 
 @dataclass(frozen=True)
@@ -103,13 +107,21 @@ class Measuring(Ownership):
     def _apply_events(
         self, events: list[StampedEvent], devices: Mapping[str, tuple[DomainInfo, NicInfo]]
     ) -> list[Delta]:
-        """Link events in the order they came: births for the engine, deletions' final counters."""
+        """Link events in the order they came: births for the engine, deletions' final counters.
+        The final counters go to the engine together (a VM storm's: by columns), up to an event
+        on a key among them; events of distinct keys commute."""
+        finals: list[FinalReading] = []
+        pending: set[CounterKey] = set()
         deltas: list[Delta] = []
         gone = self._gone
-        for event in events:
-            # The object the plan holds for the link (the engine's and attribution's key):
-            # lookups by identity, no key made per event
-            key = self._links.key(event.ifname, event.ifindex)
+        attribution = self._attribution
+        # The object the plan holds for each link (the engine's and attribution's key): lookups
+        # by identity, no key made per event
+        keys = map(self._links.key, map(_IFNAME, events), map(_IFINDEX, events))
+        for event, key in zip(events, keys):
+            if key in pending:  # the same key again: what came before it first
+                deltas += self.engine.finals(finals)
+                finals, pending = [], set()
             if event.kind == "new":
                 self.engine.link_created(key)
                 continue
@@ -121,11 +133,12 @@ class Measuring(Ownership):
                     "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
                 )
                 continue
-            if key not in self._attribution and event.ifname in devices:
+            if key not in attribution and event.ifname in devices:
                 self._remember(key, *devices[event.ifname])
-            d = self.engine.final(event.wall_ms, event.mono_ms, to_sample(key, event.stats))
-            if d is not None:
-                deltas.append(d)
+            finals.append((event.wall_ms, event.mono_ms, key, event.stats))
+            pending.add(key)
+        if finals:
+            deltas += self.engine.finals(finals)
         return deltas
 
     def _sourced_readings(

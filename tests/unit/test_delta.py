@@ -6,8 +6,9 @@ import itertools
 
 import pytest
 
-from kvmeter.agent.delta import WRAP32, DeltaConfig, DeltaEngine
+from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.model import CounterKey, CounterSample
+from kvmeter.agent.wrap_zone import WRAP32
 
 BOOT = "boot-a"
 K = CounterKey(BOOT, 7, "vnet0")

@@ -9,8 +9,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmeter.agent.delta import WRAP32, DeltaConfig, DeltaEngine
+from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta
+from kvmeter.agent.wrap_zone import WRAP32
 
 BOOT = "boot-a"
 KEYS = tuple(CounterKey(BOOT, 10 + i, f"vnet{i}") for i in range(4))

@@ -11,8 +11,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmeter.agent.delta import WRAP32, WRAP_NEAR, DeltaConfig, DeltaEngine
+from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta
+from kvmeter.agent.wrap_zone import WRAP32, WRAP_NEAR
 
 BOOT = "boot-a"
 T0 = 1_700_000_000_000
