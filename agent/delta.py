@@ -88,9 +88,19 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
 
     def link_created(self, key: CounterKey) -> None:
         """A link "new" event: this identity was born while we were accounting."""
-        if key.boot_id == self.boot_id and not self.tracks(key):
-            self._created[key] = 0
-            self._preexisting.discard(key)
+        self.links_created((key,))
+
+    def links_created(self, keys: Iterable[CounterKey]) -> None:
+        """link_created for each of `keys` (a VM storm's new taps), in any order: whether a
+        key is tracked does not depend on another's birth."""
+        boot_id = self.boot_id
+        born = {key for key in keys if key.boot_id == boot_id}
+        born -= self._counters.keys()
+        if born and self._steady is not None:
+            index, lifted = self._index(), self._lifted
+            born = {key for key in born if key in lifted or key not in index}
+        self._created.update(dict.fromkeys(born, 0))
+        self._preexisting -= born
 
     def poll(
         self,

@@ -228,7 +228,10 @@ class ColumnPolls:
 
         `newborn_columns`: the counters born since the last poll (a storm's new taps) that
         poll_readings would count from zero over the steady counters' very interval go by
-        columns too (see _born_since); the same deltas and state, no Python step each."""
+        columns too (see _born_since); the same deltas and state, no Python step each.
+
+        When every counter goes by columns, the engine keeps the four lists as their last
+        readings (as poll_columns does): the caller must not change them."""
         if self._fresh or not keys:
             return None
         old = LastReadings(self._steady, self._index() if self._steady is not None else {}, self._lifted)
@@ -271,23 +274,35 @@ class ColumnPolls:
             )
         if not any(columns):
             return None
-        rows = list(map(not_, columns))
-        by_rows = list(
-            zip(
-                compress(keys, rows),
+        every = all(columns)  # a storm's usual case: no counter by rows, no pass to pick them
+        by_rows: list[tuple[CounterKey, Stats]] = []
+        if every:
+            steady_keys = tuple(keys)
+            kept = rx_bytes, tx_bytes, rx_packets, tx_packets
+        else:
+            rows = list(map(not_, columns))
+            by_rows = list(
                 zip(
-                    compress(rx_bytes, rows),
-                    compress(rx_packets, rows),
-                    compress(tx_bytes, rows),
-                    compress(tx_packets, rows),
-                ),
+                    compress(keys, rows),
+                    zip(
+                        compress(rx_bytes, rows),
+                        compress(rx_packets, rows),
+                        compress(tx_bytes, rows),
+                        compress(tx_packets, rows),
+                    ),
+                )
             )
-        )
-        steady_keys = tuple(compress(keys, columns))
+            steady_keys = tuple(compress(keys, columns))
+            kept = (
+                list(compress(rx_bytes, columns)),
+                list(compress(tx_bytes, columns)),
+                list(compress(rx_packets, columns)),
+                list(compress(tx_packets, columns)),
+            )
         # The old steady counters that do not go on as columns (their tap went by rows, or is
         # gone without a final sample yet) stay tracked in the per-key dict; the dict's
         # counters that go on as columns leave it.
-        left = old.left_over(list(compress(pos, columns)))
+        left = old.left_over(pos if every else list(compress(pos, columns)))
         if left:
             counters.update(zip(map(old.keys.__getitem__, left), map(old.row, left)))
         for i in from_dict:
@@ -295,7 +310,8 @@ class ColumnPolls:
                 del counters[keys[i]]
         created = self._created
         if created:
-            for key in compress(keys, map(mul, columns, map(eq, pos, repeat(old.born)))):
+            born = map(eq, pos, repeat(old.born))
+            for key in compress(keys, born if every else map(mul, columns, born)):
                 created.pop(key, None)
         end = now_ms if now_ms > start else start + 1
         self._set_steady(
@@ -303,10 +319,7 @@ class ColumnPolls:
                 steady_keys,
                 tuple(map(_IFINDEX, steady_keys)),
                 tuple(map(_NAME, steady_keys)),
-                list(compress(rx_bytes, columns)),
-                list(compress(tx_bytes, columns)),
-                list(compress(rx_packets, columns)),
-                list(compress(tx_packets, columns)),
+                *kept,
                 end,
                 mono_ms,
             )
@@ -314,15 +327,10 @@ class ColumnPolls:
         # The rows after: every counter they may look up (a name's older incarnation) is
         # tracked in the per-key dict or in the new columns under another name.
         deltas = self._poll_rows(now_ms, mono_ms, by_rows, present)
-        zeroed = ColumnDeltas(
-            tuple(keys),
-            start,
-            end,
-            list(map(mul, rxb, columns)),
-            list(map(mul, txb, columns)),
-            list(map(mul, rxp, columns)),
-            list(map(mul, txp, columns)),
-        )
+        moved = [rxb, txb, rxp, txp]
+        if not every:
+            moved = [list(map(mul, column, columns)) for column in moved]
+        zeroed = ColumnDeltas(tuple(keys), start, end, *moved)
         return zeroed, deltas
 
     def _born_since(

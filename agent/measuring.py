@@ -108,11 +108,12 @@ class Measuring(Ownership):
         self, events: list[StampedEvent], devices: Mapping[str, tuple[DomainInfo, NicInfo]]
     ) -> list[Delta]:
         """Link events in the order they came: births for the engine, deletions' final counters.
-        The final counters go to the engine together (a VM storm's: by columns), up to an event
-        on a key among them; events of distinct keys commute."""
+        Births and final counters go to the engine together (a VM storm's finals: by columns),
+        up to an event on a key among them: events of distinct keys commute."""
+        born: list[CounterKey] = []
         finals: list[FinalReading] = []
-        pending: set[CounterKey] = set()
         deltas: list[Delta] = []
+        pending: set[CounterKey] = set()
         gone = self._gone
         attribution = self._attribution
         # The object the plan holds for each link (the engine's and attribution's key): lookups
@@ -120,23 +121,26 @@ class Measuring(Ownership):
         keys = map(self._links.key, map(_IFNAME, events), map(_IFINDEX, events))
         for event, key in zip(events, keys):
             if key in pending:  # the same key again: what came before it first
+                self.engine.links_created(born)
                 deltas += self.engine.finals(finals)
-                finals, pending = [], set()
-            if event.kind == "new":
-                self.engine.link_created(key)
-                continue
-            if event.kind != "del":
-                continue
-            gone[key.name] = key
-            if event.stats is None:
-                log.warning(
-                    "%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex
-                )
-                continue
-            if key not in attribution and event.ifname in devices:
-                self._remember(key, *devices[event.ifname])
-            finals.append((event.wall_ms, event.mono_ms, key, event.stats))
+                born, finals, pending = [], [], set()
             pending.add(key)
+            kind = event.kind
+            if kind == "new":
+                born.append(key)
+            elif kind == "del":
+                gone[key.name] = key
+                if event.stats is None:
+                    log.warning(
+                        "%s (ifindex %d) deleted without final counters: its tail is lost",
+                        key.name,
+                        key.ifindex,
+                    )
+                    continue
+                if key not in attribution and event.ifname in devices:
+                    self._remember(key, *devices[event.ifname])
+                finals.append((event.wall_ms, event.mono_ms, key, event.stats))
+        self.engine.links_created(born)
         if finals:
             deltas += self.engine.finals(finals)
         return deltas
