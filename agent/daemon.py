@@ -31,6 +31,7 @@ from kvmeter.agent.config import AgentConfig
 from kvmeter.agent.counters import KernelTable, read_link_mac
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.heap import Heap
+from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import (
     Attribution,
     Templates,
@@ -47,7 +48,7 @@ from kvmeter.agent.publish import Publisher
 from kvmeter.agent.sources import CounterSource, nic_sources
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
-from kvmeter.agent.wire import InventoryRecords, split_fields
+from kvmeter.agent.wire import split_fields
 from kvmeter.proto import pb
 from kvmeter.reload import Reloads
 

@@ -14,12 +14,13 @@ from typing import Any, Protocol
 from kvmeter.agent.config import AgentConfig
 from kvmeter.agent.counters import Stats
 from kvmeter.agent.delta import DeltaEngine
+from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates
 from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.plan import Planner, PollPlan, same_inventory
 from kvmeter.agent.sources import CounterSource
 from kvmeter.agent.traffic import TrafficRules
-from kvmeter.agent.wire import InventoryRecords, SteadyEncoder
+from kvmeter.agent.wire import SteadyEncoder
 
 
 # What the agent needs of its inventory (libvirt's) and topology (netlink's); tests pass doubles.
@@ -162,7 +163,7 @@ class Ownership:
             self._last_inventory = signature
             self._polls_since_inventory = 0
         records = self._inventory_records.encode(
-            signature[0], plan.placements, plan.links, touched=self._inventory_touched
+            plan.ordered, plan.placements, plan.links, touched=self._inventory_touched
         )
         self._inventory_touched = set()
         return records

@@ -21,12 +21,12 @@ followed by records.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
+from collections.abc import Iterator, Sequence
 from itertools import chain, compress, repeat
-from operator import add, attrgetter, itemgetter, or_
+from operator import add, attrgetter, or_
 
-from kvmeter.agent.measures import _Pair, domain_inventory
-from kvmeter.agent.model import ColumnDeltas, DomainInfo, LinkPlacement
+from kvmeter.agent.measures import _Pair
+from kvmeter.agent.model import ColumnDeltas
 from kvmeter.agent.varint import varint, varint_size
 from kvmeter.proto.encoding_pb2 import PackedCounts
 
@@ -35,7 +35,6 @@ _PACKETS_TAG = 0x38  # IPMeasure.packets = 7, varint
 _START_TAG = 0x20  # IPMeasure.start = 4
 _END_TAG = 0x28  # IPMeasure.end = 5
 _MEASURES_TAG = 0x3A  # MeasureBatch.measures = 7, length-delimited
-_INVENTORY_TAG = 0x42  # MeasureBatch.inventory = 8, length-delimited
 _VARINT = rb"[\x80-\xff]*[\x00-\x7f]"
 _COUNTS = re.compile(rb"\x18" + _VARINT + rb"\x38" + _VARINT)
 _RX_WIRE = attrgetter("rx_wire")
@@ -231,91 +230,3 @@ def split_fields(data: bytes, max_bytes: int) -> list[bytes]:
         pos = field_end
     parts.append(data[start:])
     return parts
-
-
-class InventoryRecords:
-    """The inventory of a batch as MeasureBatch.inventory records (wire bytes), each domain's
-    record kept while the domain object, its NICs' placement objects and their ifindexes stay
-    the same: after a VM's taps come or go, only that VM's record is written again (the poll
-    right after link events sends the full inventory). The bytes decode exactly as
-    MeasureBatch(inventory=[domain_inventory(...) for each domain]) serialises."""
-
-    def __init__(self) -> None:
-        self._records: dict[str, tuple[DomainInfo, tuple[object, ...], bytes]] = {}
-
-    def encode(
-        self,
-        domains: Iterable[DomainInfo],
-        placements: Mapping[str, LinkPlacement],
-        ifindexes: Mapping[str, int],
-        touched: Set[str] | None = None,
-    ) -> bytes:
-        """`touched`: the only domains (uuids) that may differ from the last call's (their
-        object, their NICs' placements or ifindexes), None for any: the others' records are
-        taken as they are, without a Python step each."""
-        domains = list(domains)
-        if touched is not None:
-            joined = self._encode_touched(domains, placements, ifindexes, touched)
-            if joined is not None:
-                return joined
-        records = []
-        kept: dict[str, tuple[DomainInfo, tuple[object, ...], bytes]] = {}
-        for domain in domains:
-            where = _where(domain, placements, ifindexes)
-            known = self._records.get(domain.uuid)
-            if known is not None and known[0] is domain and _same_items(known[1], where):
-                record = known[2]
-            else:
-                record = _inventory_record(domain, placements, ifindexes)
-            kept[domain.uuid] = (domain, where, record)
-            records.append(record)
-        self._records = kept
-        return b"".join(records)
-
-    def _encode_touched(
-        self,
-        domains: list[DomainInfo],
-        placements: Mapping[str, LinkPlacement],
-        ifindexes: Mapping[str, int],
-        touched: Set[str],
-    ) -> bytes | None:
-        cache = self._records
-        uuids = list(map(_UUID, domains))
-        by_uuid = dict(zip(uuids, domains))
-        for uuid in touched:
-            domain = by_uuid.get(uuid)
-            if domain is None:
-                cache.pop(uuid, None)
-                continue
-            where = _where(domain, placements, ifindexes)
-            known = cache.get(uuid)
-            if known is None or known[0] is not domain or not _same_items(known[1], where):
-                cache[uuid] = (domain, where, _inventory_record(domain, placements, ifindexes))
-        if len(cache) != len(uuids):
-            return None  # not what the last call left: every domain is looked at
-        try:
-            return b"".join(map(_RECORD, map(cache.__getitem__, uuids)))
-        except KeyError:
-            return None
-
-
-_UUID = attrgetter("uuid")
-_RECORD = itemgetter(2)
-
-
-def _where(
-    domain: DomainInfo, placements: Mapping[str, LinkPlacement], ifindexes: Mapping[str, int]
-) -> tuple[object, ...]:
-    devices = [nic.device for nic in domain.nics if nic.device]
-    return (*map(placements.get, devices), *map(ifindexes.get, devices))
-
-
-def _inventory_record(
-    domain: DomainInfo, placements: Mapping[str, LinkPlacement], ifindexes: Mapping[str, int]
-) -> bytes:
-    data = domain_inventory(domain, placements, ifindexes).SerializeToString()
-    return bytes([_INVENTORY_TAG]) + varint(len(data)) + data
-
-
-def _same_items(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
-    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))

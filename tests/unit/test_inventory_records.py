@@ -1,4 +1,4 @@
-"""The inventory records the agent keeps between batches (wire.InventoryRecords: a record per
+"""The inventory records the agent keeps between batches (inventory_records.InventoryRecords: a record per
 domain, kept while its domain, placements and ifindexes stay the same) are byte for byte what
 protobuf serialises for the same domains, placements and ifindexes, after any sequence of
 changes, whether the caller names the domains it touched (the poll plan's update does) or not
@@ -9,9 +9,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import domain_inventory
 from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
-from kvmeter.agent.wire import InventoryRecords
 from kvmeter.proto import pb
 
 DEVICES = [f"vnet{i}" for i in range(6)]

@@ -7,12 +7,12 @@ import random
 import pytest
 from google.protobuf.internal.encoder import _VarintBytes
 
+from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates, build_batch, domain_inventory
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.wire import (
     _JOIN_PIECES,
     _ONE_JOIN_PIECES,
-    InventoryRecords,
     SteadyEncoder,
     packed_varints,
     split_fields,
