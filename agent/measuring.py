@@ -59,9 +59,16 @@ class Measuring(Ownership):
         self._gone = {}
         before = self.topology.links()
         table = self._table.read()
-        after = self.topology.links()
+        if generation is not None and getattr(self.topology, "generation", None) == generation:
+            after = before  # no link came, went or moved meanwhile: the same map, no copy
+        else:
+            after = self.topology.links()
         now_ms, mono_ms = to_ms(self._wall()), to_ms(self._mono())
-        stable = after if after == before else {name: i for name, i in after.items() if before.get(name) == i}
+        stable = (
+            after
+            if after is before or after == before
+            else {name: i for name, i in after.items() if before.get(name) == i}
+        )
         plan = self._plan_for(generation, stable)
         keys, rows = plan.rows_of(table)
         rx_bytes, rx_packets, tx_bytes, tx_packets = (
