@@ -59,6 +59,9 @@ class PollPlan:
     row_keys: tuple[CounterKey, ...] = ()
     row_indexes: list[int] = field(default_factory=list)
     encoder: SteadyEncoder | None = None  # for row_keys; built at the first steady poll
+    # The metered keys by ifindex (a netlink table's rows), built when first needed and kept
+    # up to date by an update
+    by_ifindex: dict[int, CounterKey] | None = None
 
     def rows_of(self, table: CounterTable) -> tuple[tuple[CounterKey, ...], list[int]]:
         """The metered interfaces' keys and their rows in the table, in the table's order (as
@@ -69,8 +72,10 @@ class PollPlan:
             if table.ifindexes is None:
                 found = list(map(self.metered.get, table.names))
             else:  # a row is a metered link's when its ifindex is the one the plan's key holds
-                keys = self.metered.values()
-                found = list(map(dict(zip(map(_ifindex, keys), keys)).get, table.ifindexes))
+                if self.by_ifindex is None:
+                    keys = self.metered.values()
+                    self.by_ifindex = dict(zip(map(_ifindex, keys), keys))
+                found = list(map(self.by_ifindex.get, table.ifindexes))
             self.table_layout = layout
             self.row_indexes = list(compress(range(len(found)), map(is_not, found, repeat(None))))
             self.row_keys = tuple(filter(None, found))
@@ -218,7 +223,7 @@ class Planner:
             else:
                 ordered = sorted(domains, key=_by_uuid)
         devices, keys, metered = plan.devices, plan.keys, plan.metered
-        placements = plan.placements
+        placements, by_ifindex = plan.placements, plan.by_ifindex
         remember = []
         dropped = set(filter(None, map(keys.get, names)))  # their keys leave `present`
         for name in names:
@@ -228,7 +233,9 @@ class Planner:
             in_links = name in stable
             if owners and not in_links and owners[0][0].state not in INACTIVE_STATES:
                 return None  # a running NIC without its link: to be matched by MAC
-            metered.pop(name, None)
+            was = metered.pop(name, None)
+            if was is not None and by_ifindex is not None and by_ifindex.get(was.ifindex) is was:
+                del by_ifindex[was.ifindex]
             if in_links:
                 keys[name] = self._links.key(name, stable[name])
             else:
@@ -236,7 +243,9 @@ class Planner:
             if owners and in_links:
                 devices[name] = owners[0]
                 placements[name] = self._placement(name)
-                metered[name] = keys[name]
+                metered[name] = key = keys[name]
+                if by_ifindex is not None:
+                    by_ifindex[key.ifindex] = key
                 remember.append(name)
                 touched.add(owners[0][0].uuid)
             else:
@@ -265,4 +274,5 @@ class Planner:
             named=named,
             remember=remember,
             touched=touched,
+            by_ifindex=by_ifindex,
         )
