@@ -94,11 +94,7 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         """link_created for each of `keys` (a VM storm's new taps), in any order: whether a
         key is tracked does not depend on another's birth."""
         boot_id = self.boot_id
-        born = {key for key in keys if key.boot_id == boot_id}
-        born -= self._counters.keys()
-        if born and self._steady is not None:
-            index, lifted = self._index(), self._lifted
-            born = {key for key in born if key in lifted or key not in index}
+        born = self.untracked(key for key in keys if key.boot_id == boot_id)
         self._created.update(dict.fromkeys(born, 0))
         self._preexisting -= born
 
@@ -326,6 +322,14 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         if key in self._counters:
             return True
         return self._steady is not None and key not in self._lifted and key in self._index()
+
+    def untracked(self, keys: Iterable[CounterKey]) -> set[CounterKey]:
+        """Those of `keys` not tracked (`tracks`), by set operations."""
+        out = set(keys) - self._counters.keys()
+        if out and self._steady is not None:
+            index, lifted = self._index(), self._lifted
+            out = {key for key in out if key in lifted or key not in index}
+        return out
 
     def tracked_count(self) -> int:
         steady = len(self._steady.keys) - len(self._lifted) if self._steady is not None else 0

@@ -139,8 +139,8 @@ class Ownership:
         tracked = self.engine.tracked_count()
         metered = plan.metered
         if len(self._attribution) > tracked:  # the links deleted by this poll's events first
-            for key in self._gone.values():
-                if key in self._attribution and not self.engine.tracks(key) and metered.get(key.name) != key:
+            for key in self.engine.untracked(self._gone.values()):
+                if key in self._attribution and metered.get(key.name) != key:
                     del self._attribution[key]
         if len(self._attribution) > tracked:  # forgotten by the engine, or a reborn tap waiting
             for key in self._attribution.keys() - self.engine.tracked_keys():

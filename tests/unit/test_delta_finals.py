@@ -76,6 +76,8 @@ def test_finals_together_conclude_what_each_in_turn_concludes(
         if delta is not None:
             expected.append(delta)
     assert together.finals(finals) == expected
+    everyone = [*KEYS, BORN, OTHER_BOOT, UNKNOWN]
+    assert together.untracked(everyone) == {key for key in everyone if not together.tracks(key)}
     assert state(together) == state(in_turn)
 
 
