@@ -304,14 +304,15 @@ class Agent(Measuring):
                 self.metrics.bytes.labels(traffic, "vm_rx").inc(vm_rx)
             if vm_tx:
                 self.metrics.bytes.labels(traffic, "vm_tx").inc(vm_tx)
+        finals = 0
         for d in deltas:
-            if d.quarantine_reason is None and not d.final_at_delete:
-                continue
+            if d.final_at_delete:
+                finals += 1
             if d.quarantine_reason is not None:
                 self.metrics.quarantines.inc()
                 log.warning("quarantined %s (ifindex %d): %s", d.key.name, d.key.ifindex, d.quarantine_reason)
-            if d.final_at_delete:
-                self.metrics.final_deltas.inc()
+        if finals:
+            self.metrics.final_deltas.inc(finals)  # one call for a storm's hundreds
 
     def update_spool_metrics(self) -> None:
         self.metrics.spool_frames.set(self.spool.pending_count())

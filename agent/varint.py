@@ -9,7 +9,15 @@ def varint_size(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def varint(value: int) -> bytes:
+    # Most are lengths and ifindexes: one or two bytes, without a loop
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)

@@ -201,6 +201,7 @@ def test_two_reboots_between_polls_count_the_short_lived_tap_too(host: Host, tmp
     clock.t += 1
     batch = agent.poll_once()
     assert sum(m.final_at_delete for m in batch.measures) == 4  # two finals, both directions
+    assert agent.metrics.registry.get_sample_value("kvmeter_agent_final_deltas_total") == 2
     host.traffic("vnet0", 1, 2)
     clock.t += 1
     agent.poll_once()
