@@ -125,7 +125,7 @@ class Measuring(Ownership):
         attribution = self._attribution
         # The object the plan holds for each link (the engine's and attribution's key): lookups
         # by identity, no key made per event
-        keys = map(self._links.key, map(_IFNAME, events), map(_IFINDEX, events))
+        keys = self._links.keys_of(map(_IFNAME, events), map(_IFINDEX, events))
         for event, key in zip(events, keys):
             if key in pending:  # the same key again: what came before it first
                 self.engine.links_created(born)

@@ -9,6 +9,8 @@ Everything else on the host (bridges, uplinks, the management link) is ignored.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from itertools import compress, repeat
+from operator import is_
 
 from kvmeter.agent.counters import read_link_mac
 from kvmeter.agent.libvirt_counters import libvirt_counted
@@ -87,6 +89,15 @@ class MeteredLinks:
         if key is None:
             key = self._keys[(name, ifindex)] = CounterKey(self.boot_id, ifindex, name)
         return key
+
+    def keys_of(self, names: Iterable[str], ifindexes: Iterable[int]) -> list[CounterKey]:
+        """`key` for each name and ifindex (a poll's link events): the cached ones looked up in
+        one C-level pass."""
+        wanted = list(zip(names, ifindexes))
+        found: list[CounterKey | None] = list(map(self._keys.get, wanted))
+        for i in compress(range(len(found)), map(is_, found, repeat(None))):
+            found[i] = self.key(*wanted[i])
+        return found  # type: ignore[return-value]  # None no more
 
     def keys(self, links: Mapping[str, int]) -> dict[str, CounterKey]:
         """name -> CounterKey for every link."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvmeter.agent.metered import MeteredLinks, tap_mac
-from kvmeter.agent.model import DomainInfo, NicInfo
+from kvmeter.agent.model import CounterKey, DomainInfo, NicInfo
 
 
 def dom(name: str, *nics: NicInfo, state: str = "running") -> DomainInfo:
@@ -55,3 +55,13 @@ def test_keys_are_stable_objects_per_name_and_ifindex() -> None:
     reborn = links.keys({"vnet0": 9})
     assert first["vnet0"] is again["vnet0"]
     assert (reborn["vnet0"].ifindex, reborn["vnet0"].boot_id) == (9, "boot")
+
+
+def test_keys_of_events_are_the_objects_key_hands_out() -> None:
+    links = MeteredLinks("boot", lambda _: None)
+    known = links.keys({"vnet0": 7, "vnet1": 8})
+    got = links.keys_of(["vnet0", "vnet1", "vnet0", "vnet2"], [7, 8, 9, 3])
+    assert got[0] is known["vnet0"]
+    assert got[1] is known["vnet1"]
+    assert got[2:] == [CounterKey("boot", 9, "vnet0"), CounterKey("boot", 3, "vnet2")]
+    assert got[2] is links.key("vnet0", 9)
