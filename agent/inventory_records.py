@@ -4,15 +4,16 @@ batch to batch. Pure, no I/O.
 A domain's record is kept while the domain object, its NICs' placements and their ifindexes stay
 the same: after a VM's taps come or go, only that VM's record is written again (the poll right
 after link events sends the full inventory). And when only ifindexes changed (a tap made again
-under a domain that stayed), it is written from the domain's shape: protobuf writes a message's
-fields in the order of their numbers, so a NIC's ifindex (field 10) comes last in the NIC and the
-NICs (field 8) last in the domain; the shape holds the bytes before each, built by protobuf. The
-bytes decode exactly as MeasureBatch(inventory=[domain_inventory(...) for each domain])
+under a domain that stayed), it is written again from its own bytes: protobuf writes a
+message's fields in the order of their numbers, so a NIC's ifindex (field 10) comes last in the
+NIC and the NICs (field 8) last in the domain; a record keeps where the bytes before each lie.
+The bytes decode exactly as MeasureBatch(inventory=[domain_inventory(...) for each domain])
 serialises (tests/unit/test_inventory_records.py: byte for byte).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Mapping, Set
 from operator import attrgetter, is_, itemgetter
 from typing import NamedTuple
@@ -26,20 +27,15 @@ _NIC_TAG = b"\x42"  # DomainInventory.nics = 8, length-delimited: the domain's l
 _IFINDEX_TAG = b"\x50"  # NicInventory.ifindex = 10, varint: the NIC's last field
 
 
-class _Shape(NamedTuple):
-    """A domain's record less its NICs' ifindexes, for the placements it was built with."""
+class _Kept(NamedTuple):
+    """A domain's record and what it was written from."""
 
     domain: DomainInfo
-    placements: tuple[LinkPlacement | None, ...]  # its NIC devices' (see _devices)
-    head: bytes  # the domain's fields before its NICs
-    nics: tuple[bytes, ...]  # each NIC's fields before its ifindex
-    devices: tuple[str | None, ...]  # each NIC's device (None: no ifindex)
-
-
-class _Kept(NamedTuple):
-    shape: _Shape
-    ifindexes: tuple[int | None, ...]  # its NIC devices'
+    where: tuple[object, ...]  # its NIC devices' placements, then their ifindexes (see _kept)
     record: bytes
+    # Where the domain's fields before its NICs, then each NIC's before its ifindex, lie in
+    # `record` (start and end of each, as array("I") bytes): a few bytes a domain, no copies
+    cuts: bytes
 
 
 class InventoryRecords:
@@ -111,39 +107,51 @@ def _kept(
     placements: Mapping[str, LinkPlacement],
     ifindexes: Mapping[str, int],
 ) -> _Kept:
-    """A domain's record: `known` when nothing in it changed, else from its shape (known's, when
-    only ifindexes changed)."""
+    """A domain's record: `known` when nothing in it changed; when only ifindexes changed, from
+    known's bytes; else from protobuf's."""
     devices = [nic.device for nic in domain.nics if nic.device]
-    places = tuple(map(placements.get, devices))
-    indexes = tuple(map(ifindexes.get, devices))
-    if known is not None and known.shape.domain is domain and _same_items(known.shape.placements, places):
-        if known.ifindexes == indexes:
+    where = (*map(placements.get, devices), *map(ifindexes.get, devices))
+    n = len(devices)
+    if known is not None and known.domain is domain and _same_items(known.where[:n], where[:n]):
+        if _same_items(known.where, where):
             return known
-        shape = known.shape
+        cuts = array("I")
+        cuts.frombytes(known.cuts)
+        record = known.record
+        head = record[cuts[0] : cuts[1]]
+        nics = [record[cuts[i] : cuts[i + 1]] for i in range(2, len(cuts), 2)]
     else:
-        shape = _shape(domain, placements, places)
-    return _Kept(shape, indexes, _record(shape, ifindexes))
+        message = domain_inventory(domain, placements, {})  # no ifindexes
+        nics = [nic.SerializeToString() for nic in message.nics]
+        message.ClearField("nics")
+        head = message.SerializeToString()
+    return _written(domain, where, head, nics, ifindexes)
 
 
-def _shape(
-    domain: DomainInfo, placements: Mapping[str, LinkPlacement], places: tuple[LinkPlacement | None, ...]
-) -> _Shape:
-    message = domain_inventory(domain, placements, {})  # no ifindexes
-    nics = tuple(nic.SerializeToString() for nic in message.nics)
-    message.ClearField("nics")
-    devices = tuple(nic.device or None for nic in domain.nics)
-    return _Shape(domain, places, message.SerializeToString(), nics, devices)
-
-
-def _record(shape: _Shape, ifindexes: Mapping[str, int]) -> bytes:
-    parts = [shape.head]
-    for nic, device in zip(shape.nics, shape.devices):
-        ifindex = ifindexes.get(device) if device is not None else None
-        if ifindex is not None:
-            nic += _IFINDEX_TAG + varint(ifindex)
-        parts += (_NIC_TAG, varint(len(nic)), nic)
+def _written(
+    domain: DomainInfo,
+    where: tuple[object, ...],
+    head: bytes,
+    nics: list[bytes],
+    ifindexes: Mapping[str, int],
+) -> _Kept:
+    """The record of `head` and `nics` (each NIC's fields before its ifindex), with the
+    ifindexes of the NICs' devices."""
+    parts = [head]
+    cuts = [0, len(head)]  # in the body, moved behind the record's tag and length below
+    size = len(head)
+    for before, nic in zip(nics, domain.nics):
+        ifindex = ifindexes.get(nic.device) if nic.device else None
+        whole = before + _IFINDEX_TAG + varint(ifindex) if ifindex is not None else before
+        length = varint(len(whole))
+        start = size + 1 + len(length)
+        cuts += (start, start + len(before))
+        parts += (_NIC_TAG, length, whole)
+        size = start + len(whole)
     body = b"".join(parts)
-    return _INVENTORY_TAG + varint(len(body)) + body
+    prefix = _INVENTORY_TAG + varint(len(body))
+    at = len(prefix)
+    return _Kept(domain, where, prefix + body, array("I", [c + at for c in cuts]).tobytes())
 
 
 def _same_items(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
