@@ -46,7 +46,7 @@ class PollPlan:
     present: frozenset[CounterKey]  # every stable link's key
     placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
     ordered: list[DomainInfo]  # the domains by uuid: the inventory's order
-    inventory_signature: Any  # what the inventory sent with a batch is built from (see same_inventory)
+    inventory_signature: Any  # what the inventory sent with a batch is built from
     # NIC device name -> the NICs naming it (every domain); None: not updatable, rebuilt
     named: dict[str, list[Owner]] | None
     # Names whose attribution the agent sets again (all metered ones for a new plan)
@@ -94,9 +94,8 @@ class PollPlan:
 
 def same_inventory(a: Any, b: Any) -> bool:
     """Two inventory signatures: the same domain objects in order, equal placements and
-    ifindexes per device (dicts: the order they were gathered in does not count). An updated
-    plan's whose domains were touched is the same only as itself."""
-    if not isinstance(a, tuple) or not isinstance(b, tuple):
+    ifindexes per device (dicts: the order they were gathered in does not count)."""
+    if b is None:
         return False
     return len(a[0]) == len(b[0]) and all(map(is_, a[0], b[0])) and a[1] == b[1] and a[2] == b[2]
 
@@ -268,9 +267,10 @@ class Planner:
             present=present,
             placements=placements,
             ordered=ordered,
-            # untouched: the same records as the last plan's; touched: sent again (no copy of
-            # every placement to compare: a storm's poll sends the inventory anyway)
-            inventory_signature=plan.inventory_signature if not touched else object(),
+            # untouched: the same as the last plan's (no copy of every placement and ifindex)
+            inventory_signature=(
+                _signature(ordered, placements, stable) if touched else plan.inventory_signature
+            ),
             named=named,
             remember=remember,
             touched=touched,
