@@ -146,7 +146,7 @@ class Templates:
 
     def pair(self, key: CounterKey, who: Attribution, was: CounterKey | None = None) -> _Pair:
         """`was`: the key of the counter's previous incarnation, when known: its pair's bytes
-        with the new ifindex, rather than two messages built and serialised (3.3 -> 2.7 µs)."""
+        with the new ifindex, rather than two messages built and serialised (3.5 -> 2.0 µs)."""
         hit = self._cache.get(key)
         if hit is not None and hit[0] is who:
             return hit
