@@ -160,7 +160,13 @@ def test_steady_traffic_counts_exactly_and_swaps_directions(host: Host, tmp_path
     assert vm_totals(tmp_path) == {pb.VM_RX: 10_000, pb.VM_TX: 510}
 
 
-def test_reboot_between_polls_counts_the_tail_and_the_new_tap(host: Host, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reboots", [1, 2])
+def test_reboots_between_polls_count_every_tail_and_the_new_tap(
+    host: Host, tmp_path: Path, reboots: int
+) -> None:
+    """With two, the middle incarnation is born and deleted between two polls: its "new" and
+    "del" events come in one poll, the deletion after the birth (the agent hands events over
+    together only up to an event on a key among them)."""
     clock = Clock()
     agent = make_agent(host, tmp_path, clock)
     agent.poll_once()
@@ -170,43 +176,24 @@ def test_reboot_between_polls_counts_the_tail_and_the_new_tap(host: Host, tmp_pa
     host.traffic("vnet0", 11, 22)  # the tail, after the last poll
     host.delete("vnet0")
     host.create("vnet0")  # same name, new ifindex
+    for _ in range(reboots - 1):
+        host.traffic("vnet0", 50, 60)  # a short-lived incarnation's whole life
+        host.delete("vnet0")
+        host.create("vnet0")
     host.traffic("vnet0", 1000, 2000)
     clock.t += 1
     batch = agent.poll_once()
-    assert any(m.final_at_delete for m in batch.measures)
+    assert sum(m.final_at_delete for m in batch.measures) == 2 * reboots  # both directions each
+    assert agent.metrics.registry.get_sample_value("kvmeter_agent_final_deltas_total") == reboots
     host.traffic("vnet0", 1, 2)
     clock.t += 1
     agent.poll_once()
     agent.close()
-    assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 2, pb.VM_TX: 300 + 11 + 1000 + 1}
-
-
-def test_two_reboots_between_polls_count_the_short_lived_tap_too(host: Host, tmp_path: Path) -> None:
-    """The middle incarnation is born and deleted between two polls: its "new" and "del" events
-    come in one poll, the deletion after the birth (the agent hands events over together only
-    up to an event on a key among them)."""
-    clock = Clock()
-    agent = make_agent(host, tmp_path, clock)
-    agent.poll_once()
-    host.traffic("vnet0", 300, 400)
-    clock.t += 1
-    agent.poll_once()
-    host.traffic("vnet0", 11, 22)
-    host.delete("vnet0")
-    host.create("vnet0")
-    host.traffic("vnet0", 50, 60)  # the short-lived incarnation's whole life
-    host.delete("vnet0")
-    host.create("vnet0")
-    host.traffic("vnet0", 1000, 2000)
-    clock.t += 1
-    batch = agent.poll_once()
-    assert sum(m.final_at_delete for m in batch.measures) == 4  # two finals, both directions
-    assert agent.metrics.registry.get_sample_value("kvmeter_agent_final_deltas_total") == 2
-    host.traffic("vnet0", 1, 2)
-    clock.t += 1
-    agent.poll_once()
-    agent.close()
-    assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 60 + 2000 + 2, pb.VM_TX: 300 + 11 + 50 + 1000 + 1}
+    short = reboots - 1
+    assert vm_totals(tmp_path) == {
+        pb.VM_RX: 400 + 22 + 60 * short + 2000 + 2,
+        pb.VM_TX: 300 + 11 + 50 * short + 1000 + 1,
+    }
 
 
 def test_crash_and_restart_loses_nothing_and_counts_nothing_twice(host: Host, tmp_path: Path) -> None:
