@@ -1,9 +1,13 @@
 """The delta engine's records: a counter's last reading (`CounterRow`, also a row of the saved
-state) and the last steady poll's counters kept as columns (`SteadyColumns`). Pure data."""
+state), the last steady poll's counters kept as columns (`SteadyColumns`), and what a mixed poll
+compares its readings with (`LastReadings`). Pure data."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import partial
+from itertools import compress, repeat
+from operator import lt
 from typing import NamedTuple
 
 from kvmeter.agent.model import CounterKey
@@ -43,3 +47,86 @@ class SteadyColumns(NamedTuple):
     tx_packets: list[int]
     end_ms: int
     mono_ms: int
+
+
+_new = tuple.__new__  # a tuple subclass from a ready tuple, without its generated __new__
+
+
+class LastReadings:
+    """What poll_mixed compares a poll's readings with, by position: the last steady poll's
+    counters (copies of its columns; lifted ones left out of the index), two zero rows (for
+    `unknown` counters and for those `born` since the last poll), then the rows poll_mixed
+    takes from the per-key dict (`take`)."""
+
+    def __init__(
+        self, steady: SteadyColumns | None, index: dict[CounterKey, int], lifted: set[CounterKey]
+    ) -> None:
+        self.steady = steady
+        n = len(steady.keys) if steady is not None else 0
+        self.unknown, self.born = n, n + 1
+        self.lifted_at = [index[key] for key in lifted]
+        if self.lifted_at:
+            index = dict(index)
+            for key in lifted:
+                del index[key]
+        self.index = index
+        self.keys: tuple[CounterKey, ...] = steady.keys if steady is not None else ()
+        self.start: int | None = steady.end_ms if steady is not None else None
+        self.mono_ms: int | None = steady.mono_ms if steady is not None else None
+        zeros = [0, 0]
+        self.rx_bytes = list(steady.rx_bytes) + zeros if steady is not None else zeros
+        self.tx_bytes = list(steady.tx_bytes) + zeros if steady is not None else list(zeros)
+        self.rx_packets = list(steady.rx_packets) + zeros if steady is not None else list(zeros)
+        self.tx_packets = list(steady.tx_packets) + zeros if steady is not None else list(zeros)
+
+    def take(self, row: CounterRow) -> bool:
+        """Add a per-key row read at the columns' instant (the first one sets it when there
+        are no columns); False, adding nothing, for a row read at another instant."""
+        if self.start is None:
+            self.start, self.mono_ms = row.end_ms, row.mono_ms
+        elif row.end_ms != self.start or row.mono_ms != self.mono_ms:
+            return False
+        self.rx_bytes.append(row.rx_bytes)
+        self.tx_bytes.append(row.tx_bytes)
+        self.rx_packets.append(row.rx_packets)
+        self.tx_packets.append(row.tx_packets)
+        return True
+
+    def _mask(self) -> list[int]:
+        mask = [1] * self.unknown
+        for p in self.lifted_at:
+            mask[p] = 0
+        return mask
+
+    def tracked_names(self) -> Iterable[str]:
+        """The names of the steady counters still tracked as such (lifted ones left out)."""
+        if self.steady is None:
+            return ()
+        return compress(self.steady.names, self._mask()) if self.lifted_at else self.steady.names
+
+    def left_over(self, kept: list[int]) -> list[int]:
+        """Positions of the steady counters neither lifted nor among `kept` (positions that go
+        on as columns)."""
+        n = self.unknown
+        if sum(map(lt, kept, repeat(n))) + len(self.lifted_at) == n:
+            return []  # every one goes on or was lifted (a storm): no Python step each
+        gone = set(kept)
+        gone.update(self.lifted_at)
+        return [p for p in range(n) if p not in gone]
+
+    def row(self, p: int) -> CounterRow:
+        s = self.steady
+        assert s is not None
+        return _new(
+            CounterRow,
+            (
+                s.ifindexes[p],
+                s.names[p],
+                s.rx_bytes[p],
+                s.tx_bytes[p],
+                s.rx_packets[p],
+                s.tx_packets[p],
+                s.end_ms,
+                s.mono_ms,
+            ),
+        )
