@@ -49,7 +49,9 @@ class SteadyColumns(NamedTuple):
     mono_ms: int
 
 
-_new = tuple.__new__  # a tuple subclass from a ready tuple, without its generated __new__
+# A NamedTuple (CounterRow, Delta) from a ready tuple, without its generated __new__ (a Python
+# call): the engine's hot paths make one per moving counter per poll
+new_tuple = tuple.__new__
 
 
 class LastReadings:
@@ -117,7 +119,7 @@ class LastReadings:
     def row(self, p: int) -> CounterRow:
         s = self.steady
         assert s is not None
-        return _new(
+        return new_tuple(
             CounterRow,
             (
                 s.ifindexes[p],

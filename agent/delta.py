@@ -28,7 +28,7 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
-from kvmeter.agent.counter_rows import CounterRow, SteadyColumns
+from kvmeter.agent.counter_rows import CounterRow, SteadyColumns, new_tuple
 from kvmeter.agent.delta_columns import ColumnPolls
 from kvmeter.agent.delta_finals import ColumnFinals
 from kvmeter.agent.model import CounterKey, CounterSample, Delta
@@ -52,8 +52,6 @@ class DeltaConfig:
 
 
 _BOOT_ID = attrgetter("boot_id")
-_new = tuple.__new__  # a tuple subclass from a ready tuple, without its generated __new__: the
-# hot loop makes one Delta per moving interface per poll
 
 
 def _values(sample: CounterSample) -> tuple[int, int, int, int]:
@@ -159,11 +157,11 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
                 max_bytes = ceiling * (elapsed if elapsed > min_elapsed else min_elapsed) // 8000
                 if rxb >= 0 and txb >= 0 and rxp >= 0 and txp >= 0 and rxb <= max_bytes and txb <= max_bytes:
                     end = now_ms if now_ms > start else start + 1
-                    counters[key] = _new(
+                    counters[key] = new_tuple(
                         CounterRow, (ifindex, name, rx_bytes, tx_bytes, rx_packets, tx_packets, end, mono_ms)
                     )
                     if rxb or txb or rxp or txp:
-                        append(_new(Delta, (key, start, end, rxb, txb, rxp, txp, False, False, None)))
+                        append(new_tuple(Delta, (key, start, end, rxb, txb, rxp, txp, False, False, None)))
                     continue
             elif key.boot_id != boot_id:
                 continue  # another boot's counter: not ours to account
@@ -226,7 +224,7 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         if max(rxb, txb) > limit:
             return None
         end = now_ms if now_ms > start else start + 1
-        return _new(Delta, (sample.key, start, end, rxb, txb, rxp, txp, False, True, None))
+        return new_tuple(Delta, (sample.key, start, end, rxb, txb, rxp, txp, False, True, None))
 
     def _advance(self, sample: CounterSample, now_ms: int, mono_ms: int, *, final: bool) -> Delta | None:
         key = sample.key

@@ -13,7 +13,7 @@ from itertools import compress, repeat
 from operator import attrgetter, eq, ge, le, mul, ne, not_, sub
 from typing import TYPE_CHECKING
 
-from kvmeter.agent.counter_rows import CounterRow, LastReadings, SteadyColumns, counter_row
+from kvmeter.agent.counter_rows import CounterRow, LastReadings, SteadyColumns, counter_row, new_tuple
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta
 
 if TYPE_CHECKING:
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 _NAME = attrgetter("name")
 _IFINDEX = attrgetter("ifindex")
-_new = tuple.__new__  # a tuple subclass from a ready tuple, without its generated __new__
 
 
 class ColumnPolls:
@@ -309,7 +308,7 @@ class ColumnPolls:
         if pos is None:
             return
         s = self._steady
-        self._counters[key] = _new(
+        self._counters[key] = new_tuple(
             CounterRow,
             (
                 s.ifindexes[pos],

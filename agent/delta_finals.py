@@ -15,7 +15,7 @@ from itertools import compress, repeat
 from operator import gt, is_, itemgetter, lt, or_, sub
 from typing import TYPE_CHECKING, cast
 
-from kvmeter.agent.counter_rows import SteadyColumns
+from kvmeter.agent.counter_rows import SteadyColumns, new_tuple
 from kvmeter.agent.model import CounterKey, CounterSample, Delta
 from kvmeter.agent.wrap_zone import may_have_wrapped
 
@@ -27,7 +27,6 @@ FinalReading = tuple[int, int, CounterKey, "Stats"]
 
 _WALL, _MONO, _KEY, _STATS = (itemgetter(i) for i in range(4))
 _TAIL = (False, True, None)  # a final's delta: not wrapped, final, not quarantined
-_new = tuple.__new__  # a tuple subclass from a ready tuple, without its generated __new__
 
 
 class ColumnFinals:
@@ -85,7 +84,7 @@ class ColumnFinals:
         deltas = zip(compress(keys, fast), repeat(start), ends, rxb, txb, rxp, txp)
         for i, fields, to_rules in zip(compress(range(n), fast), deltas, slow):
             if not to_rules:
-                out[i] = _new(Delta, fields + _TAIL)
+                out[i] = new_tuple(Delta, fields + _TAIL)
                 concluded.append(fields[0])
         lifted.update(concluded)
         self._closed.update(concluded)
