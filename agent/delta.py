@@ -316,13 +316,9 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
 
     # -- state --------------------------------------------------------------------------------
 
-    def tracks(self, key: CounterKey) -> bool:
-        if key in self._counters:
-            return True
-        return self._steady is not None and key not in self._lifted and key in self._index()
-
     def untracked(self, keys: Iterable[CounterKey]) -> set[CounterKey]:
-        """Those of `keys` not tracked (`tracks`), by set operations."""
+        """Those of `keys` the engine does not track (in the per-key dict, or in the steady
+        columns and not lifted out of them), by set operations."""
         out = set(keys) - self._counters.keys()
         if out and self._steady is not None:
             index, lifted = self._index(), self._lifted

@@ -77,7 +77,7 @@ def test_finals_together_conclude_what_each_in_turn_concludes(
             expected.append(delta)
     assert together.finals(finals) == expected
     everyone = [*KEYS, BORN, OTHER_BOOT, UNKNOWN]
-    assert together.untracked(everyone) == {key for key in everyone if not together.tracks(key)}
+    assert together.untracked(everyone) == set(everyone) - set(together.tracked_keys())
     assert state(together) == state(in_turn)
 
 
