@@ -48,6 +48,22 @@ class SteadyColumns(NamedTuple):
     end_ms: int
     mono_ms: int
 
+    def row(self, p: int) -> CounterRow:
+        """The counter at position `p` as a row of the per-key dict."""
+        return new_tuple(
+            CounterRow,
+            (
+                self.ifindexes[p],
+                self.names[p],
+                self.rx_bytes[p],
+                self.tx_bytes[p],
+                self.rx_packets[p],
+                self.tx_packets[p],
+                self.end_ms,
+                self.mono_ms,
+            ),
+        )
+
 
 # A NamedTuple (CounterRow, Delta) from a ready tuple, without its generated __new__ (a Python
 # call): the engine's hot paths make one per moving counter per poll
@@ -117,18 +133,5 @@ class LastReadings:
         return [p for p in range(n) if p not in gone]
 
     def row(self, p: int) -> CounterRow:
-        s = self.steady
-        assert s is not None
-        return new_tuple(
-            CounterRow,
-            (
-                s.ifindexes[p],
-                s.names[p],
-                s.rx_bytes[p],
-                s.tx_bytes[p],
-                s.rx_packets[p],
-                s.tx_packets[p],
-                s.end_ms,
-                s.mono_ms,
-            ),
-        )
+        assert self.steady is not None
+        return self.steady.row(p)

@@ -13,7 +13,7 @@ from itertools import compress, repeat
 from operator import attrgetter, eq, ge, le, mul, ne, not_, sub
 from typing import TYPE_CHECKING
 
-from kvmeter.agent.counter_rows import CounterRow, LastReadings, SteadyColumns, counter_row, new_tuple
+from kvmeter.agent.counter_rows import CounterRow, LastReadings, SteadyColumns, counter_row
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta
 
 if TYPE_CHECKING:
@@ -307,20 +307,7 @@ class ColumnPolls:
         pos = self._index().get(key)
         if pos is None:
             return
-        s = self._steady
-        self._counters[key] = new_tuple(
-            CounterRow,
-            (
-                s.ifindexes[pos],
-                s.names[pos],
-                s.rx_bytes[pos],
-                s.tx_bytes[pos],
-                s.rx_packets[pos],
-                s.tx_packets[pos],
-                s.end_ms,
-                s.mono_ms,
-            ),
-        )
+        self._counters[key] = self._steady.row(pos)
         self._lifted.add(key)
 
     def _settle(self) -> None:
