@@ -101,13 +101,7 @@ class MeteredLinks:
 
     def keys(self, links: Mapping[str, int]) -> dict[str, CounterKey]:
         """name -> CounterKey for every link."""
-        cache = self._keys
-        keys = {}
-        for name, ifindex in links.items():
-            key = cache.get((name, ifindex))
-            if key is None:
-                key = cache[(name, ifindex)] = CounterKey(self.boot_id, ifindex, name)
-            keys[name] = key
+        keys = dict(zip(links, self.keys_of(links, links.values())))
         self.trim(keys)
         return keys
 
