@@ -127,8 +127,9 @@ class Agent(Measuring):
         self._templates = Templates()
         self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted
         self._plan: PollPlan | None = None
-        self._last_inventory: Any = None  # what the last inventory sent was built from
         self._inventory_records = InventoryRecords()
+        self._inventory_plan: PollPlan | None = None  # the plan the records were last encoded for
+        self._inventory_sent: int | None = None  # the records' version the last inventory had
         # Domains whose inventory record may have changed since the last one encoded (None: any)
         self._inventory_touched: set[str] | None = None
         self._polls_since_inventory = 0

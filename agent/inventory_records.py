@@ -9,6 +9,9 @@ message's fields in the order of their numbers, so a NIC's ifindex (field 10) co
 NIC and the NICs (field 8) last in the domain; a record keeps where the bytes before each lie.
 The bytes decode exactly as MeasureBatch(inventory=[domain_inventory(...) for each domain])
 serialises (tests/unit/test_inventory_records.py: byte for byte).
+
+`version` says when the records changed: the agent sends the inventory when it differs from the
+version it last sent, with no copy of every placement and ifindex kept to compare against.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class InventoryRecords:
         self._records: dict[str, _Kept] = {}
         # The last call's domains (touched or not), their uuids and the uuid -> domain map
         self._domains: tuple[tuple[DomainInfo, ...], list[str], dict[str, DomainInfo]] | None = None
+        # One more whenever an encode's records are not the last encode's (a record written
+        # again, added, dropped or moved): the same version, the same bytes
+        self.version = 0
 
     def encode(
         self,
@@ -57,14 +63,21 @@ class InventoryRecords:
         object, their NICs' placements or ifindexes), None for any: the others' records are
         taken as they are, without a Python step each."""
         domains = tuple(domains)
+        changed = False
         if touched is not None:
-            joined = self._encode_touched(domains, placements, ifindexes, touched)
+            changed, joined = self._encode_touched(domains, placements, ifindexes, touched)
             if joined is not None:
+                self.version += changed
                 return joined
         cache, kept, records = self._records, {}, []
         for domain in domains:
             entry = kept[domain.uuid] = _kept(cache.get(domain.uuid), domain, placements, ifindexes)
             records.append(entry.record)
+        uuids = list(map(_UUID, domains))
+        self._domains = (domains, uuids, dict(zip(uuids, domains)))
+        # a record written again is another object: compared by identity, in order
+        changed = changed or len(kept) != len(cache) or not all(map(is_, kept.values(), cache.values()))
+        self.version += changed
         self._records = kept
         return b"".join(records)
 
@@ -74,27 +87,34 @@ class InventoryRecords:
         placements: Mapping[str, LinkPlacement],
         ifindexes: Mapping[str, int],
         touched: Set[str],
-    ) -> bytes | None:
+    ) -> tuple[bool, bytes | None]:
+        """(whether a record changed, the records; None when every domain is to be looked at)."""
         cache = self._records
         last = self._domains
+        changed = False
         if last is not None and len(last[0]) == len(domains) and all(map(is_, last[0], domains)):
             uuids, by_uuid = last[1], last[2]  # the same domain objects: no pass to map them
         else:
             uuids = list(map(_UUID, domains))
             by_uuid = dict(zip(uuids, domains))
+            changed = last is None or uuids != last[1]
             self._domains = (domains, uuids, by_uuid)
         for uuid in touched:
             domain = by_uuid.get(uuid)
+            known = cache.get(uuid)
             if domain is None:
-                cache.pop(uuid, None)
+                if known is not None:
+                    del cache[uuid]
+                    changed = True
                 continue
-            cache[uuid] = _kept(cache.get(uuid), domain, placements, ifindexes)
+            record = cache[uuid] = _kept(known, domain, placements, ifindexes)
+            changed = changed or record is not known
         if len(cache) != len(uuids):
-            return None  # not what the last call left: every domain is looked at
+            return changed, None  # not what the last call left: every domain is looked at
         try:
-            return b"".join(map(_RECORD, map(cache.__getitem__, uuids)))
+            return changed, b"".join(map(_RECORD, map(cache.__getitem__, uuids)))
         except KeyError:
-            return None
+            return changed, None
 
 
 _UUID = attrgetter("uuid")

@@ -17,7 +17,7 @@ from kvmeter.agent.delta import DeltaEngine
 from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates
 from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
-from kvmeter.agent.plan import Planner, PollPlan, same_inventory
+from kvmeter.agent.plan import Planner, PollPlan
 from kvmeter.agent.sources import CounterSource
 from kvmeter.agent.traffic import TrafficRules
 from kvmeter.agent.wire import SteadyEncoder
@@ -57,8 +57,9 @@ class Ownership:
     _attribution: dict[CounterKey, Attribution]
     _templates: Templates
     _gone: dict[str, CounterKey]  # name -> key of the links this poll's events deleted
-    _last_inventory: Any  # what the last inventory sent was built from
     _inventory_records: InventoryRecords
+    _inventory_plan: PollPlan | None  # the plan the records were last encoded for
+    _inventory_sent: int | None  # the records' version the last inventory sent had
     # Domains whose inventory record may have changed since the last one encoded (None: any)
     _inventory_touched: set[str] | None
     _polls_since_inventory: int
@@ -151,17 +152,24 @@ class Ownership:
 
     def _inventory_if_due(self, plan: PollPlan, *, commit: bool) -> bytes | None:
         """The full inventory on the first batch, on any change, and every inventory_every polls
-        (a dry run shows it when due without taking it off the next real batch)."""
-        signature = plan.inventory_signature
+        (a dry run shows it when due without taking it off the next real batch). The records
+        are looked at again only when the plan is not the one they were last encoded for."""
+        records = None
+        if plan is not self._inventory_plan:
+            records = self._encode_inventory(plan)
+            self._inventory_plan = plan
         polls = self._polls_since_inventory + 1
-        unchanged = signature is self._last_inventory or same_inventory(signature, self._last_inventory)
-        if unchanged and polls < self.config.inventory_every:
+        version = self._inventory_records.version
+        if version == self._inventory_sent and polls < self.config.inventory_every:
             if commit:
                 self._polls_since_inventory = polls
             return None
         if commit:
-            self._last_inventory = signature
+            self._inventory_sent = version
             self._polls_since_inventory = 0
+        return records if records is not None else self._encode_inventory(plan)
+
+    def _encode_inventory(self, plan: PollPlan) -> bytes:
         records = self._inventory_records.encode(
             plan.ordered, plan.placements, plan.links, touched=self._inventory_touched
         )

@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import attrgetter, is_, is_not, ne
-from typing import Any
 
 from kvmeter.agent.counters import CounterTable
 from kvmeter.agent.metered import INACTIVE_STATES, MeteredLinks
@@ -46,7 +45,6 @@ class PollPlan:
     present: frozenset[CounterKey]  # every stable link's key
     placements: dict[str, LinkPlacement]  # per NIC device that is a link, for the inventory
     ordered: list[DomainInfo]  # the domains by uuid: the inventory's order
-    inventory_signature: Any  # what the inventory sent with a batch is built from
     # NIC device name -> the NICs naming it (every domain); None: not updatable, rebuilt
     named: dict[str, list[Owner]] | None
     # Names whose attribution the agent sets again (all metered ones for a new plan)
@@ -92,19 +90,6 @@ class PollPlan:
         )
 
 
-def same_inventory(a: Any, b: Any) -> bool:
-    """Two inventory signatures: the same domain objects in order, equal placements and
-    ifindexes per device (dicts: the order they were gathered in does not count)."""
-    if b is None:
-        return False
-    return len(a[0]) == len(b[0]) and all(map(is_, a[0], b[0])) and a[1] == b[1] and a[2] == b[2]
-
-
-def _signature(ordered: list[DomainInfo], placements: dict[str, LinkPlacement], links: dict[str, int]) -> Any:
-    # Copies: the plan's own dicts change in place when it is updated.
-    return (tuple(ordered), dict(placements), dict(zip(placements, map(links.__getitem__, placements))))
-
-
 class Planner:
     """Builds plans (`build`) and updates them after link or domain changes (`update`)."""
 
@@ -148,7 +133,6 @@ class Planner:
             present=frozenset(keys.values()),
             placements=placements,
             ordered=ordered,
-            inventory_signature=_signature(ordered, placements, stable),
             named=named,
             remember=list(metered),
             touched=None,
@@ -267,10 +251,6 @@ class Planner:
             present=present,
             placements=placements,
             ordered=ordered,
-            # untouched: the same as the last plan's (no copy of every placement and ifindex)
-            inventory_signature=(
-                _signature(ordered, placements, stable) if touched else plan.inventory_signature
-            ),
             named=named,
             remember=remember,
             touched=touched,

@@ -380,21 +380,24 @@ def test_kept_poll_plan_counts_a_reboot_exactly(host: Host, tmp_path: Path) -> N
     plan = agent._plan
     host.traffic("vnet0", 300, 400)
     clock.t += 1
-    agent.poll_once()
+    assert list(agent.poll_once().inventory) == []
     assert agent._plan is plan  # nothing changed: nothing re-derived
     host.traffic("vnet0", 11, 22)
     host.delete("vnet0")
     host.create("vnet0")
     host.traffic("vnet0", 1000, 2000)
     clock.t += 1
-    agent.poll_once()
+    after = agent.poll_once()
     assert agent._plan is not plan
+    # the inventory goes again, with the new incarnation's ifindex
+    assert [nic.ifindex for d in after.inventory for nic in d.nics] == [host.links["vnet0"]]
     # the old incarnation's attribution went with it, the new one's stayed
     assert set(agent._attribution) == set(agent.engine.tracked_keys())
     host.traffic("vnet0", 1, 2)
     clock.t += 1
     later = agent.poll_once()  # by columns: the new incarnation's templates
     agent.close()
+    assert list(later.inventory) == []
     assert {m.ifindex for m in later.measures if m.device == "vnet0"} == {host.links["vnet0"]}
     assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 2, pb.VM_TX: 300 + 11 + 1000 + 1}
 

@@ -6,6 +6,8 @@ changes, whether the caller names the domains it touched (the poll plan's update
 
 from __future__ import annotations
 
+from operator import is_
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -66,6 +68,8 @@ def test_kept_records_are_protobufs_own_bytes(
 ) -> None:
     records = InventoryRecords()
     last: dict[str, tuple[object, ...]] | None = None
+    last_domains: list[DomainInfo] = []
+    last_bytes, last_version = b"", records.version  # no records yet
     for chosen, placements, ifindexes in steps:
         domains = list({pool[i].uuid: pool[i] for i in chosen}.values())
         now = {d.uuid: where(d, placements, ifindexes) for d in domains}
@@ -82,7 +86,12 @@ def test_kept_records_are_protobufs_own_bytes(
             # protobuf's own bytes are stable only then: it writes a map's entries in an order
             # that may differ between two messages holding the same map
             assert got == expected
-        last = now
+        # the version moves whenever the bytes do, and stands still while nothing changed
+        if got != last_bytes:
+            assert records.version != last_version
+        if now == last and len(domains) == len(last_domains) and all(map(is_, domains, last_domains)):
+            assert records.version == last_version
+        last, last_domains, last_bytes, last_version = now, domains, got, records.version
 
 
 def test_a_tap_replaced_changes_only_its_ifindex_in_the_record() -> None:
@@ -97,3 +106,14 @@ def test_a_tap_replaced_changes_only_its_ifindex_in_the_record() -> None:
         after == pb.MeasureBatch(inventory=[domain_inventory(vm, where, {"vnet1": 300})]).SerializeToString()
     )
     assert len(after) == len(before) + 1  # 300 takes one varint byte more than 10
+
+
+def test_the_version_moves_when_only_the_order_of_the_domains_does() -> None:
+    a, b = (DomainInfo(uuid=u, name="i-2-1-VM", state="running", kind="user_vm", nics=()) for u in ("a", "b"))
+    records = InventoryRecords()
+    first = records.encode([a, b], {}, {})
+    version = records.version
+    assert records.encode([a, b], {}, {}, touched=set()) == first
+    assert records.version == version
+    assert records.encode([b, a], {}, {}, touched=set()) != first
+    assert records.version == version + 1
