@@ -132,8 +132,9 @@ def _kept(
     devices = [nic.device for nic in domain.nics if nic.device]
     where = (*map(placements.get, devices), *map(ifindexes.get, devices))
     n = len(devices)
-    if known is not None and known.domain is domain and _same_items(known.where[:n], where[:n]):
-        if _same_items(known.where, where):
+    # tuples compare their items by identity first, then by ==
+    if known is not None and known.domain is domain and known.where[:n] == where[:n]:
+        if known.where == where:
             return known
         cuts = array("I")
         cuts.frombytes(known.cuts)
@@ -172,7 +173,3 @@ def _written(
     prefix = _INVENTORY_TAG + varint(len(body))
     at = len(prefix)
     return _Kept(domain, where, prefix + body, array("I", [c + at for c in cuts]).tobytes())
-
-
-def _same_items(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
-    return len(a) == len(b) and all(x is y or x == y for x, y in zip(a, b))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from itertools import compress, repeat
-from operator import is_
+from operator import attrgetter, is_
 
 from kvmeter.agent.counters import read_link_mac
 from kvmeter.agent.libvirt_counters import libvirt_counted
@@ -19,6 +19,8 @@ from kvmeter.agent.model import CounterKey, DomainInfo, NicInfo
 
 # Domains without host interfaces: their NICs are not looked for among the links.
 INACTIVE_STATES = frozenset({"shutoff", "gone"})
+_NAME = attrgetter("name")
+_IFINDEX = attrgetter("ifindex")
 
 Owner = tuple[DomainInfo, NicInfo]
 
@@ -108,4 +110,5 @@ class MeteredLinks:
     def trim(self, keys: Mapping[str, CounterKey]) -> None:
         """Forget the cached keys of links gone, when they outnumber the current ones."""
         if len(self._keys) > 2 * len(keys) + 64:
-            self._keys = {(k.name, k.ifindex): k for k in keys.values()}
+            kept = list(keys.values())  # C-level passes: a storm's keys pile up by thousands
+            self._keys = dict(zip(zip(map(_NAME, kept), map(_IFINDEX, kept)), kept))

@@ -13,11 +13,14 @@ _ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
 
 
 def varint(value: int) -> bytes:
-    # Most are lengths and ifindexes: one or two bytes, without a loop
+    # Most are lengths and ifindexes: one to three bytes, without a loop (a host that has made
+    # taps for a while has ifindexes past 16,383)
     if value < 0x80:
         return _ONE_BYTE[value]
     if value < 0x4000:
         return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)

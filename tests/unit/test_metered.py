@@ -65,3 +65,13 @@ def test_keys_of_events_are_the_objects_key_hands_out() -> None:
     assert got[1] is known["vnet1"]
     assert got[2:] == [CounterKey("boot", 9, "vnet0"), CounterKey("boot", 3, "vnet2")]
     assert got[2] is links.key("vnet0", 9)
+
+
+def test_trimmed_keys_keep_the_current_links_objects_and_drop_the_gone() -> None:
+    links = MeteredLinks("boot", lambda _: None)
+    current = {f"vnet{i}": i for i in range(10)}
+    kept = links.keys(current)
+    gone = [links.key("vnet0", 1000 + n) for n in range(100)]  # incarnations past: over the bound
+    links.trim(kept)
+    assert all(links.key(name, index) is kept[name] for name, index in current.items())
+    assert links.key("vnet0", 1000) is not gone[0]  # forgotten: made again
