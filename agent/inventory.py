@@ -22,58 +22,18 @@ from typing import Any, Callable
 import libvirt
 from tenacity import RetryError, Retrying, retry_if_exception_type, wait_exponential
 
+from kvmeter.agent.bounded_calls import BoundedCalls
 from kvmeter.agent.domxml import DomainXmlError, parse_domain_xml
+from kvmeter.agent.libvirt_events import DOMAIN_EVENTS, domain_state, ensure_event_loop
 from kvmeter.agent.model import DomainInfo, NicInfo
 from kvmeter.agent.names import DEFAULT_INSTANCE_SUFFIX, parse_domain_name
 
 log = logging.getLogger(__name__)
 
-# libvirt virDomainState -> DomainInfo.state. "shutdown" is libvirt's "being shut down": still up.
-STATES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "unknown",
-    libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "running",
-    libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "running",
-    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
-}
-
-# Events that mean "this domain's XML or state may have changed": refresh that domain.
-_DOMAIN_EVENTS = ("VIR_DOMAIN_EVENT_ID_LIFECYCLE", "VIR_DOMAIN_EVENT_ID_DEVICE_ADDED",
-                  "VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED", "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE")  # fmt: skip
-
 MAX_STATS_CALLS_IN_FLIGHT = 4  # interfaceStats calls stuck in a hung libvirt, at most
 
 ByDevice = dict[str, tuple[DomainInfo, NicInfo]]
 Opener = Callable[[str], Any]
-
-_event_loop_lock = threading.Lock()
-_event_loop_started = False
-
-
-def _ensure_event_loop() -> None:
-    """libvirt delivers events through one process-wide event loop; start it once, before any
-    connection that registers callbacks is opened."""
-    global _event_loop_started
-    with _event_loop_lock:
-        if _event_loop_started:
-            return
-        libvirt.virEventRegisterDefaultImpl()
-        # libvirt prints every error to stderr by default; we log the ones that matter.
-        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-
-        def run() -> None:
-            while True:
-                libvirt.virEventRunDefaultImpl()
-
-        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-        _event_loop_started = True
-
-
-def domain_state(code: int) -> str:
-    return STATES.get(code, "unknown")
 
 
 class Inventory:
@@ -120,14 +80,12 @@ class Inventory:
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stats_lock = threading.Lock()
-        self._stats_in_flight = 0
+        self._stats_calls: BoundedCalls[tuple[int, int, int, int]] = BoundedCalls(MAX_STATS_CALLS_IN_FLIGHT)
         self._connected_once = False
         self._first_sync = threading.Event()
         self.reconnects = 0
         self.resyncs = 0
         self.errors = 0
-        self.stats_timeouts = 0
 
     # -- the poll thread's side: never blocks on libvirt ----------------------------------------
     def snapshot(self) -> dict[str, DomainInfo]:
@@ -152,31 +110,20 @@ class Inventory:
         conn = self._conn
         if conn is None:
             return None
-        with self._stats_lock:
-            if self._stats_in_flight >= MAX_STATS_CALLS_IN_FLIGHT:
-                self.stats_timeouts += 1
-                return None
-            self._stats_in_flight += 1
-        result: list[tuple[int, int, int, int]] = []
-        done = threading.Event()
 
-        def call() -> None:
+        def read() -> tuple[int, int, int, int] | None:
             try:
                 stats = conn.lookupByUUIDString(uuid).interfaceStats(device)
-                result.append((int(stats[0]), int(stats[1]), int(stats[4]), int(stats[5])))
             except libvirt.libvirtError as exc:
                 log.debug("interfaceStats(%s, %s) failed: %s", uuid, device, exc)
-            finally:
-                with self._stats_lock:
-                    self._stats_in_flight -= 1
-                done.set()
+                return None
+            return (int(stats[0]), int(stats[1]), int(stats[4]), int(stats[5]))
 
-        threading.Thread(target=call, name="libvirt-ifstats", daemon=True).start()
-        if not done.wait(timeout):
-            self.stats_timeouts += 1
-            log.warning("libvirt interfaceStats(%s, %s) did not answer within %.1f s", uuid, device, timeout)
-            return None
-        return result[0] if result else None
+        return self._stats_calls.call(read, timeout, f"libvirt interfaceStats({uuid}, {device})")
+
+    @property
+    def stats_timeouts(self) -> int:
+        return self._stats_calls.timeouts
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, wait: float = 10.0) -> None:
@@ -184,7 +131,7 @@ class Inventory:
         poll already knows the domains; a libvirt that is down or hangs does not hold it longer."""
         if self._thread is not None:
             raise RuntimeError("Inventory already started")
-        _ensure_event_loop()
+        ensure_event_loop()
         self._stopping.clear()
         self._first_sync.clear()
         self._thread = threading.Thread(target=self._run, name="kvmeter-inventory", daemon=True)
@@ -327,7 +274,7 @@ class Inventory:
 
     def _register(self, conn: Any) -> None:
         conn.registerCloseCallback(lambda c, reason, _opaque: self._work.put(("closed", c)), None)
-        for name in _DOMAIN_EVENTS:
+        for name in DOMAIN_EVENTS:
             event_id = getattr(libvirt, name, None)
             if event_id is None:
                 continue

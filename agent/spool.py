@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
-import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +28,10 @@ from typing import Any
 
 import msgpack
 
+from kvmeter.agent.spool_frames import HEADER, frame_pieces, read_frames
+
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct(">II")  # payload length, CRC32 of the payload
-MAX_FRAME = 256 * 1024 * 1024  # anything larger is corruption, not a batch
 SEGMENT_GLOB = "seg-*.kvs"
 ACK_RECORD_BYTES = 34  # {"segment": u64, "offset": u64} in msgpack
 IOV_MAX = 1024  # pieces per writev (Linux's limit)
@@ -158,43 +156,21 @@ class Spool:
     def _scan(self, number: int) -> list[tuple[Frame, dict[str, Any] | None]]:
         path = self.dir / _segment_name(number)
         data = path.read_bytes()
-        frames: list[tuple[Frame, dict[str, Any] | None]] = []
-        offset = 0
-        while offset < len(data):
-            problem = None
-            if len(data) - offset < HEADER.size:
-                problem = "torn header"
-            else:
-                length, crc = HEADER.unpack_from(data, offset)
-                end = offset + HEADER.size + length
-                if length > MAX_FRAME or end > len(data):
-                    problem = "torn frame"
-                else:
-                    payload = data[offset + HEADER.size : end]
-                    if zlib.crc32(payload) & 0xFFFFFFFF != crc:
-                        problem = "CRC mismatch"
-            if problem is None:
-                try:
-                    stream_id, seq, _batch, state, written_ms = msgpack.unpackb(payload, raw=False)
-                except Exception as exc:
-                    problem = f"undecodable frame ({exc})"
-            if problem is not None:
-                log.warning(
-                    "spool %s: %s at offset %d; dropping the %d trailing bytes (an interrupted write)",
-                    path.name,
-                    problem,
-                    offset,
-                    len(data) - offset,
-                )
-                if not self.read_only:
-                    with open(path, "r+b") as f:
-                        f.truncate(offset)
-                        f.flush()
-                        os.fsync(f.fileno())
-                break
-            frames.append((Frame(stream_id, seq, number, offset, end - offset, written_ms), state))
-            offset = end
-        return frames
+        found, problem, end = read_frames(data)
+        if problem is not None:
+            log.warning(
+                "spool %s: %s at offset %d; dropping the %d trailing bytes (an interrupted write)",
+                path.name,
+                problem,
+                end,
+                len(data) - end,
+            )
+            if not self.read_only:
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+                    f.flush()
+                    os.fsync(f.fileno())
+        return [(Frame(f.stream_id, f.seq, number, f.offset, f.size, f.written_ms), f.state) for f in found]
 
     # -- append -------------------------------------------------------------------------------
 
@@ -221,14 +197,9 @@ class Spool:
         packed_state = msgpack.packb(state, use_bin_type=True)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            payload = _frame_pieces(stream_id, first_seq + i, batch, packed_state if last else None, now_ms)
-            length = sum(map(len, payload))
-            crc = 0
-            for piece in payload:
-                crc = zlib.crc32(piece, crc)
-            payload[0] = HEADER.pack(length, crc & 0xFFFFFFFF) + payload[0]
-            pieces += payload
-            sizes.append(HEADER.size + length)
+            frame = frame_pieces(stream_id, first_seq + i, batch, packed_state if last else None, now_ms)
+            pieces += frame
+            sizes.append(sum(map(len, frame)))
         _write_all(self._active.fileno(), pieces)
         os.fsync(self._active.fileno())
         frames = []
@@ -377,24 +348,6 @@ class Spool:
         if self._ack_fd is not None:
             os.close(self._ack_fd)
             self._ack_fd = None
-
-
-def _frame_pieces(
-    stream_id: str, seq: int, batch: bytes, packed_state: bytes | None, now_ms: int
-) -> list[Any]:
-    """One frame's payload, msgpack.packb([stream_id, seq, batch, state or None, now_ms],
-    use_bin_type=True), as pieces: the batch and the state are not copied."""
-    size = len(batch)
-    if size < 0x100:
-        bin_head = b"\xc4" + size.to_bytes(1, "big")
-    elif size < 0x10000:
-        bin_head = b"\xc5" + size.to_bytes(2, "big")
-    else:
-        bin_head = b"\xc6" + size.to_bytes(4, "big")
-    head = b"\x95" + msgpack.packb(stream_id) + msgpack.packb(seq) + bin_head
-    if packed_state is not None:
-        return [head, batch, packed_state, msgpack.packb(now_ms)]
-    return [head, batch, b"\xc0" + msgpack.packb(now_ms)]  # no state: nil
 
 
 def _write_all(fd: int, pieces: list[Any]) -> None:

@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 import libvirt
 import pytest
 
-from kvmeter.agent.inventory import Inventory, domain_state
+from kvmeter.agent.inventory import Inventory
+from kvmeter.agent.libvirt_events import domain_state
 from kvmeter.agent.model import NicInfo
 from tests.unit.fakes.libvirt_conn import FakeConnection, FakeOpener, xml_of
 

@@ -258,7 +258,7 @@ def test_frames_are_written_byte_for_byte_as_a_packed_payload_behind_its_length_
 
     import msgpack
 
-    from kvmeter.agent.spool import HEADER
+    from kvmeter.agent.spool_frames import HEADER
 
     state = {"v": 1, "engine": {"counters": [[3, "vnet0", 2**63, 1, 0, 7, NOW, -5]], "name": "é"}}
     batches = [bytes(range(256)) * (size // 256) + b"z" * (size % 256), b"", b"q" * 70_000]
