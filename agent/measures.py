@@ -117,7 +117,9 @@ def _reborn_pair(old: _Pair, key: CounterKey, who: Attribution) -> _Pair | None:
     fields in the order of their numbers, so ifindex, the highest a template sets, comes last
     and only it differs. None when old was built for anything else."""
     was = old.who
-    if was.domain is not who.domain or was.nic is not who.nic or was.placement != who.placement:
+    if was is not who and (
+        was.domain is not who.domain or was.nic is not who.nic or was.placement != who.placement
+    ):
         return None
     suffix = _ifindex_field(old.ifindex)
     if not (old.rx_wire.endswith(suffix) and old.tx_wire.endswith(suffix)):

@@ -77,8 +77,14 @@ class Ownership:
             new = self._planner.update(plan, generation, stable, domains, changed)
         if new is None:
             new = self._planner.build(generation, stable, domains)
-        for name in new.remember:  # one placement lookup per link, shared
-            self._remember(new.metered[name], *new.devices[name], new.placements.get(name))
+        attribution, devices, placements = self._attribution, new.devices, new.placements
+        for name, was in new.remember:  # one placement lookup per link, shared
+            key, (domain, nic), placement = new.metered[name], devices[name], placements.get(name)
+            last = attribution.get(was) if was is not None else None
+            if last is not None and last.domain is domain and last.nic is nic and last.placement is placement:
+                attribution[key] = last  # a tap made again for the same NIC: the same attribution
+            else:
+                self._remember(key, domain, nic, placement)
         if new.touched is None:
             self._inventory_touched = None
         elif self._inventory_touched is not None:

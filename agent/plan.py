@@ -47,8 +47,9 @@ class PollPlan:
     ordered: list[DomainInfo]  # the domains by uuid: the inventory's order
     # NIC device name -> the NICs naming it (every domain); None: not updatable, rebuilt
     named: dict[str, list[Owner]] | None
-    # Names whose attribution the agent sets again (all metered ones for a new plan)
-    remember: list[str]
+    # Names whose attribution the agent sets again (all metered ones for a new plan), each with
+    # the key it metered before the update (a tap made again: its last incarnation's), if any
+    remember: list[tuple[str, CounterKey | None]]
     # Domains whose inventory record may differ from the last plan's (None: any)
     touched: set[str] | None
     # The metered rows of the counter table, for the table layout they were found in (its
@@ -134,7 +135,7 @@ class Planner:
             placements=placements,
             ordered=ordered,
             named=named,
-            remember=list(metered),
+            remember=list(zip(metered, repeat(None))),
             touched=None,
         )
 
@@ -209,33 +210,34 @@ class Planner:
         placements, by_ifindex = plan.placements, plan.by_ifindex
         remember = []
         dropped = set(filter(None, map(keys.get, names)))  # their keys leave `present`
+        link_key, placement_of = self._links.key, self._placement
         for name in names:
             owners = named.get(name, _NO_OWNERS)
             if len(owners) > 1:
                 return None  # claimed by the first in the inventory's order, the rest by MAC
-            in_links = name in stable
-            if owners and not in_links and owners[0][0].state not in INACTIVE_STATES:
+            index = stable.get(name)
+            if owners and index is None and owners[0][0].state not in INACTIVE_STATES:
                 return None  # a running NIC without its link: to be matched by MAC
             was = metered.pop(name, None)
             if was is not None and by_ifindex is not None and by_ifindex.get(was.ifindex) is was:
                 del by_ifindex[was.ifindex]
-            if in_links:
-                keys[name] = self._links.key(name, stable[name])
-            else:
+            if index is None:
                 keys.pop(name, None)
-            if owners and in_links:
-                devices[name] = owners[0]
-                placements[name] = self._placement(name)
-                metered[name] = key = keys[name]
-                if by_ifindex is not None:
-                    by_ifindex[key.ifindex] = key
-                remember.append(name)
-                touched.add(owners[0][0].uuid)
             else:
-                devices.pop(name, None)
-                placements.pop(name, None)
-                for domain, _nic in owners:
-                    touched.add(domain.uuid)
+                key = keys[name] = link_key(name, index)
+                if owners:
+                    owner = devices[name] = owners[0]
+                    placements[name] = placement_of(name)
+                    metered[name] = key
+                    if by_ifindex is not None:
+                        by_ifindex[key.ifindex] = key
+                    remember.append((name, was))
+                    touched.add(owner[0].uuid)
+                    continue
+            devices.pop(name, None)
+            placements.pop(name, None)
+            for domain, _nic in owners:
+                touched.add(domain.uuid)
         self._links.trim(keys)
         # The set of every link's key, from the last one: a copy keeps the hashes it holds
         added = set(filter(None, map(keys.get, names)))

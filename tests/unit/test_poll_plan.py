@@ -279,6 +279,7 @@ def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
     planner = Planner(links, world.table.placement, (), lambda nic: None)
     plan = planner.build(world.table.generation, world.table.links(), list(world.domains.values()))
     kept = dict(plan.placements)
+    before = dict(plan.metered)
     for i in (0, 3, 4):
         do(world, "replace", i, 0)
     updated = planner.update(
@@ -289,7 +290,8 @@ def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
         world.table.changed_since(plan.generation or 0),
     )
     assert updated is not None
-    assert sorted(updated.remember) == ["vnet0", "vnet3", "vnet4"]  # only the new taps
+    # only the new taps, each with its last incarnation's key
+    assert sorted(updated.remember) == [(name, before[name]) for name in ("vnet0", "vnet3", "vnet4")]
     assert updated.touched == {
         "00000000-0000-0000-0000-000000000000",
         "00000000-0000-0000-0000-000000000002",
