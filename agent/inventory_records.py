@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from kvmeter.agent.measures import domain_inventory
 from kvmeter.agent.model import DomainInfo, LinkPlacement
-from kvmeter.agent.varint import varint
+from kvmeter.agent.varint import varint, varint_size
 
 _INVENTORY_TAG = b"\x42"  # MeasureBatch.inventory = 8, length-delimited
 _NIC_TAG = b"\x42"  # DomainInventory.nics = 8, length-delimited: the domain's last field
@@ -138,6 +138,9 @@ def _kept(
             return known
         cuts = array("I")
         cuts.frombytes(known.cuts)
+        same_sizes = _same_sizes(known, domain, cuts, where, n)
+        if same_sizes is not None:
+            return same_sizes
         record = known.record
         head = record[cuts[0] : cuts[1]]
         nics = [record[cuts[i] : cuts[i + 1]] for i in range(2, len(cuts), 2)]
@@ -147,6 +150,32 @@ def _kept(
         message.ClearField("nics")
         head = message.SerializeToString()
     return _written(domain, where, head, nics, ifindexes)
+
+
+def _same_sizes(
+    known: _Kept, domain: DomainInfo, cuts: array[int], where: tuple[object, ...], n: int
+) -> _Kept | None:
+    """`known` with the new ifindexes (where[n:]) written over the old ones, when each takes as
+    many bytes as the one it replaces (a tap made again: ifindexes grow by a few): no length
+    and no cut moves. None when one does not (or a NIC gains or loses its ifindex)."""
+    record: bytearray | None = None
+    pairs = zip(known.where[n:], where[n:])
+    at = 3  # cuts[at]: where a NIC's fields before its ifindex end
+    for nic in domain.nics:
+        if nic.device:
+            old, new = next(pairs)
+            if old != new:
+                if not isinstance(old, int) or not isinstance(new, int):
+                    return None
+                field = varint(new)
+                if len(field) != varint_size(old):
+                    return None
+                if record is None:
+                    record = bytearray(known.record)
+                start = cuts[at] + 1  # behind the ifindex's tag
+                record[start : start + len(field)] = field
+        at += 2
+    return _Kept(domain, where, bytes(record) if record is not None else known.record, known.cuts)
 
 
 def _written(
