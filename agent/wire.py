@@ -85,9 +85,9 @@ class SteadyEncoder:
 
     def __init__(self, pairs: Sequence[_Pair]) -> None:
         # C-level passes: an encoder is built again after every link event (a VM storm).
-        self._templates = list(map(_RX_WIRE, pairs)) + list(map(_TX_WIRE, pairs))
-        self._template_lengths = list(map(len, self._templates))
-        self._base_lengths: tuple[int, list[int]] = (0, self._template_lengths)  # (+ times, lengths)
+        self._templates = [*map(_RX_WIRE, pairs), *map(_TX_WIRE, pairs)]
+        # (+ times, each template's length + times, the longest), made at the first encode
+        self._base_lengths: tuple[int, list[int], int] | None = None
         self._unswapped = list(map(_UNSWAPPED, pairs))
         self._any_unswapped = any(self._unswapped)
         types = list(map(_TRAFFIC_TYPE, pairs))
@@ -99,7 +99,6 @@ class SteadyEncoder:
                 traffic.setdefault(traffic_type, []).append(i)
         self._traffic = traffic
         self._heads = _Heads()
-        self._longest = max(self._template_lengths, default=0)
 
     def encode(
         self, deltas: ColumnDeltas, max_bytes: int | None = None
@@ -132,7 +131,8 @@ class SteadyEncoder:
         if n != len(self._templates):
             raise ValueError(f"{n // 2} counters for an encoder of {len(self._templates) // 2}")
         times = bytes([_START_TAG]) + varint(deltas.start_ms) + bytes([_END_TAG]) + varint(deltas.end_ms)
-        bases, templates = self._lengths_with(len(times)), self._templates
+        bases, longest = self._lengths_with(len(times))  # longest: a record's, times included
+        templates = self._templates
         moved = list(map(or_, nbytes, npackets))  # a direction that moved nothing has no measure
         kept = n - moved.count(0)
         if kept < n:
@@ -142,8 +142,8 @@ class SteadyEncoder:
         # Records of at most max_bytes together: as many per part as the longest record could
         # be allows (a head is at most 3 bytes: records stay far below 2 MB).
         per_part = kept
-        if max_bytes is not None and kept * (self._longest + len(times) + _MAX_COUNTS + 3) > max_bytes:
-            longest = self._longest + len(times) + 2 + varint_size(max(nbytes)) + varint_size(max(npackets))
+        if max_bytes is not None and kept * (longest + _MAX_COUNTS + 3) > max_bytes:
+            longest += 2 + varint_size(max(nbytes)) + varint_size(max(npackets))
             per_part = max(1, max_bytes // (longest + 3))
         parts = self._parts(nbytes, npackets, bases, templates, times, max(per_part, 1))
         return parts, kept, self._totals(vm_rx_b, vm_tx_b)
@@ -186,12 +186,14 @@ class SteadyEncoder:
             return [b"".join(pieces)]
         return [b"".join(pieces[i : i + _JOIN_PIECES]) for i in range(0, len(pieces), _JOIN_PIECES)]
 
-    def _lengths_with(self, times: int) -> list[int]:
+    def _lengths_with(self, times: int) -> tuple[list[int], int]:
         """Each record's length less its counts: template + times (the same from poll to poll
-        while timestamps keep their number of digits)."""
-        if self._base_lengths[0] != times:
-            self._base_lengths = (times, [length + times for length in self._template_lengths])
-        return self._base_lengths[1]
+        while timestamps keep their number of digits), and the longest of them."""
+        base = self._base_lengths
+        if base is None or base[0] != times:
+            lengths = list(map(add, map(len, self._templates), repeat(times)))
+            base = self._base_lengths = (times, lengths, max(lengths, default=times))
+        return base[1], base[2]
 
     def _totals(self, vm_rx: list[int], vm_tx: list[int]) -> dict[str, list[int]]:
         if len(self._traffic) == 1:
