@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, eq, is_, is_not, not_
 
 from kvmeter.agent.counters import CounterTable, KernelTable, Stats
 from kvmeter.agent.delta_finals import FinalReading
@@ -24,6 +25,11 @@ from kvmeter.agent.sources import CounterSource, Owned
 log = logging.getLogger(__name__)
 _IFNAME = attrgetter("ifname")
 _IFINDEX = attrgetter("ifindex")
+_KIND = attrgetter("kind")
+_NAME = attrgetter("name")
+_STATS = attrgetter("stats")
+_WALL_MS = attrgetter("wall_ms")
+_MONO_MS = attrgetter("mono_ms")
 
 
 @dataclass(frozen=True)
@@ -117,15 +123,25 @@ class Measuring(Ownership):
         """Link events in the order they came: births for the engine, deletions' final counters.
         Births and final counters go to the engine together (a VM storm's finals: by columns),
         up to an event on a key among them: events of distinct keys commute."""
+        # The object the plan holds for each link (the engine's and attribution's key): lookups
+        # by identity, no key made per event
+        keys = self._links.keys_of(map(_IFNAME, events), map(_IFINDEX, events))
+        if len(set(keys)) == len(keys):
+            return self._apply_distinct(events, keys, devices)
+        return self._apply_in_turn(events, keys, devices)
+
+    def _apply_in_turn(
+        self,
+        events: list[StampedEvent],
+        keys: list[CounterKey],
+        devices: Mapping[str, tuple[DomainInfo, NicInfo]],
+    ) -> list[Delta]:
         born: list[CounterKey] = []
         finals: list[FinalReading] = []
         deltas: list[Delta] = []
         pending: set[CounterKey] = set()
         gone = self._gone
         attribution = self._attribution
-        # The object the plan holds for each link (the engine's and attribution's key): lookups
-        # by identity, no key made per event
-        keys = self._links.keys_of(map(_IFNAME, events), map(_IFINDEX, events))
         for event, key in zip(events, keys):
             if key in pending:  # the same key again: what came before it first
                 self.engine.links_created(born)
@@ -151,6 +167,39 @@ class Measuring(Ownership):
         if finals:
             deltas += self.engine.finals(finals)
         return deltas
+
+    def _apply_distinct(
+        self,
+        events: list[StampedEvent],
+        keys: list[CounterKey],
+        devices: Mapping[str, tuple[DomainInfo, NicInfo]],
+    ) -> list[Delta]:
+        """_apply_in_turn for events on distinct keys (a storm's: one deletion and one birth per
+        tap), by C-level passes: every birth and every final counter goes at once."""
+        kinds = list(map(_KIND, events))
+        self.engine.links_created(compress(keys, map(eq, kinds, repeat("new"))))
+        deleted = list(map(eq, kinds, repeat("del")))
+        if not any(deleted):
+            return []
+        keys = list(compress(keys, deleted))
+        events = list(compress(events, deleted))
+        self._gone.update(zip(map(_NAME, keys), keys))
+        stats = list(map(_STATS, events))
+        if None in stats:
+            for i in compress(range(len(stats)), map(is_, stats, repeat(None))):
+                log.warning(
+                    "%s (ifindex %d) deleted without final counters: its tail is lost",
+                    keys[i].name,
+                    keys[i].ifindex,
+                )
+            kept = list(map(is_not, stats, repeat(None)))
+            keys, events, stats = (list(compress(c, kept)) for c in (keys, events, stats))
+        attribution = self._attribution
+        for i in compress(range(len(keys)), map(not_, map(attribution.__contains__, keys))):
+            owner = devices.get(events[i].ifname)
+            if owner is not None:
+                self._remember(keys[i], *owner)
+        return self.engine.finals(list(zip(map(_WALL_MS, events), map(_MONO_MS, events), keys, stats)))
 
     def _sourced_readings(
         self,
