@@ -7,7 +7,7 @@ host side is what the VM received, so a tap's host tx is VM_RX. A macvtap (libvi
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -146,16 +146,31 @@ class Templates:
         # The hot loop's lookup (check the attribution itself, then call pair() on a miss)
         self.cached = self._cache.get
 
-    def pair(self, key: CounterKey, who: Attribution, was: CounterKey | None = None) -> _Pair:
-        """`was`: the key of the counter's previous incarnation, when known: its pair's bytes
-        with the new ifindex, rather than two messages built and serialised (3.5 -> 2.0 µs)."""
+    def pair(self, key: CounterKey, who: Attribution) -> _Pair:
         hit = self._cache.get(key)
         if hit is not None and hit[0] is who:
             return hit
-        old = self._cache.get(was) if was is not None else None
-        pair = _reborn_pair(old, key, who) if old is not None else None
-        pair = self._cache[key] = pair or _template_pair(key, who)
+        pair = self._cache[key] = _template_pair(key, who)
         return pair
+
+    def fill(
+        self,
+        pairs: list[Any],
+        at: Iterable[int],
+        keys: Sequence[CounterKey],
+        whos: Sequence[Attribution],
+        was: Mapping[str, CounterKey],
+    ) -> None:
+        """pairs[i] = pair(keys[i], whos[i]) for each i in `at`, the counters whose pair is
+        missing or built for another attribution. A storm's new taps (`was`: their previous
+        incarnations' keys by name) get their old pair's bytes with the new ifindex, rather
+        than two messages built and serialised (3.5 -> 2.0 µs)."""
+        cache = self._cache
+        for i in at:
+            key, who = keys[i], whos[i]
+            old = cache.get(was.get(key.name))  # type: ignore[arg-type]  # None: no such key
+            pair = _reborn_pair(old, key, who) if old is not None else None
+            pairs[i] = cache[key] = pair or _template_pair(key, who)
 
     def keep_only(self, keys: Container[CounterKey]) -> None:
         for cached in [k for k in self._cache if k not in keys]:

@@ -134,9 +134,9 @@ class Ownership:
             if not all(whos):
                 return None
             pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
-            gone = self._gone  # a storm's new taps: from their previous incarnations' pairs
-            for i in compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos)):
-                pairs[i] = self._templates.pair(keys[i], whos[i], gone.get(keys[i].name))  # type: ignore[arg-type]
+            # a storm's new taps: from their previous incarnations' pairs
+            missing = compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos))
+            self._templates.fill(pairs, missing, keys, whos, self._gone)  # type: ignore[arg-type]
             plan.encoder = SteadyEncoder(pairs)
         return plan.encoder
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import pytest
 
@@ -184,6 +185,13 @@ def test_totals_sum_vm_side_bytes_per_traffic_type_flagged_deltas_included() -> 
     assert sum(m.bytes for m in b.measures if m.direction == pb.VM_RX) == 7000 + 50 + 300 + 2
 
 
+def filled(templates: Templates, key: CounterKey, who: Attribution, was: CounterKey | None) -> Any:
+    """The pair Templates.fill gives `key` (a new incarnation of `was`, when given)."""
+    pairs: list[Any] = [None]
+    templates.fill(pairs, [0], [key], [who], {key.name: was} if was is not None else {})
+    return pairs[0]
+
+
 @pytest.mark.parametrize(
     ("old_ifindex", "new_ifindex"), [(31, 32), (31, 300), (300, 31), (127, 128), (70000, 2)]
 )
@@ -195,9 +203,13 @@ def test_a_reborn_counters_templates_are_the_bytes_built_from_scratch(
     templates.pair(old_key, Attribution(DOMAIN, NIC, GUEST))
     # the new incarnation: the same domain and NIC, an equal placement object, another ifindex
     who = Attribution(DOMAIN, NIC, LinkPlacement(bridge="brvx-5001", vxlan_vni=5001, traffic_type="guest"))
-    reborn = templates.pair(new_key, who, was=old_key)
+    reborn = filled(templates, new_key, who, old_key)
     assert reborn == _template_pair(new_key, who)
     assert pb.IPMeasure.FromString(reborn.rx_wire).ifindex == new_ifindex
+    # the very attribution object of the last incarnation (as the agent hands it over)
+    same = Templates()
+    first = filled(same, old_key, who, None)
+    assert filled(same, new_key, first.who, old_key) == _template_pair(new_key, who)
 
 
 def test_a_reborn_counter_elsewhere_gets_templates_built_from_scratch() -> None:
@@ -210,6 +222,6 @@ def test_a_reborn_counter_elsewhere_gets_templates_built_from_scratch() -> None:
         Attribution(DOMAIN, MACVTAP, GUEST),
         Attribution(dataclasses.replace(DOMAIN, name="i-2-11-VM"), NIC, GUEST),
     ):
-        pair = templates.pair(new_key, who, was=old_key)
+        pair = filled(templates, new_key, who, old_key)
         assert pair == _template_pair(new_key, who)
         assert pair.who is who
