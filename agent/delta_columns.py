@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence, Set
 from itertools import compress, repeat
-from operator import attrgetter, eq, ge, le, mul, ne, not_, sub
+from operator import attrgetter, eq, ge, le, mul, ne, not_, or_, sub
 from typing import TYPE_CHECKING
 
 from kvmeter.agent.counter_rows import CounterRow, LastReadings, SteadyColumns, counter_row
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 _NAME = attrgetter("name")
 _IFINDEX = attrgetter("ifindex")
+_BOOT_ID = attrgetter("boot_id")
 
 
 class ColumnPolls:
@@ -270,21 +271,25 @@ class ColumnPolls:
         boot_id, closed, preexisting, created = self.boot_id, self._closed, self._preexisting, self._created
         tracked_names = set(map(_NAME, self._counters))
         tracked_names.update(old.tracked_names())
-        counters = self._counters
-        born = []
-        for i in missing:
-            key = keys[i]
-            if (
-                pos[i] != old.unknown
-                or key in counters  # tracked, read at another instant: by rows
-                or key.boot_id != boot_id
-                or key in closed
-                or (key in preexisting and key not in created)  # baselined, not counted
-                or key.name in tracked_names  # its name's older incarnation is still open
-            ):
-                continue
-            born.append(i)
-        return born
+        # C-level passes over the candidates (a storm's 200 new taps), one per rule
+        candidates = list(map(keys.__getitem__, missing))
+        rules = [
+            map(eq, map(pos.__getitem__, missing), repeat(old.unknown)),
+            map(eq, map(_BOOT_ID, candidates), repeat(boot_id)),
+            map(not_, map(closed.__contains__, candidates)),
+            # tracked under its name (this key, read at another instant, or an older incarnation
+            # still open): by rows
+            map(not_, map(tracked_names.__contains__, map(_NAME, candidates))),
+        ]
+        if preexisting:  # baselined, not counted
+            rules.append(
+                map(
+                    or_,
+                    map(not_, map(preexisting.__contains__, candidates)),
+                    map(created.__contains__, candidates),
+                )
+            )
+        return list(compress(missing, map(all, zip(*rules))))
 
     def _set_steady(self, steady: SteadyColumns | None) -> None:
         self._steady = steady

@@ -159,3 +159,51 @@ def test_a_storms_newborns_go_by_columns() -> None:
     )
     assert cd.rx_bytes[3] == 0
     assert rows == []
+
+
+def both(
+    *polls: tuple[int, tuple[CounterKey, ...], list[tuple[int, ...]]], final: CounterSample | None = None
+) -> list[str]:
+    """The polls (seconds after T0, keys read, their counters) by the daemon's way and by rows,
+    `final` taken 5 ms before the last poll: the deltas of each must be the same; returns the
+    daemon's paths."""
+    daemon, rows = DeltaEngine(BOOT, CONFIG), DeltaEngine(BOOT, CONFIG)
+    paths = []
+    present = frozenset(k for _, keys, _ in polls for k in keys)
+    for n, (seconds, keys, values) in enumerate(polls):
+        now, mono = T0 + 1000 * seconds, M0 + 1000 * seconds
+        if final is not None and n == len(polls) - 1:
+            assert daemon.final(now - 5, mono - 5, final) == rows.final(now - 5, mono - 5, final)
+        got, path = by_daemon(daemon, now, mono, keys, values, *present)
+        assert sorted(got) == sorted(
+            rows.poll_readings(now, mono, list(zip(keys, values, strict=True)), present)
+        )
+        paths.append(path)
+    return paths
+
+
+A, B, C = (CounterKey(BOOT, 10 + i, name) for i, name in enumerate(NAMES[:3]))
+
+
+def test_a_counter_read_at_another_instant_is_not_taken_for_a_newborn() -> None:
+    """B missed a poll (left out of the table's read): its last reading is older than the
+    steady ones', so it goes by rows, not from zero, beside a newborn C."""
+    paths = both(
+        (0, (A, B), [(100, 1, 100, 1), (100, 1, 100, 1)]),
+        (10, (A, B), [(200, 2, 200, 2), (200, 2, 200, 2)]),
+        (20, (A,), [(300, 3, 300, 3)]),
+        (30, (A, B, C), [(400, 4, 400, 4), (400, 4, 400, 4), (50, 1, 50, 1)]),
+    )
+    assert paths[-1] == "mixed"
+
+
+def test_a_closed_counter_still_in_the_table_is_not_taken_for_a_newborn() -> None:
+    """B's final counters closed it, yet the table still lists it at the next poll: it is not
+    counted again from zero beside a newborn C."""
+    paths = both(
+        (0, (A, B), [(100, 1, 100, 1), (100, 1, 100, 1)]),
+        (10, (A, B), [(200, 2, 200, 2), (200, 2, 200, 2)]),
+        (20, (A, B, C), [(300, 3, 300, 3), (260, 3, 260, 3), (50, 1, 50, 1)]),
+        final=CounterSample(B, 250, 250, 2, 2),
+    )
+    assert paths[-1] == "mixed"
