@@ -321,8 +321,7 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         columns and not lifted out of them), by set operations."""
         out = set(keys) - self._counters.keys()
         if out and self._steady is not None:
-            index, lifted = self._index(), self._lifted
-            out = {key for key in out if key in lifted or key not in index}
+            out -= set(filter(self._index().__contains__, out)) - self._lifted  # in the columns
         return out
 
     def tracked_count(self) -> int:

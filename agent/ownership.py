@@ -6,9 +6,9 @@ goes out again. A part of Agent (kvmeter.agent.daemon), on the poll thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import compress, repeat
-from operator import is_not, itemgetter
+from operator import attrgetter, is_not, itemgetter, ne
 from typing import Any, Protocol
 
 from kvmeter.agent.config import AgentConfig
@@ -42,6 +42,7 @@ class TopologyLike(Protocol):
 
 _NO_PAIR = (None,)  # a template pair's stand-in, built for no attribution
 _who_of = itemgetter(0)
+_NAME = attrgetter("name")
 
 
 class Ownership:
@@ -144,17 +145,20 @@ class Ownership:
         """Drop the attribution of counters the engine no longer tracks, unless the plan still
         meters them (a reborn tap waiting for its old incarnation's close, for one)."""
         tracked = self.engine.tracked_count()
-        metered = plan.metered
-        if len(self._attribution) > tracked:  # the links deleted by this poll's events first
-            for key in self.engine.untracked(self._gone.values()):
-                if key in self._attribution and metered.get(key.name) != key:
-                    del self._attribution[key]
-        if len(self._attribution) > tracked:  # forgotten by the engine, or a reborn tap waiting
-            for key in self._attribution.keys() - self.engine.tracked_keys():
-                if metered.get(key.name) != key:
-                    del self._attribution[key]
+        attribution = self._attribution
+        if len(attribution) > tracked:  # the links deleted by this poll's events first
+            self._forget(self.engine.untracked(self._gone.values()) & attribution.keys(), plan.metered)
+        if len(attribution) > tracked:  # forgotten by the engine, or a reborn tap waiting
+            self._forget(attribution.keys() - self.engine.tracked_keys(), plan.metered)
         if len(self._templates) > 2 * tracked:
             self._templates.keep_only(self.engine.tracked_keys())
+
+    def _forget(self, keys: Iterable[CounterKey], metered: Mapping[str, CounterKey]) -> None:
+        """Drop the attribution of `keys` (attributed ones) but of those the plan meters, looked
+        at by C-level passes (a storm closes a tenth of a host's counters)."""
+        keys = list(keys)
+        for key in compress(keys, map(ne, map(metered.get, map(_NAME, keys)), keys)):
+            del self._attribution[key]
 
     def _inventory_if_due(self, plan: PollPlan, *, commit: bool) -> bytes | None:
         """The full inventory on the first batch, on any change, and every inventory_every polls

@@ -473,3 +473,36 @@ def test_a_tap_made_again_while_the_counters_are_read_waits_for_the_next_poll(
         agent.poll_once()
     agent.close()
     assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 4, pb.VM_TX: 300 + 11 + 1000 + 2}
+
+
+@pytest.mark.parametrize("kept_plan", [False, True])
+def test_a_tap_made_again_before_its_old_incarnation_closes_is_counted_for_its_vm(
+    host: Host, tmp_path: Path, kept_plan: bool
+) -> None:
+    """The new incarnation is in the table before the old one's deletion event came (a late
+    RTM_DELLINK): it waits for the old one's close, keeping whose it is, and every byte of
+    both goes to the VM."""
+    clock = Clock()
+    agent = make_agent(
+        host, tmp_path, clock, topology=(VersionedTopology if kept_plan else FakeTopology)(host)
+    )
+    agent.poll_once()
+    host.traffic("vnet0", 300, 400)
+    clock.t += 1
+    agent.poll_once()
+    host.traffic("vnet0", 11, 22)
+    old = host.counters.pop("vnet0"), host.links.pop("vnet0")  # gone, its event not here yet
+    host.create("vnet0")
+    host.traffic("vnet0", 1000, 2000)
+    for _ in range(2):
+        clock.t += 1
+        agent.poll_once()
+        host.traffic("vnet0", 5, 6)
+    (c, index) = old
+    for cb in host.listeners:
+        cb(LinkEvent("del", "vnet0", index, (c[0], c[1], c[2], c[3])))
+    for _ in range(2):
+        clock.t += 1
+        agent.poll_once()
+    agent.close()
+    assert vm_totals(tmp_path) == {pb.VM_RX: 400 + 22 + 2000 + 6 * 2, pb.VM_TX: 300 + 11 + 1000 + 5 * 2}
