@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
-from itertools import repeat
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, eq
 from typing import Any
 
 from kvmeter.agent.counter_rows import CounterRow, SteadyColumns, new_tuple
@@ -91,8 +91,8 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
     def links_created(self, keys: Iterable[CounterKey]) -> None:
         """link_created for each of `keys` (a VM storm's new taps), in any order: whether a
         key is tracked does not depend on another's birth."""
-        boot_id = self.boot_id
-        born = self.untracked(key for key in keys if key.boot_id == boot_id)
+        keys = list(keys)
+        born = self.untracked(compress(keys, map(eq, map(_BOOT_ID, keys), repeat(self.boot_id))))
         self._created.update(dict.fromkeys(born, 0))
         self._preexisting -= born
 

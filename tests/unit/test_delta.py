@@ -308,3 +308,14 @@ def test_a_read_key_is_never_aged_out_whatever_the_readings_iterable_or_present_
         moved += [d.rx_bytes for d in e.poll_readings(T0 + 1000 * i, M0 + 1000 * i, readings, present)]
     assert moved == [100] * 5
     assert K in e.tracked()
+
+
+def test_a_birth_announced_for_another_boots_key_is_not_taken() -> None:
+    """Only this boot's links are born while the engine runs: another boot's key stays as the
+    engine found it (here baselined, so its counters are not billed from zero)."""
+    other = CounterKey("boot-b", 7, "vnet7")
+    e = engine()
+    e.poll(T0, M0, [], present=[other])
+    e.links_created([other])
+    assert e._created == {}
+    assert e.poll(T0 + 1000, M0 + 1000, [s(other, 5000, 5000)]) == []
