@@ -44,6 +44,10 @@ class StampedEvent:
     mono_ms: int
 
 
+def _tail_lost(key: CounterKey) -> None:
+    log.warning("%s (ifindex %d) deleted without final counters: its tail is lost", key.name, key.ifindex)
+
+
 def to_ms(seconds: float) -> int:
     return int(seconds * 1000)
 
@@ -154,11 +158,7 @@ class Measuring(Ownership):
             elif kind == "del":
                 gone[key.name] = key
                 if event.stats is None:
-                    log.warning(
-                        "%s (ifindex %d) deleted without final counters: its tail is lost",
-                        key.name,
-                        key.ifindex,
-                    )
+                    _tail_lost(key)
                     continue
                 if key not in attribution and event.ifname in devices:
                     self._remember(key, *devices[event.ifname])
@@ -187,11 +187,7 @@ class Measuring(Ownership):
         stats = list(map(_STATS, events))
         if None in stats:
             for i in compress(range(len(stats)), map(is_, stats, repeat(None))):
-                log.warning(
-                    "%s (ifindex %d) deleted without final counters: its tail is lost",
-                    keys[i].name,
-                    keys[i].ifindex,
-                )
+                _tail_lost(keys[i])
             kept = list(map(is_not, stats, repeat(None)))
             keys, events, stats = (list(compress(c, kept)) for c in (keys, events, stats))
         attribution = self._attribution
