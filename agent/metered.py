@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from itertools import compress, repeat
-from operator import attrgetter, is_
+from operator import attrgetter, is_, itemgetter
 
 from kvmeter.agent.counters import read_link_mac
 from kvmeter.agent.libvirt_counters import libvirt_counted
@@ -21,6 +21,8 @@ from kvmeter.agent.model import CounterKey, DomainInfo, NicInfo
 INACTIVE_STATES = frozenset({"shutoff", "gone"})
 _NAME = attrgetter("name")
 _IFINDEX = attrgetter("ifindex")
+_NAME_AT, _IFINDEX_AT = itemgetter(0), itemgetter(1)  # of a (name, ifindex) pair
+_new_key = tuple.__new__  # a CounterKey from its fields' tuple, in C (no Python __new__ each)
 
 Owner = tuple[DomainInfo, NicInfo]
 
@@ -93,13 +95,18 @@ class MeteredLinks:
         return key
 
     def keys_of(self, names: Iterable[str], ifindexes: Iterable[int]) -> list[CounterKey]:
-        """`key` for each name and ifindex (a poll's link events): the cached ones looked up in
-        one C-level pass."""
+        """`key` for each name and ifindex (a poll's link events, a storm's new taps): the
+        cached ones looked up, the others made, by C-level passes."""
         wanted = list(zip(names, ifindexes))
         found: list[CounterKey | None] = list(map(self._keys.get, wanted))
-        for i in compress(range(len(found)), map(is_, found, repeat(None))):
-            found[i] = self.key(*wanted[i])
-        return found  # type: ignore[return-value]  # None no more
+        if None not in found:
+            return found  # type: ignore[return-value]  # None no more
+        new = list(compress(wanted, map(is_, found, repeat(None))))  # a pair named twice: the last
+        made = map(
+            _new_key, repeat(CounterKey), zip(repeat(self.boot_id), map(_IFINDEX_AT, new), map(_NAME_AT, new))
+        )
+        self._keys.update(zip(new, made))
+        return list(map(self._keys.__getitem__, wanted))
 
     def keys(self, links: Mapping[str, int]) -> dict[str, CounterKey]:
         """name -> CounterKey for every link."""

@@ -225,3 +225,43 @@ def test_a_reborn_counter_elsewhere_gets_templates_built_from_scratch() -> None:
         pair = filled(templates, new_key, who, old_key)
         assert pair == _template_pair(new_key, who)
         assert pair.who is who
+
+
+def test_a_storms_templates_filled_at_once_are_each_the_bytes_built_from_scratch() -> None:
+    # many counters in one fill (a storm's): reborn for their own attribution object, reborn
+    # for another, new, and one whose old pair was not built from its own bytes
+    templates = Templates()
+    whos = [Attribution(DOMAIN, NIC, GUEST), Attribution(DOMAIN, MACVTAP, GUEST)]
+    sizes = [(31, 32), (31, 300), (300, 31), (127, 128), (70000, 2), (16383, 16384), (5, 2**21)]
+    keys, was, who_of = [], {}, []
+    for n, (old_ifindex, new_ifindex) in enumerate(sizes * 3):
+        name = f"vnet{n}"
+        old_key, key = CounterKey("boot-1", old_ifindex, name), CounterKey("boot-1", new_ifindex, name)
+        first = templates.pair(old_key, whos[n % 2])
+        kind = n % 3
+        if kind == 0:  # the very object the last incarnation had
+            who = first.who
+        elif kind == 1:  # an equal placement in a new object
+            who = Attribution(DOMAIN, first.who.nic, LinkPlacement(bridge="brvx-5001", vxlan_vni=5001))
+        else:  # never seen: no last incarnation
+            who = whos[n % 2]
+            old_key = None
+        if old_key is not None:
+            was[name] = old_key
+        keys.append(key)
+        who_of.append(who)
+    templates.pair(CounterKey("boot-1", 9, "vnet99"), whos[0])
+    templates._cache[CounterKey("boot-1", 9, "vnet99")] = templates._cache[
+        CounterKey("boot-1", 9, "vnet99")
+    ]._replace(
+        rx_wire=b"\x0a\x00"  # an old pair whose bytes do not end with its ifindex field
+    )
+    keys.append(CounterKey("boot-1", 10, "vnet99"))
+    who_of.append(templates._cache[CounterKey("boot-1", 9, "vnet99")].who)
+    was["vnet99"] = CounterKey("boot-1", 9, "vnet99")
+    pairs: list[Any] = [None] * len(keys)
+    templates.fill(pairs, range(len(keys)), keys, who_of, was)
+    for key, who, pair in zip(keys, who_of, pairs, strict=True):
+        assert pair == _template_pair(key, who), key
+        assert pair.who is who
+        assert templates.cached(key) is pair

@@ -65,6 +65,10 @@ def test_keys_of_events_are_the_objects_key_hands_out() -> None:
     assert got[1] is known["vnet1"]
     assert got[2:] == [CounterKey("boot", 9, "vnet0"), CounterKey("boot", 3, "vnet2")]
     assert got[2] is links.key("vnet0", 9)
+    assert all(type(key) is CounterKey for key in got)
+    twice = links.keys_of(["vnet5", "vnet5"], [11, 11])  # a new link named twice: one object
+    assert twice[0] is twice[1] is links.key("vnet5", 11)
+    assert (twice[0].boot_id, twice[0].ifindex, twice[0].name) == ("boot", 11, "vnet5")
 
 
 def test_trimmed_keys_keep_the_current_links_objects_and_drop_the_gone() -> None:
