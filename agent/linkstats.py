@@ -39,6 +39,7 @@ STATS64_HEAD = struct.Struct("=QQQQ")
 ERRNO = struct.Struct("=i")
 STATS_AT = NLMSG_HDRLEN + IF_STATS_MSG.size  # the first attribute of a stats message
 COUNTERS_AT = STATS_AT + NLA_HDR.size  # its payload
+_STATS_ATTRIBUTES = frozenset({IFLA_STATS_LINK_64 & NLA_TYPE_MASK})
 RECV_BYTES = 1 << 16  # a dump's replies are at most 32 KiB each
 
 if array("I").itemsize != 4 or array("Q").itemsize != 8:  # pragma: no cover - every Linux ABI
@@ -122,7 +123,7 @@ def _walk(data: bytes, offset: int, seq: int, out: LinkCounters) -> bool:
             raise StatsDumpError(errno, f"RTM_GETSTATS refused: errno {errno}")
         if kind == RTM_NEWSTATS:
             ifindex = IF_STATS_MSG.unpack_from(data, offset + NLMSG_HDRLEN)[1]
-            attrs = attributes(data, offset + STATS_AT, offset + length)
+            attrs = attributes(data, offset + STATS_AT, offset + length, _STATS_ATTRIBUTES)
             stats = attrs.get(IFLA_STATS_LINK_64 & NLA_TYPE_MASK)
             if stats is None or len(stats) < STATS64_HEAD.size:
                 raise StatsDumpError(f"no 64-bit counters for ifindex {ifindex}")

@@ -10,7 +10,8 @@ check this decoder against pyroute2's on recorded messages.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from collections.abc import Container
+from typing import Any, NamedTuple
 
 NLMSG_HDRLEN = 16
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
@@ -27,6 +28,9 @@ IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_VLAN_ID = 1  # u16, in IFLA_INFO_DATA of kind "vlan"
 IFLA_VXLAN_ID = 1  # u32, in IFLA_INFO_DATA of kind "vxlan"
+_LINK_ATTRIBUTES = frozenset({IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_STATS64, IFLA_STATS})
+_INFO_ATTRIBUTES = frozenset({IFLA_INFO_KIND, IFLA_INFO_DATA})
+_ID_ATTRIBUTES = frozenset({IFLA_VLAN_ID, IFLA_VXLAN_ID})
 # Netlink is in the host's byte order ("=": native order, standard sizes).
 U16 = struct.Struct("=H")
 U32 = struct.Struct("=I")
@@ -39,16 +43,22 @@ class LinkMessageError(ValueError):
     """A link message shorter than its headers say."""
 
 
-def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
-    """type -> payload of the netlink attributes in data[start:end] (the first of a type wins)."""
+def attributes(data: bytes, start: int, end: int, wanted: Container[int]) -> dict[int, bytes]:
+    """type -> payload of the `wanted` netlink attributes in data[start:end] (the first of a
+    type wins). Every attribute's header is checked; only the wanted ones' payloads are cut
+    out (a link message has some forty attributes: a VM storm sends thousands of messages)."""
     out: dict[int, bytes] = {}
     offset = start
-    while offset + NLA_HDR.size <= end:
-        length, kind = NLA_HDR.unpack_from(data, offset)
-        if length < NLA_HDR.size or offset + length > end:
+    header = NLA_HDR.unpack_from
+    while offset + 4 <= end:
+        length, kind = header(data, offset)
+        stop = offset + length
+        if length < 4 or stop > end:
             raise LinkMessageError(f"attribute of length {length} at offset {offset} overruns the message")
-        out.setdefault(kind & NLA_TYPE_MASK, data[offset + NLA_HDR.size : offset + length])
-        offset += (length + 3) & ~3
+        kind &= NLA_TYPE_MASK
+        if kind in wanted:
+            out.setdefault(kind, data[offset + 4 : stop])
+        offset = (stop + 3) & ~3
     return out
 
 
@@ -76,50 +86,82 @@ class LinkMessage:
         return self._attrs.get(name)
 
 
-def decode_link_message(data: bytes) -> LinkMessage:
+class LinkFields(NamedTuple):
+    """What the topology takes of one link message (None: the attribute is absent)."""
+
+    family: int
+    ifindex: int
+    flags: int
+    name: str | None
+    master: int | None
+    link: int | None
+    kind: str | None  # IFLA_INFO_KIND
+    vlan_id: int | None  # of a "vlan"
+    vxlan_vni: int | None  # of a "vxlan"
+    stats: tuple[int, int, int, int] | None  # rx_bytes, rx_packets, tx_bytes, tx_packets
+    stats64: bool  # the stats are IFLA_STATS64's (else IFLA_STATS's)
+
+
+def link_fields(data: bytes) -> LinkFields:
     """One whole netlink message (nlmsghdr included) of type RTM_NEWLINK or RTM_DELLINK."""
     end = min(len(data), U32.unpack_from(data)[0]) if len(data) >= U32.size else 0
     if end < NLMSG_HDRLEN + IFINFOMSG.size:
         raise LinkMessageError(f"link message of {end} bytes is shorter than its headers")
     family, _type, index, flags, _change = IFINFOMSG.unpack_from(data, NLMSG_HDRLEN)
-    raw = attributes(data, NLMSG_HDRLEN + IFINFOMSG.size, end)
+    raw = attributes(data, NLMSG_HDRLEN + IFINFOMSG.size, end, _LINK_ATTRIBUTES)
+    kind = vlan_id = vxlan_vni = None
+    if IFLA_LINKINFO in raw:
+        info = attributes(raw[IFLA_LINKINFO], 0, len(raw[IFLA_LINKINFO]), _INFO_ATTRIBUTES)
+        kind = _string(info.get(IFLA_INFO_KIND))
+        data_attr = info.get(IFLA_INFO_DATA)
+        if data_attr is not None and kind in ("vlan", "vxlan"):
+            inner = attributes(data_attr, 0, len(data_attr), _ID_ATTRIBUTES).get(IFLA_VLAN_ID)
+            if kind == "vlan" and inner is not None and len(inner) >= U16.size:
+                vlan_id = U16.unpack_from(inner)[0]
+            elif kind == "vxlan":
+                vxlan_vni = _u32(inner)
+    stats64, stats32 = raw.get(IFLA_STATS64), raw.get(IFLA_STATS)
+    wide = stats64 is not None and len(stats64) >= STATS64.size
+    stats = None
+    if wide or (stats32 is not None and len(stats32) >= STATS32.size):
+        layout, payload = (STATS64, stats64) if wide else (STATS32, stats32)
+        rx_packets, tx_packets, rx_bytes, tx_bytes = layout.unpack_from(payload)  # type: ignore[arg-type]
+        stats = (rx_bytes, rx_packets, tx_bytes, tx_packets)
+    return LinkFields(
+        family,
+        index,
+        flags,
+        _string(raw.get(IFLA_IFNAME)),
+        _u32(raw.get(IFLA_MASTER)),
+        _u32(raw.get(IFLA_LINK)),
+        kind,
+        vlan_id,
+        vxlan_vni,
+        stats,
+        wide,
+    )
+
+
+def decode_link_message(data: bytes) -> LinkMessage:
+    """link_fields, read like pyroute2's ``ifinfmsg`` (for what takes either)."""
+    f = link_fields(data)
     attrs: dict[str, Any] = {}
-    name = _string(raw.get(IFLA_IFNAME))
-    if name is not None:
-        attrs["IFLA_IFNAME"] = name
-    for key, kind in (("IFLA_MASTER", IFLA_MASTER), ("IFLA_LINK", IFLA_LINK)):
-        value = _u32(raw.get(kind))
+    for key, value in (("IFLA_IFNAME", f.name), ("IFLA_MASTER", f.master), ("IFLA_LINK", f.link)):
         if value is not None:
             attrs[key] = value
-    if IFLA_LINKINFO in raw:
-        attrs["IFLA_LINKINFO"] = _link_info(raw[IFLA_LINKINFO])
-    stats64 = raw.get(IFLA_STATS64)
-    stats32 = raw.get(IFLA_STATS)
-    if stats64 is not None and len(stats64) >= STATS64.size:
-        attrs["IFLA_STATS64"] = _stats(STATS64.unpack_from(stats64))
-    elif stats32 is not None and len(stats32) >= STATS32.size:
-        attrs["IFLA_STATS"] = _stats(STATS32.unpack_from(stats32))
-    return LinkMessage({"family": family, "index": index, "flags": flags}, attrs)
-
-
-def _link_info(payload: bytes) -> LinkMessage:
-    info = attributes(payload, 0, len(payload))
-    attrs: dict[str, Any] = {}
-    kind = _string(info.get(IFLA_INFO_KIND))
-    if kind is not None:
-        attrs["IFLA_INFO_KIND"] = kind
-    data = info.get(IFLA_INFO_DATA)
-    if data is not None and kind in ("vlan", "vxlan"):
-        inner = attributes(data, 0, len(data))
-        if kind == "vlan" and IFLA_VLAN_ID in inner and len(inner[IFLA_VLAN_ID]) >= 2:
-            attrs["IFLA_INFO_DATA"] = LinkMessage(
-                {}, {"IFLA_VLAN_ID": U16.unpack_from(inner[IFLA_VLAN_ID])[0]}
-            )
-        elif kind == "vxlan" and IFLA_VXLAN_ID in inner:
-            attrs["IFLA_INFO_DATA"] = LinkMessage({}, {"IFLA_VXLAN_ID": _u32(inner[IFLA_VXLAN_ID])})
-    return LinkMessage({}, attrs)
-
-
-def _stats(values: tuple[int, ...]) -> dict[str, int]:
-    rx_packets, tx_packets, rx_bytes, tx_bytes = values
-    return {"rx_packets": rx_packets, "tx_packets": tx_packets, "rx_bytes": rx_bytes, "tx_bytes": tx_bytes}
+    if f.kind is not None:
+        info: dict[str, Any] = {"IFLA_INFO_KIND": f.kind}
+        if f.vlan_id is not None:
+            info["IFLA_INFO_DATA"] = LinkMessage({}, {"IFLA_VLAN_ID": f.vlan_id})
+        elif f.kind == "vxlan" and f.vxlan_vni is not None:
+            info["IFLA_INFO_DATA"] = LinkMessage({}, {"IFLA_VXLAN_ID": f.vxlan_vni})
+        attrs["IFLA_LINKINFO"] = LinkMessage({}, info)
+    if f.stats is not None:
+        rx_bytes, rx_packets, tx_bytes, tx_packets = f.stats
+        attrs["IFLA_STATS64" if f.stats64 else "IFLA_STATS"] = {
+            "rx_packets": rx_packets,
+            "tx_packets": tx_packets,
+            "rx_bytes": rx_bytes,
+            "tx_bytes": tx_bytes,
+        }
+    return LinkMessage({"family": f.family, "index": f.ifindex, "flags": f.flags}, attrs)

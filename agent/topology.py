@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkEvent, LinkRecord, LinkTable
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.rtnl import decode_link_message
+from kvmeter.agent.rtnl import LinkFields, decode_link_message, link_fields
 from kvmeter.agent.traffic import TrafficRules
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,20 @@ def parse_link_message(msg: Any) -> LinkRecord:
     )
 
 
+def _record(f: LinkFields) -> LinkRecord:
+    """parse_link_message of a message decoded by link_fields (a link event's)."""
+    return LinkRecord(
+        ifindex=f.ifindex,
+        ifname=f.name,  # type: ignore[arg-type]  # the caller skips nameless messages
+        kind=sys.intern(f.kind) if f.kind is not None else None,
+        master=f.master or None,
+        link=f.link or None,
+        vlan_id=f.vlan_id,
+        vxlan_vni=f.vxlan_vni,
+        stats=f.stats,
+    )
+
+
 def decode_link_datagram(data: bytes) -> list[tuple[int, LinkRecord]]:
     """A raw netlink datagram -> [(RTM_NEWLINK|RTM_DELLINK, record)], in order.
 
@@ -104,9 +118,9 @@ def decode_link_datagram(data: bytes) -> list[tuple[int, LinkRecord]]:
         bridge_port = length > 16 and data[offset + 16] == AF_BRIDGE
         if msg_type in (RTM_NEWLINK, RTM_DELLINK) and not bridge_port:
             try:
-                msg = decode_link_message(data[offset : offset + length])
-                if msg["family"] != AF_BRIDGE and msg.get_attr("IFLA_IFNAME"):
-                    out.append((msg_type, parse_link_message(msg)))
+                fields = link_fields(data[offset : offset + length])
+                if fields.family != AF_BRIDGE and fields.name:
+                    out.append((msg_type, _record(fields)))
             except Exception:
                 log.exception("undecodable link message (%d bytes) skipped", length)
         offset += (length + 3) & ~3

@@ -6,7 +6,7 @@ import pytest
 
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK
 from kvmeter.agent.rtnl import LinkMessageError, decode_link_message
-from kvmeter.agent.topology import parse_link_message
+from kvmeter.agent.topology import AF_BRIDGE, decode_link_datagram, parse_link_message
 from tests.unit.fakes.netlink import decoded, load_messages, message_type
 
 RECORDED = [
@@ -31,6 +31,9 @@ def test_every_recorded_message_decodes_as_pyroute2_decodes_it(index: int) -> No
     ours, theirs = decode_link_message(message), decoded(message)
     assert (ours["family"], ours["index"]) == (theirs["family"], theirs["index"])
     assert parse_link_message(ours) == parse_link_message(theirs)
+    # a link event's path: the record straight from the message's fields
+    if theirs["family"] != AF_BRIDGE and theirs.get_attr("IFLA_IFNAME"):
+        assert decode_link_datagram(message) == [(message_type(message), parse_link_message(theirs))]
 
 
 @pytest.mark.parametrize(
@@ -39,6 +42,9 @@ def test_every_recorded_message_decodes_as_pyroute2_decodes_it(index: int) -> No
         b"",
         RECORDED[0][:20],  # the ifinfomsg cut short
         RECORDED[0][:16] + bytes(16) + (200).to_bytes(2, "little") + (3).to_bytes(2, "little"),
+        # an attribute the decoder does not take (IFLA_MTU) overrunning: an error all the same
+        RECORDED[0][:16] + bytes(16) + (200).to_bytes(2, "little") + (4).to_bytes(2, "little"),
+        RECORDED[0][:16] + bytes(16) + (2).to_bytes(2, "little") + (4).to_bytes(2, "little") + bytes(4),
     ],
 )
 def test_short_messages_and_overrunning_attributes_are_errors(data: bytes) -> None:
