@@ -6,12 +6,13 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from itertools import pairwise
 
 import pytest
 
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkEvent, LinkRecord, LinkTable
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.topology import Topology, decode_link_datagram, parse_link_message
+from kvmeter.agent.topology import Received, Topology, decode_link_datagram, parse_link_message
 from kvmeter.agent.traffic import DEFAULT_RULES, TrafficRules
 from tests.unit.fakes.netlink import FakeEventSocket, FakeIPRoute, decoded, load_messages, message_type
 
@@ -340,3 +341,39 @@ def test_failed_first_dump_closes_the_socket() -> None:
     with pytest.raises(OSError, match="netlink unavailable"):
         topology.start()
     assert sock.closed
+
+
+class TimedEventSocket(FakeEventSocket):
+    """Notes when each read that found a datagram returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_at: list[float] = []
+
+    def receive(self, timeout: float) -> Received:
+        received = super().receive(timeout)
+        if received.messages:
+            self.read_at.append(time.monotonic())
+        return received
+
+
+def test_after_a_read_that_found_messages_the_thread_gathers_the_rest_of_the_burst() -> None:
+    sock = TimedEventSocket()
+    topology = Topology(
+        DEFAULT_RULES,
+        ipr_factory=lambda: FakeIPRoute(DUMP),
+        event_socket_factory=lambda: sock,
+        poll_interval=0.02,
+        gather=0.3,
+    )
+    topology.start()
+    try:
+        pushed = time.monotonic()
+        for message in EVENTS[:5]:  # one datagram each (the fake hands out one per read), each a link
+            sock.push(message)
+        wait_for(lambda: len(sock.read_at) == 5, timeout=30)
+    finally:
+        topology.stop()
+    assert sock.read_at[0] - pushed < 0.25  # the first message of a burst: read at once
+    # each later read waited for the burst to gather, rather than woke for every message
+    assert all(b - a >= 0.3 for a, b in pairwise(sock.read_at))
