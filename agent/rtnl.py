@@ -30,7 +30,7 @@ IFLA_VLAN_ID = 1  # u16, in IFLA_INFO_DATA of kind "vlan"
 IFLA_VXLAN_ID = 1  # u32, in IFLA_INFO_DATA of kind "vxlan"
 _LINK_ATTRIBUTES = frozenset({IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_STATS64, IFLA_STATS})
 _INFO_ATTRIBUTES = frozenset({IFLA_INFO_KIND, IFLA_INFO_DATA})
-_ID_ATTRIBUTES = frozenset({IFLA_VLAN_ID, IFLA_VXLAN_ID})
+_ID_ATTRIBUTES = frozenset({IFLA_VLAN_ID, IFLA_VXLAN_ID})  # both 1: the one ID attribute
 # Netlink is in the host's byte order ("=": native order, standard sizes).
 U16 = struct.Struct("=H")
 U32 = struct.Struct("=I")

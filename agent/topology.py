@@ -44,7 +44,7 @@ AF_BRIDGE = 7
 Listener = Callable[["LinkEvent"], None]
 # After a read that found link messages, the event thread waits this long before it reads
 # again: a storm's messages are then read a few dozen per wakeup instead of one or two (the
-# thread's CPU in a storm round of 200 taps: 210-270 -> 100-120 ms). Later messages of a
+# thread's CPU in a storm round of 200 taps: 210-270 -> 120-130 ms). Later messages of a
 # burst are stamped up to this much later; the socket's 4 MB queue holds far more than 20 ms.
 GATHER_S = 0.02
 
