@@ -49,14 +49,6 @@ Listener = Callable[["LinkEvent"], None]
 GATHER_S = 0.02
 
 
-def _nested_attr(msg: Any, *names: str) -> Any:
-    for name in names:
-        if msg is None:
-            return None
-        msg = msg.get_attr(name)
-    return msg
-
-
 def parse_link_message(msg: Any) -> LinkRecord:
     """A decoded link message (from a dump or an event) -> :class:`LinkRecord`."""
     linkinfo = msg.get_attr("IFLA_LINKINFO")
