@@ -242,7 +242,10 @@ def test_a_storms_templates_filled_at_once_are_each_the_bytes_built_from_scratch
         if kind == 0:  # the very object the last incarnation had
             who = first.who
         elif kind == 1:  # an equal placement in a new object
-            who = Attribution(DOMAIN, first.who.nic, LinkPlacement(bridge="brvx-5001", vxlan_vni=5001))
+            equal = LinkPlacement(bridge="brvx-5001", vxlan_vni=5001, traffic_type="guest")
+            assert equal == GUEST
+            assert equal is not GUEST
+            who = Attribution(DOMAIN, first.who.nic, equal)
         else:  # never seen: no last incarnation
             who = whos[n % 2]
             old_key = None
