@@ -49,15 +49,15 @@ def attributes(data: bytes, start: int, end: int, wanted: Container[int]) -> dic
     out (a link message has some forty attributes: a VM storm sends thousands of messages)."""
     out: dict[int, bytes] = {}
     offset = start
-    header = NLA_HDR.unpack_from
-    while offset + 4 <= end:
+    header, size = NLA_HDR.unpack_from, NLA_HDR.size
+    while offset + size <= end:
         length, kind = header(data, offset)
         stop = offset + length
-        if length < 4 or stop > end:
+        if length < size or stop > end:
             raise LinkMessageError(f"attribute of length {length} at offset {offset} overruns the message")
         kind &= NLA_TYPE_MASK
         if kind in wanted:
-            out.setdefault(kind, data[offset + 4 : stop])
+            out.setdefault(kind, data[offset + size : stop])
         offset = (stop + 3) & ~3
     return out
 
