@@ -4,7 +4,7 @@ compares its readings with (`LastReadings`). Pure data."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import partial
 from itertools import compress, repeat
 from operator import lt
@@ -83,11 +83,9 @@ class LastReadings:
         n = len(steady.keys) if steady is not None else 0
         self.unknown, self.born = n, n + 1
         self.lifted_at = [index[key] for key in lifted]
-        if self.lifted_at:
-            index = dict(index)
-            for key in lifted:
-                del index[key]
-        self.index = index
+        self._index = index
+        self._lifted = lifted
+        self._kept_mask: list[int] | None = None
         self.keys: tuple[CounterKey, ...] = steady.keys if steady is not None else ()
         self.start: int | None = steady.end_ms if steady is not None else None
         self.mono_ms: int | None = steady.mono_ms if steady is not None else None
@@ -96,6 +94,39 @@ class LastReadings:
         self.tx_bytes = list(steady.tx_bytes) + zeros if steady is not None else list(zeros)
         self.rx_packets = list(steady.rx_packets) + zeros if steady is not None else list(zeros)
         self.tx_packets = list(steady.tx_packets) + zeros if steady is not None else list(zeros)
+
+    def positions(self, keys: Sequence[CounterKey]) -> tuple[list[int], int]:
+        """(each key's position here, `unknown` where it is not a steady counter; how many keys
+        lead that are, in order, every steady counter not lifted). A storm's poll in the
+        kernel's order (the taps that stayed, then the new ones: ifindexes only grow) has them
+        all in front: their positions then come from the lifted ones, no lookup per key."""
+        steady = self.steady
+        if steady is not None:
+            mask = self._mask()
+            stayed = tuple(compress(steady.keys, mask))
+            s = len(stayed)
+            if tuple(keys[:s]) == stayed:
+                return [*compress(range(self.unknown), mask), *repeat(self.unknown, len(keys) - s)], s
+        index = self._index
+        if self.lifted_at:
+            index = dict(index)
+            for key in self._lifted:
+                del index[key]
+        return list(map(index.get, keys, repeat(self.unknown))), 0
+
+    def column(self, name: str, pos: list[int], lead: int) -> list[int]:
+        """The last readings of one column (rx_bytes, ...) at positions `pos`; the first `lead`
+        of them are the steady counters not lifted, in order (see positions)."""
+        values = getattr(self, name)
+        if not lead:
+            return list(map(values.__getitem__, pos))
+        return [*self.stayed(name), *map(values.__getitem__, pos[lead:])]
+
+    def stayed(self, name: str) -> Iterable[object]:
+        """One field of SteadyColumns (rx_bytes, ifindexes, ...) for the steady counters not
+        lifted, in order."""
+        assert self.steady is not None
+        return compress(getattr(self.steady, name), self._mask())
 
     def take(self, row: CounterRow) -> bool:
         """Add a per-key row read at the columns' instant (the first one sets it when there
@@ -111,10 +142,12 @@ class LastReadings:
         return True
 
     def _mask(self) -> list[int]:
-        mask = [1] * self.unknown
-        for p in self.lifted_at:
-            mask[p] = 0
-        return mask
+        """1 per steady counter, 0 where lifted (made once)."""
+        if self._kept_mask is None:
+            self._kept_mask = [1] * self.unknown
+            for p in self.lifted_at:
+                self._kept_mask[p] = 0
+        return self._kept_mask
 
     def tracked_names(self) -> Iterable[str]:
         """The names of the steady counters still tracked as such (lifted ones left out)."""

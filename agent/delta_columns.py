@@ -155,8 +155,8 @@ class ColumnPolls:
         if self._fresh or not keys:
             return None
         old = LastReadings(self._steady, self._index() if self._steady is not None else {}, self._lifted)
-        pos = list(map(old.index.get, keys, repeat(old.unknown)))
-        missing = list(compress(range(len(keys)), map(eq, pos, repeat(old.unknown))))
+        pos, lead = old.positions(keys)  # lead: how many keys lead that are steady counters, in order
+        missing = list(compress(range(lead, len(keys)), map(eq, pos[lead:], repeat(old.unknown))))
         counters = self._counters
         from_dict = []  # positions in `keys` of counters read from the per-key dict
         for i in missing:
@@ -170,11 +170,11 @@ class ColumnPolls:
         if newborn_columns and len(from_dict) < len(missing):
             for i in self._born_since(now_ms, keys, old, missing, pos):
                 pos[i] = old.born
-        known = list(map(ne, pos, repeat(old.unknown)))
-        rxb = list(map(sub, rx_bytes, map(old.rx_bytes.__getitem__, pos)))
-        txb = list(map(sub, tx_bytes, map(old.tx_bytes.__getitem__, pos)))
-        rxp = list(map(sub, rx_packets, map(old.rx_packets.__getitem__, pos)))
-        txp = list(map(sub, tx_packets, map(old.tx_packets.__getitem__, pos)))
+        known = [*repeat(1, lead), *map(ne, pos[lead:], repeat(old.unknown))]
+        rxb = list(map(sub, rx_bytes, old.column("rx_bytes", pos, lead)))
+        txb = list(map(sub, tx_bytes, old.column("tx_bytes", pos, lead)))
+        rxp = list(map(sub, rx_packets, old.column("rx_packets", pos, lead)))
+        txp = list(map(sub, tx_packets, old.column("tx_packets", pos, lead)))
         max_bytes = (
             self.config.line_rate_ceiling_bps * max(mono_ms - last_mono, self.config.min_elapsed_ms) // 8000
         )
@@ -222,23 +222,29 @@ class ColumnPolls:
         # The old steady counters that do not go on as columns (their tap went by rows, or is
         # gone without a final sample yet) stay tracked in the per-key dict; the dict's
         # counters that go on as columns leave it.
-        left = old.left_over(pos if every else list(compress(pos, columns)))
+        # (every steady counter not lifted leads and goes on: none left over)
+        left = [] if every and lead else old.left_over(pos if every else list(compress(pos, columns)))
         if left:
             counters.update(zip(map(old.keys.__getitem__, left), map(old.row, left)))
         for i in from_dict:
             if columns[i]:
                 del counters[keys[i]]
         created = self._created
-        if created:
-            born = map(eq, pos, repeat(old.born))
-            for key in compress(keys, born if every else map(mul, columns, born)):
+        if created:  # (the leading keys are steady counters: none was born)
+            born = map(eq, pos[lead:], repeat(old.born))
+            for key in compress(keys[lead:], born if every else map(mul, columns[lead:], born)):
                 created.pop(key, None)
         end = now_ms if now_ms > start else start + 1
+        if every and lead:
+            ifindexes = (*old.stayed("ifindexes"), *map(_IFINDEX, steady_keys[lead:]))
+            names = (*old.stayed("names"), *map(_NAME, steady_keys[lead:]))
+        else:
+            ifindexes, names = tuple(map(_IFINDEX, steady_keys)), tuple(map(_NAME, steady_keys))
         self._set_steady(
             SteadyColumns(
                 steady_keys,
-                tuple(map(_IFINDEX, steady_keys)),
-                tuple(map(_NAME, steady_keys)),
+                ifindexes,
+                names,
                 *kept,
                 end,
                 mono_ms,

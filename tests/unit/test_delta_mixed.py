@@ -30,12 +30,19 @@ def as_deltas(cd: ColumnDeltas) -> list[Delta]:
 
 
 def by_daemon(
-    engine: DeltaEngine, now: int, mono: int, keys: tuple[CounterKey, ...], values: list[tuple[int, ...]]
+    engine: DeltaEngine,
+    now: int,
+    mono: int,
+    keys: tuple[CounterKey, ...],
+    values: list[tuple[int, ...]],
+    *,
+    after_events: bool = False,
 ) -> tuple[list[Delta], str]:
-    """What the daemon runs: columns, else mixed, else rows; and which of them concluded."""
+    """What the daemon runs: columns (unless link events came since the last poll), else
+    mixed, else rows; and which of them concluded."""
     present = frozenset(keys)
     columns = [list(c) for c in zip(*values, strict=True)] if values else [[], [], [], []]
-    steady = engine.poll_columns(now, mono, keys, *columns, present=present)
+    steady = None if after_events else engine.poll_columns(now, mono, keys, *columns, present=present)
     if steady is not None:
         return as_deltas(steady), "columns"
     mixed = engine.poll_mixed(now, mono, keys, *columns, present)
@@ -60,8 +67,8 @@ step = st.tuples(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(step, min_size=1, max_size=10), st.integers(1, 6))
-def test_mixed_polls_conclude_what_rows_conclude(steps: list[tuple], taps: int) -> None:
+@given(st.lists(step, min_size=1, max_size=10), st.integers(1, 6), st.booleans())
+def test_mixed_polls_conclude_what_rows_conclude(steps: list[tuple], taps: int, by_ifindex: bool) -> None:
     rows_engine = DeltaEngine(BOOT, CONFIG)
     engine = DeltaEngine(BOOT, CONFIG)
     ifindex = {name: 10 + i for i, name in enumerate(NAMES[:taps])}
@@ -101,10 +108,12 @@ def test_mixed_polls_conclude_what_rows_conclude(steps: list[tuple], taps: int) 
                 v[2] += 10**12
             elif i == which and what == "wrap":
                 v[0] = WRAP32 - 10 if v[0] < WRAP32 - 10 else (v[0] + 100) % WRAP32
-        keys = tuple(CounterKey(BOOT, ifindex[name], name) for name in NAMES[:taps])
-        read = [tuple(values[name]) for name in NAMES[:taps]]
+        # in the taps' order, or in the kernel's (by ifindex: a tap made again comes last)
+        names = sorted(NAMES[:taps], key=ifindex.__getitem__) if by_ifindex else NAMES[:taps]
+        keys = tuple(CounterKey(BOOT, ifindex[name], name) for name in names)
+        read = [tuple(values[name]) for name in names]
         expected = rows_engine.poll_readings(now, mono, list(zip(keys, read, strict=True)), frozenset(keys))
-        got, path = by_daemon(engine, now, mono, keys, read)
+        got, path = by_daemon(engine, now, mono, keys, read, after_events=bool(replaced))
         seen.add(path)
         assert sorted(got) == sorted(expected)
         assert saved(engine) == saved(rows_engine)

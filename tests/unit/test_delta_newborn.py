@@ -23,10 +23,11 @@ def by_daemon(
     keys: tuple[CounterKey, ...],
     values: list[tuple[int, ...]],
     *also_present: CounterKey,
+    after_events: bool = False,
 ) -> tuple[list[Delta], str]:
     present = frozenset((*keys, *also_present))
     columns = [list(c) for c in zip(*values, strict=True)]
-    steady = engine.poll_columns(now, mono, keys, *columns, present=present)
+    steady = None if after_events else engine.poll_columns(now, mono, keys, *columns, present=present)
     if steady is not None:
         return as_deltas(steady), "columns"
     mixed = engine.poll_mixed(now, mono, keys, *columns, present, newborn_columns=True)
@@ -60,9 +61,9 @@ storm = st.tuples(
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(storm, min_size=1, max_size=10), st.integers(1, 6), st.booleans())
+@given(st.lists(storm, min_size=1, max_size=10), st.integers(1, 6), st.booleans(), st.booleans())
 def test_newborns_by_columns_conclude_what_rows_conclude(
-    steps: list[tuple], taps: int, saved_state: bool
+    steps: list[tuple], taps: int, saved_state: bool, by_ifindex: bool
 ) -> None:
     rows_engine = DeltaEngine(BOOT, CONFIG)
     engine = DeltaEngine(BOOT, CONFIG)
@@ -86,6 +87,7 @@ def test_newborns_by_columns_conclude_what_rows_conclude(
         early_values = [v + 10 for v in early_values]
         now += wall_step
         mono += mono_step
+        events = bool(open_old or replaced)  # link events since the last poll
         for name, old in list(open_old.items()):  # late finals of the last storm
             final = CounterSample(old, 1, 1, 1, 1)
             assert engine.final(now - 2, mono - 2, final) == rows_engine.final(now - 2, mono - 2, final)
@@ -122,10 +124,13 @@ def test_newborns_by_columns_conclude_what_rows_conclude(
         if metered_early:
             keys += (early,)
             read.append(tuple(early_values))
+        if by_ifindex:  # in the kernel's order: a tap made again comes last
+            order = sorted(range(len(keys)), key=lambda i: keys[i].ifindex)
+            keys, read = tuple(keys[i] for i in order), [read[i] for i in order]
         expected = rows_engine.poll_readings(
             now, mono, list(zip(keys, read, strict=True)), frozenset((*keys, early))
         )
-        got, _path = by_daemon(engine, now, mono, keys, read, early)
+        got, _path = by_daemon(engine, now, mono, keys, read, early, after_events=events)
         assert sorted(got) == sorted(expected)
         assert state(engine) == state(rows_engine)
 
