@@ -129,6 +129,7 @@ class Agent(Measuring):
         self._plan: PollPlan | None = None
         self._inventory_records = InventoryRecords()
         self._inventory_plan: PollPlan | None = None  # the plan the records were last encoded for
+        self._last_encoder = None
         self._inventory_sent: int | None = None  # the records' version the last inventory had
         # Domains whose inventory record may have changed since the last one encoded (None: any)
         self._inventory_touched: set[str] | None = None

@@ -58,6 +58,8 @@ class Ownership:
     _attribution: dict[CounterKey, Attribution]
     _templates: Templates
     _gone: dict[str, CounterKey]  # name -> key of the links this poll's events deleted
+    # The last steady encoder built and the counters it encodes: the next one follows from it
+    _last_encoder: tuple[tuple[CounterKey, ...], SteadyEncoder] | None
     _inventory_records: InventoryRecords
     _inventory_plan: PollPlan | None  # the plan the records were last encoded for
     _inventory_sent: int | None  # the records' version the last inventory sent had
@@ -134,12 +136,35 @@ class Ownership:
             whos = list(map(self._attribution.get, keys))
             if not all(whos):
                 return None
-            pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
-            # a storm's new taps: from their previous incarnations' pairs
-            missing = compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos))
-            self._templates.fill(pairs, missing, keys, whos, self._gone)  # type: ignore[arg-type]
-            plan.encoder = SteadyEncoder(pairs)
+            plan.encoder = self._encoder_after_last(plan, keys, whos)
+            if plan.encoder is None:
+                pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
+                # a storm's new taps: from their previous incarnations' pairs
+                missing = compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos))
+                self._templates.fill(pairs, missing, keys, whos, self._gone)  # type: ignore[arg-type]
+                plan.encoder = SteadyEncoder(pairs)
+            self._last_encoder = (keys, plan.encoder)
         return plan.encoder
+
+    def _encoder_after_last(
+        self, plan: PollPlan, keys: tuple[CounterKey, ...], whos: list[Any]
+    ) -> SteadyEncoder | None:
+        """The last encoder followed by the new counters, when `keys` are the last encoder's
+        counters still there, in their order and with the same attribution, then new ones (a
+        VM storm in the kernel's order: ifindexes only grow); else None."""
+        if self._last_encoder is None:
+            return None
+        last_keys, last = self._last_encoder
+        kept: list[Any] = list(map(plan.present.__contains__, last_keys))
+        stayed = tuple(compress(last_keys, kept))
+        s = len(stayed)
+        if tuple(keys[:s]) != stayed or any(map(is_not, map(_who_of, compress(last.pairs, kept)), whos)):
+            return None
+        tail_keys, tail_whos = keys[s:], whos[s:]
+        tail: list[Any] = list(map(self._templates.cached, tail_keys, repeat(_NO_PAIR)))
+        missing = compress(range(len(tail)), map(is_not, map(_who_of, tail), tail_whos))
+        self._templates.fill(tail, missing, tail_keys, tail_whos, self._gone)
+        return last.followed_by(kept, tail)
 
     def _forget_closed(self, plan: PollPlan) -> None:
         """Drop the attribution of counters the engine no longer tracks, unless the plan still

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from itertools import chain, compress, repeat
+from itertools import chain, compress, islice, repeat
 from operator import add, attrgetter, or_
 
 from kvmeter.agent.measures import _Pair
@@ -65,7 +65,8 @@ def packed_varints(values: Sequence[int]) -> bytes:
 
 class _Heads:
     """`0x3a <length>`, the start of a measure record, per record length: a list indexed by
-    length, grown to the longest record seen."""
+    length, grown to the longest record seen. One table serves every encoder (an encoder is
+    built again after every VM storm; the heads stay the same)."""
 
     def __init__(self) -> None:
         self._heads: list[bytes] = []
@@ -78,6 +79,9 @@ class _Heads:
         return map(heads.__getitem__, lengths)
 
 
+_HEADS = _Heads()
+
+
 class SteadyEncoder:
     """The measure records of steady polls over one fixed list of counters (a poll plan's): the
     VM_RX measures in the order of `pairs`, then the VM_TX ones (build_batch interleaves them
@@ -85,20 +89,41 @@ class SteadyEncoder:
 
     def __init__(self, pairs: Sequence[_Pair]) -> None:
         # C-level passes: an encoder is built again after every link event (a VM storm).
+        self.pairs = list(pairs)
         self._templates = [*map(_RX_WIRE, pairs), *map(_TX_WIRE, pairs)]
         # (+ times, each template's length + times, the longest), made at the first encode
         self._base_lengths: tuple[int, list[int], int] | None = None
         self._unswapped = list(map(_UNSWAPPED, pairs))
         self._any_unswapped = any(self._unswapped)
-        types = list(map(_TRAFFIC_TYPE, pairs))
-        traffic: dict[str, list[int]] = {}
-        if types and types.count(types[0]) == len(types):
-            traffic[types[0]] = list(range(len(types)))
-        else:
-            for i, traffic_type in enumerate(types):
-                traffic.setdefault(traffic_type, []).append(i)
-        self._traffic = traffic
-        self._heads = _Heads()
+        self._types = list(map(_TRAFFIC_TYPE, pairs))
+        self._traffic = _rows_by_traffic(self._types)
+
+    def followed_by(self, kept: list[int], tail: Sequence[_Pair]) -> SteadyEncoder:
+        """The encoder of this one's counters where `kept` is 1 (in their order), then `tail`'s:
+        from this one's columns by C-level passes, no pass over every pair (a VM storm: the
+        taps that stayed, then the new ones)."""
+        n = len(self.pairs)
+        new = SteadyEncoder.__new__(SteadyEncoder)
+        new.pairs = [*compress(self.pairs, kept), *tail]
+        templates = self._templates
+        new._templates = [
+            *compress(templates, kept),
+            *map(_RX_WIRE, tail),
+            *compress(islice(templates, n, None), kept),
+            *map(_TX_WIRE, tail),
+        ]
+        new._base_lengths = None
+        if self._base_lengths is not None:
+            times, lengths, _longest = self._base_lengths
+            tail_rx = list(map(add, map(len, map(_RX_WIRE, tail)), repeat(times)))
+            tail_tx = list(map(add, map(len, map(_TX_WIRE, tail)), repeat(times)))
+            rows = [*compress(lengths, kept), *tail_rx, *compress(islice(lengths, n, None), kept), *tail_tx]
+            new._base_lengths = (times, rows, max(rows, default=times))
+        new._unswapped = [*compress(self._unswapped, kept), *map(_UNSWAPPED, tail)]
+        new._any_unswapped = any(new._unswapped)
+        new._types = [*compress(self._types, kept), *map(_TRAFFIC_TYPE, tail)]
+        new._traffic = _rows_by_traffic(new._types)
+        return new
 
     def encode(
         self, deltas: ColumnDeltas, max_bytes: int | None = None
@@ -179,7 +204,7 @@ class SteadyEncoder:
         # The records' pieces in one flat list (head, counts, times, template per record), laid
         # in by slices: no tuple per record for the garbage collector to look at.
         pieces: list[bytes] = [times] * (4 * m)
-        pieces[0::4] = self._heads.lookup(lengths)
+        pieces[0::4] = _HEADS.lookup(lengths)
         pieces[1::4] = counts
         pieces[3::4] = templates
         if len(pieces) <= _ONE_JOIN_PIECES:
@@ -203,6 +228,17 @@ class SteadyEncoder:
             traffic: [sum(map(vm_rx.__getitem__, rows)), sum(map(vm_tx.__getitem__, rows))]
             for traffic, rows in self._traffic.items()
         }
+
+
+def _rows_by_traffic(types: list[str]) -> dict[str, list[int]]:
+    """The rows of each traffic type."""
+    traffic: dict[str, list[int]] = {}
+    if types and types.count(types[0]) == len(types):
+        traffic[types[0]] = list(range(len(types)))
+    else:
+        for i, traffic_type in enumerate(types):
+            traffic.setdefault(traffic_type, []).append(i)
+    return traffic
 
 
 def split_fields(data: bytes, max_bytes: int) -> list[bytes]:

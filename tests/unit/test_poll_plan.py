@@ -335,8 +335,9 @@ def make_agent(world: World, spool_dir: Path, clock: ClockPair, *, incremental: 
         mono=clock,
     )
     agent._table.read = world.counter_table  # type: ignore[method-assign]
-    if not incremental:
+    if not incremental:  # every plan built from scratch, every steady encoder from its pairs
         agent._planner.update = lambda *args: None  # type: ignore[method-assign]
+        agent._encoder_after_last = lambda *args: None  # type: ignore[method-assign]
     agent.start()
     return agent
 

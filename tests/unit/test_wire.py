@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from itertools import compress
 
 import pytest
 from google.protobuf.internal.encoder import _VarintBytes
@@ -147,6 +148,34 @@ def test_parts_come_as_bounded_runs_of_whole_records_made_when_taken() -> None:
     assert all(len(part) == 1 for part in small)
     with pytest.raises(StopIteration):
         next(parts)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("used", [False, True])
+def test_an_encoder_followed_by_new_counters_encodes_as_one_built_from_their_pairs(
+    seed: int, used: bool
+) -> None:
+    """A VM storm's encoder: the last one's counters that stayed, in their order, then the new
+    ones; the same records and totals as an encoder built from those pairs (whether or not the
+    last one had encoded a poll and so knew its records' lengths)."""
+    rng = random.Random(seed)
+    kinds = [("bridge", "guest"), ("direct", "public"), ("bridge", "public"), ("bridge", "control")]
+    keys, attribution = counters([rng.choice(kinds) for _ in range(60)])
+    templates = Templates()
+    pairs = [templates.pair(k, attribution[k]) for k in keys]
+    last = SteadyEncoder(pairs[:40])
+    if used:
+        last.encode(steady(keys[:40], seed))
+    kept = [rng.choice([0, 1, 1]) for _ in range(40)]
+    tail = pairs[40 : 40 + rng.randrange(21)]
+    now = [*compress(pairs, kept), *tail]
+    now_keys = (*compress(keys, kept), *keys[40 : 40 + len(tail)])
+    followed = last.followed_by(kept, tail)
+    built = SteadyEncoder(now)
+    for round_ in range(2):
+        cd = steady(now_keys, seed + round_)._replace(start_ms=START + round_, end_ms=END + 10**6 * round_)
+        assert followed.encode(cd) == built.encode(cd)
+        assert followed.encode(cd, 700) == built.encode(cd, 700)
 
 
 def test_an_encoder_refuses_counters_it_was_not_built_for() -> None:
