@@ -241,6 +241,24 @@ def test_a_poll_that_cannot_spool_is_undone_and_nothing_is_lost(host: Host, tmp_
     assert [f.seq for f in Spool(tmp_path, read_only=True).pending()] == [1, 2]  # no gap
 
 
+def test_a_started_agent_passes_the_collector_over_young_objects_less_often(
+    host: Host, tmp_path: Path
+) -> None:
+    import gc
+
+    from kvmeter.agent.daemon import COLLECTOR_YOUNG_THRESHOLD
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 11, 12)
+        agent = make_agent(host, tmp_path, Clock())  # started, as `kvmeter agent` starts it
+        agent.close()
+        assert gc.get_threshold() == (COLLECTOR_YOUNG_THRESHOLD, 11, 12)
+        assert COLLECTOR_YOUNG_THRESHOLD > 700
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_shutdown_sends_a_final_batch(host: Host, tmp_path: Path) -> None:
     clock = Clock()
     agent = make_agent(host, tmp_path, clock)
