@@ -35,17 +35,18 @@ def by_daemon(
     mono: int,
     keys: tuple[CounterKey, ...],
     values: list[tuple[int, ...]],
-    *,
+    *also_present: CounterKey,
     after_events: bool = False,
+    newborn_columns: bool = False,
 ) -> tuple[list[Delta], str]:
     """What the daemon runs: columns (unless link events came since the last poll), else
-    mixed, else rows; and which of them concluded."""
-    present = frozenset(keys)
+    mixed, else rows; and which of them concluded. `also_present`: links not metered."""
+    present = frozenset((*keys, *also_present))
     columns = [list(c) for c in zip(*values, strict=True)] if values else [[], [], [], []]
     steady = None if after_events else engine.poll_columns(now, mono, keys, *columns, present=present)
     if steady is not None:
         return as_deltas(steady), "columns"
-    mixed = engine.poll_mixed(now, mono, keys, *columns, present)
+    mixed = engine.poll_mixed(now, mono, keys, *columns, present, newborn_columns=newborn_columns)
     if mixed is not None:
         return mixed[1] + as_deltas(mixed[0]), "mixed"
     return engine.poll_readings(now, mono, list(zip(keys, values, strict=True)), present), "rows"

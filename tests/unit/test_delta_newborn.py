@@ -8,32 +8,18 @@ concludes exactly what an engine that only polls by rows concludes, and keeps th
 
 from __future__ import annotations
 
+from functools import partial
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmeter.agent.delta import DeltaEngine
-from kvmeter.agent.model import CounterKey, CounterSample, Delta
-from tests.unit.test_delta_mixed import BOOT, CONFIG, M0, NAMES, T0, as_deltas
+from kvmeter.agent.model import CounterKey, CounterSample
+from tests.unit.test_delta_mixed import BOOT, CONFIG, M0, NAMES, T0
+from tests.unit.test_delta_mixed import by_daemon as mixed_by_daemon
 
-
-def by_daemon(
-    engine: DeltaEngine,
-    now: int,
-    mono: int,
-    keys: tuple[CounterKey, ...],
-    values: list[tuple[int, ...]],
-    *also_present: CounterKey,
-    after_events: bool = False,
-) -> tuple[list[Delta], str]:
-    present = frozenset((*keys, *also_present))
-    columns = [list(c) for c in zip(*values, strict=True)]
-    steady = None if after_events else engine.poll_columns(now, mono, keys, *columns, present=present)
-    if steady is not None:
-        return as_deltas(steady), "columns"
-    mixed = engine.poll_mixed(now, mono, keys, *columns, present, newborn_columns=True)
-    if mixed is not None:
-        return mixed[1] + as_deltas(mixed[0]), "mixed"
-    return engine.poll_readings(now, mono, list(zip(keys, values, strict=True)), present), "rows"
+# What the daemon runs, newborns by columns as the agent asks for them
+by_daemon = partial(mixed_by_daemon, newborn_columns=True)
 
 
 def state(engine: DeltaEngine) -> tuple[object, ...]:
