@@ -63,21 +63,34 @@ class PollPlan:
     by_ifindex: dict[int, CounterKey] | None = None
 
     def rows_of(self, table: CounterTable) -> tuple[tuple[CounterKey, ...], list[int]]:
-        """The metered interfaces' keys and their rows in the table, in the table's order (as
-        the kernel lists them). The layout rarely changes between polls: one list comparison
-        then; and when it did, one C-level pass over the table, no Python step per row."""
+        """The metered interfaces' keys and their rows in the table, in the order of their
+        ifindexes: a VM storm's poll then lists the taps that stayed in their last order and
+        the new ones after them (ifindexes only grow), which the engine and the encoder take
+        whole (see LastReadings.positions). Recent kernels list links so; older ones in buckets
+        (of ifindexes for a netlink dump, of names for /proc/net/dev). The layout rarely changes
+        between polls: one list comparison then; and when it did, C-level passes over the
+        table."""
         layout = table.names if table.ifindexes is None else table.ifindexes
         if layout != self.table_layout:
+            ifindexes: Sequence[int]
             if table.ifindexes is None:
                 found = list(map(self.metered.get, table.names))
+                # (the fallback's table: a Python step per row, when its layout changed)
+                ifindexes = [key.ifindex if key is not None else 0 for key in found]
             else:  # a row is a metered link's when its ifindex is the one the plan's key holds
                 if self.by_ifindex is None:
                     keys = self.metered.values()
                     self.by_ifindex = dict(zip(map(_ifindex, keys), keys))
                 found = list(map(self.by_ifindex.get, table.ifindexes))
+                ifindexes = table.ifindexes
+            rows = list(compress(range(len(found)), map(is_not, found, repeat(None))))
+            if ifindexes == sorted(ifindexes):
+                self.row_keys = tuple(filter(None, found))  # already in order (one pass to see it)
+            else:
+                rows.sort(key=ifindexes.__getitem__)
+                self.row_keys = tuple(map(found.__getitem__, rows))  # type: ignore[arg-type]  # no None at them
             self.table_layout = layout
-            self.row_indexes = list(compress(range(len(found)), map(is_not, found, repeat(None))))
-            self.row_keys = tuple(filter(None, found))
+            self.row_indexes = rows
             self.encoder = None
         return self.row_keys, self.row_indexes
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,7 @@ from kvmeter.agent.counters import CounterTable
 from kvmeter.agent.daemon import Agent
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
 from kvmeter.agent.metered import MeteredLinks, tap_mac
-from kvmeter.agent.model import DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.plan import Planner, PollPlan
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
@@ -313,6 +314,41 @@ def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
         )
         is None
     )
+
+
+def in_buckets(table: CounterTable) -> CounterTable:
+    """The table as an older kernel lists it: in buckets (here of ifindexes modulo 7), the
+    newest link first in each."""
+    ifindexes = table.ifindexes or list(range(len(table.rx_bytes)))  # (by name: made in this order)
+    order = sorted(range(len(ifindexes)), key=lambda r: (ifindexes[r] % 7, -ifindexes[r]))
+    columns = [[column[r] for r in order] for column in table[:5] if column]
+    names = columns.pop(0) if table.names else []
+    ids = [ifindexes[r] for r in order] if table.ifindexes is not None else None
+    return CounterTable(names, *columns, ifindexes=ids)
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_rows_come_by_ifindex_whatever_order_the_kernel_lists_them_in(by_name: bool) -> None:
+    """So a storm's poll lists the taps that stayed, in their last order, then the new ones
+    (what the engine and the encoder take whole), on kernels that list links in buckets too."""
+    world = World()
+    last: tuple[CounterKey, ...] = ()
+    for storm in ((), (1, 3, 4), (0, 3)):
+        for i in storm:
+            do(world, "replace", i, 0)
+        plan = fresh_plan(world)
+        table = in_buckets(world.counter_table(by_name=by_name))
+        keys, rows = plan.rows_of(table)
+        assert sorted(keys) == sorted(plan.metered.values())  # each metered link's row, once
+        assert [k.ifindex for k in keys] == sorted(k.ifindex for k in keys)
+        for key, row in zip(keys, rows, strict=True):
+            assert (table.names[row] if by_name else table.ifindexes[row]) == (
+                key.name if by_name else key.ifindex
+            )  # type: ignore[index]
+        stayed = tuple(k for k in last if k in set(keys))
+        assert keys[: len(stayed)] == stayed
+        assert len(stayed) == len(last) - len(storm)
+        last = keys
 
 
 class ClockPair:
