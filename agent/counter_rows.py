@@ -97,10 +97,10 @@ class LastReadings:
 
     def positions(self, keys: Sequence[CounterKey]) -> tuple[list[int], int]:
         """(each key's position here, `unknown` where it is not a steady counter; how many keys
-        lead that are, in order, every steady counter not lifted). A storm's poll in the order
-        of a kernel that lists links by ifindex (the taps that stayed, then the new ones:
-        ifindexes only grow) has them all in front: their positions then come from the lifted
-        ones, no lookup per key."""
+        lead that are, in order, every steady counter not lifted). A storm's poll, its rows in
+        the order of their ifindexes (PollPlan.rows_of: the taps that stayed, then the new
+        ones), has them all in front: their positions then come from the lifted ones, no lookup
+        per key."""
         steady = self.steady
         if steady is not None:
             mask = self._mask()

@@ -151,8 +151,7 @@ class Ownership:
     ) -> SteadyEncoder | None:
         """The last encoder followed by the new counters, when `keys` are the last encoder's
         counters still there, in their order and with the same attribution, then new ones (a
-        VM storm listed by a kernel that lists links by ifindex: ifindexes only grow); else
-        None."""
+        VM storm's rows, in the order of their ifindexes: see PollPlan.rows_of); else None."""
         if self._last_encoder is None:
             return None
         last_keys, last = self._last_encoder
