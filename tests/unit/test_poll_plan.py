@@ -24,6 +24,7 @@ from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.plan import Planner, PollPlan
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
+from kvmeter.proto import pb
 
 RULES = TrafficRules.from_config({"rules": [{"vni": "5000-5999", "type": "guest"}]})
 TAPS = 12
@@ -399,6 +400,42 @@ def test_an_agent_updating_its_plan_writes_the_batches_of_one_that_rebuilds_it(
     finally:
         updating.close()
         rebuilding.close()
+
+
+def test_a_tap_made_again_while_its_old_incarnation_is_open_keeps_its_attribution(tmp_path: Path) -> None:
+    """vnet0 made again without its deletion seen (no final counters): the new incarnation
+    waits, untracked, until the old one is forgotten, and is metered all along. Its attribution
+    is set once, when the plan is updated for it, and must outlive the wait: the next plan and
+    encoder (another tap's link events) need it, or its bytes are dropped as no VM's."""
+    from kvmeter.agent.delta import ABSENT_POLLS_BEFORE_FORGET
+    from tests.unit.test_agent_daemon import vm_totals
+
+    world = World()
+    clock = ClockPair()
+    agent = make_agent(world, tmp_path, clock, incremental=True)
+    try:
+        agent.poll()  # baseline
+        world.traffic(1)
+        clock.t += 10
+        agent.poll()
+        before = vm_totals(tmp_path)
+        old = world.table.ifindex("vnet0")
+        world.counters.pop(old)
+        world.table.apply(RTM_DELLINK, LinkRecord(ifindex=old, ifname="vnet0"))  # gone unseen
+        world.make_tap(0, master=1)  # the new incarnation's birth is seen
+        new = world.table.ifindex("vnet0")
+        for _ in range(ABSENT_POLLS_BEFORE_FORGET + 2):
+            world.counters[new][0] += 1000  # the host received what the VM sent
+            clock.t += 10
+            agent.poll()
+        do(world, "replace", 5, 0)  # another tap's link events: the plan and its encoder made anew
+        world.counters[new][0] += 1000
+        clock.t += 10
+        agent.poll()
+    finally:
+        agent.close()
+    moved = {k: v - before[k] for k, v in vm_totals(tmp_path).items()}
+    assert moved[pb.VM_TX] == 1000 * (ABSENT_POLLS_BEFORE_FORGET + 3)  # vnet0's only
 
 
 def test_the_change_log_names_every_link_that_moved() -> None:
