@@ -136,15 +136,20 @@ class Ownership:
             whos = list(map(self._attribution.get, keys))
             if not all(whos):
                 return None
-            plan.encoder = self._encoder_after_last(plan, keys, whos)
-            if plan.encoder is None:
-                pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
-                # a storm's new taps: from their previous incarnations' pairs
-                missing = compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos))
-                self._templates.fill(pairs, missing, keys, whos, self._gone)  # type: ignore[arg-type]
-                plan.encoder = SteadyEncoder(pairs)
+            plan.encoder = self._encoder_after_last(plan, keys, whos) or SteadyEncoder(
+                self._pairs(keys, whos)
+            )
             self._last_encoder = (keys, plan.encoder)
         return plan.encoder
+
+    def _pairs(self, keys: Sequence[CounterKey], whos: Sequence[Any]) -> list[Any]:
+        """The template pairs of `keys` for `whos`: the cached ones by a C-level pass, only
+        those missing or built for another attribution made one by one (a storm's new taps:
+        from their previous incarnations' pairs)."""
+        pairs: list[Any] = list(map(self._templates.cached, keys, repeat(_NO_PAIR)))
+        missing = compress(range(len(pairs)), map(is_not, map(_who_of, pairs), whos))
+        self._templates.fill(pairs, missing, keys, whos, self._gone)
+        return pairs
 
     def _encoder_after_last(
         self, plan: PollPlan, keys: tuple[CounterKey, ...], whos: list[Any]
@@ -160,11 +165,7 @@ class Ownership:
         s = len(stayed)
         if tuple(keys[:s]) != stayed or any(map(is_not, map(_who_of, compress(last.pairs, kept)), whos)):
             return None
-        tail_keys, tail_whos = keys[s:], whos[s:]
-        tail: list[Any] = list(map(self._templates.cached, tail_keys, repeat(_NO_PAIR)))
-        missing = compress(range(len(tail)), map(is_not, map(_who_of, tail), tail_whos))
-        self._templates.fill(tail, missing, tail_keys, tail_whos, self._gone)
-        return last.followed_by(kept, tail)
+        return last.followed_by(kept, self._pairs(keys[s:], whos[s:]))
 
     def _forget_closed(self, plan: PollPlan) -> None:
         """Drop the attribution of counters the engine no longer tracks, unless the plan still
