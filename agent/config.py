@@ -95,7 +95,7 @@ class AgentConfig:
     poll_interval: float = 10.0
     state_dir: str = "/var/lib/kvmeter/agent"
     log_level: str = "info"
-    inventory_every: int = 60  # polls between full inventories in batches (sent on change anyway)
+    inventory_every: int = 60  # polls between batches with every inventory record (else: the changed)
     libvirt_uri: str = "qemu:///system"
     libvirt_resync_seconds: float = 300.0
     libvirt_call_timeout: float = 2.0

@@ -141,10 +141,9 @@ class Agent(Measuring):
         self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted
         self._plan: PollPlan | None = None
         self._inventory_records = InventoryRecords()
-        self._inventory_plan: PollPlan | None = None  # the plan the records were last encoded for
+        self._inventory_plan: PollPlan | None = None  # the plan the records were last updated for
         self._last_encoder = None
-        self._inventory_sent: int | None = None  # the records' version the last inventory had
-        # Domains whose inventory record may have changed since the last one encoded (None: any)
+        self._inventory_sent: int | None = None
         self._inventory_touched: set[str] | None = None
         self._polls_since_inventory = 0
         self.stop_event = threading.Event()
@@ -267,7 +266,7 @@ class Agent(Measuring):
             for d in unattributed:
                 if d.rx_bytes or d.tx_bytes:
                     log.debug("not a VM NIC, ignored: %s (%d/%d bytes)", d.key.name, d.rx_bytes, d.tx_bytes)
-        inventory = self._inventory_if_due(plan, commit=not dry_run)
+        inventory, inventory_sent = self._inventory_if_due(plan)
         # The inventory first, so a collector knows the domains before their measures.
         inventory_parts = split_fields(inventory, room) if inventory else []
         parts = chain(map(_alone, inventory_parts), steady_parts, map(_alone, row_parts))
@@ -282,6 +281,7 @@ class Agent(Measuring):
         self.spool.append_poll(self.stream_id, first_seq, batches, state, now_ms)
         self.seq = first_seq + last
         self._committed_state = engine_state  # the rollback point of the next poll
+        self._inventory_spooled(inventory_sent)
         self._count(deltas, totals)
         self._forget_closed(plan)
         return batches

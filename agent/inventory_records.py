@@ -2,22 +2,24 @@
 batch to batch. Pure, no I/O.
 
 A domain's record is kept while the domain object, its NICs' placements and their ifindexes stay
-the same: after a VM's taps come or go, only that VM's record is written again (the poll right
-after link events sends the full inventory). And when only ifindexes changed (a tap made again
+the same: after a VM's taps come or go, only that VM's record is written again, and only it
+needs to go out (`since`). And when only ifindexes changed (a tap made again
 under a domain that stayed), it is written again from its own bytes: protobuf writes a
 message's fields in the order of their numbers, so a NIC's ifindex (field 10) comes last in the
 NIC and the NICs (field 8) last in the domain; a record keeps where the bytes before each lie.
 The bytes decode exactly as MeasureBatch(inventory=[domain_inventory(...) for each domain])
 serialises (tests/unit/test_inventory_records.py: byte for byte).
 
-`version` says when the records changed: the agent sends the inventory when it differs from the
-version it last sent, with no copy of every placement and ifindex kept to compare against.
+`version` says when the records changed, and each record the version whose update wrote it: the
+agent sends what was written since the version it last sent (`since`), and every record now and
+then (`joined`), with no copy of every placement and ifindex kept to compare against.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Iterable, Mapping, Set
+from itertools import compress
 from operator import attrgetter, is_, itemgetter
 from typing import NamedTuple
 
@@ -39,6 +41,7 @@ class _Kept(NamedTuple):
     # Where the domain's fields before its NICs, then each NIC's before its ifindex, lie in
     # `record` (start and end of each, as array("I") bytes): a few bytes a domain, no copies
     cuts: bytes
+    stamp: int  # the version of the update that wrote it
 
 
 class InventoryRecords:
@@ -46,11 +49,39 @@ class InventoryRecords:
 
     def __init__(self) -> None:
         self._records: dict[str, _Kept] = {}
-        # The last call's domains (touched or not), their uuids and the uuid -> domain map
+        # The last update's domains (touched or not), their uuids and the uuid -> domain map
         self._domains: tuple[tuple[DomainInfo, ...], list[str], dict[str, DomainInfo]] | None = None
-        # One more whenever an encode's records are not the last encode's (a record written
+        # One more whenever an update's records are not the last update's (a record written
         # again, added, dropped or moved): the same version, the same bytes
         self.version = 0
+
+    def update(
+        self,
+        domains: Iterable[DomainInfo],
+        placements: Mapping[str, LinkPlacement],
+        ifindexes: Mapping[str, int],
+        touched: Set[str] | None = None,
+    ) -> None:
+        """The records of `domains`, in their order. `touched`: the only domains (uuids) that may
+        differ from the last update's (their object, their NICs' placements or ifindexes), None
+        for any: the others' records are kept as they are, without a Python step each."""
+        domains = tuple(domains)
+        stamp = self.version + 1  # the version if a record is written
+        changed = False
+        if touched is not None:
+            changed, whole = self._update_touched(domains, placements, ifindexes, touched, stamp)
+            if whole:
+                self.version += changed
+                return
+        cache, kept = self._records, {}
+        for domain in domains:
+            kept[domain.uuid] = _kept(cache.get(domain.uuid), domain, placements, ifindexes, stamp)
+        uuids = list(map(_UUID, domains))
+        self._domains = (domains, uuids, dict(zip(uuids, domains)))
+        # a record written again is another object: compared by identity, in order
+        changed = changed or len(kept) != len(cache) or not all(map(is_, kept.values(), cache.values()))
+        self.version += changed
+        self._records = kept
 
     def encode(
         self,
@@ -59,36 +90,33 @@ class InventoryRecords:
         ifindexes: Mapping[str, int],
         touched: Set[str] | None = None,
     ) -> bytes:
-        """`touched`: the only domains (uuids) that may differ from the last call's (their
-        object, their NICs' placements or ifindexes), None for any: the others' records are
-        taken as they are, without a Python step each."""
-        domains = tuple(domains)
-        changed = False
-        if touched is not None:
-            changed, joined = self._encode_touched(domains, placements, ifindexes, touched)
-            if joined is not None:
-                self.version += changed
-                return joined
-        cache, kept, records = self._records, {}, []
-        for domain in domains:
-            entry = kept[domain.uuid] = _kept(cache.get(domain.uuid), domain, placements, ifindexes)
-            records.append(entry.record)
-        uuids = list(map(_UUID, domains))
-        self._domains = (domains, uuids, dict(zip(uuids, domains)))
-        # a record written again is another object: compared by identity, in order
-        changed = changed or len(kept) != len(cache) or not all(map(is_, kept.values(), cache.values()))
-        self.version += changed
-        self._records = kept
-        return b"".join(records)
+        """`update`, then every record (`joined`)."""
+        self.update(domains, placements, ifindexes, touched)
+        return self.joined()
 
-    def _encode_touched(
+    def joined(self) -> bytes:
+        """Every record of the last update, in its domains' order."""
+        return b"".join(map(_RECORD, self._in_order()))
+
+    def since(self, version: int) -> bytes:
+        """The records written after `version` (new or changed since), in their domains' order;
+        the domains dropped since have none."""
+        kept = self._in_order()
+        return b"".join(compress(map(_RECORD, kept), map(version.__lt__, map(_STAMP, kept))))
+
+    def _in_order(self) -> list[_Kept]:
+        return list(map(self._records.__getitem__, self._domains[1])) if self._domains else []
+
+    def _update_touched(
         self,
         domains: tuple[DomainInfo, ...],
         placements: Mapping[str, LinkPlacement],
         ifindexes: Mapping[str, int],
         touched: Set[str],
-    ) -> tuple[bool, bytes | None]:
-        """(whether a record changed, the records; None when every domain is to be looked at)."""
+        stamp: int,
+    ) -> tuple[bool, bool]:
+        """(whether a record changed, whether every domain has its record: else every domain is
+        to be looked at)."""
         cache = self._records
         last = self._domains
         changed = False
@@ -107,18 +135,15 @@ class InventoryRecords:
                     del cache[uuid]
                     changed = True
                 continue
-            record = cache[uuid] = _kept(known, domain, placements, ifindexes)
+            record = cache[uuid] = _kept(known, domain, placements, ifindexes, stamp)
             changed = changed or record is not known
-        if len(cache) != len(uuids):
-            return changed, None  # not what the last call left: every domain is looked at
-        try:
-            return changed, b"".join(map(_RECORD, map(cache.__getitem__, uuids)))
-        except KeyError:
-            return changed, None
+        # not what the last update left (a domain without its record): every domain is looked at
+        return changed, len(cache) == len(uuids) and all(map(cache.__contains__, uuids))
 
 
 _UUID = attrgetter("uuid")
 _RECORD = itemgetter(2)
+_STAMP = itemgetter(4)
 
 
 def _kept(
@@ -126,9 +151,10 @@ def _kept(
     domain: DomainInfo,
     placements: Mapping[str, LinkPlacement],
     ifindexes: Mapping[str, int],
+    stamp: int,
 ) -> _Kept:
     """A domain's record: `known` when nothing in it changed; when only ifindexes changed, from
-    known's bytes; else from protobuf's."""
+    known's bytes; else from protobuf's (a new one stamped `stamp`)."""
     devices = [nic.device for nic in domain.nics if nic.device]
     where = (*map(placements.get, devices), *map(ifindexes.get, devices))
     n = len(devices)
@@ -138,7 +164,7 @@ def _kept(
             return known
         cuts = array("I")
         cuts.frombytes(known.cuts)
-        same_sizes = _same_sizes(known, domain, cuts, where, n)
+        same_sizes = _same_sizes(known, domain, cuts, where, n, stamp)
         if same_sizes is not None:
             return same_sizes
         record = known.record
@@ -149,11 +175,11 @@ def _kept(
         nics = [nic.SerializeToString() for nic in message.nics]
         message.ClearField("nics")
         head = message.SerializeToString()
-    return _written(domain, where, head, nics, ifindexes)
+    return _written(domain, where, head, nics, ifindexes, stamp)
 
 
 def _same_sizes(
-    known: _Kept, domain: DomainInfo, cuts: array[int], where: tuple[object, ...], n: int
+    known: _Kept, domain: DomainInfo, cuts: array[int], where: tuple[object, ...], n: int, stamp: int
 ) -> _Kept | None:
     """`known` with the new ifindexes (where[n:]) written over the old ones, when each takes as
     many bytes as the one it replaces (a tap made again: ifindexes grow by a few): no length
@@ -175,7 +201,8 @@ def _same_sizes(
                 start = cuts[at] + 1  # behind the ifindex's tag
                 record[start : start + len(field)] = field
         at += 2
-    return _Kept(domain, where, bytes(record) if record is not None else known.record, known.cuts)
+    record_bytes = bytes(record) if record is not None else known.record
+    return _Kept(domain, where, record_bytes, known.cuts, stamp)
 
 
 def _written(
@@ -184,6 +211,7 @@ def _written(
     head: bytes,
     nics: list[bytes],
     ifindexes: Mapping[str, int],
+    stamp: int,
 ) -> _Kept:
     """The record of `head` and `nics` (each NIC's fields before its ifindex), with the
     ifindexes of the NICs' devices."""
@@ -201,4 +229,4 @@ def _written(
     body = b"".join(parts)
     prefix = _INVENTORY_TAG + varint(len(body))
     at = len(prefix)
-    return _Kept(domain, where, prefix + body, array("I", [c + at for c in cuts]).tobytes())
+    return _Kept(domain, where, prefix + body, array("I", [c + at for c in cuts]).tobytes(), stamp)

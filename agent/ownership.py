@@ -61,11 +61,11 @@ class Ownership:
     # The last steady encoder built and the counters it encodes: the next one follows from it
     _last_encoder: tuple[tuple[CounterKey, ...], SteadyEncoder] | None
     _inventory_records: InventoryRecords
-    _inventory_plan: PollPlan | None  # the plan the records were last encoded for
-    _inventory_sent: int | None  # the records' version the last inventory sent had
-    # Domains whose inventory record may have changed since the last one encoded (None: any)
+    _inventory_plan: PollPlan | None  # the plan the records were last updated for
+    _inventory_sent: int | None  # the records' version when the last spooled batch was made
+    # Domains whose inventory record may have changed since the last update (None: any)
     _inventory_touched: set[str] | None
-    _polls_since_inventory: int
+    _polls_since_inventory: int  # since the last batch that carried every record
 
     def _plan_for(self, generation: int | None, stable: dict[str, int]) -> PollPlan:
         domains = list(self.inventory.snapshot().values())
@@ -186,28 +186,28 @@ class Ownership:
         for key in compress(keys, map(ne, map(metered.get, map(_NAME, keys)), keys)):
             del self._attribution[key]
 
-    def _inventory_if_due(self, plan: PollPlan, *, commit: bool) -> bytes | None:
-        """The full inventory on the first batch, on any change, and every inventory_every polls
-        (a dry run shows it when due without taking it off the next real batch). The records
-        are looked at again only when the plan is not the one they were last encoded for."""
-        records = None
+    def _inventory_if_due(self, plan: PollPlan) -> tuple[bytes | None, tuple[int, int]]:
+        """The inventory records this poll's batch carries, and what the agent has sent once the
+        batch is spooled (for `_inventory_spooled`; a dry run or a failed poll takes nothing off
+        the next batch). Every record on the first batch and every inventory_every polls
+        (the collector's witness of the domains that did not change); between those, only the
+        records written since the last batch that carried any (a VM storm's domains, not the
+        host's). The records are looked at again only when the plan is not the one they were
+        last updated for."""
+        records = self._inventory_records
         if plan is not self._inventory_plan:
-            records = self._encode_inventory(plan)
+            records.update(plan.ordered, plan.placements, plan.links, touched=self._inventory_touched)
+            self._inventory_touched = set()
             self._inventory_plan = plan
         polls = self._polls_since_inventory + 1
-        version = self._inventory_records.version
-        if version == self._inventory_sent and polls < self.config.inventory_every:
-            if commit:
-                self._polls_since_inventory = polls
-            return None
-        if commit:
-            self._inventory_sent = version
-            self._polls_since_inventory = 0
-        return records if records is not None else self._encode_inventory(plan)
+        if self._inventory_sent is None or polls >= self.config.inventory_every:
+            return records.joined(), (records.version, 0)
+        sent, now = self._inventory_sent, (records.version, polls)
+        if records.version == sent:
+            return None, now
+        return records.since(sent) or None, now  # None: only dropped or moved since
 
-    def _encode_inventory(self, plan: PollPlan) -> bytes:
-        records = self._inventory_records.encode(
-            plan.ordered, plan.placements, plan.links, touched=self._inventory_touched
-        )
-        self._inventory_touched = set()
-        return records
+    def _inventory_spooled(self, sent: tuple[int, int]) -> None:
+        """The batch carrying `_inventory_if_due`'s records is on disk: the version it sent and
+        the polls since every record went."""
+        self._inventory_sent, self._polls_since_inventory = sent

@@ -238,7 +238,13 @@ def test_a_poll_that_cannot_spool_is_undone_and_nothing_is_lost(host: Host, tmp_
     agent.poll_once()
     agent.close()
     assert vm_totals(tmp_path) == {pb.VM_RX: 20, pb.VM_TX: 10}
-    assert [f.seq for f in Spool(tmp_path, read_only=True).pending()] == [1, 2]  # no gap
+    spool = Spool(tmp_path, read_only=True)
+    frames = spool.pending()
+    assert [f.seq for f in frames] == list(range(1, len(frames) + 1))  # no gap
+    # the inventory change of the undone poll (vnet0 gone) goes with the poll that was spooled
+    retried = [pb.MeasureBatch.FromString(spool.read_batch(f)) for f in frames[1:]]
+    carried = [(d.name, [n.ifindex for n in d.nics]) for b in retried for d in b.inventory]
+    assert carried == [("i-2-10-VM", [0])]
 
 
 def test_a_started_agent_passes_the_collector_over_young_objects_less_often(
@@ -388,6 +394,42 @@ class VersionedTopology(FakeTopology):
     def placement(self, ifname: str) -> LinkPlacement:
         # the same object until a change, as the real topology's cache hands out
         return self.placements.setdefault(ifname, super().placement(ifname))
+
+
+def test_between_full_inventories_a_batch_carries_only_the_domains_that_changed(
+    host: Host, tmp_path: Path
+) -> None:
+    host.links["vnet1"], host.counters["vnet1"], host.next_ifindex = 11, [0, 0, 0, 0], 12
+    nic = NicInfo(mac="02:00:00:00:00:02", device="vnet1", nic_type="bridge", bridge="cloudbr0")
+    other = DomainInfo(uuid="u-2", name="i-2-11-VM", state="running", kind="user_vm", nics=(nic,))
+    clock = Clock()
+    settings = {"agent": {"host_id": "h1", "inventory_every": 3}}
+    topology = VersionedTopology(host)
+    agent = make_agent(host, tmp_path, clock, FakeInventory((DOMAIN, other)), settings, topology=topology)
+    carried = []
+    for reboot in (None, "vnet0", "vnet0", "vnet0", None, "vnet1", None, None):
+        if reboot is not None:  # the tap made again: its domain's record has a new ifindex
+            host.delete(reboot)
+            host.create(reboot)
+        host.traffic("vnet0", 10, 20)
+        clock.t += 1
+        inventory = agent.poll_once().inventory
+        carried.append({d.name: [n.ifindex for n in d.nics] for d in inventory})
+    agent.close()
+    # every record on the first batch and every 3 polls, changes or not; between those, the
+    # records written since the last batch that carried any (the host hands out ifindexes 12,
+    # 13, 14 to vnet0's new incarnations, then 15 to vnet1's)
+    assert carried == [
+        {"i-2-10-VM": [10], "i-2-11-VM": [11]},
+        {"i-2-10-VM": [12]},
+        {"i-2-10-VM": [13]},
+        {"i-2-10-VM": [14], "i-2-11-VM": [11]},
+        {},
+        {"i-2-11-VM": [15]},
+        {"i-2-10-VM": [14], "i-2-11-VM": [15]},
+        {},
+    ]
+    assert vm_totals(tmp_path) == {pb.VM_RX: 7 * 20, pb.VM_TX: 7 * 10}  # the first poll: the baseline
 
 
 def test_kept_poll_plan_counts_a_reboot_exactly(host: Host, tmp_path: Path) -> None:

@@ -55,6 +55,15 @@ step = st.tuples(
     st.dictionaries(st.sampled_from(DEVICES), st.integers(0, 1 << 31)),
 )
 
+# a step that keeps the placements and gives two-byte ifindexes: taps made again whose new
+# ifindex is written over the old one in place
+SAME_PLACEMENTS = {d: LinkPlacement(bridge="cloudbr0", traffic_type="guest") for d in DEVICES}
+in_place = st.tuples(
+    st.lists(st.integers(0, 5), max_size=4),
+    st.just(SAME_PLACEMENTS),
+    st.dictionaries(st.sampled_from(DEVICES), st.integers(200, 300)),
+)
+
 
 def where(d: DomainInfo, placements: dict, ifindexes: dict) -> tuple[object, ...]:
     devices = [n.device for n in d.nics if n.device]
@@ -92,6 +101,40 @@ def test_kept_records_are_protobufs_own_bytes(
         if now == last and len(domains) == len(last_domains) and all(map(is_, domains, last_domains)):
             assert records.version == last_version
         last, last_domains, last_bytes, last_version = now, domains, got, records.version
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(domain, min_size=6, max_size=6), st.lists(step | in_place, min_size=1, max_size=6), st.booleans()
+)
+def test_the_records_since_a_version_are_those_of_the_domains_changed_after_it(
+    pool: list[DomainInfo], steps: list, name_touched: bool
+) -> None:
+    """`since(v)` for every version v an earlier step left: exactly the records of the domains
+    there now whose object, placements or ifindexes changed in a later step (or that are new
+    since), byte for byte as `joined` has them, in the domains' order."""
+    records = InventoryRecords()
+    versions: list[int] = []  # the version each step left
+    written: dict[str, int] = {}  # uuid -> the last step that wrote its record
+    last: dict[str, tuple[object, ...]] | None = None
+    for i, (chosen, placements, ifindexes) in enumerate(steps):
+        domains = list({pool[c].uuid: pool[c] for c in chosen}.values())
+        # compared by identity: a domain object replaced by an equal one is written again
+        now = {d.uuid: (id(d), *where(d, placements, ifindexes)[1:]) for d in domains}
+        touched = None
+        if name_touched and last is not None:
+            touched = {u for u in now.keys() | last.keys() if now.get(u) != last.get(u)}
+        records.update(domains, placements, ifindexes, touched=touched)
+        for u in now:
+            if last is None or now[u] != last.get(u):
+                written[u] = i
+        whole = pb.MeasureBatch.FromString(records.joined()).inventory
+        for k, version in enumerate(versions):
+            expected = [dom for d, dom in zip(domains, whole, strict=True) if written[d.uuid] > k]
+            assert list(pb.MeasureBatch.FromString(records.since(version)).inventory) == expected
+        assert records.since(records.version) == b""
+        last = now
+        versions.append(records.version)
 
 
 def test_a_tap_replaced_changes_only_its_ifindex_in_the_record() -> None:
