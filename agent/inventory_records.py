@@ -18,8 +18,8 @@ then (`joined`), with no copy of every placement and ifindex kept to compare aga
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Set
-from itertools import compress
 from operator import attrgetter, is_, itemgetter
 from typing import NamedTuple
 
@@ -54,6 +54,9 @@ class InventoryRecords:
         # One more whenever an update's records are not the last update's (a record written
         # again, added, dropped or moved): the same version, the same bytes
         self.version = 0
+        # Each record written, in order: its stamp (never decreasing) and its domain's uuid
+        self._stamps: list[int] = []
+        self._written: list[str] = []
 
     def update(
         self,
@@ -72,16 +75,21 @@ class InventoryRecords:
             changed, whole = self._update_touched(domains, placements, ifindexes, touched, stamp)
             if whole:
                 self.version += changed
+                self._trim_log()
                 return
         cache, kept = self._records, {}
         for domain in domains:
-            kept[domain.uuid] = _kept(cache.get(domain.uuid), domain, placements, ifindexes, stamp)
+            known = cache.get(domain.uuid)
+            entry = kept[domain.uuid] = _kept(known, domain, placements, ifindexes, stamp)
+            if entry is not known:
+                self._log(stamp, domain.uuid)
         uuids = list(map(_UUID, domains))
         self._domains = (domains, uuids, dict(zip(uuids, domains)))
         # a record written again is another object: compared by identity, in order
         changed = changed or len(kept) != len(cache) or not all(map(is_, kept.values(), cache.values()))
         self.version += changed
         self._records = kept
+        self._trim_log()
 
     def encode(
         self,
@@ -99,13 +107,27 @@ class InventoryRecords:
         return b"".join(map(_RECORD, self._in_order()))
 
     def since(self, version: int) -> bytes:
-        """The records written after `version` (new or changed since), in their domains' order;
-        the domains dropped since have none."""
-        kept = self._in_order()
-        return b"".join(compress(map(_RECORD, kept), map(version.__lt__, map(_STAMP, kept))))
+        """The records written after `version` (new or changed since), each once, in the order
+        of their uuids (the agent's domains come so: the same bytes however the records were
+        updated); the domains dropped since have none. Looks only at what was written since (a
+        VM storm's domains, not the host's)."""
+        records = self._records
+        written = sorted(set(self._written[bisect_right(self._stamps, version) :]))
+        kept = [k for k in map(records.get, written) if k is not None and k.stamp > version]
+        return b"".join(map(_RECORD, kept))
 
     def _in_order(self) -> list[_Kept]:
         return list(map(self._records.__getitem__, self._domains[1])) if self._domains else []
+
+    def _log(self, stamp: int, uuid: str) -> None:
+        self._stamps.append(stamp)
+        self._written.append(uuid)
+
+    def _trim_log(self) -> None:
+        """Only the last write of each record left, once the log is twice their number."""
+        if len(self._written) > 2 * len(self._records) + 256:
+            last = sorted(zip(map(_STAMP, self._records.values()), self._records))
+            self._stamps, self._written = [s for s, _ in last], [u for _, u in last]
 
     def _update_touched(
         self,
@@ -121,8 +143,9 @@ class InventoryRecords:
         last = self._domains
         changed = False
         if last is not None and len(last[0]) == len(domains) and all(map(is_, last[0], domains)):
-            uuids, by_uuid = last[1], last[2]  # the same domain objects: no pass to map them
+            same, uuids, by_uuid = True, last[1], last[2]  # the same domain objects: no pass to map them
         else:
+            same = False
             uuids = list(map(_UUID, domains))
             by_uuid = dict(zip(uuids, domains))
             changed = last is None or uuids != last[1]
@@ -136,9 +159,13 @@ class InventoryRecords:
                     changed = True
                 continue
             record = cache[uuid] = _kept(known, domain, placements, ifindexes, stamp)
-            changed = changed or record is not known
-        # not what the last update left (a domain without its record): every domain is looked at
-        return changed, len(cache) == len(uuids) and all(map(cache.__contains__, uuids))
+            if record is not known:
+                changed = True
+                self._log(stamp, uuid)
+        # Every domain has its record when the domains are the last update's (that one left
+        # them complete); else each is looked at, unless the records' keys are the uuids.
+        whole = same or (len(cache) == len(uuids) and cache.keys() == by_uuid.keys())
+        return changed, whole
 
 
 _UUID = attrgetter("uuid")

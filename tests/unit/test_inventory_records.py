@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from operator import is_
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,7 +113,7 @@ def test_the_records_since_a_version_are_those_of_the_domains_changed_after_it(
 ) -> None:
     """`since(v)` for every version v an earlier step left: exactly the records of the domains
     there now whose object, placements or ifindexes changed in a later step (or that are new
-    since), byte for byte as `joined` has them, in the domains' order."""
+    since), each once, in the order of their uuids, byte for byte as `joined` has them."""
     records = InventoryRecords()
     versions: list[int] = []  # the version each step left
     written: dict[str, int] = {}  # uuid -> the last step that wrote its record
@@ -131,7 +132,8 @@ def test_the_records_since_a_version_are_those_of_the_domains_changed_after_it(
         whole = pb.MeasureBatch.FromString(records.joined()).inventory
         for k, version in enumerate(versions):
             expected = [dom for d, dom in zip(domains, whole, strict=True) if written[d.uuid] > k]
-            assert list(pb.MeasureBatch.FromString(records.since(version)).inventory) == expected
+            got = pb.MeasureBatch.FromString(records.since(version)).inventory
+            assert list(got) == sorted(expected, key=lambda dom: dom.uuid)
         assert records.since(records.version) == b""
         last = now
         versions.append(records.version)
@@ -160,3 +162,30 @@ def test_the_version_moves_when_only_the_order_of_the_domains_does() -> None:
     assert records.version == version
     assert records.encode([b, a], {}, {}, touched=set()) != first
     assert records.version == version + 1
+
+
+@pytest.mark.parametrize("name_touched", [False, True])
+def test_the_records_since_a_version_outlive_the_trimming_of_what_was_written(name_touched: bool) -> None:
+    """The log of writes `since` reads is cut to each record's last write once it is twice their
+    number: what it answers for any version stays the same."""
+    nics = (NicInfo(mac="52:54:00:00:00:01", device="vnet1", nic_type="bridge"),)
+    a, b, c = (
+        DomainInfo(uuid=u, name=f"i-2-{i}-VM", state="running", kind="user_vm", nics=nics if u == "a" else ())
+        for i, u in enumerate("abc")
+    )
+    records = InventoryRecords()
+    records.update([a, b], {}, {"vnet1": 10})
+    first = records.version
+
+    def since(version: int) -> list[str]:
+        return sorted(d.uuid for d in pb.MeasureBatch.FromString(records.since(version)).inventory)
+
+    for step in range(600):  # a's tap made again, step after step; c comes at step 300
+        before = records.version
+        domains = [a, b, c] if step >= 300 else [a, b]
+        records.update(domains, {}, {"vnet1": 11 + step}, touched={"a", "c"} if name_touched else None)
+        assert since(before) == (["a", "c"] if step == 300 else ["a"])
+        assert pb.MeasureBatch.FromString(records.since(before)).inventory[0].nics[0].ifindex == 11 + step
+    assert len(records._written) < 300  # the log was cut
+    assert since(first) == ["a", "c"]
+    assert since(0) == ["a", "b", "c"]
