@@ -3,10 +3,10 @@ batch to batch. Pure, no I/O.
 
 A domain's record is kept while the domain object, its NICs' placements and their ifindexes stay
 the same: after a VM's taps come or go, only that VM's record is written again, and only it
-needs to go out (`since`). And when only ifindexes changed (a tap made again
-under a domain that stayed), it is written again from its own bytes: protobuf writes a
-message's fields in the order of their numbers, so a NIC's ifindex (field 10) comes last in the
-NIC and the NICs (field 8) last in the domain; a record keeps where the bytes before each lie.
+needs to go out (`since`). And when only ifindexes changed (a tap made again under a domain that
+stayed), it is written again from its own bytes: protobuf writes a message's fields in the order
+of their numbers, so a NIC's ifindex (field 10) comes last in the NIC and the NICs (field 8) last
+in the domain; a record keeps where the bytes before each lie.
 The bytes decode exactly as MeasureBatch(inventory=[domain_inventory(...) for each domain])
 serialises (tests/unit/test_inventory_records.py: byte for byte).
 
