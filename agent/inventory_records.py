@@ -91,17 +91,6 @@ class InventoryRecords:
         self._records = kept
         self._trim_log()
 
-    def encode(
-        self,
-        domains: Iterable[DomainInfo],
-        placements: Mapping[str, LinkPlacement],
-        ifindexes: Mapping[str, int],
-        touched: Set[str] | None = None,
-    ) -> bytes:
-        """`update`, then every record (`joined`)."""
-        self.update(domains, placements, ifindexes, touched)
-        return self.joined()
-
     def joined(self) -> bytes:
         """Every record of the last update, in its domains' order."""
         return b"".join(map(_RECORD, self._in_order()))

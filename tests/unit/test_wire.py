@@ -20,6 +20,7 @@ from kvmeter.agent.wire import (
     varint,
 )
 from kvmeter.proto import pb
+from tests.unit.test_inventory_records import encoded
 
 BOOT = "boot-1"
 START, END = 1_764_000_000_000, 1_764_000_010_000
@@ -235,16 +236,16 @@ def test_inventory_records_are_the_inventory_message_and_follow_every_change() -
             inventory=[domain_inventory(d, placements, links) for d in domains]
         ).SerializeToString()
 
-    assert records.encode(domains, placements, links) == expected()
+    assert encoded(records, domains, placements, links) == expected()
     # a VM's tap replaced (new ifindex), another moved to a new bridge, a third VM gone, one new
     links["vnet3"] = 999
     placements["vnet4"] = LinkPlacement(bridge="br9", vxlan_vni=5009, traffic_type="public")
     del domains[4]
     domains.append(DomainInfo(uuid="uuid-9", name="i-3-9-VM", state="paused", kind="user_vm"))
-    assert records.encode(domains, placements, links) == expected()
+    assert encoded(records, domains, placements, links) == expected()
     # a domain object replaced by an equal-looking one with a new state
     domains[0] = DomainInfo(
         uuid="uuid-0", name="i-2-0-VM", state="shutoff", kind="user_vm", nics=domains[0].nics
     )
-    assert records.encode(domains, placements, links) == expected()
-    assert records.encode([], placements, links) == b""
+    assert encoded(records, domains, placements, links) == expected()
+    assert encoded(records, [], placements, links) == b""
