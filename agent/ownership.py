@@ -202,10 +202,8 @@ class Ownership:
         polls = self._polls_since_inventory + 1
         if self._inventory_sent is None or polls >= self.config.inventory_every:
             return records.joined(), (records.version, 0)
-        sent, now = self._inventory_sent, (records.version, polls)
-        if records.version == sent:
-            return None, now
-        return records.since(sent) or None, now  # None: only dropped or moved since
+        # None: nothing written since (or only dropped or moved)
+        return records.since(self._inventory_sent) or None, (records.version, polls)
 
     def _inventory_spooled(self, sent: tuple[int, int]) -> None:
         """The batch carrying `_inventory_if_due`'s records is on disk: the version it sent and
