@@ -183,10 +183,20 @@ class Planner:
             return None
         plan.named = plan.generation = None  # consumed: never kept nor updated again
         names = set(changed)
-        # and whatever the link maps say came, went or moved (C-level passes, no item tuples)
+        # and whatever else the link maps say came, went or moved (none, as a rule: the
+        # topology logs every change; a copy of the last map with those applied equals the
+        # new one, so no pass over every link builds anything)
         before = plan.links
-        names.update(compress(stable, map(ne, stable.values(), map(before.get, stable))))
-        names.update(before.keys() - stable.keys())
+        expected = before.copy()
+        for name in names:
+            index = stable.get(name)
+            if index is None:
+                expected.pop(name, None)
+            else:
+                expected[name] = index
+        if expected != stable:
+            names.update(compress(stable, map(ne, stable.values(), map(before.get, stable))))
+            names.update(before.keys() - stable.keys())
         touched: set[str] = set()
         ordered = plan.ordered
         if len(domains) != len(plan.domains) or not all(map(is_, domains, plan.domains)):
@@ -252,9 +262,11 @@ class Planner:
             for domain, _nic in owners:
                 touched.add(domain.uuid)
         self._links.trim(keys)
-        # The set of every link's key, from the last one: a copy keeps the hashes it holds
+        # The set of every link's key, from the last one: one copy, which keeps the hashes it
+        # holds. The keys dropped are in it and those added are not (a key holds its name):
+        # toggling the keys in one set and not the other removes the ones and adds the others
         added = set(filter(None, map(keys.get, names)))
-        present = plan.present.difference(dropped - added).union(added - dropped)
+        present = plan.present.symmetric_difference(dropped ^ added)
         return PollPlan(
             generation=generation,
             links=stable,
