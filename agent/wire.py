@@ -93,10 +93,10 @@ class SteadyEncoder:
         self._templates = [*map(_RX_WIRE, pairs), *map(_TX_WIRE, pairs)]
         # (+ times, each template's length + times, the longest), made at the first encode
         self._base_lengths: tuple[int, list[int], int] | None = None
-        self._unswapped = list(map(_UNSWAPPED, pairs))
-        self._any_unswapped = any(self._unswapped)
-        self._types = list(map(_TRAFFIC_TYPE, pairs))
-        self._traffic = _rows_by_traffic(self._types)
+        # The counters already counted from the guest's side (macvtap), None for none; the
+        # traffic types and their rows, the types None when they are all one (as a rule)
+        self._unswapped = _flags(list(map(_UNSWAPPED, pairs)))
+        self._types, self._traffic = _traffic_of(list(map(_TRAFFIC_TYPE, pairs)))
 
     def followed_by(self, kept: list[int], tail: Sequence[_Pair]) -> SteadyEncoder:
         """The encoder of this one's counters where `kept` is 1 (in their order), then `tail`'s:
@@ -119,10 +119,21 @@ class SteadyEncoder:
             tail_tx = list(map(add, map(len, map(_TX_WIRE, tail)), repeat(times)))
             rows = [*compress(lengths, kept), *tail_rx, *compress(islice(lengths, n, None), kept), *tail_tx]
             new._base_lengths = (times, rows, max(rows, default=times))
-        new._unswapped = [*compress(self._unswapped, kept), *map(_UNSWAPPED, tail)]
-        new._any_unswapped = any(new._unswapped)
-        new._types = [*compress(self._types, kept), *map(_TRAFFIC_TYPE, tail)]
-        new._traffic = _rows_by_traffic(new._types)
+        # The flags and the types by a pass over every counter only when a counter is unswapped
+        # or of another type
+        tail_unswapped = list(map(_UNSWAPPED, tail))
+        if self._unswapped is None and not any(tail_unswapped):
+            new._unswapped = None
+        else:
+            flags = self._unswapped or [False] * n
+            new._unswapped = _flags([*compress(flags, kept), *tail_unswapped])
+        tail_types = list(map(_TRAFFIC_TYPE, tail))
+        single = next(iter(self._traffic)) if self._types is None and self._traffic else None
+        if single is not None and new.pairs and tail_types.count(single) == len(tail_types):
+            new._types, new._traffic = None, {single: range(len(new.pairs))}
+        else:
+            types = self._types or ([single] * n if single is not None else [])
+            new._types, new._traffic = _traffic_of([*compress(types, kept), *tail_types])
         return new
 
     def encode(
@@ -144,8 +155,8 @@ class SteadyEncoder:
         # that already count from the guest's side (macvtap).
         vm_rx_b, vm_tx_b = deltas.tx_bytes, deltas.rx_bytes
         vm_rx_p, vm_tx_p = deltas.tx_packets, deltas.rx_packets
-        if self._any_unswapped:
-            flags = self._unswapped
+        flags = self._unswapped
+        if flags is not None:
             vm_rx_b = [r if u else t for u, r, t in zip(flags, deltas.rx_bytes, deltas.tx_bytes)]
             vm_tx_b = [t if u else r for u, r, t in zip(flags, deltas.rx_bytes, deltas.tx_bytes)]
             vm_rx_p = [r if u else t for u, r, t in zip(flags, deltas.rx_packets, deltas.tx_packets)]
@@ -230,15 +241,20 @@ class SteadyEncoder:
         }
 
 
-def _rows_by_traffic(types: list[str]) -> dict[str, list[int]]:
-    """The rows of each traffic type."""
+def _flags(unswapped: list[bool]) -> list[bool] | None:
+    return unswapped if any(unswapped) else None
+
+
+def _traffic_of(types: list[str]) -> tuple[list[str] | None, dict[str, Sequence[int]]]:
+    """(`types`, None when they are all one; the rows of each traffic type)."""
+    if not types:
+        return None, {}
+    if types.count(types[0]) == len(types):
+        return None, {types[0]: range(len(types))}
     traffic: dict[str, list[int]] = {}
-    if types and types.count(types[0]) == len(types):
-        traffic[types[0]] = list(range(len(types)))
-    else:
-        for i, traffic_type in enumerate(types):
-            traffic.setdefault(traffic_type, []).append(i)
-    return traffic
+    for i, traffic_type in enumerate(types):
+        traffic.setdefault(traffic_type, []).append(i)
+    return types, dict(traffic)
 
 
 def split_fields(data: bytes, max_bytes: int) -> list[bytes]:

@@ -151,23 +151,38 @@ def test_parts_come_as_bounded_runs_of_whole_records_made_when_taken() -> None:
         next(parts)
 
 
+MIXED_KINDS = [("bridge", "guest"), ("direct", "public"), ("bridge", "public"), ("bridge", "control")]
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("used", [False, True])
+@pytest.mark.parametrize("palette", ["mixed", "one", "new_ones_mixed", "mixed_kept_one"])
 def test_an_encoder_followed_by_new_counters_encodes_as_one_built_from_their_pairs(
-    seed: int, used: bool
+    seed: int, used: bool, palette: str
 ) -> None:
     """A VM storm's encoder: the last one's counters that stayed, in their order, then the new
     ones; the same records and totals as an encoder built from those pairs (whether or not the
-    last one had encoded a poll and so knew its records' lengths)."""
+    last one had encoded a poll and so knew its records' lengths; whether the counters are of
+    several traffic types and directions, of one, or become so)."""
     rng = random.Random(seed)
-    kinds = [("bridge", "guest"), ("direct", "public"), ("bridge", "public"), ("bridge", "control")]
-    keys, attribution = counters([rng.choice(kinds) for _ in range(60)])
+    one = [("bridge", "guest")]
+    first, then = {
+        "mixed": (MIXED_KINDS, MIXED_KINDS),
+        "one": (one, one),
+        "new_ones_mixed": (one, MIXED_KINDS),
+        "mixed_kept_one": (MIXED_KINDS, one),
+    }[palette]
+    keys, attribution = counters(
+        [rng.choice(first) for _ in range(40)] + [rng.choice(then) for _ in range(20)]
+    )
     templates = Templates()
     pairs = [templates.pair(k, attribution[k]) for k in keys]
     last = SteadyEncoder(pairs[:40])
     if used:
         last.encode(steady(keys[:40], seed))
     kept = [rng.choice([0, 1, 1]) for _ in range(40)]
+    if palette == "mixed_kept_one":  # only the guest bridges stay
+        kept = [k * (pairs[i].traffic_type == "guest" and not pairs[i].unswapped) for i, k in enumerate(kept)]
     tail = pairs[40 : 40 + rng.randrange(21)]
     now = [*compress(pairs, kept), *tail]
     now_keys = (*compress(keys, kept), *keys[40 : 40 + len(tail)])
