@@ -79,6 +79,10 @@ class ColumnFinals:
         slow = list(map(or_, slow, map(gt, map(max, rxb, txb), compress(limits, fast))))
         start = steady.end_ms
         ends = [w if w > start else start + 1 for w in compress(map(_WALL, finals), fast)]
+        if len(at) == n and not any(slow):  # a storm's: all by columns, no Python step each
+            self._conclude(keys)
+            tails = zip(keys, repeat(start), ends, rxb, txb, rxp, txp, *map(repeat, _TAIL))
+            return list(map(new_tuple, repeat(Delta), tails))
         out: list[Delta | None] = [None] * n
         concluded = []
         deltas = zip(compress(keys, fast), repeat(start), ends, rxb, txb, rxp, txp)
@@ -86,14 +90,18 @@ class ColumnFinals:
             if not to_rules:
                 out[i] = new_tuple(Delta, fields + _TAIL)
                 concluded.append(fields[0])
-        lifted.update(concluded)
+        self._conclude(concluded)
+        for i in compress(range(n), map(is_, out, repeat(None))):
+            out[i] = self._one(finals[i])
+        return list(filter(None, out))
+
+    def _conclude(self, concluded: list[CounterKey]) -> None:
+        """The counters whose final samples `finals` concluded by columns: closed."""
+        self._lifted.update(concluded)
         self._closed.update(concluded)
         if self._created:
             for key in concluded:
                 self._created.pop(key, None)
-        for i in compress(range(n), map(is_, out, repeat(None))):
-            out[i] = self._one(finals[i])
-        return list(filter(None, out))
 
     def _one_by_one(self, finals: Sequence[FinalReading]) -> list[Delta]:
         return list(filter(None, map(self._one, finals)))

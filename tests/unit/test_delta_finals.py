@@ -82,15 +82,23 @@ def test_finals_together_conclude_what_each_in_turn_concludes(
 
 
 def test_a_storm_of_finals_is_concluded_on_the_columns() -> None:
-    """The bench's case: every final on the columns, a veth's rx read as 0 at delete."""
+    """The bench's case: every final on the columns, a veth's rx read as 0 at delete; the same
+    deltas and state as final() for each in turn."""
     before = [(1000 * (i + 1), 10, 2000, 20) for i in range(6)]
-    engine = steady_engine(before, set())
-    finals = [(T0 + 12_000, M0 + 12_000, key, (0, 10, 2500, 25)) for key in KEYS]
+    engine, in_turn = steady_engine(before, set()), steady_engine(before, set())
+    finals = [(T0 + 12_000 + i, M0 + 12_000 + i, key, (0, 10, 2500 + i, 25)) for i, key in enumerate(KEYS)]
     deltas = engine.finals(finals)
-    assert [(d.key, d.rx_bytes, d.tx_bytes, d.rx_packets, d.tx_packets) for d in deltas] == [
-        (key, 0, 500, 0, 5) for key in KEYS
+    expected = [
+        in_turn.final(wall, mono, CounterSample(key, rxb, txb, rxp, txp))
+        for wall, mono, key, (rxb, rxp, txb, txp) in finals
     ]
-    assert all(d.final_at_delete and d.start_ms == T0 + 10_000 and d.end_ms == T0 + 12_000 for d in deltas)
+    assert deltas == expected
+    assert [(d.key, d.rx_bytes, d.tx_bytes, d.rx_packets, d.tx_packets) for d in deltas] == [
+        (key, 0, 500 + i, 0, 5) for i, key in enumerate(KEYS)
+    ]
+    assert all(d.final_at_delete and d.start_ms == T0 + 10_000 for d in deltas)
+    assert [d.end_ms for d in deltas] == [T0 + 12_000 + i for i in range(len(KEYS))]
     assert engine._lifted == set(KEYS)
     assert engine._closed == set(KEYS)
     assert not set(engine.tracked_keys())  # the born key is announced, not yet tracked
+    assert state(engine) == state(in_turn)  # (saving settles the engines: last)
