@@ -282,12 +282,17 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
             return {key for key in read if key.boot_id == boot_id}
         if present is self._present_arg:
             return self._present_keys
-        if isinstance(present, frozenset) and set(map(_BOOT_ID, present)) <= {boot_id}:
-            present_keys = present  # all of this boot (as always): one C-level pass, no copy
+        if not isinstance(present, frozenset):
+            return frozenset(k for k in present if k.boot_id == boot_id)
+        # All of this boot, as always: checked on the keys the last set lacks when that one was
+        # (a VM storm's new taps), the others found by the hashes the sets hold; no copy
+        last = self._present_arg
+        unseen = present - last if isinstance(last, frozenset) and self._present_keys is last else present
+        if set(map(_BOOT_ID, unseen)) <= {boot_id}:
+            present_keys = present
         else:
             present_keys = frozenset(k for k in present if k.boot_id == boot_id)
-        if isinstance(present, frozenset):  # immutable: safe to recognise by identity
-            self._present_arg, self._present_keys = present, present_keys
+        self._present_arg, self._present_keys = present, present_keys  # immutable: known by identity
         return present_keys
 
     def _age_absent(self, present: Set[CounterKey], read: Iterable[CounterKey]) -> None:

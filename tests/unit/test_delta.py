@@ -310,6 +310,25 @@ def test_a_read_key_is_never_aged_out_whatever_the_readings_iterable_or_present_
     assert K in e.tracked()
 
 
+def test_a_present_set_is_this_boots_keys_whatever_the_last_one_held() -> None:
+    """A new frozenset after one of this boot's keys only (a storm's): the keys it adds are
+    looked at, another boot's among them left out; then one with it, then one without."""
+    e = engine()
+    other = CounterKey("boot-b", 7, "vnet7")
+    born = CounterKey(BOOT, 8, "vnet8")
+    ours = frozenset({K})
+    assert e._present_set(ours, []) is ours
+    for present, expected in (
+        (ours | {born, other}, {K, born}),
+        (ours | {other}, {K}),
+        (ours | {born}, {K, born}),
+        (frozenset({born}), {born}),
+    ):
+        got = e._present_set(present, [])
+        assert got == expected
+        assert (got is present) == (other not in present)  # no copy of a set of this boot's keys
+
+
 def test_a_birth_announced_for_another_boots_key_is_not_taken() -> None:
     """Only this boot's links are born while the engine runs: another boot's key stays as the
     engine found it (here baselined, so its counters are not billed from zero)."""
