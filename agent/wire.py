@@ -5,12 +5,14 @@ bytes, packets, start and end. Building a message object per measure costs more 
 kernel's table; here each record is its counter's serialised template (Templates, measures.py)
 behind the moving fields, and every step runs over whole columns in C:
 
-- protobuf writes all the counts at once, tags included, as one packed field (`PackedCounts`):
-  `0x18 <bytes> 0x38 <packets>` per measure (field 3 and field 7 of IPMeasure, both varints);
+- protobuf writes all the counts at once as one packed field (`PackedCounts`): `<bytes> 0x38
+  <packets>` per measure (field 3 and field 7 of IPMeasure, both varints; 0x38, the packets
+  tag, is a varint of itself);
 - a regular expression cuts that run into one piece per measure (a varint ends at the first
   byte below 0x80);
-- each record is `0x3a <length>` (MeasureBatch field 7) + counts + times + template, and the
-  records are joined in one call (per part, when a poll is bigger than a Kafka record may be).
+- each record is `0x3a <length> 0x18` (MeasureBatch field 7, then the bytes tag) + counts +
+  times + template, and the records are joined in one call (per part, when a poll is bigger
+  than a Kafka record may be).
 
 Protobuf parsers take a message's fields in any order and concatenated records of a repeated
 field as one list, so the result decodes exactly like build_batch's output for the same deltas
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from itertools import chain, compress, islice, repeat
+from itertools import compress, islice, repeat
 from operator import add, attrgetter, or_
 
 from kvmeter.agent.measures import _Pair
@@ -36,7 +38,7 @@ _START_TAG = 0x20  # IPMeasure.start = 4
 _END_TAG = 0x28  # IPMeasure.end = 5
 _MEASURES_TAG = 0x3A  # MeasureBatch.measures = 7, length-delimited
 _VARINT = rb"[\x80-\xff]*[\x00-\x7f]"
-_COUNTS = re.compile(rb"\x18" + _VARINT + rb"\x38" + _VARINT)
+_COUNTS = re.compile(_VARINT + rb"\x38" + _VARINT)
 _RX_WIRE = attrgetter("rx_wire")
 _TX_WIRE = attrgetter("tx_wire")
 _UNSWAPPED = attrgetter("unswapped")
@@ -64,19 +66,22 @@ def packed_varints(values: Sequence[int]) -> bytes:
 
 
 class _Heads:
-    """`0x3a <length>`, the start of a measure record, per record length: a list indexed by
-    length, grown to the longest record seen. One table serves every encoder (an encoder is
-    built again after every VM storm; the heads stay the same)."""
+    """`0x3a <length> 0x18`, the start of a measure record up to its bytes tag, by the record's
+    length less that tag: a list grown to the longest record seen. One table serves every encoder
+    (an encoder is built again after every VM storm; the heads stay the same)."""
 
     def __init__(self) -> None:
         self._heads: list[bytes] = []
 
-    def lookup(self, lengths: list[int]) -> map[bytes]:
-        longest = max(lengths, default=0)
+    def table(self, longest: int) -> list[bytes]:
+        """The heads of records up to `longest` bytes less the bytes tag."""
         heads = self._heads
         if longest >= len(heads):
-            heads.extend(bytes([_MEASURES_TAG]) + varint(n) for n in range(len(heads), longest + 1))
-        return map(heads.__getitem__, lengths)
+            heads.extend(
+                bytes([_MEASURES_TAG]) + varint(n + 1) + bytes([_BYTES_TAG])
+                for n in range(len(heads), longest + 1)
+            )
+        return heads
 
 
 _HEADS = _Heads()
@@ -168,6 +173,7 @@ class SteadyEncoder:
             raise ValueError(f"{n // 2} counters for an encoder of {len(self._templates) // 2}")
         times = bytes([_START_TAG]) + varint(deltas.start_ms) + bytes([_END_TAG]) + varint(deltas.end_ms)
         bases, longest = self._lengths_with(len(times))  # longest: a record's, times included
+        heads = _HEADS.table(longest + _MAX_COUNTS)
         templates = self._templates
         moved = list(map(or_, nbytes, npackets))  # a direction that moved nothing has no measure
         kept = n - moved.count(0)
@@ -181,7 +187,7 @@ class SteadyEncoder:
         if max_bytes is not None and kept * (longest + _MAX_COUNTS + 3) > max_bytes:
             longest += 2 + varint_size(max(nbytes)) + varint_size(max(npackets))
             per_part = max(1, max_bytes // (longest + 3))
-        parts = self._parts(nbytes, npackets, bases, templates, times, max(per_part, 1))
+        parts = self._parts(nbytes, npackets, bases, templates, times, heads, max(per_part, 1))
         return parts, kept, self._totals(vm_rx_b, vm_tx_b)
 
     def _parts(
@@ -191,31 +197,35 @@ class SteadyEncoder:
         bases: list[int],
         templates: list[bytes],
         times: bytes,
+        heads: list[bytes],
         per_part: int,
     ) -> Iterator[list[bytes]]:
         for start in range(0, len(nbytes), per_part):
             end = start + per_part
             yield self._part(
-                nbytes[start:end], npackets[start:end], bases[start:end], templates[start:end], times
+                nbytes[start:end], npackets[start:end], bases[start:end], templates[start:end], times, heads
             )
 
     def _part(
-        self, nbytes: list[int], npackets: list[int], bases: list[int], templates: list[bytes], times: bytes
+        self,
+        nbytes: list[int],
+        npackets: list[int],
+        bases: list[int],
+        templates: list[bytes],
+        times: bytes,
+        heads: list[bytes],
     ) -> list[bytes]:
-        """One part's records, as one run, or runs of _JOIN_PIECES pieces when it is bigger."""
+        """One part's records, as one run, or runs of _JOIN_PIECES pieces when it is bigger.
+        Lists are laid in by slices, no step per record: the values to pack, and the records'
+        pieces in one flat list (head, counts, times, template per record; no tuple each for the
+        garbage collector to look at)."""
         m = len(nbytes)
-        counts = _COUNTS.findall(
-            packed_varints(
-                list(
-                    chain.from_iterable(zip(repeat(_BYTES_TAG, m), nbytes, repeat(_PACKETS_TAG, m), npackets))
-                )
-            )
-        )
-        lengths = list(map(add, map(len, counts), bases))
-        # The records' pieces in one flat list (head, counts, times, template per record), laid
-        # in by slices: no tuple per record for the garbage collector to look at.
+        values = [0, _PACKETS_TAG, 0] * m
+        values[0::3] = nbytes
+        values[2::3] = npackets
+        counts = _COUNTS.findall(packed_varints(values))
         pieces: list[bytes] = [times] * (4 * m)
-        pieces[0::4] = _HEADS.lookup(lengths)
+        pieces[0::4] = map(heads.__getitem__, map(add, map(len, counts), bases))
         pieces[1::4] = counts
         pieces[3::4] = templates
         if len(pieces) <= _ONE_JOIN_PIECES:
