@@ -80,11 +80,7 @@ class Measuring(Ownership):
             else {name: i for name, i in after.items() if before.get(name) == i}
         )
         plan = self._plan_for(generation, stable)
-        keys, rows = plan.rows_of(table)
-        rx_bytes, rx_packets, tx_bytes, tx_packets = (
-            list(map(column.__getitem__, rows))
-            for column in (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
-        )
+        keys, (rx_bytes, rx_packets, tx_bytes, tx_packets) = plan.columns_of(table)
         # A steady poll (no link events, every counter known and growing) runs by columns; the
         # rest by rows, where every rule of the engine and every kind of measure applies.
         if not events and not plan.sourced and self._steady_encoder(plan) is not None:

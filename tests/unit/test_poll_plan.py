@@ -7,6 +7,7 @@ every link whose ifindex or placement moved since a generation."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from kvmeter.agent.daemon import Agent
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
 from kvmeter.agent.metered import MeteredLinks, tap_mac
 from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
-from kvmeter.agent.plan import Planner, PollPlan
+from kvmeter.agent.plan import _ROWS_PER_RUN, Planner, PollPlan, _runs
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
 from kvmeter.proto import pb
@@ -244,6 +245,51 @@ def assert_same_plan(kept: PollPlan, fresh: PollPlan, world: World) -> None:
     for by_name in (False, True):
         table = world.counter_table(by_name=by_name)
         assert kept.rows_of(table) == fresh.rows_of(table)
+        assert_columns_are_the_rows(kept, table)
+
+
+def assert_columns_are_the_rows(plan: PollPlan, table: CounterTable) -> None:
+    keys, rows = plan.rows_of(table)
+    columns = (table.rx_bytes, table.rx_packets, table.tx_bytes, table.tx_packets)
+    assert plan.columns_of(table) == (keys, [[column[r] for r in rows] for column in columns])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.booleans(), max_size=200), st.integers(1, 12))
+def test_rows_in_runs_are_gathered_by_slices_that_hold_them_all(metered: list[bool], stretch: int) -> None:
+    # `stretch`: each row repeated so, for runs long enough to pay as well as short ones
+    rows = [r for r, m in enumerate(m for m in metered for _ in range(stretch)) if m]
+    runs = _runs(rows)
+    starts = [i for i, r in enumerate(rows) if i == 0 or rows[i - 1] != r - 1]
+    if len(starts) > 1 and len(starts) * _ROWS_PER_RUN > len(rows):
+        assert runs is None
+    else:
+        assert runs is not None
+        assert len(runs) == len(starts)
+        assert [r for run in runs for r in range(run.start, run.stop)] == rows
+
+
+def test_a_hosts_taps_between_its_other_links_are_gathered_run_by_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "TAPS", 60)
+    world = World()
+    table = world.counter_table()
+    plan = fresh_plan(world)
+    assert_columns_are_the_rows(plan, table)
+    assert plan.row_runs is not None
+    assert len(plan.row_runs) == 1
+    # a storm's new taps after the host's unmetered taps, an uplink made amid them: three runs
+    for i in range(20, 40):
+        if i == 30:
+            world.add_uplink()
+        do(world, "replace", i, 0)
+    world.traffic(1)
+    table = world.counter_table()
+    plan = fresh_plan(world)
+    assert_columns_are_the_rows(plan, table)
+    assert plan.row_runs is not None
+    assert len(plan.row_runs) == 3
 
 
 @settings(max_examples=300, deadline=None)
@@ -350,6 +396,7 @@ def test_rows_come_by_ifindex_whatever_order_the_kernel_lists_them_in(by_name: b
             assert (table.names[row] if by_name else table.ifindexes[row]) == (
                 key.name if by_name else key.ifindex
             )  # type: ignore[index]
+        assert_columns_are_the_rows(plan, table)
         stayed = tuple(k for k in last if k in set(keys))
         assert keys[: len(stayed)] == stayed
         assert len(stayed) == len(last) - len(storm)
