@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, compress, islice, repeat
-from operator import add, attrgetter, is_, is_not, ne
+from itertools import chain, compress, repeat
+from operator import attrgetter, is_, is_not, ne
 
 from kvmeter.agent.counters import CounterTable
 from kvmeter.agent.metered import INACTIVE_STATES, MeteredLinks
@@ -88,7 +88,7 @@ class PollPlan:
                     self.by_ifindex = dict(zip(map(_ifindex, keys), keys))
                 found = list(map(self.by_ifindex.get, table.ifindexes))
                 ifindexes = table.ifindexes
-            rows = list(compress(range(len(found)), map(is_not, found, repeat(None))))
+            rows = list(compress(range(len(found)), found))  # (a key is a non-empty tuple: true)
             in_order = ifindexes == sorted(ifindexes)
             if in_order:
                 self.row_keys = tuple(filter(None, found))  # already in order (one pass to see it)
@@ -306,11 +306,21 @@ class Planner:
 
 def _runs(rows: list[int]) -> list[slice] | None:
     """Ascending `rows` as slices of consecutive rows, or None when they come in several runs
-    too short to pay (_ROWS_PER_RUN). One comparison when they are a single run."""
+    too short to pay (_ROWS_PER_RUN). Each run's end is found by bisection: rows[i] - i grows
+    by each gap between rows and is the same along a run, so a few steps a run, none a row."""
     n = len(rows)
-    if not n or rows[-1] - rows[0] + 1 == n:
-        return [slice(rows[0], rows[-1] + 1)] if n else []
-    starts = [0, *compress(range(1, n), map(ne, islice(rows, 1, None), map(add, rows, repeat(1))))]
-    if len(starts) * _ROWS_PER_RUN > n:
-        return None
-    return [slice(rows[s], rows[e - 1] + 1) for s, e in zip(starts, [*starts[1:], n])]
+    runs: list[slice] = []
+    start = 0
+    while start < n:
+        if runs and (len(runs) + 1) * _ROWS_PER_RUN > n:
+            return None  # (a single run always pays)
+        gap, low, high = rows[start] - start, start + 1, n
+        while low < high:  # the first row after `start` at another gap
+            middle = (low + high) // 2
+            if rows[middle] - middle == gap:
+                low = middle + 1
+            else:
+                high = middle
+        runs.append(slice(rows[start], rows[low - 1] + 1))
+        start = low
+    return runs
