@@ -10,7 +10,7 @@ from itertools import compress, repeat
 from operator import lt
 from typing import NamedTuple
 
-from kvmeter.agent.model import CounterKey
+from kvmeter.agent.model import CounterKey, new_tuple
 
 
 class CounterRow(NamedTuple):
@@ -63,11 +63,6 @@ class SteadyColumns(NamedTuple):
                 self.mono_ms,
             ),
         )
-
-
-# A NamedTuple (CounterRow, Delta) from a ready tuple, without its generated __new__ (a Python
-# call): the engine's hot paths make one per moving counter per poll
-new_tuple = tuple.__new__
 
 
 class LastReadings:

@@ -28,10 +28,10 @@ from itertools import compress, repeat
 from operator import attrgetter, eq
 from typing import Any
 
-from kvmeter.agent.counter_rows import CounterRow, SteadyColumns, new_tuple
+from kvmeter.agent.counter_rows import CounterRow, SteadyColumns
 from kvmeter.agent.delta_columns import ColumnPolls
 from kvmeter.agent.delta_finals import ColumnFinals
-from kvmeter.agent.model import CounterKey, CounterSample, Delta
+from kvmeter.agent.model import CounterKey, CounterSample, Delta, new_tuple
 from kvmeter.agent.wrap_zone import WRAP32, may_have_wrapped
 
 STATE_VERSION = 1

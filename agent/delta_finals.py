@@ -15,8 +15,8 @@ from itertools import compress, repeat
 from operator import gt, is_, itemgetter, lt, or_, sub
 from typing import TYPE_CHECKING, cast
 
-from kvmeter.agent.counter_rows import SteadyColumns, new_tuple
-from kvmeter.agent.model import CounterKey, CounterSample, Delta
+from kvmeter.agent.counter_rows import SteadyColumns
+from kvmeter.agent.model import CounterKey, CounterSample, Delta, new_tuple
 from kvmeter.agent.wrap_zone import may_have_wrapped
 
 if TYPE_CHECKING:

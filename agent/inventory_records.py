@@ -24,7 +24,7 @@ from operator import attrgetter, is_, itemgetter
 from typing import NamedTuple
 
 from kvmeter.agent.measures import domain_inventory
-from kvmeter.agent.model import DomainInfo, LinkPlacement
+from kvmeter.agent.model import DomainInfo, LinkPlacement, new_tuple
 from kvmeter.agent.varint import varint, varint_size
 
 _INVENTORY_TAG = b"\x42"  # MeasureBatch.inventory = 8, length-delimited
@@ -218,7 +218,7 @@ def _same_sizes(
                 record[start : start + len(field)] = field
         at += 2
     record_bytes = bytes(record) if record is not None else known.record
-    return _Kept(domain, where, record_bytes, known.cuts, stamp)
+    return new_tuple(_Kept, (domain, where, record_bytes, known.cuts, stamp))  # (a storm's hundred)
 
 
 def _written(
