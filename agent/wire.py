@@ -10,9 +10,10 @@ behind the moving fields, and every step runs over whole columns in C:
   tag, is a varint of itself);
 - a regular expression cuts that run into one piece per measure (a varint ends at the first
   byte below 0x80);
-- each record is `0x3a <length> 0x18` (MeasureBatch field 7, then the bytes tag) + counts +
-  times + template, and the records are joined in one call (per part, when a poll is bigger
-  than a Kafka record may be).
+- each record is its head, `0x3a <length>` (MeasureBatch field 7) + times + `0x18` (the bytes
+  tag), one per record length for the whole poll, then counts and template: three pieces,
+  and the records are joined in one call (per part, when a poll is bigger than a Kafka record
+  may be).
 
 Protobuf parsers take a message's fields in any order and concatenated records of a repeated
 field as one list, so the result decodes exactly like build_batch's output for the same deltas
@@ -45,9 +46,10 @@ _UNSWAPPED = attrgetter("unswapped")
 _TRAFFIC_TYPE = attrgetter("traffic_type")
 
 
-# bytes.join takes 80 bytes of bookkeeping per piece (4 per record): a part of up to 4,096
+# bytes.join takes 80 bytes of bookkeeping per piece (3 per record): a part of up to 4,096
 # records (2,000 interfaces' poll) is joined at once, a bigger one in runs of 1,024 records.
-_JOIN_PIECES = 4 * 1024
+_PIECES = 3  # a record's: head, counts, template
+_JOIN_PIECES = _PIECES * 1024
 _ONE_JOIN_PIECES = 4 * _JOIN_PIECES
 _MAX_COUNTS = 22  # 0x18 <bytes> 0x38 <packets>: two varints of up to 10 bytes
 
@@ -66,22 +68,21 @@ def packed_varints(values: Sequence[int]) -> bytes:
 
 
 class _Heads:
-    """`0x3a <length> 0x18`, the start of a measure record up to its bytes tag, by the record's
-    length less that tag: a list grown to the longest record seen. One table serves every encoder
-    (an encoder is built again after every VM storm; the heads stay the same)."""
+    """`0x3a <length>`, the start of a measure record, by the record's length less one (its
+    bytes tag, which the poll's heads end with): a list grown to the longest record seen. One
+    table serves every encoder (an encoder is built again after every VM storm; the lengths'
+    heads stay the same)."""
 
     def __init__(self) -> None:
         self._heads: list[bytes] = []
 
-    def table(self, longest: int) -> list[bytes]:
-        """The heads of records up to `longest` bytes less the bytes tag."""
+    def for_poll(self, longest: int, times: bytes) -> list[bytes]:
+        """A poll's heads, `0x3a <length>` + times + `0x18`, of records up to `longest` bytes
+        less the bytes tag (a hundred or so: one C-level pass)."""
         heads = self._heads
         if longest >= len(heads):
-            heads.extend(
-                bytes([_MEASURES_TAG]) + varint(n + 1) + bytes([_BYTES_TAG])
-                for n in range(len(heads), longest + 1)
-            )
-        return heads
+            heads.extend(bytes([_MEASURES_TAG]) + varint(n + 1) for n in range(len(heads), longest + 1))
+        return list(map(add, islice(heads, longest + 1), repeat(times + bytes([_BYTES_TAG]))))
 
 
 _HEADS = _Heads()
@@ -173,7 +174,7 @@ class SteadyEncoder:
             raise ValueError(f"{n // 2} counters for an encoder of {len(self._templates) // 2}")
         times = bytes([_START_TAG]) + varint(deltas.start_ms) + bytes([_END_TAG]) + varint(deltas.end_ms)
         bases, longest = self._lengths_with(len(times))  # longest: a record's, times included
-        heads = _HEADS.table(longest + _MAX_COUNTS)
+        heads = _HEADS.for_poll(longest + _MAX_COUNTS, times)
         templates = self._templates
         moved = list(map(or_, nbytes, npackets))  # a direction that moved nothing has no measure
         kept = n - moved.count(0)
@@ -187,7 +188,7 @@ class SteadyEncoder:
         if max_bytes is not None and kept * (longest + _MAX_COUNTS + 3) > max_bytes:
             longest += 2 + varint_size(max(nbytes)) + varint_size(max(npackets))
             per_part = max(1, max_bytes // (longest + 3))
-        parts = self._parts(nbytes, npackets, bases, templates, times, heads, max(per_part, 1))
+        parts = self._parts(nbytes, npackets, bases, templates, heads, max(per_part, 1))
         return parts, kept, self._totals(vm_rx_b, vm_tx_b)
 
     def _parts(
@@ -196,14 +197,13 @@ class SteadyEncoder:
         npackets: list[int],
         bases: list[int],
         templates: list[bytes],
-        times: bytes,
         heads: list[bytes],
         per_part: int,
     ) -> Iterator[list[bytes]]:
         for start in range(0, len(nbytes), per_part):
             end = start + per_part
             yield self._part(
-                nbytes[start:end], npackets[start:end], bases[start:end], templates[start:end], times, heads
+                nbytes[start:end], npackets[start:end], bases[start:end], templates[start:end], heads
             )
 
     def _part(
@@ -212,22 +212,21 @@ class SteadyEncoder:
         npackets: list[int],
         bases: list[int],
         templates: list[bytes],
-        times: bytes,
         heads: list[bytes],
     ) -> list[bytes]:
         """One part's records, as one run, or runs of _JOIN_PIECES pieces when it is bigger.
         Lists are laid in by slices, no step per record: the values to pack, and the records'
-        pieces in one flat list (head, counts, times, template per record; no tuple each for the
-        garbage collector to look at)."""
+        pieces in one flat list (head, counts, template per record; no tuple each for the
+        garbage collector to look at). `heads`: the poll's, by the record's length less one."""
         m = len(nbytes)
         values = [0, _PACKETS_TAG, 0] * m
         values[0::3] = nbytes
         values[2::3] = npackets
         counts = _COUNTS.findall(packed_varints(values))
-        pieces: list[bytes] = [times] * (4 * m)
-        pieces[0::4] = map(heads.__getitem__, map(add, map(len, counts), bases))
-        pieces[1::4] = counts
-        pieces[3::4] = templates
+        pieces: list[bytes] = [b""] * (_PIECES * m)
+        pieces[0::_PIECES] = map(heads.__getitem__, map(add, map(len, counts), bases))
+        pieces[1::_PIECES] = counts
+        pieces[2::_PIECES] = templates
         if len(pieces) <= _ONE_JOIN_PIECES:
             return [b"".join(pieces)]
         return [b"".join(pieces[i : i + _JOIN_PIECES]) for i in range(0, len(pieces), _JOIN_PIECES)]

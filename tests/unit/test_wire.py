@@ -14,6 +14,7 @@ from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, Lin
 from kvmeter.agent.wire import (
     _JOIN_PIECES,
     _ONE_JOIN_PIECES,
+    _PIECES,
     SteadyEncoder,
     packed_varints,
     split_fields,
@@ -141,11 +142,11 @@ def test_parts_come_as_bounded_runs_of_whole_records_made_when_taken() -> None:
     assert [b"".join(part) for part in runs] == whole
     sizes = [[len(pb.MeasureBatch.FromString(run).measures) for run in part] for part in runs]
     assert sum(map(sum, sizes)) == count
-    big = [part for part in sizes if sum(part) > _ONE_JOIN_PIECES // 4]
-    small = [part for part in sizes if sum(part) <= _ONE_JOIN_PIECES // 4]
+    big = [part for part in sizes if sum(part) > _ONE_JOIN_PIECES // _PIECES]
+    small = [part for part in sizes if sum(part) <= _ONE_JOIN_PIECES // _PIECES]
     assert big
     assert small
-    assert all(len(part) > 1 and max(part) <= _JOIN_PIECES // 4 for part in big)
+    assert all(len(part) > 1 and max(part) <= _JOIN_PIECES // _PIECES for part in big)
     assert all(len(part) == 1 for part in small)
     with pytest.raises(StopIteration):
         next(parts)
