@@ -77,6 +77,7 @@ def test_mixed_polls_conclude_what_rows_conclude(steps: list[tuple], taps: int, 
     next_index = 100
     now, mono = T0, M0
     seen: set[str] = set()
+    ever: set[CounterKey] = set()  # every key read or closed so far
     for replaced, what, which, wall_step, mono_step, announced in steps:
         now += wall_step
         mono += mono_step
@@ -118,6 +119,8 @@ def test_mixed_polls_conclude_what_rows_conclude(steps: list[tuple], taps: int, 
         seen.add(path)
         assert sorted(got) == sorted(expected)
         assert saved(engine) == saved(rows_engine)
+        ever = {*ever, *keys, *engine._closed}
+        assert engine.untracked(ever) == ever - set(engine.tracked_keys())
         # on a copy: tracked() puts the steady columns back into rows, and the next step's
         # poll must find them as the daemon leaves them
         assert DeltaEngine.from_state(BOOT, engine.to_state(), CONFIG).tracked() == rows_engine.tracked()
