@@ -4,9 +4,9 @@ compares its readings with (`LastReadings`). Pure data."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
-from itertools import compress, repeat
+from itertools import chain, compress, repeat
 from operator import lt
 from typing import NamedTuple
 
@@ -110,13 +110,14 @@ class LastReadings:
                 del index[key]
         return list(map(index.get, keys, repeat(self.unknown))), 0
 
-    def column(self, name: str, pos: list[int], lead: int) -> list[int]:
+    def column(self, name: str, pos: list[int], lead: int) -> Iterator[int]:
         """The last readings of one column (rx_bytes, ...) at positions `pos`; the first `lead`
-        of them are the steady counters not lifted, in order (see positions)."""
+        of them are the steady counters not lifted, in order (see positions). An iterator, for
+        one C-level pass that takes them (no list of them made)."""
         values = getattr(self, name)
         if not lead:
-            return list(map(values.__getitem__, pos))
-        return [*self.stayed(name), *map(values.__getitem__, pos[lead:])]
+            return map(values.__getitem__, pos)
+        return chain(self.stayed(name), map(values.__getitem__, pos[lead:]))
 
     def stayed(self, name: str) -> Iterable[object]:
         """One field of SteadyColumns (rx_bytes, ifindexes, ...) for the steady counters not
