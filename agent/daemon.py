@@ -143,6 +143,7 @@ class Agent(Measuring):
         self._inventory_records = InventoryRecords()
         self._inventory_plan: PollPlan | None = None  # the plan the records were last updated for
         self._last_encoder = None
+        self._reattributed = set()
         self._inventory_sent: int | None = None
         self._inventory_touched: set[str] | None = None
         self._polls_since_inventory = 0

@@ -60,6 +60,9 @@ class Ownership:
     _gone: dict[str, CounterKey]  # name -> key of the links this poll's events deleted
     # The last steady encoder built and the counters it encodes: the next one follows from it
     _last_encoder: tuple[tuple[CounterKey, ...], SteadyEncoder] | None
+    # Keys whose attribution was replaced or dropped since the last encoder was built (a
+    # storm's new taps, as a rule): the last encoder's other counters keep their pairs as they are
+    _reattributed: set[CounterKey]
     _inventory_records: InventoryRecords
     _inventory_plan: PollPlan | None  # the plan the records were last updated for
     _inventory_sent: int | None  # the records' version when the last spooled batch was made
@@ -85,7 +88,9 @@ class Ownership:
             key, (domain, nic), placement = new.metered[name], devices[name], placements.get(name)
             last = attribution.get(was) if was is not None else None
             if last is not None and last.domain is domain and last.nic is nic and last.placement is placement:
-                attribution[key] = last  # a tap made again for the same NIC: the same attribution
+                if attribution.get(key) is not last:
+                    attribution[key] = last  # a tap made again for the same NIC: the same attribution
+                    self._reattributed.add(key)
             else:
                 self._remember(key, domain, nic, placement)
         if new.touched is None:
@@ -116,6 +121,7 @@ class Ownership:
             or (known.placement is not placement and known.placement != placement)
         ):
             self._attribution[key] = Attribution(domain, nic, placement)
+            self._reattributed.add(key)
 
     def _source_of(self, nic: NicInfo) -> int | None:
         """The index of the first source that claims the NIC, None for none."""
@@ -133,13 +139,15 @@ class Ownership:
         attribution (a storm's new taps) are made one by one."""
         if plan.encoder is None:
             keys = plan.row_keys
-            whos = list(map(self._attribution.get, keys))
-            if not all(whos):
-                return None
-            plan.encoder = self._encoder_after_last(plan, keys, whos) or SteadyEncoder(
-                self._pairs(keys, whos)
-            )
-            self._last_encoder = (keys, plan.encoder)
+            encoder = self._encoder_after_last(plan, keys)
+            if encoder is None:
+                whos = list(map(self._attribution.get, keys))
+                if not all(whos):
+                    return None
+                encoder = SteadyEncoder(self._pairs(keys, whos))
+            plan.encoder = encoder
+            self._last_encoder = (keys, encoder)
+            self._reattributed = set()
         return plan.encoder
 
     def _pairs(self, keys: Sequence[CounterKey], whos: Sequence[Any]) -> list[Any]:
@@ -151,21 +159,29 @@ class Ownership:
         self._templates.fill(pairs, missing, keys, whos, self._gone)
         return pairs
 
-    def _encoder_after_last(
-        self, plan: PollPlan, keys: tuple[CounterKey, ...], whos: list[Any]
-    ) -> SteadyEncoder | None:
+    def _encoder_after_last(self, plan: PollPlan, keys: tuple[CounterKey, ...]) -> SteadyEncoder | None:
         """The last encoder followed by the new counters, when `keys` are the last encoder's
         counters still there, in their order and with the same attribution, then new ones (a
-        VM storm's rows, in the order of their ifindexes: see PollPlan.rows_of); else None."""
+        VM storm's rows, in the order of their ifindexes: see PollPlan.rows_of), each
+        attributed; else None. The attribution of those that stayed is looked at only when
+        one of them was attributed again since (_reattributed)."""
         if self._last_encoder is None:
             return None
         last_keys, last = self._last_encoder
         kept: list[Any] = list(map(plan.present.__contains__, last_keys))
         stayed = tuple(compress(last_keys, kept))
         s = len(stayed)
-        if tuple(keys[:s]) != stayed or any(map(is_not, map(_who_of, compress(last.pairs, kept)), whos)):
+        if tuple(keys[:s]) != stayed:
             return None
-        return last.followed_by(kept, self._pairs(keys[s:], whos[s:]))
+        attribution = self._attribution
+        if (self._reattributed & plan.present).difference(keys[s:]) and any(
+            map(is_not, map(_who_of, compress(last.pairs, kept)), map(attribution.get, stayed))
+        ):
+            return None
+        whos = list(map(attribution.get, keys[s:]))
+        if not all(whos):
+            return None
+        return last.followed_by(kept, self._pairs(keys[s:], whos))
 
     def _forget_closed(self, plan: PollPlan) -> None:
         """Drop the attribution of counters the engine no longer tracks, unless the plan still
@@ -185,6 +201,7 @@ class Ownership:
         keys = list(keys)
         for key in compress(keys, map(ne, map(metered.get, map(_NAME, keys)), keys)):
             del self._attribution[key]
+            self._reattributed.add(key)
 
     def _inventory_if_due(self, plan: PollPlan) -> tuple[bytes | None, tuple[int, int]]:
         """The inventory records this poll's batch carries, and what the agent has sent once the
