@@ -194,6 +194,10 @@ class Ownership:
             self._forget(attribution.keys() - self.engine.tracked_keys(), plan.metered)
         if len(self._templates) > 2 * tracked:
             self._templates.keep_only(self.engine.tracked_keys())
+        if len(self._reattributed) > len(attribution) + 64:
+            # no encoder built for long (NICs counted by another source): the next one is built
+            # from its pairs, and what was attributed again since is no longer kept
+            self._last_encoder, self._reattributed = None, set()
 
     def _forget(self, keys: Iterable[CounterKey], metered: Mapping[str, CounterKey]) -> None:
         """Drop the attribution of `keys` (attributed ones) but of those the plan meters, looked

@@ -453,6 +453,26 @@ def test_an_agent_updating_its_plan_writes_the_batches_of_one_that_rebuilds_it(
         rebuilding.close()
 
 
+def test_what_was_attributed_again_is_kept_only_while_an_encoder_follows_from_the_last(
+    tmp_path: Path,
+) -> None:
+    """Polls that build no steady encoder (NICs counted by another source) would otherwise keep
+    every key attributed since, for good; dropped, the next encoder is built from its pairs."""
+    world = World()
+    agent = make_agent(world, tmp_path, ClockPair(), incremental=True)
+    try:
+        agent.poll()
+        assert agent._last_encoder is not None
+        domain = next(iter(world.domains.values()))
+        for i in range(len(agent._attribution) + 100):
+            agent._remember(CounterKey("boot", 0, f"sourced{i}"), domain, domain.nics[0])
+            agent._forget_closed(agent._plan)  # type: ignore[arg-type]
+            assert len(agent._reattributed) <= len(agent._attribution) + 64
+        assert agent._last_encoder is None
+    finally:
+        agent.close()
+
+
 def test_a_tap_made_again_while_its_old_incarnation_is_open_keeps_its_attribution(tmp_path: Path) -> None:
     """vnet0 made again without its deletion seen (no final counters): the new incarnation
     waits, untracked, until the old one is forgotten, and is metered all along. Its attribution
