@@ -200,36 +200,26 @@ class SteadyEncoder:
         heads: list[bytes],
         per_part: int,
     ) -> Iterator[list[bytes]]:
-        for start in range(0, len(nbytes), per_part):
-            end = start + per_part
-            yield self._part(
-                nbytes[start:end], npackets[start:end], bases[start:end], templates[start:end], heads
-            )
-
-    def _part(
-        self,
-        nbytes: list[int],
-        npackets: list[int],
-        bases: list[int],
-        templates: list[bytes],
-        heads: list[bytes],
-    ) -> list[bytes]:
-        """One part's records, as one run, or runs of _JOIN_PIECES pieces when it is bigger.
+        """Each part's records, as one run, or runs of _JOIN_PIECES pieces when it is bigger.
         Lists are laid in by slices, no step per record: the values to pack, and the records'
         pieces in one flat list (head, counts, template per record; no tuple each for the
         garbage collector to look at). `heads`: the poll's, by the record's length less one."""
-        m = len(nbytes)
-        values = [0, _PACKETS_TAG, 0] * m
-        values[0::3] = nbytes
-        values[2::3] = npackets
-        counts = _COUNTS.findall(packed_varints(values))
-        pieces: list[bytes] = [b""] * (_PIECES * m)
-        pieces[0::_PIECES] = map(heads.__getitem__, map(add, map(len, counts), bases))
-        pieces[1::_PIECES] = counts
-        pieces[2::_PIECES] = templates
-        if len(pieces) <= _ONE_JOIN_PIECES:
-            return [b"".join(pieces)]
-        return [b"".join(pieces[i : i + _JOIN_PIECES]) for i in range(0, len(pieces), _JOIN_PIECES)]
+        for start in range(0, len(nbytes), per_part):
+            end = start + per_part
+            part_bytes = nbytes[start:end]
+            m = len(part_bytes)
+            values = [0, _PACKETS_TAG, 0] * m
+            values[0::3] = part_bytes
+            values[2::3] = npackets[start:end]
+            counts = _COUNTS.findall(packed_varints(values))
+            pieces: list[bytes] = [b""] * (_PIECES * m)
+            pieces[0::_PIECES] = map(heads.__getitem__, map(add, map(len, counts), bases[start:end]))
+            pieces[1::_PIECES] = counts
+            pieces[2::_PIECES] = templates[start:end]
+            if len(pieces) <= _ONE_JOIN_PIECES:
+                yield [b"".join(pieces)]
+            else:
+                yield [b"".join(pieces[i : i + _JOIN_PIECES]) for i in range(0, len(pieces), _JOIN_PIECES)]
 
     def _lengths_with(self, times: int) -> tuple[list[int], int]:
         """Each record's length less its counts: template + times (the same from poll to poll
