@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
-from itertools import chain, compress, repeat
-from operator import lt
-from typing import NamedTuple
+from itertools import chain, repeat
+from operator import attrgetter, lt
+from typing import Any, NamedTuple
 
 from kvmeter.agent.model import CounterKey, new_tuple
 
@@ -78,9 +78,10 @@ class LastReadings:
         n = len(steady.keys) if steady is not None else 0
         self.unknown, self.born = n, n + 1
         self.lifted_at = [index[key] for key in lifted]
+        self.lead = 0  # how many keys lead that are the steady counters not lifted (positions)
         self._index = index
         self._lifted = lifted
-        self._kept_mask: list[int] | None = None
+        self._kept_runs: list[slice] | None = None
         self.keys: tuple[CounterKey, ...] = steady.keys if steady is not None else ()
         self.start: int | None = steady.end_ms if steady is not None else None
         self.mono_ms: int | None = steady.mono_ms if steady is not None else None
@@ -90,40 +91,50 @@ class LastReadings:
         self.rx_packets = list(steady.rx_packets) + zeros if steady is not None else list(zeros)
         self.tx_packets = list(steady.tx_packets) + zeros if steady is not None else list(zeros)
 
-    def positions(self, keys: Sequence[CounterKey]) -> tuple[list[int], int]:
-        """(each key's position here, `unknown` where it is not a steady counter; how many keys
-        lead that are, in order, every steady counter not lifted). A storm's poll, its rows in
-        the order of their ifindexes (PollPlan.rows_of: the taps that stayed, then the new
-        ones), has them all in front: their positions then come from the lifted ones, no lookup
-        per key."""
+    def positions(self, keys: Sequence[CounterKey]) -> list[int]:
+        """The positions here of the keys after the `lead` (set here): `unknown` where a key is
+        not a steady counter. The lead is how many keys lead that are, in order, every steady
+        counter not lifted. A storm's poll, its rows in the order of their ifindexes
+        (PollPlan.rows_of: the taps that stayed, then the new ones), has them all in front:
+        nothing is looked up nor listed for those."""
         steady = self.steady
         if steady is not None:
-            mask = self._mask()
-            stayed = tuple(compress(steady.keys, mask))
+            stayed = tuple(self.stayed("keys"))
             s = len(stayed)
             if tuple(keys[:s]) == stayed:
-                return [*compress(range(self.unknown), mask), *repeat(self.unknown, len(keys) - s)], s
+                self.lead = s
+                return [self.unknown] * (len(keys) - s)
         index = self._index
         if self.lifted_at:
             index = dict(index)
             for key in self._lifted:
                 del index[key]
-        return list(map(index.get, keys, repeat(self.unknown))), 0
+        self.lead = 0
+        return list(map(index.get, keys, repeat(self.unknown)))
 
-    def column(self, name: str, pos: list[int], lead: int) -> Iterator[int]:
-        """The last readings of one column (rx_bytes, ...) at positions `pos`; the first `lead`
-        of them are the steady counters not lifted, in order (see positions). An iterator, for
-        one C-level pass that takes them (no list of them made)."""
+    def lead_positions(self) -> list[int]:
+        """The positions of the leading keys (see positions)."""
+        return list(chain.from_iterable(map(range, map(_START, self._runs()), map(_STOP, self._runs()))))
+
+    def column(self, name: str, rest: list[int]) -> Iterator[int]:
+        """The last readings of one column (rx_bytes, ...) of the leading keys, then at positions
+        `rest` (positions' list). An iterator, for one C-level pass that takes them (no list of
+        them made)."""
         values = getattr(self, name)
-        if not lead:
-            return map(values.__getitem__, pos)
-        return chain(self.stayed(name), map(values.__getitem__, pos[lead:]))
+        if not self.lead:
+            return map(values.__getitem__, rest)
+        return chain(self.stayed(name), map(values.__getitem__, rest))
 
-    def stayed(self, name: str) -> Iterable[object]:
+    def stayed(self, name: str) -> Iterable[Any]:
         """One field of SteadyColumns (rx_bytes, ifindexes, ...) for the steady counters not
-        lifted, in order."""
+        lifted, in order: a slice per run of them between lifted ones (a storm's lifted taps
+        lie in a few runs, as they were made)."""
         assert self.steady is not None
-        return compress(getattr(self.steady, name), self._mask())
+        column = getattr(self.steady, name)
+        runs = self._runs()
+        if len(runs) == 1:
+            return column[runs[0]]
+        return chain.from_iterable(map(column.__getitem__, runs))
 
     def take(self, row: CounterRow) -> bool:
         """Add a per-key row read at the columns' instant (the first one sets it when there
@@ -138,19 +149,24 @@ class LastReadings:
         self.tx_packets.append(row.tx_packets)
         return True
 
-    def _mask(self) -> list[int]:
-        """1 per steady counter, 0 where lifted (made once)."""
-        if self._kept_mask is None:
-            self._kept_mask = [1] * self.unknown
-            for p in self.lifted_at:
-                self._kept_mask[p] = 0
-        return self._kept_mask
+    def _runs(self) -> list[slice]:
+        """The positions of the steady counters not lifted, as slices (made once)."""
+        if self._kept_runs is None:
+            runs, start = [], 0
+            for p in sorted(self.lifted_at):
+                if p > start:
+                    runs.append(slice(start, p))
+                start = p + 1
+            if start < self.unknown or not runs:
+                runs.append(slice(start, self.unknown))
+            self._kept_runs = runs
+        return self._kept_runs
 
     def tracked_names(self) -> Iterable[str]:
         """The names of the steady counters still tracked as such (lifted ones left out)."""
         if self.steady is None:
             return ()
-        return compress(self.steady.names, self._mask()) if self.lifted_at else self.steady.names
+        return self.stayed("names") if self.lifted_at else self.steady.names
 
     def left_over(self, kept: list[int]) -> list[int]:
         """Positions of the steady counters neither lifted nor among `kept` (positions that go
@@ -165,3 +181,7 @@ class LastReadings:
     def row(self, p: int) -> CounterRow:
         assert self.steady is not None
         return self.steady.row(p)
+
+
+_START = attrgetter("start")
+_STOP = attrgetter("stop")

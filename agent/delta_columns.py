@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence, Set
 from itertools import compress, repeat
 from operator import attrgetter, eq, ge, le, mul, ne, not_, or_, sub
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvmeter.agent.counter_rows import CounterRow, LastReadings, SteadyColumns, counter_row
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta
@@ -155,26 +155,31 @@ class ColumnPolls:
         if self._fresh or not keys:
             return None
         old = LastReadings(self._steady, self._index() if self._steady is not None else {}, self._lifted)
-        pos, lead = old.positions(keys)  # lead: how many keys lead that are steady counters, in order
-        missing = list(compress(range(lead, len(keys)), map(eq, pos[lead:], repeat(old.unknown))))
+        # The keys after the lead (old.lead: those that lead are steady counters, in order) and
+        # their positions in `old`
+        pos = old.positions(keys)
+        lead = old.lead
+        after = keys[lead:]
+        missing = list(compress(range(len(pos)), map(eq, pos, repeat(old.unknown))))
         counters = self._counters
-        from_dict = []  # positions in `keys` of counters read from the per-key dict
-        for i in missing:
-            row = counters.get(keys[i])
-            if row is not None and old.take(row):
-                pos[i] = len(old.rx_bytes) - 1
-                from_dict.append(i)
+        from_dict = []  # positions in `after` of counters read from the per-key dict
+        if counters:
+            found: list[Any] = list(map(counters.get, map(after.__getitem__, missing)))
+            for i, row in compress(zip(missing, found), found):  # (None: not in the dict)
+                if old.take(row):
+                    pos[i] = len(old.rx_bytes) - 1
+                    from_dict.append(i)
         if old.start is None or old.mono_ms is None:
             return None  # nothing tracked
         start, last_mono = old.start, old.mono_ms
         if newborn_columns and len(from_dict) < len(missing):
-            for i in self._born_since(now_ms, keys, old, missing, pos):
+            for i in self._born_since(now_ms, after, old, missing, pos):
                 pos[i] = old.born
-        known = [*repeat(1, lead), *map(ne, pos[lead:], repeat(old.unknown))]
-        rxb = list(map(sub, rx_bytes, old.column("rx_bytes", pos, lead)))
-        txb = list(map(sub, tx_bytes, old.column("tx_bytes", pos, lead)))
-        rxp = list(map(sub, rx_packets, old.column("rx_packets", pos, lead)))
-        txp = list(map(sub, tx_packets, old.column("tx_packets", pos, lead)))
+        known = [*repeat(1, lead), *map(ne, pos, repeat(old.unknown))]
+        rxb = list(map(sub, rx_bytes, old.column("rx_bytes", pos)))
+        txb = list(map(sub, tx_bytes, old.column("tx_bytes", pos)))
+        rxp = list(map(sub, rx_packets, old.column("rx_packets", pos)))
+        txp = list(map(sub, tx_packets, old.column("tx_packets", pos)))
         max_bytes = (
             self.config.line_rate_ceiling_bps * max(mono_ms - last_mono, self.config.min_elapsed_ms) // 8000
         )
@@ -223,17 +228,23 @@ class ColumnPolls:
         # gone without a final sample yet) stay tracked in the per-key dict; the dict's
         # counters that go on as columns leave it.
         # (every steady counter not lifted leads and goes on: none left over)
-        left = [] if every and lead else old.left_over(pos if every else list(compress(pos, columns)))
-        if left:
-            counters.update(zip(map(old.keys.__getitem__, left), map(old.row, left)))
+        if not (every and lead):
+            every_pos = [*old.lead_positions(), *pos] if lead else pos
+            left = old.left_over(every_pos if every else list(compress(every_pos, columns)))
+            if left:
+                counters.update(zip(map(old.keys.__getitem__, left), map(old.row, left)))
         for i in from_dict:
-            if columns[i]:
-                del counters[keys[i]]
+            if columns[lead + i]:
+                del counters[after[i]]
         created = self._created
         if created:  # (the leading keys are steady counters: none was born)
-            born = map(eq, pos[lead:], repeat(old.born))
-            for key in compress(keys[lead:], born if every else map(mul, columns[lead:], born)):
-                created.pop(key, None)
+            born = map(eq, pos, repeat(old.born))
+            newborn = list(compress(after, born if every else map(mul, columns[lead:], born)))
+            if len(newborn) == len(created) and all(map(created.__contains__, newborn)):
+                created.clear()  # a storm's: every link created since was born by columns
+            else:
+                for key in newborn:
+                    created.pop(key, None)
         end = now_ms if now_ms > start else start + 1
         if every and lead:
             ifindexes = (*old.stayed("ifindexes"), *map(_IFINDEX, steady_keys[lead:]))
@@ -262,30 +273,41 @@ class ColumnPolls:
     def _born_since(
         self,
         now_ms: int,
-        keys: Sequence[CounterKey],
+        after: Sequence[CounterKey],
         old: LastReadings,
         missing: list[int],
         pos: list[int],
     ) -> list[int]:
-        """poll_mixed's untracked counters (at `missing`, where `pos` is still old.unknown)
-        that poll_readings would count from zero since the last poll (born while running: a
-        storm's new taps) over the very interval of the steady ones (old.start): so they go by
-        columns too, from a zero row, when they grew within the ceiling. Returns their positions."""
+        """poll_mixed's untracked counters (the keys `after` the lead at `missing`, where `pos`
+        is still old.unknown) that poll_readings would count from zero since the last poll
+        (born while running: a storm's new taps) over the very interval of the steady ones
+        (old.start): so they go by columns too, from a zero row, when they grew within the
+        ceiling. Returns their positions in `after`."""
         last = self._last_poll
         if last is None or min(last[0], now_ms) != old.start or last[1] != old.mono_ms:
             return []  # not the steady counters' interval (a clock step): by rows
         boot_id, closed, preexisting, created = self.boot_id, self._closed, self._preexisting, self._created
-        tracked_names = set(map(_NAME, self._counters))
-        tracked_names.update(old.tracked_names())
-        # C-level passes over the candidates (a storm's 200 new taps), one per rule
-        candidates = list(map(keys.__getitem__, missing))
+        at = list(compress(missing, map(eq, map(pos.__getitem__, missing), repeat(old.unknown))))
+        candidates = list(map(after.__getitem__, at))
+        names = list(map(_NAME, candidates))
+        # tracked under its name (this key, read at another instant, or an older incarnation
+        # still open): by rows
+        tracked_names = set(old.tracked_names())
+        tracked_names.update(map(_NAME, self._counters))
+        # A storm's new taps, as a rule: none closed, tracked or baselined, all of this boot
+        # (a set operation per rule, no step per candidate)
+        if (
+            tracked_names.isdisjoint(names)
+            and closed.isdisjoint(candidates)
+            and preexisting.isdisjoint(candidates)
+            and set(map(_BOOT_ID, candidates)) <= {boot_id}
+        ):
+            return at
+        # C-level passes over the candidates, one per rule
         rules = [
-            map(eq, map(pos.__getitem__, missing), repeat(old.unknown)),
             map(eq, map(_BOOT_ID, candidates), repeat(boot_id)),
             map(not_, map(closed.__contains__, candidates)),
-            # tracked under its name (this key, read at another instant, or an older incarnation
-            # still open): by rows
-            map(not_, map(tracked_names.__contains__, map(_NAME, candidates))),
+            map(not_, map(tracked_names.__contains__, names)),
         ]
         if preexisting:  # baselined, not counted
             rules.append(
@@ -295,7 +317,7 @@ class ColumnPolls:
                     map(created.__contains__, candidates),
                 )
             )
-        return list(compress(missing, map(all, zip(*rules))))
+        return list(compress(at, map(all, zip(*rules))))
 
     def _set_steady(self, steady: SteadyColumns | None) -> None:
         self._steady = steady
