@@ -22,8 +22,9 @@ APT_PACKAGES += prometheus
 # on Debian's cloud kernel (its .deb fetched once into build/realvm/debs).
 REALVM_PACKAGES := qemu-system-x86 libvirt-daemon-system libvirt-clients busybox-static cpio
 REALVM_DEBS := build/realvm/debs
-# The programs `make bench` measures kvmeter against, on the same interfaces (bench/peers.py).
-PEER_PACKAGES := prometheus-node-exporter collectd-core prometheus-libvirt-exporter
+# The programs `make bench` measures kvmeter against, on the same interfaces (bench/peers.py),
+# and iptables, which cuts the agent off its broker for the process section's outage.
+BENCH_PACKAGES := prometheus-node-exporter collectd-core prometheus-libvirt-exporter iptables
 
 .PHONY: help deps realvm-deps bench-deps venv proto lint typecheck test test-proto-compat unit e2e demo demo-real-vms bench packages test-packages clean
 
@@ -63,7 +64,7 @@ realvm-deps:
 	fi
 
 bench-deps:
-	@missing=$$(for p in $(PEER_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@missing=$$(for p in $(BENCH_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
