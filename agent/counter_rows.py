@@ -114,12 +114,13 @@ class LastReadings:
 
     def lead_positions(self) -> list[int]:
         """The positions of the leading keys (see positions)."""
-        return list(chain.from_iterable(map(range, map(_START, self._runs()), map(_STOP, self._runs()))))
+        runs = self._runs()
+        return list(chain.from_iterable(map(range, map(_START, runs), map(_STOP, runs))))
 
     def column(self, name: str, rest: list[int]) -> Iterator[int]:
-        """The last readings of one column (rx_bytes, ...) of the leading keys, then at positions
-        `rest` (positions' list). An iterator, for one C-level pass that takes them (no list of
-        them made)."""
+        """The last readings of one column (rx_bytes, ...) of the leading keys, then those at
+        positions `rest` (the keys after them: see positions). An iterator, for one C-level pass
+        that takes them (no list of them made)."""
         values = getattr(self, name)
         if not self.lead:
             return map(values.__getitem__, rest)

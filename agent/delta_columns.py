@@ -240,7 +240,7 @@ class ColumnPolls:
         if created:  # (the leading keys are steady counters: none was born)
             born = map(eq, pos, repeat(old.born))
             newborn = list(compress(after, born if every else map(mul, columns[lead:], born)))
-            if len(newborn) == len(created) and all(map(created.__contains__, newborn)):
+            if created.keys() == set(newborn):
                 created.clear()  # a storm's: every link created since was born by columns
             else:
                 for key in newborn:
