@@ -113,7 +113,9 @@ class LastReadings:
         return list(map(index.get, keys, repeat(self.unknown)))
 
     def lead_positions(self) -> list[int]:
-        """The positions of the leading keys (see positions)."""
+        """The positions of the leading keys (see positions): none when no key leads."""
+        if not self.lead:
+            return []
         runs = self._runs()
         return list(chain.from_iterable(map(range, map(_START, runs), map(_STOP, runs))))
 

@@ -229,7 +229,7 @@ class ColumnPolls:
         # counters that go on as columns leave it.
         # (every steady counter not lifted leads and goes on: none left over)
         if not (every and lead):
-            every_pos = [*old.lead_positions(), *pos] if lead else pos
+            every_pos = [*old.lead_positions(), *pos]
             left = old.left_over(every_pos if every else list(compress(every_pos, columns)))
             if left:
                 counters.update(zip(map(old.keys.__getitem__, left), map(old.row, left)))
