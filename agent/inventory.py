@@ -184,7 +184,8 @@ class Inventory:
                 next_resync = time.monotonic() + self.resync_seconds
                 continue
             try:
-                kind, item = self._work.get(timeout=min(1.0, max(0.0, next_resync - time.monotonic())))
+                # no timeout of its own: stop() queues a "stop" (an idle wakeup costs CPU)
+                kind, item = self._work.get(timeout=max(0.0, next_resync - time.monotonic()))
             except queue.Empty:
                 continue
             if kind == "stop":

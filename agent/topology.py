@@ -18,6 +18,7 @@ spares the agent pyroute2's import (~20 MB resident); ``IPRoute`` still works as
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -134,7 +135,8 @@ class Received:
 
 
 class LinkEventSocket:
-    """A netlink route socket subscribed to ``RTMGRP_LINK``, read with a timeout."""
+    """A netlink route socket subscribed to ``RTMGRP_LINK``, read when it has messages or when
+    ``wake()`` was called (``stop()``'s way to end a wait without a timeout)."""
 
     def __init__(self, rcvbuf: int = 4 << 20) -> None:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
@@ -144,15 +146,23 @@ class LinkEventSocket:
         except OSError:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self._sock.bind((0, RTMGRP_LINK))
+        # A thread woken only to look whether it should stop costs about 0.15 ms of CPU per
+        # wakeup on a virtual machine: the wait has no timeout, and a pipe ends it instead.
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def receive(self, timeout: float) -> Received:
-        """Wait up to ``timeout`` s, then read until the queue is empty.
+    def receive(self, timeout: float | None = None) -> Received:
+        """Wait up to ``timeout`` s (None: until a message comes or ``wake()``), then read until
+        the queue is empty.
 
         After an ENOBUFS the kernel stays silent about further drops until the queue has been
         drained once (NETLINK_S_CONGESTED), so an overrun is noted and the reading goes on: the
         caller re-dumps only with the queue empty, and keeps the messages read (a queued
         RTM_DELLINK still carries final counters)."""
-        ready, _, _ = select.select([self._sock], [], [], timeout)
+        ready, _, _ = select.select([self._sock, self._wake_read], [], [], timeout)
+        if self._wake_read in ready:
+            ready.remove(self._wake_read)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_read, 64)
         received = Received([])
         while ready:
             try:
@@ -167,8 +177,15 @@ class LinkEventSocket:
             received.messages.extend(decode_link_datagram(data))
         return received
 
+    def wake(self) -> None:
+        """End the current or the next wait of ``receive`` at once."""
+        with contextlib.suppress(BlockingIOError):  # (a wakeup pending already)
+            os.write(self._wake_write, b"\0")
+
     def close(self) -> None:
         self._sock.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
 
 
 RTM_GETLINK = 18
@@ -235,7 +252,8 @@ class Topology:
     ``ipr_factory`` makes what dumps the links (:class:`LinkDump`, or pyroute2's ``IPRoute``);
     ``event_socket_factory`` makes the event socket. Both are called in the thread that calls
     ``start()``/``refresh()`` (network namespaces are per thread). ``gather``: the wait after a
-    read that found messages (GATHER_S). Counters: ``overruns``, ``events``, ``dumps``.
+    read that found messages (GATHER_S); ``poll_interval``: the longest wait for events (None:
+    until one comes or ``stop()``). Counters: ``overruns``, ``events``, ``dumps``.
     """
 
     def __init__(
@@ -244,7 +262,7 @@ class Topology:
         *,
         ipr_factory: Callable[[], Any] = LinkDump,
         event_socket_factory: Callable[[], LinkEventSocket] = LinkEventSocket,
-        poll_interval: float = 0.5,
+        poll_interval: float | None = None,
         gather: float = GATHER_S,
     ) -> None:
         self._table = LinkTable(rules)
@@ -279,6 +297,8 @@ class Topology:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._socket is not None:
+            self._socket.wake()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

@@ -23,7 +23,7 @@ from pyroute2 import IPRoute
 
 from kvmeter.agent.linktable import LinkEvent
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.topology import LinkEventSocket, Topology
+from kvmeter.agent.topology import LinkEventSocket, Received, Topology
 from kvmeter.agent.traffic import DEFAULT_RULES
 
 pytestmark = pytest.mark.netns
@@ -115,7 +115,6 @@ def start_topology(netns: str) -> Topology:
         DEFAULT_RULES,
         ipr_factory=made_in(netns, IPRoute),
         event_socket_factory=made_in(netns, LinkEventSocket),
-        poll_interval=0.05,
     )
     topology.start()
     return topology
@@ -224,6 +223,28 @@ def test_placements_of_taps_on_cloudstack_bridges(host: str) -> None:
         assert topology.ifindex("vnet1") == kernel["vnet1"]
     finally:
         topology.stop()
+
+
+def test_the_event_socket_waits_until_a_message_or_a_wakeup(host: str) -> None:
+    """The event thread's read has no timeout: a link message ends it, and so does wake()
+    (stop()'s), which leaves no message behind."""
+    sock = made_in(host, LinkEventSocket)()
+    got: list[Received] = []
+    try:
+        reader = threading.Thread(target=lambda: got.append(sock.receive()))
+        reader.start()
+        ip("-n", host, "link", "add", "wake0", "type", "bridge")
+        reader.join(10)
+        assert not reader.is_alive()
+        assert {record.ifname for _kind, record in got[0].messages} == {"wake0"}
+        reader = threading.Thread(target=lambda: got.append(sock.receive()))
+        reader.start()
+        sock.wake()
+        reader.join(10)
+        assert not reader.is_alive()
+        assert got[1] == Received([])
+    finally:
+        sock.close()
 
 
 def test_link_events_keep_the_map_current_without_redumps(host: str) -> None:

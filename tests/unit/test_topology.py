@@ -226,14 +226,42 @@ class Recorder:
 
 
 def started(dump: list[bytes], sock: FakeEventSocket) -> Topology:
+    """The agent's topology as it runs (its event thread waits without a timeout)."""
     topology = Topology(
-        DEFAULT_RULES,
-        ipr_factory=lambda: FakeIPRoute(dump),
-        event_socket_factory=lambda: sock,
-        poll_interval=0.02,
+        DEFAULT_RULES, ipr_factory=lambda: FakeIPRoute(dump), event_socket_factory=lambda: sock
     )
     topology.start()
     return topology
+
+
+class CountingEventSocket(FakeEventSocket):
+    def __init__(self) -> None:
+        super().__init__()
+        self.receives = 0
+
+    def receive(self, timeout: float | None = None) -> Received:
+        self.receives += 1
+        return super().receive(timeout)
+
+
+def test_the_event_thread_wakes_only_for_events_and_stop() -> None:
+    """An idle wakeup costs CPU on every hypervisor: between events the thread waits in one
+    read, which stop() ends."""
+    sock = CountingEventSocket()
+    topology = started(DUMP, sock)
+    recorder = Recorder()
+    topology.add_listener(recorder)
+    try:
+        time.sleep(0.3)
+        assert sock.receives == 1
+        sock.push(*EVENTS)
+        wait_for(lambda: len(recorder.events) == 4)
+        time.sleep(0.3)
+        assert sock.receives == 2  # the events' read, then one wait again
+    finally:
+        topology.stop()
+    assert sock.receives == 2  # stop() ended that wait (and joined the thread)
+    assert sock.closed
 
 
 def test_topology_start_dumps_once_and_follows_events() -> None:

@@ -62,7 +62,10 @@ class FakeEventSocket:
         self.queue.put(None)
         self.queue.put(b"".join(messages))
 
-    def receive(self, timeout: float) -> Received:
+    def wake(self) -> None:
+        self.queue.put(b"")  # no message: receive returns none
+
+    def receive(self, timeout: float | None = None) -> Received:
         try:
             data = self.queue.get(timeout=timeout)
         except queue.Empty:
