@@ -155,7 +155,12 @@ class Spool:
 
     def _scan(self, number: int) -> list[tuple[Frame, dict[str, Any] | None]]:
         path = self.dir / _segment_name(number)
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if not self.read_only:
+                raise
+            return []  # a reader beside the owner: delivered and deleted since the listing
         found, problem, end = read_frames(data)
         if problem is not None:
             log.warning(

@@ -142,6 +142,31 @@ def test_read_only_open_never_writes(tmp_path: Path) -> None:
     assert Spool(tmp_path / "missing", read_only=True).last_state() is None
 
 
+def test_a_read_only_look_at_a_live_spool_skips_a_segment_its_owner_deleted_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader beside the running agent (its status, the benchmark) lists the segments, and the
+    agent deletes one it has delivered before the reader reads it: what is left is still read."""
+    spool = Spool(tmp_path, segment_bytes=300)  # a few frames per segment
+    frames = fill(spool, 10)
+    first = min(tmp_path.glob("seg-*.kvs"))
+    read_bytes = Path.read_bytes
+
+    def delivered_meanwhile(path: Path) -> bytes:
+        if path == first:  # delivered and deleted between the listing and the read
+            for frame in frames:
+                if frame.segment == frames[0].segment:
+                    spool.ack(frame)
+            assert not first.exists()
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", delivered_meanwhile)
+    ro = Spool(tmp_path, read_only=True)
+    spool.close()
+    assert [f.seq for f in ro.pending()] == [f.seq for f in frames if f.segment != frames[0].segment]
+    assert ro.last_state() == {"seq": 10}
+
+
 WRITER = textwrap.dedent(
     """
     import sys
