@@ -133,7 +133,7 @@ def _run_daemon(config: AgentConfig, config_path: str) -> int:
     agent = build_agent(config, read_only=False)
     agent.reloads = Reloads(lambda what: agent.metrics.reload_failures.labels(what).inc())
     agent.reloads.add("traffic rules", _traffic_rules(config_path, agent))
-    agent.reloads.install()
+    agent.reloads.install(then=agent.wake)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("%s: last poll, flush, exit", signal.Signals(signum).name)

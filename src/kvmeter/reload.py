@@ -41,9 +41,16 @@ class Reloads:
         """Ask for a reload (safe in a signal handler)."""
         self._asked.set()
 
-    def install(self, signum: int = signal.SIGHUP) -> None:
-        """`signum` asks for a reload (call from the main thread)."""
-        signal.signal(signum, lambda _signum, _frame: self.request())
+    def install(self, signum: int = signal.SIGHUP, then: Callable[[], None] | None = None) -> None:
+        """`signum` asks for a reload, then calls `then` (a loop's wakeup, so the reload does not
+        wait for its next round). Call from the main thread."""
+
+        def asked(_signum: int, _frame: object) -> None:
+            self.request()
+            if then is not None:
+                then()
+
+        signal.signal(signum, asked)
 
     @property
     def pending(self) -> bool:

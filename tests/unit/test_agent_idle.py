@@ -1,5 +1,6 @@
 """Between polls the agent's loop sleeps: librdkafka is served only while a delivery is due (and
-then at least once a second, so a signal is seen), not every fraction of a second."""
+then at least once a second, so a signal is seen), not every fraction of a second; otherwise it
+waits for the next poll, which a stop or a reload asked for ends at once."""
 
 from __future__ import annotations
 
@@ -84,3 +85,49 @@ def test_a_broker_that_delivers_nothing_is_not_waited_on_between_polls(tmp_path:
     assert not loop.is_alive()
     assert publisher.pumps >= 3  # every poll still hands its batch over (and serves the client)
     assert publisher.services == []
+
+
+def test_between_polls_the_loop_waits_once_and_a_stop_or_a_reload_ends_the_wait(tmp_path: Path) -> None:
+    """A wakeup only to look whether to stop costs CPU on every hypervisor: with nothing in
+    flight the loop waits for its next poll in one wait, and stop_event (a signal handler's, or
+    another thread's) or wake() (SIGHUP's, after asking for a reload) ends it."""
+    agent = make_agent(
+        Host(),
+        tmp_path,
+        Clock(),
+        settings={"agent": {"host_id": "h1", "poll_interval": 120}},
+        wall=time.time,
+        mono=time.monotonic,
+    )
+    waits: list[float] = []
+    wait = agent._wake.wait
+
+    def counted(timeout: float | None = None) -> bool:
+        waits.append(timeout or 0.0)
+        return wait(timeout)
+
+    agent._wake.wait = counted  # type: ignore[method-assign]
+    reloaded = threading.Event()
+    agent.reloads.add("test", lambda: reloaded.set() or "done")
+    loop = threading.Thread(target=agent.run)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not waits and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert len(waits) == 1  # the first poll, then one wait for the next (120 s away)
+        assert waits[0] > 100
+        agent.reloads.request()
+        agent.wake()
+        assert reloaded.wait(5)  # run at once, not at the next poll
+        deadline = time.monotonic() + 5
+        while len(waits) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(waits) == 2  # and the loop waits again
+    finally:
+        agent.stop_event.set()
+        loop.join(10)
+        agent.close()
+    assert not loop.is_alive()  # the stop ended the second wait
+    assert len(waits) == 2

@@ -39,13 +39,15 @@ def test_a_bad_item_is_refused_alone_and_counted(caplog: pytest.LogCaptureFixtur
 
 def test_the_signal_only_asks() -> None:
     ran: list[str] = []
+    woken: list[bool] = []
     reloads = Reloads()
     reloads.add("thing", lambda: ran.append("thing") or "ok")
     previous = signal.getsignal(signal.SIGHUP)
     try:
-        reloads.install()
+        reloads.install(then=lambda: woken.append(reloads.pending))  # the loop's wakeup
         os.kill(os.getpid(), signal.SIGHUP)
         assert reloads.pending
+        assert woken == [True]  # after asking
         assert ran == []  # not in the handler: at the loop's safe point
         reloads.run_pending()
         assert ran == ["thing"]
