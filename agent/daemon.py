@@ -368,8 +368,10 @@ class Agent(Measuring):
         """Poll every poll_interval until stop_event; then one last poll, flush, return."""
         interval = self.config.poll_interval
         next_poll = self._mono()
-        while not self.stop_event.is_set():
-            self._wake.clear()  # (a stop or reload asked from here on ends the coming wait)
+        while True:
+            self._wake.clear()  # first: a stop or a reload asked from here on ends the coming wait
+            if self.stop_event.is_set():
+                break
             self.reloads.run_pending()
             now = self._mono()
             if now >= next_poll:
