@@ -140,6 +140,29 @@ def test_start_waits_for_the_first_resync(running: Callable[..., tuple[Inventory
     assert inventory.resyncs == 1
 
 
+def test_an_idle_worker_waits_for_work_or_its_resync_in_one_wait(
+    running: Callable[..., tuple[Inventory, FakeOpener]],
+) -> None:
+    """A wakeup only to look whether to stop costs CPU on every hypervisor: between events the
+    worker waits for its next resync (an hour here), and stop() ends that wait."""
+    inventory, _ = running(FakeOpener(host), resync_seconds=3600)
+    time.sleep(0.2)  # the worker is in its wait
+    waits: list[object] = []
+    get = inventory._work.get
+
+    def counted(*args: object, **kwargs: object) -> object:
+        waits.append(kwargs.get("timeout"))
+        return get(*args, **kwargs)  # type: ignore[arg-type]
+
+    inventory._work.get = counted  # type: ignore[method-assign]
+    time.sleep(1.5)
+    assert waits == []  # still in the same wait
+    worker = inventory._thread
+    assert worker is not None
+    inventory.stop(timeout=5.0)
+    assert not worker.is_alive()  # the worker took the stop and ended
+
+
 def test_lifecycle_event_refreshes_only_that_domain(
     running: Callable[..., tuple[Inventory, FakeOpener]],
 ) -> None:
