@@ -150,15 +150,14 @@ class LinkEventSocket:
         # wakeup on a virtual machine: the wait has no timeout, and a pipe ends it instead.
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def receive(self, timeout: float | None = None) -> Received:
-        """Wait up to ``timeout`` s (None: until a message comes or ``wake()``), then read until
-        the queue is empty.
+    def receive(self) -> Received:
+        """Wait until a message comes or ``wake()``, then read until the queue is empty.
 
         After an ENOBUFS the kernel stays silent about further drops until the queue has been
         drained once (NETLINK_S_CONGESTED), so an overrun is noted and the reading goes on: the
         caller re-dumps only with the queue empty, and keeps the messages read (a queued
         RTM_DELLINK still carries final counters)."""
-        ready, _, _ = select.select([self._sock, self._wake_read], [], [], timeout)
+        ready, _, _ = select.select([self._sock, self._wake_read], [], [])
         if self._wake_read in ready:
             ready.remove(self._wake_read)
             with contextlib.suppress(BlockingIOError):
@@ -252,8 +251,8 @@ class Topology:
     ``ipr_factory`` makes what dumps the links (:class:`LinkDump`, or pyroute2's ``IPRoute``);
     ``event_socket_factory`` makes the event socket. Both are called in the thread that calls
     ``start()``/``refresh()`` (network namespaces are per thread). ``gather``: the wait after a
-    read that found messages (GATHER_S); ``poll_interval``: the longest wait for events (None:
-    until one comes or ``stop()``). Counters: ``overruns``, ``events``, ``dumps``.
+    read that found messages (GATHER_S). The thread waits for events without a timeout
+    (``stop()`` ends the wait). Counters: ``overruns``, ``events``, ``dumps``.
     """
 
     def __init__(
@@ -262,14 +261,12 @@ class Topology:
         *,
         ipr_factory: Callable[[], Any] = LinkDump,
         event_socket_factory: Callable[[], LinkEventSocket] = LinkEventSocket,
-        poll_interval: float | None = None,
         gather: float = GATHER_S,
     ) -> None:
         self._table = LinkTable(rules)
         self._gather = gather
         self._ipr_factory = ipr_factory
         self._event_socket_factory = event_socket_factory
-        self._poll_interval = poll_interval
         self._lock = threading.Lock()
         self._listeners: list[Listener] = []
         self._socket: LinkEventSocket | None = None
@@ -369,7 +366,7 @@ class Topology:
         assert self._socket is not None
         while not self._stopping.is_set():
             try:
-                received = self._socket.receive(self._poll_interval)
+                received = self._socket.receive()
             except OSError:
                 log.exception("reading link events failed; re-dumping links")
                 self._stopping.wait(1.0)

@@ -362,7 +362,6 @@ def test_overrun_is_recovered_by_a_redump_and_no_new_link_goes_unreported(host: 
         DEFAULT_RULES,
         ipr_factory=made_in(host, IPRoute),
         event_socket_factory=made_in(host, lambda: LinkEventSocket(rcvbuf=4096)),
-        poll_interval=0.05,
     )
     topology.start()
     release = threading.Event()

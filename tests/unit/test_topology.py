@@ -239,9 +239,9 @@ class CountingEventSocket(FakeEventSocket):
         super().__init__()
         self.receives = 0
 
-    def receive(self, timeout: float | None = None) -> Received:
+    def receive(self) -> Received:
         self.receives += 1
-        return super().receive(timeout)
+        return super().receive()
 
 
 def test_the_event_thread_wakes_only_for_events_and_stop() -> None:
@@ -320,9 +320,7 @@ def test_failed_redump_is_retried() -> None:
             raise OSError("netlink busy")
         return FakeIPRoute(DUMP)
 
-    topology = Topology(
-        DEFAULT_RULES, ipr_factory=flaky, event_socket_factory=lambda: sock, poll_interval=0.02
-    )
+    topology = Topology(DEFAULT_RULES, ipr_factory=flaky, event_socket_factory=lambda: sock)
     topology.start()
     try:
         sock.overrun()
@@ -378,8 +376,8 @@ class TimedEventSocket(FakeEventSocket):
         super().__init__()
         self.read_at: list[float] = []
 
-    def receive(self, timeout: float) -> Received:
-        received = super().receive(timeout)
+    def receive(self) -> Received:
+        received = super().receive()
         if received.messages:
             self.read_at.append(time.monotonic())
         return received
@@ -391,7 +389,6 @@ def test_after_a_read_that_found_messages_the_thread_gathers_the_rest_of_the_bur
         DEFAULT_RULES,
         ipr_factory=lambda: FakeIPRoute(DUMP),
         event_socket_factory=lambda: sock,
-        poll_interval=0.02,
         gather=0.3,
     )
     topology.start()

@@ -65,11 +65,8 @@ class FakeEventSocket:
     def wake(self) -> None:
         self.queue.put(b"")  # no message: receive returns none
 
-    def receive(self, timeout: float | None = None) -> Received:
-        try:
-            data = self.queue.get(timeout=timeout)
-        except queue.Empty:
-            return Received([])
+    def receive(self) -> Received:
+        data = self.queue.get()
         if data is None:
             return Received(decode_link_datagram(self.queue.get()), overrun=True)
         return Received(decode_link_datagram(data))
