@@ -8,8 +8,8 @@ Everything else on the host (bridges, uplinks, the management link) is ignored.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from itertools import compress, repeat
+from collections.abc import Callable, Container, Iterable, Mapping
+from itertools import compress, filterfalse, repeat
 from operator import attrgetter, is_, itemgetter
 
 from kvmeter.agent.counters import read_link_mac
@@ -32,6 +32,11 @@ def tap_mac(guest_mac: str) -> str:
     return "fe:" + guest_mac.lower().split(":", 1)[1]
 
 
+def link_mac(nic: NicInfo) -> str:
+    """The MAC of the host link a NIC is matched to: its tap's, a macvtap's own."""
+    return nic.mac if nic.nic_type in UNSWAPPED_NIC_TYPES else tap_mac(nic.mac)
+
+
 class MeteredLinks:
     """Resolves domain NICs to host links and hands out stable CounterKeys (same objects from
     poll to poll: cheap to hash and compare, and measure templates can be kept per key)."""
@@ -48,6 +53,10 @@ class MeteredLinks:
         self._macs: dict[tuple[str, int], str | None] = {}
         self._keys: dict[tuple[str, int], CounterKey] = {}
         self.last_unresolved = 0  # NICs the last resolve matched (or tried to match) by MAC
+        self.last_matched = 0  # links the last resolve claimed by MAC
+        # The target devs of the last resolve's unresolved NICs that are not links (a VM
+        # stopping whose tap went first, as a rule)
+        self.last_unlinked: set[str] = set()
 
     def resolve(self, domains: Iterable[DomainInfo], links: Mapping[str, int]) -> dict[str, Owner]:
         """Host interface name -> (domain, NIC). NICs counted without a host link keep their
@@ -64,22 +73,34 @@ class MeteredLinks:
                 elif nic.device:
                     devices[nic.device] = (domain, nic)
         self.last_unresolved = len(unresolved)
+        self.last_matched = 0
+        self.last_unlinked = {nic.device for _, nic in unresolved if nic.device and nic.device not in links}
         if unresolved:
-            by_mac = self._link_macs(links)
+            by_mac = self._link_macs(links, devices)
             for domain, nic in unresolved:
-                mac = nic.mac if nic.nic_type in UNSWAPPED_NIC_TYPES else tap_mac(nic.mac)
-                name = by_mac.get(mac)
+                name = by_mac.get(link_mac(nic))
                 if name is not None and name not in devices:
                     devices[name] = (domain, nic)
+                    self.last_matched += 1
         return devices
 
-    def _link_macs(self, links: Mapping[str, int]) -> dict[str, str]:
-        """MAC -> link name, one sysfs read per link incarnation (cached by name and ifindex)."""
-        current = set(links.items())
-        for key in [k for k in self._macs if k not in current]:
+    def any_by_mac(self, nics: Iterable[NicInfo], links: Mapping[str, int], claimed: Container[str]) -> bool:
+        """Whether a link not `claimed` carries one of these NICs' MACs (resolve would match
+        that NIC to it)."""
+        by_mac = self._link_macs(links, claimed)
+        return any(link_mac(nic) in by_mac for nic in nics)
+
+    def _link_macs(self, links: Mapping[str, int], claimed: Container[str]) -> dict[str, str]:
+        """MAC -> name of the links not `claimed` (by a NIC naming them: no other NIC can have
+        them), one sysfs read per link incarnation (cached by name and ifindex): a VM storm's
+        new taps are all claimed, so none of them is read."""
+        names = list(filterfalse(claimed.__contains__, links))
+        current = list(zip(names, map(links.__getitem__, names)))
+        kept = set(current)
+        for key in [k for k in self._macs if k not in kept]:
             del self._macs[key]
         by_mac = {}
-        for key in current:
+        for key in current:  # in the links' order: of two links with one MAC, the last
             if key not in self._macs:
                 self._macs[key] = self._read_mac(key[0])
             mac = self._macs[key]

@@ -8,7 +8,9 @@ topology reports them (`Topology.changed_since`), so the poll right after them d
 step per interface that stayed: those keep their keys, placements and measure templates, and
 their counters stay on the columnar path. A plan the update cannot follow exactly is built
 again from scratch (`Planner.build`): NICs matched by MAC or counted by another source, a
-device name two NICs claim, a change that may move every placement.
+device name two NICs claim, a change that may move every placement. A running NIC whose link is
+missing (a VM stopping whose tap went first) is followed: the update looks for its MAC among the
+links no NIC names, and builds again only when one has it.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class PollPlan:
     remember: list[tuple[str, CounterKey | None]]
     # Domains whose inventory record may differ from the last plan's (None: any)
     touched: set[str] | None
+    # The target devs of running NICs without their link (a VM stopping whose tap went first, a
+    # VM starting whose tap is not made yet), each named by one NIC; no other link has their
+    # MAC. Kept by an update: a link that comes with one of their MACs rebuilds the plan.
+    unlinked: set[str] = field(default_factory=set)
     # The metered rows of the counter table, for the table layout they were found in (its
     # rows' names, or ifindexes for a netlink table)
     table_layout: list[str] | list[int] | None = None
@@ -153,8 +159,11 @@ class Planner:
             index = self._source_of(nic)
             if index is not None:
                 sourced.setdefault(index, []).append((name, domain, nic))
-        # matched by MAC (every link's MAC counts) or counted by a source: not updatable
-        named = None if self._links.last_unresolved else self._named(domains, devices)
+        # Matched by MAC (every link's MAC counts) or counted by a source: not updatable. NICs
+        # whose target dev is no link and matched nothing are (an update looks at their MACs).
+        unlinked = self._links.last_unlinked
+        updatable = not self._links.last_matched and len(unlinked) == self._links.last_unresolved
+        named = self._named(domains, devices) if updatable else None
         return PollPlan(
             generation=generation,
             links=stable,
@@ -169,6 +178,7 @@ class Planner:
             named=named,
             remember=list(zip(metered, repeat(None))),
             touched=None,
+            unlinked=unlinked,
         )
 
     def _named(self, domains: list[DomainInfo], devices: dict[str, Owner]) -> dict[str, list[Owner]] | None:
@@ -249,7 +259,7 @@ class Planner:
             else:
                 ordered = sorted(domains, key=_by_uuid)
         devices, keys, metered = plan.devices, plan.keys, plan.metered
-        placements, by_ifindex = plan.placements, plan.by_ifindex
+        placements, by_ifindex, unlinked = plan.placements, plan.by_ifindex, plan.unlinked
         remember = []
         dropped = set(filter(None, map(keys.get, names)))  # their keys leave `present`
         link_key, placement_of = self._links.key, self._placement
@@ -259,7 +269,9 @@ class Planner:
                 return None  # claimed by the first in the inventory's order, the rest by MAC
             index = stable.get(name)
             if owners and index is None and owners[0][0].state not in INACTIVE_STATES:
-                return None  # a running NIC without its link: to be matched by MAC
+                unlinked.add(name)  # a running NIC without its link: looked for by MAC below
+            else:
+                unlinked.discard(name)
             was = metered.pop(name, None)
             if was is not None and by_ifindex is not None and by_ifindex.get(was.ifindex) is was:
                 del by_ifindex[was.ifindex]
@@ -280,6 +292,8 @@ class Planner:
             placements.pop(name, None)
             for domain, _nic in owners:
                 touched.add(domain.uuid)
+        if unlinked and self._links.any_by_mac((named[name][0][1] for name in unlinked), stable, devices):
+            return None  # a link another NIC does not name has one's MAC: matched by MAC
         self._links.trim(keys)
         # The set of every link's key, from the last one: one copy, which keeps the hashes it
         # holds. The keys dropped are in it and those added are not (a key holds its name):
@@ -300,6 +314,7 @@ class Planner:
             named=named,
             remember=remember,
             touched=touched,
+            unlinked=unlinked,
             by_ifindex=by_ifindex,
         )
 

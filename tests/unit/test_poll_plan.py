@@ -117,9 +117,14 @@ class World:
         )
 
     # -- domains ---------------------------------------------------------------------------
-    def set_domain(self, d: int, state: str, taps: tuple[int, ...], *, by_mac: bool = False) -> None:
+    def set_domain(
+        self, d: int, state: str, taps: tuple[int, ...], *, by_mac: bool = False, device: str = "vnet"
+    ) -> None:
+        """`device`: the prefix of the NICs' target devs (another than the taps': no link has them)."""
         nics = tuple(
-            NicInfo(mac=mac(i), device=None if by_mac else f"vnet{i}", nic_type="bridge", bridge="brvx-5001")
+            NicInfo(
+                mac=mac(i), device=None if by_mac else device + str(i), nic_type="bridge", bridge="brvx-5001"
+            )
             for i in taps
         )
         uuid = f"00000000-0000-0000-0000-{d:012d}"
@@ -185,6 +190,7 @@ step = st.tuples(
             "drop",
             "by_mac",
             "share",
+            "renamed",
         ]
     ),
     st.integers(0, TAPS - 1),
@@ -215,6 +221,8 @@ def do(world: World, kind: str, i: int, j: int) -> None:
     elif kind == "share":  # two domains naming one tap
         world.set_domain(i, "running", (i,))
         world.set_domain(j + 100, "paused", (i,))
+    elif kind == "renamed":  # a target dev that is no link: the tap with its MAC is matched, if free
+        world.set_domain(j + 200, "running", (i,), device="old")
 
 
 def fresh_plan(world: World) -> PollPlan:
@@ -365,6 +373,66 @@ def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
         )
         is None
     )
+
+
+def update(planner: Planner, plan: PollPlan, world: World) -> PollPlan | None:
+    return planner.update(
+        plan,
+        world.table.generation,
+        world.table.links(),
+        list(world.domains.values()),
+        world.table.changed_since(plan.generation or 0),
+    )
+
+
+def test_a_running_vm_whose_tap_went_first_keeps_the_plan_updated() -> None:
+    world = World()
+    read_macs: list[str] = []
+
+    def read_mac(name: str) -> str | None:
+        read_macs.append(name)
+        return world.macs.get(name)
+
+    links = MeteredLinks("boot", read_mac, lambda nic: False)
+    planner = Planner(links, world.table.placement, (), lambda nic: None)
+    plan = planner.build(world.table.generation, world.table.links(), list(world.domains.values()))
+    # VMs stopping: their taps go before libvirt says the domains are shut off
+    world.delete_tap(0)
+    world.delete_tap(3)
+    updated = update(planner, plan, world)
+    assert updated is not None
+    assert updated.unlinked == {"vnet0", "vnet3"}
+    assert_same_plan(updated, fresh_plan(world), world)
+    # only the links no NIC names were read for their MACs (the bridges, the free taps)
+    assert sorted(read_macs) == sorted([*BRIDGES.values(), "vnet10", "vnet11"])
+    assert set(read_macs) == set(world.table.links()) - {f"vnet{i}" for i in range(10)}
+    read_macs.clear()
+    # a build with the taps missing is updated too, and reads no claimed link's MAC
+    plan = planner.build(world.table.generation, world.table.links(), list(world.domains.values()))
+    assert plan.named is not None
+    assert plan.unlinked == {"vnet0", "vnet3"}
+    assert read_macs == []  # each link incarnation's MAC is read once
+    world.make_tap(0, master=1)  # the tap back (a VM started again before its domain was seen)
+    updated = update(planner, plan, world)
+    assert updated is not None
+    assert updated.unlinked == {"vnet3"}
+    assert_same_plan(updated, fresh_plan(world), world)
+
+
+def test_a_free_link_with_an_unlinked_nics_mac_rebuilds_the_plan() -> None:
+    world = World()
+    links = MeteredLinks("boot", world.macs.get, lambda nic: False)
+    planner = Planner(links, world.table.placement, (), lambda nic: None)
+    do(world, "renamed", 3, 0)  # a running NIC named old3 with vnet3's MAC, which domain 2 names
+    plan = planner.build(world.table.generation, world.table.links(), list(world.domains.values()))
+    assert plan.named is not None
+    assert plan.unlinked == {"old3"}
+    assert plan.devices["vnet3"][0].uuid.endswith("000000000002")
+    world.drop_domain(2)  # vnet3 is free: old3's NIC is matched to it by MAC
+    assert update(planner, plan, world) is None
+    fresh = fresh_plan(world)
+    assert fresh.devices["vnet3"][0].uuid.endswith("000000000200")
+    assert fresh.named is None  # (matched by MAC: built again from scratch)
 
 
 def in_buckets(table: CounterTable) -> CounterTable:
