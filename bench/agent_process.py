@@ -15,7 +15,9 @@ by live thread from /proc/<pid>/task/*/schedstat. The states:
 - storm: a tenth of the taps replaced between consecutive polls (bench.vethns.replace_taps).
 
 Between windows, bench.agent_probe times Agent.poll and the floor, interleaved, in the same
-namespace (for the storm, Agent.poll right after the same kind of replacement). Resident memory
+namespace (for the storm, Agent.poll right after the same kind of replacement, and also the poll
+between a tenth of the taps deleted and made again, their domains still running: a VM stopping
+loses its tap before libvirt says it stopped). Resident memory
 is sampled every 0.2 s at every size, with the agent's metrics on and off.
 """
 
@@ -133,7 +135,9 @@ class AgentProcess:
                 self.proc.wait(5)
 
 
-def probe(host: VethHost, n: int, rounds: int, storm: float = 0.0, offset: int = 0) -> dict[str, Any]:
+def probe(
+    host: VethHost, n: int, rounds: int, storm: float = 0.0, offset: int = 0, *, gone_first: bool = False
+) -> dict[str, Any]:
     return agent_bench._run_json(
         agent_bench._python(
             host,
@@ -150,6 +154,7 @@ def probe(host: VethHost, n: int, rounds: int, storm: float = 0.0, offset: int =
             str(storm),
             "--storm-offset",
             str(offset),
+            *(["--gone-first"] if gone_first else []),
         ),
         timeout=600,
     )
@@ -239,8 +244,16 @@ def measure_state(
         ref = probe(
             host, n, rounds, storm=0.1 if storm is not None else 0.0, offset=storm.next if storm else 0
         )
+        gone: dict[str, Any] = {}
         if storm is not None:
             storm.next = (storm.next + ref["replaced_per_round"] * (rounds + 1)) % n
+            between = probe(host, n, rounds, storm=0.1, offset=storm.next, gone_first=True)
+            storm.next = (storm.next + between["replaced_per_round"] * (rounds + 1)) % n
+            gone_poll, gone_floor = (between["methods"][m]["cpu_s"] for m in ("agent_poll", "floor"))
+            gone = {
+                "agent_poll_gone_first_s": gone_poll,
+                "agent_poll_gone_first_to_floor": gone_poll / gone_floor,
+            }
         floor = ref["methods"]["floor"]["cpu_s"]
         poll = ref["methods"]["agent_poll"]["cpu_s"]
         runs.append(
@@ -251,9 +264,14 @@ def measure_state(
                 "link_events_per_round": ref["link_events_per_round"],
                 "process_to_floor": window["cpu_per_poll_s"] / floor,
                 "agent_poll_to_floor": poll / floor,
+                **gone,
             }
         )
+    out: dict[str, Any] = {}
+    if storm is not None:
+        out["agent_poll_gone_first_to_floor"] = _spread([r["agent_poll_gone_first_to_floor"] for r in runs])
     return {
+        **out,
         "runs": runs,
         "process_to_floor": _spread([r["process_to_floor"] for r in runs]),
         "agent_poll_to_floor": _spread([r["agent_poll_to_floor"] for r in runs]),
@@ -316,7 +334,8 @@ def states(
         out["storm"]["replacement_s"] = _spread(storm.seconds) if storm.seconds else None
         log(
             f"process: storm {out['storm']['process_to_floor']['median']:.1f}x the floor, the poll after "
-            f"link events {out['storm']['agent_poll_to_floor']['median']:.1f}x"
+            f"link events {out['storm']['agent_poll_to_floor']['median']:.1f}x, the poll between taps gone "
+            f"and made again {out['storm']['agent_poll_gone_first_to_floor']['median']:.1f}x"
         )
         out["threads"] = procstat.thread_names(agent.pid)
     finally:

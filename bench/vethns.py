@@ -133,10 +133,20 @@ def replace_taps(host_ns: str, vm_ns: str, indexes: list[int]) -> None:
     """Replace these taps, as VMs stopping and others starting in their place: each veth pair is
     deleted (its tap's last counters go out in RTM_DELLINK) and made again under the same names
     and MACs, so the new tap has a new ifindex and counts from zero."""
-    try:  # a tap missing after an interrupted replacement is simply made anew below
+    delete_taps(host_ns, indexes)
+    make_taps(host_ns, vm_ns, indexes)
+
+
+def delete_taps(host_ns: str, indexes: list[int]) -> None:
+    """Delete these veth pairs (a tap already missing is passed over)."""
+    try:
         _batch(host_ns, [f"link del {VethHost.tap(i)}" for i in indexes], force=True)
     except RuntimeError:
         pass
+
+
+def make_taps(host_ns: str, vm_ns: str, indexes: list[int]) -> None:
+    """Make these veth pairs (again) under their names and MACs, each tap on its bridge."""
     _batch(
         host_ns,
         [f"link add {VethHost.tap(i)} type veth peer name {VethHost.peer(i)} netns {vm_ns}" for i in indexes],
