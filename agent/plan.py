@@ -59,8 +59,8 @@ class PollPlan:
     # Domains whose inventory record may differ from the last plan's (None: any)
     touched: set[str] | None
     # The target devs of running NICs without their link (a VM stopping whose tap went first, a
-    # VM starting whose tap is not made yet), each named by one NIC; no other link has their
-    # MAC. Kept by an update: a link that comes with one of their MACs rebuilds the plan.
+    # VM starting whose tap is not made yet), each named by one NIC; no link that no NIC names
+    # has their MAC. Kept by an update, which builds again when such a link has one.
     unlinked: set[str] = field(default_factory=set)
     # The metered rows of the counter table, for the table layout they were found in (its
     # rows' names, or ifindexes for a netlink table)
@@ -161,7 +161,7 @@ class Planner:
                 sourced.setdefault(index, []).append((name, domain, nic))
         # Matched by MAC (every link's MAC counts) or counted by a source: not updatable. NICs
         # whose target dev is no link and matched nothing are (an update looks at their MACs).
-        unlinked = self._links.last_unlinked
+        unlinked = set(self._links.last_unlinked)  # (the plan's own: an update changes it)
         updatable = not self._links.last_matched and len(unlinked) == self._links.last_unresolved
         named = self._named(domains, devices) if updatable else None
         return PollPlan(
