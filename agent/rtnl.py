@@ -73,7 +73,7 @@ def _u32(payload: bytes | None) -> int | None:
 class LinkMessage:
     """A decoded link message, read like pyroute2's ``ifinfmsg``: ``msg["family"]``,
     ``msg["index"]``, ``msg.get_attr("IFLA_IFNAME")`` and the nested ``IFLA_LINKINFO`` /
-    ``IFLA_INFO_DATA`` (so :func:`kvmeter.agent.topology.parse_link_message` takes either)."""
+    ``IFLA_INFO_DATA`` (so :func:`kvmeter.agent.linkevents.parse_link_message` takes either)."""
 
     def __init__(self, header: dict[str, int], attrs: dict[str, Any]) -> None:
         self._header = header

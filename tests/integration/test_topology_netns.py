@@ -21,9 +21,10 @@ from typing import Any, TypeVar
 import pytest
 from pyroute2 import IPRoute
 
+from kvmeter.agent.linkevents import LinkEventSocket, Received
 from kvmeter.agent.linktable import LinkEvent
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.topology import LinkEventSocket, Received, Topology
+from kvmeter.agent.topology import Topology
 from kvmeter.agent.traffic import DEFAULT_RULES
 
 pytestmark = pytest.mark.netns

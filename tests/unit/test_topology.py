@@ -10,9 +10,10 @@ from itertools import pairwise
 
 import pytest
 
+from kvmeter.agent.linkevents import Received, decode_link_datagram, parse_link_message
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkEvent, LinkRecord, LinkTable
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.topology import Received, Topology, decode_link_datagram, parse_link_message
+from kvmeter.agent.topology import Topology
 from kvmeter.agent.traffic import DEFAULT_RULES, TrafficRules
 from tests.unit.fakes.netlink import FakeEventSocket, FakeIPRoute, decoded, load_messages, message_type
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from kvmeter.agent.topology import Received, decode_link_datagram
+from kvmeter.agent.linkevents import Received, decode_link_datagram
 
 DATA = Path(__file__).parent.parent / "data" / "netlink"
 
