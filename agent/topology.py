@@ -26,10 +26,15 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[["LinkEvent"], None]
 # After a read that found link messages, the event thread waits this long before it reads
-# again: a storm's messages are then read a few dozen per wakeup instead of one or two (the
-# thread's CPU in a storm round of 200 taps: 210-270 -> 120-130 ms). Later messages of a
-# burst are stamped up to this much later; the socket's 4 MB queue holds far more than 20 ms.
-GATHER_S = 0.02
+# again: a storm's messages are then read dozens per wakeup instead of one or two, and each
+# wakeup costs the thread about 0.1 ms of CPU on a virtual machine (its CPU in a storm round of
+# 200 taps: 210-270 ms reading at once, 84-88 ms after 20 ms, 50-64 ms after 0.1 s). Later
+# messages of a burst are stamped up to this much later (a tap's last bytes: 1% of a 10-s
+# poll); the socket's 4 MB queue holds far more than 0.1 s of a storm.
+GATHER_S = 0.1
+# A read that found this many messages reads on at once: the burst fills the queue faster than
+# a gather would drain it, and an overrun loses deletions' final counters
+GATHER_BELOW = 256
 
 
 class Topology:
@@ -173,7 +178,7 @@ class Topology:
                 self.overruns += 1
                 log.warning("netlink link events were lost (socket buffer overrun); re-dumping links")
                 self._redump()
-            elif received.messages:
+            elif 0 < len(received.messages) < GATHER_BELOW:
                 # Messages come in bursts (a VM storm: eight per tap, a few hundred taps): let
                 # the kernel queue the rest of the burst and read it in one wakeup, rather than
                 # wake for each message. The first message of a burst is read at once.

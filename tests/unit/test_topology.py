@@ -13,7 +13,7 @@ import pytest
 from kvmeter.agent.linkevents import Received, decode_link_datagram, parse_link_message
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkEvent, LinkRecord, LinkTable
 from kvmeter.agent.model import LinkPlacement
-from kvmeter.agent.topology import Topology
+from kvmeter.agent.topology import GATHER_BELOW, Topology
 from kvmeter.agent.traffic import DEFAULT_RULES, TrafficRules
 from tests.unit.fakes.netlink import FakeEventSocket, FakeIPRoute, decoded, load_messages, message_type
 
@@ -403,3 +403,26 @@ def test_after_a_read_that_found_messages_the_thread_gathers_the_rest_of_the_bur
     assert sock.read_at[0] - pushed < 0.25  # the first message of a burst: read at once
     # each later read waited for the burst to gather, rather than woke for every message
     assert all(b - a >= 0.3 for a, b in pairwise(sock.read_at))
+
+
+def test_a_read_that_found_a_burst_too_big_to_gather_reads_on_at_once() -> None:
+    """A burst that fills the queue faster than a gather drains it is read on without a wait: an
+    overrun would lose deletions' final counters."""
+    sock = TimedEventSocket()
+    topology = Topology(
+        DEFAULT_RULES,
+        ipr_factory=lambda: FakeIPRoute(DUMP),
+        event_socket_factory=lambda: sock,
+        gather=5.0,
+    )
+    big = b"".join([EVENTS[0]] * GATHER_BELOW)  # one datagram of that many link messages
+    assert len(decode_link_datagram(big)) == GATHER_BELOW
+    topology.start()
+    try:
+        for datagram in (big, big, EVENTS[0], EVENTS[1]):  # one read each
+            sock.push(datagram)
+        wait_for(lambda: len(sock.read_at) >= 3, timeout=4)  # not 5 s apart
+        time.sleep(0.3)
+        assert len(sock.read_at) == 3  # the read of one message waits the gather
+    finally:
+        topology.stop()
