@@ -384,14 +384,15 @@ class TimedEventSocket(FakeEventSocket):
         return received
 
 
+def gathering(sock: TimedEventSocket, gather: float) -> Topology:
+    return Topology(
+        DEFAULT_RULES, ipr_factory=lambda: FakeIPRoute(DUMP), event_socket_factory=lambda: sock, gather=gather
+    )
+
+
 def test_after_a_read_that_found_messages_the_thread_gathers_the_rest_of_the_burst() -> None:
     sock = TimedEventSocket()
-    topology = Topology(
-        DEFAULT_RULES,
-        ipr_factory=lambda: FakeIPRoute(DUMP),
-        event_socket_factory=lambda: sock,
-        gather=0.3,
-    )
+    topology = gathering(sock, 0.3)
     topology.start()
     try:
         pushed = time.monotonic()
@@ -409,12 +410,7 @@ def test_a_read_that_found_a_burst_too_big_to_gather_reads_on_at_once() -> None:
     """A burst that fills the queue faster than a gather drains it is read on without a wait: an
     overrun would lose deletions' final counters."""
     sock = TimedEventSocket()
-    topology = Topology(
-        DEFAULT_RULES,
-        ipr_factory=lambda: FakeIPRoute(DUMP),
-        event_socket_factory=lambda: sock,
-        gather=5.0,
-    )
+    topology = gathering(sock, 5.0)
     big = b"".join([EVENTS[0]] * GATHER_BELOW)  # one datagram of that many link messages
     assert len(decode_link_datagram(big)) == GATHER_BELOW
     topology.start()
