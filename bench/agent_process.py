@@ -267,11 +267,7 @@ def measure_state(
                 **gone,
             }
         )
-    out: dict[str, Any] = {}
-    if storm is not None:
-        out["agent_poll_gone_first_to_floor"] = _spread([r["agent_poll_gone_first_to_floor"] for r in runs])
-    return {
-        **out,
+    result: dict[str, Any] = {
         "runs": runs,
         "process_to_floor": _spread([r["process_to_floor"] for r in runs]),
         "agent_poll_to_floor": _spread([r["agent_poll_to_floor"] for r in runs]),
@@ -280,6 +276,11 @@ def measure_state(
         "floor_ms": _spread([r["floor_s"] * 1000 for r in runs]),
         "log_lines_per_poll": _spread([r["log_lines_per_poll"] for r in runs]),
     }
+    if storm is not None:
+        result["agent_poll_gone_first_to_floor"] = _spread(
+            [r["agent_poll_gone_first_to_floor"] for r in runs]
+        )
+    return result
 
 
 def states(

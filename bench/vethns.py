@@ -99,15 +99,7 @@ class VethHost:
             ],
         )
         self.bridges = max(self.bridges, bridges.stop)
-        _batch(
-            self.host_ns,
-            [f"link add {self.tap(i)} type veth peer name {self.peer(i)} netns {self.vm_ns}" for i in new],
-        )
-        _batch(
-            self.host_ns,
-            [f"link set {self.tap(i)} address fe{self.mac(i)[2:]} master {self.bridge(i)} up" for i in new],
-        )
-        _batch(self.vm_ns, [f"link set {self.peer(i)} address {self.mac(i)} up" for i in new])
+        make_taps(self.host_ns, self.vm_ns, list(new))
         self.size = max(self.size, n)
 
     def replace(self, indexes: list[int]) -> None:
