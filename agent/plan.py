@@ -293,7 +293,7 @@ class Planner:
             for domain, _nic in owners:
                 touched.add(domain.uuid)
         if unlinked and self._links.any_by_mac((named[name][0][1] for name in unlinked), stable, devices):
-            return None  # a link another NIC does not name has one's MAC: matched by MAC
+            return None  # a link no NIC names has one's MAC: the build matches it
         self._links.trim(keys)
         # The set of every link's key, from the last one: one copy, which keeps the hashes it
         # holds. The keys dropped are in it and those added are not (a key holds its name):
