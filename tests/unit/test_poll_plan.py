@@ -333,6 +333,16 @@ def test_an_updated_plan_equals_one_built_from_scratch(
         assert_same_plan(plan, fresh_plan(world), world)
 
 
+def update(planner: Planner, plan: PollPlan, world: World) -> PollPlan | None:
+    return planner.update(
+        plan,
+        world.table.generation,
+        world.table.links(),
+        list(world.domains.values()),
+        world.table.changed_since(plan.generation or 0),
+    )
+
+
 def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
     world = World()
     links = MeteredLinks("boot", world.macs.get, lambda nic: False)
@@ -342,13 +352,7 @@ def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
     before = dict(plan.metered)
     for i in (0, 3, 4):
         do(world, "replace", i, 0)
-    updated = planner.update(
-        plan,
-        world.table.generation,
-        world.table.links(),
-        list(world.domains.values()),
-        world.table.changed_since(plan.generation or 0),
-    )
+    updated = update(planner, plan, world)
     assert updated is not None
     # only the new taps, each with its last incarnation's key
     assert sorted(updated.remember) == [(name, before[name]) for name in ("vnet0", "vnet3", "vnet4")]
@@ -363,26 +367,7 @@ def test_a_storm_round_updates_the_plan_instead_of_building_it() -> None:
     assert_same_plan(updated, fresh_plan(world), world)
     # NICs matched by MAC depend on every link: such a plan is built from scratch
     do(world, "by_mac", 8, 0)
-    assert (
-        planner.update(
-            updated,
-            world.table.generation,
-            world.table.links(),
-            list(world.domains.values()),
-            world.table.changed_since(updated.generation or 0),
-        )
-        is None
-    )
-
-
-def update(planner: Planner, plan: PollPlan, world: World) -> PollPlan | None:
-    return planner.update(
-        plan,
-        world.table.generation,
-        world.table.links(),
-        list(world.domains.values()),
-        world.table.changed_since(plan.generation or 0),
-    )
+    assert update(planner, updated, world) is None
 
 
 def test_a_running_vm_whose_tap_went_first_keeps_the_plan_updated() -> None:
