@@ -1,9 +1,10 @@
 """A real agent poll loop for memory and CPU: the agent as `kvmeter agent` builds it
 (kvmeter.agent.cli.build_agent: libvirt inventory, netlink topology, spool, Kafka publisher) over
 N interfaces, in the namespace this process runs in, running Agent.run(). libvirt is its test
-driver with one domain per two taps (it renames vnetN targets, so NICs match their taps by MAC,
-as the agent does for a hot-plug). bench.agent_bench watches the resident memory from outside
-(psutil) while bench.frames pushes traffic on every interface.
+driver with one domain per two taps, each NIC naming its tap as a running QEMU domain's live
+XML does (bench.vethns.TAP_PREFIX says why the taps are not named vnetN). bench.agent_bench
+watches the resident memory from outside (psutil) while bench.frames pushes traffic on every
+interface.
 
 CPU is split into what the polls take (the poll thread's CPU time around each poll) and
 the rest (topology's event thread, librdkafka's threads, the loop's waits) per second of run, so

@@ -72,7 +72,7 @@ def pyroute2_poll() -> tuple[Callable[[], Any], Callable[[], None]]:
 
 
 class KvmeterPoll:
-    """kvmeter's steady agent poll over the bench host's taps vnet0..vnet{n-1} (each a NIC of a
+    """kvmeter's steady agent poll over the bench host's taps tap0..tap{n-1} (each a NIC of a
     CloudStack user VM, two NICs per VM, on guest bridges brvx-<vni>), its pure stages called
     one by one: what Agent.poll runs when no link changed. Inventory and topology are what the
     daemon learns at start and on events; they are built here once, outside the poll. Each poll
@@ -97,7 +97,7 @@ class KvmeterPoll:
         templates = Templates()
         for domain in bench_domains(n).values():
             for nic in domain.nics:
-                i = int((nic.device or "")[len("vnet") :])
+                i = VethHost.tap_index(nic.device or "")
                 placement = LinkPlacement(bridge=VethHost.bridge(i), traffic_type="guest")
                 key = CounterKey(self.boot_id, ifindexes[VethHost.tap(i)], VethHost.tap(i))
                 self.metered[key.name] = key

@@ -85,7 +85,7 @@ def ifindexes() -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Push on taps vnet0..vnet{n-1} every `--every` seconds until killed (run in the host ns)."""
+    """Push on taps tap0..tap{n-1} every `--every` seconds until killed (run in the host ns)."""
     import argparse
     import time
 

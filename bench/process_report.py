@@ -65,9 +65,7 @@ def section(proc: dict[str, Any], table: Callable[..., str]) -> str:
             f"resident {down['rss_before_mb']:.1f} MB before the outage, "
             f"{down['rss_end_mb']:.1f} MB at its end",
             "   VM storm: Agent.poll between a tenth of the taps deleted and made again (their domains "
-            f"still running) {_range(st['storm']['agent_poll_gone_first_to_floor'])}x the floor. The live "
-            "process's NICs are matched by MAC (libvirt's test driver renames their target devs), so its "
-            "storm builds every plan anew; Agent.poll's NICs are named, as QEMU names them",
+            f"still running) {_range(st['storm']['agent_poll_gone_first_to_floor'])}x the floor",
         ]
     rows = []
     for m in proc["memory"]:

@@ -1,4 +1,4 @@
-"""A host namespace with N VM interfaces: veth pairs whose host end `vnetN` sits on a bridge, as a
+"""A host namespace with N VM interfaces: veth pairs whose host end `tapN` sits on a bridge, as a
 KVM host's taps do, and whose VM end sits in a second namespace. A Linux bridge takes at most
 1,024 ports, so the taps spread over guest bridges `brvx-<vni>` of PORTS_PER_BRIDGE each.
 
@@ -20,6 +20,10 @@ PORTS_PER_BRIDGE = 500
 FIRST_VNI = 5001
 # Every bridge gets this MAC, so one frame addressed to it is delivered locally on any of them.
 BRIDGE_MAC = "02:00:00:00:00:fe"
+# The taps' names. Not libvirt's own vnetN: its XML parser drops a defined domain's target dev of
+# that prefix (names it generates itself), so the test driver's domains would name testnetN and
+# the agent would match every NIC by MAC, where a QEMU host's live XML names each tap.
+TAP_PREFIX = "tap"
 
 
 def _batch(ns: str, lines: list[str], *, force: bool = False) -> None:
@@ -47,7 +51,7 @@ def _new_ns(name: str) -> None:
 
 
 class VethHost:
-    """`host_ns` holds bridge cloudbr0 and vnet0..vnet{n-1}; `vm_ns` holds their peers eth0..."""
+    """`host_ns` holds the guest bridges brvx-<vni> and tap0..tap{n-1}; `vm_ns` holds their peers eth0..."""
 
     def __init__(self) -> None:
         tag = "kvb" + secrets.token_hex(2)
@@ -64,7 +68,12 @@ class VethHost:
 
     @staticmethod
     def tap(i: int) -> str:
-        return f"vnet{i}"
+        return f"{TAP_PREFIX}{i}"
+
+    @staticmethod
+    def tap_index(name: str) -> int:
+        """i of `tap(i)`."""
+        return int(name[len(TAP_PREFIX) :])
 
     @staticmethod
     def peer(i: int) -> str:

@@ -84,6 +84,23 @@ def test_the_whole_process_section_runs_on_a_tiny_size() -> None:
     assert "VM storm" in text
 
 
+@pytest.mark.libvirt
+def test_the_live_benches_nics_name_their_taps(tmp_path: Path) -> None:
+    """libvirt drops a defined domain's target dev named vnetN: the benches' taps are named so
+    that the live agent finds each NIC's tap by name, as on a QEMU host, not by MAC."""
+    import libvirt
+    from bench.vethns import VethHost
+
+    from kvmeter.agent.domxml import parse_domain_xml
+
+    conn = libvirt.open(agent_bench.write_libvirt(tmp_path / "node.xml", 5))
+    try:
+        named = {nic.device for dom in conn.listAllDomains() for nic in parse_domain_xml(dom.XMLDesc()).nics}
+    finally:
+        conn.close()
+    assert named == {VethHost.tap(i) for i in range(5)}
+
+
 @pytest.mark.pg
 def test_lifecycle_bench_runs_on_a_tiny_size(pg_dsn: str) -> None:
     life = lifecycle_bench.run(pg_dsn, vms=3, log=lambda _: None)
