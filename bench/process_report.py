@@ -8,7 +8,7 @@ from typing import Any
 STATE_LABELS = {
     "steady": "steady, broker up",
     "broker_down": "broker unreachable",
-    "storm": "VM storm (10% of taps replaced per poll)",
+    "storm": "VM storm (a tenth of the taps replaced, back to back)",
 }
 THREADS = ("main (poll loop)", "librdkafka", "other threads")
 
@@ -42,7 +42,8 @@ def section(proc: dict[str, Any], table: Callable[..., str]) -> str:
                     f"{s['log_lines_per_poll']['median']:.2f}",
                 ]
             )
-        down = st["broker_down"]
+        down, storm = st["broker_down"], st["storm"]
+        took = _range(storm["replacement_s"]) if storm["replacement_s"] else "-"
         text += [
             f"8. The whole agent process (`kvmeter agent`, {st['n']} interfaces, poll every "
             f"{st['interval_s']:g} s): CPU per poll of all threads (/proc/<pid>/stat over "
@@ -64,8 +65,10 @@ def section(proc: dict[str, Any], table: Callable[..., str]) -> str:
             f"{down['drained_s']:.0f} s after it came back ({down['pending_after_drain']} left); "
             f"resident {down['rss_before_mb']:.1f} MB before the outage, "
             f"{down['rss_end_mb']:.1f} MB at its end",
-            "   VM storm: Agent.poll between a tenth of the taps deleted and made again (their domains "
-            f"still running) {_range(st['storm']['agent_poll_gone_first_to_floor'])}x the floor",
+            f"   VM storm: {_range(storm['taps_replaced_per_poll'], '{:.0f}')} taps replaced a poll "
+            f"({storm['taps_per_replacement']} at a time, a replacement taking {took} s); Agent.poll "
+            "between a tenth of the taps deleted and made again (their domains still running) "
+            f"{_range(storm['agent_poll_gone_first_to_floor'])}x the floor",
         ]
     rows = []
     for m in proc["memory"]:

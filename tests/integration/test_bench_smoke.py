@@ -75,6 +75,7 @@ def test_the_whole_process_section_runs_on_a_tiny_size() -> None:
     assert down["pending_after_drain"] <= 1  # and drained once it was back
     assert states["storm"]["storm_errors"] is None
     assert states["storm"]["runs"][0]["link_events_per_round"] > 0  # the probe polled after link events
+    assert states["storm"]["taps_replaced_per_poll"]["min"] > 0  # the pace the storm reached, counted
     # and timed the poll between a storm's deletions and its new taps
     assert states["storm"]["agent_poll_gone_first_to_floor"]["median"] > 0
     (memory,) = out["memory"]
