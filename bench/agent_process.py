@@ -169,7 +169,6 @@ class Storm:
         self.host, self.n, self.interval = host, n, interval
         self.per_round = max(1, int(n * fraction))
         self.next = 0
-        self.rounds = 0
         self.replaced = 0  # taps replaced so far (the replacements finished)
         self.running = threading.Event()
         self.lock = threading.Lock()  # held through each replacement
@@ -194,7 +193,6 @@ class Storm:
                 except Exception as exc:
                     self.error = str(exc)[-500:]
                 self.next = (self.next + self.per_round) % self.n
-                self.rounds += 1
                 self.replaced += self.per_round
             self.seconds.append(time.monotonic() - started)
             self.stopping.wait(max(0.0, self.interval - (time.monotonic() - started)))
