@@ -12,7 +12,8 @@ by live thread from /proc/<pid>/task/*/schedstat. The states:
 - broker_down: the broker unreachable (its port answers with TCP resets: connections refused)
   while the spool grows, for about two and a half minutes (a real outage may last hours: this
   is its settled pace); then it is reachable again and the spool must drain to nothing;
-- storm: a tenth of the taps replaced between consecutive polls (bench.vethns.replace_taps).
+- storm: a tenth of the taps replaced, back to back (bench.vethns.replace_taps): between
+  consecutive polls where `ip` keeps up; the pace reached is counted and reported.
 
 Between windows, bench.agent_probe times Agent.poll and the floor, interleaved, in the same
 namespace (for the storm, Agent.poll right after the same kind of replacement, and also the poll

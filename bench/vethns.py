@@ -111,9 +111,6 @@ class VethHost:
         make_taps(self.host_ns, self.vm_ns, list(new))
         self.size = max(self.size, n)
 
-    def replace(self, indexes: list[int]) -> None:
-        replace_taps(self.host_ns, self.vm_ns, indexes)
-
     def exec_args(self, *cmd: str) -> list[str]:
         return ["ip", "netns", "exec", self.host_ns, *cmd]
 
