@@ -21,7 +21,7 @@ import select
 import socket
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,32 +82,64 @@ def _record(f: LinkFields) -> LinkRecord:
     )
 
 
+# ifinfomsg's ifindex, behind the 16-byte nlmsghdr and its family, pad and type
+_IFINDEX = struct.Struct("=20xi")
+
+
 def decode_link_datagram(data: bytes) -> list[tuple[int, LinkRecord]]:
-    """A raw netlink datagram -> [(RTM_NEWLINK|RTM_DELLINK, record)], in order.
+    """A raw netlink datagram -> [(RTM_NEWLINK|RTM_DELLINK, record)], in order (see
+    decode_link_datagrams)."""
+    return decode_link_datagrams([data])[0]
+
+
+def decode_link_datagrams(datagrams: Iterable[bytes]) -> tuple[list[tuple[int, LinkRecord]], int]:
+    """Raw netlink datagrams, read one after the other -> ([(RTM_NEWLINK|RTM_DELLINK, record)]
+    in order, how many link messages they held).
 
     Skips other message types and ``AF_BRIDGE`` messages: the bridge sends those when a port
     joins or leaves (an ``RTM_DELLINK`` there means "left the bridge", not "deleted"). A
-    message that does not decode is logged and skipped, the rest of the datagram is kept.
+    message that does not decode is logged and skipped, the rest is kept. An ``RTM_NEWLINK``
+    that a later one of the same link supersedes (no ``RTM_DELLINK`` of it between) is not
+    decoded: the link table keeps only a link's latest record, and a VM storm's tap sends
+    several in a row (made, enslaved, up, carrier), over half of what a gathered read holds.
     """
+    found = [found for data in datagrams for found in _link_messages(data)]
     out: list[tuple[int, LinkRecord]] = []
+    superseded: set[int | None] = set()  # links with a later RTM_NEWLINK decoded, none deleted since
+    for msg_type, message, ifindex in reversed(found):
+        if msg_type == RTM_DELLINK:
+            superseded.discard(ifindex)
+        elif ifindex in superseded:
+            continue
+        try:
+            fields = link_fields(message)
+        except Exception:
+            log.exception("undecodable link message (%d bytes) skipped", len(message))
+            continue
+        if fields.family != AF_BRIDGE and fields.name:
+            out.append((msg_type, _record(fields)))
+            if msg_type == RTM_NEWLINK:
+                superseded.add(ifindex)
+    out.reverse()
+    return out, len(found)
+
+
+def _link_messages(data: bytes) -> Iterator[tuple[int, bytes, int | None]]:
+    """The link messages of a datagram that are no bridge port's: (type, message, ifindex;
+    None when the message is too short to hold one)."""
     offset = 0
     while offset + 16 <= len(data):
         length, msg_type = struct.unpack_from("=IH", data, offset)
         if length < 16 or offset + length > len(data):
             log.warning("truncated netlink message at offset %d (length %d of %d)", offset, length, len(data))
-            break
-        # AF_BRIDGE messages (a port joined or left a bridge, or changed state: half of what a
-        # VM storm sends) are told by the family byte, before any attribute is decoded.
-        bridge_port = length > 16 and data[offset + 16] == AF_BRIDGE
-        if msg_type in (RTM_NEWLINK, RTM_DELLINK) and not bridge_port:
-            try:
-                fields = link_fields(data[offset : offset + length])
-                if fields.family != AF_BRIDGE and fields.name:
-                    out.append((msg_type, _record(fields)))
-            except Exception:
-                log.exception("undecodable link message (%d bytes) skipped", length)
+            return
+        if msg_type in (RTM_NEWLINK, RTM_DELLINK):
+            ifindex = _IFINDEX.unpack_from(data, offset)[0] if length >= _IFINDEX.size else None
+            # AF_BRIDGE messages (a port joined or left a bridge, or changed state: half of
+            # what a VM storm sends) are told by the family byte, before any attribute is decoded.
+            if length == 16 or data[offset + 16] != AF_BRIDGE:
+                yield msg_type, data[offset : offset + length], ifindex
         offset += (length + 3) & ~3
-    return out
 
 
 @dataclass
@@ -117,6 +149,7 @@ class Received:
 
     messages: list[tuple[int, LinkRecord]]
     overrun: bool = False
+    read: int = 0  # link messages read, superseded ones included (decode_link_datagrams)
 
 
 class LinkEventSocket:
@@ -148,6 +181,7 @@ class LinkEventSocket:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_read, 64)
         received = Received([])
+        datagrams = []
         while ready:
             try:
                 data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
@@ -158,7 +192,8 @@ class LinkEventSocket:
                     raise
                 received.overrun = True
                 continue
-            received.messages.extend(decode_link_datagram(data))
+            datagrams.append(data)
+        received.messages, received.read = decode_link_datagrams(datagrams)
         return received
 
     def wake(self) -> None:

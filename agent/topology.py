@@ -178,7 +178,7 @@ class Topology:
                 self.overruns += 1
                 log.warning("netlink link events were lost (socket buffer overrun); re-dumping links")
                 self._redump()
-            elif 0 < len(received.messages) < GATHER_BELOW:
+            elif 0 < received.read < GATHER_BELOW:
                 # Messages come in bursts (a VM storm: eight per tap, a few hundred taps): let
                 # the kernel queue the rest of the burst and read it in one wakeup, rather than
                 # wake for each message. The first message of a burst is read at once.

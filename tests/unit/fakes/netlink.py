@@ -9,7 +9,7 @@ from typing import Any
 
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from kvmeter.agent.linkevents import Received, decode_link_datagram
+from kvmeter.agent.linkevents import Received, decode_link_datagrams
 
 DATA = Path(__file__).parent.parent / "data" / "netlink"
 
@@ -67,9 +67,11 @@ class FakeEventSocket:
 
     def receive(self) -> Received:
         data = self.queue.get()
+        overrun = data is None
         if data is None:
-            return Received(decode_link_datagram(self.queue.get()), overrun=True)
-        return Received(decode_link_datagram(data))
+            data = self.queue.get() or b""  # (overrun() queues the messages next)
+        messages, read = decode_link_datagrams([data])
+        return Received(messages, overrun=overrun, read=read)
 
     def close(self) -> None:
         self.closed = True
