@@ -2,7 +2,8 @@
 receives link events, and the dump of every link. The pure part first:
 :func:`parse_link_message` turns one decoded link message (pyroute2's ``ifinfmsg`` or
 :class:`kvmeter.agent.rtnl.LinkMessage`, read the same way) into a :class:`LinkRecord`, and
-:func:`decode_link_datagram` does that for a raw netlink datagram.
+:func:`decode_link_datagrams` does that for the raw datagrams of one read of the event socket
+(a link's ``RTM_NEWLINK`` only when no later one in the read supersedes it).
 
 Why the event socket is a plain ``AF_NETLINK`` socket and not ``IPRoute.bind()``: ``get()``
 blocks until the next message with no timeout in 0.7.2, and in 0.9.x an ENOBUFS poisons the
@@ -144,12 +145,13 @@ def _link_messages(data: bytes) -> Iterator[tuple[int, bytes, int | None]]:
 
 @dataclass
 class Received:
-    """One read of the event socket: the link messages, in order, and whether the kernel
-    reported lost events (ENOBUFS) among them."""
+    """One read of the event socket: the link messages decoded, in order (decode_link_datagrams),
+    whether the kernel reported lost events (ENOBUFS) among them, and how many link messages
+    were read (the superseded ones that were not decoded included)."""
 
     messages: list[tuple[int, LinkRecord]]
     overrun: bool = False
-    read: int = 0  # link messages read, superseded ones included (decode_link_datagrams)
+    read: int = 0
 
 
 class LinkEventSocket:
