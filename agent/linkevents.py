@@ -87,12 +87,6 @@ def _record(f: LinkFields) -> LinkRecord:
 _IFINDEX = struct.Struct("=20xi")
 
 
-def decode_link_datagram(data: bytes) -> list[tuple[int, LinkRecord]]:
-    """A raw netlink datagram -> [(RTM_NEWLINK|RTM_DELLINK, record)], in order (see
-    decode_link_datagrams)."""
-    return decode_link_datagrams([data])[0]
-
-
 def decode_link_datagrams(datagrams: Iterable[bytes]) -> tuple[list[tuple[int, LinkRecord]], int]:
     """Raw netlink datagrams, read one after the other -> ([(RTM_NEWLINK|RTM_DELLINK, record)]
     in order, how many link messages they held).

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvmeter.agent.linkevents import AF_BRIDGE, decode_link_datagram, parse_link_message
+from kvmeter.agent.linkevents import AF_BRIDGE, parse_link_message
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK
 from kvmeter.agent.rtnl import LinkMessageError, decode_link_message
-from tests.unit.fakes.netlink import decoded, load_messages, message_type
+from tests.unit.fakes.netlink import decode_link_datagram, decoded, load_messages, message_type
 
 RECORDED = [
     m

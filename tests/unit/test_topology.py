@@ -10,22 +10,24 @@ from itertools import pairwise
 
 import pytest
 
-from kvmeter.agent.linkevents import Received, decode_link_datagram, decode_link_datagrams, parse_link_message
+from kvmeter.agent.linkevents import Received, decode_link_datagrams, parse_link_message
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkEvent, LinkRecord, LinkTable
 from kvmeter.agent.model import LinkPlacement
 from kvmeter.agent.topology import GATHER_BELOW, Topology
 from kvmeter.agent.traffic import DEFAULT_RULES, TrafficRules
-from tests.unit.fakes.netlink import FakeEventSocket, FakeIPRoute, decoded, load_messages, message_type
+from tests.unit.fakes.netlink import (
+    FakeEventSocket,
+    FakeIPRoute,
+    decode_link_datagram,
+    decoded,
+    dumped_table,
+    load_messages,
+    message_type,
+)
 
 DUMP = load_messages("host_dump.hex")
 EVENTS = load_messages("events.hex")
 VLAN_PUBLIC = TrafficRules.from_config({"rules": [{"vlan": "100", "type": "public"}]})
-
-
-def dumped_table(rules: TrafficRules = DEFAULT_RULES) -> LinkTable:
-    table = LinkTable(rules)
-    table.replace_all(parse_link_message(decoded(m)) for m in DUMP)
-    return table
 
 
 def test_vlan_message_decodes_with_pyroute2() -> None:

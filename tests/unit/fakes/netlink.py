@@ -9,7 +9,9 @@ from typing import Any
 
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from kvmeter.agent.linkevents import Received, decode_link_datagrams
+from kvmeter.agent.linkevents import Received, decode_link_datagrams, parse_link_message
+from kvmeter.agent.linktable import LinkRecord, LinkTable
+from kvmeter.agent.traffic import DEFAULT_RULES, TrafficRules
 
 DATA = Path(__file__).parent.parent / "data" / "netlink"
 
@@ -28,6 +30,18 @@ def decoded(message: bytes) -> Any:
     msg = ifinfmsg(message)
     msg.decode()
     return msg
+
+
+def decode_link_datagram(data: bytes) -> list[tuple[int, LinkRecord]]:
+    """The link messages of one datagram read alone (decode_link_datagrams)."""
+    return decode_link_datagrams([data])[0]
+
+
+def dumped_table(rules: TrafficRules = DEFAULT_RULES) -> LinkTable:
+    """A link table holding the recorded host dump."""
+    table = LinkTable(rules)
+    table.replace_all(parse_link_message(decoded(m)) for m in load_messages("host_dump.hex"))
+    return table
 
 
 class FakeIPRoute:
