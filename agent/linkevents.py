@@ -98,7 +98,7 @@ def decode_link_datagrams(datagrams: Iterable[bytes]) -> tuple[list[tuple[int, L
     decoded: the link table keeps only a link's latest record, and a VM storm's tap sends
     several in a row (made, enslaved, up, carrier), over half of what a gathered read holds.
     """
-    found = [found for data in datagrams for found in _link_messages(data)]
+    found = [link for data in datagrams for link in _link_messages(data)]
     out: list[tuple[int, LinkRecord]] = []
     superseded: set[int | None] = set()  # links with a later RTM_NEWLINK decoded, none deleted since
     for msg_type, message, ifindex in reversed(found):
@@ -128,12 +128,11 @@ def _link_messages(data: bytes) -> Iterator[tuple[int, bytes, int | None]]:
         if length < 16 or offset + length > len(data):
             log.warning("truncated netlink message at offset %d (length %d of %d)", offset, length, len(data))
             return
-        if msg_type in (RTM_NEWLINK, RTM_DELLINK):
+        # AF_BRIDGE messages (a port joined or left a bridge, or changed state: half of what a
+        # VM storm sends) are told by the family byte, before anything else is read of them.
+        if msg_type in (RTM_NEWLINK, RTM_DELLINK) and (length == 16 or data[offset + 16] != AF_BRIDGE):
             ifindex = _IFINDEX.unpack_from(data, offset)[0] if length >= _IFINDEX.size else None
-            # AF_BRIDGE messages (a port joined or left a bridge, or changed state: half of
-            # what a VM storm sends) are told by the family byte, before any attribute is decoded.
-            if length == 16 or data[offset + 16] != AF_BRIDGE:
-                yield msg_type, data[offset : offset + length], ifindex
+            yield msg_type, data[offset : offset + length], ifindex
         offset += (length + 3) & ~3
 
 

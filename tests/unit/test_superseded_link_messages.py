@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from kvmeter.agent.linkevents import decode_link_datagrams
+from kvmeter.agent.linkevents import AF_BRIDGE, decode_link_datagrams
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkEvent, LinkTable
 from tests.unit.fakes.netlink import decode_link_datagram, dumped_table, load_messages, message_type
 
 DUMP = load_messages("host_dump.hex")
 EVENTS = load_messages("events.hex")
-LINK_EVENTS = [m for m in EVENTS if message_type(m) in (RTM_NEWLINK, RTM_DELLINK) and m[16] != 7]
+LINK_EVENTS = [m for m in EVENTS if message_type(m) in (RTM_NEWLINK, RTM_DELLINK) and m[16] != AF_BRIDGE]
 
 
 def applied(reads: list[list[bytes]]) -> tuple[LinkTable, list[LinkEvent], int, int]:
