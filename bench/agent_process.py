@@ -18,8 +18,10 @@ by live thread from /proc/<pid>/task/*/schedstat. The states:
 Between windows, bench.agent_probe times Agent.poll and the floor, interleaved, in the same
 namespace (for the storm, Agent.poll right after the same kind of replacement, and also the poll
 between a tenth of the taps deleted and made again, their domains still running: a VM stopping
-loses its tap before libvirt says it stopped). Resident memory
-is sampled every 0.2 s at every size, with the agent's metrics on and off.
+loses its tap before libvirt says it stopped). Before the process starts and after it stops,
+bench.cadence_floor reads the floor as the process meets it, once a poll interval (cold caches):
+every state's process figure is also given against that floor. Resident memory is sampled every
+0.2 s at every size, with the agent's metrics on and off.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from bench.vethns import VethHost, replace_taps
 REPO = agent_bench.REPO
 TOPIC = agent_bench.TOPIC
 METRICS_PORT = 9477
+STATES = ("steady", "broker_down", "storm")
 
 
 class AgentProcess:
@@ -203,6 +206,24 @@ class Storm:
         self._thread.join()
 
 
+def cadence_floor(host: VethHost, reads: int, interval: float) -> list[float]:
+    """CPU seconds of each of `reads` raw reads of /proc/net/dev, one every `interval` seconds."""
+    out = agent_bench._run_json(
+        agent_bench._python(host, "bench.cadence_floor", "--reads", str(reads), "--every", str(interval)),
+        timeout=reads * interval + 120,
+    )
+    return [float(s) for s in out["cpu_s"]]
+
+
+def _with_cadence_floor(out: dict[str, Any], reads: list[float]) -> None:
+    """Each state's process per poll over the floor read at the poll's cadence."""
+    floor = statistics.median(reads)
+    out["cadence_floor_ms"] = _spread([s * 1000 for s in reads])
+    for key in STATES:
+        runs = out[key]["runs"]
+        out[key]["process_to_cadence_floor"] = _spread([r["cpu_per_poll_s"] / floor for r in runs])
+
+
 def _spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -297,6 +318,7 @@ def states(
     polls, repeats, rounds = (3, 2, 2) if quick else (20, 3, 5)
     outage_settle = 2.0 if quick else 15.0
     out: dict[str, Any] = {"n": n, "interval_s": interval, "polls_per_window": polls, "repeats": repeats}
+    reads = cadence_floor(host, polls, interval)
     agent = AgentProcess(host, work, uri, broker.bootstrap, interval, metrics=False)
     try:
         agent.sample(3 * interval)  # the baseline poll and a few steady ones
@@ -348,6 +370,7 @@ def states(
         out["threads"] = procstat.thread_names(agent.pid)
     finally:
         agent.stop()
+    _with_cadence_floor(out, reads + cadence_floor(host, polls, interval))
     return out
 
 

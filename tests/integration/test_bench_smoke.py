@@ -6,6 +6,7 @@ stores with its own checks (every event stored, the same usage in both stores), 
 from __future__ import annotations
 
 from pathlib import Path
+from statistics import median
 
 import pytest
 from bench import (
@@ -67,8 +68,12 @@ def test_bench_sections_run_on_tiny_sizes(kafka_bootstrap: str) -> None:
 def test_the_whole_process_section_runs_on_a_tiny_size() -> None:
     out = agent_process.run([NICS], quick=True, log=lambda _: None)
     states = out["states"]
+    assert states["cadence_floor_ms"]["min"] > 0  # read as the process meets it, every interval
+    cadence_floor_s = states["cadence_floor_ms"]["median"] / 1000
     for name in ("steady", "broker_down", "storm"):
         assert states[name]["floor_ms"]["median"] > 0
+        against_cadence = [r["cpu_per_poll_s"] / cadence_floor_s for r in states[name]["runs"]]
+        assert states[name]["process_to_cadence_floor"]["median"] == pytest.approx(median(against_cadence))
         assert all(r["cpu_per_poll_live_threads_s"] > 0 for r in states[name]["runs"])
     down = states["broker_down"]
     assert down["pending_batches"] >= 2  # the spool grew while the broker was cut off
@@ -83,6 +88,7 @@ def test_the_whole_process_section_runs_on_a_tiny_size() -> None:
     text = report.render({"meta": META, "process": out})
     assert "The whole agent process" in text
     assert "VM storm" in text
+    assert "floor at the poll's cadence" in text
 
 
 @pytest.mark.libvirt
