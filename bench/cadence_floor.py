@@ -4,7 +4,7 @@ traffic moving between reads, in a process that does nothing else. Prints one JS
 bench.agent_probe's floor is read between other reads of the same table (Agent.poll's, and
 frames pushed through every tap just before): the kernel's per-link data is then in the caches.
 A process that reads once an interval finds them cold, and the same read costs more (about
-1.4 ms back to back and 3.1 ms two seconds apart, at 2,000 interfaces on the bench machine).
+1.4 ms back to back and 3.2 ms two seconds apart, at 2,000 interfaces on the bench machine).
 bench.agent_process reports the running process against both floors.
 """
 
