@@ -16,7 +16,7 @@ import sys
 import time
 
 from bench.agent_path import raw_read
-from bench.timing import timed
+from bench.timing import interleaved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,12 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reads", type=int, required=True)
     ap.add_argument("--every", type=float, required=True, help="seconds between reads: the poll interval")
     args = ap.parse_args(argv)
-    cpu = []
-    for _ in range(args.reads):
-        time.sleep(args.every)
-        seconds, _, _ = timed(raw_read)
-        cpu.append(seconds)
-    json.dump({"reads": args.reads, "every_s": args.every, "cpu_s": cpu}, sys.stdout)
+    samples = interleaved({"floor": raw_read}, args.reads, between=lambda: time.sleep(args.every))
+    json.dump({"reads": args.reads, "every_s": args.every, "cpu_s": samples["floor"].cpu}, sys.stdout)
     return 0
 
 
