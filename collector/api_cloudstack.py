@@ -119,8 +119,16 @@ def visible_accounts(
         if req.domain_id is None:
             requested |= {req.account_name}
     if req.domain_id is not None:
+        # The caller's own domain: one its credential names or one of its accounts' (CloudStack:
+        # the caller's domain or a child of it), else one holding only its accounts (below)
+        named_own = req.domain_id in principal.domains or any(
+            directory.owner(a).domain_id == req.domain_id for a in visible or ()
+        )
         recursive = req.recursive and req.account_id is None and req.project_id is None
         found = directory.accounts_in_domain(req.domain_id, recursive=recursive)
+        if found is None and visible is not None and not named_own:
+            # 531 before the domain's path is looked at: whether it exists or not
+            raise _denied("Invalid Domain Id or Account")
         if found is None:
             raise CloudStackError(
                 PARAM_ERROR,
@@ -129,7 +137,7 @@ def visible_accounts(
             )
         in_domain = found
         requested = in_domain if requested is None else requested & in_domain
-        own_domain = req.domain_id in principal.domains or (in_domain and visible and in_domain <= visible)
+        own_domain = named_own or (in_domain and visible and in_domain <= visible)
         if visible is not None and not own_domain:
             raise _denied("Invalid Domain Id or Account")
     if visible is None:

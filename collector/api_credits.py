@@ -39,7 +39,10 @@ def register(app: Flask, store: Store, book: BalanceBook | None) -> None:
         who = current_principal()
         if not who.operator:
             return error(403, "only operator credentials may add credits")
-        body = request.get_json(silent=True)
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # nested too deep for json.loads; silent=True covers ValueError only
+            body = None
         if not isinstance(body, dict):
             raise BadRequest('the body must be a JSON object: {"account": ..., "amount": "25.00"}')
         unknown = sorted(set(body) - {"account", "amount", "note", "currency"})

@@ -105,8 +105,9 @@ def month_ms(text: str | None, now_ms: int, name: str = "month") -> int:
     if not _MONTH.fullmatch(text):
         raise BadRequest(f"{name} must be yyyy-MM, not {_shown(text)}")
     year, month = int(text[:4]), int(text[5:])
-    if not (1970 <= year <= 9999 and 1 <= month <= 12):
-        raise BadRequest(f"{name} {_shown(text)} is not a month between 1970-01 and 9999-12")
+    # The month's end must be a time too: 9999-12 would end in the year 10000.
+    if not (1 <= month <= 12 and (1970, 1) <= (year, month) <= (9999, 11)):
+        raise BadRequest(f"{name} {_shown(text)} is not a month between 1970-01 and 9999-11")
     return _ms(dt.datetime(year, month, 1, tzinfo=dt.UTC))
 
 

@@ -34,6 +34,7 @@ _DATE_TIME = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2}) ([0-9]{2}):([0-9]{2})
 _INTEGER = re.compile(r"[-+]?[0-9]{1,19}")
 _ID = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII: uuids, and nothing that needs escaping
 _INT_MAX, _LONG_MAX = 2**31 - 1, 2**63 - 1
+MAX_STRING = 255  # @Parameter(length) default: ParamProcessWorker refuses a longer STRING
 
 
 class CloudStackError(Exception):
@@ -84,21 +85,21 @@ def parse_list_usage_records(
     if project_id is not None and account_id is not None:
         raise _invalid("Projectid and accountId can't be specified together")
     usage_type = _integer(args, "type", _LONG_MAX)
-    usage_id = args.get("usageid") or None
+    usage_id = _text(args, "usageid")
     if usage_id is not None and usage_type is None:
         raise _invalid("Usageid must be specified together with usageType")
     offset, limit = _paging(args, page_size)
     return UsageRecordsRequest(
         start_ms=start,
         end_ms=end + 1000,  # the end date names the last second included
-        account_name=args.get("account") or None,
+        account_name=_text(args, "account"),
         account_id=account_id,
         domain_id=_id(args, "domainid"),
         project_id=project_id,
         recursive=_boolean(args, "isrecursive"),
         usage_type=usage_type,
         usage_id=usage_id,
-        keyword=args.get("keyword") or None,
+        keyword=_text(args, "keyword"),
         include_tags=_boolean(args, "includetags"),
         old_format=_boolean(args, "oldformat"),
         offset=offset,
@@ -179,6 +180,23 @@ def _boolean(args: Mapping[str, str], name: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise _bad_value(text, name)
     return text.lower() == "true"
+
+
+def _text(args: Mapping[str, str], name: str) -> str | None:
+    """CommandType STRING: at most MAX_STRING characters (CloudStack's check), and printable:
+    control characters (NUL above all, which PostgreSQL refuses in text) never reach a query."""
+    text = args.get(name)
+    if text is None or text == "":
+        return None
+    if len(text) > MAX_STRING:
+        raise _invalid(f"Value greater than max allowed length {MAX_STRING} for param: {name}")
+    if not text.isprintable():
+        raise CloudStackError(
+            PARAM_ERROR,
+            f"Unable to execute API command {COMMAND} due to invalid value for parameter {name}: "
+            "control characters",
+        )
+    return text
 
 
 def _id(args: Mapping[str, str], name: str) -> str | None:

@@ -67,7 +67,9 @@ class WebhookInput:
     def _receive(self) -> Response:
         body = request.get_data(cache=False)
         given = request.headers.get("X-CS-Signature", "")
-        if not given or not hmac.compare_digest(given.strip(), signature(body, self.secret)):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, a 500).
+        expected = signature(body, self.secret).encode()
+        if not given or not hmac.compare_digest(given.strip().encode(), expected):
             self.refused += 1
             log.warning("webhook delivery %s refused: no valid X-CS-Signature",
                         request.headers.get("X-CS-Event-ID", "?"))  # fmt: skip
