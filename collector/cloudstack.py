@@ -138,6 +138,13 @@ def parse_event(
         raise BadInput(MALFORMED_JSON, f"event is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise BadInput(NOT_AN_OBJECT, f"event JSON is a {type(doc).__name__}, not an object")
+    try:
+        return _parse_doc(doc, value, key)
+    except UnicodeEncodeError as exc:  # a lone surrogate escape (\\ud800): valid JSON, not text
+        raise BadInput(MALFORMED_JSON, f"event has a string that is not Unicode text: {exc}") from None
+
+
+def _parse_doc(doc: dict[str, Any], value: bytes, key: bytes | None) -> pb.LifecycleEvent:
     category = classify(doc)
     check_shape(doc, category)
     ev = pb.LifecycleEvent(event_id=event_id(value), category=category)
@@ -225,7 +232,7 @@ def _fill_async(ev: pb.LifecycleEvent, doc: dict[str, Any]) -> None:
     if isinstance(result, str):  # before PR #5453 an escaped JSON string
         try:
             result = json.loads(result)
-        except ValueError:
+        except (ValueError, RecursionError):
             result = None
     if isinstance(result, dict):
         _fill_from_job_result(ev, result)

@@ -16,7 +16,12 @@ Decisions:
   shared by all measures with the same ones; DecodedBatch.measure(i) builds the Measure value.
 - Rejections (BadInput): malformed_protobuf, missing_stream, missing_seq, missing_interval
   (start or end absent), inverted_interval (end < start), implausible_interval (outside years
-  2000-2200 or longer than MAX_MEASURE_SPAN_MS), bad_address (address not 4 or 16 bytes).
+  2000-2200 or longer than MAX_MEASURE_SPAN_MS), bad_address (address not 4 or 16 bytes),
+  bad_seq (seq past int64), implausible_bytes (bytes past int64), bad_direction (a kvmeter
+  measure whose direction is neither VM_RX nor VM_TX: never guessed as sent), bad_text (a string
+  field of the batch, its inventory, or a measure's instance_uuid, domain_name or
+  quarantine_reason that is not UTF-8: protobuf's upb runtime hands such a proto2 field back as
+  bytes; a measure's mac and device are shown with such bytes escaped instead, see _escaped).
   One bad measure rejects its whole batch: the batch is the unit of the stream's sequence.
 """
 
@@ -29,6 +34,10 @@ from google.protobuf.message import DecodeError
 
 from kvmeter.collector.errors import (
     BAD_ADDRESS,
+    BAD_DIRECTION,
+    BAD_SEQ,
+    BAD_TEXT,
+    IMPLAUSIBLE_BYTES,
     IMPLAUSIBLE_INTERVAL,
     INVERTED_INTERVAL,
     MALFORMED_PROTOBUF,
@@ -44,6 +53,7 @@ LEGACY_TRAFFIC_TYPE = "public"
 MIN_TIME_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
 MAX_TIME_MS = 7_258_118_400_000  # 2200-01-01T00:00:00Z
 MAX_MEASURE_SPAN_MS = 31 * 86_400_000
+INT64_MAX = 2**63 - 1  # the store's integers (SQLite INTEGER, PostgreSQL bigint)
 TRAFFIC_TYPES = {
     pb.TRAFFIC_UNKNOWN: "",
     pb.PUBLIC: "public",
@@ -55,6 +65,7 @@ TRAFFIC_TYPES = {
 }
 _TRAFFIC: dict[int, str] = {int(k): v for k, v in TRAFFIC_TYPES.items()}
 VM_RX = int(pb.VM_RX)
+VM_TX = int(pb.VM_TX)
 _NO_HINT: dict[str, str] = {}  # shared, never mutated: measures only read their hint
 # (direction, traffic type, uuid, name, packed address, saddr) -> Target; a pure memo, bounded
 _TARGETS: dict[tuple[int, int, str, str, bytes, int], Target] = {}
@@ -118,8 +129,9 @@ class DecodedBatch:
         m = self.message.measures[i] if self.message is not None else pb.IPMeasure()
         return Measure(
             self.stream_id, self.seq, i, self.host_id, self.starts[i], self.ends[i], t.direction,
-            self.amounts[i], m.packets, t.traffic_type, t.instance_uuid, m.mac.lower(), t.address,
-            t.domain_name, m.device, m.final_at_delete, self.quarantined.get(i, ""), self.owner_hint(t),
+            self.amounts[i], m.packets, t.traffic_type, t.instance_uuid, _escaped(m.mac).lower(),
+            t.address, t.domain_name, _escaped(m.device), m.final_at_delete, self.quarantined.get(i, ""),
+            self.owner_hint(t),
         )  # fmt: skip
 
     @property
@@ -135,8 +147,14 @@ def decode_batch(value: bytes) -> DecodedBatch:
         raise BadInput(MALFORMED_PROTOBUF, f"not a MeasureBatch: {exc}") from None
     if not batch.stream_id:
         raise BadInput(MISSING_STREAM, "batch has no stream_id")
+    for name in ("stream_id", "host_id", "boot_id"):
+        _text(getattr(batch, name), f"batch field {name}")
     if batch.seq < 1:
         raise BadInput(MISSING_SEQ, f"batch of stream {batch.stream_id} has no sequence number")
+    if batch.seq > INT64_MAX:
+        raise BadInput(BAD_SEQ, f"batch of stream {batch.stream_id} has sequence number {batch.seq}")
+    for dom in batch.inventory:
+        _inventory_text(dom, f"inventory of {batch.stream_id}/{batch.seq}")
     out = DecodedBatch(
         stream_id=batch.stream_id,
         seq=batch.seq,
@@ -175,7 +193,12 @@ def decode_batch(value: bytes) -> DecodedBatch:
         add_end(end)
         add_amount(m.bytes)
         if m.quarantined:
-            out.quarantined[index] = m.quarantine_reason or "quarantined"
+            reason = m.quarantine_reason
+            _text(reason, f"measure {index} of {stream_id}/{seq}: quarantine_reason")
+            out.quarantined[index] = reason or "quarantined"
+    if amounts and max(amounts) > INT64_MAX:  # one C-level pass, not a test per measure
+        index = next(i for i, n in enumerate(amounts) if n > INT64_MAX)
+        raise BadInput(IMPLAUSIBLE_BYTES, f"measure {index} of {stream_id}/{seq} has {amounts[index]} bytes")
     if starts and starts.count(starts[0]) == len(starts) and ends.count(ends[0]) == len(ends):
         out.interval = (starts[0], ends[0])
     return out
@@ -183,9 +206,13 @@ def decode_batch(value: bytes) -> DecodedBatch:
 
 def _target(m: pb.IPMeasure, key: tuple[int, int, str, str, bytes, int], where: str) -> Target:
     direction, traffic, uuid, name = key[:4]
+    _text(uuid, f"{where}: instance_uuid")
+    _text(name, f"{where}: domain_name")
     address = _address(m, where)
     if direction == _LEGACY:
         target = Target(SENT, LEGACY_TRAFFIC_TYPE, uuid, name, address)
+    elif direction != VM_RX and direction != VM_TX:  # never guessed: only a legacy measure is sent
+        raise BadInput(BAD_DIRECTION, f"{where} has direction {direction}, neither VM_RX nor VM_TX")
     else:
         target = Target(
             RECEIVED if direction == VM_RX else SENT, _TRAFFIC.get(traffic, ""), uuid, name, address
@@ -214,3 +241,33 @@ def _address(m: pb.IPMeasure, where: str) -> str:
     if m.saddr:
         return str(ipaddress.IPv4Address(m.saddr))
     return ""
+
+
+def _escaped(value: str | bytes) -> str:
+    """mac and device, informational, are read only here (checked in decode_batch's loop they
+    would cost the collector a fifth more decoding): not UTF-8, they are kept with the bytes
+    that are not escaped (\\xNN) rather than refused."""
+    return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
+
+
+def _text(value: object, where: str) -> None:
+    """A proto2 string field that is not UTF-8 comes back from upb as bytes: refuse it."""
+    if type(value) is not str:
+        raise BadInput(BAD_TEXT, f"{where} is not UTF-8 text: {value!r:.80}")
+
+
+_DOMAIN_TEXT = ("uuid", "name", "account_id", "vm_id")
+_NIC_TEXT = ("mac", "device", "bridge", "network", "model", "nic_type")
+
+
+def _inventory_text(dom: pb.DomainInventory, where: str) -> None:
+    """Every string of a domain's inventory record (read directly: a generic walk of the fields
+    took six times the whole decoding of an inventory)."""
+    for name in _DOMAIN_TEXT:
+        _text(getattr(dom, name), f"{where}: {name}")
+    for key, value in dom.owner.items():
+        _text(key, f"{where}: owner key")
+        _text(value, f"{where}: owner[{key}]")
+    for nic in dom.nics:
+        for name in _NIC_TEXT:
+            _text(getattr(nic, name), f"{where}: nics.{name}")

@@ -71,6 +71,8 @@ def _measure_records(fh: BinaryIO, name: str) -> Iterator[Record | DeadLetter]:
 def _looks_like_json(data: bytes) -> bool:
     try:
         json.JSONDecoder().raw_decode(data.lstrip().decode("utf-8"))
+    except RecursionError:  # JSON, nested deeper than the parser goes: dead-lettered as such
+        return True
     except (UnicodeDecodeError, ValueError):
         return False
     return True
@@ -128,7 +130,7 @@ def _json_records(data: bytes, name: str) -> Iterator[Record | DeadLetter]:
         number += 1
         try:
             doc, end = decoder.raw_decode(text, pos)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             yield DeadLetter(MEASURES, f"{name}#{number}", text[pos:].encode(), MALFORMED_JSON, str(exc))
             return
         raw, pos = text[pos:end].encode(), end

@@ -27,14 +27,15 @@ def isolating(
     stop the pipeline: apply the chunk record by record and dead-letter the refused one."""
     try:
         return apply(records)
-    except (DataError, IntegrityError) as exc:
+    except (DataError, IntegrityError, OverflowError) as exc:  # Overflow: sqlite3 binding past int64
         if len(records) > 1:
             out = Outcome()
             for rec in records:
                 out.add(isolating(store, clock, source, [rec], apply))
             return out
         rec = records[0]
-        letter = DeadLetter(source, rec.origin, rec.value, UNSTORABLE, str(exc.orig or exc)[:1000], rec.key)
+        reason = str(getattr(exc, "orig", None) or exc)[:1000]
+        letter = DeadLetter(source, rec.origin, rec.value, UNSTORABLE, reason, rec.key)
         with store.write() as conn:
             store.dead_letter(conn, [letter], clock())
         return Outcome(dead_letters=[letter])

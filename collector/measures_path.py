@@ -49,23 +49,32 @@ class MeasuresPath(ParkedMeasures):
             self._recall(conn, decoded)
         learned = self._learn_hints(decoded)
         witnessed = self._witness_changes(decoded)
-        with self.store.write() as conn:
-            reconciliation.save_witness(conn, witnessed)
-            if learned:
-                self.store.save_owner_hints(conn, learned, now)
-            final_through = self.store.finalized_through(conn)
-            marks = self.store.lock_marks(conn, streams)
-            gaps = self.store.gaps_of(conn, irregular(decoded, marks))
-            admitted, new_marks, changed_gaps, out.duplicates = admit(decoded, marks, gaps)
-            out.batches = len(admitted)
-            self._restore_for(conn, admitted)
-            done = self._attribute((), out, batches=admitted)
-            out.records, out.adjustments = self._write(conn, done, final_through, now)
-            self.store.park(conn, self._park_or_letter(conn, done.parked, origins, out), now)
-            self.store.quarantine(conn, done.quarantined, now)
-            self.store.dead_letter(conn, out.dead_letters, now)
-            self.store.set_marks(conn, new_marks, now)
-            self.store.set_gaps(conn, changed_gaps)
+        try:
+            with self.store.write() as conn:
+                reconciliation.save_witness(conn, witnessed)
+                if learned:
+                    self.store.save_owner_hints(conn, learned, now)
+                final_through = self.store.finalized_through(conn)
+                marks = self.store.lock_marks(conn, streams)
+                gaps = self.store.gaps_of(conn, irregular(decoded, marks))
+                admitted, new_marks, changed_gaps, out.duplicates = admit(decoded, marks, gaps)
+                out.batches = len(admitted)
+                self._restore_for(conn, admitted)
+                done = self._attribute((), out, batches=admitted)
+                out.records, out.adjustments = self._write(conn, done, final_through, now)
+                self.store.park(conn, self._park_or_letter(conn, done.parked, origins, out), now)
+                self.store.quarantine(conn, done.quarantined, now)
+                self.store.dead_letter(conn, out.dead_letters, now)
+                self.store.set_marks(conn, new_marks, now)
+                self.store.set_gaps(conn, changed_gaps)
+        except BaseException:
+            # Not stored: memory must not say it is, or the chunk applied again (isolation.py,
+            # the feed's retry) finds nothing new and these hints never reach the store.
+            for key in learned:
+                self.hints.pop(key, None)
+            for domain in witnessed:
+                self.witness.pop(domain, None)
+            raise
         if learned:  # measures parked for want of these owners (by uuid; a bare name: all)
             named_only = any(not dom.uuid for b in decoded for dom in b.inventory if dom.name in learned)
             out.add(self._unpark() if named_only else self._unpark(instances=sorted(learned)))

@@ -139,6 +139,11 @@ class StoreCore:
         else:
             source = "VALUES (" + ", ".join(["?"] * len(columns)) + ")"
         new_value = f"{name}.{column} + excluded.{column}" if add else f"excluded.{column}"
+        if add and not self.is_postgres:
+            # SQLite turns an int64 overflow into a REAL (bytes lost to rounding); NULL instead
+            # fails the column's NOT NULL, as PostgreSQL's `bigint out of range` fails the
+            # statement: either way isolation.py dead-letters the record (unstorable).
+            new_value = f"CASE WHEN typeof({new_value}) = 'integer' THEN {new_value} END"
         return (
             f"INSERT INTO {name} ({', '.join(quote(c) for c in columns)}) {source} "
             f"ON CONFLICT ({', '.join(quote(c) for c in KEY_COLUMNS)}) DO UPDATE SET "
