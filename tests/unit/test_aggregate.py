@@ -104,7 +104,7 @@ def wire_batches(draw: st.DrawFn) -> list[bytes]:
             m = b.measures.add(header=2, saddr=0, bytes=draw(st.integers(0, 10**12)), start=start)
             m.end = start + draw(st.sampled_from([0, 10_000, 4_000_000]))
             if draw(st.booleans()):  # else a measure with only the original five fields
-                m.direction = draw(st.sampled_from([pb.VM_RX, pb.VM_TX, pb.DIRECTION_UNSPECIFIED]))
+                m.direction = draw(st.sampled_from([pb.VM_RX, pb.VM_TX]))  # else bad_direction
                 m.traffic_type = draw(st.sampled_from([pb.PUBLIC, pb.GUEST, pb.CONTROL]))
                 m.instance_uuid = draw(st.sampled_from(UUIDS))
                 m.domain_name = draw(st.sampled_from(NAMES))
