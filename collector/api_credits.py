@@ -72,8 +72,7 @@ def register(app: Flask, store: Store, book: BalanceBook | None) -> None:
             credit_id = stored.add_credit(
                 conn, account, amount, currency, note, who.name, int(time.time() * 1000)
             )
-            row = stored.list_credits(conn, frozenset({account}), MAX_ROWS)
-        created = next(r for r in row if r["id"] == credit_id)
+            created = stored.credit(conn, credit_id)
         response = jsonify(credit_dict(created))
         response.status_code = 201
         return response

@@ -63,9 +63,7 @@ def add(
             if held is not None and held[1] != chosen:
                 raise click.ClickException(f"account {account} holds credits in {held[1]}, not {chosen}")
             credit_id = stored.add_credit(conn, account, value, chosen, note, "cli", int(time.time() * 1000))
-            row = next(
-                r for r in stored.list_credits(conn, frozenset({account}), 10_000) if r["id"] == credit_id
-            )
+            row = stored.credit(conn, credit_id)
     finally:
         store.close()
     if fmt == "json":

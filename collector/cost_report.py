@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvmeter.collector.billing import MonthCosts
+from kvmeter.collector.billing.money import as_text as money
 from kvmeter.collector.billing.rating import RatedItem
 from kvmeter.collector.billing.tariff import BYTE_TYPES
 from kvmeter.collector.model import USAGE_TYPE_NAMES
@@ -47,7 +48,7 @@ def item_dict(rated: RatedItem) -> dict[str, Any]:
         "end": iso(k.window_end_ms),
         "quantity": rated.item.quantity,
         "unit": _unit(k.usage_type),
-        "cost": str(rated.cost),
+        "cost": money(rated.cost),
         "rates": list(rated.rates),
         "unpriced": rated.unpriced,
         "reason": rated.reason,
@@ -58,11 +59,11 @@ def item_dict(rated: RatedItem) -> dict[str, Any]:
 def costs_dict(month: MonthCosts, *, items: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {
         "account": month.account,
-        "cost": str(month.cost),
-        "projected": str(month.projected),
+        "cost": money(month.cost),
+        "projected": money(month.projected),
         "complete": month.complete,
         "by_usage_type": [
-            {**_type(t), "cost": str(cost), "projected": str(projected)}
+            {**_type(t), "cost": money(cost), "projected": money(projected)}
             for t, (cost, projected) in month.by_usage_type().items()
         ],
         "lines": [
@@ -72,8 +73,8 @@ def costs_dict(month: MonthCosts, *, items: bool = False) -> dict[str, Any]:
                 "detail": line.detail,
                 "quantity": line.quantity,
                 "unit": _unit(line.usage_type),
-                "cost": str(line.cost),
-                "projected": str(line.projected),
+                "cost": money(line.cost),
+                "projected": money(line.projected),
                 "unpriced": line.unpriced,
             }
             for line in month.lines
@@ -115,8 +116,8 @@ def render_csv(months: Sequence[MonthCosts]) -> str:
                     "detail": line.detail,
                     "quantity": line.quantity,
                     "unit": _unit(line.usage_type),
-                    "cost": line.cost,
-                    "projected": line.projected,
+                    "cost": money(line.cost),
+                    "projected": money(line.projected),
                     "unpriced": line.unpriced,
                 }
             )
@@ -129,11 +130,12 @@ def render_table(months: Sequence[MonthCosts]) -> str:
         note = "" if month.complete else f"  ({len(month.unpriced)} item(s) unpriced: see --format json)"
         lines.append(
             f"{month.account or '(unattributed)'}  {month_text(month.start_ms)}: "
-            f"{month.cost} {month.currency} so far, "
-            f"{month.projected} {month.currency} projected at the month's end{note}"
+            f"{money(month.cost)} {month.currency} so far, "
+            f"{money(month.projected)} {month.currency} projected at the month's end{note}"
         )
         for t, (cost, projected) in month.by_usage_type().items():
-            lines.append(f"  {USAGE_TYPE_NAMES.get(t, str(t)):<24} {cost:>16}  (projected {projected})")
+            name = USAGE_TYPE_NAMES.get(t, str(t))
+            lines.append(f"  {name:<24} {money(cost):>16}  (projected {money(projected)})")
     return "\n".join(lines) + f"\n{len(months)} account(s)\n"
 
 

@@ -34,7 +34,7 @@ from kvmeter.collector.kafka_history import read_topic
 from kvmeter.collector.model import Outcome, Record, Settings
 from kvmeter.collector.schema import lifecycle_events, stream_marks, usage_records
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store, item_costs, versions
+from kvmeter.collector.store import Store, item_costs, outbox, versions
 from kvmeter.proto import pb
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def rebuild(
     with live.read() as source, into.write() as conn:
         done = Rebuilt(carried_versions=versions.carry(conn, into, versions.given(source)))
         item_costs.carry(source, conn, into)
+        outbox.carry(source, conn, into)  # items no sink confirmed yet: the new store sends them
+        live_through = live.finalized_through(source, lock=False)
     clock = ReplayClock(wall)
     collector = Collector(into, settings, clock)
     if kafka is not None and kafka.bootstrap:
@@ -109,7 +111,9 @@ def rebuild(
             done.outcome.add(collector.apply_batches(_records(chunk)))
         clock.at = None
         progress(f"measures topic {kafka.measures_topic}: {done.measure_records} record(s)")
-    done.outcome.add(collector.tick())
+    # Windows the live store has not finalized stay open: the collector put in service on the new
+    # store finalizes them and hands them off (version 0), as the live one would have.
+    done.outcome.add(collector.tick(finalize_through=live_through))
     return done
 
 

@@ -129,8 +129,11 @@ class Collector(EventsPath):
         self._knowledge += 1
         return out
 
-    def tick(self) -> Outcome:
-        """Grow open windows, finalize those past the grace period, retry parked measures."""
+    def tick(self, *, finalize_through: int | None = None) -> Outcome:
+        """Grow open windows, finalize those past the grace period, retry parked measures.
+        finalize_through: finalize no window ending after it (a rebuild: the live store's
+        watermark, so that windows the live store never finalized are finalized, and handed
+        off, by the collector put in service on the new store)."""
         out = Outcome()
         self.sync()
         now = self.clock()
@@ -161,6 +164,8 @@ class Collector(EventsPath):
                 out.records += written
                 out.adjustments += adjusted
         through = window_start(now - self.settings.grace_ms, window)
+        if finalize_through is not None:
+            through = min(through, finalize_through)
         with self.store.write() as conn:
             out.finalized = self.store.finalize(conn, through, now)
         # Events retry the measures they explain at once; this full pass catches the rest (a

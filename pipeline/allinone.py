@@ -134,6 +134,14 @@ class AllInOne:
         self.cfg = cfg
         self.store = Store(cfg.collector.db_url, outbox=cfg.collector.handoff is not None)
         self.store.migrate()
+        # Before anything makes items (a changed [policy] recomputed at start adjusts final
+        # windows): each billable item carries its cost (store/item_costs.py).
+        self.tariffs: TariffSource | None = None  # [billing] tariff_file: /v1/costs (SIGHUP)
+        if cfg.collector.tariff is not None and cfg.collector.tariff_file is not None:
+            billable = cfg.collector.settings.billable
+            self.tariffs = TariffSource(cfg.collector.tariff, cfg.collector.tariff_file, billable)
+            if self.store.outbox:  # each billable item carries its cost (store/item_costs.py)
+                self.store.pricing = item_pricing(self.store, self.tariffs)
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         put_in_force_at_start(self.collector)  # a changed [policy]: the whole store recomputed
         self.metrics = Metrics()
@@ -175,12 +183,6 @@ class AllInOne:
             if retention.enabled
             else None
         )
-        self.tariffs: TariffSource | None = None  # [billing] tariff_file: /v1/costs (SIGHUP)
-        if cfg.collector.tariff is not None and cfg.collector.tariff_file is not None:
-            billable = cfg.collector.settings.billable
-            self.tariffs = TariffSource(cfg.collector.tariff, cfg.collector.tariff_file, billable)
-            if self.store.outbox:  # each billable item carries its cost (store/item_costs.py)
-                self.store.pricing = item_pricing(self.store, self.tariffs)
         tariffs = self.tariffs
         unpriced_gauges.watch(tariffs, self.store, self.metrics.registry)
         self.watching: threading.Event | None = None  # [balances]: the watcher's, once running

@@ -45,6 +45,11 @@ Scaled = Decimal  # an exact amount times HOUR_MS (see above)
 _HOUR = Decimal(HOUR_MS)
 
 
+def as_text(amount: Decimal) -> str:
+    """An amount as plain decimal text, never an exponent: "0.00000012", not "1.2E-7"."""
+    return format(amount, "f")
+
+
 def exact() -> AbstractContextManager[decimal.Context]:
     """`with exact():` arithmetic that raises rather than round."""
     return decimal.localcontext(_EXACT)

@@ -34,6 +34,14 @@ def list_credits(conn: Connection, accounts: frozenset[str] | None, limit: int) 
     return [{**row, "amount": Decimal(row["amount"])} for row in rows]
 
 
+def credit(conn: Connection, credit_id: int) -> dict[str, Any]:
+    """One credit by its id (as list_credits gives it)."""
+    c = credits.c
+    query = sa.select(c.id, c.account, c.amount, c.currency, c.note, c.created_by, c.created_ms)
+    row = conn.execute(query.where(c.id == credit_id)).mappings().one()
+    return {**row, "amount": Decimal(row["amount"])}
+
+
 def credit_totals(conn: Connection, accounts: frozenset[str] | None) -> dict[str, tuple[Decimal, str, int]]:
     """{account: (credits in `currency`, currency, first credit's time)}. Credits in another
     currency than the account's first are refused when added (api_credits), never mixed."""

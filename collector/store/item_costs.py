@@ -104,13 +104,21 @@ def _load(
 
 def _rating_item(item: dict[str, Any]) -> Item:
     from kvmeter.collector.billing.rating import ADJUSTMENT, RECORD, Item
+    from kvmeter.collector.billing.tariff import BYTE_TYPES
+    from kvmeter.collector.vm_size import size_text
 
+    # The record's detail: a byte record's traffic type, a VM time record's own size (a custom
+    # offering's "2/2048", as /v1/costs rates it), else "".
+    if item["usage_type"] in BYTE_TYPES:
+        detail = item["traffic_type"]
+    else:
+        detail = size_text(item.get("cpunumber"), item.get("memory"))
     key = UsageKey(
         item["account"],
         item["usage_type"],
         item["resource"],
         item["offering"],
-        item["traffic_type"],
+        detail,
         item["start_ms"],
         item["end_ms"],
     )

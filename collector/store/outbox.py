@@ -54,6 +54,21 @@ def add_items(conn: Connection, store: StoreCore, items: Sequence[dict[str, Any]
         conn.execute(stmt, list(part))
 
 
+def carry(source: Connection, into: Connection, store: StoreCore) -> int:
+    """A rebuild: the live store's rows not yet confirmed by every sink (with the confirmations
+    they have), so that the store put in service delivers them; returns how many."""
+    if not sa.inspect(source).has_table(handoff_outbox.name):
+        return 0
+    ob = handoff_outbox.c
+    columns = (ob.transaction_id, ob.account, ob.item, ob.created_ms, ob.topic_sent_ms, ob.webhook_sent_ms)
+    query = sa.select(*columns).where(ob.sent_ms.is_(None)).order_by(ob.id)
+    rows = [dict(row._mapping) for row in source.execute(query)]
+    stmt = store._insert(handoff_outbox).on_conflict_do_nothing(index_elements=["transaction_id"])
+    for part in slices(rows):
+        into.execute(stmt, list(part))
+    return len(rows)
+
+
 class Outbox(StoreCore):
     """The relay's statements, each in its own short transaction."""
 

@@ -29,6 +29,7 @@ from kvmeter.collector.schema import (
     usage_adjustments,
     usage_records,
 )
+from kvmeter.collector.schema_credits import credits
 from kvmeter.collector.schema_retention import USAGE_PRUNED_THROUGH, pruned_resources
 from kvmeter.collector.store import versions
 from kvmeter.collector.store.engine import slices
@@ -65,11 +66,24 @@ def old_rows(kind: str, cutoff: int, usage_through: int = 0) -> tuple[sa.Table, 
     if kind == "outbox_sent":  # confirmed by every sink; pending ones stay whatever their age
         ob = handoff_outbox.c
         return handoff_outbox, ob.id, sa.and_(ob.sent_ms.is_not(None), ob.sent_ms < cutoff)
+    # An account with credits keeps its usage: its balance is its credits minus the costs of every
+    # month since its first credit, rated from these rows (balance_watch); pruning them would
+    # hand the pruned usage's cost back to the account.
+    prepaid = sa.select(credits.c.account)
     if kind == "usage_records":
         rec = usage_records.c
-        return usage_records, rec.id, sa.and_(rec.final == sa.true(), rec.window_end_ms <= usage_through)
+        return (
+            usage_records,
+            rec.id,
+            sa.and_(rec.final == sa.true(), rec.window_end_ms <= usage_through, rec.account.not_in(prepaid)),
+        )
     if kind == "usage_adjustments":
-        return usage_adjustments, usage_adjustments.c.id, usage_adjustments.c.window_end_ms <= usage_through
+        adj = usage_adjustments.c
+        return (
+            usage_adjustments,
+            adj.id,
+            sa.and_(adj.window_end_ms <= usage_through, adj.account.not_in(prepaid)),
+        )
     if kind == "unbilled_bytes":
         return unbilled_bytes, unbilled_bytes.c.id, unbilled_bytes.c.window_end_ms <= usage_through
     raise ValueError(f"no row-by-row pruning for {kind!r}")
