@@ -15,7 +15,7 @@ import click
 
 from kvmeter.collector import balance_watch, report, unpriced_gauges
 from kvmeter.collector import config as config_mod
-from kvmeter.collector.billing.reads import item_pricing
+from kvmeter.collector.billing.reads import priced
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
@@ -39,6 +39,16 @@ def _open_store(url: str, *, outbox: bool = False) -> Store:
     except Exception as exc:
         raise click.ClickException(f"cannot open the store {url}: {exc}") from None
     return store
+
+
+def _open_config_store(
+    cfg: config_mod.CollectorConfig, db_url: str | None = None
+) -> tuple[Store, TariffSource | None]:
+    """The store as `kvmeter collector` opens it under this config: with [handoff], the outbox
+    filled by the transactions that finalize or adjust (their items priced under [billing]);
+    and the config's tariff."""
+    store = _open_store(db_url or cfg.db_url, outbox=cfg.handoff is not None)
+    return store, priced(store, cfg)
 
 
 def _load_config(path: str | None) -> config_mod.CollectorConfig:
@@ -86,12 +96,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         )
     if cfg.webhook_secret and not cfg.api.enabled:
         raise click.ClickException(f"{config_path}: [webhook] deliveries come to the API: api.enabled = true")
-    store = _open_store(cfg.db_url, outbox=cfg.handoff is not None)
-    tariffs = None
-    if cfg.tariff is not None and cfg.tariff_file is not None:
-        tariffs = TariffSource(cfg.tariff, cfg.tariff_file, cfg.settings.billable)
-        if store.outbox:  # each billable item carries its cost (store/item_costs.py)
-            store.pricing = item_pricing(store, tariffs)
+    store, tariffs = _open_config_store(cfg)
     service = Collector(store, cfg.settings, _wall_ms)
     put_in_force_at_start(service)  # a changed [policy]: the whole store recomputed under it
     metrics = Metrics()

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from kvmeter.collector import config as config_mod
-from kvmeter.collector.cli import _open_store
+from kvmeter.collector.cli import _open_config_store
 from kvmeter.collector.redrive import FAILED, Redriver, letter_dict, retried_dict
 from kvmeter.collector.store import LETTER_STATES, Store, StoredLetter
 
@@ -38,7 +38,8 @@ def _config(path: str | None) -> config_mod.CollectorConfig:
 
 
 def _store(db_url: str | None, cfg: config_mod.CollectorConfig) -> Store:
-    return _open_store(db_url or cfg.db_url)
+    """A retry adjusts final windows like the consumer: with [handoff] its items go to the outbox."""
+    return _open_config_store(cfg, db_url)[0]
 
 
 _db = click.option("--db", "db_url", default=None, help="Store URL (default: the config's [store] url).")

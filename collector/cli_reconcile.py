@@ -8,7 +8,7 @@ import json
 import click
 
 from kvmeter.collector import report
-from kvmeter.collector.cli import _load_config, _open_store, _wall_ms
+from kvmeter.collector.cli import _load_config, _open_config_store, _open_store, _wall_ms
 from kvmeter.collector.cs_snapshot import SnapshotError
 from kvmeter.collector.reconcile import Correction, Findings
 from kvmeter.collector.service import Collector
@@ -41,7 +41,7 @@ def reconcile(config_path: str, dry_run: bool) -> None:  # noqa: FBT001 - click 
     cfg = _load_config(config_path)
     if cfg.cloudstack is None:
         raise click.ClickException(f"{config_path}: no [cloudstack] section")
-    store = _open_store(cfg.db_url)
+    store, _tariffs = _open_config_store(cfg)
     try:
         reconciler = for_config(Collector(store, cfg.settings, _wall_ms), cfg.cloudstack)
         try:

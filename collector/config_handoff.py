@@ -5,6 +5,7 @@ go, exactly once in effect (collector/outbox_relay.py).
     topic = "kvmeter.billable"          # a Kafka topic of billable items, keyed by account
     # bootstrap = "kafka1:9092"         # default: [kafka] bootstrap
     # kafka_options = { "security.protocol" = "SASL_SSL" }   # librdkafka producer properties
+    #                                   (enable.idempotence=true and acks=all always: not here)
     webhook_url = "https://billing.example.com/kvmeter/items"   # POST, one item per request
     webhook_headers = { Authorization = "Bearer ..." }          # sent with every POST
     # webhook_secret_file = "handoff.secret"   # or webhook_secret: X-Kvmeter-Signature HMAC

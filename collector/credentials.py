@@ -176,7 +176,9 @@ def from_api_section(api: Mapping[str, Any], base: Path | None) -> tuple[Credent
     problems: list[str] = []
     token = api.get("token", "")
     token_file = api.get("token_file", "")
-    if isinstance(token_file, str) and token_file:
+    if token and token_file:
+        problems.append("api: token and token_file exclude each other")
+    elif isinstance(token_file, str) and token_file:
         try:
             token = (Path(token_file) if base is None else base / token_file).read_text().strip()
         except OSError as exc:

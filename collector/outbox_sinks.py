@@ -54,11 +54,12 @@ class KafkaSink:
             producer = Producer(
                 {
                     "bootstrap.servers": cfg.bootstrap,
-                    "enable.idempotence": True,
-                    "acks": "all",
                     "linger.ms": 5,
                     "message.timeout.ms": int(cfg.timeout_s * 1000),
                     **cfg.kafka_options,
+                    # after the options: a row is marked sent on the broker's acknowledgement only
+                    "enable.idempotence": True,
+                    "acks": "all",
                 }
             )
         self.producer = producer

@@ -35,11 +35,10 @@ from typing import Any
 import click
 
 from kvmeter.agent import config as agent_config
-from kvmeter.collector import balance_watch, unpriced_gauges
+from kvmeter.collector import balance_watch, reloading, unpriced_gauges
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
-from kvmeter.collector.billing.reads import item_pricing
-from kvmeter.collector.billing.tariff_file import TariffSource
+from kvmeter.collector.billing.reads import priced
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
@@ -134,14 +133,9 @@ class AllInOne:
         self.cfg = cfg
         self.store = Store(cfg.collector.db_url, outbox=cfg.collector.handoff is not None)
         self.store.migrate()
-        # Before anything makes items (a changed [policy] recomputed at start adjusts final
-        # windows): each billable item carries its cost (store/item_costs.py).
-        self.tariffs: TariffSource | None = None  # [billing] tariff_file: /v1/costs (SIGHUP)
-        if cfg.collector.tariff is not None and cfg.collector.tariff_file is not None:
-            billable = cfg.collector.settings.billable
-            self.tariffs = TariffSource(cfg.collector.tariff, cfg.collector.tariff_file, billable)
-            if self.store.outbox:  # each billable item carries its cost (store/item_costs.py)
-                self.store.pricing = item_pricing(self.store, self.tariffs)
+        # [billing] tariff_file (/v1/costs, SIGHUP), priced into the items before anything makes
+        # them (a changed [policy] recomputed at start adjusts final windows)
+        self.tariffs = priced(self.store, cfg.collector)
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         put_in_force_at_start(self.collector)  # a changed [policy]: the whole store recomputed
         self.metrics = Metrics()
@@ -279,8 +273,8 @@ def reloads(config_path: str, pipeline: AllInOne) -> Reloads:
             return f"{len(current.tokens)} token(s), {len(current.keys)} key pair(s)"
 
         out.add("credentials", credentials)
-    if pipeline.tariffs is not None:
-        out.add("tariff", pipeline.tariffs.reload)
+    if pipeline.tariffs is not None:  # the file [billing] names now, as `kvmeter collector` does
+        out.add("tariff", reloading.tariff(Path(config_path), pipeline.tariffs))
     return out
 
 

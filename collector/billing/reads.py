@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -18,6 +19,9 @@ from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.schema import KEY_COLUMNS, cloudstack_names, usage_adjustments, usage_records
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.reconciliation import load_snapshot
+
+if TYPE_CHECKING:
+    from kvmeter.collector.config import CollectorConfig
 
 
 def month_items(
@@ -90,6 +94,18 @@ class CachedFacts:
             if self._facts is None or self._facts[0] <= now:
                 self._facts = (now + self.ttl_s, rating_facts(self.store, conn))
             return self._facts[1]
+
+
+def priced(store: Store, cfg: CollectorConfig) -> TariffSource | None:
+    """The config's tariff ([billing] tariff_file) and, with the store's outbox ([handoff]), the
+    pricing of its items by it: set before anything makes items (a changed [policy] put in force
+    at start, a dead letter retried, a correction), by every command that opens the store."""
+    if cfg.tariff is None or cfg.tariff_file is None:
+        return None
+    tariffs = TariffSource(cfg.tariff, cfg.tariff_file, cfg.settings.billable)
+    if store.outbox:  # each billable item carries its cost (store/item_costs.py)
+        store.pricing = item_pricing(store, tariffs)
+    return tariffs
 
 
 def item_pricing(store: Store, tariffs: TariffSource) -> Callable[[Connection], tuple[Tariff, Facts]]:
