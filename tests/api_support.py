@@ -6,8 +6,12 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from kvmeter.collector.api import ApiServer
+from flask import Flask, g, request
+
+from kvmeter.collector.api import ApiServer, create_app
+from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.ingest import ingest_events, ingest_measures
 from kvmeter.collector.model import Settings
 from kvmeter.collector.service import Collector
@@ -15,6 +19,18 @@ from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, Clock, delimited, scenario
 
 NOW = T0 + 5 * HOUR
+# A tariff for the scenario's usage types (the costs tests' figures are computed by hand from it)
+TARIFF = {
+    "currency": "EUR",
+    "decimals": 6,
+    "rate": [
+        {"usage_type": "RUNNING_VM", "per_hour": "0.02"},
+        {"usage_type": "ALLOCATED_VM", "per_hour": "0.001"},
+        {"usage_type": "IP_ADDRESS", "per_hour": "0.005"},
+        {"usage_type": "NETWORK_BYTES_SENT", "traffic_type": "public", "unit": "kB", "price": "1"},
+        {"usage_type": "NETWORK_BYTES_RECEIVED", "traffic_type": "public", "unit": "kB", "price": "0"},
+    ],
+}
 
 
 def filled_store(tmp_path: Path) -> tuple[Store, Collector]:
@@ -43,3 +59,22 @@ def running(server: ApiServer) -> Iterator[str]:
     finally:
         server.close()
         thread.join(10)
+
+
+def scoped_app(store: Store, **kwargs: Any) -> Flask:
+    """The API with a caller set per request by test headers (X-Test-Accounts, X-Test-Domains:
+    comma-separated), as a credential would set it; without them, the operator."""
+    app = create_app(store, **kwargs)
+
+    @app.before_request
+    def _principal() -> None:
+        accounts = request.headers.get("X-Test-Accounts")
+        if accounts is not None:
+            domains = request.headers.get("X-Test-Domains", "")
+            g.principal = Principal(
+                "tenant",
+                frozenset(a for a in accounts.split(",") if a),
+                frozenset(d for d in domains.split(",") if d),
+            )
+
+    return app

@@ -24,21 +24,10 @@ from kvmeter.collector.ingest import ingest_events, ingest_measures
 from kvmeter.collector.model import Settings
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
-from tests.api_support import NOW, running
+from tests.api_support import NOW, TARIFF, running
 from tests.collector_support import ACCT_A, ACCT_B, IP1, VM1, VM2, Clock, delimited, scenario
 
 OPERATOR, TENANT_A = "operator-token-0123456789", "tenant-a-token-0123456789"
-TARIFF = {
-    "currency": "EUR",
-    "decimals": 6,
-    "rate": [
-        {"usage_type": "RUNNING_VM", "per_hour": "0.02"},
-        {"usage_type": "ALLOCATED_VM", "per_hour": "0.001"},
-        {"usage_type": "IP_ADDRESS", "per_hour": "0.005"},
-        {"usage_type": "NETWORK_BYTES_SENT", "traffic_type": "public", "unit": "kB", "price": "1"},
-        {"usage_type": "NETWORK_BYTES_RECEIVED", "traffic_type": "public", "unit": "kB", "price": "0"},
-    ],
-}
 # By hand, from tests.collector_support.expected_usage at NOW (T0 + 5 h):
 # A: running 1 h * 0.02, allocated 6 h * 0.001, IP 4.75 h * 0.005, 1200 B sent * 1/kB, 500 B received free
 # B: running 5 h * 0.02, allocated 5 h * 0.001, 3000 B sent * 1/kB

@@ -12,11 +12,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask, g, request
 from flask.testing import FlaskClient
 
 from kvmeter.collector.api import create_app
-from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.billing import tariff_file
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
@@ -24,7 +22,7 @@ from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
 from kvmeter.collector.input_webhook import WebhookInput
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.reconciliation import save_names
-from tests.api_support import NOW, filled_store
+from tests.api_support import NOW, TARIFF, filled_store, scoped_app
 from tests.collector_support import ACCT_A, ACCT_B
 
 OPERATOR_TOKEN = "operator-token-0123456789"
@@ -32,17 +30,6 @@ DOMAIN_A = "d0000000-0000-4000-8000-00000000dom-a"
 DOMAIN_B = "d0000000-0000-4000-8000-00000000dom-b"
 NO_SUCH_DOMAIN = "d0000000-0000-4000-8000-0000000nodom"
 DAY = {"command": "listUsageRecords", "startdate": "2024-05-14", "enddate": "2024-05-14", "response": "json"}
-TARIFF = {
-    "currency": "EUR",
-    "decimals": 6,
-    "rate": [
-        {"usage_type": "RUNNING_VM", "per_hour": "0.02"},
-        {"usage_type": "ALLOCATED_VM", "per_hour": "0.001"},
-        {"usage_type": "IP_ADDRESS", "per_hour": "0.005"},
-        {"usage_type": "NETWORK_BYTES_SENT", "traffic_type": "public", "unit": "kB", "price": "1"},
-        {"usage_type": "NETWORK_BYTES_RECEIVED", "traffic_type": "public", "unit": "kB", "price": "0"},
-    ],
-}
 
 
 @pytest.fixture
@@ -50,24 +37,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s, _ = filled_store(tmp_path)
     yield s
     s.close()
-
-
-def scoped_app(store: Store, **kwargs: Any) -> Flask:
-    """The API with the caller set by test headers (accounts, domains), as a credential would."""
-    app = create_app(store, **kwargs)
-
-    @app.before_request
-    def _principal() -> None:
-        accounts = request.headers.get("X-Test-Accounts")
-        if accounts is not None:
-            domains = request.headers.get("X-Test-Domains", "")
-            g.principal = Principal(
-                "tenant",
-                frozenset(a for a in accounts.split(",") if a),
-                frozenset(d for d in domains.split(",") if d),
-            )
-
-    return app
 
 
 def reconciled(store: Store) -> None:

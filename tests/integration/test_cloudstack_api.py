@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask, g, request
 from flask.testing import FlaskClient
 
-from kvmeter.collector.api import create_app
-from kvmeter.collector.api_auth import Principal
 from kvmeter.collector.api_errors import MAX_BODY_BYTES
 from kvmeter.collector.cloudstack_render import cloudstack_date
 from kvmeter.collector.cs_snapshot import Account, Domain, Snapshot
 from kvmeter.collector.model import UsageKey
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.reconciliation import save_names
-from tests.api_support import NOW, filled_store
+from tests.api_support import NOW, filled_store, scoped_app
 from tests.collector_support import (
     ACCT_A,
     ACCT_B,
@@ -65,19 +62,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
         s.save_owner_hints(conn, HINTS, NOW)
     yield s
     s.close()
-
-
-def scoped_app(store: Store, **kwargs: Any) -> Flask:
-    """The API with a caller set per request by a test header, as a credential would set it."""
-    app = create_app(store, **kwargs)
-
-    @app.before_request
-    def _principal() -> None:
-        accounts = request.headers.get("X-Test-Accounts")
-        if accounts is not None:
-            g.principal = Principal("tenant", frozenset(a for a in accounts.split(",") if a))
-
-    return app
 
 
 @pytest.fixture

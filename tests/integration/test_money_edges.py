@@ -6,7 +6,6 @@ decimals; adding a credit answers with what it added, however many the account h
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from pathlib import Path
 
@@ -32,24 +31,13 @@ from kvmeter.collector.retention import DAY_MS, RetentionPolicy
 from kvmeter.collector.schema import handoff_outbox
 from kvmeter.collector.schema_credits import credits
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 from kvmeter.pipeline import allinone
 from tests.billing_support import ACCT_A, GB, TARIFF_DOC, tariff
 from tests.collector_support import HOUR, T0, VM1, Clock, M, Stream, usage_event
+from tests.integration.test_handoff_ids import items as _items
+from tests.integration.test_handoff_ids import opened as _opened
 from tests.integration.test_outbox_store import _run
-
-
-def _opened(url: str, *, outbox: bool) -> Store:
-    store = Store(url, outbox=outbox)
-    store.migrate()
-    return store
-
-
-def _items(store: Store) -> list[dict]:  # type: ignore[type-arg]
-    with store.read() as conn:
-        rows = conn.execute(sa.select(handoff_outbox.c.item).order_by(handoff_outbox.c.id)).scalars()
-        return [json.loads(r) for r in rows]
 
 
 def test_rebuild_after_stop_hands_off_every_window_it_finalizes(tmp_path: Path) -> None:
