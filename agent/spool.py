@@ -92,6 +92,9 @@ class Spool:
         self._active_size = 0
         self._active: Any = None  # file object of the newest segment (append mode)
         self._ack_fd: int | None = None  # ack.msgpack, opened at the first acknowledgement
+        # A poll whose write or fsync failed left bytes past _active_size that could not be cut
+        # off yet: nothing is written behind them (see _cut_back)
+        self._uncut = False
         self.dropped_frames = 0
         self.dropped_bytes = 0  # spool bytes given up because of the size or age bound
         self._open()
@@ -192,6 +195,8 @@ class Spool:
             raise SpoolError("spool opened read-only")
         if not batches:
             raise ValueError("a poll has at least one batch")
+        if self._uncut:
+            self._cut_back()
         if self._active is None or self._active_size >= self.segment_bytes:
             self._rotate()
         # The frames go to the file as pieces (os.writev): a poll's batch is a few hundred KB,
@@ -205,8 +210,20 @@ class Spool:
             frame = frame_pieces(stream_id, first_seq + i, batch, packed_state if last else None, now_ms)
             pieces += frame
             sizes.append(sum(map(len, frame)))
-        _write_all(self._active.fileno(), pieces)
-        os.fsync(self._active.fileno())
+        fd = self._active.fileno()
+        try:
+            _write_all(fd, pieces)
+            os.fsync(fd)
+        except BaseException:
+            # The caller undoes the poll and measures it again under the same sequence numbers:
+            # none of this write may stay (whole frames would be read back on open as a spooled
+            # poll, a torn one would cut off every frame written after it).
+            self._uncut = True
+            try:
+                self._cut_back()
+            except OSError as exc:
+                log.error("spool: cannot cut the failed write off yet (%s): the next append does", exc)
+            raise
         frames = []
         self._just_written = {}
         for i, size in enumerate(sizes):
@@ -221,10 +238,19 @@ class Spool:
         self._enforce_bounds(now_ms)
         return frames
 
+    def _cut_back(self) -> None:
+        """Cut the active segment back to the end of its last poll written whole."""
+        fd = self._active.fileno()
+        os.ftruncate(fd, self._active_size)
+        os.fsync(fd)
+        self._uncut = False
+
     def _rotate(self) -> None:
+        restarted = self._active is None
         if self._active is not None:
             self._active.close()
-        if self._segments and self._active is None and self._active_size < self.segment_bytes:
+            self._active = None  # a failed open below must not leave the closed file active
+        if self._segments and restarted and self._active_size < self.segment_bytes:
             number = self._segments[-1]  # reopen the newest segment after a restart
         else:
             number = (self._segments[-1] + 1) if self._segments else 1
@@ -318,14 +344,24 @@ class Spool:
             too_old = now_ms - oldest.written_ms > self.max_age_ms
             if not (too_big or too_old):
                 break
-            batch = self.read_batch(oldest)
             self._pending.popleft()
             self._pending_bytes -= oldest.size
             self.dropped_frames += 1
             self.dropped_bytes += oldest.size
             dropped.append(oldest)
             if self.on_drop is not None:
-                self.on_drop(oldest, batch)
+                # The poll is on disk already: the dropped batch unreadable (EIO on an old
+                # segment) or not counted must not fail the append (the poll would be undone
+                # and spooled again under the same sequence numbers)
+                try:
+                    batch = self.read_batch(oldest)
+                except Exception as exc:
+                    log.error("spool: dropped batch %s/%d unreadable: %s", oldest.stream_id, oldest.seq, exc)
+                    batch = b""  # counted by its spool bytes
+                try:
+                    self.on_drop(oldest, batch)
+                except Exception:
+                    log.exception("spool: on_drop failed")
         if dropped:
             log.error(
                 "SPOOL BOUND HIT (%d bytes max, %d s max age): dropped %d undelivered batches "
@@ -337,8 +373,11 @@ class Spool:
                 dropped[0].seq,
                 dropped[-1].seq,
             )
-            self._write_ack()
-            self._delete_acked_segments()
+            try:
+                self._write_ack()
+                self._delete_acked_segments()
+            except OSError as exc:  # a lagging ack only re-sends; the next ack or drop writes it
+                log.error("spool: ack position not written after the drop: %s", exc)
 
     def pending_bytes(self) -> int:
         return self._pending_bytes
