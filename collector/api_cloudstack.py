@@ -27,8 +27,9 @@ from kvmeter.collector.cloudstack_params import (
     unknown_account,
     unknown_entity,
 )
-from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED, RecordFacts
+from kvmeter.collector.cloudstack_render import CS_PERMISSION_DENIED
 from kvmeter.collector.owner_directory import OwnerDirectory
+from kvmeter.collector.report import record_facts
 from kvmeter.collector.store import Store, UsageFilter, UsagePager, UsageRow
 from kvmeter.collector.store.pages import account_has_usage
 from kvmeter.collector.store.reconciliation import load_names, load_snapshot
@@ -97,7 +98,7 @@ def _list_usage_records(
             rows: Iterator[UsageRow] = iter(pager.page(conn, flt, limit=req.limit, offset=req.offset))
     if req.limit is None:  # pagesize=-1: every record, streamed a page at a time
         rows = _all_rows(store, flt)
-    records = (cloudstack_render.usage_record(_facts(r, directory), include_tags=req.include_tags,
+    records = (cloudstack_render.usage_record(record_facts(r, directory), include_tags=req.include_tags,
                                               old_format=req.old_format) for r in rows)  # fmt: skip
     return _list_response("listusagerecordsresponse", "usagerecord", count, records, stream=req.limit is None)
 
@@ -191,13 +192,19 @@ class _DirectoryCache:
         kept = self._kept
         if kept is not None and now - kept[0] < DIRECTORY_TTL_S:
             return kept[1]
-        names = load_names(conn)
-        hinted = OwnerDirectory.from_hints(self.store.owner_hints(conn))
-        directory = hinted.with_names(names.accounts, names.domains)
-        directory = directory.with_snapshot(load_snapshot(conn), names.offerings)
+        directory = load_directory(self.store, conn)
         with self._lock:
             self._kept = (now, directory)
         return directory
+
+
+def load_directory(store: Store, conn: Connection) -> OwnerDirectory:
+    """What the store knows of owners and resources: the VMs' <metadata> (owner hints) and the
+    reconciler's names and last snapshot (also for the CLI's cloudstack format)."""
+    names = load_names(conn)
+    hinted = OwnerDirectory.from_hints(store.owner_hints(conn))
+    directory = hinted.with_names(names.accounts, names.domains)
+    return directory.with_snapshot(load_snapshot(conn), names.offerings)
 
 
 def _denied(text: str) -> CloudStackError:
@@ -213,13 +220,6 @@ def _all_rows(store: Store, flt: UsageFilter) -> Iterator[UsageRow]:
         if len(page.rows) < DEFAULT_PAGE_SIZE:
             return
         after = page.after
-
-
-def _facts(row: UsageRow, directory: OwnerDirectory) -> RecordFacts:
-    k = row.key
-    owner, instance = directory.owner(k.account), directory.instance(k.resource)
-    offering = directory.offering(k.offering)
-    return RecordFacts(k, row.quantity, row.resource_name, row.device_type, owner, instance, offering)
 
 
 def _list_response(

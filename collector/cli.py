@@ -317,9 +317,15 @@ def usage(
     try:
         rows = store.usage(start, end, account=account, usage_type=usage_type, resource=resource)
         stats = store.stats(_wall_ms() - config_mod.CollectorConfig().settings.park_horizon_ms)
+        directory = None
+        if fmt == "cloudstack":  # the same owner and resource facts as /client/api shows
+            from kvmeter.collector.api_cloudstack import load_directory
+
+            with store.read() as conn:
+                directory = load_directory(store, conn)
     finally:
         store.close()
-    sys.stdout.write(report.render(rows, fmt))
+    sys.stdout.write(report.render(rows, fmt, directory))
     if fmt == "table":  # the rest of the byte count, for whoever audits the numbers above
         click.echo(
             f"store: {stats['parked_bytes']} B parked without a known owner "

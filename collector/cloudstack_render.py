@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -267,9 +268,18 @@ def _java_string(value: Any) -> str:
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
+# Characters XML 1.0 allows in no form, not even as a character reference (its Char production):
+# C0 controls but tab, LF and CR, and U+FFFE / U+FFFF. CR is kept as a reference, else a parser
+# reads it as LF.
+_NOT_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
 def _xml_text(text: str) -> str:
-    """ApiResponseSerializer.escapeSpecialXmlChars: the five XML specials."""
-    return escape(text, {'"': "&quot;", "'": "&apos;"})
+    """ApiResponseSerializer.escapeSpecialXmlChars: the five XML specials; and, unlike it, what XML
+    1.0 forbids (a control character in a tag, a name or an echoed parameter) replaced by U+FFFD,
+    so that the document stays well-formed for every client."""
+    escaped = escape(text, {'"': "&quot;", "'": "&apos;", "\r": "&#13;"})
+    return _NOT_XML_CHAR.sub("\ufffd", escaped)
 
 
 def _version() -> str:

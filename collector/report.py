@@ -26,6 +26,7 @@ from kvmeter.collector.model import (
     USAGE_TYPE_NAMES,
     UsageKey,
 )
+from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.store import Adjustment, UsageRow
 from kvmeter.collector.usage import rawusage
 from kvmeter.collector.vm_size import parse_size
@@ -135,19 +136,30 @@ def render_adjustments(adjustments: Sequence[Adjustment], fmt: str) -> str:
     raise ValueError(f"unknown format {fmt!r} for adjustments; json or csv")
 
 
-def cloudstack_response(rows: Sequence[UsageRow]) -> dict[str, Any]:
+def cloudstack_response(rows: Sequence[UsageRow], directory: OwnerDirectory | None = None) -> dict[str, Any]:
     """listUsageRecords' JSON response for the CLI (the API's /client/api renders the same
-    records). Unattributed bytes belong to no CloudStack account and are left out here (they
-    are in the JSON/CSV reports and the metrics)."""
+    records, with the same owner directory: account names, domains, zones, sizes). Unattributed
+    bytes belong to no CloudStack account and are left out here (they are in the JSON/CSV
+    reports and the metrics)."""
+    directory = directory or OwnerDirectory()
     records = [
-        cloudstack_render.usage_record(RecordFacts(r.key, r.quantity, r.resource_name, r.device_type))
+        cloudstack_render.usage_record(record_facts(r, directory))
         for r in rows
         if r.key.account != UNATTRIBUTED
     ]
     return {"listusagerecordsresponse": {"count": len(records), "usagerecord": records}}
 
 
-def render(rows: Sequence[UsageRow], fmt: str) -> str:
+def record_facts(row: UsageRow, directory: OwnerDirectory) -> RecordFacts:
+    """A record with what the directory knows of its account, VM and offering (listUsageRecords'
+    fields, for /client/api and the CLI alike)."""
+    k = row.key
+    owner, instance = directory.owner(k.account), directory.instance(k.resource)
+    offering = directory.offering(k.offering)
+    return RecordFacts(k, row.quantity, row.resource_name, row.device_type, owner, instance, offering)
+
+
+def render(rows: Sequence[UsageRow], fmt: str, directory: OwnerDirectory | None = None) -> str:
     if fmt == "json":
         return json.dumps([record_dict(r) for r in rows], indent=2) + "\n"
     if fmt == "csv":
@@ -158,7 +170,7 @@ def render(rows: Sequence[UsageRow], fmt: str) -> str:
             writer.writerow(record_dict(r))
         return out.getvalue()
     if fmt == "cloudstack":
-        return json.dumps(cloudstack_response(rows), indent=2) + "\n"
+        return json.dumps(cloudstack_response(rows, directory), indent=2) + "\n"
     if fmt == "table":
         return _table(rows)
     raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
@@ -172,8 +184,9 @@ def _table(rows: Sequence[UsageRow]) -> str:
         name = USAGE_TYPE_NAMES.get(k.usage_type, str(k.usage_type))
         unit = "B" if k.usage_type in BYTE_TYPES else "h"
         quantity = f"{rawusage(k.usage_type, r.quantity)} {unit}"
-        if r.adjustment:
-            quantity += f" (adj {r.adjustment:+d})"
+        if r.adjustment:  # in the quantity's unit (hours for VM and IP time), as rawusage shows it
+            adjustment = rawusage(k.usage_type, r.adjustment)
+            quantity += f" (adj {'' if adjustment.startswith('-') else '+'}{adjustment})"
         detail = k.detail if k.usage_type in BYTE_TYPES else " ".join(filter(None, (k.offering, k.detail)))
         resource = f"{r.resource_name} {k.resource}".strip() if r.resource_name else k.resource
         lines.append(
