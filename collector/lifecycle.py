@@ -29,7 +29,9 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
 - Offerings from async jobs (their jobResult is the VM as the API returned it; they have no
   time): a completed VM.CREATE job's offering is the VM's first; a completed scaling job's
   (VM.UPGRADE / VM.DYNAMIC.SCALE) offering goes to the resource's one scaling usage event
-  without an offering (more than one: not paired, the reconciler settles it).
+  without an offering; more than one: each job to the bare scaling event delivered just before
+  it, when one source (a Kafka partition, a stream, a file) delivered them all, else not paired
+  (the reconciler settles it).
 - Sizes (custom offerings, vm_size.py): a VM usage event naming cpunumber and memory (the
   reconciler's corrections; a job result's VM details, paired as its offering is) sets the
   VM's size; a segment carries the offering and size in force when it opened, and a scaling
@@ -89,6 +91,7 @@ _READ_ATTRIBUTES = re.compile(
 )  # all it reads
 
 _SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE"})
+ROUTER_OWNER = "ROUTER.OWNER"  # the reconciler's: the owner of a virtual router's network
 JOB_DONE = "SUCCEEDED"  # JobInfo.Status of a completed async job
 
 
@@ -306,15 +309,48 @@ def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[tuple[str, str
     bare = [
         ev for ev in events if ev.category == pb.USAGE and ev.event_type in _SCALING and not ev.offering_uuid
     ]
+    pairs: dict[int, tuple[str, str]] = {}
     if len(scaled) == 1 and len(bare) == 1:
+        pairs[id(bare[0])] = scaled.pop()
+    else:
+        jobs = [ev for ev in done if ev.event_type in _SCALING]
+        pairs = _paired_in_delivery_order(bare, jobs)
+    named_events: dict[int, pb.LifecycleEvent] = {}
+    for ev in bare:
+        if id(ev) not in pairs:
+            continue
         named = pb.LifecycleEvent()
-        named.CopyFrom(bare[0])
-        named.offering_uuid, size = scaled.pop()
+        named.CopyFrom(ev)
+        named.offering_uuid, size = pairs[id(ev)]
         if size:
             cpu, memory = size.split("/")
             named.attributes.update({"cpunumber": cpu, "memory": memory})
-        events = [named if ev is bare[0] else ev for ev in events]
+        named_events[id(ev)] = named
+    if named_events:
+        events = [named_events.get(id(ev), ev) for ev in events]
     return (created.pop() if len(created) == 1 else ("", "")), events
+
+
+def _paired_in_delivery_order(
+    bare: list[pb.LifecycleEvent], jobs: list[pb.LifecycleEvent]
+) -> dict[int, tuple[str, str]]:
+    """id(bare scaling usage event) -> (offering, size) of the scaling job that completed after
+    it, when all of them came by one source that keeps its order (a Kafka partition: the bus
+    keys by the VM's uuid; a RabbitMQ stream; a file): a job completes after the usage event
+    its command published, before the next command's."""
+    both = [*bare, *jobs]
+    if not bare or not jobs or len({ev.delivery_source for ev in both}) != 1 or not both[0].delivery_source:
+        return {}
+    placed = sorted(both, key=lambda ev: (ev.delivery_seq, ev.category != pb.USAGE))
+    pairs: dict[int, tuple[str, str]] = {}
+    pending: pb.LifecycleEvent | None = None
+    for ev in placed:
+        if ev.category == pb.USAGE:
+            pending = ev
+        elif pending is not None and pending.event_type == ev.event_type:
+            pairs[id(pending)] = (ev.offering_uuid, size_of(ev.attributes, "details."))
+            pending = None
+    return pairs
 
 
 def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) -> ResourceHistory:
@@ -333,10 +369,18 @@ def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) ->
             address = ev.ip_address
         if ev.category == pb.USAGE and ev.account_is_owner and ev.account_uuid:
             if not hist.owners or hist.owners[-1].account != ev.account_uuid:
-                since = max(ev.time, hist.owners[-1].time_ms) if hist.owners else ev.time  # skew
+                # skew: never before the order time (an opener it makes opens no earlier)
+                since = max(at[id(ev)], hist.owners[-1].time_ms) if hist.owners else ev.time
                 hist.owners.append(OwnerChange(since, ev.account_uuid))
         (hist.applied if machine.apply(ev) else hist.ignored).append(ev.event_id)
     hist.allocation_pending = machine.created and machine.open["allocated"] is None
+    if any(ev.category == pb.USAGE and ev.event_type == ROUTER_OWNER for ev in events):
+        # A virtual router: CloudStack publishes its state events as a VM's, but bills no
+        # VM time for system VMs (usage events are for user VMs only); its owner is for its bytes.
+        for kind in ("running", "allocated"):
+            machine.segments[kind].clear()
+            machine.open[kind] = None
+        hist.allocation_pending = False
     for kind, cur in machine.open.items():
         if cur is not None:
             machine.segments[kind].append((cur.start_ms, None, cur.offering, cur.size))

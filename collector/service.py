@@ -30,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 
+from sqlalchemy.engine import Connection
+
 from kvmeter.collector import lifecycle, residency, usage
 from kvmeter.collector.aggregate import Route
 from kvmeter.collector.attribution import OwnerIndex
@@ -148,6 +150,10 @@ class Collector(EventsPath):
             with self.store.write() as conn:
                 final_through = self.store.finalized_through(conn)
                 self.store.lock_resources(conn, chunk)
+                # Another replica may have stored events of these resources since the sync above
+                # (and written their records): learn them under the lock, else the values below
+                # come from a stale history and overwrite the right ones.
+                self._learn_stored(conn, chunk)
                 # Only windows still open: time alone changes nothing final.
                 values = {
                     resource: {
@@ -183,6 +189,17 @@ class Collector(EventsPath):
             self._forget_absent()
         self._forget_inventory(now)
         return out
+
+    def _learn_stored(self, conn: Connection, resources: list[str]) -> None:
+        """Learn the events of these resources stored (by anyone) and not known here."""
+        stored = self.store.event_ids_of_many(conn, resources)
+        behind = [r for r in resources if stored.get(r, set()) - self._events.get(r, {}).keys()]
+        if not behind:
+            return
+        raw = self.store.events_of_many(conn, behind)
+        self._learn(
+            pb.LifecycleEvent.FromString(event) for resource in behind for event in raw.get(resource, [])
+        )
 
     @property
     def events(self) -> Mapping[str, Mapping[str, pb.LifecycleEvent]]:

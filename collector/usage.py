@@ -10,7 +10,8 @@
     byte_resource(measure: Measure) -> str
 
 Keys are deterministic (UsageKey), so a replay or a duplicate lands on the same row:
-- time types 1 RUNNING_VM / 2 ALLOCATED_VM / 3 IP_ADDRESS: account = the segment's owner,
+- time types 1 RUNNING_VM / 2 ALLOCATED_VM / 3 IP_ADDRESS: account = the owner of each moment of
+  the segment (its owner at its start, then each owner change while it is open),
   resource = the resource uuid, offering = the segment's offering, detail = the segment's size
   where the VM's own (a custom offering's vCPUs / memory MiB, "2/2048": vm_size.py), else "".
 - byte types 4 (VM sent) / 5 (VM received): resource = instance uuid, else domain name, else the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from decimal import ROUND_HALF_EVEN, Decimal
+from itertools import pairwise
 
 from kvmeter.collector.errors import BAD_DIRECTION, UNKNOWN_USAGE_TYPE, BadInput
 from kvmeter.collector.model import (
@@ -33,6 +35,7 @@ from kvmeter.collector.model import (
     ByteIncrement,
     Measure,
     ResourceHistory,
+    Segment,
     UsageKey,
     UsageValue,
 )
@@ -75,10 +78,25 @@ def time_usage(
             end = now_ms if seg.end_ms is None else min(seg.end_ms, now_ms)
             if end <= start:
                 continue
-            for ws, we in windows_between(start, end, window_ms):
-                key = UsageKey(seg.account, usage_type, history.resource_uuid, seg.offering, seg.size, ws, we)
-                totals[key] += min(we, end) - max(ws, start)
+            for part_start, part_end, account in _owned_parts(history, seg, start, end):
+                for ws, we in windows_between(part_start, part_end, window_ms):
+                    key = UsageKey(account, usage_type, history.resource_uuid, seg.offering, seg.size, ws, we)
+                    totals[key] += min(we, part_end) - max(ws, part_start)
     return [UsageValue(key, ms) for key, ms in sorted(totals.items())]
+
+
+def _owned_parts(history: ResourceHistory, seg: Segment, start: int, end: int) -> list[tuple[int, int, str]]:
+    """[start, end) of a segment cut where its resource changed owner: each part billed to the
+    owner of its time (a move while the segment stays open: VM.DESTROY / VM.CREATE under
+    allocated_until "expunge", or an assignment whose closer the bus lost)."""
+    cuts = sorted({o.time_ms for o in history.owners[1:] if start < o.time_ms < end})
+    if not cuts:
+        return [(start, end, seg.account)]
+    bounds = [start, *cuts, end]
+    return [
+        (a, b, (history.owner_at(a) if a > seg.start_ms else seg.account) or seg.account)
+        for a, b in pairwise(bounds)
+    ]
 
 
 def covered_range(

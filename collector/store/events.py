@@ -80,6 +80,16 @@ class LifecycleEvents(StoreCore):
                 out.setdefault(row[0], []).append(bytes(row[1]))
         return out
 
+    def event_ids_of_many(self, conn: Connection, resources: Iterable[str]) -> dict[str, set[str]]:
+        """{resource: ids of its stored events} of the resources named (no payloads)."""
+        ev = lifecycle_events.c
+        out: dict[str, set[str]] = {}
+        for part in slices(sorted(set(resources))):
+            query = sa.select(ev.resource_uuid, ev.event_id).where(ev.resource_uuid.in_(part))
+            for row in conn.execute(query):
+                out.setdefault(row[0], set()).add(row[1])
+        return out
+
     def events_since(
         self, conn: Connection, last_id: int, limit: int = 10000
     ) -> list[tuple[int, str, bytes, str]]:
