@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.model import ALLOCATED_VM, IP_ADDRESS, RUNNING_VM, Record, Settings
 from kvmeter.collector.policy import BillingPolicy
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
@@ -28,9 +28,9 @@ from tests.collector_support import (
     cs_time,
     usage_event,
 )
+from tests.retention_support import state_event
 
 MIN = 60_000
-RUNNING_VM, ALLOCATED_VM, IP_ADDRESS = 1, 2, 3
 
 
 @pytest.fixture
@@ -44,18 +44,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
 def rec(kv: tuple[bytes, bytes], origin: str = "", order: tuple[str, int] | None = None) -> Record:
     key, value = kv
     return Record(value, key, origin, order)
-
-
-def state_event(resource: str, old: str, new: str, at_ms: int) -> tuple[bytes, bytes]:
-    doc = {
-        "resource": "VirtualMachine",
-        "id": resource,
-        "old-state": old,
-        "new-state": new,
-        "status": "postStateTransitionEvent",
-        "eventDateTime": cs_time(at_ms),
-    }
-    return resource.encode(), json.dumps(doc, separators=(",", ":")).encode()
 
 
 def by_account(store: Store, usage_type: int) -> dict[str, int]:
