@@ -7,6 +7,7 @@ Raises ApiUnavailable for anything short of a complete, well-formed answer.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import requests
@@ -17,6 +18,15 @@ from kvmeter.collector.cs_snapshot import LISTS, ApiUnavailable, Snapshot, Snaps
 __all__ = ["ApiUnavailable", "CloudStackApi"]
 
 PROJECT_LISTS = frozenset({"listVirtualMachines", "listRouters", "listPublicIpAddresses", "listNetworks"})
+PAGE_SIZE = 500  # CloudStack's default.page.size default (and the `cs` client's)
+READS = 3  # reads of a list that keeps changing while it is paged before the pass is given up
+# The signed query the `cs` client sends by GET, quoted by requests' errors ("Max retries exceeded
+# with url: /client/api?...apiKey=...&signature=..."): never in a log, nor in /health.
+_SIGNED = re.compile(r"(?i)\b(apikey|signature|expires|sessionkey)=[^&\s'\")]*")
+
+
+def _redacted(text: str) -> str:
+    return _SIGNED.sub(r"\1=<redacted>", text)
 
 
 class CloudStackApi:
@@ -37,11 +47,45 @@ class CloudStackApi:
 
     def _list(self, command: str, **params: str) -> Any:
         try:
-            return getattr(self.client, command)(listall="true", fetch_list=True, **params)
+            for _ in range(READS):
+                items = self._read(command, params)
+                if items is not None:
+                    return items
         except (CloudStackException, requests.RequestException) as exc:
-            raise ApiUnavailable(f"{command}: {exc}") from None
+            raise ApiUnavailable(_redacted(f"{command}: {exc}")) from None
         except (ValueError, TypeError, KeyError, AttributeError) as exc:  # a malformed envelope
-            raise ApiUnavailable(f"{command}: unexpected answer: {exc!r}") from None
+            raise ApiUnavailable(_redacted(f"{command}: unexpected answer: {exc!r}")) from None
+        raise ApiUnavailable(f"{command}: the list changed while it was paged, {READS} reads in a row")
+
+    def _read(self, command: str, params: dict[str, str]) -> list[Any] | None:
+        """Every page of one list; None when it changed while it was paged. Each page is its own
+        query (BaseListCmd: offset and limit, QueryManagerImpl orders VMs by id): an item removed
+        meanwhile slides a later one onto a page already read. So a count that differs between
+        pages, or pages that end short of (or beyond) the count CloudStack announced, is no
+        complete list: what is missing from it must not look gone."""
+        key = LISTS[command]
+        items: list[Any] = []
+        announced: int | None = None
+        page = 1
+        while True:
+            data = getattr(self.client, command)(listall="true", page=page, pagesize=PAGE_SIZE, **params)
+            if not isinstance(data, dict):
+                raise TypeError(f"a {type(data).__name__}, not an object")
+            chunk = data.get(key) or []
+            if not isinstance(chunk, list):
+                raise TypeError(f"{key} is a {type(chunk).__name__}, not a list")
+            if not chunk:  # `{}`: nothing on this page
+                return items if len(items) == (announced or 0) else None
+            count = data.get("count")
+            if isinstance(count, bool) or not isinstance(count, int):
+                raise ValueError(f"count {count!r}")
+            if announced is not None and count != announced:
+                return None
+            announced = count
+            items.extend(chunk)
+            if len(items) >= count:
+                return items if len(items) == count else None
+            page += 1
 
     def snapshot(self, taken_ms: int) -> Snapshot:
         raw = self.fetch()

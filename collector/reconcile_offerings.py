@@ -23,6 +23,11 @@ def offerings(
         named, sizes = {s.offering for s in segments}, {s.size for s in segments}
         if not segments or (named == {vm.offering} and (not size or sizes == {size})):
             continue
+        if max(view.last_event_ms.get(uuid, 0), view.scaled_ms.get(uuid, 0)) > snapshot.taken_ms:
+            # The read began before the VM's latest event (a scaling the bus told of meanwhile):
+            # it says nothing of the offering since; the next pass will.
+            out.notes.append(f"{uuid}: an event came after this pass's read began: offering left alone")
+            continue
         start = max(s.start_ms for s in segments)
         if named == {""}:
             at = min(s.start_ms for s in segments)
