@@ -101,6 +101,8 @@ class Relay:
         point = os.environ.get(FAILPOINT, "")
         self._kill_after = int(point.split(":", 1)[1]) if point.startswith(_FAILPOINT_PREFIX) else 0
         self._deliveries = 0
+        self._lease_lock = threading.Lock()  # a renewal and the release, one at a time
+        self._held_until = 0
 
     def _error_of(self, sink: str) -> Callable[[str], None]:
         def count(message: str) -> None:
@@ -111,9 +113,13 @@ class Relay:
 
     def round(self) -> tuple[int, bool]:
         """One round; returns (items claimed, whether every one was confirmed by every sink)."""
-        rows = self.store.claim_outbox(self.cfg.batch_size, self.clock(), self.cfg.lease_ms, self.sink_names)
+        now = self.clock()
+        rows = self.store.claim_outbox(self.cfg.batch_size, now, self.cfg.lease_ms, self.sink_names)
         if not rows:
             return 0, True
+        # The lease this round set last: its token. A relay claims rows only once their lease
+        # lapsed, so its lease ends after ours; renewals and the release touch ours alone.
+        self._held_until = now + self.cfg.lease_ms
         finished = threading.Event()
         keeper = threading.Thread(
             target=self._keep_lease, args=([r.id for r in rows], finished), name="handoff-lease", daemon=True
@@ -130,7 +136,10 @@ class Relay:
         while not finished.wait(self.cfg.lease_s / 3):
             now = self.clock()
             try:
-                self.store.renew_outbox(ids, now + self.cfg.lease_ms, now)
+                with self._lease_lock:
+                    until = now + self.cfg.lease_ms
+                    if self.store.renew_outbox(ids, until, now, self._held_until):
+                        self._held_until = until
             except Exception as exc:  # the next renewal tries again; a lapse only risks a duplicate
                 log.warning("hand-off: lease not renewed: %s", exc)
 
@@ -151,7 +160,8 @@ class Relay:
             done[sink.name] = had | set(confirmed)
             error = error or problem
         unsent = {i for i in unsent if not all(i in done[name] for name in self.sink_names)}
-        self.store.release_outbox(sorted(unsent), error or "not confirmed")
+        with self._lease_lock:
+            self.store.release_outbox(sorted(unsent), error or "not confirmed", self._held_until)
         return len(rows), not unsent
 
     def run(self) -> None:

@@ -122,31 +122,38 @@ class Outbox(StoreCore):
                     .values(sent_ms=now_ms, claimed_until_ms=None, last_error=None)
                 )
 
-    def renew_outbox(self, ids: Sequence[int], until_ms: int, now_ms: int) -> int:
+    def renew_outbox(
+        self, ids: Sequence[int], until_ms: int, now_ms: int, held_until: int | None = None
+    ) -> int:
         """Extend the lease on these rows while their delivery goes on (rows sent meanwhile, or
-        whose lease already lapsed, are left alone); returns the rows renewed."""
+        whose lease already lapsed, are left alone; with held_until, the lease this relay set
+        last, so also rows another relay claimed since); returns the rows renewed."""
         ob = handoff_outbox.c
         renewed = 0
+        held = [] if held_until is None else [ob.claimed_until_ms == held_until]
         with self.write() as conn:
             for part in slices(list(ids)):
                 result = conn.execute(
                     sa.update(handoff_outbox)
-                    .where(ob.id.in_(part), ob.sent_ms.is_(None), ob.claimed_until_ms >= now_ms)
+                    .where(ob.id.in_(part), ob.sent_ms.is_(None), ob.claimed_until_ms >= now_ms, *held)
                     .values(claimed_until_ms=until_ms)
                 )
                 renewed += int(result.rowcount or 0)
         return renewed
 
-    def release_outbox(self, ids: Sequence[int], error: str) -> None:
-        """Delivery failed: the rows are free for the next attempt, with the reason kept."""
+    def release_outbox(self, ids: Sequence[int], error: str, held_until: int | None = None) -> None:
+        """Delivery failed: the rows are free for the next attempt, with the reason kept. With
+        held_until (the lease the caller set last), only rows still under that lease: a row
+        another relay claimed after the caller's lease lapsed stays that relay's."""
         if not ids:
             return
         ob = handoff_outbox.c
+        held = [] if held_until is None else [ob.claimed_until_ms == held_until]
         with self.write() as conn:
             for part in slices(list(ids)):
                 conn.execute(
                     sa.update(handoff_outbox)
-                    .where(ob.id.in_(part), ob.sent_ms.is_(None))
+                    .where(ob.id.in_(part), ob.sent_ms.is_(None), *held)
                     .values(claimed_until_ms=None, last_error=error[:1000])
                 )
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from kvmeter.collector.schema import (
+    KEY_COLUMNS,
     collector_state,
     corrections,
     dead_letters,
@@ -117,6 +118,7 @@ class Pruning(UsageWrites):
         gaps = 0
         for part in slices(keys, 1000):
             if table is usage_records:  # their versions stay: no transaction id is given twice
+                self._lock_records(conn, part)
                 versions.keep_pruned(conn, self, part)
             if table is stream_marks:
                 gaps += int(
@@ -124,6 +126,22 @@ class Pruning(UsageWrites):
                 )
             conn.execute(sa.delete(table).where(key.in_(part)))
         return gaps
+
+    def _lock_records(self, conn: Connection, ids: Sequence[Any]) -> None:
+        """PostgreSQL: before their versions are kept and the rows deleted, the resources'
+        advisory locks (a recompute holding one has read the records, and the usage watermark
+        it read stays true until it commits), then the records' row locks in key order, as
+        adjusters take them: an adjustment in flight commits first, and the version kept
+        below is the one it gave."""
+        if not self.is_postgres or not ids:
+            return
+        rec = usage_records.c
+        resources: list[str] = list(
+            conn.execute(sa.select(rec.resource).where(rec.id.in_(ids)).distinct()).scalars()
+        )
+        self.lock_resources(conn, resources)
+        order = [rec[c].collate("C") if isinstance(rec[c].type, sa.String) else rec[c] for c in KEY_COLUMNS]
+        conn.execute(sa.select(rec.id).where(rec.id.in_(ids)).order_by(*order).with_for_update()).all()
 
     def gaps_count(self, conn: Connection, streams: Sequence[str]) -> int:
         total = 0

@@ -160,6 +160,18 @@ class UsageWrites(StoreCore):
             ],
         )
         made = self._versions(conn, keys)
+        # A record a retention pass deleted while this upsert waited for its row (or just
+        # before it) was inserted again from the versions read above, before that pass
+        # committed the version it kept: continue after the kept version, read again now that
+        # this transaction holds the record's row (the pass's commit is visible to it).
+        behind = {k: v + 1 for k, v in versions.floors(conn, keys).items() if v >= made[k]}
+        for k, version in sorted(behind.items()):
+            conn.execute(
+                sa.update(usage_records)
+                .where(*(rec[c] == getattr(k, c) for c in KEY_COLUMNS))
+                .values(version=version)
+            )
+        made.update(behind)
         conn.execute(
             sa.insert(usage_adjustments),
             [
