@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from kvmeter.collector.correction import Correction
 from kvmeter.collector.cs_snapshot import Snapshot
+from kvmeter.collector.lifecycle import ROUTER_OWNER
 from kvmeter.collector.reconcile_view import Findings, View, open_segment
 
-ROUTER_OWNER = "ROUTER.OWNER"
 _IP_FREED = frozenset({"Free", "Releasing"})  # IPAddressResponse states of an address given back
 
 
