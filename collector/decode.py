@@ -245,8 +245,8 @@ def _address(m: pb.IPMeasure, where: str) -> str:
 
 def _escaped(value: str | bytes) -> str:
     """mac and device, informational, are read only here (checked in decode_batch's loop they
-    would cost the collector a fifth more decoding): not UTF-8, they are kept with the bytes
-    that are not escaped (\\xNN) rather than refused."""
+    would cost the collector a fifth more decoding): not UTF-8, they are kept, their bytes that
+    are not UTF-8 escaped (\\xNN), rather than refused."""
     return value if isinstance(value, str) else value.decode("utf-8", "backslashreplace")
 
 

@@ -57,6 +57,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from kvmeter.collector.job_offerings import with_job_offerings
 from kvmeter.collector.lifecycle_order import (
     EFFECT_RANK,
     MAX_SKEW_MS,
@@ -90,9 +91,7 @@ _READ_ATTRIBUTES = re.compile(
     r"^(old-state|new-state|nic\.\d+\.(mac|ip)|cpunumber|cpuNumber|memory|details\.(cpuNumber|memory))$"
 )  # all it reads
 
-_SCALING = frozenset({"VM.UPGRADE", "VM.DYNAMIC.SCALE"})
 ROUTER_OWNER = "ROUTER.OWNER"  # the reconciler's: the owner of a virtual router's network
-JOB_DONE = "SUCCEEDED"  # JobInfo.Status of a completed async job
 
 
 def as_read(event: pb.LifecycleEvent) -> pb.LifecycleEvent:
@@ -293,68 +292,8 @@ class _Machine:
         return False
 
 
-def _with_job_offerings(events: list[pb.LifecycleEvent]) -> tuple[tuple[str, str], list[pb.LifecycleEvent]]:
-    """The VM's offering and size at creation and its events, a scaling usage event given the
-    offering and size (cpunumber / memory) a completed scaling job named. Async jobs carry the VM
-    as the API returned it (offering, size, no time); usage events the time (neither): paired
-    only where that is unambiguous."""
-    done = [ev for ev in events if ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE and ev.offering_uuid]
-    # A job result's VM has its own size in its details only on a custom offering.
-    created = {
-        (ev.offering_uuid, size_of(ev.attributes, "details.")) for ev in done if ev.event_type == "VM.CREATE"
-    }
-    scaled = {
-        (ev.offering_uuid, size_of(ev.attributes, "details.")) for ev in done if ev.event_type in _SCALING
-    }
-    bare = [
-        ev for ev in events if ev.category == pb.USAGE and ev.event_type in _SCALING and not ev.offering_uuid
-    ]
-    pairs: dict[int, tuple[str, str]] = {}
-    if len(scaled) == 1 and len(bare) == 1:
-        pairs[id(bare[0])] = scaled.pop()
-    else:
-        jobs = [ev for ev in done if ev.event_type in _SCALING]
-        pairs = _paired_in_delivery_order(bare, jobs)
-    named_events: dict[int, pb.LifecycleEvent] = {}
-    for ev in bare:
-        if id(ev) not in pairs:
-            continue
-        named = pb.LifecycleEvent()
-        named.CopyFrom(ev)
-        named.offering_uuid, size = pairs[id(ev)]
-        if size:
-            cpu, memory = size.split("/")
-            named.attributes.update({"cpunumber": cpu, "memory": memory})
-        named_events[id(ev)] = named
-    if named_events:
-        events = [named_events.get(id(ev), ev) for ev in events]
-    return (created.pop() if len(created) == 1 else ("", "")), events
-
-
-def _paired_in_delivery_order(
-    bare: list[pb.LifecycleEvent], jobs: list[pb.LifecycleEvent]
-) -> dict[int, tuple[str, str]]:
-    """id(bare scaling usage event) -> (offering, size) of the scaling job that completed after
-    it, when all of them came by one source that keeps its order (a Kafka partition: the bus
-    keys by the VM's uuid; a RabbitMQ stream; a file): a job completes after the usage event
-    its command published, before the next command's."""
-    both = [*bare, *jobs]
-    if not bare or not jobs or len({ev.delivery_source for ev in both}) != 1 or not both[0].delivery_source:
-        return {}
-    placed = sorted(both, key=lambda ev: (ev.delivery_seq, ev.category != pb.USAGE))
-    pairs: dict[int, tuple[str, str]] = {}
-    pending: pb.LifecycleEvent | None = None
-    for ev in placed:
-        if ev.category == pb.USAGE:
-            pending = ev
-        elif pending is not None and pending.event_type == ev.event_type:
-            pairs[id(pending)] = (ev.offering_uuid, size_of(ev.attributes, "details."))
-            pending = None
-    return pairs
-
-
 def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) -> ResourceHistory:
-    initial, events = _with_job_offerings(events)
+    initial, events = with_job_offerings(events)
     at = order_times(events)
     events.sort(key=lambda ev: (at[id(ev)], *event_order(ev)))
     hist = ResourceHistory(resource_uuid=uuid)
