@@ -29,12 +29,12 @@ from typing import Any
 import msgpack
 
 from kvmeter.agent.spool_frames import HEADER, frame_pieces, read_frames
+from kvmeter.agent.spool_io import fsync_dir, write_all
 
 log = logging.getLogger(__name__)
 
 SEGMENT_GLOB = "seg-*.kvs"
 ACK_RECORD_BYTES = 34  # {"segment": u64, "offset": u64} in msgpack
-IOV_MAX = 1024  # pieces per writev (Linux's limit)
 
 
 def _segment_name(number: int) -> str:
@@ -212,7 +212,7 @@ class Spool:
             sizes.append(sum(map(len, frame)))
         fd = self._active.fileno()
         try:
-            _write_all(fd, pieces)
+            write_all(fd, pieces)
             os.fsync(fd)
         except BaseException:
             # The caller undoes the poll and measures it again under the same sequence numbers:
@@ -257,7 +257,7 @@ class Spool:
             self._segments.append(number)
             self._active_size = 0
         self._active = open(self.dir / _segment_name(number), "ab", buffering=0)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     # -- read back, acknowledge, bound --------------------------------------------------------
 
@@ -392,22 +392,3 @@ class Spool:
         if self._ack_fd is not None:
             os.close(self._ack_fd)
             self._ack_fd = None
-
-
-def _write_all(fd: int, pieces: list[Any]) -> None:
-    """Write every piece, in order, with as few system calls as the kernel allows."""
-    views = [memoryview(piece).cast("B") for piece in pieces]
-    while views:
-        written = os.writev(fd, views[:IOV_MAX])
-        while views and written >= len(views[0]):
-            written -= len(views.pop(0))
-        if written:  # a piece written in part
-            views[0] = views[0][written:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
