@@ -47,6 +47,9 @@ class Principal:
 OPERATOR = Principal("operator")
 MAX_API_KEY = 128  # characters (api_credentials.lookup)
 NOBODY = Principal("nobody", frozenset())  # outside an authenticated request: sees nothing
+SIGNATURE_MISMATCH = "signature mismatch"
+BAD_SIGNED = "unknown or revoked apikey, or signature mismatch"
+_NO_SECRET = "\x00no secret: an unknown apikey"  # an HMAC all the same: the same time either way
 
 
 class NoCredentials(ValueError):
@@ -127,11 +130,13 @@ class Authenticator:
             found = None
             if api_key.isprintable() and len(api_key) <= MAX_API_KEY:  # e.g. no NUL for the DB
                 found = self.configured.current.by_api_key(api_key) or self.minted.by_api_key(api_key)
-            if found is None:
-                return Refusal("unknown or revoked apikey")
-            secret, grant = found
+            # One answer for an unknown key and a bad signature (as CloudStack's): a refusal
+            # must not tell whether a key exists, or is still in force.
+            secret = _NO_SECRET if found is None else found[0]
             problem = cloudstack_signature_problem(items, secret, self.clock())
-            return Refusal(problem) if problem else self.principal(grant)
+            if found is None or problem == SIGNATURE_MISMATCH:
+                return Refusal(BAD_SIGNED)
+            return Refusal(problem) if problem else self.principal(found[1])
         if self.anonymous and not self.has_credentials():
             return OPERATOR
         return Refusal("a credential is needed: `Authorization: Bearer <token>`, or a signed request")
@@ -174,7 +179,7 @@ def cloudstack_signature_problem(params: Iterable[tuple[str, str]], secret: str,
     args = {k.lower(): v for k, v in items}
     given = args.get("signature", "").encode()  # as bytes: any text compares, ASCII or not
     if not hmac.compare_digest(cloudstack_signature(items, secret).encode(), given):
-        return "signature mismatch"
+        return SIGNATURE_MISMATCH
     if args.get("signatureversion") == "3":
         try:
             expires = dt.datetime.strptime(args.get("expires", ""), "%Y-%m-%dT%H:%M:%S%z")

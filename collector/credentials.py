@@ -140,7 +140,7 @@ def from_entries(entries: list[Any], where: str) -> tuple[Credentials, list[str]
     keys: dict[str, tuple[str, Grant]] = {}
     problems: list[str] = []
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        if not isinstance(entry, dict) or not _well_typed(entry):
             continue  # the schema reported it
         at = f"{where}[{i}] ({entry['name']})"
         grant = scoped(entry["name"], entry.get("accounts", ()), entry.get("domains", ()))
@@ -160,9 +160,22 @@ def from_entries(entries: list[Any], where: str) -> tuple[Credentials, list[str]
     return Credentials(tokens, keys), problems
 
 
+def _well_typed(entry: dict[str, Any]) -> bool:
+    """The entry's values have the schema's types (a token not quoted is a problem the schema
+    names, never a crash here)."""
+    texts = all(
+        isinstance(entry.get(k, ""), str) for k in ("name", "token", "token_sha256", "api_key", "secret_key")
+    )
+    ids = all(
+        isinstance(entry.get(k, []), list) and all(isinstance(x, str) for x in entry.get(k, []))
+        for k in ("accounts", "domains")
+    )
+    return "name" in entry and texts and ids
+
+
 API_PROPERTIES: dict[str, Any] = {
-    "token": {"type": "string"},
-    "token_file": {"type": "string"},
+    "token": {"type": "string", "minLength": 1},
+    "token_file": {"type": "string", "minLength": 1},
     "cloudstack_api_key": {"type": "string", "minLength": 1},
     "cloudstack_secret_key": {"type": "string", "minLength": 1},
     "credentials": {"type": "array", "items": ENTRY_SCHEMA},
@@ -183,6 +196,9 @@ def from_api_section(api: Mapping[str, Any], base: Path | None) -> tuple[Credent
             token = (Path(token_file) if base is None else base / token_file).read_text().strip()
         except OSError as exc:
             problems.append(f"api.token_file: cannot read {token_file}: {exc.strerror}")
+        else:
+            if not token:  # never "no token": with no other credential, loopback would be open
+                problems.append(f"api.token_file: {token_file} is empty")
     keys: dict[str, str] = {}
     api_key, secret = api.get("cloudstack_api_key"), api.get("cloudstack_secret_key")
     if (api_key is None) != (secret is None):

@@ -99,6 +99,7 @@ def collector_reloads(
     reloads.add("policy", billing_policy(path, service))
     if source is not None:
         reloads.add("credentials", api_credentials(path, source))
+        reloads.apart("credentials")  # a removed credential must not wait for the loop's next round
     if tariffs is not None:
         reloads.add("tariff", tariff(path, tariffs))
     return reloads

@@ -273,6 +273,7 @@ def reloads(config_path: str, pipeline: AllInOne) -> Reloads:
             return f"{len(current.tokens)} token(s), {len(current.keys)} key pair(s)"
 
         out.add("credentials", credentials)
+        out.apart("credentials")  # a removed credential must not wait for the next poll
     if pipeline.tariffs is not None:  # the file [billing] names now, as `kvmeter collector` does
         out.add("tariff", reloading.tariff(Path(config_path), pipeline.tariffs))
     return out

@@ -27,6 +27,7 @@ class Reloads:
         self._items: list[tuple[str, Callable[[], str]]] = []
         self._asked = threading.Event()
         self._on_failure = on_failure
+        self._apart: list[Reloads] = []
 
     def add(self, name: str, reload: Callable[[], str]) -> None:
         """`reload()` reads its files and puts them in force, returning what it now uses in a
@@ -40,6 +41,26 @@ class Reloads:
     def request(self) -> None:
         """Ask for a reload (safe in a signal handler)."""
         self._asked.set()
+        for other in self._apart:
+            other.request()
+
+    def apart(self, name: str) -> Reloads:
+        """Take the reload `name` out of the daemon's loop: it runs on a thread of its own as soon
+        as a reload is asked for, never waiting for a round of the loop (which may be retrying a
+        failing store for minutes, or recomputing the store under a new policy). For what must
+        hold at once: a credential removed from a file stops working when SIGHUP comes."""
+        own = Reloads(self._on_failure)
+        own._items = [(n, r) for n, r in self._items if n == name]
+        self._items = [(n, r) for n, r in self._items if n != name]
+        self._apart.append(own)
+
+        def serve() -> None:
+            while True:
+                own._asked.wait()
+                own.run_pending()
+
+        threading.Thread(target=serve, name=f"reload {name}", daemon=True).start()
+        return own
 
     def install(self, signum: int = signal.SIGHUP, then: Callable[[], None] | None = None) -> None:
         """`signum` asks for a reload, then calls `then` (a loop's wakeup, so the reload does not

@@ -58,9 +58,27 @@ def schema_problems(schema: Mapping[str, Any], doc: Any) -> list[str]:
                 problems.append(
                     f"{where([*error.path, key])}: unknown key (allowed here: {', '.join(allowed)})"
                 )
+        elif error.path and str(error.path[-1]) in SECRET_KEYS:  # its message quotes the value
+            problems.append(f"{where(error.path)}: {_rule(error)} (a secret: its value is not shown)")
         else:
             problems.append(f"{where(error.path)}: {error.message}")
     return problems
+
+
+# Keys whose values are secrets: a problem with one (in a log, on stderr) names the rule it
+# breaks, never the value (a token one character short is the operator's token all the same).
+SECRET_KEYS = frozenset({"token", "token_sha256", "secret_key", "cloudstack_secret_key", "password"})
+
+
+def _rule(error: Any) -> str:
+    value = error.validator_value
+    rules = {
+        "type": f"must be of type {value!r}",
+        "minLength": f"must be at least {value} characters long",
+        "maxLength": f"must be at most {value} characters long",
+        "pattern": f"must match {value!r}",
+    }
+    return rules.get(str(error.validator), f"breaks the schema's {error.validator!r}")
 
 
 def schema_problems_apart(schema: Mapping[str, Any], doc: Any, timeout: float = 60.0) -> list[str]:

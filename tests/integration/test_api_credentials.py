@@ -370,8 +370,11 @@ accounts = ["{ACCT_B}"]
     assert usage_of(service, TOKEN_NEW) == {ACCT_A: 1000}
     assert usage_of(service, TOKEN_B) == {ACCT_B: 2000}  # the config file's own stay
     if "--all-in-one" in service.args():  # its agent's traffic rules and collector's router map too
-        assert "reloaded traffic rules" in service.logs()
-        assert "reloaded router owners: 0 router owner(s)" in service.logs()
+        # (at the loop's next round: the credentials are reloaded on a thread of their own, at once)
+        wait_until(lambda: "reloaded traffic rules" in service.logs(), "the traffic rules reloaded", service)
+        wait_until(
+            lambda: "reloaded router owners: 0 router owner(s)" in service.logs(), "router owners", service
+        )
 
     # A broken file on reload changes nothing, and the log says why: each SIGHUP's pass refuses
     # the credentials (the collector's kvmeter.reload or the all-in-one's CredentialSource.reload),

@@ -59,9 +59,9 @@ def test_every_bad_credential_key_is_reported_at_once(tmp_path: Path) -> None:
         "mode 0644",
         "api.credentials[0] (no kind): give exactly one of",
         "api.credentials[1] (two kinds): give exactly one of",
-        "api.credentials.2.token: 'short' is too short",
+        "api.credentials.2.token: must be at least 16 characters long",
         "api.credentials.3.accounts: [] should be non-empty",
-        "api.credentials.4.token_sha256: 'abc' does not match",
+        "api.credentials.4.token_sha256: must match",
         "api.credentials.5.role: unknown key",
         "api.credentials[7] (dup 2): the same token as dup 1",
     ):
