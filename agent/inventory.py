@@ -36,6 +36,13 @@ ByDevice = dict[str, tuple[DomainInfo, NicInfo]]
 Opener = Callable[[str], Any]
 
 
+def _alive(conn: Any) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
 class Inventory:
     """Domains and NICs of this host, from libvirt, kept current in the background.
 
@@ -198,8 +205,9 @@ class Inventory:
             if kind == "domain":
                 uuids = {item, *self._drain_domain_work()}
                 for uuid in sorted(uuids):
-                    if not self._guarded(conn, functools.partial(self._refresh_domain, conn, uuid)):
-                        break
+                    refreshed = self._guarded(conn, functools.partial(self._refresh_domain, conn, uuid))
+                    if not refreshed and self._conn is not conn:
+                        break  # the connection died: the resync after reconnecting reads every domain
 
     def _drain_domain_work(self) -> list[str]:
         """More queued domain refreshes (an event storm refreshes each domain once)."""
@@ -313,8 +321,20 @@ class Inventory:
     def _resync(self, conn: Any) -> None:
         with self._resync_lock:
             domains: dict[str, DomainInfo] = {}
+            with self._state_lock:
+                known = self._domains
             for dom in conn.listAllDomains(0):
-                info = self._read_domain(dom)
+                try:
+                    info = self._read_domain(dom)
+                except libvirt.libvirtError as exc:
+                    if not _alive(conn):
+                        raise
+                    # one domain's call failed (a timeout): it keeps what was known of it, the
+                    # others are read on
+                    self.errors += 1
+                    uuid = dom.UUIDString().lower()
+                    log.warning("reading domain %s failed, keeping what was known of it: %s", uuid, exc)
+                    info = known.get(uuid)
                 if info is not None:
                     domains[info.uuid] = info
             self._publish(domains)
