@@ -4,6 +4,7 @@ a scaled VM with no offering on the bus, the API down or answering nonsense."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,8 +29,9 @@ from tests.harness import cloudstack_api as api
 ROUTER_NAME = "r-5-VM"
 
 
-@pytest.fixture
-def double() -> Iterator[api.CloudStackApiDouble]:
+@contextlib.contextmanager
+def cloud_double() -> Iterator[api.CloudStackApiDouble]:
+    """CloudStack's API double with alice and bob in one domain, a small and a large offering."""
     with api.CloudStackApiDouble() as d:
         d.cloud["listAccounts"] = [api.account(ACCT_A, "alice"), api.account(ACCT_B, "bob")]
         d.cloud["listDomains"] = [api.domain()]
@@ -37,6 +39,12 @@ def double() -> Iterator[api.CloudStackApiDouble]:
             api.offering("small", "Small", 1, 512),
             api.offering("large", "Large", 2, 2048),
         ]
+        yield d
+
+
+@pytest.fixture
+def double() -> Iterator[api.CloudStackApiDouble]:
+    with cloud_double() as d:
         yield d
 
 

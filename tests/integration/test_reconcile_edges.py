@@ -14,55 +14,24 @@ from typing import Any
 import pytest
 
 from kvmeter.collector.cs_client import CloudStackApi
-from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.model import Settings
 from kvmeter.collector.reconciler import Reconciler
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store, reconciliation
-from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, VM1, Clock, usage_event
+from kvmeter.collector.store import Store
+from tests.collector_support import ACCT_A, HOUR, T0, VM1, Clock, usage_event
 from tests.harness import cloudstack_api as api
+from tests.integration.test_reconcile import Rig, cloud_double
 
 
 @pytest.fixture
-def double() -> Iterator[api.CloudStackApiDouble]:
-    with api.CloudStackApiDouble() as d:
-        d.cloud["listAccounts"] = [api.account(ACCT_A, "alice"), api.account(ACCT_B, "bob")]
-        d.cloud["listDomains"] = [api.domain()]
-        d.cloud["listServiceOfferings"] = [
-            api.offering("small", "Small", 1, 512),
-            api.offering("large", "Large", 2, 2048),
-        ]
+def cloud() -> Iterator[api.CloudStackApiDouble]:
+    with cloud_double() as d:
         yield d
 
 
-class Rig:
-    def __init__(self, tmp_path: Path, double: api.CloudStackApiDouble) -> None:
-        self.clock = Clock(T0 + 10 * HOUR)
-        self.store = Store(f"sqlite:///{tmp_path}/usage.db")
-        self.store.migrate()
-        self.collector = Collector(self.store, Settings(), self.clock)
-        self.metrics = Metrics()
-        self.client = CloudStackApi(double.endpoint, api.API_KEY, api.SECRET, timeout_s=5)
-        self.reconciler = Reconciler(self.collector, self.client.snapshot, metrics=self.metrics)
-
-    def events(self, *records: tuple[bytes, bytes]) -> None:
-        self.collector.apply_events([Record(value, key) for key, value in records])
-
-    def run_pass(self, hours_later: float = 0) -> Any:
-        self.clock.now += int(hours_later * HOUR)
-        snapshot = self.reconciler.fetch()
-        out = self.reconciler.apply(snapshot) if snapshot is not None else None
-        self.collector.tick()
-        return out
-
-    def corrections(self) -> list[dict[str, Any]]:
-        with self.store.read() as conn:
-            return reconciliation.list_corrections(conn)
-
-
 @pytest.fixture
-def rig(tmp_path: Path, double: api.CloudStackApiDouble) -> Iterator[Rig]:
-    r = Rig(tmp_path, double)
+def rig(tmp_path: Path, cloud: api.CloudStackApiDouble) -> Iterator[Rig]:
+    r = Rig(tmp_path, cloud)
     yield r
     r.store.close()
 
@@ -100,7 +69,7 @@ def scale_job(
 
 
 def test_snapshot_read_before_a_scaling_event_does_not_undo_it(
-    rig: Rig, double: api.CloudStackApiDouble
+    rig: Rig, cloud: api.CloudStackApiDouble
 ) -> None:
     """The pass's snapshot is read on a thread (taken_ms = when the read began) and planned later
     in the feed loop, after lifecycle events that arrived meanwhile. A VM scaled small -> large
@@ -116,7 +85,7 @@ def test_snapshot_read_before_a_scaling_event_does_not_undo_it(
         scale_job(VM1, "small", 1, 512, command_event="VM.CREATE"),
         usage_event("VM.START", VM1, ACCT_A, T0 + HOUR),
     )
-    double.cloud["listVirtualMachines"] = [api.vm(VM1, "web-1", "alice", "Running", "small", T0)]
+    cloud.cloud["listVirtualMachines"] = [api.vm(VM1, "web-1", "alice", "Running", "small", T0)]
     rig.run_pass()  # agrees: small, nothing to correct
     assert rig.corrections() == []
     rig.clock.now += HOUR
