@@ -34,6 +34,23 @@ def _fsync_fails_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _open_fails_once(monkeypatch: pytest.MonkeyPatch, mode: str, err: int) -> list[Any]:
+    """The spool's first open() in `mode` fails with `err`; returns the paths refused."""
+    import kvmeter.agent.spool as spool_module
+
+    real_open = open
+    failed: list[Any] = []
+
+    def failing_open(path: Any, how: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if how == mode and not failed:
+            failed.append(path)
+            raise OSError(err, os.strerror(err))
+        return real_open(path, how, *args, **kwargs)
+
+    monkeypatch.setattr(spool_module, "open", failing_open, raising=False)
+    return failed
+
+
 def test_a_poll_whose_fsync_fails_is_cut_off_the_segment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,7 +238,6 @@ def test_agent_poll_spooled_then_failing_at_the_bound_is_not_undone(
     """The age bound drops the oldest frame after the poll's frames were written and fsynced;
     reading that frame back (for on_drop) hits EIO. The poll is on disk and pending: it is not
     undone (and spooled again under the same seq numbers)."""
-    import kvmeter.agent.spool as spool_module
 
     dropped: list[bytes] = []
     spool = Spool(tmp_path, max_age_ms=1500, on_drop=lambda frame, batch: dropped.append(batch))
@@ -234,16 +250,7 @@ def test_agent_poll_spooled_then_failing_at_the_bound_is_not_undone(
     host.traffic("vnet0", 100, 200)
     clock.t += 1
 
-    real_open = open
-    failed = []
-
-    def eio_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if mode == "rb" and not failed:
-            failed.append(path)
-            raise OSError(errno.EIO, "Input/output error")
-        return real_open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(spool_module, "open", eio_open, raising=False)
+    failed = _open_fails_once(monkeypatch, "rb", errno.EIO)
     agent.poll_once()  # the bound's read of the oldest frame (seq 1, the baseline) fails
     assert failed
     host.traffic("vnet0", 1000, 2000)
@@ -274,20 +281,10 @@ def test_spool_a_failed_segment_open_does_not_wedge_every_later_append(
 ) -> None:
     """Opening the next segment fails once (EMFILE, ENOSPC creating the file): the old segment's
     file is closed and no longer the active one, and the next append opens the new segment."""
-    import kvmeter.agent.spool as spool_module
 
     spool = Spool(tmp_path, segment_bytes=100)
     spool.append("s", 1, b"A" * 200, {"n": 1}, NOW)  # fills segment 1
-    real_open = open
-    failed = []
-
-    def failing_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if mode == "ab" and not failed:
-            failed.append(path)
-            raise OSError(errno.EMFILE, "Too many open files")
-        return real_open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(spool_module, "open", failing_open, raising=False)
+    failed = _open_fails_once(monkeypatch, "ab", errno.EMFILE)
     with pytest.raises(OSError):
         spool.append("s", 2, b"B" * 20, {"n": 2}, NOW + 1)
     assert failed
