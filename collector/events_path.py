@@ -7,7 +7,7 @@ transaction, a few statements per chunk) -> attribute parked measures they expla
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from sqlalchemy.engine import Connection
 
@@ -27,11 +27,18 @@ class EventsPath(MeasuresPath):
     def apply_event(self, value: bytes, key: bytes | None = None, origin: str = "") -> Outcome:
         return self.apply_events([Record(value, key, origin)])
 
-    def apply_events(self, records: Sequence[Record]) -> Outcome:
-        """Store new events and recompute the resources they touch, in one transaction."""
-        return isolating(self.store, self.clock, LIFECYCLE, records, self._apply_events)
+    def apply_events(
+        self, records: Sequence[Record], *, within: Callable[[Connection], None] | None = None
+    ) -> Outcome:
+        """Store new events and recompute the resources they touch, in one transaction (with
+        what `within` writes, idempotently: the input's own rows about these records)."""
+        return isolating(
+            self.store, self.clock, LIFECYCLE, records, lambda chunk: self._apply_events(chunk, within)
+        )
 
-    def _apply_events(self, records: Sequence[Record]) -> Outcome:
+    def _apply_events(
+        self, records: Sequence[Record], within: Callable[[Connection], None] | None = None
+    ) -> Outcome:
         out = Outcome()
         parsed: list[tuple[pb.LifecycleEvent, Record]] = []
         limit = self.settings.max_event_bytes
@@ -71,6 +78,8 @@ class EventsPath(MeasuresPath):
             self.store.lock_resources(conn, touched)
             built = self._recompute(conn, touched, final_through, now, out)
             self.store.dead_letter(conn, out.dead_letters, now)
+            if within is not None:
+                within(conn)
         mine = [read[ev.event_id] for ev, _ in parsed if ev.resource_uuid]
         seen = self._last_event_row
         self._learn([*self._stored_since(skip={ev.event_id for ev in mine}), *mine], built, seen_through=seen)

@@ -21,7 +21,7 @@ from typing import Any
 
 from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery, Input
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.model import Outcome, Record
+from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
 from kvmeter.reload import Reloads
 
@@ -42,7 +42,7 @@ def drain(collector: Collector, source: Input) -> Outcome:
         while True:
             deliveries = source.poll(0)
             for delivery in deliveries:
-                out.add(_applier(collector, delivery.kind)(delivery.records))
+                out.add(_applier(collector, delivery)())
                 delivery.ack()
             if not deliveries and source.caught_up():
                 return out
@@ -50,13 +50,17 @@ def drain(collector: Collector, source: Input) -> Outcome:
         source.close()
 
 
-def _applier(collector: Collector, kind: str) -> Callable[[Sequence[Record]], Outcome]:
-    """The service's path for a delivery's kind."""
-    if kind == MEASURES:
-        return collector.apply_batches
-    if kind == LIFECYCLE:
-        return collector.apply_events
-    raise ValueError(f"unknown delivery kind {kind!r}")
+def _applier(collector: Collector, delivery: Delivery) -> Callable[[], Outcome]:
+    """The service's path for a delivery's kind, bound to its records."""
+    records = delivery.records
+    if delivery.kind == MEASURES:
+        return lambda: collector.apply_batches(records)
+    if delivery.kind == LIFECYCLE:
+        within = delivery.within
+        if within is None:
+            return lambda: collector.apply_events(records)
+        return lambda: collector.apply_events(records, within=within)
+    raise ValueError(f"unknown delivery kind {delivery.kind!r}")
 
 
 class Feeder:
@@ -127,8 +131,7 @@ class Feeder:
             self._retrying("tick", self.collector.tick)
 
     def apply(self, delivery: Delivery) -> None:
-        apply, records = _applier(self.collector, delivery.kind), delivery.records
-        self._retrying(delivery.kind, lambda: apply(records))
+        self._retrying(delivery.kind, _applier(self.collector, delivery))
         if delivery.kind == MEASURES:
             self._commits += 1
             if self._commits == self._kill_after:

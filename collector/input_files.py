@@ -8,6 +8,7 @@ nothing, and there is nothing to acknowledge.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ class EventsFile:
         self.chunk = chunk
         self.offset = 0
         self.line = 0
+        self._file: tuple[int, int] | None = None  # (device, inode) of the file the offset is in
         self._at_end = False
 
     def start(self) -> None:
@@ -50,8 +52,14 @@ class EventsFile:
         self._at_end = False
         try:
             with open(self.path, "rb") as f:
-                if f.seek(0, 2) < self.offset:  # truncated or replaced: start over
+                st = os.fstat(f.fileno())
+                ident = (st.st_dev, st.st_ino)
+                # Truncated, or replaced by another file (renamed over it, re-created): start over.
+                # Another file is known by its inode, whatever its size: one at least as long as
+                # what was read of the old one would otherwise be read from the old offset.
+                if ident != self._file or st.st_size < self.offset:
                     self.offset = self.line = 0
+                    self._file = ident
                 f.seek(self.offset)
                 for raw in f:
                     if self.follow and not raw.endswith(b"\n"):

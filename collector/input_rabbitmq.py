@@ -63,6 +63,7 @@ class RabbitInput:
         self._read = 0
         self.down_since: float | None = self.monotonic()  # until the first connect
         self.last_error = ""
+        self._cancelled = False  # the broker cancelled our consumer (Basic.Cancel)
 
     # -- connection ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,6 +81,9 @@ class RabbitInput:
             for key in self.cfg.binding_keys:
                 channel.queue_bind(self.cfg.queue, self.cfg.exchange, routing_key=key)
             channel.basic_qos(prefetch_count=self.cfg.prefetch)
+            # The queue deleted, or the node holding it gone: the broker cancels the consumer
+            # (Basic.Cancel) and pika raises nothing, the connection stays open, idle forever.
+            channel.add_on_cancel_callback(self._on_cancel)
             channel.basic_consume(
                 self.cfg.queue,
                 self._on_message,
@@ -95,6 +99,7 @@ class RabbitInput:
             return False
         self.connection, self.channel = connection, channel
         self._received = []
+        self._cancelled = False
         self._backlog = None if self.stream else declared.method.message_count
         self._read = 0
         self._backoff = BACKOFF_FIRST_S
@@ -121,6 +126,19 @@ class RabbitInput:
             self.down_since = self.monotonic()
         _close(connection)
 
+    def _on_cancel(self, _frame: Any) -> None:
+        """Called by pika inside process_data_events: only noted here (closing the connection
+        from its own callback is not allowed); poll and caught_up reconnect."""
+        self._cancelled = True
+
+    def _check_cancelled(self) -> bool:
+        """The consumer was cancelled by the broker: drop the connection (what was delivered and
+        not acknowledged comes again) and reconnect, declaring and binding again."""
+        if not self._cancelled:
+            return False
+        self._lost(RuntimeError("consumer cancelled by the broker (queue deleted or its node gone)"))
+        return True
+
     # -- deliveries ---------------------------------------------------------------------------
     def _on_message(
         self, _channel: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
@@ -138,7 +156,7 @@ class RabbitInput:
         except (AMQPError, OSError) as exc:
             self._lost(exc)
             return []
-        if not self._received:
+        if self._check_cancelled() or not self._received:
             return []
         received, self._received = self._received, []
         self._read += len(received)
@@ -180,7 +198,7 @@ class RabbitInput:
         except (AMQPError, OSError) as exc:
             self._lost(exc)
             return True
-        return not self._received
+        return self._check_cancelled() or not self._received
 
     def status(self) -> dict[str, Any]:
         down = 0.0 if self.down_since is None else self.monotonic() - self.down_since

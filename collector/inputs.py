@@ -11,6 +11,9 @@ is an `Input`, and one loop (feed.Feeder) applies what they deliver and acknowle
 A Delivery is a batch of `Record`s of one kind (measures or lifecycle) and its `ack`: the loop
 calls `ack()` only after the store committed what the records produced, so a crash in between
 re-delivers them and the store's dedupe (stream marks, event digests) makes that change nothing.
+An input with more to store about a lifecycle delivery (the reconciler: its corrections' reasons,
+names, the snapshot) gives `within`: written in the records' own transaction, idempotent (a
+chunk the database refuses is applied again record by record), never in `ack`.
 An input never applies records itself: the service is not thread-safe and has one writer.
 
     event_inputs(rabbitmq, webhook_secret) -> EventInputs   # CloudStack's RabbitMQ bus and webhook
@@ -23,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy.engine import Connection
 
 from kvmeter.collector.model import Record
 from kvmeter.collector.service import LIFECYCLE, MEASURES
@@ -52,6 +57,7 @@ class Delivery:
     kind: str  # MEASURES or LIFECYCLE: which path of the service applies the records
     records: Sequence[Record]
     ack: Callable[[], None] = field(default=no_ack)
+    within: Callable[[Connection], None] | None = None  # LIFECYCLE only: stored with the records
 
 
 class Input(Protocol):

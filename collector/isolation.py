@@ -28,6 +28,8 @@ def isolating(
     try:
         return apply(records)
     except (DataError, IntegrityError, OverflowError) as exc:  # Overflow: sqlite3 binding past int64
+        if not records:  # what the input stores with them (Delivery.within) failed: not a record's fault
+            raise
         if len(records) > 1:
             out = Outcome()
             for rec in records:

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from sqlalchemy.exc import DataError, IntegrityError
+
 from kvmeter.collector.attributing import Attributing
-from kvmeter.collector.model import UNATTRIBUTED, Measure, Outcome
+from kvmeter.collector.isolation import UNSTORABLE
+from kvmeter.collector.model import UNATTRIBUTED, DeadLetter, Measure, Outcome
+from kvmeter.collector.store.parking import measure_json
+
+PAGE = 5000  # parked measures per transaction
 
 
 class ParkedMeasures(Attributing):
@@ -66,22 +72,51 @@ class ParkedMeasures(Attributing):
 
     def _report_unattributed(self) -> Outcome:
         """Parked past the horizon: add the bytes to usage under UNATTRIBUTED (never a guessed
-        owner); the measures stay parked and move to their owner if one is ever known."""
+        owner); the measures stay parked and move to their owner if one is ever known.
+
+        Bytes the store cannot add (a record's sum past int64: each measure alone was valid) must
+        not fail every tick (the feed retries a tick in place, before any input is polled again):
+        a page the store refuses is reported a measure at a time, and the measure the store
+        refuses alone is dead-lettered (UNSTORABLE) and leaves the parked ones."""
         out = Outcome()
+        limit = PAGE
         while True:
-            now = self.clock()
-            with self.store.write() as conn:
-                final_through = self.store.finalized_through(conn)
-                rows = self.store.take_unreported(conn, now - self.settings.park_horizon_ms)
-                if not rows:
+            try:
+                if not self._report_page(out, limit):
                     break
-                done = self._attribute((m for _, m in rows), Outcome(), _unattributed)
-                written, adjusted = self._write(conn, done, final_through, now, "unattributed")
-                self.store.mark_reported(conn, [row_id for row_id, _ in rows], now)
-                out.unattributed += len(rows)
-                out.records += written
-                out.adjustments += adjusted
+            except (DataError, IntegrityError, OverflowError) as exc:
+                if limit == 1:
+                    self._letter_first_unreported(out, exc)
+                    limit = PAGE
+                else:
+                    limit = 1
         return out
+
+    def _report_page(self, out: Outcome, limit: int) -> bool:
+        now = self.clock()
+        with self.store.write() as conn:
+            final_through = self.store.finalized_through(conn)
+            rows = self.store.take_unreported(conn, now - self.settings.park_horizon_ms, limit)
+            if not rows:
+                return False
+            done = self._attribute((m for _, m in rows), Outcome(), _unattributed)
+            written, adjusted = self._write(conn, done, final_through, now, "unattributed")
+            self.store.mark_reported(conn, [row_id for row_id, _ in rows], now)
+        out.unattributed += len(rows)
+        out.records += written
+        out.adjustments += adjusted
+        return True
+
+    def _letter_first_unreported(self, out: Outcome, exc: BaseException) -> None:
+        now = self.clock()
+        reason = str(getattr(exc, "orig", None) or exc)[:1000]
+        with self.store.write() as conn:
+            for row_id, m in self.store.take_unreported(conn, now - self.settings.park_horizon_ms, 1):
+                origin = f"parked:{m.stream_id}/{m.seq}#{m.index}"
+                letter = DeadLetter("measures", origin, measure_json(m).encode(), UNSTORABLE, reason)
+                self.store.dead_letter(conn, [letter], now)
+                self.store.delete_parked(conn, [row_id])
+                out.dead_letters.append(letter)
 
 
 def _unattributed(_measure: Measure) -> str:

@@ -20,6 +20,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
 from kvmeter.collector.config_cloudstack import CloudStackConfig
 from kvmeter.collector.cs_snapshot import ApiUnavailable, Snapshot, SnapshotError
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
@@ -80,13 +83,15 @@ class Reconciler:
         delivery = self._deliver(snapshot)
         if delivery is None:
             return Outcome()
-        out = self.collector.apply_events(delivery.records) if delivery.records else Outcome()
+        out = self.collector.apply_events(delivery.records, within=delivery.within)
         delivery.ack()
         return out
 
     def _deliver(self, snapshot: Snapshot) -> Delivery | None:
-        """The pass's corrections as a lifecycle delivery; its ack keeps their reasons, the names
-        and the snapshot (the next pass's previous). None when the snapshot is refused."""
+        """The pass's corrections as a lifecycle delivery; their reasons, the names and the
+        snapshot (the next pass's previous) are stored in the same transaction as the correcting
+        events (`within`: a crash or a failing store between two transactions would leave a
+        correction applied and never listed). None when the snapshot is refused."""
         try:
             found = self.plan(snapshot)
         except SnapshotError as exc:
@@ -96,14 +101,20 @@ class Reconciler:
             Record(c.event_value(), c.resource_uuid.encode(), f"{RECONCILE}:{c.event_type}:{c.resource_uuid}")
             for c in found.corrections
         ]
-        return Delivery(LIFECYCLE, records, ack=lambda: self._keep(snapshot, found))
+        return Delivery(
+            LIFECYCLE,
+            records,
+            ack=lambda: self._kept(found),
+            within=lambda conn: self._store(conn, snapshot, found),
+        )
 
-    def _keep(self, snapshot: Snapshot, found: Findings) -> None:
+    def _store(self, conn: Connection, snapshot: Snapshot, found: Findings) -> None:
         now = self._kept_ms = self.collector.clock()
-        with self.collector.store.write() as conn:
-            reconciliation.save_corrections(conn, found.corrections, now)
-            reconciliation.save_names(conn, snapshot, now)
-            reconciliation.save_snapshot(conn, snapshot, now)
+        reconciliation.save_corrections(conn, found.corrections, now)
+        reconciliation.save_names(conn, snapshot, now)
+        reconciliation.save_snapshot(conn, snapshot, now)
+
+    def _kept(self, found: Findings) -> None:
         for c in found.corrections:
             log.info("correction %s %s at %d: %s", c.event_type, c.resource_uuid, c.time_ms, c.reason)
             if self.metrics is not None:
@@ -128,9 +139,20 @@ class Reconciler:
             with self._lock:
                 snapshot, self._ready = self._ready, None
                 self._fresh.clear()
-            if snapshot is not None and not self._passed_elsewhere():
+            if snapshot is None:
+                return []
+            try:  # both read the store: a failing one must not end the loop
+                if self._passed_elsewhere():
+                    return []
                 delivery = self._deliver(snapshot)
-                return [] if delivery is None else [delivery]
+            except SQLAlchemyError as exc:
+                log.warning("reconcile: store unavailable (%s); the pass is tried again", exc)
+                with self._lock:
+                    if self._ready is None:  # none newer fetched meanwhile
+                        self._ready = snapshot
+                        self._fresh.set()
+                return []
+            return [] if delivery is None else [delivery]
         return []
 
     def _passed_elsewhere(self) -> bool:

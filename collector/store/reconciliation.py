@@ -98,6 +98,7 @@ def save_names(conn: Connection, snapshot: Snapshot, now_ms: int) -> None:
         return
     for row in rows:
         row["uuid"], row["name"], row["updated_ms"] = row["uuid"][:128], row["name"][:255], now_ms
+        row["parent"] = row["parent"][:1024]  # a deep domain's path: never a DataError (events' transaction)
     stmt = _insert(conn, cloudstack_names)
     stmt = stmt.on_conflict_do_update(
         index_elements=["kind", "uuid"],
