@@ -267,6 +267,20 @@ def _first_pass(store: Store, double: api.CloudStackApiDouble, clock: Clock) -> 
     return collector, reconciler
 
 
+def _second_pass_ready(
+    store: Store, double: api.CloudStackApiDouble, clock: Clock
+) -> tuple[Collector, Reconciler]:
+    """_first_pass, then an hour later the second pass's snapshot read and handed to the loop (as
+    the reconciler's thread does): its poll delivers the correction."""
+    collector, reconciler = _first_pass(store, double, clock)
+    clock.now += HOUR
+    snapshot = reconciler.fetch()
+    assert snapshot is not None
+    reconciler._ready = snapshot
+    reconciler._fresh.set()
+    return collector, reconciler
+
+
 class Killed(BaseException):
     """kill -9, as far as the code after the instant can tell."""
 
@@ -289,12 +303,7 @@ def test_reconciler_ack_store_failure_is_retried_not_raised(
     store: Store, double: api.CloudStackApiDouble, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock(T0 + 10 * HOUR)
-    collector, reconciler = _first_pass(store, double, clock)
-    clock.now += HOUR
-    snapshot = reconciler.fetch()
-    assert snapshot is not None
-    reconciler._ready = snapshot  # what the reconciler's thread hands the loop
-    reconciler._fresh.set()
+    collector, reconciler = _second_pass_ready(store, double, clock)
     real = reconciliation.save_corrections
     failures = [OperationalError("INSERT INTO corrections", {}, Exception("database is locked"))]
 
@@ -316,13 +325,8 @@ def test_correction_applied_before_a_crash_is_listed_afterwards(
     store: Store, double: api.CloudStackApiDouble
 ) -> None:
     clock = Clock(T0 + 10 * HOUR)
-    collector, reconciler = _first_pass(store, double, clock)
     first = clock.now
-    clock.now += HOUR
-    snapshot = reconciler.fetch()
-    assert snapshot is not None
-    reconciler._ready = snapshot
-    reconciler._fresh.set()
+    collector, reconciler = _second_pass_ready(store, double, clock)
     feeder = Feeder(collector, [reconciler], Metrics(), tick_seconds=3600, poll_timeout=0)
     [delivery] = reconciler.poll(0)
     assert delivery.records  # the VM.STOP correction
@@ -348,12 +352,7 @@ def test_reconciler_poll_store_failure_is_retried_not_raised(
     store: Store, double: api.CloudStackApiDouble, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = Clock(T0 + 10 * HOUR)
-    collector, reconciler = _first_pass(store, double, clock)
-    clock.now += HOUR
-    snapshot = reconciler.fetch()
-    assert snapshot is not None
-    reconciler._ready = snapshot
-    reconciler._fresh.set()
+    collector, reconciler = _second_pass_ready(store, double, clock)
     real = reconciliation.last_pass_ms
     failures = [OperationalError("SELECT reconcile_state", {}, Exception("server closed the connection"))]
 
