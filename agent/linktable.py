@@ -17,6 +17,9 @@ RTM_NEWLINK = 16
 RTM_DELLINK = 17
 UPLINK_KINDS = ("vlan", "vxlan")
 LOWER_DEVICE_KINDS = ("macvtap", "macvlan", "ipvlan", "ipvtap")  # IFLA_LINK is their parent
+# Links QEMU reads and writes as the guest's queue: they count as the guest does (rx = what the
+# guest received), as libvirt's own interface stats take them
+GUEST_SIDE_KINDS = ("macvtap", "ipvtap")
 CHANGE_LOG_SIZE = 1 << 16  # link changes remembered for changed_since (a reader further behind rebuilds)
 
 # (rx_bytes, rx_packets, tx_bytes, tx_packets), host side, as the kernel counts them.
@@ -163,7 +166,8 @@ class LinkTable:
         record = self.record(ifname)
         bridge: LinkRecord | None = None
         uplink: LinkRecord | None = None
-        if record is not None and record.master is not None:
+        guest_side = record is not None and record.kind in GUEST_SIDE_KINDS
+        if record is not None and record.master is not None and not guest_side:
             shared = self._port_placements.get(record.master)
             if shared is not None:
                 self._placements[ifname] = shared
@@ -184,10 +188,11 @@ class LinkTable:
             vxlan_vni=vni,
             traffic_type=self.rules.classify(bridge_name, vlan_id, vni),
             uplink=uplink.ifname if uplink is not None else None,
+            guest_side=guest_side,
         )
         if record is not None:
             self._placements[ifname] = placement
-            if record.master is not None:
+            if record.master is not None and not guest_side:
                 self._port_placements[record.master] = placement
         return placement
 

@@ -1,8 +1,9 @@
 """Deltas plus what inventory and topology know -> one protobuf MeasureBatch. Pure, no I/O.
 
 Directions turn from the host's view (kernel counters) to the VM's: what a tap transmits on the
-host side is what the VM received, so a tap's host tx is VM_RX. A macvtap (libvirt type
-"direct") counts from the guest's side already and is not swapped, as libvirt itself does.
+host side is what the VM received, so a tap's host tx is VM_RX. A macvtap counts from the
+guest's side already and is not swapped, as libvirt itself does: libvirt's type "direct", and
+a pre-created macvtap of type "ethernet" (known by its link's kind: LinkPlacement.guest_side).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ KIND_ENUM = {
     "virtual_router": pb.VIRTUAL_ROUTER,
     "system_vm": pb.SYSTEM_VM,
 }
-# libvirt interface types whose host-side counters are already the guest's view
+# libvirt interface types whose host-side counters are already the guest's view (a "direct"
+# NIC is a macvtap, also when the topology has not placed its link)
 UNSWAPPED_NIC_TYPES = frozenset({"direct"})
 
 
@@ -47,15 +49,6 @@ class Attribution:
     domain: DomainInfo
     nic: NicInfo
     placement: LinkPlacement
-
-
-def vm_directions(delta: Delta, nic_type: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((VM_RX bytes, packets), (VM_TX bytes, packets)) for one host-side delta."""
-    host_rx = (delta.rx_bytes, delta.rx_packets)
-    host_tx = (delta.tx_bytes, delta.tx_packets)
-    if nic_type in UNSWAPPED_NIC_TYPES:
-        return host_rx, host_tx
-    return host_tx, host_rx
 
 
 def measure_template(key: CounterKey, who: Attribution, direction: pb.Direction) -> pb.IPMeasure:
@@ -103,7 +96,7 @@ def _ifindex_field(ifindex: int) -> bytes:
 def _template_pair(key: CounterKey, who: Attribution) -> _Pair:
     return _Pair(
         who,
-        who.nic.nic_type in UNSWAPPED_NIC_TYPES,
+        who.placement.guest_side or who.nic.nic_type in UNSWAPPED_NIC_TYPES,
         who.placement.traffic_type,
         measure_template(key, who, pb.VM_RX).SerializeToString(),
         measure_template(key, who, pb.VM_TX).SerializeToString(),

@@ -56,6 +56,9 @@ class LinkPlacement:
     vxlan_vni: int | None = None
     traffic_type: str = "unknown"
     uplink: str | None = None  # the VLAN (<pif>.<vlan>) or VXLAN (vxlan<vni>) device, when there is one
+    # The link is the guest's own end (a macvtap, whatever libvirt calls the NIC: 'direct', or
+    # 'ethernet' on a pre-created one): its counters are the VM's view already, never swapped
+    guest_side: bool = False
 
 
 class CounterKey(NamedTuple):

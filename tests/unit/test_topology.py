@@ -53,8 +53,9 @@ PLACEMENTS = [
     ("vnet2", DEFAULT_RULES, LinkPlacement("cloud0", traffic_type="control")),
     ("vnet3", DEFAULT_RULES, LinkPlacement("breth1-100", 100, None, "guest", uplink="eth1.100")),
     ("vnet3", VLAN_PUBLIC, LinkPlacement("breth1-100", 100, None, "public", uplink="eth1.100")),
-    ("macvtap0", DEFAULT_RULES, LinkPlacement(None, 100, None, "unknown", uplink="eth1.100")),
-    ("macvtap0", VLAN_PUBLIC, LinkPlacement(None, 100, None, "public", uplink="eth1.100")),
+    # a macvtap is the guest's end: counted as the guest counts (guest_side, never swapped)
+    ("macvtap0", DEFAULT_RULES, LinkPlacement(None, 100, None, "unknown", "eth1.100", guest_side=True)),
+    ("macvtap0", VLAN_PUBLIC, LinkPlacement(None, 100, None, "public", "eth1.100", guest_side=True)),
     ("eth1", DEFAULT_RULES, LinkPlacement(None)),
     ("vnet0-vm", DEFAULT_RULES, LinkPlacement(None)),  # veth peer link is not an uplink
     ("cloudbr0", DEFAULT_RULES, LinkPlacement(None)),  # a bridge is not on a bridge

@@ -1,0 +1,132 @@
+"""Whose bytes, which way and of which traffic type, at the edges of a host's NICs: a macvtap
+whatever libvirt calls it, a macvtap on an untagged device, an Open vSwitch port, a tap that
+outlives its VM and is given to another, a tap an operator renames. An agent over a scripted
+host whose links go through a real LinkTable (placements, events), as the topology's do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvmeter.agent.config import validate
+from kvmeter.agent.daemon import Agent
+from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
+from kvmeter.agent.model import DomainInfo, NicInfo
+from kvmeter.agent.spool import Spool
+from kvmeter.agent.traffic import TrafficRules
+from kvmeter.proto import pb
+from tests.unit.test_agent_daemon import HEADER, Clock, FakeInventory
+from tests.unit.test_poll_plan import WorldTopology
+
+
+class Host:
+    """The kernel as the agent sees it: links through a real LinkTable, whose events reach the
+    agent, and their host-side counters (rx_bytes, rx_packets, tx_bytes, tx_packets) as
+    /proc/net/dev text."""
+
+    def __init__(self, *links: LinkRecord) -> None:
+        self.table = LinkTable(TrafficRules([]))
+        self.counters: dict[str, list[int]] = {}
+        self.listeners: list[Callable[[Any], None]] = []
+        for record in (LinkRecord(1, "lo"), *links):
+            self.add(record)
+
+    def add(self, record: LinkRecord) -> None:
+        self.counters.setdefault(record.ifname, [0, 0, 0, 0])
+        self._tell(self.table.apply(RTM_NEWLINK, record))
+
+    def delete(self, name: str) -> None:
+        record = self.table.record(name)
+        assert record is not None
+        c = self.counters.pop(name)
+        self._tell(
+            self.table.apply(RTM_DELLINK, LinkRecord(record.ifindex, name, stats=(c[0], c[1], c[2], c[3])))
+        )
+
+    def rename(self, old: str, new: str) -> None:
+        """`ip link set OLD name NEW`: the same link (ifindex, counters) under a new name; the
+        kernel's RTM_NEWLINK carries its counters."""
+        record = self.table.record(old)
+        assert record is not None
+        c = self.counters[new] = self.counters.pop(old)
+        renamed = LinkRecord(
+            record.ifindex, new, record.kind, record.master, record.link, stats=(c[0], c[1], c[2], c[3])
+        )
+        self._tell(self.table.apply(RTM_NEWLINK, renamed))
+
+    def traffic(self, name: str, host_rx: int, host_tx: int) -> None:
+        c = self.counters[name]
+        c[0] += host_rx
+        c[1] += 1
+        c[2] += host_tx
+        c[3] += 1
+
+    def text(self) -> str:
+        rows = [f"{n}: {c[0]} {c[1]} 0 0 0 0 0 0 {c[2]} {c[3]} 0 0 0 0 0 0" for n, c in self.counters.items()]
+        return HEADER + "\n".join(rows) + "\n"
+
+    def _tell(self, event: Any) -> None:
+        if event is not None:
+            for callback in self.listeners:
+                callback(event)
+
+
+def vm(uuid: str, *nics: NicInfo) -> DomainInfo:
+    return DomainInfo(uuid=uuid, name=f"i-2-{uuid}-VM", state="running", kind="user_vm", nics=nics)
+
+
+def make_agent(
+    host: Host, inventory: FakeInventory, spool_dir: Path, clock: Clock, rules: Any = (), **parts: Any
+) -> Agent:
+    config = validate({"agent": {"host_id": "h1"}, "traffic": {"rules": list(rules)}})
+    host.table.rules = config.traffic
+    agent = Agent(
+        config,
+        inventory=inventory,
+        topology=WorldTopology(host),  # type: ignore[arg-type]  # a World's table and listeners
+        spool=Spool(spool_dir),
+        boot_id="boot-1",
+        read_text=host.text,
+        wall=clock,
+        mono=clock,
+        **parts,
+    )
+    agent.start()
+    return agent
+
+
+def billed(spool_dir: Path) -> dict[tuple[str, int], int]:
+    """(instance uuid, direction) -> bytes over every spooled batch (each (stream, seq) once)."""
+    spool = Spool(spool_dir, read_only=True)
+    seen = set()
+    totals: dict[tuple[str, int], int] = {}
+    for frame in spool.pending():
+        if (frame.stream_id, frame.seq) not in seen:
+            seen.add((frame.stream_id, frame.seq))
+            for m in pb.MeasureBatch.FromString(spool.read_batch(frame)).measures:
+                totals[m.instance_uuid, m.direction] = totals.get((m.instance_uuid, m.direction), 0) + m.bytes
+    return totals
+
+
+def polled(agent: Agent, clock: Clock, device: str) -> list[pb.IPMeasure]:
+    """One poll 10 s after the last: its measures of `device`."""
+    clock.t += 10
+    return [m for m in agent.poll_once().measures if m.device == device]
+
+
+@pytest.mark.parametrize("nic_type", ["direct", "ethernet"])
+def test_a_macvtap_is_never_swapped_whatever_libvirt_calls_the_nic(tmp_path: Path, nic_type: str) -> None:
+    """A macvtap is the guest's end (its rx is what the guest received): libvirt's 'direct',
+    and 'ethernet' on a pre-created macvtap (<target dev='mvt0' managed='no'/>) alike."""
+    host = Host(LinkRecord(2, "eth1"), LinkRecord(10, "mvt0", "macvtap", link=2))
+    nic = NicInfo(mac="52:54:00:00:00:0c", device="mvt0", nic_type=nic_type)
+    clock = Clock()
+    agent = make_agent(host, FakeInventory((vm("u-c", nic),)), tmp_path, clock)
+    agent.poll_once()
+    host.traffic("mvt0", 5000, 7)
+    measures = polled(agent, clock, "mvt0")
+    agent.close()
+    assert {m.direction: m.bytes for m in measures} == {pb.VM_RX: 5000, pb.VM_TX: 7}
