@@ -159,7 +159,8 @@ class LinkTable:
     def placement(self, ifname: str) -> LinkPlacement:
         """Bridge = the link's master; uplink = that bridge's VLAN or VXLAN port (lowest ifindex
         if several). A macvtap/macvlan has no bridge; its parent is the uplink when that is a
-        VLAN/VXLAN device. Unknown names get an unplaced placement classified by the rules."""
+        VLAN/VXLAN device, else stands for its bridge. Unknown names get an unplaced placement
+        classified by the rules."""
         cached = self._placements.get(ifname)
         if cached is not None:
             return cached
@@ -179,6 +180,8 @@ class LinkTable:
             lower = self._links.get(record.link)
             if lower is not None and lower.kind in UPLINK_KINDS:
                 uplink = lower
+            else:  # on an untagged device (eth1, a bond): a rule's `bridge` names that device
+                bridge = lower
         bridge_name = bridge.ifname if bridge is not None else None
         vlan_id = uplink.vlan_id if uplink is not None else None
         vni = uplink.vxlan_vni if uplink is not None else None

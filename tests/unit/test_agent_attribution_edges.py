@@ -130,3 +130,22 @@ def test_a_macvtap_is_never_swapped_whatever_libvirt_calls_the_nic(tmp_path: Pat
     measures = polled(agent, clock, "mvt0")
     agent.close()
     assert {m.direction: m.bytes for m in measures} == {pb.VM_RX: 5000, pb.VM_TX: 7}
+
+
+def test_a_macvtap_on_an_untagged_device_is_classified_by_that_device(tmp_path: Path) -> None:
+    """CloudStack's DirectVifDriver puts a NIC on eth1 itself (<source dev='eth1'/>): no bridge,
+    no VLAN, so the device a macvtap hangs off is what a rule's `bridge` names (it was billed
+    as "unknown", under no traffic type)."""
+    host = Host(LinkRecord(2, "eth1"), LinkRecord(10, "macvtap0", "macvtap", link=2))
+    nic = NicInfo(mac="52:54:00:00:00:0d", device="macvtap0", nic_type="direct", source_dev="eth1")
+    clock = Clock()
+    rules = [{"bridge": "eth1", "type": "public"}]
+    agent = make_agent(host, FakeInventory((vm("u-d", nic),)), tmp_path, clock, rules)
+    agent.poll_once()
+    host.traffic("macvtap0", 100, 200)
+    measures = polled(agent, clock, "macvtap0")
+    agent.close()
+    assert {(m.traffic_type, m.bridge, m.bytes) for m in measures} == {
+        (pb.PUBLIC, "eth1", 100),
+        (pb.PUBLIC, "eth1", 200),
+    }
