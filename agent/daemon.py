@@ -42,6 +42,7 @@ from kvmeter.agent.measuring import Measuring, StampedEvent, to_ms
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import CounterKey, Delta
+from kvmeter.agent.nic_placement import NicPlacements
 from kvmeter.agent.ownership import InventoryLike, TopologyLike
 from kvmeter.agent.plan import Planner, PollPlan
 from kvmeter.agent.publish import Publisher
@@ -135,7 +136,10 @@ class Agent(Measuring):
             tuple(sources) if sources is not None else nic_sources(inventory, config.libvirt_call_timeout)
         )
         self._links = MeteredLinks(boot_id, read_mac, self._claimed)
-        self._planner = Planner(self._links, topology.placement, self._sources, self._source_of)
+        self._nic_placements = NicPlacements(lambda: self.config.traffic)
+        self._planner = Planner(
+            self._links, topology.placement, self._sources, self._source_of, self._nic_placements
+        )
         self._wall = wall
         self._mono = mono
         self.stream_id = uuid.uuid4().hex
@@ -146,9 +150,7 @@ class Agent(Measuring):
         delta_config = DeltaConfig(line_rate_ceiling_bps=config.line_rate_ceiling_bps)
         self.engine = DeltaEngine.from_state(boot_id, engine_state, delta_config)
         self.resumed = engine_state is not None and engine_state.get("boot_id") == boot_id
-        self._events: queue.SimpleQueue[StampedEvent] = (
-            queue.SimpleQueue()
-        )  # C-level get: a storm queues hundreds
+        self._events: queue.SimpleQueue[StampedEvent] = queue.SimpleQueue()  # C-level get: a storm's hundreds
         self._carry: list[StampedEvent] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
         self._committed_state: dict[str, Any] | None = None

@@ -20,6 +20,7 @@ LOWER_DEVICE_KINDS = ("macvtap", "macvlan", "ipvlan", "ipvtap")  # IFLA_LINK is 
 # Links QEMU reads and writes as the guest's queue: they count as the guest does (rx = what the
 # guest received), as libvirt's own interface stats take them
 GUEST_SIDE_KINDS = ("macvtap", "ipvtap")
+DATAPATH_KINDS = ("openvswitch",)  # a master that is a switch's datapath (ovs-system), no bridge
 CHANGE_LOG_SIZE = 1 << 16  # link changes remembered for changed_since (a reader further behind rebuilds)
 
 # (rx_bytes, rx_packets, tx_bytes, tx_packets), host side, as the kernel counts them.
@@ -174,7 +175,11 @@ class LinkTable:
                 self._placements[ifname] = shared
                 return shared
             bridge = self._links.get(record.master)
-            if bridge is not None:
+            if bridge is not None and bridge.kind in DATAPATH_KINDS:
+                # Open vSwitch: every port's master, whichever OVS bridge and VLAN tag the port
+                # has (libvirt's XML says those: kvmeter.agent.nic_placement)
+                bridge = None
+            elif bridge is not None:
                 uplink = self._uplinks().get(bridge.ifindex)
         elif record is not None and record.kind in LOWER_DEVICE_KINDS and record.link is not None:
             lower = self._links.get(record.link)

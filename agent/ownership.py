@@ -17,6 +17,7 @@ from kvmeter.agent.delta import DeltaEngine
 from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates
 from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
+from kvmeter.agent.nic_placement import NicPlacements
 from kvmeter.agent.plan import Planner, PollPlan
 from kvmeter.agent.sources import CounterSource
 from kvmeter.agent.traffic import TrafficRules
@@ -54,6 +55,7 @@ class Ownership:
     engine: DeltaEngine
     _sources: Sequence[CounterSource]
     _planner: Planner
+    _nic_placements: NicPlacements  # a link's placement completed by its NIC's (Open vSwitch)
     _plan: PollPlan | None
     _attribution: dict[CounterKey, Attribution]
     _templates: Templates
@@ -109,7 +111,7 @@ class Ownership:
         if placement is not None:
             pass
         elif key.ifindex:
-            placement = self.topology.placement(key.name)
+            placement = self._nic_placements(self.topology.placement(key.name), nic)
         else:  # counted without a host link (agent.sources): classify by what libvirt says
             traffic = self.config.traffic.classify(nic.bridge, nic.vlan_tag, None)
             placement = LinkPlacement(bridge=nic.bridge, vlan_id=nic.vlan_tag, traffic_type=traffic)

@@ -138,11 +138,18 @@ class Planner:
         placement: Callable[[str], LinkPlacement],
         sources: Sequence[CounterSource],
         source_of: Callable[[NicInfo], int | None],
+        completed: Callable[[LinkPlacement, NicInfo], LinkPlacement] | None = None,
     ) -> None:
         self._links = links
         self._placement = placement
         self._sources = sources
         self._source_of = source_of
+        # A link's placement completed by what libvirt says of its NIC (agent.nic_placement)
+        self._completed = completed
+
+    def _placed(self, name: str, nic: NicInfo) -> LinkPlacement:
+        placement = self._placement(name)
+        return self._completed(placement, nic) if self._completed is not None else placement
 
     def build(self, generation: int | None, stable: dict[str, int], domains: list[DomainInfo]) -> PollPlan:
         devices = self._links.resolve(domains, stable)
@@ -153,7 +160,8 @@ class Planner:
         for domain in ordered:
             for nic in domain.nics:
                 if nic.device and nic.device in stable:
-                    placements[nic.device] = self._placement(nic.device)
+                    owner = devices.get(nic.device)  # (completed by the NIC metering it, as update does)
+                    placements[nic.device] = self._placed(nic.device, owner[1] if owner else nic)
         sourced: dict[int, list[Owned]] = {}
         for name, (domain, nic) in devices.items():
             index = self._source_of(nic)
@@ -262,7 +270,7 @@ class Planner:
         placements, by_ifindex, unlinked = plan.placements, plan.by_ifindex, plan.unlinked
         remember = []
         dropped = set(filter(None, map(keys.get, names)))  # their keys leave `present`
-        link_key, placement_of = self._links.key, self._placement
+        link_key, placement_of = self._links.key, self._placed
         for name in names:
             owners = named.get(name, _NO_OWNERS)
             if len(owners) > 1:
@@ -281,7 +289,7 @@ class Planner:
                 key = keys[name] = link_key(name, index)
                 if owners:
                     owner = devices[name] = owners[0]
-                    placements[name] = placement_of(name)
+                    placements[name] = placement_of(name, owner[1])
                     metered[name] = key
                     if by_ifindex is not None:
                         by_ifindex[key.ifindex] = key

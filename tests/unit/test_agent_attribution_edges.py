@@ -149,3 +149,31 @@ def test_a_macvtap_on_an_untagged_device_is_classified_by_that_device(tmp_path: 
         (pb.PUBLIC, "eth1", 100),
         (pb.PUBLIC, "eth1", 200),
     }
+
+
+def test_an_open_vswitch_port_is_classified_by_its_nics_bridge_and_vlan_tag(tmp_path: Path) -> None:
+    """On Open vSwitch a tap's kernel master is the datapath (ovs-system), whichever OVS bridge
+    and VLAN tag the port has: libvirt's XML says those (<source bridge='br-int'/>,
+    <vlan><tag id='204'/></vlan>), and the traffic rules classify by them (it was "unknown")."""
+    host = Host(
+        LinkRecord(3, "ovs-system", "openvswitch"),
+        LinkRecord(4, "br-int", "openvswitch", master=3),
+        LinkRecord(5, "vxlan_sys_4789", "vxlan", master=3),  # OVS's flow-based tunnel port
+        LinkRecord(10, "vnet8", "tun", master=3),
+    )
+    nic = NicInfo(mac="52:54:00:aa:bb:05", device="vnet8", nic_type="bridge", bridge="br-int", vlan_tag=204)
+    clock = Clock()
+    agent = make_agent(
+        host, FakeInventory((vm("u-o", nic),)), tmp_path, clock, [{"vlan": "204", "type": "guest"}]
+    )
+    first = agent.poll_once()
+    host.traffic("vnet8", 100, 200)
+    measures = polled(agent, clock, "vnet8")
+    agent.set_traffic_rules(TrafficRules.from_config({"rules": [{"vlan": "204", "type": "public"}]}))
+    host.traffic("vnet8", 100, 200)
+    reloaded = polled(agent, clock, "vnet8")
+    agent.close()
+    assert {(m.traffic_type, m.vlan_id, m.bridge) for m in measures} == {(pb.GUEST, 204, "br-int")}
+    (record,) = first.inventory  # the collector's inventory says the same
+    assert (record.nics[0].traffic_type, record.nics[0].vlan_id) == (pb.GUEST, 204)
+    assert {m.traffic_type for m in reloaded} == {pb.PUBLIC}  # classified again by new rules
