@@ -211,11 +211,7 @@ class Agent(Measuring):
 
     def _on_link_event(self, event: Any) -> None:
         # Topology thread: stamp and hand over; no engine access here.
-        self._events.put(
-            StampedEvent(
-                event.kind, event.ifname, event.ifindex, event.stats, to_ms(self._wall()), to_ms(self._mono())
-            )
-        )
+        self._events.put(StampedEvent.of(event, to_ms(self._wall()), to_ms(self._mono())))
         self.metrics.link_events.labels(event.kind).inc()
 
     # -- one poll ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Rules (each has a table test in tests/unit/test_delta.py):
 - Intervals per counter are contiguous and never inverted, even when the wall clock steps back.
 - A final sample (RTM_DELLINK's stats) closes its counter; later samples of that key are ignored
   and the same name with a new ifindex is a new counter.
+- A link renamed (the same ifindex) goes on as the same counter under its new key (`renamed`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from kvmeter.agent.counter_rows import CounterRow, SteadyColumns
 from kvmeter.agent.delta_columns import ColumnPolls
 from kvmeter.agent.delta_finals import ColumnFinals
 from kvmeter.agent.model import CounterKey, CounterSample, Delta, new_tuple
-from kvmeter.agent.wrap_zone import WRAP32, may_have_wrapped
+from kvmeter.agent.wrap_zone import differences, may_have_wrapped
 
 STATE_VERSION = 1
 # A tracked key missing from this many consecutive polls without a final sample is forgotten
@@ -95,6 +96,23 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         born = self.untracked(compress(keys, map(eq, map(_BOOT_ID, keys), repeat(self.boot_id))))
         self._created.update(dict.fromkeys(born, 0))
         self._preexisting -= born
+
+    def renamed(self, old: CounterKey, new: CounterKey) -> None:
+        """A link renamed (the same device and kernel counters, under a new name): its counter
+        goes on as `new`, neither counted again from zero nor baselined (its bytes since the
+        last poll kept); one not tracked keeps what it was (born while accounting, or not)."""
+        if old.boot_id != self.boot_id or new.boot_id != self.boot_id:
+            return
+        self._lift(old)  # out of the steady columns, if there
+        row = self._counters.pop(old, None)
+        self._absent.pop(old, None)
+        if row is not None:
+            self._counters[new] = row._replace(name=new.name)
+        elif old in self._created:
+            self._created[new] = self._created.pop(old)
+        elif old in self._preexisting:
+            self._preexisting.add(new)
+        self._preexisting.discard(old)
 
     def poll(
         self,
@@ -204,7 +222,7 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
     def _grown(self, sample: CounterSample, now_ms: int, mono_ms: int) -> Delta | None:
         """A final sample's delta when all four counters grew within the ceiling (nearly every
         one: poll_readings' fast path) or one reported lower cannot have wrapped (it moves
-        nothing: see _differences), else None for _advance's rules."""
+        nothing: see differences), else None for _advance's rules."""
         prev = self._counters.get(sample.key)
         if prev is None:
             return None
@@ -245,7 +263,7 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         max_packets = max_bytes // MIN_FRAME_BYTES
         limits = (max_bytes, max_bytes, max_packets, max_packets)
         old = (prev.rx_bytes, prev.tx_bytes, prev.rx_packets, prev.tx_packets)
-        moved, wrapped, reset = _differences(old, cur, limits, final=final)
+        moved, wrapped, reset = differences(old, cur, limits, final=final)
         start_ms = prev.end_ms
         end_ms = max(now_ms, start_ms + 1)  # contiguous, never inverted: the clock may step back
         self._counters[key] = CounterRow(key.ifindex, key.name, *cur, end_ms, mono_ms)
@@ -386,27 +404,3 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         engine._last_poll = (int(last[0]), int(last[1])) if last else None
         engine._fresh = bool(state.get("fresh", False))
         return engine
-
-
-def _differences(
-    old: tuple[int, ...], cur: tuple[int, ...], limits: tuple[int, ...], *, final: bool = False
-) -> tuple[tuple[int, int, int, int], bool, bool]:
-    """(moved per counter, wrapped, reset). One implausible decrease means the interface's counters
-    were reset (recreated, driver reload): then every counter counts from zero.
-
-    A final sample is the same device as the last reading (same ifindex, taken as it was
-    removed), so it cannot have been reset: a counter it reports lower (a veth's rx, which the
-    kernel sums from the peer that is already detached at delete) is unknown and moves nothing."""
-    moved: list[int] = []
-    wrapped = False
-    for o, c, limit in zip(old, cur, limits):
-        if c >= o:
-            moved.append(c - o)
-        elif may_have_wrapped(o) and WRAP32 - o + c <= limit:
-            moved.append(WRAP32 - o + c)
-            wrapped = True
-        elif final:
-            moved.append(0)
-        else:
-            return (cur[0], cur[1], cur[2], cur[3]), False, True
-    return (moved[0], moved[1], moved[2], moved[3]), wrapped, False

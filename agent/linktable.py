@@ -29,7 +29,8 @@ Stats = tuple[int, int, int, int]
 
 @dataclass(frozen=True, **SLOTS)
 class LinkEvent:
-    """A link appeared (``kind="new"``) or was deleted (``kind="del"``).
+    """A link appeared (``kind="new"``), was deleted (``kind="del"``) or renamed
+    (``kind="rename"``: the same device and counters under a new name, ``was`` the old one).
 
     ``stats`` are the counters carried by the message itself (``IFLA_STATS64``): for ``del``
     they are the interface's final counters, taken by the kernel as it removed the device, so
@@ -44,10 +45,11 @@ class LinkEvent:
     note).
     """
 
-    kind: str  # "new" | "del"
+    kind: str  # "new" | "del" | "rename"
     ifname: str
     ifindex: int
     stats: Stats | None = None
+    was: str | None = None  # a rename's previous name
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -93,8 +95,9 @@ class LinkTable:
     def apply(self, msg_type: int, record: LinkRecord) -> LinkEvent | None:
         """Apply one message; return the event it means, if any.
 
-        ``RTM_NEWLINK`` for an unknown ifindex (or a known one under a new name) -> ``new``;
-        for a known link it only updates the record (master, state changes). ``RTM_DELLINK``
+        ``RTM_NEWLINK`` for an unknown ifindex -> ``new``; for a known one under a new name
+        (``ip link set vnet0 name tap-x``) -> ``rename``; for a known link it only updates the
+        record (master, state changes). ``RTM_DELLINK``
         -> ``del`` always, even for a link the table never saw (it may have been created and
         deleted between the dump and the subscription).
         """
@@ -111,24 +114,28 @@ class LinkTable:
         for index in _reads(record):
             self._read_by[index] = self._read_by.get(index, 0) + 1
         self._changed(record)
-        if previous is None or previous.ifname != record.ifname:
+        if previous is None:
             return LinkEvent("new", record.ifname, record.ifindex, record.stats)
+        if previous.ifname != record.ifname:
+            return LinkEvent("rename", record.ifname, record.ifindex, record.stats, previous.ifname)
         return None
 
     def replace_all(self, records: Iterable[LinkRecord]) -> list[LinkEvent]:
         """Replace the table with a full dump; return events for what differs from before
-        (``del`` without stats for links gone unseen, ``new`` for links that appeared)."""
+        (``del`` without stats for links gone unseen, ``new`` for links that appeared,
+        ``rename`` for those under another name)."""
         fresh = {r.ifindex: r for r in records}
         events = [
             LinkEvent("del", old.ifname, old.ifindex, None)
             for index, old in sorted(self._links.items())
-            if index not in fresh or fresh[index].ifname != old.ifname
+            if index not in fresh
         ]
-        events.extend(
-            LinkEvent("new", new.ifname, new.ifindex, new.stats)
-            for index, new in sorted(fresh.items())
-            if index not in self._links or self._links[index].ifname != new.ifname
-        )
+        for index, new in sorted(fresh.items()):
+            old = self._links.get(index)
+            if old is None:
+                events.append(LinkEvent("new", new.ifname, index, new.stats))
+            elif old.ifname != new.ifname:
+                events.append(LinkEvent("rename", new.ifname, index, new.stats, old.ifname))
         self._links = {index: _kept(record) for index, record in fresh.items()}
         self._by_name = {r.ifname: r.ifindex for r in fresh.values()}
         self._read_by = {}

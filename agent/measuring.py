@@ -15,6 +15,7 @@ from operator import attrgetter, eq, is_, is_not, not_
 
 from kvmeter.agent.counters import CounterTable, KernelTable, Stats
 from kvmeter.agent.delta_finals import FinalReading
+from kvmeter.agent.linktable import LinkEvent
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, NicInfo
@@ -42,6 +43,11 @@ class StampedEvent:
     stats: Stats | None
     wall_ms: int
     mono_ms: int
+    was: str | None = None  # a rename's previous name
+
+    @classmethod
+    def of(cls, event: LinkEvent, wall_ms: int, mono_ms: int) -> StampedEvent:
+        return cls(event.kind, event.ifname, event.ifindex, event.stats, wall_ms, mono_ms, event.was)
 
 
 def _tail_lost(key: CounterKey) -> None:
@@ -126,7 +132,7 @@ class Measuring(Ownership):
         # The object the plan holds for each link (the engine's and attribution's key): lookups
         # by identity, no key made per event
         keys = self._links.keys_of(map(_IFNAME, events), map(_IFINDEX, events))
-        if len(set(keys)) == len(keys):
+        if len(set(keys)) == len(keys) and "rename" not in map(_KIND, events):
             return self._apply_distinct(events, keys, devices)
         return self._apply_in_turn(events, keys, devices)
 
@@ -151,6 +157,12 @@ class Measuring(Ownership):
             kind = event.kind
             if kind == "new":
                 born.append(key)
+            elif kind == "rename" and event.was is not None:
+                # the same link under a new name: its counter goes on, never counted again
+                self.engine.links_created(born)
+                deltas += self.engine.finals(finals)
+                born, finals, pending = [], [], {key}
+                self.engine.renamed(self._links.key(event.was, event.ifindex), key)
             elif kind == "del":
                 gone[key.name] = key
                 if event.stats is None:

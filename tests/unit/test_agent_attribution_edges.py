@@ -177,3 +177,32 @@ def test_an_open_vswitch_port_is_classified_by_its_nics_bridge_and_vlan_tag(tmp_
     (record,) = first.inventory  # the collector's inventory says the same
     assert (record.nics[0].traffic_type, record.nics[0].vlan_id) == (pb.GUEST, 204)
     assert {m.traffic_type for m in reloaded} == {pb.PUBLIC}  # classified again by new rules
+
+
+def test_a_renamed_tap_goes_on_counting_and_is_not_billed_again_from_zero(tmp_path: Path) -> None:
+    """An operator renames a VM's tap (`ip link set vnet0 name tap-x`: the same ifindex and
+    counters; libvirt's XML still says vnet0, so the NIC is found by its tap's MAC): its bytes go
+    on from where they were (its whole count was billed a second time), those since the last
+    poll included."""
+    host = Host(LinkRecord(3, "cloudbr0", "bridge"))
+    nic = NicInfo(mac="02:00:00:00:00:01", device="vnet0", nic_type="bridge", bridge="cloudbr0")
+    macs = {"vnet0": "fe:00:00:00:00:01", "tap-x": "fe:00:00:00:00:01"}
+    clock = Clock()
+    agent = make_agent(host, FakeInventory((vm("u-1", nic),)), tmp_path, clock, read_mac=macs.get)
+    agent.poll_once()
+    host.add(LinkRecord(20, "vnet0", "tun", master=3))  # the VM's tap, made while the agent runs
+    host.traffic("vnet0", 1_000_000, 2_000_000)
+    clock.t += 10
+    agent.poll_once()
+    host.traffic("vnet0", 10, 20)
+    clock.t += 10
+    agent.poll_once()  # a steady poll: the counter is in the engine's columns
+    host.traffic("vnet0", 1, 2)
+    host.rename("vnet0", "tap-x")
+    host.traffic("tap-x", 3, 4)
+    for _ in range(2):
+        clock.t += 10
+        agent.poll_once()
+    agent.close()
+    got = billed(tmp_path)
+    assert (got[("u-1", pb.VM_TX)], got[("u-1", pb.VM_RX)]) == (1_000_014, 2_000_026)

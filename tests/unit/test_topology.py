@@ -160,12 +160,14 @@ def test_newlink_for_known_link_with_same_place_is_no_event() -> None:
     assert table.apply(RTM_NEWLINK, record) is None
 
 
-def test_rename_is_a_new_link_under_the_new_name() -> None:
+def test_rename_is_the_same_link_under_the_new_name() -> None:
     table = dumped_table()
     record = table.record("vnet1")
     assert record is not None
     renamed = LinkRecord(record.ifindex, "tap-renamed", record.kind, record.master)
-    assert table.apply(RTM_NEWLINK, renamed) == LinkEvent("new", "tap-renamed", record.ifindex, None)
+    assert table.apply(RTM_NEWLINK, renamed) == LinkEvent(
+        "rename", "tap-renamed", record.ifindex, None, "vnet1"
+    )
     assert table.ifindex("vnet1") is None
     assert table.placement("tap-renamed").bridge == "cloudbr0"
 
@@ -188,8 +190,7 @@ def test_replace_all_reports_differences() -> None:
     )
     assert events == [
         LinkEvent("del", "b", 2),
-        LinkEvent("del", "c", 3),
-        LinkEvent("new", "c2", 3, (5, 1, 0, 0)),
+        LinkEvent("rename", "c2", 3, (5, 1, 0, 0), was="c"),  # the same ifindex: the same link
         LinkEvent("new", "d", 4),
     ]
     assert table.links() == {"a": 1, "c2": 3, "d": 4}
