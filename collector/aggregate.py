@@ -7,10 +7,11 @@ Pure: no I/O, no clock.
     Tally.result() -> Attributed
 
 A measure inside one window (nearly all: a poll interval is seconds) of a VM whose history names
-one owner (ResourceHistory.owner_at: that owner at every instant) is summed under (window start,
-route), a route being one (owner, usage type, resource, traffic type, domain name) made once per
-distinct Target; a batch whose measures share one interval (one poll) checks its window once.
-Every other measure (no steady owner, spanning windows, quarantined) becomes a Measure and goes
+one owner (ResourceHistory.owner_at: that owner at every instant) and has it running since before
+the measure (attribution.running_since) is summed under (window start, route), a route being one
+(owner, usage type, resource, traffic type, domain name) made once per distinct Target; a batch
+whose measures share one interval (one poll) checks its window once. Every other measure (no
+steady owner, a VM not running then, spanning windows, quarantined) becomes a Measure and goes
 through the core's rules: OwnerIndex.owner_at, usage.byte_increments and its exact split. Sums
 keep the order of first appearance, so a record's resource name is that of its first measure
 whichever path it took. tests/unit/test_aggregate.py holds the paths equal.
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmeter.collector import usage
-from kvmeter.collector.attribution import is_router
+from kvmeter.collector.attribution import NO_DOUBT, is_router, running_since
 from kvmeter.collector.decode import DecodedBatch, Target
 from kvmeter.collector.model import Measure, ResourceHistory, UsageKey
 
@@ -56,6 +57,7 @@ class Route:
     name: str  # domain name of the measure that made it: the record's resource name
     billed: bool
     about: tuple[str, str] = ("", "")  # (resource name, device type) of a billed record
+    since: int = NO_DOUBT  # a measure starting earlier takes the core's rules (running_since)
     _key: UsageKey | None = None
 
     def key(self, ws: int, we: int) -> UsageKey:
@@ -84,7 +86,8 @@ class Tally:
         self.billable = billable
         self.owner_at = owner_at
         self.history = history
-        self._steady: dict[str, str | None] = {}  # instance uuid -> its only owner, or None
+        # instance uuid -> (its only owner, running_since), or None
+        self._steady: dict[str, tuple[str, int] | None] = {}
         self._routes: dict[tuple[str, int, str, str, str], Route] = {}
         self._by_target = {} if routes is None else routes  # None: no steady owner, per measure
         # window start -> route -> bytes; a key's routes are all in one bucket, in order of appearance
@@ -105,7 +108,7 @@ class Tally:
                     route = by_target.get(target, _UNSEEN)
                     if route is _UNSEEN:
                         route = by_target[target] = self._route_of(target)
-                    if route is not None and not (quarantined and i in quarantined):
+                    if route is not None and start >= route.since and not (quarantined and i in quarantined):
                         bucket[route] = bucket.get(route, 0) + amount
                     else:
                         self._add(batch.measure(i))
@@ -116,7 +119,12 @@ class Tally:
             if route is _UNSEEN:
                 route = by_target[target] = self._route_of(target)
             ws = start - start % window
-            if route is not None and end - ws <= window and not (quarantined and i in quarantined):
+            if (
+                route is not None
+                and end - ws <= window
+                and start >= route.since
+                and not (quarantined and i in quarantined)
+            ):
                 bucket = self._bucket(ws)
                 bucket[route] = bucket.get(route, 0) + amount
             else:
@@ -137,9 +145,8 @@ class Tally:
         if m.quarantine_reason:
             self._result.quarantined.append(m)
             return
-        owner = self._steady_owner(m.instance_uuid) if m.instance_uuid else None
-        if owner is None:
-            owner = self.owner_at(m)
+        steady = self._steady_owner(m.instance_uuid) if m.instance_uuid else None
+        owner = steady[0] if steady is not None and m.start_ms >= steady[1] else self.owner_at(m)
         if owner is None:
             self._result.parked.append(m)
             return
@@ -159,19 +166,23 @@ class Tally:
             bucket = self._bucket(k.window_start_ms)
             bucket[route] = bucket.get(route, 0) + inc.bytes
 
-    def _steady_owner(self, uuid: str) -> str | None:
+    def _steady_owner(self, uuid: str) -> tuple[str, int] | None:
         if uuid not in self._steady:
             h = self.history(uuid)
             one = h.owners[0].account if h is not None and len(h.owners) == 1 else ""
-            self._steady[uuid] = one or None  # "" names no owner: the index looks further
+            # "" names no owner: the index looks further
+            self._steady[uuid] = (one, running_since(h)) if h is not None and one else None
         return self._steady[uuid]
 
     def _route_of(self, target: Target) -> Route | None:
         uuid = target.instance_uuid
-        owner = self._steady_owner(uuid) if uuid else None
-        if owner is None or target.direction not in _TYPE_OF:
+        steady = self._steady_owner(uuid) if uuid else None
+        if steady is None or target.direction not in _TYPE_OF:
             return None
-        return self._route(owner, _TYPE_OF[target.direction], uuid, target.traffic_type, target.domain_name)
+        owner, since = steady
+        route = self._route(owner, _TYPE_OF[target.direction], uuid, target.traffic_type, target.domain_name)
+        route.since = since
+        return route
 
     def _route(self, owner: str, usage_type: int, resource: str, detail: str, name: str) -> Route:
         ident = (owner, usage_type, resource, detail, name)

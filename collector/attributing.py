@@ -1,13 +1,14 @@
 """Measures to owners in memory (aggregate.Tally over the owner index), and their byte increments
 written; the routes of decoded targets kept while the owner index stays the same.
 
-    _attribute(measures, out, owner_at=None, batches=()) -> Attributed
+    _attribute(measures, out, owner_at=None, batches=(), open_from=None) -> Attributed
     _write(conn, done, final_through, now, reason) -> (records, adjustments)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from sqlalchemy.engine import Connection
 
@@ -31,14 +32,17 @@ class Attributing(LifecycleKnowledge):
         owner_at: Callable[[Measure], str | None] | None = None,
         *,
         batches: Iterable[decode.DecodedBatch] = (),
+        open_from: int | None = None,
     ) -> Attributed:
         """In memory: byte increments summed per record key; measures to park / quarantine
-        (aggregate.Tally). By the owner index unless `owner_at` says otherwise."""
+        (aggregate.Tally). By the owner index unless `owner_at` says otherwise; `open_from` is the
+        first window not yet final, where a stopped VM's bytes are doubted (attribution.py)."""
         window, billable = self.settings.window_ms, self.settings.billable
         if owner_at is None:
             if self._routes_at != self._knowledge or len(self._routes) > ROUTES_KEPT:
                 self._routes, self._routes_at = {}, self._knowledge
-            tally = Tally(window, billable, self.index.owner_at, self.index.history, self._routes)
+            owner_of = partial(self.index.owner_at, open_from=open_from)
+            tally = Tally(window, billable, owner_of, self.index.history, self._routes)
         else:
             tally = Tally(window, billable, owner_at)
         for batch in batches:

@@ -5,8 +5,9 @@
     OwnerIndex.update(history: ResourceHistory) -> None   # after rebuilding one resource
     OwnerIndex.remove(resource_uuid: str) -> None
     OwnerIndex.history(resource_uuid: str) -> ResourceHistory | None
-    OwnerIndex.owner_at(measure: Measure) -> str | None
+    OwnerIndex.owner_at(measure: Measure, open_from: int | None = None) -> str | None
     is_router(domain_name: str) -> bool
+    running_near(history, at) -> bool / running_since(history) -> int   # the stopped-VM doubt
 
 Order of evidence, first hit wins (the measure's time is its start_ms):
 1. The operator's map `routers` (account uuid by domain name or VM uuid; MAC and IP keys are
@@ -26,14 +27,23 @@ Order of evidence, first hit wins (the measure's time is its start_ms):
    five-field measure that carries only its address needs this to be billed.
 Otherwise None: the owner is never guessed; the adapter parks the measure and retries when
 lifecycle arrives.
+
+A stopped VM sends nothing, so bytes of a VM at a time its history has it stopped (more than
+CLOCK_SKEW_MS from any running segment) mean events not here yet: CloudStack moves a VM to
+another account only while it is stopped (assignVirtualMachine), and the new owner's VM.START
+may come after its first bytes. With `open_from` (the first window not yet final) such a measure
+in a window still open has no owner yet: it parks, and its VM's next event bills it, to the
+owner that event names; the tick bills what is left by the history as it is just before its
+window is made final (parked_path). A VM never seen running has nothing to doubt.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Mapping, MutableMapping
 
-from kvmeter.collector.model import Measure, ResourceHistory
+from kvmeter.collector.model import Measure, ResourceHistory, Segment
 
 OWNER_HINT_KEY = "ownerAccountUuid"
 # Hosts' and management servers' clocks differ: a VM's MAC / IP may show traffic slightly
@@ -89,16 +99,19 @@ class OwnerIndex:
     def history(self, resource_uuid: str) -> ResourceHistory | None:
         return self._histories.get(resource_uuid)
 
-    def owner_at(self, measure: Measure) -> str | None:
-        """The account owning the measure's bytes at measure.start_ms, or None if not known."""
+    def owner_at(self, measure: Measure, open_from: int | None = None) -> str | None:
+        """The account owning the measure's bytes at measure.start_ms, or None if not known (or
+        doubted: a stopped VM's bytes in a window from `open_from` on)."""
         at = measure.start_ms
         for name in (measure.domain_name, measure.instance_uuid):
             if name and self.routers.get(name):
                 return self.routers[name]  # the operator's word overrides what was learned
-        if measure.instance_uuid:
-            history = self._histories.get(measure.instance_uuid)
-            owner = history.owner_at(at) if history else None
+        history = self._histories.get(measure.instance_uuid) if measure.instance_uuid else None
+        if history is not None:
+            owner = history.owner_at(at)
             if owner:
+                if open_from is not None and at >= open_from and not running_near(history, at):
+                    return None  # a stopped VM's bytes: events not here yet (module doc)
                 return owner
         fields = (
             measure.owner_hint
@@ -138,6 +151,35 @@ class OwnerIndex:
                 return None  # a holder with unknown owner: any answer would be a guess
             owners.add(owner)
         return owners.pop() if len(owners) == 1 else None
+
+
+def running_near(history: ResourceHistory, at: int) -> bool:
+    """True when `at` is in one of the VM's running segments, widened by CLOCK_SKEW_MS each way
+    (a tap is up before CloudStack stamps VM.START; the last poll's bytes may follow VM.STOP), or
+    when the history has no running segment (a router, an IP address, a VM never seen running)."""
+    if not history.running:
+        return True
+    # Segments are in time order and apart: only the last one starting (widened) by `at` can hold it.
+    i = bisect_right(history.running, at + CLOCK_SKEW_MS, key=_start)
+    last = history.running[i - 1] if i else None
+    return last is not None and (last.end_ms is None or at < last.end_ms + CLOCK_SKEW_MS)
+
+
+def _start(segment: Segment) -> int:
+    return segment.start_ms
+
+
+NO_DOUBT = -(2**63)  # running_since of a history whose bytes are never doubted
+ALL_DOUBTED = 2**63
+
+
+def running_since(history: ResourceHistory) -> int:
+    """From when on every measure of this history is running_near: the open running segment's
+    start less the skew (ALL_DOUBTED when no segment is open, NO_DOUBT when there is none)."""
+    if not history.running:
+        return NO_DOUBT
+    last = history.running[-1]
+    return last.start_ms - CLOCK_SKEW_MS if last.end_ms is None else ALL_DOUBTED
 
 
 def _alive_at(history: ResourceHistory, at: int) -> bool:

@@ -2,6 +2,7 @@
 pipeline: a chunk is applied record by record and the refused one dead-lettered (UNSTORABLE).
 
     isolating(store, clock, source, records, apply) -> Outcome
+    REFUSED / refusal(exc) -> str   # what the database's refusals are, and their text
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from kvmeter.collector.model import DeadLetter, Outcome, Record
 from kvmeter.collector.store import Store
 
 UNSTORABLE = "unstorable"  # dead-letter reason: the database refused the record's values
+REFUSED = (DataError, IntegrityError, OverflowError)  # Overflow: sqlite3 binding past int64
+
+
+def refusal(exc: BaseException) -> str:
+    """The database's own words for a refusal (the driver's error, not SQLAlchemy's wrapper)."""
+    return str(getattr(exc, "orig", None) or exc)[:1000]
 
 
 def isolating(
@@ -27,7 +34,7 @@ def isolating(
     stop the pipeline: apply the chunk record by record and dead-letter the refused one."""
     try:
         return apply(records)
-    except (DataError, IntegrityError, OverflowError) as exc:  # Overflow: sqlite3 binding past int64
+    except REFUSED as exc:
         if not records:  # what the input stores with them (Delivery.within) failed: not a record's fault
             raise
         if len(records) > 1:
@@ -36,8 +43,7 @@ def isolating(
                 out.add(isolating(store, clock, source, [rec], apply))
             return out
         rec = records[0]
-        reason = str(getattr(exc, "orig", None) or exc)[:1000]
-        letter = DeadLetter(source, rec.origin, rec.value, UNSTORABLE, reason, rec.key)
+        letter = DeadLetter(source, rec.origin, rec.value, UNSTORABLE, refusal(exc), rec.key)
         with store.write() as conn:
             store.dead_letter(conn, [letter], clock())
         return Outcome(dead_letters=[letter])

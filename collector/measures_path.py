@@ -60,7 +60,7 @@ class MeasuresPath(ParkedMeasures):
                 admitted, new_marks, changed_gaps, out.duplicates = admit(decoded, marks, gaps)
                 out.batches = len(admitted)
                 self._restore_for(conn, admitted)
-                done = self._attribute((), out, batches=admitted)
+                done = self._attribute((), out, batches=admitted, open_from=final_through)
                 out.records, out.adjustments = self._write(conn, done, final_through, now)
                 self.store.park(conn, self._park_or_letter(conn, done.parked, origins, out), now)
                 self.store.quarantine(conn, done.quarantined, now)

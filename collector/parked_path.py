@@ -1,7 +1,7 @@
 """Parked measures: billed when an owner becomes known, reported as UNATTRIBUTED past the horizon
 (they stay parked; a later owner takes the bytes over from UNATTRIBUTED).
 
-    _unpark_for(resources) / _unpark(instances=, macs=, addresses=) -> Outcome
+    _unpark_for(resources) / _unpark(instances=, macs=, addresses=, closing=) -> Outcome
     _report_unattributed() -> Outcome
 """
 
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy.exc import DataError, IntegrityError
-
 from kvmeter.collector.attributing import Attributing
-from kvmeter.collector.isolation import UNSTORABLE
+from kvmeter.collector.isolation import REFUSED, UNSTORABLE, refusal
 from kvmeter.collector.model import UNATTRIBUTED, DeadLetter, Measure, Outcome
 from kvmeter.collector.store.parking import measure_json
 
@@ -36,27 +34,44 @@ class ParkedMeasures(Attributing):
         return out
 
     def _unpark(
-        self, *, instances: Iterable[str] = (), macs: Iterable[str] = (), addresses: Iterable[str] = ()
+        self,
+        *,
+        instances: Iterable[str] = (),
+        macs: Iterable[str] = (),
+        addresses: Iterable[str] = (),
+        closing: int | None = None,
     ) -> Outcome:
         """Bill parked measures that now have an owner: delete from parked and add the bytes in
-        one transaction (a parked row is locked, so two replicas bill it once)."""
+        one transaction (a parked row is locked, so two replicas bill it once). `closing`: the
+        windows ending by then are about to be made final: only their measures, which a
+        stopped VM's history no longer holds back (attribution.py)."""
         out = Outcome()
         after = 0
         while True:
             now = self.clock()
             with self.store.write() as conn:
                 final_through = self.store.finalized_through(conn)
+                open_from = final_through if closing is None else max(final_through, closing)
                 rows = self.store.take_parked(
-                    conn, instances=instances, macs=macs, addresses=addresses, after_id=after
+                    conn,
+                    instances=instances,
+                    macs=macs,
+                    addresses=addresses,
+                    after_id=after,
+                    start_before=closing,
                 )
                 if not rows:
                     break
                 after = rows[-1][0]
                 self._restore_measures(conn, (m for _, m, _ in rows))
-                owned = [(row_id, m, told) for row_id, m, told in rows if self.index.owner_at(m) is not None]
+                owned = [
+                    (row_id, m, told)
+                    for row_id, m, told in rows
+                    if self.index.owner_at(m, open_from) is not None
+                ]
                 if owned:
                     part = Outcome()
-                    done = self._attribute((m for _, m, _ in owned), part)
+                    done = self._attribute((m for _, m, _ in owned), part, open_from=open_from)
                     # Bytes already reported as unattributed move to their owner.
                     moved = self._attribute((m for _, m, told in owned if told), Outcome(), _unattributed)
                     for mine, theirs in ((done.billed, moved.billed), (done.unbilled, moved.unbilled)):
@@ -84,7 +99,7 @@ class ParkedMeasures(Attributing):
             try:
                 if not self._report_page(out, limit):
                     break
-            except (DataError, IntegrityError, OverflowError) as exc:
+            except REFUSED as exc:
                 if limit == 1:
                     self._letter_first_unreported(out, exc)
                     limit = PAGE
@@ -109,11 +124,10 @@ class ParkedMeasures(Attributing):
 
     def _letter_first_unreported(self, out: Outcome, exc: BaseException) -> None:
         now = self.clock()
-        reason = str(getattr(exc, "orig", None) or exc)[:1000]
         with self.store.write() as conn:
             for row_id, m in self.store.take_unreported(conn, now - self.settings.park_horizon_ms, 1):
                 origin = f"parked:{m.stream_id}/{m.seq}#{m.index}"
-                letter = DeadLetter("measures", origin, measure_json(m).encode(), UNSTORABLE, reason)
+                letter = DeadLetter("measures", origin, measure_json(m).encode(), UNSTORABLE, refusal(exc))
                 self.store.dead_letter(conn, [letter], now)
                 self.store.delete_parked(conn, [row_id])
                 out.dead_letters.append(letter)

@@ -172,6 +172,13 @@ class Collector(EventsPath):
         through = window_start(now - self.settings.grace_ms, window)
         if finalize_through is not None:
             through = min(through, finalize_through)
+        with self.store.read() as conn:
+            closing = through > self.store.finalized_through(conn, lock=False)
+        if closing:
+            # A stopped VM's bytes waited for its events while their window was open: billed
+            # now by the history as it is (attribution.py). One parked by another replica
+            # between this and the finalization is billed by a later pass (no longer doubted).
+            out.add(self._unpark(closing=through))
         with self.store.write() as conn:
             out.finalized = self.store.finalize(conn, through, now)
         # Events retry the measures they explain at once; this full pass catches the rest (a

@@ -55,10 +55,11 @@ class Parking(StoreCore):
         addresses: Iterable[str] = (),
         after_id: int = 0,
         limit: int = 5000,
+        start_before: int | None = None,
     ) -> list[tuple[int, Measure, bool]]:
-        """Parked measures matching any identity (all when none given), locked for this
-        transaction; another replica skips them and finds them gone after commit.
-        Rows are (id, measure, already reported as unattributed)."""
+        """Parked measures matching any identity (all when none given) and starting before
+        `start_before` if given, locked for this transaction; another replica skips them and
+        finds them gone after commit. Rows are (id, measure, already reported as unattributed)."""
         pm = parked_measures.c
         query = (
             sa.select(pm.id, pm.measure, pm.reported_ms).where(pm.id > after_id).order_by(pm.id).limit(limit)
@@ -72,6 +73,8 @@ class Parking(StoreCore):
             query = query.where(sa.or_(*conditions))
         elif instances or macs or addresses:
             return []
+        if start_before is not None:
+            query = query.where(pm.start_ms < start_before)
         if self.is_postgres:
             query = query.with_for_update(skip_locked=True)
         return [(int(r[0]), measure_from_json(r[1]), r[2] is not None) for r in conn.execute(query)]

@@ -249,16 +249,16 @@ def test_replicas_on_one_store_bring_back_what_another_replica_changed(
     assert len(a.events[vm(1)]) == 6
     assert a.histories[vm(1)] == b.histories[vm(1)]
     assert a.histories[vm(1)].running[-1].start_ms == T0 + 2 * HOUR  # a late restart
-    # A measure of its uuid, arriving at a when it has left again, goes to its last owner as at b.
+    # A late measure of its uuid (of the late restart), arriving at a when it has left again,
+    # goes to its owner then, as at b.
     clock.now += HOUR
     a.tick()
     assert vm(1) not in a.histories
-    batch = Stream("s2").batch(
-        [M(T0 + 20 * HOUR, T0 + 20 * HOUR + MIN, 900, instance=vm(1), mac="", address="")]
-    )
+    at = T0 + 2 * HOUR + 30 * MIN
+    batch = Stream("s2").batch([M(at, at + MIN, 900, instance=vm(1), mac="", address="")])
     a.apply_batches([Record(batch)])
     owners = {k.account for k, q in store.net_usage().items() if k.usage_type == 4 and q == 900}
-    assert owners == {b.histories[vm(1)].owner_at(T0 + 20 * HOUR)}
+    assert owners == {b.histories[vm(1)].owner_at(at)} == {ACCT_B}
     assert store.parked_rows() == []
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvmeter.collector.attribution import OwnerIndex, is_router
+from kvmeter.collector.attribution import CLOCK_SKEW_MS, OwnerIndex, is_router, running_near, running_since
 from kvmeter.collector.lifecycle import build_history
-from kvmeter.collector.model import Measure
+from kvmeter.collector.model import Measure, OwnerChange, ResourceHistory, Segment
 from kvmeter.proto import pb
 from tests.unit.cs_events import ADMIN, T0, A, B, H, finish, usage
 
@@ -148,3 +150,45 @@ def test_history_without_an_owner_is_not_a_guess() -> None:
 )
 def test_is_router(name: str, expected: bool) -> None:
     assert is_router(name) is expected
+
+
+# -- a stopped VM's bytes (the doubt): by its running segments, widened by the clock skew ------
+@st.composite
+def running_segments(draw: st.DrawFn) -> list[Segment]:
+    """Apart and in time order, as the state machine builds them; the last one maybe open."""
+    segments, at = [], T0
+    for _ in range(draw(st.integers(0, 6))):
+        at += draw(st.integers(0, 3 * CLOCK_SKEW_MS))
+        length = draw(st.integers(1, 3 * CLOCK_SKEW_MS))
+        segments.append(Segment(at, at + length))
+        at += length
+    if segments and draw(st.booleans()):
+        segments[-1] = Segment(segments[-1].start_ms, None)
+    return segments
+
+
+@settings(max_examples=500, deadline=None)
+@given(running=running_segments(), offset=st.integers(-CLOCK_SKEW_MS * 2, 30 * CLOCK_SKEW_MS))
+def test_running_near_is_any_running_segment_widened_by_the_skew(running: list[Segment], offset: int) -> None:
+    history, at = ResourceHistory("vm", running=running), T0 + offset
+    widened = any(
+        s.start_ms - CLOCK_SKEW_MS <= at and (s.end_ms is None or at < s.end_ms + CLOCK_SKEW_MS)
+        for s in running
+    )
+    assert running_near(history, at) == (widened or not running)
+    since = running_since(history)  # the aggregation's shortcut: from then on, no doubt
+    assert at < since or running_near(history, at)
+
+
+def test_a_stopped_vms_bytes_have_no_owner_in_an_open_window_only() -> None:
+    """Stopped at 1 h: bytes at 2 h are doubted in a window still open, plainly its owner's in
+    one already final (nothing waits for a final window); the last poll's bytes just after the
+    stop are not doubted."""
+    index = OwnerIndex()
+    index.update(ResourceHistory("vm-1", owners=[OwnerChange(T0, A)], running=[Segment(T0, T0 + H)]))
+    late = measure(2, instance_uuid="vm-1")
+    assert index.owner_at(late, open_from=T0) is None
+    assert index.owner_at(late, open_from=T0 + 3 * H) == A
+    assert index.owner_at(late) == A
+    tail = measure(1 + 2 * 60_000 / H, instance_uuid="vm-1")
+    assert index.owner_at(tail, open_from=T0) == A
