@@ -66,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     in_window = [0.0]  # seconds spent on lifecycle records between first and last measures chunk
     chunks: list[tuple[int, int, float]] = []  # (records, new batches, seconds) per measures chunk
 
-    def apply_events(records: Any) -> Any:
+    def apply_events(records: Any, within: Any = None) -> Any:
         t0 = time.time()
-        out = real_events(records)
+        out = real_events(records, within=within)
         if seen["first_wall"] is not None:
             in_window[0] += time.time() - t0
         return out

@@ -56,10 +56,7 @@ def _applier(collector: Collector, delivery: Delivery) -> Callable[[], Outcome]:
     if delivery.kind == MEASURES:
         return lambda: collector.apply_batches(records)
     if delivery.kind == LIFECYCLE:
-        within = delivery.within
-        if within is None:
-            return lambda: collector.apply_events(records)
-        return lambda: collector.apply_events(records, within=within)
+        return lambda: collector.apply_events(records, within=delivery.within)
     raise ValueError(f"unknown delivery kind {delivery.kind!r}")
 
 

@@ -4,10 +4,12 @@ wait until every input has read its lifecycle backlog, and every input's status 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import Connection
 
 from kvmeter.collector.feed import Feeder, drain
 from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery
@@ -77,10 +79,10 @@ def test_two_inputs_feed_one_collector_lifecycle_first(store: Store) -> None:
     applied: list[str] = []
     real_events, real_batches = collector.apply_events, collector.apply_batches
 
-    def apply_events(recs: list[Record]) -> Outcome:
+    def apply_events(recs: list[Record], within: Callable[[Connection], None] | None = None) -> Outcome:
         applied.append(f"apply {LIFECYCLE} {len(recs)}")
         log.append(applied[-1])
-        return real_events(recs)
+        return real_events(recs, within=within)
 
     def apply_batches(recs: list[Record]) -> Outcome:
         applied.append(f"apply {MEASURES} {len(recs)}")
@@ -126,11 +128,11 @@ def test_a_failing_store_is_retried_and_nothing_is_acknowledged_before_the_commi
     real = collector.apply_events
     failures = [RuntimeError("database down"), RuntimeError("still down")]
 
-    def flaky(recs: list[Record]) -> Outcome:
+    def flaky(recs: list[Record], within: Callable[[Connection], None] | None = None) -> Outcome:
         log.append(f"try, acked so far: {sum(line.startswith('in ack') for line in log)}")
         if failures:
             raise failures.pop(0)
-        return real(recs)
+        return real(recs, within=within)
 
     collector.apply_events = flaky  # type: ignore[method-assign]
     feeder.step()
