@@ -124,3 +124,35 @@ def test_a_late_batch_from_before_a_vms_current_run_is_doubted_too(store: Store)
         )
     )
     assert bytes_by_account(store) == {ACCT_A: 60, ACCT_B: 500}
+
+
+def test_parked_bytes_the_store_cannot_add_are_dead_lettered_not_retried_for_ever(store: Store) -> None:
+    """Two parked measures whose sum passes int64 (each alone valid): the tick that bills them
+    before their window is final, and the event that explains another VM's, bill what the store
+    can hold and dead-letter the measure it refuses (the tick failed, and was retried in place
+    for ever; the event itself was dead-lettered as unstorable, the measures' refusal taken for
+    its own, and the VM's lifecycle lost)."""
+    clock = Clock(T0 + 2 * HOUR + 12 * MIN)
+    c = Collector(store, Settings(), clock)
+    c.apply_events(events(STOPPED))
+    at = T0 + 2 * HOUR + 10 * MIN
+    vm2 = "9b1f0000-0000-4000-8000-000000000vm2"  # no event names it yet
+    nics = [
+        {"instance": instance, "mac": f"02:00:3a:7b:00:{i:02x}", "device": f"vnet{i}"}
+        for i, instance in enumerate((VM1, VM1, vm2, vm2))
+    ]
+    batch = Stream("s1").batch([M(at, at + MIN, 2**62, **nic) for nic in nics])  # type: ignore[arg-type]
+    assert c.apply_batches([Record(batch)]).parked == 4
+
+    out = c.apply_events(events([usage_event("VM.CREATE", vm2, ACCT_B, T0)]))
+    assert (out.unparked, [(d.source, d.reason) for d in out.dead_letters]) == (
+        1,
+        [("measures", "unstorable")],
+    )
+    assert c.histories[vm2].owners[0].account == ACCT_B
+    clock.now = T0 + 5 * HOUR + MIN  # VM1's window is made final: its doubted bytes are billed
+    out = c.tick()
+    assert (out.unparked, [d.reason for d in out.dead_letters]) == (1, ["unstorable"])
+    assert bytes_by_account(store) == {ACCT_A: 2**62, ACCT_B: 2**62}
+    assert store.parked_rows() == []
+    assert len(store.dead_letter_rows()) == 2
