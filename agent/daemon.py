@@ -153,6 +153,7 @@ class Agent(Measuring):
         self._events: queue.SimpleQueue[StampedEvent] = queue.SimpleQueue()  # C-level get: a storm's hundreds
         self._carry: list[StampedEvent] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
+        self._handover = {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
         self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted
@@ -304,6 +305,7 @@ class Agent(Measuring):
         self._committed_state = engine_state  # the rollback point of the next poll
         self._inventory_spooled(inventory_sent)
         self._count(deltas, totals)
+        self._handed_over()
         self._forget_closed(plan)
         return batches
 

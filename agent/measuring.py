@@ -58,6 +58,27 @@ def to_ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+def _released_readings(
+    handover: Mapping[CounterKey, object], table: CounterTable, plan: PollPlan
+) -> list[tuple[CounterKey, Stats]]:
+    """The readings of the handed-over counters the plan no longer meters (a few, a poll now
+    and then): their last bytes are read once more, under the attribution they had."""
+    readings = []
+    for key in sorted(handover):  # (in the order of their ifindexes, however they were found)
+        if plan.metered.get(key.name) is not key and key in plan.present:
+            try:
+                if table.ifindexes is None:
+                    i = table.names.index(key.name)
+                else:
+                    i = table.ifindexes.index(key.ifindex)
+            except ValueError:
+                continue  # gone from the table since the link map was read
+            readings.append(
+                (key, (table.rx_bytes[i], table.rx_packets[i], table.tx_bytes[i], table.tx_packets[i]))
+            )
+    return readings
+
+
 class Measuring(Ownership):
     """Agent's reading of one poll (see the module's docstring)."""
 
@@ -88,8 +109,10 @@ class Measuring(Ownership):
         plan = self._plan_for(generation, stable)
         keys, (rx_bytes, rx_packets, tx_bytes, tx_packets) = plan.columns_of(table)
         # A steady poll (no link events, every counter known and growing) runs by columns; the
-        # rest by rows, where every rule of the engine and every kind of measure applies.
-        if not events and not plan.sourced and self._steady_encoder(plan) is not None:
+        # rest by rows, where every rule of the engine and every kind of measure applies (a
+        # hand-over's poll, rare, too: see Ownership._handover).
+        handover = self._handover
+        if not events and not plan.sourced and not handover and self._steady_encoder(plan) is not None:
             steady = self.engine.poll_columns(
                 now_ms, mono_ms, keys, rx_bytes, rx_packets, tx_bytes, tx_packets, plan.present
             )
@@ -99,7 +122,7 @@ class Measuring(Ownership):
         deltas = self._apply_events(events, plan.devices)
         # After link events (or a counter that wrapped, reset or jumped): the counters that
         # stayed steady still go by columns, only the others by rows.
-        if not plan.sourced and self._steady_encoder(plan) is not None:
+        if not plan.sourced and not handover and self._steady_encoder(plan) is not None:
             mixed = self.engine.poll_mixed(
                 now_ms,
                 mono_ms,
@@ -119,6 +142,8 @@ class Measuring(Ownership):
         )
         if plan.sourced:
             readings += self._sourced_readings(plan.sourced, table, plan.links)
+        if handover:
+            readings += _released_readings(handover, table, plan)
         self.metrics.interfaces.set(len(readings))
         deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
         return plan, now_ms, None, deltas

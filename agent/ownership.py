@@ -58,6 +58,11 @@ class Ownership:
     _nic_placements: NicPlacements  # a link's placement completed by its NIC's (Open vSwitch)
     _plan: PollPlan | None
     _attribution: dict[CounterKey, Attribution]
+    # Counters whose NIC changed while their link stayed (a pre-created tap that outlived its VM,
+    # unplugged or given to another VM): the poll that first sees it reads them under the
+    # attribution they had (their bytes since the last poll are its), then this one replaces it
+    # (None: no NIC meters them, a later one counts from that reading)
+    _handover: dict[CounterKey, Attribution | None]
     _templates: Templates
     _gone: dict[str, CounterKey]  # name -> key of the links this poll's events deleted
     # The last steady encoder built and the counters it encodes: the next one follows from it
@@ -86,6 +91,12 @@ class Ownership:
         if new is None:
             new = self._planner.build(generation, stable, domains)
         attribution, devices, placements = self._attribution, new.devices, new.placements
+        released = new.released
+        if new.touched is None and attribution:  # built: those no NIC meters any more, found
+            released = [k for k in attribution.keys() - new.metered.values() if k in new.present]
+        for key in released:
+            if key in attribution:
+                self._handover[key] = None
         for name, was in new.remember:  # one placement lookup per link, shared
             key, (domain, nic), placement = new.metered[name], devices[name], placements.get(name)
             last = attribution.get(was) if was is not None else None
@@ -93,6 +104,8 @@ class Ownership:
                 if attribution.get(key) is not last:
                     attribution[key] = last  # a tap made again for the same NIC: the same attribution
                     self._reattributed.add(key)
+                elif self._handover:
+                    self._handover.pop(key, None)  # its NIC again before the hand-over was spooled
             else:
                 self._remember(key, domain, nic, placement)
         if new.touched is None:
@@ -122,8 +135,31 @@ class Ownership:
             or known.nic is not nic
             or (known.placement is not placement and known.placement != placement)
         ):
-            self._attribution[key] = Attribution(domain, nic, placement)
+            who = Attribution(domain, nic, placement)
+            if (
+                known is not None
+                and key.ifindex
+                and (known.domain.uuid, known.nic.mac) != (domain.uuid, nic.mac)
+            ):
+                self._handover[key] = who  # another NIC's from the next poll on (see _handover)
+                return
+            self._attribution[key] = who
             self._reattributed.add(key)
+        elif self._handover:
+            self._handover.pop(key, None)  # back to its NIC before the hand-over was spooled
+
+    def _handed_over(self) -> None:
+        """The poll that read the handed-over counters under their last attribution is spooled:
+        the new one counts from here on."""
+        if not self._handover:
+            return
+        for key, who in self._handover.items():
+            if who is None:
+                self._attribution.pop(key, None)
+            else:
+                self._attribution[key] = who
+            self._reattributed.add(key)
+        self._handover = {}
 
     def _source_of(self, nic: NicInfo) -> int | None:
         """The index of the first source that claims the NIC, None for none."""

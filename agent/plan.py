@@ -72,6 +72,9 @@ class PollPlan:
     # The metered keys by ifindex (a netlink table's rows), built when first needed and kept
     # up to date by an update
     by_ifindex: dict[int, CounterKey] | None = None
+    # The keys the plan updated from metered and meters no more while their link stays (its NIC
+    # left it: a tap that outlived its VM); a built plan leaves them to the agent to find
+    released: list[CounterKey] = field(default_factory=list)
 
     def rows_of(self, table: CounterTable) -> tuple[tuple[CounterKey, ...], list[int]]:
         """The metered interfaces' keys and their rows in the table, in the order of their
@@ -269,8 +272,9 @@ class Planner:
         devices, keys, metered = plan.devices, plan.keys, plan.metered
         placements, by_ifindex, unlinked = plan.placements, plan.by_ifindex, plan.unlinked
         remember = []
+        released = []
         dropped = set(filter(None, map(keys.get, names)))  # their keys leave `present`
-        link_key, placement_of = self._links.key, self._placed
+        link_key, placement_of, completed = self._links.key, self._placement, self._completed
         for name in names:
             owners = named.get(name, _NO_OWNERS)
             if len(owners) > 1:
@@ -289,7 +293,10 @@ class Planner:
                 key = keys[name] = link_key(name, index)
                 if owners:
                     owner = devices[name] = owners[0]
-                    placements[name] = placement_of(name, owner[1])
+                    placement = placement_of(name)
+                    if placement.bridge is None and completed is not None:  # (no call for a bridge's port)
+                        placement = completed(placement, owner[1])
+                    placements[name] = placement
                     metered[name] = key
                     if by_ifindex is not None:
                         by_ifindex[key.ifindex] = key
@@ -298,6 +305,8 @@ class Planner:
                     continue
             devices.pop(name, None)
             placements.pop(name, None)
+            if was is not None and was.ifindex == index:
+                released.append(was)
             for domain, _nic in owners:
                 touched.add(domain.uuid)
         if unlinked and self._links.any_by_mac((named[name][0][1] for name in unlinked), stable, devices):
@@ -324,6 +333,7 @@ class Planner:
             touched=touched,
             unlinked=unlinked,
             by_ifindex=by_ifindex,
+            released=released,
         )
 
 

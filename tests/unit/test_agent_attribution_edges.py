@@ -206,3 +206,94 @@ def test_a_renamed_tap_goes_on_counting_and_is_not_billed_again_from_zero(tmp_pa
     agent.close()
     got = billed(tmp_path)
     assert (got[("u-1", pb.VM_TX)], got[("u-1", pb.VM_RX)]) == (1_000_014, 2_000_026)
+
+
+def test_a_tap_that_outlives_its_vm_bills_that_vms_last_bytes_to_it_not_to_the_next(tmp_path: Path) -> None:
+    """A pre-created tap (type='ethernet' managed='no') stays when its VM stops; another VM
+    then takes it. The bytes since the last poll when the first VM left are its own: the poll
+    that first sees it gone reads them under it (they went to the next VM)."""
+    host = Host(LinkRecord(10, "tap-custom", "tun"))  # made by the operator before the agent
+    a = vm("u-a", NicInfo(mac="52:54:00:00:00:0a", device="tap-custom", nic_type="ethernet"))
+    b = vm("u-b", NicInfo(mac="52:54:00:00:00:0b", device="tap-custom", nic_type="ethernet"))
+    inventory = FakeInventory((a,))
+    clock = Clock()
+    agent = make_agent(host, inventory, tmp_path, clock)
+    agent.poll_once()  # the baseline
+    host.traffic("tap-custom", 100, 200)
+    clock.t += 10
+    agent.poll_once()
+    host.traffic("tap-custom", 30, 40)  # A's last bytes, then A stops: the tap stays
+    inventory.domains = ()
+    clock.t += 10
+    agent.poll_once()
+    inventory.domains = (b,)
+    host.traffic("tap-custom", 1000, 2000)
+    for _ in range(2):
+        clock.t += 10
+        agent.poll_once()
+    agent.close()
+    got = billed(tmp_path)
+    # host rx is what the VM sent (VM_TX), host tx what it received (VM_RX)
+    assert (got[("u-a", pb.VM_TX)], got[("u-a", pb.VM_RX)]) == (130, 240)
+    assert (got[("u-b", pb.VM_TX)], got[("u-b", pb.VM_RX)]) == (1000, 2000)
+
+
+def test_a_tap_given_to_another_vm_between_two_polls_bills_that_poll_to_the_vm_it_had(tmp_path: Path) -> None:
+    """The poll that first sees a tap's NIC changed (another VM's, the link the same) reads it
+    under the NIC it had, by the same rule: no reading can split the bytes of a poll in which
+    one VM left and the next came. The new NIC counts from that reading (by columns again)."""
+    host = Host(LinkRecord(10, "tap-custom", "tun"))
+    a = vm("u-a", NicInfo(mac="52:54:00:00:00:0a", device="tap-custom", nic_type="ethernet"))
+    b = vm("u-b", NicInfo(mac="52:54:00:00:00:0b", device="tap-custom", nic_type="ethernet"))
+    inventory = FakeInventory((a,))
+    clock = Clock()
+    agent = make_agent(host, inventory, tmp_path, clock)
+    agent.poll_once()
+    host.traffic("tap-custom", 30, 40)  # A's, then A leaves and B takes the tap
+    inventory.domains = (b,)
+    clock.t += 10
+    agent.poll_once()
+    for _ in range(3):
+        host.traffic("tap-custom", 1000, 2000)
+        clock.t += 10
+        agent.poll_once()
+    agent.close()
+    got = billed(tmp_path)
+    assert (got[("u-a", pb.VM_TX)], got[("u-a", pb.VM_RX)]) == (30, 40)
+    assert (got[("u-b", pb.VM_TX)], got[("u-b", pb.VM_RX)]) == (3000, 6000)
+
+
+@pytest.mark.parametrize("back", ["the same VM", "its NIC"])
+def test_a_hand_over_undone_before_its_poll_is_spooled_leaves_the_tap_to_its_vm(
+    tmp_path: Path, back: str
+) -> None:
+    """A tap's VM leaves (or its NIC goes to another VM), the poll that would hand it over cannot
+    be spooled, and the VM has it again by the next poll: nothing was handed over, every byte is
+    still that VM's."""
+    host = Host(LinkRecord(10, "tap-custom", "tun"))
+    a = vm("u-a", NicInfo(mac="52:54:00:00:00:0a", device="tap-custom", nic_type="ethernet"))
+    b = vm("u-b", NicInfo(mac="52:54:00:00:00:0b", device="tap-custom", nic_type="ethernet"))
+    inventory = FakeInventory((a,))
+    clock = Clock()
+    agent = make_agent(host, inventory, tmp_path, clock)
+    agent.poll_once()
+    host.traffic("tap-custom", 30, 40)
+    inventory.domains = () if back == "the same VM" else (b,)
+    spool = agent.spool.append_poll
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("disk full")
+
+    agent.spool.append_poll = disk_full  # type: ignore[method-assign]
+    clock.t += 10
+    with pytest.raises(OSError, match="disk full"):
+        agent.poll_once()
+    agent.spool.append_poll = spool  # type: ignore[method-assign]
+    inventory.domains = (a,)  # the same objects as before
+    for _ in range(3):
+        clock.t += 10
+        agent.poll_once()
+        host.traffic("tap-custom", 1000, 2000)
+    agent.close()
+    got = billed(tmp_path)
+    assert got == {("u-a", pb.VM_TX): 2030, ("u-a", pb.VM_RX): 4040}
