@@ -29,6 +29,7 @@ from kvmeter.tomlconfig import schema_problems
 
 log = logging.getLogger(__name__)
 
+TOKEN_MIN = 16  # characters of a bearer token: a guessable one is no credential
 _IDS = {"type": "array", "minItems": 1, "uniqueItems": True, "items": {"type": "string", "minLength": 1}}
 ENTRY_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -36,7 +37,7 @@ ENTRY_SCHEMA: dict[str, Any] = {
     "required": ["name"],
     "properties": {
         "name": {"type": "string", "minLength": 1, "maxLength": 128},
-        "token": {"type": "string", "minLength": 16},
+        "token": {"type": "string", "minLength": TOKEN_MIN},
         "token_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         "api_key": {"type": "string", "minLength": 1, "maxLength": 128},
         "secret_key": {"type": "string", "minLength": 1},
@@ -174,7 +175,7 @@ def _well_typed(entry: dict[str, Any]) -> bool:
 
 
 API_PROPERTIES: dict[str, Any] = {
-    "token": {"type": "string", "minLength": 1},
+    "token": {"type": "string", "minLength": TOKEN_MIN},  # the operator's: as any credential's
     "token_file": {"type": "string", "minLength": 1},
     "cloudstack_api_key": {"type": "string", "minLength": 1},
     "cloudstack_secret_key": {"type": "string", "minLength": 1},
@@ -199,6 +200,10 @@ def from_api_section(api: Mapping[str, Any], base: Path | None) -> tuple[Credent
         else:
             if not token:  # never "no token": with no other credential, loopback would be open
                 problems.append(f"api.token_file: {token_file} is empty")
+            elif len(token) < TOKEN_MIN:
+                problems.append(
+                    f"api.token_file: the token in {token_file} is shorter than {TOKEN_MIN} characters"
+                )
     keys: dict[str, str] = {}
     api_key, secret = api.get("cloudstack_api_key"), api.get("cloudstack_secret_key")
     if (api_key is None) != (secret is None):

@@ -27,7 +27,7 @@ from tests.harness.rabbitmq import Node
 from tests.integration.test_rabbitmq import names, publish
 
 SECRET = "aio-webhook-secret"
-TOKEN = "aio-token"
+TOKEN = "allinone-token-0123456"
 
 
 def deliver(port: int, body: bytes, event: str) -> int:

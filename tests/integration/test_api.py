@@ -38,7 +38,7 @@ from tests.collector_support import (
 )
 
 NOW = T0 + 5 * HOUR
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-0123456"
 
 
 class Api:

@@ -543,3 +543,15 @@ def test_hostile_credentials_are_refused_never_a_5xx(store_url: str) -> None:
             assert answer.json is not None
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("api", ['token = "change-me"', 'token_file = "api.token"'])
+def test_refuses_an_operator_token_shorter_than_16_characters(launcher: Launcher, api: str) -> None:
+    """The operator's token opens every account's records: a guessable one (the example's
+    placeholder) is refused at start, inline or in its file, and never shown."""
+    command = launcher(api)
+    (command.config.parent / "api.token").write_text("change-me\n")
+    done = subprocess.run(command.args, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "api.token" in done.stderr, done.stderr
+    assert "change-me" not in done.stderr, done.stderr

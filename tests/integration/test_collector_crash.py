@@ -55,7 +55,7 @@ def build(
     return events, records, expected
 
 
-def http_get(port: int, path: str, token: str | None = "tok") -> bytes:
+def http_get(port: int, path: str, token: str | None = "crash-test-token-0123") -> bytes:
     req = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     if token:
         req.add_header("Authorization", f"Bearer {token}")
@@ -124,7 +124,7 @@ tick_seconds = 0.5
 [api]
 enabled = false
 listen = "127.0.0.1:{port}"
-token = "tok"
+token = "crash-test-token-0123"
 """
     config.write_text(text)
     total = len(records)

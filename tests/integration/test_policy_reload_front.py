@@ -53,7 +53,7 @@ grace_seconds = 60
 tick_seconds = 0.5
 [api]
 listen = "127.0.0.1:{self.port}"
-token = "policy-token"
+token = "policy-token-0123456"
 {policy}"""
         )
 

@@ -27,7 +27,7 @@ from tests.harness.ports import free_port, wait_for_port
 from tests.harness.processes import Process
 
 SECRET = "webhook-secret-ключ"  # CloudStack takes the key's UTF-8 bytes
-TOKEN = "api-token"
+TOKEN = "webhook-api-token-0123"
 PATH = "/v1/webhook/cloudstack"
 ACCOUNT = "3c5e0000-0000-4000-8000-0000000acct-a"
 VM = "9b1f0000-0000-4000-8000-000000000vm1"

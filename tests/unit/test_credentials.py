@@ -70,9 +70,11 @@ def test_every_bad_credential_key_is_reported_at_once(tmp_path: Path) -> None:
 
 def test_config_and_file_credentials_with_their_scopes(tmp_path: Path) -> None:
     write(tmp_path / "creds.toml", GOOD)
-    cfg = config.from_dict({"api": {"token": "operator", "credentials_file": "creds.toml"}}, base=tmp_path)
+    cfg = config.from_dict(
+        {"api": {"token": "operator-token-0123", "credentials_file": "creds.toml"}}, base=tmp_path
+    )
     source = CredentialSource(cfg.api.credentials, cfg.api.credentials_file)
-    assert source.current.by_token("operator") == Grant("operator token")
+    assert source.current.by_token("operator-token-0123") == Grant("operator token")
     assert source.current.by_token("tenant-token-0123456789") == Grant(
         "tenant", frozenset({"acct-1", "acct-2"})
     )
