@@ -153,7 +153,7 @@ class Agent(Measuring):
         self._events: queue.SimpleQueue[StampedEvent] = queue.SimpleQueue()  # C-level get: a storm's hundreds
         self._carry: list[StampedEvent] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
-        self._handover = {}
+        self._handover, self._retired = {}, {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
         self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted

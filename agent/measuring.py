@@ -193,8 +193,8 @@ class Measuring(Ownership):
                 if event.stats is None:
                     _tail_lost(key)
                     continue
-                if key not in attribution and event.ifname in devices:
-                    self._remember(key, *devices[event.ifname])
+                if key not in attribution:
+                    self._attribute_deleted(key, event.ifname, devices)
                 finals.append((event.wall_ms, event.mono_ms, key, event.stats))
         self.engine.links_created(born)
         if finals:
@@ -225,9 +225,7 @@ class Measuring(Ownership):
             keys, events, stats = (list(compress(c, kept)) for c in (keys, events, stats))
         attribution = self._attribution
         for i in compress(range(len(keys)), map(not_, map(attribution.__contains__, keys))):
-            owner = devices.get(events[i].ifname)
-            if owner is not None:
-                self._remember(keys[i], *owner)
+            self._attribute_deleted(keys[i], events[i].ifname, devices)
         return self.engine.finals(list(zip(map(_WALL_MS, events), map(_MONO_MS, events), keys, stats)))
 
     def _sourced_readings(

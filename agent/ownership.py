@@ -18,7 +18,7 @@ from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates
 from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.nic_placement import NicPlacements
-from kvmeter.agent.plan import Planner, PollPlan
+from kvmeter.agent.plan import Owner, Planner, PollPlan
 from kvmeter.agent.sources import CounterSource
 from kvmeter.agent.traffic import TrafficRules
 from kvmeter.agent.wire import SteadyEncoder
@@ -63,6 +63,9 @@ class Ownership:
     # attribution they had (their bytes since the last poll are its), then this one replaces it
     # (None: no NIC meters them, a later one counts from that reading)
     _handover: dict[CounterKey, Attribution | None]
+    # The attributions a hand-over took from counters no NIC meters any more, kept for their
+    # final counters should the link go before a NIC meters it again (that tail is theirs)
+    _retired: dict[CounterKey, Attribution]
     _templates: Templates
     _gone: dict[str, CounterKey]  # name -> key of the links this poll's events deleted
     # The last steady encoder built and the counters it encodes: the next one follows from it
@@ -155,11 +158,25 @@ class Ownership:
             return
         for key, who in self._handover.items():
             if who is None:
-                self._attribution.pop(key, None)
+                retired = self._attribution.pop(key, None)
+                if retired is not None:
+                    self._retired[key] = retired
             else:
                 self._attribution[key] = who
             self._reattributed.add(key)
         self._handover = {}
+
+    def _attribute_deleted(self, key: CounterKey, ifname: str, devices: Mapping[str, Owner]) -> None:
+        """A deleted link's counter without attribution, for its final counters: its NIC's, or
+        the one a hand-over retired."""
+        owner = devices.get(ifname)
+        if owner is not None:
+            self._remember(key, *owner)
+        elif self._retired:
+            who = self._retired.pop(key, None)
+            if who is not None:
+                self._attribution[key] = who
+                self._reattributed.add(key)
 
     def _source_of(self, nic: NicInfo) -> int | None:
         """The index of the first source that claims the NIC, None for none."""
@@ -230,6 +247,9 @@ class Ownership:
             self._forget(self.engine.untracked(self._gone.values()) & attribution.keys(), plan.metered)
         if len(attribution) > tracked:  # forgotten by the engine, or a reborn tap waiting
             self._forget(attribution.keys() - self.engine.tracked_keys(), plan.metered)
+        if self._retired:  # those the engine no longer tracks
+            for key in self.engine.untracked(list(self._retired)):
+                del self._retired[key]
         if len(self._templates) > 2 * tracked:
             self._templates.keep_only(self.engine.tracked_keys())
         if len(self._reattributed) > len(attribution) + 64:

@@ -297,3 +297,25 @@ def test_a_hand_over_undone_before_its_poll_is_spooled_leaves_the_tap_to_its_vm(
     agent.close()
     got = billed(tmp_path)
     assert got == {("u-a", pb.VM_TX): 2030, ("u-a", pb.VM_RX): 4040}
+
+
+def test_a_tap_deleted_after_its_vm_left_bills_its_tail_to_that_vm(tmp_path: Path) -> None:
+    """A VM leaves the inventory before its tap goes (its XML unreadable for a while, say): the
+    poll that sees it gone reads the tap under it, and the tap's final counters, when it is
+    deleted before any NIC has it again, are that VM's too."""
+    host = Host(LinkRecord(10, "tap-custom", "tun"))
+    a = vm("u-a", NicInfo(mac="52:54:00:00:00:0a", device="tap-custom", nic_type="ethernet"))
+    inventory = FakeInventory((a,))
+    clock = Clock()
+    agent = make_agent(host, inventory, tmp_path, clock)
+    agent.poll_once()
+    host.traffic("tap-custom", 30, 40)
+    inventory.domains = ()
+    clock.t += 10
+    agent.poll_once()
+    host.traffic("tap-custom", 5, 6)
+    host.delete("tap-custom")
+    clock.t += 10
+    agent.poll_once()
+    agent.close()
+    assert billed(tmp_path) == {("u-a", pb.VM_TX): 35, ("u-a", pb.VM_RX): 46}

@@ -43,6 +43,7 @@ class Events(Measuring):
         self._attribution: dict[CounterKey, Any] = {
             self._links.key(LINKS[i].name, LINKS[i].ifindex): "known" for i in attributed
         }
+        self._retired: dict[CounterKey, Any] = {}  # (no hand-over here)
 
     def _remember(self, key: CounterKey, domain: DomainInfo, nic: NicInfo, placement: Any = None) -> None:
         self._attribution[key] = (domain, nic)
