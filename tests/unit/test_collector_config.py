@@ -42,7 +42,7 @@ def test_every_bad_key_is_reported_at_once() -> None:
 
 def test_settings_router_owners_and_token_files(tmp_path: Path) -> None:
     (tmp_path / "owners.toml").write_text('"r-5-VM" = "acct-net-owner"\n')
-    (tmp_path / "token").write_text("t0ken\n")
+    (tmp_path / "token").write_text("t0ken-0123456789ab\n")
     path = tmp_path / "collector.toml"
     path.write_text(
         """
@@ -68,7 +68,7 @@ token_file = "token"
     assert cfg.settings.billable == frozenset({"public", "guest"})
     assert dict(cfg.settings.routers) == {"r-5-VM": "acct-net-owner"}
     assert (cfg.api.host, cfg.api.port) == ("0.0.0.0", 9000)
-    grant = cfg.api.credentials.by_token("t0ken")
+    grant = cfg.api.credentials.by_token("t0ken-0123456789ab")
     assert grant is not None
     assert grant.operator
 
