@@ -151,8 +151,11 @@ class _Open:
 class _Machine:
     """Replays one resource's ordered events; the segments collect in `segments`."""
 
-    def __init__(self, policy: BillingPolicy = DEFAULT_POLICY) -> None:
+    def __init__(self, policy: BillingPolicy = DEFAULT_POLICY, *, router: bool = False) -> None:
         self.policy = policy
+        # A virtual router: CloudStack publishes its state events as a VM's, but bills no VM time
+        # for system VMs (usage events are for user VMs only); its owner is for its bytes.
+        self.router = router
         # first_start: a create is in force (seen, not yet ended by the policy's closer)
         self.created = False
         self.open: dict[str, _Open | None] = {"running": None, "allocated": None, "ip": None}
@@ -168,7 +171,7 @@ class _Machine:
         self.floor: dict[str, int] = {}
 
     def opened(self, kind: str, at: int, offering: str, size: str = "") -> bool:
-        if self.open[kind] is not None:
+        if self.open[kind] is not None or (self.router and kind != "ip"):
             return False
         at = max(at, self.floor.get(kind, at))
         self.open[kind] = _Open(at, offering, size)
@@ -297,7 +300,8 @@ def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) ->
     at = order_times(events)
     events.sort(key=lambda ev: (at[id(ev)], *event_order(ev)))
     hist = ResourceHistory(resource_uuid=uuid)
-    machine = _Machine(policy)
+    router = any(ev.category == pb.USAGE and ev.event_type == ROUTER_OWNER for ev in events)
+    machine = _Machine(policy, router=router)
     machine.offering, machine.size = initial
     address = ""
     for ev in effect_order(machine.would_change, events, at):
@@ -312,14 +316,7 @@ def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) ->
                 since = max(at[id(ev)], hist.owners[-1].time_ms) if hist.owners else ev.time
                 hist.owners.append(OwnerChange(since, ev.account_uuid))
         (hist.applied if machine.apply(ev) else hist.ignored).append(ev.event_id)
-    hist.allocation_pending = machine.created and machine.open["allocated"] is None
-    if any(ev.category == pb.USAGE and ev.event_type == ROUTER_OWNER for ev in events):
-        # A virtual router: CloudStack publishes its state events as a VM's, but bills no
-        # VM time for system VMs (usage events are for user VMs only); its owner is for its bytes.
-        for kind in ("running", "allocated"):
-            machine.segments[kind].clear()
-            machine.open[kind] = None
-        hist.allocation_pending = False
+    hist.allocation_pending = not router and machine.created and machine.open["allocated"] is None
     for kind, cur in machine.open.items():
         if cur is not None:
             machine.segments[kind].append((cur.start_ms, None, cur.offering, cur.size))
