@@ -150,7 +150,12 @@ class Relay:
         for sink in self.sinks:
             had = {r.id for r in rows if (r.topic_sent if sink.name == TOPIC else r.webhook_sent)}
             todo = [r for r in rows if r.id not in had]
-            confirmed, problem = sink.deliver(todo) if todo else ([], "")
+            try:
+                confirmed, problem = sink.deliver(todo) if todo else ([], "")
+            except Exception as exc:  # one sink's failure must not keep the others from their turn
+                log.warning("hand-off to %s failed: %s", sink.name, exc)
+                self.metrics.errors.labels(sink.name).inc()
+                confirmed, problem = [], f"{type(exc).__name__}: {exc}"
             if self._kill_after and confirmed:
                 self._deliveries += 1
                 if self._deliveries >= self._kill_after:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import logging
 import threading
 import urllib.error
@@ -30,6 +31,24 @@ class DeliveryError(Exception):
     """A delivery the receiver did not acknowledge."""
 
 
+class Rejected(Exception):
+    """The receiver refused this one item (a 4xx that is about the item, not about the receiver
+    or the sender's credentials): trying it again at once is pointless, the items after it go on."""
+
+
+# 4xx answers about the receiver, the URL or the sender's credentials, not about the one item:
+# the round stops there as it does for a receiver that is down.
+_NOT_ITEM_SPECIFIC = {401, 403, 404, 405, 407, 408, 410, 425, 429}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A 3xx is an answer, not an acknowledgement: never followed (urllib would follow a 301/302/
+    303 to a POST with a GET, without the body, and take that GET's 2xx for the receiver's)."""
+
+    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+
 class Sink(Protocol):
     name: str
 
@@ -48,23 +67,52 @@ class KafkaSink:
         self.topic = cfg.topic
         self.timeout_s = cfg.timeout_s
         self.on_error = on_error
-        if producer is None:
-            from confluent_kafka import Producer
+        self.cfg = cfg
+        self._fatal = False  # the producer hit a fatal error: unusable, a new one is made
+        self._own = producer is None  # made here: may be made again
+        self.producer = self._make() if producer is None else producer
 
-            producer = Producer(
-                {
-                    "bootstrap.servers": cfg.bootstrap,
-                    "linger.ms": 5,
-                    "message.timeout.ms": int(cfg.timeout_s * 1000),
-                    **cfg.kafka_options,
-                    # after the options: a row is marked sent on the broker's acknowledgement only
-                    "enable.idempotence": True,
-                    "acks": "all",
-                }
-            )
-        self.producer = producer
+    def _make(self) -> Any:
+        from confluent_kafka import Producer
+
+        return Producer(
+            {
+                "bootstrap.servers": self.cfg.bootstrap,
+                "linger.ms": 5,
+                "message.timeout.ms": int(self.cfg.timeout_s * 1000),
+                **self.cfg.kafka_options,
+                # after the options: a row is marked sent on the broker's acknowledgement only
+                "enable.idempotence": True,
+                "acks": "all",
+                "error_cb": self._on_client_error,
+            }
+        )
+
+    def _on_client_error(self, err: Any) -> None:
+        if getattr(err, "fatal", lambda: False)():
+            self._fatal = True
+            self.on_error(f"fatal producer error: {err}")
+
+    def _check_fatal(self, exc: Exception) -> None:
+        from confluent_kafka import KafkaError
+
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL):
+            self._fatal = True
 
     def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
+        if self._fatal and self._own:  # a fatal error leaves the instance unusable for ever
+            log.warning("hand-off: a new Kafka producer after a fatal error")
+            self._fatal = False
+            self.producer = self._make()
+        try:
+            return self._deliver(rows)
+        except Exception as exc:  # KafkaException: a fatal error, a message refused at once
+            self._check_fatal(exc)
+            self.on_error(f"{type(exc).__name__}: {exc}")
+            return [], f"{type(exc).__name__}: {exc}"
+
+    def _deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
         confirmed: list[int] = []
         errors: list[str] = []
 
@@ -105,7 +153,9 @@ class KafkaSink:
 class WebhookSink:
     """One POST per item, retried with exponential backoff until a 2xx (or the round's attempts
     run out: the item waits for the next round). The first item that stays unacknowledged stops
-    the round, so a receiver that is down is not hammered with the rest."""
+    the round, so a receiver that is down is not hammered with the rest; an item the receiver
+    refuses (a 4xx about the item) waits for the next round without stopping the others. A 3xx
+    is not followed."""
 
     name = "webhook"
 
@@ -113,9 +163,11 @@ class WebhookSink:
         self.cfg = cfg
         self.on_error = on_error
         self.stop = stop
+        self.opener = urllib.request.build_opener(_NoRedirect)
 
     def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
         confirmed: list[int] = []
+        rejected = ""
         for row in rows:
             if self.stop.is_set():
                 return confirmed, "stopping"
@@ -129,8 +181,11 @@ class WebhookSink:
                 retrying(self._post, row)
             except RetryError as exc:
                 return confirmed, str(exc.last_attempt.exception())
+            except Rejected as exc:  # this item waits for the next round; the others go on
+                rejected = rejected or str(exc)
+                continue
             confirmed.append(row.id)
-        return confirmed, ""
+        return confirmed, rejected
 
     def _sleep(self, seconds: float) -> None:
         if self.stop.wait(seconds):
@@ -148,14 +203,17 @@ class WebhookSink:
             headers[SIGNATURE_HEADER] = f"sha256={digest}"
         request = urllib.request.Request(self.cfg.webhook_url, data=body, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
+            with self.opener.open(request, timeout=self.cfg.timeout_s) as response:
                 status = response.status
         except urllib.error.HTTPError as exc:
             status = exc.code
             exc.close()
-        except (OSError, ValueError) as exc:  # refused, reset, timed out, bad answer
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, not HTTP
             self.on_error(f"{type(exc).__name__}: {exc}")
             raise DeliveryError(f"{row.transaction_id}: {exc}") from None
+        if 400 <= status < 500 and status not in _NOT_ITEM_SPECIFIC:
+            self.on_error(f"HTTP {status}")
+            raise Rejected(f"{row.transaction_id}: HTTP {status}")
         if not 200 <= status < 300:
             self.on_error(f"HTTP {status}")
             raise DeliveryError(f"{row.transaction_id}: HTTP {status}")

@@ -73,24 +73,29 @@ class Outbox(StoreCore):
     """The relay's statements, each in its own short transaction."""
 
     def claim_outbox(self, limit: int, now_ms: int, lease_ms: int, sinks: Iterable[str]) -> list[OutboxRow]:
-        """Up to `limit` pending rows no live lease holds, oldest first, leased to the caller."""
+        """Up to `limit` pending rows per sink that no live lease holds, oldest first, leased to
+        the caller. Per sink: rows one sink cannot get rid of (its receiver down, an item it
+        rejects) do not keep the next rows from the other sink."""
         ob = handoff_outbox.c
         wanted = [ob[SINK_COLUMNS[s]].is_(None) for s in sinks]
         if not wanted:
             return []
         with self.write() as conn:
-            query = (
-                sa.select(ob.id)
-                .where(
-                    ob.sent_ms.is_(None),
-                    sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
-                    sa.or_(*wanted),
+            picked: set[int] = set()
+            for pending in wanted:
+                query = (
+                    sa.select(ob.id)
+                    .where(
+                        ob.sent_ms.is_(None),
+                        sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
+                        pending,
+                    )
+                    .order_by(ob.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
                 )
-                .order_by(ob.id)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            )
-            ids = [int(row[0]) for row in conn.execute(query)]
+                picked.update(int(row[0]) for row in conn.execute(query))
+            ids = sorted(picked)
             if not ids:
                 return []
             conn.execute(
