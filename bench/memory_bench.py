@@ -4,7 +4,7 @@ witness leaving memory, against a replica that keeps every one (the baseline, sa
 Each VM of the year is created at a random time, gets an IP address, is stopped and started
 again on some days, and is destroyed after a random lifetime (mean MEAN_LIFE_DAYS, so a small
 part of the year's VMs exist at any one time); its IP is released then. Every day the agents send
-one measure of each VM alive that day, with their inventory (the VM's <metadata> owner and its
+one measure of each VM running at 23:00, with their inventory (the VM's <metadata> owner and its
 state): owner hints and witness of every VM the cloud ever had. A simulated day at a time, the
 clock at the day's end: the events through Collector.apply_events, the day's batches through
 apply_batches, then tick() (the live collector's calls), into a fresh SQLite store. Each variant
@@ -42,8 +42,11 @@ def year_of_events(vms: int, seed: int = 1) -> list[tuple[int, bytes, bytes]]:
     return year_of(vms, seed)[0]
 
 
-def year_of(vms: int, seed: int = 1) -> tuple[list[tuple[int, bytes, bytes]], list[tuple[int, int, int]]]:
-    """The year's events (time, key, value) in time order, and each VM's (number, born, dies)."""
+Life = tuple[int, int, int, list[tuple[int, int]]]  # (number, born, dies, its stopped spans)
+
+
+def year_of(vms: int, seed: int = 1) -> tuple[list[tuple[int, bytes, bytes]], list[Life]]:
+    """The year's events (time, key, value) in time order, and each VM's life."""
     from kvmeter.pipeline.sim.simevents import EventBus
 
     bus, rng, out, lives = EventBus(), random.Random(seed), [], []
@@ -58,7 +61,7 @@ def year_of(vms: int, seed: int = 1) -> tuple[list[tuple[int, bytes, bytes]], li
             bus.vm("VM.START", vm, account, at[1], "small"),
             bus.ip("NET.IPASSIGN", ip, account, at[2], f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"),
         ]
-        day = born + DAY_MS
+        day, stopped = born + DAY_MS, [(dies - HOUR_MS, dies)]
         while day < dies - 2 * HOUR_MS:
             if rng.random() < 0.2:  # stopped for an hour on a fifth of its days
                 records += [
@@ -66,6 +69,7 @@ def year_of(vms: int, seed: int = 1) -> tuple[list[tuple[int, bytes, bytes]], li
                     bus.vm("VM.START", vm, account, day + HOUR_MS, ""),
                 ]
                 at += [day, day + HOUR_MS]
+                stopped.append((day, day + HOUR_MS))
             day += DAY_MS
         records += [
             bus.vm("VM.STOP", vm, account, dies - HOUR_MS, ""),
@@ -74,13 +78,13 @@ def year_of(vms: int, seed: int = 1) -> tuple[list[tuple[int, bytes, bytes]], li
         ]
         at += [dies - HOUR_MS, dies, dies]
         out += [(t, key, value) for t, (key, value) in zip(at, records, strict=True)]
-        lives.append((i, born, dies))
+        lives.append((i, born, dies, stopped))
     out.sort(key=lambda item: item[0])
     return [item for item in out if item[0] < T0 + YEAR_DAYS * DAY_MS], lives
 
 
 def day_batch(day: int, alive: list[int], seq: int) -> bytes:
-    """The agents' batch of a day: one measure of each VM alive, with its inventory."""
+    """The agents' batch of a day: one measure of each VM running, with its inventory."""
     from kvmeter.proto import pb
 
     end = T0 + (day + 1) * DAY_MS
@@ -132,7 +136,12 @@ def replay(db: str, vms: int, *, evict: bool) -> dict[str, Any]:
             out = collector.apply_events(chunk[start : start + 500])
             if out.dead_letters:
                 raise RuntimeError(f"{len(out.dead_letters)} dead letters: {out.dead_letters[0].message}")
-        alive = [n for n, born, dies in lives if born < end - HOUR_MS and dies > end - HOUR_MS + 60_000]
+        at = end - HOUR_MS  # the measure's minute: a stopped VM sends nothing
+        alive = [
+            n
+            for n, born, dies, stopped in lives
+            if born < at and at + 60_000 < dies and not any(s <= at + 60_000 and at < e for s, e in stopped)
+        ]
         if alive:
             value = day_batch(day, alive, day + 1)
             began = time.perf_counter()
