@@ -4,7 +4,8 @@ webhook delivery.
     BalanceBook(store, tariff, thresholds).balances(accounts, now_ms) -> [Balance]
     BalanceBook.evaluate(now_ms) -> [Crossing]      state change and outbox row, one transaction
     AlertWebhook(url).deliver(store, now_ms)         POST each undelivered alert, tenacity backoff
-    BalanceWatcher(book, webhook, metrics).run(stop) both, every period, in its own thread
+    BalanceWatcher(book, webhook, ...).start()       both, every period: evaluations and deliveries
+                                                     on threads of their own
 
 Watched accounts are those with credits; an account's costs are summed over every month from the
 one of its first credit through now (balance_costs: closed months kept while unchanged). Nothing
@@ -78,13 +79,24 @@ class BalanceBook:
 
     def evaluate(self, now_ms: int) -> list[core.Crossing]:
         """Every watched account's balance against its threshold: the new crossings, stored with
-        the new state in one transaction (once per crossing, whichever replica evaluates)."""
-        watched = [b for b in self.balances(None, now_ms) if b.threshold is not None]
+        the new state in one transaction (once per crossing, whichever replica evaluates).
+
+        The balances are computed before the state is locked (rating takes a while), so another
+        replica may have stored a newer evaluation meanwhile: an account whose stored state is
+        newer than `now_ms` keeps it (this one's view is older; writing it would re-arm a
+        crossing, or raise one, that the newer view does not see). Accounts no longer watched
+        (their threshold removed, their credits not in the tariff's currency) are not below
+        anything any more."""
+        computed = self.balances(None, now_ms)
+        watched = [b for b in computed if b.threshold is not None]
         postgres = self.store.is_postgres
+        with self.store.write() as conn:  # its own short transaction: no lock held with the states'
+            stored.unwatch(conn, [b.account for b in watched])
         with self.store.write() as conn:
             before = stored.lock_states(conn, [b.account for b in watched], postgres=postgres)
-            raised = core.crossings(watched, {a: below for a, (below, _) in before.items()})
-            numbers = {a: n for a, (_, n) in before.items()}
+            watched = [b for b in watched if before.get(b.account, (False, 0, 0))[2] <= now_ms]
+            raised = core.crossings(watched, {a: below for a, (below, _, _) in before.items()})
+            numbers = {a: n for a, (_, n, _) in before.items()}
             numbers.update({x.account: numbers.get(x.account, 0) + 1 for x in raised})
             stored.save_states(conn, watched, now_ms, numbers, postgres=postgres)
             raised = stored.add_alerts(conn, raised, numbers, now_ms, postgres=postgres)
@@ -201,7 +213,10 @@ class BalanceGauges(PromCollector):
 
 
 class BalanceWatcher:
-    """Evaluates every `period_s` and delivers the alerts; counts them in Prometheus."""
+    """Evaluates every `period_s` and delivers the alerts; counts them in Prometheus. Started,
+    the deliveries run on a thread of their own, woken by new alerts: a receiver that is down
+    (each alert retried with backoff, up to the timeout per attempt) never holds up the next
+    evaluation."""
 
     def __init__(self, book: BalanceBook, webhook: AlertWebhook | None, alerts: Counter, failures: Counter,
                  *, period_s: float = 60.0, clock: Callable[[], int] = _now_ms):  # fmt: skip
@@ -211,27 +226,52 @@ class BalanceWatcher:
         self.failures = failures
         self.period_s = period_s
         self.clock = clock
+        self._wake = threading.Event()  # new alerts to deliver
 
-    def once(self) -> list[core.Crossing]:
+    def evaluate(self) -> list[core.Crossing]:
         raised = self.book.evaluate(self.clock())
         for x in raised:
             self.alerts.labels(x.account).inc()
+        if raised:
+            self._wake.set()
+        return raised
+
+    def deliver(self) -> None:
         if self.webhook is not None:
             _, failed = self.webhook.deliver(self.book.store, self.clock)
             self.failures.inc(failed)
+
+    def once(self) -> list[core.Crossing]:
+        raised = self.evaluate()
+        self.deliver()
         return raised
 
     def run(self, stop: threading.Event) -> None:
+        """The evaluations, every period."""
         while not stop.is_set():
             try:
-                self.once()
+                self.evaluate()
             except Exception:  # never the pipeline's problem: logged, tried again next period
                 log.exception("balance evaluation failed")
             stop.wait(self.period_s)
 
+    def run_deliveries(self, stop: threading.Event) -> None:
+        """The webhook's rounds: every period, and as soon as an evaluation raised alerts."""
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                self.deliver()
+            except Exception:  # logged, tried again next round
+                log.exception("balance alert delivery failed")
+            self._wake.wait(self.period_s)
+
     def start(self) -> threading.Event:
         stop = threading.Event()
         threading.Thread(target=self.run, args=(stop,), name="balances", daemon=True).start()
+        if self.webhook is not None:
+            deliveries = threading.Thread(target=self.run_deliveries, args=(stop,), name="balance-alerts")
+            deliveries.daemon = True
+            deliveries.start()
         return stop
 
 

@@ -13,7 +13,7 @@ import click
 
 from kvmeter.collector.api_credits import credit_dict
 from kvmeter.collector.cli_dead_letters import _cfg, _config, _db, _fmt, _store, _table
-from kvmeter.collector.money_input import credit_amount, currency_code
+from kvmeter.collector.money_input import MAX_NOTE, credit_amount, currency_code
 from kvmeter.collector.store import credits as stored
 
 
@@ -56,6 +56,8 @@ def add(
         raise click.UsageError("--currency is needed: the config names no tariff to take it from")
     if not account or not account.isprintable() or len(account) > 64:
         raise click.BadParameter("the account's uuid", param_hint="--account")
+    if len(note) > MAX_NOTE or not note.isprintable():  # as POST /v1/credits: the column's size
+        raise click.BadParameter(f"at most {MAX_NOTE} printable characters", param_hint="--note")
     store = _store(db_url, cfg)
     try:
         with store.write() as conn:

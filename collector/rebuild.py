@@ -14,7 +14,8 @@ Before all that, the live store's record versions are carried over (store/versio
 rebuilt store folds late changes into each record as it finalizes it at once, and its next
 adjustment of a window continues after the live store's last version instead of giving a
 transaction id the live store already handed off to other content; so are the running totals
-its items' costs were made under (store/item_costs.py).
+its items' costs were made under (store/item_costs.py); so are the credits, balance states
+and low-balance alerts, with their ids (store/credits.py: no history holds them).
 The topics are read by a consumer of its own (kafka_history.read_topic): the live consumer
 group's offsets do not move.
 """
@@ -34,7 +35,7 @@ from kvmeter.collector.kafka_history import read_topic
 from kvmeter.collector.model import Outcome, Record, Settings
 from kvmeter.collector.schema import lifecycle_events, stream_marks, usage_records
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store, item_costs, outbox, versions
+from kvmeter.collector.store import Store, credits, item_costs, outbox, versions
 from kvmeter.proto import pb
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def rebuild(
         done = Rebuilt(carried_versions=versions.carry(conn, into, versions.given(source)))
         item_costs.carry(source, conn, into)
         outbox.carry(source, conn, into)  # items no sink confirmed yet: the new store sends them
+        credits.carry(source, conn, postgres=into.is_postgres)  # their only ledger; alerts' ids
         live_through = live.finalized_through(source, lock=False)
     clock = ReplayClock(wall)
     collector = Collector(into, settings, clock)

@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from kvmeter.collector.balances import Balance, Crossing
 from kvmeter.collector.schema_credits import balance_alerts, balance_state, credits
+from kvmeter.collector.store.engine import slices
 
 
 def add_credit(
@@ -68,10 +69,13 @@ UNEVALUATED = {
 }
 
 
-def lock_states(conn: Connection, accounts: Iterable[str], *, postgres: bool) -> dict[str, tuple[bool, int]]:
-    """{account: (below at the last evaluation, crossings so far)}, rows locked until commit
-    (PostgreSQL; SQLite's writer is alone anyway) so replicas evaluating at once take turns; the
-    alert's unique (account, crossing) makes one alert of a crossing whatever happens."""
+def lock_states(
+    conn: Connection, accounts: Iterable[str], *, postgres: bool
+) -> dict[str, tuple[bool, int, int]]:
+    """{account: (below at the last evaluation, crossings so far, that evaluation's instant)},
+    rows locked until commit (PostgreSQL; SQLite's writer is alone anyway) so replicas
+    evaluating at once take turns; the alert's unique (account, crossing) makes one alert of a
+    crossing whatever happens."""
     names = sorted(set(accounts))
     if not names:
         return {}
@@ -82,10 +86,23 @@ def lock_states(conn: Connection, accounts: Iterable[str], *, postgres: bool) ->
             stmt,
             [{**UNEVALUATED, "account": a} for a in names],
         )
-    query = sa.select(s.account, s.below, s.crossings).where(s.account.in_(names))
+    query = sa.select(s.account, s.below, s.crossings, s.evaluated_ms).where(s.account.in_(names))
     if postgres:
         query = query.order_by(s.account).with_for_update()
-    return {row[0]: (bool(row[1]), int(row[2])) for row in conn.execute(query)}
+    return {row[0]: (bool(row[1]), int(row[2]), int(row[3])) for row in conn.execute(query)}
+
+
+def unwatch(conn: Connection, watched: Iterable[str]) -> list[str]:
+    """Accounts that had a threshold at their last evaluation and are not watched now (no
+    threshold any more, credits no longer in the tariff's currency): no longer below anything
+    (their crossings count stays, so a later crossing gets a new number). Returns them."""
+    s = balance_state.c
+    keep = set(watched)
+    listed: list[str] = list(conn.execute(sa.select(s.account).where(s.threshold != "")).scalars())
+    stale = sorted(a for a in listed if a not in keep)
+    for part in slices(stale, 1000):
+        conn.execute(sa.update(balance_state).where(s.account.in_(part)).values(below=False, threshold=""))
+    return stale
 
 
 def save_states(
@@ -140,7 +157,8 @@ def add_alerts(
 def states(conn: Connection) -> list[dict[str, Any]]:
     s = balance_state.c
     query = sa.select(s.account, s.below, s.balance, s.threshold, s.currency, s.evaluated_ms)
-    return [dict(row) for row in conn.execute(query.where(s.evaluated_ms > 0).order_by(s.account)).mappings()]
+    watched = sa.and_(s.evaluated_ms > 0, s.threshold != "")  # not an account no longer watched
+    return [dict(row) for row in conn.execute(query.where(watched).order_by(s.account)).mappings()]
 
 
 def undelivered(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
@@ -168,3 +186,26 @@ def count_attempts(conn: Connection, attempts: Mapping[int, int]) -> None:
     a = balance_alerts.c
     for alert_id, n in attempts.items():
         conn.execute(sa.update(balance_alerts).where(a.id == alert_id).values(attempts=a.attempts + n))
+
+
+def carry(source: Connection, into: Connection, *, postgres: bool) -> int:
+    """A rebuild: the live store's credits, balance states and alerts, as they are, ids
+    included (no topic or event holds a credit: this table is its only ledger; an alert's id
+    is its webhook Idempotency-Key, which a new alert must never reuse). Returns the credits
+    carried."""
+    carried = 0
+    for table in (credits, balance_state, balance_alerts):
+        if not sa.inspect(source).has_table(table.name):
+            continue
+        have = {c["name"] for c in sa.inspect(source).get_columns(table.name)}  # before migration 18
+        columns = [c for c in table.c if c.name in have]
+        order = table.c.id if "id" in table.c else table.c.account
+        rows = [dict(r) for r in source.execute(sa.select(*columns).order_by(order)).mappings()]
+        for part in slices(rows, 1000):
+            into.execute(sa.insert(table), list(part))
+        if table is credits:
+            carried = len(rows)
+        if postgres and rows and "id" in table.c:  # the next id after the carried ones
+            sequence = f"pg_get_serial_sequence('{table.name}', 'id')"
+            into.execute(sa.text(f"SELECT setval({sequence}, (SELECT max(id) FROM {table.name}))"))
+    return carried
