@@ -195,6 +195,13 @@ def agent(config_path: str, once: bool, fmt: str, window: float, log_level: str 
 
         config = validate({})
     setup_logging(log_level or ("warning" if once else config.log_level))
+    if not once:
+        from kvmeter.agent.kafka_client import property_problems
+
+        problems = property_problems(config.kafka_bootstrap, config.kafka_properties)
+        if problems:
+            click.echo(f"kvmeter agent: invalid config {ConfigError(config_path, problems)}", err=True)
+            sys.exit(2)
     if once:
         _run_once(config, fmt, window)
         return

@@ -31,6 +31,7 @@ from kvmeter.agent.config import AgentConfig
 from kvmeter.agent.counters import KernelTable, read_link_mac
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
 from kvmeter.agent.heap import Heap
+from kvmeter.agent.inventory_fit import fitted_record
 from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import (
     Attribution,
@@ -291,6 +292,10 @@ class Agent(Measuring):
         inventory, inventory_sent = self._inventory_if_due(plan)
         # The inventory first, so a collector knows the domains before their measures.
         inventory_parts = split_fields(inventory, room) if inventory else []
+        if inventory_parts and max(map(len, inventory_parts)) > room:
+            # a record larger than a batch may be (a domain's <metadata>, its tags): trimmed, so
+            # no batch of the stream is one the producer or the broker refuses for ever
+            inventory_parts = [p if len(p) <= room else fitted_record(p, room) for p in inventory_parts]
         parts = chain(map(_alone, inventory_parts), steady_parts, map(_alone, row_parts))
         batches = self._batches(parts, first_seq, now_ms, final=final)
         last = len(batches) - 1

@@ -59,6 +59,27 @@ def confluent_producer(config: dict[str, Any], producer_class: Any = None) -> An
         return make({k: v for k, v in config.items() if k not in unknown})
 
 
+def property_problems(bootstrap: str, properties: Mapping[str, Any] | None) -> list[str]:
+    """What librdkafka refuses in `[kafka.properties]` (a property it does not know, a value it
+    does not take, one that cannot go with the forced idempotence), found by making the producer
+    once at start: the config error names it, where the daemon would otherwise die of a
+    KafkaException with a traceback. Nothing is sent (the producer has no topic and is dropped)."""
+    from confluent_kafka import KafkaException
+
+    config = producer_config(bootstrap, properties)
+    config["logger"] = KAFKA_LOG
+    try:
+        producer = confluent_producer(config)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else exc
+        text = err.str() if hasattr(err, "str") else str(err)
+        return [f"kafka.properties: librdkafka refuses them: {text}"]
+    except (TypeError, ValueError) as exc:
+        return [f"kafka.properties: {exc}"]
+    del producer
+    return []
+
+
 def topic_max_message_bytes(
     bootstrap: str, topic: str, properties: Mapping[str, Any] | None = None, timeout: float = 5.0
 ) -> int | None:

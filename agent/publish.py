@@ -136,6 +136,7 @@ class Publisher:
                 break
             if not self._in_flight:
                 self._waiting_since = self._clock()
+            frame.handed = True
             self._in_flight[frame.position] = frame
             self._next = (frame.segment, frame.offset + 1)
             produced += 1
@@ -171,6 +172,8 @@ class Publisher:
         if generation != self._generation:
             return  # a purged message of a producer that was replaced
         self._in_flight.pop(frame.position, None)
+        frame.handed = False
+        self.spool.settle(frame, delivered=err is None)  # a batch the bound dropped meanwhile: lost or not
         if err is None:
             self.delivered += 1
             self._delivered_at = self._clock()
@@ -283,13 +286,20 @@ class Publisher:
         self.recreated += 1
         if self.metrics is not None:
             self.metrics.producer_recreations.labels(reason).inc()
-        self._in_flight.clear()
+        self._forget_in_flight()
         self._waiting_since = None
         self._next = (0, 0)
         self._failed = None
         self._epoch_mark = None
         self._back_off()
         return True
+
+    def _forget_in_flight(self) -> None:
+        """The producer's copies are purged: none of them will be delivered by it."""
+        for frame in self._in_flight.values():
+            frame.handed = False
+            self.spool.settle(frame, delivered=False)
+        self._in_flight.clear()
 
     def _back_off(self) -> None:
         """The next rebuild waits, longer each time while nothing gets delivered."""
@@ -341,6 +351,7 @@ class Publisher:
                 self._producer.poll(0)
             except Exception as exc:
                 log.debug("purging at close: %s", exc)
+            self._forget_in_flight()
             log.warning(
                 "%d batches not delivered at exit; they stay in the spool and are re-sent at the next start",
                 len(self.spool.pending()),

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from kvmeter.agent.spool_drops import DroppedBatches
 from kvmeter.agent.spool_frames import HEADER, frame_pieces, read_frames
 from kvmeter.agent.spool_io import fsync_dir, write_all
 
@@ -52,6 +53,8 @@ class Frame:
     size: int  # header + payload
     written_ms: int
     acked: bool = field(default=False, compare=False)
+    # Handed to the producer and not yet answered: dropped at the bound, it may still be delivered
+    handed: bool = field(default=False, compare=False)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -80,7 +83,7 @@ class Spool:
         self.max_age_ms = max_age_ms
         self.segment_bytes = segment_bytes
         self.read_only = read_only
-        self.on_drop = on_drop
+        self.drops = DroppedBatches(on_drop)
         self._pending: deque[Frame] = deque()  # appended, not yet acknowledged, in order
         self._pending_bytes = 0  # their sizes, summed as they come and go
         # The batches of the last poll written, by position: the publisher takes them right
@@ -349,7 +352,7 @@ class Spool:
             self.dropped_frames += 1
             self.dropped_bytes += oldest.size
             dropped.append(oldest)
-            if self.on_drop is not None:
+            if self.drops.wants_batch(oldest):
                 # The poll is on disk already: the dropped batch unreadable (EIO on an old
                 # segment) or not counted must not fail the append (the poll would be undone
                 # and spooled again under the same sequence numbers)
@@ -358,10 +361,7 @@ class Spool:
                 except Exception as exc:
                     log.error("spool: dropped batch %s/%d unreadable: %s", oldest.stream_id, oldest.seq, exc)
                     batch = b""  # counted by its spool bytes
-                try:
-                    self.on_drop(oldest, batch)
-                except Exception:
-                    log.exception("spool: on_drop failed")
+                self.drops.dropped(oldest, batch)
         if dropped:
             log.error(
                 "SPOOL BOUND HIT (%d bytes max, %d s max age): dropped %d undelivered batches "
@@ -378,6 +378,10 @@ class Spool:
                 self._delete_acked_segments()
             except OSError as exc:  # a lagging ack only re-sends; the next ack or drop writes it
                 log.error("spool: ack position not written after the drop: %s", exc)
+
+    def settle(self, frame: Frame, *, delivered: bool) -> None:
+        """What became of a batch the producer held (spool_drops)."""
+        self.drops.settle(frame, delivered=delivered)
 
     def pending_bytes(self) -> int:
         return self._pending_bytes
