@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.collector_command import CollectorCommand
-from tests.harness.kafka import Broker
+from tests.harness.kafka import Broker, create_topic
 from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.broker
@@ -121,6 +121,9 @@ def test_health_turns_degraded_while_the_broker_is_gone_and_kafka_logs_stay_quie
     tmp_path: Path, collectors: list[CollectorProcess]
 ) -> None:
     broker = Broker(log_dir=tmp_path).start()
+    topics = (f"m-{tmp_path.name}", f"l-{tmp_path.name}")  # a missing measures topic is degraded too
+    for topic in topics:
+        create_topic(broker.bootstrap, topic)
     try:
         port = free_port()
         c = CollectorProcess(
@@ -147,7 +150,9 @@ def test_health_turns_degraded_while_the_broker_is_gone_and_kafka_logs_stay_quie
         assert any(re.match(r"<[0-7]>kvmeter\.collector\.kafka: ", line) for line in during), during
         assert len(during) <= 10, "\n".join(during)
 
-        broker.start()
+        broker.start()  # memory storage: its topics are gone
+        for topic in topics:
+            create_topic(broker.bootstrap, topic)
         wait_until(lambda: get("127.0.0.1", port, "/health")[0] == 200, 60, c)
         assert get("127.0.0.1", port, "/health")[1]["status"] == "ok"
     finally:
