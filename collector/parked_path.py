@@ -58,6 +58,7 @@ class ParkedMeasures(Attributing):
 
         def page(limit: int) -> bool:
             now = self.clock()
+            trying.clear()
             with self.store.write() as conn:
                 final_through = self.store.finalized_through(conn)
                 open_from = final_through if closing is None else max(final_through, closing)
