@@ -21,6 +21,7 @@ from typing import Any
 
 from kvmeter.collector.balances import Thresholds
 from kvmeter.collector.money_input import credit_amount
+from kvmeter.tomlconfig import url_userinfo_problems
 
 _AMOUNT = {"type": "string", "minLength": 1, "maxLength": 40}
 
@@ -59,6 +60,7 @@ def balances_config(section: Any, problems: list[str]) -> BalancesConfig | None:
             problems.append(f"{at}: {exc}")
             return None
 
+    problems += url_userinfo_problems(section.get("webhook_url", ""), "balances.webhook_url")
     default = amount(section["threshold"], "balances.threshold") if "threshold" in section else None
     accounts = section.get("accounts", {})
     own = {}

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvmeter.tomlconfig import url_userinfo_problems
+
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token
 RESERVED_HEADERS = {"content-type", "content-length", "host", "idempotency-key", "x-kvmeter-signature"}
 
@@ -94,6 +96,7 @@ def handoff_config(
     topic, url = section.get("topic", ""), section.get("webhook_url", "")
     if not topic and not url:
         problems.append("handoff: name a topic, a webhook_url or both")
+    problems += url_userinfo_problems(url, "handoff.webhook_url")
     bootstrap = section.get("bootstrap", kafka_bootstrap)
     if topic and not bootstrap:
         problems.append("handoff.topic: needs a broker: handoff.bootstrap or kafka.bootstrap")

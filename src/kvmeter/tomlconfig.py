@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,15 @@ def schema_problems(schema: Mapping[str, Any], doc: Any) -> list[str]:
 # Keys whose values are secrets: a problem with one (in a log, on stderr) names the rule it
 # breaks, never the value (a token one character short is the operator's token all the same).
 SECRET_KEYS = frozenset({"token", "token_sha256", "secret_key", "cloudstack_secret_key", "password"})
+
+
+def url_userinfo_problems(url: Any, at: str) -> list[str]:
+    """A URL with a user or password in it is refused, never quoted: it would be logged and shown
+    (in /health, the start line), and urllib sends no such credentials anyway."""
+    netloc = urllib.parse.urlsplit(url).netloc if isinstance(url, str) else ""
+    if "@" not in netloc:
+        return []
+    return [f"{at}: a user or password in the URL is refused (it is not sent, and the URL is logged)"]
 
 
 def _rule(error: Any) -> str:

@@ -250,3 +250,26 @@ def test_collector_example_shows_only_defaults() -> None:
         if getattr(default, f.name) != getattr(shown, f.name)
     }
     assert differs == {}, differs
+
+
+@pytest.mark.parametrize("command", [["collector"], ["run", "--all-in-one"]])
+def test_a_webhook_url_with_a_password_is_refused_without_showing_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """urllib sends no user or password from a URL, and the URL is logged at start and shown in
+    /health: `[handoff] webhook_url` and `[balances] webhook_url` with one are refused, and the
+    refusal never quotes it."""
+    from kvmeter.cli import main
+
+    config = tmp_path / "kvmeter.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path}/usage.db"\n'
+        '[kafka]\nbootstrap = "127.0.0.1:1"\n'
+        '[handoff]\nwebhook_url = "https://billing:hunter2-secret@billing.example.com/items"\n'
+        '[balances]\nthreshold = "5.00"\nwebhook_url = "https://ops:hunter2-secret@ops.example.com/alerts"\n'
+    )
+    result = CliRunner().invoke(main, [*command, "--config", str(config)])
+    assert result.exit_code != 0, result.output
+    assert "handoff.webhook_url" in result.output
+    assert "balances.webhook_url" in result.output
+    assert "hunter2" not in result.output
