@@ -103,6 +103,7 @@ class Relay:
         self._deliveries = 0
         self._lease_lock = threading.Lock()  # a renewal and the release, one at a time
         self._held_until = 0
+        self._settled = False  # rows a sink no longer configured lacked: settled at the first round
 
     def _error_of(self, sink: str) -> Callable[[str], None]:
         def count(message: str) -> None:
@@ -114,6 +115,11 @@ class Relay:
     def round(self) -> tuple[int, bool]:
         """One round; returns (items claimed, whether every one was confirmed by every sink)."""
         now = self.clock()
+        if not self._settled:
+            settled = self.store.settle_outbox(self.sink_names, now)
+            if settled:
+                log.info("hand-off: %d items every configured sink has are sent", settled)
+            self._settled = True
         rows = self.store.claim_outbox(self.cfg.batch_size, now, self.cfg.lease_ms, self.sink_names)
         if not rows:
             return 0, True

@@ -127,6 +127,21 @@ class Outbox(StoreCore):
                     .values(sent_ms=now_ms, claimed_until_ms=None, last_error=None)
                 )
 
+    def settle_outbox(self, sinks: Iterable[str], now_ms: int) -> int:
+        """Rows every configured sink has are sent: a sink taken out of the config leaves no
+        row waiting for it for ever (pending, held from pruning, the stalled alert firing)."""
+        ob = handoff_outbox.c
+        done = [ob[SINK_COLUMNS[s]].is_not(None) for s in sinks]
+        if not done:
+            return 0
+        with self.write() as conn:
+            result = conn.execute(
+                sa.update(handoff_outbox)
+                .where(ob.sent_ms.is_(None), *done)
+                .values(sent_ms=now_ms, claimed_until_ms=None, last_error=None)
+            )
+        return int(result.rowcount or 0)
+
     def renew_outbox(
         self, ids: Sequence[int], until_ms: int, now_ms: int, held_until: int | None = None
     ) -> int:

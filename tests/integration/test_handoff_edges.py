@@ -132,6 +132,27 @@ def test_kafka_items_flow_while_the_webhook_is_down(tmp_path: Path, monkeypatch:
     )
 
 
+def test_a_sink_taken_out_of_the_config_leaves_no_item_waiting_for_it(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The topic has every item, the webhook (down) none; the operator takes the webhook out of
+    [handoff]: the next relay's first round counts every item the topic has as sent (they
+    waited for the webhook for ever: pending, never pruned, the stalled alert firing)."""
+    store = filled(tmp_path, 4)
+    down = Server(lambda h, _b: answer(h, 503))
+    monkeypatch.setattr("confluent_kafka.Producer", lambda _conf: FakeProducer())
+    try:
+        relay_of(
+            store, replace(FAST, topic="billable", bootstrap="127.0.0.1:1", webhook_url=down.url)
+        ).round()
+    finally:
+        down.close()
+    assert store.outbox_stats()[0] == 4
+    relay_of(store, replace(FAST, topic="billable", bootstrap="127.0.0.1:1")).round()
+    assert store.outbox_stats() == (0, None)
+    assert all(r["sent_ms"] is not None and r["webhook_sent_ms"] is None for r in outbox(store))
+
+
 def test_one_item_the_webhook_rejects_does_not_stall_the_others(tmp_path: Path) -> None:
     """An item the receiver refuses (a 4xx about the item: 422, 400, 413) waits for the next
     round and the items after it go on (the round stopped at it, and every round began with it:
