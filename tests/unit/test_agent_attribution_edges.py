@@ -18,18 +18,18 @@ from kvmeter.agent.model import DomainInfo, NicInfo
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
 from kvmeter.proto import pb
-from tests.unit.test_agent_daemon import HEADER, Clock, FakeInventory
+from tests.unit.test_agent_daemon import Clock, FakeInventory, ProcNetDev
 from tests.unit.test_poll_plan import WorldTopology
 
 
-class Host:
+class Host(ProcNetDev):
     """The kernel as the agent sees it: links through a real LinkTable, whose events reach the
     agent, and their host-side counters (rx_bytes, rx_packets, tx_bytes, tx_packets) as
     /proc/net/dev text."""
 
     def __init__(self, *links: LinkRecord) -> None:
+        super().__init__()
         self.table = LinkTable(TrafficRules([]))
-        self.counters: dict[str, list[int]] = {}
         self.listeners: list[Callable[[Any], None]] = []
         for record in (LinkRecord(1, "lo"), *links):
             self.add(record)
@@ -56,17 +56,6 @@ class Host:
             record.ifindex, new, record.kind, record.master, record.link, stats=(c[0], c[1], c[2], c[3])
         )
         self._tell(self.table.apply(RTM_NEWLINK, renamed))
-
-    def traffic(self, name: str, host_rx: int, host_tx: int) -> None:
-        c = self.counters[name]
-        c[0] += host_rx
-        c[1] += 1
-        c[2] += host_tx
-        c[3] += 1
-
-    def text(self) -> str:
-        rows = [f"{n}: {c[0]} {c[1]} 0 0 0 0 0 0 {c[2]} {c[3]} 0 0 0 0 0 0" for n, c in self.counters.items()]
-        return HEADER + "\n".join(rows) + "\n"
 
     def _tell(self, event: Any) -> None:
         if event is not None:

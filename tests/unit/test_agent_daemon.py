@@ -23,14 +23,12 @@ DOMAIN = DomainInfo(uuid="u-1", name="i-2-10-VM", state="running", kind="user_vm
 HEADER = "Inter-|   Receive |  Transmit\n face |bytes packets|bytes packets\n"
 
 
-class Host:
-    """The kernel as the agent sees it: links with counters (rx_bytes, rx_packets, tx_bytes, tx_packets)."""
+class ProcNetDev:
+    """Links' host-side counters (rx_bytes, rx_packets, tx_bytes, tx_packets), read as the
+    kernel prints them in /proc/net/dev."""
 
     def __init__(self) -> None:
-        self.links: dict[str, int] = {"lo": 1, "vnet0": 10}
-        self.counters: dict[str, list[int]] = {"lo": [0, 0, 0, 0], "vnet0": [0, 0, 0, 0]}
-        self.listeners: list[Callable[[Any], None]] = []
-        self.next_ifindex = 11
+        self.counters: dict[str, list[int]] = {}
 
     def traffic(self, name: str, host_rx: int, host_tx: int) -> None:
         c = self.counters[name]
@@ -39,9 +37,20 @@ class Host:
         c[2] += host_tx
         c[3] += 1
 
-    def table(self) -> str:
+    def text(self) -> str:
         rows = [f"{n}: {c[0]} {c[1]} 0 0 0 0 0 0 {c[2]} {c[3]} 0 0 0 0 0 0" for n, c in self.counters.items()]
         return HEADER + "\n".join(rows) + "\n"
+
+
+class Host(ProcNetDev):
+    """The kernel as the agent sees it: links with counters, and their events."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: dict[str, int] = {"lo": 1, "vnet0": 10}
+        self.counters = {"lo": [0, 0, 0, 0], "vnet0": [0, 0, 0, 0]}
+        self.listeners: list[Callable[[Any], None]] = []
+        self.next_ifindex = 11
 
     def delete(self, name: str) -> None:
         c = self.counters.pop(name)
@@ -117,7 +126,7 @@ def make_agent(
             "topology": FakeTopology(host),
             "spool": Spool(spool_dir),
             "boot_id": BOOT,
-            "read_text": host.table,
+            "read_text": host.text,
             "wall": clock,
             "mono": clock,
             **parts,
@@ -517,7 +526,7 @@ def test_a_tap_made_again_while_the_counters_are_read_waits_for_the_next_poll(
             host.delete("vnet0")
             host.create("vnet0")
             host.traffic("vnet0", 1000, 2000)
-        return host.table()
+        return host.text()
 
     agent = make_agent(host, tmp_path, clock, topology=topology, read_text=read_text)
     agent.poll_once()
