@@ -144,22 +144,31 @@ class Feeder:
             except Exception as exc:
                 if self.stop_event.is_set():
                     raise
-                self.failing = f"{stage}: {type(exc).__name__}"
-                self.metrics.errors.labels(stage).inc()
+                self.failed(stage, exc)
                 log.exception("%s: failed, retrying in %.1fs", stage, delay)
                 self.stop_event.wait(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            self.failing = ""
-            self.last_success = self.monotonic()
-            self.metrics.record(out)
-            self.totals.add(out)
-            self.totals.dead_letters.clear()  # counted in metrics; kept in the store
-            for letter in out.dead_letters:
-                log.warning(
-                    "dead-lettered %s %s: %s: %s", letter.source, letter.origin, letter.reason, letter.message
-                )
+            self.applied(out)
             return
+
+    def failed(self, stage: str, exc: Exception) -> None:
+        """A transaction-backed step failed (retried): /health says failing, the error is counted."""
+        self.failing = f"{stage}: {type(exc).__name__}"
+        self.metrics.errors.labels(stage).inc()
+
+    def applied(self, out: Outcome) -> None:
+        """A step committed: its outcome counted and its dead letters logged. Also called by the
+        all-in-one's hand-off for the measure batches it applies outside this loop."""
+        self.failing = ""
+        self.last_success = self.monotonic()
+        self.metrics.record(out)
+        self.totals.add(out)
+        self.totals.dead_letters.clear()  # counted in metrics; kept in the store
+        for letter in out.dead_letters:
+            log.warning(
+                "dead-lettered %s %s: %s: %s", letter.source, letter.origin, letter.reason, letter.message
+            )
 
     def status(self) -> dict[str, Any]:
         """For /health: what the inputs are doing and whether applying fails."""

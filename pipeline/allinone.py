@@ -44,7 +44,7 @@ from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.inputs import InputUnavailable, event_inputs
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.policy_change import put_in_force, put_in_force_at_start
+from kvmeter.collector.policy_change import put_in_force_at_start
 from kvmeter.collector.prune import PruneJob, Pruner
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
@@ -94,7 +94,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
     ]
     agent_cfg = collector_cfg = None
     try:
-        agent_cfg = agent_config.validate({k: v for k, v in doc.items() if k in AGENT_SECTIONS}, source)
+        agent_cfg = agent_part(doc, source)
     except ConfigError as exc:
         problems += exc.problems
     lifecycle = doc.get("lifecycle", {})
@@ -113,6 +113,11 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
     events = lifecycle.get("events_file")
     events_file = None if not events else (Path(events) if base is None else base / events)
     return AllInOneConfig(agent_cfg, collector_cfg, events_file)
+
+
+def agent_part(doc: dict[str, Any], source: str) -> agent_config.AgentConfig:
+    """The agent's sections of an all-in-one file, validated by the agent's rules."""
+    return agent_config.validate({k: v for k, v in doc.items() if k in AGENT_SECTIONS}, source)
 
 
 def load(path: str | Path) -> AllInOneConfig:
@@ -163,7 +168,9 @@ class AllInOne:
         self.agent = build_agent(
             cfg.agent,
             read_only=False,
-            producer_factory=lambda _config: InProcessProducer(self.collector, idle=self.idle),
+            producer_factory=lambda _config: InProcessProducer(
+                self.collector, idle=self.idle, applied=self.feeder.applied, failed=self.feeder.failed
+            ),
         )
         self.api: Any = None
         self.credentials: CredentialSource | None = None  # the API's configured ones (SIGHUP)
@@ -201,6 +208,7 @@ class AllInOne:
             api.port,
             credentials=self.credentials,
             metrics=self.metrics,
+            status=self.feeder.status,  # /health: failing while a store write is retried
             settings=self.cfg.collector.settings,
             tariffs=self.tariffs,
             balances=self.balances,
@@ -244,38 +252,26 @@ class AllInOne:
 
 
 def reloads(config_path: str, pipeline: AllInOne) -> Reloads:
-    """What SIGHUP reads again, run between two polls: the config file is read whole (a bad one
-    refuses the reload) and each part put in force; the rest is read at start only."""
+    """What SIGHUP reads again, run between two polls. Each part reads the config file again but
+    takes only its own sections, as `kvmeter collector` does (collector/reloading.py) and the
+    agent its sections: a mistake in one (a tariff file caught mid-edit) refuses that reload
+    alone, never a credential's removal. The rest is read at start only."""
+    path = Path(config_path)
     out = Reloads(lambda what: pipeline.metrics.reload_failures.labels(what).inc())
 
     def traffic_rules() -> str:
-        rules = load(config_path).agent.traffic
+        rules = agent_part(read_toml(path), config_path).traffic
         pipeline.agent.set_traffic_rules(rules)
         return f"{len(rules.rules)} rule(s) (defaults included), fallback {rules.fallback}"
 
-    def router_owners() -> str:
-        routers = load(config_path).collector.settings.routers
-        pipeline.collector.set_routers(routers)
-        return f"{len(routers)} router owner(s)"
-
-    def billing_policy() -> str:
-        return put_in_force(pipeline.collector, load(config_path).collector.settings.policy)
-
     out.add("traffic rules", traffic_rules)
-    out.add("router owners", router_owners)
-    out.add("policy", billing_policy)
-    source = pipeline.credentials
-    if source is not None:
-
-        def credentials() -> str:
-            api = load(config_path).collector.api
-            current = source.replace(api.credentials, api.credentials_file)
-            return f"{len(current.tokens)} token(s), {len(current.keys)} key pair(s)"
-
-        out.add("credentials", credentials)
+    out.add("router owners", reloading.router_owners(path, pipeline.collector))
+    out.add("policy", reloading.billing_policy(path, pipeline.collector))
+    if pipeline.credentials is not None:
+        out.add("credentials", reloading.api_credentials(path, pipeline.credentials))
         out.apart("credentials")  # a removed credential must not wait for the next poll
     if pipeline.tariffs is not None:  # the file [billing] names now, as `kvmeter collector` does
-        out.add("tariff", reloading.tariff(Path(config_path), pipeline.tariffs))
+        out.add("tariff", reloading.tariff(path, pipeline.tariffs))
     return out
 
 

@@ -16,7 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from kvmeter.collector.service import Collector
+from kvmeter.collector.model import Outcome
+from kvmeter.collector.service import MEASURES, Collector
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,21 @@ class InProcessProducer:
     """The subset of confluent_kafka.Producer the agent's Publisher uses."""
 
     def __init__(
-        self, collector: Collector, *, idle: Callable[[], None] | None = None, max_queue: int = 1000
+        self,
+        collector: Collector,
+        *,
+        idle: Callable[[], None] | None = None,
+        max_queue: int = 1000,
+        applied: Callable[[Outcome], None] | None = None,
+        failed: Callable[[str, Exception], None] | None = None,
     ):
         self.collector = collector
         self.idle = idle  # the rest of the collector's work, run on this same thread
         self.max_queue = max_queue
+        # What each apply did, or why it failed: the metrics and /health the feeder's loop
+        # feeds for the rest of the collector's work (Feeder.applied, .failed).
+        self.applied = applied
+        self.failed = failed
         self._queue: deque[tuple[HandedOff, DeliveryCallback | None]] = deque()
 
     def produce(
@@ -82,11 +93,16 @@ class InProcessProducer:
         while self._queue:
             message, callback = self._queue.popleft()
             try:
-                self.collector.apply_batch(message.value(), origin=f"handoff:{message.topic()}")
+                out = self.collector.apply_batch(message.value(), origin=f"handoff:{message.topic()}")
                 error: HandoffError | None = None
             except Exception as exc:  # the store is down, the disk is full, ...
                 log.error("collector could not apply a batch, it stays in the agent's spool: %s", exc)
                 error = HandoffError(str(exc))
+                if self.failed is not None:
+                    self.failed(MEASURES, exc)
+            else:
+                if self.applied is not None:
+                    self.applied(out)
             if callback is not None:
                 callback(error, message)
             served += 1
