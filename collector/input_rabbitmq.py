@@ -29,6 +29,7 @@ from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 from pika.exceptions import AMQPError
 from pika.spec import Basic, BasicProperties
 
@@ -43,10 +44,12 @@ BACKOFF_MAX_S = 30.0
 DEGRADED_AFTER_S = 60.0  # /health says degraded when the broker was unreachable this long
 
 
-def resource_key(routing_key: str) -> bytes | None:
-    """The resource uuid CloudStack put last in the routing key, as Kafka's record key ("*": none)."""
-    last = routing_key.rsplit(".", 1)[-1] if routing_key.count(".") >= 4 else ""
-    return last.encode() if last and last != "*" else None
+def resource_key(routing_key: str | bytes) -> bytes | None:
+    """The resource uuid CloudStack put last in the routing key, as Kafka's record key ("*": none).
+    A key that is not UTF-8 comes from pika as bytes (AMQP's shortstr is bytes): split as such."""
+    raw = routing_key if isinstance(routing_key, bytes) else routing_key.encode()
+    last = raw.rsplit(b".", 1)[-1] if raw.count(b".") >= 4 else b""
+    return last if last and last != b"*" else None
 
 
 class RabbitInput:
@@ -90,7 +93,9 @@ class RabbitInput:
                 auto_ack=False,
                 arguments={"x-stream-offset": "first"} if self.stream else None,
             )
-        except (AMQPError, OSError) as exc:
+        # A broker that accepts the socket but never finishes the handshake (still booting,
+        # overloaded, a balancer without backend) raises pika's connector errors, not AMQPError.
+        except (AMQPError, AMQPConnectorException, OSError) as exc:
             _close(connection)  # e.g. the queue exists with other arguments: no connection left behind
             self.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self._retry_at = self.monotonic() + self._backoff
@@ -166,11 +171,14 @@ class RabbitInput:
 
     def _record(self, method: Basic.Deliver, props: BasicProperties, body: bytes) -> Record:
         key = method.routing_key or ""
+        if isinstance(key, bytes):  # not UTF-8: shown escaped in the origin
+            key = key.decode("utf-8", "backslashreplace")
         offset = (props.headers or {}).get("x-stream-offset") if self.stream else None
+        resource = resource_key(method.routing_key or "")
         if isinstance(offset, int):
             origin = f"rabbitmq:{self.cfg.queue}@{offset}"
-            return Record(body, resource_key(key), origin, (f"rabbitmq:{self.cfg.queue}", offset))
-        return Record(body, resource_key(key), f"rabbitmq:{self.cfg.queue}#{method.delivery_tag} {key}")
+            return Record(body, resource, origin, (f"rabbitmq:{self.cfg.queue}", offset))
+        return Record(body, resource, f"rabbitmq:{self.cfg.queue}#{method.delivery_tag} {key}")
 
     def _acknowledge(self, channel: BlockingChannel | None, last_tag: int) -> None:
         """Everything delivered on this channel up to the delivery's last message."""
