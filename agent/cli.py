@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -101,8 +102,24 @@ def _print_batch(batch: Any, fmt: str) -> None:
         click.echo(text_format.MessageToString(batch), nl=False)
 
 
+def _cannot_start(what: str, exc: OSError, setting: str) -> None:
+    """A state directory or metrics port the agent cannot have: one line saying which, exit 1
+    (systemd retries), never a traceback."""
+    click.echo(f"kvmeter agent: cannot start: {what}: {exc.strerror or exc} ({setting})", err=True)
+    sys.exit(1)
+
+
+def _built(config: AgentConfig, *, read_only: bool) -> Any:
+    try:
+        return build_agent(config, read_only=read_only)
+    except OSError as exc:
+        if exc.filename is None or not str(exc.filename).startswith(str(config.state_dir)):
+            raise  # not the state directory: nothing the operator's settings name
+        _cannot_start(str(exc.filename), exc, f"agent.state_dir = {config.state_dir!r}")
+
+
 def _run_once(config: AgentConfig, fmt: str, window: float) -> None:
-    agent = build_agent(config, read_only=True)
+    agent = _built(config, read_only=True)
     agent.start()
     try:
         if not agent.resumed:
@@ -127,13 +144,26 @@ def _traffic_rules(config_path: str, agent: Any) -> Callable[[], str]:
     return reload
 
 
+def _reload_held() -> threading.Event:
+    """SIGHUP taken from the start on, only noted: its default action ends the process, and
+    systemd counts that death as a clean exit (Restart=on-failure starts nothing again), so a
+    `systemctl reload` during the start (the broker asked for up to 5 s) left the host
+    unmetered. One noted here runs at the loop's first round."""
+    asked = threading.Event()
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: asked.set())
+    return asked
+
+
 def _run_daemon(config: AgentConfig, config_path: str) -> int:
     from kvmeter.reload import Reloads
 
-    agent = build_agent(config, read_only=False)
+    held = _reload_held()  # first: the agent is built over seconds
+    agent = _built(config, read_only=False)
     agent.reloads = Reloads(lambda what: agent.metrics.reload_failures.labels(what).inc())
     agent.reloads.add("traffic rules", _traffic_rules(config_path, agent))
     agent.reloads.install(then=agent.wake)
+    if held.is_set():
+        agent.reloads.request()
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("%s: last poll, flush, exit", signal.Signals(signum).name)
@@ -142,7 +172,12 @@ def _run_daemon(config: AgentConfig, config_path: str) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     if config.metrics_enabled:
-        agent.metrics.serve(config.metrics_address, config.metrics_port)
+        try:
+            agent.metrics.serve(config.metrics_address, config.metrics_port)
+        except OSError as exc:  # the port taken, the address not this host's
+            agent.close()
+            where = f"{config.metrics_address}:{config.metrics_port}"
+            _cannot_start(f"metrics on {where}", exc, "[metrics] address, port")
     replay = len(agent.spool.pending())
     if replay:
         log.info("replaying %d undelivered batches from the spool", replay)
@@ -174,7 +209,7 @@ def _run_daemon(config: AgentConfig, config_path: str) -> int:
 )
 @click.option(
     "--window",
-    type=float,
+    type=click.FloatRange(min=0),
     default=1.0,
     show_default=True,
     help="--once without saved state: seconds between the baseline and the measured poll.",

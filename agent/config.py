@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -162,6 +163,13 @@ _FIELDS = {
     ("metrics", "port"): "metrics_port",
 }
 
+_DURATIONS = ("poll_interval", "libvirt_resync_seconds", "libvirt_call_timeout", "spool_max_age_seconds")
+_INTEGERS = [
+    name
+    for (section, key), name in _FIELDS.items()
+    if SCHEMA["properties"][section]["properties"][key].get("type") == "integer"
+]
+
 
 def validate(data: Mapping[str, Any], source: str = "config") -> AgentConfig:
     """An AgentConfig from parsed TOML, or ConfigError listing every problem."""
@@ -180,12 +188,27 @@ def validate(data: Mapping[str, Any], source: str = "config") -> AgentConfig:
     except TrafficRulesError as exc:
         problems.extend(f"traffic: {p}" for p in exc.problems)
     problems.extend(_batch_problems(values))
+    problems.extend(_non_finite_problems(values))
     if problems:
         raise ConfigError(source, problems)
-    for name in ("poll_interval", "libvirt_resync_seconds", "libvirt_call_timeout", "spool_max_age_seconds"):
+    for name in _DURATIONS:
         if name in values:
             values[name] = float(values[name])
+    for name in _INTEGERS:  # the schema's integers take 9477.0 and 1e9 too (JSON has one number type)
+        if name in values:
+            values[name] = int(values[name])
     return AgentConfig(**values)
+
+
+def _non_finite_problems(values: Mapping[str, Any]) -> list[str]:
+    """TOML's nan and inf pass the schema's bounds: an interval of nan never comes round (the
+    loop spins), one of inf makes the loop's wait fail, a spool age of either stops the start."""
+    keys = {name: f"{section}.{key}" for (section, key), name in _FIELDS.items()}
+    return [
+        f"{keys[name]}: {values[name]!r} is not a finite number"
+        for name in _DURATIONS
+        if isinstance(values.get(name), float) and not math.isfinite(values[name])
+    ]
 
 
 def _batch_problems(values: Mapping[str, Any]) -> list[str]:

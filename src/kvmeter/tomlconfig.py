@@ -59,7 +59,7 @@ def schema_problems(schema: Mapping[str, Any], doc: Any) -> list[str]:
                 problems.append(
                     f"{where([*error.path, key])}: unknown key (allowed here: {', '.join(allowed)})"
                 )
-        elif error.path and str(error.path[-1]) in SECRET_KEYS:  # its message quotes the value
+        elif error.path and is_secret_key(str(error.path[-1])):  # its message quotes the value
             problems.append(f"{where(error.path)}: {_rule(error)} (a secret: its value is not shown)")
         else:
             problems.append(f"{where(error.path)}: {error.message}")
@@ -69,6 +69,13 @@ def schema_problems(schema: Mapping[str, Any], doc: Any) -> list[str]:
 # Keys whose values are secrets: a problem with one (in a log, on stderr) names the rule it
 # breaks, never the value (a token one character short is the operator's token all the same).
 SECRET_KEYS = frozenset({"token", "token_sha256", "secret_key", "cloudstack_secret_key", "password"})
+# librdkafka's secret properties in [kafka.properties]: "sasl.password", "ssl.key.password",
+# "ssl.keystore.password", "sasl.oauthbearer.client.secret", and the private key "ssl.key.pem".
+_SECRET_WORDS = frozenset({"password", "secret"})
+
+
+def is_secret_key(key: str) -> bool:
+    return key in SECRET_KEYS or key.rsplit(".", 1)[-1] in _SECRET_WORDS or key == "ssl.key.pem"
 
 
 def url_userinfo_problems(url: Any, at: str) -> list[str]:
