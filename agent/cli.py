@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -144,26 +143,14 @@ def _traffic_rules(config_path: str, agent: Any) -> Callable[[], str]:
     return reload
 
 
-def _reload_held() -> threading.Event:
-    """SIGHUP taken from the start on, only noted: its default action ends the process, and
-    systemd counts that death as a clean exit (Restart=on-failure starts nothing again), so a
-    `systemctl reload` during the start (the broker asked for up to 5 s) left the host
-    unmetered. One noted here runs at the loop's first round."""
-    asked = threading.Event()
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: asked.set())
-    return asked
-
-
 def _run_daemon(config: AgentConfig, config_path: str) -> int:
-    from kvmeter.reload import Reloads
+    from kvmeter.reload import Reloads, hold
 
-    held = _reload_held()  # first: the agent is built over seconds
+    held = hold()  # first: the agent is built over seconds
     agent = _built(config, read_only=False)
     agent.reloads = Reloads(lambda what: agent.metrics.reload_failures.labels(what).inc())
     agent.reloads.add("traffic rules", _traffic_rules(config_path, agent))
-    agent.reloads.install(then=agent.wake)
-    if held.is_set():
-        agent.reloads.request()
+    agent.reloads.install(then=agent.wake, held=held)
 
     def stop(signum: int, _frame: Any) -> None:
         log.info("%s: last poll, flush, exit", signal.Signals(signum).name)

@@ -21,7 +21,7 @@ from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, shown_url, without_secret
 from kvmeter.logs import setup_logging
 
 DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"
@@ -33,11 +33,15 @@ def _wall_ms() -> int:
 
 
 def _open_store(url: str, *, outbox: bool = False) -> Store:
+    """The store, migrated; one that cannot be opened is a clear error (the URL's password never
+    shown: stderr goes to the journal)."""
     try:
         store = Store(url, outbox=outbox)
         store.migrate()
     except Exception as exc:
-        raise click.ClickException(f"cannot open the store {url}: {exc}") from None
+        raise click.ClickException(
+            f"cannot open the store {shown_url(url)}: {without_secret(str(exc), url)}"
+        ) from None
     return store
 
 
@@ -87,8 +91,10 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     from kvmeter.collector.metrics import Metrics
     from kvmeter.collector.policy_change import put_in_force_at_start
     from kvmeter.collector.reloading import collector_reloads
+    from kvmeter.reload import hold
 
     setup_logging("debug" if verbose else "info")
+    held = hold()  # first: a start may recompute the whole store under a changed [policy]
     cfg = _load_config(config_path)
     if not (cfg.kafka.bootstrap or cfg.rabbitmq.url or cfg.webhook_secret):
         raise click.ClickException(
@@ -181,7 +187,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         lambda what: metrics.reload_failures.labels(what).inc(),
         tariffs,
     )
-    live.reloads.install()  # SIGHUP: router owners, credentials and the tariff read again
+    live.reloads.install(held=held)  # SIGHUP: router owners, credentials and the tariff read again
     if cfg.kafka.bootstrap:
         logging.getLogger(__name__).info(
             "Kafka: measures %s (group %s), lifecycle %s, on %s", cfg.kafka.measures_topic, cfg.kafka.group,

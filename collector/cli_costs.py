@@ -16,7 +16,7 @@ from kvmeter.collector.billing import month_bounds, months_costs
 from kvmeter.collector.billing.tariff import Tariff
 from kvmeter.collector.billing.tariff_file import TariffError
 from kvmeter.collector.billing.tariff_file import load as load_tariff
-from kvmeter.collector.store import Store
+from kvmeter.collector.cli import _open_store
 
 
 def _tariff_and_db(
@@ -69,11 +69,7 @@ def costs(
         month = month_ms(month_text, now)
     except BadRequest as exc:
         raise click.BadParameter(str(exc), param_hint="--month") from None
-    try:
-        store = Store(url)
-        store.migrate()
-    except Exception as exc:
-        raise click.ClickException(f"cannot open the store {url}: {exc}") from None
+    store = _open_store(url)
     try:
         accounts = None if account is None else frozenset({account})
         months = months_costs(store, tariff, accounts, now, month_ms=month)

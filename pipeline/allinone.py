@@ -39,6 +39,7 @@ from kvmeter.collector import balance_watch, reloading, unpriced_gauges
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.billing.reads import priced
+from kvmeter.collector.cli import _open_store
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
@@ -50,7 +51,7 @@ from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from kvmeter.logs import setup_logging
 from kvmeter.pipeline.handoff import InProcessProducer
-from kvmeter.reload import Reloads
+from kvmeter.reload import Reloads, hold
 from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,18 @@ def _wall_ms() -> int:
 class AllInOne:
     """The agent, an in-process collector on SQLite (or any store URL), the lifecycle file, the API."""
 
-    def __init__(self, cfg: AllInOneConfig, *, clock: Callable[[], int] = _wall_ms):
+    def __init__(
+        self, cfg: AllInOneConfig, *, clock: Callable[[], int] = _wall_ms, store: Store | None = None
+    ):
+        """`store`: the config's, already opened and migrated (`kvmeter run` opens it first, to
+        say clearly why it cannot)."""
         from kvmeter.agent.cli import build_agent
 
         self.cfg = cfg
-        self.store = Store(cfg.collector.db_url, outbox=cfg.collector.handoff is not None)
-        self.store.migrate()
+        if store is None:
+            store = Store(cfg.collector.db_url, outbox=cfg.collector.handoff is not None)
+            store.migrate()
+        self.store = store
         # [billing] tariff_file (/v1/costs, SIGHUP), priced into the items before anything makes
         # them (a changed [policy] recomputed at start adjusts final windows)
         self.tariffs = priced(self.store, cfg.collector)
@@ -287,6 +294,7 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         raise click.UsageError(
             "only --all-in-one is supported: run `kvmeter agent` and `kvmeter collector` apart"
         )
+    held = hold()  # first: a start may recompute the whole store under a changed [policy]
     try:
         cfg = load(config_path)
     except ConfigError as exc:
@@ -294,7 +302,12 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         sys.exit(2)
     setup_logging(log_level or cfg.agent.log_level)
     try:
-        pipeline = AllInOne(cfg)
+        store = _open_store(cfg.collector.db_url, outbox=cfg.collector.handoff is not None)
+    except click.ClickException as exc:
+        click.echo(f"kvmeter run: {exc.message}", err=True)
+        sys.exit(1)
+    try:
+        pipeline = AllInOne(cfg, store=store)
     except InputUnavailable as exc:
         click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
         sys.exit(2)
@@ -313,7 +326,7 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         sys.exit(2)
     # SIGHUP: traffic rules, router owners, the policy, credentials and the tariff read again.
     pipeline.feeder.reloads = reloads(config_path, pipeline)
-    pipeline.feeder.reloads.install()
+    pipeline.feeder.reloads.install(held=held)
     if cfg.agent.metrics_enabled:
         pipeline.agent.metrics.serve(cfg.agent.metrics_address, cfg.agent.metrics_port)
     if url:

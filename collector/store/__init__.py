@@ -42,7 +42,7 @@ from kvmeter.collector.schema import (
 )
 from kvmeter.collector.schema_migrations import MIGRATIONS
 from kvmeter.collector.store.dead_letters import LETTER_STATES, DeadLetters, StoredLetter
-from kvmeter.collector.store.engine import engine_url
+from kvmeter.collector.store.engine import engine_url, shown_url, without_secret
 from kvmeter.collector.store.events import LifecycleEvents
 from kvmeter.collector.store.outbox import Outbox
 from kvmeter.collector.store.owners import OwnerHints
@@ -75,11 +75,13 @@ __all__ = [
     "parked_measures",
     "quarantined_measures",
     "schema_version",
+    "shown_url",
     "stream_gaps",
     "stream_marks",
     "unbilled_bytes",
     "usage_adjustments",
     "usage_records",
+    "without_secret",
 ]
 
 

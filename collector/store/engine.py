@@ -32,6 +32,36 @@ def engine_url(url: str) -> str:
     return url
 
 
+def _passwords(url: sa.engine.URL) -> list[str]:
+    """The URL's passwords: its own and a `?password=` (libpq takes either)."""
+    query = url.query.get("password")
+    found = [str(url.password)] if url.password else []
+    return found + ([query] if isinstance(query, str) else list(query or ()))
+
+
+def shown_url(url: str) -> str:
+    """The store's URL as logs and errors may show it: its passwords hidden."""
+    try:
+        parsed = sa.engine.make_url(url)
+    except Exception:  # not a URL SQLAlchemy reads: its scheme only
+        return url.split("://", 1)[0] + "://(unreadable)" if "://" in url else "(not a database URL)"
+    if "password" in parsed.query:
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def without_secret(text: str, url: str) -> str:
+    """`text` (a driver's or SQLAlchemy's error) with `url` and its passwords replaced."""
+    text = text.replace(url, shown_url(url))
+    try:
+        passwords = _passwords(sa.engine.make_url(url))
+    except Exception:
+        return text
+    for password in passwords:
+        text = text.replace(password, "***")
+    return text
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

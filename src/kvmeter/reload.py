@@ -62,9 +62,15 @@ class Reloads:
         threading.Thread(target=serve, name=f"reload {name}", daemon=True).start()
         return own
 
-    def install(self, signum: int = signal.SIGHUP, then: Callable[[], None] | None = None) -> None:
+    def install(
+        self,
+        signum: int = signal.SIGHUP,
+        then: Callable[[], None] | None = None,
+        held: threading.Event | None = None,
+    ) -> None:
         """`signum` asks for a reload, then calls `then` (a loop's wakeup, so the reload does not
-        wait for its next round). Call from the main thread."""
+        wait for its next round); one `held` (see `hold`) since the start is asked for now. Call
+        from the main thread."""
 
         def asked(_signum: int, _frame: object) -> None:
             self.request()
@@ -72,6 +78,8 @@ class Reloads:
                 then()
 
         signal.signal(signum, asked)
+        if held is not None and held.is_set():
+            asked(signum, None)
 
     @property
     def pending(self) -> bool:
@@ -97,6 +105,17 @@ class Reloads:
                 continue
             log.info("reloaded %s: %s", name, summary)
         return failed
+
+
+def hold(signum: int = signal.SIGHUP) -> threading.Event:
+    """`signum` only noted, from a daemon's first step until its reloads are installed: SIGHUP's
+    default action ends the process, and systemd counts that death as a clean exit (Restart=
+    on-failure starts nothing again), so a `systemctl reload` during a start that takes seconds
+    (an agent asking its broker) or minutes (a collector recomputing its store under a changed
+    policy) left the daemon down. Pass the event to `Reloads.install`."""
+    noted = threading.Event()
+    signal.signal(signum, lambda _signum, _frame: noted.set())
+    return noted
 
 
 def _why(exc: Exception) -> str:
