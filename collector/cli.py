@@ -15,6 +15,7 @@ import click
 
 from kvmeter.collector import balance_watch, report, unpriced_gauges
 from kvmeter.collector import config as config_mod
+from kvmeter.collector.api_params import MAX_USAGE_TYPE
 from kvmeter.collector.billing.reads import priced
 from kvmeter.collector.billing.tariff_file import TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
@@ -32,16 +33,23 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
+MAX_ID = 2**63 - 1  # a store's ids are 64-bit integers: a larger one makes its driver raise
+ROW_ID = click.IntRange(1, MAX_ID)
+
+
+def _unopenable(what: str, url: str, exc: Exception) -> click.ClickException:
+    """`what` at `url` cannot be opened: one line, the URL's passwords never shown (stderr goes
+    to the journal)."""
+    return click.ClickException(f"cannot open {what} {shown_url(url)}: {without_secret(str(exc), url)}")
+
+
 def _open_store(url: str, *, outbox: bool = False) -> Store:
-    """The store, migrated; one that cannot be opened is a clear error (the URL's password never
-    shown: stderr goes to the journal)."""
+    """The store, migrated; one that cannot be opened is a clear error."""
     try:
         store = Store(url, outbox=outbox)
         store.migrate()
     except Exception as exc:
-        raise click.ClickException(
-            f"cannot open the store {shown_url(url)}: {without_secret(str(exc), url)}"
-        ) from None
+        raise _unopenable("the store", url, exc) from None
     return store
 
 
@@ -237,7 +245,9 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
 )
 @click.option("--config", "config_path", default=None, help="Take usage settings from this collector config.")
 @click.option("--window-seconds", type=int, default=None, help="Usage window (default 3600 or the config's).")
-@click.option("--grace-seconds", type=int, default=None, help="Grace before a window is final.")
+@click.option(  # as the config's grace_seconds: a negative one would finalize windows still open
+    "--grace-seconds", type=click.IntRange(min=0), default=None, help="Grace before a window is final."
+)
 @click.option("--billable", multiple=True, help="Billable traffic type (repeatable; default public).")
 @click.option(
     "--now", "now_text", default=None, help="Evaluate as of this instant (audits); default: the clock."
@@ -299,7 +309,13 @@ def ingest(
     "--end", "end_text", required=True, help="To (exclusive; a bare date means the end of that day)."
 )
 @click.option("--account", default=None, help="Account uuid.")
-@click.option("--type", "usage_type", type=int, default=None, help="CloudStack usage type id (1-5).")
+@click.option(
+    "--type",
+    "usage_type",
+    type=click.IntRange(0, MAX_USAGE_TYPE),  # as the API's `type`
+    default=None,
+    help="CloudStack usage type id (1-5).",
+)
 @click.option("--resource", default=None, help="Resource uuid.")
 @click.option("--format", "fmt", type=click.Choice(report.FORMATS), default="table", show_default=True)
 def usage(

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from kvmeter.collector import config as config_mod
 from kvmeter.collector import cost_report
 from kvmeter.collector.api_params import BadRequest, month_ms
 from kvmeter.collector.billing import month_bounds, months_costs
@@ -17,18 +16,14 @@ from kvmeter.collector.billing.tariff import Tariff
 from kvmeter.collector.billing.tariff_file import TariffError
 from kvmeter.collector.billing.tariff_file import load as load_tariff
 from kvmeter.collector.cli import _open_store
+from kvmeter.collector.cli_dead_letters import _config
 
 
 def _tariff_and_db(
     config_path: str | None, tariff_path: str | None, db_url: str | None
 ) -> tuple[Tariff, str]:
-    cfg = None
-    if config_path is not None:
-        try:
-            cfg = config_mod.load(config_path)
-        except config_mod.ConfigError as exc:
-            lines = "\n  ".join(exc.problems)
-            raise click.ClickException(f"invalid configuration {config_path}:\n  {lines}") from None
+    # A collector's or an all-in-one's file, as the other commands on a store take it.
+    cfg = None if config_path is None else _config(config_path)
     billable = cfg.settings.billable if cfg is not None else frozenset({"public"})
     tariff = cfg.tariff if cfg is not None else None
     if tariff_path is not None:
@@ -48,7 +43,9 @@ def _tariff_and_db(
 @click.command()
 @click.option("--db", "db_url", default=None, help="Store URL (default: the config's).")
 @click.option("--tariff", "tariff_path", default=None, help="Tariff file (default: the config's).")
-@click.option("--config", "config_path", default=None, help="A collector config: its store and tariff.")
+@click.option(
+    "--config", "config_path", default=None, help="collector.toml or allinone.toml: its store and tariff."
+)
 @click.option("--account", default=None, help="Only this account (uuid); default: every account.")
 @click.option("--month", "month_text", default=None, help="yyyy-MM (UTC); default: this month.")
 @click.option("--format", "fmt", type=click.Choice(cost_report.FORMATS), default="table", show_default=True)

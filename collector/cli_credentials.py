@@ -17,7 +17,7 @@ import click
 
 from kvmeter.collector import config as config_mod
 from kvmeter.collector import report
-from kvmeter.collector.cli import _open_store
+from kvmeter.collector.cli import ROW_ID, _open_store
 from kvmeter.collector.credentials import scoped
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.credentials import CLOUDSTACK, KINDS, MintedCredentials, StoredCredential
@@ -144,7 +144,7 @@ def list_(config_path: str, db_url: str | None, revoked: bool, fmt: str) -> None
 
 @credentials.command()
 @_with_store
-@click.argument("credential_id", type=int)
+@click.argument("credential_id", type=ROW_ID)
 def revoke(config_path: str, db_url: str | None, credential_id: int) -> None:
     """Revoke credential ID (see `list`): refused from the API's next request on."""
     store = _store(config_path, db_url)

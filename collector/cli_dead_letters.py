@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from kvmeter.collector import config as config_mod
-from kvmeter.collector.cli import _open_config_store
+from kvmeter.collector.cli import MAX_ID, ROW_ID, _open_config_store
 from kvmeter.collector.redrive import FAILED, Redriver, letter_dict, retried_dict
 from kvmeter.collector.store import LETTER_STATES, Store, StoredLetter
 
@@ -57,7 +57,7 @@ def dead_letters() -> None:
 @_cfg
 @click.option("--state", type=click.Choice(LETTER_STATES), default="open", show_default=True)
 @click.option("--source", type=click.Choice(["lifecycle", "measures"]), default=None)
-@click.option("--after", "after_id", type=click.IntRange(min=0), default=0, help="Only ids above this.")
+@click.option("--after", "after_id", type=click.IntRange(0, MAX_ID), default=0, help="Only ids above this.")
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
 @_fmt
 def list_letters(
@@ -95,7 +95,7 @@ def list_letters(
 
 
 @dead_letters.command("show")
-@click.argument("letter_id", type=click.IntRange(min=1))
+@click.argument("letter_id", type=ROW_ID)
 @_db
 @_cfg
 @_fmt
@@ -120,7 +120,7 @@ def show(letter_id: int, db_url: str | None, config_path: str | None, fmt: str) 
 
 
 @dead_letters.command("retry")
-@click.argument("letter_ids", type=click.IntRange(min=1), nargs=-1, required=True)
+@click.argument("letter_ids", type=ROW_ID, nargs=-1, required=True)
 @_db
 @_cfg
 @_fmt

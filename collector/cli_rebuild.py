@@ -4,14 +4,35 @@ then its usage compared with the live store's by account, usage type and window.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
+import sqlalchemy as sa
 
-from kvmeter.collector.cli import DEFAULT_CONFIG, _load_config, _open_store, _wall_ms
-from kvmeter.collector.store import Store, engine_url, policies
+from kvmeter.collector.cli import DEFAULT_CONFIG, _load_config, _open_store, _unopenable, _wall_ms
+from kvmeter.collector.store import Store, engine_url, policies, shown_url
 from kvmeter.logs import setup_logging
 
 FAR = 2**62
+
+
+def _live_store(url: str) -> Store:
+    """The store to compare with, read only (never migrated from here). One that is not there
+    (a mistyped path, another database) is refused before the replay, not found out after it
+    with a traceback, nor made as an empty file."""
+    path = url.split("///", 1)[1].split("?", 1)[0] if url.startswith("sqlite") and "///" in url else ""
+    if path and path != ":memory:" and not Path(path).is_file():
+        raise click.ClickException(f"the live store {url} does not exist: check --live or [store] url")
+    try:
+        live = Store(url)
+        with live.engine.connect() as conn:
+            kept = sa.inspect(conn).has_table("usage_records")
+    except Exception as exc:
+        raise _unopenable("the live store", url, exc) from None
+    if not kept:
+        live.close()
+        raise click.ClickException(f"the live store {shown_url(url)} holds no kvmeter usage: check --live")
+    return live
 
 
 @click.command()
@@ -51,10 +72,7 @@ def rebuild(
     live_url = live_url or cfg.db_url
     if engine_url(into_url) == engine_url(live_url):
         raise click.UsageError("--into names the live store: give a new one")
-    try:
-        live = Store(live_url)  # read only: never migrated from here
-    except Exception as exc:
-        raise click.ClickException(f"cannot open the live store {live_url}: {exc}") from None
+    live = _live_store(live_url)
     into = _open_store(into_url)
     try:
         try:

@@ -4,15 +4,19 @@ and `kvmeter corrections` (what reconciliation changed, with source and reason).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
 from kvmeter.collector import report
-from kvmeter.collector.cli import _load_config, _open_config_store, _open_store, _wall_ms
+from kvmeter.collector.cli import _open_config_store, _open_store, _wall_ms
+from kvmeter.collector.cli_dead_letters import _config
 from kvmeter.collector.cs_snapshot import SnapshotError
 from kvmeter.collector.reconcile import Correction, Findings
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import reconciliation
+from kvmeter.collector.store.correction_pages import page_corrections
+
+_PAGE = 1000
 
 
 def _line(c: Correction) -> str:
@@ -31,14 +35,20 @@ def _print(found: Findings, *, verb: str) -> None:
 
 
 @click.command()
-@click.option("--config", "config_path", default="/etc/kvmeter/collector.toml", show_default=True)
+@click.option(
+    "--config",
+    "config_path",
+    default="/etc/kvmeter/collector.toml",
+    show_default=True,
+    help="collector.toml or allinone.toml ([store], [cloudstack]).",
+)
 @click.option("--dry-run", is_flag=True, help="Print what the pass would change; change nothing.")
 def reconcile(config_path: str, dry_run: bool) -> None:  # noqa: FBT001 - click passes flags by position
     """One reconciliation pass against CloudStack's API ([cloudstack] of the config)."""
     from kvmeter.collector.cs_client import ApiUnavailable
     from kvmeter.collector.reconciler import for_config
 
-    cfg = _load_config(config_path)
+    cfg = _config(config_path)  # a collector's or an all-in-one's file, both reconcile
     if cfg.cloudstack is None:
         raise click.ClickException(f"{config_path}: no [cloudstack] section")
     store, _tariffs = _open_config_store(cfg)
@@ -64,11 +74,23 @@ def reconcile(config_path: str, dry_run: bool) -> None:  # noqa: FBT001 - click 
 def corrections(db_url: str, account: str | None, resource: str | None, fmt: str) -> None:
     """List the corrections reconciliation applied (source, reason, time)."""
     store = _open_store(db_url)
-    try:
+    rows: list[dict[str, Any]] = []
+    after: tuple[int, int] | None = None
+    try:  # every one, a page at a time (as /v1/corrections pages), not the first 1000 only
         with store.read() as conn:
-            rows = reconciliation.list_corrections(
-                conn, accounts=frozenset({account}) if account else None, resource=resource
-            )
+            while True:
+                page, after = page_corrections(
+                    conn,
+                    accounts=frozenset({account}) if account else None,
+                    resource=resource,
+                    start_ms=0,
+                    end_ms=2**62,
+                    limit=_PAGE,
+                    after=after,
+                )
+                rows += page
+                if len(page) < _PAGE:
+                    break
     finally:
         store.close()
     if fmt == "json":
