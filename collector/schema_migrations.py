@@ -191,11 +191,19 @@ def _migration_19(conn: Connection) -> None:
     schema_item_costs.create(conn)
 
 
+def _migration_23(conn: Connection) -> None:
+    # Migration 19 first shipped without handoff_item_costs (it was added to 19 later): a store
+    # that had 19 then never got the table. Idempotent: every other store has it already.
+    from kvmeter.collector import schema_item_costs
+
+    schema_item_costs.create(conn)
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
     (11, _migration_11), (12, _migration_12), (14, _migration_14), (15, _migration_15),
     (16, schema_credits.migration_16), (17, _migration_17), (18, schema_credits.migration_18),
     (19, _migration_19),
-    (22, schema_residency.migration_22),
+    (22, schema_residency.migration_22), (23, _migration_23),
 ]  # fmt: skip

@@ -42,7 +42,7 @@ from kvmeter.collector.schema import (
 )
 from kvmeter.collector.schema_migrations import MIGRATIONS
 from kvmeter.collector.store.dead_letters import LETTER_STATES, DeadLetters, StoredLetter
-from kvmeter.collector.store.engine import engine_url, shown_url, without_secret
+from kvmeter.collector.store.engine import StoreTooNew, engine_url, shown_url, without_secret
 from kvmeter.collector.store.events import LifecycleEvents
 from kvmeter.collector.store.outbox import Outbox
 from kvmeter.collector.store.owners import OwnerHints
@@ -62,6 +62,7 @@ __all__ = [
     "Adjustment",
     "DeadLetter",
     "Store",
+    "StoreTooNew",
     "StoredLetter",
     "UsageFilter",
     "UsagePage",

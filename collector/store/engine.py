@@ -62,6 +62,10 @@ def without_secret(text: str, url: str) -> str:
     return text
 
 
+class StoreTooNew(RuntimeError):
+    """The store was migrated by a newer kvmeter than this one."""
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -117,11 +121,19 @@ class StoreCore:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7346201)"))
             schema_version.create(conn, checkfirst=True)
             done = {row[0] for row in conn.execute(sa.select(schema_version.c.version))}
+            known = max(v for v, _ in MIGRATIONS)
+            if done and max(done) > known:
+                # A newer kvmeter's store (a downgrade): this code does not know its schema, and
+                # writing it could lose or misread what the newer one keeps.
+                raise StoreTooNew(
+                    f"the store is at schema version {max(done)}, newer than this kvmeter's "
+                    f"{known}: run the kvmeter release that wrote it (or a later one)"
+                )
             for version, migration in MIGRATIONS:
                 if version not in done:
                     migration(conn)
                     conn.execute(sa.insert(schema_version).values(version=version, applied_ms=now_ms()))
-            return max([v for v, _ in MIGRATIONS] + list(done))
+            return known
 
     def version(self) -> int:
         with self.read() as conn:

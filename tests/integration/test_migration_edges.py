@@ -1,0 +1,60 @@
+"""Store schema upgrades at their edges, on both databases: an upgrade in place completes what a
+store lacks, and a store newer than the code is refused, never written."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from kvmeter.collector.billing import tariff_file
+from kvmeter.collector.billing.rating import Facts
+from kvmeter.collector.schema_item_costs import item_costs
+from kvmeter.collector.store import MIGRATIONS, Store, schema_version
+from tests.integration.test_item_costs import TARIFF, items
+from tests.integration.test_outbox_store import _run
+
+
+def test_a_store_whose_migration_19_predates_item_costs_gets_the_table(store_url: str) -> None:
+    """Migration 19 first shipped (cdefe68) creating record_versions only; handoff_item_costs was
+    added to it later (8b75cd2). A store migrated to 19 by the first form, upgraded in place, must
+    get handoff_item_costs: priced billable items are then made as on a fresh store (before the
+    fix: `no such table` / `relation does not exist` at the first finalization, the collector
+    stalled)."""
+    store = Store(store_url)
+    store.migrate()
+    with store.write() as conn:  # what cdefe68 left: 19 applied, no handoff_item_costs, none after
+        conn.execute(sa.text(f"DROP TABLE {item_costs.name}"))
+        conn.execute(sa.delete(schema_version).where(schema_version.c.version > 19))
+    store.close()
+    upgraded = Store(store_url, outbox=True)
+    upgraded.migrate()
+    assert sa.inspect(upgraded.engine).has_table(item_costs.name)
+    tariff = tariff_file.from_dict(TARIFF, "test tariff", billable=["public"])
+    upgraded.pricing = lambda _conn: (tariff, Facts())
+    _run(upgraded)
+    made = items(upgraded)
+    assert made
+    assert all("cost" in item for item in made)
+    upgraded.close()
+
+
+def test_a_store_newer_than_the_code_is_refused_not_written(store_url: str) -> None:
+    """A store migrated by a newer kvmeter (a downgrade, or an old replica left running) is
+    refused at start with an error naming both versions, and nothing is written to it; before
+    the fix migrate() reported the newer version and the old code went on writing a schema it
+    does not know."""
+    store = Store(store_url)
+    store.migrate()
+    newer = max(v for v, _ in MIGRATIONS) + 1
+    with store.write() as conn:
+        conn.execute(sa.insert(schema_version).values(version=newer, applied_ms=1))
+        conn.execute(sa.delete(schema_version).where(schema_version.c.version == 2))  # one pending
+    store.close()
+    older_code = Store(store_url)
+    with pytest.raises(RuntimeError, match=rf"schema version {newer}, newer than"):
+        older_code.migrate()
+    with older_code.read() as conn:  # the pending migration was not applied either
+        versions = set(conn.execute(sa.select(schema_version.c.version)).scalars())
+    assert 2 not in versions
+    assert newer in versions
+    older_code.close()
