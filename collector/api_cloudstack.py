@@ -120,10 +120,13 @@ def visible_accounts(
         if req.domain_id is None:
             requested |= {req.account_name}
     if req.domain_id is not None:
-        # The caller's own domain: one its credential names or one of its accounts' (CloudStack:
-        # the caller's domain or a child of it), else one holding only its accounts (below)
-        named_own = req.domain_id in principal.domains or any(
-            directory.owner(a).domain_id == req.domain_id for a in visible or ()
+        # The caller's own domain: one its credential names or a subdomain of one (CloudStack:
+        # the caller's domain or a child of it, with accounts or not) or one of its accounts',
+        # else one holding only its accounts (below)
+        named_own = (
+            req.domain_id in principal.domains
+            or directory.is_subdomain(req.domain_id, principal.domains)
+            or any(directory.owner(a).domain_id == req.domain_id for a in visible or ())
         )
         recursive = req.recursive and req.account_id is None and req.project_id is None
         found = directory.accounts_in_domain(req.domain_id, recursive=recursive)
@@ -203,7 +206,7 @@ def load_directory(store: Store, conn: Connection) -> OwnerDirectory:
     reconciler's names and last snapshot (also for the CLI's cloudstack format)."""
     names = load_names(conn)
     hinted = OwnerDirectory.from_hints(store.owner_hints(conn))
-    directory = hinted.with_names(names.accounts, names.domains)
+    directory = hinted.with_names(names.accounts, names.domains, names.domains_listed_ms)
     return directory.with_snapshot(load_snapshot(conn), names.offerings)
 
 

@@ -123,17 +123,25 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
     # traffic of a VPC router, else the guest network's (ApiResponseHelper.createUsageResponse).
     vpc_id = vm.vpc_id if device == "DomainRouter" and k.detail == "public" else ""
     network_id = vm.network_id if device == "DomainRouter" and not vpc_id else ""
+    # oldformat=true: the usage server's own text (NetworkUsageParser, VMInstanceUsageParser,
+    # IPAddressUsageParser), uuids for its database ids
     if is_bytes:
         verb = "sent" if k.usage_type == NETWORK_BYTES_SENT else "received"
         usage = f"{rec.quantity} bytes {verb}"
         description = f"Bytes {verb} by {name} ({k.resource}) on {k.detail or 'unknown'} traffic"
-        if network_id:
+        if old_format:  # its host id is the device's (the VM's or router's) id
+            description = f"network bytes {verb} for Host: {k.resource}"
+        elif network_id:
             description += f" of network {vm.network_name or network_id} ({network_id})"
     elif is_vm_time:
         usage = f"{raw} Hrs"
         state = "running" if k.usage_type == RUNNING_VM else "allocated"
-        if old_format:  # the usage server's own text (VMRunningUsageParser), uuids for its ids
-            description = f"{name} {state} time (ServiceOffering: {k.offering or 'unknown'})"
+        if old_format:
+            what = "running time" if k.usage_type == RUNNING_VM else "allocated"
+            description = (
+                f"{name} {what} (ServiceOffering: {k.offering or 'unknown'}) "
+                f"(Template: {vm.template_id or 'unknown'})"
+            )
         else:
             description = f"{state.capitalize()} VM usage for {name} ({k.resource})"
             if k.offering:
@@ -141,7 +149,7 @@ def usage_record(rec: RecordFacts, *, include_tags: bool = False, old_format: bo
                 description += f" using service offering {shown}"
     else:
         usage = f"{raw} Hrs"
-        description = f"IP Address: {name}" if old_format else f"IP address usage for {name} ({k.resource})"
+        description = f"IPAddress: {name}" if old_format else f"IP address usage for {name} ({k.resource})"
     out: dict[str, Any] = dict(_owner_fields(k.account, owner))  # few owners a page: built once each
     if vm.zone_id:
         out["zoneid"] = vm.zone_id

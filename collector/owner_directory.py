@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from kvmeter.collector.cloudstack_render import (
@@ -41,12 +41,17 @@ class OwnerDirectory:
     accounts_listed: bool = False
     domains_listed: bool = False
     offerings: Mapping[str, ServiceOffering] = field(default_factory=dict)  # by offering uuid
+    domains_listed_ms: Mapping[str, int] = field(default_factory=dict)  # by domain uuid: its last listing
 
     def with_names(
-        self, accounts: Mapping[str, tuple[str, str]], domains: Mapping[str, tuple[str, str]]
+        self,
+        accounts: Mapping[str, tuple[str, str]],
+        domains: Mapping[str, tuple[str, str]],
+        listed_ms: Mapping[str, int] | None = None,
     ) -> OwnerDirectory:
         """Add what CloudStack's API said (the reconciler's names): accounts {uuid: (name,
-        domain uuid)}, domains {uuid: (name, path)}."""
+        domain uuid)}, domains {uuid: (name, path)}, listed_ms {domain uuid: when the listing
+        that last gave it was read}."""
         owners = dict(self.owners)
         for uuid, (name, domain) in accounts.items():
             known = owners.get(uuid, Owner())
@@ -61,6 +66,7 @@ class OwnerDirectory:
             domain_paths=paths,
             accounts_listed=self.accounts_listed or bool(accounts),
             domains_listed=self.domains_listed or bool(domains),
+            domains_listed_ms={**self.domains_listed_ms, **(listed_ms or {})},
         )
 
     def with_snapshot(self, snapshot: Snapshot | None, offering_names: Mapping[str, str]) -> OwnerDirectory:
@@ -136,14 +142,28 @@ class OwnerDirectory:
 
     def accounts_in_domain(self, domain_id: str, *, recursive: bool = False) -> frozenset[str] | None:
         """The domain's accounts; recursive: its subdomains' too (None when the domain's path,
-        hence its subdomains, is unknown)."""
+        hence its subdomains, is unknown). Subdomains as the listing that gave the domain gave
+        them: a removed domain keeps its path, which a later domain (another customer's) may
+        take again, and neither one's tree holds the other (CloudStack searches the paths of
+        domains not removed)."""
         if not recursive:
             return self._by_domain().get(domain_id, frozenset())
         path = self.domain_paths.get(domain_id)
         if path is None:
             return None
-        inside = {d for d, p in self.domain_paths.items() if p == path or p.startswith(path + "/")}
+        when = self.domains_listed_ms.get(domain_id)
+        inside = {domain_id} | {
+            d
+            for d, p in self.domain_paths.items()
+            if p.startswith(path + "/") and self.domains_listed_ms.get(d) == when
+        }
         return frozenset(a for a, o in self.owners.items() if o.domain_id in inside)
+
+    def is_subdomain(self, domain_id: str, of: Iterable[str]) -> bool:
+        """Whether the domain lies below one of `of`, as the listing that gave it gave them."""
+        path, when = self.domain_paths.get(domain_id), self.domains_listed_ms.get(domain_id)
+        tops = (self.domain_paths.get(d) for d in of if self.domains_listed_ms.get(d) == when)
+        return path is not None and any(top is not None and path.startswith(top + "/") for top in tops)
 
     def accounts_of_project(self, project_id: str) -> frozenset[str]:
         return frozenset(a for a, o in self.owners.items() if o.project_id == project_id)

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from kvmeter.collector.credentials import Grant, new_key_pair, new_token, token_digest
 from kvmeter.collector.owner_directory import OwnerDirectory
-from kvmeter.collector.schema import api_credentials, cloudstack_names
+from kvmeter.collector.schema import api_credentials
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.reconciliation import load_names
 
@@ -129,25 +129,17 @@ class MintedCredentials:
         wanted = sorted(set(domains))
         if not wanted:
             return frozenset()
-        n = cloudstack_names.c
         with self.store.read() as conn:
             hinted = OwnerDirectory.from_hints(self.store.owner_hints(conn))
             names = load_names(conn)
-            rows = conn.execute(sa.select(n.uuid, n.parent, n.updated_ms).where(n.kind == "domain"))
-            listed = {str(r.uuid): (str(r.parent), int(r.updated_ms)) for r in rows}
-        directory = hinted.with_names(names.accounts, names.domains)
+        directory = hinted.with_names(names.accounts, names.domains, names.domains_listed_ms)
         accounts: set[str] = set()
         for domain in wanted:
-            own = listed.get(domain)
-            if own is None or not own[0]:  # the domain tree is not known: the domain's own accounts
-                accounts |= directory.accounts_in_domain(domain) or frozenset()
-                continue
-            # Its subdomains as the same listing of CloudStack's domains gave them: a removed
-            # domain keeps its row and its path, which a later domain of the same name (another
-            # customer's) takes again; neither may see the other's accounts.
-            path, when = own
-            inside = {domain} | {d for d, (p, t) in listed.items() if t == when and p.startswith(path + "/")}
-            accounts |= {a for a, o in directory.owners.items() if o.domain_id in inside}
+            # With its subdomains as the listing that gave it gave them (a removed domain's path
+            # taken again by another customer's is neither's); its own accounts where the domain
+            # tree is not known.
+            tree_known = bool(names.domains.get(domain, ("", ""))[1])
+            accounts |= directory.accounts_in_domain(domain, recursive=tree_known) or frozenset()
         return frozenset(accounts)
 
 

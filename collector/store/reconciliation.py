@@ -118,6 +118,7 @@ class Names:
     accounts: dict[str, tuple[str, str]] = field(default_factory=dict)  # uuid -> (name, domain uuid)
     domains: dict[str, tuple[str, str]] = field(default_factory=dict)  # uuid -> (name, path)
     offerings: dict[str, str] = field(default_factory=dict)  # uuid -> name
+    domains_listed_ms: dict[str, int] = field(default_factory=dict)  # uuid -> the listing that last gave it
 
     def account(self, uuid: str) -> dict[str, str]:
         """CloudStack's owner fields of a usage record ({} when the account is not known)."""
@@ -134,12 +135,13 @@ class Names:
 def load_names(conn: Connection) -> Names:
     names = Names()
     n = cloudstack_names.c
-    for row in conn.execute(sa.select(n.kind, n.uuid, n.name, n.parent)):
+    for row in conn.execute(sa.select(n.kind, n.uuid, n.name, n.parent, n.updated_ms)):
         kind, uuid, name, parent = str(row[0]), str(row[1]), str(row[2]), str(row[3])
         if kind == "account":
             names.accounts[uuid] = (name, parent)
         elif kind == "domain":
             names.domains[uuid] = (name, parent)
+            names.domains_listed_ms[uuid] = int(row[4])
         elif kind == "offering":
             names.offerings[uuid] = name
     return names

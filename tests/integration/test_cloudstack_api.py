@@ -192,7 +192,9 @@ def test_records_carry_what_cloudstack_and_the_vms_metadata_told(client: FlaskCl
     assert (sent["usage"], sent["rawusage"], sent["type"]) == ("3000 bytes sent", "3000", "UserVm")
     assert sent["tags"] == []  # CloudStack's empty tag set, without includetags
     _, old = call(client, **DAY, accountid=ACCT_A, type="1", oldformat="true")
-    assert records(old)[0]["description"].endswith("running time (ServiceOffering: unknown)")
+    assert records(old)[0]["description"].endswith(
+        "running time (ServiceOffering: unknown) (Template: unknown)"
+    )
 
 
 def test_xml_is_the_default_and_follows_cloudstacks_serializer(client: FlaskClient) -> None:
