@@ -7,6 +7,7 @@ the collector (which needs a newer Python and other libraries).
 from __future__ import annotations
 
 import importlib
+import sys
 
 import click
 
@@ -55,6 +56,22 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# The package that brings each part: a host has the agent's or the collector's, or both.
+PACKAGES = {"kvmeter.agent": "kvmeter-agent", "kvmeter.collector": "kvmeter-collector"}
+
+
+def not_installed(cmd_name: str, exc: ModuleNotFoundError) -> str:
+    """What to tell the operator when a subcommand's code or one of its libraries is missing."""
+    missing = exc.name or str(exc)
+    for part, package in PACKAGES.items():
+        if missing == part or missing.startswith(part + "."):
+            return (
+                f"kvmeter {cmd_name}: {part} is not installed for {sys.executable}; "
+                f"it comes with the package {package}"
+            )
+    return f"kvmeter {cmd_name}: the Python module {missing} is not installed for {sys.executable}"
+
+
 class LazyGroup(click.Group):
     """A click group whose subcommands are imported only when invoked."""
 
@@ -66,7 +83,12 @@ class LazyGroup(click.Group):
         if spec is None:
             return None
         module_name, attr, _ = spec
-        command = getattr(importlib.import_module(module_name), attr)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # An agent-only host runs `kvmeter usage`: a sentence, not a traceback.
+            raise click.ClickException(not_installed(cmd_name, exc)) from None
+        command = getattr(module, attr)
         if not isinstance(command, click.Command):
             raise TypeError(f"{module_name}.{attr} is not a click command")
         return command

@@ -187,7 +187,7 @@ def test_installed_from_debian_with_debian_libraries(root: DebianRoot) -> None:
 def test_users_config_and_state_directories(root: DebianRoot) -> None:
     agent_groups = root.ok("id", "-nG", "kvmeter").split()
     collector_groups = root.ok("id", "-nG", "kvmeter-collector").split()
-    assert "libvirt" in agent_groups
+    assert "libvirt" not in agent_groups  # libvirt's read-only socket is open to all; the group manages
     assert "kvmeter" in collector_groups
     assert "libvirt" not in collector_groups
     assert root.ok("getent", "passwd", "kvmeter").split(":")[6].strip() in (
@@ -467,10 +467,11 @@ def test_rpms_files_requirements_and_scriptlets(dist: Path) -> None:
     assert "python(abi) = 3.9" in common
     assert "python3.9dist(protobuf) >= 3.20" in common
     assert "python3.9dist(tomli) >= 1.2" in common
-    for needed in ("python3.9dist(pyroute2) >= 0.7.2", "python3.9dist(confluent-kafka) >= 1.7",
+    for needed in ("python3.9dist(confluent-kafka) >= 1.7",
                    "python3.9dist(libvirt-python)", f"python3-kvmeter = {VERSION}-1",
                    "/usr/bin/kill"):  # fmt: skip
         assert needed in agent, (needed, agent)
+    assert "pyroute2" not in agent  # never imported by the agent; EL9 has none new enough
     for needed in ("python(abi) = 3.11", "python3.11dist(sqlalchemy) >= 2.0",
                    "python3.11dist(psycopg) >= 3.1", f"python3.11-kvmeter = {VERSION}-1",
                    "/usr/bin/kill"):  # fmt: skip
@@ -478,7 +479,8 @@ def test_rpms_files_requirements_and_scriptlets(dist: Path) -> None:
 
     scripts = query("kvmeter-agent", "--scripts")
     assert "systemd-sysusers --replace=/usr/lib/sysusers.d/kvmeter-agent.conf" in scripts
-    assert "m kvmeter libvirt" in scripts  # the sysusers lines are embedded for %pre
+    assert "u kvmeter - " in scripts  # the sysusers lines are embedded for %pre
+    assert "m kvmeter libvirt" not in scripts  # read-only socket: no libvirt group (it manages VMs)
     assert re.search(r"preuninstall scriptlet.*\n.*disable --now kvmeter-agent.service", scripts) or (
         "systemd-update-helper" in scripts
     )
@@ -519,6 +521,25 @@ def test_rpms_pass_rpmlint(dist: Path) -> None:
     proc = _run(["rpmlint", "-r", str(TOP / "packaging/rpm/rpmlintrc"), *rpms])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " 0 errors" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("part", ["agent", "collector"])
+def test_units_documentation_is_shipped_where_they_say(dist: Path, part: str) -> None:
+    """`systemctl status kvmeter-<part>` shows the unit's Documentation=file:... path; the .deb
+    and the .rpm that install the unit ship that file there. Debian's dh_compress made it
+    README.md.gz, and the RPM called it README.packaging.md under <package>-<version>/."""
+    unit = (TOP / f"packaging/systemd/kvmeter-{part}.service").read_text()
+    docs = re.findall(r"^Documentation=file:(\S+)", unit, re.MULTILINE)
+    assert docs, unit
+    deb = dist / f"kvmeter-{part}_{VERSION}_all.deb"
+    rpm = dist / f"kvmeter-{part}-{VERSION}-1.noarch.rpm"
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True)
+    deb_files = {line.split()[-1].lstrip(".") for line in listing.stdout.splitlines()}
+    rpm_list = subprocess.run(["rpm", "-qpl", str(rpm)], capture_output=True, text=True, check=True)
+    rpm_files = set(rpm_list.stdout.split())
+    for path in docs:
+        assert path in deb_files, (path, sorted(f for f in deb_files if "/doc/" in f))
+        assert path in rpm_files, (path, sorted(f for f in rpm_files if "/doc/" in f))
 
 
 if __name__ == "__main__":
