@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmeter.agent.traffic import TrafficRules, TrafficRulesError
-from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems_apart
+from kvmeter.tomlconfig import KAFKA_TOPIC, ConfigError, read_toml, schema_problems_apart
 
 DEFAULT_PATH = "/etc/kvmeter/agent.toml"
 
@@ -53,7 +53,7 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "bootstrap_servers": _STR,
-                "topic": _STR,
+                "topic": KAFKA_TOPIC,
                 "max_in_flight": _COUNT,
                 "max_batch_bytes": {"type": "integer", "minimum": 1024},
                 "properties": {

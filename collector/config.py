@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kvmeter.collector import credentials
 from kvmeter.collector.api_params import PAGE_SIZE_CEILING, Paging
@@ -29,7 +30,7 @@ from kvmeter.collector.event_shapes import DEFAULT_MAX_EVENT_BYTES
 from kvmeter.collector.model import Settings
 from kvmeter.collector.policy import POLICY_SCHEMA, policy_from
 from kvmeter.collector.retention import RetentionPolicy
-from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
+from kvmeter.tomlconfig import KAFKA_TOPIC, ConfigError, read_toml, schema_problems
 
 DAY_S = 86_400
 TRAFFIC_TYPES = ["public", "guest", "management", "storage", "control", "private_gateway"]
@@ -54,8 +55,8 @@ SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "bootstrap": {"type": "string", "minLength": 1},
-                "measures_topic": {"type": "string", "minLength": 1},
-                "lifecycle_topic": {"type": "string", "minLength": 1},
+                "measures_topic": KAFKA_TOPIC,
+                "lifecycle_topic": KAFKA_TOPIC,
                 "group": {"type": "string", "minLength": 1},
                 "batch_size": {"type": "integer", "minimum": 1, "maximum": 100000},
                 "degraded_after_seconds": {"type": "number", "exclusiveMinimum": 0},
@@ -206,6 +207,8 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
             routers = load_router_owners(owners_path)
         except ValueError as exc:
             problems.append(f"usage.router_owners_file: {exc}")
+    if isinstance(rabbit, dict):
+        problems += _rabbit_url_problems(rabbit.get("url"))
     creds, creds_file, more = credentials.from_api_section(api if isinstance(api, dict) else {}, base)
     problems += more
     webhook_secret = webhook.get("secret_key", "") if isinstance(webhook, dict) else ""
@@ -284,6 +287,22 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
         handoff=handoff,
         balances=balances,
     )
+
+
+def _rabbit_url_problems(url: Any) -> list[str]:
+    """What pika would refuse at the first connection (a port that is no number, an unknown or
+    malformed query parameter), said at start; the URL's password never shown."""
+    if not isinstance(url, str) or not url.startswith(("amqp://", "amqps://")):
+        return []  # the schema says what is wrong with it
+    import pika
+
+    try:
+        pika.URLParameters(url)
+    except ValueError as exc:
+        password = urlsplit(url).password
+        why = str(exc).replace(password, "***") if password else str(exc)
+        return [f"rabbitmq.url: {why}"]
+    return []
 
 
 def _paging(api: dict[str, Any], problems: list[str]) -> Paging:

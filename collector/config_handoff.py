@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvmeter.tomlconfig import url_userinfo_problems
+from kvmeter.tomlconfig import KAFKA_TOPIC, url_userinfo_problems
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token
 RESERVED_HEADERS = {"content-type", "content-length", "host", "idempotency-key", "x-kvmeter-signature"}
@@ -43,7 +43,7 @@ HANDOFF_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
     "properties": {
-        "topic": {"type": "string", "minLength": 1, "maxLength": 249, "pattern": "^[A-Za-z0-9._-]+$"},
+        "topic": KAFKA_TOPIC,
         "bootstrap": {"type": "string", "minLength": 1},
         "kafka_options": {
             "type": "object",

@@ -66,6 +66,15 @@ def schema_problems(schema: Mapping[str, Any], doc: Any) -> list[str]:
     return problems
 
 
+# A Kafka topic's legal name (the broker refuses any other: a producer's batches would wait in
+# the spool, a consumer would read nothing, with only a log line to say why).
+KAFKA_TOPIC: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 249,
+    "pattern": "^[A-Za-z0-9._-]+$",
+}
+
 # Keys whose values are secrets: a problem with one (in a log, on stderr) names the rule it
 # breaks, never the value (a token one character short is the operator's token all the same).
 SECRET_KEYS = frozenset({"token", "token_sha256", "secret_key", "cloudstack_secret_key", "password"})
