@@ -15,6 +15,7 @@ here can stop metering: an evaluation or a delivery that fails is logged and tri
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import logging
 import threading
@@ -34,6 +35,7 @@ from kvmeter.collector.balance_costs import CostsSince
 from kvmeter.collector.billing import Tariff
 from kvmeter.collector.config_balances import BalancesConfig
 from kvmeter.collector.metrics import Metrics
+from kvmeter.collector.outbox_sinks import NoRedirect
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 
@@ -135,6 +137,9 @@ class AlertWebhook:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.max_wait_s = max_wait_s
+        # A 3xx is not a 2xx: urllib would follow it with a GET, without the alert, and take
+        # that GET's 200 for the receiver's acknowledgement.
+        self.opener = urllib.request.build_opener(NoRedirect)
 
     def _post(self, body: dict[str, object]) -> None:
         request = urllib.request.Request(
@@ -144,11 +149,13 @@ class AlertWebhook:
             headers={"Content-Type": "application/json", "Idempotency-Key": idempotency_key(body["id"])},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with self.opener.open(request, timeout=self.timeout_s) as response:
                 status = response.status
         except urllib.error.HTTPError as exc:
             exc.close()  # its connection, not left to the garbage collector
             raise OSError(f"webhook answered {exc.code}") from None
+        except (http.client.HTTPException, ValueError) as exc:  # an answer that is not HTTP
+            raise OSError(f"webhook answered no HTTP: {type(exc).__name__}: {exc}") from None
         if not 200 <= status < 300:
             raise OSError(f"webhook answered {status}")
 

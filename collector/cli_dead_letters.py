@@ -27,7 +27,7 @@ def _config(path: str | None) -> config_mod.CollectorConfig:
         return config_mod.CollectorConfig()
     try:
         doc = config_mod.read_toml(Path(path))
-        if "agent" in doc:  # an all-in-one's file: its collector part
+        if _all_in_one(doc):  # an all-in-one's file: its collector part
             from kvmeter.pipeline import allinone
 
             return allinone.from_dict(doc, path, base=Path(path).parent).collector
@@ -35,6 +35,16 @@ def _config(path: str | None) -> config_mod.CollectorConfig:
     except config_mod.ConfigError as exc:
         lines = "\n  ".join(exc.problems)
         raise click.ClickException(f"invalid configuration {path}:\n  {lines}") from None
+
+
+def _all_in_one(doc: dict[str, object]) -> bool:
+    """An all-in-one's file: any of its own sections (every one optional, [agent] too) or
+    [lifecycle] events_file; else a collector's."""
+    from kvmeter.pipeline.allinone import AGENT_SECTIONS
+
+    lifecycle = doc.get("lifecycle")
+    events_file = isinstance(lifecycle, dict) and "events_file" in lifecycle
+    return bool(doc.keys() & set(AGENT_SECTIONS)) or events_file
 
 
 def _store(db_url: str | None, cfg: config_mod.CollectorConfig) -> Store:

@@ -311,6 +311,8 @@ def _paging(api: dict[str, Any], problems: list[str]) -> Paging:
         for k in ("cloudstack_page_size", "page_size", "max_page_size")
         if isinstance(v := api.get(k), int)
     }
+    if "page_size" not in sizes and "max_page_size" in sizes:  # the default page fits any maximum
+        sizes["page_size"] = min(Paging.page_size, sizes["max_page_size"])
     paging = Paging(**sizes)
     if paging.page_size > paging.max_page_size:
         problems.append(

@@ -41,7 +41,7 @@ class Rejected(Exception):
 _NOT_ITEM_SPECIFIC = {401, 403, 404, 405, 407, 408, 410, 425, 429}
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
+class NoRedirect(urllib.request.HTTPRedirectHandler):
     """A 3xx is an answer, not an acknowledgement: never followed (urllib would follow a 301/302/
     303 to a POST with a GET, without the body, and take that GET's 2xx for the receiver's)."""
 
@@ -163,7 +163,7 @@ class WebhookSink:
         self.cfg = cfg
         self.on_error = on_error
         self.stop = stop
-        self.opener = urllib.request.build_opener(_NoRedirect)
+        self.opener = urllib.request.build_opener(NoRedirect)
 
     def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
         confirmed: list[int] = []

@@ -147,7 +147,9 @@ def cloudstack_response(rows: Sequence[UsageRow], directory: OwnerDirectory | No
         for r in rows
         if r.key.account != UNATTRIBUTED
     ]
-    return {"listusagerecordsresponse": {"count": len(records), "usagerecord": records}}
+    # CloudStack leaves an empty list's count and list out, as /client/api does
+    body = {"count": len(records), "usagerecord": records} if records else {}
+    return {"listusagerecordsresponse": body}
 
 
 def record_facts(row: UsageRow, directory: OwnerDirectory) -> RecordFacts:
