@@ -12,9 +12,10 @@ import time
 import click
 
 from kvmeter.collector.api_credits import credit_dict
-from kvmeter.collector.cli_dead_letters import _cfg, _config, _db, _fmt, _store, _table
+from kvmeter.collector.cli_dead_letters import _cfg, _config, _db, _fmt, _store
 from kvmeter.collector.money_input import MAX_NOTE, credit_amount, currency_code
 from kvmeter.collector.store import credits as stored
+from kvmeter.collector.text_table import text_table
 
 
 @click.group("credits")
@@ -93,4 +94,4 @@ def list_credits(db_url: str | None, config_path: str | None, account: str | Non
         return
     columns = ("account", "amount", "currency", "created", "created_by", "note")
     table = [(str(d["id"]), *(str(d[c]) for c in columns)) for d in docs]
-    click.echo(_table(("id", *columns), table))
+    click.echo(text_table(("id", *columns), table))

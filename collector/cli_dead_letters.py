@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -18,6 +17,7 @@ from kvmeter.collector import config as config_mod
 from kvmeter.collector.cli import MAX_ID, ROW_ID, _open_config_store
 from kvmeter.collector.redrive import FAILED, Redriver, letter_dict, retried_dict
 from kvmeter.collector.store import LETTER_STATES, Store, StoredLetter
+from kvmeter.collector.text_table import printable, text_table
 
 _FORMATS = click.Choice(["table", "json"])
 
@@ -101,7 +101,7 @@ def list_letters(
         )
         for x in letters
     ]
-    click.echo(_table(("id", "state", "source", "reason", "bytes", "created", "retries", "origin"), rows))
+    click.echo(text_table(("id", "state", "source", "reason", "bytes", "created", "retries", "origin"), rows))
 
 
 @dead_letters.command("show")
@@ -124,7 +124,7 @@ def show(letter_id: int, db_url: str | None, config_path: str | None, fmt: str) 
         return
     for name in ("id", "state", "source", "origin", "reason", "message", "size", "created", "retries",
                  "retried", "resolved", "key"):  # fmt: skip
-        click.echo(f"{name:>9}: {'' if doc[name] is None else doc[name]}")
+        click.echo(f"{name:>9}: {'' if doc[name] is None else printable(str(doc[name]))}")
     click.echo("      raw:")
     sys.stdout.write(_shown_bytes(letter))
 
@@ -158,23 +158,15 @@ def retry(letter_ids: tuple[int, ...], db_url: str | None, config_path: str | No
             else (str(i), d.result, d.letter.reason if d.result == FAILED else "", d.letter.message[:80])
             for i, d in results
         ]
-        click.echo(_table(("id", "result", "reason", "message"), rows))
+        click.echo(text_table(("id", "result", "reason", "message"), rows))
     if any(d is None or d.result == FAILED for _, d in results):
         sys.exit(1)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = [header, *rows]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
 
 
 def _shown_bytes(letter: StoredLetter, limit: int = 4096) -> str:
     """The bytes as text when they are UTF-8, else as hex; the first `limit` of them."""
     more = f"\n... (the first {limit} of {letter.size} bytes)\n" if letter.size > limit else "\n"
     try:
-        return letter.raw.decode("utf-8")[:limit] + more
+        return printable(letter.raw.decode("utf-8")[:limit], lines=True) + more
     except UnicodeDecodeError:
         return letter.raw[:limit].hex(" ", 2) + more

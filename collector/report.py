@@ -28,6 +28,7 @@ from kvmeter.collector.model import (
 )
 from kvmeter.collector.owner_directory import OwnerDirectory
 from kvmeter.collector.store import Adjustment, UsageRow
+from kvmeter.collector.text_table import text_table
 from kvmeter.collector.usage import rawusage
 from kvmeter.collector.vm_size import parse_size
 
@@ -195,11 +196,7 @@ def _table(rows: Sequence[UsageRow]) -> str:
             [iso(k.window_start_ms), iso(k.window_end_ms)[11:], k.account or "(unattributed)", name, resource,
              detail, quantity, "yes" if r.final else "open"]
         )  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
-    return text + f"\n{len(rows)} record(s)\n"
+    return text_table(lines[0], lines[1:]) + f"\n{len(rows)} record(s)\n"
 
 
 def parse_when(text: str, *, end_of_day: bool = False) -> int:

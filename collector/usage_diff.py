@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from kvmeter.collector.report import iso
 from kvmeter.collector.store import UsageRow
+from kvmeter.collector.text_table import text_table
 
 
 class WindowKey(NamedTuple):
@@ -95,10 +96,7 @@ def render(diffs: list[Difference], limit: int = 50) -> str:
          str(d.live), str(d.rebuilt), f"{d.rebuilt - d.live:+d}")
         for d in diffs[:limit]
     ]  # fmt: skip
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
-    ]
+    lines = [text_table(header, rows)]
     if len(diffs) > limit:
         lines.append(f"... and {len(diffs) - limit} more")
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from kvmeter.cli import main
-from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.model import DeadLetter, Record, Settings
 from kvmeter.collector.schema import corrections, lifecycle_events
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
@@ -172,3 +172,24 @@ def test_reconcile_takes_an_all_in_one_config(tmp_path: Path) -> None:
         code, out = run("reconcile", "--dry-run", "--config", str(config))
     assert code == 0, out
     assert "would be made" in out
+
+
+def test_dead_letter_shown_with_its_control_characters_escaped(tmp_path: Path) -> None:
+    """`kvmeter dead-letters show` prints a letter's bytes as text, but its control characters
+    escaped: whoever published the bytes (anyone on the bus) must not drive the operator's
+    terminal with escape sequences. Newlines and tabs stay; `list` escapes them too."""
+    db = f"sqlite:///{tmp_path / 'usage.db'}"
+    store = Store(db)
+    store.migrate()
+    hostile = DeadLetter("lifecycle", "file:1\x1b[2J", b'{"a":\n\t"\x1b]0;owned\x07"}', "unknown_event", "?")
+    with store.write() as conn:
+        store.dead_letter(conn, [hostile], 1_000)
+    store.close()
+    code, out = run("dead-letters", "show", "1", "--db", db)
+    assert code == 0, out
+    assert '{"a":\n\t"\\x1b]0;owned\\x07"}' in out
+    assert "file:1\\x1b[2J" in out
+    code, out = run("dead-letters", "list", "--db", db)
+    assert code == 0, out
+    assert "\x1b" not in out
+    assert "file:1\\x1b[2J" in out

@@ -124,3 +124,13 @@ def test_unattributed_bytes_are_not_a_cloudstack_accounts_usage() -> None:
     assert body["count"] == 1
     assert body["usagerecord"][0]["rawusage"] == "20"
     assert [r["account"] for r in json.loads(report.render(rows, "json"))] == ["", "acct-1"]
+
+
+def test_a_table_shows_a_tenants_control_characters_escaped_never_sends_them_to_the_terminal() -> None:
+    """A VM's name is the tenant's: an escape sequence in it (clear the screen, set the title)
+    is shown as `\\x1b...` in `kvmeter usage`'s table, and a newline or tab in it never breaks the
+    columns."""
+    text = report.render([row(1, H, resource_name="web\x1b]0;owned\x07\n\tx\x9b2J")], "table")
+    assert "web\\x1b]0;owned\\x07\\x0a\\x09x\\x9b2J" in text
+    assert not any(ch in text for ch in "\x1b\x07\t\x9b")
+    assert len(text.splitlines()) == 3  # header, the row, the count
