@@ -139,7 +139,7 @@ def create_app(
     api_corrections.register(app, store, paging)
     api_dead_letters.register(app, store, None if settings is None else Redriver(store, settings))
     api_costs.register(app, store, tariffs)
-    api_credits.register(app, store, balances)
+    api_credits.register(app, store, balances, paging)
 
     return app
 

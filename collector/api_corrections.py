@@ -14,7 +14,6 @@ from kvmeter.collector.api_usage import (
     answer_page,
     next_page,
     page_limit,
-    sorted_accounts,
     visible_accounts,
 )
 from kvmeter.collector.store import Store, reconciliation
@@ -32,9 +31,10 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
         start = api_params.optional_time_ms(args.get("start"), "start", default=0)
         end = api_params.optional_time_ms(args.get("end"), "end", default=END_MS)
         resource = api_params.name(args.get("resource"), "resource")
-        accounts = visible_accounts(api_params.name(args.get("account"), "account"))  # 403 for another's
+        requested = api_params.name(args.get("account"), "account")
+        accounts = visible_accounts(requested)  # 403 for another's
         limit = page_limit(args, paging)
-        query = api_params.fingerprint("corrections", start, end, sorted_accounts(accounts), resource)
+        query = api_params.fingerprint("corrections", start, end, requested, resource)
         position = api_params.decode_cursor(args.get("cursor"), query, 2)
 
         def fetch(n: int, at: Position | None) -> tuple[list[dict[str, Any]], Position | None]:

@@ -1,12 +1,13 @@
 """Credits and balances on the API.
 
     POST /v1/credits   {"account", "amount": "25.00", "note"?, "currency"?}   operators only
-    GET  /v1/credits?account=                                                 the caller's accounts
+    GET  /v1/credits?account=&limit=&cursor=                                  the caller's accounts
     GET  /v1/balances?account=                                                the caller's accounts
 
 A credit is in the tariff's currency (a different one is refused); without a tariff it names its
 currency, and an account's credits all share the first one's. A balance is the account's credits
 minus its costs (balance_watch.BalanceBook), with its threshold and whether it is below it.
+Credits are listed a page at a time as /v1/usage pages (`limit`, `cursor`, `next`, Link), by id.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ from kvmeter.collector import api_params, report
 from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_errors import error
 from kvmeter.collector.api_params import BadRequest
-from kvmeter.collector.api_usage import visible_accounts
+from kvmeter.collector.api_usage import answer_page, next_page, page_limit, visible_accounts
 from kvmeter.collector.balance_watch import BalanceBook
 from kvmeter.collector.money_input import MAX_NOTE, credit_amount, currency_code
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
-
-MAX_ROWS = 10_000
 
 
 def credit_dict(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "amount": format(row["amount"], "f"), "created": report.iso(row["created_ms"])}
 
 
-def register(app: Flask, store: Store, book: BalanceBook | None) -> None:
+def register(
+    app: Flask, store: Store, book: BalanceBook | None, paging: api_params.Paging | None = None
+) -> None:
+    paging = paging or api_params.Paging()
+
     @app.post("/v1/credits")
     def add_credit() -> Response:
         who = current_principal()
@@ -79,10 +82,23 @@ def register(app: Flask, store: Store, book: BalanceBook | None) -> None:
 
     @app.get("/v1/credits")
     def list_credits() -> Response:
-        accounts = visible_accounts(api_params.name(request.args.get("account"), "account"))
+        args = request.args
+        requested = api_params.name(args.get("account"), "account")
+        accounts = visible_accounts(requested)
+        limit = page_limit(args, paging)
+        # Paged, never cut short: an operator's list of every account's top-ups outgrows any one page.
+        query = api_params.fingerprint("credits", requested)
+        position = api_params.decode_cursor(args.get("cursor"), query, 1)
+
+        def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[dict[str, Any]], tuple[int, ...] | None]:
+            page = stored.list_credits(conn, accounts, n, after_id=at[0] if at else None)
+            return page, ((page[-1]["id"],) if page else None)
+
         with store.read() as conn:
-            rows = stored.list_credits(conn, accounts, MAX_ROWS)
-        return jsonify({"count": len(rows), "credits": [credit_dict(r) for r in rows]})
+            rows, cursor = next_page(fetch, limit, position, query)
+        return answer_page(
+            {"count": len(rows), "credits": [credit_dict(r) for r in rows], "next": cursor}, cursor
+        )
 
     @app.get("/v1/balances")
     def balances() -> Response:

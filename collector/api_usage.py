@@ -43,17 +43,16 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
         end = api_params.required_time_ms(args.get("end"), "end")
         if end <= start:
             raise BadRequest("end must be after start")
+        requested = api_params.name(args.get("account"), "account")
         flt = UsageFilter(
             start_ms=start,
             end_ms=end,
-            accounts=visible_accounts(api_params.name(args.get("account"), "account")),
+            accounts=visible_accounts(requested),
             usage_type=api_params.usage_type(args.get("type")),
             resource=api_params.name(args.get("resource"), "resource"),
         )
         limit = page_limit(args, paging)
-        query = api_params.fingerprint(
-            "usage", start, end, sorted_accounts(flt.accounts), flt.usage_type, flt.resource
-        )
+        query = api_params.fingerprint("usage", start, end, requested, flt.usage_type, flt.resource)
         position = api_params.decode_cursor(args.get("cursor"), query, 2)
 
         def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[UsageRow], tuple[int, ...] | None]:
@@ -77,11 +76,12 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
         fmt = _format(args)
         since = api_params.required_time_ms(args.get("since"), "since")
         until = api_params.optional_time_ms(args.get("until"), "until", default=2**62)
-        accounts = visible_accounts(api_params.name(args.get("account"), "account"))
+        requested = api_params.name(args.get("account"), "account")
+        accounts = visible_accounts(requested)
         limit = page_limit(args, paging)
         # after: the last seq a poller took (the last page gives no cursor; its last seq does)
         after = api_params.optional_integer(args.get("after"), "after", default=0, maximum=2**63 - 1)
-        query = api_params.fingerprint("adjustments", since, until, sorted_accounts(accounts), after)
+        query = api_params.fingerprint("adjustments", since, until, requested, after)
         position = api_params.decode_cursor(args.get("cursor"), query, 1) or (after,)
 
         def fetch(n: int, at: tuple[int, ...] | None) -> tuple[list[Adjustment], tuple[int, ...] | None]:
@@ -99,18 +99,15 @@ def register(app: Flask, store: Store, paging: api_params.Paging | None = None) 
 
 def visible_accounts(requested: str | None) -> frozenset[str] | None:
     """The accounts a read may return (None: every account): the one asked for, if the caller
-    may see it, else all the caller may see. Asking for another account is a 403."""
+    may see it, else all the caller may see. Asking for another account is a 403.
+    A cursor's fingerprint takes the account asked for, not this set: a domain's accounts grow
+    while a client pages (every page is narrowed again), and its cursor must go on working."""
     scope = current_principal().accounts
     if requested is None:
         return scope
     if scope is not None and requested not in scope:
         raise Forbidden(f"this credential may not read account {requested!r}")
     return frozenset({requested})
-
-
-def sorted_accounts(accounts: frozenset[str] | None) -> list[str] | None:
-    # A cursor's fingerprint must not depend on a set's (per-process) iteration order.
-    return None if accounts is None else sorted(accounts)
 
 
 def _format(args: Mapping[str, str]) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import click
 
@@ -75,6 +76,9 @@ def add(
         click.echo(f"credit {credit_id}: {row['amount']} {chosen} to {account}")
 
 
+_PAGE = 10_000
+
+
 @credits.command("list")
 @_db
 @_cfg
@@ -84,8 +88,13 @@ def list_credits(db_url: str | None, config_path: str | None, account: str | Non
     """Credits, oldest first."""
     store = _store(db_url, _config(config_path))
     try:
-        with store.read() as conn:
-            rows = stored.list_credits(conn, None if account is None else frozenset({account}), 10_000)
+        accounts = None if account is None else frozenset({account})
+        rows: list[dict[str, Any]] = []
+        with store.read() as conn:  # every one, a page at a time (never cut at a page's size)
+            while page := stored.list_credits(
+                conn, accounts, _PAGE, after_id=rows[-1]["id"] if rows else None
+            ):
+                rows += page
     finally:
         store.close()
     docs = [credit_dict(r) for r in rows]

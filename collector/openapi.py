@@ -329,7 +329,8 @@ def document(*, webhook: bool = False, paging: Paging | None = None) -> dict[str
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
-    doc["paths"].update(openapi_credits.paths(_PARAMS["account"], _ERRORS, _error, _json))  # type: ignore[attr-defined]
+    paged = ([limit, _PARAMS["cursor"]], _NEXT_LINK)
+    doc["paths"].update(openapi_credits.paths(_PARAMS["account"], _ERRORS, _error, _json, paged))  # type: ignore[attr-defined]
     doc["components"]["schemas"] = {**SCHEMAS, **openapi_credits.SCHEMAS}  # type: ignore[index]
     if webhook:
         doc["paths"][WEBHOOK_PATH] = _webhook()  # type: ignore[index]

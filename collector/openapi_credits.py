@@ -40,8 +40,9 @@ SCHEMAS: dict[str, Any] = {
     ),
     "CreditList": _object(
         {
-            "count": {"type": "integer"},
+            "count": {"type": "integer", "description": "Credits on this page."},
             "credits": {"type": "array", "items": {"$ref": "#/components/schemas/Credit"}},
+            "next": {"type": ["string", "null"], "description": "Cursor of the next page; null on the last."},
         }
     ),
     "Balance": _object(
@@ -67,15 +68,30 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
-def paths(account: dict[str, Any], errors: dict[str, Any], error: Any, json: Any) -> dict[str, Any]:
+def paths(
+    account: dict[str, Any],
+    errors: dict[str, Any],
+    error: Any,
+    json: Any,
+    paged: tuple[list[dict[str, Any]], dict[str, Any]] = ([], {}),
+) -> dict[str, Any]:
     """account: the `account` query parameter; errors: the common error answers; error(text) and
-    json(schema): openapi's helpers."""
+    json(schema): openapi's helpers; paged: the paging parameters (limit, cursor) and the Link
+    header of a paged list."""
+    params, link = paged
     return {
         "/v1/credits": {
             "get": {
-                "summary": "Credits added to the caller's accounts, oldest first",
-                "parameters": [account],
-                "responses": {"200": {"description": "Credits.", "content": json("CreditList")}, **errors},
+                "summary": "Credits added to the caller's accounts, oldest first, a page at a time",
+                "parameters": [account, *params],
+                "responses": {
+                    "200": {
+                        "description": "One page of credits.",
+                        "headers": link,
+                        "content": json("CreditList"),
+                    },
+                    **errors,
+                },
             },
             "post": {
                 "summary": "Add a credit to an account (operator credentials only)",

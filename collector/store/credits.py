@@ -20,17 +20,35 @@ def add_credit(
     conn: Connection, account: str, amount: Decimal, currency: str, note: str, by: str, now_ms: int
 ) -> int:
     row = {"account": account, "amount": format(amount, "f"), "currency": currency, "note": note}
-    result = conn.execute(sa.insert(credits).values(**row, created_by=by, created_ms=now_ms))
+    result = conn.execute(sa.insert(credits).values(**row, created_by=_fitted(by), created_ms=now_ms))
     key = result.inserted_primary_key
     assert key is not None
     return int(key[0])
 
 
-def list_credits(conn: Connection, accounts: frozenset[str] | None, limit: int) -> list[dict[str, Any]]:
+CREATED_BY_MAX = 128  # characters of credits.created_by (schema_credits)
+
+
+def _fitted(by: str) -> str:
+    """`by` within the column: a minted credential's label, `<name> (credential <id>)`, outgrows
+    it for a long name (PostgreSQL refuses an over-long value); the end, naming the credential,
+    is kept."""
+    if len(by) <= CREATED_BY_MAX:
+        return by
+    half = CREATED_BY_MAX // 2
+    return by[: half - 1] + "…" + by[-half:]
+
+
+def list_credits(
+    conn: Connection, accounts: frozenset[str] | None, limit: int, after_id: int | None = None
+) -> list[dict[str, Any]]:
+    """Up to `limit` credits by id (oldest first), after the credit `after_id` when given."""
     c = credits.c
     query = sa.select(c.id, c.account, c.amount, c.currency, c.note, c.created_by, c.created_ms)
     if accounts is not None:
         query = query.where(c.account.in_(sorted(accounts)))
+    if after_id is not None:
+        query = query.where(c.id > after_id)
     rows = conn.execute(query.order_by(c.id).limit(limit)).mappings()
     return [{**row, "amount": Decimal(row["amount"])} for row in rows]
 
