@@ -151,7 +151,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         from kvmeter.collector.prune import PruneJob, Pruner
 
         pruning = PruneJob(
-            Pruner(store, cfg.retention, _wall_ms, cfg.settings.policy),
+            Pruner(store, cfg.retention, _wall_ms, lambda: service.settings.policy),  # SIGHUP's
             cfg.retention.interval_ms / 1000,
             metrics,
         )

@@ -47,8 +47,9 @@ which events open and close ALLOCATED and RUNNING, nothing else (owners, offerin
 - allocated_until "expunge": VM.DESTROY leaves ALLOCATED open (and closes RUNNING); a state
   event to Expunging, or the reconciler's usage-shaped VM.EXPUNGE, closes ALLOCATED and RUNNING.
   VM.EXPUNGE closes both under every policy (CloudStack itself sends no such usage event).
-- running "usage": state events open and close nothing; "state": VM.START / VM.STOP / VM.DESTROY
-  open and close nothing in RUNNING (a VM.START naming a new offering still splits it).
+- running "usage": state events open and close nothing (but a state event to Expunging closes
+  RUNNING, as under every policy); "state": VM.START / VM.STOP / VM.DESTROY open and close
+  nothing in RUNNING (a VM.START naming a new offering still splits it).
 """
 
 from __future__ import annotations
@@ -283,9 +284,9 @@ class _Machine:
         old, new = ev.attributes.get("old-state", ""), ev.attributes.get("new-state", "")
         if old == new:
             return False
-        if new == EXPUNGING_STATE and self.policy.allocated_until == EXPUNGE:
+        if new == EXPUNGING_STATE:  # an expunged VM runs nowhere: RUNNING closed under every policy
             running = self.close("running", ev.time)
-            return self.deallocate(ev.time) or running
+            return (self.policy.allocated_until == EXPUNGE and self.deallocate(ev.time)) or running
         if not self.policy.running_by_state:
             return False
         if new == RUNNING_STATE:

@@ -42,12 +42,14 @@ class Pruner:
         store: Store,
         policy: RetentionPolicy,
         clock: Callable[[], int],
-        billing: BillingPolicy = DEFAULT_POLICY,
+        billing: BillingPolicy | Callable[[], BillingPolicy] = DEFAULT_POLICY,
     ):
         self.store = store
         self.policy = policy
         self.clock = clock
-        self.billing = billing  # histories are built as the collector builds them ([policy])
+        # Histories are built as the collector builds them: under the [policy] in force, which
+        # a SIGHUP may change (a callable: the collector's own), else an open history is pruned.
+        self.billing = billing if callable(billing) else (lambda: billing)
 
     def run(self, *, dry_run: bool = False) -> dict[str, int]:
         """One pass; {table kind: rows deleted (or, dry, that would be)} for every kind with an
@@ -154,9 +156,10 @@ class Pruner:
         stored = self.store.events_of_many(conn, old)
         closed: dict[str, int] = {}
         histories = {}
+        billing = self.billing()
         for resource, raws in stored.items():
             history = lifecycle.build_resource_history(
-                resource, [pb.LifecycleEvent.FromString(r) for r in raws], self.billing
+                resource, [pb.LifecycleEvent.FromString(r) for r in raws], billing
             )
             end = closed_through(history)
             if end is not None and end <= final:

@@ -38,6 +38,7 @@ from kvmeter.collector.attribution import OwnerIndex
 from kvmeter.collector.decode import Target
 from kvmeter.collector.events_path import LIFECYCLE, EventsPath
 from kvmeter.collector.isolation import UNSTORABLE
+from kvmeter.collector.knowledge import Built
 from kvmeter.collector.measures_path import MEASURES
 from kvmeter.collector.model import Outcome, ResourceHistory, Settings
 from kvmeter.collector.policy import BillingPolicy
@@ -67,6 +68,7 @@ class Collector(EventsPath):
         self._not_stored: Recent[str, bool] = Recent()
         self._not_stored_ms = -(2**62)  # when it last rotated
         self._evicted_ms = -(2**62)  # when tick last looked for some
+        self._ticked_ms = -(2**62)  # the clock at the last tick that grew every window it had to
         self._last_event_row = 0
         self._knowledge = 0  # bumps whenever the owner index changes
         # Tally routes by decoded Target, kept while the histories stay the same (_knowledge).
@@ -100,8 +102,14 @@ class Collector(EventsPath):
         would (in adjustments where windows were final). Unchanged: nothing."""
         if policy == self.settings.policy:
             return Outcome()
+        before = self.settings
         self.settings = dataclasses.replace(self.settings, policy=policy)
-        return self.recompute_all(per_pass)
+        try:
+            return self.recompute_all(per_pass)
+        except BaseException:
+            # Cut short: not in force, so the reload asked again recomputes (idempotent) and records it.
+            self.settings = before
+            raise
 
     def recompute_all(self, per_pass: int = 200) -> Outcome:
         """Every resource with stored events recomputed under the policy in force (set_policy),
@@ -119,6 +127,9 @@ class Collector(EventsPath):
                 self.store.lock_resources(conn, page)
                 built = self._recompute(conn, page, final_through, now, part)
             out.add(part)
+            # Out of memory (closed under the policy before) and open under this one: back, or no
+            # tick grows the windows it now bills (residency.py).
+            self.restore([r for r in page if r not in self._events and _reopened(built.get(r))])
             for resource in page:  # those in memory: their histories under the new policy
                 if resource in self._events:
                     whole, history = built.get(resource, ({}, None))
@@ -140,10 +151,14 @@ class Collector(EventsPath):
         self.sync()
         now = self.clock()
         window = self.settings.window_ms
+        # Open segments, and those closed after the last tick's clock: a closing event stamped
+        # after the clock when it was applied (a management server's clock ahead) was counted up
+        # to then only, and is grown to its stamp here.
+        ticked = self._ticked_ms
         running = sorted(
             uuid
             for uuid, h in self.histories.items()
-            if any(s.end_ms is None for s in (*h.running, *h.allocated, *h.ip))
+            if any(s.end_ms is None or s.end_ms > ticked for s in (*h.running, *h.allocated, *h.ip))
         )
         for start in range(0, len(running), 200):
             chunk = running[start : start + 200]
@@ -169,6 +184,7 @@ class Collector(EventsPath):
                 )
                 out.records += written
                 out.adjustments += adjusted
+        self._ticked_ms = now
         through = window_start(now - self.settings.grace_ms, window)
         if finalize_through is not None:
             through = min(through, finalize_through)
@@ -216,3 +232,11 @@ class Collector(EventsPath):
     def horizon_start(self) -> int:
         """Parked measures parked before this instant are reported as unattributed."""
         return self.clock() - self.settings.park_horizon_ms
+
+
+def _reopened(built: Built | None) -> bool:
+    """A history recomputed with a segment still open."""
+    history = None if built is None else built[1]
+    return history is not None and any(
+        s.end_ms is None for s in (*history.running, *history.allocated, *history.ip)
+    )

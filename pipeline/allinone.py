@@ -184,7 +184,7 @@ class AllInOne:
         retention = cfg.collector.retention
         self.pruning = (
             PruneJob(
-                Pruner(self.store, retention, clock, cfg.collector.settings.policy),
+                Pruner(self.store, retention, clock, lambda: self.collector.settings.policy),  # SIGHUP's
                 retention.interval_ms / 1000,
                 self.metrics,
             )
