@@ -10,7 +10,7 @@ import click
 import sqlalchemy as sa
 
 from kvmeter.collector.cli import DEFAULT_CONFIG, _load_config, _open_store, _unopenable, _wall_ms
-from kvmeter.collector.store import Store, engine_url, policies, shown_url
+from kvmeter.collector.store import MIGRATIONS, Store, engine_url, policies, shown_url
 from kvmeter.logs import setup_logging
 
 FAR = 2**62
@@ -32,6 +32,14 @@ def _live_store(url: str) -> Store:
     if not kept:
         live.close()
         raise click.ClickException(f"the live store {shown_url(url)} holds no kvmeter usage: check --live")
+    # Read by this release's queries: one an older release wrote lacks their columns
+    at, latest = live.version(), max(version for version, _ in MIGRATIONS)
+    if at < latest:
+        live.close()
+        raise click.ClickException(
+            f"the live store {shown_url(url)} is at schema version {at}, older than this kvmeter's "
+            f"{latest}: start this release's collector on it first (it migrates the store), then rebuild"
+        )
     return live
 
 

@@ -15,7 +15,7 @@ from kvmeter.cli import main
 from kvmeter.collector.model import DeadLetter, Record, Settings
 from kvmeter.collector.schema import corrections, lifecycle_events
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, schema_version
 from tests.collector_support import ACCT_A, HOUR, VM1, usage_event
 from tests.harness import cloudstack_api as api
 from tests.integration.test_costs_front import store_with_usage, write_tariff  # noqa: F401 - fixture
@@ -193,3 +193,22 @@ def test_dead_letter_shown_with_its_control_characters_escaped(tmp_path: Path) -
     assert code == 0, out
     assert "\x1b" not in out
     assert "file:1\\x1b[2J" in out
+
+
+def test_rebuild_from_a_live_store_an_older_release_wrote_says_to_migrate_it_first(tmp_path: Path) -> None:
+    """`kvmeter rebuild` reads the live store with this release's queries and never migrates it:
+    one an older release wrote (its schema behind) is refused with both versions and what to do,
+    before the new store is made, not a traceback (`no such column`) after the replay."""
+    (tmp_path / "empty.toml").write_text("")
+    live = tmp_path / "live.db"
+    store = Store(f"sqlite:///{live}")
+    store.migrate()
+    with store.write() as conn:
+        conn.execute(sa.delete(schema_version).where(schema_version.c.version > 12))
+    store.close()
+    into = tmp_path / "new.db"
+    code, out = run("rebuild", "--config", str(tmp_path / "empty.toml"), "--live", f"sqlite:///{live}",
+                    "--into", f"sqlite:///{into}")  # fmt: skip
+    assert code == 1, out
+    assert "is at schema version 12, older than" in out, out
+    assert not into.exists()
