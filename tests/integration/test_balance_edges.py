@@ -32,6 +32,7 @@ from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 from tests.billing_support import ACCT_A, ACCT_B, GB, Cloud, tariff
 from tests.harness import postgres
+from tests.harness.http_receiver import serving
 
 
 def alert_rows(s: Store) -> list[dict[str, Any]]:
@@ -162,11 +163,8 @@ class Down(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def down_receiver() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Down)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/alerts"
-    server.shutdown()
-    server.server_close()
+    with serving(Down, "/alerts") as url:
+        yield url
 
 
 def test_a_webhook_outage_does_not_hold_up_the_next_crossing(store: Store, down_receiver: str) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from typing import ClassVar
@@ -26,6 +25,7 @@ from kvmeter.collector.balances import Thresholds
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 from tests.billing_support import ACCT_A, ACCT_B, GB, Cloud, tariff
+from tests.harness.http_receiver import serving
 
 
 @pytest.fixture
@@ -111,11 +111,8 @@ class Receiver(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def receiver() -> Iterator[str]:
     Receiver.seen = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
-    server.server_close()
+    with serving(Receiver) as url:
+        yield url
 
 
 def test_webhook_retried_with_backoff_until_acknowledged_then_never_again(

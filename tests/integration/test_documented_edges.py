@@ -27,6 +27,7 @@ from kvmeter.collector.store import credits as stored
 from kvmeter.pipeline import allinone
 from tests.api_support import filled_store
 from tests.billing_support import ACCT_A, ACCT_B, GB, Cloud, tariff
+from tests.harness.http_receiver import serving
 
 
 class Redirecting(http.server.BaseHTTPRequestHandler):
@@ -57,11 +58,18 @@ class Redirecting(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def redirecting() -> Iterator[str]:
     Redirecting.posts, Redirecting.gets = [], []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook"
-    server.shutdown()
-    server.server_close()
+    with serving(Redirecting) as url:
+        yield url
+
+
+def _watcher(cloud: Cloud, url: str) -> tuple[BalanceWatcher, CollectorRegistry]:
+    """A balance watcher alerting below 5.00 to `url` (two quick attempts), and its registry."""
+    registry = CollectorRegistry()
+    alerts = Counter("kvmeter_balance_alerts", "", ["account"], registry=registry)
+    failures = Counter("kvmeter_balance_webhook_failures", "", registry=registry)
+    book = BalanceBook(cloud.store, tariff, Thresholds(Decimal("5.00"), {}))
+    hook = AlertWebhook(url, attempts=2, backoff_s=0.01, max_wait_s=0.02)
+    return BalanceWatcher(book, hook, alerts, failures, clock=lambda: cloud.now), registry
 
 
 def test_balance_alert_redirected_by_the_receiver_is_not_taken_as_delivered(
@@ -73,12 +81,7 @@ def test_balance_alert_redirected_by_the_receiver_is_not_taken_as_delivered(
     cloud = Cloud(store)
     cloud.credit(ACCT_A, "10.00")
     cloud.send(ACCT_A, 9 * GB)  # 1.00 left, below 5.00
-    registry = CollectorRegistry()
-    alerts = Counter("kvmeter_balance_alerts", "", ["account"], registry=registry)
-    failures = Counter("kvmeter_balance_webhook_failures", "", registry=registry)
-    book = BalanceBook(store, tariff, Thresholds(Decimal("5.00"), {}))
-    hook = AlertWebhook(redirecting, attempts=2, backoff_s=0.01, max_wait_s=0.02)
-    watcher = BalanceWatcher(book, hook, alerts, failures, clock=lambda: cloud.now)
+    watcher, registry = _watcher(cloud, redirecting)
     assert len(watcher.once()) == 1
     assert Redirecting.posts  # the receiver was asked
     assert Redirecting.gets == []  # the redirect was not followed with a GET
@@ -154,12 +157,7 @@ def test_balance_alert_answered_with_no_http_is_a_counted_failure_and_holds_no_o
     for account in (ACCT_A, ACCT_B):
         cloud.credit(account, "10.00")
         cloud.send(account, 9 * GB)
-    registry = CollectorRegistry()
-    alerts = Counter("kvmeter_balance_alerts", "", ["account"], registry=registry)
-    failures = Counter("kvmeter_balance_webhook_failures", "", registry=registry)
-    book = BalanceBook(store, tariff, Thresholds(Decimal("5.00"), {}))
-    hook = AlertWebhook(not_http, attempts=2, backoff_s=0.01, max_wait_s=0.02)
-    watcher = BalanceWatcher(book, hook, alerts, failures, clock=lambda: cloud.now)
+    watcher, registry = _watcher(cloud, not_http)
     assert len(watcher.once()) == 2
     assert registry.get_sample_value("kvmeter_balance_webhook_failures_total") == 2
     with store.read() as conn:

@@ -21,6 +21,7 @@ from kvmeter.collector.store import Store, policies
 from kvmeter.pipeline import allinone
 from kvmeter.reload import Reloads
 from tests.collector_support import ACCT_A, HOUR, MIN, T0, VM1, Clock, usage_event
+from tests.integration.test_policy_live_change import net, under_alone
 from tests.unit.cs_events import T0 as CS_T0
 from tests.unit.cs_events import VM, A, H, state, usage
 
@@ -84,10 +85,6 @@ def test_pruning_follows_the_policy_put_in_force_on_sighup(
     assert allocated.get(window - HOUR) == HOUR, allocated
 
 
-def _net(store: Store) -> dict[UsageKey, int]:
-    return {r.key: r.quantity for r in store.usage(0, 2**62) if r.quantity}
-
-
 def _vm_destroyed() -> list[Record]:
     return [
         Record(value, key)
@@ -100,17 +97,9 @@ def _vm_destroyed() -> list[Record]:
 
 def _under_alone(tmp_path: Path, policy: BillingPolicy, now_ms: int) -> dict[UsageKey, int]:
     """The oracle: the net usage of a fresh store given the same events under `policy` alone."""
-    fresh_store = Store(f"sqlite:///{tmp_path}/fresh.db")
-    fresh_store.migrate()
-    fresh_clock = Clock(T0 + 2 * HOUR)
-    fresh = Collector(fresh_store, Settings(grace_ms=HOUR, policy=policy), fresh_clock)
-    fresh.apply_events(_vm_destroyed())
-    fresh.tick()
-    fresh_clock.now = now_ms
-    fresh.tick()
-    want = _net(fresh_store)
-    fresh_store.close()
-    return want
+    return under_alone(
+        tmp_path, _vm_destroyed(), Settings(grace_ms=HOUR, policy=policy), T0 + 2 * HOUR, now_ms
+    )
 
 
 def test_a_reload_bills_on_what_the_new_policy_opens_in_a_resource_out_of_memory(tmp_path: Path) -> None:
@@ -131,7 +120,7 @@ def test_a_reload_bills_on_what_the_new_policy_opens_in_a_resource_out_of_memory
     put_in_force(live, expunge)
     clock.now += 5 * HOUR + HOUR // 2
     live.tick()
-    got = _net(store)
+    got = net(store)
     store.close()
 
     want = _under_alone(tmp_path, expunge, clock.now)
@@ -157,7 +146,7 @@ def test_a_reload_cut_short_is_finished_by_the_next_reload(
     live.tick()
     clock.now = T0 + 6 * HOUR
     live.tick()
-    before = _net(store)
+    before = net(store)
     real = live._recompute
     calls: list[object] = []
 
@@ -173,8 +162,8 @@ def test_a_reload_cut_short_is_finished_by_the_next_reload(
     assert reloads.run_all() == ["policy"]  # refused
     assert reloads.run_all() == []  # the SIGHUP again
     live.tick()
-    assert _net(store) != before
-    assert _net(store) == _under_alone(tmp_path, expunge, clock.now)
+    assert net(store) != before
+    assert net(store) == _under_alone(tmp_path, expunge, clock.now)
     with store.read() as conn:
         last = policies.last_policy(conn)
     assert last is not None
@@ -207,7 +196,7 @@ def test_a_stop_stamped_ahead_of_the_collectors_clock_is_billed_to_its_stamp(tmp
     live.tick()
     clock.now = T0 + 3 * HOUR
     live.tick()  # the first window final now
-    assert {(k.usage_type, k.window_start_ms): q for k, q in _net(store).items()} == {
+    assert {(k.usage_type, k.window_start_ms): q for k, q in net(store).items()} == {
         (RUNNING_VM, T0): 30 * MIN,
         (ALLOCATED_VM, T0): 30 * MIN,
     }

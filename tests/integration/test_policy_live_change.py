@@ -45,11 +45,19 @@ def net(store: Store) -> dict[UsageKey, int]:
 
 def under_new_policy_alone(tmp_path: Path, now_ms: int) -> dict[UsageKey, int]:
     """The net usage of a fresh store given the same events under NEW, ticked as the live one."""
+    return under_alone(tmp_path, events(), Settings(policy=NEW), T0 + 4 * HOUR, now_ms)
+
+
+def under_alone(
+    tmp_path: Path, records: list[Record], settings: Settings, applied_ms: int, now_ms: int
+) -> dict[UsageKey, int]:
+    """The oracle of a policy change: the net usage of a fresh store given `records` at
+    `applied_ms` under `settings` alone, ticked then and at `now_ms`."""
     fresh_store = Store(f"sqlite:///{tmp_path}/fresh.db")
     fresh_store.migrate()
-    fresh_clock = Clock(T0 + 4 * HOUR)
-    fresh = Collector(fresh_store, Settings(policy=NEW), fresh_clock)
-    fresh.apply_events(events())
+    fresh_clock = Clock(applied_ms)
+    fresh = Collector(fresh_store, settings, fresh_clock)
+    fresh.apply_events(records)
     fresh.tick()
     fresh_clock.now = now_ms
     fresh.tick()
