@@ -68,7 +68,7 @@ class Collector(EventsPath):
         self._not_stored: Recent[str, bool] = Recent()
         self._not_stored_ms = -(2**62)  # when it last rotated
         self._evicted_ms = -(2**62)  # when tick last looked for some
-        self._ticked_ms = -(2**62)  # the clock at the last tick that grew every window it had to
+        self._ticked_ms: int | None = None  # the clock at the last tick that grew every window
         self._last_event_row = 0
         self._knowledge = 0  # bumps whenever the owner index changes
         # Tally routes by decoded Target, kept while the histories stay the same (_knowledge).
@@ -155,6 +155,9 @@ class Collector(EventsPath):
         # after the clock when it was applied (a management server's clock ahead) was counted up
         # to then only, and is grown to its stamp here.
         ticked = self._ticked_ms
+        if ticked is None:  # the first tick: any segment that may end in a window still open
+            with self.store.read() as conn:
+                ticked = self.store.finalized_through(conn, lock=False)
         running = sorted(
             uuid
             for uuid, h in self.histories.items()
