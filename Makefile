@@ -108,7 +108,7 @@ test-proto-compat: venv
 	$(PB_COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_proto_compat.py
 
 test: venv realvm-deps bench-deps lint typecheck test-proto-compat
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=40 tests
 
 unit: venv
 	$(BIN)/python -m pytest -q tests/unit
