@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -27,7 +25,7 @@ from kvmeter.collector.store import credits as stored
 from kvmeter.pipeline import allinone
 from tests.api_support import filled_store
 from tests.billing_support import ACCT_A, ACCT_B, GB, Cloud, tariff
-from tests.harness.http_receiver import serving
+from tests.harness.http_receiver import not_http, serving
 
 
 class Redirecting(http.server.BaseHTTPRequestHandler):
@@ -125,29 +123,13 @@ def test_store_commands_take_an_all_in_one_file_without_an_agent_section(tmp_pat
 
 
 @pytest.fixture
-def not_http() -> Iterator[str]:
-    """A receiver that answers every request with bytes that are not HTTP."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"this is not HTTP\r\n\r\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
-    stop.set()
-    listener.close()
+def no_http() -> Iterator[str]:
+    with not_http() as url:
+        yield url
 
 
 def test_balance_alert_answered_with_no_http_is_a_counted_failure_and_holds_no_other_alert(
-    store: Store, not_http: str
+    store: Store, no_http: str
 ) -> None:
     """README (Credits, balances): each alert is retried until a 2xx and in later rounds while it
     fails. An answer that is not HTTP is a failed delivery like any other: counted in
@@ -157,7 +139,7 @@ def test_balance_alert_answered_with_no_http_is_a_counted_failure_and_holds_no_o
     for account in (ACCT_A, ACCT_B):
         cloud.credit(account, "10.00")
         cloud.send(account, 9 * GB)
-    watcher, registry = _watcher(cloud, not_http)
+    watcher, registry = _watcher(cloud, no_http)
     assert len(watcher.once()) == 2
     assert registry.get_sample_value("kvmeter_balance_webhook_failures_total") == 2
     with store.read() as conn:

@@ -7,7 +7,6 @@ not HTTP is a counted failed delivery that stalls no sink."""
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ from kvmeter.collector.outbox_sinks import KafkaSink
 from kvmeter.collector.schema import handoff_outbox
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, VM1
+from tests.harness.http_receiver import not_http
 
 FAST = HandoffConfig(retry_attempts=2, retry_initial_s=0.01, retry_max_s=0.02, timeout_s=1, batch_size=5)
 
@@ -254,37 +254,13 @@ def test_an_answer_that_is_not_http_is_a_counted_failed_delivery(tmp_path: Path)
     delivery, counted (KvmeterHandoffDeliveryFailing fires) and released with its error
     (http.client's BadStatusLine escaped the round: nothing counted, the rows left leased)."""
     store = filled(tmp_path, 2)
-    stop = threading.Event()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(0.2)
-    port = listener.getsockname()[1]
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            try:
-                conn.recv(65536)
-                conn.sendall(b"+OK redis-like banner, not HTTP\r\n")
-            except OSError:
-                pass
-            finally:
-                conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    relay = relay_of(store, replace(FAST, webhook_url=f"http://127.0.0.1:{port}/items"))
     raised: Exception | None = None
-    try:
-        relay.round()
-    except Exception as exc:
-        raised = exc
-    finally:
-        stop.set()
-        listener.close()
+    with not_http("/items") as url:
+        relay = relay_of(store, replace(FAST, webhook_url=url))
+        try:
+            relay.round()
+        except Exception as exc:
+            raised = exc
     errors = relay.metrics.registry.get_sample_value(
         "kvmeter_handoff_delivery_errors_total", {"sink": "webhook"}
     )
