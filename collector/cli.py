@@ -210,7 +210,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
         logging.getLogger(__name__).info("webhook: CloudStack's deliveries on %s", WEBHOOK_PATH)
     logging.getLogger(__name__).info(
         "store %s; window %d s, grace %d s, billable %s; policy %s",
-        store.engine.url.render_as_string(hide_password=True), cfg.settings.window_ms // 1000,
+        shown_url(cfg.db_url), cfg.settings.window_ms // 1000,
         cfg.settings.grace_ms // 1000, ",".join(sorted(cfg.settings.billable)),
         cfg.settings.policy.describe(),
     )  # fmt: skip

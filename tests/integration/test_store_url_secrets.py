@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,35 @@ def test_a_store_that_cannot_be_opened_is_named_without_its_password(
     assert "***" in done.stderr
     assert PASSWORD not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.pg
+def test_the_collectors_start_line_names_its_store_without_a_query_password(pg_database: str) -> None:
+    """The start line (`store ...; window ...`) goes to the journal: a password given as
+    `?password=` (libpq takes either form) is hidden there as the one in `user:pw@` is."""
+    url = pg_database + ("&" if "?" in pg_database else "?") + f"password={PASSWORD}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "collector.toml"
+        path.write_text(
+            f'[store]\nurl = "{url}"\n[kafka]\nbootstrap = "127.0.0.1:1"\n[api]\nenabled = false\n'
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmeter", "collector", "--config", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: list[str] = []
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                lines.append(line)
+                if " store postgresql" in line:
+                    break
+        finally:
+            proc.kill()
+            proc.communicate()
+    start = [line for line in lines if " store postgresql" in line]
+    assert start, "".join(lines)[-2000:]
+    assert PASSWORD not in "".join(lines)
+    assert "password=***" in start[0]
