@@ -47,8 +47,13 @@ from kvmeter.collector.model import Settings
 from kvmeter.collector.redrive import Redriver
 from kvmeter.collector.store import Store
 from kvmeter.collector.store.credentials import MintedCredentials
+from kvmeter.log_limit import limited_logger
 
 log = logging.getLogger(__name__)
+# Why a request was refused: a line per reason a minute, so a flood of bad requests cannot fill the log.
+REFUSALS_LOG = limited_logger("kvmeter.collector.api.refusals", 60.0)
+# ApiServlet's text for a request it cannot authenticate (an unknown key, a bad signature, ...)
+CLOUDSTACK_UNAUTHORIZED = "unable to verify user credentials and/or request signature"
 
 
 def create_app(
@@ -90,8 +95,11 @@ def create_app(
             g.principal = who
             return None
         if request.path == "/client/api":
+            # CloudStack's ApiServlet answers every refusal alike: its text, errorcode 401 and no
+            # cserrorcode. Why goes to the log only (a fixed text: never a key or a signature).
+            REFUSALS_LOG.info("/client/api from %s refused: %s", request.remote_addr, who.reason)
             command = request.values.get("command", "")
-            return cloudstack_error(command, 401, f"unable to verify user credentials: {who.reason}")
+            return cloudstack_error(command, 401, CLOUDSTACK_UNAUTHORIZED, cs_code=None)
         return error(401, who.reason)
 
     if metrics is not None:

@@ -39,11 +39,12 @@ CLOUDSTACK_COMMANDS = ("listUsageRecords", "listUsageTypes")
 
 
 def cloudstack_error(
-    command: str, code: int, text: str, cs_code: int = cloudstack_render.CS_SERVER_API
+    command: str, code: int, text: str, cs_code: int | None = cloudstack_render.CS_SERVER_API
 ) -> Response:
     """CloudStack's ExceptionResponse, status = errorcode, named after the command's response
     (`errorresponse` for an unknown command or 432), in the format the request asked for:
-    `response=json`, else XML (CloudStack's default)."""
+    `response=json`, else XML (CloudStack's default). cs_code None: no cserrorcode (an error
+    not raised as an exception, such as ApiServlet's 401)."""
     known = command in CLOUDSTACK_COMMANDS and code != 432
     name = f"{command.lower()}response" if known else "errorresponse"
     xml = cloudstack_wants_xml()

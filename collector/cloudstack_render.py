@@ -249,15 +249,19 @@ def list_body(
     yield "}}" if first else "]}}"
 
 
-def error_body(response_name: str, code: int, cs_code: int, text: str, *, xml: bool) -> str:
-    """ExceptionResponse: errorcode is the HTTP status too (ApiServlet)."""
+def error_body(response_name: str, code: int, cs_code: int | None, text: str, *, xml: bool) -> str:
+    """ExceptionResponse: errorcode is the HTTP status too (ApiServlet); cs_code None leaves
+    cserrorcode out, as Gson leaves out a null (ApiServer's error without an exception)."""
     if xml:
+        cs = "" if cs_code is None else f"<cserrorcode>{cs_code}</cserrorcode>"
         return (
             f'<?xml version="1.0" encoding="UTF-8"?><{response_name} cloud-stack-version="{VERSION}">'
-            f"<errorcode>{code}</errorcode><cserrorcode>{cs_code}</cserrorcode>"
+            f"<errorcode>{code}</errorcode>{cs}"
             f"<errortext>{_xml_text(text)}</errortext></{response_name}>"
         )
-    body = {"uuidList": [], "errorcode": code, "cserrorcode": cs_code, "errortext": text}
+    body: dict[str, Any] = {"uuidList": [], "errorcode": code, "cserrorcode": cs_code, "errortext": text}
+    if cs_code is None:
+        del body["cserrorcode"]
     return json.dumps({response_name: body}, ensure_ascii=False, separators=(",", ":"))
 
 

@@ -4,13 +4,12 @@ tariff's currency and to its decimal places."""
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
 
+from kvmeter.collector import csv_text
 from kvmeter.collector.billing import MonthCosts
 from kvmeter.collector.billing.money import as_text as money
 from kvmeter.collector.billing.rating import RatedItem
@@ -101,27 +100,25 @@ def document(months: Sequence[MonthCosts], currency: str, start_ms: int, end_ms:
 
 
 def render_csv(months: Sequence[MonthCosts]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for month in months:
-        for line in month.lines:
-            writer.writerow(
-                {
-                    "account": month.account,
-                    "month": month_text(month.start_ms),
-                    "currency": month.currency,
-                    **_type(line.usage_type),
-                    "resource": line.resource,
-                    "detail": line.detail,
-                    "quantity": line.quantity,
-                    "unit": _unit(line.usage_type),
-                    "cost": money(line.cost),
-                    "projected": money(line.projected),
-                    "unpriced": line.unpriced,
-                }
-            )
-    return out.getvalue()
+    rows = (
+        {
+            "account": month.account,
+            "month": month_text(month.start_ms),
+            "currency": month.currency,
+            **_type(line.usage_type),
+            "resource": line.resource,
+            "detail": line.detail,
+            "quantity": line.quantity,
+            "unit": _unit(line.usage_type),
+            "cost": money(line.cost),
+            "projected": money(line.projected),
+            "unpriced": line.unpriced,
+        }
+        for month in months
+        for line in month.lines
+    )
+    # Money is a number as text (a credit's or a negative adjustment's starts with -).
+    return csv_text.render(CSV_FIELDS, rows, numeric=("cost", "projected"))
 
 
 def render_table(months: Sequence[MonthCosts]) -> str:

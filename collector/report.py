@@ -7,14 +7,12 @@ became final.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import json
 from collections.abc import Sequence
 from typing import Any
 
-from kvmeter.collector import api_params, billable, cloudstack_render
+from kvmeter.collector import api_params, billable, cloudstack_render, csv_text
 from kvmeter.collector.cloudstack_render import RecordFacts
 from kvmeter.collector.model import (
     ALLOCATED_VM,
@@ -129,11 +127,7 @@ def render_adjustments(adjustments: Sequence[Adjustment], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2) + "\n"
     if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=ADJUSTMENT_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return out.getvalue()
+        return csv_text.render(ADJUSTMENT_FIELDS, rows)
     raise ValueError(f"unknown format {fmt!r} for adjustments; json or csv")
 
 
@@ -165,13 +159,8 @@ def record_facts(row: UsageRow, directory: OwnerDirectory) -> RecordFacts:
 def render(rows: Sequence[UsageRow], fmt: str, directory: OwnerDirectory | None = None) -> str:
     if fmt == "json":
         return json.dumps([record_dict(r) for r in rows], indent=2) + "\n"
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(record_dict(r))
-        return out.getvalue()
+    if fmt == "csv":  # rawusage: a number as text (a net quantity below zero starts with -)
+        return csv_text.render(CSV_FIELDS, (record_dict(r) for r in rows), numeric=("rawusage",))
     if fmt == "cloudstack":
         return json.dumps(cloudstack_response(rows, directory), indent=2) + "\n"
     if fmt == "table":
