@@ -56,6 +56,11 @@ class Metrics:
         )
         self.quarantined = Counter("kvmeter_measures_quarantined", "Measures quarantined", registry=r)
         self.events = Counter("kvmeter_lifecycle_events", "New lifecycle events stored", registry=r)
+        self.events_file_lost = Counter(
+            "kvmeter_events_file_truncations_unrecovered",
+            "Events file truncations in place whose unread end no rotated copy held (lines lost)",
+            registry=r,
+        )
         self.records = Counter("kvmeter_usage_records_written", "Usage record rows written", registry=r)
         self.adjustments = Counter("kvmeter_usage_adjustments_written", "Adjustment rows written", registry=r)
         self.finalized = Counter("kvmeter_usage_records_finalized", "Usage records made final", registry=r)

@@ -161,7 +161,10 @@ class AllInOne:
             from kvmeter.collector import outbox_relay
 
             self.relay = outbox_relay.start(self.store, cfg.collector.handoff, self.metrics.registry)
-        inputs: list[Any] = [EventsFile(cfg.events_file)] if cfg.events_file else []
+        inputs: list[Any] = []
+        if cfg.events_file:  # its delivery order kept in the store: monotonic across restarts
+            lost = self.metrics.events_file_lost.inc
+            inputs.append(EventsFile(cfg.events_file, store=self.store, lost=lost))
         bus = event_inputs(cfg.collector.rabbitmq, cfg.collector.webhook_secret)  # InputUnavailable
         inputs += bus.inputs
         self.webhook = bus.webhook

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector.schema import lifecycle_events
+from kvmeter.collector.schema import collector_state, lifecycle_events
 from kvmeter.collector.store.engine import StoreCore, slices
 
 _EVENT_COLUMNS = ("event_id", "resource_uuid", "time_ms", "raw", "normalized", "record_key", "received_ms")
@@ -119,3 +119,26 @@ class LifecycleEvents(StoreCore):
             (int(r[0]), bytes(r[1]), None if r[2] is None else bytes(r[2]), r[3], bytes(r[4]))
             for r in conn.execute(query)
         ]
+
+    def input_position(self, conn: Connection, name: str) -> int:
+        """An input's stored place in its source (the events file's delivery order), 0 if none."""
+        query = sa.select(collector_state.c.value).where(collector_state.c.name == name)
+        return int(conn.execute(query).scalar() or 0)
+
+    def raise_input_position(self, conn: Connection, name: str, value: int) -> None:
+        """Store an input's place, kept with the events it delivered; never lowered (a chunk
+        applied again record by record writes it again)."""
+        st = collector_state.c
+        current = conn.execute(sa.select(st.value).where(st.name == name)).scalar()
+        if current is None:
+            conn.execute(sa.insert(collector_state).values(name=name, value=value))
+        elif current < value:
+            conn.execute(sa.update(collector_state).where(st.name == name).values(value=value))
+
+    def set_input_position(self, conn: Connection, name: str, value: int) -> None:
+        """Store an input's place as it is now (where its read stands)."""
+        st = collector_state.c
+        if conn.execute(sa.select(st.value).where(st.name == name)).first() is None:
+            conn.execute(sa.insert(collector_state).values(name=name, value=value))
+        else:
+            conn.execute(sa.update(collector_state).where(st.name == name).values(value=value))
