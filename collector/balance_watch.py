@@ -34,8 +34,8 @@ from kvmeter.collector import balances as core
 from kvmeter.collector.balance_costs import CostsSince
 from kvmeter.collector.billing import Tariff
 from kvmeter.collector.config_balances import BalancesConfig
+from kvmeter.collector.http_deadline import post_status
 from kvmeter.collector.metrics import Metrics
-from kvmeter.collector.outbox_sinks import NoRedirect
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 
@@ -128,7 +128,8 @@ def idempotency_key(alert_id: object) -> str:
 class AlertWebhook:
     """POSTs each undelivered alert as JSON with `Idempotency-Key: kvmeter-balance-alert-<id>`
     (a receiver deduplicates by it: a replica may deliver an alert another already did); any
-    2xx is an acknowledgement. Retried with exponential backoff (tenacity)."""
+    2xx is an acknowledgement. Retried with exponential backoff (tenacity); each POST is over
+    within timeout_s whatever the receiver does."""
 
     def __init__(self, url: str, *, timeout_s: float = 10.0, attempts: int = WEBHOOK_ATTEMPTS,
                  backoff_s: float = 0.5, max_wait_s: float = 30.0):  # fmt: skip
@@ -137,9 +138,6 @@ class AlertWebhook:
         self.attempts = attempts
         self.backoff_s = backoff_s
         self.max_wait_s = max_wait_s
-        # A 3xx is not a 2xx: urllib would follow it with a GET, without the alert, and take
-        # that GET's 200 for the receiver's acknowledgement.
-        self.opener = urllib.request.build_opener(NoRedirect)
 
     def _post(self, body: dict[str, object]) -> None:
         request = urllib.request.Request(
@@ -148,12 +146,8 @@ class AlertWebhook:
             method="POST",
             headers={"Content-Type": "application/json", "Idempotency-Key": idempotency_key(body["id"])},
         )
-        try:
-            with self.opener.open(request, timeout=self.timeout_s) as response:
-                status = response.status
-        except urllib.error.HTTPError as exc:
-            exc.close()  # its connection, not left to the garbage collector
-            raise OSError(f"webhook answered {exc.code}") from None
+        try:  # within timeout_s in all (a trickled answer too); a 3xx, not a 2xx, is not followed
+            status = post_status(request, self.timeout_s)
         except (http.client.HTTPException, ValueError) as exc:  # an answer that is not HTTP
             raise OSError(f"webhook answered no HTTP: {type(exc).__name__}: {exc}") from None
         if not 200 <= status < 300:

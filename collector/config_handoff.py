@@ -9,7 +9,7 @@ go, exactly once in effect (collector/outbox_relay.py).
     webhook_url = "https://billing.example.com/kvmeter/items"   # POST, one item per request
     webhook_headers = { Authorization = "Bearer ..." }          # sent with every POST
     # webhook_secret_file = "handoff.secret"   # or webhook_secret: X-Kvmeter-Signature HMAC
-    timeout_seconds = 10                # one POST, one Kafka flush
+    timeout_seconds = 10                # one POST (in all, however slow the answer), one Kafka flush
     retry_attempts = 5                  # per round; then the item waits for the next round
     retry_initial_seconds = 1           # exponential backoff between attempts ...
     retry_max_seconds = 60              # ... up to this

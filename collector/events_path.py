@@ -16,7 +16,7 @@ from kvmeter.collector.errors import BadInput
 from kvmeter.collector.isolation import isolating
 from kvmeter.collector.knowledge import Built
 from kvmeter.collector.measures_path import MeasuresPath
-from kvmeter.collector.model import DeadLetter, Outcome, Record, UsageKey
+from kvmeter.collector.model import LATE_LIFECYCLE, DeadLetter, Outcome, Record, UsageKey
 from kvmeter.collector.retention import window_floor
 from kvmeter.proto import pb
 
@@ -87,11 +87,18 @@ class EventsPath(MeasuresPath):
         return out
 
     def _recompute(
-        self, conn: Connection, resources: Sequence[str], final_through: int, now: int, out: Outcome
+        self,
+        conn: Connection,
+        resources: Sequence[str],
+        final_through: int,
+        now: int,
+        out: Outcome,
+        reason: str = LATE_LIFECYCLE,
     ) -> dict[str, Built]:
         """Rebuild each resource from all its stored events and rewrite its time-based records
-        (one read of the events and one write of the records for all of them). Returns the
-        histories with the ids of the events they were built from."""
+        (one read of the events and one write of the records for all of them); `reason` is that
+        of the adjustments of final windows. Returns the histories with the ids of the events
+        they were built from."""
         stored = self.store.events_of_many(conn, resources)
         # Retention: of a resource whose events were pruned, the windows they spoke of stay as billed.
         pruned = self.store.tombstones(conn, resources)
@@ -111,7 +118,7 @@ class EventsPath(MeasuresPath):
                 v.key: v.quantity_ms for v in usage.time_usage(history, now, self.settings.window_ms)
             }
         out.records, out.adjustments = self.store.set_time_values_many(
-            conn, values, final_through, now, floors=floors
+            conn, values, final_through, now, floors=floors, reason=reason
         )
         return built
 

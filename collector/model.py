@@ -28,6 +28,10 @@ USAGE_TYPE_NAMES = {
 }
 
 UNATTRIBUTED = ""  # account of bytes whose owner stayed unknown past the parking horizon
+# An adjustment's reason: what changed a final window. Free text in the store (an old row keeps
+# the reason it was made with); these are the ones kvmeter writes.
+LATE_LIFECYCLE = "late lifecycle"  # events of the resource came after its window was final
+POLICY_CHANGE = "policy change"  # a changed [policy] put in force over the store (policy_change.py)
 
 
 class UsageKey(NamedTuple):

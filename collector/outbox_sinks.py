@@ -10,7 +10,6 @@ import hmac
 import http.client
 import logging
 import threading
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from typing import Any, Protocol
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from kvmeter.collector.config_handoff import HandoffConfig
+from kvmeter.collector.http_deadline import post_status
 from kvmeter.collector.store.outbox import OutboxRow
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ class Rejected(Exception):
 # 4xx answers about the receiver, the URL or the sender's credentials, not about the one item:
 # the round stops there as it does for a receiver that is down.
 _NOT_ITEM_SPECIFIC = {401, 403, 404, 405, 407, 408, 410, 425, 429}
-
-
-class NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A 3xx is an answer, not an acknowledgement: never followed (urllib would follow a 301/302/
-    303 to a POST with a GET, without the body, and take that GET's 2xx for the receiver's)."""
-
-    def redirect_request(self, *_args: Any, **_kwargs: Any) -> None:
-        return None
 
 
 class Sink(Protocol):
@@ -155,7 +147,7 @@ class WebhookSink:
     run out: the item waits for the next round). The first item that stays unacknowledged stops
     the round, so a receiver that is down is not hammered with the rest; an item the receiver
     refuses (a 4xx about the item) waits for the next round without stopping the others. A 3xx
-    is not followed."""
+    is not followed, and a POST is over within timeout_seconds whatever the receiver does."""
 
     name = "webhook"
 
@@ -163,7 +155,6 @@ class WebhookSink:
         self.cfg = cfg
         self.on_error = on_error
         self.stop = stop
-        self.opener = urllib.request.build_opener(NoRedirect)
 
     def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
         confirmed: list[int] = []
@@ -203,12 +194,8 @@ class WebhookSink:
             headers[SIGNATURE_HEADER] = f"sha256={digest}"
         request = urllib.request.Request(self.cfg.webhook_url, data=body, headers=headers, method="POST")
         try:
-            with self.opener.open(request, timeout=self.cfg.timeout_s) as response:
-                status = response.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            exc.close()
-        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, not HTTP
+            status = post_status(request, self.cfg.timeout_s)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, late, not HTTP
             self.on_error(f"{type(exc).__name__}: {exc}")
             raise DeliveryError(f"{row.transaction_id}: {exc}") from None
         if 400 <= status < 500 and status not in _NOT_ITEM_SPECIFIC:

@@ -3,7 +3,9 @@
 One pass walks the kinds (retention.KINDS) oldest rows first, a bounded page at a time, each page
 deleted in its own short transaction: at most `batch_rows` rows (a resource's lifecycle events go
 all together, so one resource with more events than that is a page of its own). A dry run walks
-the same pages and deletes nothing: its counts are what a real pass would delete now.
+the same pages and deletes nothing: its counts are what a real pass would delete now. Where a
+kind depends on one pruned before it (parked measures keep a resource's events, events keep their
+corrections), the dry pass counts what it has counted as deleted already as gone (_Dry).
 
 On PostgreSQL one replica prunes at a time: a pass holds a session advisory lock on a connection
 of its own and gives way when another holds it (the job skips its turn; the command says so).
@@ -15,6 +17,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -24,6 +27,7 @@ from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.policy import DEFAULT_POLICY, BillingPolicy
 from kvmeter.collector.retention import KINDS, TABLES, RetentionPolicy, closed_through
 from kvmeter.collector.store import Store
+from kvmeter.collector.store.pruning import old_rows
 from kvmeter.proto import pb
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,17 @@ RESOURCES_PER_READ = 1000
 
 class Busy(RuntimeError):
     """Another replica (or command) is pruning this store now."""
+
+
+@dataclass
+class _Dry:
+    """What a dry pass counted as deleted that a later kind depends on (a real pass deleted it
+    by then): the same selections then see what a real pass sees."""
+
+    cutoffs: dict[str, int]
+    parked: Any = None  # a condition on parked_measures: those counted (no longer keep events)
+    events: Any = None  # a condition on lifecycle_events: unresourced ones counted
+    corrections: int = 0  # old corrections of the resources whose events were counted
 
 
 class Pruner:
@@ -50,6 +65,7 @@ class Pruner:
         # Histories are built as the collector builds them: under the [policy] in force, which
         # a SIGHUP may change (a callable: the collector's own), else an open history is pruned.
         self.billing = billing if callable(billing) else (lambda: billing)
+        self._dry: _Dry | None = None  # the pass under way is a dry one
 
     def run(self, *, dry_run: bool = False) -> dict[str, int]:
         """One pass; {table kind: rows deleted (or, dry, that would be)} for every kind with an
@@ -57,7 +73,9 @@ class Pruner:
         with self._exclusive():
             now = self.clock()
             counts: dict[str, int] = {}
-            for kind, cutoff in self.policy.cutoffs(now).items():
+            cutoffs = self.policy.cutoffs(now)
+            self._dry = _Dry(cutoffs) if dry_run else None
+            for kind, cutoff in cutoffs.items():
                 for name in TABLES[kind]:
                     counts[name] = 0
                 self._prune(kind, cutoff, now, counts, dry_run=dry_run)
@@ -81,9 +99,16 @@ class Pruner:
                     conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": PRUNE_LOCK})
 
     def _prune(self, kind: str, cutoff: int, now: int, counts: dict[str, int], *, dry_run: bool) -> None:
+        dry = self._dry
         if kind == "lifecycle_events":
             counts["lifecycle_events"] += self._rows("unresourced_events", cutoff, dry_run=dry_run)
+            if dry is not None:
+                dry.events = old_rows("unresourced_events", cutoff)[2]
             counts["lifecycle_events"] += self._events(cutoff, now, dry_run=dry_run)
+        elif kind == "corrections":  # those whose event is gone: a dry pass adds its events' own
+            events_gone = None if dry is None else dry.events
+            counts[kind] += self._rows(kind, cutoff, dry_run=dry_run, events_gone=events_gone)
+            counts[kind] += 0 if dry is None else dry.corrections
         elif kind == "usage":
             with self.store.read() as conn:
                 through = min(cutoff, self.store.finalized_through(conn, lock=False))
@@ -98,6 +123,8 @@ class Pruner:
             counts["handoff_outbox"] += self._rows(kind, cutoff, dry_run=dry_run)
         else:
             counts[kind] += self._rows(kind, cutoff, dry_run=dry_run)
+            if kind == "parked_measures" and dry is not None:
+                dry.parked = old_rows(kind, cutoff)[2]
 
     def _rows(
         self,
@@ -107,13 +134,21 @@ class Pruner:
         dry_run: bool,
         usage_through: int = 0,
         gaps: dict[str, int] | None = None,
+        events_gone: Any = None,
     ) -> int:
         """Rows of a kind pruned row by row, a page per transaction; returns how many."""
         limit, after, total = self.policy.batch_rows, _FIRST[kind], 0
         while True:
             with self.store.read() if dry_run else self.store.write() as conn:
                 keys: list[Any] = self.store.old_keys(
-                    conn, kind, cutoff, after, limit, lock=not dry_run, usage_through=usage_through
+                    conn,
+                    kind,
+                    cutoff,
+                    after,
+                    limit,
+                    lock=not dry_run,
+                    usage_through=usage_through,
+                    events_gone=events_gone,
                 )
                 if not keys:
                     return total
@@ -145,6 +180,12 @@ class Pruner:
             for group in _groups(seen, self.policy.batch_rows):
                 if dry_run:
                     total += sum(seen[r][0] for r in group)
+                    dry = self._dry
+                    if dry is not None and "corrections" in dry.cutoffs:  # a real pass deletes them next
+                        with self.store.read() as conn:
+                            dry.corrections += self.store.corrections_of_resources(
+                                conn, group, dry.cutoffs["corrections"]
+                            )
                     continue
                 with self.store.write() as conn:
                     pruned = self.store.prune_resources(conn, {r: seen[r] for r in group}, through, now)
@@ -170,6 +211,7 @@ class Pruner:
             closed,
             [m for h in histories.values() for m in h.macs],
             [a for h in histories.values() for a in (*h.addresses, *(s.address for s in h.ip))],
+            gone=None if self._dry is None else self._dry.parked,  # a real pass deleted those
         )
         return {
             r: t

@@ -40,7 +40,7 @@ from kvmeter.collector.events_path import LIFECYCLE, EventsPath
 from kvmeter.collector.isolation import UNSTORABLE
 from kvmeter.collector.knowledge import Built
 from kvmeter.collector.measures_path import MEASURES
-from kvmeter.collector.model import Outcome, ResourceHistory, Settings
+from kvmeter.collector.model import POLICY_CHANGE, Outcome, ResourceHistory, Settings
 from kvmeter.collector.policy import BillingPolicy
 from kvmeter.collector.recent import Recent
 from kvmeter.collector.reconcile import Witness
@@ -125,7 +125,8 @@ class Collector(EventsPath):
             with self.store.write() as conn:
                 final_through = self.store.finalized_through(conn)
                 self.store.lock_resources(conn, page)
-                built = self._recompute(conn, page, final_through, now, part)
+                # A final window that differs now does because of the policy, not of late events.
+                built = self._recompute(conn, page, final_through, now, part, POLICY_CHANGE)
             out.add(part)
             # Out of memory (closed under the policy before) and open under this one: back, or no
             # tick grows the windows it now bills (residency.py).

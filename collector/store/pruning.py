@@ -38,9 +38,12 @@ from kvmeter.collector.store.evicted import delete_evicted_keys
 from kvmeter.collector.store.usage import UsageWrites
 
 
-def old_rows(kind: str, cutoff: int, usage_through: int = 0) -> tuple[sa.Table, Any, Any]:
+def old_rows(
+    kind: str, cutoff: int, usage_through: int = 0, events_gone: Any = None
+) -> tuple[sa.Table, Any, Any]:
     """(table, key column, condition) of a kind pruned row by row: rows older than `cutoff`
-    (usage: of windows ending by `usage_through`, final ones only)."""
+    (usage: of windows ending by `usage_through`, final ones only). events_gone: a condition on
+    lifecycle_events of events counted as deleted already (a dry pass: they are still there)."""
     pm, qm, dl = parked_measures.c, quarantined_measures.c, dead_letters.c
     ev, corr, w = lifecycle_events.c, corrections.c, domain_witness.c
     if kind == "parked_measures":  # reported as unattributed: their bytes are in usage already
@@ -58,7 +61,8 @@ def old_rows(kind: str, cutoff: int, usage_through: int = 0) -> tuple[sa.Table, 
             sa.and_(ev.resource_uuid == "", ev.time_ms < cutoff, ev.received_ms < cutoff),
         )
     if kind == "corrections":  # only once the event they explain is gone
-        stored = sa.select(ev.event_id).where(ev.event_id == corr.event_id).exists()
+        kept = [] if events_gone is None else [~events_gone]
+        stored = sa.select(ev.event_id).where(ev.event_id == corr.event_id, *kept).exists()
         return corrections, corr.event_id, sa.and_(corr.time_ms < cutoff, ~stored)
     if kind == "domain_witness":
         return domain_witness, w.domain, sa.and_(w.running == sa.false(), w.since_ms < cutoff)
@@ -103,9 +107,10 @@ class Pruning(UsageWrites):
         *,
         lock: bool,
         usage_through: int = 0,
+        events_gone: Any = None,
     ) -> list[Any]:
         """Keys (ascending, after `after`) of at most `limit` rows of `kind` that may go."""
-        table, key, condition = old_rows(kind, cutoff, usage_through)
+        table, key, condition = old_rows(kind, cutoff, usage_through, events_gone)
         query = sa.select(key).where(condition, key > after).order_by(key).limit(limit)
         if lock and self.is_postgres and table in (parked_measures, stream_marks):
             query = query.with_for_update(skip_locked=True)
@@ -143,6 +148,20 @@ class Pruning(UsageWrites):
         order = [rec[c].collate("C") if isinstance(rec[c].type, sa.String) else rec[c] for c in KEY_COLUMNS]
         conn.execute(sa.select(rec.id).where(rec.id.in_(ids)).order_by(*order).with_for_update()).all()
 
+    def corrections_of_resources(self, conn: Connection, resources: Sequence[str], cutoff: int) -> int:
+        """Corrections older than `cutoff` whose event is stored under one of these resources:
+        those a pass deletes once it has deleted the resources' events (a dry pass counts them)."""
+        ev, corr = lifecycle_events.c, corrections.c
+        total = 0
+        for part in slices(sorted(resources)):
+            query = (
+                sa.select(sa.func.count())
+                .select_from(corrections.join(lifecycle_events, ev.event_id == corr.event_id))
+                .where(corr.time_ms < cutoff, ev.resource_uuid.in_(part))
+            )
+            total += int(conn.execute(query).scalar() or 0)
+        return total
+
     def gaps_count(self, conn: Connection, streams: Sequence[str]) -> int:
         total = 0
         for part in slices(streams, 1000):
@@ -167,18 +186,23 @@ class Pruning(UsageWrites):
         return [(r[0], int(r[1]), int(r[2]), int(r[3])) for r in conn.execute(query)]
 
     def parked_carrying(
-        self, conn: Connection, instances: Iterable[str], macs: Iterable[str], addresses: Iterable[str]
+        self,
+        conn: Connection,
+        instances: Iterable[str],
+        macs: Iterable[str],
+        addresses: Iterable[str],
+        gone: Any = None,
     ) -> tuple[set[str], set[str], set[str]]:
-        """Which of these instance uuids, MACs and addresses a parked measure still carries."""
+        """Which of these instance uuids, MACs and addresses a parked measure still carries
+        (gone: a condition of parked measures counted as deleted already, by a dry pass)."""
         pm = parked_measures.c
         found: tuple[set[str], set[str], set[str]] = (set(), set(), set())
         for column, values, into in zip(
             (pm.instance_uuid, pm.mac, pm.address), (instances, macs, addresses), found, strict=True
         ):
             for part in slices(sorted({v for v in values if v})):
-                into.update(
-                    row[0] for row in conn.execute(sa.select(column).where(column.in_(part)).distinct())
-                )
+                query = sa.select(column).where(column.in_(part), *([] if gone is None else [~gone]))
+                into.update(row[0] for row in conn.execute(query.distinct()))
         return found
 
     def prune_resources(

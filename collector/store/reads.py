@@ -45,7 +45,7 @@ class Adjustment:
 
     key: UsageKey
     delta: int
-    reason: str  # "late bytes", "late lifecycle", "late attribution", "unattributed"
+    reason: str  # "late bytes", "late lifecycle", "policy change", "late attribution", "unattributed"
     created_ms: int
     seq: int = 0  # commit order: adjustments are listed, and paged, by it
     version: int = 1  # the record's version it made: n for the n-th adjustment of its record

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from kvmeter.collector import billable
-from kvmeter.collector.model import UsageKey
+from kvmeter.collector.model import LATE_LIFECYCLE, UsageKey
 from kvmeter.collector.schema import (
     FINALIZED_THROUGH,
     KEY_COLUMNS,
@@ -215,6 +215,7 @@ class UsageWrites(StoreCore):
         *,
         open_only: bool = False,
         floors: Mapping[str, int] | None = None,
+        reason: str = LATE_LIFECYCLE,
     ) -> tuple[int, int]:
         """Make the stored time-based records of each resource equal its `values` (whole values;
         {resource: {key: quantity}}): a few statements for all of them.
@@ -254,7 +255,7 @@ class UsageWrites(StoreCore):
         for part in slices(deletes):
             conn.execute(sa.delete(usage_records).where(usage_records.c.id.in_(part)))
         if late:
-            self._adjust(conn, late, {}, now_ms, "late lifecycle")
+            self._adjust(conn, late, {}, now_ms, reason)
         return len(upserts) + len(deletes), len(late)
 
     def _time_records(
