@@ -17,12 +17,16 @@ Either way a message is acknowledged only after the store committed what it prod
 or a lost connection re-delivers it, and the dedupe makes that change nothing), at most
 `prefetch` messages are in flight, a body that is not an event is dead-lettered by the service
 with its bytes and acknowledged, and a lost broker is reconnected with exponential backoff
-without blocking the collector's other inputs.
+without blocking the collector's other inputs: each attempt connects on a thread of its own
+(`_Attempt`) and the loop takes the connection when it is there, so a broker that accepts the
+socket and never answers (pika waits up to its socket and stack timeouts, 10 s and 15 s by
+default) holds neither the loop's measures, its tick, SIGHUP nor the shutdown.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +46,11 @@ log = logging.getLogger(__name__)
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 DEGRADED_AFTER_S = 60.0  # /health says degraded when the broker was unreachable this long
+CLOSE_WAIT_S = 2.0  # close(): how long the shutdown waits for the broker's Close-Ok
+RETRIED = (AMQPError, AMQPConnectorException, OSError)  # the broker's failures: tried again
+
+# What an attempt opened: the connection, its channel consuming, the classic queue's backlog.
+Opened = tuple[pika.BlockingConnection, BlockingChannel, "int | None"]
 
 
 def resource_key(routing_key: str | bytes) -> bytes | None:
@@ -59,6 +68,7 @@ class RabbitInput:
         self.stream = cfg.queue_type == "stream"
         self.connection: pika.BlockingConnection | None = None
         self.channel: BlockingChannel | None = None
+        self._attempt: _Attempt | None = None  # a connection being opened, on its own thread
         self._received: list[tuple[Basic.Deliver, BasicProperties, bytes]] = []
         self._retry_at = 0.0
         self._backoff = BACKOFF_FIRST_S
@@ -70,10 +80,10 @@ class RabbitInput:
 
     # -- connection ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._connect()
+        self._attempt = _Attempt(self._open)
 
-    def _connect(self) -> bool:
-        """Connect, declare, bind and consume; on failure schedule the next try (backoff)."""
+    def _open(self) -> Opened:
+        """Connect, declare, bind and consume (on the attempt's thread); nothing left open on failure."""
         connection: pika.BlockingConnection | None = None
         try:
             connection = pika.BlockingConnection(pika.URLParameters(self.cfg.url))
@@ -86,6 +96,7 @@ class RabbitInput:
             channel.basic_qos(prefetch_count=self.cfg.prefetch)
             # The queue deleted, or the node holding it gone: the broker cancels the consumer
             # (Basic.Cancel) and pika raises nothing, the connection stays open, idle forever.
+            # Both callbacks run inside process_data_events: on the loop's thread.
             channel.add_on_cancel_callback(self._on_cancel)
             channel.basic_consume(
                 self.cfg.queue,
@@ -93,19 +104,43 @@ class RabbitInput:
                 auto_ack=False,
                 arguments={"x-stream-offset": "first"} if self.stream else None,
             )
-        # A broker that accepts the socket but never finishes the handshake (still booting,
-        # overloaded, a balancer without backend) raises pika's connector errors, not AMQPError.
-        except (AMQPError, AMQPConnectorException, OSError) as exc:
+        except BaseException:
             _close(connection)  # e.g. the queue exists with other arguments: no connection left behind
+            raise
+        return connection, channel, None if self.stream else declared.method.message_count
+
+    def _connected_within(self, timeout: float) -> bool:
+        """Not connected: an attempt started once the backoff is over, its outcome taken when it
+        is there. Waits at most `timeout`, whatever the broker does."""
+        if self._attempt is None:
+            wait = self._retry_at - self.monotonic()
+            if wait > 0:
+                time.sleep(min(timeout, wait))
+                return False
+            self._attempt = _Attempt(self._open)
+        if not self._attempt.done.wait(timeout):
+            return False
+        attempt, self._attempt = self._attempt, None
+        return self._adopt(attempt)
+
+    def _adopt(self, attempt: _Attempt) -> bool:
+        """A finished attempt: its connection is the loop's from now on; or, on failure, the
+        next try scheduled (backoff)."""
+        exc = attempt.error
+        if exc is not None:
+            # A broker that accepts the socket but never finishes the handshake (still booting,
+            # overloaded, a balancer without backend) raises pika's connector errors, not AMQPError.
+            if not isinstance(exc, RETRIED):
+                raise exc  # not the broker: the collector's own error, as when it connected here
             self.last_error = f"{type(exc).__name__}: {exc}".rstrip(": ")
             self._retry_at = self.monotonic() + self._backoff
             log.warning("RabbitMQ %s: %s; next try in %.1fs", self._where(), self.last_error, self._backoff)
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
             return False
-        self.connection, self.channel = connection, channel
+        assert attempt.opened is not None
+        self.connection, self.channel, self._backlog = attempt.opened
         self._received = []
         self._cancelled = False
-        self._backlog = None if self.stream else declared.method.message_count
         self._read = 0
         self._backoff = BACKOFF_FIRST_S
         self.down_since = None
@@ -124,12 +159,14 @@ class RabbitInput:
         self._drop()
         self._retry_at = self.monotonic() + self._backoff
 
-    def _drop(self) -> None:
+    def _drop(self, wait: float = 0.0) -> None:
+        """Forget the connection; it is closed aside (Connection.Close waits for the broker's
+        Close-Ok, which a broker that stopped answering never sends), waiting at most `wait`."""
         connection, self.connection, self.channel = self.connection, None, None
         self._received = []
         if self.down_since is None:
             self.down_since = self.monotonic()
-        _close(connection)
+        _close_aside(connection, wait)
 
     def _on_cancel(self, _frame: Any) -> None:
         """Called by pika inside process_data_events: only noted here (closing the connection
@@ -151,13 +188,12 @@ class RabbitInput:
         self._received.append((method, props, body))
 
     def poll(self, timeout: float, *, measures: bool = True) -> list[Delivery]:
-        if self.connection is None:
-            if self.monotonic() < self._retry_at or not self._connect():
-                time.sleep(min(timeout, max(0.0, self._retry_at - self.monotonic())))
-                return []
+        deadline = time.monotonic() + timeout
+        if self.connection is None and not self._connected_within(timeout):
+            return []
         assert self.connection is not None
         try:
-            self.connection.process_data_events(time_limit=timeout)
+            self.connection.process_data_events(time_limit=max(0.0, deadline - time.monotonic()))
         except (AMQPError, OSError) as exc:
             self._lost(exc)
             return []
@@ -192,9 +228,10 @@ class RabbitInput:
     def caught_up(self) -> bool:
         """A classic queue: the messages it held at connect are read. A stream (no end to compare
         with over AMQP 0.9.1): the broker, which pushes up to `prefetch` unacknowledged messages
-        at once, had nothing more for a moment. Unreachable: nothing to wait for."""
+        at once, had nothing more for a moment. Unreachable (an attempt failed): nothing to wait
+        for; the first attempt still going: what the queue holds may come yet."""
         if self.connection is None:
-            return True
+            return self._attempt is None or self.last_error != ""
         if self._backlog is not None:
             return self._read >= self._backlog
         return not self._received and self._quiet()
@@ -224,7 +261,46 @@ class RabbitInput:
         }
 
     def close(self) -> None:
-        self._drop()
+        if self._attempt is not None:
+            self._attempt.abandon()  # what it opens is closed, by its thread if still going
+            self._attempt = None
+        self._drop(CLOSE_WAIT_S)
+
+
+class _Attempt:
+    """One connection attempt on a thread of its own: pika's BlockingConnection blocks until the
+    broker answered or pika's own timeouts ran out, which must not hold the collector's loop.
+    The connection is used by one thread at a time: this one until `done`, then the loop's."""
+
+    def __init__(self, open_connection: Callable[[], Opened]):
+        self.done = threading.Event()
+        self.opened: Opened | None = None
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._abandoned = False
+        threading.Thread(
+            target=self._run, args=(open_connection,), name="rabbitmq-connect", daemon=True
+        ).start()
+
+    def _run(self, open_connection: Callable[[], Opened]) -> None:
+        opened: Opened | None = None
+        try:
+            opened = open_connection()
+        except BaseException as exc:  # judged by the loop (_adopt): retried or raised
+            self.error = exc
+        with self._lock:
+            abandoned, self.opened = self._abandoned, opened
+        self.done.set()
+        if abandoned and opened is not None:
+            _close(opened[0])  # the input closed meanwhile: nobody takes it
+
+    def abandon(self) -> None:
+        """The input closes: what this attempt opened (or opens yet) is closed, not left open."""
+        with self._lock:
+            self._abandoned = True
+            opened, self.opened = self.opened, None
+        if opened is not None:
+            _close_aside(opened[0], CLOSE_WAIT_S)
 
 
 def _close(connection: pika.BlockingConnection | None) -> None:
@@ -233,3 +309,13 @@ def _close(connection: pika.BlockingConnection | None) -> None:
             connection.close()
         except (AMQPError, OSError):
             pass
+
+
+def _close_aside(connection: pika.BlockingConnection | None, wait: float) -> None:
+    """_close on a thread of its own (nothing else uses the connection any more), waited for at
+    most `wait` seconds."""
+    if connection is None or not connection.is_open:
+        return
+    closing = threading.Thread(target=_close, args=(connection,), name="rabbitmq-close", daemon=True)
+    closing.start()
+    closing.join(wait)

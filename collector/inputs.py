@@ -1,7 +1,8 @@
 """The collector's one input seam: every source of records (Kafka, RabbitMQ, the webhook, files)
 is an `Input`, and one loop (feed.Feeder) applies what they deliver and acknowledges it.
 
-    Input.start()                         connect, subscribe, declare
+    Input.start()                         connect, subscribe, declare (or begin to: RabbitMQ's
+                                          connection is opened beside the loop, never in it)
     Input.poll(timeout, measures=True)    -> [Delivery]: records ready now (lifecycle only when
                                           measures is False), waiting at most `timeout` seconds
     Input.caught_up()                     lifecycle read to the end the source had at start

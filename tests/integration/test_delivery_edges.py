@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,7 +142,7 @@ def test_rabbitmq_consumer_cancelled_by_the_broker_is_resumed(monkeypatch: pytes
     source = RabbitInput(RabbitConfig(url=URL, queue_type="classic"), monotonic=lambda: now[0])
     source.start()
     broker.publish(b'{"first": 1}')
-    [delivery] = source.poll(0)
+    [delivery] = source.poll(5)  # the connection opened aside, then the delivery
     assert [r.value for r in delivery.records] == [b'{"first": 1}']
     delivery.ack()
 
@@ -151,7 +153,7 @@ def test_rabbitmq_consumer_cancelled_by_the_broker_is_resumed(monkeypatch: pytes
     got: list[bytes] = []
     for _ in range(20):  # a long while: backoffs are long past
         now[0] += 60.0
-        for d in source.poll(0):
+        for d in source.poll(1):
             got += [r.value for r in d.records]
             d.ack()
     assert got == [b'{"second": 2}'], (
@@ -170,11 +172,48 @@ def test_rabbitmq_health_tells_a_cancelled_consumer(monkeypatch: pytest.MonkeyPa
     broker.cancel_consumers()
     for _ in range(5):
         now[0] += 60.0
-        source.poll(0)
+        source.poll(1)
     status = source.status()
     # Either it consumes again (a new connection, consumer in place) or /health says it does not.
     consuming = broker.connections[-1].chan.consumer is not None
     assert consuming or status["degraded"], f"consumer gone, yet status is {status}"
+    source.close()
+
+
+def test_rabbitmq_connection_opened_after_close_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The connection is opened beside the loop: one that comes only after the input closed
+    (a shutdown while a slow broker answers) is closed, never left open and consuming."""
+    broker, release = FakeBroker(), threading.Event()
+
+    def slow(params: Any) -> FakeConnection:
+        release.wait(10)
+        return broker.connect(params)
+
+    monkeypatch.setattr(pika, "BlockingConnection", slow)
+    source = RabbitInput(RabbitConfig(url=URL, queue_type="classic"))
+    source.start()
+    assert source.poll(0.1) == []
+    assert not source.caught_up()  # the first attempt still going
+    source.close()
+    release.set()
+    deadline = time.monotonic() + 5
+    while not (broker.connections and not broker.connections[0].is_open) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [c.is_open for c in broker.connections] == [False]
+
+
+def test_rabbitmq_unexpected_error_while_connecting_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the broker's failures are retried: any other error of the attempt's thread (a bug)
+    is raised in the loop, as when it connected there, never swallowed with the thread."""
+
+    def broken(_params: Any) -> FakeConnection:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(pika, "BlockingConnection", broken)
+    source = RabbitInput(RabbitConfig(url=URL, queue_type="classic"))
+    source.start()
+    with pytest.raises(TypeError, match="a bug"):
+        source.poll(5)
     source.close()
 
 

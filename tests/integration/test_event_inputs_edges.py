@@ -73,11 +73,12 @@ def test_a_broker_that_never_answers_the_handshake_is_retried_not_fatal(silent_b
     rabbit = RabbitInput(RabbitConfig(url), monotonic=lambda: now[0])
     try:
         rabbit.start()
+        assert rabbit.poll(5) == []  # the attempt's outcome, waited for
         assert rabbit.connection is None
         assert "AMQPConnectorStackTimeout" in rabbit.last_error
         assert rabbit.caught_up()
         now[0] += 0.6
-        assert rabbit.poll(0) == []  # the next attempt, after the backoff: the same error
+        assert rabbit.poll(5) == []  # the next attempt, after the backoff: the same error
         assert rabbit._backoff == 2.0
         now[0] += 61
         degraded = rabbit.status()["degraded"]
@@ -100,7 +101,7 @@ def test_a_routing_key_that_is_not_utf8_neither_stops_nor_skips(rabbitmq_node: N
     feeder = Feeder(Collector(store, Settings(), Clock(T0 + HOUR)), [rabbit], Metrics(), tick_seconds=3600)
     try:
         feeder.start()
-        assert rabbit.connection is not None, rabbit.last_error
+        wait_for(lambda: feeder.step(timeout=0.2) or rabbit.connection is not None, 20, "connected")
         odd_key, odd = usage_event("VM.START", VM1, ACCT_A, T0)
         _, after = usage_event("VM.START", VM2, ACCT_A, T0)
         connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_node.url))

@@ -93,6 +93,8 @@ class Running:
         )
         self.errors: list[BaseException] = []
         self.feeder.start()  # the queue is declared and bound before anything is published
+        # (opened aside: start() does not wait; what the stream holds already is applied here)
+        wait_for(lambda: self.feeder.step(timeout=0.2) or self.input.connection is not None, 30, "connected")
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -109,6 +111,12 @@ class Running:
         self.feeder.close()
         assert not self.thread.is_alive()
         assert not self.errors
+
+
+def connected(rabbit: RabbitInput) -> None:
+    """Until the input's connection, opened aside (start() does not wait), is the loop's (before
+    anything is published: what a poll gets here is not applied)."""
+    wait_for(lambda: rabbit.poll(0.2) == [] and rabbit.connection is not None, 30, "connected")
 
 
 def test_routing_keys_are_cloudstacks() -> None:
@@ -187,6 +195,7 @@ def test_a_classic_queue_is_acknowledged_only_after_the_commit(rabbitmq_node: No
     sc = scenario()
     first = RabbitInput(cfg)
     first.start()
+    connected(first)
     publish(rabbitmq_node, cfg.exchange, [(routing_key(v), v) for _, v in sc.events])
     got: list[Record] = []
     wait_for(
@@ -202,6 +211,7 @@ def test_a_classic_queue_is_acknowledged_only_after_the_commit(rabbitmq_node: No
     assert feeder.totals.events == len(sc.events)
     third = RabbitInput(cfg)
     third.start()
+    connected(third)
     assert third.caught_up()  # acknowledged after the commit: gone from the queue
     assert third.poll(0.5) == []
     third.close()
@@ -298,6 +308,7 @@ def test_an_unreachable_broker_is_retried_with_backoff_and_reported_degraded() -
     port = free_port()  # nothing listens there
     rabbit = RabbitInput(RabbitConfig(f"amqp://guest:guest@127.0.0.1:{port}/%2F"), monotonic=lambda: now[0])
     rabbit.start()
+    assert rabbit.poll(5) == []  # the attempt's outcome, waited for
     assert rabbit.connection is None
     assert "AMQPConnectionError" in rabbit.last_error
     assert rabbit.status()["degraded"] == ""
@@ -307,7 +318,7 @@ def test_an_unreachable_broker_is_retried_with_backoff_and_reported_degraded() -
     assert rabbit.poll(0) == []  # before the backoff is over: no new attempt
     assert rabbit.last_error == ""
     now[0] += 0.6
-    assert rabbit.poll(0) == []  # after it: one more attempt, and the next wait doubles
+    assert rabbit.poll(5) == []  # after it: one more attempt, and the next wait doubles
     assert rabbit.last_error == first_error
     assert rabbit._backoff == 2.0
     now[0] += 61
@@ -322,6 +333,7 @@ def test_a_queue_declared_otherwise_is_a_clear_error_and_leaves_no_connection(ra
     connection.close()
     rabbit = RabbitInput(RabbitConfig(rabbitmq_node.url, cfg.exchange, cfg.queue, queue_type="stream"))
     rabbit.start()
+    assert rabbit.poll(5) == []
     assert rabbit.connection is None
     assert "PRECONDITION_FAILED" in rabbit.last_error
     assert "x-queue-type" in rabbit.last_error
