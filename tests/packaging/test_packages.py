@@ -184,18 +184,41 @@ def test_installed_from_debian_with_debian_libraries(root: DebianRoot) -> None:
     assert where.strip() == "/usr/lib/python3/dist-packages/kvmeter/collector/cli.py"
 
 
+def _each_daemon_reads_only_its_own_config(root: DebianRoot) -> None:
+    """The agent's user (on an exposed hypervisor) must not read the collector's database, Kafka
+    and API credentials, nor the collector's user the agent's: root:kvmeter and
+    root:kvmeter-collector 0640, and kvmeter-collector in no group kvmeter."""
+    assert root.stat("/etc/kvmeter/agent.toml") == "root:kvmeter 640"
+    assert root.stat("/etc/kvmeter/collector.toml") == "root:kvmeter-collector 640"
+    assert "kvmeter" not in root.ok("id", "-nG", "kvmeter-collector").split()
+    for user, own, other in (("kvmeter", "agent", "collector"), ("kvmeter-collector", "collector", "agent")):
+        root.ok("head", "-c1", f"/etc/kvmeter/{own}.toml", user=user)
+        denied = root.run("head", "-c1", f"/etc/kvmeter/{other}.toml", user=user)
+        assert denied.returncode != 0, (user, other, denied)
+        assert "Permission denied" in denied.stderr, (user, other, denied)
+
+
+def _old_layout(root: DebianRoot) -> None:
+    """What the earlier packages left: collector.toml root:kvmeter 0640 by the old postinst's stat
+    override, kvmeter-collector in group kvmeter by the old sysusers line."""
+    root.ok("dpkg-statoverride", "--remove", "/etc/kvmeter/collector.toml")
+    root.ok(
+        "dpkg-statoverride", "--update", "--add", "root", "kvmeter", "0640", "/etc/kvmeter/collector.toml"
+    )
+    root.ok("gpasswd", "-a", "kvmeter-collector", "kvmeter")
+    assert root.stat("/etc/kvmeter/collector.toml") == "root:kvmeter 640"
+
+
 def test_users_config_and_state_directories(root: DebianRoot) -> None:
     agent_groups = root.ok("id", "-nG", "kvmeter").split()
     collector_groups = root.ok("id", "-nG", "kvmeter-collector").split()
     assert "libvirt" not in agent_groups  # libvirt's read-only socket is open to all; the group manages
-    assert "kvmeter" in collector_groups
-    assert "libvirt" not in collector_groups
+    assert collector_groups == ["kvmeter-collector"]
+    _each_daemon_reads_only_its_own_config(root)
     assert root.ok("getent", "passwd", "kvmeter").split(":")[6].strip() in (
         "/usr/sbin/nologin",
         "/sbin/nologin",
     )
-    assert root.stat("/etc/kvmeter/agent.toml") == "root:kvmeter 640"
-    assert root.stat("/etc/kvmeter/collector.toml") == "root:kvmeter 640"
     assert root.stat("/var/lib/kvmeter/agent") == "kvmeter:kvmeter 750"
     assert root.stat("/var/lib/kvmeter/collector") == "kvmeter-collector:kvmeter-collector 750"
     conffiles = root.ok("dpkg-query", "-W", "-f", "${Conffiles}\n", "kvmeter-agent", "kvmeter-collector")
@@ -423,12 +446,34 @@ def _repack(deb: Path, out: Path, version: str) -> Path:
     return target
 
 
+def test_rpm_post_moves_the_old_layout(root: DebianRoot, dist: Path) -> None:
+    """An RPM upgrade keeps an edited collector.toml (noreplace) with its old owner, root:kvmeter,
+    and sysusers keeps kvmeter-collector in kvmeter: kvmeter-collector's %post must end with the
+    new layout. Run here on the Debian root brought to the old layout, as rpm runs it ($1 = 2)."""
+    scripts = _ok(_run(["rpm", "-qp", "--scripts", str(_rpm(dist, "kvmeter-collector"))]))
+    post = scripts.split("postinstall scriptlet (using /bin/sh):\n", 1)[1].split(
+        "\npreuninstall scriptlet", 1
+    )[0]
+    (root.path / "tmp/rpm-post.sh").write_text(post)
+    _old_layout(root)
+    root.ok("sh", "-e", "/tmp/rpm-post.sh", "2")
+    _each_daemon_reads_only_its_own_config(root)
+    root.ok("sh", "-e", "/tmp/rpm-post.sh", "2")  # again: nothing left to move
+    root.ok("chgrp", "adm", "/etc/kvmeter/collector.toml")  # an admin's own owner stays
+    root.ok("sh", "-e", "/tmp/rpm-post.sh", "2")
+    assert root.stat("/etc/kvmeter/collector.toml") == "root:adm 640"
+    root.ok("chgrp", "kvmeter-collector", "/etc/kvmeter/collector.toml")
+
+
 def test_upgrade_keeps_config_and_spool_purge_removes_data(
     root: DebianRoot, dist: Path, tmp_path: Path
 ) -> None:
     # Runs last: it upgrades, removes and purges the packages of the shared root.
     with (root.path / "etc/kvmeter/agent.toml").open("a") as f:
         f.write("\n# local change by the operator\n")
+    with (root.path / "etc/kvmeter/collector.toml").open("a") as f:
+        f.write("\n# local change by the operator\n")
+    _old_layout(root)  # installed by the earlier packages: each daemon could read the other's config
     (root.path / "var/lib/kvmeter/agent/spool-marker").write_text("undelivered")
     root.ok("chown", "kvmeter:kvmeter", "/var/lib/kvmeter/agent/spool-marker")
 
@@ -437,7 +482,10 @@ def test_upgrade_keeps_config_and_spool_purge_removes_data(
     assert root.ok("dpkg-query", "-W", "-f", "${Version}", "kvmeter-agent") == newer
     assert "# local change by the operator" in (root.path / "etc/kvmeter/agent.toml").read_text()
     assert (root.path / "var/lib/kvmeter/agent/spool-marker").read_text() == "undelivered"
-    assert root.stat("/etc/kvmeter/agent.toml") == "root:kvmeter 640"
+    assert "# local change by the operator" in (root.path / "etc/kvmeter/collector.toml").read_text()
+    _each_daemon_reads_only_its_own_config(root)
+    overrides = root.ok("dpkg-statoverride", "--list", "/etc/kvmeter/collector.toml").split()
+    assert overrides == ["root", "kvmeter-collector", "640", "/etc/kvmeter/collector.toml"]
 
     root.apt("remove", "-y", "kvmeter-agent", "kvmeter-collector")
     assert (root.path / "etc/kvmeter/agent.toml").exists()
@@ -488,6 +536,12 @@ def test_rpms_files_requirements_and_scriptlets(dist: Path) -> None:
 
     listing = query("kvmeter-agent", "--list", "-v")
     assert re.search(r"-rw-r-----\s+\d+\s+root\s+kvmeter\s.*/etc/kvmeter/agent.toml", listing), listing
+    # -v cuts owner names at 8 characters (kvmeter-): the full names from the header.
+    owners = query(
+        "kvmeter-collector", "--qf", "[%{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEMODES:perms} %{FILENAMES}\n]"
+    )
+    assert "root:kvmeter-collector -rw-r----- /etc/kvmeter/collector.toml" in owners.splitlines(), owners
+    assert "m kvmeter-collector kvmeter" not in query("kvmeter-collector", "--scripts")
     assert "/usr/lib/python3.9/site-packages/kvmeter/agent/cli.py" in listing
     assert "/usr/lib/systemd/system/kvmeter-agent.service" in listing
     assert "/usr/lib/python3.11/site-packages/kvmeter/collector/cli.py" in query(
