@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-import tomllib
 from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -39,12 +38,13 @@ from typing import Any
 from kvmeter.collector.billing.money import BYTE_UNITS
 from kvmeter.collector.billing.tariff import BYTE_TYPES, FOREVER_MS, Rate, Tariff, Tier
 from kvmeter.collector.model import ALLOCATED_VM, RUNNING_VM, USAGE_TYPE_NAMES
-from kvmeter.tomlconfig import ConfigError, schema_problems
+from kvmeter.tomlconfig import ConfigError, read_toml, schema_problems
 
 USAGE_TYPE_IDS = {name: ident for ident, name in USAGE_TYPE_NAMES.items()}
 VM_TYPES = frozenset({RUNNING_VM, ALLOCATED_VM})
 MAX_DECIMALS = 12
 _HOURLY = ("per_hour", "per_vcpu_hour", "per_gib_hour")
+_NAMES = ("usage_type", "traffic_type", "unit")  # looked up as dict or set keys: text only
 _ANY: dict[str, Any] = {}  # checked by _price / _instant, which say more than a schema can
 _ID = {"type": "string", "minLength": 1, "maxLength": 128}
 SCHEMA: dict[str, Any] = {
@@ -98,13 +98,7 @@ def load(path: str | Path, billable: Iterable[str] = ()) -> Tariff:
     """The tariff in `path`; billable: the traffic types the collector bills (each needs a rate
     for bytes sent and received)."""
     source = str(path)
-    try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError as exc:
-        raise TariffError(source, [f"cannot read: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise TariffError(source, [f"not valid TOML: {exc}"]) from None
+    doc = read_toml(path, TariffError)
     return from_dict(doc, source, billable)
 
 
@@ -112,17 +106,25 @@ def from_dict(doc: dict[str, Any], source: str = "tariff", billable: Iterable[st
     problems = schema_problems(SCHEMA, doc)
     rates: list[Rate] = []
     entries = doc.get("rate", [])
+    declared = [_named(e) for e in (entries if isinstance(entries, list) else []) if isinstance(e, dict)]
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
-        if isinstance(entry, dict) and entry.get("usage_type") in USAGE_TYPE_IDS:
-            rate = _rate(entry, f"rate.{i}", problems)
+        named = _named(entry) if isinstance(entry, dict) else {}
+        if named.get("usage_type") in USAGE_TYPE_IDS:
+            rate = _rate(named, f"rate.{i}", problems)
             if rate is not None:
                 rates.append(rate)
     problems += _overlaps(rates)
-    declared = [e for e in (entries if isinstance(entries, list) else []) if isinstance(e, dict)]
     problems += _coverage(declared, frozenset(billable))
     if problems:
         raise TariffError(source, problems)
     return Tariff(doc["currency"], int(doc.get("decimals", 6)), tuple(rates), source)
+
+
+def _named(entry: dict[str, Any]) -> dict[str, Any]:
+    """The entry less the names that are not text (the schema lists each): a list or table
+    where a name goes (traffic_type = ["public", "guest"]) is a problem listed, not a TypeError
+    when the name is looked up."""
+    return {k: v for k, v in entry.items() if k not in _NAMES or isinstance(v, str)}
 
 
 def _rate(entry: dict[str, Any], at: str, problems: list[str]) -> Rate | None:
@@ -227,7 +229,10 @@ def _tiers(entries: list[Any], unit_bytes: int, at: str, found: list[str]) -> tu
             continue
         if final:
             found.append(f"{at}.{i}: the last tier has no up_to (it prices the rest of the month)")
-        bound = _price(tier["up_to"], f"{at}.{i}.up_to", found) * unit_bytes
+        up_to = _price(tier["up_to"], f"{at}.{i}.up_to", found)
+        if not up_to.is_finite():  # "inf", "NaN": listed by _price, and no number of bytes
+            continue
+        bound = up_to * unit_bytes
         if bound != bound.to_integral_value():
             found.append(f"{at}.{i}.up_to: {tier['up_to']} units is not a whole number of bytes")
         elif int(bound) <= last:

@@ -26,19 +26,21 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file as a dict, or ConfigError saying why not (a missing file is an error: the
+def read_toml(path: str | Path, error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A TOML file as a dict, or `error` saying why not (a missing file is an error: the
     operator named it)."""
     source = str(path)
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(source, ["file not found (cannot read it)"]) from None
+        raise error(source, ["file not found (cannot read it)"]) from None
     except OSError as exc:
-        raise ConfigError(source, [f"cannot read: {exc.strerror}"]) from None
+        raise error(source, [f"cannot read: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+        raise error(source, [f"not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8: a "€" in a comment saved as cp1252, say
+        raise error(source, [f"not valid TOML: not UTF-8 ({exc.reason} at byte {exc.start})"]) from None
 
 
 def where(path: Any) -> str:
