@@ -243,7 +243,12 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     type=_FILE,
     help="Measure batches (protobuf or JSON; repeatable).",
 )
-@click.option("--config", "config_path", default=None, help="Take usage settings from this collector config.")
+@click.option(
+    "--config",
+    "config_path",
+    default=None,
+    help="Take usage settings, [handoff] and [billing] from this config.",
+)
 @click.option("--window-seconds", type=int, default=None, help="Usage window (default 3600 or the config's).")
 @click.option(  # as the config's grace_seconds: a negative one would finalize windows still open
     "--grace-seconds", type=click.IntRange(min=0), default=None, help="Grace before a window is final."
@@ -267,7 +272,8 @@ def ingest(
 
     if not events and not measures:
         raise click.UsageError("nothing to ingest: give --events and/or --measures")
-    settings = _load_config(config_path).settings
+    cfg = _load_config(config_path)
+    settings = cfg.settings
     overrides: dict[str, object] = {}
     if window_seconds is not None:
         overrides["window_ms"] = window_seconds * 1000
@@ -283,7 +289,15 @@ def ingest(
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--now") from None
         clock = lambda: fixed  # noqa: E731
-    store = _open_store(db_url)
+    # As `kvmeter collector` opens it under this config: with [handoff], what ingest finalizes
+    # or adjusts is handed off to billing too, priced under [billing].
+    store, _tariffs = _open_config_store(cfg, db_url)
+    if not store.outbox and store.outbox_used():
+        store.close()
+        raise click.ClickException(
+            f"{shown_url(db_url)} hands usage off to billing ([handoff]): give --config with the"
+            " collector's file, so what ingest finalizes or adjusts is handed off too"
+        )
     try:
         service = Collector(store, settings, clock)
     except BadInput as exc:

@@ -185,3 +185,9 @@ class Outbox(StoreCore):
                 sa.select(sa.func.count(), sa.func.min(ob.created_ms)).where(ob.sent_ms.is_(None))
             ).one()
         return int(row[0]), (None if row[1] is None else int(row[1]))
+
+    def outbox_used(self) -> bool:
+        """Whether the store has ever had items to hand off (kept until retention prunes them): a
+        collector with [handoff] runs on it, so whatever finalizes or adjusts must add items."""
+        with self.read() as conn:
+            return conn.execute(sa.select(handoff_outbox.c.id).limit(1)).first() is not None

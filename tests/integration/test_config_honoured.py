@@ -1,12 +1,14 @@
 """Settings honoured as documented, through the loaders the commands use: `kvmeter dead-letters
-retry` under a config with [handoff] hands off what it adjusts; the all-in-one's SIGHUP takes
-the tariff file its config names now; the hand-off's producer stays idempotent with acks=all
-whatever kafka_options say; [api] token and token_file exclude each other; the sample
-collector.toml shows the defaults."""
+retry` and `kvmeter ingest` under a config with [handoff] hand off what they adjust or
+finalize; the all-in-one's SIGHUP takes the tariff file its config names now; the hand-off's
+producer stays idempotent with acks=all whatever kafka_options say; [api] token and token_file
+exclude each other; the sample collector.toml shows the defaults."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from click.testing import CliRunner
 
 from kvmeter.collector.model import DeadLetter, Record, Settings
 from kvmeter.collector.redrive import RESOLVED, Redriver
-from kvmeter.collector.schema import handoff_outbox, usage_adjustments
+from kvmeter.collector.schema import handoff_outbox, usage_adjustments, usage_records
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import ACCT_A, HOUR, T0, VM1, Clock, M, Stream, usage_event
@@ -98,6 +100,60 @@ def test_dead_letters_retry_with_handoff_config_hands_off_its_adjustment(tmp_pat
     adjustments, handed_off = _outbox_adjustments(db)
     assert adjustments == 1  # the late bytes did adjust the final window
     assert handed_off == 1, "the adjustment was made but never written to the [handoff] outbox"
+
+
+def test_ingest_with_a_handoff_config_hands_off_what_it_finalizes_and_refuses_without_it(
+    tmp_path: Path,
+) -> None:
+    """`kvmeter ingest --config collector.toml` opens the store as `kvmeter collector` does: with
+    [handoff], the windows it makes final are items in the outbox (they were made final and never
+    handed off, billed to no one). On a store that hands off, ingest without that config is
+    refused, the store left as it was."""
+    from tests.integration.test_ingest import write_inputs
+
+    events, measures = write_inputs(tmp_path, json_measures=True, bad=False)
+    db = tmp_path / "usage.db"
+    cfg = tmp_path / "collector.toml"
+    cfg.write_text(
+        f'[store]\nurl = "sqlite:///{db}"\n\n[handoff]\nwebhook_url = "http://127.0.0.1:9/items"\n'
+    )
+    run = [
+        sys.executable,
+        "-m",
+        "kvmeter",
+        "ingest",
+        "--db",
+        f"sqlite:///{db}",
+        "--now",
+        "2024-05-14T14:00:00Z",
+    ]
+    done = subprocess.run(
+        [*run, "--config", str(cfg), "--events", str(events), "--measures", str(measures)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    store = Store(f"sqlite:///{db}")
+    try:
+        with store.read() as conn:
+            items = conn.execute(sa.select(sa.func.count()).select_from(handoff_outbox)).scalar_one()
+            records = conn.execute(sa.select(sa.func.count()).select_from(usage_records)).scalar_one()
+    finally:
+        store.close()
+    assert items > 0, "ingest made windows final and handed none of them off"
+    refused = subprocess.run(
+        [*run, "--events", str(events)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "--config" in refused.stderr, refused.stderr
+    assert "[handoff]" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
+    store = Store(f"sqlite:///{db}")
+    try:
+        with store.read() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(handoff_outbox)).scalar_one() == items
+            assert conn.execute(sa.select(sa.func.count()).select_from(usage_records)).scalar_one() == records
+    finally:
+        store.close()
 
 
 # -- the all-in-one's SIGHUP reload of [billing] tariff_file ---------------------------------------
