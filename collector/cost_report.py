@@ -11,6 +11,7 @@ from typing import Any
 
 from kvmeter.collector import csv_text
 from kvmeter.collector.billing import MonthCosts
+from kvmeter.collector.billing.costs import CostLine
 from kvmeter.collector.billing.money import as_text as money
 from kvmeter.collector.billing.rating import RatedItem
 from kvmeter.collector.billing.tariff import BYTE_TYPES
@@ -65,19 +66,7 @@ def costs_dict(month: MonthCosts, *, items: bool = False) -> dict[str, Any]:
             {**_type(t), "cost": money(cost), "projected": money(projected)}
             for t, (cost, projected) in month.by_usage_type().items()
         ],
-        "lines": [
-            {
-                **_type(line.usage_type),
-                "resource": line.resource,
-                "detail": line.detail,
-                "quantity": line.quantity,
-                "unit": _unit(line.usage_type),
-                "cost": money(line.cost),
-                "projected": money(line.projected),
-                "unpriced": line.unpriced,
-            }
-            for line in month.lines
-        ],
+        "lines": [_line(line) for line in month.lines],
         "unpriced": [item_dict(r) for r in month.unpriced],
     }
     if items:
@@ -99,20 +88,27 @@ def document(months: Sequence[MonthCosts], currency: str, start_ms: int, end_ms:
     }
 
 
+def _line(line: CostLine) -> dict[str, Any]:
+    """A month's line as the JSON document and the CSV give it."""
+    return {
+        **_type(line.usage_type),
+        "resource": line.resource,
+        "detail": line.detail,
+        "quantity": line.quantity,
+        "unit": _unit(line.usage_type),
+        "cost": money(line.cost),
+        "projected": money(line.projected),
+        "unpriced": line.unpriced,
+    }
+
+
 def render_csv(months: Sequence[MonthCosts]) -> str:
     rows = (
         {
             "account": month.account,
             "month": month_text(month.start_ms),
             "currency": month.currency,
-            **_type(line.usage_type),
-            "resource": line.resource,
-            "detail": line.detail,
-            "quantity": line.quantity,
-            "unit": _unit(line.usage_type),
-            "cost": money(line.cost),
-            "projected": money(line.projected),
-            "unpriced": line.unpriced,
+            **_line(line),
         }
         for month in months
         for line in month.lines

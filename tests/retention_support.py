@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.reconcile import Correction
 from kvmeter.collector.retention import DAY_MS, RetentionPolicy
-from kvmeter.collector.schema import handoff_outbox
+from kvmeter.collector.schema import handoff_outbox, lifecycle_events
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store
+from kvmeter.collector.store import Store, reconciliation
 from tests.collector_support import (
     ACCT_A,
     ACCT_B,
@@ -230,3 +231,28 @@ def add_outbox(store: Store) -> None:
 def outbox_ids(store: Store) -> set[str]:
     with store.read() as conn:
         return {r[0] for r in conn.execute(sa.select(handoff_outbox.c.transaction_id))}
+
+
+def stored_event_id(store: Store, resource: str) -> str:
+    with store.read() as conn:
+        ev = lifecycle_events.c
+        return str(conn.execute(sa.select(ev.event_id).where(ev.resource_uuid == resource).limit(1)).scalar())
+
+
+def correct_a_pruned_and_a_kept_event(store: Store) -> None:
+    """The reconciler's rows: one correction of VM1's stored event (a month's pass prunes VM1's
+    events), one of VM2's (kept)."""
+    with store.write() as conn:
+        corrected = [(stored_event_id(store, VM1), VM1), (stored_event_id(store, VM2), VM2)]
+        reconciliation.save_corrections(
+            conn,
+            [
+                Correction(r, "VirtualMachine", "VM.STOP", T0, ACCT_A, "test", details=())
+                for _, r in corrected
+            ],
+            T0,
+        )
+        conn.execute(
+            sa.text("UPDATE corrections SET event_id = :e WHERE resource = :r"),
+            [{"e": e, "r": r} for e, r in corrected],
+        )

@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -17,20 +17,29 @@ from prometheus_client import CollectorRegistry
 from kvmeter.collector.balance_watch import AlertWebhook
 from kvmeter.collector.balances import Crossing
 from kvmeter.collector.config_handoff import HandoffConfig
-from kvmeter.collector.model import Record, Settings, UsageKey
+from kvmeter.collector.model import Record, Settings
 from kvmeter.collector.outbox_relay import HandoffMetrics, Relay
 from kvmeter.collector.policy import BillingPolicy
 from kvmeter.collector.policy_change import put_in_force, put_in_force_at_start
 from kvmeter.collector.prune import Pruner
 from kvmeter.collector.reconcile import Correction
 from kvmeter.collector.retention import DAY_MS
-from kvmeter.collector.schema import handoff_outbox, lifecycle_events
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store, reconciliation
 from kvmeter.collector.store import credits as stored
-from tests.collector_support import ACCT_A, HOUR, MIN, T0, VM1, VM2, VM3, Clock, usage_event
+from tests.collector_support import ACCT_A, HOUR, MIN, T0, VM1, VM3, Clock, usage_event
 from tests.harness.http_receiver import serving
-from tests.retention_support import POLICY, add_outbox, event_resources, feed, month, row_counts
+from tests.integration.test_handoff_edges import filled, outbox
+from tests.retention_support import (
+    POLICY,
+    add_outbox,
+    correct_a_pruned_and_a_kept_event,
+    event_resources,
+    feed,
+    month,
+    row_counts,
+    stored_event_id,
+)
 
 TRICKLE_S = 5.0  # how long the trickling receiver holds each POST
 TIMEOUT_S = 1.0  # the configured timeout: a POST is over within it
@@ -79,29 +88,13 @@ class Prompt(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def _outbox_store(tmp_path: Path, n: int) -> Store:
-    store = Store(f"sqlite:///{tmp_path}/usage.db", outbox=True)
-    store.migrate()
-    keys = [UsageKey(f"acct-{a:03d}", 4, VM1, "", "public", T0, T0 + HOUR) for a in range(n)]
-    with store.write() as conn:
-        store.add_bytes(conn, {k: 1000 + i for i, k in enumerate(keys)}, {}, 0, 1)
-    with store.write() as conn:
-        store.finalize(conn, T0 + HOUR, 2)
-    return store
-
-
-def _outbox(store: Store) -> list[dict[str, Any]]:
-    with store.read() as conn:
-        return [dict(r._mapping) for r in conn.execute(handoff_outbox.select().order_by(handoff_outbox.c.id))]
-
-
 def test_a_trickling_handoff_receiver_cannot_hold_a_round_past_its_timeout(tmp_path: Path) -> None:
     """[handoff] timeout_seconds bounds a POST as a whole: a receiver trickling its answer (a
     byte every 0.2 s, within any per-read timeout) makes the POST fail after timeout_seconds,
     so a round with 2 attempts is over in about 2 timeouts, and the item is not marked sent: it
     waits for the next round and is then delivered once, under the same transaction id (the
     POST lasted as long as the receiver liked, holding the round and its lease)."""
-    store = _outbox_store(tmp_path, 1)
+    store = filled(tmp_path, 1)
     cfg = HandoffConfig(retry_attempts=2, retry_initial_s=0.01, retry_max_s=0.02, timeout_s=TIMEOUT_S)
     with serving(trickling(), "/items") as url:
         relay = Relay(store, replace(cfg, webhook_url=url), HandoffMetrics(CollectorRegistry(), store))
@@ -110,7 +103,7 @@ def test_a_trickling_handoff_receiver_cannot_hold_a_round_past_its_timeout(tmp_p
         took = time.monotonic() - started
     assert took < 2 * TIMEOUT_S + 1.5, f"the round took {took:.1f} s with timeout_seconds = {TIMEOUT_S}"
     assert (claimed, ok) == (1, False)
-    row = _outbox(store)[0]
+    row = outbox(store)[0]
     assert (row["webhook_sent_ms"], row["claimed_until_ms"]) == (None, None)
     assert row["last_error"]
     Prompt.posts = []
@@ -118,7 +111,7 @@ def test_a_trickling_handoff_receiver_cannot_hold_a_round_past_its_timeout(tmp_p
         relay = Relay(store, replace(cfg, webhook_url=url), HandoffMetrics(CollectorRegistry(), store))
         assert relay.round() == (1, True)
     assert Prompt.posts == [row["transaction_id"]]
-    assert _outbox(store)[0]["webhook_sent_ms"] is not None
+    assert outbox(store)[0]["webhook_sent_ms"] is not None
 
 
 def test_a_trickling_balance_webhook_cannot_hold_a_delivery_past_its_timeout(tmp_path: Path) -> None:
@@ -148,12 +141,6 @@ def test_a_trickling_balance_webhook_cannot_hold_a_delivery_past_its_timeout(tmp
     store.close()
 
 
-def _stored_event_id(store: Store, resource: str) -> str:
-    with store.read() as conn:
-        ev = lifecycle_events.c
-        return str(conn.execute(sa.select(ev.event_id).where(ev.resource_uuid == resource).limit(1)).scalar())
-
-
 def test_a_dry_run_counts_the_corrections_a_pass_deletes(tmp_path: Path) -> None:
     """`kvmeter prune --dry-run` (Pruner.run(dry_run=True)) reports exactly what a pass then
     deletes: a reconciliation correction whose event goes in the same pass (VM1's history is
@@ -164,20 +151,7 @@ def test_a_dry_run_counts_the_corrections_a_pass_deletes(tmp_path: Path) -> None
     clock = Clock(T0)
     feed(store, clock, month())
     add_outbox(store)
-    with store.write() as conn:  # one correction of an event that goes, one of an event that stays
-        corrected = [(_stored_event_id(store, VM1), VM1), (_stored_event_id(store, VM2), VM2)]
-        reconciliation.save_corrections(
-            conn,
-            [
-                Correction(r, "VirtualMachine", "VM.STOP", T0, ACCT_A, "test", details=())
-                for _, r in corrected
-            ],
-            T0,
-        )
-        conn.execute(
-            sa.text("UPDATE corrections SET event_id = :e WHERE resource = :r"),
-            [{"e": e, "r": r} for e, r in corrected],
-        )
+    correct_a_pruned_and_a_kept_event(store)
     policy = dataclasses.replace(POLICY, dead_letters_open_ms=DAY_MS, usage_ms=7 * DAY_MS)
     before = row_counts(store)
     dry = Pruner(store, policy, clock).run(dry_run=True)
@@ -202,7 +176,7 @@ def test_a_dry_run_counts_the_events_a_pass_frees_of_parked_measures(tmp_path: P
         reconciliation.save_corrections(
             conn, [Correction(VM1, "VirtualMachine", "VM.STOP", T0, ACCT_A, "test", details=())], T0
         )
-        conn.execute(sa.text("UPDATE corrections SET event_id = :e"), {"e": _stored_event_id(store, VM1)})
+        conn.execute(sa.text("UPDATE corrections SET event_id = :e"), {"e": stored_event_id(store, VM1)})
     before = row_counts(store)
     dry = Pruner(store, POLICY, clock).run(dry_run=True)
     real = Pruner(store, POLICY, clock).run()

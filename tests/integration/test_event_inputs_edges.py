@@ -4,14 +4,10 @@ RabbitMQ broker that never finishes the handshake, a routing key that is not UTF
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pika
-import pytest
 
 from kvmeter.collector.config import RabbitConfig
 from kvmeter.collector.feed import Feeder
@@ -41,27 +37,6 @@ def test_a_rotated_events_file_is_read_to_its_end_before_the_new_one(tmp_path: P
         assert [r.value for r in feed.read_new()] == [b'{"b": 2}', b'{"c": 3}']
     finally:
         feed.close()
-
-
-@pytest.fixture
-def silent_broker() -> Iterator[int]:
-    """A port that accepts TCP connections and never answers: a RabbitMQ node still booting or
-    overloaded, a load balancer whose backend is down."""
-    server = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        try:
-            while True:
-                held.append(server.accept()[0])
-        except OSError:
-            pass
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-    for conn in held:
-        conn.close()
 
 
 def test_a_broker_that_never_answers_the_handshake_is_retried_not_fatal(silent_broker: int) -> None:

@@ -5,14 +5,10 @@ and that wait must not hold the collector's loop (Kafka's measures, the tick, SI
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from kvmeter.collector.config import RabbitConfig
 from kvmeter.collector.feed import Feeder
@@ -23,26 +19,6 @@ from kvmeter.collector.model import Outcome, Record, Settings
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, MIN, T0, Clock, M, Stream, wait_for
-
-
-@pytest.fixture
-def silent_broker() -> Iterator[int]:
-    """A port that accepts TCP connections and never answers."""
-    server = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        try:
-            while True:
-                held.append(server.accept()[0])
-        except OSError:
-            pass
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield server.getsockname()[1]
-    server.close()
-    for conn in held:  # pika's attempt, still waiting, ends now
-        conn.close()
 
 
 class OneBatch:

@@ -17,7 +17,7 @@ from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Record
 from kvmeter.collector.prune import PRUNE_LOCK, Busy, PruneJob, Pruner
 from kvmeter.collector.rebuild import rebuild
-from kvmeter.collector.reconcile import Correction, Witness
+from kvmeter.collector.reconcile import Witness
 from kvmeter.collector.retention import DAY_MS
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store, lifecycle_events, reconciliation
@@ -28,7 +28,6 @@ from tests.collector_support import (
     IP1,
     MIN,
     T0,
-    VM1,
     VM2,
     Clock,
     M,
@@ -43,6 +42,7 @@ from tests.retention_support import (
     VM5,
     VM6,
     add_outbox,
+    correct_a_pruned_and_a_kept_event,
     event_resources,
     feed,
     month,
@@ -59,30 +59,12 @@ def fed(store: Store) -> tuple[Store, Collector, Clock]:
     return store, collector, clock
 
 
-def _stored_event_id(store: Store, resource: str) -> str:
-    with store.read() as conn:
-        ev = lifecycle_events.c
-        return str(conn.execute(sa.select(ev.event_id).where(ev.resource_uuid == resource).limit(1)).scalar())
-
-
 def test_a_month_on_nothing_still_needed_is_pruned_and_usage_stays_as_billed(
     fed: tuple[Store, Collector, Clock],
 ) -> None:
     store, collector, clock = fed
-    with store.write() as conn:  # the reconciler's rows: one for an event that goes, one that stays
-        corrected = [(_stored_event_id(store, VM1), VM1), (_stored_event_id(store, VM2), VM2)]
-        reconciliation.save_corrections(
-            conn,
-            [
-                Correction(r, "VirtualMachine", "VM.STOP", T0, ACCT_A, "test", details=())
-                for _, r in corrected
-            ],
-            T0,
-        )
-        conn.execute(
-            sa.text("UPDATE corrections SET event_id = :e WHERE resource = :r"),
-            [{"e": e, "r": r} for e, r in corrected],
-        )
+    correct_a_pruned_and_a_kept_event(store)
+    with store.write() as conn:  # the reconciler's witnesses: a domain gone, one up
         reconciliation.save_witness(conn, {"gone": Witness(False, T0), "up": Witness(True, T0)})
     billed = store.net_usage()
     before = row_counts(store)
