@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 
 from flask import Flask, Response, request
 from sqlalchemy.engine import Connection
@@ -79,6 +80,7 @@ def _list_usage_records(
     with store.read() as conn:  # one read: count and page agree
         directory = directories.get(conn)
         principal = current_principal()
+        req = known_case(req, directory, lambda account: account_has_usage(conn, account))
         if principal.accounts is None:  # a scoped caller gets 531 for whatever is not its own
             refuse_unknown(req, directory, lambda account: account_has_usage(conn, account))
         flt = UsageFilter(
@@ -88,6 +90,7 @@ def _list_usage_records(
             accounts=visible_accounts(req, principal, directory),
             usage_type=req.usage_type,
             resource=req.usage_id,
+            resource_any_case=True,  # CloudStack finds a resource by its uuid in any case
             keyword=req.keyword,
             attributed_only=True,  # bytes no account owns are no CloudStack account's usage
         )
@@ -128,8 +131,12 @@ def visible_accounts(
             or directory.is_subdomain(req.domain_id, principal.domains)
             or any(directory.owner(a).domain_id == req.domain_id for a in visible or ())
         )
-        recursive = req.recursive and req.account_id is None and req.project_id is None
+        # With accountid or projectid, CloudStack's answer is that account's records in the
+        # domain's tree: kvmeter keeps to the domain alone when it lacks the tree
+        recursive = req.recursive
         found = directory.accounts_in_domain(req.domain_id, recursive=recursive)
+        if found is None and (req.account_id is not None or req.project_id is not None):
+            found = directory.accounts_in_domain(req.domain_id)
         if found is None and visible is not None and not named_own:
             # 531 before the domain's path is looked at: whether it exists or not
             raise _denied("Invalid Domain Id or Account")
@@ -144,6 +151,12 @@ def visible_accounts(
         own_domain = named_own or (in_domain and visible and in_domain <= visible)
         if visible is not None and not own_domain:
             raise _denied("Invalid Domain Id or Account")
+        if recursive and req.account_name is not None and req.account_id is None and req.project_id is None:
+            # CloudStack (UsageServiceImpl.getUsageRecords): the name must find an account in the
+            # domain, and then isrecursive lists the domain's whole tree, not that account
+            if visible is not None and not requested & visible:
+                raise _denied("Users are only allowed to list usage records for their own account.")
+            requested = in_domain if requested else frozenset()
     if visible is None:
         return requested
     if req.recursive and not principal.domains:
@@ -180,6 +193,22 @@ def refuse_unknown(
         named = directory.accounts_named(req.account_name, req.domain_id)
         if not named and (req.domain_id is not None or not exists(req.account_name)):
             raise unknown_account(req.account_name, req.domain_id)
+
+
+def known_case(
+    req: UsageRecordsRequest, directory: OwnerDirectory, has_usage: Callable[[str], bool]
+) -> UsageRecordsRequest:
+    """accountid and domainid as kvmeter keeps them when given in another case: CloudStack's
+    uuid columns compare without case (and are unique so), so it finds them. The same account
+    or domain, never another: what the caller may see is decided after."""
+    account_id, domain_id = req.account_id, req.domain_id
+    if account_id is not None and not directory.knows_account(account_id) and not has_usage(account_id):
+        account_id = directory.known_id(account_id)
+        if account_id == req.account_id and has_usage(account_id.lower()):  # records only
+            account_id = account_id.lower()
+    if domain_id is not None:
+        domain_id = directory.known_id(domain_id, domain=True)
+    return replace(req, account_id=account_id, domain_id=domain_id)
 
 
 class _DirectoryCache:

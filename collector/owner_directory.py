@@ -134,11 +134,25 @@ class OwnerDirectory:
         return domain_id in self.domain_paths or any(o.domain_id == domain_id for o in self.owners.values())
 
     def accounts_named(self, name: str, domain_id: str | None = None) -> frozenset[str]:
+        """Any case, as CloudStack's lookup (account_name under a case-insensitive MySQL
+        collation; a domain never holds two live accounts whose names differ only by case)."""
+        folded = name.casefold()
         return frozenset(
             a
             for a, o in self.owners.items()
-            if o.account_name == name and (domain_id is None or o.domain_id == domain_id)
+            if o.account_name.casefold() == folded and (domain_id is None or o.domain_id == domain_id)
         )
+
+    def known_id(self, uuid: str, *, domain: bool = False) -> str:
+        """The account (domain: the domain) uuid as kvmeter knows it, for one given in another
+        case (CloudStack's uuid columns compare without case and are unique so); else as given."""
+        known = set(self.owners)
+        if domain:
+            known = {*self.domain_paths, *(o.domain_id for o in self.owners.values())}
+        if uuid in known:
+            return uuid
+        folded = uuid.casefold()
+        return next((k for k in known if k and k.casefold() == folded), uuid)
 
     def accounts_in_domain(self, domain_id: str, *, recursive: bool = False) -> frozenset[str] | None:
         """The domain's accounts; recursive: its subdomains' too (None when the domain's path,
@@ -166,7 +180,8 @@ class OwnerDirectory:
         return path is not None and any(top is not None and path.startswith(top + "/") for top in tops)
 
     def accounts_of_project(self, project_id: str) -> frozenset[str]:
-        return frozenset(a for a, o in self.owners.items() if o.project_id == project_id)
+        folded = project_id.casefold()  # a uuid: any case, as CloudStack's lookup
+        return frozenset(a for a, o in self.owners.items() if o.project_id.casefold() == folded)
 
     def _by_domain(self) -> dict[str, frozenset[str]]:
         grouped: dict[str, set[str]] = defaultdict(set)

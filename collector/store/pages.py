@@ -41,6 +41,7 @@ class UsageFilter:
     accounts: frozenset[str] | None = None
     usage_type: int | None = None
     resource: str | None = None
+    resource_any_case: bool = False  # resource as given, in lower or in upper case
     keyword: str | None = None
     attributed_only: bool = False
 
@@ -141,7 +142,9 @@ def _conditions(flt: UsageFilter) -> list[Any]:
         conds.append(rec.account != UNATTRIBUTED)
     if flt.usage_type is not None:
         conds.append(rec.usage_type == flt.usage_type)
-    if flt.resource is not None:
+    if flt.resource is not None and flt.resource_any_case:  # uuids are stored in one case
+        conds.append(rec.resource.in_(sorted({flt.resource, flt.resource.lower(), flt.resource.upper()})))
+    elif flt.resource is not None:
         conds.append(rec.resource == flt.resource)
     if flt.keyword:
         escaped = flt.keyword.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
