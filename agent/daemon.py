@@ -154,7 +154,7 @@ class Agent(Measuring):
         self._events: queue.SimpleQueue[StampedEvent] = queue.SimpleQueue()  # C-level get: a storm's hundreds
         self._carry: list[StampedEvent] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
-        self._handover, self._retired = {}, {}
+        self._handover, self._retired, self._waiting = {}, {}, {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
         self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted
@@ -270,7 +270,7 @@ class Agent(Measuring):
                 return events
 
     def _poll(self, events: list[StampedEvent], *, final: bool, dry_run: bool) -> list[bytes]:
-        plan, now_ms, steady, deltas = self._measure(events)
+        plan, now_ms, steady, deltas = self._measure(events, final=final)
         first_seq = self.seq + 1
         header_bytes = len(self._header(first_seq, now_ms, final=final).SerializeToString())
         room = self.config.batch_bytes - header_bytes - 16  # for records in one batch

@@ -76,6 +76,10 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         # "new" link events seen while running -> polls since (the event may precede the read)
         self._created: dict[CounterKey, int] = {}
         self._closed: set[CounterKey] = set()  # keys finished by a final sample
+        # Untracked keys not read this poll: a closed key born again (the same name and
+        # ifindex), or one the agent holds (ownership: its owner not known yet). Each counts
+        # from zero at a later poll, under the attribution known by then.
+        self._held: set[CounterKey] = set()
         self._last_poll: tuple[int, int] | None = None  # (wall ms, mono ms) of the last poll
         self._fresh = True  # no poll yet and no saved state
         # The last `present` frozenset and its key set: a caller that passes the same frozenset
@@ -96,6 +100,17 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         born = self.untracked(compress(keys, map(eq, map(_BOOT_ID, keys), repeat(self.boot_id))))
         self._created.update(dict.fromkeys(born, 0))
         self._preexisting -= born
+        if self._closed and not self._closed.isdisjoint(born):
+            # A link born again under a key its deleted incarnation closed (the kernel gave the
+            # new tap the old one's ifindex): a new counter, counted from zero from the next
+            # poll on; this poll's reading may still be the old incarnation's.
+            reborn = self._closed & born
+            self._closed -= reborn
+            self._held |= reborn
+
+    def hold(self, keys: Iterable[CounterKey]) -> None:
+        """Leave these untracked counters unread this poll: they count from zero later."""
+        self._held.update(self.untracked(keys))
 
     def renamed(self, old: CounterKey, new: CounterKey) -> None:
         """A link renamed (the same device and kernel counters, under a new name): its counter
@@ -185,6 +200,8 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
                 continue  # another boot's counter: not ours to account
             elif self._closed and key in self._closed:
                 continue  # a reading older than the final sample that closed it
+            elif self._held and key in self._held:
+                continue  # counted from zero at a later poll (see _held)
             else:
                 if tracked_names is None:
                     tracked_names = {k.name: k for k in counters}
@@ -330,6 +347,7 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         # Closed, created and pre-existing keys only matter while the link exists.
         if self._closed:
             self._closed &= present
+        self._held = set()  # for one poll
         if self._preexisting:
             self._preexisting &= present
         for key in list(self._created):

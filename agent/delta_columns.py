@@ -33,6 +33,7 @@ class ColumnPolls:
     _counters: dict[CounterKey, CounterRow]
     _created: dict[CounterKey, int]
     _closed: set[CounterKey]
+    _held: set[CounterKey]
     _preexisting: set[CounterKey]
     _last_poll: tuple[int, int] | None
     _steady: SteadyColumns | None  # more tracked counters, as columns
@@ -287,6 +288,8 @@ class ColumnPolls:
         if last is None or min(last[0], now_ms) != old.start or last[1] != old.mono_ms:
             return []  # not the steady counters' interval (a clock step): by rows
         boot_id, closed, preexisting, created = self.boot_id, self._closed, self._preexisting, self._created
+        if self._held:  # not read this poll, as closed ones
+            closed = closed | self._held
         at = list(compress(missing, map(eq, map(pos.__getitem__, missing), repeat(old.unknown))))
         candidates = list(map(after.__getitem__, at))
         names = list(map(_NAME, candidates))

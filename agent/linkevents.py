@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord
-from kvmeter.agent.rtnl import LinkFields, decode_link_message, link_fields
+from kvmeter.agent.rtnl import LinkFields, decode_link_message, link_fields, mac_text
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def parse_link_message(msg: Any) -> LinkRecord:
         vlan_id=vlan_id,
         vxlan_vni=vxlan_vni,
         stats=stats,
+        address=msg.get_attr("IFLA_ADDRESS") or None,
     )
 
 
@@ -80,6 +81,7 @@ def _record(f: LinkFields) -> LinkRecord:
         vlan_id=f.vlan_id,
         vxlan_vni=f.vxlan_vni,
         stats=f.stats,
+        address=mac_text(f.address) if f.address else None,
     )
 
 

@@ -64,6 +64,7 @@ class LinkRecord:
     vlan_id: int | None = None
     vxlan_vni: int | None = None
     stats: Stats | None = None
+    address: str | None = None  # IFLA_ADDRESS, aa:bb:cc:dd:ee:ff (a tap's MAC)
 
 
 class LinkTable:
@@ -163,6 +164,11 @@ class LinkTable:
     def record(self, ifname: str) -> LinkRecord | None:
         index = self._by_name.get(ifname)
         return self._links.get(index) if index is not None else None
+
+    def address(self, ifname: str, ifindex: int) -> str | None:
+        """The link's MAC as its last link message gave it (None: not that link, or none given)."""
+        record = self.record(ifname)
+        return record.address if record is not None and record.ifindex == ifindex else None
 
     def placement(self, ifname: str) -> LinkPlacement:
         """Bridge = the link's master; uplink = that bridge's VLAN or VXLAN port (lowest ifindex

@@ -24,6 +24,8 @@ from kvmeter.agent.plan import PollPlan
 from kvmeter.agent.sources import CounterSource, Owned
 
 log = logging.getLogger(__name__)
+# Polls a new tap waits for libvirt to say whose it is (a minute at the default poll interval)
+WAIT_POLLS = 6
 _IFNAME = attrgetter("ifname")
 _IFINDEX = attrgetter("ifindex")
 _KIND = attrgetter("kind")
@@ -88,8 +90,12 @@ class Measuring(Ownership):
     _table: KernelTable
     _wall: Callable[[], float]
     _mono: Callable[[], float]
+    # New taps left unread (see _hold_unowned): the NIC that claims them, polls waited
+    _waiting: dict[CounterKey, tuple[NicInfo, int]]
 
-    def _measure(self, events: list[StampedEvent]) -> tuple[PollPlan, int, ColumnDeltas | None, list[Delta]]:
+    def _measure(
+        self, events: list[StampedEvent], *, final: bool = False
+    ) -> tuple[PollPlan, int, ColumnDeltas | None, list[Delta]]:
         """Read the counters and run the engine: (plan, poll time, the deltas of the counters
         taken by columns or None, the deltas of those taken by rows)."""
         generation = getattr(self.topology, "generation", None)
@@ -106,7 +112,13 @@ class Measuring(Ownership):
             if after is before or after == before
             else {name: i for name, i in after.items() if before.get(name) == i}
         )
+        # The NICs that claimed the names of this poll's new links before it (the plan update
+        # consumes the last plan's dicts)
+        last = self._plan
+        claimed = {e.ifname: last.devices.get(e.ifname) for e in events if e.kind == "new"} if last else {}
         plan = self._plan_for(generation, stable)
+        if claimed or self._waiting:
+            self._hold_unowned(events, claimed, plan, final=final)
         keys, (rx_bytes, rx_packets, tx_bytes, tx_packets) = plan.columns_of(table)
         # A steady poll (no link events, every counter known and growing) runs by columns; the
         # rest by rows, where every rule of the engine and every kind of measure applies (a
@@ -147,6 +159,50 @@ class Measuring(Ownership):
         self.metrics.interfaces.set(len(readings))
         deltas += self.engine.poll_readings(now_ms, mono_ms, readings, plan.present)
         return plan, now_ms, None, deltas
+
+    def _hold_unowned(
+        self,
+        events: list[StampedEvent],
+        claimed: Mapping[str, tuple[DomainInfo, NicInfo] | None],
+        plan: PollPlan,
+        *,
+        final: bool,
+    ) -> None:
+        """Leave unread the new taps the NIC that named them before claims still, whose MAC is
+        not that NIC's: another VM's tap under a reused name (vnetN), made before libvirt told
+        of the first VM's stop and the second's start. Each counts from zero once a NIC read
+        since (the new VM's) claims it, or after WAIT_POLLS, or at the last poll: neither the
+        first VM is billed the second's bytes nor is any byte lost."""
+        waiting = self._waiting
+        link_address = getattr(self.topology, "address", None)  # (a topology double may have none)
+
+        def address(event: StampedEvent) -> str | None:
+            return link_address(event.ifname, event.ifindex) if link_address is not None else None
+
+        for event in events:
+            was = claimed.get(event.ifname) if event.kind == "new" else None
+            key = plan.metered.get(event.ifname)
+            if was is None or key is None or key.ifindex != event.ifindex:
+                continue
+            nic = plan.devices[event.ifname][1]
+            if nic is was[1] and self._links.foreign(event.ifname, event.ifindex, nic, address(event)):
+                waiting[key] = (nic, 0)
+        held = []
+        for key, (nic, polls) in list(waiting.items()):
+            owner = plan.devices.get(key.name)
+            if (
+                final
+                or polls >= WAIT_POLLS
+                or plan.metered.get(key.name) is not key
+                or owner is None
+                or owner[1] is not nic
+            ):
+                del waiting[key]
+            else:
+                waiting[key] = (nic, polls + 1)
+                held.append(key)
+        if held:
+            self.engine.hold(held)
 
     def _apply_events(
         self, events: list[StampedEvent], devices: Mapping[str, tuple[DomainInfo, NicInfo]]

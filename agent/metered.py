@@ -84,6 +84,12 @@ class MeteredLinks:
                     self.last_matched += 1
         return devices
 
+    def foreign(self, name: str, ifindex: int, nic: NicInfo, address: str | None = None) -> bool:
+        """Whether the link carries a MAC that is not the NIC's link MAC (unknown: no). `address`:
+        its MAC from its link message (no read of sysfs a tap: a storm's hundreds)."""
+        mac = address or self._macs.get((name, ifindex)) or self._read_mac(name)
+        return mac is not None and mac != "" and mac.lower() != link_mac(nic)
+
     def any_by_mac(self, nics: Iterable[NicInfo], links: Mapping[str, int], claimed: Container[str]) -> bool:
         """Whether a link not `claimed` carries one of these NICs' MACs (resolve would match
         that NIC to it)."""

@@ -143,7 +143,8 @@ class Ownership:
                 known is not None
                 and key.ifindex
                 and (known.domain.uuid, known.nic.mac) != (domain.uuid, nic.mac)
-            ):
+                and not self.engine.untracked((key,))
+            ):  # (a counter not read under its last attribution yet, a new tap's: the new one's now)
                 self._handover[key] = who  # another NIC's from the next poll on (see _handover)
                 return
             self._attribution[key] = who

@@ -18,6 +18,7 @@ IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 NLA_HDR = struct.Struct("=HH")  # length (header included), type
 NLA_TYPE_MASK = 0x3FFF  # without NLA_F_NESTED / NLA_F_NET_BYTEORDER
 
+IFLA_ADDRESS = 1  # the link-layer address (a tap's MAC)
 IFLA_STATS = 7  # struct rtnl_link_stats: u32 counters
 IFLA_IFNAME = 3
 IFLA_LINK = 5
@@ -28,7 +29,9 @@ IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_VLAN_ID = 1  # u16, in IFLA_INFO_DATA of kind "vlan"
 IFLA_VXLAN_ID = 1  # u32, in IFLA_INFO_DATA of kind "vxlan"
-_LINK_ATTRIBUTES = frozenset({IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_STATS64, IFLA_STATS})
+_LINK_ATTRIBUTES = frozenset(
+    {IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_STATS64, IFLA_STATS}
+)
 _INFO_ATTRIBUTES = frozenset({IFLA_INFO_KIND, IFLA_INFO_DATA})
 _ID_ATTRIBUTES = frozenset({IFLA_VLAN_ID, IFLA_VXLAN_ID})  # both 1: the one ID attribute
 # Netlink is in the host's byte order ("=": native order, standard sizes).
@@ -100,6 +103,7 @@ class LinkFields(NamedTuple):
     vxlan_vni: int | None  # of a "vxlan"
     stats: tuple[int, int, int, int] | None  # rx_bytes, rx_packets, tx_bytes, tx_packets
     stats64: bool  # the stats are IFLA_STATS64's (else IFLA_STATS's)
+    address: bytes | None = None  # IFLA_ADDRESS
 
 
 def link_fields(data: bytes) -> LinkFields:
@@ -139,7 +143,13 @@ def link_fields(data: bytes) -> LinkFields:
         vxlan_vni,
         stats,
         wide,
+        raw.get(IFLA_ADDRESS),
     )
+
+
+def mac_text(address: bytes) -> str:
+    """A link-layer address as pyroute2 and sysfs give it: aa:bb:cc:dd:ee:ff."""
+    return address.hex(":")
 
 
 def decode_link_message(data: bytes) -> LinkMessage:
@@ -149,6 +159,8 @@ def decode_link_message(data: bytes) -> LinkMessage:
     for key, value in (("IFLA_IFNAME", f.name), ("IFLA_MASTER", f.master), ("IFLA_LINK", f.link)):
         if value is not None:
             attrs[key] = value
+    if f.address:
+        attrs["IFLA_ADDRESS"] = mac_text(f.address)
     if f.kind is not None:
         info: dict[str, Any] = {"IFLA_INFO_KIND": f.kind}
         if f.vlan_id is not None:

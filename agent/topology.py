@@ -126,6 +126,10 @@ class Topology:
         with self._lock:
             return self._table.ifindex(ifname)
 
+    def address(self, ifname: str, ifindex: int) -> str | None:
+        with self._lock:
+            return self._table.address(ifname, ifindex)
+
     def links(self) -> dict[str, int]:
         """Name -> ifindex of every current link."""
         with self._lock:

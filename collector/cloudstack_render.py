@@ -76,6 +76,7 @@ class Instance:
     network_id: str = ""  # a router's guest network
     network_name: str = ""
     vpc_id: str = ""  # a VPC router's VPC
+    owner: str = ""  # the account uuid that owns the resource now (its <metadata>, CloudStack's API)
 
 
 @dataclass(frozen=True)

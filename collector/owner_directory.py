@@ -82,8 +82,9 @@ class OwnerDirectory:
                 else:
                     offerings[o.uuid] = ServiceOffering(o.name, o.cpu, o.memory, o.cpu_speed)
             for vm in snapshot.vms.values():
+                owner = snapshot.account_uuid(vm.account, vm.domain_id, vm.project_id) or ""
                 _fill(instances, vm.uuid, zone_id=vm.zone, cpu_cores=vm.cpu, memory_mb=vm.memory,
-                      name=vm.name, template_id=vm.template, cpu_speed=vm.cpu_speed)  # fmt: skip
+                      name=vm.name, template_id=vm.template, cpu_speed=vm.cpu_speed, owner=owner)  # fmt: skip
             for r in snapshot.routers.values():
                 net = snapshot.networks.get(r.network_id)
                 network_name = net.name if net is not None else ""
@@ -115,14 +116,23 @@ class OwnerDirectory:
                     cpu_cores=_number(fields.get("cpuCores")),
                     memory_mb=_number(fields.get("memory")),
                     tags=_tags(fields),
+                    owner=account,
                 )
         return cls(owners, instances)
 
     def owner(self, account: str) -> Owner:
         return self.owners.get(account, NO_OWNER)
 
-    def instance(self, resource: str) -> Instance:
-        return self.instances.get(resource.lower(), NO_INSTANCE)
+    def instance(self, resource: str, account: str | None = None) -> Instance:
+        """What is known of the resource; for a record of `account`, what its current owner
+        named, tagged or chose (name, tags, template, size) only when that account owns it now:
+        a VM assigned to another account (VM.ASSIGN) never shows its new owner's name or tags
+        on its previous owner's records."""
+        found = self.instances.get(resource.lower(), NO_INSTANCE)
+        if account is None or not found.owner or found.owner.lower() == account.lower():
+            return found
+        return Instance(zone_id=found.zone_id, cpu_speed=found.cpu_speed, network_id=found.network_id,
+                        network_name=found.network_name, vpc_id=found.vpc_id)  # fmt: skip
 
     def offering(self, uuid: str) -> ServiceOffering:
         return self.offerings.get(uuid, NO_OFFERING) if uuid else NO_OFFERING

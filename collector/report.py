@@ -151,7 +151,7 @@ def record_facts(row: UsageRow, directory: OwnerDirectory) -> RecordFacts:
     """A record with what the directory knows of its account, VM and offering (listUsageRecords'
     fields, for /client/api and the CLI alike)."""
     k = row.key
-    owner, instance = directory.owner(k.account), directory.instance(k.resource)
+    owner, instance = directory.owner(k.account), directory.instance(k.resource, k.account)
     offering = directory.offering(k.offering)
     return RecordFacts(k, row.quantity, row.resource_name, row.device_type, owner, instance, offering)
 

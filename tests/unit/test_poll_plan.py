@@ -151,6 +151,9 @@ class WorldTopology:
     def placement(self, ifname: str) -> LinkPlacement:
         return self.world.table.placement(ifname)
 
+    def address(self, ifname: str, ifindex: int) -> str | None:
+        return self.world.table.address(ifname, ifindex)
+
     def links(self) -> dict[str, int]:
         return self.world.table.links()
 
