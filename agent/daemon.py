@@ -155,6 +155,7 @@ class Agent(Measuring):
         self._carry: list[StampedEvent] = []  # events of a poll that failed: applied by the next one
         self._attribution: dict[CounterKey, Attribution] = {}
         self._handover, self._retired, self._waiting = {}, {}, {}
+        self._incarnations = {}
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
         self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted

@@ -234,6 +234,15 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         self._closed.add(sample.key)
         return delta
 
+    def restarted(self, key: CounterKey) -> None:
+        """The counter behind `key` was made again unseen (a NIC without a host link, whose
+        identity is its name, under a new QEMU process): the next reading counts from zero,
+        never from the last incarnation's values."""
+        self._lift(key)
+        self._counters.pop(key, None)
+        self._absent.pop(key, None)
+        self._preexisting.discard(key)
+
     # -- rules --------------------------------------------------------------------------------
 
     def _grown(self, sample: CounterSample, now_ms: int, mono_ms: int) -> Delta | None:

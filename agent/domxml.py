@@ -30,6 +30,7 @@ class ParsedDomain:
     nics: tuple[NicInfo, ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)  # flattened <metadata>, see flatten_metadata
     sysinfo: dict[str, str] = field(default_factory=dict)  # <sysinfo type='smbios'><system> entries
+    domain_id: int | None = None  # <domain id=...>: libvirt's id of the running QEMU process
 
 
 def local_name(tag: str) -> str:
@@ -58,7 +59,18 @@ def parse_domain_xml(xml_text: str) -> ParsedDomain:
         nics=tuple(parse_interface(element) for element in interfaces),
         metadata=flatten_metadata(metadata_element) if metadata_element is not None else {},
         sysinfo=_sysinfo(root),
+        domain_id=_domain_id(root.get("id")),
     )
+
+
+def _domain_id(text: str | None) -> int | None:
+    """A running domain's id (a new one each time its QEMU starts: a start, a migration in);
+    None for an inactive domain (absent or -1) or one that cannot be read."""
+    try:
+        value = int(text) if text is not None else -1
+    except ValueError:
+        return None
+    return value if value >= 0 else None
 
 
 def parse_interface(element: ET.Element) -> NicInfo:

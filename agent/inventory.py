@@ -382,6 +382,7 @@ class Inventory:
             account_id=name.account_id,
             vm_id=name.vm_id,
             owner=parsed.metadata,
+            domain_id=parsed.domain_id,
         )
 
     def _publish(self, domains: dict[str, DomainInfo]) -> None:

@@ -92,6 +92,7 @@ class Measuring(Ownership):
     _mono: Callable[[], float]
     # New taps left unread (see _hold_unowned): the NIC that claims them, polls waited
     _waiting: dict[CounterKey, tuple[NicInfo, int]]
+    _incarnations: dict[CounterKey, int]  # the domain id each NIC without a link was last read under
 
     def _measure(
         self, events: list[StampedEvent], *, final: bool = False
@@ -308,6 +309,17 @@ class Measuring(Ownership):
                 if owner is None:
                     continue
                 key = CounterKey(self.boot_id, 0, name)  # no kernel ifindex: identity by name per boot
+                # The name alone does not tell a VM that left and came back (a migration
+                # back, a stop and start) within a few polls: its new QEMU counts from zero,
+                # and what it moved is not what the old one's counters had grown to
+                domain_id = owner[0].domain_id
+                if domain_id is not None and self._incarnations.get(key, domain_id) != domain_id:
+                    self.engine.restarted(key)
+                if domain_id is not None:
+                    self._incarnations[key] = domain_id
                 readings.append((key, stats))
                 self._remember(key, *owner)
+        if len(self._incarnations) > 2 * len(readings) + 64:
+            tracked = self.engine.tracked_keys()
+            self._incarnations = {k: v for k, v in self._incarnations.items() if k in tracked}
         return readings

@@ -45,6 +45,9 @@ class DomainInfo:
     account_id: str | None = None  # from i-<account>-<id>-VM
     vm_id: str | None = None
     owner: dict[str, str] = field(default_factory=dict)  # CloudStack <metadata>, generic
+    # libvirt's id of its running QEMU process (None when unknown): NICs counted without a host
+    # link (vhost-user) have no ifindex, so this tells one incarnation of their counters from the next
+    domain_id: int | None = None
 
 
 @dataclass(frozen=True, **SLOTS)
