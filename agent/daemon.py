@@ -50,6 +50,7 @@ from kvmeter.agent.publish import Publisher
 from kvmeter.agent.sources import CounterSource, nic_sources
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
+from kvmeter.agent.unmetered import UnmeteredNics
 from kvmeter.agent.wire import split_fields
 from kvmeter.proto import pb
 from kvmeter.reload import Reloads
@@ -138,6 +139,7 @@ class Agent(Measuring):
         )
         self._links = MeteredLinks(boot_id, read_mac, self._claimed)
         self._nic_placements = NicPlacements(lambda: self.config.traffic)
+        self._unmetered = UnmeteredNics(self._source_of)
         self._planner = Planner(
             self._links, topology.placement, self._sources, self._source_of, self._nic_placements
         )

@@ -64,12 +64,15 @@ class MeteredLinks:
         devices: dict[str, Owner] = {}
         unresolved: list[Owner] = []
         for domain in domains:
+            # A shut-off domain's NICs meter nothing: its persistent XML may still name a link
+            # (a pre-created tap, managed='no') that a running VM has now.
+            if domain.state in INACTIVE_STATES:
+                continue
             for nic in domain.nics:
                 if nic.device and nic.device in links and nic.device not in devices:
                     devices[nic.device] = (domain, nic)
                 elif not self._without_link(nic):
-                    if domain.state not in INACTIVE_STATES:
-                        unresolved.append((domain, nic))
+                    unresolved.append((domain, nic))
                 elif nic.device:
                     devices[nic.device] = (domain, nic)
         self.last_unresolved = len(unresolved)

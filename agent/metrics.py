@@ -96,6 +96,12 @@ class AgentMetrics:
             ["reason"],
             registry=r,
         )
+        self.unmetered_nics = Gauge(
+            f"{PREFIX}_unmetered_nics",
+            "NICs of running domains the agent cannot meter (no host link, no counter source: an "
+            "SR-IOV VF passed through, user-mode networking, ...); each is logged once.",
+            registry=r,
+        )
         self.libvirt_reconnects = Gauge(
             f"{PREFIX}_libvirt_reconnects", "libvirt reconnects since the agent started.", registry=r
         )
@@ -150,6 +156,7 @@ METRIC_NAMES = (
     "published",
     "publish_errors",
     "producer_recreations",
+    "unmetered_nics",
     "libvirt_reconnects",
     "link_events",
     "reload_failures",

@@ -16,11 +16,13 @@ from kvmeter.agent.counters import Stats
 from kvmeter.agent.delta import DeltaEngine
 from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates
+from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.nic_placement import NicPlacements
 from kvmeter.agent.plan import Owner, Planner, PollPlan
 from kvmeter.agent.sources import CounterSource
 from kvmeter.agent.traffic import TrafficRules
+from kvmeter.agent.unmetered import UnmeteredNics
 from kvmeter.agent.wire import SteadyEncoder
 
 
@@ -79,6 +81,8 @@ class Ownership:
     # Domains whose inventory record may have changed since the last update (None: any)
     _inventory_touched: set[str] | None
     _polls_since_inventory: int  # since the last batch that carried every record
+    _unmetered: UnmeteredNics  # running domains' NICs no link or source counts: logged, a gauge
+    metrics: AgentMetrics
 
     def _plan_for(self, generation: int | None, stable: dict[str, int]) -> PollPlan:
         domains = list(self.inventory.snapshot().values())
@@ -115,6 +119,8 @@ class Ownership:
             self._inventory_touched = None
         elif self._inventory_touched is not None:
             self._inventory_touched |= new.touched
+        self._unmetered.update(new.domains, new.touched)
+        self.metrics.unmetered_nics.set(self._unmetered.count)
         self._plan = new
         return new
 

@@ -75,6 +75,8 @@ class PollPlan:
     # The keys the plan updated from metered and meters no more while their link stays (its NIC
     # left it: a tap that outlived its VM); a built plan leaves them to the agent to find
     released: list[CounterKey] = field(default_factory=list)
+    # `present` and the keys of the NICs its sources count (see Measuring._present_with_sourced)
+    sourced_present: frozenset[CounterKey] | None = None
 
     def rows_of(self, table: CounterTable) -> tuple[tuple[CounterKey, ...], list[int]]:
         """The metered interfaces' keys and their rows in the table, in the order of their
@@ -276,11 +278,13 @@ class Planner:
         dropped = set(filter(None, map(keys.get, names)))  # their keys leave `present`
         link_key, placement_of, completed = self._links.key, self._placement, self._completed
         for name in names:
-            owners = named.get(name, _NO_OWNERS)
-            if len(owners) > 1:
+            naming = named.get(name, _NO_OWNERS)
+            if len(naming) > 1:
                 return None  # claimed by the first in the inventory's order, the rest by MAC
             index = stable.get(name)
-            if owners and index is None and owners[0][0].state not in INACTIVE_STATES:
+            # a shut-off domain's NIC meters nothing (as in MeteredLinks.resolve)
+            owners = naming if not naming or naming[0][0].state not in INACTIVE_STATES else _NO_OWNERS
+            if owners and index is None:
                 unlinked.add(name)  # a running NIC without its link: looked for by MAC below
             else:
                 unlinked.discard(name)
@@ -291,12 +295,13 @@ class Planner:
                 keys.pop(name, None)
             else:
                 key = keys[name] = link_key(name, index)
-                if owners:
-                    owner = devices[name] = owners[0]
+                if naming:  # (a shut-off domain's NIC too: its inventory record has it, as build)
                     placement = placement_of(name)
                     if placement.bridge is None and completed is not None:  # (no call for a bridge's port)
-                        placement = completed(placement, owner[1])
+                        placement = completed(placement, naming[0][1])
                     placements[name] = placement
+                if owners:
+                    owner = devices[name] = owners[0]
                     metered[name] = key
                     if by_ifindex is not None:
                         by_ifindex[key.ifindex] = key
@@ -304,10 +309,11 @@ class Planner:
                     touched.add(owner[0].uuid)
                     continue
             devices.pop(name, None)
-            placements.pop(name, None)
+            if not naming or index is None:
+                placements.pop(name, None)
             if was is not None and was.ifindex == index:
                 released.append(was)
-            for domain, _nic in owners:
+            for domain, _nic in naming:
                 touched.add(domain.uuid)
         if unlinked and self._links.any_by_mac((named[name][0][1] for name in unlinked), stable, devices):
             return None  # a link no NIC names has one's MAC: the build matches it
