@@ -93,7 +93,7 @@ class BalanceBook:
         watched = [b for b in computed if b.threshold is not None]
         postgres = self.store.is_postgres
         with self.store.write() as conn:  # its own short transaction: no lock held with the states'
-            stored.unwatch(conn, [b.account for b in watched])
+            stored.unwatch(conn, [b.account for b in watched], now_ms)
         with self.store.write() as conn:
             before = stored.lock_states(conn, [b.account for b in watched], postgres=postgres)
             watched = [b for b in watched if before.get(b.account, (False, 0, 0))[2] <= now_ms]

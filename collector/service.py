@@ -193,6 +193,11 @@ class Collector(EventsPath):
         if finalize_through is not None:
             through = min(through, finalize_through)
         with self.store.read() as conn:
+            # Replicas share the database's clock: one whose own clock runs ahead must not make
+            # final (and hand off) windows still in their grace, or the hour under way.
+            shared = self.store.database_ms(conn)
+            if shared is not None:
+                through = min(through, window_start(shared - self.settings.grace_ms, window))
             closing = through > self.store.finalized_through(conn, lock=False)
         if closing:
             # A stopped VM's bytes waited for its events while their window was open: billed

@@ -110,16 +110,21 @@ def lock_states(
     return {row[0]: (bool(row[1]), int(row[2]), int(row[3])) for row in conn.execute(query)}
 
 
-def unwatch(conn: Connection, watched: Iterable[str]) -> list[str]:
+def unwatch(conn: Connection, watched: Iterable[str], now_ms: int) -> list[str]:
     """Accounts that had a threshold at their last evaluation and are not watched now (no
     threshold any more, credits no longer in the tariff's currency): no longer below anything
-    (their crossings count stays, so a later crossing gets a new number). Returns them."""
+    (their crossings count stays, so a later crossing gets a new number). Returns them. A state
+    evaluated after `now_ms` (another replica's newer view, which may watch an account this one
+    rated before its first credit) stands: re-armed, its fall would alert a second time."""
     s = balance_state.c
     keep = set(watched)
-    listed: list[str] = list(conn.execute(sa.select(s.account).where(s.threshold != "")).scalars())
+    older = sa.and_(s.threshold != "", s.evaluated_ms <= now_ms)
+    listed: list[str] = list(conn.execute(sa.select(s.account).where(older)).scalars())
     stale = sorted(a for a in listed if a not in keep)
-    for part in slices(stale, 1000):
-        conn.execute(sa.update(balance_state).where(s.account.in_(part)).values(below=False, threshold=""))
+    for part in slices(stale, 1000):  # the condition again: checked on the row as it is now
+        conn.execute(
+            sa.update(balance_state).where(s.account.in_(part), older).values(below=False, threshold="")
+        )
     return stale
 
 

@@ -135,6 +135,14 @@ class StoreCore:
                     conn.execute(sa.insert(schema_version).values(version=version, applied_ms=now_ms()))
             return known
 
+    def database_ms(self, conn: Connection) -> int | None:
+        """The database server's clock (ms since the epoch), the one every replica shares;
+        None on SQLite (its writers run on one host, with one clock)."""
+        if not self.is_postgres:
+            return None
+        query = sa.text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS bigint)")
+        return int(conn.execute(query).scalar_one())
+
     def version(self) -> int:
         with self.read() as conn:
             return int(conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0)
