@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import ClassVar
 
+import pytest
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 
@@ -112,6 +113,39 @@ def test_a_trickling_handoff_receiver_cannot_hold_a_round_past_its_timeout(tmp_p
         assert relay.round() == (1, True)
     assert Prompt.posts == [row["transaction_id"]]
     assert outbox(store)[0]["webhook_sent_ms"] is not None
+
+
+def test_the_all_in_one_from_toml_ends_a_trickled_handoff_post_at_timeout_seconds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`[handoff] timeout_seconds` read from the all-in-one's TOML bounds each POST as a whole:
+    against a receiver that trickles its answer, the relay's next attempt comes within about
+    the timeout, not when the receiver is done (TRICKLE_S)."""
+    from tests.integration.test_allinone_edges import _all_in_one
+
+    filled(tmp_path, 1).close()  # a final window: one item in the outbox
+    starts: list[float] = []
+
+    class Timed(trickling()):  # type: ignore[misc]
+        def do_POST(self) -> None:
+            starts.append(time.monotonic())
+            super().do_POST()
+
+    with serving(Timed, "/items") as url:
+        pipeline, _ = _all_in_one(
+            tmp_path,
+            monkeypatch,
+            extra=f'[handoff]\nwebhook_url = "{url}"\ntimeout_seconds = {TIMEOUT_S}\nretry_attempts = 2\n'
+            "retry_initial_seconds = 0.05\nretry_max_seconds = 0.1\n",
+        )
+        try:
+            deadline = time.monotonic() + TRICKLE_S + 3
+            while len(starts) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            pipeline.close()
+    assert len(starts) >= 2, "the relay never tried again"
+    assert starts[1] - starts[0] < TIMEOUT_S + 1.5, f"a POST was held {starts[1] - starts[0]:.1f} s"
 
 
 def test_a_trickling_balance_webhook_cannot_hold_a_delivery_past_its_timeout(tmp_path: Path) -> None:
