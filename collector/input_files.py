@@ -274,7 +274,7 @@ class EventsFile:
 
         def keeping(seq: int, position: dict[str, int]) -> Callable[[Connection], None]:
             def keep(conn: Connection) -> None:
-                store.raise_input_position(conn, names[0], seq)
+                store.set_input_position(conn, names[0], seq, rising=True)
                 for name, value in position.items():
                     store.set_input_position(conn, name, value)
 

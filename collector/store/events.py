@@ -125,20 +125,12 @@ class LifecycleEvents(StoreCore):
         query = sa.select(collector_state.c.value).where(collector_state.c.name == name)
         return int(conn.execute(query).scalar() or 0)
 
-    def raise_input_position(self, conn: Connection, name: str, value: int) -> None:
-        """Store an input's place, kept with the events it delivered; never lowered (a chunk
-        applied again record by record writes it again)."""
+    def set_input_position(self, conn: Connection, name: str, value: int, *, rising: bool = False) -> None:
+        """Store an input's place, kept with the events it delivered; `rising`: never lowered (a
+        delivery order's high-water mark: a chunk applied again record by record writes it again)."""
         st = collector_state.c
-        current = conn.execute(sa.select(st.value).where(st.name == name)).scalar()
+        current = conn.execute(sa.select(st.value).where(st.name == name)).first()
         if current is None:
             conn.execute(sa.insert(collector_state).values(name=name, value=value))
-        elif current < value:
-            conn.execute(sa.update(collector_state).where(st.name == name).values(value=value))
-
-    def set_input_position(self, conn: Connection, name: str, value: int) -> None:
-        """Store an input's place as it is now (where its read stands)."""
-        st = collector_state.c
-        if conn.execute(sa.select(st.value).where(st.name == name)).first() is None:
-            conn.execute(sa.insert(collector_state).values(name=name, value=value))
-        else:
+        elif not rising or current[0] < value:
             conn.execute(sa.update(collector_state).where(st.name == name).values(value=value))
