@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from kvmeter.collector.cloudstack_render import (
@@ -156,7 +156,7 @@ class OwnerDirectory:
     def known_id(self, uuid: str, *, domain: bool = False) -> str:
         """The account (domain: the domain) uuid as kvmeter knows it, for one given in another
         case (CloudStack's uuid columns compare without case and are unique so); else as given."""
-        known = set(self.owners)
+        known: Collection[str] = self.owners.keys()
         if domain:
             known = {*self.domain_paths, *(o.domain_id for o in self.owners.values())}
         if uuid in known:
