@@ -22,7 +22,7 @@ from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
-from kvmeter.collector.store import Store, shown_url, without_secret
+from kvmeter.collector.store import Store, StoreTooNew, shown_url, without_secret
 from kvmeter.logs import setup_logging
 
 DEFAULT_CONFIG = "/etc/kvmeter/collector.toml"
@@ -219,6 +219,8 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     balances = balance_watch.watch(cfg.balances, book, metrics)  # [balances]: low-balance alerts
     try:
         live.run()
+    except StoreTooNew as exc:  # a newer replica migrated the store: exit 1, systemd restarts us
+        raise click.ClickException(f"stopped: {exc}") from None
     finally:
         if balances is not None:
             balances.set()

@@ -23,6 +23,7 @@ from kvmeter.collector.inputs import LIFECYCLE, MEASURES, Delivery, Input
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Outcome
 from kvmeter.collector.service import Collector
+from kvmeter.collector.store import StoreTooNew
 from kvmeter.reload import Reloads
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,12 @@ class Feeder:
         while True:
             try:
                 out = work()
+            except StoreTooNew as exc:
+                # A newer replica migrated the store (a rolling upgrade): never retried, the loop
+                # stops; what was not committed is not acknowledged, so the new code gets it again.
+                self.failed(stage, exc)
+                log.error("%s: %s; stopping this older collector", stage, exc)
+                raise
             except Exception as exc:
                 if self.stop_event.is_set():
                     raise

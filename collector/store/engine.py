@@ -66,6 +66,19 @@ class StoreTooNew(RuntimeError):
     """The store was migrated by a newer kvmeter than this one."""
 
 
+KNOWN_VERSION = max(v for v, _ in MIGRATIONS)  # the newest schema this code knows
+# How often a writer re-reads the store's schema version: a newer replica of a rolling upgrade
+# may migrate it under this one, which must then stop writing (its code does not know the schema).
+SCHEMA_CHECK_S = 2.0
+
+
+def _too_new(found: int) -> StoreTooNew:
+    return StoreTooNew(
+        f"the store is at schema version {found}, newer than this kvmeter's {KNOWN_VERSION}: "
+        "run the kvmeter release that wrote it (or a later one)"
+    )
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -92,6 +105,9 @@ class StoreCore:
         self.dialect = self.engine.dialect.name
         self.is_postgres = self.dialect == "postgresql"
         self._sql_cache: dict[str, str] = {}  # statements built once, by purpose
+        self.schema_check_s = SCHEMA_CHECK_S
+        self._schema_checked: float | None = None  # monotonic; None: not migrated here, no check
+        self._found_too_new: int | None = None  # once seen, every later write is refused
 
     def close(self) -> None:
         self.engine.dispose()
@@ -101,12 +117,48 @@ class StoreCore:
     def write(self) -> Iterator[Connection]:
         """A read-write transaction (SQLite: BEGIN IMMEDIATE, one writer at a time). Adjustments
         it made get their seq last, just before the commit (store/sequence.py)."""
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(kvmeter_write=True)
-            sequence.clear(conn)
-            with conn.begin():
-                yield conn
-                sequence.assign(conn)
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(kvmeter_write=True)
+                sequence.clear(conn)
+                with conn.begin():
+                    yield conn
+                    self._check_schema(conn)  # last: a migration committed meanwhile is seen
+                    sequence.assign(conn)
+        except sa.exc.DBAPIError as exc:
+            # A newer schema refuses the old statements (a column they leave NULL, ...): say so,
+            # before isolation.py takes the database's refusal for a bad record's.
+            self._check_schema_after(exc)
+            raise
+
+    def _check_schema(self, conn: Connection) -> None:
+        """Refuse (roll back) the write once the store is newer than this code: a newer replica
+        migrated it. Read at most every schema_check_s, not per write."""
+        if self._found_too_new is None:
+            if self._schema_checked is None or time.monotonic() - self._schema_checked < self.schema_check_s:
+                return
+            found = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar() or 0
+            self._schema_checked = time.monotonic()
+            if found <= KNOWN_VERSION:
+                return
+            self._found_too_new = int(found)
+        raise _too_new(self._found_too_new)
+
+    def _check_schema_after(self, error: Exception) -> None:
+        """A write failed: StoreTooNew if the store is newer than this code (read at once)."""
+        if self._schema_checked is None:  # not migrated here: not checked
+            return
+        if self._found_too_new is None:
+            self._schema_checked = float("-inf")
+            try:
+                with self.engine.connect() as conn, conn.begin():
+                    self._check_schema(conn)
+                return  # not newer: the write's own error stands
+            except sa.exc.DBAPIError:  # the database is down: the write's own error says so
+                return
+            except StoreTooNew:
+                pass
+        raise _too_new(self._found_too_new or 0) from error
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -121,19 +173,16 @@ class StoreCore:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(7346201)"))
             schema_version.create(conn, checkfirst=True)
             done = {row[0] for row in conn.execute(sa.select(schema_version.c.version))}
-            known = max(v for v, _ in MIGRATIONS)
-            if done and max(done) > known:
+            if done and max(done) > KNOWN_VERSION:
                 # A newer kvmeter's store (a downgrade): this code does not know its schema, and
                 # writing it could lose or misread what the newer one keeps.
-                raise StoreTooNew(
-                    f"the store is at schema version {max(done)}, newer than this kvmeter's "
-                    f"{known}: run the kvmeter release that wrote it (or a later one)"
-                )
+                raise _too_new(max(done))
             for version, migration in MIGRATIONS:
                 if version not in done:
                     migration(conn)
                     conn.execute(sa.insert(schema_version).values(version=version, applied_ms=now_ms()))
-            return known
+            self._schema_checked = time.monotonic()  # from now on, writes re-check it
+            return KNOWN_VERSION
 
     def database_ms(self, conn: Connection) -> int | None:
         """The database server's clock (ms since the epoch), the one every replica shares;
