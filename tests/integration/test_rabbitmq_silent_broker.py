@@ -5,6 +5,9 @@ and that wait must not hold the collector's loop (Kafka's measures, the tick, SI
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ from kvmeter.collector.model import Outcome, Record, Settings
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, MIN, T0, Clock, M, Stream, wait_for
+from tests.harness.ports import free_port, wait_for_port
 
 
 class OneBatch:
@@ -97,3 +101,39 @@ def test_a_silent_broker_never_holds_the_collectors_loop(silent_broker: int, tmp
     assert not thread.is_alive(), "the loop is still held by the broker after the stop"
     assert time.monotonic() - stopped_at < 2.0, "stopping waited on the broker"
     store.close()
+
+
+def test_kvmeter_collector_with_a_silent_broker_stops_at_once_on_sigterm(
+    silent_broker: int, tmp_path: Path
+) -> None:
+    """The real `kvmeter collector` from a TOML whose [rabbitmq] url names a port that never
+    answers (pika's default timeouts): it serves its API and stops within a second or two of a
+    SIGTERM, not when pika's connect gives up (10-15 s, again at every retry)."""
+    port = free_port()
+    config = tmp_path / "collector.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path}/usage.db"\n'
+        f'[rabbitmq]\nurl = "amqp://guest:guest@127.0.0.1:{silent_broker}/%2F"\n'
+        f'[api]\nlisten = "127.0.0.1:{port}"\ntoken = "silent-broker-token-0123"\n'
+    )
+    log = tmp_path / "collector.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvmeter", "collector", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for_port("127.0.0.1", port, 30, "the collector's API")
+        time.sleep(0.5)  # its first connection attempt under way
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        try:
+            code = proc.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, log.read_text()
+        assert time.monotonic() - started < 4, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

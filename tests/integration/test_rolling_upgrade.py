@@ -5,8 +5,6 @@ nothing it did not commit (redelivered to the new code), and the loop stops inst
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,7 +13,6 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-import kvmeter.collector
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Settings
@@ -125,17 +122,6 @@ def test_an_idle_older_replica_is_stopped_by_its_tick(stores: tuple[Store, Store
     assert counts(new) == before
 
 
-def site_of_this_code(site: Path) -> Path:
-    """A `kvmeter` package assembled from the checkout this test imports (the editable install
-    maps it from five folders), for a subprocess to run the same code."""
-    root = Path(kvmeter.collector.__file__).resolve().parent.parent
-    ignore = shutil.ignore_patterns("__pycache__")
-    shutil.copytree(root / "src" / "kvmeter", site / "kvmeter", ignore=ignore)
-    for name in ("agent", "collector", "pipeline", "proto"):
-        shutil.copytree(root / name, site / "kvmeter" / name, ignore=ignore)
-    return site
-
-
 def test_the_older_collector_command_exits_nonzero_saying_why(pg_database: str, tmp_path: Path) -> None:
     """The real `kvmeter collector`, running when a newer replica migrates the store, exits 1
     within a few seconds (its tick re-reads the schema version at most every 2 s) with one line
@@ -147,12 +133,11 @@ def test_the_older_collector_command_exits_nonzero_saying_why(pg_database: str, 
         f'''[store]\nurl = "{pg_database}"\n[webhook]\nsecret_key = "k"\n[usage]\ntick_seconds = 0.2\n
 [api]\nlisten = "127.0.0.1:{port}"\ntoken = "webhook-api-token-0123"\n'''
     )
-    env = {**os.environ, "PYTHONPATH": str(site_of_this_code(tmp_path / "site"))}
     log = tmp_path / "collector.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "kvmeter", "collector", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
+            stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
         wait_for_port("127.0.0.1", port, 30, "the collector's API")
