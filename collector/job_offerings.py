@@ -57,17 +57,21 @@ def _paired_in_delivery_order(
     """id(bare scaling usage event) -> (offering, size) of the scaling job that completed after
     it, when all of them came by one source that keeps its order (a Kafka partition: the bus
     keys by the VM's uuid; a RabbitMQ stream; a file): a job completes after the usage event
-    its command published, before the next command's."""
+    its command published, before the next command's; it names every bare event since the job
+    before it. Types are not matched: ScaleVMCmd's event type is VM.UPGRADE, its usage event
+    VM.DYNAMIC.SCALE when the VM runs, published twice (UserVmManagerImpl.upgradeVirtualMachine
+    and VirtualMachineManagerImpl.orchestrateReConfigureVm)."""
     both = [*bare, *jobs]
     if not bare or not jobs or len({ev.delivery_source for ev in both}) != 1 or not both[0].delivery_source:
         return {}
     placed = sorted(both, key=lambda ev: (ev.delivery_seq, ev.category != pb.USAGE))
     pairs: dict[int, tuple[str, str]] = {}
-    pending: pb.LifecycleEvent | None = None
+    pending: list[pb.LifecycleEvent] = []
     for ev in placed:
         if ev.category == pb.USAGE:
-            pending = ev
-        elif pending is not None and pending.event_type == ev.event_type:
-            pairs[id(pending)] = (ev.offering_uuid, size_of(ev.attributes, "details."))
-            pending = None
+            pending.append(ev)
+        else:  # any scaling job: scaleVirtualMachine's is VM.UPGRADE for both usage types
+            for bare_ev in pending:
+                pairs[id(bare_ev)] = (ev.offering_uuid, size_of(ev.attributes, "details."))
+            pending = []
     return pairs
