@@ -2,8 +2,10 @@
 store: an owner change while a segment stays open (an assignment under allocated_until =
 "expunge", an IP assigned anew after its release was lost) bills each owner its own time; a
 replica's tick learns, under the resources' lock, the events another replica stored since its
-sync; consecutive scalings delivered in order each keep their offering; a virtual router's state
-events bill no VM time to its network's owner."""
+sync; consecutive scalings delivered in order each keep their offering, whatever the type of
+their job (scaleVirtualMachine's is VM.UPGRADE, its usage event on a running VM VM.DYNAMIC.SCALE,
+published twice by some releases); a virtual router's state events bill no VM time to its
+network's owner."""
 
 from __future__ import annotations
 
@@ -158,6 +160,47 @@ def test_a_second_scaling_keeps_the_first_ones_offering(store: Store) -> None:
     c.tick()
     # 00:00-01:00 small, 01:00-06:00 medium (already billed, final up to 04:00), then large
     assert _running_by_offering(store) == {"small": HOUR, "medium": 5 * HOUR}
+
+
+def test_two_scalings_pair_with_their_vm_upgrade_jobs(store: Store) -> None:
+    """Two scaleVirtualMachine calls on a running VM, all delivered by one partition: each bare
+    VM.DYNAMIC.SCALE usage event takes the offering of the completed job (commandEventType
+    VM.UPGRADE) delivered just after it, so RUNNING is small 0-1h, medium 1-3h, large 3-5h."""
+    c = Collector(store, Settings(), Clock(T0 + 5 * HOUR))
+    kafka = "cloudstack/0"  # one partition: the bus keys usage and job events by the VM's uuid
+    c.apply_events(
+        [
+            rec(usage_event("VM.CREATE", VM1, ACCT_A, T0), order=(kafka, 0)),
+            rec(_job("VM.CREATE", "small", 1), order=(kafka, 1)),
+            rec(usage_event("VM.START", VM1, ACCT_A, T0), order=(kafka, 2)),
+            rec(usage_event("VM.DYNAMIC.SCALE", VM1, ACCT_A, T0 + HOUR), order=(kafka, 3)),
+            rec(_job("VM.UPGRADE", "medium", 2), order=(kafka, 4)),
+            rec(usage_event("VM.DYNAMIC.SCALE", VM1, ACCT_A, T0 + 3 * HOUR), order=(kafka, 5)),
+            rec(_job("VM.UPGRADE", "large", 3), order=(kafka, 6)),
+        ]
+    )
+    c.tick()
+    assert _running_by_offering(store) == {"small": HOUR, "medium": 2 * HOUR, "large": 2 * HOUR}
+
+
+def test_one_scaling_published_twice_takes_its_jobs_offering(store: Store) -> None:
+    """One scaleVirtualMachine of a running VM: CloudStack publishes VM.DYNAMIC.SCALE twice
+    (orchestrateReConfigureVm and upgradeVirtualMachine(ScaleVMCmd)), then its VM.UPGRADE job
+    completes naming "medium": RUNNING is split at the scaling, medium from then on."""
+    c = Collector(store, Settings(), Clock(T0 + 5 * HOUR))
+    kafka = "cloudstack/0"  # one partition: the bus keys usage and job events by the VM's uuid
+    c.apply_events(
+        [
+            rec(usage_event("VM.CREATE", VM1, ACCT_A, T0), order=(kafka, 0)),
+            rec(_job("VM.CREATE", "small", 1), order=(kafka, 1)),
+            rec(usage_event("VM.START", VM1, ACCT_A, T0), order=(kafka, 2)),
+            rec(usage_event("VM.DYNAMIC.SCALE", VM1, ACCT_A, T0 + HOUR), order=(kafka, 3)),
+            rec(usage_event("VM.DYNAMIC.SCALE", VM1, ACCT_A, T0 + HOUR + 1000), order=(kafka, 4)),
+            rec(_job("VM.UPGRADE", "medium", 2), order=(kafka, 5)),
+        ]
+    )
+    c.tick()
+    assert _running_by_offering(store) == {"small": HOUR, "medium": 4 * HOUR}
 
 
 def test_an_ip_assigned_anew_after_a_lost_release_is_billed_to_its_new_owner(store: Store) -> None:
