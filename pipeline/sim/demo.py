@@ -196,7 +196,8 @@ class Pipeline:
     def url(self) -> str:
         return f"http://{self.api_host}:{self.api_port}"
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    # Beside QEMU guests under software emulation on two cores, the start took over 30 s once
+    def wait_ready(self, timeout: float = 90.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
