@@ -81,7 +81,7 @@ class EventsPath(MeasuresPath):
             if within is not None:
                 within(conn)
         mine = [read[ev.event_id] for ev, _ in parsed if ev.resource_uuid]
-        seen = self._last_event_row
+        seen = self._last_event_seq
         self._learn([*self._stored_since(skip={ev.event_id for ev in mine}), *mine], built, seen_through=seen)
         out.add(self._unpark_for(touched))
         return out

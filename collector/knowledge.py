@@ -1,5 +1,6 @@
 """Lifecycle knowledge, shared through the store: other replicas' events count too. Events
-stored since the last sync (by anyone) are learned into the histories and the owner index.
+committed since the last sync (by anyone; paged in commit order, store/sequence.py) are learned
+into the histories and the owner index.
 
     sync() -> changed resources        # a page at a time, letting closed resources go between pages
     _stored_since(skip) / _learn(events, built, seen_through=...)
@@ -33,7 +34,7 @@ class LifecycleKnowledge(ResidentHistories, InventoryMemory):
     index: OwnerIndex
     histories: dict[str, ResourceHistory]
     _events: dict[str, dict[str, pb.LifecycleEvent]]
-    _last_event_row: int
+    _last_event_seq: int
     _knowledge: int  # bumps whenever the owner index changes
 
     def sync(self) -> set[str]:
@@ -42,7 +43,7 @@ class LifecycleKnowledge(ResidentHistories, InventoryMemory):
         of events never holds them all)."""
         changed: set[str] = set()
         while True:
-            seen = self._last_event_row
+            seen = self._last_event_seq
             learned, more = self._page_since()
             changed |= self._learn(learned, seen_through=seen)
             if not more:
@@ -61,10 +62,10 @@ class LifecycleKnowledge(ResidentHistories, InventoryMemory):
     def _page_since(self, skip: Container[str] = ()) -> tuple[list[pb.LifecycleEvent], bool]:
         """One page of _stored_since, and whether there may be more."""
         with self.store.read() as conn:
-            rows = self.store.events_since(conn, self._last_event_row, SYNC_PAGE)
+            rows = self.store.events_since(conn, self._last_event_seq, SYNC_PAGE)
         learned: list[pb.LifecycleEvent] = []
-        for row_id, resource, normalized, event_id in rows:
-            self._last_event_row = row_id
+        for seq, resource, normalized, event_id in rows:
+            self._last_event_seq = seq
             if resource and event_id not in skip and event_id not in self._events.get(resource, ()):
                 learned.append(pb.LifecycleEvent.FromString(normalized))
         return learned, len(rows) == SYNC_PAGE
@@ -79,11 +80,11 @@ class LifecycleKnowledge(ResidentHistories, InventoryMemory):
         """Add events to the in-memory histories and owner index; returns resources changed.
 
         Every replica reads the whole lifecycle topic and learns each event it parses, stored
-        by itself or not: on PostgreSQL, ids of concurrent inserts can commit out of order, so
-        the sync cursor alone could step over one. A history in `built` (from the same events,
-        by id) is taken as it is instead of being built again. A resource out of memory comes
-        back whole first (one built here is whole already; else one with an event stored by row
-        `seen_through` was seen here before).
+        by itself or not, without waiting for the sync (which pages by commit order and reaches
+        it too). A history in `built` (from the same events, by id) is taken as it is instead of
+        being built again. A resource out of memory comes back whole first (one built here is
+        whole already; else one with an event committed by seq `seen_through` was seen here
+        before).
         """
         events = list(events)
         built = built or {}

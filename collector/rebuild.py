@@ -120,7 +120,7 @@ def rebuild(
 
 
 def stored_events(live: Store, page: int = STORED_PAGE) -> Iterator[list[Record]]:
-    """The live store's raw events as records to parse again, a page at a time, in stored order,
+    """The live store's raw events as records to parse again, a page at a time, in commit order,
     each with the key it was parsed with and its place in its source's delivery order."""
     last = 0
     while True:
@@ -129,7 +129,7 @@ def stored_events(live: Store, page: int = STORED_PAGE) -> Iterator[list[Record]
         if not rows:
             return
         records = []
-        for row_id, raw, kept, resource, normalized in rows:
+        for _, row_id, raw, kept, resource, normalized in rows:
             ev = pb.LifecycleEvent.FromString(normalized)
             order = (ev.delivery_source, ev.delivery_seq) if ev.delivery_source else None
             records.append(Record(raw, kept_key(kept, resource), f"store:lifecycle_events/{row_id}", order))

@@ -41,7 +41,7 @@ class ResidentHistories:
     index: OwnerIndex
     histories: dict[str, ResourceHistory]
     _events: dict[str, dict[str, pb.LifecycleEvent]]
-    _last_event_row: int
+    _last_event_seq: int
     evicted: residency.Evicted
     _not_stored: Recent[str, bool]  # uuids with no stored event when last looked at
 
@@ -86,7 +86,7 @@ class ResidentHistories:
         self, conn: Connection | None, resources: Iterable[str], *, seen_through: int | None = None
     ) -> dict[str, ResourceHistory]:
         """Those of `resources` not in memory that have stored events (and, with `seen_through`,
-        a first event at or before that row: seen here before); their events back in memory,
+        a first event at or before that seq: seen here before); their events back in memory,
         and their histories built from them (not yet in the index)."""
         if not self.evicted.ever:
             return {}
@@ -99,7 +99,7 @@ class ResidentHistories:
         first = evicted_store.first_event_rows(conn, wanted)
         for uuid in wanted - first.keys():
             self._not_stored[uuid] = True
-        found = sorted(u for u, row in first.items() if seen_through is None or row <= seen_through)
+        found = sorted(u for u, seq in first.items() if seen_through is None or seq <= seen_through)
         if not found:
             return {}
         stored = self.store.events_of_many(conn, found)

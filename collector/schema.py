@@ -18,6 +18,7 @@ metadata = sa.MetaData()
 KEY_COLUMNS = ("account", "usage_type", "resource", "offering", "detail", "window_start_ms", "window_end_ms")
 TIME_TYPES = (1, 2, 3)
 FINALIZED_THROUGH = "finalized_through_ms"
+EVENT_SEQ = "event_seq"  # the last seq given to a lifecycle event (store/sequence.py, migration 24)
 UPDATED_FILLFACTOR = 50  # percent of a PostgreSQL page inserts fill in tables updated in place
 
 _id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER PKs only
@@ -112,7 +113,11 @@ lifecycle_events = sa.Table(
     sa.Column("normalized", sa.LargeBinary, nullable=False),
     sa.Column("received_ms", sa.BigInteger, nullable=False),
     sa.Column("record_key", sa.LargeBinary, nullable=True),
+    # Commit order (store/sequence.py), what replicas' syncs page by (migration 24): ids of two
+    # replicas' inserts commit in any order, and a cursor by id could step over one.
+    sa.Column("seq", sa.BigInteger, nullable=True),
 )
+sa.Index("ix_lifecycle_events_seq", lifecycle_events.c.seq, unique=True)
 
 
 def _measure_table(name: str, *extra: sa.Column[Any]) -> sa.Table:

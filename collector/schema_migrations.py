@@ -13,6 +13,7 @@ from sqlalchemy.engine import Connection
 
 from kvmeter.collector import schema_credits, schema_outbox, schema_policy, schema_residency
 from kvmeter.collector.schema import (
+    EVENT_SEQ,
     FINALIZED_THROUGH,
     KEY_COLUMNS,
     UPDATED_FILLFACTOR,
@@ -199,11 +200,26 @@ def _migration_23(conn: Connection) -> None:
     schema_item_costs.create(conn)
 
 
+def _migration_24(conn: Connection) -> None:
+    # Lifecycle events get a seq in commit order (store/sequence.py); those stored before it
+    # take their id, the order they were read in until now.
+    _add_missing_columns(conn, lifecycle_events, ("seq",))
+    ev = lifecycle_events.c
+    conn.execute(sa.update(lifecycle_events).where(ev.seq.is_(None)).values(seq=ev.id))
+    conn.execute(
+        sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ix_lifecycle_events_seq ON lifecycle_events (seq)")
+    )
+    state = collector_state.c
+    if conn.execute(sa.select(state.name).where(state.name == EVENT_SEQ)).first() is None:
+        top = conn.execute(sa.select(sa.func.coalesce(sa.func.max(ev.seq), 0))).scalar()
+        conn.execute(sa.insert(collector_state).values(name=EVENT_SEQ, value=int(top or 0)))
+
+
 MIGRATIONS = [
     (1, _migration_1), (2, _migration_2), (3, _migration_3), (4, _migration_4), (5, _migration_5),
     (6, _migration_6), (7, _migration_7), (8, _migration_8), (9, _migration_9), (10, _migration_10),
     (11, _migration_11), (12, _migration_12), (14, _migration_14), (15, _migration_15),
     (16, schema_credits.migration_16), (17, _migration_17), (18, schema_credits.migration_18),
     (19, _migration_19),
-    (22, schema_residency.migration_22), (23, _migration_23),
+    (22, schema_residency.migration_22), (23, _migration_23), (24, _migration_24),
 ]  # fmt: skip

@@ -69,7 +69,7 @@ class Collector(EventsPath):
         self._not_stored_ms = -(2**62)  # when it last rotated
         self._evicted_ms = -(2**62)  # when tick last looked for some
         self._ticked_ms: int | None = None  # the clock at the last tick that grew every window
-        self._last_event_row = 0
+        self._last_event_seq = 0
         self._knowledge = 0  # bumps whenever the owner index changes
         # Tally routes by decoded Target, kept while the histories stay the same (_knowledge).
         self._routes: dict[Target, Route | None] = {}

@@ -16,8 +16,8 @@ Concurrency between replicas (PostgreSQL) rests on four locks, always taken in t
 2. per-resource advisory locks (sorted) for recomputing time-based records;
 3. row locks of stream marks and parked measures (`FOR UPDATE`), so a batch or a parked
    measure is applied by one replica only (and of final records an adjustment versions);
-4. last, just before the commit, the adjustment seq counter's row (store/sequence.py), so
-   seqs are given in commit order.
+4. last, just before the commit, the seq counters' rows, events' then adjustments'
+   (store/sequence.py), so seqs are given in commit order.
 SQLite serialises writers with `BEGIN IMMEDIATE` instead.
 """
 

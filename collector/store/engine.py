@@ -115,8 +115,8 @@ class StoreCore:
     # -- transactions -------------------------------------------------------------------------
     @contextmanager
     def write(self) -> Iterator[Connection]:
-        """A read-write transaction (SQLite: BEGIN IMMEDIATE, one writer at a time). Adjustments
-        it made get their seq last, just before the commit (store/sequence.py)."""
+        """A read-write transaction (SQLite: BEGIN IMMEDIATE, one writer at a time). Events and
+        adjustments it made get their seq last, just before the commit (store/sequence.py)."""
         try:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(kvmeter_write=True)

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from kvmeter.collector.schema import collector_state, lifecycle_events
+from kvmeter.collector.store import sequence
 from kvmeter.collector.store.engine import StoreCore, slices
 
 _EVENT_COLUMNS = ("event_id", "resource_uuid", "time_ms", "raw", "normalized", "record_key", "received_ms")
@@ -26,7 +27,7 @@ class LifecycleEvents(StoreCore):
     ) -> set[str]:
         """Store events (event_id, resource, time_ms, raw, normalized, record key or None) unless
         known, the first of repeated ids; returns the ids stored now. A few statements for any
-        number of events."""
+        number of events. Their seqs are given at the commit (store/sequence.py)."""
         rows: dict[str, dict[str, Any]] = {}
         for event_id, resource, time_ms, raw, normalized, record_key in events:
             if event_id not in rows:
@@ -52,7 +53,10 @@ class LifecycleEvents(StoreCore):
                     "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
                 )
             arrays = tuple([r[c] for r in rows.values()] for c in _EVENT_COLUMNS)
-            return {row[0] for row in conn.exec_driver_sql(sql, arrays)}
+            stored = {row[0] for row in conn.exec_driver_sql(sql, arrays)}
+            if stored:
+                sequence.mark_pending(conn, sequence.EVENTS)
+            return stored
         new: set[str] = set()
         ev = lifecycle_events.c
         insert = (
@@ -64,6 +68,8 @@ class LifecycleEvents(StoreCore):
             if fresh:
                 conn.exec_driver_sql(insert, fresh)
                 new.update(row[0] for row in fresh)
+        if new:
+            sequence.mark_pending(conn, sequence.EVENTS)
         return new
 
     def events_of_many(self, conn: Connection, resources: Iterable[str]) -> dict[str, list[bytes]]:
@@ -91,32 +97,34 @@ class LifecycleEvents(StoreCore):
         return out
 
     def events_since(
-        self, conn: Connection, last_id: int, limit: int = 10000
+        self, conn: Connection, last_seq: int, limit: int = 10000
     ) -> list[tuple[int, str, bytes, str]]:
-        """(id, resource, normalized, event id) of events stored after `last_id`, by id."""
+        """(seq, resource, normalized, event id) of events committed after seq `last_seq`, in
+        commit order: a page never steps over an event another replica commits later."""
         ev = lifecycle_events.c
         query = (
-            sa.select(ev.id, ev.resource_uuid, ev.normalized, ev.event_id)
-            .where(ev.id > last_id)
-            .order_by(ev.id)
+            sa.select(ev.seq, ev.resource_uuid, ev.normalized, ev.event_id)
+            .where(ev.seq > last_seq)
+            .order_by(ev.seq)
             .limit(limit)
         )
         return [(int(r[0]), r[1], bytes(r[2]), r[3]) for r in conn.execute(query)]
 
     def raw_events_after(
-        self, conn: Connection, last_id: int, limit: int = 1000
-    ) -> list[tuple[int, bytes, bytes | None, str, bytes]]:
-        """(id, raw payload, record key kept, resource, normalized) of events stored after
-        `last_id`, by id: the payloads as received, for a rebuild to parse again."""
+        self, conn: Connection, last_seq: int, limit: int = 1000
+    ) -> list[tuple[int, int, bytes, bytes | None, str, bytes]]:
+        """(seq, id, raw payload, record key kept, resource, normalized) of events committed
+        after seq `last_seq`, in commit order: the payloads as received, for a rebuild to parse
+        again (while replicas still write the live store)."""
         ev = lifecycle_events.c
         query = (
-            sa.select(ev.id, ev.raw, ev.record_key, ev.resource_uuid, ev.normalized)
-            .where(ev.id > last_id)
-            .order_by(ev.id)
+            sa.select(ev.seq, ev.id, ev.raw, ev.record_key, ev.resource_uuid, ev.normalized)
+            .where(ev.seq > last_seq)
+            .order_by(ev.seq)
             .limit(limit)
         )
         return [
-            (int(r[0]), bytes(r[1]), None if r[2] is None else bytes(r[2]), r[3], bytes(r[4]))
+            (int(r[0]), int(r[1]), bytes(r[2]), None if r[3] is None else bytes(r[3]), r[4], bytes(r[5]))
             for r in conn.execute(query)
         ]
 

@@ -2,7 +2,7 @@
 
 save_evicted_keys(conn, rows)            # (key, resource, last end) of resources leaving memory
 evicted_holders(conn, keys) -> rows      # (key, resource, last end) of those keys
-first_event_rows(conn, uuids) -> dict    # {uuid: its first stored event's id}
+first_event_rows(conn, uuids) -> dict    # {uuid: its first stored event's seq}
 delete_evicted_keys(conn, resources)     # with the resources' pruned events
 """
 
@@ -50,11 +50,11 @@ def evicted_holders(conn: Connection, keys: Iterable[str]) -> list[tuple[str, st
 
 
 def first_event_rows(conn: Connection, uuids: Iterable[str]) -> dict[str, int]:
-    """{uuid: id of its first stored event} of the uuids with stored events."""
+    """{uuid: seq of its first stored event} of the uuids with stored events."""
     ev = lifecycle_events.c
     out: dict[str, int] = {}
     for part in slices(sorted({u for u in uuids if u})):
-        query = sa.select(ev.resource_uuid, sa.func.min(ev.id)).where(ev.resource_uuid.in_(part))
+        query = sa.select(ev.resource_uuid, sa.func.min(ev.seq)).where(ev.resource_uuid.in_(part))
         out.update({str(r[0]): int(r[1]) for r in conn.execute(query.group_by(ev.resource_uuid))})
     return out
 

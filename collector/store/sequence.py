@@ -1,49 +1,70 @@
-"""Adjustments get their seq in commit order: the last step of a write transaction that made
-some, under the row lock of one counter held until the commit.
+"""Rows that readers page through get their seq in commit order: the last step of a write
+transaction that made some, under the row lock of their counter held until the commit.
 
 An id (or a time) is taken when a row is inserted, but transactions of two replicas commit in
 any order: a reader paging by id could see 11 committed, move its cursor past it, and never
 see 10, committed a moment later. A seq is given only at the end of the transaction, under a
 lock the commit releases, so every seq below a committed one is committed already.
+
+Two kinds are sequenced: lifecycle events (every replica's sync pages through them, and an event
+only one replica received reaches the others that way) and adjustments (/v1/adjustments). Their
+counters are locked in that order, always, so two transactions never wait on each other.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector.schema import collector_state, usage_adjustments
+from kvmeter.collector.schema import EVENT_SEQ, collector_state, lifecycle_events, usage_adjustments
 from kvmeter.collector.schema_outbox import ADJUSTMENT_SEQ
 
-PENDING = "kvmeter_unsequenced"  # Connection.info flag: this transaction wrote adjustments
+
+@dataclass(frozen=True)
+class Sequenced:
+    table: sa.Table
+    counter: str  # collector_state: the last seq given
+    pending: str  # Connection.info flag: this transaction wrote rows of this kind
 
 
-def mark_pending(conn: Connection) -> None:
-    conn.info[PENDING] = True
+EVENTS = Sequenced(lifecycle_events, EVENT_SEQ, "kvmeter_unsequenced_events")
+ADJUSTMENTS = Sequenced(usage_adjustments, ADJUSTMENT_SEQ, "kvmeter_unsequenced")
+_LOCK_ORDER = (EVENTS, ADJUSTMENTS)
+
+
+def mark_pending(conn: Connection, kind: Sequenced) -> None:
+    conn.info[kind.pending] = True
 
 
 def assign(conn: Connection) -> int:
-    """Give this transaction's adjustments (seq still NULL) the next seqs, in id order; the
-    counter's row stays locked until the commit. Returns how many."""
-    if not conn.info.pop(PENDING, False):
+    """Give this transaction's new rows (seq still NULL) the next seqs of their kind, in id
+    order; each counter's row stays locked until the commit. Returns how many."""
+    return sum(_assign(conn, kind) for kind in _LOCK_ORDER)
+
+
+def _assign(conn: Connection, kind: Sequenced) -> int:
+    if not conn.info.pop(kind.pending, False):
         return 0
-    adj = usage_adjustments.c
-    pending = conn.execute(sa.select(adj.id).where(adj.seq.is_(None)).order_by(adj.id))
+    rows = kind.table.c
+    pending = conn.execute(sa.select(rows.id).where(rows.seq.is_(None)).order_by(rows.id))
     ids = [int(row[0]) for row in pending]
     if not ids:
         return 0
     state = collector_state.c
     conn.execute(
-        sa.update(collector_state).where(state.name == ADJUSTMENT_SEQ).values(value=state.value + len(ids))
+        sa.update(collector_state).where(state.name == kind.counter).values(value=state.value + len(ids))
     )
-    top = int(conn.execute(sa.select(state.value).where(state.name == ADJUSTMENT_SEQ)).scalar_one())
+    top = int(conn.execute(sa.select(state.value).where(state.name == kind.counter)).scalar_one())
     first = top - len(ids) + 1
     conn.execute(
-        sa.update(usage_adjustments).where(adj.id == sa.bindparam("row_id")).values(seq=sa.bindparam("s")),
+        sa.update(kind.table).where(rows.id == sa.bindparam("row_id")).values(seq=sa.bindparam("s")),
         [{"row_id": row_id, "s": first + n} for n, row_id in enumerate(ids)],
     )
     return len(ids)
 
 
 def clear(conn: Connection) -> None:
-    conn.info.pop(PENDING, None)
+    for kind in _LOCK_ORDER:
+        conn.info.pop(kind.pending, None)

@@ -185,7 +185,7 @@ class UsageWrites(StoreCore):
                 for k in keys
             ],
         )
-        sequence.mark_pending(conn)
+        sequence.mark_pending(conn, sequence.ADJUSTMENTS)
         if self.outbox:
             items = [billable.adjustment_item(k, made[k], deltas[k], reason, now_ms) for k in keys]
             item_costs.price_items(conn, self, items, now_ms)

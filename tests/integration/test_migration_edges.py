@@ -1,5 +1,6 @@
 """Store schema upgrades at their edges, on both databases: an upgrade in place completes what a
-store lacks, and a store newer than the code is refused, never written."""
+store lacks (events stored before their commit-ordered seq keep their order), and a store newer
+than the code is refused, never written."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import sqlalchemy as sa
 
 from kvmeter.collector.billing import tariff_file
 from kvmeter.collector.billing.rating import Facts
+from kvmeter.collector.model import Record, Settings
+from kvmeter.collector.schema import EVENT_SEQ, collector_state, lifecycle_events
 from kvmeter.collector.schema_item_costs import item_costs
+from kvmeter.collector.service import Collector
 from kvmeter.collector.store import MIGRATIONS, Store, schema_version
+from tests.collector_support import ACCT_A, HOUR, T0, usage_event
 from tests.integration.test_item_costs import TARIFF, items
 from tests.integration.test_outbox_store import _run
 
@@ -58,3 +63,33 @@ def test_a_store_newer_than_the_code_is_refused_not_written(store_url: str) -> N
     assert 2 not in versions
     assert newer in versions
     older_code.close()
+
+
+def test_events_stored_before_migration_24_keep_their_order_and_new_ones_follow(store_url: str) -> None:
+    """Migration 24 gives lifecycle events a seq in commit order, what replicas' syncs page by.
+    A store written before it: every stored event takes its id as its seq (the order syncs
+    read them in until then), the counter starts above them, a replica starting on the
+    upgraded store learns them all, and an event stored after the upgrade comes after them."""
+    store = Store(store_url)
+    store.migrate()
+    older = Collector(store, Settings(), lambda: T0 + 3 * HOUR)
+    for vm in ("vm-1", "vm-2", "vm-3"):
+        older.apply_events([Record(*reversed(usage_event("VM.CREATE", vm, ACCT_A, T0)))])
+    with store.write() as conn:  # as a store at migration 23 holds them: no seq, no counter
+        conn.execute(sa.text("DROP INDEX ix_lifecycle_events_seq"))
+        conn.execute(sa.update(lifecycle_events).values(seq=None))
+        conn.execute(sa.delete(collector_state).where(collector_state.c.name == EVENT_SEQ))
+        conn.execute(sa.delete(schema_version).where(schema_version.c.version > 23))
+    store.close()
+    upgraded = Store(store_url)
+    upgraded.migrate()
+    with upgraded.read() as conn:
+        rows = conn.execute(sa.select(lifecycle_events.c.id, lifecycle_events.c.seq)).all()
+    assert sorted(seq for _, seq in rows) == sorted(row_id for row_id, _ in rows)
+    replica = Collector(upgraded, Settings(), lambda: T0 + 3 * HOUR)
+    assert replica.sync() == {"vm-1", "vm-2", "vm-3"}
+    replica.apply_events([Record(*reversed(usage_event("VM.CREATE", "vm-4", ACCT_A, T0)))])
+    with upgraded.read() as conn:
+        after = upgraded.events_since(conn, max(row_id for row_id, _ in rows))
+    assert [resource for _, resource, _, _ in after] == ["vm-4"]
+    upgraded.close()

@@ -1,6 +1,7 @@
 """Several collector replicas on one store: a replica whose clock runs ahead finalizes no window
-still in its grace (PostgreSQL's clock is the one they share), and a slower replica's older balance
-evaluation never re-arms a crossing another replica raised."""
+still in its grace (PostgreSQL's clock is the one they share), a slower replica's older balance
+evaluation never re-arms a crossing another replica raised, and an event one replica commits
+after another's later insert still reaches every replica's sync."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
+from kvmeter.collector import cloudstack, lifecycle
 from kvmeter.collector.balance_watch import BalanceBook
 from kvmeter.collector.balances import Balance, Crossing, Thresholds
-from kvmeter.collector.model import Settings, UsageKey
+from kvmeter.collector.model import Record, Settings, UsageKey
 from kvmeter.collector.schema import usage_adjustments, usage_records
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
@@ -22,7 +24,7 @@ from kvmeter.collector.store import credits as stored
 from kvmeter.collector.windows import window_start
 from tests.billing_support import ACCT_A as PAYER
 from tests.billing_support import Cloud, tariff
-from tests.collector_support import ACCT_A, HOUR, VM1
+from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, VM1, usage_event
 
 _OPEN: list[Store] = []
 
@@ -63,6 +65,28 @@ def test_a_replica_whose_clock_runs_ahead_finalizes_no_window_still_in_its_grace
         adjustments = conn.execute(sa.select(sa.func.count()).select_from(usage_adjustments)).scalar()
         final = conn.execute(sa.select(usage_records.c.final).where(usage_records.c.resource == VM1)).scalar()
     assert (adjustments, final) == (0, False)
+
+
+def test_an_event_committed_after_a_later_insert_reaches_every_replicas_sync(pg_database: str) -> None:
+    """PostgreSQL gives ids at insert and commits in any order: replica A inserts an event (a
+    lower id) and commits after replica B's event (a higher id). A third replica that synced in
+    between must still learn A's event at its next sync: it may have come only to A (a shared
+    RabbitMQ queue, a webhook, a correction). Before the fix the sync paged by id, its cursor
+    passed B's id, and A's event was never learned there (its VM's bytes parked, its hours
+    unknown to that replica)."""
+    a_store, b_store, c_store = opened(pg_database), opened(pg_database), opened(pg_database)
+    clock = lambda: T0 + 3 * HOUR  # noqa: E731
+    b, c = Collector(b_store, Settings(), clock), Collector(c_store, Settings(), clock)
+    c.sync()
+    key_a, value_a = usage_event("VM.CREATE", "vm-only-on-a", ACCT_A, T0)
+    ev = cloudstack.parse_event(value_a, key_a)
+    normalized = lifecycle.as_read(ev).SerializeToString(deterministic=True)
+    with a_store.write() as conn:  # replica A's transaction: its insert takes the lower id ...
+        a_store.insert_events(conn, [(ev.event_id, ev.resource_uuid, ev.time, value_a, normalized, None)], T0)
+        b.apply_events([Record(*reversed(usage_event("VM.CREATE", "vm-on-b", ACCT_B, T0)))])
+        assert c.sync() == {"vm-on-b"}  # ... B's event, inserted later, is committed first
+    assert c.sync() == {"vm-only-on-a"}
+    assert "vm-only-on-a" in c.histories
 
 
 def test_a_slower_replicas_older_evaluation_does_not_rearm_a_crossing_another_raised(store: Store) -> None:

@@ -152,9 +152,10 @@ def test_events_are_stored_once_by_id(store: Store) -> None:
         assert not insert_event(store, conn, "e1", VM1, T0, b"{}", b"n1", 2)
         assert insert_event(store, conn, "e2", VM1, T0 - 1, b"{}", b"n2", 3)
         assert events_of(store, conn, VM1) == [b"n2", b"n1"]  # event time order
-        rows = store.events_since(conn, 0)
-    assert [r[2] for r in rows] == [b"n1", b"n2"]  # arrival order
+        assert store.events_since(conn, 0) == []  # sequenced at the commit
     with store.read() as conn:
+        rows = store.events_since(conn, 0)
+        assert [r[2] for r in rows] == [b"n1", b"n2"]  # commit order
         assert store.events_since(conn, rows[-1][0]) == []
 
 
