@@ -13,6 +13,7 @@ Pure: the hints and names in, lookups out.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from kvmeter.collector.cs_snapshot import Snapshot
 
 _UNKNOWN = frozenset({"", "unknown", "null", "none"})
 _TAG = re.compile(r"tag(?:\[(\d+)\])?\.(key|value)")  # tag[i].key, or tag.key when alone
+_LATIN_ACCENTS = re.compile(r"(?<=[a-z])[\u0300-\u036f]+")  # é = e + U+0301 once decomposed
 
 
 @dataclass(frozen=True)
@@ -144,13 +146,13 @@ class OwnerDirectory:
         return domain_id in self.domain_paths or any(o.domain_id == domain_id for o in self.owners.values())
 
     def accounts_named(self, name: str, domain_id: str | None = None) -> frozenset[str]:
-        """Any case, as CloudStack's lookup (account_name under a case-insensitive MySQL
-        collation; a domain never holds two live accounts whose names differ only by case)."""
-        folded = name.casefold()
+        """The accounts whose name equals `name` as CloudStack's database compares them
+        (name_key; a domain never holds two live accounts whose names compare equal)."""
+        key = name_key(name)
         return frozenset(
             a
             for a, o in self.owners.items()
-            if o.account_name.casefold() == folded and (domain_id is None or o.domain_id == domain_id)
+            if name_key(o.account_name) == key and (domain_id is None or o.domain_id == domain_id)
         )
 
     def known_id(self, uuid: str, *, domain: bool = False) -> str:
@@ -199,6 +201,17 @@ class OwnerDirectory:
             if owner.domain_id:
                 grouped[owner.domain_id].add(account)
         return {d: frozenset(a) for d, a in grouped.items()}
+
+
+def name_key(name: str) -> str:
+    """An account name as every collation CloudStack's account_name has had compares it:
+    without case, and a Latin letter without its accents (`JOSÉ` is `jose`). utf8(mb4)_general_ci
+    (before 4.20; on MariaDB) and utf8mb4_0900_ai_ci (4.20+ on MySQL 8) both fold these; they
+    disagree on the rest (ß is s or ss, æ is æ or ae, trailing spaces count or not), which is
+    left as it is: kvmeter then finds less than CloudStack, never an account it would not find.
+    Hence lower(), not casefold() (which makes ß ss)."""
+    decomposed = unicodedata.normalize("NFD", name.lower())
+    return unicodedata.normalize("NFC", _LATIN_ACCENTS.sub("", decomposed))
 
 
 def _fill(instances: dict[str, Instance], uuid: str, **facts: object) -> None:
