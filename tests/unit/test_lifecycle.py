@@ -86,6 +86,10 @@ CASES = [
          [seg(1, None)], [], ignored=1),
     Case("migration keeps running", [usage("VM.START", 1), state("Running", "Migrating", 2),
                                      state("Migrating", "Running", 2.5)], [seg(1, None)], [], ignored=2),
+    # CloudStack publishes no VM.STOP for Migrating -> Stopped (no usage impact): the state event ends it
+    Case("a stop while migrating closes running until the next start",
+         [usage("VM.START", 1), state("Running", "Migrating", 2), state("Migrating", "Stopped", 3),
+          usage("VM.START", 4)], [seg(1, 3), seg(4, None)], [], ignored=1),
     Case("action events change nothing (they carry the caller)",
          [usage("VM.CREATE", 0), action("VM.START", 1), action("VM.STOP", 2), action("VM.DESTROY", 3)],
          [], [seg(0, None)], ignored=3),
