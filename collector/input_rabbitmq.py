@@ -226,15 +226,18 @@ class RabbitInput:
             self._lost(exc)
 
     def caught_up(self) -> bool:
-        """A classic queue: the messages it held at connect are read. A stream (no end to compare
-        with over AMQP 0.9.1): the broker, which pushes up to `prefetch` unacknowledged messages
-        at once, had nothing more for a moment. Unreachable (an attempt failed): nothing to wait
-        for; the first attempt still going: what the queue holds may come yet."""
+        """A classic queue: the messages it held at connect are read, or (replicas sharing it
+        read a part each) nothing came for a moment and the queue holds none ready. A stream (no
+        end to compare with over AMQP 0.9.1): the broker, which pushes up to `prefetch`
+        unacknowledged messages at once, had nothing more for a moment. Unreachable (an attempt
+        failed): nothing to wait for; the first attempt still going: what the queue holds may
+        come yet."""
         if self.connection is None:
             return self._attempt is None or self.last_error != ""
-        if self._backlog is not None:
-            return self._read >= self._backlog
-        return not self._received and self._quiet()
+        if self._backlog is not None and self._read >= self._backlog:
+            return True
+        quiet = not self._received and self._quiet()
+        return quiet if self._backlog is None else quiet and self._none_ready()
 
     def _quiet(self) -> bool:
         assert self.connection is not None
@@ -244,6 +247,16 @@ class RabbitInput:
             self._lost(exc)
             return True
         return self._check_cancelled() or not self._received
+
+    def _none_ready(self) -> bool:
+        """The classic queue holds no message ready for a consumer (a passive declare): the rest
+        of its backlog is read, or in another replica's hands. Lost: nothing to wait for."""
+        assert self.channel is not None
+        try:
+            return self.channel.queue_declare(self.cfg.queue, passive=True).method.message_count == 0
+        except (AMQPError, OSError) as exc:
+            self._lost(exc)
+            return True
 
     def status(self) -> dict[str, Any]:
         down = 0.0 if self.down_since is None else self.monotonic() - self.down_since

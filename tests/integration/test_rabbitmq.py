@@ -19,6 +19,7 @@ import pytest
 from kvmeter.collector.config import RabbitConfig
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_rabbitmq import RabbitInput, resource_key
+from kvmeter.collector.inputs import Delivery
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Record, Settings
 from kvmeter.collector.service import Collector
@@ -216,6 +217,39 @@ def test_a_classic_queue_is_acknowledged_only_after_the_commit(rabbitmq_node: No
     assert third.poll(0.5) == []
     third.close()
     assert [r.order for r in got] == [None] * len(got)  # a classic queue keeps no replayable order
+
+
+def test_replicas_sharing_a_classic_queue_each_catch_up_without_waiting(
+    rabbitmq_node: Node, store: Store
+) -> None:
+    """Replicas on one classic queue share its backlog: each reads a part of what the queue held
+    when it connected. A replica whose part is read, the queue holding nothing ready, has caught
+    up: its measures start now. Before the fix it waited for the whole backlog it saw at connect,
+    which it never reads alone: the collector's catch-up ran out its 60 s at every start."""
+    cfg = names()
+    cfg = RabbitConfig(rabbitmq_node.url, cfg.exchange, cfg.queue, queue_type="classic", prefetch=1)
+    declaring = RabbitInput(cfg)  # the queue and its bindings, as a replica's earlier run left them
+    declaring.start()
+    connected(declaring)
+    declaring.close()
+    sc = scenario()
+    publish(rabbitmq_node, cfg.exchange, [(routing_key(v), v) for _, v in sc.events])
+    one, two = RabbitInput(cfg), RabbitInput(cfg)
+    held: list[Delivery] = []  # two's share: one message at a time (prefetch 1), not acknowledged yet
+    two.start()
+    wait_for(
+        lambda: bool(held.extend(two.poll(0.2))) or (two.connection is not None and bool(held)), 30, "two"
+    )
+    one.start()
+    first = Feeder(Collector(store, Settings(), Clock(NOW)), [one], Metrics(), poll_timeout=0.2)
+    wait_for(lambda: first.step(measures=False) or one.caught_up(), 30, "one's share read")
+    second = Feeder(Collector(store, Settings(), Clock(NOW)), [two], Metrics(), poll_timeout=0.2)
+    for delivery in held:
+        second.apply(delivery)
+    assert first.totals.events + second.totals.events == len(sc.events)
+    wait_for(two.caught_up, 5, "two caught up")
+    one.close()
+    two.close()
 
 
 class Collector9(Process):
