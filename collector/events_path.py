@@ -51,7 +51,11 @@ class EventsPath(MeasuresPath):
                 )
         # One insert order for every replica: concurrent chunks never wait on each other in a cycle.
         parsed.sort(key=lambda item: item[0].event_id)
-        read = {ev.event_id: lifecycle.as_read(ev) for ev, _ in parsed}  # kept here and in the store
+        # Kept here and in the store. An event delivered twice in one chunk keeps its first place
+        # in its source's order, as across chunks: the clock-skew rule reads that place.
+        read: dict[str, pb.LifecycleEvent] = {}
+        for ev, _ in parsed:
+            read.setdefault(ev.event_id, lifecycle.as_read(ev))
         now = self.clock()
         with self.store.write() as conn:
             final_through = self.store.finalized_through(conn)

@@ -13,10 +13,11 @@ store keeps where the read stood (offset, digest of the bytes before it): a star
 another file under the name reads the end of the one rotated away while stopped first, found
 the same way.
 
-Delivery order (the clock-skew rule's input): one counter per followed file name, never reset by
-a rotation, a truncation or a restart (the store keeps its high-water mark with the events), so
-a later line always has a later place whatever file it is in. A line read again after a restart
-gets a new place, but its event is stored already and keeps its first.
+Delivery order (the clock-skew rule's input): one counter per file name, never reset by a
+rotation, a truncation, a restart or another `kvmeter ingest` of a file of that name (the store
+keeps its high-water mark with the events), so a later line always has a later place whatever
+file it is in. A line read again after a restart gets a new place, but its event is stored
+already and keeps its first.
 """
 
 from __future__ import annotations
@@ -58,16 +59,20 @@ class EventsFile:
         follow: bool = True,
         chunk: int = CHUNK,
         store: Store | None = None,
+        resume: bool = True,
         lost: Callable[[], None] = lambda: None,
     ):
-        """`store`: keeps the delivery order's high-water mark and where the read stands (None:
-        both start at 0 each run, as `kvmeter ingest`'s);
+        """`store`: keeps the delivery order's high-water mark and, with `resume`, where the read
+        stands (None: both start at 0 each run); `resume` False (`kvmeter ingest`): the file is
+        read from its top, only the order continues: another file of the same name ingested
+        later (the next day's export) has later places, never places its lines did not take;
         `lost`: called for each truncation whose unread end could not be recovered."""
         self.path = path
         self.label = label or str(path)  # names the file in records' origins
         self.follow = follow  # a last line without its newline waits for it (the writer is mid-line)
         self.chunk = chunk
         self.store = store
+        self.resume = resume
         self.lost = lost
         self.offset = 0
         self.line = 0  # the line number in the file read (origins)
@@ -85,7 +90,7 @@ class EventsFile:
         with self.store.read() as conn:
             seq, offset, line, digest = (self.store.input_position(conn, n) for n in self._kept())
         self.seq = max(self.seq, seq)
-        if offset and self._handle is None:
+        if offset and self._handle is None and self.resume:
             self._resume(offset, line, digest)
 
     def _resume(self, offset: int, line: int, digest: int) -> None:
@@ -271,6 +276,7 @@ class EventsFile:
             return [Delivery(LIFECYCLE, part) for part in parts]
         store, names = self.store, self._kept()
         stand = dict(zip(names[1:], (self.offset, self.line, _short(self._digest)), strict=True))
+        stand = stand if self.resume else {}
 
         def keeping(seq: int, position: dict[str, int]) -> Callable[[Connection], None]:
             def keep(conn: Connection) -> None:

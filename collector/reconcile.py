@@ -12,7 +12,8 @@ applied like any other lifecycle event; its id is the digest of its content, so 
 give the same event and a pass run again adds nothing. Rules:
 
 - Two witnesses before any drift correction: CloudStack's answer now, and either the previous
-  pass's answer (taken after the resource's last event) or the agents' own view of the domain
+  pass's answer (taken after the resource's last event, by more than the clock skew between the
+  collector and the management servers) or the agents' own view of the domain
   (inventory state, for VMs; seen after the segment it would close opened). One witness alone
   waits for the next pass. The agents saying the opposite of CloudStack (a VM CloudStack calls
   stopped still running on a host that reported it within WITNESS_FRESH_MS) is a dispute: no
@@ -65,7 +66,7 @@ from kvmeter.collector.model import ResourceHistory, Segment
 from kvmeter.collector.policy import DEFAULT_POLICY, DESTROY, BillingPolicy
 from kvmeter.collector.reconcile_addresses import ips, routers
 from kvmeter.collector.reconcile_offerings import custom_size, offerings, size_details
-from kvmeter.collector.reconcile_view import Findings, View, open_segment, view_of
+from kvmeter.collector.reconcile_view import Findings, View, open_segment, read_after, view_of
 from kvmeter.collector.witness import Witness, observe
 
 __all__ = ["SOURCE", "Correction", "Findings", "View", "Witness", "observe", "reconcile", "view_of"]
@@ -161,7 +162,7 @@ def _vms(
         prev = _state(previous, uuid)
         last = view.last_event_ms.get(uuid, 0)
         prev_ms = previous.taken_ms if previous is not None else -1
-        prev_ok = previous is not None and prev_ms > last
+        prev_ok = previous is not None and read_after(prev_ms, last)
         running = open_segment(history.running) if history else None
         allocated = open_segment(history.allocated) if history else None
         witness = view.witness.get(uuid)
@@ -246,7 +247,7 @@ def _opened(
     uuid, last = vm.uuid, view.last_event_ms.get(vm.uuid, 0)
     prev = _state(previous, uuid)
     prev_ms = previous.taken_ms if previous is not None else -1
-    prev_ok = previous is not None and prev_ms > last
+    prev_ok = previous is not None and read_after(prev_ms, last)
     owner = _owner(view, snapshot, uuid, vm.account, vm.domain_id, vm.project_id)
     if owner is None:
         out.notes.append(f"{uuid}: CloudStack says {vm.state}, owner not known for sure: left alone")

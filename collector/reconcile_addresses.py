@@ -8,7 +8,7 @@ from __future__ import annotations
 from kvmeter.collector.correction import Correction
 from kvmeter.collector.cs_snapshot import Snapshot
 from kvmeter.collector.lifecycle import ROUTER_OWNER
-from kvmeter.collector.reconcile_view import Findings, View, open_segment
+from kvmeter.collector.reconcile_view import Findings, View, open_segment, read_after
 
 _IP_FREED = frozenset({"Free", "Releasing"})  # IPAddressResponse states of an address given back
 
@@ -22,7 +22,7 @@ def ips(view: View, snapshot: Snapshot, previous: Snapshot | None, out: Findings
         last = view.last_event_ms.get(uuid, 0)
         before = previous.ips.get(uuid) if previous is not None else None
         prev_ms = previous.taken_ms if previous is not None else -1
-        prev_ok = previous is not None and prev_ms > last
+        prev_ok = previous is not None and read_after(prev_ms, last)
         if held is not None and not listed:
             if not (prev_ok and (before is None or before.state in _IP_FREED)):
                 out.notes.append(

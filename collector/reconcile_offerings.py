@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from kvmeter.collector.correction import Correction
 from kvmeter.collector.cs_snapshot import Snapshot, Vm
-from kvmeter.collector.reconcile_view import Findings, View, open_segment
+from kvmeter.collector.reconcile_view import Findings, View, open_segment, read_after
 from kvmeter.collector.vm_size import size_text
 
 
@@ -23,9 +23,12 @@ def offerings(
         named, sizes = {s.offering for s in segments}, {s.size for s in segments}
         if not segments or (named == {vm.offering} and (not size or sizes == {size})):
             continue
-        if max(view.last_event_ms.get(uuid, 0), view.scaled_ms.get(uuid, 0)) > snapshot.taken_ms:
-            # The read began before the VM's latest event (a scaling the bus told of meanwhile):
-            # it says nothing of the offering since; the next pass will.
+        if not read_after(
+            snapshot.taken_ms, max(view.last_event_ms.get(uuid, 0), view.scaled_ms.get(uuid, 0))
+        ):
+            # The read began before the VM's latest event, or within the clock skew of it (a
+            # scaling the bus told of meanwhile): it says nothing of the offering since; the
+            # next pass will.
             out.notes.append(f"{uuid}: an event came after this pass's read began: offering left alone")
             continue
         start = max(s.start_ms for s in segments)

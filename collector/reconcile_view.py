@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kvmeter.collector.correction import Correction
+from kvmeter.collector.lifecycle_order import MAX_SKEW_MS
 from kvmeter.collector.model import ResourceHistory, Segment
 from kvmeter.collector.witness import Witness
 from kvmeter.proto import pb
@@ -47,6 +48,13 @@ def view_of(
             if ev.event_type in SCALING:
                 scaled[resource] = max(scaled.get(resource, 0), ev.time)
     return View(histories, last, scaled, dict(witness or {}))
+
+
+def read_after(taken_ms: int, event_ms: int) -> bool:
+    """Whether a pass read at taken_ms (the collector's clock) surely read after an event stamped
+    event_ms (a management server's clock): later by more than the clock skew between them
+    (lifecycle_order.MAX_SKEW_MS); a read closer to the event may have come before it."""
+    return taken_ms > event_ms + MAX_SKEW_MS
 
 
 def open_segment(segments: list[Segment]) -> Segment | None:
