@@ -89,6 +89,10 @@ class BalanceBook:
         crossing, or raise one, that the newer view does not see). Accounts no longer watched
         (their threshold removed, their credits not in the tariff's currency) are not below
         anything any more."""
+        # No tariff, nothing rated: no balance is known, and none is "not below" (unwatching them
+        # all would re-arm every crossing: a second alert for the same fall once rated again).
+        if self.tariff() is None:
+            return []
         computed = self.balances(None, now_ms)
         watched = [b for b in computed if b.threshold is not None]
         postgres = self.store.is_postgres

@@ -237,7 +237,7 @@ def from_dict(doc: dict[str, Any], source: str = "config", base: Path | None = N
     tariff, tariff_file = billing_section(doc.get("billing"), base, billable, problems)
     bootstrap = kafka.get("bootstrap", "") if isinstance(kafka, dict) else ""
     handoff = handoff_config(doc.get("handoff"), bootstrap, base, problems)
-    balances = balances_config(doc.get("balances"), problems)
+    balances = balances_config(doc.get("balances"), problems, priced=tariff_file is not None)
     if problems:
         raise ConfigError(source, problems)
     return CollectorConfig(

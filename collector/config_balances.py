@@ -9,8 +9,8 @@
     "5f3e...-uuid" = "50.00"
 
 Amounts are strings (money is never a float), in the tariff's currency. Balances need costs,
-so the section needs a tariff ([billing] tariff_file). No section: no alerts; credits and
-/v1/balances work all the same.
+so the section needs a tariff ([billing] tariff_file): without one it is refused. No section: no
+alerts; credits and /v1/balances work all the same.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ BALANCES_SCHEMA: dict[str, Any] = {
     "properties": {
         "threshold": _AMOUNT,
         "evaluate_seconds": {"type": "number", "exclusiveMinimum": 0},
-        "webhook_url": {"type": "string", "pattern": "^https?://"},
+        "webhook_url": {"type": "string", "pattern": "^https?://[^\\s/]+"},  # a host, as [handoff]
         "webhook_timeout_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 300},
         "accounts": {"type": "object", "additionalProperties": _AMOUNT},
     },
@@ -46,10 +46,13 @@ class BalancesConfig:
     webhook_timeout_s: float = 10.0
 
 
-def balances_config(section: Any, problems: list[str]) -> BalancesConfig | None:
-    """The section's settings (problems appended, the schema's own already listed); None: none."""
+def balances_config(section: Any, problems: list[str], *, priced: bool) -> BalancesConfig | None:
+    """The section's settings (problems appended, the schema's own already listed); None: none.
+    priced: [billing] names a tariff file."""
     if not isinstance(section, dict):
         return None
+    if not priced:  # nothing rated, no balance known: an evaluation would re-arm every crossing
+        problems.append("balances: needs a tariff ([billing] tariff_file): a balance is credits minus costs")
 
     def amount(value: Any, at: str) -> Decimal | None:
         if not isinstance(value, str):

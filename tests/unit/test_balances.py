@@ -4,6 +4,7 @@ to below, once; staying below is none; a credit re-arms; every bad threshold is 
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from kvmeter.collector import config
 from kvmeter.collector.balances import Balance, Thresholds, crossings
 
 D = Decimal
+TARIFF = {"tariff_file": str(Path(__file__).resolve().parents[2] / "packaging/config/tariff.toml.example")}
 
 
 def bal(account: str, credits: str, costs: str, threshold: str | None = "5") -> Balance:
@@ -43,7 +45,10 @@ def test_thresholds_own_over_default() -> None:
 
 def test_balances_section() -> None:
     cfg = config.from_dict(
-        {"balances": {"threshold": "10.00", "evaluate_seconds": 5, "accounts": {"acct-b": "0"}}}
+        {
+            "billing": TARIFF,
+            "balances": {"threshold": "10.00", "evaluate_seconds": 5, "accounts": {"acct-b": "0"}},
+        }
     ).balances
     assert cfg is not None
     assert cfg.thresholds == Thresholds(D("10.00"), {"acct-b": D("0")})
