@@ -36,13 +36,17 @@ class CloudStackApi:
     def fetch(self) -> dict[str, Any]:
         """Every list of the pass, all pages, as CloudStack's items (dicts). Lists of resources
         projects may own are read twice: `listall` alone leaves project resources out, and
-        `projectid=-1` lists only those (a project's VM missing would look destroyed)."""
+        `projectid=-1` lists only those (a project's VM missing would look destroyed). VMs are
+        read twice more, with `displayvm=false` (hidden VMs)."""
         raw: dict[str, Any] = {}
         for command in LISTS:
-            items = self._list(command)
-            if command in PROJECT_LISTS:
-                items = [*items, *self._list(command, projectid="-1")]
-            raw[command] = items
+            scopes: list[dict[str, str]] = [{}, {"projectid": "-1"}] if command in PROJECT_LISTS else [{}]
+            if command == "listVirtualMachines":
+                # Without `displayvm` CloudStack lists displayed VMs only, to root admins too
+                # (ListVMsCmd.getDisplay defaults to true; QueryManagerImpl filters on it): a
+                # hidden VM would look destroyed, or stay billed while its host runs it.
+                scopes += [{**scope, "displayvm": "false"} for scope in scopes]
+            raw[command] = [item for scope in scopes for item in self._list(command, **scope)]
         return raw
 
     def _list(self, command: str, **params: str) -> Any:

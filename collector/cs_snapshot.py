@@ -59,6 +59,7 @@ class Vm:
     custom: bool = False  # its size is its own (a custom offering's cpuNumber / memory details)
     template: str = ""  # templateid (shown in listUsageRecords)
     cpu_speed: int | None = None  # cpuspeed, MHz (shown in listUsageRecords)
+    display: bool = True  # displayvm: a hidden VM (false) has no VM time in CloudStack's usage
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,7 @@ def _vm(d: dict[str, Any]) -> Vm:
         d["id"], _s(d, "name"), _s(d, "state"), _s(d, "account"), _s(d, "domainid"), _s(d, "projectid"),
         _s(d, "serviceofferingid"), _int(d, "cpunumber"), _int(d, "memory"), _time(d, "created"),
         _s(d, "zoneid"), _custom(d), template=_s(d, "templateid"), cpu_speed=_int(d, "cpuspeed"),
+        display=_bool(d, "displayvm", default=True),
     )  # fmt: skip
 
 
@@ -231,6 +233,15 @@ def _int(d: dict[str, Any], key: str) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise SnapshotError(f"{key} of {d.get('id')} is not a whole number: {value!r}")
+    return value
+
+
+def _bool(d: dict[str, Any], key: str, *, default: bool) -> bool:
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SnapshotError(f"{key} of {d.get('id')} is not true or false: {value!r}")
     return value
 
 

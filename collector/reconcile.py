@@ -27,6 +27,9 @@ give the same event and a pass run again adds nothing. Rules:
   an allocation kvmeter has ended after it, else the previous pass); a listed VM kvmeter never
   heard of -> VM.CREATE at `created`.
   States in transition (Starting, Stopping, Migrating, ...) are left alone.
+- Hidden VMs (displayvm=false; CloudStack's usage has no VM time for them, see _hidden): open
+  segments closed by the end of an allocation at the previous pass that saw it hidden too (taken
+  after its last event); never a VM.CREATE / VM.START; the host running it is no dispute.
 - IPs: open in kvmeter, not listed (or Free) -> NET.IPRELEASE; listed Allocated, not open in
   kvmeter -> NET.IPASSIGN at `allocated` (or the earliest observation after kvmeter's last event).
 - Offerings: a VM's open segments name no offering -> VM.DYNAMIC.SCALE at their start (a split
@@ -171,6 +174,10 @@ def _vms(
         ended = {_GONE, *(GONE_STATES if policy.allocated_until == DESTROY else EXPUNGED_STATES)}
         ending = "VM.DESTROY" if policy.allocated_until == DESTROY else "VM.EXPUNGE"
         account = history.owner_at(snapshot.taken_ms) or "" if history else ""
+        if vm is not None and not vm.display and not gone:
+            if _hidden(vm, previous, last, running, allocated, account, out, policy):
+                corrected.add(uuid)
+            continue
         if running is not None and (state == STOPPED or gone):
             if witness is not None and witness.running and _fresh(witness, snapshot):
                 out.notes.append(f"{uuid}: CloudStack says {state}, its host still runs it: left running")
@@ -228,6 +235,35 @@ def _vms(
                 ):
                     corrected.add(uuid)
     return corrected
+
+
+def _hidden(
+    vm: Vm,
+    previous: Snapshot | None,
+    last: int,
+    running: Segment | None,
+    allocated: Segment | None,
+    account: str,
+    out: Findings,
+    policy: BillingPolicy,
+) -> bool:
+    """A VM CloudStack hides (displayvm=false) has no VM time in its usage: UsageEventUtils saves
+    no usage event of a hidden VM (its VM.CREATE / START / STOP / DESTROY reach the bus only),
+    and hiding one saves VM.DESTROY (and VM.STOP when running). So its open segments are closed
+    as at a destroy, none is opened, and its host running it is no dispute."""
+    if running is None and allocated is None:
+        return False
+    before = previous.vms.get(vm.uuid) if previous is not None else None
+    if previous is None or before is None or before.display or not read_after(previous.taken_ms, last):
+        out.notes.append(
+            f"{vm.uuid}: CloudStack hides it (displayvm=false), kvmeter bills it: awaiting a second witness"
+        )
+        return False
+    kind = "VM.DESTROY" if policy.allocated_until == DESTROY else "VM.EXPUNGE"
+    reason = "CloudStack hides the VM (displayvm=false): its usage has no VM time for it"
+    found = Correction(vm.uuid, "VirtualMachine", kind, previous.taken_ms, account, reason)
+    out.corrections.extend([found] if kind == "VM.EXPUNGE" else _running_change(policy, found, allocated))
+    return True
 
 
 def _opened(

@@ -16,6 +16,10 @@ Follows CloudStack's own source (the class named beside each rule):
   caller's own account's; without projectid no project's, projectid=-1 those of every project
   only. listPublicIpAddresses without allocatedonly=false leaves free addresses out
   (ManagementServerImpl.searchForIPAddresses); `state` filters VMs, routers and addresses.
+- listVirtualMachines lists the VMs whose `displayvm` is the parameter's, true when not given,
+  to root admins too (ListVMsCmd.getDisplay defaults to BaseListAccountResourcesCmd's true;
+  QueryManagerImpl.searchForUserVMIdsAndCount filters on it). The caller here is a root admin,
+  who may pass it.
 - errors (ExceptionResponse, ApiServer.getSerializedApiError): `{"<name>": {"uuidList": [],
   "errorcode": N, "cserrorcode": C, "errortext": ...}}` with HTTP status N; an unknown command
   is 432 under "errorresponse", checked before the signature (ApiServer.verifyRequest); a bad
@@ -84,15 +88,17 @@ def offering(
 
 def vm(uuid: str, name: str, owner: str, state: str, offering_id: str, created_ms: int, cpu: int = 1,
        memory: int = 512, domain_id: str = ROOT, project_id: str = "",
-       details: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+       details: dict[str, str] | None = None, display: bool = True) -> dict[str, Any]:  # fmt: skip
     """UserVmResponse. `details` is the VM's own details (a custom offering's cpuNumber /
-    cpuSpeed / memory are there)."""
+    cpuSpeed / memory are there); `display` its displayvm (updateVirtualMachine displayvm=false
+    hides it from its owner)."""
     project = {"projectid": project_id, "project": "proj"} if project_id else {}
     item = {**project, "id": uuid, "name": name, "displayname": name, "account": owner, "domainid": domain_id,
             "domain": "ROOT", "created": api_date(created_ms), "state": state, "zoneid": "zone-1",
             "zonename": "zone1", "serviceofferingid": offering_id, "serviceofferingname": offering_id,
             "cpunumber": cpu, "cpuspeed": 1000, "memory": memory, "hypervisor": "KVM",
-            "instancename": f"i-2-{zlib.crc32(uuid.encode()) % 1000}-VM", "nic": []}  # fmt: skip
+            "instancename": f"i-2-{zlib.crc32(uuid.encode()) % 1000}-VM", "nic": [],
+            "displayvm": display}  # fmt: skip
     if details is not None:
         item["details"] = details
     return item
@@ -255,6 +261,9 @@ class CloudStackApiDouble:
                 items = [i for i in items if i.get("account") == CALLER and i.get("domainid") == ROOT]
         if command == "listPublicIpAddresses" and args.get("allocatedonly", "").lower() != "false":
             items = [i for i in items if i.get("allocated")]
+        if command == "listVirtualMachines":
+            display = args.get("displayvm", "true").lower() == "true"
+            items = [i for i in items if i.get("displayvm", True) == display]
         if command in STATE_LISTS and args.get("state"):
             items = [i for i in items if str(i.get("state", "")).lower() == args["state"].lower()]
         return items

@@ -27,6 +27,7 @@ def double() -> Iterator[api.CloudStackApiDouble]:
             api.vm("vm-mine", "a", api.CALLER, "Running", "small", T0),
             api.vm("vm-alice", "b", "alice", "Stopped", "small", T0),
             api.vm("vm-proj", "c", "PrjAcct-p", "Running", "small", T0, project_id="proj-1"),
+            api.vm("vm-hidden", "d", "alice", "Running", "small", T0, display=False),
         ]
         d.cloud["listPublicIpAddresses"] = [
             api.public_ip("ip-held", "203.0.113.7", "alice", T0),
@@ -83,6 +84,9 @@ def test_whose_resources(double: api.CloudStackApiDouble) -> None:
     assert ids(cs.listVirtualMachines(listall=True)) == ["vm-alice", "vm-mine"]
     assert ids(cs.listVirtualMachines(listall=True, projectid=-1)) == ["vm-proj"]
     assert ids(cs.listVirtualMachines(listall=True, state="stopped")) == ["vm-alice"]
+    # displayed VMs only unless displayvm is given, to a root admin too
+    assert ids(cs.listVirtualMachines(listall=True, displayvm="false")) == ["vm-hidden"]
+    assert ids(cs.listVirtualMachines(listall=True, displayvm="true")) == ["vm-alice", "vm-mine"]
     ips = lambda doc: sorted(v["id"] for v in doc.get("publicipaddress", []))  # noqa: E731
     assert ips(cs.listPublicIpAddresses(listall=True)) == ["ip-held"]  # allocatedonly by default
     assert ips(cs.listPublicIpAddresses(listall=True, allocatedonly=False)) == ["ip-free", "ip-held"]

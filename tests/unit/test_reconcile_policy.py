@@ -137,3 +137,20 @@ def test_first_start_a_created_vm_never_started_needs_no_correction() -> None:
 def _state_start(hours: float) -> list[pb.LifecycleEvent]:
     """A start told by a resource-state event (with the usage event naming the owner)."""
     return [state("Starting", "Running", hours), usage("VM.START", hours, ALICE)]
+
+
+def test_hidden_vm_is_closed_under_every_policy() -> None:
+    """A VM CloudStack lists hidden (displayvm=false) in two passes has no VM time in its usage:
+    the policy's corrections end RUNNING and ALLOCATED at the earlier pass, and open nothing."""
+    hidden = {**vm("Running"), "displayvm": False}
+    now, before = snap(5, VirtualMachines=[hidden]), snap(3, VirtualMachines=[hidden])
+    for policy in (BillingPolicy(), STATE_RUNNING, EXPUNGE, FIRST_START):
+        life = [usage("VM.CREATE", 0, ALICE, "small"), *_state_start(1)]
+        found, fixed = run(policy, life, now, before)
+        assert found.corrections, policy
+        assert all("displayvm" in c.reason for c in found.corrections)
+        history = build_history(fixed, policy)[VM]
+        start = 1 if policy is FIRST_START else 0
+        assert spans(history, "running") == [(1, 3)], policy
+        assert spans(history, "allocated") == [(start, 3)], policy
+        assert settled(policy, fixed, now, before), policy
