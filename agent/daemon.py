@@ -161,6 +161,7 @@ class Agent(Measuring):
         self._committed_state: dict[str, Any] | None = None
         self._templates = Templates()
         self._gone: dict[str, CounterKey] = {}  # name -> key of the links this poll's events deleted
+        self._moved = []  # this poll's deltas of links up to their move off a bridge (Measuring)
         self._plan: PollPlan | None = None
         self._inventory_records = InventoryRecords()
         self._inventory_plan: PollPlan | None = None  # the plan the records were last updated for
@@ -284,8 +285,10 @@ class Agent(Measuring):
         if steady is not None and plan.encoder is not None:
             steady_parts, self.last_measures, totals = plan.encoder.encode_parts(steady, room)
         del steady  # the encoder's parts hold what they need of it
-        if deltas:  # a poll by rows, or the counters a mixed poll took by rows
+        if deltas or self._moved:  # a poll by rows, or the counters a mixed poll took by rows
             measures = pb.MeasureBatch()
+            for delta, who in self._moved:  # links moved off a bridge: their bytes until then
+                add_measures(measures.measures, (delta,), {delta.key: who}, None, totals)
             unattributed = add_measures(measures.measures, deltas, self._attribution, self._templates, totals)
             row_parts = split_fields(measures.SerializeToString(), room)
             self.last_measures += len(measures.measures)

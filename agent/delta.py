@@ -19,6 +19,8 @@ Rules (each has a table test in tests/unit/test_delta.py):
 - A final sample (RTM_DELLINK's stats) closes its counter; later samples of that key are ignored
   and the same name with a new ifindex is a new counter.
 - A link renamed (the same ifindex) goes on as the same counter under its new key (`renamed`).
+- A link that left its bridge (RTM_NEWLINK's stats at the move) is read there and goes on
+  (`moved`): the bytes before are its old place's, those after its new one's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Set
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import attrgetter, eq
+from operator import attrgetter, eq, sub
 from typing import Any
 
 from kvmeter.agent.counter_rows import CounterRow, SteadyColumns
@@ -128,6 +130,20 @@ class DeltaEngine(ColumnPolls, ColumnFinals):
         elif old in self._preexisting:
             self._preexisting.add(new)
         self._preexisting.discard(old)
+
+    def moved(self, now_ms: int, mono_ms: int, sample: CounterSample) -> Delta | None:
+        """A tracked counter's reading as its link left its bridge: the delta up to it (the old
+        place's bytes), the counter going on from it. None, with nothing changed, for a counter
+        not tracked (its next poll's rules apply) or a reading not past the last one's (taken
+        before the last poll read the counter: nothing to split)."""
+        key = sample.key
+        if key.boot_id != self.boot_id or key in self._closed:
+            return None
+        self._lift(key)  # out of the steady columns, if there: its row goes on from this reading
+        prev = self._counters.get(key)
+        if prev is None or mono_ms <= prev.mono_ms or min(map(sub, _values(sample), prev[2:6])) < 0:
+            return None
+        return self._advance(sample, now_ms, mono_ms, final=False)
 
     def poll(
         self,

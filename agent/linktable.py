@@ -29,13 +29,15 @@ Stats = tuple[int, int, int, int]
 
 @dataclass(frozen=True, **SLOTS)
 class LinkEvent:
-    """A link appeared (``kind="new"``), was deleted (``kind="del"``) or renamed
-    (``kind="rename"``: the same device and counters under a new name, ``was`` the old one).
+    """A link appeared (``kind="new"``), was deleted (``kind="del"``), renamed
+    (``kind="rename"``: the same device and counters under a new name, ``was`` the old one) or
+    left its master (``kind="move"``: a tap taken off its bridge, to another or to none).
 
     ``stats`` are the counters carried by the message itself (``IFLA_STATS64``): for ``del``
     they are the interface's final counters, taken by the kernel as it removed the device, so
-    the bytes between the last poll and a VM stop/reboot/unplug are not lost. ``stats`` is None
-    when the message had none, and for ``del`` events synthesised after a netlink overrun (the
+    the bytes between the last poll and a VM stop/reboot/unplug are not lost; for ``move`` its
+    counters as it left the master (what it moved there: that place's traffic type). ``stats``
+    is None when the message had none, and for ``del`` events synthesised after a netlink overrun (the
     link vanished while events were being dropped; its tail is unknown). No timestamp: the
     consumer stamps time when it receives the event.
 
@@ -45,7 +47,7 @@ class LinkEvent:
     note).
     """
 
-    kind: str  # "new" | "del" | "rename"
+    kind: str  # "new" | "del" | "rename" | "move"
     ifname: str
     ifindex: int
     stats: Stats | None = None
@@ -97,8 +99,9 @@ class LinkTable:
         """Apply one message; return the event it means, if any.
 
         ``RTM_NEWLINK`` for an unknown ifindex -> ``new``; for a known one under a new name
-        (``ip link set vnet0 name tap-x``) -> ``rename``; for a known link it only updates the
-        record (master, state changes). ``RTM_DELLINK``
+        (``ip link set vnet0 name tap-x``) -> ``rename``; for a known link off the master it
+        had (``ip link set vnet0 nomaster``, or ``master`` another) -> ``move``; else it only
+        updates the record (a first master, state changes). ``RTM_DELLINK``
         -> ``del`` always, even for a link the table never saw (it may have been created and
         deleted between the dump and the subscription).
         """
@@ -119,6 +122,10 @@ class LinkTable:
             return LinkEvent("new", record.ifname, record.ifindex, record.stats)
         if previous.ifname != record.ifname:
             return LinkEvent("rename", record.ifname, record.ifindex, record.stats, previous.ifname)
+        if previous.master is not None and previous.master != record.master:
+            # Its bytes until now are its old place's: the message's counters split them (a tap's
+            # first master, as libvirt plugs it, is no move: nothing was typed before it)
+            return LinkEvent("move", record.ifname, record.ifindex, record.stats)
         return None
 
     def replace_all(self, records: Iterable[LinkRecord]) -> list[LinkEvent]:

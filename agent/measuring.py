@@ -16,9 +16,10 @@ from operator import attrgetter, eq, is_, is_not, not_
 from kvmeter.agent.counters import CounterTable, KernelTable, Stats
 from kvmeter.agent.delta_finals import FinalReading
 from kvmeter.agent.linktable import LinkEvent
+from kvmeter.agent.measures import Attribution
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
-from kvmeter.agent.model import ColumnDeltas, CounterKey, Delta, DomainInfo, NicInfo
+from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta, DomainInfo, NicInfo
 from kvmeter.agent.ownership import Ownership
 from kvmeter.agent.plan import PollPlan
 from kvmeter.agent.sources import CounterSource, Owned
@@ -36,6 +37,8 @@ _NAME = attrgetter("name")
 _STATS = attrgetter("stats")
 _WALL_MS = attrgetter("wall_ms")
 _MONO_MS = attrgetter("mono_ms")
+_IN_TURN = frozenset(("rename", "move"))  # event kinds applied in turn, never all at once
+_NOTHING_MOVED: Mapping[CounterKey, Attribution] = {}
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,8 @@ class Measuring(Ownership):
     # New taps left unread (see _hold_unowned): the NIC that claims them, polls waited
     _waiting: dict[CounterKey, tuple[NicInfo, int]]
     _incarnations: dict[CounterKey, int]  # the domain id each NIC without a link was last read under
+    # This poll's deltas of links up to their move off a bridge, each with the attribution it had
+    _moved: list[tuple[Delta, Attribution]]
 
     def _measure(
         self, events: list[StampedEvent], *, final: bool = False
@@ -103,7 +108,7 @@ class Measuring(Ownership):
         """Read the counters and run the engine: (plan, poll time, the deltas of the counters
         taken by columns or None, the deltas of those taken by rows)."""
         generation = getattr(self.topology, "generation", None)
-        self._gone = {}
+        self._gone, self._moved = {}, []
         before = self.topology.links()
         table = self._table.read()
         if generation is not None and getattr(self.topology, "generation", None) == generation:
@@ -120,6 +125,9 @@ class Measuring(Ownership):
         # consumes the last plan's dicts)
         last = self._plan
         claimed = {e.ifname: last.devices.get(e.ifname) for e in events if e.kind == "new"} if last else {}
+        # The attribution of the links that left their bridge, before the plan gives them their
+        # new place: the bytes up to each move are the old one's
+        moved_from = self._moved_from(events) if events and "move" in map(_KIND, events) else _NOTHING_MOVED
         plan = self._plan_for(generation, stable)
         if claimed or self._waiting:
             self._hold_unowned(events, claimed, plan, final=final)
@@ -135,7 +143,7 @@ class Measuring(Ownership):
             if steady is not None:
                 self.metrics.interfaces.set(len(keys))
                 return plan, now_ms, steady, []
-        deltas = self._apply_events(events, plan.devices)
+        deltas = self._apply_events(events, plan.devices, moved_from)
         # After link events (or a counter that wrapped, reset or jumped): the counters that
         # stayed steady still go by columns, only the others by rows.
         if not plan.sourced and not handover and self._steady_encoder(plan) is not None:
@@ -210,24 +218,35 @@ class Measuring(Ownership):
         if held:
             self.engine.hold(held)
 
+    def _moved_from(self, events: list[StampedEvent]) -> dict[CounterKey, Attribution]:
+        """The attribution each link that `events` move off its bridge has (before this poll)."""
+        attribution = self._attribution
+        moved = [CounterKey(self.boot_id, e.ifindex, e.ifname) for e in events if e.kind == "move"]
+        return {key: attribution[key] for key in moved if key in attribution}
+
     def _apply_events(
-        self, events: list[StampedEvent], devices: Mapping[str, tuple[DomainInfo, NicInfo]]
+        self,
+        events: list[StampedEvent],
+        devices: Mapping[str, tuple[DomainInfo, NicInfo]],
+        moved_from: Mapping[CounterKey, Attribution],
     ) -> list[Delta]:
-        """Link events in the order they came: births for the engine, deletions' final counters.
-        Births and final counters go to the engine together (a VM storm's finals: by columns),
-        up to an event on a key among them: events of distinct keys commute."""
+        """Link events in the order they came: births for the engine, deletions' final counters,
+        moves' readings (into `_moved`, each with its attribution in `moved_from`). Births and
+        final counters go to the engine together (a VM storm's finals: by columns), up to an
+        event on a key among them: events of distinct keys commute."""
         # The object the plan holds for each link (the engine's and attribution's key): lookups
         # by identity, no key made per event
         keys = self._links.keys_of(map(_IFNAME, events), map(_IFINDEX, events))
-        if len(set(keys)) == len(keys) and "rename" not in map(_KIND, events):
+        if len(set(keys)) == len(keys) and not _IN_TURN.intersection(map(_KIND, events)):
             return self._apply_distinct(events, keys, devices)
-        return self._apply_in_turn(events, keys, devices)
+        return self._apply_in_turn(events, keys, devices, moved_from)
 
     def _apply_in_turn(
         self,
         events: list[StampedEvent],
         keys: list[CounterKey],
         devices: Mapping[str, tuple[DomainInfo, NicInfo]],
+        moved_from: Mapping[CounterKey, Attribution] = _NOTHING_MOVED,
     ) -> list[Delta]:
         born: list[CounterKey] = []
         finals: list[FinalReading] = []
@@ -250,6 +269,13 @@ class Measuring(Ownership):
                 deltas += self.engine.finals(finals)
                 born, finals, pending = [], [], {key}
                 self.engine.renamed(self._links.key(event.was, event.ifindex), key)
+            elif kind == "move" and event.stats is not None and key in moved_from:
+                # the link left its bridge: its bytes until then are billed as that place's
+                rx_bytes, rx_packets, tx_bytes, tx_packets = event.stats
+                sample = CounterSample(key, rx_bytes, tx_bytes, rx_packets, tx_packets)
+                delta = self.engine.moved(event.wall_ms, event.mono_ms, sample)
+                if delta is not None:
+                    self._moved.append((delta, moved_from[key]))
             elif kind == "del":
                 gone[key.name] = key
                 if event.stats is None:
