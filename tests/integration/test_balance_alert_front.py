@@ -21,10 +21,9 @@ from kvmeter.pipeline import allinone
 from kvmeter.tomlconfig import ConfigError
 from tests.billing_support import ACCT_A, GB, Cloud, tariff
 from tests.harness.http_receiver import serving
-from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
 from tests.harness.ports import free_port, wait_for_port
 from tests.harness.processes import KVMETER
-from tests.integration.test_balances_front import TARIFF, AllInOne, eventually, request
+from tests.integration.test_balances_front import TARIFF, AllInOne, allinone_toml, eventually, request
 from tests.integration.test_deadline_prune_reason_edges import TRICKLE_S, trickling
 
 TIMEOUT_S = 0.5  # [balances] webhook_timeout_seconds: each POST is over within it
@@ -77,19 +76,10 @@ def test_the_all_in_one_from_toml_ends_a_trickled_alert_post_at_webhook_timeout_
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with serving(FirstTrickles, "/alerts") as url:
-        config = tmp_path / "allinone.toml"
-        config.write_text(
+        config = allinone_toml(
+            tmp_path,
+            db,
             f"""
-[agent]
-host_id = "aio"
-poll_interval = 0.2
-state_dir = "{tmp_path / "agent"}"
-[libvirt]
-uri = "{write_node_xml(tmp_path / "node.xml", CLOUDSTACK_HOST)}"
-[metrics]
-enabled = false
-[store]
-url = "sqlite:///{db}"
 [usage]
 tick_seconds = 0.2
 [api]
@@ -101,7 +91,8 @@ threshold = "5.00"
 evaluate_seconds = 0.2
 webhook_url = "{url}"
 webhook_timeout_seconds = {TIMEOUT_S}
-"""
+""",
+            poll=0.2,
         )
         daemon = AllInOne(tmp_path, config)
         daemon.start()
@@ -142,24 +133,16 @@ def test_the_all_in_one_refuses_balances_without_a_tariff(tmp_path: Path) -> Non
     back, or one every period beside a replica that has it). `kvmeter run --all-in-one` from
     such a file is refused at start (exit 2, saying what is missing), as `kvmeter collector` is
     (the same loader), instead of running with alerts that cannot work."""
-    config = tmp_path / "allinone.toml"
-    config.write_text(
+    config = allinone_toml(
+        tmp_path,
+        tmp_path / "usage.db",
         f"""
-[agent]
-host_id = "aio"
-state_dir = "{tmp_path / "agent"}"
-[libvirt]
-uri = "{write_node_xml(tmp_path / "node.xml", CLOUDSTACK_HOST)}"
-[metrics]
-enabled = false
-[store]
-url = "sqlite:///{tmp_path / "usage.db"}"
 [api]
 enabled = false
 [balances]
 threshold = "5.00"
 webhook_url = "http://127.0.0.1:{free_port()}/alerts"
-"""
+""",
     )
     with pytest.raises(ConfigError, match=r"balances: needs a tariff \(\[billing\] tariff_file\)"):
         allinone.load(config)  # its collector part: the loader of `kvmeter collector`

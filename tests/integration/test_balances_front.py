@@ -71,6 +71,27 @@ def hook() -> Iterator[tuple[str, list[tuple[str, dict[str, Any]]]]]:
     server.server_close()
 
 
+def allinone_toml(tmp_path: Path, db: Path, sections: str, *, poll: float = 1.0) -> Path:
+    """The all-in-one's file: its agent on libvirt's test driver, no metrics, its store at `db`,
+    and `sections` (the collector's part under test)."""
+    config = tmp_path / "allinone.toml"
+    config.write_text(
+        f"""
+[agent]
+host_id = "aio"
+poll_interval = {poll}
+state_dir = "{tmp_path / "agent"}"
+[libvirt]
+uri = "{write_node_xml(tmp_path / "node.xml", CLOUDSTACK_HOST)}"
+[metrics]
+enabled = false
+[store]
+url = "sqlite:///{db}"
+{sections}"""
+    )
+    return config
+
+
 class AllInOne(Process):
     def __init__(self, workdir: Path, config: Path):
         super().__init__("allinone", workdir)
@@ -111,19 +132,10 @@ def test_one_alert_per_crossing_from_toml(tmp_path: Path, hook: tuple[str, list[
     cloud.send(ACCT_A, 9 * GB)  # 9.00 EUR of usage so far
     (tmp_path / "tariff.toml").write_text(TARIFF)
     port = free_port()
-    config = tmp_path / "allinone.toml"
-    config.write_text(
+    config = allinone_toml(
+        tmp_path,
+        db,
         f"""
-[agent]
-host_id = "aio"
-poll_interval = 1.0
-state_dir = "{tmp_path / "agent"}"
-[libvirt]
-uri = "{write_node_xml(tmp_path / "node.xml", CLOUDSTACK_HOST)}"
-[metrics]
-enabled = false
-[store]
-url = "sqlite:///{db}"
 [usage]
 tick_seconds = 1
 [api]
@@ -134,7 +146,7 @@ tariff_file = "tariff.toml"
 threshold = "5.00"
 evaluate_seconds = 0.3
 webhook_url = "{url}"
-"""
+""",
     )
     daemon = AllInOne(tmp_path, config)
     daemon.start()

@@ -98,3 +98,36 @@ def test_hidden_vms_do_not_refuse_the_whole_pass(rig: Rig, double: api.CloudStac
     assert any(
         r.get("displayvm") == "false" for r in double.requests if r["command"] == "listVirtualMachines"
     )
+
+
+def test_a_hide_and_show_flip_is_billed_as_cloudstack_publishes_it(
+    rig: Rig, double: api.CloudStackApiDouble
+) -> None:
+    """updateVirtualMachine displayvm=false on a running VM saves and publishes VM.DESTROY and
+    VM.STOP (UserVmManagerImpl.saveUsageEvent); displayvm=true later, VM.CREATE and VM.START. In
+    between CloudStack lists it hidden and Running, and its host runs it: the reconciler reopens
+    nothing (no VM.CREATE / VM.START correction), so the VM is billed when shown only."""
+    started_at, hidden_at = T0 + HOUR, rig.clock.now - HOUR
+    rig.events(
+        usage_event("VM.CREATE", VM1, ACCT_A, T0),
+        usage_event("VM.START", VM1, ACCT_A, started_at),
+        usage_event("VM.DESTROY", VM1, ACCT_A, hidden_at),
+        usage_event("VM.STOP", VM1, ACCT_A, hidden_at),
+    )
+    double.cloud["listVirtualMachines"] = [
+        api.vm(VM1, "web-1", "alice", "Running", "small", T0, display=False)
+    ]
+    stream = Stream("s1", "h1")
+    for _ in range(2):
+        _host_runs(rig, stream, VM1)
+        rig.run_pass(hours_later=1)
+    assert rig.corrections() == []
+    shown_at = rig.clock.now + HOUR // 2
+    rig.events(
+        usage_event("VM.CREATE", VM1, ACCT_A, shown_at), usage_event("VM.START", VM1, ACCT_A, shown_at)
+    )
+    double.cloud["listVirtualMachines"] = [api.vm(VM1, "web-1", "alice", "Running", "small", T0)]
+    rig.run_pass(hours_later=1)
+    assert rig.corrections() == []
+    running = rig.quantity(RUNNING_VM, VM1)
+    assert running == {ACCT_A: (hidden_at - started_at) + (rig.clock.now - shown_at)}

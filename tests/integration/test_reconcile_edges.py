@@ -14,12 +14,11 @@ from typing import Any
 import pytest
 
 from kvmeter.collector.cs_client import CloudStackApi
-from kvmeter.collector.model import RUNNING_VM, Settings
+from kvmeter.collector.model import Settings
 from kvmeter.collector.reconciler import Reconciler
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import Store
-from kvmeter.proto import pb
-from tests.collector_support import ACCT_A, HOUR, T0, VM1, Clock, Stream, usage_event
+from tests.collector_support import ACCT_A, HOUR, T0, VM1, Clock, usage_event
 from tests.harness import cloudstack_api as api
 from tests.integration.test_reconcile import Rig, cloud_double
 
@@ -187,38 +186,3 @@ def test_a_list_that_changed_between_pages_destroys_no_running_vm(tmp_path: Path
             assert rig.collector.histories[VM1].running[-1].end_ms is None
         finally:
             rig.store.close()
-
-
-def test_a_hide_and_show_flip_is_billed_as_cloudstack_publishes_it(
-    rig: Rig, cloud: api.CloudStackApiDouble
-) -> None:
-    """updateVirtualMachine displayvm=false on a running VM saves and publishes VM.DESTROY and
-    VM.STOP (UserVmManagerImpl.saveUsageEvent); displayvm=true later, VM.CREATE and VM.START. In
-    between CloudStack lists it hidden and Running, and its host runs it: the reconciler reopens
-    nothing (no VM.CREATE / VM.START correction), so the VM is billed when shown only."""
-    started_at, hidden_at = T0 + HOUR, rig.clock.now - HOUR
-    rig.events(
-        usage_event("VM.CREATE", VM1, ACCT_A, T0),
-        usage_event("VM.START", VM1, ACCT_A, started_at),
-        usage_event("VM.DESTROY", VM1, ACCT_A, hidden_at),
-        usage_event("VM.STOP", VM1, ACCT_A, hidden_at),
-    )
-    cloud.cloud["listVirtualMachines"] = [
-        api.vm(VM1, "web-1", "alice", "Running", "small", T0, display=False)
-    ]
-    stream = Stream("s1", "h1")
-    for _ in range(2):
-        batch = pb.MeasureBatch.FromString(stream.batch([], poll_time=rig.clock.now))
-        batch.inventory.add(uuid=VM1, name="i-2-10-VM", state=pb.RUNNING)
-        rig.collector.apply_batch(batch.SerializeToString())
-        rig.run_pass(hours_later=1)
-    assert rig.corrections() == []
-    shown_at = rig.clock.now + HOUR // 2
-    rig.events(
-        usage_event("VM.CREATE", VM1, ACCT_A, shown_at), usage_event("VM.START", VM1, ACCT_A, shown_at)
-    )
-    cloud.cloud["listVirtualMachines"] = [api.vm(VM1, "web-1", "alice", "Running", "small", T0)]
-    rig.run_pass(hours_later=1)
-    assert rig.corrections() == []
-    running = rig.quantity(RUNNING_VM, VM1)
-    assert running == {ACCT_A: (hidden_at - started_at) + (rig.clock.now - shown_at)}
