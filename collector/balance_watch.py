@@ -3,7 +3,8 @@ webhook delivery.
 
     BalanceBook(store, tariff, thresholds).balances(accounts, now_ms) -> [Balance]
     BalanceBook.evaluate(now_ms) -> [Crossing]      state change and outbox row, one transaction
-    AlertWebhook(url).deliver(store, now_ms)         POST each undelivered alert, tenacity backoff
+    AlertWebhook(url).deliver(store, now_ms)         POST each undelivered alert, tenacity backoff;
+                                                     new alerts first, then the least recently tried
     BalanceWatcher(book, webhook, ...).start()       both, every period: evaluations and deliveries
                                                      on threads of their own
 
@@ -22,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 
 from prometheus_client import Counter
@@ -34,7 +35,7 @@ from kvmeter.collector import balances as core
 from kvmeter.collector.balance_costs import CostsSince
 from kvmeter.collector.billing import Tariff
 from kvmeter.collector.config_balances import BalancesConfig
-from kvmeter.collector.http_deadline import post_status
+from kvmeter.collector.http_deadline import Rejected, post_status, refuses_item
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
@@ -125,15 +126,19 @@ def alert_body(alert: dict[str, object]) -> dict[str, object]:
     }
 
 
-def idempotency_key(alert_id: object) -> str:
-    return f"kvmeter-balance-alert-{alert_id}"
+def idempotency_key(alert: Mapping[str, object]) -> str:
+    """The alert's key as stored (balances.alert_key); one raised before migration 26 keeps the
+    key it may have been POSTed with already, of its id."""
+    return str(alert.get("idempotency_key") or f"kvmeter-balance-alert-{alert['id']}")
 
 
 class AlertWebhook:
-    """POSTs each undelivered alert as JSON with `Idempotency-Key: kvmeter-balance-alert-<id>`
-    (a receiver deduplicates by it: a replica may deliver an alert another already did); any
-    2xx is an acknowledgement. Retried with exponential backoff (tenacity); each POST is over
-    within timeout_s whatever the receiver does."""
+    """POSTs each undelivered alert as JSON with its `Idempotency-Key` (a receiver deduplicates
+    by it: a replica may deliver an alert another already did); any 2xx is an acknowledgement.
+    Retried with exponential backoff (tenacity); each POST is over within timeout_s whatever the
+    receiver does. As the hand-off's webhook: an alert the receiver refuses (a 4xx about it) is
+    not retried in its round, and a round takes the alerts never tried first, then those tried
+    least recently, so alerts refused for good never keep the others waiting."""
 
     def __init__(self, url: str, *, timeout_s: float = 10.0, attempts: int = WEBHOOK_ATTEMPTS,
                  backoff_s: float = 0.5, max_wait_s: float = 30.0):  # fmt: skip
@@ -143,17 +148,19 @@ class AlertWebhook:
         self.backoff_s = backoff_s
         self.max_wait_s = max_wait_s
 
-    def _post(self, body: dict[str, object]) -> None:
+    def _post(self, body: dict[str, object], key: str) -> None:
         request = urllib.request.Request(
             self.url,
             data=json.dumps(body).encode(),
             method="POST",
-            headers={"Content-Type": "application/json", "Idempotency-Key": idempotency_key(body["id"])},
+            headers={"Content-Type": "application/json", "Idempotency-Key": key},
         )
         try:  # within timeout_s in all (a trickled answer too); a 3xx, not a 2xx, is not followed
             status = post_status(request, self.timeout_s)
         except (http.client.HTTPException, ValueError) as exc:  # an answer that is not HTTP
             raise OSError(f"webhook answered no HTTP: {type(exc).__name__}: {exc}") from None
+        if refuses_item(status):
+            raise Rejected(f"webhook refused it: {status}")
         if not 200 <= status < 300:
             raise OSError(f"webhook answered {status}")
 
@@ -163,7 +170,7 @@ class AlertWebhook:
             pending = stored.undelivered(conn)
         delivered = failed = 0
         for alert in pending:
-            body = alert_body(alert)
+            body, key = alert_body(alert), idempotency_key(alert)
             retrying = Retrying(
                 stop=stop_after_attempt(self.attempts),
                 wait=wait_exponential(multiplier=self.backoff_s, max=self.max_wait_s),
@@ -175,17 +182,17 @@ class AlertWebhook:
                 for attempt in retrying:
                     with attempt:
                         tries += 1
-                        self._post(body)
-            except OSError as exc:
+                        self._post(body, key)
+            except (OSError, Rejected) as exc:  # tried again next round, behind the others
                 failed += 1
                 log.warning("balance alert %s not delivered after %d attempt(s): %s", alert["id"], tries, exc)
                 with store.write() as conn:
-                    stored.count_attempts(conn, {int(alert["id"]): tries})
+                    stored.count_attempts(conn, {int(alert["id"]): tries}, now_ms())
                 continue
             delivered += 1
             with store.write() as conn:
                 stored.mark_delivered(conn, int(alert["id"]), now_ms())
-                stored.count_attempts(conn, {int(alert["id"]): tries})
+                stored.count_attempts(conn, {int(alert["id"]): tries}, now_ms())
         return delivered, failed
 
 

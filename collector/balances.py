@@ -7,13 +7,23 @@ account's threshold (its own, else the default). A crossing is the change from n
 never evaluated) to below: it raises one alert. Staying below raises nothing more; a credit that
 lifts the balance to the threshold or above re-arms it, so the next fall is a new crossing.
 Metering and billing never look at a balance.
+
+An alert's key (its webhook's Idempotency-Key) is derived from what makes it that alert: the
+account, its crossing's number and the evaluation's instant. The same alert keeps it on every
+retry, after a restart and in a rebuilt store (carried); another store's alert, numbered from 1
+again (a new installation, a second one posting to the same receiver), gets another.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+# Fixed forever: changing it would change the key of every alert not yet delivered.
+ALERT_NAMESPACE = uuid.UUID("3bad8e46-3e26-404d-a6c0-5ffa2057c98b")
 
 
 @dataclass(frozen=True)
@@ -63,3 +73,9 @@ def crossings(balances: list[Balance], below_before: Mapping[str, bool]) -> list
             assert b.threshold is not None
             out.append(Crossing(b.account, b.balance, b.threshold, b.currency))
     return out
+
+
+def alert_key(account: str, crossing: int, crossed_ms: int) -> str:
+    """The Idempotency-Key of the account's crossing-th alert, raised at crossed_ms."""
+    name = json.dumps([account, crossing, crossed_ms], separators=(",", ":"), ensure_ascii=True)
+    return f"kvmeter-balance-alert-{uuid.uuid5(ALERT_NAMESPACE, name)}"

@@ -2,6 +2,7 @@
 within its timeout as a whole.
 
     status = post_status(request, timeout_s)    # the answer's status, 3xx not followed
+    refuses_item(status) -> bool                # a 4xx about the one item POSTed (Rejected)
 
 urllib's timeout bounds each socket operation, not the request: a receiver that trickles its
 answer (a byte every few seconds) would hold a delivery round, and the hand-off's lease with
@@ -19,6 +20,21 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+
+
+class Rejected(Exception):
+    """The receiver refused this one item (a 4xx that is about the item, not about the receiver
+    or the sender's credentials): trying it again at once is pointless, the items after it go on."""
+
+
+# 4xx answers about the receiver, the URL or the sender's credentials, not about the one item:
+# a delivery stops there (or retries) as it does for a receiver that is down.
+_NOT_ITEM_SPECIFIC = {401, 403, 404, 405, 407, 408, 410, 425, 429}
+
+
+def refuses_item(status: int) -> bool:
+    """Whether an answer with this status refuses the one item POSTed (see Rejected)."""
+    return 400 <= status < 500 and status not in _NOT_ITEM_SPECIFIC
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):

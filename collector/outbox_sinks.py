@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from kvmeter.collector.config_handoff import HandoffConfig
-from kvmeter.collector.http_deadline import post_status
+from kvmeter.collector.http_deadline import Rejected, post_status, refuses_item
 from kvmeter.collector.store.outbox import OutboxRow
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,6 @@ TRANSACTION_HEADER = "transaction_id"  # the Kafka record header naming the item
 
 class DeliveryError(Exception):
     """A delivery the receiver did not acknowledge."""
-
-
-class Rejected(Exception):
-    """The receiver refused this one item (a 4xx that is about the item, not about the receiver
-    or the sender's credentials): trying it again at once is pointless, the items after it go on."""
-
-
-# 4xx answers about the receiver, the URL or the sender's credentials, not about the one item:
-# the round stops there as it does for a receiver that is down.
-_NOT_ITEM_SPECIFIC = {401, 403, 404, 405, 407, 408, 410, 425, 429}
 
 
 class Sink(Protocol):
@@ -198,7 +188,7 @@ class WebhookSink:
         except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, reset, late, not HTTP
             self.on_error(f"{type(exc).__name__}: {exc}")
             raise DeliveryError(f"{row.transaction_id}: {exc}") from None
-        if 400 <= status < 500 and status not in _NOT_ITEM_SPECIFIC:
+        if refuses_item(status):
             self.on_error(f"HTTP {status}")
             raise Rejected(f"{row.transaction_id}: HTTP {status}")
         if not 200 <= status < 300:

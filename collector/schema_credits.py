@@ -7,7 +7,9 @@ balance_state    per account, whether its balance was below its threshold at the
                  whichever replica evaluates
 balance_alerts   one row per crossing, written with the state change: the webhook's outbox;
                  (account, crossing) is unique (migration 18), so two replicas that both took
-                 the same fall for theirs write one alert between them
+                 the same fall for theirs write one alert between them; its webhook's
+                 Idempotency-Key is stored with it, and its last attempt's instant orders
+                 the delivery rounds (migration 26)
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ balance_alerts = sa.Table(
     sa.Column("delivered_ms", sa.BigInteger),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     sa.Column("crossing", sa.Integer),  # the account's n-th (migration 18; NULL: raised before it)
+    # NULL: raised before migration 26, POSTed as kvmeter-balance-alert-<id> (kept: it may have been)
+    sa.Column("idempotency_key", sa.String(80)),
+    sa.Column("tried_ms", sa.BigInteger),  # the last attempt (NULL: never): a round takes the least recent
     sa.Index("ix_balance_alerts_undelivered", "delivered_ms", "id"),
     sa.Index("ux_balance_alerts_crossing", "account", "crossing", unique=True),
 )
@@ -80,3 +85,14 @@ def migration_18(conn: Connection) -> None:
         "CREATE UNIQUE INDEX IF NOT EXISTS ux_balance_alerts_crossing ON balance_alerts (account, crossing)"
     )
     conn.execute(sa.text(unique))
+
+
+def migration_26(conn: Connection) -> None:
+    """Each alert's Idempotency-Key stored with it, and its last attempt's instant. Alerts
+    already raised keep a NULL key: theirs stays the one they may have been POSTed with
+    already (balance_watch.idempotency_key)."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns("balance_alerts")}
+    if "idempotency_key" not in have:
+        conn.execute(sa.text("ALTER TABLE balance_alerts ADD COLUMN idempotency_key VARCHAR(80)"))
+    if "tried_ms" not in have:
+        conn.execute(sa.text("ALTER TABLE balance_alerts ADD COLUMN tried_ms BIGINT"))

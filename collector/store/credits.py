@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector.balances import Balance, Crossing
+from kvmeter.collector.balances import Balance, Crossing, alert_key
 from kvmeter.collector.schema_credits import balance_alerts, balance_state, credits
 from kvmeter.collector.store.engine import slices
 
@@ -171,6 +171,7 @@ def add_alerts(
             "crossed_ms": now_ms,
             "attempts": 0,
             "crossing": numbers[x.account],
+            "idempotency_key": alert_key(x.account, numbers[x.account], now_ms),
         }
         if conn.execute(once, row).first() is not None:  # (rowcount: -1 from some drivers)
             written.append(x)
@@ -185,16 +186,21 @@ def states(conn: Connection) -> list[dict[str, Any]]:
 
 
 def undelivered(conn: Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """A round's alerts: those never tried (new ones) first, oldest first, then those tried
+    least recently. An alert tried goes behind all the others: alerts the receiver refuses for
+    good, however many, never keep another out of a round for more than a round."""
     a = balance_alerts.c
-    query = sa.select(a.id, a.account, a.balance, a.threshold, a.currency, a.crossed_ms).where(
-        a.delivered_ms.is_(None)
-    )
-    return [dict(row) for row in conn.execute(query.order_by(a.id).limit(limit)).mappings()]
+    columns = (a.id, a.account, a.balance, a.threshold, a.currency, a.crossed_ms, a.idempotency_key)
+    order = (sa.func.coalesce(a.tried_ms, 0), a.id)
+    query = sa.select(*columns).where(a.delivered_ms.is_(None)).order_by(*order).limit(limit)
+    return [dict(row) for row in conn.execute(query).mappings()]
 
 
 def alerts(conn: Connection, accounts: frozenset[str] | None) -> list[dict[str, Any]]:
     a = balance_alerts.c
-    query = sa.select(a.id, a.account, a.balance, a.threshold, a.currency, a.crossed_ms, a.delivered_ms)
+    query = sa.select(
+        a.id, a.account, a.balance, a.threshold, a.currency, a.crossed_ms, a.delivered_ms, a.idempotency_key
+    )
     if accounts is not None:
         query = query.where(a.account.in_(sorted(accounts)))
     return [dict(row) for row in conn.execute(query.order_by(a.id)).mappings()]
@@ -205,17 +211,19 @@ def mark_delivered(conn: Connection, alert_id: int, now_ms: int) -> None:
     conn.execute(sa.update(balance_alerts).where(a.id == alert_id).values(delivered_ms=now_ms))
 
 
-def count_attempts(conn: Connection, attempts: Mapping[int, int]) -> None:
+def count_attempts(conn: Connection, attempts: Mapping[int, int], now_ms: int) -> None:
+    """These alerts were tried (n times each) at now_ms."""
     a = balance_alerts.c
     for alert_id, n in attempts.items():
-        conn.execute(sa.update(balance_alerts).where(a.id == alert_id).values(attempts=a.attempts + n))
+        tried = {"attempts": a.attempts + n, "tried_ms": now_ms}
+        conn.execute(sa.update(balance_alerts).where(a.id == alert_id).values(tried))
 
 
 def carry(source: Connection, into: Connection, *, postgres: bool) -> int:
-    """A rebuild: the live store's credits, balance states and alerts, as they are, ids
-    included (no topic or event holds a credit: this table is its only ledger; an alert's id
-    is its webhook Idempotency-Key, which a new alert must never reuse). Returns the credits
-    carried."""
+    """A rebuild: the live store's credits, balance states and alerts, as they are, ids and
+    keys included (no topic or event holds a credit: this table is its only ledger; an alert
+    raised before migration 26 is POSTed under its id, which a new alert must never reuse).
+    Returns the credits carried."""
     carried = 0
     for table in (credits, balance_state, balance_alerts):
         if not sa.inspect(source).has_table(table.name):

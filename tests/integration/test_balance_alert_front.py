@@ -113,7 +113,7 @@ webhook_timeout_seconds = {TIMEOUT_S}
             with store.read() as conn:
                 [alert] = stored.alerts(conn, None)
             assert alert["delivered_ms"] is not None
-            assert {key for _, key in posts} == {f"kvmeter-balance-alert-{alert['id']}"}
+            assert {key for _, key in posts} == {alert["idempotency_key"]}
             eventually(lambda: _applied(base) > applied, f"the agent's batches applied\n{daemon.logs()}")
             assert request(base, "/health")[0] == 200
             stopping = time.monotonic()

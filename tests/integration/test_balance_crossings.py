@@ -1,7 +1,8 @@
 """One alert per crossing, from the store itself (migration 18): each crossing of an account is
 numbered and (account, crossing) is unique among alerts, so two writers that both took the
 same fall for theirs write one alert between them, on both stores; replicas evaluating at once
-raise each crossing once; a store from before migration 18 is numbered in place."""
+raise each crossing once; a store from before migration 18 is numbered in place, and one from
+before migration 26 keeps the Idempotency-Key its alerts may have been POSTed with."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from decimal import Decimal
 
 import sqlalchemy as sa
 
-from kvmeter.collector.balance_watch import BalanceBook
-from kvmeter.collector.balances import Crossing, Thresholds
+from kvmeter.collector.balance_watch import BalanceBook, idempotency_key
+from kvmeter.collector.balances import Crossing, Thresholds, alert_key
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 from tests.billing_support import ACCT_A, GB, Cloud, tariff
@@ -113,3 +114,26 @@ def test_migration_18_numbers_crossings_of_an_older_store(store: Store) -> None:
     [x] = BalanceBook(store, tariff, Thresholds(Decimal("5.00"))).evaluate(cloud.now)
     assert x.account == ACCT_A
     assert sorted((r["crossing"] or 0) for r in alert_rows(store)) == [0, 0, 1]
+
+
+def test_migration_26_keeps_the_key_an_older_stores_alert_was_posted_with(store: Store) -> None:
+    """An alert raised before migration 26 may have been POSTed already under
+    kvmeter-balance-alert-<id>: it keeps that key (a receiver that has it recognises it), while
+    an alert raised after the migration gets its own key, whatever its id."""
+    with store.write() as conn:
+        conn.execute(sa.text("ALTER TABLE balance_alerts DROP COLUMN idempotency_key"))
+        conn.execute(sa.text("ALTER TABLE balance_alerts DROP COLUMN tried_ms"))
+        conn.execute(
+            sa.text(
+                "INSERT INTO balance_alerts (account, balance, threshold, currency, crossed_ms, attempts, "
+                f"crossing) VALUES ('{ACCT_A}', '1', '5', 'EUR', 1, 3, 1)"
+            )
+        )  # an alert tried three times before the upgrade
+        conn.execute(sa.text("DELETE FROM schema_version WHERE version = 26"))
+    store.migrate()
+    with store.write() as conn:
+        stored.add_alerts(conn, [Crossing(ACCT_A, Decimal("1"), Decimal("5"), "EUR")], {ACCT_A: 2}, 2,
+                          postgres=store.is_postgres)  # fmt: skip
+        old, new = stored.alerts(conn, None)
+    assert idempotency_key(old) == f"kvmeter-balance-alert-{old['id']}"
+    assert idempotency_key(new) == alert_key(ACCT_A, 2, 2) != f"kvmeter-balance-alert-{new['id']}"

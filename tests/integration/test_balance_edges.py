@@ -249,9 +249,10 @@ def test_a_rebuild_keeps_the_credits(live_and_into: tuple[Store, str]) -> None:
 def test_a_rebuild_does_not_give_a_new_alert_an_old_alerts_idempotency_key(
     live_and_into: tuple[Store, str],
 ) -> None:
-    """A rebuild carries the alerts with their ids: a new alert never reuses the Idempotency-Key
-    of one the receiver already acknowledged (ids began again at 1, and a receiver that
-    deduplicates by the key dropped the new alert)."""
+    """A rebuild carries the alerts with their ids and keys: a new alert never reuses the
+    Idempotency-Key of one the receiver already acknowledged (ids began again at 1, and a
+    receiver that deduplicates by the key dropped the new alert), and a carried alert keeps its
+    own (sent again, it is recognised)."""
     live, into_url = live_and_into
     cloud = Cloud(live)
     cloud.credit(ACCT_A, "10.00")
@@ -270,9 +271,12 @@ def test_a_rebuild_does_not_give_a_new_alert_an_old_alerts_idempotency_key(
         assert x.account == ACCT_B
         with into.read() as conn:
             [new] = stored.alerts(conn, frozenset({ACCT_B}))
-        assert new["id"] != old["id"], (
+        assert balance_watch.idempotency_key(new) != balance_watch.idempotency_key(old), (
             f"the new alert of {ACCT_B} is POSTed with Idempotency-Key "
-            f"{balance_watch.idempotency_key(new['id'])}, already acknowledged for {old['account']}'s alert"
+            f"{balance_watch.idempotency_key(new)}, already acknowledged for {old['account']}'s alert"
         )
+        with into.read() as conn:
+            [carried] = stored.alerts(conn, frozenset({ACCT_A}))
+        assert balance_watch.idempotency_key(carried) == balance_watch.idempotency_key(old)
     finally:
         into.close()

@@ -132,7 +132,7 @@ def test_webhook_retried_with_backoff_until_acknowledged_then_never_again(
     # Failed twice (503), acknowledged the third time; the next round sends nothing.
     assert len(Receiver.seen) == 3
     [row] = alert_rows(cloud.store)
-    assert {key for key, _ in Receiver.seen} == {idempotency_key(row["id"])}
+    assert {key for key, _ in Receiver.seen} == {idempotency_key(row)}
     body = Receiver.seen[-1][1]
     assert body["event"] == "balance.below_threshold"
     assert (body["account"], body["balance"], body["threshold"], body["currency"]) == (

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from kvmeter.collector.store import Store
+from kvmeter.collector.store import credits as stored
 from tests.billing_support import ACCT_A, GB, Cloud
 from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
 from tests.harness.ports import free_port, wait_for_port
@@ -165,7 +166,9 @@ webhook_url = "{url}"
             "5.00",
             "EUR",
         )
-        assert key == f"kvmeter-balance-alert-{body['id']}"
+        with store.read() as conn:
+            [alert] = stored.alerts(conn, None)
+        assert (key, body["id"]) == (alert["idempotency_key"], alert["id"])  # the key stored with it
         assert metric(base, f'kvmeter_balance_alerts_total{{account="{ACCT_A}"}} 1.0')
         assert metric(base, f'kvmeter_balance_below_threshold{{account="{ACCT_A}"}} 1.0')
         # A credit re-arms; usage (metered all along) crosses again: a second alert.
