@@ -52,6 +52,7 @@ class LinkEvent:
     ifindex: int
     stats: Stats | None = None
     was: str | None = None  # a rename's previous name
+    left: LinkPlacement | None = None  # a move's: where the link sat until then
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -111,6 +112,13 @@ class LinkTable:
         previous = self._links.get(record.ifindex)
         if previous is not None and _same_place(previous, record):
             return None
+        moving = (
+            previous is not None
+            and previous.ifname == record.ifname
+            and previous.master is not None
+            and previous.master != record.master
+        )
+        left = self.placement(record.ifname) if moving else None  # read before the record changes
         if previous is not None:
             self._remove(record.ifindex)
         self._links[record.ifindex] = _kept(record)
@@ -122,10 +130,10 @@ class LinkTable:
             return LinkEvent("new", record.ifname, record.ifindex, record.stats)
         if previous.ifname != record.ifname:
             return LinkEvent("rename", record.ifname, record.ifindex, record.stats, previous.ifname)
-        if previous.master is not None and previous.master != record.master:
+        if moving:
             # Its bytes until now are its old place's: the message's counters split them (a tap's
             # first master, as libvirt plugs it, is no move: nothing was typed before it)
-            return LinkEvent("move", record.ifname, record.ifindex, record.stats)
+            return LinkEvent("move", record.ifname, record.ifindex, record.stats, left=left)
         return None
 
     def replace_all(self, records: Iterable[LinkRecord]) -> list[LinkEvent]:

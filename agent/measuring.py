@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import compress, repeat
 from operator import attrgetter, eq, is_, is_not, not_
 
@@ -19,7 +19,15 @@ from kvmeter.agent.linktable import LinkEvent
 from kvmeter.agent.measures import Attribution
 from kvmeter.agent.metered import MeteredLinks
 from kvmeter.agent.metrics import AgentMetrics
-from kvmeter.agent.model import ColumnDeltas, CounterKey, CounterSample, Delta, DomainInfo, NicInfo
+from kvmeter.agent.model import (
+    ColumnDeltas,
+    CounterKey,
+    CounterSample,
+    Delta,
+    DomainInfo,
+    LinkPlacement,
+    NicInfo,
+)
 from kvmeter.agent.ownership import Ownership
 from kvmeter.agent.plan import PollPlan
 from kvmeter.agent.sources import CounterSource, Owned
@@ -52,10 +60,13 @@ class StampedEvent:
     wall_ms: int
     mono_ms: int
     was: str | None = None  # a rename's previous name
+    left: LinkPlacement | None = None  # a move's: where the link sat until then
 
     @classmethod
     def of(cls, event: LinkEvent, wall_ms: int, mono_ms: int) -> StampedEvent:
-        return cls(event.kind, event.ifname, event.ifindex, event.stats, wall_ms, mono_ms, event.was)
+        return cls(
+            event.kind, event.ifname, event.ifindex, event.stats, wall_ms, mono_ms, event.was, event.left
+        )
 
 
 def _tail_lost(key: CounterKey) -> None:
@@ -252,6 +263,7 @@ class Measuring(Ownership):
         finals: list[FinalReading] = []
         deltas: list[Delta] = []
         pending: set[CounterKey] = set()
+        moved: set[CounterKey] = set()  # the links this poll's events moved already
         gone = self._gone
         attribution = self._attribution
         for event, key in zip(events, keys):
@@ -274,8 +286,14 @@ class Measuring(Ownership):
                 rx_bytes, rx_packets, tx_bytes, tx_packets = event.stats
                 sample = CounterSample(key, rx_bytes, tx_bytes, rx_packets, tx_packets)
                 delta = self.engine.moved(event.wall_ms, event.mono_ms, sample)
+                who = moved_from[key]
+                if key in moved and event.left is not None and event.left.bridge is not None:
+                    # moved again: it leaves where its last move took it, not where the last
+                    # poll saw it (an Open vSwitch port, placed by libvirt's XML: as it was)
+                    who = replace(who, placement=event.left)
+                moved.add(key)
                 if delta is not None:
-                    self._moved.append((delta, moved_from[key]))
+                    self._moved.append((delta, who))
             elif kind == "del":
                 gone[key.name] = key
                 if event.stats is None:

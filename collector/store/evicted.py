@@ -55,7 +55,8 @@ def first_event_rows(conn: Connection, uuids: Iterable[str]) -> dict[str, int]:
     out: dict[str, int] = {}
     for part in slices(sorted({u for u in uuids if u})):
         query = sa.select(ev.resource_uuid, sa.func.min(ev.seq)).where(ev.resource_uuid.in_(part))
-        out.update({str(r[0]): int(r[1]) for r in conn.execute(query.group_by(ev.resource_uuid))})
+        # 0 for events all without a seq yet (an older replica's, in a rolling upgrade): stored
+        out.update({str(r[0]): int(r[1] or 0) for r in conn.execute(query.group_by(ev.resource_uuid))})
     return out
 
 

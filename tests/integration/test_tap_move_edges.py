@@ -134,3 +134,33 @@ def test_a_tap_moved_to_another_bridge_bills_its_bytes_before_the_move_to_the_br
     assert vm_tx_by_type(agent.poll_once()) == {pb.PUBLIC: 5 * FRAME, pb.GUEST: 7 * FRAME}
     vm_sends(fd, 3)
     assert vm_tx_by_type(agent.poll_once()) == {pb.GUEST: 3 * FRAME}
+
+
+def moves(agent: Agent) -> float:
+    """How many "move" link events the topology's thread has handed the agent."""
+    return agent.metrics.registry.get_sample_value("kvmeter_agent_link_events_total", {"kind": "move"}) or 0
+
+
+def test_a_tap_moved_twice_between_two_polls_bills_each_stretch_as_the_bridge_it_was_on(
+    agent_on: tuple[Agent, int],
+    host: str,  # noqa: F811
+) -> None:
+    """A VM's tap goes from cloudbr0 (public) to brvx-1001 (guest, VNI 1001) and back to
+    cloudbr0 between two polls: the bytes before the first move are public, those on brvx-1001
+    guest, those after the second move public again. Each move's kernel message carries the
+    tap's counters; the agent typed both stretches before a move by where the last poll saw the
+    tap (cloudbr0): the guest bytes were billed as public."""
+    agent, fd = agent_on
+    agent.poll_once()  # the baseline
+    vm_sends(fd, 10)
+    assert vm_tx_by_type(agent.poll_once()) == {pb.PUBLIC: 10 * FRAME}
+    vm_sends(fd, 5)  # on cloudbr0
+    ip("-n", host, "link", "set", "vnet0", "master", "brvx-1001")
+    wait_until(lambda: agent.topology.placement("vnet0").bridge == "brvx-1001")
+    wait_until(lambda: moves(agent) == 1)
+    vm_sends(fd, 7)  # on brvx-1001
+    ip("-n", host, "link", "set", "vnet0", "master", "cloudbr0")
+    wait_until(lambda: agent.topology.placement("vnet0").bridge == "cloudbr0")
+    wait_until(lambda: moves(agent) == 2)  # both handed over to the agent
+    vm_sends(fd, 4)  # on cloudbr0 again
+    assert vm_tx_by_type(agent.poll_once()) == {pb.PUBLIC: 9 * FRAME, pb.GUEST: 7 * FRAME}
