@@ -20,9 +20,8 @@ from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 from tests.billing_support import ACCT_A, ACCT_B, GB, Cloud, tariff
 from tests.harness.http_receiver import serving
-from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
 from tests.harness.ports import free_port, wait_for_port
-from tests.integration.test_balances_front import TARIFF, AllInOne, eventually
+from tests.integration.test_balances_front import TARIFF, AllInOne, allinone_toml, eventually
 
 ROUND = 100  # alerts a delivery round reads at most
 T0 = 1_700_000_000_000
@@ -187,18 +186,10 @@ def test_the_all_in_one_from_toml_delivers_a_new_alert_behind_a_round_of_refused
     cloud.credit(ACCT_A, "10.00")  # 1.00 left: below 5.00 at the first evaluation
     (tmp_path / "tariff.toml").write_text(TARIFF)
     port = free_port()
-    config = tmp_path / "allinone.toml"
-    config.write_text(
+    config = allinone_toml(
+        tmp_path,
+        db,
         f"""
-[agent]
-host_id = "aio"
-state_dir = "{tmp_path / "agent"}"
-[libvirt]
-uri = "{write_node_xml(tmp_path / "node.xml", CLOUDSTACK_HOST)}"
-[metrics]
-enabled = false
-[store]
-url = "sqlite:///{db}"
 [api]
 listen = "127.0.0.1:{port}"
 [billing]
@@ -207,7 +198,7 @@ tariff_file = "tariff.toml"
 threshold = "5.00"
 evaluate_seconds = 0.2
 webhook_url = "{knows_a}"
-"""
+""",
     )
     daemon = AllInOne(tmp_path, config)
     daemon.start()
