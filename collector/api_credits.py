@@ -1,6 +1,7 @@
 """Credits and balances on the API.
 
     POST /v1/credits   {"account", "amount": "25.00", "note"?, "currency"?}   operators only
+                       [Idempotency-Key: <the caller's id of the credit>]
     GET  /v1/credits?account=&limit=&cursor=                                  the caller's accounts
     GET  /v1/balances?account=                                                the caller's accounts
 
@@ -8,6 +9,9 @@ A credit is in the tariff's currency (a different one is refused); without a tar
 currency, and an account's credits all share the first one's. A balance is the account's credits
 minus its costs (balance_watch.BalanceBook), with its threshold and whether it is below it.
 Credits are listed a page at a time as /v1/usage pages (`limit`, `cursor`, `next`, Link), by id.
+A POST with an Idempotency-Key adds its credit once (credit_keys): the same key and request again
+answer the same 201 and credit (header `Idempotent-Replayed: true`); another request with that
+key is a 422, nothing added.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 from flask import Flask, Response, jsonify, request
 
-from kvmeter.collector import api_params, report
+from kvmeter.collector import api_params, credit_keys, report
 from kvmeter.collector.api_auth import current_principal
 from kvmeter.collector.api_errors import error
 from kvmeter.collector.api_params import BadRequest
@@ -60,6 +64,8 @@ def register(
         try:
             amount = credit_amount(body.get("amount"))
             given = None if body.get("currency") is None else currency_code(body["currency"])
+            key = request.headers.get("Idempotency-Key")
+            key = None if key is None else credit_keys.idempotency_key(key)
         except ValueError as exc:
             raise BadRequest(str(exc)) from None
         tariff = book.tariff() if book is not None else None
@@ -68,16 +74,21 @@ def register(
             raise BadRequest("currency is needed: this collector rates no tariff to take it from")
         if given is not None and given != currency:
             raise BadRequest(f"currency {given} is not the tariff's ({currency})")
-        with store.write() as conn:
-            held = stored.credit_totals(conn, frozenset({account})).get(account)
-            if held is not None and held[1] != currency:
-                return error(409, f"account {account} holds credits in {held[1]}, not {currency}")
-            credit_id = stored.add_credit(
-                conn, account, amount, currency, note, who.name, int(time.time() * 1000)
-            )
-            created = stored.credit(conn, credit_id)
+        try:
+            with store.write() as conn:
+                now_ms = int(time.time() * 1000)
+                created, replayed = credit_keys.add_once(
+                    conn, account, amount, currency, note, who.name, now_ms, key
+                )
+        except credit_keys.CurrencyHeld as exc:
+            return error(409, str(exc))
+        except credit_keys.KeyReused as exc:
+            return error(422, str(exc))
+        # A replay answers as the first time did (a client that timed out never saw that answer).
         response = jsonify(credit_dict(created))
         response.status_code = 201
+        if replayed:
+            response.headers["Idempotent-Replayed"] = "true"
         return response
 
     @app.get("/v1/credits")

@@ -2,6 +2,8 @@
 
 The store comes from --db or the config's [store] url. A credit is in the tariff's currency
 when the config names a tariff, else in --currency; an account's credits share one currency.
+With --idempotency-key the credit is added once (credit_keys): run again, it shows the credit
+added before; with another amount, currency or note it is refused, as POST /v1/credits is.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import click
 
 from kvmeter.collector.api_credits import credit_dict
 from kvmeter.collector.cli_dead_letters import _cfg, _config, _db, _fmt, _store
+from kvmeter.collector.credit_keys import CurrencyHeld, KeyReused, add_once, idempotency_key
 from kvmeter.collector.money_input import MAX_NOTE, credit_amount, currency_code
 from kvmeter.collector.store import credits as stored
 from kvmeter.collector.text_table import text_table
@@ -31,6 +34,12 @@ def credits() -> None:
 @click.option("--amount", required=True, help='A positive decimal, e.g. "25.00".')
 @click.option("--currency", default=None, help="The credit's currency (default: the config's tariff's).")
 @click.option("--note", default="", help="Why (kept with the credit).")
+@click.option(
+    "--idempotency-key",
+    "key",
+    default=None,
+    help="The credit's id in your records (e.g. the payment's): run again, adds nothing more.",
+)
 @_fmt
 def add(
     db_url: str | None,
@@ -39,6 +48,7 @@ def add(
     amount: str,
     currency: str | None,
     note: str,
+    key: str | None,
     fmt: str,
 ) -> None:
     """Add a credit to an account."""
@@ -60,20 +70,23 @@ def add(
         raise click.BadParameter("the account's uuid", param_hint="--account")
     if len(note) > MAX_NOTE or not note.isprintable():  # as POST /v1/credits: the column's size
         raise click.BadParameter(f"at most {MAX_NOTE} printable characters", param_hint="--note")
+    try:
+        key = None if key is None else idempotency_key(key)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--idempotency-key") from None
     store = _store(db_url, cfg)
     try:
         with store.write() as conn:
-            held = stored.credit_totals(conn, frozenset({account})).get(account)
-            if held is not None and held[1] != chosen:
-                raise click.ClickException(f"account {account} holds credits in {held[1]}, not {chosen}")
-            credit_id = stored.add_credit(conn, account, value, chosen, note, "cli", int(time.time() * 1000))
-            row = stored.credit(conn, credit_id)
+            row, replayed = add_once(conn, account, value, chosen, note, "cli", int(time.time() * 1000), key)
+    except (CurrencyHeld, KeyReused) as exc:
+        raise click.ClickException(str(exc)) from None
     finally:
         store.close()
     if fmt == "json":
         click.echo(json.dumps(credit_dict(row), indent=2))
     else:
-        click.echo(f"credit {credit_id}: {row['amount']} {chosen} to {account}")
+        again = f" (added before with idempotency key {key})" if replayed else ""
+        click.echo(f"credit {row['id']}: {row['amount']} {chosen} to {account}{again}")
 
 
 _PAGE = 10_000

@@ -5,11 +5,26 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvmeter.collector.credit_keys import KEY
 from kvmeter.collector.money_input import AMOUNT, CURRENCY, MAX_NOTE
 from kvmeter.collector.openapi_schemas import STR as _STR
 from kvmeter.collector.openapi_schemas import exact_object as _object
 
 _MONEY = {"type": "string", "description": "An exact decimal amount, as text."}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "The caller's id of this credit (e.g. the payment's), unique per account: a "
+    "retry with the same key and body adds nothing and answers the credit added first.",
+    "schema": {"type": "string", "pattern": f"^{KEY.pattern}$"},
+}
+_REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "`true`: the Idempotency-Key's credit, added by an earlier request.",
+        "schema": {"type": "string", "enum": ["true"]},
+    }
+}
 
 
 SCHEMAS: dict[str, Any] = {
@@ -36,6 +51,10 @@ SCHEMAS: dict[str, Any] = {
             "created_by": {**_STR, "description": "The credential that added it (`cli` from the CLI)."},
             "created_ms": {"type": "integer"},
             "created": _STR,
+            "idempotency_key": {
+                "type": ["string", "null"],
+                "description": "The Idempotency-Key it was added with (`--idempotency-key`); null: none.",
+            },
         }
     ),
     "CreditList": _object(
@@ -95,10 +114,19 @@ def paths(
             },
             "post": {
                 "summary": "Add a credit to an account (operator credentials only)",
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": {"required": True, "content": json("NewCredit")},
                 "responses": {
-                    "201": {"description": "The credit added.", "content": json("Credit")},
+                    "201": {
+                        "description": "The credit added; or, for a key and request seen before, "
+                        "the credit they added then (nothing added now).",
+                        "headers": _REPLAYED,
+                        "content": json("Credit"),
+                    },
                     "409": error("The account holds credits in another currency."),
+                    "422": error(
+                        "The Idempotency-Key added another credit (another amount, currency or note)."
+                    ),
                     **errors,
                 },
             },

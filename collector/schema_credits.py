@@ -1,7 +1,9 @@
 """Credits, balances and low-balance alerts (migration 16): a table family of its own.
 
 credits          money added to an account (operator only), never changed: a correction is
-                 another credit; amounts are exact decimal text, summed as Decimal
+                 another credit; amounts are exact decimal text, summed as Decimal; the
+                 caller's idempotency key, when it gave one, is unique per account (migration
+                 25), so a retried request adds its credit once, whichever replica takes it
 balance_state    per account, whether its balance was below its threshold at the last
                  evaluation: the alert fires on the change to below, once per crossing,
                  whichever replica evaluates
@@ -20,6 +22,7 @@ from sqlalchemy.engine import Connection
 metadata = sa.MetaData()
 _id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER PKs only
 MONEY = sa.String(48)  # a Decimal's text: exact on both stores
+KEY_MAX = 128  # characters of a credit's idempotency key (credit_keys)
 
 credits = sa.Table(
     "credits",
@@ -31,6 +34,8 @@ credits = sa.Table(
     sa.Column("note", sa.String(500), nullable=False, server_default=""),
     sa.Column("created_by", sa.String(128), nullable=False, server_default=""),
     sa.Column("created_ms", sa.BigInteger, nullable=False),
+    sa.Column("idempotency_key", sa.String(KEY_MAX)),  # migration 25; NULL: none given
+    sa.Index("ux_credits_idempotency_key", "account", "idempotency_key", unique=True),
 )
 
 balance_state = sa.Table(
@@ -83,6 +88,17 @@ def migration_18(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE balance_alerts ADD COLUMN crossing INTEGER"))
     unique = (
         "CREATE UNIQUE INDEX IF NOT EXISTS ux_balance_alerts_crossing ON balance_alerts (account, crossing)"
+    )
+    conn.execute(sa.text(unique))
+
+
+def migration_25(conn: Connection) -> None:
+    """Credits' idempotency keys, unique per account. Credits added before have none (NULLs
+    never collide in a unique index, on either database)."""
+    if "idempotency_key" not in {c["name"] for c in sa.inspect(conn).get_columns(credits.name)}:
+        conn.execute(sa.text(f"ALTER TABLE credits ADD COLUMN idempotency_key VARCHAR({KEY_MAX})"))
+    unique = (
+        "CREATE UNIQUE INDEX IF NOT EXISTS ux_credits_idempotency_key ON credits (account, idempotency_key)"
     )
     conn.execute(sa.text(unique))
 

@@ -222,5 +222,5 @@ MIGRATIONS = [
     (16, schema_credits.migration_16), (17, _migration_17), (18, schema_credits.migration_18),
     (19, _migration_19),
     (22, schema_residency.migration_22), (23, _migration_23), (24, _migration_24),
-    (26, schema_credits.migration_26),
+    (25, schema_credits.migration_25), (26, schema_credits.migration_26),
 ]  # fmt: skip

@@ -15,15 +15,41 @@ from kvmeter.collector.balances import Balance, Crossing, alert_key
 from kvmeter.collector.schema_credits import balance_alerts, balance_state, credits
 from kvmeter.collector.store.engine import slices
 
+_CREDIT = sa.select(credits)  # every column: id, account, amount, ..., idempotency_key
+
 
 def add_credit(
-    conn: Connection, account: str, amount: Decimal, currency: str, note: str, by: str, now_ms: int
-) -> int:
-    row = {"account": account, "amount": format(amount, "f"), "currency": currency, "note": note}
-    result = conn.execute(sa.insert(credits).values(**row, created_by=_fitted(by), created_ms=now_ms))
-    key = result.inserted_primary_key
-    assert key is not None
-    return int(key[0])
+    conn: Connection,
+    account: str,
+    amount: Decimal,
+    currency: str,
+    note: str,
+    by: str,
+    now_ms: int,
+    key: str | None = None,
+) -> int | None:
+    """The new credit's id; None when the account holds a credit with this idempotency key
+    already (committed by another transaction meanwhile: PostgreSQL holds this insert on the
+    unique index until that one ends)."""
+    row: dict[str, Any] = {"account": account, "amount": format(amount, "f"), "currency": currency}
+    row |= {"note": note, "created_by": _fitted(by), "created_ms": now_ms}
+    if key is None:
+        inserted = conn.execute(sa.insert(credits).values(**row)).inserted_primary_key
+        assert inserted is not None
+        return int(inserted[0])
+    insert = postgresql.insert(credits) if conn.dialect.name == "postgresql" else sqlite.insert(credits)
+    once = insert.values(**row, idempotency_key=key).on_conflict_do_nothing(
+        index_elements=["account", "idempotency_key"]
+    )
+    found = conn.execute(once.returning(credits.c.id)).first()
+    return None if found is None else int(found[0])
+
+
+def credit_by_key(conn: Connection, account: str, key: str) -> dict[str, Any] | None:
+    """The account's credit added with this idempotency key (as list_credits gives it), if any."""
+    query = _CREDIT.where(credits.c.account == account, credits.c.idempotency_key == key)
+    row = conn.execute(query).mappings().first()
+    return None if row is None else {**row, "amount": Decimal(row["amount"])}
 
 
 CREATED_BY_MAX = 128  # characters of credits.created_by (schema_credits)
@@ -44,7 +70,7 @@ def list_credits(
 ) -> list[dict[str, Any]]:
     """Up to `limit` credits by id (oldest first), after the credit `after_id` when given."""
     c = credits.c
-    query = sa.select(c.id, c.account, c.amount, c.currency, c.note, c.created_by, c.created_ms)
+    query = _CREDIT
     if accounts is not None:
         query = query.where(c.account.in_(sorted(accounts)))
     if after_id is not None:
@@ -55,9 +81,7 @@ def list_credits(
 
 def credit(conn: Connection, credit_id: int) -> dict[str, Any]:
     """One credit by its id (as list_credits gives it)."""
-    c = credits.c
-    query = sa.select(c.id, c.account, c.amount, c.currency, c.note, c.created_by, c.created_ms)
-    row = conn.execute(query.where(c.id == credit_id)).mappings().one()
+    row = conn.execute(_CREDIT.where(credits.c.id == credit_id)).mappings().one()
     return {**row, "amount": Decimal(row["amount"])}
 
 

@@ -1,0 +1,86 @@
+"""Adding a credit once: a billing system that posts a payment, times out and retries, or an
+operator who runs `kvmeter credits add` again, adds it once when it gives the same idempotency
+key (POST /v1/credits' `Idempotency-Key` header, the CLI's --idempotency-key).
+
+A key is the caller's name for one credit of one account: (account, key) is unique in the
+store (migration 25). The same key with the same request (amount, currency, note) is that
+credit again, never a second one; with another request it is refused (KeyReused), nothing
+added. The same key on another account is another credit: a key never finds, nor names,
+another account's. Two replicas taking one key at once write one row: PostgreSQL holds the
+second insert on the unique index until the first commits, then this finds that credit.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from kvmeter.collector.schema_credits import KEY_MAX
+from kvmeter.collector.store import credits as stored
+
+KEY = re.compile(rf"[\x21-\x7e]{{1,{KEY_MAX}}}")  # visible ASCII: a header's value, a shell word
+
+
+class KeyReused(ValueError):
+    """The key names another request's credit of the account: a retry must repeat its request."""
+
+
+class CurrencyHeld(ValueError):
+    """The account holds credits in another currency (an account's credits share one)."""
+
+
+def idempotency_key(text: object) -> str:
+    """The key as given, or ValueError saying why not."""
+    if not isinstance(text, str) or not KEY.fullmatch(text):
+        raise ValueError(
+            f"the idempotency key must be 1 to {KEY_MAX} visible ASCII characters, no spaces "
+            f"(e.g. the payment's id), not {str(text)[:40]!r}"
+        )
+    return text
+
+
+def differences(credit: dict[str, Any], amount: Decimal, currency: str, note: str) -> list[str]:
+    """The fields in which a request differs from the credit its key added ("25" and "25.00"
+    are the same money)."""
+    given = {"amount": amount, "currency": currency, "note": note}
+    return [name for name, value in given.items() if credit[name] != value]
+
+
+def add_once(
+    conn: Connection,
+    account: str,
+    amount: Decimal,
+    currency: str,
+    note: str,
+    by: str,
+    now_ms: int,
+    key: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """(the credit, whether it was added before with `key`), inside the caller's write
+    transaction. KeyReused: the key added another credit; CurrencyHeld: the account's credits
+    are in another currency. Either way nothing is added."""
+    if key is not None and (found := stored.credit_by_key(conn, account, key)) is not None:
+        return _same(found, amount, currency, note, key), True
+    held = stored.credit_totals(conn, frozenset({account})).get(account)
+    if held is not None and held[1] != currency:
+        raise CurrencyHeld(f"account {account} holds credits in {held[1]}, not {currency}")
+    credit_id = stored.add_credit(conn, account, amount, currency, note, by, now_ms, key)
+    if credit_id is None:  # another replica's, committed while this insert waited on the key
+        assert key is not None
+        found = stored.credit_by_key(conn, account, key)
+        assert found is not None
+        return _same(found, amount, currency, note, key), True
+    return stored.credit(conn, credit_id), False
+
+
+def _same(credit: dict[str, Any], amount: Decimal, currency: str, note: str, key: str) -> dict[str, Any]:
+    differ = differences(credit, amount, currency, note)
+    if differ:
+        raise KeyReused(
+            f"idempotency key {key!r} added credit {credit['id']} to account {credit['account']} "
+            f"with another {', '.join(differ)}: a retry repeats its request; a new credit needs a new key"
+        )
+    return credit
