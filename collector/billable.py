@@ -67,6 +67,14 @@ def adjustment_item(key: UsageKey, version: int, delta: int, reason: str, made_m
     return {**_item(key, ADJUSTMENT, version, delta), "reason": reason, "made_ms": made_ms}
 
 
+def record_of(item: dict[str, Any]) -> str:
+    """The record an item belongs to (its versions share it): a uuid5 of the item's key fields,
+    so that the outbox can hand a record's versions to a sink in version order."""
+    fields = ("account", "usage_type", "resource", "offering", "traffic_type", "cpunumber", "memory")
+    name = json.dumps([*(item[f] for f in fields), item["start_ms"], item["end_ms"]], separators=(",", ":"))
+    return str(uuid.uuid5(NAMESPACE, name))
+
+
 def encode(item: dict[str, Any]) -> str:
     """The item as stored and sent: JSON with sorted keys (the same bytes for the same item)."""
     return json.dumps(item, sort_keys=True, separators=(",", ":"))

@@ -3,8 +3,9 @@
     Relay(store, cfg, metrics).run(stop)     # a thread of the collector (and the all-in-one)
 
 A round claims a batch of pending items (a lease: another replica skips them), gives each
-sink the items it has not confirmed yet, marks what each confirmed, and frees the rest for the
-next round. Nothing is marked before its sink confirmed it, so a crash anywhere (kill -9 in the
+sink the items the claim offers it (of a record, the first version it lacks; the items the
+webhook refused after the others: store/outbox.py), marks what each confirmed, and frees the
+rest for the next round. Nothing is marked before its sink confirmed it, so a crash anywhere (kill -9 in the
 middle of a delivery) loses nothing: the items are sent again once the lease lapses, and the
 receiver, deduplicating by transaction id, counts each once (at least once + stable ids =
 exactly-once effect). While a round delivers, a thread of its own renews the lease every third
@@ -43,8 +44,8 @@ def _wall_ms() -> int:
 
 
 class HandoffMetrics(PromCollector):
-    """Counters the relay feeds, and the outbox's depth and oldest pending age read at scrape
-    time (every replica reports the shared store's truth)."""
+    """Counters the relay feeds, and the outbox's depth, oldest pending age and refused items
+    read at scrape time (every replica reports the shared store's truth)."""
 
     def __init__(self, registry: CollectorRegistry, store: Store, clock: Callable[[], int] = _wall_ms):
         self.store = store
@@ -64,6 +65,7 @@ class HandoffMetrics(PromCollector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             depth, oldest = self.store.outbox_stats()
+            refused = self.store.outbox_refused()
         except Exception as exc:  # a scrape must not fail because the database is down
             log.warning("outbox gauges unavailable: %s", exc)
             return
@@ -73,6 +75,11 @@ class HandoffMetrics(PromCollector):
         age = 0.0 if oldest is None else max(0, self.clock() - oldest) / 1000
         yield GaugeMetricFamily(
             "kvmeter_handoff_oldest_pending_seconds", "Age of the oldest item not yet handed off", value=age
+        )
+        yield GaugeMetricFamily(
+            "kvmeter_handoff_refused_items",
+            "Items not yet handed off that the webhook refused (a 4xx about the item) when last offered",
+            value=refused,
         )
 
 
@@ -95,7 +102,7 @@ class Relay:
         if cfg.topic:
             self.sinks.append(KafkaSink(cfg, self._error_of("topic")))
         if cfg.webhook_url:
-            self.sinks.append(WebhookSink(cfg, self._error_of("webhook"), self.stop_event))
+            self.sinks.append(WebhookSink(cfg, self._error_of("webhook"), self.stop_event, self._refused_by))
         self.sink_names = [s.name for s in self.sinks]
         self._thread: threading.Thread | None = None
         point = os.environ.get(FAILPOINT, "")
@@ -104,6 +111,7 @@ class Relay:
         self._lease_lock = threading.Lock()  # a renewal and the release, one at a time
         self._held_until = 0
         self._settled = False  # rows a sink no longer configured lacked: settled at the first round
+        self._refused: dict[int, str] = {}  # the current sink's refusals in this round (row id: answer)
 
     def _error_of(self, sink: str) -> Callable[[str], None]:
         def count(message: str) -> None:
@@ -111,6 +119,9 @@ class Relay:
             log.warning("hand-off to %s: %s", sink, message)
 
         return count
+
+    def _refused_by(self, row_id: int, answer: str) -> None:
+        self._refused[row_id] = answer
 
     def round(self) -> tuple[int, bool]:
         """One round; returns (items claimed, whether every one was confirmed by every sink)."""
@@ -152,10 +163,12 @@ class Relay:
     def _deliver(self, rows: list[OutboxRow]) -> tuple[int, bool]:
         unsent = {r.id for r in rows}
         done: dict[str, set[int]] = {name: set() for name in self.sink_names}
+        refusals: dict[str, dict[int, str]] = {}
         error = ""
         for sink in self.sinks:
             had = {r.id for r in rows if (r.topic_sent if sink.name == TOPIC else r.webhook_sent)}
-            todo = [r for r in rows if r.id not in had]
+            todo = [r for r in rows if r.id not in had and sink.name in r.offered]
+            self._refused = {}
             try:
                 confirmed, problem = sink.deliver(todo) if todo else ([], "")
             except Exception as exc:  # one sink's failure must not keep the others from their turn
@@ -168,11 +181,19 @@ class Relay:
                     os.kill(os.getpid(), signal.SIGKILL)
             self.store.confirm_outbox(confirmed, sink.name, self.clock(), self.sink_names)
             self.metrics.delivered.labels(sink.name).inc(len(confirmed))
+            refusals[sink.name], self._refused = self._refused, {}
             done[sink.name] = had | set(confirmed)
             error = error or problem
         unsent = {i for i in unsent if not all(i in done[name] for name in self.sink_names)}
         with self._lease_lock:
             self.store.release_outbox(sorted(unsent), error or "not confirmed", self._held_until)
+        for name, refused in refusals.items():
+            if refused:  # behind every other item from now on; still pending, offered again
+                self.store.refuse_outbox(refused, name, self.clock())
+                log.warning(
+                    "hand-off: the %s refused %d item(s), offered again after the others: %s",
+                    name, len(refused), "; ".join(sorted(refused.values())[:5]),
+                )  # fmt: skip
         return len(rows), not unsent
 
     def run(self) -> None:

@@ -136,15 +136,23 @@ class WebhookSink:
     """One POST per item, retried with exponential backoff until a 2xx (or the round's attempts
     run out: the item waits for the next round). The first item that stays unacknowledged stops
     the round, so a receiver that is down is not hammered with the rest; an item the receiver
-    refuses (a 4xx about the item) waits for the next round without stopping the others. A 3xx
+    refuses (a 4xx about the item) waits without stopping the others (on_refused: it is offered
+    again after every other item, store/outbox.py claim_outbox). A 3xx
     is not followed, and a POST is over within timeout_seconds whatever the receiver does."""
 
     name = "webhook"
 
-    def __init__(self, cfg: HandoffConfig, on_error: Callable[[str], None], stop: threading.Event):
+    def __init__(
+        self,
+        cfg: HandoffConfig,
+        on_error: Callable[[str], None],
+        stop: threading.Event,
+        on_refused: Callable[[int, str], None] = lambda _id, _why: None,
+    ):
         self.cfg = cfg
         self.on_error = on_error
         self.stop = stop
+        self.on_refused = on_refused  # (row id, answer): the relay puts it behind the others
 
     def deliver(self, rows: Sequence[OutboxRow]) -> tuple[list[int], str]:
         confirmed: list[int] = []
@@ -164,6 +172,7 @@ class WebhookSink:
                 return confirmed, str(exc.last_attempt.exception())
             except Rejected as exc:  # this item waits for the next round; the others go on
                 rejected = rejected or str(exc)
+                self.on_refused(row.id, str(exc))
                 continue
             confirmed.append(row.id)
         return confirmed, rejected

@@ -166,6 +166,12 @@ def _migration_12(conn: Connection) -> None:
     _add_missing_columns(conn, dead_letters, ("record_key", "retries", "retried_ms", "resolved_ms"))
 
 
+def _migration_27(conn: Connection) -> None:
+    # The hand-off's per-record order and the webhook's refusals (store/outbox.py claim_outbox).
+    _add_missing_columns(conn, handoff_outbox, ("record", "version", "webhook_refused_ms"))
+    schema_outbox.migrate_27(conn, handoff_outbox)
+
+
 def _migration_14(conn: Connection) -> None:
     _add_missing_columns(conn, usage_records, ("version",))
     _add_missing_columns(conn, usage_adjustments, ("version", "seq"))
@@ -222,5 +228,5 @@ MIGRATIONS = [
     (16, schema_credits.migration_16), (17, _migration_17), (18, schema_credits.migration_18),
     (19, _migration_19),
     (22, schema_residency.migration_22), (23, _migration_23), (24, _migration_24),
-    (25, schema_credits.migration_25), (26, schema_credits.migration_26),
+    (25, schema_credits.migration_25), (26, schema_credits.migration_26), (27, _migration_27),
 ]  # fmt: skip

@@ -10,9 +10,12 @@ stepping over a row another replica committed late.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
+
+from kvmeter.collector import billable
 
 _id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 ADJUSTMENT_SEQ = "adjustment_seq"  # collector_state: the last seq given to an adjustment
@@ -37,9 +40,32 @@ def outbox_table(metadata: sa.MetaData) -> sa.Table:
         sa.Column("claimed_until_ms", sa.BigInteger, nullable=True),
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("last_error", sa.Text, nullable=True),
+        # migration 27: the item's record (billable.record_of) and version, so that a sink gets a
+        # record's versions in order; when the webhook last refused the item (NULL: never)
+        sa.Column("record", sa.String(36), nullable=True),
+        sa.Column("version", sa.Integer, nullable=True),
+        sa.Column("webhook_refused_ms", sa.BigInteger, nullable=True),
     )
     sa.Index("ix_handoff_outbox_pending", table.c.sent_ms, table.c.id)
+    sa.Index("ix_handoff_outbox_record", table.c.record, table.c.version)
     return table
+
+
+def migrate_27(conn: Any, outbox: sa.Table) -> None:
+    """Migration 27's data: the record and version of each pending item, read from its JSON
+    (the rows sent need none: only pending rows hold back a later version)."""
+    ob = outbox.c
+    query = sa.select(ob.id, ob.item).where(ob.sent_ms.is_(None), ob.record.is_(None))
+    changed = []
+    for row_id, text in conn.execute(query).all():
+        item = json.loads(text)
+        changed.append({"row_id": row_id, "r": billable.record_of(item), "v": int(item["version"])})
+    if changed:
+        update = sa.update(outbox).where(ob.id == sa.bindparam("row_id"))
+        conn.execute(update.values(record=sa.bindparam("r"), version=sa.bindparam("v")), changed)
+    conn.execute(
+        sa.text("CREATE INDEX IF NOT EXISTS ix_handoff_outbox_record ON handoff_outbox (record, version)")
+    )
 
 
 def version_column() -> sa.Column[Any]:

@@ -10,7 +10,7 @@ once; the transaction ids make the second delivery harmless).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from kvmeter.collector.store.engine import StoreCore, slices
 TOPIC = "topic"
 WEBHOOK = "webhook"
 SINK_COLUMNS = {TOPIC: "topic_sent_ms", WEBHOOK: "webhook_sent_ms"}
+REFUSED_COLUMNS = {WEBHOOK: "webhook_refused_ms"}  # a sink that can refuse one item for good
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,42 @@ class OutboxRow:
     item: str  # JSON
     topic_sent: bool
     webhook_sent: bool
+    offered: frozenset[str]  # the sinks this claim hands it to
+
+
+def _pick(conn: Connection, sink: str, limit: int, now_ms: int) -> list[int]:
+    """The rows a claim offers `sink` (see claim_outbox): those never refused, oldest first,
+    then the refused, least recently refused first; each query can walk the pending index."""
+    ob = handoff_outbox.c
+    lacks = ob[SINK_COLUMNS[sink]]
+    e = handoff_outbox.alias("earlier").c
+    # an earlier version of the row's record that this sink lacks holds the row back
+    held = sa.exists().where(
+        e.record == ob.record, e.version < ob.version, e.sent_ms.is_(None), e[SINK_COLUMNS[sink]].is_(None)
+    )
+    free = (
+        ob.sent_ms.is_(None),
+        sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
+        lacks.is_(None),
+        ~held,
+    )
+    refused = ob[REFUSED_COLUMNS[sink]] if sink in REFUSED_COLUMNS else None
+    phases: list[tuple[Any, tuple[Any, ...]]] = [(sa.true(), (ob.id,))]
+    if refused is not None:
+        phases = [(refused.is_(None), (ob.id,)), (refused.is_not(None), (refused, ob.id))]
+    picked: list[int] = []
+    for which, order in phases:
+        if len(picked) >= limit:
+            break
+        query = (
+            sa.select(ob.id)
+            .where(*free, which)
+            .order_by(*order)
+            .limit(limit - len(picked))
+            .with_for_update(skip_locked=True)
+        )
+        picked += [int(row[0]) for row in conn.execute(query)]
+    return picked
 
 
 def add_items(conn: Connection, store: StoreCore, items: Sequence[dict[str, Any]], now_ms: int) -> None:
@@ -46,6 +83,8 @@ def add_items(conn: Connection, store: StoreCore, items: Sequence[dict[str, Any]
             "account": item["account"],
             "item": billable.encode(item),
             "created_ms": now_ms,
+            "record": billable.record_of(item),
+            "version": item["version"],
         }
         for item in items
     ]
@@ -61,7 +100,8 @@ def carry(source: Connection, into: Connection, store: StoreCore) -> int:
         return 0
     ob = handoff_outbox.c
     columns = (ob.transaction_id, ob.account, ob.item, ob.created_ms, ob.topic_sent_ms, ob.webhook_sent_ms)
-    query = sa.select(*columns).where(ob.sent_ms.is_(None)).order_by(ob.id)
+    refusals = (ob.record, ob.version, ob.webhook_refused_ms)
+    query = sa.select(*columns, *refusals).where(ob.sent_ms.is_(None)).order_by(ob.id)
     rows = [dict(row._mapping) for row in source.execute(query)]
     stmt = store._insert(handoff_outbox).on_conflict_do_nothing(index_elements=["transaction_id"])
     for part in slices(rows):
@@ -73,31 +113,21 @@ class Outbox(StoreCore):
     """The relay's statements, each in its own short transaction."""
 
     def claim_outbox(self, limit: int, now_ms: int, lease_ms: int, sinks: Iterable[str]) -> list[OutboxRow]:
-        """Up to `limit` pending rows per sink that no live lease holds, oldest first, leased to
-        the caller. Per sink: rows one sink cannot get rid of (its receiver down, an item it
-        rejects) do not keep the next rows from the other sink."""
-        ob = handoff_outbox.c
-        wanted = [ob[SINK_COLUMNS[s]].is_(None) for s in sinks]
-        if not wanted:
-            return []
+        """Up to `limit` pending rows per sink that no live lease holds, leased to the caller,
+        each with the sinks it is offered to. Per sink: rows one sink cannot get rid of (its
+        receiver down) do not keep the next rows from the other sink; of a record, only the first
+        version the sink lacks (its versions reach a sink in order); oldest first, except that
+        items the webhook refused come after all the others, the least recently refused first:
+        items refused for good, however many, never keep a newer item waiting."""
+        offers: dict[int, set[str]] = {}
         with self.write() as conn:
-            picked: set[int] = set()
-            for pending in wanted:
-                query = (
-                    sa.select(ob.id)
-                    .where(
-                        ob.sent_ms.is_(None),
-                        sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
-                        pending,
-                    )
-                    .order_by(ob.id)
-                    .limit(limit)
-                    .with_for_update(skip_locked=True)
-                )
-                picked.update(int(row[0]) for row in conn.execute(query))
-            ids = sorted(picked)
+            for sink in sinks:
+                for row_id in _pick(conn, sink, limit, now_ms):
+                    offers.setdefault(row_id, set()).add(sink)
+            ids = sorted(offers)
             if not ids:
                 return []
+            ob = handoff_outbox.c
             conn.execute(
                 sa.update(handoff_outbox)
                 .where(ob.id.in_(ids))
@@ -106,9 +136,26 @@ class Outbox(StoreCore):
             rows = conn.execute(
                 sa.select(ob.id, ob.transaction_id, ob.account, ob.item, ob.topic_sent_ms, ob.webhook_sent_ms)
                 .where(ob.id.in_(ids))
-                .order_by(ob.id)
+                .order_by(sa.func.coalesce(ob.webhook_refused_ms, 0), ob.id)  # the refused last
             )
-            return [OutboxRow(int(r[0]), r[1], r[2], r[3], r[4] is not None, r[5] is not None) for r in rows]
+            return [
+                OutboxRow(
+                    int(r[0]), r[1], r[2], r[3], r[4] is not None, r[5] is not None, frozenset(offers[r[0]])
+                )
+                for r in rows
+            ]
+
+    def refuse_outbox(self, refused: Mapping[int, str], sink: str, now_ms: int) -> None:
+        """`sink` refused these rows (row id: its answer): claimed again only after every other
+        pending row, the least recently refused first; still pending, and counted as refused."""
+        ob = handoff_outbox.c
+        with self.write() as conn:
+            for row_id, reason in refused.items():
+                conn.execute(
+                    sa.update(handoff_outbox)
+                    .where(ob.id == row_id, ob.sent_ms.is_(None), ob[SINK_COLUMNS[sink]].is_(None))
+                    .values({REFUSED_COLUMNS[sink]: now_ms, "last_error": f"refused: {reason}"[:1000]})
+                )
 
     def confirm_outbox(self, ids: Sequence[int], sink: str, now_ms: int, sinks: Iterable[str]) -> None:
         """`sink` confirmed these rows; a row every configured sink confirmed is sent."""
@@ -185,6 +232,15 @@ class Outbox(StoreCore):
                 sa.select(sa.func.count(), sa.func.min(ob.created_ms)).where(ob.sent_ms.is_(None))
             ).one()
         return int(row[0]), (None if row[1] is None else int(row[1]))
+
+    def outbox_refused(self) -> int:
+        """Pending rows the webhook refused (a 4xx about the item) the last time it got them."""
+        ob = handoff_outbox.c
+        refused = sa.select(sa.func.count()).where(
+            ob.sent_ms.is_(None), ob.webhook_sent_ms.is_(None), ob.webhook_refused_ms.is_not(None)
+        )
+        with self.read() as conn:
+            return int(conn.execute(refused).scalar() or 0)
 
     def outbox_used(self) -> bool:
         """Whether the store has ever had items to hand off (kept until retention prunes them): a
