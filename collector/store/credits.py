@@ -38,11 +38,20 @@ def add_credit(
         assert inserted is not None
         return int(inserted[0])
     insert = postgresql.insert(credits) if conn.dialect.name == "postgresql" else sqlite.insert(credits)
-    once = insert.values(**row, idempotency_key=key).on_conflict_do_nothing(
-        index_elements=["account", "idempotency_key"]
-    )
-    found = conn.execute(once.returning(credits.c.id)).first()
-    return None if found is None else int(found[0])
+    once = insert.on_conflict_do_nothing(index_elements=["account", "idempotency_key"])
+    return _inserted(conn, once, credits.c.id, {**row, "idempotency_key": key})
+
+
+def _inserted(conn: Connection, once: Any, id_column: Any, row: dict[str, Any]) -> int | None:
+    """An INSERT ... ON CONFLICT DO NOTHING: the new row's id, None when the key was taken.
+    PostgreSQL says so by RETURNING (its rowcount can be -1 there); SQLite by rowcount and
+    lastrowid, since SQLAlchemy 1.4 (Debian 12's) compiles no RETURNING for it (one writer at a
+    time: lastrowid is this insert's)."""
+    if conn.dialect.name == "postgresql":
+        found = conn.execute(once.returning(id_column), row).first()
+        return None if found is None else int(found[0])
+    result = conn.execute(once, row)
+    return int(result.lastrowid) if result.rowcount == 1 else None
 
 
 def credit_by_key(conn: Connection, account: str, key: str) -> dict[str, Any] | None:
@@ -183,9 +192,7 @@ def add_alerts(
     whose alert this wrote (not one another replica wrote first for the same number)."""
     written = []
     insert = postgresql.insert(balance_alerts) if postgres else sqlite.insert(balance_alerts)
-    once = insert.on_conflict_do_nothing(index_elements=["account", "crossing"]).returning(
-        balance_alerts.c.id
-    )
+    once = insert.on_conflict_do_nothing(index_elements=["account", "crossing"])
     for x in raised:
         row = {
             "account": x.account,
@@ -197,7 +204,7 @@ def add_alerts(
             "crossing": numbers[x.account],
             "idempotency_key": alert_key(x.account, numbers[x.account], now_ms),
         }
-        if conn.execute(once, row).first() is not None:  # (rowcount: -1 from some drivers)
+        if _inserted(conn, once, balance_alerts.c.id, row) is not None:
             written.append(x)
     return written
 

@@ -369,6 +369,20 @@ def test_ingest_and_usage_round_trip_on_sqlite(root: DebianRoot, agent_batch: di
     assert by_type == {4: billed["VM_TX"], 5: billed["VM_RX"]}, (by_type, billed)
 
 
+def test_a_credit_added_twice_under_its_key_on_sqlite_with_debians_sqlalchemy(root: DebianRoot) -> None:
+    """`kvmeter credits add --idempotency-key` run again adds nothing, on SQLite with Debian 12's
+    SQLAlchemy 1.4.46, which compiles no RETURNING for SQLite (the insert that skips a taken key,
+    shared with the balance alerts, used it: a CompileError on the packaged default store)."""
+    db = "sqlite:////tmp/credits-ci.db"
+    add = ("kvmeter", "credits", "add", "--db", db, "--account", ACCOUNT, "--amount", "25.00")
+    first = root.ok(*add, "--currency", "EUR", "--idempotency-key", "payment-1")
+    again = root.ok(*add, "--currency", "EUR", "--idempotency-key", "payment-1")
+    assert "added before" not in first, first
+    assert "added before" in again, again
+    listed = json.loads(root.ok("kvmeter", "credits", "list", "--db", db, "--format", "json"))
+    assert [(c["amount"], c["idempotency_key"]) for c in listed] == [("25.00", "payment-1")], listed
+
+
 PROBE = """#!/bin/sh
 # Boot probe: let the services run for a while, record how they run, power off.
 out=/var/lib/kvmeter-ci
