@@ -175,7 +175,10 @@ def _vms(
         ending = "VM.DESTROY" if policy.allocated_until == DESTROY else "VM.EXPUNGE"
         account = history.owner_at(snapshot.taken_ms) or "" if history else ""
         if vm is not None and not vm.display and not gone:
-            if _hidden(vm, previous, last, running, allocated, account, out, policy):
+            hidden = _hidden(
+                vm, previous, running, allocated, account, out, policy, prev_ok=prev_ok, ending=ending
+            )
+            if hidden:
                 corrected.add(uuid)
             continue
         if running is not None and (state == STOPPED or gone):
@@ -240,29 +243,31 @@ def _vms(
 def _hidden(
     vm: Vm,
     previous: Snapshot | None,
-    last: int,
     running: Segment | None,
     allocated: Segment | None,
     account: str,
     out: Findings,
     policy: BillingPolicy,
+    *,
+    prev_ok: bool,
+    ending: str,
 ) -> bool:
     """A VM CloudStack hides (displayvm=false) has no VM time in its usage: UsageEventUtils saves
     no usage event of a hidden VM (its VM.CREATE / START / STOP / DESTROY reach the bus only),
     and hiding one saves VM.DESTROY (and VM.STOP when running). So its open segments are closed
-    as at a destroy, none is opened, and its host running it is no dispute."""
+    as at a destroy, none is opened, and its host running it is no dispute. `prev_ok`: the
+    previous pass read after the VM's last event; `ending`: what ends allocation by the policy."""
     if running is None and allocated is None:
         return False
     before = previous.vms.get(vm.uuid) if previous is not None else None
-    if previous is None or before is None or before.display or not read_after(previous.taken_ms, last):
+    if previous is None or before is None or before.display or not prev_ok:
         out.notes.append(
             f"{vm.uuid}: CloudStack hides it (displayvm=false), kvmeter bills it: awaiting a second witness"
         )
         return False
-    kind = "VM.DESTROY" if policy.allocated_until == DESTROY else "VM.EXPUNGE"
     reason = "CloudStack hides the VM (displayvm=false): its usage has no VM time for it"
-    found = Correction(vm.uuid, "VirtualMachine", kind, previous.taken_ms, account, reason)
-    out.corrections.extend([found] if kind == "VM.EXPUNGE" else _running_change(policy, found, allocated))
+    found = Correction(vm.uuid, "VirtualMachine", ending, previous.taken_ms, account, reason)
+    out.corrections.extend([found] if ending == "VM.EXPUNGE" else _running_change(policy, found, allocated))
     return True
 
 
