@@ -77,6 +77,7 @@ class LinkTable:
         self.rules = rules
         self._links: dict[int, LinkRecord] = {}
         self._by_name: dict[str, int] = {}
+        self._names_view: dict[str, int] | None = None  # links()'s copy, until the next change
         self._uplink_of: dict[int, LinkRecord] | None = None  # bridge ifindex -> uplink port
         self._placements: dict[str, LinkPlacement] = {}
         # master ifindex -> the placement of its ports (shared: every VM tap on a bridge has the
@@ -174,7 +175,12 @@ class LinkTable:
         return set(self._log_names[bisect_right(self._log_generations, generation) :])
 
     def links(self) -> dict[str, int]:
-        return dict(self._by_name)
+        """Name -> ifindex of every link: one copy per change, the same object until the next
+        (the poll loop sees an unchanged map by identity, no copy nor comparison of thousands
+        of entries per poll). Readers must not change it."""
+        if self._names_view is None:
+            self._names_view = dict(self._by_name)
+        return self._names_view
 
     def record(self, ifname: str) -> LinkRecord | None:
         index = self._by_name.get(ifname)
@@ -259,6 +265,7 @@ class LinkTable:
         valid unless they could depend on it: a VM's tap coming or going changes no other
         link's placement, so a host of thousands keeps them when one VM starts or stops."""
         self.generation += 1
+        self._names_view = None
         if record is None or self._others_depend_on(record):
             self._uplink_of = None
             self._placements = {}

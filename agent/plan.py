@@ -128,7 +128,7 @@ class PollPlan:
         return (
             generation is not None
             and generation == self.generation
-            and links == self.links
+            and (links is self.links or links == self.links)
             and len(domains) == len(self.domains)
             and all(map(is_, domains, self.domains))
         )

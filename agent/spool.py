@@ -31,6 +31,7 @@ import msgpack
 from kvmeter.agent.spool_drops import DroppedBatches
 from kvmeter.agent.spool_frames import HEADER, frame_pieces, read_frames
 from kvmeter.agent.spool_io import fsync_dir, write_all
+from kvmeter.agent.state_pack import StatePacker
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Spool:
         # away, and reading them back from the file would cost a read and a decode per poll.
         self._just_written: dict[tuple[int, int], bytes] = {}
         self._last_state: dict[str, Any] | None = None
+        self._state_packer = StatePacker()
         self._last_frame: Frame | None = None
         self._segments: list[int] = []
         self._active_size = 0
@@ -207,7 +209,7 @@ class Spool:
         # copy in fresh pages (a minor fault per 4 KB, the costliest part of appending).
         pieces: list[Any] = []
         sizes = []
-        packed_state = msgpack.packb(state, use_bin_type=True)
+        packed_state = self._state_packer.pack(state)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             frame = frame_pieces(stream_id, first_seq + i, batch, packed_state if last else None, now_ms)

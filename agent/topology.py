@@ -131,7 +131,8 @@ class Topology:
             return self._table.address(ifname, ifindex)
 
     def links(self) -> dict[str, int]:
-        """Name -> ifindex of every current link."""
+        """Name -> ifindex of every current link (the table's copy, the same object until a
+        link changes: not to be changed by the reader)."""
         with self._lock:
             return self._table.links()
 
