@@ -6,8 +6,12 @@ A key is the caller's name for one credit of one account: (account, key) is uniq
 store (migration 25). The same key with the same request (amount, currency, note) is that
 credit again, never a second one; with another request it is refused (KeyReused), nothing
 added. The same key on another account is another credit: a key never finds, nor names,
-another account's. Two replicas taking one key at once write one row: PostgreSQL holds the
-second insert on the unique index until the first commits, then this finds that credit.
+another account's. Two replicas taking one key at once write one row: the second waits on
+the account's lock (store/credits.py lock_account) until the first commits, then finds that
+credit; the unique index holds even for a writer that took no lock.
+
+An account's credits share one currency (the first's): under that same lock, so two first
+credits in two currencies added at once are one credit and a CurrencyHeld, never both.
 """
 
 from __future__ import annotations
@@ -62,13 +66,14 @@ def add_once(
     """(the credit, whether it was added before with `key`), inside the caller's write
     transaction. KeyReused: the key added another credit; CurrencyHeld: the account's credits
     are in another currency. Either way nothing is added."""
+    stored.lock_account(conn, account)  # first: what is read below stays true until the commit
     if key is not None and (found := stored.credit_by_key(conn, account, key)) is not None:
         return _same(found, amount, currency, note, key), True
     held = stored.credit_totals(conn, frozenset({account})).get(account)
     if held is not None and held[1] != currency:
         raise CurrencyHeld(f"account {account} holds credits in {held[1]}, not {currency}")
     credit_id = stored.add_credit(conn, account, amount, currency, note, by, now_ms, key)
-    if credit_id is None:  # another replica's, committed while this insert waited on the key
+    if credit_id is None:  # a replica that took no lock (an older one) committed it meanwhile
         assert key is not None
         found = stored.credit_by_key(conn, account, key)
         assert found is not None

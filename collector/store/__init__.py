@@ -18,6 +18,7 @@ Concurrency between replicas (PostgreSQL) rests on four locks, always taken in t
    measure is applied by one replica only (and of final records an adjustment versions);
 4. last, just before the commit, the seq counters' rows, events' then adjustments'
    (store/sequence.py), so seqs are given in commit order.
+A credit's transaction takes one lock only, its account's advisory lock (store/credits.py).
 SQLite serialises writers with `BEGIN IMMEDIATE` instead.
 """
 

@@ -14,8 +14,19 @@ from sqlalchemy.engine import Connection
 from kvmeter.collector.balances import Balance, Crossing, alert_key
 from kvmeter.collector.schema_credits import balance_alerts, balance_state, credits
 from kvmeter.collector.store.engine import slices
+from kvmeter.collector.store.usage import resource_lock_id
 
 _CREDIT = sa.select(credits)  # every column: id, account, amount, ..., idempotency_key
+
+
+def lock_account(conn: Connection, account: str) -> None:
+    """Hold the account's credits until commit (PostgreSQL; SQLite's writer is alone anyway):
+    two replicas adding an account's first credits at once each read none, so without it both
+    were added, in two currencies. An advisory lock, as per-resource recomputes take (no row
+    exists yet to lock); the credit's transaction takes no other lock."""
+    if conn.dialect.name == "postgresql":
+        key = resource_lock_id(f"credits:{account}")
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
 def add_credit(
