@@ -8,6 +8,7 @@ anything unexpected (logged with its traceback, 500 / CloudStack's 530, no detai
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 
 from flask import Flask, Response, jsonify, request
@@ -36,17 +37,23 @@ def error(status: int, message: str) -> Response:
 
 # The commands /client/api answers, by name (case matters, as in CloudStack's command map).
 CLOUDSTACK_COMMANDS = ("listUsageRecords", "listUsageTypes")
+# A name shaped like a CloudStack API command: a lower-case verb, then camel case
+# (listVirtualMachines). Not `listusagerecords`: CloudStack's command map is case-sensitive.
+_COMMAND_NAME = re.compile(r"[a-z]+[A-Z][A-Za-z0-9]*")
 
 
 def cloudstack_error(
     command: str, code: int, text: str, cs_code: int | None = cloudstack_render.CS_SERVER_API
 ) -> Response:
-    """CloudStack's ExceptionResponse, status = errorcode, named after the command's response
-    (`errorresponse` for an unknown command or 432), in the format the request asked for:
+    """CloudStack's ExceptionResponse, status = errorcode, in the format the request asked for:
     `response=json`, else XML (CloudStack's default). cs_code None: no cserrorcode (an error
-    not raised as an exception, such as ApiServlet's 401)."""
-    known = command in CLOUDSTACK_COMMANDS and code != 432
-    name = f"{command.lower()}response" if known else "errorresponse"
+    not raised as an exception, such as ApiServlet's 401). Named as ApiServer.getSerializedApiError
+    names it: `errorresponse` for a 432 and for a name that is no command, else the command's
+    response, e.g. a refused (401) listVirtualMachines is `listvirtualmachinesresponse`.
+    CloudStack's whole command list is not kvmeter's to know: a name shaped like a command is
+    taken for one."""
+    is_command = command in CLOUDSTACK_COMMANDS or _COMMAND_NAME.fullmatch(command) is not None
+    name = f"{command.lower()}response" if is_command and code != 432 else "errorresponse"
     xml = cloudstack_wants_xml()
     body = cloudstack_render.error_body(name, code, cs_code, text, xml=xml)
     content_type = cloudstack_render.XML_CONTENT_TYPE if xml else cloudstack_render.JSON_CONTENT_TYPE

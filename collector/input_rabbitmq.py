@@ -3,7 +3,9 @@
 CloudStack publishes every event to a durable topic exchange (docs: `cloudstack-events`) with the
 routing key `management-server.<Category>.<Type>.<ResourceType>.<uuid>` and the same JSON body as
 on Kafka, persistent. The collector declares that exchange (the same way CloudStack does, so
-either may start first), declares its own durable queue and binds it with the configured keys.
+either may start first), declares its own durable queue and binds it with the configured keys,
+unbinding those it bound before and no longer configured (rabbit_bindings: remembered in the
+durable queue `<queue>.bindings`).
 
 - queue_type "stream" (the default): a RabbitMQ stream, read from its first message at every
   start, like the Kafka lifecycle topic: every replica reads everything and the store dedupes
@@ -40,6 +42,7 @@ from pika.spec import Basic, BasicProperties
 from kvmeter.collector.config import RabbitConfig
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
 from kvmeter.collector.model import Record
+from kvmeter.collector.rabbit_bindings import rebind
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +94,8 @@ class RabbitInput:
             channel.exchange_declare(self.cfg.exchange, exchange_type="topic", durable=True)
             arguments = {"x-queue-type": "stream"} if self.stream else {}
             declared = channel.queue_declare(self.cfg.queue, durable=True, arguments=arguments)
-            for key in self.cfg.binding_keys:
-                channel.queue_bind(self.cfg.queue, self.cfg.exchange, routing_key=key)
+            # Exactly the configured keys: those bound before and removed since are unbound.
+            rebind(channel, self.cfg.queue, self.cfg.exchange, self.cfg.binding_keys)
             channel.basic_qos(prefetch_count=self.cfg.prefetch)
             # The queue deleted, or the node holding it gone: the broker cancels the consumer
             # (Basic.Cancel) and pika raises nothing, the connection stays open, idle forever.

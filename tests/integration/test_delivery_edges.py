@@ -84,6 +84,18 @@ class FakeChannel:
     def queue_bind(self, *_a: Any, **_k: Any) -> None:
         pass
 
+    def queue_unbind(self, *_a: Any, **_k: Any) -> None:
+        pass
+
+    def basic_get(self, _queue: str, **_k: Any) -> tuple[None, None, None]:
+        return None, None, None  # the bindings record (rabbit_bindings): none yet
+
+    def confirm_delivery(self) -> None:
+        pass
+
+    def basic_publish(self, *_a: Any, **_k: Any) -> None:
+        pass
+
     def basic_qos(self, **_k: Any) -> None:
         pass
 
