@@ -53,7 +53,7 @@ class HandoffMetrics(PromCollector):
         self.registry = registry
         self.errors = Counter(
             "kvmeter_handoff_delivery_errors",
-            "Failed delivery attempts of billable items",
+            "Failed delivery attempts of billable items (not an item refused: kvmeter_handoff_refused_items)",
             ["sink"],
             registry=registry,
         )

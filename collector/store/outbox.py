@@ -209,19 +209,24 @@ class Outbox(StoreCore):
         return renewed
 
     def release_outbox(self, ids: Sequence[int], error: str, held_until: int | None = None) -> None:
-        """Delivery failed: the rows are free for the next attempt, with the reason kept. With
-        held_until (the lease the caller set last), only rows still under that lease: a row
-        another relay claimed after the caller's lease lapsed stays that relay's."""
+        """Delivery failed: the rows are free for the next attempt, with the reason kept (a row
+        the webhook refused keeps its answer). With held_until (the lease the caller set last),
+        only rows still under that lease: a row another relay claimed after the caller's lease
+        lapsed stays that relay's."""
         if not ids:
             return
         ob = handoff_outbox.c
         held = [] if held_until is None else [ob.claimed_until_ms == held_until]
+        # a row the webhook refused keeps the receiver's answer (what the operator looks for: the
+        # README's query), not the error of a later round that stopped before reaching it
+        refused = sa.and_(ob.webhook_refused_ms.is_not(None), ob.webhook_sent_ms.is_(None))
+        reason = sa.case((refused, ob.last_error), else_=sa.literal(error[:1000]))
         with self.write() as conn:
             for part in slices(list(ids)):
                 conn.execute(
                     sa.update(handoff_outbox)
                     .where(ob.id.in_(part), ob.sent_ms.is_(None), *held)
-                    .values(claimed_until_ms=None, last_error=error[:1000])
+                    .values(claimed_until_ms=None, last_error=reason)
                 )
 
     def outbox_stats(self) -> tuple[int, int | None]:
