@@ -15,7 +15,6 @@ incarnation), then the poll's readings.
 
 from __future__ import annotations
 
-import gc
 import logging
 import platform
 import queue
@@ -30,6 +29,7 @@ from typing import Any, Callable
 from kvmeter.agent.config import AgentConfig
 from kvmeter.agent.counters import KernelTable, read_link_mac
 from kvmeter.agent.delta import DeltaConfig, DeltaEngine
+from kvmeter.agent.gc_pace import paused_collector, tune_collector
 from kvmeter.agent.heap import Heap
 from kvmeter.agent.inventory_fit import fitted_record
 from kvmeter.agent.inventory_records import InventoryRecords
@@ -65,32 +65,6 @@ SERVICE_WAIT = 1.0
 
 def _alone(part: bytes) -> list[bytes]:
     return [part]
-
-
-def _paused_collector(poll: Callable[[], Any]) -> Any:
-    """Run a poll with the cyclic garbage collector paused. A poll makes and drops thousands of
-    short-lived containers, and the collector would walk them several times mid-poll (a pass per
-    700 new ones); afterwards it only sees what survived. Reference counting frees the rest."""
-    if not gc.isenabled():
-        return poll()
-    gc.disable()
-    try:
-        return poll()
-    finally:
-        gc.enable()
-
-
-# New containers between two passes of the cyclic collector over its youngest generation
-# (Python's default: 700). A poll makes thousands, a VM storm's tens of thousands, and each pass
-# walks every one still alive, the poll's columns of thousands of counters among them; the agent
-# makes next to no reference cycles, so passes this much rarer free the same memory.
-COLLECTOR_YOUNG_THRESHOLD = 10_000
-
-
-def tune_collector() -> None:
-    """Set the youngest generation's threshold (for the whole process, as Python's is)."""
-    _young, older, oldest = gc.get_threshold()
-    gc.set_threshold(COLLECTOR_YOUNG_THRESHOLD, older, oldest)
 
 
 class _StopEvent(threading.Event):
@@ -387,7 +361,7 @@ class Agent(Measuring):
             now = self._mono()
             if now >= next_poll:
                 try:
-                    _paused_collector(self.poll_and_publish)
+                    paused_collector(self.poll_and_publish)
                 except Exception:
                     log.exception("poll failed; retrying at the next interval")
                 next_poll += interval

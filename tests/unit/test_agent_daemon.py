@@ -261,7 +261,7 @@ def test_a_started_agent_passes_the_collector_over_young_objects_less_often(
 ) -> None:
     import gc
 
-    from kvmeter.agent.daemon import COLLECTOR_YOUNG_THRESHOLD
+    from kvmeter.agent.gc_pace import COLLECTOR_YOUNG_THRESHOLD
 
     before = gc.get_threshold()
     try:
