@@ -44,16 +44,19 @@ class OwnerDirectory:
     domains_listed: bool = False
     offerings: Mapping[str, ServiceOffering] = field(default_factory=dict)  # by offering uuid
     domains_listed_ms: Mapping[str, int] = field(default_factory=dict)  # by domain uuid: its last listing
+    # by account uuid: when CloudStack last told of it (its API listed it, or <metadata> named it)
+    accounts_seen_ms: Mapping[str, int] = field(default_factory=dict)
 
     def with_names(
         self,
         accounts: Mapping[str, tuple[str, str]],
         domains: Mapping[str, tuple[str, str]],
         listed_ms: Mapping[str, int] | None = None,
+        accounts_listed_ms: Mapping[str, int] | None = None,
     ) -> OwnerDirectory:
         """Add what CloudStack's API said (the reconciler's names): accounts {uuid: (name,
         domain uuid)}, domains {uuid: (name, path)}, listed_ms {domain uuid: when the listing
-        that last gave it was read}."""
+        that last gave it was read}, accounts_listed_ms the same by account uuid."""
         owners = dict(self.owners)
         for uuid, (name, domain) in accounts.items():
             known = owners.get(uuid, Owner())
@@ -69,6 +72,7 @@ class OwnerDirectory:
             accounts_listed=self.accounts_listed or bool(accounts),
             domains_listed=self.domains_listed or bool(domains),
             domains_listed_ms={**self.domains_listed_ms, **(listed_ms or {})},
+            accounts_seen_ms=_latest(self.accounts_seen_ms, accounts_listed_ms or {}),
         )
 
     def with_snapshot(self, snapshot: Snapshot | None, offering_names: Mapping[str, str]) -> OwnerDirectory:
@@ -97,13 +101,18 @@ class OwnerDirectory:
         return replace(self, instances=instances, offerings=offerings)
 
     @classmethod
-    def from_hints(cls, hints: Mapping[str, Mapping[str, str]]) -> OwnerDirectory:
-        """hints: the store's owner hints, flattened <metadata> by domain uuid and by name."""
+    def from_hints(
+        cls, hints: Mapping[str, Mapping[str, str]], learned_ms: Mapping[str, int] | None = None
+    ) -> OwnerDirectory:
+        """hints: the store's owner hints, flattened <metadata> by domain uuid and by name;
+        learned_ms: when each was learned (by the same keys)."""
         owners: dict[str, Owner] = {}
         instances: dict[str, Instance] = {}
-        for fields in hints.values():
+        seen: dict[str, int] = {}
+        for key, fields in hints.items():
             account = _known(fields.get("ownerAccountUuid"))
             if account:
+                seen[account] = max(seen.get(account, -1), (learned_ms or {}).get(key, -1))
                 owners[account] = Owner(
                     account_name=_known(fields.get("ownerAccountName")),
                     domain_id=_known(fields.get("ownerDomainUuid")),
@@ -120,7 +129,7 @@ class OwnerDirectory:
                     tags=_tags(fields),
                     owner=account,
                 )
-        return cls(owners, instances)
+        return cls(owners, instances, accounts_seen_ms=seen)
 
     def owner(self, account: str) -> Owner:
         return self.owners.get(account, NO_OWNER)
@@ -146,14 +155,23 @@ class OwnerDirectory:
         return domain_id in self.domain_paths or any(o.domain_id == domain_id for o in self.owners.values())
 
     def accounts_named(self, name: str, domain_id: str | None = None) -> frozenset[str]:
-        """The accounts whose name equals `name` as CloudStack's database compares them
-        (name_key; a domain never holds two live accounts whose names compare equal)."""
+        """The account named `name` in each domain (in `domain_id` alone when given), as
+        CloudStack's lookup finds it: names compare as its database compares them (name_key),
+        and of namesakes, the one it made last (UsageServiceImpl: AccountDao.listAccounts,
+        removed ones included, newest id first). Names are unique among live accounts only: a
+        removed account's name may be taken again, and its records are not the new owner's.
+        Their lives never overlap, so the one made last is the one CloudStack told of last;
+        when kvmeter cannot tell (told of both at once), both."""
         key = name_key(name)
-        return frozenset(
-            a
-            for a, o in self.owners.items()
-            if name_key(o.account_name) == key and (domain_id is None or o.domain_id == domain_id)
-        )
+        found: dict[str, dict[str, int]] = defaultdict(dict)
+        for a, o in self.owners.items():
+            if name_key(o.account_name) == key and (domain_id is None or o.domain_id == domain_id):
+                found[o.domain_id][a] = self.accounts_seen_ms.get(a, -1)
+        newest: set[str] = set()
+        for seen in found.values():
+            last = max(seen.values())
+            newest |= {a for a, ms in seen.items() if ms == last}
+        return frozenset(newest)
 
     def known_id(self, uuid: str, *, domain: bool = False) -> str:
         """The account (domain: the domain) uuid as kvmeter knows it, for one given in another
@@ -212,6 +230,10 @@ def name_key(name: str) -> str:
     Hence lower(), not casefold() (which makes ß ss)."""
     decomposed = unicodedata.normalize("NFD", name.lower())
     return unicodedata.normalize("NFC", _LATIN_ACCENTS.sub("", decomposed))
+
+
+def _latest(seen: Mapping[str, int], more: Mapping[str, int]) -> dict[str, int]:
+    return {**seen, **{k: max(ms, seen.get(k, ms)) for k, ms in more.items()}}
 
 
 def _fill(instances: dict[str, Instance], uuid: str, **facts: object) -> None:

@@ -40,3 +40,8 @@ class OwnerHints(StoreCore):
     def owner_hints(self, conn: Connection) -> dict[str, dict[str, str]]:
         rows = conn.execute(sa.select(owner_hints.c.domain, owner_hints.c.owner))
         return {row[0]: json.loads(row[1]) for row in rows}
+
+    def owner_hints_learned(self, conn: Connection) -> dict[str, int]:
+        """When each hint was learned (changed last), by the same keys as owner_hints."""
+        rows = conn.execute(sa.select(owner_hints.c.domain, owner_hints.c.updated_ms))
+        return {row[0]: int(row[1]) for row in rows}

@@ -119,6 +119,7 @@ class Names:
     domains: dict[str, tuple[str, str]] = field(default_factory=dict)  # uuid -> (name, path)
     offerings: dict[str, str] = field(default_factory=dict)  # uuid -> name
     domains_listed_ms: dict[str, int] = field(default_factory=dict)  # uuid -> the listing that last gave it
+    accounts_listed_ms: dict[str, int] = field(default_factory=dict)  # the same, of accounts
 
     def account(self, uuid: str) -> dict[str, str]:
         """CloudStack's owner fields of a usage record ({} when the account is not known)."""
@@ -139,6 +140,7 @@ def load_names(conn: Connection) -> Names:
         kind, uuid, name, parent = str(row[0]), str(row[1]), str(row[2]), str(row[3])
         if kind == "account":
             names.accounts[uuid] = (name, parent)
+            names.accounts_listed_ms[uuid] = int(row[4])
         elif kind == "domain":
             names.domains[uuid] = (name, parent)
             names.domains_listed_ms[uuid] = int(row[4])
