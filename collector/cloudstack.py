@@ -30,7 +30,8 @@ Decisions:
 - Async-job results (jobResult) give what the bus otherwise lacks: an IP resource's address,
   a VM's NIC MACs / IPs (first NIC in mac / ip_address, all in attributes nic.N.*) and a VM's
   service offering (offering_uuid; cpunumber / memory in attributes, and a custom offering's
-  VM details as details.cpuNumber / details.memory).
+  VM details as details.cpuNumber / details.memory) and whether the VM is displayed to its owner
+  (displayvm, "true" / "false").
 """
 
 from __future__ import annotations
@@ -250,6 +251,8 @@ def _fill_from_job_result(ev: pb.LifecycleEvent, result: dict[str, Any]) -> None
             for name in ("cpunumber", "memory"):
                 if _text(body.get(name)):
                     ev.attributes[name] = _text(body.get(name))
+            if isinstance(body.get("displayvm"), bool):  # hidden from its owner: hidden_deploy.py
+                ev.attributes["displayvm"] = _text(body.get("displayvm"))
             details = body.get("details")  # a custom offering's VM: its own cpuNumber / memory
             if isinstance(details, dict):
                 for name in ("cpuNumber", "memory"):

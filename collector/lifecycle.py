@@ -32,6 +32,9 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   without an offering; more than one: each job to the bare scaling event delivered just before
   it, when one source (a Kafka partition, a stream, a file) delivered them all, else not paired
   (the reconciler settles it).
+- A VM deployed hidden (its completed VM.CREATE job's VM has displayvm false, hidden_deploy.py):
+  its VM usage events before the VM.CREATE that shows it change nothing, as CloudStack saved
+  none of them; they are listed in `ignored`.
 - Sizes (custom offerings, vm_size.py): a VM usage event naming cpunumber and memory (the
   reconciler's corrections; a job result's VM details, paired as its offering is) sets the
   VM's size; a segment carries the offering and size in force when it opened, and a scaling
@@ -58,6 +61,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from kvmeter.collector.hidden_deploy import unsaved_at_deploy
 from kvmeter.collector.job_offerings import with_job_offerings
 from kvmeter.collector.lifecycle_order import (
     EFFECT_RANK,
@@ -89,7 +93,7 @@ _VM_TYPES = frozenset({"", "VirtualMachine", "DomainRouter", "ConsoleProxy", "Se
 _NIC_MAC = re.compile(r"^nic\.\d+\.mac$")
 _NIC_IP = re.compile(r"^nic\.\d+\.ip$")
 _READ_ATTRIBUTES = re.compile(
-    r"^(old-state|new-state|nic\.\d+\.(mac|ip)|cpunumber|cpuNumber|memory|details\.(cpuNumber|memory))$"
+    r"^(old-state|new-state|nic\.\d+\.(mac|ip)|cpunumber|cpuNumber|memory|details\.(cpuNumber|memory)|displayvm)$"
 )  # all it reads
 
 ROUTER_OWNER = "ROUTER.OWNER"  # the reconciler's: the owner of a virtual router's network
@@ -152,8 +156,15 @@ class _Open:
 class _Machine:
     """Replays one resource's ordered events; the segments collect in `segments`."""
 
-    def __init__(self, policy: BillingPolicy = DEFAULT_POLICY, *, router: bool = False) -> None:
+    def __init__(
+        self,
+        policy: BillingPolicy = DEFAULT_POLICY,
+        *,
+        router: bool = False,
+        unsaved: frozenset[int] = frozenset(),
+    ) -> None:
         self.policy = policy
+        self.unsaved = unsaved  # id() of usage events CloudStack did not save (hidden_deploy.py)
         # A virtual router: CloudStack publishes its state events as a VM's, but bills no VM time
         # for system VMs (usage events are for user VMs only); its owner is for its bytes.
         self.router = router
@@ -218,6 +229,8 @@ class _Machine:
 
     def apply(self, ev: pb.LifecycleEvent) -> bool:
         """Apply one event; True when it changed the state (opened, closed, split or allocatable)."""
+        if id(ev) in self.unsaved:
+            return False
         if ev.category == pb.USAGE:
             changed = self.usage(ev)
         elif ev.category == pb.RESOURCE_STATE:
@@ -302,7 +315,7 @@ def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) ->
     events.sort(key=lambda ev: (at[id(ev)], *event_order(ev)))
     hist = ResourceHistory(resource_uuid=uuid)
     router = any(ev.category == pb.USAGE and ev.event_type == ROUTER_OWNER for ev in events)
-    machine = _Machine(policy, router=router)
+    machine = _Machine(policy, router=router, unsaved=frozenset(unsaved_at_deploy(events)))
     machine.offering, machine.size = initial
     address = ""
     for ev in effect_order(machine.would_change, events, at):
