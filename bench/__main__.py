@@ -1,6 +1,6 @@
 """`python -m bench [--quick] [--only SECTION,...] [--out ...]`; sections: agent, process,
 collector, freshness, scale, lifecycle, memory, retention, api, billing,
-peers.
+peers, migration24, claim.
 
 Runs as root from the repository root (network namespaces). Each section that fails is recorded
 with its error and the run goes on; the exit status is 1 if any section failed.
@@ -33,6 +33,8 @@ SECTIONS = (
     "api",
     "billing",
     "peers",
+    "migration24",
+    "claim",
 )
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,6 +192,29 @@ def main(argv: list[str] | None = None) -> int:
         try:
             records = 20_000 if quick else 1_000_000
             results["api"] = _section("api", lambda: api_bench.run(pg.dsn, records=records, log=_log))
+        finally:
+            pg.stop()
+
+    if {"migration24", "claim"} & set(only):
+        from tests.harness.postgres import Cluster
+
+        from bench import store_scale_bench
+
+        pg = Cluster().start()
+        try:
+            if "migration24" in only:
+                events = [20_000] if quick else [200_000, 1_000_000]
+                results["migration24"] = _section(
+                    "migration24", lambda: store_scale_bench.migration24(pg.dsn, events, log=_log)
+                )
+            if "claim" in only:
+                depths = [1000] if quick else [1000, 10_000, 100_000]
+                results["claim"] = _section(
+                    "claim",
+                    lambda: store_scale_bench.claim(
+                        pg.dsn, depths, limit=200, rounds=5 if quick else 15, log=_log
+                    ),
+                )
         finally:
             pg.stop()
 

@@ -378,6 +378,12 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def _store_scale() -> Any:
+    from bench import store_scale_bench  # the store's code: loaded only when its sections ran
+
+    return store_scale_bench
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     parts = [
@@ -396,6 +402,8 @@ def render(results: dict[str, Any]) -> str:
         ("billing", billing_section),
         ("peers", lambda peers: peers_report.section(peers, _table, _num)),
         ("process", lambda proc: process_report.section(proc, _table)),
+        ("migration24", lambda mig: _store_scale().migration_section(mig, _table)),
+        ("claim", lambda cl: _store_scale().claim_section(cl, _table)),
     )
     for key, fn in sections:
         if key in results:

@@ -211,7 +211,16 @@ def _migration_24(conn: Connection) -> None:
     # take their id, the order they were read in until now.
     _add_missing_columns(conn, lifecycle_events, ("seq",))
     ev = lifecycle_events.c
-    conn.execute(sa.update(lifecycle_events).where(ev.seq.is_(None)).values(seq=ev.id))
+    if conn.dialect.name == "postgresql":
+        # One rewrite of the table, not an UPDATE of every row: the ADD COLUMN holds the table
+        # (ACCESS EXCLUSIVE: every replica's event reads and writes wait) until the migrations
+        # commit, and the rewrite takes a third of the UPDATE's time or less (1M events: 5.5-7 s,
+        # not 17-45; README, benchmark 5d) and leaves no dead copy of each row behind.
+        conn.execute(
+            sa.text("ALTER TABLE lifecycle_events ALTER COLUMN seq TYPE BIGINT USING COALESCE(seq, id)")
+        )
+    else:
+        conn.execute(sa.update(lifecycle_events).where(ev.seq.is_(None)).values(seq=ev.id))
     conn.execute(
         sa.text("CREATE UNIQUE INDEX IF NOT EXISTS ix_lifecycle_events_seq ON lifecycle_events (seq)")
     )

@@ -20,6 +20,7 @@ from bench import (
     memory_bench,
     report,
     retention_bench,
+    store_scale_bench,
 )
 
 NICS = 6
@@ -181,3 +182,19 @@ def test_retention_bench_runs_on_a_tiny_size(pg_database: str) -> None:
         assert run["during_prune"]["chunks"] >= 1
     text = report.render({"meta": META, "retention": out})
     assert "5c. Retention" in text
+
+
+@pytest.mark.pg
+def test_store_scale_bench_runs_on_tiny_sizes(pg_database: str) -> None:
+    mig = store_scale_bench.migration24(pg_database, [2000], log=lambda _: None)
+    # raises inside if an event got a seq other than its id
+    assert mig["2000"]["inserts_during"] >= 1
+    claim = store_scale_bench.claim(pg_database, [300], limit=50, rounds=2, log=lambda _: None)
+    for depths in claim["stores"].values():
+        run = depths["300"]
+        assert run["all pending"]["picked"] == 100  # a batch per sink
+        assert run["only refused pending"]["picked"] == 3  # 1 item in 100 refused
+        assert any("ix_handoff_outbox_record" in line for line in run["plan"])
+    text = report.render({"meta": META, "migration24": mig, "claim": claim})
+    assert "5d. Migration 24" in text
+    assert "5e. Hand-off claim" in text
