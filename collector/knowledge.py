@@ -42,6 +42,7 @@ class LifecycleKnowledge(ResidentHistories, InventoryMemory):
         page at a time, letting closed resources go between pages (a replica starting on years
         of events never holds them all)."""
         changed: set[str] = set()
+        self.store.number_stragglers()  # an older replica's events, in a rolling upgrade
         while True:
             seen = self._last_event_seq
             learned, more = self._page_since()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -12,6 +14,10 @@ from kvmeter.collector.schema import collector_state, lifecycle_events
 from kvmeter.collector.store import sequence
 from kvmeter.collector.store.engine import StoreCore, slices
 
+log = logging.getLogger(__name__)
+
+# How often a replica looks for events stored without a seq (number_stragglers): an index lookup.
+STRAGGLER_CHECK_S = 2.0
 _EVENT_COLUMNS = ("event_id", "resource_uuid", "time_ms", "raw", "normalized", "record_key", "received_ms")
 
 
@@ -71,6 +77,27 @@ class LifecycleEvents(StoreCore):
         if new:
             sequence.mark_pending(conn, sequence.EVENTS)
         return new
+
+    straggler_check_s = STRAGGLER_CHECK_S
+    _stragglers_checked = float("-inf")  # monotonic
+
+    def number_stragglers(self) -> int:
+        """Number events committed without a seq, at most every straggler_check_s; returns how
+        many. An older replica of a rolling upgrade (code before migration 24) stores events
+        without one, and every sync, rebuild and residency lookup pages by seq: unnumbered, no
+        other replica would learn them until some replica next stored an event."""
+        if time.monotonic() - self._stragglers_checked < self.straggler_check_s:
+            return 0
+        self._stragglers_checked = time.monotonic()
+        ev = lifecycle_events.c
+        with self.read() as conn:
+            if conn.execute(sa.select(ev.id).where(ev.seq.is_(None)).limit(1)).first() is None:
+                return 0
+        with self.write() as conn:
+            numbered = sequence.number_stragglers(conn)
+        if numbered:
+            log.info("numbered %d lifecycle events an older replica stored without a seq", numbered)
+        return numbered
 
     def events_of_many(self, conn: Connection, resources: Iterable[str]) -> dict[str, list[bytes]]:
         """{resource: normalized events in (time, event id) order} of the resources named."""

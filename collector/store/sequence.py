@@ -39,25 +39,27 @@ def mark_pending(conn: Connection, kind: Sequenced) -> None:
 
 
 def assign(conn: Connection) -> int:
-    """Give this transaction's new rows (seq still NULL) the next seqs of their kind, in id
-    order; each counter's row stays locked until the commit. Returns how many."""
+    """Give this transaction's new rows (seq still NULL, as any an older replica committed) the
+    next seqs of their kind, in id order; each counter's row stays locked until the commit.
+    Returns how many."""
     return sum(_assign(conn, kind) for kind in _LOCK_ORDER)
 
 
 def _assign(conn: Connection, kind: Sequenced) -> int:
     if not conn.info.pop(kind.pending, False):
         return 0
-    rows = kind.table.c
+    rows, state = kind.table.c, collector_state.c
+    # The counter first, then the rows still without a seq: this transaction's and any an older
+    # replica committed (a rolling upgrade). Read before the lock, another replica's numbering of
+    # those committed meanwhile would be numbered again here, a seq already read taken back.
+    counter = sa.select(state.value).where(state.name == kind.counter).with_for_update()
+    last = int(conn.execute(counter).scalar_one())
     pending = conn.execute(sa.select(rows.id).where(rows.seq.is_(None)).order_by(rows.id))
     ids = [int(row[0]) for row in pending]
     if not ids:
         return 0
-    state = collector_state.c
-    conn.execute(
-        sa.update(collector_state).where(state.name == kind.counter).values(value=state.value + len(ids))
-    )
-    top = int(conn.execute(sa.select(state.value).where(state.name == kind.counter)).scalar_one())
-    first = top - len(ids) + 1
+    conn.execute(sa.update(collector_state).where(state.name == kind.counter).values(value=last + len(ids)))
+    first = last + 1
     if conn.dialect.name == "postgresql":
         # One statement for any number of rows: an UPDATE per row (a round trip each on
         # psycopg2) held the counter, which every replica's writes of this kind wait on, as long
@@ -77,6 +79,14 @@ def _numbered(table: sa.Table) -> sa.TextClause:
         "FROM unnest(CAST(:ids AS bigint[])) WITH ORDINALITY AS r(id, n) "
         f"WHERE {table.name}.id = r.id"
     )
+
+
+def number_stragglers(conn: Connection) -> int:
+    """Give a seq to lifecycle events committed without one (an older replica's, in a rolling
+    upgrade), under the counters' lock order; returns how many. The caller checks cheaply first
+    that there are some (ix_lifecycle_events_seq finds `seq IS NULL`)."""
+    mark_pending(conn, EVENTS)
+    return assign(conn)
 
 
 def clear(conn: Connection) -> None:
