@@ -31,7 +31,8 @@ Stats = tuple[int, int, int, int]
 class LinkEvent:
     """A link appeared (``kind="new"``), was deleted (``kind="del"``), renamed
     (``kind="rename"``: the same device and counters under a new name, ``was`` the old one) or
-    left its master (``kind="move"``: a tap taken off its bridge, to another or to none).
+    left its master (``kind="move"``: a tap taken off its bridge, to another or to none; ``was``
+    its previous name when the same message renamed it too).
 
     ``stats`` are the counters carried by the message itself (``IFLA_STATS64``): for ``del``
     they are the interface's final counters, taken by the kernel as it removed the device, so
@@ -51,7 +52,7 @@ class LinkEvent:
     ifname: str
     ifindex: int
     stats: Stats | None = None
-    was: str | None = None  # a rename's previous name
+    was: str | None = None  # a rename's previous name (a move's, when it was renamed too)
     left: LinkPlacement | None = None  # a move's: where the link sat until then
 
 
@@ -113,13 +114,9 @@ class LinkTable:
         previous = self._links.get(record.ifindex)
         if previous is not None and _same_place(previous, record):
             return None
-        moving = (
-            previous is not None
-            and previous.ifname == record.ifname
-            and previous.master is not None
-            and previous.master != record.master
-        )
-        left = self.placement(record.ifname) if moving else None  # read before the record changes
+        moving = previous is not None and previous.master is not None and previous.master != record.master
+        # read before the record changes (under the name it had: one message may rename it too)
+        left = self.placement(previous.ifname) if previous is not None and moving else None
         if previous is not None:
             self._remove(record.ifindex)
         self._links[record.ifindex] = _kept(record)
@@ -130,7 +127,10 @@ class LinkTable:
         if previous is None:
             return LinkEvent("new", record.ifname, record.ifindex, record.stats)
         if previous.ifname != record.ifname:
-            return LinkEvent("rename", record.ifname, record.ifindex, record.stats, previous.ifname)
+            # Renamed and moved by one message (a read's rename superseded by the move after it):
+            # one move, with its previous name, so its bytes until now are its old place's still
+            kind = "move" if moving else "rename"
+            return LinkEvent(kind, record.ifname, record.ifindex, record.stats, previous.ifname, left)
         if moving:
             # Its bytes until now are its old place's: the message's counters split them (a tap's
             # first master, as libvirt plugs it, is no move: nothing was typed before it)
@@ -140,7 +140,8 @@ class LinkTable:
     def replace_all(self, records: Iterable[LinkRecord]) -> list[LinkEvent]:
         """Replace the table with a full dump; return events for what differs from before
         (``del`` without stats for links gone unseen, ``new`` for links that appeared,
-        ``rename`` for those under another name)."""
+        ``rename`` for those under another name, ``move`` with the dump's counters for those
+        off the master they had, as ``apply`` tells them)."""
         fresh = {r.ifindex: r for r in records}
         events = [
             LinkEvent("del", old.ifname, old.ifindex, None)
@@ -151,6 +152,13 @@ class LinkTable:
             old = self._links.get(index)
             if old is None:
                 events.append(LinkEvent("new", new.ifname, index, new.stats))
+            elif old.master is not None and old.master != new.master:
+                # A move whose own message the overrun lost: the dump's counters split its bytes,
+                # those up to the dump its old place's (the move may have come before: see README)
+                was = old.ifname if old.ifname != new.ifname else None
+                events.append(
+                    LinkEvent("move", new.ifname, index, new.stats, was, self.placement(old.ifname))
+                )
             elif old.ifname != new.ifname:
                 events.append(LinkEvent("rename", new.ifname, index, new.stats, old.ifname))
         self._links = {index: _kept(record) for index, record in fresh.items()}

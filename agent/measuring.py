@@ -230,10 +230,21 @@ class Measuring(Ownership):
             self.engine.hold(held)
 
     def _moved_from(self, events: list[StampedEvent]) -> dict[CounterKey, Attribution]:
-        """The attribution each link that `events` move off its bridge has (before this poll)."""
-        attribution = self._attribution
-        moved = [CounterKey(self.boot_id, e.ifindex, e.ifname) for e in events if e.kind == "move"]
-        return {key: attribution[key] for key in moved if key in attribution}
+        """The attribution each link that `events` move off its bridge had at the last poll, by
+        its key at the move (one renamed before: found under the name that poll knew)."""
+        polled_as: dict[tuple[int, str], str] = {}  # renamed links: (ifindex, name) -> last poll's name
+        moved: dict[CounterKey, Attribution] = {}
+        for e in events:
+            if e.was is not None:
+                polled_as[e.ifindex, e.ifname] = polled_as.pop((e.ifindex, e.was), e.was)
+            elif e.kind == "del":
+                polled_as.pop((e.ifindex, e.ifname), None)  # (a link made again under that name)
+            if e.kind == "move":
+                then = polled_as.get((e.ifindex, e.ifname), e.ifname)
+                who = self._attribution.get(CounterKey(self.boot_id, e.ifindex, then))
+                if who is not None:
+                    moved[CounterKey(self.boot_id, e.ifindex, e.ifname)] = who
+        return moved
 
     def _apply_events(
         self,
@@ -273,14 +284,14 @@ class Measuring(Ownership):
                 born, finals, pending = [], [], set()
             pending.add(key)
             kind = event.kind
-            if kind == "new":
-                born.append(key)
-            elif kind == "rename" and event.was is not None:
-                # the same link under a new name: its counter goes on, never counted again
+            if event.was is not None:
+                # the same link under a new name (a move's too): its counter goes on, never counted again
                 self.engine.links_created(born)
                 deltas += self.engine.finals(finals)
                 born, finals, pending = [], [], {key}
                 self.engine.renamed(self._links.key(event.was, event.ifindex), key)
+            if kind == "new":
+                born.append(key)
             elif kind == "move" and event.stats is not None and key in moved_from:
                 # the link left its bridge: its bytes until then are billed as that place's
                 rx_bytes, rx_packets, tx_bytes, tx_packets = event.stats
