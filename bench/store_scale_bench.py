@@ -202,29 +202,7 @@ def _vacuum(store: Store) -> None:
 
 def _plain_pick(conn: Any, sink: str, limit: int, now_ms: int) -> list[int]:
     """The baseline: `_pick` without the EXISTS of migration 27 (the same phases, index, lock)."""
-    ob = handoff_outbox.c
-    free = (
-        ob.sent_ms.is_(None),
-        sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
-        ob[store_outbox.SINK_COLUMNS[sink]].is_(None),
-    )
-    refused = ob.webhook_refused_ms
-    phases: list[tuple[Any, tuple[Any, ...]]] = [(sa.true(), (ob.id,))]
-    if sink == store_outbox.WEBHOOK:
-        phases = [(refused.is_(None), (ob.id,)), (refused.is_not(None), (refused, ob.id))]
-    picked: list[int] = []
-    for which, order in phases:
-        if len(picked) >= limit:
-            break
-        query = (
-            sa.select(ob.id)
-            .where(*free, which)
-            .order_by(*order)
-            .limit(limit - len(picked))
-            .with_for_update(skip_locked=True)
-        )
-        picked += [int(row[0]) for row in conn.execute(query)]
-    return picked
+    return store_outbox.pick_free(conn, sink, limit, now_ms)
 
 
 def _plans(store: Store, limit: int) -> list[str]:

@@ -42,17 +42,23 @@ def _pick(conn: Connection, sink: str, limit: int, now_ms: int) -> list[int]:
     """The rows a claim offers `sink` (see claim_outbox): those never refused, oldest first,
     then the refused, least recently refused first; each query can walk the pending index."""
     ob = handoff_outbox.c
-    lacks = ob[SINK_COLUMNS[sink]]
     e = handoff_outbox.alias("earlier").c
     # an earlier version of the row's record that this sink lacks holds the row back
     held = sa.exists().where(
         e.record == ob.record, e.version < ob.version, e.sent_ms.is_(None), e[SINK_COLUMNS[sink]].is_(None)
     )
+    return pick_free(conn, sink, limit, now_ms, ~held)
+
+
+def pick_free(conn: Connection, sink: str, limit: int, now_ms: int, *also: Any) -> list[int]:
+    """Up to `limit` rows pending for `sink` and not under another claim that meet `also`, in
+    _pick's order, locked (others skip them)."""
+    ob = handoff_outbox.c
     free = (
         ob.sent_ms.is_(None),
         sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
-        lacks.is_(None),
-        ~held,
+        ob[SINK_COLUMNS[sink]].is_(None),
+        *also,
     )
     refused = ob[REFUSED_COLUMNS[sink]] if sink in REFUSED_COLUMNS else None
     phases: list[tuple[Any, tuple[Any, ...]]] = [(sa.true(), (ob.id,))]
