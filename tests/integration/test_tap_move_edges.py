@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -51,9 +52,11 @@ def vm_sends(fd: int, count: int) -> None:
         os.write(fd, frame(seq))
 
 
-@pytest.fixture
-def agent_on(tmp_path: Path, host: str) -> Iterator[tuple[Agent, int]]:  # noqa: F811
-    """An agent over the namespace, one VM whose tap vnet0 starts on cloudbr0 (public)."""
+@contextmanager
+def running_agent(tmp_path: Path, host: str, rcvbuf: int = 4 << 20) -> Iterator[tuple[Agent, int]]:  # noqa: F811
+    """An agent over the namespace, one VM whose tap vnet0 starts on cloudbr0 (public); libvirt's
+    XML says vnet0 whatever the tap is called later (its NIC is then found by the tap's MAC).
+    `rcvbuf`: the event socket's buffer (a small one overruns)."""
     config = tmp_path / "agent.toml"
     config.write_text(
         '[agent]\nhost_id = "h1"\n'
@@ -69,7 +72,7 @@ def agent_on(tmp_path: Path, host: str) -> Iterator[tuple[Agent, int]]:  # noqa:
         topology = Topology(
             settings.traffic,
             ipr_factory=made_in(host, IPRoute),
-            event_socket_factory=made_in(host, LinkEventSocket),
+            event_socket_factory=made_in(host, lambda: LinkEventSocket(rcvbuf=rcvbuf)),
         )
         nic = NicInfo(mac=NIC_MAC, device="vnet0", nic_type="bridge", bridge="cloudbr0")
         domain = DomainInfo(uuid="u-1", name="i-2-1-VM", state="running", kind="user_vm", nics=(nic,))
@@ -81,13 +84,19 @@ def agent_on(tmp_path: Path, host: str) -> Iterator[tuple[Agent, int]]:  # noqa:
             boot_id="boot-1",
             read_text=lambda: proc_net_dev(host),
             sources=(),
-            read_mac={"vnet0": TAP_MAC}.get,
+            read_mac={"vnet0": TAP_MAC, "tap-x": TAP_MAC}.get,
         )
         agent.start()
         try:
             yield agent, fd
         finally:
             agent.close()
+
+
+@pytest.fixture
+def agent_on(tmp_path: Path, host: str) -> Iterator[tuple[Agent, int]]:  # noqa: F811
+    with running_agent(tmp_path, host) as running:
+        yield running
 
 
 def told(agent: Agent, kind: str, timeout: float = 1.0) -> None:

@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute
 
-from kvmeter.agent.config import load
 from kvmeter.agent.daemon import Agent
-from kvmeter.agent.linkevents import LinkEventSocket
-from kvmeter.agent.model import DomainInfo, NicInfo
-from kvmeter.agent.spool import Spool
-from kvmeter.agent.topology import Topology
 from kvmeter.proto import pb
 from tests.integration.test_tap_move_edges import (
-    NIC_MAC,
-    TAP_MAC,
-    proc_net_dev,
+    agent_on,  # noqa: F401  (the fixture)
+    running_agent,
     told,
     vm_sends,
     vm_tx_by_type,
@@ -33,60 +24,10 @@ from tests.integration.test_topology_netns import (
     FRAME,
     host,  # noqa: F401  (the fixture: cloud0, cloudbr0, brvx-1001 over vxlan1001)
     ip,
-    made_in,
-    vm_tap,
     wait_until,
 )
-from tests.unit.test_agent_daemon import FakeInventory
 
 pytestmark = pytest.mark.netns
-
-
-@contextmanager
-def running_agent(tmp_path: Path, host: str, rcvbuf: int = 4 << 20) -> Iterator[tuple[Agent, int]]:  # noqa: F811
-    """An agent over the namespace, one VM whose tap vnet0 starts on cloudbr0 (public); libvirt's
-    XML says vnet0 whatever the tap is called later (its NIC is then found by the tap's MAC).
-    `rcvbuf`: the event socket's buffer (a small one overruns)."""
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        '[agent]\nhost_id = "h1"\n'
-        f'state_dir = "{tmp_path / "state"}"\n'
-        "[traffic]\ndefaults = true\n"
-        '[[traffic.rules]]\nvni = "1001"\ntype = "guest"\n'
-    )
-    with vm_tap(host, "vnet0") as fd:
-        ip("-n", host, "link", "set", "vnet0", "address", TAP_MAC)
-        ip("-n", host, "link", "set", "vnet0", "master", "cloudbr0")
-        ip("-n", host, "link", "set", "vnet0", "up")
-        settings = load(config)
-        topology = Topology(
-            settings.traffic,
-            ipr_factory=made_in(host, IPRoute),
-            event_socket_factory=made_in(host, lambda: LinkEventSocket(rcvbuf=rcvbuf)),
-        )
-        nic = NicInfo(mac=NIC_MAC, device="vnet0", nic_type="bridge", bridge="cloudbr0")
-        domain = DomainInfo(uuid="u-1", name="i-2-1-VM", state="running", kind="user_vm", nics=(nic,))
-        agent = Agent(
-            settings,
-            inventory=FakeInventory((domain,)),
-            topology=topology,
-            spool=Spool(tmp_path / "spool"),
-            boot_id="boot-1",
-            read_text=lambda: proc_net_dev(host),
-            sources=(),
-            read_mac={"vnet0": TAP_MAC, "tap-x": TAP_MAC}.get,
-        )
-        agent.start()
-        try:
-            yield agent, fd
-        finally:
-            agent.close()
-
-
-@pytest.fixture
-def agent_on(tmp_path: Path, host: str) -> Iterator[tuple[Agent, int]]:  # noqa: F811
-    with running_agent(tmp_path, host) as running:
-        yield running
 
 
 def held(agent: Agent, host: str, release: threading.Event) -> None:  # noqa: F811
@@ -99,7 +40,7 @@ def held(agent: Agent, host: str, release: threading.Event) -> None:  # noqa: F8
 
 @pytest.mark.parametrize("one_read", [False, True], ids=["two-reads", "one-read"])
 def test_a_tap_renamed_then_moved_between_two_polls_bills_its_bytes_before_the_move_to_the_bridge_it_left(
-    agent_on: tuple[Agent, int],
+    agent_on: tuple[Agent, int],  # noqa: F811
     host: str,  # noqa: F811
     one_read: bool,
 ) -> None:
