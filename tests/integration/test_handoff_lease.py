@@ -18,7 +18,9 @@ from kvmeter.collector.store import Store
 from kvmeter.collector.store.outbox import OutboxRow
 from tests.integration.test_handoff_relay import fill, outbox_ids
 
-LEASE = replace(HandoffConfig(), webhook_url="http://127.0.0.1:9/unused", lease_s=0.6, batch_size=100)
+# 1.2 s: renewed every 0.4 s, so a renewal the loaded CI machine runs up to 0.8 s late still holds
+# (0.6 s lapsed once there: the other relay claimed three items of a live round)
+LEASE = replace(HandoffConfig(), webhook_url="http://127.0.0.1:9/unused", lease_s=1.2, batch_size=100)
 
 
 class SlowSink:
@@ -54,13 +56,13 @@ def test_the_default_lease_is_short() -> None:
 def test_a_round_longer_than_its_lease_keeps_its_items(store_url: str) -> None:
     store = fill(store_url)
     expected = outbox_ids(store)
-    slow, other = SlowSink(hold=5 * LEASE.lease_s), SlowSink()
+    slow, other = SlowSink(hold=3 * LEASE.lease_s), SlowSink()
     first, second = relay(store, slow), relay(store, other)
     done: list[tuple[int, bool]] = []
     round_thread = threading.Thread(target=lambda: done.append(first.round()))
     round_thread.start()
     assert slow.started.wait(10)
-    while round_thread.is_alive():  # five leases long: the other relay keeps trying
+    while round_thread.is_alive():  # three leases long: the other relay keeps trying
         assert second.round() == (0, True), "the other relay claimed items of a live round"
         time.sleep(0.05)
     assert done == [(len(slow.got), True)]
