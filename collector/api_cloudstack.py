@@ -234,7 +234,7 @@ def load_directory(store: Store, conn: Connection) -> OwnerDirectory:
     """What the store knows of owners and resources: the VMs' <metadata> (owner hints) and the
     reconciler's names and last snapshot (also for the CLI's cloudstack format)."""
     names = load_names(conn)
-    hinted = OwnerDirectory.from_hints(store.owner_hints(conn), store.owner_hints_learned(conn))
+    hinted = OwnerDirectory.from_hints(*store.owner_hints_dated(conn))
     directory = hinted.with_names(
         names.accounts, names.domains, names.domains_listed_ms, names.accounts_listed_ms
     )

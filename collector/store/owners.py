@@ -38,10 +38,13 @@ class OwnerHints(StoreCore):
         return out
 
     def owner_hints(self, conn: Connection) -> dict[str, dict[str, str]]:
-        rows = conn.execute(sa.select(owner_hints.c.domain, owner_hints.c.owner))
-        return {row[0]: json.loads(row[1]) for row in rows}
+        return self.owner_hints_dated(conn)[0]
 
-    def owner_hints_learned(self, conn: Connection) -> dict[str, int]:
-        """When each hint was learned (changed last), by the same keys as owner_hints."""
-        rows = conn.execute(sa.select(owner_hints.c.domain, owner_hints.c.updated_ms))
-        return {row[0]: int(row[1]) for row in rows}
+    def owner_hints_dated(self, conn: Connection) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
+        """Every hint, and when each was learned (changed last) by the same keys: one read."""
+        hints: dict[str, dict[str, str]] = {}
+        learned: dict[str, int] = {}
+        h = owner_hints.c
+        for row in conn.execute(sa.select(h.domain, h.owner, h.updated_ms)):
+            hints[row[0]], learned[row[0]] = json.loads(row[1]), int(row[2])
+        return hints, learned
