@@ -31,7 +31,7 @@ SINKS = (store_outbox.TOPIC, store_outbox.WEBHOOK)
 
 
 # -- migration 24 ---------------------------------------------------------------------------
-def _store_before_24(url: str, events: int) -> Store:
+def store_before_24(url: str, events: int) -> Store:
     """A PostgreSQL store as migration 23 left it, holding `events` lifecycle events: copies of
     one real stored event (its raw JSON and normalized form), each its own event and VM."""
     store = Store(url)
@@ -96,7 +96,7 @@ def _locks_held(url: str, stop: threading.Event, seen: set[str]) -> None:
 def migration24_one(admin_dsn: str, events: int, log: Callable[[str], None]) -> dict[str, Any]:
     url = create_database(admin_dsn)
     t = time.perf_counter()
-    store = _store_before_24(url, events)
+    store = store_before_24(url, events)
     log(f"migration24: {events} events stored in {time.perf_counter() - t:.1f} s")
     baseline: list[float] = []
     stop = threading.Event()
