@@ -11,14 +11,13 @@ from typing import Any
 
 import pytest
 
-from kvmeter.agent.config import validate
 from kvmeter.agent.daemon import Agent
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
 from kvmeter.agent.model import DomainInfo, NicInfo
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
 from kvmeter.proto import pb
-from tests.unit.test_agent_daemon import Clock, FakeInventory, ProcNetDev
+from tests.unit.test_agent_daemon import Clock, FakeInventory, ProcNetDev, agent_config
 from tests.unit.test_poll_plan import WorldTopology
 
 
@@ -70,7 +69,7 @@ def vm(uuid: str, *nics: NicInfo) -> DomainInfo:
 def make_agent(
     host: Host, inventory: FakeInventory, spool_dir: Path, clock: Clock, rules: Any = (), **parts: Any
 ) -> Agent:
-    config = validate({"agent": {"host_id": "h1"}, "traffic": {"rules": list(rules)}})
+    config = agent_config({"agent": {"host_id": "h1"}, "traffic": {"rules": list(rules)}})
     host.table.rules = config.traffic
     agent = Agent(
         config,

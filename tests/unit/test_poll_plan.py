@@ -16,7 +16,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmeter.agent.config import validate
 from kvmeter.agent.counters import CounterTable
 from kvmeter.agent.daemon import Agent
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord, LinkTable
@@ -26,6 +25,7 @@ from kvmeter.agent.plan import _ROWS_PER_RUN, Planner, PollPlan, _runs
 from kvmeter.agent.spool import Spool
 from kvmeter.agent.traffic import TrafficRules
 from kvmeter.proto import pb
+from tests.unit.test_agent_daemon import agent_config
 
 RULES = TrafficRules.from_config({"rules": [{"vni": "5000-5999", "type": "guest"}]})
 TAPS = 12
@@ -469,7 +469,7 @@ class ClockPair:
 
 def make_agent(world: World, spool_dir: Path, clock: ClockPair, *, incremental: bool) -> Agent:
     agent = Agent(
-        validate({"agent": {"host_id": "h1"}}),
+        agent_config({"agent": {"host_id": "h1"}}),
         inventory=WorldInventory(world),
         topology=WorldTopology(world),
         spool=Spool(spool_dir),
