@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 
 class Receiver:
@@ -105,12 +105,13 @@ class TopicReader:
         self.consumer = Consumer(
             {
                 "bootstrap.servers": bootstrap,
-                "group.id": f"billing-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
+                "group.id": f"billing-{uuid.uuid4().hex[:8]}",  # never joined: assign() below
                 "enable.auto.commit": False,
             }
         )
-        self.consumer.subscribe([topic])
+        # every partition from its start, without a group's join (about 20 s on the test broker)
+        partitions = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         self.records: list[tuple[str, str, dict[str, Any]]] = []
 
     def poll(self, seconds: float = 1.0) -> None:

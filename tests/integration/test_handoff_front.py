@@ -94,11 +94,11 @@ enabled = false
 topic = "{items_topic}"
 webhook_url = "{receiver.url}"
 webhook_headers = {{ Authorization = "Bearer billing-token" }}
-timeout_seconds = 5
+timeout_seconds = 2
 retry_attempts = 3
 retry_initial_seconds = 0.05
 retry_max_seconds = 0.2
-lease_seconds = 6
+lease_seconds = 3
 poll_seconds = 0.2
 batch_size = 5
 """
