@@ -7,7 +7,9 @@
 
 A credit is in the tariff's currency (a different one is refused); without a tariff it names its
 currency, and an account's credits all share the first one's. A balance is the account's credits
-minus its costs (balance_watch.BalanceBook), with its threshold and whether it is below it.
+minus its costs (balance_watch.BalanceBook), with its threshold and whether it is below it; an
+account whose credits are in two currencies, or not in the tariff's, has none: it is listed under
+`refused` with the reason, and asked for alone (`account=`) it is a 409 naming its currencies.
 Credits are listed a page at a time as /v1/usage pages (`limit`, `cursor`, `next`, Link), by id.
 A POST with an Idempotency-Key adds its credit once (credit_keys): the same key and request again
 answer the same 201 and credit (header `Idempotent-Replayed: true`); another request with that
@@ -113,10 +115,13 @@ def register(
 
     @app.get("/v1/balances")
     def balances() -> Response:
-        accounts = visible_accounts(api_params.name(request.args.get("account"), "account"))
+        requested = api_params.name(request.args.get("account"), "account")
+        accounts = visible_accounts(requested)
         if book is None or book.tariff() is None:
             return error(404, "balances need costs: this collector rates no tariff ([billing] tariff_file)")
-        found = book.balances(accounts, int(time.time() * 1000))
+        found, refused = book.read(accounts, int(time.time() * 1000))
+        if requested in refused:  # never a balance that leaves some of its credits out
+            return error(409, refused[requested])
         return jsonify(
             {
                 "count": len(found),
@@ -132,5 +137,6 @@ def register(
                     }
                     for b in found
                 ],
+                "refused": [{"account": a, "error": why} for a, why in sorted(refused.items())],
             }
         )

@@ -61,24 +61,38 @@ class BalanceBook:
 
     def balances(self, accounts: frozenset[str] | None, now_ms: int) -> list[core.Balance]:
         """The balances of these accounts (None: all) that have credits, by account."""
+        return self.read(accounts, now_ms)[0]
+
+    def read(self, accounts: frozenset[str] | None, now_ms: int) -> tuple[list[core.Balance], dict[str, str]]:
+        """(the balances, {account: why it has none}): an account with credits has no balance
+        when they are in two currencies, or not in the tariff's (its currency changed); never
+        one that leaves some of its credits out."""
         tariff = self.tariff()
         if tariff is None:
-            return []
+            return [], {}
         with self.store.read() as conn:
-            totals = stored.credit_totals(conn, accounts)
-        usable = {}
-        for account, (amount, currency, first_ms) in totals.items():
-            if currency != tariff.currency:
-                log.warning("credits of %s are in %s, the tariff's in %s: no balance", account, currency,
-                            tariff.currency)  # fmt: skip
-                continue
-            usable[account] = (amount, first_ms)
+            sums = stored.credit_sums(conn, accounts)
+        refused: dict[str, str] = {}
+        usable: dict[str, tuple[Decimal, int]] = {}
+        for account, by_currency in sums.items():
+            held = core.currencies({currency: total for currency, (total, _) in by_currency.items()})
+            if len(held) > 1:
+                refused[account] = core.mixed_error(account, held)
+            elif held[0] != tariff.currency:
+                refused[account] = (
+                    f"account {account} holds credits in {held[0]}, the tariff is in {tariff.currency}"
+                )
+            else:
+                usable[account] = by_currency[held[0]]
+        for why in refused.values():
+            log.warning("no balance: %s", why)
         with self._costs_lock:
             costs = self.costs.costs(tariff, {a: first_ms for a, (_, first_ms) in usable.items()}, now_ms)
-        return [
+        found = [
             core.Balance(a, tariff.currency, amount, costs[a], self.thresholds.of(a))
             for a, (amount, _) in sorted(usable.items())
         ]
+        return found, refused
 
     def evaluate(self, now_ms: int) -> list[core.Crossing]:
         """Every watched account's balance against its threshold: the new crossings, stored with
@@ -88,7 +102,7 @@ class BalanceBook:
         replica may have stored a newer evaluation meanwhile: an account whose stored state is
         newer than `now_ms` keeps it (this one's view is older; writing it would re-arm a
         crossing, or raise one, that the newer view does not see). Accounts no longer watched
-        (their threshold removed, their credits not in the tariff's currency) are not below
+        (their threshold removed, their credits not in the tariff's currency, or in two) are not below
         anything any more."""
         # No tariff, nothing rated: no balance is known, and none is "not below" (unwatching them
         # all would re-arm every crossing: a second alert for the same fall once rated again).

@@ -8,6 +8,12 @@ never evaluated) to below: it raises one alert. Staying below raises nothing mor
 lifts the balance to the threshold or above re-arms it, so the next fall is a new crossing.
 Metering and billing never look at a balance.
 
+An account's credits are in one currency, the balance's. A store may hold accounts whose
+credits are in two (first credits added at once, on PostgreSQL, before a credit took its
+account's lock: credit_keys): such an account has no balance, never one that counts one
+currency's credits and not the other's, until an operator reverses the credits of the wrong
+one (`kvmeter credits reverse`): a currency whose credits sum to zero is no longer held.
+
 An alert's key (its webhook's Idempotency-Key) is derived from what makes it that alert: the
 account, its crossing's number and the evaluation's instant. The same alert keeps it on every
 retry, after a restart and in a rebuilt store (carried); another store's alert, numbered from 1
@@ -24,6 +30,21 @@ from decimal import Decimal
 
 # Fixed forever: changing it would change the key of every alert not yet delivered.
 ALERT_NAMESPACE = uuid.UUID("3bad8e46-3e26-404d-a6c0-5ffa2057c98b")
+
+
+def currencies(sums: Mapping[str, Decimal]) -> list[str]:
+    """The currencies an account holds, from its credits summed per currency (in the order of
+    each one's first credit): those whose credits do not cancel out, else its first credit's.
+    More than one: its credits count in no balance."""
+    live = [currency for currency, total in sums.items() if total != 0]
+    return live or list(sums)[:1]
+
+
+def mixed_error(account: str, held: list[str]) -> str:
+    return (
+        f"account {account} holds credits in {' and '.join(held)}: a balance counts one currency, "
+        "so it has none until the credits of all but one are reversed (`kvmeter credits reverse`)"
+    )
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""`kvmeter credits add|list`: money added to accounts, the balances' other half.
+"""`kvmeter credits add|list|reverse`: money added to accounts, the balances' other half.
 
 The store comes from --db or the config's [store] url. A credit is in the tariff's currency
 when the config names a tariff, else in --currency; an account's credits share one currency.
 With --idempotency-key the credit is added once (credit_keys): run again, it shows the credit
 added before; with another amount, currency or note it is refused, as POST /v1/credits is.
+`reverse` takes a credit out (credit_keys.reverse_once): an account holding credits in two
+currencies has no balance until those of one are reversed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import click
 
 from kvmeter.collector.api_credits import credit_dict
 from kvmeter.collector.cli_dead_letters import _cfg, _config, _db, _fmt, _store
-from kvmeter.collector.credit_keys import CurrencyHeld, KeyReused, add_once, idempotency_key
+from kvmeter.collector.credit_keys import (
+    CurrencyHeld,
+    KeyReused,
+    NotReversible,
+    add_once,
+    idempotency_key,
+    reverse_once,
+)
 from kvmeter.collector.money_input import MAX_NOTE, credit_amount, currency_code
 from kvmeter.collector.store import credits as stored
 from kvmeter.collector.text_table import text_table
@@ -87,6 +96,32 @@ def add(
     else:
         again = f" (added before with idempotency key {key})" if replayed else ""
         click.echo(f"credit {row['id']}: {row['amount']} {chosen} to {account}{again}")
+
+
+@credits.command("reverse")
+@_db
+@_cfg
+@click.option("--credit", "credit_id", required=True, type=click.IntRange(min=1), help="The credit's id.")
+@click.option("--note", default="", help='Why (default: "reverses credit <id>").')
+@_fmt
+def reverse(db_url: str | None, config_path: str | None, credit_id: int, note: str, fmt: str) -> None:
+    """Take a credit out: add the opposite amount in its currency to its account (once)."""
+    note = note or f"reverses credit {credit_id}"
+    if len(note) > MAX_NOTE or not note.isprintable():
+        raise click.BadParameter(f"at most {MAX_NOTE} printable characters", param_hint="--note")
+    store = _store(db_url, _config(config_path))
+    try:
+        with store.write() as conn:
+            row, replayed = reverse_once(conn, credit_id, note, "cli", int(time.time() * 1000))
+    except NotReversible as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        store.close()
+    if fmt == "json":
+        click.echo(json.dumps(credit_dict(row), indent=2))
+    else:
+        again = " (reversed before)" if replayed else ""
+        click.echo(f"credit {row['id']}: {row['amount']} {row['currency']} to {row['account']}{again}")
 
 
 _PAGE = 10_000

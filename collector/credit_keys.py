@@ -11,7 +11,10 @@ the account's lock (store/credits.py lock_account) until the first commits, then
 credit; the unique index holds even for a writer that took no lock.
 
 An account's credits share one currency (the first's): under that same lock, so two first
-credits in two currencies added at once are one credit and a CurrencyHeld, never both.
+credits in two currencies added at once are one credit and a CurrencyHeld, never both. An
+account that holds two all the same (added before that lock) takes credits in either, and the
+credits of one are taken out by reversing them (reverse_once): a credit of the opposite
+amount, added once per credit reversed (its key is `reversal-of-<id>`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from kvmeter.collector.balances import currencies
 from kvmeter.collector.schema_credits import KEY_MAX
 from kvmeter.collector.store import credits as stored
 
@@ -69,9 +73,10 @@ def add_once(
     stored.lock_account(conn, account)  # first: what is read below stays true until the commit
     if key is not None and (found := stored.credit_by_key(conn, account, key)) is not None:
         return _same(found, amount, currency, note, key), True
-    held = stored.credit_totals(conn, frozenset({account})).get(account)
-    if held is not None and held[1] != currency:
-        raise CurrencyHeld(f"account {account} holds credits in {held[1]}, not {currency}")
+    sums = stored.credit_sums(conn, frozenset({account})).get(account, {})
+    held = currencies({c: total for c, (total, _) in sums.items()})
+    if held and currency not in held:
+        raise CurrencyHeld(f"account {account} holds credits in {' and '.join(held)}, not {currency}")
     credit_id = stored.add_credit(conn, account, amount, currency, note, by, now_ms, key)
     if credit_id is None:  # a replica that took no lock (an older one) committed it meanwhile
         assert key is not None
@@ -79,6 +84,35 @@ def add_once(
         assert found is not None
         return _same(found, amount, currency, note, key), True
     return stored.credit(conn, credit_id), False
+
+
+class NotReversible(ValueError):
+    """No such credit, or it is a reversal itself."""
+
+
+def reverse_once(
+    conn: Connection, credit_id: int, note: str, by: str, now_ms: int
+) -> tuple[dict[str, Any], bool]:
+    """(the credit that reverses credit `credit_id`, whether it was added before), inside the
+    caller's write transaction: the opposite amount in the same currency, to the same account,
+    so the currency's credits net to zero (an operator taking a wrong-currency credit out of an
+    account that holds two; balances.currencies). Once: reversing it again finds that one."""
+    found = stored.credit_by_id(conn, credit_id)
+    if found is None:
+        raise NotReversible(f"no credit {credit_id}")
+    account = found["account"]
+    stored.lock_account(conn, account)
+    key = f"reversal-of-{credit_id}"
+    if (done := stored.credit_by_key(conn, account, key)) is not None:
+        if (done["amount"], done["currency"]) != (-found["amount"], found["currency"]):
+            raise NotReversible(f"idempotency key {key!r} of account {account} added credit {done['id']}")
+        return done, True
+    if found["amount"] <= 0:
+        raise NotReversible(f"credit {credit_id} is a reversal ({found['amount']} {found['currency']})")
+    amount = -found["amount"]
+    added = stored.add_credit(conn, account, amount, found["currency"], note, by, now_ms, key)
+    assert added is not None  # the account's lock is held: no other reversal of it meanwhile
+    return stored.credit(conn, added), False
 
 
 def _same(credit: dict[str, Any], amount: Decimal, currency: str, note: str, key: str) -> dict[str, Any]:

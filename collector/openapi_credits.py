@@ -82,6 +82,12 @@ SCHEMAS: dict[str, Any] = {
         {
             "count": {"type": "integer"},
             "balances": {"type": "array", "items": {"$ref": "#/components/schemas/Balance"}},
+            "refused": {
+                "type": "array",
+                "description": "Accounts with credits and no balance: credits in two currencies, or not "
+                "in the tariff's.",
+                "items": _object({"account": _STR, "error": _STR}),
+            },
         }
     ),
 }
@@ -138,6 +144,10 @@ def paths(
                 "responses": {
                     "200": {"description": "Balances.", "content": json("BalanceList")},
                     "404": error("This collector rates no tariff: no costs, no balances."),
+                    "409": error(
+                        "The account asked for holds credits in two currencies, or not in the "
+                        "tariff's: it has no balance."
+                    ),
                     **errors,
                 },
             }

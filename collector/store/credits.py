@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector.balances import Balance, Crossing, alert_key
+from kvmeter.collector.balances import Balance, Crossing, alert_key, currencies
 from kvmeter.collector.schema_credits import balance_alerts, balance_state, credits
 from kvmeter.collector.store.engine import slices
 from kvmeter.collector.store.usage import resource_lock_id
@@ -101,23 +101,60 @@ def list_credits(
 
 def credit(conn: Connection, credit_id: int) -> dict[str, Any]:
     """One credit by its id (as list_credits gives it)."""
-    row = conn.execute(_CREDIT.where(credits.c.id == credit_id)).mappings().one()
-    return {**row, "amount": Decimal(row["amount"])}
+    found = credit_by_id(conn, credit_id)
+    assert found is not None
+    return found
 
 
-def credit_totals(conn: Connection, accounts: frozenset[str] | None) -> dict[str, tuple[Decimal, str, int]]:
-    """{account: (credits in `currency`, currency, first credit's time)}. Credits in another
-    currency than the account's first are refused when added (api_credits), never mixed."""
+def credit_by_id(conn: Connection, credit_id: int) -> dict[str, Any] | None:
+    row = conn.execute(_CREDIT.where(credits.c.id == credit_id)).mappings().first()
+    return None if row is None else {**row, "amount": Decimal(row["amount"])}
+
+
+def credit_sums(
+    conn: Connection, accounts: frozenset[str] | None
+) -> dict[str, dict[str, tuple[Decimal, int]]]:
+    """{account: {currency: (its credits summed, its first credit's time)}}, each account's
+    currencies in the order of their first credit."""
     c = credits.c
     query = sa.select(c.account, c.amount, c.currency, c.created_ms)
     if accounts is not None:
         query = query.where(c.account.in_(sorted(accounts)))
-    out: dict[str, tuple[Decimal, str, int]] = {}
+    out: dict[str, dict[str, tuple[Decimal, int]]] = {}
     for row in conn.execute(query.order_by(c.id)):
-        account, amount, currency, created = str(row[0]), str(row[1]), str(row[2]), int(row[3])
-        total, first_currency, first_ms = out.get(account, (Decimal(0), currency, created))
-        if currency == first_currency:
-            out[account] = (total + Decimal(amount), first_currency, first_ms)
+        sums = out.setdefault(str(row[0]), {})
+        total, first_ms = sums.get(str(row[2]), (Decimal(0), int(row[3])))
+        sums[str(row[2])] = (total + Decimal(str(row[1])), first_ms)
+    return out
+
+
+def credit_totals(conn: Connection, accounts: frozenset[str] | None) -> dict[str, tuple[Decimal, str, int]]:
+    """{account: (its credits, their currency, the first one's time)}. Credits in another
+    currency than the account's are refused when added (credit_keys); an account that holds
+    credits in two all the same (mixed_currencies) is left out: no total counts them all."""
+    out = {}
+    for account, sums in credit_sums(conn, accounts).items():
+        held = currencies({currency: total for currency, (total, _) in sums.items()})
+        if len(held) == 1:
+            out[account] = (sums[held[0]][0], held[0], sums[held[0]][1])
+    return out
+
+
+def mixed_currencies(conn: Connection, accounts: frozenset[str] | None = None) -> dict[str, list[str]]:
+    """{account: the currencies it holds} of the accounts that hold credits in more than one
+    (balances.currencies): only accounts with credits in two currencies are summed."""
+    c = credits.c
+    several = sa.select(c.account).group_by(c.account).having(sa.func.count(sa.distinct(c.currency)) > 1)
+    if accounts is not None:
+        several = several.where(c.account.in_(sorted(accounts)))
+    names = frozenset(map(str, conn.execute(several).scalars()))
+    if not names:
+        return {}
+    out = {}
+    for account, sums in credit_sums(conn, names).items():
+        held = currencies({currency: total for currency, (total, _) in sums.items()})
+        if len(held) > 1:
+            out[account] = held
     return out
 
 

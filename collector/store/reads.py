@@ -21,6 +21,7 @@ from kvmeter.collector.schema import (
     usage_adjustments,
     usage_records,
 )
+from kvmeter.collector.store.credits import mixed_currencies
 from kvmeter.collector.store.engine import StoreCore
 from kvmeter.collector.store.parking import measure_from_json
 
@@ -163,7 +164,8 @@ class Reads(StoreCore):
         return {row.key: row.quantity for row in self.usage(0, 2**62) if row.quantity}
 
     def stats(self, horizon_start_ms: int) -> dict[str, int]:
-        """Gauges for /metrics: parked bytes (all, and older than the horizon = unattributed)."""
+        """Gauges for /metrics: parked bytes (all, and older than the horizon = unattributed),
+        quarantined bytes, open dead letters, ..., accounts whose credits are in two currencies."""
         pm = parked_measures.c
         with self.read() as conn:
             parked = conn.execute(
@@ -192,6 +194,7 @@ class Reads(StoreCore):
             ).scalar()
             records = conn.execute(sa.select(sa.func.count()).select_from(usage_records)).scalar()
             adjustments = conn.execute(sa.select(sa.func.count()).select_from(usage_adjustments)).scalar()
+            mixed = mixed_currencies(conn)  # their credits count in no balance (balances.currencies)
         return {
             "parked_measures": int(parked[0]),
             "parked_bytes": int(parked[1]),
@@ -204,6 +207,7 @@ class Reads(StoreCore):
             "missing_batches": int(missing or 0),
             "usage_records": int(records or 0),
             "usage_adjustments": int(adjustments or 0),
+            "mixed_currency_accounts": len(mixed),
         }
 
     def dead_letter_rows(self) -> list[dict[str, Any]]:
