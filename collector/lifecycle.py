@@ -33,8 +33,10 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   it, when one source (a Kafka partition, a stream, a file) delivered them all, else not paired
   (the reconciler settles it).
 - A VM deployed hidden (its completed VM.CREATE job's VM has displayvm false, hidden_deploy.py):
-  its VM usage events before the VM.CREATE that shows it change nothing, as CloudStack saved
-  none of them; they are listed in `ignored`.
+  its VM usage and resource-state events before the VM.CREATE that shows it change nothing, as
+  CloudStack saved none of them; they are listed in `ignored`. Later, a completed job naming the
+  VM hidden (a start's, a stop's, ...) does the same to the openers delivered since its last
+  VM.CREATE / VM.DESTROY (that VM.CREATE included), placed by one source's delivery order.
 - Sizes (custom offerings, vm_size.py): a VM usage event naming cpunumber and memory (the
   reconciler's corrections; a job result's VM details, paired as its offering is) sets the
   VM's size; a segment carries the offering and size in force when it opened, and a scaling
@@ -61,7 +63,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from kvmeter.collector.hidden_deploy import unsaved_at_deploy
+from kvmeter.collector.hidden_deploy import unsaved_at_deploy, unsaved_before_hidden_jobs
 from kvmeter.collector.job_offerings import with_job_offerings
 from kvmeter.collector.lifecycle_order import (
     EFFECT_RANK,
@@ -315,7 +317,8 @@ def _build(uuid: str, events: list[pb.LifecycleEvent], policy: BillingPolicy) ->
     events.sort(key=lambda ev: (at[id(ev)], *event_order(ev)))
     hist = ResourceHistory(resource_uuid=uuid)
     router = any(ev.category == pb.USAGE and ev.event_type == ROUTER_OWNER for ev in events)
-    machine = _Machine(policy, router=router, unsaved=frozenset(unsaved_at_deploy(events)))
+    unsaved = unsaved_at_deploy(events) | unsaved_before_hidden_jobs(events)
+    machine = _Machine(policy, router=router, unsaved=frozenset(unsaved))
     machine.offering, machine.size = initial
     address = ""
     for ev in effect_order(machine.would_change, events, at):
