@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import click
+from sqlalchemy.engine import Connection
 
 from kvmeter.collector.api_credits import credit_dict
 from kvmeter.collector.cli_dead_letters import _cfg, _config, _db, _fmt, _store
@@ -27,6 +29,7 @@ from kvmeter.collector.credit_keys import (
     reverse_once,
 )
 from kvmeter.collector.money_input import MAX_NOTE, credit_amount, currency_code
+from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 from kvmeter.collector.text_table import text_table
 
@@ -83,19 +86,11 @@ def add(
         key = None if key is None else idempotency_key(key)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--idempotency-key") from None
-    store = _store(db_url, cfg)
-    try:
-        with store.write() as conn:
-            row, replayed = add_once(conn, account, value, chosen, note, "cli", int(time.time() * 1000), key)
-    except (CurrencyHeld, KeyReused) as exc:
-        raise click.ClickException(str(exc)) from None
-    finally:
-        store.close()
-    if fmt == "json":
-        click.echo(json.dumps(credit_dict(row), indent=2))
-    else:
-        again = f" (added before with idempotency key {key})" if replayed else ""
-        click.echo(f"credit {row['id']}: {row['amount']} {chosen} to {account}{again}")
+    now = int(time.time() * 1000)
+    row, replayed = _written(
+        _store(db_url, cfg), lambda conn: add_once(conn, account, value, chosen, note, "cli", now, key)
+    )
+    _show(row, fmt, f" (added before with idempotency key {key})" if replayed else "")
 
 
 @credits.command("reverse")
@@ -109,18 +104,30 @@ def reverse(db_url: str | None, config_path: str | None, credit_id: int, note: s
     note = note or f"reverses credit {credit_id}"
     if len(note) > MAX_NOTE or not note.isprintable():
         raise click.BadParameter(f"at most {MAX_NOTE} printable characters", param_hint="--note")
-    store = _store(db_url, _config(config_path))
+    now = int(time.time() * 1000)
+    row, replayed = _written(
+        _store(db_url, _config(config_path)), lambda conn: reverse_once(conn, credit_id, note, "cli", now)
+    )
+    _show(row, fmt, " (reversed before)" if replayed else "")
+
+
+def _written(
+    store: Store, write: Callable[[Connection], tuple[dict[str, Any], bool]]
+) -> tuple[dict[str, Any], bool]:
+    """`write` in one transaction of `store` (then closed); a credit refused is a clear error."""
     try:
         with store.write() as conn:
-            row, replayed = reverse_once(conn, credit_id, note, "cli", int(time.time() * 1000))
-    except NotReversible as exc:
+            return write(conn)
+    except (CurrencyHeld, KeyReused, NotReversible) as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         store.close()
+
+
+def _show(row: dict[str, Any], fmt: str, again: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(credit_dict(row), indent=2))
     else:
-        again = " (reversed before)" if replayed else ""
         click.echo(f"credit {row['id']}: {row['amount']} {row['currency']} to {row['account']}{again}")
 
 

@@ -17,10 +17,7 @@ What CloudStack publishes (apache/cloudstack):
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from kvmeter.collector import config
 from kvmeter.collector.model import ALLOCATED_VM, RUNNING_VM, Record, Settings
@@ -35,14 +32,6 @@ JOB_COMMANDS = {
     "VM.STOP": "StopVMCmd",
     "VM.DESTROY": "DestroyVMCmd",
 }
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(f"sqlite:///{tmp_path}/u.db")
-    s.migrate()
-    yield s
-    s.close()
 
 
 def _usage(kind: str, at_ms: int) -> bytes:
