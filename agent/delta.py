@@ -135,14 +135,15 @@ class DeltaEngine(ColumnPolls, ColumnFinals, EngineState):
     def moved(self, now_ms: int, mono_ms: int, sample: CounterSample) -> Delta | None:
         """A tracked counter's reading as its link left its bridge: the delta up to it (the old
         place's bytes), the counter going on from it. None, with nothing changed, for a counter
-        not tracked (its next poll's rules apply) or a reading not past the last one's (taken
-        before the last poll read the counter: nothing to split)."""
+        not tracked (its next poll's rules apply) or a reading before the last one's (taken
+        before the last poll read the counter: nothing to split). A reading stamped as the last
+        one is split still: two moves of one read are stamped alike, the counters order them."""
         key = sample.key
         if key.boot_id != self.boot_id or key in self._closed:
             return None
         self._lift(key)  # out of the steady columns, if there: its row goes on from this reading
         prev = self._counters.get(key)
-        if prev is None or mono_ms <= prev.mono_ms or min(map(sub, _values(sample), prev[2:6])) < 0:
+        if prev is None or mono_ms < prev.mono_ms or min(map(sub, _values(sample), prev[2:6])) < 0:
             return None
         return self._advance(sample, now_ms, mono_ms, final=False)
 

@@ -22,12 +22,19 @@ import select
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from kvmeter.agent.linktable import RTM_DELLINK, RTM_NEWLINK, LinkRecord
-from kvmeter.agent.rtnl import LinkFields, decode_link_message, link_fields, mac_text
+from kvmeter.agent.rtnl import (
+    LinkFields,
+    LinkMessageError,
+    decode_link_message,
+    link_fields,
+    mac_text,
+    master_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +96,9 @@ def _record(f: LinkFields) -> LinkRecord:
 _IFINDEX = struct.Struct("=20xi")
 
 
-def decode_link_datagrams(datagrams: Iterable[bytes]) -> tuple[list[tuple[int, LinkRecord]], int]:
+def decode_link_datagrams(
+    datagrams: Iterable[bytes], known: Callable[[int], LinkRecord | None] | None = None
+) -> tuple[list[tuple[int, LinkRecord]], int]:
     """Raw netlink datagrams, read one after the other -> ([(RTM_NEWLINK|RTM_DELLINK, record)]
     in order, how many link messages they held).
 
@@ -99,26 +108,83 @@ def decode_link_datagrams(datagrams: Iterable[bytes]) -> tuple[list[tuple[int, L
     that a later one of the same link supersedes (no ``RTM_DELLINK`` of it between) is not
     decoded: the link table keeps only a link's latest record, and a VM storm's tap sends
     several in a row (made, enslaved, up, carrier), over half of what a gathered read holds.
+    Unless it moved a link `known` holds (the link table's record by ifindex, None for a link
+    it does not hold): see _moves_among.
     """
     found = [link for data in datagrams for link in _link_messages(data)]
-    out: list[tuple[int, LinkRecord]] = []
+    kept: dict[int, LinkFields] = {}  # position in `found` -> its message decoded
+    skipped: list[int] = []
     superseded: set[int | None] = set()  # links with a later RTM_NEWLINK decoded, none deleted since
-    for msg_type, message, ifindex in reversed(found):
+    for i in range(len(found) - 1, -1, -1):
+        msg_type, message, ifindex = found[i]
         if msg_type == RTM_DELLINK:
             superseded.discard(ifindex)
         elif ifindex in superseded:
+            skipped.append(i)
             continue
-        try:
-            fields = link_fields(message)
-        except Exception:
-            log.exception("undecodable link message (%d bytes) skipped", len(message))
-            continue
-        if fields.family != AF_BRIDGE and fields.name:
-            out.append((msg_type, _record(fields)))
+        fields = _fields(message)
+        if fields is not None:
+            kept[i] = fields
             if msg_type == RTM_NEWLINK:
                 superseded.add(ifindex)
-    out.reverse()
-    return out, len(found)
+    if skipped and known is not None:
+        kept.update(_moves_among(found, kept, set(skipped), known))
+    return [(found[i][0], _record(kept[i])) for i in sorted(kept)], len(found)
+
+
+def _moves_among(
+    found: list[tuple[int, bytes, int | None]],
+    kept: dict[int, LinkFields],
+    skipped: set[int],
+    known: Callable[[int], LinkRecord | None],
+) -> Iterator[tuple[int, LinkFields]]:
+    """The superseded messages at which a link the table holds changed master (against the
+    message before it, or the table's record for its first), decoded by position: each
+    message's counters bound the bytes before it, so the table must see every move (taken off
+    a bridge, or to another) at its own message, not at a later one's counters (a tap moved
+    and moved back, or moved and then changed in place, in one read). A link the table does
+    not hold has no bytes typed yet: its messages stay superseded (a storm's new taps), and
+    only the superseded ones' master attribute is read, up to a move."""
+    links = {found[i][2] for i in skipped}
+    masters: dict[int | None, int | object | None] = {}  # link -> its master so far
+    for i, (msg_type, message, ifindex) in enumerate(found):
+        if ifindex not in links or ifindex is None:
+            continue
+        if msg_type == RTM_DELLINK:
+            masters[ifindex] = _UNKNOWN  # (made again under that ifindex: a new link)
+            continue
+        if ifindex not in masters:
+            record = known(ifindex)
+            masters[ifindex] = record.master if record is not None else _UNKNOWN
+        was = masters[ifindex]
+        if was is _UNKNOWN:
+            continue
+        fields = kept.get(i)
+        if fields is not None:
+            masters[ifindex] = fields.master or None
+        elif i in skipped:
+            try:
+                master = master_of(message)
+            except LinkMessageError:
+                continue
+            if master != was:
+                fields = _fields(message)
+                if fields is not None:
+                    masters[ifindex] = master
+                    yield i, fields
+
+
+_UNKNOWN = object()  # a link the table does not hold
+
+
+def _fields(message: bytes) -> LinkFields | None:
+    """A link message decoded; None when it does not decode (logged), is AF_BRIDGE's or has no name."""
+    try:
+        fields = link_fields(message)
+    except Exception:
+        log.exception("undecodable link message (%d bytes) skipped", len(message))
+        return None
+    return fields if fields.family != AF_BRIDGE and fields.name else None
 
 
 def _link_messages(data: bytes) -> Iterator[tuple[int, bytes, int | None]]:
@@ -165,8 +231,9 @@ class LinkEventSocket:
         # wakeup on a virtual machine: the wait has no timeout, and a pipe ends it instead.
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    def receive(self) -> Received:
-        """Wait until a message comes or ``wake()``, then read until the queue is empty.
+    def receive(self, known: Callable[[int], LinkRecord | None] | None = None) -> Received:
+        """Wait until a message comes or ``wake()``, then read until the queue is empty
+        (`known`: decode_link_datagrams's).
 
         After an ENOBUFS the kernel stays silent about further drops until the queue has been
         drained once (NETLINK_S_CONGESTED), so an overrun is noted and the reading goes on: the
@@ -190,7 +257,7 @@ class LinkEventSocket:
                 received.overrun = True
                 continue
             datagrams.append(data)
-        received.messages, received.read = decode_link_datagrams(datagrams)
+        received.messages, received.read = decode_link_datagrams(datagrams, known)
         return received
 
     def wake(self) -> None:

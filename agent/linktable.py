@@ -37,7 +37,8 @@ class LinkEvent:
     ``stats`` are the counters carried by the message itself (``IFLA_STATS64``): for ``del``
     they are the interface's final counters, taken by the kernel as it removed the device, so
     the bytes between the last poll and a VM stop/reboot/unplug are not lost; for ``move`` its
-    counters as it left the master (what it moved there: that place's traffic type). ``stats``
+    counters as it left the master (what it moved there: that place's traffic type, ``left``;
+    a ``del``'s ``left`` types its last bytes when it moved since the last poll). ``stats``
     is None when the message had none, and for ``del`` events synthesised after a netlink overrun (the
     link vanished while events were being dropped; its tail is unknown). No timestamp: the
     consumer stamps time when it receives the event.
@@ -53,7 +54,7 @@ class LinkEvent:
     ifindex: int
     stats: Stats | None = None
     was: str | None = None  # a rename's previous name (a move's, when it was renamed too)
-    left: LinkPlacement | None = None  # a move's: where the link sat until then
+    left: LinkPlacement | None = None  # a move's or del's: where the link sat until then
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -109,8 +110,11 @@ class LinkTable:
         deleted between the dump and the subscription).
         """
         if msg_type == RTM_DELLINK:
+            # where it sat until then (a link moved since the last poll: its last bytes' place)
+            known = self._links.get(record.ifindex)
+            left = self.placement(known.ifname) if known is not None else None
             self._remove(record.ifindex)
-            return LinkEvent("del", record.ifname, record.ifindex, record.stats)
+            return LinkEvent("del", record.ifname, record.ifindex, record.stats, left=left)
         previous = self._links.get(record.ifindex)
         if previous is not None and _same_place(previous, record):
             return None
@@ -193,6 +197,9 @@ class LinkTable:
     def record(self, ifname: str) -> LinkRecord | None:
         index = self._by_name.get(ifname)
         return self._links.get(index) if index is not None else None
+
+    def record_at(self, ifindex: int) -> LinkRecord | None:
+        return self._links.get(ifindex)
 
     def address(self, ifname: str, ifindex: int) -> str | None:
         """The link's MAC as its last link message gave it (None: not that link, or none given)."""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import attrgetter, eq, is_, is_not, not_
 
 from kvmeter.agent.counters import CounterTable, KernelTable, Stats
 from kvmeter.agent.delta_finals import FinalReading
+from kvmeter.agent.link_moves import moved_from as _moved_from
+from kvmeter.agent.link_moves import placed_as
 from kvmeter.agent.linktable import LinkEvent
 from kvmeter.agent.measures import Attribution
 from kvmeter.agent.metered import MeteredLinks
@@ -60,7 +62,7 @@ class StampedEvent:
     wall_ms: int
     mono_ms: int
     was: str | None = None  # a rename's previous name
-    left: LinkPlacement | None = None  # a move's: where the link sat until then
+    left: LinkPlacement | None = None  # a move's or del's: where the link sat until then
 
     @classmethod
     def of(cls, event: LinkEvent, wall_ms: int, mono_ms: int) -> StampedEvent:
@@ -138,7 +140,8 @@ class Measuring(Ownership):
         claimed = {e.ifname: last.devices.get(e.ifname) for e in events if e.kind == "new"} if last else {}
         # The attribution of the links that left their bridge, before the plan gives them their
         # new place: the bytes up to each move are the old one's
-        moved_from = self._moved_from(events) if events and "move" in map(_KIND, events) else _NOTHING_MOVED
+        any_move = bool(events) and "move" in map(_KIND, events)
+        moved_from = _moved_from(events, self._attribution, self.boot_id) if any_move else _NOTHING_MOVED
         plan = self._plan_for(generation, stable)
         if claimed or self._waiting:
             self._hold_unowned(events, claimed, plan, final=final)
@@ -229,23 +232,6 @@ class Measuring(Ownership):
         if held:
             self.engine.hold(held)
 
-    def _moved_from(self, events: list[StampedEvent]) -> dict[CounterKey, Attribution]:
-        """The attribution each link that `events` move off its bridge had at the last poll, by
-        its key at the move (one renamed before: found under the name that poll knew)."""
-        polled_as: dict[tuple[int, str], str] = {}  # renamed links: (ifindex, name) -> last poll's name
-        moved: dict[CounterKey, Attribution] = {}
-        for e in events:
-            if e.was is not None:
-                polled_as[e.ifindex, e.ifname] = polled_as.pop((e.ifindex, e.was), e.was)
-            elif e.kind == "del":
-                polled_as.pop((e.ifindex, e.ifname), None)  # (a link made again under that name)
-            if e.kind == "move":
-                then = polled_as.get((e.ifindex, e.ifname), e.ifname)
-                who = self._attribution.get(CounterKey(self.boot_id, e.ifindex, then))
-                if who is not None:
-                    moved[CounterKey(self.boot_id, e.ifindex, e.ifname)] = who
-        return moved
-
     def _apply_events(
         self,
         events: list[StampedEvent],
@@ -297,11 +283,7 @@ class Measuring(Ownership):
                 rx_bytes, rx_packets, tx_bytes, tx_packets = event.stats
                 sample = CounterSample(key, rx_bytes, tx_bytes, rx_packets, tx_packets)
                 delta = self.engine.moved(event.wall_ms, event.mono_ms, sample)
-                who = moved_from[key]
-                if key in moved and event.left is not None and event.left.bridge is not None:
-                    # moved again: it leaves where its last move took it, not where the last
-                    # poll saw it (an Open vSwitch port, placed by libvirt's XML: as it was)
-                    who = replace(who, placement=event.left)
+                who = placed_as(moved_from[key], event.left) if key in moved else moved_from[key]
                 moved.add(key)
                 if delta is not None:
                     self._moved.append((delta, who))
@@ -309,6 +291,11 @@ class Measuring(Ownership):
                 gone[key.name] = key
                 if event.stats is None:
                     _tail_lost(key)
+                    continue
+                if key in moved:  # its bytes since its move: where that took it, not the last poll's place
+                    who = placed_as(moved_from[key], event.left)
+                    last = (event.wall_ms, event.mono_ms, key, event.stats)
+                    self._moved.extend((delta, who) for delta in self.engine.finals([last]))
                     continue
                 if key not in attribution:
                     self._attribute_deleted(key, event.ifname, devices)

@@ -65,6 +65,24 @@ def attributes(data: bytes, start: int, end: int, wanted: Container[int]) -> dic
     return out
 
 
+def master_of(data: bytes) -> int | None:
+    """A whole link message's IFLA_MASTER (None: none), its attributes walked only up to it
+    (the kernel puts it among the first twenty of some forty)."""
+    end = min(len(data), U32.unpack_from(data)[0]) if len(data) >= U32.size else 0
+    offset = NLMSG_HDRLEN + IFINFOMSG.size
+    if end < offset:
+        raise LinkMessageError(f"link message of {end} bytes is shorter than its headers")
+    header, size = NLA_HDR.unpack_from, NLA_HDR.size
+    while offset + size <= end:
+        length, kind = header(data, offset)
+        if length < size or offset + length > end:
+            raise LinkMessageError(f"attribute of length {length} at offset {offset} overruns the message")
+        if kind & NLA_TYPE_MASK == IFLA_MASTER:
+            return _u32(data[offset + size : offset + length]) or None
+        offset = (offset + length + 3) & ~3
+    return None
+
+
 def _string(payload: bytes | None) -> str | None:
     return payload.split(b"\0", 1)[0].decode("utf-8", "replace") if payload is not None else None
 

@@ -172,7 +172,8 @@ class Topology:
         assert self._socket is not None
         while not self._stopping.is_set():
             try:
-                received = self._socket.receive()
+                # (the table's records as they stand before the read: this thread alone changes them)
+                received = self._socket.receive(self._table.record_at)
             except OSError:
                 log.exception("reading link events failed; re-dumping links")
                 self._stopping.wait(1.0)

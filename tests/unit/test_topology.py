@@ -94,8 +94,9 @@ def test_recorded_events_become_new_and_del_with_final_counters() -> None:
         # a veth's rx is read from its peer, and veth unlinks the peers before the kernel
         # builds the RTM_DELLINK messages: vnet9's final message has no rx. Taps (what KVM
         # uses) count their own; see the netns integration test.
-        LinkEvent("del", "vnet9", 18, (0, 0, 0, 0)),
-        LinkEvent("del", "vnet9-vm", 17, (0, 0, 700, 7)),
+        # (each with where it sat until then)
+        LinkEvent("del", "vnet9", 18, (0, 0, 0, 0), left=LinkPlacement("cloudbr0", traffic_type="public")),
+        LinkEvent("del", "vnet9-vm", 17, (0, 0, 700, 7), left=LinkPlacement(None)),
     ]
     assert table.ifindex("vnet9") is None
 
@@ -244,9 +245,9 @@ class CountingEventSocket(FakeEventSocket):
         super().__init__()
         self.receives = 0
 
-    def receive(self) -> Received:
+    def receive(self, known: Callable[[int], LinkRecord | None] | None = None) -> Received:
         self.receives += 1
-        return super().receive()
+        return super().receive(known)
 
 
 def test_the_event_thread_wakes_only_for_events_and_stop() -> None:
@@ -307,7 +308,7 @@ def test_overrun_applies_what_was_read_then_redumps_and_reports_what_changed_uns
         wait_for(lambda: len(recorder.events) == 2)
         assert topology.overruns == 1
         assert recorder.events == [
-            LinkEvent("del", "vnet9-vm", 17, (0, 0, 700, 7)),  # final counters kept
+            LinkEvent("del", "vnet9-vm", 17, (0, 0, 700, 7), left=LinkPlacement(None)),  # final counters kept
             LinkEvent("del", "vnet1", 12, None),  # tail unknown: gone while events were lost
         ]
         assert topology.ifindex("vnet1") is None
@@ -381,8 +382,8 @@ class TimedEventSocket(FakeEventSocket):
         super().__init__()
         self.read_at: list[float] = []
 
-    def receive(self) -> Received:
-        received = super().receive()
+    def receive(self, known: Callable[[int], LinkRecord | None] | None = None) -> Received:
+        received = super().receive(known)
         if received.messages:
             self.read_at.append(time.monotonic())
         return received

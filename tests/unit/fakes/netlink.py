@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,12 @@ class FakeEventSocket:
     def wake(self) -> None:
         self.queue.put(b"")  # no message: receive returns none
 
-    def receive(self) -> Received:
+    def receive(self, known: Callable[[int], LinkRecord | None] | None = None) -> Received:
         data = self.queue.get()
         overrun = data is None
         if data is None:
             data = self.queue.get() or b""  # (overrun() queues the messages next)
-        messages, read = decode_link_datagrams([data])
+        messages, read = decode_link_datagrams([data], known)
         return Received(messages, overrun=overrun, read=read)
 
     def close(self) -> None:
