@@ -184,6 +184,7 @@ def _fill_outbox(store: Store, depth: int) -> None:
                     "record": f"rec-{record:012d}",
                     "version": version,
                     "webhook_refused_ms": refused,
+                    "webhook_retry_ms": refused,  # due again at once
                 }
             )
             n += 1
@@ -213,6 +214,8 @@ def _plans(store: Store, limit: int) -> list[str]:
         captured: list[Any] = []
 
         class Spy:
+            dialect = conn.dialect
+
             def execute(self, query: Any) -> list[Any]:
                 captured.append(query)
                 return []
@@ -250,6 +253,12 @@ def claim_one(url: str, depth: int, limit: int, rounds: int) -> dict[str, Any]:
         "only refused pending": sa.update(handoff_outbox)
         .where(ob.webhook_refused_ms.is_(None))
         .values(sent_ms=T0),
+        # a receiver refusing most items for good: 9 in 10 refused (all due), only they pending
+        "9 in 10 refused, only they pending": sa.update(handoff_outbox)
+        .where(ob.id % 10 != 0)
+        .values(
+            sent_ms=None, webhook_sent_ms=None, webhook_refused_ms=T0 - ob.id, webhook_retry_ms=T0 - ob.id
+        ),
     }
     for case, setup in setups.items():
         if setup is not None:

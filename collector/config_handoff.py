@@ -13,6 +13,9 @@ go, exactly once in effect (collector/outbox_relay.py).
     retry_attempts = 5                  # per round; then the item waits for the next round
     retry_initial_seconds = 1           # exponential backoff between attempts ...
     retry_max_seconds = 60              # ... up to this
+    refused_retry_initial_seconds = 60  # an item the webhook refused (a 4xx about it) waits this
+    refused_retry_max_seconds = 3600    # long to be offered again, twice as long after each next
+                                        # refusal, up to this (0: every round)
     batch_size = 200                    # items a relay claims at a time
     poll_seconds = 1                    # idle wait between rounds
     lease_seconds = 30                  # a relay's hold on its round's items, renewed while it runs
@@ -37,6 +40,7 @@ from typing import Any
 from kvmeter.tomlconfig import KAFKA_TOPIC, url_userinfo_problems
 
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP token
+_SECONDS = ("retry_initial", "retry_max", "refused_retry_initial", "refused_retry_max")  # key_seconds
 RESERVED_HEADERS = {"content-type", "content-length", "host", "idempotency-key", "x-kvmeter-signature"}
 
 HANDOFF_SCHEMA: dict[str, Any] = {
@@ -57,6 +61,8 @@ HANDOFF_SCHEMA: dict[str, Any] = {
         "retry_attempts": {"type": "integer", "minimum": 1, "maximum": 100},
         "retry_initial_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "retry_max_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+        "refused_retry_initial_seconds": {"type": "number", "minimum": 0, "maximum": 86400},
+        "refused_retry_max_seconds": {"type": "number", "minimum": 0, "maximum": 86400},
         "batch_size": {"type": "integer", "minimum": 1, "maximum": 10000},
         "poll_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
         "lease_seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
@@ -76,6 +82,8 @@ class HandoffConfig:
     retry_attempts: int = 5
     retry_initial_s: float = 1.0
     retry_max_s: float = 60.0
+    refused_retry_initial_s: float = 60.0
+    refused_retry_max_s: float = 3600.0
     batch_size: int = 200
     poll_s: float = 1.0
 
@@ -84,6 +92,11 @@ class HandoffConfig:
     @property
     def lease_ms(self) -> int:
         return int(self.lease_s * 1000)
+
+    @property
+    def refused_pause_ms(self) -> tuple[int, int]:
+        """(first, longest) pause before a refused item is offered again (store/outbox.py)."""
+        return int(self.refused_retry_initial_s * 1000), int(self.refused_retry_max_s * 1000)
 
 
 def handoff_config(
@@ -117,10 +130,11 @@ def handoff_config(
             problems.append(f"handoff.webhook_secret_file: cannot read {secret_file}: {exc.strerror}")
     if (secret or headers) and not url:
         problems.append("handoff: webhook_headers and webhook_secret need a webhook_url")
-    initial = section.get("retry_initial_seconds", HandoffConfig.retry_initial_s)
-    most = section.get("retry_max_seconds", HandoffConfig.retry_max_s)
-    if isinstance(initial, (int, float)) and isinstance(most, (int, float)) and most < initial:
-        problems.append("handoff: retry_max_seconds must be at least retry_initial_seconds")
+    seconds = {key: section.get(f"{key}_seconds", getattr(HandoffConfig, f"{key}_s")) for key in _SECONDS}
+    for low, high in (("retry_initial", "retry_max"), ("refused_retry_initial", "refused_retry_max")):
+        first, most = seconds[low], seconds[high]
+        if isinstance(first, (int, float)) and isinstance(most, (int, float)) and most < first:
+            problems.append(f"handoff: {high}_seconds must be at least {low}_seconds")
     timeout = section.get("timeout_seconds", HandoffConfig.timeout_s)
     lease = section.get("lease_seconds", HandoffConfig.lease_s)
     if isinstance(timeout, (int, float)) and isinstance(lease, (int, float)) and lease <= timeout:
@@ -137,8 +151,7 @@ def handoff_config(
         timeout_s=float(timeout),
         lease_s=float(lease),
         retry_attempts=int(section.get("retry_attempts", HandoffConfig.retry_attempts)),
-        retry_initial_s=float(initial),
-        retry_max_s=float(most),
+        **{f"{key}_s": float(value) for key, value in seconds.items()},
         batch_size=int(section.get("batch_size", HandoffConfig.batch_size)),
         poll_s=float(section.get("poll_seconds", HandoffConfig.poll_s)),
     )

@@ -3,14 +3,14 @@
     Relay(store, cfg, metrics).run(stop)     # a thread of the collector (and the all-in-one)
 
 A round claims a batch of pending items (a lease: another replica skips them), gives each
-sink the items the claim offers it (of a record, the first version it lacks; the items the
-webhook refused after the others: store/outbox.py), marks what each confirmed, and frees the
-rest for the next round. Nothing is marked before its sink confirmed it, so a crash anywhere (kill -9 in the
-middle of a delivery) loses nothing: the items are sent again once the lease lapses, and the
-receiver, deduplicating by transaction id, counts each once (at least once + stable ids =
-exactly-once effect). While a round delivers, a thread of its own renews the lease every third
-of it, so a long round (a webhook's backoff) keeps its items, and the lease can be short: a
-killed relay's items wait at most one lease.
+sink the items the claim offers it (of a record, the first version it lacks; an item the
+webhook refused after the others, once its pause is over: store/outbox.py), marks what each
+confirmed, and frees the rest for the next round. Nothing is marked before its sink confirmed
+it, so a crash anywhere (kill -9 in the middle of a delivery) loses nothing: the items are sent
+again once the lease lapses, and the receiver, deduplicating by transaction id, counts each
+once (at least once + stable ids = exactly-once effect). While a round delivers, a thread of its
+own renews the lease every third of it, so a long round (a webhook's backoff) keeps its items,
+and the lease can be short: a killed relay's items wait at most one lease.
 """
 
 from __future__ import annotations
@@ -188,8 +188,8 @@ class Relay:
         with self._lease_lock:
             self.store.release_outbox(sorted(unsent), error or "not confirmed", self._held_until)
         for name, refused in refusals.items():
-            if refused:  # behind every other item from now on; still pending, offered again
-                self.store.refuse_outbox(refused, name, self.clock())
+            if refused:  # still pending; offered again after a growing pause, behind the others
+                self.store.refuse_outbox(refused, name, self.clock(), self.cfg.refused_pause_ms)
                 log.warning(
                     "hand-off: the %s refused %d item(s), offered again after the others: %s",
                     name, len(refused), "; ".join(sorted(refused.values())[:5]),

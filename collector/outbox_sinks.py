@@ -137,7 +137,7 @@ class WebhookSink:
     run out: the item waits for the next round). The first item that stays unacknowledged stops
     the round, so a receiver that is down is not hammered with the rest; an item the receiver
     refuses (a 4xx about the item) waits without stopping the others (on_refused: it is offered
-    again after every other item, store/outbox.py claim_outbox). A 3xx
+    again after a growing pause, after every other item, store/outbox.py claim_outbox). A 3xx
     is not followed, and a POST is over within timeout_seconds whatever the receiver does."""
 
     name = "webhook"

@@ -172,6 +172,12 @@ def _migration_27(conn: Connection) -> None:
     schema_outbox.migrate_27(conn, handoff_outbox)
 
 
+def _migration_28(conn: Connection) -> None:
+    # The refused items' next offer (a growing pause) and their index (store/outbox.py pick_free).
+    _add_missing_columns(conn, handoff_outbox, ("webhook_retry_ms",))
+    schema_outbox.migrate_28(conn, handoff_outbox)
+
+
 def _migration_14(conn: Connection) -> None:
     _add_missing_columns(conn, usage_records, ("version",))
     _add_missing_columns(conn, usage_adjustments, ("version", "seq"))
@@ -238,4 +244,5 @@ MIGRATIONS = [
     (19, _migration_19),
     (22, schema_residency.migration_22), (23, _migration_23), (24, _migration_24),
     (25, schema_credits.migration_25), (26, schema_credits.migration_26), (27, _migration_27),
+    (28, _migration_28),
 ]  # fmt: skip

@@ -25,6 +25,7 @@ TOPIC = "topic"
 WEBHOOK = "webhook"
 SINK_COLUMNS = {TOPIC: "topic_sent_ms", WEBHOOK: "webhook_sent_ms"}
 REFUSED_COLUMNS = {WEBHOOK: "webhook_refused_ms"}  # a sink that can refuse one item for good
+RETRY_COLUMNS = {WEBHOOK: "webhook_retry_ms"}  # when that sink is offered a refused item again
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class OutboxRow:
 
 def _pick(conn: Connection, sink: str, limit: int, now_ms: int) -> list[int]:
     """The rows a claim offers `sink` (see claim_outbox): those never refused, oldest first,
-    then the refused, least recently refused first; each query can walk the pending index."""
+    then the refused whose pause is over, the longest due first."""
     ob = handoff_outbox.c
     e = handoff_outbox.alias("earlier").c
     # an earlier version of the row's record that this sink lacks holds the row back
@@ -55,22 +56,31 @@ def pick_free(conn: Connection, sink: str, limit: int, now_ms: int, *also: Any) 
     _pick's order, locked (others skip them)."""
     ob = handoff_outbox.c
     free = (
-        ob.sent_ms.is_(None),
         sa.or_(ob.claimed_until_ms.is_(None), ob.claimed_until_ms < now_ms),
         ob[SINK_COLUMNS[sink]].is_(None),
         *also,
     )
-    refused = ob[REFUSED_COLUMNS[sink]] if sink in REFUSED_COLUMNS else None
-    phases: list[tuple[Any, tuple[Any, ...]]] = [(sa.true(), (ob.id,))]
-    if refused is not None:
-        phases = [(refused.is_(None), (ob.id,)), (refused.is_not(None), (refused, ob.id))]
+    pending = ob.sent_ms.is_(None)
+    phases: list[tuple[Any, tuple[Any, ...]]] = [(pending, (ob.id,))]
+    if sink in RETRY_COLUMNS:
+        # Both phases walk the webhook's own index (ix_handoff_outbox_webhook) in its order: a
+        # claim reads what it takes and stops, however many refused rows wait (it walked every
+        # pending row, then sorted the refused). SQLite, without statistics, takes "pending" for
+        # the most selective term and walks the pending index instead: likely() says it is not.
+        # A row refused by a replica older than migration 28 (no retry time) is in the first.
+        due = ob[RETRY_COLUMNS[sink]]
+        common = sa.func.likely(pending) if conn.dialect.name == "sqlite" else pending
+        phases = [  # the first by id: due is NULL in all its rows (said so, to use the index)
+            (sa.and_(common, due.is_(None)), (due, ob.id)),
+            (sa.and_(common, due.is_not(None), due <= now_ms), (due, ob.id)),
+        ]
     picked: list[int] = []
     for which, order in phases:
         if len(picked) >= limit:
             break
         query = (
             sa.select(ob.id)
-            .where(*free, which)
+            .where(which, *free)
             .order_by(*order)
             .limit(limit - len(picked))
             .with_for_update(skip_locked=True)
@@ -106,7 +116,7 @@ def carry(source: Connection, into: Connection, store: StoreCore) -> int:
         return 0
     ob = handoff_outbox.c
     columns = (ob.transaction_id, ob.account, ob.item, ob.created_ms, ob.topic_sent_ms, ob.webhook_sent_ms)
-    refusals = (ob.record, ob.version, ob.webhook_refused_ms)
+    refusals = (ob.record, ob.version, ob.webhook_refused_ms, ob.webhook_retry_ms)
     query = sa.select(*columns, *refusals).where(ob.sent_ms.is_(None)).order_by(ob.id)
     rows = [dict(row._mapping) for row in source.execute(query)]
     stmt = store._insert(handoff_outbox).on_conflict_do_nothing(index_elements=["transaction_id"])
@@ -123,8 +133,9 @@ class Outbox(StoreCore):
         each with the sinks it is offered to. Per sink: rows one sink cannot get rid of (its
         receiver down) do not keep the next rows from the other sink; of a record, only the first
         version the sink lacks (its versions reach a sink in order); oldest first, except that
-        items the webhook refused come after all the others, the least recently refused first:
-        items refused for good, however many, never keep a newer item waiting."""
+        an item the webhook refused waits out its pause (refuse_outbox), then comes after all
+        the others, the longest due first: items refused for good, however many, never keep a
+        newer item waiting."""
         offers: dict[int, set[str]] = {}
         with self.write() as conn:
             for sink in sinks:
@@ -151,16 +162,35 @@ class Outbox(StoreCore):
                 for r in rows
             ]
 
-    def refuse_outbox(self, refused: Mapping[int, str], sink: str, now_ms: int) -> None:
-        """`sink` refused these rows (row id: its answer): claimed again only after every other
-        pending row, the least recently refused first; still pending, and counted as refused."""
+    def refuse_outbox(
+        self, refused: Mapping[int, str], sink: str, now_ms: int, pause_ms: tuple[int, int]
+    ) -> None:
+        """`sink` refused these rows (row id: its answer): still pending, counted as refused, and
+        offered again once a pause is over, after every other pending row. The pause is
+        pause_ms[0] after a first refusal and twice the last one after each next, up to
+        pause_ms[1]: a receiver that refuses an item for good is not sent it every round."""
         ob = handoff_outbox.c
+        most = sa.literal(pause_ms[1], sa.BigInteger)
+        first = sa.literal(min(pause_ms), sa.BigInteger)
+        last = ob[RETRY_COLUMNS[sink]] - ob[REFUSED_COLUMNS[sink]]  # the pause it waited out (old values)
+        pause = sa.case(
+            (ob[RETRY_COLUMNS[sink]].is_(None), first),
+            (2 * last < first, first),
+            (2 * last > most, most),
+            else_=2 * last,
+        )
         with self.write() as conn:
             for row_id, reason in refused.items():
                 conn.execute(
                     sa.update(handoff_outbox)
                     .where(ob.id == row_id, ob.sent_ms.is_(None), ob[SINK_COLUMNS[sink]].is_(None))
-                    .values({REFUSED_COLUMNS[sink]: now_ms, "last_error": f"refused: {reason}"[:1000]})
+                    .values(
+                        {
+                            REFUSED_COLUMNS[sink]: now_ms,
+                            RETRY_COLUMNS[sink]: sa.literal(now_ms, sa.BigInteger) + pause,
+                            "last_error": f"refused: {reason}"[:1000],
+                        }
+                    )
                 )
 
     def confirm_outbox(self, ids: Sequence[int], sink: str, now_ms: int, sinks: Iterable[str]) -> None:

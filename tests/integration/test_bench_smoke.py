@@ -190,11 +190,14 @@ def test_store_scale_bench_runs_on_tiny_sizes(pg_database: str) -> None:
     # raises inside if an event got a seq other than its id
     assert mig["2000"]["inserts_during"] >= 1
     claim = store_scale_bench.claim(pg_database, [300], limit=50, rounds=2, log=lambda _: None)
-    for depths in claim["stores"].values():
+    for name, depths in claim["stores"].items():
         run = depths["300"]
         assert run["all pending"]["picked"] == 100  # a batch per sink
         assert run["only refused pending"]["picked"] == 3  # 1 item in 100 refused
-        assert any("ix_handoff_outbox_record" in line for line in run["plan"])
+        assert run["9 in 10 refused, only they pending"]["picked"] == 50  # the webhook's batch
+        if name == "sqlite":  # PostgreSQL reads a table this small whole (hash anti join, sort)
+            assert any("ix_handoff_outbox_record" in line for line in run["plan"])
+            assert any("ix_handoff_outbox_webhook" in line for line in run["plan"])
     text = report.render({"meta": META, "migration24": mig, "claim": claim})
     assert "5d. Migration 24" in text
     assert "5e. Hand-off claim" in text

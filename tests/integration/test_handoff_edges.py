@@ -23,7 +23,12 @@ from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0, VM1
 from tests.harness.http_receiver import not_http
 
-FAST = HandoffConfig(retry_attempts=2, retry_initial_s=0.01, retry_max_s=0.02, timeout_s=1, batch_size=5)
+# A refused item offered again at every round (no pause): these tests are about the order of
+# the offers (the pause is tested on its own).
+FAST = HandoffConfig(
+    retry_attempts=2, retry_initial_s=0.01, retry_max_s=0.02, timeout_s=1, batch_size=5,
+    refused_retry_initial_s=0, refused_retry_max_s=0,
+)  # fmt: skip
 
 
 def filled(tmp_path: Path, n: int) -> Store:

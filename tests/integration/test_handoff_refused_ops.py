@@ -151,6 +151,8 @@ webhook_url = "{server.url}"
 retry_attempts = 2
 retry_initial_seconds = 0.05
 retry_max_seconds = 0.1
+refused_retry_initial_seconds = 0.1
+refused_retry_max_seconds = 0.4
 poll_seconds = 0.2
 """
     )
