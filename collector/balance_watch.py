@@ -151,8 +151,9 @@ class AlertWebhook:
     by it: a replica may deliver an alert another already did); any 2xx is an acknowledgement.
     Retried with exponential backoff (tenacity); each POST is over within timeout_s whatever the
     receiver does. As the hand-off's webhook: an alert the receiver refuses (a 4xx about it) is
-    not retried in its round, and a round takes the alerts never tried first, then those tried
-    least recently, so alerts refused for good never keep the others waiting."""
+    not retried in its round, an alert still not acknowledged after its attempts ends the round,
+    and a round takes the alerts never tried first, then those tried least recently, so alerts
+    refused for good, or failing, never keep the others waiting."""
 
     def __init__(self, url: str, *, timeout_s: float = 10.0, attempts: int = WEBHOOK_ATTEMPTS,
                  backoff_s: float = 0.5, max_wait_s: float = 30.0):  # fmt: skip
@@ -202,7 +203,12 @@ class AlertWebhook:
                 log.warning("balance alert %s not delivered after %d attempt(s): %s", alert["id"], tries, exc)
                 with store.write() as conn:
                     stored.count_attempts(conn, {int(alert["id"]): tries}, now_ms())
-                continue
+                if isinstance(exc, Rejected):  # about this alert: the others go on
+                    continue
+                # The receiver is down or failing: the rest wait for the next round, as the
+                # hand-off's do (each tried with backoff, a round of 100 held a new alert, and
+                # the receiver, for 100 x 7.5 s and more). This one goes behind them.
+                break
             delivered += 1
             with store.write() as conn:
                 stored.mark_delivered(conn, int(alert["id"]), now_ms())

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import sqlalchemy as sa
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry, Counter
 
@@ -20,6 +21,7 @@ from kvmeter.collector import config as collector_config
 from kvmeter.collector.api import create_app
 from kvmeter.collector.balance_watch import AlertWebhook, BalanceBook, BalanceWatcher
 from kvmeter.collector.balances import Thresholds
+from kvmeter.collector.schema_credits import balance_alerts
 from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 from kvmeter.pipeline import allinone
@@ -133,18 +135,32 @@ def test_balance_alert_answered_with_no_http_is_a_counted_failure_and_holds_no_o
 ) -> None:
     """README (Credits, balances): each alert is retried until a 2xx and in later rounds while it
     fails. An answer that is not HTTP is a failed delivery like any other: counted in
-    kvmeter_balance_webhook_failures_total, the alert kept for the next round, and the other
-    accounts' alerts still tried in the same round (not an exception that ends the round)."""
+    kvmeter_balance_webhook_failures_total and the alert kept for the next round (not an
+    exception that ends the watcher). As the receiver is failing, the round ends there (the
+    other alert is not put through its attempts too) and the next round tries the other first:
+    a failing alert holds no other alert back."""
     cloud = Cloud(store)
     for account in (ACCT_A, ACCT_B):
         cloud.credit(account, "10.00")
         cloud.send(account, 9 * GB)
     watcher, registry = _watcher(cloud, no_http)
     assert len(watcher.once()) == 2
+    assert registry.get_sample_value("kvmeter_balance_webhook_failures_total") == 1
+    first = _attempts(store)
+    assert sorted(first.values()) == [0, 2], first  # one alert through its two attempts, then the end
+    assert watcher.once() == []
     assert registry.get_sample_value("kvmeter_balance_webhook_failures_total") == 2
     with store.read() as conn:
         rows = stored.alerts(conn, None)
     assert [r["delivered_ms"] for r in rows] == [None, None]
+    assert _attempts(store) == {a: 2 for a in first}  # the other's turn
+
+
+def _attempts(store: Store) -> dict[str, int]:
+    """Each alert's attempts so far, by account."""
+    a = balance_alerts.c
+    with store.read() as conn:
+        return {str(row[0]): int(row[1]) for row in conn.execute(sa.select(a.account, a.attempts))}
 
 
 def test_cli_cloudstack_format_of_no_records_is_the_apis_answer(tmp_path: Path) -> None:
