@@ -6,7 +6,8 @@
     GET  /v1/balances?account=                                                the caller's accounts
 
 A credit is in the tariff's currency (a different one is refused); without a tariff it names its
-currency, and an account's credits all share the first one's. A balance is the account's credits
+currency, and an account's credits all share the first one's (an account's first takes the
+currency of the store's credits: credit_keys.add_once). A balance is the account's credits
 minus its costs (balance_watch.BalanceBook), with its threshold and whether it is below it; an
 account whose credits are in two currencies, or not in the tariff's, has none: it is listed under
 `refused` with the reason, and asked for alone (`account=`) it is a 409 naming its currencies.
@@ -80,7 +81,7 @@ def register(
             with store.write() as conn:
                 now_ms = int(time.time() * 1000)
                 created, replayed = credit_keys.add_once(
-                    conn, account, amount, currency, note, who.name, now_ms, key
+                    conn, account, amount, currency, note, who.name, now_ms, key, untariffed=tariff is None
                 )
         except credit_keys.CurrencyHeld as exc:
             return error(409, str(exc))

@@ -47,6 +47,33 @@ def mixed_error(account: str, held: list[str]) -> str:
     )
 
 
+def elsewhere(sums: Mapping[str, Mapping[str, Decimal]], currency: str) -> dict[str, str]:
+    """{account: the currency it holds} of the accounts (sums: {account: {currency: credits
+    summed}}) whose credits are in one currency, not `currency`, and do not cancel out: under a
+    tariff in `currency` each would lose its balance and take no credit. An account holding two
+    has none under any tariff; one whose credits were all reversed holds no money."""
+    out = {}
+    for account, by_currency in sums.items():
+        held = currencies(by_currency)
+        if len(held) == 1 and held[0] != currency and by_currency[held[0]] != 0:
+            out[account] = held[0]
+    return out
+
+
+def elsewhere_error(found: Mapping[str, str], currency: str) -> str:
+    """Why `currency` (a tariff's, a credit's) is refused: the accounts holding credits in
+    another, by currency, each with one of them named."""
+    by_currency: dict[str, list[str]] = {}
+    for account, held in sorted(found.items()):
+        by_currency.setdefault(held, []).append(account)
+    held_in = " and ".join(f"{c} ({len(a)} account(s), e.g. {a[0]})" for c, a in sorted(by_currency.items()))
+    return (
+        f"the store's credits are in {held_in}, not {currency}: those accounts would have no "
+        f"balance and take no credit in {currency} (an account's credits keep one currency; "
+        "a credit added in the wrong one is taken out with `kvmeter credits reverse`)"
+    )
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """default: for every account with credits (None: only accounts named here are watched)."""

@@ -17,7 +17,7 @@ from kvmeter.collector import balance_watch, report, unpriced_gauges
 from kvmeter.collector import config as config_mod
 from kvmeter.collector.api_params import MAX_USAGE_TYPE
 from kvmeter.collector.billing.reads import priced
-from kvmeter.collector.billing.tariff_file import TariffSource
+from kvmeter.collector.billing.tariff_file import TariffError, TariffSource
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.errors import BadInput
 from kvmeter.collector.model import Outcome
@@ -92,6 +92,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     """Consume measures and CloudStack lifecycle events (Kafka, RabbitMQ, webhook) into usage records."""
     from kvmeter.collector.api import serve
     from kvmeter.collector.api_auth import NoCredentials
+    from kvmeter.collector.credit_keys import tariff_guard
     from kvmeter.collector.feed import Feeder
     from kvmeter.collector.input_kafka import KafkaInput
     from kvmeter.collector.input_webhook import PATH as WEBHOOK_PATH
@@ -111,6 +112,13 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
     if cfg.webhook_secret and not cfg.api.enabled:
         raise click.ClickException(f"{config_path}: [webhook] deliveries come to the API: api.enabled = true")
     store, tariffs = _open_config_store(cfg)
+    if tariffs is not None:  # before anything is priced: a tariff in another currency than the credits'
+        try:
+            tariffs.guarded(tariff_guard(store))
+        except TariffError as exc:
+            store.close()
+            lines = "\n  ".join(f"billing.tariff_file: {exc.source}: {p}" for p in exc.problems)
+            raise click.ClickException(f"invalid configuration {config_path}:\n  {lines}") from None
     service = Collector(store, cfg.settings, _wall_ms)
     put_in_force_at_start(service)  # a changed [policy]: the whole store recomputed under it
     metrics = Metrics()

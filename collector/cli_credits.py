@@ -1,7 +1,8 @@
 """`kvmeter credits add|list|reverse`: money added to accounts, the balances' other half.
 
 The store comes from --db or the config's [store] url. A credit is in the tariff's currency
-when the config names a tariff, else in --currency; an account's credits share one currency.
+when the config names a tariff, else in --currency (an account's first refused in another
+currency than the store's credits', the collector's tariff's); an account's credits share one.
 With --idempotency-key the credit is added once (credit_keys): run again, it shows the credit
 added before; with another amount, currency or note it is refused, as POST /v1/credits is.
 `reverse` takes a credit out (credit_keys.reverse_once): an account holding credits in two
@@ -88,7 +89,8 @@ def add(
         raise click.BadParameter(str(exc), param_hint="--idempotency-key") from None
     now = int(time.time() * 1000)
     row, replayed = _written(
-        _store(db_url, cfg), lambda conn: add_once(conn, account, value, chosen, note, "cli", now, key)
+        _store(db_url, cfg),
+        lambda conn: add_once(conn, account, value, chosen, note, "cli", now, key, untariffed=tariff is None),
     )
     _show(row, fmt, f" (added before with idempotency key {key})" if replayed else "")
 

@@ -15,18 +15,29 @@ credits in two currencies added at once are one credit and a CurrencyHeld, never
 account that holds two all the same (added before that lock) takes credits in either, and the
 credits of one are taken out by reversing them (reverse_once): a credit of the opposite
 amount, added once per credit reversed (its key is `reversal-of-<id>`).
+
+The tariff is in one currency, so every account's credits are in it: a tariff in another
+(a reload, a restart with another file) is refused while an account holds credits in the one
+before (tariff_guard), as is an account's first credit added without a tariff in a currency
+other than the store's credits' (add_once's untariffed: the store keeps no tariff, its credits
+say the currency). Never silently: those accounts would have no balance, and every new credit
+of theirs would be refused.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from kvmeter.collector.balances import currencies
+from kvmeter.collector.balances import currencies, elsewhere, elsewhere_error
+from kvmeter.collector.billing.tariff import Tariff
+from kvmeter.collector.billing.tariff_file import TariffError
 from kvmeter.collector.schema_credits import KEY_MAX
+from kvmeter.collector.store import Store
 from kvmeter.collector.store import credits as stored
 
 KEY = re.compile(rf"[\x21-\x7e]{{1,{KEY_MAX}}}")  # visible ASCII: a header's value, a shell word
@@ -66,10 +77,13 @@ def add_once(
     by: str,
     now_ms: int,
     key: str | None = None,
+    *,
+    untariffed: bool = False,
 ) -> tuple[dict[str, Any], bool]:
     """(the credit, whether it was added before with `key`), inside the caller's write
     transaction. KeyReused: the key added another credit; CurrencyHeld: the account's credits
-    are in another currency. Either way nothing is added."""
+    are in another currency, or (untariffed: no tariff gave `currency`) it is the account's
+    first and the store's credits are in another. Either way nothing is added."""
     stored.lock_account(conn, account)  # first: what is read below stays true until the commit
     if key is not None and (found := stored.credit_by_key(conn, account, key)) is not None:
         return _same(found, amount, currency, note, key), True
@@ -77,6 +91,8 @@ def add_once(
     held = currencies({c: total for c, (total, _) in sums.items()})
     if held and currency not in held:
         raise CurrencyHeld(f"account {account} holds credits in {' and '.join(held)}, not {currency}")
+    if untariffed and not held and (why := currency_refused(conn, currency)) is not None:
+        raise CurrencyHeld(why)  # the store's credits say the collector's tariff's currency
     credit_id = stored.add_credit(conn, account, amount, currency, note, by, now_ms, key)
     if credit_id is None:  # a replica that took no lock (an older one) committed it meanwhile
         assert key is not None
@@ -84,6 +100,27 @@ def add_once(
         assert found is not None
         return _same(found, amount, currency, note, key), True
     return stored.credit(conn, credit_id), False
+
+
+def currency_refused(conn: Connection, currency: str) -> str | None:
+    """Why credits in `currency` do not fit the store's (balances.elsewhere), or None."""
+    sums = stored.credit_sums(conn, None)
+    found = elsewhere({a: {c: total for c, (total, _) in s.items()} for a, s in sums.items()}, currency)
+    return elsewhere_error(found, currency) if found else None
+
+
+def tariff_guard(store: Store) -> Callable[[Tariff], None]:
+    """The check of a tariff against the credits held, at start and before each reload puts one
+    in force (TariffSource.guard): TariffError naming both currencies when the tariff's is not
+    the credits'; a store with no credit yet takes any."""
+
+    def guard(tariff: Tariff) -> None:
+        with store.read() as conn:
+            why = currency_refused(conn, tariff.currency)
+        if why is not None:
+            raise TariffError(tariff.source, [f"currency {tariff.currency}: {why}"])
+
+    return guard
 
 
 class NotReversible(ValueError):

@@ -129,7 +129,10 @@ def paths(
                         "headers": _REPLAYED,
                         "content": json("Credit"),
                     },
-                    "409": error("The account holds credits in another currency."),
+                    "409": error(
+                        "The account holds credits in another currency; or, with no tariff, it has "
+                        "none and the store's credits are in another currency."
+                    ),
                     "422": error(
                         "The Idempotency-Key added another credit (another amount, currency or note)."
                     ),

@@ -41,6 +41,7 @@ from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.billing.reads import priced
 from kvmeter.collector.cli import _open_store
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
+from kvmeter.collector.credit_keys import tariff_guard
 from kvmeter.collector.feed import Feeder
 from kvmeter.collector.input_files import EventsFile
 from kvmeter.collector.inputs import InputUnavailable, event_inputs
@@ -148,6 +149,8 @@ class AllInOne:
         # [billing] tariff_file (/v1/costs, SIGHUP), priced into the items before anything makes
         # them (a changed [policy] recomputed at start adjusts final windows)
         self.tariffs = priced(self.store, cfg.collector)
+        if self.tariffs is not None:  # TariffError: its currency is not the credits held
+            self.tariffs.guarded(tariff_guard(self.store))
         self.collector = Collector(self.store, cfg.collector.settings, clock)
         put_in_force_at_start(self.collector)  # a changed [policy]: the whole store recomputed
         self.metrics = Metrics()
@@ -313,6 +316,10 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
         pipeline = AllInOne(cfg, store=store)
     except InputUnavailable as exc:
         click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
+        sys.exit(2)
+    except ConfigError as exc:  # the tariff against the credits held: as a tariff that does not load
+        store.close()
+        click.echo(f"kvmeter run: invalid config {exc}", err=True)
         sys.exit(2)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

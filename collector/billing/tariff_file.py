@@ -23,14 +23,15 @@ reason wherever costs are shown, never dropped.
 
 The collector's config names the file in [billing] tariff_file (billing_section); TariffSource
 holds the tariff in force and reload() reads the file again (SIGHUP, through kvmeter.reload): a
-file that fails keeps the tariff in force, and the log says why.
+file that fails keeps the tariff in force, and the log says why; so does one its guard refuses
+(the collector's: a currency other than the credits held, credit_keys.tariff_guard).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -299,12 +300,21 @@ class TariffSource:
         self.current = tariff
         self.path = path
         self.billable = frozenset(billable)
+        self.guard: Callable[[Tariff], None] | None = None
         self._lock = threading.Lock()
+
+    def guarded(self, guard: Callable[[Tariff], None]) -> None:
+        """Check the tariff in force with `guard` now (it raises TariffError), and each tariff
+        read again before it is put in force (credit_keys.tariff_guard: the credits' currency)."""
+        guard(self.current)
+        self.guard = guard
 
     def reload(self, path: Path | None = None) -> str:
         """Read the tariff file again (or `path`, newly named) and put it in force; TariffError,
         and the tariff in force stays, when it does not load."""
         with self._lock:
             tariff = load(path or self.path, self.billable)
+            if self.guard is not None:
+                self.guard(tariff)
             self.current, self.path = tariff, path or self.path
         return f"{tariff.currency}, {len(tariff.rates)} rate(s) from {self.path}"
