@@ -293,20 +293,22 @@ class ColumnPolls:
         at = list(compress(missing, map(eq, map(pos.__getitem__, missing), repeat(old.unknown))))
         candidates = list(map(after.__getitem__, at))
         names = list(map(_NAME, candidates))
-        # tracked under its name (this key, read at another instant, or an older incarnation
-        # still open): by rows
-        tracked_names = set(old.tracked_names())
-        tracked_names.update(map(_NAME, self._counters))
-        # A storm's new taps, as a rule: none closed, tracked or baselined, all of this boot
-        # (a set operation per rule, no step per candidate)
+        # A storm's new taps, as a rule: none closed, tracked under its name (this key, read at
+        # another instant, or an older incarnation still open: by rows), baselined, all of
+        # this boot. A set operation per rule, no step per candidate; the tracked names are
+        # looked up among the candidates' few (no set of every steady counter's name made).
+        wanted = set(names)
         if (
-            tracked_names.isdisjoint(names)
+            wanted.isdisjoint(old.tracked_names())
+            and wanted.isdisjoint(map(_NAME, self._counters))
             and closed.isdisjoint(candidates)
             and preexisting.isdisjoint(candidates)
             and set(map(_BOOT_ID, candidates)) <= {boot_id}
         ):
             return at
         # C-level passes over the candidates, one per rule
+        tracked_names = set(old.tracked_names())
+        tracked_names.update(map(_NAME, self._counters))
         rules = [
             map(eq, map(_BOOT_ID, candidates), repeat(boot_id)),
             map(not_, map(closed.__contains__, candidates)),

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from kvmeter.agent.measures import domain_inventory
 from kvmeter.agent.model import DomainInfo, LinkPlacement, new_tuple
-from kvmeter.agent.varint import varint, varint_size
+from kvmeter.agent.varint import varint
 
 _INVENTORY_TAG = b"\x42"  # MeasureBatch.inventory = 8, length-delimited
 _NIC_TAG = b"\x42"  # DomainInventory.nics = 8, length-delimited: the domain's last field
@@ -201,16 +201,18 @@ def _same_sizes(
     many bytes as the one it replaces (a tap made again: ifindexes grow by a few): no length
     and no cut moves. None when one does not (or a NIC gains or loses its ifindex)."""
     record: bytearray | None = None
-    pairs = zip(known.where[n:], where[n:])
+    olds = known.where
     at = 3  # cuts[at]: where a NIC's fields before its ifindex end
+    k = n  # where[k]: a NIC's ifindex (a storm's hundred domains: no zip, no call for a size)
     for nic in domain.nics:
         if nic.device:
-            old, new = next(pairs)
+            old, new = olds[k], where[k]
+            k += 1
             if old != new:
                 if not isinstance(old, int) or not isinstance(new, int):
                     return None
                 field = varint(new)
-                if len(field) != varint_size(old):
+                if len(field) != ((old.bit_length() + 6) // 7 or 1):  # varint_size(old)
                     return None
                 if record is None:
                     record = bytearray(known.record)

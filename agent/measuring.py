@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import attrgetter, eq, is_, is_not, not_
+from operator import attrgetter, eq, is_, is_not, itemgetter, not_
 
 from kvmeter.agent.counters import CounterTable, KernelTable, Stats
 from kvmeter.agent.delta_finals import FinalReading
@@ -30,7 +30,7 @@ from kvmeter.agent.model import (
     LinkPlacement,
     NicInfo,
 )
-from kvmeter.agent.ownership import Ownership
+from kvmeter.agent.ownership import Ownership, released_readings
 from kvmeter.agent.plan import PollPlan
 from kvmeter.agent.sources import CounterSource, Owned
 from kvmeter.log_limit import limited_logger
@@ -49,6 +49,7 @@ _WALL_MS = attrgetter("wall_ms")
 _MONO_MS = attrgetter("mono_ms")
 _IN_TURN = frozenset(("rename", "move"))  # event kinds applied in turn, never all at once
 _NOTHING_MOVED: Mapping[CounterKey, Attribution] = {}
+_KEY_OF = itemgetter(0)  # of a (key, NIC) pair
 
 
 @dataclass(frozen=True)
@@ -77,27 +78,6 @@ def _tail_lost(key: CounterKey) -> None:
 
 def to_ms(seconds: float) -> int:
     return int(seconds * 1000)
-
-
-def _released_readings(
-    handover: Mapping[CounterKey, object], table: CounterTable, plan: PollPlan
-) -> list[tuple[CounterKey, Stats]]:
-    """The readings of the handed-over counters the plan no longer meters (a few, a poll now
-    and then): their last bytes are read once more, under the attribution they had."""
-    readings = []
-    for key in sorted(handover):  # (in the order of their ifindexes, however they were found)
-        if plan.metered.get(key.name) is not key and key in plan.present:
-            try:
-                if table.ifindexes is None:
-                    i = table.names.index(key.name)
-                else:
-                    i = table.ifindexes.index(key.ifindex)
-            except ValueError:
-                continue  # gone from the table since the link map was read
-            readings.append(
-                (key, (table.rx_bytes[i], table.rx_packets[i], table.tx_bytes[i], table.tx_packets[i]))
-            )
-    return readings
 
 
 class Measuring(Ownership):
@@ -183,7 +163,7 @@ class Measuring(Ownership):
             readings += self._sourced_readings(plan.sourced, table, plan.links)
             present = self._present_with_sourced(plan)
         if handover:
-            readings += _released_readings(handover, table, plan)
+            readings += released_readings(handover, table, plan)
         self.metrics.interfaces.set(len(readings))
         deltas += self.engine.poll_readings(now_ms, mono_ms, readings, present)
         return plan, now_ms, None, deltas
@@ -202,19 +182,22 @@ class Measuring(Ownership):
         since (the new VM's) claims it, or after WAIT_POLLS, or at the last poll: neither the
         first VM is billed the second's bytes nor is any byte lost."""
         waiting = self._waiting
-        link_address = getattr(self.topology, "address", None)  # (a topology double may have none)
-
-        def address(event: StampedEvent) -> str | None:
-            return link_address(event.ifname, event.ifindex) if link_address is not None else None
-
+        # The new links that the NIC which named them claims again (a storm's reborn taps:
+        # every one), then their MACs in one call (one hold of the topology's lock)
+        metered, devices = plan.metered, plan.devices
+        again: list[tuple[CounterKey, NicInfo]] = []
         for event in events:
             was = claimed.get(event.ifname) if event.kind == "new" else None
-            key = plan.metered.get(event.ifname)
-            if was is None or key is None or key.ifindex != event.ifindex:
-                continue
-            nic = plan.devices[event.ifname][1]
-            if nic is was[1] and self._links.foreign(event.ifname, event.ifindex, nic, address(event)):
-                waiting[key] = (nic, 0)
+            key = metered.get(event.ifname)
+            if was is not None and key is not None and key.ifindex == event.ifindex:
+                nic = devices[event.ifname][1]
+                if nic is was[1]:
+                    again.append((key, nic))
+        if again:
+            foreign = self._links.foreign
+            for (key, nic), mac in zip(again, self._link_addresses(list(map(_KEY_OF, again)))):
+                if foreign(key.name, key.ifindex, nic, mac):
+                    waiting[key] = (nic, 0)
         held = []
         for key, (nic, polls) in list(waiting.items()):
             owner = plan.devices.get(key.name)
@@ -231,6 +214,14 @@ class Measuring(Ownership):
                 held.append(key)
         if held:
             self.engine.hold(held)
+
+    def _link_addresses(self, keys: list[CounterKey]) -> list[str | None]:
+        """The MACs the links of `keys` carry, as the topology last heard (None: unknown)."""
+        many = getattr(self.topology, "addresses", None)
+        if many is not None:
+            return many(keys)
+        one = getattr(self.topology, "address", None)  # (a topology double may have neither)
+        return [one(k.name, k.ifindex) if one is not None else None for k in keys]
 
     def _apply_events(
         self,

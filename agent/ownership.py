@@ -12,7 +12,7 @@ from operator import attrgetter, is_not, itemgetter, ne
 from typing import Any, Protocol
 
 from kvmeter.agent.config import AgentConfig
-from kvmeter.agent.counters import Stats
+from kvmeter.agent.counters import CounterTable, Stats
 from kvmeter.agent.delta import DeltaEngine
 from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates
@@ -295,3 +295,24 @@ class Ownership:
         """The batch carrying `_inventory_if_due`'s records is on disk: the version it sent and
         the polls since every record went."""
         self._inventory_sent, self._polls_since_inventory = sent
+
+
+def released_readings(
+    handover: Mapping[CounterKey, object], table: CounterTable, plan: PollPlan
+) -> list[tuple[CounterKey, Stats]]:
+    """The readings of the handed-over counters the plan no longer meters (a few, a poll now
+    and then): their last bytes are read once more, under the attribution they had."""
+    readings = []
+    for key in sorted(handover):  # (in the order of their ifindexes, however they were found)
+        if plan.metered.get(key.name) is not key and key in plan.present:
+            try:
+                if table.ifindexes is None:
+                    i = table.names.index(key.name)
+                else:
+                    i = table.ifindexes.index(key.ifindex)
+            except ValueError:
+                continue  # gone from the table since the link map was read
+            readings.append(
+                (key, (table.rx_bytes[i], table.rx_packets[i], table.tx_bytes[i], table.tx_packets[i]))
+            )
+    return readings

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from operator import attrgetter
 from typing import Any, Callable
 
 from kvmeter.agent.linkevents import LinkDump, LinkEventSocket, parse_link_message
 from kvmeter.agent.linktable import LinkEvent, LinkRecord, LinkTable
-from kvmeter.agent.model import LinkPlacement
+from kvmeter.agent.model import CounterKey, LinkPlacement
 from kvmeter.agent.traffic import TrafficRules
 
 log = logging.getLogger(__name__)
+_NAME = attrgetter("name")
+_IFINDEX = attrgetter("ifindex")
 
 
 Listener = Callable[["LinkEvent"], None]
@@ -129,6 +132,11 @@ class Topology:
     def address(self, ifname: str, ifindex: int) -> str | None:
         with self._lock:
             return self._table.address(ifname, ifindex)
+
+    def addresses(self, keys: Sequence[CounterKey]) -> list[str | None]:
+        """`address` of each key's link (a storm's reborn taps), under one hold of the lock."""
+        with self._lock:
+            return list(map(self._table.address, map(_NAME, keys), map(_IFINDEX, keys)))
 
     def links(self) -> dict[str, int]:
         """Name -> ifindex of every current link (the table's copy, the same object until a
