@@ -91,8 +91,10 @@ def add_once(
     held = currencies({c: total for c, (total, _) in sums.items()})
     if held and currency not in held:
         raise CurrencyHeld(f"account {account} holds credits in {' and '.join(held)}, not {currency}")
-    if untariffed and not held and (why := currency_refused(conn, currency)) is not None:
-        raise CurrencyHeld(why)  # the store's credits say the collector's tariff's currency
+    if not held:  # an account's first: one at a time in the store, each seeing the others'
+        stored.lock_first_credits(conn)
+        if untariffed and (why := currency_refused(conn, currency)) is not None:
+            raise CurrencyHeld(why)  # the store's credits say the collector's tariff's currency
     credit_id = stored.add_credit(conn, account, amount, currency, note, by, now_ms, key)
     if credit_id is None:  # a replica that took no lock (an older one) committed it meanwhile
         assert key is not None

@@ -29,6 +29,15 @@ def lock_account(conn: Connection, account: str) -> None:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
+def lock_first_credits(conn: Connection) -> None:
+    """Hold the store's first credits of accounts until commit (PostgreSQL): without a tariff the
+    store's credits say its currency (credit_keys.add_once), so two accounts' first credits in
+    two currencies added at once each read none and were both added. Taken after the account's
+    lock, never before it (no cycle)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": resource_lock_id("credits:first")})
+
+
 def add_credit(
     conn: Connection,
     account: str,

@@ -24,7 +24,7 @@ from kvmeter.collector.api import ApiServer, create_app
 from kvmeter.collector.schema_credits import credits
 from kvmeter.collector.store import Store
 from tests.api_support import running
-from tests.billing_support import ACCT_A
+from tests.billing_support import ACCT_A, ACCT_B
 from tests.integration.test_credits_api import OPERATOR
 
 pytestmark = pytest.mark.pg
@@ -115,3 +115,37 @@ def test_the_cli_adding_a_keyed_credit_in_another_currency_at_once_adds_nothing(
     [result] = _while_first_credit_uncommitted(pg_store, "pay-1", lambda: CliRunner().invoke(main, args))
     assert (result.exit_code != 0, "holds credits in EUR" in result.output) == (True, True), result.output
     assert _currencies(pg_store) == [("10", "EUR")]
+
+
+def test_two_accounts_first_credits_without_a_tariff_in_two_currencies_at_once_keep_one(
+    pg_store: Store,
+) -> None:
+    """Without a tariff the store's credits say its currency: ACCT_A's first credit, 10 EUR, is
+    being added when ACCT_B's first, in USD, is added through the CLI without a config (so no
+    tariff). Each locked only its own account, so B read no credit and was added: the store held
+    EUR and USD, one of them in no balance under any tariff. B now waits for A and is refused."""
+
+    def add_b() -> Any:
+        return CliRunner().invoke(
+            main,
+            [
+                "credits",
+                "add",
+                "--db",
+                pg_store.url,
+                "--account",
+                ACCT_B,
+                "--amount",
+                "5",
+                "--currency",
+                "USD",
+            ],
+        )
+
+    [result] = _while_first_credit_uncommitted(pg_store, None, add_b)
+    assert result.exit_code == 1, result.output
+    assert ("EUR" in result.output, "not USD" in result.output) == (True, True), result.output
+    c = credits.c
+    with pg_store.read() as conn:
+        held = conn.execute(sa.select(c.account, c.currency).order_by(c.id)).all()
+    assert [tuple(r) for r in held] == [(ACCT_A, "EUR")]
