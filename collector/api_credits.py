@@ -81,7 +81,7 @@ def register(
             with store.write() as conn:
                 now_ms = int(time.time() * 1000)
                 created, replayed = credit_keys.add_once(
-                    conn, account, amount, currency, note, who.name, now_ms, key, untariffed=tariff is None
+                    conn, account, amount, currency, note, who.name, now_ms, key, unguarded=tariff is None
                 )
         except credit_keys.CurrencyHeld as exc:
             return error(409, str(exc))

@@ -1,8 +1,9 @@
 """`kvmeter credits add|list|reverse`: money added to accounts, the balances' other half.
 
 The store comes from --db or the config's [store] url. A credit is in the tariff's currency
-when the config names a tariff, else in --currency (an account's first refused in another
-currency than the store's credits', the collector's tariff's); an account's credits share one.
+when the config names a tariff, else in --currency; an account's first is refused in another
+currency than the store's credits' (the collector's tariff's: the file may name another, one
+the collector refused); an account's credits share one.
 With --idempotency-key the credit is added once (credit_keys): run again, it shows the credit
 added before; with another amount, currency or note it is refused, as POST /v1/credits is.
 `reverse` takes a credit out (credit_keys.reverse_once): an account holding credits in two
@@ -90,7 +91,9 @@ def add(
     now = int(time.time() * 1000)
     row, replayed = _written(
         _store(db_url, cfg),
-        lambda conn: add_once(conn, account, value, chosen, note, "cli", now, key, untariffed=tariff is None),
+        # unguarded: the file's tariff is not the one in force (the collector refuses one in
+        # another currency than the credits'; a first credit in it would fit no tariff)
+        lambda conn: add_once(conn, account, value, chosen, note, "cli", now, key, unguarded=True),
     )
     _show(row, fmt, f" (added before with idempotency key {key})" if replayed else "")
 

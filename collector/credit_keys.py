@@ -18,10 +18,11 @@ amount, added once per credit reversed (its key is `reversal-of-<id>`).
 
 The tariff is in one currency, so every account's credits are in it: a tariff in another
 (a reload, a restart with another file) is refused while an account holds credits in the one
-before (tariff_guard), as is an account's first credit added without a tariff in a currency
-other than the store's credits' (add_once's untariffed: the store keeps no tariff, its credits
-say the currency). Never silently: those accounts would have no balance, and every new credit
-of theirs would be refused.
+before (tariff_guard), as is an account's first credit added without a tariff in force in a
+currency other than the store's credits' (add_once's unguarded: the store keeps no tariff, its
+credits say the currency; the CLI's tariff is its config's file, maybe one the collector
+refused). Never silently: those accounts would have no balance, and every new credit of theirs
+would be refused.
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ def add_once(
     now_ms: int,
     key: str | None = None,
     *,
-    untariffed: bool = False,
+    unguarded: bool = False,
 ) -> tuple[dict[str, Any], bool]:
     """(the credit, whether it was added before with `key`), inside the caller's write
     transaction. KeyReused: the key added another credit; CurrencyHeld: the account's credits
-    are in another currency, or (untariffed: no tariff gave `currency`) it is the account's
-    first and the store's credits are in another. Either way nothing is added."""
+    are in another currency, or (unguarded: `currency` is no guarded tariff's) it is the
+    account's first and the store's credits are in another. Either way nothing is added."""
     stored.lock_account(conn, account)  # first: what is read below stays true until the commit
     if key is not None and (found := stored.credit_by_key(conn, account, key)) is not None:
         return _same(found, amount, currency, note, key), True
@@ -93,7 +94,7 @@ def add_once(
         raise CurrencyHeld(f"account {account} holds credits in {' and '.join(held)}, not {currency}")
     if not held:  # an account's first: one at a time in the store, each seeing the others'
         stored.lock_first_credits(conn)
-        if untariffed and (why := currency_refused(conn, currency)) is not None:
+        if unguarded and (why := currency_refused(conn, currency)) is not None:
             raise CurrencyHeld(why)  # the store's credits say the collector's tariff's currency
     credit_id = stored.add_credit(conn, account, amount, currency, note, by, now_ms, key)
     if credit_id is None:  # a replica that took no lock (an older one) committed it meanwhile

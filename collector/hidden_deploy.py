@@ -24,7 +24,9 @@ the job: hiding or showing a VM that is not destroyed publishes one of them (Use
 showing), and a destroyed VM starts again only after a recover (VM.CREATE) or a backup restore
 (no usage event, the flag kept). So the openers of that stretch (a VM.START, a state event to
 Running, and a VM.CREATE that begins it: a recover while hidden, as a saved one shows the VM)
-were not saved; a VM.DESTROY that begins it may be the hide itself, saved, and stays. A job
+were not saved; a VM.DESTROY that begins it may be the hide itself, saved, and stays. A
+destroyVirtualMachine job naming the VM hidden published its own VM.DESTROY while hidden, not
+saved: the stretch that one ended, since the job before, was hidden too (an HA start). A job
 naming the VM displayed ends a stretch too (a hide lost on the way bills no visible time
 away). Jobs have no time, so stretches are placed by the delivery order of the one source that
 delivered all the VM's bus events (a Kafka partition: the bus keys jobs, usage and state events
@@ -70,10 +72,13 @@ def unsaved_before_hidden_jobs(events: list[pb.LifecycleEvent]) -> set[int]:
     placed.sort(key=lambda ev: ev.delivery_seq)
     unsaved: set[int] = set()
     stretch: list[int] = []  # id() of the openers since the last VM.CREATE / VM.DESTROY
+    ended: list[int] = []  # the stretch a VM.DESTROY since the last completed job ended
     for ev in placed:
         usage = ev.event_type if ev.category == pb.USAGE else ""
-        if usage == "VM.DESTROY" or _job_names(ev, "true"):
-            stretch = []  # maybe the hide itself (saved: it closes what was open); a lost hide
+        if usage == "VM.DESTROY":
+            ended, stretch = stretch, []  # maybe the hide itself (saved: it closes what was open)
+        elif _job_names(ev, "true"):
+            stretch = []  # a lost hide
         elif usage == "VM.CREATE":
             stretch = [id(ev)]  # a recover while hidden if a hidden job follows: a saved one shows it
         elif usage == "VM.START" or (
@@ -82,6 +87,10 @@ def unsaved_before_hidden_jobs(events: list[pb.LifecycleEvent]) -> set[int]:
             stretch.append(id(ev))
         elif _hidden_job(ev):
             unsaved.update(stretch)
+            if ev.event_type == "VM.DESTROY":  # its own VM.DESTROY, published hidden, is not saved:
+                unsaved.update(ended)  # the stretch that one ended was hidden too (an HA start)
+        if ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE:
+            ended = []
     return unsaved
 
 

@@ -137,18 +137,6 @@ def credit_sums(
     return out
 
 
-def credit_totals(conn: Connection, accounts: frozenset[str] | None) -> dict[str, tuple[Decimal, str, int]]:
-    """{account: (its credits, their currency, the first one's time)}. Credits in another
-    currency than the account's are refused when added (credit_keys); an account that holds
-    credits in two all the same (mixed_currencies) is left out: no total counts them all."""
-    out = {}
-    for account, sums in credit_sums(conn, accounts).items():
-        held = currencies({currency: total for currency, (total, _) in sums.items()})
-        if len(held) == 1:
-            out[account] = (sums[held[0]][0], held[0], sums[held[0]][1])
-    return out
-
-
 def mixed_currencies(conn: Connection, accounts: frozenset[str] | None = None) -> dict[str, list[str]]:
     """{account: the currencies it holds} of the accounts that hold credits in more than one
     (balances.currencies): only accounts with credits in two currencies are summed."""

@@ -236,11 +236,11 @@ def test_a_rebuild_keeps_the_credits(live_and_into: tuple[Store, str]) -> None:
     cloud.credit(ACCT_A, "5.50")
     cloud.credit(ACCT_B, "7")
     with live.read() as conn:
-        before = stored.credit_totals(conn, None)
+        before = stored.credit_sums(conn, None)
     into = _rebuilt(live, into_url)
     try:
         with into.read() as conn:
-            after = stored.credit_totals(conn, None)
+            after = stored.credit_sums(conn, None)
         assert after == before, f"credits after the rebuild: {after}; the live store held {before}"
     finally:
         into.close()

@@ -204,3 +204,27 @@ def test_a_hidden_start_no_job_tells_is_dropped_by_the_next_hidden_job(store: St
         *_stop(T0 + 4 * HOUR, display=False),
     ]
     assert _run(store, Settings(), T0 + 5 * HOUR, events) == {RUNNING_VM: HOUR, ALLOCATED_VM: HOUR}
+
+
+def test_a_hidden_start_no_job_tells_is_dropped_by_a_hidden_destroy_job(store: Store) -> None:
+    """Deployed displayed (09:00), hidden while running (10:00: VM.DESTROY + VM.STOP saved),
+    powered off out of band and started again by HA (11:00: state events and VM.START, published,
+    not saved, no job), then destroyed by destroyVirtualMachine (13:00: VM.STOP and VM.DESTROY
+    published, not saved; its job names the VM hidden), now 14:00. CloudStack bills one hour of
+    each. The destroy job is the hidden VM's next job, as a stop job would be: the HA start opens
+    nothing (the destroy's own VM.DESTROY, published while hidden, was taken for the hide's and
+    hid the start from its job: RUNNING 11-13 was billed)."""
+    events = [
+        *_deploy(T0, display=True),
+        *_hide(T0 + HOUR, running=True),
+        _state("Running", "Stopped", T0 + 2 * HOUR),
+        _usage("VM.STOP", T0 + 2 * HOUR),
+        _state("Stopped", "Starting", T0 + 2 * HOUR),
+        _state("Starting", "Running", T0 + 2 * HOUR),
+        _usage("VM.START", T0 + 2 * HOUR),
+        *_stop(T0 + 4 * HOUR, display=False)[:-1],  # destroyVirtualMachine stops it first ...
+        _state("Stopped", "Destroyed", T0 + 4 * HOUR),
+        _usage("VM.DESTROY", T0 + 4 * HOUR),
+        _job("VM.DESTROY", False, "Destroyed"),  # ... and its job names the VM hidden
+    ]
+    assert _run(store, Settings(), T0 + 5 * HOUR, events) == {RUNNING_VM: HOUR, ALLOCATED_VM: HOUR}

@@ -166,3 +166,34 @@ def test_an_accounts_first_credit_posted_without_a_tariff_takes_the_currency_of_
     assert post(ACCT_B, "EUR")[0] == 201
     with store.read() as conn:
         assert [c["currency"] for c in stored.list_credits(conn, None, 10)] == ["EUR", "EUR"]
+
+
+def test_a_first_credit_added_with_a_config_whose_tariff_is_not_the_credits_currency_is_refused(
+    tmp_path: Path, store_url: str
+) -> None:
+    """ACCT_A holds 25 EUR (the collector rates in EUR); the tariff file has just been changed to
+    USD (the collector refused that SIGHUP and still rates in EUR). `kvmeter credits add --config`
+    for ACCT_B, a new account, takes its currency from that file: it is refused (exit 1) naming
+    the EUR the store's credits are in, as without a tariff, and nothing is added. Added, ACCT_B
+    would have no balance under the EUR tariff in force, and neither tariff would start again."""
+    write_tariff(tmp_path / "tariff.toml", "USD")
+    config = tmp_path / "collector.toml"
+    config.write_text(f'[store]\nurl = "{store_url}"\n[billing]\ntariff_file = "tariff.toml"\n')
+    store = Store(store_url)
+    store.migrate()
+    try:
+        with store.write() as conn:
+            stored.add_credit(conn, ACCT_A, Decimal("25"), "EUR", "", "ops", 1000)
+    finally:
+        store.close()
+    result = CliRunner().invoke(
+        main, ["credits", "add", "--config", str(config), "--account", ACCT_B, "--amount", "5"]
+    )
+    assert result.exit_code == 1, result.output
+    assert f"the store's credits are in EUR (1 account(s), e.g. {ACCT_A}), not USD" in result.output
+    store = Store(store_url)
+    try:
+        with store.read() as conn:
+            assert [c["currency"] for c in stored.list_credits(conn, None, 10)] == ["EUR"]
+    finally:
+        store.close()
