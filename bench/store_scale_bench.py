@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from tests.collector_support import ACCT_A, HOUR, T0, Clock, usage_event
+from tests.handoff_support import pick_plans
 from tests.harness.postgres import create_database
 
 from kvmeter.collector.model import Record, Settings
@@ -206,28 +207,6 @@ def _plain_pick(conn: Any, sink: str, limit: int, now_ms: int) -> list[int]:
     return store_outbox.pick_free(conn, sink, limit, now_ms)
 
 
-def _plans(store: Store, limit: int) -> list[str]:
-    """The query plan of the webhook's first pick (the items never refused), captured from
-    `_pick` itself and explained by the database."""
-    seen: list[str] = []
-    with store.read() as conn:
-        captured: list[Any] = []
-
-        class Spy:
-            dialect = conn.dialect
-
-            def execute(self, query: Any) -> list[Any]:
-                captured.append(query)
-                return []
-
-        store_outbox._pick(Spy(), store_outbox.WEBHOOK, limit, T0)  # type: ignore[arg-type]
-        sql = str(captured[0].compile(conn, compile_kwargs={"literal_binds": True}))
-        explain = "EXPLAIN " if store.is_postgres else "EXPLAIN QUERY PLAN "
-        for row in conn.execute(sa.text(explain + sql)):
-            seen.append(str(row[-1]))
-    return seen
-
-
 def _time(store: Store, pick: Callable[..., list[int]], limit: int, rounds: int) -> tuple[float, int]:
     """Median ms of one claim's picks (both sinks), each round seeing every item free."""
     times: list[float] = []
@@ -244,7 +223,9 @@ def claim_one(url: str, depth: int, limit: int, rounds: int) -> dict[str, Any]:
     store = Store(url, outbox=True)
     store.migrate()
     _fill_outbox(store, depth)
-    out: dict[str, Any] = {"plan": _plans(store, limit)}  # the webhook's pick, all pending
+    out: dict[str, Any] = {
+        "plan": pick_plans(store, store_outbox.WEBHOOK, limit, T0)[0]
+    }  # the webhook's pick, all pending
     ob = handoff_outbox.c
     setups = {
         "all pending": None,

@@ -178,6 +178,11 @@ def _migration_28(conn: Connection) -> None:
     schema_outbox.migrate_28(conn, handoff_outbox)
 
 
+def _migration_29(conn: Connection) -> None:
+    # The topic's pending rows, by id (store/outbox.py pick_free).
+    schema_outbox.migrate_29(conn, handoff_outbox)
+
+
 def _migration_14(conn: Connection) -> None:
     _add_missing_columns(conn, usage_records, ("version",))
     _add_missing_columns(conn, usage_adjustments, ("version", "seq"))
@@ -244,5 +249,5 @@ MIGRATIONS = [
     (19, _migration_19),
     (22, schema_residency.migration_22), (23, _migration_23), (24, _migration_24),
     (25, schema_credits.migration_25), (26, schema_credits.migration_26), (27, _migration_27),
-    (28, _migration_28),
+    (28, _migration_28), (29, _migration_29),
 ]  # fmt: skip

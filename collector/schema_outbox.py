@@ -51,6 +51,7 @@ def outbox_table(metadata: sa.MetaData) -> sa.Table:
     sa.Index("ix_handoff_outbox_pending", table.c.sent_ms, table.c.id)
     sa.Index("ix_handoff_outbox_record", table.c.record, table.c.version)
     webhook_index(table)
+    topic_index(table)
     return table
 
 
@@ -63,6 +64,18 @@ def webhook_index(table: sa.Table) -> sa.Index:
     lacking = sa.and_(c.sent_ms.is_(None), c.webhook_sent_ms.is_(None))
     return sa.Index(
         "ix_handoff_outbox_webhook", c.webhook_retry_ms, c.id, sqlite_where=lacking, postgresql_where=lacking
+    )
+
+
+def topic_index(table: sa.Table) -> sa.Index:
+    """The rows the topic lacks, by id (migration 29): the topic's pick reads what it takes and
+    stops. Without it, when the topic had every pending row and the webhook lacked them (a webhook
+    down, or refusing most items), the pick walked every pending row to find none. topic_sent_ms
+    leads (NULL in every row) so that SQLite, without statistics, matches the pick's term to it."""
+    c = table.c
+    lacking = sa.and_(c.sent_ms.is_(None), c.topic_sent_ms.is_(None))
+    return sa.Index(
+        "ix_handoff_outbox_topic", c.topic_sent_ms, c.id, sqlite_where=lacking, postgresql_where=lacking
     )
 
 
@@ -95,6 +108,13 @@ def migrate_28(conn: Any, outbox: sa.Table) -> None:
         .values(webhook_retry_ms=ob.webhook_refused_ms)
     )
     index = next(i for i in outbox.indexes if i.name == "ix_handoff_outbox_webhook")
+    index.create(conn, checkfirst=True)
+
+
+def migrate_29(conn: Any, outbox: sa.Table) -> None:
+    """Migration 29: the index of the topic's pending rows. It reads the table once, in the
+    migrations' transaction (on PostgreSQL a SHARE lock: the outbox's writers wait that long)."""
+    index = next(i for i in outbox.indexes if i.name == "ix_handoff_outbox_topic")
     index.create(conn, checkfirst=True)
 
 

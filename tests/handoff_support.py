@@ -15,7 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import sqlalchemy as sa
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from kvmeter.collector.store import Store
+from kvmeter.collector.store import outbox as store_outbox
 
 
 class Receiver:
@@ -142,3 +146,25 @@ def net_per_key(items: dict[str, dict[str, Any]]) -> dict[tuple[Any, ...], int]:
                item["start_ms"], item["end_ms"])  # fmt: skip
         out[key] = out.get(key, 0) + item["quantity"]
     return out
+
+
+def pick_plans(store: Store, sink: str, limit: int, now_ms: int) -> list[list[str]]:
+    """The query plan of each query a claim's pick for `sink` runs (store/outbox.py _pick, as a
+    claim runs them: captured, then explained by the database), one list of lines per query."""
+    plans = []
+    with store.read() as conn:
+        captured: list[Any] = []
+
+        class Spy:
+            dialect = conn.dialect
+
+            def execute(self, query: Any) -> list[Any]:
+                captured.append(query)
+                return []
+
+        store_outbox._pick(Spy(), sink, limit, now_ms)  # type: ignore[arg-type]
+        explain = "EXPLAIN " if store.is_postgres else "EXPLAIN QUERY PLAN "
+        for query in captured:
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+            plans.append([str(row[-1]) for row in conn.execute(sa.text(explain + sql))])
+    return plans

@@ -60,16 +60,18 @@ def pick_free(conn: Connection, sink: str, limit: int, now_ms: int, *also: Any) 
         ob[SINK_COLUMNS[sink]].is_(None),
         *also,
     )
+    # Each sink's pick walks that sink's own index in its order (ix_handoff_outbox_topic, by id;
+    # ix_handoff_outbox_webhook): a claim reads what it takes and stops, however many pending rows
+    # the sink already has or refused (it walked every pending row, then sorted the refused).
+    # SQLite, without statistics, takes "pending" for as selective a term as the sink's and may
+    # walk the pending index instead (which of the two is first in its schema decides): likely()
+    # says it is not.
     pending = ob.sent_ms.is_(None)
-    phases: list[tuple[Any, tuple[Any, ...]]] = [(pending, (ob.id,))]
+    common = sa.func.likely(pending) if conn.dialect.name == "sqlite" else pending
+    phases: list[tuple[Any, tuple[Any, ...]]] = [(common, (ob.id,))]
     if sink in RETRY_COLUMNS:
-        # Both phases walk the webhook's own index (ix_handoff_outbox_webhook) in its order: a
-        # claim reads what it takes and stops, however many refused rows wait (it walked every
-        # pending row, then sorted the refused). SQLite, without statistics, takes "pending" for
-        # the most selective term and walks the pending index instead: likely() says it is not.
         # A row refused by a replica older than migration 28 (no retry time) is in the first.
         due = ob[RETRY_COLUMNS[sink]]
-        common = sa.func.likely(pending) if conn.dialect.name == "sqlite" else pending
         phases = [  # the first by id: due is NULL in all its rows (said so, to use the index)
             (sa.and_(common, due.is_(None)), (due, ob.id)),
             (sa.and_(common, due.is_not(None), due <= now_ms), (due, ob.id)),

@@ -27,33 +27,13 @@ from kvmeter.collector.store import Store, schema_version
 from kvmeter.collector.store import outbox as store_outbox
 from kvmeter.pipeline.sim.simlibvirt import write_node_xml
 from tests.collector_support import HOUR, T0, VM1, wait_for
+from tests.handoff_support import pick_plans
 from tests.integration.test_handoff_allinone import config_head, start_all_in_one
 from tests.integration.test_handoff_edges import Server, answer, filled, outbox
 from tests.integration.test_handoff_refusals import key, store_of
 from tests.monitoring_support import TOP
 
 S = 1000  # ms
-
-
-def _explained(store: Store, now_ms: int) -> list[list[str]]:
-    """The query plans of the webhook's picks (store/outbox.py _pick, as a claim runs them)."""
-    plans = []
-    with store.read() as conn:
-        captured: list[Any] = []
-
-        class Spy:
-            dialect = conn.dialect
-
-            def execute(self, query: Any) -> list[Any]:
-                captured.append(query)
-                return []
-
-        store_outbox._pick(Spy(), store_outbox.WEBHOOK, 200, now_ms)  # type: ignore[arg-type]
-        explain = "EXPLAIN " if store.is_postgres else "EXPLAIN QUERY PLAN "
-        for query in captured:
-            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
-            plans.append([str(row[-1]) for row in conn.execute(sa.text(explain + sql))])
-    return plans
 
 
 def test_the_webhooks_claim_walks_its_own_index_in_order(store_url: str) -> None:
@@ -85,7 +65,7 @@ def test_the_webhooks_claim_walks_its_own_index_in_order(store_url: str) -> None
         with store.engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE handoff_outbox"))
     try:
-        plans = _explained(store, T0 + 10**6)
+        plans = pick_plans(store, store_outbox.WEBHOOK, 200, T0 + 10**6)
     finally:
         store.close()
     assert len(plans) == 2, plans
