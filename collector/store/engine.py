@@ -7,8 +7,9 @@ predate psycopg 3; Debian 12: python3-psycopg2); an explicit `postgresql+driver:
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,17 @@ KNOWN_VERSION = max(v for v, _ in MIGRATIONS)  # the newest schema this code kno
 # How often a writer re-reads the store's schema version: a newer replica of a rolling upgrade
 # may migrate it under this one, which must then stop writing (its code does not know the schema).
 SCHEMA_CHECK_S = 2.0
+_ANALYZE = "kvmeter_analyze_after_commit"  # conn.info: tables whose statistics this write outdated
+log = logging.getLogger(__name__)
+
+
+def analyze_after_commit(conn: Connection, table: str) -> None:
+    """PostgreSQL: read `table`'s statistics again once this write commits. For a burst of rows
+    the planner must not take for none: autovacuum analyzes a table only after a tenth of it
+    changed, and until then a plan made for one pending row can cost a join of every pending
+    row with every other (the hand-off's claim: 22 s at 10,000 items, store/outbox.py)."""
+    if conn.dialect.name == "postgresql":
+        conn.info.setdefault(_ANALYZE, set()).add(table)
 
 
 def _too_new(found: int) -> StoreTooNew:
@@ -121,15 +133,27 @@ class StoreCore:
             with self.engine.connect() as conn:
                 conn = conn.execution_options(kvmeter_write=True)
                 sequence.clear(conn)
+                conn.info.pop(_ANALYZE, None)
                 with conn.begin():
                     yield conn
                     self._check_schema(conn)  # last: a migration committed meanwhile is seen
                     sequence.assign(conn)
+                self._analyze(conn.info.pop(_ANALYZE, ()))
         except sa.exc.DBAPIError as exc:
             # A newer schema refuses the old statements (a column they leave NULL, ...): say so,
             # before isolation.py takes the database's refusal for a bad record's.
             self._check_schema_after(exc)
             raise
+
+    def _analyze(self, tables: Iterable[str]) -> None:
+        """ANALYZE these tables (analyze_after_commit), each in its own transaction; a failure
+        is logged and changes nothing else (autovacuum's analyze comes later)."""
+        for table in sorted(tables):
+            try:
+                with self.engine.connect() as conn:
+                    conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text(f"ANALYZE {table}"))
+            except sa.exc.DBAPIError as exc:
+                log.warning("ANALYZE %s failed: %s", table, exc)
 
     def _check_schema(self, conn: Connection) -> None:
         """Refuse (roll back) the write once the store is newer than this code: a newer replica

@@ -19,13 +19,14 @@ from sqlalchemy.engine import Connection
 
 from kvmeter.collector import billable
 from kvmeter.collector.schema import handoff_outbox
-from kvmeter.collector.store.engine import StoreCore, slices
+from kvmeter.collector.store.engine import StoreCore, analyze_after_commit, slices
 
 TOPIC = "topic"
 WEBHOOK = "webhook"
 SINK_COLUMNS = {TOPIC: "topic_sent_ms", WEBHOOK: "webhook_sent_ms"}
 REFUSED_COLUMNS = {WEBHOOK: "webhook_refused_ms"}  # a sink that can refuse one item for good
 RETRY_COLUMNS = {WEBHOOK: "webhook_retry_ms"}  # when that sink is offered a refused item again
+ANALYZE_AFTER_ITEMS = 1000  # items added at once that read the outbox's statistics again (PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def add_items(conn: Connection, store: StoreCore, items: Sequence[dict[str, Any]
     stmt = store._insert(handoff_outbox).on_conflict_do_nothing(index_elements=["transaction_id"])
     for part in slices(rows):
         conn.execute(stmt, list(part))
+    if len(rows) >= ANALYZE_AFTER_ITEMS:  # a finalization's burst: claims planned for it
+        analyze_after_commit(conn, handoff_outbox.name)
 
 
 def carry(source: Connection, into: Connection, store: StoreCore) -> int:
