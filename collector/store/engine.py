@@ -138,12 +138,13 @@ class StoreCore:
                     yield conn
                     self._check_schema(conn)  # last: a migration committed meanwhile is seen
                     sequence.assign(conn)
-                self._analyze(conn.info.pop(_ANALYZE, ()))
+                outdated = conn.info.pop(_ANALYZE, set())
         except sa.exc.DBAPIError as exc:
             # A newer schema refuses the old statements (a column they leave NULL, ...): say so,
             # before isolation.py takes the database's refusal for a bad record's.
             self._check_schema_after(exc)
             raise
+        self._analyze(outdated)  # committed, and its connection back in the pool
 
     def _analyze(self, tables: Iterable[str]) -> None:
         """ANALYZE these tables (analyze_after_commit), each in its own transaction; a failure
