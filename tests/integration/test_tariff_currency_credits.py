@@ -176,16 +176,9 @@ def test_a_first_credit_added_with_a_config_whose_tariff_is_not_the_credits_curr
     for ACCT_B, a new account, takes its currency from that file: it is refused (exit 1) naming
     the EUR the store's credits are in, as without a tariff, and nothing is added. Added, ACCT_B
     would have no balance under the EUR tariff in force, and neither tariff would start again."""
-    write_tariff(tmp_path / "tariff.toml", "USD")
+    eur_credits_and_a_usd_tariff(tmp_path, store_url)
     config = tmp_path / "collector.toml"
     config.write_text(f'[store]\nurl = "{store_url}"\n[billing]\ntariff_file = "tariff.toml"\n')
-    store = Store(store_url)
-    store.migrate()
-    try:
-        with store.write() as conn:
-            stored.add_credit(conn, ACCT_A, Decimal("25"), "EUR", "", "ops", 1000)
-    finally:
-        store.close()
     result = CliRunner().invoke(
         main, ["credits", "add", "--config", str(config), "--account", ACCT_B, "--amount", "5"]
     )
