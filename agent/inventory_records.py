@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from kvmeter.agent.measures import domain_inventory
 from kvmeter.agent.model import DomainInfo, LinkPlacement, new_tuple
-from kvmeter.agent.varint import varint
+from kvmeter.agent.varint import varint, varint_size
 
 _INVENTORY_TAG = b"\x42"  # MeasureBatch.inventory = 8, length-delimited
 _NIC_TAG = b"\x42"  # DomainInventory.nics = 8, length-delimited: the domain's last field
@@ -203,7 +203,7 @@ def _same_sizes(
     record: bytearray | None = None
     olds = known.where
     at = 3  # cuts[at]: where a NIC's fields before its ifindex end
-    k = n  # where[k]: a NIC's ifindex (a storm's hundred domains: no zip, no call for a size)
+    k = n  # where[k]: a NIC's ifindex (a storm's hundred domains: no zip)
     for nic in domain.nics:
         if nic.device:
             old, new = olds[k], where[k]
@@ -212,7 +212,7 @@ def _same_sizes(
                 if not isinstance(old, int) or not isinstance(new, int):
                     return None
                 field = varint(new)
-                if len(field) != ((old.bit_length() + 6) // 7 or 1):  # varint_size(old)
+                if len(field) != varint_size(old):
                     return None
                 if record is None:
                     record = bytearray(known.record)

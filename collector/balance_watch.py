@@ -75,7 +75,7 @@ class BalanceBook:
         refused: dict[str, str] = {}
         usable: dict[str, tuple[Decimal, int]] = {}
         for account, by_currency in sums.items():
-            held = core.currencies({currency: total for currency, (total, _) in by_currency.items()})
+            held = core.currencies(by_currency)
             if len(held) > 1:
                 refused[account] = core.mixed_error(account, held)
             elif held[0] != tariff.currency:

@@ -32,11 +32,14 @@ from decimal import Decimal
 ALERT_NAMESPACE = uuid.UUID("3bad8e46-3e26-404d-a6c0-5ffa2057c98b")
 
 
-def currencies(sums: Mapping[str, Decimal]) -> list[str]:
-    """The currencies an account holds, from its credits summed per currency (in the order of
-    each one's first credit): those whose credits do not cancel out, else its first credit's.
-    More than one: its credits count in no balance."""
-    live = [currency for currency, total in sums.items() if total != 0]
+Sums = Mapping[str, tuple[Decimal, int]]  # an account's {currency: (credits summed, first one's time)}
+
+
+def currencies(sums: Sums) -> list[str]:
+    """The currencies an account holds, from its credits summed per currency (store/credits.py
+    credit_sums, in the order of each one's first credit): those whose credits do not cancel
+    out, else its first credit's. More than one: its credits count in no balance."""
+    live = [currency for currency, (total, _) in sums.items() if total != 0]
     return live or list(sums)[:1]
 
 
@@ -47,15 +50,15 @@ def mixed_error(account: str, held: list[str]) -> str:
     )
 
 
-def elsewhere(sums: Mapping[str, Mapping[str, Decimal]], currency: str) -> dict[str, str]:
-    """{account: the currency it holds} of the accounts (sums: {account: {currency: credits
-    summed}}) whose credits are in one currency, not `currency`, and do not cancel out: under a
-    tariff in `currency` each would lose its balance and take no credit. An account holding two
-    has none under any tariff; one whose credits were all reversed holds no money."""
+def elsewhere(sums: Mapping[str, Sums], currency: str) -> dict[str, str]:
+    """{account: the currency it holds} of the accounts (sums: credit_sums's) whose credits
+    are in one currency, not `currency`, and do not cancel out: under a tariff in `currency`
+    each would lose its balance and take no credit. An account holding two has none under any
+    tariff; one whose credits were all reversed holds no money."""
     out = {}
     for account, by_currency in sums.items():
         held = currencies(by_currency)
-        if len(held) == 1 and held[0] != currency and by_currency[held[0]] != 0:
+        if len(held) == 1 and held[0] != currency and by_currency[held[0]][0] != 0:
             out[account] = held[0]
     return out
 

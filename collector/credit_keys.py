@@ -89,7 +89,7 @@ def add_once(
     if key is not None and (found := stored.credit_by_key(conn, account, key)) is not None:
         return _same(found, amount, currency, note, key), True
     sums = stored.credit_sums(conn, frozenset({account})).get(account, {})
-    held = currencies({c: total for c, (total, _) in sums.items()})
+    held = currencies(sums)
     if held and currency not in held:
         raise CurrencyHeld(f"account {account} holds credits in {' and '.join(held)}, not {currency}")
     if not held:  # an account's first: one at a time in the store, each seeing the others'
@@ -108,7 +108,7 @@ def add_once(
 def currency_refused(conn: Connection, currency: str) -> str | None:
     """Why credits in `currency` do not fit the store's (balances.elsewhere), or None."""
     sums = stored.credit_sums(conn, None)
-    found = elsewhere({a: {c: total for c, (total, _) in s.items()} for a, s in sums.items()}, currency)
+    found = elsewhere(sums, currency)
     return elsewhere_error(found, currency) if found else None
 
 

@@ -149,7 +149,7 @@ def mixed_currencies(conn: Connection, accounts: frozenset[str] | None = None) -
         return {}
     out = {}
     for account, sums in credit_sums(conn, names).items():
-        held = currencies({currency: total for currency, (total, _) in sums.items()})
+        held = currencies(sums)
         if len(held) > 1:
             out[account] = held
     return out
