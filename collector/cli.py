@@ -69,8 +69,13 @@ def _load_config(path: str | None) -> config_mod.CollectorConfig:
     try:
         return config_mod.load(path)
     except config_mod.ConfigError as exc:
-        lines = "\n  ".join(exc.problems)
-        raise click.ClickException(f"invalid configuration {path}:\n  {lines}") from None
+        raise invalid_config(path, exc.problems) from None
+
+
+def invalid_config(path: str, problems: list[str]) -> click.ClickException:
+    """A config's problems, one a line, as every command on a config says them."""
+    lines = "\n  ".join(problems)
+    return click.ClickException(f"invalid configuration {path}:\n  {lines}")
 
 
 def _summary(out: Outcome) -> str:
@@ -117,8 +122,7 @@ def collector(config_path: str, verbose: bool) -> None:  # noqa: FBT001 - click 
             tariffs.guarded(tariff_guard(store))
         except TariffError as exc:
             store.close()
-            lines = "\n  ".join(f"billing.tariff_file: {exc.source}: {p}" for p in exc.problems)
-            raise click.ClickException(f"invalid configuration {config_path}:\n  {lines}") from None
+            raise invalid_config(config_path, exc.config_problems()) from None
     service = Collector(store, cfg.settings, _wall_ms)
     put_in_force_at_start(service)  # a changed [policy]: the whole store recomputed under it
     metrics = Metrics()

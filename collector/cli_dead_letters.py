@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from kvmeter.collector import config as config_mod
-from kvmeter.collector.cli import MAX_ID, ROW_ID, _open_config_store
+from kvmeter.collector.cli import MAX_ID, ROW_ID, _open_config_store, invalid_config
 from kvmeter.collector.redrive import FAILED, Redriver, letter_dict, retried_dict
 from kvmeter.collector.store import LETTER_STATES, Store, StoredLetter
 from kvmeter.collector.text_table import printable, text_table
@@ -33,8 +33,7 @@ def _config(path: str | None) -> config_mod.CollectorConfig:
             return allinone.from_dict(doc, path, base=Path(path).parent).collector
         return config_mod.from_dict(doc, path, base=Path(path).parent)
     except config_mod.ConfigError as exc:
-        lines = "\n  ".join(exc.problems)
-        raise click.ClickException(f"invalid configuration {path}:\n  {lines}") from None
+        raise invalid_config(path, exc.problems) from None
 
 
 def _all_in_one(doc: dict[str, object]) -> bool:

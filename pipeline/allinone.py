@@ -39,6 +39,7 @@ from kvmeter.collector import balance_watch, reloading, unpriced_gauges
 from kvmeter.collector import config as collector_config
 from kvmeter.collector.api_auth import NoCredentials
 from kvmeter.collector.billing.reads import priced
+from kvmeter.collector.billing.tariff_file import TariffError
 from kvmeter.collector.cli import _open_store
 from kvmeter.collector.credentials import CredentialsError, CredentialSource
 from kvmeter.collector.credit_keys import tariff_guard
@@ -317,9 +318,9 @@ def run(all_in_one: bool, config_path: str, log_level: str | None) -> None:  # n
     except InputUnavailable as exc:
         click.echo(f"kvmeter run: {config_path}: {exc}", err=True)
         sys.exit(2)
-    except ConfigError as exc:  # the tariff against the credits held: as a tariff that does not load
+    except TariffError as exc:  # the tariff against the credits held: as a tariff that does not load
         store.close()
-        click.echo(f"kvmeter run: invalid config {exc}", err=True)
+        click.echo(f"kvmeter run: invalid config {ConfigError(config_path, exc.config_problems())}", err=True)
         sys.exit(2)
 
     def _stop(signum: int, _frame: FrameType | None) -> None:

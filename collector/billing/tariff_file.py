@@ -94,6 +94,10 @@ SCHEMA: dict[str, Any] = {
 class TariffError(ConfigError):
     """A tariff file that cannot be used; `problems` lists every reason."""
 
+    def config_problems(self) -> list[str]:
+        """Its problems as the config that names the file lists them."""
+        return [f"billing.tariff_file: {self.source}: {p}" for p in self.problems]
+
 
 def load(path: str | Path, billable: Iterable[str] = ()) -> Tariff:
     """The tariff in `path`; billable: the traffic types the collector bills (each needs a rate
@@ -288,7 +292,7 @@ def billing_section(
     try:
         return load(path, billable), path
     except TariffError as exc:
-        problems += [f"billing.tariff_file: {exc.source}: {p}" for p in exc.problems]
+        problems += exc.config_problems()
         return None, path
 
 

@@ -125,6 +125,8 @@ def test_an_all_in_one_start_with_a_tariff_in_another_currency_than_the_credits_
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"the all-in-one started: {exc.stderr!r}")
     assert done.returncode == 2, done.stderr
+    assert f"invalid config {config}: " in done.stderr, done.stderr
+    assert "billing.tariff_file: " in done.stderr, done.stderr
     assert "currency USD: the store's credits are in EUR" in done.stderr, done.stderr
 
 
