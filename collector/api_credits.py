@@ -7,7 +7,8 @@
 
 A credit is in the tariff's currency (a different one is refused); without a tariff it names its
 currency, and an account's credits all share the first one's (an account's first takes the
-currency of the store's credits: credit_keys.add_once). A balance is the account's credits
+currency of the store's credits: credit_keys.add_once; one whose credits all cancel holds none,
+so its next is a first one). A balance is the account's credits
 minus its costs (balance_watch.BalanceBook), with its threshold and whether it is below it; an
 account whose credits are in two currencies, or not in the tariff's, has none: it is listed under
 `refused` with the reason, and asked for alone (`account=`) it is a 409 naming its currencies.

@@ -78,12 +78,13 @@ class BalanceBook:
             held = core.currencies(by_currency)
             if len(held) > 1:
                 refused[account] = core.mixed_error(account, held)
-            elif held[0] != tariff.currency:
+            elif held and held[0] != tariff.currency:
                 refused[account] = (
                     f"account {account} holds credits in {held[0]}, the tariff is in {tariff.currency}"
                 )
-            else:
-                usable[account] = by_currency[held[0]]
+            else:  # none held (all reversed): no money, in the tariff's currency as in any other
+                amount = by_currency[held[0]][0] if held else Decimal(0)
+                usable[account] = (amount, core.first_ms(by_currency))
         for why in refused.values():
             log.warning("no balance: %s", why)
         with self._costs_lock:

@@ -12,7 +12,11 @@ An account's credits are in one currency, the balance's. A store may hold accoun
 credits are in two (first credits added at once, on PostgreSQL, before a credit took its
 account's lock: credit_keys): such an account has no balance, never one that counts one
 currency's credits and not the other's, until an operator reverses the credits of the wrong
-one (`kvmeter credits reverse`): a currency whose credits sum to zero is no longer held.
+one (`kvmeter credits reverse`): a currency whose credits sum to zero is no longer held. An
+account whose credits all cancel holds no currency (as CloudStack's quota, where a correction is
+one more signed credit summed into the balance): its next credit is a first one, in any currency
+its guard takes, so a wrong-currency first credit reversed is replaced by one in the right one.
+Its costs still count from its first credit, whatever its currency: it was prepaid from then.
 
 An alert's key (its webhook's Idempotency-Key) is derived from what makes it that alert: the
 account, its crossing's number and the evaluation's instant. The same alert keeps it on every
@@ -38,9 +42,15 @@ Sums = Mapping[str, tuple[Decimal, int]]  # an account's {currency: (credits sum
 def currencies(sums: Sums) -> list[str]:
     """The currencies an account holds, from its credits summed per currency (store/credits.py
     credit_sums, in the order of each one's first credit): those whose credits do not cancel
-    out, else its first credit's. More than one: its credits count in no balance."""
-    live = [currency for currency, (total, _) in sums.items() if total != 0]
-    return live or list(sums)[:1]
+    out; none when they all do (it holds no money, in no currency). More than one: its credits
+    count in no balance."""
+    return [currency for currency, (total, _) in sums.items() if total != 0]
+
+
+def first_ms(sums: Sums) -> int:
+    """The account's first credit's time, whatever its currency: its costs count from that
+    month (a credit reversed and added again in another currency leaves no month out)."""
+    return min(first for _, first in sums.values())
 
 
 def mixed_error(account: str, held: list[str]) -> str:
@@ -54,11 +64,11 @@ def elsewhere(sums: Mapping[str, Sums], currency: str) -> dict[str, str]:
     """{account: the currency it holds} of the accounts (sums: credit_sums's) whose credits
     are in one currency, not `currency`, and do not cancel out: under a tariff in `currency`
     each would lose its balance and take no credit. An account holding two has none under any
-    tariff; one whose credits were all reversed holds no money."""
+    tariff; one whose credits were all reversed holds no money (currencies)."""
     out = {}
     for account, by_currency in sums.items():
         held = currencies(by_currency)
-        if len(held) == 1 and held[0] != currency and by_currency[held[0]][0] != 0:
+        if len(held) == 1 and held[0] != currency:
             out[account] = held[0]
     return out
 
@@ -72,8 +82,8 @@ def elsewhere_error(found: Mapping[str, str], currency: str) -> str:
     held_in = " and ".join(f"{c} ({len(a)} account(s), e.g. {a[0]})" for c, a in sorted(by_currency.items()))
     return (
         f"the store's credits are in {held_in}, not {currency}: those accounts would have no "
-        f"balance and take no credit in {currency} (an account's credits keep one currency; "
-        "a credit added in the wrong one is taken out with `kvmeter credits reverse`)"
+        f"balance and take no credit in {currency} (an account keeps its credits' currency until "
+        "they are all reversed with `kvmeter credits reverse`)"
     )
 
 

@@ -14,7 +14,10 @@ An account's credits share one currency (the first's): under that same lock, so 
 credits in two currencies added at once are one credit and a CurrencyHeld, never both. An
 account that holds two all the same (added before that lock) takes credits in either, and the
 credits of one are taken out by reversing them (reverse_once): a credit of the opposite
-amount, added once per credit reversed (its key is `reversal-of-<id>`).
+amount, added once per credit reversed (its key is `reversal-of-<id>`). A currency whose
+credits cancel is no longer held (balances.currencies): an account whose credits all cancel
+holds none, and its next credit is a first one (a wrong-currency first credit reversed, the
+right one is taken).
 
 The tariff is in one currency, so every account's credits are in it: a tariff in another
 (a reload, a restart with another file) is refused while an account holds credits in the one
@@ -91,7 +94,10 @@ def add_once(
     sums = stored.credit_sums(conn, frozenset({account})).get(account, {})
     held = currencies(sums)
     if held and currency not in held:
-        raise CurrencyHeld(f"account {account} holds credits in {' and '.join(held)}, not {currency}")
+        raise CurrencyHeld(
+            f"account {account} holds credits in {' and '.join(held)}, not {currency} (one added "
+            "in the wrong currency is taken out with `kvmeter credits reverse`)"
+        )
     if not held:  # an account's first: one at a time in the store, each seeing the others'
         stored.lock_first_credits(conn)
         if unguarded and (why := currency_refused(conn, currency)) is not None:
@@ -106,9 +112,9 @@ def add_once(
 
 
 def currency_refused(conn: Connection, currency: str) -> str | None:
-    """Why credits in `currency` do not fit the store's (balances.elsewhere), or None."""
-    sums = stored.credit_sums(conn, None)
-    found = elsewhere(sums, currency)
+    """Why credits in `currency` do not fit the store's (balances.elsewhere), or None. Reads
+    the credits of the accounts holding one in another currency only, not the store's."""
+    found = elsewhere(stored.credit_sums_outside(conn, currency), currency)
     return elsewhere_error(found, currency) if found else None
 
 

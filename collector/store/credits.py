@@ -126,9 +126,24 @@ def credit_sums(
     """{account: {currency: (its credits summed, its first credit's time)}}, each account's
     currencies in the order of their first credit."""
     c = credits.c
+    return _sums(conn, None if accounts is None else c.account.in_(sorted(accounts)))
+
+
+def credit_sums_outside(conn: Connection, currency: str) -> dict[str, dict[str, tuple[Decimal, int]]]:
+    """credit_sums of the accounts holding a credit in another currency than `currency` (every
+    other account's are all in it): their rows only, found by ix_credits_currency (migration
+    31), never the whole table as a first credit's check once read. `<>` is no index range on
+    either database; `<` or `>` is two."""
+    c = credits.c
+    other = sa.select(c.account).where(sa.or_(c.currency < currency, c.currency > currency))
+    return _sums(conn, c.account.in_(other))
+
+
+def _sums(conn: Connection, where: Any) -> dict[str, dict[str, tuple[Decimal, int]]]:
+    c = credits.c
     query = sa.select(c.account, c.amount, c.currency, c.created_ms)
-    if accounts is not None:
-        query = query.where(c.account.in_(sorted(accounts)))
+    if where is not None:
+        query = query.where(where)
     out: dict[str, dict[str, tuple[Decimal, int]]] = {}
     for row in conn.execute(query.order_by(c.id)):
         sums = out.setdefault(str(row[0]), {})
