@@ -17,32 +17,38 @@ change nothing either: their transition to Running would open RUNNING under the 
 policy (and under running = "state"), and CloudStack bills none of it.
 
 Later: startVirtualMachine, stopVirtualMachine, destroyVirtualMachine, scaleVirtualMachine ...
-are async jobs whose result is the VM too, `displayvm` with it. A completed one that names the
-VM hidden says it was hidden since its last VM.CREATE / VM.DESTROY usage event delivered before
-the job: hiding or showing a VM that is not destroyed publishes one of them (UserVmManagerImpl
-.saveUsageEvent: VM.DESTROY, plus VM.STOP when it runs, on hiding; VM.CREATE, plus VM.START, on
-showing), and a destroyed VM starts again only after a recover (VM.CREATE) or a backup restore
-(no usage event, the flag kept). So the openers of that stretch (a VM.START, a state event to
-Running, and a VM.CREATE that begins it: a recover while hidden, as a saved one shows the VM)
-were not saved; a VM.DESTROY that begins it may be the hide itself, saved, and stays. A
-destroyVirtualMachine job naming the VM hidden published its own VM.DESTROY while hidden, not
-saved: the stretch that one ended, since the job before, was hidden too (an HA start). A job
-naming the VM displayed ends a stretch too (a hide lost on the way bills no visible time
-away). Jobs have no time, so stretches are placed by the delivery order of the one source that
-delivered all the VM's bus events (a Kafka partition: the bus keys jobs, usage and state events
-by the VM's uuid; a RabbitMQ stream; a file); else nothing is left out here. A hidden start
-no job tells (HA, out of band) or a recover is dropped after the fact by its next job while
-still hidden; until then, or without one (a hidden VM recovered and left stopped; a VM hidden
-while running under running = "state"), it is the reconciler's (reconcile.py `_hidden`)."""
+are async jobs whose result is the VM too, `displayvm` with it. Hiding or showing a VM that is
+not destroyed publishes (and saves) VM.DESTROY, plus VM.STOP when it runs, on hiding; VM.CREATE,
+plus VM.START, on showing (UserVmManagerImpl.saveUsageEvent; nothing for a destroyed VM), and a
+destroyed VM starts again only after a recover (VM.CREATE) or a backup restore (no usage event).
+The bus is lossy, so an opener (a VM.START, a state event to Running, a recover's VM.CREATE) is
+left out only when it is provably hidden, walking the VM's events in delivery order:
+- a start after a sign of hiding (a VM.DESTROY: a hide, or a destroy, which only a recover's
+  VM.CREATE undoes; a completed job naming the VM hidden), none of display since (a job naming
+  it displayed, a show's VM.CREATE);
+- a recover's VM.CREATE (one after a destroy job or a state event to Destroyed) after a job
+  naming the VM hidden with no updateVirtualMachine since (its action event VM.UPDATE: showing a
+  destroyed VM publishes no usage event);
+- a startVirtualMachine job's own start (its openers since the last closer) when it names the
+  VM hidden;
+- and not one of them when a job naming the VM displayed follows before a show: that says a
+  show was lost on the way, and the openers may have been visible.
+A show's VM.CREATE says the VM was hidden until then. A lost hide leaves the starts before the
+next sign of hiding billed, not a visible hour left out: the reconciler's (reconcile.py
+`_hidden`), as is a hidden VM whose signs were all lost or came from several sources. Jobs have
+no time, so all this is placed by the delivery order of the one source that delivered all the
+VM's bus events (a Kafka partition: the bus keys jobs, usage, state and action events by the
+VM's uuid; a RabbitMQ stream; a file); else nothing is left out here."""
 
 from __future__ import annotations
 
 from kvmeter.collector.job_offerings import JOB_DONE
-from kvmeter.collector.lifecycle_order import RUNNING_STATE
+from kvmeter.collector.lifecycle_order import RUNNING_STATE, STOPPED_STATES
 from kvmeter.proto import pb
 
 HIDDEN = "false"  # cloudstack.py writes the jobResult VM's displayvm as "true" / "false"
 _OURS = frozenset({"VM.EXPUNGE"})  # the reconciler's own usage-shaped events: never CloudStack's
+_BEFORE_OWN = frozenset({"VM.CREATE", "VM.STOP", "VM.DESTROY"})  # a start job's own openers follow
 
 
 def unsaved_at_deploy(events: list[pb.LifecycleEvent]) -> set[int]:
@@ -61,37 +67,56 @@ def unsaved_at_deploy(events: list[pb.LifecycleEvent]) -> set[int]:
 
 def unsaved_before_hidden_jobs(events: list[pb.LifecycleEvent]) -> set[int]:
     """id() of the openers (VM.CREATE, VM.START, a state event to Running) CloudStack did not
-    save, told by the completed jobs naming the VM hidden: each job's stretch (the module doc),
-    when one source delivered all the VM's bus events. Events of no source (the reconciler's
-    corrections) cannot be placed, and bound nothing."""
-    if not any(_hidden_job(ev) for ev in events):
+    save, those provably hidden (the module doc), when one source delivered all the VM's bus
+    events. Events of no source (the reconciler's corrections) cannot be placed, and bound
+    nothing."""
+    if not any(_hidden_job(ev) or _usage(ev) == "VM.DESTROY" for ev in events):
         return set()
     placed = [ev for ev in events if ev.delivery_source and (_vm_event(ev) or ev.category == pb.ASYNC_JOB)]
     if len({ev.delivery_source for ev in placed}) != 1:
         return set()
+    source = placed[0].delivery_source
+    placed += [ev for ev in events if _update(ev) and ev.delivery_source == source]  # of that order only
     placed.sort(key=lambda ev: ev.delivery_seq)
     unsaved: set[int] = set()
-    stretch: list[int] = []  # id() of the openers since the last VM.CREATE / VM.DESTROY
-    ended: list[int] = []  # the stretch a VM.DESTROY since the last completed job ended
+    pending: list[int] = []  # id() of the openers after a sign of hiding, none of display since
+    own: list[int] = []  # id() of the openers since the last closer or job: a start job's own
+    hid = False  # a VM.DESTROY or a hidden job since the last sign of display: starts are hidden
+    hid_job = False  # a hidden job since then, no update since: a recover is hidden too
+    destroyed = False  # a destroy job or a state event to Destroyed since the last VM.CREATE
     for ev in placed:
-        usage = ev.event_type if ev.category == pb.USAGE else ""
-        if usage == "VM.DESTROY":
-            ended, stretch = stretch, []  # maybe the hide itself (saved: it closes what was open)
-        elif _job_names(ev, "true"):
-            stretch = []  # a lost hide
-        elif usage == "VM.CREATE":
-            stretch = [id(ev)]  # a recover while hidden if a hidden job follows: a saved one shows it
-        elif usage == "VM.START" or (
-            ev.category == pb.RESOURCE_STATE and ev.attributes.get("new-state") == RUNNING_STATE
-        ):
-            stretch.append(id(ev))
+        usage = _usage(ev)
+        new_state = ev.attributes.get("new-state", "") if ev.category == pb.RESOURCE_STATE else ""
+        if usage == "VM.CREATE" and not destroyed:  # a show (or the deploy): hidden until now
+            unsaved.update(pending)
+            pending, hid, hid_job = [], False, False
+        elif usage == "VM.CREATE":  # a recover: the display flag is what it was
+            pending += [id(ev)] if hid_job else []
+            hid = hid_job
+        elif usage == "VM.START" or new_state == RUNNING_STATE:
+            own.append(id(ev))
+            pending += [id(ev)] if hid else []
+        elif usage == "VM.DESTROY":  # a hide, or a destroy: a start after it, no recover between, is hidden
+            hid = True
+        elif _update(ev):  # it may have shown a destroyed VM, which publishes no usage event
+            hid_job = False
+        elif _job_names(ev, "true"):  # a show lost on the way: what was pending may have been visible
+            pending, hid, hid_job = [], False, False
         elif _hidden_job(ev):
-            unsaved.update(stretch)
-            if ev.event_type == "VM.DESTROY":  # its own VM.DESTROY, published hidden, is not saved:
-                unsaved.update(ended)  # the stretch that one ended was hidden too (an HA start)
-        if ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE:
-            ended = []
-    return unsaved
+            hid = hid_job = True
+            if ev.event_type == "VM.START":
+                unsaved.update(own)
+        if usage == "VM.CREATE":
+            destroyed = False
+        elif new_state == "Destroyed" or _job_done(ev, "VM.DESTROY"):
+            destroyed = True
+        if usage in _BEFORE_OWN or new_state in STOPPED_STATES or _job_done(ev, ""):
+            own = []
+    return unsaved | set(pending)
+
+
+def _usage(ev: pb.LifecycleEvent) -> str:
+    return ev.event_type if ev.category == pb.USAGE else ""
 
 
 def _hidden_job(ev: pb.LifecycleEvent) -> bool:
@@ -100,7 +125,17 @@ def _hidden_job(ev: pb.LifecycleEvent) -> bool:
 
 def _job_names(ev: pb.LifecycleEvent, display: str) -> bool:
     """A completed job whose result is the VM with this display flag."""
-    return ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE and ev.attributes.get("displayvm") == display
+    return _job_done(ev, "") and ev.attributes.get("displayvm") == display
+
+
+def _job_done(ev: pb.LifecycleEvent, kind: str) -> bool:
+    """A completed job of this command event type ("": any)."""
+    return ev.category == pb.ASYNC_JOB and ev.status == JOB_DONE and kind in ("", ev.event_type)
+
+
+def _update(ev: pb.LifecycleEvent) -> bool:
+    """updateVirtualMachine done (its action event: it says not what it changed)."""
+    return ev.category == pb.ACTION and ev.event_type == "VM.UPDATE" and ev.status == "Completed"
 
 
 def _vm_event(ev: pb.LifecycleEvent) -> bool:

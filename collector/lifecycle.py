@@ -34,9 +34,11 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   (the reconciler settles it).
 - A VM deployed hidden (its completed VM.CREATE job's VM has displayvm false, hidden_deploy.py):
   its VM usage and resource-state events before the VM.CREATE that shows it change nothing, as
-  CloudStack saved none of them; they are listed in `ignored`. Later, a completed job naming the
-  VM hidden (a start's, a stop's, ...) does the same to the openers delivered since its last
-  VM.CREATE / VM.DESTROY (that VM.CREATE included), placed by one source's delivery order.
+  CloudStack saved none of them; they are listed in `ignored`. Later, the openers provably
+  hidden do the same: a start after a VM.DESTROY (a hide) or a completed job naming the VM
+  hidden, a recover after such a job, a hidden start job's own start, unless a sign of display
+  (a job naming it displayed, a show's VM.CREATE) came between; placed by one source's delivery
+  order, so a lost event leaves a visible start billed, never dropped.
 - Sizes (custom offerings, vm_size.py): a VM usage event naming cpunumber and memory (the
   reconciler's corrections; a job result's VM details, paired as its offering is) sets the
   VM's size; a segment carries the offering and size in force when it opened, and a scaling
@@ -69,6 +71,7 @@ from kvmeter.collector.lifecycle_order import (
     EFFECT_RANK,
     MAX_SKEW_MS,
     RUNNING_STATE,
+    STOPPED_STATES,
     effect_order,
     event_order,
     order_times,
@@ -89,7 +92,6 @@ __all__ = [
 ]
 
 EXPUNGING_STATE = "Expunging"
-STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutdown", "Shutdowned"})
 # State events of other resources (networks, volumes, hosts) never touch RUNNING.
 _VM_TYPES = frozenset({"", "VirtualMachine", "DomainRouter", "ConsoleProxy", "SecondaryStorageVm"})
 _NIC_MAC = re.compile(r"^nic\.\d+\.mac$")

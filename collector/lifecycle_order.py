@@ -37,6 +37,7 @@ from kvmeter.proto import pb
 MAX_SKEW_MS = 60_000
 
 RUNNING_STATE = "Running"
+STOPPED_STATES = frozenset({"Stopped", "Destroyed", "Expunging", "Error", "Shutdown", "Shutdowned"})
 
 # Effect rank, the tie-break among events of one time that would all change the state:
 # closers (0) before splitters (1) before openers (2).
