@@ -4,7 +4,7 @@ credits          money added to an account (operator only), never changed: a cor
                  another credit; amounts are exact decimal text, summed as Decimal; the
                  caller's idempotency key, when it gave one, is unique per account (migration
                  25), so a retried request adds its credit once, whichever replica takes it;
-                 by (currency, account) (migration 31), so a first credit's check reads
+                 by (currency, account) (migration 30), so a first credit's check reads
                  only the credits of accounts holding one in another currency
 balance_state    per account, whether its balance was below its threshold at the last
                  evaluation: the alert fires on the change to below, once per crossing,
@@ -38,7 +38,7 @@ credits = sa.Table(
     sa.Column("created_ms", sa.BigInteger, nullable=False),
     sa.Column("idempotency_key", sa.String(KEY_MAX)),  # migration 25; NULL: none given
     sa.Index("ux_credits_idempotency_key", "account", "idempotency_key", unique=True),
-    sa.Index("ix_credits_currency", "currency", "account"),  # migration 31
+    sa.Index("ix_credits_currency", "currency", "account"),  # migration 30
 )
 
 balance_state = sa.Table(
@@ -117,7 +117,7 @@ def migration_26(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE balance_alerts ADD COLUMN tried_ms BIGINT"))
 
 
-def migration_31(conn: Connection) -> None:
+def migration_30(conn: Connection) -> None:
     """Credits by currency: a first credit's check (credit_keys.currency_refused) and a tariff's
     read the accounts holding credits in another currency, not the whole table."""
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_credits_currency ON credits (currency, account)"))

@@ -250,5 +250,5 @@ MIGRATIONS = [
     (22, schema_residency.migration_22), (23, _migration_23), (24, _migration_24),
     (25, schema_credits.migration_25), (26, schema_credits.migration_26), (27, _migration_27),
     (28, _migration_28), (29, _migration_29),
-    (31, schema_credits.migration_31),  # 30: another change's
+    (30, schema_credits.migration_30),
 ]  # fmt: skip

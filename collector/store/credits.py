@@ -132,7 +132,7 @@ def credit_sums(
 def credit_sums_outside(conn: Connection, currency: str) -> dict[str, dict[str, tuple[Decimal, int]]]:
     """credit_sums of the accounts holding a credit in another currency than `currency` (every
     other account's are all in it): their rows only, found by ix_credits_currency (migration
-    31), never the whole table as a first credit's check once read. `<>` is no index range on
+    30), never the whole table as a first credit's check once read. `<>` is no index range on
     either database; `<` or `>` is two."""
     c = credits.c
     other = sa.select(c.account).where(sa.or_(c.currency < currency, c.currency > currency))

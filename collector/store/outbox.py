@@ -45,10 +45,12 @@ def _pick(conn: Connection, sink: str, limit: int, now_ms: int) -> list[int]:
     then the refused whose pause is over, the longest due first."""
     ob = handoff_outbox.c
     e = handoff_outbox.alias("earlier").c
-    # an earlier version of the row's record that this sink lacks holds the row back
-    held = sa.exists().where(
-        e.record == ob.record, e.version < ob.version, e.sent_ms.is_(None), e[SINK_COLUMNS[sink]].is_(None)
-    )
+    # an earlier version of the row's record that this sink lacks holds the row back. "Lacks" is
+    # one term, which no index of pending rows answers: PostgreSQL looks the record up in
+    # ix_handoff_outbox_record whatever its statistics (taking a burst's items, added since the
+    # last ANALYZE, for one row, it read every pending item for each candidate).
+    lacking = sa.func.coalesce(e.sent_ms, e[SINK_COLUMNS[sink]]).is_(None)
+    held = sa.exists().where(e.record == ob.record, e.version < ob.version, lacking)
     return pick_free(conn, sink, limit, now_ms, ~held)
 
 
@@ -69,7 +71,10 @@ def pick_free(conn: Connection, sink: str, limit: int, now_ms: int, *also: Any) 
     # says it is not.
     pending = ob.sent_ms.is_(None)
     common = sa.func.likely(pending) if conn.dialect.name == "sqlite" else pending
-    phases: list[tuple[Any, tuple[Any, ...]]] = [(common, (ob.id,))]
+    # By id: the sink's column is NULL in all its rows (said so, that PostgreSQL walks the sink's
+    # index in this order and stops, not the primary key past every sent row, whatever it believes
+    # of how many are pending).
+    phases: list[tuple[Any, tuple[Any, ...]]] = [(common, (ob[SINK_COLUMNS[sink]], ob.id))]
     if sink in RETRY_COLUMNS:
         # A row refused by a replica older than migration 28 (no retry time) is in the first.
         due = ob[RETRY_COLUMNS[sink]]
