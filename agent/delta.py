@@ -20,7 +20,8 @@ Rules (each has a table test in tests/unit/test_delta.py):
   and the same name with a new ifindex is a new counter.
 - A link renamed (the same ifindex) goes on as the same counter under its new key (`renamed`).
 - A link that left its bridge (RTM_NEWLINK's stats at the move) is read there and goes on
-  (`moved`): the bytes before are its old place's, those after its new one's.
+  (`moved`): the bytes before are its old place's, those after its new one's. One born since the
+  last poll and not read yet counts from zero up to the move, as its first poll would have.
 """
 
 from __future__ import annotations
@@ -133,19 +134,30 @@ class DeltaEngine(ColumnPolls, ColumnFinals, EngineState):
         self._preexisting.discard(old)
 
     def moved(self, now_ms: int, mono_ms: int, sample: CounterSample) -> Delta | None:
-        """A tracked counter's reading as its link left its bridge: the delta up to it (the old
-        place's bytes), the counter going on from it. None, with nothing changed, for a counter
-        not tracked (its next poll's rules apply) or a reading before the last one's (taken
-        before the last poll read the counter: nothing to split). A reading stamped as the last
-        one is split still: two moves of one read are stamped alike, the counters order them."""
+        """A counter's reading as its link left its bridge: the delta up to it (the old place's
+        bytes), the counter going on from it. A counter born while accounting and not read yet
+        (a tap made and moved between two polls) counts from zero up to it, as its first poll
+        would. None, with nothing changed, for another counter not tracked (its next poll's
+        rules apply) or a reading before the last one's (taken before the last poll read the
+        counter: nothing to split). A reading stamped as the last one is split still: two
+        moves of one read are stamped alike, the counters order them."""
         key = sample.key
         if key.boot_id != self.boot_id or key in self._closed:
             return None
         self._lift(key)  # out of the steady columns, if there: its row goes on from this reading
         prev = self._counters.get(key)
-        if prev is None or mono_ms < prev.mono_ms or min(map(sub, _values(sample), prev[2:6])) < 0:
+        if prev is None:
+            return self._advance(sample, now_ms, mono_ms, final=False) if self._unread_newborn(key) else None
+        if mono_ms < prev.mono_ms or min(map(sub, _values(sample), prev[2:6])) < 0:
             return None
         return self._advance(sample, now_ms, mono_ms, final=False)
+
+    def _unread_newborn(self, key: CounterKey) -> bool:
+        """Whether an untracked key is one poll_readings would count from zero now: born while
+        accounting, not held this poll, no older incarnation of its name still open."""
+        if key not in self._created or key in self._held:
+            return False
+        return all(k.name != key.name for k in self.tracked_keys())
 
     def poll(
         self,

@@ -251,7 +251,8 @@ class Measuring(Ownership):
         finals: list[FinalReading] = []
         deltas: list[Delta] = []
         pending: set[CounterKey] = set()
-        moved: set[CounterKey] = set()  # the links this poll's events moved already
+        # The links this poll's events moved already, each with the attribution its bytes are placed from
+        moved: dict[CounterKey, Attribution] = {}
         gone = self._gone
         attribution = self._attribution
         for event, key in zip(events, keys):
@@ -269,13 +270,15 @@ class Measuring(Ownership):
                 self.engine.renamed(self._links.key(event.was, event.ifindex), key)
             if kind == "new":
                 born.append(key)
-            elif kind == "move" and event.stats is not None and key in moved_from:
-                # the link left its bridge: its bytes until then are billed as that place's
+            elif kind == "move" and event.stats is not None and (key in moved_from or key in attribution):
+                # the link left its bridge: its bytes until then are billed as that place's (one
+                # born since the last poll: its owner's as this poll found it, from zero)
                 rx_bytes, rx_packets, tx_bytes, tx_packets = event.stats
                 sample = CounterSample(key, rx_bytes, tx_bytes, rx_packets, tx_packets)
                 delta = self.engine.moved(event.wall_ms, event.mono_ms, sample)
-                who = placed_as(moved_from[key], event.left) if key in moved else moved_from[key]
-                moved.add(key)
+                base = moved_from.get(key) or attribution[key]
+                who = base if key in moved_from and key not in moved else placed_as(base, event.left)
+                moved[key] = base
                 if delta is not None:
                     self._moved.append((delta, who))
             elif kind == "del":
@@ -284,12 +287,12 @@ class Measuring(Ownership):
                     _tail_lost(key)
                     continue
                 if key in moved:  # its bytes since its move: where that took it, not the last poll's place
-                    who = placed_as(moved_from[key], event.left)
+                    who = placed_as(moved[key], event.left)
                     last = (event.wall_ms, event.mono_ms, key, event.stats)
                     self._moved.extend((delta, who) for delta in self.engine.finals([last]))
                     continue
                 if key not in attribution:
-                    self._attribute_deleted(key, event.ifname, devices)
+                    self._attribute_deleted(key, event.ifname, devices, event.left)
                 finals.append((event.wall_ms, event.mono_ms, key, event.stats))
         self.engine.links_created(born)
         if finals:
@@ -320,7 +323,7 @@ class Measuring(Ownership):
             keys, events, stats = (list(compress(c, kept)) for c in (keys, events, stats))
         attribution = self._attribution
         for i in compress(range(len(keys)), map(not_, map(attribution.__contains__, keys))):
-            self._attribute_deleted(keys[i], events[i].ifname, devices)
+            self._attribute_deleted(keys[i], events[i].ifname, devices, events[i].left)
         return self.engine.finals(list(zip(map(_WALL_MS, events), map(_MONO_MS, events), keys, stats)))
 
     def _present_with_sourced(self, plan: PollPlan) -> frozenset[CounterKey]:

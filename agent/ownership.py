@@ -173,12 +173,17 @@ class Ownership:
             self._reattributed.add(key)
         self._handover = {}
 
-    def _attribute_deleted(self, key: CounterKey, ifname: str, devices: Mapping[str, Owner]) -> None:
+    def _attribute_deleted(
+        self, key: CounterKey, ifname: str, devices: Mapping[str, Owner], left: LinkPlacement | None = None
+    ) -> None:
         """A deleted link's counter without attribution, for its final counters: its NIC's, or
-        the one a hand-over retired."""
+        the one a hand-over retired. `left`: where the link sat until then (its event's)."""
         owner = devices.get(ifname)
         if owner is not None:
-            self._remember(key, *owner)
+            # Placed where it sat, not where the link now under its name sits: a tap made since
+            # the last poll and gone before it, its NIC re-plugged (libvirt's new tap takes its name)
+            placement = self._nic_placements(left, owner[1]) if left is not None else None
+            self._remember(key, *owner, placement)
         elif self._retired:
             who = self._retired.pop(key, None)
             if who is not None:
