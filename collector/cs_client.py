@@ -18,6 +18,9 @@ from kvmeter.collector.cs_snapshot import LISTS, ApiUnavailable, Snapshot, Snaps
 __all__ = ["ApiUnavailable", "CloudStackApi"]
 
 PROJECT_LISTS = frozenset({"listVirtualMachines", "listRouters", "listPublicIpAddresses", "listNetworks"})
+# BaseListCmds without `listall` (root admin only): CloudStack would log it as an unknown
+# parameter on every pass (ParamGenericValidationWorker); they list the whole zone anyway.
+UNSCOPED_LISTS = frozenset({"listVlanIpRanges"})
 PAGE_SIZE = 500  # CloudStack's default.page.size default (and the `cs` client's)
 READS = 3  # reads of a list that keeps changing while it is paged before the pass is given up
 # The signed query the `cs` client sends by GET, quoted by requests' errors ("Max retries exceeded
@@ -72,7 +75,8 @@ class CloudStackApi:
         announced: int | None = None
         page = 1
         while True:
-            data = getattr(self.client, command)(listall="true", page=page, pagesize=PAGE_SIZE, **params)
+            scope = {} if command in UNSCOPED_LISTS else {"listall": "true"}
+            data = getattr(self.client, command)(**scope, page=page, pagesize=PAGE_SIZE, **params)
             if not isinstance(data, dict):
                 raise TypeError(f"a {type(data).__name__}, not an object")
             chunk = data.get(key) or []

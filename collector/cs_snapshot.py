@@ -6,8 +6,8 @@
 
 The field names are those of CloudStack's response classes (UserVmResponse,
 DomainRouterResponse, IPAddressResponse, NetworkResponse, AccountResponse, DomainResponse,
-ServiceOfferingResponse). Owners are given by account *name* and domain id; accounts map them
-to the account uuids the event bus uses (Snapshot.account_uuid).
+ServiceOfferingResponse, VlanIpRangeResponse). Owners are given by account *name* and domain id;
+accounts map them to the account uuids the event bus uses (Snapshot.account_uuid).
 
 Anything that is not a list of objects, or an item without its id, is garbage: the whole
 snapshot is refused, so a half-understood answer never turns into corrections.
@@ -32,6 +32,7 @@ LISTS: dict[str, str] = {
     "listAccounts": "account",
     "listDomains": "domain",
     "listServiceOfferings": "serviceoffering",
+    "listVlanIpRanges": "vlaniprange",  # root admin only (ListVlanIpRangesCmd)
 }
 
 
@@ -119,6 +120,14 @@ class Offering:
 
 
 @dataclass(frozen=True)
+class VlanRange:
+    uuid: str
+    vlan: str  # Vlan.getVlanTag: "vlan://100", "100" or "untagged"
+    public: bool  # forvirtualnetwork: a public range (VlanType.VirtualNetwork), not a shared network's
+    zone: str = ""
+
+
+@dataclass(frozen=True)
 class Snapshot:
     taken_ms: int
     vms: dict[str, Vm] = field(default_factory=dict)
@@ -128,6 +137,7 @@ class Snapshot:
     accounts: dict[str, Account] = field(default_factory=dict)
     domains: dict[str, Domain] = field(default_factory=dict)
     offerings: dict[str, Offering] = field(default_factory=dict)
+    vlans: dict[str, VlanRange] = field(default_factory=dict)
 
     def account_uuid(self, name: str, domain_id: str, project_id: str = "") -> str | None:
         """The uuid of the account `name` in `domain_id`; None when unknown or ambiguous, and
@@ -150,6 +160,7 @@ def parse_snapshot(raw: Mapping[str, Any], taken_ms: int) -> Snapshot:
         accounts=_by_id(items["listAccounts"], _account),
         domains=_by_id(items["listDomains"], _domain),
         offerings=_by_id(items["listServiceOfferings"], _offering),
+        vlans=_by_id(items["listVlanIpRanges"], _vlan_range),
     )
 
 
@@ -218,6 +229,10 @@ def _offering(d: dict[str, Any]) -> Offering:
     )
 
 
+def _vlan_range(d: dict[str, Any]) -> VlanRange:
+    return VlanRange(d["id"], _s(d, "vlan"), _bool(d, "forvirtualnetwork", default=False), _s(d, "zoneid"))
+
+
 def _s(d: dict[str, Any], key: str) -> str:
     value = d.get(key)
     if value is None:
@@ -258,7 +273,7 @@ def _time(d: dict[str, Any], key: str) -> int | None:
 
 _KINDS: dict[str, type] = {
     "vms": Vm, "routers": Router, "ips": PublicIp, "networks": Network, "accounts": Account,
-    "domains": Domain, "offerings": Offering,
+    "domains": Domain, "offerings": Offering, "vlans": VlanRange,
 }  # fmt: skip
 
 
@@ -269,10 +284,10 @@ def snapshot_to_json(snapshot: Snapshot) -> str:
 def snapshot_from_json(text: str) -> Snapshot:
     doc = json.loads(text)
     parts = {
-        # fields a snapshot kept by an earlier release lacks take their defaults
+        # fields (and lists) a snapshot kept by an earlier release lacks take their defaults
         kind: {
             uuid: cls(**{f.name: item[f.name] for f in fields(cls) if f.name in item})
-            for uuid, item in doc[kind].items()
+            for uuid, item in doc.get(kind, {}).items()
         }
         for kind, cls in _KINDS.items()
     }

@@ -17,6 +17,7 @@ from kvmeter.collector.isolation import isolating
 from kvmeter.collector.model import DeadLetter, Measure, Outcome, Record
 from kvmeter.collector.parked_path import ParkedMeasures
 from kvmeter.collector.pruned_measures import pruned_letters
+from kvmeter.collector.public_vlans import Placements
 from kvmeter.collector.store import reconciliation
 from kvmeter.collector.streams import admit, irregular
 
@@ -24,6 +25,8 @@ MEASURES = "measures"
 
 
 class MeasuresPath(ParkedMeasures):
+    placements: Placements  # the agents' NICs: host, VLAN, type (the reconciler checks them)
+
     def apply_batch(self, value: bytes, origin: str = "") -> Outcome:
         return self.apply_batches([Record(value, None, origin)])
 
@@ -75,6 +78,7 @@ class MeasuresPath(ParkedMeasures):
             for domain in witnessed:
                 self.witness.pop(domain, None)
             raise
+        self.placements.observe(admitted, now)
         if learned:  # measures parked for want of these owners (by uuid; a bare name: all)
             named_only = any(not dom.uuid for b in decoded for dom in b.inventory if dom.name in learned)
             out.add(self._unpark() if named_only else self._unpark(instances=sorted(learned)))

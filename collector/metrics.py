@@ -111,6 +111,12 @@ class Metrics:
             ["event"],
             registry=r,
         )
+        self.public_vlan_mistyped = Gauge(
+            "kvmeter_public_vlan_mistyped_nics",
+            "NICs on a public VLAN (CloudStack's listVlanIpRanges) that an agent types otherwise",
+            ["host", "vlan", "traffic_type"],
+            registry=r,
+        )
         self.balance_alerts = Counter(
             "kvmeter_balance_alerts", "Low-balance alerts raised, one per crossing", ["account"], registry=r
         )

@@ -28,6 +28,7 @@ from kvmeter.collector.cs_snapshot import ApiUnavailable, Snapshot, SnapshotErro
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Outcome, Record
+from kvmeter.collector.public_vlans import Key, mistyped, public_vlan_ids
 from kvmeter.collector.reconcile import Findings, reconcile, view_of
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import reconciliation
@@ -57,6 +58,7 @@ class Reconciler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._mistyped: dict[Key, int] = {}  # what the last pass found (logged once while it lasts)
 
     def fetch(self) -> Snapshot | None:
         """One read of the API; None (and an error counted) when it is not usable."""
@@ -104,7 +106,7 @@ class Reconciler:
         return Delivery(
             LIFECYCLE,
             records,
-            ack=lambda: self._kept(found),
+            ack=lambda: self._kept(found, snapshot),
             within=lambda conn: self._store(conn, snapshot, found),
         )
 
@@ -114,16 +116,37 @@ class Reconciler:
         reconciliation.save_names(conn, snapshot, now)
         reconciliation.save_snapshot(conn, snapshot, now)
 
-    def _kept(self, found: Findings) -> None:
+    def _kept(self, found: Findings, snapshot: Snapshot) -> None:
         for c in found.corrections:
             log.info("correction %s %s at %d: %s", c.event_type, c.resource_uuid, c.time_ms, c.reason)
             if self.metrics is not None:
                 self.metrics.corrections.labels(c.event_type).inc()
         for note in found.notes:
             log.info("reconcile: %s", note)
+        self._check_public_vlans(snapshot)
         self.passes += 1
         if self.metrics is not None:
             self.metrics.reconcile_passes.inc()
+
+    def _check_public_vlans(self, snapshot: Snapshot) -> None:
+        """Reported, never re-typed (public_vlans.py): NICs the agents place on one of the zone's
+        public VLANs but type otherwise, whose bytes are then never billed as public."""
+        placed = self.collector.placements.current(self.collector.clock())
+        found = mistyped(placed, public_vlan_ids(snapshot.vlans.values()))
+        for (host, vlan, kind), nics in sorted(found.items()):
+            if (host, vlan, kind) not in self._mistyped:
+                log.warning(
+                    "host %s: %d NIC(s) on VLAN %d, a public VLAN in CloudStack (listVlanIpRanges), "
+                    "are typed %r by the agent: their bytes are not billed as public; add "
+                    'a rule to that agent\'s config: [[traffic.rules]] vlan = "%d" type = "public"',
+                    host, nics, vlan, kind or "unknown", vlan,
+                )  # fmt: skip
+        self._mistyped = found
+        if self.metrics is not None:
+            gauge = self.metrics.public_vlan_mistyped
+            gauge.clear()  # a placement fixed or gone leaves no stale series
+            for (host, vlan, kind), nics in found.items():
+                gauge.labels(host, str(vlan), kind or "unknown").set(nics)
 
     # -- inputs.Input ------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +166,8 @@ class Reconciler:
                 return []
             try:  # both read the store: a failing one must not end the loop
                 if self._passed_elsewhere():
+                    # Each replica knows the inventories of the partitions it reads.
+                    self._check_public_vlans(snapshot)
                     return []
                 delivery = self._deliver(snapshot)
             except SQLAlchemyError as exc:

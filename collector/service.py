@@ -42,6 +42,7 @@ from kvmeter.collector.knowledge import Built
 from kvmeter.collector.measures_path import MEASURES
 from kvmeter.collector.model import POLICY_CHANGE, Outcome, ResourceHistory, Settings
 from kvmeter.collector.policy import BillingPolicy
+from kvmeter.collector.public_vlans import Placements
 from kvmeter.collector.recent import Recent
 from kvmeter.collector.reconcile import Witness
 from kvmeter.collector.store import Store
@@ -87,6 +88,7 @@ class Collector(EventsPath):
         self._no_hint: Recent[str, bool] = Recent()
         self._no_witness: Recent[str, bool] = Recent()
         self._inventory_ms = -(2**62)
+        self.placements = Placements()
 
     def set_routers(self, routers: Mapping[str, str]) -> None:
         """The operator's router -> account map, re-read (SIGHUP): measures attributed from now

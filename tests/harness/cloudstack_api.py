@@ -16,6 +16,10 @@ Follows CloudStack's own source (the class named beside each rule):
   caller's own account's; without projectid no project's, projectid=-1 those of every project
   only. listPublicIpAddresses without allocatedonly=false leaves free addresses out
   (ManagementServerImpl.searchForIPAddresses); `state` filters VMs, routers and addresses.
+- listVlanIpRanges (ListVlanIpRangesCmd, root admin only, a BaseListCmd: no listall / projectid
+  scope) lists the zone's IP ranges under "vlaniprange"; `vlan` is Vlan.getVlanTag ("vlan://100",
+  "100" before the URIs, "untagged"), `forvirtualnetwork` true for a public range, false for a
+  shared network's (ApiResponseHelper.createVlanIpRangeResponse).
 - listVirtualMachines lists the VMs whose `displayvm` is the parameter's, true when not given,
   to root admins too (ListVMsCmd.getDisplay defaults to BaseListAccountResourcesCmd's true;
   QueryManagerImpl.searchForUserVMIdsAndCount filters on it). The caller here is a root admin,
@@ -145,6 +149,13 @@ def public_ip(uuid: str, address: str, owner: str, allocated_ms: int | None, sta
     if allocated_ms is not None and state != "Free":
         item["allocated"] = api_date(allocated_ms)
     return item
+
+
+def vlan_range(uuid: str, vlan: str, public: bool = True, zone: str = "zone-1") -> dict[str, Any]:
+    """VlanIpRangeResponse: a public range (forvirtualnetwork) or a shared network's."""
+    return {"id": uuid, "forvirtualnetwork": public, "zoneid": zone, "vlan": vlan,
+            "gateway": "203.0.113.1", "netmask": "255.255.255.0", "startip": "203.0.113.10",
+            "endip": "203.0.113.200", "physicalnetworkid": "phys-1", "forsystemvms": False}  # fmt: skip
 
 
 def empty_cloud() -> dict[str, list[dict[str, Any]]]:

@@ -59,6 +59,11 @@ FIELDS: dict[str, frozenset[str]] = {
         "limitcpuuse isvolatile storagetags domainid domain zoneid zone hosttags issystem defaultuse "
         "systemvmtype networkrate serviceofferingdetails iscustomized dynamicscalingenabled".split()
     ),
+    "VlanIpRangeResponse": frozenset(
+        "id forvirtualnetwork zoneid vlan account domainid domain domainpath podid podname description "
+        "gateway netmask cidr startip endip networkid projectid project physicalnetworkid startipv6 "
+        "endipv6 ip6gateway ip6cidr forsystemvms fornsx".split()
+    ),
 }
 
 # What each list command answers with: (response class, the object name it sets on each item)
@@ -70,6 +75,7 @@ COMMANDS = {
     "listAccounts": ("AccountResponse", "account"),
     "listDomains": ("DomainResponse", "domain"),
     "listServiceOfferings": ("ServiceOfferingResponse", "serviceoffering"),
+    "listVlanIpRanges": ("VlanIpRangeResponse", "vlaniprange"),
 }
 
 
@@ -95,6 +101,7 @@ def cloud() -> dict[str, list[dict[str, Any]]]:
             api.offering("small", "Small", 2, 2048),
             api.offering("custom", "Custom", None, None),
         ],
+        "listVlanIpRanges": [api.vlan_range("v-1", "vlan://100"), api.vlan_range("v-2", "300", public=False)],
     }
 
 
@@ -142,6 +149,10 @@ def test_the_snapshot_reads_every_field_it_needs_by_cloudstacks_names() -> None:
     small, customized = snap.offerings["small"], snap.offerings["custom"]
     assert (small.cpu, small.memory, small.customized) == (2, 2048, False)
     assert (customized.cpu, customized.memory, customized.customized) == (None, None, True)
+    public, shared = snap.vlans["v-1"], snap.vlans["v-2"]
+    assert (public.vlan, public.public, public.zone, shared.vlan, shared.public) == (
+        "vlan://100", True, "zone-1", "300", False,
+    )  # fmt: skip
     assert snapshot_from_json(snapshot_to_json(snap)) == snap
 
 
@@ -156,3 +167,10 @@ def test_a_snapshot_kept_before_custom_offerings_still_loads() -> None:
     assert back.vms["vm-2"].custom is False
     assert back.offerings["custom"].customized is False
     assert back.vms["vm-2"].cpu == 4
+
+
+def test_a_snapshot_kept_before_vlan_ranges_still_loads() -> None:
+    """A snapshot kept by a release that did not read listVlanIpRanges has no `vlans`: none."""
+    doc = json.loads(snapshot_to_json(parse_snapshot(cloud(), T0)))
+    del doc["vlans"]
+    assert snapshot_from_json(json.dumps(doc)).vlans == {}
