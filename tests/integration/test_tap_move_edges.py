@@ -1,5 +1,5 @@
-"""A running VM's tap moved from one bridge to another between two polls (CloudStack's NIC
-re-plug: `ip link set vnetN nomaster`, then `master <new bridge>`), in a real network namespace:
+"""A running VM's tap moved from one bridge to another between two polls (CloudStack's
+BridgeVifDriver.detach, then attach: `ip link set vnetN nomaster`, then `master <new bridge>`), in a real network namespace:
 real bridges, a real VXLAN uplink, a real tap held open as QEMU holds it, the agent's real
 topology (netlink events) and counter table, its traffic rules from a TOML file."""
 
@@ -128,13 +128,13 @@ def test_a_tap_moved_to_another_bridge_bills_its_bytes_before_the_move_to_the_br
     guest. The kernel's RTM_NEWLINK for the move carries the tap's counters at that moment; the
     agent typed the whole poll's bytes by where the tap sat at the poll (public bytes billed as
     guest, and the billable public traffic lost from the bill). Whether the tap is detached first
-    (CloudStack's re-plug) or moved by one `ip link set master`."""
+    (BridgeVifDriver.detach, then attach) or moved by one `ip link set master`."""
     agent, fd = agent_on
     agent.poll_once()  # the baseline (the tap was there before the agent)
     vm_sends(fd, 10)
     assert vm_tx_by_type(agent.poll_once()) == {pb.PUBLIC: 10 * FRAME}
     vm_sends(fd, 5)  # on cloudbr0
-    if detached_first:  # CloudStack's re-plug: BridgeVifDriver.detach, then attach
+    if detached_first:  # BridgeVifDriver.detach, then attach
         ip("-n", host, "link", "set", "vnet0", "nomaster")
     ip("-n", host, "link", "set", "vnet0", "master", "brvx-1001")
     wait_until(lambda: agent.topology.placement("vnet0").bridge == "brvx-1001")
