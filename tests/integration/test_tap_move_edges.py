@@ -1,7 +1,8 @@
 """A running VM's tap moved from one bridge to another between two polls (CloudStack's
-BridgeVifDriver.detach, then attach: `ip link set vnetN nomaster`, then `master <new bridge>`), in a real network namespace:
-real bridges, a real VXLAN uplink, a real tap held open as QEMU holds it, the agent's real
-topology (netlink events) and counter table, its traffic rules from a TOML file."""
+BridgeVifDriver.detach, then attach: `ip link set vnetN nomaster`, then `master <new bridge>`),
+in a real network namespace: real bridges, a real VXLAN uplink, a real tap held open as QEMU
+holds it, the agent's real topology (netlink events) and counter table, its traffic rules from a
+TOML file."""
 
 from __future__ import annotations
 
@@ -52,10 +53,16 @@ def vm_sends(fd: int, count: int) -> None:
         os.write(fd, frame(seq))
 
 
-@contextmanager
-def running_agent(tmp_path: Path, host: str, rcvbuf: int = 4 << 20) -> Iterator[tuple[Agent, int]]:  # noqa: F811
-    """An agent over the namespace, one VM whose tap vnet0 starts on cloudbr0 (public); libvirt's
-    XML says vnet0 whatever the tap is called later (its NIC is then found by the tap's MAC).
+def agent_over(
+    tmp_path: Path,
+    host: str,  # noqa: F811
+    nic: NicInfo,
+    uuid: str,
+    read_mac: dict[str, str],
+    rcvbuf: int = 4 << 20,
+) -> Agent:
+    """An agent (not started) over the namespace, its traffic rules from a TOML file (VNI 1001
+    guest, the defaults otherwise), one running VM with `nic`; `read_mac`: the taps' MACs by name.
     `rcvbuf`: the event socket's buffer (a small one overruns)."""
     config = tmp_path / "agent.toml"
     config.write_text(
@@ -64,28 +71,36 @@ def running_agent(tmp_path: Path, host: str, rcvbuf: int = 4 << 20) -> Iterator[
         "[traffic]\ndefaults = true\n"
         '[[traffic.rules]]\nvni = "1001"\ntype = "guest"\n'
     )
+    settings = load(config)
+    topology = Topology(
+        settings.traffic,
+        ipr_factory=made_in(host, IPRoute),
+        event_socket_factory=made_in(host, lambda: LinkEventSocket(rcvbuf=rcvbuf)),
+    )
+    domain = DomainInfo(uuid=uuid, name=f"i-2-{uuid[2:]}-VM", state="running", kind="user_vm", nics=(nic,))
+    return Agent(
+        settings,
+        inventory=FakeInventory((domain,)),
+        topology=topology,
+        spool=Spool(tmp_path / "spool"),
+        boot_id="boot-1",
+        read_text=lambda: proc_net_dev(host),
+        sources=(),
+        read_mac=read_mac.get,
+    )
+
+
+@contextmanager
+def running_agent(tmp_path: Path, host: str, rcvbuf: int = 4 << 20) -> Iterator[tuple[Agent, int]]:  # noqa: F811
+    """An agent over the namespace, one VM whose tap vnet0 starts on cloudbr0 (public); libvirt's
+    XML says vnet0 whatever the tap is called later (its NIC is then found by the tap's MAC).
+    `rcvbuf`: the event socket's buffer (a small one overruns)."""
     with vm_tap(host, "vnet0") as fd:
         ip("-n", host, "link", "set", "vnet0", "address", TAP_MAC)
         ip("-n", host, "link", "set", "vnet0", "master", "cloudbr0")
         ip("-n", host, "link", "set", "vnet0", "up")
-        settings = load(config)
-        topology = Topology(
-            settings.traffic,
-            ipr_factory=made_in(host, IPRoute),
-            event_socket_factory=made_in(host, lambda: LinkEventSocket(rcvbuf=rcvbuf)),
-        )
         nic = NicInfo(mac=NIC_MAC, device="vnet0", nic_type="bridge", bridge="cloudbr0")
-        domain = DomainInfo(uuid="u-1", name="i-2-1-VM", state="running", kind="user_vm", nics=(nic,))
-        agent = Agent(
-            settings,
-            inventory=FakeInventory((domain,)),
-            topology=topology,
-            spool=Spool(tmp_path / "spool"),
-            boot_id="boot-1",
-            read_text=lambda: proc_net_dev(host),
-            sources=(),
-            read_mac={"vnet0": TAP_MAC, "tap-x": TAP_MAC}.get,
-        )
+        agent = agent_over(tmp_path, host, nic, "u-1", {"vnet0": TAP_MAC, "tap-x": TAP_MAC}, rcvbuf)
         agent.start()
         try:
             yield agent, fd

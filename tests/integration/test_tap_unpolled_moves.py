@@ -12,26 +12,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute
 
-from kvmeter.agent.config import load
 from kvmeter.agent.daemon import Agent
 from kvmeter.agent.delta import DeltaEngine
-from kvmeter.agent.linkevents import LinkEventSocket
-from kvmeter.agent.model import CounterKey, CounterSample, DomainInfo, NicInfo
-from kvmeter.agent.spool import Spool
-from kvmeter.agent.topology import Topology
+from kvmeter.agent.model import CounterKey, CounterSample, NicInfo
 from kvmeter.proto import pb
-from tests.integration.test_tap_move_edges import moves, proc_net_dev, told, vm_sends, vm_tx_by_type
+from tests.integration.test_tap_move_edges import agent_over, moves, told, vm_sends, vm_tx_by_type
 from tests.integration.test_topology_netns import (
     FRAME,
     host,  # noqa: F401  (the fixture: cloud0, cloudbr0, brvx-1001 over vxlan1001)
     ip,
-    made_in,
     vm_tap,
     wait_until,
 )
-from tests.unit.test_agent_daemon import FakeInventory
 
 pytestmark = pytest.mark.netns
 
@@ -43,31 +36,8 @@ NIC_MAC = "02:00:00:00:00:02"
 def agent(tmp_path: Path, host: str) -> Iterator[Agent]:  # noqa: F811
     """An agent over the namespace, polled once, with one VM whose NIC names vnet1, a tap not
     made yet (the VM starts after the agent's last poll)."""
-    config = tmp_path / "agent.toml"
-    config.write_text(
-        '[agent]\nhost_id = "h1"\n'
-        f'state_dir = "{tmp_path / "state"}"\n'
-        "[traffic]\ndefaults = true\n"
-        '[[traffic.rules]]\nvni = "1001"\ntype = "guest"\n'
-    )
-    settings = load(config)
-    topology = Topology(
-        settings.traffic,
-        ipr_factory=made_in(host, IPRoute),
-        event_socket_factory=made_in(host, LinkEventSocket),
-    )
     nic = NicInfo(mac=NIC_MAC, device="vnet1", nic_type="bridge", bridge="cloudbr0")
-    domain = DomainInfo(uuid="u-2", name="i-2-2-VM", state="running", kind="user_vm", nics=(nic,))
-    running = Agent(
-        settings,
-        inventory=FakeInventory((domain,)),
-        topology=topology,
-        spool=Spool(tmp_path / "spool"),
-        boot_id="boot-1",
-        read_text=lambda: proc_net_dev(host),
-        sources=(),
-        read_mac={"vnet1": TAP_MAC}.get,
-    )
+    running = agent_over(tmp_path, host, nic, "u-2", {"vnet1": TAP_MAC})
     running.start()
     try:
         running.poll_once()  # before the VM starts
