@@ -28,7 +28,8 @@ left out only when it is provably hidden, walking the VM's events in delivery or
   it displayed, a show's VM.CREATE);
 - a recover's VM.CREATE (one after a destroy job or a state event to Destroyed) after a job
   naming the VM hidden with no updateVirtualMachine since (its action event VM.UPDATE: showing a
-  destroyed VM publishes no usage event);
+  destroyed VM publishes no usage event); a recover (its VM.CREATE or its state event Destroyed
+  -> Stopped, whichever came) ends a VM.DESTROY's sign of hiding unless such a job says hidden;
 - a startVirtualMachine job's own start (its openers since the last closer) when it names the
   VM hidden;
 - and not one of them when a job naming the VM displayed follows before a show: that says a
@@ -98,6 +99,8 @@ def unsaved_before_hidden_jobs(events: list[pb.LifecycleEvent]) -> set[int]:
             pending += [id(ev)] if hid else []
         elif usage == "VM.DESTROY":  # a hide, or a destroy: a start after it, no recover between, is hidden
             hid = True
+        elif ev.attributes.get("old-state") == "Destroyed" and new_state == "Stopped":
+            hid = hid_job  # a recover, its VM.CREATE delivered or not: the flag is what it was
         elif _update(ev):  # it may have shown a destroyed VM, which publishes no usage event
             hid_job = False
         elif _job_names(ev, "true"):  # a show lost on the way: what was pending may have been visible

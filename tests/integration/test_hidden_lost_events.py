@@ -146,3 +146,25 @@ def test_a_hidden_start_before_the_vm_is_shown_is_not_billed(store: Store) -> No
         *_show_running(T0 + 3 * HOUR),
     ]
     assert _run(store, Settings(), T0 + 4 * HOUR, events) == {RUNNING_VM: 2 * HOUR, ALLOCATED_VM: 2 * HOUR}
+
+
+def test_a_recover_whose_vm_create_was_lost_still_ends_what_the_destroy_hid(store: Store) -> None:
+    """No async-job events on the bus (publish.async.job.events=false): a displayed VM deployed
+    (09:00), stopped and destroyed by its owner (10:00), recovered (11:00: its state event
+    Destroyed -> Stopped delivered, its VM.CREATE lost) and started (12:00); now 13:00. CloudStack
+    bills RUNNING 09-10 and 12-13. The destroy's VM.DESTROY made every later start look hidden
+    until a VM.CREATE: the visible start at 12:00 was dropped. The recover's state event says
+    what its VM.CREATE would: the VM is back with the display flag it had."""
+    no_job = [_usage("VM.CREATE", T0), _state("Stopped", "Starting", T0), _state("Starting", "Running", T0)]
+    events = [
+        *no_job,
+        _usage("VM.START", T0),
+        *_stop(T0 + HOUR, display=True)[:-1],
+        _state("Stopped", "Destroyed", T0 + HOUR),
+        _usage("VM.DESTROY", T0 + HOUR),
+        _state("Destroyed", "Stopped", T0 + 2 * HOUR),
+        _state("Stopped", "Starting", T0 + 3 * HOUR),
+        _state("Starting", "Running", T0 + 3 * HOUR),
+        _usage("VM.START", T0 + 3 * HOUR),
+    ]
+    assert _run(store, Settings(), T0 + 4 * HOUR, events)[RUNNING_VM] == 2 * HOUR
