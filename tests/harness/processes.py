@@ -13,7 +13,7 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from tests.harness.kafka import FAST_GROUP
+from tests.harness.kafka import FAST_GROUP_TOML
 from tests.harness.netns import Host
 
 KVMETER = [sys.executable, "-m", "kvmeter"]
@@ -148,7 +148,6 @@ class CollectorProcess(Process):
         super().__init__(name, workdir)
         self.config = workdir / f"{name}.toml"
         types = ", ".join(f'"{t}"' for t in billable)
-        options = "\n".join(f'"{k}" = {v}' for k, v in FAST_GROUP.items())
         self.config.write_text(
             f"""
 [store]
@@ -158,9 +157,7 @@ bootstrap = "{bootstrap}"
 measures_topic = "{measures}"
 lifecycle_topic = "{lifecycle}"
 group = "{group}"
-[kafka.options]
-{options}
-[usage]
+{FAST_GROUP_TOML}[usage]
 window_seconds = {window_seconds}
 tick_seconds = 1
 billable_traffic_types = [{types}]

@@ -31,7 +31,7 @@ from kvmeter.collector.store import Store, reconciliation
 from kvmeter.collector.store import credentials as store_credentials
 from kvmeter.collector.store.credentials import MintedCredentials
 from tests.collector_support import HOUR, T0, Clock, M, Stream
-from tests.harness.kafka import FAST_GROUP
+from tests.harness.kafka import FAST_GROUP_TOML
 from tests.harness.libvirt_node import CLOUDSTACK_HOST, write_node_xml
 from tests.harness.ports import free_port, wait_for_port
 from tests.harness.processes import KVMETER, Process
@@ -130,7 +130,6 @@ class Service(Process):
 
 def collector_toml(workdir: Path, bootstrap: str, topics: tuple[str, str], api: str) -> Path:
     db = f"sqlite:///{workdir / 'usage.db'}"
-    options = "\n".join(f'"{k}" = {v}' for k, v in FAST_GROUP.items())
     path = workdir / "collector.toml"
     path.write_text(
         f"""
@@ -141,9 +140,7 @@ bootstrap = "{bootstrap}"
 measures_topic = "{topics[0]}"
 lifecycle_topic = "{topics[1]}"
 group = "g-{workdir.name}"
-[kafka.options]
-{options}
-[usage]
+{FAST_GROUP_TOML}[usage]
 tick_seconds = 1
 [api]
 {api}

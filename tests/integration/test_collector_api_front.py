@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.collector_command import CollectorCommand
-from tests.harness.kafka import Broker, create_topic
+from tests.harness.kafka import FAST_GROUP_TOML, Broker, create_topic
 from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.broker
@@ -41,7 +41,7 @@ bootstrap = "{bootstrap}"
 measures_topic = "m-{tmp_path.name}"
 lifecycle_topic = "{lifecycle_topic or "l-" + tmp_path.name}"
 {kafka_extra}
-[usage]
+{FAST_GROUP_TOML}[usage]
 tick_seconds = 0.5
 [api]
 {api}

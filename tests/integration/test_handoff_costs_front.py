@@ -23,6 +23,7 @@ import pytest
 from tests.collector_support import ACCT_A, M, Stream, usage_event, wait_for
 from tests.collector_support import VM1 as VM
 from tests.handoff_support import Receiver
+from tests.harness.kafka import FAST_GROUP_TOML
 from tests.harness.ports import free_port, wait_for_port
 from tests.integration.test_consume_live import produce
 from tests.integration.test_handoff_front import final_net, outbox
@@ -102,7 +103,7 @@ bootstrap = "{kafka_bootstrap}"
 measures_topic = "{measures}"
 lifecycle_topic = "{lifecycle}"
 group = "g-{measures}"
-[usage]
+{FAST_GROUP_TOML}[usage]
 window_seconds = 2
 grace_seconds = 0
 tick_seconds = 0.2

@@ -22,6 +22,7 @@ from kvmeter.collector.store import Store
 from tests.collector_support import ACCT_A, M, Stream, usage_event, wait_for
 from tests.collector_support import VM1 as VM
 from tests.handoff_support import Receiver, net_per_key, topic_reader
+from tests.harness.kafka import FAST_GROUP_TOML
 from tests.integration.test_consume_live import produce
 
 pytestmark = pytest.mark.broker
@@ -84,7 +85,7 @@ bootstrap = "{kafka_bootstrap}"
 measures_topic = "{measures}"
 lifecycle_topic = "{lifecycle}"
 group = "g-{measures}"
-[usage]
+{FAST_GROUP_TOML}[usage]
 window_seconds = 2
 grace_seconds = 0
 tick_seconds = 0.2

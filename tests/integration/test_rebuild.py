@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from kvmeter.collector.store import Store
 from tests.collector_support import ACCT_A, ACCT_B, IP1, VM1, VM2, M, Stream, usage_event, wait_for
-from tests.harness.kafka import FAST_GROUP, create_topic
+from tests.harness.kafka import FAST_GROUP_TOML, create_topic
 from tests.harness.ports import free_port, wait_for_port
 from tests.harness.processes import KVMETER
 from tests.integration.test_consume_live import produce
@@ -34,7 +34,6 @@ TOKEN = "operator-token-0123456789"
 def config_text(
     tmp_path: Path, bootstrap: str, topics: tuple[str, str], port: int, extra_kafka: str = ""
 ) -> str:
-    options = "\n".join(f'"{k}" = {v}' for k, v in FAST_GROUP.items())
     return f"""
 [store]
 url = "sqlite:///{tmp_path}/live.db"
@@ -44,9 +43,7 @@ measures_topic = "{topics[0]}"
 lifecycle_topic = "{topics[1]}"
 group = "live-{topics[0]}"
 {extra_kafka}
-[kafka.options]
-{options}
-[usage]
+{FAST_GROUP_TOML}[usage]
 window_seconds = 60
 grace_seconds = 0
 tick_seconds = 0.5

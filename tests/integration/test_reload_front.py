@@ -16,7 +16,7 @@ import pytest
 
 from kvmeter.collector.store import Store
 from tests.collector_support import ACCT_A, ACCT_B, HOUR, T0, M, Stream, wait_for
-from tests.harness.kafka import FAST_GROUP
+from tests.harness.kafka import FAST_GROUP_TOML
 from tests.harness.ports import free_port, wait_for_port
 from tests.integration.test_consume_live import produce
 
@@ -27,7 +27,6 @@ ROUTER = "r-5-VM"
 
 
 def config_text(tmp_path: Path, bootstrap: str, topics: tuple[str, str], port: int, token: str) -> str:
-    options = "\n".join(f'"{k}" = {v}' for k, v in FAST_GROUP.items())
     return f"""
 [store]
 url = "sqlite:///{tmp_path}/usage.db"
@@ -36,9 +35,7 @@ bootstrap = "{bootstrap}"
 measures_topic = "{topics[0]}"
 lifecycle_topic = "{topics[1]}"
 group = "g-{topics[0]}"
-[kafka.options]
-{options}
-[usage]
+{FAST_GROUP_TOML}[usage]
 tick_seconds = 0.5
 router_owners_file = "routers.toml"
 [api]

@@ -16,7 +16,7 @@ import pytest
 from confluent_kafka import Producer
 
 from tests.collector_support import ACCT_A, HOUR, T0, usage_event
-from tests.harness.kafka import FAST_GROUP, create_topic
+from tests.harness.kafka import FAST_GROUP_TOML, create_topic
 from tests.harness.ports import free_port
 
 pytestmark = pytest.mark.broker
@@ -26,7 +26,6 @@ VMS = 30
 def _start(tmp: Path, bootstrap: str, topic: str, evict: str) -> tuple[subprocess.Popen[bytes], int, Path]:
     tmp.mkdir()
     port = free_port()
-    options = "\n".join(f'"{k}" = {v}' for k, v in FAST_GROUP.items())
     config = tmp / "collector.toml"
     config.write_text(
         f"""
@@ -37,9 +36,7 @@ bootstrap = "{bootstrap}"
 measures_topic = "m-{topic}"
 lifecycle_topic = "{topic}"
 group = "g-{tmp.name}"
-[kafka.options]
-{options}
-[usage]
+{FAST_GROUP_TOML}[usage]
 tick_seconds = 0.5
 evict_closed_after_seconds = {evict}
 [api]
