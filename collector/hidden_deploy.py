@@ -28,7 +28,9 @@ left out only when it is provably hidden, walking the VM's events in delivery or
   it displayed, a show's VM.CREATE);
 - a recover's VM.CREATE (one after a destroy job or a state event to Destroyed) after a job
   naming the VM hidden with no updateVirtualMachine since (its action event VM.UPDATE: showing a
-  destroyed VM publishes no usage event); a recover (its VM.CREATE or its state event Destroyed
+  destroyed VM publishes no usage event), or before one with no VM.UPDATE nor VM.DESTROY
+  between (but a hidden destroy job's own) (hiding a destroyed VM publishes no usage event; a
+  hide after the recover, both); a recover (its VM.CREATE or its state event Destroyed
   -> Stopped, whichever came) ends a VM.DESTROY's sign of hiding unless such a job says hidden;
 - a startVirtualMachine job's own start (its openers since the last closer) when it names the
   VM hidden;
@@ -85,6 +87,11 @@ def unsaved_before_hidden_jobs(events: list[pb.LifecycleEvent]) -> set[int]:
     hid = False  # a VM.DESTROY or a hidden job since the last sign of display: starts are hidden
     hid_job = False  # a hidden job since then, no update since: a recover is hidden too
     destroyed = False  # a destroy job or a state event to Destroyed since the last VM.CREATE
+    # A recover's VM.CREATE, no update since: a hidden job after no VM.DESTROY (a hidden destroy
+    # job: its own alone) says it was hidden (a hide after the recover would have published both
+    # a VM.DESTROY and an update; one hidden while destroyed publishes no usage event)
+    recovered: list[int] = []
+    destroys = 0  # VM.DESTROYs since that recover
     for ev in placed:
         usage = _usage(ev)
         new_state = ev.attributes.get("new-state", "") if ev.category == pb.RESOURCE_STATE else ""
@@ -93,20 +100,24 @@ def unsaved_before_hidden_jobs(events: list[pb.LifecycleEvent]) -> set[int]:
             pending, hid, hid_job = [], False, False
         elif usage == "VM.CREATE":  # a recover: the display flag is what it was
             pending += [id(ev)] if hid_job else []
+            recovered, destroys = ([] if hid_job else [id(ev)]), 0
             hid = hid_job
         elif usage == "VM.START" or new_state == RUNNING_STATE:
             own.append(id(ev))
             pending += [id(ev)] if hid else []
         elif usage == "VM.DESTROY":  # a hide, or a destroy: a start after it, no recover between, is hidden
-            hid = True
+            hid, destroys = True, destroys + 1
         elif ev.attributes.get("old-state") == "Destroyed" and new_state == "Stopped":
             hid = hid_job  # a recover, its VM.CREATE delivered or not: the flag is what it was
         elif _update(ev):  # it may have shown a destroyed VM, which publishes no usage event
-            hid_job = False
+            hid_job, recovered = False, []
         elif _job_names(ev, "true"):  # a show lost on the way: what was pending may have been visible
-            pending, hid, hid_job = [], False, False
+            pending, hid, hid_job, recovered = [], False, False, []
         elif _hidden_job(ev):
             hid = hid_job = True
+            if destroys <= (1 if ev.event_type == "VM.DESTROY" else 0):
+                unsaved.update(recovered)
+            recovered = []
             if ev.event_type == "VM.START":
                 unsaved.update(own)
         if usage == "VM.CREATE":

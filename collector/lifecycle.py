@@ -36,9 +36,10 @@ Rules (CloudStack's usage server, UsageManagerImpl.createHelperRecord, plus what
   its VM usage and resource-state events before the VM.CREATE that shows it change nothing, as
   CloudStack saved none of them; they are listed in `ignored`. Later, the openers provably
   hidden do the same: a start after a VM.DESTROY (a hide) or a completed job naming the VM
-  hidden, a recover after such a job, a hidden start job's own start, unless a sign of display
-  (a job naming it displayed, a show's VM.CREATE) came between; placed by one source's delivery
-  order, so a lost event leaves a visible start billed, never dropped.
+  hidden, a recover after such a job (or before one, no VM.UPDATE nor other VM.DESTROY between),
+  a hidden start job's own start, unless a sign of display (a job naming it displayed, a show's
+  VM.CREATE) came between; placed by one source's delivery order, so a lost event leaves a
+  visible start billed, never dropped.
 - Sizes (custom offerings, vm_size.py): a VM usage event naming cpunumber and memory (the
   reconciler's corrections; a job result's VM details, paired as its offering is) sets the
   VM's size; a segment carries the offering and size in force when it opened, and a scaling

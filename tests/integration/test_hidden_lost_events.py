@@ -15,7 +15,7 @@ from __future__ import annotations
 from kvmeter.collector.model import ALLOCATED_VM, RUNNING_VM, Settings
 from kvmeter.collector.store import Store
 from tests.collector_support import HOUR, T0
-from tests.integration.test_hidden_jobs import _action, _deploy, _job, _run, _state, _stop, _usage
+from tests.integration.test_hidden_jobs import _action, _deploy, _job, _run, _start, _state, _stop, _usage
 
 
 def _ha_restart(at_ms: int) -> list[bytes]:
@@ -168,3 +168,50 @@ def test_a_recover_whose_vm_create_was_lost_still_ends_what_the_destroy_hid(stor
         _usage("VM.START", T0 + 3 * HOUR),
     ]
     assert _run(store, Settings(), T0 + 4 * HOUR, events)[RUNNING_VM] == 2 * HOUR
+
+
+def _destroyed_hidden_recovered(at_ms: int) -> list[bytes]:
+    """A stopped, displayed VM destroyed (its job naming it displayed), hidden while destroyed an
+    hour later (VM.UPDATE alone), recovered an hour after that (Destroyed -> Stopped, VM.CREATE)."""
+    return [
+        _state("Stopped", "Destroyed", at_ms),
+        _usage("VM.DESTROY", at_ms),
+        _job("VM.DESTROY", True, "Destroyed"),
+        _action("VM.UPDATE", at_ms + HOUR, "Successfully completed updating Vm"),  # the hide
+        _state("Destroyed", "Stopped", at_ms + 2 * HOUR),
+        _usage("VM.CREATE", at_ms + 2 * HOUR),
+        _action("VM.RECOVER", at_ms + 2 * HOUR, "Successfully completed recovering Vm"),
+    ]
+
+
+def test_a_recover_while_hidden_then_a_hidden_start_job_is_not_billed(store: Store) -> None:
+    """Deployed displayed (09:00), stopped (10:00), destroyed (11:00), hidden while destroyed
+    (12:00), recovered (13:00: VM.CREATE not saved), started by startVirtualMachine (14:00, its
+    job naming the VM hidden), now 16:00. CloudStack bills RUNNING 09-10 and ALLOCATED 09-11.
+    Only the start was left out: ALLOCATED ran from 13:00 to the reconciler (for good without
+    one). The job, with no VM.UPDATE nor VM.DESTROY since the recover (a hide after it publishes
+    both), says the recover was hidden too."""
+    events = [
+        *_deploy(T0, display=True),
+        *_stop(T0 + HOUR, display=True),
+        *_destroyed_hidden_recovered(T0 + 2 * HOUR),
+        *_start(T0 + 5 * HOUR, display=False),
+    ]
+    assert _run(store, Settings(), T0 + 7 * HOUR, events) == {RUNNING_VM: HOUR, ALLOCATED_VM: 2 * HOUR}
+
+
+def test_a_recover_while_hidden_then_a_hidden_destroy_job_is_not_billed(store: Store) -> None:
+    """As above, but the recovered VM (13:00) is destroyed again by destroyVirtualMachine (14:00:
+    its own VM.DESTROY published while hidden, its job naming the VM hidden), now 16:00.
+    CloudStack bills RUNNING 09-10 and ALLOCATED 09-11. ALLOCATED 13-14 was billed (the
+    VM.DESTROY closed it: for good, the reconciler sees nothing open); the job, with only its
+    own VM.DESTROY since the recover, says the recover was hidden."""
+    events = [
+        *_deploy(T0, display=True),
+        *_stop(T0 + HOUR, display=True),
+        *_destroyed_hidden_recovered(T0 + 2 * HOUR),
+        _state("Stopped", "Destroyed", T0 + 5 * HOUR),
+        _usage("VM.DESTROY", T0 + 5 * HOUR),
+        _job("VM.DESTROY", False, "Destroyed"),
+    ]
+    assert _run(store, Settings(), T0 + 7 * HOUR, events) == {RUNNING_VM: HOUR, ALLOCATED_VM: 2 * HOUR}
