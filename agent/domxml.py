@@ -14,7 +14,8 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
 
-from kvmeter.agent.model import NicInfo
+from kvmeter.agent.model import DomainInfo, NicInfo
+from kvmeter.agent.names import parse_domain_name
 
 
 class DomainXmlError(ValueError):
@@ -60,6 +61,22 @@ def parse_domain_xml(xml_text: str) -> ParsedDomain:
         metadata=flatten_metadata(metadata_element) if metadata_element is not None else {},
         sysinfo=_sysinfo(root),
         domain_id=_domain_id(root.get("id")),
+    )
+
+
+def domain_info(parsed: ParsedDomain, state: str, instance_suffix: str) -> DomainInfo:
+    """The inventory's record of a parsed domain in `state`: its kind and ids from its name."""
+    name = parse_domain_name(parsed.name, instance_suffix)
+    return DomainInfo(
+        uuid=parsed.uuid,
+        name=parsed.name,
+        state=state,
+        kind=name.kind,
+        nics=parsed.nics,
+        account_id=name.account_id,
+        vm_id=name.vm_id,
+        owner=parsed.metadata,
+        domain_id=parsed.domain_id,
     )
 
 

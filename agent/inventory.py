@@ -23,10 +23,11 @@ import libvirt
 from tenacity import RetryError, Retrying, retry_if_exception_type, wait_exponential
 
 from kvmeter.agent.bounded_calls import BoundedCalls
-from kvmeter.agent.domxml import DomainXmlError, parse_domain_xml
+from kvmeter.agent.domxml import DomainXmlError, domain_info, parse_domain_xml
 from kvmeter.agent.libvirt_events import DOMAIN_EVENTS, domain_state, ensure_event_loop
 from kvmeter.agent.model import DomainInfo, NicInfo
-from kvmeter.agent.names import DEFAULT_INSTANCE_SUFFIX, parse_domain_name
+from kvmeter.agent.names import DEFAULT_INSTANCE_SUFFIX
+from kvmeter.agent.recent_owners import RecentOwners
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class Inventory:
     * ``refresh()``: a synchronous full resync on the caller's thread (``--once``, tests);
       raises ``libvirt.libvirtError`` when libvirt cannot be reached.
     * ``snapshot() -> {uuid: DomainInfo}`` and ``by_device() -> {host device: (DomainInfo,
-      NicInfo)}``: the last published state, returned at once, never blocking on libvirt.
+      NicInfo)}``: the last published state, returned at once, never blocking on libvirt;
+      ``last_owner(device)``: the NIC that had it while its domain ran, kept a while after.
     * ``interface_stats(uuid, device, timeout=2.0) -> (rx_bytes, rx_packets, tx_bytes,
       tx_packets) | None``: libvirt's ``interfaceStats`` for NICs the host cannot see (vhost-
       user). libvirt reports taps from the guest's point of view (it swaps them); the call runs
@@ -83,6 +85,7 @@ class Inventory:
         self._state_lock = threading.Lock()
         self._domains: dict[str, DomainInfo] = {}
         self._by_device: ByDevice = {}
+        self._recent = RecentOwners()  # each device's last running owner, for a while after
         self._resync_lock = threading.Lock()  # one full resync at a time (worker vs refresh())
         self._work: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._stopping = threading.Event()
@@ -104,6 +107,12 @@ class Inventory:
         """Host device name (target dev) -> its domain and NIC, for NICs libvirt has named."""
         with self._state_lock:
             return dict(self._by_device)
+
+    def last_owner(self, device: str) -> tuple[DomainInfo, NicInfo] | None:
+        """The domain and NIC a device name last belonged to while that domain ran, if recent:
+        the owner of a tap made and deleted between two polls, gone by the poll."""
+        with self._state_lock:
+            return self._recent.get(device, time.monotonic())
 
     @property
     def connected(self) -> bool:
@@ -372,18 +381,7 @@ class Inventory:
             self.errors += 1
             log.error("skipping a domain whose XML cannot be read: %s", exc)
             return None
-        name = parse_domain_name(parsed.name, self.instance_suffix)
-        return DomainInfo(
-            uuid=parsed.uuid,
-            name=parsed.name,
-            state=state,
-            kind=name.kind,
-            nics=parsed.nics,
-            account_id=name.account_id,
-            vm_id=name.vm_id,
-            owner=parsed.metadata,
-            domain_id=parsed.domain_id,
-        )
+        return domain_info(parsed, state, self.instance_suffix)
 
     def _publish(self, domains: dict[str, DomainInfo]) -> None:
         # A domain read again unchanged (a periodic resync) keeps its object: the poll loop keeps
@@ -401,5 +399,6 @@ class Inventory:
                 if nic.device:
                     by_device[nic.device] = (info, nic)
         with self._state_lock:
+            self._recent.left(self._by_device, by_device, time.monotonic())
             self._domains = domains
             self._by_device = by_device

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from kvmeter.agent.model import SLOTS, LinkPlacement
 from kvmeter.agent.traffic import TrafficRules
@@ -55,6 +55,8 @@ class LinkEvent:
     stats: Stats | None = None
     was: str | None = None  # a rename's previous name (a move's, when it was renamed too)
     left: LinkPlacement | None = None  # a move's or del's: where the link sat until then
+    # a del's: the link's MAC (whose NIC's tap it was); left out of comparisons
+    address: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, **SLOTS)
@@ -113,8 +115,9 @@ class LinkTable:
             # where it sat until then (a link moved since the last poll: its last bytes' place)
             known = self._links.get(record.ifindex)
             left = self.placement(known.ifname) if known is not None else None
+            address = record.address or (known.address if known is not None else None)
             self._remove(record.ifindex)
-            return LinkEvent("del", record.ifname, record.ifindex, record.stats, left=left)
+            return LinkEvent("del", record.ifname, record.ifindex, record.stats, left=left, address=address)
         previous = self._links.get(record.ifindex)
         if previous is not None and _same_place(previous, record):
             return None

@@ -64,11 +64,20 @@ class StampedEvent:
     mono_ms: int
     was: str | None = None  # a rename's previous name
     left: LinkPlacement | None = None  # a move's or del's: where the link sat until then
+    address: str | None = None  # a del's: the link's MAC
 
     @classmethod
     def of(cls, event: LinkEvent, wall_ms: int, mono_ms: int) -> StampedEvent:
         return cls(
-            event.kind, event.ifname, event.ifindex, event.stats, wall_ms, mono_ms, event.was, event.left
+            event.kind,
+            event.ifname,
+            event.ifindex,
+            event.stats,
+            wall_ms,
+            mono_ms,
+            event.was,
+            event.left,
+            event.address,
         )
 
 
@@ -292,7 +301,7 @@ class Measuring(Ownership):
                     self._moved.extend((delta, who) for delta in self.engine.finals([last]))
                     continue
                 if key not in attribution:
-                    self._attribute_deleted(key, event.ifname, devices, event.left)
+                    self._attribute_deleted(key, event.ifname, devices, event.left, event.address)
                 finals.append((event.wall_ms, event.mono_ms, key, event.stats))
         self.engine.links_created(born)
         if finals:
@@ -323,7 +332,8 @@ class Measuring(Ownership):
             keys, events, stats = (list(compress(c, kept)) for c in (keys, events, stats))
         attribution = self._attribution
         for i in compress(range(len(keys)), map(not_, map(attribution.__contains__, keys))):
-            self._attribute_deleted(keys[i], events[i].ifname, devices, events[i].left)
+            event = events[i]
+            self._attribute_deleted(keys[i], event.ifname, devices, event.left, event.address)
         return self.engine.finals(list(zip(map(_WALL_MS, events), map(_MONO_MS, events), keys, stats)))
 
     def _present_with_sourced(self, plan: PollPlan) -> frozenset[CounterKey]:

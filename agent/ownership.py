@@ -16,6 +16,7 @@ from kvmeter.agent.counters import CounterTable, Stats
 from kvmeter.agent.delta import DeltaEngine
 from kvmeter.agent.inventory_records import InventoryRecords
 from kvmeter.agent.measures import Attribution, Templates
+from kvmeter.agent.metered import link_mac
 from kvmeter.agent.metrics import AgentMetrics
 from kvmeter.agent.model import CounterKey, DomainInfo, LinkPlacement, NicInfo
 from kvmeter.agent.nic_placement import NicPlacements
@@ -174,11 +175,25 @@ class Ownership:
         self._handover = {}
 
     def _attribute_deleted(
-        self, key: CounterKey, ifname: str, devices: Mapping[str, Owner], left: LinkPlacement | None = None
+        self,
+        key: CounterKey,
+        ifname: str,
+        devices: Mapping[str, Owner],
+        left: LinkPlacement | None = None,
+        address: str | None = None,
     ) -> None:
         """A deleted link's counter without attribution, for its final counters: its NIC's, or
-        the one a hand-over retired. `left`: where the link sat until then (its event's)."""
+        the one a hand-over retired, or the NIC the inventory last saw running with a tap of
+        that name and MAC. `left`: where the link sat until then; `address`: its MAC (its
+        event's)."""
         owner = devices.get(ifname)
+        if owner is None:
+            if key not in self._retired:
+                owner = self._gone_owner(ifname, address)
+        elif address is not None and address.lower() != link_mac(owner[1]):
+            # not the tap of the NIC now under its name (another VM's came after it): the NIC
+            # it was, if the inventory saw it (a pre-created tap's own MAC: the NIC now, as before)
+            owner = self._gone_owner(ifname, address) or owner
         if owner is not None:
             # Placed where it sat, not where the link now under its name sits: a tap made since
             # the last poll and gone before it, its NIC re-plugged (libvirt's new tap takes its name)
@@ -189,6 +204,19 @@ class Ownership:
             if who is not None:
                 self._attribution[key] = who
                 self._reattributed.add(key)
+
+    def _gone_owner(self, ifname: str, address: str | None) -> Owner | None:
+        """The NIC a deleted link was the tap of though no running domain names it by now (made
+        and deleted between two polls: a VM started and stopped), as the inventory saw it
+        while it ran; only if the link's MAC is that NIC's (not another VM's tap under the
+        name: vnetN names are reused)."""
+        if address is None:
+            return None
+        last_owner = getattr(self.inventory, "last_owner", None)  # (a double may have none)
+        if last_owner is None:
+            return None
+        owner: Owner | None = last_owner(ifname)
+        return owner if owner is not None and address.lower() == link_mac(owner[1]) else None
 
     def _source_of(self, nic: NicInfo) -> int | None:
         """The index of the first source that claims the NIC, None for none."""
