@@ -108,6 +108,7 @@ def test_nics_on_a_public_vlan_typed_guest_are_reported(
     line = next(w for w in warned if "kvm-1" in w and "VLAN 100" in w)
     assert "'guest'" in line
     assert 'vlan = "100" type = "public"' in line
+    assert "zone(s) zone-1" in line  # the advice holds for that zone's hosts only
     assert (
         f'{GAUGE}{{host="kvm-1",traffic_type="guest",vlan="100"}} 2.0'
         in generate_latest(rig.metrics.registry).decode()
