@@ -1,6 +1,7 @@
 """Through the front door: `kvmeter collector --config FILE` with a [cloudstack] section pointing
 at the CloudStack API double corrects a lost STOP (lifecycle from a real broker), and shows it
-in /v1/corrections and the metrics."""
+in /v1/corrections and the metrics; and it reports an agent's NICs on a public VLAN
+(listVlanIpRanges) typed guest in /metrics."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from kvmeter.proto import pb
 from tests.collector_support import ACCT_A, HOUR, VM1, usage_event
 from tests.harness import cloudstack_api as api
+from tests.harness.kafka import create_topic
 from tests.harness.ports import free_port
 from tests.integration.test_collector_api_front import CollectorProcess, collectors  # noqa: F401 (fixture)
 from tests.integration.test_consume_live import produce, wait_for
@@ -37,12 +40,20 @@ def test_collector_applies_a_correction_from_the_api(
     produce(kafka_bootstrap, lifecycle, [
         usage_event("VM.CREATE", VM1, ACCT_A, start), usage_event("VM.START", VM1, ACCT_A, start + 60_000),
     ])  # fmt: skip
+    # An agent's batch: a running VM's NIC on VLAN 100, typed guest (the defaults' br<pif>-100)
+    batch = pb.MeasureBatch(schema=1, host_id="kvm-1", boot_id="b-1", stream_id="s-1", seq=1, poll_time=start)
+    batch.inventory.add(name="i-2-12-VM", uuid="u-12", state=pb.RUNNING).nics.add(
+        mac="02:00:00:00:00:01", device="vnet0", vlan_id=100, traffic_type=pb.GUEST
+    )
+    create_topic(kafka_bootstrap, f"m-{tmp_path.name}")
+    produce(kafka_bootstrap, f"m-{tmp_path.name}", [(b"kvm-1", batch.SerializeToString())])
     (tmp_path / "cs-keys.toml").write_text(f'api_key = "{api.API_KEY}"\nsecret_key = "{api.SECRET}"\n')
     port = free_port()
     with api.CloudStackApiDouble() as double:
         double.cloud["listAccounts"] = [api.account(ACCT_A, "alice")]
         double.cloud["listDomains"] = [api.domain()]
         double.cloud["listVirtualMachines"] = [api.vm(VM1, "web-1", "alice", "Stopped", "small", start)]
+        double.cloud["listVlanIpRanges"] = [api.vlan_range("r-pub", "vlan://100")]
         extra = f"""
 [cloudstack]
 endpoint = "{double.endpoint}"
@@ -65,6 +76,8 @@ timeout_seconds = 5
             return bool(stops)
 
         wait_for(corrected, 60, f"a VM.STOP correction; log:\n{c.log()}")
+        mistyped = 'kvmeter_public_vlan_mistyped_nics{host="kvm-1",traffic_type="guest",vlan="100"} 1.0'
+        wait_for(lambda: mistyped in get(port, "/metrics").decode(), 30, f"the public VLAN; log:\n{c.log()}")
         assert double.refused == []
         assert double.requests
     [stop] = stops
