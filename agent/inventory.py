@@ -25,6 +25,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, wait_exponen
 from kvmeter.agent.bounded_calls import BoundedCalls
 from kvmeter.agent.domxml import DomainXmlError, domain_info, parse_domain_xml
 from kvmeter.agent.libvirt_events import DOMAIN_EVENTS, domain_state, ensure_event_loop
+from kvmeter.agent.metered import INACTIVE_STATES
 from kvmeter.agent.model import DomainInfo, NicInfo
 from kvmeter.agent.names import DEFAULT_INSTANCE_SUFFIX
 from kvmeter.agent.recent_owners import RecentOwners
@@ -56,7 +57,7 @@ class Inventory:
       raises ``libvirt.libvirtError`` when libvirt cannot be reached.
     * ``snapshot() -> {uuid: DomainInfo}`` and ``by_device() -> {host device: (DomainInfo,
       NicInfo)}``: the last published state, returned at once, never blocking on libvirt;
-      ``last_owner(device)``: the NIC that had it while its domain ran, kept a while after.
+      ``last_owners(device)``: the NICs that had it while their domain ran, kept a while after.
     * ``interface_stats(uuid, device, timeout=2.0) -> (rx_bytes, rx_packets, tx_bytes,
       tx_packets) | None``: libvirt's ``interfaceStats`` for NICs the host cannot see (vhost-
       user). libvirt reports taps from the guest's point of view (it swaps them); the call runs
@@ -108,11 +109,15 @@ class Inventory:
         with self._state_lock:
             return dict(self._by_device)
 
-    def last_owner(self, device: str) -> tuple[DomainInfo, NicInfo] | None:
-        """The domain and NIC a device name last belonged to while that domain ran, if recent:
-        the owner of a tap made and deleted between two polls, gone by the poll."""
+    def last_owners(self, device: str) -> list[tuple[DomainInfo, NicInfo]]:
+        """The domains and NICs a device name last belonged to while they ran: the one running
+        under it now (a tap deleted before the inventory heard its VM stop or its NIC unplugged;
+        first: the freshest record of a domain read again), then the one seen to leave it, if
+        recent: a tap made and deleted between two polls was one of theirs, told apart by its
+        MAC."""
         with self._state_lock:
-            return self._recent.get(device, time.monotonic())
+            owners = (self._by_device.get(device), self._recent.get(device, time.monotonic()))
+        return [o for o in owners if o is not None and o[0].state not in INACTIVE_STATES]
 
     @property
     def connected(self) -> bool:
@@ -399,6 +404,6 @@ class Inventory:
                 if nic.device:
                     by_device[nic.device] = (info, nic)
         with self._state_lock:
-            self._recent.left(self._by_device, by_device, time.monotonic())
+            self._recent.left(self._domains, domains, time.monotonic())
             self._domains = domains
             self._by_device = by_device

@@ -192,8 +192,10 @@ class Ownership:
                 owner = self._gone_owner(ifname, address)
         elif address is not None and address.lower() != link_mac(owner[1]):
             # not the tap of the NIC now under its name (another VM's came after it): the NIC
-            # it was, if the inventory saw it (a pre-created tap's own MAC: the NIC now, as before)
-            owner = self._gone_owner(ifname, address) or owner
+            # it was, if the inventory saw it; else nobody's when libvirt made it (0xfe first:
+            # another NIC's tap), the NIC now when not (a pre-created tap's own MAC, as before)
+            gone = self._gone_owner(ifname, address)
+            owner = gone if gone is not None or address.lower().startswith("fe:") else owner
         if owner is not None:
             # Placed where it sat, not where the link now under its name sits: a tap made since
             # the last poll and gone before it, its NIC re-plugged (libvirt's new tap takes its name)
@@ -206,17 +208,19 @@ class Ownership:
                 self._reattributed.add(key)
 
     def _gone_owner(self, ifname: str, address: str | None) -> Owner | None:
-        """The NIC a deleted link was the tap of though no running domain names it by now (made
-        and deleted between two polls: a VM started and stopped), as the inventory saw it
-        while it ran; only if the link's MAC is that NIC's (not another VM's tap under the
-        name: vnetN names are reused)."""
+        """The NIC a deleted link was the tap of though no link under its name is that NIC's by
+        the poll (made and deleted between two polls: a VM started and stopped), as the
+        inventory saw it while it ran, or sees it still (it has not heard the stop yet); only
+        if the link's MAC is that NIC's (not another VM's tap under the name: vnetN names are
+        reused)."""
         if address is None:
             return None
-        last_owner = getattr(self.inventory, "last_owner", None)  # (a double may have none)
-        if last_owner is None:
+        last_owners = getattr(self.inventory, "last_owners", None)  # (a double may have none)
+        if last_owners is None:
             return None
-        owner: Owner | None = last_owner(ifname)
-        return owner if owner is not None and address.lower() == link_mac(owner[1]) else None
+        mac = address.lower()
+        owners: list[Owner] = last_owners(ifname)
+        return next((owner for owner in owners if mac == link_mac(owner[1])), None)
 
     def _source_of(self, nic: NicInfo) -> int | None:
         """The index of the first source that claims the NIC, None for none."""

@@ -19,31 +19,36 @@ from kvmeter.agent.model import DomainInfo, NicInfo
 KEEP_SECONDS = 600.0
 
 Owner = tuple[DomainInfo, NicInfo]
-_NO_OWNER = (None, None)
 
 
 class RecentOwners:
-    """``left(old, new, now)``: record the owners in `old` (a by-device map) of running domains
-    that `new` no longer gives the device (stopped, gone, NIC unplugged); ``get(device)``: the
-    last one recorded, if not older than ``keep`` seconds."""
+    """``left(old, new, now)``: record the NICs of the running domains in `old` (uuid -> domain,
+    the last published) that `new` does not hold as the same object (stopped, gone, read again
+    changed: a NIC unplugged); ``get(device)``: the last one recorded, if not older than
+    ``keep`` seconds. Only changed domains are looked at, and the records are kept oldest first,
+    so expiry stops at the first one kept: a VM storm's thousands of records (libvirt names new
+    taps anew) cost nothing at each of its hundreds of publishes."""
 
     def __init__(self, keep: float = KEEP_SECONDS) -> None:
         self.keep = keep
         self._owners: dict[str, tuple[Owner, float]] = {}
 
-    def left(self, old: Mapping[str, Owner], new: Mapping[str, Owner], now: float) -> None:
+    def left(self, old: Mapping[str, DomainInfo], new: Mapping[str, DomainInfo], now: float) -> None:
         owners = self._owners
-        for device, (domain, nic) in old.items():
-            if domain.state in INACTIVE_STATES:
-                continue
-            now_domain, now_nic = new.get(device, _NO_OWNER)
-            # (a domain read again unchanged keeps its objects: the same owner, nothing left)
-            if now_domain is not domain or now_nic is not nic:
-                owners[device] = ((domain, nic), now)
-        if owners:
-            expired = [d for d, (_, since) in owners.items() if now - since > self.keep]
-            for device in expired:
-                del owners[device]
+        for uuid, domain in old.items():
+            if new.get(uuid) is domain or domain.state in INACTIVE_STATES:
+                continue  # (a domain read again unchanged keeps its object)
+            for nic in domain.nics:
+                if nic.device:
+                    owners.pop(nic.device, None)  # to the end: the newest
+                    owners[nic.device] = ((domain, nic), now)
+        expired = []
+        for device, (_, since) in owners.items():  # oldest first
+            if now - since <= self.keep:
+                break
+            expired.append(device)
+        for device in expired:
+            del owners[device]
 
     def get(self, device: str, now: float) -> Owner | None:
         found = self._owners.get(device)

@@ -177,3 +177,51 @@ def test_a_vm_gone_between_two_polls_is_billed_its_bytes_not_the_vm_that_took_it
         vm_sends(fd, 7)
         deletions_told(agent, 1)
         assert vm_tx_by_mac(agent.poll_once()) == {NIC_MAC: 5 * FRAME, OTHER_MAC: 7 * FRAME}
+
+
+def test_a_tap_gone_before_the_inventory_hears_its_vm_stop_is_billed_to_its_nic(
+    agent: Agent,
+    host: str,  # noqa: F811
+    driver: libvirt.virConnect,
+) -> None:
+    """A VM starts after the agent's last poll (the inventory reads it running, its NIC naming
+    kvtap70), sends 5 frames, and its tap is deleted; the poll comes before the inventory has
+    heard the VM stop (the tap goes as QEMU exits, libvirt's event comes after its cleanup, the
+    inventory's worker reads it later still: here the domain is simply still running). The
+    tap's final counters carry its NIC's MAC, and the inventory still shows that NIC running
+    under its name: they are its bytes. Before, the deleted tap had no link at the poll (so no
+    owner in the plan) and no "left" owner yet: counted, never billed."""
+    driver.createXML(domain_xml(BRIEF_VM), 0)
+    wait_until(lambda: "kvtap70" in agent.inventory.by_device())  # type: ignore[attr-defined]
+    brief_tap(host, tap_mac(NIC_MAC), 5)
+    deletions_told(agent, 1)
+    assert vm_tx_by_mac(agent.poll_once()) == {NIC_MAC: 5 * FRAME}
+
+
+UNSEEN_MAC = "02:00:48:00:00:01"  # a VM's NIC whose whole run the inventory never saw
+
+
+def test_an_unseen_vms_tap_under_the_name_is_not_billed_to_the_vm_that_took_it(
+    agent: Agent,
+    host: str,  # noqa: F811
+    driver: libvirt.virConnect,
+) -> None:
+    """A libvirt tap kvtap70 (MAC fe: + another VM's NIC, a VM whose start and stop the
+    inventory never saw: drained together, or its worker reconnecting) carries 5 frames and is
+    deleted; before the next poll another VM starts whose NIC takes the name kvtap70 and sends
+    7 frames on its own tap. The first tap's bytes are nobody's (counted, "not a VM NIC"), not
+    the second VM's: its MAC is a libvirt tap's (0xfe first) that is not that NIC's. Before,
+    a deleted tap whose MAC was not the NIC's now under its name went to that NIC whenever the
+    inventory had not seen its own: the second VM's tenant was billed 12 frames."""
+    brief_tap(host, tap_mac(UNSEEN_MAC), 5)
+    deletions_told(agent, 1)
+    driver.createXML(domain_xml(NEXT_VM), 0)
+    wait_until(lambda: NEXT_VM.uuid in agent.inventory.snapshot())
+    with vm_tap(host, "kvtap70") as fd:
+        ip("-n", host, "link", "set", "kvtap70", "address", tap_mac(OTHER_MAC))
+        ip("-n", host, "link", "set", "kvtap70", "master", "cloudbr0")
+        ip("-n", host, "link", "set", "kvtap70", "up")
+        vm_sends(fd, 7)
+        events = agent.metrics.registry.get_sample_value
+        wait_until(lambda: (events("kvmeter_agent_link_events_total", {"kind": "new"}) or 0) >= 2)
+        assert vm_tx_by_mac(agent.poll_once()) == {OTHER_MAC: 7 * FRAME}
