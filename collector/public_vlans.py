@@ -7,7 +7,7 @@ on one but typed otherwise; it never re-types them: the agent's rules are the de
 a measure's type, and a VLAN id is not unique across zones or physical networks (a guest VLAN of
 another zone would be billed as public).
 
-    public_vlan_ids(ranges) -> frozenset[int]       # pure
+    public_vlan_zones(ranges) -> {VLAN id: zones}    # pure
     mistyped(placed, public) -> {(host, vlan, type): NICs}   # pure
     Placements.observe(batches, now) / .current(now) # the inventories' NICs, by domain
 """
@@ -15,7 +15,7 @@ another zone would be billed as public).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 from kvmeter.collector import decode
 from kvmeter.collector.cs_snapshot import VlanRange
@@ -38,13 +38,18 @@ def vlan_id(tag: str) -> int | None:
     return int(text) if text.isdigit() and 0 < int(text) < 4095 else None
 
 
-def public_vlan_ids(ranges: Iterable[VlanRange]) -> frozenset[int]:
-    """The VLAN ids of the public (virtual network) IP ranges."""
-    ids = (vlan_id(r.vlan) for r in ranges if r.public)
-    return frozenset(i for i in ids if i is not None)
+def public_vlan_zones(ranges: Iterable[VlanRange]) -> dict[int, list[str]]:
+    """The VLAN ids of the public (virtual network) IP ranges, each with the zones it is public in
+    (a VLAN id is a zone's: the log names them)."""
+    zones: dict[int, set[str]] = {}
+    for r in ranges:
+        vlan = vlan_id(r.vlan) if r.public else None
+        if vlan is not None:
+            zones.setdefault(vlan, set()).add(r.zone)
+    return {vlan: sorted(names) for vlan, names in zones.items()}
 
 
-def mistyped(placed: Mapping[Key, int], public: frozenset[int]) -> dict[Key, int]:
+def mistyped(placed: Mapping[Key, int], public: Container[int]) -> dict[Key, int]:
     """The placements on a public VLAN typed other than public, with their NIC counts."""
     return {key: n for key, n in placed.items() if key[1] in public and key[2] != PUBLIC}
 

@@ -28,7 +28,7 @@ from kvmeter.collector.cs_snapshot import ApiUnavailable, Snapshot, SnapshotErro
 from kvmeter.collector.inputs import LIFECYCLE, Delivery
 from kvmeter.collector.metrics import Metrics
 from kvmeter.collector.model import Outcome, Record
-from kvmeter.collector.public_vlans import Key, mistyped, public_vlan_ids, vlan_id
+from kvmeter.collector.public_vlans import Key, mistyped, public_vlan_zones
 from kvmeter.collector.reconcile import Findings, reconcile, view_of
 from kvmeter.collector.service import Collector
 from kvmeter.collector.store import reconciliation
@@ -132,18 +132,17 @@ class Reconciler:
         """Reported, never re-typed (public_vlans.py): NICs the agents place on one of the zone's
         public VLANs but type otherwise, whose bytes are then never billed as public."""
         placed = self.collector.placements.current(self.collector.clock())
-        ranges = snapshot.vlans.values()
-        found = mistyped(placed, public_vlan_ids(ranges))
+        public = public_vlan_zones(snapshot.vlans.values())
+        found = mistyped(placed, public)
         for (host, vlan, kind), nics in sorted(found.items()):
             if (host, vlan, kind) not in self._mistyped:
-                zones = sorted({r.zone for r in ranges if r.public and vlan_id(r.vlan) == vlan})
                 log.warning(
                     "host %s: %d NIC(s) on VLAN %d, a public VLAN of CloudStack's zone(s) %s "
                     "(listVlanIpRanges), are typed %r by the agent: if the host is in one of those "
                     "zones their bytes are not billed as public, and its agent's config needs "
                     '[[traffic.rules]] vlan = "%d" type = "public" (in another zone VLAN %d is '
                     "that zone's own: leave it)",
-                    host, nics, vlan, ", ".join(zones) or "?", kind or "unknown", vlan, vlan,
+                    host, nics, vlan, ", ".join(public[vlan]) or "?", kind or "unknown", vlan, vlan,
                 )  # fmt: skip
         self._mistyped = found
         if self.metrics is not None:
